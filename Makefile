@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`. Each does all set-up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: setup sysdeps demo test bench clean
+
+# torch first and pinned: a bare `torch` requirement would pull a multi-gigabyte CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# bubblewrap isolates model-written code (ponder.sandbox).
+sysdeps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get install -y -q bubblewrap >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null)); \
+	  else sudo apt-get install -y -q bubblewrap >/dev/null; fi; }
+
+demo: setup
+	$(VENV)/bin/ponder train recipes/zero-tiny.yaml
+
+test: setup sysdeps
+	$(PY) -m pytest -x -q --durations=15
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,317 @@
+"""Typed configuration: dataclasses, YAML recipes, dotted overrides, strict validation.
+
+A recipe is a YAML file whose keys mirror the dataclasses below. Unknown keys and wrong types are
+user errors (one line, with the closest valid key suggested). Every knob has a default, so a recipe
+only states what it changes; the resolved config is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from ponder.errors import UserError
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny-random"  # local Hugging Face directory, or a built-in model name (ponder.models)
+    lora: Optional[LoraConfig] = None  # LoRA adapters through peft; None trains all weights
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TaskSpec:
+    name: str = "first_digit"  # a registered task (ponder.tasks) or "jsonl"
+    path: Optional[str] = None  # for file-based tasks
+    n: Optional[int] = None  # how many examples to take (None: all / task default)
+    split: str = "train"
+    weight: float = 1.0  # sampling weight when several tasks are mixed
+    options: dict[str, Any] = field(default_factory=dict)  # task-specific (difficulty, digit, ...)
+
+
+@dataclass
+class DataConfig:
+    tasks: list[TaskSpec] = field(default_factory=lambda: [TaskSpec()])
+    template: str = "r1_zero"  # ponder.templates: r1_zero | plain | chat
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # ponder.rollout: hf (transformers generate) | fast (in-process CUDA-graph engine)
+    group_size: int = 8  # G: samples per prompt
+    prompts_per_step: int = 16  # groups per optimizer batch (after dynamic sampling)
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    stop: list[str] = field(default_factory=list)  # stop strings, kept in the completion
+    generation_batch: int = 256  # sequences generated at once
+
+
+@dataclass
+class AlgoConfig:
+    # Advantage baseline and scaling. group_std: GRPO (r - mean) / std over the group;
+    # batch_std: (r - group mean) / std over the batch; none: Dr. GRPO (r - mean); rloo: leave-one-out mean.
+    advantage: Literal["group_std", "batch_std", "none", "rloo"] = "group_std"
+    # Loss aggregation. grpo: token mean per sequence, then sequence mean (DeepSeekMath);
+    # dr_grpo: token sum / (G * max_new_tokens) (Dr. GRPO); dapo: token mean over the whole batch (DAPO);
+    # bnpo: token mean over each micro-batch, averaged over micro-batches.
+    loss_agg: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "grpo"
+    eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
+    eps_high: float = 0.2  # clip-higher (DAPO: 0.28)
+    beta: float = 0.0  # k3 KL coefficient; 0 builds no reference model
+    ref_reset_every: int = 0  # replace the reference by the current policy every N steps (R1: 400); 0: never
+    mu: int = 1  # passes over each batch of rollouts (old log-probs kept when > 1)
+    minibatches: int = 1  # optimizer steps per pass (the batch split into this many mini-batches)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw more prompts
+    max_resample_rounds: int = 4  # bound on extra generation rounds per step for dynamic sampling
+    mask_truncated: bool = False  # DAPO overlong filtering: truncated completions carry no loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    grad_clip: float = 1.0  # max grad norm; 0: off
+    token_budget: int = 16384  # tokens per micro-batch (padded length x sequences); gradients accumulate
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present, else CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    save_every: int = 50
+    keep_last: int = 2
+    log_samples: int = 4  # completions per step written to samples.jsonl
+    max_nan_steps: int = 5  # this many non-finite losses in a row stop the run
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    reflection_words: list[str] = field(
+        default_factory=lambda: ["wait", "verify", "check", "mistake", "however", "recheck"]
+    )
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[TaskSpec] = field(default_factory=list)  # held-out tasks evaluated during training
+    every: int = 0  # steps between evaluations; 0: only at the end when tasks are given
+    k: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: Optional[int] = None  # None: the rollout setting
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Reward name -> weight, or -> {weight: w, <option>: value} for configurable rewards.
+    rewards: dict[str, Any] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    algorithm: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with strict checks
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` (coercing ints to floats and the like)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise UserError(f"config {where}: {value!r} is not one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config {where}: expected a mapping of {tp.__name__} options, got {value!r}")
+        return build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config {where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise UserError(f"config {where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config {where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config {where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config {where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"config {where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"config {where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        tp = _field_types(cls)[f.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, name + ".")
+        elif inner:
+            keys += _all_keys(inner[0], name + ".")
+    return keys
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def build(cls, data: dict, where: str = ""):
+    """Make a `cls` from a dict, refusing unknown keys with a suggestion."""
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            if not close:  # look across all sections: a key put in the wrong place
+                everywhere = _all_keys(RunConfig)
+                close = difflib.get_close_matches(path, everywhere, n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
+            else:
+                hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?"
+            raise UserError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    def clean(v):
+        if isinstance(v, tuple):
+            return [clean(x) for x in v]
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    return clean(dataclasses.asdict(cfg))
+
+
+def apply_override(data: dict, dotted: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict."""
+    if "=" not in dotted:
+        raise UserError(f"override '{dotted}' is not of the form key.sub=value")
+    key, raw = dotted.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            raise UserError(f"override '{key}': '{part}' is not a section")
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfig):
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"recipe '{path}' not found; give the path of a YAML recipe (see recipes/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"recipe '{path}' is not valid YAML{at}: fix the syntax") from None
+        if not isinstance(data, dict):
+            raise UserError(f"recipe '{path}' must be a mapping of options at its top level")
+    for ov in overrides:
+        apply_override(data, ov)
+    cfg = build(cls, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg) -> None:
+    if not isinstance(cfg, RunConfig):
+        return
+    a, r = cfg.algorithm, cfg.rollout
+    if r.group_size < 2 and cfg.algorithm.advantage != "none":
+        raise UserError("config rollout.group_size must be at least 2 for group-relative advantages")
+    if a.advantage == "rloo" and r.group_size < 2:
+        raise UserError("config algorithm.advantage=rloo needs rollout.group_size >= 2")
+    if a.mu < 1 or a.minibatches < 1:
+        raise UserError("config algorithm.mu and algorithm.minibatches must be at least 1")
+    if r.prompts_per_step % a.minibatches:
+        raise UserError("config rollout.prompts_per_step must be divisible by algorithm.minibatches")
+    if not cfg.data.tasks:
+        raise UserError("config data.tasks is empty; name at least one task")
+    if not cfg.rewards:
+        raise UserError("config rewards is empty; name at least one reward, e.g. rewards: {accuracy: 1.0}")
+    if cfg.optim.token_budget < 1:
+        raise UserError("config optim.token_budget must be positive")

@@ -1,0 +1,86 @@
+"""Rollout engines: turn prompt token ids into sampled completions, behind one interface.
+
+Engines generate with the policy's own weights, in process: no copy of the model is made, so after
+an optimizer step the next call already sees the new weights.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ponder.errors import UserError
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()  # stop strings; the completion keeps the stop string
+    logprobs: bool = False  # return the log-probability of each sampled token under the sampling distribution
+    seed: int | None = None  # fixes the sampling RNG for this call
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens, including the EOS or the tokens that completed a stop string
+    finish_reason: Literal["stop", "length"]
+    logprobs: list[float] | None = None
+
+
+class RolloutEngine(ABC):
+    """Implementations take the model and tokenizer at construction and keep references, not copies."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """For each prompt, `params.n` completions (outer list: prompts, inner: samples)."""
+
+
+ENGINES: dict[str, type[RolloutEngine]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        ENGINES[name] = cls
+        return cls
+
+    return deco
+
+
+def make_engine(name: str, model, tokenizer, **options) -> RolloutEngine:
+    from ponder.rollout import hf  # noqa: F401  (registers "hf")
+
+    try:
+        from ponder.rollout import fast  # noqa: F401  (registers "fast" where available)
+    except ImportError:
+        pass
+    if name not in ENGINES:
+        raise UserError(f"unknown rollout engine '{name}'; choose one of: {', '.join(sorted(ENGINES))}")
+    return ENGINES[name](model, tokenizer, **options)
+
+
+def truncate_at_stop(token_ids: list[int], tokenizer, stop: tuple[str, ...], eos_ids: set[int]):
+    """Cut a generated sequence after EOS or the first stop string; return (ids, finish_reason or None)."""
+    for i, t in enumerate(token_ids):
+        if t in eos_ids:
+            return token_ids[: i + 1], "stop"
+    if stop:
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        if any(s in text for s in stop):
+            # the shortest prefix whose text holds a stop string
+            lo, hi = 1, len(token_ids)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if any(s in tokenizer.decode(token_ids[:mid], skip_special_tokens=True) for s in stop):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return token_ids[:lo], "stop"
+    return token_ids, None

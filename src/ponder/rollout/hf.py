@@ -1,0 +1,68 @@
+"""Rollouts through transformers' `generate`: KV cache on, prompts left-padded, stop strings honoured."""
+
+from __future__ import annotations
+
+import torch
+
+from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, truncate_at_stop
+
+
+@register("hf")
+class HFEngine(RolloutEngine):
+    def __init__(self, model, tokenizer, batch_size: int = 256):
+        super().__init__(model, tokenizer)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts, params: SamplingParams):
+        flat = [p for p in prompts for _ in range(params.n)]
+        out: list[Completion] = []
+        gen = None
+        if params.seed is not None:
+            torch.manual_seed(params.seed)  # HF sampling draws from the global generator
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(flat), self.batch_size):
+                out += self._batch(flat[start : start + self.batch_size], params)
+        finally:
+            self.model.train(was_training)
+        return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def _batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        tok = self.tokenizer
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        pad = tok.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        eos = self.model.generation_config.eos_token_id or tok.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        greedy = params.temperature == 0
+        kwargs = dict(
+            max_new_tokens=params.max_tokens, do_sample=not greedy, pad_token_id=pad,
+            eos_token_id=list(eos_ids), use_cache=True, return_dict_in_generate=True,
+            output_scores=params.logprobs,
+        )
+        if not greedy:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+        res = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        new = res.sequences[:, width:].tolist()
+        logprobs = None
+        if params.logprobs:
+            scores = torch.stack(res.scores, dim=1).float().log_softmax(-1)  # processed: the sampling distribution
+            logprobs = scores.gather(-1, res.sequences[:, width:, None]).squeeze(-1).tolist()
+        out = []
+        for i, seq in enumerate(new):
+            kept, reason = truncate_at_stop(seq, tok, params.stop, eos_ids)
+            if reason is None:  # ran to max tokens; HF pads finished rows, which truncate_at_stop removed
+                kept = [t for t in kept if t != pad] if pad not in eos_ids else kept
+                reason = "length"
+            lp = logprobs[i][: len(kept)] if logprobs is not None else None
+            out.append(Completion(kept, reason, lp))
+        return out

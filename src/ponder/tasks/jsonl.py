@@ -1,0 +1,47 @@
+"""User data as JSONL: one example per line with `prompt` and `answer` (plus any metadata columns)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ponder.errors import UserError
+from ponder.tasks import Task, register
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",)) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file '{path}' not found; check data.tasks[].path")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: each line must be a JSON object")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise UserError(f"{path}:{lineno}: row has no '{missing[0]}' field; every row needs {', '.join(required)}")
+            rows.append(row)
+    return rows
+
+
+@register
+class JsonlTask(Task):
+    """Rows with `prompt` and `answer`; answers are compared by numeric or mathematical equivalence."""
+
+    name = "jsonl"
+
+    def load(self, split="train", n=None, seed=0, path=None, **_):
+        if path is None:
+            raise UserError("task 'jsonl' needs a path: data.tasks: [{name: jsonl, path: my.jsonl}]")
+        rows = read_jsonl(path, required=("prompt", "answer"))
+        for row in rows:
+            row["answer"] = str(row["answer"])
+            row["task"] = "jsonl"
+        return rows[:n] if n else rows

@@ -1,0 +1,30 @@
+"""Prompt templates: how an example's prompt becomes the text the model continues."""
+
+from __future__ import annotations
+
+from ponder.errors import UserError
+
+# DeepSeek-R1 paper, Table 1, verbatim.
+R1_ZERO = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+    "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
+    "</answer>. User: {prompt}. Assistant:"
+)
+
+TEMPLATES = {"r1_zero": R1_ZERO, "plain": "{prompt}"}
+
+
+def render(template: str, prompt, tokenizer=None) -> str:
+    """Text of the prompt under a template. `chat` uses the tokenizer's chat template."""
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise UserError("template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain")
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if template not in TEMPLATES:
+        raise UserError(f"unknown template '{template}'; choose one of: {', '.join([*TEMPLATES, 'chat'])}")
+    if isinstance(prompt, list):  # chat messages under a text template: use the last user turn
+        prompt = next(m["content"] for m in reversed(prompt) if m.get("role") == "user")
+    return TEMPLATES[template].format(prompt=prompt)
