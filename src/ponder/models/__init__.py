@@ -63,6 +63,9 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 
 def save(model, tokenizer, directory: str | Path) -> None:
     """Save in Hugging Face format (safetensors), merging LoRA adapters so the result loads anywhere."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display is the one the user watches
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):  # peft: write a plain model; adapters are kept by the trainer state

@@ -1,0 +1,65 @@
+"""One entry point: ponder pretrain | sft | train | sample | distill | eval | report.
+
+User mistakes (UserError) end in one line naming the culprit and the fix; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ponder.errors import TrainingError, UserError
+
+# command -> module with add_parser(subparsers); modules that are not there yet are left out
+COMMANDS = {
+    "pretrain": "ponder.pretrain",
+    "sft": "ponder.sft",
+    "train": "ponder.train",
+    "sample": "ponder.sample",
+    "distill": "ponder.distill",
+    "eval": "ponder.evaluate",
+    "report": "ponder.report",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ponder",
+        description="Train language models to reason with reinforcement learning from verifiable rewards "
+        "(GRPO, R1-Zero, cold start, rejection sampling, distillation) and evaluate them by pass@1 over k samples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"ponder: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"ponder: training stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ponder: interrupted; resume with --resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

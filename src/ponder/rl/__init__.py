@@ -1,0 +1,1 @@
+"""Reinforcement learning from verifiable rewards: advantages, losses and the GRPO trainer."""

@@ -1,0 +1,30 @@
+"""Group-relative advantages: one scalar per completion, shared by all of its tokens."""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-4  # keeps groups with (near) equal rewards finite; their advantages are ~0 anyway
+
+
+def advantages(rewards: torch.Tensor, mode: str = "group_std") -> torch.Tensor:
+    """rewards: [prompts, G]. Returns advantages of the same shape.
+
+    group_std  (r - mean_group) / std_group                  GRPO, DeepSeekMath eq. for outcome supervision
+    batch_std  (r - mean_group) / std over the whole batch    scale without per-question reweighting
+    none       r - mean_group                                 Dr. GRPO: no difficulty bias from the std
+    rloo       r - mean of the other G-1 rewards              RLOO leave-one-out baseline
+    std is the population standard deviation (divide by G).
+    """
+    rewards = rewards.float()
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if mode == "group_std":
+        return centred / (rewards.std(dim=1, keepdim=True, unbiased=False) + EPS)
+    if mode == "batch_std":
+        return centred / (rewards.std(unbiased=False) + EPS)
+    if mode == "none":
+        return centred
+    if mode == "rloo":
+        g = rewards.shape[1]
+        return centred * g / (g - 1)  # r_i - (sum - r_i)/(G-1) == G/(G-1) * (r_i - mean)
+    raise ValueError(f"unknown advantage mode {mode!r}")

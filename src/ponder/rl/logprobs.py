@@ -1,0 +1,114 @@
+"""Per-token log-probabilities without vocabulary-sized logits for the whole batch.
+
+The backbone runs once; the output head then runs on the scored positions only, a chunk of rows at a
+time, each chunk under activation checkpointing. At most one chunk's [chunk_size, vocab] logits exist
+at any moment, in the forward pass and again in the backward pass, instead of [batch, length, vocab].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ponder.errors import UserError
+
+
+def split_model(model):
+    """(backbone, output head) of a causal LM, also when wrapped by peft."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, inner.base_model_prefix, None)
+    head = inner.get_output_embeddings()
+    if backbone is None or head is None:
+        raise UserError(f"model {type(inner).__name__} has no backbone/output head pair; use a causal LM")
+    return backbone, head
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left or right padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
+    *,
+    positions: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of tokens given their prefix, and the entropy of the distribution they came from.
+
+    Which tokens: `completion_mask` [B, L] (1 where input_ids[b, t] is scored) gives outputs [B, L]
+    aligned with input_ids, 0 elsewhere (and always at t = 0); or `positions` [B, T] (indices t >= 1
+    into input_ids) gives outputs [B, T]; with neither, every token from t = 1 is scored.
+    Logits are divided by `temperature` first. Log-probs carry gradients; entropies are detached.
+    Both are float32.
+    """
+    if temperature <= 0:
+        raise UserError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    if completion_mask is not None and positions is not None:
+        raise UserError("token_logprobs: give completion_mask or positions, not both")
+    b, length = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    backbone, head = split_model(model)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask), use_cache=False,
+    ).last_hidden_state
+
+    if positions is not None:
+        if positions.numel() and int(positions.min()) < 1:
+            raise UserError("token_logprobs: positions must be >= 1 (position 0 has no prefix to predict it)")
+        rows = torch.arange(b, device=input_ids.device)[:, None].expand_as(positions)
+        lp, ent = _head_logprobs(
+            head, hidden[rows, positions - 1], input_ids[rows, positions], temperature, chunk_size, with_entropy
+        )
+        return lp, ent
+
+    if completion_mask is None:
+        completion_mask = attention_mask
+    sel = (completion_mask[:, 1:] != 0) & (attention_mask[:, 1:] != 0)
+    lp, ent = _head_logprobs(
+        head, hidden[:, :-1][sel], input_ids[:, 1:][sel], temperature, chunk_size, with_entropy
+    )
+    zeros = hidden.new_zeros((b, length - 1), dtype=torch.float32)
+    out_lp = torch.nn.functional.pad(zeros.masked_scatter(sel, lp), (1, 0))
+    out_ent = torch.nn.functional.pad(zeros.detach().masked_scatter(sel, ent), (1, 0)) if with_entropy else None
+    return out_lp, out_ent
+
+
+def _head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy):
+    """Rows of hidden states [..., d] and their targets [...] -> log-probs and entropies [...]."""
+    shape = targets.shape
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+
+    def chunk(h, t):
+        logits = head(h).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = logits.logsumexp(-1)
+        lp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
+        if not with_entropy:
+            return lp, None
+        with torch.no_grad():
+            ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+        return lp, ent
+
+    lps, ents = [], []
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    for i in range(0, targets.numel(), chunk_size):
+        h, t = hidden[i : i + chunk_size], targets[i : i + chunk_size]
+        # checkpointing keeps only the chunk's inputs for backward; the logits are recomputed there
+        lp, ent = checkpoint(chunk, h, t, use_reentrant=False) if grad else chunk(h, t)
+        lps.append(lp)
+        ents.append(ent)
+    if not lps:
+        empty = hidden.new_zeros(shape, dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    lp = torch.cat(lps).reshape(shape)
+    ent = torch.cat(ents).reshape(shape) if with_entropy else None
+    return lp, ent

@@ -1,0 +1,71 @@
+"""The clipped policy-gradient loss, its aggregations over tokens, and the k3 KL estimator."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sequence_token_weights(lengths: list[int], agg: str, max_new_tokens: int) -> list[float]:
+    """Weight of every token of each sequence, so that sum(weight * token_loss) is the batch loss.
+
+    Computed over the whole optimizer batch before it is split into micro-batches, so gradient
+    accumulation gives exactly the loss of the unsplit batch.
+      grpo     mean over a sequence's tokens, then mean over sequences      1 / (|o_i| * N)
+      dapo     mean over all tokens of the batch                            1 / sum |o_i|
+      dr_grpo  sum over tokens / (N * max completion tokens)                1 / (N * L_max)
+      bnpo     mean over the tokens of each micro-batch: set per micro-batch (see micro_batch_weights)
+    """
+    n = len(lengths)
+    if agg == "grpo":
+        return [1.0 / (max(l, 1) * n) for l in lengths]
+    if agg == "dapo":
+        return [1.0 / max(sum(lengths), 1)] * n
+    if agg == "dr_grpo":
+        return [1.0 / (n * max_new_tokens)] * n
+    if agg == "bnpo":
+        return [float("nan")] * n  # placeholder: depends on the micro-batch split
+    raise ValueError(f"unknown loss aggregation {agg!r}")
+
+
+def micro_batch_weights(micro_lengths: list[list[int]]) -> list[list[float]]:
+    """bnpo: each micro-batch's token mean, averaged over the micro-batches."""
+    k = len(micro_lengths)
+    return [[1.0 / (max(sum(ls), 1) * k)] * len(ls) for ls in micro_lengths]
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(
+    logp: torch.Tensor,  # [B, T] log-probs of the sampled tokens under the current policy (with grad)
+    old_logp: torch.Tensor,  # [B, T] under the policy that sampled them (== logp.detach() when mu = 1)
+    adv: torch.Tensor,  # [B] one advantage per sequence
+    weight: torch.Tensor,  # [B, T] token weights from the aggregation, 0 on padding and masked tokens
+    eps_low: float,
+    eps_high: float,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+):
+    """Returns (loss, stats). loss = sum(weight * token_loss); stats are detached token sums."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a  # clip-higher: eps_high may exceed eps_low
+    token_loss = -torch.minimum(unclipped, clipped)
+    kl = None
+    if beta:
+        kl = k3_kl(logp, ref_logp)  # added to the loss, not the reward (DeepSeekMath)
+        token_loss = token_loss + beta * kl
+    loss = (token_loss * weight).sum()
+    live = (weight != 0).float()
+    stats = {
+        # a token is clipped when the clipped branch wins the min and carries no gradient
+        "clip_low": ((ratio < 1 - eps_low) & (a < 0)).float().mul(live).sum().item(),
+        "clip_high": ((ratio > 1 + eps_high) & (a > 0)).float().mul(live).sum().item(),
+        "kl": kl.detach().mul(live).sum().item() if kl is not None else 0.0,
+        "tokens": live.sum().item(),
+    }
+    return loss, stats

@@ -1,0 +1,345 @@
+"""The GRPO trainer: sample G completions per prompt, score them with rules, push toward the better ones.
+
+Simplifications, stated up front (in the manner of nanochat's chat_rl.py):
+- One process. Each step owns whole prompt groups, so advantages need no communication; data-parallel
+  ranks would each run this same step on their own groups.
+- The learning-rate schedule counts RL steps (one per batch of rollouts), not optimizer steps.
+- Generation and training share one model object: the rollout engine holds a reference, never a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ponder import checkpoint, models
+from ponder.config import RunConfig, to_dict
+from ponder.errors import TrainingError, UserError
+from ponder.metrics import MetricsWriter, mean, reflection_rate
+from ponder.rewards import RewardSet
+from ponder.rewards.basic import STRICT_FORMAT
+from ponder.rl.advantages import advantages
+from ponder.rl.batching import Sample, micro_batches, pad_rows, to_tensors
+from ponder.rl.forward import completion_logprobs
+from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
+from ponder.rollout import SamplingParams, make_engine
+from ponder.tasks import PromptSampler, mix
+from ponder.templates import render
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class Group:
+    """The G completions of one prompt, scored."""
+
+    example: dict
+    samples: list[Sample]
+    texts: list[str]
+    rewards: list[float]
+    per_fn: dict[str, list]
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False, console=None):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        last = checkpoint.latest(self.ckpt_dir)
+        if resume and last is None:
+            raise UserError(f"--resume: no checkpoint in {self.ckpt_dir}; start the run without --resume")
+        if not resume and last is not None:
+            raise UserError(f"run directory {self.run_dir} already holds checkpoints; pass --resume to continue it, or choose another name (name=...)")
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        set_seed(cfg.seed)
+        self.device = pick_device(cfg.train.device)
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.state = checkpoint.load_state(last) if resume else None
+
+        self.model, self.tokenizer = self._load_policy(last)
+        self.ref = self._make_reference()
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer, batch_size=cfg.rollout.generation_batch)
+        self.rewards = RewardSet(cfg.rewards)
+        self.examples = mix(cfg.data.tasks, cfg.seed)
+        self.rewards.check(self.examples[0])
+        self.sampler = PromptSampler(self.examples, cfg.seed)
+        self._prompt_ids: dict[int, list[int]] = {}
+        self.step_no, self.nan_streak = 0, 0
+        if self.state is not None:
+            self._restore(self.state)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
+        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0)
+
+    # ---------------------------------------------------------------- the GRPO step, top to bottom
+    def step(self) -> dict:
+        a, t0 = self.cfg.algorithm, time.perf_counter()
+        groups, all_groups, timing = self.collect()  # generate + reward + advantages (+ dynamic sampling)
+        self.last_groups = all_groups
+        samples = [s for g in groups for s in g.samples]
+        if a.mask_truncated:  # DAPO overlong filtering: a cut-off answer is no evidence either way
+            samples = [s for s in samples if not s.truncated]
+        t_train = time.perf_counter()
+        reuse = a.mu > 1 or a.minibatches > 1  # later updates need the log-probs of the sampling policy
+        if reuse:
+            self._score(samples, "old_logp", self.model)
+        if a.beta:
+            self._score(samples, "ref_logp", self.ref)
+        stats = []
+        for _ in range(a.mu):  # mu passes over the same rollouts (DeepSeekMath's inner iterations)
+            for mini in _split(samples, a.minibatches):
+                stats.append(self.update(mini))
+        self.scheduler.step()
+        self.step_no += 1
+        self._maybe_reset_reference()
+        timing["train"] = time.perf_counter() - t_train
+        timing["total"] = time.perf_counter() - t0
+        return self._step_metrics(all_groups, stats, timing)
+
+    def update(self, samples: list[Sample]) -> dict:
+        """One optimizer step on `samples`, accumulated over micro-batches by token budget."""
+        a, o = self.cfg.algorithm, self.cfg.optim
+        for s, w in zip(samples, sequence_token_weights([len(s.completion_ids) for s in samples], a.loss_agg, self.cfg.rollout.max_new_tokens)):
+            s.weight = w
+        batches = micro_batches(samples, o.token_budget)
+        if a.loss_agg == "bnpo":
+            for mb, ws in zip(batches, micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches])):
+                for s, w in zip(mb, ws):
+                    s.weight = w
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
+        for mb in batches:
+            t = to_tensors(mb, self.tokenizer.pad_token_id, self.device)
+            logp, entropy = completion_logprobs(self.model, t, bf16=self.bf16, with_entropy=True)
+            width = logp.shape[1]
+            weight = t.mask * torch.tensor([s.weight for s in mb], device=self.device)[:, None]
+            old = pad_rows([s.old_logp for s in mb], width, self.device) if mb[0].old_logp is not None else logp.detach()
+            ref = pad_rows([s.ref_logp for s in mb], width, self.device) if a.beta else None
+            adv = torch.tensor([s.advantage for s in mb], device=self.device)
+            loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref)
+            loss.backward()
+            totals["loss"] += loss.item()
+            totals["entropy"] += (entropy * t.mask).sum().item()
+            for k in ("clip_low", "clip_high", "kl", "tokens"):
+                totals[k] += st[k]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+        if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)  # skip the step; weights stay as they were
+            self.nan_streak += 1
+            if self.nan_streak >= self.cfg.train.max_nan_steps:
+                raise TrainingError(f"{self.nan_streak} non-finite losses in a row at step {self.step_no + 1}; lower optim.lr or check the rewards. The last good checkpoint is in {self.ckpt_dir}")
+            return {**totals, "grad_norm": float("nan"), "skipped": 1.0}
+        self.optimizer.step()
+        self.nan_streak = 0
+        return {**totals, "grad_norm": grad_norm.item(), "skipped": 0.0}
+
+    # ---------------------------------------------------------------- rollouts
+    def collect(self):
+        """Groups for one step. With dynamic sampling, groups whose rewards are all equal carry no
+        signal: drop them and draw more prompts, at most `max_resample_rounds` extra times."""
+        a, want = self.cfg.algorithm, self.cfg.rollout.prompts_per_step
+        kept, everything, timing = [], [], {"generate": 0.0, "reward": 0.0}
+        for round_no in range(1 + (a.max_resample_rounds if a.dynamic_sampling else 0)):
+            examples = self.sampler.next(want - len(kept))
+            groups = self.rollout(examples, round_no, timing)
+            everything += groups
+            kept += [g for g in groups if not a.dynamic_sampling or len(set(g.rewards)) > 1]
+            if len(kept) >= want:
+                break
+        if not kept:  # every group was uniform: train on them anyway (zero advantage, zero gradient)
+            kept = everything[-want:]
+        return kept[:want], everything, timing
+
+    def rollout(self, examples: list[dict], round_no: int, timing: dict) -> list[Group]:
+        r, G = self.cfg.rollout, self.cfg.rollout.group_size
+        t0 = time.perf_counter()
+        prompt_ids = [self._encode(ex) for ex in examples]
+        params = SamplingParams(
+            n=G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
+            stop=tuple(r.stop), seed=(self.cfg.seed * 1_000_003 + self.step_no * 101 + round_no) % 2**31,
+        )
+        outs = self.engine.generate(prompt_ids, params)
+        t1 = time.perf_counter()
+        texts = [[self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in out] for out in outs]
+        flat = [t for ts in texts for t in ts]
+        columns = {k: [ex.get(k) for ex in examples for _ in range(G)] for k in _columns(examples)}
+        columns["completion_length"] = [len(c.token_ids) for out in outs for c in out]
+        columns["truncated"] = [c.finish_reason == "length" for out in outs for c in out]
+        prompts = [ex["prompt"] for ex in examples for _ in range(G)]
+        totals, per_fn = self.rewards.score(flat, prompts, columns)
+        adv = advantages(torch.tensor(totals).view(len(examples), G), self.cfg.algorithm.advantage)
+        timing["generate"] += t1 - t0
+        timing["reward"] += time.perf_counter() - t1
+        groups = []
+        for i, (ex, out) in enumerate(zip(examples, outs)):
+            sl = slice(i * G, (i + 1) * G)
+            samples = [Sample(prompt_ids[i], c.token_ids, adv[i, j].item(), c.finish_reason == "length") for j, c in enumerate(out)]
+            groups.append(Group(ex, samples, texts[i], totals[sl], {k: v[sl] for k, v in per_fn.items()}))
+        return groups
+
+    def _encode(self, ex: dict) -> list[int]:
+        key = id(ex)
+        if key not in self._prompt_ids:
+            text = render(self.cfg.data.template, ex["prompt"], self.tokenizer)
+            self._prompt_ids[key] = self.tokenizer(text).input_ids
+        return self._prompt_ids[key]
+
+    @torch.no_grad()
+    def _score(self, samples: list[Sample], attr: str, model) -> None:
+        for mb in micro_batches(samples, self.cfg.optim.token_budget):
+            t = to_tensors(mb, self.tokenizer.pad_token_id, self.device)
+            if model is None:  # LoRA reference: the base weights, adapters switched off
+                with self.model.disable_adapter():
+                    logp, _ = completion_logprobs(self.model, t, bf16=self.bf16)
+            else:
+                logp, _ = completion_logprobs(model, t, bf16=self.bf16)
+            for s, row in zip(mb, logp):
+                setattr(s, attr, row[: len(s.completion_ids)].cpu())
+
+    # ---------------------------------------------------------------- metrics
+    def _step_metrics(self, groups: list[Group], stats: list[dict], timing: dict) -> dict:
+        texts = [t for g in groups for t in g.texts]
+        lengths = [len(s.completion_ids) for g in groups for s in g.samples]
+        tokens = max(sum(s["tokens"] for s in stats), 1.0)
+        m = {
+            "reward": mean([r for g in groups for r in g.rewards]),
+            **{f"reward/{k}": mean([v for g in groups for v in g.per_fn[k]]) for k in self.rewards.fns},
+            "format_rate": mean([float(bool(STRICT_FORMAT.match(t))) for t in texts]),
+            "completion_len/mean": mean(lengths), "completion_len/max": max(lengths),
+            "truncated_frac": mean([float(s.truncated) for g in groups for s in g.samples]),
+            "reflection_rate": reflection_rate(texts, self.cfg.train.reflection_words),
+            "zero_var_groups_frac": mean([float(len(set(g.rewards)) == 1) for g in groups]),
+            "groups_generated": len(groups),
+            "loss": sum(s["loss"] for s in stats) / len(stats),
+            "entropy": sum(s["entropy"] for s in stats) / tokens,
+            "kl": sum(s["kl"] for s in stats) / tokens,
+            "clip_low_frac": sum(s["clip_low"] for s in stats) / tokens,
+            "clip_high_frac": sum(s["clip_high"] for s in stats) / tokens,
+            "grad_norm": mean([s["grad_norm"] for s in stats]),
+            "skipped_updates": sum(s["skipped"] for s in stats),
+            "lr": self.scheduler.get_last_lr()[0],
+            **{f"time/{k}": v for k, v in timing.items()},
+            "tokens_per_s": sum(lengths) / max(timing["generate"], 1e-9),
+        }
+        if "accuracy" in self.rewards.fns:
+            m["accuracy"] = m["reward/accuracy"]
+        return m
+
+    def sample_rows(self, groups: list[Group], k: int) -> list[dict]:
+        rows = []
+        for g in groups[:k]:
+            j = 0
+            rows.append({"prompt": g.example["prompt"], "answer": g.example.get("answer"), "completion": g.texts[j],
+                         "reward": g.rewards[j], "rewards": {n: v[j] for n, v in g.per_fn.items()}})
+        return rows
+
+    # ---------------------------------------------------------------- set-up and state
+    def _load_policy(self, last):
+        cfg = self.cfg
+        source = str(last) if (last is not None and cfg.model.lora is None) else cfg.model.path
+        model, tok = models.load(source, seed=cfg.seed)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if cfg.model.lora is not None:
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError:
+                raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
+            lc = cfg.model.lora
+            model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules))
+            if self.state is not None:
+                model.load_state_dict(self.state["adapter"], strict=False)
+        return model.to(self.device).train(), tok
+
+    def _make_reference(self):
+        """A frozen reference for the KL term; none at all when beta is 0. With LoRA and no resets the
+        reference is the base model itself (adapters switched off), so nothing is copied."""
+        a = self.cfg.algorithm
+        if not a.beta:
+            return None
+        if self.cfg.model.lora is not None and not a.ref_reset_every:
+            return None  # _score uses model.disable_adapter()
+        ref = copy.deepcopy(self.model).eval()  # the policy as loaded: the initial model, or the resumed one
+        if self.state is not None:
+            if self.state.get("ref") is not None:
+                ref.load_state_dict(self.state["ref"])
+            else:  # never reset: the reference is the initial model, not the resumed policy
+                ref, _ = models.load(self.cfg.model.path, seed=self.cfg.seed)
+                ref = ref.to(self.device).eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def _maybe_reset_reference(self):
+        n = self.cfg.algorithm.ref_reset_every
+        if self.ref is not None and n and self.step_no % n == 0:
+            self.ref.load_state_dict(self.model.state_dict())  # R1: the reference follows the policy every 400 steps
+
+    def _lr_factor(self, step: int) -> float:
+        o, total = self.cfg.optim, max(self.cfg.train.steps, 1)
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
+        if o.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if o.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    def save(self) -> None:
+        state = {
+            "step": self.step_no, "sampler_position": self.sampler.position, "nan_streak": self.nan_streak,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoint.rng_state(), "config": to_dict(self.cfg),
+            "ref": self.ref.state_dict() if (self.ref is not None and self.cfg.algorithm.ref_reset_every) else None,
+            "adapter": {k: v for k, v in self.model.state_dict().items() if "lora_" in k} if self.cfg.model.lora else None,
+        }
+        checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
+
+    def _restore(self, state: dict) -> None:
+        self.step_no, self.nan_streak = state["step"], state["nan_streak"]
+        self.sampler.position = state["sampler_position"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+
+
+def _split(samples: list[Sample], k: int) -> list[list[Sample]]:
+    size = math.ceil(len(samples) / k) if samples else 0
+    return [samples[i : i + size] for i in range(0, len(samples), size)] if size else [[]]
+
+
+def _columns(examples: list[dict]) -> list[str]:
+    keys: dict[str, None] = {}
+    for ex in examples:
+        keys.update(dict.fromkeys(k for k in ex if k != "prompt"))
+    return list(keys)
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,131 @@
+"""`ponder train RECIPE`: the GRPO run loop around the trainer: progress, checkpoints, evaluation, report."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ponder.config import RunConfig, load_config
+
+console = Console()
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="run GRPO on a model over verifiable tasks",
+        description="Run GRPO (R1-Zero style RL) from a YAML recipe. Every recipe key can be overridden "
+        "with key.sub=value, e.g. `ponder train recipes/zero-tiny.yaml optim.lr=1e-4 rollout.group_size=16`. "
+        "Writes runs/<name>/: config.yaml, metrics.jsonl, samples.jsonl, tensorboard/, checkpoints/step-N/.",
+    )
+    p.add_argument("recipe", help="YAML recipe (see recipes/; every knob is commented there)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 algorithm.loss_agg=dr_grpo")
+    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint, exactly")
+    p.set_defaults(func=lambda args: train(load_config(args.recipe, args.overrides), resume=args.resume))
+
+
+def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None):
+    """Run to cfg.train.steps (or `stop_after` more steps, for tests). Returns the trainer."""
+    from ponder.rl.trainer import GRPOTrainer
+
+    trainer = GRPOTrainer(cfg, resume=resume)
+    before = _evaluate(trainer, "before") if cfg.eval.tasks and not resume else _load_eval(trainer, "before")
+    t = cfg.train
+    last = t.steps if stop_after is None else min(t.steps, trainer.step_no + stop_after)
+    columns = [TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("", total=t.steps, completed=trainer.step_no)
+        while trainer.step_no < last:
+            m = trainer.step()
+            step = trainer.step_no
+            trainer.metrics.log(step, m)
+            trainer.metrics.samples(step, trainer.sample_rows(trainer.last_groups, t.log_samples))
+            if cfg.eval.tasks and cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
+                trainer.metrics.log(step, _flatten(_evaluate(trainer, f"step-{step}", quiet=True)))
+            if (t.save_every and step % t.save_every == 0) or step == t.steps:
+                trainer.save()
+            desc = f"reward {m['reward']:.2f}"
+            if "accuracy" in m:
+                desc += f" acc {m['accuracy']:.2f}"
+            desc += f" fmt {m['format_rate']:.2f} len {m['completion_len/mean']:.0f} {m['time/total']:.1f}s/step"
+            progress.update(task, completed=step, description=desc)
+            if not console.is_terminal and (step % 10 == 0 or step == last):
+                console.print(f"step {step}/{t.steps} {desc}")
+    if trainer.step_no >= t.steps:
+        after = _evaluate(trainer, "after") if cfg.eval.tasks else None
+        if after is not None:
+            trainer.metrics.log(trainer.step_no, _flatten(after))
+            _print_before_after(before, after)
+        _write_report(trainer)
+    trainer.metrics.close()
+    return trainer
+
+
+def _evaluate(trainer, tag: str, quiet: bool = False):
+    from ponder.evaluate import evaluate
+    from ponder.tasks import load_examples
+
+    cfg, e = trainer.cfg, trainer.cfg.eval
+    results = {}
+    for spec in e.tasks:
+        examples = load_examples(spec, cfg.seed)
+        if not quiet:
+            console.print(f"evaluating {spec.name}/{spec.split} ({len(examples)} problems, k={e.k}) [{tag}]")
+        results[f"{spec.name}/{spec.split}"] = evaluate(
+            trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
+            temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
+            engine=cfg.rollout.engine, seed=cfg.seed, stop=tuple(cfg.rollout.stop), progress=not quiet,
+        )
+    (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def _load_eval(trainer, tag: str):
+    path = trainer.run_dir / f"eval_{tag}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _flatten(results: dict) -> dict:
+    out = {}
+    for task, r in results.items():
+        for k, v in (r.get("metrics", r) if isinstance(r, dict) else {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"eval/{task}/{k}"] = v
+    return out
+
+
+ROWS = [("pass@1", "pass@1"), ("format rate", "format_rate"), ("mean length", "mean_length"),
+        ("reflection rate", "reflection_rate")]
+
+
+def _print_before_after(before, after) -> None:
+    for task, a in after.items():
+        b = (before or {}).get(task, {})
+        table = Table(title=f"held-out {task}: before / after training")
+        table.add_column("figure")
+        table.add_column("before", justify="right")
+        table.add_column("after", justify="right")
+        for label, key in ROWS:
+            fb, fa = _fig(b, key), _fig(a, key)
+            table.add_row(label, fb, fa)
+        console.print(table)
+
+
+def _fig(result: dict, key: str) -> str:
+    m = result.get("metrics", result) if isinstance(result, dict) else {}
+    v = m.get(key)
+    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def _write_report(trainer) -> None:
+    try:
+        from ponder.report import write_report
+    except ImportError:
+        return
+    path = write_report(trainer.run_dir)
+    console.print(f"report: {path}")
