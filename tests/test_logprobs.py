@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from ponder.errors import UserError
+from ponder.models import load
+from ponder.rl.logprobs import token_logprobs
+
+
+def reference(model, ids, att, temperature=1.0):
+    """Full-vocabulary reference: log p(ids[t] | ids[:t]) and entropy, [B, L], 0 at t = 0."""
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits.float() / temperature
+    logp = logits.log_softmax(-1)
+    lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)[:, :-1]
+    pad = torch.zeros(ids.shape[0], 1)
+    return torch.cat([pad, lp], 1), torch.cat([pad, ent], 1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    model, _ = load("tiny-random-micro", seed=3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, model.config.vocab_size, (3, 11), generator=g)
+    att = torch.ones_like(ids)
+    att[0, 8:] = 0  # right padding
+    att[1, :3] = 0  # left padding
+    comp = torch.zeros_like(ids)
+    comp[0, 5:8] = 1
+    comp[1, 6:] = 1
+    comp[2, 2:] = 1
+    return model, ids, att, comp
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_values_and_entropy_match_full_logits_with_padding_and_chunks(batch, temperature):
+    model, ids, att, comp = batch
+    ref_lp, ref_ent = reference(model, ids, att, temperature)
+    lp, ent = token_logprobs(model, ids, att, comp, temperature=temperature, chunk_size=4)
+    assert lp.shape == ids.shape and lp.dtype == torch.float32
+    m = comp.bool()
+    torch.testing.assert_close(lp[m], ref_lp[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent[m], ref_ent[m], atol=1e-5, rtol=1e-5)
+    assert (lp[~m] == 0).all() and (ent[~m] == 0).all()
+    assert not ent.requires_grad
+
+
+def test_gradients_match_full_logits(batch):
+    model, ids, att, comp = batch
+    weights = torch.linspace(0.5, 2.0, ids.numel()).reshape(ids.shape) * comp
+    ref_lp, _ = reference(model, ids, att)
+    model.zero_grad()
+    (ref_lp * weights).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    lp, _ = token_logprobs(model, ids, att, comp, chunk_size=3)
+    (lp * weights).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    model.zero_grad()
+
+
+def test_positions_form_gathers_the_same_values(batch):
+    model, ids, att, comp = batch
+    lp_mask, _ = token_logprobs(model, ids, att, comp)
+    positions = torch.tensor([[5, 6, 7], [6, 8, 10], [2, 3, 9]])
+    lp, ent = token_logprobs(model, ids, att, positions=positions, with_entropy=False)
+    assert ent is None and lp.shape == (3, 3)
+    torch.testing.assert_close(lp, lp_mask.gather(1, positions))
+
+
+def test_user_mistakes_are_named(batch):
+    model, ids, att, comp = batch
+    with pytest.raises(UserError, match="temperature must be > 0"):
+        token_logprobs(model, ids, att, comp, temperature=0)
+    with pytest.raises(UserError, match="positions must be >= 1"):
+        token_logprobs(model, ids, att, positions=torch.zeros(3, 2, dtype=torch.long))
