@@ -1,0 +1,224 @@
+"""`ponder eval`: evaluate a model on tasks and write results.json and samples.jsonl; or compare results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ponder.errors import UserError
+
+FIGURE_LABELS = {
+    "problems": "problems", "pass@1": "pass@1", "pass@1_ci": "pass@1 95% CI", "greedy": "greedy",
+    "mean_score": "mean score", "answer_rate": "answered", "format_rate": "format", "mean_length": "length (tokens)",
+    "truncation_rate": "truncated", "reflection_rate": "reflection",
+}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `eval` on the `ponder` command's subparsers; the parsed args' `func(args)` runs it."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model: pass@1 over k samples, cons@k, pass@k",
+        description="Sample k answers per problem and report pass@1 (mean over k, bootstrap 95%% CI), cons@k and "
+        "pass@k, scored by the tasks' own verifiers. Or lay earlier results side by side with --compare.",
+    )
+    p.add_argument("--model", help="Hugging Face model directory or built-in name (tiny-random, tiny-base)")
+    p.add_argument("--tasks", help="comma-separated task names; NAME:PATH for file-based tasks, e.g. jsonl:my.jsonl")
+    p.add_argument("--k", type=int, default=16, help="samples per problem (default 16)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=1024, help="token budget per answer (default 1024)")
+    p.add_argument("--greedy", action="store_true", help="also report the accuracy of one greedy answer per problem")
+    p.add_argument("--split", default="test", help="task split (default test)")
+    p.add_argument("--n", type=int, default=None, help="problems per task (default: the task's own)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option for every task, repeatable")
+    p.add_argument("--template", default="r1_zero", help="prompt template: r1_zero, plain or chat")
+    p.add_argument("--extract", default="tags_or_boxed", help="answer extraction: tags_or_boxed, tags, boxed or none")
+    p.add_argument("--engine", default="hf", help="rollout engine (default hf)")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences generated at once (default 256)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of procedural tasks' problems (default 0)")
+    p.add_argument("--out", help="output directory (default runs/eval/<model>-<timestamp>)")
+    p.add_argument("--compare", nargs="+", metavar="RESULT", help="result directories or results.json files to show side by side")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    if args.compare:
+        results = [load_result(r) for r in args.compare]
+        _console().print(compare_table(results, [_label(r) for r in args.compare]))
+        if len({r.get("task_hash") for r in results}) > 1:
+            _console().print("[yellow]note: the results were computed on different problem sets (task hashes differ)[/]")
+        return 0
+    if not args.model or not args.tasks:
+        raise UserError("ponder eval needs --model and --tasks (e.g. --model tiny-base --tasks arithmetic), or --compare A B")
+    import torch
+
+    from ponder.evaluation.runner import evaluate
+    from ponder.models import load, resolve
+    from ponder.tasks import load_examples
+
+    specs = parse_tasks(args.tasks, split=args.split, n=args.n, options=parse_options(args.option))
+    examples = [ex for spec in specs for ex in load_examples(spec, seed=args.data_seed)]
+    device = _device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, tokenizer = load(args.model, dtype=dtype)
+    model.to(device)
+    result = evaluate(
+        model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_tokens, engine=args.engine, greedy=args.greedy, seed=args.seed,
+        progress=not args.quiet, extract=args.extract, batch_size=args.batch_size,
+    )
+    samples = result.pop("samples")
+    head = {
+        "model": args.model, "model_path": str(resolve(args.model)), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task_specs": [{"name": s.name, "path": s.path, "split": s.split, "n": s.n, "options": s.options} for s in specs],
+        "data_seed": args.data_seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+    }
+    result = head | result
+    out = Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_results(out, result, samples)
+    console = _console()
+    console.print(compare_table([result], [Path(args.model).name]))
+    console.print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
+    return 0
+
+
+def parse_tasks(text: str, *, split: str, n: int | None, options: dict):
+    from ponder.config import TaskSpec
+
+    specs, seen = [], set()
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, _, path = item.partition(":")
+        if name in seen:
+            raise UserError(f"task '{name}' is named twice in --tasks; evaluate it once per run")
+        seen.add(name)
+        specs.append(TaskSpec(name=name, path=path or None, n=n, split=split, options=dict(options)))
+    if not specs:
+        raise UserError("--tasks names no task; give e.g. --tasks first_digit or --tasks jsonl:my.jsonl")
+    return specs
+
+
+def parse_options(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--option '{item}' is not KEY=VALUE; e.g. --option digit=3")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def write_results(out: Path, result: dict, samples: list[dict]) -> None:
+    """results.json (figures and settings) and samples.jsonl (every answer), each written whole or not at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "results.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    _atomic_write(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+
+
+def load_result(path: str) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise UserError(f"no results at '{path}'; give a directory written by ponder eval or its results.json")
+    try:
+        result = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: not valid JSON ({e.msg}); give a results.json written by ponder eval") from None
+    if not isinstance(result, dict) or "tasks" not in result:
+        raise UserError(f"{p} has no 'tasks' figures; give a results.json written by ponder eval")
+    return result
+
+
+def compare_table(results: list[dict], labels: list[str]):
+    """One row per task and figure, one column per result."""
+    from rich.table import Table
+
+    table = Table(title="evaluation" if len(results) == 1 else "evaluation: side by side")
+    table.add_column("task")
+    table.add_column("figure")
+    for label in labels:
+        table.add_column(label, justify="right")
+    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+    for t in tasks:
+        names = list(dict.fromkeys(f for r in results for f in _ordered(r["tasks"].get(t, {}))))
+        for i, name in enumerate(names):
+            cells = [_fmt(name, r["tasks"].get(t, {}).get(name)) for r in results]
+            table.add_row(t if i == 0 else "", FIGURE_LABELS.get(name, name), *cells, end_section=i == len(names) - 1)
+    return table
+
+
+def _ordered(figs: dict) -> list[str]:
+    order = ["problems", "pass@1", "pass@1_ci"]
+    order += [f for f in figs if f.startswith("cons@")]
+    order += sorted((f for f in figs if f.startswith("pass@") and f not in order), key=lambda f: int(f[5:]))
+    order += ["greedy", "mean_score", "answer_rate", "format_rate", "mean_length", "truncation_rate", "reflection_rate"]
+    return [f for f in order if f in figs]
+
+
+def _fmt(name: str, value) -> str:
+    if value is None:
+        return "-"
+    if name == "pass@1_ci":
+        return f"[{value[0]:.3f}, {value[1]:.3f}]"
+    if name == "problems":
+        return str(value)
+    if name == "mean_length":
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def _label(path: str) -> str:
+    p = Path(path)
+    return p.parent.name if p.name == "results.json" else p.name
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=max(100, Console().width))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ponder.evaluate ...`: the eval command on its own."""
+    parser = argparse.ArgumentParser(prog="ponder")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,216 @@
+"""Sample k answers per problem, score them with the tasks' own verifiers, and compute the figures.
+
+The figures and their definitions (docs/evaluation.md):
+  pass@1       mean correctness over the k samples, averaged over problems (R1 paper), with a seeded
+               percentile-bootstrap 95% interval over problems
+  pass@k'      unbiased estimator of Chen et al. for k' in powers of two <= k, and k
+  cons@k       the majority answer (grouped by mathematical equivalence) checked by the task's verifier
+  greedy       accuracy of one greedy answer per problem (optional)
+  rates        answer (an answer was extracted), format (R1-Zero format reward), truncation (hit the
+               token budget), reflection (a reflection word appears); mean length in tokens
+A sample is correct when its verifier score is 1; partial scores show in mean_score.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from typing import Sequence
+
+import torch
+
+from ponder.errors import UserError
+from ponder.evaluation.stats import (
+    REFLECTION_WORDS, bootstrap_ci, equivalence, majority, pass_at_k, pass_ks, reflection_pattern, vote_groups,
+)
+
+
+def evaluate(
+    model, tokenizer, examples: Sequence[dict], *, template: str = "r1_zero", k: int = 16, temperature: float = 0.6,
+    top_p: float = 0.95, max_new_tokens: int = 1024, engine="hf", greedy: bool = False, seed: int = 0,
+    stop: Sequence[str] = ("</answer>",), progress: bool = True, extract: str = "tags_or_boxed",
+    reflection_words: Sequence[str] = REFLECTION_WORDS, batch_size: int = 256, n_boot: int = 2000,
+) -> dict:
+    """Evaluate `model` on `examples` (each with a `task`); returns settings, per-task figures and samples.
+
+    `engine` is a rollout engine name or an engine already built on this model. The global torch RNG is
+    left as it was, so evaluating inside a training run does not change the run's sampling.
+    """
+    from ponder.rollout import RolloutEngine, SamplingParams, make_engine
+    from ponder.templates import render
+
+    examples = list(examples)
+    if k < 1:
+        raise UserError(f"k must be at least 1 (samples per problem); got {k}")
+    if not examples:
+        raise UserError("no examples to evaluate; check the task names, --split and --n")
+    for i, ex in enumerate(examples):
+        if "task" not in ex or "prompt" not in ex:
+            missing = "task" if "task" not in ex else "prompt"
+            raise UserError(f"example {i} has no '{missing}' field; evaluation needs each example's prompt and task name")
+    settings = dict(
+        template=template, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        engine=engine if isinstance(engine, str) else type(engine).__name__, greedy=greedy, seed=seed,
+        stop=list(stop), extract=extract, reflection_words=list(reflection_words), batch_size=batch_size, n_boot=n_boot,
+    )
+    eng = engine if isinstance(engine, RolloutEngine) else make_engine(engine, model, tokenizer)
+    prompt_ids = [tokenizer(render(template, ex["prompt"], tokenizer)).input_ids for ex in examples]
+    sample_params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=tuple(stop))
+    greedy_params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop=tuple(stop))
+
+    start = time.perf_counter()
+    with _rng_kept(model), _progress_bar(progress) as bar:
+        sampled = _generate(eng, prompt_ids, sample_params, batch_size, seed, bar, f"sampling k={k}")
+        greedily = _generate(eng, prompt_ids, greedy_params, batch_size, seed, bar, "greedy") if greedy else None
+    elapsed = time.perf_counter() - start
+
+    problems, samples = _score(examples, sampled, greedily, tokenizer, extract, reflection_words)
+    tasks = {}
+    for name in dict.fromkeys(ex["task"] for ex in examples):
+        tasks[name] = figures([p for p in problems if p["task"] == name], k, seed=seed, n_boot=n_boot)
+    tokens = sum(s["length"] for s in samples)
+    return {
+        "settings": settings, "task_hash": task_hash(examples), "tasks": tasks,
+        "timing": {"seconds": round(elapsed, 3), "generated_tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)},
+        "samples": samples,
+    }
+
+
+def task_hash(examples: Sequence[dict]) -> str:
+    """sha256 of the examples' canonical JSON: two results with the same hash saw the same problems."""
+    blob = json.dumps(list(examples), sort_keys=True, ensure_ascii=False, default=str)
+    return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def figures(problems: list[dict], k: int, *, seed: int = 0, n_boot: int = 2000) -> dict:
+    """Per-task figures from scored problems. Problems the verifier could not score are left out of accuracy."""
+    scored = [p for p in problems if any(s is not None for s in p["scores"])]
+    every = [s for p in problems for s in p["samples"]]
+    p1 = [_mean(p["correct"]) for p in scored]
+    out: dict = {"problems": len(problems), "scored_problems": len(scored), "k": k}
+    out["pass@1"] = _mean(p1)
+    out["pass@1_ci"] = list(bootstrap_ci(p1, n_boot=n_boot, seed=seed)) if p1 else None
+    out[f"cons@{k}"] = _mean([p["cons"] for p in scored])
+    for kk in pass_ks(k)[1:]:
+        out[f"pass@{kk}"] = _mean([pass_at_k(k, sum(p["correct"]), kk) for p in scored])
+    if scored and scored[0]["greedy"] is not None:
+        out["greedy"] = _mean([p["greedy"] for p in scored])
+    out["mean_score"] = _mean([s or 0.0 for p in scored for s in p["scores"]])
+    out["answer_rate"] = _mean([s["answer"] is not None for s in every])
+    out["format_rate"] = _mean([s["format"] for s in every if s["format"] is not None])
+    out["mean_length"] = _mean([s["length"] for s in every])
+    out["truncation_rate"] = _mean([s["finish_reason"] == "length" for s in every])
+    out["reflection_rate"] = _mean([s["reflection"] for s in every])
+    return out
+
+
+def flat_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
+    """Scalar figures as `{prefix}/{task}/{figure}`, for metrics.jsonl and TensorBoard."""
+    out = {}
+    for task, figs in result["tasks"].items():
+        for name, value in figs.items():
+            if name == "pass@1_ci" and value:
+                out[f"{prefix}/{task}/pass@1_lo"], out[f"{prefix}/{task}/pass@1_hi"] = value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{prefix}/{task}/{name}"] = float(value)
+    return out
+
+
+def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
+    from ponder.rewards import get_reward
+    from ponder.rewards.extract import extract_answer
+    from ponder.tasks import get_task
+
+    fmt = get_reward("format")
+    same = equivalence()
+    reflective = reflection_pattern(reflection_words)
+    problems, samples = [], []
+    for i, (ex, outs) in enumerate(zip(examples, sampled)):
+        task = get_task(ex["task"])
+
+        def check(answer):
+            return None if answer is None else task.verify(answer, ex)
+
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in outs]
+        answers = [extract_answer(t, extract) for t in texts]
+        scores = [check(a) for a in answers]
+        correct = [s is not None and s >= 1.0 for s in scores]
+        groups = vote_groups(answers, same)
+        win = majority(groups)
+        cons = check(answers[groups.index(win)]) if win is not None else 0.0
+        formats = fmt(texts, prompts=[ex["prompt"]] * len(texts), **_columns(ex, outs))
+        rows = []
+        for j, (c, text) in enumerate(zip(outs, texts)):
+            rows.append(dict(
+                task=ex["task"], problem=i, sample=j, greedy=False, prompt=ex["prompt"], gold=ex.get("answer"),
+                completion=text, answer=answers[j], score=scores[j], correct=correct[j], format=formats[j],
+                length=len(c.token_ids), finish_reason=c.finish_reason, reflection=bool(reflective.search(text)),
+                group=groups[j], voted=win is not None and groups[j] == win,
+            ))
+        samples += rows
+        greedy_ok = None
+        if greedily is not None:
+            g = greedily[i][0]
+            text = tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            answer = extract_answer(text, extract)
+            score = check(answer)
+            greedy_ok = score is not None and score >= 1.0
+            samples.append(dict(
+                task=ex["task"], problem=i, sample=0, greedy=True, prompt=ex["prompt"], gold=ex.get("answer"),
+                completion=text, answer=answer, score=score, correct=greedy_ok, length=len(g.token_ids),
+                finish_reason=g.finish_reason,
+            ))
+        problems.append(dict(
+            task=ex["task"], scores=scores, correct=correct, cons=float(cons is not None and cons >= 1.0),
+            greedy=greedy_ok, samples=rows,
+        ))
+    return problems, samples
+
+
+def _columns(ex: dict, outs) -> dict:
+    """Reward-contract columns for one problem's completions."""
+    n = len(outs)
+    cols = {key: [value] * n for key, value in ex.items() if key != "prompt"}
+    cols.update(completion_length=[len(c.token_ids) for c in outs], truncated=[c.finish_reason == "length" for c in outs])
+    return cols
+
+
+def _generate(engine, prompt_ids, params, batch_size, seed, bar, label):
+    """Generate in chunks of about `batch_size` sequences so the bar moves; each chunk has its own seed."""
+    from dataclasses import replace
+
+    per_chunk = max(1, batch_size // params.n)
+    task = bar.add_task(label, total=len(prompt_ids)) if bar is not None else None
+    out = []
+    for c, lo in enumerate(range(0, len(prompt_ids), per_chunk)):
+        chunk = prompt_ids[lo:lo + per_chunk]
+        out += engine.generate(chunk, replace(params, seed=seed * 1_000_003 + c))
+        if bar is not None:
+            bar.advance(task, len(chunk))
+    return out
+
+
+@contextlib.contextmanager
+def _rng_kept(model):
+    device = next(model.parameters()).device
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _progress_bar(show: bool):
+    if not show:
+        return contextlib.nullcontext()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("problems"),
+        TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+    )
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else None

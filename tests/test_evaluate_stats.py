@@ -1,0 +1,94 @@
+"""The estimators behind `ponder eval`: pass@k, majority vote, bootstrap interval, reflection words."""
+
+from itertools import combinations
+from math import comb
+
+import numpy as np
+import pytest
+
+from ponder.evaluation.stats import bootstrap_ci, majority, pass_at_k, pass_ks, reflection_pattern, vote_groups
+
+
+def brute_pass_at_k(n, c, k):
+    """Share of all k-subsets of n samples (the first c correct) that hold a correct sample."""
+    subsets = list(combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_pass_at_k_matches_enumeration_of_subsets(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_known_values():
+    assert pass_at_k(5, 1, 1) == pytest.approx(0.2)
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # only the one subset {wrong, wrong} fails
+    assert pass_at_k(10, 0, 10) == 0.0
+    assert pass_at_k(10, 3, 8) == 1.0  # n - c < k: exactly 1
+    # large n, where C(n, k) overflows floats, against exact integer binomials
+    assert pass_at_k(200, 20, 100) == pytest.approx(1 - comb(180, 100) / comb(200, 100), rel=1e-12)
+    assert pass_at_k(1000, 1, 1) == pytest.approx(0.001)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(4, 1, 5)
+    with pytest.raises(ValueError, match="0 <= c <= n"):
+        pass_at_k(4, 5, 1)
+
+
+def test_pass_ks_are_powers_of_two_and_k():
+    assert pass_ks(16) == [1, 2, 4, 8, 16]
+    assert pass_ks(12) == [1, 2, 4, 8, 12]
+    assert pass_ks(1) == [1]
+
+
+def test_vote_groups_equivalent_fractions_into_one_vote():
+    # needs mathematical equivalence (ponder.rewards.match.equivalent): \frac{1}{2} has no plain numeric form
+    groups = vote_groups(["1/2", "3", "0.5", "\\frac{1}{2}", "3"])
+    assert groups == [0, 1, 0, 0, 1]
+    assert majority(groups) == 0
+
+
+def test_vote_groups_with_given_equivalence_and_missing_answers():
+    same = lambda a, b: a.lower() == b.lower()  # noqa: E731
+    assert vote_groups(["A", None, "a", "", "b", " B "], same) == [0, None, 0, None, 1, 1]
+
+
+def test_majority_breaks_ties_by_earliest_first_occurrence():
+    assert majority([1, 0, 0, 1]) == 0  # group 0 appeared first, whatever order the votes come in
+    assert majority([0, 1, 1, 0, 2]) == 0
+    assert majority([0, 1, 1]) == 1  # more votes beat earlier appearance
+    assert majority([None, 2, None]) == 2
+    assert majority([None, None]) is None
+    same = lambda a, b: a == b  # noqa: E731
+    assert majority(vote_groups(["7", "9", "9", "7"], same)) == 0
+
+
+def test_bootstrap_interval_covers_true_mean_at_about_95_percent():
+    rng = np.random.default_rng(123)
+    true_mean, covered = 0.3, 0
+    for d in range(200):
+        per_problem = rng.binomial(8, true_mean, size=60) / 8  # pass@1 of 60 problems with 8 samples each
+        lo, hi = bootstrap_ci(per_problem, n_boot=1000, seed=d)
+        covered += lo <= true_mean <= hi
+    assert 0.90 <= covered / 200 <= 0.98, covered
+
+
+def test_bootstrap_is_seeded_and_brackets_the_mean():
+    x = np.random.default_rng(0).random(30)
+    assert bootstrap_ci(x, seed=5) == bootstrap_ci(x, seed=5)
+    lo, hi = bootstrap_ci(x, seed=5)
+    assert lo < x.mean() < hi
+    assert bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
+
+
+def test_reflection_words_match_whole_words_any_case():
+    pat = reflection_pattern()
+    assert pat.search("Wait, that is wrong")
+    assert pat.search("let me RECHECK this")
+    assert pat.search("I made a mistake.")
+    assert not pat.search("awaiting the checkout")  # inside other words: not a reflection
+    assert reflection_pattern(["hmm"]).search("Hmm...") and not reflection_pattern(["hmm"]).search("wait")
