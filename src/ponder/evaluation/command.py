@@ -152,6 +152,8 @@ def compare_table(results: list[dict], labels: list[str]):
     table.add_column("figure")
     for label in labels:
         table.add_column(label, justify="right")
+    table.add_row("", "model", *[str(r.get("model", "-")) for r in results])
+    table.add_row("", "sampling", *[_settings(r.get("settings", {})) for r in results], end_section=True)
     tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
     for t in tasks:
         names = list(dict.fromkeys(f for r in results for f in _ordered(r["tasks"].get(t, {}))))
@@ -179,6 +181,12 @@ def _fmt(name: str, value) -> str:
     if name == "mean_length":
         return f"{value:.1f}"
     return f"{value:.3f}"
+
+
+def _settings(s: dict) -> str:
+    if not s:
+        return "-"
+    return f"k={s.get('k')} T={s.get('temperature')} p={s.get('top_p')} max={s.get('max_new_tokens')}"
 
 
 def _label(path: str) -> str:

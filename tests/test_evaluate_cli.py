@@ -1,0 +1,79 @@
+"""`ponder eval`: files written, their fields, the console table, --compare, and user errors."""
+
+import argparse
+import json
+
+import pytest
+
+from ponder.errors import UserError
+from ponder.evaluate import add_parser
+
+
+def ponder_eval(*argv):
+    parser = argparse.ArgumentParser(prog="ponder")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def two_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    common = ["--model", "tiny-random", "--tasks", "first_digit", "--n", "3", "--k", "4", "--max-tokens", "5",
+              "--template", "plain", "--extract", "none", "--quiet", "--device", "cpu"]
+    ponder_eval(*common, "--greedy", "--out", str(root / "a"))
+    ponder_eval(*common, "--seed", "1", "--temperature", "1.0", "--option", "digit=3", "--out", str(root / "b"))
+    return root / "a", root / "b"
+
+
+def test_eval_writes_results_and_samples(two_results, capsys):
+    a, b = two_results
+    res = json.loads((a / "results.json").read_text())
+    assert res["model"] == "tiny-random" and res["device"] == "cpu" and res["dtype"] == "float32"
+    for key, value in {"k": 4, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 5, "greedy": True, "seed": 0,
+                       "template": "plain", "extract": "none"}.items():
+        assert res["settings"][key] == value, key
+    assert res["task_specs"] == [{"name": "first_digit", "path": None, "split": "test", "n": 3, "options": {}}]
+    assert res["task_hash"].startswith("sha256:") and "samples" not in res
+    figs = res["tasks"]["first_digit"]
+    for key in ("pass@1", "pass@1_ci", "cons@4", "pass@2", "pass@4", "greedy", "format_rate", "mean_length",
+                "truncation_rate", "reflection_rate", "answer_rate", "mean_score"):
+        assert key in figs, key
+    rows = [json.loads(line) for line in (a / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 4 + 3  # k samples and one greedy answer per problem
+    assert set(rows[0]) >= {"task", "problem", "sample", "prompt", "gold", "completion", "answer", "score", "correct",
+                            "format", "length", "finish_reason", "reflection", "voted"}
+    sampled = [r for r in rows if not r["greedy"]]
+    assert figs["pass@1"] == pytest.approx(sum(r["correct"] for r in sampled) / 12)
+    # another digit is another problem set: the hash tells them apart
+    res_b = json.loads((b / "results.json").read_text())
+    assert res_b["task_specs"][0]["options"] == {"digit": 3} and res_b["task_hash"] != res["task_hash"]
+    assert all(r["gold"] == "3" for r in map(json.loads, (b / "samples.jsonl").read_text().splitlines()))
+
+
+def test_compare_lays_results_side_by_side(two_results, capsys):
+    a, b = two_results
+    assert ponder_eval("--compare", str(a), str(b / "results.json")) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "figure" in line)
+    assert header.replace("┃", " ").split()[-2:] == ["a", "b"]
+    settings_row = next(line for line in out.splitlines() if "sampling" in line)
+    assert "k=4 T=0.6" in settings_row and "k=4 T=1.0" in settings_row
+    figs_a = json.loads((a / "results.json").read_text())["tasks"]["first_digit"]
+    figs_b = json.loads((b / "results.json").read_text())["tasks"]["first_digit"]
+    length_row = next(line for line in out.splitlines() if "length (tokens)" in line)
+    assert f"{figs_a['mean_length']:.1f}" in length_row and f"{figs_b['mean_length']:.1f}" in length_row
+    greedy_row = next(line for line in out.splitlines() if "greedy" in line)
+    assert greedy_row.rstrip(" │").endswith("-")  # b was run without --greedy
+    assert "different problem sets" in out
+
+
+def test_eval_user_errors(tmp_path):
+    with pytest.raises(UserError, match="needs --model and --tasks"):
+        ponder_eval("--model", "tiny-random")
+    with pytest.raises(UserError, match="no results at"):
+        ponder_eval("--compare", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="not KEY=VALUE"):
+        ponder_eval("--model", "tiny-random", "--tasks", "first_digit", "--option", "digit")
+    with pytest.raises(UserError, match="unknown task 'first_digt'; did you mean 'first_digit'"):
+        ponder_eval("--model", "tiny-random", "--tasks", "first_digt", "--quiet")
