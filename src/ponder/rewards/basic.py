@@ -1,39 +1,43 @@
-"""The two rewards of R1-Zero: accuracy (rule-checked answer) and format (think then answer)."""
+"""Accuracy, R1-Zero's rule-checked reward: the extracted answer passes the example's task verifier."""
 
 from __future__ import annotations
 
-import re
-
 from ponder.rewards import register
+from ponder.rewards import match
 from ponder.rewards.extract import extract_answer
+from ponder.rewards.format import STRICT_FORMAT  # noqa: F401  (the trainer logs format_rate with it)
 
-STRICT_FORMAT = re.compile(r"^\s*<think>(?:(?!<think>|</think>).)*</think>\s*<answer>(?:(?!<answer>|</answer>).)*</answer>\s*$", re.DOTALL)
+
+def _uses_answers_match(task) -> bool:
+    from ponder.tasks import Task
+
+    return type(task).verify is Task.verify or getattr(task, "matches_answers", False)
 
 
 @register("accuracy")
 def accuracy(completions, *, prompts, answer=None, task=None, extract: str = "tags_or_boxed", **columns):
-    """1 when the extracted answer passes the example's task verifier (ponder.tasks), else 0.
+    """Rewards a right final answer: 1 when the extracted answer passes the task's verifier (DeepSeek-R1).
 
-    Each task verifies in its own way (numeric value, any valid Countdown expression, ...); examples
-    without a gold answer or a task get None.
+    Each task verifies in its own way (mathematical equivalence by default, any valid Countdown
+    expression, a reasoning-gym scorer, ...). Examples without a task get None; a completion that
+    commits to no answer gets 0.
     """
     from ponder.tasks import get_task
 
     n = len(completions)
     answers = answer if answer is not None else [None] * n
     tasks = task if task is not None else [None] * n
+    extracted = [extract_answer(text, extract) for text in completions]
+    # One batched pass over the verification workers instead of one round trip per completion.
+    match.prefetch([(extracted[i], answers[i]) for i in range(n)
+                    if tasks[i] is not None and extracted[i] is not None and _uses_answers_match(get_task(tasks[i]))])
     out = []
-    for i, text in enumerate(completions):
+    for i in range(n):
         if tasks[i] is None:
             out.append(None)
-            continue
-        example = {k: v[i] for k, v in columns.items()} | {"answer": answers[i], "task": tasks[i]}
-        extracted = extract_answer(text, extract)
-        out.append(0.0 if extracted is None else get_task(tasks[i]).verify(extracted, example))
+        elif extracted[i] is None:
+            out.append(0.0)
+        else:
+            example = {k: v[i] for k, v in columns.items()} | {"answer": answers[i], "task": tasks[i]}
+            out.append(get_task(tasks[i]).verify(extracted[i], example))
     return out
-
-
-@register("format")
-def format_reward(completions, *, prompts, **_):
-    """1 when the completion is exactly one <think> block then one <answer> block (R1-Zero's format)."""
-    return [float(bool(STRICT_FORMAT.match(c))) for c in completions]

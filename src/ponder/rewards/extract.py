@@ -1,52 +1,96 @@
-"""Find the final answer in a completion: the answer tags, else the last \\boxed{}."""
+"""Find the final answer in a completion: the answer tags, else the \\boxed{} after the thinking.
+
+Only text outside the think blocks counts, so an answer merely considered while thinking earns
+nothing. A completion that commits to several different answers (two answer blocks, several
+boxes) or spams boxes commits to none.
+"""
 
 from __future__ import annotations
 
 import re
 
+from ponder.errors import UserError
+
+MODES = ("tags", "boxed", "tags_or_boxed", "none")
+MAX_BOXES = 3  # more boxes than this in the final answer is spam, even when they agree
+
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\b\s*")
+
+
+def _braced(text: str, i: int) -> str | None:
+    """Content of the balanced {...} opening at text[i], or None when it never closes."""
+    depth = 0
+    for m in re.finditer(r"[{}]", text[i:]):
+        depth += 1 if m.group() == "{" else -1
+        if depth == 0:
+            return text[i + 1 : i + m.start()]
+    return None
+
+
+def boxes(text: str) -> list[str]:
+    """Contents of every \\boxed{...} (or `\\boxed 5`) in order; unclosed ones are left out."""
+    out = []
+    for m in _BOX_RE.finditer(text):
+        j = m.end()
+        if j < len(text) and text[j] == "{":
+            inner = _braced(text, j)
+        else:
+            inner = re.match(r"[^\s$]*", text[j:]).group() or None
+        if inner is not None:
+            out.append(inner.strip())
+    return out
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (balanced braces), or None."""
-    start = text.rfind("\\boxed")
-    if start < 0:
+    found = boxes(text[text.rfind("\\boxed") :]) if "\\boxed" in text else []
+    return found[-1] if found else None
+
+
+def outside_think(completion: str) -> str | None:
+    """The completion without its thinking; None while a think block is still open (truncated)."""
+    text = completion
+    head, sep, tail = text.partition("</think>")
+    if sep and "<think>" not in head:  # the prompt opened the think block
+        text = tail
+    text = THINK_RE.sub(" ", text)
+    if "<think>" in text:
         return None
-    i = text.find("{", start)
-    if i < 0:
+    return text.replace("</think>", " ")
+
+
+def _one_box(text: str) -> str | None:
+    if text.count("\\boxed") + text.count("\\fbox") > MAX_BOXES:
         return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
+    found = boxes(text)
+    if not found or len(set(found)) > 1:
+        return None
+    return found[-1]
 
 
 def extract_answer(completion: str, mode: str = "tags_or_boxed") -> str | None:
     """The answer a completion commits to, or None when it commits to none.
 
-    mode: tags (only <answer>...</answer>), boxed (only the last \\boxed{}), tags_or_boxed, or
-    none (the whole completion, for plain templates). Several answer blocks that disagree count as
-    no answer: a policy must not hedge by answering twice.
+    mode: tags (only <answer>...</answer>), boxed (only \\boxed{}), tags_or_boxed, or none (the
+    whole completion, for plain templates). A box inside the answer block is unwrapped.
     """
+    if mode not in MODES:
+        raise UserError(f"unknown answer extraction mode '{mode}'; choose one of: {', '.join(MODES)}")
     if mode == "none":
         return completion.strip()
+    final = outside_think(completion)
+    if final is None:
+        return None
     if mode in ("tags", "tags_or_boxed"):
-        blocks = [b.strip() for b in ANSWER_RE.findall(completion)]
+        blocks = [b.strip() for b in ANSWER_RE.findall(final)]
         if blocks:
             if len(set(blocks)) > 1:
                 return None
-            inner = last_boxed(blocks[-1])
-            return inner.strip() if inner is not None else blocks[-1]
+            if "\\boxed" in blocks[0] or "\\fbox" in blocks[0]:
+                return _one_box(blocks[0])
+            return blocks[0]
         if mode == "tags":
             return None
-    # boxed: only outside the think block, so an answer merely considered while thinking does not count
-    after_think = completion.rsplit("</think>", 1)[-1] if "</think>" in completion else completion
-    if "<think>" in after_think and "</think>" not in after_think:
-        return None
-    boxed = last_boxed(after_think)
-    return boxed.strip() if boxed is not None else None
+    return _one_box(final)

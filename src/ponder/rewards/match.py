@@ -1,15 +1,51 @@
-"""Answer equivalence for plain answers: exact text, else numeric value. The math reward upgrades this."""
+"""Is an answer equivalent to the gold? Plain numbers in process, everything else by math-verify in workers.
+
+The tiny world's tasks score thousands of integer answers per step, so plain numbers (integers,
+decimals, `a/b`, `\\frac{a}{b}`, thousands separators, a trailing unit word) are compared exactly here,
+without a process round trip. Word answers (`Monday`, `yes`) are compared as words. The rest goes to
+ponder.rewards.math.compare in a worker under a hard time limit; a timeout scores 0.
+
+Results are cached by (answer, gold): a GRPO group often repeats an answer many times.
+"""
 
 from __future__ import annotations
 
-from fractions import Fraction
+import logging
 import re
+import warnings
+from fractions import Fraction
+
+from ponder.rewards import verify_pool
+from ponder.rewards.math import hack_reason, strip_wrappers, text_answer
+
+log = logging.getLogger("ponder.rewards")
 
 _NUM = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
+_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$")
+_FRAC = re.compile(r"^([-+]?)\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}$")
+_UNIT_WORD = re.compile(r"^(\S+?)(?:\s*\\(?:text|mbox|mathrm)\{\s*([a-zA-Z]+)\s*\}|\s+([a-zA-Z]{2,}))$")
+_MATH_WORDS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "exp", "inf", "infty", "infinity"}
+
+_CACHE: dict[tuple[str, str], float | None] = {}
+_CACHE_MAX = 200_000
+_BAD_GOLDS: set[str] = set()
+_COMPARE = "ponder.rewards.math:compare"
 
 
 def to_number(text: str) -> Fraction | None:
-    t = text.strip().replace(",", "").replace(" ", "").rstrip(".")
+    """Exact value of a plain number (`42`, `-3.5`, `1,000`, `3/4`, `\\frac{3}{4}`, `$18`, `18 apples`)."""
+    t = strip_wrappers(text).replace("\\$", "").replace("{,}", ",").replace("\\!", "").strip()
+    if t.startswith("$"):
+        t = t[1:].strip()
+    m = _UNIT_WORD.match(t)
+    if m and (m.group(2) or m.group(3)).lower() not in _MATH_WORDS:
+        t = m.group(1)
+    if _THOUSANDS.match(t):
+        t = t.replace(",", "")
+    m = _FRAC.match(t)
+    if m:
+        t = f"{m.group(1)}{m.group(2)}/{m.group(3)}".replace("--", "").replace("-+", "-").replace("+-", "-")
+    t = re.sub(r"^([-+])\s+", r"\1", t)
     if not _NUM.match(t):
         return None
     try:
@@ -18,16 +54,113 @@ def to_number(text: str) -> Fraction | None:
         return None
 
 
-def answers_match(answer: str | None, gold) -> float | None:
-    """1.0 when the answer equals the gold by text or by value, 0.0 otherwise; None without a gold."""
+def _terminates(x: Fraction) -> bool:
+    d = x.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+def _fast(answer: str, gold: str) -> float | None:
+    """The verdict when it needs no math-verify, else None."""
+    if hack_reason(answer, gold):
+        return 0.0
+    g = to_number(gold)
+    if g is not None:
+        a = to_number(answer)
+        if a is not None:
+            if a == g:
+                return 1.0
+            if _terminates(a) and _terminates(g):
+                return 0.0  # math-verify would only forgive rounding of a non-terminating value
+    gt = text_answer(gold)
+    if gt is not None:
+        return float(text_answer(answer) == gt)
+    return None
+
+
+def _normalize(answer: str | None, gold) -> tuple[str | None, str]:
+    return (None if answer is None else answer.strip()), strip_wrappers(str(gold))
+
+
+def _report_bad_gold(gold: str) -> None:
+    if gold not in _BAD_GOLDS:
+        _BAD_GOLDS.add(gold)
+        warnings.warn(f"gold answer {gold[:200]!r} cannot be parsed as math; its examples are skipped (reward None). Fix the data's answer field.", stacklevel=3)
+
+
+def _from_worker(result, answer: str, gold: str) -> float | None:
+    if result is verify_pool.TIMEOUT:
+        log.debug("verification of %r against %r ran past the time limit; scored 0", answer[:80], gold[:80])
+        return 0.0
+    if isinstance(result, Exception):
+        log.debug("verification of %r against %r failed (%s); scored 0", answer[:80], gold[:80], result)
+        return 0.0
+    return result
+
+
+def _store(key, value) -> None:
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.clear()
+    _CACHE[key] = value
+
+
+def prefetch(pairs: list[tuple[str | None, object]]) -> None:
+    """Verify many (answer, gold) pairs at once, spread over the workers; later calls hit the cache."""
+    todo: dict[tuple[str, str], None] = {}
+    for answer, gold in pairs:
+        if gold is None or answer is None:
+            continue
+        a, g = _normalize(answer, gold)
+        key = (a, g)
+        if not a or not g or key in _CACHE or g in _BAD_GOLDS:
+            continue
+        fast = _fast(a, g)
+        if fast is not None:
+            _store(key, fast)
+        else:
+            todo[key] = None
+    keys = list(todo)
+    for key, result in zip(keys, verify_pool.pool().map(_COMPARE, keys)):
+        _store(key, _from_worker(result, *key))
+
+
+def _match(answer: str | None, gold, report: bool) -> float | None:
     if gold is None:
         return None
-    if answer is None:
-        return 0.0
-    a, g = answer.strip(), str(gold).strip()
+    a, g = _normalize(answer, gold)
+    if not g or g in _BAD_GOLDS:
+        if report:
+            _report_bad_gold(g)
+        return None
     if not a:
         return 0.0
-    if a == g:
-        return 1.0
-    na, ng = to_number(a), to_number(g)
-    return float(na is not None and na == ng)
+    key = (a, g)
+    if key not in _CACHE:
+        fast = _fast(a, g)
+        if fast is None:
+            (result,) = verify_pool.pool().map(_COMPARE, [key])
+            fast = _from_worker(result, a, g)
+        _store(key, fast)
+    value = _CACHE[key]
+    if value is None and report:
+        _report_bad_gold(g)
+    return value
+
+
+def answers_match(answer: str | None, gold) -> float | None:
+    """1.0 when the answer is mathematically equivalent to the gold, else 0.0.
+
+    None when there is no gold, or when the gold cannot be parsed (reported once by a warning).
+    """
+    return _match(answer, gold, report=True)
+
+
+def equivalent(a: str, b: str) -> bool:
+    """Whether two answers are the same (`1/2`, `0.5`, `\\frac{1}{2}`); for majority voting."""
+    if a is None or b is None:
+        return False
+    if strip_wrappers(a) == strip_wrappers(b):
+        return True
+    return _match(a, b, report=False) == 1.0 or _match(b, a, report=False) == 1.0

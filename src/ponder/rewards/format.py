@@ -1,0 +1,29 @@
+"""Format rewards: is the completion shaped as think-then-answer (DeepSeek-R1's format reward)."""
+
+from __future__ import annotations
+
+import re
+
+from ponder.rewards import register
+
+STRICT_FORMAT = re.compile(r"^\s*<think>(?:(?!<think>|</think>).)*</think>\s*<answer>(?:(?!<answer>|</answer>).)*</answer>\s*$", re.DOTALL)
+SOFT_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+@register("format")
+def format_reward(completions, *, prompts, **_):
+    """Rewards the strict R1-Zero format: exactly one <think> block then one <answer> block, nothing outside (DeepSeek-R1)."""
+    return [float(bool(STRICT_FORMAT.match(c))) for c in completions]
+
+
+@register("format_soft")
+def format_soft(completions, *, prompts, **_):
+    """Rewards a <think> block followed by an <answer> block anywhere in the text (open-r1's soft format reward)."""
+    return [float(bool(SOFT_FORMAT.search(c))) for c in completions]
+
+
+@register("tag_count")
+def tag_count(completions, *, prompts, **_):
+    """Partial credit, 0.25 for each of the four tags used exactly once (open-r1's tag_count_reward)."""
+    return [sum(0.25 for t in TAGS if c.count(t) == 1) for c in completions]

@@ -1,0 +1,125 @@
+"""Mathematical answer comparison: cheap guards against reward hacks, and math-verify (run in workers).
+
+`hack_reason` and the normalisers run in the trainer's process (regexes only); `compare` runs inside a
+verification worker (ponder.rewards.verify_pool) because sympy can take unbounded time on a hostile
+answer. math-verify (huggingface/Math-Verify) does the equivalence: fractions vs decimals, `x=2` vs `2`,
+sets, intervals, percentages, LaTeX.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+MAX_ANSWER_CHARS = 500  # longer answers are wrong without parsing (a final answer is short)
+MAX_NESTING = 30  # brace depth; real answers nest a few levels, LaTeX bombs thousands
+
+_NEGATION = re.compile(r"\b(?:not|no|never|isn't|aren't|except|neither|nor|cannot|can't)\b|\\neq?\b|\\not\b|≠", re.I)
+_HEDGE = re.compile(r"\b(?:or|and|either|maybe|perhaps|possibly|probably|might)\b|\\(?:lor|vee|pm|mp)\b|±|\bvs\.?", re.I)
+_ELLIPSIS = re.compile(r"\.\.\.|…|\\[lc]?dots\b")
+_MULTI = re.compile(r",|;|\\cup\b|\n|\bor\b|\band\b|\\\{|\\pm\b")  # marks a gold with several parts
+_WRAPPERS = re.compile(r"^\$+|\$+$|^\\\(|\\\)$|^\\\[|\\\]$")
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}")
+_WORDS = re.compile(r"^[a-z]+(?: [a-z]+)*$")
+
+
+def strip_wrappers(text: str) -> str:
+    """Drop surrounding math delimiters and a whole-answer \\boxed{...}, which carry no meaning."""
+    t = text.strip()
+    for _ in range(3):
+        t2 = _WRAPPERS.sub("", t).strip()
+        m = re.fullmatch(r"\\(?:boxed|fbox)\s*\{(.*)\}", t2, re.DOTALL)
+        if m and _balanced(m.group(1)):
+            t2 = m.group(1).strip()
+        if t2 == t:
+            break
+        t = t2
+    return t.rstrip(".").strip()
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def nesting_depth(text: str) -> int:
+    depth = best = 0
+    for ch in text:
+        if ch in "{([":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "})]":
+            depth = max(0, depth - 1)
+    return best
+
+
+def hack_reason(answer: str, gold: str) -> str | None:
+    """Why `answer` must score 0 whatever it parses to (a reward hack or a bomb), or None.
+
+    Checks that look at words only fire when the gold itself has no such word, so a gold like
+    `no solution` or `{1, 2}` keeps its honest matches.
+    """
+    if len(answer) > max(MAX_ANSWER_CHARS, 4 * len(gold)):
+        return "too long"
+    if nesting_depth(answer) > max(MAX_NESTING, nesting_depth(gold)):
+        return "nested too deep"
+    if _NEGATION.search(answer) and not _NEGATION.search(gold):
+        return "negation"
+    if _ELLIPSIS.search(answer) and not _ELLIPSIS.search(gold):
+        return "list of candidates"
+    if not _MULTI.search(gold):  # a single value: hedging between several is not an answer
+        if _HEDGE.search(answer):
+            return "hedge between answers"
+        if "\n" in answer.strip():
+            return "several lines"
+    return None
+
+
+def text_answer(text: str) -> str | None:
+    """Lower-case words for answers that are words (`Monday`, `\\text{yes}`), else None."""
+    t = _TEXT_CMD.sub(r"\1", strip_wrappers(text))
+    t = re.sub(r"[\s.!]+", " ", t).strip().lower()
+    if len(t.replace(" ", "")) < 2 or not _WORDS.match(t):
+        return None
+    return t
+
+
+# ---------------------------------------------------------------- inside a verification worker
+
+_PARSE_TIMEOUT = 3  # math-verify's own alarm (works here: a worker's main thread); the pool's limit is the hard one
+
+
+@functools.lru_cache(maxsize=20_000)
+def _parse(text: str) -> tuple:
+    from math_verify import LatexExtractionConfig, parse
+
+    config = [LatexExtractionConfig(boxed_match_priority=0)]
+    return tuple(parse("\\boxed{" + text + "}", extraction_config=config, parsing_timeout=_PARSE_TIMEOUT))
+
+
+def warm() -> None:
+    """Import sympy and math-verify and parse once, so a fresh worker answers its first item quickly."""
+    compare("1", "1")
+
+
+def compare(answer: str, gold: str) -> float | None:
+    """1.0 or 0.0 by math-verify; None when the gold itself does not parse. Runs in a worker."""
+    import logging
+
+    from sympy import Basic, MatrixBase
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    from math_verify import verify
+
+    gold_parsed = _parse(gold)
+    if not any(isinstance(g, (Basic, MatrixBase)) for g in gold_parsed):
+        return None
+    answer_parsed = _parse(answer)
+    if not answer_parsed:
+        return 0.0
+    return float(verify(list(gold_parsed), list(answer_parsed), timeout_seconds=_PARSE_TIMEOUT))

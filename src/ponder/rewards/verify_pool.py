@@ -1,0 +1,271 @@
+"""Worker processes that run math verification under a hard wall-clock limit per item.
+
+math-verify guards itself with `signal.alarm`, which only works on a main thread and cannot interrupt
+long C-level work (a huge integer power). So ponder runs it in separate processes, each on its own
+main thread, and kills any worker whose current item runs past the limit: that item scores as
+timed out, the worker is replaced, and the rest of its chunk is handed out again.
+
+Workers are plain `python -m ponder.rewards.verify_pool` subprocesses talking length-prefixed pickles
+over stdin/stdout. Unlike multiprocessing's spawn/forkserver they never re-import the user's
+`__main__`, and unlike fork they do not inherit the trainer's threads or CUDA state. They start on
+first use, are reused, and are shut down at exit; a worker whose parent dies exits on its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+TIMEOUT = object()  # result of an item that ran past the limit
+STARTUP_LIMIT = 120.0  # seconds a fresh worker may take to import its libraries on a loaded machine
+_HEADER = struct.Struct(">I")
+
+
+def _write(f, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(_HEADER.pack(len(data)) + data)
+    f.flush()
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            raise EOFError("verification worker closed its pipe")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read(fd: int):
+    (n,) = _HEADER.unpack(_read_exact(fd, _HEADER.size))
+    return pickle.loads(_read_exact(fd, n))
+
+
+class _Worker:
+    def __init__(self, preload: tuple[str, ...] = ()):
+        src_root = str(Path(__file__).resolve().parents[2])  # the directory holding the ponder package
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ponder.rewards.verify_pool", *preload],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        )
+        self.fd = self.proc.stdout.fileno()
+        self.ready = False  # set by the worker's first message, once its imports are done
+        self.chunk: deque = deque()  # (index, func, args) sent and not yet answered, in order
+        self.started = time.monotonic()  # when the item at the head of `chunk` began (or the worker started)
+
+    def send(self, items: list) -> None:
+        self.chunk.extend(items)
+        self.started = time.monotonic()
+        _write(self.proc.stdin, [(func, args) for _, func, args in items])
+
+    def deadline(self, timeout: float) -> float:
+        return self.started + (timeout if self.ready else STARTUP_LIMIT)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def close(self, grace: float = 1.0) -> None:
+        try:
+            _write(self.proc.stdin, None)
+            self.proc.wait(grace)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+        self.kill()
+
+
+class VerifyPool:
+    """Runs `module:function(*args)` calls in worker processes; each call gets `timeout` seconds."""
+
+    def __init__(self, workers: int = 2, timeout: float = 5.0, chunk: int = 16, preload: tuple[str, ...] = ()):
+        self.n_workers, self.timeout, self.chunk_size = max(1, workers), timeout, chunk
+        self.preload = tuple(preload)  # `module:function`s each worker calls at start, to warm up while idle
+        self.workers: list[_Worker] = []
+        self.timeouts = 0  # items killed for running past the limit, since start
+        self._lock = threading.Lock()
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers]
+
+    def map(self, func: str, arglist: list[tuple]) -> list:
+        """Results in order; an item past the limit gives TIMEOUT, one that raised gives the exception."""
+        if not arglist:
+            return []
+        with self._lock:
+            return self._map(func, arglist)
+
+    def _map(self, func: str, arglist: list[tuple]) -> list:
+        results: list = [None] * len(arglist)
+        pending = deque((i, func, args) for i, args in enumerate(arglist))
+        while len(self.workers) < min(self.n_workers, len(arglist)):
+            self.workers.append(_Worker(self.preload))
+        # Chunks small enough that every worker gets a share, large enough to save round trips.
+        size = max(1, min(self.chunk_size, -(-len(arglist) // len(self.workers))))
+        while True:
+            for w in self.workers:
+                if w.ready and pending and not w.chunk:
+                    try:
+                        w.send([pending.popleft() for _ in range(min(size, len(pending)))])
+                    except OSError:  # it died between items: its first item is scored as an error
+                        self._replace(w, results, pending, RuntimeError("verification worker died"))
+            watched = [w for w in self.workers if w.chunk or (pending and not w.ready)]
+            if not watched:
+                return results
+            wait = max(0.0, min(w.deadline(self.timeout) for w in watched) - time.monotonic())
+            readable, _, _ = select.select([w.fd for w in watched], [], [], wait)
+            for w in watched:
+                if w.fd in readable:
+                    try:
+                        message = _read(w.fd)
+                    except (EOFError, OSError, pickle.UnpicklingError):
+                        self._replace(w, results, pending, RuntimeError("verification worker died"))
+                        continue
+                    if not w.ready:
+                        w.ready = True
+                        continue
+                    ok, value = message
+                    i, _, _ = w.chunk.popleft()
+                    results[i] = value if ok else RuntimeError(value)
+                    w.started = time.monotonic()
+                elif time.monotonic() > w.deadline(self.timeout):
+                    if not w.ready:
+                        self._replace(w, results, pending, None)
+                        continue
+                    self.timeouts += 1
+                    self._replace(w, results, pending, TIMEOUT)
+
+    def _replace(self, w: _Worker, results: list, pending: deque, outcome) -> None:
+        """Kill `w`, give its current item `outcome`, requeue the rest of its chunk, start a fresh worker."""
+        w.kill()
+        if not w.ready:  # it never got going: something is wrong with the environment, not an answer
+            self.close_all()
+            raise RuntimeError(f"a verification worker failed to start (exit code {w.proc.returncode}); run `python -m ponder.rewards.verify_pool` to see why")
+        i, _, _ = w.chunk.popleft()
+        results[i] = outcome
+        pending.extendleft(reversed(w.chunk))
+        self.workers[self.workers.index(w)] = _Worker(self.preload)
+
+    def close_all(self) -> None:
+        for w in self.workers:
+            w.close()
+        self.workers = []
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_all()
+
+
+_POOL: VerifyPool | None = None
+_SETTINGS = {"workers": min(4, os.cpu_count() or 1), "timeout": 5.0, "preload": ("ponder.rewards.math:warm",)}
+WORKER_MEMORY = 2 << 30  # address-space limit of a worker: a runaway sympy computation fails, the host lives
+
+
+def configure(workers: int | None = None, timeout: float | None = None) -> None:
+    """Set the number of workers and the per-item limit (seconds); takes effect on the next start."""
+    global _POOL
+    if workers is not None:
+        _SETTINGS["workers"] = int(workers)
+    if timeout is not None:
+        _SETTINGS["timeout"] = float(timeout)
+    if _POOL is not None:
+        _POOL.n_workers, _POOL.timeout = _SETTINGS["workers"], _SETTINGS["timeout"]
+
+
+def pool() -> VerifyPool:
+    global _POOL
+    if _POOL is None:
+        _POOL = VerifyPool(**_SETTINGS)
+    return _POOL
+
+
+def shutdown() -> None:
+    """Stop the workers (they start again on the next call)."""
+    global _POOL
+    if _POOL is not None:
+        _POOL.close()
+        _POOL = None
+
+
+atexit.register(shutdown)
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _die_with_parent() -> None:
+    try:  # Linux: the kernel kills this worker when the parent goes, even mid-computation
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _call(func: str, funcs: dict, args=()):
+    if func not in funcs:
+        mod, name = func.split(":")
+        funcs[func] = getattr(importlib.import_module(mod), name)
+    return funcs[func](*args)
+
+
+def _serve(preload: list[str]) -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    _die_with_parent()
+    try:
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY if hard == resource.RLIM_INFINITY else min(WORKER_MEMORY, hard), hard))
+    except (ValueError, OSError):
+        pass
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
+    inp = sys.stdin.buffer.fileno()
+    funcs: dict = {}
+    for func in preload:
+        try:
+            _call(func, funcs)
+        except Exception:
+            pass  # the same error shows, reported, on the first real call
+    _write(out, "ready")
+    while True:
+        try:
+            batch = _read(inp)
+        except EOFError:
+            return
+        if batch is None:
+            return
+        for func, args in batch:
+            try:
+                answer = (True, _call(func, funcs, args))
+            except Exception as e:  # MemoryError and RecursionError included: report, keep serving
+                answer = (False, f"{type(e).__name__}: {e}"[:500])
+            # Answer item by item so the parent's clock restarts for each item of the chunk.
+            _write(out, answer)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1:])
