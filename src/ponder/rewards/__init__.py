@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
+from math import isnan  # (a plain `import math` would be shadowed by the submodule ponder.rewards.math)
 from typing import Any, Callable
 
 from ponder.errors import UserError
@@ -83,7 +83,7 @@ class RewardSet:
                     raise UserError(f"reward '{name}' returned {v!r}; values must be numbers or None")
             per_fn[name] = [None if v is None else float(v) for v in values]
         totals = [
-            sum(self.weights[n] * per_fn[n][i] for n in per_fn if per_fn[n][i] is not None and not math.isnan(per_fn[n][i]))
+            sum(self.weights[n] * per_fn[n][i] for n in per_fn if per_fn[n][i] is not None and not isnan(per_fn[n][i]))
             for i in range(len(completions))
         ]
         return totals, per_fn

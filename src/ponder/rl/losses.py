@@ -16,6 +16,8 @@ def sequence_token_weights(lengths: list[int], agg: str, max_new_tokens: int) ->
       bnpo     mean over the tokens of each micro-batch: set per micro-batch (see micro_batch_weights)
     """
     n = len(lengths)
+    if n == 0:
+        return []
     if agg == "grpo":
         return [1.0 / (max(l, 1) * n) for l in lengths]
     if agg == "dapo":

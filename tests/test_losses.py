@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from ponder.rl.losses import k3_kl, micro_batch_weights, policy_loss, sequence_token_weights
+
+
+def _loss(lengths, adv, agg, max_new=8, micro=None):
+    """ratio == 1 everywhere, so each token's loss is -A; returns the aggregated loss."""
+    width = max(lengths)
+    logp = torch.zeros(len(lengths), width)
+    mask = torch.tensor([[1.0] * l + [0.0] * (width - l) for l in lengths])
+    w = sequence_token_weights(lengths, agg, max_new) if micro is None else [x for ws in micro_batch_weights(micro) for x in ws]
+    weight = mask * torch.tensor(w)[:, None]
+    loss, _ = policy_loss(logp, logp.detach(), torch.tensor(adv), weight, 0.2, 0.2)
+    return loss.item()
+
+
+def test_aggregations_match_hand_values():
+    lengths, adv = [2, 4], [1.0, 0.5]
+    assert _loss(lengths, adv, "grpo") == pytest.approx((-1 + -0.5) / 2)  # per-sequence means, then mean
+    assert _loss(lengths, adv, "dapo") == pytest.approx((2 * -1 + 4 * -0.5) / 6)  # all tokens of the batch
+    assert _loss(lengths, adv, "dr_grpo", max_new=8) == pytest.approx((2 * -1 + 4 * -0.5) / (2 * 8))
+    # bnpo with micro-batches [seq 1], [seq 2]: each micro-batch's token mean, averaged
+    assert _loss(lengths, adv, "bnpo", micro=[[2], [4]]) == pytest.approx((-1 + -0.5) / 2)
+    # ... and with one micro-batch it is the batch token mean
+    assert _loss(lengths, adv, "bnpo", micro=[[2, 4]]) == pytest.approx((2 * -1 + 4 * -0.5) / 6)
+
+
+def test_clipping_follows_the_pessimistic_bound():
+    old = torch.zeros(1, 1)
+    one = torch.ones(1, 1)
+    # A > 0, ratio 1.5 > 1 + eps_high: clipped to 1.28, no gradient
+    logp = torch.full((1, 1), math.log(1.5), requires_grad=True)
+    loss, st = policy_loss(logp, old, torch.tensor([1.0]), one, 0.2, 0.28)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.28)
+    assert logp.grad.item() == 0.0 and st["clip_high"] == 1 and st["clip_low"] == 0
+    # A < 0, ratio 0.5 < 1 - eps_low: min(-0.5, -0.8) = -0.8 -> loss 0.8, no gradient
+    logp = torch.full((1, 1), math.log(0.5), requires_grad=True)
+    loss, st = policy_loss(logp, old, torch.tensor([-1.0]), one, 0.2, 0.28)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.8)
+    assert logp.grad.item() == 0.0 and st["clip_low"] == 1
+    # A < 0, ratio 1.5: the unclipped branch is the pessimistic one and keeps its gradient
+    logp = torch.full((1, 1), math.log(1.5), requires_grad=True)
+    loss, st = policy_loss(logp, old, torch.tensor([-1.0]), one, 0.2, 0.28)
+    loss.backward()
+    assert loss.item() == pytest.approx(1.5)
+    assert logp.grad.item() == pytest.approx(1.5)  # d(-ratio*A)/dlogp = ratio
+    assert st["clip_low"] == 0 and st["clip_high"] == 0
+
+
+def test_k3_kl_hand_value_and_sign():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    # exp(d) - d - 1 with d = log(.25/.5)
+    assert k3_kl(logp, ref).item() == pytest.approx(0.5 - math.log(0.5) - 1)
+    assert k3_kl(logp, logp).item() == 0.0
+    x = torch.randn(1000)
+    assert (k3_kl(x, torch.randn(1000)) >= 0).all()
+
+
+def test_kl_term_adds_beta_times_k3():
+    logp = torch.full((1, 1), math.log(0.5))
+    ref = torch.full((1, 1), math.log(0.25))
+    base, _ = policy_loss(logp, logp, torch.tensor([0.0]), torch.ones(1, 1), 0.2, 0.2)
+    with_kl, st = policy_loss(logp, logp, torch.tensor([0.0]), torch.ones(1, 1), 0.2, 0.2, beta=0.1, ref_logp=ref)
+    assert with_kl.item() - base.item() == pytest.approx(0.1 * (0.5 - math.log(0.5) - 1))
+    assert st["kl"] == pytest.approx(0.5 - math.log(0.5) - 1)
+
+
+def test_gradient_step_raises_the_probability_of_a_rewarded_token():
+    theta = torch.zeros(5, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=0.5)
+    for adv, token in ((1.0, 3), (-1.0, 1)):
+        before = theta.log_softmax(0)[token].item()
+        logp = theta.log_softmax(0)[token].view(1, 1)
+        loss, _ = policy_loss(logp, logp.detach(), torch.tensor([adv]), torch.ones(1, 1), 0.2, 0.2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        after = theta.log_softmax(0)[token].item()
+        assert (after > before) if adv > 0 else (after < before)
