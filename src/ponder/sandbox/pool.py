@@ -1,0 +1,226 @@
+"""Run untrusted programs against trusted tests, many at a time, and read the verdicts."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import marshal
+import math
+import os
+import secrets
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ponder.errors import UserError
+from ponder.sandbox import isolation
+from ponder.sandbox.capture import run_captured
+
+RUNNER = (Path(__file__).with_name("runner.py")).read_text(encoding="utf-8")
+UNSAFE_WARNING = "ponder.sandbox: WARNING: unsafe mode, model-written code runs WITHOUT isolation (no bubblewrap), as your own user"
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout: float = 10.0  # wall-clock seconds for the whole run
+    memory_mb: int = 1024  # address space of each process
+    processes: int = 16  # processes (and threads) of the sandbox user
+    file_size_mb: int = 16  # largest file the program may write
+    open_files: int = 64
+    output_kb: int = 64  # stdout and stderr kept, each; more output than this stops the run
+    scratch_mb: int = 64  # size of the private /tmp
+
+    def rlimits(self) -> dict[str, int]:
+        return {
+            "cpu": max(1, math.ceil(self.timeout)),
+            "memory": self.memory_mb << 20,
+            "processes": self.processes,
+            "file_size": self.file_size_mb << 20,
+            "open_files": self.open_files,
+        }
+
+
+@dataclass
+class TestOutcome:
+    source: str  # first line of the test
+    passed: bool
+    error: str | None = None
+
+
+@dataclass
+class Result:
+    """status: passed | failed | timeout | program_error | output_limit | no_verdict | bad_tests.
+
+    `bad_tests` means the trusted tests themselves are broken (or call nothing of the program):
+    the run says nothing about the program, and rewards treat it as "does not apply".
+    """
+
+    status: str
+    detail: str = ""
+    tests: list[TestOutcome] = field(default_factory=list)
+    stdout: str = ""
+    stderr: str = ""
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def fraction(self) -> float:
+        return sum(t.passed for t in self.tests) / len(self.tests) if self.tests else 0.0
+
+
+class _Uids:
+    """Distinct unprivileged uids for concurrent runs (root only): process limits and signals stay per run."""
+
+    def __init__(self, base: int):
+        self.free: list[int] = []
+        self.next = itertools.count(base)
+        self.lock = threading.Lock()
+
+    def take(self) -> int:
+        with self.lock:
+            return self.free.pop() if self.free else next(self.next)
+
+    def give(self, uid: int) -> None:
+        with self.lock:
+            self.free.append(uid)
+
+
+_UIDS = _Uids(2_000_000_000 + (os.getpid() % 100_000) * 64)
+_PROBED: set[tuple] = set()
+_PROBE_LOCK = threading.Lock()
+
+
+class Sandbox:
+    """Runs programs in bubblewrap with resource limits; `run_many` keeps `workers` runs going at once.
+
+    `unsafe=True` runs without bubblewrap (resource limits and the two-process grader still apply)
+    and prints a warning on every call.
+    """
+
+    def __init__(self, limits: Limits | None = None, workers: int | None = None, unsafe: bool = False):
+        self.limits = limits or Limits()
+        self.workers = workers or len(os.sched_getaffinity(0))
+        self.unsafe = unsafe
+        self.as_root = os.geteuid() == 0
+        self._pool: ThreadPoolExecutor | None = None
+        if not unsafe:
+            self.bwrap = isolation.find_bwrap()
+            self._probe()
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def run(self, program: str, tests, entry_point: str | None = None, setup: str = "") -> Result:
+        """Run `program`, then `tests` (a string of Python, or a list of strings, one test each).
+
+        `entry_point` names the program's function that HumanEval-style tests receive as
+        `check(candidate)`. `setup` is trusted code run before the tests (e.g. helpers they use).
+        """
+        self._warn()
+        return self._run(dict(program=program, tests=tests, entry_point=entry_point, setup=setup))
+
+    def run_many(self, jobs: list[dict]) -> list[Result]:
+        """Run jobs (dicts of `run`'s arguments) on `workers` threads; results in order."""
+        self._warn()
+        if not jobs:
+            return []
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sandbox")
+        return list(self._pool.map(self._run, jobs))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    # -- one run ---------------------------------------------------------------------------------
+
+    def _warn(self) -> None:
+        if self.unsafe:
+            print(UNSAFE_WARNING, file=sys.stderr)
+
+    def _run(self, job: dict) -> Result:
+        tests = job["tests"]
+        if not isinstance(tests, str) and not (isinstance(tests, list) and all(isinstance(t, str) for t in tests)):
+            raise UserError(f"tests must be a string of Python or a list of strings, got {type(tests).__name__}")
+        nonce = secrets.token_hex(16)
+        first = {
+            "program": job["program"], "setup": job.get("setup") or "",
+            "limits": self.limits.rlimits(), "timeout": self.limits.timeout,
+        }  # fmt: skip
+        second = {"tests": tests, "entry_point": job.get("entry_point"), "nonce": nonce}
+        stdin = b"".join(_frame(marshal.dumps(x)) for x in (first, second))
+        exe, _ = isolation.interpreter()
+        uid = _UIDS.take() if self.as_root and not self.unsafe else None
+        try:
+            command = [exe, "-I", "-S", "-B", "-c", RUNNER]
+            ids = [str(uid), str(uid)] if uid is not None else ["-", "-"]
+            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+            max_output = self.limits.output_kb << 10
+            grace = self.limits.timeout + 2.0  # the grader keeps its own deadline; this one is the backstop
+            if self.unsafe:
+                with tempfile.TemporaryDirectory(prefix="ponder-unsafe-") as scratch:
+                    env["HOME"] = scratch
+                    done = run_captured(lambda fd: command + [str(fd)] + ids, stdin, grace, max_output, env, cwd=scratch)
+            else:
+                head = isolation.bwrap_argv(self.bwrap, self.limits.scratch_mb << 20, self.as_root)
+                done = run_captured(lambda fd: head + ["--"] + command + [str(fd)] + ids, stdin, grace, max_output, env)
+        finally:
+            if uid is not None:
+                _UIDS.give(uid)
+        return _verdict(done, nonce, self.limits.timeout)
+
+    def _probe(self) -> None:
+        key = (self.bwrap, self.as_root)
+        with _PROBE_LOCK:
+            if key in _PROBED:
+                return
+            r = self._run(dict(program="def f():\n    return 1\n", tests="assert f() == 1", entry_point=None))
+            if not r.passed:
+                why = (r.stderr.strip().splitlines() or [r.detail])[-1]
+                raise UserError(f"bubblewrap cannot start a sandbox on this machine ({why}); "
+                                "user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone=1), "
+                                "or set `unsafe: true` to run model code without isolation")  # fmt: skip
+            _PROBED.add(key)
+
+
+def _frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def _verdict(done, nonce: str, timeout: float) -> Result:
+    """Trust only report lines that carry this run's nonce; no final line means no verdict."""
+    names: list[str] = []
+    outcomes: dict[int, tuple[bool, str | None]] = {}
+    final = None
+    for line in done.report.decode("utf-8", "replace").splitlines():
+        try:
+            rec = ast.literal_eval(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if not isinstance(rec, dict) or rec.get("nonce") != nonce:
+            continue
+        if "tests" in rec:
+            names = [str(n) for n in rec["tests"]]
+        elif "test" in rec:
+            outcomes[int(rec["test"])] = (rec.get("ok") is True, rec.get("error"))
+        elif rec.get("done"):
+            final = rec
+    tests = [TestOutcome(n, *outcomes.get(i, (False, "not run"))) for i, n in enumerate(names)]
+    out, err = (b.decode("utf-8", "replace") for b in (done.stdout, done.stderr))
+    if done.killed == "output":
+        status, detail = "output_limit", "the program wrote more output than allowed"
+    elif final is not None:
+        status, detail = str(final.get("status")), str(final.get("detail", ""))
+    elif done.killed == "timeout":
+        status, detail = "timeout", f"no verdict within {timeout:g} s"
+    else:
+        status, detail = "no_verdict", f"the grader stopped without a verdict (exit status {done.returncode})"
+    if status == "passed" and not (tests and all(t.passed for t in tests)):
+        status, detail = "failed", "not every test reported a pass"
+    return Result(status, detail, tests, out, err, done.seconds)
