@@ -1,0 +1,117 @@
+"""Time of one GRPO step on one GPU, split into generate / reward / train.
+
+Workload (issue 7): a random-weight Qwen2.5-shaped model in bf16, 32 prompts of 128 tokens x 8 samples,
+512 new tokens forced, mu = 1, beta = 0, one optimizer step (AdamW) per GRPO step. The step is the
+trainer's own pieces (ponder.rl: batching, advantages, losses) around the fast engine; log-probs either
+through ponder.rl.logprobs.token_logprobs (chunked head) or the full-logits path (ponder.rl.forward).
+The reward is a token-level rule (share of even token ids): random weights write no text to verify,
+and the rule costs what a cheap verifier costs.
+
+  PYTHONPATH=src python bench/grpo_step.py --shapes 0.5b 1.5b --logprobs chunked full --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rollout import CUDA, DEVICE, build, force_length  # noqa: E402
+
+from ponder.models.tiny import char_tokenizer  # noqa: E402
+from ponder.rl.advantages import advantages  # noqa: E402
+from ponder.rl.batching import Sample, micro_batches, to_tensors  # noqa: E402
+from ponder.rl.forward import completion_logprobs  # noqa: E402
+from ponder.rl.logprobs import token_logprobs  # noqa: E402
+from ponder.rl.losses import policy_loss, sequence_token_weights  # noqa: E402
+from ponder.rollout import SamplingParams  # noqa: E402
+from ponder.rollout.fast import FastEngine  # noqa: E402
+
+
+def now():
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def train(model, opt, samples, logprobs: str, token_budget: int, max_new: int):
+    for s, w in zip(samples, sequence_token_weights([len(s.completion_ids) for s in samples], "grpo", max_new)):
+        s.weight = w
+    opt.zero_grad(set_to_none=True)
+    for mb in micro_batches(samples, token_budget):
+        t = to_tensors(mb, 0, DEVICE)
+        if logprobs == "chunked":
+            logp, _ = token_logprobs(model, t.input_ids, t.attention_mask, positions=t.target_pos + 1)
+        else:
+            logp, _ = completion_logprobs(model, t, with_entropy=True)
+        weight = t.mask * torch.tensor([s.weight for s in mb], device=DEVICE)[:, None]
+        adv = torch.tensor([s.advantage for s in mb], device=DEVICE)
+        loss, _ = policy_loss(logp, logp.detach(), adv, weight, 0.2, 0.2)  # mu = 1: old = current
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def grpo_step(model, opt, engine, prompts, group, new, step, logprobs, token_budget):
+    t0 = now()
+    outs = engine.generate(prompts, SamplingParams(n=group, temperature=1.0, max_tokens=new, seed=step))
+    t1 = now()
+    rewards = torch.tensor([[sum(t % 2 == 0 for t in c.token_ids) / max(len(c.token_ids), 1) for c in out] for out in outs])
+    adv = advantages(rewards, "group_std")
+    samples = [Sample(p, c.token_ids, adv[i, j].item(), c.finish_reason == "length")
+               for i, (p, out) in enumerate(zip(prompts, outs)) for j, c in enumerate(out)]
+    t2 = now()
+    model.train()
+    train(model, opt, samples, logprobs, token_budget, new)
+    t3 = now()
+    return dict(generate=t1 - t0, reward=t2 - t1, train=t3 - t2, total=t3 - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b"])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=512)
+    ap.add_argument("--logprobs", nargs="+", default=["chunked", "full"])
+    ap.add_argument("--token-budget", type=int, default=16384)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    report = dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", workload=vars(a), results=[])
+    tok = char_tokenizer()
+    for shape in a.shapes:
+        model = build(shape)
+        force_length(model, True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=CUDA)
+        engine = FastEngine(model, tok)
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, model.config.vocab_size, (a.prompts, a.prompt), generator=g).tolist()
+        for lp in a.logprobs:
+            grpo_step(model, opt, engine, prompts, a.group, a.new, 0, lp, a.token_budget)  # warm-up
+            CUDA and torch.cuda.reset_peak_memory_stats()
+            runs = [grpo_step(model, opt, engine, prompts, a.group, a.new, s + 1, lp, a.token_budget) for s in range(a.steps)]
+            row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            row.update(shape=shape, logprobs=lp, peak_gib=(torch.cuda.max_memory_allocated() / 2**30) if CUDA else 0.0)
+            print(json.dumps(row), flush=True)
+            report["results"].append(row)
+        del model, opt, engine
+        CUDA and torch.cuda.empty_cache()
+    print(f"\n{'shape':6} {'logprobs':8} {'total s':>8} {'generate':>9} {'reward':>7} {'train':>7} {'peak GiB':>9}")
+    for r in report["results"]:
+        print(f"{r['shape']:6} {r['logprobs']:8} {r['total']:8.2f} {r['generate']:9.2f} {r['reward']:7.3f} "
+              f"{r['train']:7.2f} {r['peak_gib']:9.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Rollout throughput on one GPU: ponder's fast engine beside transformers' generate, one run, same workload.
+
+Random-weight Qwen2.5-shaped models in bf16 (speed does not depend on the weights); every completion is
+forced to full length. Prints a table and writes JSON. With --check, first the GPU correctness checks at
+bf16 tolerance (teacher-forced log-probs, prefill logits, greedy agreement, weights updated in place).
+
+  PYTHONPATH=src python bench/rollout.py --check --shapes 0.5b 1.5b --hf dynamic --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from ponder.models.tiny import char_tokenizer
+from ponder.rollout import SamplingParams
+from ponder.rollout.fast import FastEngine
+
+SHAPES = {
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864),
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960),
+    "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
+}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: only to smoke-test this script (--shapes smoke)
+CUDA = DEVICE == "cuda"
+
+
+def build(shape: str, seed: int = 0, init_std: float = 0.02):
+    cfg = Qwen2Config(
+        vocab_size=151936 if shape != "smoke" else 1000, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
+        rms_norm_eps=1e-6, initializer_range=init_std, **SHAPES[shape],
+    )
+    torch.manual_seed(seed)
+    with torch.device(DEVICE):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    for layer in model.model.layers:  # Qwen2's q/k/v biases start at zero; make them count
+        for p in (layer.self_attn.q_proj.bias, layer.self_attn.k_proj.bias, layer.self_attn.v_proj.bias):
+            p.data.normal_(0, init_std)
+    model.eval()
+    return model
+
+
+def sync_time(fn):
+    if CUDA:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def force_length(model, on: bool):
+    """No EOS: -1 never matches for the fast engine; None for transformers (with min_new_tokens)."""
+    model.generation_config.eos_token_id = [-1] if on else None
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check(shape: str) -> dict:
+    model = build(shape, seed=1, init_std=0.05)
+    vocab = model.config.vocab_size
+    tok = char_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 17, 33, 64, 100, 128, 9, 77]
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+    force_length(model, True)
+    eng = FastEngine(model, tok)
+    res = {}
+
+    def teacher_forced(tag):
+        outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=48, logprobs=True))
+        worst, total, n, argmax_hits, gaps = 0.0, 0.0, 0, 0, []
+        for p, (c,) in zip(prompts, outs):
+            ids = torch.tensor([p + c.token_ids], device=DEVICE)
+            logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float()
+            ref = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids, device=DEVICE)[:, None]).squeeze(-1)
+            d = (torch.tensor(c.logprobs, device=DEVICE) - ref).abs()
+            worst, total, n = max(worst, d.max().item()), total + d.sum().item(), n + len(d)
+            chosen = logits.gather(-1, torch.tensor(c.token_ids, device=DEVICE)[:, None]).squeeze(-1)
+            gaps.append((logits.max(-1).values - chosen).max().item())
+            argmax_hits += (logits.argmax(-1) == torch.tensor(c.token_ids, device=DEVICE)).sum().item()
+        res[tag] = dict(max_abs_logprob_diff=worst, mean_abs_logprob_diff=total / n, greedy_is_hf_argmax=argmax_hits / n,
+                        max_logit_gap_of_choice=max(gaps))
+        return outs
+
+    outs = teacher_forced("teacher_forced")
+    # greedy agreement with transformers' generate (bf16 kernels differ, so near-ties may flip)
+    width = max(lens)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], att[i, width - len(p):] = torch.tensor(p), 1
+    force_length(model, False)
+    hf = model.generate(input_ids=ids.to(DEVICE), attention_mask=att.to(DEVICE), do_sample=False, max_new_tokens=48,
+                        min_new_tokens=48, pad_token_id=0)[:, width:].tolist()
+    force_length(model, True)
+    first_diff = [next((j for j, (a, b) in enumerate(zip(h, c.token_ids)) if a != b), 48) for h, (c,) in zip(hf, outs)]
+    res["greedy_vs_hf_generate"] = dict(identical_sequences=sum(d == 48 for d in first_diff), of=len(prompts),
+                                        first_divergence=first_diff)
+    # prefill logits over the whole vocabulary against a fresh forward
+    rows = torch.arange(len(prompts), device=DEVICE)
+    mine = eng.fwd.prefill(prompts, rows, 1).float()
+    ref = torch.stack([model(input_ids=torch.tensor([p], device=DEVICE)).logits[0, -1].float() for p in prompts])
+    res["prefill_logits_rel_err"] = ((mine - ref).norm() / ref.norm()).item()
+    # weights updated in place (as an optimizer does): the captured graphs must see them
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    teacher_forced("after_inplace_update")
+    ok = all(res[k]["max_abs_logprob_diff"] < 0.1 and res[k]["max_logit_gap_of_choice"] < 0.15
+             for k in ("teacher_forced", "after_inplace_update")) and res["prefill_logits_rel_err"] < 2e-2
+    res["pass"] = ok
+    del eng, model
+    CUDA and torch.cuda.empty_cache()
+    return res
+
+
+# ------------------------------------------------------------------------------------------ bench
+def bench_fast(model, tok, prompts, new, attention: str) -> dict:
+    eng = FastEngine(model, tok, attention=attention)
+    params = SamplingParams(n=1, temperature=1.0, max_tokens=new, seed=0)
+    force_length(model, True)
+    first, _ = sync_time(lambda: eng.generate(prompts, params))  # includes graph capture
+    t_pre, _ = sync_time(lambda: eng.generate(prompts, SamplingParams(temperature=1.0, max_tokens=1, seed=0)))
+    CUDA and torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(2):
+        t, outs = sync_time(lambda: eng.generate(prompts, params))
+        times.append(t)
+    assert all(len(c.token_ids) == new for (c,) in outs), "completions were not forced to full length"
+    t = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() if CUDA else 0
+    eng.release()
+    del eng
+    CUDA and torch.cuda.empty_cache()
+    tokens = len(prompts) * new
+    return dict(engine=f"fast ({attention})", seconds=t, tokens_per_s=tokens / t, ms_per_decode_step=1000 * (t - t_pre) / (new - 1),
+                prefill_s=t_pre, first_call_s=first, peak_gib=peak / 2**30)
+
+
+def bench_hf(model, prompts, new, cache: str) -> dict:
+    ids = torch.tensor(prompts, device=DEVICE)
+    force_length(model, False)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+        first, _ = sync_time(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw))
+    else:
+        first = None
+    CUDA and torch.cuda.reset_peak_memory_stats()
+    t, out = sync_time(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw))
+    assert out.shape[1] == ids.shape[1] + new
+    peak = torch.cuda.max_memory_allocated() if CUDA else 0
+    CUDA and torch.cuda.empty_cache()
+    return dict(engine=f"hf generate ({cache} cache)", seconds=t, tokens_per_s=len(prompts) * new / t,
+                ms_per_decode_step=1000 * t / new, first_call_s=first, peak_gib=peak / 2**30)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b"])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=512)
+    ap.add_argument("--attention", nargs="+", default=["sdpa", "matmul"])
+    ap.add_argument("--hf", nargs="*", default=["dynamic"], help="transformers' generate with these caches")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    report = dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__, workload=vars(a), results=[])
+    if a.check:
+        report["check"] = check("0.5b" if CUDA else "smoke")
+        print("check:", json.dumps(report["check"]), flush=True)
+    tok = char_tokenizer()
+    for shape in a.shapes:
+        model = build(shape)
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, model.config.vocab_size, (a.batch, a.prompt), generator=g).tolist()
+        weights = torch.cuda.memory_allocated() if CUDA else 0
+        rows = [bench_fast(model, tok, prompts, a.new, att) for att in a.attention]
+        for cache in a.hf:
+            rows.append(bench_hf(model, prompts, a.new, cache))
+        base = rows[0]["tokens_per_s"]
+        for r in rows:
+            r.update(shape=shape, weights_gib=weights / 2**30, speedup_of_fast=base / r["tokens_per_s"])
+            print(json.dumps(r), flush=True)
+        report["results"] += rows
+        del model
+        CUDA and torch.cuda.empty_cache()
+    print(f"\n{'shape':6} {'engine':26} {'tokens/s':>10} {'ms/step':>8} {'peak GiB':>9} {'fast is x':>9}")
+    for r in report["results"]:
+        print(f"{r['shape']:6} {r['engine']:26} {r['tokens_per_s']:10,.0f} {r['ms_per_decode_step']:8.2f} "
+              f"{r['peak_gib']:9.2f} {r['speedup_of_fast']:9.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

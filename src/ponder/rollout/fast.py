@@ -1,0 +1,249 @@
+"""In-process rollouts at close to the GPU's limit, with the policy's own weights.
+
+- Prefill: each distinct prompt runs once, packed (no padding work outside attention); its cache is
+  copied to the rows of its `n` samples.
+- Decode: one step for all rows, captured as a CUDA graph per (batch bucket, attention length bucket);
+  sampling on the device, outside the graph. Every `sync_every` steps the host looks once: it stops when
+  all rows are done, checks stop strings, and moves the live rows to the front when they fit a smaller
+  batch bucket (finished rows are only masked until then).
+- Graphs read the weights at their addresses, so in-place optimizer updates are seen; if a parameter is
+  replaced (new storage), the graphs are dropped and captured again.
+On CPU the same code runs eagerly. Architectures other than Llama/Qwen2/Qwen3/Mistral, and calls that
+would outrun a sliding window, go to the Hugging Face engine.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ponder.errors import UserError
+from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, truncate_at_stop
+from ponder.rollout.fast_model import Forward, describe
+from ponder.rollout.fast_sampling import sample
+from ponder.rollout.hf import HFEngine
+
+
+def notice(msg: str) -> None:
+    print(f"ponder: {msg}", file=sys.stderr)
+
+
+@register("fast")
+class FastEngine(RolloutEngine):
+    def __init__(
+        self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
+        length_bucket: int = 128, prefill_tokens: int = 32768, keep_cache: bool = True, attention: str = "sdpa",
+    ):
+        super().__init__(model, tokenizer)
+        if attention not in ("sdpa", "matmul"):
+            raise UserError(f"fast engine: attention must be 'sdpa' or 'matmul', got '{attention}'")
+        self.cuda_graphs, self.sync_every, self.min_bucket = cuda_graphs, max(1, sync_every), max(1, min_bucket)
+        self.length_bucket, self.prefill_tokens, self.keep_cache = length_bucket, prefill_tokens, keep_cache
+        self.attention, self.batch_size = attention, batch_size
+        self.arch, why = describe(model)
+        self.hf = HFEngine(model, tokenizer)
+        if self.arch is None:
+            notice(f"fast engine: {why}; using the hf engine")
+        self.fwd: Forward | None = None
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.weights_sig = None
+
+    def release(self) -> None:
+        """Free the cache and the captured graphs (they come back on the next call)."""
+        self.fwd, self.graphs, self.pool = None, {}, None
+
+    @torch.no_grad()
+    def generate(self, prompts, params: SamplingParams):
+        if self.arch is None:
+            return self.hf.generate(prompts, params)
+        if params.n < 1 or params.max_tokens < 0:
+            raise UserError(f"sampling: n must be >= 1 and max_tokens >= 0 (got n={params.n}, max_tokens={params.max_tokens})")
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("fast engine: a prompt is empty; give each prompt at least one token")
+        need = max(len(p) for p in prompts) + params.max_tokens
+        if self.arch.window is not None and need > self.arch.window:
+            notice(f"fast engine: {need} positions exceed the sliding window ({self.arch.window}); using the hf engine")
+            return self.hf.generate(prompts, params)
+        if params.max_tokens == 0:
+            return [[Completion([], "length", [] if params.logprobs else None) for _ in range(params.n)] for _ in prompts]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # whole prompt groups per run, at most batch_size sequences each (at least one group)
+            per_run = max(1, (self.batch_size or len(prompts) * params.n) // params.n)
+            tokens, logprobs = [], [] if params.logprobs else None
+            for i in range(0, len(prompts), per_run):
+                t, lp = self._run(prompts[i : i + per_run], params)
+                tokens += t
+                if lp is not None:
+                    logprobs += lp
+        finally:
+            self.model.train(was_training)
+            if not self.keep_cache:
+                self.release()
+        return self._completions(tokens, logprobs, len(prompts), params)
+
+    # -- setup --------------------------------------------------------------------------------------
+
+    def _prepare(self, rows: int, length: int):
+        weight = self.arch.head.weight
+        device, dtype = weight.device, weight.dtype
+        autocast = device.type == "cuda" and dtype == torch.float32  # fp32 master weights: run in bf16
+        dtype = torch.bfloat16 if autocast else dtype
+        use_graphs = self.cuda_graphs and device.type == "cuda"
+        if use_graphs:
+            length = -(-length // self.length_bucket) * self.length_bucket
+        sig = (device, dtype, tuple(p.data_ptr() for p in self.model.parameters()))
+        f = self.fwd
+        if f is None or f.rows < rows or f.length < length or sig != self.weights_sig:
+            self.release()
+            if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs
+                rows, length = max(rows, f.rows), max(length, f.length)
+            f = self.fwd = Forward(self.arch, rows, length, dtype, device, self.attention, autocast)
+            self.weights_sig = sig
+        f.refresh_rope()
+        return f, use_graphs
+
+    def _step(self, f: Forward, batch: int, length: int, use_graphs: bool) -> torch.Tensor:
+        if not use_graphs:
+            return f.decode(batch, length)
+        key = (batch, length)
+        if key not in self.graphs:
+            # warm-up on a side stream, as capture requires; the step is idempotent (it rewrites the same slots)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                f.decode(batch, length)
+            torch.cuda.current_stream().wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = f.decode(batch, length)
+            self.graphs[key] = (graph, out)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+    def _bucket(self, live: int, total: int) -> int:
+        b = self.min_bucket
+        while b < live:
+            b *= 2
+        return min(b, total)
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def _run(self, prompts, params: SamplingParams):
+        n_seq, max_new = len(prompts) * params.n, params.max_tokens
+        max_prompt = max(len(p) for p in prompts)
+        f, use_graphs = self._prepare(n_seq, max_prompt + max_new - 1)
+        dev = f.device
+        gen = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            gen = torch.Generator(device=dev).manual_seed(seed)
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        eos_ids = torch.tensor(sorted(set(eos if isinstance(eos, list) else [eos])), device=dev)
+        out_tok = torch.zeros((n_seq + 1, max_new), dtype=torch.long, device=dev)  # last row: sink for idle rows
+        out_lp = torch.zeros((n_seq + 1, max_new), device=dev) if params.logprobs else None
+        lens = torch.tensor([len(p) for p in prompts], device=dev).repeat_interleave(params.n)
+        row_seq = torch.full((f.rows,), n_seq, dtype=torch.long, device=dev)
+        row_seq[:n_seq] = torch.arange(n_seq, device=dev)
+        live = torch.zeros(f.rows, dtype=torch.bool, device=dev)
+        live[:n_seq] = True
+
+        def take(step: int, logits: torch.Tensor, batch: int):
+            tok, lp = sample(logits, params.temperature, params.top_k, params.top_p, gen, params.logprobs, f.k)
+            out_tok[row_seq[:batch], step] = tok
+            if out_lp is not None:
+                out_lp[row_seq[:batch], step] = lp
+            live[:batch] &= ~torch.isin(tok, eos_ids)
+            f.tokens[:batch] = tok
+
+        # prefill, longest prompts first in chunks of about prefill_tokens; the first token of every sample
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        logits_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        start = 0
+        while start < len(order):
+            end, width = start + 1, len(prompts[order[start]])
+            while end < len(order) and width * (end + 1 - start) <= self.prefill_tokens:
+                end += 1
+            chunk = order[start:end]
+            rows = torch.tensor(chunk, device=dev) * params.n
+            logits = f.prefill([prompts[i] for i in chunk], rows, params.n)
+            logits_rows.append((rows, logits))
+            start = end
+        for rows, logits in logits_rows:
+            dest = (rows[:, None] + torch.arange(params.n, device=dev)).reshape(-1)
+            tok, lp = sample(logits.repeat_interleave(params.n, 0), params.temperature, params.top_k,
+                             params.top_p, gen, params.logprobs, f.k)
+            out_tok[dest, 0] = tok
+            if out_lp is not None:
+                out_lp[dest, 0] = lp
+            live[dest] &= ~torch.isin(tok, eos_ids)
+            f.tokens[dest] = tok
+        f.pos[:n_seq] = lens
+        longest = max_prompt  # the highest position any row feeds next, minus the steps taken
+
+        batch, checked = n_seq, 0
+        for step in range(1, max_new):
+            if step % self.sync_every == 0:
+                batch, checked = self._sync(f, params, out_tok, row_seq, live, batch, step, checked)
+                if batch == 0:
+                    break
+            length = longest + step  # slots 0 .. max position fed at this step
+            if use_graphs:
+                length = min(-(-length // self.length_bucket) * self.length_bucket, f.length)
+            take(step, self._step(f, batch, length, use_graphs), batch)
+            f.pos[:batch] += 1
+        tokens = out_tok[:n_seq].tolist()
+        return tokens, (out_lp[:n_seq].tolist() if out_lp is not None else None)
+
+    def _sync(self, f, params, out_tok, row_seq, live, batch, step, checked):
+        """Host check every few steps: stop strings, all done, compaction. Returns (batch, checked)."""
+        if params.stop:
+            # only the tail since the last check, with an overlap so a stop string split across checks is seen
+            overlap = max(len(s) for s in params.stop) + 8
+            lo = max(0, checked - overlap)
+            idx = torch.nonzero(live[:batch]).squeeze(-1)
+            seqs = row_seq[idx]
+            texts = self.tokenizer.batch_decode(out_tok[seqs, lo:step].tolist(), skip_special_tokens=True)
+            hit = [i for i, t in zip(idx.tolist(), texts) if any(s in t for s in params.stop)]
+            if hit:
+                live[torch.tensor(hit, device=live.device)] = False
+            checked = step
+        alive = torch.nonzero(live[:batch]).squeeze(-1)
+        n_live = len(alive)
+        if n_live == 0:
+            return 0, checked
+        target = self._bucket(n_live, batch)
+        if target < batch:
+            keep = torch.cat([alive, torch.arange(batch, device=alive.device)[~live[:batch]][: target - n_live]])
+            f.compact(keep, f.length)
+            row_seq[:target] = row_seq[keep]
+            live[:target] = live[keep]
+            batch = target
+        return batch, checked
+
+    def _completions(self, tokens, logprobs, n_prompts, params):
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        out = []
+        for i, seq in enumerate(tokens):
+            # rows run on past their end until the next host check: cut at whichever comes first,
+            # EOS or a stop string (searched only before the EOS)
+            end = next((j for j, t in enumerate(seq) if t in eos_ids), None)
+            kept, reason = truncate_at_stop(seq[:end], self.tokenizer, params.stop, set())
+            if reason is None and end is not None:
+                kept, reason = seq[: end + 1], "stop"
+            lp = logprobs[i][: len(kept)] if logprobs is not None else None
+            out.append(Completion(kept, reason or "length", lp))
+        return [out[i * params.n : (i + 1) * params.n] for i in range(n_prompts)]

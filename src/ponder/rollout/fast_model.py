@@ -1,0 +1,192 @@
+"""The decoder forward of the Llama family over a Hugging Face model's own modules, with a static KV cache.
+
+Norms, projections and MLPs are the model's modules, called as they are (so LoRA layers and weight
+updates are seen); attention, rotary embedding and the cache are done here. Cache layout:
+[layers, 2 (k, v), rows, kv heads, positions, head dim]; row r holds one sequence from position 0,
+so a sequence's token at position p always sits in slot p and prompts need no padding in the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ponder.rollout.fast_kernels import kernels, rope
+
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass
+class Arch:
+    backbone: torch.nn.Module
+    head: torch.nn.Module
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    scaling: float
+    window: int | None  # sliding-window size, if any layer uses one
+
+
+def describe(model) -> tuple[Arch | None, str]:
+    """The pieces the fast forward needs, or (None, why not)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = inner.config
+    if cfg.model_type not in SUPPORTED:
+        return None, f"architecture '{cfg.model_type}' is not one of {', '.join(SUPPORTED)}"
+    backbone = getattr(inner, "model", None)
+    head = inner.get_output_embeddings()
+    try:
+        attn = backbone.layers[0].self_attn
+        needed = (backbone.embed_tokens, backbone.norm, backbone.rotary_emb, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+    except AttributeError as e:
+        return None, f"unexpected module layout ({e})"
+    if head is None or any(m is None for m in needed):
+        return None, "unexpected module layout"
+    window = None
+    if cfg.model_type == "mistral" or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        window = getattr(cfg, "sliding_window", None)
+    return Arch(
+        backbone, head, cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, attn.scaling, window
+    ), ""
+
+
+def norm_args(norm):
+    """(weight, eps) of an HF RMSNorm module."""
+    return norm.weight, getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
+class Forward:
+    """Prefill and decode over a preallocated cache; holds no weights of its own."""
+
+    def __init__(self, arch: Arch, rows: int, length: int, dtype, device, attention: str = "sdpa", autocast=False):
+        self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
+        self.autocast = autocast  # float32 weights, bfloat16 compute (weights cast per use, never stored)
+        self.k = kernels(torch.device(device))
+        mlp = arch.backbone.layers[0].mlp
+        self.silu = getattr(arch.backbone.config, "hidden_act", None) == "silu" and hasattr(mlp, "gate_proj")
+        layers = len(arch.backbone.layers)
+        self.kv = torch.zeros((layers, 2, rows, arch.n_kv, length, arch.head_dim), dtype=dtype, device=device)
+        self.cos = torch.empty((length, arch.head_dim), dtype=dtype, device=device)
+        self.sin = torch.empty_like(self.cos)
+        # static inputs of the decode step (CUDA graphs read them at fixed addresses)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)
+        self.rows_idx = torch.arange(rows, device=device)
+        self.slots = torch.arange(length, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def length(self) -> int:
+        return self.kv.shape[4]
+
+    def refresh_rope(self):
+        """Rotary tables from the model's own rotary module (any RoPE scaling it implements)."""
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.a.backbone.rotary_emb(probe, self.slots[None])
+        self.cos.copy_(cos[0])
+        self.sin.copy_(sin[0])
+
+    def _qkv(self, attn, h, n):
+        q = attn.q_proj(h).view(n, self.a.n_heads, self.a.head_dim)
+        k = attn.k_proj(h).view(n, self.a.n_kv, self.a.head_dim)
+        v = attn.v_proj(h).view(n, self.a.n_kv, self.a.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q, k, v
+
+    def _precision(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
+
+    def prefill(self, *args):
+        with self._precision():
+            return self._prefill(*args)
+
+    def decode(self, batch: int, length: int) -> torch.Tensor:
+        with self._precision():
+            return self._decode(batch, length)
+
+    def _prefill(self, prompts: list[list[int]], rows: torch.Tensor, copies: int) -> torch.Tensor:
+        """Run prompts (packed: no work on padding except inside attention), write their cache into
+        `copies` consecutive rows each, starting at `rows` [P]; return last-position logits [P, V]."""
+        a, dev = self.a, self.device
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        n, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.tensor([t for p in prompts for t in p], device=dev)
+        seq = torch.repeat_interleave(torch.arange(n, device=dev), lens)
+        starts = (lens.cumsum(0) - lens).repeat_interleave(lens)
+        at = torch.arange(len(ids), device=dev) - starts
+        cos, sin = self.cos[at][:, None], self.sin[at][:, None]
+        dest = (rows[:, None] + torch.arange(copies, device=dev)).reshape(-1)
+        x = a.backbone.embed_tokens(ids)
+        for li, layer in enumerate(a.backbone.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), len(ids))
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
+            qp, kp, vp = (
+                t.new_zeros((n, width) + t.shape[1:]).index_put_((seq, at), t).transpose(1, 2) for t in (q, k, v)
+            )
+            o = F.scaled_dot_product_attention(
+                qp, kp, vp, is_causal=True, scale=a.scaling, enable_gqa=a.n_kv != a.n_heads
+            )
+            cache = self.kv[li, :, :, :, :width]
+            cache[0][dest] = kp.repeat_interleave(copies, 0).to(cache.dtype)
+            cache[1][dest] = vp.repeat_interleave(copies, 0).to(cache.dtype)
+            o = o.transpose(1, 2)[seq, at].reshape(len(ids), -1)
+            x = x + attn.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        last = x[lens.cumsum(0) - 1]
+        return a.head(a.backbone.norm(last))
+
+    def _decode(self, batch: int, length: int) -> torch.Tensor:
+        """One step for rows [0, batch): feed self.tokens at self.pos, attend to slots [0, length); logits [batch, V]."""
+        a, K = self.a, self.k
+        tok, pos, idx = self.tokens[:batch], self.pos[:batch], self.rows_idx[:batch]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
+        # additive mask made once per step (a boolean one would be converted again in every layer)
+        visible = self.slots[:length][None, :] <= pos[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        mask = mask[:, None, None, :]  # [B, 1, 1, L]
+        group = a.n_heads // a.n_kv
+        layers = a.backbone.layers
+        x = a.backbone.embed_tokens(tok)
+        h = K["rms"](x, *norm_args(layers[0].input_layernorm))
+        for li, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            q = attn.q_proj(h).view(batch, a.n_heads, a.head_dim)
+            k = attn.k_proj(h).view(batch, a.n_kv, a.head_dim)
+            v = attn.v_proj(h).view(batch, a.n_kv, a.head_dim)
+            if getattr(attn, "q_norm", None) is not None:  # Qwen3
+                q, k = K["rms"](q, *norm_args(attn.q_norm)), K["rms"](k, *norm_args(attn.k_norm))
+            q, k = K["rope2"](q, k, cos, sin)
+            kc, vc = self.kv[li, 0], self.kv[li, 1]
+            kc[idx, :, pos] = k.to(kc.dtype)
+            vc[idx, :, pos] = v.to(vc.dtype)
+            # the query heads sharing a kv head act as that head's query rows: no repeated K/V
+            q = q.view(batch, a.n_kv, group, a.head_dim)
+            kc, vc = kc[:batch, :, :length], vc[:batch, :, :length]
+            if self.attention == "sdpa":
+                o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling)
+            else:
+                s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
+                o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
+            x, h = K["add_rms"](x, attn.o_proj(o.reshape(batch, -1)), *norm_args(layer.post_attention_layernorm))
+            if self.silu:
+                m = mlp.down_proj(K["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
+            else:
+                m = mlp(h)
+            after = layers[li + 1].input_layernorm if li + 1 < len(layers) else a.backbone.norm
+            x, h = K["add_rms"](x, m, *norm_args(after))
+        return a.head(h)
+
+    def compact(self, keep: torch.Tensor, length: int):
+        """Move rows `keep` to the front (cache up to `length`, tokens, positions)."""
+        m = len(keep)
+        self.kv[:, :, :m, :, :length] = self.kv[:, :, keep, :, :length]
+        self.tokens[:m] = self.tokens[keep]
+        self.pos[:m] = self.pos[keep]

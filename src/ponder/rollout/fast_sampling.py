@@ -1,0 +1,43 @@
+"""Token sampling on the device: temperature, top-k, top-p (in transformers' order), greedy at temperature 0."""
+
+from __future__ import annotations
+
+import torch
+
+from ponder.rollout.fast_kernels import EAGER
+
+
+def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """float32 logits of the sampling distribution; filtered-out tokens are -inf."""
+    x = logits.float()
+    if temperature == 0:
+        return x
+    if temperature != 1.0:
+        x = x / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = x.topk(top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        # drop the least likely tokens whose total mass stays within 1 - top_p; the top token always stays
+        sorted_x, order = x.sort(dim=-1)
+        drop = sorted_x.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return x
+
+
+def sample(logits, temperature, top_k, top_p, generator, want_logprobs: bool, kernels=EAGER):
+    """[B, V] logits -> tokens [B] and, when asked, their log-probabilities under the sampling distribution."""
+    if temperature > 0 and not 0 < top_k < logits.shape[-1] and top_p >= 1.0:  # plain sampling: one fused pass
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
+        tokens, logprobs = kernels["gumbel_pick"](logits, noise, 1.0 / temperature)
+        return tokens, (logprobs if want_logprobs else None)
+    x = process_logits(logits, temperature, top_k, top_p)
+    if temperature == 0:
+        tokens = x.argmax(-1)
+    else:
+        # exponential race (Gumbel-max): argmax p / E with E ~ Exp(1) draws from p, one pass, no cumsum
+        noise = torch.empty_like(x).exponential_(generator=generator)
+        tokens = (x.softmax(-1) / noise).argmax(-1)
+    logprobs = x.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1) if want_logprobs else None
+    return tokens, logprobs
