@@ -1,0 +1,99 @@
+"""The code reward: run the program a completion commits to against its example's tests, sandboxed.
+
+Columns used: `tests` (Python source, or a list of sources, one test each), optional `entry_point`
+(the function HumanEval-style `check(candidate)` receives) and optional `code_prefix` (code put
+before the program, e.g. HumanEval's signature and helpers; the grader also runs it, trusted, so
+tests use the original helpers even if the program redefines them). Examples without tests get None.
+
+Options (recipe: `rewards: {code: {weight: 1.0, partial: true, timeout: 5}}`): `partial` gives the
+fraction of tests passed instead of all-or-nothing; `timeout`, `memory_mb`, `workers`; `unsafe`
+runs without bubblewrap (a warning is printed on every call).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from ponder.rewards import register
+from ponder.rewards.extract import ANSWER_RE, outside_think
+from ponder.sandbox import Limits, Result, Sandbox
+
+FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_program(completion: str) -> str | None:
+    """The program a completion commits to: its answer block, else its last fenced code block.
+
+    Inside an answer block a fenced block wins over the prose around it. Code in a think block is a
+    draft and never counts; several different answer blocks commit to none (as in extract_answer).
+    """
+    final = outside_think(completion)
+    if final is None:
+        return None
+    blocks = {b.strip() for b in ANSWER_RE.findall(final)}
+    if blocks:
+        return program_from_answer(blocks.pop()) if len(blocks) == 1 else None
+    fenced = FENCE_RE.findall(final)
+    return (fenced[-1].strip("\n") or None) if fenced else None
+
+
+def program_from_answer(answer: str) -> str | None:
+    """An extracted answer as a program: its last fenced block if it has one, else the text itself."""
+    fenced = FENCE_RE.findall(answer)
+    code = fenced[-1] if fenced else answer
+    return code.strip("\n") or None
+
+
+@functools.lru_cache(maxsize=8)
+def get_sandbox(timeout: float = 10.0, memory_mb: int = 1024, workers: int | None = None, unsafe: bool = False) -> Sandbox:
+    """One shared sandbox (and worker pool) per setting, so bubblewrap is checked once per process."""
+    return Sandbox(Limits(timeout=float(timeout), memory_mb=int(memory_mb)), workers=workers, unsafe=bool(unsafe))
+
+
+def job_for(program: str, example: dict) -> dict:
+    prefix = example.get("code_prefix") or ""
+    return dict(
+        program=f"{prefix}\n{program}\n" if prefix else program + "\n",
+        tests=example["tests"],
+        entry_point=example.get("entry_point"),
+        setup=prefix,
+    )
+
+
+def score(result: Result, partial: bool = False) -> float | None:
+    if result.status == "bad_tests":
+        return None  # the tests are broken: the run says nothing about the program
+    if result.passed:
+        return 1.0
+    return result.fraction if partial else 0.0
+
+
+def score_programs(programs: list[str | None], examples: list[dict], sandbox: Sandbox, partial: bool = False) -> list[float | None]:
+    """One score per program: None without tests, 0 without a program, else the sandbox's verdict."""
+    out: list[float | None] = [None] * len(programs)
+    jobs, where = [], []
+    for i, (program, example) in enumerate(zip(programs, examples)):
+        if example.get("tests") is None:
+            continue
+        if program is None:
+            out[i] = 0.0
+            continue
+        jobs.append(job_for(program, example))
+        where.append(i)
+    for i, result in zip(where, sandbox.run_many(jobs)):
+        out[i] = score(result, partial)
+    return out
+
+
+@register("code")
+def code(completions, *, prompts, tests=None, entry_point=None, code_prefix=None, partial: bool = False,
+         timeout: float = 10.0, memory_mb: int = 1024, workers: int | None = None, unsafe: bool = False, **_):  # fmt: skip
+    """1 when the completion's program passes all of its example's tests (or the fraction, with `partial`)."""
+    n = len(completions)
+    cols = {"tests": tests, "entry_point": entry_point, "code_prefix": code_prefix}
+    examples = [{k: (v[i] if v is not None else None) for k, v in cols.items()} for i in range(n)]
+    if all(e["tests"] is None for e in examples):
+        return [None] * n
+    sandbox = get_sandbox(timeout, memory_mb, workers, unsafe)
+    return score_programs([extract_program(c) for c in completions], examples, sandbox, partial)
