@@ -69,7 +69,27 @@ def test_figures_match_hand_computation():
     assert 0.25 <= lo <= f["pass@1"] <= hi <= 0.5  # the two problems' pass@1 are 0.25 and 0.5
     votes = [s["voted"] for s in res["samples"] if s["problem"] == 0 and not s["greedy"]]
     assert votes == [True, False, True, False]
+    assert res["metrics"] == f  # one task: the overall figures are its figures
     assert flat_metrics(res)["eval/jsonl/cons@4"] == 0.5 and flat_metrics(res)["eval/jsonl/pass@1_hi"] == hi
+
+
+class PlainNumbers(Task):
+    name = "plain_numbers"  # the base class verifies by text or numeric value
+
+
+def test_figures_per_task_and_over_all_problems(monkeypatch):
+    get_task("first_digit")  # load the built-in tasks before adding a test-only one
+    monkeypatch.setitem(TASKS, "plain_numbers", PlainNumbers())
+    tok = char_tokenizer()
+    examples = scripted_examples()
+    examples[1]["task"] = "plain_numbers"
+    res = evaluate(torch.nn.Linear(1, 1), tok, examples, template="plain", k=4, engine=ScriptedEngine(None, tok),
+                   progress=False, n_boot=200)
+    assert list(res["tasks"]) == ["jsonl", "plain_numbers"]
+    assert res["tasks"]["jsonl"]["pass@1"] == 0.5 and res["tasks"]["plain_numbers"]["pass@1"] == 0.25
+    assert res["tasks"]["jsonl"]["cons@4"] == 1.0 and res["tasks"]["plain_numbers"]["cons@4"] == 0.0
+    assert res["metrics"]["pass@1"] == 0.375 and res["metrics"]["problems"] == 2
+    assert "greedy" not in res["metrics"]
 
 
 def test_examples_must_name_their_task():

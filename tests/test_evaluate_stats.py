@@ -1,12 +1,14 @@
 """The estimators behind `ponder eval`: pass@k, majority vote, bootstrap interval, reflection words."""
 
 from itertools import combinations
+from fractions import Fraction
 from math import comb
 
 import numpy as np
 import pytest
 
-from ponder.evaluation.stats import bootstrap_ci, majority, pass_at_k, pass_ks, reflection_pattern, vote_groups
+from ponder.evaluation.stats import MAX_TEXT_HEADS, bootstrap_ci, exact_key, majority, pass_at_k, pass_ks, vote_groups
+from ponder.metrics import reflection_pattern
 
 
 def brute_pass_at_k(n, c, k):
@@ -57,6 +59,28 @@ def test_vote_groups_with_given_equivalence_and_missing_answers():
     assert vote_groups(["A", None, "a", "", "b", " B "], same) == [0, None, 0, None, 1, 1]
 
 
+def test_numbers_and_arithmetic_group_by_exact_value_without_math_verify():
+    calls = []
+
+    def never(a, b):
+        calls.append((a, b))
+        return False
+
+    # Countdown answers: any expression of the right value is the same vote
+    assert vote_groups(["(3+5)*2", "16", "2 * 8", "15", "16.0", "4 \\times 4"], never) == [0, 0, 0, 1, 0, 0]
+    assert calls == []  # distinct exact values are never sent to the (slow) equivalence check
+    assert exact_key("1/0") == ("text", "1/0") and exact_key("2**10") == ("text", "2**10")
+    assert exact_key(" 3 / 4 ") == exact_key("0.75") == ("value", Fraction(3, 4))
+
+
+def test_many_distinct_text_answers_stay_apart():
+    always = lambda a, b: True  # noqa: E731
+    few = [f"x_{i}" for i in range(MAX_TEXT_HEADS)]
+    assert vote_groups(few, always) == [0] * MAX_TEXT_HEADS
+    many = [f"x_{i}" for i in range(MAX_TEXT_HEADS + 1)]
+    assert vote_groups(many + ["x_0"], always) == list(range(MAX_TEXT_HEADS + 1)) + [0]
+
+
 def test_majority_breaks_ties_by_earliest_first_occurrence():
     assert majority([1, 0, 0, 1]) == 0  # group 0 appeared first, whatever order the votes come in
     assert majority([0, 1, 1, 0, 2]) == 0
@@ -86,7 +110,7 @@ def test_bootstrap_is_seeded_and_brackets_the_mean():
 
 
 def test_reflection_words_match_whole_words_any_case():
-    pat = reflection_pattern()
+    pat = reflection_pattern(("wait", "verify", "check", "mistake", "however", "recheck"))
     assert pat.search("Wait, that is wrong")
     assert pat.search("let me RECHECK this")
     assert pat.search("I made a mistake.")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ponder.errors import UserError
+from ponder.metrics import DEFAULT_REFLECTION_WORDS
 
 FIGURE_LABELS = {
     "problems": "problems", "pass@1": "pass@1", "pass@1_ci": "pass@1 95% CI", "greedy": "greedy",
@@ -37,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option for every task, repeatable")
     p.add_argument("--template", default="r1_zero", help="prompt template: r1_zero, plain or chat")
     p.add_argument("--extract", default="tags_or_boxed", help="answer extraction: tags_or_boxed, tags, boxed or none")
+    p.add_argument("--reflection-words", default=",".join(DEFAULT_REFLECTION_WORDS),
+                   help="comma-separated words whose presence counts as reflection (default: %(default)s)")
     p.add_argument("--engine", default="hf", help="rollout engine (default hf)")
     p.add_argument("--batch-size", type=int, default=256, help="sequences generated at once (default 256)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
@@ -76,6 +79,7 @@ def run(args) -> int:
         model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_tokens, engine=args.engine, greedy=args.greedy, seed=args.seed,
         progress=not args.quiet, extract=args.extract, batch_size=args.batch_size,
+        reflection_words=[w.strip() for w in args.reflection_words.split(",") if w.strip()],
     )
     samples = result.pop("samples")
     head = {

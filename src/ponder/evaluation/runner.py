@@ -22,18 +22,20 @@ from typing import Sequence
 import torch
 
 from ponder.errors import UserError
-from ponder.evaluation.stats import (
-    REFLECTION_WORDS, bootstrap_ci, equivalence, majority, pass_at_k, pass_ks, reflection_pattern, vote_groups,
-)
+from ponder.evaluation.stats import bootstrap_ci, equivalence, majority, pass_at_k, pass_ks, vote_groups
+from ponder.metrics import DEFAULT_REFLECTION_WORDS, reflection_pattern
 
 
 def evaluate(
     model, tokenizer, examples: Sequence[dict], *, template: str = "r1_zero", k: int = 16, temperature: float = 0.6,
     top_p: float = 0.95, max_new_tokens: int = 1024, engine="hf", greedy: bool = False, seed: int = 0,
     stop: Sequence[str] = ("</answer>",), progress: bool = True, extract: str = "tags_or_boxed",
-    reflection_words: Sequence[str] = REFLECTION_WORDS, batch_size: int = 256, n_boot: int = 2000,
+    reflection_words: Sequence[str] = DEFAULT_REFLECTION_WORDS, batch_size: int = 256, n_boot: int = 2000,
 ) -> dict:
-    """Evaluate `model` on `examples` (each with a `task`); returns settings, per-task figures and samples.
+    """Evaluate `model` on `examples` (each with a `task`).
+
+    Returns {settings, task_hash, tasks: {task: figures}, metrics: figures over all problems (the task's own
+    when there is one), timing, samples: one row per answer}.
 
     `engine` is a rollout engine name or an engine already built on this model. The global torch RNG is
     left as it was, so evaluating inside a training run does not change the run's sampling.
@@ -73,6 +75,7 @@ def evaluate(
     tokens = sum(s["length"] for s in samples)
     return {
         "settings": settings, "task_hash": task_hash(examples), "tasks": tasks,
+        "metrics": tasks[name] if len(tasks) == 1 else figures(problems, k, seed=seed, n_boot=n_boot),
         "timing": {"seconds": round(elapsed, 3), "generated_tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)},
         "samples": samples,
     }

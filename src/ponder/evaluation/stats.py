@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import re
+from fractions import Fraction
 from typing import Callable, Sequence
 
 import numpy as np
-
-REFLECTION_WORDS = ("wait", "verify", "check", "mistake", "however", "recheck")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -28,6 +28,9 @@ def pass_ks(k: int) -> list[int]:
     return out if out[-1] == k else [*out, k]
 
 
+MAX_TEXT_HEADS = 8  # distinct non-numeric answers to one problem beyond which math-verify is not asked
+
+
 def equivalence() -> Callable[[str, str], bool]:
     """Mathematical equivalence of two answers: `rewards.match.equivalent` where it exists, else value/text match."""
     try:
@@ -40,29 +43,93 @@ def equivalence() -> Callable[[str, str], bool]:
         return lambda a, b: answers_match(a, b) == 1.0
 
 
-def vote_groups(answers: Sequence[str | None], same: Callable[[str, str], bool] | None = None) -> list[int | None]:
-    """Group index of each answer; an answer joins the first earlier group whose first answer it equals.
+_ARITH = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.USub, ast.UAdd, ast.Constant)
 
-    Groups are numbered in order of first occurrence. Missing or empty answers get None: they cast no vote.
-    Comparing with each group's first answer (not every member) keeps grouping deterministic even where
-    equivalence is not transitive.
+
+def _arithmetic(text: str) -> Fraction | None:
+    """Exact value of +-*/ arithmetic on plain numbers (a Countdown answer), else None."""
+    t = text.replace("\\times", "*").replace("\\cdot", "*").replace("\\div", "/").replace("×", "*").replace("÷", "/")
+    if len(t) > 200 or not re.fullmatch(r"[\d\s.+\-*/()]+", t) or "**" in t or "//" in t:
+        return None
+    try:
+        tree = ast.parse(t, mode="eval")
+    except SyntaxError:
+        return None
+    if not all(isinstance(n, _ARITH) for n in ast.walk(tree)):
+        return None
+
+    def value(n):
+        if isinstance(n, ast.Expression):
+            return value(n.body)
+        if isinstance(n, ast.Constant):
+            return Fraction(str(n.value))
+        if isinstance(n, ast.UnaryOp):
+            return -value(n.operand) if isinstance(n.op, ast.USub) else value(n.operand)
+        a, b = value(n.left), value(n.right)
+        return a + b if isinstance(n.op, ast.Add) else a - b if isinstance(n.op, ast.Sub) else a * b if isinstance(n.op, ast.Mult) else a / b
+
+    try:
+        return value(tree)
+    except (ZeroDivisionError, ValueError, TypeError):
+        return None
+
+
+def exact_key(answer: str | None) -> tuple | None:
+    """A cheap exact identity: ("value", Fraction) for numbers and arithmetic on them, else ("text", spacing-free text)."""
+    if answer is None or not answer.strip():
+        return None
+    from ponder.rewards.match import to_number
+
+    text = "".join(answer.split()).strip("$")
+    number = to_number(answer)
+    if number is None:
+        number = _arithmetic(text)
+    return ("value", number) if number is not None else ("text", text)
+
+
+def vote_groups(answers: Sequence[str | None], same: Callable[[str, str], bool] | None = None) -> list[int | None]:
+    """Group index of each answer (numbered in order of first occurrence); missing or empty answers get None.
+
+    First, answers with the same exact key (equal values, or equal text up to spacing) share a group, in
+    process. Then each group joins the first earlier group whose first answer is `same` (math-verify
+    equivalence by default), which keeps grouping deterministic even where equivalence is not transitive. Two exact values
+    that differ are not compared again, and where a problem has more than MAX_TEXT_HEADS distinct
+    non-numeric answers (an untrained model's noise) they stay apart: each comparison costs a math-verify
+    call, and their number grows with the square of the distinct answers.
     """
-    same = same or equivalence()
-    heads: list[str] = []
-    out: list[int | None] = []
-    for a in answers:
-        a = a.strip() if a is not None else ""
-        if not a:
-            out.append(None)
-            continue
-        for g, head in enumerate(heads):
-            if a == head or same(a, head):
-                out.append(g)
-                break
-        else:
-            heads.append(a)
-            out.append(len(heads) - 1)
-    return out
+    keys = [exact_key(a) for a in answers]
+    first: dict[tuple, int] = {}  # exact key -> index of its first answer
+    for i, key in enumerate(keys):
+        if key is not None:
+            first.setdefault(key, i)
+    heads = list(first.values())
+    merge = sum(keys[h][0] == "text" for h in heads) <= MAX_TEXT_HEADS
+
+    def comparable(i, j):
+        return merge and not (keys[i][0] == keys[j][0] == "value")
+
+    pairs = [(answers[j], answers[i]) for n, j in enumerate(heads) for i in heads[:n] if comparable(i, j)]
+    if same is None:
+        same = equivalence()
+        _prefetch(pairs)
+    group_of_head: dict[int, int] = {}
+    leaders: list[int] = []  # the first answer of each final group
+    for j in heads:
+        g = next((g for g, i in enumerate(leaders) if comparable(i, j) and same(answers[j].strip(), answers[i].strip())), None)
+        if g is None:
+            leaders.append(j)
+            g = len(leaders) - 1
+        group_of_head[j] = g
+    return [None if key is None else group_of_head[first[key]] for key in keys]
+
+
+def _prefetch(pairs: list[tuple[str, str]]) -> None:
+    """Let math-verify's workers compare the pairs in parallel; the votes then read its cache."""
+    try:
+        from ponder.rewards.match import prefetch
+    except ImportError:
+        return
+    prefetch([(a.strip(), b.strip()) for a, b in pairs] + [(b.strip(), a.strip()) for a, b in pairs])
 
 
 def majority(groups: Sequence[int | None]) -> int | None:
@@ -86,8 +153,3 @@ def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_boot: int = 
     tail = (1.0 - level) / 2 * 100
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return (float(lo), float(hi))
-
-
-def reflection_pattern(words: Sequence[str] = REFLECTION_WORDS) -> re.Pattern:
-    """Matches any of `words` as a whole word, ignoring case."""
-    return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
