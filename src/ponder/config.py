@@ -238,13 +238,16 @@ def build(cls, data: dict, where: str = ""):
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
+            everywhere = _all_keys(RunConfig)
+            elsewhere = [k for k in everywhere if k.rsplit(".", 1)[-1] == key]  # right key, wrong section
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            if not close:  # look across all sections: a key put in the wrong place
-                everywhere = _all_keys(RunConfig)
+            if elsewhere:
+                hint = f"; did you mean '{elsewhere[0]}'?"
+            elif close:
+                hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?"
+            else:
                 close = difflib.get_close_matches(path, everywhere, n=1, cutoff=0.6)
                 hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
-            else:
-                hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?"
             raise UserError(f"unknown config key '{path}'{hint}")
         kwargs[key] = _convert(value, hints[key], path)
     return cls(**kwargs)

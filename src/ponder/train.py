@@ -47,7 +47,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None):
             trainer.metrics.samples(step, trainer.sample_rows(trainer.last_groups, t.log_samples))
             if cfg.eval.tasks and cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
                 trainer.metrics.log(step, _flatten(_evaluate(trainer, f"step-{step}", quiet=True)))
-            if (t.save_every and step % t.save_every == 0) or step == t.steps:
+            # no checkpoint in a streak of skipped (non-finite) updates: the ones before it stay the last good ones
+            if ((t.save_every and step % t.save_every == 0) or step == t.steps) and trainer.nan_streak == 0:
                 trainer.save()
             desc = f"reward {m['reward']:.2f}"
             if "accuracy" in m:

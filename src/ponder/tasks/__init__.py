@@ -53,7 +53,7 @@ def _import_builtin() -> None:
 
 
 def get_task(name: str) -> Task:
-    if not TASKS:
+    if name not in TASKS:  # a built-in module not imported yet
         _import_builtin()
     if name not in TASKS:
         close = difflib.get_close_matches(name, list(TASKS), n=1)

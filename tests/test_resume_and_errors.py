@@ -1,0 +1,156 @@
+"""Kill-and-resume gives the same metrics as an uninterrupted run; user mistakes give one clear line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ponder.cli import main
+
+# A reward of weight 0 that kills its own process (SIGKILL: no clean-up at all) during a chosen step.
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from ponder.rewards import register
+    calls = {"n": 0}
+    @register("killer")
+    def killer(completions, *, prompts, **_):
+        calls["n"] += 1
+        if calls["n"] == int(os.environ.get("KILL_AT_CALL", "0")):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [0.0] * len(completions)
+    from ponder.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+VOLATILE = ("time", "time/generate", "time/reward", "time/train", "time/total", "tokens_per_s")
+
+
+def _run(tmp_path, name, *extra, kill_at=0):
+    script = tmp_path / "run_with_killer.py"
+    script.write_text(KILLER)
+    args = [sys.executable, str(script), "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}",
+            f"name={name}", "train.steps=6", "train.save_every=3", "rewards.killer=0.0", *extra]
+    env = {**os.environ, "KILL_AT_CALL": str(kill_at)}
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _metrics(path):
+    return [{k: v for k, v in json.loads(l).items() if k not in VOLATILE} for l in path.read_text().splitlines()]
+
+
+def test_kill_and_resume_repeats_the_uninterrupted_run(tmp_path):
+    full = _run(tmp_path, "full")
+    assert full.returncode == 0, full.stderr
+    # killed in step 5 (the start-up check is call 1, step k is call k+1): checkpoint step-3 exists
+    killed = _run(tmp_path, "cut", kill_at=6)
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert ckpts == ["step-3"]
+    resumed = _run(tmp_path, "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _metrics(tmp_path / "full" / "metrics.jsonl"), _metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert a == b  # bit for bit on CPU: losses, rewards, grad norms, entropies
+
+
+def test_checkpoint_write_killed_midway_leaves_previous_intact(tmp_path, monkeypatch):
+    import torch
+
+    from ponder import checkpoint
+    from ponder.models import load
+
+    model, tok = load("tiny-random")
+    checkpoint.save(tmp_path, 1, model, tok, {"step": 1})
+
+    def dying_save(*a, **k):
+        raise KeyboardInterrupt  # as if killed while writing trainer_state.pt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 2, model, tok, {"step": 2})
+    assert checkpoint.latest(tmp_path).name == "step-1"
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-1"]
+
+
+def _error_line(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_unknown_key_suggests_the_closest(capsys, tmp_path):
+    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "optim.lrr=1e-4")
+    assert line == "ponder: error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"
+
+
+def test_key_in_the_wrong_section_is_found(capsys, tmp_path):
+    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rollout.beta=0.1")
+    assert "unknown config key 'rollout.beta'" in line and "algorithm.beta" in line
+
+
+def test_wrong_type(capsys, tmp_path):
+    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rollout.group_size=many")
+    assert line == "ponder: error: config rollout.group_size: expected an integer, got 'many'"
+
+
+def test_missing_model_directory(capsys, tmp_path):
+    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", f"model.path={tmp_path}/nope")
+    assert f"model '{tmp_path}/nope' not found" in line and "tiny-random" in line
+
+
+def test_dataset_row_without_answer_names_file_and_line(capsys, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2"}\n')
+    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}",
+                       f"data.tasks=[{{name: jsonl, path: {data}}}]")
+    assert line == f"ponder: error: {data}:2: row has no 'answer' field; every row needs prompt, answer"
+
+
+def test_reward_returning_wrong_length_is_named(capsys, tmp_path):
+    from ponder.rewards import REWARDS
+
+    REWARDS["too_short"] = lambda completions, **_: [1.0]
+    try:
+        line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}",
+                           "rewards.too_short=1.0", "rollout.prompts_per_step=2")
+    finally:
+        del REWARDS["too_short"]
+    # the start-up check calls it with one completion, so the length error shows at the first real batch
+    assert "reward 'too_short' returned 1 values for 16 completions" in line
+
+
+def test_nan_losses_stop_the_run_and_keep_the_last_checkpoint(capsys, tmp_path):
+    from ponder.rewards import REWARDS
+
+    calls = {"n": 0}
+
+    def inf_after_two_steps(completions, **_):
+        calls["n"] += 1
+        return [float("inf") if calls["n"] > 3 else 0.0] * len(completions)
+
+    REWARDS["inf_later"] = inf_after_two_steps
+    try:
+        code = main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=nan",
+                     "rewards.inf_later=1.0", "train.save_every=2", "train.max_nan_steps=3", "rollout.prompts_per_step=2"])
+    finally:
+        del REWARDS["inf_later"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("ponder: training stopped: 3 non-finite losses in a row at step 5")
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["step-2"]
+    rows = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 1]
+
+
+def test_existing_run_is_not_overwritten(capsys, tmp_path):
+    assert main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=once",
+                 "train.steps=2", "train.save_every=2", "rollout.prompts_per_step=2"]) == 0
+    capsys.readouterr()
+    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=once", "train.steps=2")
+    assert "already holds checkpoints; pass --resume" in line
