@@ -20,10 +20,14 @@ from ponder.rewards.math import hack_reason, strip_wrappers, text_answer
 
 log = logging.getLogger("ponder.rewards")
 
-_NUM = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
+_NUM = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d{1,2})?(/\d+)?$")  # small exponents only: 1e999999999 is a bomb
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$")
 _FRAC = re.compile(r"^([-+]?)\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}$")
 _UNIT_WORD = re.compile(r"^(\S+?)(?:\s*\\(?:text|mbox|mathrm)\{\s*([a-zA-Z]+)\s*\}|\s+([a-zA-Z]{2,}))$")
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is|\s*:)\s*", re.I)
 _MATH_WORDS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "exp", "inf", "infty", "infinity"}
 
 _CACHE: dict[tuple[str, str], float | None] = {}
@@ -40,6 +44,8 @@ def to_number(text: str) -> Fraction | None:
     m = _UNIT_WORD.match(t)
     if m and (m.group(2) or m.group(3)).lower() not in _MATH_WORDS:
         t = m.group(1)
+    if t.lower() in _NUMBER_WORDS:
+        return Fraction(_NUMBER_WORDS[t.lower()])
     if _THOUSANDS.match(t):
         t = t.replace(",", "")
     m = _FRAC.match(t)
@@ -81,7 +87,10 @@ def _fast(answer: str, gold: str) -> float | None:
 
 
 def _normalize(answer: str | None, gold) -> tuple[str | None, str]:
-    return (None if answer is None else answer.strip()), strip_wrappers(str(gold))
+    """Answer without "The answer is" and with ASCII minus signs; gold without wrappers."""
+    if answer is not None:
+        answer = _ANSWER_PREFIX.sub("", answer.strip().replace("\u2212", "-"))
+    return answer, strip_wrappers(str(gold).replace("\u2212", "-"))
 
 
 def _report_bad_gold(gold: str) -> None:

@@ -122,4 +122,5 @@ def compare(answer: str, gold: str) -> float | None:
     answer_parsed = _parse(answer)
     if not answer_parsed:
         return 0.0
-    return float(verify(list(gold_parsed), list(answer_parsed), timeout_seconds=_PARSE_TIMEOUT))
+    # allow_set_relation_comp: `x <= 3` answers `(-\infty, 3]`, as a grader would accept.
+    return float(verify(list(gold_parsed), list(answer_parsed), allow_set_relation_comp=True, timeout_seconds=_PARSE_TIMEOUT))

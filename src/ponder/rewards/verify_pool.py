@@ -85,11 +85,17 @@ class _Worker:
             except OSError:
                 pass
 
-    def close(self, grace: float = 1.0) -> None:
+    def ask_to_stop(self) -> None:
         try:
             _write(self.proc.stdin, None)
+        except (OSError, ValueError):
+            pass
+
+    def close(self, grace: float = 1.0) -> None:
+        """Wait a moment for a clean exit (after ask_to_stop), then kill."""
+        try:
             self.proc.wait(grace)
-        except (OSError, ValueError, subprocess.TimeoutExpired):
+        except subprocess.TimeoutExpired:
             pass
         self.kill()
 
@@ -118,7 +124,7 @@ class VerifyPool:
     def _map(self, func: str, arglist: list[tuple]) -> list:
         results: list = [None] * len(arglist)
         pending = deque((i, func, args) for i, args in enumerate(arglist))
-        while len(self.workers) < min(self.n_workers, len(arglist)):
+        while len(self.workers) < self.n_workers:  # all at once: a spare keeps going while a killed one restarts
             self.workers.append(_Worker(self.preload))
         # Chunks small enough that every worker gets a share, large enough to save round trips.
         size = max(1, min(self.chunk_size, -(-len(arglist) // len(self.workers))))
@@ -168,7 +174,10 @@ class VerifyPool:
 
     def close_all(self) -> None:
         for w in self.workers:
-            w.close()
+            w.ask_to_stop()
+        deadline = time.monotonic() + 1.0  # one grace period for all of them
+        for w in self.workers:
+            w.close(max(0.0, deadline - time.monotonic()))
         self.workers = []
 
     def close(self) -> None:

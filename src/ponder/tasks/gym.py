@@ -1,0 +1,70 @@
+"""Any dataset of the reasoning-gym library (procedural, offline), scored by the library's own scorer.
+
+    data.tasks: [{name: reasoning_gym, options: {dataset: knights_knaves, size: 1000, dataset_seed: 3}}]
+
+`dataset_seed` defaults to the run's seed. Further options go to the dataset's config (e.g. `min_terms: 3`). The test split draws from a
+different seed and drops questions that also occur in the train split of the same options.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from ponder.errors import UserError
+from ponder.tasks import Task, register
+
+_TAGS = re.compile(r"<think>.*?</think>|</?answer>|</?think>", re.DOTALL)
+
+
+@functools.lru_cache(maxsize=32)
+def _dataset(name: str, size: int, seed: int, config: tuple):
+    import reasoning_gym
+
+    try:
+        return reasoning_gym.create_dataset(name, size=size, seed=seed, **dict(config))
+    except ValueError as e:  # unknown name, or a config value the dataset rejects
+        known = ", ".join(sorted(reasoning_gym.factory.DATASETS))
+        hint = f"; known datasets: {known}" if "not registered" in str(e) else ""
+        raise UserError(f"task 'reasoning_gym': {e}{hint}") from None
+    except TypeError as e:
+        raise UserError(f"task 'reasoning_gym': dataset '{name}' rejects an option ({e}); check data.tasks[].options") from None
+
+
+def _split_seed(seed: int, split: str) -> int:
+    return seed if split == "train" else seed + 1_000_003 * (1 + sum(map(ord, split)))
+
+
+@register
+class ReasoningGym(Task):
+    """reasoning-gym datasets by name; the answer is scored by the dataset's `score_answer` in [0, 1]."""
+
+    name = "reasoning_gym"
+
+    def load(self, split="train", n=None, seed=0, dataset=None, size=None, dataset_seed=None, **config):
+        if not dataset:
+            raise UserError("task 'reasoning_gym' needs options.dataset, e.g. options: {dataset: basic_arithmetic, size: 1000}")
+        size = int(size or n or 1000)
+        seed = seed if dataset_seed is None else dataset_seed
+        frozen = tuple(sorted(config.items()))
+        ds_seed = _split_seed(int(seed), split)
+        ds = _dataset(dataset, size, ds_seed, frozen)
+        seen = set() if split == "train" else {e["question"] for e in _dataset(dataset, size, _split_seed(int(seed), "train"), frozen)}
+        rows = []
+        for i in range(size):
+            entry = ds[i]
+            if entry["question"] in seen:
+                continue
+            rows.append({"prompt": entry["question"], "answer": str(entry["answer"]), "task": self.name,
+                         "gym_dataset": dataset, "gym_size": size, "gym_seed": ds_seed, "gym_index": i,
+                         "gym_config": dict(frozen)})
+        return rows[:n] if n else rows
+
+    def verify(self, answer, example):
+        ds = _dataset(example["gym_dataset"], example["gym_size"], example["gym_seed"], tuple(sorted(example["gym_config"].items())))
+        entry = ds[example["gym_index"]]
+        text = _TAGS.sub(" ", answer or "").strip()
+        try:
+            return float(ds.score_answer(text, entry))
+        except Exception:  # a scorer choking on a hostile answer scores it wrong, not the run
+            return 0.0

@@ -1,0 +1,109 @@
+"""Answer equivalence: fast path, math-verify in workers (hard time limit), bad golds, agreement with hand labels."""
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ponder.rewards import match, verify_pool
+from ponder.rewards.basic import accuracy
+
+PAIRS = Path(__file__).parent / "data" / "math_pairs.jsonl"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def short_limit():
+    verify_pool.configure(timeout=2.0)
+    yield
+    verify_pool.shutdown()
+    verify_pool.configure(timeout=5.0)
+
+
+def test_plain_numbers_never_reach_a_worker(monkeypatch):
+    def no_pool():
+        raise AssertionError("plain numbers must be compared in process")
+
+    monkeypatch.setattr(verify_pool, "pool", no_pool)
+    cases = [("42", "42", 1.0), ("43", "42", 0.0), ("1,000", "1000", 1.0), ("0.5", r"\frac{1}{2}", 1.0),
+             ("3/4", "0.75", 1.0), ("-0.5", r"-\frac{1}{2}", 1.0), ("18 dollars", "18", 1.0), (r"\$18.00", "18", 1.0),
+             ("5.01", "5", 0.0), ("twelve", "12", 1.0), ("1e6", "1000000", 1.0), ("Monday", r"\text{Monday}", 1.0)]
+    for answer, gold, want in cases:
+        assert match.answers_match(answer, gold) == want, (answer, gold)
+
+
+def test_math_equivalence_through_math_verify():
+    assert match.answers_match(r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}") == 1.0
+    assert match.answers_match("x = 2", "2") == 1.0
+    assert match.answers_match(r"\{3, 2, 1\}", r"\{1, 2, 3\}") == 1.0
+    assert match.answers_match("[0, 1]", "[0, 1)") == 0.0
+    assert match.answers_match(r"2\sqrt{3}", r"3\sqrt{2}") == 0.0
+
+
+def test_no_gold_and_no_answer():
+    assert match.answers_match("3", None) is None
+    assert match.answers_match(None, "3") == 0.0
+    assert match.answers_match("   ", "3") == 0.0
+
+
+def test_unparseable_gold_is_skipped_and_reported_once():
+    gold = r"\frac{7}{"
+    with pytest.warns(UserWarning) as caught:
+        assert match.answers_match("7", gold) is None
+        assert match.answers_match("8", gold) is None
+    messages = [str(w.message) for w in caught if "cannot be parsed" in str(w.message)]
+    assert messages == [rf"gold answer {gold!r} cannot be parsed as math; its examples are skipped (reward None). Fix the data's answer field."]
+    out = accuracy(["<answer>7</answer>"], prompts=["q"], answer=[gold], task=["plain"])
+    assert out == [None]
+
+
+def test_equivalent_groups_answers_for_voting():
+    assert match.equivalent("1/2", r"\frac{1}{2}")
+    assert match.equivalent("0.5", "1/2")
+    assert match.equivalent(r"\frac{1}{2}", "0.5")
+    assert not match.equivalent("2", "3")
+    assert not match.equivalent("abc{", "abd{")  # neither parses: only identical text is equivalent
+    assert match.equivalent("abc{", "abc{")
+    assert not match.equivalent(None, "1")
+
+
+def test_works_off_the_main_thread():
+    # math-verify's own signal.alarm timeout raises off the main thread; ponder's workers do not care.
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("v", match.answers_match(r"\sqrt{4}", r"\frac{4}{2}")))
+    t.start()
+    t.join(30)
+    assert out["v"] == 1.0
+
+
+def test_power_tower_times_out_as_wrong_and_the_pool_recovers():
+    pool = verify_pool.pool()
+    match.answers_match(r"\sqrt{9}", "3")  # workers up and warm
+    before = pool.timeouts
+    start = time.monotonic()
+    assert match.answers_match(r"9^{9^{9^{9}}}", "7") == 0.0
+    assert time.monotonic() - start < pool.timeout + 1.0
+    assert pool.timeouts == before + 1
+    assert match.answers_match(r"\sqrt{16}", "4") == 1.0  # a fresh worker took over
+
+
+def test_pool_is_reused_and_shut_down_cleanly():
+    match.answers_match(r"\sqrt{25}", "5")
+    pids = verify_pool.pool().pids
+    match.answers_match(r"\sqrt{36}", "6")
+    assert verify_pool.pool().pids == pids
+    verify_pool.shutdown()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_agreement_with_hand_labels_at_least_99_percent():
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    assert len(rows) >= 200
+    completions = [r.get("completion", f"<think>work</think> <answer>{r.get('prediction', '')}</answer>") for r in rows]
+    got = accuracy(completions, prompts=[""] * len(rows), answer=[r["gold"] for r in rows], task=["plain"] * len(rows))
+    wrong = [(r["gold"][:40], r.get("prediction", r.get("completion", ""))[:40], r["label"], g) for r, g in zip(rows, got) if g != r["label"]]
+    assert len(wrong) <= 0.01 * len(rows), wrong
