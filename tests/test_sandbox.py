@@ -1,0 +1,148 @@
+"""Sandbox semantics: per-test verdicts, partial results, plain data, trusted setup, errors, modes."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from ponder.errors import UserError
+from ponder.sandbox import Limits, Sandbox, isolation
+from ponder.sandbox.capture import Finished
+from ponder.sandbox.pool import _verdict
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    sb = Sandbox(Limits(timeout=3.0), workers=2)
+    yield sb
+    sb.close()
+
+
+def test_each_test_has_its_own_verdict(sandbox):
+    program = "def double(x):\n    return 2 * x if x != 3 else 7\n"
+    r = sandbox.run(program, ["assert double(1) == 2", "assert double(3) == 6", "assert double(5) == 10"])
+    assert r.status == "failed" and [t.passed for t in r.tests] == [True, False, True]
+    assert r.fraction == pytest.approx(2 / 3)
+    assert r.detail == "assert double(3) == 6: AssertionError" and r.tests[1].error == "AssertionError"
+
+
+def test_program_exceptions_reach_the_tests_by_type(sandbox):
+    program = "class Custom(Exception):\n    pass\ndef root(x):\n    if x < 0:\n        raise ValueError('negative')\n    if x == 0:\n        raise Custom('zero')\n    return x ** 0.5\n"
+    tests = [
+        "try:\n    root(-1)\n    ok = False\nexcept ValueError as e:\n    ok = str(e) == 'negative'\nassert ok",
+        "try:\n    root(0)\nexcept Exception as e:\n    msg = str(e)\nassert msg == 'Custom: zero'",
+        "assert root(9) == 3.0",
+        "assert root(0) == 0",
+    ]
+    r = sandbox.run(program, tests)
+    assert [t.passed for t in r.tests] == [True, True, True, False]
+    assert r.tests[3].error == "ProgramError: Custom: zero"
+
+
+def test_results_are_rebuilt_as_plain_builtins(sandbox):
+    program = textwrap.dedent("""
+        def values():
+            return [None, True, -3, 2 ** 100, 10 ** 5000, 1.5, float('-inf'), 2j, 'é\\n', b'\\x00',
+                    (1,), [], {3: {'a': (1, 2)}}, {1, 2}, frozenset([4]), set(), ()]
+        def echo(*args, **kwargs):
+            return [args, kwargs]
+        """)
+    tests = textwrap.dedent("""
+        v = values()
+        assert v == [None, True, -3, 2 ** 100, 10 ** 5000, 1.5, float('-inf'), 2j, 'é\\n', b'\\x00', (1,), [], {3: {'a': (1, 2)}}, {1, 2}, frozenset([4]), set(), ()]
+        assert [type(x) for x in v] == [type(None), bool, int, int, int, float, float, complex, str, bytes, tuple, list, dict, set, frozenset, set, tuple]
+        assert echo(1, [2.5], k=(None,)) == [(1, [2.5]), {'k': (None,)}]
+        """)
+    r = sandbox.run(program, tests)
+    assert r.status == "passed" and len(r.tests) == 3, r
+
+
+def test_names_computed_from_the_program_count_and_bare_asserts_do_not(sandbox):
+    tests = "import math\nr = square(3)\nassert True, 'HumanEval style filler'\nassert r == 9\nassert math.sqrt(square(4)) == 4\n"
+    r = sandbox.run("def square(x):\n    return x * x\n", tests)
+    assert r.status == "passed" and [t.source for t in r.tests] == ["assert r == 9", "assert math.sqrt(square(4)) == 4"]
+
+
+def test_helpers_of_the_trusted_setup_stay_trusted(sandbox):
+    setup = "def helper(x):\n    return x + 1\n"
+    program = setup + "def helper(x):\n    return 0\ndef g():\n    return 1\n"  # redefines the helper
+    r = sandbox.run(program, "def check(candidate):\n    assert helper(candidate()) == 2\n", entry_point="g", setup=setup)
+    assert r.passed, r  # with the program's helper, helper(1) would be 0
+
+
+def test_humaneval_style_check(sandbox):
+    tests = "METADATA = {}\n\ndef check(candidate):\n    xs = [1, 2, 3]\n    assert candidate(xs) == 6\n    for n in range(5):\n        assert candidate(list(range(n))) == n * (n - 1) // 2\n"
+    r = sandbox.run("def total(xs):\n    return sum(xs)\n", tests, entry_point="total")
+    assert r.passed and [t.source for t in r.tests] == ["assert candidate(xs) == 6", "for n in range(5):"]
+    r = sandbox.run("def other(xs):\n    return 0\n", tests, entry_point="total")
+    assert r.status == "program_error" and r.detail == "the program defines no function 'total'"
+
+
+def test_program_errors(sandbox):
+    r = sandbox.run("def f(:\n    pass\n", "assert f() == 1")
+    assert r.status == "program_error" and r.detail.startswith("SyntaxError (line 1)") and r.tests == []
+    r = sandbox.run("import numpy_that_is_not_there\n", "assert f() == 1")
+    assert r.status == "program_error" and "ModuleNotFoundError" in r.detail
+
+
+def test_broken_tests_are_not_the_programs_fault(sandbox):
+    r = sandbox.run("def f():\n    return 1\n", "assert f( == 1")
+    assert r.status == "bad_tests" and r.detail.startswith("tests do not parse")
+    r = sandbox.run("def f():\n    return 1\n", "assert 1 + 1 == 2")
+    assert r.status == "bad_tests" and r.detail == "the tests hold no assert that calls the program"
+
+
+def test_timeout_keeps_the_tests_already_passed():
+    sb = Sandbox(Limits(timeout=1.0), workers=1)
+    r = sb.run("def f(x):\n    while x == 0:\n        pass\n    return x\n", ["assert f(1) == 1", "assert f(0) == 0", "assert f(2) == 2"])
+    assert r.status == "timeout" and [t.passed for t in r.tests] == [True, False, False]
+    assert r.tests[1].error == "timeout" and r.tests[2].error == "not run" and r.fraction == pytest.approx(1 / 3)
+
+
+def test_output_scratch_and_stdlib(sandbox):
+    program = textwrap.dedent("""
+        import json, re, sys, tempfile
+        print("to stdout")
+        print("to stderr", file=sys.stderr)
+        with tempfile.NamedTemporaryFile("w", dir="/tmp", delete=False) as f:
+            f.write(json.dumps({"a": 1}))
+        def read():
+            return json.load(open(f.name))
+        """)
+    r = sandbox.run(program, "assert read() == {'a': 1}")
+    assert r.passed and r.stdout == "to stdout\n" and r.stderr == "to stderr\n"
+
+
+def test_pool_keeps_order(sandbox):
+    jobs = [dict(program=f"def f():\n    return {i}\n", tests=f"assert f() == {i if i != 5 else -1}") for i in range(8)]
+    results = sandbox.run_many(jobs)
+    assert [r.passed for r in results] == [i != 5 for i in range(8)]
+
+
+def test_verdict_needs_the_nonce():
+    forged = b"{'tests': ['assert f() == 1'], 'nonce': 'guess'}\n{'test': 0, 'ok': True, 'nonce': 'guess'}\n{'done': True, 'status': 'passed', 'nonce': 'guess'}\n"
+    r = _verdict(Finished(0, b"", b"", forged, None, 0.1), "the-real-nonce", 1.0)
+    assert r.status == "no_verdict" and r.tests == []
+    real = forged.replace(b"guess", b"the-real-nonce")
+    assert _verdict(Finished(0, b"", b"", real, None, 0.1), "the-real-nonce", 1.0).passed
+    partial = real.replace(b"'ok': True", b"'ok': False").replace(b"'status': 'passed'", b"'status': 'failed'")
+    assert _verdict(Finished(0, b"", b"", partial, None, 0.1), "the-real-nonce", 1.0).status == "failed"
+
+
+def test_missing_bubblewrap_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(isolation.shutil, "which", lambda name: None)
+    with pytest.raises(UserError) as e:
+        Sandbox()
+    assert str(e.value) == (
+        "bubblewrap (bwrap) is not installed but is needed to run model-written code; install it with "
+        "`apt-get install bubblewrap` (or `make sysdeps`), or set `unsafe: true` to run model code without isolation"
+    )
+
+
+def test_unsafe_mode_warns_on_every_run(monkeypatch, capsys):
+    monkeypatch.setattr(isolation.shutil, "which", lambda name: None)  # works without bubblewrap
+    sb = Sandbox(Limits(timeout=3.0), unsafe=True)
+    assert sb.run("def f():\n    return 1\n", "assert f() == 1").passed
+    assert [r.passed for r in sb.run_many([dict(program="def f():\n    return 2\n", tests="assert f() == 2")])] == [True]
+    assert capsys.readouterr().err.count("WARNING: unsafe mode") == 2

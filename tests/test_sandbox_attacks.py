@@ -1,0 +1,318 @@
+"""Attacks a model may write (issue 4), one test each: none may pass the tests or harm the host."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import ponder
+from ponder.sandbox import Limits, Sandbox
+
+LIMITS = Limits(timeout=1.5, memory_mb=512, processes=16, output_kb=16)
+TESTS = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n    assert candidate(20, 22) == 42\n"
+ADD = "def add(a, b):\n    return a + b\n"
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    sb = Sandbox(LIMITS, workers=2)
+    yield sb
+    sb.close()
+
+
+def run(sandbox, program, tests=TESTS):
+    return sandbox.run(textwrap.dedent(program), tests, entry_point="add")
+
+
+def sandbox_processes() -> list[str]:
+    """Host processes that belong to a sandbox: its uids, or the markers the attacks use."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        uid = int(status.split("Uid:")[1].split()[0])
+        if uid >= 2_000_000_000 or "4242" in cmdline or "ponder-daemon" in cmdline:
+            found.append(f"{pid} uid={uid} {cmdline[:80]}")
+    return found
+
+
+def gone_soon(seconds=2.0) -> list[str]:
+    end = time.monotonic() + seconds
+    while (left := sandbox_processes()) and time.monotonic() < end:
+        time.sleep(0.05)
+    return left
+
+
+def test_honest_program_passes(sandbox):
+    r = run(sandbox, ADD)
+    assert r.status == "passed" and [t.passed for t in r.tests] == [True, True, True]
+
+
+def test_fork_bomb(sandbox):
+    r = run(sandbox, """
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+        """)
+    assert r.status == "timeout" and r.seconds < LIMITS.timeout + 2.5
+    assert gone_soon() == []
+    assert run(sandbox, ADD).passed  # the host can still start sandboxes
+
+
+def test_memory_bomb():
+    sandbox = Sandbox(Limits(timeout=5, memory_mb=160), workers=1)  # a small cap: filling it is quick
+    r = run(sandbox, """
+        hoard = []
+        while True:
+            hoard.append(bytearray(16 << 20))
+        """)
+    assert r.status == "program_error" and "MemoryError" in r.detail
+    r = run(sandbox, "def add(a, b):\n    return len(' ' * (1 << 40))\n")
+    assert r.status == "failed" and all("MemoryError" in t.error for t in r.tests)
+
+
+def test_infinite_loop(sandbox):
+    r = run(sandbox, "def add(a, b):\n    while True:\n        pass\n")
+    assert r.status == "timeout" and not any(t.passed for t in r.tests)
+    assert LIMITS.timeout - 0.1 < r.seconds < LIMITS.timeout + 2.5
+
+
+def test_sleeping_forever(sandbox):
+    r = run(sandbox, "import time\ntime.sleep(10**6)\n")
+    assert r.status == "timeout" and r.seconds < LIMITS.timeout + 2.5
+
+
+def test_background_process_is_killed(sandbox):
+    r = run(sandbox, """
+        import os, subprocess, time
+        subprocess.Popen(["sleep", "4242"], start_new_session=True)
+        if os.fork() == 0:  # a daemon: double fork, new session, renamed
+            os.setsid()
+            if os.fork() == 0:
+                import sys
+                os.execv("/bin/sh", ["ponder-daemon", "-c", "sleep 4242"])
+            os._exit(0)
+        def add(a, b):
+            return a + b
+        """)
+    assert r.status == "passed"  # leaving a process behind is not a failure; surviving the run is
+    assert gone_soon() == []
+
+
+def test_no_network_even_to_loopback(sandbox):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    r = run(sandbox, f"""
+        import socket
+        for host in ("127.0.0.1", "localhost", "8.8.8.8"):
+            try:
+                socket.create_connection((host, {port}), timeout=0.5)
+                print("connected", host)
+            except OSError as e:
+                print("refused", host, type(e).__name__)
+        def add(a, b):
+            return a + b
+        """)
+    with pytest.raises(BlockingIOError):
+        server.accept()  # nothing ever reached the host's server
+    server.close()
+    assert "connected" not in r.stdout and r.stdout.count("refused") == 3
+
+
+def test_cannot_write_outside_scratch(sandbox, tmp_path):
+    targets = [tmp_path / "pwned", Path(os.path.realpath(sys.base_prefix)) / "pwned", Path("/pwned"), Path("/usr/pwned"), Path.home() / "pwned"]
+    r = run(sandbox, f"""
+        for path in {[str(t) for t in targets]!r}:
+            try:
+                open(path, "w").write("x")
+                print("wrote", path)
+            except OSError as e:
+                print("denied", path, e.errno)
+        open("/tmp/scratch.txt", "w").write("fine")
+        print("scratch", open("/tmp/scratch.txt").read())
+        def add(a, b):
+            return a + b
+        """)
+    assert r.passed and "wrote" not in r.stdout and r.stdout.count("denied") == len(targets)
+    assert "scratch fine" in r.stdout
+    assert not any(t.exists() for t in targets)
+
+
+def test_cannot_read_host_files_or_secrets(sandbox, monkeypatch):
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    monkeypatch.setenv("PONDER_TEST_SECRET", secret)
+    project_file = Path(ponder.__file__).resolve()  # the project's own source
+    home = Path.home()
+    r = run(sandbox, f"""
+        import os
+        print(dict(os.environ))
+        for path in ({str(project_file)!r}, {str(home / ".bashrc")!r}, "/etc/passwd", "/etc/shadow",
+                     "/proc/1/environ", "/proc/self/environ"):
+            try:
+                print(path, open(path).read()[:2000])
+            except OSError as e:
+                print("denied", path, e.errno)
+        try:
+            print("home", os.listdir({str(home)!r}))
+        except OSError as e:
+            print("denied home", e.errno)
+        def add(a, b):
+            return a + b
+        """)
+    assert r.passed
+    assert secret not in r.stdout and "PONDER_TEST_SECRET" not in r.stdout
+    assert project_file.read_text()[:200] not in r.stdout
+    assert "root:" not in r.stdout  # no /etc/passwd
+    for line in r.stdout.splitlines():
+        if line.startswith("home "):  # only the path down to the interpreter is there, empty otherwise
+            prefix = Path(os.path.realpath(sys.base_prefix))
+            allowed = {prefix.relative_to(home).parts[0]} if prefix.is_relative_to(home) else set()
+            assert set(eval(line[5:])) <= allowed
+
+
+def test_killing_the_grader_gives_no_pass(sandbox):
+    kill_parent = "import os\nos.kill(os.getppid(), 9)\ndef add(a, b):\n    return a + b\n"
+    kill_all = "import os\ndef add(a, b):\n    os.kill(-1, 9)\n    return a + b\n"
+    good = dict(program=ADD, tests=TESTS, entry_point="add")
+    results = sandbox.run_many([dict(good, program=kill_parent), dict(good, program=kill_all), good, good])
+    assert [r.status for r in results[:2]] == ["no_verdict", "no_verdict"]
+    assert [r.passed for r in results[2:]] == [True, True]  # runs beside them were not touched
+    assert gone_soon() == []
+
+
+def test_flooding_stdout(sandbox):
+    r = run(sandbox, "while True:\n    print('x' * 10000)\n")
+    assert r.status == "output_limit" and len(r.stdout) <= LIMITS.output_kb << 10
+    assert r.seconds < LIMITS.timeout  # stopped at the cap, not at the deadline
+
+
+def test_ignoring_sigterm(sandbox):
+    r = run(sandbox, """
+        import signal
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGXCPU):
+            signal.signal(sig, signal.SIG_IGN)
+        def add(a, b):
+            while True:
+                pass
+        """)
+    assert r.status == "timeout" and r.seconds < LIMITS.timeout + 2.5
+    assert gone_soon() == []
+
+
+def test_crashing_the_interpreter(sandbox):
+    r = run(sandbox, "import ctypes\ndef add(a, b):\n    ctypes.string_at(0)\n")
+    assert r.status == "failed"
+    assert all("signal 11" in t.error for t in r.tests)
+    r = run(sandbox, "import ctypes\nctypes.string_at(0)\n")
+    assert r.status == "program_error" and "signal 11" in r.detail
+
+
+def test_exit_zero_before_the_tests(sandbox):
+    r = run(sandbox, "import sys\nsys.exit(0)\ndef add(a, b):\n    return a + b\n")
+    assert r.status == "program_error" and "exited with status 0 before the tests ran" in r.detail
+    r = run(sandbox, "import os\ndef add(a, b):\n    os._exit(0)\n")
+    assert r.status == "failed" and all("exited with status 0" in t.error for t in r.tests)
+
+
+def test_overriding_eq(sandbox):
+    r = run(sandbox, """
+        class Anything:
+            def __eq__(self, other):
+                return True
+            __hash__ = object.__hash__
+        class Int(int):
+            def __eq__(self, other):
+                return True
+        def add(a, b):
+            return Anything() if a > 0 else Int(7)
+        """)
+    assert r.status == "failed" and not any(t.passed for t in r.tests)
+    assert "Anything is not plain data" in r.tests[0].error and "Int is not plain data" in r.tests[1].error
+
+
+def test_patching_assert_and_test_helpers(sandbox):
+    r = run(sandbox, """
+        import builtins, sys
+        import __main__ as grader                      # the harness code this process inherited
+        builtins.AssertionError = type("Never", (Exception,), {})
+        builtins.isinstance = lambda *a: True
+        def check(candidate):                          # a `check` of its own
+            pass
+        grader.Link = grader.Remote = grader.which_are_tests = lambda *a, **k: None
+        grader.grade = lambda *a, **k: None
+        sys.modules["builtins"].__dict__["__import__"] = None
+        def add(a, b):
+            return 7
+        """)
+    assert r.status == "failed" and [t.passed for t in r.tests] == [False, False, False]
+    assert all(t.error == "AssertionError" for t in r.tests)
+
+
+def test_fake_all_passed_output(sandbox):
+    r = run(sandbox, """
+        import os, sys
+        fake = "{'done': True, 'status': 'passed', 'detail': '', 'nonce': 'guess'}\\n"
+        print(fake, "all tests passed")
+        report_fd = int(sys.argv[1])                   # the grader's report pipe, by number
+        for target in (report_fd, 1, 2):
+            try:
+                os.write(target, fake.encode())
+            except OSError as e:
+                print("no write to", target, e.errno)
+        for path in (f"/proc/{os.getppid()}/fd/{report_fd}", f"/proc/{os.getppid()}/mem"):
+            try:
+                open(path, "wb")
+                print("opened", path)
+            except OSError as e:
+                print("denied", path, e.errno)
+        def add(a, b):
+            return 7
+        """)
+    assert r.status == "failed" and not any(t.passed for t in r.tests)
+    assert "opened" not in r.stdout and r.stdout.count("denied") == 2
+    assert "no write to " in r.stdout  # the report fd is closed in the program's process
+
+
+def test_program_cannot_see_the_tests(sandbox):
+    secret_test = "def check(candidate):\n    assert candidate(1, 2) == 3  # tell-tale-7f3a\n"
+    r = sandbox.run(textwrap.dedent("""
+        import gc, os
+        seen = any("tell-tale" in o for o in gc.get_objects() if isinstance(o, str))
+        seen = seen or any("tell-tale" in str(v) for v in globals().values())
+        try:
+            seen = seen or b"tell-tale" in open(f"/proc/{os.getppid()}/cmdline", "rb").read()
+            open(f"/proc/{os.getppid()}/mem", "rb")
+            seen = True
+        except OSError:
+            pass
+        print("seen" if seen else "unseen")
+        def add(a, b):
+            return a + b
+        """), secret_test, entry_point="add")
+    assert r.passed and r.stdout.strip() == "unseen"
+
+
+def test_runs_unprivileged(sandbox):
+    r = sandbox.run(textwrap.dedent("""
+        import os
+        def ids():
+            status = open("/proc/self/status").read()
+            field = lambda name: status.split(name + ":")[1].split()[0]
+            return os.getuid(), os.geteuid(), os.getgid(), field("CapEff"), field("NoNewPrivs"), os.getgroups()
+        """), "u, eu, g, caps, nnp, groups = ids()\nassert u == eu and u != 0 and g != 0\nassert caps == '0000000000000000'\nassert nnp == '1' and groups in ([], [g])\n")
+    assert r.passed, r
