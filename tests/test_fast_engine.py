@@ -1,0 +1,212 @@
+"""The fast engine against transformers' generate (greedy, exact tokens), the sampling distribution
+(chi-square), and a fresh forward pass (log-probs). CPU, fp32, small random models."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from ponder.errors import UserError
+from ponder.models import load
+from ponder.models.tiny import char_tokenizer
+from ponder.rollout import SamplingParams, make_engine
+from ponder.rollout.fast import FastEngine
+from ponder.rollout.fast_sampling import process_logits
+from ponder.rollout.hf import HFEngine
+
+TOK = char_tokenizer()
+SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=len(TOK), max_position_embeddings=256, initializer_range=0.2, pad_token_id=0, eos_token_id=2)
+
+
+def randomized(model, std=0.15, seed=0):
+    """Random norms and biases too, so that every weight the engine reads matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + std * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def seeded(seed, build):
+    torch.manual_seed(seed)
+    return randomized(build(), seed=seed)
+
+
+def models():
+    yield "tiny-random", load("tiny-random", seed=1)[0]
+    yield "tiny-random-micro", randomized(load("tiny-random-micro", seed=2)[0])
+    yield "llama", seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
+    yield "qwen2", seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    yield "qwen3", seeded(1, lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=False)))
+
+
+PROMPTS = ["Q: 12+7=", "a", "The quick brown fox jumps", "xyz xyz", "count: 1 2 3 4 5 6 7 8 9"]
+
+
+def encode(prompts):
+    return [TOK.encode(p) for p in prompts]
+
+
+def set_eos_mid_generation(model, prompts, steps=14):
+    """Make EOS a token that greedy decoding emits part-way for some but not all sequences."""
+    model.generation_config.eos_token_id = len(TOK) + 5  # never produced: see the whole greedy output
+    outs = HFEngine(model, TOK).generate(prompts, SamplingParams(temperature=0, max_tokens=steps))
+    seqs = [o[0].token_ids for o in outs]
+    for t in [t for s in seqs for t in s[3:10]]:
+        hit = [t in s for s in seqs]
+        if 0 < sum(hit) < len(seqs):
+            model.generation_config.eos_token_id = t
+            return t
+    raise AssertionError("no token splits the sequences; change the prompts")
+
+
+@pytest.mark.parametrize("name,model", list(models()), ids=lambda v: v if isinstance(v, str) else "")
+def test_greedy_equals_transformers_generate_with_mixed_lengths_and_eos(name, model):
+    prompts = encode(PROMPTS)
+    eos = set_eos_mid_generation(model, prompts)
+    params = SamplingParams(n=2, temperature=0, max_tokens=14)
+    ref = HFEngine(model, TOK).generate(prompts, params)
+    # sync every 2 steps and buckets down to 1: finished rows leave the batch (compaction runs)
+    got = FastEngine(model, TOK, sync_every=2, min_bucket=1).generate(prompts, params)
+    # the HF engine drops pad tokens from unfinished answers, so the comparison needs answers without them
+    assert all(TOK.pad_token_id not in c.token_ids for o in got for c in o)
+    assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in ref]
+    assert [[c.finish_reason for c in o] for o in got] == [[c.finish_reason for c in o] for o in ref]
+    reasons = {c.finish_reason for o in got for c in o}
+    assert reasons == {"stop", "length"}, f"EOS {eos} should end some sequences, not all"
+    assert all(c.token_ids[-1] == eos for o in got for c in o if c.finish_reason == "stop")
+
+
+def test_stop_strings_match_transformers():
+    model = randomized(load("tiny-random-micro", seed=2)[0])
+    model.generation_config.eos_token_id = len(TOK) + 5
+    prompts = encode(PROMPTS)
+    plain = HFEngine(model, TOK).generate(prompts, SamplingParams(temperature=0, max_tokens=20))
+    text = TOK.decode(plain[2][0].token_ids[4:7])  # a stop string that appears mid-way in prompt 2's answer
+    params = SamplingParams(temperature=0, max_tokens=20, stop=(text,))
+    ref = HFEngine(model, TOK).generate(prompts, params)
+    got = FastEngine(model, TOK, sync_every=3).generate(prompts, params)
+    assert [o[0].token_ids for o in got] == [o[0].token_ids for o in ref]
+    assert got[2][0].finish_reason == "stop" and TOK.decode(got[2][0].token_ids).endswith(text)
+
+
+def test_sees_weight_updates_in_place_and_batch_size_splits_runs():
+    model = randomized(load("tiny-random-micro", seed=2)[0])
+    prompts = encode(PROMPTS[:3])
+    params = SamplingParams(n=2, temperature=0, max_tokens=8)
+    eng = FastEngine(model, TOK, batch_size=4)  # 3 prompts x 2 samples: runs of 2 prompts, then 1
+    before = eng.generate(prompts, params)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.3)  # in place, like an optimizer step
+    after = eng.generate(prompts, params)
+    ref = HFEngine(model, TOK).generate(prompts, params)
+    assert [[c.token_ids for c in o] for o in after] == [[c.token_ids for c in o] for o in ref]
+    assert after != before
+
+
+def test_logprobs_match_a_fresh_forward_pass():
+    model = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
+    prompts = encode(PROMPTS[:3])
+    for temperature in (1.0, 0.7):
+        outs = FastEngine(model, TOK).generate(prompts, SamplingParams(n=3, temperature=temperature, max_tokens=10, logprobs=True, seed=5))
+        for p, group in zip(prompts, outs):
+            for c in group:
+                assert len(c.logprobs) == len(c.token_ids) > 0
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([p + c.token_ids])).logits[0, len(p) - 1 : -1]
+                ref = (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+                torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_seed_fixes_samples():
+    model = load("tiny-random", seed=1)[0]
+    eng = FastEngine(model, TOK)
+    prompts = encode(PROMPTS[:2])
+    a = eng.generate(prompts, SamplingParams(n=3, max_tokens=6, seed=11))
+    b = eng.generate(prompts, SamplingParams(n=3, max_tokens=6, seed=11))
+    c = eng.generate(prompts, SamplingParams(n=3, max_tokens=6, seed=12))
+    assert a == b and a != c
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square test over the categories with positive expected count."""
+    n = counts.sum()
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "sampled a token the distribution excludes"
+    exp = probs[keep] * n
+    stat = ((counts[keep] - exp) ** 2 / exp).sum()
+    df = keep.sum() - 1
+    return torch.special.gammaincc(df / 2, stat / 2).item()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 6, 1.0), (1.3, 0, 0.8), (0.9, 8, 0.9)])
+def test_samples_follow_the_processed_distribution(temperature, top_k, top_p):
+    cfg = dict(SMALL, vocab_size=12, initializer_range=0.15)
+    model = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False)))
+    model.generation_config.eos_token_id = 99  # outside the vocabulary: every sample has 2 tokens
+    prompt = [3, 5, 7]
+    n = 3000
+    params = SamplingParams(n=n, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=2, seed=1)
+    (outs,) = FastEngine(model, TOK).generate([prompt], params)
+    first = torch.tensor([c.token_ids[0] for c in outs])
+
+    def expected(prefix):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prefix])).logits[0, -1]
+        x = (logits / temperature).double()
+        if top_k:
+            x[x < x.topk(top_k).values[-1]] = float("-inf")
+        if top_p < 1:  # by hand: keep the most likely tokens until their mass reaches top_p
+            p = x.softmax(-1)
+            order = p.argsort(descending=True)
+            mass = p[order].cumsum(0)
+            keep = torch.zeros_like(p, dtype=torch.bool)
+            keep[order[: int((mass < top_p).sum()) + 1]] = True
+            x[~keep] = float("-inf")
+        return x.softmax(-1)
+
+    probs = expected(prompt)
+    assert (probs > 0.05).sum() >= 3, "the test needs a spread-out distribution"
+    assert chi2_pvalue(torch.bincount(first, minlength=12).double(), probs) > 1e-3
+    # power: the same samples are rejected against the unprocessed distribution when it differs
+    if temperature != 1.0 or top_k or top_p < 1:
+        with torch.no_grad():
+            raw = model(input_ids=torch.tensor([prompt])).logits[0, -1].double().softmax(-1)
+        counts = torch.bincount(first, minlength=12).double()
+        stat = ((counts - raw * n) ** 2 / (raw * n)).sum()
+        assert torch.special.gammaincc(torch.tensor(11 / 2), stat / 2).item() < 1e-6
+    # the second token, drawn in a decode step, given the most frequent first token
+    t0 = int(torch.bincount(first).argmax())
+    second = torch.tensor([c.token_ids[1] for c in outs if c.token_ids[0] == t0])
+    assert chi2_pvalue(torch.bincount(second, minlength=12).double(), expected(prompt + [t0])) > 1e-3
+
+
+def test_process_logits_matches_transformers_warpers():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    ref = TopPLogitsWarper(0.85)(None, TopKLogitsWarper(20)(None, TemperatureLogitsWarper(0.8)(None, x.clone())))
+    torch.testing.assert_close(process_logits(x, 0.8, 20, 0.85), ref)
+
+
+def test_other_architectures_fall_back_to_hf_with_a_notice(capsys):
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(TOK), n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    eng = make_engine("fast", model, TOK)
+    assert "architecture 'gpt2'" in capsys.readouterr().err
+    prompts = encode(PROMPTS[:2])
+    params = SamplingParams(temperature=0, max_tokens=5)
+    assert eng.generate(prompts, params) == HFEngine(model, TOK).generate(prompts, params)
+
+
+def test_user_mistakes_are_named():
+    model = load("tiny-random", seed=1)[0]
+    with pytest.raises(UserError, match="prompt is empty"):
+        FastEngine(model, TOK).generate([[]], SamplingParams())
+    with pytest.raises(UserError, match="attention must be"):
+        FastEngine(model, TOK, attention="flash")
