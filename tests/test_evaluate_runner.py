@@ -25,6 +25,7 @@ SCRIPT = {  # prompt -> (gold, k completions as (text, finish_reason))
         ("<answer>10</answer>", "stop"),
         ("<answer>7</answer>", "stop"),  # "7" wins the vote 2 to 1 to 1, and is wrong
     ]),
+    "1+1": ("2", [("I do not know", "stop"), ("<answer></answer>", "stop")]),  # never commits to an answer
 }
 
 
@@ -43,8 +44,8 @@ class ScriptedEngine(RolloutEngine):
         return out
 
 
-def scripted_examples():
-    return [{"prompt": p, "answer": gold, "task": "jsonl"} for p, (gold, _) in SCRIPT.items()]
+def scripted_examples(prompts=("2+2", "5+5")):
+    return [{"prompt": p, "answer": SCRIPT[p][0], "task": "jsonl"} for p in prompts]
 
 
 def test_figures_match_hand_computation():
@@ -63,7 +64,7 @@ def test_figures_match_hand_computation():
     assert f["format_rate"] == 2 / 8
     assert f["truncation_rate"] == 1 / 8
     assert f["reflection_rate"] == 2 / 8
-    lengths = [len(t) for _, script in SCRIPT.values() for t, _ in script]  # one token per character
+    lengths = [len(t) for p in ("2+2", "5+5") for t, _ in SCRIPT[p][1]]  # one token per character
     assert f["mean_length"] == pytest.approx(sum(lengths) / 8)
     lo, hi = f["pass@1_ci"]
     assert 0.25 <= lo <= f["pass@1"] <= hi <= 0.5  # the two problems' pass@1 are 0.25 and 0.5
@@ -92,6 +93,16 @@ def test_figures_per_task_and_over_all_problems(monkeypatch):
     assert "greedy" not in res["metrics"]
 
 
+def test_problems_never_answered_count_as_wrong():
+    tok = char_tokenizer()
+    res = evaluate(torch.nn.Linear(1, 1), tok, scripted_examples(["2+2", "1+1"]), template="plain", k=2,
+                   engine=ScriptedEngine(None, tok), progress=False, n_boot=200)
+    f = res["tasks"]["jsonl"]
+    assert f["problems"] == f["scored_problems"] == 2
+    assert f["pass@1"] == (1 / 2 + 0) / 2 and f["cons@2"] == 0.5 and f["answer_rate"] == 2 / 4
+    assert [s["score"] for s in res["samples"] if s["problem"] == 1] == [0.0, 0.0]
+
+
 def test_examples_must_name_their_task():
     tok = char_tokenizer()
     with pytest.raises(UserError, match="example 1 has no 'task' field"):
@@ -114,10 +125,10 @@ def tiny():
     return load("tiny-random")
 
 
-def run_tiny(tiny, monkeypatch, task="even_first_char", **kw):
+def run_tiny(tiny, monkeypatch, task="even_first_char", n=5, **kw):
     get_task("first_digit")  # load the built-in tasks before adding a test-only one
     monkeypatch.setitem(TASKS, "even_first_char", EvenFirstChar())
-    examples = [dict(ex, task=task) for ex in get_task("first_digit").load(split="test", n=5)]
+    examples = [dict(ex, task=task) for ex in get_task("first_digit").load(split="test", n=n)]
     opts = dict(template="plain", extract="none", k=4, max_new_tokens=6, temperature=1.0, top_p=1.0, progress=False,
                 n_boot=200, batch_size=8)
     return evaluate(*tiny, examples, **(opts | kw))
@@ -149,9 +160,9 @@ def test_tiny_model_figures_agree_with_samples(tiny, monkeypatch, capsys):
 
 
 def test_tiny_model_sampling_is_seeded(tiny, monkeypatch):
-    a = run_tiny(tiny, monkeypatch, seed=1)["samples"]
-    b = run_tiny(tiny, monkeypatch, seed=1)["samples"]
-    c = run_tiny(tiny, monkeypatch, seed=2)["samples"]
+    a = run_tiny(tiny, monkeypatch, n=3, k=2, seed=1)["samples"]
+    b = run_tiny(tiny, monkeypatch, n=3, k=2, seed=1)["samples"]
+    c = run_tiny(tiny, monkeypatch, n=3, k=2, seed=2)["samples"]
     assert [s["completion"] for s in a] == [s["completion"] for s in b]
     assert [s["completion"] for s in a] != [s["completion"] for s in c]
 

@@ -79,6 +79,8 @@ def test_many_distinct_text_answers_stay_apart():
     assert vote_groups(few, always) == [0] * MAX_TEXT_HEADS
     many = [f"x_{i}" for i in range(MAX_TEXT_HEADS + 1)]
     assert vote_groups(many + ["x_0"], always) == list(range(MAX_TEXT_HEADS + 1)) + [0]
+    code = ["def f():\n    return 1", "def f():\n  return 1", "def f():\n    return 2"]
+    assert vote_groups(code, always) == [0, 0, 1]  # programs vote by their text (up to spacing), never by math
 
 
 def test_majority_breaks_ties_by_earliest_first_occurrence():

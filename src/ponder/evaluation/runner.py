@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from ponder.errors import UserError
-from ponder.evaluation.stats import bootstrap_ci, equivalence, majority, pass_at_k, pass_ks, vote_groups
+from ponder.evaluation.stats import bootstrap_ci, majority, pass_at_k, pass_ks, vote_groups
 from ponder.metrics import DEFAULT_REFLECTION_WORDS, reflection_pattern
 
 
@@ -101,7 +101,7 @@ def figures(problems: list[dict], k: int, *, seed: int = 0, n_boot: int = 2000) 
     if scored and scored[0]["greedy"] is not None:
         out["greedy"] = _mean([p["greedy"] for p in scored])
     out["mean_score"] = _mean([s or 0.0 for p in scored for s in p["scores"]])
-    out["answer_rate"] = _mean([s["answer"] is not None for s in every])
+    out["answer_rate"] = _mean([bool(s["answer"]) for s in every])
     out["format_rate"] = _mean([s["format"] for s in every if s["format"] is not None])
     out["mean_length"] = _mean([s["length"] for s in every])
     out["truncation_rate"] = _mean([s["finish_reason"] == "length" for s in every])
@@ -127,28 +127,28 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
     from ponder.tasks import get_task
 
     fmt = get_reward("format")
-    same = equivalence()
     reflective = reflection_pattern(reflection_words)
+    texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in outs] for outs in sampled]
+    answers = [[extract_answer(t, extract) for t in ts] for ts in texts]
+    _prefetch_verdicts(examples, answers)
     problems, samples = [], []
     for i, (ex, outs) in enumerate(zip(examples, sampled)):
         task = get_task(ex["task"])
 
-        def check(answer):
-            return None if answer is None else task.verify(answer, ex)
+        def check(answer):  # no answer scores 0, as in the accuracy reward
+            return 0.0 if answer is None else task.verify(answer, ex)
 
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in outs]
-        answers = [extract_answer(t, extract) for t in texts]
-        scores = [check(a) for a in answers]
+        scores = [check(a) for a in answers[i]]
         correct = [s is not None and s >= 1.0 for s in scores]
-        groups = vote_groups(answers, same)
+        groups = vote_groups(answers[i])
         win = majority(groups)
-        cons = check(answers[groups.index(win)]) if win is not None else 0.0
-        formats = fmt(texts, prompts=[ex["prompt"]] * len(texts), **_columns(ex, outs))
+        cons = check(answers[i][groups.index(win)]) if win is not None else 0.0
+        formats = fmt(texts[i], prompts=[ex["prompt"]] * len(outs), **_columns(ex, outs))
         rows = []
-        for j, (c, text) in enumerate(zip(outs, texts)):
+        for j, (c, text) in enumerate(zip(outs, texts[i])):
             rows.append(dict(
                 task=ex["task"], problem=i, sample=j, greedy=False, prompt=ex["prompt"], gold=ex.get("answer"),
-                completion=text, answer=answers[j], score=scores[j], correct=correct[j], format=formats[j],
+                completion=text, answer=answers[i][j], score=scores[j], correct=correct[j], format=formats[j],
                 length=len(c.token_ids), finish_reason=c.finish_reason, reflection=bool(reflective.search(text)),
                 group=groups[j], voted=win is not None and groups[j] == win,
             ))
@@ -162,14 +162,28 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
             greedy_ok = score is not None and score >= 1.0
             samples.append(dict(
                 task=ex["task"], problem=i, sample=0, greedy=True, prompt=ex["prompt"], gold=ex.get("answer"),
-                completion=text, answer=answer, score=score, correct=greedy_ok, length=len(g.token_ids),
-                finish_reason=g.finish_reason,
+                completion=text, answer=answer, score=score, correct=greedy_ok,
+                format=fmt([text], prompts=[ex["prompt"]], **_columns(ex, [g]))[0], length=len(g.token_ids),
+                finish_reason=g.finish_reason, reflection=bool(reflective.search(text)), group=None, voted=False,
             ))
         problems.append(dict(
             task=ex["task"], scores=scores, correct=correct, cons=float(cons is not None and cons >= 1.0),
             greedy=greedy_ok, samples=rows,
         ))
     return problems, samples
+
+
+def _prefetch_verdicts(examples, answers) -> None:
+    """One parallel pass of math verification for tasks that verify by answer equivalence (as the accuracy reward does)."""
+    from ponder.tasks import Task, get_task
+
+    try:
+        from ponder.rewards.match import prefetch
+    except ImportError:
+        return
+    by_match = {t for t in {ex["task"] for ex in examples}
+                if type(get_task(t)).verify is Task.verify or getattr(get_task(t), "matches_answers", False)}
+    prefetch([(a, ex.get("answer")) for ex, ans in zip(examples, answers) if ex["task"] in by_match for a in ans if a is not None])
 
 
 def _columns(ex: dict, outs) -> dict:

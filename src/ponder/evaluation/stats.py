@@ -29,6 +29,7 @@ def pass_ks(k: int) -> list[int]:
 
 
 MAX_TEXT_HEADS = 8  # distinct non-numeric answers to one problem beyond which math-verify is not asked
+MAX_MATH_CHARS = 100  # longer answers (code, prose) vote by their exact text
 
 
 def equivalence() -> Callable[[str, str], bool]:
@@ -75,7 +76,8 @@ def _arithmetic(text: str) -> Fraction | None:
 
 
 def exact_key(answer: str | None) -> tuple | None:
-    """A cheap exact identity: ("value", Fraction) for numbers and arithmetic on them, else ("text", spacing-free text)."""
+    """A cheap exact identity: ("value", Fraction) for numbers and arithmetic on them, else the spacing-free
+    text, as ("long", text) for answers that are no formula (several lines, or code-sized), else ("text", text)."""
     if answer is None or not answer.strip():
         return None
     from ponder.rewards.match import to_number
@@ -84,7 +86,9 @@ def exact_key(answer: str | None) -> tuple | None:
     number = to_number(answer)
     if number is None:
         number = _arithmetic(text)
-    return ("value", number) if number is not None else ("text", text)
+    if number is not None:
+        return ("value", number)
+    return ("long", text) if len(answer.strip()) > MAX_MATH_CHARS or "\n" in answer.strip() else ("text", text)
 
 
 def vote_groups(answers: Sequence[str | None], same: Callable[[str, str], bool] | None = None) -> list[int | None]:
@@ -93,7 +97,8 @@ def vote_groups(answers: Sequence[str | None], same: Callable[[str, str], bool] 
     First, answers with the same exact key (equal values, or equal text up to spacing) share a group, in
     process. Then each group joins the first earlier group whose first answer is `same` (math-verify
     equivalence by default), which keeps grouping deterministic even where equivalence is not transitive. Two exact values
-    that differ are not compared again, and where a problem has more than MAX_TEXT_HEADS distinct
+    that differ are not compared again, nor are answers that are no formula (several lines or longer than
+    MAX_MATH_CHARS: code, prose), and where a problem has more than MAX_TEXT_HEADS distinct
     non-numeric answers (an untrained model's noise) they stay apart: each comparison costs a math-verify
     call, and their number grows with the square of the distinct answers.
     """
@@ -106,7 +111,8 @@ def vote_groups(answers: Sequence[str | None], same: Callable[[str, str], bool] 
     merge = sum(keys[h][0] == "text" for h in heads) <= MAX_TEXT_HEADS
 
     def comparable(i, j):
-        return merge and not (keys[i][0] == keys[j][0] == "value")
+        kinds = {keys[i][0], keys[j][0]}
+        return merge and kinds != {"value"} and "long" not in kinds
 
     pairs = [(answers[j], answers[i]) for n, j in enumerate(heads) for i in heads[:n] if comparable(i, j)]
     if same is None:
