@@ -3,7 +3,7 @@
 Workload (issue 7): a random-weight Qwen2.5-shaped model in bf16, 32 prompts of 128 tokens x 8 samples,
 512 new tokens forced, mu = 1, beta = 0, one optimizer step (AdamW) per GRPO step. The step is the
 trainer's own pieces (ponder.rl: batching, advantages, losses) around the fast engine; log-probs either
-through ponder.rl.logprobs.token_logprobs (chunked head) or the full-logits path (ponder.rl.forward).
+through ponder.rl.logprobs.token_logprobs (chunked head) or through the whole logits tensor.
 The reward is a token-level rule (share of even token ids): random weights write no text to verify,
 and the rule costs what a cheap verifier costs.
 
@@ -27,7 +27,6 @@ from rollout import CUDA, DEVICE, build, force_length  # noqa: E402
 from ponder.models.tiny import char_tokenizer  # noqa: E402
 from ponder.rl.advantages import advantages  # noqa: E402
 from ponder.rl.batching import Sample, micro_batches, to_tensors  # noqa: E402
-from ponder.rl.forward import completion_logprobs  # noqa: E402
 from ponder.rl.logprobs import token_logprobs  # noqa: E402
 from ponder.rl.losses import policy_loss, sequence_token_weights  # noqa: E402
 from ponder.rollout import SamplingParams  # noqa: E402
@@ -40,6 +39,13 @@ def now():
     return time.perf_counter()
 
 
+def full_logits_logprobs(model, t):
+    """The plain way, for comparison: the whole [B, L, vocab] logits, then a gather."""
+    logits = model(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
+    logits = logits.gather(1, t.target_pos[:, :, None].expand(-1, -1, logits.shape[-1])).float()
+    return logits.log_softmax(-1).gather(-1, t.targets[:, :, None]).squeeze(-1)
+
+
 def train(model, opt, samples, logprobs: str, token_budget: int, max_new: int):
     for s, w in zip(samples, sequence_token_weights([len(s.completion_ids) for s in samples], "grpo", max_new)):
         s.weight = w
@@ -49,7 +55,7 @@ def train(model, opt, samples, logprobs: str, token_budget: int, max_new: int):
         if logprobs == "chunked":
             logp, _ = token_logprobs(model, t.input_ids, t.attention_mask, positions=t.target_pos + 1)
         else:
-            logp, _ = completion_logprobs(model, t, with_entropy=True)
+            logp = full_logits_logprobs(model, t)
         weight = t.mask * torch.tensor([s.weight for s in mb], device=DEVICE)[:, None]
         adv = torch.tensor([s.advantage for s in mb], device=DEVICE)
         loss, _ = policy_loss(logp, logp.detach(), adv, weight, 0.2, 0.2)  # mu = 1: old = current
