@@ -1,4 +1,4 @@
-"""Log-probabilities (and entropies) of completion tokens under a model."""
+"""Log-probabilities (and entropies) of completion tokens under a model, for the trainer's batches."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from ponder.rl.batching import Tensors
+from ponder.rl.logprobs import token_logprobs
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -15,17 +16,12 @@ def autocast(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
-def completion_logprobs(model, t: Tensors, *, bf16: bool = False, with_entropy: bool = False):
-    """[B, T] log p(token) for each completion token, and its entropy (detached) when asked."""
+def completion_logprobs(model, t: Tensors, *, bf16: bool = False, with_entropy: bool = False, temperature: float = 1.0):
+    """[B, T] log p(token) of each completion token, and its entropy (detached) when asked.
+
+    `temperature` is the sampling temperature: the ratio must compare the distributions the tokens
+    were actually drawn from.
+    """
     with autocast(t.input_ids.device, bf16):
-        logits = model(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
-    # only the positions that predict completion tokens; the rest of the vocabulary-sized tensor is dropped
-    idx = t.target_pos[:, :, None].expand(-1, -1, logits.shape[-1])
-    logits = logits.gather(1, idx).float()
-    logprobs = logits.log_softmax(-1)
-    token_logp = logprobs.gather(-1, t.targets[:, :, None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return token_logp, entropy
+        return token_logprobs(model, t.input_ids, t.attention_mask, positions=t.target_pos + 1,
+                              temperature=temperature, with_entropy=with_entropy)

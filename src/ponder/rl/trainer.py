@@ -89,6 +89,7 @@ class GRPOTrainer:
         self.sampler = PromptSampler(self.examples, cfg.seed)
         self._prompt_ids: dict[int, list[int]] = {}
         self.step_no, self.nan_streak = 0, 0
+        self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         if self.state is not None:
             self._restore(self.state)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ class GRPOTrainer:
         totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
         for mb in batches:
             t = to_tensors(mb, self.tokenizer.pad_token_id, self.device)
-            logp, entropy = completion_logprobs(self.model, t, bf16=self.bf16, with_entropy=True)
+            logp, entropy = completion_logprobs(self.model, t, bf16=self.bf16, with_entropy=True, temperature=self._temp)
             width = logp.shape[1]
             weight = t.mask * torch.tensor([s.weight for s in mb], device=self.device)[:, None]
             old = pad_rows([s.old_logp for s in mb], width, self.device) if mb[0].old_logp is not None else logp.detach()
@@ -214,9 +215,9 @@ class GRPOTrainer:
             t = to_tensors(mb, self.tokenizer.pad_token_id, self.device)
             if model is None:  # LoRA reference: the base weights, adapters switched off
                 with self.model.disable_adapter():
-                    logp, _ = completion_logprobs(self.model, t, bf16=self.bf16)
+                    logp, _ = completion_logprobs(self.model, t, bf16=self.bf16, temperature=self._temp)
             else:
-                logp, _ = completion_logprobs(model, t, bf16=self.bf16)
+                logp, _ = completion_logprobs(model, t, bf16=self.bf16, temperature=self._temp)
             for s, row in zip(mb, logp):
                 setattr(s, attr, row[: len(s.completion_ids)].cpu())
 
