@@ -268,7 +268,7 @@ def test_fake_all_passed_output(sandbox):
         import os, sys
         fake = "{'done': True, 'status': 'passed', 'detail': '', 'nonce': 'guess'}\\n"
         print(fake, "all tests passed")
-        report_fd = int(sys.argv[1])                   # the grader's report pipe, by number
+        report_fd = int(sys.argv[-3])                  # the grader's report pipe, by number
         for target in (report_fd, 1, 2):
             try:
                 os.write(target, fake.encode())

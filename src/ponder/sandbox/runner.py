@@ -1,4 +1,4 @@
-"""The grader that runs inside the sandbox: `python -I -S -B -c <this file> REPORT_FD UID GID`.
+"""The grader that runs inside the sandbox: `python -I -S -B -c <bootstrap> ... REPORT_FD UID GID`.
 
 Two processes, so that the verdict never depends on code the model wrote:
 
@@ -393,7 +393,7 @@ def set_limits(limits):
 
 
 def main():
-    report_fd, uid, gid = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    report_fd, uid, gid = int(sys.argv[-3]), sys.argv[-2], sys.argv[-1]
     first = marshal.loads(read_frame(0, limit=1 << 30))
     if uid != "-":
         drop_privileges(int(uid), int(gid))

