@@ -66,17 +66,21 @@ def evaluate(
     with _rng_kept(model), _progress_bar(progress) as bar:
         sampled = _generate(eng, prompt_ids, sample_params, batch_size, seed, bar, f"sampling k={k}")
         greedily = _generate(eng, prompt_ids, greedy_params, batch_size, seed, bar, "greedy") if greedy else None
-    elapsed = time.perf_counter() - start
+    generation_s = time.perf_counter() - start
 
     problems, samples = _score(examples, sampled, greedily, tokenizer, extract, reflection_words)
-    tasks = {}
-    for name in dict.fromkeys(ex["task"] for ex in examples):
-        tasks[name] = figures([p for p in problems if p["task"] == name], k, seed=seed, n_boot=n_boot)
+    tasks = {
+        name: figures([p for p in problems if p["task"] == name], k, seed=seed, n_boot=n_boot)
+        for name in dict.fromkeys(ex["task"] for ex in examples)
+    }
+    overall = next(iter(tasks.values())) if len(tasks) == 1 else figures(problems, k, seed=seed, n_boot=n_boot)
     tokens = sum(s["length"] for s in samples)
+    timing = {
+        "generation_s": round(generation_s, 3), "scoring_s": round(time.perf_counter() - start - generation_s, 3),
+        "generated_tokens": tokens, "tokens_per_s": round(tokens / max(generation_s, 1e-9), 1),
+    }
     return {
-        "settings": settings, "task_hash": task_hash(examples), "tasks": tasks,
-        "metrics": tasks[name] if len(tasks) == 1 else figures(problems, k, seed=seed, n_boot=n_boot),
-        "timing": {"seconds": round(elapsed, 3), "generated_tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)},
+        "settings": settings, "task_hash": task_hash(examples), "tasks": tasks, "metrics": overall, "timing": timing,
         "samples": samples,
     }
 
@@ -211,7 +215,8 @@ def _generate(engine, prompt_ids, params, batch_size, seed, bar, label):
 
 @contextlib.contextmanager
 def _rng_kept(model):
-    device = next(model.parameters()).device
+    param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    device = param.device if param is not None else torch.device("cpu")
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         yield
