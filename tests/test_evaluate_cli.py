@@ -33,7 +33,7 @@ def test_eval_writes_results_and_samples(two_results, capsys):
     for key, value in {"k": 4, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 5, "greedy": True, "seed": 0,
                        "template": "plain", "extract": "none"}.items():
         assert res["settings"][key] == value, key
-    assert res["task_specs"] == [{"name": "first_digit", "path": None, "split": "test", "n": 3, "options": {}}]
+    assert res["task_specs"] == [{"label": "first_digit", "name": "first_digit", "path": None, "split": "test", "n": 3, "options": {}}]
     assert res["task_hash"].startswith("sha256:") and "samples" not in res
     figs = res["tasks"]["first_digit"]
     for key in ("pass@1", "pass@1_ci", "cons@4", "pass@2", "pass@4", "greedy", "format_rate", "mean_length",
@@ -77,3 +77,16 @@ def test_eval_user_errors(tmp_path):
         ponder_eval("--model", "tiny-random", "--tasks", "first_digit", "--option", "digit")
     with pytest.raises(UserError, match="unknown task 'first_digt'; did you mean 'first_digit'"):
         ponder_eval("--model", "tiny-random", "--tasks", "first_digt", "--quiet")
+
+
+def test_file_tasks_are_reported_per_file(tmp_path, capsys):
+    for name, answers in (("a", ["1", "2"]), ("b", ["3"])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "answer": a}) + "\n" for i, a in enumerate(answers)))
+    out = tmp_path / "res"
+    ponder_eval("--model", "tiny-random", "--tasks", f"jsonl:{tmp_path / 'a.jsonl'},jsonl:{tmp_path / 'b.jsonl'}", "--k", "2",
+                "--max-tokens", "3", "--template", "plain", "--quiet", "--device", "cpu", "--out", str(out))
+    res = json.loads((out / "results.json").read_text())
+    assert [(t, f["problems"]) for t, f in res["tasks"].items()] == [(f"jsonl:{tmp_path / 'a.jsonl'}", 2), (f"jsonl:{tmp_path / 'b.jsonl'}", 1)]
+    assert res["metrics"]["problems"] == 3 and [s["path"] for s in res["task_specs"]] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    with pytest.raises(UserError, match="named twice"):
+        ponder_eval("--model", "tiny-random", "--tasks", "first_digit,first_digit")

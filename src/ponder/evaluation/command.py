@@ -27,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "pass@k, scored by the tasks' own verifiers. Or lay earlier results side by side with --compare.",
     )
     p.add_argument("--model", help="Hugging Face model directory or built-in name (tiny-random, tiny-base)")
-    p.add_argument("--tasks", help="comma-separated task names; NAME:PATH for file-based tasks, e.g. jsonl:my.jsonl")
+    p.add_argument("--tasks", help="comma-separated task names; NAME:PATH for file-based tasks (jsonl:my.jsonl, gsm8k:test.jsonl), "
+                   "reasoning_gym:DATASET")
     p.add_argument("--k", type=int, default=16, help="samples per problem (default 16)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -68,8 +69,13 @@ def run(args) -> int:
     from ponder.models import load, resolve
     from ponder.tasks import load_examples
 
-    specs = parse_tasks(args.tasks, split=args.split, n=args.n, options=parse_options(args.option))
-    examples = [ex for spec in specs for ex in load_examples(spec, seed=args.data_seed)]
+    labelled = parse_tasks(args.tasks, split=args.split, n=args.n, options=parse_options(args.option))
+    examples = []
+    for name, spec in labelled:
+        rows = load_examples(spec, seed=args.data_seed)
+        if name != spec.name:  # report `jsonl:a.jsonl` and `jsonl:b.jsonl` apart
+            rows = [dict(ex, eval_group=name) for ex in rows]
+        examples += rows
     device = _device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -84,7 +90,8 @@ def run(args) -> int:
     samples = result.pop("samples")
     head = {
         "model": args.model, "model_path": str(resolve(args.model)), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "task_specs": [{"name": s.name, "path": s.path, "split": s.split, "n": s.n, "options": s.options} for s in specs],
+        "task_specs": [{"label": label, "name": s.name, "path": s.path, "split": s.split, "n": s.n, "options": s.options}
+                       for label, s in labelled],
         "data_seed": args.data_seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
     }
     result = head | result
@@ -96,18 +103,24 @@ def run(args) -> int:
     return 0
 
 
-def parse_tasks(text: str, *, split: str, n: int | None, options: dict):
+def parse_tasks(text: str, *, split: str, n: int | None, options: dict) -> list:
+    """(label, TaskSpec) per comma-separated item: NAME, NAME:PATH for file tasks, reasoning_gym:DATASET."""
     from ponder.config import TaskSpec
 
     specs, seen = [], set()
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
-        name, _, path = item.partition(":")
-        if name in seen:
-            raise UserError(f"task '{name}' is named twice in --tasks; evaluate it once per run")
-        seen.add(name)
-        specs.append(TaskSpec(name=name, path=path or None, n=n, split=split, options=dict(options)))
+        if item in seen:
+            raise UserError(f"task '{item}' is named twice in --tasks; name it once")
+        seen.add(item)
+        name, _, arg = item.partition(":")
+        spec = TaskSpec(name=name, n=n, split=split, options=dict(options))
+        if arg and name == "reasoning_gym":
+            spec.options["dataset"] = arg
+        elif arg:
+            spec.path = arg
+        specs.append((item, spec))
     if not specs:
         raise UserError("--tasks names no task; give e.g. --tasks first_digit or --tasks jsonl:my.jsonl")
     return specs

@@ -32,7 +32,7 @@ def evaluate(
     stop: Sequence[str] = ("</answer>",), progress: bool = True, extract: str = "tags_or_boxed",
     reflection_words: Sequence[str] = DEFAULT_REFLECTION_WORDS, batch_size: int = 256, n_boot: int = 2000,
 ) -> dict:
-    """Evaluate `model` on `examples` (each with a `task`).
+    """Evaluate `model` on `examples` (each with a `task`; an `eval_group` reports examples apart).
 
     Returns {settings, task_hash, tasks: {task: figures}, metrics: figures over all problems (the task's own
     when there is one), timing, samples: one row per answer}.
@@ -71,7 +71,7 @@ def evaluate(
     problems, samples = _score(examples, sampled, greedily, tokenizer, extract, reflection_words)
     tasks = {
         name: figures([p for p in problems if p["task"] == name], k, seed=seed, n_boot=n_boot)
-        for name in dict.fromkeys(ex["task"] for ex in examples)
+        for name in dict.fromkeys(map(label, examples))
     }
     overall = next(iter(tasks.values())) if len(tasks) == 1 else figures(problems, k, seed=seed, n_boot=n_boot)
     tokens = sum(s["length"] for s in samples)
@@ -83,6 +83,11 @@ def evaluate(
         "settings": settings, "task_hash": task_hash(examples), "tasks": tasks, "metrics": overall, "timing": timing,
         "samples": samples,
     }
+
+
+def label(example: dict) -> str:
+    """The name an example's figures are reported under: its `eval_group` if it has one, else its task."""
+    return example.get("eval_group") or example["task"]
 
 
 def task_hash(examples: Sequence[dict]) -> str:
@@ -151,7 +156,7 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
         rows = []
         for j, (c, text) in enumerate(zip(outs, texts[i])):
             rows.append(dict(
-                task=ex["task"], problem=i, sample=j, greedy=False, prompt=ex["prompt"], gold=ex.get("answer"),
+                task=label(ex), problem=i, sample=j, greedy=False, prompt=ex["prompt"], gold=ex.get("answer"),
                 completion=text, answer=answers[i][j], score=scores[j], correct=correct[j], format=formats[j],
                 length=len(c.token_ids), finish_reason=c.finish_reason, reflection=bool(reflective.search(text)),
                 group=groups[j], voted=win is not None and groups[j] == win,
@@ -165,13 +170,13 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
             score = check(answer)
             greedy_ok = score is not None and score >= 1.0
             samples.append(dict(
-                task=ex["task"], problem=i, sample=0, greedy=True, prompt=ex["prompt"], gold=ex.get("answer"),
+                task=label(ex), problem=i, sample=0, greedy=True, prompt=ex["prompt"], gold=ex.get("answer"),
                 completion=text, answer=answer, score=score, correct=greedy_ok,
                 format=fmt([text], prompts=[ex["prompt"]], **_columns(ex, [g]))[0], length=len(g.token_ids),
                 finish_reason=g.finish_reason, reflection=bool(reflective.search(text)), group=None, voted=False,
             ))
         problems.append(dict(
-            task=ex["task"], scores=scores, correct=correct, cons=float(cons is not None and cons >= 1.0),
+            task=label(ex), scores=scores, correct=correct, cons=float(cons is not None and cons >= 1.0),
             greedy=greedy_ok, samples=rows,
         ))
     return problems, samples
