@@ -16,7 +16,7 @@ import warnings
 from fractions import Fraction
 
 from ponder.rewards import verify_pool
-from ponder.rewards.math import hack_reason, strip_wrappers, text_answer
+from ponder.rewards.math import _TEXT_CMD, hack_reason, strip_wrappers, text_answer
 
 log = logging.getLogger("ponder.rewards")
 
@@ -28,6 +28,9 @@ _NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen twenty".split())}
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is|\s*:)\s*", re.I)
+_LE = r"\s*(<|\\le(?:q)?\b|<=|≤)\s*"
+_CHAIN = re.compile(rf"([^<>=≤\\]+?){_LE}[a-zA-Z]{_LE}([^<>=≤\\]+)")
+_ASSIGNMENT = re.compile(r"^[a-zA-Z]\s*=\s*(?=[-+\d.\\])")  # `x = 5` answers 5
 _MATH_WORDS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "exp", "inf", "infty", "infinity"}
 
 _CACHE: dict[tuple[str, str], float | None] = {}
@@ -68,21 +71,72 @@ def _terminates(x: Fraction) -> bool:
     return d == 1
 
 
+def _numbers_differ(a: Fraction, g: Fraction, answer: str, gold: str) -> bool | None:
+    """Whether two unequal plain numbers are different answers; None when math-verify's rounding decides.
+
+    math-verify forgives a decimal rounded to 6 places against a non-terminating value (1/3 vs
+    0.333333); with fewer decimal places, or when both values terminate, unequal is unequal.
+    """
+    for other, text in ((g, answer), (a, gold)):
+        places = len(text.rsplit(".", 1)[1]) if "." in text else 0
+        if places >= 6 and not _terminates(other):
+            return None
+    return True
+
+
+def _parts(text: str):
+    """(brackets, values) of `\\{1, 2\\}`, `1, 2`, `[0, 1)` or `(2, 3)` made of plain numbers, else None."""
+    t = strip_wrappers(text)
+    m = _CHAIN.fullmatch(t)
+    if m:  # `a <= x < b` is the interval [a, b)
+        low, high = to_number(m.group(1)), to_number(m.group(4))
+        if low is None or high is None:
+            return None
+        return ("(" if m.group(2) == "<" else "[") + (")" if m.group(3) == "<" else "]"), [low, high]
+    m = re.fullmatch(r"(\\\{|\\left\\\{|[\[(]?)(.*?)(\\\}|\\right\\\}|[\])]?)", t, re.DOTALL)
+    if not m or ("," not in m.group(2) and "{" not in m.group(1)):
+        return None
+    values = [to_number(v) for v in m.group(2).split(",")]
+    if any(v is None for v in values):
+        return None
+    opening, closing = m.group(1).replace("\\left", ""), m.group(3).replace("\\right", "")
+    if bool(opening) != bool(closing):
+        return None
+    return opening + closing, values
+
+
+def _choice(text: str) -> str | None:
+    m = re.fullmatch(r"\(?([A-Ea-e])\)?", _TEXT_CMD.sub(r"\1", strip_wrappers(text)).strip())
+    return m.group(1) if m else None
+
+
 def _fast(answer: str, gold: str) -> float | None:
     """The verdict when it needs no math-verify, else None."""
     if hack_reason(answer, gold):
         return 0.0
     g = to_number(gold)
     if g is not None:
-        a = to_number(answer)
+        a = to_number(_ASSIGNMENT.sub("", answer))
         if a is not None:
             if a == g:
                 return 1.0
-            if _terminates(a) and _terminates(g):
-                return 0.0  # math-verify would only forgive rounding of a non-terminating value
+            return 0.0 if _numbers_differ(a, g, answer, gold) else None
+        return None
     gt = text_answer(gold)
     if gt is not None:
         return float(text_answer(answer) == gt)
+    gc = _choice(gold)
+    if gc is not None and gc.isupper():  # a multiple-choice letter
+        ac = _choice(answer)
+        return None if ac is None else float(ac.upper() == gc)
+    gp, ap = _parts(gold), _parts(answer)
+    if gp is not None and ap is not None and all(_terminates(v) for v in gp[1] + ap[1]):
+        if gp[0] in ("\\{\\}", "") and ap[0] in ("\\{\\}", ""):  # sets and solution lists: order and repeats do not matter
+            return float(set(gp[1]) == set(ap[1]))
+        if gp[0] == ap[0]:  # intervals and tuples of the same kind: element by element
+            return float(gp[1] == ap[1])
+        if len(gp[0]) == len(ap[0]) == 2 and "{" not in gp[0] + ap[0]:
+            return 0.0  # intervals with different ends
     return None
 
 

@@ -19,7 +19,10 @@ _TAGS = re.compile(r"<think>.*?</think>|</?answer>|</?think>", re.DOTALL)
 
 @functools.lru_cache(maxsize=32)
 def _dataset(name: str, size: int, seed: int, config: tuple):
-    import reasoning_gym
+    try:
+        import reasoning_gym
+    except ModuleNotFoundError:
+        raise UserError("task 'reasoning_gym' needs the reasoning-gym library: pip install 'ponder[gym]'") from None
 
     try:
         return reasoning_gym.create_dataset(name, size=size, seed=seed, **dict(config))

@@ -1,0 +1,86 @@
+"""Task adapters: GSM8K / MATH / plain JSONL and reasoning-gym, loaded offline and scored end to end."""
+
+import json
+
+import pytest
+
+from ponder.errors import UserError
+from ponder.rewards import verify_pool
+from ponder.rewards.basic import accuracy
+from ponder.tasks import get_task
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stop_workers():
+    yield
+    verify_pool.shutdown()
+
+
+def write(tmp_path, rows, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def score(task, examples, completions):
+    return accuracy(completions, prompts=[e["prompt"] for e in examples], answer=[e["answer"] for e in examples],
+                    task=[task] * len(examples), **{k: [e.get(k) for e in examples] for k in ("gym_dataset", "gym_size", "gym_seed", "gym_index", "gym_config")})
+
+
+def test_gsm8k_answer_follows_the_hashes(tmp_path):
+    path = write(tmp_path, [{"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+                             "answer": "In May she sold 48/2 = 24.\nIn all 48+24 = 72.\n#### 72"},
+                            {"question": "A big sum?", "answer": "Add.\n#### 1,234"}])
+    rows = get_task("gsm8k").load(path=path)
+    assert [(r["prompt"][:8], r["answer"], r["task"]) for r in rows] == [("Natalia ", "72", "gsm8k"), ("A big su", "1234", "gsm8k")]
+    assert rows[0]["solution"].endswith("#### 72")
+    assert score("gsm8k", rows, ["<answer>72</answer>", "<answer>1,234</answer>"]) == [1.0, 1.0]
+    assert score("gsm8k", rows, ["<answer>24</answer>", "<answer>123</answer>"]) == [0.0, 0.0]
+
+
+def test_gsm8k_row_without_hashes_is_a_user_error(tmp_path):
+    path = write(tmp_path, [{"question": "q", "answer": "#### 1"}, {"question": "q2", "answer": "no final answer"}])
+    with pytest.raises(UserError, match=r"data.jsonl: row 2 has no final answer for task 'gsm8k' \(the answer field must end with '#### <number>'\)"):
+        get_task("gsm8k").load(path=path)
+
+
+def test_math_answer_is_the_last_box_or_the_answer_field(tmp_path):
+    path = write(tmp_path, [{"problem": "Half of one?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
+                            {"problem": "Roots?", "solution": "...", "answer": "\\{2, 3\\}"}])
+    rows = get_task("math").load(path=path, n=2)
+    assert [r["answer"] for r in rows] == ["\\frac{1}{2}", "\\{2, 3\\}"]
+    assert score("math", rows, ["<answer>0.5</answer>", "<answer>3, 2</answer>"]) == [1.0, 1.0]
+    assert score("math", rows, ["<answer>2</answer>", "<answer>2</answer>"]) == [0.0, 0.0]
+
+
+def test_plain_takes_the_question_from_any_common_field(tmp_path):
+    path = write(tmp_path, [{"prompt": "p?", "answer": 3}, {"question": "q?", "answer": "x=2"}, {"problem": "r?", "answer": "7"}])
+    rows = get_task("plain").load(path=path)
+    assert [(r["prompt"], r["answer"]) for r in rows] == [("p?", "3"), ("q?", "x=2"), ("r?", "7")]
+    path = write(tmp_path, [{"text": "no question", "answer": "1"}], name="bad.jsonl")
+    with pytest.raises(UserError, match=r"bad.jsonl: row 1 has none of the fields prompt, question, problem"):
+        get_task("plain").load(path=path)
+    with pytest.raises(UserError, match=r"task 'plain' needs a path"):
+        get_task("plain").load()
+
+
+def test_reasoning_gym_by_name_scored_by_its_own_scorer():
+    gym = get_task("reasoning_gym")
+    train = gym.load("train", dataset="basic_arithmetic", size=40, seed=3)
+    test = gym.load("test", dataset="basic_arithmetic", size=40, seed=3)
+    assert len(train) == 40 and train[0]["task"] == "reasoning_gym"
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert gym.load("train", dataset="basic_arithmetic", size=40, seed=3) == train  # seeded
+    ex = train[:3]
+    right = [f"<think>compute</think> <answer>{e['answer']}</answer>" for e in ex]
+    assert score("reasoning_gym", ex, right) == [1.0, 1.0, 1.0]
+    # Tags are stripped before the library's scorer sees the answer (it would give partial credit otherwise).
+    assert gym.verify(f"<answer>{ex[0]['answer']}</answer>", ex[0]) == 1.0
+    assert score("reasoning_gym", ex[:1], ["<answer>not a number</answer>"]) == [0.0]
+
+
+def test_reasoning_gym_unknown_dataset_is_a_user_error():
+    with pytest.raises(UserError, match=r"^task 'reasoning_gym': Dataset 'no_such_set' not registered; known datasets: .*basic_arithmetic"):
+        get_task("reasoning_gym").load(dataset="no_such_set", size=5)
+    with pytest.raises(UserError, match=r"needs options.dataset"):
+        get_task("reasoning_gym").load(size=5)
