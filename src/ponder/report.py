@@ -1,0 +1,262 @@
+"""`ponder report RUN_DIR`: one self-contained HTML page that shows how a GRPO run went.
+
+Curves over steps from metrics.jsonl (PNG images drawn by matplotlib's Agg renderer, embedded as base64),
+completions from early and late in the run side by side (samples.jsonl) with think and answer set apart,
+the before/after evaluation table (eval_before.json, eval_after.json) and the resolved config.yaml.
+A series the run did not log, or that is 0 throughout (no KL term, nothing clipped), gets no plot.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from itertools import zip_longest
+from pathlib import Path
+
+from ponder.errors import UserError
+from ponder.metrics import read_jsonl
+
+# title, series (a key, or a prefix ending in "/" for every key under it), stacked
+PANELS = [
+    ("reward (total and per reward function)", ["reward", "reward/"], False),
+    ("accuracy and format rate", ["accuracy", "format_rate"], False),
+    ("completion length (tokens)", ["completion_len/mean", "completion_len/max"], False),
+    ("reflection-word rate", ["reflection_rate"], False),
+    ("KL to the reference", ["kl"], False),
+    ("entropy (nats per token)", ["entropy"], False),
+    ("clipped token share", ["clip_low_frac", "clip_high_frac"], False),
+    ("zero-variance groups (no signal)", ["zero_var_groups_frac"], False),
+    ("seconds per step", ["time/generate", "time/reward", "time/train"], True),
+]
+COUNTS = {"problems", "scored_problems", "k"}  # evaluation figures that are sizes, not results
+ACCURACY_RE = re.compile(r"(pass|cons)@|greedy$|mean_score$")  # evaluation figures of being right
+LINESTYLES = ["-", "--", "-.", ":"]  # curves that coincide (reward and its only reward function) stay visible
+SAMPLES_SHOWN = 3  # completions per side
+PART_RE = re.compile(r"(<think>.*?(?:</think>|$)|<answer>.*?(?:</answer>|$))", re.DOTALL)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="write report.html (curves, completions, before/after) for a run",
+                       description="Write a self-contained HTML report of a run directory: curves of reward, "
+                       "accuracy, length, reflection rate, KL, entropy, timing and evaluations over steps, early "
+                       "and late completions side by side, the before/after evaluation table and the config.")
+    p.add_argument("run_dir", help="run directory (runs/<name>/, holding metrics.jsonl)")
+    p.add_argument("--out", help="where to write the HTML (default: RUN_DIR/report.html)")
+    p.set_defaults(func=lambda args: print(write_report(args.run_dir, args.out)))
+
+
+def write_report(run_dir, out=None) -> Path:
+    """Write the report of `run_dir` (to RUN_DIR/report.html unless `out` is given) and return its path."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"no metrics.jsonl in {run_dir}; is it a run directory? (ponder train writes runs/<name>/)")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    before, after = _load_json(run_dir / "eval_before.json"), _load_json(run_dir / "eval_after.json")
+    data = series(rows, before)
+    config = run_dir / "config.yaml"
+    name = run_dir.resolve().name
+    body = [f"<h1>ponder run: {_esc(name)}</h1>", _summary(rows, data)]
+    plots, always_zero = _plots(data)
+    body.append("<h2>Curves</h2>" + ("".join(plots) if plots else "<p>No steps logged yet.</p>"))
+    if always_zero:
+        body.append(f"<p class='note'>0 at every step, not plotted: {_esc('; '.join(always_zero))}</p>")
+    if before or after:
+        body.append("<h2>Held-out evaluation: before / after training</h2>" + _before_after(before or {}, after or {}))
+    body.append(_samples(read_jsonl(run_dir / "samples.jsonl")))
+    if config.is_file():
+        body.append(f"<h2>Config</h2><pre class='config'>{_esc(config.read_text(encoding='utf-8'))}</pre>")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(name)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    path = Path(out) if out else run_dir / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")  # a reader never sees half a report
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def series(rows: list[dict], before: dict | None = None) -> dict[str, tuple[list, list]]:
+    """key -> (steps, values) for every numeric key; nulls (NaN) left out, the last value of a step kept.
+    Figures of eval_before.json join the eval/<task>/<figure> series at step 0."""
+    points: dict[str, dict] = {}
+    start = [{"step": 0, **{f"eval/{t}/{k}": v for t, r in (before or {}).items() for k, v in _figures(r).items()}}]
+    for row in start + rows:
+        for key, value in row.items():
+            if key not in ("step", "time") and _number(value):
+                points.setdefault(key, {})[row["step"]] = float(value)
+    return {k: (sorted(p), [p[s] for s in sorted(p)]) for k, p in points.items()}
+
+
+def _plots(data: dict) -> tuple[list[str], list[str]]:
+    """The <img> of every panel with data, and the panels left out for being 0 throughout."""
+    panels = [(title, [k for pat in pats for k in data if k == pat or (pat.endswith("/") and k.startswith(pat))], stacked)
+              for title, pats, stacked in PANELS]
+    evals: dict[str, list[str]] = {}  # eval/<task>/<figure>; task names may hold "/" (arithmetic/test)
+    for key in data:
+        if key.startswith("eval/") and key.count("/") >= 2 and key.rsplit("/", 1)[1] not in COUNTS:
+            evals.setdefault(key[5:].rsplit("/", 1)[0], []).append(key)
+    for task, keys in evals.items():
+        right = [k for k in keys if ACCURACY_RE.match(k.rsplit("/", 1)[1])]
+        rates = [k for k in keys if k not in right and all(0 <= v <= 1 for v in data[k][1])]
+        panels.append((f"held-out {task}: accuracy", right, False))
+        panels.append((f"held-out {task}: rates", rates, False))
+        panels.append((f"held-out {task}: other figures", [k for k in keys if k not in right + rates], False))
+    # a panel whose every series is 0 throughout (no KL term, nothing clipped) is left out, with a note
+    panels = [(t, {k: data[k] for k in keys}, st) for t, keys, st in panels if keys]
+    zero = [not any(v for _, ys in curves.values() for v in ys) for _, curves, _ in panels]
+    return ([_plot(*p) for p, z in zip(panels, zero) if not z],
+            [f"{t} ({', '.join(curves)})" for (t, curves, _), z in zip(panels, zero) if z])
+
+
+def _plot(title: str, curves: dict[str, tuple[list, list]], stacked: bool) -> str:
+    from matplotlib.figure import Figure  # no pyplot: no global state, rendered by Agg on savefig
+
+    fig = Figure(figsize=(5.2, 3.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    if stacked:  # parts of one whole: the stack's height is the step's time
+        steps = sorted({s for xs, _ in curves.values() for s in xs})
+        ax.stackplot(steps, [[dict(zip(*c)).get(s, 0.0) for s in steps] for c in curves.values()], labels=list(curves), alpha=0.8)
+    else:
+        for i, (key, (xs, ys)) in enumerate(curves.items()):
+            key = key.rsplit("/", 1)[1] if key.startswith("eval/") else key  # the panel's title names the task
+            if len(xs) >= 30:  # noisy per-step figures: the raw curve faint, a running mean over it
+                ax.plot(xs, ys, color=f"C{i}", alpha=0.25, linewidth=0.8)
+                ax.plot(xs, _running_mean(ys, max(3, len(ys) // 20)), color=f"C{i}", linestyle=LINESTYLES[i % 4], label=f"{key} (running mean)")
+            else:  # few points (evaluations): each one marked
+                ax.plot(xs, ys, color=f"C{i}", linestyle=LINESTYLES[i % 4], label=key, marker="o" if len(xs) <= 12 else None, markersize=3)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return f"<img alt='{_esc(title)}' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+
+
+def _running_mean(ys: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values (fewer at the start), so the curve lags but never looks ahead."""
+    sums = [0.0]
+    for y in ys:
+        sums.append(sums[-1] + y)
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(ys))]
+
+
+def _summary(rows: list[dict], data: dict) -> str:
+    train = [r for r in rows if not all(k.startswith("eval/") for k in r if k not in ("step", "time"))]
+    if not train:
+        return "<p>No training step logged.</p>"
+    times = [r["time"] for r in rows if _number(r.get("time"))]
+    parts = [f"{len(train)} steps (last: {train[-1]['step']})"]
+    if len(times) > 1:
+        parts.append(f"{(max(times) - min(times)) / 60:.1f} min from first to last log line")
+    for key in ("reward", "accuracy", "format_rate", "completion_len/mean", "reflection_rate"):
+        if key in data:
+            ys = data[key][1]
+            parts.append(f"{key} {_fmt(ys[0])} &rarr; {_fmt(ys[-1])}")
+    return "<p class='summary'>" + " &middot; ".join(parts) + "</p>"
+
+
+def _before_after(before: dict, after: dict) -> str:
+    out = []
+    for task in dict.fromkeys([*before, *after]):
+        b, a = _figures(before.get(task)), _figures(after.get(task))
+        head = f"<tr><th>{_esc(task)}</th><th>before</th><th>after</th><th>change</th></tr>"
+        cells = [f"<tr><td>{_esc(k)}</td><td>{_fmt(b.get(k))}</td><td>{_fmt(a.get(k))}</td>"
+                 f"<td>{_fmt(a[k] - b[k], sign=True) if k in a and k in b else '-'}</td></tr>"
+                 for k in dict.fromkeys([*b, *a]) if k not in COUNTS]
+        out.append(f"<table>{head}{''.join(cells)}</table>")
+    return "".join(out)
+
+
+def _figures(result) -> dict:
+    """Scalar figures of one evaluation result: under "metrics" (ponder.evaluate) or at its top level."""
+    if not isinstance(result, dict):
+        return {}
+    figs = result["metrics"] if isinstance(result.get("metrics"), dict) else result
+    return {k: float(v) for k, v in figs.items() if _number(v)}
+
+
+def _samples(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    steps = [r["step"] for r in rows if "step" in r]
+    first, last = min(steps), max(steps)
+    early = [r for r in rows if r.get("step") == first][:SAMPLES_SHOWN]
+    late = [r for r in rows if r.get("step") == last][:SAMPLES_SHOWN] if last != first else []
+    cells = "".join(f"<tr><td>{_sample(e)}</td><td>{_sample(l)}</td></tr>" for e, l in zip_longest(early, late))
+    head = f"<tr><th>early (step {first})</th><th>late (step {last})</th></tr>" if late else f"<tr><th>step {first}</th><th></th></tr>"
+    return f"<h2>Completions</h2><table class='samples'>{head}{cells}</table>"
+
+
+def _sample(row: dict | None) -> str:
+    if row is None:
+        return ""
+    prompt = row.get("prompt", "")
+    if isinstance(prompt, list):  # chat messages
+        prompt = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
+    scores = ", ".join(f"{k} {_fmt(v)}" for k, v in (row.get("rewards") or {}).items())
+    return (f"<div class='prompt'>{_esc(str(prompt))}</div>"
+            f"<div class='meta'>gold answer: {_esc(str(row.get('answer')))} &middot; reward {_fmt(row.get('reward'))}"
+            f"{' (' + _esc(scores) + ')' if scores else ''}</div>{completion_html(str(row.get('completion', '')))}")
+
+
+def completion_html(text: str) -> str:
+    """The completion as blocks: <pre class='think'>, <pre class='answer'> and <pre class='other'> for the rest."""
+    head, sep, tail = text.partition("</think>")
+    if sep and "<think>" not in head:  # the prompt opened the think block
+        return f"<pre class='think'>{_esc(head + sep)}</pre>" + completion_html(tail)
+    blocks = []
+    for piece in PART_RE.split(text):
+        if piece.strip():
+            kind = "think" if piece.startswith("<think>") else "answer" if piece.startswith("<answer>") else "other"
+            blocks.append(f"<pre class='{kind}'>{_esc(piece)}</pre>")
+    return "".join(blocks) or "<pre class='other'>(empty)</pre>"
+
+
+def _load_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # a half-written file: the report goes on without it
+    return data if isinstance(data, dict) else None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v, sign: bool = False) -> str:
+    if not _number(v):
+        return "-"
+    return f"{v:+.3f}" if sign else (str(int(v)) if float(v).is_integer() and abs(v) >= 2 else f"{v:.3f}")
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1600px; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
+img { width: 520px; margin: 4px; border: 1px solid #eee; }
+.note, .meta { color: #666; font-size: .9em; }
+table { border-collapse: collapse; margin: .5em 0 1em; }
+th, td { border: 1px solid #ddd; padding: .3em .6em; text-align: right; vertical-align: top; }
+td:first-child, th:first-child { text-align: left; }
+table.samples td { text-align: left; width: 50%; }
+table.samples { width: 100%; table-layout: fixed; }
+pre { white-space: pre-wrap; word-break: break-word; margin: .3em 0; padding: .4em .6em; border-radius: 4px; }
+pre.think { background: #eef4ff; border-left: 4px solid #5b8def; }
+pre.answer { background: #eafbea; border-left: 4px solid #3aa655; font-weight: bold; }
+pre.other { background: #f6f6f6; border-left: 4px solid #bbb; }
+pre.think::before, pre.answer::before { display: block; font-size: .75em; color: #666; font-weight: normal; }
+pre.think::before { content: "think"; } pre.answer::before { content: "answer"; }
+.prompt { font-style: italic; margin-bottom: .2em; white-space: pre-wrap; }
+pre.config { background: #f6f6f6; }
+"""
