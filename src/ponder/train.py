@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -68,20 +66,29 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None):
 
 
 def _evaluate(trainer, tag: str, quiet: bool = False):
+    """Held-out figures with the trainer's own engine, template and verifiers. Writes eval_<tag>.json
+    (figures and settings) and eval_<tag>_samples.jsonl (every answer with its score)."""
     from ponder.evaluate import evaluate
     from ponder.tasks import load_examples
 
     cfg, e = trainer.cfg, trainer.cfg.eval
+    acc = cfg.rewards.get("accuracy")
+    extract = acc.get("extract", "tags_or_boxed") if isinstance(acc, dict) else "tags_or_boxed"
     results = {}
-    for spec in e.tasks:
-        examples = load_examples(spec, cfg.seed)
-        if not quiet:
-            console.print(f"evaluating {spec.name}/{spec.split} ({len(examples)} problems, k={e.k}) [{tag}]")
-        results[f"{spec.name}/{spec.split}"] = evaluate(
-            trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
-            temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
-            engine=cfg.rollout.engine, seed=cfg.seed, stop=tuple(cfg.rollout.stop), progress=not quiet,
-        )
+    with open(trainer.run_dir / f"eval_{tag}_samples.jsonl", "w", encoding="utf-8") as out:
+        for spec in e.tasks:
+            examples = load_examples(spec, cfg.seed)
+            if not quiet:
+                console.print(f"evaluating {spec.name}/{spec.split} ({len(examples)} problems, k={e.k}) [{tag}]")
+            r = evaluate(
+                trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
+                temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
+                engine=trainer.engine, seed=cfg.seed, stop=tuple(cfg.rollout.stop), progress=not quiet,
+                extract=extract, reflection_words=tuple(cfg.train.reflection_words),
+            )
+            for row in r.pop("samples"):
+                out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            results[f"{spec.name}/{spec.split}"] = r
     (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
@@ -93,10 +100,10 @@ def _load_eval(trainer, tag: str):
 
 def _flatten(results: dict) -> dict:
     out = {}
-    for task, r in results.items():
-        for k, v in (r.get("metrics", r) if isinstance(r, dict) else {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"eval/{task}/{k}"] = v
+    for name, r in results.items():
+        for key, value in r["metrics"].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"eval/{name}/{key}"] = value
     return out
 
 
