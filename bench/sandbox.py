@@ -5,6 +5,10 @@
 Pins itself (and so every sandbox it starts) to `--cores` CPUs, runs a trivial program and a HumanEval
 canonical solution `--runs` times each through a pool of as many workers as cores, then runs all
 164 canonical solutions (each must pass) and a deliberately wrong solution (it must fail).
+
+On a shared machine the rate depends on what else runs, so where it may (root, cgroup v1 cpuacct
+or cgroup v2), the bench also measures the CPU time of each execution, sandbox and bubblewrap
+included, in a cgroup of its own: `cores / cpu_per_run` is the rate the cores give when idle.
 """
 
 from __future__ import annotations
@@ -21,10 +25,45 @@ from ponder.sandbox import Limits, Sandbox
 from ponder.tasks import get_task
 
 
-def rate(sandbox: Sandbox, jobs: list[dict]) -> tuple[float, int]:
-    start = time.perf_counter()
+class CpuMeter:
+    """CPU seconds used by this process and all it starts. rusage cannot see them: bubblewrap
+    does not wait for the sandbox's init process. A cgroup of our own can."""
+
+    def __init__(self):
+        self.dir = self.usage_file = None
+        for root, name in (("/sys/fs/cgroup/cpuacct", "cpuacct.usage"), ("/sys/fs/cgroup", "cpu.stat")):
+            try:
+                path = Path(root) / f"ponder-bench-{os.getpid()}"
+                path.mkdir()
+                (path / "cgroup.procs").write_text(str(os.getpid()))
+                self.dir, self.root, self.usage_file = path, Path(root), path / name
+                self.seconds()
+                return
+            except OSError:
+                if self.dir is None and path.exists():
+                    path.rmdir()
+
+    def seconds(self) -> float | None:
+        if self.usage_file is None:
+            return None
+        text = self.usage_file.read_text()
+        if self.usage_file.name == "cpu.stat":
+            return int(text.split("usage_usec")[1].split()[0]) / 1e6
+        return int(text) / 1e9
+
+    def close(self):
+        if self.dir is not None:
+            (self.root / "cgroup.procs").write_text(str(os.getpid()))
+            self.dir.rmdir()
+
+
+def rate(sandbox: Sandbox, jobs: list[dict], meter: CpuMeter) -> tuple[float, float | None, int]:
+    """(executions per second, CPU seconds per execution or None, how many passed)."""
+    cpu0, start = meter.seconds(), time.perf_counter()
     results = sandbox.run_many(jobs)
-    return len(jobs) / (time.perf_counter() - start), sum(r.passed for r in results)
+    wall, cpu1 = time.perf_counter() - start, meter.seconds()
+    cpu = (cpu1 - cpu0) / len(jobs) if cpu0 is not None else None
+    return len(jobs) / wall, cpu, sum(r.passed for r in results)
 
 
 def main() -> int:
@@ -42,42 +81,41 @@ def main() -> int:
     examples = get_task("humaneval").load()
     sandbox = Sandbox(Limits(timeout=20.0), workers=len(cpus))
     sandbox.run_many([dict(program="def f():\n    return 1\n", tests="assert f() == 1")] * 4)  # warm-up
-
+    meter = CpuMeter()
     trivial = dict(program="def f():\n    return 1\n", tests="assert f() == 1")
-    trivial_rate, trivial_ok = rate(sandbox, [trivial] * args.runs)
-    he0 = job_for(problems["HumanEval/0"]["canonical_solution"], examples[0])
-    he_rate, he_ok = rate(sandbox, [he0] * args.runs)
-
-    start = time.perf_counter()
-    results = sandbox.run_many([job_for(problems[e["task_id"]]["canonical_solution"], e) for e in examples])
-    all_seconds = time.perf_counter() - start
+    canonical = [job_for(problems[e["task_id"]]["canonical_solution"], e) for e in examples]
+    try:
+        measured = {
+            "trivial program": rate(sandbox, [trivial] * args.runs, meter),
+            "HumanEval/0 canonical": rate(sandbox, [canonical[0]] * args.runs, meter),
+        }
+        all_rate, all_cpu, all_passed = rate(sandbox, canonical, meter)
+        results = sandbox.run_many(canonical)  # again, for the names of any that fail
+        wrong = sandbox.run_many([job_for("    return False\n", examples[0])])[0]  # HumanEval/0 needs True too
+    finally:
+        meter.close()
+        sandbox.close()
     failed = [e["task_id"] for e, r in zip(examples, results) if not r.passed]
-    wrong = sandbox.run_many([job_for("    return False\n", examples[0])])[0]  # HumanEval/0 needs True too
-    sandbox.close()
+    measured["all 164 canonical"] = (all_rate, all_cpu, all_passed)
 
-    figures = {
-        "cores": len(cpus),
-        "trivial_per_s": round(trivial_rate, 1),
-        "humaneval0_per_s": round(he_rate, 1),
-        "all_164_seconds": round(all_seconds, 2),
-        "all_164_per_s": round(len(examples) / all_seconds, 1),
-        "canonical_passed": len(examples) - len(failed),
-        "canonical_failed": failed,
-        "wrong_solution_status": wrong.status,
-        "python": sys.version.split()[0],
-    }
-    rows = [
-        ("trivial program", f"{trivial_rate:.1f}/s", f"{trivial_ok}/{args.runs} passed"),
-        ("HumanEval/0 canonical", f"{he_rate:.1f}/s", f"{he_ok}/{args.runs} passed"),
-        ("all 164 canonical", f"{len(examples) / all_seconds:.1f}/s", f"{len(examples) - len(failed)}/164 passed"),
-        ("HumanEval/0 wrong (return False)", "", f"status {wrong.status}"),
-    ]
-    print(f"sandboxed executions on {len(cpus)} cores (CPUs {cpus}), {len(cpus)} workers")
-    for name, speed, check in rows:
-        print(f"  {name:34s} {speed:>9s}   {check}")
+    load = os.getloadavg()[0]
+    print(f"sandboxed executions on {len(cpus)} cores (CPUs {cpus}), {len(cpus)} workers, load average {load:.1f}")
+    print(f"  {'':24s} {'measured':>10s} {'CPU/run':>9s} {'idle cores':>11s}   check")
+    figures = {"cores": len(cpus), "load_average": round(load, 2), "python": sys.version.split()[0]}
+    for name, (per_s, cpu, ok) in measured.items():
+        idle = len(cpus) / cpu if cpu else None
+        n = 164 if name.startswith("all") else args.runs
+        cpu_text = f"{cpu * 1000:.1f} ms" if cpu else "n/a"
+        idle_text = f"{idle:.1f}/s" if idle else "n/a"
+        print(f"  {name:24s} {per_s:>8.1f}/s {cpu_text:>9s} {idle_text:>11s}   {ok}/{n} passed")
+        key = name.split()[0].lower().replace("/", "")
+        figures[key] = {"per_s": round(per_s, 1), "cpu_ms": round(cpu * 1000, 1) if cpu else None,
+                        "idle_per_s": round(idle, 1) if idle else None, "passed": ok, "runs": n}  # fmt: skip
+    print(f"  deliberately wrong HumanEval/0 (return False): {wrong.status}")
+    figures.update(canonical_failed=failed, wrong_solution_status=wrong.status)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-    ok = not failed and wrong.status == "failed" and trivial_ok == he_ok == args.runs
+    ok = not failed and wrong.status == "failed" and all(v[2] == (164 if k.startswith("all") else args.runs) for k, v in measured.items())
     print("OK" if ok else "FAILED", f"(figures in {args.json})")
     return 0 if ok else 1
 

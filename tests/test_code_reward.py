@@ -118,3 +118,19 @@ def test_humaneval_task_loads_offline_and_verifies():
     full = f"```python\ndef truncate_number(number: float) -> float:\n    return number % 1.0\n```"
     assert task.verify(full, example) == 1.0
     assert task.verify("```python\ndef truncate_number(number):\n    return number // 1.0\n```", example) == 0.0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"timeout": "fast"}, "sandbox limit 'timeout' must be a positive number, got 'fast'"),
+        ({"memory_mb": 0}, "sandbox limit 'memory_mb' must be a positive number, got 0"),
+        ({"unsafe": "yes"}, "sandbox setting 'unsafe' must be true or false, got 'yes'"),
+        ({"workers": 0}, "sandbox setting 'workers' must be a positive integer, got 0"),
+    ],
+)
+def test_bad_sandbox_options_are_user_errors(options, message):
+    code = get_reward("code")
+    with pytest.raises(UserError) as e:
+        code([f"```python\n{ADD}\n```"], prompts=[""], **columns(1), **options)
+    assert str(e.value) == message

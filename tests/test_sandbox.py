@@ -146,3 +146,14 @@ def test_unsafe_mode_warns_on_every_run(monkeypatch, capsys):
     assert sb.run("def f():\n    return 1\n", "assert f() == 1").passed
     assert [r.passed for r in sb.run_many([dict(program="def f():\n    return 2\n", tests="assert f() == 2")])] == [True]
     assert capsys.readouterr().err.count("WARNING: unsafe mode") == 2
+
+
+def test_bubblewrap_that_cannot_start_is_a_user_error(monkeypatch):
+    from ponder.sandbox import pool
+
+    real = isolation.bwrap_argv
+    monkeypatch.setattr(pool, "_PROBED", set())
+    monkeypatch.setattr(isolation, "bwrap_argv", lambda *a: real(*a) + ["--no-such-option"])
+    with pytest.raises(UserError) as e:
+        Sandbox()
+    assert str(e.value).startswith("bubblewrap cannot start a sandbox on this machine (bwrap: Unknown option --no-such-option); ")

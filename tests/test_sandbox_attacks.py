@@ -14,7 +14,7 @@ import pytest
 import ponder
 from ponder.sandbox import Limits, Sandbox
 
-LIMITS = Limits(timeout=1.5, memory_mb=512, processes=16, output_kb=16)
+LIMITS = Limits(timeout=1.5, memory_mb=512, processes=8, output_kb=16)
 TESTS = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n    assert candidate(20, 22) == 42\n"
 ADD = "def add(a, b):\n    return a + b\n"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import re
 
+from ponder.errors import UserError
 from ponder.rewards import register
 from ponder.rewards.extract import ANSWER_RE, outside_think
 from ponder.sandbox import Limits, Result, Sandbox
@@ -46,9 +47,13 @@ def program_from_answer(answer: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def get_sandbox(timeout: float = 10.0, memory_mb: int = 1024, workers: int | None = None, unsafe: bool = False) -> Sandbox:
+def get_sandbox(timeout: float = 10.0, memory_mb: int = 512, workers: int | None = None, unsafe: bool = False) -> Sandbox:
     """One shared sandbox (and worker pool) per setting, so bubblewrap is checked once per process."""
-    return Sandbox(Limits(timeout=float(timeout), memory_mb=int(memory_mb)), workers=workers, unsafe=bool(unsafe))
+    if not isinstance(unsafe, bool):
+        raise UserError(f"sandbox setting 'unsafe' must be true or false, got {unsafe!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise UserError(f"sandbox setting 'workers' must be a positive integer, got {workers!r}")
+    return Sandbox(Limits(timeout=timeout, memory_mb=memory_mb), workers=workers, unsafe=unsafe)
 
 
 def job_for(program: str, example: dict) -> dict:
@@ -88,7 +93,7 @@ def score_programs(programs: list[str | None], examples: list[dict], sandbox: Sa
 
 @register("code")
 def code(completions, *, prompts, tests=None, entry_point=None, code_prefix=None, partial: bool = False,
-         timeout: float = 10.0, memory_mb: int = 1024, workers: int | None = None, unsafe: bool = False, **_):  # fmt: skip
+         timeout: float = 10.0, memory_mb: int = 512, workers: int | None = None, unsafe: bool = False, **_):  # fmt: skip
     """1 when the completion's program passes all of its example's tests (or the fraction, with `partial`)."""
     n = len(completions)
     cols = {"tests": tests, "entry_point": entry_point, "code_prefix": code_prefix}

@@ -34,12 +34,17 @@ UNSAFE_WARNING = "ponder.sandbox: WARNING: unsafe mode, model-written code runs 
 @dataclass(frozen=True)
 class Limits:
     timeout: float = 10.0  # wall-clock seconds for the whole run
-    memory_mb: int = 1024  # address space of each process
-    processes: int = 16  # processes (and threads) of the sandbox user
+    memory_mb: int = 512  # address space of each process (worst case: processes x memory_mb per run)
+    processes: int = 8  # processes (and threads) of the sandbox user
     file_size_mb: int = 16  # largest file the program may write
     open_files: int = 64
     output_kb: int = 64  # stdout and stderr kept, each; more output than this stops the run
     scratch_mb: int = 64  # size of the private /tmp
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise UserError(f"sandbox limit '{name}' must be a positive number, got {value!r}")
 
     def rlimits(self) -> dict[str, int]:
         return {
@@ -152,14 +157,15 @@ class Sandbox:
         if self.unsafe:
             print(UNSAFE_WARNING, file=sys.stderr)
 
-    def _run(self, job: dict) -> Result:
+    def _run(self, job: dict, limits: Limits | None = None) -> Result:
+        limits = limits or self.limits
         tests = job["tests"]
         if not isinstance(tests, str) and not (isinstance(tests, list) and all(isinstance(t, str) for t in tests)):
             raise UserError(f"tests must be a string of Python or a list of strings, got {type(tests).__name__}")
         nonce = secrets.token_hex(16)
         first = {
             "program": job["program"], "setup": job.get("setup") or "",
-            "limits": self.limits.rlimits(), "timeout": self.limits.timeout,
+            "limits": limits.rlimits(), "timeout": limits.timeout,
         }  # fmt: skip
         second = {"tests": tests, "entry_point": job.get("entry_point"), "nonce": nonce}
         code = marshal.dumps(RUNNER)
@@ -170,31 +176,31 @@ class Sandbox:
             command = [exe, "-I", "-S", "-B", "-c", BOOTSTRAP, str(len(code))]
             ids = [str(uid), str(uid)] if uid is not None else ["-", "-"]
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-            max_output = self.limits.output_kb << 10
-            grace = self.limits.timeout + 2.0  # the grader keeps its own deadline; this one is the backstop
+            max_output = limits.output_kb << 10
+            grace = limits.timeout + 2.0  # the grader keeps its own deadline; this one is the backstop
             if self.unsafe:
                 with tempfile.TemporaryDirectory(prefix="ponder-unsafe-") as scratch:
                     env["HOME"] = scratch
                     done = run_captured(lambda fd: command + [str(fd)] + ids, stdin, grace, max_output, env, cwd=scratch)
             else:
-                head = isolation.bwrap_argv(self.bwrap, self.limits.scratch_mb << 20, self.as_root)
+                head = isolation.bwrap_argv(self.bwrap, limits.scratch_mb << 20, self.as_root)
                 done = run_captured(lambda fd: head + ["--"] + command + [str(fd)] + ids, stdin, grace, max_output, env)
         finally:
             if uid is not None:
                 _UIDS.give(uid)
-        return _verdict(done, nonce, self.limits.timeout)
+        return _verdict(done, nonce, limits.timeout)
 
     def _probe(self) -> None:
         key = (self.bwrap, self.as_root)
         with _PROBE_LOCK:
             if key in _PROBED:
                 return
-            r = self._run(dict(program="def f():\n    return 1\n", tests="assert f() == 1", entry_point=None))
+            r = self._run(dict(program="def f():\n    return 1\n", tests="assert f() == 1"), Limits(timeout=30.0))
             if not r.passed:
                 why = (r.stderr.strip().splitlines() or [r.detail])[-1]
-                raise UserError(f"bubblewrap cannot start a sandbox on this machine ({why}); "
-                                "user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone=1), "
-                                "or set `unsafe: true` to run model code without isolation")  # fmt: skip
+                raise UserError(f"bubblewrap cannot start a sandbox on this machine ({why}); it needs user namespaces "
+                                "when not run as root (sysctl kernel.unprivileged_userns_clone=1) and version 0.8 or "
+                                "similar (--size, --perms); or set `unsafe: true` to run model code without isolation")  # fmt: skip
             _PROBED.add(key)
 
 

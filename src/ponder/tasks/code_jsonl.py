@@ -19,7 +19,7 @@ class CodeJsonl(Task):
     name = "code_jsonl"
     sandbox_options: dict = {}
 
-    def load(self, split="train", n=None, seed=0, path=None, timeout=10.0, memory_mb=1024, unsafe=False, **_):
+    def load(self, split="train", n=None, seed=0, path=None, timeout=10.0, memory_mb=512, unsafe=False, **_):
         if path is None:
             raise UserError("task 'code_jsonl' needs a path: data.tasks: [{name: code_jsonl, path: my.jsonl}]")
         self.sandbox_options = dict(timeout=timeout, memory_mb=memory_mb, unsafe=unsafe)

@@ -29,7 +29,7 @@ class HumanEval(CodeJsonl):
 
     name = "humaneval"
 
-    def load(self, split="test", n=None, seed=0, timeout=10.0, memory_mb=1024, unsafe=False, **_):
+    def load(self, split="test", n=None, seed=0, timeout=10.0, memory_mb=512, unsafe=False, **_):
         self.sandbox_options = dict(timeout=timeout, memory_mb=memory_mb, unsafe=unsafe)
         rows = [
             {
