@@ -1,0 +1,154 @@
+"""`ponder report`: embedded plots, early/late completions with think and answer set apart, escaping,
+the before/after table, gracefully missing data, and the one-line error for a directory that is no run."""
+
+import html
+import json
+import re
+
+import pytest
+
+from ponder.cli import main
+from ponder.report import completion_html, series, write_report
+
+IMG = "<img alt='"
+EMBEDDED = re.compile(r"<img alt='([^']*)' src='data:image/png;base64,[A-Za-z0-9+/=]{200,}'>")
+EARLY = "<think>5 + 3 = 8 <script>alert('x')</script> & so</think> <answer>8</answer>"
+LATE = "<think>7 * 6 = 42, wait, check: 6 * 7 = 42</think> <answer>42</answer>"
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _train_row(step):
+    return {
+        "step": step, "time": 1000.0 + 2 * step, "reward": step / 40, "reward/accuracy": step / 40,
+        "reward/format": 1.0, "accuracy": step / 40, "format_rate": 1.0, "completion_len/mean": 10.0 + step,
+        "completion_len/max": 20.0 + step, "reflection_rate": 0.1, "kl": 0.0, "entropy": 2.0 - step / 40,
+        "clip_low_frac": 0.0, "clip_high_frac": 0.0, "zero_var_groups_frac": 0.5, "time/generate": 1.0,
+        "time/reward": 0.1, "time/train": 0.5, "time/total": 1.6,
+    }
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "zero-demo"
+    run.mkdir()
+    rows = [_train_row(s) for s in range(1, 41)]
+    rows[2]["reward"] = None  # a NaN step, written as null
+    rows.insert(20, {"step": 20, "time": 1041.0, "eval/arithmetic/test/pass@1": 0.5, "eval/arithmetic/test/k": 4,
+                     "eval/arithmetic/test/format_rate": 0.9, "eval/arithmetic/test/mean_length": 30.0})
+    rows.append({"step": 40, "time": 1090.0, "eval/arithmetic/test/pass@1": 0.8, "eval/arithmetic/test/k": 4,
+                 "eval/arithmetic/test/format_rate": 1.0, "eval/arithmetic/test/mean_length": 40.0})
+    _write_jsonl(run / "metrics.jsonl", rows)
+    samples = [{"step": 1, "prompt": "What is 5 + 3?", "answer": "8", "completion": EARLY, "reward": 2.0,
+                "rewards": {"accuracy": 1.0, "format": 1.0}},
+               {"step": 1, "prompt": "What is 1 + 1?", "answer": "2", "completion": "3 <b>", "reward": 0.0,
+                "rewards": {"accuracy": 0.0, "format": 0.0}},
+               {"step": 20, "prompt": "middle", "answer": "0", "completion": "MIDDLE OF THE RUN", "reward": 0.0},
+               {"step": 40, "prompt": "What is 7 * 6?", "answer": "42", "completion": LATE, "reward": 2.0,
+                "rewards": {"accuracy": 1.0, "format": 1.0}}]
+    _write_jsonl(run / "samples.jsonl", samples)
+    (run / "config.yaml").write_text("name: zero-demo\nnote: '<i>raw</i>'\nalgorithm:\n  beta: 0.0\n")
+    before = {"arithmetic/test": {"settings": {"k": 4}, "tasks": {}, "metrics": {"problems": 50, "pass@1": 0.25,
+              "pass@1_ci": [0.2, 0.3], "format_rate": 0.5, "mean_length": 12.0}}}
+    (run / "eval_before.json").write_text(json.dumps(before))
+    (run / "eval_after.json").write_text(json.dumps({"arithmetic/test": {"pass@1": 0.8, "format_rate": 1.0, "mean_length": 40.0}}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def page(run_dir):  # drawn once: plotting is the slow part
+    path = write_report(run_dir)
+    assert path == run_dir / "report.html"
+    return path.read_text(encoding="utf-8")
+
+
+def test_report_embeds_one_png_per_panel_with_data(page):
+    titles = EMBEDDED.findall(page)
+    assert page.count(IMG) == len(titles)  # every image is embedded, none linked
+    assert titles == [
+        "reward (total and per reward function)", "accuracy and format rate", "completion length (tokens)",
+        "reflection-word rate", "entropy (nats per token)", "zero-variance groups (no signal)", "seconds per step",
+        "held-out arithmetic/test: accuracy", "held-out arithmetic/test: rates", "held-out arithmetic/test: other figures",
+    ]
+    # KL and clipping are 0 at every step (beta = 0, one update per batch): no plot, a note instead
+    assert "0 at every step, not plotted: KL to the reference (kl); clipped token share (clip_low_frac, clip_high_frac)" in page
+    assert "40 steps (last: 40)" in page and "1.5 min from first to last log line" in page
+    assert "accuracy 0.025 &rarr; 1.000" in page
+    assert "src=\"http" not in page and "src='http" not in page and "<link" not in page
+
+
+def test_series_drop_nulls_keep_eval_lines_and_start_evaluations_at_step_0(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    data = series(rows, json.loads((run_dir / "eval_before.json").read_text()))
+    steps, values = data["reward"]
+    assert 3 not in steps and len(steps) == 39 and values[:2] == [1 / 40, 2 / 40]
+    assert data["eval/arithmetic/test/pass@1"] == ([0, 20, 40], [0.25, 0.5, 0.8])
+    assert data["completion_len/max"][1][-1] == 60.0
+    assert "eval/arithmetic/test/pass@1_ci" not in data and "time" not in data
+
+
+def test_early_and_late_completions_side_by_side_with_think_and_answer_apart(page):
+    assert "<th>early (step 1)</th><th>late (step 40)</th>" in page
+    assert "MIDDLE OF THE RUN" not in page
+    first_row = page.split("<table class='samples'>")[1].split("</tr>")[1]
+    early_cell, late_cell = first_row.split("</td><td>")
+    assert "What is 5 + 3?" in early_cell and "What is 7 * 6?" in late_cell
+    think, answer = EARLY.split(" <answer>")
+    assert f"<pre class='think'>{html.escape(think)}</pre><pre class='answer'>{html.escape('<answer>' + answer)}</pre>" in early_cell
+    assert "<pre class='answer'>&lt;answer&gt;42&lt;/answer&gt;</pre>" in late_cell
+    assert "<pre class='other'>3 &lt;b&gt;</pre>" in page  # an untagged completion is shown whole
+    assert "reward 2.000 (accuracy 1.000, format 1.000)" in early_cell
+
+
+def test_html_in_completions_and_config_is_escaped(page):
+    assert "<script" not in page and "<b>" not in page and "<i>raw" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; so" in page
+    assert "<pre class='config'>name: zero-demo\nnote: &#x27;&lt;i&gt;raw&lt;/i&gt;&#x27;" in page
+
+
+def test_completion_split_when_the_prompt_opened_the_think_block():
+    out = completion_html("let me see</think> <answer>4</answer>")
+    assert out == "<pre class='think'>let me see&lt;/think&gt;</pre><pre class='answer'>&lt;answer&gt;4&lt;/answer&gt;</pre>"
+    # a completion cut off inside its thinking: the open block is still the thinking
+    assert completion_html("<think>1 + 1 = 2, and") == "<pre class='think'>&lt;think&gt;1 + 1 = 2, and</pre>"
+
+
+def test_before_after_table(page):
+    table = page.split("before / after training</h2>")[1].split("</table>")[0]
+    assert "<tr><th>arithmetic/test</th><th>before</th><th>after</th><th>change</th></tr>" in table
+    assert "<tr><td>pass@1</td><td>0.250</td><td>0.800</td><td>+0.550</td></tr>" in table
+    assert "<tr><td>mean_length</td><td>12.0</td><td>40.0</td><td>+28.0</td></tr>" in table
+    assert "problems" not in table and "pass@1_ci" not in table
+
+
+def _bare_run(root):
+    run = root / "bare"
+    run.mkdir()
+    _write_jsonl(run / "metrics.jsonl", [{"step": s, "time": 0.0, "reward": s * 0.1, "kl": None} for s in (1, 2, 3)])
+    return run
+
+
+def test_minimal_run_and_out_path(tmp_path):
+    run = _bare_run(tmp_path)
+    path = write_report(run, tmp_path / "out" / "r.html")
+    page = path.read_text(encoding="utf-8")
+    assert path == tmp_path / "out" / "r.html" and not (run / "report.html").exists()
+    assert EMBEDDED.findall(page) == ["reward (total and per reward function)"]
+    assert "Completions" not in page and "before / after" not in page and "Config" not in page
+    (run / "metrics.jsonl").write_text("")  # a run killed before its first step
+    assert "No steps logged yet." in write_report(run).read_text(encoding="utf-8")
+
+
+def test_cli_writes_report_and_prints_path(tmp_path, capsys):
+    run = _bare_run(tmp_path)
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out == f"{run / 'report.html'}\n"
+    assert EMBEDDED.findall((run / "report.html").read_text(encoding="utf-8")) == ["reward (total and per reward function)"]
+
+
+def test_cli_rejects_a_directory_that_is_no_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"ponder: error: no metrics.jsonl in {tmp_path}; is it a run directory?\n"
