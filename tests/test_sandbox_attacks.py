@@ -294,12 +294,13 @@ def test_program_cannot_see_the_tests(sandbox):
         import gc, os
         seen = any("tell-tale" in o for o in gc.get_objects() if isinstance(o, str))
         seen = seen or any("tell-tale" in str(v) for v in globals().values())
-        try:
-            seen = seen or b"tell-tale" in open(f"/proc/{os.getppid()}/cmdline", "rb").read()
-            open(f"/proc/{os.getppid()}/mem", "rb")
-            seen = True
-        except OSError:
-            pass
+        seen = seen or b"tell-tale" in open(f"/proc/{os.getppid()}/cmdline", "rb").read()
+        for path in ("mem", "fd/0", "environ"):          # the grader's memory and its stdin, with the tests
+            try:
+                open(f"/proc/{os.getppid()}/{path}", "rb")
+                seen = True
+            except OSError:
+                pass
         print("seen" if seen else "unseen")
         def add(a, b):
             return a + b

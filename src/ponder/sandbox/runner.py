@@ -431,7 +431,9 @@ def main():
 
     def report(**record):
         record["nonce"] = nonce
-        os.write(report_fd, (repr(record) + "\n").encode())
+        data = (repr(record) + "\n").encode()
+        while data:
+            data = data[os.write(report_fd, data) :]
 
     link = Link(pid, c2p_r, p2c_w, deadline)
     try:
