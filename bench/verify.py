@@ -69,10 +69,19 @@ def build(n: int, group: int, bombs: int, seed: int = 0):
             r = rng.random()
             answers.append(rng.choice(right) if r < 0.45 else rng.choice(wrong) if r < 0.9 else tricky(rng, gold, right[0]))
         groups.append((gold, [completion(a, rng) for a in answers]))
-    for i in range(bombs):  # LaTeX bombs that only the hard time limit stops
+    for i in range(bombs):  # a power tower (caught by a guard) and a huge power (only the time limit stops it)
         gold, comps = groups[(i + 1) * len(groups) // (bombs + 1)]
-        comps[0] = completion(r"9^{9^{9^{9}}}", rng)
+        comps[0] = completion(r"9^{9^{9^{9}}}" if i % 2 == 0 else r"10^{10^{10}}", rng)
     return groups
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), to give a figure independent of machine load."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def main() -> None:
@@ -103,17 +112,24 @@ def main() -> None:
     verify_pool.VerifyPool.map = lambda self, func, arglist: sent.append(len(arglist)) or original(self, func, arglist)
     verify_pool.pool().map("ponder.rewards.math:compare", [("1", "1")] * args.workers)  # start-up is not throughput
     sent.clear()
+    pids = verify_pool.pool().pids
+    cpu_before = [cpu_seconds(p) for p in [*pids]] + [time.process_time()]
     start = time.perf_counter()
     scores = []
     for comps, golds in calls:
         scores += accuracy(comps, prompts=[""] * len(comps), answer=golds, task=["plain"] * len(comps))
     seconds = time.perf_counter() - start
     verify_pool.VerifyPool.map = original
+    # CPU of the workers alive at the start (a replaced worker's CPU is lost with it) plus this process.
+    cpu_after = [cpu_seconds(p) for p in pids] + [time.process_time()]
+    cpu = None if None in cpu_before + cpu_after else sum(cpu_after) - sum(cpu_before)
 
     result = {
         "answers": total, "seconds": round(seconds, 2), "answers_per_second": round(total / seconds, 1),
         "distinct_pairs": len(match._CACHE), "sent_to_workers": sum(sent), "timeouts": verify_pool.pool().timeouts,
         "accuracy_mean": round(sum(s for s in scores if s is not None) / len(scores), 3),
+        "cpu_seconds": None if cpu is None else round(cpu, 2),
+        "answers_per_cpu_second": None if not cpu else round(total / cpu, 1),
         "workers": args.workers, "timeout_s": args.timeout, "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
     }
     verify_pool.shutdown()

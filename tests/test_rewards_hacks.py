@@ -12,11 +12,17 @@ LIMIT = 2.0
 
 
 @pytest.fixture(scope="module", autouse=True)
-def short_limit():
-    verify_pool.configure(timeout=LIMIT)
+def stop_workers():
     yield
     verify_pool.shutdown()
-    verify_pool.configure(timeout=5.0)
+
+
+@pytest.fixture
+def short_limit():
+    before = verify_pool._SETTINGS["timeout"]
+    verify_pool.configure(timeout=LIMIT)
+    yield
+    verify_pool.configure(timeout=before)
 
 
 def score(completion: str, gold: str = "42") -> float:
@@ -83,9 +89,9 @@ def timed(completion: str, gold: str = "42") -> tuple[float, float]:
     return value, time.monotonic() - start
 
 
-def test_huge_power_is_wrong_within_the_limit():
+def test_huge_power_is_wrong_within_the_limit(short_limit):
     score(answer(r"\sqrt{1764}"))  # start the workers outside the timed part
-    for bomb in (r"9^{9^{9^{9}}}", r"10^{10^{10^{10}}}"):
+    for bomb in (r"9^{9^{9^{9}}}", r"10^{10^{10}}", r"2^{3^{100}}"):  # a tower guard, then the time limit
         value, took = timed(answer(bomb), gold="7")
         assert value == 0.0 and took < LIMIT + 1.5, (bomb, took)
 

@@ -121,6 +121,9 @@ def _fast(answer: str, gold: str) -> float | None:
             if a == g:
                 return 1.0
             return 0.0 if _numbers_differ(a, g, answer, gold) else None
+        parts = _parts(answer)
+        if parts is not None and parts[0] in ("", "\\{\\}") and len(set(parts[1])) > 1:
+            return 0.0  # several values for a single-number gold
         return None
     gt = text_answer(gold)
     if gt is not None:

@@ -18,6 +18,7 @@ _NEGATION = re.compile(r"\b(?:not|no|never|isn't|aren't|except|neither|nor|canno
 _HEDGE = re.compile(r"\b(?:or|and|either|maybe|perhaps|possibly|probably|might)\b|\\(?:lor|vee|pm|mp)\b|±|\bvs\.?", re.I)
 _ELLIPSIS = re.compile(r"\.\.\.|…|\\[lc]?dots\b")
 _MULTI = re.compile(r",|;|\\cup\b|\n|\bor\b|\band\b|\\\{|\\pm\b")  # marks a gold with several parts
+_TOWER = re.compile(r"\^\s*\{[^{}]*?\^\s*\{[^{}]*?\^")  # a^{b^{c^...}}: no final answer is a power tower
 _WRAPPERS = re.compile(r"^\$+|\$+$|^\\\(|\\\)$|^\\\[|\\\]$")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}")
 _WORDS = re.compile(r"^[a-z]+(?: [a-z]+)*$")
@@ -68,6 +69,8 @@ def hack_reason(answer: str, gold: str) -> str | None:
         return "too long"
     if nesting_depth(answer) > max(MAX_NESTING, nesting_depth(gold)):
         return "nested too deep"
+    if _TOWER.search(answer) and not _TOWER.search(gold):
+        return "power tower"
     if _NEGATION.search(answer) and not _NEGATION.search(gold):
         return "negation"
     if _ELLIPSIS.search(answer) and not _ELLIPSIS.search(gold):

@@ -186,7 +186,11 @@ class VerifyPool:
 
 
 _POOL: VerifyPool | None = None
-_SETTINGS = {"workers": min(4, os.cpu_count() or 1), "timeout": 5.0, "preload": ("ponder.rewards.math:warm",)}
+_SETTINGS = {
+    "workers": int(os.environ.get("PONDER_VERIFY_WORKERS", min(4, os.cpu_count() or 1))),
+    "timeout": float(os.environ.get("PONDER_VERIFY_TIMEOUT", 5.0)),
+    "preload": ("ponder.rewards.math:warm",),
+}
 WORKER_MEMORY = 2 << 30  # address-space limit of a worker: a runaway sympy computation fails, the host lives
 
 
