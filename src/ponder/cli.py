@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == module:
                 continue
             raise
-        mod.add_parser(sub)
+        if hasattr(mod, "add_parser"):
+            mod.add_parser(sub)
     return parser
 
 
