@@ -263,6 +263,13 @@ def test_patching_assert_and_test_helpers(sandbox):
     assert all(t.error == "AssertionError" for t in r.tests)
 
 
+def test_redefining_the_tests_own_helpers(sandbox):
+    tests = "def is_close(a, b):\n    return abs(a - b) < 1e-9\n\ndef check(candidate):\n    assert is_close(candidate(1, 1), 2.0)\n"
+    cheat = "def add(a, b):\n    return 0.0\ndef is_close(a, b):\n    return True\ndef abs(x):\n    return 0\n"
+    assert run(sandbox, cheat, tests).status == "failed"
+    assert run(sandbox, "def add(a, b):\n    return float(a + b)\n", tests).passed
+
+
 def test_fake_all_passed_output(sandbox):
     r = run(sandbox, """
         import os, sys

@@ -323,8 +323,22 @@ def which_are_tests(units, program_names):
     return tests
 
 
+def bound_names(stmts):
+    """Every name a piece of code binds: assignments, defs, classes, imports."""
+    out = set()
+    for node in (n for s in stmts for n in walk(s)):
+        kind = type(node).__name__
+        if kind == "Name" and type(node.ctx).__name__ in ("Store", "Del"):
+            out.add(node.id)
+        elif kind in ("FunctionDef", "AsyncFunctionDef", "ClassDef"):
+            out.add(node.name)
+        elif kind == "alias":
+            out.add((node.asname or node.name).split(".")[0])
+    return out
+
+
 def units_of(tests, entry_point):
-    """(setup statements, [(source, [statements])]) from the tests.
+    """(setup statements, check's parameter or None, [(source, [statements])]) from the tests.
 
     `tests` is a string of Python or a list of them. With an entry point and a `def check(candidate)`
     (HumanEval), the module runs as setup and each statement of check's body is a unit; otherwise
@@ -467,22 +481,27 @@ def grade(link, ns, job, setup_error, report):
 
     entry = job.get("entry_point")
     proxies = {}
+    # Names the trusted setup, the tests or the builtins define stay theirs (HumanEval's `poly`, a
+    # test's own `is_close`, `abs`): a program defining the same name must not take over the tests.
+    import builtins
+
+    trusted = set(ns) | set(vars(builtins)) | bound_names(setup) | bound_names(s for _, stmts in units for s in stmts)
+    for name in program_names:
+        if name not in trusted:
+            proxies[name] = Remote(link, name)
     if entry:
         if entry not in program_names:
             report(done=True, status="program_error", detail=f"the program defines no function '{entry}'")
             return
         proxies[entry] = Remote(link, entry)
-    for name in program_names:
-        if name not in ns:  # helpers of the trusted setup stay the trusted ones (e.g. HumanEval's poly)
-            proxies[name] = Remote(link, name)
     if param:
         proxies[param] = proxies[entry]
+    ns.update(proxies)
     try:
         run_statements(setup, ns)
     except Exception as e:
         report(done=True, status="bad_tests", detail=f"test setup failed: {describe(e)}")
         return
-    ns.update(proxies)
 
     tests = which_are_tests(units, set(proxies))
     if not tests:
