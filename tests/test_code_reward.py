@@ -134,3 +134,14 @@ def test_bad_sandbox_options_are_user_errors(options, message):
     with pytest.raises(UserError) as e:
         code([f"```python\n{ADD}\n```"], prompts=[""], **columns(1), **options)
     assert str(e.value) == message
+
+
+def test_identical_programs_run_once(monkeypatch):
+    from ponder.rewards import code as code_module
+
+    calls = []
+    real = code_module.Sandbox.run_many
+    monkeypatch.setattr(code_module.Sandbox, "run_many", lambda self, jobs: calls.append(len(jobs)) or real(self, jobs))
+    completions = [f"```python\n{ADD}\n```"] * 3 + [f"```python\n{WRONG}\n```"] * 2
+    assert get_reward("code")(completions, prompts=[""] * 5, **columns(5)) == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert calls == [2]

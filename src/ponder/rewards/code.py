@@ -75,19 +75,24 @@ def score(result: Result, partial: bool = False) -> float | None:
 
 
 def score_programs(programs: list[str | None], examples: list[dict], sandbox: Sandbox, partial: bool = False) -> list[float | None]:
-    """One score per program: None without tests, 0 without a program, else the sandbox's verdict."""
+    """One score per program: None without tests, 0 without a program, else the sandbox's verdict.
+
+    Identical jobs (a group often repeats an answer) run once.
+    """
     out: list[float | None] = [None] * len(programs)
-    jobs, where = [], []
+    unique: dict[str, tuple[dict, list[int]]] = {}
     for i, (program, example) in enumerate(zip(programs, examples)):
         if example.get("tests") is None:
             continue
         if program is None:
             out[i] = 0.0
             continue
-        jobs.append(job_for(program, example))
-        where.append(i)
-    for i, result in zip(where, sandbox.run_many(jobs)):
-        out[i] = score(result, partial)
+        job = job_for(program, example)
+        unique.setdefault(repr(sorted(job.items())), (job, []))[1].append(i)
+    results = sandbox.run_many([job for job, _ in unique.values()])
+    for (_, where), result in zip(unique.values(), results):
+        for i in where:
+            out[i] = score(result, partial)
     return out
 
 

@@ -201,6 +201,7 @@ class Remote:
 
     def __init__(self, link, name):
         self.link, self.name = link, name
+        self.__name__ = self.__qualname__ = name
 
     def __call__(self, *args, **kwargs):
         return self.link.call(self.name, args, kwargs)
