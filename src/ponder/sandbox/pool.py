@@ -19,7 +19,7 @@ from ponder.errors import UserError
 from ponder.sandbox import isolation
 from ponder.sandbox.capture import run_captured
 
-RUNNER = compile(Path(__file__).with_name("runner.py").read_text(encoding="utf-8"), "runner.py", "exec")
+RUNNER = marshal.dumps(compile(Path(__file__).with_name("runner.py").read_text(encoding="utf-8"), "runner.py", "exec"))
 # The sandbox runs the same interpreter as this process, so it can load the runner precompiled
 # (compiling it would cost a tenth of a run). This bootstrap reads it from stdin, ahead of the job.
 BOOTSTRAP = (
@@ -168,12 +168,11 @@ class Sandbox:
             "limits": limits.rlimits(), "timeout": limits.timeout,
         }  # fmt: skip
         second = {"tests": tests, "entry_point": job.get("entry_point"), "nonce": nonce}
-        code = marshal.dumps(RUNNER)
-        stdin = code + b"".join(_frame(marshal.dumps(x)) for x in (first, second))
+        stdin = RUNNER + b"".join(_frame(marshal.dumps(x)) for x in (first, second))
         exe, _ = isolation.interpreter()
         uid = _UIDS.take() if self.as_root and not self.unsafe else None
         try:
-            command = [exe, "-I", "-S", "-B", "-c", BOOTSTRAP, str(len(code))]
+            command = [exe, "-I", "-S", "-B", "-c", BOOTSTRAP, str(len(RUNNER))]
             ids = [str(uid), str(uid)] if uid is not None else ["-", "-"]
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
             max_output = limits.output_kb << 10
