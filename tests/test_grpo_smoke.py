@@ -89,3 +89,26 @@ def test_micro_batching_gives_the_gradient_of_the_whole_batch(smoke_cfg):
             t.update(samples)
             grads.append(torch.cat([p.grad.flatten() for p in t.model.parameters() if p.grad is not None]))
         assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4), agg
+
+
+def test_lora_trains_adapters_only_and_uses_the_base_as_reference(smoke_cfg):
+    from ponder.rewards import REWARDS
+    from ponder.rl.trainer import GRPOTrainer
+
+    # a dense reward (share of digits) so that every group has signal and the adapters must move
+    REWARDS["digit_share"] = lambda completions, **_: [sum(c.isdigit() for c in x) / max(len(x), 1) for x in completions]
+    try:
+        t = GRPOTrainer(smoke_cfg("name=lora", "model.lora={r: 4, alpha: 8}", "algorithm.beta=0.1", "optim.lr=1e-2",
+                                  "rollout.prompts_per_step=4", "rewards={digit_share: 1.0}"))
+    finally:
+        del REWARDS["digit_share"]
+    assert t.ref is None  # no copy: the reference is the base with adapters switched off
+    base = {k: v.clone() for k, v in t.model.state_dict().items() if "lora_" not in k}
+    first = t.step()
+    assert first["kl"] == 0.0  # LoRA starts as the identity (B = 0): policy == reference
+    t.step()
+    second = t.step()
+    assert second["kl"] > 0.0
+    after = t.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base.items())
+    assert any(not torch.equal(v, 0 * v) for k, v in after.items() if "lora_B" in k)
