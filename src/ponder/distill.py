@@ -1,0 +1,130 @@
+"""`ponder distill RECIPE`: teacher -> rejection sampling -> SFT of a student, as one resumable command.
+
+Stages and what they leave in runs/<name>/:
+  sample  traces.jsonl (+ .summary.json, .unsolved.txt), stages/sample.done
+  sft     student/ (an SFT run directory: checkpoints, metrics, final), stages/sft.done
+A stage whose marker exists is skipped under --resume; an interrupted SFT stage continues from its
+last checkpoint. `--stage sample|sft` runs one stage. Traces are text, so the teacher and the student
+may use different tokenizers: the student's own tokenizer encodes them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from ponder.config import to_dict
+from ponder.errors import UserError
+from ponder.sample import SampleConfig
+from ponder.sft.config import SFTConfig
+
+console = Console()
+STAGES = ("sample", "sft")
+
+
+@dataclass
+class DistillConfig:
+    name: str = "distill"
+    output_dir: str = "runs"
+    seed: int = 0  # the seed of both stages (their own `seed` keys are set from it)
+    sample: SampleConfig = field(default_factory=SampleConfig)  # `model` is the teacher; `out` is set by distill
+    sft: SFTConfig = field(default_factory=SFTConfig)  # `model` is the student; the traces are added to data.files
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def load_distill_config(path, overrides=()) -> DistillConfig:
+    from ponder.config import load_config
+    from ponder.sample import check as check_sample
+    from ponder.sft.config import check as check_sft
+
+    cfg = load_config(path, list(overrides), cls=DistillConfig)
+    run = cfg.run_dir
+    cfg.sample.seed = cfg.sft.seed = cfg.seed
+    cfg.sample.out = str(run / "traces.jsonl")
+    cfg.sft.output_dir, cfg.sft.name = str(run), "student"
+    if cfg.sample.out not in cfg.sft.data.files:
+        cfg.sft.data.files = [cfg.sample.out, *cfg.sft.data.files]
+    check_sample(cfg.sample)
+    check_sft(cfg.sft)
+    return cfg
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "distill", help="teacher -> rejection sampling -> SFT of a student, resumable",
+        description="Distil a teacher into a student from a YAML recipe with a `sample:` section (the teacher and "
+        "the filters, keys of ponder.sample.SampleConfig) and an `sft:` section (the student, keys of "
+        "ponder.sft.SFTConfig). Writes runs/<name>/: traces.jsonl, student/, stages/*.done.",
+    )
+    p.add_argument("recipe", help="YAML recipe (see recipes/distill-tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sample.k=16 sft.train.epochs=2")
+    p.add_argument("--stage", choices=STAGES, help="run only this stage")
+    p.add_argument("--resume", action="store_true", help="skip finished stages and continue an interrupted one")
+    p.set_defaults(func=lambda a: distill(load_distill_config(a.recipe, a.overrides), stage=a.stage, resume=a.resume))
+
+
+def marker(cfg: DistillConfig, stage: str) -> Path:
+    return cfg.run_dir / "stages" / f"{stage}.done"
+
+
+def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, quiet: bool = False) -> dict:
+    """Run the stages (or one); returns {stage: marker contents}."""
+    run = cfg.run_dir
+    done = {s: marker(cfg, s).is_file() for s in STAGES}
+    started = any(done.values()) or (run / "student" / "checkpoints").is_dir()
+    if started and not resume:
+        raise UserError(f"run directory {run} already holds distill stages; pass --resume to continue it, or choose another name (name=...)")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(_yaml(to_dict(cfg)))
+    out = {}
+    for s in STAGES if stage is None else (stage,):
+        if done[s]:
+            out[s] = json.loads(marker(cfg, s).read_text())
+            if not quiet:
+                console.print(f"stage {s}: done earlier ({marker(cfg, s)}), skipped")
+            continue
+        out[s] = STAGE_FNS[s](cfg, quiet)
+        marker(cfg, s).parent.mkdir(parents=True, exist_ok=True)
+        marker(cfg, s).write_text(json.dumps(out[s] | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
+    return out
+
+
+def _sample_stage(cfg: DistillConfig, quiet: bool) -> dict:
+    from ponder.sample import sample
+
+    if not quiet:
+        console.rule(f"stage sample: teacher {cfg.sample.model}")
+    summary = sample(cfg.sample, progress=not quiet)
+    if summary["accepted"] == 0:
+        raise UserError(f"no teacher answer passed the filters (see {Path(cfg.sample.out).with_suffix('.summary.json')}); "
+                        "raise sample.k or sample.max_new_tokens, or loosen sample.filters")
+    return {"traces": cfg.sample.out, "accepted": summary["accepted"], "unsolved_prompts": summary["unsolved_prompts"]}
+
+
+def _sft_stage(cfg: DistillConfig, quiet: bool) -> dict:
+    from ponder import checkpoint
+    from ponder.sft import sft
+
+    if not marker(cfg, "sample").is_file():
+        raise UserError(f"stage sft needs the teacher's traces: run `ponder distill ... --stage sample` first ({marker(cfg, 'sample')} is missing)")
+    if not quiet:
+        console.rule(f"stage sft: student {cfg.sft.model.path}")
+    ckpts = cfg.sft.run_dir / "checkpoints"
+    trainer = sft(cfg.sft, resume=checkpoint.latest(ckpts) is not None, quiet=quiet)
+    return {"student": str(cfg.sft.run_dir / "final"), "steps": trainer.step_no}
+
+
+STAGE_FNS = {"sample": _sample_stage, "sft": _sft_stage}
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,129 @@
+"""Rejection-sampling filters: which sampled answers are good enough to become training data.
+
+R1 kept only traces that reach the right answer, in the expected format, in one language, without
+endless repetition, of a sensible length, and not too many per prompt. Each per-sample filter has a
+name, and a rejected sample is counted under the first filter it fails, in the order of `ORDER`.
+Per-prompt filters (exact and near duplicates, the cap of m per prompt) run on what is left.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+from ponder.errors import UserError
+from ponder.rewards.format import STRICT_FORMAT
+from ponder.rewards.language import chain_of_thought, word_counts
+
+ORDER = ("truncated", "length", "format", "correct", "language", "repetition", "duplicate", "near_duplicate", "per_prompt")
+
+
+@dataclass
+class FilterConfig:
+    correct: bool = True  # the task's verifier gives full marks to the extracted answer
+    format: bool = True  # strict think-then-answer format (the R1-Zero format reward)
+    language: Optional[str] = "en"  # the thinking's words are in this language (en | zh); None: off
+    language_min: float = 0.95  # least share of the thinking's words in `language` (no words at all passes)
+    ngram: int = 8  # repeated-phrase check: word n-grams of this size ...
+    ngram_max_count: int = 1  # ... may occur at most this often (0: off)
+    min_tokens: int = 1  # completion length bounds, in the sampling model's tokens
+    max_tokens: Optional[int] = None
+    keep_truncated: bool = False  # keep answers cut by the token budget (never right to learn to stop there)
+    dedup: bool = True  # drop exact duplicates within a prompt (whitespace and case ignored)
+    near_dup: float = 0.9  # drop answers this similar to one already kept for the prompt (Jaccard of 5-char shingles); 0: off
+    per_prompt: int = 4  # m: most answers kept per prompt; 0: no cap
+
+
+def check_config(cfg: FilterConfig) -> None:
+    if cfg.language not in (None, "en", "zh"):
+        raise UserError(f"config filters.language: '{cfg.language}' is not supported; choose en, zh or null (off)")
+    if not 0 <= cfg.near_dup <= 1:
+        raise UserError("config filters.near_dup must be between 0 (off) and 1")
+    if cfg.ngram < 1 or cfg.ngram_max_count < 0 or cfg.per_prompt < 0:
+        raise UserError("config filters.ngram must be >= 1, filters.ngram_max_count and filters.per_prompt >= 0")
+    if cfg.max_tokens is not None and cfg.max_tokens < cfg.min_tokens:
+        raise UserError("config filters.max_tokens is below filters.min_tokens; no answer could pass")
+
+
+@dataclass
+class Candidate:
+    """One sampled answer with what the filters look at."""
+
+    text: str
+    tokens: int
+    truncated: bool
+    score: float | None = None  # the task verifier's score of the extracted answer (None: not scorable)
+    reason: str | None = None  # first filter that rejected it; None: kept
+
+
+def language_share(text: str, target: str) -> float | None:
+    """Share of the thinking's words in `target`; None when it has no words (math only: nothing to mix)."""
+    counts = word_counts(chain_of_thought(text))
+    total = sum(counts.values())
+    return counts["latin" if target == "en" else "han"] / total if total else None
+
+
+def max_ngram_count(text: str, n: int) -> int:
+    words = text.lower().split()
+    grams = Counter(zip(*(words[i:] for i in range(n))))
+    return max(grams.values(), default=0)
+
+
+def first_failure(c: Candidate, cfg: FilterConfig) -> str | None:
+    """The first per-sample filter `c` fails, or None."""
+    if c.truncated and not cfg.keep_truncated:
+        return "truncated"
+    if c.tokens < cfg.min_tokens or (cfg.max_tokens is not None and c.tokens > cfg.max_tokens):
+        return "length"
+    if cfg.format and not STRICT_FORMAT.match(c.text):
+        return "format"
+    if cfg.correct and not (c.score is not None and c.score >= 1.0):
+        return "correct"
+    if cfg.language:
+        share = language_share(c.text, cfg.language)
+        if share is not None and share < cfg.language_min:
+            return "language"
+    if cfg.ngram_max_count and max_ngram_count(c.text, cfg.ngram) > cfg.ngram_max_count:
+        return "repetition"
+    return None
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def shingles(text: str, k: int = 5) -> set[str]:
+    t = normalise(text)
+    return {t[i : i + k] for i in range(max(1, len(t) - k + 1))}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if (a or b) else 1.0
+
+
+def select(group: list[Candidate], cfg: FilterConfig) -> list[Candidate]:
+    """Mark each candidate of one prompt with its rejection reason (or None) and return the kept ones, in order."""
+    kept: list[Candidate] = []
+    seen: set[str] = set()
+    kept_shingles: list[set] = []
+    for c in group:
+        c.reason = first_failure(c, cfg)
+        if c.reason:
+            continue
+        key = normalise(c.text)
+        if cfg.dedup and key in seen:
+            c.reason = "duplicate"
+            continue
+        sh = shingles(c.text)
+        if cfg.near_dup and any(jaccard(sh, other) >= cfg.near_dup for other in kept_shingles):
+            c.reason = "near_duplicate"
+            continue
+        if cfg.per_prompt and len(kept) >= cfg.per_prompt:
+            c.reason = "per_prompt"
+            continue
+        seen.add(key)
+        kept_shingles.append(sh)
+        kept.append(c)
+    return kept

@@ -1,0 +1,262 @@
+"""`ponder sample`: rejection sampling. k answers per prompt, scored by the tasks' verifiers and the
+filters of ponder.filters; the accepted ones are written as JSONL that `ponder sft` trains on.
+
+Each accepted row: prompt, completion, answer, task, prompt_id, sample (index among the k), tokens,
+rewards (accuracy, format, language, repetition), source (model and sampling settings), meta (the
+example's other fields). Beside the output: <out>.summary.json (per-task acceptance and rejections by
+filter) and <out>.unsolved.txt (ids of prompts with no accepted answer, one a line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from ponder.config import TaskSpec, to_dict
+from ponder.errors import UserError
+from ponder.filters import ORDER, Candidate, FilterConfig, check_config, select
+
+
+@dataclass
+class SampleConfig:
+    model: str = "tiny-base"  # the model that writes the traces (teacher): a directory or built-in name
+    tasks: list[TaskSpec] = field(default_factory=lambda: [TaskSpec(name="arithmetic")])
+    template: str = "r1_zero"
+    k: int = 8  # answers sampled per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    extract: str = "tags_or_boxed"  # how the answer is found for the correctness check (ponder.rewards.extract)
+    engine: str = "hf"
+    batch_size: int = 256  # sequences generated at once
+    seed: int = 0  # fixes the problems of procedural tasks and the sampling
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    out: str = "runs/samples/traces.jsonl"
+
+
+def load_sample_config(path, overrides=()) -> SampleConfig:
+    from ponder.config import load_config
+
+    cfg = load_config(path, list(overrides), cls=SampleConfig)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: SampleConfig) -> None:
+    if cfg.k < 1:
+        raise UserError(f"config k must be at least 1 (answers per prompt); got {cfg.k}")
+    if not cfg.tasks:
+        raise UserError("config tasks is empty; name at least one task, e.g. --tasks arithmetic")
+    if cfg.max_new_tokens < 1:
+        raise UserError("config max_new_tokens must be at least 1")
+    check_config(cfg.filters)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sample", help="rejection sampling: k answers per prompt, keep the verified ones as SFT data",
+        description="Sample k answers per prompt from a model, keep those that pass the filters (correct answer, "
+        "format, one language, no repeated phrases, length bounds, no duplicates, at most m per prompt) and write "
+        "them as JSONL with provenance. Give a recipe (recipes/distill-*.yaml holds one under `sample:`; a plain "
+        "sample recipe has the keys of ponder.sample.SampleConfig) and/or flags; flags win.",
+    )
+    p.add_argument("args", nargs="*", metavar="RECIPE_OR_OVERRIDE", help="optional YAML recipe, then key=value overrides")
+    p.add_argument("--model", help="model directory or built-in name (teacher)")
+    p.add_argument("--tasks", help="comma-separated tasks: arithmetic,countdown; NAME:PATH for file tasks")
+    p.add_argument("--split", help="task split (default train)")
+    p.add_argument("--n", type=int, help="prompts per task")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option for every task, repeatable")
+    p.add_argument("--k", type=int, help="answers per prompt (default 8)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-tokens", type=int, help="token budget per answer")
+    p.add_argument("--per-prompt", type=int, help="m: most answers kept per prompt (default 4; 0: no cap)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="output JSONL (default runs/samples/traces.jsonl)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> None:
+    recipe = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
+    if len(recipe) > 1:
+        raise UserError(f"ponder sample takes one recipe, got {', '.join(recipe)}; give overrides as key=value")
+    cfg = load_sample_config(recipe[0] if recipe else None, overrides)
+    for flag, key in (("model", "model"), ("k", "k"), ("temperature", "temperature"), ("top_p", "top_p"),
+                      ("max_tokens", "max_new_tokens"), ("seed", "seed"), ("out", "out")):
+        if getattr(args, flag) is not None:
+            setattr(cfg, key, getattr(args, flag))
+    if args.per_prompt is not None:
+        cfg.filters.per_prompt = args.per_prompt
+    if args.tasks:
+        from ponder.evaluation.command import parse_options, parse_tasks
+
+        cfg.tasks = [s for _, s in parse_tasks(args.tasks, split=args.split or "train", n=args.n, options=parse_options(args.option))]
+    elif args.split or args.n or args.option:
+        for spec in cfg.tasks:
+            spec.split = args.split or spec.split
+            spec.n = args.n or spec.n
+            spec.options.update(_options(args.option))
+    check(cfg)
+    sample(cfg, progress=not args.quiet)
+
+
+def _options(items):
+    from ponder.evaluation.command import parse_options
+
+    return parse_options(items)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def task_labels(specs: list[TaskSpec]) -> list[str]:
+    names = [s.name for s in specs]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None) -> dict:
+    """Run rejection sampling; write the accepted rows, the summary and the unsolved ids. Returns the summary."""
+    import torch
+
+    from ponder.models import load
+    from ponder.rl.trainer import pick_device
+    from ponder.rollout import SamplingParams, make_engine
+    from ponder.tasks import load_examples
+    from ponder.templates import render
+
+    check(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    problems = []  # (label, prompt_id, example)
+    for label, spec in zip(task_labels(cfg.tasks), cfg.tasks):
+        for i, ex in enumerate(load_examples(spec, cfg.seed)):
+            problems.append((label, str(ex.get("id", f"{spec.name}/{spec.split}/{i}")), ex))
+    if model is None:
+        device = pick_device(cfg.device)
+        model, tokenizer = load(cfg.model, seed=cfg.seed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model.to(device)
+    engine = make_engine(cfg.engine, model, tokenizer, batch_size=cfg.batch_size)
+    params = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                            stop=tuple(cfg.stop))
+    source = {"model": cfg.model, "template": cfg.template, "k": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
+              "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop), "seed": cfg.seed}
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    counts = {label: {"prompts": 0, "samples": 0, "accepted": 0, "solved_prompts": 0, "rejected": dict.fromkeys(ORDER, 0)}
+              for label in task_labels(cfg.tasks)}
+    unsolved: list[str] = []
+    per_chunk = max(1, cfg.batch_size // cfg.k)
+    start = time.perf_counter()
+    with _bar(progress, len(problems)) as (bar, task), tmp.open("w", encoding="utf-8") as fh:
+        for c, lo in enumerate(range(0, len(problems), per_chunk)):
+            chunk = problems[lo : lo + per_chunk]
+            ids = [tokenizer(render(cfg.template, ex["prompt"], tokenizer)).input_ids for _, _, ex in chunk]
+            with torch.random.fork_rng(devices=[]):
+                outs = engine.generate(ids, replace(params, seed=(cfg.seed * 1_000_003 + c) % 2**31))
+            for (label, pid, ex), row in zip(chunk, _judge(chunk, outs, tokenizer, cfg)):
+                cands, kept = row
+                n = counts[label]
+                n["prompts"] += 1
+                n["samples"] += len(cands)
+                n["accepted"] += len(kept)
+                n["solved_prompts"] += bool(kept)
+                for cand in cands:
+                    if cand.reason:
+                        n["rejected"][cand.reason] += 1
+                if not kept:
+                    unsolved.append(pid)
+                for j, cand, rewards in kept:
+                    fh.write(json.dumps(_row(ex, pid, j, cand, rewards, source), ensure_ascii=False) + "\n")
+            if bar is not None:
+                bar.advance(task, len(chunk))
+    os.replace(tmp, out)
+    for n in counts.values():
+        n["acceptance_rate"] = n["accepted"] / max(n["samples"], 1)
+        n["solved_rate"] = n["solved_prompts"] / max(n["prompts"], 1)
+    summary = {"out": str(out), "source": source, "filters": to_dict(cfg.filters), "tasks": counts,
+               "accepted": sum(n["accepted"] for n in counts.values()), "unsolved_prompts": len(unsolved),
+               "seconds": round(time.perf_counter() - start, 2)}
+    out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.with_name(out.stem + ".unsolved.txt").write_text("".join(p + "\n" for p in unsolved))
+    _print_summary(summary, out, progress)
+    return summary
+
+
+def _judge(chunk, outs, tokenizer, cfg: SampleConfig):
+    """For each prompt: (all candidates, [(sample index, kept candidate, rewards)])."""
+    from ponder.filters import language_share
+    from ponder.rewards import get_reward
+
+    texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in o] for o in outs]
+    flat = [t for ts in texts for t in ts]
+    exs = [ex for (_, _, ex), o in zip(chunk, outs) for _ in o]
+    columns = {k: [ex.get(k) for ex in exs] for k in dict.fromkeys(k for ex in exs for k in ex if k != "prompt")}
+    prompts = [ex["prompt"] for ex in exs]
+    accuracy = get_reward("accuracy")(flat, prompts=prompts, extract=cfg.extract, **columns)
+    fmt = get_reward("format")(flat, prompts=prompts)
+    rep = get_reward("repetition")(flat, prompts=prompts)
+    results, at = [], 0
+    for ts, o in zip(texts, outs):
+        cands, rewards = [], []
+        for t, c in zip(ts, o):
+            cands.append(Candidate(t, len(c.token_ids), c.finish_reason == "length", accuracy[at]))
+            rewards.append({"accuracy": accuracy[at], "format": fmt[at], "repetition": rep[at],
+                            "language": language_share(t, cfg.filters.language or "en")})
+            at += 1
+        select(cands, cfg.filters)  # marks each candidate with its rejection reason, None when kept
+        results.append((cands, [(j, c, rewards[j]) for j, c in enumerate(cands) if c.reason is None]))
+    return results
+
+
+def _row(ex: dict, pid: str, j: int, cand: Candidate, rewards: dict, source: dict) -> dict:
+    meta = {k: v for k, v in ex.items() if k not in ("prompt", "answer", "task")}
+    return {"prompt": ex["prompt"], "completion": cand.text, "answer": ex.get("answer"), "task": ex.get("task"),
+            "prompt_id": pid, "sample": j, "tokens": cand.tokens, "rewards": rewards, "source": source, "meta": meta}
+
+
+class _bar:
+    def __init__(self, show: bool, total: int):
+        self.show, self.total, self.progress = show, total, None
+
+    def __enter__(self):
+        if not self.show:
+            return None, None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]sample"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
+        self.progress.__enter__()
+        return self.progress, self.progress.add_task("", total=self.total)
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+
+def _print_summary(summary: dict, out: Path, show: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"rejection sampling: {summary['source']['model']}, k={summary['source']['k']}")
+    for col in ("task", "prompts", "samples", "accepted", "acceptance", "prompts solved", "top rejections"):
+        table.add_column(col, justify="left" if col in ("task", "top rejections") else "right")
+    for label, n in summary["tasks"].items():
+        top = sorted(((v, k) for k, v in n["rejected"].items() if v), reverse=True)[:3]
+        table.add_row(label, str(n["prompts"]), str(n["samples"]), str(n["accepted"]), f"{n['acceptance_rate']:.1%}",
+                      f"{n['solved_rate']:.1%}", ", ".join(f"{k} {v}" for v, k in top) or "-")
+    console.print(table)
+    console.print(f"wrote {summary['accepted']} answers to {out}")
+    if summary["unsolved_prompts"]:
+        console.print(f"[yellow]{summary['unsolved_prompts']} prompts have no accepted answer; their ids are in "
+                      f"{out.with_name(out.stem + '.unsolved.txt')}[/]")

@@ -1,0 +1,101 @@
+"""`ponder sft RECIPE`: supervised fine-tuning on completions (cold start, distillation).
+
+Data: JSONL of {prompt, completion} or {messages: [...]}; the prompt is rendered by the run's template
+as GRPO renders it; the loss is on completion tokens (and EOS) only; examples are packed into rows
+without attention across them. Writes runs/<name>/ like `ponder train`: config.yaml, metrics.jsonl,
+samples.jsonl, tensorboard/, checkpoints/step-N/, and `final` (a link to the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ponder.sft.config import SFTConfig, load_sft_config
+
+console = Console()
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sft", help="supervised fine-tuning on prompt/completion or chat JSONL (cold start, distillation)",
+        description="Fine-tune a model on completions from a YAML recipe: loss on completion tokens only, packed "
+        "sequences, LoRA optional. Every recipe key can be overridden with key.sub=value, e.g. "
+        "`ponder sft recipes/coldstart-tiny.yaml optim.lr=3e-4 data.files=[my.jsonl]`. "
+        "Writes runs/<name>/: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/step-N/, final.",
+    )
+    p.add_argument("recipe", help="YAML recipe (see recipes/coldstart-tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 model.path=runs/x/final")
+    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint, exactly")
+    p.set_defaults(func=lambda args: sft(load_sft_config(args.recipe, args.overrides), resume=args.resume))
+
+
+def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, quiet: bool = False):
+    """Train to the end (or `stop_after` more steps, for tests). Returns the trainer."""
+    from ponder.sft.trainer import SFTTrainer
+
+    trainer = SFTTrainer(cfg, resume=resume)
+    r = trainer.report
+    note = r.warning()
+    if note:
+        console.print(f"[yellow]warning: {note}[/]")
+    (trainer.run_dir / "data.json").write_text(json.dumps({"rows": len(trainer.examples), "truncated": r.truncated,
+                                                           "dropped": r.dropped, "max_len": r.max_len}, indent=2))
+    t, total = cfg.train, trainer.total_steps
+    if cfg.eval.tasks and not resume:
+        _evaluate(trainer, "before", quiet)
+    last = total if stop_after is None else min(total, trainer.step_no + stop_after)
+    columns = [TextColumn("[bold]SFT"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False, disable=quiet) as progress:
+        bar = progress.add_task("", total=total, completed=trainer.step_no)
+        while trainer.step_no < last:
+            m = trainer.step()
+            step = trainer.step_no
+            if step == 1 and (r.truncated or r.dropped):
+                m.update(truncated_examples=r.truncated, dropped_examples=r.dropped)
+            trainer.metrics.log(step, m)
+            if ((t.save_every and step % t.save_every == 0) or step == total) and trainer.nan_streak == 0:
+                trainer.save()
+                trainer.metrics.samples(step, trainer.sample_rows(t.log_samples))
+            desc = f"loss {m['loss']:.3f} epoch {m['epoch']:.2f} {m['tokens_per_s']:.0f} tok/s"
+            progress.update(bar, completed=step, description=desc)
+            if not console.is_terminal and not quiet and (step % 10 == 0 or step == last):
+                console.print(f"step {step}/{total} {desc}")
+    if trainer.step_no >= total and cfg.eval.tasks:
+        after = _evaluate(trainer, "after", quiet)
+        trainer.metrics.log(trainer.step_no, _flat(after))
+    trainer.metrics.close()
+    return trainer
+
+
+def _evaluate(trainer, tag: str, quiet: bool) -> dict:
+    from ponder.evaluate import evaluate
+    from ponder.tasks import load_examples
+
+    cfg, e = trainer.cfg, trainer.cfg.eval
+    results = {}
+    for spec in e.tasks:
+        examples = load_examples(spec, cfg.seed)
+        res = evaluate(trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
+                       temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or 256,
+                       seed=cfg.seed, progress=not quiet)
+        res.pop("samples")
+        results[f"{spec.name}/{spec.split}"] = res
+        if not quiet:
+            m = res["metrics"]
+            console.print(f"{spec.name}/{spec.split} [{tag}]: pass@1 {m['pass@1']:.3f}  format {m['format_rate']:.3f}  "
+                          f"length {m['mean_length']:.0f}")
+    (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def _flat(results: dict) -> dict:
+    from ponder.evaluate import flat_metrics
+
+    out = {}
+    for res in results.values():
+        out.update(flat_metrics(res))
+    return out

@@ -1,0 +1,153 @@
+"""SFT examples as token ids with a loss mask: the prompt under the run's template, the completion scored.
+
+Prompts are encoded exactly as the GRPO trainer encodes them (`tokenizer(render(template, prompt)).input_ids`),
+and completions are appended as separately tokenized text, so a model fine-tuned here is trained on the
+token sequences that RL later samples and scores. Chat rows under the `chat` template are rendered by the
+tokenizer's chat template, turn by turn; only assistant turns carry loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ponder.errors import UserError
+from ponder.templates import render
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    mask: list[int]  # 1 where ids[t] is a target (predicted from ids[:t]); mask[0] is always 0
+    truncated: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens before the first target: the prompt the model is asked to continue."""
+        return self.mask.index(1) if 1 in self.mask else len(self.ids)
+
+
+def read_rows(files: list[str]) -> list[dict]:
+    """Rows of the JSONL files, each checked to be {prompt, completion} or {messages}."""
+    from ponder.tasks.jsonl import read_jsonl
+
+    rows = []
+    for f in files:
+        for i, row in enumerate(read_jsonl(f, required=())):
+            rows.append(check_row(row, f"{f}: row {i + 1}"))
+    return rows
+
+
+def check_row(row: dict, where: str) -> dict:
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in msgs):
+            raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise UserError(f"{where}: no assistant turn to learn from; add one or drop the row")
+        return row
+    for key in ("prompt", "completion"):
+        if key not in row:
+            raise UserError(f"{where}: no '{key}' field; rows need prompt and completion (or messages)")
+    if not isinstance(row["completion"], str) or not isinstance(row["prompt"], (str, list)):
+        raise UserError(f"{where}: prompt must be text (or chat messages) and completion text")
+    return row
+
+
+def encode(row: dict, tokenizer, template: str, add_eos: bool = True) -> Encoded:
+    if "messages" in row:
+        if template == "chat":
+            return _encode_chat(row["messages"], tokenizer)
+        msgs = row["messages"]
+        if [m["role"] for m in msgs].count("assistant") > 1 or msgs[-1]["role"] != "assistant":
+            raise UserError(f"multi-turn chat rows need data.template=chat and a tokenizer with a chat template (template is '{template}')")
+        row = {"prompt": msgs[:-1], "completion": msgs[-1]["content"]}
+    prompt = tokenizer(render(template, row["prompt"], tokenizer)).input_ids
+    completion = tokenizer(row["completion"], add_special_tokens=False).input_ids
+    if add_eos:
+        completion = completion + [tokenizer.eos_token_id]
+    if not prompt:  # the first token has no prefix to be predicted from
+        prompt = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+    return Encoded(prompt + completion, [0] * len(prompt) + [1] * len(completion))
+
+
+def _encode_chat(messages: list[dict], tokenizer) -> Encoded:
+    """Render turn by turn: text a turn adds is scored when the turn is the assistant's, and only its own part."""
+    render("chat", messages[:1], tokenizer)  # a clear error when the tokenizer has no chat template
+    ids, mask, done = [], [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not before.startswith(done) or not upto.startswith(before):
+            raise UserError("the tokenizer's chat template rewrites earlier turns; train on {prompt, completion} rows instead")
+        for text, scored in ((before[len(done):], 0), (upto[len(before):], 1)):
+            piece = tokenizer(text, add_special_tokens=not ids).input_ids if text else []
+            ids += piece
+            mask += [scored] * len(piece)
+        done = upto
+    if mask and mask[0]:
+        mask[0] = 0
+    return Encoded(ids, mask)
+
+
+@dataclass
+class DataReport:
+    examples: int
+    truncated: int
+    dropped: int
+    max_len: int
+
+    def warning(self) -> str | None:
+        if not (self.truncated or self.dropped):
+            return None
+        parts = []
+        if self.truncated:
+            parts.append(f"{self.truncated} of {self.examples} examples are longer than {self.max_len} tokens and were cut "
+                         "(their ends, EOS included, are not learned)")
+        if self.dropped:
+            parts.append(f"{self.dropped} were dropped (the prompt alone fills the {self.max_len}-token context)")
+        return "; ".join(parts) + "; raise data.max_len or shorten the data"
+
+
+def fit(examples: list[Encoded], max_len: int) -> tuple[list[int], list[Encoded], DataReport]:
+    """Cut examples to `max_len` tokens; drop those left without a scored token. Returns the kept
+    examples' indices, the kept examples and the counts."""
+    index, kept, truncated, dropped = [], [], 0, 0
+    for i, ex in enumerate(examples):
+        if len(ex.ids) > max_len:
+            ex = Encoded(ex.ids[:max_len], ex.mask[:max_len], truncated=True)
+            if not any(ex.mask):
+                dropped += 1
+                continue
+            truncated += 1
+        if any(ex.mask):
+            index.append(i)
+            kept.append(ex)
+    return index, kept, DataReport(len(examples), truncated, dropped, max_len)
+
+
+def model_context(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def load_data(cfg, tokenizer, model, seed: int) -> tuple[list[dict], list[Encoded], DataReport]:
+    """Rows, their encodings (cut to the context) and the truncation report. Empty data is a UserError."""
+    from ponder.sft.coldstart import coldstart_rows
+
+    d = cfg.data
+    rows = read_rows(d.files)
+    for spec in d.coldstart:
+        rows += coldstart_rows(spec, seed)
+    rows = rows[: d.n] if d.n else rows
+    if not rows:
+        names = ", ".join(str(Path(f)) for f in d.files) or "data.coldstart"
+        raise UserError(f"SFT data is empty: {names} holds no rows; give JSONL with {{prompt, completion}} rows")
+    context = model_context(model)
+    max_len = min(x for x in (d.max_len, context) if x is not None) if (d.max_len or context) else 1 << 30
+    encoded = [encode(r, tokenizer, d.template, d.add_eos) for r in rows]
+    index, encoded, report = fit(encoded, max_len)
+    if not encoded:
+        raise UserError(f"SFT data is empty after fitting to {max_len} tokens: every prompt fills the context; raise data.max_len")
+    return [rows[i] for i in index], encoded, report

@@ -1,0 +1,88 @@
+"""Sequence packing without attention across examples, and the completion-only loss.
+
+Several examples share one row; each restarts its position ids at 0. Given position ids and no
+attention mask, transformers builds the block-diagonal causal mask from the restarts (sdpa and eager
+get a 4D mask, flash-attention kernels the cu_seqlens of each row), so no token attends to another
+example. The padding at a row's end is a segment of its own and carries no loss. tests/test_sft.py
+checks that a packed batch gives the loss of the same examples run one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ponder.rl.logprobs import _head_logprobs, split_model
+from ponder.sft.data import Encoded
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of the examples in each row, no row longer than `capacity`
+    (an example longer than it gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L], restarting at 0 for each example (and for the padding)
+    loss_mask: torch.Tensor  # [R, L], 1 where the token is a target
+
+    @property
+    def targets(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def collate(examples: list[Encoded], rows: list[list[int]], pad_id: int, device=None) -> Packed:
+    width = max(sum(len(examples[i].ids) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            ex = examples[i]
+            n = len(ex.ids)
+            ids[r, at : at + n] = torch.tensor(ex.ids)
+            pos[r, at : at + n] = torch.arange(n)
+            mask[r, at : at + n] = torch.tensor(ex.mask)
+            at += n
+        pos[r, at:] = torch.arange(width - at)
+    return Packed(ids.to(device), pos.to(device), mask.to(device))
+
+
+def micro_batches(rows: list[list[int]], lengths: list[int], token_budget: int) -> list[list[list[int]]]:
+    """Rows grouped so that (longest row x rows) stays within the budget; at least one row each."""
+    order = sorted(rows, key=lambda row: sum(lengths[i] for i in row))
+    out, cur, widest = [], [], 0
+    for row in order:
+        w = sum(lengths[i] for i in row)
+        if cur and max(widest, w) * (len(cur) + 1) > token_budget:
+            out.append(cur)
+            cur, widest = [], 0
+        cur.append(row)
+        widest = max(widest, w)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def loss_sum(model, batch: Packed, chunk_size: int = 1024) -> torch.Tensor:
+    """Sum over target tokens of -log p(token | its own example's prefix)."""
+    backbone, head = split_model(model)
+    hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    sel = batch.loss_mask[:, 1:] != 0
+    logp, _ = _head_logprobs(head, hidden[:, :-1][sel], batch.input_ids[:, 1:][sel], 1.0, chunk_size, False)
+    return -logp.sum()

@@ -1,0 +1,172 @@
+"""The SFT trainer: packed batches of examples, token-mean cross-entropy on completions, AdamW.
+
+Simplifications, stated up front:
+- One process; the run directory, checkpoints and resume work as in the GRPO trainer (ponder.rl.trainer).
+- The loss of a step is the mean over all its target tokens, whatever the packing and micro-batching,
+  so the gradient does not depend on `optim.token_budget`.
+- Examples are drawn by a seeded permutation per epoch (ponder.tasks.PromptSampler over indices).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ponder import checkpoint, models
+from ponder.config import to_dict
+from ponder.errors import TrainingError, UserError
+from ponder.metrics import MetricsWriter
+from ponder.rl.forward import autocast
+from ponder.rl.trainer import _yaml, pick_device, set_seed
+from ponder.sft.config import SFTConfig
+from ponder.sft.data import load_data
+from ponder.sft.packing import collate, loss_sum, micro_batches, pack
+from ponder.tasks import PromptSampler
+
+
+def load_trainable(model_cfg, last, state, seed: int, device):
+    """The model to train: the checkpoint's full weights, or the base plus the checkpoint's LoRA adapters."""
+    source = str(last) if (last is not None and model_cfg.lora is None) else model_cfg.path
+    model, tok = models.load(source, seed=seed)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if model_cfg.lora is not None:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
+        lc = model_cfg.lora
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules))
+        if state is not None:
+            model.load_state_dict(state["adapter"], strict=False)
+    return model.to(device).train(), tok
+
+
+class SFTTrainer:
+    def __init__(self, cfg: SFTConfig, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        last = checkpoint.latest(self.ckpt_dir)
+        if resume and last is None:
+            raise UserError(f"--resume: no checkpoint in {self.ckpt_dir}; start the run without --resume")
+        if not resume and last is not None:
+            raise UserError(f"run directory {self.run_dir} already holds checkpoints; pass --resume to continue it, or choose another name (name=...)")
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        set_seed(cfg.seed)
+        self.device = pick_device(cfg.train.device)
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.state = checkpoint.load_state(last) if resume else None
+        self.model, self.tokenizer = load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
+        self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, cfg.seed)
+        self.lengths = [len(e.ids) for e in self.examples]
+        t = cfg.train
+        self.total_steps = t.steps or max(1, math.ceil(t.epochs * len(self.examples) / t.batch_size))
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
+        self.step_no, self.nan_streak = 0, 0
+        if self.state is not None:
+            self._restore(self.state)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
+        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0)
+
+    # ---------------------------------------------------------------- one optimizer step
+    def step(self) -> dict:
+        t0 = time.perf_counter()
+        batch = self.sampler.next(self.cfg.train.batch_size)
+        capacity = min(self.report.max_len, self.cfg.optim.token_budget)  # longer examples get a row each
+        rows = pack([self.lengths[i] for i in batch], capacity)
+        rows = [[batch[j] for j in row] for row in rows]
+        targets = sum(sum(self.examples[i].mask) for i in batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, padded = 0.0, 0
+        for mb in micro_batches(rows, self.lengths, self.cfg.optim.token_budget):
+            packed = collate(self.examples, mb, self.tokenizer.pad_token_id, self.device)
+            padded += packed.input_ids.numel()
+            with autocast(self.device, self.bf16):
+                loss = loss_sum(self.model, packed) / targets
+            loss.backward()
+            total += loss.item()
+        grad_clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        skipped = not (math.isfinite(total) and torch.isfinite(grad_norm))
+        if skipped:  # as in GRPO: skip the update, stop after a streak
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_streak += 1
+            if self.nan_streak >= self.cfg.train.max_nan_steps:
+                raise TrainingError(f"{self.nan_streak} non-finite losses in a row at step {self.step_no + 1}; lower optim.lr. The last good checkpoint is in {self.ckpt_dir}")
+        else:
+            self.optimizer.step()
+            self.nan_streak = 0
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step_no += 1
+        elapsed = time.perf_counter() - t0
+        tokens = sum(self.lengths[i] for i in batch)
+        return {
+            "loss": total, "grad_norm": grad_norm.item() if not skipped else float("nan"), "skipped_updates": float(skipped),
+            "lr": lr, "epoch": self.sampler.position / len(self.examples), "examples": len(batch), "rows": len(rows),
+            "tokens": tokens, "target_tokens": targets, "pack_efficiency": tokens / max(padded, 1),
+            "time/step": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+        }
+
+    # ---------------------------------------------------------------- samples, checkpoints
+    def sample_rows(self, k: int) -> list[dict]:
+        """Greedy completions of the first `k` training prompts: what the model has learned to write."""
+        from ponder.rollout import SamplingParams, make_engine
+
+        if k <= 0:
+            return []
+        engine = make_engine("hf", self.model, self.tokenizer)
+        prompts = [self.examples[i].ids[: self.examples[i].prompt_len] for i in range(min(k, len(self.examples)))]
+        with torch.random.fork_rng(devices=[]):
+            outs = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.train.sample_max_new_tokens))
+        rows = []
+        for i, out in enumerate(outs):
+            ex = self.examples[i]
+            rows.append({
+                "prompt": self.tokenizer.decode(prompts[i], skip_special_tokens=True),
+                "completion": self.tokenizer.decode(out[0].token_ids, skip_special_tokens=True),
+                "reference": self.tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m], skip_special_tokens=True),
+            })
+        return rows
+
+    def save(self) -> None:
+        state = {
+            "step": self.step_no, "sampler_position": self.sampler.position, "nan_streak": self.nan_streak,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoint.rng_state(), "config": to_dict(self.cfg),
+            "adapter": {k: v for k, v in self.model.state_dict().items() if "lora_" in k} if self.cfg.model.lora else None,
+        }
+        path = checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
+        final = self.run_dir / "final"  # the newest weights, for recipes that continue from this run
+        tmp = self.run_dir / ".final-link"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path.relative_to(self.run_dir))
+        tmp.replace(final)
+
+    def _restore(self, state: dict) -> None:
+        self.step_no, self.nan_streak = state["step"], state["nan_streak"]
+        self.sampler.position = state["sampler_position"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def _lr_factor(self, step: int) -> float:
+        o, total = self.cfg.optim, self.total_steps
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
+        if o.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if o.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
