@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -113,3 +116,44 @@ def test_agreement_with_hand_labels_at_least_99_percent():
     got = accuracy(completions, prompts=[""] * len(rows), answer=[r["gold"] for r in rows], task=["plain"] * len(rows))
     wrong = [(r["gold"][:40], r.get("prediction", r.get("completion", ""))[:40], r["label"], g) for r, g in zip(rows, got) if g != r["label"]]
     assert len(wrong) <= 0.01 * len(rows), wrong
+
+
+def test_a_worker_killed_from_outside_costs_no_answer_its_reward():
+    pool = verify_pool.pool()
+    match.answers_match(r"\sqrt{49}", "7")
+    victim = pool.pids[0]
+    os.kill(victim, signal.SIGKILL)
+    pairs = [(rf"\sqrt{{{k * k}}}", str(k)) for k in range(11, 31)]
+    match.prefetch(pairs)
+    assert [match.answers_match(a, g) for a, g in pairs] == [1.0] * len(pairs)
+    assert victim not in pool.pids
+
+
+def test_workers_exit_when_their_parent_dies_mid_item(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, threading, time\n"
+        "from ponder.rewards import verify_pool\n"
+        "p = verify_pool.pool()\n"
+        "p.map('ponder.rewards.math:compare', [('1', '1')])\n"
+        "print(*p.pids, flush=True)\n"
+        "threading.Thread(target=lambda: p.map('ponder.rewards.math:compare', [(r'9^{9^{9}}', '1')] * 2), daemon=True).start()\n"
+        "time.sleep(0.3)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(verify_pool.__file__).parents[2]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == verify_pool._SETTINGS["workers"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

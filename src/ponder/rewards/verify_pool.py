@@ -123,6 +123,7 @@ class VerifyPool:
 
     def _map(self, func: str, arglist: list[tuple]) -> list:
         results: list = [None] * len(arglist)
+        self._retried: set[int] = set()
         pending = deque((i, func, args) for i, args in enumerate(arglist))
         while len(self.workers) < self.n_workers:  # all at once: a spare keeps going while a killed one restarts
             self.workers.append(_Worker(self.preload))
@@ -133,8 +134,8 @@ class VerifyPool:
                 if w.ready and pending and not w.chunk:
                     try:
                         w.send([pending.popleft() for _ in range(min(size, len(pending)))])
-                    except OSError:  # it died between items: its first item is scored as an error
-                        self._replace(w, results, pending, RuntimeError("verification worker died"))
+                    except OSError:  # it died between items
+                        self._replace(w, results, pending, RuntimeError("verification worker died"), retry=True)
             watched = [w for w in self.workers if w.chunk or (pending and not w.ready)]
             if not watched:
                 return results
@@ -145,7 +146,7 @@ class VerifyPool:
                     try:
                         message = _read(w.fd)
                     except (EOFError, OSError, pickle.UnpicklingError):
-                        self._replace(w, results, pending, RuntimeError("verification worker died"))
+                        self._replace(w, results, pending, RuntimeError("verification worker died"), retry=True)
                         continue
                     if not w.ready:
                         w.ready = True
@@ -161,14 +162,23 @@ class VerifyPool:
                     self.timeouts += 1
                     self._replace(w, results, pending, TIMEOUT)
 
-    def _replace(self, w: _Worker, results: list, pending: deque, outcome) -> None:
-        """Kill `w`, give its current item `outcome`, requeue the rest of its chunk, start a fresh worker."""
+    def _replace(self, w: _Worker, results: list, pending: deque, outcome, retry: bool = False) -> None:
+        """Kill `w`, give its current item `outcome`, requeue the rest of its chunk, start a fresh worker.
+
+        With `retry` (the worker died rather than overran), the current item gets one more try
+        elsewhere: a worker killed from outside must not cost an honest answer its reward.
+        """
         w.kill()
         if not w.ready:  # it never got going: something is wrong with the environment, not an answer
             self.close_all()
             raise RuntimeError(f"a verification worker failed to start (exit code {w.proc.returncode}); run `python -m ponder.rewards.verify_pool` to see why")
-        i, _, _ = w.chunk.popleft()
-        results[i] = outcome
+        if w.chunk:
+            item = w.chunk.popleft()
+            if retry and item[0] not in self._retried:
+                self._retried.add(item[0])
+                w.chunk.appendleft(item)
+            else:
+                results[item[0]] = outcome
         pending.extendleft(reversed(w.chunk))
         self.workers[self.workers.index(w)] = _Worker(self.preload)
 
@@ -227,13 +237,21 @@ atexit.register(shutdown)
 
 
 def _die_with_parent() -> None:
-    try:  # Linux: the kernel kills this worker when the parent goes, even mid-computation
-        import ctypes
-        import signal
+    """Exit when the parent goes, even in the middle of a long item (stdin EOF covers an idle worker).
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    A thread polls the parent's pid; the kernel's PR_SET_PDEATHSIG is not used because it fires when
+    the *thread* that spawned the worker ends, which in a threaded trainer is not the parent's death.
+    """
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _call(func: str, funcs: dict, args=()):
