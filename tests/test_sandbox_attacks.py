@@ -40,7 +40,7 @@ def sandbox_processes() -> list[str]:
         except OSError:
             continue
         uid = int(status.split("Uid:")[1].split()[0])
-        if uid >= 2_000_000_000 or "4242" in cmdline or "ponder-daemon" in cmdline:
+        if uid >= 2_000_000_000 or "4242.4242" in cmdline or "ponder-daemon" in cmdline:
             found.append(f"{pid} uid={uid} {cmdline[:80]}")
     return found
 
@@ -97,12 +97,12 @@ def test_sleeping_forever(sandbox):
 def test_background_process_is_killed(sandbox):
     r = run(sandbox, """
         import os, subprocess, time
-        subprocess.Popen(["sleep", "4242"], start_new_session=True)
+        subprocess.Popen(["sleep", "4242.4242"], start_new_session=True)
         if os.fork() == 0:  # a daemon: double fork, new session, renamed
             os.setsid()
             if os.fork() == 0:
                 import sys
-                os.execv("/bin/sh", ["ponder-daemon", "-c", "sleep 4242"])
+                os.execv("/bin/sh", ["ponder-daemon", "-c", "sleep 4242.4242"])
             os._exit(0)
         def add(a, b):
             return a + b
