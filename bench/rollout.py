@@ -62,6 +62,10 @@ def force_length(model, on: bool):
 
 # ------------------------------------------------------------------------------------------ checks
 def check(shape: str) -> dict:
+    """bf16 tolerance, measured: the fast engine's error against a float32 reference, beside the error of
+    transformers' own bf16 forward against the same reference."""
+    import copy
+
     model = build(shape, seed=1, init_std=0.05)
     vocab = model.config.vocab_size
     tok = char_tokenizer()
@@ -72,23 +76,26 @@ def check(shape: str) -> dict:
     eng = FastEngine(model, tok)
     res = {}
 
+    def lp_of(m, p, ids):
+        x = torch.tensor([p + ids], device=DEVICE)
+        logits = m(input_ids=x).logits[0, len(p) - 1 : -1].float()
+        return logits.log_softmax(-1).gather(-1, torch.tensor(ids, device=DEVICE)[:, None]).squeeze(-1)
+
     def teacher_forced(tag):
+        ref32 = copy.deepcopy(model).float()
         outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=48, logprobs=True))
-        worst, total, n, argmax_hits, gaps = 0.0, 0.0, 0, 0, []
+        mine, hf = [], []
         for p, (c,) in zip(prompts, outs):
-            ids = torch.tensor([p + c.token_ids], device=DEVICE)
-            logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float()
-            ref = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids, device=DEVICE)[:, None]).squeeze(-1)
-            d = (torch.tensor(c.logprobs, device=DEVICE) - ref).abs()
-            worst, total, n = max(worst, d.max().item()), total + d.sum().item(), n + len(d)
-            chosen = logits.gather(-1, torch.tensor(c.token_ids, device=DEVICE)[:, None]).squeeze(-1)
-            gaps.append((logits.max(-1).values - chosen).max().item())
-            argmax_hits += (logits.argmax(-1) == torch.tensor(c.token_ids, device=DEVICE)).sum().item()
-        res[tag] = dict(max_abs_logprob_diff=worst, mean_abs_logprob_diff=total / n, greedy_is_hf_argmax=argmax_hits / n,
-                        max_logit_gap_of_choice=max(gaps))
+            r = lp_of(ref32, p, c.token_ids)
+            mine.append((torch.tensor(c.logprobs, device=DEVICE) - r).abs())
+            hf.append((lp_of(model, p, c.token_ids) - r).abs())
+        mine, hf = torch.cat(mine), torch.cat(hf)
+        res[tag] = dict(fast_vs_fp32_mean=mine.mean().item(), fast_vs_fp32_max=mine.max().item(),
+                        hf_bf16_vs_fp32_mean=hf.mean().item(), hf_bf16_vs_fp32_max=hf.max().item())
+        del ref32
         return outs
 
-    outs = teacher_forced("teacher_forced")
+    outs = teacher_forced("teacher_forced_logprobs")
     # greedy agreement with transformers' generate (bf16 kernels differ, so near-ties may flip)
     width = max(lens)
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -102,27 +109,68 @@ def check(shape: str) -> dict:
     first_diff = [next((j for j, (a, b) in enumerate(zip(h, c.token_ids)) if a != b), 48) for h, (c,) in zip(hf, outs)]
     res["greedy_vs_hf_generate"] = dict(identical_sequences=sum(d == 48 for d in first_diff), of=len(prompts),
                                         first_divergence=first_diff)
-    # prefill logits over the whole vocabulary against a fresh forward
+    # prefill logits over the whole vocabulary, both against float32
+    ref32 = copy.deepcopy(model).float()
     rows = torch.arange(len(prompts), device=DEVICE)
     mine = eng.fwd.prefill(prompts, rows, 1).float()
-    ref = torch.stack([model(input_ids=torch.tensor([p], device=DEVICE)).logits[0, -1].float() for p in prompts])
-    res["prefill_logits_rel_err"] = ((mine - ref).norm() / ref.norm()).item()
+    ref = torch.stack([ref32(input_ids=torch.tensor([p], device=DEVICE)).logits[0, -1].float() for p in prompts])
+    hfb = torch.stack([model(input_ids=torch.tensor([p], device=DEVICE)).logits[0, -1].float() for p in prompts])
+    res["prefill_logits_rel_err"] = dict(fast=((mine - ref).norm() / ref.norm()).item(), hf_bf16=((hfb - ref).norm() / ref.norm()).item())
+    del ref32
     # weights updated in place (as an optimizer does): the captured graphs must see them
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.05)
     teacher_forced("after_inplace_update")
-    ok = all(res[k]["max_abs_logprob_diff"] < 0.1 and res[k]["max_logit_gap_of_choice"] < 0.15
-             for k in ("teacher_forced", "after_inplace_update")) and res["prefill_logits_rel_err"] < 2e-2
+    ok = all(res[k]["fast_vs_fp32_mean"] <= 1.5 * res[k]["hf_bf16_vs_fp32_mean"] + 1e-3
+             for k in ("teacher_forced_logprobs", "after_inplace_update"))
+    ok &= res["prefill_logits_rel_err"]["fast"] <= 1.5 * res["prefill_logits_rel_err"]["hf_bf16"] + 1e-3
     res["pass"] = ok
     del eng, model
     CUDA and torch.cuda.empty_cache()
     return res
 
 
+def profile(model, tok, prompts, new, out_dir) -> dict:
+    """GPU time of one captured decode step (no host work), and the kernels of that step by time."""
+    eng = FastEngine(model, tok)
+    force_length(model, True)
+    eng.generate(prompts, SamplingParams(temperature=1.0, max_tokens=new, seed=0))
+    f, batch = eng.fwd, len(prompts)
+    res = {}
+    for key in sorted(k for k in eng.graphs if k[0] == batch):
+        graph, _ = eng.graphs[key]
+        f.pos[:batch] = 130
+        f.step_no.fill_(1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        res[f"graph_ms_len{key[1]}"] = start.elapsed_time(end) / 50
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    f.pos[:batch] = 130
+    f.step_no.fill_(1)
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(3):
+            f.step(batch, f.length, 1.0)
+        torch.cuda.synchronize()
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    if out_dir:
+        with open(f"{out_dir}/profile.txt", "w") as fh:
+            fh.write(table)
+    print("\n".join(table.splitlines()[:24]))
+    eng.release()
+    return res
+
+
 # ------------------------------------------------------------------------------------------ bench
-def bench_fast(model, tok, prompts, new, attention: str) -> dict:
-    eng = FastEngine(model, tok, attention=attention)
+def bench_fast(model, tok, prompts, new, variant: str) -> dict:
+    attention, _, kern = variant.partition("+")
+    eng = FastEngine(model, tok, attention=attention, fused=kern != "eager")
     params = SamplingParams(n=1, temperature=1.0, max_tokens=new, seed=0)
     force_length(model, True)
     first, _ = sync_time(lambda: eng.generate(prompts, params))  # includes graph capture
@@ -139,7 +187,7 @@ def bench_fast(model, tok, prompts, new, attention: str) -> dict:
     del eng
     CUDA and torch.cuda.empty_cache()
     tokens = len(prompts) * new
-    return dict(engine=f"fast ({attention})", seconds=t, tokens_per_s=tokens / t, ms_per_decode_step=1000 * (t - t_pre) / (new - 1),
+    return dict(engine=f"fast ({variant})", seconds=t, tokens_per_s=tokens / t, ms_per_decode_step=1000 * (t - t_pre) / (new - 1),
                 prefill_s=t_pre, first_call_s=first, peak_gib=peak / 2**30)
 
 
@@ -167,7 +215,9 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--attention", nargs="+", default=["sdpa", "matmul"])
+    ap.add_argument("--variants", nargs="+", default=["sdpa", "matmul"], help="attention[+eager]: sdpa, matmul, sdpa+eager")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", help="folder for the profile table")
     ap.add_argument("--hf", nargs="*", default=["dynamic"], help="transformers' generate with these caches")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--json")
@@ -182,7 +232,7 @@ def main():
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, model.config.vocab_size, (a.batch, a.prompt), generator=g).tolist()
         weights = torch.cuda.memory_allocated() if CUDA else 0
-        rows = [bench_fast(model, tok, prompts, a.new, att) for att in a.attention]
+        rows = [bench_fast(model, tok, prompts, a.new, v) for v in a.variants]
         for cache in a.hf:
             rows.append(bench_hf(model, prompts, a.new, cache))
         base = rows[0]["tokens_per_s"]
@@ -190,6 +240,9 @@ def main():
             r.update(shape=shape, weights_gib=weights / 2**30, speedup_of_fast=base / r["tokens_per_s"])
             print(json.dumps(r), flush=True)
         report["results"] += rows
+        if a.profile and CUDA and shape == a.shapes[0]:
+            report["profile"] = profile(model, tok, prompts, a.new, a.out)
+            print("profile:", json.dumps(report["profile"]), flush=True)
         del model
         CUDA and torch.cuda.empty_cache()
     print(f"\n{'shape':6} {'engine':26} {'tokens/s':>10} {'ms/step':>8} {'peak GiB':>9} {'fast is x':>9}")

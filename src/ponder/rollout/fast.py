@@ -21,6 +21,7 @@ import torch
 from ponder.errors import UserError
 from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, truncate_at_stop
 from ponder.rollout.fast_model import Forward, describe
+from ponder.rollout.fast_kernels import row_keys
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.hf import HFEngine
 
@@ -34,13 +35,14 @@ class FastEngine(RolloutEngine):
     def __init__(
         self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
         length_bucket: int = 128, prefill_tokens: int = 32768, keep_cache: bool = True, attention: str = "sdpa",
+        fused: bool = True,
     ):
         super().__init__(model, tokenizer)
         if attention not in ("sdpa", "matmul"):
             raise UserError(f"fast engine: attention must be 'sdpa' or 'matmul', got '{attention}'")
         self.cuda_graphs, self.sync_every, self.min_bucket = cuda_graphs, max(1, sync_every), max(1, min_bucket)
         self.length_bucket, self.prefill_tokens, self.keep_cache = length_bucket, prefill_tokens, keep_cache
-        self.attention, self.batch_size = attention, batch_size
+        self.attention, self.batch_size, self.fused = attention, batch_size, fused
         self.arch, why = describe(model)
         self.hf = HFEngine(model, tokenizer)
         if self.arch is None:
@@ -103,27 +105,29 @@ class FastEngine(RolloutEngine):
             self.release()
             if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs
                 rows, length = max(rows, f.rows), max(length, f.length)
-            f = self.fwd = Forward(self.arch, rows, length, dtype, device, self.attention, autocast)
+            f = self.fwd = Forward(self.arch, rows, length, dtype, device, self.attention, autocast, self.fused)
             self.weights_sig = sig
         f.refresh_rope()
         return f, use_graphs
 
-    def _step(self, f: Forward, batch: int, length: int, use_graphs: bool) -> torch.Tensor:
+    def _step(self, f: Forward, batch: int, length: int, use_graphs: bool, temperature: float | None):
         if not use_graphs:
-            return f.decode(batch, length)
-        key = (batch, length)
+            return f.step(batch, length, temperature)
+        key = (batch, length, temperature)
         if key not in self.graphs:
-            # warm-up on a side stream, as capture requires; the step is idempotent (it rewrites the same slots)
+            # warm-up on a side stream, as capture requires; then undo what it changed
+            saved = f.snapshot(batch)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                f.decode(batch, length)
+                f.step(batch, length, temperature)
             torch.cuda.current_stream().wait_stream(side)
+            f.restore(batch, saved)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = f.decode(batch, length)
+                out = f.step(batch, length, temperature)
             self.graphs[key] = (graph, out)
         graph, out = self.graphs[key]
         graph.replay()
@@ -142,33 +146,21 @@ class FastEngine(RolloutEngine):
         max_prompt = max(len(p) for p in prompts)
         f, use_graphs = self._prepare(n_seq, max_prompt + max_new - 1)
         dev = f.device
-        gen = None
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
-            gen = torch.Generator(device=dev).manual_seed(seed)
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        eos_ids = torch.tensor(sorted(set(eos if isinstance(eos, list) else [eos])), device=dev)
-        out_tok = torch.zeros((n_seq + 1, max_new), dtype=torch.long, device=dev)  # last row: sink for idle rows
-        out_lp = torch.zeros((n_seq + 1, max_new), device=dev) if params.logprobs else None
-        lens = torch.tensor([len(p) for p in prompts], device=dev).repeat_interleave(params.n)
-        row_seq = torch.full((f.rows,), n_seq, dtype=torch.long, device=dev)
-        row_seq[:n_seq] = torch.arange(n_seq, device=dev)
-        live = torch.zeros(f.rows, dtype=torch.bool, device=dev)
-        live[:n_seq] = True
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        f.seed.fill_((seed ^ (seed >> 32)) & 0xFFFFFFFF)
+        eos = sorted(e for e in self.eos_ids() if e is not None)[: len(f.eos)]
+        f.eos.fill_(-1)
+        f.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long, device=dev)
+        f.row_seq.fill_(f.rows)  # idle rows write to the sink row
+        f.row_seq[:n_seq] = torch.arange(n_seq, device=dev)
+        f.live.zero_()
+        f.live[:n_seq] = True
+        f.step_no.zero_()
+        filtered = 0 < params.top_k or params.top_p < 1.0
+        in_graph = None if filtered else params.temperature  # None: the graph returns logits, sampling here
 
-        def take(step: int, logits: torch.Tensor, batch: int):
-            tok, lp = sample(logits, params.temperature, params.top_k, params.top_p, gen, params.logprobs, f.k)
-            out_tok[row_seq[:batch], step] = tok
-            if out_lp is not None:
-                out_lp[row_seq[:batch], step] = lp
-            live[:batch] &= ~torch.isin(tok, eos_ids)
-            f.tokens[:batch] = tok
-
-        # prefill, longest prompts first in chunks of about prefill_tokens; the first token of every sample
+        # prefill, longest prompts first in chunks of about prefill_tokens; then the first token of every sample
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        logits_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         start = 0
         while start < len(order):
             end, width = start + 1, len(prompts[order[start]])
@@ -177,43 +169,44 @@ class FastEngine(RolloutEngine):
             chunk = order[start:end]
             rows = torch.tensor(chunk, device=dev) * params.n
             logits = f.prefill([prompts[i] for i in chunk], rows, params.n)
-            logits_rows.append((rows, logits))
-            start = end
-        for rows, logits in logits_rows:
-            dest = (rows[:, None] + torch.arange(params.n, device=dev)).reshape(-1)
+            seqs = (rows[:, None] + torch.arange(params.n, device=dev)).reshape(-1)
+            keys = row_keys(f.seed, f.step_no, seqs)
             tok, lp = sample(logits.repeat_interleave(params.n, 0), params.temperature, params.top_k,
-                             params.top_p, gen, params.logprobs, f.k)
-            out_tok[dest, 0] = tok
-            if out_lp is not None:
-                out_lp[dest, 0] = lp
-            live[dest] &= ~torch.isin(tok, eos_ids)
-            f.tokens[dest] = tok
-        f.pos[:n_seq] = lens
-        longest = max_prompt  # the highest position any row feeds next, minus the steps taken
+                             params.top_p, keys, True, f.k)
+            f.out_tok[seqs, 0] = tok
+            f.out_lp[seqs, 0] = lp.float()
+            f.live[seqs] &= ~(tok[:, None] == f.eos[None, :]).any(-1)
+            f.tokens[seqs] = tok
+            start = end
+        f.pos[:n_seq] = torch.tensor([len(p) for p in prompts], device=dev).repeat_interleave(params.n)
+        f.step_no.fill_(1)
 
         batch, checked = n_seq, 0
         for step in range(1, max_new):
             if step % self.sync_every == 0:
-                batch, checked = self._sync(f, params, out_tok, row_seq, live, batch, step, checked)
+                batch, checked = self._sync(f, params, batch, step, checked)
                 if batch == 0:
                     break
-            length = longest + step  # slots 0 .. max position fed at this step
+            length = max_prompt + step  # slots 0 .. the highest position fed at this step
             if use_graphs:
                 length = min(-(-length // self.length_bucket) * self.length_bucket, f.length)
-            take(step, self._step(f, batch, length, use_graphs), batch)
-            f.pos[:batch] += 1
-        tokens = out_tok[:n_seq].tolist()
-        return tokens, (out_lp[:n_seq].tolist() if out_lp is not None else None)
+            logits = self._step(f, batch, length, use_graphs, in_graph)
+            if in_graph is None:
+                keys = row_keys(f.seed, f.step_no, f.row_seq[:batch])
+                tok, lp = sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k)
+                f.record(batch, tok, lp)
+        tokens = f.out_tok[:n_seq, :max_new].tolist()
+        return tokens, (f.out_lp[:n_seq, :max_new].tolist() if params.logprobs else None)
 
-    def _sync(self, f, params, out_tok, row_seq, live, batch, step, checked):
+    def _sync(self, f: Forward, params, batch, step, checked):
         """Host check every few steps: stop strings, all done, compaction. Returns (batch, checked)."""
+        live = f.live
         if params.stop:
             # only the tail since the last check, with an overlap so a stop string split across checks is seen
             overlap = max(len(s) for s in params.stop) + 8
             lo = max(0, checked - overlap)
             idx = torch.nonzero(live[:batch]).squeeze(-1)
-            seqs = row_seq[idx]
-            texts = self.tokenizer.batch_decode(out_tok[seqs, lo:step].tolist(), skip_special_tokens=True)
+            texts = self.tokenizer.batch_decode(f.out_tok[f.row_seq[idx], lo:step].tolist(), skip_special_tokens=True)
             hit = [i for i, t in zip(idx.tolist(), texts) if any(s in t for s in params.stop)]
             if hit:
                 live[torch.tensor(hit, device=live.device)] = False
@@ -224,18 +217,19 @@ class FastEngine(RolloutEngine):
             return 0, checked
         target = self._bucket(n_live, batch)
         if target < batch:
-            keep = torch.cat([alive, torch.arange(batch, device=alive.device)[~live[:batch]][: target - n_live]])
-            f.compact(keep, f.length)
-            row_seq[:target] = row_seq[keep]
-            live[:target] = live[keep]
+            dead = torch.nonzero(~live[:batch]).squeeze(-1)[: target - n_live]
+            f.compact(torch.cat([alive, dead]), f.length)
             batch = target
         return batch, checked
 
-    def _completions(self, tokens, logprobs, n_prompts, params):
+    def eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        return set(eos if isinstance(eos, list) else [eos])
+
+    def _completions(self, tokens, logprobs, n_prompts, params):
+        eos_ids = self.eos_ids()
         out = []
         for i, seq in enumerate(tokens):
             # rows run on past their end until the next host check: cut at whichever comes first,

@@ -37,15 +37,45 @@ def swiglu(g, u):
     return F.silu(g) * u
 
 
-def gumbel_pick(logits, noise, inv_temperature: float):
-    """Exponential race on logits / T: argmax(x - log E) with E ~ Exp(1); plus the token's log-prob."""
+M32 = 0xFFFFFFFF
+
+
+def hash32(x):
+    """A 32-bit integer mixer (Wellons' lowbias32) on int64 tensors holding values below 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def row_keys(seed, step, seqs):
+    """One 32-bit key per sequence and step: the noise of a sample depends on (seed, step, sequence) only."""
+    k = hash32((seed + step * 0x9E3779B9) & M32)
+    return hash32((k ^ ((seqs * 0x85EBCA6B) & M32)) & M32)
+
+
+def gumbel_pick(logits, keys, inv_temperature):
+    """Sample from softmax(logits * inv_temperature) by the Gumbel-max trick, with counter-based noise
+    (a hash of the row key and the token id: no RNG state, one pass over the logits, graph-safe).
+    24-bit uniforms: tokens less likely than about e^-17 times the top one are never drawn.
+    Returns the tokens and their log-probabilities."""
     x = logits.float() * inv_temperature
-    tok = (x - noise.log()).argmax(-1)
+    vocab = torch.arange(x.shape[-1], device=x.device)
+    bits = hash32((keys[:, None] ^ ((vocab[None, :] * 0xC2B2AE35) & M32)) & M32)
+    u = ((bits >> 8).float() + 0.5) * (1.0 / 16777216)
+    tok = (x - (-u.log()).log()).argmax(-1)
     lp = x.gather(-1, tok[:, None]).squeeze(-1) - x.logsumexp(-1)
     return tok, lp
 
 
-EAGER = dict(rms=rms, add_rms=add_rms, rope2=rope2, swiglu=swiglu, gumbel_pick=gumbel_pick)
+def greedy_pick(logits, keys, inv_temperature):
+    x = logits.float()
+    tok = x.argmax(-1)
+    return tok, x.gather(-1, tok[:, None]).squeeze(-1) - x.logsumexp(-1)
+
+
+EAGER = dict(rms=rms, add_rms=add_rms, rope2=rope2, swiglu=swiglu, gumbel_pick=gumbel_pick, greedy_pick=greedy_pick)
 _compiled: dict | None = None
 
 
@@ -63,7 +93,9 @@ def kernels(device: torch.device) -> dict:
             fns["add_rms"](x, x, w, 1e-6)
             fns["rope2"](x.view(3, 2, 32), x.view(3, 2, 32), x[:, None, :32], x[:, None, :32])
             fns["swiglu"](x, x)
-            fns["gumbel_pick"](x, torch.rand(3, 64, device=device) + 0.5, 1.0)
+            keys = row_keys(torch.tensor(1, device=device), torch.tensor(2, device=device), torch.arange(3, device=device))
+            fns["gumbel_pick"](x, keys, torch.ones((), device=device))
+            fns["greedy_pick"](x, keys, torch.ones((), device=device))
             _compiled = fns
         except Exception as e:  # noqa: BLE001  (any compiler failure: run eagerly, a little slower)
             print(f"ponder: fast engine: torch.compile unavailable ({type(e).__name__}); fused kernels off", file=sys.stderr)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ponder.rollout.fast_kernels import kernels, rope
+from ponder.rollout.fast_kernels import EAGER, kernels, rope, row_keys
+from ponder.rollout.fast_sampling import sample
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -60,10 +61,11 @@ def norm_args(norm):
 class Forward:
     """Prefill and decode over a preallocated cache; holds no weights of its own."""
 
-    def __init__(self, arch: Arch, rows: int, length: int, dtype, device, attention: str = "sdpa", autocast=False):
+    def __init__(self, arch: Arch, rows: int, length: int, dtype, device, attention: str = "sdpa", autocast=False,
+                 fused: bool = True):
         self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
         self.autocast = autocast  # float32 weights, bfloat16 compute (weights cast per use, never stored)
-        self.k = kernels(torch.device(device))
+        self.k = kernels(torch.device(device)) if fused else EAGER
         mlp = arch.backbone.layers[0].mlp
         self.silu = getattr(arch.backbone.config, "hidden_act", None) == "silu" and hasattr(mlp, "gate_proj")
         layers = len(arch.backbone.layers)
@@ -75,6 +77,14 @@ class Forward:
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
         self.rows_idx = torch.arange(rows, device=device)
         self.slots = torch.arange(length, device=device)
+        # per-call state, updated inside the captured step so the host only replays it
+        self.row_seq = torch.zeros(rows, dtype=torch.long, device=device)  # row -> sequence (rows: sink)
+        self.live = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.out_tok = torch.zeros((rows + 1, length), dtype=torch.long, device=device)
+        self.out_lp = torch.zeros((rows + 1, length), dtype=torch.float32, device=device)
+        self.step_no = torch.zeros((), dtype=torch.long, device=device)
+        self.seed = torch.zeros((), dtype=torch.long, device=device)
+        self.eos = torch.full((8,), -1, dtype=torch.long, device=device)
 
     @property
     def rows(self) -> int:
@@ -109,6 +119,34 @@ class Forward:
     def decode(self, batch: int, length: int) -> torch.Tensor:
         with self._precision():
             return self._decode(batch, length)
+
+    def step(self, batch: int, length: int, temperature: float | None):
+        """Decode, then (unless temperature is None: return the logits) sample and record the tokens."""
+        logits = self.decode(batch, length)
+        if temperature is None:
+            return logits
+        keys = row_keys(self.seed, self.step_no, self.row_seq[:batch])
+        tok, lp = sample(logits, temperature, 0, 1.0, keys, True, self.k)
+        self.record(batch, tok, lp)
+        return None
+
+    def record(self, batch: int, tok: torch.Tensor, lp: torch.Tensor | None):
+        seqs = self.row_seq[:batch]
+        self.out_tok[seqs, self.step_no] = tok
+        if lp is not None:
+            self.out_lp[seqs, self.step_no] = lp.float()
+        self.live[:batch] &= ~(tok[:, None] == self.eos[None, :]).any(-1)
+        self.tokens[:batch] = tok
+        self.pos[:batch] += 1
+        self.step_no += 1
+
+    def snapshot(self, batch: int):
+        """The state a step changes (besides slots it rewrites identically), to undo a warm-up step."""
+        return [t.clone() for t in (self.tokens[:batch], self.pos[:batch], self.live[:batch], self.step_no)]
+
+    def restore(self, batch: int, saved):
+        for dst, src in zip((self.tokens[:batch], self.pos[:batch], self.live[:batch], self.step_no), saved):
+            dst.copy_(src)
 
     def _prefill(self, prompts: list[list[int]], rows: torch.Tensor, copies: int) -> torch.Tensor:
         """Run prompts (packed: no work on padding except inside attention), write their cache into
@@ -185,8 +223,8 @@ class Forward:
         return a.head(h)
 
     def compact(self, keep: torch.Tensor, length: int):
-        """Move rows `keep` to the front (cache up to `length`, tokens, positions)."""
+        """Move rows `keep` to the front (cache up to `length` and the per-row state)."""
         m = len(keep)
         self.kv[:, :, :m, :, :length] = self.kv[:, :, keep, :, :length]
-        self.tokens[:m] = self.tokens[keep]
-        self.pos[:m] = self.pos[keep]
+        for t in (self.tokens, self.pos, self.row_seq, self.live):
+            t[:m] = t[keep]

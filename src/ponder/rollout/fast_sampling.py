@@ -26,18 +26,13 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return x
 
 
-def sample(logits, temperature, top_k, top_p, generator, want_logprobs: bool, kernels=EAGER):
-    """[B, V] logits -> tokens [B] and, when asked, their log-probabilities under the sampling distribution."""
-    if temperature > 0 and not 0 < top_k < logits.shape[-1] and top_p >= 1.0:  # plain sampling: one fused pass
-        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
-        tokens, logprobs = kernels["gumbel_pick"](logits, noise, 1.0 / temperature)
-        return tokens, (logprobs if want_logprobs else None)
-    x = process_logits(logits, temperature, top_k, top_p)
+def sample(logits, temperature, top_k, top_p, keys, want_logprobs: bool, kernels=EAGER):
+    """[B, V] logits -> tokens [B] and, when asked, their log-probabilities under the sampling distribution.
+    `keys` [B] (see fast_kernels.row_keys) fix the random draw of each row."""
     if temperature == 0:
-        tokens = x.argmax(-1)
+        tokens, logprobs = kernels["greedy_pick"](logits, keys, 1.0)
+    elif not 0 < top_k < logits.shape[-1] and top_p >= 1.0:  # plain sampling: one fused pass
+        tokens, logprobs = kernels["gumbel_pick"](logits, keys, 1.0 / temperature)
     else:
-        # exponential race (Gumbel-max): argmax p / E with E ~ Exp(1) draws from p, one pass, no cumsum
-        noise = torch.empty_like(x).exponential_(generator=generator)
-        tokens = (x.softmax(-1) / noise).argmax(-1)
-    logprobs = x.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1) if want_logprobs else None
-    return tokens, logprobs
+        tokens, logprobs = EAGER["gumbel_pick"](process_logits(logits, temperature, top_k, top_p), keys, 1.0)
+    return tokens, (logprobs if want_logprobs else None)
