@@ -19,11 +19,11 @@ def format_reward(completions, *, prompts, **_):
 
 @register("format_soft")
 def format_soft(completions, *, prompts, **_):
-    """Rewards a <think> block followed by an <answer> block anywhere in the text (open-r1's soft format reward)."""
+    """Rewards a <think> block followed by an <answer> block anywhere in the text (after open-r1's soft format reward)."""
     return [float(bool(SOFT_FORMAT.search(c))) for c in completions]
 
 
 @register("tag_count")
 def tag_count(completions, *, prompts, **_):
-    """Partial credit, 0.25 for each of the four tags used exactly once (open-r1's tag_count_reward)."""
+    """Partial credit, 0.25 for each of the four tags used exactly once (after open-r1's tag_count_reward)."""
     return [sum(0.25 for t in TAGS if c.count(t) == 1) for c in completions]

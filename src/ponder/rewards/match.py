@@ -31,7 +31,10 @@ _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is|\s*:)\s*",
 _LE = r"\s*(<|\\le(?:q)?\b|<=|≤)\s*"
 _CHAIN = re.compile(rf"([^<>=≤\\]+?){_LE}[a-zA-Z]{_LE}([^<>=≤\\]+)")
 _ASSIGNMENT = re.compile(r"^[a-zA-Z]\s*=\s*(?=[-+\d.\\])")  # `x = 5` answers 5
-_MATH_WORDS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "exp", "inf", "infty", "infinity"}
+# Words after a number that change its value: not units, so `5 hundred` is not 5.
+_MATH_WORDS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "exp", "inf", "infty", "infinity", "hundred", "thousand",
+               "million", "billion", "trillion", "percent", "dozen", "squared", "cubed", "factorial", "halves", "thirds",
+               "quarters", "times", "more", "less", "minus", "plus", "over", "per", "ish"}
 
 _CACHE: dict[tuple[str, str], float | None] = {}
 _CACHE_MAX = 200_000
