@@ -42,6 +42,12 @@ def test_language_ignores_math_code_and_variables():
     assert call("language", ["<think>2 + 2 = 4</think>"]) == [0.0]  # no words at all
 
 
+def test_language_survives_a_dataset_column_named_target():
+    zh = "<think>我们先计算 check</think>"
+    assert call("language", [zh], target=[21]) == [1 / 6]  # Countdown's `target` column: default en
+    assert call("language", [zh], target=[21], lang="zh") == [5 / 6]
+
+
 def test_language_rejects_unknown_target():
     with pytest.raises(UserError, match=r"^reward 'language': target 'fr' is not supported; choose one of: en, zh$"):
         call("language", [GOOD], target="fr")

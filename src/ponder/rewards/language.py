@@ -48,12 +48,17 @@ def word_counts(text: str) -> dict[str, int]:
 
 
 @register("language")
-def language(completions, *, prompts, target: str = "en", **_):
+def language(completions, *, prompts, target: str = "en", lang: str | None = None, **_):
     """Rewards a chain of thought in one language: the share of its words in the target (DeepSeek-R1's language consistency reward).
 
     target: en (Latin-script words) or zh (Han characters, one word each). Math, code, LaTeX and
-    single-letter variables are not words. A chain of thought without words scores 0.
+    single-letter variables are not words. A chain of thought without words scores 0. `lang` is
+    the same option under a name no dataset column takes (Countdown examples have a `target`).
     """
+    if lang is not None:
+        target = lang
+    elif not isinstance(target, str):  # a dataset column called `target` came in, not this option
+        target = "en"
     if target not in TARGETS:
         raise UserError(f"reward 'language': target '{target}' is not supported; choose one of: {', '.join(TARGETS)}")
     key = "latin" if target == "en" else "han"
