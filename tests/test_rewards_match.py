@@ -157,3 +157,11 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_workers_that_cannot_start_give_a_clear_error(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    pool = verify_pool.VerifyPool(workers=1, timeout=1.0)
+    with pytest.raises(RuntimeError, match=r"^verification workers fail to start \(exit code 1\); run `python -m ponder.rewards.verify_pool` to see its error$"):
+        pool.map("ponder.rewards.math:compare", [("1", "1")])
+    assert pool.workers == []

@@ -1,9 +1,10 @@
 """Is an answer equivalent to the gold? Plain numbers in process, everything else by math-verify in workers.
 
 The tiny world's tasks score thousands of integer answers per step, so plain numbers (integers,
-decimals, `a/b`, `\\frac{a}{b}`, thousands separators, a trailing unit word) are compared exactly here,
-without a process round trip. Word answers (`Monday`, `yes`) are compared as words. The rest goes to
-ponder.rewards.math.compare in a worker under a hard time limit; a timeout scores 0.
+decimals, `a/b`, `\\frac{a}{b}`, thousands separators, a trailing unit word), and sets, intervals and
+tuples of them, are compared exactly here, without a process round trip; so are choice letters and
+word answers (`Monday`, `yes`). The rest goes to ponder.rewards.math.compare in a worker under a hard
+time limit; a timeout scores 0. Hack guards (ponder.rewards.math.hack_reason) run first.
 
 Results are cached by (answer, gold): a GRPO group often repeats an answer many times.
 """

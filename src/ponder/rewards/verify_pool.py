@@ -108,6 +108,7 @@ class VerifyPool:
         self.preload = tuple(preload)  # `module:function`s each worker calls at start, to warm up while idle
         self.workers: list[_Worker] = []
         self.timeouts = 0  # items killed for running past the limit, since start
+        self._failed_starts = 0  # workers in a row that died before they were ready
         self._lock = threading.Lock()
 
     @property
@@ -149,7 +150,7 @@ class VerifyPool:
                         self._replace(w, results, pending, RuntimeError("verification worker died"), retry=True)
                         continue
                     if not w.ready:
-                        w.ready = True
+                        w.ready, self._failed_starts = True, 0
                         continue
                     ok, value = message
                     i, _, _ = w.chunk.popleft()
@@ -169,9 +170,11 @@ class VerifyPool:
         elsewhere: a worker killed from outside must not cost an honest answer its reward.
         """
         w.kill()
-        if not w.ready:  # it never got going: something is wrong with the environment, not an answer
-            self.close_all()
-            raise RuntimeError(f"a verification worker failed to start (exit code {w.proc.returncode}); run `python -m ponder.rewards.verify_pool` to see why")
+        if not w.ready:
+            self._failed_starts += 1
+            if self._failed_starts >= 3:  # not bad luck: something is wrong with the environment
+                self.close_all()
+                raise RuntimeError(f"verification workers fail to start (exit code {w.proc.returncode}); run `python -m ponder.rewards.verify_pool` to see its error")
         if w.chunk:
             item = w.chunk.popleft()
             if retry and item[0] not in self._retried:
