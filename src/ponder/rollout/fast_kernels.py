@@ -61,8 +61,9 @@ def gumbel_pick(logits, keys, inv_temperature):
     24-bit uniforms: tokens less likely than about e^-17 times the top one are never drawn.
     Returns the tokens and their log-probabilities."""
     x = logits.float() * inv_temperature
-    vocab = torch.arange(x.shape[-1], device=x.device)
-    bits = hash32((keys[:, None] ^ ((vocab[None, :] * 0xC2B2AE35) & M32)) & M32)
+    vocab = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)
+    k = keys[:, None]
+    bits = hash32(hash32((k + vocab[None, :]) & M32) ^ k)  # two rounds: neighbouring ids decorrelate fully
     u = ((bits >> 8).float() + 0.5) * (1.0 / 16777216)
     tok = (x - (-u.log()).log()).argmax(-1)
     lp = x.gather(-1, tok[:, None]).squeeze(-1) - x.logsumexp(-1)
@@ -80,24 +81,25 @@ _compiled: dict | None = None
 
 
 def kernels(device: torch.device) -> dict:
-    """The functions above, compiled when on CUDA and the compiler works here; eager otherwise."""
+    """The functions above, compiled when on CUDA and the compiler handles them here; eager otherwise."""
     global _compiled
     if device.type != "cuda":
         return EAGER
     if _compiled is None:
-        try:
-            fns = {k: torch.compile(f, dynamic=True, fullgraph=True) for k, f in EAGER.items()}
-            x = torch.randn(3, 64, device=device, dtype=torch.bfloat16)
-            w = torch.ones(64, device=device, dtype=torch.bfloat16)
-            fns["rms"](x, w, 1e-6)
-            fns["add_rms"](x, x, w, 1e-6)
-            fns["rope2"](x.view(3, 2, 32), x.view(3, 2, 32), x[:, None, :32], x[:, None, :32])
-            fns["swiglu"](x, x)
-            keys = row_keys(torch.tensor(1, device=device), torch.tensor(2, device=device), torch.arange(3, device=device))
-            fns["gumbel_pick"](x, keys, torch.ones((), device=device))
-            fns["greedy_pick"](x, keys, torch.ones((), device=device))
-            _compiled = fns
-        except Exception as e:  # noqa: BLE001  (any compiler failure: run eagerly, a little slower)
-            print(f"ponder: fast engine: torch.compile unavailable ({type(e).__name__}); fused kernels off", file=sys.stderr)
-            _compiled = EAGER
+        x = torch.randn(4, 4096, device=device, dtype=torch.bfloat16)
+        w = torch.ones(4096, device=device, dtype=torch.bfloat16)
+        keys = row_keys(torch.tensor(1, device=device), torch.tensor(2, device=device), torch.arange(4, device=device))
+        h = x.view(4, 64, 64)
+        trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope2=(h, h, h[:, :1], h[:, :1]), swiglu=(x, x),
+                     gumbel_pick=(x, keys, 1.0), greedy_pick=(x, keys, 1.0))
+        _compiled, failed = {}, []
+        for name, f in EAGER.items():
+            try:
+                fn = torch.compile(f, dynamic=True, fullgraph=True)
+                fn(*trial[name])
+                _compiled[name] = fn
+            except Exception:  # noqa: BLE001  (any compiler failure: that piece runs eagerly)
+                _compiled[name], failed = f, failed + [name]
+        if failed:
+            print(f"ponder: fast engine: torch.compile failed for {', '.join(failed)}; those run unfused", file=sys.stderr)
     return _compiled

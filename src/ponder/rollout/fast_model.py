@@ -132,9 +132,10 @@ class Forward:
 
     def record(self, batch: int, tok: torch.Tensor, lp: torch.Tensor | None):
         seqs = self.row_seq[:batch]
-        self.out_tok[seqs, self.step_no] = tok
+        at = (seqs, self.step_no.expand_as(seqs))  # tensors only: a 0-d index would be read on the host
+        self.out_tok.index_put_(at, tok)
         if lp is not None:
-            self.out_lp[seqs, self.step_no] = lp.float()
+            self.out_lp.index_put_(at, lp.float())
         self.live[:batch] &= ~(tok[:, None] == self.eos[None, :]).any(-1)
         self.tokens[:batch] = tok
         self.pos[:batch] += 1
