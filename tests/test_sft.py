@@ -1,0 +1,274 @@
+"""SFT: completion-only loss (checked on values), packing equals unpacked, learning a new format, resume, errors."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from ponder.config import load_config
+from ponder.errors import UserError
+from ponder.models import load
+from ponder.rewards.format import STRICT_FORMAT
+from ponder.sft import sft
+from ponder.sft.config import SFTConfig, load_sft_config
+from ponder.sft.data import Encoded, encode, fit
+from ponder.sft.packing import collate, loss_sum, micro_batches, pack
+from ponder.templates import render
+
+ROWS = [
+    {"prompt": "Compute 1 + 2", "completion": " <think> 1 + 2 = 3 </think> <answer> 3 </answer>"},
+    {"prompt": "Compute 10 - 4 + 7", "completion": " <answer> 13 </answer>"},
+    {"prompt": "hi", "completion": " there, friend"},
+    {"prompt": "Compute 5 + 5 + 5", "completion": " <think> 5 + 5 = 10. 10 + 5 = 15 </think> <answer> 15 </answer>"},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def cfg_for(tmp_path, files, *overrides):
+    return load_config(None, [f"output_dir={tmp_path}", f"data.files={json.dumps(files)}", "train.log_samples=0",
+                              "train.save_every=0", *overrides], cls=SFTConfig)
+
+
+def full_logprobs(model, ids):
+    """log p(ids[t] | ids[:t]) for t >= 1 from the plain full-logits forward pass."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+
+
+def test_prompt_is_encoded_as_grpo_encodes_it_and_only_the_completion_and_eos_are_targets():
+    _, tok = load("tiny-random")
+    ex = encode(ROWS[0], tok, "r1_zero")
+    prompt = tok(render("r1_zero", ROWS[0]["prompt"], tok)).input_ids  # GRPOTrainer._encode
+    completion = tok(ROWS[0]["completion"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert ex.ids == prompt + completion
+    assert ex.mask == [0] * len(prompt) + [1] * len(completion)
+    assert encode(ROWS[0], tok, "r1_zero", add_eos=False).ids == prompt + completion[:-1]
+
+
+def test_loss_is_hand_computed_cross_entropy_over_completion_tokens_only():
+    torch.manual_seed(0)
+    model, tok = load("tiny-random")
+    ex = encode(ROWS[0], tok, "r1_zero")
+    with torch.no_grad():
+        lp = full_logprobs(model, ex.ids)  # lp[t-1] scores token t
+        got = loss_sum(model, collate([ex], [[0]], tok.pad_token_id)).item()
+    p = ex.prompt_len
+    expected = -lp[p - 1 :].sum().item()  # tokens p.. (completion and EOS)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert abs(-lp.sum().item() - got) > 1.0  # prompt tokens would change it: the test can fail
+    # targets of prompt positions do not matter: scoring the prompt as completion changes the loss,
+    # replacing the prompt's own mask bits (0) by anything else is the only way they enter
+    everything = Encoded(ex.ids, [0] + [1] * (len(ex.ids) - 1))
+    with torch.no_grad():
+        assert loss_sum(model, collate([everything], [[0]], tok.pad_token_id)).item() == pytest.approx(-lp.sum().item(), rel=1e-5)
+
+
+def test_output_head_runs_on_completion_positions_only():
+    """Prompt positions are never scored: the head (the chunked logits) sees only the target positions."""
+    torch.manual_seed(0)
+    model, tok = load("tiny-random")
+    ex = encode(ROWS[3], tok, "plain")
+    logits_seen = {}
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, i, o: logits_seen.update(rows=i[0].shape[0]))
+    loss_sum(model, collate([ex], [[0]], tok.pad_token_id))
+    hook.remove()
+    assert logits_seen["rows"] == sum(ex.mask)  # the head runs on completion positions only
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_rows_give_the_loss_of_examples_run_one_by_one(impl):
+    torch.manual_seed(0)
+    model, tok = load("tiny-random")
+    model.config._attn_implementation = impl
+    examples = [encode(r, tok, "r1_zero") for r in ROWS]
+    with torch.no_grad():
+        alone = sum(loss_sum(model, collate(examples, [[i]], tok.pad_token_id)).item() for i in range(len(examples)))
+        packed = loss_sum(model, collate(examples, [[0, 1, 2], [3]], tok.pad_token_id)).item()
+        # the padding of the short row is attended by nothing and scored by nothing
+        padded = loss_sum(model, collate(examples, [[2], [3, 0, 1]], tok.pad_token_id)).item()
+    assert packed == pytest.approx(alone, rel=1e-5)
+    assert padded == pytest.approx(alone, rel=1e-5)
+    # and attention across examples would show: the same tokens as one sequence score differently
+    merged = Encoded(sum((e.ids for e in examples[:3]), []), sum((e.mask for e in examples[:3]), []))
+    with torch.no_grad():
+        assert abs(loss_sum(model, collate([merged], [[0]], tok.pad_token_id)).item()
+                   - sum(loss_sum(model, collate(examples, [[i]], tok.pad_token_id)).item() for i in range(3))) > 1e-3
+
+
+def test_first_fit_packing_and_micro_batches_respect_their_bounds():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 60) for _ in range(40)] + [90]
+    rows = pack(lengths, 64)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows if len(row) > 1)
+    assert [40] in rows  # too long for any row: a row of its own
+    assert len(rows) <= -(-sum(lengths) // 64) + 2  # first-fit decreasing packs close to the bound
+    for mb in micro_batches(rows, lengths, 200):
+        widest = max(sum(lengths[i] for i in row) for row in mb)
+        assert widest * len(mb) <= 200 or len(mb) == 1
+
+
+def test_step_loss_and_gradient_do_not_depend_on_micro_batching(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS * 3)
+    norms = []
+    for budget in (100_000, 64):
+        cfg = cfg_for(tmp_path, [data], f"name=b{budget}", f"optim.token_budget={budget}", "train.steps=1",
+                      "train.batch_size=12", "data.template=plain")
+        tr = sft(cfg, quiet=True)
+        m = json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        norms.append((m["loss"], m["grad_norm"], m["rows"]))
+    assert norms[0][2] < norms[1][2]  # really packed differently
+    assert norms[0][0] == pytest.approx(norms[1][0], rel=1e-5)
+    assert norms[0][1] == pytest.approx(norms[1][1], rel=1e-4)
+
+
+def format_rows(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        out.append({"prompt": f"Add {a} and {b}", "completion": f"<think> {a}+{b} </think> <answer> {a + b} </answer>"})
+    return out
+
+
+def greedy_texts(model, tok, prompts, max_tokens=48):
+    from ponder.rollout import SamplingParams, make_engine
+
+    outs = make_engine("hf", model, tok).generate([tok(p).input_ids for p in prompts],
+                                                  SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens))
+    return [tok.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
+
+
+def test_short_sft_teaches_a_random_model_the_think_answer_format(tmp_path):
+    data = write_jsonl(tmp_path / "fmt.jsonl", format_rows(64, 0))
+    held_out = [r["prompt"] for r in format_rows(6, 1)]
+    model, tok = load("tiny-random")
+    assert not any(STRICT_FORMAT.match(t) for t in greedy_texts(model, tok, held_out))  # it did not have the format
+    cfg = cfg_for(tmp_path, [data], "name=fmt", "data.template=plain", "optim.lr=5e-3", "train.steps=24",
+                  "train.batch_size=8")
+    tr = sft(cfg, quiet=True)
+    texts = greedy_texts(tr.model, tr.tokenizer, held_out)
+    assert all(STRICT_FORMAT.match(t) for t in texts), texts
+    # the saved model is a plain Hugging Face directory with the same behaviour
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(tr.run_dir / "final")
+    assert greedy_texts(again, tr.tokenizer, held_out[:2]) == texts[:2]
+
+
+VOLATILE = ("time", "time/step", "tokens_per_s")
+
+
+def _metrics(run_dir):
+    return [{k: v for k, v in json.loads(l).items() if k not in VOLATILE} for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS * 4)
+    common = ["train.steps=4", "train.batch_size=3", "train.save_every=2", "optim.lr=1e-3", "optim.schedule=cosine",
+              "optim.warmup_steps=1"]
+    full = sft(cfg_for(tmp_path, [data], "name=full", *common), quiet=True)
+    cut_cfg = cfg_for(tmp_path, [data], "name=cut", *common)
+    sft(cut_cfg, stop_after=3, quiet=True)  # step 3 is logged but only step-2 is saved: it is redone
+    with pytest.raises(UserError, match="already holds checkpoints; pass --resume"):
+        sft(cut_cfg, quiet=True)
+    sft(cut_cfg, resume=True, quiet=True)
+    a, b = _metrics(full.run_dir), _metrics(cut_cfg.run_dir)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert a == b
+    assert (cut_cfg.run_dir / "final").resolve().name == "step-4"
+
+
+def test_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    base, _ = load("tiny-random")
+    cfg = cfg_for(tmp_path, [data], "name=lora", "model.lora={r: 4, alpha: 8}", "optim.lr=1e-2", "train.steps=2",
+                  "train.batch_size=4", "train.save_every=1")
+    tr = sft(cfg, stop_after=1, quiet=True)
+    trained = {k for k, p in tr.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in k for k in trained)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tr.run_dir / "final")
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    resumed = sft(cfg, resume=True, quiet=True)  # the adapters come back from the trainer state
+    assert resumed.step_no == 2
+
+
+def test_chat_rows_score_assistant_turns_only(tmp_path):
+    _, tok = load("tiny-random")
+    tok.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% if m.role == 'assistant' %}<eos>{% endif %}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "bc"},
+                        {"role": "user", "content": "d"}, {"role": "assistant", "content": "ef"}]}
+    ex = encode(row, tok, "chat")
+    scored = tok.decode([t for t, m in zip(ex.ids, ex.mask) if m])
+    assert tok.decode(ex.ids) == "[user]a[assistant]bc<eos>[user]d[assistant]ef<eos>"
+    assert scored == "bc<eos>ef<eos>"
+    # one turn under a text template is a prompt/completion pair; several need the chat template
+    single = encode({"messages": row["messages"][:2]}, tok, "plain")
+    assert tok.decode([t for t, m in zip(single.ids, single.mask) if m], skip_special_tokens=True) == "bc"
+    with pytest.raises(UserError, match="multi-turn chat rows need data.template=chat"):
+        encode(row, tok, "plain")
+
+
+def test_long_examples_are_cut_with_a_count_never_silently(tmp_path, capsys):
+    ex = [Encoded(list(range(10)), [0] * 4 + [1] * 6), Encoded(list(range(30)), [0] * 25 + [1] * 5),
+          Encoded(list(range(5)), [0, 1, 1, 1, 1])]
+    index, kept, report = fit(ex, 20)
+    assert index == [0, 2] and (report.truncated, report.dropped) == (0, 1)
+    index, kept, report = fit(ex, 8)
+    assert index == [0, 2] and kept[0].ids == list(range(8)) and kept[0].truncated and report.truncated == 1
+    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "completion": "x" * 80}, {"prompt": "q", "completion": "y"}])
+    tr = sft(cfg_for(tmp_path, [data], "name=long", "data.max_len=40", "data.template=plain", "train.steps=1"), quiet=False)
+    out = capsys.readouterr().out
+    assert "1 of 2 examples are longer than 40 tokens and were cut" in out
+    first = json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["truncated_examples"] == 1
+    assert json.loads((tr.run_dir / "data.json").read_text())["truncated"] == 1
+
+
+def _error(capsys, *argv):
+    from ponder.cli import main
+
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+def test_bad_input_ends_in_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path}\nname: bad\n")
+    assert "SFT data is empty" in _error(capsys, "sft", str(recipe), f"data.files=[{empty}]")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "x"}])
+    assert "bad.jsonl: row 2: no 'completion' field" in _error(capsys, "sft", str(recipe), f"data.files=[{bad}]")
+    assert "config data.files is empty" in _error(capsys, "sft", str(recipe))
+    assert "not found" in _error(capsys, "sft", str(recipe), f"data.files=[{tmp_path / 'nope.jsonl'}]")
+    assert "--resume: no checkpoint" in _error(capsys, "sft", str(recipe), f"data.files=[{bad}]", "--resume")
+    assert "unknown config key 'train.stesp'" in _error(capsys, "sft", str(recipe), "train.stesp=3")
+
+
+def test_coldstart_traces_are_correct_and_in_format():
+    from ponder.config import TaskSpec
+    from ponder.rewards import get_reward
+    from ponder.sft.coldstart import coldstart_rows
+
+    for spec in (TaskSpec(name="arithmetic", n=20), TaskSpec(name="countdown", n=20)):
+        rows = coldstart_rows(spec)
+        texts = [r["completion"] for r in rows]
+        acc = get_reward("accuracy")(texts, prompts=[r["prompt"] for r in rows], answer=[r["answer"] for r in rows],
+                                      task=[r["task"] for r in rows], numbers=[None] * 20, target=[None] * 20) \
+            if spec.name == "arithmetic" else None
+        assert all(STRICT_FORMAT.match(t) for t in texts)
+        if acc is not None:
+            assert acc == [1.0] * 20
+    with pytest.raises(UserError, match="no built-in traces for task 'first_digit'"):
+        coldstart_rows(TaskSpec(name="first_digit"))
