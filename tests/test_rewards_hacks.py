@@ -90,7 +90,7 @@ def timed(completion: str, gold: str = "42") -> tuple[float, float]:
 
 
 def test_huge_power_is_wrong_within_the_limit(short_limit):
-    score(answer(r"\sqrt{1764}"))  # start the workers outside the timed part
+    verify_pool.pool().start()  # workers up and ready outside the timed part
     for bomb in (r"9^{9^{9^{9}}}", r"10^{10^{10}}", r"2^{3^{100}}"):  # a tower guard, then the time limit
         value, took = timed(answer(bomb), gold="7")
         assert value == 0.0 and took < LIMIT + 1.5, (bomb, took)

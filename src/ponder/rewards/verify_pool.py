@@ -109,11 +109,35 @@ class VerifyPool:
         self.workers: list[_Worker] = []
         self.timeouts = 0  # items killed for running past the limit, since start
         self._failed_starts = 0  # workers in a row that died before they were ready
+        self._retried: set[int] = set()  # items of the current map given a second try
         self._lock = threading.Lock()
 
     @property
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers]
+
+    def start(self) -> None:
+        """Start the workers now and wait until all are ready (map starts them lazily otherwise)."""
+        with self._lock:
+            while len(self.workers) < self.n_workers:
+                self.workers.append(_Worker(self.preload))
+            while True:
+                waiting = [w for w in self.workers if not w.ready]
+                if not waiting:
+                    return
+                wait = max(0.0, min(w.deadline(self.timeout) for w in waiting) - time.monotonic())
+                readable, _, _ = select.select([w.fd for w in waiting], [], [], wait)
+                for w in waiting:
+                    if w.fd in readable:
+                        try:
+                            _read(w.fd)
+                            w.ready, self._failed_starts = True, 0
+                            continue
+                        except (EOFError, OSError, pickle.UnpicklingError):
+                            pass
+                    elif time.monotonic() <= w.deadline(self.timeout):
+                        continue
+                    self._replace(w, [], deque(), None)  # died or stuck while starting
 
     def map(self, func: str, arglist: list[tuple]) -> list:
         """Results in order; an item past the limit gives TIMEOUT, one that raised gives the exception."""
