@@ -32,7 +32,7 @@ class FilterConfig:
     max_tokens: Optional[int] = None
     keep_truncated: bool = False  # keep answers cut by the token budget (never right to learn to stop there)
     dedup: bool = True  # drop exact duplicates within a prompt (whitespace and case ignored)
-    near_dup: float = 0.9  # drop answers this similar to one already kept for the prompt (Jaccard of 5-char shingles); 0: off
+    near_dup: float = 0.8  # drop answers this similar to one already kept for the prompt (Jaccard of 5-char shingles); 0: off
     per_prompt: int = 4  # m: most answers kept per prompt; 0: no cap
 
 

@@ -245,18 +245,15 @@ class _bar:
 
 def _print_summary(summary: dict, out: Path, show: bool) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    table = Table(title=f"rejection sampling: {summary['source']['model']}, k={summary['source']['k']}")
-    for col in ("task", "prompts", "samples", "accepted", "acceptance", "prompts solved", "top rejections"):
-        table.add_column(col, justify="left" if col in ("task", "top rejections") else "right")
+    src = summary["source"]
+    console.print(f"rejection sampling from {src['model']} (k={src['k']}, temperature {src['temperature']}):")
     for label, n in summary["tasks"].items():
-        top = sorted(((v, k) for k, v in n["rejected"].items() if v), reverse=True)[:3]
-        table.add_row(label, str(n["prompts"]), str(n["samples"]), str(n["accepted"]), f"{n['acceptance_rate']:.1%}",
-                      f"{n['solved_rate']:.1%}", ", ".join(f"{k} {v}" for v, k in top) or "-")
-    console.print(table)
-    console.print(f"wrote {summary['accepted']} answers to {out}")
+        top = ", ".join(f"{k} {v}" for v, k in sorted(((v, k) for k, v in n["rejected"].items() if v), reverse=True))
+        console.print(f"  {label}: accepted {n['accepted']} of {n['samples']} answers ({n['acceptance_rate']:.1%}); "
+                      f"{n['solved_prompts']} of {n['prompts']} prompts solved; rejected: {top or 'none'}", soft_wrap=True)
+    console.print(f"wrote {summary['accepted']} answers to {out}", soft_wrap=True)
     if summary["unsolved_prompts"]:
         console.print(f"[yellow]{summary['unsolved_prompts']} prompts have no accepted answer; their ids are in "
-                      f"{out.with_name(out.stem + '.unsolved.txt')}[/]")
+                      f"{out.with_name(out.stem + '.unsolved.txt')}[/]", soft_wrap=True)

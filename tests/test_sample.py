@@ -1,0 +1,188 @@
+"""Rejection sampling: every filter rejects what it must and keeps what it must; the command's outputs."""
+
+import json
+
+import pytest
+
+from ponder.config import TaskSpec
+from ponder.errors import UserError
+from ponder.filters import Candidate, FilterConfig, first_failure, jaccard, max_ngram_count, select, shingles
+
+GOOD = "<think> 23 + 45 = 68. 68 - 17 = 51. So the result is 51. </think> <answer> 51 </answer>"
+
+
+def cand(text=GOOD, tokens=None, truncated=False, score=1.0):
+    return Candidate(text, len(text) if tokens is None else tokens, truncated, score)
+
+
+def reason(c, **cfg):
+    return first_failure(c, FilterConfig(**cfg))
+
+
+def test_a_good_answer_passes_every_filter():
+    assert reason(cand()) is None
+
+
+def test_truncated_answers_are_rejected_unless_kept_on_purpose():
+    assert reason(cand(truncated=True)) == "truncated"
+    assert reason(cand(truncated=True), keep_truncated=True) is None
+
+
+def test_length_bounds_are_inclusive():
+    assert reason(cand(tokens=10), min_tokens=10, max_tokens=20) is None
+    assert reason(cand(tokens=20), min_tokens=10, max_tokens=20) is None
+    assert reason(cand(tokens=9), min_tokens=10) == "length"
+    assert reason(cand(tokens=21), max_tokens=20) == "length"
+
+
+@pytest.mark.parametrize("text", [
+    "51", "<answer> 51 </answer>", "<think> x </think>", "<think> a </think> <answer> 5 </answer> <answer> 6 </answer>",
+    "<think> a <think> b </think> <answer> 5 </answer>", "so <think> a </think> <answer> 5 </answer>",
+])
+def test_format_rejects_anything_but_one_think_then_one_answer(text):
+    assert reason(cand(text)) == "format"
+    assert reason(cand(text), format=False) is None
+
+
+def test_correctness_needs_full_marks_from_the_verifier():
+    assert reason(cand(score=0.0)) == "correct"
+    assert reason(cand(score=0.5)) == "correct"
+    assert reason(cand(score=None)) == "correct"  # not scorable is not verified
+    assert reason(cand(score=0.0), correct=False) is None
+
+
+def test_language_rejects_mixed_thinking_and_keeps_math_only_thinking():
+    mixed = "<think> 我们 先 计算 这个 then we add the numbers </think> <answer> 51 </answer>"
+    assert reason(cand(mixed)) == "language"
+    assert reason(cand(mixed), language=None) is None
+    math_only = "<think> 23 + 45 = 68, 68 - 17 = 51 </think> <answer> 51 </answer>"
+    assert reason(cand(math_only)) is None  # no words: nothing to mix
+    chinese = "<think> 我们 先 计算 加法 </think> <answer> 51 </answer>"
+    assert reason(cand(chinese), language="zh") is None
+    assert reason(cand(chinese)) == "language"
+    # the answer block does not count, only the thinking
+    assert reason(cand("<think> add them up </think> <answer> 五十一 </answer>")) is None
+
+
+def test_repeated_phrases_are_rejected():
+    loop = "<think> " + "12 + 3 = 15. " * 3 + "</think> <answer> 15 </answer>"
+    assert max_ngram_count(loop, 8) == 2
+    assert reason(cand(loop)) == "repetition"
+    assert reason(cand(loop), ngram_max_count=2) is None
+    assert reason(cand(loop), ngram_max_count=0) is None  # off
+    assert max_ngram_count(GOOD, 8) == 1
+
+
+def test_first_failing_filter_names_the_rejection():
+    c = cand("no format and wrong", score=0.0, truncated=False)
+    assert reason(c) == "format"
+    assert reason(cand(truncated=True, score=0.0)) == "truncated"
+
+
+def test_duplicates_near_duplicates_and_the_per_prompt_cap():
+    near = GOOD.replace("So the result is 51.", "So the result is 51!")
+    other = "<think> 45 + 23 = 68, minus 17 is 51. </think> <answer> 51 </answer>"
+    third = "<think> left to right: 23 + 45 = 68 and 68 - 17 = 51 </think> <answer> 51 </answer>"
+    assert jaccard(shingles(GOOD), shingles(near)) >= 0.8 > 0.5 > jaccard(shingles(GOOD), shingles(other))
+    group = [cand(), cand("  " + GOOD.replace("So the", "so  the") + " "), cand(near), cand(other), cand(score=0.0), cand(third)]
+    kept = select(group, FilterConfig(per_prompt=2))
+    assert [c.text for c in kept] == [GOOD, other]
+    assert [c.reason for c in group] == [None, "duplicate", "near_duplicate", None, "correct", "per_prompt"]
+    assert len(select(group, FilterConfig(per_prompt=0))) == 3  # no cap: the third distinct answer stays
+    assert len(select(group, FilterConfig(per_prompt=0, near_dup=0.0))) == 4  # near duplicates allowed
+    assert len(select(group, FilterConfig(per_prompt=0, near_dup=0.0, dedup=False))) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# the command, with a scripted engine: known answers, so every count is known
+
+
+def scripted_engine(script):
+    """An engine whose completions for a prompt text are given: script[prompt text] -> list of k texts."""
+    from ponder.rollout import Completion, RolloutEngine, register
+
+    @register("scripted")
+    class Scripted(RolloutEngine):
+        def __init__(self, model, tokenizer, **_):
+            super().__init__(model, tokenizer)
+
+        def generate(self, prompts, params):
+            out = []
+            for p in prompts:
+                texts = script[self.tokenizer.decode(p)][: params.n]
+                out.append([Completion(self.tokenizer(t, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id], "stop") for t in texts])
+            return out
+
+    return "scripted"
+
+
+def test_sample_writes_accepted_answers_with_provenance_and_reports_unsolved(tmp_path, capsys):
+    from ponder.models import load
+    from ponder.sample import SampleConfig, sample
+    from ponder.tasks import load_examples
+    from ponder.templates import render
+
+    spec = TaskSpec(name="arithmetic", n=3, options={"difficulty": "easy"})
+    exs = load_examples(spec, 0)
+    model, tok = load("tiny-random")
+    wrong = lambda ex: f"<think> hmm </think> <answer> {int(ex['answer']) + 1} </answer>"
+    right = lambda ex, s="": f"<think> worked{s} out </think> <answer> {ex['answer']} </answer>"
+    script = {
+        render("r1_zero", exs[0]["prompt"]): [right(exs[0]), right(exs[0]), wrong(exs[0]), right(exs[0], " it")],
+        render("r1_zero", exs[1]["prompt"]): [wrong(exs[1])] * 4,
+        render("r1_zero", exs[2]["prompt"]): [f"{exs[2]['answer']}", right(exs[2]), wrong(exs[2]), wrong(exs[2])],
+    }
+    cfg = SampleConfig(model="tiny-random", tasks=[spec], k=4, engine=scripted_engine(script), out=str(tmp_path / "t.jsonl"))
+    cfg.filters.near_dup = 0.0
+    summary = sample(cfg, progress=False, model=model, tokenizer=tok)
+    rows = [json.loads(l) for l in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [(r["prompt_id"], r["sample"]) for r in rows] == [("arithmetic/train/0", 0), ("arithmetic/train/0", 3),
+                                                              ("arithmetic/train/2", 1)]
+    r = rows[0]
+    assert r["prompt"] == exs[0]["prompt"] and r["answer"] == exs[0]["answer"] and r["completion"] == right(exs[0])
+    assert r["rewards"]["accuracy"] == 1.0 and r["rewards"]["format"] == 1.0
+    assert r["source"]["model"] == "tiny-random" and r["source"]["k"] == 4 and r["source"]["template"] == "r1_zero"
+    assert r["meta"]["expression"] == exs[0]["expression"]
+    n = summary["tasks"]["arithmetic"]
+    assert (n["prompts"], n["samples"], n["accepted"], n["solved_prompts"]) == (3, 12, 3, 2)
+    assert n["acceptance_rate"] == pytest.approx(3 / 12)
+    assert n["rejected"]["correct"] == 7 and n["rejected"]["duplicate"] == 1 and n["rejected"]["format"] == 1
+    assert (tmp_path / "t.unsolved.txt").read_text() == "arithmetic/train/1\n"
+    assert json.loads((tmp_path / "t.summary.json").read_text())["unsolved_prompts"] == 1
+    out = capsys.readouterr().out
+    assert "arithmetic: accepted 3 of 12 answers (25.0%); 2 of 3 prompts solved; rejected: correct 7, format 1, duplicate 1" in out
+    assert "1 prompts have no accepted answer" in out
+    # the output is SFT data as it stands
+    from ponder.sft.data import read_rows
+
+    assert len(read_rows([str(tmp_path / "t.jsonl")])) == 3
+
+
+def test_sample_command_runs_a_real_model_and_reports_each_task(tmp_path, capsys):
+    from ponder.cli import main
+
+    out = tmp_path / "s.jsonl"
+    code = main(["sample", "--model", "tiny-random", "--tasks", "first_digit,arithmetic", "--n", "2", "--k", "2",
+                 "--max-tokens", "3", "--out", str(out), "--quiet", "filters.format=false", "filters.keep_truncated=true",
+                 "filters.correct=false", "template=plain"])
+    assert code == 0
+    summary = json.loads((tmp_path / "s.summary.json").read_text())
+    assert set(summary["tasks"]) == {"first_digit", "arithmetic"}
+    assert summary["accepted"] == len(out.read_text().splitlines()) > 0
+    out_text = capsys.readouterr().out
+    assert "first_digit: accepted" in out_text and "arithmetic: accepted" in out_text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--k", "0"], "k must be at least 1"),
+    (["filters.language=fr"], "filters.language: 'fr' is not supported"),
+    (["filters.neardup=0.5"], "unknown config key 'filters.neardup'"),
+    (["filters.min_tokens=10", "filters.max_tokens=5"], "max_tokens is below filters.min_tokens"),
+    (["a.yaml", "b.yaml"], "takes one recipe"),
+])
+def test_bad_sample_input_is_one_line(tmp_path, capsys, args, message):
+    from ponder.cli import main
+
+    assert main(["sample", "--model", "tiny-random", "--tasks", "first_digit", "--out", str(tmp_path / "x.jsonl"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
