@@ -51,6 +51,7 @@ def test_list_of_candidates():
     assert score(answer("1, 2, 3, ..., 100")) == 0.0
     assert score(answer(r"1, 2, 3, \ldots, 100")) == 0.0
     assert score(answer("41, 42, 43")) == 0.0
+    assert score(answer("41\n42\n43")) == 0.0  # one per line
 
 
 def test_empty_answer():

@@ -49,6 +49,7 @@ def test_math_equivalence_through_math_verify():
     assert match.answers_match(r"\{3, 2, 1\}", r"\{1, 2, 3\}") == 1.0
     assert match.answers_match("[0, 1]", "[0, 1)") == 0.0
     assert match.answers_match(r"2\sqrt{3}", r"3\sqrt{2}") == 0.0
+    assert match.answers_match("\\begin{pmatrix} 1 \\\\\n 2 \\end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}") == 1.0
 
 
 def test_no_gold_and_no_answer():

@@ -75,11 +75,8 @@ def hack_reason(answer: str, gold: str) -> str | None:
         return "negation"
     if _ELLIPSIS.search(answer) and not _ELLIPSIS.search(gold):
         return "list of candidates"
-    if not _MULTI.search(gold):  # a single value: hedging between several is not an answer
-        if _HEDGE.search(answer):
-            return "hedge between answers"
-        if "\n" in answer.strip():
-            return "several lines"
+    if not _MULTI.search(gold) and _HEDGE.search(answer):  # a single value: hedging between several is not one
+        return "hedge between answers"
     return None
 
 
