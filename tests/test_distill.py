@@ -1,0 +1,143 @@
+"""Distillation: teacher -> sample -> SFT of a student with another tokenizer; stages, markers, resume."""
+
+import json
+
+import pytest
+
+from ponder.errors import UserError
+
+RIGHT = "<think> {e} step by step </think> <answer> {a} </answer>"
+WRONG = "<think> guess </think> <answer> 1000 </answer>"
+
+
+@pytest.fixture
+def teacher_engine():
+    """A scripted teacher: for each prompt, one right answer and one wrong one. Counts its calls."""
+    from ponder.rollout import Completion, RolloutEngine, register
+    from ponder.tasks import get_task
+
+    calls = {"n": 0}
+
+    @register("teacher-script")
+    class Teacher(RolloutEngine):
+        def __init__(self, model, tokenizer, **_):
+            super().__init__(model, tokenizer)
+
+        def generate(self, prompts, params):
+            calls["n"] += 1
+            out = []
+            for p in prompts:
+                text = self.tokenizer.decode(p)
+                expr = text.split("User: Compute ", 1)[1].split(". Assistant:")[0]
+                answer = _value(expr)
+                texts = [RIGHT.format(e=expr, a=answer), WRONG][: params.n]
+                out.append([Completion(self.tokenizer(t, add_special_tokens=False).input_ids, "stop") for t in texts])
+            return out
+
+    return calls
+
+
+def _value(expr):
+    tokens = expr.split()
+    total = int(tokens[0])
+    for op, x in zip(tokens[1::2], tokens[2::2]):
+        total = total + int(x) if op == "+" else total - int(x)
+    return total
+
+
+def other_tokenizer_student(path):
+    """A nano Llama whose tokenizer numbers the characters the other way round."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ponder.models.tiny import CHARS, SPECIAL_TOKENS, tiny_config
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARS[::-1])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>", clean_up_tokenization_spaces=False)
+    LlamaForCausalLM(tiny_config("nano", tok, max_len=512)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def make_cfg(tmp_path, student, *extra):
+    from ponder.distill import load_distill_config
+
+    recipe = tmp_path / "d.yaml"
+    recipe.write_text(f"""
+name: d
+output_dir: {tmp_path}
+sample:
+  model: tiny-random
+  engine: teacher-script
+  tasks: [{{name: arithmetic, n: 4, options: {{difficulty: easy}}}}]
+  k: 2
+sft:
+  model: {{path: {student}}}
+  optim: {{lr: 1.0e-3}}
+  train: {{steps: 2, batch_size: 2, save_every: 1, log_samples: 0}}
+""")
+    return load_distill_config(recipe, list(extra))
+
+
+def test_distill_runs_both_stages_into_a_student_with_another_tokenizer(tmp_path, teacher_engine):
+    from ponder.distill import distill
+    from ponder.models import load
+
+    student = other_tokenizer_student(tmp_path / "student-base")
+    cfg = make_cfg(tmp_path, student)
+    out = distill(cfg, quiet=True)
+    run = tmp_path / "d"
+    traces = [json.loads(l) for l in (run / "traces.jsonl").read_text().splitlines()]
+    assert len(traces) == 4 and all(t["rewards"]["accuracy"] == 1.0 for t in traces)  # the wrong half filtered out
+    assert out["sample"]["accepted"] == 4 and out["sft"]["steps"] == 2
+    assert json.loads((run / "stages" / "sft.done").read_text())["student"] == str(run / "student" / "final")
+    _, teacher_tok = load("tiny-random")
+    _, student_tok = load(str(run / "student" / "final"))
+    text = traces[0]["completion"]
+    assert student_tok(text).input_ids != teacher_tok(text).input_ids  # different ids ...
+    assert student_tok.decode(student_tok(text).input_ids) == text  # ... same text
+    assert json.loads((run / "student" / "data.json").read_text())["rows"] == 4
+
+
+def test_stages_are_skipped_once_done_and_an_interrupted_sft_continues(tmp_path, teacher_engine):
+    from ponder.distill import distill
+    from ponder.sft import sft
+
+    cfg = make_cfg(tmp_path, "tiny-random")
+    with pytest.raises(UserError, match="stage sft needs the teacher's traces"):
+        distill(cfg, stage="sft", quiet=True)
+    distill(cfg, stage="sample", quiet=True)
+    assert teacher_engine["n"] == 1 and not (tmp_path / "d" / "stages" / "sft.done").exists()
+    with pytest.raises(UserError, match="already holds distill stages; pass --resume"):
+        distill(cfg, quiet=True)
+    sft(cfg.sft, stop_after=1, quiet=True)  # as if killed after the first SFT checkpoint
+    distill(cfg, resume=True, quiet=True)
+    assert teacher_engine["n"] == 1  # the teacher was not asked again
+    steps = [json.loads(l)["step"] for l in (tmp_path / "d" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_no_accepted_trace_is_a_clear_error(tmp_path, teacher_engine, capsys):
+    from ponder.distill import distill
+
+    cfg = make_cfg(tmp_path, "tiny-random", "sample.k=2", "sample.filters.max_tokens=3")
+    with pytest.raises(UserError, match="no teacher answer passed the filters"):
+        distill(cfg, quiet=True)
+    assert not (tmp_path / "d" / "stages" / "sample.done").exists()
+
+
+def test_distill_command_line(tmp_path, teacher_engine, capsys):
+    from ponder.cli import main
+
+    cfg = make_cfg(tmp_path, "tiny-random")
+    recipe = tmp_path / "d.yaml"
+    assert main(["distill", str(recipe), "--stage", "sample"]) == 0
+    assert (tmp_path / "d" / "stages" / "sample.done").is_file()
+    assert main(["distill", str(recipe), "--stage", "sample"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["distill", str(recipe), "sample.kk=3"]) == 2
+    assert "unknown config key 'sample.kk'" in capsys.readouterr().err
