@@ -131,6 +131,7 @@ def check(shape: str) -> dict:
     return res
 
 
+@torch.no_grad()
 def profile(model, tok, prompts, new, out_dir) -> dict:
     """GPU time of one captured decode step (no host work), and the kernels of that step by time."""
     eng = FastEngine(model, tok)
