@@ -8,6 +8,7 @@ from ponder.errors import UserError
 from ponder.rewards import verify_pool
 from ponder.rewards.basic import accuracy
 from ponder.tasks import get_task
+from ponder.tasks.gym import _dataset
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,6 +78,16 @@ def test_reasoning_gym_by_name_scored_by_its_own_scorer():
     # Tags are stripped before the library's scorer sees the answer (it would give partial credit otherwise).
     assert gym.verify(f"<answer>{ex[0]['answer']}</answer>", ex[0]) == 1.0
     assert score("reasoning_gym", ex[:1], ["<answer>not a number</answer>"]) == [0.0]
+
+
+def test_reasoning_gym_open_dataset_has_no_gold_and_is_scored_by_logic():
+    gym = get_task("reasoning_gym")
+    (ex,) = gym.load("train", dataset="propositional_logic", size=1, seed=0)
+    assert ex["answer"] is None  # several conclusions are right; the library's scorer checks validity
+    entry = _dataset(ex["gym_dataset"], ex["gym_size"], ex["gym_seed"], ())[ex["gym_index"]]
+    conclusion = entry["metadata"]["example_answer"]  # one valid conclusion among many
+    assert gym.verify(f"<think>derive</think><answer>{conclusion}</answer>", ex) == 1.0
+    assert gym.verify("<answer>Z ∧ ¬Z</answer>", ex) == 0.0  # a variable the premises do not have
 
 
 def test_reasoning_gym_unknown_dataset_is_a_user_error():

@@ -58,7 +58,8 @@ class ReasoningGym(Task):
             entry = ds[i]
             if entry["question"] in seen:
                 continue
-            rows.append({"prompt": entry["question"], "answer": str(entry["answer"]), "task": self.name,
+            gold = entry["answer"]  # None for open datasets (several right answers): the scorer decides
+            rows.append({"prompt": entry["question"], "answer": None if gold is None else str(gold), "task": self.name,
                          "gym_dataset": dataset, "gym_size": size, "gym_seed": ds_seed, "gym_index": i,
                          "gym_config": dict(frozen)})
         return rows[:n] if n else rows
