@@ -13,7 +13,6 @@ A recipe names rewards with a weight, or with options: `rewards: {accuracy: 1.0,
 from __future__ import annotations
 
 import difflib
-import functools
 from math import isnan  # (a plain `import math` would be shadowed by the submodule ponder.rewards.math)
 from typing import Any, Callable
 
@@ -58,20 +57,21 @@ class RewardSet:
     def __init__(self, spec: dict[str, Any]):
         self.fns: dict[str, RewardFn] = {}
         self.weights: dict[str, float] = {}
+        self.options: dict[str, dict] = {}  # recipe options win over example columns of the same name
         for name, value in spec.items():
             opts = dict(value) if isinstance(value, dict) else {"weight": value}
             weight = opts.pop("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise UserError(f"config rewards.{name}: weight must be a number, got {weight!r}")
-            fn = get_reward(name)
-            self.fns[name] = functools.partial(fn, **opts) if opts else fn
+            self.fns[name] = get_reward(name)
+            self.options[name] = opts
             self.weights[name] = float(weight)
 
     def score(self, completions: list[str], prompts: list, columns: dict[str, list]):
         per_fn: dict[str, list[float | None]] = {}
         for name, fn in self.fns.items():
             try:
-                values = fn(completions, prompts=prompts, **columns)
+                values = fn(completions, prompts=prompts, **{**columns, **self.options[name]})
             except TypeError as e:
                 raise UserError(f"reward '{name}' could not be called with the reward contract: {e}") from None
             values = list(values) if values is not None else None
