@@ -186,3 +186,44 @@ def test_bad_sample_input_is_one_line(tmp_path, capsys, args, message):
     assert main(["sample", "--model", "tiny-random", "--tasks", "first_digit", "--out", str(tmp_path / "x.jsonl"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_interrupted_sampling_resumes_after_its_last_chunk(tmp_path):
+    from ponder.models import load
+    from ponder.rollout import Completion, RolloutEngine, register
+    from ponder.sample import SampleConfig, sample
+
+    calls = {"n": 0, "fail_at": 0}
+
+    @register("flaky")
+    class Flaky(RolloutEngine):
+        """Answers every prompt with its gold answer (from the prompt text); dies on a chosen call."""
+
+        def __init__(self, model, tokenizer, **_):
+            super().__init__(model, tokenizer)
+
+        def generate(self, prompts, params):
+            calls["n"] += 1
+            if calls["n"] == calls["fail_at"]:
+                raise KeyboardInterrupt
+            out = []
+            for p in prompts:
+                digit = self.tokenizer.decode(p).split("#")[1][0]
+                texts = [f"<think> it is {digit}{i} </think> <answer> 7{i} </answer>" for i in range(params.n)]
+                out.append([Completion(self.tokenizer(t).input_ids, "stop") for t in texts])
+            return out
+
+    model, tok = load("tiny-random")
+    spec = TaskSpec(name="first_digit", n=7)
+    make = lambda out: SampleConfig(model="tiny-random", tasks=[spec], k=2, batch_size=4, engine="flaky", out=str(tmp_path / out))
+    sample(make("full.jsonl"), progress=False, model=model, tokenizer=tok)
+    calls.update(n=0, fail_at=3)  # chunks of 2 prompts: dies in the third chunk
+    with pytest.raises(KeyboardInterrupt):
+        sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok)
+    assert json.loads((tmp_path / "cut.jsonl.partial.json").read_text())["chunks"] == 2
+    calls.update(n=0, fail_at=0)
+    summary = sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok, resume=True)
+    assert calls["n"] == 2  # only the two chunks left were generated
+    assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+    assert summary["tasks"]["first_digit"]["prompts"] == 7 and summary["accepted"] == 14
+    assert not (tmp_path / "cut.jsonl.partial.json").exists()

@@ -90,25 +90,25 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
             if not quiet:
                 console.print(f"stage {s}: done earlier ({marker(cfg, s)}), skipped")
             continue
-        out[s] = STAGE_FNS[s](cfg, quiet)
+        out[s] = STAGE_FNS[s](cfg, quiet, resume)
         marker(cfg, s).parent.mkdir(parents=True, exist_ok=True)
         marker(cfg, s).write_text(json.dumps(out[s] | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
     return out
 
 
-def _sample_stage(cfg: DistillConfig, quiet: bool) -> dict:
+def _sample_stage(cfg: DistillConfig, quiet: bool, resume: bool) -> dict:
     from ponder.sample import sample
 
     if not quiet:
         console.rule(f"stage sample: teacher {cfg.sample.model}")
-    summary = sample(cfg.sample, progress=not quiet)
+    summary = sample(cfg.sample, progress=not quiet, resume=resume)  # an interrupted sampling continues
     if summary["accepted"] == 0:
         raise UserError(f"no teacher answer passed the filters (see {Path(cfg.sample.out).with_suffix('.summary.json')}); "
                         "raise sample.k or sample.max_new_tokens, or loosen sample.filters")
     return {"traces": cfg.sample.out, "accepted": summary["accepted"], "unsolved_prompts": summary["unsolved_prompts"]}
 
 
-def _sft_stage(cfg: DistillConfig, quiet: bool) -> dict:
+def _sft_stage(cfg: DistillConfig, quiet: bool, resume: bool) -> dict:
     from ponder import checkpoint
     from ponder.sft import sft
 

@@ -80,6 +80,7 @@ def add_parser(sub) -> None:
     p.add_argument("--per-prompt", type=int, help="m: most answers kept per prompt (default 4; 0: no cap)")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="output JSONL (default runs/samples/traces.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings and --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_cli)
 
@@ -106,7 +107,7 @@ def _run_cli(args) -> None:
             spec.n = args.n or spec.n
             spec.options.update(_options(args.option))
     check(cfg)
-    sample(cfg, progress=not args.quiet)
+    sample(cfg, progress=not args.quiet, resume=args.resume)
 
 
 def _options(items):
@@ -123,8 +124,12 @@ def task_labels(specs: list[TaskSpec]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
-def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None) -> dict:
-    """Run rejection sampling; write the accepted rows, the summary and the unsolved ids. Returns the summary."""
+def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None, resume: bool = False) -> dict:
+    """Run rejection sampling; write the accepted rows, the summary and the unsolved ids. Returns the summary.
+
+    Rows go to <out>.partial, and <out>.partial.json records after each chunk of prompts how far it got;
+    with `resume`, an interrupted run with the same settings continues after its last finished chunk
+    (chunks have their own seeds, so the result is the one an uninterrupted run writes)."""
     import torch
 
     from ponder.models import load
@@ -151,14 +156,26 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None)
               "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop), "seed": cfg.seed}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    counts = {label: {"prompts": 0, "samples": 0, "accepted": 0, "solved_prompts": 0, "rejected": dict.fromkeys(ORDER, 0)}
-              for label in task_labels(cfg.tasks)}
-    unsolved: list[str] = []
+    tmp, ledger = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
+    key = json.dumps({k: v for k, v in to_dict(cfg).items() if k not in ("out", "threads", "device")}, sort_keys=True)
+    state = {"key": key, "chunks": 0, "bytes": 0, "unsolved": [], "counts": {
+        label: {"prompts": 0, "samples": 0, "accepted": 0, "solved_prompts": 0, "rejected": dict.fromkeys(ORDER, 0)}
+        for label in task_labels(cfg.tasks)}}
+    if resume and tmp.is_file() and ledger.is_file():
+        earlier = json.loads(ledger.read_text())
+        if earlier.get("key") == key:
+            state = earlier
+    counts, unsolved = state["counts"], state["unsolved"]
     per_chunk = max(1, cfg.batch_size // cfg.k)
     start = time.perf_counter()
-    with _bar(progress, len(problems)) as (bar, task), tmp.open("w", encoding="utf-8") as fh:
+    with _bar(progress, len(problems)) as (bar, task), tmp.open("a+" if state["chunks"] else "w", encoding="utf-8") as fh:
+        fh.truncate(state["bytes"])  # rows written after the last recorded chunk are written again
+        fh.seek(state["bytes"])
+        if bar is not None:
+            bar.advance(task, min(len(problems), state["chunks"] * per_chunk))
         for c, lo in enumerate(range(0, len(problems), per_chunk)):
+            if c < state["chunks"]:
+                continue
             chunk = problems[lo : lo + per_chunk]
             ids = [tokenizer(render(cfg.template, ex["prompt"], tokenizer)).input_ids for _, _, ex in chunk]
             with torch.random.fork_rng(devices=[]):
@@ -177,9 +194,13 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None)
                     unsolved.append(pid)
                 for j, cand, rewards in kept:
                     fh.write(json.dumps(_row(ex, pid, j, cand, rewards, source), ensure_ascii=False) + "\n")
+            fh.flush()
+            state.update(chunks=c + 1, bytes=fh.tell())
+            _atomic_json(ledger, state)
             if bar is not None:
                 bar.advance(task, len(chunk))
     os.replace(tmp, out)
+    ledger.unlink(missing_ok=True)
     for n in counts.values():
         n["acceptance_rate"] = n["accepted"] / max(n["samples"], 1)
         n["solved_rate"] = n["solved_prompts"] / max(n["prompts"], 1)
@@ -190,6 +211,12 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None)
     out.with_name(out.stem + ".unsolved.txt").write_text("".join(p + "\n" for p in unsolved))
     _print_summary(summary, out, progress)
     return summary
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def _judge(chunk, outs, tokenizer, cfg: SampleConfig):
