@@ -2,10 +2,14 @@
 
 - Prefill: each distinct prompt runs once, packed (no padding work outside attention); its cache is
   copied to the rows of its `n` samples.
-- Decode: one step for all rows, captured as a CUDA graph per (batch bucket, attention length bucket);
-  sampling on the device, outside the graph. Every `sync_every` steps the host looks once: it stops when
-  all rows are done, checks stop strings, and moves the live rows to the front when they fit a smaller
-  batch bucket (finished rows are only masked until then).
+- Decode: one step for all rows, captured as a CUDA graph per (batch bucket, attention length bucket,
+  temperature), sampling and bookkeeping included: the host only replays it. The random draw is a hash
+  of (seed, step, sequence, token), so it needs no RNG state in the graph. With top-k/top-p the graph
+  stops at the logits and sampling follows eagerly. Every `sync_every` steps the host looks once: it
+  stops when all rows are done, checks stop strings, and moves the live rows to the front when they fit
+  a smaller batch bucket (finished rows are only masked until then).
+- The cache and graphs stay allocated between calls (keep_cache=False frees them after each call, at
+  the price of capturing again).
 - Graphs read the weights at their addresses, so in-place optimizer updates are seen; if a parameter is
   replaced (new storage), the graphs are dropped and captured again.
 On CPU the same code runs eagerly. Architectures other than Llama/Qwen2/Qwen3/Mistral, and calls that
@@ -48,7 +52,7 @@ class FastEngine(RolloutEngine):
         if self.arch is None:
             notice(f"fast engine: {why}; using the hf engine")
         self.fwd: Forward | None = None
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.pool = None
         self.weights_sig = None
 
@@ -78,8 +82,9 @@ class FastEngine(RolloutEngine):
             # whole prompt groups per run, at most batch_size sequences each (at least one group)
             per_run = max(1, (self.batch_size or len(prompts) * params.n) // params.n)
             tokens, logprobs = [], [] if params.logprobs else None
-            for i in range(0, len(prompts), per_run):
-                t, lp = self._run(prompts[i : i + per_run], params)
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            for run_no, i in enumerate(range(0, len(prompts), per_run)):
+                t, lp = self._run(prompts[i : i + per_run], params, (seed ^ (seed >> 32)) + run_no * 0x632BE5AB)
                 tokens += t
                 if lp is not None:
                     logprobs += lp
@@ -141,13 +146,12 @@ class FastEngine(RolloutEngine):
 
     # -- generation ---------------------------------------------------------------------------------
 
-    def _run(self, prompts, params: SamplingParams):
+    def _run(self, prompts, params: SamplingParams, seed: int):
         n_seq, max_new = len(prompts) * params.n, params.max_tokens
         max_prompt = max(len(p) for p in prompts)
         f, use_graphs = self._prepare(n_seq, max_prompt + max_new - 1)
         dev = f.device
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        f.seed.fill_((seed ^ (seed >> 32)) & 0xFFFFFFFF)
+        f.seed.fill_(seed & 0xFFFFFFFF)
         eos = sorted(e for e in self.eos_ids() if e is not None)[: len(f.eos)]
         f.eos.fill_(-1)
         f.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long, device=dev)
