@@ -3,7 +3,10 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+)
 
 from ponder.errors import UserError
 from ponder.models import load
@@ -41,6 +44,7 @@ def models():
     yield "llama", seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
     yield "qwen2", seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
     yield "qwen3", seeded(1, lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=False)))
+    yield "mistral", seeded(0, lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)))
 
 
 PROMPTS = ["Q: 12+7=", "a", "The quick brown fox jumps", "xyz xyz", "count: 1 2 3 4 5 6 7 8 9"]
@@ -205,6 +209,36 @@ def test_other_architectures_fall_back_to_hf_with_a_notice(capsys):
     prompts = encode(PROMPTS[:2])
     params = SamplingParams(temperature=0, max_tokens=5)
     assert eng.generate(prompts, params) == HFEngine(model, TOK).generate(prompts, params)
+
+
+def test_lora_wrapped_policy_generates_like_transformers():
+    peft = pytest.importorskip("peft")
+    base = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():  # LoRA's B starts at zero; make the adapters change the output
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    model.eval()
+    prompts = encode(PROMPTS[:3])
+    params = SamplingParams(n=2, temperature=0, max_tokens=10)
+    got = make_engine("fast", model, TOK).generate(prompts, params)
+    assert got == HFEngine(model, TOK).generate(prompts, params)
+    with model.disable_adapter():  # the adapters matter: without them the answers differ
+        assert HFEngine(model, TOK).generate(prompts, params) != got
+
+
+def test_calls_past_a_sliding_window_go_to_hf(capsys):
+    model = seeded(0, lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=12)))
+    model.generation_config.eos_token_id = len(TOK) + 5
+    eng = FastEngine(model, TOK)
+    prompts = encode(PROMPTS[:2])
+    short = SamplingParams(temperature=0, max_tokens=3)  # 8 + 3 positions: within the window
+    assert eng.generate(prompts, short) == HFEngine(model, TOK).generate(prompts, short)
+    assert capsys.readouterr().err == ""
+    long = SamplingParams(temperature=0, max_tokens=10)
+    assert eng.generate(prompts, long) == HFEngine(model, TOK).generate(prompts, long)
+    assert "exceed the sliding window (12); using the hf engine" in capsys.readouterr().err
 
 
 def test_user_mistakes_are_named():
