@@ -1,0 +1,375 @@
+"""`ponder pretrain RECIPE`: train a tiny character-level Llama on the synthetic corpus, from scratch.
+
+The corpus (ponder.tasks.corpus) is written in memory, split into documents ended by EOS, packed into
+one token stream, and read in random windows. Plain next-token loss, AdamW, warmup then cosine decay.
+The result is a Hugging Face model directory with its tokenizer, a model card (README.md) and the
+figures of a probe on the held-out hard arithmetic split under the R1-Zero template.
+Determinism: one seed fixes the corpus, the initialisation and the windows read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+
+from ponder.errors import UserError
+from ponder.tasks.corpus import CorpusConfig, corpus_text
+
+
+@dataclass
+class ProbeConfig:
+    n: int = 200  # held-out problems; 0: no probe
+    k: int = 4  # samples per problem
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 0.6])
+    max_new_tokens: int = 256
+    batch_size: int = 1024  # sequences generated at once
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic:hard", "countdown:medium"])
+
+
+@dataclass
+class PretrainConfig:
+    output: str = "runs/pretrain-tiny"  # the model directory written
+    seed: int = 0
+    shape: str = "micro"  # ponder.models.tiny.TINY_SHAPES
+    sizes: dict[str, Any] = field(default_factory=dict)  # LlamaConfig fields that override the shape's
+    max_len: int = 1024  # positions the model supports
+    block: int = 768  # training window (tokens)
+    corpus_chars: int = 20_000_000
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    workers: int = 0  # processes writing the corpus; 0: one per CPU core
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
+    threads: int = 0  # torch CPU threads; 0: torch's default
+    log_every: int = 100
+    save_dtype: Literal["float32", "bfloat16"] = "float32"
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _shard(args) -> str:
+    n_chars, seed, cfg = args
+    return "\x00".join(corpus_text(n_chars, seed, cfg))
+
+
+def corpus_tokens(cfg: PretrainConfig, tokenizer) -> np.ndarray:
+    """The corpus as one stream of token ids, each document followed by EOS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = cfg.workers or min(cores, 16)
+    shards = max(1, min(64, cfg.corpus_chars // 200_000))  # fixed by the size alone: the same corpus on any machine
+    jobs = [(cfg.corpus_chars // shards, cfg.seed * 100_003 + i, cfg.corpus) for i in range(shards)]
+    if workers > 1 and shards > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            texts = list(pool.map(_shard, jobs))
+    else:
+        texts = [_shard(j) for j in jobs]
+    lut = char_table(tokenizer)
+    parts = [lut[np.frombuffer(t.encode("ascii"), dtype=np.uint8)] for t in texts]
+    return np.concatenate(parts)
+
+
+def char_table(tokenizer) -> np.ndarray:
+    """byte -> token id for a character tokenizer; the separator byte 0 maps to EOS."""
+    lut = np.full(256, tokenizer.unk_token_id, dtype=np.int64)
+    for b in range(1, 128):
+        tid = tokenizer.convert_tokens_to_ids(chr(b))
+        if tid is not None and tid != tokenizer.unk_token_id:
+            lut[b] = tid
+    lut[0] = tokenizer.eos_token_id
+    return lut
+
+
+# ---------------------------------------------------------------------------------------------
+# model and training
+
+
+def build_model(cfg: PretrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ponder.models.tiny import TINY_SHAPES, tiny_config
+
+    if cfg.shape not in TINY_SHAPES:
+        raise UserError(f"config shape: unknown tiny shape '{cfg.shape}'; choose one of: {', '.join(TINY_SHAPES)}")
+    base = tiny_config(cfg.shape, tokenizer, max_len=cfg.max_len).to_dict()
+    unknown = [k for k in cfg.sizes if k not in base]
+    if unknown:
+        raise UserError(f"config sizes.{unknown[0]}: not a LlamaConfig field; use e.g. hidden_size, num_hidden_layers")
+    base.update(cfg.sizes)
+    base.pop("head_dim", None)  # recomputed from hidden_size / num_attention_heads
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return LlamaForCausalLM(LlamaConfig(**base))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("config device=cuda but no CUDA device is visible; use device=auto or cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def train(model, tokens: np.ndarray, cfg: PretrainConfig, console) -> list[float]:
+    """Run `cfg.steps` optimizer steps; returns the loss of every step."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    device = _device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if len(tokens) < cfg.block + 2:
+        raise UserError(f"config corpus_chars={cfg.corpus_chars} is shorter than one training window; raise it")
+    data = torch.from_numpy(tokens).to(device)  # tiny next to the device's memory; windows are cut there
+    model.to(device).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    offsets = torch.arange(cfg.block + 1)
+    losses: list[float] = []
+    columns = [TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    start = time.time()
+    last = (0, start)
+    with Progress(*columns, console=console, transient=False) as bar:
+        job = bar.add_task("pretrain", total=cfg.steps, loss="-", rate="")
+        for step in range(cfg.steps):
+            starts = torch.randint(0, len(data) - cfg.block - 1, (cfg.batch_size,), generator=gen)
+            batch = data[(starts[:, None] + offsets).to(device)]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if step % 10 == 0 or step == cfg.steps - 1:
+                value = loss.item()
+                if not math.isfinite(value):
+                    from ponder.errors import TrainingError
+
+                    raise TrainingError(f"pretraining loss became {value} at step {step}; lower lr")
+                now = time.time()
+                rate = (step - last[0]) * cfg.batch_size * cfg.block / max(now - last[1], 1e-9)  # recent tokens/s
+                last = (step, now)
+                bar.update(job, completed=step + 1, loss=f"{value:.3f}", rate=f"{rate / 1e3:.0f}k tok/s")
+                if not console.is_terminal and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+                    console.print(f"step {step + 1}/{cfg.steps} loss {value:.4f} {rate / 1e3:.0f}k tok/s "
+                                  f"{time.time() - start:.0f}s")
+            losses.append(loss.detach())
+    return [float(x) for x in losses]
+
+
+# ---------------------------------------------------------------------------------------------
+# probe: what the base model does under the R1-Zero template
+
+STEP_RE = re.compile(r"\d+ [-+*/] \d+ = \d+")
+REFLECTION_RE = re.compile(r"\b(wait|verify|check|mistake|however|recheck)\b", re.IGNORECASE)
+
+
+def probe(model, tokenizer, cfg: ProbeConfig, seed: int = 0) -> dict:
+    """pass@1 (mean over k), format rate, worked-step share, length and reflection rate per task and temperature."""
+    from ponder.rewards import get_reward
+    from ponder.rewards.extract import extract_answer
+    from ponder.rollout import SamplingParams, make_engine
+    from ponder.tasks import get_task
+    from ponder.templates import render
+
+    engine = make_engine("hf", model, tokenizer, batch_size=cfg.batch_size)
+    out: dict = {}
+    for spec in cfg.tasks:
+        name, _, level = spec.partition(":")
+        task = get_task(name)
+        examples = task.load("test", n=cfg.n, seed=seed, **({"difficulty": level} if level else {}))
+        prompts = [tokenizer(render("r1_zero", ex["prompt"]))["input_ids"] for ex in examples]
+        for temp in cfg.temperatures:
+            params = SamplingParams(n=cfg.k, temperature=temp, max_tokens=cfg.max_new_tokens, stop=("</answer>",), seed=seed)
+            groups = engine.generate(prompts, params)
+            texts, scores = [], []
+            for ex, group in zip(examples, groups):
+                for c in group:
+                    text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                    answer = extract_answer(text)
+                    texts.append(text)
+                    scores.append(0.0 if answer is None else task.verify(answer, ex))
+            formatted = get_reward("format")(texts, prompts=[])
+            worked = [len(STEP_RE.findall(t)) >= 2 for t in texts]
+            # accuracy of the mode RL should select: worked steps inside the tags
+            selected = [s for s, f, w in zip(scores, formatted, worked) if f and w]
+            out[f"{spec}@T{temp}"] = {
+                "pass@1": float(np.mean(scores)),
+                "format": float(np.mean(formatted)),
+                "worked": float(np.mean(worked)),
+                "worked_pass": float(np.mean(selected)) if selected else float("nan"),
+                "length": float(np.mean([len(tokenizer(t)["input_ids"]) for t in texts])),
+                "reflection": float(np.mean([bool(REFLECTION_RE.search(t)) for t in texts])),
+                "n": len(examples), "k": cfg.k, "example": texts[0],
+            }
+    return out
+
+
+def probe_table(figures: dict) -> str:
+    lines = ["| task @ temperature | pass@1 | format | worked steps | pass@1 of worked+format | length (tokens) "
+             "| reflection words | n x k |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, f in figures.items():
+        lines.append(f"| {key} | {f['pass@1']:.3f} | {f['format']:.3f} | {f['worked']:.3f} | {f['worked_pass']:.3f} "
+                     f"| {f['length']:.1f} | "
+                     f"{f['reflection']:.3f} | {f['n']} x {f['k']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def write_card(out: Path, cfg: PretrainConfig, info: dict, figures: dict | None) -> None:
+    from ponder.config import to_dict
+
+    import yaml
+
+    text = [f"# {out.resolve().name}", "",
+            "A character-level Llama-architecture base model of ponder's miniature world, pretrained from scratch "
+            "on the synthetic corpus of `ponder.tasks.corpus` (see docs/world.md). It has never seen a test "
+            "item or an RL training prompt of the `arithmetic` and `countdown` tasks.", "",
+            "## How it was made", "", "```", info["command"], "```", "",
+            f"{info['params']:,} parameters; {cfg.steps} steps of {cfg.batch_size} x {cfg.block} tokens "
+            f"({cfg.steps * cfg.batch_size * cfg.block / 1e6:.0f}M tokens) over a corpus of {info['corpus_tokens'] / 1e6:.1f}M "
+            f"tokens; final loss {info['final_loss']:.3f}; {info['train_seconds']:.0f} s on {info['device']}.", ""]
+    if figures:
+        text += ["## What it scores", "",
+                 "Held-out test splits under the R1-Zero template, k samples per problem, stop at `</answer>`, "
+                 f"at most {cfg.probe.max_new_tokens} new tokens. pass@1 is the mean correctness over the k samples; "
+                 "format is the strict think-then-answer check of the `format` reward; worked steps is the share "
+                 "of completions with at least two written steps `a op b = c`; reflection words is the share with "
+                 "wait/verify/check/mistake/however/recheck.", "", probe_table(figures), "",
+                 "Measured by:", "", "```", f"ponder pretrain {info['recipe']} --probe-only output={out}", "```", ""]
+    text += ["## Resolved config", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).strip(), "```", ""]
+    (out / "README.md").write_text("\n".join(text))
+
+
+def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, overrides: list[str] = ()) -> Path:
+    """Write the corpus, train, save the model with its tokenizer and card; return its directory."""
+    from rich.console import Console
+
+    from ponder.models import save
+    from ponder.models.tiny import char_tokenizer
+
+    console = console or Console()
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.block < 2 or cfg.block > cfg.max_len:
+        raise UserError("config: need steps >= 1, batch_size >= 1 and 2 <= block <= max_len")
+    torch.manual_seed(cfg.seed)
+    tokenizer = char_tokenizer()
+    t0 = time.time()
+    tokens = corpus_tokens(cfg, tokenizer)
+    console.print(f"corpus: {len(tokens) / 1e6:.1f}M tokens in {time.time() - t0:.0f}s")
+    model = build_model(cfg, tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    console.print(f"model: {params:,} parameters ({cfg.shape} {cfg.sizes or ''})")
+    t1 = time.time()
+    losses = train(model, tokens, cfg, console)
+    seconds = time.time() - t1
+    model = model.float().eval()
+    device = next(model.parameters()).device
+    out = Path(cfg.output)
+    to_save = model.to(torch.bfloat16) if cfg.save_dtype == "bfloat16" else model
+    save(to_save, tokenizer, out)
+    model.float()
+    info = {
+        "command": " ".join(["ponder pretrain", recipe, *(o for o in overrides if not o.startswith("output="))]), "recipe": recipe, "params": params, "corpus_tokens": len(tokens),
+        "final_loss": float(np.mean(losses[-20:])), "train_seconds": seconds,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+    }
+    figures = None
+    if cfg.probe.n:
+        tokenizer.padding_side = "left"
+        figures = probe(model, tokenizer, cfg.probe, seed=cfg.seed)
+        console.print(probe_table(figures))
+    write_card(out, cfg, info, figures)
+    console.print(f"saved {out} (loss {info['final_loss']:.3f}, {seconds:.0f}s training)")
+    return out
+
+
+def probe_only(cfg: PretrainConfig, recipe: str, console=None) -> dict:
+    """Measure an existing model (cfg.output) and print the card's table."""
+    from rich.console import Console
+
+    from ponder.models import load
+
+    console = console or Console()
+    model, tokenizer = load(cfg.output)
+    device = _device(cfg.device)
+    figures = probe(model.to(device).eval(), tokenizer, cfg.probe, seed=cfg.seed)
+    console.print(probe_table(figures))
+    return figures
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain a tiny base model on the synthetic corpus",
+        description="Write the synthetic corpus (ponder.tasks.corpus), pretrain a tiny character-level Llama on it "
+        "from scratch, save it in Hugging Face format with its tokenizer and a model card, and probe it on the "
+        "held-out test splits under the R1-Zero template.",
+    )
+    p.add_argument("recipe", help="YAML recipe with PretrainConfig keys, e.g. recipes/pretrain-tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. steps=100 output=runs/base")
+    p.add_argument("--probe-only", action="store_true", help="only measure the model already in `output`")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ponder.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides, cls=PretrainConfig)
+    if args.probe_only:
+        probe_only(cfg, args.recipe)
+    else:
+        pretrain(cfg, recipe=args.recipe, overrides=args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m ponder.pretrain")
+    add_parser(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(["pretrain", *sys.argv[1:]])
+    try:
+        run(ns)
+    except UserError as e:
+        print(f"ponder: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,130 @@
+"""`ponder pretrain`: the corpus as tokens, a short CPU run that learns, a loadable model, the shipped tiny-base."""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ponder.config import load_config
+from ponder.errors import UserError
+from ponder.models import load
+from ponder.models.tiny import char_tokenizer
+from ponder.pretrain import PretrainConfig, add_parser, char_table, corpus_tokens, lr_at, pretrain, probe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "pretrain-tiny.yaml"
+
+
+def small(tmp_path, **kw) -> PretrainConfig:
+    cfg = dict(output=str(tmp_path / "model"), shape="nano", steps=40, batch_size=8, block=128, max_len=256,
+               corpus_chars=150_000, workers=1, threads=1, lr=3e-3, warmup_steps=5, log_every=1000, probe={"n": 0})
+    cfg.update(kw)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(path, [], cls=PretrainConfig)
+
+
+def test_char_table_agrees_with_the_tokenizer():
+    tok = char_tokenizer()
+    text = "User: Compute 12 + 7. Assistant: <think> 12 + 7 = 19. </think>\n<answer>19</answer>"
+    lut = char_table(tok)
+    assert lut[np.frombuffer(text.encode(), dtype=np.uint8)].tolist() == tok(text)["input_ids"]
+    assert lut[0] == tok.eos_token_id
+
+
+def test_corpus_tokens_are_deterministic_and_end_documents_with_eos(tmp_path):
+    cfg, tok = small(tmp_path), char_tokenizer()
+    a, b = corpus_tokens(cfg, tok), corpus_tokens(cfg, tok)
+    assert np.array_equal(a, b) and len(a) >= 150_000 - 200_000 // 64
+    text = tok.decode(a[:5000].tolist())
+    assert "Assistant:" in text and (a == tok.eos_token_id).sum() > 50
+
+
+def test_lr_warms_up_then_decays_to_min(tmp_path):
+    cfg = small(tmp_path, steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(99, cfg) == pytest.approx(1e-4, rel=0.01)
+
+
+def test_short_cpu_run_lowers_the_loss_and_saves_a_loadable_model(tmp_path, capsys):
+    from rich.console import Console
+
+    cfg = small(tmp_path)
+    out = pretrain(cfg, recipe="r.yaml", console=Console(width=120))
+    printed = capsys.readouterr().out
+    losses = [float(x.split()[3]) for x in printed.splitlines() if x.startswith("step ")]
+    assert losses[0] > 4.0 and losses[-1] < losses[0] - 1.0  # from uniform over 101 characters to the corpus
+    model, tok = load(str(out))
+    assert model.config.hidden_size == 64 and tok("12 + 7")["input_ids"] == char_tokenizer()("12 + 7")["input_ids"]
+    card = (out / "README.md").read_text()
+    assert "ponder pretrain r.yaml" in card and "40 steps" in card
+    # same seed, same weights (CPU runs repeat bit for bit)
+    (tmp_path / "again").mkdir()
+    again = pretrain(small(tmp_path / "again", output=str(tmp_path / "m2")), recipe="r.yaml", console=Console(width=120))
+    m2, _ = load(str(again))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), m2.parameters()))
+
+
+def test_probe_reports_figures_in_range():
+    from ponder.models.tiny import tiny_random
+    from ponder.pretrain import ProbeConfig
+
+    model, tok = tiny_random("nano", seed=0)
+    figs = probe(model, tok, ProbeConfig(n=2, k=2, temperatures=[1.0], max_new_tokens=6,
+                                         tasks=["arithmetic:hard", "countdown:easy"]))
+    assert set(figs) == {"arithmetic:hard@T1.0", "countdown:easy@T1.0"}
+    for f in figs.values():
+        assert f["pass@1"] == 0.0 and f["format"] == 0.0 and 0 < f["length"] <= 6 and f["n"] == 2 and f["k"] == 2
+
+
+def test_config_mistakes_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown config key 'stpes'"):
+        load_config(RECIPE, ["stpes=3"], cls=PretrainConfig)
+    with pytest.raises(UserError, match="unknown tiny shape 'huge'"):
+        pretrain(small(tmp_path, shape="huge", corpus_chars=1000))
+    with pytest.raises(UserError, match="sizes.hiden_size: not a LlamaConfig field"):
+        pretrain(small(tmp_path, sizes={"hiden_size": 8}, corpus_chars=1000))
+    with pytest.raises(UserError, match="block <= max_len"):
+        pretrain(small(tmp_path, block=512, max_len=256))
+
+
+def test_cli_registers_pretrain_with_help():
+    parser = argparse.ArgumentParser(prog="ponder")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["pretrain", "recipes/pretrain-tiny.yaml", "steps=5", "--probe-only"])
+    assert args.recipe == "recipes/pretrain-tiny.yaml" and args.overrides == ["steps=5"] and args.probe_only
+    assert callable(args.func)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pretrain", "--help"])
+
+
+def test_shipped_tiny_base_matches_its_recipe_and_loads_by_name():
+    cfg = load_config(RECIPE, [], cls=PretrainConfig)
+    model, tok = load("tiny-base")
+    for key, value in cfg.sizes.items():
+        assert getattr(model.config, key) == value
+    assert tok.padding_side == "left" and tok.eos_token_id == model.config.eos_token_id
+    weights = ROOT / "src" / "ponder" / "assets" / "tiny-base" / "model.safetensors"
+    assert weights.stat().st_size < 5 * 2**20
+    card = (weights.parent / "README.md").read_text()
+    assert "ponder pretrain recipes/pretrain-tiny.yaml" in card and "| arithmetic:hard@T1.0 |" in card
+
+
+def test_tiny_base_answers_in_its_learned_forms():
+    """The base model has the behaviours RL selects: under the R1-Zero template some completions are
+    worked step by step inside the tags, some are bare answers (seeded sampling: fixed on CPU)."""
+    from ponder.rollout import SamplingParams, make_engine
+    from ponder.tasks import get_task
+    from ponder.templates import render
+
+    model, tok = load("tiny-base")
+    examples = get_task("arithmetic").load("test", n=8, seed=0)
+    prompts = [tok(render("r1_zero", ex["prompt"]))["input_ids"] for ex in examples]
+    groups = make_engine("hf", model, tok).generate(prompts, SamplingParams(n=4, temperature=1.0, max_tokens=160, stop=("</answer>",), seed=0))
+    texts = [tok.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
+    assert any("<think>" in t and "</answer>" in t for t in texts)
+    assert any(t.count(" = ") >= 2 for t in texts) and any(" = " not in t for t in texts)

@@ -1,0 +1,201 @@
+"""The procedural tasks of the miniature world: exact verifiers and hash-disjoint splits."""
+
+import random
+
+import pytest
+
+from ponder.errors import UserError
+from ponder.tasks import get_task
+from ponder.tasks import arithmetic as ar
+from ponder.tasks import countdown as cd
+from ponder.tasks.partition import partition_of
+
+
+@pytest.fixture(scope="module")
+def arith():
+    return get_task("arithmetic")
+
+
+@pytest.fixture(scope="module")
+def count():
+    return get_task("countdown")
+
+
+# ---------------------------------------------------------------------------------------------
+# arithmetic
+
+
+def test_arithmetic_examples_are_left_to_right_chains(arith):
+    rows = arith.load("test", n=50, seed=3)
+    for ex in rows:
+        tokens = ex["expression"].split()
+        value = int(tokens[0])
+        for op, x in zip(tokens[1::2], tokens[2::2]):
+            value = value + int(x) if op == "+" else value - int(x)
+            assert value >= 0  # running totals never go below zero
+        assert ex["answer"] == str(value)
+        assert ex["prompt"] == f"Compute {ex['expression']}"
+        assert ex["task"] == "arithmetic" and ex["difficulty"] == "hard"
+        assert 3 <= ex["operands"] <= 5 and all(10 <= int(t) <= 99 for t in tokens[::2])
+
+
+def test_arithmetic_hand_computed_chain():
+    assert ar.running_totals([86, 66, 65], ["-", "+"]) == [20, 85]
+    assert ar.expression([86, 66, 65], ["-", "+"]) == "86 - 66 + 65"
+
+
+@pytest.mark.parametrize("answer", ["85", " 85 ", "85.", "85.0", "+85", "= 85", "x = 85", "86 - 66 + 65 = 85", "\\boxed{85}"])
+def test_arithmetic_accepts_every_form_of_the_right_number(arith, answer):
+    assert arith.verify(answer, {"answer": "85"}) == 1.0
+
+
+@pytest.mark.parametrize("answer", ["84", "86 - 66 + 65", "85 + 0", "eighty-five", "", "85 = 84", None])
+def test_arithmetic_rejects_wrong_numbers_and_unevaluated_expressions(arith, answer):
+    assert arith.verify(answer, {"answer": "85"}) == 0.0
+
+
+def test_arithmetic_levels_and_options(arith):
+    easy = arith.load("train", n=20, difficulty="easy")
+    assert all(ex["operands"] == 3 and ex["difficulty"] == "easy" for ex in easy)
+    long = arith.load("train", n=20, difficulty="expert")
+    assert all(6 <= ex["operands"] <= 8 for ex in long)
+    mixed = arith.load("train", n=200, difficulty="mixed")
+    assert {ex["difficulty"] for ex in mixed} == set(ar.LEVELS)
+    custom = arith.load("train", n=10, operands=[7, 7], low=1, high=5)
+    assert all(ex["operands"] == 7 and all(1 <= int(t) <= 5 for t in ex["expression"].split()[::2]) for ex in custom)
+
+
+def test_arithmetic_bad_options_are_user_errors(arith):
+    with pytest.raises(UserError, match="unknown difficulty 'impossible'"):
+        arith.load("train", n=1, difficulty="impossible")
+    with pytest.raises(UserError, match="operands"):
+        arith.load("train", n=1, operands=2)
+    with pytest.raises(UserError, match="unknown split 'dev'"):
+        arith.load("dev", n=1)
+
+
+def test_arithmetic_asks_for_more_distinct_problems_than_exist(arith):
+    # 3 numbers from 1..2 and two operators: at most 32 chains, about a tenth of them test items
+    with pytest.raises(UserError, match="distinct 'test' problems"):
+        arith.load("test", n=40, operands=3, low=1, high=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# countdown
+
+EX = {"numbers": [7, 5, 3], "target": 26, "answer": "7 * 3 + 5", "task": "countdown"}
+
+
+@pytest.mark.parametrize("answer", [
+    "7 * 3 + 5", "5 + 7 * 3", "(7 * 3) + 5", "3*7+5", "7 × 3 + 5", "7 x 3 + 5", "7 \\times 3 + 5",
+    "7 * 3 + 5 = 26", "26 = 5 + 3 * 7", " (3 * 7) + 5. ", "[(7 * 3) + 5]",
+])
+def test_countdown_accepts_any_valid_expression(count, answer):
+    assert count.verify(answer, EX) == 1.0
+
+
+@pytest.mark.parametrize("answer,why", [
+    ("7 * 3 + 5 + 0", "0 is not given"),
+    ("7 * 4 - 2", "numbers not given"),
+    ("7 * 3 + 3 + 2", "3 used twice, 2 not given"),
+    ("5 * 5 + 1", "5 used twice"),
+    ("7 * 3", "wrong value"),
+    ("7 + 5 + 3", "wrong value"),
+    ("26", "26 is not given"),
+    ("-5 + 7 * 3 + 10", "unary minus and 10 not given"),
+    ("(7 * 3 + 5) / 1", "1 not given"),
+    ("7 ** 3", "power is not allowed"),
+    ("__import__('os').system('true')", "calls are not allowed"),
+    ("7 * 3 + 5.0", "not an integer"),
+    ("", "empty"),
+    ("(" * 300 + "7" + ")" * 300, "too long"),
+])
+def test_countdown_rejects_rule_breaking_answers(count, answer, why):
+    assert count.verify(answer, EX) == 0.0, why
+
+
+def test_countdown_division_must_be_exact_at_every_step(count):
+    ex = {"numbers": [8, 3, 6], "target": 16}
+    assert count.verify("8 / 3 * 6", ex) == 0.0  # 8/3 is not an integer, though the total is 16
+    assert count.verify("8 * 6 / 3", ex) == 1.0
+    assert count.verify("8 / (6 - 6)", {"numbers": [8, 6, 6], "target": 1}) == 0.0
+
+
+def test_countdown_repeated_numbers_may_be_used_as_often_as_given(count):
+    ex = {"numbers": [4, 6, 6], "target": 8}
+    assert count.verify("6 + 6 - 4", ex) == 1.0
+    assert count.verify("6 + 6 + 6 - 4 - 6", ex) == 0.0
+
+
+def test_countdown_evaluate_never_runs_code(monkeypatch):
+    import builtins
+
+    monkeypatch.setattr(builtins, "eval", lambda *a, **k: pytest.fail("eval was called"))
+    with pytest.raises(cd.InvalidExpression):
+        cd.evaluate("open('x').read()", [1, 2])
+    assert cd.evaluate("(1 + 2) * 2", [1, 2, 2]) == 6
+
+
+def test_countdown_examples_have_a_solution_and_levels(count):
+    for level, size in [("easy", 3), ("medium", 3), ("hard", 4), ("expert", 5)]:
+        rows = count.load("train", n=30, difficulty=level, seed=1)
+        for ex in rows:
+            assert len(ex["numbers"]) == size and ex["difficulty"] == level
+            assert count.verify(ex["answer"], ex) == 1.0  # the stored solution is valid
+            assert ex["target"] not in ex["numbers"] and 1 <= ex["target"] <= cd.MAX_TARGET
+            assert ex["prompt"] == cd.prompt_of(ex["numbers"], ex["target"])
+
+
+def test_countdown_chain_expression_brackets_only_where_needed():
+    assert cd.chain_expression([7, 5, 3], ["+", "*"]) == "(7 + 5) * 3"
+    assert cd.chain_expression([7, 3, 5], ["*", "+"]) == "7 * 3 + 5"
+    assert cd.chain_value([7, 5, 3], ["+", "*"]) == 36
+    assert cd.chain_value([7, 5, 3], ["/", "+"]) is None  # 7 / 5 is not exact
+
+
+def test_countdown_first_guesses_rarely_hit():
+    """Check-and-retry must pay: one random full chain reaches the target far less often than five do."""
+    rng = random.Random(0)
+    problems = get_task("countdown").load("train", n=300, seed=2)
+    one = five = 0
+    for ex in problems:
+        values = [cd.chain_value(*cd.random_chain(rng, ex["numbers"], "+-*")) for _ in range(5)]
+        one += values[0] == ex["target"]
+        five += ex["target"] in values
+    assert one / 300 < 0.25 and five >= 2 * one
+
+
+# ---------------------------------------------------------------------------------------------
+# splits
+
+
+@pytest.mark.parametrize("name,level", [("arithmetic", "hard"), ("arithmetic", "easy"), ("countdown", "medium"), ("countdown", "easy")])
+def test_splits_are_disjoint_whatever_the_seeds(name, level):
+    task = get_task(name)
+    key = (lambda ex: ar.problem_key(ex["expression"])) if name == "arithmetic" else (
+        lambda ex: cd.problem_key(ex["numbers"], ex["target"]))
+    test = {key(ex) for seed in (0, 1) for ex in task.load("test", n=60, seed=seed, difficulty=level)}
+    train = {key(ex) for seed in (0, 7) for ex in task.load("train", n=300, seed=seed, difficulty=level)}
+    assert test and train and not test & train
+    assert all(partition_of(k) == "test" for k in test) and all(partition_of(k) == "train" for k in train)
+
+
+def test_splits_are_deterministic_by_seed(arith, count):
+    assert arith.load("train", n=20, seed=5) == arith.load("train", n=20, seed=5)
+    assert arith.load("train", n=20, seed=5) != arith.load("train", n=20, seed=6)
+    assert count.load("test", n=20, seed=1) == count.load("test", n=20, seed=1)
+
+
+def test_no_arithmetic_test_chain_is_a_prefix_of_a_training_chain(arith):
+    # small numbers, so that without the prefix hash about ten training chains would start like a test chain
+    test = [ex["expression"] for ex in arith.load("test", n=100, difficulty="easy", low=1, high=9)]
+    train = [ex["expression"] for ex in arith.load("train", n=300, difficulty="mixed", low=1, high=9)]
+    assert not any(tr.startswith(te) or te.startswith(tr) for te in test for tr in train)
+
+
+def test_partition_shares():
+    counts = {"test": 0, "train": 0, "corpus": 0}
+    for i in range(20_000):
+        counts[partition_of(f"k{i}")] += 1
+    assert abs(counts["test"] / 20_000 - 0.10) < 0.01
+    assert abs(counts["train"] / 20_000 - 0.40) < 0.015
