@@ -336,19 +336,25 @@ def probe_only(cfg: PretrainConfig, recipe: str, console=None) -> dict:
     return figures
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "pretrain",
-        help="pretrain a tiny base model on the synthetic corpus",
-        description="Write the synthetic corpus (ponder.tasks.corpus), pretrain a tiny character-level Llama on it "
-        "from scratch, save it in Hugging Face format with its tokenizer and a model card, and probe it on the "
-        "held-out test splits under the R1-Zero template.",
-    )
+DESCRIPTION = (
+    "Write the synthetic corpus (ponder.tasks.corpus), pretrain a tiny character-level Llama on it from scratch, "
+    "save it in Hugging Face format with its tokenizer and a model card, and probe it on the held-out test "
+    "splits under the R1-Zero template."
+)
+
+
+def _arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("recipe", help="YAML recipe with PretrainConfig keys, e.g. recipes/pretrain-tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. steps=100 output=runs/base")
     p.add_argument("--probe-only", action="store_true", help="only measure the model already in `output`")
     p.set_defaults(func=run)
     return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `pretrain` on the command line's subparsers."""
+    return _arguments(subparsers.add_parser(
+        "pretrain", help="pretrain a tiny base model on the synthetic corpus", description=DESCRIPTION))
 
 
 def run(args) -> int:
@@ -365,9 +371,7 @@ def run(args) -> int:
 if __name__ == "__main__":
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m ponder.pretrain")
-    add_parser(parser.add_subparsers(dest="command"))
-    ns = parser.parse_args(["pretrain", *sys.argv[1:]])
+    ns = _arguments(argparse.ArgumentParser(prog="python -m ponder.pretrain", description=DESCRIPTION)).parse_intermixed_args()
     try:
         run(ns)
     except UserError as e:
