@@ -60,8 +60,7 @@ class HFEngine(RolloutEngine):
         out = []
         for i, seq in enumerate(new):
             kept, reason = truncate_at_stop(seq, tok, params.stop, eos_ids)
-            if reason is None:  # ran to max tokens; HF pads finished rows, which truncate_at_stop removed
-                kept = [t for t in kept if t != pad] if pad not in eos_ids else kept
+            if reason is None:  # ran to max_new_tokens: no EOS, so no padding after it either
                 reason = "length"
             lp = logprobs[i][: len(kept)] if logprobs is not None else None
             out.append(Completion(kept, reason, lp))
