@@ -64,8 +64,8 @@ def add_parser(sub) -> None:
         "sample", help="rejection sampling: k answers per prompt, keep the verified ones as SFT data",
         description="Sample k answers per prompt from a model, keep those that pass the filters (correct answer, "
         "format, one language, no repeated phrases, length bounds, no duplicates, at most m per prompt) and write "
-        "them as JSONL with provenance. Give a recipe (recipes/distill-*.yaml holds one under `sample:`; a plain "
-        "sample recipe has the keys of ponder.sample.SampleConfig) and/or flags; flags win.",
+        "them as JSONL with provenance. Give a recipe (keys of ponder.sample.SampleConfig, as under `sample:` in "
+        "recipes/distill-tiny.yaml) and/or flags; flags win over the recipe and key=value overrides.",
     )
     p.add_argument("args", nargs="*", metavar="RECIPE_OR_OVERRIDE", help="optional YAML recipe, then key=value overrides")
     p.add_argument("--model", help="model directory or built-in name (teacher)")

@@ -86,8 +86,8 @@ def _evaluate(trainer, tag: str, quiet: bool) -> dict:
         results[f"{spec.name}/{spec.split}"] = res
         if not quiet:
             m = res["metrics"]
-            console.print(f"{spec.name}/{spec.split} [{tag}]: pass@1 {m['pass@1']:.3f}  format {m['format_rate']:.3f}  "
-                          f"length {m['mean_length']:.0f}")
+            console.print(f"{spec.name}/{spec.split} ({tag}): pass@1 {m['pass@1']:.3f}  format {m['format_rate']:.3f}  "
+                          f"length {m['mean_length']:.0f}", markup=False)
     (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
