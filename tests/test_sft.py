@@ -256,19 +256,40 @@ def test_bad_input_ends_in_one_line(tmp_path, capsys):
     assert "unknown config key 'train.stesp'" in _error(capsys, "sft", str(recipe), "train.stesp=3")
 
 
-def test_coldstart_traces_are_correct_and_in_format():
+def test_coldstart_traces_are_correct_in_format_and_show_no_test_item():
     from ponder.config import TaskSpec
     from ponder.rewards import get_reward
     from ponder.sft.coldstart import coldstart_rows
+    from ponder.tasks import arithmetic as ar
 
-    for spec in (TaskSpec(name="arithmetic", n=20), TaskSpec(name="countdown", n=20)):
+    for spec in (TaskSpec(name="arithmetic", n=30, options={"difficulty": ["medium", "expert"]}),
+                 TaskSpec(name="countdown", n=30)):
         rows = coldstart_rows(spec)
         texts = [r["completion"] for r in rows]
-        acc = get_reward("accuracy")(texts, prompts=[r["prompt"] for r in rows], answer=[r["answer"] for r in rows],
-                                      task=[r["task"] for r in rows], numbers=[None] * 20, target=[None] * 20) \
-            if spec.name == "arithmetic" else None
+        columns = {k: [r.get(k) for r in rows] for k in ("answer", "task", "numbers", "target")}
+        assert len(rows) == 30
+        assert get_reward("accuracy")(texts, prompts=[r["prompt"] for r in rows], **columns) == [1.0] * 30
         assert all(STRICT_FORMAT.match(t) for t in texts)
-        if acc is not None:
-            assert acc == [1.0] * 20
+        assert all(ar.split_of(r["expression"]) == "train" for r in rows if "expression" in r)
+    assert any("wait, try again" in t for t in texts)  # countdown: misses checked against the target
+    from ponder.sft.coldstart import _shows_no_test_item
+
+    test_chain = next(([a, b, c], ["+", "+"]) for a in range(1, 30) for b in range(1, 30) for c in range(1, 30)
+                      if ar.split_of(f"{a} + {b} + {c}") == "test")
+    assert not _shows_no_test_item(*test_chain)
+    assert _shows_no_test_item(test_chain[0], ["*", "+"])
     with pytest.raises(UserError, match="no built-in traces for task 'first_digit'"):
         coldstart_rows(TaskSpec(name="first_digit"))
+
+
+def test_coldstart_rl_recipe_is_the_r1_zero_recipe_from_the_cold_started_model():
+    import yaml
+
+    zero = yaml.safe_load(open("recipes/zero-tiny.yaml"))
+    cold = yaml.safe_load(open("recipes/coldstart-rl-tiny.yaml"))
+    assert cold.pop("name") == "coldstart-rl-tiny" and zero.pop("name") == "zero-tiny"
+    assert cold["model"].pop("path") == "runs/coldstart-tiny/final" and zero["model"].pop("path") == "tiny-base"
+    assert cold == zero
+    sft_cfg = load_sft_config("recipes/coldstart-tiny.yaml")
+    assert sum(s.n for s in sft_cfg.data.coldstart) <= 100  # the "at most 100 examples"
+    assert {s.name for s in sft_cfg.data.coldstart} == {t["name"] for t in zero["data"]["tasks"]}
