@@ -75,3 +75,39 @@ def test_user_mistakes_are_named(batch):
         token_logprobs(model, ids, att, comp, temperature=0)
     with pytest.raises(UserError, match="positions must be >= 1"):
         token_logprobs(model, ids, att, positions=torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_shared_prefix_forward_equals_the_full_forward():
+    """A template shared by every row is run once and broadcast; values and gradients are unchanged."""
+    import ponder.rl.forward as F
+    from ponder.models import load
+    from ponder.rl.batching import Sample, to_tensors
+
+    model, tok = load("tiny-random-micro")
+    g = torch.Generator().manual_seed(0)
+    template = torch.randint(4, 100, (60,), generator=g).tolist()
+    samples = []
+    for q in range(3):
+        prompt = template + torch.randint(4, 100, (3 + q,), generator=g).tolist()
+        for _ in range(2):
+            n = int(torch.randint(1, 9, (1,), generator=g))
+            samples.append(Sample(prompt, torch.randint(4, 100, (n,), generator=g).tolist()))
+    t = to_tensors(samples, tok.pad_token_id, torch.device("cpu"))
+    results = []
+    for min_prefix in (32, 10**9):  # shared-prefix path, then the plain one
+        F.MIN_SHARED_PREFIX, old = min_prefix, F.MIN_SHARED_PREFIX
+        try:
+            model.zero_grad()
+            lp, ent = F.completion_logprobs(model, t, with_entropy=True)
+        finally:
+            F.MIN_SHARED_PREFIX = old
+        (lp * t.mask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((lp * t.mask, ent * t.mask, grads))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
+    assert torch.allclose(lp_a, lp_b, atol=1e-5)
+    assert torch.allclose(ent_a, ent_b, atol=1e-5)
+    assert torch.allclose(g_a, g_b, atol=1e-5, rtol=1e-4)
+    from ponder.rl.logprobs import shared_prefix_length
+
+    assert shared_prefix_length(t.input_ids, t.attention_mask) == 60

@@ -45,6 +45,9 @@ def resolve(path: str) -> Path | str:
 
 def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Return (model, tokenizer) for a directory or built-in name. Tokenizers pad on the left for generation."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # ponder's own progress display is the one the user watches
     where = resolve(path)
     if isinstance(where, str):
         shape = where[len("tiny-random-"):] if where != "tiny-random" else "nano"
@@ -65,7 +68,7 @@ def save(model, tokenizer, directory: str | Path) -> None:
     """Save in Hugging Face format (safetensors), merging LoRA adapters so the result loads anywhere."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own progress display is the one the user watches
+    hf_logging.disable_progress_bar()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):  # peft: write a plain model; adapters are kept by the trainer state

@@ -7,7 +7,9 @@ import contextlib
 import torch
 
 from ponder.rl.batching import Tensors
-from ponder.rl.logprobs import token_logprobs
+from ponder.rl.logprobs import shared_prefix_length, token_logprobs
+
+MIN_SHARED_PREFIX = 32  # below this, one forward over whole rows is as cheap
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -22,6 +24,9 @@ def completion_logprobs(model, t: Tensors, *, bf16: bool = False, with_entropy: 
     `temperature` is the sampling temperature: the ratio must compare the distributions the tokens
     were actually drawn from.
     """
+    positions = t.target_pos + 1
+    scored = positions[t.mask.bool()]
+    prefix = min(shared_prefix_length(t.input_ids, t.attention_mask), int(scored.min()) - 1 if scored.numel() else 0)
     with autocast(t.input_ids.device, bf16):
-        return token_logprobs(model, t.input_ids, t.attention_mask, positions=t.target_pos + 1,
-                              temperature=temperature, with_entropy=with_entropy)
+        return token_logprobs(model, t.input_ids, t.attention_mask, positions=positions, temperature=temperature,
+                              with_entropy=with_entropy, shared_prefix=prefix if prefix >= MIN_SHARED_PREFIX else 0)

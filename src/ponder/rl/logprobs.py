@@ -7,6 +7,8 @@ at any moment, in the forward pass and again in the backward pass, instead of [b
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -38,6 +40,7 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = True,
+    shared_prefix: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability of tokens given their prefix, and the entropy of the distribution they came from.
 
@@ -55,17 +58,24 @@ def token_logprobs(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     backbone, head = split_model(model)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask,
-        position_ids=positions_from_mask(attention_mask), use_cache=False,
-    ).last_hidden_state
+    if shared_prefix:
+        if positions is None:
+            raise UserError("token_logprobs: shared_prefix needs positions (scored tokens after the prefix)")
+        hidden = _hidden_after_shared_prefix(backbone, input_ids, attention_mask, shared_prefix)
+    else:
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask), use_cache=False,
+        ).last_hidden_state
 
     if positions is not None:
         if positions.numel() and int(positions.min()) < 1:
             raise UserError("token_logprobs: positions must be >= 1 (position 0 has no prefix to predict it)")
         rows = torch.arange(b, device=input_ids.device)[:, None].expand_as(positions)
         lp, ent = _head_logprobs(
-            head, hidden[rows, positions - 1], input_ids[rows, positions], temperature, chunk_size, with_entropy
+            # positions inside the shared prefix are padding slots (callers mask them): clamp, never wrap
+            head, hidden[rows, (positions - 1 - shared_prefix).clamp(min=0)], input_ids[rows, positions], temperature, chunk_size,
+            with_entropy,
         )
         return lp, ent
 
@@ -79,6 +89,36 @@ def token_logprobs(
     out_lp = torch.nn.functional.pad(zeros.masked_scatter(sel, lp), (1, 0))
     out_ent = torch.nn.functional.pad(zeros.detach().masked_scatter(sel, ent), (1, 0)) if with_entropy else None
     return out_lp, out_ent
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Tokens at the start that every row shares (right-padded rows): a prompt template's fixed text."""
+    if input_ids.shape[0] < 2 or not bool(attention_mask[:, 0].all()):
+        return 0
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    differs = (~same).nonzero()
+    return int(differs[0]) if len(differs) else input_ids.shape[1]
+
+
+def _hidden_after_shared_prefix(backbone, input_ids, attention_mask, prefix: int) -> torch.Tensor:
+    """Hidden states of positions >= prefix, running the shared prefix once for the whole batch.
+
+    GRPO batches repeat one template (and each prompt G times): with the R1-Zero template on a
+    character-level model, the fixed text is most of every sequence. Its keys and values are computed
+    once, with gradients, and broadcast to every row; the result equals the full forward pass.
+    Rows must be right-padded (they all start at position 0).
+    """
+    b = input_ids.shape[0]
+    cache = backbone(input_ids=input_ids[:1, :prefix], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(b)
+    rest = input_ids.shape[1] - prefix
+    positions = torch.arange(prefix, prefix + rest, device=input_ids.device)[None].expand(b, -1)
+    with warnings.catch_warnings():  # newer transformers rename past_key_values; older ones know only it
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
+        return backbone(
+            input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=positions,
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state
 
 
 def _head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy):
