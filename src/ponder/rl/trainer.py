@@ -248,6 +248,13 @@ class GRPOTrainer:
         }
         if "accuracy" in self.rewards.fns:
             m["accuracy"] = m["reward/accuracy"]
+        tasks = sorted({g.example.get("task", "") for g in groups})
+        for task in tasks if len(tasks) > 1 else []:  # a mix: each task's own curves (reflection pays on some only)
+            mine = [g for g in groups if g.example.get("task", "") == task]
+            if "accuracy" in self.rewards.fns:
+                m[f"accuracy/{task}"] = mean([v for g in mine for v in g.per_fn["accuracy"]])
+            m[f"completion_len/{task}"] = mean([len(s.completion_ids) for g in mine for s in g.samples])
+            m[f"reflection_rate/{task}"] = reflection_rate([t for g in mine for t in g.texts], self.cfg.train.reflection_words)
         return m
 
     def sample_rows(self, groups: list[Group], k: int) -> list[dict]:
