@@ -141,3 +141,20 @@ def test_distill_command_line(tmp_path, teacher_engine, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert main(["distill", str(recipe), "sample.kk=3"]) == 2
     assert "unknown config key 'sample.kk'" in capsys.readouterr().err
+
+
+def test_experiment_recipes_load_and_the_rl_arm_is_the_demo_recipe_on_the_student():
+    import yaml
+
+    from ponder.distill import load_distill_config
+
+    cfg = load_distill_config("recipes/distill-tiny.yaml", ["output_dir=/nonexistent"])
+    zero = yaml.safe_load(open("recipes/zero-tiny.yaml"))
+    rl = yaml.safe_load(open("recipes/rl-student-tiny.yaml"))
+    assert rl.pop("name") == "rl-student-tiny" and zero.pop("name") == "zero-tiny"
+    assert rl["model"].pop("path") == cfg.sft.model.path == "runs/student-base"
+    zero["model"].pop("path")
+    assert rl == zero
+    assert cfg.sample.model == f"runs/zero-tiny/checkpoints/step-{zero['train']['steps']}"
+    assert {t.name for t in cfg.sample.tasks} == {t["name"] for t in zero["data"]["tasks"]}
+    assert cfg.sft.eval.tasks[0].options == zero["eval"]["tasks"][0]["options"] and cfg.sft.eval.k == zero["eval"]["k"]
