@@ -65,6 +65,8 @@ def encode(row: dict, tokenizer, template: str, add_eos: bool = True) -> Encoded
     prompt = tokenizer(render(template, row["prompt"], tokenizer)).input_ids
     completion = tokenizer(row["completion"], add_special_tokens=False).input_ids
     if add_eos:
+        if tokenizer.eos_token_id is None:
+            raise UserError("the tokenizer has no EOS token to end completions with; set data.add_eos=false")
         completion = completion + [tokenizer.eos_token_id]
     if not prompt:  # the first token has no prefix to be predicted from
         prompt = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
