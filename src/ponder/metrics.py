@@ -37,8 +37,10 @@ def _jsonable(v):
 class MetricsWriter:
     """Appends one JSON line per step; mirrors scalars to TensorBoard. Resumable (truncates later steps)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True, enabled: bool = True):
+        self.run_dir, self.enabled = run_dir, enabled
+        if not enabled:  # ranks other than 0 of a data-parallel run write nothing
+            return
         self.metrics_path = run_dir / "metrics.jsonl"
         self.samples_path = run_dir / "samples.jsonl"
         if resume_step is not None:  # steps after the checkpoint will be recomputed
@@ -56,6 +58,8 @@ class MetricsWriter:
                 self.tb = None
 
     def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
@@ -66,11 +70,15 @@ class MetricsWriter:
             self.tb.flush()
 
     def samples(self, step: int, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
         for r in rows:
             self._samples.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
         self._samples.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._metrics.close()
         self._samples.close()
         if self.tb is not None:

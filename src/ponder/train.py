@@ -31,19 +31,21 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None):
     from ponder.rl.trainer import GRPOTrainer
 
     trainer = GRPOTrainer(cfg, resume=resume)
-    before = _evaluate(trainer, "before") if cfg.eval.tasks and not resume else _load_eval(trainer, "before")
+    main = trainer.rank == 0  # with torchrun, rank 0 evaluates, prints and writes
+    evaluating = bool(cfg.eval.tasks) and main
+    before = _evaluate(trainer, "before") if evaluating and not resume else _load_eval(trainer, "before")
     t = cfg.train
     last = t.steps if stop_after is None else min(t.steps, trainer.step_no + stop_after)
     columns = [TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=not main) as progress:
         task = progress.add_task("", total=t.steps, completed=trainer.step_no)
         while trainer.step_no < last:
             m = trainer.step()
             step = trainer.step_no
             trainer.metrics.log(step, m)
             trainer.metrics.samples(step, trainer.sample_rows(trainer.last_groups, t.log_samples))
-            if cfg.eval.tasks and cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
+            if evaluating and cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
                 trainer.metrics.log(step, _flatten(_evaluate(trainer, f"step-{step}", quiet=True)))
             # no checkpoint in a streak of skipped (non-finite) updates: the ones before it stay the last good ones
             if ((t.save_every and step % t.save_every == 0) or step == t.steps) and trainer.nan_streak == 0:
@@ -53,14 +55,15 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None):
                 desc += f" acc {m['accuracy']:.2f}"
             desc += f" fmt {m['format_rate']:.2f} len {m['completion_len/mean']:.0f} {m['time/total']:.1f}s/step"
             progress.update(task, completed=step, description=desc)
-            if not console.is_terminal and (step % 10 == 0 or step == last):
+            if main and not console.is_terminal and (step % 10 == 0 or step == last):
                 console.print(f"step {step}/{t.steps} {desc}")
     if trainer.step_no >= t.steps:
-        after = _evaluate(trainer, "after") if cfg.eval.tasks else None
+        after = _evaluate(trainer, "after") if evaluating else None
         if after is not None:
             trainer.metrics.log(trainer.step_no, _flatten(after))
             _print_before_after(before, after)
-        _write_report(trainer)
+        if main:
+            _write_report(trainer)
     trainer.metrics.close()
     return trainer
 

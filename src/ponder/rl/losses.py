@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def sequence_token_weights(lengths: list[int], agg: str, max_new_tokens: int) -> list[float]:
+def sequence_token_weights(lengths: list[int], agg: str, max_new_tokens: int,
+                           n_total: float | None = None, tokens_total: float | None = None) -> list[float]:
     """Weight of every token of each sequence, so that sum(weight * token_loss) is the batch loss.
 
     Computed over the whole optimizer batch before it is split into micro-batches, so gradient
-    accumulation gives exactly the loss of the unsplit batch.
+    accumulation gives exactly the loss of the unsplit batch. With several ranks, `n_total` and
+    `tokens_total` are the counts over all of them (default: this rank's).
       grpo     mean over a sequence's tokens, then mean over sequences      1 / (|o_i| * N)
       dapo     mean over all tokens of the batch                            1 / sum |o_i|
       dr_grpo  sum over tokens / (N * max completion tokens)                1 / (N * L_max)
@@ -18,20 +20,21 @@ def sequence_token_weights(lengths: list[int], agg: str, max_new_tokens: int) ->
     n = len(lengths)
     if n == 0:
         return []
+    n_all = n_total or n
     if agg == "grpo":
-        return [1.0 / (max(l, 1) * n) for l in lengths]
+        return [1.0 / (max(l, 1) * n_all) for l in lengths]
     if agg == "dapo":
-        return [1.0 / max(sum(lengths), 1)] * n
+        return [1.0 / max(tokens_total or sum(lengths), 1)] * n
     if agg == "dr_grpo":
-        return [1.0 / (n * max_new_tokens)] * n
+        return [1.0 / (n_all * max_new_tokens)] * n
     if agg == "bnpo":
         return [float("nan")] * n  # placeholder: depends on the micro-batch split
     raise ValueError(f"unknown loss aggregation {agg!r}")
 
 
-def micro_batch_weights(micro_lengths: list[list[int]]) -> list[list[float]]:
-    """bnpo: each micro-batch's token mean, averaged over the micro-batches."""
-    k = len(micro_lengths)
+def micro_batch_weights(micro_lengths: list[list[int]], world: int = 1) -> list[list[float]]:
+    """bnpo: each micro-batch's token mean, averaged over the micro-batches (of every rank)."""
+    k = len(micro_lengths) * world
     return [[1.0 / (max(sum(ls), 1) * k)] * len(ls) for ls in micro_lengths]
 
 

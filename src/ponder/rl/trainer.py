@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ponder import checkpoint, models
+from ponder import checkpoint, distributed, models
 from ponder.config import RunConfig, to_dict
 from ponder.errors import TrainingError, UserError
 from ponder.metrics import MetricsWriter, mean, reflection_rate
@@ -44,7 +44,7 @@ def pick_device(name: str) -> torch.device:
         raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
 @dataclass
@@ -70,7 +70,10 @@ class GRPOTrainer:
             raise UserError(f"run directory {self.run_dir} already holds checkpoints; pass --resume to continue it, or choose another name (name=...)")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        set_seed(cfg.seed)
+        self.rank, self.world = distributed.setup()
+        if cfg.rollout.prompts_per_step % self.world:
+            raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the {self.world} processes")
+        set_seed(cfg.seed)  # the same on every rank: identical initial weights
         self.device = pick_device(cfg.train.device)
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.state = checkpoint.load_state(last) if resume else None
@@ -92,9 +95,10 @@ class GRPOTrainer:
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         if self.state is not None:
             self._restore(self.state)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
-        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
+        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0, enabled=self.rank == 0)
 
     # ---------------------------------------------------------------- the GRPO step, top to bottom
     def step(self) -> dict:
@@ -119,16 +123,20 @@ class GRPOTrainer:
         self._maybe_reset_reference()
         timing["train"] = time.perf_counter() - t_train
         timing["total"] = time.perf_counter() - t0
-        return self._step_metrics(all_groups, stats, timing)
+        return distributed.mean_metrics(self._step_metrics(all_groups, stats, timing))
 
     def update(self, samples: list[Sample]) -> dict:
         """One optimizer step on `samples`, accumulated over micro-batches by token budget."""
         a, o = self.cfg.algorithm, self.cfg.optim
-        for s, w in zip(samples, sequence_token_weights([len(s.completion_ids) for s in samples], a.loss_agg, self.cfg.rollout.max_new_tokens)):
+        lengths = [len(s.completion_ids) for s in samples]
+        # normalisers over the whole batch, across ranks, so that summed gradients are the batch's gradient
+        weights = sequence_token_weights(lengths, a.loss_agg, self.cfg.rollout.max_new_tokens,
+                                         n_total=distributed.sum_all(len(lengths)), tokens_total=distributed.sum_all(sum(lengths)))
+        for s, w in zip(samples, weights):
             s.weight = w
         batches = micro_batches(samples, o.token_budget)
         if a.loss_agg == "bnpo":
-            for mb, ws in zip(batches, micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches])):
+            for mb, ws in zip(batches, micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches], self.world)):
                 for s, w in zip(mb, ws):
                     s.weight = w
         self.optimizer.zero_grad(set_to_none=True)
@@ -147,6 +155,7 @@ class GRPOTrainer:
             totals["entropy"] += (entropy * t.mask).sum().item()
             for k in ("clip_low", "clip_high", "kl", "tokens"):
                 totals[k] += st[k]
+        distributed.sum_grads(self.model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
         if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skip the step; weights stay as they were
@@ -162,15 +171,16 @@ class GRPOTrainer:
     def collect(self):
         """Groups for one step. With dynamic sampling, groups whose rewards are all equal carry no
         signal: drop them and draw more prompts, at most `max_resample_rounds` extra times."""
-        a, want = self.cfg.algorithm, self.cfg.rollout.prompts_per_step
+        a, want = self.cfg.algorithm, self.cfg.rollout.prompts_per_step // self.world
         kept, everything, timing = [], [], {"generate": 0.0, "reward": 0.0}
         for round_no in range(1 + (a.max_resample_rounds if a.dynamic_sampling else 0)):
-            examples = self.sampler.next(want - len(kept))
-            groups = self.rollout(examples, round_no, timing)
+            need = int(distributed.max_all(want - len(kept)))  # ranks draw in lockstep: one data position
+            if need <= 0:
+                break
+            examples = self.sampler.next(need * self.world)[self.rank :: self.world][: max(want - len(kept), 0)]
+            groups = self.rollout(examples, round_no, timing) if examples else []
             everything += groups
             kept += [g for g in groups if not a.dynamic_sampling or len(set(g.rewards)) > 1]
-            if len(kept) >= want:
-                break
         if not kept:  # every group was uniform: train on them anyway (zero advantage, zero gradient)
             kept = everything[-want:]
         return kept[:want], everything, timing
@@ -181,7 +191,7 @@ class GRPOTrainer:
         prompt_ids = [self._encode(ex) for ex in examples]
         params = SamplingParams(
             n=G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
-            stop=tuple(r.stop), seed=(self.cfg.seed * 1_000_003 + self.step_no * 101 + round_no) % 2**31,
+            stop=tuple(r.stop), seed=(self.cfg.seed * 1_000_003 + self.step_no * 101 + round_no + 7919 * self.rank) % 2**31,
         )
         outs = self.engine.generate(prompt_ids, params)
         t1 = time.perf_counter()
@@ -325,7 +335,9 @@ class GRPOTrainer:
             "ref": self.ref.state_dict() if (self.ref is not None and self.cfg.algorithm.ref_reset_every) else None,
             "adapter": {k: v for k, v in self.model.state_dict().items() if "lora_" in k} if self.cfg.model.lora else None,
         }
-        checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
+        if self.rank == 0:  # weights and optimizer are the same on every rank
+            checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
+        distributed.barrier()
 
     def _restore(self, state: dict) -> None:
         self.step_no, self.nan_streak = state["step"], state["nan_streak"]

@@ -1,0 +1,92 @@
+"""Data parallelism across processes (torchrun), the same code path as one process with world size 1.
+
+Each rank owns whole prompt groups, so advantages need no communication. What crosses ranks:
+how many prompts are still wanted (dynamic sampling), the loss normalisers (sequence and token
+counts), the gradients (summed), and the step's figures (averaged). Rank 0 writes files.
+Start with `torchrun --nproc-per-node N -m ponder train RECIPE`; gloo on CPU, NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup() -> tuple[int, int]:
+    """(rank, world size); joins the process group that torchrun describes in the environment."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def _reduce(value: float, op) -> float:
+    if not active():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def sum_all(value: float) -> float:
+    return _reduce(value, dist.ReduceOp.SUM) if active() else value
+
+
+def max_all(value: float) -> float:
+    return _reduce(value, dist.ReduceOp.MAX) if active() else value
+
+
+def sum_grads(params) -> None:
+    """Gradients of a loss normalised by global counts are summed across ranks."""
+    if not active():
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def mean_metrics(metrics: dict) -> dict:
+    """Every rank's figures averaged (max for maxima), so rank 0 logs the whole batch."""
+    if not active():
+        return metrics
+    gathered: list = [None] * world()
+    dist.all_gather_object(gathered, metrics)
+    out = {}
+    for key, value in metrics.items():
+        values = [g.get(key) for g in gathered if isinstance(g.get(key), (int, float))]
+        if not values:
+            out[key] = value
+        elif key.endswith("/max") or key.startswith("time/"):
+            out[key] = max(values)
+        elif key in ("groups_generated", "skipped_updates"):
+            out[key] = sum(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
