@@ -7,7 +7,7 @@ at any moment, in the forward pass and again in the backward pass, instead of [b
 
 from __future__ import annotations
 
-import warnings
+import inspect
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -109,16 +109,17 @@ def _hidden_after_shared_prefix(backbone, input_ids, attention_mask, prefix: int
     Rows must be right-padded (they all start at position 0).
     """
     b = input_ids.shape[0]
-    cache = backbone(input_ids=input_ids[:1, :prefix], use_cache=True).past_key_values
+    # transformers renamed past_key_values to cache (5.2x); speak whichever this version speaks
+    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    out = backbone(input_ids=input_ids[:1, :prefix], use_cache=True)
+    cache = out[name]
     cache.batch_repeat_interleave(b)
     rest = input_ids.shape[1] - prefix
     positions = torch.arange(prefix, prefix + rest, device=input_ids.device)[None].expand(b, -1)
-    with warnings.catch_warnings():  # newer transformers rename past_key_values; older ones know only it
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
-        return backbone(
-            input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=positions,
-            past_key_values=cache, use_cache=True,
-        ).last_hidden_state
+    return backbone(
+        input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=positions,
+        use_cache=True, **{name: cache},
+    ).last_hidden_state
 
 
 def _head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy):
