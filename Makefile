@@ -21,8 +21,9 @@ sysdeps:
 	  if [ "$$(id -u)" = 0 ]; then (apt-get install -y -q bubblewrap >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null)); \
 	  else sudo apt-get install -y -q bubblewrap >/dev/null; fi; }
 
+# each demo run gets its own directory, so the command can be repeated as is
 demo: setup
-	$(VENV)/bin/ponder train recipes/zero-tiny.yaml
+	$(VENV)/bin/ponder train recipes/zero-tiny.yaml name=zero-tiny-$$(date +%Y%m%d-%H%M%S)
 
 test: setup sysdeps
 	$(PY) -m pytest -x -q --durations=15
