@@ -23,7 +23,7 @@ from ponder.config import RunConfig, to_dict
 from ponder.errors import TrainingError, UserError
 from ponder.metrics import MetricsWriter, mean, reflection_rate
 from ponder.rewards import RewardSet
-from ponder.rewards.basic import STRICT_FORMAT
+from ponder.rewards.format import STRICT_FORMAT
 from ponder.rl.advantages import advantages
 from ponder.rl.batching import Sample, micro_batches, pad_rows, to_tensors
 from ponder.rl.forward import completion_logprobs
@@ -59,7 +59,7 @@ class Group:
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False, console=None):
+    def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"

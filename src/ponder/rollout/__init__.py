@@ -7,7 +7,7 @@ an optimizer step the next call already sees the new weights.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from ponder.errors import UserError

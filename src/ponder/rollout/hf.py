@@ -17,7 +17,6 @@ class HFEngine(RolloutEngine):
     def generate(self, prompts, params: SamplingParams):
         flat = [p for p in prompts for _ in range(params.n)]
         out: list[Completion] = []
-        gen = None
         if params.seed is not None:
             torch.manual_seed(params.seed)  # HF sampling draws from the global generator
         was_training = self.model.training

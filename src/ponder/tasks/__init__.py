@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import random
-from typing import Callable
 
 from ponder.errors import UserError
 
