@@ -5,7 +5,6 @@ from __future__ import annotations
 from ponder.rewards import register
 from ponder.rewards import match
 from ponder.rewards.extract import extract_answer
-from ponder.rewards.format import STRICT_FORMAT  # noqa: F401  (the trainer logs format_rate with it)
 
 
 def _uses_answers_match(task) -> bool:
