@@ -77,3 +77,22 @@ def save(model, tokenizer, directory: str | Path) -> None:
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+
+
+def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 0, device="cpu"):
+    """The model a trainer updates, in train mode on `device`: the checkpoint `last` with its full
+    weights, or (LoRA) the base model plus fresh adapters, loaded from `state["adapter"]` on resume."""
+    source = str(last) if (last is not None and model_cfg.lora is None) else model_cfg.path
+    model, tok = load(source, seed=seed)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if model_cfg.lora is not None:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
+        lc = model_cfg.lora
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules))
+        if state is not None:
+            model.load_state_dict(state["adapter"], strict=False)
+    return model.to(device).train(), tok

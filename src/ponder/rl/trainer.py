@@ -78,7 +78,7 @@ class GRPOTrainer:
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.state = checkpoint.load_state(last) if resume else None
 
-        self.model, self.tokenizer = self._load_policy(last)
+        self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
         self.ref = self._make_reference()
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
@@ -276,23 +276,6 @@ class GRPOTrainer:
         return rows
 
     # ---------------------------------------------------------------- set-up and state
-    def _load_policy(self, last):
-        cfg = self.cfg
-        source = str(last) if (last is not None and cfg.model.lora is None) else cfg.model.path
-        model, tok = models.load(source, seed=cfg.seed)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        if cfg.model.lora is not None:
-            try:
-                from peft import LoraConfig, get_peft_model
-            except ImportError:
-                raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
-            lc = cfg.model.lora
-            model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules))
-            if self.state is not None:
-                model.load_state_dict(self.state["adapter"], strict=False)
-        return model.to(self.device).train(), tok
-
     def _make_reference(self):
         """A frozen reference for the KL term; none at all when beta is 0. With LoRA and no resets the
         reference is the base model itself (adapters switched off), so nothing is copied."""
