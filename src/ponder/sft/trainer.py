@@ -26,24 +26,6 @@ from ponder.sft.packing import collate, loss_sum, micro_batches, pack
 from ponder.tasks import PromptSampler
 
 
-def load_trainable(model_cfg, last, state, seed: int, device):
-    """The model to train: the checkpoint's full weights, or the base plus the checkpoint's LoRA adapters."""
-    source = str(last) if (last is not None and model_cfg.lora is None) else model_cfg.path
-    model, tok = models.load(source, seed=seed)
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if model_cfg.lora is not None:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
-        lc = model_cfg.lora
-        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules))
-        if state is not None:
-            model.load_state_dict(state["adapter"], strict=False)
-    return model.to(device).train(), tok
-
-
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, resume: bool = False):
         self.cfg = cfg
@@ -60,7 +42,7 @@ class SFTTrainer:
         self.device = pick_device(cfg.train.device)
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.state = checkpoint.load_state(last) if resume else None
-        self.model, self.tokenizer = load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
+        self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
         self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, cfg.seed)
         self.lengths = [len(e.ids) for e in self.examples]
         t = cfg.train
