@@ -72,7 +72,7 @@ def token_logprobs(
         if positions.numel() and int(positions.min()) < 1:
             raise UserError("token_logprobs: positions must be >= 1 (position 0 has no prefix to predict it)")
         rows = torch.arange(b, device=input_ids.device)[:, None].expand_as(positions)
-        lp, ent = _head_logprobs(
+        lp, ent = head_logprobs(
             # positions inside the shared prefix are padding slots (callers mask them): clamp, never wrap
             head, hidden[rows, (positions - 1 - shared_prefix).clamp(min=0)], input_ids[rows, positions], temperature, chunk_size,
             with_entropy,
@@ -82,7 +82,7 @@ def token_logprobs(
     if completion_mask is None:
         completion_mask = attention_mask
     sel = (completion_mask[:, 1:] != 0) & (attention_mask[:, 1:] != 0)
-    lp, ent = _head_logprobs(
+    lp, ent = head_logprobs(
         head, hidden[:, :-1][sel], input_ids[:, 1:][sel], temperature, chunk_size, with_entropy
     )
     zeros = hidden.new_zeros((b, length - 1), dtype=torch.float32)
@@ -122,7 +122,7 @@ def _hidden_after_shared_prefix(backbone, input_ids, attention_mask, prefix: int
     ).last_hidden_state
 
 
-def _head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy):
+def head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy):
     """Rows of hidden states [..., d] and their targets [...] -> log-probs and entropies [...]."""
     shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)

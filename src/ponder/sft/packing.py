@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ponder.rl.logprobs import _head_logprobs, split_model
+from ponder.rl.logprobs import head_logprobs, split_model
 from ponder.sft.data import Encoded
 
 
@@ -84,5 +84,5 @@ def loss_sum(model, batch: Packed, chunk_size: int = 1024) -> torch.Tensor:
     backbone, head = split_model(model)
     hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
     sel = batch.loss_mask[:, 1:] != 0
-    logp, _ = _head_logprobs(head, hidden[:, :-1][sel], batch.input_ids[:, 1:][sel], 1.0, chunk_size, False)
+    logp, _ = head_logprobs(head, hidden[:, :-1][sel], batch.input_ids[:, 1:][sel], 1.0, chunk_size, False)
     return -logp.sum()
