@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ponder import models
+from ponder.errors import UserError
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -65,6 +66,16 @@ def list_checkpoints(directory: Path) -> list[Path]:
 def latest(directory: Path) -> Path | None:
     ckpts = list_checkpoints(directory)
     return ckpts[-1] if ckpts else None
+
+
+def resume_point(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run); refuses to overwrite or to resume nothing."""
+    last = latest(run_dir / "checkpoints")
+    if resume and last is None:
+        raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without --resume")
+    if not resume and last is not None:
+        raise UserError(f"run directory {run_dir} already holds checkpoints; pass --resume to continue it, or choose another name (name=...)")
+    return last
 
 
 def load_state(path: Path) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from ponder import checkpoint, models
 from ponder.config import to_dict
-from ponder.errors import TrainingError, UserError
+from ponder.errors import TrainingError
 from ponder.metrics import MetricsWriter
 from ponder.rl.forward import autocast
 from ponder.rl.trainer import _yaml, pick_device, set_seed
@@ -31,11 +31,7 @@ class SFTTrainer:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        last = checkpoint.latest(self.ckpt_dir)
-        if resume and last is None:
-            raise UserError(f"--resume: no checkpoint in {self.ckpt_dir}; start the run without --resume")
-        if not resume and last is not None:
-            raise UserError(f"run directory {self.run_dir} already holds checkpoints; pass --resume to continue it, or choose another name (name=...)")
+        last = checkpoint.resume_point(self.run_dir, resume)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         set_seed(cfg.seed)
