@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ponder.errors import UserError
+from ponder.rl.forward import use_bf16
 from ponder.tasks.corpus import CorpusConfig, corpus_text
 
 
@@ -143,7 +144,7 @@ def train(model, tokens: np.ndarray, cfg: PretrainConfig, console) -> list[float
     device = _device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = use_bf16(cfg.precision, device)
     if len(tokens) < cfg.block + 2:
         raise UserError(f"config corpus_chars={cfg.corpus_chars} is shorter than one training window; raise it")
     data = torch.from_numpy(tokens).to(device)  # tiny next to the device's memory; windows are cut there

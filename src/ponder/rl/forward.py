@@ -12,6 +12,11 @@ from ponder.rl.logprobs import shared_prefix_length, token_logprobs
 MIN_SHARED_PREFIX = 32  # below this, one forward over whole rows is as cheap
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """`train.precision`: bf16 always, or auto (bf16 autocast on CUDA, fp32 on CPU)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, bf16: bool):
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

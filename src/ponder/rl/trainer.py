@@ -26,7 +26,7 @@ from ponder.rewards import RewardSet
 from ponder.rewards.format import STRICT_FORMAT
 from ponder.rl.advantages import advantages
 from ponder.rl.batching import Sample, micro_batches, pad_rows, to_tensors
-from ponder.rl.forward import completion_logprobs
+from ponder.rl.forward import completion_logprobs, use_bf16
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
 from ponder.tasks import PromptSampler, mix
@@ -71,7 +71,7 @@ class GRPOTrainer:
             raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the {self.world} processes")
         set_seed(cfg.seed)  # the same on every rank: identical initial weights
         self.device = pick_device(cfg.train.device)
-        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = use_bf16(cfg.train.precision, self.device)
         self.state = checkpoint.load_state(last) if resume else None
 
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device)

@@ -18,7 +18,7 @@ from ponder import checkpoint, models
 from ponder.config import to_dict
 from ponder.errors import TrainingError
 from ponder.metrics import MetricsWriter
-from ponder.rl.forward import autocast
+from ponder.rl.forward import autocast, use_bf16
 from ponder.rl.trainer import _yaml, pick_device, set_seed
 from ponder.sft.config import SFTConfig
 from ponder.sft.data import load_data
@@ -36,7 +36,7 @@ class SFTTrainer:
             torch.set_num_threads(cfg.train.threads)
         set_seed(cfg.seed)
         self.device = pick_device(cfg.train.device)
-        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = use_bf16(cfg.train.precision, self.device)
         self.state = checkpoint.load_state(last) if resume else None
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
         self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, cfg.seed)
