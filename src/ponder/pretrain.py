@@ -10,7 +10,6 @@ Determinism: one seed fixes the corpus, the initialisation and the windows read.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -18,7 +17,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
