@@ -1,0 +1,226 @@
+"""Attention of one new token per row over a static KV cache: a split-KV ("flash-decoding") Triton kernel.
+
+Decoding reads every live cache slot once per step, so its attention is bound by memory bandwidth.
+This kernel reads only each row's live slots [0, pos[row]] (never the padding up to the length bucket),
+reads each kv head once for all the query heads that share it (GQA), and splits a row's slots across
+several programs so that small batches still fill the GPU; a second small kernel merges the splits.
+The grid depends only on (batch, kv heads, length), and nothing is read on the host: CUDA-graph safe.
+
+`decode_attention` uses the kernel on CUDA when Triton is there and the kernel passes a first trial
+against `reference`; otherwise (and on CPU) it runs `reference`, the same math in plain torch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the torch reference does the work
+    triton = None
+
+
+def reference(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
+    """q [B, kv heads, group, D]; caches [B, kv heads, L, D]; pos [B]: row b attends slots [0, pos[b]]."""
+    length = k_cache.shape[2]
+    slots = torch.arange(length, device=q.device)
+    hidden = slots[None, :] > pos[:, None]  # [B, L]
+    s = torch.matmul(q, k_cache.transpose(-1, -2)).float() * scale
+    s = s.masked_fill(hidden[:, None, None, :], float("-inf"))
+    return torch.matmul(s.softmax(-1).to(v_cache.dtype), v_cache).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial(
+        q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+        sq_b, sq_h, sq_g, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, so_b, so_h, so_g, so_d,
+        n_kv, length, chunk, qk_scale,
+        GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """One (row, kv head, split): online softmax over the split's live slots, all GROUP query heads at once.
+        With one split it writes the normalised output; otherwise the unnormalised sum and its (max, total)."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // n_kv
+        h = bh % n_kv
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        gd_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + g[:, None] * sq_g + d[None, :] * sq_d, mask=gd_mask, other=0.0)
+        # base-2 exponentials: fold log2(e) into the scale once
+        q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+        live = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) + 1, length)
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, live)
+        m = tl.full((G_PAD,), float("-inf"), tl.float32)
+        total = tl.zeros((G_PAD,), tl.float32)
+        acc = tl.zeros((G_PAD, D_PAD), tl.float32)
+        k_base = k_ptr + b.to(tl.int64) * sk_b + h * sk_h
+        v_base = v_ptr + b.to(tl.int64) * sv_b + h * sv_h
+        n = tl.arange(0, BLOCK_N)
+        # every tile starts at a live slot, so each row of `s` has a finite maximum (no inf - inf)
+        for start in range(lo, hi, BLOCK_N):
+            slot = start + n
+            nd_mask = (slot[:, None] < hi) & (d[None, :] < HEAD_DIM)
+            k = tl.load(k_base + slot[:, None] * sk_l + d[None, :] * sk_d, mask=nd_mask, other=0.0)
+            v = tl.load(v_base + slot[:, None] * sv_l + d[None, :] * sv_d, mask=nd_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(slot[None, :] < hi, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            total = total * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        if SPLITS == 1:
+            o = acc / total[:, None]
+            tl.store(out_ptr + b * so_b + h * so_h + g[:, None] * so_g + d[None, :] * so_d,
+                     o.to(out_ptr.dtype.element_ty), mask=gd_mask)
+        else:
+            row = bh * SPLITS + split  # partials are contiguous [B * n_kv, SPLITS, G_PAD, (D_PAD)]
+            tl.store(m_ptr + row * G_PAD + g, m)
+            tl.store(l_ptr + row * G_PAD + g, total)
+            tl.store(o_ptr + (row * G_PAD + g[:, None]) * D_PAD + d[None, :], acc)
+
+    @triton.jit
+    def _merge(
+        o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, so_g, so_d, n_kv,
+        GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        """Combine the splits of one (row, kv head); split 0 always holds slot 0, so the running max is finite
+        from the first split on, and empty splits (max -inf, total 0) weigh nothing."""
+        bh = tl.program_id(0)
+        b = bh // n_kv
+        h = bh % n_kv
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        m = tl.full((G_PAD,), float("-inf"), tl.float32)
+        total = tl.zeros((G_PAD,), tl.float32)
+        acc = tl.zeros((G_PAD, D_PAD), tl.float32)
+        for split in range(SPLITS):
+            row = bh * SPLITS + split
+            m_s = tl.load(m_ptr + row * G_PAD + g)
+            m_new = tl.maximum(m, m_s)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(m_s - m_new)
+            total = total * alpha + tl.load(l_ptr + row * G_PAD + g) * w
+            acc = acc * alpha[:, None] + tl.load(o_ptr + (row * G_PAD + g[:, None]) * D_PAD + d[None, :]) * w[:, None]
+            m = m_new
+        o = acc / total[:, None]
+        mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+        tl.store(out_ptr + b * so_b + h * so_h + g[:, None] * so_g + d[None, :] * so_d,
+                 o.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _pow2(n: int, least: int) -> int:
+    return max(least, 1 << (n - 1).bit_length())
+
+
+_sm_count: dict = {}
+
+
+def plan(batch: int, n_kv: int, length: int, device: torch.device, block_n: int = 64) -> tuple[int, int]:
+    """(splits, slots per split) for a problem: enough programs for a few waves over the GPU's
+    multiprocessors, but no split shorter than 4 tiles (each split costs a partial write and a merge read)."""
+    if device.type == "cuda":
+        if device not in _sm_count:
+            _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_count[device]
+    else:
+        sms = 4
+    tiles = -(-length // block_n)
+    splits = max(1, min(-(-4 * sms // (batch * n_kv)), tiles // 4))
+    chunk = -(-tiles // splits) * block_n
+    return -(-length // chunk), chunk
+
+
+def triton_attention(q, k_cache, v_cache, pos, scale: float, splits: int | None = None, block_n: int = 64):
+    """The kernel itself (no fallback). q [B, kv heads, group, D]; caches [B, kv heads, L, D], any strides."""
+    batch, n_kv, group, dim = q.shape
+    length = k_cache.shape[2]
+    if splits is None:
+        splits, chunk = plan(batch, n_kv, length, q.device, block_n)
+    else:
+        chunk = -(-(-(-length // splits)) // block_n) * block_n
+        splits = -(-length // chunk)
+    g_pad, d_pad = _pow2(group, 16), _pow2(dim, 16)
+    out = torch.empty_like(q)
+    if splits > 1:
+        part = torch.empty((batch * n_kv, splits, g_pad, d_pad), dtype=torch.float32, device=q.device)
+        m = torch.empty((batch * n_kv, splits, g_pad), dtype=torch.float32, device=q.device)
+        total = torch.empty_like(m)
+    else:
+        part = m = total = out  # unused by the one-split kernel
+    consts = dict(GROUP=group, G_PAD=g_pad, HEAD_DIM=dim, D_PAD=d_pad)
+    _partial[(batch * n_kv, splits)](
+        q, k_cache, v_cache, pos, part, m, total, out, *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        n_kv, length, chunk, scale * math.log2(math.e),
+        BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2, **consts,
+    )
+    if splits > 1:
+        _merge[(batch * n_kv,)](part, m, total, out, *out.stride(), n_kv, SPLITS=splits, num_warps=4, **consts)
+    return out
+
+
+_usable: dict = {}  # device -> whether the kernel passed its trial there
+
+
+def _trial(device: torch.device) -> bool:
+    """Run the kernel once on a small mixed-length GQA problem and compare it with the reference."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn((5, 2, 7, 64), generator=g, device=device, dtype=torch.bfloat16)
+        k = torch.randn((5, 2, 300, 64), generator=g, device=device, dtype=torch.bfloat16)
+        v = torch.randn((5, 2, 300, 64), generator=g, device=device, dtype=torch.bfloat16)
+        pos = torch.tensor([0, 299, 17, 128, 200], device=device)
+        ref = reference(q.float(), k.float(), v.float(), pos, 0.125)
+        ok = all(
+            torch.allclose(triton_attention(q, k, v, pos, 0.125, splits=s).float(), ref, atol=2e-2, rtol=2e-2)
+            for s in (1, 3)
+        )
+        return ok
+    except Exception:  # noqa: BLE001  (any compiler or launch failure: use the reference)
+        return False
+
+
+def available(device) -> bool:
+    """Whether the Triton kernel runs on `device` (tried once per device, outside any graph capture;
+    a failure prints one notice)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _usable:
+        _usable[device] = triton is not None and _trial(device)
+        if not _usable[device]:
+            why = "Triton is not installed" if triton is None else "the Triton kernel failed its trial"
+            print(f"ponder: fast engine: decode attention: {why}; using the torch reference", file=sys.stderr)
+    return _usable[device]
+
+
+def decode_attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
+    """Attention of one query token per row: q [B, kv heads, group, D] (the query heads sharing a kv head
+    grouped) or [B, heads, D]; caches [B, kv heads, L, D]; row b attends slots [0, pos[b]] (pos < L).
+    Returns the shape of q."""
+    shape = q.shape
+    if q.dim() == 3:
+        q = q.view(shape[0], k_cache.shape[1], shape[1] // k_cache.shape[1], shape[2])
+    if available(q.device):
+        out = triton_attention(q, k_cache, v_cache, pos, scale)
+    else:
+        out = reference(q, k_cache, v_cache, pos, scale)
+    return out.view(shape)

@@ -1,0 +1,94 @@
+"""The split-KV decode attention kernel (run by Triton's CPU interpreter) against a plain softmax attention
+computed here, on views of the engine's cache layout with mixed live lengths per row."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ponder.rollout import decode_attention as da
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def by_hand(q, k, v, pos, scale):
+    """Per row and head, softmax over slots 0..pos of q.k, in float64 loops: independent of the module."""
+    batch, n_kv, group, dim = q.shape
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(batch):
+        n = int(pos[b]) + 1
+        for h in range(n_kv):
+            kk, vv = k[b, h, :n].double(), v[b, h, :n].double()
+            for g in range(group):
+                w = torch.softmax(kk @ q[b, h, g].double() * scale, 0)
+                out[b, h, g] = w @ vv
+    return out
+
+
+def cache_views(batch, n_kv, group, dim, rows=6, positions=160, length=150, seed=0):
+    """q and k/v views cut from a [layers, 2, rows, kv heads, positions, dim] cache, as the engine does."""
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn((2, 2, rows, n_kv, positions, dim), generator=g)
+    q = torch.randn((batch, n_kv, group, dim), generator=g)
+    return q, kv[1, 0, :batch, :, :length], kv[1, 1, :batch, :, :length]
+
+
+POS = torch.tensor([0, 149, 63, 64, 1])  # one slot, all of them, tile edges (tiles of 64 slots)
+
+
+def test_reference_is_softmax_attention_over_the_live_slots():
+    q, k, v = cache_views(5, 2, 3, 24)
+    ref = da.reference(q, k, v, POS, 0.3)
+    torch.testing.assert_close(ref.double(), by_hand(q, k, v, POS, 0.3), atol=1e-5, rtol=1e-5)
+    # slots past pos do not matter
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, 1:] = 1e4
+    v2[2, :, 64:] = -1e4
+    torch.testing.assert_close(da.reference(q, k2, v2, POS, 0.3), ref)
+
+
+def test_on_cpu_decode_attention_is_the_reference_and_takes_flat_heads():
+    q, k, v = cache_views(5, 2, 7, 64)
+    out = da.decode_attention(q, k, v, POS, 0.125)
+    torch.testing.assert_close(out, da.reference(q, k, v, POS, 0.125))
+    flat = da.decode_attention(q.reshape(5, 14, 64), k, v, POS, 0.125)
+    assert flat.shape == (5, 14, 64)
+    torch.testing.assert_close(flat, out.reshape(5, 14, 64))
+
+
+def test_plan_splits_cover_the_length_in_whole_tiles():
+    cpu = torch.device("cpu")  # 4 "multiprocessors" off CUDA
+    assert da.plan(256, 2, 640, cpu) == (1, 640)  # enough rows: one split
+    assert da.plan(1, 2, 640, cpu) == (2, 320)  # 10 tiles: at most 10 // 4 splits
+    assert da.plan(1, 1, 4096, cpu) == (16, 256)  # 4 waves of 4: 16 splits of 4 tiles
+    for batch, length in [(1, 1), (3, 129), (8, 1000)]:
+        splits, chunk = da.plan(batch, 2, length, cpu)
+        assert chunk % 64 == 0 and (splits - 1) * chunk < length <= splits * chunk
+
+
+CASES = [(7, 64, 1), (7, 64, 3), (1, 64, 2), (3, 24, 2)]  # (group, head dim, splits)
+
+
+def test_triton_kernel_matches_attention_by_hand(tmp_path):
+    """Triton's interpreter must be switched on before Triton is imported: the kernel runs in a child process."""
+    pytest.importorskip("triton")
+    out = tmp_path / "out.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(out)
+    for (group, dim, splits), got in zip(CASES, results):
+        q, k, v = cache_views(5, 2, group, dim, seed=group + splits)
+        assert got.shape == q.shape and got.dtype == q.dtype
+        torch.testing.assert_close(got.double(), by_hand(q, k, v, POS, dim**-0.5), atol=1e-5, rtol=1e-5)
+
+
+if __name__ == "__main__":  # the child: run the interpreted kernel on every case, save the outputs
+    outs = []
+    for group, dim, splits in CASES:
+        q, k, v = cache_views(5, 2, group, dim, seed=group + splits)
+        outs.append(da.triton_attention(q, k, v, POS, dim**-0.5, splits=splits))
+    torch.save(outs, sys.argv[1])
