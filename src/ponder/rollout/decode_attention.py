@@ -147,7 +147,8 @@ def plan(batch: int, n_kv: int, length: int, device: torch.device, block_n: int 
     return -(-length // chunk), chunk
 
 
-def triton_attention(q, k_cache, v_cache, pos, scale: float, splits: int | None = None, block_n: int = 64):
+def triton_attention(q, k_cache, v_cache, pos, scale: float, splits: int | None = None, block_n: int = 64,
+                     num_warps: int = 4, num_stages: int = 2):
     """The kernel itself (no fallback). q [B, kv heads, group, D]; caches [B, kv heads, L, D], any strides."""
     batch, n_kv, group, dim = q.shape
     length = k_cache.shape[2]
@@ -168,7 +169,7 @@ def triton_attention(q, k_cache, v_cache, pos, scale: float, splits: int | None 
     _partial[(batch * n_kv, splits)](
         q, k_cache, v_cache, pos, part, m, total, out, *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         n_kv, length, chunk, scale * math.log2(math.e),
-        BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2, **consts,
+        BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **consts,
     )
     if splits > 1:
         _merge[(batch * n_kv,)](part, m, total, out, *out.stride(), n_kv, SPLITS=splits, num_warps=4, **consts)

@@ -29,8 +29,9 @@ def rope(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def rope2(q, k, cos, sin):
-    return rope(q, cos, sin), rope(k, cos, sin)
+def rope_kv(q, k, v, cos, sin):
+    """Rotary on q and k, and k and v stacked [B, 2, kv heads, D] for one write into the cache."""
+    return rope(q, cos, sin), torch.stack((rope(k, cos, sin), v), 1)
 
 
 def swiglu(g, u):
@@ -40,19 +41,36 @@ def swiglu(g, u):
 M32 = 0xFFFFFFFF
 
 
+def i32(c: int) -> int:
+    """A 32-bit constant as the int32 with the same bits."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def to_i32(x):
+    """The low 32 bits of an int64 tensor, as int32 with the same bits (exact: no out-of-range cast)."""
+    x = x & M32
+    return (x - ((x >> 31) << 32)).to(torch.int32)
+
+
+def shr(x, n: int):
+    """Logical right shift of int32 bits (torch's >> is arithmetic: clear the copied sign bits)."""
+    return (x >> n) & ((1 << (32 - n)) - 1)
+
+
 def hash32(x):
-    """A 32-bit integer mixer (Wellons' lowbias32) on int64 tensors holding values below 2**32."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & M32
-    return x ^ (x >> 16)
+    """A 32-bit integer mixer (Wellons' lowbias32) on int32 tensors; products wrap mod 2**32, so it gives the
+    same bits as the textbook uint32 version at half the memory traffic of int64."""
+    x = x ^ shr(x, 16)
+    x = x * i32(0x7FEB352D)
+    x = x ^ shr(x, 15)
+    x = x * i32(0x846CA68B)
+    return x ^ shr(x, 16)
 
 
 def row_keys(seed, step, seqs):
-    """One 32-bit key per sequence and step: the noise of a sample depends on (seed, step, sequence) only."""
-    k = hash32((seed + step * 0x9E3779B9) & M32)
-    return hash32((k ^ ((seqs * 0x85EBCA6B) & M32)) & M32)
+    """One 32-bit key (int32) per sequence and step: the noise of a sample depends on (seed, step, sequence) only."""
+    k = hash32(to_i32(seed + step * 0x9E3779B9))
+    return hash32(k ^ to_i32(seqs * 0x85EBCA6B))
 
 
 def gumbel_pick(logits, keys, inv_temperature):
@@ -61,10 +79,10 @@ def gumbel_pick(logits, keys, inv_temperature):
     24-bit uniforms: tokens less likely than about e^-17 times the top one are never drawn.
     Returns the tokens and their log-probabilities."""
     x = logits.float() * inv_temperature
-    vocab = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)
+    vocab = torch.arange(x.shape[-1], device=x.device, dtype=torch.int32)
     k = keys[:, None]
-    bits = hash32(hash32((k + vocab[None, :]) & M32) ^ k)  # two rounds: neighbouring ids decorrelate fully
-    u = ((bits >> 8).float() + 0.5) * (1.0 / 16777216)
+    bits = hash32(hash32(k + vocab[None, :]) ^ k)  # two rounds: neighbouring ids decorrelate fully
+    u = (shr(bits, 8).float() + 0.5) * (1.0 / 16777216)
     tok = (x - (-u.log()).log()).argmax(-1)
     lp = x.gather(-1, tok[:, None]).squeeze(-1) - x.logsumexp(-1)
     return tok, lp
@@ -76,7 +94,7 @@ def greedy_pick(logits, keys, inv_temperature):
     return tok, x.gather(-1, tok[:, None]).squeeze(-1) - x.logsumexp(-1)
 
 
-EAGER = dict(rms=rms, add_rms=add_rms, rope2=rope2, swiglu=swiglu, gumbel_pick=gumbel_pick, greedy_pick=greedy_pick)
+EAGER = dict(rms=rms, add_rms=add_rms, rope_kv=rope_kv, swiglu=swiglu, gumbel_pick=gumbel_pick, greedy_pick=greedy_pick)
 _compiled: dict | None = None
 
 
@@ -90,7 +108,7 @@ def kernels(device: torch.device) -> dict:
         w = torch.ones(4096, device=device, dtype=torch.bfloat16)
         keys = row_keys(torch.tensor(1, device=device), torch.tensor(2, device=device), torch.arange(4, device=device))
         h = x.view(4, 64, 64)
-        trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope2=(h, h, h[:, :1], h[:, :1]), swiglu=(x, x),
+        trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope_kv=(h, h, h, h[:, :1], h[:, :1]), swiglu=(x, x),
                      gumbel_pick=(x, keys, 1.0), greedy_pick=(x, keys, 1.0))
         _compiled, failed = {}, []
         for name, f in EAGER.items():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ponder.rollout import decode_attention as attention_kernel
 from ponder.rollout.fast_kernels import EAGER, kernels, rope, row_keys
 from ponder.rollout.fast_sampling import sample
 
@@ -66,6 +67,8 @@ class Forward:
         self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
         self.autocast = autocast  # float32 weights, bfloat16 compute (weights cast per use, never stored)
         self.k = kernels(torch.device(device)) if fused else EAGER
+        if attention == "triton":
+            attention_kernel.available(device)  # its one trial runs now, never inside a graph capture
         mlp = arch.backbone.layers[0].mlp
         self.silu = getattr(arch.backbone.config, "hidden_act", None) == "silu" and hasattr(mlp, "gate_proj")
         layers = len(arch.backbone.layers)
@@ -187,10 +190,12 @@ class Forward:
         a, K = self.a, self.k
         tok, pos, idx = self.tokens[:batch], self.pos[:batch], self.rows_idx[:batch]
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
-        # additive mask made once per step (a boolean one would be converted again in every layer)
-        visible = self.slots[:length][None, :] <= pos[:, None]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
-        mask = mask[:, None, None, :]  # [B, 1, 1, L]
+        mask = None
+        if self.attention != "triton":  # the kernel reads each row's live slots itself
+            # additive mask made once per step (a boolean one would be converted again in every layer)
+            visible = self.slots[:length][None, :] <= pos[:, None]
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+            mask = mask[:, None, None, :]  # [B, 1, 1, L]
         group = a.n_heads // a.n_kv
         layers = a.backbone.layers
         x = a.backbone.embed_tokens(tok)
@@ -202,14 +207,15 @@ class Forward:
             v = attn.v_proj(h).view(batch, a.n_kv, a.head_dim)
             if getattr(attn, "q_norm", None) is not None:  # Qwen3
                 q, k = K["rms"](q, *norm_args(attn.q_norm)), K["rms"](k, *norm_args(attn.k_norm))
-            q, k = K["rope2"](q, k, cos, sin)
-            kc, vc = self.kv[li, 0], self.kv[li, 1]
-            kc[idx, :, pos] = k.to(kc.dtype)
-            vc[idx, :, pos] = v.to(vc.dtype)
+            q, kv = K["rope_kv"](q, k, v, cos, sin)
+            cache = self.kv[li]
+            cache[:, idx, :, pos] = kv.to(cache.dtype)  # K and V of every row in one write: [B, 2, kv heads, D]
             # the query heads sharing a kv head act as that head's query rows: no repeated K/V
             q = q.view(batch, a.n_kv, group, a.head_dim)
-            kc, vc = kc[:batch, :, :length], vc[:batch, :, :length]
-            if self.attention == "sdpa":
+            kc, vc = cache[0, :batch, :, :length], cache[1, :batch, :, :length]
+            if self.attention == "triton":
+                o = attention_kernel.decode_attention(q, kc, vc, pos, a.scaling)
+            elif self.attention == "sdpa":
                 o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling)
             else:
                 s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
