@@ -36,7 +36,7 @@ def cache_views(batch, n_kv, group, dim, rows=6, positions=160, length=150, seed
     return q, kv[1, 0, :batch, :, :length], kv[1, 1, :batch, :, :length]
 
 
-POS = torch.tensor([0, 149, 63, 64, 1])  # one slot, all of them, tile edges (tiles of 64 slots)
+POS = torch.tensor([0, 149, 127, 128, 64])  # one slot, all 150, and tile edges for tiles of 32, 64 and 128
 
 
 def test_reference_is_softmax_attention_over_the_live_slots():
@@ -46,7 +46,7 @@ def test_reference_is_softmax_attention_over_the_live_slots():
     # slots past pos do not matter
     k2, v2 = k.clone(), v.clone()
     k2[0, :, 1:] = 1e4
-    v2[2, :, 64:] = -1e4
+    v2[2, :, 128:] = -1e4
     torch.testing.assert_close(da.reference(q, k2, v2, POS, 0.3), ref)
 
 
@@ -59,17 +59,19 @@ def test_on_cpu_decode_attention_is_the_reference_and_takes_flat_heads():
     torch.testing.assert_close(flat, out.reshape(5, 14, 64))
 
 
-def test_plan_splits_cover_the_length_in_whole_tiles():
-    cpu = torch.device("cpu")  # 4 "multiprocessors" off CUDA
-    assert da.plan(256, 2, 640, cpu) == (1, 640)  # enough rows: one split
-    assert da.plan(1, 2, 640, cpu) == (2, 320)  # 10 tiles: at most 10 // 4 splits
-    assert da.plan(1, 1, 4096, cpu) == (16, 256)  # 4 waves of 4: 16 splits of 4 tiles
-    for batch, length in [(1, 1), (3, 129), (8, 1000)]:
-        splits, chunk = da.plan(batch, 2, length, cpu)
-        assert chunk % 64 == 0 and (splits - 1) * chunk < length <= splits * chunk
+def test_plan_splits_only_when_rows_leave_multiprocessors_idle():
+    cpu = torch.device("cpu")  # counts 4 "multiprocessors" off CUDA
+    assert da.plan(256, 2, 640, cpu) == (1, 640)  # 512 (row, kv head) programs: no split
+    assert da.plan(2, 2, 640, cpu) == (1, 640)
+    assert da.plan(1, 2, 640, cpu) == (3, 256)  # 2 programs: 4 splits wanted, 5 tiles: 2 tiles each
+    assert da.plan(1, 1, 4096, cpu) == (8, 512)
+    assert da.plan(1, 1, 100, cpu) == (1, 128)  # never less than a tile a split
+    for batch, length in [(1, 1), (1, 129), (3, 1000)]:
+        splits, chunk = da.plan(batch, 1, length, cpu)
+        assert chunk % da.TILE == 0 and (splits - 1) * chunk < length <= splits * chunk
 
 
-CASES = [(7, 64, 1), (7, 64, 3), (1, 64, 2), (3, 24, 2)]  # (group, head dim, splits)
+CASES = [(7, 64, 1, 128), (7, 64, 3, 32), (1, 64, 2, 64), (3, 24, 2, 128)]  # (group, head dim, splits, tile)
 
 
 def test_triton_kernel_matches_attention_by_hand(tmp_path):
@@ -80,7 +82,7 @@ def test_triton_kernel_matches_attention_by_hand(tmp_path):
     done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(out)
-    for (group, dim, splits), got in zip(CASES, results):
+    for (group, dim, splits, _), got in zip(CASES, results):
         q, k, v = cache_views(5, 2, group, dim, seed=group + splits)
         assert got.shape == q.shape and got.dtype == q.dtype
         torch.testing.assert_close(got.double(), by_hand(q, k, v, POS, dim**-0.5), atol=1e-5, rtol=1e-5)
@@ -88,7 +90,7 @@ def test_triton_kernel_matches_attention_by_hand(tmp_path):
 
 if __name__ == "__main__":  # the child: run the interpreted kernel on every case, save the outputs
     outs = []
-    for group, dim, splits in CASES:
+    for group, dim, splits, tile in CASES:
         q, k, v = cache_views(5, 2, group, dim, seed=group + splits)
-        outs.append(da.triton_attention(q, k, v, POS, dim**-0.5, splits=splits))
+        outs.append(da.triton_attention(q, k, v, POS, dim**-0.5, splits=splits, block_n=tile))
     torch.save(outs, sys.argv[1])

@@ -247,3 +247,32 @@ def test_user_mistakes_are_named():
         FastEngine(model, TOK).generate([[]], SamplingParams())
     with pytest.raises(UserError, match="attention must be"):
         FastEngine(model, TOK, attention="flash")
+
+
+def test_int32_hash_gives_the_bits_of_lowbias32():
+    from ponder.rollout.fast_kernels import hash32, to_i32
+
+    def lowbias32(x):  # Wellons' mixer on Python ints
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    xs = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 0x9E3779B9, 123456789] + torch.randint(0, 2**32, (200,)).tolist()
+    got = hash32(to_i32(torch.tensor(xs)))
+    assert got.dtype == torch.int32
+    assert [v & 0xFFFFFFFF for v in got.tolist()] == [lowbias32(x) for x in xs]
+
+
+def test_triton_attention_option_generates_like_transformers():
+    """attention='triton' (on CPU: the kernel's torch reference) through the whole engine, GQA, mixed lengths."""
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    prompts = encode(PROMPTS)
+    set_eos_mid_generation(model, prompts)
+    params = SamplingParams(n=2, temperature=0, max_tokens=14)
+    eng = FastEngine(model, TOK, sync_every=2, min_bucket=1)
+    eng.attention = "triton"  # fast.py's constructor check predates the option
+    got = eng.generate(prompts, params)
+    assert eng.fwd.attention == "triton"
+    assert got == HFEngine(model, TOK).generate(prompts, params)
