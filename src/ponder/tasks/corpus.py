@@ -13,6 +13,7 @@ problems it shows, which the tests check against the train and test splits.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -28,8 +29,9 @@ class CorpusConfig:
         "r1_arithmetic": 0.30, "r1_countdown": 0.15, "r1_other": 0.04,
         "web_arithmetic": 0.24, "web_countdown": 0.07, "filler": 0.20,
     })
-    tags: float = 0.55  # answers under the R1-Zero template that use the think/answer tags
-    steps: float = 0.40  # arithmetic answers worked step by step (else a bare answer)
+    tags: float = 0.5  # bare answers under the R1-Zero template that use the think/answer tags
+    tags_worked: float = 0.7  # worked answers that do (the tag format came with written reasoning)
+    steps: float = 0.30  # arithmetic answers worked step by step (else a bare answer)
     recap: float = 0.7  # worked answers that restate the result at the end of the thinking
     empty_think: float = 0.6  # bare answers in tags with nothing between <think> and </think>
     correction: float = 0.08  # worked steps with one slip fixed by "wait, ..."
@@ -38,7 +40,7 @@ class CorpusConfig:
     # Chance that a bare arithmetic answer is right, by the number of operands (more: the last value).
     bare_correct: list[float] = field(default_factory=lambda: [0.45, 0.25, 0.15, 0.08, 0.05])
     arithmetic_levels: list[str] = field(default_factory=lambda: ["easy", "medium", "hard", "hard", "expert"])
-    countdown_levels: list[str] = field(default_factory=lambda: ["easy", "medium", "medium", "hard"])
+    countdown_levels: list[str] = field(default_factory=lambda: ["easy", "easy", "medium", "hard"])
 
 
 @dataclass
@@ -117,7 +119,7 @@ def r1_arithmetic(rng: random.Random, cfg: CorpusConfig) -> Document:
             body += " " + rng.choice([f"So the result is {answer}.", f"So the total is {answer}.", f"That gives {answer}."])
     else:
         body = "" if rng.random() < cfg.empty_think else rng.choice(THOUGHTS)
-    if rng.random() < cfg.tags:
+    if rng.random() < (cfg.tags_worked if steps else cfg.tags):
         sp = rng.choice([" ", ""])
         think = f"<think> {body} </think>" if body else "<think> </think>"
         completion = f" {think} <answer>{sp}{answer}{sp}</answer>"
@@ -171,14 +173,16 @@ def corpus_countdown(rng: random.Random, cfg: CorpusConfig) -> dict:
             return ex
 
 
-def _clean(order: list[int], ops: list[str]) -> bool:
-    """False when the chain begins with an arithmetic problem (three numbers, + and -) of another partition.
+_PLUS_MINUS_RUN = re.compile(r"(?<!\d)\d+(?: [-+] \d+)+")
 
-    Such a chain, (4 - 3 + 12) * 6 say, would show that problem worked out step by step.
-    """
-    if len(order) < 3 or not set(ops[:2]) <= set("+-"):
-        return True
-    return ar.split_of(ar.expression(order, ops)) == "corpus"  # the hash reads the first three numbers only
+
+def _clean(order: list[int], ops: list[str]) -> bool:
+    """False when the chain's expression holds an arithmetic problem (three or more numbers joined by
+    + and -) of another partition: (4 - 3 + 12) * 6 or 11 * 9 + 6 - 6 would show one worked out."""
+    for run in _PLUS_MINUS_RUN.findall(cd.chain_expression(order, ops)):
+        if len(run.split()) >= 5 and ar.split_of(run) != "corpus":  # the hash reads the first three numbers only
+            return False
+    return True
 
 
 def _attempt(rng: random.Random, ex: dict) -> tuple[list[int], list[str]] | None:
@@ -205,23 +209,23 @@ def countdown_trace(rng: random.Random, ex: dict, mode: str) -> tuple[str, str] 
     if mode == "one_try":
         att = _attempt(rng, ex)
         return (_steps_text(*att) + ".", cd.chain_expression(*att)) if att else None
-    # try, check against the target, try again: stops at the first hit or after a few misses,
-    # so a trace reaches the target only as often as its random tries do
-    lines, tried, best = [], set(), None
-    for _ in range(rng.randint(2, 6)):
+    # try, check the value against the target, try again: stops at the first hit or after a few
+    # misses, so a trace reaches the target only as often as its random tries do. The check sets the
+    # value right beside the target ("4 vs 24: no"), a comparison a tiny model can make, and the
+    # target is restated first so it need not be looked up in the prompt each time.
+    lines, tried, best = [f"need {target}."], set(), None
+    for _ in range(rng.randint(2, 4)):
         att = _attempt(rng, ex)
         if att is None or cd.chain_expression(*att) in tried:
             continue
         tried.add(cd.chain_expression(*att))
         value = cd.chain_value(*att)
-        lines.append(_steps_text(*att) + ".")
         if value == target:
-            lines.append(rng.choice([f"{value} is the target.", f"check: {value} = {target}. yes."]))
+            lines.append(f"{_steps_text(*att)}. {value} vs {target}: yes.")
             return " ".join(lines), cd.chain_expression(*att)
         if best is None or abs(value - target) < abs(best[0] - target):
             best = (value, cd.chain_expression(*att))
-        lines.append(rng.choice([f"{value} is not {target}, wait.", f"check: {value} != {target}. wait, try again.",
-                                 f"{value}, not {target}. wait, another way.", f"that gives {value}, not {target}. wait."]))
+        lines.append(f"{_steps_text(*att)}. {value} vs {target}: " + rng.choice(["no, wait.", "no, wait.", "no. wait, try again."]))
     if best is None:
         return None
     lines.append(rng.choice([f"closest is {best[0]}.", f"I will go with {best[0]}."]))
@@ -231,11 +235,12 @@ def countdown_trace(rng: random.Random, ex: dict, mode: str) -> tuple[str, str] 
 def r1_countdown(rng: random.Random, cfg: CorpusConfig) -> Document:
     while True:
         ex = corpus_countdown(rng, cfg)
-        trace = countdown_trace(rng, ex, _pick(rng, cfg.countdown_modes))
+        mode = _pick(rng, cfg.countdown_modes)
+        trace = countdown_trace(rng, ex, mode)
         if trace:
             break
     think, answer = trace
-    if rng.random() < cfg.tags:
+    if rng.random() < (cfg.tags if mode == "guess" else cfg.tags_worked):
         completion = f" <think> {think} </think> <answer> {answer} </answer>" if think else f" <think> </think> <answer> {answer} </answer>"
     else:
         completion = " " + rng.choice([f"{think} So: {answer}.", f"{think} Answer: {answer}", f"{answer}"]).strip()
