@@ -276,3 +276,37 @@ def test_triton_attention_option_generates_like_transformers():
     got = eng.generate(prompts, params)
     assert eng.fwd.attention == "triton"
     assert got == HFEngine(model, TOK).generate(prompts, params)
+
+
+SAMPLER_CHILD = """
+import sys, torch
+from ponder.rollout import fast_kernels as fk
+logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 3
+keys = fk.row_keys(torch.tensor(3), torch.tensor(4), torch.arange(6))
+torch.save([fk.triton_gumbel_pick(logits, keys, t, splits=3, block=256) for t in (1.0, 1 / 0.7)], sys.argv[1])
+"""
+
+
+def test_triton_sampler_draws_what_gumbel_pick_draws(tmp_path):
+    """The Triton sampler (CUDA's default when it passes its trial), run by Triton's interpreter in a child
+    process (the interpreter must be on before Triton is imported)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ponder.rollout.fast_kernels import gumbel_pick, row_keys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "out.pt"
+    done = subprocess.run([sys.executable, "-c", SAMPLER_CHILD, str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    keys = row_keys(torch.tensor(3), torch.tensor(4), torch.arange(6))
+    for (tok, lp), t in zip(torch.load(out), (1.0, 1 / 0.7)):
+        ref_tok, ref_lp = gumbel_pick(logits, keys, t)
+        assert torch.equal(tok, ref_tok)
+        torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lp, (logits * t).log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1), atol=1e-5, rtol=1e-5)

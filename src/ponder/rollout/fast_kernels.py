@@ -12,6 +12,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 
 def rms(x, w, eps: float):
     """HF's RMSNorm: normalise in float32, round to the input dtype, then scale."""
@@ -94,6 +100,89 @@ def greedy_pick(logits, keys, inv_temperature):
     return tok, x.gather(-1, tok[:, None]).squeeze(-1) - x.logsumexp(-1)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _hash32(x):
+        """hash32 above, on int32 (products wrap; masks make the shifts logical)."""
+        x = x ^ ((x >> 16) & 0xFFFF)
+        x = x * 2146121005  # 0x7FEB352D
+        x = x ^ ((x >> 15) & 0x1FFFF)
+        x = x * -2073254261  # 0x846CA68B as int32
+        return x ^ ((x >> 16) & 0xFFFF)
+
+    @triton.jit
+    def _gumbel_part(logits_ptr, keys_ptr, score_ptr, tok_ptr, max_ptr, sum_ptr, vocab, stride, chunk, inv_t,
+                     SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """One (row, vocabulary chunk): the best Gumbel-perturbed score and its token, and the chunk's
+        (max, sum of exp) of the scaled logits for the log-sum-exp."""
+        row = tl.program_id(0)
+        part = tl.program_id(1)
+        key = tl.load(keys_ptr + row)
+        best = tl.full((), float("-inf"), tl.float32)
+        best_tok = tl.full((), 0, tl.int32)
+        m = tl.full((), float("-inf"), tl.float32)
+        total = tl.full((), 0.0, tl.float32)
+        lo = part * chunk
+        hi = tl.minimum(lo + chunk, vocab)
+        offs = tl.arange(0, BLOCK)
+        for start in range(lo, hi, BLOCK):
+            tok = start + offs
+            ok = tok < hi
+            x = tl.load(logits_ptr + row.to(tl.int64) * stride + tok, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
+            bits = _hash32(_hash32(key + tok) ^ key)
+            u = (((bits >> 8) & 0xFFFFFF).to(tl.float32) + 0.5) * (1.0 / 16777216)
+            g = tl.where(ok, x - tl.log(-tl.log(u)), float("-inf"))
+            b_best, b_tok = tl.max(g, 0, return_indices=True)
+            best_tok = tl.where(b_best > best, start + b_tok, best_tok)
+            best = tl.maximum(best, b_best)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+        at = row * SPLITS + part
+        tl.store(score_ptr + at, best)
+        tl.store(tok_ptr + at, best_tok)
+        tl.store(max_ptr + at, m)
+        tl.store(sum_ptr + at, total)
+
+    @triton.jit
+    def _gumbel_merge(logits_ptr, score_ptr, tok_ptr, max_ptr, sum_ptr, out_tok_ptr, out_lp_ptr, stride, inv_t,
+                      SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+        """Per row: the chunk with the best score gives the token; chunks' sums merge into the log-sum-exp."""
+        row = tl.program_id(0)
+        i = tl.arange(0, S_PAD)
+        ok = i < SPLITS
+        at = row * SPLITS + i
+        score = tl.load(score_ptr + at, mask=ok, other=float("-inf"))
+        _, pick = tl.max(score, 0, return_indices=True)
+        tok = tl.load(tok_ptr + row * SPLITS + pick)
+        m = tl.load(max_ptr + at, mask=ok, other=float("-inf"))
+        mx = tl.max(m, 0)
+        total = tl.sum(tl.where(ok, tl.load(sum_ptr + at, mask=ok, other=0.0) * tl.exp(m - mx), 0.0), 0)
+        x = tl.load(logits_ptr + row.to(tl.int64) * stride + tok).to(tl.float32) * inv_t
+        tl.store(out_tok_ptr + row, tok.to(tl.int64))
+        tl.store(out_lp_ptr + row, x - mx - tl.log(total))
+
+
+def triton_gumbel_pick(logits, keys, inv_temperature, splits: int = 32, block: int = 2048, num_warps: int = 4):
+    """gumbel_pick in two small kernels: chunks of the vocabulary per row in parallel (a row alone is too
+    little work for the GPU), then one merge per row. Same noise bits as gumbel_pick. H200, 256 x 151,936
+    bf16 logits: 0.144 ms (compiled gumbel_pick: 0.23 ms with int32 hashing, 0.31 ms with int64)."""
+    rows, vocab = logits.shape
+    chunk = -(-(-(-vocab // splits)) // block) * block
+    splits = -(-vocab // chunk)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    score, m, total = (torch.empty((rows, splits), **f32) for _ in range(3))
+    tok = torch.empty((rows, splits), dtype=torch.int32, device=logits.device)
+    _gumbel_part[(rows, splits)](logits, keys, score, tok, m, total, vocab, logits.stride(0), chunk,
+                                 float(inv_temperature), SPLITS=splits, BLOCK=block, num_warps=num_warps)
+    tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
+    lp = torch.empty(rows, **f32)
+    _gumbel_merge[(rows,)](logits, score, tok, m, total, tokens, lp, logits.stride(0), float(inv_temperature),
+                           SPLITS=splits, S_PAD=max(2, 1 << (splits - 1).bit_length()), num_warps=1)
+    return tokens, lp
+
+
 EAGER = dict(rms=rms, add_rms=add_rms, rope_kv=rope_kv, swiglu=swiglu, gumbel_pick=gumbel_pick, greedy_pick=greedy_pick)
 _compiled: dict | None = None
 
@@ -120,4 +209,24 @@ def kernels(device: torch.device) -> dict:
                 _compiled[name], failed = f, failed + [name]
         if failed:
             print(f"ponder: fast engine: torch.compile failed for {', '.join(failed)}; those run unfused", file=sys.stderr)
+        if _gumbel_trial(device):
+            _compiled["gumbel_pick"] = triton_gumbel_pick
     return _compiled
+
+
+def _gumbel_trial(device) -> bool:
+    """Whether the Triton sampler runs here and draws what gumbel_pick draws (one notice if not)."""
+    if triton is None:
+        return False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn((8, 50000), generator=g, device=device, dtype=torch.bfloat16) * 4
+        keys = row_keys(torch.tensor(5, device=device), torch.tensor(1, device=device), torch.arange(8, device=device))
+        tok, lp = triton_gumbel_pick(logits, keys, 1.3)
+        ref_tok, ref_lp = gumbel_pick(logits, keys, 1.3)
+        if torch.equal(tok, ref_tok) and torch.allclose(lp, ref_lp, atol=1e-3, rtol=1e-3):
+            return True
+    except Exception:  # noqa: BLE001  (any compiler or launch failure: keep the compiled sampler)
+        pass
+    print("ponder: fast engine: the Triton sampler failed its trial; sampling runs compiled", file=sys.stderr)
+    return False
