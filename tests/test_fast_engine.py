@@ -13,6 +13,7 @@ from ponder.models import load
 from ponder.models.tiny import char_tokenizer
 from ponder.rollout import SamplingParams, make_engine
 from ponder.rollout.fast import FastEngine
+from ponder.rollout.fast_kernels import row_keys
 from ponder.rollout.fast_sampling import process_logits
 from ponder.rollout.hf import HFEngine
 
@@ -278,35 +279,60 @@ def test_triton_attention_option_generates_like_transformers():
     assert got == HFEngine(model, TOK).generate(prompts, params)
 
 
-SAMPLER_CHILD = """
+TRITON_CHILD = """
 import sys, torch
 from ponder.rollout import fast_kernels as fk
-logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 3
-keys = fk.row_keys(torch.tensor(3), torch.tensor(4), torch.arange(6))
-torch.save([fk.triton_gumbel_pick(logits, keys, t, splits=3, block=256) for t in (1.0, 1 / 0.7)], sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+from test_fast_engine import sampler_case, rope_case
+logits, keys = sampler_case()
+picks = [fk.triton_gumbel_pick(logits, keys, t, splits=3, block=256) for t in (1.0, 1 / 0.7)]
+q, k, v, cos, sin, pos, cache = rope_case()
+q = fk.triton_rope_store(q, k, v, cos, sin, pos, cache[1])
+torch.save(dict(picks=picks, q=q, cache=cache), sys.argv[1])
 """
 
 
-def test_triton_sampler_draws_what_gumbel_pick_draws(tmp_path):
-    """The Triton sampler (CUDA's default when it passes its trial), run by Triton's interpreter in a child
-    process (the interpreter must be on before Triton is imported)."""
+def sampler_case():
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    return logits, row_keys(torch.tensor(3), torch.tensor(4), torch.arange(6))
+
+
+def rope_case():
+    """Qwen3-like odd head dim (24), 14 query heads over 2 kv heads, q rows strided, mixed positions."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn((3, 14 * 24 + 5), generator=g)[:, : 14 * 24].view(3, 14, 24)
+    k, v = torch.randn((3, 2, 24), generator=g), torch.randn((3, 2, 24), generator=g)
+    ang = torch.rand((40, 12), generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    return q, k, v, cos, sin, torch.tensor([0, 39, 17]), torch.zeros((2, 2, 5, 2, 40, 24))
+
+
+def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path):
+    """The Triton sampler and rotary + cache write (CUDA's defaults when they pass their trials), run by
+    Triton's interpreter in a child process (the interpreter must be on before Triton is imported)."""
     pytest.importorskip("triton")
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from ponder.rollout.fast_kernels import gumbel_pick, row_keys
+    from ponder.rollout.fast_kernels import gumbel_pick, rope_kv
 
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    here = Path(__file__).resolve().parent
+    src = str(here.parent / "src")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
     out = tmp_path / "out.pt"
-    done = subprocess.run([sys.executable, "-c", SAMPLER_CHILD, str(out)], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", TRITON_CHILD, str(out), str(here)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 3
-    keys = row_keys(torch.tensor(3), torch.tensor(4), torch.arange(6))
-    for (tok, lp), t in zip(torch.load(out), (1.0, 1 / 0.7)):
+    got = torch.load(out)
+    logits, keys = sampler_case()
+    for (tok, lp), t in zip(got["picks"], (1.0, 1 / 0.7)):
         ref_tok, ref_lp = gumbel_pick(logits, keys, t)
         assert torch.equal(tok, ref_tok)
         torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lp, (logits * t).log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1), atol=1e-5, rtol=1e-5)
+    q, k, v, cos, sin, pos, cache = rope_case()
+    ref_q, kv = rope_kv(q, k, v, cos[pos][:, None], sin[pos][:, None])
+    cache[1][:, torch.arange(3), :, pos] = kv
+    torch.testing.assert_close(got["q"], ref_q)
+    torch.testing.assert_close(got["cache"], cache)  # the right slots written, nothing else touched

@@ -189,7 +189,9 @@ class Forward:
         """One step for rows [0, batch): feed self.tokens at self.pos, attend to slots [0, length); logits [batch, V]."""
         a, K = self.a, self.k
         tok, pos, idx = self.tokens[:batch], self.pos[:batch], self.rows_idx[:batch]
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
+        store = K.get("rope_store")  # one kernel: rotary and the cache write (CUDA, Triton)
+        if store is None:
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
         mask = None
         if self.attention != "triton":  # the kernel reads each row's live slots itself
             # additive mask made once per step (a boolean one would be converted again in every layer)
@@ -207,9 +209,12 @@ class Forward:
             v = attn.v_proj(h).view(batch, a.n_kv, a.head_dim)
             if getattr(attn, "q_norm", None) is not None:  # Qwen3
                 q, k = K["rms"](q, *norm_args(attn.q_norm)), K["rms"](k, *norm_args(attn.k_norm))
-            q, kv = K["rope_kv"](q, k, v, cos, sin)
             cache = self.kv[li]
-            cache[:, idx, :, pos] = kv.to(cache.dtype)  # K and V of every row in one write: [B, 2, kv heads, D]
+            if store is not None:
+                q = store(q, k, v, self.cos, self.sin, pos, cache)
+            else:
+                q, kv = K["rope_kv"](q, k, v, cos, sin)
+                cache[:, idx, :, pos] = kv.to(cache.dtype)  # K and V of every row in one write: [B, 2, kv heads, D]
             # the query heads sharing a kv head act as that head's query rows: no repeated K/V
             q = q.view(batch, a.n_kv, group, a.head_dim)
             kc, vc = cache[0, :batch, :, :length], cache[1, :batch, :, :length]
