@@ -15,7 +15,7 @@ def test_short_grpo_run_from_tiny_base_raises_accuracy(tmp_path):
     train(cfg)
     before = json.loads((cfg.run_dir / "eval_before.json").read_text())["arithmetic/test"]["metrics"]
     after = json.loads((cfg.run_dir / "eval_after.json").read_text())["arithmetic/test"]["metrics"]
-    # measured: pass@1 0.31 -> 0.83, format 0.90 -> 1.00 after 24 steps (tests/ README figures use 80)
+    # a short run on hard chains only; the README's figures come from 80 steps on the whole mix
     assert before["pass@1"] < 0.4
     assert after["pass@1"] > before["pass@1"] + 0.25, (before["pass@1"], after["pass@1"])
     assert after["format_rate"] >= 0.9
