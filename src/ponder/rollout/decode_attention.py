@@ -7,7 +7,11 @@ several programs so that small batches still fill the GPU; a second small kernel
 The grid depends only on (batch, kv heads, length), and nothing is read on the host: CUDA-graph safe.
 
 `decode_attention` uses the kernel on CUDA when Triton is there and the kernel passes a first trial
-against `reference`; otherwise (and on CPU) it runs `reference`, the same math in plain torch.
+against `reference`; otherwise (and on CPU) it runs `reference`, the same math in plain torch. (The fast
+engine's Forward, given attention='triton' on CUDA without a working kernel, uses cuDNN's SDPA instead.)
+Measured on an H200, 0.5B shape (256 rows, 2 kv heads of 7 query heads, head dim 64, bf16), one layer:
+16.5 us at slots 128..640 live per row against 46 us for SDPA over the 640-slot bucket; 2.5 to 3.7 TB/s
+of live K/V read.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Small fused pieces of the decode step (norm, rotary, SwiGLU, sampling), compiled once on CUDA.
 
 A decode step of a small model is bound by the number of kernels more than by their work: each of
-these turns five to eight element-wise kernels into one. On CPU, or if compilation fails, the same
-functions run eagerly (same math).
+these turns five to eight element-wise kernels into one. On CUDA with Triton, two hand-written kernels
+replace compiled pieces once they pass a trial: the Gumbel sampler (the vocabulary split across programs)
+and rotary with the K/V cache write. On CPU, or if compilation fails, the same functions run eagerly
+(same math).
 """
 
 from __future__ import annotations
@@ -222,6 +224,8 @@ def triton_gumbel_pick(logits, keys, inv_temperature, splits: int = 32, block: i
     """gumbel_pick in two small kernels: chunks of the vocabulary per row in parallel (a row alone is too
     little work for the GPU), then one merge per row. Same noise bits as gumbel_pick. H200, 256 x 151,936
     bf16 logits: 0.144 ms (compiled gumbel_pick: 0.23 ms with int32 hashing, 0.31 ms with int64)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
     rows, vocab = logits.shape
     chunk = -(-(-(-vocab // splits)) // block) * block
     splits = -(-vocab // chunk)
@@ -242,7 +246,9 @@ _compiled: dict | None = None
 
 
 def kernels(device: torch.device) -> dict:
-    """The functions above, compiled when on CUDA and the compiler handles them here; eager otherwise."""
+    """The functions above, compiled when on CUDA and the compiler handles them here; eager otherwise.
+    On CUDA also 'rope_store' (triton_rope_store, or None without a working Triton) and, when it passes its
+    trial, triton_gumbel_pick as 'gumbel_pick'."""
     global _compiled
     if device.type != "cuda":
         return EAGER

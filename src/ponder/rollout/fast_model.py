@@ -67,8 +67,8 @@ class Forward:
         self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
         self.autocast = autocast  # float32 weights, bfloat16 compute (weights cast per use, never stored)
         self.k = kernels(torch.device(device)) if fused else EAGER
-        if attention == "triton":
-            attention_kernel.available(device)  # its one trial runs now, never inside a graph capture
+        if attention == "triton" and torch.device(device).type == "cuda" and not attention_kernel.available(device):
+            self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
         mlp = arch.backbone.layers[0].mlp
         self.silu = getattr(arch.backbone.config, "hidden_act", None) == "silu" and hasattr(mlp, "gate_proj")
         layers = len(arch.backbone.layers)
