@@ -282,18 +282,16 @@ def test_triton_attention_option_generates_like_transformers():
 TRITON_CHILD = """
 import sys, torch
 from ponder.rollout import fast_kernels as fk
-sys.path.insert(0, sys.argv[2])
-from test_fast_engine import sampler_case, rope_case
-logits, keys = sampler_case()
-picks = [fk.triton_gumbel_pick(logits, keys, t, splits=3, block=256) for t in (1.0, 1 / 0.7)]
-q, k, v, cos, sin, pos, cache = rope_case()
+inp = torch.load(sys.argv[1])
+picks = [fk.triton_gumbel_pick(inp["logits"], inp["keys"], t, splits=3, block=256) for t in (1.0, 1 / 0.7)]
+q, k, v, cos, sin, pos, cache = inp["rope"]
 q = fk.triton_rope_store(q, k, v, cos, sin, pos, cache[1])
-torch.save(dict(picks=picks, q=q, cache=cache), sys.argv[1])
+torch.save(dict(picks=picks, q=q, cache=cache), sys.argv[2])
 """
 
 
 def sampler_case():
-    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    logits = torch.randn(6, 1500, generator=torch.Generator().manual_seed(0)) * 3
     return logits, row_keys(torch.tensor(3), torch.tensor(4), torch.arange(6))
 
 
@@ -318,14 +316,14 @@ def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path):
 
     from ponder.rollout.fast_kernels import gumbel_pick, rope_kv
 
-    here = Path(__file__).resolve().parent
-    src = str(here.parent / "src")
+    src = str(Path(__file__).resolve().parents[1] / "src")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
-    out = tmp_path / "out.pt"
-    done = subprocess.run([sys.executable, "-c", TRITON_CHILD, str(out), str(here)], env=env, capture_output=True, text=True, timeout=120)
+    logits, keys = sampler_case()
+    inp, out = tmp_path / "in.pt", tmp_path / "out.pt"
+    torch.save(dict(logits=logits, keys=keys, rope=rope_case()), inp)
+    done = subprocess.run([sys.executable, "-c", TRITON_CHILD, str(inp), str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     got = torch.load(out)
-    logits, keys = sampler_case()
     for (tok, lp), t in zip(got["picks"], (1.0, 1 / 0.7)):
         ref_tok, ref_lp = gumbel_pick(logits, keys, t)
         assert torch.equal(tok, ref_tok)
