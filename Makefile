@@ -6,10 +6,15 @@ TORCH ?= torch==2.13.0
 .PHONY: setup sysdeps demo test bench clean
 
 # torch first and pinned: a bare `torch` requirement would pull a multi-gigabyte CUDA build.
-$(VENV)/.installed: pyproject.toml
+# The demo needs only ponder's own dependencies; the tests add the extras (peft, reasoning-gym, ...).
+$(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -22,7 +27,7 @@ sysdeps:
 	  else sudo apt-get install -y -q bubblewrap >/dev/null; fi; }
 
 # each demo run gets its own directory, so the command can be repeated as is
-demo: setup
+demo: $(VENV)/.base
 	$(VENV)/bin/ponder train recipes/zero-tiny.yaml name=zero-tiny-$$(date +%Y%m%d-%H%M%S)
 
 test: setup sysdeps

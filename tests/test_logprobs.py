@@ -60,6 +60,19 @@ def test_gradients_match_full_logits(batch):
     model.zero_grad()
 
 
+def test_entropy_is_computed_once_per_chunk_not_again_in_backward(batch, monkeypatch):
+    """Backward recomputes each chunk's logits (checkpointing) but must not redo the entropy."""
+    model, ids, att, comp = batch
+    calls = []
+    softmax = torch.softmax
+    monkeypatch.setattr(torch, "softmax", lambda *a, **k: calls.append(1) or softmax(*a, **k))
+    lp, ent = token_logprobs(model, ids, att, comp, chunk_size=4)  # 11 scored tokens: 3 chunks
+    assert len(calls) == 3
+    lp.sum().backward()
+    assert len(calls) == 3 and ent is not None
+    model.zero_grad()
+
+
 def test_positions_form_gathers_the_same_values(batch):
     model, ids, att, comp = batch
     lp_mask, _ = token_logprobs(model, ids, att, comp)

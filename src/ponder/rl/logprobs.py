@@ -127,15 +127,17 @@ def head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy):
     shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
 
+    forward = [True]  # False once the loop is done: backward's recomputation needs no entropy
+
     def chunk(h, t):
         logits = head(h).float()
         if temperature != 1.0:
             logits = logits / temperature
         lse = logits.logsumexp(-1)
         lp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
-        if not with_entropy:
+        if not (with_entropy and forward[0]):
             return lp, None
-        with torch.no_grad():
+        with torch.no_grad():  # saves nothing for backward, so skipping it on recomputation is safe
             ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)
         return lp, ent
 
@@ -147,6 +149,7 @@ def head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy):
         lp, ent = checkpoint(chunk, h, t, use_reentrant=False) if grad else chunk(h, t)
         lps.append(lp)
         ents.append(ent)
+    forward[0] = False
     if not lps:
         empty = hidden.new_zeros(shape, dtype=torch.float32)
         return empty, (empty if with_entropy else None)
