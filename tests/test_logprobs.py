@@ -65,11 +65,18 @@ def test_entropy_is_computed_once_per_chunk_not_again_in_backward(batch, monkeyp
     model, ids, att, comp = batch
     calls = []
     softmax = torch.softmax
-    monkeypatch.setattr(torch, "softmax", lambda *a, **k: calls.append(1) or softmax(*a, **k))
-    lp, ent = token_logprobs(model, ids, att, comp, chunk_size=4)  # 11 scored tokens: 3 chunks
-    assert len(calls) == 3
+    vocab = model.config.vocab_size  # count the head's softmax only, not attention's
+
+    def counting(x, *a, **k):
+        calls.extend([1] if x.shape[-1] == vocab else [])
+        return softmax(x, *a, **k)
+
+    monkeypatch.setattr(torch, "softmax", counting)
+    scored = int(((comp[:, 1:] != 0) & (att[:, 1:] != 0)).sum())  # 17 tokens: 5 chunks of at most 4
+    lp, ent = token_logprobs(model, ids, att, comp, chunk_size=4)
+    assert len(calls) == -(-scored // 4) == 5
     lp.sum().backward()
-    assert len(calls) == 3 and ent is not None
+    assert len(calls) == 5 and ent is not None
     model.zero_grad()
 
 
