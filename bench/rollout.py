@@ -216,7 +216,7 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--variants", nargs="+", default=["sdpa", "matmul"], help="attention[+eager]: sdpa, matmul, sdpa+eager")
+    ap.add_argument("--variants", nargs="+", default=["triton", "sdpa"], help="attention[+eager]: triton, sdpa, matmul, sdpa+eager")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", help="folder for the profile table")
     ap.add_argument("--hf", nargs="*", default=["dynamic"], help="transformers' generate with these caches")

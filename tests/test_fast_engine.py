@@ -272,8 +272,7 @@ def test_triton_attention_option_generates_like_transformers():
     prompts = encode(PROMPTS)
     set_eos_mid_generation(model, prompts)
     params = SamplingParams(n=2, temperature=0, max_tokens=14)
-    eng = FastEngine(model, TOK, sync_every=2, min_bucket=1)
-    eng.attention = "triton"  # fast.py's constructor check predates the option
+    eng = FastEngine(model, TOK, sync_every=2, min_bucket=1, attention="triton")
     got = eng.generate(prompts, params)
     assert eng.fwd.attention == "triton"
     assert got == HFEngine(model, TOK).generate(prompts, params)

@@ -38,12 +38,12 @@ def notice(msg: str) -> None:
 class FastEngine(RolloutEngine):
     def __init__(
         self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
-        length_bucket: int = 128, prefill_tokens: int = 32768, keep_cache: bool = True, attention: str = "sdpa",
+        length_bucket: int = 128, prefill_tokens: int = 32768, keep_cache: bool = True, attention: str = "auto",
         fused: bool = True,
     ):
         super().__init__(model, tokenizer)
-        if attention not in ("sdpa", "matmul"):
-            raise UserError(f"fast engine: attention must be 'sdpa' or 'matmul', got '{attention}'")
+        if attention not in ("auto", "triton", "sdpa", "matmul"):
+            raise UserError(f"fast engine: attention must be 'auto', 'triton', 'sdpa' or 'matmul', got '{attention}'")
         self.cuda_graphs, self.sync_every, self.min_bucket = cuda_graphs, max(1, sync_every), max(1, min_bucket)
         self.length_bucket, self.prefill_tokens, self.keep_cache = length_bucket, prefill_tokens, keep_cache
         self.attention, self.batch_size, self.fused = attention, batch_size, fused
@@ -110,7 +110,10 @@ class FastEngine(RolloutEngine):
             self.release()
             if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs
                 rows, length = max(rows, f.rows), max(length, f.length)
-            f = self.fwd = Forward(self.arch, rows, length, dtype, device, self.attention, autocast, self.fused)
+            # auto: the split-KV Triton kernel on CUDA (reads only live slots); SDPA on CPU, where the
+            # kernel would run as its torch reference
+            attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "sdpa"
+            f = self.fwd = Forward(self.arch, rows, length, dtype, device, attention, autocast, self.fused)
             self.weights_sig = sig
         f.refresh_rope()
         return f, use_graphs
