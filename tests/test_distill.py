@@ -144,13 +144,12 @@ def test_distill_command_line(tmp_path, teacher_engine, capsys):
 
 
 def test_experiment_recipes_load_and_the_rl_arm_is_the_demo_recipe_on_the_student():
-    import yaml
-
+    from ponder.config import read_recipe
     from ponder.distill import load_distill_config
 
     cfg = load_distill_config("recipes/distill-tiny.yaml", ["output_dir=/nonexistent"])
-    zero = yaml.safe_load(open("recipes/zero-tiny.yaml"))
-    rl = yaml.safe_load(open("recipes/rl-student-tiny.yaml"))
+    zero = read_recipe("recipes/zero-tiny.yaml")
+    rl = read_recipe("recipes/rl-student-tiny.yaml")  # base: zero-tiny.yaml
     assert rl.pop("name") == "rl-student-tiny" and zero.pop("name") == "zero-tiny"
     assert rl["model"].pop("path") == cfg.sft.model.path == "runs/student-base"
     zero["model"].pop("path")

@@ -283,10 +283,10 @@ def test_coldstart_traces_are_correct_in_format_and_show_no_test_item():
 
 
 def test_coldstart_rl_recipe_is_the_r1_zero_recipe_from_the_cold_started_model():
-    import yaml
+    from ponder.config import read_recipe
 
-    zero = yaml.safe_load(open("recipes/zero-tiny.yaml"))
-    cold = yaml.safe_load(open("recipes/coldstart-rl-tiny.yaml"))
+    zero = read_recipe("recipes/zero-tiny.yaml")
+    cold = read_recipe("recipes/coldstart-rl-tiny.yaml")  # base: zero-tiny.yaml
     assert cold.pop("name") == "coldstart-rl-tiny" and zero.pop("name") == "zero-tiny"
     assert cold["model"].pop("path") == "runs/coldstart-tiny/final" and zero["model"].pop("path") == "tiny-base"
     assert cold == zero

@@ -284,20 +284,38 @@ def apply_override(data: dict, dotted: str) -> None:
     node[parts[-1]] = value
 
 
+def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe's options as a mapping. `base: other.yaml` (a path beside the recipe) starts from that
+    recipe: this one's mappings are merged into it key by key, its other values replace the base's."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe '{path}' not found; give the path of a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"recipe '{path}' is not valid YAML{at}: fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe '{path}' must be a mapping of options at its top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise UserError(f"recipe '{path}': base '{base}' leads back to itself; remove the loop")
+    return _merge(read_recipe(base_path, _seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfig):
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"recipe '{path}' not found; give the path of a YAML recipe (see recipes/)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"recipe '{path}' is not valid YAML{at}: fix the syntax") from None
-        if not isinstance(data, dict):
-            raise UserError(f"recipe '{path}' must be a mapping of options at its top level")
+    data: dict = read_recipe(path) if path is not None else {}
     for ov in overrides:
         apply_override(data, ov)
     cfg = build(cls, data)

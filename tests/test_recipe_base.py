@@ -1,0 +1,46 @@
+"""`base:` in a recipe: start from another recipe, merge mappings key by key, replace the rest."""
+
+import pytest
+
+from ponder.config import load_config, read_recipe
+from ponder.errors import UserError
+
+
+def test_a_recipe_on_a_base_merges_mappings_and_replaces_other_values(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "name: a\nseed: 3\nmodel: {path: tiny-random, gradient_checkpointing: true}\n"
+        "data: {tasks: [{name: first_digit}, {name: arithmetic}]}\nrewards: {accuracy: 1.0, format: 1.0}\n"
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text(  # the base path is read beside the recipe, not from the cwd
+        "base: ../a.yaml\nname: b\nmodel: {path: tiny-random-micro}\ndata: {tasks: [{name: first_digit}]}\n"
+        "rewards: {format: 0.5}\n"
+    )
+    got = read_recipe(tmp_path / "sub" / "b.yaml")
+    assert got == {
+        "name": "b", "seed": 3, "model": {"path": "tiny-random-micro", "gradient_checkpointing": True},
+        "data": {"tasks": [{"name": "first_digit"}]},  # lists are replaced, not appended to
+        "rewards": {"accuracy": 1.0, "format": 0.5},
+    }
+    cfg = load_config(tmp_path / "sub" / "b.yaml", ["seed=4"])
+    assert (cfg.name, cfg.seed, cfg.model.path, len(cfg.data.tasks)) == ("b", 4, "tiny-random-micro", 1)
+
+
+def test_a_base_loop_or_a_missing_base_is_one_clear_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\n")
+    with pytest.raises(UserError, match="leads back to itself"):
+        read_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match=r"recipe '.*nowhere.yaml' not found"):
+        read_recipe(tmp_path / "c.yaml")
+
+
+def test_the_experiment_recipes_are_the_demo_recipe_on_another_model():
+    zero = load_config("recipes/zero-tiny.yaml")
+    for recipe, path in [("recipes/coldstart-rl-tiny.yaml", "runs/coldstart-tiny/final"),
+                         ("recipes/rl-student-tiny.yaml", "runs/student-base")]:
+        cfg = load_config(recipe)
+        assert cfg.model.path == path and cfg.name != zero.name
+        cfg.model.path, cfg.name = zero.model.path, zero.name
+        assert cfg == zero
