@@ -151,7 +151,7 @@ def test_short_sft_teaches_a_random_model_the_think_answer_format(tmp_path):
     model, tok = load("tiny-random")
     assert not any(STRICT_FORMAT.match(t) for t in greedy_texts(model, tok, held_out))  # it did not have the format
     cfg = cfg_for(tmp_path, [data], "name=fmt", "data.template=plain", "optim.lr=5e-3", "train.steps=24",
-                  "train.batch_size=8")
+                  "train.batch_size=8", "train.log_samples=1")
     tr = sft(cfg, quiet=True)
     texts = greedy_texts(tr.model, tr.tokenizer, held_out)
     assert all(STRICT_FORMAT.match(t) for t in texts), texts
@@ -160,6 +160,9 @@ def test_short_sft_teaches_a_random_model_the_think_answer_format(tmp_path):
 
     again = AutoModelForCausalLM.from_pretrained(tr.run_dir / "final")
     assert greedy_texts(again, tr.tokenizer, held_out[:2]) == texts[:2]
+    # the run ends with its report: the loss curve, and a completion beside the reference it learnt from
+    page = (tr.run_dir / "report.html").read_text()
+    assert "alt='training loss'" in page and "<div class='meta'>reference</div>" in page
 
 
 VOLATILE = ("time", "time/step", "tokens_per_s")

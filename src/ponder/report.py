@@ -31,6 +31,10 @@ PANELS = [
     ("clipped token share", ["clip_low_frac", "clip_high_frac"], False),
     ("zero-variance groups (no signal)", ["zero_var_groups_frac"], False),
     ("seconds per step", ["time/generate", "time/reward", "time/train"], True),
+    ("training loss", ["loss"], False),
+    ("gradient norm (before clipping)", ["grad_norm"], False),
+    ("learning rate", ["lr"], False),
+    ("tokens per second", ["tokens_per_s"], False),
 ]
 COUNTS = {"problems", "scored_problems", "k"}  # evaluation figures that are sizes, not results
 ACCURACY_RE = re.compile(r"(pass|cons)@|greedy$|mean_score$")  # evaluation figures of being right
@@ -199,6 +203,10 @@ def _sample(row: dict | None) -> str:
     prompt = row.get("prompt", "")
     if isinstance(prompt, list):  # chat messages
         prompt = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
+    if "reference" in row:  # an SFT run: the greedy completion beside the completion it was trained on
+        return (f"<div class='prompt'>{_esc(str(prompt))}</div><div class='meta'>reference</div>"
+                f"{completion_html(str(row['reference']))}<div class='meta'>the model (greedy)</div>"
+                f"{completion_html(str(row.get('completion', '')))}")
     scores = ", ".join(f"{k} {_fmt(v)}" for k, v in (row.get("rewards") or {}).items())
     return (f"<div class='prompt'>{_esc(str(prompt))}</div>"
             f"<div class='meta'>gold answer: {_esc(str(row.get('answer')))} &middot; reward {_fmt(row.get('reward'))}"

@@ -68,6 +68,12 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
         after = _evaluate(trainer, "after", quiet)
         trainer.metrics.log(trainer.step_no, _flat(after))
     trainer.metrics.close()
+    if trainer.step_no >= total and trainer.metrics.enabled:
+        from ponder.report import write_report
+
+        path = write_report(trainer.run_dir)
+        if not quiet:
+            console.print(f"report: {path}")
     return trainer
 
 
