@@ -15,3 +15,26 @@ def smoke_cfg(tmp_path):
         return load_config("recipes/smoke-first-digit.yaml", [f"output_dir={tmp_path}", *overrides])
 
     return make
+
+
+VERIFY_LIMIT = 2.0  # seconds per answer in the tests that plant bombs
+
+
+@pytest.fixture(scope="module")
+def stop_verify_workers():
+    """Shut the math-verify worker pool down after a module that started it."""
+    yield
+    from ponder.rewards import verify_pool
+
+    verify_pool.shutdown()
+
+
+@pytest.fixture
+def short_limit():
+    """A short per-answer time limit for math-verify workers; yields it."""
+    from ponder.rewards import verify_pool
+
+    before = verify_pool._SETTINGS["timeout"]
+    verify_pool.configure(timeout=VERIFY_LIMIT)
+    yield VERIFY_LIMIT
+    verify_pool.configure(timeout=before)

@@ -8,21 +8,7 @@ from ponder.rewards import verify_pool
 from ponder.rewards.basic import accuracy
 from ponder.rewards.extract import extract_answer
 
-LIMIT = 2.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def stop_workers():
-    yield
-    verify_pool.shutdown()
-
-
-@pytest.fixture
-def short_limit():
-    before = verify_pool._SETTINGS["timeout"]
-    verify_pool.configure(timeout=LIMIT)
-    yield
-    verify_pool.configure(timeout=before)
+pytestmark = pytest.mark.usefixtures("stop_verify_workers")
 
 
 def score(completion: str, gold: str = "42") -> float:
@@ -94,7 +80,7 @@ def test_huge_power_is_wrong_within_the_limit(short_limit):
     verify_pool.pool().start()  # workers up and ready outside the timed part
     for bomb in (r"9^{9^{9^{9}}}", r"10^{10^{10}}", r"2^{3^{100}}"):  # a tower guard, then the time limit
         value, took = timed(answer(bomb), gold="7")
-        assert value == 0.0 and took < LIMIT + 1.5, (bomb, took)
+        assert value == 0.0 and took < short_limit + 1.5, (bomb, took)
 
 
 def test_latex_nesting_bombs_are_wrong_at_once():

@@ -17,18 +17,7 @@ from ponder.rewards.basic import accuracy
 PAIRS = Path(__file__).parent / "data" / "math_pairs.jsonl"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def stop_workers():
-    yield
-    verify_pool.shutdown()
-
-
-@pytest.fixture
-def short_limit():
-    before = verify_pool._SETTINGS["timeout"]
-    verify_pool.configure(timeout=2.0)
-    yield 2.0
-    verify_pool.configure(timeout=before)
+pytestmark = pytest.mark.usefixtures("stop_verify_workers")
 
 
 def test_plain_numbers_never_reach_a_worker(monkeypatch):
