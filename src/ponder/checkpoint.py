@@ -37,6 +37,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_state(trainer) -> dict:
+    """What any trainer saves to continue exactly: step, data position, optimizer, schedule, RNG, config,
+    LoRA adapters. `trainer` has cfg, model, optimizer, scheduler, sampler, step_no and nan_streak."""
+    from ponder.config import to_dict
+
+    return {
+        "step": trainer.step_no, "sampler_position": trainer.sampler.position, "nan_streak": trainer.nan_streak,
+        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "rng": rng_state(), "config": to_dict(trainer.cfg),
+        "adapter": {k: v for k, v in trainer.model.state_dict().items() if "lora_" in k} if trainer.cfg.model.lora else None,
+    }
+
+
+def restore_training(trainer, state: dict) -> None:
+    """The inverse of training_state (the weights and adapters are loaded with the model)."""
+    trainer.step_no, trainer.nan_streak = state["step"], state["nan_streak"]
+    trainer.sampler.position = state["sampler_position"]
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+
+
 def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step}"

@@ -22,6 +22,7 @@ from ponder import checkpoint, distributed, models
 from ponder.config import RunConfig, to_dict
 from ponder.errors import TrainingError, UserError
 from ponder.metrics import MetricsWriter, mean, reflection_rate
+from ponder.optim import make_optimizer
 from ponder.rewards import RewardSet
 from ponder.rewards.format import STRICT_FORMAT
 from ponder.rl.advantages import advantages
@@ -76,11 +77,7 @@ class GRPOTrainer:
 
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
         self.ref = self._make_reference()
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, max(cfg.train.steps, 1))
         self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer, batch_size=cfg.rollout.generation_batch)
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
@@ -90,7 +87,7 @@ class GRPOTrainer:
         self.step_no, self.nan_streak = 0, 0
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         if self.state is not None:
-            self._restore(self.state)
+            checkpoint.restore_training(self, self.state)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
@@ -295,35 +292,12 @@ class GRPOTrainer:
         if self.ref is not None and n and self.step_no % n == 0:
             self.ref.load_state_dict(self.model.state_dict())  # R1: the reference follows the policy every 400 steps
 
-    def _lr_factor(self, step: int) -> float:
-        o, total = self.cfg.optim, max(self.cfg.train.steps, 1)
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
-        if o.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if o.schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
     def save(self) -> None:
-        state = {
-            "step": self.step_no, "sampler_position": self.sampler.position, "nan_streak": self.nan_streak,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": checkpoint.rng_state(), "config": to_dict(self.cfg),
-            "ref": self.ref.state_dict() if (self.ref is not None and self.cfg.algorithm.ref_reset_every) else None,
-            "adapter": {k: v for k, v in self.model.state_dict().items() if "lora_" in k} if self.cfg.model.lora else None,
-        }
+        state = checkpoint.training_state(self)
+        state["ref"] = self.ref.state_dict() if (self.ref is not None and self.cfg.algorithm.ref_reset_every) else None
         if self.rank == 0:  # weights and optimizer are the same on every rank
             checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
         distributed.barrier()
-
-    def _restore(self, state: dict) -> None:
-        self.step_no, self.nan_streak = state["step"], state["nan_streak"]
-        self.sampler.position = state["sampler_position"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
 
 
 def _split(samples: list[Sample], k: int) -> list[list[Sample]]:

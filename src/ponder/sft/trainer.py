@@ -18,6 +18,7 @@ from ponder import checkpoint, models
 from ponder.config import to_dict
 from ponder.errors import TrainingError
 from ponder.metrics import MetricsWriter
+from ponder.optim import make_optimizer
 from ponder.rl.forward import autocast, use_bf16
 from ponder.rl.trainer import _yaml, pick_device, set_seed
 from ponder.sft.config import SFTConfig
@@ -43,15 +44,11 @@ class SFTTrainer:
         self.lengths = [len(e.ids) for e in self.examples]
         t = cfg.train
         self.total_steps = t.steps or max(1, math.ceil(t.epochs * len(self.examples) / t.batch_size))
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, self.total_steps)
         self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
         self.step_no, self.nan_streak = 0, 0
         if self.state is not None:
-            self._restore(self.state)
+            checkpoint.restore_training(self, self.state)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0)
@@ -118,12 +115,7 @@ class SFTTrainer:
         return rows
 
     def save(self) -> None:
-        state = {
-            "step": self.step_no, "sampler_position": self.sampler.position, "nan_streak": self.nan_streak,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": checkpoint.rng_state(), "config": to_dict(self.cfg),
-            "adapter": {k: v for k, v in self.model.state_dict().items() if "lora_" in k} if self.cfg.model.lora else None,
-        }
+        state = checkpoint.training_state(self)
         path = checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
         final = self.run_dir / "final"  # the newest weights, for recipes that continue from this run
         tmp = self.run_dir / ".final-link"
@@ -131,20 +123,3 @@ class SFTTrainer:
         tmp.symlink_to(path.relative_to(self.run_dir))
         tmp.replace(final)
 
-    def _restore(self, state: dict) -> None:
-        self.step_no, self.nan_streak = state["step"], state["nan_streak"]
-        self.sampler.position = state["sampler_position"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-
-    def _lr_factor(self, step: int) -> float:
-        o, total = self.cfg.optim, self.total_steps
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
-        if o.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if o.schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
