@@ -275,11 +275,23 @@ def kernels(device: torch.device) -> dict:
     return _compiled
 
 
-def _rope_store_trial(device) -> bool:
-    """Whether the Triton rotary + cache write runs here and matches rope_kv and index_put (one notice if not)."""
+def _trial(check, notice: str) -> bool:
+    """Whether `check()` (a Triton piece run beside its torch twin) runs and agrees; one notice if not."""
     if triton is None:
         return False
     try:
+        if check():
+            return True
+    except Exception:  # noqa: BLE001  (any compiler or launch failure: the torch piece stays)
+        pass
+    print(f"ponder: fast engine: {notice}", file=sys.stderr)
+    return False
+
+
+def _rope_store_trial(device) -> bool:
+    """Whether the Triton rotary + cache write runs here and matches rope_kv and index_put."""
+
+    def check():
         g = torch.Generator(device=device).manual_seed(0)
         bf = dict(device=device, dtype=torch.bfloat16)
         q, k, v = (torch.randn((3, n, 64), generator=g, **bf) for n in (14, 2, 2))
@@ -290,27 +302,21 @@ def _rope_store_trial(device) -> bool:
         qo = triton_rope_store(q, k, v, cos, sin, pos, mine[1])
         qr, kv = rope_kv(q, k, v, cos[pos][:, None], sin[pos][:, None])
         ref[1][:, torch.arange(3, device=device), :, pos] = kv
-        if torch.allclose(qo.float(), qr.float(), atol=2e-2, rtol=2e-2) and torch.allclose(mine.float(), ref.float(), atol=2e-2, rtol=2e-2):
-            return True
-    except Exception:  # noqa: BLE001  (any compiler or launch failure: rotary and the cache write stay separate)
-        pass
-    print("ponder: fast engine: the Triton rotary + cache write failed its trial; using the compiled rotary", file=sys.stderr)
-    return False
+        return (torch.allclose(qo.float(), qr.float(), atol=2e-2, rtol=2e-2)
+                and torch.allclose(mine.float(), ref.float(), atol=2e-2, rtol=2e-2))
+
+    return _trial(check, "the Triton rotary + cache write failed its trial; using the compiled rotary")
 
 
 def _gumbel_trial(device) -> bool:
-    """Whether the Triton sampler runs here and draws what gumbel_pick draws (one notice if not)."""
-    if triton is None:
-        return False
-    try:
+    """Whether the Triton sampler runs here and draws what gumbel_pick draws."""
+
+    def check():
         g = torch.Generator(device=device).manual_seed(0)
         logits = torch.randn((8, 50000), generator=g, device=device, dtype=torch.bfloat16) * 4
         keys = row_keys(torch.tensor(5, device=device), torch.tensor(1, device=device), torch.arange(8, device=device))
         tok, lp = triton_gumbel_pick(logits, keys, 1.3)
         ref_tok, ref_lp = gumbel_pick(logits, keys, 1.3)
-        if torch.equal(tok, ref_tok) and torch.allclose(lp, ref_lp, atol=1e-3, rtol=1e-3):
-            return True
-    except Exception:  # noqa: BLE001  (any compiler or launch failure: keep the compiled sampler)
-        pass
-    print("ponder: fast engine: the Triton sampler failed its trial; sampling runs compiled", file=sys.stderr)
-    return False
+        return torch.equal(tok, ref_tok) and torch.allclose(lp, ref_lp, atol=1e-3, rtol=1e-3)
+
+    return _trial(check, "the Triton sampler failed its trial; sampling runs compiled")
