@@ -27,6 +27,7 @@ from rollout import CUDA, DEVICE, build, force_length  # noqa: E402
 from ponder.models.tiny import char_tokenizer  # noqa: E402
 from ponder.rl.advantages import advantages  # noqa: E402
 from ponder.rl.batching import Sample, micro_batches, to_tensors  # noqa: E402
+from ponder.rl.forward import PolicyPass  # noqa: E402
 from ponder.rl.logprobs import token_logprobs  # noqa: E402
 from ponder.rl.losses import policy_loss, sequence_token_weights  # noqa: E402
 from ponder.rollout import SamplingParams  # noqa: E402
@@ -50,13 +51,18 @@ def train(model, opt, samples, logprobs: str, token_budget: int, max_new: int):
     for s, w in zip(samples, sequence_token_weights([len(s.completion_ids) for s in samples], "grpo", max_new)):
         s.weight = w
     opt.zero_grad(set_to_none=True)
-    for mb in micro_batches(samples, token_budget):
-        t = to_tensors(mb, 0, DEVICE)
-        if logprobs == "chunked":
-            logp, _ = token_logprobs(model, t.input_ids, t.attention_mask, positions=t.target_pos + 1)
+    policy = PolicyPass(logprobs == "packed", 0, torch.device(DEVICE), bf16=False)  # the weights are bf16 already
+    for mb in policy.micro_batches(samples, token_budget):
+        if logprobs == "packed":  # what the trainer runs on CUDA (train.forward: auto)
+            logp, _, mask = policy.logprobs(model, mb, with_entropy=True)
         else:
-            logp = full_logits_logprobs(model, t)
-        weight = t.mask * torch.tensor([s.weight for s in mb], device=DEVICE)[:, None]
+            t = to_tensors(mb, 0, DEVICE)
+            mask = t.mask
+            if logprobs == "chunked":  # the padded path: the model's forward, chunked head
+                logp, _ = token_logprobs(model, t.input_ids, t.attention_mask, positions=t.target_pos + 1)
+            else:
+                logp = full_logits_logprobs(model, t)
+        weight = mask * torch.tensor([s.weight for s in mb], device=DEVICE)[:, None]
         adv = torch.tensor([s.advantage for s in mb], device=DEVICE)
         loss, _ = policy_loss(logp, logp.detach(), adv, weight, 0.2, 0.2)  # mu = 1: old = current
         loss.backward()
@@ -79,6 +85,20 @@ def grpo_step(model, opt, engine, prompts, group, new, step, logprobs, token_bud
     return dict(generate=t1 - t0, reward=t2 - t1, train=t3 - t2, total=t3 - t0)
 
 
+def profile_train(model, opt, engine, prompts, a, logprobs, budget, path):
+    """Kernel time of one train half (after the timed steps), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    outs = engine.generate(prompts, SamplingParams(n=a.group, temperature=1.0, max_tokens=a.new, seed=99))
+    samples = [Sample(p, c.token_ids, float(j % 3) - 1.0, False) for p, out in zip(prompts, outs) for j, c in enumerate(out)]
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as prof:
+        train(model, opt, samples, logprobs, budget, a.new)
+        now()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=45))
+    print(f"profile written: {path}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b"])
@@ -86,8 +106,12 @@ def main():
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--logprobs", nargs="+", default=["chunked", "full"])
-    ap.add_argument("--token-budget", type=int, default=16384)
+    ap.add_argument("--logprobs", nargs="+", default=["packed", "chunked"],
+                    help="packed: ponder.rl.packed (the trainer's CUDA path); chunked: the model's forward on padded "
+                         "rows + chunked head; full: the whole logits tensor")
+    ap.add_argument("--token-budget", type=int, nargs="+", default=[16384])
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (model.gradient_checkpointing)")
+    ap.add_argument("--profile", help="write the kernel table of one timed train pass to this file")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -100,19 +124,25 @@ def main():
         engine = FastEngine(model, tok)
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, model.config.vocab_size, (a.prompts, a.prompt), generator=g).tolist()
+        if a.checkpointing:
+            model.gradient_checkpointing_enable()
         for lp in a.logprobs:
-            grpo_step(model, opt, engine, prompts, a.group, a.new, 0, lp, a.token_budget)  # warm-up
-            CUDA and torch.cuda.reset_peak_memory_stats()
-            runs = [grpo_step(model, opt, engine, prompts, a.group, a.new, s + 1, lp, a.token_budget) for s in range(a.steps)]
-            row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            row.update(shape=shape, logprobs=lp, peak_gib=(torch.cuda.max_memory_allocated() / 2**30) if CUDA else 0.0)
-            print(json.dumps(row), flush=True)
-            report["results"].append(row)
+            for budget in a.token_budget:
+                grpo_step(model, opt, engine, prompts, a.group, a.new, 0, lp, budget)  # warm-up
+                CUDA and torch.cuda.reset_peak_memory_stats()
+                runs = [grpo_step(model, opt, engine, prompts, a.group, a.new, s + 1, lp, budget) for s in range(a.steps)]
+                row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                row.update(shape=shape, logprobs=lp, budget=budget,
+                           peak_gib=(torch.cuda.max_memory_allocated() / 2**30) if CUDA else 0.0)
+                print(json.dumps(row), flush=True)
+                report["results"].append(row)
+                if a.profile:
+                    profile_train(model, opt, engine, prompts, a, lp, budget, f"{a.profile}.{shape}.{lp}.{budget}.txt")
         del model, opt, engine
         CUDA and torch.cuda.empty_cache()
-    print(f"\n{'shape':6} {'logprobs':8} {'total s':>8} {'generate':>9} {'reward':>7} {'train':>7} {'peak GiB':>9}")
+    print(f"\n{'shape':6} {'logprobs':8} {'budget':>7} {'total s':>8} {'generate':>9} {'reward':>7} {'train':>7} {'peak GiB':>9}")
     for r in report["results"]:
-        print(f"{r['shape']:6} {r['logprobs']:8} {r['total']:8.2f} {r['generate']:9.2f} {r['reward']:7.3f} "
+        print(f"{r['shape']:6} {r['logprobs']:8} {r['budget']:7} {r['total']:8.2f} {r['generate']:9.2f} {r['reward']:7.3f} "
               f"{r['train']:7.2f} {r['peak_gib']:9.2f}")
     if a.json:
         with open(a.json, "w") as f:

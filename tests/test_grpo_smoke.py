@@ -91,6 +91,25 @@ def test_micro_batching_gives_the_gradient_of_the_whole_batch(smoke_cfg):
         assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4), agg
 
 
+def test_packed_forward_gives_the_gradient_of_the_padded_forward(smoke_cfg):
+    """train.forward=packed (each prompt once, no padding; micro-batches of whole groups) against the model's
+    own forward on padded rows, with and without micro-batching, and for the LoRA reference pass."""
+    from ponder.rl.trainer import GRPOTrainer
+
+    grads = []
+    for forward, budget in (("padded", 100_000), ("packed", 100_000), ("packed", 40)):
+        t = GRPOTrainer(smoke_cfg(f"name=pk-{forward}-{budget}", f"optim.token_budget={budget}", f"train.forward={forward}",
+                                  "rollout.max_new_tokens=6", "optim.lr=0", "algorithm.mu=2"))
+        assert t.policy_pass.packed == (forward == "packed")
+        groups, _, _ = t.collect()
+        samples = [s for g in groups for s in g.samples]
+        t._score(samples, "old_logp", t.model)
+        t.update(samples)
+        grads.append(torch.cat([p.grad.flatten() for p in t.model.parameters() if p.grad is not None]))
+    for g in grads[1:]:
+        assert torch.allclose(grads[0], g, atol=1e-6, rtol=1e-4)
+
+
 def test_lora_trains_adapters_only_and_uses_the_base_as_reference(smoke_cfg):
     from ponder.rewards import REWARDS
     from ponder.rl.trainer import GRPOTrainer
@@ -99,7 +118,7 @@ def test_lora_trains_adapters_only_and_uses_the_base_as_reference(smoke_cfg):
     REWARDS["digit_share"] = lambda completions, **_: [sum(c.isdigit() for c in x) / max(len(x), 1) for x in completions]
     try:
         t = GRPOTrainer(smoke_cfg("name=lora", "model.lora={r: 4, alpha: 8}", "algorithm.beta=0.1", "optim.lr=1e-2",
-                                  "rollout.prompts_per_step=4", "rewards={digit_share: 1.0}"))
+                                  "rollout.prompts_per_step=4", "rewards={digit_share: 1.0}", "train.forward=packed"))
     finally:
         del REWARDS["digit_share"]
     assert t.ref is None  # no copy: the reference is the base with adapters switched off

@@ -100,6 +100,9 @@ class TrainConfig:
     steps: int = 100
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present, else CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # the policy pass: packed (ponder.rl.packed: no padding, each prompt once per micro-batch; Llama family)
+    # or padded (the model's own forward on right-padded rows); auto: packed on CUDA where supported
+    forward: Literal["auto", "packed", "padded"] = "auto"
     save_every: int = 50
     keep_last: int = 2
     log_samples: int = 4  # completions per step written to samples.jsonl

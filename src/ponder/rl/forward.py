@@ -6,7 +6,9 @@ import contextlib
 
 import torch
 
-from ponder.rl.batching import Tensors
+from ponder.errors import UserError
+from ponder.rl import packed
+from ponder.rl.batching import Sample, Tensors, micro_batches, to_tensors
 from ponder.rl.logprobs import shared_prefix_length, token_logprobs
 
 MIN_SHARED_PREFIX = 32  # below this, one forward over whole rows is as cheap
@@ -35,3 +37,32 @@ def completion_logprobs(model, t: Tensors, *, bf16: bool = False, with_entropy: 
     with autocast(t.input_ids.device, bf16):
         return token_logprobs(model, t.input_ids, t.attention_mask, positions=positions, temperature=temperature,
                               with_entropy=with_entropy, shared_prefix=prefix if prefix >= MIN_SHARED_PREFIX else 0)
+
+
+def use_packed(forward: str, model, device: torch.device) -> bool:
+    """`train.forward`: packed, padded, or auto (packed on CUDA for the architectures it supports)."""
+    if forward == "packed":
+        if not packed.supports(model):
+            raise UserError(f"train.forward: packed supports the Llama family without sliding windows, not "
+                            f"'{model.config.model_type}'; use forward: padded (or auto)")
+        return True
+    return forward == "auto" and device.type == "cuda" and packed.supports(model)
+
+
+class PolicyPass:
+    """Micro-batches and their log-probs, one way or the other: packed (ponder.rl.packed) or right-padded rows
+    through the model's own forward. Both give [B, T] log-probs, entropies and the [B, T] token mask."""
+
+    def __init__(self, is_packed: bool, pad_id: int, device, bf16: bool):
+        self.packed, self.pad_id, self.device, self.bf16 = is_packed, pad_id, device, bf16
+
+    def micro_batches(self, samples: list[Sample], token_budget: int) -> list[list[Sample]]:
+        return (packed.packed_micro_batches if self.packed else micro_batches)(samples, token_budget)
+
+    def logprobs(self, model, batch: list[Sample], *, with_entropy: bool = False, temperature: float = 1.0):
+        if self.packed:
+            return packed.packed_logprobs(model, batch, self.device, with_entropy=with_entropy, temperature=temperature,
+                                          autocast=self.bf16)
+        t = to_tensors(batch, self.pad_id, self.device)
+        lp, ent = completion_logprobs(model, t, bf16=self.bf16, with_entropy=with_entropy, temperature=temperature)
+        return lp, ent, t.mask

@@ -26,8 +26,8 @@ from ponder.optim import make_optimizer
 from ponder.rewards import RewardSet
 from ponder.rewards.format import STRICT_FORMAT
 from ponder.rl.advantages import advantages
-from ponder.rl.batching import Sample, micro_batches, pad_rows, to_tensors
-from ponder.rl.forward import completion_logprobs, use_bf16
+from ponder.rl.batching import Sample, pad_rows
+from ponder.rl.forward import PolicyPass, use_bf16, use_packed
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
 from ponder.tasks import PromptSampler, mix
@@ -77,6 +77,8 @@ class GRPOTrainer:
 
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
         self.ref = self._make_reference()
+        self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model, self.device), self.tokenizer.pad_token_id,
+                                      self.device, self.bf16)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, max(cfg.train.steps, 1))
         self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer, batch_size=cfg.rollout.generation_batch)
         self.rewards = RewardSet(cfg.rewards)
@@ -127,7 +129,7 @@ class GRPOTrainer:
                                          n_total=distributed.sum_all(len(lengths)), tokens_total=distributed.sum_all(sum(lengths)))
         for s, w in zip(samples, weights):
             s.weight = w
-        batches = micro_batches(samples, o.token_budget)
+        batches = self.policy_pass.micro_batches(samples, o.token_budget)
         if a.loss_agg == "bnpo":
             for mb, ws in zip(batches, micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches], self.world)):
                 for s, w in zip(mb, ws):
@@ -135,17 +137,16 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
         for mb in batches:
-            t = to_tensors(mb, self.tokenizer.pad_token_id, self.device)
-            logp, entropy = completion_logprobs(self.model, t, bf16=self.bf16, with_entropy=True, temperature=self._temp)
+            logp, entropy, mask = self.policy_pass.logprobs(self.model, mb, with_entropy=True, temperature=self._temp)
             width = logp.shape[1]
-            weight = t.mask * torch.tensor([s.weight for s in mb], device=self.device)[:, None]
+            weight = mask * torch.tensor([s.weight for s in mb], device=self.device)[:, None]
             old = pad_rows([s.old_logp for s in mb], width, self.device) if mb[0].old_logp is not None else logp.detach()
             ref = pad_rows([s.ref_logp for s in mb], width, self.device) if a.beta else None
             adv = torch.tensor([s.advantage for s in mb], device=self.device)
             loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref)
             loss.backward()
             totals["loss"] += loss.item()
-            totals["entropy"] += (entropy * t.mask).sum().item()
+            totals["entropy"] += (entropy * mask).sum().item()
             for k in ("clip_low", "clip_high", "kl", "tokens"):
                 totals[k] += st[k]
         distributed.sum_grads(self.model.parameters())
@@ -214,13 +215,12 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _score(self, samples: list[Sample], attr: str, model) -> None:
-        for mb in micro_batches(samples, self.cfg.optim.token_budget):
-            t = to_tensors(mb, self.tokenizer.pad_token_id, self.device)
+        for mb in self.policy_pass.micro_batches(samples, self.cfg.optim.token_budget):
             if model is None:  # LoRA reference: the base weights, adapters switched off
                 with self.model.disable_adapter():
-                    logp, _ = completion_logprobs(self.model, t, bf16=self.bf16, temperature=self._temp)
+                    logp, _, _ = self.policy_pass.logprobs(self.model, mb, temperature=self._temp)
             else:
-                logp, _ = completion_logprobs(model, t, bf16=self.bf16, temperature=self._temp)
+                logp, _, _ = self.policy_pass.logprobs(model, mb, temperature=self._temp)
             for s, row in zip(mb, logp):
                 setattr(s, attr, row[: len(s.completion_ids)].cpu())
 

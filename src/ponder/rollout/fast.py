@@ -10,6 +10,8 @@
   a smaller batch bucket (finished rows are only masked until then).
 - The cache and graphs stay allocated between calls (keep_cache=False frees them after each call, at
   the price of capturing again).
+- q/k/v and gate/up each run as one matrix product: their parameters are moved once into one buffer each
+  and become views of it (ponder.rollout.fused_weights); nothing is copied or kept in sync.
 - Graphs read the weights at their addresses, so in-place optimizer updates are seen; if a parameter is
   replaced (new storage), the graphs are dropped and captured again.
 On CPU the same code runs eagerly. Architectures other than Llama/Qwen2/Qwen3/Mistral, and calls that
@@ -27,6 +29,7 @@ from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, 
 from ponder.rollout.fast_model import Forward, describe
 from ponder.rollout.fast_kernels import row_keys
 from ponder.rollout.fast_sampling import sample
+from ponder.rollout.fused_weights import join
 from ponder.rollout.hf import HFEngine
 
 
@@ -38,15 +41,15 @@ def notice(msg: str) -> None:
 class FastEngine(RolloutEngine):
     def __init__(
         self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
-        length_bucket: int = 128, prefill_tokens: int = 32768, keep_cache: bool = True, attention: str = "auto",
-        fused: bool = True,
+        length_bucket: int = 128, prefill_tokens: int = 8192, keep_cache: bool = True, attention: str = "auto",
+        fused: bool = True, join_weights: bool = True,
     ):
         super().__init__(model, tokenizer)
         if attention not in ("auto", "triton", "sdpa", "matmul"):
             raise UserError(f"fast engine: attention must be 'auto', 'triton', 'sdpa' or 'matmul', got '{attention}'")
         self.cuda_graphs, self.sync_every, self.min_bucket = cuda_graphs, max(1, sync_every), max(1, min_bucket)
         self.length_bucket, self.prefill_tokens, self.keep_cache = length_bucket, prefill_tokens, keep_cache
-        self.attention, self.batch_size, self.fused = attention, batch_size, fused
+        self.attention, self.batch_size, self.fused, self.join_weights = attention, batch_size, fused, join_weights
         self.arch, why = describe(model)
         self.hf = HFEngine(model, tokenizer)
         if self.arch is None:
@@ -104,6 +107,11 @@ class FastEngine(RolloutEngine):
         use_graphs = self.cuda_graphs and device.type == "cuda"
         if use_graphs:
             length = -(-length // self.length_bucket) * self.length_bucket
+        if self.join_weights:  # before the signature: joining moves the parameters once
+            for layer in self.arch.backbone.layers:
+                join([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                if hasattr(layer.mlp, "gate_proj"):
+                    join([layer.mlp.gate_proj, layer.mlp.up_proj])
         sig = (device, dtype, tuple(p.data_ptr() for p in self.model.parameters()))
         f = self.fwd
         if f is None or f.rows < rows or f.length < length or sig != self.weights_sig:

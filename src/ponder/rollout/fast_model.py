@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ponder.rollout import decode_attention as attention_kernel
 from ponder.rollout.fast_kernels import EAGER, kernels, rope, row_keys
 from ponder.rollout.fast_sampling import sample
+from ponder.rollout.fused_weights import joined
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -72,6 +73,9 @@ class Forward:
         mlp = arch.backbone.layers[0].mlp
         self.silu = getattr(arch.backbone.config, "hidden_act", None) == "silu" and hasattr(mlp, "gate_proj")
         layers = len(arch.backbone.layers)
+        # (weight, bias) of q|k|v and of gate|up where their parameters are rows of one buffer (fused_weights)
+        self.qkv = [joined([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in arch.backbone.layers]
+        self.gate_up = [joined([l.mlp.gate_proj, l.mlp.up_proj]) if self.silu else None for l in arch.backbone.layers]
         self.kv = torch.zeros((layers, 2, rows, arch.n_kv, length, arch.head_dim), dtype=dtype, device=device)
         self.cos = torch.empty((length, arch.head_dim), dtype=dtype, device=device)
         self.sin = torch.empty_like(self.cos)
@@ -204,9 +208,13 @@ class Forward:
         h = K["rms"](x, *norm_args(layers[0].input_layernorm))
         for li, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
-            q = attn.q_proj(h).view(batch, a.n_heads, a.head_dim)
-            k = attn.k_proj(h).view(batch, a.n_kv, a.head_dim)
-            v = attn.v_proj(h).view(batch, a.n_kv, a.head_dim)
+            if self.qkv[li] is not None:  # one product for the three
+                q, k, v = F.linear(h, *self.qkv[li]).split((a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim), -1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q = q.view(batch, a.n_heads, a.head_dim)
+            k = k.view(batch, a.n_kv, a.head_dim)
+            v = v.view(batch, a.n_kv, a.head_dim)
             if getattr(attn, "q_norm", None) is not None:  # Qwen3
                 q, k = K["rms"](q, *norm_args(attn.q_norm)), K["rms"](k, *norm_args(attn.k_norm))
             cache = self.kv[li]
@@ -226,7 +234,9 @@ class Forward:
                 s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
                 o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
             x, h = K["add_rms"](x, attn.o_proj(o.reshape(batch, -1)), *norm_args(layer.post_attention_layernorm))
-            if self.silu:
+            if self.gate_up[li] is not None:
+                m = mlp.down_proj(K["swiglu"](*F.linear(h, *self.gate_up[li]).chunk(2, -1)))
+            elif self.silu:
                 m = mlp.down_proj(K["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
             else:
                 m = mlp(h)

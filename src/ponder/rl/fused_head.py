@@ -1,0 +1,149 @@
+"""Log-probabilities through the output head without float32 logits: the head and log-softmax as one op.
+
+The plain way turns each chunk's [rows, vocab] logits to float32 and makes five or six passes over them
+(log-sum-exp, gather, softmax and a product for the entropy; softmax again and a cast in backward). Here
+the logits stay in the compute dtype and each chunk is read once in forward and once in backward:
+- forward: logits = h @ W^T, then one pass gives the log-sum-exp, the target's logit and the entropy
+  (an online softmax that also carries sum(p * x));
+- backward: the chunk's logits are recomputed (a matrix product is cheaper than keeping them), and one
+  pass turns them in place into the gradient g * (onehot(target) - softmax) / temperature, which two
+  matrix products carry to h and W.
+On CUDA the passes are Triton kernels; elsewhere (or without Triton) the same math in float32 torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+CHUNK_ROWS = 4096  # [4096, 151,936] bf16 logits: 1.2 GiB, the only vocabulary-sized tensor alive
+
+
+def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  with_entropy: bool = True, chunk_rows: int = CHUNK_ROWS):
+    """Rows h [M, d], output head weight [V, d], targets [M] -> float32 log-probs [M] (with gradients to h
+    and weight) and entropies [M] (detached; None unless asked)."""
+    use_triton = triton is not None and h.is_cuda
+    lp, ent = _HeadLogprobs.apply(h, weight, targets, 1.0 / temperature, chunk_rows, use_triton, with_entropy)
+    return lp, (ent if with_entropy else None)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, inv_t, chunk_rows, use_triton, with_entropy):
+        w = weight.to(h.dtype)
+        m = h.shape[0]
+        lse = torch.empty(m, dtype=torch.float32, device=h.device)
+        lp = torch.empty_like(lse)
+        ent = torch.empty_like(lse)
+        for i in range(0, m, chunk_rows):
+            logits = h[i : i + chunk_rows] @ w.T
+            stats = _triton_stats if use_triton else _torch_stats
+            lse[i : i + chunk_rows], lp[i : i + chunk_rows], ent[i : i + chunk_rows] = stats(
+                logits, targets[i : i + chunk_rows], inv_t, with_entropy)
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.inv_t, ctx.chunk_rows, ctx.use_triton = inv_t, chunk_rows, use_triton
+        ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, _grad_ent):
+        h, weight, targets, lse = ctx.saved_tensors
+        w = weight.to(h.dtype)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        # float32 sum over chunks: each chunk's product is rounded once, the running total never
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+        grad_lp = grad_lp.float().contiguous()
+        for i in range(0, h.shape[0], ctx.chunk_rows):
+            hc = h[i : i + ctx.chunk_rows]
+            logits = hc @ w.T
+            to_grad = _triton_grad if ctx.use_triton else _torch_grad
+            g = to_grad(logits, targets[i : i + ctx.chunk_rows], lse[i : i + ctx.chunk_rows],
+                        grad_lp[i : i + ctx.chunk_rows], ctx.inv_t)
+            if grad_h is not None:
+                grad_h[i : i + ctx.chunk_rows] = g @ w
+            if grad_w is not None:
+                grad_w += g.T @ hc
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------- torch math
+def _torch_stats(logits, targets, inv_t, with_entropy):
+    x = logits.float() * inv_t
+    lse = x.logsumexp(-1)
+    lp = x.gather(-1, targets[:, None]).squeeze(-1) - lse
+    ent = lse - (x.softmax(-1) * x).sum(-1) if with_entropy else torch.zeros_like(lse)
+    return lse, lp, ent
+
+
+def _torch_grad(logits, targets, lse, grad_lp, inv_t):
+    """d lp / d logits = (onehot - p) / T, times the incoming gradient; in the logits' dtype."""
+    p = (logits.float() * inv_t - lse[:, None]).exp_()
+    g = p.neg_().scatter_add_(-1, targets[:, None], torch.ones_like(lse)[:, None])
+    return g.mul_((grad_lp * inv_t)[:, None]).to(logits.dtype)
+
+
+# ---------------------------------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _stats_kernel(x_ptr, t_ptr, lse_ptr, lp_ptr, ent_ptr, vocab, stride, inv_t, BLOCK: tl.constexpr):
+        """Row r: online softmax over the vocabulary carrying max m, sum s = sum e^(x-m) and u = sum e^(x-m) x,
+        so that lse = m + log s and entropy = lse - u / s."""
+        r = tl.program_id(0)
+        base = x_ptr + r.to(tl.int64) * stride
+        target = tl.load(t_ptr + r)
+        offs = tl.arange(0, BLOCK)
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.full((), 0.0, tl.float32)
+        u = tl.full((), 0.0, tl.float32)
+        for start in range(0, vocab, BLOCK):
+            ok = start + offs < vocab
+            x = tl.load(base + start + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
+            m_new = tl.maximum(m, tl.max(x, 0))
+            scale = tl.exp(m - m_new)
+            e = tl.where(ok, tl.exp(x - m_new), 0.0)
+            s = s * scale + tl.sum(e, 0)
+            u = u * scale + tl.sum(e * tl.where(ok, x, 0.0), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        xt = tl.load(base + target).to(tl.float32) * inv_t
+        tl.store(lse_ptr + r, lse)
+        tl.store(lp_ptr + r, xt - lse)
+        tl.store(ent_ptr + r, lse - u / s)
+
+    @triton.jit
+    def _grad_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, vocab, stride, inv_t, BLOCK: tl.constexpr):
+        """In place: x <- g * (onehot(target) - exp(x / T - lse)) / T."""
+        r = tl.program_id(0)
+        base = x_ptr + r.to(tl.int64) * stride
+        target = tl.load(t_ptr + r)
+        lse = tl.load(lse_ptr + r)
+        g = tl.load(g_ptr + r) * inv_t
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, vocab, BLOCK):
+            idx = start + offs
+            ok = idx < vocab
+            x = tl.load(base + idx, mask=ok, other=0.0).to(tl.float32) * inv_t
+            d = tl.where(idx == target, 1.0, 0.0) - tl.exp(x - lse)
+            tl.store(base + idx, (d * g).to(x_ptr.dtype.element_ty), mask=ok)
+
+
+def _triton_stats(logits, targets, inv_t, with_entropy):
+    rows, vocab = logits.shape
+    lse, lp, ent = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3))
+    _stats_kernel[(rows,)](logits, targets, lse, lp, ent, vocab, logits.stride(0), float(inv_t), BLOCK=4096, num_warps=8)
+    return lse, lp, ent
+
+
+def _triton_grad(logits, targets, lse, grad_lp, inv_t):
+    rows, vocab = logits.shape
+    _grad_kernel[(rows,)](logits, targets, lse, grad_lp, vocab, logits.stride(0), float(inv_t), BLOCK=4096, num_warps=8)
+    return logits

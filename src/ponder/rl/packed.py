@@ -1,0 +1,292 @@
+"""The policy pass of the Llama family for training: one packed stream, each prompt run once per micro-batch.
+
+GRPO scores G completions of every prompt. The Hugging Face forward runs prompt + completion for each
+row, right-padded to the longest row. Here a micro-batch is one stream of tokens with no padding: each
+distinct prompt once, then each completion without its last token (which is only a target). Norms,
+projections and MLPs run on the stream. Attention gives a completion its prompt's keys and values
+(gathered, so the gradients of the G rows sum into the one prompt) followed by its own, causally:
+- "varlen": torch's variable-length flash attention over the segments (CUDA; chosen after a trial);
+- "padded": the segments padded and masked for scaled_dot_product_attention (anywhere; the reference).
+Modules are the model's own, called as they are, so LoRA layers and in-place updates are seen. On CUDA
+the norms, rotary and SwiGLU are compiled with their backward; the head is ponder.rl.fused_head.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ponder.rl.batching import Sample
+from ponder.rl.fused_head import head_logprobs as fused_head_logprobs
+from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
+from ponder.rollout.fast_kernels import add_rms, rms, rope, swiglu
+from ponder.rollout.fast_model import describe, norm_args
+
+
+def packed_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
+    """Whole groups (rows sharing a prompt) together, as many as fit `token_budget` stream tokens
+    (a group alone may exceed it); groups of similar length side by side."""
+    groups: dict[tuple, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(tuple(s.prompt_ids), []).append(s)
+    out, cur, used = [], [], 0
+    for key, rows in sorted(groups.items(), key=lambda kv: max(r.length for r in kv[1])):
+        size = len(key) + sum(max(len(r.completion_ids) - 1, 0) for r in rows)
+        if cur and used + size > token_budget:
+            out.append(cur)
+            cur, used = [], 0
+        cur += rows
+        used += size
+    if cur:
+        out.append(cur)
+    return out
+
+
+@dataclass
+class Packed:
+    ids: torch.Tensor  # [N] each distinct prompt's tokens, then each row's completion input
+    pos: torch.Tensor  # [N] position of each token in its sequence
+    cu_q: torch.Tensor  # [S + 1] int32 query segments over the stream: the prompts, then rows with input
+    cu_k: torch.Tensor  # [S + 1] int32 key segments over key_idx
+    key_idx: torch.Tensor  # [K] stream index of each key: a row's prompt tokens, then its own
+    max_q: int
+    max_k: int
+    src: torch.Tensor  # [M] stream index of the hidden state that predicts each scored token
+    targets: torch.Tensor  # [M] the scored (completion) tokens
+    row: torch.Tensor  # [M] where each scored token goes in the [B, T] output
+    col: torch.Tensor
+    mask: torch.Tensor  # [B, T] float, 1 on completion tokens
+
+
+def seg_arange(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """cat(arange(s, s + n) for s, n in zip(starts, lens)), without a Python loop over the segments."""
+    offsets = lens.cumsum(0) - lens
+    return torch.repeat_interleave(starts - offsets, lens) + torch.arange(int(lens.sum()))
+
+
+def pack(batch: list[Sample], device) -> Packed:
+    first: dict[tuple, int] = {}  # prompt -> its index among the distinct prompts
+    distinct: list[list[int]] = []
+    which = []
+    for s in batch:
+        key = tuple(s.prompt_ids)
+        if key not in first:
+            first[key] = len(distinct)
+            distinct.append(s.prompt_ids)
+        which.append(first[key])
+    long = dict(dtype=torch.long)
+    p_len = torch.tensor([len(p) for p in distinct], **long)
+    p_start = p_len.cumsum(0) - p_len
+    n_prompt = int(p_len.sum())
+    c_len = torch.tensor([len(s.completion_ids) for s in batch], **long)
+    c_in = (c_len - 1).clamp(min=0)  # the last token is a target only
+    c_start = n_prompt + c_in.cumsum(0) - c_in
+    which = torch.tensor(which, **long)
+    rp_len, rp_start = p_len[which], p_start[which]
+
+    ids = torch.tensor([t for p in distinct for t in p] + [t for s in batch for t in s.completion_ids[:-1]], **long)
+    pos = torch.cat([seg_arange(torch.zeros_like(p_len), p_len), seg_arange(rp_len, c_in)])
+    has = c_in > 0  # rows with no completion input need no attention (their one token is scored from the prompt)
+    # keys: each prompt over itself, then for each row its prompt's tokens followed by its own
+    starts = torch.cat([p_start, torch.stack([rp_start[has], c_start[has]], 1).reshape(-1)])
+    lens = torch.cat([p_len, torch.stack([rp_len[has], c_in[has]], 1).reshape(-1)])
+    key_idx = seg_arange(starts, lens)
+    q_len = torch.cat([p_len, c_in[has]])
+    k_len = torch.cat([p_len, (rp_len + c_in)[has]])
+    cu = lambda n: F.pad(n.cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
+    # the hidden state that predicts completion token j: the prompt's last for j = 0, else input token j - 1
+    one = torch.ones_like(c_len)
+    src = seg_arange(torch.stack([rp_start + rp_len - 1, c_start], 1).reshape(-1),
+                     torch.stack([torch.minimum(c_len, one), c_in], 1).reshape(-1))
+    targets = torch.tensor([t for s in batch for t in s.completion_ids], **long)
+    row = torch.repeat_interleave(torch.arange(len(batch)), c_len)
+    col = seg_arange(torch.zeros_like(c_len), c_len)
+    mask = torch.zeros((len(batch), max(int(c_len.max()), 1)))
+    mask[row, col] = 1.0
+    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    return Packed(to(ids), to(pos), to(cu(q_len)), to(cu(k_len)), to(key_idx), int(q_len.max()), int(k_len.max()),
+                  to(src), to(targets), to(row), to(col), to(mask))
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def padded_attention(q, k, v, pk: Packed, scale: float):
+    """The reference: each segment padded to [S, heads, max, D], a mask that is causal from the bottom
+    right (a row's queries are its last tokens) and hides padding, then SDPA. q [N, H, D], k/v [K, Hkv, D]."""
+    q_len, k_len = (pk.cu_q[1:] - pk.cu_q[:-1]).long(), (pk.cu_k[1:] - pk.cu_k[:-1]).long()
+    s = len(q_len)
+    dev = q.device
+    q_seg = torch.repeat_interleave(torch.arange(s, device=dev), q_len)
+    k_seg = torch.repeat_interleave(torch.arange(s, device=dev), k_len)
+    q_off = torch.arange(q.shape[0], device=dev) - pk.cu_q[:-1].long()[q_seg]
+    k_off = torch.arange(k.shape[0], device=dev) - pk.cu_k[:-1].long()[k_seg]
+    qp = q.new_zeros((s, pk.max_q) + q.shape[1:]).index_put((q_seg, q_off), q).transpose(1, 2)
+    kp, vp = (t.new_zeros((s, pk.max_k) + t.shape[1:]).index_put((k_seg, k_off), t).transpose(1, 2) for t in (k, v))
+    i = torch.arange(pk.max_q, device=dev)[None, :, None]
+    j = torch.arange(pk.max_k, device=dev)[None, None, :]
+    # key 0 is always visible, so padding queries never see an empty row (that would be NaN in backward)
+    mask = ((j < k_len[:, None, None]) & (j <= i + (k_len - q_len)[:, None, None])) | (j == 0)
+    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:, None], scale=scale,
+                                       enable_gqa=kp.shape[1] != qp.shape[1])
+    return o.transpose(1, 2)[q_seg, q_off]
+
+
+def _varlen_fn():
+    """torch's variable-length flash attention, adapted to one calling convention, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = dict(window_size=(-1, 0)) if "window_size" in params else dict(is_causal=True) if "is_causal" in params else None
+    if causal is None or "scale" not in params:
+        return None
+    gqa = "enable_gqa" in params
+
+    def attend(q, k, v, pk: Packed, scale: float):
+        if k.shape[1] != q.shape[1] and not gqa:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+        extra = dict(enable_gqa=True) if gqa and k.shape[1] != q.shape[1] else {}
+        return varlen_attn(q, k, v, pk.cu_q, pk.cu_k, pk.max_q, pk.max_k, scale=scale, **causal, **extra)
+
+    return attend
+
+
+_chosen: dict = {}
+
+
+def attention_for(device: torch.device):
+    """varlen flash attention where it runs and matches the padded reference (gradients included), else padded."""
+    if device.type != "cuda":
+        return padded_attention
+    if "attend" not in _chosen:
+        fn = _varlen_fn()
+        ok = False
+        if fn is not None:
+            try:
+                ok = _agrees(fn, padded_attention, device)
+            except Exception:  # noqa: BLE001  (any kernel or launch failure: the reference stays)
+                ok = False
+        if not ok:
+            print("ponder: packed forward: variable-length flash attention is missing or failed its trial; "
+                  "using padded attention", file=sys.stderr)
+        _chosen["attend"] = fn if ok else padded_attention
+    return _chosen["attend"]
+
+
+def _agrees(fn, ref, device) -> bool:
+    g = torch.Generator().manual_seed(0)
+    batch = [Sample(p, c) for p, c in (([5, 6, 7], [1, 2, 3, 4]), ([5, 6, 7], [9, 8]), ([4] * 40, list(range(70))),
+                                      ([3, 3], [1]))]
+    pk = pack(batch, device)
+    n, kn = pk.ids.shape[0], pk.key_idx.shape[0]
+    q = torch.randn((n, 8, 64), generator=g).to(device, torch.bfloat16).requires_grad_()
+    k, v = (torch.randn((kn, 2, 64), generator=g).to(device, torch.bfloat16).requires_grad_() for _ in range(2))
+    outs = []
+    for f in (fn, ref):
+        o = f(q, k, v, pk, 0.125)
+        gq, gk, gv = torch.autograd.grad((o.float() * torch.linspace(-1, 1, o.numel(), device=device).view_as(o)).sum(), (q, k, v))
+        outs.append((o, gq, gk, gv))
+    return all(torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2) for a, b in zip(*outs))
+
+
+# --------------------------------------------------------------------------------------- fused pieces
+def rope_qk(q, k, cos, sin):
+    return rope(q, cos, sin), rope(k, cos, sin)
+
+
+EAGER = dict(rms=rms, add_rms=add_rms, rope_qk=rope_qk, swiglu=swiglu)
+
+
+def pieces(device: torch.device) -> dict:
+    """EAGER compiled with their backward on CUDA (each after a forward + backward trial), eager elsewhere."""
+    if device.type != "cuda":
+        return EAGER
+    if "pieces" not in _chosen:
+        x = torch.randn(64, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.ones(256, device=device, dtype=torch.bfloat16, requires_grad=True)
+        h = x.view(64, 4, 64)
+        cs = torch.randn(64, 1, 64, device=device, dtype=torch.bfloat16)
+        trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope_qk=(h, h, cs, cs), swiglu=(x, x))
+        done, failed = {}, []
+        for name, f in EAGER.items():
+            try:
+                fn = torch.compile(f, dynamic=True, fullgraph=True)
+                out = fn(*trial[name])
+                sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+                done[name] = fn
+            except Exception:  # noqa: BLE001  (any compiler failure: that piece runs eagerly)
+                done[name], failed = f, failed + [name]
+        if failed:
+            print(f"ponder: packed forward: torch.compile failed for {', '.join(failed)}; those run unfused", file=sys.stderr)
+        _chosen["pieces"] = done
+    return _chosen["pieces"]
+
+
+# ------------------------------------------------------------------------------------------------ forward
+def supports(model) -> bool:
+    arch, _ = describe(model)
+    return arch is not None and arch.window is None
+
+
+def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = False, temperature: float = 1.0,
+                    autocast: bool = False):
+    """Log-probs [B, T] of each row's completion tokens (0 past its end), entropies [B, T] (detached, or
+    None) and the [B, T] mask of real tokens: what ponder.rl.forward.completion_logprobs gives, computed packed."""
+    arch, why = describe(model)
+    if arch is None:
+        raise ValueError(f"packed forward: {why}")
+    pk = pack(batch, device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and torch.device(device).type == "cuda"):
+        hidden = _hidden(arch, pk, torch.device(device))
+        h = hidden[pk.src]
+        head = arch.head
+        if isinstance(head, torch.nn.Linear) and head.bias is None:
+            if autocast:
+                h = h.to(torch.bfloat16)
+            lp, ent = fused_head_logprobs(h, head.weight, pk.targets, temperature, with_entropy)
+        else:  # a wrapped head (LoRA on the output layer): call it, chunk by chunk
+            lp, ent = chunked_head_logprobs(head, h, pk.targets, temperature, 1024, with_entropy)
+    b, t = pk.mask.shape
+    out = hidden.new_zeros((b, t), dtype=torch.float32).index_put((pk.row, pk.col), lp)
+    out_ent = None
+    if with_entropy:
+        out_ent = torch.zeros((b, t), dtype=torch.float32, device=out.device).index_put((pk.row, pk.col), ent.detach())
+    return out, out_ent, pk.mask
+
+
+def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
+    """Final-norm hidden states [N, d] of the stream."""
+    bb, K, attend = arch.backbone, pieces(device), attention_for(device)
+    x = bb.embed_tokens(pk.ids)
+    cos, sin = bb.rotary_emb(x, pk.pos[None])
+    cos, sin = cos[0][:, None], sin[0][:, None]  # [N, 1, D]
+    layers = bb.layers
+    silu = getattr(bb.config, "hidden_act", None) == "silu" and hasattr(layers[0].mlp, "gate_proj")
+    ckpt = bool(getattr(bb, "gradient_checkpointing", False)) and torch.is_grad_enabled()
+
+    def layer_fn(li, x, h):
+        layer = layers[li]
+        attn, mlp, n = layer.self_attn, layer.mlp, x.shape[0]
+        q = attn.q_proj(h).view(n, arch.n_heads, arch.head_dim)
+        k = attn.k_proj(h).view(n, arch.n_kv, arch.head_dim)
+        v = attn.v_proj(h).view(n, arch.n_kv, arch.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = K["rope_qk"](q, k, cos.to(q.dtype), sin.to(q.dtype))
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        o = attend(q, k[pk.key_idx], v[pk.key_idx], pk, arch.scaling)
+        x, h = K["add_rms"](x, attn.o_proj(o.reshape(n, -1)), *norm_args(layer.post_attention_layernorm))
+        m = mlp.down_proj(K["swiglu"](mlp.gate_proj(h), mlp.up_proj(h))) if silu else mlp(h)
+        after = layers[li + 1].input_layernorm if li + 1 < len(layers) else bb.norm
+        return K["add_rms"](x, m, *norm_args(after))
+
+    h = K["rms"](x, *norm_args(layers[0].input_layernorm))
+    for li in range(len(layers)):
+        x, h = checkpoint(layer_fn, li, x, h, use_reentrant=False) if ckpt else layer_fn(li, x, h)
+    return h

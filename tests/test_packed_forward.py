@@ -1,0 +1,223 @@
+"""The packed training pass (ponder.rl.packed) and the fused head (ponder.rl.fused_head) against the
+Hugging Face forward through full logits: values, entropies and gradients. CPU, float32, small random models."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from ponder.rl.batching import Sample, micro_batches
+from ponder.rl.fused_head import head_logprobs
+from ponder.rl.packed import pack, packed_logprobs, packed_micro_batches, padded_attention, seg_arange
+
+SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=97, max_position_embeddings=256, initializer_range=0.2, pad_token_id=0)
+
+
+def randomized(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.15 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def build(kind):
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        return randomized(Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    if kind == "qwen3":
+        return randomized(Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=False)))
+    return randomized(LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
+
+
+def samples():
+    """Two groups sharing prompts (one of them with an empty and a one-token completion), a lone row."""
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda n: torch.randint(1, 97, (n,), generator=g).tolist()  # noqa: E731
+    p1, p2, p3 = rnd(7), rnd(3), rnd(12)
+    return [Sample(p1, rnd(9)), Sample(p1, rnd(4)), Sample(p1, []), Sample(p1, rnd(1)),
+            Sample(p2, rnd(15)), Sample(p2, rnd(6)), Sample(p3, rnd(2))]
+
+
+def reference(model, batch, temperature=1.0):
+    """Each row alone through the HF model's full logits: log-probs and entropies of its completion tokens."""
+    t_max = max(max(len(s.completion_ids) for s in batch), 1)
+    lp = torch.zeros(len(batch), t_max)
+    ent = torch.zeros(len(batch), t_max)
+    rows = []
+    for i, s in enumerate(batch):
+        if not s.completion_ids:
+            rows.append(None)
+            continue
+        ids = torch.tensor([s.prompt_ids + s.completion_ids])
+        logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1 : -1].float() / temperature
+        logp = logits.log_softmax(-1)
+        row_lp = logp.gather(-1, torch.tensor(s.completion_ids)[:, None]).squeeze(-1)
+        rows.append(row_lp)
+        ent[i, : len(s.completion_ids)] = -(logp.exp() * logp).sum(-1).detach()
+    lp = torch.stack([torch.cat([r, torch.zeros(t_max - len(r))]) if r is not None else torch.zeros(t_max) for r in rows])
+    return lp, ent
+
+
+def test_pack_by_hand():
+    """Prompt [5, 6] shared by two rows, completions [1, 2, 3] and [4]: the stream is 5 6 | 1 2 (no input for
+    the one-token row); keys of row 0 are the prompt then its own; token 1 is predicted by the prompt's last."""
+    pk = pack([Sample([5, 6], [1, 2, 3]), Sample([5, 6], [4])], "cpu")
+    assert pk.ids.tolist() == [5, 6, 1, 2]
+    assert pk.pos.tolist() == [0, 1, 2, 3]
+    assert pk.cu_q.tolist() == [0, 2, 4] and pk.cu_k.tolist() == [0, 2, 6]
+    assert pk.key_idx.tolist() == [0, 1, 0, 1, 2, 3]
+    assert (pk.max_q, pk.max_k) == (2, 4)
+    assert pk.src.tolist() == [1, 2, 3, 1] and pk.targets.tolist() == [1, 2, 3, 4]
+    assert pk.row.tolist() == [0, 0, 0, 1] and pk.col.tolist() == [0, 1, 2, 0]
+    assert pk.mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_seg_arange():
+    assert seg_arange(torch.tensor([10, 0, 5]), torch.tensor([2, 0, 3])).tolist() == [10, 11, 5, 6, 7]
+
+
+def test_padded_attention_equals_attention_by_hand():
+    pk = pack([Sample([5, 6, 7], [1, 2, 3]), Sample([8], [4, 4])], "cpu")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(pk.ids.shape[0], 4, 8, generator=g)
+    k = torch.randn(pk.ids.shape[0], 2, 8, generator=g)
+    v = torch.randn(pk.ids.shape[0], 2, 8, generator=g)
+    out = padded_attention(q, k[pk.key_idx], v[pk.key_idx], pk, 0.3)
+    # by hand: each stream token attends to the keys of its sequence up to its own position
+    seq_keys = {0: [0, 1, 2], 1: [3], 2: [0, 1, 2, 4, 5], 3: [3, 6]}  # the stream is 5 6 7 | 8 | 1 2 | 4
+    want = torch.zeros_like(out)
+    for tok in range(pk.ids.shape[0]):
+        seg = next(s for s in range(4) if pk.cu_q[s] <= tok < pk.cu_q[s + 1])
+        keys = seq_keys[seg]
+        n_vis = len(keys) - (int(pk.cu_q[seg + 1]) - 1 - tok)
+        kk, vv = k[keys[:n_vis]], v[keys[:n_vis]]
+        for hd in range(4):
+            w = (q[tok, hd] @ kk[:, hd // 2].T * 0.3).softmax(-1)
+            want[tok, hd] = w @ vv[:, hd // 2]
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
+    model = build(kind)
+    batch = samples()
+    w = torch.randn(len(batch), 15, generator=torch.Generator().manual_seed(1))
+    want, want_ent = reference(model, batch, temperature)
+    (want * w[:, : want.shape[1]]).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got, ent, mask = packed_logprobs(model, batch, "cpu", with_entropy=True, temperature=temperature)
+    assert got.shape == want.shape == mask.shape
+    assert mask.sum() == sum(len(s.completion_ids) for s in batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
+    (got * w[:, : got.shape[1]]).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5 * float(ref_grads[n].abs().max()), rtol=1e-4, msg=n)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+    import ponder.rl.packed as packed
+
+    calls = []
+    monkeypatch.setattr(packed, "checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(*a, **k))
+    model = build("llama")
+    batch = samples()
+    out = []
+    for on in (False, True):
+        model.zero_grad()
+        if on:
+            model.gradient_checkpointing_enable()  # what model.gradient_checkpointing: true does
+        lp, _, _ = packed_logprobs(model, batch, "cpu")
+        lp.sum().backward()
+        out.append([p.grad.clone() for p in model.parameters()])
+    assert len(calls) == 2  # one per layer, only when switched on
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_head_values_and_gradients_match_autograd():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (37,), generator=g)
+    up = torch.randn(37, generator=g)
+    lp, ent = head_logprobs(h, w, t, temperature=0.8, chunk_rows=10)
+    logp = ((h @ w.T) / 0.8).log_softmax(-1)
+    want = logp.gather(-1, t[:, None]).squeeze(-1)
+    torch.testing.assert_close(lp, want)
+    torch.testing.assert_close(ent, -(logp.exp() * logp).sum(-1).detach())
+    gh, gw = torch.autograd.grad((lp * up).sum(), (h, w))
+    rh, rw = torch.autograd.grad((want * up).sum(), (h, w))
+    torch.testing.assert_close(gh, rh)
+    torch.testing.assert_close(gw, rw)
+
+
+def test_packed_micro_batches_keep_groups_whole_within_the_budget():
+    batch = samples()
+    mbs = packed_micro_batches(batch, 20)
+    assert sorted(id(s) for mb in mbs for s in mb) == sorted(id(s) for s in batch)
+    for mb in mbs:  # every prompt of a micro-batch has all its rows there
+        for s in mb:
+            assert sum(r.prompt_ids == s.prompt_ids for r in mb) == sum(r.prompt_ids == s.prompt_ids for r in batch)
+    sizes = [len({tuple(s.prompt_ids) for s in mb}) for mb in mbs]
+    assert sizes == [1, 1, 1]  # groups of 7 + 12, 3 + 19 and 12 + 1 stream tokens: each alone over 20
+    assert len(packed_micro_batches(batch, 10_000)) == 1
+    assert len(micro_batches(batch, 10_000)) == 1
+
+
+TRITON_CHECK = """
+import torch
+from ponder.rl import fused_head as fh
+g = torch.Generator().manual_seed(0)
+x = (torch.randn(5, 300, generator=g) * 3).to(torch.bfloat16)
+t = torch.tensor([0, 299, 7, 150, 42])
+gl = torch.randn(5, generator=g)
+for inv_t in (1.0, 1 / 0.7):
+    lse, lp, ent = fh._torch_stats(x, t, inv_t, True)
+    ref = fh._torch_grad(x.clone(), t, lse, gl, inv_t)
+    fh._stats_kernel.fn.__globals__  # the kernel exists
+    rows, vocab = x.shape
+    out = [torch.empty(5) for _ in range(3)]
+    fh._stats_kernel[(rows,)](x, t, *out, vocab, x.stride(0), inv_t, BLOCK=128)
+    for a, b in zip(out, (lse, lp, ent)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    y = x.clone()
+    fh._grad_kernel[(rows,)](y, t, lse, gl, vocab, y.stride(0), inv_t, BLOCK=128)
+    torch.testing.assert_close(y.float(), ref.float(), atol=1e-2, rtol=1e-2)
+print("ok")
+"""
+
+
+def test_triton_head_kernels_match_the_torch_math(tmp_path):
+    """The Triton passes under Triton's CPU interpreter (skipped where Triton is absent, as in CI)."""
+    pytest.importorskip("triton")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    script = tmp_path / "check.py"
+    script.write_text(TRITON_CHECK)
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_packed_on_an_unsupported_architecture_is_one_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ponder.errors import UserError
+    from ponder.rl.forward import use_packed
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UserError, match="train.forward: packed supports the Llama family .* not 'gpt2'; use forward: padded"):
+        use_packed("packed", gpt2, torch.device("cpu"))
+    assert not use_packed("auto", gpt2, torch.device("cuda"))
+    assert not use_packed("auto", build("llama"), torch.device("cpu"))  # auto: packed on CUDA only
