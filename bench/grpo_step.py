@@ -32,6 +32,7 @@ from ponder.rl.logprobs import token_logprobs  # noqa: E402
 from ponder.rl.losses import policy_loss, sequence_token_weights  # noqa: E402
 from ponder.rollout import SamplingParams  # noqa: E402
 from ponder.rollout.fast import FastEngine  # noqa: E402
+from ponder.rollout.hf import HFEngine  # noqa: E402
 
 
 def now():
@@ -110,6 +111,7 @@ def main():
                     help="packed: ponder.rl.packed (the trainer's CUDA path); chunked: the model's forward on padded "
                          "rows + chunked head; full: the whole logits tensor")
     ap.add_argument("--token-budget", type=int, nargs="+", default=[16384])
+    ap.add_argument("--engine", default="fast", choices=["fast", "hf"], help="hf: transformers' generate (slow: use --steps 1)")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (model.gradient_checkpointing)")
     ap.add_argument("--profile", help="write the kernel table of one timed train pass to this file")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
@@ -121,7 +123,7 @@ def main():
         model = build(shape)
         force_length(model, True)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=CUDA)
-        engine = FastEngine(model, tok)
+        engine = FastEngine(model, tok) if a.engine == "fast" else HFEngine(model, tok)
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, model.config.vocab_size, (a.prompts, a.prompt), generator=g).tolist()
         if a.checkpointing:
@@ -132,7 +134,7 @@ def main():
                 CUDA and torch.cuda.reset_peak_memory_stats()
                 runs = [grpo_step(model, opt, engine, prompts, a.group, a.new, s + 1, lp, budget) for s in range(a.steps)]
                 row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                row.update(shape=shape, logprobs=lp, budget=budget,
+                row.update(shape=shape, engine=a.engine, logprobs=lp, budget=budget,
                            peak_gib=(torch.cuda.max_memory_allocated() / 2**30) if CUDA else 0.0)
                 print(json.dumps(row), flush=True)
                 report["results"].append(row)

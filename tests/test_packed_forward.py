@@ -152,15 +152,16 @@ def test_fused_head_values_and_gradients_match_autograd():
     w = torch.randn(50, 16, generator=g, requires_grad=True)
     t = torch.randint(0, 50, (37,), generator=g)
     up = torch.randn(37, generator=g)
-    lp, ent = head_logprobs(h, w, t, temperature=0.8, chunk_rows=10)
     logp = ((h @ w.T) / 0.8).log_softmax(-1)
     want = logp.gather(-1, t[:, None]).squeeze(-1)
-    torch.testing.assert_close(lp, want)
-    torch.testing.assert_close(ent, -(logp.exp() * logp).sum(-1).detach())
-    gh, gw = torch.autograd.grad((lp * up).sum(), (h, w))
     rh, rw = torch.autograd.grad((want * up).sum(), (h, w))
-    torch.testing.assert_close(gh, rh)
-    torch.testing.assert_close(gw, rw)
+    for keep in (False, True):  # logits recomputed in backward, or kept from forward
+        lp, ent = head_logprobs(h, w, t, temperature=0.8, chunk_rows=10, keep=keep)
+        torch.testing.assert_close(lp, want)
+        torch.testing.assert_close(ent, -(logp.exp() * logp).sum(-1).detach())
+        gh, gw = torch.autograd.grad((lp * up).sum(), (h, w))
+        torch.testing.assert_close(gh, rh)
+        torch.testing.assert_close(gw, rw)
 
 
 def test_packed_micro_batches_keep_groups_whole_within_the_budget():
@@ -173,6 +174,9 @@ def test_packed_micro_batches_keep_groups_whole_within_the_budget():
     sizes = [len({tuple(s.prompt_ids) for s in mb}) for mb in mbs]
     assert sizes == [1, 1, 1]  # groups of 7 + 12, 3 + 19 and 12 + 1 stream tokens: each alone over 20
     assert len(packed_micro_batches(batch, 10_000)) == 1
+    # ten groups of 10 stream tokens, 60 a micro-batch: two halves, not 6 groups and a rest of 4
+    even = [Sample([i], list(range(10))) for i in range(10)]
+    assert [len(mb) for mb in packed_micro_batches(even, 60)] == [5, 5]
     assert len(micro_batches(batch, 10_000)) == 1
 
 

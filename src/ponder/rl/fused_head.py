@@ -5,9 +5,9 @@ The plain way turns each chunk's [rows, vocab] logits to float32 and makes five 
 the logits stay in the compute dtype and each chunk is read once in forward and once in backward:
 - forward: logits = h @ W^T, then one pass gives the log-sum-exp, the target's logit and the entropy
   (an online softmax that also carries sum(p * x));
-- backward: the chunk's logits are recomputed (a matrix product is cheaper than keeping them), and one
-  pass turns them in place into the gradient g * (onehot(target) - softmax) / temperature, which two
-  matrix products carry to h and W.
+- backward: one pass turns each chunk's logits in place into the gradient
+  g * (onehot(target) - softmax) / temperature, which two matrix products carry to h and W. The logits
+  are kept from forward when they take at most a quarter of the free GPU memory, else recomputed.
 On CUDA the passes are Triton kernels; elsewhere (or without Triton) the same math in float32 torch.
 """
 
@@ -25,24 +25,29 @@ CHUNK_ROWS = 4096  # [4096, 151,936] bf16 logits: 1.2 GiB, the only vocabulary-s
 
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  with_entropy: bool = True, chunk_rows: int = CHUNK_ROWS):
+                  with_entropy: bool = True, chunk_rows: int = CHUNK_ROWS, keep: bool | None = None):
     """Rows h [M, d], output head weight [V, d], targets [M] -> float32 log-probs [M] (with gradients to h
     and weight) and entropies [M] (detached; None unless asked)."""
     use_triton = triton is not None and h.is_cuda
-    lp, ent = _HeadLogprobs.apply(h, weight, targets, 1.0 / temperature, chunk_rows, use_triton, with_entropy)
+    if keep is None:
+        keep = h.is_cuda and torch.is_grad_enabled() and 4 * h.shape[0] * weight.shape[0] * h.element_size() < torch.cuda.mem_get_info(h.device)[0]
+    lp, ent = _HeadLogprobs.apply(h, weight, targets, 1.0 / temperature, chunk_rows, use_triton, with_entropy, keep)
     return lp, (ent if with_entropy else None)
 
 
 class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, inv_t, chunk_rows, use_triton, with_entropy):
+    def forward(ctx, h, weight, targets, inv_t, chunk_rows, use_triton, with_entropy, keep=False):
         w = weight.to(h.dtype)
         m = h.shape[0]
         lse = torch.empty(m, dtype=torch.float32, device=h.device)
         lp = torch.empty_like(lse)
         ent = torch.empty_like(lse)
+        ctx.kept = []
         for i in range(0, m, chunk_rows):
             logits = h[i : i + chunk_rows] @ w.T
+            if keep:
+                ctx.kept.append(logits)
             stats = _triton_stats if use_triton else _torch_stats
             lse[i : i + chunk_rows], lp[i : i + chunk_rows], ent[i : i + chunk_rows] = stats(
                 logits, targets[i : i + chunk_rows], inv_t, with_entropy)
@@ -59,9 +64,9 @@ class _HeadLogprobs(torch.autograd.Function):
         # float32 sum over chunks: each chunk's product is rounded once, the running total never
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         grad_lp = grad_lp.float().contiguous()
-        for i in range(0, h.shape[0], ctx.chunk_rows):
+        for n, i in enumerate(range(0, h.shape[0], ctx.chunk_rows)):
             hc = h[i : i + ctx.chunk_rows]
-            logits = hc @ w.T
+            logits = ctx.kept[n] if ctx.kept else hc @ w.T
             to_grad = _triton_grad if ctx.use_triton else _torch_grad
             g = to_grad(logits, targets[i : i + ctx.chunk_rows], lse[i : i + ctx.chunk_rows],
                         grad_lp[i : i + ctx.chunk_rows], ctx.inv_t)
@@ -69,9 +74,11 @@ class _HeadLogprobs(torch.autograd.Function):
                 grad_h[i : i + ctx.chunk_rows] = g @ w
             if grad_w is not None:
                 grad_w += g.T @ hc
+            if ctx.kept:
+                ctx.kept[n] = None  # free each chunk once used
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- torch math

@@ -54,7 +54,8 @@ def policy_loss(
     beta: float = 0.0,
     ref_logp: torch.Tensor | None = None,
 ):
-    """Returns (loss, stats). loss = sum(weight * token_loss); stats are detached token sums."""
+    """Returns (loss, stats). loss = sum(weight * token_loss); stats are detached token sums, as 0-d tensors
+    on the loss's device (read them once per step: each read waits for the GPU)."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     unclipped = ratio * a
@@ -68,9 +69,9 @@ def policy_loss(
     live = (weight != 0).float()
     stats = {
         # a token is clipped when the clipped branch wins the min and carries no gradient
-        "clip_low": ((ratio < 1 - eps_low) & (a < 0)).float().mul(live).sum().item(),
-        "clip_high": ((ratio > 1 + eps_high) & (a > 0)).float().mul(live).sum().item(),
-        "kl": kl.detach().mul(live).sum().item() if kl is not None else 0.0,
-        "tokens": live.sum().item(),
+        "clip_low": ((ratio < 1 - eps_low) & (a < 0)).float().mul(live).sum(),
+        "clip_high": ((ratio > 1 + eps_high) & (a > 0)).float().mul(live).sum(),
+        "kl": kl.detach().mul(live).sum() if kl is not None else live.new_zeros(()),
+        "tokens": live.sum(),
     }
     return loss, stats

@@ -29,15 +29,18 @@ from ponder.rollout.fast_model import describe, norm_args
 
 
 def packed_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
-    """Whole groups (rows sharing a prompt) together, as many as fit `token_budget` stream tokens
-    (a group alone may exceed it); groups of similar length side by side."""
+    """Whole groups (rows sharing a prompt) together, at most `token_budget` stream tokens each (a group
+    alone may exceed it), as few micro-batches as that allows and of about equal size; groups of similar
+    length side by side."""
     groups: dict[tuple, list[Sample]] = {}
     for s in samples:
         groups.setdefault(tuple(s.prompt_ids), []).append(s)
+    sizes = {key: len(key) + sum(max(len(r.completion_ids) - 1, 0) for r in rows) for key, rows in groups.items()}
+    fill = sum(sizes.values()) / max(-(-sum(sizes.values()) // token_budget), 1)  # equal shares, not a full one and a rest
     out, cur, used = [], [], 0
     for key, rows in sorted(groups.items(), key=lambda kv: max(r.length for r in kv[1])):
-        size = len(key) + sum(max(len(r.completion_ids) - 1, 0) for r in rows)
-        if cur and used + size > token_budget:
+        size = sizes[key]
+        if cur and (used + size > token_budget or used + size / 2 > fill):
             out.append(cur)
             cur, used = [], 0
         cur += rows
@@ -108,7 +111,9 @@ def pack(batch: list[Sample], device) -> Packed:
     col = seg_arange(torch.zeros_like(c_len), c_len)
     mask = torch.zeros((len(batch), max(int(c_len.max()), 1)))
     mask[row, col] = 1.0
-    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    # pinned: the copies queue behind the GPU's work instead of waiting for it (packing overlaps backward)
+    cuda = torch.device(device).type == "cuda"
+    to = lambda t: (t.pin_memory() if cuda else t).to(device, non_blocking=True)  # noqa: E731
     return Packed(to(ids), to(pos), to(cu(q_len)), to(cu(k_len)), to(key_idx), int(q_len.max()), int(k_len.max()),
                   to(src), to(targets), to(row), to(col), to(mask))
 

@@ -135,7 +135,8 @@ class GRPOTrainer:
                 for s, w in zip(mb, ws):
                     s.weight = w
         self.optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
+        # sums stay on the device until the end: a read per micro-batch would wait for the GPU each time
+        totals = {k: torch.zeros((), device=self.device) for k in ("loss", "clip_low", "clip_high", "kl", "tokens", "entropy")}
         for mb in batches:
             logp, entropy, mask = self.policy_pass.logprobs(self.model, mb, with_entropy=True, temperature=self._temp)
             width = logp.shape[1]
@@ -145,10 +146,11 @@ class GRPOTrainer:
             adv = torch.tensor([s.advantage for s in mb], device=self.device)
             loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref)
             loss.backward()
-            totals["loss"] += loss.item()
-            totals["entropy"] += (entropy * mask).sum().item()
+            totals["loss"] += loss.detach()
+            totals["entropy"] += (entropy * mask).sum()
             for k in ("clip_low", "clip_high", "kl", "tokens"):
                 totals[k] += st[k]
+        totals = dict(zip(totals, torch.stack(list(totals.values())).tolist()))
         distributed.sum_grads(self.model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
         if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
