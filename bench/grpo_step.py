@@ -26,7 +26,7 @@ from rollout import CUDA, DEVICE, build, force_length  # noqa: E402
 
 from ponder.models.tiny import char_tokenizer  # noqa: E402
 from ponder.rl.advantages import advantages  # noqa: E402
-from ponder.rl.batching import Sample, micro_batches, to_tensors  # noqa: E402
+from ponder.rl.batching import Sample, per_row, to_tensors  # noqa: E402
 from ponder.rl.forward import PolicyPass  # noqa: E402
 from ponder.rl.logprobs import token_logprobs  # noqa: E402
 from ponder.rl.losses import policy_loss, sequence_token_weights  # noqa: E402
@@ -63,8 +63,8 @@ def train(model, opt, samples, logprobs: str, token_budget: int, max_new: int):
                 logp, _ = token_logprobs(model, t.input_ids, t.attention_mask, positions=t.target_pos + 1)
             else:
                 logp = full_logits_logprobs(model, t)
-        weight = mask * torch.tensor([s.weight for s in mb], device=DEVICE)[:, None]
-        adv = torch.tensor([s.advantage for s in mb], device=DEVICE)
+        weight = mask * per_row([s.weight for s in mb], DEVICE)[:, None]
+        adv = per_row([s.advantage for s in mb], DEVICE)
         loss, _ = policy_loss(logp, logp.detach(), adv, weight, 0.2, 0.2)  # mu = 1: old = current
         loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

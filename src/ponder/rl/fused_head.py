@@ -61,8 +61,9 @@ class _HeadLogprobs(torch.autograd.Function):
         h, weight, targets, lse = ctx.saved_tensors
         w = weight.to(h.dtype)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        # float32 sum over chunks: each chunk's product is rounded once, the running total never
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+        # summed over chunks in the weight's dtype by the matrix product itself (float32 inside, one rounding
+        # a chunk, as micro-batches accumulate); float32 master weights get a float32 sum
+        grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=h.device) if ctx.needs_input_grad[1] else None
         grad_lp = grad_lp.float().contiguous()
         for n, i in enumerate(range(0, h.shape[0], ctx.chunk_rows)):
             hc = h[i : i + ctx.chunk_rows]
@@ -73,11 +74,12 @@ class _HeadLogprobs(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[i : i + ctx.chunk_rows] = g @ w
             if grad_w is not None:
-                grad_w += g.T @ hc
+                if grad_w.dtype == g.dtype:
+                    grad_w.addmm_(g.T, hc)
+                else:
+                    grad_w += g.T @ hc
             if ctx.kept:
                 ctx.kept[n] = None  # free each chunk once used
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ponder.rl.batching import Sample
+from ponder.rl.batching import Sample, to_device
 from ponder.rl.fused_head import head_logprobs as fused_head_logprobs
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
 from ponder.rollout.fast_kernels import add_rms, rms, rope, swiglu
@@ -111,9 +111,7 @@ def pack(batch: list[Sample], device) -> Packed:
     col = seg_arange(torch.zeros_like(c_len), c_len)
     mask = torch.zeros((len(batch), max(int(c_len.max()), 1)))
     mask[row, col] = 1.0
-    # pinned: the copies queue behind the GPU's work instead of waiting for it (packing overlaps backward)
-    cuda = torch.device(device).type == "cuda"
-    to = lambda t: (t.pin_memory() if cuda else t).to(device, non_blocking=True)  # noqa: E731
+    to = lambda t: to_device(t, device)  # noqa: E731  (queued behind the GPU's work: packing overlaps backward)
     return Packed(to(ids), to(pos), to(cu(q_len)), to(cu(k_len)), to(key_idx), int(q_len.max()), int(k_len.max()),
                   to(src), to(targets), to(row), to(col), to(mask))
 
@@ -264,6 +262,16 @@ def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = 
     return out, out_ent, pk.mask
 
 
+def linears(h, mods):
+    """The outputs of linear layers that read the same input; plain ones as one matrix product over their
+    stacked weights (a copy of a few MB that autograd splits back), wrapped ones (LoRA) each by itself."""
+    if not all(type(m) is torch.nn.Linear for m in mods) or len({m.bias is None for m in mods}) > 1:
+        return [m(h) for m in mods]
+    w = torch.cat([m.weight for m in mods])
+    b = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
+    return F.linear(h, w, b).split([m.out_features for m in mods], -1)
+
+
 def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
     """Final-norm hidden states [N, d] of the stream."""
     bb, K, attend = arch.backbone, pieces(device), attention_for(device)
@@ -277,9 +285,10 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
     def layer_fn(li, x, h):
         layer = layers[li]
         attn, mlp, n = layer.self_attn, layer.mlp, x.shape[0]
-        q = attn.q_proj(h).view(n, arch.n_heads, arch.head_dim)
-        k = attn.k_proj(h).view(n, arch.n_kv, arch.head_dim)
-        v = attn.v_proj(h).view(n, arch.n_kv, arch.head_dim)
+        q, k, v = linears(h, (attn.q_proj, attn.k_proj, attn.v_proj))
+        q = q.view(n, arch.n_heads, arch.head_dim)
+        k = k.view(n, arch.n_kv, arch.head_dim)
+        v = v.view(n, arch.n_kv, arch.head_dim)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = K["rope_qk"](q, k, cos.to(q.dtype), sin.to(q.dtype))
@@ -287,7 +296,7 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
             k, v = k.to(q.dtype), v.to(q.dtype)
         o = attend(q, k[pk.key_idx], v[pk.key_idx], pk, arch.scaling)
         x, h = K["add_rms"](x, attn.o_proj(o.reshape(n, -1)), *norm_args(layer.post_attention_layernorm))
-        m = mlp.down_proj(K["swiglu"](mlp.gate_proj(h), mlp.up_proj(h))) if silu else mlp(h)
+        m = mlp.down_proj(K["swiglu"](*linears(h, (mlp.gate_proj, mlp.up_proj)))) if silu else mlp(h)
         after = layers[li + 1].input_layernorm if li + 1 < len(layers) else bb.norm
         return K["add_rms"](x, m, *norm_args(after))
 

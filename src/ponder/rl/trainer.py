@@ -26,7 +26,7 @@ from ponder.optim import make_optimizer
 from ponder.rewards import RewardSet
 from ponder.rewards.format import STRICT_FORMAT
 from ponder.rl.advantages import advantages
-from ponder.rl.batching import Sample, pad_rows
+from ponder.rl.batching import Sample, pad_rows, per_row
 from ponder.rl.forward import PolicyPass, use_bf16, use_packed
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
@@ -140,10 +140,10 @@ class GRPOTrainer:
         for mb in batches:
             logp, entropy, mask = self.policy_pass.logprobs(self.model, mb, with_entropy=True, temperature=self._temp)
             width = logp.shape[1]
-            weight = mask * torch.tensor([s.weight for s in mb], device=self.device)[:, None]
+            weight = mask * per_row([s.weight for s in mb], self.device)[:, None]
             old = pad_rows([s.old_logp for s in mb], width, self.device) if mb[0].old_logp is not None else logp.detach()
             ref = pad_rows([s.ref_logp for s in mb], width, self.device) if a.beta else None
-            adv = torch.tensor([s.advantage for s in mb], device=self.device)
+            adv = per_row([s.advantage for s in mb], self.device)
             loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref)
             loss.backward()
             totals["loss"] += loss.detach()

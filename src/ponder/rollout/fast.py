@@ -26,7 +26,7 @@ import torch
 
 from ponder.errors import UserError
 from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, truncate_at_stop
-from ponder.rollout.fast_model import Forward, describe
+from ponder.rollout.fast_model import EOS_SLOTS, Forward, describe
 from ponder.rollout.fast_kernels import row_keys
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import join
@@ -41,7 +41,7 @@ def notice(msg: str) -> None:
 class FastEngine(RolloutEngine):
     def __init__(
         self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
-        length_bucket: int = 128, prefill_tokens: int = 8192, keep_cache: bool = True, attention: str = "auto",
+        length_bucket: int = 128, prefill_tokens: int = 4096, keep_cache: bool = True, attention: str = "auto",
         fused: bool = True, join_weights: bool = True,
     ):
         super().__init__(model, tokenizer)
@@ -210,7 +210,11 @@ class FastEngine(RolloutEngine):
                 keys = row_keys(f.seed, f.step_no, f.row_seq[:batch])
                 tok, lp = sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k)
                 f.record(batch, tok, lp)
-        tokens = f.out_tok[:n_seq, :max_new].tolist()
+        out = f.out_tok[:n_seq, :max_new]
+        # each row's first EOS found here, on the device: the host then cuts lists instead of scanning them
+        hit = (out[:, :, None] == f.eos[None, None, :]).any(-1)
+        ends = torch.where(hit.any(-1), hit.int().argmax(-1), max_new)
+        tokens = [row[:end + 1] for row, end in zip(out.tolist(), ends.tolist())]
         return tokens, (f.out_lp[:n_seq, :max_new].tolist() if params.logprobs else None)
 
     def _sync(self, f: Forward, params, batch, step, checked):
@@ -249,7 +253,10 @@ class FastEngine(RolloutEngine):
         for i, seq in enumerate(tokens):
             # rows run on past their end until the next host check: cut at whichever comes first,
             # EOS or a stop string (searched only before the EOS)
-            end = next((j for j, t in enumerate(seq) if t in eos_ids), None)
+            if len(eos_ids) <= EOS_SLOTS:  # _run cut each row after its first EOS already
+                end = len(seq) - 1 if seq and seq[-1] in eos_ids else None
+            else:
+                end = next((j for j, t in enumerate(seq) if t in eos_ids), None)
             kept, reason = truncate_at_stop(seq[:end], self.tokenizer, params.stop, set())
             if reason is None and end is not None:
                 kept, reason = seq[: end + 1], "stop"

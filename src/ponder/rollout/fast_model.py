@@ -19,6 +19,7 @@ from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+EOS_SLOTS = 8  # end-of-sequence ids the captured step checks
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Forward:
         self.out_lp = torch.zeros((rows + 1, length), dtype=torch.float32, device=device)
         self.step_no = torch.zeros((), dtype=torch.long, device=device)
         self.seed = torch.zeros((), dtype=torch.long, device=device)
-        self.eos = torch.full((8,), -1, dtype=torch.long, device=device)
+        self.eos = torch.full((EOS_SLOTS,), -1, dtype=torch.long, device=device)
 
     @property
     def rows(self) -> int:
