@@ -2,12 +2,13 @@
 
 Workload (issue 7): a random-weight Qwen2.5-shaped model in bf16, 32 prompts of 128 tokens x 8 samples,
 512 new tokens forced, mu = 1, beta = 0, one optimizer step (AdamW) per GRPO step. The step is the
-trainer's own pieces (ponder.rl: batching, advantages, losses) around the fast engine; log-probs either
-through ponder.rl.logprobs.token_logprobs (chunked head) or through the whole logits tensor.
+trainer's own pieces (ponder.rl: micro-batches, advantages, losses) around the fast engine (or, with
+--engine hf, transformers' generate); the policy pass is the trainer's CUDA one (packed: ponder.rl.packed),
+the model's own forward on padded rows with a chunked head (chunked), or the whole logits tensor (full).
 The reward is a token-level rule (share of even token ids): random weights write no text to verify,
 and the rule costs what a cheap verifier costs.
 
-  PYTHONPATH=src python bench/grpo_step.py --shapes 0.5b 1.5b --logprobs chunked full --json out.json
+  PYTHONPATH=src python bench/grpo_step.py --shapes 0.5b 1.5b --logprobs packed --token-budget 32768 --json out.json
 """
 
 from __future__ import annotations
