@@ -225,3 +225,13 @@ def test_packed_on_an_unsupported_architecture_is_one_clear_error():
         use_packed("packed", gpt2, torch.device("cpu"))
     assert not use_packed("auto", gpt2, torch.device("cuda"))
     assert not use_packed("auto", build("llama"), torch.device("cpu"))  # auto: packed on CUDA only
+
+
+def test_the_attention_trial_tells_a_wrong_kernel_from_the_reference():
+    """The check a CUDA kernel passes before use (values and gradients against padded_attention)."""
+    from ponder.rl.packed import _agrees
+
+    cpu = torch.device("cpu")
+    assert _agrees(padded_attention, padded_attention, cpu)
+    wrong_scale = lambda q, k, v, pk, scale: padded_attention(q, k, v, pk, scale * 1.5)  # noqa: E731
+    assert not _agrees(wrong_scale, padded_attention, cpu)

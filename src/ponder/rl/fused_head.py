@@ -21,7 +21,7 @@ try:
 except ImportError:
     triton = None
 
-CHUNK_ROWS = 4096  # [4096, 151,936] bf16 logits: 1.2 GiB, the only vocabulary-sized tensor alive
+CHUNK_ROWS = 4096  # a chunk of [4096, 151,936] bf16 logits: 1.2 GiB (the only one alive unless they are kept)
 
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -29,8 +29,9 @@ def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     """Rows h [M, d], output head weight [V, d], targets [M] -> float32 log-probs [M] (with gradients to h
     and weight) and entropies [M] (detached; None unless asked)."""
     use_triton = triton is not None and h.is_cuda
-    if keep is None:
-        keep = h.is_cuda and torch.is_grad_enabled() and 4 * h.shape[0] * weight.shape[0] * h.element_size() < torch.cuda.mem_get_info(h.device)[0]
+    if keep is None:  # keeping the logits saves backward a matrix product; only where they fit with room to spare
+        size = h.shape[0] * weight.shape[0] * h.element_size()
+        keep = h.is_cuda and torch.is_grad_enabled() and 4 * size < torch.cuda.mem_get_info(h.device)[0]
     lp, ent = _HeadLogprobs.apply(h, weight, targets, 1.0 / temperature, chunk_rows, use_triton, with_entropy, keep)
     return lp, (ent if with_entropy else None)
 

@@ -73,6 +73,7 @@ def seg_arange(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
 
 
 def pack(batch: list[Sample], device) -> Packed:
+    """The micro-batch as one stream and its index tensors (built on the host, copied without a wait)."""
     first: dict[tuple, int] = {}  # prompt -> its index among the distinct prompts
     distinct: list[list[int]] = []
     which = []
@@ -145,8 +146,13 @@ def _varlen_fn():
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    causal = dict(window_size=(-1, 0)) if "window_size" in params else dict(is_causal=True) if "is_causal" in params else None
-    if causal is None or "scale" not in params:
+    if "window_size" in params:  # (-1, 0): causal, no window
+        causal = dict(window_size=(-1, 0))
+    elif "is_causal" in params:
+        causal = dict(is_causal=True)
+    else:
+        return None
+    if "scale" not in params:
         return None
     gqa = "enable_gqa" in params
 
@@ -192,8 +198,8 @@ def _agrees(fn, ref, device) -> bool:
     outs = []
     for f in (fn, ref):
         o = f(q, k, v, pk, 0.125)
-        gq, gk, gv = torch.autograd.grad((o.float() * torch.linspace(-1, 1, o.numel(), device=device).view_as(o)).sum(), (q, k, v))
-        outs.append((o, gq, gk, gv))
+        weights = torch.linspace(-1, 1, o.numel(), device=device).view_as(o)  # a loss that weighs every output
+        outs.append((o, *torch.autograd.grad((o.float() * weights).sum(), (q, k, v))))
     return all(torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2) for a, b in zip(*outs))
 
 
@@ -225,7 +231,8 @@ def pieces(device: torch.device) -> dict:
             except Exception:  # noqa: BLE001  (any compiler failure: that piece runs eagerly)
                 done[name], failed = f, failed + [name]
         if failed:
-            print(f"ponder: packed forward: torch.compile failed for {', '.join(failed)}; those run unfused", file=sys.stderr)
+            print(f"ponder: packed forward: torch.compile failed for {', '.join(failed)}; those run unfused",
+                  file=sys.stderr)
         _chosen["pieces"] = done
     return _chosen["pieces"]
 
