@@ -49,11 +49,12 @@ def full_logits_logprobs(model, t):
     return logits.log_softmax(-1).gather(-1, t.targets[:, :, None]).squeeze(-1)
 
 
-def train(model, opt, samples, logprobs: str, token_budget: int, max_new: int):
+def train(model, opt, engine, samples, logprobs: str, token_budget: int, max_new: int):
     for s, w in zip(samples, sequence_token_weights([len(s.completion_ids) for s in samples], "grpo", max_new)):
         s.weight = w
     opt.zero_grad(set_to_none=True)
-    policy = PolicyPass(logprobs == "packed", 0, torch.device(DEVICE), bf16=False)  # the weights are bf16 already
+    # the weights are bf16 already; the engine's idle cache holds the head's first logits, as in the trainer
+    policy = PolicyPass(logprobs == "packed", 0, torch.device(DEVICE), bf16=False, scratch=engine.idle_memory)
     for mb in policy.micro_batches(samples, token_budget):
         if logprobs == "packed":  # what the trainer runs on CUDA (train.forward: auto)
             logp, _, mask = policy.logprobs(model, mb, with_entropy=True)
@@ -82,7 +83,7 @@ def grpo_step(model, opt, engine, prompts, group, new, step, logprobs, token_bud
                for i, (p, out) in enumerate(zip(prompts, outs)) for j, c in enumerate(out)]
     t2 = now()
     model.train()
-    train(model, opt, samples, logprobs, token_budget, new)
+    train(model, opt, engine, samples, logprobs, token_budget, new)
     t3 = now()
     return dict(generate=t1 - t0, reward=t2 - t1, train=t3 - t2, total=t3 - t0)
 
@@ -94,7 +95,7 @@ def profile_train(model, opt, engine, prompts, a, logprobs, budget, path):
     outs = engine.generate(prompts, SamplingParams(n=a.group, temperature=1.0, max_tokens=a.new, seed=99))
     samples = [Sample(p, c.token_ids, float(j % 3) - 1.0, False) for p, out in zip(prompts, outs) for j, c in enumerate(out)]
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as prof:
-        train(model, opt, samples, logprobs, budget, a.new)
+        train(model, opt, engine, samples, logprobs, budget, a.new)
         now()
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=45))

@@ -333,3 +333,19 @@ def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path):
     cache[1][:, torch.arange(3), :, pos] = kv
     torch.testing.assert_close(got["q"], ref_q)
     torch.testing.assert_close(got["cache"], cache)  # the right slots written, nothing else touched
+
+
+def test_idle_cache_lent_out_and_scribbled_over_changes_no_output():
+    """The trainer writes its logits into the engine's cache between rollouts (idle_memory); the next call
+    must generate exactly what it would have, even after bytes that read as NaN."""
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    eng = FastEngine(model, TOK, sync_every=2, min_bucket=1)
+    assert eng.idle_memory() is None  # nothing allocated before the first call
+    params = SamplingParams(n=2, temperature=0.8, max_tokens=12, seed=3, logprobs=True)
+    first = eng.generate(encode(PROMPTS), params)
+    idle = eng.idle_memory()
+    assert idle.numel() == eng.fwd.kv.numel() * eng.fwd.kv.element_size()
+    idle.fill_(255)  # all bits set: NaN as float32
+    again = eng.generate(encode(PROMPTS), params)
+    assert [[c.token_ids for c in o] for o in again] == [[c.token_ids for c in o] for o in first]
+    assert [[c.logprobs for c in o] for o in again] == [[c.logprobs for c in o] for o in first]

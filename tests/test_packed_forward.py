@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from ponder.rl.batching import Sample, micro_batches
-from ponder.rl.fused_head import head_logprobs
+from ponder.rl.fused_head import chunks, head_logprobs
 from ponder.rl.packed import pack, packed_logprobs, packed_micro_batches, padded_attention, seg_arange
 
 SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -162,6 +162,26 @@ def test_fused_head_values_and_gradients_match_autograd():
         gh, gw = torch.autograd.grad((lp * up).sum(), (h, w))
         torch.testing.assert_close(gh, rh)
         torch.testing.assert_close(gw, rw)
+
+
+def test_kept_logits_can_live_in_lent_scratch_memory():
+    """The head's first logits written into idle memory (the engine's cache between rollouts): same values
+    and gradients, and the memory really holds them."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (37,), generator=g)
+    assert chunks(37, 50, 4, 10, 25 * 50 * 4 + 7) == [(0, 25, True), (25, 35, False), (35, 37, False)]
+    assert chunks(37, 50, 4, 10, 0) == [(0, 10, False), (10, 20, False), (20, 30, False), (30, 37, False)]
+    want = ((h @ w.T)).log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+    rh, rw = torch.autograd.grad(want.sum(), (h, w))
+    scratch = torch.zeros(25 * 50 * 4 + 7, dtype=torch.uint8)
+    lp, _ = head_logprobs(h, w, t, chunk_rows=10, keep=True, scratch=scratch)
+    torch.testing.assert_close(scratch[: 25 * 50 * 4].view(torch.float32).view(25, 50), (h @ w.T)[:25].detach())
+    torch.testing.assert_close(lp, want)
+    gh, gw = torch.autograd.grad(lp.sum(), (h, w))
+    torch.testing.assert_close(gh, rh)
+    torch.testing.assert_close(gw, rw)
 
 
 def test_packed_micro_batches_keep_groups_whole_within_the_budget():

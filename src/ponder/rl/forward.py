@@ -51,18 +51,20 @@ def use_packed(forward: str, model, device: torch.device) -> bool:
 
 class PolicyPass:
     """Micro-batches and their log-probs, one way or the other: packed (ponder.rl.packed) or right-padded rows
-    through the model's own forward. Both give [B, T] log-probs, entropies and the [B, T] token mask."""
+    through the model's own forward. Both give [B, T] log-probs, entropies and the [B, T] token mask.
+    `scratch()` may give idle device memory for the packed head (the rollout engine's, between its calls)."""
 
-    def __init__(self, is_packed: bool, pad_id: int, device, bf16: bool):
-        self.packed, self.pad_id, self.device, self.bf16 = is_packed, pad_id, device, bf16
+    def __init__(self, is_packed: bool, pad_id: int, device, bf16: bool, scratch=None):
+        self.packed, self.pad_id, self.device, self.bf16, self.scratch = is_packed, pad_id, device, bf16, scratch
 
     def micro_batches(self, samples: list[Sample], token_budget: int) -> list[list[Sample]]:
         return (packed.packed_micro_batches if self.packed else micro_batches)(samples, token_budget)
 
     def logprobs(self, model, batch: list[Sample], *, with_entropy: bool = False, temperature: float = 1.0):
         if self.packed:
+            scratch = self.scratch() if self.scratch is not None and torch.is_grad_enabled() else None
             return packed.packed_logprobs(model, batch, self.device, with_entropy=with_entropy, temperature=temperature,
-                                          autocast=self.bf16)
+                                          autocast=self.bf16, scratch=scratch)
         t = to_tensors(batch, self.pad_id, self.device)
         lp, ent = completion_logprobs(model, t, bf16=self.bf16, with_entropy=with_entropy, temperature=temperature)
         return lp, ent, t.mask

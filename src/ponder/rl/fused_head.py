@@ -25,35 +25,50 @@ CHUNK_ROWS = 4096  # a chunk of [4096, 151,936] bf16 logits: 1.2 GiB (the only o
 
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  with_entropy: bool = True, chunk_rows: int = CHUNK_ROWS, keep: bool | None = None):
+                  with_entropy: bool = True, chunk_rows: int = CHUNK_ROWS, keep: bool | None = None,
+                  scratch: torch.Tensor | None = None):
     """Rows h [M, d], output head weight [V, d], targets [M] -> float32 log-probs [M] (with gradients to h
-    and weight) and entropies [M] (detached; None unless asked)."""
+    and weight) and entropies [M] (detached; None unless asked). Kept logits go first into `scratch` (flat
+    bytes that are free until backward is done: the rollout engine's idle cache), as many rows as fit."""
     use_triton = triton is not None and h.is_cuda
     if keep is None:  # keeping the logits saves backward a matrix product; only where they fit with room to spare
         size = h.shape[0] * weight.shape[0] * h.element_size()
         keep = h.is_cuda and torch.is_grad_enabled() and 4 * size < torch.cuda.mem_get_info(h.device)[0]
-    lp, ent = _HeadLogprobs.apply(h, weight, targets, 1.0 / temperature, chunk_rows, use_triton, with_entropy, keep)
+    lp, ent = _HeadLogprobs.apply(h, weight, targets, 1.0 / temperature, chunk_rows, use_triton, with_entropy, keep,
+                                  scratch if keep else None)
     return lp, (ent if with_entropy else None)
+
+
+def chunks(m: int, vocab: int, itemsize: int, chunk_rows: int, scratch_bytes: int) -> list[tuple[int, int, bool]]:
+    """(start, end, in scratch) of the row chunks: the first fills the scratch when there is one."""
+    first = min(m, scratch_bytes // (vocab * itemsize))
+    out = [(0, first, True)] if first else []
+    out += [(i, min(i + chunk_rows, m), False) for i in range(first, m, chunk_rows)]
+    return out
 
 
 class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, inv_t, chunk_rows, use_triton, with_entropy, keep=False):
+    def forward(ctx, h, weight, targets, inv_t, chunk_rows, use_triton, with_entropy, keep=False, scratch=None):
         w = weight.to(h.dtype)
-        m = h.shape[0]
+        m, vocab = h.shape[0], w.shape[0]
         lse = torch.empty(m, dtype=torch.float32, device=h.device)
         lp = torch.empty_like(lse)
         ent = torch.empty_like(lse)
+        ctx.parts = chunks(m, vocab, h.element_size(), chunk_rows, scratch.numel() if scratch is not None else 0)
         ctx.kept = []
-        for i in range(0, m, chunk_rows):
-            logits = h[i : i + chunk_rows] @ w.T
+        for a, b, lent in ctx.parts:
+            if lent:
+                out = scratch[: (b - a) * vocab * h.element_size()].view(h.dtype).view(b - a, vocab)
+                logits = torch.matmul(h[a:b], w.T, out=out)
+            else:
+                logits = h[a:b] @ w.T
             if keep:
                 ctx.kept.append(logits)
             stats = _triton_stats if use_triton else _torch_stats
-            lse[i : i + chunk_rows], lp[i : i + chunk_rows], ent[i : i + chunk_rows] = stats(
-                logits, targets[i : i + chunk_rows], inv_t, with_entropy)
+            lse[a:b], lp[a:b], ent[a:b] = stats(logits, targets[a:b], inv_t, with_entropy)
         ctx.save_for_backward(h, weight, targets, lse)
-        ctx.inv_t, ctx.chunk_rows, ctx.use_triton = inv_t, chunk_rows, use_triton
+        ctx.inv_t, ctx.use_triton = inv_t, use_triton
         ctx.mark_non_differentiable(ent)
         return lp, ent
 
@@ -66,14 +81,13 @@ class _HeadLogprobs(torch.autograd.Function):
         # a chunk, as micro-batches accumulate); float32 master weights get a float32 sum
         grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=h.device) if ctx.needs_input_grad[1] else None
         grad_lp = grad_lp.float().contiguous()
-        for n, i in enumerate(range(0, h.shape[0], ctx.chunk_rows)):
-            hc = h[i : i + ctx.chunk_rows]
+        for n, (a, b, _) in enumerate(ctx.parts):
+            hc = h[a:b]
             logits = ctx.kept[n] if ctx.kept else hc @ w.T
             to_grad = _triton_grad if ctx.use_triton else _torch_grad
-            g = to_grad(logits, targets[i : i + ctx.chunk_rows], lse[i : i + ctx.chunk_rows],
-                        grad_lp[i : i + ctx.chunk_rows], ctx.inv_t)
+            g = to_grad(logits, targets[a:b], lse[a:b], grad_lp[a:b], ctx.inv_t)
             if grad_h is not None:
-                grad_h[i : i + ctx.chunk_rows] = g @ w
+                grad_h[a:b] = g @ w
             if grad_w is not None:
                 if grad_w.dtype == g.dtype:
                     grad_w.addmm_(g.T, hc)
@@ -81,7 +95,7 @@ class _HeadLogprobs(torch.autograd.Function):
                     grad_w += g.T @ hc
             if ctx.kept:
                 ctx.kept[n] = None  # free each chunk once used
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- torch math

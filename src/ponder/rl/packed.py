@@ -244,9 +244,10 @@ def supports(model) -> bool:
 
 
 def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = False, temperature: float = 1.0,
-                    autocast: bool = False):
+                    autocast: bool = False, scratch: torch.Tensor | None = None):
     """Log-probs [B, T] of each row's completion tokens (0 past its end), entropies [B, T] (detached, or
-    None) and the [B, T] mask of real tokens: what ponder.rl.forward.completion_logprobs gives, computed packed."""
+    None) and the [B, T] mask of real tokens: what ponder.rl.forward.completion_logprobs gives, computed packed.
+    `scratch`: idle device memory (flat bytes) the head may fill with its kept logits (see fused_head)."""
     arch, why = describe(model)
     if arch is None:
         raise ValueError(f"packed forward: {why}")
@@ -258,7 +259,7 @@ def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = 
         if isinstance(head, torch.nn.Linear) and head.bias is None:
             if autocast:
                 h = h.to(torch.bfloat16)
-            lp, ent = fused_head_logprobs(h, head.weight, pk.targets, temperature, with_entropy)
+            lp, ent = fused_head_logprobs(h, head.weight, pk.targets, temperature, with_entropy, scratch=scratch)
         else:  # a wrapped head (LoRA on the output layer): call it, chunk by chunk
             lp, ent = chunked_head_logprobs(head, h, pk.targets, temperature, 1024, with_entropy)
     b, t = pk.mask.shape

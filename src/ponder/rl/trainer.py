@@ -81,6 +81,7 @@ class GRPOTrainer:
                                       self.device, self.bf16)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, max(cfg.train.steps, 1))
         self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer, batch_size=cfg.rollout.generation_batch)
+        self.policy_pass.scratch = self.engine.idle_memory  # the engine's cache holds the head's logits between rollouts
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
         self.rewards.check(self.examples[0])

@@ -42,6 +42,11 @@ class RolloutEngine(ABC):
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """For each prompt, `params.n` completions (outer list: prompts, inner: samples)."""
 
+    def idle_memory(self):
+        """Device memory the engine keeps but does not use until its next `generate` call, as a flat byte
+        tensor that a caller may overwrite until then (the trainer's policy pass does); None if none."""
+        return None
+
 
 ENGINES: dict[str, type[RolloutEngine]] = {}
 

@@ -58,6 +58,15 @@ class FastEngine(RolloutEngine):
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.pool = None
         self.weights_sig = None
+        self.lent = False  # idle_memory() was handed out since the last call
+        self.warm_stream = None
+
+    def idle_memory(self):
+        """The KV cache between calls (the next call zeroes it first: masked slots must hold finite numbers)."""
+        if self.fwd is None:
+            return None
+        self.lent = True
+        return self.fwd.kv.view(-1).view(torch.uint8)
 
     def release(self) -> None:
         """Free the cache and the captured graphs (they come back on the next call)."""
@@ -133,7 +142,9 @@ class FastEngine(RolloutEngine):
         if key not in self.graphs:
             # warm-up on a side stream, as capture requires; then undo what it changed
             saved = f.snapshot(batch)
-            side = torch.cuda.Stream()
+            if self.warm_stream is None:  # one for all captures: each stream gets its own cuBLAS workspace (32 MiB)
+                self.warm_stream = torch.cuda.Stream()
+            side = self.warm_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 f.step(batch, length, temperature)
@@ -161,6 +172,9 @@ class FastEngine(RolloutEngine):
         n_seq, max_new = len(prompts) * params.n, params.max_tokens
         max_prompt = max(len(p) for p in prompts)
         f, use_graphs = self._prepare(n_seq, max_prompt + max_new - 1)
+        if self.lent:
+            f.kv.zero_()
+            self.lent = False
         dev = f.device
         f.seed.fill_(seed & 0xFFFFFFFF)
         eos = sorted(e for e in self.eos_ids() if e is not None)[: len(f.eos)]
