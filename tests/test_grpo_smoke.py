@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from ponder.train import train
@@ -131,3 +132,13 @@ def test_lora_trains_adapters_only_and_uses_the_base_as_reference(smoke_cfg):
     after = t.model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in base.items())
     assert any(not torch.equal(v, 0 * v) for k, v in after.items() if "lora_B" in k)
+
+
+def test_engine_options_reach_the_engine_and_unknown_ones_are_named(smoke_cfg):
+    from ponder.errors import UserError
+    from ponder.rl.trainer import GRPOTrainer
+
+    t = GRPOTrainer(smoke_cfg("name=eopts", "rollout.engine=fast", "rollout.engine_options={keep_cache: false, sync_every: 4}"))
+    assert (t.engine.keep_cache, t.engine.sync_every) == (False, 4)
+    with pytest.raises(UserError, match=r"rollout.engine_options: the fast engine has no option 'keep_cach'; its options are .*keep_cache"):
+        GRPOTrainer(smoke_cfg("name=eopts-bad", "rollout.engine=fast", "rollout.engine_options={keep_cach: false}"))

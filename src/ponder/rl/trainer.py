@@ -80,7 +80,8 @@ class GRPOTrainer:
         self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model, self.device), self.tokenizer.pad_token_id,
                                       self.device, self.bf16)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, max(cfg.train.steps, 1))
-        self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer, batch_size=cfg.rollout.generation_batch)
+        self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer,
+                                  **{"batch_size": cfg.rollout.generation_batch, **cfg.rollout.engine_options})
         self.policy_pass.scratch = self.engine.idle_memory  # the engine's cache holds the head's logits between rollouts
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)

@@ -6,6 +6,7 @@ an optimizer step the next call already sees the new weights.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
@@ -68,6 +69,11 @@ def make_engine(name: str, model, tokenizer, **options) -> RolloutEngine:
         pass
     if name not in ENGINES:
         raise UserError(f"unknown rollout engine '{name}'; choose one of: {', '.join(sorted(ENGINES))}")
+    known = [p for p in inspect.signature(ENGINES[name].__init__).parameters if p not in ("self", "model", "tokenizer")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise UserError(f"rollout.engine_options: the {name} engine has no option {', '.join(map(repr, unknown))}; "
+                        f"its options are {', '.join(known)}")
     return ENGINES[name](model, tokenizer, **options)
 
 
