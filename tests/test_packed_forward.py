@@ -184,16 +184,21 @@ def test_kept_logits_can_live_in_lent_scratch_memory():
     torch.testing.assert_close(gw, rw)
 
 
-def test_packed_micro_batches_keep_groups_whole_within_the_budget():
-    batch = samples()
-    mbs = packed_micro_batches(batch, 20)
+def test_packed_micro_batches_keep_groups_together_within_the_budget():
+    batch = samples()  # groups of 7 + 11, 3 + 19 and 12 + 1 stream tokens
+    mbs = packed_micro_batches(batch, 25)
     assert sorted(id(s) for mb in mbs for s in mb) == sorted(id(s) for s in batch)
     for mb in mbs:  # every prompt of a micro-batch has all its rows there
         for s in mb:
             assert sum(r.prompt_ids == s.prompt_ids for r in mb) == sum(r.prompt_ids == s.prompt_ids for r in batch)
-    sizes = [len({tuple(s.prompt_ids) for s in mb}) for mb in mbs]
-    assert sizes == [1, 1, 1]  # groups of 7 + 12, 3 + 19 and 12 + 1 stream tokens: each alone over 20
+    assert [len({tuple(s.prompt_ids) for s in mb}) for mb in mbs] == [1, 1, 1]  # no two groups fit together
     assert len(packed_micro_batches(batch, 10_000)) == 1
+    # a group over the budget is split by rows, each part with its prompt: 3 + 14 + 5 > 20 -> 3 + 14 and 3 + 5
+    split = packed_micro_batches(batch, 20)
+    assert sorted(id(s) for mb in split for s in mb) == sorted(id(s) for s in batch)
+    stream = [sum(max(len(r.completion_ids) - 1, 0) for r in mb) + sum(map(len, {tuple(r.prompt_ids) for r in mb}))
+              for mb in split]
+    assert max(stream) <= 20 and sorted(stream) == [8, 13, 17, 18]
     # ten groups of 10 stream tokens, 60 a micro-batch: two halves, not 6 groups and a rest of 4
     even = [Sample([i], list(range(10))) for i in range(10)]
     assert [len(mb) for mb in packed_micro_batches(even, 60)] == [5, 5]

@@ -29,17 +29,26 @@ from ponder.rollout.fast_model import describe, norm_args
 
 
 def packed_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
-    """Whole groups (rows sharing a prompt) together, at most `token_budget` stream tokens each (a group
-    alone may exceed it), as few micro-batches as that allows and of about equal size; groups of similar
-    length side by side."""
+    """Rows that share a prompt together (its tokens are then run once), at most `token_budget` stream tokens
+    a micro-batch, as few micro-batches as that allows and of about equal size, groups of similar length
+    side by side. A group too big for the budget is split: each part brings its own copy of the prompt."""
     groups: dict[tuple, list[Sample]] = {}
     for s in samples:
         groups.setdefault(tuple(s.prompt_ids), []).append(s)
-    sizes = {key: len(key) + sum(max(len(r.completion_ids) - 1, 0) for r in rows) for key, rows in groups.items()}
-    fill = sum(sizes.values()) / max(-(-sum(sizes.values()) // token_budget), 1)  # equal shares, not a full one and a rest
+    parts: list[tuple[int, list[Sample]]] = []  # (stream tokens, rows)
+    for key, rows in groups.items():
+        size, part = len(key), []
+        for r in rows:
+            n = max(len(r.completion_ids) - 1, 0)
+            if part and size + n > token_budget:
+                parts.append((size, part))
+                size, part = len(key), []
+            size, part = size + n, part + [r]
+        parts.append((size, part))
+    total = sum(size for size, _ in parts)
+    fill = total / max(-(-total // token_budget), 1)  # equal shares, not full ones and a small rest
     out, cur, used = [], [], 0
-    for key, rows in sorted(groups.items(), key=lambda kv: max(r.length for r in kv[1])):
-        size = sizes[key]
+    for size, rows in sorted(parts, key=lambda p: max(r.length for r in p[1])):
         if cur and (used + size > token_budget or used + size / 2 > fill):
             out.append(cur)
             cur, used = [], 0
