@@ -70,8 +70,8 @@ def make_engine(name: str, model, tokenizer, **options) -> RolloutEngine:
     if name not in ENGINES:
         raise UserError(f"unknown rollout engine '{name}'; choose one of: {', '.join(sorted(ENGINES))}")
     params = inspect.signature(ENGINES[name].__init__).parameters.values()
-    known = [p.name for p in params if p.kind == p.KEYWORD_ONLY or (p.kind == p.POSITIONAL_OR_KEYWORD and p.name not in (
-        "self", "model", "tokenizer"))]
+    known = [p.name for p in params
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "model", "tokenizer")]
     unknown = sorted(set(options) - set(known))
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in params):
         raise UserError(f"rollout.engine_options: the {name} engine has no option {', '.join(map(repr, unknown))}; "
