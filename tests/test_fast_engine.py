@@ -349,3 +349,14 @@ def test_idle_cache_lent_out_and_scribbled_over_changes_no_output():
     again = eng.generate(encode(PROMPTS), params)
     assert [[c.token_ids for c in o] for o in again] == [[c.token_ids for c in o] for o in first]
     assert [[c.logprobs for c in o] for o in again] == [[c.logprobs for c in o] for o in first]
+
+
+def test_a_piece_the_compiler_fails_on_runs_eagerly_with_one_notice(capsys):
+    from ponder.rollout.fast_kernels import compile_each
+
+    def broken(x):
+        raise RuntimeError("not compilable here")
+
+    got = compile_each({"broken": broken}, {"broken": (torch.ones(3, requires_grad=True),)}, "probe", backward=True)
+    assert got["broken"] is broken
+    assert "ponder: probe: torch.compile failed for broken; those run unfused" in capsys.readouterr().err

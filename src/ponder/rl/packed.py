@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from ponder.rl.batching import Sample, to_device
 from ponder.rl.fused_head import head_logprobs as fused_head_logprobs
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
-from ponder.rollout.fast_kernels import add_rms, rms, rope, swiglu
+from ponder.rollout.fast_kernels import add_rms, compile_each, rms, rope, swiglu
 from ponder.rollout.fast_model import describe, norm_args
 
 
@@ -230,19 +230,7 @@ def pieces(device: torch.device) -> dict:
         h = x.view(64, 4, 64)
         cs = torch.randn(64, 1, 64, device=device, dtype=torch.bfloat16)
         trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope_qk=(h, h, cs, cs), swiglu=(x, x))
-        done, failed = {}, []
-        for name, f in EAGER.items():
-            try:
-                fn = torch.compile(f, dynamic=True, fullgraph=True)
-                out = fn(*trial[name])
-                sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
-                done[name] = fn
-            except Exception:  # noqa: BLE001  (any compiler failure: that piece runs eagerly)
-                done[name], failed = f, failed + [name]
-        if failed:
-            print(f"ponder: packed forward: torch.compile failed for {', '.join(failed)}; those run unfused",
-                  file=sys.stderr)
-        _chosen["pieces"] = done
+        _chosen["pieces"] = compile_each(EAGER, trial, "packed forward", backward=True)
     return _chosen["pieces"]
 
 

@@ -259,20 +259,29 @@ def kernels(device: torch.device) -> dict:
         h = x.view(4, 64, 64)
         trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope_kv=(h, h, h, h[:, :1], h[:, :1]), swiglu=(x, x),
                      gumbel_pick=(x, keys, 1.0), greedy_pick=(x, keys, 1.0))
-        _compiled, failed = {}, []
-        for name, f in EAGER.items():
-            try:
-                fn = torch.compile(f, dynamic=True, fullgraph=True)
-                fn(*trial[name])
-                _compiled[name] = fn
-            except Exception:  # noqa: BLE001  (any compiler failure: that piece runs eagerly)
-                _compiled[name], failed = f, failed + [name]
-        if failed:
-            print(f"ponder: fast engine: torch.compile failed for {', '.join(failed)}; those run unfused", file=sys.stderr)
+        _compiled = compile_each(EAGER, trial, "fast engine")
         if _gumbel_trial(device):
             _compiled["gumbel_pick"] = triton_gumbel_pick
         _compiled["rope_store"] = triton_rope_store if _rope_store_trial(device) else None
     return _compiled
+
+
+def compile_each(funcs: dict, trials: dict, who: str, backward: bool = False) -> dict:
+    """Each function compiled (dynamic shapes, one graph) when a call on its trial arguments runs, and with
+    `backward` its backward too; the eager function otherwise, with one notice naming those."""
+    out, failed = {}, []
+    for name, f in funcs.items():
+        try:
+            fn = torch.compile(f, dynamic=True, fullgraph=True)
+            res = fn(*trials[name])
+            if backward:
+                sum(r.float().sum() for r in (res if isinstance(res, tuple) else (res,))).backward()
+            out[name] = fn
+        except Exception:  # noqa: BLE001  (any compiler failure: that piece runs eagerly)
+            out[name], failed = f, failed + [name]
+    if failed:
+        print(f"ponder: {who}: torch.compile failed for {', '.join(failed)}; those run unfused", file=sys.stderr)
+    return out
 
 
 def _trial(check, notice: str) -> bool:
