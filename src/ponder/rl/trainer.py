@@ -77,12 +77,12 @@ class GRPOTrainer:
 
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
         self.ref = self._make_reference()
-        self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model, self.device), self.tokenizer.pad_token_id,
-                                      self.device, self.bf16)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, max(cfg.train.steps, 1))
         self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer,
                                   **{"batch_size": cfg.rollout.generation_batch, **cfg.rollout.engine_options})
-        self.policy_pass.scratch = self.engine.idle_memory  # the engine's cache holds the head's logits between rollouts
+        # the engine's idle cache holds the head's logits between rollouts
+        self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model, self.device), self.tokenizer.pad_token_id,
+                                      self.device, self.bf16, scratch=self.engine.idle_memory)
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
         self.rewards.check(self.examples[0])
