@@ -260,3 +260,27 @@ def test_the_attention_trial_tells_a_wrong_kernel_from_the_reference():
     assert _agrees(padded_attention, padded_attention, cpu)
     wrong_scale = lambda q, k, v, pk, scale: padded_attention(q, k, v, pk, scale * 1.5)  # noqa: E731
     assert not _agrees(wrong_scale, padded_attention, cpu)
+
+
+def test_lora_wrapped_projections_match_the_hf_forward():
+    """LoRA on q and v: those projections run each by itself (not as one joined product); values and the
+    adapters' gradients still match the HF forward."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # B = 0 at start would make the adapters invisible
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+    batch = samples()
+    want, _ = reference(model, batch)
+    want.sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    got, _, _ = packed_logprobs(model, batch, "cpu")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert ref and all("lora_" in n for n in ref)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * float(ref[n].abs().max()), rtol=1e-4, msg=n)

@@ -59,7 +59,7 @@ class FastEngine(RolloutEngine):
         self.pool = None
         self.weights_sig = None
         self.lent = False  # idle_memory() was handed out since the last call
-        self.warm_stream = None
+        self.side_stream = None
 
     def idle_memory(self):
         """The KV cache between calls (the next call zeroes it first: masked slots must hold finite numbers)."""
@@ -140,11 +140,13 @@ class FastEngine(RolloutEngine):
             return f.step(batch, length, temperature)
         key = (batch, length, temperature)
         if key not in self.graphs:
-            # warm-up on a side stream, as capture requires; then undo what it changed
+            # warm-up on a side stream, as capture requires; then undo what it changed. Warm-up and every
+            # capture share one stream: each stream that runs a matrix product gets its own cuBLAS workspace
+            # (32 MiB), which the graphs then keep
             saved = f.snapshot(batch)
-            if self.warm_stream is None:  # one for all captures: each stream gets its own cuBLAS workspace (32 MiB)
-                self.warm_stream = torch.cuda.Stream()
-            side = self.warm_stream
+            if self.side_stream is None:
+                self.side_stream = torch.cuda.Stream()
+            side = self.side_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 f.step(batch, length, temperature)
@@ -153,7 +155,7 @@ class FastEngine(RolloutEngine):
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=side):
                 out = f.step(batch, length, temperature)
             self.graphs[key] = (graph, out)
         graph, out = self.graphs[key]

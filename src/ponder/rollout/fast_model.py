@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ponder.rollout import decode_attention as attention_kernel
-from ponder.rollout.fast_kernels import EAGER, kernels, rope, row_keys
+from ponder.rollout.fast_kernels import EAGER, kernels, row_keys
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
 
@@ -109,13 +109,30 @@ class Forward:
         self.cos.copy_(cos[0])
         self.sin.copy_(sin[0])
 
-    def _qkv(self, attn, h, n):
-        q = attn.q_proj(h).view(n, self.a.n_heads, self.a.head_dim)
-        k = attn.k_proj(h).view(n, self.a.n_kv, self.a.head_dim)
-        v = attn.v_proj(h).view(n, self.a.n_kv, self.a.head_dim)
+    def _qkv(self, li: int, h):
+        """q [N, heads, D], k and v [N, kv heads, D] of layer li: one product where q|k|v are joined."""
+        a, attn, n = self.a, self.a.backbone.layers[li].self_attn, h.shape[0]
+        if self.qkv[li] is not None:
+            q, k, v = F.linear(h, *self.qkv[li]).split((a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim), -1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = q.view(n, a.n_heads, a.head_dim), k.view(n, a.n_kv, a.head_dim), v.view(n, a.n_kv, a.head_dim)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = self.k["rms"](q, *norm_args(attn.q_norm)), self.k["rms"](k, *norm_args(attn.k_norm))
         return q, k, v
+
+    def _mlp(self, li: int, h):
+        mlp = self.a.backbone.layers[li].mlp
+        if self.gate_up[li] is not None:
+            return mlp.down_proj(self.k["swiglu"](*F.linear(h, *self.gate_up[li]).chunk(2, -1)))
+        if self.silu:
+            return mlp.down_proj(self.k["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
+        return mlp(h)
+
+    def _next_norm(self, li: int):
+        """The norm after layer li's MLP: the next layer's input norm, or the final one."""
+        layers = self.a.backbone.layers
+        return norm_args(layers[li + 1].input_layernorm if li + 1 < len(layers) else self.a.backbone.norm)
 
     def _precision(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
@@ -169,26 +186,24 @@ class Forward:
         at = torch.arange(len(ids), device=dev) - starts
         cos, sin = self.cos[at][:, None], self.sin[at][:, None]
         dest = (rows[:, None] + torch.arange(copies, device=dev)).reshape(-1)
+        # the decode step's pieces (fused norms, joined products), so a chunk costs few kernel launches
+        K, layers = self.k, a.backbone.layers
         x = a.backbone.embed_tokens(ids)
-        for li, layer in enumerate(a.backbone.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x), len(ids))
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
+        h = K["rms"](x, *norm_args(layers[0].input_layernorm))
+        for li, layer in enumerate(layers):
+            q, kv = K["rope_kv"](*self._qkv(li, h), cos, sin)  # kv: [N, 2, kv heads, D]
             # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
-            qp, kp, vp = (
-                t.new_zeros((n, width) + t.shape[1:]).index_put_((seq, at), t).transpose(1, 2) for t in (q, k, v)
-            )
+            qp = q.new_zeros((n, width) + q.shape[1:]).index_put_((seq, at), q).transpose(1, 2)
+            kvp = kv.new_zeros((n, width) + kv.shape[1:]).index_put_((seq, at), kv).permute(2, 0, 3, 1, 4)
             o = F.scaled_dot_product_attention(
-                qp, kp, vp, is_causal=True, scale=a.scaling, enable_gqa=a.n_kv != a.n_heads
+                qp, kvp[0], kvp[1], is_causal=True, scale=a.scaling, enable_gqa=a.n_kv != a.n_heads
             )
             cache = self.kv[li, :, :, :, :width]
-            cache[0][dest] = kp.repeat_interleave(copies, 0).to(cache.dtype)
-            cache[1][dest] = vp.repeat_interleave(copies, 0).to(cache.dtype)
+            cache[:, dest] = kvp.repeat_interleave(copies, 1).to(cache.dtype)  # K and V in one write
             o = o.transpose(1, 2)[seq, at].reshape(len(ids), -1)
-            x = x + attn.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = x[lens.cumsum(0) - 1]
-        return a.head(a.backbone.norm(last))
+            x, h = K["add_rms"](x, layer.self_attn.o_proj(o), *norm_args(layer.post_attention_layernorm))
+            x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li))
+        return a.head(h[lens.cumsum(0) - 1])
 
     def _decode(self, batch: int, length: int) -> torch.Tensor:
         """One step for rows [0, batch): feed self.tokens at self.pos, attend to slots [0, length); logits [batch, V]."""
@@ -208,16 +223,7 @@ class Forward:
         x = a.backbone.embed_tokens(tok)
         h = K["rms"](x, *norm_args(layers[0].input_layernorm))
         for li, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            if self.qkv[li] is not None:  # one product for the three
-                q, k, v = F.linear(h, *self.qkv[li]).split((a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim), -1)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q = q.view(batch, a.n_heads, a.head_dim)
-            k = k.view(batch, a.n_kv, a.head_dim)
-            v = v.view(batch, a.n_kv, a.head_dim)
-            if getattr(attn, "q_norm", None) is not None:  # Qwen3
-                q, k = K["rms"](q, *norm_args(attn.q_norm)), K["rms"](k, *norm_args(attn.k_norm))
+            q, k, v = self._qkv(li, h)
             cache = self.kv[li]
             if store is not None:
                 q = store(q, k, v, self.cos, self.sin, pos, cache)
@@ -234,15 +240,8 @@ class Forward:
             else:
                 s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
                 o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
-            x, h = K["add_rms"](x, attn.o_proj(o.reshape(batch, -1)), *norm_args(layer.post_attention_layernorm))
-            if self.gate_up[li] is not None:
-                m = mlp.down_proj(K["swiglu"](*F.linear(h, *self.gate_up[li]).chunk(2, -1)))
-            elif self.silu:
-                m = mlp.down_proj(K["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
-            else:
-                m = mlp(h)
-            after = layers[li + 1].input_layernorm if li + 1 < len(layers) else a.backbone.norm
-            x, h = K["add_rms"](x, m, *norm_args(after))
+            x, h = K["add_rms"](x, layer.self_attn.o_proj(o.reshape(batch, -1)), *norm_args(layer.post_attention_layernorm))
+            x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li))
         return a.head(h)
 
     def compact(self, keep: torch.Tensor, length: int):
