@@ -137,17 +137,18 @@ def main():
                 runs = [grpo_step(model, opt, engine, prompts, a.group, a.new, s + 1, lp, budget) for s in range(a.steps)]
                 row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 row.update(shape=shape, engine=a.engine, logprobs=lp, budget=budget,
-                           peak_gib=(torch.cuda.max_memory_allocated() / 2**30) if CUDA else 0.0)
+                           peak_gib=(torch.cuda.max_memory_allocated() / 2**30) if CUDA else 0.0,
+                           reserved_gib=(torch.cuda.max_memory_reserved() / 2**30) if CUDA else 0.0)
                 print(json.dumps(row), flush=True)
                 report["results"].append(row)
                 if a.profile:
                     profile_train(model, opt, engine, prompts, a, lp, budget, f"{a.profile}.{shape}.{lp}.{budget}.txt")
         del model, opt, engine
         CUDA and torch.cuda.empty_cache()
-    print(f"\n{'shape':6} {'logprobs':8} {'budget':>7} {'total s':>8} {'generate':>9} {'reward':>7} {'train':>7} {'peak GiB':>9}")
+    print(f"\n{'shape':6} {'logprobs':8} {'budget':>7} {'total s':>8} {'generate':>9} {'reward':>7} {'train':>7} {'peak GiB':>9} {'reserved':>9}")
     for r in report["results"]:
         print(f"{r['shape']:6} {r['logprobs']:8} {r['budget']:7} {r['total']:8.2f} {r['generate']:9.2f} {r['reward']:7.3f} "
-              f"{r['train']:7.2f} {r['peak_gib']:9.2f}")
+              f"{r['train']:7.2f} {r['peak_gib']:9.2f} {r['reserved_gib']:9.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,0 +1,97 @@
+"""SwiGLU of the training pass, silu(gate) * up, as two Triton kernels: one pass over the two inputs in
+forward, one in backward that gives both gradients. The MLP's activations are the largest tensors of the
+packed pass ([tokens, intermediate] each), so these passes are bound by memory traffic alone.
+`swiglu_fn(device)` gives this op where Triton runs and agrees with the torch math in a trial, else None.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BLOCK = 4096
+
+if triton is not None:
+
+    @triton.jit
+    def _forward_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _backward_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        # d silu(g) / dg = s * (1 + g * (1 - s))
+        tl.store(dg_ptr + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=m)
+        tl.store(du_ptr + offs, (dy * g * s).to(du_ptr.dtype.element_ty), mask=m)
+
+
+def _grid(n: int):
+    return (triton.cdiv(n, BLOCK),)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, u):
+        g, u = g.contiguous(), u.contiguous()
+        out = torch.empty_like(g)
+        _forward_kernel[_grid(g.numel())](g, u, out, g.numel(), BLOCK=BLOCK, num_warps=8)
+        ctx.save_for_backward(g, u)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        _backward_kernel[_grid(g.numel())](dy.contiguous(), g, u, dg, du, g.numel(), BLOCK=BLOCK, num_warps=8)
+        return dg, du
+
+
+def triton_swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return _SwiGLU.apply(g, u)
+
+
+def _agrees(device) -> bool:
+    """Values and both gradients against the torch math, on a size that is not a multiple of the block."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    g, u = (torch.randn((37, 301), generator=gen, device=device, dtype=torch.bfloat16).mul(3).requires_grad_()
+            for _ in range(2))
+    dy = torch.randn((37, 301), generator=gen, device=device, dtype=torch.bfloat16)
+    outs = []
+    for fn in (triton_swiglu, lambda a, b: (torch.nn.functional.silu(a.float()) * b.float()).to(a.dtype)):
+        y = fn(g, u)
+        outs.append((y, *torch.autograd.grad(y, (g, u), dy)))
+    return all(torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2) for a, b in zip(*outs))
+
+
+_chosen: dict = {}
+
+
+def swiglu_fn(device: torch.device):
+    """triton_swiglu where Triton runs on this device and passes the trial; None otherwise (one notice on CUDA)."""
+    if device.type != "cuda" or triton is None:
+        return None
+    if "fn" not in _chosen:
+        try:
+            ok = _agrees(device)
+        except Exception:  # noqa: BLE001  (any compiler or launch failure: the compiled torch piece stays)
+            ok = False
+        if not ok:
+            print("ponder: packed forward: the Triton SwiGLU failed its trial; using the compiled one", file=sys.stderr)
+        _chosen["fn"] = triton_swiglu if ok else None
+    return _chosen["fn"]
