@@ -1,7 +1,8 @@
 """The decoder forward of the Llama family over a Hugging Face model's own modules, with a static KV cache.
 
-Norms, projections and MLPs are the model's modules, called as they are (so LoRA layers and weight
-updates are seen); attention, rotary embedding and the cache are done here. Cache layout:
+Projections and MLPs are the model's modules, or one product over parameters that fused_weights joined;
+norms use the modules' own weights. So LoRA layers and weight updates are seen. Attention, rotary
+embedding and the cache are done here; prefill and decode share the per-layer pieces. Cache layout:
 [layers, 2 (k, v), rows, kv heads, positions, head dim]; row r holds one sequence from position 0,
 so a sequence's token at position p always sits in slot p and prompts need no padding in the cache.
 """
