@@ -38,3 +38,22 @@ def short_limit():
     verify_pool.configure(timeout=VERIFY_LIMIT)
     yield VERIFY_LIMIT
     verify_pool.configure(timeout=before)
+
+
+@pytest.fixture
+def triton_interpreter():
+    """Runs a Python command line (a list of arguments after the interpreter) in a child process under
+    Triton's CPU interpreter, which must be switched on before Triton is imported; gives the finished
+    process. Skips where Triton is absent (as in CI)."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+
+    def run(args, timeout=300):
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -115,7 +115,7 @@ def test_humaneval_task_loads_offline_and_verifies():
     example = examples[2]
     assert problem["prompt"] in example["prompt"] and example["entry_point"] == "truncate_number"
     assert task.verify(problem["canonical_solution"], example) == 1.0  # a body continues the signature
-    full = f"```python\ndef truncate_number(number: float) -> float:\n    return number % 1.0\n```"
+    full = "```python\ndef truncate_number(number: float) -> float:\n    return number % 1.0\n```"
     assert task.verify(full, example) == 1.0
     assert task.verify("```python\ndef truncate_number(number):\n    return number // 1.0\n```", example) == 0.0
 

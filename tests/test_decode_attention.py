@@ -1,17 +1,11 @@
 """The split-KV decode attention kernel (run by Triton's CPU interpreter) against a plain softmax attention
 computed here, on views of the engine's cache layout with mixed live lengths per row."""
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 
 from ponder.rollout import decode_attention as da
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def by_hand(q, k, v, pos, scale):
@@ -74,12 +68,10 @@ def test_plan_splits_only_when_rows_leave_multiprocessors_idle():
 CASES = [(7, 64, 1, 128), (7, 64, 3, 32), (1, 64, 2, 64), (3, 24, 2, 128)]  # (group, head dim, splits, tile)
 
 
-def test_triton_kernel_matches_attention_by_hand(tmp_path):
+def test_triton_kernel_matches_attention_by_hand(tmp_path, triton_interpreter):
     """Triton's interpreter must be switched on before Triton is imported: the kernel runs in a child process."""
-    pytest.importorskip("triton")
     out = tmp_path / "out.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=120)
+    done = triton_interpreter([__file__, str(out)], timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(out)
     for (group, dim, splits, _), got in zip(CASES, results):

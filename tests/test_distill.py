@@ -14,7 +14,6 @@ WRONG = "<think> guess </think> <answer> 1000 </answer>"
 def teacher_engine():
     """A scripted teacher: for each prompt, one right answer and one wrong one. Counts its calls."""
     from ponder.rollout import Completion, RolloutEngine, register
-    from ponder.tasks import get_task
 
     calls = {"n": 0}
 
@@ -133,7 +132,7 @@ def test_no_accepted_trace_is_a_clear_error(tmp_path, teacher_engine, capsys):
 def test_distill_command_line(tmp_path, teacher_engine, capsys):
     from ponder.cli import main
 
-    cfg = make_cfg(tmp_path, "tiny-random")
+    make_cfg(tmp_path, "tiny-random")  # writes the recipe d.yaml
     recipe = tmp_path / "d.yaml"
     assert main(["distill", str(recipe), "--stage", "sample"]) == 0
     assert (tmp_path / "d" / "stages" / "sample.done").is_file()

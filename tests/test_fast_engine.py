@@ -304,23 +304,15 @@ def rope_case():
     return q, k, v, cos, sin, torch.tensor([0, 39, 17]), torch.zeros((2, 2, 5, 2, 40, 24))
 
 
-def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path):
+def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path, triton_interpreter):
     """The Triton sampler and rotary + cache write (CUDA's defaults when they pass their trials), run by
     Triton's interpreter in a child process (the interpreter must be on before Triton is imported)."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from ponder.rollout.fast_kernels import gumbel_pick, rope_kv
 
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
     logits, keys = sampler_case()
     inp, out = tmp_path / "in.pt", tmp_path / "out.pt"
     torch.save(dict(logits=logits, keys=keys, rope=rope_case()), inp)
-    done = subprocess.run([sys.executable, "-c", TRITON_CHILD, str(inp), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    done = triton_interpreter(["-c", TRITON_CHILD, str(inp), str(out)], timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     got = torch.load(out)
     for (tok, lp), t in zip(got["picks"], (1.0, 1 / 0.7)):

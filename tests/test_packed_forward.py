@@ -1,10 +1,6 @@
 """The packed training pass (ponder.rl.packed) and the fused head (ponder.rl.fused_head) against the
 Hugging Face forward through full logits: values, entropies and gradients. CPU, float32, small random models."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -228,14 +224,9 @@ print("ok")
 """
 
 
-def test_triton_head_kernels_match_the_torch_math(tmp_path):
+def test_triton_head_kernels_match_the_torch_math(triton_interpreter):
     """The Triton passes under Triton's CPU interpreter (skipped where Triton is absent, as in CI)."""
-    pytest.importorskip("triton")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
-    script = tmp_path / "check.py"
-    script.write_text(TRITON_CHECK)
-    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    r = triton_interpreter(["-c", TRITON_CHECK])
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
@@ -296,12 +287,7 @@ print("ok")
 """
 
 
-def test_triton_swiglu_matches_the_torch_math(tmp_path):
+def test_triton_swiglu_matches_the_torch_math(triton_interpreter):
     """Forward and both gradients under Triton's CPU interpreter (skipped where Triton is absent, as in CI)."""
-    pytest.importorskip("triton")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
-    script = tmp_path / "check.py"
-    script.write_text(SWIGLU_CHECK)
-    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    r = triton_interpreter(["-c", SWIGLU_CHECK])
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -1,7 +1,6 @@
 """`ponder pretrain`: the corpus as tokens, a short CPU run that learns, a loadable model, the shipped tiny-base."""
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np

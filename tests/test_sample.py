@@ -5,7 +5,6 @@ import json
 import pytest
 
 from ponder.config import TaskSpec
-from ponder.errors import UserError
 from ponder.filters import Candidate, FilterConfig, first_failure, jaccard, max_ngram_count, select, shingles
 
 GOOD = "<think> 23 + 45 = 68. 68 - 17 = 51. So the result is 51. </think> <answer> 51 </answer>"
