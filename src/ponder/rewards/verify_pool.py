@@ -233,7 +233,6 @@ WORKER_MEMORY = 2 << 30  # address-space limit of a worker: a runaway sympy comp
 
 def configure(workers: int | None = None, timeout: float | None = None) -> None:
     """Set the number of workers and the per-item limit (seconds); takes effect on the next start."""
-    global _POOL
     if workers is not None:
         _SETTINGS["workers"] = int(workers)
     if timeout is not None:
