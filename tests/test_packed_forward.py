@@ -1,7 +1,6 @@
 """The packed training pass (ponder.rl.packed) and the fused head (ponder.rl.fused_head) against the
 Hugging Face forward through full logits: values, entropies and gradients. CPU, float32, small random models."""
 
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
