@@ -6,8 +6,6 @@ packed pass ([tokens, intermediate] each), so these passes are bound by memory t
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 try:
@@ -15,6 +13,8 @@ try:
     import triton.language as tl
 except ImportError:
     triton = None
+
+from ponder.rollout.fast_kernels import trial
 
 BLOCK = 4096
 
@@ -87,11 +87,6 @@ def swiglu_fn(device: torch.device):
     if device.type != "cuda" or triton is None:
         return None
     if "fn" not in _chosen:
-        try:
-            ok = _agrees(device)
-        except Exception:  # noqa: BLE001  (any compiler or launch failure: the compiled torch piece stays)
-            ok = False
-        if not ok:
-            print("ponder: packed forward: the Triton SwiGLU failed its trial; using the compiled one", file=sys.stderr)
+        ok = trial(lambda: _agrees(device), "the Triton SwiGLU failed its trial; using the compiled one", "packed forward")
         _chosen["fn"] = triton_swiglu if ok else None
     return _chosen["fn"]

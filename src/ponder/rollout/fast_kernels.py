@@ -284,7 +284,7 @@ def compile_each(funcs: dict, trials: dict, who: str, backward: bool = False) ->
     return out
 
 
-def _trial(check, notice: str) -> bool:
+def trial(check, notice: str, who: str = "fast engine") -> bool:
     """Whether `check()` (a Triton piece run beside its torch twin) runs and agrees; one notice if not."""
     if triton is None:
         return False
@@ -293,7 +293,7 @@ def _trial(check, notice: str) -> bool:
             return True
     except Exception:  # noqa: BLE001  (any compiler or launch failure: the torch piece stays)
         pass
-    print(f"ponder: fast engine: {notice}", file=sys.stderr)
+    print(f"ponder: {who}: {notice}", file=sys.stderr)
     return False
 
 
@@ -314,7 +314,7 @@ def _rope_store_trial(device) -> bool:
         return (torch.allclose(qo.float(), qr.float(), atol=2e-2, rtol=2e-2)
                 and torch.allclose(mine.float(), ref.float(), atol=2e-2, rtol=2e-2))
 
-    return _trial(check, "the Triton rotary + cache write failed its trial; using the compiled rotary")
+    return trial(check, "the Triton rotary + cache write failed its trial; using the compiled rotary")
 
 
 def _gumbel_trial(device) -> bool:
@@ -328,4 +328,4 @@ def _gumbel_trial(device) -> bool:
         ref_tok, ref_lp = gumbel_pick(logits, keys, 1.3)
         return torch.equal(tok, ref_tok) and torch.allclose(lp, ref_lp, atol=1e-3, rtol=1e-3)
 
-    return _trial(check, "the Triton sampler failed its trial; sampling runs compiled")
+    return trial(check, "the Triton sampler failed its trial; sampling runs compiled")
