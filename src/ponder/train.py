@@ -63,7 +63,9 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None):
             trainer.metrics.log(trainer.step_no, _flatten(after))
             _print_before_after(before, after)
         if main:
-            _write_report(trainer)
+            from ponder.report import write_report
+
+            console.print(f"report: {write_report(trainer.run_dir)}")
     trainer.metrics.close()
     return trainer
 
@@ -131,12 +133,3 @@ def _fig(result: dict, key: str) -> str:
     m = result.get("metrics", result) if isinstance(result, dict) else {}
     v = m.get(key)
     return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-
-
-def _write_report(trainer) -> None:
-    try:
-        from ponder.report import write_report
-    except ImportError:
-        return
-    path = write_report(trainer.run_dir)
-    console.print(f"report: {path}")
