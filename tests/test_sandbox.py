@@ -93,6 +93,16 @@ def test_broken_tests_are_not_the_programs_fault(sandbox):
     assert r.status == "bad_tests" and r.detail == "the tests hold no assert that calls the program"
 
 
+def test_a_program_stopped_by_its_cpu_time_limit_timed_out():
+    """The CPU-time limit (SIGXCPU) and the clock reach the deadline together; either way the verdict is
+    a timeout, not a failure (here the program sends itself the signal that limit sends)."""
+    sb = Sandbox(Limits(timeout=5.0), workers=1)
+    prog = "import os, signal\ndef f(x):\n    if x == 0:\n        os.kill(os.getpid(), signal.SIGXCPU)\n    return x\n"
+    r = sb.run(prog, ["assert f(1) == 1", "assert f(0) == 0", "assert f(2) == 2"])
+    assert r.status == "timeout" and [t.passed for t in r.tests] == [True, False, False]
+    assert r.tests[1].error == "timeout" and r.tests[2].error == "not run"
+
+
 def test_timeout_keeps_the_tests_already_passed():
     sb = Sandbox(Limits(timeout=1.0), workers=1)
     r = sb.run("def f(x):\n    while x == 0:\n        pass\n    return x\n", ["assert f(1) == 1", "assert f(0) == 0", "assert f(2) == 2"])

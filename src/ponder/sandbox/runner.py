@@ -22,6 +22,7 @@ are not needed: interpreter start-up is most of the cost of a run.
 import marshal
 import os
 import select
+import signal
 import sys
 import time
 
@@ -214,6 +215,15 @@ class ProgramError(Exception):
     """An exception of a type the grader does not know, raised by the program."""
 
 
+def describe_exit(status: int | None) -> str:
+    if status is None:
+        return "the program exited"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"the program was killed by signal {sig}" + (" (SIGSEGV)" if sig == 11 else "")
+    return f"the program exited with status {os.WEXITSTATUS(status)}"
+
+
 class Link:
     """The grader's end of the pipes to the program process."""
 
@@ -237,13 +247,18 @@ class Link:
             self.fail(f"the program sent a malformed reply ({str(e)[:100]})")
 
     def fail(self, why):
-        """Stop the program for good and remember why; raises ProgramGone unless it timed out."""
+        """Stop the program for good and remember why; raises ProgramGone unless it timed out. A program
+        stopped by its CPU-time limit (SIGXCPU) timed out too, and Timeout is raised: that limit and the
+        clock reach the deadline together, and which one the grader sees first is a race."""
         try:
             os.kill(self.pid, 9)
         except ProcessLookupError:
             pass
-        status = self.exit_status()
-        self.gone = why or status
+        status = self.wait()
+        if why is None and status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU:
+            self.gone = "timeout"
+            raise Timeout
+        self.gone = why or describe_exit(status)
         if why != "timeout":
             raise ProgramGone(self.gone)
 
@@ -268,15 +283,12 @@ class Link:
             raise exc(message)  # tests may expect e.g. ValueError from the program
         raise ProgramError(f"{kind}: {message}")
 
-    def exit_status(self):
+    def wait(self) -> int | None:
+        """The program's wait status; None if it was reaped already."""
         try:
-            _, status = os.waitpid(self.pid, 0)
+            return os.waitpid(self.pid, 0)[1]
         except ChildProcessError:
-            return "the program exited"
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            return f"the program was killed by signal {sig}" + (" (SIGSEGV)" if sig == 11 else "")
-        return f"the program exited with status {os.WEXITSTATUS(status)}"
+            return None
 
     def close(self):
         if self.gone is None:
