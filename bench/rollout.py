@@ -81,9 +81,9 @@ def check(shape: str) -> dict:
         logits = m(input_ids=x).logits[0, len(p) - 1 : -1].float()
         return logits.log_softmax(-1).gather(-1, torch.tensor(ids, device=DEVICE)[:, None]).squeeze(-1)
 
-    def teacher_forced(tag):
+    def teacher_forced(tag, temperature=0.0):
         ref32 = copy.deepcopy(model).float()
-        outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=48, logprobs=True))
+        outs = eng.generate(prompts, SamplingParams(temperature=temperature, max_tokens=48, logprobs=True, seed=0))
         mine, hf = [], []
         for p, (c,) in zip(prompts, outs):
             r = lp_of(ref32, p, c.token_ids)
@@ -96,6 +96,8 @@ def check(shape: str) -> dict:
         return outs
 
     outs = teacher_forced("teacher_forced_logprobs")
+    # sampled at temperature 1: the log-probs the sampler reports (fused with the head on CUDA)
+    teacher_forced("sampled_logprobs", 1.0)
     # greedy agreement with transformers' generate (bf16 kernels differ, so near-ties may flip)
     width = max(lens)
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -123,7 +125,7 @@ def check(shape: str) -> dict:
             p.mul_(1.05)
     teacher_forced("after_inplace_update")
     ok = all(res[k]["fast_vs_fp32_mean"] <= 1.5 * res[k]["hf_bf16_vs_fp32_mean"] + 1e-3
-             for k in ("teacher_forced_logprobs", "after_inplace_update"))
+             for k in ("teacher_forced_logprobs", "sampled_logprobs", "after_inplace_update"))
     ok &= res["prefill_logits_rel_err"]["fast"] <= 1.5 * res["prefill_logits_rel_err"]["hf_bf16"] + 1e-3
     res["pass"] = ok
     del eng, model
