@@ -99,7 +99,8 @@ def profile_train(model, opt, engine, prompts, a, logprobs, budget, path):
         now()
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=45))
-    print(f"profile written: {path}", flush=True)
+    prof.export_chrome_trace(path.removesuffix(".txt") + ".trace.json")  # the timeline: where the GPU waits
+    print(f"profile written: {path} and its .trace.json", flush=True)
 
 
 def main():
@@ -115,7 +116,7 @@ def main():
     ap.add_argument("--token-budget", type=int, nargs="+", default=[16384])
     ap.add_argument("--engine", default="fast", choices=["fast", "hf"], help="hf: transformers' generate (slow: use --steps 1)")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (model.gradient_checkpointing)")
-    ap.add_argument("--profile", help="write the kernel table of one timed train pass to this file")
+    ap.add_argument("--profile", help="write the kernel table (and a Chrome trace beside it) of one train pass to this file")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--json")
     a = ap.parse_args()

@@ -290,3 +290,23 @@ def test_triton_swiglu_matches_the_torch_math(triton_interpreter):
     """Forward and both gradients under Triton's CPU interpreter (skipped where Triton is absent, as in CI)."""
     r = triton_interpreter(["-c", SWIGLU_CHECK])
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+ROPE_CHECK = """
+import torch
+from ponder.rl.fused_rope import _agrees, rope_qk
+from ponder.rollout.fast_kernels import rope
+assert _agrees(torch.device("cpu"))  # bf16, q a strided view, halves of cos/sin that differ
+g = torch.Generator().manual_seed(1)
+q, k = torch.randn(21, 3, 10, generator=g), torch.randn(21, 1, 10, generator=g)
+ang = torch.rand(21, 1, 10, generator=g) * 6
+got = rope_qk(q, k, ang.cos(), ang.sin())
+assert all(torch.allclose(a, rope(x, ang.cos(), ang.sin()), atol=1e-6) for a, x in zip(got, (q, k)))
+print("ok")
+"""
+
+
+def test_triton_rotary_matches_the_torch_math(triton_interpreter):
+    """Values and the gradient under Triton's CPU interpreter (skipped where Triton is absent, as in CI)."""
+    r = triton_interpreter(["-c", ROPE_CHECK])
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -8,8 +8,8 @@ projections and MLPs run on the stream. Attention gives a completion its prompt'
 - "varlen": torch's variable-length flash attention over the segments (CUDA; chosen after a trial);
 - "padded": the segments padded and masked for scaled_dot_product_attention (anywhere; the reference).
 Modules are the model's own, called as they are, so LoRA layers and in-place updates are seen. On CUDA
-the norms and rotary are compiled with their backward; SwiGLU is ponder.rl.fused_swiglu (Triton, after a
-trial) and the head is ponder.rl.fused_head.
+the norms are compiled with their backward; SwiGLU (ponder.rl.fused_swiglu) and rotary (ponder.rl.fused_rope)
+are Triton kernels, each after a trial; the head is ponder.rl.fused_head.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ponder.rl.batching import Sample, to_device
 from ponder.rl.fused_head import head_logprobs as fused_head_logprobs
+from ponder.rl.fused_rope import rope_qk_fn
 from ponder.rl.fused_swiglu import swiglu_fn
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
 from ponder.rollout.fast_kernels import add_rms, compile_each, rms, rope, swiglu
@@ -150,30 +151,39 @@ def padded_attention(q, k, v, pk: Packed, scale: float):
     return o.transpose(1, 2)[q_seg, q_off]
 
 
-def _varlen_fn():
-    """torch's variable-length flash attention, adapted to one calling convention, or None."""
+def _varlen_fns() -> list:
+    """torch's variable-length flash attention, adapted to one calling convention: the ways to run it with
+    fewer K/V heads than query heads, best first (the kernel shares them; else K/V are repeated per head,
+    which costs copies of the gathered keys and values and their gradients' sums). [] if it is missing."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
+        return []
     params = inspect.signature(varlen_attn).parameters
     if "window_size" in params:  # (-1, 0): causal, no window
         causal = dict(window_size=(-1, 0))
     elif "is_causal" in params:
         causal = dict(is_causal=True)
     else:
-        return None
+        return []
     if "scale" not in params:
-        return None
-    gqa = "enable_gqa" in params
+        return []
+    flag = "enable_gqa" in params
 
-    def attend(q, k, v, pk: Packed, scale: float):
-        if k.shape[1] != q.shape[1] and not gqa:
-            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
-        extra = dict(enable_gqa=True) if gqa and k.shape[1] != q.shape[1] else {}
-        return varlen_attn(q, k, v, pk.cu_q, pk.cu_k, pk.max_q, pk.max_k, scale=scale, **causal, **extra)
+    def make(repeat: bool):
+        def attend(q, k, v, pk: Packed, scale: float):
+            extra = {}
+            if k.shape[1] != q.shape[1]:
+                if repeat:
+                    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+                elif flag:
+                    extra = dict(enable_gqa=True)
+            return varlen_attn(q, k, v, pk.cu_q, pk.cu_k, pk.max_q, pk.max_k, scale=scale, **causal, **extra)
 
-    return attend
+        return attend
+
+    # without the flag (torch before 2.12) the flash kernel may still take fewer K/V heads: the trial decides
+    return [make(False), make(True)]
 
 
 _chosen: dict = {}
@@ -184,17 +194,18 @@ def attention_for(device: torch.device):
     if device.type != "cuda":
         return padded_attention
     if "attend" not in _chosen:
-        fn = _varlen_fn()
-        ok = False
-        if fn is not None:
+        chosen = None
+        for fn in _varlen_fns():
             try:
-                ok = _agrees(fn, padded_attention, device)
-            except Exception:  # noqa: BLE001  (any kernel or launch failure: the reference stays)
-                ok = False
-        if not ok:
+                if _agrees(fn, padded_attention, device):
+                    chosen = fn
+                    break
+            except Exception:  # noqa: BLE001  (any kernel or launch failure: the next way, then the reference)
+                pass
+        if chosen is None:
             print("ponder: packed forward: variable-length flash attention is missing or failed its trial; "
                   "using padded attention", file=sys.stderr)
-        _chosen["attend"] = fn if ok else padded_attention
+        _chosen["attend"] = chosen or padded_attention
     return _chosen["attend"]
 
 
@@ -232,13 +243,12 @@ def pieces(device: torch.device) -> dict:
         h = x.view(64, 4, 64)
         cs = torch.randn(64, 1, 64, device=device, dtype=torch.bfloat16)
         trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope_qk=(h, h, cs, cs), swiglu=(x, x))
-        # SwiGLU's hand-written passes where they run (H200, [45,000 x 4,864] bf16: forward 0.41 ms, backward
-        # 1.13 ms, against 0.65 and 1.23 ms compiled); the rest compiled
-        fast_swiglu = swiglu_fn(device)
-        todo = {k: f for k, f in EAGER.items() if not (k == "swiglu" and fast_swiglu is not None)}
-        _chosen["pieces"] = compile_each(todo, trial, "packed forward", backward=True)
-        if fast_swiglu is not None:
-            _chosen["pieces"]["swiglu"] = fast_swiglu
+        # hand-written passes where they run (H200, per layer of a 45,000-token micro-batch): SwiGLU forward
+        # 0.41 ms and backward 1.13 ms against 0.65 and 1.23 ms compiled; rotary, see fused_rope
+        hand = {"swiglu": swiglu_fn(device), "rope_qk": rope_qk_fn(device)}
+        hand = {k: f for k, f in hand.items() if f is not None}
+        _chosen["pieces"] = compile_each({k: f for k, f in EAGER.items() if k not in hand}, trial, "packed forward",
+                                         backward=True) | hand
     return _chosen["pieces"]
 
 

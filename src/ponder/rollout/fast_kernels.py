@@ -96,6 +96,24 @@ def gumbel_pick(logits, keys, inv_temperature):
     return tok, lp
 
 
+def cdf_pick(logits, keys, inv_temperature):
+    """Sample from softmax(logits * inv_temperature) by inverting its CDF at one uniform per row (a hash of
+    the row key). One exp per logit, where Gumbel-max spends a hashed uniform and two logs: on CUDA that
+    made the sampler bound by arithmetic. This is the reference of triton_cdf_pick, which sums in another
+    order, so a draw within float rounding of the boundary between two tokens may fall on either.
+    24-bit uniforms: a token less likely than 2**-24 may be skipped. Returns the tokens and their log-probs."""
+    x = logits.float() * inv_temperature
+    m = x.max(-1, keepdim=True).values
+    p = (x - m).exp()
+    cum = p.cumsum(-1)
+    z = cum[:, -1]
+    u = (shr(hash32(keys), 8).float() + 0.5) * (1.0 / 16777216)
+    ids = torch.arange(x.shape[-1], device=x.device)
+    last = torch.where(p > 0, ids, 0).max(-1).values  # u * z rounded up to z must not pick a zero-mass tail
+    tok = torch.minimum((cum <= (u * z)[:, None]).sum(-1), last)
+    return tok, x.gather(-1, tok[:, None]).squeeze(-1) - m.squeeze(-1) - z.log()
+
+
 def greedy_pick(logits, keys, inv_temperature):
     x = logits.float()
     tok = x.argmax(-1)
@@ -114,15 +132,10 @@ if triton is not None:
         return x ^ ((x >> 16) & 0xFFFF)
 
     @triton.jit
-    def _gumbel_part(logits_ptr, keys_ptr, score_ptr, tok_ptr, max_ptr, sum_ptr, vocab, stride, chunk, inv_t,
-                     SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-        """One (row, vocabulary chunk): the best Gumbel-perturbed score and its token, and the chunk's
-        (max, sum of exp) of the scaled logits for the log-sum-exp."""
+    def _lse_part(logits_ptr, max_ptr, sum_ptr, vocab, stride, chunk, inv_t, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """One (row, vocabulary chunk): (max, sum of exp) of the scaled logits."""
         row = tl.program_id(0)
         part = tl.program_id(1)
-        key = tl.load(keys_ptr + row)
-        best = tl.full((), float("-inf"), tl.float32)
-        best_tok = tl.full((), 0, tl.int32)
         m = tl.full((), float("-inf"), tl.float32)
         total = tl.full((), 0.0, tl.float32)
         lo = part * chunk
@@ -130,41 +143,51 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         for start in range(lo, hi, BLOCK):
             tok = start + offs
-            ok = tok < hi
-            x = tl.load(logits_ptr + row.to(tl.int64) * stride + tok, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
-            bits = _hash32(_hash32(key + tok) ^ key)
-            u = (((bits >> 8) & 0xFFFFFF).to(tl.float32) + 0.5) * (1.0 / 16777216)
-            g = tl.where(ok, x - tl.log(-tl.log(u)), float("-inf"))
-            b_best, b_tok = tl.max(g, 0, return_indices=True)
-            best_tok = tl.where(b_best > best, start + b_tok, best_tok)
-            best = tl.maximum(best, b_best)
+            x = tl.load(logits_ptr + row.to(tl.int64) * stride + tok, mask=tok < hi, other=float("-inf")).to(tl.float32) * inv_t
             m_new = tl.maximum(m, tl.max(x, 0))
             total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
             m = m_new
-        at = row * SPLITS + part
-        tl.store(score_ptr + at, best)
-        tl.store(tok_ptr + at, best_tok)
-        tl.store(max_ptr + at, m)
-        tl.store(sum_ptr + at, total)
+        tl.store(max_ptr + row * SPLITS + part, m)
+        tl.store(sum_ptr + row * SPLITS + part, total)
 
     @triton.jit
-    def _gumbel_merge(logits_ptr, score_ptr, tok_ptr, max_ptr, sum_ptr, out_tok_ptr, out_lp_ptr, stride, inv_t,
-                      SPLITS: tl.constexpr, S_PAD: tl.constexpr):
-        """Per row: the chunk with the best score gives the token; chunks' sums merge into the log-sum-exp."""
+    def _cdf_pick(logits_ptr, keys_ptr, max_ptr, sum_ptr, out_tok_ptr, out_lp_ptr, vocab, stride, chunk, inv_t,
+                  SPLITS: tl.constexpr, S_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        """Per row: the chunks' sums give the normaliser and the chunk where the CDF crosses u * z; a
+        cumulative sum over that chunk alone finds the token."""
         row = tl.program_id(0)
         i = tl.arange(0, S_PAD)
         ok = i < SPLITS
-        at = row * SPLITS + i
-        score = tl.load(score_ptr + at, mask=ok, other=float("-inf"))
-        _, pick = tl.max(score, 0, return_indices=True)
-        tok = tl.load(tok_ptr + row * SPLITS + pick)
-        m = tl.load(max_ptr + at, mask=ok, other=float("-inf"))
+        m = tl.load(max_ptr + row * SPLITS + i, mask=ok, other=float("-inf"))
         mx = tl.max(m, 0)
-        total = tl.sum(tl.where(ok, tl.load(sum_ptr + at, mask=ok, other=0.0) * tl.exp(m - mx), 0.0), 0)
-        x = tl.load(logits_ptr + row.to(tl.int64) * stride + tok).to(tl.float32) * inv_t
-        tl.store(out_tok_ptr + row, tok.to(tl.int64))
-        tl.store(out_lp_ptr + row, x - mx - tl.log(total))
-
+        w = tl.where(ok, tl.load(sum_ptr + row * SPLITS + i, mask=ok, other=0.0) * tl.exp(m - mx), 0.0)
+        z = tl.sum(w, 0)
+        bits = _hash32(tl.load(keys_ptr + row))
+        target = (((bits >> 8) & 0xFFFFFF).to(tl.float32) + 0.5) * (1.0 / 16777216) * z
+        cum = tl.cumsum(w, 0)
+        last_part = tl.max(tl.where(w > 0, i, 0), 0)  # a target rounded up to z stays in a chunk with mass
+        part = tl.minimum(tl.sum(((cum <= target) & ok).to(tl.int32), 0), last_part)
+        rest = target - tl.sum(tl.where(i < part, w, 0.0), 0)
+        lo = part * chunk
+        hi = tl.minimum(lo + chunk, vocab)
+        offs = tl.arange(0, BLOCK)
+        found = tl.full((), -1, tl.int32)
+        last = lo
+        acc = tl.full((), 0.0, tl.float32)
+        for start in range(lo, hi, BLOCK):
+            tok = start + offs
+            inside = tok < hi
+            x = tl.load(logits_ptr + row.to(tl.int64) * stride + tok, mask=inside, other=float("-inf")).to(tl.float32) * inv_t
+            p = tl.exp(x - mx)
+            c = tl.cumsum(p, 0) + acc
+            below = tl.sum(((c <= rest) & inside).to(tl.int32), 0)  # c rises: those below form a prefix
+            found = tl.where((found < 0) & (below < tl.sum(inside.to(tl.int32), 0)), start + below, found)
+            last = tl.maximum(last, tl.max(tl.where(p > 0, tok, -1), 0))
+            acc += tl.sum(p, 0)
+        pick = tl.where(found < 0, last, found)
+        x = tl.load(logits_ptr + row.to(tl.int64) * stride + pick).to(tl.float32) * inv_t
+        tl.store(out_tok_ptr + row, pick.to(tl.int64))
+        tl.store(out_lp_ptr + row, x - mx - tl.log(z))
 
     @triton.jit
     def _rope_store(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, c_ptr,
@@ -220,35 +243,35 @@ def triton_rope_store(q, k, v, cos, sin, pos, cache):
     return out
 
 
-def triton_gumbel_pick(logits, keys, inv_temperature, splits: int = 32, block: int = 2048, num_warps: int = 4):
-    """gumbel_pick in two small kernels: chunks of the vocabulary per row in parallel (a row alone is too
-    little work for the GPU), then one merge per row. Same noise bits as gumbel_pick. H200, 256 x 151,936
-    bf16 logits: 0.144 ms (compiled gumbel_pick: 0.23 ms with int32 hashing, 0.31 ms with int64)."""
+def triton_cdf_pick(logits, keys, inv_temperature, splits: int = 32, block: int = 2048, num_warps: int = 4):
+    """cdf_pick in two small kernels: (max, sum of exp) for chunks of the vocabulary per row in parallel (a
+    row alone is too little work for the GPU), then one program per row that inverts the CDF. H200, 256 x
+    151,936 bf16 logits: see bench/README.md (the Gumbel-max sampler it replaced took 0.144 ms)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     rows, vocab = logits.shape
     chunk = -(-(-(-vocab // splits)) // block) * block
     splits = -(-vocab // chunk)
     f32 = dict(dtype=torch.float32, device=logits.device)
-    score, m, total = (torch.empty((rows, splits), **f32) for _ in range(3))
-    tok = torch.empty((rows, splits), dtype=torch.int32, device=logits.device)
-    _gumbel_part[(rows, splits)](logits, keys, score, tok, m, total, vocab, logits.stride(0), chunk,
-                                 float(inv_temperature), SPLITS=splits, BLOCK=block, num_warps=num_warps)
+    m, total = (torch.empty((rows, splits), **f32) for _ in range(2))
+    _lse_part[(rows, splits)](logits, m, total, vocab, logits.stride(0), chunk, float(inv_temperature),
+                              SPLITS=splits, BLOCK=block, num_warps=num_warps)
     tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
     lp = torch.empty(rows, **f32)
-    _gumbel_merge[(rows,)](logits, score, tok, m, total, tokens, lp, logits.stride(0), float(inv_temperature),
-                           SPLITS=splits, S_PAD=max(2, 1 << (splits - 1).bit_length()), num_warps=1)
+    _cdf_pick[(rows,)](logits, keys, m, total, tokens, lp, vocab, logits.stride(0), chunk, float(inv_temperature),
+                       SPLITS=splits, S_PAD=max(2, 1 << (splits - 1).bit_length()), BLOCK=block, num_warps=num_warps)
     return tokens, lp
 
 
-EAGER = dict(rms=rms, add_rms=add_rms, rope_kv=rope_kv, swiglu=swiglu, gumbel_pick=gumbel_pick, greedy_pick=greedy_pick)
+EAGER = dict(rms=rms, add_rms=add_rms, rope_kv=rope_kv, swiglu=swiglu, pick=gumbel_pick, greedy_pick=greedy_pick)
 _compiled: dict | None = None
 
 
 def kernels(device: torch.device) -> dict:
     """The functions above, compiled when on CUDA and the compiler handles them here; eager otherwise.
     On CUDA also 'rope_store' (triton_rope_store, or None without a working Triton) and, when it passes its
-    trial, triton_gumbel_pick as 'gumbel_pick'."""
+    trial, triton_cdf_pick as 'pick' (on the CPU 'pick' stays the Gumbel-max draw, which the documented
+    CPU runs were made with)."""
     global _compiled
     if device.type != "cuda":
         return EAGER
@@ -258,10 +281,10 @@ def kernels(device: torch.device) -> dict:
         keys = row_keys(torch.tensor(1, device=device), torch.tensor(2, device=device), torch.arange(4, device=device))
         h = x.view(4, 64, 64)
         trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope_kv=(h, h, h, h[:, :1], h[:, :1]), swiglu=(x, x),
-                     gumbel_pick=(x, keys, 1.0), greedy_pick=(x, keys, 1.0))
+                     pick=(x, keys, 1.0), greedy_pick=(x, keys, 1.0))
         _compiled = compile_each(EAGER, trial, "fast engine")
-        if _gumbel_trial(device):
-            _compiled["gumbel_pick"] = triton_gumbel_pick
+        if _cdf_trial(device):
+            _compiled["pick"] = triton_cdf_pick
         _compiled["rope_store"] = triton_rope_store if _rope_store_trial(device) else None
     return _compiled
 
@@ -317,15 +340,26 @@ def _rope_store_trial(device) -> bool:
     return trial(check, "the Triton rotary + cache write failed its trial; using the compiled rotary")
 
 
-def _gumbel_trial(device) -> bool:
-    """Whether the Triton sampler runs here and draws what gumbel_pick draws."""
+def cdf_agrees(logits, keys, inv_temperature, tok, lp, tol: float = 1e-5) -> bool:
+    """Whether each token is where the CDF of softmax(logits * inv_temperature), in float64, crosses the
+    row's uniform (within tol), has mass, and comes with its log-probability."""
+    x = logits.double() * inv_temperature
+    p = x.softmax(-1)
+    hi = p.cumsum(-1).gather(-1, tok[:, None]).squeeze(-1)
+    mass = p.gather(-1, tok[:, None]).squeeze(-1)
+    u = (shr(hash32(keys), 8).double() + 0.5) / 16777216
+    return bool(((hi - mass - tol <= u) & (u <= hi + tol) & (mass > 0)).all()) and torch.allclose(
+        lp.double(), mass.log(), atol=1e-3, rtol=1e-3)
+
+
+def _cdf_trial(device) -> bool:
+    """Whether the Triton sampler runs here and inverts the CDF where it should."""
 
     def check():
         g = torch.Generator(device=device).manual_seed(0)
         logits = torch.randn((8, 50000), generator=g, device=device, dtype=torch.bfloat16) * 4
         keys = row_keys(torch.tensor(5, device=device), torch.tensor(1, device=device), torch.arange(8, device=device))
-        tok, lp = triton_gumbel_pick(logits, keys, 1.3)
-        ref_tok, ref_lp = gumbel_pick(logits, keys, 1.3)
-        return torch.equal(tok, ref_tok) and torch.allclose(lp, ref_lp, atol=1e-3, rtol=1e-3)
+        tok, lp = triton_cdf_pick(logits, keys, 1.3)
+        return cdf_agrees(logits, keys, 1.3, tok, lp)
 
-    return trial(check, "the Triton sampler failed its trial; sampling runs compiled")
+    return trial(check, "the Triton sampler failed its trial; sampling runs compiled (Gumbel-max)")

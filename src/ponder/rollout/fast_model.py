@@ -15,14 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from ponder.rollout import decode_attention as attention_kernel
-from ponder.rollout.decode_products import products, usable
 from ponder.rollout.fast_kernels import EAGER, kernels, row_keys
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 EOS_SLOTS = 8  # end-of-sequence ids the captured step checks
-DECODE_ROWS = 512  # up to this many rows a product runs as a decode step's (fused kernels, decode_products)
 
 
 @dataclass
@@ -72,7 +70,6 @@ class Forward:
         self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
         self.autocast = autocast  # float32 weights, bfloat16 compute (weights cast per use, never stored)
         self.k = kernels(torch.device(device)) if fused else EAGER
-        self.products = products(torch.device(device)) if fused else {}  # head + sampler, gate|up + SwiGLU
         if attention == "triton" and torch.device(device).type == "cuda" and not attention_kernel.available(device):
             self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
         mlp = arch.backbone.layers[0].mlp
@@ -128,11 +125,7 @@ class Forward:
     def _mlp(self, li: int, h):
         mlp = self.a.backbone.layers[li].mlp
         if self.gate_up[li] is not None:
-            w, b = self.gate_up[li]
-            # the fused product is tuned for decode batches; prefill's thousands of rows stay with cuBLAS
-            if "gate_up_silu" in self.products and b is None and h.shape[0] <= DECODE_ROWS and usable(h, w):
-                return mlp.down_proj(self.products["gate_up_silu"](h, w))
-            return mlp.down_proj(self.k["swiglu"](*F.linear(h, w, b).chunk(2, -1)))
+            return mlp.down_proj(self.k["swiglu"](*F.linear(h, *self.gate_up[li]).chunk(2, -1)))
         if self.silu:
             return mlp.down_proj(self.k["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
         return mlp(h)
@@ -151,21 +144,15 @@ class Forward:
 
     def decode(self, batch: int, length: int) -> torch.Tensor:
         with self._precision():
-            return self.a.head(self._decode(batch, length))
+            return self._decode(batch, length)
 
     def step(self, batch: int, length: int, temperature: float | None):
         """Decode, then (unless temperature is None: return the logits) sample and record the tokens."""
+        logits = self.decode(batch, length)
         if temperature is None:
-            return self.decode(batch, length)
+            return logits
         keys = row_keys(self.seed, self.step_no, self.row_seq[:batch])
-        with self._precision():
-            h = self._decode(batch, length)
-            head = self.a.head
-            if temperature > 0 and "head_sample" in self.products and type(head) is torch.nn.Linear \
-                    and head.bias is None and usable(h, head.weight):  # the logits never leave the chip
-                tok, lp = self.products["head_sample"](h, head.weight, keys, 1.0 / temperature)
-            else:
-                tok, lp = sample(head(h), temperature, 0, 1.0, keys, True, self.k)
+        tok, lp = sample(logits, temperature, 0, 1.0, keys, True, self.k)
         self.record(batch, tok, lp)
         return None
 
@@ -220,8 +207,7 @@ class Forward:
         return a.head(h[lens.cumsum(0) - 1])
 
     def _decode(self, batch: int, length: int) -> torch.Tensor:
-        """One step for rows [0, batch): feed self.tokens at self.pos, attend to slots [0, length); the final
-        norm's output [batch, dim] (the head is applied by the caller)."""
+        """One step for rows [0, batch): feed self.tokens at self.pos, attend to slots [0, length); logits [batch, V]."""
         a, K = self.a, self.k
         tok, pos, idx = self.tokens[:batch], self.pos[:batch], self.rows_idx[:batch]
         store = K.get("rope_store")  # one kernel: rotary and the cache write (CUDA, Triton)
@@ -257,7 +243,7 @@ class Forward:
                 o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
             x, h = K["add_rms"](x, layer.self_attn.o_proj(o.reshape(batch, -1)), *norm_args(layer.post_attention_layernorm))
             x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li))
-        return h
+        return a.head(h)
 
     def compact(self, keep: torch.Tensor, length: int):
         """Move rows `keep` to the front (cache up to `length` and the per-row state)."""

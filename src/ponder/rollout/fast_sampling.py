@@ -32,7 +32,7 @@ def sample(logits, temperature, top_k, top_p, keys, want_logprobs: bool, kernels
     if temperature == 0:
         tokens, logprobs = kernels["greedy_pick"](logits, keys, 1.0)
     elif not 0 < top_k < logits.shape[-1] and top_p >= 1.0:  # plain sampling: one fused pass
-        tokens, logprobs = kernels["gumbel_pick"](logits, keys, 1.0 / temperature)
+        tokens, logprobs = kernels["pick"](logits, keys, 1.0 / temperature)
     else:
-        tokens, logprobs = EAGER["gumbel_pick"](process_logits(logits, temperature, top_k, top_p), keys, 1.0)
+        tokens, logprobs = EAGER["pick"](process_logits(logits, temperature, top_k, top_p), keys, 1.0)
     return tokens, (logprobs if want_logprobs else None)
