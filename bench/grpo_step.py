@@ -121,6 +121,8 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     report = dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", workload=vars(a), results=[])
+    if CUDA:  # as the trainer does: one non-default stream for everything, which the fast engine captures on
+        torch.cuda.set_stream(torch.cuda.Stream())
     tok = char_tokenizer()
     for shape in a.shapes:
         model = build(shape)

@@ -72,6 +72,10 @@ class GRPOTrainer:
             raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the {self.world} processes")
         set_seed(cfg.seed)  # the same on every rank: identical initial weights
         self.device = pick_device(cfg.train.device)
+        if self.device.type == "cuda":
+            # one stream other than the default for the whole run: the fast engine captures its graphs on the
+            # current stream when it can, so rollouts and updates share one cuBLAS workspace
+            torch.cuda.set_stream(torch.cuda.Stream(self.device))
         self.bf16 = use_bf16(cfg.train.precision, self.device)
         self.state = checkpoint.load_state(last) if resume else None
 

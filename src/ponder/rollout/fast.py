@@ -140,13 +140,16 @@ class FastEngine(RolloutEngine):
             return f.step(batch, length, temperature)
         key = (batch, length, temperature)
         if key not in self.graphs:
-            # warm-up on a side stream, as capture requires; then undo what it changed. Warm-up and every
-            # capture share one stream: each stream that runs a matrix product gets its own cuBLAS workspace
-            # (32 MiB), which the graphs then keep
+            # warm-up and capture on a stream other than the default one, as capture requires; then undo what
+            # the warm-up changed. Each stream that runs a matrix product gets its own cuBLAS workspace (32 MiB),
+            # which the graphs keep: so they share the caller's stream where it is not the default one (the
+            # trainer runs on one such stream), else one side stream of their own
             saved = f.snapshot(batch)
-            if self.side_stream is None:
-                self.side_stream = torch.cuda.Stream()
-            side = self.side_stream
+            side = torch.cuda.current_stream()
+            if side == torch.cuda.default_stream():  # the default stream cannot be captured
+                if self.side_stream is None:
+                    self.side_stream = torch.cuda.Stream()
+                side = self.side_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 f.step(batch, length, temperature)
