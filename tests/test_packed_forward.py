@@ -121,34 +121,6 @@ def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
         torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5 * float(ref_grads[n].abs().max()), rtol=1e-4, msg=n)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_weights_joined_by_the_fast_engine_are_read_in_place_with_the_same_values_and_gradients(kind, monkeypatch):
-    """Once the fast engine has made q|k|v rows of one buffer, the packed pass multiplies by that buffer
-    (no stacked copy) and splits the gradients back: values and each parameter's gradient stay the HF
-    forward's (q, k and v biases included for Qwen2)."""
-    from ponder.rl import packed
-    from ponder.rollout.fused_weights import join
-
-    model = build(kind)
-    batch = samples()
-    want, _ = reference(model, batch)
-    want.sum().backward()
-    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    for layer in model.model.layers:
-        a = layer.self_attn
-        assert join([a.q_proj, a.k_proj, a.v_proj]) is not None
-    calls = []
-    apply = packed._JoinedLinear.apply
-    monkeypatch.setattr(packed._JoinedLinear, "apply", lambda *args: calls.append(1) or apply(*args))
-    got, _, _ = packed_logprobs(model, batch, "cpu")
-    assert len(calls) == len(model.model.layers)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    got.sum().backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * float(ref[n].abs().max()), rtol=1e-4, msg=n)
-
-
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     import ponder.rl.packed as packed
 

@@ -29,7 +29,6 @@ from ponder.rl.fused_swiglu import swiglu_fn
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
 from ponder.rollout.fast_kernels import add_rms, compile_each, rms, rope, swiglu
 from ponder.rollout.fast_model import describe, norm_args
-from ponder.rollout.fused_weights import joined
 
 
 def packed_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
@@ -288,40 +287,12 @@ def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = 
 
 def linears(h, mods):
     """The outputs of linear layers that read the same input (q, k, v); plain ones as one matrix product over
-    their stacked weights, wrapped ones (LoRA) each by itself. Stacking copies a few MB a layer, which the
-    product keeps for backward; where the fast engine has made the weights rows of one buffer already
-    (ponder.rollout.fused_weights), the product reads that buffer in place."""
+    their stacked weights (a copy of a few MB that autograd splits back), wrapped ones (LoRA) each by itself."""
     if not all(type(m) is torch.nn.Linear for m in mods) or len({m.bias is None for m in mods}) > 1:
         return [m(h) for m in mods]
-    sizes = [m.out_features for m in mods]
-    one = joined(mods)
-    if one is not None and one[0].dtype == h.dtype:  # (under autocast the weights are cast anyway: stack them)
-        params = [m.weight for m in mods] + ([m.bias for m in mods] if mods[0].bias is not None else [])
-        w, b = (t.detach() if t is not None else None for t in one)  # the gradients go to `params`
-        return _JoinedLinear.apply(h, w, b, *params).split(sizes, -1)
     w = torch.cat([m.weight for m in mods])
     b = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
-    return F.linear(h, w, b).split(sizes, -1)
-
-
-class _JoinedLinear(torch.autograd.Function):
-    """F.linear(h, weight, bias) where weight and bias are views over the parameters `params` (weights, then
-    biases), stacked by rows; the gradients go to those parameters, split by rows."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, *params):
-        ctx.save_for_backward(h)
-        ctx.weight, ctx.has_bias = weight, bias is not None
-        ctx.rows = [p.shape[0] for p in params[: len(params) // 2 if bias is not None else len(params)]]
-        return F.linear(h, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1])
-        grad_w = (grad.t() @ h.reshape(-1, h.shape[-1])).split(ctx.rows)
-        grad_b = grad.sum(0).split(ctx.rows) if ctx.has_bias else ()
-        return (grad @ ctx.weight).view(h.shape), None, None, *grad_w, *grad_b
+    return F.linear(h, w, b).split([m.out_features for m in mods], -1)
 
 
 def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
