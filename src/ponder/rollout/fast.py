@@ -4,7 +4,8 @@
   copied to the rows of its `n` samples.
 - Decode: one step for all rows, captured as a CUDA graph per (batch bucket, attention length bucket,
   temperature), sampling and bookkeeping included: the host only replays it. The random draw is a hash
-  of (seed, step, sequence, token), so it needs no RNG state in the graph. With top-k/top-p the graph
+  of (seed, step, sequence) (and of the token, for the Gumbel draw on CPU), so it needs no RNG state in
+  the graph. With top-k/top-p the graph
   stops at the logits and sampling follows eagerly. Every `sync_every` steps the host looks once: it
   stops when all rows are done, checks stop strings, and moves the live rows to the front when they fit
   a smaller batch bucket (finished rows are only masked until then).

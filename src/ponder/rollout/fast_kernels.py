@@ -2,9 +2,9 @@
 
 A decode step of a small model is bound by the number of kernels more than by their work: each of
 these turns five to eight element-wise kernels into one. On CUDA with Triton, two hand-written kernels
-replace compiled pieces once they pass a trial: the Gumbel sampler (the vocabulary split across programs)
-and rotary with the K/V cache write. On CPU, or if compilation fails, the same functions run eagerly
-(same math).
+replace compiled pieces once they pass a trial: the sampler (the CDF inverted at one hashed uniform a row,
+the vocabulary split across programs) and rotary with the K/V cache write. On CPU, or if compilation
+fails, the same functions run eagerly (same math), except that the CPU samples by Gumbel-max.
 """
 
 from __future__ import annotations
