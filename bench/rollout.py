@@ -96,7 +96,7 @@ def check(shape: str) -> dict:
         return outs
 
     outs = teacher_forced("teacher_forced_logprobs")
-    # sampled at temperature 1: the log-probs the sampler reports (fused with the head on CUDA)
+    # sampled at temperature 1: the log-probs the sampler reports (on CUDA, the Triton inverse-CDF sampler)
     teacher_forced("sampled_logprobs", 1.0)
     # greedy agreement with transformers' generate (bf16 kernels differ, so near-ties may flip)
     width = max(lens)

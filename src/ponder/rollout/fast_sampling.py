@@ -31,7 +31,7 @@ def sample(logits, temperature, top_k, top_p, keys, want_logprobs: bool, kernels
     `keys` [B] (see fast_kernels.row_keys) fix the random draw of each row."""
     if temperature == 0:
         tokens, logprobs = kernels["greedy_pick"](logits, keys, 1.0)
-    elif not 0 < top_k < logits.shape[-1] and top_p >= 1.0:  # plain sampling: one fused pass
+    elif not 0 < top_k < logits.shape[-1] and top_p >= 1.0:  # plain sampling: no sort (on CUDA, two Triton kernels)
         tokens, logprobs = kernels["pick"](logits, keys, 1.0 / temperature)
     else:
         tokens, logprobs = EAGER["pick"](process_logits(logits, temperature, top_k, top_p), keys, 1.0)
