@@ -13,7 +13,7 @@ from ponder.models import load
 from ponder.models.tiny import char_tokenizer
 from ponder.rollout import SamplingParams, make_engine
 from ponder.rollout.fast import FastEngine
-from ponder.rollout.fast_kernels import cdf_pick, hash32, row_keys, shr
+from ponder.rollout.fast_kernels import cdf_agrees, cdf_pick, row_keys
 from ponder.rollout.fast_sampling import process_logits
 from ponder.rollout.hf import HFEngine
 
@@ -193,16 +193,6 @@ def test_samples_follow_the_processed_distribution(temperature, top_k, top_p):
     assert chi2_pvalue(torch.bincount(second, minlength=12).double(), expected(prompt + [t0])) > 1e-3
 
 
-def assert_inverts_the_cdf(logits, keys, inv_t, tok):
-    """Each token is where the float64 CDF of softmax(logits * inv_t) crosses its row's uniform, by hand."""
-    p = (logits.double() * inv_t).softmax(-1)
-    cum = p.cumsum(-1)
-    u = (shr(hash32(keys), 8).double() + 0.5) / 2**24
-    for r, t in enumerate(tok.tolist()):
-        below = cum[r, t - 1].item() if t else 0.0
-        assert p[r, t] > 0 and below - 1e-6 <= u[r].item() <= cum[r, t].item() + 1e-6, (r, t, u[r].item())
-
-
 def test_cdf_sampler_follows_the_distribution_and_never_draws_excluded_tokens():
     """cdf_pick (the reference of CUDA's sampler): 6,000 rows of one distribution with excluded tokens
     (-inf, one of them last), each row its own key; frequencies by chi-square, log-probs by hand."""
@@ -213,7 +203,7 @@ def test_cdf_sampler_follows_the_distribution_and_never_draws_excluded_tokens():
     probs = (x.double() * 0.8).softmax(-1)
     assert chi2_pvalue(torch.bincount(tok, minlength=7).double(), probs) > 1e-3
     torch.testing.assert_close(lp.double(), probs[tok].log(), atol=1e-5, rtol=1e-5)
-    assert_inverts_the_cdf(x.expand(n, -1), keys, 0.8, tok)
+    assert cdf_agrees(x.expand(n, -1), keys, 0.8, tok, lp, tol=1e-6)  # each draw where the CDF crosses its uniform
 
 
 def test_process_logits_matches_transformers_warpers():
@@ -341,7 +331,7 @@ def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path, 
     for (tok, lp), t in zip(got["picks"], (1.0, 1 / 0.7)):
         ref_tok, ref_lp = cdf_pick(logits, keys, t)
         assert torch.equal(tok, ref_tok)
-        assert_inverts_the_cdf(logits, keys, t, tok)
+        assert cdf_agrees(logits, keys, t, tok, lp, tol=1e-6)
         torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lp, (logits * t).log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1), atol=1e-5, rtol=1e-5)
     q, k, v, cos, sin, pos, cache = rope_case()

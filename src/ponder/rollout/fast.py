@@ -5,10 +5,10 @@
 - Decode: one step for all rows, captured as a CUDA graph per (batch bucket, attention length bucket,
   temperature), sampling and bookkeeping included: the host only replays it. The random draw is a hash
   of (seed, step, sequence) (and of the token, for the Gumbel draw on CPU), so it needs no RNG state in
-  the graph. With top-k/top-p the graph
-  stops at the logits and sampling follows eagerly. Every `sync_every` steps the host looks once: it
-  stops when all rows are done, checks stop strings, and moves the live rows to the front when they fit
-  a smaller batch bucket (finished rows are only masked until then).
+  the graph. With top-k/top-p the graph stops at the logits and sampling follows eagerly. Every
+  `sync_every` steps the host looks once: it stops when all rows are done, checks stop strings, and
+  moves the live rows to the front when they fit a smaller batch bucket (finished rows are only masked
+  until then).
 - The cache and graphs stay allocated between calls (keep_cache=False frees them after each call, at
   the price of capturing again).
 - q/k/v and gate/up each run as one matrix product: their parameters are moved once into one buffer each
