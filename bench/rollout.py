@@ -32,7 +32,7 @@ CUDA = DEVICE == "cuda"
 
 def build(shape: str, seed: int = 0, init_std: float = 0.02):
     cfg = Qwen2Config(
-        vocab_size=151936 if shape != "smoke" else 1000, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
+        vocab_size=151936 if shape != "smoke" else 20000, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
         rms_norm_eps=1e-6, initializer_range=init_std, **SHAPES[shape],
     )
     torch.manual_seed(seed)

@@ -95,7 +95,9 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     grad_clip: float = 1.0  # max grad norm; 0: off
-    token_budget: int = 16384  # tokens per micro-batch (padded length x sequences); gradients accumulate
+    # tokens per micro-batch (padded length x sequences, or the packed stream); gradients accumulate. None:
+    # chosen from free device memory at the first update on CUDA (printed; ponder.rl.memory_plan), 16384 on CPU
+    token_budget: Optional[int] = None
 
 
 @dataclass
@@ -345,5 +347,5 @@ def validate(cfg) -> None:
         raise UserError("config data.tasks is empty; name at least one task")
     if not cfg.rewards:
         raise UserError("config rewards is empty; name at least one reward, e.g. rewards: {accuracy: 1.0}")
-    if cfg.optim.token_budget < 1:
+    if cfg.optim.token_budget is not None and cfg.optim.token_budget < 1:
         raise UserError("config optim.token_budget must be positive")

@@ -28,6 +28,7 @@ from ponder.rewards.format import STRICT_FORMAT
 from ponder.rl.advantages import advantages
 from ponder.rl.batching import Sample, pad_rows, per_row
 from ponder.rl.forward import PolicyPass, use_bf16, use_packed
+from ponder.rl import memory_plan
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
 from ponder.tasks import PromptSampler, mix
@@ -92,7 +93,7 @@ class GRPOTrainer:
         self.rewards.check(self.examples[0])
         self.sampler = PromptSampler(self.examples, cfg.seed)
         self._prompt_ids: dict[int, list[int]] = {}
-        self.step_no, self.nan_streak = 0, 0
+        self.step_no, self.nan_streak, self._budget = 0, 0, None
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         if self.state is not None:
             checkpoint.restore_training(self, self.state)
@@ -104,6 +105,8 @@ class GRPOTrainer:
     # ---------------------------------------------------------------- the GRPO step, top to bottom
     def step(self) -> dict:
         a, t0 = self.cfg.algorithm, time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         groups, all_groups, timing = self.collect()  # generate + reward + advantages (+ dynamic sampling)
         self.last_groups = all_groups
         samples = [s for g in groups for s in g.samples]
@@ -135,7 +138,7 @@ class GRPOTrainer:
                                          n_total=distributed.sum_all(len(lengths)), tokens_total=distributed.sum_all(sum(lengths)))
         for s, w in zip(samples, weights):
             s.weight = w
-        batches = self.policy_pass.micro_batches(samples, o.token_budget)
+        batches = self.policy_pass.micro_batches(samples, self.token_budget())
         if a.loss_agg == "bnpo":
             for mb, ws in zip(batches, micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches], self.world)):
                 for s, w in zip(mb, ws):
@@ -168,6 +171,17 @@ class GRPOTrainer:
         self.optimizer.step()
         self.nan_streak = 0
         return {**totals, "grad_norm": grad_norm.item(), "skipped": 0.0}
+
+    def token_budget(self) -> int:
+        """optim.token_budget, or (unset) the plan from free device memory, made at the first update (the
+        engine's cache exists by then) and the same on every rank (bnpo's normaliser depends on it)."""
+        if self._budget is None:
+            self._budget = self.cfg.optim.token_budget
+            if self._budget is None:
+                p = memory_plan.plan(self.policy_pass, self.model, self.optimizer, self.device,
+                                     self.model.get_output_embeddings().weight.shape[0], print_line=self.rank == 0)
+                self._budget = int(-distributed.max_all(-p.budget))
+        return self._budget
 
     # ---------------------------------------------------------------- rollouts
     def collect(self):
@@ -223,7 +237,7 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _score(self, samples: list[Sample], attr: str, model) -> None:
-        for mb in self.policy_pass.micro_batches(samples, self.cfg.optim.token_budget):
+        for mb in self.policy_pass.micro_batches(samples, self.token_budget()):
             if model is None:  # LoRA reference: the base weights, adapters switched off
                 with self.model.disable_adapter():
                     logp, _, _ = self.policy_pass.logprobs(self.model, mb, temperature=self._temp)
@@ -256,7 +270,11 @@ class GRPOTrainer:
             "lr": self.scheduler.get_last_lr()[0],
             **{f"time/{k}": v for k, v in timing.items()},
             "tokens_per_s": sum(lengths) / max(timing["generate"], 1e-9),
+            "token_budget": self.token_budget(),
         }
+        if self.device.type == "cuda":  # the step's peaks: allocated tensors, and what the process holds
+            m["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            m["memory/peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         if "accuracy" in self.rewards.fns:
             m["accuracy"] = m["reward/accuracy"]
         tasks = sorted({g.example.get("task", "") for g in groups})

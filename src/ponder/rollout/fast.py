@@ -13,8 +13,13 @@
   the price of capturing again).
 - q/k/v and gate/up each run as one matrix product: their parameters are moved once into one buffer each
   and become views of it (ponder.rollout.fused_weights); nothing is copied or kept in sync.
-- Graphs read the weights at their addresses, so in-place optimizer updates are seen; if a parameter is
-  replaced (new storage), the graphs are dropped and captured again.
+- Weights: the model's own, or a copy in the rollout dtype (`dtype`; auto: bfloat16 on CUDA when the
+  model holds float32 master weights). Casting float32 weights to bfloat16 on every use cost the decode
+  step a read of 4 and a write of 2 bytes a parameter; the copy costs 2 bytes a parameter of memory and
+  is refreshed in place once after each change of the master weights (seen by their version counters:
+  an optimizer step, a checkpoint load), so the next rollout samples from the updated policy.
+- Graphs read the weights at their addresses, so in-place updates (and the copy's refresh) are seen; if a
+  parameter is replaced (new storage), the graphs are dropped and captured again.
 On CPU the same code runs eagerly. Architectures other than Llama/Qwen2/Qwen3/Mistral, and calls that
 would outrun a sliding window, go to the Hugging Face engine.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ponder.errors import UserError
 from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, truncate_at_stop
@@ -38,20 +44,71 @@ def notice(msg: str) -> None:
     print(f"ponder: {msg}", file=sys.stderr)
 
 
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+_optimizer_steps = [0]  # every optimizer step in the process (a fused AdamW step bumps no version counter)
+
+
+def _count_step(*_):
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+class RolloutCopy:
+    """The model's weights in the rollout dtype, for generation only: one copy of every parameter and buffer
+    (made without a float32 copy of the whole model on the way), refreshed in place from the master weights
+    when they may have changed: after any optimizer step, or when a parameter's version counter (bumped by
+    in-place writes such as load_state_dict) or storage moved. No caller has to say when."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        import copy
+
+        self.model, self.dtype = model, dtype
+        params = list(model.parameters())
+        cast = lambda t: t.detach().to(dtype) if t.is_floating_point() else t.detach().clone()  # noqa: E731
+        memo = {id(p): torch.nn.Parameter(cast(p), requires_grad=False) for p in params}
+        memo.update({id(b): cast(b) if b.is_floating_point() and b.dtype != torch.float32 else b.detach().clone()
+                     for b in model.buffers()})  # float32 buffers (rotary frequencies) keep their precision
+        self.shadow = copy.deepcopy(model, memo)
+        self.pairs = list(zip(params, self.shadow.parameters()))
+        self.arch, _ = describe(self.shadow)
+        self.seen = self._versions()
+
+    def _versions(self):
+        return _optimizer_steps[0], [(p._version, p.data_ptr()) for p, _ in self.pairs]
+
+    @torch.no_grad()
+    def refresh(self) -> bool:
+        """Copy the master weights in if they changed since the last refresh; True if they did."""
+        now = self._versions()
+        if now == self.seen:
+            return False
+        torch._foreach_copy_([s for _, s in self.pairs], [p for p, _ in self.pairs])
+        self.seen = now
+        return True
+
+
 @register("fast")
 class FastEngine(RolloutEngine):
     def __init__(
         self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
         length_bucket: int = 128, prefill_tokens: int = 4096, keep_cache: bool = True, attention: str = "auto",
-        fused: bool = True, join_weights: bool = True,
+        fused: bool = True, join_weights: bool = True, dtype: str = "auto",
     ):
         super().__init__(model, tokenizer)
         if attention not in ("auto", "triton", "sdpa", "matmul"):
             raise UserError(f"fast engine: attention must be 'auto', 'triton', 'sdpa' or 'matmul', got '{attention}'")
         self.cuda_graphs, self.sync_every, self.min_bucket = cuda_graphs, max(1, sync_every), max(1, min_bucket)
         self.length_bucket, self.prefill_tokens, self.keep_cache = length_bucket, prefill_tokens, keep_cache
+        if dtype not in DTYPES:
+            raise UserError(f"fast engine: dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
         self.attention, self.batch_size, self.fused, self.join_weights = attention, batch_size, fused, join_weights
+        self.dtype = dtype
         self.arch, why = describe(model)
+        self.copy: RolloutCopy | None = None
         self.hf = HFEngine(model, tokenizer)
         if self.arch is None:
             notice(f"fast engine: {why}; using the hf engine")
@@ -72,6 +129,23 @@ class FastEngine(RolloutEngine):
     def release(self) -> None:
         """Free the cache and the captured graphs (they come back on the next call)."""
         self.fwd, self.graphs, self.pool = None, {}, None
+
+    def _weights(self):
+        """The Arch to run: the model's own modules, or those of the rollout copy (made once, refreshed
+        whenever the master weights changed since the last refresh)."""
+        weight = self.arch.head.weight
+        want = DTYPES[self.dtype]
+        if want is None:  # auto
+            want = torch.bfloat16 if weight.device.type == "cuda" and weight.dtype == torch.float32 else weight.dtype
+        if want == weight.dtype:
+            self.copy = None
+            return self.arch
+        if self.copy is None or self.copy.dtype != want:
+            self.release()
+            self.copy = RolloutCopy(self.model, want)
+        else:
+            self.copy.refresh()
+        return self.copy.arch
 
     @torch.no_grad()
     def generate(self, prompts, params: SamplingParams):
@@ -110,19 +184,18 @@ class FastEngine(RolloutEngine):
     # -- setup --------------------------------------------------------------------------------------
 
     def _prepare(self, rows: int, length: int):
-        weight = self.arch.head.weight
+        arch = self._weights()
+        weight = arch.head.weight
         device, dtype = weight.device, weight.dtype
-        autocast = device.type == "cuda" and dtype == torch.float32  # fp32 master weights: run in bf16
-        dtype = torch.bfloat16 if autocast else dtype
         use_graphs = self.cuda_graphs and device.type == "cuda"
         if use_graphs:
             length = -(-length // self.length_bucket) * self.length_bucket
         if self.join_weights:  # before the signature: joining moves the parameters once
-            for layer in self.arch.backbone.layers:
+            for layer in arch.backbone.layers:
                 join([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
                 if hasattr(layer.mlp, "gate_proj"):
                     join([layer.mlp.gate_proj, layer.mlp.up_proj])
-        sig = (device, dtype, tuple(p.data_ptr() for p in self.model.parameters()))
+        sig = (device, dtype, tuple(p.data_ptr() for p in arch.backbone.parameters()), weight.data_ptr())
         f = self.fwd
         if f is None or f.rows < rows or f.length < length or sig != self.weights_sig:
             self.release()
@@ -131,7 +204,7 @@ class FastEngine(RolloutEngine):
             # auto: the split-KV Triton kernel on CUDA (reads only live slots); SDPA on CPU, where the
             # kernel would run as its torch reference
             attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "sdpa"
-            f = self.fwd = Forward(self.arch, rows, length, dtype, device, attention, autocast, self.fused)
+            f = self.fwd = Forward(arch, rows, length, dtype, device, attention, self.fused)
             self.weights_sig = sig
         f.refresh_rope()
         return f, use_graphs

@@ -65,10 +65,8 @@ def norm_args(norm):
 class Forward:
     """Prefill and decode over a preallocated cache; holds no weights of its own."""
 
-    def __init__(self, arch: Arch, rows: int, length: int, dtype, device, attention: str = "sdpa", autocast=False,
-                 fused: bool = True):
+    def __init__(self, arch: Arch, rows: int, length: int, dtype, device, attention: str = "sdpa", fused: bool = True):
         self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
-        self.autocast = autocast  # float32 weights, bfloat16 compute (weights cast per use, never stored)
         self.k = kernels(torch.device(device)) if fused else EAGER
         if attention == "triton" and torch.device(device).type == "cuda" and not attention_kernel.available(device):
             self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
@@ -135,17 +133,6 @@ class Forward:
         layers = self.a.backbone.layers
         return norm_args(layers[li + 1].input_layernorm if li + 1 < len(layers) else self.a.backbone.norm)
 
-    def _precision(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
-
-    def prefill(self, *args):
-        with self._precision():
-            return self._prefill(*args)
-
-    def decode(self, batch: int, length: int) -> torch.Tensor:
-        with self._precision():
-            return self._decode(batch, length)
-
     def step(self, batch: int, length: int, temperature: float | None):
         """Decode, then (unless temperature is None: return the logits) sample and record the tokens."""
         logits = self.decode(batch, length)
@@ -175,7 +162,7 @@ class Forward:
         for dst, src in zip((self.tokens[:batch], self.pos[:batch], self.live[:batch], self.step_no), saved):
             dst.copy_(src)
 
-    def _prefill(self, prompts: list[list[int]], rows: torch.Tensor, copies: int) -> torch.Tensor:
+    def prefill(self, prompts: list[list[int]], rows: torch.Tensor, copies: int) -> torch.Tensor:
         """Run prompts (packed: no work on padding except inside attention), write their cache into
         `copies` consecutive rows each, starting at `rows` [P]; return last-position logits [P, V]."""
         a, dev = self.a, self.device
@@ -206,7 +193,7 @@ class Forward:
             x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li))
         return a.head(h[lens.cumsum(0) - 1])
 
-    def _decode(self, batch: int, length: int) -> torch.Tensor:
+    def decode(self, batch: int, length: int) -> torch.Tensor:
         """One step for rows [0, batch): feed self.tokens at self.pos, attend to slots [0, length); logits [batch, V]."""
         a, K = self.a, self.k
         tok, pos, idx = self.tokens[:batch], self.pos[:batch], self.rows_idx[:batch]

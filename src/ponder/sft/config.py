@@ -64,7 +64,7 @@ def check(cfg: SFTConfig) -> None:
         raise UserError("config train.epochs must be positive")
     if cfg.data.max_len is not None and cfg.data.max_len < 2:
         raise UserError("config data.max_len must be at least 2 tokens")
-    if cfg.optim.token_budget < 1:
+    if cfg.optim.token_budget is not None and cfg.optim.token_budget < 1:
         raise UserError("config optim.token_budget must be positive")
 
 

@@ -26,6 +26,8 @@ from ponder.sft.data import load_data
 from ponder.sft.packing import collate, loss_sum, micro_batches, pack
 from ponder.tasks import PromptSampler
 
+SFT_BUDGET = 16384  # optim.token_budget unset: SFT does not plan from device memory (GRPO does: ponder.rl.memory_plan)
+
 
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, resume: bool = False):
@@ -57,13 +59,14 @@ class SFTTrainer:
     def step(self) -> dict:
         t0 = time.perf_counter()
         batch = self.sampler.next(self.cfg.train.batch_size)
-        capacity = min(self.report.max_len, self.cfg.optim.token_budget)  # longer examples get a row each
+        budget = self.cfg.optim.token_budget or SFT_BUDGET
+        capacity = min(self.report.max_len, budget)  # longer examples get a row each
         rows = pack([self.lengths[i] for i in batch], capacity)
         rows = [[batch[j] for j in row] for row in rows]
         targets = sum(sum(self.examples[i].mask) for i in batch)
         self.optimizer.zero_grad(set_to_none=True)
         total, padded = 0.0, 0
-        for mb in micro_batches(rows, self.lengths, self.cfg.optim.token_budget):
+        for mb in micro_batches(rows, self.lengths, budget):
             packed = collate(self.examples, mb, self.tokenizer.pad_token_id, self.device)
             padded += packed.input_ids.numel()
             with autocast(self.device, self.bf16):

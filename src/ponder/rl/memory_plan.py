@@ -1,0 +1,121 @@
+"""The micro-batch token budget from the device's free memory, when the recipe sets none.
+
+The policy pass's memory grows with the tokens of a micro-batch: activations kept for backward and the
+head's logits. Two probe passes (forward and backward over synthetic micro-batches of two sizes) measure
+what one more token costs. The budget is what fits in the memory left once the step holds what it holds
+anyway (weights, the rollout engine, gradients, optimizer state), less a margin, up to a cap past which
+larger micro-batches run no faster and only hold memory. Planned once, at the first update, when the
+rollout engine has made its cache; printed, and logged as `token_budget`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ponder.rl.batching import Sample
+
+CPU_BUDGET = 16384  # without a device memory to read: the former fixed default
+# H200, 0.5B shape, 32 x 8 x 640 tokens (bench/README.md): 32,768 tokens a micro-batch trains within 2% of 65,536
+CAP = 32768
+FLOOR = 1024
+PROBE_TOKENS = (2048, 6144)
+MARGIN = 0.10  # of the free memory, for fragmentation and what the probe does not see
+GIB = 2**30
+
+
+@dataclass
+class Plan:
+    budget: int
+    per_token: float  # bytes one more token of a micro-batch costs at the peak of its pass
+    free: float  # bytes free for the step before its micro-batches (device free + cached, less state to come)
+    capped: bool
+
+    def line(self) -> str:
+        why = "the cap" if self.capped else f"{self.free / GIB:.1f} GiB free"
+        return (f"optim.token_budget: {self.budget:,} tokens a micro-batch, chosen from device memory "
+                f"({self.per_token / 2**20:.2f} MiB a token, {why}; set optim.token_budget to fix it)")
+
+
+def budget_for(per_token: float, free: float, cap: int = CAP, floor: int = FLOOR) -> tuple[int, bool]:
+    """The largest multiple of `floor` tokens whose activations fit in `free` bytes less the margin, at most
+    `cap`; (budget, whether the cap decided). At least `floor`: below it a micro-batch is mostly fixed cost."""
+    fits = int((free * (1 - MARGIN)) / max(per_token, 1.0))
+    budget = max(floor, min(cap, fits) // floor * floor)
+    return budget, fits >= cap
+
+
+def state_to_come(model, optimizer) -> int:
+    """Bytes the first update will still allocate beside its activations: gradients and the optimizer's
+    state (AdamW: two moments a parameter) for trainable parameters that have none yet."""
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            total += p.numel() * p.element_size()
+        if not optimizer.state.get(p):
+            total += 2 * p.numel() * p.element_size()
+    return total
+
+
+def probe_samples(n_tokens: int, vocab: int, group: int = 8, prompt: int = 128) -> list[Sample]:
+    """A synthetic micro-batch of about `n_tokens` stream tokens: one prompt and `group` completions."""
+    g = torch.Generator().manual_seed(n_tokens)
+    rows = max((n_tokens - prompt) // group, 2)
+    ids = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
+    p = ids(prompt)
+    return [Sample(p, ids(rows + 1), 1.0 if j % 2 else -1.0, False) for j in range(group)]
+
+
+def measure_per_token(policy_pass, model, device, vocab: int) -> float:
+    """Bytes per stream token at the peak of a forward and backward of the policy pass (two sizes, the slope).
+    Leaves no gradients behind."""
+    peaks = []
+    lent, policy_pass.scratch = policy_pass.scratch, None  # the engine's lent cache would hide the head's logits
+    try:
+        for n in PROBE_TOKENS:
+            peaks.append(_peak(policy_pass, model, device, probe_samples(n, vocab)))
+    finally:
+        policy_pass.scratch = lent
+    stream = [len(b[0].prompt_ids) + sum(len(s.completion_ids) - 1 for s in b)
+              for b in (probe_samples(n, vocab) for n in PROBE_TOKENS)]
+    return (peaks[1] - peaks[0]) / (stream[1] - stream[0])
+
+
+def _peak(policy_pass, model, device, batch) -> int:
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    logp, _, mask = policy_pass.logprobs(model, batch, with_entropy=True)
+    (logp * mask).sum().backward()
+    torch.cuda.synchronize(device)
+    model.zero_grad(set_to_none=True)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def reads_memory(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def free_bytes(device) -> float:
+    """Free device memory plus what the caching allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = True) -> Plan:
+    """The plan where device memory can be read (CUDA); elsewhere the fixed CPU budget."""
+    if not reads_memory(device):
+        result = Plan(CPU_BUDGET, 0.0, 0.0, True)
+    else:
+        to_come = state_to_come(model, optimizer)  # before the probe, which makes gradients and frees them again
+        per_token = measure_per_token(policy_pass, model, device, vocab)
+        free = free_bytes(device) - to_come
+        budget, capped = budget_for(per_token, free)
+        result = Plan(budget, per_token, free, capped)
+        if print_line:
+            print(f"ponder: {result.line()}", file=sys.stderr)
+    return result

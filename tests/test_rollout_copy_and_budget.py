@@ -1,0 +1,105 @@
+"""The trainer's GPU speed path, exercised on the CPU: rollouts from a copy of the weights in the rollout
+dtype that follows every optimizer step, and the micro-batch token budget planned from device memory."""
+
+import re
+
+import pytest
+import torch
+
+from ponder.models import load
+from ponder.rewards import register
+from ponder.rl import memory_plan
+from ponder.rl.trainer import GRPOTrainer
+from ponder.rollout import SamplingParams
+from ponder.rollout.fast import FastEngine
+
+PROMPTS = ["7", "12+3=", "abc", "the answer is"]
+
+
+@register("test_share_of_sevens")
+def share_of_sevens(completions, **_):
+    """Varies within every group of a random model's answers, so each update moves the weights."""
+    return [c.count("7") / max(len(c), 1) for c in completions]
+
+
+def greedy(engine, tok, n=12):
+    out = engine.generate([tok(p).input_ids for p in PROMPTS], SamplingParams(n=1, temperature=0.0, max_tokens=n))
+    return [o[0].token_ids for o in out]
+
+
+@pytest.mark.parametrize("optimizer", ["default", "fused"])
+def test_bf16_rollout_copy_follows_each_optimizer_step(smoke_cfg, optimizer, monkeypatch):
+    if optimizer == "fused":  # the CUDA default, whose step bumps no version counter: the step hook must see it
+        real = torch.optim.AdamW
+        monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: real(*a, **{**k, "fused": True}))
+    cfg = smoke_cfg("name=copy", "rollout.engine=fast", "rollout.engine_options={dtype: bf16}", "optim.lr=0.05",
+                    "rewards={test_share_of_sevens: 1.0}",
+                    "rollout.max_new_tokens=8", "train.steps=2")
+    t = GRPOTrainer(cfg)
+    tok = t.tokenizer
+    before = greedy(t.engine, tok)
+    assert t.engine.copy is not None and t.engine.copy.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # the update keeps float32 masters
+    for step in (1, 2):
+        t.step()
+        t.save()
+        after = greedy(t.engine, tok)
+        loaded, _ = load(str(t.ckpt_dir / f"step-{step}"))
+        assert after == greedy(FastEngine(loaded, tok, dtype="bf16"), tok), f"step {step}: the copy is stale"
+        assert after != before, f"step {step}: the update should change greedy answers (lr 0.05)"
+        before = after
+
+
+def test_copy_made_only_when_the_dtype_differs_and_unknown_dtype_is_named():
+    from ponder.errors import UserError
+
+    model, tok = load("tiny-random", seed=1)
+    eng = FastEngine(model, tok)  # auto on CPU: the model's own float32 weights, no copy
+    greedy(eng, tok, 2)
+    assert eng.copy is None
+    with pytest.raises(UserError, match="dtype must be one of auto, bf16, fp16, fp32"):
+        FastEngine(model, tok, dtype="bfloat8")
+
+
+def stream_tokens(batch) -> int:
+    """Tokens of a packed micro-batch: each distinct prompt once, each completion but its last token."""
+    return sum(len(p) for p in {tuple(s.prompt_ids) for s in batch}) + sum(len(s.completion_ids) - 1 for s in batch)
+
+
+def test_budget_for_hand_values():
+    mib = 2**20
+    # 10 GiB free, 1 MiB a token: 0.9 * 10240 = 9216 tokens, a multiple of 1024
+    assert memory_plan.budget_for(mib, 10 * 2**30) == (9216, False)
+    assert memory_plan.budget_for(mib, 100 * 2**30) == (memory_plan.CAP, True)  # capped
+    assert memory_plan.budget_for(mib, 2**20) == (memory_plan.FLOOR, False)  # nothing fits: the floor
+    assert memory_plan.budget_for(0.5 * mib, 3 * 2**30) == (5120, False)  # 0.9 * 6144 = 5529 -> 5120
+
+
+def test_auto_budget_is_printed_and_no_micro_batch_exceeds_it(smoke_cfg, monkeypatch, capsys):
+    per_token, free = 64 * 2**10, 200 * 2**20  # as if measured: 64 KiB a token, 200 MiB free
+    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
+    probes = []
+    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: probes.append(batch) or
+                        per_token * stream_tokens(batch) + 12345)
+    monkeypatch.setattr(memory_plan, "free_bytes", lambda device: free)
+    cfg = smoke_cfg("name=budget", "rollout.max_new_tokens=64", "rollout.prompts_per_step=16", "train.steps=2")
+    assert cfg.optim.token_budget is None  # the default: planned
+    t = GRPOTrainer(cfg)
+    seen = []
+    real = t.policy_pass.micro_batches
+    t.policy_pass.micro_batches = lambda samples, budget: seen.append(real(samples, budget)) or seen[-1]
+    m = t.step()
+    printed = int(re.search(r"optim.token_budget: ([\d,]+) tokens", capsys.readouterr().err).group(1).replace(",", ""))
+    to_come = sum(3 * p.numel() * 4 for p in t.model.parameters())  # float32 gradients and two AdamW moments
+    expect = int((free - to_come) * 0.9 / per_token) // 1024 * 1024
+    assert printed == expect == m["token_budget"] == t.token_budget() and len(probes) == 2
+    stream = [stream_tokens(mb) for batches in seen for mb in batches]
+    assert max(stream) <= printed and len(stream) > 1  # the budget split the step
+    t.step()
+    assert t.token_budget() == printed  # planned once
+
+
+def test_fixed_budget_is_used_as_given(smoke_cfg):
+    t = GRPOTrainer(smoke_cfg("name=fixed", "optim.token_budget=4096"))
+    assert t.token_budget() == 4096
+    assert GRPOTrainer(smoke_cfg("name=cpu")).token_budget() == memory_plan.CPU_BUDGET  # no device memory to read
