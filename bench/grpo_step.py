@@ -99,14 +99,13 @@ def run(a, shape: str, budget: str, root: Path) -> dict:
     force_length(trainer.model, True)
     steps = []
     for i in range(a.steps):
-        if a.profile and i == a.steps - 1:
-            steps.append(profiled(trainer, f"{a.profile}.{shape}.{budget}"))
-        else:
-            steps.append(trainer.step())
+        steps.append(trainer.step())
         m = steps[-1]
         print(f"  step {i + 1}: total {m['time/total']:.2f} s, generate {m['time/generate']:.2f}, train {m['time/train']:.2f}, "
               f"budget {m['token_budget']}, peak {m.get('memory/peak_allocated_gib', 0):.1f} / "
               f"{m.get('memory/peak_reserved_gib', 0):.1f} GiB", flush=True)
+    if a.profile:  # one more step, not timed
+        profiled(trainer, f"{a.profile}.{shape}.{budget}")
     timed = steps[1:] or steps
     med = lambda k: statistics.median(m[k] for m in timed)  # noqa: E731
     row = dict(shape=shape, engine=a.engine, budget=steps[-1]["token_budget"], asked=budget,
@@ -145,7 +144,7 @@ def main():
     ap.add_argument("--engine", default="fast", choices=["fast", "hf"], help="hf: transformers' generate (slow: --steps 2)")
     ap.add_argument("--steps", type=int, default=6, help="steps run; the first is not timed")
     ap.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. rollout.engine_options={dtype: fp32}")
-    ap.add_argument("--profile", help="profile the last step: PATH.SHAPE.BUDGET.txt and .trace.json")
+    ap.add_argument("--profile", help="profile one more step after the timed ones: PATH.SHAPE.BUDGET.txt and .trace.json")
     ap.add_argument("--work", help="where the model directories and data go (default: a temporary directory)")
     ap.add_argument("--json")
     a = ap.parse_args()

@@ -32,7 +32,7 @@ class SampleConfig:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     extract: str = "tags_or_boxed"  # how the answer is found for the correctness check (ponder.rewards.extract)
-    engine: str = "hf"
+    engine: str = "fast"  # fast (default; falls back to hf for architectures it does not support) or hf
     batch_size: int = 256  # sequences generated at once
     seed: int = 0  # fixes the problems of procedural tasks and the sampling
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -39,14 +39,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option for every task, repeatable")
     p.add_argument("--template", default="r1_zero", help="prompt template: r1_zero, plain or chat")
     p.add_argument("--extract", default="tags_or_boxed", help="answer extraction: tags_or_boxed, tags, boxed or none")
+    p.add_argument("--stop", nargs="*", default=["</answer>"], metavar="TEXT",
+                   help="stop strings, kept in the answer (default: </answer>; --stop alone: none, as a recipe's empty rollout.stop)")
     p.add_argument("--reflection-words", default=",".join(DEFAULT_REFLECTION_WORDS),
                    help="comma-separated words whose presence counts as reflection (default: %(default)s)")
-    p.add_argument("--engine", default="hf", help="rollout engine (default hf)")
-    p.add_argument("--batch-size", type=int, default=256, help="sequences generated at once (default 256)")
+    p.add_argument("--engine", default="fast",
+                   help="rollout engine: fast (default; falls back to hf for architectures it does not support) or hf")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="sequences generated at once (default 256); the answers depend on it, as on the seed")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of procedural tasks' problems (default 0)")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of procedural tasks' problems (default 0; a training run's evaluation uses the run's seed)")
     p.add_argument("--out", help="output directory (default runs/eval/<model>-<timestamp>)")
     p.add_argument("--compare", nargs="+", metavar="RESULT", help="result directories or results.json files to show side by side")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -83,7 +88,7 @@ def run(args) -> int:
     model.to(device)
     result = evaluate(
         model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_tokens, engine=args.engine, greedy=args.greedy, seed=args.seed,
+        max_new_tokens=args.max_tokens, engine=args.engine, greedy=args.greedy, seed=args.seed, stop=tuple(args.stop),
         progress=not args.quiet, extract=args.extract, batch_size=args.batch_size,
         reflection_words=[w.strip() for w in args.reflection_words.split(",") if w.strip()],
     )

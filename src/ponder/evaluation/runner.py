@@ -9,6 +9,12 @@ The figures and their definitions (docs/evaluation.md):
   rates        answer (an answer was extracted), format (R1-Zero format reward), truncation (hit the
                token budget), reflection (a reflection word appears); mean length in tokens
 A sample is correct when its verifier score is 1; partial scores show in mean_score.
+
+What is sampled for a task depends only on that task's problems and the settings (seed, k, temperature,
+top-p, budget, stop strings, template, engine and the generation batch, bounded by the engine's own
+`batch_size`): each task is generated on its own, so `ponder eval --tasks a,b` gives task b the answers
+that `--tasks b` gives it, and the trainer's evaluation (one task a call, with its own engine) the same
+answers as `ponder eval` with the same settings.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from ponder.metrics import DEFAULT_REFLECTION_WORDS, reflection_pattern
 
 def evaluate(
     model, tokenizer, examples: Sequence[dict], *, template: str = "r1_zero", k: int = 16, temperature: float = 0.6,
-    top_p: float = 0.95, max_new_tokens: int = 1024, engine="hf", greedy: bool = False, seed: int = 0,
+    top_p: float = 0.95, max_new_tokens: int = 1024, engine="fast", greedy: bool = False, seed: int = 0,
     stop: Sequence[str] = ("</answer>",), progress: bool = True, extract: str = "tags_or_boxed",
     reflection_words: Sequence[str] = DEFAULT_REFLECTION_WORDS, batch_size: int = 256, n_boot: int = 2000,
 ) -> dict:
@@ -37,8 +43,11 @@ def evaluate(
     Returns {settings, task_hash, tasks: {task: figures}, metrics: figures over all problems (the task's own
     when there is one), timing, samples: one row per answer}.
 
-    `engine` is a rollout engine name or an engine already built on this model. The global torch RNG is
-    left as it was, so evaluating inside a training run does not change the run's sampling.
+    `engine` is a rollout engine name (fast, the default, falls back to hf for architectures it does not
+    support) or an engine already built on this model; a name builds the engine with `batch_size`. At most
+    `batch_size` sequences (and at most the engine's own `batch_size`) are generated at once, each chunk
+    with its own seed. The global torch RNG is left as it was, so evaluating inside a training run does
+    not change the run's sampling.
     """
     from ponder.rollout import RolloutEngine, SamplingParams, make_engine
     from ponder.templates import render
@@ -52,20 +61,24 @@ def evaluate(
         if "task" not in ex or "prompt" not in ex:
             missing = "task" if "task" not in ex else "prompt"
             raise UserError(f"example {i} has no '{missing}' field; evaluation needs each example's prompt and task name")
+    eng = engine if isinstance(engine, RolloutEngine) else make_engine(engine, model, tokenizer, batch_size=batch_size)
+    # an engine splits a bigger call into runs of its own batch_size, each seeded apart: chunk no bigger, so
+    # the answers depend on one batch size, whoever built the engine
+    batch_size = min(batch_size, getattr(eng, "batch_size", None) or batch_size)
     settings = dict(
         template=template, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-        engine=engine if isinstance(engine, str) else type(engine).__name__, greedy=greedy, seed=seed,
-        stop=list(stop), extract=extract, reflection_words=list(reflection_words), batch_size=batch_size, n_boot=n_boot,
+        engine=engine_name(eng), greedy=greedy, seed=seed, stop=list(stop), extract=extract,
+        reflection_words=list(reflection_words), batch_size=batch_size, n_boot=n_boot,
     )
-    eng = engine if isinstance(engine, RolloutEngine) else make_engine(engine, model, tokenizer)
     prompt_ids = [tokenizer(render(template, ex["prompt"], tokenizer)).input_ids for ex in examples]
     sample_params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=tuple(stop))
     greedy_params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop=tuple(stop))
 
     start = time.perf_counter()
     with _rng_kept(model), _progress_bar(progress) as bar:
-        sampled = _generate(eng, prompt_ids, sample_params, batch_size, seed, bar, f"sampling k={k}")
-        greedily = _generate(eng, prompt_ids, greedy_params, batch_size, seed, bar, "greedy") if greedy else None
+        groups = _by_label(examples)
+        sampled = _generate(eng, prompt_ids, groups, sample_params, batch_size, seed, bar, f"sampling k={k}")
+        greedily = _generate(eng, prompt_ids, groups, greedy_params, batch_size, seed, bar, "greedy") if greedy else None
     generation_s = time.perf_counter() - start
 
     problems, samples = _score(examples, sampled, greedily, tokenizer, extract, reflection_words)
@@ -83,6 +96,13 @@ def evaluate(
         "settings": settings, "task_hash": task_hash(examples), "tasks": tasks, "metrics": overall, "timing": timing,
         "samples": samples,
     }
+
+
+def engine_name(engine) -> str:
+    """The registered name of an engine (what `make_engine` takes), or its class name."""
+    from ponder.rollout import ENGINES
+
+    return next((name for name, cls in ENGINES.items() if type(engine) is cls), type(engine).__name__)
 
 
 def label(example: dict) -> str:
@@ -203,18 +223,29 @@ def _columns(ex: dict, outs) -> dict:
     return cols
 
 
-def _generate(engine, prompt_ids, params, batch_size, seed, bar, label):
-    """Generate in chunks of about `batch_size` sequences so the bar moves; each chunk has its own seed."""
+def _by_label(examples) -> list[list[int]]:
+    """Indices of the examples of each label (task or eval_group), in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(label(ex), []).append(i)
+    return list(groups.values())
+
+
+def _generate(engine, prompt_ids, groups, params, batch_size, seed, bar, label):
+    """Generate each group of prompts on its own, in chunks of about `batch_size` sequences so the bar moves;
+    each chunk has its own seed, counted from 0 in every group. Returns the completions in prompt order."""
     from dataclasses import replace
 
     per_chunk = max(1, batch_size // params.n)
     task = bar.add_task(label, total=len(prompt_ids)) if bar is not None else None
-    out = []
-    for c, lo in enumerate(range(0, len(prompt_ids), per_chunk)):
-        chunk = prompt_ids[lo:lo + per_chunk]
-        out += engine.generate(chunk, replace(params, seed=seed * 1_000_003 + c))
-        if bar is not None:
-            bar.advance(task, len(chunk))
+    out: list = [None] * len(prompt_ids)
+    for group in groups:
+        for c, lo in enumerate(range(0, len(group), per_chunk)):
+            chunk = group[lo:lo + per_chunk]
+            for i, outs in zip(chunk, engine.generate([prompt_ids[i] for i in chunk], replace(params, seed=seed * 1_000_003 + c))):
+                out[i] = outs
+            if bar is not None:
+                bar.advance(task, len(chunk))
     return out
 
 

@@ -103,7 +103,8 @@ class SFTTrainer:
 
         if k <= 0:
             return []
-        engine = make_engine("hf", self.model, self.tokenizer)
+        # fast falls back to hf for architectures it does not support; the engine lives for this call only
+        engine = make_engine("fast", self.model, self.tokenizer, keep_cache=False)
         prompts = [self.examples[i].ids[: self.examples[i].prompt_len] for i in range(min(k, len(self.examples)))]
         with torch.random.fork_rng(devices=[]):
             outs = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.train.sample_max_new_tokens))
