@@ -55,6 +55,8 @@ def evaluate(
     examples = list(examples)
     if k < 1:
         raise UserError(f"k must be at least 1 (samples per problem); got {k}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1 (sequences generated at once); got {batch_size}")
     if not examples:
         raise UserError("no examples to evaluate; check the task names, --split and --n")
     for i, ex in enumerate(examples):

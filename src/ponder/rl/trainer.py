@@ -4,7 +4,9 @@ Simplifications, stated up front (in the manner of nanochat's chat_rl.py):
 - One process. Each step owns whole prompt groups, so advantages need no communication; data-parallel
   ranks would each run this same step on their own groups.
 - The learning-rate schedule counts RL steps (one per batch of rollouts), not optimizer steps.
-- Generation and training share one model object: the rollout engine holds a reference, never a copy.
+- Generation and training share one model object. On CUDA the fast engine samples from a bfloat16 copy of
+  its float32 weights, refreshed after every optimizer step (ponder.rollout.fast.RolloutCopy): the update
+  keeps float32 precision and no decode step casts a weight.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Rollout engines: turn prompt token ids into sampled completions, behind one interface.
 
-Engines generate with the policy's own weights, in process: no copy of the model is made, so after
-an optimizer step the next call already sees the new weights.
+Engines generate with the policy's weights, in process. The hf engine runs the model itself; the fast
+engine runs it too, or (float32 master weights on CUDA: its `dtype` option) one copy in bfloat16 that it
+refreshes in place after each optimizer step. Either way the call after an optimizer step already samples
+from the new weights.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@
 - Weights: the model's own, or a copy in the rollout dtype (`dtype`; auto: bfloat16 on CUDA when the
   model holds float32 master weights). Casting float32 weights to bfloat16 on every use cost the decode
   step a read of 4 and a write of 2 bytes a parameter; the copy costs 2 bytes a parameter of memory and
-  is refreshed in place once after each change of the master weights (seen by their version counters:
-  an optimizer step, a checkpoint load), so the next rollout samples from the updated policy.
+  is refreshed in place at the next call after any optimizer step or in-place write to the master weights
+  (a checkpoint load), so each rollout samples from the current policy.
 - Graphs read the weights at their addresses, so in-place updates (and the copy's refresh) are seen; if a
   parameter is replaced (new storage), the graphs are dropped and captured again.
 On CPU the same code runs eagerly. Architectures other than Llama/Qwen2/Qwen3/Mistral, and calls that
