@@ -43,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="stop strings, kept in the answer (default: </answer>; --stop alone: none, as a recipe's empty rollout.stop)")
     p.add_argument("--reflection-words", default=",".join(DEFAULT_REFLECTION_WORDS),
                    help="comma-separated words whose presence counts as reflection (default: %(default)s)")
-    p.add_argument("--engine", default="hf",
+    p.add_argument("--engine", default="fast",
                    help="rollout engine: fast (default; falls back to hf for architectures it does not support) or hf")
     p.add_argument("--batch-size", type=int, default=256,
                    help="sequences generated at once (default 256); the answers depend on it, as on the seed")
