@@ -17,6 +17,19 @@ def smoke_cfg(tmp_path):
     return make
 
 
+def _share_of_sevens(completions, **_):
+    """A reward that varies within every group of a random model's answers, so each update moves the weights."""
+    return [c.count("7") / max(len(c), 1) for c in completions]
+
+
+def _register_test_rewards():
+    from ponder.rewards import register
+
+    register("test_share_of_sevens")(_share_of_sevens)
+
+
+_register_test_rewards()
+
 VERIFY_LIMIT = 2.0  # seconds per answer in the tests that plant bombs
 
 

@@ -52,7 +52,9 @@ def test_overlong_filtering_masks_truncated_completions(smoke_cfg):
     from ponder.rl.trainer import GRPOTrainer
 
     for masked in (True, False):
-        t = GRPOTrainer(smoke_cfg(f"name=overlong-{masked}", f"algorithm.mask_truncated={str(masked).lower()}"))
+        # a reward that varies within groups: without masking, the step must move the weights
+        t = GRPOTrainer(smoke_cfg(f"name=overlong-{masked}", f"algorithm.mask_truncated={str(masked).lower()}",
+                                  "rewards={test_share_of_sevens: 1.0}"))
         collect = t.collect
 
         def all_truncated():

@@ -7,19 +7,12 @@ import pytest
 import torch
 
 from ponder.models import load
-from ponder.rewards import register
 from ponder.rl import memory_plan
 from ponder.rl.trainer import GRPOTrainer
 from ponder.rollout import SamplingParams
 from ponder.rollout.fast import FastEngine
 
 PROMPTS = ["7", "12+3=", "abc", "the answer is"]
-
-
-@register("test_share_of_sevens")
-def share_of_sevens(completions, **_):
-    """Varies within every group of a random model's answers, so each update moves the weights."""
-    return [c.count("7") / max(len(c), 1) for c in completions]
 
 
 def greedy(engine, tok, n=12):
@@ -33,13 +26,17 @@ def test_bf16_rollout_copy_follows_each_optimizer_step(smoke_cfg, optimizer, mon
         real = torch.optim.AdamW
         monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: real(*a, **{**k, "fused": True}))
     cfg = smoke_cfg("name=copy", "rollout.engine=fast", "rollout.engine_options={dtype: bf16}", "optim.lr=0.05",
-                    "rewards={test_share_of_sevens: 1.0}",
+                    "rewards={test_share_of_sevens: 1.0}",  # registered in conftest.py
                     "rollout.max_new_tokens=8", "train.steps=2")
     t = GRPOTrainer(cfg)
     tok = t.tokenizer
     before = greedy(t.engine, tok)
     assert t.engine.copy is not None and t.engine.copy.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in t.model.parameters())  # the update keeps float32 masters
+    shadow = t.engine.copy.shadow  # embeddings and norms shared; the matrices (the tied head's too) copied
+    assert shadow.get_input_embeddings().weight is t.model.get_input_embeddings().weight
+    assert shadow.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert shadow.model.norm.weight is t.model.model.norm.weight
     for step in (1, 2):
         t.step()
         t.save()

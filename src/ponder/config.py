@@ -53,7 +53,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # ponder.rollout: hf (transformers generate) | fast (in-process CUDA-graph engine)
+    engine: str = "fast"  # ponder.rollout: fast (in-process engine; hf for architectures it does not support) | hf
     group_size: int = 8  # G: samples per prompt
     prompts_per_step: int = 16  # groups per optimizer batch (after dynamic sampling)
     max_new_tokens: int = 256

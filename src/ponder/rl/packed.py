@@ -28,8 +28,7 @@ from ponder.rl.fused_rope import rope_qk_fn
 from ponder.rl.fused_swiglu import swiglu_fn
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
 from ponder.rollout.fast_kernels import add_rms, compile_each, rms, rope, swiglu
-from ponder.rollout.fast_model import describe
-from ponder.rollout.fast_model import norm_args as _norm_args
+from ponder.rollout.fast_model import describe, norm_args
 
 
 def packed_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
@@ -269,7 +268,7 @@ def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = 
         raise ValueError(f"packed forward: {why}")
     pk = pack(batch, device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and torch.device(device).type == "cuda"):
-        hidden = _hidden(arch, pk, torch.device(device), torch.bfloat16 if autocast else None)
+        hidden = _hidden(arch, pk, torch.device(device))
         h = hidden[pk.src]
         head = arch.head
         if isinstance(head, torch.nn.Linear) and head.bias is None:
@@ -296,20 +295,10 @@ def linears(h, mods):
     return F.linear(h, w, b).split([m.out_features for m in mods], -1)
 
 
-def _hidden(arch, pk: Packed, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Final-norm hidden states [N, d] of the stream. `dtype`: the residual stream's (and the norms') dtype
-    under autocast. bfloat16 there, as in the rollout engine's bf16 forward and in trainers that cast their
-    parameters for compute (FSDP's param_dtype), rather than the float32 stream that float32 embeddings and
-    norm weights give under autocast: half the activation memory, and the log-probs of the policy that sampled."""
+def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
+    """Final-norm hidden states [N, d] of the stream."""
     bb, K, attend = arch.backbone, pieces(device), attention_for(device)
     x = bb.embed_tokens(pk.ids)
-    x = x.to(dtype) if dtype is not None else x
-    stream = x.dtype
-
-    def norm_args(norm):
-        w, eps = _norm_args(norm)
-        return w.to(stream), eps
-
     cos, sin = bb.rotary_emb(x, pk.pos[None])
     cos, sin = cos[0][:, None], sin[0][:, None]  # [N, 1, D]
     layers = bb.layers

@@ -58,22 +58,32 @@ register_optimizer_step_post_hook(_count_step)
 
 
 class RolloutCopy:
-    """The model's weights in the rollout dtype, for generation only: one copy of every parameter and buffer
-    (made without a float32 copy of the whole model on the way), refreshed in place from the master weights
-    when they may have changed: after any optimizer step, or when a parameter's version counter (bumped by
-    in-place writes such as load_state_dict) or storage moved. No caller has to say when."""
+    """The matrices of the model's linear layers (the output head included, untied from the embedding) in the
+    rollout dtype, for generation only; every other parameter (embeddings, norms, biases) and buffer is the
+    master's own tensor, shared. Run under autocast, this computes what autocast over the float32 model did
+    (the same bf16 matrices, a float32 residual stream) without casting a matrix at each use. Refreshed in
+    place from the master weights when they may have changed: after any optimizer step, or when a matrix's
+    version counter (bumped by in-place writes such as load_state_dict) or storage moved. No caller has to
+    say when."""
 
     def __init__(self, model, dtype: torch.dtype):
         import copy
 
         self.model, self.dtype = model, dtype
-        params = list(model.parameters())
-        cast = lambda t: t.detach().to(dtype) if t.is_floating_point() else t.detach().clone()  # noqa: E731
-        memo = {id(p): torch.nn.Parameter(cast(p), requires_grad=False) for p in params}
-        memo.update({id(b): cast(b) if b.is_floating_point() and b.dtype != torch.float32 else b.detach().clone()
-                     for b in model.buffers()})  # float32 buffers (rotary frequencies) keep their precision
+        matrices = {id(m.weight): m.weight for m in model.modules()
+                    if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point()}
+        memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # shared as they are
+        memo.update({k: torch.nn.Parameter(w.detach().to(dtype), requires_grad=False) for k, w in matrices.items()})
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is model.get_input_embeddings().weight
+        if tied:  # the embedding stays the master's (float32 rows are looked up); the head gets its own matrix
+            memo[id(head.weight)] = head.weight
         self.shadow = copy.deepcopy(model, memo)
-        self.pairs = list(zip(params, self.shadow.parameters()))
+        self.pairs = [(w, memo[k]) for k, w in matrices.items() if memo[k] is not w]
+        if tied:
+            own = torch.nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
+            self.shadow.get_output_embeddings().weight = own
+            self.pairs.append((head.weight, own))
         self.arch, _ = describe(self.shadow)
         self.seen = self._versions()
 
@@ -204,7 +214,7 @@ class FastEngine(RolloutEngine):
             # auto: the split-KV Triton kernel on CUDA (reads only live slots); SDPA on CPU, where the
             # kernel would run as its torch reference
             attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "sdpa"
-            f = self.fwd = Forward(arch, rows, length, dtype, device, attention, self.fused)
+            f = self.fwd = Forward(arch, rows, length, dtype, device, attention, self.fused, autocast=self.copy is not None)
             self.weights_sig = sig
         f.refresh_rope()
         return f, use_graphs

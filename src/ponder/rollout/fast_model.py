@@ -65,8 +65,12 @@ def norm_args(norm):
 class Forward:
     """Prefill and decode over a preallocated cache; holds no weights of its own."""
 
-    def __init__(self, arch: Arch, rows: int, length: int, dtype, device, attention: str = "sdpa", fused: bool = True):
+    def __init__(self, arch: Arch, rows: int, length: int, dtype, device, attention: str = "sdpa", fused: bool = True,
+                 autocast: bool = False):
         self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
+        # matrices in `dtype` beside float32 embeddings and norms (the fast engine's rollout copy): products in
+        # `dtype`, the residual stream in float32, as autocast over the float32 model computes it
+        self.autocast = autocast
         self.k = kernels(torch.device(device)) if fused else EAGER
         if attention == "triton" and torch.device(device).type == "cuda" and not attention_kernel.available(device):
             self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
@@ -162,7 +166,18 @@ class Forward:
         for dst, src in zip((self.tokens[:batch], self.pos[:batch], self.live[:batch], self.step_no), saved):
             dst.copy_(src)
 
-    def prefill(self, prompts: list[list[int]], rows: torch.Tensor, copies: int) -> torch.Tensor:
+    def prefill(self, *args):
+        with self._precision():
+            return self._prefill(*args)
+
+    def decode(self, batch: int, length: int) -> torch.Tensor:
+        with self._precision():
+            return self._decode(batch, length)
+
+    def _precision(self):
+        return torch.autocast(torch.device(self.device).type, dtype=self.dtype, enabled=self.autocast)
+
+    def _prefill(self, prompts: list[list[int]], rows: torch.Tensor, copies: int) -> torch.Tensor:
         """Run prompts (packed: no work on padding except inside attention), write their cache into
         `copies` consecutive rows each, starting at `rows` [P]; return last-position logits [P, V]."""
         a, dev = self.a, self.device
@@ -193,7 +208,7 @@ class Forward:
             x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li))
         return a.head(h[lens.cumsum(0) - 1])
 
-    def decode(self, batch: int, length: int) -> torch.Tensor:
+    def _decode(self, batch: int, length: int) -> torch.Tensor:
         """One step for rows [0, batch): feed self.tokens at self.pos, attend to slots [0, length); logits [batch, V]."""
         a, K = self.a, self.k
         tok, pos, idx = self.tokens[:batch], self.pos[:batch], self.rows_idx[:batch]
