@@ -22,10 +22,16 @@ def _share_of_sevens(completions, **_):
     return [c.count("7") / max(len(c), 1) for c in completions]
 
 
+def _char_hash(completions, **_):
+    """A reward in [0, 1) that differs between almost any two different completions (a group has a signal)."""
+    return [sum(map(ord, c)) % 97 / 97 for c in completions]
+
+
 def _register_test_rewards():
     from ponder.rewards import register
 
     register("test_share_of_sevens")(_share_of_sevens)
+    register("test_char_hash")(_char_hash)
 
 
 _register_test_rewards()

@@ -78,20 +78,54 @@ def test_no_reference_model_without_kl(smoke_cfg):
     assert t.ref is None
 
 
-def test_micro_batching_gives_the_gradient_of_the_whole_batch(smoke_cfg):
-    """Token-budget micro-batches with accumulation must equal one big batch, for every aggregation."""
+def _grad(t) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in t.model.parameters() if p.grad is not None])
+
+
+def _update(smoke_cfg, name, agg, budget):
+    """One update on the first step's rollouts (a reward that varies in every group); (trainer, micro-batches)."""
     from ponder.rl.trainer import GRPOTrainer
 
+    t = GRPOTrainer(smoke_cfg(f"name={name}", f"optim.token_budget={budget}", f"algorithm.loss_agg={agg}",
+                              "rollout.max_new_tokens=6", "optim.lr=0", "rewards={test_char_hash: 1.0}"))
+    groups, _, _ = t.collect()
+    assert all(len(set(g.rewards)) > 1 for g in groups)  # every group has a signal
+    seen, real = [], t.policy_pass.micro_batches
+    t.policy_pass.micro_batches = lambda samples, b: seen.append(real(samples, b)) or seen[-1]
+    t.update([s for g in groups for s in g.samples])
+    return t, seen[0]
+
+
+def test_micro_batching_gives_the_gradient_of_the_whole_batch(smoke_cfg):
+    """Token-budget micro-batches of unequal sizes, with accumulation, must equal one big batch, for every
+    aggregation but bnpo (whose normaliser is the micro-batch by definition: see the next test)."""
     for agg in ("grpo", "dapo", "dr_grpo"):
-        grads = []
-        for budget in (100_000, 40):
-            t = GRPOTrainer(smoke_cfg(f"name=mb-{agg}-{budget}", f"optim.token_budget={budget}",
-                                      f"algorithm.loss_agg={agg}", "rollout.max_new_tokens=6", "optim.lr=0"))
-            groups, _, _ = t.collect()
-            samples = [s for g in groups for s in g.samples]
-            t.update(samples)
-            grads.append(torch.cat([p.grad.flatten() for p in t.model.parameters() if p.grad is not None]))
-        assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4), agg
+        whole, one = _update(smoke_cfg, f"mb-{agg}-whole", agg, 100_000)
+        split, parts = _update(smoke_cfg, f"mb-{agg}-split", agg, 100)
+        assert len(one) == 1 and len({len(mb) for mb in parts}) > 1  # unequal micro-batches
+        assert torch.allclose(_grad(whole), _grad(split), atol=1e-6, rtol=1e-4), agg
+
+
+def test_bnpo_averages_the_token_means_of_the_micro_batches(smoke_cfg, monkeypatch):
+    """bnpo's gradient is (1/K) sum over micro-batches of (1/tokens of the micro-batch) sum of token gradients:
+    the same as one big batch whose tokens carry those weights."""
+    import ponder.rl.trainer as trainer_mod
+
+    split, parts = _update(smoke_cfg, "bnpo-split", "bnpo", 100)
+    assert len({sum(len(s.completion_ids) for s in mb) for mb in parts}) > 1  # unequal token counts
+    by_sample = {}
+    for mb in parts:
+        tokens = sum(len(s.completion_ids) for s in mb)
+        for s in mb:
+            by_sample[(tuple(s.prompt_ids), tuple(s.completion_ids), s.advantage)] = 1.0 / (tokens * len(parts))
+    monkeypatch.setattr(trainer_mod, "sequence_token_weights", lambda lengths, *a, **k: list(weights))
+    t = trainer_mod.GRPOTrainer(smoke_cfg("name=bnpo-whole", "optim.token_budget=100000", "algorithm.loss_agg=dapo",
+                                          "rollout.max_new_tokens=6", "optim.lr=0", "rewards={test_char_hash: 1.0}"))
+    groups, _, _ = t.collect()
+    samples = [s for g in groups for s in g.samples]
+    weights = [by_sample[(tuple(s.prompt_ids), tuple(s.completion_ids), s.advantage)] for s in samples]
+    t.update(samples)
+    assert torch.allclose(_grad(t), _grad(split), atol=1e-6, rtol=1e-4)
 
 
 def test_packed_forward_gives_the_gradient_of_the_padded_forward(smoke_cfg):
