@@ -1,6 +1,7 @@
 """GRPO end to end on the smoke task: a random tiny model must measurably learn."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -32,20 +33,29 @@ def test_random_model_learns_first_digit_from_below_20_to_above_90(smoke_cfg):
 
 
 def test_each_variant_runs_and_logs_its_figures(smoke_cfg):
-    """Dr. GRPO / DAPO options, mu > 1 (old log-probs kept), KL with a reference, RLOO, dynamic sampling."""
+    """Dr. GRPO / DAPO options, mu > 1 (old log-probs kept), KL with a reference reset every 2 steps, RLOO,
+    dynamic sampling: each figure checked where a broken variant would show."""
+    from ponder.rl.trainer import GRPOTrainer
+
     cfg = smoke_cfg("name=variants", "train.steps=3", "train.save_every=0", "rollout.prompts_per_step=4",
                     "algorithm.advantage=rloo", "algorithm.loss_agg=dr_grpo", "algorithm.mu=2",
                     "algorithm.minibatches=2", "algorithm.beta=0.04", "algorithm.ref_reset_every=2",
-                    "algorithm.dynamic_sampling=true", "optim.lr=1e-3")
-    trainer = train(cfg)
-    rows = _metrics(cfg.run_dir)
-    assert len(rows) == 3
-    assert trainer.ref is not None
-    # after the reset at step 2 the reference equals the policy of step 2, not the initial model
-    assert rows[-1]["kl"] >= 0
-    assert all(r["grad_norm"] is not None for r in rows)
-    # mu=2 x 2 mini-batches: the later updates are off-policy, so ratios leave 1 and can be clipped
-    assert any(r["clip_low_frac"] + r["clip_high_frac"] > 0 or r["kl"] > 0 for r in rows)
+                    "algorithm.dynamic_sampling=true", "optim.lr=0.05", "rewards={test_char_hash: 1.0}")
+    t = GRPOTrainer(cfg)
+    same_as_ref = lambda: all(torch.equal(a, b) for a, b in zip(t.model.parameters(), t.ref.parameters()))  # noqa: E731
+    assert same_as_ref()
+    rows = []
+    for step in (1, 2, 3):
+        rows.append(t.step())
+        # the reference follows the policy at every second step only
+        assert same_as_ref() == (step == 2), step
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
+    # later updates in a step are off-policy: with the old log-probs kept, ratios leave [1 - eps, 1 + eps_high]
+    # (ignoring them would make every ratio exactly 1, never clipped)
+    assert sum(r["clip_low_frac"] + r["clip_high_frac"] for r in rows) > 0
+    # the policy has moved away from the reference within steps 1 and 3 (k3 >= 0, and > 0 once it differs)
+    assert rows[0]["kl"] > 0 and rows[2]["kl"] > 0
+    assert all(r["groups_generated"] >= 4 for r in rows)
 
 
 def test_overlong_filtering_masks_truncated_completions(smoke_cfg):
