@@ -1,5 +1,6 @@
 """Run under torchrun by tests/test_distributed.py: two ranks, each with half of a fixed batch, must
-produce the gradient of the whole batch in one process (for every loss aggregation)."""
+produce the gradient of the whole batch in one process (for every loss aggregation). bnpo averages the
+token means of all ranks' micro-batches (here one per rank): the mean of the two halves' gradients."""
 
 import json
 import sys
@@ -28,7 +29,7 @@ def grads(trainer, samples):
 
 
 out_path, results = sys.argv[1], {}
-for agg in ("grpo", "dapo", "dr_grpo"):
+for agg in ("grpo", "dapo", "dr_grpo", "bnpo"):
     cfg = load_config("recipes/smoke-first-digit.yaml", [f"output_dir={out_path}.runs", f"name={agg}", "optim.lr=0",
                                                           f"algorithm.loss_agg={agg}", "optim.grad_clip=0"])
     trainer = GRPOTrainer(cfg)
@@ -37,7 +38,10 @@ for agg in ("grpo", "dapo", "dr_grpo"):
     active, world = distributed.active, trainer.world
     distributed.active, trainer.world = (lambda: False), 1  # the same trainer as one process
     try:
-        whole = grads(trainer, samples)
+        if agg == "bnpo":  # each half is one micro-batch
+            whole = (grads(trainer, samples[0::2]) + grads(trainer, samples[1::2])) / 2
+        else:
+            whole = grads(trainer, samples)
     finally:
         distributed.active, trainer.world = active, world
     results[agg] = (mine - whole).abs().max().item() / whole.abs().max().item()

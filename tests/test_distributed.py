@@ -11,5 +11,5 @@ def test_two_ranks_give_the_gradient_of_the_whole_batch(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rel = json.loads(out.read_text())
-    assert set(rel) == {"grpo", "dapo", "dr_grpo"}
+    assert set(rel) == {"grpo", "dapo", "dr_grpo", "bnpo"}
     assert all(v < 1e-5 for v in rel.values()), rel
