@@ -188,3 +188,14 @@ def test_engine_options_reach_the_engine_and_unknown_ones_are_named(smoke_cfg):
     assert (t.engine.keep_cache, t.engine.sync_every) == (False, 4)
     with pytest.raises(UserError, match=r"rollout.engine_options: the fast engine has no option 'keep_cach'; its options are .*keep_cache"):
         GRPOTrainer(smoke_cfg("name=eopts-bad", "rollout.engine=fast", "rollout.engine_options={keep_cach: false}"))
+
+
+def test_training_log_probs_use_the_sampling_temperature(smoke_cfg):
+    """Tokens drawn at temperature 0.5 are scored under the same tempered distribution, in both the old
+    log-probs (mu = 2) and the updates: with the weights frozen (lr 0) every ratio is exactly 1, never clipped."""
+    from ponder.rl.trainer import GRPOTrainer
+
+    t = GRPOTrainer(smoke_cfg("name=temperature", "rollout.temperature=0.5", "algorithm.mu=2", "optim.lr=0",
+                              "rollout.max_new_tokens=6", "rewards={test_char_hash: 1.0}"))
+    m = t.step()
+    assert m["clip_low_frac"] == 0 and m["clip_high_frac"] == 0  # at temperature 1 in the update: 7% clipped
