@@ -199,3 +199,14 @@ def test_training_log_probs_use_the_sampling_temperature(smoke_cfg):
                               "rollout.max_new_tokens=6", "rewards={test_char_hash: 1.0}"))
     m = t.step()
     assert m["clip_low_frac"] == 0 and m["clip_high_frac"] == 0  # at temperature 1 in the update: 7% clipped
+
+
+def test_gradient_clipping_bounds_the_applied_gradient(smoke_cfg):
+    """optim.grad_clip: the gradient the optimizer applies has at most that norm; the logged norm is the raw one."""
+    t, _ = _update(smoke_cfg, "clip", "grpo", 100_000)  # grad_clip 1.0 there: a raw norm well below it
+    raw = _grad(t).norm().item()
+    clip = raw / 10
+    t.cfg.optim.grad_clip = clip
+    groups, _, _ = t.collect()
+    stats = t.update([s for g in groups for s in g.samples])
+    assert stats["grad_norm"] > clip and _grad(t).norm().item() == pytest.approx(clip, rel=1e-4)
