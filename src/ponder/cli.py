@@ -1,4 +1,4 @@
-"""One entry point: ponder pretrain | sft | train | sample | distill | eval | report.
+"""One entry point: ponder pretrain | sft | train | sample | distill | eval | report | push.
 
 User mistakes (UserError) end in one line naming the culprit and the fix; no traceback.
 """
@@ -20,6 +20,7 @@ COMMANDS = {
     "distill": "ponder.distill",
     "eval": "ponder.evaluate",
     "report": "ponder.report",
+    "push": "ponder.push",
 }
 
 

@@ -23,7 +23,8 @@ from ponder.filters import ORDER, Candidate, FilterConfig, check_config, select
 
 @dataclass
 class SampleConfig:
-    model: str = "tiny-base"  # the model that writes the traces (teacher): a directory or built-in name
+    model: str = "tiny-base"  # the model that writes the traces (teacher): a directory, built-in name or Hub id
+    trust_remote_code: bool = False  # let the model run its own code (Hub models with custom architectures)
     tasks: list[TaskSpec] = field(default_factory=lambda: [TaskSpec(name="arithmetic")])
     template: str = "r1_zero"
     k: int = 8  # answers sampled per prompt
@@ -68,7 +69,8 @@ def add_parser(sub) -> None:
         "recipes/distill-tiny.yaml) and/or flags; flags win over the recipe and key=value overrides.",
     )
     p.add_argument("args", nargs="*", metavar="RECIPE_OR_OVERRIDE", help="optional YAML recipe, then key=value overrides")
-    p.add_argument("--model", help="model directory or built-in name (teacher)")
+    p.add_argument("--model", help="model directory, built-in name or Hub id owner/name[@revision] (teacher)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the model run its own code (custom Hub architectures)")
     p.add_argument("--tasks", help="comma-separated tasks: arithmetic,countdown; NAME:PATH for file tasks")
     p.add_argument("--split", help="task split (default train)")
     p.add_argument("--n", type=int, help="prompts per task")
@@ -97,6 +99,8 @@ def _run_cli(args) -> None:
             setattr(cfg, key, getattr(args, flag))
     if args.per_prompt is not None:
         cfg.filters.per_prompt = args.per_prompt
+    if args.trust_remote_code:
+        cfg.trust_remote_code = True
     if args.tasks:
         from ponder.evaluation.command import parse_options, parse_tasks
 
@@ -147,7 +151,8 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
             problems.append((label, str(ex.get("id", f"{spec.name}/{spec.split}/{i}")), ex))
     if model is None:
         device = pick_device(cfg.device)
-        model, tokenizer = load(cfg.model, seed=cfg.seed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model, tokenizer = load(cfg.model, seed=cfg.seed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                trust_remote_code=cfg.trust_remote_code)
         model.to(device)
     engine = make_engine(cfg.engine, model, tokenizer, batch_size=cfg.batch_size)
     params = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,

@@ -23,10 +23,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval` on the `ponder` command's subparsers; the parsed args' `func(args)` runs it."""
     p = subparsers.add_parser(
         "eval", help="evaluate a model: pass@1 over k samples, cons@k, pass@k",
-        description="Sample k answers per problem and report pass@1 (mean over k, bootstrap 95%% CI), cons@k and "
+        description="Sample k answers per problem and report pass@1 (mean over k, bootstrap 95% CI), cons@k and "
         "pass@k, scored by the tasks' own verifiers. Or lay earlier results side by side with --compare.",
     )
-    p.add_argument("--model", help="Hugging Face model directory or built-in name (tiny-random, tiny-base)")
+    p.add_argument("--model", help="Hugging Face model directory, Hub id owner/name[@revision] or built-in name (tiny-random, tiny-base)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the model run its own code (custom Hub architectures)")
     p.add_argument("--tasks", help="comma-separated task names; NAME:PATH for file-based tasks (jsonl:my.jsonl, gsm8k:test.jsonl), "
                    "reasoning_gym:DATASET")
     p.add_argument("--k", type=int, default=16, help="samples per problem (default 16)")
@@ -71,7 +72,7 @@ def run(args) -> int:
     import torch
 
     from ponder.evaluation.runner import evaluate
-    from ponder.models import load, resolve
+    from ponder.models import load
     from ponder.tasks import load_examples
 
     labelled = parse_tasks(args.tasks, split=args.split, n=args.n, options=parse_options(args.option))
@@ -84,7 +85,7 @@ def run(args) -> int:
     device = _device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, tokenizer = load(args.model, dtype=dtype)
+    model, tokenizer = load(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.to(device)
     result = evaluate(
         model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,
@@ -94,7 +95,7 @@ def run(args) -> int:
     )
     samples = result.pop("samples")
     head = {
-        "model": args.model, "model_path": str(resolve(args.model)), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": args.model, "model_path": _model_path(args.model), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "task_specs": [{"label": label, "name": s.name, "path": s.path, "split": s.split, "n": s.n, "options": s.options}
                        for label, s in labelled],
         "data_seed": args.data_seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
@@ -106,6 +107,14 @@ def run(args) -> int:
     console.print(compare_table([result], [Path(args.model).name]))
     console.print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
     return 0
+
+
+def _model_path(name: str) -> str:
+    """Where the weights came from: the directory, or for a Hub id the cached snapshot (named by its commit)."""
+    from ponder.models import HubModel, hub_snapshot, resolve
+
+    where = resolve(name)
+    return str((hub_snapshot(where) or where) if isinstance(where, HubModel) else where)
 
 
 def parse_tasks(text: str, *, split: str, n: int | None, options: dict) -> list:

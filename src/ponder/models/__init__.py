@@ -1,12 +1,21 @@
-"""Load and save models and tokenizers: any local Hugging Face directory, or a built-in tiny model by name.
+"""Load and save models and tokenizers: a built-in tiny model by name, any local Hugging Face directory,
+or a model on the Hugging Face Hub by id.
 
 Built-in names:
   tiny-random[-SHAPE]  a randomly initialised character-level Llama (SHAPE: nano, micro, small, base)
   tiny-base            the shipped pretrained base model of the miniature world (ponder/assets/tiny-base)
+Hub ids (`owner/name`, optionally `owner/name@revision`) load through transformers' `from_pretrained`:
+downloaded once into the Hugging Face cache (HF_HOME, HF_HUB_CACHE), read from it alone with
+HF_HUB_OFFLINE=1. Built-in names and local directories are looked up first. A model's own code from
+the Hub runs only with `trust_remote_code` (recipes: model.trust_remote_code: true).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +32,9 @@ def builtin_names() -> list[str]:
     return ["tiny-random"] + [f"tiny-random-{s}" for s in TINY_SHAPES] + shipped
 
 
-def resolve(path: str) -> Path | str:
-    """A local directory, a shipped model's directory, or a tiny-random name (returned as is)."""
+def resolve(path: str) -> Path | str | HubModel:
+    """A local directory, a shipped model's directory, a tiny-random name (returned as is), or a Hub id
+    (`owner/name[@revision]`, as a HubModel; whether it exists is found out when it loads)."""
     if path.startswith("tiny-random"):
         shape = path[len("tiny-random-"):] if path != "tiny-random" else "nano"
         if shape not in TINY_SHAPES:
@@ -37,14 +47,142 @@ def resolve(path: str) -> Path | str:
         return p
     if (ASSETS / path / "config.json").is_file():
         return ASSETS / path
+    hub = hub_id(path)
+    if hub is not None:
+        return hub
     raise UserError(
-        f"model '{path}' not found: give a local Hugging Face model directory or a built-in name "
-        f"({', '.join(builtin_names())})"
+        f"model '{path}' not found: give a local Hugging Face model directory, a Hub id (owner/name) or a "
+        f"built-in name ({', '.join(builtin_names())})"
     )
 
 
-def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Return (model, tokenizer) for a directory or built-in name. Tokenizers pad on the left for generation."""
+@dataclass(frozen=True)
+class HubModel:
+    """A model on the Hugging Face Hub: `repo_id` at `revision` (None: the default branch)."""
+
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<rev>[\w./-]+))?$")
+
+
+def hub_id(text: str) -> HubModel | None:
+    """`owner/name` or `owner/name@revision` as a HubModel; None for anything else (paths, names)."""
+    m = _HUB_ID.match(text)
+    if m is None or ".." in m["repo"] or "--" in m["repo"] or m["repo"].endswith((".", "-")):
+        return None
+    return HubModel(m["repo"], m["rev"])
+
+
+def hub_cache() -> Path:
+    """The Hub cache directory huggingface_hub uses, read from the environment now (not at import)."""
+    env = os.environ
+    path = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not path:
+        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+        path = os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(path)))
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, or as huggingface_hub read it at import."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return flag.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_snapshot(hub: HubModel) -> Path | None:
+    """The cached snapshot folder of a Hub model (its name is the commit), or None when it is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(hub.repo_id, "config.json", cache_dir=hub_cache(), revision=hub.revision)
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hub endpoint answers at all (any HTTP status), with one request and no retries."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # DNS, connection, proxy, TLS, timeout: all mean "not reachable from here"
+        return False
+    return True
+
+
+def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool):
+    """(model, tokenizer) through transformers' own loading and the Hub cache; one clear line when it cannot."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    cache, offline = hub_cache(), hub_offline()
+    cached = isinstance(try_to_load_from_cache(hub.repo_id, "config.json", cache_dir=cache, revision=hub.revision), str)
+    fixes = {
+        True: f"unset HF_HUB_OFFLINE to download it once (or run `hf download {hub.repo_id}`), or set HF_HOME to a cache that holds it",
+        False: "connect to the network (or set HTTPS_PROXY) and run again, or set HF_HOME to a cache that holds it",
+    }
+    # `runs/x` that does not exist reads as a Hub id: say so when its first part is a local folder
+    local = f" (nor a local directory: there is no {hub.repo_id})" if Path(hub.repo_id).parent.is_dir() else ""
+    if offline and not cached:
+        raise UserError(f"model '{hub}' is not in the Hugging Face cache at {cache}{local} and HF_HUB_OFFLINE=1 is set; {fixes[True]}")
+    if not offline and not _hub_reachable():
+        # huggingface_hub would retry every file for minutes; one quick probe decides instead
+        if not cached:
+            raise UserError(f"model '{hub}' is not in the Hugging Face cache at {cache}{local} and the Hugging Face Hub cannot be "
+                            f"reached (network unreachable); {fixes[False]}")
+        print(f"ponder: warning: the Hugging Face Hub cannot be reached; loading '{hub}' from the cache at {cache}", file=sys.stderr)
+        offline = True
+    kwargs = dict(revision=hub.revision, cache_dir=str(cache), local_files_only=offline, trust_remote_code=trust_remote_code)
+    downloading = not offline and not cached
+    if downloading:  # the first time: show the download (ponder hides transformers' bars otherwise)
+        from transformers.utils import logging as hf_logging
+
+        print(f"ponder: downloading '{hub}' into the Hugging Face cache at {cache} (once)", file=sys.stderr)
+        hf_logging.enable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(hub.repo_id, **kwargs)
+        # transformers looks for a peft adapter without the cache and offline settings unless given them here
+        adapter_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only")}
+        model = AutoModelForCausalLM.from_pretrained(hub.repo_id, dtype=dtype, adapter_kwargs=adapter_kwargs, **kwargs)
+    except (OSError, ValueError) as e:
+        causes, c = [], e
+        while c is not None and len(causes) < 16:  # the chain transformers builds on huggingface_hub's errors
+            causes.append(c)
+            c = c.__cause__ or c.__context__
+        kind = next((type(c) for c in causes if isinstance(c, (GatedRepoError, RevisionNotFoundError, RepositoryNotFoundError,
+                                                                 LocalEntryNotFoundError))), None)
+        if kind is not None and issubclass(kind, GatedRepoError):
+            raise UserError(f"model '{hub}' is gated on the Hugging Face Hub: accept its terms at "
+                            f"https://huggingface.co/{hub.repo_id} and log in (`hf auth login` or HF_TOKEN)") from None
+        if kind is not None and issubclass(kind, RevisionNotFoundError):
+            raise UserError(f"model '{hub.repo_id}' has no revision '{hub.revision}' on the Hugging Face Hub; "
+                            f"give a branch, tag or commit that exists") from None
+        if kind is not None and issubclass(kind, RepositoryNotFoundError):
+            raise UserError(f"model '{hub}' is neither a local directory nor a model on the Hugging Face Hub; check the "
+                            f"spelling (a private model needs `hf auth login` or HF_TOKEN)") from None
+        if kind is not None and issubclass(kind, LocalEntryNotFoundError):
+            why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else "the Hugging Face Hub cannot be reached (network unreachable)"
+            raise UserError(f"model '{hub}' is not (all) in the Hugging Face cache at {cache} and {why}; {fixes[hub_offline()]}") from None
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model '{hub}' runs its own code from the Hub; if you trust it, set "
+                            f"model.trust_remote_code=true in the recipe (ponder eval/sample: --trust-remote-code)") from None
+        raise UserError(f"could not load model '{hub}': {str(e).splitlines()[0]}") from None
+    finally:
+        if downloading:
+            hf_logging.disable_progress_bar()
+    return model, tok
+
+
+def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Return (model, tokenizer) for a built-in name, a directory or a Hub id. Tokenizers pad on the left for
+    generation. `trust_remote_code` lets a model run its own code (from the Hub or its directory)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # ponder's own progress display is the one the user watches
@@ -53,11 +191,17 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32):
         shape = where[len("tiny-random-"):] if where != "tiny-random" else "nano"
         model, tok = tiny_random(shape, seed)
         return model.to(dtype), tok
-    try:
-        tok = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load model '{where}': {str(e).splitlines()[0]}") from None
+    if isinstance(where, HubModel):
+        model, tok = _load_from_hub(where, dtype, trust_remote_code)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            if "trust_remote_code" in str(e):
+                raise UserError(f"model '{where}' runs its own code; if you trust it, set model.trust_remote_code=true "
+                                f"in the recipe (ponder eval/sample: --trust-remote-code)") from None
+            raise UserError(f"could not load model '{where}': {str(e).splitlines()[0]}") from None
     tok.padding_side = "left"
     if tok.pad_token is None:  # many base models ship without one; generation and batching need it
         tok.pad_token = tok.eos_token
@@ -83,7 +227,7 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
     """The model a trainer updates, in train mode on `device`: the checkpoint `last` with its full
     weights, or (LoRA) the base model plus fresh adapters, loaded from `state["adapter"]` on resume."""
     source = str(last) if (last is not None and model_cfg.lora is None) else model_cfg.path
-    model, tok = load(source, seed=seed)
+    model, tok = load(source, seed=seed, trust_remote_code=getattr(model_cfg, "trust_remote_code", False))
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if model_cfg.lora is not None:

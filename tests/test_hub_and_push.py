@@ -1,0 +1,182 @@
+"""Models by Hub id from a local Hugging Face cache (offline), and `ponder push --dry-run`'s folder and card."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ponder import models
+from ponder.cli import main
+from ponder.config import load_config
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+EVAL = ["eval.tasks=[{name: first_digit, split: test, n: 8, options: {digit: 7}}]", "eval.k=2"]
+SMALL = ["train.steps=2", "train.save_every=1", "rollout.prompts_per_step=4", "rollout.group_size=4"]
+
+
+def _offline(mp, home):
+    """A Hugging Face home of our own, offline; set after huggingface_hub was imported (read at call time)."""
+    mp.setenv("HF_HOME", str(home))
+    mp.delenv("HF_HUB_CACHE", raising=False)
+    mp.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    mp.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _place_in_cache(home, repo, seed, commit=COMMIT, ref="main"):
+    """A tiny model in the Hub cache's layout: hub/models--owner--name/{refs/<ref>, snapshots/<commit>/...}."""
+    model, tok = models.tiny_random("nano", seed)
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    models.save(model, tok, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
+    return model
+
+
+def _max_diff(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+
+
+@pytest.fixture(scope="module")
+def hub_run(tmp_path_factory):
+    """A GRPO run (2 steps, evaluated before and after) of `owner/tiny`, found only in the offline cache."""
+    from ponder.train import train
+
+    root = tmp_path_factory.mktemp("hub")
+    with pytest.MonkeyPatch.context() as mp:
+        _offline(mp, root / "hf")
+        placed = _place_in_cache(root / "hf", "owner/tiny", seed=3)
+        cfg = load_config("recipes/smoke-first-digit.yaml",
+                          [f"output_dir={root}", "name=run", "model.path=owner/tiny", *SMALL, *EVAL])
+        trainer = train(cfg)
+    return root / "run", placed, trainer
+
+
+def test_hub_id_from_the_cache_trains_and_evaluates(hub_run):
+    run, placed, trainer = hub_run
+    assert trainer.step_no == 2
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()][:2] == [1, 2]
+    # the run started from the cached model (seed 3), not from a built-in one (a tiny-random would be seed 0)
+    ckpt, _ = models.load(str(run / "checkpoints" / "step-2"))
+    assert _max_diff(ckpt, placed) < 0.02 < _max_diff(ckpt, models.tiny_random("nano", 0)[0])
+    for tag in ("before", "after"):
+        figures = json.loads((run / f"eval_{tag}.json").read_text())["first_digit/test"]["metrics"]
+        assert figures["problems"] == 8 and figures["k"] == 2
+
+
+def test_hub_id_with_revision_loads_those_weights(tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
+    main_branch = _place_in_cache(tmp_path, "owner/tiny", seed=5)
+    tagged = _place_in_cache(tmp_path, "owner/tiny", seed=6, commit="f" * 40, ref="v1")
+    model, tok = models.load("owner/tiny")
+    assert _max_diff(model, main_branch) == 0.0 and tok.padding_side == "left"
+    assert _max_diff(models.load("owner/tiny@v1")[0], tagged) == 0.0
+    assert _max_diff(models.load(f"owner/tiny@{'f' * 40}")[0], tagged) == 0.0
+    # ponder eval by Hub id records the snapshot (the commit) the weights came from
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "owner/tiny@v1", "--tasks", "first_digit", "--n", "4", "--k", "1",
+                 "--max-tokens", "2", "--quiet", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["model"] == "owner/tiny@v1" and result["tasks"]["first_digit"]["problems"] == 4
+    assert result["model_path"] == str(tmp_path / "hub" / "models--owner--tiny" / "snapshots" / ("f" * 40))
+
+
+def test_resolve_keeps_builtin_names_and_local_dirs_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    models.save(*models.tiny_random("nano", 0), tmp_path / "owner" / "local")
+    assert models.resolve("owner/local") == Path("owner/local")  # a local directory, though it looks like a Hub id
+    assert models.resolve("tiny-base").name == "tiny-base"
+    assert models.resolve("owner/other@v1.0") == models.HubModel("owner/other", "v1.0")
+    for not_an_id in ("./owner/other", "a/b/c", "/abs/path", "owner/x..y"):
+        with pytest.raises(models.UserError, match="not found: give a local Hugging Face model directory, a Hub id"):
+            models.resolve(not_an_id)
+
+
+def _error_line(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_uncached_hub_id_offline_is_one_clear_line(capsys, tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path / "hf")
+    _place_in_cache(tmp_path / "hf", "owner/tiny", seed=0)
+    fix = "unset HF_HUB_OFFLINE to download it once (or run `hf download {}`), or set HF_HOME to a cache that holds it"
+    cache = tmp_path / "hf" / "hub"
+    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "model.path=owner/missing")
+    assert line == (f"ponder: error: model 'owner/missing' is not in the Hugging Face cache at {cache} and "
+                    f"HF_HUB_OFFLINE=1 is set; {fix.format('owner/missing')}")
+    assert not (tmp_path / "smoke-first-digit").exists()  # nothing written
+    line = _error_line(capsys, "eval", "--model", "owner/tiny@v2", "--tasks", "first_digit", "--out", str(tmp_path / "e"))
+    assert line == (f"ponder: error: model 'owner/tiny@v2' is not in the Hugging Face cache at {cache} and "
+                    f"HF_HUB_OFFLINE=1 is set; {fix.format('owner/tiny')}")
+
+
+def test_trust_remote_code_reaches_transformers_only_when_asked(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ponder.config import ModelConfig
+
+    _offline(monkeypatch, tmp_path)
+    _place_in_cache(tmp_path, "owner/tiny", seed=0)
+    seen = []
+    for cls in (AutoModelForCausalLM, AutoTokenizer):
+        original = cls.from_pretrained.__func__
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(
+            lambda c, *a, _orig=original, **kw: seen.append(kw["trust_remote_code"]) or _orig(c, *a, **kw)))
+    models.load_trainable(ModelConfig(path="owner/tiny"))
+    models.load_trainable(load_config("recipes/smoke-first-digit.yaml",
+                                      ["model.path=owner/tiny", "model.trust_remote_code=true"]).model)
+    assert seen == [False, False, True, True]
+
+
+def _table(card):
+    """{figure: [before, after]} from the card's markdown table."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in card.splitlines() if line.startswith("| ")]
+    return {r[1]: r[2:] for r in rows[1:]}
+
+
+def test_push_dry_run_writes_the_folder_and_a_card_with_the_runs_figures(hub_run, tmp_path, capsys, monkeypatch):
+    from ponder import push
+
+    run = tmp_path / "run"
+    shutil.copytree(hub_run[0], run)
+    # distinct figures after training, so that the card shows the run's own and in the right column
+    after = json.loads((run / "eval_after.json").read_text())
+    after["first_digit/test"]["metrics"].update({"pass@1": 0.75, "format_rate": 0.625, "mean_length": 3.5})
+    (run / "eval_after.json").write_text(json.dumps(after))
+    before = json.loads((run / "eval_before.json").read_text())["first_digit/test"]["metrics"]
+    monkeypatch.setattr(push, "upload", lambda *a, **k: pytest.fail("a dry run uploads nothing"))
+
+    out = tmp_path / "out"
+    assert main(["push", str(run / "checkpoints" / "step-2"), "--repo", "me/tiny-grpo", "--dry-run", str(out)]) == 0
+    assert f"wrote 9 files to {out}" in capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["README.md", "recipe.yaml", "eval_before.json", "eval_after.json", "config.json",
+                            "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+    assert (out / "model.safetensors").read_bytes() == (run / "checkpoints" / "step-2" / "model.safetensors").read_bytes()
+    assert (out / "recipe.yaml").read_text() == (run / "config.yaml").read_text()
+    assert json.loads((out / "eval_after.json").read_text()) == after
+    card = (out / "README.md").read_text()
+    assert "base_model: owner/tiny" in card and "# me/tiny-grpo" in card
+    assert "```bash\nponder train recipe.yaml\n```" in card
+    assert "model:\n  path: owner/tiny" in card  # the recipe, in the card
+    table = _table(card)
+    assert table["pass@1"] == [f"{before['pass@1']:.3f}", "0.750"]
+    assert table["format"] == [f"{before['format_rate']:.3f}", "0.625"]
+    assert table["length (tokens)"] == [f"{before['mean_length']:.1f}", "3.5"]
+    assert table["problems"] == ["8", "8"]
+
+    # an earlier checkpoint was not evaluated: the final figures are not claimed for it
+    out1 = tmp_path / "out1"
+    assert main(["push", str(run / "checkpoints" / "step-1"), "--repo", "me/tiny-grpo", "--dry-run", str(out1)]) == 0
+    card = (out1 / "README.md").read_text()
+    assert not (out1 / "eval_after.json").exists() and "0.750" not in card
+    assert "`step-1` itself was not evaluated" in card
+    # a folder that exists is not written into
+    line = _error_line(capsys, "push", str(run / "checkpoints" / "step-2"), "--repo", "me/tiny-grpo", "--dry-run", str(out))
+    assert line == f"ponder: error: --dry-run: '{out}' already exists and is not an empty folder; give a new folder"
