@@ -30,9 +30,10 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "tiny-random"  # local Hugging Face directory, or a built-in model name (ponder.models)
+    path: str = "tiny-random"  # built-in model name, local Hugging Face directory, or Hub id owner/name[@revision] (ponder.models)
     lora: Optional[LoraConfig] = None  # LoRA adapters through peft; None trains all weights
     gradient_checkpointing: bool = False
+    trust_remote_code: bool = False  # let the model run its own code (Hub models with custom architectures)
 
 
 @dataclass
@@ -113,6 +114,8 @@ class TrainConfig:
     log_samples: int = 4  # completions per step written to samples.jsonl
     max_nan_steps: int = 5  # this many non-finite losses in a row stop the run
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    # where metrics and samples go besides metrics.jsonl / samples.jsonl: tensorboard, wandb, mlflow (ponder.metrics)
+    log_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     reflection_words: list[str] = field(
         default_factory=lambda: ["wait", "verify", "check", "mistake", "however", "recheck"]
     )
@@ -285,6 +288,8 @@ def apply_override(data: dict, dotted: str) -> None:
         value = raw
     node = data
     parts = key.strip().split(".")
+    if parts[0] == "rewards" and ":" in key:  # rewards.my_pkg.mod:fn=1.0 names a reward of one's own
+        parts = ["rewards", key.strip().split(".", 1)[1]]
     for part in parts[:-1]:
         if not isinstance(node.get(part, {}), dict):
             raise UserError(f"override '{key}': '{part}' is not a section")
@@ -306,6 +311,7 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise UserError(f"recipe '{path}' is not valid YAML{at}: fix the syntax") from None
     if not isinstance(data, dict):
         raise UserError(f"recipe '{path}' must be a mapping of options at its top level")
+    data.pop("changes", None)  # a run's config.yaml lists the changes made on resume (ponder.resume): history, not a setting
     base = data.pop("base", None)
     if base is None:
         return data
@@ -349,3 +355,6 @@ def validate(cfg) -> None:
         raise UserError("config rewards is empty; name at least one reward, e.g. rewards: {accuracy: 1.0}")
     if cfg.optim.token_budget is not None and cfg.optim.token_budget < 1:
         raise UserError("config optim.token_budget must be positive")
+    from ponder.metrics import check_log_to
+
+    check_log_to(cfg.train.log_to)

@@ -1,12 +1,43 @@
-"""Where the figures of a run go: metrics.jsonl, samples.jsonl, TensorBoard and the console."""
+"""Where the figures of a run go: metrics.jsonl, samples.jsonl, the console, and the logging backends named by
+`train.log_to`: TensorBoard (the default), Weights & Biases, MLflow. The JSONL files are always written; the
+backends mirror them and are optional packages (`pip install 'ponder[wandb]'`, `'ponder[mlflow]'`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
+
+from ponder.errors import UserError
+
+# train.log_to -> (the module it imports, what installs it)
+LOG_BACKENDS = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "wandb": ("wandb", "pip install 'ponder[wandb]'"),
+    "mlflow": ("mlflow", "pip install 'ponder[mlflow]'"),
+}
+
+
+def check_log_to(names, where: str = "train.log_to") -> None:
+    """Unknown backend names are errors that list the known ones."""
+    for name in names:
+        if name not in LOG_BACKENDS:
+            raise UserError(f"config {where}: unknown logging backend '{name}'; known: {', '.join(LOG_BACKENDS)}")
+
+
+def require_backends(names, where: str = "train.log_to") -> None:
+    """Each named backend's package must be installed: one line naming the extra to install otherwise."""
+    check_log_to(names, where)
+    for name in names:
+        module, install = LOG_BACKENDS[name]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{where} names {name} but the {module} package is not installed; "
+                            f"{install} (or remove {name} from {where})")
+
 
 DEFAULT_REFLECTION_WORDS = ("wait", "verify", "check", "mistake", "however", "recheck")
 
@@ -35,25 +66,45 @@ def _jsonable(v):
 
 
 class MetricsWriter:
-    """Appends one JSON line per step; mirrors scalars to TensorBoard. Resumable (truncates later steps)."""
+    """Appends one JSON line per step and mirrors it to the backends of `log_to`. Resumable: the lines of steps
+    after `resume_step` are dropped (they will be recomputed), and W&B / MLflow continue the run they started.
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True, enabled: bool = True):
-        self.run_dir, self.enabled = run_dir, enabled
+    `log_to` and `config` (the resolved recipe, logged as the run's config) default to those of the run's
+    config.yaml, which the trainers write before they open the writer; without one, TensorBoard only."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True, enabled: bool = True,
+                 log_to: list[str] | None = None, config: dict | None = None):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.tb, self.backends = None, []
         if not enabled:  # ranks other than 0 of a data-parallel run write nothing
             return
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.samples_path = run_dir / "samples.jsonl"
+        if config is None:
+            config = _read_config(self.run_dir / "config.yaml")
+        if log_to is None:
+            log_to = (config.get("train") or {}).get("log_to")
+            log_to = ["tensorboard"] if log_to is None else log_to
+        if not tensorboard:
+            log_to = [b for b in log_to if b != "tensorboard"]
+        self.log_to = list(dict.fromkeys(log_to))
+        require_backends([b for b in self.log_to if b != "tensorboard"])
+        resumed = bool(resume_step)  # W&B and MLflow continue the run they started (their ids are in run_dir)
+        for name in self.log_to:
+            if name == "wandb":
+                self.backends.append(_WandB(self.run_dir, config, resumed))
+            elif name == "mlflow":
+                self.backends.append(_MLflow(self.run_dir, config, resumed))
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.samples_path = self.run_dir / "samples.jsonl"
         if resume_step is not None:  # steps after the checkpoint will be recomputed
             for path in (self.metrics_path, self.samples_path):
                 _truncate_after(path, resume_step)
         self._metrics = self.metrics_path.open("a", encoding="utf-8")
         self._samples = self.samples_path.open("a", encoding="utf-8")
-        self.tb = None
-        if tensorboard:
+        if "tensorboard" in self.log_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
             except ImportError:  # TensorBoard is optional; metrics.jsonl holds everything
                 self.tb = None
 
@@ -63,11 +114,14 @@ class MetricsWriter:
         row = {"step": step, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
+        scalars = {k: v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        for b in self.backends:
+            b.log(step, scalars)
 
     def samples(self, step: int, rows: list[dict]) -> None:
         if not self.enabled:
@@ -75,6 +129,9 @@ class MetricsWriter:
         for r in rows:
             self._samples.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
         self._samples.flush()
+        if rows:
+            for b in self.backends:
+                b.samples(step, rows)
 
     def close(self) -> None:
         if not self.enabled:
@@ -83,6 +140,146 @@ class MetricsWriter:
         self._samples.close()
         if self.tb is not None:
             self.tb.close()
+        for b in self.backends:
+            b.close()
+        self.backends = []
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _cell(v):
+    """A samples-table cell: numbers and text as they are, anything else as JSON."""
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return json.dumps(v, ensure_ascii=False, default=str)
+
+
+class _WandB:
+    """Weights & Biases: one W&B run per ponder run (its id kept in RUN_DIR/wandb_id, so --resume continues
+    it); the W&B files go under RUN_DIR/wandb unless WANDB_DIR says otherwise. WANDB_MODE=offline (or
+    `wandb offline`) is honoured as W&B honours it: nothing leaves the machine until `wandb sync`.
+    WANDB_PROJECT names the project (default: ponder). Samples go to the table `samples`."""
+
+    def __init__(self, run_dir: Path, config: dict, resumed: bool):
+        import wandb
+
+        self.wandb = wandb
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT") or "ponder", name=run_dir.name, id=run_id, resume="allow",
+                dir=os.environ.get("WANDB_DIR") or str(run_dir), config=config,
+            )
+        except Exception as e:  # no API key, no network, a bad entity, ...
+            raise UserError(f"Weights & Biases could not start a run ({_first_line(e)}); log in with `wandb login`, "
+                            "or log offline with WANDB_MODE=offline, or remove wandb from train.log_to") from None
+        id_file.write_text(self.run.id + "\n")
+        self.table = None
+        self.columns: list[str] = []
+
+    def log(self, step: int, scalars: dict) -> None:
+        if scalars and step >= (self.run.step or 0):  # W&B drops steps before its current one
+            self.run.log(scalars, step=step)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        if step < (self.run.step or 0):
+            return
+        if self.table is None:
+            self.columns = ["step"] + list(dict.fromkeys(k for r in rows for k in r))
+            try:  # new rows only, each time (W&B >= 0.19); else the whole table again
+                self.table = self.wandb.Table(columns=self.columns, log_mode="INCREMENTAL")
+            except TypeError:
+                self.table = self.wandb.Table(columns=self.columns)
+        for r in rows:
+            self.table.add_data(*[_cell(step if c == "step" else r.get(c)) for c in self.columns])
+        self.run.log({"samples": self.table}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+_MLFLOW_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_name(key: str) -> str:
+    """MLflow allows letters, digits and _ - . space : / in metric names: pass@1 -> pass_at_1."""
+    return _MLFLOW_BAD.sub("_", key.replace("@", "_at_"))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class _MLflow:
+    """MLflow: one MLflow run per ponder run (its id kept in RUN_DIR/mlflow_id, so --resume continues it), in the
+    tracking store MLflow itself picks (MLFLOW_TRACKING_URI; else its local default) and the experiment
+    MLFLOW_EXPERIMENT_NAME (default: ponder). The recipe is logged as params (dotted keys); metric names
+    are made MLflow-safe (pass@1 -> pass_at_1); config.yaml and samples.jsonl are uploaded as artifacts at
+    the end."""
+
+    def __init__(self, run_dir: Path, config: dict, resumed: bool):
+        import mlflow
+        from mlflow.entities import Param
+
+        self.run_dir = run_dir
+        id_file = run_dir / "mlflow_id"
+        try:
+            self.client = mlflow.MlflowClient()
+            run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
+            if run_id:
+                self.client.update_run(run_id, status="RUNNING")
+            else:
+                name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "ponder"
+                exp = self.client.get_experiment_by_name(name)
+                exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+                run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
+                params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+                for i in range(0, len(params), 100):  # MLflow takes at most 100 params a call
+                    self.client.log_batch(run_id, params=params[i:i + 100])
+        except Exception as e:
+            raise UserError(f"MLflow could not start a run ({_first_line(e)}); set MLFLOW_TRACKING_URI to a tracking "
+                            "server or store, or remove mlflow from train.log_to") from None
+        self.run_id = run_id
+        id_file.write_text(run_id + "\n")
+
+    def log(self, step: int, scalars: dict) -> None:
+        from mlflow.entities import Metric
+
+        if scalars:
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(mlflow_name(k), float(v), now, step) for k, v in scalars.items()])
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        pass  # samples.jsonl goes up whole at the end
+
+    def close(self) -> None:
+        for name in ("config.yaml", "samples.jsonl"):
+            if (self.run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(self.run_dir / name))
+        self.client.set_terminated(self.run_id)
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ponder.config import RunConfig, load_config
+from ponder.resume import SAFE_ON_RESUME
 
 console = Console()
 
@@ -23,15 +24,30 @@ def add_parser(sub) -> None:
     p.add_argument("recipe", help="YAML recipe (see recipes/; every knob is commented there)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 algorithm.loss_agg=dr_grpo")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint, exactly")
-    p.set_defaults(func=lambda args: train(load_config(args.recipe, args.overrides), resume=args.resume))
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue with settings that differ from the run's config.yaml (each change is "
+                   "recorded there with the step it applies from); without it only " + ", ".join(SAFE_ON_RESUME["train"])
+                   + " may change")
+    p.set_defaults(func=lambda args: train(load_config(args.recipe, args.overrides), resume=args.resume,
+                                           allow_changes=args.allow_changes))
 
 
-def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None):
-    """Run to cfg.train.steps (or `stop_after` more steps, for tests). Returns the trainer."""
+def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, allow_changes: bool = False):
+    """Run to cfg.train.steps (or `stop_after` more steps, for tests). Returns the trainer. On resume, settings
+    that differ from the run's config.yaml are refused unless safe or allowed (ponder.resume)."""
+    from ponder import resume as resuming
+    from ponder.metrics import require_backends
     from ponder.rl.trainer import GRPOTrainer
 
+    require_backends(cfg.train.log_to)
+    changes = resuming.check(cfg, "train", allow_changes) if resume else None
     trainer = GRPOTrainer(cfg, resume=resume)
     main = trainer.rank == 0  # with torchrun, rank 0 evaluates, prints and writes
+    if changes is not None and main:
+        resuming.record(trainer.run_dir, changes, trainer.step_no)
+        if changes.changed:
+            console.print(f"resuming from step {trainer.step_no} with changes (recorded in config.yaml): {changes.describe()}",
+                          markup=False)
     evaluating = bool(cfg.eval.tasks) and main
     before = _evaluate(trainer, "before") if evaluating and not resume else _load_eval(trainer, "before")
     t = cfg.train

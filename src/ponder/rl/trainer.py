@@ -102,7 +102,8 @@ class GRPOTrainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
-        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0, enabled=self.rank == 0)
+        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0, enabled=self.rank == 0,
+                                     log_to=cfg.train.log_to, config=to_dict(cfg))
 
     # ---------------------------------------------------------------- the GRPO step, top to bottom
     def step(self) -> dict:
@@ -310,7 +311,7 @@ class GRPOTrainer:
             if self.state.get("ref") is not None:
                 ref.load_state_dict(self.state["ref"])
             else:  # never reset: the reference is the initial model, not the resumed policy
-                ref, _ = models.load(self.cfg.model.path, seed=self.cfg.seed)
+                ref, _ = models.load(self.cfg.model.path, seed=self.cfg.seed, trust_remote_code=self.cfg.model.trust_remote_code)
                 ref = ref.to(self.device).eval()
         ref.requires_grad_(False)
         return ref

@@ -13,6 +13,7 @@ import json
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ponder.resume import SAFE_ON_RESUME
 from ponder.sft.config import SFTConfig, load_sft_config
 
 console = Console()
@@ -29,14 +30,30 @@ def add_parser(sub) -> None:
     p.add_argument("recipe", help="YAML recipe (see recipes/coldstart-tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 model.path=runs/x/final")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint, exactly")
-    p.set_defaults(func=lambda args: sft(load_sft_config(args.recipe, args.overrides), resume=args.resume))
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue with settings that differ from the run's config.yaml (each change is "
+                   "recorded there with the step it applies from); without it only " + ", ".join(SAFE_ON_RESUME["sft"])
+                   + " may change")
+    p.set_defaults(func=lambda args: sft(load_sft_config(args.recipe, args.overrides), resume=args.resume,
+                                         allow_changes=args.allow_changes))
 
 
-def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, quiet: bool = False):
-    """Train to the end (or `stop_after` more steps, for tests). Returns the trainer."""
+def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, quiet: bool = False,
+        allow_changes: bool = False):
+    """Train to the end (or `stop_after` more steps, for tests). Returns the trainer. On resume, settings that
+    differ from the run's config.yaml are refused unless safe or allowed (ponder.resume)."""
+    from ponder import resume as resuming
+    from ponder.metrics import require_backends
     from ponder.sft.trainer import SFTTrainer
 
+    require_backends(cfg.train.log_to)
+    changes = resuming.check(cfg, "sft", allow_changes) if resume else None
     trainer = SFTTrainer(cfg, resume=resume)
+    if changes is not None:
+        resuming.record(trainer.run_dir, changes, trainer.step_no)
+        if changes.changed and not quiet:
+            console.print(f"resuming from step {trainer.step_no} with changes (recorded in config.yaml): {changes.describe()}",
+                          markup=False)
     r = trainer.report
     note = r.warning()
     if note:

@@ -34,6 +34,7 @@ class SFTTrain:
     sample_max_new_tokens: int = 128
     max_nan_steps: int = 5
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    log_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow (ponder.metrics)
 
 
 @dataclass
@@ -66,6 +67,9 @@ def check(cfg: SFTConfig) -> None:
         raise UserError("config data.max_len must be at least 2 tokens")
     if cfg.optim.token_budget is not None and cfg.optim.token_budget < 1:
         raise UserError("config optim.token_budget must be positive")
+    from ponder.metrics import check_log_to
+
+    check_log_to(t.log_to)
 
 
 def load_sft_config(path, overrides=()) -> SFTConfig:

@@ -53,7 +53,8 @@ class SFTTrainer:
             checkpoint.restore_training(self, self.state)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
-        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0)
+        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0,
+                                     log_to=cfg.train.log_to, config=to_dict(cfg))
 
     # ---------------------------------------------------------------- one optimizer step
     def step(self) -> dict:

@@ -1,0 +1,129 @@
+"""`--resume` continues a run with the settings it was started with, not silently with others.
+
+On resume the recipe and overrides are compared with the run's config.yaml. Keys that only say how long to
+run, how often to save or log, and where the figures go may change (SAFE_ON_RESUME); any other difference
+is an error naming each key with its old and new value, unless `--allow-changes` is given. Every change
+that goes through, safe or allowed, is recorded in config.yaml under `changes:` (key, old, new, and the
+first step trained with the new value), so config.yaml says what the run actually used:
+
+    changes:
+    - {key: optim.lr, old: 0.001, new: 0.0001, from_step: 51}
+
+`changes:` is history, not a setting: a recipe that has one (config.yaml used as a recipe) is read without it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ponder.config import build, to_dict
+from ponder.errors import UserError
+
+# keys that change neither what a step computes nor what the run is: how long, how often, where figures go
+SAFE_ON_RESUME = {
+    "train": ("train.steps", "train.save_every", "train.keep_last", "train.log_samples", "train.max_nan_steps",
+              "train.threads", "train.log_to", "eval.every"),
+    "sft": ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.log_samples",
+            "train.sample_max_new_tokens", "train.max_nan_steps", "train.threads", "train.log_to"),
+}
+LOCATION = ("name", "output_dir")  # they say where the run is, so they match by construction
+CHANGES_KEY = "changes"
+_MISSING = object()
+
+
+@dataclass
+class ResumeChanges:
+    """What a resume changes, to record in config.yaml once the trainer has written it."""
+
+    previous: list = field(default_factory=list)  # the `changes:` of earlier resumes
+    changed: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, old, new)
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {_fmt(o)} -> {_fmt(n)}" for k, o, n in self.changed)
+
+
+def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
+    """Compare `cfg` with the run's config.yaml; raise for changes that are not safe unless allowed."""
+    path = cfg.run_dir / "config.yaml"
+    saved = _load(path)
+    if saved is None:
+        return ResumeChanges()
+    previous = saved.pop(CHANGES_KEY, None) or []
+    try:  # fill in keys added to ponder since the run started, with their defaults
+        saved = to_dict(build(type(cfg), saved))
+    except UserError:
+        pass  # a key since removed: compare what is there
+    changed = diff(saved, to_dict(cfg))
+    safe = SAFE_ON_RESUME[command]
+    unsafe = [(k, o, n) for k, o, n in changed if k not in safe]
+    if unsafe and not allow_changes:
+        listed = ", ".join(f"{k} {_fmt(o)} -> {_fmt(n)}" for k, o, n in unsafe)
+        raise UserError(f"--resume with settings that differ from the run's {path}: {listed}; pass --allow-changes "
+                        "to continue with them (config.yaml records each change and the step it applies from), or "
+                        f"leave them out. Safe to change on resume: {', '.join(safe)}")
+    return ResumeChanges(previous if isinstance(previous, list) else [previous], changed)
+
+
+def record(run_dir: Path, changes: ResumeChanges, step: int) -> None:
+    """Add the changes, applied from step `step + 1`, to the config.yaml the trainer has just written."""
+    if not changes.previous and not changes.changed:
+        return
+    path = Path(run_dir) / "config.yaml"
+    data = _load(path) or {}
+    data.pop(CHANGES_KEY, None)
+    new = [{"key": k, "old": _plain(o), "new": _plain(n), "from_step": step + 1} for k, o, n in changes.changed]
+    data[CHANGES_KEY] = list(changes.previous) + new
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+
+
+def diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in list(a) + [k for k in b if k not in a]:
+        if key.split(".")[0] in LOCATION or key.split(".")[0] == CHANGES_KEY:
+            continue
+        o, n = a.get(key, _MISSING), b.get(key, _MISSING)
+        if not _same(o, n):
+            out.append((key, None if o is _MISSING else o, None if n is _MISSING else n))
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _load(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _plain(v):
+    return json.loads(json.dumps(v, default=str))
+
+
+def _fmt(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v, default=str)

@@ -1,0 +1,166 @@
+"""train.log_to: W&B (offline) and MLflow get the metrics, the run's config and the samples; unknown or missing
+backends end in one line."""
+
+import json
+import struct
+import sys
+import time
+
+import pytest
+
+from ponder.cli import main
+
+SMOKE = "recipes/smoke-first-digit.yaml"
+
+
+def _error_line(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # pytest owns stdout
+    monkeypatch.setenv("WANDB_X_DISABLE_STATS", "true")  # no system-metrics sampler on two cores
+    (tmp_path / "wandb-dir").mkdir()
+    return tmp_path / "wandb-dir"
+
+
+def _wandb_records(run_file):
+    """The records of an offline run's .wandb file (a LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos, buf, out = run_file.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        if length == 0 and kind == 0:
+            pos += left - 7
+            continue
+        buf += data[pos:pos + length]
+        pos += length
+        if kind in (1, 4):  # full, last
+            record = pb.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+            buf = b""
+    return out
+
+
+def _offline_run(wandb_dir):
+    runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert runs, list(wandb_dir.rglob("*"))
+    history, config, ids = {}, {}, []
+    for run in runs:
+        for _ in range(300):  # W&B's own process may still be writing the file when finish() returns
+            records = _wandb_records(next(run.glob("run-*.wandb")))
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                break
+            time.sleep(0.1)
+        for r in records:
+            kind = r.WhichOneof("record_type")
+            if kind == "history":
+                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                history[row["_step"]] = row
+            elif kind == "run":
+                ids.append(r.run.run_id)
+                config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+            elif kind == "config":
+                config.update({i.key: json.loads(i.value_json) for i in r.config.update})
+    return ids, history, config
+
+
+def test_wandb_offline_gets_metrics_config_and_samples(tmp_path, wandb_offline):
+    assert main(["train", SMOKE, f"output_dir={tmp_path}", "name=wb", "train.steps=2", "train.log_samples=2",
+                 "rollout.prompts_per_step=4", "rollout.group_size=4",
+                 "train.log_to=[tensorboard, wandb]"]) == 0
+    run_dir = tmp_path / "wb"
+    assert (run_dir / "tensorboard").is_dir()
+    ids, history, config = _offline_run(wandb_offline)
+    assert ids == [(run_dir / "wandb_id").read_text().strip()]
+    logged = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(history) == [1, 2]
+    for row in logged:
+        assert history[row["step"]]["reward"] == pytest.approx(row["reward"])
+    assert config["optim"]["lr"] == 3e-3 and config["train"]["log_to"] == ["tensorboard", "wandb"]
+    assert history[2]["samples/_type"] in ("incremental-table-file", "table-file")
+    tables = sorted(wandb_offline.glob("wandb/offline-run-*/files/media/table/samples_*.table.json"))
+    assert tables
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:4] == ["step", "prompt", "answer", "completion"] and len(table["data"]) == 2
+
+
+def test_wandb_resume_continues_the_same_run(tmp_path, wandb_offline):
+    from ponder.metrics import MetricsWriter
+
+    for resume_step, steps in ((0, (1, 2)), (1, (2, 3))):  # killed after step 2, resumed from checkpoint step-1
+        w = MetricsWriter(tmp_path, resume_step=resume_step, log_to=["wandb"], config={"seed": 0})
+        for step in steps:
+            w.log(step, {"reward": step / 10})
+        w.close()
+    ids, history, _ = _offline_run(wandb_offline)
+    assert len(ids) == 2 and set(ids) == {(tmp_path / "wandb_id").read_text().strip()}
+    assert history[3]["reward"] == pytest.approx(0.3)
+
+
+def test_sft_logs_its_own_config_to_wandb(tmp_path, wandb_offline):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": f"<answer>{i + 1}</answer>"}) + "\n" for i in range(4)))
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"name: s\noutput_dir: {tmp_path}\nmodel: {{path: tiny-random}}\ndata: {{files: [{data}]}}\n"
+                      "train: {steps: 1, batch_size: 2, log_samples: 0, log_to: [wandb]}\n")
+    assert main(["sft", str(recipe)]) == 0
+    _, history, config = _offline_run(wandb_offline)
+    assert config["data"]["files"] == [str(data)] and config["train"]["batch_size"] == 2
+    assert history[1]["loss"] > 0
+    assert not (tmp_path / "s" / "tensorboard").exists()  # log_to without tensorboard
+
+
+def test_unknown_backend_lists_the_known_ones(capsys, tmp_path):
+    line = _error_line(capsys, "train", SMOKE, f"output_dir={tmp_path}", "train.log_to=[tensorboard, wandbb]")
+    assert line == "ponder: error: config train.log_to: unknown logging backend 'wandbb'; known: tensorboard, wandb, mlflow"
+
+
+def test_missing_package_names_the_extra(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    line = _error_line(capsys, "train", SMOKE, f"output_dir={tmp_path}", "train.log_to=[wandb]")
+    assert line == ("ponder: error: train.log_to names wandb but the wandb package is not installed; "
+                    "pip install 'ponder[wandb]' (or remove wandb from train.log_to)")
+    assert not (tmp_path / "smoke-first-digit").exists()  # refused before anything is loaded or written
+
+
+def test_mlflow_gets_params_metrics_and_samples_and_resume_continues_the_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from ponder.metrics import MetricsWriter
+
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = {"optim": {"lr": 0.001}, "train": {"log_to": ["mlflow"]}}
+    w = MetricsWriter(run_dir, resume_step=0, config=cfg)
+    w.log(1, {"reward": 0.5, "eval/arithmetic/test/pass@1": 0.25, "note": "text"})
+    w.samples(1, [{"prompt": "1+1", "completion": "2"}])
+    w.close()
+    w = MetricsWriter(run_dir, resume_step=1, config=cfg)
+    w.log(2, {"reward": 0.75})
+    w.close()
+    (run,) = [p for p in store.glob("*/*") if (p / "meta.yaml").is_file()]
+    assert run.name == (run_dir / "mlflow_id").read_text().strip()
+    assert (run / "params" / "optim.lr").read_text() == "0.001"
+    assert [l.split()[1:] for l in (run / "metrics" / "reward").read_text().splitlines()] == [["0.5", "1"], ["0.75", "2"]]
+    assert (run / "metrics" / "eval" / "arithmetic" / "test" / "pass_at_1").is_file()
+    assert "1+1" in (run / "artifacts" / "samples.jsonl").read_text()

@@ -1,0 +1,73 @@
+"""`--resume` refuses settings that differ from the run's config.yaml, except the safe ones, unless
+`--allow-changes`; config.yaml then records each change and the step it applies from."""
+
+import json
+
+import yaml
+
+from ponder.cli import main
+from ponder.config import load_config
+
+SAFE = ("train.steps, train.save_every, train.keep_last, train.log_samples, train.max_nan_steps, train.threads, "
+        "train.log_to, eval.every")
+FAST = ["rollout.prompts_per_step=4", "rollout.group_size=4", "train.log_samples=1"]
+
+
+def _error_line(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_grpo_resume_refuses_changes_unless_allowed_and_records_them(capsys, tmp_path):
+    base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=r", *FAST]
+    assert main(base + ["train.steps=1"]) == 0
+    config = tmp_path / "r" / "config.yaml"
+    before = config.read_text()
+
+    line = _error_line(capsys, *base, "train.steps=2", "optim.lr=1e-3", "rollout.group_size=8", "--resume")
+    assert line == (f"ponder: error: --resume with settings that differ from the run's {config}: rollout.group_size 4 -> 8, "
+                    "optim.lr 0.003 -> 0.001; pass --allow-changes to continue with them (config.yaml records each change "
+                    f"and the step it applies from), or leave them out. Safe to change on resume: {SAFE}")
+    assert config.read_text() == before  # nothing rewritten, nothing trained
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-1"]
+
+    # safe keys change without the flag, and are recorded too
+    assert main(base + ["train.steps=2", "eval.every=5", "--resume"]) == 0
+    assert "resuming from step 1 with changes (recorded in config.yaml): train.steps 1 -> 2, eval.every 0 -> 5" in " ".join(capsys.readouterr().out.split())
+    assert yaml.safe_load(config.read_text())["changes"] == [
+        {"key": "train.steps", "old": 1, "new": 2, "from_step": 2}, {"key": "eval.every", "old": 0, "new": 5, "from_step": 2}]
+
+    # the run's config.yaml is a recipe: resuming from it changes nothing
+    assert load_config(config).train.steps == 2
+    assert main(["train", str(config), "--resume"]) == 0
+
+    assert main(base + ["train.steps=3", "eval.every=5", "optim.lr=1e-3", "--resume", "--allow-changes"]) == 0
+    saved = yaml.safe_load(config.read_text())
+    assert saved["optim"]["lr"] == 1e-3 and saved["train"]["steps"] == 3
+    assert saved["changes"][2:] == [{"key": "optim.lr", "old": 0.003, "new": 0.001, "from_step": 3},
+                                    {"key": "train.steps", "old": 2, "new": 3, "from_step": 3}]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_sft_resume_refuses_changes_unless_allowed(capsys, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": f"{i + 1}"}) + "\n" for i in range(4)))
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"name: s\noutput_dir: {tmp_path}\nmodel: {{path: tiny-random}}\ndata: {{files: [{data}]}}\n"
+                      "train: {steps: 1, batch_size: 2, log_samples: 0}\n")
+    assert main(["sft", str(recipe)]) == 0
+    config = tmp_path / "s" / "config.yaml"
+    line = _error_line(capsys, "sft", str(recipe), "train.steps=2", "train.batch_size=4", "--resume")
+    assert line == (f"ponder: error: --resume with settings that differ from the run's {config}: train.batch_size 2 -> 4; "
+                    "pass --allow-changes to continue with them (config.yaml records each change and the step it applies "
+                    "from), or leave them out. Safe to change on resume: train.steps, train.epochs, train.save_every, "
+                    "train.keep_last, train.log_samples, train.sample_max_new_tokens, train.max_nan_steps, train.threads, "
+                    "train.log_to")
+    assert main(["sft", str(recipe), "train.steps=2", "train.batch_size=4", "--resume", "--allow-changes"]) == 0
+    assert yaml.safe_load(config.read_text())["changes"] == [
+        {"key": "train.steps", "old": 1, "new": 2, "from_step": 2},
+        {"key": "train.batch_size", "old": 2, "new": 4, "from_step": 2}]
