@@ -121,8 +121,8 @@ def test_reward_returning_wrong_length_is_named(capsys, tmp_path):
                            "rewards.too_short=1.0", "rollout.prompts_per_step=2")
     finally:
         del REWARDS["too_short"]
-    # the start-up check calls it with one completion, so the length error shows at the first real batch
-    assert "reward 'too_short' returned 1 values for 16 completions" in line
+    # the start-up check calls it with two completions, so the length error shows before any rollout
+    assert line == "ponder: error: reward 'too_short' returned 1 value for 2 completions; it must return one value per completion"
 
 
 def test_nan_losses_stop_the_run_and_keep_the_last_checkpoint(capsys, tmp_path):

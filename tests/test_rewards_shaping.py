@@ -119,7 +119,7 @@ def test_startup_check_names_a_function_with_a_wrong_return(temp_reward):
     temp_reward("_short", lambda completions, *, prompts, **_: [])
     temp_reward("_text", lambda completions, *, prompts, **_: ["yes"] * len(completions))
     temp_reward("_strict", lambda completions, *, prompts: [1.0] * len(completions))
-    with pytest.raises(UserError, match=r"^reward '_short' returned 0 values for 1 completions; it must return one value per completion$"):
+    with pytest.raises(UserError, match=r"^reward '_short' returned 0 values for 2 completions; it must return one value per completion$"):
         RewardSet({"_short": 1.0}).check(example)
     with pytest.raises(UserError, match=r"^reward '_text' returned 'yes'; values must be numbers or None$"):
         RewardSet({"_text": 1.0}).check(example)

@@ -41,7 +41,7 @@ def test_gsm8k_answer_follows_the_hashes(tmp_path):
 
 def test_gsm8k_row_without_hashes_is_a_user_error(tmp_path):
     path = write(tmp_path, [{"question": "q", "answer": "#### 1"}, {"question": "q2", "answer": "no final answer"}])
-    with pytest.raises(UserError, match=r"data.jsonl: row 2 has no final answer for task 'gsm8k' \(the answer field must end with '#### <number>'\)"):
+    with pytest.raises(UserError, match=r"data.jsonl:2: row has no final answer for task 'gsm8k' \(the answer field must end with '#### <number>'\)"):
         get_task("gsm8k").load(path=path)
 
 
@@ -59,7 +59,7 @@ def test_plain_takes_the_question_from_any_common_field(tmp_path):
     rows = get_task("plain").load(path=path)
     assert [(r["prompt"], r["answer"]) for r in rows] == [("p?", "3"), ("q?", "x=2"), ("r?", "7")]
     path = write(tmp_path, [{"text": "no question", "answer": "1"}], name="bad.jsonl")
-    with pytest.raises(UserError, match=r"bad.jsonl: row 1 has none of the fields prompt, question, problem"):
+    with pytest.raises(UserError, match=r"bad.jsonl:1: row has none of the fields prompt, question, problem"):
         get_task("plain").load(path=path)
     with pytest.raises(UserError, match=r"task 'plain' needs a path"):
         get_task("plain").load()

@@ -8,11 +8,20 @@ columns they do not use.
 
 A recipe names rewards with a weight, or with options: `rewards: {accuracy: 1.0, format: 0.5}` or
 `rewards: {overlong: {weight: 1.0, max_len: 512, buffer: 64}}`.
+
+A reward of one's own is named by where it lives (ponder.plugins): `rewards: {my_pkg.rewards:brevity: 0.5}`
+or `{path/to/file.py:brevity: 0.5}` (a relative path is from the working directory). It keeps the
+contract above, gets the whole batch in one call (every completion of the step), may be `async def`
+(it is awaited), receives its recipe options as keyword arguments, and is logged under the function's
+name: `reward/brevity`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import difflib
+import inspect
+import numbers
 from math import isnan  # (a plain `import math` would be shadowed by the submodule ponder.rewards.math)
 from typing import Any, Callable
 
@@ -43,6 +52,10 @@ def _import_builtin() -> None:
 
 
 def get_reward(name: str) -> RewardFn:
+    if ":" in name:  # the user's own: module:fn or file.py:fn
+        from ponder.plugins import load_function
+
+        return load_function(name, "reward")
     _import_builtin()
     if name not in REWARDS:
         close = difflib.get_close_matches(name, list(REWARDS), n=1)
@@ -58,29 +71,38 @@ class RewardSet:
         self.fns: dict[str, RewardFn] = {}
         self.weights: dict[str, float] = {}
         self.options: dict[str, dict] = {}  # recipe options win over example columns of the same name
-        for name, value in spec.items():
+        self.refs: dict[str, str] = {}  # logged name -> the name in the recipe (module:fn for one's own)
+        for ref, value in spec.items():
             opts = dict(value) if isinstance(value, dict) else {"weight": value}
             weight = opts.pop("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise UserError(f"config rewards.{name}: weight must be a number, got {weight!r}")
-            self.fns[name] = get_reward(name)
+                raise UserError(f"config rewards.{ref}: weight must be a number, got {weight!r}")
+            name = str(ref).rpartition(":")[2]  # logged as reward/<name>: a function of one's own by its name
+            if name in self.fns:
+                raise UserError(f"rewards '{self.refs[name]}' and '{ref}' would both be logged as reward/{name}; rename one function")
+            self.fns[name] = get_reward(str(ref))
             self.options[name] = opts
             self.weights[name] = float(weight)
+            self.refs[name] = str(ref)
 
     def score(self, completions: list[str], prompts: list, columns: dict[str, list]):
         per_fn: dict[str, list[float | None]] = {}
         for name, fn in self.fns.items():
+            ref = self.refs[name]
             try:
-                values = fn(completions, prompts=prompts, **{**columns, **self.options[name]})
+                values = _resolve(fn(completions, prompts=prompts, **{**columns, **self.options[name]}))
             except TypeError as e:
-                raise UserError(f"reward '{name}' could not be called with the reward contract: {e}") from None
-            values = list(values) if values is not None else None
-            if values is None or len(values) != len(completions):
-                got = "None" if values is None else f"{len(values)} values"
-                raise UserError(f"reward '{name}' returned {got} for {len(completions)} completions; it must return one value per completion")
+                raise UserError(f"reward '{ref}' could not be called with the reward contract: {e}") from None
+            if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+                raise UserError(f"reward '{ref}' returned {type(values).__name__} {str(values)[:40]!r}; "
+                                "it must return a list with one number (or None) per completion")
+            values = list(values)
+            if len(values) != len(completions):
+                raise UserError(f"reward '{ref}' returned {len(values)} value{'s' * (len(values) != 1)} for {len(completions)} completions; "
+                                "it must return one value per completion")
             for v in values:
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    raise UserError(f"reward '{name}' returned {v!r}; values must be numbers or None")
+                if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                    raise UserError(f"reward '{ref}' returned {v!r}; values must be numbers or None")
             per_fn[name] = [None if v is None else float(v) for v in values]
         totals = [
             sum(self.weights[n] * per_fn[n][i] for n in per_fn if per_fn[n][i] is not None and not isnan(per_fn[n][i]))
@@ -89,7 +111,27 @@ class RewardSet:
         return totals, per_fn
 
     def check(self, example: dict, completion: str = "<think>x</think> <answer>0</answer>") -> None:
-        """Call every function once on a real example so contract errors show before training starts."""
-        columns = {k: [v] for k, v in example.items() if k != "prompt"}
-        columns.update(completion_length=[len(completion)], truncated=[False])
-        self.score([completion], [example["prompt"]], columns)
+        """Call every function once on a real example so contract errors show before training starts:
+        two completions (a wrong one and the gold answer), so a wrong length shows too."""
+        completions = [completion, f"<think>x</think> <answer>{example.get('answer', 0)}</answer>"]
+        columns = {k: [v, v] for k, v in example.items() if k != "prompt"}
+        columns.update(completion_length=[len(c) for c in completions], truncated=[False, False])
+        self.score(completions, [example["prompt"]] * 2, columns)
+
+
+def _resolve(values):
+    """The values of an async reward, awaited (in a thread of its own if an event loop already runs here)."""
+    if not inspect.isawaitable(values):
+        return values
+
+    async def wait():
+        return await values
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wait())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wait()).result()

@@ -4,12 +4,22 @@ An example is a dict with `prompt` (string or chat messages), `answer` (string; 
 tasks), `task` (the task's name) and any metadata columns. A task knows how to make or load its
 examples and how to verify an extracted answer against one of them; the `accuracy` reward and
 `ponder eval` both call `verify`, so training and evaluation agree by construction.
+
+A task's options are the keyword arguments of its `load` (besides split, n, seed): `load_examples`
+refuses any other with a did-you-mean. A `**config` catch-all (any name but `_`) takes any option.
+
+Custom tasks: `data.tasks: [{name: my_pkg.tasks:make, n: 100, options: {...}}]` (or `path/to/file.py:make`)
+calls `make(split=..., n=..., seed=..., **options)` (declare only the arguments you use) and takes the
+examples it returns or yields: dicts with `prompt` and usually `answer`, verified by mathematical
+equivalence like the `jsonl` task.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import random
+from itertools import islice
 
 from ponder.errors import UserError
 
@@ -28,6 +38,45 @@ class Task:
 
         return answers_match(answer, example.get("answer"))
 
+    def options(self) -> tuple[list[str], bool]:
+        """(the option names `load` takes, whether it takes any other through a `**config` catch-all)."""
+        return _keyword_names(self.load)
+
+
+def _keyword_names(fn) -> tuple[list[str], bool]:
+    params = inspect.signature(fn).parameters.values()
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+             and p.name not in ("self", "split", "n", "seed")]
+    return names, any(p.kind is p.VAR_KEYWORD and p.name != "_" for p in params)
+
+
+class FunctionTask(Task):
+    """A task of the user's own: a function (`module:fn`, `file.py:fn`) that returns or yields examples."""
+
+    def __init__(self, name: str):
+        from ponder.plugins import load_function
+
+        self.name, self.fn = name, load_function(name, "task")
+
+    def options(self):
+        return _keyword_names(self.fn)
+
+    def load(self, split="train", n=None, seed=0, **options):
+        sig = inspect.signature(self.fn).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in sig.values())
+        kwargs = {k: v for k, v in dict(split=split, n=n, seed=seed).items() if k in sig or takes_all} | options
+        rows = []
+        for i, row in enumerate(islice(self.fn(**kwargs) or (), n), 1):
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise UserError(f"task '{self.name}': example {i} is {type(row).__name__} {str(row)[:60]!r}; "
+                                "each example must be a dict with a 'prompt' (and usually an 'answer')")
+            if "answer" in row:
+                if row["answer"] is None or not str(row["answer"]).strip():
+                    raise UserError(f"task '{self.name}': example {i} has an empty answer ({row['answer']!r}); give it one or leave the key out")
+                row = {**row, "answer": str(row["answer"])}
+            rows.append({**row, "task": self.name})
+        return rows
+
 
 TASKS: dict[str, Task] = {}
 
@@ -41,7 +90,7 @@ def _import_builtin() -> None:
     # Importing the modules registers their tasks; optional ones may be missing their libraries.
     import importlib
 
-    for mod in ("smoke", "jsonl", "arithmetic", "countdown", "gym", "humaneval", "code_jsonl", "math_formats"):
+    for mod in ("smoke", "jsonl", "arithmetic", "countdown", "gym", "humaneval", "code_jsonl", "math_formats", "hf"):
         try:
             importlib.import_module(f"ponder.tasks.{mod}")
         except ModuleNotFoundError as e:
@@ -52,6 +101,8 @@ def _import_builtin() -> None:
 
 
 def get_task(name: str) -> Task:
+    if name not in TASKS and ":" in name:  # the user's own: module:fn or file.py:fn
+        TASKS[name] = FunctionTask(name)
     if name not in TASKS:  # a built-in module not imported yet
         _import_builtin()
     if name not in TASKS:
@@ -67,12 +118,28 @@ def load_examples(spec, seed: int = 0) -> list[dict]:
     opts = dict(spec.options)
     if spec.path is not None:
         opts["path"] = spec.path
+    check_options(task, opts)
     rows = task.load(split=spec.split, n=spec.n, seed=seed, **opts)
     if not rows:
         raise UserError(f"task '{spec.name}' gave no examples for split '{spec.split}'; check its path and options")
     for row in rows:
         row.setdefault("task", task.name)
     return rows
+
+
+def check_options(task: Task, options: dict) -> None:
+    """Refuse an option the task does not take, naming the closest one it does."""
+    names, takes_any = task.options()
+    for key in options:
+        if key in names or takes_any:
+            continue
+        if key == "path":
+            raise UserError(f"task '{task.name}' reads no file; remove its path")
+        shown = [k for k in names if k != "path"]
+        close = difflib.get_close_matches(str(key), shown, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ";"
+        valid = f" valid options: {', '.join(shown)}" if shown else " it takes no options"
+        raise UserError(f"task '{task.name}' has no option '{key}'{hint}{valid}")
 
 
 def verify(example: dict, answer: str) -> float | None:

@@ -9,7 +9,9 @@ from ponder.errors import UserError
 from ponder.tasks import Task, register
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",)) -> list[dict]:
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",), with_lines: bool = False) -> list:
+    """The rows of a JSONL file (with their line numbers: (line, row) pairs); `required` fields must be
+    present and neither null nor empty."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file '{path}' not found; check data.tasks[].path")
@@ -27,8 +29,17 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",)) -> lis
             missing = [k for k in required if k not in row]
             if missing:
                 raise UserError(f"{path}:{lineno}: row has no '{missing[0]}' field; every row needs {', '.join(required)}")
-            rows.append(row)
+            empty = [k for k in required if empty_value(row[k])]
+            if empty:
+                what = "a null" if row[empty[0]] is None else "an empty"
+                raise UserError(f"{path}:{lineno}: row has {what} '{empty[0]}' field; every row needs {', '.join(required)}")
+            rows.append((lineno, row) if with_lines else row)
     return rows
+
+
+def empty_value(value) -> bool:
+    """null, or a string of nothing but spaces: no value (0 and False are values)."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 @register

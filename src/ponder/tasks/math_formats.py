@@ -19,6 +19,20 @@ from ponder.tasks.jsonl import read_jsonl
 PROMPT_FIELDS = ("prompt", "question", "problem")
 
 
+def gsm8k_final(text) -> str | None:
+    """GSM8K: the final answer follows the last `####` of the worked solution (thousands commas dropped)."""
+    text = str(text)
+    return text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else None
+
+
+# How to find the final answer in an answer field, by name (also the `hf` task's `answer_format` option).
+FINAL_ANSWER = {
+    "plain": lambda text: str(text).strip(),  # the field is the answer
+    "gsm8k": gsm8k_final,  # "... #### 42"
+    "boxed": lambda text: last_boxed(str(text)),  # MATH: the last \boxed{} of the solution
+}
+
+
 class _MathJsonl(Task):
     """Shared loading; subclasses say which fields hold the question and how to find the final answer."""
 
@@ -37,12 +51,12 @@ class _MathJsonl(Task):
         if path is None:
             raise UserError(f"task '{self.name}' needs a path: data.tasks: [{{name: {self.name}, path: my.jsonl}}]")
         out = []
-        for i, row in enumerate(read_jsonl(path, required=self.required), 1):
+        for line, row in read_jsonl(path, required=self.required, with_lines=True):
             prompt, gold = self.question(row), self.gold(row)
             if prompt is None:
-                raise UserError(f"{path}: row {i} has none of the fields {', '.join(PROMPT_FIELDS)}; task '{self.name}' needs the question in one of them")
+                raise UserError(f"{path}:{line}: row has none of the fields {', '.join(PROMPT_FIELDS)}; task '{self.name}' needs the question in one of them")
             if gold is None or not str(gold).strip():
-                raise UserError(f"{path}: row {i} has no final answer for task '{self.name}' ({self.where}); fix the row or use another task")
+                raise UserError(f"{path}:{line}: row has no final answer for task '{self.name}' ({self.where}); fix the row or use another task")
             out.append({**row, **self.extra(row), "prompt": prompt, "answer": str(gold).strip(), "task": self.name})
         return out[:n] if n else out
 
@@ -59,10 +73,7 @@ class Gsm8k(_MathJsonl):
         return {"solution": row["answer"]}  # the worked solution stays available as metadata
 
     def gold(self, row):
-        text = str(row["answer"])
-        if "####" not in text:
-            return None
-        return text.rsplit("####", 1)[1].strip().replace(",", "")
+        return gsm8k_final(row["answer"])
 
     def question(self, row):
         return row["question"]
@@ -79,7 +90,7 @@ class MathBoxed(_MathJsonl):
     def gold(self, row):
         if row.get("answer") not in (None, ""):
             return str(row["answer"])
-        return last_boxed(str(row.get("solution", "")))
+        return FINAL_ANSWER["boxed"](row.get("solution", ""))
 
     def question(self, row):
         return row["problem"]

@@ -1,0 +1,148 @@
+"""Tasks from Hugging Face `datasets`: a Hub dataset, a local Parquet / Arrow / JSON(L) / CSV file, a
+folder of such files, or a `save_to_disk` folder. Needs the `hf` extra (`pip install 'ponder[hf]'`).
+
+    data:
+      tasks:
+        - name: hf
+          path: openai/gsm8k          # a Hub id, a file or a folder
+          split: train
+          n: 2000                     # rows taken (after the filter); unset: every row
+          options: {config: main, prompt: question, answer: answer, answer_format: gsm8k}
+
+Options:
+- `prompt`: the column holding the question (default: the first of prompt, question, problem present), or
+  a template over columns, e.g. "{problem}\\n\\nGive the answer as a fraction."; a column of chat
+  messages is taken as it is.
+- `answer`: the column holding the answer (default: answer). A null or empty answer is an error that
+  names the row.
+- `answer_format`: how the final answer is found in that column (ponder.tasks.math_formats): `plain` (the
+  column is the answer; default), `gsm8k` (after `####`), `boxed` (the last \\boxed{}, as in MATH solutions).
+  With another format than plain, the column's full text is also kept, as `solution` when the column
+  is `answer`.
+- `metadata`: the columns kept on each example beside prompt and answer (rewards see them as columns);
+  default: all of them.
+- `filter`: keep only rows whose columns hold these values, e.g. `{level: Level 5}` or
+  `{type: [Algebra, Geometry]}`.
+- `config`, `revision`: a Hub dataset's configuration (e.g. `main` for openai/gsm8k) and revision.
+- `streaming`: read a Hub dataset while downloading it, storing nothing (default false: downloaded once
+  into the Hugging Face cache, then memory-mapped).
+
+What is held in memory: local data files are read in batches straight from the file (streamed, never
+converted or copied); `save_to_disk` folders and downloaded Hub datasets are memory-mapped Arrow. Only the
+rows taken become examples, so `n` bounds memory; with `n` unset every row becomes an example (the
+trainer keeps its examples in memory). A single file has no splits: it is read whatever `split` says.
+Answers are checked by mathematical equivalence, like the `jsonl` task.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from ponder.errors import UserError
+from ponder.tasks import Task, register
+from ponder.tasks.jsonl import empty_value
+from ponder.tasks.math_formats import FINAL_ANSWER, PROMPT_FIELDS
+
+BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+
+
+def _datasets():
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise UserError("task 'hf' needs the datasets library: pip install 'ponder[hf]' (or pip install datasets)") from None
+    datasets.logging.disable_progress_bar()
+    return datasets
+
+
+def open_dataset(path: str, split: str, config=None, revision=None, streaming=False):
+    """The split of a dataset as a memory-mapped `Dataset` or a streamed `IterableDataset`."""
+    datasets = _datasets()
+    local = Path(path).expanduser()
+    if local.is_dir() and any((local / m).is_file() for m in SAVED_MARKERS):
+        ds = datasets.load_from_disk(str(local))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise UserError(f"task 'hf': {path} has no split '{split}'; its splits: {', '.join(ds)}")
+            ds = ds[split]
+        return ds
+    if local.is_file():
+        builder = BUILDERS.get(local.suffix.lower())
+        if builder is None:
+            raise UserError(f"task 'hf': cannot read '{path}'; give a {', '.join(BUILDERS)} file, a folder or a Hub id")
+        return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=True)
+    if local.is_dir():
+        found = datasets.load_dataset(str(local), streaming=True)
+        if split not in found:
+            raise UserError(f"task 'hf': {path} has no split '{split}'; its splits: {', '.join(found)}")
+        return found[split]
+    if local.suffix.lower() in BUILDERS or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise UserError(f"task 'hf': '{path}' not found (relative paths are from the working directory, {Path.cwd()})")
+    try:  # a Hub id: downloaded into the Hugging Face cache (HF_HUB_OFFLINE=1 uses the cache alone)
+        return datasets.load_dataset(path, config, split=split, revision=revision, streaming=streaming)
+    except (ValueError, FileNotFoundError, ConnectionError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"task 'hf': '{path}' is no local file or folder, and the Hub could not give it "
+                        f"({first}); check the id, config '{config}' and split '{split}', or the network") from None
+
+
+@register
+class HfDataset(Task):
+    """Rows of any `datasets` source, with a column mapping; answers checked by mathematical equivalence."""
+
+    name = "hf"
+
+    def load(self, split="train", n=None, seed=0, path=None, prompt=None, answer="answer", answer_format="plain",
+             metadata=None, filter=None, config=None, revision=None, streaming=False):
+        if path is None:
+            raise UserError("task 'hf' needs a path: data.tasks: [{name: hf, path: data.parquet}] (a file, a folder or a Hub id)")
+        if answer_format not in FINAL_ANSWER:
+            raise UserError(f"task 'hf': unknown answer_format '{answer_format}'; choose one of: {', '.join(FINAL_ANSWER)}")
+        filters = {k: set(v) if isinstance(v, list) else {v} for k, v in (filter or {}).items()}
+        ds = open_dataset(str(path), split, config, revision, bool(streaming))
+        columns = list(ds.column_names or [])
+        prompt = prompt or next((c for c in PROMPT_FIELDS if c in columns), PROMPT_FIELDS[0])
+        template = "{" in prompt
+        fields = [f for _, f, _, _ in string.Formatter().parse(prompt) if f] if template else [prompt]
+        used = [*fields, answer, *filters, *(metadata or [])]
+        if columns:
+            _check_columns(path, used, columns)
+        if metadata is not None:  # read only the columns used
+            ds = ds.select_columns(list(dict.fromkeys(used)))
+        final = FINAL_ANSWER[answer_format]
+        raw_as = "solution" if answer == "answer" else answer
+        out, i = [], 0
+        for batch in ds.iter(batch_size=512):
+            if not columns:  # a streamed JSON file tells its columns with its first rows
+                columns = list(batch)
+                _check_columns(path, used, columns)
+            keep = columns if metadata is None else list(metadata)
+            for values in zip(*batch.values()):
+                i += 1
+                row = dict(zip(batch, values))
+                if any(row[k] not in allowed for k, allowed in filters.items()):
+                    continue
+                if empty_value(row[answer]):
+                    raise UserError(f"{path}: row {i} has a {'null' if row[answer] is None else 'empty'} '{answer}' column; "
+                                    "every row needs an answer (fix the data, or filter the row out)")
+                gold = final(row[answer])
+                if empty_value(gold):
+                    raise UserError(f"{path}: row {i}: no final answer in column '{answer}' for answer_format '{answer_format}'")
+                text = prompt.format_map(row) if template else row[prompt]
+                if empty_value(text):
+                    raise UserError(f"{path}: row {i} has an empty prompt ('{prompt}')")
+                example = {k: row[k] for k in keep}
+                if answer_format != "plain" and raw_as not in example:
+                    example[raw_as] = row[answer]
+                out.append({**example, "prompt": text, "answer": str(gold).strip(), "task": self.name})
+                if n and len(out) >= n:
+                    return out
+        return out
+
+
+def _check_columns(path, used: list[str], columns: list[str]) -> None:
+    for col in used:
+        if col not in columns:
+            raise UserError(f"task 'hf': {path} has no column '{col}'; its columns: {', '.join(columns)}")

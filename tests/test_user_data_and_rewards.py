@@ -1,0 +1,176 @@
+"""Users' own data and rewards: `datasets` sources (Parquet, save_to_disk) with a column mapping train,
+rewards named by module or file are called with the right columns and logged under their own names, and
+mistakes (a reward of the wrong shape, an unknown task option, a null answer) end in one exact line."""
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ponder.cli import main
+from ponder.config import TaskSpec, load_config
+from ponder.errors import UserError
+from ponder.tasks import load_examples
+
+datasets = pytest.importorskip("datasets")
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes/smoke-first-digit.yaml")
+SMALL = ["rollout.prompts_per_step=4", "rollout.group_size=4", "train.steps=3", "train.save_every=0", "train.log_samples=1"]
+
+# GSM8K-shaped rows under other column names: the question in `q`, the worked solution in `sol`.
+ROWS = [{"q": f"Write a number #{i}:", "sol": f"seven hundred #### 7{i % 3},000", "level": i % 4, "src": "synthetic"} for i in range(40)]
+
+REWARDS = textwrap.dedent("""
+    import asyncio
+    CALLS = []
+
+    def seen_columns(completions, *, prompts, **columns):
+        CALLS.append({"n": len(completions), "prompts": len(prompts), "columns": sorted(columns),
+                      "answers": sorted(set(columns["answer"])), "levels": sorted(set(columns.get("level", [])))})
+        return [len(c) / 10 for c in completions]
+
+    async def batch_len(completions, *, prompts, scale=1.0, **columns):
+        await asyncio.sleep(0)
+        values = [scale * c.count("7") for c in completions]
+        CALLS.append({"n": len(completions), "columns": sorted(columns), "values": values, "scale": scale})
+        return values
+
+    def one_value(completions, **_):
+        return [1.0]
+
+    def text_values(completions, **_):
+        return ["high"] * len(completions)
+""")
+
+
+def _train(tmp_path, *overrides):
+    from ponder.train import train
+
+    cfg = load_config(RECIPE, [f"output_dir={tmp_path / 'runs'}", *SMALL, *overrides])
+    trainer = train(cfg, stop_after=2)  # two steps of three: no final report (plots take seconds)
+    metrics = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return trainer, metrics
+
+
+def _calls(ref):
+    from ponder.plugins import load_function
+
+    return load_function(ref, "reward").__globals__["CALLS"]
+
+
+def _error_line(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_parquet_file_trains_with_a_column_mapping_and_a_reward_from_a_module(tmp_path, monkeypatch):
+    datasets.Dataset.from_list(ROWS).to_parquet(tmp_path / "gsm.parquet")
+    (tmp_path / "mypkg_a").mkdir()
+    (tmp_path / "mypkg_a/__init__.py").write_text("")
+    (tmp_path / "mypkg_a/scores.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)  # the module is found from the working directory
+    task = ("data.tasks=[{name: hf, path: gsm.parquet, n: 12, options: {prompt: q, answer: sol, answer_format: gsm8k,"
+            " filter: {level: [1, 2]}, metadata: [level]}}]")
+    trainer, metrics = _train(tmp_path, task, "rewards.mypkg_a.scores:seen_columns=0.5")
+
+    ex = trainer.examples
+    assert len(ex) == 12 and {e["level"] for e in ex} == {1, 2}  # filtered, n rows taken
+    assert ex[0] == {"level": 1, "sol": "seven hundred #### 71,000", "prompt": "Write a number #1:", "answer": "71000", "task": "hf"}
+    calls = _calls("mypkg_a.scores:seen_columns")
+    assert [c["n"] for c in calls] == [2, 16, 16]  # the start-up check, then the batch of each step (4 prompts x 4)
+    assert all(c["prompts"] == c["n"] for c in calls)
+    assert calls[-1]["columns"] == ["answer", "completion_length", "level", "sol", "task", "truncated"]
+    assert set(calls[-1]["levels"]) <= {1, 2} and set(calls[-1]["answers"]) <= {"70000", "71000", "72000"}
+    assert len(metrics) == 2 and all("reward/seen_columns" in m and "reward/accuracy" in m for m in metrics)
+    assert not any(k.startswith("reward/mypkg") for m in metrics for k in m)
+
+
+def test_save_to_disk_folder_trains_with_an_async_reward_from_a_file(tmp_path, monkeypatch):
+    rows = [{"problem": r["q"], "solution": f"So it is $\\boxed{{7{i}}}$.", "kind": "a" if i % 2 else "b"} for i, r in enumerate(ROWS)]
+    datasets.DatasetDict(train=datasets.Dataset.from_list(rows[:30]), test=datasets.Dataset.from_list(rows[30:])).save_to_disk(tmp_path / "saved")
+    (tmp_path / "rw").mkdir()
+    (tmp_path / "rw/my_rewards.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)  # the file's relative path is from the working directory
+    task = "data.tasks=[{name: hf, path: saved, split: test, options: {answer: solution, answer_format: boxed, filter: {kind: a}}}]"
+    trainer, metrics = _train(tmp_path, task, "rewards.rw/my_rewards.py:batch_len={weight: 0.5, scale: 2}")
+
+    assert [(e["prompt"], e["answer"], e["kind"]) for e in trainer.examples] == [(rows[i]["problem"], f"7{i}", "a") for i in (31, 33, 35, 37, 39)]
+    calls = _calls("rw/my_rewards.py:batch_len")
+    assert [c["n"] for c in calls] == [2, 16, 16] and "kind" in calls[-1]["columns"]
+    for m, call in zip(metrics, calls[1:]):  # logged under the function's name: the mean of what it returned
+        assert m["reward/batch_len"] == pytest.approx(sum(call["values"]) / 16)
+    assert {c["scale"] for c in calls} == {2}  # the recipe's option reaches the function
+
+
+@pytest.mark.parametrize("fn, line", [
+    ("one_value", "ponder: error: reward 'bad.py:one_value' returned 1 value for 2 completions; it must return one value per completion"),
+    ("text_values", "ponder: error: reward 'bad.py:text_values' returned 'high'; values must be numbers or None"),
+])
+def test_a_reward_of_the_wrong_shape_fails_at_start_up(capsys, tmp_path, monkeypatch, fn, line):
+    (tmp_path / "bad.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    assert _error_line(capsys, "train", RECIPE, f"output_dir={tmp_path}", f"rewards.bad.py:{fn}=1.0") == line
+    assert not (tmp_path / "smoke-first-digit" / "metrics.jsonl").exists()  # stopped before the first step
+
+
+def test_a_missing_reward_function_is_named(capsys, tmp_path, monkeypatch):
+    (tmp_path / "bad.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    assert _error_line(capsys, "train", RECIPE, f"output_dir={tmp_path}", "rewards.bad.py:seen=1.0") == (
+        "ponder: error: reward 'bad.py:seen': bad.py has no 'seen'; it defines: batch_len, one_value, seen_columns, text_values")
+
+
+def test_unknown_task_option_names_the_closest(capsys, tmp_path):
+    line = _error_line(capsys, "train", RECIPE, f"output_dir={tmp_path}", "data.tasks=[{name: first_digit, options: {digt: 3}}]")
+    assert line == "ponder: error: task 'first_digit' has no option 'digt'; did you mean 'digit'? valid options: digit"
+    line = _error_line(capsys, "eval", "--model", "tiny-random", "--tasks", "arithmetic", "--option", "difficulti=hard",
+                       "--out", str(tmp_path / "ev"))
+    assert line == ("ponder: error: task 'arithmetic' has no option 'difficulti'; did you mean 'difficulty'? "
+                    "valid options: difficulty, operands, low, high")
+
+
+@pytest.mark.parametrize("answer, what", [("null", "a null"), ('"  "', "an empty")])
+def test_null_or_empty_answer_names_file_and_line(capsys, tmp_path, answer, what):
+    data = tmp_path / "data.jsonl"
+    data.write_text(f'{{"prompt": "1+1", "answer": "2"}}\n\n{{"prompt": "2+2", "answer": {answer}}}\n')
+    line = _error_line(capsys, "train", RECIPE, f"output_dir={tmp_path}", f"data.tasks=[{{name: jsonl, path: {data}}}]")
+    assert line == f"ponder: error: {data}:3: row has {what} 'answer' field; every row needs prompt, answer"
+
+
+def test_null_answer_in_a_dataset_names_the_row(tmp_path):
+    rows = [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": None}]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(UserError) as e:
+        load_examples(TaskSpec(name="hf", path=str(tmp_path / "d.parquet")))
+    assert str(e.value) == (f"{tmp_path / 'd.parquet'}: row 2 has a null 'answer' column; "
+                            "every row needs an answer (fix the data, or filter the row out)")
+
+
+def test_without_datasets_the_error_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(UserError) as e:
+        load_examples(TaskSpec(name="hf", path=str(tmp_path / "d.parquet")))
+    assert str(e.value) == "task 'hf' needs the datasets library: pip install 'ponder[hf]' (or pip install datasets)"
+
+
+def test_a_custom_task_is_a_function_that_yields_examples(tmp_path, monkeypatch):
+    (tmp_path / "my_tasks.py").write_text(textwrap.dedent("""
+        def sums(split, n, seed, top=9):
+            for i in range(1000):
+                yield {"prompt": f"{i % top} + 1 =", "answer": i % top + 1, "split": split}
+    """))
+    monkeypatch.chdir(tmp_path)
+    rows = load_examples(TaskSpec(name="my_tasks.py:sums", n=3, split="test", options={"top": 2}))
+    assert rows == [{"prompt": "0 + 1 =", "answer": "1", "split": "test", "task": "my_tasks.py:sums"},
+                    {"prompt": "1 + 1 =", "answer": "2", "split": "test", "task": "my_tasks.py:sums"},
+                    {"prompt": "0 + 1 =", "answer": "1", "split": "test", "task": "my_tasks.py:sums"}]
+    from ponder.tasks import verify
+
+    assert verify(rows[1], "2.0") == 1.0
+    with pytest.raises(UserError) as e:
+        load_examples(TaskSpec(name="my_tasks.py:sums", options={"tpo": 2}))
+    assert str(e.value) == "task 'my_tasks.py:sums' has no option 'tpo'; did you mean 'top'? valid options: top"
