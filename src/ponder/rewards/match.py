@@ -3,8 +3,10 @@
 The tiny world's tasks score thousands of integer answers per step, so plain numbers (integers,
 decimals, `a/b`, `\\frac{a}{b}`, thousands separators, a trailing unit word), and sets, intervals and
 tuples of them, are compared exactly here, without a process round trip; so are choice letters and
-word answers (`Monday`, `yes`). The rest goes to ponder.rewards.math.compare in a worker under a hard
-time limit; a timeout scores 0. Hack guards (ponder.rewards.math.hack_reason) run first.
+word answers (`Monday`, `yes`), and, against a plain-number gold, text in which math-verify would find
+no expression at all (ponder.rewards.math.unparseable: random text, stray tags), which scores 0 there
+too. The rest goes to ponder.rewards.math.compare in a worker under a hard time limit; a timeout scores 0.
+Hack guards (ponder.rewards.math.hack_reason) run first.
 
 Results are cached by (answer, gold): a GRPO group often repeats an answer many times.
 """
@@ -17,7 +19,7 @@ import warnings
 from fractions import Fraction
 
 from ponder.rewards import verify_pool
-from ponder.rewards.math import _TEXT_CMD, hack_reason, strip_wrappers, text_answer
+from ponder.rewards.math import _TEXT_CMD, hack_reason, strip_wrappers, text_answer, unparseable
 
 log = logging.getLogger("ponder.rewards")
 
@@ -32,6 +34,7 @@ _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is|\s*:)\s*",
 _LE = r"\s*(<|\\le(?:q)?\b|<=|≤)\s*"
 _CHAIN = re.compile(rf"([^<>=≤\\]+?){_LE}[a-zA-Z]{_LE}([^<>=≤\\]+)")
 _ASSIGNMENT = re.compile(r"^[a-zA-Z]\s*=\s*(?=[-+\d.\\])")  # `x = 5` answers 5
+_PLAIN_GOLD = re.compile(r"^-?\d+(?:\.\d+)?$")  # math-verify parses it: only an answer that parses can match it
 # Words after a number that change its value: not units, so `5 hundred` is not 5.
 _MATH_WORDS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "exp", "inf", "infty", "infinity", "hundred", "thousand",
                "million", "billion", "trillion", "percent", "dozen", "squared", "cubed", "factorial", "halves", "thirds",
@@ -128,6 +131,8 @@ def _fast(answer: str, gold: str) -> float | None:
         parts = _parts(answer)
         if parts is not None and parts[0] in ("", "\\{\\}") and len(set(parts[1])) > 1:
             return 0.0  # several values for a single-number gold
+        if _PLAIN_GOLD.match(gold) and unparseable(answer):
+            return 0.0  # text math-verify finds no expression in (random text, a stray tag): what a worker would say
         return None
     gt = text_answer(gold)
     if gt is not None:
@@ -192,6 +197,8 @@ def prefetch(pairs: list[tuple[str | None, object]]) -> None:
         else:
             todo[key] = None
     keys = list(todo)
+    if not keys:  # every pair decided here: the pool is not even looked up
+        return
     for key, result in zip(keys, verify_pool.pool().map(_COMPARE, keys)):
         _store(key, _from_worker(result, *key))
 

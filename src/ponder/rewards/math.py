@@ -1,6 +1,6 @@
 """Mathematical answer comparison: cheap guards against reward hacks, and math-verify (run in workers).
 
-`hack_reason` and the normalisers run in the trainer's process (regexes only); `compare` runs inside a
+`hack_reason`, `unparseable` and the normalisers run in the trainer's process (regexes only); `compare` runs inside a
 verification worker (ponder.rewards.verify_pool) because sympy can take unbounded time on a hostile
 answer. math-verify (huggingface/Math-Verify) does the equivalence: fractions vs decimals, `x=2` vs `2`,
 sets, intervals, percentages, LaTeX.
@@ -78,6 +78,86 @@ def hack_reason(answer: str, gold: str) -> str | None:
     if not _MULTI.search(gold) and _HEDGE.search(answer):  # a single value: hedging between several is not one
         return "hedge between answers"
     return None
+
+
+_LATEX_MARKUP = re.compile(r"[\\${}\[\]]")
+# Operator sequences latex2sympy's grammar rejects wherever they stand (`</` of a stray tag, `+*`, `..`, `=,`);
+# `<=`, `>=`, `!=`, a unary sign after an operator (`*-`) are valid and not listed.
+_BAD_SEQUENCE = re.compile(r"[-+*/=<>,]\s*[*/<>]|[-+*/=<>]\s*,|\.\s*\.")
+_EQ_SPLIT = re.compile(r"(?<!\\|\<|\!|\>)=")  # math_verify.parser.equation_split_regex
+
+
+@functools.lru_cache(maxsize=1)
+def _normalizer():
+    """math-verify's own LaTeX normaliser (latex2sympy2_extended.math_normalization: regexes only), loaded from its
+    file so that the trainer's process does not import sympy with the package; None where it is not installed."""
+    import importlib.util
+    import os
+    import sys
+
+    name = "latex2sympy2_extended.math_normalization"
+    module = sys.modules.get(name)
+    if module is None:
+        try:
+            spec = importlib.util.find_spec("latex2sympy2_extended")  # finds the package without running it
+            path = os.path.join(list(spec.submodule_search_locations)[0], "math_normalization.py")
+            file_spec = importlib.util.spec_from_file_location("_ponder_math_normalization", path)
+            module = importlib.util.module_from_spec(file_spec)
+            sys.modules[file_spec.name] = module  # dataclasses look their module up while the file runs
+            file_spec.loader.exec_module(module)
+        except Exception:  # not installed, or laid out otherwise: every such answer goes to a worker, as before
+            return None
+    # the settings math_verify.parser.extract_latex uses for a \boxed{...} match: LatexExtractionConfig's defaults
+    config = module.NormalizationConfig(basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="last",
+                                        equations=False)
+    return lambda text: module.normalize_latex(text, config)
+
+
+def _rejected(text: str) -> bool:
+    """Whether latex2sympy's grammar certainly rejects `text` (plain ASCII, no LaTeX markup): empty, parentheses
+    unbalanced or closed before opened, a binary operator at an end, or an operator sequence no expression has."""
+    t = text.strip()
+    if not t:
+        return True
+    if not t.isascii() or _LATEX_MARKUP.search(t):
+        return False
+    depth = 0
+    for ch in t:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                return True
+    return depth != 0 or t[-1] in "+-*/=<>," or t[0] in "*/=<>," or bool(_BAD_SEQUENCE.search(t))
+
+
+def unparseable(answer: str) -> bool:
+    """True when `compare` would certainly find no expression in `answer` (so that against a gold that parses,
+    the only comparison left is the strings, which differ: the gold's parses, this one does not), decided with
+    regexes, without sympy or a worker. Random text usually is: `k(n.d/226<answer>r`, `5</answer>`, `7 +`.
+
+    The reasoning follows math_verify.parse on "\\boxed{answer}" as `_parse` calls it: with no LaTeX markup
+    (backslash, $, braces, brackets) in the answer, the only pattern that matches is the whole box, whose content
+    is normalised (math-verify's normaliser, run here: it drops trailing units, so `5 a )` is `5`) and parsed,
+    then, if that fails and it has two or more `=`, the part after the last one; no other pattern matches. Each
+    string that would be parsed must be one the grammar rejects (`_rejected`). tests/test_rewards_junk.py checks
+    this against math-verify itself.
+    """
+    normalize = _normalizer()
+    if normalize is None or _LATEX_MARKUP.search(answer):
+        return False
+    try:
+        text = normalize("\\boxed{" + answer + "}")
+    except Exception:  # another math-verify than the one this was written against: leave it to a worker
+        return False
+    if not _rejected(text):
+        return False
+    if "," not in text and ";" not in text:  # math_verify.parser.get_last_eq: the last equation is tried next
+        parts = _EQ_SPLIT.split(text)
+        if len(parts) > 2 and not _rejected(parts[-1]):
+            return False
+    return True
 
 
 def text_answer(text: str) -> str | None:
