@@ -2,6 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# where pip looks for torch: empty for pip's own configuration (this project's machines hold the CPU build of the
+# pin locally); on a stock Linux machine PyPI's wheel is the CUDA build, so name PyTorch's CPU index:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo
+TORCH_INDEX ?=
 
 .PHONY: setup sysdeps demo test bench clean
 
@@ -10,7 +14,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PY) -m pip install -q -e .
 	touch $@
 

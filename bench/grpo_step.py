@@ -76,7 +76,7 @@ def workload(root: Path, shape: str, n_prompts: int, prompt_len: int) -> tuple[P
         with data.open("w") as f:
             for i in range(n_prompts):
                 words = torch.randint(0, len(WORDS), (prompt_len,), generator=g).tolist()
-                f.write(json.dumps({"prompt": " " + " ".join(WORDS[w] for w in words), "answer": "", "task": "bench"}) + "\n")
+                f.write(json.dumps({"prompt": " " + " ".join(WORDS[w] for w in words), "answer": "-", "task": "bench"}) + "\n")
     return model_dir, data
 
 
