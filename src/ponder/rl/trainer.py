@@ -5,8 +5,8 @@ Simplifications, stated up front (in the manner of nanochat's chat_rl.py):
   ranks would each run this same step on their own groups.
 - The learning-rate schedule counts RL steps (one per batch of rollouts), not optimizer steps.
 - Generation and training share one model object. On CUDA the fast engine samples from a bfloat16 copy of
-  its float32 weights, refreshed after every optimizer step (ponder.rollout.fast.RolloutCopy): the update
-  keeps float32 precision and no decode step casts a weight.
+  the float32 weights' matrices, refreshed after every optimizer step (ponder.rollout.fast.RolloutCopy):
+  the update keeps float32 precision and no decode step casts a weight.
 """
 
 from __future__ import annotations

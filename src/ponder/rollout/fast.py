@@ -15,9 +15,10 @@
   and become views of it (ponder.rollout.fused_weights); nothing is copied or kept in sync.
 - Weights: the model's own, or a copy in the rollout dtype (`dtype`; auto: bfloat16 on CUDA when the
   model holds float32 master weights). Casting float32 weights to bfloat16 on every use cost the decode
-  step a read of 4 and a write of 2 bytes a parameter; the copy costs 2 bytes a parameter of memory and
-  is refreshed in place at the next call after any optimizer step or in-place write to the master weights
-  (a checkpoint load), so each rollout samples from the current policy.
+  step a read of 4 and a write of 2 bytes a parameter; the copy costs 2 bytes a parameter of the linear
+  layers (embeddings and norms are shared) and is refreshed in place at the next call after any optimizer
+  step or in-place write to the master weights (a checkpoint load), so each rollout samples from the
+  current policy.
 - Graphs read the weights at their addresses, so in-place updates (and the copy's refresh) are seen; if a
   parameter is replaced (new storage), the graphs are dropped and captured again.
 On CPU the same code runs eagerly. Architectures other than Llama/Qwen2/Qwen3/Mistral, and calls that
@@ -150,6 +151,9 @@ class FastEngine(RolloutEngine):
         if want == weight.dtype:
             self.copy = None
             return self.arch
+        if want == torch.float32:  # the copy holds matrices beside the model's own norms: only narrower
+            raise UserError(f"fast engine: dtype fp32 is wider than the model's {weight.dtype} weights; "
+                            "use dtype: auto to run them as they are")
         if self.copy is None or self.copy.dtype != want:
             self.release()
             self.copy = RolloutCopy(self.model, want)
