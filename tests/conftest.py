@@ -36,6 +36,21 @@ def _register_test_rewards():
 
 _register_test_rewards()
 
+@pytest.fixture
+def error_line(capsys):
+    """Runs `ponder ARGV`; asserts exit code 2 and exactly one line on stderr (no traceback); gives that line."""
+    from ponder.cli import main
+
+    def run(*argv):
+        code = main(list(argv))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2
+        assert len(err) == 1, err  # one line, no traceback
+        return err[0]
+
+    return run
+
+
 VERIFY_LIMIT = 2.0  # seconds per answer in the tests that plant bombs
 
 

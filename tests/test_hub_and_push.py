@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from ponder import models
 from ponder.cli import main
@@ -94,24 +93,16 @@ def test_resolve_keeps_builtin_names_and_local_dirs_first(tmp_path, monkeypatch)
             models.resolve(not_an_id)
 
 
-def _error_line(capsys, *argv):
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1, err  # one line, no traceback
-    return err[0]
-
-
-def test_uncached_hub_id_offline_is_one_clear_line(capsys, tmp_path, monkeypatch):
+def test_uncached_hub_id_offline_is_one_clear_line(tmp_path, monkeypatch, error_line):
     _offline(monkeypatch, tmp_path / "hf")
     _place_in_cache(tmp_path / "hf", "owner/tiny", seed=0)
     fix = "unset HF_HUB_OFFLINE to download it once (or run `hf download {}`), or set HF_HOME to a cache that holds it"
     cache = tmp_path / "hf" / "hub"
-    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "model.path=owner/missing")
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "model.path=owner/missing")
     assert line == (f"ponder: error: model 'owner/missing' is not in the Hugging Face cache at {cache} and "
                     f"HF_HUB_OFFLINE=1 is set; {fix.format('owner/missing')}")
     assert not (tmp_path / "smoke-first-digit").exists()  # nothing written
-    line = _error_line(capsys, "eval", "--model", "owner/tiny@v2", "--tasks", "first_digit", "--out", str(tmp_path / "e"))
+    line = error_line("eval", "--model", "owner/tiny@v2", "--tasks", "first_digit", "--out", str(tmp_path / "e"))
     assert line == (f"ponder: error: model 'owner/tiny@v2' is not in the Hugging Face cache at {cache} and "
                     f"HF_HUB_OFFLINE=1 is set; {fix.format('owner/tiny')}")
 
@@ -140,7 +131,7 @@ def _table(card):
     return {r[1]: r[2:] for r in rows[1:]}
 
 
-def test_push_dry_run_writes_the_folder_and_a_card_with_the_runs_figures(hub_run, tmp_path, capsys, monkeypatch):
+def test_push_dry_run_writes_the_folder_and_a_card_with_the_runs_figures(hub_run, tmp_path, capsys, monkeypatch, error_line):
     from ponder import push
 
     run = tmp_path / "run"
@@ -178,5 +169,5 @@ def test_push_dry_run_writes_the_folder_and_a_card_with_the_runs_figures(hub_run
     assert not (out1 / "eval_after.json").exists() and "0.750" not in card
     assert "`step-1` itself was not evaluated" in card
     # a folder that exists is not written into
-    line = _error_line(capsys, "push", str(run / "checkpoints" / "step-2"), "--repo", "me/tiny-grpo", "--dry-run", str(out))
+    line = error_line("push", str(run / "checkpoints" / "step-2"), "--repo", "me/tiny-grpo", "--dry-run", str(out))
     assert line == f"ponder: error: --dry-run: '{out}' already exists and is not an empty folder; give a new folder"

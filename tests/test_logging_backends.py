@@ -13,14 +13,6 @@ from ponder.cli import main
 SMOKE = "recipes/smoke-first-digit.yaml"
 
 
-def _error_line(capsys, *argv):
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1, err  # one line, no traceback
-    return err[0]
-
-
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
@@ -128,14 +120,14 @@ def test_sft_logs_its_own_config_to_wandb(tmp_path, wandb_offline):
     assert not (tmp_path / "s" / "tensorboard").exists()  # log_to without tensorboard
 
 
-def test_unknown_backend_lists_the_known_ones(capsys, tmp_path):
-    line = _error_line(capsys, "train", SMOKE, f"output_dir={tmp_path}", "train.log_to=[tensorboard, wandbb]")
+def test_unknown_backend_lists_the_known_ones(tmp_path, error_line):
+    line = error_line("train", SMOKE, f"output_dir={tmp_path}", "train.log_to=[tensorboard, wandbb]")
     assert line == "ponder: error: config train.log_to: unknown logging backend 'wandbb'; known: tensorboard, wandb, mlflow"
 
 
-def test_missing_package_names_the_extra(capsys, tmp_path, monkeypatch):
+def test_missing_package_names_the_extra(tmp_path, monkeypatch, error_line):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    line = _error_line(capsys, "train", SMOKE, f"output_dir={tmp_path}", "train.log_to=[wandb]")
+    line = error_line("train", SMOKE, f"output_dir={tmp_path}", "train.log_to=[wandb]")
     assert line == ("ponder: error: train.log_to names wandb but the wandb package is not installed; "
                     "pip install 'ponder[wandb]' (or remove wandb from train.log_to)")
     assert not (tmp_path / "smoke-first-digit").exists()  # refused before anything is loaded or written

@@ -76,48 +76,40 @@ def test_checkpoint_write_killed_midway_leaves_previous_intact(tmp_path, monkeyp
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-1"]
 
 
-def _error_line(capsys, *argv):
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1, err  # one line, no traceback
-    return err[0]
-
-
-def test_unknown_key_suggests_the_closest(capsys, tmp_path):
-    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "optim.lrr=1e-4")
+def test_unknown_key_suggests_the_closest(tmp_path, error_line):
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "optim.lrr=1e-4")
     assert line == "ponder: error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"
 
 
-def test_key_in_the_wrong_section_is_found(capsys, tmp_path):
-    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rollout.beta=0.1")
+def test_key_in_the_wrong_section_is_found(tmp_path, error_line):
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rollout.beta=0.1")
     assert "unknown config key 'rollout.beta'" in line and "algorithm.beta" in line
 
 
-def test_wrong_type(capsys, tmp_path):
-    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rollout.group_size=many")
+def test_wrong_type(tmp_path, error_line):
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rollout.group_size=many")
     assert line == "ponder: error: config rollout.group_size: expected an integer, got 'many'"
 
 
-def test_missing_model_directory(capsys, tmp_path):
-    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", f"model.path={tmp_path}/nope")
+def test_missing_model_directory(tmp_path, error_line):
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", f"model.path={tmp_path}/nope")
     assert f"model '{tmp_path}/nope' not found" in line and "tiny-random" in line
 
 
-def test_dataset_row_without_answer_names_file_and_line(capsys, tmp_path):
+def test_dataset_row_without_answer_names_file_and_line(tmp_path, error_line):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2"}\n')
-    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}",
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}",
                        f"data.tasks=[{{name: jsonl, path: {data}}}]")
     assert line == f"ponder: error: {data}:2: row has no 'answer' field; every row needs prompt, answer"
 
 
-def test_reward_returning_wrong_length_is_named(capsys, tmp_path):
+def test_reward_returning_wrong_length_is_named(tmp_path, error_line):
     from ponder.rewards import REWARDS
 
     REWARDS["too_short"] = lambda completions, **_: [1.0]
     try:
-        line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}",
+        line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}",
                            "rewards.too_short=1.0", "rollout.prompts_per_step=2")
     finally:
         del REWARDS["too_short"]
@@ -148,9 +140,9 @@ def test_nan_losses_stop_the_run_and_keep_the_last_checkpoint(capsys, tmp_path):
     assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 1]
 
 
-def test_existing_run_is_not_overwritten(capsys, tmp_path):
+def test_existing_run_is_not_overwritten(capsys, tmp_path, error_line):
     assert main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=once",
                  "train.steps=2", "train.save_every=2", "rollout.prompts_per_step=2"]) == 0
     capsys.readouterr()
-    line = _error_line(capsys, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=once", "train.steps=2")
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=once", "train.steps=2")
     assert "already holds checkpoints; pass --resume" in line

@@ -13,21 +13,13 @@ SAFE = ("train.steps, train.save_every, train.keep_last, train.log_samples, trai
 FAST = ["rollout.prompts_per_step=4", "rollout.group_size=4", "train.log_samples=1"]
 
 
-def _error_line(capsys, *argv):
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1, err  # one line, no traceback
-    return err[0]
-
-
-def test_grpo_resume_refuses_changes_unless_allowed_and_records_them(capsys, tmp_path):
+def test_grpo_resume_refuses_changes_unless_allowed_and_records_them(capsys, tmp_path, error_line):
     base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=r", *FAST]
     assert main(base + ["train.steps=1"]) == 0
     config = tmp_path / "r" / "config.yaml"
     before = config.read_text()
 
-    line = _error_line(capsys, *base, "train.steps=2", "optim.lr=1e-3", "rollout.group_size=8", "--resume")
+    line = error_line(*base, "train.steps=2", "optim.lr=1e-3", "rollout.group_size=8", "--resume")
     assert line == (f"ponder: error: --resume with settings that differ from the run's {config}: rollout.group_size 4 -> 8, "
                     "optim.lr 0.003 -> 0.001; pass --allow-changes to continue with them (config.yaml records each change "
                     f"and the step it applies from), or leave them out. Safe to change on resume: {SAFE}")
@@ -53,7 +45,7 @@ def test_grpo_resume_refuses_changes_unless_allowed_and_records_them(capsys, tmp
     assert steps == [1, 2, 3]
 
 
-def test_sft_resume_refuses_changes_unless_allowed(capsys, tmp_path):
+def test_sft_resume_refuses_changes_unless_allowed(tmp_path, error_line):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": f"{i + 1}"}) + "\n" for i in range(4)))
     recipe = tmp_path / "sft.yaml"
@@ -61,7 +53,7 @@ def test_sft_resume_refuses_changes_unless_allowed(capsys, tmp_path):
                       "train: {steps: 1, batch_size: 2, log_samples: 0}\n")
     assert main(["sft", str(recipe)]) == 0
     config = tmp_path / "s" / "config.yaml"
-    line = _error_line(capsys, "sft", str(recipe), "train.steps=2", "train.batch_size=4", "--resume")
+    line = error_line("sft", str(recipe), "train.steps=2", "train.batch_size=4", "--resume")
     assert line == (f"ponder: error: --resume with settings that differ from the run's {config}: train.batch_size 2 -> 4; "
                     "pass --allow-changes to continue with them (config.yaml records each change and the step it applies "
                     "from), or leave them out. Safe to change on resume: train.steps, train.epochs, train.save_every, "

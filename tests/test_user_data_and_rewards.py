@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from ponder.cli import main
 from ponder.config import TaskSpec, load_config
 from ponder.errors import UserError
 from ponder.tasks import load_examples
@@ -60,13 +59,6 @@ def _calls(ref):
     return load_function(ref, "reward").__globals__["CALLS"]
 
 
-def _error_line(capsys, *argv):
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err  # one line, no traceback
-    return err[0]
-
-
 def test_parquet_file_trains_with_a_column_mapping_and_a_reward_from_a_module(tmp_path, monkeypatch):
     datasets.Dataset.from_list(ROWS).to_parquet(tmp_path / "gsm.parquet")
     (tmp_path / "mypkg_a").mkdir()
@@ -110,34 +102,34 @@ def test_save_to_disk_folder_trains_with_an_async_reward_from_a_file(tmp_path, m
     ("one_value", "ponder: error: reward 'bad.py:one_value' returned 1 value for 2 completions; it must return one value per completion"),
     ("text_values", "ponder: error: reward 'bad.py:text_values' returned 'high'; values must be numbers or None"),
 ])
-def test_a_reward_of_the_wrong_shape_fails_at_start_up(capsys, tmp_path, monkeypatch, fn, line):
+def test_a_reward_of_the_wrong_shape_fails_at_start_up(tmp_path, monkeypatch, fn, line, error_line):
     (tmp_path / "bad.py").write_text(REWARDS)
     monkeypatch.chdir(tmp_path)
-    assert _error_line(capsys, "train", RECIPE, f"output_dir={tmp_path}", f"rewards.bad.py:{fn}=1.0") == line
+    assert error_line("train", RECIPE, f"output_dir={tmp_path}", f"rewards.bad.py:{fn}=1.0") == line
     assert not (tmp_path / "smoke-first-digit" / "metrics.jsonl").exists()  # stopped before the first step
 
 
-def test_a_missing_reward_function_is_named(capsys, tmp_path, monkeypatch):
+def test_a_missing_reward_function_is_named(tmp_path, monkeypatch, error_line):
     (tmp_path / "bad.py").write_text(REWARDS)
     monkeypatch.chdir(tmp_path)
-    assert _error_line(capsys, "train", RECIPE, f"output_dir={tmp_path}", "rewards.bad.py:seen=1.0") == (
+    assert error_line("train", RECIPE, f"output_dir={tmp_path}", "rewards.bad.py:seen=1.0") == (
         "ponder: error: reward 'bad.py:seen': bad.py has no 'seen'; it defines: batch_len, one_value, seen_columns, text_values")
 
 
-def test_unknown_task_option_names_the_closest(capsys, tmp_path):
-    line = _error_line(capsys, "train", RECIPE, f"output_dir={tmp_path}", "data.tasks=[{name: first_digit, options: {digt: 3}}]")
+def test_unknown_task_option_names_the_closest(tmp_path, error_line):
+    line = error_line("train", RECIPE, f"output_dir={tmp_path}", "data.tasks=[{name: first_digit, options: {digt: 3}}]")
     assert line == "ponder: error: task 'first_digit' has no option 'digt'; did you mean 'digit'? valid options: digit"
-    line = _error_line(capsys, "eval", "--model", "tiny-random", "--tasks", "arithmetic", "--option", "difficulti=hard",
+    line = error_line("eval", "--model", "tiny-random", "--tasks", "arithmetic", "--option", "difficulti=hard",
                        "--out", str(tmp_path / "ev"))
     assert line == ("ponder: error: task 'arithmetic' has no option 'difficulti'; did you mean 'difficulty'? "
                     "valid options: difficulty, operands, low, high")
 
 
 @pytest.mark.parametrize("answer, what", [("null", "a null"), ('"  "', "an empty")])
-def test_null_or_empty_answer_names_file_and_line(capsys, tmp_path, answer, what):
+def test_null_or_empty_answer_names_file_and_line(tmp_path, answer, what, error_line):
     data = tmp_path / "data.jsonl"
     data.write_text(f'{{"prompt": "1+1", "answer": "2"}}\n\n{{"prompt": "2+2", "answer": {answer}}}\n')
-    line = _error_line(capsys, "train", RECIPE, f"output_dir={tmp_path}", f"data.tasks=[{{name: jsonl, path: {data}}}]")
+    line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"data.tasks=[{{name: jsonl, path: {data}}}]")
     assert line == f"ponder: error: {data}:3: row has {what} 'answer' field; every row needs prompt, answer"
 
 
