@@ -31,7 +31,16 @@ SAFE_ON_RESUME = {
     "sft": ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.log_samples",
             "train.sample_max_new_tokens", "train.max_nan_steps", "train.threads", "train.log_to"),
 }
-LOCATION = ("name", "output_dir")  # they say where the run is, so they match by construction
+LOCATION = ("name", "output_dir")
+
+
+def add_arguments(parser, kind: str) -> None:
+    """--resume and --allow-changes for a command whose runs resume (`kind`: a key of SAFE_ON_RESUME)."""
+    parser.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint, exactly")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: continue with settings that differ from the run's config.yaml (each change "
+                        "is recorded there with the step it applies from); without it only "
+                        + ", ".join(SAFE_ON_RESUME[kind]) + " may change")  # they say where the run is, so they match by construction
 CHANGES_KEY = "changes"
 _MISSING = object()
 

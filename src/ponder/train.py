@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ponder.config import RunConfig, load_config
-from ponder.resume import SAFE_ON_RESUME
+from ponder.resume import add_arguments as add_resume_arguments
 
 console = Console()
 
@@ -23,11 +23,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("recipe", help="YAML recipe (see recipes/; every knob is commented there)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 algorithm.loss_agg=dr_grpo")
-    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint, exactly")
-    p.add_argument("--allow-changes", action="store_true",
-                   help="with --resume: continue with settings that differ from the run's config.yaml (each change is "
-                   "recorded there with the step it applies from); without it only " + ", ".join(SAFE_ON_RESUME["train"])
-                   + " may change")
+    add_resume_arguments(p, "train")
     p.set_defaults(func=lambda args: train(load_config(args.recipe, args.overrides), resume=args.resume,
                                            allow_changes=args.allow_changes))
 

@@ -13,7 +13,7 @@ import json
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ponder.resume import SAFE_ON_RESUME
+from ponder.resume import add_arguments as add_resume_arguments
 from ponder.sft.config import SFTConfig, load_sft_config
 
 console = Console()
@@ -29,11 +29,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("recipe", help="YAML recipe (see recipes/coldstart-tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 model.path=runs/x/final")
-    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint, exactly")
-    p.add_argument("--allow-changes", action="store_true",
-                   help="with --resume: continue with settings that differ from the run's config.yaml (each change is "
-                   "recorded there with the step it applies from); without it only " + ", ".join(SAFE_ON_RESUME["sft"])
-                   + " may change")
+    add_resume_arguments(p, "sft")
     p.set_defaults(func=lambda args: sft(load_sft_config(args.recipe, args.overrides), resume=args.resume,
                                          allow_changes=args.allow_changes))
 
