@@ -73,15 +73,13 @@ def probe_samples(n_tokens: int, vocab: int, group: int = 8, prompt: int = 128) 
 def measure_per_token(policy_pass, model, device, vocab: int) -> float:
     """Bytes per stream token at the peak of a forward and backward of the policy pass (two sizes, the slope).
     Leaves no gradients behind."""
-    peaks = []
+    batches = [probe_samples(n, vocab) for n in PROBE_TOKENS]
     lent, policy_pass.scratch = policy_pass.scratch, None  # the engine's lent cache would hide the head's logits
     try:
-        for n in PROBE_TOKENS:
-            peaks.append(_peak(policy_pass, model, device, probe_samples(n, vocab)))
+        peaks = [_peak(policy_pass, model, device, b) for b in batches]
     finally:
         policy_pass.scratch = lent
-    stream = [len(b[0].prompt_ids) + sum(len(s.completion_ids) - 1 for s in b)
-              for b in (probe_samples(n, vocab) for n in PROBE_TOKENS)]
+    stream = [len(b[0].prompt_ids) + sum(len(s.completion_ids) - 1 for s in b) for b in batches]
     return (peaks[1] - peaks[0]) / (stream[1] - stream[0])
 
 
