@@ -5,6 +5,7 @@ forced to full length. Prints a table and writes JSON. With --check, first the G
 bf16 tolerance (teacher-forced log-probs, prefill logits, greedy agreement, weights updated in place).
 
   PYTHONPATH=src python bench/rollout.py --check --shapes 0.5b 1.5b --hf dynamic --json out.json
+  PYTHONPATH=src python bench/rollout.py --lengths long-tail --batch 64 --n 8 --new 8192 --shapes 1.5b --variants triton
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ponder.rollout.fast import FastEngine
 SHAPES = {
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864),
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944),
     "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: only to smoke-test this script (--shapes smoke)
@@ -113,8 +115,7 @@ def check(shape: str) -> dict:
                                         first_divergence=first_diff)
     # prefill logits over the whole vocabulary, both against float32
     ref32 = copy.deepcopy(model).float()
-    rows = torch.arange(len(prompts), device=DEVICE)
-    mine = eng.fwd.prefill(prompts, rows, 1).float()
+    mine = eng.fwd.prefill(prompts, spread_tables(eng.fwd, len(prompts), max(lens))).float()
     ref = torch.stack([ref32(input_ids=torch.tensor([p], device=DEVICE)).logits[0, -1].float() for p in prompts])
     hfb = torch.stack([model(input_ids=torch.tensor([p], device=DEVICE)).logits[0, -1].float() for p in prompts])
     res["prefill_logits_rel_err"] = dict(fast=((mine - ref).norm() / ref.norm()).item(), hf_bf16=((hfb - ref).norm() / ref.norm()).item())
@@ -133,6 +134,22 @@ def check(shape: str) -> dict:
     return res
 
 
+def spread_tables(f, rows: int, positions: int) -> torch.Tensor:
+    """Block tables giving each of `rows` rows its own blocks for `positions` slots (blocks 1, 2, ...)."""
+    per_row = -(-positions // f.block)
+    assert rows * per_row < f.blocks, "the pool is smaller than these rows"
+    return 1 + torch.arange(rows * per_row, device=f.device).view(rows, per_row)
+
+
+def at_position(f, batch: int, pos: int):
+    """Rows [0, batch) set to feed position `pos`, each through blocks of its own (the state after a call
+    points idle rows at the sink block, which would make every read hit the same cached slots)."""
+    t = spread_tables(f, batch, pos + 1)
+    f.table[:batch, : t.shape[1]] = t
+    f.pos[:batch] = pos
+    f.n_out[:batch] = 1
+
+
 @torch.no_grad()
 def profile(model, tok, prompts, new, out_dir) -> dict:
     """GPU time of one captured decode step (no host work), and the kernels of that step by time."""
@@ -143,8 +160,7 @@ def profile(model, tok, prompts, new, out_dir) -> dict:
     res = {}
     for key in sorted(k for k in eng.graphs if k[0] == batch):
         graph, _ = eng.graphs[key]
-        f.pos[:batch] = 130
-        f.step_no.fill_(1)
+        at_position(f, batch, 130)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         graph.replay()
         start.record()
@@ -155,11 +171,10 @@ def profile(model, tok, prompts, new, out_dir) -> dict:
         res[f"graph_ms_len{key[1]}"] = start.elapsed_time(end) / 50
     from torch.profiler import ProfilerActivity, profile as prof
 
-    f.pos[:batch] = 130
-    f.step_no.fill_(1)
+    at_position(f, batch, 130)
     with prof(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(3):
-            f.step(batch, f.length, 1.0)
+            f.step(batch, f.positions, 1.0)
         torch.cuda.synchronize()
     table = p.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     if out_dir:
@@ -171,27 +186,61 @@ def profile(model, tok, prompts, new, out_dir) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ bench
-def bench_fast(model, tok, prompts, new, variant: str) -> dict:
+def long_tail(samples: int, limit: int, median: int = 1500, tail: float = 0.1, seed: int = 0) -> list[int]:
+    """R1-Zero-like answer lengths: lognormal with the given median, a `tail` share reaching `limit`."""
+    import math
+
+    sigma = math.log(limit / median) / statistics.NormalDist().inv_cdf(1 - tail)
+    g = torch.Generator().manual_seed(seed)
+    draw = torch.exp(math.log(median) + sigma * torch.randn(samples, generator=g, dtype=torch.float64))
+    return draw.round().clamp(1, limit).long().tolist()
+
+
+def quantiles(lengths: list[int]) -> dict:
+    x = torch.tensor(lengths, dtype=torch.float64)
+    return {f"p{q}": int(x.quantile(q / 100)) for q in (10, 25, 50, 75, 90)} | dict(
+        mean=round(x.mean().item()), at_limit=sum(v == max(lengths) for v in lengths))
+
+
+def bench_fast(model, tok, prompts, new, variant: str, n: int = 1, limits: list[int] | None = None, tag: str = "") -> dict:
     attention, _, kern = variant.partition("+")
     eng = FastEngine(model, tok, attention=attention, fused=kern != "eager")
-    params = SamplingParams(n=1, temperature=1.0, max_tokens=new, seed=0)
+    params = SamplingParams(n=n, temperature=1.0, max_tokens=new, seed=0)
     force_length(model, True)
-    first, _ = sync_time(lambda: eng.generate(prompts, params))  # includes graph capture
-    t_pre, _ = sync_time(lambda: eng.generate(prompts, SamplingParams(temperature=1.0, max_tokens=1, seed=0)))
+    first, _ = sync_time(lambda: eng.generate(prompts, params, limits=limits))  # includes graph capture
+    t_pre, _ = sync_time(lambda: eng.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=1, seed=0)))
     CUDA and torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(2):
-        t, outs = sync_time(lambda: eng.generate(prompts, params))
+    for _ in range(2 if limits is None else 1):
+        t, outs = sync_time(lambda: eng.generate(prompts, params, limits=limits))
         times.append(t)
-    assert all(len(c.token_ids) == new for (c,) in outs), "completions were not forced to full length"
+    want = limits or [new] * (len(prompts) * n)
+    assert [len(c.token_ids) for o in outs for c in o] == want, "completions were not forced to their lengths"
     t = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if CUDA else 0
+    stats = dict(eng.stats)
     eng.release()
     del eng
     CUDA and torch.cuda.empty_cache()
-    tokens = len(prompts) * new
-    return dict(engine=f"fast ({variant})", seconds=t, tokens_per_s=tokens / t, ms_per_decode_step=1000 * (t - t_pre) / (new - 1),
-                prefill_s=t_pre, first_call_s=first, peak_gib=peak / 2**30)
+    tokens = sum(want)
+    return dict(engine=f"fast ({variant}){tag}", seconds=t, tokens_per_s=tokens / t,
+                ms_per_decode_step=1000 * (t - t_pre) / (max(want) - 1), prefill_s=t_pre, first_call_s=first,
+                peak_gib=peak / 2**30, kv_gib_peak=stats.get("kv_gib_peak"), gave_way=stats.get("gave_way"))
+
+
+def bench_hf_bound(model, prompts, n: int, limits: list[int], steps: int) -> dict:
+    """transformers' generate on the same samples, timed for `steps` new tokens: its batch runs until its
+    longest sample ends, so max(limits) steps at no less than this step time bound its time from below."""
+    ids = torch.tensor(prompts, device=DEVICE).repeat_interleave(n, 0)
+    force_length(model, False)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)
+    CUDA and torch.cuda.reset_peak_memory_stats()
+    t, _ = sync_time(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw))
+    peak = torch.cuda.max_memory_allocated() if CUDA else 0
+    CUDA and torch.cuda.empty_cache()
+    bound = t / steps * max(limits)
+    return dict(engine=f"hf generate, lower bound ({steps} steps timed)", seconds=bound, tokens_per_s=sum(limits) / bound,
+                ms_per_decode_step=1000 * t / steps, peak_gib=peak / 2**30)
 
 
 def bench_hf(model, prompts, new, cache: str) -> dict:
@@ -223,6 +272,11 @@ def main():
     ap.add_argument("--out", help="folder for the profile table")
     ap.add_argument("--hf", nargs="*", default=["dynamic"], help="transformers' generate with these caches")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--lengths", choices=["uniform", "long-tail"], default="uniform",
+                    help="long-tail: --batch prompts x --n samples, each forced to end at a length drawn from a lognormal "
+                         "(median 1,500, 10%% at the --new limit), beside the same samples all at the mean length")
+    ap.add_argument("--n", type=int, default=1, help="samples per prompt")
+    ap.add_argument("--hf-steps", type=int, default=64, help="long-tail: steps timed for transformers' lower bound")
     ap.add_argument("--json")
     a = ap.parse_args()
     report = dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__, workload=vars(a), results=[])
@@ -235,9 +289,19 @@ def main():
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, model.config.vocab_size, (a.batch, a.prompt), generator=g).tolist()
         weights = torch.cuda.memory_allocated() if CUDA else 0
-        rows = [bench_fast(model, tok, prompts, a.new, v) for v in a.variants]
-        for cache in a.hf:
-            rows.append(bench_hf(model, prompts, a.new, cache))
+        if a.lengths == "long-tail":
+            limits = long_tail(a.batch * a.n, a.new)
+            report["lengths"] = quantiles(limits)
+            print("lengths:", json.dumps(report["lengths"]), flush=True)
+            mean = round(sum(limits) / len(limits))
+            rows = [bench_fast(model, tok, prompts, a.new, v, a.n, limits, " long-tail") for v in a.variants]
+            rows += [bench_fast(model, tok, prompts, a.new, v, a.n, [mean] * len(limits), f" all at {mean}") for v in a.variants]
+            if a.hf:
+                rows.append(bench_hf_bound(model, prompts, a.n, limits, a.hf_steps))
+        else:
+            rows = [bench_fast(model, tok, prompts, a.new, v, a.n) for v in a.variants]
+            for cache in a.hf:
+                rows.append(bench_hf(model, prompts, a.new, cache))
         base = rows[0]["tokens_per_s"]
         for r in rows:
             r.update(shape=shape, weights_gib=weights / 2**30, speedup_of_fast=base / r["tokens_per_s"])
@@ -248,10 +312,11 @@ def main():
             print("profile:", json.dumps(report["profile"]), flush=True)
         del model
         CUDA and torch.cuda.empty_cache()
-    print(f"\n{'shape':6} {'engine':26} {'tokens/s':>10} {'ms/step':>8} {'peak GiB':>9} {'fast is x':>9}")
+    print(f"\n{'shape':6} {'engine':44} {'tokens/s':>10} {'s':>8} {'ms/step':>8} {'peak GiB':>9} {'KV GiB':>7} {'fast is x':>9}")
     for r in report["results"]:
-        print(f"{r['shape']:6} {r['engine']:26} {r['tokens_per_s']:10,.0f} {r['ms_per_decode_step']:8.2f} "
-              f"{r['peak_gib']:9.2f} {r['speedup_of_fast']:9.2f}")
+        kv = f"{r['kv_gib_peak']:7.2f}" if r.get("kv_gib_peak") is not None else f"{'':7}"
+        print(f"{r['shape']:6} {r['engine']:44} {r['tokens_per_s']:10,.0f} {r['seconds']:8.2f} {r['ms_per_decode_step']:8.2f} "
+              f"{r['peak_gib']:9.2f} {kv} {r['speedup_of_fast']:9.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)

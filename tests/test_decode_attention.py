@@ -1,5 +1,6 @@
 """The split-KV decode attention kernel (run by Triton's CPU interpreter) against a plain softmax attention
-computed here, on views of the engine's cache layout with mixed live lengths per row."""
+computed here, over a paged cache (rows' slots scattered over blocks; slots never written hold NaN, so a
+read past a row's live slots or through a wrong table entry shows) with mixed live lengths per row."""
 
 import sys
 
@@ -23,11 +24,27 @@ def by_hand(q, k, v, pos, scale):
 
 
 def cache_views(batch, n_kv, group, dim, rows=6, positions=160, length=150, seed=0):
-    """q and k/v views cut from a [layers, 2, rows, kv heads, positions, dim] cache, as the engine does."""
+    """q and k/v views cut from a [layers, 2, rows, kv heads, positions, dim] cache: each row's slots in order."""
     g = torch.Generator().manual_seed(seed)
     kv = torch.randn((2, 2, rows, n_kv, positions, dim), generator=g)
     q = torch.randn((batch, n_kv, group, dim), generator=g)
     return q, kv[1, 0, :batch, :, :length], kv[1, 1, :batch, :, :length]
+
+
+def paged(k, v, block=16, seed=0):
+    """The same slots scattered over a pool of blocks [blocks, kv heads, block, dim] (block 0 left unused, as the
+    engine keeps it for the sink), with each row's block table."""
+    batch, n_kv, length, dim = k.shape
+    per_row = -(-length // block)
+    order = torch.randperm(batch * per_row, generator=torch.Generator().manual_seed(seed)) + 1
+    table = order.view(batch, per_row)
+    pools = []
+    for c in (k, v):
+        pool = torch.full((batch * per_row + 1, n_kv, block, dim), float("nan"))  # slots never written: NaN
+        padded = torch.nn.functional.pad(c, (0, 0, 0, per_row * block - length), value=float("nan"))
+        pool[table.reshape(-1)] = padded.view(batch, n_kv, per_row, block, dim).transpose(1, 2).reshape(-1, n_kv, block, dim)
+        pools.append(pool)
+    return pools[0], pools[1], table
 
 
 POS = torch.tensor([0, 149, 127, 128, 64])  # one slot, all 150, and tile edges for tiles of 32, 64 and 128
@@ -44,11 +61,19 @@ def test_reference_is_softmax_attention_over_the_live_slots():
     torch.testing.assert_close(da.reference(q, k2, v2, POS, 0.3), ref)
 
 
+def test_gather_reads_each_rows_slots_through_its_block_table():
+    q, k, v = cache_views(5, 2, 3, 24)
+    kp, vp, table = paged(k, v)
+    torch.testing.assert_close(da.gather(kp, table, 150), k)
+    torch.testing.assert_close(da.gather(vp, table, 150), v)
+
+
 def test_on_cpu_decode_attention_is_the_reference_and_takes_flat_heads():
     q, k, v = cache_views(5, 2, 7, 64)
-    out = da.decode_attention(q, k, v, POS, 0.125)
+    kp, vp, table = paged(k, v)
+    out = da.decode_attention(q, kp, vp, table, POS, 0.125, 150)
     torch.testing.assert_close(out, da.reference(q, k, v, POS, 0.125))
-    flat = da.decode_attention(q.reshape(5, 14, 64), k, v, POS, 0.125)
+    flat = da.decode_attention(q.reshape(5, 14, 64), kp, vp, table, POS, 0.125, 150)
     assert flat.shape == (5, 14, 64)
     torch.testing.assert_close(flat, out.reshape(5, 14, 64))
 
@@ -84,5 +109,6 @@ if __name__ == "__main__":  # the child: run the interpreted kernel on every cas
     outs = []
     for group, dim, splits, tile in CASES:
         q, k, v = cache_views(5, 2, group, dim, seed=group + splits)
-        outs.append(da.triton_attention(q, k, v, POS, dim**-0.5, splits=splits, block_n=tile))
+        kp, vp, table = paged(k, v, block=16 if tile != 32 else 8, seed=tile)
+        outs.append(da.triton_attention(q, kp, vp, table, POS, dim**-0.5, 150, splits=splits, block_n=tile))
     torch.save(outs, sys.argv[1])

@@ -1,5 +1,8 @@
-"""Attention of one new token per row over a static KV cache: a split-KV ("flash-decoding") Triton kernel.
+"""Attention of one new token per row over a paged KV cache: a split-KV ("flash-decoding") Triton kernel.
 
+The cache is a pool of blocks of `block` slots each ([blocks, kv heads, block, head dim] for K and for V);
+row b's slot s lives in block table[b, s // block] at offset s % block, so rows hold memory only for the
+tokens they have, and the G samples of one prompt can share the blocks of its prefix.
 Decoding reads every live cache slot once per step, so its attention is bound by memory bandwidth.
 This kernel reads only each row's live slots [0, pos[row]] (never the padding up to the length bucket),
 reads each kv head once for all the query heads that share it (GQA), and splits a row's slots across
@@ -28,8 +31,15 @@ except ImportError:  # CPU installs: the torch reference does the work
     triton = None
 
 
+def gather(pool, table, length: int) -> torch.Tensor:
+    """Rows' slots [0, length) out of a block pool [blocks, kv heads, block, D] as one tensor [B, kv heads, length, D]."""
+    block = pool.shape[2]
+    rows = pool[table[:, : -(-length // block)]]  # [B, blocks of the row, kv heads, block, D]
+    return rows.transpose(1, 2).flatten(2, 3)[:, :, :length]
+
+
 def reference(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
-    """q [B, kv heads, group, D]; caches [B, kv heads, L, D]; pos [B]: row b attends slots [0, pos[b]]."""
+    """q [B, kv heads, group, D]; caches [B, kv heads, L, D] (gathered); pos [B]: row b attends slots [0, pos[b]]."""
     length = k_cache.shape[2]
     slots = torch.arange(length, device=q.device)
     hidden = slots[None, :] > pos[:, None]  # [B, L]
@@ -42,11 +52,11 @@ if triton is not None:
 
     @triton.jit
     def _partial(
-        q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
-        sq_b, sq_h, sq_g, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, so_b, so_h, so_g, so_d,
+        q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+        sq_b, sq_h, sq_g, sq_d, sk_p, sk_h, sk_l, sk_d, sv_p, sv_h, sv_l, sv_d, st_b, so_b, so_h, so_g, so_d,
         n_kv, length, chunk, qk_scale,
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
     ):
         """One (row, kv head, split): online softmax over the split's live slots, all GROUP query heads at once.
         With one split it writes the normalised output; otherwise the unnormalised sum and its (max, total)."""
@@ -66,15 +76,15 @@ if triton is not None:
         m = tl.full((G_PAD,), float("-inf"), tl.float32)
         total = tl.zeros((G_PAD,), tl.float32)
         acc = tl.zeros((G_PAD, D_PAD), tl.float32)
-        k_base = k_ptr + b.to(tl.int64) * sk_b + h * sk_h
-        v_base = v_ptr + b.to(tl.int64) * sv_b + h * sv_h
         n = tl.arange(0, BLOCK_N)
         # every tile starts at a live slot, so each row of `s` has a finite maximum (no inf - inf)
         for start in range(lo, hi, BLOCK_N):
             slot = start + n
+            page = tl.load(table_ptr + b * st_b + slot // PAGE, mask=slot < hi, other=0).to(tl.int64)
+            off = slot % PAGE
             nd_mask = (slot[:, None] < hi) & (d[None, :] < HEAD_DIM)
-            k = tl.load(k_base + slot[:, None] * sk_l + d[None, :] * sk_d, mask=nd_mask, other=0.0)
-            v = tl.load(v_base + slot[:, None] * sv_l + d[None, :] * sv_d, mask=nd_mask, other=0.0)
+            k = tl.load(k_ptr + (page * sk_p + h * sk_h + off * sk_l)[:, None] + d[None, :] * sk_d, mask=nd_mask, other=0.0)
+            v = tl.load(v_ptr + (page * sv_p + h * sv_h + off * sv_l)[:, None] + d[None, :] * sv_d, mask=nd_mask, other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -154,11 +164,11 @@ def plan(batch: int, n_kv: int, length: int, device: torch.device, block_n: int 
     return -(-length // chunk), chunk
 
 
-def triton_attention(q, k_cache, v_cache, pos, scale: float, splits: int | None = None, block_n: int = TILE,
-                     num_warps: int = 4, num_stages: int = 2):
-    """The kernel itself (no fallback). q [B, kv heads, group, D]; caches [B, kv heads, L, D], any strides."""
+def triton_attention(q, k_pool, v_pool, table, pos, scale: float, length: int, splits: int | None = None,
+                     block_n: int = TILE, num_warps: int = 4, num_stages: int = 2):
+    """The kernel itself (no fallback). q [B, kv heads, group, D]; pools [blocks, kv heads, block, D], any
+    strides; table [B, blocks a row]; rows attend slots [0, min(pos, length - 1)]."""
     batch, n_kv, group, dim = q.shape
-    length = k_cache.shape[2]
     if splits is None:
         splits, chunk = plan(batch, n_kv, length, q.device, block_n)
     else:
@@ -174,9 +184,9 @@ def triton_attention(q, k_cache, v_cache, pos, scale: float, splits: int | None 
         part = m = total = out  # unused by the one-split kernel
     consts = dict(GROUP=group, G_PAD=g_pad, HEAD_DIM=dim, D_PAD=d_pad)
     _partial[(batch * n_kv, splits)](
-        q, k_cache, v_cache, pos, part, m, total, out, *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        n_kv, length, chunk, scale * math.log2(math.e),
-        BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **consts,
+        q, k_pool, v_pool, table, pos, part, m, total, out, *q.stride(), *k_pool.stride(), *v_pool.stride(),
+        table.stride(0), *out.stride(), n_kv, length, chunk, scale * math.log2(math.e),
+        BLOCK_N=block_n, PAGE=k_pool.shape[2], SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **consts,
     )
     if splits > 1:
         _merge[(batch * n_kv,)](part, m, total, out, *out.stride(), n_kv, SPLITS=splits, num_warps=4, **consts)
@@ -191,12 +201,13 @@ def _trial(device: torch.device) -> bool:
     try:
         g = torch.Generator(device=device).manual_seed(0)
         q = torch.randn((5, 2, 7, 64), generator=g, device=device, dtype=torch.bfloat16)
-        k = torch.randn((5, 2, 300, 64), generator=g, device=device, dtype=torch.bfloat16)
-        v = torch.randn((5, 2, 300, 64), generator=g, device=device, dtype=torch.bfloat16)
-        pos = torch.tensor([0, 299, 17, 128, 200], device=device)
-        ref = reference(q.float(), k.float(), v.float(), pos, 0.125)
+        k = torch.randn((48, 2, 32, 64), generator=g, device=device, dtype=torch.bfloat16)  # blocks of 32 slots
+        v = torch.randn((48, 2, 32, 64), generator=g, device=device, dtype=torch.bfloat16)
+        table = torch.randperm(48, generator=g, device=device)[:40].view(5, 8)  # 256 slots a row, scattered
+        pos = torch.tensor([0, 255, 17, 128, 200], device=device)
+        ref = reference(q.float(), gather(k, table, 256).float(), gather(v, table, 256).float(), pos, 0.125)
         ok = all(
-            torch.allclose(triton_attention(q, k, v, pos, 0.125, splits=s).float(), ref, atol=2e-2, rtol=2e-2)
+            torch.allclose(triton_attention(q, k, v, table, pos, 0.125, 256, splits=s).float(), ref, atol=2e-2, rtol=2e-2)
             for s in (1, 3)
         )
         return ok
@@ -220,15 +231,15 @@ def available(device) -> bool:
     return _usable[device]
 
 
-def decode_attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
+def decode_attention(q, k_pool, v_pool, table, pos, scale: float, length: int) -> torch.Tensor:
     """Attention of one query token per row: q [B, kv heads, group, D] (the query heads sharing a kv head
-    grouped) or [B, heads, D]; caches [B, kv heads, L, D]; row b attends slots [0, pos[b]] (pos < L).
-    Returns the shape of q."""
+    grouped) or [B, heads, D]; pools [blocks, kv heads, block, D]; table [B, blocks a row]; row b attends
+    slots [0, pos[b]] (pos < length). Returns the shape of q."""
     shape = q.shape
     if q.dim() == 3:
-        q = q.view(shape[0], k_cache.shape[1], shape[1] // k_cache.shape[1], shape[2])
+        q = q.view(shape[0], k_pool.shape[1], shape[1] // k_pool.shape[1], shape[2])
     if available(q.device):
-        out = triton_attention(q, k_cache, v_cache, pos, scale)
+        out = triton_attention(q, k_pool, v_pool, table, pos, scale, length)
     else:
-        out = reference(q, k_cache, v_cache, pos, scale)
+        out = reference(q, gather(k_pool, table, length), gather(v_pool, table, length), pos, scale)
     return out.view(shape)

@@ -1,14 +1,19 @@
 """In-process rollouts at close to the GPU's limit, with the policy's own weights.
 
-- Prefill: each distinct prompt runs once, packed (no padding work outside attention); its cache is
-  copied to the rows of its `n` samples.
-- Decode: one step for all rows, captured as a CUDA graph per (batch bucket, attention length bucket,
-  temperature), sampling and bookkeeping included: the host only replays it. The random draw is a hash
-  of (seed, step, sequence) (and of the token, for the Gumbel draw on CPU), so it needs no RNG state in
-  the graph. With top-k/top-p the graph stops at the logits and sampling follows eagerly. Every
-  `sync_every` steps the host looks once: it stops when all rows are done, checks stop strings, and
-  moves the live rows to the front when they fit a smaller batch bucket (finished rows are only masked
-  until then).
+- Continuous batching over a paged KV cache (ponder.rollout.schedule): all samples of a call queue up; at
+  most `batch_size` run at once (default: all), and when one finishes, a waiting one takes its row. K/V
+  lives in blocks of `block_size` slots handed out as rows reach them, so memory follows the tokens that
+  exist; a prompt's full blocks are shared by its `n` samples. The pool holds every row at full length when
+  that fits in `kv_fraction` of the free device memory, else what fits (rows then wait, or give way).
+- Prefill: each distinct prompt runs once, packed (no padding work outside attention), when its first
+  sample is admitted, in chunks of about `prefill_tokens` between decode steps.
+- Decode: one step for all rows, captured as a CUDA graph per (batch bucket, temperature) (and attention
+  length bucket, where attention is not the Triton kernel), sampling and bookkeeping included: the host
+  only replays it. The random draw is a hash of (seed, sequence, token index) (and of the token, for the
+  Gumbel draw on CPU), so it needs no RNG state in the graph and a sample's tokens do not depend on when
+  or where it ran. With top-k/top-p the graph stops at the logits and sampling follows eagerly. Every
+  `sync_every` steps the host looks once: stop strings, finished rows out, waiting ones in, blocks for the
+  next steps, and, with nothing waiting, the live rows to the front of a smaller batch bucket.
 - The cache and graphs stay allocated between calls (keep_cache=False frees them after each call, at
   the price of capturing again).
 - q/k/v and gate/up each run as one matrix product: their parameters are moved once into one buffer each
@@ -38,6 +43,7 @@ from ponder.rollout.fast_model import EOS_SLOTS, Forward, describe
 from ponder.rollout.fast_kernels import row_keys
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import join
+from ponder.rollout.schedule import Schedule
 from ponder.rollout.hf import HFEngine
 
 
@@ -107,7 +113,8 @@ class FastEngine(RolloutEngine):
     def __init__(
         self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
         length_bucket: int = 128, prefill_tokens: int = 4096, keep_cache: bool = True, attention: str = "auto",
-        fused: bool = True, join_weights: bool = True, dtype: str = "auto",
+        fused: bool = True, join_weights: bool = True, dtype: str = "auto", block_size: int = 32, kv_fraction: float = 0.5,
+        kv_blocks: int | None = None,
     ):
         super().__init__(model, tokenizer)
         if attention not in ("auto", "triton", "sdpa", "matmul"):
@@ -117,7 +124,10 @@ class FastEngine(RolloutEngine):
         if dtype not in DTYPES:
             raise UserError(f"fast engine: dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
         self.attention, self.batch_size, self.fused, self.join_weights = attention, batch_size, fused, join_weights
-        self.dtype = dtype
+        if block_size < 1 or not 0 < kv_fraction <= 1:
+            raise UserError(f"fast engine: block_size must be >= 1 and kv_fraction in (0, 1] (got {block_size}, {kv_fraction})")
+        self.dtype, self.block_size, self.kv_fraction, self.kv_blocks = dtype, block_size, kv_fraction, kv_blocks
+        self.stats: dict = {}  # of the last call: KV blocks held at most, sequences that gave way
         self.arch, why = describe(model)
         self.copy: RolloutCopy | None = None
         self.hf = HFEngine(model, tokenizer)
@@ -162,7 +172,8 @@ class FastEngine(RolloutEngine):
         return self.copy.arch
 
     @torch.no_grad()
-    def generate(self, prompts, params: SamplingParams):
+    def generate(self, prompts, params: SamplingParams, limits: list[int] | None = None):
+        """`limits` (benchmarks): a cap on each sample's tokens, prompt-major, to force uneven lengths."""
         if self.arch is None:
             return self.hf.generate(prompts, params)
         if params.n < 1 or params.max_tokens < 0:
@@ -171,6 +182,8 @@ class FastEngine(RolloutEngine):
             return []
         if any(len(p) == 0 for p in prompts):
             raise UserError("fast engine: a prompt is empty; give each prompt at least one token")
+        if limits is not None and len(limits) != len(prompts) * params.n:
+            raise UserError(f"fast engine: {len(limits)} limits for {len(prompts) * params.n} samples")
         need = max(len(p) for p in prompts) + params.max_tokens
         if self.arch.window is not None and need > self.arch.window:
             notice(f"fast engine: {need} positions exceed the sliding window ({self.arch.window}); using the hf engine")
@@ -180,15 +193,8 @@ class FastEngine(RolloutEngine):
         was_training = self.model.training
         self.model.eval()
         try:
-            # whole prompt groups per run, at most batch_size sequences each (at least one group)
-            per_run = max(1, (self.batch_size or len(prompts) * params.n) // params.n)
-            tokens, logprobs = [], [] if params.logprobs else None
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
-            for run_no, i in enumerate(range(0, len(prompts), per_run)):
-                t, lp = self._run(prompts[i : i + per_run], params, (seed ^ (seed >> 32)) + run_no * 0x632BE5AB)
-                tokens += t
-                if lp is not None:
-                    logprobs += lp
+            tokens, logprobs = self._run(prompts, params, seed ^ (seed >> 32), limits)
         finally:
             self.model.train(was_training)
             if not self.keep_cache:
@@ -197,13 +203,12 @@ class FastEngine(RolloutEngine):
 
     # -- setup --------------------------------------------------------------------------------------
 
-    def _prepare(self, rows: int, length: int):
+    def _prepare(self, rows: int, positions: int, prompt_blocks: int):
+        """The Forward to run (made, or grown to cover this call), and whether to capture graphs."""
         arch = self._weights()
         weight = arch.head.weight
         device, dtype = weight.device, weight.dtype
         use_graphs = self.cuda_graphs and device.type == "cuda"
-        if use_graphs:
-            length = -(-length // self.length_bucket) * self.length_bucket
         if self.join_weights:  # before the signature: joining moves the parameters once
             for layer in arch.backbone.layers:
                 join([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
@@ -211,17 +216,39 @@ class FastEngine(RolloutEngine):
                     join([layer.mlp.gate_proj, layer.mlp.up_proj])
         sig = (device, dtype, tuple(p.data_ptr() for p in arch.backbone.parameters()), weight.data_ptr())
         f = self.fwd
-        if f is None or f.rows < rows or f.length < length or sig != self.weights_sig:
+        if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs
+            rows, positions = max(rows, f.rows), max(positions, f.positions)
+        blocks = self._pool_blocks(arch, rows, positions, prompt_blocks, dtype, device)
+        if f is None or sig != self.weights_sig or f.rows < rows or f.positions < positions or f.blocks < blocks:
             self.release()
-            if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs
-                rows, length = max(rows, f.rows), max(length, f.length)
             # auto: the split-KV Triton kernel on CUDA (reads only live slots); SDPA on CPU, where the
             # kernel would run as its torch reference
             attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "sdpa"
-            f = self.fwd = Forward(arch, rows, length, dtype, device, attention, self.fused, autocast=self.copy is not None)
+            f = self.fwd = Forward(arch, rows, blocks, self.block_size, positions, dtype, device, attention, self.fused,
+                                   autocast=self.copy is not None)
             self.weights_sig = sig
         f.refresh_rope()
         return f, use_graphs
+
+    def _pool_blocks(self, arch, rows, positions, prompt_blocks, dtype, device) -> int:
+        """Blocks in the KV pool: enough for every row at full length (plus the prompts and the sink) where
+        that fits in `kv_fraction` of the free device memory; else what fits (rows then wait, or give way)."""
+        per_row = -(-positions // self.block_size)
+        worst = rows * per_row + prompt_blocks + 1
+        if self.kv_blocks is not None:  # set by the user: a cap
+            return max(2, min(worst, self.kv_blocks))
+        if torch.device(device).type != "cuda":
+            return worst
+        per_block = len(arch.backbone.layers) * 2 * arch.n_kv * self.block_size * arch.head_dim * dtype.itemsize
+        free, _ = torch.cuda.mem_get_info(device)
+        held = 0 if self.fwd is None else self.fwd.kv.numel() * self.fwd.kv.element_size()
+        fits = int(self.kv_fraction * (free + held) / per_block)
+        least = per_row + prompt_blocks + 1  # one sequence at full length
+        if fits < least:
+            raise UserError(f"fast engine: the KV cache needs {least * per_block / 2**30:.1f} GiB for one sequence "
+                            f"and {self.kv_fraction:.0%} of free memory gives {fits * per_block / 2**30:.1f}; "
+                            "shorten max_tokens or raise rollout.engine_options.kv_fraction")
+        return min(worst, fits)
 
     def _step(self, f: Forward, batch: int, length: int, use_graphs: bool, temperature: float | None):
         if not use_graphs:
@@ -261,92 +288,56 @@ class FastEngine(RolloutEngine):
 
     # -- generation ---------------------------------------------------------------------------------
 
-    def _run(self, prompts, params: SamplingParams, seed: int):
+    def _run(self, prompts, params: SamplingParams, seed: int, limits):
         n_seq, max_new = len(prompts) * params.n, params.max_tokens
-        max_prompt = max(len(p) for p in prompts)
-        f, use_graphs = self._prepare(n_seq, max_prompt + max_new - 1)
+        # rows run on past their end until the next host check: room for sync_every more tokens
+        cols = max_new + self.sync_every + 1
+        f, use_graphs = self._prepare(min(n_seq, self.batch_size or n_seq), max(len(p) for p in prompts) + cols,
+                                      sum(-(-len(p) // self.block_size) for p in prompts))
+        if not f.fits(n_seq, cols):
+            f.outputs(max(n_seq, f.out_tok.shape[0] - 1), max(cols, f.out_tok.shape[1]))
+            self.graphs = {}  # they wrote into the old tables
         if self.lent:
             f.kv.zero_()
             self.lent = False
-        dev = f.device
         f.seed.fill_(seed & 0xFFFFFFFF)
         eos = sorted(e for e in self.eos_ids() if e is not None)[: len(f.eos)]
         f.eos.fill_(-1)
-        f.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long, device=dev)
-        f.row_seq.fill_(f.rows)  # idle rows write to the sink row
-        f.row_seq[:n_seq] = torch.arange(n_seq, device=dev)
-        f.live.zero_()
-        f.live[:n_seq] = True
-        f.step_no.zero_()
+        f.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long, device=f.device)
+        limits = [max_new] * n_seq if limits is None else [max(1, min(max_new, int(x))) for x in limits]
+        run = Schedule(self, f, prompts, params, limits)
         filtered = 0 < params.top_k or params.top_p < 1.0
         in_graph = None if filtered else params.temperature  # None: the graph returns logits, sampling here
-
-        # prefill, longest prompts first in chunks of about prefill_tokens; then the first token of every sample
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        start = 0
-        while start < len(order):
-            end, width = start + 1, len(prompts[order[start]])
-            while end < len(order) and width * (end + 1 - start) <= self.prefill_tokens:
-                end += 1
-            chunk = order[start:end]
-            rows = torch.tensor(chunk, device=dev) * params.n
-            logits = f.prefill([prompts[i] for i in chunk], rows, params.n)
-            seqs = (rows[:, None] + torch.arange(params.n, device=dev)).reshape(-1)
-            keys = row_keys(f.seed, f.step_no, seqs)
-            tok, lp = sample(logits.repeat_interleave(params.n, 0), params.temperature, params.top_k,
-                             params.top_p, keys, True, f.k)
-            f.out_tok[seqs, 0] = tok
-            f.out_lp[seqs, 0] = lp.float()
-            f.live[seqs] &= ~(tok[:, None] == f.eos[None, :]).any(-1)
-            f.tokens[seqs] = tok
-            start = end
-        f.pos[:n_seq] = torch.tensor([len(p) for p in prompts], device=dev).repeat_interleave(params.n)
-        f.step_no.fill_(1)
-
-        batch, checked = n_seq, 0
-        for step in range(1, max_new):
-            if step % self.sync_every == 0:
-                batch, checked = self._sync(f, params, batch, step, checked)
-                if batch == 0:
+        run.sync()  # the first admissions: prefill, first tokens
+        step = 0
+        while run.batch:
+            step += 1
+            if step % self.sync_every == 0 or run.steps_left <= 0:
+                run.sync()
+                if run.batch == 0:
                     break
-            length = max_prompt + step  # slots 0 .. the highest position fed at this step
-            if use_graphs:
-                length = min(-(-length // self.length_bucket) * self.length_bucket, f.length)
-            logits = self._step(f, batch, length, use_graphs, in_graph)
+            if f.attention == "triton" and use_graphs:
+                length = f.positions  # the kernel reads each row's own slots: one graph a batch bucket
+            else:
+                length = run.top + 1  # slots 0 .. the highest position fed at this step
+                if use_graphs:
+                    length = min(-(-length // self.length_bucket) * self.length_bucket, f.positions)
+            logits = self._step(f, run.batch, length, use_graphs, in_graph)
+            run.steps_left -= 1
+            run.top = min(run.top + 1, f.positions - 1)
             if in_graph is None:
-                keys = row_keys(f.seed, f.step_no, f.row_seq[:batch])
+                keys = row_keys(f.seed, f.n_out[: run.batch], f.row_seq[: run.batch])
                 tok, lp = sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k)
-                f.record(batch, tok, lp)
+                f.record(run.batch, tok, lp)
+        self.stats = dict(kv_blocks=f.blocks, kv_blocks_peak=run.peak, block_size=f.block, gave_way=run.gave_way,
+                          kv_gib_peak=run.peak * f.kv[:, :, 0].numel() * f.kv.element_size() / 2**30)
         out = f.out_tok[:n_seq, :max_new]
-        # each row's first EOS found here, on the device: the host then cuts lists instead of scanning them
+        # each sequence's first EOS found here, on the device: the host then cuts lists instead of scanning them
         hit = (out[:, :, None] == f.eos[None, None, :]).any(-1)
-        ends = torch.where(hit.any(-1), hit.int().argmax(-1), max_new)
-        tokens = [row[:end + 1] for row, end in zip(out.tolist(), ends.tolist())]
+        ends = torch.where(hit.any(-1), hit.int().argmax(-1) + 1, max_new)
+        ends = torch.minimum(ends, torch.tensor(limits, device=f.device))
+        tokens = [row[:end] for row, end in zip(out.tolist(), ends.tolist())]
         return tokens, (f.out_lp[:n_seq, :max_new].tolist() if params.logprobs else None)
-
-    def _sync(self, f: Forward, params, batch, step, checked):
-        """Host check every few steps: stop strings, all done, compaction. Returns (batch, checked)."""
-        live = f.live
-        if params.stop:
-            # only the tail since the last check, with an overlap so a stop string split across checks is seen
-            overlap = max(len(s) for s in params.stop) + 8
-            lo = max(0, checked - overlap)
-            idx = torch.nonzero(live[:batch]).squeeze(-1)
-            texts = self.tokenizer.batch_decode(f.out_tok[f.row_seq[idx], lo:step].tolist(), skip_special_tokens=True)
-            hit = [i for i, t in zip(idx.tolist(), texts) if any(s in t for s in params.stop)]
-            if hit:
-                live[torch.tensor(hit, device=live.device)] = False
-            checked = step
-        alive = torch.nonzero(live[:batch]).squeeze(-1)
-        n_live = len(alive)
-        if n_live == 0:
-            return 0, checked
-        target = self._bucket(n_live, batch)
-        if target < batch:
-            dead = torch.nonzero(~live[:batch]).squeeze(-1)[: target - n_live]
-            f.compact(torch.cat([alive, dead]), f.length)
-            batch = target
-        return batch, checked
 
     def eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

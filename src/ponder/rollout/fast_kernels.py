@@ -190,14 +190,16 @@ if triton is not None:
         tl.store(out_lp_ptr + row, x - mx - tl.log(z))
 
     @triton.jit
-    def _rope_store(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, c_ptr,
-                    sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, st_l, sc_kv, sc_r, sc_h, sc_l,
+    def _rope_store(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, table_ptr, qo_ptr, c_ptr,
+                    sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, st_l, st_b, sc_kv, sc_p, sc_h, sc_l,
                     HEADS: tl.constexpr, KV: tl.constexpr, H_PAD: tl.constexpr, KV_PAD: tl.constexpr,
-                    HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PAGE: tl.constexpr):
         """Row b: rotary on its query heads (written to qo, contiguous) and key heads; the rotated keys and
-        the values written straight into cache row b at slot pos[b]. Head dims have unit stride."""
+        the values written straight into row b's cache slot pos[b] (block table[b, pos // PAGE]). Head dims
+        have unit stride."""
         b = tl.program_id(0)
         p = tl.load(pos_ptr + b)
+        page = tl.load(table_ptr + b * st_b + p // PAGE).to(tl.int64)
         d = tl.arange(0, HALF_PAD)
         dm = d < HALF
         cos1 = tl.load(cos_ptr + p * st_l + d, mask=dm, other=0.0).to(tl.float32)
@@ -217,7 +219,7 @@ if triton is not None:
         at = k_ptr + b * sk_b + g[:, None] * sk_h + d[None, :]
         x1 = tl.load(at, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(at + HALF, mask=m, other=0.0).to(tl.float32)
-        slot = c_ptr + b.to(tl.int64) * sc_r + g[:, None] * sc_h + p * sc_l + d[None, :]
+        slot = c_ptr + page * sc_p + g[:, None] * sc_h + (p % PAGE) * sc_l + d[None, :]
         tl.store(slot, (x1 * cos1[None, :] - x2 * sin1[None, :]).to(c_ptr.dtype.element_ty), mask=m)
         tl.store(slot + HALF, (x2 * cos2[None, :] + x1 * sin2[None, :]).to(c_ptr.dtype.element_ty), mask=m)
         at = v_ptr + b * sv_b + g[:, None] * sv_h + d[None, :]
@@ -225,21 +227,21 @@ if triton is not None:
         tl.store(slot + sc_kv + HALF, tl.load(at + HALF, mask=m, other=0.0).to(c_ptr.dtype.element_ty), mask=m)
 
 
-def triton_rope_store(q, k, v, cos, sin, pos, cache):
+def triton_rope_store(q, k, v, cos, sin, pos, cache, table):
     """Rotary on q [B, heads, D] and k [B, kv heads, D] at positions pos [B] (tables cos/sin [L, D]); k and
-    v written into cache [2, rows, kv heads, L, D] at (row b, slot pos[b]) for b < B. Returns rotated q.
-    One kernel for what rope_kv and the cache's index_put do in three."""
+    v written into the block pool cache [2, blocks, kv heads, block, D] at row b's slot pos[b], in block
+    table[b, pos[b] // block]. Returns rotated q. One kernel for what rope_kv and the cache's index_put do in three."""
     batch, heads, dim = q.shape
     kv = k.shape[1]
     for t in (q, k, v, cos, sin, cache):
         assert t.stride(-1) == 1, "rope_store needs unit-stride head dims"
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
     half = dim // 2
-    _rope_store[(batch,)](q, k, v, cos, sin, pos, out, cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          v.stride(0), v.stride(1), cos.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
-                          cache.stride(3), HEADS=heads, KV=kv, H_PAD=max(2, 1 << (heads - 1).bit_length()),
+    _rope_store[(batch,)](q, k, v, cos, sin, pos, table, out, cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                          v.stride(0), v.stride(1), cos.stride(0), table.stride(0), cache.stride(0), cache.stride(1),
+                          cache.stride(2), cache.stride(3), HEADS=heads, KV=kv, H_PAD=max(2, 1 << (heads - 1).bit_length()),
                           KV_PAD=max(2, 1 << (kv - 1).bit_length()), HALF=half,
-                          HALF_PAD=max(2, 1 << (half - 1).bit_length()), num_warps=1)
+                          HALF_PAD=max(2, 1 << (half - 1).bit_length()), PAGE=cache.shape[3], num_warps=1)
     return out
 
 
@@ -330,10 +332,11 @@ def _rope_store_trial(device) -> bool:
         ang = torch.rand((40, 32), generator=g, device=device) * 6
         cos, sin = (torch.cat([f(ang)] * 2, -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
         pos = torch.tensor([0, 39, 17], device=device)
-        mine, ref = torch.zeros((2, 2, 5, 2, 40, 64), **bf), torch.zeros((2, 2, 5, 2, 40, 64), **bf)
-        qo = triton_rope_store(q, k, v, cos, sin, pos, mine[1])
+        table = torch.tensor([[1, 4, 2], [3, 5, 7], [6, 8, 9]], device=device)  # blocks of 16 slots
+        mine, ref = torch.zeros((2, 2, 10, 2, 16, 64), **bf), torch.zeros((2, 2, 10, 2, 16, 64), **bf)
+        qo = triton_rope_store(q, k, v, cos, sin, pos, mine[1], table)
         qr, kv = rope_kv(q, k, v, cos[pos][:, None], sin[pos][:, None])
-        ref[1][:, torch.arange(3, device=device), :, pos] = kv
+        ref[1][:, table[torch.arange(3, device=device), pos // 16], :, pos % 16] = kv
         return (torch.allclose(qo.float(), qr.float(), atol=2e-2, rtol=2e-2)
                 and torch.allclose(mine.float(), ref.float(), atol=2e-2, rtol=2e-2))
 

@@ -1,10 +1,11 @@
-"""The decoder forward of the Llama family over a Hugging Face model's own modules, with a static KV cache.
+"""The decoder forward of the Llama family over a Hugging Face model's own modules, with a paged KV cache.
 
 Projections and MLPs are the model's modules, or one product over parameters that fused_weights joined;
 norms use the modules' own weights. So LoRA layers and weight updates are seen. Attention, rotary
 embedding and the cache are done here; prefill and decode share the per-layer pieces. Cache layout:
-[layers, 2 (k, v), rows, kv heads, positions, head dim]; row r holds one sequence from position 0,
-so a sequence's token at position p always sits in slot p and prompts need no padding in the cache.
+[layers, 2 (k, v), blocks, kv heads, block, head dim]; a row's block table lists the blocks that hold its
+positions in order, so a sequence's token at position p sits in slot p % block of its (p // block)-th block,
+prompts need no padding in the cache, and samples of one prompt can share the blocks of their prefix.
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ def norm_args(norm):
 
 
 class Forward:
-    """Prefill and decode over a preallocated cache; holds no weights of its own."""
+    """Prefill and decode over a paged KV cache; holds no weights of its own.
 
-    def __init__(self, arch: Arch, rows: int, length: int, dtype, device, attention: str = "sdpa", fused: bool = True,
-                 autocast: bool = False):
+    The cache is a pool of blocks ([layers, 2 (k, v), blocks, kv heads, block, head dim]); a row's block table
+    maps its slots to blocks (slot s: block table[row, s // block], offset s % block). Block 0 is the sink: idle
+    rows and table entries not yet handed out point there, so stray writes land where nothing is read."""
+
+    def __init__(self, arch: Arch, rows: int, blocks: int, block: int, positions: int, dtype, device,
+                 attention: str = "sdpa", fused: bool = True, autocast: bool = False):
         self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
         # matrices in `dtype` beside float32 embeddings and norms (the fast engine's rollout copy): products in
         # `dtype`, the residual stream in float32, as autocast over the float32 model computes it
@@ -80,30 +85,47 @@ class Forward:
         # (weight, bias) of q|k|v and of gate|up where their parameters are rows of one buffer (fused_weights)
         self.qkv = [joined([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in arch.backbone.layers]
         self.gate_up = [joined([l.mlp.gate_proj, l.mlp.up_proj]) if self.silu else None for l in arch.backbone.layers]
-        self.kv = torch.zeros((layers, 2, rows, arch.n_kv, length, arch.head_dim), dtype=dtype, device=device)
-        self.cos = torch.empty((length, arch.head_dim), dtype=dtype, device=device)
+        self.block = block
+        self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=dtype, device=device)
+        positions = -(-positions // block) * block
+        self.table = torch.zeros((rows, positions // block), dtype=torch.long, device=device)
+        self.cos = torch.empty((positions, arch.head_dim), dtype=dtype, device=device)
         self.sin = torch.empty_like(self.cos)
         # static inputs of the decode step (CUDA graphs read them at fixed addresses)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
         self.rows_idx = torch.arange(rows, device=device)
-        self.slots = torch.arange(length, device=device)
+        self.slots = torch.arange(positions, device=device)
         # per-call state, updated inside the captured step so the host only replays it
-        self.row_seq = torch.zeros(rows, dtype=torch.long, device=device)  # row -> sequence (rows: sink)
+        self.row_seq = torch.zeros(rows, dtype=torch.long, device=device)  # row -> sequence (sink: out_tok's last row)
+        self.n_out = torch.zeros(rows, dtype=torch.long, device=device)  # tokens the row's sequence has so far
+        self.limit = torch.zeros(rows, dtype=torch.long, device=device)  # the row is done at this many tokens
         self.live = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.out_tok = torch.zeros((rows + 1, length), dtype=torch.long, device=device)
-        self.out_lp = torch.zeros((rows + 1, length), dtype=torch.float32, device=device)
-        self.step_no = torch.zeros((), dtype=torch.long, device=device)
+        self.out_tok = torch.zeros((1, 1), dtype=torch.long, device=device)  # [sequences + sink, tokens]
+        self.out_lp = torch.zeros((1, 1), dtype=torch.float32, device=device)
         self.seed = torch.zeros((), dtype=torch.long, device=device)
         self.eos = torch.full((EOS_SLOTS,), -1, dtype=torch.long, device=device)
 
     @property
     def rows(self) -> int:
+        return self.table.shape[0]
+
+    @property
+    def blocks(self) -> int:
         return self.kv.shape[2]
 
     @property
-    def length(self) -> int:
-        return self.kv.shape[4]
+    def positions(self) -> int:
+        return self.table.shape[1] * self.block
+
+    def fits(self, seqs: int, tokens: int) -> bool:
+        return self.out_tok.shape[0] > seqs and self.out_tok.shape[1] >= tokens
+
+    def outputs(self, seqs: int, tokens: int):
+        """Output tables for `seqs` sequences of up to `tokens` tokens (the last row is the sink). Graphs
+        write them at fixed addresses: the caller drops its graphs when this allocates new ones."""
+        self.out_tok = torch.zeros((seqs + 1, tokens), dtype=torch.long, device=self.device)
+        self.out_lp = torch.zeros((seqs + 1, tokens), dtype=torch.float32, device=self.device)
 
     def refresh_rope(self):
         """Rotary tables from the model's own rotary module (any RoPE scaling it implements)."""
@@ -142,29 +164,30 @@ class Forward:
         logits = self.decode(batch, length)
         if temperature is None:
             return logits
-        keys = row_keys(self.seed, self.step_no, self.row_seq[:batch])
+        keys = row_keys(self.seed, self.n_out[:batch], self.row_seq[:batch])
         tok, lp = sample(logits, temperature, 0, 1.0, keys, True, self.k)
         self.record(batch, tok, lp)
         return None
 
     def record(self, batch: int, tok: torch.Tensor, lp: torch.Tensor | None):
-        seqs = self.row_seq[:batch]
-        at = (seqs, self.step_no.expand_as(seqs))  # tensors only: a 0-d index would be read on the host
+        """Each row's token: written at its sequence's next index, fed at the next step. The random key of a
+        token depends on (seed, sequence, index) alone, so when a sequence runs does not change its samples."""
+        at = (self.row_seq[:batch], self.n_out[:batch])
         self.out_tok.index_put_(at, tok)
         if lp is not None:
             self.out_lp.index_put_(at, lp.float())
-        self.live[:batch] &= ~(tok[:, None] == self.eos[None, :]).any(-1)
+        self.n_out[:batch] += 1
+        self.live[:batch] &= ~(tok[:, None] == self.eos[None, :]).any(-1) & (self.n_out[:batch] < self.limit[:batch])
         self.tokens[:batch] = tok
         self.pos[:batch] += 1
-        self.step_no += 1
 
     def snapshot(self, batch: int):
         """The state a step changes (besides slots it rewrites identically), to undo a warm-up step."""
-        return [t.clone() for t in (self.tokens[:batch], self.pos[:batch], self.live[:batch], self.step_no)]
+        return [t[:batch].clone() for t in (self.tokens, self.pos, self.live, self.n_out)]
 
     def restore(self, batch: int, saved):
-        for dst, src in zip((self.tokens[:batch], self.pos[:batch], self.live[:batch], self.step_no), saved):
-            dst.copy_(src)
+        for dst, src in zip((self.tokens, self.pos, self.live, self.n_out), saved):
+            dst[:batch].copy_(src)
 
     def prefill(self, *args):
         with self._precision():
@@ -177,9 +200,9 @@ class Forward:
     def _precision(self):
         return torch.autocast(torch.device(self.device).type, dtype=self.dtype, enabled=self.autocast)
 
-    def _prefill(self, prompts: list[list[int]], rows: torch.Tensor, copies: int) -> torch.Tensor:
-        """Run prompts (packed: no work on padding except inside attention), write their cache into
-        `copies` consecutive rows each, starting at `rows` [P]; return last-position logits [P, V]."""
+    def _prefill(self, prompts: list[list[int]], tables: torch.Tensor) -> torch.Tensor:
+        """Run token lists from position 0 (packed: no work on padding except inside attention), write their
+        K/V into the blocks of their tables [P, blocks a row]; return the last position's logits [P, V]."""
         a, dev = self.a, self.device
         lens = torch.tensor([len(p) for p in prompts], device=dev)
         n, width = len(prompts), max(len(p) for p in prompts)
@@ -188,21 +211,20 @@ class Forward:
         starts = (lens.cumsum(0) - lens).repeat_interleave(lens)
         at = torch.arange(len(ids), device=dev) - starts
         cos, sin = self.cos[at][:, None], self.sin[at][:, None]
-        dest = (rows[:, None] + torch.arange(copies, device=dev)).reshape(-1)
+        page, off = tables[seq, at // self.block], at % self.block
         # the decode step's pieces (fused norms, joined products), so a chunk costs few kernel launches
         K, layers = self.k, a.backbone.layers
         x = a.backbone.embed_tokens(ids)
         h = K["rms"](x, *norm_args(layers[0].input_layernorm))
         for li, layer in enumerate(layers):
             q, kv = K["rope_kv"](*self._qkv(li, h), cos, sin)  # kv: [N, 2, kv heads, D]
+            self.kv[li][:, page, :, off] = kv.to(self.dtype)  # K and V of every token in one write
             # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
             qp = q.new_zeros((n, width) + q.shape[1:]).index_put_((seq, at), q).transpose(1, 2)
             kvp = kv.new_zeros((n, width) + kv.shape[1:]).index_put_((seq, at), kv).permute(2, 0, 3, 1, 4)
             o = F.scaled_dot_product_attention(
                 qp, kvp[0], kvp[1], is_causal=True, scale=a.scaling, enable_gqa=a.n_kv != a.n_heads
             )
-            cache = self.kv[li, :, :, :, :width]
-            cache[:, dest] = kvp.repeat_interleave(copies, 1).to(cache.dtype)  # K and V in one write
             o = o.transpose(1, 2)[seq, at].reshape(len(ids), -1)
             x, h = K["add_rms"](x, layer.self_attn.o_proj(o), *norm_args(layer.post_attention_layernorm))
             x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li))
@@ -211,10 +233,11 @@ class Forward:
     def _decode(self, batch: int, length: int) -> torch.Tensor:
         """One step for rows [0, batch): feed self.tokens at self.pos, attend to slots [0, length); logits [batch, V]."""
         a, K = self.a, self.k
-        tok, pos, idx = self.tokens[:batch], self.pos[:batch], self.rows_idx[:batch]
+        tok, pos, idx, table = self.tokens[:batch], self.pos[:batch], self.rows_idx[:batch], self.table[:batch]
         store = K.get("rope_store")  # one kernel: rotary and the cache write (CUDA, Triton)
         if store is None:
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
+            page, off = table[idx, pos // self.block], pos % self.block
         mask = None
         if self.attention != "triton":  # the kernel reads each row's live slots itself
             # additive mask made once per step (a boolean one would be converted again in every layer)
@@ -229,27 +252,27 @@ class Forward:
             q, k, v = self._qkv(li, h)
             cache = self.kv[li]
             if store is not None:
-                q = store(q, k, v, self.cos, self.sin, pos, cache)
+                q = store(q, k, v, self.cos, self.sin, pos, cache, table)
             else:
                 q, kv = K["rope_kv"](q, k, v, cos, sin)
-                cache[:, idx, :, pos] = kv.to(cache.dtype)  # K and V of every row in one write: [B, 2, kv heads, D]
+                cache[:, page, :, off] = kv.to(cache.dtype)  # K and V of every row in one write: [B, 2, kv heads, D]
             # the query heads sharing a kv head act as that head's query rows: no repeated K/V
             q = q.view(batch, a.n_kv, group, a.head_dim)
-            kc, vc = cache[0, :batch, :, :length], cache[1, :batch, :, :length]
             if self.attention == "triton":
-                o = attention_kernel.decode_attention(q, kc, vc, pos, a.scaling)
-            elif self.attention == "sdpa":
-                o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling)
+                o = attention_kernel.decode_attention(q, cache[0], cache[1], table, pos, a.scaling, length)
             else:
-                s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
-                o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
+                kc, vc = attention_kernel.gather(cache[0], table, length), attention_kernel.gather(cache[1], table, length)
+                if self.attention == "sdpa":
+                    o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling)
+                else:
+                    s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
+                    o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
             x, h = K["add_rms"](x, layer.self_attn.o_proj(o.reshape(batch, -1)), *norm_args(layer.post_attention_layernorm))
             x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li))
         return a.head(h)
 
-    def compact(self, keep: torch.Tensor, length: int):
-        """Move rows `keep` to the front (cache up to `length` and the per-row state)."""
+    def compact(self, keep: torch.Tensor):
+        """Move rows `keep` to the front: their block tables and per-row state (the cache itself stays put)."""
         m = len(keep)
-        self.kv[:, :, :m, :, :length] = self.kv[:, :, keep, :, :length]
-        for t in (self.tokens, self.pos, self.row_seq, self.live):
+        for t in (self.table, self.tokens, self.pos, self.row_seq, self.n_out, self.limit, self.live):
             t[:m] = t[keep]

@@ -1,0 +1,265 @@
+"""The host side of the fast engine's continuous batching: which sequence runs in which row, and which KV
+blocks hold its tokens.
+
+All G x prompts samples of a call queue up, prompt by prompt (longest prompts first). At each host check
+(every `sync_every` decode steps) finished rows give their blocks back, running rows get the blocks their
+next `sync_every` positions need, and waiting samples take the free rows: a prompt is prefilled when its
+first sample is admitted, its full blocks are shared by all its samples (each copies only the prompt's last,
+partial block), and its first tokens are sampled then for all G samples at once. When the pool runs short,
+the newest running sequence gives way (its blocks are freed; it waits again and is recomputed from its
+tokens when readmitted). With nothing left waiting, the live rows move to the front of a smaller batch.
+A sample's random draws depend on (seed, sequence, token index) alone, so which row it ran in, and when,
+changes none of its tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from ponder.errors import UserError
+from ponder.rollout.fast_kernels import row_keys
+from ponder.rollout.fast_sampling import sample
+from ponder.rollout.kv_blocks import Blocks
+
+
+class Schedule:
+    def __init__(self, engine, f, prompts, params, limits: list[int]):
+        self.e, self.f, self.prompts, self.params, self.limits = engine, f, prompts, params, limits
+        self.n, self.block, self.every = params.n, f.block, engine.sync_every
+        self.blocks = Blocks(f.blocks)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first, as prefill chunks go
+        self.waiting = deque(p * self.n + j for p in order for j in range(self.n))
+        self.entries: dict[int, list] = {}  # prompt -> [its blocks, samples not yet admitted]
+        self.resume: dict[int, int] = {}  # a sequence that gave way -> the tokens it had
+        self.checked: dict[int, int] = {}  # sequence -> tokens seen by the last stop-string check
+        rows = f.rows
+        self.seq = [-1] * rows  # row -> sequence, -1: free
+        self.tables: list[list[int]] = [[] for _ in range(rows)]
+        self.pos, self.n_out, self.age = [0] * rows, [0] * rows, [0] * rows
+        self.admitted = self.peak = self.gave_way = 0
+        self.batch = self.top = self.steps_left = 0
+        self.sink = f.out_tok.shape[0] - 1
+        f.table.zero_()
+        f.row_seq.fill_(self.sink)
+        for t in (f.live, f.pos, f.n_out, f.limit):
+            t.zero_()
+
+    # -- the check between decode steps -------------------------------------------------------------
+
+    def sync(self) -> None:
+        f, b = self.f, self.batch
+        live = [False] * b
+        if b:
+            state = torch.stack([f.live[:b].long(), f.pos[:b], f.n_out[:b]]).tolist()
+            live = [bool(x) for x in state[0]]
+            self.pos[:b], self.n_out[:b] = state[1], state[2]
+        if self.params.stop:
+            self._stop_strings(live)
+        self._free([r for r in range(b) if self.seq[r] >= 0 and not live[r]])
+        self._grow([r for r in range(b) if self.seq[r] >= 0])
+        self._admit()
+        self.peak = max(self.peak, f.blocks - 1 - len(self.blocks))
+        if not self.waiting:
+            self._compact()
+        running = [r for r in range(self.batch) if self.seq[r] >= 0]
+        if self.waiting and not running:
+            raise UserError("fast engine: the KV cache cannot hold one more sequence; shorten max_tokens or raise "
+                            "rollout.engine_options.kv_fraction")
+        if not running:
+            self.batch = 0
+            return
+        # free rows inside the batch keep stepping: point them back at slot 0 of the sink
+        idle = torch.tensor([self.seq[r] < 0 for r in range(self.batch)], device=f.device)
+        f.pos[: self.batch].masked_fill_(idle, 0)
+        f.n_out[: self.batch].masked_fill_(idle, 0)
+        self.top = min(max(self.top, *(self.pos[r] for r in running)), f.positions - 1)
+        self.steps_left = max(self.limits[self.seq[r]] - self.n_out[r] for r in running)
+
+    def _stop_strings(self, live):
+        """Mark rows whose new tokens complete a stop string; only the tail since the last check is decoded,
+        with an overlap so that a stop string split across checks is seen."""
+        f, rows = self.f, [r for r, x in enumerate(live) if x]
+        if not rows:
+            return
+        overlap = max(len(s) for s in self.params.stop) + 8
+        lo = [max(0, self.checked.get(self.seq[r], 0) - overlap) for r in rows]
+        hi = [self.n_out[r] for r in rows]
+        width = max(h - low for h, low in zip(hi, lo))
+        cols = (torch.tensor(lo, device=f.device)[:, None] + torch.arange(width, device=f.device)).clamp(max=f.out_tok.shape[1] - 1)
+        seqs = torch.tensor([self.seq[r] for r in rows], device=f.device)
+        tails = f.out_tok[seqs[:, None], cols].tolist()
+        texts = self.e.tokenizer.batch_decode([t[: h - low] for t, h, low in zip(tails, hi, lo)], skip_special_tokens=True)
+        hit = [r for r, t in zip(rows, texts) if any(s in t for s in self.params.stop)]
+        for r in rows:
+            self.checked[self.seq[r]] = self.n_out[r]
+        for r in hit:
+            live[r] = False
+
+    def _free(self, rows):
+        """Rows whose sequence finished (or gave way): blocks back to the pool, the row to the sink."""
+        if not rows:
+            return
+        for r in rows:
+            self.blocks.drop(self.tables[r])
+            self.tables[r], self.seq[r] = [], -1
+        f, idx = self.f, torch.tensor(rows, device=self.f.device)
+        f.table[idx] = 0
+        f.row_seq[idx] = self.sink
+        for t in (f.live, f.limit):
+            t[idx] = 0
+
+    def _span(self, pos: int) -> int:
+        """Blocks a row needs to feed positions up to pos + sync_every - 1 (the steps before the next check)."""
+        return min((pos + self.every - 1) // self.block + 1, self.f.table.shape[1])
+
+    def _grow(self, rows):
+        """Blocks for the positions running rows reach before the next check; the newest give way if short."""
+        need = {r: self._span(self.pos[r]) - len(self.tables[r]) for r in rows}
+        while sum(max(0, k) for k in need.values()) > len(self.blocks):
+            newest = max(need, key=lambda r: self.age[r])
+            self.gave_way += 1
+            self.resume[self.seq[newest]] = self.n_out[newest]
+            self.waiting.appendleft(self.seq[newest])
+            self._free([newest])
+            del need[newest]
+        writes = []
+        for r, k in need.items():
+            if k > 0:
+                got = self.blocks.take(k)
+                writes += [(r, len(self.tables[r]) + i, b) for i, b in enumerate(got)]
+                self.tables[r] += got
+        if writes:
+            r, c, b = (torch.tensor(x, device=self.f.device) for x in zip(*writes))
+            self.f.table[r, c] = b
+
+    # -- admission ----------------------------------------------------------------------------------
+
+    def _admit(self):
+        """Waiting sequences into free rows, while blocks last: prefill what they need, then fill the rows."""
+        free_rows = [r for r in range(self.f.rows) if self.seq[r] < 0]
+        running = sum(s >= 0 for s in self.seq)
+        spare = len(self.blocks) - running  # a block a running row, for the window after the next one
+        chosen, new_prompts = [], []
+        while self.waiting and len(chosen) < len(free_rows):
+            s = self.waiting[0]
+            p = s // self.n
+            length = len(self.prompts[p])
+            if s in self.resume:  # all its own blocks: prompt and tokens so far, recomputed
+                need = self._span(length + self.resume[s] - 1)
+            else:
+                need = self._span(length) - length // self.block
+                if p not in self.entries and p not in new_prompts:
+                    need += -(-length // self.block)
+            if need > spare:
+                break
+            spare -= need
+            self.waiting.popleft()
+            chosen.append(s)
+            if s not in self.resume and p not in self.entries and p not in new_prompts:
+                new_prompts.append(p)
+        if not chosen:
+            return
+        self._prefill_prompts(new_prompts)
+        resumed = [s for s in chosen if s in self.resume]
+        if resumed:
+            self._recompute(resumed)
+        self._place(sorted(chosen), free_rows)
+
+    def _prefill_prompts(self, prompts):
+        """Prefill in chunks of about prefill_tokens (padded width x prompts), longest first; sample the first
+        token of every sample of each prompt."""
+        f, n, dev = self.f, self.n, self.f.device
+        start = 0
+        while start < len(prompts):
+            end, width = start + 1, len(self.prompts[prompts[start]])
+            while end < len(prompts) and width * (end + 1 - start) <= self.e.prefill_tokens:
+                end += 1
+            chunk = prompts[start:end]
+            for p in chunk:
+                self.entries[p] = [self.blocks.take(-(-len(self.prompts[p]) // self.block)), n]
+            logits = f.prefill([self.prompts[p] for p in chunk], self._table([self.entries[p][0] for p in chunk]))
+            seqs = (torch.tensor(chunk, device=dev)[:, None] * n + torch.arange(n, device=dev)).reshape(-1)
+            keys = row_keys(f.seed, torch.zeros((), dtype=torch.long, device=dev), seqs)
+            pr = self.params
+            tok, lp = sample(logits.repeat_interleave(n, 0), pr.temperature, pr.top_k, pr.top_p, keys, True, f.k)
+            f.out_tok[seqs, 0] = tok
+            f.out_lp[seqs, 0] = lp.float()
+            start = end
+
+    def _recompute(self, seqs):
+        """Sequences that gave way: their prompt and tokens but the last, prefilled again into new blocks."""
+        f = self.f
+        toks = f.out_tok[torch.tensor(seqs, device=f.device)].tolist()
+        lists = [self.prompts[s // self.n] + toks[i][: self.resume[s] - 1] for i, s in enumerate(seqs)]
+        own = [self.blocks.take(self._span(len(t))) for t in lists]
+        for start in range(0, len(lists), max(1, self.e.prefill_tokens // max(map(len, lists)))):
+            end = start + max(1, self.e.prefill_tokens // max(map(len, lists)))
+            f.prefill(lists[start:end], self._table(own[start:end]))
+        self._own = dict(zip(seqs, own))
+
+    def _place(self, seqs, free_rows):
+        f, dev = self.f, self.f.device
+        rows = free_rows[: len(seqs)]
+        copies, n_out, pos = [], [], []
+        for r, s in zip(rows, seqs):
+            p = s // self.n
+            length = len(self.prompts[p])
+            self.age[r], self.admitted = self.admitted, self.admitted + 1
+            self.seq[r] = s
+            if s in self.resume:
+                k = self.resume.pop(s)
+                self.tables[r] = self._own.pop(s)
+                n_out.append(k)
+                pos.append(length + k - 1)
+                continue
+            blocks, left = self.entries[p]
+            full = length // self.block
+            shared = blocks[:full]
+            self.blocks.hold(shared)
+            own = self.blocks.take(self._span(length) - full)
+            if length % self.block:  # the prompt's last block, partly filled: each sample writes its own copy
+                copies.append((blocks[full], own[0]))
+            self.tables[r] = shared + own
+            self.entries[p][1] = left - 1
+            if left == 1:  # its last sample: the prompt's own hold ends
+                self.blocks.drop(blocks)
+                del self.entries[p]
+            n_out.append(1)
+            pos.append(length)
+        if copies:
+            src, dst = (torch.tensor(x, device=dev) for x in zip(*copies))
+            f.kv[:, :, dst] = f.kv[:, :, src]
+        idx, sq = torch.tensor(rows, device=dev), torch.tensor(seqs, device=dev)
+        k = torch.tensor(n_out, device=dev)
+        f.table[idx] = self._table([self.tables[r] for r in rows], f.table.shape[1])
+        f.row_seq[idx] = sq
+        f.n_out[idx] = k
+        f.pos[idx] = torch.tensor(pos, device=dev)
+        f.limit[idx] = torch.tensor([self.limits[s] for s in seqs], device=dev)
+        tok = f.out_tok[sq, k - 1]
+        f.tokens[idx] = tok
+        f.live[idx] = ~(tok[:, None] == f.eos[None, :]).any(-1) & (k < f.limit[idx])
+        for r, a, b in zip(rows, n_out, pos):
+            self.n_out[r], self.pos[r] = a, b
+        self.batch = max(self.batch, rows[-1] + 1)
+
+    def _table(self, tables, width: int | None = None) -> torch.Tensor:
+        width = width or max(map(len, tables))
+        return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.f.device)
+
+    def _compact(self):
+        """Live rows to the front of the smallest batch bucket that holds them (only their tables move)."""
+        b = self.batch
+        used = [r for r in range(b) if self.seq[r] >= 0]
+        target = self.e._bucket(len(used), b) if used else 0
+        if not used or target >= b:
+            return
+        keep = used + [r for r in range(b) if self.seq[r] < 0][: target - len(used)]
+        self.f.compact(torch.tensor(keep, device=self.f.device))
+        for arr in (self.seq, self.tables, self.pos, self.n_out, self.age):
+            arr[: len(keep)] = [arr[r] for r in keep]
+        for r in range(len(keep), b):
+            self.seq[r], self.tables[r] = -1, []
+        self.batch = target
