@@ -145,12 +145,16 @@ def _pow2(n: int, least: int) -> int:
 
 _sm_count: dict = {}
 TILE = 128  # slots per tile (H200: 128 beat 32 and 64 at every batch tried)
+MAX_CHUNK = 2048  # slots one program reads at most: a long row is split so that it does not set the kernel's time
 
 
-def plan(batch: int, n_kv: int, length: int, device: torch.device, block_n: int = TILE) -> tuple[int, int]:
+def plan(batch: int, n_kv: int, length: int, device: torch.device, block_n: int = TILE,
+         max_chunk: int | None = None) -> tuple[int, int]:
     """(splits, slots per split). Measured on an H200: while the (row, kv head) programs alone fill the
-    multiprocessors, splitting only adds partial writes and a merge (256 rows: 1 split is best); below
-    that, split until there are about two programs per multiprocessor, down to one tile a split."""
+    multiprocessors, splitting only adds partial writes and a merge (256 rows, 640 slots: 1 split is best);
+    below that, split until there are about two programs per multiprocessor, down to one tile a split. And
+    however many rows there are, no program reads more than max_chunk slots: rows of thousands of tokens
+    beside short ones would otherwise leave one program per long row running after all others finished."""
     if device.type == "cuda":
         if device not in _sm_count:
             _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
@@ -160,6 +164,7 @@ def plan(batch: int, n_kv: int, length: int, device: torch.device, block_n: int 
     tiles = -(-length // block_n)
     programs = batch * n_kv
     splits = 1 if programs >= sms else min(tiles, -(-2 * sms // programs))
+    splits = max(splits, -(-length // (max_chunk or MAX_CHUNK)))
     chunk = -(-tiles // splits) * block_n
     return -(-length // chunk), chunk
 
