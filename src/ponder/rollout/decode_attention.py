@@ -145,7 +145,10 @@ def _pow2(n: int, least: int) -> int:
 
 _sm_count: dict = {}
 TILE = 128  # slots per tile (H200: 128 beat 32 and 64 at every batch tried)
-MAX_CHUNK = 2048  # slots one program reads at most: a long row is split so that it does not set the kernel's time
+# slots one program reads at most. H200, bench/decode_attention.py (2026-12-04): 512 rows of long-tailed lengths
+# up to 8,256 slots took 280 us a layer unsplit and 242 at 8,192; 128 rows of 4,200 slots ran at 5.4 TB/s
+# unsplit and slower at every cap below 8,192 (158 us at 2,048 against 103)
+MAX_CHUNK = 8192
 
 
 def plan(batch: int, n_kv: int, length: int, device: torch.device, block_n: int = TILE,
@@ -153,8 +156,8 @@ def plan(batch: int, n_kv: int, length: int, device: torch.device, block_n: int 
     """(splits, slots per split). Measured on an H200: while the (row, kv head) programs alone fill the
     multiprocessors, splitting only adds partial writes and a merge (256 rows, 640 slots: 1 split is best);
     below that, split until there are about two programs per multiprocessor, down to one tile a split. And
-    however many rows there are, no program reads more than max_chunk slots: rows of thousands of tokens
-    beside short ones would otherwise leave one program per long row running after all others finished."""
+    however many rows there are, no program reads more than max_chunk slots: the longest rows of a
+    long-tailed batch would otherwise run on alone after the others finished."""
     if device.type == "cuda":
         if device not in _sm_count:
             _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count

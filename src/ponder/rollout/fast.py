@@ -316,12 +316,13 @@ class FastEngine(RolloutEngine):
                 run.sync()
                 if run.batch == 0:
                     break
-            if f.attention == "triton" and use_graphs:
-                length = f.positions  # the kernel reads each row's own slots: one graph a batch bucket
-            else:
-                length = run.top + 1  # slots 0 .. the highest position fed at this step
-                if use_graphs:
-                    length = min(-(-length // self.length_bucket) * self.length_bucket, f.positions)
+            length = run.top + 1  # slots 0 .. the highest position fed at this step
+            if use_graphs and f.attention == "triton":
+                # the kernel reads each row's own live slots; the length only sets how rows are split across
+                # programs, so buckets double (a few graphs a batch bucket, even at 32k positions)
+                length = min(max(self.length_bucket, 1 << (length - 1).bit_length()), f.positions)
+            elif use_graphs:
+                length = min(-(-length // self.length_bucket) * self.length_bucket, f.positions)
             logits = self._step(f, run.batch, length, use_graphs, in_graph)
             run.steps_left -= 1
             run.top = min(run.top + 1, f.positions - 1)
