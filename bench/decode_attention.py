@@ -42,6 +42,7 @@ def timed(fn, reps=50):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", nargs="+", type=int, default=[1 << 30, 8192, 4096, 2048, 1024, 512])
+    ap.add_argument("--configs", nargs="*", default=[], help="warps,stages pairs to try at the default cap, e.g. 8,2 4,3")
     a = ap.parse_args()
     import sys
     sys.path.insert(0, "bench")
@@ -64,6 +65,12 @@ def main():
             splits, _ = da.plan(batch, pool.shape[1], length, q.device, max_chunk=chunk)
             us = timed(lambda: da.triton_attention(q, pool, pool, table, pos, scale, length, splits=splits))
             row[f"chunk {chunk if chunk < 1 << 30 else 'none'}"] = dict(us=round(us, 1), splits=splits, tb_s=round(live / us / 1e6, 2))
+        for cfg in a.configs:
+            warps, stages = map(int, cfg.split(","))
+            splits, _ = da.plan(batch, pool.shape[1], length, q.device)
+            us = timed(lambda: da.triton_attention(q, pool, pool, table, pos, scale, length, splits=splits,
+                                                   num_warps=warps, num_stages=stages))
+            row[f"warps {warps} stages {stages}"] = dict(us=round(us, 1), splits=splits, tb_s=round(live / us / 1e6, 2))
         out[name] = row
         print(name, json.dumps(row), flush=True)
 

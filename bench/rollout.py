@@ -151,7 +151,7 @@ def at_position(f, batch: int, pos: int):
 
 
 @torch.no_grad()
-def profile(model, tok, prompts, new, out_dir) -> dict:
+def profile(model, tok, prompts, new, out_dir, pos: int = 130) -> dict:
     """GPU time of one captured decode step (no host work), and the kernels of that step by time."""
     eng = FastEngine(model, tok)
     force_length(model, True)
@@ -160,7 +160,7 @@ def profile(model, tok, prompts, new, out_dir) -> dict:
     res = {}
     for key in sorted(k for k in eng.graphs if k[0] == batch):
         graph, _ = eng.graphs[key]
-        at_position(f, batch, 130)
+        at_position(f, batch, pos)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         graph.replay()
         start.record()
@@ -171,7 +171,7 @@ def profile(model, tok, prompts, new, out_dir) -> dict:
         res[f"graph_ms_len{key[1]}"] = start.elapsed_time(end) / 50
     from torch.profiler import ProfilerActivity, profile as prof
 
-    at_position(f, batch, 130)
+    at_position(f, batch, pos)
     with prof(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(3):
             f.step(batch, f.positions, 1.0)
@@ -270,6 +270,7 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["triton", "sdpa"], help="attention[+eager]: triton, sdpa, matmul, sdpa+eager")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", help="folder for the profile table")
+    ap.add_argument("--profile-pos", type=int, default=130, help="the position every row feeds in the profiled step")
     ap.add_argument("--hf", nargs="*", default=["dynamic"], help="transformers' generate with these caches")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--lengths", choices=["uniform", "long-tail"], default="uniform",
@@ -308,7 +309,7 @@ def main():
             print(json.dumps(r), flush=True)
         report["results"] += rows
         if a.profile and CUDA and shape == a.shapes[0]:
-            report["profile"] = profile(model, tok, prompts, a.new, a.out)
+            report["profile"] = profile(model, tok, prompts, a.new, a.out, a.profile_pos)
             print("profile:", json.dumps(report["profile"]), flush=True)
         del model
         CUDA and torch.cuda.empty_cache()
