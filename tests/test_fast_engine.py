@@ -375,9 +375,9 @@ def test_a_piece_the_compiler_fails_on_runs_eagerly_with_one_notice(capsys):
 LONGER = PROMPTS + ["Q: 31+24=", "zz", "The quick brown fox jumps over the lazy dog again", "1 2 3"]
 
 
-@pytest.mark.parametrize("rows,block,pool", [(3, 4, None), (5, 3, None), (4, 4, 24)],
-                         ids=["3 rows", "5 rows, blocks of 3", "4 rows, pool of 24 blocks: sequences give way"])
-def test_more_samples_than_rows_generate_like_transformers(rows, block, pool):
+@pytest.mark.parametrize("rows,block,pool,start", [(3, 4, None, None), (5, 3, None, 2), (4, 4, 24, 2)],
+                         ids=["3 rows", "5 rows, blocks of 3, a pool that grows", "4 rows, pool of 24 blocks: sequences give way"])
+def test_more_samples_than_rows_generate_like_transformers(rows, block, pool, start):
     """9 prompts x 3 samples through a few rows: sequences finish at different steps (EOS), waiting ones take
     their rows and reuse the blocks they freed (stale K/V from another sequence sits in them), prompts of
     mixed lengths share their full blocks and copy their last partial one. With a small pool, running
@@ -387,8 +387,12 @@ def test_more_samples_than_rows_generate_like_transformers(rows, block, pool):
     set_eos_mid_generation(model, prompts, steps=20)
     params = SamplingParams(n=3, temperature=0, max_tokens=20, logprobs=True)
     ref = HFEngine(model, TOK).generate(prompts, params)
-    eng = FastEngine(model, TOK, batch_size=rows, sync_every=2, min_bucket=1, block_size=block, kv_blocks=pool)
+    eng = FastEngine(model, TOK, batch_size=rows, sync_every=2, min_bucket=1, block_size=block, kv_blocks=pool,
+                     start_tokens=start)
     got = eng.generate(prompts, params)
+    if start is not None and pool is None:  # it started with room for 2 new tokens a row and grew
+        worst = rows * -(-(max(map(len, prompts)) + 20 + 2 + 1) // block) + sum(-(-len(p) // block) for p in prompts) + 1
+        assert eng.stats["kv_blocks_peak"] < eng.stats["kv_blocks"] < worst
     assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in ref]
     assert [[c.finish_reason for c in o] for o in got] == [[c.finish_reason for c in o] for o in ref]
     assert eng.stats["kv_blocks_peak"] <= eng.stats["kv_blocks"] - 1

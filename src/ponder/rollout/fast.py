@@ -3,8 +3,10 @@
 - Continuous batching over a paged KV cache (ponder.rollout.schedule): all samples of a call queue up; at
   most `batch_size` run at once (default: all), and when one finishes, a waiting one takes its row. K/V
   lives in blocks of `block_size` slots handed out as rows reach them, so memory follows the tokens that
-  exist; a prompt's full blocks are shared by its `n` samples. The pool holds every row at full length when
-  that fits in `kv_fraction` of the free device memory, else what fits (rows then wait, or give way).
+  exist; a prompt's full blocks are shared by its `n` samples. The pool starts with room for `start_tokens`
+  new tokens a row (default: 1,024 on CUDA, all on CPU) and doubles when rows need more, up to every row at full length or
+  `kv_fraction` of the free device memory (or `kv_blocks`); past that, rows wait or give way. On CPU it
+  holds every row at full length from the start.
 - Prefill: each distinct prompt runs once, packed (no padding work outside attention), when its first
   sample is admitted, in chunks of about `prefill_tokens` between decode steps.
 - Decode: one step for all rows, captured as a CUDA graph per (batch bucket, temperature) (and attention
@@ -114,7 +116,7 @@ class FastEngine(RolloutEngine):
         self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
         length_bucket: int = 128, prefill_tokens: int = 4096, keep_cache: bool = True, attention: str = "auto",
         fused: bool = True, join_weights: bool = True, dtype: str = "auto", block_size: int = 32, kv_fraction: float = 0.5,
-        kv_blocks: int | None = None,
+        kv_blocks: int | None = None, start_tokens: int | None = None,
     ):
         super().__init__(model, tokenizer)
         if attention not in ("auto", "triton", "sdpa", "matmul"):
@@ -127,6 +129,7 @@ class FastEngine(RolloutEngine):
         if block_size < 1 or not 0 < kv_fraction <= 1:
             raise UserError(f"fast engine: block_size must be >= 1 and kv_fraction in (0, 1] (got {block_size}, {kv_fraction})")
         self.dtype, self.block_size, self.kv_fraction, self.kv_blocks = dtype, block_size, kv_fraction, kv_blocks
+        self.start_tokens = start_tokens
         self.stats: dict = {}  # of the last call: KV blocks held at most, sequences that gave way
         self.arch, why = describe(model)
         self.copy: RolloutCopy | None = None
@@ -203,8 +206,9 @@ class FastEngine(RolloutEngine):
 
     # -- setup --------------------------------------------------------------------------------------
 
-    def _prepare(self, rows: int, positions: int, prompt_blocks: int):
-        """The Forward to run (made, or grown to cover this call), and whether to capture graphs."""
+    def _prepare(self, rows: int, positions: int, prompt_blocks: int, start: int):
+        """The Forward to run (made, or grown to cover this call), and whether to capture graphs. Its pool
+        starts with the blocks for `start` positions a row (grown during the call as rows reach further)."""
         arch = self._weights()
         weight = arch.head.weight
         device, dtype = weight.device, weight.dtype
@@ -218,37 +222,49 @@ class FastEngine(RolloutEngine):
         f = self.fwd
         if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs
             rows, positions = max(rows, f.rows), max(positions, f.positions)
-        blocks = self._pool_blocks(arch, rows, positions, prompt_blocks, dtype, device)
-        if f is None or sig != self.weights_sig or f.rows < rows or f.positions < positions or f.blocks < blocks:
+        per_block = len(arch.backbone.layers) * 2 * arch.n_kv * self.block_size * arch.head_dim * dtype.itemsize
+        self.worst = rows * -(-positions // self.block_size) + prompt_blocks + 1  # every row at full length
+        self.least = -(-positions // self.block_size) + prompt_blocks + 1  # one sequence at full length
+        blocks = min(self.worst, rows * -(-min(start, positions) // self.block_size) + prompt_blocks + 1)
+        if f is None or sig != self.weights_sig or f.rows < rows or f.positions < positions:
             self.release()
             # auto: the split-KV Triton kernel on CUDA (reads only live slots); SDPA on CPU, where the
             # kernel would run as its torch reference
             attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "sdpa"
-            f = self.fwd = Forward(arch, rows, blocks, self.block_size, positions, dtype, device, attention, self.fused,
-                                   autocast=self.copy is not None)
+            f = self.fwd = Forward(arch, rows, min(blocks, self.pool_cap(per_block, device)), self.block_size, positions,
+                                   dtype, device, attention, self.fused, autocast=self.copy is not None)
             self.weights_sig = sig
+        elif f.blocks < blocks:
+            self.grow_pool(f, blocks - f.blocks)
         f.refresh_rope()
         return f, use_graphs
 
-    def _pool_blocks(self, arch, rows, positions, prompt_blocks, dtype, device) -> int:
-        """Blocks in the KV pool: enough for every row at full length (plus the prompts and the sink) where
-        that fits in `kv_fraction` of the free device memory; else what fits (rows then wait, or give way)."""
-        per_row = -(-positions // self.block_size)
-        worst = rows * per_row + prompt_blocks + 1
-        if self.kv_blocks is not None:  # set by the user: a cap
-            return max(2, min(worst, self.kv_blocks))
-        if torch.device(device).type != "cuda":
-            return worst
-        per_block = len(arch.backbone.layers) * 2 * arch.n_kv * self.block_size * arch.head_dim * dtype.itemsize
-        free, _ = torch.cuda.mem_get_info(device)
-        held = 0 if self.fwd is None else self.fwd.kv.numel() * self.fwd.kv.element_size()
-        fits = int(self.kv_fraction * (free + held) / per_block)
-        least = per_row + prompt_blocks + 1  # one sequence at full length
-        if fits < least:
-            raise UserError(f"fast engine: the KV cache needs {least * per_block / 2**30:.1f} GiB for one sequence "
-                            f"and {self.kv_fraction:.0%} of free memory gives {fits * per_block / 2**30:.1f}; "
-                            "shorten max_tokens or raise rollout.engine_options.kv_fraction")
-        return min(worst, fits)
+    def pool_cap(self, per_block: int, device) -> int:
+        """The most blocks the pool may hold: every row at full length, within `kv_blocks` if set and, on
+        CUDA, within `kv_fraction` of the device memory free now (counting what the pool holds)."""
+        cap = self.worst if self.kv_blocks is None else max(2, min(self.worst, self.kv_blocks))
+        if torch.device(device).type == "cuda" and self.kv_blocks is None:
+            free, _ = torch.cuda.mem_get_info(device)
+            held = 0 if self.fwd is None else self.fwd.kv.numel() * self.fwd.kv.element_size()
+            fits = int(self.kv_fraction * (free + held) / per_block)
+            if fits < self.least:
+                raise UserError(f"fast engine: the KV cache needs {self.least * per_block / 2**30:.1f} GiB for one "
+                                f"sequence and {self.kv_fraction:.0%} of free memory gives {fits * per_block / 2**30:.1f}; "
+                                "shorten max_tokens or raise rollout.engine_options.kv_fraction")
+            cap = min(cap, fits)
+        return cap
+
+    def grow_pool(self, f: Forward, want: int) -> int:
+        """At least `want` more blocks (doubling, up to the cap) so that memory follows the live tokens;
+        returns how many were added (0: at the cap). The graphs read the old pool: they are captured again."""
+        per_block = f.kv[:, :, 0].numel() * f.kv.element_size()
+        new = min(self.pool_cap(per_block, f.device), max(2 * f.blocks, f.blocks + want))
+        if new <= f.blocks:
+            return 0
+        added = new - f.blocks
+        f.grow(new)
+        self.graphs = {}
+        return added
 
     def _step(self, f: Forward, batch: int, length: int, use_graphs: bool, temperature: float | None):
         if not use_graphs:
@@ -280,6 +296,9 @@ class FastEngine(RolloutEngine):
         graph.replay()
         return out
 
+    def device_type(self) -> str:
+        return self.arch.head.weight.device.type
+
     def _bucket(self, live: int, total: int) -> int:
         b = self.min_bucket
         while b < live:
@@ -292,8 +311,13 @@ class FastEngine(RolloutEngine):
         n_seq, max_new = len(prompts) * params.n, params.max_tokens
         # rows run on past their end until the next host check: room for sync_every more tokens
         cols = max_new + self.sync_every + 1
-        f, use_graphs = self._prepare(min(n_seq, self.batch_size or n_seq), max(len(p) for p in prompts) + cols,
-                                      sum(-(-len(p) // self.block_size) for p in prompts))
+        longest = max(len(p) for p in prompts)
+        start = self.start_tokens
+        if start is None:  # CPU: every row at full length from the start (small there; growing costs time)
+            start = 1024 if self.device_type() == "cuda" else cols
+        start += longest
+        f, use_graphs = self._prepare(min(n_seq, self.batch_size or n_seq), longest + cols,
+                                      sum(-(-len(p) // self.block_size) for p in prompts), start)
         if not f.fits(n_seq, cols):
             f.outputs(max(n_seq, f.out_tok.shape[0] - 1), max(cols, f.out_tok.shape[1]))
             self.graphs = {}  # they wrote into the old tables

@@ -118,6 +118,12 @@ class Forward:
     def positions(self) -> int:
         return self.table.shape[1] * self.block
 
+    def grow(self, blocks: int):
+        """A larger pool with the same blocks at the same ids (callers drop graphs that read the old one)."""
+        kv = self.kv.new_zeros(self.kv.shape[:2] + (blocks,) + self.kv.shape[3:])
+        kv[:, :, : self.blocks] = self.kv
+        self.kv = kv
+
     def fits(self, seqs: int, tokens: int) -> bool:
         return self.out_tok.shape[0] > seqs and self.out_tok.shape[1] >= tokens
 

@@ -12,6 +12,12 @@ class Blocks:
         self.free = list(range(n - 1, 0, -1))  # popped from the end: low ids first
         self.refs = [0] * n
 
+    def extend(self, more: int) -> None:
+        """The pool grew by `more` blocks at the end."""
+        n = len(self.refs)
+        self.free = list(range(n + more - 1, n - 1, -1)) + self.free
+        self.refs += [0] * more
+
     def __len__(self) -> int:
         return len(self.free)
 

@@ -117,6 +117,9 @@ class Schedule:
     def _grow(self, rows):
         """Blocks for the positions running rows reach before the next check; the newest give way if short."""
         need = {r: self._span(self.pos[r]) - len(self.tables[r]) for r in rows}
+        short = sum(max(0, k) for k in need.values()) - len(self.blocks)
+        if short > 0:
+            self._more(short)
         while sum(max(0, k) for k in need.values()) > len(self.blocks):
             newest = max(need, key=lambda r: self.age[r])
             self.gave_way += 1
@@ -133,6 +136,12 @@ class Schedule:
         if writes:
             r, c, b = (torch.tensor(x, device=self.f.device) for x in zip(*writes))
             self.f.table[r, c] = b
+
+    def _more(self, k: int) -> int:
+        """Grow the pool by at least k blocks where the cap allows; returns the blocks added."""
+        added = self.e.grow_pool(self.f, k)
+        self.blocks.extend(added)
+        return added
 
     # -- admission ----------------------------------------------------------------------------------
 
@@ -152,6 +161,8 @@ class Schedule:
                 need = self._span(length) - length // self.block
                 if p not in self.entries and p not in new_prompts:
                     need += -(-length // self.block)
+            if need > spare:
+                spare += self._more(need - spare + running)
             if need > spare:
                 break
             spare -= need
