@@ -246,3 +246,20 @@ def test_trainer_logs_mixing_and_accuracy_per_target_language(smoke_cfg, monkeyp
     assert m["mixing_rate"] == 16 and m["mixing_rate/en"] + m["mixing_rate/zh"] == 16
     assert m["mixing_rate/en"] > 0 and m["mixing_rate/zh"] > 0 and seen[0] == 16
     assert "accuracy/en" in m and "accuracy/zh" in m
+
+
+def test_rejection_sampling_filters_each_example_by_its_own_target():
+    """`ponder sample` with filters.language=target keeps a pure chain in the prompt's language and
+    drops a mixed one, for an English and a Chinese prompt alike (and logs the share it measured)."""
+    from ponder.sample import SampleConfig, _judge
+
+    tok = char_tokenizer(ZH_CHARS)
+    task = get_task("bilingual_arithmetic")
+    en_ex = dict(task.load("train", n=1, language="en")[0], answer="88")
+    zh_ex = dict(task.load("train", n=1, language="zh")[0], answer="88")
+    en_ok, zh_ok = EN, "<think> 四十二加七十三得一百一十五。 </think> <answer> 八十八 </answer>"
+    outs = [[Completion(tok(t).input_ids, "stop") for t in texts] for texts in ([en_ok, MIXED], [zh_ok, MIXED])]
+    cfg = SampleConfig(filters=FilterConfig(language="target", ngram_max_count=0))
+    (en_cands, en_kept), (zh_cands, zh_kept) = _judge([("a", 0, en_ex), ("b", 1, zh_ex)], outs, tok, cfg)
+    assert [c.reason for c in en_cands] == [None, "language"] and [c.reason for c in zh_cands] == [None, "language"]
+    assert zh_kept[0][2]["language"] == 1.0 and en_kept[0][2]["language"] == 1.0
