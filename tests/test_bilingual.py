@@ -263,3 +263,27 @@ def test_rejection_sampling_filters_each_example_by_its_own_target():
     (en_cands, en_kept), (zh_cands, zh_kept) = _judge([("a", 0, en_ex), ("b", 1, zh_ex)], outs, tok, cfg)
     assert [c.reason for c in en_cands] == [None, "language"] and [c.reason for c in zh_cands] == [None, "language"]
     assert zh_kept[0][2]["language"] == 1.0 and en_kept[0][2]["language"] == 1.0
+
+
+def test_comparison_table_averages_the_seeds_per_language(tmp_path, monkeypatch):
+    """bench/bilingual_mixing.py's table: each cell the mean of the seeds' held-out figure (min-max)."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import bilingual_mixing
+
+    def run(name, mix_zh, pass_en):
+        d = tmp_path / name
+        d.mkdir()
+        for tag, scale in (("before", 0.5), ("after", 1.0)):
+            tasks = {"bilingual_arithmetic/zh": {"mixing_rate": mix_zh * scale, "pass@1": 0.25},
+                     "bilingual_arithmetic/en": {"mixing_rate": 0.0, "pass@1": pass_en * scale}}
+            metrics = {"mean_length": 80.0, "format_rate": 1.0}
+            (d / f"eval_{tag}.json").write_text(json.dumps({"bilingual_arithmetic/test": {"tasks": tasks, "metrics": metrics}}))
+        return d
+
+    text = bilingual_mixing.table({"zero": [run("a", 0.2, 0.6), run("b", 0.4, 0.8)]})
+    before, after = text.splitlines()[2:]
+    assert before == "| zero | 2 | before | 0.150 (0.10-0.20) | 0.000 (0.00-0.00) | 0.250 (0.25-0.25) | 0.350 (0.30-0.40) | 80.000 (80.00-80.00) | 1.000 (1.00-1.00) |"
+    assert after.split(" | ")[3:7] == ["0.300 (0.20-0.40)", "0.000 (0.00-0.00)", "0.250 (0.25-0.25)", "0.700 (0.60-0.80)"]
