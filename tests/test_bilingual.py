@@ -287,3 +287,10 @@ def test_comparison_table_averages_the_seeds_per_language(tmp_path, monkeypatch)
     before, after = text.splitlines()[2:]
     assert before == "| zero | 2 | before | 0.150 (0.10-0.20) | 0.000 (0.00-0.00) | 0.250 (0.25-0.25) | 0.350 (0.30-0.40) | 80.000 (80.00-80.00) | 1.000 (1.00-1.00) |"
     assert after.split(" | ")[3:7] == ["0.300 (0.20-0.40)", "0.000 (0.00-0.00)", "0.250 (0.25-0.25)", "0.700 (0.60-0.80)"]
+
+
+def test_pretrain_probe_counts_worked_steps_in_both_languages():
+    from ponder.pretrain import STEP_RE
+
+    assert len(STEP_RE.findall(MIXED)) == 2 and len(STEP_RE.findall(EN)) == 2 and len(STEP_RE.findall(NO_WORDS)) == 1
+    assert STEP_RE.findall("四十二加七十三减二十七") == []  # a prompt's chain is not a step

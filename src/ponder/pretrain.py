@@ -220,7 +220,9 @@ def train(model, tokens: np.ndarray, cfg: PretrainConfig, console) -> list[float
 # ---------------------------------------------------------------------------------------------
 # probe: what the base model does under the R1-Zero template
 
-STEP_RE = re.compile(r"\d+ [-+*/] \d+ = \d+")
+# a written step: `a op b = c`, or the bilingual world's `a plus b is c` / 四十二加七十三得一百一十五
+_ZH_NUM = "[零一二三四五六七八九十百千]+"
+STEP_RE = re.compile(rf"\d+ [-+*/] \d+ = \d+|\d+ (?:plus|minus) \d+ is \d+|{_ZH_NUM}[加减]{_ZH_NUM}得{_ZH_NUM}")
 REFLECTION_RE = re.compile(r"\b(wait|verify|check|mistake|however|recheck)\b", re.IGNORECASE)
 
 
