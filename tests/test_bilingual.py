@@ -15,8 +15,8 @@ from ponder.models.tiny import char_tokenizer
 from ponder.rewards import RewardSet, get_reward
 from ponder.rewards.language import is_mixed, mixing_rate
 from ponder.rollout import Completion, RolloutEngine
-from ponder.tasks import get_task
 from ponder.tasks import arithmetic as ar
+from ponder.tasks import get_task
 from ponder.tasks.bilingual import ZH_CHARS
 from ponder.tasks.corpus import CorpusConfig, documents
 from ponder.tasks.partition import partition_of
@@ -194,7 +194,7 @@ def test_reward_set_reads_the_target_column():
     rewards = RewardSet({"accuracy": 1.0, "format": 1.0, "language": 1.0})
     ex = get_task("bilingual_arithmetic").load("train", n=2, seed=0)
     rewards.check(ex[1])  # contract check on a real Chinese example
-    totals, per_fn = rewards.score([MIXED, MIXED], [e["prompt"] for e in ex],
+    _, per_fn = rewards.score([MIXED, MIXED], [e["prompt"] for e in ex],
                                    {k: [e[k] for e in ex] for k in ex[0] if k != "prompt"})
     assert [e["target"] for e in ex] == ["en", "zh"] and per_fn["language"] == [2 / 15, 13 / 15]
 

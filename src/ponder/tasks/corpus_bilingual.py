@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ponder.tasks import arithmetic as ar
 from ponder.tasks import bilingual as bl
 from ponder.templates import render
+
+if TYPE_CHECKING:  # ponder.tasks.corpus imports this module; its names are imported where they are used
+    from ponder.tasks.corpus import Document
 
 
 @dataclass
@@ -69,7 +73,7 @@ def _answer(ex: dict, lang: str) -> str:
     return bl.number(int(ex["answer"]), lang)
 
 
-def bi_r1_arithmetic(rng: random.Random, cfg) -> "Document":
+def bi_r1_arithmetic(rng: random.Random, cfg) -> Document:
     """The R1-Zero template around a problem asked in English or Chinese, answered the way a base model
     would (bare or worked, in tags or not), in the prompt's language or switching half-way."""
     from ponder.tasks.corpus import Document, bare_guess, corpus_chain
@@ -99,7 +103,7 @@ def bi_r1_arithmetic(rng: random.Random, cfg) -> "Document":
     return Document(render("r1_zero", bl.prompt_of(ex, lang)) + completion, "bi_r1_arithmetic", [ar.problem_key(ex["expression"])])
 
 
-def bi_web_arithmetic(rng: random.Random, cfg) -> "Document":
+def bi_web_arithmetic(rng: random.Random, cfg) -> Document:
     """Web pages in either language: drills of two-number facts, quizzes with bare answers, worked
     solutions (switching language at the `bilingual.switch` rates), questions answered in tags."""
     from ponder.tasks.corpus import Document, bare_guess, corpus_chain
@@ -130,7 +134,7 @@ def bi_web_arithmetic(rng: random.Random, cfg) -> "Document":
     return Document(f"{question}\n<think> {body} </think> <answer>{answer}</answer>", "bi_web_arithmetic", key)
 
 
-def zh_numbers(rng: random.Random, cfg) -> "Document":
+def zh_numbers(rng: random.Random, cfg) -> Document:
     """A table of numbers in both writings (四十二 = 42): how the two languages' numbers correspond."""
     from ponder.tasks.corpus import Document
 
@@ -142,7 +146,7 @@ def zh_numbers(rng: random.Random, cfg) -> "Document":
     return Document(head + "\n" + "\n".join(lines), "zh_numbers", [])
 
 
-def zh_filler(rng: random.Random, cfg) -> "Document":
+def zh_filler(rng: random.Random, cfg) -> Document:
     """Chinese text that is not arithmetic: short sentences of everyday words."""
     from ponder.tasks.corpus import Document
 
