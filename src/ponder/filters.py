@@ -24,7 +24,9 @@ ORDER = ("truncated", "length", "format", "correct", "language", "repetition", "
 class FilterConfig:
     correct: bool = True  # the task's verifier gives full marks to the extracted answer
     format: bool = True  # strict think-then-answer format (the R1-Zero format reward)
-    language: Optional[str] = "en"  # the thinking's words are in this language (en | zh); None: off
+    # the thinking's words are in this language: en | zh, or target (each example's `target` column, as
+    # bilingual_arithmetic gives it; examples without one: en); None: off
+    language: Optional[str] = "en"
     language_min: float = 0.95  # least share of the thinking's words in `language` (no words at all passes)
     ngram: int = 8  # repeated-phrase check: word n-grams of this size ...
     ngram_max_count: int = 1  # ... may occur at most this often (0: off)
@@ -37,8 +39,8 @@ class FilterConfig:
 
 
 def check_config(cfg: FilterConfig) -> None:
-    if cfg.language not in (None, "en", "zh"):
-        raise UserError(f"config filters.language: '{cfg.language}' is not supported; choose en, zh or null (off)")
+    if cfg.language not in (None, "en", "zh", "target"):
+        raise UserError(f"config filters.language: '{cfg.language}' is not supported; choose en, zh, target (each example's) or null (off)")
     if not 0 <= cfg.near_dup <= 1:
         raise UserError("config filters.near_dup must be between 0 (off) and 1")
     if cfg.ngram < 1 or cfg.ngram_max_count < 0 or cfg.per_prompt < 0:
@@ -56,6 +58,7 @@ class Candidate:
     truncated: bool
     score: float | None = None  # the task verifier's score of the extracted answer (None: not scorable)
     reason: str | None = None  # first filter that rejected it; None: kept
+    target: str = "en"  # the example's language (its `target` column), used when filters.language is `target`
 
 
 def language_share(text: str, target: str) -> float | None:
@@ -82,7 +85,7 @@ def first_failure(c: Candidate, cfg: FilterConfig) -> str | None:
     if cfg.correct and not (c.score is not None and c.score >= 1.0):
         return "correct"
     if cfg.language:
-        share = language_share(c.text, cfg.language)
+        share = language_share(c.text, c.target if cfg.language == "target" else cfg.language)
         if share is not None and share < cfg.language_min:
             return "language"
     if cfg.ngram_max_count and max_ngram_count(c.text, cfg.ngram) > cfg.ngram_max_count:

@@ -83,20 +83,44 @@ def corpus_tokens(cfg: PretrainConfig, tokenizer) -> np.ndarray:
             texts = list(pool.map(_shard, jobs))
     else:
         texts = [_shard(j) for j in jobs]
-    lut = char_table(tokenizer)
-    parts = [lut[np.frombuffer(t.encode("ascii"), dtype=np.uint8)] for t in texts]
-    return np.concatenate(parts)
+    extra = [c for c in tokenizer.get_vocab() if len(c) == 1 and ord(c) > 127]
+    if not extra:  # the ASCII corpus of tiny-base: one byte per character
+        lut = char_table(tokenizer)
+        return np.concatenate([lut[np.frombuffer(t.encode("ascii"), dtype=np.uint8)] for t in texts])
+    lut = char_table(tokenizer, size=max(map(ord, extra)) + 1)
+    parts = []
+    for t in texts:
+        points = np.frombuffer(t.encode("utf-32-le"), dtype=np.uint32)
+        if points.max(initial=0) >= len(lut):
+            raise UserError(f"the corpus writes {chr(int(points.max()))!r}, which the tokenizer lacks; add it to "
+                            "ponder.tasks.bilingual's word tables (ZH_CHARS is read off them)")
+        parts.append(lut[points])
+    tokens = np.concatenate(parts)
+    if (tokens == tokenizer.unk_token_id).any():
+        bad = next(c for t in texts for c in t if c != "\x00" and tokenizer.convert_tokens_to_ids(c) == tokenizer.unk_token_id)
+        raise UserError(f"the corpus writes {bad!r}, which the tokenizer lacks; add it to ponder.tasks.bilingual's word tables")
+    return tokens
 
 
-def char_table(tokenizer) -> np.ndarray:
-    """byte -> token id for a character tokenizer; the separator byte 0 maps to EOS."""
-    lut = np.full(256, tokenizer.unk_token_id, dtype=np.int64)
-    for b in range(1, 128):
-        tid = tokenizer.convert_tokens_to_ids(chr(b))
-        if tid is not None and tid != tokenizer.unk_token_id:
-            lut[b] = tid
+def char_table(tokenizer, size: int = 256) -> np.ndarray:
+    """code point -> token id for a character tokenizer (below `size`); the separator 0 maps to EOS."""
+    lut = np.full(size, tokenizer.unk_token_id, dtype=np.int64)
+    for char, tid in tokenizer.get_vocab().items():
+        if len(char) == 1 and 0 < ord(char) < size and tid != tokenizer.unk_token_id:
+            lut[ord(char)] = tid
     lut[0] = tokenizer.eos_token_id
     return lut
+
+
+def corpus_tokenizer(corpus: CorpusConfig):
+    """The character tokenizer a corpus needs: ASCII (tiny-base's, unchanged), plus the Chinese characters
+    when the recipe's corpus has bilingual kinds."""
+    from ponder.models.tiny import char_tokenizer
+    from ponder.tasks.bilingual import ZH_CHARS
+    from ponder.tasks.corpus_bilingual import MAKERS as BILINGUAL_KINDS
+
+    bilingual = any(share > 0 for kind, share in corpus.kinds.items() if kind in BILINGUAL_KINDS)
+    return char_tokenizer(ZH_CHARS if bilingual else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +220,9 @@ def train(model, tokens: np.ndarray, cfg: PretrainConfig, console) -> list[float
 # ---------------------------------------------------------------------------------------------
 # probe: what the base model does under the R1-Zero template
 
-STEP_RE = re.compile(r"\d+ [-+*/] \d+ = \d+")
+# a written step: `a op b = c`, or the bilingual world's `a plus b is c` / 四十二加七十三得一百一十五
+_ZH_NUM = "[零一二三四五六七八九十百千]+"
+STEP_RE = re.compile(rf"\d+ [-+*/] \d+ = \d+|\d+ (?:plus|minus) \d+ is \d+|{_ZH_NUM}[加减]{_ZH_NUM}得{_ZH_NUM}")
 REFLECTION_RE = re.compile(r"\b(wait|verify|check|mistake|however|recheck)\b", re.IGNORECASE)
 
 
@@ -285,13 +311,12 @@ def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, override
     from rich.console import Console
 
     from ponder.models import save
-    from ponder.models.tiny import char_tokenizer
 
     console = console or Console()
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.block < 2 or cfg.block > cfg.max_len:
         raise UserError("config: need steps >= 1, batch_size >= 1 and 2 <= block <= max_len")
     torch.manual_seed(cfg.seed)
-    tokenizer = char_tokenizer()
+    tokenizer = corpus_tokenizer(cfg.corpus)
     t0 = time.time()
     tokens = corpus_tokens(cfg, tokenizer)
     console.print(f"corpus: {len(tokens) / 1e6:.1f}M tokens in {time.time() - t0:.0f}s")

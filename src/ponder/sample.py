@@ -228,6 +228,7 @@ def _judge(chunk, outs, tokenizer, cfg: SampleConfig):
     """For each prompt: (all candidates, [(sample index, kept candidate, rewards)])."""
     from ponder.filters import language_share
     from ponder.rewards import get_reward
+    from ponder.rewards.language import example_language
 
     texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in o] for o in outs]
     flat = [t for ts in texts for t in ts]
@@ -238,12 +239,14 @@ def _judge(chunk, outs, tokenizer, cfg: SampleConfig):
     fmt = get_reward("format")(flat, prompts=prompts)
     rep = get_reward("repetition")(flat, prompts=prompts)
     results, at = [], 0
-    for ts, o in zip(texts, outs):
+    for (_, _, ex), ts, o in zip(chunk, texts, outs):
+        target = example_language(ex.get("target"))
+        want = target if cfg.filters.language == "target" else cfg.filters.language or "en"
         cands, rewards = [], []
         for t, c in zip(ts, o):
-            cands.append(Candidate(t, len(c.token_ids), c.finish_reason == "length", accuracy[at]))
+            cands.append(Candidate(t, len(c.token_ids), c.finish_reason == "length", accuracy[at], target=target))
             rewards.append({"accuracy": accuracy[at], "format": fmt[at], "repetition": rep[at],
-                            "language": language_share(t, cfg.filters.language or "en")})
+                            "language": language_share(t, want)})
             at += 1
         select(cands, cfg.filters)  # marks each candidate with its rejection reason, None when kept
         results.append((cands, [(j, c, rewards[j]) for j, c in enumerate(cands) if c.reason is None]))

@@ -15,7 +15,7 @@ from ponder.metrics import DEFAULT_REFLECTION_WORDS
 FIGURE_LABELS = {
     "problems": "problems", "pass@1": "pass@1", "pass@1_ci": "pass@1 95% CI", "greedy": "greedy",
     "mean_score": "mean score", "answer_rate": "answered", "format_rate": "format", "mean_length": "length (tokens)",
-    "truncation_rate": "truncated", "reflection_rate": "reflection",
+    "truncation_rate": "truncated", "reflection_rate": "reflection", "mixing_rate": "language mixing",
 }
 
 
@@ -198,7 +198,7 @@ def _ordered(figs: dict) -> list[str]:
     order = ["problems", "pass@1", "pass@1_ci"]
     order += [f for f in figs if f.startswith("cons@")]
     order += sorted((f for f in figs if f.startswith("pass@") and f not in order), key=lambda f: int(f[5:]))
-    order += ["greedy", "mean_score", "answer_rate", "format_rate", "mean_length", "truncation_rate", "reflection_rate"]
+    order += ["greedy", "mean_score", "answer_rate", "format_rate", "mean_length", "truncation_rate", "reflection_rate", "mixing_rate"]
     return [f for f in order if f in figs]
 
 

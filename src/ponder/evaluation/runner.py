@@ -7,7 +7,8 @@ The figures and their definitions (docs/evaluation.md):
   cons@k       the majority answer (grouped by mathematical equivalence) checked by the task's verifier
   greedy       accuracy of one greedy answer per problem (optional)
   rates        answer (an answer was extracted), format (R1-Zero format reward), truncation (hit the
-               token budget), reflection (a reflection word appears); mean length in tokens
+               token budget), reflection (a reflection word appears), mixing (the chain of thought has
+               English and Chinese words); mean length in tokens
 A sample is correct when its verifier score is 1; partial scores show in mean_score.
 
 What is sampled for a task depends only on that task's problems and the settings (seed, k, temperature,
@@ -137,6 +138,7 @@ def figures(problems: list[dict], k: int, *, seed: int = 0, n_boot: int = 2000) 
     out["mean_length"] = _mean([s["length"] for s in every])
     out["truncation_rate"] = _mean([s["finish_reason"] == "length" for s in every])
     out["reflection_rate"] = _mean([s["reflection"] for s in every])
+    out["mixing_rate"] = _mean([s["mixed"] for s in every])
     return out
 
 
@@ -155,6 +157,7 @@ def flat_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
 def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
     from ponder.rewards import get_reward
     from ponder.rewards.extract import extract_answer
+    from ponder.rewards.language import is_mixed
     from ponder.tasks import get_task
 
     fmt = get_reward("format")
@@ -181,7 +184,7 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
                 task=label(ex), problem=i, sample=j, greedy=False, prompt=ex["prompt"], gold=ex.get("answer"),
                 completion=text, answer=answers[i][j], score=scores[j], correct=correct[j], format=formats[j],
                 length=len(c.token_ids), finish_reason=c.finish_reason, reflection=bool(reflective.search(text)),
-                group=groups[j], voted=win is not None and groups[j] == win,
+                mixed=is_mixed(text), group=groups[j], voted=win is not None and groups[j] == win,
             ))
         samples += rows
         greedy_ok = None
@@ -195,7 +198,8 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
                 task=label(ex), problem=i, sample=0, greedy=True, prompt=ex["prompt"], gold=ex.get("answer"),
                 completion=text, answer=answer, score=score, correct=greedy_ok,
                 format=fmt([text], prompts=[ex["prompt"]], **_columns(ex, [g]))[0], length=len(g.token_ids),
-                finish_reason=g.finish_reason, reflection=bool(reflective.search(text)), group=None, voted=False,
+                finish_reason=g.finish_reason, reflection=bool(reflective.search(text)), mixed=is_mixed(text),
+                group=None, voted=False,
             ))
         problems.append(dict(
             task=label(ex), scores=scores, correct=correct, cons=float(cons is not None and cons >= 1.0),

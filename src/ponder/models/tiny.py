@@ -16,9 +16,13 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = [c for c in string.printable if c not in "\x0b\x0c\r"]
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character, plus pad/bos/eos/unk, built with `tokenizers`."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+def char_tokenizer(extra_chars: str = "") -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, plus pad/bos/eos/unk, built with `tokenizers`.
+
+    `extra_chars` (the bilingual world's Chinese, ponder.tasks.bilingual.ZH_CHARS) get the ids after
+    the ASCII ones, so every id of the ASCII tokenizer (and of tiny-base) means the same character."""
+    extra = [c for c in dict.fromkeys(extra_chars) if c not in CHARS]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS + extra)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()

@@ -47,24 +47,48 @@ def word_counts(text: str) -> dict[str, int]:
     return counts
 
 
+def is_mixed(completion: str) -> bool:
+    """True when the chain of thought has words of both languages (Latin-script words and Han characters)."""
+    counts = word_counts(chain_of_thought(completion))
+    return counts["latin"] > 0 and counts["han"] > 0
+
+
+def mixing_rate(completions: list[str]) -> float:
+    """Share of completions whose chain of thought mixes English and Chinese words (R1-Zero's language mixing)."""
+    return sum(map(is_mixed, completions)) / len(completions) if completions else 0.0
+
+
+def example_language(value, default: str = "en") -> str:
+    """The target language an example's `target` column asks for: en or zh. Anything that is not a
+    language name (Countdown's numeric target, a missing column) means `default`."""
+    if isinstance(value, str) and value in TARGETS:
+        return value
+    if isinstance(value, str) and value.isalpha() and len(value) <= 3:  # looks like a language code: say so
+        raise UserError(f"target language '{value}' is not supported; choose one of: {', '.join(TARGETS)}")
+    return default
+
+
 @register("language")
-def language(completions, *, prompts, target: str = "en", lang: str | None = None, **_):
+def language(completions, *, prompts, target="en", lang: str | None = None, **_):
     """Rewards a chain of thought in one language: the share of its words in the target (DeepSeek-R1's language consistency reward).
 
-    target: en (Latin-script words) or zh (Han characters, one word each). Math, code, LaTeX and
-    single-letter variables are not words. A chain of thought without words scores 0. `lang` is
-    the same option under a name no dataset column takes (Countdown examples have a `target`).
+    target: en (Latin-script words) or zh (Han characters, one word each); as a recipe option, one
+    language for every example; as a dataset column (bilingual_arithmetic's `target`), each example's
+    own. Math, code, LaTeX and single-letter variables are not words. A chain of thought without words
+    scores 0. `lang` is the option under a name no dataset column takes: it wins over a `target` column.
     """
-    if lang is not None:
-        target = lang
-    elif not isinstance(target, str):  # a dataset column called `target` came in, not this option
-        target = "en"
-    if target not in TARGETS:
-        raise UserError(f"reward 'language': target '{target}' is not supported; choose one of: {', '.join(TARGETS)}")
-    key = "latin" if target == "en" else "han"
+    if lang is not None or isinstance(target, str):
+        choice = lang if lang is not None else target
+        if choice not in TARGETS:
+            raise UserError(f"reward 'language': target '{choice}' is not supported; choose one of: {', '.join(TARGETS)}")
+        targets = [choice] * len(completions)
+    elif isinstance(target, (list, tuple)):  # the examples' `target` column (Countdown's is a number: English)
+        targets = [example_language(t) for t in target]
+    else:
+        targets = ["en"] * len(completions)
     out = []
-    for text in completions:
+    for text, want in zip(completions, targets):
         counts = word_counts(chain_of_thought(text))
         total = sum(counts.values())
-        out.append(counts[key] / total if total else 0.0)
+        out.append(counts["latin" if want == "en" else "han"] / total if total else 0.0)
     return out

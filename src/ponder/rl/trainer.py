@@ -24,6 +24,7 @@ from ponder import checkpoint, distributed, models
 from ponder.config import RunConfig, to_dict
 from ponder.errors import TrainingError, UserError
 from ponder.metrics import MetricsWriter, mean, reflection_rate
+from ponder.rewards.language import mixing_rate
 from ponder.optim import make_optimizer
 from ponder.rewards import RewardSet
 from ponder.rewards.format import STRICT_FORMAT
@@ -261,6 +262,7 @@ class GRPOTrainer:
             "completion_len/mean": mean(lengths), "completion_len/max": max(lengths),
             "truncated_frac": mean([float(s.truncated) for g in groups for s in g.samples]),
             "reflection_rate": reflection_rate(texts, self.cfg.train.reflection_words),
+            "mixing_rate": mixing_rate(texts),  # chains with English and Chinese words (R1-Zero's language mixing)
             "zero_var_groups_frac": mean([float(len(set(g.rewards)) == 1) for g in groups]),
             "groups_generated": len(groups),
             "loss": sum(s["loss"] for s in stats) / len(stats),
@@ -287,6 +289,12 @@ class GRPOTrainer:
                 m[f"accuracy/{task}"] = mean([v for g in mine for v in g.per_fn["accuracy"]])
             m[f"completion_len/{task}"] = mean([len(s.completion_ids) for g in mine for s in g.samples])
             m[f"reflection_rate/{task}"] = reflection_rate([t for g in mine for t in g.texts], self.cfg.train.reflection_words)
+        langs = sorted({g.example["target"] for g in groups if g.example.get("target") in ("en", "zh")})
+        for lang in langs:  # bilingual prompts: mixing and accuracy for each target language
+            mine = [g for g in groups if g.example.get("target") == lang]
+            m[f"mixing_rate/{lang}"] = mixing_rate([t for g in mine for t in g.texts])
+            if "accuracy" in self.rewards.fns:
+                m[f"accuracy/{lang}"] = mean([v for g in mine for v in g.per_fn["accuracy"]])
         return m
 
     def sample_rows(self, groups: list[Group], k: int) -> list[dict]:

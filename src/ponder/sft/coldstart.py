@@ -55,7 +55,25 @@ def countdown_trace(rng: random.Random, ex: dict) -> str | None:
     return " ".join(lines)
 
 
-TRACES = {"arithmetic": arithmetic_trace, "countdown": countdown_trace}
+def bilingual_trace(rng: random.Random, ex: dict) -> str:
+    """Worked steps wholly in the prompt's language (`target`), no slip, then the result restated."""
+    from ponder.tasks import bilingual as bl
+    from ponder.tasks.corpus import CorpusConfig
+    from ponder.tasks.corpus_bilingual import worked
+
+    lang = ex["target"]
+    steps, _ = worked(rng, CorpusConfig(correction=0.0), ex, lang, switch=False)
+    return steps + ("" if lang == "zh" else " ") + rng.choice(bl.WORDS[lang]["recaps"]).format(a=bilingual_answer(ex))
+
+
+def bilingual_answer(ex: dict) -> str:
+    from ponder.tasks import bilingual as bl
+
+    return bl.number(int(ex["answer"]), ex["target"])
+
+
+TRACES = {"arithmetic": arithmetic_trace, "countdown": countdown_trace, "bilingual_arithmetic": bilingual_trace}
+ANSWERS = {"bilingual_arithmetic": bilingual_answer}  # the answer as the trace writes it; default: the gold answer
 
 
 def coldstart_rows(spec, seed: int = 0) -> list[dict]:
@@ -70,7 +88,8 @@ def coldstart_rows(spec, seed: int = 0) -> list[dict]:
     for ex in load_examples(replace(spec, n=2 * want), seed):  # spares for problems without a clean trace
         think = TRACES[spec.name](rng, ex)
         if think is not None:
-            rows.append({**ex, "completion": f" <think> {think} </think> <answer> {ex['answer']} </answer>"})
+            answer = ANSWERS[spec.name](ex) if spec.name in ANSWERS else ex["answer"]
+            rows.append({**ex, "completion": f" <think> {think} </think> <answer> {answer} </answer>"})
         if len(rows) == want:
             break
     return rows

@@ -90,7 +90,7 @@ def _import_builtin() -> None:
     # Importing the modules registers their tasks; optional ones may be missing their libraries.
     import importlib
 
-    for mod in ("smoke", "jsonl", "arithmetic", "countdown", "gym", "humaneval", "code_jsonl", "math_formats", "hf"):
+    for mod in ("smoke", "jsonl", "arithmetic", "bilingual", "countdown", "gym", "humaneval", "code_jsonl", "math_formats", "hf"):
         try:
             importlib.import_module(f"ponder.tasks.{mod}")
         except ModuleNotFoundError as e:

@@ -19,6 +19,8 @@ from typing import Iterator
 
 from ponder.tasks import arithmetic as ar
 from ponder.tasks import countdown as cd
+from ponder.tasks.corpus_bilingual import MAKERS as BILINGUAL_MAKERS
+from ponder.tasks.corpus_bilingual import BilingualCorpus
 from ponder.templates import render
 
 
@@ -41,6 +43,8 @@ class CorpusConfig:
     bare_correct: list[float] = field(default_factory=lambda: [0.45, 0.25, 0.15, 0.08, 0.05])
     arithmetic_levels: list[str] = field(default_factory=lambda: ["easy", "medium", "hard", "hard", "expert"])
     countdown_levels: list[str] = field(default_factory=lambda: ["easy", "easy", "medium", "hard"])
+    # The bilingual kinds' settings (bi_r1_arithmetic, bi_web_arithmetic; ponder.tasks.corpus_bilingual).
+    bilingual: BilingualCorpus = field(default_factory=BilingualCorpus)
 
 
 @dataclass
@@ -299,7 +303,8 @@ def r1_other(rng: random.Random, cfg: CorpusConfig) -> Document:
 
 
 MAKERS = {"r1_arithmetic": r1_arithmetic, "r1_countdown": r1_countdown, "r1_other": r1_other,
-          "web_arithmetic": web_arithmetic, "web_countdown": web_countdown, "filler": filler}
+          "web_arithmetic": web_arithmetic, "web_countdown": web_countdown, "filler": filler,
+          **BILINGUAL_MAKERS}  # used only when a recipe names them (recipes/pretrain-bilingual-tiny.yaml)
 
 
 def documents(seed: int, cfg: CorpusConfig | None = None) -> Iterator[Document]:
