@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import CUDA, build, force_length  # noqa: E402
+from rollout import CUDA, build, force_length, long_tail, quantiles  # noqa: E402
 
 from ponder.config import load_config  # noqa: E402
 from ponder.rewards import register  # noqa: E402
@@ -97,6 +97,15 @@ def run(a, shape: str, budget: str, root: Path) -> dict:
     model_dir, data = workload(root, shape, 4096, a.prompt)
     trainer = GRPOTrainer(load_config(None, recipe(model_dir, data, root / "runs", a, budget)))
     force_length(trainer.model, True)
+    if a.lengths == "long-tail":  # each rollout's samples end at lengths drawn afresh (bench/rollout.py's law)
+        plain, calls = trainer.engine.generate, itertools.count()
+
+        def forced(prompts, params):
+            limits = long_tail(len(prompts) * params.n, params.max_tokens, seed=next(calls))
+            print(f"  lengths: {quantiles(limits)}", flush=True)
+            return plain(prompts, params, limits=limits)
+
+        trainer.engine.generate = forced
     steps = []
     for i in range(a.steps):
         steps.append(trainer.step())
@@ -112,7 +121,8 @@ def run(a, shape: str, budget: str, root: Path) -> dict:
                total=med("time/total"), generate=med("time/generate"), reward=med("time/reward"), train=med("time/train"),
                tokens_per_s=med("tokens_per_s"), completion_len=med("completion_len/mean"),
                peak_gib=max(m.get("memory/peak_allocated_gib", 0.0) for m in timed),
-               reserved_gib=max(m.get("memory/peak_reserved_gib", 0.0) for m in timed), steps=len(timed))
+               reserved_gib=max(m.get("memory/peak_reserved_gib", 0.0) for m in timed), steps=len(timed),
+               kv_gib_peak=getattr(trainer.engine, "stats", {}).get("kv_gib_peak"))
     trainer.metrics.close()
     del trainer
     if CUDA:
@@ -146,6 +156,8 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. rollout.engine_options={dtype: fp32}")
     ap.add_argument("--profile", help="profile one more step after the timed ones: PATH.SHAPE.BUDGET.txt and .trace.json")
     ap.add_argument("--work", help="where the model directories and data go (default: a temporary directory)")
+    ap.add_argument("--lengths", choices=["uniform", "long-tail"], default="uniform",
+                    help="long-tail: each sample ends at a length from a lognormal (median 1,500, 10%% at --new)")
     ap.add_argument("--json")
     a = ap.parse_args()
     report = dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__, workload=vars(a), results=[])
