@@ -4,7 +4,7 @@
     python bench/bilingual_mixing.py --smoke --seeds 0 --out /tmp/bilingual-smoke     # seconds: the plumbing only
 
 Stages, each skipped when its output exists (so an interrupted comparison continues):
-  1. the bilingual base: `ponder pretrain recipes/pretrain-bilingual-tiny.yaml output=OUT/base` (or --base DIR)
+  1. the bilingual base: the shipped tiny-bilingual-base (or --base DIR; --smoke pretrains 2 steps into OUT/base)
   2. per seed, the arms, all with the same RL budget (the recipe's steps, prompts and samples):
        zero       ponder train recipes/zero-bilingual-tiny.yaml              accuracy + format (R1-Zero)
        language   ponder train recipes/zero-bilingual-lang-tiny.yaml         + the language reward
@@ -140,14 +140,17 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=3, help="runs at once")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     p.add_argument("--out", default="runs/bilingual-exp")
-    p.add_argument("--base", help="the bilingual base model (default: pretrain recipes/pretrain-bilingual-tiny.yaml into OUT/base)")
+    p.add_argument("--base", help="the bilingual base model (default: the shipped tiny-bilingual-base; with --smoke, "
+                                  "a 2-step pretrain of recipes/pretrain-bilingual-tiny.yaml into OUT/base)")
     p.add_argument("--plot", help="where to draw the curves (default: OUT/curves.png)")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything on a few problems: checks the plumbing in seconds")
     p.add_argument("overrides", nargs="*", help="recipe overrides for every RL run (e.g. train.steps=120)")
     args = p.parse_args()
     out = Path(args.out)
-    base = Path(args.base) if args.base else out / "base"
-    if not args.base and not (base / "config.json").is_file():
+    from ponder.models import ASSETS
+
+    base = Path(args.base) if args.base else out / "base" if args.smoke else ASSETS / "tiny-bilingual-base"
+    if args.smoke and not args.base and not (base / "config.json").is_file():
         ponder(["pretrain", str(RECIPES / "pretrain-bilingual-tiny.yaml"), f"output={base}",
                 *(SMOKE_PRETRAIN if args.smoke else [])], out / "base.log")
     jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]

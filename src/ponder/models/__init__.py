@@ -4,6 +4,7 @@ or a model on the Hugging Face Hub by id.
 Built-in names:
   tiny-random[-SHAPE]  a randomly initialised character-level Llama (SHAPE: nano, micro, small, base)
   tiny-base            the shipped pretrained base model of the miniature world (ponder/assets/tiny-base)
+  tiny-bilingual-base  the same in English and Chinese, for the language-mixing experiment (docs/bilingual.md)
 Hub ids (`owner/name`, optionally `owner/name@revision`) load through transformers' `from_pretrained`:
 downloaded once into the Hugging Face cache (HF_HOME, HF_HUB_CACHE), read from it alone with
 HF_HUB_OFFLINE=1. Built-in names and local directories are looked up first. A model's own code from
