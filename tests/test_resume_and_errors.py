@@ -81,6 +81,13 @@ def test_unknown_key_suggests_the_closest(tmp_path, error_line):
     assert line == "ponder: error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"
 
 
+def test_pretrain_keys_are_suggested_from_pretrains_own_config(error_line):
+    """A run recipe's key in a pretrain recipe: the suggestion is pretrain's own key (it once suggested the
+    run recipe's 'output_dir' for 'output_dir' itself)."""
+    line = error_line("pretrain", "recipes/pretrain-tiny.yaml", "output_dir=/tmp/nowhere")
+    assert line == "ponder: error: unknown config key 'output_dir'; did you mean 'output'?"
+
+
 def test_key_in_the_wrong_section_is_found(tmp_path, error_line):
     line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rollout.beta=0.1")
     assert "unknown config key 'rollout.beta'" in line and "algorithm.beta" in line

@@ -7,6 +7,7 @@ only states what it changes; the resolved config is written to the run directory
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import types
@@ -241,16 +242,30 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+_root: contextvars.ContextVar = contextvars.ContextVar("config_root", default=None)  # the class a top-level build makes
+
+
 def build(cls, data: dict, where: str = ""):
     """Make a `cls` from a dict, refusing unknown keys with a suggestion."""
+    if not where:
+        token = _root.set(cls)
+        try:
+            return _build(cls, data, where)
+        finally:
+            _root.reset(token)
+    return _build(cls, data, where)
+
+
+def _build(cls, data: dict, where: str):
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            everywhere = _all_keys(RunConfig)
-            elsewhere = [k for k in everywhere if k.rsplit(".", 1)[-1] == key]  # right key, wrong section
+            # the right key in the wrong section of a run recipe (other configs, e.g. pretrain's, have their own)
+            everywhere = _all_keys(_root.get() or cls)
+            elsewhere = [k for k in everywhere if k.rsplit(".", 1)[-1] == key and k != path]
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             if elsewhere:
                 hint = f"; did you mean '{elsewhere[0]}'?"
