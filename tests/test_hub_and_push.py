@@ -171,3 +171,123 @@ def test_push_dry_run_writes_the_folder_and_a_card_with_the_runs_figures(hub_run
     # a folder that exists is not written into
     line = error_line("push", str(run / "checkpoints" / "step-2"), "--repo", "me/tiny-grpo", "--dry-run", str(out))
     assert line == f"ponder: error: --dry-run: '{out}' already exists and is not an empty folder; give a new folder"
+
+
+# ---------------------------------------------------------------------------------------------
+# ponder pretrain's tokenizer by Hub id
+
+
+def _bpe_tokenizer(eos="<|eos|>"):
+    """A byte-level BPE trained on the corpus (not character-level: its tokens span several characters)."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ponder.tasks.corpus import corpus_text
+
+    raw = Tokenizer(tok_models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[eos] if eos else [],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(corpus_text(30_000, seed=1), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, clean_up_tokenization_spaces=False)
+
+
+def _place_tokenizer_in_cache(home, repo, tok, commit=COMMIT):
+    """A tokenizer alone (no config.json, no weights) in the Hub cache's layout. AutoTokenizer asks for config.json
+    first; when a download finds none, huggingface_hub records that in .no_exist/<commit>/, as here."""
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    tok.save_pretrained(root / "snapshots" / commit)
+    (root / ".no_exist" / commit).mkdir(parents=True)
+    (root / ".no_exist" / commit / "config.json").touch()
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+def _pretrain_recipe(tmp_path, **kw):
+    import yaml
+
+    cfg = dict(output=str(tmp_path / "model"), shape="nano", steps=3, batch_size=2, block=32, max_len=64,
+               corpus_chars=20_000, workers=1, threads=1, warmup_steps=1, probe={"n": 0}) | kw
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(cfg))
+    return str(tmp_path / "r.yaml")
+
+
+def test_pretrain_tokenizer_by_hub_id_from_the_cache(tmp_path, monkeypatch):
+    import numpy as np
+
+    from ponder.pretrain import PretrainConfig, corpus_tokens, pretrain
+
+    _offline(monkeypatch, tmp_path / "hf")
+    bpe = _bpe_tokenizer()
+    _place_tokenizer_in_cache(tmp_path / "hf", "owner/bpe", bpe)
+    recipe = _pretrain_recipe(tmp_path, tokenizer="owner/bpe")
+    cfg = load_config(recipe, [], cls=PretrainConfig)
+
+    # the same documents as the built-in character path, each encoded by the Hub tokenizer and ended by its EOS
+    stream = corpus_tokens(cfg, bpe)
+    chars = corpus_tokens(load_config(recipe, ["tokenizer=char"], cls=PretrainConfig), models.tiny.char_tokenizer())
+
+    def docs(ids, tok):
+        """The documents of a stream, split at EOS (the character table puts one between documents only)."""
+        ids = ids[:-1] if ids[-1] == tok.eos_token_id else ids
+        return [tok.decode(d.tolist(), skip_special_tokens=True) for d in np.split(ids, np.flatnonzero(ids == tok.eos_token_id))]
+
+    assert stream[-1] == bpe.eos_token_id  # every document ended, the last one included
+    assert docs(stream, bpe) == docs(chars, models.tiny.char_tokenizer()) and len(docs(stream, bpe)) > 10
+    assert len(stream) < 0.6 * len(chars)  # multi-character tokens: it really is the BPE, not a character table
+
+    out = pretrain(cfg, recipe=recipe)
+    model, tok = models.load(str(out))
+    assert model.config.vocab_size == len(bpe) and model.config.eos_token_id == bpe.eos_token_id
+    assert tok("12 + 7 = 19")["input_ids"] == bpe("12 + 7 = 19")["input_ids"]
+    assert f"with the tokenizer of `owner/bpe` (snapshot {COMMIT})" in (out / "README.md").read_text()
+
+
+def test_pretrain_tokenizer_hub_id_offline_not_cached_is_one_line(tmp_path, monkeypatch, error_line):
+    _offline(monkeypatch, tmp_path / "hf")
+    _place_tokenizer_in_cache(tmp_path / "hf", "owner/bpe", _bpe_tokenizer())
+    cache = tmp_path / "hf" / "hub"
+    recipe = _pretrain_recipe(tmp_path)
+    line = error_line("pretrain", recipe, "tokenizer=owner/missing")
+    assert line == (f"ponder: error: tokenizer 'owner/missing' is not in the Hugging Face cache at {cache} and "
+                    f"HF_HUB_OFFLINE=1 is set; unset HF_HUB_OFFLINE to download it once (or run `hf download "
+                    f"owner/missing`), or set HF_HOME to a cache that holds it")
+    assert not (tmp_path / "model").exists()  # nothing written
+    # a model repo cached without its tokenizer files is not taken for a cached tokenizer
+    _place_in_cache(tmp_path / "hf", "owner/weights-only", seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (cache / "models--owner--weights-only" / "snapshots" / COMMIT / name).unlink()
+    assert error_line("pretrain", recipe, "tokenizer=owner/weights-only").startswith(
+        "ponder: error: tokenizer 'owner/weights-only' is not in the Hugging Face cache at")
+
+
+def test_pretrain_tokenizer_mistakes_are_one_line(tmp_path, monkeypatch, error_line):
+    _offline(monkeypatch, tmp_path / "hf")
+    _place_tokenizer_in_cache(tmp_path / "hf", "owner/no-eos", _bpe_tokenizer(eos=None))
+    recipe = _pretrain_recipe(tmp_path)
+    assert error_line("pretrain", recipe, "tokenizer=owner/no-eos") == (
+        "ponder: error: config tokenizer: 'owner/no-eos' has no EOS token, which ends every corpus document; "
+        "choose a tokenizer that has one")
+    (tmp_path / "empty").mkdir()
+    assert error_line("pretrain", recipe, f"tokenizer={tmp_path / 'empty'}") == (
+        f"ponder: error: tokenizer directory '{tmp_path / 'empty'}' has no tokenizer_config.json or tokenizer.json; "
+        f"give a Hugging Face tokenizer or model directory")
+    assert not (tmp_path / "model").exists()
+
+
+def test_pretrain_tokenizer_trusts_remote_code_only_when_the_recipe_says_so(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from ponder.pretrain import PretrainConfig, pretrain_tokenizer
+
+    _offline(monkeypatch, tmp_path / "hf")
+    _place_tokenizer_in_cache(tmp_path / "hf", "owner/bpe", _bpe_tokenizer())
+    seen = []
+    original = AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(
+        lambda c, *a, **kw: seen.append((a[0], kw["trust_remote_code"], kw["local_files_only"])) or original(c, *a, **kw)))
+    recipe = _pretrain_recipe(tmp_path, tokenizer="owner/bpe")
+    pretrain_tokenizer(load_config(recipe, [], cls=PretrainConfig))
+    pretrain_tokenizer(load_config(recipe, ["trust_remote_code=true"], cls=PretrainConfig))
+    assert seen == [("owner/bpe", False, True), ("owner/bpe", True, True)]

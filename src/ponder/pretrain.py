@@ -1,7 +1,8 @@
 """`ponder pretrain RECIPE`: train a tiny character-level Llama on the synthetic corpus, from scratch.
 
 The corpus (ponder.tasks.corpus) is written in memory, split into documents ended by EOS, packed into
-one token stream, and read in random windows. Plain next-token loss, AdamW, warmup then cosine decay.
+one token stream, and read in random windows. The tokenizer is the built-in character one unless the
+recipe names another (`tokenizer`: a directory, a Hub id or a built-in model name). Plain next-token loss, AdamW, warmup then cosine decay.
 The result is a Hugging Face model directory with its tokenizer, a model card (README.md) and the
 figures of a probe on the held-out hard arithmetic split under the R1-Zero template.
 Determinism: one seed fixes the corpus, the initialisation and the windows read.
@@ -41,6 +42,10 @@ class ProbeConfig:
 class PretrainConfig:
     output: str = "runs/pretrain-tiny"  # the model directory written
     seed: int = 0
+    # "char": the built-in character tokenizer; else a tokenizer (or model) directory, a Hub id (owner/name[@rev],
+    # loaded like model.path: Hugging Face cache, HF_HUB_OFFLINE) or a built-in model name, whose tokenizer is used
+    tokenizer: str = "char"
+    trust_remote_code: bool = False  # let a Hub tokenizer run its own code
     shape: str = "micro"  # ponder.models.tiny.TINY_SHAPES
     sizes: dict[str, Any] = field(default_factory=dict)  # LlamaConfig fields that override the shape's
     max_len: int = 1024  # positions the model supports
@@ -73,7 +78,8 @@ def _shard(args) -> str:
 
 
 def corpus_tokens(cfg: PretrainConfig, tokenizer) -> np.ndarray:
-    """The corpus as one stream of token ids, each document followed by EOS."""
+    """The corpus as one stream of token ids, each document followed by EOS. The built-in character tokenizer
+    goes through a byte table (seconds for 100M characters); any other tokenizer encodes each document."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = cfg.workers or min(cores, 16)
     shards = max(1, min(64, cfg.corpus_chars // 200_000))  # fixed by the size alone: the same corpus on any machine
@@ -83,6 +89,10 @@ def corpus_tokens(cfg: PretrainConfig, tokenizer) -> np.ndarray:
             texts = list(pool.map(_shard, jobs))
     else:
         texts = [_shard(j) for j in jobs]
+    if cfg.tokenizer != "char":  # shard by shard, so that only one shard's ids are ever Python lists
+        eos = [tokenizer.eos_token_id]
+        return np.concatenate([np.fromiter((i for ids in tokenizer(t.split("\x00"), add_special_tokens=False)["input_ids"]
+                                            for i in ids + eos), dtype=np.int64) for t in texts])
     extra = [c for c in tokenizer.get_vocab() if len(c) == 1 and ord(c) > 127]
     if not extra:  # the ASCII corpus of tiny-base: one byte per character
         lut = char_table(tokenizer)
@@ -100,6 +110,20 @@ def corpus_tokens(cfg: PretrainConfig, tokenizer) -> np.ndarray:
         bad = next(c for t in texts for c in t if c != "\x00" and tokenizer.convert_tokens_to_ids(c) == tokenizer.unk_token_id)
         raise UserError(f"the corpus writes {bad!r}, which the tokenizer lacks; add it to ponder.tasks.bilingual's word tables")
     return tokens
+
+
+def pretrain_tokenizer(cfg: PretrainConfig):
+    """The tokenizer the recipe names, with an EOS token (it ends every document); `char`: the built-in
+    character tokenizer the corpus needs."""
+    from ponder.models import load_tokenizer
+
+    if cfg.tokenizer == "char":
+        return corpus_tokenizer(cfg.corpus)
+    tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"config tokenizer: '{cfg.tokenizer}' has no EOS token, which ends every corpus document; "
+                        f"choose a tokenizer that has one")
+    return tokenizer
 
 
 def char_table(tokenizer, size: int = 256) -> np.ndarray:
@@ -286,9 +310,10 @@ def write_card(out: Path, cfg: PretrainConfig, info: dict, figures: dict | None)
 
     import yaml
 
+    kind = "character-level " if cfg.tokenizer == "char" else ""
     text = [f"# {out.resolve().name}", "",
-            "A character-level Llama-architecture base model of ponder's miniature world, pretrained from scratch "
-            "on the synthetic corpus of `ponder.tasks.corpus` (see docs/world.md). It has never seen a test "
+            f"A {kind}Llama-architecture base model of ponder's miniature world, pretrained from scratch "
+            f"{info['tokenizer']}on the synthetic corpus of `ponder.tasks.corpus` (see docs/world.md). It has never seen a test "
             "item or an RL training prompt of the `arithmetic` and `countdown` tasks.", "",
             "## How it was made", "", "```", info["command"], "```", "",
             f"{info['params']:,} parameters; {cfg.steps} steps of {cfg.batch_size} x {cfg.block} tokens "
@@ -316,7 +341,7 @@ def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, override
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.block < 2 or cfg.block > cfg.max_len:
         raise UserError("config: need steps >= 1, batch_size >= 1 and 2 <= block <= max_len")
     torch.manual_seed(cfg.seed)
-    tokenizer = corpus_tokenizer(cfg.corpus)
+    tokenizer = pretrain_tokenizer(cfg)  # before the corpus is written: a wrong name costs no time
     t0 = time.time()
     tokens = corpus_tokens(cfg, tokenizer)
     console.print(f"corpus: {len(tokens) / 1e6:.1f}M tokens in {time.time() - t0:.0f}s")
@@ -336,6 +361,7 @@ def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, override
         "command": " ".join(["ponder pretrain", recipe, *(o for o in overrides if not o.startswith("output="))]), "recipe": recipe, "params": params, "corpus_tokens": len(tokens),
         "final_loss": float(np.mean(losses[-20:])), "train_seconds": seconds,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        "tokenizer": _tokenizer_source(cfg.tokenizer),
     }
     figures = None
     if cfg.probe.n:
@@ -345,6 +371,19 @@ def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, override
     write_card(out, cfg, info, figures)
     console.print(f"saved {out} (loss {info['final_loss']:.3f}, {seconds:.0f}s training)")
     return out
+
+
+def _tokenizer_source(name: str) -> str:
+    """The card's words for where the tokenizer came from; a Hub id names the cached snapshot (its commit)."""
+    from ponder.models import HubModel, hub_snapshot, resolve
+
+    if name == "char":
+        return ""
+    where = resolve(name, kind="tokenizer")
+    if isinstance(where, HubModel):
+        snapshot = hub_snapshot(where, kind="tokenizer")
+        return f"with the tokenizer of `{where}`" + (f" (snapshot {snapshot.name})" if snapshot else "") + " "
+    return f"with the tokenizer of `{name}` "
 
 
 def probe_only(cfg: PretrainConfig, recipe: str, console=None) -> dict:

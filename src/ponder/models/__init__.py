@@ -9,6 +9,7 @@ Hub ids (`owner/name`, optionally `owner/name@revision`) load through transforme
 downloaded once into the Hugging Face cache (HF_HOME, HF_HUB_CACHE), read from it alone with
 HF_HUB_OFFLINE=1. Built-in names and local directories are looked up first. A model's own code from
 the Hub runs only with `trust_remote_code` (recipes: model.trust_remote_code: true).
+`load_tokenizer` takes the same names for a tokenizer alone (ponder pretrain's `tokenizer`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ def builtin_names() -> list[str]:
     return ["tiny-random"] + [f"tiny-random-{s}" for s in TINY_SHAPES] + shipped
 
 
-def resolve(path: str) -> Path | str | HubModel:
+# the file whose presence makes a directory (or a Hub repo, in the cache) a model or a tokenizer: a tokenizer of
+# its own (no model) has no config.json; AutoTokenizer reads tokenizer_config.json first
+_MARKER = {"model": "config.json", "tokenizer": "tokenizer_config.json"}
+
+
+def resolve(path: str, kind: str = "model") -> Path | str | HubModel:
     """A local directory, a shipped model's directory, a tiny-random name (returned as is), or a Hub id
-    (`owner/name[@revision]`, as a HubModel; whether it exists is found out when it loads)."""
+    (`owner/name[@revision]`, as a HubModel; whether it exists is found out when it loads).
+    `kind` "tokenizer": a local directory needs a tokenizer's files rather than a model's config.json."""
     if path.startswith("tiny-random"):
         shape = path[len("tiny-random-"):] if path != "tiny-random" else "nano"
         if shape not in TINY_SHAPES:
@@ -43,7 +50,10 @@ def resolve(path: str) -> Path | str | HubModel:
         return path
     p = Path(path).expanduser()
     if p.is_dir():
-        if not (p / "config.json").is_file():
+        if kind == "tokenizer" and not any((p / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
+            raise UserError(f"tokenizer directory '{p}' has no tokenizer_config.json or tokenizer.json; "
+                            f"give a Hugging Face tokenizer or model directory")
+        if kind == "model" and not (p / "config.json").is_file():
             raise UserError(f"model directory '{p}' has no config.json; give a Hugging Face model directory")
         return p
     if (ASSETS / path / "config.json").is_file():
@@ -52,7 +62,7 @@ def resolve(path: str) -> Path | str | HubModel:
     if hub is not None:
         return hub
     raise UserError(
-        f"model '{path}' not found: give a local Hugging Face model directory, a Hub id (owner/name) or a "
+        f"{kind} '{path}' not found: give a local Hugging Face {kind} directory, a Hub id (owner/name) or a "
         f"built-in name ({', '.join(builtin_names())})"
     )
 
@@ -97,11 +107,11 @@ def hub_offline() -> bool:
     return flag.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
-def hub_snapshot(hub: HubModel) -> Path | None:
-    """The cached snapshot folder of a Hub model (its name is the commit), or None when it is not cached."""
+def hub_snapshot(hub: HubModel, kind: str = "model") -> Path | None:
+    """The cached snapshot folder of a Hub model or tokenizer (its name is the commit), or None when it is not cached."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(hub.repo_id, "config.json", cache_dir=hub_cache(), revision=hub.revision)
+    found = try_to_load_from_cache(hub.repo_id, _MARKER[kind], cache_dir=hub_cache(), revision=hub.revision)
     return Path(found).parent if isinstance(found, str) else None
 
 
@@ -117,14 +127,18 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
-def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool):
-    """(model, tokenizer) through transformers' own loading and the Hub cache; one clear line when it cannot."""
-    from huggingface_hub import try_to_load_from_cache
+_REMOTE_CODE_SETTING = {"model": "model.trust_remote_code=true in the recipe (ponder eval/sample: --trust-remote-code)",
+                        "tokenizer": "trust_remote_code=true in the recipe"}
+
+
+def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "model"):
+    """(model, tokenizer) through transformers' own loading and the Hub cache; one clear line when it cannot.
+    `kind` "tokenizer": the tokenizer alone, as (None, tokenizer)."""
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     cache, offline = hub_cache(), hub_offline()
-    cached = isinstance(try_to_load_from_cache(hub.repo_id, "config.json", cache_dir=cache, revision=hub.revision), str)
+    cached = hub_snapshot(hub, kind) is not None
     fixes = {
         True: f"unset HF_HUB_OFFLINE to download it once (or run `hf download {hub.repo_id}`), or set HF_HOME to a cache that holds it",
         False: "connect to the network (or set HTTPS_PROXY) and run again, or set HF_HOME to a cache that holds it",
@@ -132,11 +146,11 @@ def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool):
     # `runs/x` that does not exist reads as a Hub id: say so when its first part is a local folder
     local = f" (nor a local directory: there is no {hub.repo_id})" if Path(hub.repo_id).parent.is_dir() else ""
     if offline and not cached:
-        raise UserError(f"model '{hub}' is not in the Hugging Face cache at {cache}{local} and HF_HUB_OFFLINE=1 is set; {fixes[True]}")
+        raise UserError(f"{kind} '{hub}' is not in the Hugging Face cache at {cache}{local} and HF_HUB_OFFLINE=1 is set; {fixes[True]}")
     if not offline and not _hub_reachable():
         # huggingface_hub would retry every file for minutes; one quick probe decides instead
         if not cached:
-            raise UserError(f"model '{hub}' is not in the Hugging Face cache at {cache}{local} and the Hugging Face Hub cannot be "
+            raise UserError(f"{kind} '{hub}' is not in the Hugging Face cache at {cache}{local} and the Hugging Face Hub cannot be "
                             f"reached (network unreachable); {fixes[False]}")
         print(f"ponder: warning: the Hugging Face Hub cannot be reached; loading '{hub}' from the cache at {cache}", file=sys.stderr)
         offline = True
@@ -147,34 +161,36 @@ def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool):
 
         print(f"ponder: downloading '{hub}' into the Hugging Face cache at {cache} (once)", file=sys.stderr)
         hf_logging.enable_progress_bar()
+    model = None
     try:
         tok = AutoTokenizer.from_pretrained(hub.repo_id, **kwargs)
-        # transformers looks for a peft adapter without the cache and offline settings unless given them here
-        adapter_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only")}
-        model = AutoModelForCausalLM.from_pretrained(hub.repo_id, dtype=dtype, adapter_kwargs=adapter_kwargs, **kwargs)
+        if kind == "model":
+            # transformers looks for a peft adapter without the cache and offline settings unless given them here
+            adapter_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only")}
+            model = AutoModelForCausalLM.from_pretrained(hub.repo_id, dtype=dtype, adapter_kwargs=adapter_kwargs, **kwargs)
     except (OSError, ValueError) as e:
         causes, c = [], e
         while c is not None and len(causes) < 16:  # the chain transformers builds on huggingface_hub's errors
             causes.append(c)
             c = c.__cause__ or c.__context__
-        kind = next((type(c) for c in causes if isinstance(c, (GatedRepoError, RevisionNotFoundError, RepositoryNotFoundError,
+        cause = next((type(c) for c in causes if isinstance(c, (GatedRepoError, RevisionNotFoundError, RepositoryNotFoundError,
                                                                  LocalEntryNotFoundError))), None)
-        if kind is not None and issubclass(kind, GatedRepoError):
-            raise UserError(f"model '{hub}' is gated on the Hugging Face Hub: accept its terms at "
+        if cause is not None and issubclass(cause, GatedRepoError):
+            raise UserError(f"{kind} '{hub}' is gated on the Hugging Face Hub: accept its terms at "
                             f"https://huggingface.co/{hub.repo_id} and log in (`hf auth login` or HF_TOKEN)") from None
-        if kind is not None and issubclass(kind, RevisionNotFoundError):
-            raise UserError(f"model '{hub.repo_id}' has no revision '{hub.revision}' on the Hugging Face Hub; "
+        if cause is not None and issubclass(cause, RevisionNotFoundError):
+            raise UserError(f"{kind} '{hub.repo_id}' has no revision '{hub.revision}' on the Hugging Face Hub; "
                             f"give a branch, tag or commit that exists") from None
-        if kind is not None and issubclass(kind, RepositoryNotFoundError):
-            raise UserError(f"model '{hub}' is neither a local directory nor a model on the Hugging Face Hub; check the "
+        if cause is not None and issubclass(cause, RepositoryNotFoundError):
+            raise UserError(f"{kind} '{hub}' is neither a local directory nor a {kind} on the Hugging Face Hub; check the "
                             f"spelling (a private model needs `hf auth login` or HF_TOKEN)") from None
-        if kind is not None and issubclass(kind, LocalEntryNotFoundError):
+        if cause is not None and issubclass(cause, LocalEntryNotFoundError):
             why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else "the Hugging Face Hub cannot be reached (network unreachable)"
-            raise UserError(f"model '{hub}' is not (all) in the Hugging Face cache at {cache} and {why}; {fixes[hub_offline()]}") from None
+            raise UserError(f"{kind} '{hub}' is not (all) in the Hugging Face cache at {cache} and {why}; {fixes[hub_offline()]}") from None
         if "trust_remote_code" in str(e):
-            raise UserError(f"model '{hub}' runs its own code from the Hub; if you trust it, set "
-                            f"model.trust_remote_code=true in the recipe (ponder eval/sample: --trust-remote-code)") from None
-        raise UserError(f"could not load model '{hub}': {str(e).splitlines()[0]}") from None
+            raise UserError(f"{kind} '{hub}' runs its own code from the Hub; if you trust it, set "
+                            f"{_REMOTE_CODE_SETTING[kind]}") from None
+        raise UserError(f"could not load {kind} '{hub}': {str(e).splitlines()[0]}") from None
     finally:
         if downloading:
             hf_logging.disable_progress_bar()
@@ -203,10 +219,37 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
                 raise UserError(f"model '{where}' runs its own code; if you trust it, set model.trust_remote_code=true "
                                 f"in the recipe (ponder eval/sample: --trust-remote-code)") from None
             raise UserError(f"could not load model '{where}': {str(e).splitlines()[0]}") from None
+    return model, _for_generation(tok)
+
+
+def _for_generation(tok):
     tok.padding_side = "left"
     if tok.pad_token is None:  # many base models ship without one; generation and batching need it
         tok.pad_token = tok.eos_token
-    return model, tok
+    return tok
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer alone of a built-in name, a local tokenizer or model directory, or a Hub id (through the
+    same cache, offline rules and errors as `load`); padded on the left like `load`'s."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    where = resolve(path, kind="tokenizer")
+    if isinstance(where, str):  # tiny-random: the built-in character tokenizer
+        from ponder.models.tiny import char_tokenizer
+
+        return char_tokenizer()
+    if isinstance(where, HubModel):
+        return _for_generation(_load_from_hub(where, None, trust_remote_code, kind="tokenizer")[1])
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"tokenizer '{where}' runs its own code; if you trust it, set "
+                            f"{_REMOTE_CODE_SETTING['tokenizer']}") from None
+        raise UserError(f"could not load tokenizer '{where}': {str(e).splitlines()[0]}") from None
+    return _for_generation(tok)
 
 
 def save(model, tokenizer, directory: str | Path) -> None:

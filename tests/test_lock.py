@@ -1,0 +1,127 @@
+"""requirements/lock.txt: the pinned versions the demo and the tests install, how make_lock.py builds it, and
+the Makefile (so `.ci/run`, which runs `make test`) installing with it."""
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "requirements" / "lock.txt"
+spec = importlib.util.spec_from_file_location("make_lock", ROOT / "requirements" / "make_lock.py")
+make_lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(make_lock)
+
+LINUX = {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.11", "python_full_version": "3.11.7",
+         "os_name": "posix", "platform_machine": "x86_64", "implementation_name": "cpython",
+         "platform_python_implementation": "CPython", "platform_release": "", "platform_version": "",
+         "implementation_version": "3.11.7"}
+
+
+def _lock_pins(text):
+    return dict(line.split("==") for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def _header(text, key):
+    return next(line.split(": ", 1)[1] for line in text.splitlines() if line.startswith(f"# {key}: "))
+
+
+def _fake(dists):
+    def lookup(name):
+        if name not in dists:
+            raise metadata.PackageNotFoundError(name)
+        return dists[name]
+    return lookup
+
+
+def test_closure_follows_requirements_extras_and_markers_only():
+    dists = _fake({
+        "torch": ("2.13.0+cpu", ["sympy>=1.13", "nvidia-cublas-cu12; platform_system == 'Windows'"]),
+        "sympy": ("1.14.0", ["mpmath<1.4"]),
+        "mpmath": ("1.3.0", []),
+        "wandb": ("0.31.0", ["click>=8", "boto3; extra == 'aws'", "colorama; sys_platform == 'win32'"]),
+        "click": ("8.5.1", []),
+        "peft": ("0.21.2", ["accelerate"]),
+        "accelerate": ("1.16.0", []),
+        "unrelated": ("1.0", []),  # installed, but nothing asks for it
+    })
+    roots = [Requirement("torch>=2.4"), Requirement("wandb>=0.19"), Requirement("peft; extra == 'lora'")]
+    pins = make_lock.closure(roots, lookup=dists, env=LINUX)
+    assert pins == {"torch": "2.13.0+cpu", "sympy": "1.14.0", "mpmath": "1.3.0", "wandb": "0.31.0", "click": "8.5.1"}
+    # an extra asked of a requirement brings its own requirements in
+    pins = make_lock.closure([Requirement("wandb[aws]")], lookup=_fake({"wandb": dists("wandb"), "click": ("8", []),
+                                                                         "boto3": ("1.40", [])}), env=LINUX)
+    assert set(pins) == {"wandb", "click", "boto3"}
+    with pytest.raises(make_lock.LockError, match=r"^mpmath \(required by sympy\) is not installed; run `make setup` first$"):
+        make_lock.closure([Requirement("sympy")], lookup=_fake({"sympy": dists("sympy")}), env=LINUX)
+
+
+def test_lock_lines_keep_torch_out_and_refuse_cuda_builds():
+    torch, lines = make_lock.lock_lines({"torch": "2.13.0+cpu", "sympy": "1.14.0", "torchvision": "0.29.0+cpu"})
+    # no local labels: `==0.29.0` matches the CPU index's 0.29.0+cpu and PyPI's 0.29.0 alike
+    assert torch == "2.13.0" and lines == ["sympy==1.14.0", "torchvision==0.29.0"]
+    for pins in ({"torch": "2.13.0+cu128"}, {"torch": "2.13.0", "nvidia-cublas-cu12": "12.8"}):
+        with pytest.raises(make_lock.LockError, match="part of a CUDA build of torch; generate the lock in an environment "
+                                                      "with the CPU build"):
+            make_lock.lock_lines(pins)
+
+
+def test_committed_lock_pins_every_requirement_and_no_cuda():
+    text = LOCK.read_text()
+    pins = _lock_pins(text)
+    assert all(re.fullmatch(r"[a-z0-9-]+", n) and re.fullmatch(r"[0-9][0-9A-Za-z.]*", v) for n, v in pins.items()), pins
+    assert not [n for n in pins if n.startswith(("nvidia-", "torch"))]  # triton is the dev extra's, for its interpreter
+    assert "+" not in text.split("# python:")[1]
+    # torch is the Makefile's pin, installed first; the lock records the same version
+    assert _header(text, "torch") == make_lock.makefile_torch() == "2.13.0"
+    for req in make_lock.project_requirements():
+        name = req.name.lower()
+        if name != "torch":
+            assert name in pins and req.specifier.contains(pins[name]), (str(req), pins.get(name))
+    assert pins["transformers"] == "5.25.0"  # the version the README's demo figures were measured with
+
+
+def test_lock_is_this_environment_when_installed_from_it(tmp_path, capsys):
+    """make_lock.py run here writes the committed lock again (CI installs from the lock, so it must)."""
+    pins = _lock_pins(LOCK.read_text())
+    here = {n: metadata.version(n) for n in pins if _installed(n)}
+    if here != pins:
+        pytest.skip("this environment was not installed from requirements/lock.txt (make LOCK= ...)")
+    out = tmp_path / "lock.txt"
+    assert make_lock.main([str(out)]) == 0
+    skip = ("# Generated by",)  # names the patch release of Python it ran on
+    same = [line for line in out.read_text().splitlines() if not line.startswith(skip)]
+    assert same == [line for line in LOCK.read_text().splitlines() if not line.startswith(skip)]
+
+
+def _installed(name):
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_makefile_installs_torch_first_then_everything_with_the_lock(tmp_path):
+    def dry(*args):
+        return subprocess.run(["make", "-n", f"VENV={tmp_path / 'v'}", *args], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+
+    py = f"{tmp_path / 'v'}/bin/python -m pip install -q"
+    lines = dry("setup")
+    installs = [line for line in lines if "pip install" in line and "--upgrade pip" not in line]
+    assert len(installs) == 3 and installs[0].endswith('"torch==2.13.0"') and " -c requirements" not in installs[0]
+    assert installs[1:] == [f"{py} -c requirements/lock.txt -e .", f'{py} -c requirements/lock.txt -e ".[dev]"']
+    assert any("pins versions for Python 3.11" in line for line in lines)  # the Python check comes before pip
+    # LOCK= installs unpinned; the CPU index applies to torch alone
+    lines = dry("LOCK=", "TORCH_INDEX=https://download.pytorch.org/whl/cpu", "setup")
+    installs = [line for line in lines if "pip install" in line and "--upgrade pip" not in line]
+    assert "--index-url https://download.pytorch.org/whl/cpu \"torch==2.13.0\"" in installs[0]
+    assert [" ".join(i.split()) for i in installs[1:]] == [f"{py} -e .", f'{py} -e ".[dev]"']
+    assert not any("pins versions" in line for line in lines)
