@@ -107,30 +107,31 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------- the GRPO step, top to bottom
     def step(self) -> dict:
-        a, t0 = self.cfg.algorithm, time.perf_counter()
+        t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         groups, all_groups, timing = self.collect()  # generate + reward + advantages (+ dynamic sampling)
         self.last_groups = all_groups
-        samples = [s for g in groups for s in g.samples]
-        if a.mask_truncated:  # DAPO overlong filtering: a cut-off answer is no evidence either way
-            samples = [s for s in samples if not s.truncated]
         t_train = time.perf_counter()
-        reuse = a.mu > 1 or a.minibatches > 1  # later updates need the log-probs of the sampling policy
-        if reuse:
-            self._score(samples, "old_logp", self.model)
-        if a.beta:
-            self._score(samples, "ref_logp", self.ref)
-        stats = []
-        for _ in range(a.mu):  # mu passes over the same rollouts (DeepSeekMath's inner iterations)
-            for mini in _split(samples, a.minibatches):
-                stats.append(self.update(mini))
+        stats = self.learn([s for g in groups for s in g.samples])
         self.scheduler.step()
         self.step_no += 1
         self._maybe_reset_reference()
         timing["train"] = time.perf_counter() - t_train
         timing["total"] = time.perf_counter() - t0
         return distributed.mean_metrics(self._step_metrics(all_groups, stats, timing))
+
+    def learn(self, samples: list[Sample]) -> list[dict]:
+        """`mu` passes over the step's samples, `minibatches` optimizer steps each; their figures."""
+        a = self.cfg.algorithm
+        if a.mask_truncated:  # DAPO overlong filtering: a cut-off answer is no evidence either way
+            samples = [s for s in samples if not s.truncated]
+        if a.mu > 1 or a.minibatches > 1:  # later updates need the log-probs of the sampling policy
+            self._score(samples, "old_logp", self.model)
+        if a.beta:
+            self._score(samples, "ref_logp", self.ref)
+        # mu passes over the same rollouts (DeepSeekMath's inner iterations)
+        return [self.update(mini) for _ in range(a.mu) for mini in _split(samples, a.minibatches)]
 
     def update(self, samples: list[Sample]) -> dict:
         """One optimizer step on `samples`, accumulated over micro-batches by token budget."""
@@ -221,14 +222,14 @@ class GRPOTrainer:
         columns["truncated"] = [c.finish_reason == "length" for out in outs for c in out]
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         totals, per_fn = self.rewards.score(flat, prompts, columns)
-        adv = advantages(torch.tensor(totals).view(len(examples), G), self.cfg.algorithm.advantage)
         timing["generate"] += t1 - t0
         timing["reward"] += time.perf_counter() - t1
         groups = []
         for i, (ex, out) in enumerate(zip(examples, outs)):
             sl = slice(i * G, (i + 1) * G)
-            samples = [Sample(prompt_ids[i], c.token_ids, adv[i, j].item(), c.finish_reason == "length") for j, c in enumerate(out)]
+            samples = [Sample(prompt_ids[i], c.token_ids, truncated=c.finish_reason == "length") for c in out]
             groups.append(Group(ex, samples, texts[i], totals[sl], {k: v[sl] for k, v in per_fn.items()}))
+        assign_advantages(groups, self.cfg.algorithm.advantage)
         return groups
 
     def _encode(self, ex: dict) -> list[int]:
@@ -327,6 +328,15 @@ class GRPOTrainer:
         if self.rank == 0:  # weights and optimizer are the same on every rank
             checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
         distributed.barrier()
+
+
+def assign_advantages(groups: list[Group], mode: str) -> None:
+    """Each sample's advantage, from its group's rewards (ponder.rl.advantages)."""
+    if groups:
+        adv = advantages(torch.tensor([g.rewards for g in groups]), mode)
+        for g, row in zip(groups, adv.tolist()):
+            for s, value in zip(g.samples, row):
+                s.advantage = value
 
 
 def _split(samples: list[Sample], k: int) -> list[list[Sample]]:
