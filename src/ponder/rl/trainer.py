@@ -138,18 +138,23 @@ class GRPOTrainer:
         a, o = self.cfg.algorithm, self.cfg.optim
         lengths = [len(s.completion_ids) for s in samples]
         # normalisers over the whole batch, across ranks, so that summed gradients are the batch's gradient
+        n_total = distributed.sum_all(len(lengths))
         weights = sequence_token_weights(lengths, a.loss_agg, self.cfg.rollout.max_new_tokens,
-                                         n_total=distributed.sum_all(len(lengths)), tokens_total=distributed.sum_all(sum(lengths)))
+                                         n_total=n_total, tokens_total=distributed.sum_all(sum(lengths)))
         for s, w in zip(samples, weights):
             s.weight = w
         batches = self.policy_pass.micro_batches(samples, self.token_budget())
-        if a.loss_agg == "bnpo":
-            for mb, ws in zip(batches, micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches], self.world)):
+        if a.loss_agg == "bnpo":  # the mean over every rank's micro-batches, however many each has
+            micro = micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches], total=distributed.sum_all(len(batches)))
+            for mb, ws in zip(batches, micro):
                 for s, w in zip(mb, ws):
                     s.weight = w
         self.optimizer.zero_grad(set_to_none=True)
+        names = ("loss", "clip_low", "clip_high", "kl", "tokens", "entropy")
+        if not n_total:  # no rank has a sample (all masked): no step, since AdamW would still decay and follow momentum
+            return {**dict.fromkeys(names, 0.0), "grad_norm": 0.0, "skipped": 0.0}
         # sums stay on the device until the end: a read per micro-batch would wait for the GPU each time
-        totals = {k: torch.zeros((), device=self.device) for k in ("loss", "clip_low", "clip_high", "kl", "tokens", "entropy")}
+        totals = {k: torch.zeros((), device=self.device) for k in names}
         for mb in batches:
             logp, entropy, mask = self.policy_pass.logprobs(self.model, mb, with_entropy=True, temperature=self._temp)
             width = logp.shape[1]
@@ -166,7 +171,8 @@ class GRPOTrainer:
         totals = dict(zip(totals, torch.stack(list(totals.values())).tolist()))
         distributed.sum_grads(self.model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
-        if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
+        # every rank must skip alike: one rank's non-finite loss is everyone's
+        if not (math.isfinite(distributed.sum_all(totals["loss"])) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skip the step; weights stay as they were
             self.nan_streak += 1
             if self.nan_streak >= self.cfg.train.max_nan_steps:
