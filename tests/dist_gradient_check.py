@@ -34,6 +34,8 @@ AGGS = ("grpo", "dapo", "dr_grpo", "bnpo")
 CASES = {  # name: (loss_agg, advantage, mask pattern, minibatches, mu)
     **{agg: (agg, "group_std", None, 1, 1) for agg in AGGS},
     **{f"{agg}/empty_rank": (agg, "group_std", "empty", 1, 1) for agg in AGGS},
+    **{f"{agg}/uneven/mb4/mu2": (agg, "group_std", "uneven", 4, 2) for agg in AGGS},
+    "grpo/empty_rank/mb4": ("grpo", "group_std", "empty", 4, 1),
     "dapo/mb2": ("dapo", "group_std", None, 2, 1),
     "all_masked": ("grpo", "group_std", "all", 2, 1),
 }

@@ -124,14 +124,18 @@ class GRPOTrainer:
     def learn(self, samples: list[Sample]) -> list[dict]:
         """`mu` passes over the step's samples, `minibatches` optimizer steps each; their figures."""
         a = self.cfg.algorithm
+        # split before masking: every rank makes the same number of updates whatever its mask left it, and a
+        # sample's mini-batch does not depend on which others were cut off
+        minis = _split(samples, a.minibatches)
         if a.mask_truncated:  # DAPO overlong filtering: a cut-off answer is no evidence either way
-            samples = [s for s in samples if not s.truncated]
+            minis = [[s for s in mini if not s.truncated] for mini in minis]
+        kept = [s for mini in minis for s in mini]
         if a.mu > 1 or a.minibatches > 1:  # later updates need the log-probs of the sampling policy
-            self._score(samples, "old_logp", self.model)
+            self._score(kept, "old_logp", self.model)
         if a.beta:
-            self._score(samples, "ref_logp", self.ref)
+            self._score(kept, "ref_logp", self.ref)
         # mu passes over the same rollouts (DeepSeekMath's inner iterations)
-        return [self.update(mini) for _ in range(a.mu) for mini in _split(samples, a.minibatches)]
+        return [self.update(mini) for _ in range(a.mu) for mini in minis]
 
     def update(self, samples: list[Sample]) -> dict:
         """One optimizer step on `samples`, accumulated over micro-batches by token budget."""
@@ -346,8 +350,11 @@ def assign_advantages(groups: list[Group], mode: str) -> None:
 
 
 def _split(samples: list[Sample], k: int) -> list[list[Sample]]:
-    size = math.ceil(len(samples) / k) if samples else 0
-    return [samples[i : i + size] for i in range(0, len(samples), size)] if size else [[]]
+    """Exactly k mini-batches in order, sizes differing by at most one (some empty when fewer than k samples).
+    Ranks are dealt groups in turn, so rank r's i-th mini-batch holds its groups of the one process's i-th
+    (when every rank's groups split evenly into k)."""
+    n = len(samples)
+    return [samples[i * n // k : (i + 1) * n // k] for i in range(k)]
 
 
 def _columns(examples: list[dict]) -> list[str]:
