@@ -37,6 +37,8 @@ CASES = {  # name: (loss_agg, advantage, mask pattern, minibatches, mu)
     **{f"{agg}/uneven/mb4/mu2": (agg, "group_std", "uneven", 4, 2) for agg in AGGS},
     "grpo/empty_rank/mb4": ("grpo", "group_std", "empty", 4, 1),
     "dapo/mb2": ("dapo", "group_std", None, 2, 1),
+    "batch_std": ("grpo", "batch_std", None, 1, 1),
+    "batch_std/uneven/mb2": ("dapo", "batch_std", "uneven", 2, 1),
     "all_masked": ("grpo", "group_std", "all", 2, 1),
 }
 

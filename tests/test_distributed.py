@@ -52,3 +52,28 @@ def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path, world):
             assert r["moved"] == 0 and r["weights"] == 0, (case, r)
         else:
             assert r["moved"] > 0 and r["weights"] < WEIGHT_TOL, (case, r)
+
+
+def test_batch_std_scales_by_the_whole_step_not_one_resampling_round(smoke_cfg):
+    """Dynamic sampling draws a second round; batch_std must divide by the std of every kept group's rewards."""
+    import torch
+
+    from ponder.rl.advantages import advantages
+    from ponder.rl.trainer import GRPOTrainer
+
+    t = GRPOTrainer(smoke_cfg("name=batch-std", "rollout.prompts_per_step=4", "algorithm.advantage=batch_std",
+                              "algorithm.dynamic_sampling=true", "rewards={test_char_hash: 1.0}"))
+    score, rounds = t.rewards.score, []
+
+    def scaled(completions, prompts, columns):  # round 0: every other group uniform (dropped), small rewards
+        totals, per_fn = score(completions, prompts, columns)
+        G, r = t.cfg.rollout.group_size, len(rounds)
+        rounds.append(r)
+        return [1.0 if r == 0 and (i // G) % 2 else x * (1 + 9 * r) for i, x in enumerate(totals)], per_fn
+
+    t.rewards.score = scaled
+    kept, _, _ = t.collect()
+    assert rounds == [0, 1] and len(kept) == 4
+    expected = advantages(torch.tensor([g.rewards for g in kept]), "batch_std")
+    got = torch.tensor([[s.advantage for s in g.samples] for g in kept])
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -1,13 +1,15 @@
 """Data parallelism across processes (torchrun), the same code path as one process with world size 1.
 
-Each rank owns whole prompt groups, so advantages need no communication. What crosses ranks:
-how many prompts are still wanted (dynamic sampling), the loss normalisers (sequence and token
-counts), the gradients (summed), and the step's figures (averaged). Rank 0 writes files.
+Each rank owns whole prompt groups, so advantages need no communication but batch_std's scale. What
+crosses ranks: how many prompts are still wanted (dynamic sampling), batch_std's standard deviation, the
+loss normalisers (sequence, token and micro-batch counts), the gradients (summed), and the step's figures
+(averaged). Rank 0 writes files.
 Start with `torchrun --nproc-per-node N -m ponder train RECIPE`; gloo on CPU, NCCL on GPUs.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -52,6 +54,15 @@ def sum_all(value: float) -> float:
 
 def max_all(value: float) -> float:
     return _reduce(value, dist.ReduceOp.MAX) if active() else value
+
+
+def std_all(values: torch.Tensor) -> float:
+    """Population standard deviation of every rank's values together (the mean first, then the squares:
+    no cancellation)."""
+    values = values.double()
+    n = sum_all(values.numel())
+    mean = sum_all(values.sum().item()) / max(n, 1)
+    return math.sqrt(sum_all(((values - mean) ** 2).sum().item()) / max(n, 1))
 
 
 def sum_grads(params) -> None:

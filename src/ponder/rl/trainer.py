@@ -1,8 +1,8 @@
 """The GRPO trainer: sample G completions per prompt, score them with rules, push toward the better ones.
 
 Simplifications, stated up front (in the manner of nanochat's chat_rl.py):
-- One process. Each step owns whole prompt groups, so advantages need no communication; data-parallel
-  ranks would each run this same step on their own groups.
+- One process. Each step owns whole prompt groups, so advantages need no communication (but batch_std's
+  one scale); data-parallel ranks each run this same step on their own groups (ponder.distributed).
 - The learning-rate schedule counts RL steps (one per batch of rollouts), not optimizer steps.
 - Generation and training share one model object. On CUDA the fast engine samples from a bfloat16 copy of
   the float32 weights' matrices, refreshed after every optimizer step (ponder.rollout.fast.RolloutCopy):
@@ -213,7 +213,9 @@ class GRPOTrainer:
             kept += [g for g in groups if not a.dynamic_sampling or len(set(g.rewards)) > 1]
         if not kept:  # every group was uniform: train on them anyway (zero advantage, zero gradient)
             kept = everything[-want:]
-        return kept[:want], everything, timing
+        kept = kept[:want]
+        assign_advantages(kept, a.advantage)  # once the batch is whole: batch_std scales by all of it
+        return kept, everything, timing
 
     def rollout(self, examples: list[dict], round_no: int, timing: dict) -> list[Group]:
         r, G = self.cfg.rollout, self.cfg.rollout.group_size
@@ -239,7 +241,6 @@ class GRPOTrainer:
             sl = slice(i * G, (i + 1) * G)
             samples = [Sample(prompt_ids[i], c.token_ids, truncated=c.finish_reason == "length") for c in out]
             groups.append(Group(ex, samples, texts[i], totals[sl], {k: v[sl] for k, v in per_fn.items()}))
-        assign_advantages(groups, self.cfg.algorithm.advantage)
         return groups
 
     def _encode(self, ex: dict) -> list[int]:
@@ -341,9 +342,12 @@ class GRPOTrainer:
 
 
 def assign_advantages(groups: list[Group], mode: str) -> None:
-    """Each sample's advantage, from its group's rewards (ponder.rl.advantages)."""
+    """Each sample's advantage, from its group's rewards (ponder.rl.advantages). batch_std divides by the std
+    of the step's whole batch, every rank's groups (so every rank calls this, once per step)."""
+    rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32) if groups else torch.zeros(0, 0)
+    std = distributed.std_all(rewards) if mode == "batch_std" else None
     if groups:
-        adv = advantages(torch.tensor([g.rewards for g in groups]), mode)
+        adv = advantages(rewards, mode, batch_std=std)
         for g, row in zip(groups, adv.tolist()):
             for s, value in zip(g.samples, row):
                 s.advantage = value
