@@ -1,49 +1,131 @@
-"""Run under torchrun by tests/test_distributed.py: two ranks, each with half of a fixed batch, must
-produce the gradient of the whole batch in one process (for every loss aggregation). bnpo averages the
-token means of all ranks' micro-batches (here one per rank): the mean of the two halves' gradients."""
+"""Run under torchrun by tests/test_distributed.py (2 or 4 ranks): every rank trains on its own prompt groups
+through the trainer's own code (assign_advantages, then learn: mask, mini-batches, mu passes, updates), and the
+last gradient and the updated weights must equal those of one process given the whole batch.
 
+The whole batch is P prompts x G samples; rank r owns groups r, r + W, ... (as GRPOTrainer.collect deals
+them), so the i-th mini-batches of all ranks together are the one process's i-th mini-batch. Cases cover
+every loss aggregation, mask_truncated with uneven per-rank counts and a rank left with nothing, minibatches
+> 1 with mu = 2, and batch_std. bnpo averages token means over micro-batches, so its reference is one process
+with the same micro-batches (each rank's, side by side). Each case is printed before it runs: a rank that
+hangs shows where. Writes {case: {grad, weights, weights_max, moved, updates, ref_updates}} (maxima over ranks) to argv[1]:
+grad is max |g - g_ref| / max |g_ref| of the last update, weights ||w - w_ref|| / ||w_ref - w_initial||,
+weights_max max |w - w_ref|.
+"""
+
+import copy
+import datetime
 import json
 import sys
 
 import torch
+import torch.distributed as dist
 
 from ponder import distributed
 from ponder.config import load_config
+from ponder.optim import make_optimizer
 from ponder.rl.batching import Sample
-from ponder.rl.trainer import GRPOTrainer
+from ponder.rl.trainer import GRPOTrainer, Group, assign_advantages
+
+GROUPS_PER_RANK, G = 4, 4
+# local sample indices each rank's mask removes: rank 1 keeps 9 of 16 (_split by ceiling gave it 3 of 4
+# mini-batches), the others uneven too
+UNEVEN = {0: [5], 1: [0, 2, 5, 7, 9, 11, 14], 2: [1, 6, 12], 3: [3, 4, 8, 10, 13]}
+AGGS = ("grpo", "dapo", "dr_grpo", "bnpo")
+CASES = {  # name: (loss_agg, advantage, mask pattern, minibatches, mu)
+    **{agg: (agg, "group_std", None, 1, 1) for agg in AGGS},
+    **{f"{agg}/empty_rank": (agg, "group_std", "empty", 1, 1) for agg in AGGS},
+    **{f"{agg}/uneven/mb4/mu2": (agg, "group_std", "uneven", 4, 2) for agg in AGGS},
+    "grpo/empty_rank/mb4": ("grpo", "group_std", "empty", 4, 1),
+    "dapo/mb2": ("dapo", "group_std", None, 2, 1),
+    "batch_std": ("grpo", "batch_std", None, 1, 1),
+    "batch_std/uneven/mb2": ("dapo", "batch_std", "uneven", 2, 1),
+    "all_masked": ("grpo", "group_std", "all", 2, 1),
+}
 
 
-def batch(tok):
+def whole_batch(tok, world):
+    """Groups in the order one process would hold them; rewards differ in scale from rank to rank."""
     g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(8):
+    groups = []
+    for i in range(GROUPS_PER_RANK * world):
+        owner = i % world
         prompt = tok(f"Write a number #{i}:").input_ids
-        n = int(torch.randint(1, 7, (1,), generator=g))
-        out.append(Sample(prompt, torch.randint(4, 100, (n,), generator=g).tolist(), advantage=float(torch.randn(1, generator=g))))
-    return out
+        samples = [Sample(prompt, torch.randint(4, 100, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist())
+                   for _ in range(G)]
+        for s in samples:
+            s.owner = owner
+        rewards = (torch.randint(0, 3, (G,), generator=g) * (1 + owner)).tolist() if i % 5 else [1.0] * G  # some uniform
+        groups.append(Group({"prompt": ""}, samples, [""] * G, [float(r) for r in rewards], {}))
+    return groups
 
 
-def grads(trainer, samples):
-    trainer.update(samples)
-    return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+def mask(groups, pattern, world):
+    for r in range(world):
+        local = [s for grp in groups if grp.samples[0].owner == r for s in grp.samples]
+        for j, s in enumerate(local):
+            s.truncated = pattern == "all" or (pattern == "empty" and r == 1) or (pattern in ("uneven", "empty") and j in UNEVEN[r])
 
 
-out_path, results = sys.argv[1], {}
-for agg in ("grpo", "dapo", "dr_grpo", "bnpo"):
-    cfg = load_config("recipes/smoke-first-digit.yaml", [f"output_dir={out_path}.runs", f"name={agg}", "optim.lr=0",
-                                                          f"algorithm.loss_agg={agg}", "optim.grad_clip=0"])
+def train(trainer, initial, groups, case):
+    """The case from the initial weights: (last gradient, weights after, number of updates)."""
+    agg, adv, _, minibatches, mu = CASES[case]
+    a = trainer.cfg.algorithm
+    a.loss_agg, a.advantage, a.mask_truncated, a.minibatches, a.mu = agg, adv, CASES[case][2] is not None, minibatches, mu
+    trainer.model.load_state_dict(initial)
+    trainer.optimizer, trainer.scheduler = make_optimizer(trainer.model, trainer.cfg.optim, 1)
+    assign_advantages(groups, adv)
+    stats = trainer.learn([s for grp in groups for s in grp.samples])
+    params = list(trainer.model.parameters())
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    return grad, torch.cat([p.detach().flatten() for p in params]), len(stats)
+
+
+def as_one_process(trainer, world):
+    """The same trainer with world size 1; bnpo's micro-batches are kept as each rank would form them."""
+    saved = distributed.active, trainer.world, trainer.policy_pass.micro_batches
+    split = trainer.policy_pass.micro_batches
+
+    def per_rank(samples, budget):
+        return [mb for r in range(world) for mb in split([s for s in samples if s.owner == r], budget)]
+
+    distributed.active, trainer.world = (lambda: False), 1
+    if trainer.cfg.algorithm.loss_agg == "bnpo":
+        trainer.policy_pass.micro_batches = per_rank
+    return saved
+
+
+def main(out_path, names):
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
+    cfg = load_config("recipes/smoke-first-digit.yaml", [f"output_dir={out_path}.runs", "name=dist-check", "train.threads=1",
+                                                          "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.token_budget=80"])
     trainer = GRPOTrainer(cfg)
-    samples = batch(trainer.tokenizer)
-    mine = grads(trainer, samples[trainer.rank :: trainer.world])  # summed across the two ranks
-    active, world = distributed.active, trainer.world
-    distributed.active, trainer.world = (lambda: False), 1  # the same trainer as one process
-    try:
-        if agg == "bnpo":  # each half is one micro-batch
-            whole = (grads(trainer, samples[0::2]) + grads(trainer, samples[1::2])) / 2
-        else:
-            whole = grads(trainer, samples)
-    finally:
-        distributed.active, trainer.world = active, world
-    results[agg] = (mine - whole).abs().max().item() / whole.abs().max().item()
-if distributed.rank() == 0:
-    json.dump(results, open(out_path, "w"))
+    rank, world = trainer.rank, trainer.world
+    initial = copy.deepcopy(trainer.model.state_dict())
+    start = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]).clone()
+    results = {}
+    for case in names:
+        print(f"rank {rank}: {case}", flush=True)
+        groups = whole_batch(trainer.tokenizer, world)
+        mask(groups, CASES[case][2], world)
+        mine = [copy.deepcopy(grp) for grp in groups if grp.samples[0].owner == rank]
+        grad, weights, updates = train(trainer, initial, mine, case)
+        saved = as_one_process(trainer, world)
+        try:
+            ref_grad, ref_weights, ref_updates = train(trainer, initial, groups, case)
+        finally:
+            distributed.active, trainer.world, trainer.policy_pass.micro_batches = saved
+        moved = (ref_weights - start).norm().item()
+        results[case] = {"grad": (grad - ref_grad).abs().max().item() / max(ref_grad.abs().max().item(), 1e-30),
+                         "weights": (weights - ref_weights).norm().item() / max(moved, 1e-30),
+                         "weights_max": (weights - ref_weights).abs().max().item(),
+                         "moved": moved, "updates": updates, "ref_updates": ref_updates}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, results)
+    if rank == 0:
+        merged = {case: {k: (max(r[case][k] for r in everyone) if k != "updates" else [r[case][k] for r in everyone])
+                         for k in results[case]} for case in results}
+        json.dump(merged, open(out_path, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:] or list(CASES))

@@ -97,6 +97,9 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     grad_clip: float = 1.0  # max grad norm; 0: off
+    # adamw: torch's; adamw_kahan: float32 moments and Kahan-compensated updates, for bf16 weights (ponder.optim);
+    # auto: adamw_kahan when the weights are below float32 (train.precision=bf16), else adamw
+    optimizer: Literal["auto", "adamw", "adamw_kahan"] = "auto"
     # tokens per micro-batch (padded length x sequences, or the packed stream); gradients accumulate. None:
     # chosen from free device memory at the first update on CUDA (printed; ponder.rl.memory_plan), 16384 on CPU
     token_budget: Optional[int] = None

@@ -1,13 +1,15 @@
 """Data parallelism across processes (torchrun), the same code path as one process with world size 1.
 
-Each rank owns whole prompt groups, so advantages need no communication. What crosses ranks:
-how many prompts are still wanted (dynamic sampling), the loss normalisers (sequence and token
-counts), the gradients (summed), and the step's figures (averaged). Rank 0 writes files.
+Each rank owns whole prompt groups, so advantages need no communication but batch_std's scale. What
+crosses ranks: how many prompts are still wanted (dynamic sampling), batch_std's standard deviation, the
+loss normalisers (sequence, token and micro-batch counts), the gradients (summed), and the step's figures
+(averaged). Rank 0 writes files.
 Start with `torchrun --nproc-per-node N -m ponder train RECIPE`; gloo on CPU, NCCL on GPUs.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -54,12 +56,31 @@ def max_all(value: float) -> float:
     return _reduce(value, dist.ReduceOp.MAX) if active() else value
 
 
+def std_all(values: torch.Tensor) -> float:
+    """Population standard deviation of every rank's values together (the mean first, then the squares:
+    no cancellation)."""
+    values = values.double()
+    n = sum_all(values.numel())
+    mean = sum_all(values.sum().item()) / max(n, 1)
+    return math.sqrt(sum_all(((values - mean) ** 2).sum().item()) / max(n, 1))
+
+
 def sum_grads(params) -> None:
-    """Gradients of a loss normalised by global counts are summed across ranks."""
+    """Gradients of a loss normalised by global counts are summed across ranks.
+
+    Every rank makes the same all-reduce calls even when it had nothing to learn from (mask_truncated
+    removed all its samples: no backward, no gradients): its gradient is zero, not absent. A parameter
+    no rank has a gradient for stays without one, as in one process (AdamW then leaves it alone).
+    """
     if not active():
         return
-    for p in params:
-        if p.grad is not None:
+    params = [p for p in params if p.requires_grad]
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=_device())
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    for p, anywhere in zip(params, has_grad.tolist()):
+        if anywhere:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 

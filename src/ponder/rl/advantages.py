@@ -7,8 +7,9 @@ import torch
 EPS = 1e-4  # keeps groups with (near) equal rewards finite; their advantages are ~0 anyway
 
 
-def advantages(rewards: torch.Tensor, mode: str = "group_std") -> torch.Tensor:
-    """rewards: [prompts, G]. Returns advantages of the same shape.
+def advantages(rewards: torch.Tensor, mode: str = "group_std", batch_std: float | None = None) -> torch.Tensor:
+    """rewards: [prompts, G]. Returns advantages of the same shape. `batch_std`: the std of the whole batch
+    when it holds more than `rewards` (other ranks' groups); default: the std of `rewards`.
 
     group_std  (r - mean_group) / std_group                  GRPO, DeepSeekMath eq. for outcome supervision
     batch_std  (r - mean_group) / std over the whole batch    scale without per-question reweighting
@@ -24,7 +25,7 @@ def advantages(rewards: torch.Tensor, mode: str = "group_std") -> torch.Tensor:
     if mode == "group_std":
         out = centred / (rewards.std(dim=1, keepdim=True, unbiased=False) + EPS)
     elif mode == "batch_std":
-        out = centred / (rewards.std(unbiased=False) + EPS)
+        out = centred / ((rewards.std(unbiased=False) if batch_std is None else batch_std) + EPS)
     elif mode == "none":
         out = centred
     elif mode == "rloo":

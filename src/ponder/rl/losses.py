@@ -32,9 +32,10 @@ def sequence_token_weights(lengths: list[int], agg: str, max_new_tokens: int,
     raise ValueError(f"unknown loss aggregation {agg!r}")
 
 
-def micro_batch_weights(micro_lengths: list[list[int]], world: int = 1) -> list[list[float]]:
-    """bnpo: each micro-batch's token mean, averaged over the micro-batches (of every rank)."""
-    k = len(micro_lengths) * world
+def micro_batch_weights(micro_lengths: list[list[int]], total: float | None = None) -> list[list[float]]:
+    """bnpo: each micro-batch's token mean, averaged over the micro-batches (`total`: of every rank; default
+    this rank's). Ranks may have different numbers of micro-batches (mask_truncated leaves uneven counts)."""
+    k = total or len(micro_lengths)
     return [[1.0 / (max(sum(ls), 1) * k)] * len(ls) for ls in micro_lengths]
 
 

@@ -1,8 +1,8 @@
 """The GRPO trainer: sample G completions per prompt, score them with rules, push toward the better ones.
 
 Simplifications, stated up front (in the manner of nanochat's chat_rl.py):
-- One process. Each step owns whole prompt groups, so advantages need no communication; data-parallel
-  ranks would each run this same step on their own groups.
+- One process. Each step owns whole prompt groups, so advantages need no communication (but batch_std's
+  one scale); data-parallel ranks each run this same step on their own groups (ponder.distributed).
 - The learning-rate schedule counts RL steps (one per batch of rollouts), not optimizer steps.
 - Generation and training share one model object. On CUDA the fast engine samples from a bfloat16 copy of
   the float32 weights' matrices, refreshed after every optimizer step (ponder.rollout.fast.RolloutCopy):
@@ -108,24 +108,13 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------- the GRPO step, top to bottom
     def step(self) -> dict:
-        a, t0 = self.cfg.algorithm, time.perf_counter()
+        t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         groups, all_groups, timing = self.collect()  # generate + reward + advantages (+ dynamic sampling)
         self.last_groups = all_groups
-        samples = [s for g in groups for s in g.samples]
-        if a.mask_truncated:  # DAPO overlong filtering: a cut-off answer is no evidence either way
-            samples = [s for s in samples if not s.truncated]
         t_train = time.perf_counter()
-        reuse = a.mu > 1 or a.minibatches > 1  # later updates need the log-probs of the sampling policy
-        if reuse:
-            self._score(samples, "old_logp", self.model)
-        if a.beta:
-            self._score(samples, "ref_logp", self.ref)
-        stats = []
-        for _ in range(a.mu):  # mu passes over the same rollouts (DeepSeekMath's inner iterations)
-            for mini in _split(samples, a.minibatches):
-                stats.append(self.update(mini))
+        stats = self.learn([s for g in groups for s in g.samples])
         self.scheduler.step()
         self.step_no += 1
         self._maybe_reset_reference()
@@ -133,23 +122,44 @@ class GRPOTrainer:
         timing["total"] = time.perf_counter() - t0
         return distributed.mean_metrics(self._step_metrics(all_groups, stats, timing))
 
+    def learn(self, samples: list[Sample]) -> list[dict]:
+        """`mu` passes over the step's samples, `minibatches` optimizer steps each; their figures."""
+        a = self.cfg.algorithm
+        # split before masking: every rank makes the same number of updates whatever its mask left it, and a
+        # sample's mini-batch does not depend on which others were cut off
+        minis = _split(samples, a.minibatches)
+        if a.mask_truncated:  # DAPO overlong filtering: a cut-off answer is no evidence either way
+            minis = [[s for s in mini if not s.truncated] for mini in minis]
+        kept = [s for mini in minis for s in mini]
+        if a.mu > 1 or a.minibatches > 1:  # later updates need the log-probs of the sampling policy
+            self._score(kept, "old_logp", self.model)
+        if a.beta:
+            self._score(kept, "ref_logp", self.ref)
+        # mu passes over the same rollouts (DeepSeekMath's inner iterations)
+        return [self.update(mini) for _ in range(a.mu) for mini in minis]
+
     def update(self, samples: list[Sample]) -> dict:
         """One optimizer step on `samples`, accumulated over micro-batches by token budget."""
         a, o = self.cfg.algorithm, self.cfg.optim
         lengths = [len(s.completion_ids) for s in samples]
         # normalisers over the whole batch, across ranks, so that summed gradients are the batch's gradient
+        n_total = distributed.sum_all(len(lengths))
         weights = sequence_token_weights(lengths, a.loss_agg, self.cfg.rollout.max_new_tokens,
-                                         n_total=distributed.sum_all(len(lengths)), tokens_total=distributed.sum_all(sum(lengths)))
+                                         n_total=n_total, tokens_total=distributed.sum_all(sum(lengths)))
         for s, w in zip(samples, weights):
             s.weight = w
         batches = self.policy_pass.micro_batches(samples, self.token_budget())
-        if a.loss_agg == "bnpo":
-            for mb, ws in zip(batches, micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches], self.world)):
+        if a.loss_agg == "bnpo":  # the mean over every rank's micro-batches, however many each has
+            micro = micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches], total=distributed.sum_all(len(batches)))
+            for mb, ws in zip(batches, micro):
                 for s, w in zip(mb, ws):
                     s.weight = w
         self.optimizer.zero_grad(set_to_none=True)
+        names = ("loss", "clip_low", "clip_high", "kl", "tokens", "entropy")
+        if not n_total:  # no rank has a sample (all masked): no step, since AdamW would still decay and follow momentum
+            return {**dict.fromkeys(names, 0.0), "grad_norm": 0.0, "skipped": 0.0}
         # sums stay on the device until the end: a read per micro-batch would wait for the GPU each time
-        totals = {k: torch.zeros((), device=self.device) for k in ("loss", "clip_low", "clip_high", "kl", "tokens", "entropy")}
+        totals = {k: torch.zeros((), device=self.device) for k in names}
         for mb in batches:
             logp, entropy, mask = self.policy_pass.logprobs(self.model, mb, with_entropy=True, temperature=self._temp)
             width = logp.shape[1]
@@ -166,7 +176,8 @@ class GRPOTrainer:
         totals = dict(zip(totals, torch.stack(list(totals.values())).tolist()))
         distributed.sum_grads(self.model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
-        if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
+        # every rank must skip alike: one rank's non-finite loss is everyone's
+        if not (math.isfinite(distributed.sum_all(totals["loss"])) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skip the step; weights stay as they were
             self.nan_streak += 1
             if self.nan_streak >= self.cfg.train.max_nan_steps:
@@ -203,7 +214,9 @@ class GRPOTrainer:
             kept += [g for g in groups if not a.dynamic_sampling or len(set(g.rewards)) > 1]
         if not kept:  # every group was uniform: train on them anyway (zero advantage, zero gradient)
             kept = everything[-want:]
-        return kept[:want], everything, timing
+        kept = kept[:want]
+        assign_advantages(kept, a.advantage)  # once the batch is whole: batch_std scales by all of it
+        return kept, everything, timing
 
     def rollout(self, examples: list[dict], round_no: int, timing: dict) -> list[Group]:
         r, G = self.cfg.rollout, self.cfg.rollout.group_size
@@ -222,13 +235,12 @@ class GRPOTrainer:
         columns["truncated"] = [c.finish_reason == "length" for out in outs for c in out]
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         totals, per_fn = self.rewards.score(flat, prompts, columns)
-        adv = advantages(torch.tensor(totals).view(len(examples), G), self.cfg.algorithm.advantage)
         timing["generate"] += t1 - t0
         timing["reward"] += time.perf_counter() - t1
         groups = []
         for i, (ex, out) in enumerate(zip(examples, outs)):
             sl = slice(i * G, (i + 1) * G)
-            samples = [Sample(prompt_ids[i], c.token_ids, adv[i, j].item(), c.finish_reason == "length") for j, c in enumerate(out)]
+            samples = [Sample(prompt_ids[i], c.token_ids, truncated=c.finish_reason == "length") for c in out]
             groups.append(Group(ex, samples, texts[i], totals[sl], {k: v[sl] for k, v in per_fn.items()}))
         return groups
 
@@ -337,9 +349,24 @@ class GRPOTrainer:
         distributed.barrier()
 
 
+def assign_advantages(groups: list[Group], mode: str) -> None:
+    """Each sample's advantage, from its group's rewards (ponder.rl.advantages). batch_std divides by the std
+    of the step's whole batch, every rank's groups (so every rank calls this, once per step)."""
+    rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32) if groups else torch.zeros(0, 0)
+    std = distributed.std_all(rewards) if mode == "batch_std" else None
+    if groups:
+        adv = advantages(rewards, mode, batch_std=std)
+        for g, row in zip(groups, adv.tolist()):
+            for s, value in zip(g.samples, row):
+                s.advantage = value
+
+
 def _split(samples: list[Sample], k: int) -> list[list[Sample]]:
-    size = math.ceil(len(samples) / k) if samples else 0
-    return [samples[i : i + size] for i in range(0, len(samples), size)] if size else [[]]
+    """Exactly k mini-batches in order, sizes differing by at most one (some empty when fewer than k samples).
+    Ranks are dealt groups in turn, so rank r's i-th mini-batch holds its groups of the one process's i-th
+    (when every rank's groups split evenly into k)."""
+    n = len(samples)
+    return [samples[i * n // k : (i + 1) * n // k] for i in range(k)]
 
 
 def _columns(examples: list[dict]) -> list[str]:

@@ -1,0 +1,87 @@
+"""bf16 weights keep the update's precision with KahanAdamW (ponder.optim); float32 weights keep torch's AdamW."""
+
+import copy
+
+import pytest
+import torch
+
+from ponder.config import OptimConfig
+from ponder.optim import KahanAdamW, make_optimizer
+
+
+def constant_gradient(dtype, cls, steps=100):
+    """Adam with a constant gradient moves by exactly lr a step: 1.0 -> 0.9 after 100 steps of lr 1e-3."""
+    p = torch.nn.Parameter(torch.ones((), dtype=dtype))
+    opt = cls([p], lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
+    for _ in range(steps):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    return p, opt
+
+
+def test_kahan_keeps_updates_that_bf16_rounding_drops():
+    fp32, _ = constant_gradient(torch.float32, torch.optim.AdamW)
+    assert fp32.item() == pytest.approx(0.9, abs=1e-5)
+    # bf16 spacing below 1.0 is 2^-8: a step of 1e-3 rounds back to 1.0, every time
+    naive, _ = constant_gradient(torch.bfloat16, torch.optim.AdamW)
+    assert naive.item() == 1.0
+    kahan, opt = constant_gradient(torch.bfloat16, KahanAdamW)
+    assert kahan.item() == 0.8984375  # 230/256: the bf16 value nearest to 0.9
+    # weight + compensation is the float32 value within a tenth of one step (the bf16 compensation rounds too)
+    assert (kahan.float() + opt.state[kahan]["compensation"].float()).item() == pytest.approx(0.9, abs=1e-4)
+
+
+def test_kahan_on_float32_is_torch_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(50))
+    b = torch.nn.Parameter(a.detach().clone())
+    ta, tk = torch.optim.AdamW([a], lr=1e-2, weight_decay=0.1), KahanAdamW([b], lr=1e-2, weight_decay=0.1)
+    for i in range(20):
+        g = torch.randn(50, generator=torch.Generator().manual_seed(i))
+        a.grad, b.grad = g.clone(), g.clone()
+        ta.step()
+        tk.step()
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)  # a float32 ulp or so: the compensation also keeps fp32 rounding
+
+
+def regression(dtype, cls, steps=200):
+    """A small MLP fitted with lr 1e-4 (updates far below the weights' bf16 spacing): its final weights."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    start = torch.cat([p.detach().flatten() for p in net.parameters()]).clone()
+    net = net.to(dtype)
+    opt = cls(net.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(64, 32, generator=g)
+        ((net(x.to(dtype)).float() - 0.5 * x[:, :1]) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return torch.cat([p.detach().float().flatten() for p in net.parameters()]), start
+
+
+def test_bf16_training_tracks_float32_with_kahan_not_without():
+    ref, start = regression(torch.float32, torch.optim.AdamW)
+    moved = (ref - start).norm()
+    naive, _ = regression(torch.bfloat16, torch.optim.AdamW)
+    kahan, _ = regression(torch.bfloat16, KahanAdamW)
+    # measured: naive 0.91 of the float32 move away from it (it makes half the move), Kahan 0.03
+    assert (naive - ref).norm() / moved > 0.5
+    assert (kahan - ref).norm() / moved < 0.1
+
+
+def test_state_dict_round_trip_keeps_float32_moments():
+    p, opt = constant_gradient(torch.bfloat16, KahanAdamW, steps=3)
+    q = torch.nn.Parameter(p.detach().clone())
+    other = KahanAdamW([q], lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for k in ("exp_avg", "exp_avg_sq", "compensation", "step"):
+        assert other.state[q][k].dtype == opt.state[p][k].dtype and torch.equal(other.state[q][k], opt.state[p][k]), k
+    assert other.state[q]["exp_avg"].dtype == torch.float32
+
+
+def test_auto_picks_by_the_weights_dtype():
+    net = torch.nn.Linear(4, 4)
+    assert type(make_optimizer(net, OptimConfig(), 1)[0]) is torch.optim.AdamW  # float32: unchanged
+    assert type(make_optimizer(net.to(torch.bfloat16), OptimConfig(), 1)[0]) is KahanAdamW
+    assert type(make_optimizer(net, OptimConfig(optimizer="adamw"), 1)[0]) is torch.optim.AdamW
