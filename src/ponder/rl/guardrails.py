@@ -104,13 +104,13 @@ def entropy_collapse(g, h: History, s: StepView):
         return Finding("entropy", v, "<", g.fraction * base, f"{g.fraction:g} x its early median {base:.4g}")
 
 
-def _spike(g, h: History, key: str, v):
+def _spike(g, h: History, key: str, v, figure: str | None = None):
     med = h.recent_median(key)
-    if med is None or not _finite(v):
+    if not med or not _finite(v):  # 0: no update has moved the policy yet, so no scale to compare with
         return None
     threshold = max(g.factor * med, g.floor)
     if v > threshold:
-        return Finding(key, v, ">", threshold, f"{g.factor:g} x its recent median {med:.4g}, at least {g.floor:g}")
+        return Finding(figure or key, v, ">", threshold, f"{g.factor:g} x its recent median {med:.4g}, at least {g.floor:g}")
 
 
 def kl_spike(g, h: History, s: StepView):
@@ -118,16 +118,19 @@ def kl_spike(g, h: History, s: StepView):
 
 
 def clip_spike(g, h: History, s: StepView):
-    return _spike(g, h, "clip_frac", _clip_frac(s.figures))
+    return _spike(g, h, "clip_frac", _clip_frac(s.figures), "clip_low_frac + clip_high_frac")
 
 
 def _share_above(g, h: History, key: str, v):
+    """A share that stays high: its mean over the last `window` steps (one step of a few dozen samples is noisy)."""
     base = h.baseline(key)
     if base is None or not _finite(v):
         return None
     threshold = max(g.share, g.factor * base)
-    if v > threshold:
-        return Finding(key, v, ">", threshold, f"the larger of {g.share:g} and {g.factor:g} x its early median {base:.3g}")
+    mean, n = h.window_mean(key, v)
+    if mean > threshold:
+        return Finding(key, mean, ">", threshold,
+                       f"mean of the last {n} steps; the larger of {g.share:g} and {g.factor:g} x its early median {base:.3g}")
 
 
 def length_runaway(g, h: History, s: StepView):
@@ -194,6 +197,7 @@ class Guardrails:
         fires. Returns `m` with the firings added."""
         view = StepView(m, trainer.last_groups, trainer.nan_streak)
         events, holding = [], set()
+        self._done_now: set[str] = set()  # two guardrails firing at one step roll back or lower the rate once
         for name, g in self.cfg.guards().items():
             found = DETECTORS[name](g, self.history, view) if g.action != "off" else None
             if found is None:
@@ -221,11 +225,11 @@ class Guardrails:
             if name not in self.warned:
                 self._say(f"{head}; warning only (guardrails.{name}.action=warn)")
             self.warned.add(name)
-        elif action == "lower_lr":
-            done = _scale_lr(trainer, self.cfg.lr_factor)
-            self._say(f"{head}; {done}")
-        elif action == "rollback":
-            done = self._rollback(trainer)
+        elif action in ("lower_lr", "rollback") and self._done_now & {action, "rollback"}:
+            done = f"{'rolled back' if 'rollback' in self._done_now else 'lr lowered'} already at this step"
+        elif action in ("lower_lr", "rollback"):
+            done = _scale_lr(trainer, self.cfg.lr_factor) if action == "lower_lr" else self._rollback(trainer)
+            self._done_now.add(action)
             self._say(f"{head}; {done}")
         else:
             last = checkpoint.latest(trainer.ckpt_dir)
