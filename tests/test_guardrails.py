@@ -51,7 +51,8 @@ def test_a_healthy_run_with_every_detector_live_fires_none(smoke_cfg, capsys):
 def test_a_learning_rate_that_collapses_entropy_lowers_the_rate(smoke_cfg, capsys):
     t = GRPOTrainer(smoke_cfg("name=collapse", *SMALL, "optim.lr=0.05", "rewards={test_share_of_sevens: 1.0}",
                               "guardrails.entropy_collapse.action=lower_lr"))
-    rows = _steps(t, 7)
+    used = []  # the rate each update ran with
+    rows = _steps(t, 7, before=lambda t: used.append(t.optimizer.param_groups[0]["lr"]))
     base = statistics.median(r["entropy"] for r in rows[:3])
     first = next(i for i, r in enumerate(rows) if i >= 3 and r["entropy"] < 0.1 * base) + 1
     assert first <= 6 and _fired(rows) == [(first, "entropy_collapse")]  # once, though entropy stays low
@@ -61,7 +62,7 @@ def test_a_learning_rate_that_collapses_entropy_lowers_the_rate(smoke_cfg, capsy
     assert _event(rows, "entropy_collapse")["message"] == message
     assert capsys.readouterr().err == f"ponder: {message}\n"
     assert rows[first - 1]["guardrail/entropy_collapse"] == 1.0
-    assert [r["lr"] for r in rows[first - 1:first + 1]] == [0.05, 0.025]
+    assert used == [0.05] * first + [0.025] * (7 - first)
 
 
 def test_a_kl_spike_rolls_back_to_the_last_checkpoint_and_the_run_goes_on(smoke_cfg, capsys):
@@ -127,11 +128,17 @@ def test_a_reward_for_length_alone_runs_away_to_the_limit(smoke_cfg):
     assert len(e["example"]) == 4  # a completion cut at max_new_tokens
 
 
-def test_a_reward_that_pays_beside_the_task_is_reported_as_hacked(smoke_cfg):
-    # the task pays answers starting with 3; a second reward pays for sevens, and the policy follows it
-    t = GRPOTrainer(smoke_cfg("name=hack", *SMALL, "optim.lr=0.05", "data.tasks=[{name: first_digit, n: 256, options: {digit: 3}}]",
+@pytest.mark.parametrize("digit", [3, 7])
+def test_a_reward_that_pays_beside_the_task_is_reported_as_hacked(smoke_cfg, digit):
+    # a second reward pays for sevens, and the policy follows it: when the task pays answers starting with 3,
+    # accuracy stays at 0 (hacked); when it pays answers starting with 7, accuracy rises with it (not hacked)
+    t = GRPOTrainer(smoke_cfg("name=hack", *SMALL, "optim.lr=0.05", f"data.tasks=[{{name: first_digit, n: 256, options: {{digit: {digit}}}}}]",
                               "rewards={accuracy: {weight: 1.0, extract: none}, test_share_of_sevens: 1.0}"))
     rows = _steps(t, 7)
+    if digit == 7:
+        assert rows[-1]["accuracy"] > 0.5 and rows[-1]["reward/test_share_of_sevens"] > 0.5
+        assert "reward_hacking" not in [n for _, n in _fired(rows)]
+        return
     e = _event(rows, "reward_hacking")
     sevens = [r["reward/test_share_of_sevens"] for r in rows]
     step = next(i for i in range(3, 7) if sum(sevens[i - 2:i + 1]) / 3 >= statistics.median(sevens[:3]) + 0.3) + 1
@@ -201,3 +208,30 @@ def test_a_run_started_before_guardrails_resumes_with_its_nan_limit_moved(tmp_pa
     config.write_text(yaml.safe_dump(old, sort_keys=False))
     assert main(base + ["train.steps=2", "--resume"]) == 0
     assert yaml.safe_load(config.read_text())["changes"] == [{"key": "train.steps", "old": 1, "new": 2, "from_step": 2}]
+
+
+def test_the_report_lists_firings_and_marks_them_on_every_curve(tmp_path):
+    import json
+    import re
+
+    from ponder.report import write_report
+
+    event = {"guardrail": "entropy_collapse", "step": 2, "figure": "entropy", "value": 0.01, "op": "<", "threshold": 0.4,
+             "action": "warn", "done": "warned", "message": "guardrail entropy_collapse at step 2: entropy 0.01 < 0.4 (...); warned",
+             "example": "<b>7777</b>"}
+    pages = {}
+    for marked in (False, True):
+        run = tmp_path / str(marked)
+        run.mkdir()
+        rows = [{"step": s, "entropy": 4.0 / s, "reward": 0.1 * s} for s in (1, 2, 3)]
+        if marked:
+            rows[1].update({"guardrail/entropy_collapse": 1.0, "guardrail_events": [event]})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        pages[marked] = write_report(run).read_text()
+    assert "Guardrails fired (1)" in pages[True] and "Guardrails fired" not in pages[False]
+    assert "guardrail entropy_collapse at step 2: entropy 0.01 &lt; 0.4 (...); warned" in pages[True]
+    assert "&lt;b&gt;7777&lt;/b&gt;" in pages[True]  # the example, escaped
+    images = {m: re.findall(r"<img alt='([^']*)' src='([^']*)'", p) for m, p in pages.items()}
+    assert [a for a, _ in images[True]] == [a for a, _ in images[False]] == ["reward (total and per reward function)",
+                                                                             "entropy (nats per token)"]
+    assert all(a != b for (_, a), (_, b) in zip(images[True], images[False]))  # each curve carries the mark
