@@ -7,6 +7,7 @@ survived. About a minute a mutant on two cores.
 
   python bench/mutants.py                 # all
   python bench/mutants.py --only bnpo     # the mutants whose name contains "bnpo"
+  python bench/mutants.py --only guardrail  # the guardrails' (each runs only the tests that provoke it)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_losses.py", "tests/test_advantages.py", "tests/test_grpo_smoke.py", "tests/test_logprobs.py",
          "tests/test_distributed.py", "tests/test_packed_forward.py"]
 
-# (name, file under src/ponder, the line as it is (stripped), the broken line)
+# (name, file under src/ponder, the line as it is (stripped), the broken line[, the tests to run instead of TESTS])
 MUTANTS = [
     ("grpo normaliser: sequence length ignored", "rl/losses.py",
      "return [1.0 / (max(l, 1) * n_all) for l in lengths]", "return [1.0 / n_all for l in lengths]"),
@@ -69,6 +70,50 @@ MUTANTS = [
     ("gradients not summed across ranks", "distributed.py",
      "dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)", "pass"),
 ]
+# guardrails (docs/guardrails.md): each breakage runs the tests that provoke that guardrail
+G, R = "tests/test_guardrails.py::test_", "tests/test_resume_and_errors.py::test_"
+MUTANTS += [
+    ("guardrail: entropy collapse never fires", "rl/guardrails.py", "if base and _finite(v) and v < g.fraction * base:",
+     "if base and _finite(v) and v < 0 * base:", [G + "a_learning_rate_that_collapses_entropy_lowers_the_rate"]),
+    ("guardrail: entropy collapse always fires", "rl/guardrails.py", "if base and _finite(v) and v < g.fraction * base:",
+     "if base and _finite(v):", [G + "a_healthy_run_with_every_detector_live_fires_none"]),
+    ("guardrail: a spike above its threshold passes", "rl/guardrails.py", "if v > threshold:", "if v > 1e30 * threshold:",
+     [G + "a_kl_spike_rolls_back_to_the_last_checkpoint_and_the_run_goes_on"]),
+    ("guardrail: spike threshold without its floor", "rl/guardrails.py", "threshold = max(g.factor * med, g.floor)",
+     "threshold = g.factor * med", [G + "a_clip_spike_can_stop_the_run_naming_the_figure_and_threshold"]),
+    ("guardrail: rollback keeps the weights", "rl/guardrails.py", "trainer.model.load_state_dict(saved.state_dict())", "pass",
+     [G + "a_kl_spike_rolls_back_to_the_last_checkpoint_and_the_run_goes_on"]),
+    ("guardrail: lower_lr leaves the optimizer's rate", "rl/guardrails.py", 'group["lr"] *= factor', "pass",
+     [G + "a_learning_rate_that_collapses_entropy_lowers_the_rate"]),
+    ("guardrail: fires at every step its condition holds", "rl/guardrails.py", "if name not in self.active:", "if True:",
+     [G + "a_learning_rate_that_collapses_entropy_lowers_the_rate"]),
+    ("guardrail: two firings at one step roll back twice", "rl/guardrails.py",
+     'elif action in ("lower_lr", "rollback") and self._done_now & {action, "rollback"}:', "elif False:",
+     [G + "a_kl_spike_rolls_back_to_the_last_checkpoint_and_the_run_goes_on"]),
+    ("guardrail: shares judged on one step", "rl/guardrails.py", "mean, n = h.window_mean(key, v)", "mean, n = v, 1",
+     [G + "a_reward_for_length_alone_runs_away_to_the_limit"]),
+    ("guardrail: length runaway never fires", "rl/guardrails.py", "threshold = max(g.share, g.factor * base)", "threshold = 2.0",
+     [G + "a_reward_for_length_alone_runs_away_to_the_limit"]),
+    ("guardrail: reward hacking never fires", "rl/guardrails.py", "if mean >= base + g.rise:", "if mean >= base + g.rise + 1:",
+     [G + "a_reward_that_pays_beside_the_task_is_reported_as_hacked"]),
+    ("guardrail: reward hacking ignores accuracy", "rl/guardrails.py", "if acc_mean > g.accuracy_ratio * acc_base:", "if False:",
+     [G + "a_reward_that_pays_beside_the_task_is_reported_as_hacked"]),
+    ("guardrail: repeated lines never seen", "rl/guardrails.py", "return bool(counts) and max(counts.values()) >= min_repeats",
+     "return False", [G + "completions_repeating_a_line_are_caught"]),
+    ("guardrail: non-finite streak off by one", "rl/guardrails.py", "if s.nan_streak >= g.max_nan_steps:",
+     "if s.nan_streak > g.max_nan_steps:", [R + "nan_losses_stop_the_run_and_keep_the_last_checkpoint"]),
+    ("guardrail: stop ignored by the run loop", "train.py", "_stop(trainer, main)", "pass",
+     [R + "nan_losses_stop_the_run_and_keep_the_last_checkpoint"]),
+    ("guardrail: history not restored on resume", "rl/guardrails.py",
+     "if not state:  # a checkpoint from before guardrails: the history starts again", "if True:",
+     [G + "guardrail_state_survives_a_resume"]),
+    ("guardrail: train.max_nan_steps of an older run not moved", "resume.py",
+     '_move_key(saved, "train.max_nan_steps", "guardrails.non_finite.max_nan_steps")', "pass",
+     [G + "a_run_started_before_guardrails_resumes_with_its_nan_limit_moved"]),
+    ("guardrail: firings not marked on the curves", "report.py",
+     'ax.axvline(step, color="red", linestyle=":", linewidth=1.2, alpha=0.8, label="guardrail fired" if i == 0 else None)',
+     "pass", [G + "the_report_lists_firings_and_marks_them_on_every_curve"]),
+]
 
 
 def apply(src: Path, rel: str, old: str, new: str) -> None:
@@ -109,10 +154,10 @@ def main():
             os.environ, PYTHONPATH=str(src)), capture_output=True, text=True).stdout.strip()
         if not check.startswith(str(src)):
             raise SystemExit(f"the copy is not what Python imports ({check}); install ponder without -e or fix PYTHONPATH")
-        for name, rel, old, new in chosen:
+        for name, rel, old, new, *tests in chosen:
             backup = (src / "ponder" / rel).read_text()
             apply(src, rel, old, new)
-            caught = run(src, TESTS, a.timeout)
+            caught = run(src, tests[0] if tests else TESTS, a.timeout)
             (src / "ponder" / rel).write_text(backup)
             print(f"{'caught by ' + caught if caught else 'SURVIVED':80} {name}", flush=True)
             if not caught:

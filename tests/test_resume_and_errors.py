@@ -136,15 +136,21 @@ def test_nan_losses_stop_the_run_and_keep_the_last_checkpoint(capsys, tmp_path):
     REWARDS["inf_later"] = inf_after_two_steps
     try:
         code = main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=nan",
-                     "rewards.inf_later=1.0", "train.save_every=2", "train.max_nan_steps=3", "rollout.prompts_per_step=2"])
+                     "rewards.inf_later=1.0", "train.save_every=2", "guardrails.non_finite.max_nan_steps=3",
+                     "rollout.prompts_per_step=2"])
     finally:
         del REWARDS["inf_later"]
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
-    assert err[0].startswith("ponder: training stopped: 3 non-finite losses in a row at step 5")
-    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["step-2"]
+    ckpt = tmp_path / "nan" / "checkpoints" / "step-2"
+    assert err[0] == ("ponder: training stopped: guardrail non_finite at step 5: non-finite losses in a row 3 >= 3 "
+                      "(guardrails.non_finite.max_nan_steps; those updates were skipped); the last good checkpoint is "
+                      f"{ckpt} (continue it with --resume, e.g. with a lower optim.lr and --allow-changes)")
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-2"]
     rows = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 1]
+    assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 1, 1]  # the stopping step is logged, not saved
+    assert [(e["guardrail"], e["action"]) for e in rows[-1]["guardrail_events"]] == [("non_finite", "stop")]
+    assert (tmp_path / "nan" / "report.html").is_file()
 
 
 def test_existing_run_is_not_overwritten(capsys, tmp_path, error_line):

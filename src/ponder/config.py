@@ -116,13 +116,88 @@ class TrainConfig:
     save_every: int = 50
     keep_last: int = 2
     log_samples: int = 4  # completions per step written to samples.jsonl
-    max_nan_steps: int = 5  # this many non-finite losses in a row stop the run
     threads: int = 0  # CPU threads for torch (0: torch's default)
     # where metrics and samples go besides metrics.jsonl / samples.jsonl: tensorboard, wandb, mlflow (ponder.metrics)
     log_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     reflection_words: list[str] = field(
         default_factory=lambda: ["wait", "verify", "check", "mistake", "however", "recheck"]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Guardrails (ponder.rl.guardrails, docs/guardrails.md): each a detector over figures the trainer already
+# logs, with an action. Each guardrail has its own class so that a recipe that sets one option keeps that
+# guardrail's other defaults. Relative thresholds compare with the run's own early median (the first
+# guardrails.baseline_steps steps) or its recent median (the last guardrails.window steps).
+
+Action = Literal["off", "warn", "lower_lr", "rollback", "stop"]
+
+
+@dataclass
+class EntropyCollapseGuard:
+    action: Action = "warn"
+    fraction: float = 0.1  # fires when the policy's entropy falls below this share of its early median
+
+
+@dataclass
+class KLSpikeGuard:
+    action: Action = "rollback"
+    factor: float = 10.0  # fires when the KL exceeds this multiple of its recent median ...
+    floor: float = 0.01  # ... and this value (no reference model: the KL is 0 and this never fires)
+
+
+@dataclass
+class ClipSpikeGuard:
+    action: Action = "rollback"
+    factor: float = 5.0  # fires when the clipped token share (low + high) exceeds this multiple of its recent median ...
+    floor: float = 0.05  # ... and this share (one update per batch clips nothing: never fires)
+
+
+@dataclass
+class LengthRunawayGuard:
+    action: Action = "warn"
+    share: float = 0.5  # fires when more than this share of completions is cut at rollout.max_new_tokens ...
+    factor: float = 2.0  # ... and more than this multiple of the early share (a run truncated from the start has not run away)
+
+
+@dataclass
+class RewardHackingGuard:
+    action: Action = "warn"
+    rise: float = 0.3  # fires when a reward other than accuracy has risen this much above its early median (window mean) ...
+    accuracy_ratio: float = 0.5  # ... while accuracy's window mean is at most this share of its early median
+
+
+@dataclass
+class RepetitionGuard:
+    action: Action = "warn"
+    min_repeats: int = 4  # a completion repeats itself when one non-blank line occurs this many times
+    share: float = 0.25  # fires when more than this share of completions repeat themselves ...
+    factor: float = 2.0  # ... and more than this multiple of the early share
+
+
+@dataclass
+class NonFiniteGuard:
+    action: Action = "stop"  # the update of a non-finite loss or gradient is always skipped; this acts on a streak
+    max_nan_steps: int = 5  # this many skipped updates in a row
+
+
+@dataclass
+class GuardrailsConfig:
+    baseline_steps: int = 5  # the first steps, whose medians the relative detectors compare with (none fires before)
+    window: int = 10  # recent steps: the spike detectors' median, the reward-hacking means
+    lr_factor: float = 0.5  # lower_lr and rollback multiply the learning rate by this
+    max_rollbacks: int = 3  # a rollback past this many in one run stops the run instead
+    entropy_collapse: EntropyCollapseGuard = field(default_factory=EntropyCollapseGuard)
+    kl_spike: KLSpikeGuard = field(default_factory=KLSpikeGuard)
+    clip_spike: ClipSpikeGuard = field(default_factory=ClipSpikeGuard)
+    length_runaway: LengthRunawayGuard = field(default_factory=LengthRunawayGuard)
+    reward_hacking: RewardHackingGuard = field(default_factory=RewardHackingGuard)
+    repetition: RepetitionGuard = field(default_factory=RepetitionGuard)
+    non_finite: NonFiniteGuard = field(default_factory=NonFiniteGuard)
+
+    def guards(self) -> dict:
+        """name -> that guardrail's settings, in the order they are checked."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if hasattr(getattr(self, f.name), "action")}
 
 
 @dataclass
@@ -149,6 +224,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -373,6 +449,27 @@ def validate(cfg) -> None:
         raise UserError("config rewards is empty; name at least one reward, e.g. rewards: {accuracy: 1.0}")
     if cfg.optim.token_budget is not None and cfg.optim.token_budget < 1:
         raise UserError("config optim.token_budget must be positive")
+    _validate_guardrails(cfg.guardrails)
     from ponder.metrics import check_log_to
 
     check_log_to(cfg.train.log_to)
+
+
+def _validate_guardrails(g: GuardrailsConfig) -> None:
+    def need(ok: bool, key: str, what: str):
+        if not ok:
+            raise UserError(f"config guardrails.{key} must be {what}")
+
+    need(g.baseline_steps >= 1, "baseline_steps", "at least 1")
+    need(g.window >= 1, "window", "at least 1")
+    need(0 < g.lr_factor < 1, "lr_factor", "between 0 and 1 (the learning rate is multiplied by it)")
+    need(g.max_rollbacks >= 0, "max_rollbacks", "0 or more")
+    need(0 < g.entropy_collapse.fraction < 1, "entropy_collapse.fraction", "between 0 and 1")
+    need(g.kl_spike.factor > 1, "kl_spike.factor", "above 1")
+    need(g.clip_spike.factor > 1, "clip_spike.factor", "above 1")
+    need(0 < g.length_runaway.share <= 1, "length_runaway.share", "in (0, 1]")
+    need(g.reward_hacking.rise > 0, "reward_hacking.rise", "positive")
+    need(0 <= g.reward_hacking.accuracy_ratio < 1, "reward_hacking.accuracy_ratio", "in [0, 1)")
+    need(g.repetition.min_repeats >= 2, "repetition.min_repeats", "at least 2")
+    need(0 < g.repetition.share <= 1, "repetition.share", "in (0, 1]")
+    need(g.non_finite.max_nan_steps >= 1, "non_finite.max_nan_steps", "at least 1")

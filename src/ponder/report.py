@@ -4,6 +4,8 @@ Curves over steps from metrics.jsonl (PNG images drawn by matplotlib's Agg rende
 completions from early and late in the run side by side (samples.jsonl) with think and answer set apart,
 the before/after evaluation table (eval_before.json, eval_after.json) and the resolved config.yaml.
 A series the run did not log, or that is 0 throughout (no KL term, nothing clipped), gets no plot.
+Guardrail firings (`guardrail_events` in metrics.jsonl, ponder.rl.guardrails) are marked on every curve
+and listed with what was done.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ PANELS = [
     ("reward (total and per reward function)", ["reward", "reward/"], False),
     ("accuracy and format rate", ["accuracy", "format_rate"], False),
     ("completion length (tokens)", ["completion_len/mean", "completion_len/max"], False),
+    ("truncated and repeating completions (share)", ["truncated_frac", "repeated_line_frac"], False),
     ("reflection-word rate", ["reflection_rate"], False),
     ("KL to the reference", ["kl"], False),
     ("entropy (nats per token)", ["entropy"], False),
@@ -61,10 +64,13 @@ def write_report(run_dir, out=None) -> Path:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     before, after = _load_json(run_dir / "eval_before.json"), _load_json(run_dir / "eval_after.json")
     data = series(rows, before)
+    events = guardrail_events(rows)
     config = run_dir / "config.yaml"
     name = run_dir.resolve().name
     body = [f"<h1>ponder run: {_esc(name)}</h1>", _summary(rows, data)]
-    plots, always_zero = _plots(data)
+    if events:
+        body.append(_events_table(events))
+    plots, always_zero = _plots(data, events)
     body.append("<h2>Curves</h2>" + ("".join(plots) if plots else "<p>No steps logged yet.</p>"))
     if always_zero:
         body.append(f"<p class='note'>0 at every step, not plotted: {_esc('; '.join(always_zero))}</p>")
@@ -94,7 +100,24 @@ def series(rows: list[dict], before: dict | None = None) -> dict[str, tuple[list
     return {k: (sorted(p), [p[s] for s in sorted(p)]) for k, p in points.items()}
 
 
-def _plots(data: dict) -> tuple[list[str], list[str]]:
+def guardrail_events(rows: list[dict]) -> list[dict]:
+    """Every guardrail firing the run logged, in step order (a resumed run's rows are already deduplicated)."""
+    return [e for r in rows for e in (r.get("guardrail_events") or []) if isinstance(e, dict)]
+
+
+def _events_table(events: list[dict]) -> str:
+    head = "<tr><th>step</th><th>guardrail</th><th>figure</th><th>value</th><th>threshold</th><th>action</th><th>what happened</th></tr>"
+    cells = []
+    for e in events:
+        example = f"<pre class='other'>{_esc(str(e['example']))}</pre>" if e.get("example") else ""
+        cells.append(f"<tr><td>{_esc(str(e.get('step')))}</td><td>{_esc(str(e.get('guardrail')))}</td><td>{_esc(str(e.get('figure')))}</td>"
+                     f"<td>{_fmt(e.get('value'))}</td><td>{_esc(str(e.get('op', '')))} {_fmt(e.get('threshold'))}</td>"
+                     f"<td>{_esc(str(e.get('action')))}</td><td class='event'>{_esc(str(e.get('message')))}{example}</td></tr>")
+    return (f"<h2>Guardrails fired ({len(events)})</h2><p class='note'>Marked on every curve below as dotted red lines.</p>"
+            f"<table class='events'>{head}{''.join(cells)}</table>")
+
+
+def _plots(data: dict, events: list[dict] = ()) -> tuple[list[str], list[str]]:
     """The <img> of every panel with data, and the panels left out for being 0 throughout."""
     panels = [(title, [k for pat in pats for k in data if k == pat or (pat.endswith("/") and k.startswith(pat))], stacked)
               for title, pats, stacked in PANELS]
@@ -111,11 +134,12 @@ def _plots(data: dict) -> tuple[list[str], list[str]]:
     # a panel whose every series is 0 throughout (no KL term, nothing clipped) is left out, with a note
     panels = [(t, {k: data[k] for k in keys}, st) for t, keys, st in panels if keys]
     zero = [not any(v for _, ys in curves.values() for v in ys) for _, curves, _ in panels]
-    return ([_plot(*p) for p, z in zip(panels, zero) if not z],
+    marks = sorted({e["step"] for e in events if _number(e.get("step"))})
+    return ([_plot(*p, marks=marks) for p, z in zip(panels, zero) if not z],
             [f"{t} ({', '.join(curves)})" for (t, curves, _), z in zip(panels, zero) if z])
 
 
-def _plot(title: str, curves: dict[str, tuple[list, list]], stacked: bool) -> str:
+def _plot(title: str, curves: dict[str, tuple[list, list]], stacked: bool, marks: list = ()) -> str:
     from matplotlib.figure import Figure  # no pyplot: no global state, rendered by Agg on savefig
 
     fig = Figure(figsize=(5.2, 3.2), dpi=100)
@@ -132,6 +156,8 @@ def _plot(title: str, curves: dict[str, tuple[list, list]], stacked: bool) -> st
                 ax.plot(xs, _running_mean(ys, max(3, len(ys) // 20)), color=f"C{i}", linestyle=LINESTYLES[i % 4], label=f"{key} (running mean)")
             else:  # few points (evaluations): each one marked
                 ax.plot(xs, ys, color=f"C{i}", linestyle=LINESTYLES[i % 4], label=key, marker="o" if len(xs) <= 12 else None, markersize=3)
+    for i, step in enumerate(marks):  # guardrail firings
+        ax.axvline(step, color="red", linestyle=":", linewidth=1.2, alpha=0.8, label="guardrail fired" if i == 0 else None)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=8)
@@ -266,6 +292,7 @@ pre.answer { background: #eafbea; border-left: 4px solid #3aa655; font-weight: b
 pre.other { background: #f6f6f6; border-left: 4px solid #bbb; }
 pre.think::before, pre.answer::before { display: block; font-size: .75em; color: #666; font-weight: normal; }
 pre.think::before { content: "think"; } pre.answer::before { content: "answer"; }
+table.events td.event { text-align: left; }
 .prompt { font-style: italic; margin-bottom: .2em; white-space: pre-wrap; }
 pre.config { background: #f6f6f6; }
 """

@@ -26,7 +26,7 @@ from ponder.errors import UserError
 
 # keys that change neither what a step computes nor what the run is: how long, how often, where figures go
 SAFE_ON_RESUME = {
-    "train": ("train.steps", "train.save_every", "train.keep_last", "train.log_samples", "train.max_nan_steps",
+    "train": ("train.steps", "train.save_every", "train.keep_last", "train.log_samples", "guardrails.non_finite.max_nan_steps",
               "train.threads", "train.log_to", "eval.every"),
     "sft": ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.log_samples",
             "train.sample_max_new_tokens", "train.max_nan_steps", "train.threads", "train.log_to"),
@@ -63,6 +63,8 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     if saved is None:
         return ResumeChanges()
     previous = saved.pop(CHANGES_KEY, None) or []
+    if command == "train":
+        _move_key(saved, "train.max_nan_steps", "guardrails.non_finite.max_nan_steps")
     try:  # fill in keys added to ponder since the run started, with their defaults
         saved = to_dict(build(type(cfg), saved))
     except UserError:
@@ -76,6 +78,23 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
                         "to continue with them (config.yaml records each change and the step it applies from), or "
                         f"leave them out. Safe to change on resume: {', '.join(safe)}")
     return ResumeChanges(previous if isinstance(previous, list) else [previous], changed)
+
+
+def _move_key(data: dict, old: str, new: str) -> None:
+    """A setting that has moved since the run started is read at its new place (a run's config.yaml is not a
+    recipe the user wrote, so it gets no error for it)."""
+    *head, last = old.split(".")
+    node = data
+    for part in head:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        return
+    value = node.pop(last)
+    *head, last = new.split(".")
+    node = data
+    for part in head:
+        node = node.setdefault(part, {})
+    node.setdefault(last, value)
 
 
 def record(run_dir: Path, changes: ResumeChanges, step: int) -> None:

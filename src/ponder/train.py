@@ -59,6 +59,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
             trainer.metrics.samples(step, trainer.sample_rows(trainer.last_groups, t.log_samples))
             if evaluating and cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
                 trainer.metrics.log(step, _flatten(_evaluate(trainer, f"step-{step}", quiet=True)))
+            if trainer.guardrails.stop_reason:  # logged, and not saved: the checkpoint before it is the one to use
+                _stop(trainer, main)
             # no checkpoint in a streak of skipped (non-finite) updates: the ones before it stay the last good ones
             if ((t.save_every and step % t.save_every == 0) or step == t.steps) and trainer.nan_streak == 0:
                 trainer.save()
@@ -80,6 +82,17 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
             console.print(f"report: {write_report(trainer.run_dir)}")
     trainer.metrics.close()
     return trainer
+
+
+def _stop(trainer, main: bool):
+    """End the run for a guardrail: the report (with the event marked) written, then the one-line reason."""
+    from ponder.errors import TrainingError
+    from ponder.report import write_report
+
+    trainer.metrics.close()
+    if main:
+        write_report(trainer.run_dir)
+    raise TrainingError(trainer.guardrails.stop_reason)
 
 
 def _evaluate(trainer, tag: str, quiet: bool = False):

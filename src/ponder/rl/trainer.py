@@ -22,16 +22,17 @@ import torch
 
 from ponder import checkpoint, distributed, models
 from ponder.config import RunConfig, to_dict
-from ponder.errors import TrainingError, UserError
+from ponder.errors import UserError
 from ponder.metrics import MetricsWriter, mean, reflection_rate
-from ponder.rewards.language import mixing_rate
 from ponder.optim import make_optimizer
 from ponder.rewards import RewardSet
 from ponder.rewards.format import STRICT_FORMAT
+from ponder.rewards.language import mixing_rate
+from ponder.rl import memory_plan
 from ponder.rl.advantages import advantages
 from ponder.rl.batching import Sample, pad_rows, per_row
 from ponder.rl.forward import PolicyPass, use_bf16, use_packed
-from ponder.rl import memory_plan
+from ponder.rl.guardrails import Guardrails, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
 from ponder.tasks import PromptSampler, mix
@@ -98,8 +99,10 @@ class GRPOTrainer:
         self._prompt_ids: dict[int, list[int]] = {}
         self.step_no, self.nan_streak, self._budget = 0, 0, None
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
+        self.guardrails = Guardrails(cfg.guardrails, announce=self.rank == 0)
         if self.state is not None:
             checkpoint.restore_training(self, self.state)
+            self.guardrails.load_state_dict(self.state.get("guardrails"))
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
@@ -120,7 +123,8 @@ class GRPOTrainer:
         self._maybe_reset_reference()
         timing["train"] = time.perf_counter() - t_train
         timing["total"] = time.perf_counter() - t0
-        return distributed.mean_metrics(self._step_metrics(all_groups, stats, timing))
+        m = distributed.mean_metrics(self._step_metrics(all_groups, stats, timing))
+        return self.guardrails.check(self, m)  # may warn, lower the lr, roll back, or ask the run to stop
 
     def learn(self, samples: list[Sample]) -> list[dict]:
         """`mu` passes over the step's samples, `minibatches` optimizer steps each; their figures."""
@@ -179,9 +183,7 @@ class GRPOTrainer:
         # every rank must skip alike: one rank's non-finite loss is everyone's
         if not (math.isfinite(distributed.sum_all(totals["loss"])) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skip the step; weights stay as they were
-            self.nan_streak += 1
-            if self.nan_streak >= self.cfg.train.max_nan_steps:
-                raise TrainingError(f"{self.nan_streak} non-finite losses in a row at step {self.step_no + 1}; lower optim.lr or check the rewards. The last good checkpoint is in {self.ckpt_dir}")
+            self.nan_streak += 1  # a streak is guardrails.non_finite's to act on
             return {**totals, "grad_norm": float("nan"), "skipped": 1.0}
         self.optimizer.step()
         self.nan_streak = 0
@@ -275,6 +277,7 @@ class GRPOTrainer:
             "truncated_frac": mean([float(s.truncated) for g in groups for s in g.samples]),
             "reflection_rate": reflection_rate(texts, self.cfg.train.reflection_words),
             "mixing_rate": mixing_rate(texts),  # chains with English and Chinese words (R1-Zero's language mixing)
+            "repeated_line_frac": mean([float(repeats_a_line(t, self.cfg.guardrails.repetition.min_repeats)) for t in texts]),
             "zero_var_groups_frac": mean([float(len(set(g.rewards)) == 1) for g in groups]),
             "groups_generated": len(groups),
             "loss": sum(s["loss"] for s in stats) / len(stats),
@@ -344,6 +347,7 @@ class GRPOTrainer:
     def save(self) -> None:
         state = checkpoint.training_state(self)
         state["ref"] = self.ref.state_dict() if (self.ref is not None and self.cfg.algorithm.ref_reset_every) else None
+        state["guardrails"] = self.guardrails.state_dict()
         if self.rank == 0:  # weights and optimizer are the same on every rank
             checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
         distributed.barrier()
