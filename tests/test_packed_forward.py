@@ -1,4 +1,4 @@
-"""The packed training pass (ponder.rl.packed) and the fused head (ponder.rl.fused_head) against the
+"""The packed training pass (ponder.rl.packed) and the fused head (ponder.kernels.head_logprobs) against the
 Hugging Face forward through full logits: values, entropies and gradients. CPU, float32, small random models."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from ponder.rl.batching import Sample, micro_batches
-from ponder.rl.fused_head import chunks, head_logprobs
+from ponder.kernels.head_logprobs import chunks, head_logprobs
 from ponder.rl.packed import pack, packed_logprobs, packed_micro_batches, padded_attention, seg_arange
 
 SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -202,7 +202,7 @@ def test_packed_micro_batches_keep_groups_together_within_the_budget():
 
 TRITON_CHECK = """
 import torch
-from ponder.rl import fused_head as fh
+from ponder.kernels import head_logprobs as fh
 g = torch.Generator().manual_seed(0)
 x = (torch.randn(5, 300, generator=g) * 3).to(torch.bfloat16)
 t = torch.tensor([0, 299, 7, 150, 42])
@@ -278,7 +278,7 @@ def test_lora_wrapped_projections_match_the_hf_forward():
 
 SWIGLU_CHECK = """
 import torch
-from ponder.rl.fused_swiglu import _agrees, triton_swiglu
+from ponder.kernels.swiglu import _agrees, triton_swiglu
 assert _agrees(torch.device("cpu"))
 g, u = torch.randn(3, 5000, dtype=torch.float32), torch.randn(3, 5000, dtype=torch.float32)
 assert torch.allclose(triton_swiglu(g, u), torch.nn.functional.silu(g) * u, atol=1e-5)
@@ -294,8 +294,8 @@ def test_triton_swiglu_matches_the_torch_math(triton_interpreter):
 
 ROPE_CHECK = """
 import torch
-from ponder.rl.fused_rope import _agrees, rope_qk
-from ponder.rollout.fast_kernels import rope
+from ponder.kernels.rope import _agrees, rope_qk
+from ponder.kernels.decode_step import rope
 assert _agrees(torch.device("cpu"))  # bf16, q a strided view, halves of cos/sin that differ
 g = torch.Generator().manual_seed(1)
 q, k = torch.randn(21, 3, 10, generator=g), torch.randn(21, 1, 10, generator=g)

@@ -8,8 +8,8 @@ projections and MLPs run on the stream. Attention gives a completion its prompt'
 - "varlen": torch's variable-length flash attention over the segments (CUDA; chosen after a trial);
 - "padded": the segments padded and masked for scaled_dot_product_attention (anywhere; the reference).
 Modules are the model's own, called as they are, so LoRA layers and in-place updates are seen. On CUDA
-the norms are compiled with their backward; SwiGLU (ponder.rl.fused_swiglu) and rotary (ponder.rl.fused_rope)
-are Triton kernels, each after a trial; the head is ponder.rl.fused_head.
+the norms are compiled with their backward; SwiGLU (ponder.kernels.swiglu) and rotary (ponder.kernels.rope)
+are Triton kernels, each after a trial; the head is ponder.kernels.head_logprobs.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ponder.rl.batching import Sample, to_device
-from ponder.rl.fused_head import head_logprobs as fused_head_logprobs
-from ponder.rl.fused_rope import rope_qk_fn
-from ponder.rl.fused_swiglu import swiglu_fn
+from ponder.kernels.head_logprobs import head_logprobs as fused_head_logprobs
+from ponder.kernels.rope import rope_qk_fn
+from ponder.kernels.swiglu import swiglu_fn
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
-from ponder.rollout.fast_kernels import add_rms, compile_each, rms, rope, swiglu
+from ponder.kernels.decode_step import add_rms, compile_each, rms, rope, swiglu
 from ponder.rollout.fast_model import describe, norm_args
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ponder.rollout import decode_attention as attention_kernel
-from ponder.rollout.fast_kernels import EAGER, kernels, row_keys
+from ponder.kernels import decode_attention as attention_kernel
+from ponder.kernels.decode_step import EAGER, kernels, row_keys
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ponder.rollout.fast_kernels import EAGER
+from ponder.kernels.decode_step import EAGER
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

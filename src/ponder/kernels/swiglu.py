@@ -14,7 +14,7 @@ try:
 except ImportError:
     triton = None
 
-from ponder.rollout.fast_kernels import trial
+from ponder.kernels.decode_step import trial
 
 BLOCK = 4096
 

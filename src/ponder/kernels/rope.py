@@ -18,7 +18,7 @@ try:
 except ImportError:
     triton = None
 
-from ponder.rollout.fast_kernels import rope, trial
+from ponder.kernels.decode_step import rope, trial
 
 TOKENS = 16  # tokens a program
 
