@@ -13,7 +13,7 @@ from ponder.models import load
 from ponder.models.tiny import char_tokenizer
 from ponder.rollout import SamplingParams, make_engine
 from ponder.rollout.fast import FastEngine
-from ponder.kernels.decode_step import cdf_agrees, cdf_pick, row_keys
+from ponder.kernels.sampler import cdf_agrees, cdf_pick, row_keys
 from ponder.rollout.fast_sampling import process_logits
 from ponder.rollout.hf import HFEngine
 
@@ -264,7 +264,7 @@ def test_user_mistakes_are_named():
 
 
 def test_int32_hash_gives_the_bits_of_lowbias32():
-    from ponder.kernels.decode_step import hash32, to_i32
+    from ponder.kernels.sampler import hash32, to_i32
 
     def lowbias32(x):  # Wellons' mixer on Python ints
         x ^= x >> 16
@@ -293,11 +293,12 @@ def test_triton_attention_option_generates_like_transformers():
 
 TRITON_CHILD = """
 import sys, torch
-from ponder.kernels import decode_step as fk
+from ponder.kernels.rope_store import triton_rope_store
+from ponder.kernels.sampler import triton_cdf_pick
 inp = torch.load(sys.argv[1])
-picks = [fk.triton_cdf_pick(inp["logits"], inp["keys"], t, splits=3, block=256) for t in (1.0, 1 / 0.7)]
+picks = [triton_cdf_pick(inp["logits"], inp["keys"], t, splits=3, block=256) for t in (1.0, 1 / 0.7)]
 q, k, v, cos, sin, pos, cache, table = inp["rope"]
-q = fk.triton_rope_store(q, k, v, cos, sin, pos, cache[1], table)
+q = triton_rope_store(q, k, v, cos, sin, pos, cache[1], table)
 torch.save(dict(picks=picks, q=q, cache=cache), sys.argv[2])
 """
 
@@ -322,7 +323,7 @@ def rope_case():
 def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path, triton_interpreter):
     """The Triton sampler and rotary + cache write (CUDA's defaults when they pass their trials), run by
     Triton's interpreter in a child process (the interpreter must be on before Triton is imported)."""
-    from ponder.kernels.decode_step import rope_kv
+    from ponder.kernels.rope import rope_kv
 
     logits, keys = sampler_case()
     inp, out = tmp_path / "in.pt", tmp_path / "out.pt"
@@ -360,7 +361,7 @@ def test_idle_cache_lent_out_and_scribbled_over_changes_no_output():
 
 
 def test_a_piece_the_compiler_fails_on_runs_eagerly_with_one_notice(capsys):
-    from ponder.kernels.decode_step import compile_each
+    from ponder.kernels.trials import compile_each
 
     def broken(x):
         raise RuntimeError("not compilable here")

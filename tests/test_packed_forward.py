@@ -294,13 +294,12 @@ def test_triton_swiglu_matches_the_torch_math(triton_interpreter):
 
 ROPE_CHECK = """
 import torch
-from ponder.kernels.rope import _agrees, rope_qk
-from ponder.kernels.decode_step import rope
+from ponder.kernels.rope import _agrees, rope, triton_rope_qk
 assert _agrees(torch.device("cpu"))  # bf16, q a strided view, halves of cos/sin that differ
 g = torch.Generator().manual_seed(1)
 q, k = torch.randn(21, 3, 10, generator=g), torch.randn(21, 1, 10, generator=g)
 ang = torch.rand(21, 1, 10, generator=g) * 6
-got = rope_qk(q, k, ang.cos(), ang.sin())
+got = triton_rope_qk(q, k, ang.cos(), ang.sin())
 assert all(torch.allclose(a, rope(x, ang.cos(), ang.sin()), atol=1e-6) for a, x in zip(got, (q, k)))
 print("ok")
 """
