@@ -11,8 +11,7 @@ import sys
 import torch
 
 try:
-    import triton
-    import triton.language as tl
+    import triton  # only whether it is there: a Triton piece is tried only then
 except ImportError:
     triton = None
 
