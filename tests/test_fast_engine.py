@@ -4,7 +4,7 @@
 import pytest
 import torch
 from transformers import (
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+    ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
     Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
@@ -13,6 +13,7 @@ from ponder.models import load
 from ponder.models.tiny import char_tokenizer
 from ponder.rollout import SamplingParams, make_engine
 from ponder.rollout.fast import FastEngine
+from ponder.kernels.arch import describe
 from ponder.kernels.sampler import cdf_agrees, cdf_pick, row_keys
 from ponder.rollout.fast_sampling import process_logits
 from ponder.rollout.hf import HFEngine
@@ -46,6 +47,7 @@ def models():
     yield "qwen2", seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
     yield "qwen3", seeded(1, lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=False)))
     yield "mistral", seeded(0, lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)))
+    yield "arcee", seeded(0, lambda: ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))  # no gate_proj
 
 
 PROMPTS = ["Q: 12+7=", "a", "The quick brown fox jumps", "xyz xyz", "count: 1 2 3 4 5 6 7 8 9"]
@@ -74,6 +76,7 @@ def test_greedy_equals_transformers_generate_with_mixed_lengths_and_eos(name, mo
     eos = set_eos_mid_generation(model, prompts)
     params = SamplingParams(n=2, temperature=0, max_tokens=14)
     ref = HFEngine(model, TOK).generate(prompts, params)
+    assert describe(model)[0] is not None, describe(model)[1]  # the fast path itself, not a fallback to HF
     # sync every 2 steps and buckets down to 1: finished rows leave the batch (compaction runs)
     got = FastEngine(model, TOK, sync_every=2, min_bucket=1).generate(prompts, params)
     # the HF engine drops pad tokens from unfinished answers, so the comparison needs answers without them

@@ -3,7 +3,10 @@ Hugging Face forward through full logits: values, entropies and gradients. CPU, 
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from ponder.rl.batching import Sample, micro_batches
 from ponder.kernels.head_logprobs import chunks, head_logprobs
@@ -30,6 +33,8 @@ def build(kind):
         return randomized(Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
     if kind == "qwen3":
         return randomized(Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=False)))
+    if kind == "arcee":  # a gateless ReLU-squared MLP
+        return randomized(ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))
     return randomized(LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
 
 
@@ -101,7 +106,7 @@ def test_padded_attention_equals_attention_by_hand():
     torch.testing.assert_close(out, want)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
     model = build(kind)

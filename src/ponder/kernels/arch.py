@@ -7,7 +7,8 @@ or says why the model is not one of FAMILIES; a family with the same layout is o
 
 Every family below has the Llama layout: model.embed_tokens, model.layers[i] with input_layernorm,
 self_attn.{q,k,v,o}_proj (Qwen3 adds q_norm and k_norm per head), post_attention_layernorm and
-mlp.{gate,up,down}_proj, then model.norm, model.rotary_emb and the output embeddings as head.
+mlp.{gate,up,down}_proj, then model.norm, model.rotary_emb and the output embeddings as head. An MLP
+without gate_proj (Arcee: up, ReLU squared, down) is called as the model's own module by both passes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FAMILIES = {
     "qwen2": Family(),
     "qwen3": Family(),
     "mistral": Family(always_sliding=True),
+    "arcee": Family(),  # Arcee AFM: the Llama layout with a gateless ReLU-squared MLP
 }
 SUPPORTED = tuple(FAMILIES)
 
