@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from ponder.rollout import decode_attention as da
+from ponder.kernels import decode_attention as da
 
 SHAPES = {"0.5b": (2, 7, 64), "1.5b": (2, 6, 128), "7b": (4, 7, 128)}  # kv heads, query heads per kv head, head dim
 

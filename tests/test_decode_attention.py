@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from ponder.rollout import decode_attention as da
+from ponder.kernels import decode_attention as da
 
 
 def by_hand(q, k, v, pos, scale):

@@ -4,7 +4,7 @@
 import pytest
 import torch
 from transformers import (
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+    ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
     Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
@@ -13,7 +13,8 @@ from ponder.models import load
 from ponder.models.tiny import char_tokenizer
 from ponder.rollout import SamplingParams, make_engine
 from ponder.rollout.fast import FastEngine
-from ponder.rollout.fast_kernels import cdf_agrees, cdf_pick, row_keys
+from ponder.kernels.arch import describe
+from ponder.kernels.sampler import cdf_agrees, cdf_pick, row_keys
 from ponder.rollout.fast_sampling import process_logits
 from ponder.rollout.hf import HFEngine
 
@@ -46,6 +47,7 @@ def models():
     yield "qwen2", seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
     yield "qwen3", seeded(1, lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=False)))
     yield "mistral", seeded(0, lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)))
+    yield "arcee", seeded(0, lambda: ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))  # no gate_proj
 
 
 PROMPTS = ["Q: 12+7=", "a", "The quick brown fox jumps", "xyz xyz", "count: 1 2 3 4 5 6 7 8 9"]
@@ -74,6 +76,7 @@ def test_greedy_equals_transformers_generate_with_mixed_lengths_and_eos(name, mo
     eos = set_eos_mid_generation(model, prompts)
     params = SamplingParams(n=2, temperature=0, max_tokens=14)
     ref = HFEngine(model, TOK).generate(prompts, params)
+    assert describe(model)[0] is not None, describe(model)[1]  # the fast path itself, not a fallback to HF
     # sync every 2 steps and buckets down to 1: finished rows leave the batch (compaction runs)
     got = FastEngine(model, TOK, sync_every=2, min_bucket=1).generate(prompts, params)
     # the HF engine drops pad tokens from unfinished answers, so the comparison needs answers without them
@@ -264,7 +267,7 @@ def test_user_mistakes_are_named():
 
 
 def test_int32_hash_gives_the_bits_of_lowbias32():
-    from ponder.rollout.fast_kernels import hash32, to_i32
+    from ponder.kernels.sampler import hash32, to_i32
 
     def lowbias32(x):  # Wellons' mixer on Python ints
         x ^= x >> 16
@@ -293,11 +296,12 @@ def test_triton_attention_option_generates_like_transformers():
 
 TRITON_CHILD = """
 import sys, torch
-from ponder.rollout import fast_kernels as fk
+from ponder.kernels.rope_store import triton_rope_store
+from ponder.kernels.sampler import triton_cdf_pick
 inp = torch.load(sys.argv[1])
-picks = [fk.triton_cdf_pick(inp["logits"], inp["keys"], t, splits=3, block=256) for t in (1.0, 1 / 0.7)]
+picks = [triton_cdf_pick(inp["logits"], inp["keys"], t, splits=3, block=256) for t in (1.0, 1 / 0.7)]
 q, k, v, cos, sin, pos, cache, table = inp["rope"]
-q = fk.triton_rope_store(q, k, v, cos, sin, pos, cache[1], table)
+q = triton_rope_store(q, k, v, cos, sin, pos, cache[1], table)
 torch.save(dict(picks=picks, q=q, cache=cache), sys.argv[2])
 """
 
@@ -322,7 +326,7 @@ def rope_case():
 def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path, triton_interpreter):
     """The Triton sampler and rotary + cache write (CUDA's defaults when they pass their trials), run by
     Triton's interpreter in a child process (the interpreter must be on before Triton is imported)."""
-    from ponder.rollout.fast_kernels import rope_kv
+    from ponder.kernels.rope import rope_kv
 
     logits, keys = sampler_case()
     inp, out = tmp_path / "in.pt", tmp_path / "out.pt"
@@ -360,7 +364,7 @@ def test_idle_cache_lent_out_and_scribbled_over_changes_no_output():
 
 
 def test_a_piece_the_compiler_fails_on_runs_eagerly_with_one_notice(capsys):
-    from ponder.rollout.fast_kernels import compile_each
+    from ponder.kernels.trials import compile_each
 
     def broken(x):
         raise RuntimeError("not compilable here")

@@ -1,12 +1,15 @@
-"""The packed training pass (ponder.rl.packed) and the fused head (ponder.rl.fused_head) against the
+"""The packed training pass (ponder.rl.packed) and the fused head (ponder.kernels.head_logprobs) against the
 Hugging Face forward through full logits: values, entropies and gradients. CPU, float32, small random models."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from ponder.rl.batching import Sample, micro_batches
-from ponder.rl.fused_head import chunks, head_logprobs
+from ponder.kernels.head_logprobs import chunks, head_logprobs
 from ponder.rl.packed import pack, packed_logprobs, packed_micro_batches, padded_attention, seg_arange
 
 SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -30,6 +33,8 @@ def build(kind):
         return randomized(Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
     if kind == "qwen3":
         return randomized(Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=False)))
+    if kind == "arcee":  # a gateless ReLU-squared MLP
+        return randomized(ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))
     return randomized(LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
 
 
@@ -101,7 +106,7 @@ def test_padded_attention_equals_attention_by_hand():
     torch.testing.assert_close(out, want)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
     model = build(kind)
@@ -202,7 +207,7 @@ def test_packed_micro_batches_keep_groups_together_within_the_budget():
 
 TRITON_CHECK = """
 import torch
-from ponder.rl import fused_head as fh
+from ponder.kernels import head_logprobs as fh
 g = torch.Generator().manual_seed(0)
 x = (torch.randn(5, 300, generator=g) * 3).to(torch.bfloat16)
 t = torch.tensor([0, 299, 7, 150, 42])
@@ -278,7 +283,7 @@ def test_lora_wrapped_projections_match_the_hf_forward():
 
 SWIGLU_CHECK = """
 import torch
-from ponder.rl.fused_swiglu import _agrees, triton_swiglu
+from ponder.kernels.swiglu import _agrees, triton_swiglu
 assert _agrees(torch.device("cpu"))
 g, u = torch.randn(3, 5000, dtype=torch.float32), torch.randn(3, 5000, dtype=torch.float32)
 assert torch.allclose(triton_swiglu(g, u), torch.nn.functional.silu(g) * u, atol=1e-5)
@@ -294,13 +299,12 @@ def test_triton_swiglu_matches_the_torch_math(triton_interpreter):
 
 ROPE_CHECK = """
 import torch
-from ponder.rl.fused_rope import _agrees, rope_qk
-from ponder.rollout.fast_kernels import rope
+from ponder.kernels.rope import _agrees, rope, triton_rope_qk
 assert _agrees(torch.device("cpu"))  # bf16, q a strided view, halves of cos/sin that differ
 g = torch.Generator().manual_seed(1)
 q, k = torch.randn(21, 3, 10, generator=g), torch.randn(21, 1, 10, generator=g)
 ang = torch.rand(21, 1, 10, generator=g) * 6
-got = rope_qk(q, k, ang.cos(), ang.sin())
+got = triton_rope_qk(q, k, ang.cos(), ang.sin())
 assert all(torch.allclose(a, rope(x, ang.cos(), ang.sin()), atol=1e-6) for a, x in zip(got, (q, k)))
 print("ok")
 """

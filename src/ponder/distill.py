@@ -19,6 +19,7 @@ from rich.console import Console
 
 from ponder.config import to_dict
 from ponder.errors import UserError
+from ponder.runtime import dump_yaml
 from ponder.sample import SampleConfig
 from ponder.sft.config import SFTConfig
 
@@ -82,7 +83,7 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
     if started and not resume:
         raise UserError(f"run directory {run} already holds distill stages; pass --resume to continue it, or choose another name (name=...)")
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(_yaml(to_dict(cfg)))
+    (run / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
     out = {}
     for s in STAGES if stage is None else (stage,):
         if done[s]:
@@ -122,9 +123,3 @@ def _sft_stage(cfg: DistillConfig, quiet: bool, resume: bool) -> dict:
 
 
 STAGE_FNS = {"sample": _sample_stage, "sft": _sft_stage}
-
-
-def _yaml(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ponder.errors import UserError
-from ponder.rl.forward import use_bf16
+from ponder.runtime import use_bf16
 from ponder.tasks.corpus import CorpusConfig, corpus_text
 
 

@@ -137,8 +137,8 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     import torch
 
     from ponder.models import load
-    from ponder.rl.trainer import pick_device
     from ponder.rollout import SamplingParams, make_engine
+    from ponder.runtime import pick_device
     from ponder.tasks import load_examples
     from ponder.templates import render
 

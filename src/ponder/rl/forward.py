@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ponder.errors import UserError
 from ponder.rl import packed
 from ponder.rl.batching import Sample, Tensors, micro_batches, to_tensors
 from ponder.rl.logprobs import shared_prefix_length, token_logprobs
+from ponder.runtime import autocast
 
 MIN_SHARED_PREFIX = 32  # below this, one forward over whole rows is as cheap
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """`train.precision`: bf16 always, or auto (bf16 autocast on CUDA, fp32 on CPU)."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def autocast(device: torch.device, bf16: bool):
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def completion_logprobs(model, t: Tensors, *, bf16: bool = False, with_entropy: bool = False, temperature: float = 1.0):

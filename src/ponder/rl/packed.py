@@ -7,9 +7,9 @@ projections and MLPs run on the stream. Attention gives a completion its prompt'
 (gathered, so the gradients of the G rows sum into the one prompt) followed by its own, causally:
 - "varlen": torch's variable-length flash attention over the segments (CUDA; chosen after a trial);
 - "padded": the segments padded and masked for scaled_dot_product_attention (anywhere; the reference).
-Modules are the model's own, called as they are, so LoRA layers and in-place updates are seen. On CUDA
-the norms are compiled with their backward; SwiGLU (ponder.rl.fused_swiglu) and rotary (ponder.rl.fused_rope)
-are Triton kernels, each after a trial; the head is ponder.rl.fused_head.
+Modules are the model's own, called as they are, so LoRA layers and in-place updates are seen. The norms,
+rotary and SwiGLU are ponder.kernels.training_step's pieces (compiled or Triton on CUDA, each after a trial);
+the head is ponder.kernels.head_logprobs; the model's layout is read through ponder.kernels.arch.
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ponder.kernels.arch import describe, norm_args
+from ponder.kernels.head_logprobs import head_logprobs as fused_head_logprobs
+from ponder.kernels.training_step import pieces
 from ponder.rl.batching import Sample, to_device
-from ponder.rl.fused_head import head_logprobs as fused_head_logprobs
-from ponder.rl.fused_rope import rope_qk_fn
-from ponder.rl.fused_swiglu import swiglu_fn
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
-from ponder.rollout.fast_kernels import add_rms, compile_each, rms, rope, swiglu
-from ponder.rollout.fast_model import describe, norm_args
 
 
 def packed_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
@@ -223,33 +221,6 @@ def _agrees(fn, ref, device) -> bool:
         weights = torch.linspace(-1, 1, o.numel(), device=device).view_as(o)  # a loss that weighs every output
         outs.append((o, *torch.autograd.grad((o.float() * weights).sum(), (q, k, v))))
     return all(torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2) for a, b in zip(*outs))
-
-
-# --------------------------------------------------------------------------------------- fused pieces
-def rope_qk(q, k, cos, sin):
-    return rope(q, cos, sin), rope(k, cos, sin)
-
-
-EAGER = dict(rms=rms, add_rms=add_rms, rope_qk=rope_qk, swiglu=swiglu)
-
-
-def pieces(device: torch.device) -> dict:
-    """EAGER compiled with their backward on CUDA (each after a forward + backward trial), eager elsewhere."""
-    if device.type != "cuda":
-        return EAGER
-    if "pieces" not in _chosen:
-        x = torch.randn(64, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
-        w = torch.ones(256, device=device, dtype=torch.bfloat16, requires_grad=True)
-        h = x.view(64, 4, 64)
-        cs = torch.randn(64, 1, 64, device=device, dtype=torch.bfloat16)
-        trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope_qk=(h, h, cs, cs), swiglu=(x, x))
-        # hand-written passes where they run (H200, per layer of a 45,000-token micro-batch): SwiGLU forward
-        # 0.41 ms and backward 1.13 ms against 0.65 and 1.23 ms compiled; rotary, see fused_rope
-        hand = {"swiglu": swiglu_fn(device), "rope_qk": rope_qk_fn(device)}
-        hand = {k: f for k, f in hand.items() if f is not None}
-        _chosen["pieces"] = compile_each({k: f for k, f in EAGER.items() if k not in hand}, trial, "packed forward",
-                                         backward=True) | hand
-    return _chosen["pieces"]
 
 
 # ------------------------------------------------------------------------------------------------ forward

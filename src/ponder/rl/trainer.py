@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ponder import checkpoint, distributed, models
@@ -31,26 +29,13 @@ from ponder.rewards.language import mixing_rate
 from ponder.rl import memory_plan
 from ponder.rl.advantages import advantages
 from ponder.rl.batching import Sample, pad_rows, per_row
-from ponder.rl.forward import PolicyPass, use_bf16, use_packed
+from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rl.guardrails import Guardrails, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
+from ponder.runtime import dump_yaml, pick_device, set_seed, use_bf16
 from ponder.tasks import PromptSampler, mix
 from ponder.templates import render
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
 @dataclass
@@ -105,7 +90,7 @@ class GRPOTrainer:
             self.guardrails.load_state_dict(self.state.get("guardrails"))
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
+            (self.run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0, enabled=self.rank == 0,
                                      log_to=cfg.train.log_to, config=to_dict(cfg))
 
@@ -378,9 +363,3 @@ def _columns(examples: list[dict]) -> list[str]:
     for ex in examples:
         keys.update(dict.fromkeys(k for k in ex if k != "prompt"))
     return list(keys)
-
-
-def _yaml(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)

@@ -41,8 +41,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ponder.errors import UserError
 from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, truncate_at_stop
-from ponder.rollout.fast_model import EOS_SLOTS, Forward, describe
-from ponder.rollout.fast_kernels import row_keys
+from ponder.kernels.arch import describe
+from ponder.kernels.sampler import row_keys
+from ponder.rollout.fast_model import EOS_SLOTS, Forward
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import join
 from ponder.rollout.schedule import Schedule

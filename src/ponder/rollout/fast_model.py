@@ -10,57 +10,17 @@ prompts need no padding in the cache, and samples of one prompt can share the bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from ponder.rollout import decode_attention as attention_kernel
-from ponder.rollout.fast_kernels import EAGER, kernels, row_keys
+from ponder.kernels import decode_attention as attention_kernel
+from ponder.kernels.arch import Arch, norm_args
+from ponder.kernels.decode_step import EAGER, kernels
+from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 EOS_SLOTS = 8  # end-of-sequence ids the captured step checks
-
-
-@dataclass
-class Arch:
-    backbone: torch.nn.Module
-    head: torch.nn.Module
-    n_heads: int
-    n_kv: int
-    head_dim: int
-    scaling: float
-    window: int | None  # sliding-window size, if any layer uses one
-
-
-def describe(model) -> tuple[Arch | None, str]:
-    """The pieces the fast forward needs, or (None, why not)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = inner.config
-    if cfg.model_type not in SUPPORTED:
-        return None, f"architecture '{cfg.model_type}' is not one of {', '.join(SUPPORTED)}"
-    backbone = getattr(inner, "model", None)
-    head = inner.get_output_embeddings()
-    try:
-        attn = backbone.layers[0].self_attn
-        needed = (backbone.embed_tokens, backbone.norm, backbone.rotary_emb, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-    except AttributeError as e:
-        return None, f"unexpected module layout ({e})"
-    if head is None or any(m is None for m in needed):
-        return None, "unexpected module layout"
-    window = None
-    if cfg.model_type == "mistral" or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
-        window = getattr(cfg, "sliding_window", None)
-    return Arch(
-        backbone, head, cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, attn.scaling, window
-    ), ""
-
-
-def norm_args(norm):
-    """(weight, eps) of an HF RMSNorm module."""
-    return norm.weight, getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
 
 
 class Forward:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ponder.rollout.fast_kernels import EAGER
+from ponder.kernels.decode_step import EAGER
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -28,7 +28,7 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
 
 def sample(logits, temperature, top_k, top_p, keys, want_logprobs: bool, kernels=EAGER):
     """[B, V] logits -> tokens [B] and, when asked, their log-probabilities under the sampling distribution.
-    `keys` [B] (see fast_kernels.row_keys) fix the random draw of each row."""
+    `keys` [B] (see ponder.kernels.sampler.row_keys) fix the random draw of each row."""
     if temperature == 0:
         tokens, logprobs = kernels["greedy_pick"](logits, keys, 1.0)
     elif not 0 < top_k < logits.shape[-1] and top_p >= 1.0:  # plain sampling: no sort (on CUDA, two Triton kernels)

@@ -19,7 +19,7 @@ from collections import deque
 import torch
 
 from ponder.errors import UserError
-from ponder.rollout.fast_kernels import row_keys
+from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.kv_blocks import Blocks
 

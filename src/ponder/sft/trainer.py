@@ -19,8 +19,7 @@ from ponder.config import to_dict
 from ponder.errors import TrainingError
 from ponder.metrics import MetricsWriter
 from ponder.optim import make_optimizer
-from ponder.rl.forward import autocast, use_bf16
-from ponder.rl.trainer import _yaml, pick_device, set_seed
+from ponder.runtime import autocast, dump_yaml, pick_device, set_seed, use_bf16
 from ponder.sft.config import SFTConfig
 from ponder.sft.data import load_data
 from ponder.sft.packing import collate, loss_sum, micro_batches, pack
@@ -52,7 +51,7 @@ class SFTTrainer:
         if self.state is not None:
             checkpoint.restore_training(self, self.state)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
+        (self.run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0,
                                      log_to=cfg.train.log_to, config=to_dict(cfg))
 

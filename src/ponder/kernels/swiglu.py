@@ -1,12 +1,13 @@
-"""SwiGLU of the training pass, silu(gate) * up, as two Triton kernels: one pass over the two inputs in
-forward, one in backward that gives both gradients. The MLP's activations are the largest tensors of the
-packed pass ([tokens, intermediate] each), so these passes are bound by memory traffic alone.
+"""SwiGLU, silu(gate) * up: the torch math, and the training pass's as two Triton kernels: one pass over
+the two inputs in forward, one in backward that gives both gradients. The MLP's activations are the largest
+tensors of the packed pass ([tokens, intermediate] each), so these passes are bound by memory traffic alone.
 `swiglu_fn(device)` gives this op where Triton runs and agrees with the torch math in a trial, else None.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -14,9 +15,14 @@ try:
 except ImportError:
     triton = None
 
-from ponder.rollout.fast_kernels import trial
+from ponder.kernels.trials import trial
 
 BLOCK = 4096
+
+
+def swiglu(g, u):
+    return F.silu(g) * u
+
 
 if triton is not None:
 

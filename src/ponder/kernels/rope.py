@@ -1,10 +1,11 @@
-"""Rotary embedding of the training pass's q and k as Triton kernels, forward and backward.
+"""Rotary position embedding: the torch math, and the training pass's q and k as Triton kernels (forward and
+backward).
 
 q comes as a strided view of the joined q|k|v product ([tokens, heads, dim] with a row stride of the
 whole product), and the compiled rotary with dynamic shapes moved such a view at about 0.5 TB/s (H200,
 45,000 tokens x 14 heads: 0.30 ms forward, 0.24 ms backward a layer). Here one program takes a block of
 tokens, all heads and both halves of the head dim, so every byte is read once with unit stride.
-`rope_qk_fn(device)` gives rope_qk(q, k, cos, sin) where Triton runs and agrees with the torch math in a
+`rope_qk_fn(device)` gives triton_rope_qk(q, k, cos, sin) where Triton runs and agrees with the torch math in a
 trial, else None.
 """
 
@@ -18,7 +19,22 @@ try:
 except ImportError:
     triton = None
 
-from ponder.rollout.fast_kernels import rope, trial
+from ponder.kernels.trials import trial
+
+
+def rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def rope_kv(q, k, v, cos, sin):
+    """Rotary on q and k, and k and v stacked [B, 2, kv heads, D] for one write into the cache."""
+    return rope(q, cos, sin), torch.stack((rope(k, cos, sin), v), 1)
+
+
+def rope_qk(q, k, cos, sin):
+    return rope(q, cos, sin), rope(k, cos, sin)
+
 
 TOKENS = 16  # tokens a program
 
@@ -79,8 +95,8 @@ class _RopeQK(torch.autograd.Function):
         return _launch(dq, cos, sin, True), _launch(dk, cos, sin, True), None, None
 
 
-def rope_qk(q, k, cos, sin):
-    """packed.rope_qk's contract: q [N, heads, D], k [N, kv heads, D], cos/sin [N, 1, D] (positions carry
+def triton_rope_qk(q, k, cos, sin):
+    """rope_qk's contract: q [N, heads, D], k [N, kv heads, D], cos/sin [N, 1, D] (positions carry
     no gradient)."""
     cos, sin = (t.reshape(t.shape[0], t.shape[-1]) for t in (cos, sin))
     if cos.stride(-1) != 1:
@@ -91,7 +107,7 @@ def rope_qk(q, k, cos, sin):
 def rope_qk_fn(device: torch.device):
     if device.type != "cuda" or triton is None:
         return None
-    return rope_qk if trial(lambda: _agrees(device), "the Triton rotary failed its trial; it runs compiled",
+    return triton_rope_qk if trial(lambda: _agrees(device), "the Triton rotary failed its trial; it runs compiled",
                             "packed forward") else None
 
 
@@ -104,7 +120,7 @@ def _agrees(device) -> bool:
     ang = torch.rand((37, 12), generator=g, device=device) * 6
     cos, sin = (torch.cat([f(ang), f(ang * 0.5)], -1).to(torch.bfloat16)[:, None] for f in (torch.cos, torch.sin))
     outs = []
-    for fn in (rope_qk, lambda q, k, c, s: (rope(q, c, s), rope(k, c, s))):
+    for fn in (triton_rope_qk, rope_qk):
         a, b = fn(q, k, cos, sin)
         w = torch.linspace(-1, 1, a.numel() + b.numel(), device=device)
         loss = (a.float().reshape(-1) * w[: a.numel()]).sum() + (b.float().reshape(-1) * w[a.numel():]).sum()

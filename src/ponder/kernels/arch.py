@@ -1,0 +1,78 @@
+"""What the fast engine and the packed training pass read of a model: one description per model family.
+
+Both run a model's own modules in their own order (the decode step and the packed stream), so each must
+know where a family keeps its embeddings, norms, projections, rotary module and head, and what its
+attention looks like (heads, head dim, scaling, sliding window). `describe(model)` gives that as an Arch,
+or says why the model is not one of FAMILIES; a family with the same layout is one more entry there.
+
+Every family below has the Llama layout: model.embed_tokens, model.layers[i] with input_layernorm,
+self_attn.{q,k,v,o}_proj (Qwen3 adds q_norm and k_norm per head), post_attention_layernorm and
+mlp.{gate,up,down}_proj, then model.norm, model.rotary_emb and the output embeddings as head. An MLP
+without gate_proj (Arcee: up, ReLU squared, down) is called as the model's own module by both passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (a config's model_type). `always_sliding`: every layer attends within
+    config.sliding_window (Mistral); otherwise only the layers config.layer_types marks "sliding_attention"
+    (Qwen2 and Qwen3 when use_sliding_window is set), and the window is then the model's as a whole."""
+
+    always_sliding: bool = False
+
+
+FAMILIES = {
+    "llama": Family(),
+    "qwen2": Family(),
+    "qwen3": Family(),
+    "mistral": Family(always_sliding=True),
+    "arcee": Family(),  # Arcee AFM: the Llama layout with a gateless ReLU-squared MLP
+}
+SUPPORTED = tuple(FAMILIES)
+
+
+@dataclass
+class Arch:
+    backbone: torch.nn.Module
+    head: torch.nn.Module
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    scaling: float
+    window: int | None  # sliding-window size, if any layer uses one
+
+
+def describe(model) -> tuple[Arch | None, str]:
+    """The pieces the fast forward and the packed pass need, or (None, why not). A PEFT model is described
+    by its base model (its LoRA layers are the modules found there)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = inner.config
+    family = FAMILIES.get(cfg.model_type)
+    if family is None:
+        return None, f"architecture '{cfg.model_type}' is not one of {', '.join(SUPPORTED)}"
+    backbone = getattr(inner, "model", None)
+    head = inner.get_output_embeddings()
+    try:
+        attn = backbone.layers[0].self_attn
+        needed = (backbone.embed_tokens, backbone.norm, backbone.rotary_emb, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+    except AttributeError as e:
+        return None, f"unexpected module layout ({e})"
+    if head is None or any(m is None for m in needed):
+        return None, "unexpected module layout"
+    window = None
+    if family.always_sliding or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        window = getattr(cfg, "sliding_window", None)
+    return Arch(
+        backbone, head, cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, attn.scaling, window
+    ), ""
+
+
+def norm_args(norm):
+    """(weight, eps) of an HF RMSNorm module."""
+    return norm.weight, getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))

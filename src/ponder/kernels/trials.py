@@ -1,0 +1,47 @@
+"""Each fused piece runs only where it works: compiled or hand-written after a trial, the torch twin otherwise.
+
+A compiler or Triton failure on some GPU or driver must cost speed, never a run: every piece here has a
+torch twin with the same math, and the notice names what fell back.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+try:
+    import triton  # only whether it is there: a Triton piece is tried only then
+except ImportError:
+    triton = None
+
+
+def compile_each(funcs: dict, trials: dict, who: str, backward: bool = False) -> dict:
+    """Each function compiled (dynamic shapes, one graph) when a call on its trial arguments runs, and with
+    `backward` its backward too; the eager function otherwise, with one notice naming those."""
+    out, failed = {}, []
+    for name, f in funcs.items():
+        try:
+            fn = torch.compile(f, dynamic=True, fullgraph=True)
+            res = fn(*trials[name])
+            if backward:
+                sum(r.float().sum() for r in (res if isinstance(res, tuple) else (res,))).backward()
+            out[name] = fn
+        except Exception:  # noqa: BLE001  (any compiler failure: that piece runs eagerly)
+            out[name], failed = f, failed + [name]
+    if failed:
+        print(f"ponder: {who}: torch.compile failed for {', '.join(failed)}; those run unfused", file=sys.stderr)
+    return out
+
+
+def trial(check, notice: str, who: str = "fast engine") -> bool:
+    """Whether `check()` (a Triton piece run beside its torch twin) runs and agrees; one notice if not."""
+    if triton is None:
+        return False
+    try:
+        if check():
+            return True
+    except Exception:  # noqa: BLE001  (any compiler or launch failure: the torch piece stays)
+        pass
+    print(f"ponder: {who}: {notice}", file=sys.stderr)
+    return False
