@@ -246,6 +246,7 @@ class FastEngine(RolloutEngine):
         cap = self.worst if self.kv_blocks is None else max(2, min(self.worst, self.kv_blocks))
         if torch.device(device).type == "cuda" and self.kv_blocks is None:
             free, _ = torch.cuda.mem_get_info(device)
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cache is ours too
             held = 0 if self.fwd is None else self.fwd.kv.numel() * self.fwd.kv.element_size()
             fits = int(self.kv_fraction * (free + held) / per_block)
             if fits < self.least:
