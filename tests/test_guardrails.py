@@ -171,6 +171,41 @@ def test_completions_repeating_a_line_are_caught(smoke_cfg):
     assert e["example"] == "let me check again\n" * 4
 
 
+def test_answers_paid_without_work_are_caught(smoke_cfg):
+    """From step 4 every completion is an answer with an empty think block, and accuracy pays it."""
+    t = GRPOTrainer(smoke_cfg("name=unreasoned", *SMALL, "train.steps=6"))
+    collect = t.collect
+
+    def guesses_from_step_4():
+        kept, everything, timing = collect()
+        for g in everything:
+            n = len(g.texts)
+            if t.step_no >= 3:
+                g.texts = ["<think> </think> <answer>7</answer>"] * n
+            g.per_fn["accuracy"] = [1.0 if t.step_no >= 3 else 0.0] * n
+        return kept, everything, timing
+
+    t.collect = guesses_from_step_4
+    rows = _steps(t, 5)
+    assert [r["unreasoned_frac"] for r in rows] == [0, 0, 0, 1, 1]
+    assert _fired(rows) == [(4, "empty_reasoning")]
+    e = _event(rows, "empty_reasoning")
+    assert e["message"] == ("guardrail empty_reasoning at step 4: unreasoned_frac 0.3333 > 0.3 (mean of the last 3 steps; "
+                            "the larger of 0.3 and 2 x its early median 0); warned")
+    assert e["example"] == "<think> </think> <answer>7</answer>"
+
+
+def test_a_think_block_with_work_is_reasoned():
+    from ponder.rl.guardrails import unreasoned
+
+    assert unreasoned("</think> <answer>7</answer>", 8)
+    assert unreasoned("<answer>7</answer>", 8)  # no think block at all
+    assert unreasoned("3 + 4 </think><answer>7</answer>", 8)  # 4 characters of work
+    assert unreasoned("3 + 4 = 7 so </think><answer>7</answer>", 8)  # 7 non-blank characters
+    assert not unreasoned("3 + 4 = 7, so 7 </think><answer>7</answer>", 8)  # 9
+    assert not unreasoned("<think>12*3=36, 36-5=31</think> <answer>31</answer>", 8)
+
+
 def test_guardrail_state_survives_a_resume(smoke_cfg):
     cfg = smoke_cfg("name=resume", *SMALL)
     t = GRPOTrainer(cfg)

@@ -176,6 +176,14 @@ class RepetitionGuard:
 
 
 @dataclass
+class EmptyReasoningGuard:
+    action: Action = "warn"
+    min_chars: int = 8  # a think block with fewer non-blank characters than this holds no work
+    share: float = 0.3  # fires when more than this share of completions is paid by accuracy without work ...
+    factor: float = 2.0  # ... and more than this multiple of the early share
+
+
+@dataclass
 class NonFiniteGuard:
     action: Action = "stop"  # the update of a non-finite loss or gradient is always skipped; this acts on a streak
     max_nan_steps: int = 5  # this many skipped updates in a row
@@ -193,6 +201,7 @@ class GuardrailsConfig:
     length_runaway: LengthRunawayGuard = field(default_factory=LengthRunawayGuard)
     reward_hacking: RewardHackingGuard = field(default_factory=RewardHackingGuard)
     repetition: RepetitionGuard = field(default_factory=RepetitionGuard)
+    empty_reasoning: EmptyReasoningGuard = field(default_factory=EmptyReasoningGuard)
     non_finite: NonFiniteGuard = field(default_factory=NonFiniteGuard)
 
     def guards(self) -> dict:

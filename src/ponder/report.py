@@ -27,7 +27,7 @@ PANELS = [
     ("reward (total and per reward function)", ["reward", "reward/"], False),
     ("accuracy and format rate", ["accuracy", "format_rate"], False),
     ("completion length (tokens)", ["completion_len/mean", "completion_len/max"], False),
-    ("truncated and repeating completions (share)", ["truncated_frac", "repeated_line_frac"], False),
+    ("truncated, repeating and unreasoned completions (share)", ["truncated_frac", "repeated_line_frac", "unreasoned_frac"], False),
     ("reflection-word rate", ["reflection_rate"], False),
     ("KL to the reference", ["kl"], False),
     ("entropy (nats per token)", ["entropy"], False),

@@ -31,7 +31,7 @@ from ponder import checkpoint, distributed, models
 from ponder.config import GuardrailsConfig
 
 WATCHED_PREFIXES = ("reward/",)
-WATCHED = ("entropy", "kl", "clip_frac", "truncated_frac", "repeated_line_frac", "accuracy")
+WATCHED = ("entropy", "kl", "clip_frac", "truncated_frac", "repeated_line_frac", "unreasoned_frac", "accuracy")
 MIN_LINE_CHARS = 5  # shorter lines ("}", "end", a blank) repeat in healthy text and code
 EXAMPLE_CHARS = 300
 
@@ -40,6 +40,18 @@ def repeats_a_line(text: str, min_repeats: int) -> bool:
     """True when one line of at least MIN_LINE_CHARS characters occurs `min_repeats` times or more."""
     counts = Counter(s for line in text.splitlines() if len(s := line.strip()) >= MIN_LINE_CHARS)
     return bool(counts) and max(counts.values()) >= min_repeats
+
+
+def unreasoned(text: str, min_chars: int) -> bool:
+    """True when the think block (the text before </think>, or before <answer> where no think block closes)
+    has fewer than `min_chars` non-blank characters: an answer given without the work the template asks for."""
+    head = text.split("</think>", 1)[0] if "</think>" in text else text.split("<answer>", 1)[0]
+    return len("".join(head.replace("<think>", "").split())) < min_chars
+
+
+def paid_without_work(group, j: int, min_chars: int) -> bool:
+    """Completion j of the group scores on accuracy with an empty think block."""
+    return (group.per_fn.get("accuracy", [0] * (j + 1))[j] or 0) > 0 and unreasoned(group.texts[j], min_chars)
 
 
 @dataclass
@@ -147,6 +159,15 @@ def repetition(g, h: History, s: StepView):
     return found
 
 
+def empty_reasoning(g, h: History, s: StepView):
+    """Answers that score with an empty think block: the accuracy reward is paid for a guess or a memorised
+    answer, and the chain of thought the template asks for withers."""
+    found = _share_above(g, h, "unreasoned_frac", s.figures.get("unreasoned_frac"))
+    if found:
+        found.example = _first(s.groups, lambda g_, j: paid_without_work(g_, j, g.min_chars))
+    return found
+
+
 def reward_hacking(g, h: History, s: StepView):
     """A reward other than accuracy rises while accuracy does not: the policy found a way to be paid without
     solving the task (format kept, work skipped; length; a loophole in a rule)."""
@@ -178,7 +199,7 @@ def non_finite(g, h: History, s: StepView):
 
 DETECTORS = {"entropy_collapse": entropy_collapse, "kl_spike": kl_spike, "clip_spike": clip_spike,
              "length_runaway": length_runaway, "reward_hacking": reward_hacking, "repetition": repetition,
-             "non_finite": non_finite}
+             "empty_reasoning": empty_reasoning, "non_finite": non_finite}
 
 
 # ---------------------------------------------------------------- the per-step check and its actions

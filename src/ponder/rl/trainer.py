@@ -30,7 +30,7 @@ from ponder.rl import memory_plan
 from ponder.rl.advantages import advantages
 from ponder.rl.batching import Sample, pad_rows, per_row
 from ponder.rl.forward import PolicyPass, use_packed
-from ponder.rl.guardrails import Guardrails, repeats_a_line
+from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
 from ponder.runtime import dump_yaml, pick_device, set_seed, use_bf16
@@ -263,6 +263,8 @@ class GRPOTrainer:
             "reflection_rate": reflection_rate(texts, self.cfg.train.reflection_words),
             "mixing_rate": mixing_rate(texts),  # chains with English and Chinese words (R1-Zero's language mixing)
             "repeated_line_frac": mean([float(repeats_a_line(t, self.cfg.guardrails.repetition.min_repeats)) for t in texts]),
+            "unreasoned_frac": mean([float(paid_without_work(g, j, self.cfg.guardrails.empty_reasoning.min_chars))
+                                     for g in groups for j in range(len(g.texts))]),
             "zero_var_groups_frac": mean([float(len(set(g.rewards)) == 1) for g in groups]),
             "groups_generated": len(groups),
             "loss": sum(s["loss"] for s in stats) / len(stats),
