@@ -195,6 +195,15 @@ def test_answers_paid_without_work_are_caught(smoke_cfg):
     assert e["example"] == "<think> </think> <answer>7</answer>"
 
 
+def test_firings_with_an_example_become_samples_rows():
+    from ponder.rl.guardrails import example_rows
+
+    m = {"guardrail_events": [{"guardrail": "repetition", "message": "guardrail repetition at step 4: ...", "example": "a\na"},
+                              {"guardrail": "kl_spike", "message": "guardrail kl_spike at step 4: ..."}]}
+    assert example_rows(m) == [{"guardrail": "repetition", "message": "guardrail repetition at step 4: ...", "completion": "a\na"}]
+    assert example_rows({"loss": 1.0}) == []
+
+
 def test_a_think_block_with_work_is_reasoned():
     from ponder.rl.guardrails import unreasoned
 

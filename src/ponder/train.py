@@ -34,6 +34,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
     from ponder import resume as resuming
     from ponder.metrics import require_backends
     from ponder.rl.trainer import GRPOTrainer
+    from ponder.rl.guardrails import example_rows
 
     require_backends(cfg.train.log_to)
     changes = resuming.check(cfg, "train", allow_changes) if resume else None
@@ -56,7 +57,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
             m = trainer.step()
             step = trainer.step_no
             trainer.metrics.log(step, m)
-            trainer.metrics.samples(step, trainer.sample_rows(trainer.last_groups, t.log_samples))
+            # the step's samples, and the completions that made a guardrail fire
+            trainer.metrics.samples(step, trainer.sample_rows(trainer.last_groups, t.log_samples) + example_rows(m))
             if evaluating and cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
                 trainer.metrics.log(step, _flatten(_evaluate(trainer, f"step-{step}", quiet=True)))
             if trainer.guardrails.stop_reason:  # logged, and not saved: the checkpoint before it is the one to use

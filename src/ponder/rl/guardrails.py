@@ -202,6 +202,12 @@ DETECTORS = {"entropy_collapse": entropy_collapse, "kl_spike": kl_spike, "clip_s
              "empty_reasoning": empty_reasoning, "non_finite": non_finite}
 
 
+def example_rows(m: dict) -> list[dict]:
+    """samples.jsonl rows for the step's firings that came with an example completion."""
+    return [{"guardrail": e["guardrail"], "message": e["message"], "completion": e["example"]}
+            for e in m.get("guardrail_events", []) if "example" in e]
+
+
 # ---------------------------------------------------------------- the per-step check and its actions
 class Guardrails:
     def __init__(self, cfg: GuardrailsConfig, announce: bool = True):
