@@ -173,7 +173,7 @@ def test_completions_repeating_a_line_are_caught(smoke_cfg):
 
 def test_answers_paid_without_work_are_caught(smoke_cfg):
     """From step 4 every completion is an answer with an empty think block, and accuracy pays it."""
-    t = GRPOTrainer(smoke_cfg("name=unreasoned", *SMALL, "train.steps=6"))
+    t = GRPOTrainer(smoke_cfg("name=unreasoned", *SMALL, "train.steps=6", "data.template=r1_zero"))
     collect = t.collect
 
     def guesses_from_step_4():
@@ -193,6 +193,20 @@ def test_answers_paid_without_work_are_caught(smoke_cfg):
     assert e["message"] == ("guardrail empty_reasoning at step 4: unreasoned_frac 0.3333 > 0.3 (mean of the last 3 steps; "
                             "the larger of 0.3 and 2 x its early median 0); warned")
     assert e["example"] == "<think> </think> <answer>7</answer>"
+
+
+def test_answers_under_a_template_without_a_think_block_are_not_unreasoned(smoke_cfg):
+    t = GRPOTrainer(smoke_cfg("name=plain", *SMALL, "train.steps=2"))  # the plain template
+    collect = t.collect
+
+    def guesses():
+        kept, everything, timing = collect()
+        for g in everything:
+            g.texts, g.per_fn["accuracy"] = ["<answer>7</answer>"] * len(g.texts), [1.0] * len(g.texts)
+        return kept, everything, timing
+
+    t.collect = guesses
+    assert [r["unreasoned_frac"] for r in _steps(t, 2)] == [0, 0]
 
 
 def test_firings_with_an_example_become_samples_rows():

@@ -35,7 +35,7 @@ from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_we
 from ponder.rollout import SamplingParams, make_engine
 from ponder.runtime import dump_yaml, pick_device, set_seed, use_bf16
 from ponder.tasks import PromptSampler, mix
-from ponder.templates import render
+from ponder.templates import TEMPLATES, render
 
 
 @dataclass
@@ -85,6 +85,7 @@ class GRPOTrainer:
         self.step_no, self.nan_streak, self._budget = 0, 0, None
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         self.guardrails = Guardrails(cfg.guardrails, announce=self.rank == 0)
+        self._asks_reasoning = "<think>" in TEMPLATES.get(cfg.data.template, cfg.data.template)
         if self.state is not None:
             checkpoint.restore_training(self, self.state)
             self.guardrails.load_state_dict(self.state.get("guardrails"))
@@ -263,7 +264,8 @@ class GRPOTrainer:
             "reflection_rate": reflection_rate(texts, self.cfg.train.reflection_words),
             "mixing_rate": mixing_rate(texts),  # chains with English and Chinese words (R1-Zero's language mixing)
             "repeated_line_frac": mean([float(repeats_a_line(t, self.cfg.guardrails.repetition.min_repeats)) for t in texts]),
-            "unreasoned_frac": mean([float(paid_without_work(g, j, self.cfg.guardrails.empty_reasoning.min_chars))
+            # only where the template asks for a think block (a plain prompt's answers have none to leave empty)
+            "unreasoned_frac": mean([float(self._asks_reasoning and paid_without_work(g, j, self.cfg.guardrails.empty_reasoning.min_chars))
                                      for g in groups for j in range(len(g.texts))]),
             "zero_var_groups_frac": mean([float(len(set(g.rewards)) == 1) for g in groups]),
             "groups_generated": len(groups),
