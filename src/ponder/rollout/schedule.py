@@ -205,9 +205,9 @@ class Schedule:
         toks = f.out_tok[torch.tensor(seqs, device=f.device)].tolist()
         lists = [self.prompts[s // self.n] + toks[i][: self.resume[s] - 1] for i, s in enumerate(seqs)]
         own = [self.blocks.take(self._span(len(t))) for t in lists]
-        for start in range(0, len(lists), max(1, self.e.prefill_tokens // max(map(len, lists)))):
-            end = start + max(1, self.e.prefill_tokens // max(map(len, lists)))
-            f.prefill(lists[start:end], self._table(own[start:end]))
+        per_chunk = max(1, self.e.prefill_tokens // max(map(len, lists)))
+        for start in range(0, len(lists), per_chunk):
+            f.prefill(lists[start:start + per_chunk], self._table(own[start:start + per_chunk]))
         self._own = dict(zip(seqs, own))
 
     def _place(self, seqs, free_rows):
