@@ -8,6 +8,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from ponder.models import enable_checkpointing
 from ponder.rl.batching import Sample, micro_batches
 from ponder.kernels.head_logprobs import chunks, head_logprobs
 from ponder.rl.packed import pack, packed_logprobs, packed_micro_batches, padded_attention, seg_arange
@@ -137,7 +138,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     for on in (False, True):
         model.zero_grad()
         if on:
-            model.gradient_checkpointing_enable()  # what model.gradient_checkpointing: true does
+            enable_checkpointing(model)  # what model.gradient_checkpointing: true does
         lp, _, _ = packed_logprobs(model, batch, "cpu")
         lp.sum().backward()
         out.append([p.grad.clone() for p in model.parameters()])

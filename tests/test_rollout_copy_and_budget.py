@@ -100,3 +100,34 @@ def test_fixed_budget_is_used_as_given(smoke_cfg):
     t = GRPOTrainer(smoke_cfg("name=fixed", "optim.token_budget=4096"))
     assert t.token_budget() == 4096
     assert GRPOTrainer(smoke_cfg("name=cpu")).token_budget() == memory_plan.CPU_BUDGET  # no device memory to read
+
+
+def checkpointing_on(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("setting", ["auto", "false"])
+def test_plan_turns_on_activation_checkpointing_when_one_sample_would_not_fit(smoke_cfg, monkeypatch, capsys, setting):
+    """64 KiB a token without checkpointing, 8 KiB with it; 2 MiB free once gradients and AdamW state are
+    counted: one full-length sample (its prompt and 64 new tokens, over 32 tokens) needs over 2 MiB * 0.9."""
+    holder = {}
+    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
+    cost = lambda model: (8 if checkpointing_on(model) else 64) * 2**10  # noqa: E731
+    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: cost(model) * stream_tokens(batch))
+    monkeypatch.setattr(memory_plan, "free_bytes",
+                        lambda device: memory_plan.state_to_come(holder["t"].model, holder["t"].optimizer) + 2 * 2**20)
+    cfg = smoke_cfg("name=ckpt", "rollout.max_new_tokens=64", f"model.gradient_checkpointing={setting}")
+    holder["t"] = t = GRPOTrainer(cfg)
+    assert not checkpointing_on(t.model)
+    t.step()
+    err = capsys.readouterr().err
+    if setting == "auto":
+        assert checkpointing_on(t.model) and "activation checkpointing on: without it a micro-batch could hold 1,024 tokens" in err
+    else:  # refused: the plan leaves it off, and says nothing of it
+        assert not checkpointing_on(t.model) and "checkpointing" not in err
+
+
+def test_plan_leaves_checkpointing_off_when_a_sample_fits():
+    assert not memory_plan.needs_checkpointing(2**20, 10 * 2**30, longest=4224)  # 4.1 GiB of 9 usable
+    assert memory_plan.needs_checkpointing(2**20, 4 * 2**30, longest=4224)  # of 3.6 usable
+    assert not memory_plan.needs_checkpointing(2**20, 2**20, longest=0)  # nothing known of the lengths: leave it

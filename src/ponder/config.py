@@ -33,7 +33,10 @@ class LoraConfig:
 class ModelConfig:
     path: str = "tiny-random"  # built-in model name, local Hugging Face directory, or Hub id owner/name[@revision] (ponder.models)
     lora: Optional[LoraConfig] = None  # LoRA adapters through peft; None trains all weights
-    gradient_checkpointing: bool = False
+    # activation checkpointing of the policy's layers (recomputed in backward: about a third more compute for the
+    # activations of one layer instead of all). auto: off, except where the GRPO trainer's memory plan finds that
+    # one full-length sample's activations would not fit (CUDA; printed with the token budget)
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     trust_remote_code: bool = False  # let the model run its own code (Hub models with custom architectures)
 
 

@@ -267,13 +267,19 @@ def save(model, tokenizer, directory: str | Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer (transformers 5 renamed the method; the old name warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 0, device="cpu"):
     """The model a trainer updates, in train mode on `device`: the checkpoint `last` with its full
     weights, or (LoRA) the base model plus fresh adapters, loaded from `state["adapter"]` on resume."""
     source = str(last) if (last is not None and model_cfg.lora is None) else model_cfg.path
     model, tok = load(source, seed=seed, trust_remote_code=getattr(model_cfg, "trust_remote_code", False))
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if model_cfg.gradient_checkpointing is True:  # "auto" is the GRPO memory plan's to decide (ponder.rl.memory_plan)
+        enable_checkpointing(model)
     if model_cfg.lora is not None:
         try:
             from peft import LoraConfig, get_peft_model

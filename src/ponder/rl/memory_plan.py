@@ -6,6 +6,12 @@ what one more token costs. The budget is what fits in the memory left once the s
 anyway (weights, the rollout engine, gradients, optimizer state), less a margin, up to a cap past which
 larger micro-batches run no faster and only hold memory. Planned once, at the first update, when the
 rollout engine has made its cache; printed, and logged as `token_budget`.
+
+Activation checkpointing (`model.gradient_checkpointing: auto`) is the plan's to turn on: when the budget
+without it cannot hold one full-length sample (the longest prompt and `max_new_tokens`), no micro-batch
+split could train that sample, so the layers are checkpointed (only each layer's input kept, the rest
+recomputed in backward) and the cost of a token is measured again. Where one sample fits, it stays off:
+it costs a third more compute, while a smaller budget costs only more, smaller micro-batches.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ponder import distributed, models
 from ponder.rl.batching import Sample
 
 CPU_BUDGET = 16384  # without a device memory to read: the former fixed default
@@ -32,11 +39,17 @@ class Plan:
     per_token: float  # bytes one more token of a micro-batch costs at the peak of its pass
     free: float  # bytes free for the step before its micro-batches (device free + cached, less state to come)
     capped: bool
+    checkpointing: bool = False  # turned on by the plan (model.gradient_checkpointing: auto)
+    without: int = 0  # the budget without checkpointing, when the plan turned it on
 
     def line(self) -> str:
         why = "the cap" if self.capped else f"{self.free / GIB:.1f} GiB free"
-        return (f"optim.token_budget: {self.budget:,} tokens a micro-batch, chosen from device memory "
+        line = (f"optim.token_budget: {self.budget:,} tokens a micro-batch, chosen from device memory "
                 f"({self.per_token / 2**20:.2f} MiB a token, {why}; set optim.token_budget to fix it)")
+        if self.checkpointing:
+            line += (f"; activation checkpointing on: without it a micro-batch could hold {self.without:,} tokens, "
+                     f"less than one full-length sample (set model.gradient_checkpointing: false to refuse)")
+        return line
 
 
 def budget_for(per_token: float, free: float, cap: int = CAP, floor: int = FLOOR) -> tuple[int, bool]:
@@ -104,16 +117,28 @@ def free_bytes(device) -> float:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = True) -> Plan:
-    """The plan where device memory can be read (CUDA); elsewhere the fixed CPU budget."""
+def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = True, longest: int = 0,
+         may_checkpoint: bool = False) -> Plan:
+    """The plan where device memory can be read (CUDA); elsewhere the fixed CPU budget. `longest`: stream tokens
+    of one full-length sample (its prompt and max_new_tokens); `may_checkpoint`: gradient_checkpointing is auto."""
     if not reads_memory(device):
-        result = Plan(CPU_BUDGET, 0.0, 0.0, True)
-    else:
-        to_come = state_to_come(model, optimizer)  # before the probe, which makes gradients and frees them again
+        return Plan(CPU_BUDGET, 0.0, 0.0, True)
+    to_come = state_to_come(model, optimizer)  # before the probe, which makes gradients and frees them again
+    per_token = measure_per_token(policy_pass, model, device, vocab)
+    free = free_bytes(device) - to_come
+    budget, capped = budget_for(per_token, free)
+    result = Plan(budget, per_token, free, capped)
+    # every rank alike: checkpointed layers gather sharded weights again in backward
+    if may_checkpoint and distributed.max_all(float(needs_checkpointing(per_token, free, longest))):
+        models.enable_checkpointing(model)
         per_token = measure_per_token(policy_pass, model, device, vocab)
-        free = free_bytes(device) - to_come
         budget, capped = budget_for(per_token, free)
-        result = Plan(budget, per_token, free, capped)
-        if print_line:
-            print(f"ponder: {result.line()}", file=sys.stderr)
+        result = Plan(budget, per_token, free, capped, checkpointing=True, without=result.budget)
+    if print_line:
+        print(f"ponder: {result.line()}", file=sys.stderr)
     return result
+
+
+def needs_checkpointing(per_token: float, free: float, longest: int) -> bool:
+    """Whether the activations of one full-length sample would not fit in `free` bytes less the margin."""
+    return longest > 0 and per_token * longest > free * (1 - MARGIN)

@@ -181,8 +181,10 @@ class GRPOTrainer:
         if self._budget is None:
             self._budget = self.cfg.optim.token_budget
             if self._budget is None:
+                longest = max(map(len, self._prompt_ids.values()), default=0) + self.cfg.rollout.max_new_tokens
                 p = memory_plan.plan(self.policy_pass, self.model, self.optimizer, self.device,
-                                     self.model.get_output_embeddings().weight.shape[0], print_line=self.rank == 0)
+                                     self.model.get_output_embeddings().weight.shape[0], print_line=self.rank == 0,
+                                     longest=longest, may_checkpoint=self.cfg.model.gradient_checkpointing == "auto")
                 self._budget = int(-distributed.max_all(-p.budget))
         return self._budget
 
