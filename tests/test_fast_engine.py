@@ -245,6 +245,37 @@ def test_lora_wrapped_policy_generates_like_transformers():
         assert HFEngine(model, TOK).generate(prompts, params) != got
 
 
+def test_lora_rollout_copy_merges_adapters_into_plain_matrices():
+    """The bf16 rollout copy of a LoRA model has no adapter layers: each adapted matrix is base + scaling * B @ A,
+    so it generates what the merged model's own bf16 copy generates, and follows the adapters when they move."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    base = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(0, 0.3)
+    model.eval()
+    prompts, params = encode(PROMPTS[:3]), SamplingParams(n=2, temperature=0, max_tokens=10)
+
+    def merged_answers():
+        plain = copy.deepcopy(model).merge_and_unload()
+        return FastEngine(plain, TOK, dtype="bf16").generate(prompts, params)
+
+    eng = FastEngine(model, TOK, dtype="bf16")
+    got = eng.generate(prompts, params)
+    assert not any(hasattr(m, "lora_A") for m in eng.copy.shadow.modules())  # plain products only
+    assert len(eng.copy.merges) == 2 * 3  # q, v and up of both layers
+    assert got == merged_answers()
+    with torch.no_grad():  # as an optimizer step moves the adapters (an in-place write: the copy sees it)
+        for p in lora_b:
+            p.mul_(-1.0)
+    again = eng.generate(prompts, params)
+    assert again == merged_answers() and again != got
+
+
 def test_calls_past_a_sliding_window_go_to_hf(capsys):
     model = seeded(0, lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=12)))
     model.generation_config.eos_token_id = len(TOK) + 5

@@ -74,14 +74,21 @@ class RolloutCopy:
     (the same bf16 matrices, a float32 residual stream) without casting a matrix at each use. Refreshed in
     place from the master weights when they may have changed: after any optimizer step, or when a matrix's
     version counter (bumped by in-place writes such as load_state_dict) or storage moved. No caller has to
-    say when."""
+    say when.
+
+    LoRA: each adapted layer becomes one plain matrix, base + scaling * B @ A, merged at each refresh (as a
+    serving engine loads merged weights). Decode then runs the base model's products only: no adapter
+    products, no dropout or scaling kernels a layer and step (the 7B workload's rollout took 19.2 s through
+    the adapters against 6.8 s for plain bf16 weights)."""
 
     def __init__(self, model, dtype: torch.dtype):
         import copy
 
         self.model, self.dtype = model, dtype
+        self.adapted = [m for m in model.modules() if mergeable(m)]
+        adapter_parts = {id(p) for m in self.adapted for p in m.parameters() if p is not m.base_layer.weight}
         matrices = {id(m.weight): m.weight for m in model.modules()
-                    if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point()}
+                    if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point() and id(m.weight) not in adapter_parts}
         memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # shared as they are
         memo.update({k: torch.nn.Parameter(w.detach().to(dtype), requires_grad=False) for k, w in matrices.items()})
         head = model.get_output_embeddings()
@@ -89,16 +96,30 @@ class RolloutCopy:
         if tied:  # the embedding stays the master's (float32 rows are looked up); the head gets its own matrix
             memo[id(head.weight)] = head.weight
         self.shadow = copy.deepcopy(model, memo)
-        self.pairs = [(w, memo[k]) for k, w in matrices.items() if memo[k] is not w]
+        merged = {id(m.base_layer.weight) for m in self.adapted}
+        self.pairs = [(w, memo[k]) for k, w in matrices.items() if memo[k] is not w and k not in merged]
+        self.merges = [(m, memo[id(m.base_layer.weight)]) for m in self.adapted]
+        _unwrap_adapters(self.shadow)
         if tied:
             own = torch.nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
             self.shadow.get_output_embeddings().weight = own
             self.pairs.append((head.weight, own))
         self.arch, _ = describe(self.shadow)
+        self._merge()
         self.seen = self._versions()
 
     def _versions(self):
-        return _optimizer_steps[0], [(p._version, p.data_ptr()) for p, _ in self.pairs]
+        watched = [p for p, _ in self.pairs] + [p for m, _ in self.merges for p in m.parameters()]
+        return _optimizer_steps[0], [(p._version, p.data_ptr()) for p in watched]
+
+    @torch.no_grad()
+    def _merge(self) -> None:
+        for m, out in self.merges:
+            w = m.base_layer.weight.float()
+            for name in [] if m.disable_adapters else m.active_adapters:
+                if name in m.lora_A:
+                    w = w + m.get_delta_weight(name).float()
+            out.copy_(w)
 
     @torch.no_grad()
     def refresh(self) -> bool:
@@ -107,8 +128,30 @@ class RolloutCopy:
         if now == self.seen:
             return False
         torch._foreach_copy_([s for _, s in self.pairs], [p for p, _ in self.pairs])
+        self._merge()
         self.seen = now
         return True
+
+
+def mergeable(module) -> bool:
+    """A peft LoRA linear layer whose adapters fold into its weight: plain LoRA (not DoRA), switched on."""
+    if not (hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")):
+        return False
+    if not isinstance(module.base_layer, torch.nn.Linear) or getattr(module, "disable_adapters", False):
+        return False
+    return not any(getattr(module, "use_dora", {}).get(n, False) for n in module.active_adapters)
+
+
+def has_adapters(model) -> bool:
+    return any(mergeable(m) for m in model.modules())
+
+
+def _unwrap_adapters(model) -> None:
+    """Each LoRA layer of the copy replaced by its base linear layer (whose weight then holds the merge)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if mergeable(child):
+                setattr(parent, name, child.base_layer)
 
 
 @register("fast")
@@ -160,9 +203,10 @@ class FastEngine(RolloutEngine):
         whenever the master weights changed since the last refresh)."""
         weight = self.arch.head.weight
         want = DTYPES[self.dtype]
-        if want is None:  # auto
-            want = torch.bfloat16 if weight.device.type == "cuda" and weight.dtype == torch.float32 else weight.dtype
-        if want == weight.dtype:
+        adapters = weight.device.type == "cuda" and has_adapters(self.model)
+        if want is None:  # auto; LoRA on CUDA: a merged copy, whatever the base's dtype
+            want = torch.bfloat16 if weight.device.type == "cuda" and (weight.dtype == torch.float32 or adapters) else weight.dtype
+        if want == weight.dtype and not (adapters and self.dtype == "auto"):
             self.copy = None
             return self.arch
         if want == torch.float32:  # the copy holds matrices beside the model's own norms: only narrower
