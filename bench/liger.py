@@ -97,7 +97,7 @@ def run_shape(shape: str, tokens: int, rows_of: int) -> list[dict]:
     compare("rms", lambda x, w: K["rms"](x, w, 1e-6), lambda x, w: liger_rms_norm(x, w, 1e-6, in_place=False),
             (x, w), (rnd(tokens, d),), rows)
     compare("add_rms", lambda x, r, w: K["add_rms"](x, r, w, 1e-6),
-            lambda x, r, w: liger_fused_add_rms_norm(x, r, w, 1e-6, in_place=False),
+            lambda x, r, w: liger_fused_add_rms_norm(x, r, w, 1e-6, in_place=False)[::-1],  # theirs: (normed, sum)
             (x, r, w), (rnd(tokens, d), rnd(tokens, d)), rows)
     a, b = rnd(tokens, inter), rnd(tokens, inter)
     compare("swiglu", K["swiglu"], liger_swiglu, (a, b), (rnd(tokens, inter),), rows)

@@ -2,8 +2,9 @@
 
 The policy pass's memory grows with the tokens of a micro-batch: activations kept for backward and the
 head's logits. Two probe passes (forward and backward over synthetic micro-batches of two sizes) measure
-what one more token costs. The budget is what fits in the memory left once the step holds what it holds
-anyway (weights, the rollout engine, gradients, optimizer state), less a margin, up to a cap past which
+what one more token costs, and what a pass holds whatever its size. The budget is what fits in the memory
+left once the step holds what it holds anyway (weights, the rollout engine, gradients, optimizer state, a
+pass's fixed part), less a margin, up to a cap past which
 larger micro-batches run no faster and only hold memory. Planned once, at the first update, when the
 rollout engine has made its cache; printed, and logged as `token_budget`.
 
@@ -63,15 +64,15 @@ def budget_for(per_token: float, free: float, cap: int = CAP, floor: int = FLOOR
 def state_to_come(model, optimizer) -> int:
     """Bytes the first update will still allocate beside its activations: gradients and the optimizer's
     state (AdamW: two moments a parameter) for trainable parameters that have none yet."""
-    total = 0
+    total = grads_to_come(model)
     for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            total += p.numel() * p.element_size()
-        if not optimizer.state.get(p):
+        if p.requires_grad and not optimizer.state.get(p):
             total += 2 * p.numel() * p.element_size()
     return total
+
+
+def grads_to_come(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None)
 
 
 def probe_samples(n_tokens: int, vocab: int, group: int = 8, prompt: int = 128) -> list[Sample]:
@@ -83,9 +84,11 @@ def probe_samples(n_tokens: int, vocab: int, group: int = 8, prompt: int = 128) 
     return [Sample(p, ids(rows + 1), 1.0 if j % 2 else -1.0, False) for j in range(group)]
 
 
-def measure_per_token(policy_pass, model, device, vocab: int) -> float:
-    """Bytes per stream token at the peak of a forward and backward of the policy pass (two sizes, the slope).
-    Leaves no gradients behind."""
+def measure_per_token(policy_pass, model, device, vocab: int) -> tuple[float, float]:
+    """(bytes per stream token, bytes a pass costs whatever its size) at the peak of a forward and backward of
+    the policy pass: the slope and intercept of two sizes. The intercept holds what a pass keeps for its whole
+    length, such as the bfloat16 casts of frozen weights that autocast makes and backward keeps (14 GiB for
+    a 7B model under LoRA), and the gradients the first backward allocates. Leaves no gradients behind."""
     batches = [probe_samples(n, vocab) for n in PROBE_TOKENS]
     lent, policy_pass.scratch = policy_pass.scratch, None  # the engine's lent cache would hide the head's logits
     try:
@@ -93,7 +96,8 @@ def measure_per_token(policy_pass, model, device, vocab: int) -> float:
     finally:
         policy_pass.scratch = lent
     stream = [len(b[0].prompt_ids) + sum(len(s.completion_ids) - 1 for s in b) for b in batches]
-    return (peaks[1] - peaks[0]) / (stream[1] - stream[0])
+    slope = (peaks[1] - peaks[0]) / (stream[1] - stream[0])
+    return slope, peaks[0] - slope * stream[0]
 
 
 def _peak(policy_pass, model, device, batch) -> int:
@@ -123,15 +127,17 @@ def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = T
     of one full-length sample (its prompt and max_new_tokens); `may_checkpoint`: gradient_checkpointing is auto."""
     if not reads_memory(device):
         return Plan(CPU_BUDGET, 0.0, 0.0, True)
-    to_come = state_to_come(model, optimizer)  # before the probe, which makes gradients and frees them again
-    per_token = measure_per_token(policy_pass, model, device, vocab)
-    free = free_bytes(device) - to_come
+    # before the probe, which makes gradients and frees them again
+    to_come, grads = state_to_come(model, optimizer), grads_to_come(model)
+    per_token, fixed = measure_per_token(policy_pass, model, device, vocab)
+    # the gradients are in to_come already: what else a pass holds whatever its size (never below nothing)
+    free = free_bytes(device) - to_come - max(fixed - grads, 0)
     budget, capped = budget_for(per_token, free)
     result = Plan(budget, per_token, free, capped)
     # every rank alike: checkpointed layers gather sharded weights again in backward
     if may_checkpoint and distributed.max_all(float(needs_checkpointing(per_token, free, longest))):
         models.enable_checkpointing(model)
-        per_token = measure_per_token(policy_pass, model, device, vocab)
+        per_token, _ = measure_per_token(policy_pass, model, device, vocab)
         budget, capped = budget_for(per_token, free)
         result = Plan(budget, per_token, free, capped, checkpointing=True, without=result.budget)
     if print_line:
