@@ -1,5 +1,6 @@
-"""Data parallelism on CPU with gloo: W ranks, each with its own prompt groups, must train exactly like one
-process on the whole batch (tests/dist_gradient_check.py runs the cases inside torchrun).
+"""Data parallelism on CPU with gloo: W ranks, each with its own prompt groups and the policy sharded by FSDP2
+(both train.sharding modes), must train exactly like one unsharded process on the whole batch
+(tests/dist_gradient_check.py runs the cases inside torchrun).
 
 Tolerances: the last update's gradient within 1e-5 of the one process's, relative to its largest entry
 (float32 sums in another order; measured about 1e-7); the weights after all updates within 1e-4 of the one
@@ -39,19 +40,24 @@ def launch(script: str, nproc: int, args: list[str], timeout: float) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+MODES = ("fsdp", "fsdp_noreshard")
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path, world):
     out = tmp_path / "result.json"
-    proc = launch("tests/dist_gradient_check.py", world, [str(out)], timeout=240)
+    proc = launch("tests/dist_gradient_check.py", world, [str(out), ",".join(MODES)], timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     results = json.loads(out.read_text())
-    for case, r in results.items():
-        assert r["updates"] == [r["ref_updates"]] * world, (case, r)  # every rank as many optimizer steps as one process
-        assert r["grad"] < GRAD_TOL, (case, r)
+    assert {key.split(":")[0] for key in results} == set(MODES)
+    for key, r in results.items():
+        case = key.split(":")[1]
+        assert r["updates"] == [r["ref_updates"]] * world, (key, r)  # every rank as many optimizer steps as one process
+        assert r["grad"] < GRAD_TOL, (key, r)
         if case == "all_masked":  # nothing to learn anywhere: no step at all (AdamW would still decay the weights)
-            assert r["moved"] == 0 and r["weights"] == 0, (case, r)
+            assert r["moved"] == 0 and r["weights"] == 0, (key, r)
         else:
-            assert r["moved"] > 0 and r["weights"] < WEIGHT_TOL, (case, r)
+            assert r["moved"] > 0 and r["weights"] < WEIGHT_TOL, (key, r)
 
 
 def test_batch_std_scales_by_the_whole_step_not_one_resampling_round(smoke_cfg):

@@ -65,23 +65,13 @@ def std_all(values: torch.Tensor) -> float:
     return math.sqrt(sum_all(((values - mean) ** 2).sum().item()) / max(n, 1))
 
 
-def sum_grads(params) -> None:
-    """Gradients of a loss normalised by global counts are summed across ranks.
-
-    Every rank makes the same all-reduce calls even when it had nothing to learn from (mask_truncated
-    removed all its samples: no backward, no gradients): its gradient is zero, not absent. A parameter
-    no rank has a gradient for stays without one, as in one process (AdamW then leaves it alone).
-    """
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (any picklable object)."""
     if not active():
-        return
-    params = [p for p in params if p.requires_grad]
-    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=_device())
-    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
-    for p, anywhere in zip(params, has_grad.tolist()):
-        if anywhere:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def mean_metrics(metrics: dict) -> dict:
