@@ -27,6 +27,7 @@ from ponder.config import load_config
 from ponder.optim import make_optimizer
 from ponder.rl.batching import Sample
 from ponder.rl.trainer import GRPOTrainer, Group, assign_advantages
+from ponder.rollout import SamplingParams, make_engine
 
 GROUPS_PER_RANK, G = 4, 4
 # local sample indices each rank's mask removes: rank 1 keeps 9 of 16 (_split by ceiling gave it 3 of 4
@@ -98,6 +99,27 @@ def as_one_process(trainer, world):
     return saved
 
 
+def rollout_check(trainer, reference, start):
+    """After the updates, the sharded trainer's engine decodes from the current weights: its copy equals the
+    gathered shards, and its rollouts (greedy, and sampled with a seed) are those of an unsharded model holding
+    the same weights in this process. {copy_diff, moved, same_rollouts}."""
+    trainer.sync_rollout_weights()  # what step() does after every update
+    full = {k: sharding.full_tensor(v) for k, v in trainer.model.state_dict().items()}
+    plain = copy.deepcopy(reference.model)
+    plain.load_state_dict(full)
+    mine = dict(trainer.rollout_weights.model.named_parameters())
+    tok = trainer.tokenizer
+    prompts = [tok(f"Write a number #{i}:").input_ids for i in range(3)]
+    same = True
+    for params in (SamplingParams(n=2, temperature=0.0, max_tokens=6), SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=5)):
+        ours = [[c.token_ids for c in out] for out in trainer.engine.generate(prompts, params)]
+        theirs = [[c.token_ids for c in out] for out in make_engine("fast", plain, tok).generate(prompts, params)]
+        same = same and ours == theirs
+    return {"copy_diff": max((mine[k] - p).abs().max().item() for k, p in plain.named_parameters()),
+            "moved": (torch.cat([p.detach().flatten() for p in plain.parameters()]) - start).norm().item(),
+            "same_rollouts": same}
+
+
 def make_trainer(out_path, rank, mode):
     overrides = [f"output_dir={out_path}.runs", f"name=dist-check-{mode}-{rank if mode == 'none' else ''}", "train.threads=1",
                  "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.token_budget=80", f"train.sharding={mode}"]
@@ -118,7 +140,7 @@ def main(out_path, modes, names):
     reference = make_trainer(out_path, rank, "none")
     initial = copy.deepcopy(reference.model.state_dict())
     start = torch.cat([p.detach().flatten() for p in reference.model.parameters()]).clone()
-    ref_results, results = {}, {}
+    ref_results, results, rollouts = {}, {}, {}
     for case in names:  # the one-process reference of every case, once
         groups = whole_batch(reference.tokenizer, world)
         mask(groups, CASES[case][2], world)
@@ -144,11 +166,15 @@ def main(out_path, modes, names):
                          "weights": (weights - ref_weights).norm().item() / max(moved, 1e-30),
                          "weights_max": (weights - ref_weights).abs().max().item(),
                          "moved": moved, "updates": updates, "ref_updates": ref_updates}
+            if mode not in rollouts and moved > 0:  # after the first case that moved the weights
+                rollouts[mode] = rollout_check(trainer, reference, start)
+    results["rollouts"] = rollouts
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
     if rank == 0:
         merged = {case: {k: (max(r[case][k] for r in everyone) if k != "updates" else [r[case][k] for r in everyone])
-                         for k in results[case]} for case in results}
+                         for k in results[case]} for case in results if case != "rollouts"}
+        merged["rollouts"] = {mode: [r["rollouts"][mode] for r in everyone] for mode in modes}
         json.dump(merged, open(out_path, "w"), indent=1)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import types
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -195,8 +196,20 @@ def load_state(path, model, optimizer) -> None:
 
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optimizer": osd}
-    dcp.load(state, checkpoint_id=os.fspath(path))
+    with warnings.catch_warnings():  # one process reading the shards: what DCP then assumes, and says
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=os.fspath(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_full_state(model, state: dict) -> None:
+    """A full (unsharded) state dict, which every rank holds, into `model`, sharded or not."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def full_model_state(model) -> dict:
