@@ -173,3 +173,25 @@ def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_two_nodes_of_one_process_each_train_like_one_process(tmp_path):
+    """The multi-node launch of the README on one machine: two torchrun "nodes" (--nnodes 2, one process each,
+    both local rank 0) meeting at a c10d rendezvous endpoint; fsdp with a rank left empty."""
+    out, port = tmp_path / "result.json", free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "tests/dist_gradient_check.py", str(out), "fsdp",
+           "grpo/empty_rank"]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for _ in range(2)]
+    try:
+        logs = [node.communicate(timeout=180)[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGKILL)
+        pytest.fail("the two nodes did not finish in 180 s")
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    results = json.loads(out.read_text())
+    r = results["fsdp:grpo/empty_rank"]
+    assert r["updates"] == [1, 1] and r["grad"] < GRAD_TOL and 0 < r["moved"] and r["weights"] < WEIGHT_TOL, r
+    assert all(x["same_rollouts"] and x["copy_diff"] == 0 for x in results["rollouts"]["fsdp"])
