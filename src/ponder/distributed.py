@@ -2,9 +2,16 @@
 
 Each rank owns whole prompt groups, so advantages need no communication but batch_std's scale. What
 crosses ranks: how many prompts are still wanted (dynamic sampling), batch_std's standard deviation, the
-loss normalisers (sequence, token and micro-batch counts), the gradients (summed), and the step's figures
-(averaged). Rank 0 writes files.
-Start with `torchrun --nproc-per-node N -m ponder train RECIPE`; gloo on CPU, NCCL on GPUs.
+loss normalisers (sequence, token and micro-batch counts), how many micro-batches the busiest rank has, the
+gradients (summed by FSDP2: ponder.sharding, which also shards the weights and optimizer state), and the
+step's figures (averaged). Rank 0 writes files; every rank writes its shards of a checkpoint.
+
+Start with `torchrun --nproc-per-node N -m ponder train RECIPE`; gloo on CPU, NCCL on GPUs. Several machines:
+the same command on each with `--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id RUN` (or
+`--node-rank R --master-addr HOST --master-port PORT`). `train.sharding` chooses how the policy is sharded:
+fsdp_noreshard (the default on several processes: weights gathered once an update, DDP's traffic, optimizer
+state sharded) for models that fit one device, fsdp (weights gathered layer by layer, least memory) for
+those that do not; ponder.sharding says why there is no separate DDP path.
 """
 
 from __future__ import annotations
