@@ -26,7 +26,7 @@ from ponder import distributed, sharding
 from ponder.config import load_config
 from ponder.optim import make_optimizer
 from ponder.rl.batching import Sample
-from ponder.rl.trainer import GRPOTrainer, Group, assign_advantages
+from ponder.rl.trainer import Group, GRPOTrainer, assign_advantages
 from ponder.rollout import SamplingParams, make_engine
 
 GROUPS_PER_RANK, G = 4, 4

@@ -94,11 +94,11 @@ def test_sharded_checkpoint_kill_and_resume_repeats_the_uninterrupted_run(tmp_pa
     bit; the export loads with from_pretrained; one process without sharding resumes from the shards too."""
     import torch
     from safetensors.torch import load_file
+    from test_resume_and_errors import KILLER, _metrics
     from transformers import AutoModelForCausalLM
 
     from ponder.config import load_config
     from ponder.rl.trainer import GRPOTrainer
-    from test_resume_and_errors import KILLER, _metrics
 
     script = tmp_path / "run_with_killer.py"
     script.write_text(KILLER)

@@ -59,7 +59,13 @@ def join_single_process_group(device: torch.device) -> None:
 
 
 def _fully_shard():
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     return fully_shard, FSDPModule, MixedPrecisionPolicy, CPUOffloadPolicy, OffloadPolicy
 
@@ -72,16 +78,16 @@ def shard(model, mode: str, device: torch.device, *, bf16: bool = False, offload
     fully_shard, FSDPModule, MixedPrecisionPolicy, CPUOffloadPolicy, OffloadPolicy = _fully_shard()
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
                               cast_forward_inputs=False) if device.type == "cuda" else MixedPrecisionPolicy()
-    kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy(),
-              reshard_after_forward=frozen or mode == "fsdp")
+    kw = {"mp_policy": mp, "offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()}
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise UserError(f"train.sharding={mode}: found no decoder layers in {type(model).__name__} "
                         "(its _no_split_modules is empty); use train.sharding=none")
     for layer in layers:
-        fully_shard(layer, **kw)
-    fully_shard(model, **kw)
+        fully_shard(layer, reshard_after_forward=frozen or mode == "fsdp", **kw)
+    # the root (embeddings, final norm, head) stays gathered from forward to backward, which follows at once
+    fully_shard(model, reshard_after_forward=frozen, **kw)
     for m in model.modules():
         if isinstance(m, FSDPModule):  # SUM, not the mean: see the module docstring
             m.set_gradient_divide_factor(1.0)
@@ -207,13 +213,19 @@ def load_full_state(model, state: dict) -> None:
     if not is_sharded(model):
         model.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
 
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def full_model_state(model) -> dict:
     """The whole model's state dict on rank 0's CPU, for the Hugging Face export (every rank calls)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
