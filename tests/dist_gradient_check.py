@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_distributed.py (2 or 4 ranks): every rank trains on its own prompt groups
-through the trainer's own code (assign_advantages, then learn: mask, mini-batches, mu passes, updates), and the
-last gradient and the updated weights must equal those of one process given the whole batch.
+through the trainer's own code (assign_advantages, then learn: mask, mini-batches, mu passes, updates), the
+policy sharded by FSDP2 (each train.sharding mode: argv[2]), and the last gradient and the updated weights
+(gathered from the shards) must equal those of one process, unsharded, given the whole batch.
 
 The whole batch is P prompts x G samples; rank r owns groups r, r + W, ... (as GRPOTrainer.collect deals
 them), so the i-th mini-batches of all ranks together are the one process's i-th mini-batch. Cases cover
@@ -9,7 +10,8 @@ every loss aggregation, mask_truncated with uneven per-rank counts and a rank le
 with the same micro-batches (each rank's, side by side). Each case is printed before it runs: a rank that
 hangs shows where. Writes {case: {grad, weights, weights_max, moved, updates, ref_updates}} (maxima over ranks) to argv[1]:
 grad is max |g - g_ref| / max |g_ref| of the last update, weights ||w - w_ref|| / ||w_ref - w_initial||,
-weights_max max |w - w_ref|.
+weights_max max |w - w_ref|. The cases run for each sharding mode in argv[2] (comma-separated), keyed
+"mode:case"; the one-process reference is a trainer of its own with train.sharding=none.
 """
 
 import copy
@@ -20,11 +22,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ponder import distributed
+from ponder import distributed, sharding
 from ponder.config import load_config
 from ponder.optim import make_optimizer
 from ponder.rl.batching import Sample
-from ponder.rl.trainer import GRPOTrainer, Group, assign_advantages
+from ponder.rl.trainer import Group, GRPOTrainer, assign_advantages
+from ponder.rollout import SamplingParams, make_engine
 
 GROUPS_PER_RANK, G = 4, 4
 # local sample indices each rank's mask removes: rank 1 keeps 9 of 16 (_split by ceiling gave it 3 of 4
@@ -75,13 +78,15 @@ def train(trainer, initial, groups, case):
     trainer.optimizer, trainer.scheduler = make_optimizer(trainer.model, trainer.cfg.optim, 1)
     assign_advantages(groups, adv)
     stats = trainer.learn([s for grp in groups for s in grp.samples])
-    params = list(trainer.model.parameters())
-    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    return grad, torch.cat([p.detach().flatten() for p in params]), len(stats)
+    params = list(trainer.model.parameters())  # sharded: DTensors, gathered whole (every rank in the same order)
+    weights = [sharding.full_tensor(p.detach()) for p in params]
+    grad = torch.cat([(sharding.full_tensor(p.grad) if p.grad is not None else torch.zeros_like(w)).flatten()
+                      for p, w in zip(params, weights)])
+    return grad, torch.cat([w.flatten() for w in weights]), len(stats)
 
 
 def as_one_process(trainer, world):
-    """The same trainer with world size 1; bnpo's micro-batches are kept as each rank would form them."""
+    """World size 1 for the unsharded reference trainer; bnpo's micro-batches are kept as each rank would form them."""
     saved = distributed.active, trainer.world, trainer.policy_pass.micro_batches
     split = trainer.policy_pass.micro_batches
 
@@ -94,38 +99,84 @@ def as_one_process(trainer, world):
     return saved
 
 
-def main(out_path, names):
+def rollout_check(trainer, reference, start):
+    """After the updates, the sharded trainer's engine decodes from the current weights: its copy equals the
+    gathered shards, and its rollouts (greedy, and sampled with a seed) are those of an unsharded model holding
+    the same weights in this process. {copy_diff, moved, same_rollouts}."""
+    trainer.sync_rollout_weights()  # what step() does after every update
+    full = {k: sharding.full_tensor(v) for k, v in trainer.model.state_dict().items()}
+    plain = copy.deepcopy(reference.model)
+    plain.load_state_dict(full)
+    mine = dict(trainer.rollout_weights.model.named_parameters())
+    tok = trainer.tokenizer
+    prompts = [tok(f"Write a number #{i}:").input_ids for i in range(3)]
+    same = True
+    for params in (SamplingParams(n=2, temperature=0.0, max_tokens=6), SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=5)):
+        ours = [[c.token_ids for c in out] for out in trainer.engine.generate(prompts, params)]
+        theirs = [[c.token_ids for c in out] for out in make_engine("fast", plain, tok).generate(prompts, params)]
+        same = same and ours == theirs
+    return {"copy_diff": max((mine[k] - p).abs().max().item() for k, p in plain.named_parameters()),
+            "moved": (torch.cat([p.detach().flatten() for p in plain.parameters()]) - start).norm().item(),
+            "same_rollouts": same}
+
+
+def make_trainer(out_path, rank, mode):
+    overrides = [f"output_dir={out_path}.runs", f"name=dist-check-{mode}-{rank if mode == 'none' else ''}", "train.threads=1",
+                 "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.token_budget=80", f"train.sharding={mode}"]
+    cfg = load_config("recipes/smoke-first-digit.yaml", overrides)
+    if mode != "none":
+        return GRPOTrainer(cfg)
+    setup, active = distributed.setup, distributed.active  # one process on its own, inside the torchrun job
+    distributed.setup, distributed.active = (lambda: (0, 1)), (lambda: False)
+    try:
+        return GRPOTrainer(cfg)
+    finally:
+        distributed.setup, distributed.active = setup, active
+
+
+def main(out_path, modes, names):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
-    cfg = load_config("recipes/smoke-first-digit.yaml", [f"output_dir={out_path}.runs", "name=dist-check", "train.threads=1",
-                                                          "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.token_budget=80"])
-    trainer = GRPOTrainer(cfg)
-    rank, world = trainer.rank, trainer.world
-    initial = copy.deepcopy(trainer.model.state_dict())
-    start = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]).clone()
-    results = {}
-    for case in names:
-        print(f"rank {rank}: {case}", flush=True)
-        groups = whole_batch(trainer.tokenizer, world)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    reference = make_trainer(out_path, rank, "none")
+    initial = copy.deepcopy(reference.model.state_dict())
+    start = torch.cat([p.detach().flatten() for p in reference.model.parameters()]).clone()
+    ref_results, results, rollouts = {}, {}, {}
+    for case in names:  # the one-process reference of every case, once
+        groups = whole_batch(reference.tokenizer, world)
         mask(groups, CASES[case][2], world)
-        mine = [copy.deepcopy(grp) for grp in groups if grp.samples[0].owner == rank]
-        grad, weights, updates = train(trainer, initial, mine, case)
-        saved = as_one_process(trainer, world)
+        reference.cfg.algorithm.loss_agg = CASES[case][0]  # as_one_process reads it (train sets the rest)
+        saved = as_one_process(reference, world)
         try:
-            ref_grad, ref_weights, ref_updates = train(trainer, initial, groups, case)
+            ref_results[case] = train(reference, initial, groups, case)
         finally:
-            distributed.active, trainer.world, trainer.policy_pass.micro_batches = saved
-        moved = (ref_weights - start).norm().item()
-        results[case] = {"grad": (grad - ref_grad).abs().max().item() / max(ref_grad.abs().max().item(), 1e-30),
+            distributed.active, reference.world, reference.policy_pass.micro_batches = saved
+    for mode in modes:
+        trainer = make_trainer(out_path, rank, mode)  # the same seed: the reference's initial weights, sharded
+        initial_mode = copy.deepcopy(trainer.model.state_dict())
+        assert torch.equal(torch.cat([sharding.full_tensor(p.detach()).flatten() for p in trainer.model.parameters()]), start)
+        for case in names:
+            print(f"rank {rank}: {mode}:{case}", flush=True)
+            groups = whole_batch(trainer.tokenizer, world)
+            mask(groups, CASES[case][2], world)
+            mine = [copy.deepcopy(grp) for grp in groups if grp.samples[0].owner == rank]
+            grad, weights, updates = train(trainer, initial_mode, mine, case)
+            ref_grad, ref_weights, ref_updates = ref_results[case]
+            moved = (ref_weights - start).norm().item()
+            results[f"{mode}:{case}"] = {"grad": (grad - ref_grad).abs().max().item() / max(ref_grad.abs().max().item(), 1e-30),
                          "weights": (weights - ref_weights).norm().item() / max(moved, 1e-30),
                          "weights_max": (weights - ref_weights).abs().max().item(),
                          "moved": moved, "updates": updates, "ref_updates": ref_updates}
+            if mode not in rollouts and moved > 0:  # after the first case that moved the weights
+                rollouts[mode] = rollout_check(trainer, reference, start)
+    results["rollouts"] = rollouts
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
     if rank == 0:
         merged = {case: {k: (max(r[case][k] for r in everyone) if k != "updates" else [r[case][k] for r in everyone])
-                         for k in results[case]} for case in results}
+                         for k in results[case]} for case in results if case != "rollouts"}
+        merged["rollouts"] = {mode: [r["rollouts"][mode] for r in everyone] for mode in modes}
         json.dump(merged, open(out_path, "w"), indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:] or list(CASES))
+    main(sys.argv[1], sys.argv[2].split(","), sys.argv[3:] or list(CASES))

@@ -1,5 +1,6 @@
-"""Data parallelism on CPU with gloo: W ranks, each with its own prompt groups, must train exactly like one
-process on the whole batch (tests/dist_gradient_check.py runs the cases inside torchrun).
+"""Data parallelism on CPU with gloo: W ranks, each with its own prompt groups and the policy sharded by FSDP2
+(both train.sharding modes), must train exactly like one unsharded process on the whole batch
+(tests/dist_gradient_check.py runs the cases inside torchrun).
 
 Tolerances: the last update's gradient within 1e-5 of the one process's, relative to its largest entry
 (float32 sums in another order; measured about 1e-7); the weights after all updates within 1e-4 of the one
@@ -39,19 +40,27 @@ def launch(script: str, nproc: int, args: list[str], timeout: float) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+MODES = ("fsdp", "fsdp_noreshard")
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path, world):
     out = tmp_path / "result.json"
-    proc = launch("tests/dist_gradient_check.py", world, [str(out)], timeout=240)
+    proc = launch("tests/dist_gradient_check.py", world, [str(out), ",".join(MODES)], timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     results = json.loads(out.read_text())
-    for case, r in results.items():
-        assert r["updates"] == [r["ref_updates"]] * world, (case, r)  # every rank as many optimizer steps as one process
-        assert r["grad"] < GRAD_TOL, (case, r)
+    for mode, per_rank in results.pop("rollouts").items():  # each rank decodes from the current full weights
+        for r in per_rank:
+            assert r["copy_diff"] == 0 and r["moved"] > 0 and r["same_rollouts"], (mode, r)
+    assert {key.split(":")[0] for key in results} == set(MODES)
+    for key, r in results.items():
+        case = key.split(":")[1]
+        assert r["updates"] == [r["ref_updates"]] * world, (key, r)  # every rank as many optimizer steps as one process
+        assert r["grad"] < GRAD_TOL, (key, r)
         if case == "all_masked":  # nothing to learn anywhere: no step at all (AdamW would still decay the weights)
-            assert r["moved"] == 0 and r["weights"] == 0, (case, r)
+            assert r["moved"] == 0 and r["weights"] == 0, (key, r)
         else:
-            assert r["moved"] > 0 and r["weights"] < WEIGHT_TOL, (case, r)
+            assert r["moved"] > 0 and r["weights"] < WEIGHT_TOL, (key, r)
 
 
 def test_batch_std_scales_by_the_whole_step_not_one_resampling_round(smoke_cfg):
@@ -77,3 +86,112 @@ def test_batch_std_scales_by_the_whole_step_not_one_resampling_round(smoke_cfg):
     expected = advantages(torch.tensor([g.rewards for g in kept]), "batch_std")
     got = torch.tensor([[s.advantage for s in g.samples] for g in kept])
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_checkpoint_kill_and_resume_repeats_the_uninterrupted_run(tmp_path):
+    """Two ranks, fsdp: checkpoints hold each rank's shards (torch.distributed.checkpoint) and a Hugging Face
+    export; a run killed after step-2 and resumed ends with the uninterrupted run's figures and weights, bit for
+    bit; the export loads with from_pretrained; one process without sharding resumes from the shards too."""
+    import torch
+    from safetensors.torch import load_file
+    from test_resume_and_errors import KILLER, _metrics
+    from transformers import AutoModelForCausalLM
+
+    from ponder.config import load_config
+    from ponder.rl.trainer import GRPOTrainer
+
+    script = tmp_path / "run_with_killer.py"
+    script.write_text(KILLER)
+
+    def run(name, *extra, kill_at=0):
+        args = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", f"name={name}", "train.steps=4",
+                "train.save_every=2", "train.threads=1", "train.log_to=[]", "train.sharding=fsdp", "rewards.killer=0.0", *extra]
+        os.environ["KILL_AT_CALL"] = str(kill_at)  # each rank counts its own reward calls
+        try:
+            return launch(str(script), 2, args, timeout=240)
+        finally:
+            del os.environ["KILL_AT_CALL"]
+
+    full = run("full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run("cut", kill_at=4)  # start-up check is call 1, step k call k + 1: killed in step 3
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2"]
+    assert (tmp_path / "cut" / "checkpoints" / "step-2" / "sharded" / ".metadata").is_file()
+    resumed = run("cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _metrics(tmp_path / "full" / "metrics.jsonl"), _metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and a == b
+    step4 = [tmp_path / run / "checkpoints" / "step-4" for run in ("full", "cut")]
+    weights = [load_file(d / "model.safetensors") for d in step4]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    model = AutoModelForCausalLM.from_pretrained(step4[1])
+    assert all(torch.equal(p, weights[1][k]) for k, p in model.state_dict().items() if k in weights[1])
+
+    # a different world size: one process, unsharded, reads the two ranks' shards (weights and AdamW moments)
+    cfg = load_config("recipes/smoke-first-digit.yaml", [f"output_dir={tmp_path}", "name=cut", "train.steps=5",
+                                                          "train.sharding=none", "train.log_to=[]"])
+    t = GRPOTrainer(cfg, resume=True)
+    assert t.step_no == 4 and all(torch.equal(p, weights[1][k]) for k, p in t.model.state_dict().items() if k in weights[1])
+    moments = [s["exp_avg"] for s in t.optimizer.state.values()]
+    assert len(moments) == len(list(t.model.parameters())) and all(m.abs().sum() > 0 for m in moments)
+
+
+def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg):
+    """train.sharding=fsdp on one process (how one GPU gets CPU offload; offload on too, a no-op on CPU): steps
+    run, the rollout copy follows the updates, and a guardrail rollback restores the sharded checkpoint's
+    weights and AdamW moments."""
+    import torch
+    import torch.distributed as dist
+
+    from ponder import checkpoint, sharding
+    from ponder.rl.guardrails import restore
+    from ponder.rl.trainer import GRPOTrainer
+
+    def full(t):
+        return {k: sharding.full_tensor(v).clone() for k, v in t.model.state_dict().items()}
+
+    def moments(t):
+        return [sharding.full_tensor(s["exp_avg"]).clone() for s in t.optimizer.state.values()]
+
+    try:
+        t = GRPOTrainer(smoke_cfg("name=fsdp1", "train.sharding=fsdp", "train.offload=true", "train.log_to=[]",
+                                  "rollout.prompts_per_step=4", "rewards={test_char_hash: 1.0}"))
+        assert sharding.is_sharded(t.model)
+        initial = full(t)
+        t.step()
+        saved, saved_moments = full(t), moments(t)
+        assert any(not torch.equal(initial[k], saved[k]) for k in saved)
+        copy = dict(t.rollout_weights.model.named_parameters())
+        assert all(torch.equal(copy[k], saved[k]) for k in copy)
+        t.save()
+        t.step()
+        assert any(not torch.equal(v, saved[k]) for k, v in full(t).items())
+        restore(t, checkpoint.latest(t.ckpt_dir))
+        assert all(torch.equal(v, saved[k]) for k, v in full(t).items())
+        assert all(torch.equal(a, b) for a, b in zip(moments(t), saved_moments))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_nodes_of_one_process_each_train_like_one_process(tmp_path):
+    """The multi-node launch of the README on one machine: two torchrun "nodes" (--nnodes 2, one process each,
+    both local rank 0) meeting at a c10d rendezvous endpoint; fsdp with a rank left empty."""
+    out, port = tmp_path / "result.json", free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "tests/dist_gradient_check.py", str(out), "fsdp",
+           "grpo/empty_rank"]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for _ in range(2)]
+    try:
+        logs = [node.communicate(timeout=180)[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGKILL)
+        pytest.fail("the two nodes did not finish in 180 s")
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    results = json.loads(out.read_text())
+    r = results["fsdp:grpo/empty_rank"]
+    assert r["updates"] == [1, 1] and r["grad"] < GRAD_TOL and 0 < r["moved"] and r["weights"] < WEIGHT_TOL, r
+    assert all(x["same_rollouts"] and x["copy_diff"] == 0 for x in results["rollouts"]["fsdp"])

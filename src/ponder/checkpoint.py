@@ -1,8 +1,10 @@
 """Atomic checkpoints: a Hugging Face model directory plus the trainer state needed to resume exactly.
 
-Layout: checkpoints/step-N/{config.json, model.safetensors, tokenizer files, trainer_state.pt}.
-A checkpoint is written into a temporary sibling directory and renamed into place, so a kill during
-the write leaves the previous checkpoints untouched and no half-written `step-N`.
+Layout: checkpoints/step-N/{config.json, model.safetensors, tokenizer files, trainer_state.pt}, and with
+sharding (ponder.sharding) `sharded/`: the model and optimizer state as torch.distributed.checkpoint wrote
+them, each rank its shards (the optimizer is then not in trainer_state.pt). The Hugging Face files hold the
+full weights either way. A checkpoint is written into a temporary sibling directory and renamed into place,
+so a kill during the write leaves the previous checkpoints untouched and no half-written `step-N`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ponder import models
+from ponder import distributed, models, sharding
 from ponder.errors import UserError
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -37,38 +39,80 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def training_state(trainer) -> dict:
-    """What any trainer saves to continue exactly: step, data position, optimizer, schedule, RNG, config,
-    LoRA adapters. `trainer` has cfg, model, optimizer, scheduler, sampler, step_no and nan_streak."""
+def training_state(trainer, optimizer: bool = True) -> dict:
+    """What any trainer saves to continue exactly: step, data position, optimizer (unless sharded: see
+    save_sharded), schedule, RNG, config, LoRA adapters. `trainer` has cfg, model, optimizer, scheduler,
+    sampler, step_no and nan_streak. Every rank calls it (a sharded adapter is gathered)."""
     from ponder.config import to_dict
 
     return {
         "step": trainer.step_no, "sampler_position": trainer.sampler.position, "nan_streak": trainer.nan_streak,
-        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "optimizer": trainer.optimizer.state_dict() if optimizer else None, "scheduler": trainer.scheduler.state_dict(),
         "rng": rng_state(), "config": to_dict(trainer.cfg),
-        "adapter": {k: v for k, v in trainer.model.state_dict().items() if "lora_" in k} if trainer.cfg.model.lora else None,
+        "adapter": {k: sharding.full_tensor(v).cpu() for k, v in trainer.model.state_dict().items() if "lora_" in k}
+        if trainer.cfg.model.lora else None,
     }
 
 
-def restore_training(trainer, state: dict) -> None:
-    """The inverse of training_state (the weights and adapters are loaded with the model)."""
+def restore_training(trainer, state: dict, path: Path) -> None:
+    """The inverse of training_state (the weights and adapters are loaded with the model), from checkpoint
+    `path`; the optimizer (and the weights again) from its sharded state if it has one."""
     trainer.step_no, trainer.nan_streak = state["step"], state["nan_streak"]
     trainer.sampler.position = state["sampler_position"]
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    load_model_and_optimizer(trainer, state, path)
     trainer.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
 
 
+def load_model_and_optimizer(trainer, state: dict, path: Path) -> None:
+    """The optimizer state of checkpoint `path` (its weights are already loaded, unless sharded): from its
+    DCP directory into a model sharded over any number of ranks (or none), or from trainer_state.pt."""
+    if (path / sharding.SHARDED_DIR).is_dir():
+        sharding.load_state(path / sharding.SHARDED_DIR, trainer.model, trainer.optimizer)
+    elif sharding.is_sharded(trainer.model):
+        raise UserError(f"{path} was written by one unsharded process; resume it with train.sharding=none on one "
+                        "process (sharded runs resume from sharded checkpoints)")
+    else:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+
+
 def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step}"
     tmp = directory / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     models.save(model, tokenizer, tmp)
     torch.save(state, tmp / "trainer_state.pt")
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    return _publish(directory, tmp, step, keep_last)
+
+
+def save_sharded(directory: Path, step: int, model, optimizer, tokenizer, state: dict, keep_last: int = 2) -> Path:
+    """Every rank calls: each writes its shards of the model and optimizer (torch.distributed.checkpoint) into
+    the temporary directory, rank 0 the Hugging Face export from the gathered full weights and trainer_state.pt;
+    once all have written (barrier), rank 0 renames it into place."""
+    tmp = None
+    if distributed.rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".tmp-step-{step}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = distributed.broadcast(tmp)  # one directory for all ranks (rank 0 names it)
+    sharding.save_state(tmp / sharding.SHARDED_DIR, model, optimizer)
+    full = sharding.full_model_state(model)  # on rank 0's CPU (empty elsewhere)
+    if distributed.rank() == 0:
+        models.save(model, tokenizer, tmp, state_dict=full)
+        torch.save(state, tmp / "trainer_state.pt")
+    distributed.barrier()
+    final = _publish(directory, tmp, step, keep_last) if distributed.rank() == 0 else directory / f"step-{step}"
+    distributed.barrier()
+    return final
+
+
+def _publish(directory: Path, tmp: Path, step: int, keep_last: int) -> Path:
+    """The written `tmp` renamed to step-N, its data on disk first; the oldest beyond `keep_last` removed."""
+    final = directory / f"step-{step}"
+    for f in tmp.iterdir():  # data on disk before the rename makes it visible (DCP syncs its own files)
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -116,6 +116,17 @@ class TrainConfig:
     # the policy pass: packed (ponder.rl.packed: no padding, each prompt once per micro-batch; Llama family)
     # or padded (the model's own forward on right-padded rows); auto: packed on CUDA where supported
     forward: Literal["auto", "packed", "padded"] = "auto"
+    # several processes (torchrun) or CPU offload (ponder.sharding, FSDP2): fsdp shards weights, gradients and
+    # optimizer state and gathers each layer's weights for its forward and again for its backward (least
+    # memory); fsdp_noreshard keeps the weights gathered from an update's first forward to its last backward
+    # (DDP's traffic, optimizer state still sharded: for models that fit); none: one process, no wrapping.
+    # auto: none on one process, fsdp_noreshard on several. The names are fully_shard's reshard_after_forward.
+    # Sharding runs the padded policy pass (train.forward: packed does not see FSDP's per-layer gathers).
+    sharding: Literal["auto", "none", "fsdp", "fsdp_noreshard"] = "auto"
+    # with sharding: the sharded weights, gradients and optimizer state in CPU memory (FSDP2's
+    # CPUOffloadPolicy; the optimizer steps on the CPU); with fsdp on one process, how one GPU trains a model
+    # whose optimizer state does not fit it
+    offload: bool = False
     save_every: int = 50
     keep_last: int = 2
     log_samples: int = 4  # completions per step written to samples.jsonl

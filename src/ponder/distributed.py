@@ -2,9 +2,16 @@
 
 Each rank owns whole prompt groups, so advantages need no communication but batch_std's scale. What
 crosses ranks: how many prompts are still wanted (dynamic sampling), batch_std's standard deviation, the
-loss normalisers (sequence, token and micro-batch counts), the gradients (summed), and the step's figures
-(averaged). Rank 0 writes files.
-Start with `torchrun --nproc-per-node N -m ponder train RECIPE`; gloo on CPU, NCCL on GPUs.
+loss normalisers (sequence, token and micro-batch counts), how many micro-batches the busiest rank has, the
+gradients (summed by FSDP2: ponder.sharding, which also shards the weights and optimizer state), and the
+step's figures (averaged). Rank 0 writes files; every rank writes its shards of a checkpoint.
+
+Start with `torchrun --nproc-per-node N -m ponder train RECIPE`; gloo on CPU, NCCL on GPUs. Several machines:
+the same command on each with `--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id RUN` (or
+`--node-rank R --master-addr HOST --master-port PORT`). `train.sharding` chooses how the policy is sharded:
+fsdp_noreshard (the default on several processes: weights gathered once an update, DDP's traffic, optimizer
+state sharded) for models that fit one device, fsdp (weights gathered layer by layer, least memory) for
+those that do not; ponder.sharding says why there is no separate DDP path.
 """
 
 from __future__ import annotations
@@ -65,23 +72,13 @@ def std_all(values: torch.Tensor) -> float:
     return math.sqrt(sum_all(((values - mean) ** 2).sum().item()) / max(n, 1))
 
 
-def sum_grads(params) -> None:
-    """Gradients of a loss normalised by global counts are summed across ranks.
-
-    Every rank makes the same all-reduce calls even when it had nothing to learn from (mask_truncated
-    removed all its samples: no backward, no gradients): its gradient is zero, not absent. A parameter
-    no rank has a gradient for stays without one, as in one process (AdamW then leaves it alone).
-    """
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (any picklable object)."""
     if not active():
-        return
-    params = [p for p in params if p.requires_grad]
-    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=_device())
-    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
-    for p, anywhere in zip(params, has_grad.tolist()):
-        if anywhere:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def mean_metrics(metrics: dict) -> dict:

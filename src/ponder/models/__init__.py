@@ -252,8 +252,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return _for_generation(tok)
 
 
-def save(model, tokenizer, directory: str | Path) -> None:
-    """Save in Hugging Face format (safetensors), merging LoRA adapters so the result loads anywhere."""
+def save(model, tokenizer, directory: str | Path, state_dict: dict | None = None) -> None:
+    """Save in Hugging Face format (safetensors), merging LoRA adapters so the result loads anywhere.
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -263,7 +264,7 @@ def save(model, tokenizer, directory: str | Path) -> None:
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(directory)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ponder import sharding
 from ponder.errors import UserError
 from ponder.rl import packed
 from ponder.rl.batching import Sample, Tensors, micro_batches, to_tensors
@@ -49,6 +50,10 @@ class PolicyPass:
         return (packed.packed_micro_batches if self.packed else micro_batches)(samples, token_budget)
 
     def logprobs(self, model, batch: list[Sample], *, with_entropy: bool = False, temperature: float = 1.0):
+        # a sharded model gathers its root's weights for this as for its own forward (ponder.sharding)
+        return sharding.forward(model, lambda: self._logprobs(model, batch, with_entropy, temperature))
+
+    def _logprobs(self, model, batch: list[Sample], with_entropy: bool, temperature: float):
         if self.packed:
             scratch = self.scratch() if self.scratch is not None and torch.is_grad_enabled() else None
             return packed.packed_logprobs(model, batch, self.device, with_entropy=with_entropy, temperature=temperature,

@@ -27,7 +27,7 @@ import sys
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from ponder import checkpoint, distributed, models
+from ponder import checkpoint, distributed, models, sharding
 from ponder.config import GuardrailsConfig
 
 WATCHED_PREFIXES = ("reward/",)
@@ -301,17 +301,20 @@ def restore(trainer, ckpt) -> None:
     """The weights, optimizer moments and KL reference of checkpoint `ckpt`, in place (the engine's rollout
     copy follows the weights by itself); the learning rate and schedule position stay as they are."""
     state = checkpoint.load_state(ckpt)
-    if trainer.cfg.model.lora is not None:
-        trainer.model.load_state_dict(state["adapter"], strict=False)
-    else:
-        saved, _ = models.load(str(ckpt), seed=trainer.cfg.seed, trust_remote_code=trainer.cfg.model.trust_remote_code)
-        trainer.model.load_state_dict(saved.state_dict())
     lrs = [group["lr"] for group in trainer.optimizer.param_groups]
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if (ckpt / sharding.SHARDED_DIR).is_dir():  # weights and optimizer from the shards (every rank reads its own)
+        checkpoint.load_model_and_optimizer(trainer, state, ckpt)
+    else:
+        if trainer.cfg.model.lora is not None:
+            trainer.model.load_state_dict(state["adapter"], strict=False)
+        else:
+            saved, _ = models.load(str(ckpt), seed=trainer.cfg.seed, trust_remote_code=trainer.cfg.model.trust_remote_code)
+            trainer.model.load_state_dict(saved.state_dict())
+        trainer.optimizer.load_state_dict(state["optimizer"])
     for group, lr in zip(trainer.optimizer.param_groups, lrs):
         group["lr"] = lr
     if trainer.ref is not None and state.get("ref") is not None:
-        trainer.ref.load_state_dict(state["ref"])
+        sharding.load_full_state(trainer.ref, state["ref"])
     trainer.nan_streak = 0
 
 

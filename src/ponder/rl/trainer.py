@@ -2,7 +2,9 @@
 
 Simplifications, stated up front (in the manner of nanochat's chat_rl.py):
 - One process. Each step owns whole prompt groups, so advantages need no communication (but batch_std's
-  one scale); data-parallel ranks each run this same step on their own groups (ponder.distributed).
+  one scale); data-parallel ranks each run this same step on their own groups (ponder.distributed), the
+  policy sharded across them by FSDP2, which also reduces the gradients (ponder.sharding). Every rank makes
+  as many forward and backward passes as the busiest one (padding micro-batches weigh zero).
 - The learning-rate schedule counts RL steps (one per batch of rollouts), not optimizer steps.
 - Generation and training share one model object. On CUDA the fast engine samples from a bfloat16 copy of
   the float32 weights' matrices, refreshed after every optimizer step (ponder.rollout.fast.RolloutCopy):
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ponder import checkpoint, distributed, models
+from ponder import checkpoint, distributed, models, sharding
 from ponder.config import RunConfig, to_dict
 from ponder.errors import UserError
 from ponder.metrics import MetricsWriter, mean, reflection_rate
@@ -71,11 +73,15 @@ class GRPOTrainer:
 
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
         self.ref = self._make_reference()
+        self.sharding = sharding.resolve(cfg.train.sharding, self.world)
+        self.rollout_weights = self._shard() if self.sharding != "none" else None
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, max(cfg.train.steps, 1))
-        self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer,
-                                  **{"batch_size": cfg.rollout.generation_batch, **cfg.rollout.engine_options})
+        # rollouts from the policy's own weights, or (sharded) from a full copy refreshed after every update
+        self.engine = make_engine(cfg.rollout.engine, self.rollout_weights.model if self.rollout_weights else self.model,
+                                  self.tokenizer, **{"batch_size": cfg.rollout.generation_batch, **cfg.rollout.engine_options})
         # the engine's idle cache holds the head's logits between rollouts
-        self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model, self.device), self.tokenizer.pad_token_id,
+        forward = cfg.train.forward if self.rollout_weights is None else "padded"
+        self.policy_pass = PolicyPass(use_packed(forward, self.model, self.device), self.tokenizer.pad_token_id,
                                       self.device, self.bf16, scratch=self.engine.idle_memory)
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
@@ -87,8 +93,9 @@ class GRPOTrainer:
         self.guardrails = Guardrails(cfg.guardrails, announce=self.rank == 0)
         self._asks_reasoning = "<think>" in TEMPLATES.get(cfg.data.template, cfg.data.template)
         if self.state is not None:
-            checkpoint.restore_training(self, self.state)
+            checkpoint.restore_training(self, self.state, last)
             self.guardrails.load_state_dict(self.state.get("guardrails"))
+        self.sync_rollout_weights()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
@@ -110,7 +117,9 @@ class GRPOTrainer:
         timing["train"] = time.perf_counter() - t_train
         timing["total"] = time.perf_counter() - t0
         m = distributed.mean_metrics(self._step_metrics(all_groups, stats, timing))
-        return self.guardrails.check(self, m)  # may warn, lower the lr, roll back, or ask the run to stop
+        m = self.guardrails.check(self, m)  # may warn, lower the lr, roll back, or ask the run to stop
+        self.sync_rollout_weights()  # after the update (and any rollback): rank 0 may evaluate before the next step
+        return m
 
     def learn(self, samples: list[Sample]) -> list[dict]:
         """`mu` passes over the step's samples, `minibatches` optimizer steps each; their figures."""
@@ -126,7 +135,9 @@ class GRPOTrainer:
         if a.beta:
             self._score(kept, "ref_logp", self.ref)
         # mu passes over the same rollouts (DeepSeekMath's inner iterations)
-        return [self.update(mini) for _ in range(a.mu) for mini in minis]
+        stats = [self.update(mini) for _ in range(a.mu) for mini in minis]
+        sharding.reshard(self.model)  # passes without backward (scoring) leave fsdp_noreshard's weights gathered
+        return stats
 
     def update(self, samples: list[Sample]) -> dict:
         """One optimizer step on `samples`, accumulated over micro-batches by token budget."""
@@ -148,24 +159,26 @@ class GRPOTrainer:
         names = ("loss", "clip_low", "clip_high", "kl", "tokens", "entropy")
         if not n_total:  # no rank has a sample (all masked): no step, since AdamW would still decay and follow momentum
             return {**dict.fromkeys(names, 0.0), "grad_norm": 0.0, "skipped": 0.0}
+        batches, real = sharding.lockstep(batches, self._padding)  # as many passes as the busiest rank
         # sums stay on the device until the end: a read per micro-batch would wait for the GPU each time
         totals = {k: torch.zeros((), device=self.device) for k in names}
-        for mb in batches:
+        for i, mb in enumerate(batches):
             logp, entropy, mask = self.policy_pass.logprobs(self.model, mb, with_entropy=True, temperature=self._temp)
-            width = logp.shape[1]
             weight = mask * per_row([s.weight for s in mb], self.device)[:, None]
-            old = pad_rows([s.old_logp for s in mb], width, self.device) if mb[0].old_logp is not None else logp.detach()
-            ref = pad_rows([s.ref_logp for s in mb], width, self.device) if a.beta else None
+            old = self._saved(mb, "old_logp", logp)
+            ref = self._saved(mb, "ref_logp", logp) if a.beta else None
             adv = per_row([s.advantage for s in mb], self.device)
             loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref)
-            loss.backward()
-            totals["loss"] += loss.detach()
-            totals["entropy"] += (entropy * mask).sum()
-            for k in ("clip_low", "clip_high", "kl", "tokens"):
-                totals[k] += st[k]
+            sharding.accumulate(self.model, last=i == len(batches) - 1, mode=self.sharding)
+            loss.backward()  # sharded: FSDP2 sums the gradients across ranks
+            if i < real:
+                totals["loss"] += loss.detach()
+                totals["entropy"] += (entropy * mask).sum()
+                for k in ("clip_low", "clip_high", "kl", "tokens"):
+                    totals[k] += st[k]
         totals = dict(zip(totals, torch.stack(list(totals.values())).tolist()))
-        distributed.sum_grads(self.model.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+        grad_norm = sharding.full_tensor(  # over sharded gradients, a DTensor: its full value, the same on every rank
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf")))
         # every rank must skip alike: one rank's non-finite loss is everyone's
         if not (math.isfinite(distributed.sum_all(totals["loss"])) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skip the step; weights stay as they were
@@ -241,9 +254,22 @@ class GRPOTrainer:
             self._prompt_ids[key] = self.tokenizer(text).input_ids
         return self._prompt_ids[key]
 
+    def _saved(self, mb: list[Sample], attr: str, logp: torch.Tensor) -> torch.Tensor:
+        """The rows' log-probs kept by _score (old_logp, ref_logp), or, where none were kept (mu = 1: the
+        sampling policy is the current one; a padding micro-batch), `logp` itself, detached."""
+        rows = [getattr(s, attr) for s in mb]
+        return pad_rows(rows, logp.shape[1], self.device) if rows[0] is not None else logp.detach()
+
+    def _padding(self) -> list[Sample]:
+        """A micro-batch of weight zero: one token after one token, for a rank with fewer micro-batches than
+        another (its forward and backward take part in FSDP's gathers and reductions, and add nothing)."""
+        pad = self.tokenizer.pad_token_id
+        return [Sample([pad], [pad], weight=0.0)]
+
     @torch.no_grad()
     def _score(self, samples: list[Sample], attr: str, model) -> None:
-        for mb in self.policy_pass.micro_batches(samples, self.token_budget()):
+        batches, _ = sharding.lockstep(self.policy_pass.micro_batches(samples, self.token_budget()), self._padding)
+        for mb in batches:
             if model is None:  # LoRA reference: the base weights, adapters switched off
                 with self.model.disable_adapter():
                     logp, _, _ = self.policy_pass.logprobs(self.model, mb, temperature=self._temp)
@@ -330,16 +356,43 @@ class GRPOTrainer:
         ref.requires_grad_(False)
         return ref
 
+    def _shard(self) -> sharding.RolloutWeights:
+        """The policy and the reference sharded (ponder.sharding); the full copy rollouts decode from, made first."""
+        if self.cfg.train.forward == "packed":
+            raise UserError(f"train.forward=packed does not run sharded (train.sharding={self.sharding}); use "
+                            "train.forward=auto or padded")
+        if self.cfg.model.lora is not None:
+            raise UserError(f"model.lora does not run sharded yet (train.sharding={self.sharding}, {self.world} processes); "
+                            "train LoRA on one process, or all parameters with torchrun")
+        if self.world == 1:
+            sharding.join_single_process_group(self.device)
+        rollout = sharding.RolloutWeights(self.model)
+        for model in (self.model, self.ref):
+            if model is not None:
+                sharding.shard(model, self.sharding, self.device, bf16=self.bf16, offload=self.cfg.train.offload,
+                               frozen=model is self.ref)
+        return rollout
+
+    def sync_rollout_weights(self) -> None:
+        """Sharded: the rollout copy takes the current weights (every rank calls; a gather per parameter)."""
+        if self.rollout_weights is not None:
+            self.rollout_weights.refresh(self.model, self.device)
+
     def _maybe_reset_reference(self):
         n = self.cfg.algorithm.ref_reset_every
         if self.ref is not None and n and self.step_no % n == 0:
             self.ref.load_state_dict(self.model.state_dict())  # R1: the reference follows the policy every 400 steps
 
     def save(self) -> None:
-        state = checkpoint.training_state(self)
-        state["ref"] = self.ref.state_dict() if (self.ref is not None and self.cfg.algorithm.ref_reset_every) else None
+        sharded = self.rollout_weights is not None
+        state = checkpoint.training_state(self, optimizer=not sharded)  # sharded: in the DCP directory
+        ref = self.ref is not None and self.cfg.algorithm.ref_reset_every
+        state["ref"] = (sharding.full_model_state(self.ref) if sharded else self.ref.state_dict()) if ref else None
         state["guardrails"] = self.guardrails.state_dict()
-        if self.rank == 0:  # weights and optimizer are the same on every rank
+        if sharded:  # every rank writes its shards; rank 0 the Hugging Face directory and the trainer state
+            checkpoint.save_sharded(self.ckpt_dir, self.step_no, self.model, self.optimizer, self.tokenizer, state,
+                                    self.cfg.train.keep_last)
+        elif self.rank == 0:
             checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
         distributed.barrier()
 
