@@ -186,6 +186,11 @@ def profile(model, tok, prompts, new, out_dir, pos: int = 130) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ bench
+def shown(row: dict) -> dict:
+    print("done:", json.dumps(row), flush=True)
+    return row
+
+
 def long_tail(samples: int, limit: int, median: int = 1500, tail: float = 0.1, seed: int = 0) -> list[int]:
     """R1-Zero-like answer lengths: lognormal with the given median, a `tail` share reaching `limit`."""
     import math
@@ -295,10 +300,12 @@ def main():
             report["lengths"] = quantiles(limits)
             print("lengths:", json.dumps(report["lengths"]), flush=True)
             mean = round(sum(limits) / len(limits))
-            rows = [bench_fast(model, tok, prompts, a.new, v, a.n, limits, " long-tail") for v in a.variants]
-            rows += [bench_fast(model, tok, prompts, a.new, v, a.n, [mean] * len(limits), f" all at {mean}") for v in a.variants]
+            # each row printed as it ends: a 7B long-tailed run takes minutes a row
+            rows = [shown(bench_fast(model, tok, prompts, a.new, v, a.n, limits, " long-tail")) for v in a.variants]
+            rows += [shown(bench_fast(model, tok, prompts, a.new, v, a.n, [mean] * len(limits), f" all at {mean}"))
+                     for v in a.variants]
             if a.hf:
-                rows.append(bench_hf_bound(model, prompts, a.n, limits, a.hf_steps))
+                rows.append(shown(bench_hf_bound(model, prompts, a.n, limits, a.hf_steps)))
         else:
             rows = [bench_fast(model, tok, prompts, a.new, v, a.n) for v in a.variants]
             for cache in a.hf:
