@@ -11,7 +11,9 @@ with the same micro-batches (each rank's, side by side). Each case is printed be
 hangs shows where. Writes {case: {grad, weights, weights_max, moved, updates, ref_updates}} (maxima over ranks) to argv[1]:
 grad is max |g - g_ref| / max |g_ref| of the last update, weights ||w - w_ref|| / ||w_ref - w_initial||,
 weights_max max |w - w_ref|. The cases run for each sharding mode in argv[2] (comma-separated), keyed
-"mode:case"; the one-process reference is a trainer of its own with train.sharding=none.
+"mode:case"; the one-process reference is a trainer of its own with train.sharding=none. A mode may carry
+flags: fsdp+packed runs the packed policy pass (each layer through its own FSDP hooks) against one process
+with the packed pass; +ckpt checkpoints the layers' activations besides.
 """
 
 import copy
@@ -120,9 +122,20 @@ def rollout_check(trainer, reference, start):
             "same_rollouts": same}
 
 
-def make_trainer(out_path, rank, mode):
-    overrides = [f"output_dir={out_path}.runs", f"name=dist-check-{mode}-{rank if mode == 'none' else ''}", "train.threads=1",
-                 "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.token_budget=80", f"train.sharding={mode}"]
+FLAGS = {"packed": "train.forward=packed", "ckpt": "model.gradient_checkpointing=true"}
+
+
+def reference_spec(spec: str) -> str:
+    """The one-process reference of a mode spec: unsharded, with the same flags (the same policy pass)."""
+    return "+".join(["none", *spec.split("+")[1:]])
+
+
+def make_trainer(out_path, rank, spec):
+    """spec: a train.sharding mode, then +flags of FLAGS (e.g. fsdp+packed+ckpt: the packed pass, checkpointed)."""
+    mode, *flags = spec.split("+")
+    overrides = [f"output_dir={out_path}.runs", f"name=dist-check-{spec}-{rank if mode == 'none' else ''}", "train.threads=1",
+                 "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.token_budget=80", f"train.sharding={mode}",
+                 *(FLAGS[f] for f in flags)]
     cfg = load_config("recipes/smoke-first-digit.yaml", overrides)
     if mode != "none":
         return GRPOTrainer(cfg)
@@ -137,21 +150,26 @@ def make_trainer(out_path, rank, mode):
 def main(out_path, modes, names):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
-    reference = make_trainer(out_path, rank, "none")
-    initial = copy.deepcopy(reference.model.state_dict())
-    start = torch.cat([p.detach().flatten() for p in reference.model.parameters()]).clone()
-    ref_results, results, rollouts = {}, {}, {}
-    for case in names:  # the one-process reference of every case, once
-        groups = whole_batch(reference.tokenizer, world)
-        mask(groups, CASES[case][2], world)
-        reference.cfg.algorithm.loss_agg = CASES[case][0]  # as_one_process reads it (train sets the rest)
-        saved = as_one_process(reference, world)
-        try:
-            ref_results[case] = train(reference, initial, groups, case)
-        finally:
-            distributed.active, reference.world, reference.policy_pass.micro_batches = saved
+    ref_results, results, rollouts, references = {}, {}, {}, {}
+    for ref_spec in dict.fromkeys(map(reference_spec, modes)):  # the one-process reference of every case, once
+        reference = references[ref_spec] = make_trainer(out_path, rank, ref_spec)
+        initial = copy.deepcopy(reference.model.state_dict())
+        start = torch.cat([p.detach().flatten() for p in reference.model.parameters()]).clone()
+        for case in names:
+            groups = whole_batch(reference.tokenizer, world)
+            mask(groups, CASES[case][2], world)
+            reference.cfg.algorithm.loss_agg = CASES[case][0]  # as_one_process reads it (train sets the rest)
+            saved = as_one_process(reference, world)
+            try:
+                ref_results[ref_spec, case] = train(reference, initial, groups, case)
+            finally:
+                distributed.active, reference.world, reference.policy_pass.micro_batches = saved
     for mode in modes:
+        reference = references[reference_spec(mode)]
         trainer = make_trainer(out_path, rank, mode)  # the same seed: the reference's initial weights, sharded
+        flags = mode.split("+")[1:]
+        assert trainer.policy_pass.packed == reference.policy_pass.packed == ("packed" in flags)
+        assert bool(trainer.model.model.gradient_checkpointing) == ("ckpt" in flags)  # the layers then checkpointed
         initial_mode = copy.deepcopy(trainer.model.state_dict())
         assert torch.equal(torch.cat([sharding.full_tensor(p.detach()).flatten() for p in trainer.model.parameters()]), start)
         for case in names:
@@ -160,7 +178,7 @@ def main(out_path, modes, names):
             mask(groups, CASES[case][2], world)
             mine = [copy.deepcopy(grp) for grp in groups if grp.samples[0].owner == rank]
             grad, weights, updates = train(trainer, initial_mode, mine, case)
-            ref_grad, ref_weights, ref_updates = ref_results[case]
+            ref_grad, ref_weights, ref_updates = ref_results[reference_spec(mode), case]
             moved = (ref_weights - start).norm().item()
             results[f"{mode}:{case}"] = {"grad": (grad - ref_grad).abs().max().item() / max(ref_grad.abs().max().item(), 1e-30),
                          "weights": (weights - ref_weights).norm().item() / max(moved, 1e-30),

@@ -1,6 +1,6 @@
 """Data parallelism on CPU with gloo: W ranks, each with its own prompt groups and the policy sharded by FSDP2
-(both train.sharding modes), must train exactly like one unsharded process on the whole batch
-(tests/dist_gradient_check.py runs the cases inside torchrun).
+(both train.sharding modes, with either policy pass), must train exactly like one unsharded process on the
+whole batch (tests/dist_gradient_check.py runs the cases inside torchrun).
 
 Tolerances: the last update's gradient within 1e-5 of the one process's, relative to its largest entry
 (float32 sums in another order; measured about 1e-7); the weights after all updates within 1e-4 of the one
@@ -40,7 +40,9 @@ def launch(script: str, nproc: int, args: list[str], timeout: float) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-MODES = ("fsdp", "fsdp_noreshard")
+# each sharding mode with the padded policy pass (auto on CPU), and with the packed pass (auto on CUDA; forced
+# here), once with checkpointed layers
+MODES = ("fsdp", "fsdp_noreshard", "fsdp+packed", "fsdp_noreshard+packed+ckpt")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -21,7 +21,9 @@ ranks' gradients. FSDP2 averages by default; `set_gradient_divide_factor(1.0)` w
 
 Lockstep: every forward all-gathers, so every rank must run as many forward and backward passes as the others
 (`lockstep` pads a rank's micro-batches with ones of weight zero). The policy pass calls the backbone and
-the head, not the model's forward, so it runs through `forward`, which gives FSDP the root's hooks.
+the head, not the model's forward, so it runs through `forward`, which gives FSDP the root's hooks; the packed
+pass calls each layer's pieces, so it runs each layer through the layer's `sharded_call`, which gives FSDP that
+layer's hooks (and reads no other layer's weights: ponder.rl.packed).
 Rollouts decode from `RolloutWeights`, a plain full copy refreshed from the shards after each update.
 """
 
@@ -92,12 +94,21 @@ def shard(model, mode: str, device: torch.device, *, bf16: bool = False, offload
         if isinstance(m, FSDPModule):  # SUM, not the mean: see the module docstring
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
-    # the policy pass calls the backbone and head itself; `forward` runs it between the root's hooks
-    model.sharded_call = types.MethodType(lambda self, fn: fn(), model)
+    # the policy pass calls the backbone and head itself (`forward` runs it between the root's hooks), and the
+    # packed pass each layer's pieces (ponder.rl.packed runs each layer through its own sharded_call)
+    for m in (*layers, model):
+        _add_sharded_call(m)
+    return model
+
+
+def _add_sharded_call(module) -> None:
+    """`module.sharded_call(fn, *args)`: fn(*args) as the module's forward for FSDP: its parameters gathered
+    before, resharded after (as the unit's reshard_after_forward says), and hooks on the tensors in `args` and
+    in the result that gather again for backward and reduce the gradients after it."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    register_fsdp_forward_method(model, "sharded_call")
-    return model
+    module.sharded_call = types.MethodType(lambda self, fn, *args: fn(*args), module)
+    register_fsdp_forward_method(module, "sharded_call")
 
 
 def is_sharded(model) -> bool:

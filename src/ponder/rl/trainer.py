@@ -80,8 +80,7 @@ class GRPOTrainer:
         self.engine = make_engine(cfg.rollout.engine, self.rollout_weights.model if self.rollout_weights else self.model,
                                   self.tokenizer, **{"batch_size": cfg.rollout.generation_batch, **cfg.rollout.engine_options})
         # the engine's idle cache holds the head's logits between rollouts
-        forward = cfg.train.forward if self.rollout_weights is None else "padded"
-        self.policy_pass = PolicyPass(use_packed(forward, self.model, self.device), self.tokenizer.pad_token_id,
+        self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model, self.device), self.tokenizer.pad_token_id,
                                       self.device, self.bf16, scratch=self.engine.idle_memory)
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
@@ -358,9 +357,6 @@ class GRPOTrainer:
 
     def _shard(self) -> sharding.RolloutWeights:
         """The policy and the reference sharded (ponder.sharding); the full copy rollouts decode from, made first."""
-        if self.cfg.train.forward == "packed":
-            raise UserError(f"train.forward=packed does not run sharded (train.sharding={self.sharding}); use "
-                            "train.forward=auto or padded")
         if self.cfg.model.lora is not None:
             raise UserError(f"model.lora does not run sharded yet (train.sharding={self.sharding}, {self.world} processes); "
                             "train LoRA on one process, or all parameters with torchrun")
