@@ -109,7 +109,7 @@ def rollout_check(trainer, reference, start):
     full = {k: sharding.full_tensor(v) for k, v in trainer.model.state_dict().items()}
     plain = copy.deepcopy(reference.model)
     plain.load_state_dict(full)
-    mine = dict(trainer.rollout_weights.model.named_parameters())
+    mine = dict(trainer.rollout_weights.model.named_parameters(remove_duplicate=False))  # the head: its own matrix
     tok = trainer.tokenizer
     prompts = [tok(f"Write a number #{i}:").input_ids for i in range(3)]
     same = True
@@ -117,7 +117,7 @@ def rollout_check(trainer, reference, start):
         ours = [[c.token_ids for c in out] for out in trainer.engine.generate(prompts, params)]
         theirs = [[c.token_ids for c in out] for out in make_engine("fast", plain, tok).generate(prompts, params)]
         same = same and ours == theirs
-    return {"copy_diff": max((mine[k] - p).abs().max().item() for k, p in plain.named_parameters()),
+    return {"copy_diff": max((mine[k] - p).abs().max().item() for k, p in plain.named_parameters(remove_duplicate=False)),
             "moved": (torch.cat([p.detach().flatten() for p in plain.parameters()]) - start).norm().item(),
             "same_rollouts": same}
 

@@ -164,8 +164,8 @@ def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg):
         t.step()
         saved, saved_moments = full(t), moments(t)
         assert any(not torch.equal(initial[k], saved[k]) for k in saved)
-        copy = dict(t.rollout_weights.model.named_parameters())
-        assert all(torch.equal(copy[k], saved[k]) for k in copy)
+        copy = dict(t.rollout_weights.model.named_parameters(remove_duplicate=False))
+        assert all(torch.equal(copy[k], saved[k]) for k in copy) and "lm_head.weight" in copy  # float32 on CPU
         t.save()
         t.step()
         assert any(not torch.equal(v, saved[k]) for k, v in full(t).items())

@@ -8,7 +8,8 @@ Simplifications, stated up front (in the manner of nanochat's chat_rl.py):
 - The learning-rate schedule counts RL steps (one per batch of rollouts), not optimizer steps.
 - Generation and training share one model object. On CUDA the fast engine samples from a bfloat16 copy of
   the float32 weights' matrices, refreshed after every optimizer step (ponder.rollout.fast.RolloutCopy):
-  the update keeps float32 precision and no decode step casts a weight.
+  the update keeps float32 precision and no decode step casts a weight. Sharded, the engine decodes from a
+  full copy in that layout, refreshed from the shards (ponder.sharding.RolloutWeights).
 """
 
 from __future__ import annotations
@@ -362,7 +363,8 @@ class GRPOTrainer:
                             "train LoRA on one process, or all parameters with torchrun")
         if self.world == 1:
             sharding.join_single_process_group(self.device)
-        rollout = sharding.RolloutWeights(self.model)
+        r = self.cfg.rollout  # matrices in the engine's decode dtype: it takes the copy as it is
+        rollout = sharding.RolloutWeights(self.model, sharding.rollout_dtype(r.engine, r.engine_options, self.device))
         for model in (self.model, self.ref):
             if model is not None:
                 sharding.shard(model, self.sharding, self.device, bf16=self.bf16, offload=self.cfg.train.offload,
