@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ponder import distributed, sharding
 from ponder.config import load_config
 from ponder.optim import make_optimizer
+from ponder.rl import memory_plan
 from ponder.rl.batching import Sample
 from ponder.rl.trainer import Group, GRPOTrainer, assign_advantages
 from ponder.rollout import SamplingParams, make_engine
@@ -150,9 +151,10 @@ def make_trainer(out_path, rank, spec):
 def main(out_path, modes, names):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
-    ref_results, results, rollouts, references = {}, {}, {}, {}
+    ref_results, results, rollouts, references, plan, wholes = {}, {}, {}, {}, {}, {}
     for ref_spec in dict.fromkeys(map(reference_spec, modes)):  # the one-process reference of every case, once
         reference = references[ref_spec] = make_trainer(out_path, rank, ref_spec)
+        wholes[ref_spec] = memory_plan.state_to_come(reference.model, reference.optimizer)
         initial = copy.deepcopy(reference.model.state_dict())
         start = torch.cat([p.detach().flatten() for p in reference.model.parameters()]).clone()
         for case in names:
@@ -171,6 +173,9 @@ def main(out_path, modes, names):
         assert trainer.policy_pass.packed == reference.policy_pass.packed == ("packed" in flags)
         assert bool(trainer.model.model.gradient_checkpointing) == ("ckpt" in flags)  # the layers then checkpointed
         initial_mode = copy.deepcopy(trainer.model.state_dict())
+        # the memory plan counts each rank's shards of the gradients and AdamW moments: together, the whole model's
+        mine = memory_plan.state_to_come(trainer.model, trainer.optimizer)
+        plan[mode] = {"mine": mine, "whole": wholes[reference_spec(mode)], "sum": int(distributed.sum_all(mine))}
         assert torch.equal(torch.cat([sharding.full_tensor(p.detach()).flatten() for p in trainer.model.parameters()]), start)
         for case in names:
             print(f"rank {rank}: {mode}:{case}", flush=True)
@@ -186,13 +191,14 @@ def main(out_path, modes, names):
                          "moved": moved, "updates": updates, "ref_updates": ref_updates}
             if mode not in rollouts and moved > 0:  # after the first case that moved the weights
                 rollouts[mode] = rollout_check(trainer, reference, start)
-    results["rollouts"] = rollouts
+    results["rollouts"], results["plan"] = rollouts, plan
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
     if rank == 0:
         merged = {case: {k: (max(r[case][k] for r in everyone) if k != "updates" else [r[case][k] for r in everyone])
-                         for k in results[case]} for case in results if case != "rollouts"}
+                         for k in results[case]} for case in results if case not in ("rollouts", "plan")}
         merged["rollouts"] = {mode: [r["rollouts"][mode] for r in everyone] for mode in modes}
+        merged["plan"] = {mode: [r["plan"][mode] for r in everyone] for mode in modes}
         json.dump(merged, open(out_path, "w"), indent=1)
 
 

@@ -51,6 +51,9 @@ def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path, world):
     proc = launch("tests/dist_gradient_check.py", world, [str(out), ",".join(MODES)], timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     results = json.loads(out.read_text())
+    for mode, per_rank in results.pop("plan").items():  # the memory plan counts a rank's shards, not whole tensors
+        assert sum(r["mine"] for r in per_rank) == per_rank[0]["sum"] == per_rank[0]["whole"] > 0, (mode, per_rank)
+        assert all(r["mine"] < r["whole"] for r in per_rank), (mode, per_rank)
     for mode, per_rank in results.pop("rollouts").items():  # each rank decodes from the current full weights
         for r in per_rank:
             assert r["copy_diff"] == 0 and r["moved"] > 0 and r["same_rollouts"], (mode, r)
