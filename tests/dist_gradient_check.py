@@ -11,7 +11,9 @@ with the same micro-batches (each rank's, side by side). Each case is printed be
 hangs shows where. Writes {case: {grad, weights, weights_max, moved, updates, ref_updates}} (maxima over ranks) to argv[1]:
 grad is max |g - g_ref| / max |g_ref| of the last update, weights ||w - w_ref|| / ||w_ref - w_initial||,
 weights_max max |w - w_ref|. The cases run for each sharding mode in argv[2] (comma-separated), keyed
-"mode:case"; the one-process reference is a trainer of its own with train.sharding=none.
+"mode:case"; the one-process reference is a trainer of its own with train.sharding=none. A mode may carry
+flags: fsdp+packed runs the packed policy pass (each layer through its own FSDP hooks) against one process
+with the packed pass; +ckpt checkpoints the layers' activations besides.
 """
 
 import copy
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from ponder import distributed, sharding
 from ponder.config import load_config
 from ponder.optim import make_optimizer
+from ponder.rl import memory_plan
 from ponder.rl.batching import Sample
 from ponder.rl.trainer import Group, GRPOTrainer, assign_advantages
 from ponder.rollout import SamplingParams, make_engine
@@ -107,7 +110,7 @@ def rollout_check(trainer, reference, start):
     full = {k: sharding.full_tensor(v) for k, v in trainer.model.state_dict().items()}
     plain = copy.deepcopy(reference.model)
     plain.load_state_dict(full)
-    mine = dict(trainer.rollout_weights.model.named_parameters())
+    mine = dict(trainer.rollout_weights.model.named_parameters(remove_duplicate=False))  # the head: its own matrix
     tok = trainer.tokenizer
     prompts = [tok(f"Write a number #{i}:").input_ids for i in range(3)]
     same = True
@@ -115,14 +118,25 @@ def rollout_check(trainer, reference, start):
         ours = [[c.token_ids for c in out] for out in trainer.engine.generate(prompts, params)]
         theirs = [[c.token_ids for c in out] for out in make_engine("fast", plain, tok).generate(prompts, params)]
         same = same and ours == theirs
-    return {"copy_diff": max((mine[k] - p).abs().max().item() for k, p in plain.named_parameters()),
+    return {"copy_diff": max((mine[k] - p).abs().max().item() for k, p in plain.named_parameters(remove_duplicate=False)),
             "moved": (torch.cat([p.detach().flatten() for p in plain.parameters()]) - start).norm().item(),
             "same_rollouts": same}
 
 
-def make_trainer(out_path, rank, mode):
-    overrides = [f"output_dir={out_path}.runs", f"name=dist-check-{mode}-{rank if mode == 'none' else ''}", "train.threads=1",
-                 "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.token_budget=80", f"train.sharding={mode}"]
+FLAGS = {"packed": "train.forward=packed", "ckpt": "model.gradient_checkpointing=true"}
+
+
+def reference_spec(spec: str) -> str:
+    """The one-process reference of a mode spec: unsharded, with the same flags (the same policy pass)."""
+    return "+".join(["none", *spec.split("+")[1:]])
+
+
+def make_trainer(out_path, rank, spec):
+    """spec: a train.sharding mode, then +flags of FLAGS (e.g. fsdp+packed+ckpt: the packed pass, checkpointed)."""
+    mode, *flags = spec.split("+")
+    overrides = [f"output_dir={out_path}.runs", f"name=dist-check-{spec}-{rank if mode == 'none' else ''}", "train.threads=1",
+                 "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.token_budget=80", f"train.sharding={mode}",
+                 *(FLAGS[f] for f in flags)]
     cfg = load_config("recipes/smoke-first-digit.yaml", overrides)
     if mode != "none":
         return GRPOTrainer(cfg)
@@ -137,22 +151,31 @@ def make_trainer(out_path, rank, mode):
 def main(out_path, modes, names):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
-    reference = make_trainer(out_path, rank, "none")
-    initial = copy.deepcopy(reference.model.state_dict())
-    start = torch.cat([p.detach().flatten() for p in reference.model.parameters()]).clone()
-    ref_results, results, rollouts = {}, {}, {}
-    for case in names:  # the one-process reference of every case, once
-        groups = whole_batch(reference.tokenizer, world)
-        mask(groups, CASES[case][2], world)
-        reference.cfg.algorithm.loss_agg = CASES[case][0]  # as_one_process reads it (train sets the rest)
-        saved = as_one_process(reference, world)
-        try:
-            ref_results[case] = train(reference, initial, groups, case)
-        finally:
-            distributed.active, reference.world, reference.policy_pass.micro_batches = saved
+    ref_results, results, rollouts, references, plan, wholes = {}, {}, {}, {}, {}, {}
+    for ref_spec in dict.fromkeys(map(reference_spec, modes)):  # the one-process reference of every case, once
+        reference = references[ref_spec] = make_trainer(out_path, rank, ref_spec)
+        wholes[ref_spec] = memory_plan.state_to_come(reference.model, reference.optimizer)
+        initial = copy.deepcopy(reference.model.state_dict())
+        start = torch.cat([p.detach().flatten() for p in reference.model.parameters()]).clone()
+        for case in names:
+            groups = whole_batch(reference.tokenizer, world)
+            mask(groups, CASES[case][2], world)
+            reference.cfg.algorithm.loss_agg = CASES[case][0]  # as_one_process reads it (train sets the rest)
+            saved = as_one_process(reference, world)
+            try:
+                ref_results[ref_spec, case] = train(reference, initial, groups, case)
+            finally:
+                distributed.active, reference.world, reference.policy_pass.micro_batches = saved
     for mode in modes:
+        reference = references[reference_spec(mode)]
         trainer = make_trainer(out_path, rank, mode)  # the same seed: the reference's initial weights, sharded
+        flags = mode.split("+")[1:]
+        assert trainer.policy_pass.packed == reference.policy_pass.packed == ("packed" in flags)
+        assert bool(trainer.model.model.gradient_checkpointing) == ("ckpt" in flags)  # the layers then checkpointed
         initial_mode = copy.deepcopy(trainer.model.state_dict())
+        # the memory plan counts each rank's shards of the gradients and AdamW moments: together, the whole model's
+        mine = memory_plan.state_to_come(trainer.model, trainer.optimizer)
+        plan[mode] = {"mine": mine, "whole": wholes[reference_spec(mode)], "sum": int(distributed.sum_all(mine))}
         assert torch.equal(torch.cat([sharding.full_tensor(p.detach()).flatten() for p in trainer.model.parameters()]), start)
         for case in names:
             print(f"rank {rank}: {mode}:{case}", flush=True)
@@ -160,7 +183,7 @@ def main(out_path, modes, names):
             mask(groups, CASES[case][2], world)
             mine = [copy.deepcopy(grp) for grp in groups if grp.samples[0].owner == rank]
             grad, weights, updates = train(trainer, initial_mode, mine, case)
-            ref_grad, ref_weights, ref_updates = ref_results[case]
+            ref_grad, ref_weights, ref_updates = ref_results[reference_spec(mode), case]
             moved = (ref_weights - start).norm().item()
             results[f"{mode}:{case}"] = {"grad": (grad - ref_grad).abs().max().item() / max(ref_grad.abs().max().item(), 1e-30),
                          "weights": (weights - ref_weights).norm().item() / max(moved, 1e-30),
@@ -168,13 +191,14 @@ def main(out_path, modes, names):
                          "moved": moved, "updates": updates, "ref_updates": ref_updates}
             if mode not in rollouts and moved > 0:  # after the first case that moved the weights
                 rollouts[mode] = rollout_check(trainer, reference, start)
-    results["rollouts"] = rollouts
+    results["rollouts"], results["plan"] = rollouts, plan
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
     if rank == 0:
         merged = {case: {k: (max(r[case][k] for r in everyone) if k != "updates" else [r[case][k] for r in everyone])
-                         for k in results[case]} for case in results if case != "rollouts"}
+                         for k in results[case]} for case in results if case not in ("rollouts", "plan")}
         merged["rollouts"] = {mode: [r["rollouts"][mode] for r in everyone] for mode in modes}
+        merged["plan"] = {mode: [r["plan"][mode] for r in everyone] for mode in modes}
         json.dump(merged, open(out_path, "w"), indent=1)
 
 

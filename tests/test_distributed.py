@@ -1,6 +1,6 @@
 """Data parallelism on CPU with gloo: W ranks, each with its own prompt groups and the policy sharded by FSDP2
-(both train.sharding modes), must train exactly like one unsharded process on the whole batch
-(tests/dist_gradient_check.py runs the cases inside torchrun).
+(both train.sharding modes, with either policy pass), must train exactly like one unsharded process on the
+whole batch (tests/dist_gradient_check.py runs the cases inside torchrun).
 
 Tolerances: the last update's gradient within 1e-5 of the one process's, relative to its largest entry
 (float32 sums in another order; measured about 1e-7); the weights after all updates within 1e-4 of the one
@@ -40,7 +40,9 @@ def launch(script: str, nproc: int, args: list[str], timeout: float) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-MODES = ("fsdp", "fsdp_noreshard")
+# each sharding mode with the padded policy pass (auto on CPU), and with the packed pass (auto on CUDA; forced
+# here), once with checkpointed layers
+MODES = ("fsdp", "fsdp_noreshard", "fsdp+packed", "fsdp_noreshard+packed+ckpt")
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -49,6 +51,9 @@ def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path, world):
     proc = launch("tests/dist_gradient_check.py", world, [str(out), ",".join(MODES)], timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     results = json.loads(out.read_text())
+    for mode, per_rank in results.pop("plan").items():  # the memory plan counts a rank's shards, not whole tensors
+        assert sum(r["mine"] for r in per_rank) == per_rank[0]["sum"] == per_rank[0]["whole"] > 0, (mode, per_rank)
+        assert all(r["mine"] < r["whole"] for r in per_rank), (mode, per_rank)
     for mode, per_rank in results.pop("rollouts").items():  # each rank decodes from the current full weights
         for r in per_rank:
             assert r["copy_diff"] == 0 and r["moved"] > 0 and r["same_rollouts"], (mode, r)
@@ -137,10 +142,11 @@ def test_sharded_checkpoint_kill_and_resume_repeats_the_uninterrupted_run(tmp_pa
     assert len(moments) == len(list(t.model.parameters())) and all(m.abs().sum() > 0 for m in moments)
 
 
-def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg):
+@pytest.mark.parametrize("extra", [[], ["train.forward=packed", "algorithm.beta=0.04"]], ids=["padded", "packed+kl"])
+def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg, extra):
     """train.sharding=fsdp on one process (how one GPU gets CPU offload; offload on too, a no-op on CPU): steps
     run, the rollout copy follows the updates, and a guardrail rollback restores the sharded checkpoint's
-    weights and AdamW moments."""
+    weights and AdamW moments. Also with the packed pass and a KL reference (sharded, forward only)."""
     import torch
     import torch.distributed as dist
 
@@ -156,17 +162,20 @@ def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg):
 
     try:
         t = GRPOTrainer(smoke_cfg("name=fsdp1", "train.sharding=fsdp", "train.offload=true", "train.log_to=[]",
-                                  "rollout.prompts_per_step=4", "rewards={test_char_hash: 1.0}"))
-        assert sharding.is_sharded(t.model)
+                                  "rollout.prompts_per_step=4", "rewards={test_char_hash: 1.0}", *extra))
+        assert sharding.is_sharded(t.model) and t.policy_pass.packed == bool(extra)
+        assert (t.ref is not None and sharding.is_sharded(t.ref)) == bool(extra)
         initial = full(t)
-        t.step()
+        first = t.step()
         saved, saved_moments = full(t), moments(t)
         assert any(not torch.equal(initial[k], saved[k]) for k in saved)
-        copy = dict(t.rollout_weights.model.named_parameters())
-        assert all(torch.equal(copy[k], saved[k]) for k in copy)
+        copy = dict(t.rollout_weights.model.named_parameters(remove_duplicate=False))
+        assert all(torch.equal(copy[k], saved[k]) for k in copy) and "lm_head.weight" in copy  # float32 on CPU
         t.save()
-        t.step()
+        second = t.step()
         assert any(not torch.equal(v, saved[k]) for k, v in full(t).items())
+        if extra:  # the reference is the initial policy: no divergence at the first step, some at the second
+            assert first["kl"] == 0 and second["kl"] > 0, (first["kl"], second["kl"])
         restore(t, checkpoint.latest(t.ckpt_dir))
         assert all(torch.equal(v, saved[k]) for k, v in full(t).items())
         assert all(torch.equal(a, b) for a, b in zip(moments(t), saved_moments))

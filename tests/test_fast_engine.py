@@ -472,3 +472,40 @@ def test_limits_force_each_samples_length_and_memory_follows_the_live_tokens():
     assert eng.stats["kv_blocks_peak"] < 4 * per_row // 2
     with pytest.raises(UserError, match="3 limits for 16 samples"):
         eng.generate(prompts, SamplingParams(n=2, max_tokens=8), limits=[1, 2, 3])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_rollout_weights_in_bf16_run_as_they_are_like_the_engines_own_copy(tied):
+    """ponder.sharding.RolloutWeights with bfloat16 matrices (what the sharded trainer makes on CUDA): 2 bytes a
+    matrix entry, embeddings and norms float32, the head a matrix of its own when tied. The fast engine takes it
+    as it is (no second copy), under autocast: the tokens and log-probs of its own bf16 copy of the float32
+    model; the hf engine runs it under autocast too; a refresh from changed weights is seen."""
+    from ponder.rollout import shadow_dtype
+    from ponder.sharding import RolloutWeights
+
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=tied)))
+    rw = RolloutWeights(model, torch.bfloat16)
+    copy = rw.model
+    assert shadow_dtype(copy) == torch.bfloat16 and shadow_dtype(model) is None
+    assert copy.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert copy.get_input_embeddings().weight.dtype == torch.float32 and copy.model.norm.weight.dtype == torch.float32
+    assert copy.model.layers[0].self_attn.q_proj.bias.dtype == torch.float32  # Qwen2's biases as they are
+    assert all(m.weight.dtype == torch.bfloat16 for m in copy.modules() if isinstance(m, torch.nn.Linear))
+    prompts = encode(PROMPTS[:3])
+    params = SamplingParams(n=2, temperature=0, max_tokens=10, logprobs=True)
+    ours = FastEngine(copy, TOK)
+    got = ours.generate(prompts, params)
+    assert ours.copy is None and ours.fwd.autocast  # the copy as it is
+    assert got == FastEngine(model, TOK, dtype="bf16").generate(prompts, params)
+    sampled = SamplingParams(n=2, temperature=1.0, max_tokens=10, seed=3)
+    assert ours.generate(prompts, sampled) == FastEngine(model, TOK, dtype="bf16").generate(prompts, sampled)
+    greedy = SamplingParams(n=1, temperature=0, max_tokens=10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = HFEngine(model, TOK).generate(prompts, greedy)
+    assert HFEngine(copy, TOK).generate(prompts, greedy) == want
+    with torch.no_grad():  # an update, then the refresh the trainer makes (by name; the tied head follows)
+        for p in model.parameters():
+            p.mul_(1.3)
+    rw.refresh(model, torch.device("cpu"))
+    assert torch.equal(copy.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+    assert ours.generate(prompts, params) == FastEngine(model, TOK, dtype="bf16").generate(prompts, params)

@@ -121,7 +121,7 @@ class TrainConfig:
     # memory); fsdp_noreshard keeps the weights gathered from an update's first forward to its last backward
     # (DDP's traffic, optimizer state still sharded: for models that fit); none: one process, no wrapping.
     # auto: none on one process, fsdp_noreshard on several. The names are fully_shard's reshard_after_forward.
-    # Sharding runs the padded policy pass (train.forward: packed does not see FSDP's per-layer gathers).
+    # Sharded, the packed pass gathers each layer's weights through the layer's own FSDP hooks (ponder.rl.packed).
     sharding: Literal["auto", "none", "fsdp", "fsdp_noreshard"] = "auto"
     # with sharding: the sharded weights, gradients and optimizer state in CPU memory (FSDP2's
     # CPUOffloadPolicy; the optimizer steps on the CPU); with fsdp on one process, how one GPU trains a model

@@ -21,8 +21,11 @@ ranks' gradients. FSDP2 averages by default; `set_gradient_divide_factor(1.0)` w
 
 Lockstep: every forward all-gathers, so every rank must run as many forward and backward passes as the others
 (`lockstep` pads a rank's micro-batches with ones of weight zero). The policy pass calls the backbone and
-the head, not the model's forward, so it runs through `forward`, which gives FSDP the root's hooks.
-Rollouts decode from `RolloutWeights`, a plain full copy refreshed from the shards after each update.
+the head, not the model's forward, so it runs through `forward`, which gives FSDP the root's hooks; the packed
+pass calls each layer's pieces, so it runs each layer through the layer's `sharded_call`, which gives FSDP that
+layer's hooks (and reads no other layer's weights: ponder.rl.packed).
+Rollouts decode from `RolloutWeights`, a full copy (matrices in the rollout dtype) refreshed from the shards after
+each update.
 """
 
 from __future__ import annotations
@@ -92,12 +95,21 @@ def shard(model, mode: str, device: torch.device, *, bf16: bool = False, offload
         if isinstance(m, FSDPModule):  # SUM, not the mean: see the module docstring
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
-    # the policy pass calls the backbone and head itself; `forward` runs it between the root's hooks
-    model.sharded_call = types.MethodType(lambda self, fn: fn(), model)
+    # the policy pass calls the backbone and head itself (`forward` runs it between the root's hooks), and the
+    # packed pass each layer's pieces (ponder.rl.packed runs each layer through its own sharded_call)
+    for m in (*layers, model):
+        _add_sharded_call(m)
+    return model
+
+
+def _add_sharded_call(module) -> None:
+    """`module.sharded_call(fn, *args)`: fn(*args) as the module's forward for FSDP: its parameters gathered
+    before, resharded after (as the unit's reshard_after_forward says), and hooks on the tensors in `args` and
+    in the result that gather again for backward and reduce the gradients after it."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    register_fsdp_forward_method(model, "sharded_call")
-    return model
+    module.sharded_call = types.MethodType(lambda self, fn, *args: fn(*args), module)
+    register_fsdp_forward_method(module, "sharded_call")
 
 
 def is_sharded(model) -> bool:
@@ -160,25 +172,60 @@ def grad_norm(norm: torch.Tensor) -> torch.Tensor:
     return full_tensor(norm)
 
 
-class RolloutWeights:
-    """A plain copy of the policy, full weights on every rank, from which the rollout engine decodes (and rank 0
-    evaluates between steps). Made before the policy is sharded; refreshed from the shards after every change
-    of the weights (an update, a checkpoint load, a rollback), one parameter at a time: the transient full
-    tensor of one parameter is all a refresh adds. It stays allocated between steps, so its addresses do not
-    move and the fast engine keeps its KV cache and CUDA graphs (the engine narrows its matrices to bfloat16 on
-    CUDA as it does for any float32 model). Parameters are matched by name at each refresh: the fast engine
-    joins q/k/v into one buffer, which replaces the copy's parameter objects with views."""
+def rollout_dtype(engine: str, options: dict, device: torch.device) -> torch.dtype:
+    """The dtype of the rollout copy's matrices: the fast engine's (`rollout.engine_options.dtype`; auto:
+    bfloat16 on CUDA, float32 elsewhere, so CPU runs decode exactly as unsharded ones), so that it decodes from
+    the copy as it is; float32 for the hf engine, which runs the float32 model as it is."""
+    if engine != "fast":
+        return torch.float32
+    from ponder.rollout.fast import DTYPES
 
-    def __init__(self, model):
-        self.model = copy.deepcopy(model)
+    return DTYPES.get(options.get("dtype", "auto")) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+class RolloutWeights:
+    """The policy's full weights on every rank, for the rollout engine to decode from (and rank 0 to evaluate
+    between steps): the linear layers' matrices (the output head's included, a matrix of its own where it is
+    tied to the embedding) in `dtype`, every other parameter (embeddings, norms, biases) and buffer as trained.
+    So it costs `dtype`'s bytes a parameter of the matrices and 4 for the rest: with bfloat16 (CUDA) about
+    2.1 bytes a parameter of a 7B model (16 GB; the embedding's 0.5B stay float32), where a float32 copy and
+    the fast engine's bfloat16 copy of it cost 6 (45 GB). The fast engine takes this layout as it is, under
+    autocast (ponder.rollout.shadow_dtype): what RolloutCopy makes for a float32 model, with no second copy.
+    With float32 (CPU) it is a plain copy and rollouts are those of the unsharded model bit for bit.
+
+    Made before the policy is sharded; refreshed from the shards after every change of the weights (an update,
+    a checkpoint load, a rollback), one parameter at a time: the transient full float32 tensor of one parameter
+    is all a refresh adds. It stays allocated between steps, so its addresses do not move and the fast engine
+    keeps its KV cache and CUDA graphs. Parameters are matched by name at each refresh: the fast engine joins
+    q/k/v into one buffer, which replaces the copy's parameter objects with views.
+
+    Not done: for models whose rollout copy and the engine's idle KV cache crowd the update, both could be freed
+    for the update and made again for the next rollout (at the price of capturing the engine's graphs again)."""
+
+    def __init__(self, model, dtype: torch.dtype = torch.float32):
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = head is not None and embedding is not None and head.weight is embedding.weight
+        narrow = {id(m.weight): torch.nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
+                  for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point()
+                  and m.weight.dtype != dtype and not (tied and m.weight is embedding.weight)}
+        self.model = copy.deepcopy(model, memo=dict(narrow))  # the matrices made narrow once, not copied wide first
+        if tied and head.weight.dtype != dtype:  # the embedding's rows stay as they are; the head gets its matrix
+            self.model.get_output_embeddings().weight = torch.nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
         self.model.requires_grad_(False)
+        # each parameter's names (a tied one has two; a sharded model's named_parameters gives the first)
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        self.aliases = {ns[0]: ns for ns in names.values()}
 
     @torch.no_grad()
     def refresh(self, sharded, device: torch.device) -> None:
         reshard(sharded)
-        mine = dict(self.model.named_parameters())
+        mine = dict(self.model.named_parameters(remove_duplicate=False))
         for name, p in sharded.named_parameters():
-            mine[name].copy_(full_tensor(p.detach(), device))
+            full = full_tensor(p.detach(), device)
+            for alias in self.aliases.get(name, (name,)):
+                mine[alias].copy_(full)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

@@ -61,18 +61,30 @@ def budget_for(per_token: float, free: float, cap: int = CAP, floor: int = FLOOR
     return budget, fits >= cap
 
 
-def state_to_come(model, optimizer) -> int:
+def state_to_come(model, optimizer, device=None) -> int:
     """Bytes the first update will still allocate beside its activations: gradients and the optimizer's
-    state (AdamW: two moments a parameter) for trainable parameters that have none yet."""
-    total = grads_to_come(model)
+    state (AdamW: two moments a parameter) for trainable parameters that have none yet. Sharded (FSDP2), a
+    rank holds its shard of each: the local shard's bytes. With `device`, only what lives there (shards
+    offloaded to the CPU bring their gradients and optimizer state there)."""
+    total = grads_to_come(model, device)
     for p in model.parameters():
         if p.requires_grad and not optimizer.state.get(p):
-            total += 2 * p.numel() * p.element_size()
+            total += 2 * _local_bytes(p, device)
     return total
 
 
-def grads_to_come(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None)
+def grads_to_come(model, device=None) -> int:
+    return sum(_local_bytes(p, device) for p in model.parameters() if p.requires_grad and p.grad is None)
+
+
+def _local_bytes(p: torch.Tensor, device=None) -> int:
+    """Bytes of this rank's part of a parameter: its local shard when it is a DTensor (FSDP2); 0 if not on `device`."""
+    from torch.distributed.tensor import DTensor
+
+    local = p.to_local() if isinstance(p, DTensor) else p
+    if device is not None and local.device.type != torch.device(device).type:
+        return 0
+    return local.numel() * local.element_size()
 
 
 def probe_samples(n_tokens: int, vocab: int, group: int = 8, prompt: int = 128) -> list[Sample]:
@@ -128,7 +140,7 @@ def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = T
     if not reads_memory(device):
         return Plan(CPU_BUDGET, 0.0, 0.0, True)
     # before the probe, which makes gradients and frees them again
-    to_come, grads = state_to_come(model, optimizer), grads_to_come(model)
+    to_come, grads = state_to_come(model, optimizer, device), grads_to_come(model, device)
     per_token, fixed = measure_per_token(policy_pass, model, device, vocab)
     # the gradients are in to_come already: what else a pass holds whatever its size (never below nothing)
     free = free_bytes(device) - to_come - max(fixed - grads, 0)

@@ -267,7 +267,10 @@ def linears(h, mods):
 
 
 def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
-    """Final-norm hidden states [N, d] of the stream."""
+    """Final-norm hidden states [N, d] of the stream. Unsharded, a layer's last residual add is fused with the
+    next layer's input norm (it reads the next layer's weight). Sharded (FSDP2), each layer reads its own weights
+    only, which are gathered for it: the layer runs through its `sharded_call` (ponder.sharding), between
+    FSDP's pre- and post-forward hooks, norming its own input first; the final norm is the root's."""
     bb, K, attend = arch.backbone, pieces(device), attention_for(device)
     x = bb.embed_tokens(pk.ids)
     cos, sin = bb.rotary_emb(x, pk.pos[None])
@@ -275,10 +278,13 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
     layers = bb.layers
     silu = getattr(bb.config, "hidden_act", None) == "silu" and hasattr(layers[0].mlp, "gate_proj")
     ckpt = bool(getattr(bb, "gradient_checkpointing", False)) and torch.is_grad_enabled()
+    sharded = hasattr(layers[0], "sharded_call")
 
     def layer_fn(li, x, h):
         layer = layers[li]
         attn, mlp, n = layer.self_attn, layer.mlp, x.shape[0]
+        if h is None:  # sharded: the layer's own input norm
+            h = K["rms"](x, *norm_args(layer.input_layernorm))
         q, k, v = linears(h, (attn.q_proj, attn.k_proj, attn.v_proj))
         q = q.view(n, arch.n_heads, arch.head_dim)
         k = k.view(n, arch.n_kv, arch.head_dim)
@@ -292,9 +298,16 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         x, h = K["add_rms"](x, attn.o_proj(o.reshape(n, -1)), *norm_args(layer.post_attention_layernorm))
         # gate and up stay two products: SwiGLU's backward on halves of one output was slower (H200, measured)
         m = mlp.down_proj(K["swiglu"](mlp.gate_proj(h), mlp.up_proj(h))) if silu else mlp(h)
+        if sharded:
+            return x + m
         after = layers[li + 1].input_layernorm if li + 1 < len(layers) else bb.norm
         return K["add_rms"](x, m, *norm_args(after))
 
+    if sharded:  # FSDP outside, checkpointing inside: the recomputation in backward finds the weights gathered
+        run = (lambda li, x: checkpoint(layer_fn, li, x, None, use_reentrant=False)) if ckpt else (lambda li, x: layer_fn(li, x, None))
+        for li in range(len(layers)):
+            x = layers[li].sharded_call(run, li, x)
+        return K["rms"](x, *norm_args(bb.norm))
     h = K["rms"](x, *norm_args(layers[0].input_layernorm))
     for li in range(len(layers)):
         x, h = checkpoint(layer_fn, li, x, h, use_reentrant=False) if ckpt else layer_fn(li, x, h)

@@ -8,7 +8,8 @@ Simplifications, stated up front (in the manner of nanochat's chat_rl.py):
 - The learning-rate schedule counts RL steps (one per batch of rollouts), not optimizer steps.
 - Generation and training share one model object. On CUDA the fast engine samples from a bfloat16 copy of
   the float32 weights' matrices, refreshed after every optimizer step (ponder.rollout.fast.RolloutCopy):
-  the update keeps float32 precision and no decode step casts a weight.
+  the update keeps float32 precision and no decode step casts a weight. Sharded, the engine decodes from a
+  full copy in that layout, refreshed from the shards (ponder.sharding.RolloutWeights).
 """
 
 from __future__ import annotations
@@ -80,8 +81,7 @@ class GRPOTrainer:
         self.engine = make_engine(cfg.rollout.engine, self.rollout_weights.model if self.rollout_weights else self.model,
                                   self.tokenizer, **{"batch_size": cfg.rollout.generation_batch, **cfg.rollout.engine_options})
         # the engine's idle cache holds the head's logits between rollouts
-        forward = cfg.train.forward if self.rollout_weights is None else "padded"
-        self.policy_pass = PolicyPass(use_packed(forward, self.model, self.device), self.tokenizer.pad_token_id,
+        self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model, self.device), self.tokenizer.pad_token_id,
                                       self.device, self.bf16, scratch=self.engine.idle_memory)
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
@@ -358,15 +358,13 @@ class GRPOTrainer:
 
     def _shard(self) -> sharding.RolloutWeights:
         """The policy and the reference sharded (ponder.sharding); the full copy rollouts decode from, made first."""
-        if self.cfg.train.forward == "packed":
-            raise UserError(f"train.forward=packed does not run sharded (train.sharding={self.sharding}); use "
-                            "train.forward=auto or padded")
         if self.cfg.model.lora is not None:
             raise UserError(f"model.lora does not run sharded yet (train.sharding={self.sharding}, {self.world} processes); "
                             "train LoRA on one process, or all parameters with torchrun")
         if self.world == 1:
             sharding.join_single_process_group(self.device)
-        rollout = sharding.RolloutWeights(self.model)
+        r = self.cfg.rollout  # matrices in the engine's decode dtype: it takes the copy as it is
+        rollout = sharding.RolloutWeights(self.model, sharding.rollout_dtype(r.engine, r.engine_options, self.device))
         for model in (self.model, self.ref):
             if model is not None:
                 sharding.shard(model, self.sharding, self.device, bf16=self.bf16, offload=self.cfg.train.offload,

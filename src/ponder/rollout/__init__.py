@@ -2,8 +2,9 @@
 
 Engines generate with the policy's weights, in process. The hf engine runs the model itself; the fast
 engine runs it too, or (float32 master weights on CUDA: its `dtype` option) one copy in bfloat16 that it
-refreshes in place after each optimizer step. Either way the call after an optimizer step already samples
-from the new weights.
+refreshes in place after each optimizer step; a model already in that layout (bfloat16 matrices, float32
+embeddings and norms: the sharded trainer's rollout copy) both run as it is, under autocast (shadow_dtype).
+Either way the call after an optimizer step already samples from the new weights.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 from ponder.errors import UserError
 
@@ -79,6 +82,18 @@ def make_engine(name: str, model, tokenizer, **options) -> RolloutEngine:
         raise UserError(f"rollout.engine_options: the {name} engine has no option {', '.join(map(repr, unknown))}; "
                         f"its options are {', '.join(known)}")
     return ENGINES[name](model, tokenizer, **options)
+
+
+def shadow_dtype(model) -> torch.dtype | None:
+    """The dtype of a model's matrices where they are narrower than its input embeddings: a rollout copy's layout
+    (bfloat16 linear layers beside float32 embeddings, norms and biases: ponder.rollout.fast.RolloutCopy's shadow,
+    ponder.sharding.RolloutWeights). Engines run such a model under autocast to that dtype, which computes what
+    autocast over the float32 model does. None for a model of one precision."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or not head.weight.is_floating_point():
+        return None
+    narrow = head.weight.dtype.itemsize < embedding.weight.dtype.itemsize
+    return head.weight.dtype if narrow else None
 
 
 def truncate_at_stop(token_ids: list[int], tokenizer, stop: tuple[str, ...], eos_ids: set[int]):

@@ -26,6 +26,8 @@
   layers (embeddings and norms are shared) and is refreshed in place at the next call after any optimizer
   step or in-place write to the master weights (a checkpoint load), so each rollout samples from the
   current policy.
+- A model that already holds its matrices in the rollout dtype beside float32 embeddings and norms (the sharded
+  trainer's rollout copy, ponder.sharding.RolloutWeights) is run as it is, under autocast as the copy is.
 - Graphs read the weights at their addresses, so in-place updates (and the copy's refresh) are seen; if a
   parameter is replaced (new storage), the graphs are dropped and captured again.
 On CPU the same code runs eagerly. Architectures other than Llama/Qwen2/Qwen3/Mistral, and calls that
@@ -40,7 +42,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ponder.errors import UserError
-from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, truncate_at_stop
+from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, shadow_dtype, truncate_at_stop
 from ponder.kernels.arch import describe
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_model import EOS_SLOTS, Forward
@@ -200,7 +202,8 @@ class FastEngine(RolloutEngine):
 
     def _weights(self):
         """The Arch to run: the model's own modules, or those of the rollout copy (made once, refreshed
-        whenever the master weights changed since the last refresh)."""
+        whenever the master weights changed since the last refresh). A model already in the copy's layout
+        (narrow matrices beside float32 embeddings and norms: shadow_dtype) runs as it is, under autocast."""
         weight = self.arch.head.weight
         want = DTYPES[self.dtype]
         adapters = weight.device.type == "cuda" and has_adapters(self.model)
@@ -276,8 +279,9 @@ class FastEngine(RolloutEngine):
             # auto: the split-KV Triton kernel on CUDA (reads only live slots); SDPA on CPU, where the
             # kernel would run as its torch reference
             attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "sdpa"
+            narrow = self.copy is not None or shadow_dtype(self.model) is not None  # matrices narrower than the norms
             f = self.fwd = Forward(arch, rows, min(blocks, self.pool_cap(per_block, device)), self.block_size, positions,
-                                   dtype, device, attention, self.fused, autocast=self.copy is not None)
+                                   dtype, device, attention, self.fused, autocast=narrow)
             self.weights_sig = sig
         elif f.blocks < blocks:
             self.grow_pool(f, blocks - f.blocks)

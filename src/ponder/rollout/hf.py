@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, truncate_at_stop
+from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, shadow_dtype, truncate_at_stop
 
 
 @register("hf")
@@ -50,7 +52,9 @@ class HFEngine(RolloutEngine):
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
-        res = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        narrow = shadow_dtype(self.model)  # bfloat16 matrices beside float32 norms: as autocast over float32 runs
+        with torch.autocast(device.type, dtype=narrow) if narrow else contextlib.nullcontext():
+            res = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new = res.sequences[:, width:].tolist()
         logprobs = None
         if params.logprobs:
