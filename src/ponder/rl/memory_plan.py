@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ponder.optim import state_bytes
 from ponder.rl.batching import Sample
 
 CPU_BUDGET = 16384  # without a device memory to read: the former fixed default
@@ -49,7 +50,8 @@ def budget_for(per_token: float, free: float, cap: int = CAP, floor: int = FLOOR
 
 def state_to_come(model, optimizer) -> int:
     """Bytes the first update will still allocate beside its activations: gradients and the optimizer's
-    state (AdamW: two moments a parameter) for trainable parameters that have none yet."""
+    state (AdamW: two moments a parameter; KahanAdamW: float32 or bf16 moments and a compensation) for
+    trainable parameters that have none yet."""
     total = 0
     for p in model.parameters():
         if not p.requires_grad:
@@ -57,7 +59,7 @@ def state_to_come(model, optimizer) -> int:
         if p.grad is None:
             total += p.numel() * p.element_size()
         if not optimizer.state.get(p):
-            total += 2 * p.numel() * p.element_size()
+            total += state_bytes(optimizer, p)
     return total
 
 
