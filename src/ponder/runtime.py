@@ -28,14 +28,15 @@ import torch
 from ponder.errors import UserError
 
 GIB = 2**30
-# Of the device memory, the share `auto` keeps free for what grows with the workload rather than the model:
-# the rollout engine's KV cache and the update's activations. On one H200 the 0.5B-1.5B defaults hold
-# 40-90 GiB at their peak, most of it KV cache and micro-batch activations (bench/README.md); a model whose
-# float32 state alone takes more than 70% would leave too little for either.
+# Of the device memory, the share `auto` leaves for what grows with the workload rather than with the model:
+# the rollout engine's KV cache (up to kv_fraction of what is free) and the update's activations (the token
+# budget is planned from what is left: ponder.rl.memory_plan). Both shrink to fit, and steps slow down as they
+# do; 30% of an H200 is 42 GiB. A judgement, not a measurement: train.precision=mixed or bf16 overrides it.
 HEADROOM = 0.30
 MIXED_BYTES = 16  # a trained parameter in float32: weight 4, gradient 4, AdamW's two moments 8
 FROZEN_BYTES = 4  # a frozen float32 parameter (LoRA's base): the weight only
 BF16_BYTES = 14  # bf16 weight 2, gradient 2, float32 moments 8, Kahan compensation 2 (ponder.optim)
+BF16_MOMENTS_BYTES = 10  # the same with bf16 moments (optim.moment_dtype=bf16): 4 for the two
 
 
 def set_seed(seed: int) -> None:
@@ -101,7 +102,7 @@ def choose_precision(requested: str, device_type: str, n_params: int = 0, device
         bf16 = n_params * BF16_BYTES
         why += f"; bf16 weights with KahanAdamW need {bf16 / GIB:.1f} GiB"
         if bf16 > room:
-            why += f" (optim.moment_dtype=bf16: {n_params * (BF16_BYTES - 4) / GIB:.1f})"
+            why += f" (optim.moment_dtype=bf16: {n_params * BF16_MOMENTS_BYTES / GIB:.1f})"
     return Precision("bf16", f"{why}; set train.precision=mixed to force it")
 
 
