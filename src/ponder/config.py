@@ -103,6 +103,9 @@ class OptimConfig:
     # adamw: torch's; adamw_kahan: float32 moments and Kahan-compensated updates, for bf16 weights (ponder.optim);
     # auto: adamw_kahan when the weights are below float32 (train.precision=bf16), else adamw
     optimizer: Literal["auto", "adamw", "adamw_kahan"] = "auto"
+    # adamw_kahan's two moments: fp32 (14 bytes a parameter in all) or bf16, stochastically rounded (10 bytes;
+    # the moments carry bf16's 3 significant digits: the trade-off is in ponder.optim's docstring)
+    moment_dtype: Literal["fp32", "bf16"] = "fp32"
     # tokens per micro-batch (padded length x sequences, or the packed stream); gradients accumulate. None:
     # chosen from free device memory at the first update on CUDA (printed; ponder.rl.memory_plan), 16384 on CPU
     token_budget: Optional[int] = None
@@ -112,7 +115,10 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 100
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present, else CPU
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # fp32: float32 weights and compute; mixed: float32 master weights, bf16 autocast compute; bf16: bf16 weights,
+    # KahanAdamW; auto: fp32 on CPU, on CUDA mixed when its 16 bytes a parameter fit in 70% of the device memory,
+    # else bf16 (printed). ponder.runtime
+    precision: Literal["auto", "fp32", "mixed", "bf16"] = "auto"
     # the policy pass: packed (ponder.rl.packed: no padding, each prompt once per micro-batch; Llama family)
     # or padded (the model's own forward on right-padded rows); auto: packed on CUDA where supported
     forward: Literal["auto", "packed", "padded"] = "auto"

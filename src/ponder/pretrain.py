@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ponder.errors import UserError
-from ponder.runtime import use_bf16
+from ponder.runtime import choose_precision, device_memory
 from ponder.tasks.corpus import CorpusConfig, corpus_text
 
 
@@ -61,7 +61,7 @@ class PretrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
+    precision: Literal["auto", "fp32", "mixed", "bf16"] = "auto"  # as GRPO's train.precision (ponder.runtime)
     threads: int = 0  # torch CPU threads; 0: torch's default
     log_every: int = 100
     save_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -191,17 +191,23 @@ def train(model, tokens: np.ndarray, cfg: PretrainConfig, console) -> list[float
     device = _device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    bf16 = use_bf16(cfg.precision, device)
+    n = sum(p.numel() for p in model.parameters())
+    precision = choose_precision(cfg.precision, device.type, n, device_memory(device))
+    if cfg.precision == "auto" and device.type != "cpu":
+        console.print(f"ponder: {precision.line()}")
     if len(tokens) < cfg.block + 2:
         raise UserError(f"config corpus_chars={cfg.corpus_chars} is shorter than one training window; raise it")
     data = torch.from_numpy(tokens).to(device)  # tiny next to the device's memory; windows are cut there
-    model.to(device).train()
+    model.to(device, precision.dtype).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if precision.name == "bf16":  # bf16 weights lose small updates to rounding without it (ponder.optim)
+        from ponder.optim import KahanAdamW
+
+        opt = KahanAdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)
     offsets = torch.arange(cfg.block + 1)
     losses: list[float] = []
@@ -216,7 +222,7 @@ def train(model, tokens: np.ndarray, cfg: PretrainConfig, console) -> list[float
             batch = data[(starts[:, None] + offsets).to(device)]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.autocast):
                 logits = model(input_ids=batch[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
             opt.zero_grad(set_to_none=True)

@@ -2,17 +2,41 @@
 
 The GRPO trainer (ponder.rl), the SFT trainer (ponder.sft), pretraining and sampling all need these, and
 none of them owns them: each imports them from here.
+
+`train.precision` (every trainer):
+- fp32: float32 weights, gradients, AdamW state and compute; no autocast, on CUDA either. CPU runs repeat
+  bit for bit.
+- mixed: float32 master weights, gradients and AdamW state (16 bytes a parameter); forward and backward
+  under bf16 autocast (bf16 matrix products, float32 residual stream and reductions).
+- bf16: bfloat16 weights and gradients, and KahanAdamW (ponder.optim), which keeps the part of each update
+  that bf16 rounding drops; no autocast (the products are bf16 because the weights are). 14 bytes a
+  parameter, 10 with optim.moment_dtype=bf16.
+- auto: fp32 on CPU. On CUDA mixed when the float32 weights, gradients and AdamW state fit in the part of
+  the device memory that rollouts and activations leave (HEADROOM), else bf16; the run prints which and why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ponder.errors import UserError
+
+GIB = 2**30
+# Of the device memory, the share `auto` leaves for what grows with the workload rather than with the model:
+# the rollout engine's KV cache (up to kv_fraction of what is free) and the update's activations (the token
+# budget is planned from what is left: ponder.rl.memory_plan). Both shrink to fit, and steps slow down as they
+# do; 30% of an H200 is 42 GiB. A judgement, not a measurement: train.precision=mixed or bf16 overrides it.
+HEADROOM = 0.30
+MIXED_BYTES = 16  # a trained parameter in float32: weight 4, gradient 4, AdamW's two moments 8
+FROZEN_BYTES = 4  # a frozen float32 parameter (LoRA's base): the weight only
+BF16_BYTES = 14  # bf16 weight 2, gradient 2, float32 moments 8, Kahan compensation 2 (ponder.optim)
+BF16_MOMENTS_BYTES = 10  # the same with bf16 moments (optim.moment_dtype=bf16): 4 for the two
 
 
 def set_seed(seed: int) -> None:
@@ -32,15 +56,101 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """`train.precision`: bf16 always, or auto (bf16 autocast on CUDA, fp32 on CPU)."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+@dataclass(frozen=True)
+class Precision:
+    """`train.precision` resolved: fp32, mixed or bf16, and why (auto's reason; empty when the recipe chose)."""
+
+    name: str
+    why: str = ""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The trainable weights' dtype."""
+        return torch.bfloat16 if self.name == "bf16" else torch.float32
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the passes run under bf16 autocast (mixed only: bf16 weights compute in bf16 as they are)."""
+        return self.name == "mixed"
+
+    def line(self) -> str:
+        return f"train.precision auto -> {self.name} ({self.why})"
 
 
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked; nothing elsewhere (CPU runs stay float32, so they repeat bit for bit)."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+def choose_precision(requested: str, device_type: str, n_params: int = 0, device_memory: int | None = None,
+                     frozen: bool = False) -> Precision:
+    """`train.precision` for a model of `n_params` parameters on a device of `device_memory` bytes. auto: fp32
+    on CPU; elsewhere mixed when float32 weights, gradients and AdamW state (`frozen`, LoRA: the float32 base
+    weights alone; the adapters are a rounding error) fit in (1 - HEADROOM) of the device memory, else bf16."""
+    if requested != "auto":
+        return Precision(requested)
+    if device_type == "cpu" or device_memory is None:
+        return Precision("fp32", "on CPU: float32 weights and compute, repeatable bit for bit")
+    what = "float32 base weights" if frozen else "float32 weights, gradients and AdamW state"
+    need = n_params * (FROZEN_BYTES if frozen else MIXED_BYTES)
+    room = (1 - HEADROOM) * device_memory
+    size = f"{_billions(n_params)} parameters: {what} need {need / GIB:.1f} GiB"
+    if need <= room:
+        return Precision("mixed", f"{size}, within {1 - HEADROOM:.0%} of the {device_memory / GIB:.0f} GiB device; "
+                                  f"set train.precision=bf16 for bf16 weights")
+    why = f"{size}, more than {1 - HEADROOM:.0%} of the {device_memory / GIB:.0f} GiB device"
+    if not frozen:
+        bf16 = n_params * BF16_BYTES
+        why += f"; bf16 weights with KahanAdamW need {bf16 / GIB:.1f} GiB"
+        if bf16 > room:
+            why += f" (optim.moment_dtype=bf16: {n_params * BF16_MOMENTS_BYTES / GIB:.1f})"
+    return Precision("bf16", f"{why}; set train.precision=mixed to force it")
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on a CUDA device; None elsewhere (a CPU's memory is not what bounds its runs)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+class PrecisionChooser:
+    """Resolves `train.precision` once the model is loaded (auto needs its size) and before its weights are
+    cast and moved: pass it as models.load_trainable's `precision`. Prints auto's choice on CUDA (`announce`).
+    Resuming (`resumed`: the checkpoint), auto keeps a bf16 run bf16 whatever the device: its optimizer state
+    is KahanAdamW's, which AdamW over float32 weights cannot take up."""
+
+    def __init__(self, requested: str, device: torch.device, frozen: bool = False, announce: bool = True, resumed=None):
+        self.requested, self.device, self.frozen, self.announce = requested, device, frozen, announce
+        self.resumed = resumed
+        self.chosen: Precision | None = None
+        # bf16 asked for: loaded as bf16 (half the host memory); otherwise float32, which a cast loses nothing from
+        self.load_dtype = torch.bfloat16 if requested == "bf16" else torch.float32
+
+    def __call__(self, model) -> torch.dtype:
+        n = sum(p.numel() for p in model.parameters())
+        if self.requested == "auto" and self.resumed is not None and _saved_dtype(self.resumed) == "bfloat16":
+            self.chosen = Precision("bf16", "as the run being resumed: its checkpoint holds bf16 weights")
+        else:
+            self.chosen = choose_precision(self.requested, self.device.type, n, device_memory(self.device), self.frozen)
+        if self.announce and self.requested == "auto" and self.device.type != "cpu":
+            print(f"ponder: {self.chosen.line()}", file=sys.stderr)
+        return self.chosen.dtype
+
+
+def _saved_dtype(checkpoint) -> str | None:
+    """The weights' dtype a Hugging Face model directory records (config.json: dtype, formerly torch_dtype)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on the device when asked (train.precision=mixed); nothing otherwise."""
+    if enabled:
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

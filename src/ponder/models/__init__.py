@@ -274,11 +274,16 @@ def enable_checkpointing(model) -> None:
     enable()
 
 
-def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 0, device="cpu"):
+def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 0, device="cpu", precision=None):
     """The model a trainer updates, in train mode on `device`: the checkpoint `last` with its full
-    weights, or (LoRA) the base model plus fresh adapters, loaded from `state["adapter"]` on resume."""
+    weights, or (LoRA) the base model plus fresh adapters, loaded from `state["adapter"]` on resume.
+    `precision` (ponder.runtime.PrecisionChooser) picks the weights' dtype once the model is loaded and
+    before it moves to the device; None: float32. LoRA adapters stay float32 over a bf16 base (peft's way)."""
     source = str(last) if (last is not None and model_cfg.lora is None) else model_cfg.path
-    model, tok = load(source, seed=seed, trust_remote_code=getattr(model_cfg, "trust_remote_code", False))
+    first = precision.load_dtype if precision is not None else torch.float32
+    model, tok = load(source, seed=seed, dtype=first, trust_remote_code=getattr(model_cfg, "trust_remote_code", False))
+    if precision is not None:
+        model = model.to(precision(model))  # auto: decided by the model's size, before it takes device memory
     if model_cfg.gradient_checkpointing is True:  # "auto" is the GRPO memory plan's to decide (ponder.rl.memory_plan)
         enable_checkpointing(model)
     if model_cfg.lora is not None:

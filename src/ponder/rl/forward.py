@@ -9,13 +9,14 @@ from ponder.errors import UserError
 from ponder.rl import packed
 from ponder.rl.batching import Sample, Tensors, micro_batches, to_tensors
 from ponder.rl.logprobs import shared_prefix_length, token_logprobs
-from ponder.runtime import autocast
+from ponder import runtime
 
 MIN_SHARED_PREFIX = 32  # below this, one forward over whole rows is as cheap
 
 
-def completion_logprobs(model, t: Tensors, *, bf16: bool = False, with_entropy: bool = False, temperature: float = 1.0):
-    """[B, T] log p(token) of each completion token, and its entropy (detached) when asked.
+def completion_logprobs(model, t: Tensors, *, autocast: bool = False, with_entropy: bool = False, temperature: float = 1.0):
+    """[B, T] log p(token) of each completion token, and its entropy (detached) when asked; under bf16
+    autocast when asked (train.precision=mixed).
 
     `temperature` is the sampling temperature: the ratio must compare the distributions the tokens
     were actually drawn from.
@@ -23,7 +24,7 @@ def completion_logprobs(model, t: Tensors, *, bf16: bool = False, with_entropy: 
     positions = t.target_pos + 1
     scored = positions[t.mask.bool()]
     prefix = min(shared_prefix_length(t.input_ids, t.attention_mask), int(scored.min()) - 1 if scored.numel() else 0)
-    with autocast(t.input_ids.device, bf16):
+    with runtime.autocast(t.input_ids.device, autocast):
         return token_logprobs(model, t.input_ids, t.attention_mask, positions=positions, temperature=temperature,
                               with_entropy=with_entropy, shared_prefix=prefix if prefix >= MIN_SHARED_PREFIX else 0)
 
@@ -41,10 +42,11 @@ def use_packed(forward: str, model, device: torch.device) -> bool:
 class PolicyPass:
     """Micro-batches and their log-probs, one way or the other: packed (ponder.rl.packed) or right-padded rows
     through the model's own forward. Both give [B, T] log-probs, entropies and the [B, T] token mask.
-    `scratch()` may give idle device memory for the packed head (the rollout engine's, between its calls)."""
+    `scratch()` may give idle device memory for the packed head (the rollout engine's, between its calls).
+    `autocast`: bf16 autocast over float32 weights (train.precision=mixed); bf16 weights need none."""
 
-    def __init__(self, is_packed: bool, pad_id: int, device, bf16: bool, scratch=None):
-        self.packed, self.pad_id, self.device, self.bf16, self.scratch = is_packed, pad_id, device, bf16, scratch
+    def __init__(self, is_packed: bool, pad_id: int, device, autocast: bool, scratch=None):
+        self.packed, self.pad_id, self.device, self.autocast, self.scratch = is_packed, pad_id, device, autocast, scratch
 
     def micro_batches(self, samples: list[Sample], token_budget: int) -> list[list[Sample]]:
         return (packed.packed_micro_batches if self.packed else micro_batches)(samples, token_budget)
@@ -57,7 +59,7 @@ class PolicyPass:
         if self.packed:
             scratch = self.scratch() if self.scratch is not None and torch.is_grad_enabled() else None
             return packed.packed_logprobs(model, batch, self.device, with_entropy=with_entropy, temperature=temperature,
-                                          autocast=self.bf16, scratch=scratch)
+                                          autocast=self.autocast, scratch=scratch)
         t = to_tensors(batch, self.pad_id, self.device)
-        lp, ent = completion_logprobs(model, t, bf16=self.bf16, with_entropy=with_entropy, temperature=temperature)
+        lp, ent = completion_logprobs(model, t, autocast=self.autocast, with_entropy=with_entropy, temperature=temperature)
         return lp, ent, t.mask

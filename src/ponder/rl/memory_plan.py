@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ponder import distributed, models
+from ponder.optim import state_bytes
 from ponder.rl.batching import Sample
 
 CPU_BUDGET = 16384  # without a device memory to read: the former fixed default
@@ -63,13 +64,14 @@ def budget_for(per_token: float, free: float, cap: int = CAP, floor: int = FLOOR
 
 def state_to_come(model, optimizer, device=None) -> int:
     """Bytes the first update will still allocate beside its activations: gradients and the optimizer's
-    state (AdamW: two moments a parameter) for trainable parameters that have none yet. Sharded (FSDP2), a
-    rank holds its shard of each: the local shard's bytes. With `device`, only what lives there (shards
-    offloaded to the CPU bring their gradients and optimizer state there)."""
+    state (AdamW: two moments a parameter; KahanAdamW: float32 or bf16 moments and a compensation) for
+    trainable parameters that have none yet. Sharded (FSDP2), a rank holds its shard of each: the local
+    shard's bytes. With `device`, only what lives there (shards offloaded to the CPU bring their gradients
+    and optimizer state there)."""
     total = grads_to_come(model, device)
     for p in model.parameters():
-        if p.requires_grad and not optimizer.state.get(p):
-            total += 2 * _local_bytes(p, device)
+        if p.requires_grad and not optimizer.state.get(p):  # the state's bytes, in the share this rank holds
+            total += state_bytes(optimizer, p) * _local_bytes(p, device) // max(p.numel() * p.element_size(), 1)
     return total
 
 

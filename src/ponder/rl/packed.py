@@ -238,7 +238,7 @@ def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = 
     if arch is None:
         raise ValueError(f"packed forward: {why}")
     pk = pack(batch, device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and torch.device(device).type == "cuda"):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
         hidden = _hidden(arch, pk, torch.device(device))
         h = hidden[pk.src]
         head = arch.head

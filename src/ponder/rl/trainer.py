@@ -8,8 +8,9 @@ Simplifications, stated up front (in the manner of nanochat's chat_rl.py):
 - The learning-rate schedule counts RL steps (one per batch of rollouts), not optimizer steps.
 - Generation and training share one model object. On CUDA the fast engine samples from a bfloat16 copy of
   the float32 weights' matrices, refreshed after every optimizer step (ponder.rollout.fast.RolloutCopy):
-  the update keeps float32 precision and no decode step casts a weight. Sharded, the engine decodes from a
-  full copy in that layout, refreshed from the shards (ponder.sharding.RolloutWeights).
+  the update keeps float32 precision and no decode step casts a weight. bf16 weights (train.precision=bf16)
+  are sampled from as they are. Sharded, the engine decodes from a full copy in that layout, refreshed from
+  the shards (ponder.sharding.RolloutWeights).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
-from ponder.runtime import dump_yaml, pick_device, set_seed, use_bf16
+from ponder.runtime import PrecisionChooser, dump_yaml, pick_device, set_seed
 from ponder.tasks import PromptSampler, mix
 from ponder.templates import TEMPLATES, render
 
@@ -69,10 +70,11 @@ class GRPOTrainer:
             # one stream other than the default for the whole run: the fast engine captures its graphs on the
             # current stream when it can, so rollouts and updates share one cuBLAS workspace
             torch.cuda.set_stream(torch.cuda.Stream(self.device))
-        self.bf16 = use_bf16(cfg.train.precision, self.device)
         self.state = checkpoint.load_state(last) if resume else None
 
-        self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
+        chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, self.rank == 0, last)
+        self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser)
+        self.precision = chooser.chosen
         self.ref = self._make_reference()
         self.sharding = sharding.resolve(cfg.train.sharding, self.world)
         self.rollout_weights = self._shard() if self.sharding != "none" else None
@@ -82,7 +84,7 @@ class GRPOTrainer:
                                   self.tokenizer, **{"batch_size": cfg.rollout.generation_batch, **cfg.rollout.engine_options})
         # the engine's idle cache holds the head's logits between rollouts
         self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model, self.device), self.tokenizer.pad_token_id,
-                                      self.device, self.bf16, scratch=self.engine.idle_memory)
+                                      self.device, self.precision.autocast, scratch=self.engine.idle_memory)
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
         self.rewards.check(self.examples[0])
@@ -351,7 +353,8 @@ class GRPOTrainer:
             if self.state.get("ref") is not None:
                 ref.load_state_dict(self.state["ref"])
             else:  # never reset: the reference is the initial model, not the resumed policy
-                ref, _ = models.load(self.cfg.model.path, seed=self.cfg.seed, trust_remote_code=self.cfg.model.trust_remote_code)
+                ref, _ = models.load(self.cfg.model.path, seed=self.cfg.seed, dtype=self.precision.dtype,
+                                     trust_remote_code=self.cfg.model.trust_remote_code)
                 ref = ref.to(self.device).eval()
         ref.requires_grad_(False)
         return ref
@@ -367,7 +370,7 @@ class GRPOTrainer:
         rollout = sharding.RolloutWeights(self.model, sharding.rollout_dtype(r.engine, r.engine_options, self.device))
         for model in (self.model, self.ref):
             if model is not None:
-                sharding.shard(model, self.sharding, self.device, bf16=self.bf16, offload=self.cfg.train.offload,
+                sharding.shard(model, self.sharding, self.device, bf16=self.precision.autocast, offload=self.cfg.train.offload,
                                frozen=model is self.ref)
         return rollout
 

@@ -27,7 +27,7 @@ class SFTTrain:
     epochs: float = 1.0
     batch_size: int = 16  # examples per optimizer step (the loss is the token mean over all of them)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "mixed", "bf16"] = "auto"  # as GRPO's train.precision (ponder.runtime)
     save_every: int = 50
     keep_last: int = 2
     log_samples: int = 2  # greedy completions of the first training prompts written to samples.jsonl at each save

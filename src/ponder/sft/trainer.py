@@ -19,7 +19,7 @@ from ponder.config import to_dict
 from ponder.errors import TrainingError
 from ponder.metrics import MetricsWriter
 from ponder.optim import make_optimizer
-from ponder.runtime import autocast, dump_yaml, pick_device, set_seed, use_bf16
+from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, set_seed
 from ponder.sft.config import SFTConfig
 from ponder.sft.data import load_data
 from ponder.sft.packing import collate, loss_sum, micro_batches, pack
@@ -38,9 +38,10 @@ class SFTTrainer:
             torch.set_num_threads(cfg.train.threads)
         set_seed(cfg.seed)
         self.device = pick_device(cfg.train.device)
-        self.bf16 = use_bf16(cfg.train.precision, self.device)
         self.state = checkpoint.load_state(last) if resume else None
-        self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device)
+        chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, resumed=last)
+        self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser)
+        self.precision = chooser.chosen
         self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, cfg.seed)
         self.lengths = [len(e.ids) for e in self.examples]
         t = cfg.train
@@ -69,7 +70,7 @@ class SFTTrainer:
         for mb in micro_batches(rows, self.lengths, budget):
             packed = collate(self.examples, mb, self.tokenizer.pad_token_id, self.device)
             padded += packed.input_ids.numel()
-            with autocast(self.device, self.bf16):
+            with autocast(self.device, self.precision.autocast):
                 loss = loss_sum(self.model, packed) / targets
             loss.backward()
             total += loss.item()
