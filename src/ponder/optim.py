@@ -7,16 +7,18 @@ compensation buffer of the weights' dtype and adds it back at the next step (Kah
 float32. Memory per parameter: 2 (weight) + 2 (gradient) + 8 (moments) + 2 (compensation) = 14 bytes,
 against 16 for float32 weights with AdamW.
 
-`moment_dtype=bf16` (optim.moment_dtype) stores the two moments in bfloat16 too: 10 bytes a parameter, 7.6 GB
+`moment_dtype=bf16` (optim.moment_dtype) stores the two moments in bfloat16 too: 10 bytes a parameter, 28 GiB
 less for a 7.6B model. The update is still computed in float32; only the stored moments are rounded, and
-stochastically (up or down with the probability that makes the rounding unbiased): round-to-nearest would
-freeze them, since bf16 keeps 8 significant bits and the second moment's decay (x 0.99 or 0.999 a step) moves it
-by less than half a spacing, so it would never fall after a large gradient. The cost is noise: each stored
-moment is off by up to one bf16 spacing (0.4-0.8% of its value) at a step, on average by nothing. On
-tests/test_optim_bf16.py's regression (200 steps, bf16 weights) the final weights sit 0.03 of the float32
-move away from the float32 run with float32 moments and 0.04 with bf16 moments. The draws are seeded by the
-step and the parameter's place, so a run repeats and a resumed run continues exactly without saving any
-generator state.
+stochastically (up or down with the probability that makes the rounding unbiased). Round-to-nearest would
+bias them: bf16 keeps 8 significant bits, half a spacing is 0.2-0.4% of a value, and the second moment's
+decay with beta2 = 0.999 (torch's default) is 0.1% a step, so it would never fall after a large gradient
+(with ponder's 0.99 it falls, by whole spacings). The cost is noise: each stored moment is off by up to one
+spacing (0.4-0.8% of its value) at a step, on average by nothing. On tests/test_optim_bf16.py's regression
+(200 steps, bf16 weights) the final weights sit 0.031 of the float32 move away from the float32 run with
+float32 moments and 0.032 with bf16 ones; with beta2 0.999 also 0.031 and 0.032, and round-to-nearest moments
+gave 0.032 there too: the run is too short for the frozen second moment to matter, which
+test_bf16_second_moment_decays_as_float32_would shows directly. The draws are seeded by the step and the
+parameter's place, so a run repeats and a resumed run continues exactly with no generator state saved.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ class Precision:
         return f"train.precision auto -> {self.name} ({self.why})"
 
 
-def _billions(n: int) -> str:
+def _count(n: int) -> str:
+    """A parameter count as the line prints it: 7.6B, 0.5B, 1.0M."""
     return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
 
 
@@ -88,12 +89,12 @@ def choose_precision(requested: str, device_type: str, n_params: int = 0, device
     weights alone; the adapters are a rounding error) fit in (1 - HEADROOM) of the device memory, else bf16."""
     if requested != "auto":
         return Precision(requested)
-    if device_type == "cpu" or device_memory is None:
-        return Precision("fp32", "on CPU: float32 weights and compute, repeatable bit for bit")
+    if device_type == "cpu" or device_memory is None:  # no device memory to plan by
+        return Precision("fp32", f"on {device_type}: float32 weights and compute")
     what = "float32 base weights" if frozen else "float32 weights, gradients and AdamW state"
     need = n_params * (FROZEN_BYTES if frozen else MIXED_BYTES)
     room = (1 - HEADROOM) * device_memory
-    size = f"{_billions(n_params)} parameters: {what} need {need / GIB:.1f} GiB"
+    size = f"{_count(n_params)} parameters: {what} need {need / GIB:.1f} GiB"
     if need <= room:
         return Precision("mixed", f"{size}, within {1 - HEADROOM:.0%} of the {device_memory / GIB:.0f} GiB device; "
                                   f"set train.precision=bf16 for bf16 weights")
