@@ -33,8 +33,10 @@ CUDA = DEVICE == "cuda"
 
 
 def build(shape: str, seed: int = 0, init_std: float = 0.02):
+    # Qwen2.5's: 0.5B and 1.5B tie the head to the embedding; 7B has its own head and a vocabulary of 152,064
+    vocab = {"smoke": 20000, "7b": 152064}.get(shape, 151936)
     cfg = Qwen2Config(
-        vocab_size=151936 if shape != "smoke" else 20000, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
+        vocab_size=vocab, tie_word_embeddings=shape != "7b", max_position_embeddings=32768, rope_theta=1e6,
         rms_norm_eps=1e-6, initializer_range=init_std, **SHAPES[shape],
     )
     torch.manual_seed(seed)

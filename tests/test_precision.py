@@ -27,12 +27,17 @@ def test_auto_on_cuda_keeps_float32_masters_for_what_fits_and_bf16_for_7b():
     # 7.6B: 7.6e9 x 16 = 113.25 GiB > 98; bf16 + KahanAdamW x 14 = 99.09 GiB, also > 98, so the line names
     # bf16 moments: 7.6e9 x 10 = 70.78 GiB
     big = choose_precision("auto", "cuda", 7_600_000_000, H200)
-    assert big.name == "bf16" and big.dtype == torch.bfloat16 and not big.autocast
+    assert big.name == "bf16" and big.dtype == torch.bfloat16 and not big.autocast and big.moments == "bf16"
     assert big.line() == ("train.precision auto -> bf16 (7.6B parameters: float32 weights, gradients and AdamW state "
                           "need 113.2 GiB, more than 70% of the 140 GiB device; bf16 weights with KahanAdamW need "
-                          "99.1 GiB (optim.moment_dtype=bf16: 70.8); set train.precision=mixed to force it)")
-    # 3B on a 40 GiB device: 44.7 GiB > 28; bf16 needs 39.1 GiB (> 28 too)
-    assert choose_precision("auto", "cuda", 3_000_000_000, 40 * GIB).name == "bf16"
+                          "99.1 GiB, more than 70% too: with bf16 moments (optim.moment_dtype auto -> bf16) 70.8; "
+                          "set train.precision=mixed to force it)")
+    # 3B on a 40 GiB device: 44.7 GiB > 28; bf16 needs 39.1 GiB (> 28 too); 3B on an H200: mixed
+    assert choose_precision("auto", "cuda", 3_000_000_000, 40 * GIB).moments == "bf16"
+    # 6.5B on an H200: 16 x 6.5e9 = 96.9 GiB <= 98: mixed; 6.8B: 101.3 > 98, but 14 bytes (88.6 GiB) fit: fp32 moments
+    assert choose_precision("auto", "cuda", 6_500_000_000, H200).name == "mixed"
+    mid = choose_precision("auto", "cuda", 6_800_000_000, H200)
+    assert mid.name == "bf16" and mid.moments == "fp32"
 
 
 def test_auto_boundary_is_inclusive_and_lora_counts_the_frozen_base_only():

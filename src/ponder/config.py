@@ -104,8 +104,9 @@ class OptimConfig:
     # auto: adamw_kahan when the weights are below float32 (train.precision=bf16), else adamw
     optimizer: Literal["auto", "adamw", "adamw_kahan"] = "auto"
     # adamw_kahan's two moments: fp32 (14 bytes a parameter in all) or bf16, stochastically rounded (10 bytes;
-    # the moments carry bf16's 3 significant digits: the trade-off is in ponder.optim's docstring)
-    moment_dtype: Literal["fp32", "bf16"] = "fp32"
+    # the moments carry bf16's 3 significant digits: the trade-off is in ponder.optim's docstring). auto: fp32,
+    # but bf16 where train.precision auto chose bf16 weights and 14 bytes a parameter would not fit either
+    moment_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     # tokens per micro-batch (padded length x sequences, or the packed stream); gradients accumulate. None:
     # chosen from free device memory at the first update on CUDA (printed; ponder.rl.memory_plan), 16384 on CPU
     token_budget: Optional[int] = None

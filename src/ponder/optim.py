@@ -127,18 +127,19 @@ def optimizer_name(model, o: OptimConfig) -> str:
     return "adamw_kahan" if low else "adamw"
 
 
-def make_optimizer(model, o: OptimConfig, total_steps: int):
+def make_optimizer(model, o: OptimConfig, total_steps: int, moments: str = "fp32"):
     """(AdamW over the trainable parameters, its LambdaLR schedule). On CUDA the fused kernel: one launch for
     all parameters instead of a few per tensor group. The CPU keeps the default implementation, whose
-    roundings the documented CPU runs repeat bit for bit. Weights below float32: KahanAdamW (optim.optimizer)."""
+    roundings the documented CPU runs repeat bit for bit. Weights below float32: KahanAdamW (optim.optimizer),
+    its moments `optim.moment_dtype`, or under auto `moments` (what train.precision auto chose)."""
     params = [p for p in model.parameters() if p.requires_grad]
     name = optimizer_name(model, o)
-    if o.moment_dtype != "fp32" and name != "adamw_kahan":
+    if o.moment_dtype not in ("auto", "fp32") and name != "adamw_kahan":
         raise UserError(f"optim.moment_dtype={o.moment_dtype} is an option of adamw_kahan, and this run's optimizer is {name}; "
-                        "use train.precision=bf16 (or optim.optimizer=adamw_kahan), or leave moment_dtype at fp32")
+                        "use train.precision=bf16 (or optim.optimizer=adamw_kahan), or leave moment_dtype at auto")
     if name == "adamw_kahan":
         optimizer = KahanAdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                               moment_dtype=MOMENT_DTYPES[o.moment_dtype])
+                               moment_dtype=MOMENT_DTYPES[moments if o.moment_dtype == "auto" else o.moment_dtype])
     else:
         fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None)

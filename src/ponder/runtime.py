@@ -62,6 +62,7 @@ class Precision:
 
     name: str
     why: str = ""
+    moments: str = "fp32"  # KahanAdamW's moments under optim.moment_dtype auto: bf16 where 14 bytes a parameter do not fit
 
     @property
     def dtype(self) -> torch.dtype:
@@ -99,12 +100,15 @@ def choose_precision(requested: str, device_type: str, n_params: int = 0, device
         return Precision("mixed", f"{size}, within {1 - HEADROOM:.0%} of the {device_memory / GIB:.0f} GiB device; "
                                   f"set train.precision=bf16 for bf16 weights")
     why = f"{size}, more than {1 - HEADROOM:.0%} of the {device_memory / GIB:.0f} GiB device"
+    moments = "fp32"
     if not frozen:
         bf16 = n_params * BF16_BYTES
         why += f"; bf16 weights with KahanAdamW need {bf16 / GIB:.1f} GiB"
-        if bf16 > room:
-            why += f" (optim.moment_dtype=bf16: {n_params * BF16_MOMENTS_BYTES / GIB:.1f})"
-    return Precision("bf16", f"{why}; set train.precision=mixed to force it")
+        if bf16 > room:  # the 7B shape on one H200: 99 GiB would leave 40 for rollouts and activations
+            moments = "bf16"
+            why += (f", more than {1 - HEADROOM:.0%} too: with bf16 moments (optim.moment_dtype auto -> bf16) "
+                    f"{n_params * BF16_MOMENTS_BYTES / GIB:.1f}")
+    return Precision("bf16", f"{why}; set train.precision=mixed to force it", moments)
 
 
 def device_memory(device: torch.device) -> int | None:
@@ -128,7 +132,9 @@ class PrecisionChooser:
     def __call__(self, model) -> torch.dtype:
         n = sum(p.numel() for p in model.parameters())
         if self.requested == "auto" and self.resumed is not None and _saved_dtype(self.resumed) == "bfloat16":
-            self.chosen = Precision("bf16", "as the run being resumed: its checkpoint holds bf16 weights")
+            # the moments as the run chose them: by the same rule, for the same model on this device
+            moments = choose_precision("auto", "cuda", n, device_memory(self.device)).moments if self.device.type == "cuda" else "fp32"
+            self.chosen = Precision("bf16", "as the run being resumed: its checkpoint holds bf16 weights", moments)
         else:
             self.chosen = choose_precision(self.requested, self.device.type, n, device_memory(self.device), self.frozen)
         if self.announce and self.requested == "auto" and self.device.type != "cpu":

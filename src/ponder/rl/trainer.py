@@ -78,7 +78,7 @@ class GRPOTrainer:
         self.ref = self._make_reference()
         self.sharding = sharding.resolve(cfg.train.sharding, self.world)
         self.rollout_weights = self._shard() if self.sharding != "none" else None
-        self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, max(cfg.train.steps, 1))
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, max(cfg.train.steps, 1), self.precision.moments)
         # rollouts from the policy's own weights, or (sharded) from a full copy refreshed after every update
         self.engine = make_engine(cfg.rollout.engine, self.rollout_weights.model if self.rollout_weights else self.model,
                                   self.tokenizer, **{"batch_size": cfg.rollout.generation_batch, **cfg.rollout.engine_options})

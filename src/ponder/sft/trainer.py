@@ -46,7 +46,7 @@ class SFTTrainer:
         self.lengths = [len(e.ids) for e in self.examples]
         t = cfg.train
         self.total_steps = t.steps or max(1, math.ceil(t.epochs * len(self.examples) / t.batch_size))
-        self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, self.total_steps)
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, self.total_steps, self.precision.moments)
         self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
         self.step_no, self.nan_streak = 0, 0
         if self.state is not None:
