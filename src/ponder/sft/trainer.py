@@ -50,7 +50,7 @@ class SFTTrainer:
         self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
         self.step_no, self.nan_streak = 0, 0
         if self.state is not None:
-            checkpoint.restore_training(self, self.state)
+            checkpoint.restore_training(self, self.state, last)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0,
