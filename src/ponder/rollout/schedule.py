@@ -174,9 +174,8 @@ class Schedule:
             return
         self._prefill_prompts(new_prompts)
         resumed = [s for s in chosen if s in self.resume]
-        if resumed:
-            self._recompute(resumed)
-        self._place(sorted(chosen), free_rows)
+        own = self._recompute(resumed) if resumed else {}
+        self._place(sorted(chosen), free_rows, own)
 
     def _prefill_prompts(self, prompts):
         """Prefill in chunks of about prefill_tokens (padded width x prompts), longest first; sample the first
@@ -199,8 +198,9 @@ class Schedule:
             f.out_lp[seqs, 0] = lp.float()
             start = end
 
-    def _recompute(self, seqs):
-        """Sequences that gave way: their prompt and tokens but the last, prefilled again into new blocks."""
+    def _recompute(self, seqs) -> dict:
+        """Sequences that gave way: their prompt and tokens but the last, prefilled again into new blocks;
+        {sequence: its blocks}."""
         f = self.f
         toks = f.out_tok[torch.tensor(seqs, device=f.device)].tolist()
         lists = [self.prompts[s // self.n] + toks[i][: self.resume[s] - 1] for i, s in enumerate(seqs)]
@@ -208,9 +208,10 @@ class Schedule:
         per_chunk = max(1, self.e.prefill_tokens // max(map(len, lists)))
         for start in range(0, len(lists), per_chunk):
             f.prefill(lists[start:start + per_chunk], self._table(own[start:start + per_chunk]))
-        self._own = dict(zip(seqs, own))
+        return dict(zip(seqs, own))
 
-    def _place(self, seqs, free_rows):
+    def _place(self, seqs, free_rows, recomputed: dict):
+        """`seqs` into `free_rows`: recomputed ones with their own blocks, others sharing their prompt's."""
         f, dev = self.f, self.f.device
         rows = free_rows[: len(seqs)]
         copies, n_out, pos = [], [], []
@@ -221,7 +222,7 @@ class Schedule:
             self.seq[r] = s
             if s in self.resume:
                 k = self.resume.pop(s)
-                self.tables[r] = self._own.pop(s)
+                self.tables[r] = recomputed[s]
                 n_out.append(k)
                 pos.append(length + k - 1)
                 continue
