@@ -38,6 +38,10 @@ def test_auto_on_cuda_keeps_float32_masters_for_what_fits_and_bf16_for_7b():
     assert choose_precision("auto", "cuda", 6_500_000_000, H200).name == "mixed"
     mid = choose_precision("auto", "cuda", 6_800_000_000, H200)
     assert mid.name == "bf16" and mid.moments == "fp32"
+    # sharded over 2 ranks, each holds half: 7.6B x 16 / 2 = 56.6 GiB a rank, within 98: float32 masters
+    two = choose_precision("auto", "cuda", 7_600_000_000, H200, shards=2)
+    assert two.name == "mixed" and two.why.startswith("7.6B parameters sharded over 2 ranks: float32 weights, "
+                                                      "gradients and AdamW state need 56.6 GiB a rank, within 70%")
 
 
 def test_auto_boundary_is_inclusive_and_lora_counts_the_frozen_base_only():

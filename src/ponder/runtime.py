@@ -84,30 +84,32 @@ def _count(n: int) -> str:
 
 
 def choose_precision(requested: str, device_type: str, n_params: int = 0, device_memory: int | None = None,
-                     frozen: bool = False) -> Precision:
+                     frozen: bool = False, shards: int = 1) -> Precision:
     """`train.precision` for a model of `n_params` parameters on a device of `device_memory` bytes. auto: fp32
     on CPU; elsewhere mixed when float32 weights, gradients and AdamW state (`frozen`, LoRA: the float32 base
-    weights alone; the adapters are a rounding error) fit in (1 - HEADROOM) of the device memory, else bf16."""
+    weights alone; the adapters are a rounding error) fit in (1 - HEADROOM) of the device memory, else bf16.
+    `shards`: the ranks FSDP2 spreads that state over (train.sharding), each holding its share."""
     if requested != "auto":
         return Precision(requested)
     if device_type == "cpu" or device_memory is None:  # no device memory to plan by
         return Precision("fp32", f"on {device_type}: float32 weights and compute")
     what = "float32 base weights" if frozen else "float32 weights, gradients and AdamW state"
-    need = n_params * (FROZEN_BYTES if frozen else MIXED_BYTES)
+    need = n_params * (FROZEN_BYTES if frozen else MIXED_BYTES) / shards
     room = (1 - HEADROOM) * device_memory
-    size = f"{_count(n_params)} parameters: {what} need {need / GIB:.1f} GiB"
+    ranks = f" sharded over {shards} ranks" if shards > 1 else ""
+    size = f"{_count(n_params)} parameters{ranks}: {what} need {need / GIB:.1f} GiB{' a rank' if ranks else ''}"
     if need <= room:
         return Precision("mixed", f"{size}, within {1 - HEADROOM:.0%} of the {device_memory / GIB:.0f} GiB device; "
                                   f"set train.precision=bf16 for bf16 weights")
     why = f"{size}, more than {1 - HEADROOM:.0%} of the {device_memory / GIB:.0f} GiB device"
     moments = "fp32"
     if not frozen:
-        bf16 = n_params * BF16_BYTES
+        bf16 = n_params * BF16_BYTES / shards
         why += f"; bf16 weights with KahanAdamW need {bf16 / GIB:.1f} GiB"
         if bf16 > room:  # the 7B shape on one H200: 99 GiB would leave 40 for rollouts and activations
             moments = "bf16"
             why += (f", more than {1 - HEADROOM:.0%} too: with bf16 moments (optim.moment_dtype auto -> bf16) "
-                    f"{n_params * BF16_MOMENTS_BYTES / GIB:.1f}")
+                    f"{n_params * BF16_MOMENTS_BYTES / shards / GIB:.1f}")
     return Precision("bf16", f"{why}; set train.precision=mixed to force it", moments)
 
 
@@ -122,8 +124,9 @@ class PrecisionChooser:
     Resuming (`resumed`: the checkpoint), auto keeps a bf16 run bf16 whatever the device: its optimizer state
     is KahanAdamW's, which AdamW over float32 weights cannot take up."""
 
-    def __init__(self, requested: str, device: torch.device, frozen: bool = False, announce: bool = True, resumed=None):
-        self.requested, self.device, self.frozen, self.announce = requested, device, frozen, announce
+    def __init__(self, requested: str, device: torch.device, frozen: bool = False, announce: bool = True, resumed=None,
+                 shards: int = 1):
+        self.requested, self.device, self.frozen, self.announce, self.shards = requested, device, frozen, announce, shards
         self.resumed = resumed
         self.chosen: Precision | None = None
         # bf16 asked for: loaded as bf16 (half the host memory); otherwise float32, which a cast loses nothing from
@@ -133,10 +136,12 @@ class PrecisionChooser:
         n = sum(p.numel() for p in model.parameters())
         if self.requested == "auto" and self.resumed is not None and _saved_dtype(self.resumed) == "bfloat16":
             # the moments as the run chose them: by the same rule, for the same model on this device
-            moments = choose_precision("auto", "cuda", n, device_memory(self.device)).moments if self.device.type == "cuda" else "fp32"
+            moments = (choose_precision("auto", "cuda", n, device_memory(self.device), shards=self.shards).moments
+                       if self.device.type == "cuda" else "fp32")
             self.chosen = Precision("bf16", "as the run being resumed: its checkpoint holds bf16 weights", moments)
         else:
-            self.chosen = choose_precision(self.requested, self.device.type, n, device_memory(self.device), self.frozen)
+            self.chosen = choose_precision(self.requested, self.device.type, n, device_memory(self.device), self.frozen,
+                                           self.shards)
         if self.announce and self.requested == "auto" and self.device.type != "cpu":
             print(f"ponder: {self.chosen.line()}", file=sys.stderr)
         return self.chosen.dtype

@@ -72,7 +72,9 @@ class GRPOTrainer:
             torch.cuda.set_stream(torch.cuda.Stream(self.device))
         self.state = checkpoint.load_state(last) if resume else None
 
-        chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, self.rank == 0, last)
+        # sharded, each rank holds its share of the weights, gradients and optimizer state: auto counts that share
+        shards = self.world if sharding.resolve(cfg.train.sharding, self.world) != "none" else 1
+        chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, self.rank == 0, last, shards)
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser)
         self.precision = chooser.chosen
         self.ref = self._make_reference()
