@@ -174,13 +174,14 @@ def test_sharded_checkpoint_kill_and_resume_repeats_the_uninterrupted_run(tmp_pa
 LORA = ["model.lora={r: 4, alpha: 8}", "optim.lr=1e-2"]
 
 
-@pytest.mark.parametrize("extra", [[], ["train.forward=packed", "algorithm.beta=0.04"], [*LORA, "algorithm.beta=0.04"]],
-                         ids=["padded", "packed+kl", "lora+kl"])
+@pytest.mark.parametrize("extra", [[], ["train.forward=packed", "algorithm.beta=0.04"], [*LORA, "algorithm.beta=0.04"],
+                                   [*LORA, "train.precision=bf16"]], ids=["padded", "packed+kl", "lora+kl", "lora+bf16"])
 def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg, extra):
     """train.sharding=fsdp on one process (how one GPU gets CPU offload; offload on too, a no-op on CPU): steps
     run, the rollout copy follows the updates, and a guardrail rollback restores the sharded checkpoint's
     weights and AdamW moments. Also with the packed pass and a KL reference (sharded, forward only), and with
-    LoRA (the adapters alone move; the reference is the sharded policy with its adapters switched off)."""
+    LoRA (the adapters alone move; the reference is the sharded policy with its adapters switched off), also over
+    bf16 base weights (the rollout copy keeps them bf16 where its dtype is float32, as the unsharded engine runs them)."""
     import torch
     import torch.distributed as dist
 
@@ -199,7 +200,8 @@ def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg, extra):
                                   "rollout.prompts_per_step=4", "rewards={test_char_hash: 1.0}", *extra))
         lora = LORA[0] in extra
         assert sharding.is_sharded(t.model) and t.policy_pass.packed == ("train.forward=packed" in extra)
-        assert (t.ref is not None and sharding.is_sharded(t.ref)) == (bool(extra) and not lora)
+        kl = "algorithm.beta=0.04" in extra
+        assert (t.ref is not None and sharding.is_sharded(t.ref)) == (kl and not lora)
         initial = full(t)
         first = t.step()
         saved, saved_moments = full(t), moments(t)
@@ -211,7 +213,7 @@ def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg, extra):
         t.save()
         second = t.step()
         assert any(not torch.equal(v, saved[k]) for k, v in full(t).items())
-        if extra:  # the reference is the initial policy: no divergence at the first step, some at the second
+        if kl:  # the reference is the initial policy: no divergence at the first step, some at the second
             assert first["kl"] == 0 and second["kl"] > 0, (first["kl"], second["kl"])
         restore(t, checkpoint.latest(t.ckpt_dir))
         assert all(torch.equal(v, saved[k]) for k, v in full(t).items())

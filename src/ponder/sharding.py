@@ -212,11 +212,13 @@ class RolloutWeights:
         tied = head is not None and embedding is not None and head.weight is embedding.weight
         adapters = {id(p) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
                     for p in m.parameters() if p is not m.base_layer.weight}  # LoRA's A and B stay as trained
+        # narrower only: bf16 weights (train.precision=bf16) stay bf16 where the rollout dtype is float32 (CPU), as
+        # the engine runs them unsharded (widened matrices beside bf16 norms would not even run)
         narrow = {id(m.weight): torch.nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
                   for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point()
-                  and m.weight.dtype != dtype and not (tied and m.weight is embedding.weight) and id(m.weight) not in adapters}
+                  and m.weight.itemsize > dtype.itemsize and not (tied and m.weight is embedding.weight) and id(m.weight) not in adapters}
         self.model = copy.deepcopy(model, memo=dict(narrow))  # the matrices made narrow once, not copied wide first
-        if tied and head.weight.dtype != dtype:  # the embedding's rows stay as they are; the head gets its matrix
+        if tied and head.weight.itemsize > dtype.itemsize:  # the embedding's rows stay as they are; the head gets its matrix
             self.model.get_output_embeddings().weight = torch.nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
         self.model.requires_grad_(False)
         # each parameter's names (a tied one has two; a sharded model's named_parameters gives the first)
