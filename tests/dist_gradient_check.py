@@ -8,12 +8,14 @@ them), so the i-th mini-batches of all ranks together are the one process's i-th
 every loss aggregation, mask_truncated with uneven per-rank counts and a rank left with nothing, minibatches
 > 1 with mu = 2, and batch_std. bnpo averages token means over micro-batches, so its reference is one process
 with the same micro-batches (each rank's, side by side). Each case is printed before it runs: a rank that
-hangs shows where. Writes {case: {grad, weights, weights_max, moved, updates, ref_updates}} (maxima over ranks) to argv[1]:
+hangs shows where. Writes {case: {grad, weights, weights_max, moved, updates, ref_updates, kl}} (maxima over ranks) to argv[1]:
 grad is max |g - g_ref| / max |g_ref| of the last update, weights ||w - w_ref|| / ||w_ref - w_initial||,
 weights_max max |w - w_ref|. The cases run for each sharding mode in argv[2] (comma-separated), keyed
 "mode:case"; the one-process reference is a trainer of its own with train.sharding=none. A mode may carry
 flags: fsdp+packed runs the packed policy pass (each layer through its own FSDP hooks) against one process
-with the packed pass; +ckpt checkpoints the layers' activations besides.
+with the packed pass; +ckpt checkpoints the layers' activations besides; +lora trains LoRA adapters (peft) over
+the frozen base, their B matrices made non-zero first (at zero, A's gradient is zero too); +kl adds the KL term
+(with LoRA its reference is the base, the adapters switched off, on the sharded model itself).
 """
 
 import copy
@@ -73,7 +75,8 @@ def mask(groups, pattern, world):
 
 
 def train(trainer, initial, groups, case):
-    """The case from the initial weights: (last gradient, weights after, number of updates)."""
+    """The case from the initial weights: (last gradient, weights after, number of updates, the KL term's sum over
+    the first update's tokens)."""
     agg, adv, _, minibatches, mu = CASES[case]
     a = trainer.cfg.algorithm
     a.loss_agg, a.advantage, a.mask_truncated, a.minibatches, a.mu = agg, adv, CASES[case][2] is not None, minibatches, mu
@@ -85,7 +88,7 @@ def train(trainer, initial, groups, case):
     weights = [sharding.full_tensor(p.detach()) for p in params]
     grad = torch.cat([(sharding.full_tensor(p.grad) if p.grad is not None else torch.zeros_like(w)).flatten()
                       for p, w in zip(params, weights)])
-    return grad, torch.cat([w.flatten() for w in weights]), len(stats)
+    return grad, torch.cat([w.flatten() for w in weights]), len(stats), stats[0]["kl"]
 
 
 def as_one_process(trainer, world):
@@ -123,7 +126,17 @@ def rollout_check(trainer, reference, start):
             "same_rollouts": same}
 
 
-FLAGS = {"packed": "train.forward=packed", "ckpt": "model.gradient_checkpointing=true"}
+FLAGS = {"packed": "train.forward=packed", "ckpt": "model.gradient_checkpointing=true", "lora": "model.lora={r: 4, alpha: 8}",
+         "kl": "algorithm.beta=0.04"}
+
+
+@torch.no_grad()
+def nudge_adapters(model):
+    """LoRA's B starts at zero: seeded values instead, so that A has a gradient and the adapters change the policy."""
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def reference_spec(spec: str) -> str:
@@ -151,11 +164,13 @@ def make_trainer(out_path, rank, spec):
 def main(out_path, modes, names):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
-    ref_results, results, rollouts, references, plan, wholes = {}, {}, {}, {}, {}, {}
+    ref_results, results, rollouts, references, plan, wholes, initials = {}, {}, {}, {}, {}, {}, {}
     for ref_spec in dict.fromkeys(map(reference_spec, modes)):  # the one-process reference of every case, once
         reference = references[ref_spec] = make_trainer(out_path, rank, ref_spec)
+        if "lora" in ref_spec:
+            nudge_adapters(reference.model)
         wholes[ref_spec] = memory_plan.state_to_come(reference.model, reference.optimizer)
-        initial = copy.deepcopy(reference.model.state_dict())
+        initial = initials[ref_spec] = copy.deepcopy(reference.model.state_dict())
         start = torch.cat([p.detach().flatten() for p in reference.model.parameters()]).clone()
         for case in names:
             groups = whole_batch(reference.tokenizer, world)
@@ -171,7 +186,11 @@ def main(out_path, modes, names):
         trainer = make_trainer(out_path, rank, mode)  # the same seed: the reference's initial weights, sharded
         flags = mode.split("+")[1:]
         assert trainer.policy_pass.packed == reference.policy_pass.packed == ("packed" in flags)
-        assert bool(trainer.model.model.gradient_checkpointing) == ("ckpt" in flags)  # the layers then checkpointed
+        inner = trainer.model.get_base_model() if "lora" in flags else trainer.model
+        assert bool(inner.model.gradient_checkpointing) == ("ckpt" in flags)  # the layers then checkpointed
+        assert ("lora" in flags) == hasattr(trainer.model, "peft_config") and (trainer.ref is None) == ("lora" in flags or "kl" not in flags)
+        if "lora" in flags:  # the reference's nudged adapters, into the shards
+            sharding.load_full_state(trainer.model, initials[reference_spec(mode)])
         initial_mode = copy.deepcopy(trainer.model.state_dict())
         # the memory plan counts each rank's shards of the gradients and AdamW moments: together, the whole model's
         mine = memory_plan.state_to_come(trainer.model, trainer.optimizer)
@@ -182,13 +201,13 @@ def main(out_path, modes, names):
             groups = whole_batch(trainer.tokenizer, world)
             mask(groups, CASES[case][2], world)
             mine = [copy.deepcopy(grp) for grp in groups if grp.samples[0].owner == rank]
-            grad, weights, updates = train(trainer, initial_mode, mine, case)
-            ref_grad, ref_weights, ref_updates = ref_results[reference_spec(mode), case]
+            grad, weights, updates, kl = train(trainer, initial_mode, mine, case)
+            ref_grad, ref_weights, ref_updates, _ = ref_results[reference_spec(mode), case]
             moved = (ref_weights - start).norm().item()
             results[f"{mode}:{case}"] = {"grad": (grad - ref_grad).abs().max().item() / max(ref_grad.abs().max().item(), 1e-30),
                          "weights": (weights - ref_weights).norm().item() / max(moved, 1e-30),
                          "weights_max": (weights - ref_weights).abs().max().item(),
-                         "moved": moved, "updates": updates, "ref_updates": ref_updates}
+                         "moved": moved, "updates": updates, "ref_updates": ref_updates, "kl": kl}
             if mode not in rollouts and moved > 0:  # after the first case that moved the weights
                 rollouts[mode] = rollout_check(trainer, reference, start)
     results["rollouts"], results["plan"] = rollouts, plan

@@ -50,22 +50,41 @@ def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path, world):
     out = tmp_path / "result.json"
     proc = launch("tests/dist_gradient_check.py", world, [str(out), ",".join(MODES)], timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    results = json.loads(out.read_text())
+    check(json.loads(out.read_text()), MODES, world)
+
+
+def check(results: dict, modes, world: int) -> None:
     for mode, per_rank in results.pop("plan").items():  # the memory plan counts a rank's shards, not whole tensors
         assert sum(r["mine"] for r in per_rank) == per_rank[0]["sum"] == per_rank[0]["whole"] > 0, (mode, per_rank)
         assert all(r["mine"] < r["whole"] for r in per_rank), (mode, per_rank)
     for mode, per_rank in results.pop("rollouts").items():  # each rank decodes from the current full weights
         for r in per_rank:
             assert r["copy_diff"] == 0 and r["moved"] > 0 and r["same_rollouts"], (mode, r)
-    assert {key.split(":")[0] for key in results} == set(MODES)
+    assert {key.split(":")[0] for key in results} == set(modes)
     for key, r in results.items():
         case = key.split(":")[1]
         assert r["updates"] == [r["ref_updates"]] * world, (key, r)  # every rank as many optimizer steps as one process
         assert r["grad"] < GRAD_TOL, (key, r)
+        # the first update's KL: none without the term; with it, the reference differs from the policy (with LoRA
+        # the base, the adapters switched off on the sharded model: the policy's own log-probs would give 0)
+        assert (r["kl"] > 0) == ("kl" in key.split(":")[0].split("+") and case != "all_masked"), (key, r)
         if case == "all_masked":  # nothing to learn anywhere: no step at all (AdamW would still decay the weights)
             assert r["moved"] == 0 and r["weights"] == 0, (key, r)
         else:
             assert r["moved"] > 0 and r["weights"] < WEIGHT_TOL, (key, r)
+
+
+# LoRA: the adapters' gradients summed across ranks as full parameters' are, the rollout copy following the
+# adapters; with the KL term against the base (the sharded policy with its adapters switched off)
+LORA_MODES = ("fsdp+lora+kl", "fsdp_noreshard+lora")
+LORA_CASES = ("dr_grpo/uneven/mb4/mu2", "bnpo/empty_rank", "batch_std")
+
+
+def test_lora_ranks_train_like_one_process_on_the_whole_batch(tmp_path):
+    out = tmp_path / "result.json"
+    proc = launch("tests/dist_gradient_check.py", 2, [str(out), ",".join(LORA_MODES), *LORA_CASES], timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    check(json.loads(out.read_text()), LORA_MODES, 2)
 
 
 def test_batch_std_scales_by_the_whole_step_not_one_resampling_round(smoke_cfg):
@@ -93,10 +112,14 @@ def test_batch_std_scales_by_the_whole_step_not_one_resampling_round(smoke_cfg):
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_sharded_checkpoint_kill_and_resume_repeats_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sharded_checkpoint_kill_and_resume_repeats_the_uninterrupted_run(tmp_path, lora):
     """Two ranks, fsdp: checkpoints hold each rank's shards (torch.distributed.checkpoint) and a Hugging Face
     export; a run killed after step-2 and resumed ends with the uninterrupted run's figures and weights, bit for
-    bit; the export loads with from_pretrained; one process without sharding resumes from the shards too."""
+    bit; the export loads with from_pretrained; one process without sharding resumes from the shards too.
+    LoRA: the export is the merged model (rank 0 merges the gathered state), the adapters resume from the shards."""
+    import copy
+
     import torch
     from safetensors.torch import load_file
     from test_resume_and_errors import KILLER, _metrics
@@ -110,7 +133,8 @@ def test_sharded_checkpoint_kill_and_resume_repeats_the_uninterrupted_run(tmp_pa
 
     def run(name, *extra, kill_at=0):
         args = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", f"name={name}", "train.steps=4",
-                "train.save_every=2", "train.threads=1", "train.log_to=[]", "train.sharding=fsdp", "rewards.killer=0.0", *extra]
+                "train.save_every=2", "train.threads=1", "train.log_to=[]", "train.sharding=fsdp", "rewards.killer=0.0",
+                *(["model.lora={r: 4, alpha: 8}", "optim.lr=1e-2"] if lora else []), *extra]
         os.environ["KILL_AT_CALL"] = str(kill_at)  # each rank counts its own reward calls
         try:
             return launch(str(script), 2, args, timeout=240)
@@ -135,18 +159,29 @@ def test_sharded_checkpoint_kill_and_resume_repeats_the_uninterrupted_run(tmp_pa
 
     # a different world size: one process, unsharded, reads the two ranks' shards (weights and AdamW moments)
     cfg = load_config("recipes/smoke-first-digit.yaml", [f"output_dir={tmp_path}", "name=cut", "train.steps=5",
-                                                          "train.sharding=none", "train.log_to=[]"])
+                                                          "train.sharding=none", "train.log_to=[]",
+                                                          *(["model.lora={r: 4, alpha: 8}"] if lora else [])])
     t = GRPOTrainer(cfg, resume=True)
-    assert t.step_no == 4 and all(torch.equal(p, weights[1][k]) for k, p in t.model.state_dict().items() if k in weights[1])
+    plain = copy.deepcopy(t.model).merge_and_unload() if lora else t.model  # the export merged the adapters
+    assert t.step_no == 4 and plain.state_dict().keys() >= weights[1].keys()
+    assert all(torch.equal(p, weights[1][k]) for k, p in plain.state_dict().items() if k in weights[1])
     moments = [s["exp_avg"] for s in t.optimizer.state.values()]
-    assert len(moments) == len(list(t.model.parameters())) and all(m.abs().sum() > 0 for m in moments)
+    trained = [n for n, p in t.model.named_parameters() if p.requires_grad]
+    assert len(moments) == len(trained) and all(m.abs().sum() > 0 for m in moments)
+    assert all("lora_" in n for n in trained) == lora
 
 
-@pytest.mark.parametrize("extra", [[], ["train.forward=packed", "algorithm.beta=0.04"]], ids=["padded", "packed+kl"])
+LORA = ["model.lora={r: 4, alpha: 8}", "optim.lr=1e-2"]
+
+
+@pytest.mark.parametrize("extra", [[], ["train.forward=packed", "algorithm.beta=0.04"], [*LORA, "algorithm.beta=0.04"],
+                                   [*LORA, "train.precision=bf16"]], ids=["padded", "packed+kl", "lora+kl", "lora+bf16"])
 def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg, extra):
     """train.sharding=fsdp on one process (how one GPU gets CPU offload; offload on too, a no-op on CPU): steps
     run, the rollout copy follows the updates, and a guardrail rollback restores the sharded checkpoint's
-    weights and AdamW moments. Also with the packed pass and a KL reference (sharded, forward only)."""
+    weights and AdamW moments. Also with the packed pass and a KL reference (sharded, forward only), and with
+    LoRA (the adapters alone move; the reference is the sharded policy with its adapters switched off), also over
+    bf16 base weights (the rollout copy keeps them bf16 where its dtype is float32, as the unsharded engine runs them)."""
     import torch
     import torch.distributed as dist
 
@@ -163,18 +198,22 @@ def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg, extra):
     try:
         t = GRPOTrainer(smoke_cfg("name=fsdp1", "train.sharding=fsdp", "train.offload=true", "train.log_to=[]",
                                   "rollout.prompts_per_step=4", "rewards={test_char_hash: 1.0}", *extra))
-        assert sharding.is_sharded(t.model) and t.policy_pass.packed == bool(extra)
-        assert (t.ref is not None and sharding.is_sharded(t.ref)) == bool(extra)
+        lora = LORA[0] in extra
+        assert sharding.is_sharded(t.model) and t.policy_pass.packed == ("train.forward=packed" in extra)
+        kl = "algorithm.beta=0.04" in extra
+        assert (t.ref is not None and sharding.is_sharded(t.ref)) == (kl and not lora)
         initial = full(t)
         first = t.step()
         saved, saved_moments = full(t), moments(t)
-        assert any(not torch.equal(initial[k], saved[k]) for k in saved)
+        moved = [k for k in saved if not torch.equal(initial[k], saved[k])]
+        assert moved and all("lora_" in k for k in moved) == lora
         copy = dict(t.rollout_weights.model.named_parameters(remove_duplicate=False))
-        assert all(torch.equal(copy[k], saved[k]) for k in copy) and "lm_head.weight" in copy  # float32 on CPU
+        head = "base_model.model.lm_head.weight" if lora else "lm_head.weight"
+        assert all(torch.equal(copy[k], saved[k]) for k in copy) and head in copy  # float32 on CPU
         t.save()
         second = t.step()
         assert any(not torch.equal(v, saved[k]) for k, v in full(t).items())
-        if extra:  # the reference is the initial policy: no divergence at the first step, some at the second
+        if kl:  # the reference is the initial policy: no divergence at the first step, some at the second
             assert first["kl"] == 0 and second["kl"] > 0, (first["kl"], second["kl"])
         restore(t, checkpoint.latest(t.ckpt_dir))
         assert all(torch.equal(v, saved[k]) for k, v in full(t).items())

@@ -276,6 +276,35 @@ def test_lora_rollout_copy_merges_adapters_into_plain_matrices():
     assert again == merged_answers() and again != got
 
 
+def test_lora_rollout_copy_of_a_bf16_base_leaves_the_base_alone():
+    """A base already in the rollout dtype (LoRA over bf16 weights; the sharded trainer's bf16 rollout copy): the
+    merged matrices are the copy's own, not the base's storage, so refreshes do not add the adapters to the frozen
+    base again and again (they did: the copy shared the base's bf16 matrix and merged into it)."""
+    from ponder.rollout.fast import RolloutCopy
+
+    peft = pytest.importorskip("peft")
+    base = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False))).to(torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:  # float32 adapters over the bf16 base, as peft trains them
+                p.data = p.data.float()
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    copy = RolloutCopy(model, torch.bfloat16)
+    for _ in range(2):  # as after two optimizer steps
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(1.5)
+        assert copy.refresh()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if "lora_" not in n)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    want = (layer.base_layer.weight.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
+    assert torch.equal(copy.shadow.get_base_model().model.layers[0].self_attn.q_proj.weight, want)
+
+
 def test_calls_past_a_sliding_window_go_to_hf(capsys):
     model = seeded(0, lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=12)))
     model.generation_config.eos_token_id = len(TOK) + 5

@@ -199,17 +199,26 @@ class RolloutWeights:
     keeps its KV cache and CUDA graphs. Parameters are matched by name at each refresh: the fast engine joins
     q/k/v into one buffer, which replaces the copy's parameter objects with views.
 
+    LoRA (a peft model): the copy is the peft model, its adapters (lora_A, lora_B) float32 as trained, the base's
+    matrices in `dtype`. On CPU the engine runs the adapter layers as they are; on CUDA its RolloutCopy merges each
+    into one bf16 matrix (base + scaling * B @ A) at the first rollout after a refresh, into storage of its own. The
+    frozen base is copied at the first refresh only: later ones gather the trainable parameters (the adapters).
+
     Not done: for models whose rollout copy and the engine's idle KV cache crowd the update, both could be freed
     for the update and made again for the next rollout (at the price of capturing the engine's graphs again)."""
 
     def __init__(self, model, dtype: torch.dtype = torch.float32):
         head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
         tied = head is not None and embedding is not None and head.weight is embedding.weight
+        adapters = {id(p) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+                    for p in m.parameters() if p is not m.base_layer.weight}  # LoRA's A and B stay as trained
+        # narrower only: bf16 weights (train.precision=bf16) stay bf16 where the rollout dtype is float32 (CPU), as
+        # the engine runs them unsharded (widened matrices beside bf16 norms would not even run)
         narrow = {id(m.weight): torch.nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
                   for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point()
-                  and m.weight.dtype != dtype and not (tied and m.weight is embedding.weight)}
+                  and m.weight.itemsize > dtype.itemsize and not (tied and m.weight is embedding.weight) and id(m.weight) not in adapters}
         self.model = copy.deepcopy(model, memo=dict(narrow))  # the matrices made narrow once, not copied wide first
-        if tied and head.weight.dtype != dtype:  # the embedding's rows stay as they are; the head gets its matrix
+        if tied and head.weight.itemsize > dtype.itemsize:  # the embedding's rows stay as they are; the head gets its matrix
             self.model.get_output_embeddings().weight = torch.nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
         self.model.requires_grad_(False)
         # each parameter's names (a tied one has two; a sharded model's named_parameters gives the first)
@@ -217,15 +226,19 @@ class RolloutWeights:
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(name)
         self.aliases = {ns[0]: ns for ns in names.values()}
+        self.frozen_copied = False  # frozen parameters (a LoRA base) never change: copied at the first refresh only
 
     @torch.no_grad()
     def refresh(self, sharded, device: torch.device) -> None:
         reshard(sharded)
         mine = dict(self.model.named_parameters(remove_duplicate=False))
-        for name, p in sharded.named_parameters():
+        for name, p in sharded.named_parameters():  # the same order on every rank: each gather a collective
+            if not p.requires_grad and self.frozen_copied:
+                continue
             full = full_tensor(p.detach(), device)
             for alias in self.aliases.get(name, (name,)):
                 mine[alias].copy_(full)
+        self.frozen_copied = True
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

@@ -263,9 +263,31 @@ def save(model, tokenizer, directory: str | Path, state_dict: dict | None = None
     if hasattr(model, "merge_and_unload"):  # peft: write a plain model; adapters are kept by the trainer state
         import copy
 
-        model = copy.deepcopy(model).merge_and_unload()
+        if state_dict is not None:  # sharded: an FSDP module cannot be copied; a plain one holding the gathered state
+            model, state_dict = _unsharded_peft(model, state_dict), None
+        else:
+            model = copy.deepcopy(model)
+        model = model.merge_and_unload()
     model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(directory)
+
+
+def _unsharded_peft(model, state_dict: dict):
+    """A plain peft model of `model`'s class and LoRA configuration holding the full `state_dict` (its tensors, not
+    copies): built on the meta device, so it costs nothing until the state is assigned to it (ponder.sharding's
+    Hugging Face export of a sharded LoRA policy, on rank 0's CPU). Non-persistent buffers (rotary frequencies) stay
+    on the meta device: enough to merge and save, not to run."""
+    import copy
+
+    from peft import get_peft_model
+
+    inner, name = model.get_base_model(), model.active_adapter
+    with torch.device("meta"):
+        plain = get_peft_model(type(inner)(copy.deepcopy(inner.config)), copy.deepcopy(model.peft_config[name]), adapter_name=name)
+    plain.load_state_dict(state_dict, assign=True)
+    if getattr(inner.config, "tie_word_embeddings", False):  # assign untied the head from the embedding
+        plain.get_base_model().tie_weights()
+    return plain
 
 
 def enable_checkpointing(model) -> None:

@@ -363,9 +363,6 @@ class GRPOTrainer:
 
     def _shard(self) -> sharding.RolloutWeights:
         """The policy and the reference sharded (ponder.sharding); the full copy rollouts decode from, made first."""
-        if self.cfg.model.lora is not None:
-            raise UserError(f"model.lora does not run sharded yet (train.sharding={self.sharding}, {self.world} processes); "
-                            "train LoRA on one process, or all parameters with torchrun")
         if self.world == 1:
             sharding.join_single_process_group(self.device)
         r = self.cfg.rollout  # matrices in the engine's decode dtype: it takes the copy as it is

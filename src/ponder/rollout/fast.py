@@ -92,14 +92,17 @@ class RolloutCopy:
         matrices = {id(m.weight): m.weight for m in model.modules()
                     if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point() and id(m.weight) not in adapter_parts}
         memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # shared as they are
-        memo.update({k: torch.nn.Parameter(w.detach().to(dtype), requires_grad=False) for k, w in matrices.items()})
+        merged = {id(m.base_layer.weight) for m in self.adapted}
+        # a matrix already in `dtype` is shared, except where the merge writes: that one gets storage of its own,
+        # or the merge would overwrite the frozen base (a bf16 base, or the sharded trainer's bf16 rollout copy)
+        memo.update({k: torch.nn.Parameter(w.detach().to(dtype, copy=k in merged), requires_grad=False)
+                     for k, w in matrices.items()})
         head = model.get_output_embeddings()
         tied = head is not None and head.weight is model.get_input_embeddings().weight
         if tied:  # the embedding stays the master's (float32 rows are looked up); the head gets its own matrix
             memo[id(head.weight)] = head.weight
         self.shadow = copy.deepcopy(model, memo)
-        merged = {id(m.base_layer.weight) for m in self.adapted}
-        self.pairs = [(w, memo[k]) for k, w in matrices.items() if memo[k] is not w and k not in merged]
+        self.pairs = [(w, memo[k]) for k, w in matrices.items() if memo[k].data_ptr() != w.data_ptr() and k not in merged]
         self.merges = [(m, memo[id(m.base_layer.weight)]) for m in self.adapted]
         _unwrap_adapters(self.shadow)
         if tied:
@@ -129,7 +132,8 @@ class RolloutCopy:
         now = self._versions()
         if now == self.seen:
             return False
-        torch._foreach_copy_([s for _, s in self.pairs], [p for p, _ in self.pairs])
+        if self.pairs:  # none where every plain matrix is shared (already in the rollout dtype)
+            torch._foreach_copy_([s for _, s in self.pairs], [p for p, _ in self.pairs])
         self._merge()
         self.seen = now
         return True
