@@ -75,8 +75,9 @@ def check(results: dict, modes, world: int) -> None:
 
 
 # LoRA: the adapters' gradients summed across ranks as full parameters' are, the rollout copy following the
-# adapters; with the KL term against the base (the sharded policy with its adapters switched off)
-LORA_MODES = ("fsdp+lora+kl", "fsdp_noreshard+lora")
+# adapters; with the KL term against the base (the sharded policy with its adapters switched off), and through
+# the packed pass (each layer's LoRA modules called inside its FSDP hooks)
+LORA_MODES = ("fsdp+lora+kl", "fsdp_noreshard+lora+packed")
 LORA_CASES = ("dr_grpo/uneven/mb4/mu2", "bnpo/empty_rank", "batch_std")
 
 
