@@ -224,6 +224,41 @@ def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg, extra):
             dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
+def test_an_unsharded_run_continues_sharded_with_its_weights_and_moments(smoke_cfg, extra):
+    """A checkpoint of one unsharded process (AdamW's state keyed by parameter position) resumed with fsdp: each
+    rank takes its shards of the weights and of every moment (one process here: the code path of N ranks), and the
+    run goes on from there."""
+    import torch
+    import torch.distributed as dist
+
+    from ponder import sharding
+    from ponder.rl.trainer import GRPOTrainer
+
+    common = ("name=grow", "train.log_to=[]", "rollout.prompts_per_step=4", "rewards={test_char_hash: 1.0}", *extra)
+    plain = GRPOTrainer(smoke_cfg(*common, "train.steps=1"))
+    plain.step()
+    plain.save()
+    weights = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    names = [n for n, p in plain.model.named_parameters() if p.requires_grad]
+    moments = {n: (plain.optimizer.state[p]["exp_avg"].clone(), plain.optimizer.state[p]["exp_avg_sq"].clone())
+               for n, p in plain.model.named_parameters() if p.requires_grad}
+    try:
+        t = GRPOTrainer(smoke_cfg(*common, "train.steps=2", "train.sharding=fsdp"), resume=True)
+        assert sharding.is_sharded(t.model) and t.step_no == 1
+        assert all(torch.equal(sharding.full_tensor(v), weights[k]) for k, v in t.model.state_dict().items())
+        got = {n: t.optimizer.state[p] for n, p in t.model.named_parameters() if p.requires_grad}
+        assert list(got) == names and any(m.abs().sum() > 0 for m, _ in moments.values())  # LoRA: A still has none
+        for n, (m, v) in moments.items():
+            assert torch.equal(sharding.full_tensor(got[n]["exp_avg"]), m)
+            assert torch.equal(sharding.full_tensor(got[n]["exp_avg_sq"]), v)
+        t.step()
+        assert t.step_no == 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_two_nodes_of_one_process_each_train_like_one_process(tmp_path):
     """The multi-node launch of the README on one machine: two torchrun "nodes" (--nnodes 2, one process each,
     both local rank 0) meeting at a c10d rendezvous endpoint; fsdp with a rank left empty."""

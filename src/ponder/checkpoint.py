@@ -66,12 +66,12 @@ def restore_training(trainer, state: dict, path: Path) -> None:
 
 def load_model_and_optimizer(trainer, state: dict, path: Path) -> None:
     """The optimizer state of checkpoint `path` (its weights are already loaded, unless sharded): from its
-    DCP directory into a model sharded over any number of ranks (or none), or from trainer_state.pt."""
+    DCP directory into a model sharded over any number of ranks (or none), or from trainer_state.pt, into one
+    process or (an unsharded run continued sharded) each rank's shards."""
     if (path / sharding.SHARDED_DIR).is_dir():
         sharding.load_state(path / sharding.SHARDED_DIR, trainer.model, trainer.optimizer)
     elif sharding.is_sharded(trainer.model):
-        raise UserError(f"{path} was written by one unsharded process; resume it with train.sharding=none on one "
-                        "process (sharded runs resume from sharded checkpoints)")
+        sharding.load_full_optimizer(trainer.model, trainer.optimizer, state["optimizer"])
     else:
         trainer.optimizer.load_state_dict(state["optimizer"])
 

@@ -268,6 +268,23 @@ def load_state(path, model, optimizer) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def load_full_optimizer(model, optimizer, saved: dict) -> None:
+    """An unsharded run's optimizer state (torch's state dict: keyed by the position of each trainable parameter
+    in the model's order) into the optimizer of the sharded `model`, each rank taking its shard of every tensor:
+    how a one-process run continues on several (every rank calls)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(ids) != len(names):
+        raise UserError(f"the checkpoint's optimizer has {len(ids)} parameters and this model {len(names)} trainable "
+                        "ones; resume with the settings the run was saved with (model.lora among them)")
+    name = dict(zip(ids, names))
+    by_name = {"state": {name[i]: v for i, v in saved["state"].items()},
+               "param_groups": [{**g, "params": [name[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def load_full_state(model, state: dict) -> None:
     """A full (unsharded) state dict, which every rank holds, into `model`, sharded or not."""
     if not is_sharded(model):
