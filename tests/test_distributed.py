@@ -81,11 +81,12 @@ LORA_MODES = ("fsdp+lora+kl", "fsdp_noreshard+lora+packed")
 LORA_CASES = ("dr_grpo/uneven/mb4/mu2", "bnpo/empty_rank", "batch_std")
 
 
-def test_lora_ranks_train_like_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_lora_ranks_train_like_one_process_on_the_whole_batch(tmp_path, world):
     out = tmp_path / "result.json"
-    proc = launch("tests/dist_gradient_check.py", 2, [str(out), ",".join(LORA_MODES), *LORA_CASES], timeout=180)
+    proc = launch("tests/dist_gradient_check.py", world, [str(out), ",".join(LORA_MODES), *LORA_CASES], timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    check(json.loads(out.read_text()), LORA_MODES, 2)
+    check(json.loads(out.read_text()), LORA_MODES, world)
 
 
 def test_batch_std_scales_by_the_whole_step_not_one_resampling_round(smoke_cfg):
