@@ -296,3 +296,13 @@ def test_coldstart_rl_recipe_is_the_r1_zero_recipe_from_the_cold_started_model()
     sft_cfg = load_sft_config("recipes/coldstart-tiny.yaml")
     assert sum(s.n for s in sft_cfg.data.coldstart) <= 100  # the "at most 100 examples"
     assert {s.name for s in sft_cfg.data.coldstart} == {t["name"] for t in zero["data"]["tasks"]}
+
+
+def test_sft_under_torchrun_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from ponder.sft.trainer import SFTTrainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for each of two processes
+    cfg = cfg_for(tmp_path, [write_jsonl(tmp_path / "d.jsonl", ROWS)], "name=two")
+    with pytest.raises(UserError, match="ponder sft runs one process, and torchrun started 2; start it without torchrun"):
+        SFTTrainer(cfg)
+    assert not (tmp_path / "two").exists()
