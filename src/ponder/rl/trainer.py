@@ -72,13 +72,13 @@ class GRPOTrainer:
             torch.cuda.set_stream(torch.cuda.Stream(self.device))
         self.state = checkpoint.load_state(last) if resume else None
 
+        self.sharding = sharding.resolve(cfg.train.sharding, self.world)
         # sharded, each rank holds its share of the weights, gradients and optimizer state: auto counts that share
-        shards = self.world if sharding.resolve(cfg.train.sharding, self.world) != "none" else 1
+        shards = self.world if self.sharding != "none" else 1
         chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, self.rank == 0, last, shards)
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser)
         self.precision = chooser.chosen
         self.ref = self._make_reference()
-        self.sharding = sharding.resolve(cfg.train.sharding, self.world)
         self.rollout_weights = self._shard() if self.sharding != "none" else None
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, max(cfg.train.steps, 1), self.precision.moments)
         # rollouts from the policy's own weights, or (sharded) from a full copy refreshed after every update
