@@ -284,16 +284,21 @@ def test_lora_wrapped_projections_match_the_hf_forward():
 
 SWIGLU_CHECK = """
 import torch
-from ponder.kernels.swiglu import _agrees, triton_swiglu
-assert _agrees(torch.device("cpu"))
+from ponder.kernels.swiglu import _agrees, halves_trial, triton_swiglu, triton_swiglu_halves
+assert _agrees(torch.device("cpu")) and halves_trial(torch.device("cpu"))
 g, u = torch.randn(3, 5000, dtype=torch.float32), torch.randn(3, 5000, dtype=torch.float32)
 assert torch.allclose(triton_swiglu(g, u), torch.nn.functional.silu(g) * u, atol=1e-5)
+# the decode step's: gate|up joined in one row, rows that are a strided view (width 2 x 1,500, stride 3,001)
+wide = torch.randn(4, 3001)
+x = wide[:, :3000]
+assert torch.allclose(triton_swiglu_halves(x), torch.nn.functional.silu(x[:, :1500]) * x[:, 1500:], atol=1e-5)
 print("ok")
 """
 
 
 def test_triton_swiglu_matches_the_torch_math(triton_interpreter):
-    """Forward and both gradients under Triton's CPU interpreter (skipped where Triton is absent, as in CI)."""
+    """Forward and both gradients, and the decode step's kernel over joined gate|up rows, under Triton's CPU
+    interpreter."""
     r = triton_interpreter(["-c", SWIGLU_CHECK])
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 

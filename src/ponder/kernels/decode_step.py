@@ -16,10 +16,11 @@ from ponder.kernels.norm import add_rms, rms
 from ponder.kernels.rope import rope_kv
 from ponder.kernels.rope_store import rope_store_trial, triton_rope_store
 from ponder.kernels.sampler import cdf_trial, greedy_pick, gumbel_pick, row_keys, triton_cdf_pick
-from ponder.kernels.swiglu import swiglu
-from ponder.kernels.trials import compile_each
+from ponder.kernels.swiglu import halves_trial, swiglu, swiglu_halves, triton_swiglu_halves
+from ponder.kernels.trials import compile_each, trial as tried
 
-EAGER = dict(rms=rms, add_rms=add_rms, rope_kv=rope_kv, swiglu=swiglu, pick=gumbel_pick, greedy_pick=greedy_pick)
+EAGER = dict(rms=rms, add_rms=add_rms, rope_kv=rope_kv, swiglu=swiglu, swiglu_halves=swiglu_halves, pick=gumbel_pick,
+             greedy_pick=greedy_pick)
 _compiled: dict | None = None
 
 
@@ -37,9 +38,11 @@ def kernels(device: torch.device) -> dict:
         keys = row_keys(torch.tensor(1, device=device), torch.tensor(2, device=device), torch.arange(4, device=device))
         h = x.view(4, 64, 64)
         trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope_kv=(h, h, h, h[:, :1], h[:, :1]), swiglu=(x, x),
-                     pick=(x, keys, 1.0), greedy_pick=(x, keys, 1.0))
+                     swiglu_halves=(x,), pick=(x, keys, 1.0), greedy_pick=(x, keys, 1.0))
         _compiled = compile_each(EAGER, trial, "fast engine")
         if cdf_trial(device):
             _compiled["pick"] = triton_cdf_pick
         _compiled["rope_store"] = triton_rope_store if rope_store_trial(device) else None
+        if tried(lambda: halves_trial(device), "the Triton SwiGLU failed its trial; using the compiled one"):
+            _compiled["swiglu_halves"] = triton_swiglu_halves
     return _compiled

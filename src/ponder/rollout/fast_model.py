@@ -115,7 +115,7 @@ class Forward:
     def _mlp(self, li: int, h):
         mlp = self.a.backbone.layers[li].mlp
         if self.gate_up[li] is not None:
-            return mlp.down_proj(self.k["swiglu"](*F.linear(h, *self.gate_up[li]).chunk(2, -1)))
+            return mlp.down_proj(self.k["swiglu_halves"](F.linear(h, *self.gate_up[li])))
         if self.silu:
             return mlp.down_proj(self.k["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
         return mlp(h)
