@@ -280,9 +280,10 @@ class FastEngine(RolloutEngine):
         blocks = min(self.worst, rows * -(-min(start, positions) // self.block_size) + prompt_blocks + 1)
         if f is None or sig != self.weights_sig or f.rows < rows or f.positions < positions:
             self.release()
-            # auto: the split-KV Triton kernel on CUDA (reads only live slots); SDPA on CPU, where the
-            # kernel would run as its torch reference
-            attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "sdpa"
+            # auto: the split-KV Triton kernel on CUDA (reads only live slots); on CPU two matrix products and a
+            # softmax (the kernel would run as its torch reference; CPU flash attention took 3.5x as long for
+            # decode shapes, and its per-call buffers cost page faults)
+            attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "matmul"
             narrow = self.copy is not None or shadow_dtype(self.model) is not None  # matrices narrower than the norms
             f = self.fwd = Forward(arch, rows, min(blocks, self.pool_cap(per_block, device)), self.block_size, positions,
                                    dtype, device, attention, self.fused, autocast=narrow)
