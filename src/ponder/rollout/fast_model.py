@@ -21,6 +21,7 @@ from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
 
 EOS_SLOTS = 8  # end-of-sequence ids the captured step checks
+ROW_KV_BYTES = 1 << 30  # CPU: the most the in-order copy of rows' K/V may take (Forward.row_kv)
 
 
 class Forward:
@@ -69,10 +70,13 @@ class Forward:
         # copied from the pool when a sequence takes the row and written beside it at each step, so that a step
         # reads a view of it: gathering every row's blocks in every layer and step took half the CPU decode step
         # of a small model. Slots past a row's position hold finite leftovers (zeros, or an earlier sequence's),
-        # masked as the pool's are
+        # masked as the pool's are. It costs rows x positions slots whatever is live, so only while that is small
+        # (the miniature world's models); past ROW_KV_BYTES the step gathers from the pool as on CUDA
         self.row_kv = None
-        if torch.device(device).type == "cpu" and attention != "triton":
-            self.row_kv = torch.zeros((layers, 2, rows, arch.n_kv, positions, arch.head_dim), dtype=dtype, device=device)
+        shape = (layers, 2, rows, arch.n_kv, positions, arch.head_dim)
+        if (torch.device(device).type == "cpu" and attention != "triton"
+                and torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() <= ROW_KV_BYTES):
+            self.row_kv = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def rows(self) -> int:
