@@ -12,6 +12,7 @@ from ponder.errors import UserError
 from ponder.models import load
 from ponder.models.tiny import char_tokenizer
 from ponder.rollout import SamplingParams, make_engine
+from ponder.rollout import fast_model
 from ponder.rollout.fast import FastEngine
 from ponder.kernels.arch import describe
 from ponder.kernels.sampler import cdf_agrees, cdf_pick, row_keys
@@ -441,11 +442,15 @@ LONGER = PROMPTS + ["Q: 31+24=", "zz", "The quick brown fox jumps over the lazy 
 
 @pytest.mark.parametrize("rows,block,pool,start", [(3, 4, None, None), (5, 3, None, 2), (4, 4, 24, 2)],
                          ids=["3 rows", "5 rows, blocks of 3, a pool that grows", "4 rows, pool of 24 blocks: sequences give way"])
-def test_more_samples_than_rows_generate_like_transformers(rows, block, pool, start):
+@pytest.mark.parametrize("in_order", [True, False], ids=["rows' K/V in order", "K/V gathered from the pool"])
+def test_more_samples_than_rows_generate_like_transformers(rows, block, pool, start, in_order, monkeypatch):
     """9 prompts x 3 samples through a few rows: sequences finish at different steps (EOS), waiting ones take
     their rows and reuse the blocks they freed (stale K/V from another sequence sits in them), prompts of
     mixed lengths share their full blocks and copy their last partial one. With a small pool, running
-    sequences give way and are recomputed when readmitted. Greedy tokens must equal transformers' generate."""
+    sequences give way and are recomputed when readmitted. Greedy tokens must equal transformers' generate,
+    whether the CPU step reads its rows' in-order K/V copy or (past its size cap, as on CUDA) the pool."""
+    if not in_order:
+        monkeypatch.setattr(fast_model, "ROW_KV_BYTES", 0)
     model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
     prompts = encode(LONGER)
     set_eos_mid_generation(model, prompts, steps=20)
@@ -454,6 +459,7 @@ def test_more_samples_than_rows_generate_like_transformers(rows, block, pool, st
     eng = FastEngine(model, TOK, batch_size=rows, sync_every=2, min_bucket=1, block_size=block, kv_blocks=pool,
                      start_tokens=start)
     got = eng.generate(prompts, params)
+    assert (eng.fwd.row_kv is not None) == in_order
     if start is not None and pool is None:  # it started with room for 2 new tokens a row and grew
         worst = rows * -(-(max(map(len, prompts)) + 20 + 2 + 1) // block) + sum(-(-len(p) // block) for p in prompts) + 1
         assert eng.stats["kv_blocks_peak"] < eng.stats["kv_blocks"] < worst

@@ -30,7 +30,8 @@
   trainer's rollout copy, ponder.sharding.RolloutWeights) is run as it is, under autocast as the copy is.
 - Graphs read the weights at their addresses, so in-place updates (and the copy's refresh) are seen; if a
   parameter is replaced (new storage), the graphs are dropped and captured again.
-On CPU the same code runs eagerly. Architectures other than Llama/Qwen2/Qwen3/Mistral, and calls that
+On CPU the same code runs eagerly; decode attention is two matrix products over each row's K/V, which is also
+kept in order beside the pool (copied when a sequence takes a row), so no step gathers blocks. Architectures other than Llama/Qwen2/Qwen3/Mistral, and calls that
 would outrun a sliding window, go to the Hugging Face engine.
 """
 
@@ -280,9 +281,10 @@ class FastEngine(RolloutEngine):
         blocks = min(self.worst, rows * -(-min(start, positions) // self.block_size) + prompt_blocks + 1)
         if f is None or sig != self.weights_sig or f.rows < rows or f.positions < positions:
             self.release()
-            # auto: the split-KV Triton kernel on CUDA (reads only live slots); SDPA on CPU, where the
-            # kernel would run as its torch reference
-            attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "sdpa"
+            # auto: the split-KV Triton kernel on CUDA (reads only live slots); on CPU two matrix products and a
+            # softmax (the kernel would run as its torch reference; CPU flash attention took 3.5x as long for
+            # decode shapes, and its per-call buffers cost page faults)
+            attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "matmul"
             narrow = self.copy is not None or shadow_dtype(self.model) is not None  # matrices narrower than the norms
             f = self.fwd = Forward(arch, rows, min(blocks, self.pool_cap(per_block, device)), self.block_size, positions,
                                    dtype, device, attention, self.fused, autocast=narrow)

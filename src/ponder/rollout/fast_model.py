@@ -21,6 +21,7 @@ from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
 
 EOS_SLOTS = 8  # end-of-sequence ids the captured step checks
+ROW_KV_BYTES = 1 << 30  # CPU: the most the in-order copy of rows' K/V may take (Forward.row_kv)
 
 
 class Forward:
@@ -65,6 +66,17 @@ class Forward:
         self.out_lp = torch.zeros((1, 1), dtype=torch.float32, device=device)
         self.seed = torch.zeros((), dtype=torch.long, device=device)
         self.eos = torch.full((EOS_SLOTS,), -1, dtype=torch.long, device=device)
+        # CPU (eager, no graphs): each row's K/V also laid out in order, [layers, 2, rows, kv heads, positions, D],
+        # copied from the pool when a sequence takes the row and written beside it at each step, so that a step
+        # reads a view of it: gathering every row's blocks in every layer and step took half the CPU decode step
+        # of a small model. Slots past a row's position hold finite leftovers (zeros, or an earlier sequence's),
+        # masked as the pool's are. It costs rows x positions slots whatever is live, so only while that is small
+        # (the miniature world's models); past ROW_KV_BYTES the step gathers from the pool as on CUDA
+        self.row_kv = None
+        shape = (layers, 2, rows, arch.n_kv, positions, arch.head_dim)
+        if (torch.device(device).type == "cpu" and attention != "triton"
+                and torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() <= ROW_KV_BYTES):
+            self.row_kv = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def rows(self) -> int:
@@ -83,6 +95,11 @@ class Forward:
         kv = self.kv.new_zeros(self.kv.shape[:2] + (blocks,) + self.kv.shape[3:])
         kv[:, :, : self.blocks] = self.kv
         self.kv = kv
+
+    def load_rows(self, idx: torch.Tensor):
+        """Rows `idx` took new sequences: their K/V so far (prefilled into the blocks of their tables) into row_kv."""
+        if self.row_kv is not None:  # [layers, 2, rows, blocks, kv heads, block, D] -> [.., kv heads, positions, D]
+            self.row_kv[:, :, idx] = self.kv[:, :, self.table[idx]].transpose(3, 4).flatten(4, 5)
 
     def fits(self, seqs: int, tokens: int) -> bool:
         return self.out_tok.shape[0] > seqs and self.out_tok.shape[1] >= tokens
@@ -212,6 +229,7 @@ class Forward:
             mask = mask[:, None, None, :]  # [B, 1, 1, L]
         group = a.n_heads // a.n_kv
         layers = a.backbone.layers
+        rows = self.row_kv
         x = a.backbone.embed_tokens(tok)
         h = K["rms"](x, *norm_args(layers[0].input_layernorm))
         for li, layer in enumerate(layers):
@@ -221,13 +239,19 @@ class Forward:
                 q = store(q, k, v, self.cos, self.sin, pos, cache, table)
             else:
                 q, kv = K["rope_kv"](q, k, v, cos, sin)
-                cache[:, page, :, off] = kv.to(cache.dtype)  # K and V of every row in one write: [B, 2, kv heads, D]
+                kv = kv.to(cache.dtype)
+                cache[:, page, :, off] = kv  # K and V of every row in one write: [B, 2, kv heads, D]
+                if rows is not None:
+                    rows[li][:, idx, :, pos] = kv
             # the query heads sharing a kv head act as that head's query rows: no repeated K/V
             q = q.view(batch, a.n_kv, group, a.head_dim)
             if self.attention == "triton":
                 o = attention_kernel.decode_attention(q, cache[0], cache[1], table, pos, a.scaling, length)
             else:
-                kc, vc = attention_kernel.gather(cache[0], table, length), attention_kernel.gather(cache[1], table, length)
+                if rows is not None:
+                    kc, vc = rows[li, 0, :batch, :, :length], rows[li, 1, :batch, :, :length]
+                else:
+                    kc, vc = attention_kernel.gather(cache[0], table, length), attention_kernel.gather(cache[1], table, length)
                 if self.attention == "sdpa":
                     o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling)
                 else:
@@ -242,3 +266,5 @@ class Forward:
         m = len(keep)
         for t in (self.table, self.tokens, self.pos, self.row_seq, self.n_out, self.limit, self.live):
             t[:m] = t[keep]
+        if self.row_kv is not None:
+            self.row_kv[:, :, :m] = self.row_kv[:, :, keep]

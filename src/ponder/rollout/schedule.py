@@ -246,6 +246,7 @@ class Schedule:
         idx, sq = torch.tensor(rows, device=dev), torch.tensor(seqs, device=dev)
         k = torch.tensor(n_out, device=dev)
         f.table[idx] = self._table([self.tables[r] for r in rows], f.table.shape[1])
+        f.load_rows(idx)
         f.row_seq[idx] = sq
         f.n_out[idx] = k
         f.pos[idx] = torch.tensor(pos, device=dev)
