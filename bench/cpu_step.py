@@ -19,7 +19,7 @@ with whatever else runs, and a figure taken while others ran is not the trainer'
 
   python bench/cpu_step.py                                    # ponder only, its defaults
   python bench/cpu_step.py --trl --rounds 3 --extract default none \
-      --configs '' 'train.forward=padded rollout.engine_options.attention=sdpa' 'src=/path/to/other/checkout/src'
+      --configs '' 'train.forward=packed' 'rollout.engine_options.attention=sdpa' 'src=/path/to/other/checkout/src'
 """
 
 from __future__ import annotations
