@@ -23,9 +23,14 @@ import torch
 import torch.distributed as dist
 
 
+def launched() -> int:
+    """The processes torchrun started (its WORLD_SIZE), whether or not they joined a group yet; 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup() -> tuple[int, int]:
     """(rank, world size); joins the process group that torchrun describes in the environment."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+    if launched() == 1:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

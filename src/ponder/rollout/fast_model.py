@@ -10,6 +10,8 @@ prompts need no padding in the cache, and samples of one prompt can share the bl
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -75,7 +77,7 @@ class Forward:
         self.row_kv = None
         shape = (layers, 2, rows, arch.n_kv, positions, arch.head_dim)
         if (torch.device(device).type == "cpu" and attention != "triton"
-                and torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() <= ROW_KV_BYTES):
+                and math.prod(shape) * dtype.itemsize <= ROW_KV_BYTES):
             self.row_kv = torch.zeros(shape, dtype=dtype, device=device)
 
     @property

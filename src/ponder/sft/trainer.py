@@ -10,12 +10,11 @@ Simplifications, stated up front:
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import torch
 
-from ponder import checkpoint, models
+from ponder import checkpoint, distributed, models
 from ponder.config import to_dict
 from ponder.errors import TrainingError, UserError
 from ponder.metrics import MetricsWriter
@@ -31,7 +30,7 @@ SFT_BUDGET = 16384  # optim.token_budget unset: SFT does not plan from device me
 
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, resume: bool = False):
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = distributed.launched()
         if world > 1:  # each rank would train on every example and write the same files
             raise UserError(f"ponder sft runs one process, and torchrun started {world}; start it without torchrun "
                             "(GRPO's `ponder train` is the command that runs sharded)")
