@@ -512,7 +512,7 @@ def test_limits_force_each_samples_length_and_memory_follows_the_live_tokens():
 @pytest.mark.parametrize("tied", [True, False])
 def test_rollout_weights_in_bf16_run_as_they_are_like_the_engines_own_copy(tied):
     """ponder.sharding.RolloutWeights with bfloat16 matrices (what the sharded trainer makes on CUDA): 2 bytes a
-    matrix entry, embeddings and norms float32, the head a matrix of its own when tied. The fast engine takes it
+    matrix entry (and bias), embeddings and norms float32, the head a matrix of its own when tied. The fast engine takes it
     as it is (no second copy), under autocast: the tokens and log-probs of its own bf16 copy of the float32
     model; the hf engine runs it under autocast too; a refresh from changed weights is seen."""
     from ponder.rollout import shadow_dtype
@@ -524,7 +524,7 @@ def test_rollout_weights_in_bf16_run_as_they_are_like_the_engines_own_copy(tied)
     assert shadow_dtype(copy) == torch.bfloat16 and shadow_dtype(model) is None
     assert copy.get_output_embeddings().weight.dtype == torch.bfloat16
     assert copy.get_input_embeddings().weight.dtype == torch.float32 and copy.model.norm.weight.dtype == torch.float32
-    assert copy.model.layers[0].self_attn.q_proj.bias.dtype == torch.float32  # Qwen2's biases as they are
+    assert copy.model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16  # as autocast casts them
     assert all(m.weight.dtype == torch.bfloat16 for m in copy.modules() if isinstance(m, torch.nn.Linear))
     prompts = encode(PROMPTS[:3])
     params = SamplingParams(n=2, temperature=0, max_tokens=10, logprobs=True)
@@ -544,3 +544,32 @@ def test_rollout_weights_in_bf16_run_as_they_are_like_the_engines_own_copy(tied)
     rw.refresh(model, torch.device("cpu"))
     assert torch.equal(copy.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
     assert ours.generate(prompts, params) == FastEngine(model, TOK, dtype="bf16").generate(prompts, params)
+
+
+def test_bf16_copy_rounds_norms_and_biases_where_autocast_would(monkeypatch):
+    """The rollout copy's products take the norms' outputs already rounded to bf16 (in the norm's own kernel) and
+    bf16 biases: the tokens and log-probs of autocast casting the float32 norms' outputs and biases at each
+    product, bit for bit (Qwen2: biased q/k/v; random norms and biases)."""
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    prompts = encode(PROMPTS[:4])
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=12, logprobs=True, seed=5)
+    narrow = FastEngine(model, TOK, dtype="bf16")
+    got = narrow.generate(prompts, params)
+    assert narrow.fwd.narrow == torch.bfloat16
+    assert narrow.copy.shadow.model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16
+    wide = FastEngine(model, TOK, dtype="bf16")
+    wide._weights()  # the copy, then its biases put back as the master's float32 ones: autocast casts them
+    for name, m in wide.copy.shadow.named_modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            m.bias = model.get_submodule(name).bias
+    real = fast_model.Forward.__init__
+
+    def cast_at_each_product(self, *a, **k):
+        real(self, *a, **k)
+        self.narrow = None
+
+    monkeypatch.setattr(fast_model.Forward, "__init__", cast_at_each_product)
+    want = wide.generate(prompts, params)
+    assert wide.fwd.narrow is None
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in want]
+    assert [[c.logprobs for c in g] for g in got] == [[c.logprobs for c in g] for g in want]

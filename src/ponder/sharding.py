@@ -185,8 +185,8 @@ def rollout_dtype(engine: str, options: dict, device: torch.device) -> torch.dty
 
 class RolloutWeights:
     """The policy's full weights on every rank, for the rollout engine to decode from (and rank 0 to evaluate
-    between steps): the linear layers' matrices (the output head's included, a matrix of its own where it is
-    tied to the embedding) in `dtype`, every other parameter (embeddings, norms, biases) and buffer as trained.
+    between steps): the linear layers' matrices and biases (the output head's included, a matrix of its own where
+    it is tied to the embedding) in `dtype`, every other parameter (embeddings, norms) and buffer as trained.
     So it costs `dtype`'s bytes a parameter of the matrices and 4 for the rest: with bfloat16 (CUDA) about
     2.1 bytes a parameter of a 7B model (16 GB; the embedding's 0.5B stay float32), where a float32 copy and
     the fast engine's bfloat16 copy of it cost 6 (45 GB). The fast engine takes this layout as it is, under
@@ -214,9 +214,11 @@ class RolloutWeights:
                     for p in m.parameters() if p is not m.base_layer.weight}  # LoRA's A and B stay as trained
         # narrower only: bf16 weights (train.precision=bf16) stay bf16 where the rollout dtype is float32 (CPU), as
         # the engine runs them unsharded (widened matrices beside bf16 norms would not even run)
-        narrow = {id(m.weight): torch.nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
-                  for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point()
-                  and m.weight.itemsize > dtype.itemsize and not (tied and m.weight is embedding.weight) and id(m.weight) not in adapters}
+        # (biases too: autocast would cast them at every product)
+        narrow = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                  for m in model.modules() if isinstance(m, torch.nn.Linear) for p in (m.weight, m.bias)
+                  if p is not None and p.is_floating_point() and p.itemsize > dtype.itemsize
+                  and not (tied and p is embedding.weight) and id(p) not in adapters}
         self.model = copy.deepcopy(model, memo=dict(narrow))  # the matrices made narrow once, not copied wide first
         if tied and head.weight.itemsize > dtype.itemsize:  # the embedding's rows stay as they are; the head gets its matrix
             self.model.get_output_embeddings().weight = torch.nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)

@@ -86,7 +86,7 @@ def make_engine(name: str, model, tokenizer, **options) -> RolloutEngine:
 
 def shadow_dtype(model) -> torch.dtype | None:
     """The dtype of a model's matrices where they are narrower than its input embeddings: a rollout copy's layout
-    (bfloat16 linear layers beside float32 embeddings, norms and biases: ponder.rollout.fast.RolloutCopy's shadow,
+    (bfloat16 linear layers beside float32 embeddings and norms: ponder.rollout.fast.RolloutCopy's shadow,
     ponder.sharding.RolloutWeights). Engines run such a model under autocast to that dtype, which computes what
     autocast over the float32 model does. None for a model of one precision."""
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()

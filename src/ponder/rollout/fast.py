@@ -71,8 +71,8 @@ register_optimizer_step_post_hook(_count_step)
 
 
 class RolloutCopy:
-    """The matrices of the model's linear layers (the output head included, untied from the embedding) in the
-    rollout dtype, for generation only; every other parameter (embeddings, norms, biases) and buffer is the
+    """The matrices and biases of the model's linear layers (the output head included, untied from the embedding)
+    in the rollout dtype, for generation only; every other parameter (embeddings, norms) and buffer is the
     master's own tensor, shared. Run under autocast, this computes what autocast over the float32 model did
     (the same bf16 matrices, a float32 residual stream) without casting a matrix at each use. Refreshed in
     place from the master weights when they may have changed: after any optimizer step, or when a matrix's
@@ -90,8 +90,10 @@ class RolloutCopy:
         self.model, self.dtype = model, dtype
         self.adapted = [m for m in model.modules() if mergeable(m)]
         adapter_parts = {id(p) for m in self.adapted for p in m.parameters() if p is not m.base_layer.weight}
-        matrices = {id(m.weight): m.weight for m in model.modules()
-                    if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point() and id(m.weight) not in adapter_parts}
+        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        # the linear layers' biases too: autocast would cast each at every product, one more kernel a layer and step
+        matrices = {id(p): p for m in linear for p in (m.weight, m.bias)
+                    if p is not None and p.is_floating_point() and id(p) not in adapter_parts}
         memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # shared as they are
         merged = {id(m.base_layer.weight) for m in self.adapted}
         # a matrix already in `dtype` is shared, except where the merge writes: that one gets storage of its own,

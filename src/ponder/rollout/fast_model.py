@@ -39,6 +39,9 @@ class Forward:
         # matrices in `dtype` beside float32 embeddings and norms (the fast engine's rollout copy): products in
         # `dtype`, the residual stream in float32, as autocast over the float32 model computes it
         self.autocast = autocast
+        # the norms' outputs rounded to `dtype` in their own kernel where products run in it: autocast would cast
+        # them again before each product, one more small kernel (and one for each bias) a product and step
+        self.narrow = dtype if autocast else None
         self.k = kernels(torch.device(device)) if fused else EAGER
         if attention == "triton" and torch.device(device).type == "cuda" and not attention_kernel.available(device):
             self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
@@ -200,7 +203,7 @@ class Forward:
         # the decode step's pieces (fused norms, joined products), so a chunk costs few kernel launches
         K, layers = self.k, a.backbone.layers
         x = a.backbone.embed_tokens(ids)
-        h = K["rms"](x, *norm_args(layers[0].input_layernorm))
+        h = K["rms"](x, *norm_args(layers[0].input_layernorm), self.narrow)
         for li, layer in enumerate(layers):
             q, kv = K["rope_kv"](*self._qkv(li, h), cos, sin)  # kv: [N, 2, kv heads, D]
             self.kv[li][:, page, :, off] = kv.to(self.dtype)  # K and V of every token in one write
@@ -211,8 +214,8 @@ class Forward:
                 qp, kvp[0], kvp[1], is_causal=True, scale=a.scaling, enable_gqa=a.n_kv != a.n_heads
             )
             o = o.transpose(1, 2)[seq, at].reshape(len(ids), -1)
-            x, h = K["add_rms"](x, layer.self_attn.o_proj(o), *norm_args(layer.post_attention_layernorm))
-            x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li))
+            x, h = K["add_rms"](x, layer.self_attn.o_proj(o), *norm_args(layer.post_attention_layernorm), self.narrow)
+            x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li), self.narrow)
         return a.head(h[lens.cumsum(0) - 1])
 
     def _decode(self, batch: int, length: int) -> torch.Tensor:
@@ -233,7 +236,7 @@ class Forward:
         layers = a.backbone.layers
         rows = self.row_kv
         x = a.backbone.embed_tokens(tok)
-        h = K["rms"](x, *norm_args(layers[0].input_layernorm))
+        h = K["rms"](x, *norm_args(layers[0].input_layernorm), self.narrow)
         for li, layer in enumerate(layers):
             q, k, v = self._qkv(li, h)
             cache = self.kv[li]
@@ -259,8 +262,8 @@ class Forward:
                 else:
                     s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
                     o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
-            x, h = K["add_rms"](x, layer.self_attn.o_proj(o.reshape(batch, -1)), *norm_args(layer.post_attention_layernorm))
-            x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li))
+            x, h = K["add_rms"](x, layer.self_attn.o_proj(o.reshape(batch, -1)), *norm_args(layer.post_attention_layernorm), self.narrow)
+            x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li), self.narrow)
         return a.head(h)
 
     def compact(self, keep: torch.Tensor):
