@@ -11,7 +11,7 @@ from transformers import (
 from ponder.models import enable_checkpointing
 from ponder.rl.batching import Sample, micro_batches
 from ponder.kernels.head_logprobs import chunks, head_logprobs
-from ponder.rl.packed import pack, packed_logprobs, packed_micro_batches, padded_attention, seg_arange
+from ponder.rl.packed import pack, packed_logprobs, packed_micro_batches, padded_attention, rows, seg_arange
 
 SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=97, max_position_embeddings=256, initializer_range=0.2, pad_token_id=0)
@@ -84,6 +84,25 @@ def test_pack_by_hand():
 
 def test_seg_arange():
     assert seg_arange(torch.tensor([10, 0, 5]), torch.tensor([2, 0, 3])).tolist() == [10, 11, 5, 6, 7]
+
+
+def test_repeated_rows_sum_their_gradients_in_one_order_on_cpu():
+    """The gathers of the pass (a prompt's keys for each of its rows) repeat rows; backward sums their gradients.
+    t[idx]'s backward on CPU adds them from both threads with atomic adds, in an order that changes from call to
+    call (two training runs of one seed then differed in the 8th digit); rows() gives one result every time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        t = torch.randn((400, 1, 32), generator=g, requires_grad=True)
+        idx = torch.arange(400).repeat_interleave(8)[torch.randperm(3200, generator=g)]  # over 32,768 elements
+        grad_out = torch.randn((3200, 1, 32), generator=g)
+        assert torch.equal(rows(t, idx), t[idx])
+        grads = [torch.autograd.grad(rows(t, idx), t, grad_out)[0] for _ in range(20)]
+        assert all(torch.equal(grads[0], x) for x in grads)
+        torch.testing.assert_close(grads[0], torch.zeros(400, 1, 32).index_put_((idx,), grad_out, accumulate=True))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_padded_attention_equals_attention_by_hand():
