@@ -126,7 +126,7 @@ def rollout_check(trainer, reference, start):
             "same_rollouts": same}
 
 
-FLAGS = {"packed": "train.forward=packed", "ckpt": "model.gradient_checkpointing=true", "lora": "model.lora={r: 4, alpha: 8}",
+FLAGS = {"packed": "train.forward=packed", "padded": "train.forward=padded", "ckpt": "model.gradient_checkpointing=true", "lora": "model.lora={r: 4, alpha: 8}",
          "kl": "algorithm.beta=0.04"}
 
 

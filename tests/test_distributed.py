@@ -40,9 +40,9 @@ def launch(script: str, nproc: int, args: list[str], timeout: float) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-# each sharding mode with the padded policy pass (auto on CPU), and with the packed pass (auto on CUDA; forced
-# here), once with checkpointed layers
-MODES = ("fsdp", "fsdp_noreshard", "fsdp+packed", "fsdp_noreshard+packed+ckpt")
+# each sharding mode with the padded policy pass and with the packed pass (auto; named here), once with
+# checkpointed layers
+MODES = ("fsdp+padded", "fsdp_noreshard+padded", "fsdp+packed", "fsdp_noreshard+packed+ckpt")
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -77,7 +77,7 @@ def check(results: dict, modes, world: int) -> None:
 # LoRA: the adapters' gradients summed across ranks as full parameters' are, the rollout copy following the
 # adapters; with the KL term against the base (the sharded policy with its adapters switched off), and through
 # the packed pass (each layer's LoRA modules called inside its FSDP hooks)
-LORA_MODES = ("fsdp+lora+kl", "fsdp_noreshard+lora+packed")
+LORA_MODES = ("fsdp+lora+kl+padded", "fsdp_noreshard+lora+packed")
 LORA_CASES = ("dr_grpo/uneven/mb4/mu2", "bnpo/empty_rank", "batch_std")
 
 
@@ -176,7 +176,7 @@ def test_sharded_checkpoint_kill_and_resume_repeats_the_uninterrupted_run(tmp_pa
 LORA = ["model.lora={r: 4, alpha: 8}", "optim.lr=1e-2"]
 
 
-@pytest.mark.parametrize("extra", [[], ["train.forward=packed", "algorithm.beta=0.04"], [*LORA, "algorithm.beta=0.04"],
+@pytest.mark.parametrize("extra", [["train.forward=padded"], ["train.forward=packed", "algorithm.beta=0.04"], [*LORA, "algorithm.beta=0.04"],
                                    [*LORA, "train.precision=bf16"]], ids=["padded", "packed+kl", "lora+kl", "lora+bf16"])
 def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg, extra):
     """train.sharding=fsdp on one process (how one GPU gets CPU offload; offload on too, a no-op on CPU): steps
@@ -201,7 +201,7 @@ def test_fsdp_on_one_process_trains_saves_and_rolls_back(smoke_cfg, extra):
         t = GRPOTrainer(smoke_cfg("name=fsdp1", "train.sharding=fsdp", "train.offload=true", "train.log_to=[]",
                                   "rollout.prompts_per_step=4", "rewards={test_char_hash: 1.0}", *extra))
         lora = LORA[0] in extra
-        assert sharding.is_sharded(t.model) and t.policy_pass.packed == ("train.forward=packed" in extra)
+        assert sharding.is_sharded(t.model) and t.policy_pass.packed == ("train.forward=padded" not in extra)
         kl = "algorithm.beta=0.04" in extra
         assert (t.ref is not None and sharding.is_sharded(t.ref)) == (kl and not lora)
         initial = full(t)

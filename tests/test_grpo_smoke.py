@@ -93,11 +93,13 @@ def _grad(t) -> torch.Tensor:
 
 
 def _update(smoke_cfg, name, agg, budget):
-    """One update on the first step's rollouts (a reward that varies in every group); (trainer, micro-batches)."""
+    """One update on the first step's rollouts (a reward that varies in every group); (trainer, micro-batches).
+    The padded pass, whose micro-batches (rows by padded length) split unevenly at this budget; the packed
+    pass's split is checked against it in test_packed_forward_gives_the_gradient_of_the_padded_forward."""
     from ponder.rl.trainer import GRPOTrainer
 
     t = GRPOTrainer(smoke_cfg(f"name={name}", f"optim.token_budget={budget}", f"algorithm.loss_agg={agg}",
-                              "rollout.max_new_tokens=6", "optim.lr=0", "rewards={test_char_hash: 1.0}"))
+                              "rollout.max_new_tokens=6", "optim.lr=0", "rewards={test_char_hash: 1.0}", "train.forward=padded"))
     groups, _, _ = t.collect()
     assert all(len(set(g.rewards)) > 1 for g in groups)  # every group has a signal
     seen, real = [], t.policy_pass.micro_batches
@@ -130,7 +132,8 @@ def test_bnpo_averages_the_token_means_of_the_micro_batches(smoke_cfg, monkeypat
             by_sample[(tuple(s.prompt_ids), tuple(s.completion_ids), s.advantage)] = 1.0 / (tokens * len(parts))
     monkeypatch.setattr(trainer_mod, "sequence_token_weights", lambda lengths, *a, **k: list(weights))
     t = trainer_mod.GRPOTrainer(smoke_cfg("name=bnpo-whole", "optim.token_budget=100000", "algorithm.loss_agg=dapo",
-                                          "rollout.max_new_tokens=6", "optim.lr=0", "rewards={test_char_hash: 1.0}"))
+                                          "rollout.max_new_tokens=6", "optim.lr=0", "rewards={test_char_hash: 1.0}",
+                                          "train.forward=padded"))
     groups, _, _ = t.collect()
     samples = [s for g in groups for s in g.samples]
     weights = [by_sample[(tuple(s.prompt_ids), tuple(s.completion_ids), s.advantage)] for s in samples]

@@ -264,7 +264,7 @@ def test_packed_on_an_unsupported_architecture_is_one_clear_error():
     with pytest.raises(UserError, match="train.forward: packed supports the Llama family .* not 'gpt2'; use forward: padded"):
         use_packed("packed", gpt2, torch.device("cpu"))
     assert not use_packed("auto", gpt2, torch.device("cuda"))
-    assert not use_packed("auto", build("llama"), torch.device("cpu"))  # auto: packed on CUDA only
+    assert use_packed("auto", build("llama"), torch.device("cpu"))  # auto: packed wherever the model is supported
 
 
 def test_the_attention_trial_tells_a_wrong_kernel_from_the_reference():

@@ -30,13 +30,14 @@ def completion_logprobs(model, t: Tensors, *, autocast: bool = False, with_entro
 
 
 def use_packed(forward: str, model, device: torch.device) -> bool:
-    """`train.forward`: packed, padded, or auto (packed on CUDA for the architectures it supports)."""
+    """`train.forward`: packed, padded, or auto (packed for the architectures it supports, on any device: on
+    two CPU cores the cpu_step workload's update took 0.24 s packed against 0.32 s padded)."""
     if forward == "packed":
         if not packed.supports(model):
             raise UserError(f"train.forward: packed supports the Llama family without sliding windows, not "
                             f"'{model.config.model_type}'; use forward: padded (or auto)")
         return True
-    return forward == "auto" and device.type == "cuda" and packed.supports(model)
+    return forward == "auto" and packed.supports(model)
 
 
 class PolicyPass:
