@@ -37,7 +37,7 @@ from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
-from ponder.runtime import PrecisionChooser, dump_yaml, pick_device, set_seed
+from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed
 from ponder.tasks import PromptSampler, mix
 from ponder.templates import TEMPLATES, render
 
@@ -66,6 +66,8 @@ class GRPOTrainer:
             raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the {self.world} processes")
         set_seed(cfg.seed)  # the same on every rank: identical initial weights
         self.device = pick_device(cfg.train.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step reuses the pages of the last, not fresh ones from the system
         if self.device.type == "cuda":
             # one stream other than the default for the whole run: the fast engine captures its graphs on the
             # current stream when it can, so rollouts and updates share one cuBLAS workspace
