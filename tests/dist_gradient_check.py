@@ -185,7 +185,7 @@ def main(out_path, modes, names):
         reference = references[reference_spec(mode)]
         trainer = make_trainer(out_path, rank, mode)  # the same seed: the reference's initial weights, sharded
         flags = mode.split("+")[1:]
-        assert trainer.policy_pass.packed == reference.policy_pass.packed == ("packed" in flags)
+        assert trainer.policy_pass.packed == reference.policy_pass.packed == ("padded" not in flags)  # auto: packed
         inner = trainer.model.get_base_model() if "lora" in flags else trainer.model
         assert bool(inner.model.gradient_checkpointing) == ("ckpt" in flags)  # the layers then checkpointed
         assert ("lora" in flags) == hasattr(trainer.model, "peft_config") and (trainer.ref is None) == ("lora" in flags or "kl" not in flags)
