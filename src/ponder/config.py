@@ -121,7 +121,7 @@ class TrainConfig:
     # else bf16 (printed). ponder.runtime
     precision: Literal["auto", "fp32", "mixed", "bf16"] = "auto"
     # the policy pass: packed (ponder.rl.packed: no padding, each prompt once per micro-batch; Llama family)
-    # or padded (the model's own forward on right-padded rows); auto: packed on CUDA where supported
+    # or padded (the model's own forward on right-padded rows); auto: packed where supported (CUDA and CPU)
     forward: Literal["auto", "packed", "padded"] = "auto"
     # several processes (torchrun) or CPU offload (ponder.sharding, FSDP2): fsdp shards weights, gradients and
     # optimizer state and gathers each layer's weights for its forward and again for its backward (least
