@@ -262,9 +262,9 @@ def test_packed_on_an_unsupported_architecture_is_one_clear_error():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(UserError, match="train.forward: packed supports the Llama family .* not 'gpt2'; use forward: padded"):
-        use_packed("packed", gpt2, torch.device("cpu"))
-    assert not use_packed("auto", gpt2, torch.device("cuda"))
-    assert use_packed("auto", build("llama"), torch.device("cpu"))  # auto: packed wherever the model is supported
+        use_packed("packed", gpt2)
+    assert not use_packed("auto", gpt2)
+    assert use_packed("auto", build("llama"))  # auto: packed wherever the model is supported, CPU or CUDA
 
 
 def test_the_attention_trial_tells_a_wrong_kernel_from_the_reference():

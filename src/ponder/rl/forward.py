@@ -29,7 +29,7 @@ def completion_logprobs(model, t: Tensors, *, autocast: bool = False, with_entro
                               with_entropy=with_entropy, shared_prefix=prefix if prefix >= MIN_SHARED_PREFIX else 0)
 
 
-def use_packed(forward: str, model, device: torch.device) -> bool:
+def use_packed(forward: str, model) -> bool:
     """`train.forward`: packed, padded, or auto (packed for the architectures it supports, on any device: on
     two CPU cores the cpu_step workload's update took 0.24 s packed against 0.32 s padded)."""
     if forward == "packed":
