@@ -1,0 +1,114 @@
+"""ponder's Triton product for the decode step (ponder.kernels.skinny_linear), run by Triton's CPU interpreter in a
+child process: against a float64 product computed here, with the inner dimension in one part and in several (the
+last part's program sums them), and through the fast engine (rollout.engine_options.products: triton).
+The interpreter mishandles bfloat16 (Triton 3.9), so these run in float16 and float32."""
+
+import sys
+
+import torch
+
+# (rows, out, in, bias, (BM, BN, BK, SPLIT) or None for the default choice): rows short of a tile, an inner
+# dimension that is not a multiple of BK, parts of unequal length, and the default on a shape it splits
+CASES = [(5, 70, 100, True, (16, 32, 32, 1)), (5, 70, 200, True, (16, 32, 32, 3)), (33, 130, 256, False, (64, 32, 32, 4)),
+         (64, 96, 190, True, (64, 64, 32, 2)), (16, 64, 4096, True, None)]
+
+
+def operands(rows, n, k, bias, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn((rows, k), generator=g), torch.randn((n, k), generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+
+
+def test_product_matches_float64_and_leaves_the_counters_zeroed(tmp_path, triton_interpreter):
+    from ponder.kernels.skinny_linear import config
+
+    assert config(16, 64, 4096, 132)[3] == 16  # the default case above is one that splits
+    out = tmp_path / "out.pt"
+    done = triton_interpreter([__file__, "products", str(out)], timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        for i, (rows, n, k, bias, _) in enumerate(CASES):
+            x, w, b = operands(rows, n, k, bias, dtype, seed=i)
+            want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+            y = got[str(dtype)][i]
+            assert y.shape == (rows, n) and y.dtype == dtype
+            torch.testing.assert_close(y.double(), want.to(dtype).double(), atol=tol, rtol=tol)
+    assert got["counters"] == 0  # every split launch reset its tiles' counters
+
+
+def test_engine_with_triton_products_generates_as_with_torchs(tmp_path, triton_interpreter):
+    """Greedy tokens of a float16 Qwen2 (q/k/v biases) through the fast engine: products 'triton' (the kernel, made
+    the CPU's choice for the test) against 'torch'; and the kernel ran each decode step's four products a layer."""
+    out = tmp_path / "out.pt"
+    done = triton_interpreter([__file__, "engine", str(out)], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out)
+    assert got["triton"] == got["torch"]
+    steps, layers = got["steps"], 2
+    assert got["calls"] >= 4 * layers * steps
+
+
+def test_products_option_is_checked():
+    import pytest
+
+    from ponder.errors import UserError
+    from ponder.models import load
+    from ponder.rollout.fast import FastEngine
+
+    model, tok = load("tiny-random", seed=1)
+    with pytest.raises(UserError, match="products must be 'torch' or 'triton', got 'cublas'"):
+        FastEngine(model, tok, products="cublas")
+
+
+def _child_products(path):
+    from ponder.kernels.skinny_linear import _counter_buffer, skinny_linear
+
+    got = {}
+    for dtype in (torch.float32, torch.float16):
+        got[str(dtype)] = []
+        for i, (rows, n, k, bias, cfg) in enumerate(CASES):
+            x, w, b = operands(rows, n, k, bias, dtype, seed=i)
+            got[str(dtype)].append(skinny_linear(x, w, b, None if cfg is None else (*cfg, 4)))
+    got["counters"] = int(_counter_buffer(torch.device("cpu")).abs().sum())
+    torch.save(got, path)
+
+
+def _child_engine(path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ponder.kernels import skinny_linear as sk
+    from ponder.models.tiny import char_tokenizer
+    from ponder.rollout import SamplingParams, fast_model
+    from ponder.rollout.fast import FastEngine
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+                                         initializer_range=0.2, pad_token_id=0, eos_token_id=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+    model = model.half().eval()
+    calls = [0]
+
+    def counted(x, w, b=None):
+        calls[0] += 1
+        return sk.skinny_linear(x, w, b)
+
+    fast_model.linear_fn = lambda device: counted  # the CUDA choice, made on the CPU for the test
+    prompts = [tok.encode(p) for p in ("Q: 12+7=", "a", "The quick brown fox")]
+    params = SamplingParams(n=2, temperature=0, max_tokens=6)
+    got = {"steps": 5}
+    for products in ("torch", "triton"):
+        eng = FastEngine(model, tok, products=products, sync_every=2, min_bucket=1)
+        got[products] = [c.token_ids for out in eng.generate(prompts, params) for c in out]
+    got["calls"] = calls[0]
+    torch.save(got, path)
+
+
+if __name__ == "__main__":  # the child, under Triton's interpreter
+    {"products": _child_products, "engine": _child_engine}[sys.argv[1]](sys.argv[2])
