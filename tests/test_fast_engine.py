@@ -342,6 +342,19 @@ def test_int32_hash_gives_the_bits_of_lowbias32():
     assert got.dtype == torch.int32
     assert [v & 0xFFFFFFFF for v in got.tolist()] == [lowbias32(x) for x in xs]
 
+    # the CPU's keys and uniforms (numpy on uint32) against the same mixer on Python ints, from the documented
+    # recipe: key = h(h(seed + step * 0x9E3779B9) ^ seq * 0x85EBCA6B), uniform = (h(h(key + id) ^ key) >> 8 + 0.5) / 2**24
+    from ponder.kernels.sampler import _uniforms, row_keys
+
+    M = 0xFFFFFFFF
+    seed, steps, seqs = 0xDEADBEEF12, torch.tensor([0, 1, 7, 4095]), torch.tensor([0, 5, 2**20, 3])
+    keys = row_keys(torch.tensor(seed), steps, seqs)
+    want = [lowbias32(lowbias32((seed + t * 0x9E3779B9) & M) ^ ((s * 0x85EBCA6B) & M)) for t, s in zip(steps.tolist(), seqs.tolist())]
+    assert keys.dtype == torch.int32 and [k & M for k in keys.tolist()] == want
+    u = _uniforms(keys, 70, torch.device("cpu"))
+    ref = [[((lowbias32(lowbias32((k + i) & M) ^ k) >> 8) + 0.5) / 2**24 for i in range(70)] for k in want]
+    assert u.dtype == torch.float32 and torch.equal(u, torch.tensor(ref, dtype=torch.float32))
+
 
 def test_triton_attention_option_generates_like_transformers():
     """attention='triton' (on CPU: the kernel's torch reference) through the whole engine, GQA, mixed lengths."""

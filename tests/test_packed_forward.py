@@ -11,7 +11,9 @@ from transformers import (
 from ponder.models import enable_checkpointing
 from ponder.rl.batching import Sample, micro_batches
 from ponder.kernels.head_logprobs import chunks, head_logprobs
-from ponder.rl.packed import pack, packed_logprobs, packed_micro_batches, padded_attention, rows, seg_arange
+from ponder.rl.packed import (
+    bucketed_attention, length_buckets, pack, packed_logprobs, packed_micro_batches, padded_attention, rows, seg_arange,
+)
 
 SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=97, max_position_embeddings=256, initializer_range=0.2, pad_token_id=0)
@@ -124,6 +126,36 @@ def test_padded_attention_equals_attention_by_hand():
             w = (q[tok, hd] @ kk[:, hd // 2].T * 0.3).softmax(-1)
             want[tok, hd] = w @ vv[:, hd // 2]
     torch.testing.assert_close(out, want)
+
+
+def test_length_buckets_group_like_lengths_and_keep_small_ones_together():
+    # two long prompts (q = k = 500) and answers of 10 and 300 tokens to them (keys 510 and 800), sorted by keys.
+    # The 10-token answer beside the prompts: 3 x 500 x 510 = 765,000 padded for 505,100 held, 259,900 of padding,
+    # over 30% of 505,100 (151,530): a group of its own. The 300-token one beside it: 2 x 300 x 800 for 245,100,
+    # 234,900 of padding over max(30% = 73,530, 65,536): its own too
+    q_len, k_len = [500, 500, 10, 300], [500, 500, 510, 800]
+    assert length_buckets(q_len, k_len) == [[0, 1], [2], [3]]
+    # with 60% allowed the first fits (259,900 < 303,060) and the last still does not (854,900 > 447,060)
+    assert length_buckets(q_len, k_len, slack=1.6) == [[0, 1, 2], [3]]
+    # small segments stay in one group whatever their shapes: 65,536 pairs of padding cost less than a group
+    assert length_buckets([3, 60, 1], [3, 90, 70]) == [[0, 2, 1]]
+
+
+def test_bucketed_attention_equals_the_padded_reference():
+    """Values and all three gradients, on a micro-batch whose lengths make several groups."""
+    g = torch.Generator().manual_seed(0)
+    batch = [Sample([7] * 300, [1] * 5), Sample([7] * 300, [2] * 280), Sample([9] * 20, [3] * 40), Sample([9] * 20, [4])]
+    pk = pack(batch, "cpu")
+    q_len, k_len = (pk.cu_q[1:] - pk.cu_q[:-1]).tolist(), (pk.cu_k[1:] - pk.cu_k[:-1]).tolist()
+    assert len(length_buckets(q_len, k_len)) > 1
+    n = pk.ids.shape[0]
+    q = torch.randn((n, 4, 8), generator=g, requires_grad=True)
+    k, v = (torch.randn((n, 2, 8), generator=g, requires_grad=True) for _ in range(2))
+    w = torch.randn((n, 4, 8), generator=g)
+    o1, o2 = (f(q, k[pk.key_idx], v[pk.key_idx], pk, 0.3) for f in (bucketed_attention, padded_attention))
+    torch.testing.assert_close(o1, o2)
+    for a, b in zip(torch.autograd.grad((o1 * w).sum(), (q, k, v)), torch.autograd.grad((o2 * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee"])

@@ -31,8 +31,9 @@
 - Graphs read the weights at their addresses, so in-place updates (and the copy's refresh) are seen; if a
   parameter is replaced (new storage), the graphs are dropped and captured again.
 On CPU the same code runs eagerly; decode attention is two matrix products over each row's K/V, which is also
-kept in order beside the pool (copied when a sequence takes a row), so no step gathers blocks. Architectures
-other than Llama/Qwen2/Qwen3/Mistral, and calls that would outrun a sliding window, go to the Hugging Face engine.
+kept in order beside the pool (copied when a sequence takes a row; decode steps write only there), so no step
+gathers blocks. Architectures other than Llama/Qwen2/Qwen3/Mistral, and calls that would outrun a sliding window,
+go to the Hugging Face engine.
 """
 
 from __future__ import annotations

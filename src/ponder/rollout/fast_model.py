@@ -75,8 +75,8 @@ class Forward:
         self.seed = torch.zeros((), dtype=torch.long, device=device)
         self.eos = torch.full((EOS_SLOTS,), -1, dtype=torch.long, device=device)
         # CPU (eager, no graphs): each row's K/V also laid out in order, [layers, 2, rows, kv heads, positions, D],
-        # copied from the pool when a sequence takes the row and written beside it at each step, so that a step
-        # reads a view of it: gathering every row's blocks in every layer and step took half the CPU decode step
+        # copied from the pool when a sequence takes the row (prefill writes the pool) and written instead of the
+        # pool at each decode step, so that a step reads a view of it: gathering every row's blocks in every layer and step took half the CPU decode step
         # of a small model. Slots past a row's position hold finite leftovers (zeros, or an earlier sequence's),
         # masked as the pool's are. It costs rows x positions slots whatever is live, so only while that is small
         # (the miniature world's models); past ROW_KV_BYTES the step gathers from the pool as on CUDA
@@ -240,9 +240,11 @@ class Forward:
         a, K = self.a, self.k
         tok, pos, idx, table = self.tokens[:batch], self.pos[:batch], self.rows_idx[:batch], self.table[:batch]
         store = K.get("rope_store")  # one kernel: rotary and the cache write (CUDA, Triton)
+        rows = self.row_kv
         if store is None:
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
-            page, off = table[idx, pos // self.block], pos % self.block
+            if rows is None:
+                page, off = table[idx, pos // self.block], pos % self.block
         mask = None
         if self.attention != "triton":  # the kernel reads each row's live slots itself
             # additive mask made once per step (a boolean one would be converted again in every layer)
@@ -251,7 +253,6 @@ class Forward:
             mask = mask[:, None, None, :]  # [B, 1, 1, L]
         group = a.n_heads // a.n_kv
         layers = a.backbone.layers
-        rows = self.row_kv
         x = a.backbone.embed_tokens(tok)
         h = K["rms"](x, *norm_args(layers[0].input_layernorm), self.narrow)
         for li, layer in enumerate(layers):
@@ -262,9 +263,13 @@ class Forward:
             else:
                 q, kv = K["rope_kv"](q, k, v, cos, sin)
                 kv = kv.to(cache.dtype)
-                cache[:, page, :, off] = kv  # K and V of every row in one write: [B, 2, kv heads, D]
+                # K and V of every row in one write ([B, 2, kv heads, D]): into the rows' in-order copy, which this
+                # step reads, or the pool. The pool's copy of a decoded token is never read where the copy exists:
+                # a row taken up later loads only blocks that prefill wrote (its prompt's, or its recomputed ones)
                 if rows is not None:
                     rows[li][:, idx, :, pos] = kv
+                else:
+                    cache[:, page, :, off] = kv
             # the query heads sharing a kv head act as that head's query rows: no repeated K/V
             q = q.view(batch, a.n_kv, group, a.head_dim)
             if self.attention == "triton":
