@@ -176,12 +176,12 @@ def bucketed_attention(q, k, v, pk: Packed, scale: float):
         return padded_attention(q, k, v, pk, scale)
     long = dict(dtype=torch.long, device=q.device)
     cu_q, cu_k = pk.cu_q[:-1].long().tolist(), pk.cu_k[:-1].long().tolist()
+    cu = lambda n: F.pad(n.cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
     outs, order = [], []
     for g in groups:
         ql, kl = torch.tensor([q_len[s] for s in g], **long), torch.tensor([k_len[s] for s in g], **long)
         qi = seg_arange(torch.tensor([cu_q[s] for s in g], **long), ql)
         ki = seg_arange(torch.tensor([cu_k[s] for s in g], **long), kl)
-        cu = lambda n: F.pad(n.cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
         part = replace(pk, cu_q=cu(ql), cu_k=cu(kl), max_q=max(q_len[s] for s in g), max_k=max(k_len[s] for s in g))
         outs.append(padded_attention(q.index_select(0, qi), k.index_select(0, ki), v.index_select(0, ki), part, scale))
         order.append(qi)

@@ -76,10 +76,11 @@ class Forward:
         self.eos = torch.full((EOS_SLOTS,), -1, dtype=torch.long, device=device)
         # CPU (eager, no graphs): each row's K/V also laid out in order, [layers, 2, rows, kv heads, positions, D],
         # copied from the pool when a sequence takes the row (prefill writes the pool) and written instead of the
-        # pool at each decode step, so that a step reads a view of it: gathering every row's blocks in every layer and step took half the CPU decode step
-        # of a small model. Slots past a row's position hold finite leftovers (zeros, or an earlier sequence's),
-        # masked as the pool's are. It costs rows x positions slots whatever is live, so only while that is small
-        # (the miniature world's models); past ROW_KV_BYTES the step gathers from the pool as on CUDA
+        # pool at each decode step, so that a step reads a view of it: gathering every row's blocks in every layer
+        # and step took half the CPU decode step of a small model. Slots past a row's position hold finite
+        # leftovers (zeros, or an earlier sequence's), masked as the pool's are. It costs rows x positions slots
+        # whatever is live, so only while that is small (the miniature world's models); past ROW_KV_BYTES the step
+        # gathers from the pool as on CUDA
         self.row_kv = None
         shape = (layers, 2, rows, arch.n_kv, positions, arch.head_dim)
         if (torch.device(device).type == "cpu" and attention != "triton"
@@ -142,7 +143,8 @@ class Forward:
         """q [N, heads, D], k and v [N, kv heads, D] of layer li: one product where q|k|v are joined."""
         a, attn, n = self.a, self.a.backbone.layers[li].self_attn, h.shape[0]
         if self.qkv[li] is not None:
-            q, k, v = (self._linear if decode else F.linear)(h, *self.qkv[li]).split((a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim), -1)
+            qkv = (self._linear if decode else F.linear)(h, *self.qkv[li])
+            q, k, v = qkv.split((a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim), -1)
         else:
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         q, k, v = q.view(n, a.n_heads, a.head_dim), k.view(n, a.n_kv, a.head_dim), v.view(n, a.n_kv, a.head_dim)
