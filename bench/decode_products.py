@@ -81,6 +81,16 @@ def skinny():
                 print(f"{shape:5s} {name:8s} {rows:3d} x {n} x {k}: cuBLAS {rate(cublas)}  default {mine} "
                       + (rate(at[0]) if at else "not run") + f"  best {best[0][1]} {rate(best[0][0])} err {best[0][2]:.3g}"
                       + "  next " + ", ".join(f"{c} {u:.1f}" for u, c, _ in best[1:4]), flush=True)
+                if name == "gate_up":  # with SwiGLU: cuBLAS then the engine's SwiGLU kernel, against it in the epilogue
+                    from ponder.kernels.skinny_linear import skinny_swiglu
+                    from ponder.kernels.swiglu import swiglu_halves, triton_swiglu_halves
+
+                    two = graph_ms(lambda: [triton_swiglu_halves(F.linear(x, w)) for w in ws]) / layers * 1000
+                    fused = {c: graph_ms(lambda: [skinny_swiglu(x, w, c) for w in ws]) / layers * 1000
+                             for c in {config(rows, n // 2, k, sms), best[0][1]}}
+                    err = (skinny_swiglu(x, ws[0]).float() - swiglu_halves(ref.to(torch.bfloat16)).float()).abs().max().item()
+                    print(f"      with SwiGLU: cuBLAS + SwiGLU kernel {two:6.1f} us; in the epilogue "
+                          + ", ".join(f"{c} {u:.1f} us" for c, u in fused.items()) + f" (err {err:.3g})", flush=True)
             del ws
 
 

@@ -38,16 +38,35 @@ def test_product_matches_float64_and_leaves_the_counters_zeroed(tmp_path, triton
     assert got["counters"] == 0  # every split launch reset its tiles' counters
 
 
+def test_swiglu_epilogue_matches_the_product_then_swiglu(tmp_path, triton_interpreter):
+    """skinny_swiglu(x, gate|up) = silu(g) * u of the two halves' products, each rounded to the dtype first (as the
+    product's output is before the separate SwiGLU kernel reads it), in one part and in several."""
+    out = tmp_path / "out.pt"
+    done = triton_interpreter([__file__, "swiglu", str(out)], timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        for i, (rows, n, k, _, _) in enumerate(CASES):
+            x, w, _ = operands(rows, 2 * n, k, False, dtype, seed=10 + i)
+            g, u = torch.nn.functional.linear(x.double(), w.double()).to(dtype).double().chunk(2, -1)
+            want = (g * torch.sigmoid(g) * u).to(dtype)
+            y = got[str(dtype)][i]
+            assert y.shape == (rows, n) and y.dtype == dtype
+            torch.testing.assert_close(y.double(), want.double(), atol=tol, rtol=tol)
+    assert got["counters"] == 0
+
+
 def test_engine_with_triton_products_generates_as_with_torchs(tmp_path, triton_interpreter):
     """Greedy tokens of a float16 Qwen2 (q/k/v biases) through the fast engine: products 'triton' (the kernel, made
-    the CPU's choice for the test) against 'torch'; and the kernel ran each decode step's four products a layer."""
+    the CPU's choice for the test) against 'torch'; and the kernel ran each decode step's four products a layer
+    (gate|up with SwiGLU in its epilogue: counted as two)."""
     out = tmp_path / "out.pt"
     done = triton_interpreter([__file__, "engine", str(out)], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     got = torch.load(out)
     assert got["triton"] == got["torch"]
     steps, layers = got["steps"], 2
-    assert got["calls"] >= 4 * layers * steps
+    assert got["calls"] >= 4 * layers * steps and got["fused"] >= layers * steps
 
 
 def test_products_option_is_checked():
@@ -75,6 +94,19 @@ def _child_products(path):
     torch.save(got, path)
 
 
+def _child_swiglu(path):
+    from ponder.kernels.skinny_linear import _counter_buffer, skinny_swiglu
+
+    got = {}
+    for dtype in (torch.float32, torch.float16):
+        got[str(dtype)] = []
+        for i, (rows, n, k, _, cfg) in enumerate(CASES):
+            x, w, _ = operands(rows, 2 * n, k, False, dtype, seed=10 + i)
+            got[str(dtype)].append(skinny_swiglu(x, w, None if cfg is None else (*cfg, 4)))
+    got["counters"] = int(_counter_buffer(torch.device("cpu")).abs().sum())
+    torch.save(got, path)
+
+
 def _child_engine(path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -93,22 +125,28 @@ def _child_engine(path):
             if name.endswith("bias"):
                 p.normal_(0, 0.3)
     model = model.half().eval()
-    calls = [0]
+    calls, fused = [0], [0]
 
     def counted(x, w, b=None):
         calls[0] += 1
         return sk.skinny_linear(x, w, b)
 
+    def counted_swiglu(x, w):
+        calls[0] += 2  # the gate|up product and the SwiGLU after it
+        fused[0] += 1
+        return sk.skinny_swiglu(x, w)
+
     fast_model.linear_fn = lambda device: counted  # the CUDA choice, made on the CPU for the test
+    fast_model.skinny_swiglu = counted_swiglu
     prompts = [tok.encode(p) for p in ("Q: 12+7=", "a", "The quick brown fox")]
     params = SamplingParams(n=2, temperature=0, max_tokens=6)
     got = {"steps": 5}
     for products in ("torch", "triton"):
         eng = FastEngine(model, tok, products=products, sync_every=2, min_bucket=1)
         got[products] = [c.token_ids for out in eng.generate(prompts, params) for c in out]
-    got["calls"] = calls[0]
+    got["calls"], got["fused"] = calls[0], fused[0]
     torch.save(got, path)
 
 
 if __name__ == "__main__":  # the child, under Triton's interpreter
-    {"products": _child_products, "engine": _child_engine}[sys.argv[1]](sys.argv[2])
+    {"products": _child_products, "swiglu": _child_swiglu, "engine": _child_engine}[sys.argv[1]](sys.argv[2])

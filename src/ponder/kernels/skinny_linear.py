@@ -29,9 +29,23 @@ _chosen: dict = {}  # device -> skinny_linear or None (after the trial)
 if triton is not None:
 
     @triton.jit
+    def _finish(acc, acc_u, b_ptr, rn, N, dtype: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr):
+        """A tile's float32 sums -> its output: + bias, or silu(gate) * up of the sums rounded to the output dtype
+        first, as the separate product and SwiGLU kernel round them."""
+        if SWIGLU:
+            g = acc.to(dtype).to(tl.float32)
+            out = g * tl.sigmoid(g) * acc_u.to(dtype).to(tl.float32)
+        else:
+            out = acc
+            if HAS_BIAS:
+                out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        return out
+
+    @triton.jit
     def _kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sxm, swn, sym,
                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr, SPLIT: tl.constexpr):
+                BK: tl.constexpr, SPLIT: tl.constexpr, SWIGLU: tl.constexpr):
+        """SWIGLU: w is gate|up joined ([2N, K]) and the output silu(x @ gate.T) * (x @ up.T), [M, N]."""
         tile = tl.program_id(0)
         part = tl.program_id(1)
         tiles_n = tl.cdiv(N, BN)
@@ -44,32 +58,39 @@ if triton is not None:
         x_rows = x_ptr + rm[:, None].to(tl.int64) * sxm
         w_cols = w_ptr + rn[None, :].to(tl.int64) * swn
         m_ok, n_ok = rm[:, None] < M, rn[None, :] < N
+        u_cols = w_cols + N * swn  # SWIGLU: the up rows, N after their gate rows
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(lo, hi, BK):
             kk = k + rk
             if EVEN_K:
-                a = tl.load(x_rows + kk[None, :], mask=m_ok, other=0.0)
-                b = tl.load(w_cols + kk[:, None], mask=n_ok, other=0.0)
+                a_ok, w_ok = m_ok, n_ok
             else:
-                a = tl.load(x_rows + kk[None, :], mask=m_ok & (kk[None, :] < K), other=0.0)
-                b = tl.load(w_cols + kk[:, None], mask=n_ok & (kk[:, None] < K), other=0.0)
-            acc += tl.dot(a, b)
+                a_ok, w_ok = m_ok & (kk[None, :] < K), n_ok & (kk[:, None] < K)
+            a = tl.load(x_rows + kk[None, :], mask=a_ok, other=0.0)
+            acc += tl.dot(a, tl.load(w_cols + kk[:, None], mask=w_ok, other=0.0))
+            if SWIGLU:
+                acc_u += tl.dot(a, tl.load(u_cols + kk[:, None], mask=w_ok, other=0.0))
         out = y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :]
+        dtype = y_ptr.dtype.element_ty
         if SPLIT == 1:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok & n_ok)
+            tl.store(out, _finish(acc, acc_u, b_ptr, rn, N, dtype, HAS_BIAS, SWIGLU).to(dtype), mask=m_ok & n_ok)
         else:
             at = rm[:, None].to(tl.int64) * N + rn[None, :]
-            tl.store(part_ptr + part * M * N + at, acc, mask=m_ok & n_ok)
+            ways = 2 if SWIGLU else 1  # a part's sums: [ways, M, N] of the float32 buffer
+            tl.store(part_ptr + part * ways * M * N + at, acc, mask=m_ok & n_ok)
+            if SWIGLU:
+                tl.store(part_ptr + (part * 2 + 1) * M * N + at, acc_u, mask=m_ok & n_ok)
             tl.debug_barrier()  # every thread's part stored before the counter says so
             if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:  # the tile's last part: sum them
                 total = tl.zeros((BM, BN), dtype=tl.float32)
+                total_u = tl.zeros((BM, BN), dtype=tl.float32)
                 for p in range(SPLIT):  # in order: the same sum whichever part finished last
-                    total += tl.load(part_ptr + p * M * N + at, mask=m_ok & n_ok, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-                tl.store(out, total.to(y_ptr.dtype.element_ty), mask=m_ok & n_ok)
+                    total += tl.load(part_ptr + p * ways * M * N + at, mask=m_ok & n_ok, other=0.0, cache_modifier=".cg")
+                    if SWIGLU:
+                        total_u += tl.load(part_ptr + (p * 2 + 1) * M * N + at, mask=m_ok & n_ok, other=0.0,
+                                           cache_modifier=".cg")
+                tl.store(out, _finish(total, total_u, b_ptr, rn, N, dtype, HAS_BIAS, SWIGLU).to(dtype), mask=m_ok & n_ok)
                 tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
 
 
@@ -86,8 +107,17 @@ def config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int, int, int]:
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, cfg=None) -> torch.Tensor:
     """F.linear(x, w, b) for 2-D x (rows contiguous along k) and w [n, k] with unit stride along k."""
+    return _launch(x, w, b, w.shape[0], False, cfg)
+
+
+def skinny_swiglu(x: torch.Tensor, w: torch.Tensor, cfg=None) -> torch.Tensor:
+    """silu(g) * u of the joined gate|up product x @ w.T (w [2 x intermediate, k]) in the product's own launch: no
+    [rows, 2 x intermediate] output written and read again, and one kernel a layer less."""
+    return _launch(x, w, None, w.shape[0] // 2, True, cfg)
+
+
+def _launch(x, w, b, n: int, swiglu: bool, cfg):
     m, k = x.shape
-    n = w.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
     bm, bn, bk, split, warps = cfg or config(m, n, k, _sms(x.device))
@@ -95,11 +125,11 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split > 1 and tiles > COUNTERS:
         split = 1
-    part = x.new_empty((split, m, n), dtype=torch.float32) if split > 1 else y
+    part = x.new_empty((split, 2 if swiglu else 1, m, n), dtype=torch.float32) if split > 1 else y
     counts = _counter_buffer(x.device)
     _kernel[(tiles, split)](x, w, b if b is not None else w, y, part, counts, m, n, k, x.stride(0), w.stride(0),
                             y.stride(0), HAS_BIAS=b is not None, EVEN_K=k % bk == 0, BM=bm, BN=bn, BK=bk,
-                            SPLIT=split, num_warps=warps)
+                            SPLIT=split, SWIGLU=swiglu, num_warps=warps)
     return y
 
 

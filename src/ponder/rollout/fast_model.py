@@ -19,7 +19,7 @@ from ponder.kernels import decode_attention as attention_kernel
 from ponder.kernels.arch import Arch, norm_args
 from ponder.kernels.decode_step import EAGER, kernels
 from ponder.kernels.sampler import row_keys
-from ponder.kernels.skinny_linear import fits, linear_fn
+from ponder.kernels.skinny_linear import fits, linear_fn, skinny_swiglu
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
 
@@ -46,6 +46,7 @@ class Forward:
         self.k = kernels(torch.device(device)) if fused else EAGER
         # the decode step's products: torch's (cuBLAS), or ponder's Triton product for few rows (CUDA, after a trial)
         self.skinny = linear_fn(torch.device(device)) if products == "triton" else None
+        self.skinny_swiglu = skinny_swiglu if self.skinny is not None else None  # with SwiGLU in its epilogue
         if attention == "triton" and torch.device(device).type == "cuda" and not attention_kernel.available(device):
             self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
         mlp = arch.backbone.layers[0].mlp
@@ -155,7 +156,10 @@ class Forward:
     def _mlp(self, li: int, h, decode: bool = False):
         mlp = self.a.backbone.layers[li].mlp
         if self.gate_up[li] is not None:
-            gate_up = (self._linear if decode else F.linear)(h, *self.gate_up[li])
+            w, b = self.gate_up[li]
+            if decode and self.skinny_swiglu is not None and b is None and fits(h, w):
+                return self._call(mlp.down_proj, self.skinny_swiglu(h, w), decode)
+            gate_up = (self._linear if decode else F.linear)(h, w, b)
             return self._call(mlp.down_proj, self.k["swiglu_halves"](gate_up), decode)
         if self.silu:
             return mlp.down_proj(self.k["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
