@@ -65,6 +65,7 @@ def test_engine_with_triton_products_generates_as_with_torchs(tmp_path, triton_i
     assert done.returncode == 0, done.stderr[-3000:]
     got = torch.load(out)
     assert got["triton"] == got["torch"]
+    assert (got["triton reported"], got["torch reported"]) == ("triton", "torch")  # what bench/grpo_step.py prints
     steps, layers = got["steps"], 2
     assert got["calls"] >= 4 * layers * steps and got["fused"] >= layers * steps
 
@@ -144,6 +145,7 @@ def _child_engine(path):
     for products in ("torch", "triton"):
         eng = FastEngine(model, tok, products=products, sync_every=2, min_bucket=1)
         got[products] = [c.token_ids for out in eng.generate(prompts, params) for c in out]
+        got[products + " reported"] = eng.stats["products"]
     got["calls"], got["fused"] = calls[0], fused[0]
     torch.save(got, path)
 

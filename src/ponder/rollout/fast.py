@@ -417,6 +417,7 @@ class FastEngine(RolloutEngine):
                 tok, lp = sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k)
                 f.record(run.batch, tok, lp)
         self.stats = dict(kv_blocks=f.blocks, kv_blocks_peak=run.peak, block_size=f.block, gave_way=run.gave_way,
+                          products="triton" if f.skinny is not None else "torch",  # what ran, after the trial
                           kv_gib_peak=run.peak * f.kv[:, :, 0].numel() * f.kv.element_size() / 2**30)
         out = f.out_tok[:n_seq, :max_new]
         # each sequence's first EOS found here, on the device: the host then cuts lists instead of scanning them
