@@ -167,3 +167,18 @@ def test_bf16_moments_need_the_kahan_optimizer():
         make_optimizer(torch.nn.Linear(4, 4), OptimConfig(moment_dtype="bf16"), 1)
     opt = make_optimizer(torch.nn.Linear(4, 4).to(torch.bfloat16), OptimConfig(moment_dtype="bf16"), 1)[0]
     assert type(opt) is KahanAdamW and opt.moment_dtype == torch.bfloat16
+
+
+def test_a_skipped_first_update_advances_the_schedule_without_torchs_warning():
+    """A run whose first step skips its update (every sample masked) still moves the schedule on a step, and torch's
+    'lr_scheduler.step() before optimizer.step()' warning is not printed to the user."""
+    import warnings
+
+    model = torch.nn.Linear(2, 2)
+    o = OptimConfig(lr=1e-3, warmup_steps=4)
+    opt, sched = make_optimizer(model, o, total_steps=10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 4)  # warm-up step 0 of 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step()  # no optimizer.step() before it
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 / 4)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import torch
 
@@ -143,7 +144,18 @@ def make_optimizer(model, o: OptimConfig, total_steps: int, moments: str = "fp32
     else:
         fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, total_steps))
+    return optimizer, RunSchedule(optimizer, lambda step: lr_factor(step, o, total_steps))
+
+
+class RunSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """The learning rate by training step. A step whose update was skipped (every sample masked, a non-finite
+    loss) still advances it: the schedule counts the run's steps, not the optimizer's. So torch's warning about a
+    schedule stepped before its optimizer, which a skipped first step would print, is not said."""
+
+    def step(self, epoch=None):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            super().step(epoch)
 
 
 def state_bytes(optimizer, p) -> int:
