@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,7 +315,10 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
         except ImportError:
             raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
         lc = model_cfg.lora
-        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules))
+        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates: nothing a user can change
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                     target_modules=lc.target_modules))
         if state is not None:
             model.load_state_dict(state["adapter"], strict=False)
     return model.to(device).train(), tok
