@@ -70,16 +70,21 @@ def test_engine_with_triton_products_generates_as_with_torchs(tmp_path, triton_i
     assert got["calls"] >= 4 * layers * steps and got["fused"] >= layers * steps
 
 
-def test_products_option_is_checked():
+def test_products_option_is_checked_and_named_where_it_cannot_run(capsys):
     import pytest
 
     from ponder.errors import UserError
     from ponder.models import load
+    from ponder.rollout import SamplingParams
     from ponder.rollout.fast import FastEngine
 
     model, tok = load("tiny-random", seed=1)
     with pytest.raises(UserError, match="products must be 'torch' or 'triton', got 'cublas'"):
         FastEngine(model, tok, products="cublas")
+    eng = FastEngine(model, tok, products="triton")
+    eng.generate([tok.encode("12+3=")], SamplingParams(n=2, temperature=0, max_tokens=3))
+    assert "products 'triton' runs on CUDA only; using torch's products here" in capsys.readouterr().err
+    assert eng.stats["products"] == "torch"
 
 
 def _child_products(path):

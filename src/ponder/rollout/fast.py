@@ -294,6 +294,8 @@ class FastEngine(RolloutEngine):
             narrow = self.copy is not None or shadow_dtype(self.model) is not None  # matrices narrower than the norms
             f = self.fwd = Forward(arch, rows, min(blocks, self.pool_cap(per_block, device)), self.block_size, positions,
                                    dtype, device, attention, self.fused, autocast=narrow, products=self.products)
+            if self.products == "triton" and device.type != "cuda":
+                notice("fast engine: products 'triton' runs on CUDA only; using torch's products here")
             self.weights_sig = sig
         elif f.blocks < blocks:
             self.grow_pool(f, blocks - f.blocks)
