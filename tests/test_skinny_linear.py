@@ -13,57 +13,65 @@ CASES = [(5, 70, 100, True, (16, 32, 32, 1)), (5, 70, 200, True, (16, 32, 32, 3)
          (64, 96, 190, True, (64, 64, 32, 2)), (16, 64, 4096, True, None)]
 
 
-def operands(rows, n, k, bias, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
+DTYPES = ((torch.float32, 1e-5), (torch.float16, 2e-3))  # (dtype, tolerance)
+
+
+def operands(kernel: str, i: int, dtype):
+    """x, w, b of case i: for "swiglu" a joined gate|up weight of twice the case's columns and no bias."""
+    rows, n, k, bias, _ = CASES[i]
+    if kernel == "swiglu":
+        n, bias, i = 2 * n, False, 10 + i
+    g = torch.Generator().manual_seed(i)
     x, w = torch.randn((rows, k), generator=g), torch.randn((n, k), generator=g) / k**0.5
     b = torch.randn(n, generator=g) if bias else None
     return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+
+
+def interpreted(kernel: str, tmp_path, run, timeout: int = 200) -> dict:
+    """The child's results for `kernel` (products, swiglu or engine), run under Triton's interpreter."""
+    out = tmp_path / "out.pt"
+    done = run([__file__, kernel, str(out)], timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+def check_kernel(got: dict, kernel: str, want):
+    """Each case's output against want(x, w, b) (float64, rounded to the dtype); the counters left zeroed."""
+    for dtype, tol in DTYPES:
+        for i, (rows, n, *_) in enumerate(CASES):
+            y = got[str(dtype)][i]
+            assert y.shape == (rows, n) and y.dtype == dtype
+            torch.testing.assert_close(y.double(), want(*operands(kernel, i, dtype)).double(), atol=tol, rtol=tol)
+    assert got["counters"] == 0  # every split launch reset its tiles' counters
 
 
 def test_product_matches_float64_and_leaves_the_counters_zeroed(tmp_path, triton_interpreter):
     from ponder.kernels.skinny_linear import config
 
     assert config(16, 64, 4096, 132)[3] == 16  # the default case above is one that splits
-    out = tmp_path / "out.pt"
-    done = triton_interpreter([__file__, "products", str(out)], timeout=200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = torch.load(out)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
-        for i, (rows, n, k, bias, _) in enumerate(CASES):
-            x, w, b = operands(rows, n, k, bias, dtype, seed=i)
-            want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
-            y = got[str(dtype)][i]
-            assert y.shape == (rows, n) and y.dtype == dtype
-            torch.testing.assert_close(y.double(), want.to(dtype).double(), atol=tol, rtol=tol)
-    assert got["counters"] == 0  # every split launch reset its tiles' counters
+
+    def want(x, w, b):
+        return torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()).to(x.dtype)
+
+    check_kernel(interpreted("products", tmp_path, triton_interpreter), "products", want)
 
 
 def test_swiglu_epilogue_matches_the_product_then_swiglu(tmp_path, triton_interpreter):
     """skinny_swiglu(x, gate|up) = silu(g) * u of the two halves' products, each rounded to the dtype first (as the
     product's output is before the separate SwiGLU kernel reads it), in one part and in several."""
-    out = tmp_path / "out.pt"
-    done = triton_interpreter([__file__, "swiglu", str(out)], timeout=200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = torch.load(out)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
-        for i, (rows, n, k, _, _) in enumerate(CASES):
-            x, w, _ = operands(rows, 2 * n, k, False, dtype, seed=10 + i)
-            g, u = torch.nn.functional.linear(x.double(), w.double()).to(dtype).double().chunk(2, -1)
-            want = (g * torch.sigmoid(g) * u).to(dtype)
-            y = got[str(dtype)][i]
-            assert y.shape == (rows, n) and y.dtype == dtype
-            torch.testing.assert_close(y.double(), want.double(), atol=tol, rtol=tol)
-    assert got["counters"] == 0
+
+    def want(x, w, _):
+        g, u = torch.nn.functional.linear(x.double(), w.double()).to(x.dtype).double().chunk(2, -1)
+        return (g * torch.sigmoid(g) * u).to(x.dtype)
+
+    check_kernel(interpreted("swiglu", tmp_path, triton_interpreter), "swiglu", want)
 
 
 def test_engine_with_triton_products_generates_as_with_torchs(tmp_path, triton_interpreter):
     """Greedy tokens of a float16 Qwen2 (q/k/v biases) through the fast engine: products 'triton' (the kernel, made
     the CPU's choice for the test) against 'torch'; and the kernel ran each decode step's four products a layer
     (gate|up with SwiGLU in its epilogue: counted as two)."""
-    out = tmp_path / "out.pt"
-    done = triton_interpreter([__file__, "engine", str(out)], timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = torch.load(out)
+    got = interpreted("engine", tmp_path, triton_interpreter, timeout=300)
     assert got["triton"] == got["torch"]
     assert (got["triton reported"], got["torch reported"]) == ("triton", "torch")  # what bench/grpo_step.py prints
     steps, layers = got["steps"], 2
@@ -87,28 +95,16 @@ def test_products_option_is_checked_and_named_where_it_cannot_run(capsys):
     assert eng.stats["products"] == "torch"
 
 
-def _child_products(path):
-    from ponder.kernels.skinny_linear import _counter_buffer, skinny_linear
+def _child_kernel(kernel: str, path):
+    from ponder.kernels.skinny_linear import _counter_buffer, skinny_linear, skinny_swiglu
 
     got = {}
-    for dtype in (torch.float32, torch.float16):
+    for dtype, _ in DTYPES:
         got[str(dtype)] = []
-        for i, (rows, n, k, bias, cfg) in enumerate(CASES):
-            x, w, b = operands(rows, n, k, bias, dtype, seed=i)
-            got[str(dtype)].append(skinny_linear(x, w, b, None if cfg is None else (*cfg, 4)))
-    got["counters"] = int(_counter_buffer(torch.device("cpu")).abs().sum())
-    torch.save(got, path)
-
-
-def _child_swiglu(path):
-    from ponder.kernels.skinny_linear import _counter_buffer, skinny_swiglu
-
-    got = {}
-    for dtype in (torch.float32, torch.float16):
-        got[str(dtype)] = []
-        for i, (rows, n, k, _, cfg) in enumerate(CASES):
-            x, w, _ = operands(rows, 2 * n, k, False, dtype, seed=10 + i)
-            got[str(dtype)].append(skinny_swiglu(x, w, None if cfg is None else (*cfg, 4)))
+        for i, (*_, cfg) in enumerate(CASES):
+            x, w, b = operands(kernel, i, dtype)
+            cfg = None if cfg is None else (*cfg, 4)
+            got[str(dtype)].append(skinny_swiglu(x, w, cfg) if kernel == "swiglu" else skinny_linear(x, w, b, cfg))
     got["counters"] = int(_counter_buffer(torch.device("cpu")).abs().sum())
     torch.save(got, path)
 
@@ -156,4 +152,7 @@ def _child_engine(path):
 
 
 if __name__ == "__main__":  # the child, under Triton's interpreter
-    {"products": _child_products, "swiglu": _child_swiglu, "engine": _child_engine}[sys.argv[1]](sys.argv[2])
+    if sys.argv[1] == "engine":
+        _child_engine(sys.argv[2])
+    else:
+        _child_kernel(sys.argv[1], sys.argv[2])
