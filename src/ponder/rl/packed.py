@@ -77,6 +77,11 @@ class Packed:
     mask: torch.Tensor  # [B, T] float, 1 on completion tokens
 
 
+def bounds(lens: torch.Tensor) -> torch.Tensor:
+    """Segment lengths -> int32 boundaries [0, l0, l0 + l1, ...] (flash attention's cu_seqlens)."""
+    return F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+
+
 def seg_arange(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     """cat(arange(s, s + n) for s, n in zip(starts, lens)), without a Python loop over the segments."""
     offsets = lens.cumsum(0) - lens
@@ -113,7 +118,6 @@ def pack(batch: list[Sample], device) -> Packed:
     key_idx = seg_arange(starts, lens)
     q_len = torch.cat([p_len, c_in[has]])
     k_len = torch.cat([p_len, (rp_len + c_in)[has]])
-    cu = lambda n: F.pad(n.cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
     # the hidden state that predicts completion token j: the prompt's last for j = 0, else input token j - 1
     one = torch.ones_like(c_len)
     src = seg_arange(torch.stack([rp_start + rp_len - 1, c_start], 1).reshape(-1),
@@ -124,7 +128,7 @@ def pack(batch: list[Sample], device) -> Packed:
     mask = torch.zeros((len(batch), max(int(c_len.max()), 1)))
     mask[row, col] = 1.0
     to = lambda t: to_device(t, device)  # noqa: E731  (queued behind the GPU's work: packing overlaps backward)
-    return Packed(to(ids), to(pos), to(cu(q_len)), to(cu(k_len)), to(key_idx), int(q_len.max()), int(k_len.max()),
+    return Packed(to(ids), to(pos), to(bounds(q_len)), to(bounds(k_len)), to(key_idx), int(q_len.max()), int(k_len.max()),
                   to(src), to(targets), to(row), to(col), to(mask))
 
 
@@ -175,24 +179,20 @@ def bucketed_attention(q, k, v, pk: Packed, scale: float):
     if len(groups) == 1:
         return padded_attention(q, k, v, pk, scale)
     long = dict(dtype=torch.long, device=q.device)
-    cu_q, cu_k = pk.cu_q[:-1].long().tolist(), pk.cu_k[:-1].long().tolist()
-    cu = lambda n: F.pad(n.cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
     segs = [s for g in groups for s in g]
     ql, kl = torch.tensor([q_len[s] for s in segs], **long), torch.tensor([k_len[s] for s in segs], **long)
-    qi = seg_arange(torch.tensor([cu_q[s] for s in segs], **long), ql)
-    ki = seg_arange(torch.tensor([cu_k[s] for s in segs], **long), kl)
+    qi = seg_arange(pk.cu_q[:-1].long()[segs], ql)
+    ki = seg_arange(pk.cu_k[:-1].long()[segs], kl)
     # one gather in group order, then views by group: in backward one scatter, where a gather a group gave every
     # group a zeroed gradient of the whole K and V to add up (a third of the demo's update)
-    at = [0] + [len(g) for g in groups]
-    at = [sum(at[: i + 1]) for i in range(len(at))]
-    sizes = lambda lens: [int(lens[a:b].sum()) for a, b in zip(at, at[1:])]  # noqa: E731
-    qs = q.index_select(0, qi).split(sizes(ql))
-    ks, vs = (t.index_select(0, ki).split(sizes(kl)) for t in (k, v))
+    tokens = lambda lens: [sum(lens[s] for s in g) for g in groups]  # noqa: E731
+    qs = q.index_select(0, qi).split(tokens(q_len))
+    ks, vs = (t.index_select(0, ki).split(tokens(k_len)) for t in (k, v))
+    counts = [len(g) for g in groups]
     outs = []
-    for i, g in enumerate(groups):
-        gq, gk = ql[at[i]:at[i + 1]], kl[at[i]:at[i + 1]]
-        part = replace(pk, cu_q=cu(gq), cu_k=cu(gk), max_q=int(gq.max()), max_k=int(gk.max()))
-        outs.append(padded_attention(qs[i], ks[i], vs[i], part, scale))
+    for qg, kg, vg, gq, gk in zip(qs, ks, vs, ql.split(counts), kl.split(counts)):
+        part = replace(pk, cu_q=bounds(gq), cu_k=bounds(gk), max_q=int(gq.max()), max_k=int(gk.max()))
+        outs.append(padded_attention(qg, kg, vg, part, scale))
     # each stream token is a query of one segment: the groups' outputs back in stream order
     return torch.cat(outs).index_select(0, torch.argsort(qi))
 
