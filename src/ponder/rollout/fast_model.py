@@ -46,7 +46,6 @@ class Forward:
         self.k = kernels(torch.device(device)) if fused else EAGER
         # the decode step's products: torch's (cuBLAS), or ponder's Triton product for few rows (CUDA, after a trial)
         self.skinny = linear_fn(torch.device(device)) if products == "triton" else None
-        self.skinny_swiglu = skinny_swiglu if self.skinny is not None else None  # with SwiGLU in its epilogue
         if attention == "triton" and torch.device(device).type == "cuda" and not attention_kernel.available(device):
             self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
         mlp = arch.backbone.layers[0].mlp
@@ -127,9 +126,9 @@ class Forward:
         self.cos.copy_(cos[0])
         self.sin.copy_(sin[0])
 
-    def _linear(self, x, w, b=None):
-        """A decode step's product: the Triton one where chosen and it takes these operands, else F.linear."""
-        if self.skinny is not None and fits(x, w):
+    def _linear(self, x, w, b=None, decode: bool = True):
+        """A product; in decode, the Triton one where chosen and it takes these operands, else F.linear."""
+        if decode and self.skinny is not None and fits(x, w):
             return self.skinny(x, w, b)
         return F.linear(x, w, b)
 
@@ -144,7 +143,7 @@ class Forward:
         """q [N, heads, D], k and v [N, kv heads, D] of layer li: one product where q|k|v are joined."""
         a, attn, n = self.a, self.a.backbone.layers[li].self_attn, h.shape[0]
         if self.qkv[li] is not None:
-            qkv = (self._linear if decode else F.linear)(h, *self.qkv[li])
+            qkv = self._linear(h, *self.qkv[li], decode=decode)
             q, k, v = qkv.split((a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim), -1)
         else:
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
@@ -157,9 +156,9 @@ class Forward:
         mlp = self.a.backbone.layers[li].mlp
         if self.gate_up[li] is not None:
             w, b = self.gate_up[li]
-            if decode and self.skinny_swiglu is not None and b is None and fits(h, w):
-                return self._call(mlp.down_proj, self.skinny_swiglu(h, w), decode)
-            gate_up = (self._linear if decode else F.linear)(h, w, b)
+            if decode and self.skinny is not None and b is None and fits(h, w):  # SwiGLU in the product's epilogue
+                return self._call(mlp.down_proj, skinny_swiglu(h, w), decode)
+            gate_up = self._linear(h, w, b, decode=decode)
             return self._call(mlp.down_proj, self.k["swiglu_halves"](gate_up), decode)
         if self.silu:
             return mlp.down_proj(self.k["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
