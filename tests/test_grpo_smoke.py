@@ -213,3 +213,58 @@ def test_gradient_clipping_bounds_the_applied_gradient(smoke_cfg):
     groups, _, _ = t.collect()
     stats = t.update([s for g in groups for s in g.samples])
     assert stats["grad_norm"] > clip and _grad(t).norm().item() == pytest.approx(clip, rel=1e-4)
+
+
+def _zero_advantage_update(smoke_cfg, name, agg, skip, zero_groups, *extra):
+    """One update on the first step's rollouts, the samples of the first `zero_groups` groups given advantage 0
+    (as a group of equal rewards gets); (trainer, its stats, (grad enabled, samples) of each pass, the weights before)."""
+    from ponder.rl.trainer import GRPOTrainer
+
+    t = GRPOTrainer(smoke_cfg(f"name={name}", f"algorithm.loss_agg={agg}", f"train.skip_zero_advantage={skip}",
+                              "rollout.max_new_tokens=6", "rewards={test_char_hash: 1.0}", "optim.token_budget=100",
+                              *extra))
+    groups, _, _ = t.collect()
+    for g in groups[:zero_groups]:
+        for s in g.samples:
+            s.advantage = 0.0
+    passes, real = [], t.policy_pass.logprobs
+    t.policy_pass.logprobs = lambda model, mb, **k: (passes.append((torch.is_grad_enabled(), len(mb))), real(model, mb, **k))[1]
+    before = [p.detach().clone() for p in t.model.parameters()]
+    stats = t.update([s for g in groups for s in g.samples])
+    return t, stats, passes, before
+
+
+def test_samples_with_zero_advantage_take_no_backward_and_leave_the_gradient_and_entropy_as_they_were(smoke_cfg):
+    """train.skip_zero_advantage: with beta 0, a sample whose advantage is 0 only gets a forward without gradient
+    (for the entropy); the gradient, loss, entropy and token count equal those of the update that ran it through
+    backward, for each aggregation whose normaliser does not depend on the micro-batch split."""
+    for agg in ("grpo", "dapo", "dr_grpo"):
+        ran, ran_stats, ran_passes, _ = _zero_advantage_update(smoke_cfg, f"zero-{agg}-ran", agg, False, 2, "optim.lr=0")
+        skip, skip_stats, skip_passes, _ = _zero_advantage_update(smoke_cfg, f"zero-{agg}-skip", agg, True, 2, "optim.lr=0")
+        samples = sum(n for _, n in ran_passes)
+        idle = 2 * skip.cfg.rollout.group_size
+        assert all(grad for grad, _ in ran_passes)
+        assert sum(n for grad, n in skip_passes if grad) == samples - idle  # the zero-advantage samples: no backward
+        assert sum(n for grad, n in skip_passes if not grad) == idle  # ... only their forward for the entropy
+        assert torch.allclose(_grad(ran), _grad(skip), atol=1e-7, rtol=1e-5), agg
+        for k in ("loss", "entropy", "tokens"):
+            assert skip_stats[k] == pytest.approx(ran_stats[k], rel=1e-5, abs=1e-9), (agg, k)
+    _, _, passes, _ = _zero_advantage_update(smoke_cfg, "zero-bnpo", "bnpo", True, 2, "optim.lr=0")
+    assert all(grad for grad, _ in passes)  # bnpo's weights depend on the split: every sample goes through backward
+    _, _, passes, _ = _zero_advantage_update(smoke_cfg, "zero-kl", "grpo", True, 2, "optim.lr=0", "algorithm.beta=0.1")
+    assert all(grad for grad, _ in passes)  # the KL term has a gradient whatever the advantage
+
+
+def test_an_update_whose_samples_all_have_zero_advantage_still_steps_the_optimizer(smoke_cfg):
+    """All idle: no sample's backward runs, yet AdamW steps as it would on their zero gradients (its weight decay
+    and moments move the weights); the same weights as the update that ran them all."""
+    after = []
+    for skip in (False, True):
+        t, stats, passes, before = _zero_advantage_update(smoke_cfg, f"all-idle-{skip}", "grpo", skip, 99,
+                                                          "optim.lr=0.01", "optim.weight_decay=0.1")
+        assert stats["skipped"] == 0.0 and stats["grad_norm"] == 0.0
+        after.append([p.detach().clone() for p in t.model.parameters()])
+        assert not all(torch.equal(a, b) for a, b in zip(before, after[-1]))  # the decay moved them
+        assert [n for grad, n in passes if grad] == ([1] if skip else [n for _, n in passes])  # one padding sample
+    for a, b in zip(*after):
+        assert torch.equal(a, b)

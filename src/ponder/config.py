@@ -134,6 +134,10 @@ class TrainConfig:
     # CPUOffloadPolicy; the optimizer steps on the CPU); with fsdp on one process, how one GPU trains a model
     # whose optimizer state does not fit it
     offload: bool = False
+    # a sample whose advantage is exactly 0 (its group's rewards all equal) adds nothing to the loss or its gradient
+    # when beta is 0 and the loss normalisers already counted it (every loss_agg but bnpo): no backward pass for it,
+    # only a forward without gradient for its entropy. The gradient is the same up to float rounding
+    skip_zero_advantage: bool = True
     save_every: int = 50
     keep_last: int = 2
     log_samples: int = 4  # completions per step written to samples.jsonl

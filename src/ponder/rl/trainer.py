@@ -155,6 +155,10 @@ class GRPOTrainer:
                                          n_total=n_total, tokens_total=distributed.sum_all(sum(lengths)))
         for s, w in zip(samples, weights):
             s.weight = w
+        idle = []
+        if self.cfg.train.skip_zero_advantage and not a.beta and a.loss_agg != "bnpo":  # bnpo's weights follow the split
+            idle = [s for s in samples if s.advantage == 0]
+            samples = [s for s in samples if s.advantage != 0]
         batches = self.policy_pass.micro_batches(samples, self.token_budget())
         if a.loss_agg == "bnpo":  # the mean over every rank's micro-batches, however many each has
             micro = micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches], total=distributed.sum_all(len(batches)))
@@ -165,9 +169,12 @@ class GRPOTrainer:
         names = ("loss", "clip_low", "clip_high", "kl", "tokens", "entropy")
         if not n_total:  # no rank has a sample (all masked): no step, since AdamW would still decay and follow momentum
             return {**dict.fromkeys(names, 0.0), "grad_norm": 0.0, "skipped": 0.0}
-        batches, real = sharding.lockstep(batches, self._padding)  # as many passes as the busiest rank
         # sums stay on the device until the end: a read per micro-batch would wait for the GPU each time
         totals = {k: torch.zeros((), device=self.device) for k in names}
+        self._entropy_only(idle, totals)
+        batches, real = sharding.lockstep(batches, self._padding)  # as many passes as the busiest rank
+        if not batches:  # every sample idle on every rank: zero gradients all the same, so that AdamW steps as before
+            batches = [self._padding()]
         for i, mb in enumerate(batches):
             logp, entropy, mask = self.policy_pass.logprobs(self.model, mb, with_entropy=True, temperature=self._temp)
             weight = mask * per_row([s.weight for s in mb], self.device)[:, None]
@@ -193,6 +200,18 @@ class GRPOTrainer:
         self.optimizer.step()
         self.nan_streak = 0
         return {**totals, "grad_norm": grad_norm.item(), "skipped": 0.0}
+
+    @torch.no_grad()
+    def _entropy_only(self, samples: list[Sample], totals: dict) -> None:
+        """The entropy and token count of samples that take no part in the gradient (train.skip_zero_advantage), so
+        that the logged entropy stays the mean over all of the step's tokens."""
+        batches, real = sharding.lockstep(self.policy_pass.micro_batches(samples, self.token_budget()), self._padding)
+        for mb in batches[:real]:
+            _, entropy, mask = self.policy_pass.logprobs(self.model, mb, with_entropy=True, temperature=self._temp)
+            totals["entropy"] += (entropy * mask).sum()
+            totals["tokens"] += mask.sum()
+        for mb in batches[real:]:  # other ranks' passes: a sharded forward is a collective
+            self.policy_pass.logprobs(self.model, mb, temperature=self._temp)
 
     def token_budget(self) -> int:
         """optim.token_budget, or (unset) the plan from free device memory, made at the first update (the
