@@ -7,6 +7,11 @@ of arithmetic prompts whose answers are numbers, 16 prompts x 4 samples x 64 new
 forced to full length (ponder: generation_config eos [-1], as bench/rollout.py's force_length; TRL:
 min_new_tokens), temperature 1, beta 0, mu 1, lr 1e-5, grad clip 1, reward `accuracy`.
 
+On this workload the random model answers nothing right: every group's rewards are equal (`uniform groups` 1.00),
+every advantage is 0 and so is the gradient. ponder's default (train.skip_zero_advantage) then runs no backward
+pass, only a forward for the entropy, where TRL runs its whole update: to time ponder's update against TRL's, add a
+configuration with `train.skip_zero_advantage=false` (see bench/README.md).
+
 - ponder: a recipe file read by ponder.config.load_config and run by ponder.rl.trainer.GRPOTrainer with its
   defaults, step by step as `ponder train` runs it (trainer.step(), then the metrics and samples lines).
 - TRL (--trl): trl.GRPOTrainer in its own venv (--trl-python; it must hold torch, trl and math-verify), with
@@ -167,6 +172,7 @@ def run_ponder(a) -> dict:
                 other_cpu_s=others.per_step(a.warmup),
                 generate_s=med("time/generate"), reward_s=med("time/reward"), train_s=med("time/train"),
                 completion_len=med("completion_len/mean"), reward_mean=statistics.mean(r["reward"] for r in timed),
+                uniform_groups=statistics.mean(r["zero_var_groups_frac"] for r in timed),
                 worker_items_per_step=sent[0] / (a.warmup + a.steps))
 
 
@@ -244,7 +250,8 @@ def child(python: str, which: str, a, extra: list[str], src: str | None = None) 
 
 
 COLS = [("step s (median)", "step_s", "{:.3f}"), ("generate s", "generate_s", "{:.3f}"), ("reward s", "reward_s", "{:.3f}"),
-        ("train s", "train_s", "{:.3f}"), ("sent to workers / step", "worker_items_per_step", "{:.1f}"),
+        ("train s", "train_s", "{:.3f}"), ("uniform groups", "uniform_groups", "{:.2f}"),
+        ("sent to workers / step", "worker_items_per_step", "{:.1f}"),
         ("others' CPU s / step", "other_cpu_s", "{:.3f}"), ("x TRL (same round)", "x_trl", "{:.2f}")]
 
 

@@ -137,7 +137,7 @@ class GRPOTrainer:
             minis = [[s for s in mini if not s.truncated] for mini in minis]
         kept = [s for mini in minis for s in mini]
         if a.mu > 1 or a.minibatches > 1:  # later updates need the log-probs of the sampling policy
-            self._score(kept, "old_logp", self.model)
+            self._score([s for s in kept if not self._idle(s)], "old_logp", self.model)
         if a.beta:
             self._score(kept, "ref_logp", self.ref)
         # mu passes over the same rollouts (DeepSeekMath's inner iterations)
@@ -155,10 +155,8 @@ class GRPOTrainer:
                                          n_total=n_total, tokens_total=distributed.sum_all(sum(lengths)))
         for s, w in zip(samples, weights):
             s.weight = w
-        idle = []
-        if self.cfg.train.skip_zero_advantage and not a.beta and a.loss_agg != "bnpo":  # bnpo's weights follow the split
-            idle = [s for s in samples if s.advantage == 0]
-            samples = [s for s in samples if s.advantage != 0]
+        idle = [s for s in samples if self._idle(s)]
+        samples = [s for s in samples if not self._idle(s)]
         batches = self.policy_pass.micro_batches(samples, self.token_budget())
         if a.loss_agg == "bnpo":  # the mean over every rank's micro-batches, however many each has
             micro = micro_batch_weights([[len(s.completion_ids) for s in mb] for mb in batches], total=distributed.sum_all(len(batches)))
@@ -200,6 +198,12 @@ class GRPOTrainer:
         self.optimizer.step()
         self.nan_streak = 0
         return {**totals, "grad_norm": grad_norm.item(), "skipped": 0.0}
+
+    def _idle(self, s: Sample) -> bool:
+        """Whether `s` takes no part in the gradient (train.skip_zero_advantage): advantage exactly 0, no KL term,
+        and a loss whose normalisers do not depend on which samples share a micro-batch (all but bnpo)."""
+        a = self.cfg.algorithm
+        return self.cfg.train.skip_zero_advantage and s.advantage == 0 and not a.beta and a.loss_agg != "bnpo"
 
     @torch.no_grad()
     def _entropy_only(self, samples: list[Sample], totals: dict) -> None:
