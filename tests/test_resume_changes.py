@@ -41,8 +41,13 @@ def test_grpo_resume_refuses_changes_unless_allowed_and_records_them(capsys, tmp
     assert saved["optim"]["lr"] == 1e-3 and saved["train"]["steps"] == 3
     assert saved["changes"][2:] == [{"key": "optim.lr", "old": 0.003, "new": 0.001, "from_step": 3},
                                     {"key": "train.steps", "old": 2, "new": 3, "from_step": 3}]
-    steps = [json.loads(l)["step"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    # the changed rate is the one trained with: step 3 as in a run at 1e-3 from the start (not the saved 3e-3)
+    assert main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=f", *FAST, "train.steps=3",
+                 "optim.lr=1e-3"]) == 0
+    fresh = [json.loads(l) for l in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[2]["lr"] == fresh[2]["lr"] and fresh[2]["lr"] < rows[1]["lr"]
 
 
 def test_sft_resume_refuses_changes_unless_allowed(tmp_path, error_line):
@@ -59,7 +64,14 @@ def test_sft_resume_refuses_changes_unless_allowed(tmp_path, error_line):
                     "from), or leave them out. Safe to change on resume: train.steps, train.epochs, train.save_every, "
                     "train.keep_last, train.log_samples, train.sample_max_new_tokens, train.max_nan_steps, train.threads, "
                     "train.log_to")
-    assert main(["sft", str(recipe), "train.steps=2", "train.batch_size=4", "--resume", "--allow-changes"]) == 0
+    assert main(["sft", str(recipe), "train.steps=2", "train.batch_size=4", "optim.lr=1e-3", "--resume",
+                 "--allow-changes"]) == 0
     assert yaml.safe_load(config.read_text())["changes"] == [
+        {"key": "optim.lr", "old": 1e-5, "new": 1e-3, "from_step": 2},
         {"key": "train.steps", "old": 1, "new": 2, "from_step": 2},
         {"key": "train.batch_size", "old": 2, "new": 4, "from_step": 2}]
+    # trained at the new rate from step 2: the one a run at 1e-3 from the start has there
+    assert main(["sft", str(recipe), "name=s2", "train.steps=2", "train.batch_size=4", "optim.lr=1e-3"]) == 0
+    lrs = [[json.loads(l)["lr"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"lr"' in l]
+           for run in ("s", "s2")]
+    assert lrs[0][-1] == lrs[1][-1]

@@ -59,9 +59,34 @@ def restore_training(trainer, state: dict, path: Path) -> None:
     `path`; the optimizer (and the weights again) from its sharded state if it has one."""
     trainer.step_no, trainer.nan_streak = state["step"], state["nan_streak"]
     trainer.sampler.position = state["sampler_position"]
+    # the settings the optimizer was just built with (this run's config), before the checkpoint's overwrite them
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
     load_model_and_optimizer(trainer, state, path)
     trainer.scheduler.load_state_dict(state["scheduler"])
+    keep_config_settings(trainer.optimizer, trainer.scheduler, fresh)
     set_rng_state(state["rng"])
+
+
+def keep_config_settings(optimizer, scheduler, fresh: list[dict]) -> None:
+    """Undo what loading a checkpoint's optimizer and schedule state did to settings that come from the config, so
+    that a resume with a changed optim.lr (or betas, weight decay, schedule: --allow-changes) trains with it: torch
+    loads each parameter group's lr, betas and weight decay, and the schedule's base rates, as they were saved.
+    The learning rate scales by new / old optim.lr (`initial_lr` is the config's rate; a guardrail's lower_lr
+    scaled the base rates, and keeps its factor); the rest are the config's as they are."""
+    for i, (group, new) in enumerate(zip(optimizer.param_groups, fresh)):
+        old_initial = group.get("initial_lr", new.get("initial_lr"))
+        group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
+        if "initial_lr" not in new or new["initial_lr"] == old_initial:
+            continue
+        scheduler.base_lrs[i] *= new["initial_lr"] / old_initial
+        group["initial_lr"] = new["initial_lr"]
+    for i, (group, base, factor) in enumerate(zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas)):
+        lr = base * factor(scheduler.last_epoch)
+        # the rate or the schedule changed; otherwise the saved value stays, bits included (after a guardrail's
+        # lower_lr it is the rate times the factor, which may differ from base times schedule in the last bit)
+        if abs(lr - group["lr"]) > 1e-6 * abs(lr):
+            group["lr"] = lr
+            scheduler._last_lr[i] = lr
 
 
 def load_model_and_optimizer(trainer, state: dict, path: Path) -> None:
