@@ -125,3 +125,27 @@ def test_startup_check_names_a_function_with_a_wrong_return(temp_reward):
         RewardSet({"_text": 1.0}).check(example)
     with pytest.raises(UserError, match=r"^reward '_strict' could not be called with the reward contract"):
         RewardSet({"_strict": 1.0}).check(example)
+
+
+def test_a_reward_option_that_is_no_parameter_is_named_with_the_one_meant():
+    """`**columns` would swallow a misspelt option and the run would train with the default."""
+    with pytest.raises(UserError, match=r"^config rewards.overlong: the reward has no option 'bufer'; did you mean "
+                                        r"'buffer'\? its options: buffer, completion_length, max_len \(and weight\)$"):
+        RewardSet({"overlong": {"weight": 1.0, "max_len": 300, "bufer": 10}})
+    assert RewardSet({"overlong": {"weight": 1.0, "max_len": 300, "buffer": 10}}).options["overlong"] == {"max_len": 300, "buffer": 10}
+
+
+def test_an_error_inside_a_reward_of_ones_own_is_one_line_with_its_place_and_the_column_that_shadowed_a_default(tmp_path):
+    """A brevity reward with a `target=200` default on Countdown examples, whose `target` column takes the place of the default
+    `target=200`: the error names the reward, the exception, file and line, and the shadowing column."""
+    (tmp_path / "my_rewards.py").write_text(
+        "def brevity(completions, *, prompts, target=200, **columns):\n"
+        "    return [min(1.0, target / max(len(c), 1)) for c in completions]\n")
+    ref = f"{tmp_path}/my_rewards.py:brevity"
+    example = {"prompt": "q", "answer": "4", "task": "countdown", "target": 24}
+    with pytest.raises(UserError) as e:
+        RewardSet({ref: 1.0}).score(["abc"], ["q"], {"target": [[24]], "answer": ["4"]})
+    assert str(e.value) == (f"reward '{ref}' raised TypeError at my_rewards.py:2: unsupported operand type(s) for /: 'list' "
+                            "and 'int' (the examples' column target took the place of the default; rename the parameter, "
+                            "or set it in the recipe)")
+    RewardSet({ref: {"weight": 1.0, "target": 100}}).check(example)  # set in the recipe: the option wins

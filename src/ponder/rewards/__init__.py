@@ -22,7 +22,9 @@ import asyncio
 import difflib
 import inspect
 import numbers
-from math import isnan  # (a plain `import math` would be shadowed by the submodule ponder.rewards.math)
+import traceback
+from math import isnan
+from pathlib import Path  # (a plain `import math` would be shadowed by the submodule ponder.rewards.math)
 from typing import Any, Callable
 
 from ponder.errors import UserError
@@ -81,6 +83,7 @@ class RewardSet:
             if name in self.fns:
                 raise UserError(f"rewards '{self.refs[name]}' and '{ref}' would both be logged as reward/{name}; rename one function")
             self.fns[name] = get_reward(str(ref))
+            _check_options(self.fns[name], str(ref), opts)
             self.options[name] = opts
             self.weights[name] = float(weight)
             self.refs[name] = str(ref)
@@ -89,10 +92,19 @@ class RewardSet:
         per_fn: dict[str, list[float | None]] = {}
         for name, fn in self.fns.items():
             ref = self.refs[name]
+            kwargs = {**columns, **self.options[name]}
             try:
-                values = _resolve(fn(completions, prompts=prompts, **{**columns, **self.options[name]}))
+                inspect.signature(fn).bind(completions, prompts=prompts, **kwargs)
             except TypeError as e:
                 raise UserError(f"reward '{ref}' could not be called with the reward contract: {e}") from None
+            except ValueError:  # no signature to read (a builtin): the call itself tells
+                pass
+            try:
+                values = _resolve(fn(completions, prompts=prompts, **kwargs))
+            except Exception as e:
+                if ":" not in ref:  # a built-in reward's failure is ponder's bug: its traceback is for us
+                    raise
+                raise UserError(_failure(fn, ref, e, columns, self.options[name])) from None
             if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
                 raise UserError(f"reward '{ref}' returned {type(values).__name__} {str(values)[:40]!r}; "
                                 "it must return a list with one number (or None) per completion")
@@ -117,6 +129,44 @@ class RewardSet:
         columns = {k: [v, v] for k, v in example.items() if k != "prompt"}
         columns.update(completion_length=[len(c) for c in completions], truncated=[False, False])
         self.score(completions, [example["prompt"]] * 2, columns)
+
+
+def _named_options(fn) -> set[str] | None:
+    """The keyword parameters a reward takes by name (options and the columns it reads), or None if unknown."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in params if p.kind in kinds} - {"completions", "prompts"}
+
+
+def _check_options(fn, ref: str, opts: dict) -> None:
+    """A recipe option must be a parameter of the function: one that `**columns` would swallow is a typo."""
+    named = _named_options(fn)
+    for key in opts if named is not None else ():
+        if key not in named:
+            close = difflib.get_close_matches(key, sorted(named), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UserError(f"config rewards.{ref}: the reward has no option '{key}'; {hint}its options: "
+                            f"{', '.join(sorted(named)) or 'none'} (and weight)")
+
+
+def _failure(fn, ref: str, e: Exception, columns: dict, options: dict) -> str:
+    """One line for an exception raised inside a reward of one's own: what, where, and a column that took the
+    place of a parameter's default (a column of the examples is passed under its own name)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    line = f"reward '{ref}' raised {type(e).__name__}{where}: {e}"
+    try:
+        defaults = {p.name for p in inspect.signature(fn).parameters.values() if p.default is not p.empty}
+    except (TypeError, ValueError):
+        defaults = set()
+    shadowed = sorted((defaults & set(columns)) - set(options))
+    if shadowed:
+        line += (f" (the examples' column{'s' * (len(shadowed) > 1)} {', '.join(shadowed)} took the place of the "
+                 "default; rename the parameter, or set it in the recipe)")
+    return line
 
 
 def _resolve(values):
