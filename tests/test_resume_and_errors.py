@@ -159,3 +159,16 @@ def test_existing_run_is_not_overwritten(capsys, tmp_path, error_line):
     capsys.readouterr()
     line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=once", "train.steps=2")
     assert "already holds checkpoints; pass --resume" in line
+
+
+def test_pretrain_refuses_to_overwrite_a_model_before_training(error_line):
+    """The shipped recipe writes the package's own tiny-base: without --overwrite, a quick `steps=3` trial stops
+    at once and leaves the model as it was."""
+    from pathlib import Path
+
+    base = Path("src/ponder/assets/tiny-base")
+    before = {p.name: p.stat().st_mtime_ns for p in base.iterdir()}
+    line = error_line("pretrain", "recipes/pretrain-tiny.yaml", "steps=3")
+    assert line == (f"ponder: error: pretrain: output {base} already holds files (a model?); pass --overwrite to "
+                    "replace them, or set output=DIR to a new directory")
+    assert {p.name: p.stat().st_mtime_ns for p in base.iterdir()} == before

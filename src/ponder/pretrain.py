@@ -417,6 +417,7 @@ def _arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("recipe", help="YAML recipe with PretrainConfig keys, e.g. recipes/pretrain-tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. steps=100 output=runs/base")
     p.add_argument("--probe-only", action="store_true", help="only measure the model already in `output`")
+    p.add_argument("--overwrite", action="store_true", help="replace what `output` holds (refused otherwise)")
     p.set_defaults(func=run)
     return p
 
@@ -433,8 +434,12 @@ def run(args) -> int:
     cfg = load_config(args.recipe, args.overrides, cls=PretrainConfig)
     if args.probe_only:
         probe_only(cfg, args.recipe)
-    else:
-        pretrain(cfg, recipe=args.recipe, overrides=args.overrides)
+        return 0
+    out = Path(cfg.output)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # checked before hours of training, not after
+        raise UserError(f"pretrain: output {out} already holds files (a model?); pass --overwrite to replace them, "
+                        "or set output=DIR to a new directory")
+    pretrain(cfg, recipe=args.recipe, overrides=args.overrides)
     return 0
 
 
