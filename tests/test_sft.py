@@ -306,3 +306,14 @@ def test_sft_under_torchrun_is_refused_before_anything_is_written(tmp_path, monk
     with pytest.raises(UserError, match="ponder sft runs one process, and torchrun started 2; start it without torchrun"):
         SFTTrainer(cfg)
     assert not (tmp_path / "two").exists()
+
+
+def test_epochs_take_each_example_once_even_when_the_batch_is_larger_than_the_data(tmp_path):
+    """train.epochs (no train.steps): 11 examples, batch 4, 1.5 epochs: steps of 4, 4, 4, 4, 1 (17 examples,
+    ceil(1.5 x 11)); batch 32: one step of the 11, not 32 draws that repeat them."""
+    data = write_jsonl(tmp_path / "d.jsonl", (ROWS * 3)[:11])
+    run = sft(cfg_for(tmp_path, [data], "name=e4", "train.batch_size=4", "train.epochs=1.5"), quiet=True)
+    assert [(m["examples"], m["epoch"]) for m in _metrics(run.run_dir)] == [(4, 4 / 11), (4, 8 / 11), (4, 12 / 11),
+                                                                            (4, 16 / 11), (1, 17 / 11)]
+    run = sft(cfg_for(tmp_path, [data], "name=e32", "train.batch_size=32", "train.epochs=1"), quiet=True)
+    assert [(m["examples"], m["epoch"]) for m in _metrics(run.run_dir)] == [(11, 1.0)]

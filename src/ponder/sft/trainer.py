@@ -63,7 +63,11 @@ class SFTTrainer:
     # ---------------------------------------------------------------- one optimizer step
     def step(self) -> dict:
         t0 = time.perf_counter()
-        batch = self.sampler.next(self.cfg.train.batch_size)
+        t = self.cfg.train
+        want = t.batch_size
+        if t.steps is None:  # epochs set the length: the last step takes what is left, so no example comes twice early
+            want = max(1, min(want, math.ceil(t.epochs * len(self.examples)) - self.sampler.position))
+        batch = self.sampler.next(want)
         budget = self.cfg.optim.token_budget or SFT_BUDGET
         capacity = min(self.report.max_len, budget)  # longer examples get a row each
         rows = pack([self.lengths[i] for i in batch], capacity)
