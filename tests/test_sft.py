@@ -254,7 +254,8 @@ def test_bad_input_ends_in_one_line(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "x"}])
     assert "bad.jsonl: row 2: no 'completion' field" in _error(capsys, "sft", str(recipe), f"data.files=[{bad}]")
     assert "config data.files is empty" in _error(capsys, "sft", str(recipe))
-    assert "not found" in _error(capsys, "sft", str(recipe), f"data.files=[{tmp_path / 'nope.jsonl'}]")
+    assert f"data file '{tmp_path / 'nope.jsonl'}' not found; check data.files" in _error(
+        capsys, "sft", str(recipe), f"data.files=[{tmp_path / 'nope.jsonl'}]")
     assert "--resume: no checkpoint" in _error(capsys, "sft", str(recipe), f"data.files=[{bad}]", "--resume")
     assert "unknown config key 'train.stesp'" in _error(capsys, "sft", str(recipe), "train.stesp=3")
 

@@ -33,7 +33,7 @@ def read_rows(files: list[str]) -> list[dict]:
 
     rows = []
     for f in files:
-        for i, row in enumerate(read_jsonl(f, required=())):
+        for i, row in enumerate(read_jsonl(f, required=(), key="data.files")):
             rows.append(check_row(row, f"{f}: row {i + 1}"))
     return rows
 

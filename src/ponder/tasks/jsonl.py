@@ -9,12 +9,13 @@ from ponder.errors import UserError
 from ponder.tasks import Task, register
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",), with_lines: bool = False) -> list:
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",), with_lines: bool = False,
+               key: str = "data.tasks[].path") -> list:
     """The rows of a JSONL file (with their line numbers: (line, row) pairs); `required` fields must be
-    present and neither null nor empty."""
+    present and neither null nor empty. `key`: the setting that named the file, for the error."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"data file '{path}' not found; check data.tasks[].path")
+        raise UserError(f"data file '{path}' not found; check {key}")
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
