@@ -90,3 +90,16 @@ def test_file_tasks_are_reported_per_file(tmp_path, capsys):
     assert res["metrics"]["problems"] == 3 and [s["path"] for s in res["task_specs"]] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
     with pytest.raises(UserError, match="named twice"):
         ponder_eval("--model", "tiny-random", "--tasks", "first_digit,first_digit")
+
+
+def test_a_task_of_ones_own_is_named_as_in_a_recipe(tmp_path):
+    """`--tasks my_tasks.py:make`: the function's file and name, not NAME:PATH (there is no task 'my_tasks.py');
+    a built-in's NAME:PATH keeps its meaning beside it."""
+    (tmp_path / "my_tasks.py").write_text("def make(split, n, seed):\n"
+                                          "    return [{'prompt': f'q{i}', 'answer': str(i)} for i in range(3)]\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "q", "answer": "1"}) + "\n")
+    out = tmp_path / "res"
+    ponder_eval("--model", "tiny-random", "--tasks", f"{tmp_path / 'my_tasks.py'}:make,jsonl:{tmp_path / 'a.jsonl'}",
+                "--k", "1", "--max-tokens", "2", "--template", "plain", "--quiet", "--device", "cpu", "--out", str(out))
+    res = json.loads((out / "results.json").read_text())
+    assert [f["problems"] for f in res["tasks"].values()] == [3, 1]

@@ -129,6 +129,8 @@ def parse_tasks(text: str, *, split: str, n: int | None, options: dict) -> list:
             raise UserError(f"task '{item}' is named twice in --tasks; name it once")
         seen.add(item)
         name, _, arg = item.partition(":")
+        if arg and name != "reasoning_gym" and not _registered(name):  # one's own (file.py:fn), as a recipe names it
+            name, arg = item, ""
         spec = TaskSpec(name=name, n=n, split=split, options=dict(options))
         if arg and name == "reasoning_gym":
             spec.options["dataset"] = arg
@@ -138,6 +140,16 @@ def parse_tasks(text: str, *, split: str, n: int | None, options: dict) -> list:
     if not specs:
         raise UserError("--tasks names no task; give e.g. --tasks first_digit or --tasks jsonl:my.jsonl")
     return specs
+
+
+def _registered(name: str) -> bool:
+    from ponder.tasks import TASKS, get_task
+
+    try:  # imports the built-in tasks, which register themselves
+        get_task(name)
+    except UserError:
+        pass
+    return name in TASKS
 
 
 def parse_options(items: list[str]) -> dict:
