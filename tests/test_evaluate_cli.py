@@ -103,3 +103,18 @@ def test_a_task_of_ones_own_is_named_as_in_a_recipe(tmp_path):
                 "--k", "1", "--max-tokens", "2", "--template", "plain", "--quiet", "--device", "cpu", "--out", str(out))
     res = json.loads((out / "results.json").read_text())
     assert [f["problems"] for f in res["tasks"].values()] == [3, 1]
+
+
+def test_compare_reads_a_runs_own_before_and_after_figures(two_results, tmp_path, capsys):
+    """A training run's eval_before.json / eval_after.json (a result per task set, as the trainer writes them) lay
+    out beside ponder eval's results.json."""
+    a, _ = two_results
+    res = json.loads((a / "results.json").read_text())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval_after.json").write_text(json.dumps({"first_digit/test": {k: res[k] for k in ("settings", "task_hash", "tasks", "metrics")}}))
+    assert ponder_eval("--compare", str(run / "eval_after.json"), str(a)) == 0
+    out = capsys.readouterr().out
+    assert "run/eval_after" in out and "first_digit/test" in out
+    row = next(line for line in out.splitlines() if "first_digit/test" in line)
+    assert f"{res['metrics']['problems']}" in row

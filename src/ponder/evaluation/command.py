@@ -181,8 +181,15 @@ def load_result(path: str) -> dict:
         result = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: not valid JSON ({e.msg}); give a results.json written by ponder eval") from None
+    if isinstance(result, dict) and result and "tasks" not in result and all(
+            isinstance(v, dict) and "metrics" in v for v in result.values()):
+        # a run's eval_before.json / eval_after.json: a result per task set, each with the set's overall figures
+        first = next(iter(result.values()))
+        return {"model": f"{p.parent.name}/{p.stem}", "settings": first.get("settings", {}),
+                "tasks": {label: v["metrics"] for label, v in result.items()}}
     if not isinstance(result, dict) or "tasks" not in result:
-        raise UserError(f"{p} has no 'tasks' figures; give a results.json written by ponder eval")
+        raise UserError(f"{p} has no 'tasks' figures; give a results.json written by ponder eval, or a run's "
+                        "eval_before.json / eval_after.json")
     return result
 
 
