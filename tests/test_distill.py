@@ -62,7 +62,7 @@ def other_tokenizer_student(path):
     return str(path)
 
 
-def make_cfg(tmp_path, student, *extra):
+def make_cfg(tmp_path, student, *extra, n=4):
     from ponder.distill import load_distill_config
 
     recipe = tmp_path / "d.yaml"
@@ -72,7 +72,7 @@ output_dir: {tmp_path}
 sample:
   model: tiny-random
   engine: teacher-script
-  tasks: [{{name: arithmetic, n: 4, options: {{difficulty: easy}}}}]
+  tasks: [{{name: arithmetic, n: {n}, options: {{difficulty: easy}}}}]
   k: 2
 sft:
   model: {{path: {student}}}
@@ -127,6 +127,8 @@ def test_no_accepted_trace_is_a_clear_error(tmp_path, teacher_engine, capsys):
     with pytest.raises(UserError, match="no teacher answer passed the filters"):
         distill(cfg, quiet=True)
     assert not (tmp_path / "d" / "stages" / "sample.done").exists()
+    # nothing was accepted, so nothing is there to resume: the next attempt, with looser filters, starts afresh
+    assert distill(make_cfg(tmp_path, "tiny-random"), stage="sample", quiet=True)["sample"]["accepted"] == 4
 
 
 def test_distill_command_line(tmp_path, teacher_engine, capsys):
@@ -156,3 +158,48 @@ def test_experiment_recipes_load_and_the_rl_arm_is_the_demo_recipe_on_the_studen
     assert cfg.sample.model == f"runs/zero-tiny/checkpoints/step-{zero['train']['steps']}"
     assert {t.name for t in cfg.sample.tasks} == {t["name"] for t in zero["data"]["tasks"]}
     assert cfg.sft.eval.tasks[0].options == zero["eval"]["tasks"][0]["options"] and cfg.sft.eval.k == zero["eval"]["k"]
+
+
+def test_resume_refuses_changed_settings_of_begun_stages_and_records_only_those_used(tmp_path, teacher_engine):
+    import yaml
+
+    from ponder.distill import distill
+    from ponder.sft import sft
+
+    distill(make_cfg(tmp_path, "tiny-random"), stage="sample", quiet=True)
+    config = tmp_path / "d" / "config.yaml"
+    before = config.read_text()
+    refused = lambda listed: (f"--resume with settings that differ from the run's {config}: {listed}; the stages begun "
+                              "used the old ones, so leave these out to continue the run, or choose another name (name=...) "
+                              "to start a new one")
+    with pytest.raises(UserError) as e:
+        distill(make_cfg(tmp_path, "tiny-random", "sample.k=3", n=6), resume=True, quiet=True)
+    assert str(e.value) == refused("sample.tasks[0].n 4 -> 6, sample.k 2 -> 3")
+    assert config.read_text() == before and teacher_engine["n"] == 1
+
+    # an interrupted SFT stage takes what `ponder sft --resume` takes, and nothing else
+    sft(make_cfg(tmp_path, "tiny-random").sft, stop_after=1, quiet=True)
+    with pytest.raises(UserError) as e:
+        distill(make_cfg(tmp_path, "tiny-random", "sft.optim.lr=2e-3"), resume=True, quiet=True)
+    assert str(e.value) == refused("sft.optim.lr 0.001 -> 0.002")
+    distill(make_cfg(tmp_path, "tiny-random", "sft.train.steps=3"), resume=True, quiet=True)
+    assert yaml.safe_load(config.read_text())["sft"]["train"]["steps"] == 3
+    steps = [json.loads(l)["step"] for l in (tmp_path / "d" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and teacher_engine["n"] == 1
+
+    # a finished stage takes nothing: more steps would not be trained, so they are not recorded either
+    before = config.read_text()
+    with pytest.raises(UserError) as e:
+        distill(make_cfg(tmp_path, "tiny-random", "sft.train.steps=4"), resume=True, quiet=True)
+    assert str(e.value) == refused("sft.train.steps 3 -> 4")
+    assert config.read_text() == before
+
+
+def test_later_stages_are_checked_before_the_teacher_samples(tmp_path, teacher_engine, error_line):
+    make_cfg(tmp_path, "tiny-random")  # writes the recipe d.yaml
+    line = error_line("distill", str(tmp_path / "d.yaml"), "sft.model.path=nope")
+    assert line.startswith("ponder: error: model 'nope' not found: give a local Hugging Face model directory")
+    assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()
+    line = error_line("distill", str(tmp_path / "d.yaml"), f"sft.data.files=[{tmp_path / 'gone.jsonl'}]")
+    assert line == f"ponder: error: config sft.data.files: '{tmp_path / 'gone.jsonl'}' not found; give an existing JSONL file or leave it out"
+    assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()

@@ -118,3 +118,32 @@ def test_compare_reads_a_runs_own_before_and_after_figures(two_results, tmp_path
     assert "run/eval_after" in out and "first_digit/test" in out
     row = next(line for line in out.splitlines() if "first_digit/test" in line)
     assert f"{res['metrics']['problems']}" in row
+
+
+@pytest.fixture
+def no_sampling():
+    """Engine "no-sampling": fails the test if anything is generated."""
+    from ponder.rollout import RolloutEngine, register
+
+    @register("no-sampling")
+    class NoSampling(RolloutEngine):
+        def __init__(self, model, tokenizer, **_):
+            super().__init__(model, tokenizer)
+
+        def generate(self, prompts, params):
+            raise AssertionError("sampled, though the input was bad")
+
+    return "no-sampling"
+
+
+def test_bad_input_is_refused_before_sampling_and_earlier_results_are_kept(two_results, tmp_path, no_sampling, error_line):
+    a, _ = two_results
+    before = {p.name: p.read_bytes() for p in a.iterdir()}
+    common = ["eval", "--model", "tiny-random", "--tasks", "first_digit", "--n", "2", "--k", "2", "--quiet", "--device", "cpu",
+              "--engine", no_sampling]
+    assert error_line(*common, "--out", str(a)) == (
+        f"ponder: error: {a / 'results.json'} already exists; choose another --out, or delete it to evaluate again")
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == before
+    assert error_line(*common, "--extract", "boxd", "--out", str(tmp_path / "new")) == (
+        "ponder: error: --extract 'boxd' is not an answer extraction mode; choose one of: tags, boxed, tags_or_boxed, none")
+    assert not (tmp_path / "new").exists()

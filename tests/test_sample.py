@@ -1,6 +1,7 @@
 """Rejection sampling: every filter rejects what it must and keeps what it must; the command's outputs."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -187,17 +188,16 @@ def test_bad_sample_input_is_one_line(tmp_path, capsys, args, message):
     assert message in err and len(err.splitlines()) == 1
 
 
-def test_interrupted_sampling_resumes_after_its_last_chunk(tmp_path):
-    from ponder.models import load
+@pytest.fixture
+def flaky():
+    """Registers engine "flaky": it answers every first_digit prompt rightly and dies (KeyboardInterrupt) on
+    call number calls["fail_at"]. Gives the calls dict; calls["n"] counts the calls."""
     from ponder.rollout import Completion, RolloutEngine, register
-    from ponder.sample import SampleConfig, sample
 
     calls = {"n": 0, "fail_at": 0}
 
     @register("flaky")
     class Flaky(RolloutEngine):
-        """Answers every prompt with its gold answer (from the prompt text); dies on a chosen call."""
-
         def __init__(self, model, tokenizer, **_):
             super().__init__(model, tokenizer)
 
@@ -212,17 +212,71 @@ def test_interrupted_sampling_resumes_after_its_last_chunk(tmp_path):
                 out.append([Completion(self.tokenizer(t).input_ids, "stop") for t in texts])
             return out
 
+    return calls
+
+
+def test_interrupted_sampling_resumes_after_its_last_chunk(tmp_path, flaky):
+    from ponder.errors import UserError
+    from ponder.models import load
+    from ponder.sample import SampleConfig, sample
+
     model, tok = load("tiny-random")
     spec = TaskSpec(name="first_digit", n=7)
-    make = lambda out: SampleConfig(model="tiny-random", tasks=[spec], k=2, batch_size=4, engine="flaky", out=str(tmp_path / out))
+    make = lambda out, **kw: SampleConfig(model="tiny-random", tasks=[spec], k=2, batch_size=4, engine="flaky",
+                                          out=str(tmp_path / out), **kw)
     sample(make("full.jsonl"), progress=False, model=model, tokenizer=tok)
-    calls.update(n=0, fail_at=3)  # chunks of 2 prompts: dies in the third chunk
+    flaky.update(n=0, fail_at=3)  # chunks of 2 prompts: dies in the third chunk
     with pytest.raises(KeyboardInterrupt):
         sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok)
-    assert json.loads((tmp_path / "cut.jsonl.partial.json").read_text())["chunks"] == 2
-    calls.update(n=0, fail_at=0)
+    partial, ledger = tmp_path / "cut.jsonl.partial", tmp_path / "cut.jsonl.partial.json"
+    assert json.loads(ledger.read_text())["chunks"] == 2
+    kept = partial.read_bytes(), ledger.read_bytes()
+
+    # other settings, or no --resume, would lose the 4 prompts sampled: refused, the files left as they are
+    flaky.update(n=0, fail_at=0)
+    wider = TaskSpec(name="first_digit", n=8)
+    with pytest.raises(UserError) as e:
+        sample(replace(make("cut.jsonl", max_new_tokens=250), tasks=[wider]), progress=False, model=model, tokenizer=tok, resume=True)
+    assert str(e.value) == (f"--resume with settings that differ from the interrupted run in {partial}: tasks[0].n 7 -> 8, "
+                            f"max_new_tokens 256 -> 250; leave them out to continue it, or choose another --out, or "
+                            f"delete {partial} to sample afresh")
+    with pytest.raises(UserError) as e:
+        sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok)
+    assert str(e.value) == (f"{partial} holds an interrupted run of {tmp_path / 'cut.jsonl'} (4 prompts sampled); pass "
+                            "--resume to continue it, choose another --out, or delete it to sample afresh")
+    assert (partial.read_bytes(), ledger.read_bytes()) == kept and flaky["n"] == 0
+
     summary = sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok, resume=True)
-    assert calls["n"] == 2  # only the two chunks left were generated
+    assert flaky["n"] == 2  # only the two chunks left were generated
     assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
     assert summary["tasks"]["first_digit"]["prompts"] == 7 and summary["accepted"] == 14
     assert not (tmp_path / "cut.jsonl.partial.json").exists()
+
+
+def test_a_finished_output_is_never_sampled_over(tmp_path, flaky, error_line, capsys):
+    from ponder.cli import main
+
+    out = tmp_path / "t.jsonl"
+    args = ["sample", "--model", "tiny-random", "--tasks", "first_digit", "--k", "2", "--out", str(out), "--quiet", "engine=flaky"]
+    assert main([*args, "--n", "3"]) == 0
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    flaky["fail_at"] = flaky["n"] + 1  # any more sampling would end in KeyboardInterrupt, not in these answers
+
+    assert error_line(*args, "--n", "2") == (
+        f"ponder: error: {out} already exists; pass --resume to continue its run, choose another --out, or delete it "
+        "to sample afresh")
+    assert error_line(*args, "--n", "3", "--max-tokens", "200", "--resume") == (
+        f"ponder: error: --resume with settings that differ from the finished run in {out}: max_new_tokens 256 -> 200; "
+        "leave them out to keep it, or choose another --out, or delete it to sample afresh")
+    assert main([*args, "--n", "3", "--resume"]) == 0
+    assert f"{out} is complete (6 answers); nothing to resume" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+def test_a_bad_extract_mode_is_refused_before_sampling(tmp_path, flaky, error_line):
+    flaky["fail_at"] = 1
+    line = error_line("sample", "--model", "tiny-random", "--tasks", "first_digit", "--n", "2", "--k", "2", "--quiet",
+                      "--out", str(tmp_path / "t.jsonl"), "engine=flaky", "extract=boxd")
+    assert line == ("ponder: error: config extract: unknown answer extraction mode 'boxd'; choose one of: tags, boxed, "
+                    "tags_or_boxed, none")
+    assert flaky["n"] == 0 and list(tmp_path.iterdir()) == []

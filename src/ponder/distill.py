@@ -4,8 +4,10 @@ Stages and what they leave in runs/<name>/:
   sample  traces.jsonl (+ .summary.json, .unsolved.txt), stages/sample.done
   sft     student/ (an SFT run directory: checkpoints, metrics, final), stages/sft.done
 A stage whose marker exists is skipped under --resume; an interrupted SFT stage continues from its
-last checkpoint. `--stage sample|sft` runs one stage. Traces are text, so the teacher and the student
-may use different tokenizers: the student's own tokenizer encodes them.
+last checkpoint. --resume refuses settings that differ from the run's config.yaml for a stage that has
+begun (an interrupted stage may change what `ponder sample` and `ponder sft` let a resume change), so
+config.yaml says what each stage used. `--stage sample|sft` runs one stage. Traces are text, so the
+teacher and the student may use different tokenizers: the student's own tokenizer encodes them.
 """
 
 from __future__ import annotations
@@ -79,9 +81,14 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
     """Run the stages (or one); returns {stage: marker contents}."""
     run = cfg.run_dir
     done = {s: marker(cfg, s).is_file() for s in STAGES}
-    started = any(done.values()) or (run / "student" / "checkpoints").is_dir()
-    if started and not resume:
+    traces = Path(cfg.sample.out)
+    begun = {"sample": done["sample"] or traces.exists() or traces.with_name(traces.name + ".partial.json").is_file(),
+             "sft": done["sft"] or (cfg.sft.run_dir / "checkpoints").is_dir()}
+    if any(begun.values()) and not resume:
         raise UserError(f"run directory {run} already holds distill stages; pass --resume to continue it, or choose another name (name=...)")
+    if resume:
+        _refuse_changes(cfg, begun, done)
+    _check_before_sampling(cfg, [s for s in (STAGES if stage is None else (stage,)) if not done[s]])
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
     out = {}
@@ -97,6 +104,55 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
     return out
 
 
+def _refuse_changes(cfg: DistillConfig, begun: dict, done: dict) -> None:
+    """A stage that has begun keeps the settings it began with: the traces and the student were made with them."""
+    from ponder.config import build
+    from ponder.resume import SAFE_ON_RESUME, _load, describe, diff
+
+    path = cfg.run_dir / "config.yaml"
+    saved = _load(path)
+    if saved is None:
+        return
+    try:  # keys added to ponder since the run started take their defaults
+        saved = to_dict(build(DistillConfig, saved))
+    except UserError:
+        pass
+    # an interrupted stage takes what its own command's resume takes (where and how fast for sampling; SFT's safe
+    # keys, which the student's config.yaml records); a finished one takes nothing, as nothing more runs with it
+    safe = set() if done["sample"] else {"sample.threads", "sample.device"}
+    safe |= set() if done["sft"] else {f"sft.{k}" for k in SAFE_ON_RESUME["sft"]}
+    refused = [(k, o, n) for k, o, n in diff(saved, to_dict(cfg), lists=True) if k not in safe
+               and any(begun[s] for s in (STAGES if k.split(".")[0] == "seed" else (k.split(".")[0],)))]
+    if refused:
+        raise UserError(f"--resume with settings that differ from the run's {path}: {describe(refused)}; the stages "
+                        "begun used the old ones, so leave these out to continue the run, or choose another name "
+                        "(name=...) to start a new one")
+
+
+def _check_before_sampling(cfg: DistillConfig, stages: list[str]) -> None:
+    """What the stages to run need and can be checked in a moment, checked before the sampling takes its time."""
+    from ponder.metrics import require_backends
+    from ponder.models import resolve
+    from ponder.tasks import get_task
+    from ponder.templates import TEMPLATES
+
+    if "sample" in stages:
+        resolve(cfg.sample.model)
+        for spec in cfg.sample.tasks:
+            get_task(spec.name)
+    if "sft" in stages:
+        resolve(cfg.sft.model.path)
+        if cfg.sft.data.template not in (*TEMPLATES, "chat"):
+            raise UserError(f"config sft.data.template: unknown template '{cfg.sft.data.template}'; choose one of: "
+                            f"{', '.join([*TEMPLATES, 'chat'])}")
+        for f in cfg.sft.data.files:
+            if f != cfg.sample.out and not Path(f).is_file():
+                raise UserError(f"config sft.data.files: '{f}' not found; give an existing JSONL file or leave it out")
+        for spec in [*cfg.sft.data.coldstart, *cfg.sft.eval.tasks]:
+            get_task(spec.name)
+        require_backends(cfg.sft.train.log_to, "sft.train.log_to")
+
+
 def _sample_stage(cfg: DistillConfig, quiet: bool, resume: bool) -> dict:
     from ponder.sample import sample
 
@@ -104,6 +160,8 @@ def _sample_stage(cfg: DistillConfig, quiet: bool, resume: bool) -> dict:
         console.rule(f"stage sample: teacher {cfg.sample.model}")
     summary = sample(cfg.sample, progress=not quiet, resume=resume)  # an interrupted sampling continues
     if summary["accepted"] == 0:
+        # the empty traces.jsonl would make the next attempt, with looser settings, a resume of this one
+        Path(cfg.sample.out).unlink()
         raise UserError(f"no teacher answer passed the filters (see {Path(cfg.sample.out).with_suffix('.summary.json')}); "
                         "raise sample.k or sample.max_new_tokens, or loosen sample.filters")
     return {"traces": cfg.sample.out, "accepted": summary["accepted"], "unsolved_prompts": summary["unsolved_prompts"]}

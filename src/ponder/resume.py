@@ -53,7 +53,11 @@ class ResumeChanges:
     changed: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, old, new)
 
     def describe(self) -> str:
-        return ", ".join(f"{k} {_fmt(o)} -> {_fmt(n)}" for k, o, n in self.changed)
+        return describe(self.changed)
+
+
+def describe(changed: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{k} {_fmt(o)} -> {_fmt(n)}" for k, o, n in changed)
 
 
 def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
@@ -73,8 +77,7 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     safe = SAFE_ON_RESUME[command]
     unsafe = [(k, o, n) for k, o, n in changed if k not in safe]
     if unsafe and not allow_changes:
-        listed = ", ".join(f"{k} {_fmt(o)} -> {_fmt(n)}" for k, o, n in unsafe)
-        raise UserError(f"--resume with settings that differ from the run's {path}: {listed}; pass --allow-changes "
+        raise UserError(f"--resume with settings that differ from the run's {path}: {describe(unsafe)}; pass --allow-changes "
                         "to continue with them (config.yaml records each change and the step it applies from), or "
                         f"leave them out. Safe to change on resume: {', '.join(safe)}")
     return ResumeChanges(previous if isinstance(previous, list) else [previous], changed)
@@ -111,16 +114,32 @@ def record(run_dir: Path, changes: ResumeChanges, step: int) -> None:
     tmp.replace(path)
 
 
-def diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+def diff(old: dict, new: dict, lists: bool = False) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for each setting that differs. With `lists`, two lists of sections of the same length (tasks)
+    are compared item by item, so a message says tasks[0].n 20 -> 30 rather than both whole lists."""
     a, b = _flatten(old), _flatten(new)
     out = []
     for key in list(a) + [k for k in b if k not in a]:
         if key.split(".")[0] in LOCATION or key.split(".")[0] == CHANGES_KEY:
             continue
         o, n = a.get(key, _MISSING), b.get(key, _MISSING)
-        if not _same(o, n):
+        if _same(o, n):
+            continue
+        if lists and _sections(o) and _sections(n) and len(o) == len(n):
+            for i, (x, y) in enumerate(zip(o, n)):
+                out += [(f"{key}[{i}].{k}", p, q) for k, p, q in _pairs(_flatten(x), _flatten(y))]
+        else:
             out.append((key, None if o is _MISSING else o, None if n is _MISSING else n))
     return out
+
+
+def _pairs(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
+    keys = list(a) + [k for k in b if k not in a]
+    return [(k, a.get(k), b.get(k)) for k in keys if not _same(a.get(k, _MISSING), b.get(k, _MISSING))]
+
+
+def _sections(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
 
 
 def _same(a, b) -> bool:

@@ -57,6 +57,10 @@ def check(cfg: SampleConfig) -> None:
         raise UserError("config tasks is empty; name at least one task, e.g. --tasks arithmetic")
     if cfg.max_new_tokens < 1:
         raise UserError("config max_new_tokens must be at least 1")
+    from ponder.rewards.extract import MODES
+
+    if cfg.extract not in MODES:  # found out only when the first answers are scored otherwise
+        raise UserError(f"config extract: unknown answer extraction mode '{cfg.extract}'; choose one of: {', '.join(MODES)}")
     check_config(cfg.filters)
 
 
@@ -133,7 +137,9 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
 
     Rows go to <out>.partial, and <out>.partial.json records after each chunk of prompts how far it got;
     with `resume`, an interrupted run with the same settings continues after its last finished chunk
-    (chunks have their own seeds, so the result is the one an uninterrupted run writes)."""
+    (chunks have their own seeds, so the result is the one an uninterrupted run writes), and a finished one
+    is left as it is. Without `resume`, an existing output or interrupted run is an error, never overwritten;
+    so is `resume` with settings other than the run's."""
     import torch
 
     from ponder.models import load
@@ -143,6 +149,15 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     from ponder.templates import render
 
     check(cfg)
+    out = Path(cfg.out)
+    tmp, ledger = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
+    settings = _settings(cfg)
+    earlier = _earlier_run(out, tmp, ledger, settings, resume)
+    if out.exists():  # a finished run, to leave as it is (without `resume`, refused above)
+        from rich.console import Console
+
+        Console().print(f"{out} is complete ({earlier['accepted']} answers); nothing to resume", soft_wrap=True)
+        return earlier
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     problems = []  # (label, prompt_id, example)
@@ -159,17 +174,10 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
                             stop=tuple(cfg.stop))
     source = {"model": cfg.model, "template": cfg.template, "k": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
               "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop), "seed": cfg.seed}
-    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, ledger = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
-    key = json.dumps({k: v for k, v in to_dict(cfg).items() if k not in ("out", "threads", "device")}, sort_keys=True)
-    state = {"key": key, "chunks": 0, "bytes": 0, "unsolved": [], "counts": {
+    state = earlier or {"key": json.dumps(settings, sort_keys=True), "chunks": 0, "bytes": 0, "unsolved": [], "counts": {
         label: {"prompts": 0, "samples": 0, "accepted": 0, "solved_prompts": 0, "rejected": dict.fromkeys(ORDER, 0)}
         for label in task_labels(cfg.tasks)}}
-    if resume and tmp.is_file() and ledger.is_file():
-        earlier = json.loads(ledger.read_text())
-        if earlier.get("key") == key:
-            state = earlier
     counts, unsolved = state["counts"], state["unsolved"]
     per_chunk = max(1, cfg.batch_size // cfg.k)
     start = time.perf_counter()
@@ -211,11 +219,56 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
         n["solved_rate"] = n["solved_prompts"] / max(n["prompts"], 1)
     summary = {"out": str(out), "source": source, "filters": to_dict(cfg.filters), "tasks": counts,
                "accepted": sum(n["accepted"] for n in counts.values()), "unsolved_prompts": len(unsolved),
-               "seconds": round(time.perf_counter() - start, 2)}
+               "seconds": round(time.perf_counter() - start, 2), "settings": settings}
     out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     out.with_name(out.stem + ".unsolved.txt").write_text("".join(p + "\n" for p in unsolved))
     _print_summary(summary, out, progress)
     return summary
+
+
+def _settings(cfg: SampleConfig) -> dict:
+    """The settings that decide which rows a run writes (where it writes them and how fast do not)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("out", "threads", "device")}
+
+
+def _earlier_run(out: Path, tmp: Path, ledger: Path, settings: dict, resume: bool) -> dict | None:
+    """What `out` already holds: None (nothing), the summary of a finished run, or the ledger of an interrupted
+    one to continue. Anything else is refused, before a model is loaded, so that nothing written is lost."""
+    ways = "choose another --out, or delete it to sample afresh"
+    if out.exists():
+        if not resume:
+            raise UserError(f"{out} already exists; pass --resume to continue its run, {ways}")
+        summary = out.with_name(out.stem + ".summary.json")
+        if not summary.is_file():
+            raise UserError(f"--resume: {out} exists but {summary} does not, so no ponder sample run finished there; {ways}")
+        done = json.loads(summary.read_text())
+        if "settings" in done:  # summaries of older versions do not say
+            _refuse_changes(done["settings"], settings, f"the finished run in {out}", f"leave them out to keep it, or {ways}")
+        return done
+    if not (tmp.is_file() and ledger.is_file()):
+        return None  # a .partial without its ledger finished no chunk: nothing to keep
+    state = json.loads(ledger.read_text())
+    if not resume:
+        prompts = sum(n["prompts"] for n in state["counts"].values())
+        raise UserError(f"{tmp} holds an interrupted run of {out} ({prompts} prompts sampled); pass --resume to "
+                        f"continue it, choose another --out, or delete it to sample afresh")
+    _refuse_changes(json.loads(state["key"]), settings, f"the interrupted run in {tmp}",
+                    f"leave them out to continue it, or choose another --out, or delete {tmp} to sample afresh")
+    return state
+
+
+def _refuse_changes(old: dict, new: dict, run: str, ways: str) -> None:
+    """A run continues with its own settings or not at all: its rows and counts were made with them."""
+    from ponder.config import build
+    from ponder.resume import describe, diff
+
+    try:  # keys added to ponder since that run take their defaults
+        old = _settings(build(SampleConfig, old))
+    except UserError:
+        pass
+    changed = diff(old, new, lists=True)
+    if changed:
+        raise UserError(f"--resume with settings that differ from {run}: {describe(changed)}; {ways}")
 
 
 def _atomic_json(path: Path, data: dict) -> None:

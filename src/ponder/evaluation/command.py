@@ -69,6 +69,15 @@ def run(args) -> int:
         return 0
     if not args.model or not args.tasks:
         raise UserError("ponder eval needs --model and --tasks (e.g. --model tiny-base --tasks arithmetic), or --compare A B")
+    from ponder.rewards.extract import MODES
+
+    # what can be checked now is, rather than after every problem has been sampled
+    if args.extract not in MODES:
+        raise UserError(f"--extract '{args.extract}' is not an answer extraction mode; choose one of: {', '.join(MODES)}")
+    out = Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for name in ("results.json", "samples.jsonl"):
+        if (out / name).exists():
+            raise UserError(f"{out / name} already exists; choose another --out, or delete it to evaluate again")
     import torch
 
     from ponder.evaluation.runner import evaluate
@@ -101,7 +110,6 @@ def run(args) -> int:
         "data_seed": args.data_seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
     }
     result = head | result
-    out = Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     write_results(out, result, samples)
     console = _console()
     console.print(compare_table([result], [Path(args.model).name]))
