@@ -107,10 +107,10 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
 def _refuse_changes(cfg: DistillConfig, begun: dict, done: dict) -> None:
     """A stage that has begun keeps the settings it began with: the traces and the student were made with them."""
     from ponder.config import build
-    from ponder.resume import SAFE_ON_RESUME, _load, describe, diff
+    from ponder.resume import SAFE_ON_RESUME, describe, diff, load_saved
 
     path = cfg.run_dir / "config.yaml"
-    saved = _load(path)
+    saved = load_saved(path)
     if saved is None:
         return
     try:  # keys added to ponder since the run started take their defaults

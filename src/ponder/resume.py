@@ -63,7 +63,7 @@ def describe(changed: list[tuple[str, Any, Any]]) -> str:
 def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     """Compare `cfg` with the run's config.yaml; raise for changes that are not safe unless allowed."""
     path = cfg.run_dir / "config.yaml"
-    saved = _load(path)
+    saved = load_saved(path)
     if saved is None:
         return ResumeChanges()
     previous = saved.pop(CHANGES_KEY, None) or []
@@ -105,7 +105,7 @@ def record(run_dir: Path, changes: ResumeChanges, step: int) -> None:
     if not changes.previous and not changes.changed:
         return
     path = Path(run_dir) / "config.yaml"
-    data = _load(path) or {}
+    data = load_saved(path) or {}
     data.pop(CHANGES_KEY, None)
     new = [{"key": k, "old": _plain(o), "new": _plain(n), "from_step": step + 1} for k, o, n in changes.changed]
     data[CHANGES_KEY] = list(changes.previous) + new
@@ -158,7 +158,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _load(path: Path) -> dict | None:
+def load_saved(path: Path) -> dict | None:
+    """A run's config.yaml as a dict, or None where there is none (or it does not parse)."""
     if not path.is_file():
         return None
     try:
