@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ponder: training stopped: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("ponder: interrupted; resume with --resume from the last checkpoint", file=sys.stderr)
+        print("ponder: interrupted; --resume continues from the last checkpoint, if one was written (else run again)", file=sys.stderr)
         return 130
     return 0
 
