@@ -172,3 +172,36 @@ def test_pretrain_refuses_to_overwrite_a_model_before_training(error_line):
     assert line == (f"ponder: error: pretrain: output {base} already holds files (a model?); pass --overwrite to "
                     "replace them, or set output=DIR to a new directory")
     assert {p.name: p.stat().st_mtime_ns for p in base.iterdir()} == before
+
+
+RANGE_ERRORS = [  # (command line, the line a user sees)
+    (["rollout.temperature=-1"], "config rollout.temperature must be 0 (greedy) or more; got -1"),
+    (["rollout.top_p=2"], "config rollout.top_p must be in (0, 1]; got 2"),
+    (["rollout.max_new_tokens=0"], "config rollout.max_new_tokens must be at least 1; got 0"),
+    (["rollout.prompts_per_step=0"], "config rollout.prompts_per_step must be at least 1; got 0"),  # was a traceback
+    (["algorithm.eps_low=-1"], "config algorithm.eps_low must be in [0, 1) (the ratio is clipped below at 1 - eps_low); got -1"),
+    (["algorithm.beta=-0.1"], "config algorithm.beta must be 0 (no KL term) or more; got -0.1"),
+    (["optim.lr=-1"], "config optim.lr must be 0 (weights frozen) or more; got -1"),  # was torch's traceback
+    (["optim.warmup_steps=-3"], "config optim.warmup_steps must be 0 or more; got -3"),
+    (["train.save_every=-1"], "config train.save_every must be 0 (only at the end) or more; got -1"),
+    (["train.steps=0"], "config train.steps must be at least 1; got 0"),
+    (["eval.k=0"], "config eval.k must be at least 1; got 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,line", RANGE_ERRORS)
+def test_settings_out_of_range_are_one_line_before_anything_runs(tmp_path, error_line, overrides, line):
+    assert error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", *overrides) == f"ponder: error: {line}"
+    assert not (tmp_path / "run").exists() and not any(tmp_path.iterdir())
+
+
+def test_sampling_flags_out_of_range_are_one_line(tmp_path, error_line):
+    common = ["--model", "tiny-random", "--tasks", "first_digit", "--out", str(tmp_path / "e")]
+    assert error_line("eval", *common, "--temperature", "-1") == "ponder: error: --temperature must be 0 or more; got -1"
+    assert error_line("eval", *common, "--top-p", "5") == "ponder: error: --top-p must be in (0, 1]; got 5"
+    assert error_line("eval", *common, "--max-tokens", "0") == "ponder: error: --max-tokens must be at least 1; got 0"
+    assert error_line("sample", "--model", "tiny-random", "--tasks", "first_digit", "--temperature", "-1",
+                      "--out", str(tmp_path / "s.jsonl")) == "ponder: error: config temperature must be 0 (greedy) or more; got -1"
+    assert error_line("sft", "recipes/coldstart-tiny.yaml", f"output_dir={tmp_path}", "optim.lr=-1") == (
+        "ponder: error: config optim.lr must be 0 (weights frozen) or more; got -1")
+    assert not any(tmp_path.iterdir())

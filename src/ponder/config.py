@@ -465,10 +465,59 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfi
     return cfg
 
 
+def need(ok: bool, key: str, value, allowed: str) -> None:
+    """One line for a setting out of its range: the key, what was given, what is allowed."""
+    if not ok:
+        raise UserError(f"config {key} must be {allowed}; got {shown(value)}")
+
+
+def shown(value) -> str:
+    """A setting's value as a user wrote it: 2 for a float field given 2, not 2.0."""
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
+def check_sampling(prefix: str, temperature: float, top_p: float, max_new_tokens: int | None, k: int | None = None) -> None:
+    """The sampling settings every command shares (temperature 0 is greedy decoding)."""
+    need(temperature >= 0, f"{prefix}temperature", temperature, "0 (greedy) or more")
+    need(0 < top_p <= 1, f"{prefix}top_p", top_p, "in (0, 1]")
+    if max_new_tokens is not None:
+        need(max_new_tokens >= 1, f"{prefix}max_new_tokens", max_new_tokens, "at least 1")
+    if k is not None:
+        need(k >= 1, f"{prefix}k", k, "at least 1")
+
+
+def check_optim(o: OptimConfig, prefix: str = "optim.") -> None:
+    need(o.lr >= 0, f"{prefix}lr", o.lr, "0 (weights frozen) or more")
+    need(o.weight_decay >= 0, f"{prefix}weight_decay", o.weight_decay, "0 or more")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"{prefix}betas", list(o.betas), "two numbers in [0, 1)")
+    need(o.warmup_steps >= 0, f"{prefix}warmup_steps", o.warmup_steps, "0 or more")
+    need(o.grad_clip >= 0, f"{prefix}grad_clip", o.grad_clip, "0 (off) or more")
+    need(o.token_budget is None or o.token_budget >= 1, f"{prefix}token_budget", o.token_budget, "at least 1 (or unset)")
+
+
 def validate(cfg) -> None:
     if not isinstance(cfg, RunConfig):
         return
-    a, r = cfg.algorithm, cfg.rollout
+    a, r, t = cfg.algorithm, cfg.rollout, cfg.train
+    need(r.group_size >= 1, "rollout.group_size", r.group_size, "at least 1")
+    need(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "at least 1")
+    need(r.top_k >= 0, "rollout.top_k", r.top_k, "0 (off) or more")
+    need(r.generation_batch >= 1, "rollout.generation_batch", r.generation_batch, "at least 1")
+    check_sampling("rollout.", r.temperature, r.top_p, r.max_new_tokens)
+    need(0 <= a.eps_low < 1, "algorithm.eps_low", a.eps_low, "in [0, 1) (the ratio is clipped below at 1 - eps_low)")
+    need(a.eps_high >= 0, "algorithm.eps_high", a.eps_high, "0 or more")
+    need(a.beta >= 0, "algorithm.beta", a.beta, "0 (no KL term) or more")
+    need(a.ref_reset_every >= 0, "algorithm.ref_reset_every", a.ref_reset_every, "0 (never) or more")
+    need(a.max_resample_rounds >= 0, "algorithm.max_resample_rounds", a.max_resample_rounds, "0 or more")
+    need(t.steps >= 1, "train.steps", t.steps, "at least 1")
+    need(t.save_every >= 0, "train.save_every", t.save_every, "0 (only at the end) or more")
+    need(t.keep_last >= 1, "train.keep_last", t.keep_last, "at least 1")
+    need(t.log_samples >= 0, "train.log_samples", t.log_samples, "0 or more")
+    need(t.threads >= 0, "train.threads", t.threads, "0 (torch's default) or more")
+    e = cfg.eval
+    need(e.every >= 0, "eval.every", e.every, "0 (at the end only) or more")
+    check_sampling("eval.", e.temperature, e.top_p, e.max_new_tokens, e.k)
+    check_optim(cfg.optim)
     if r.group_size < 2 and cfg.algorithm.advantage != "none":
         raise UserError("config rollout.group_size must be at least 2 for group-relative advantages")
     if a.advantage == "rloo" and r.group_size < 2:
@@ -481,8 +530,6 @@ def validate(cfg) -> None:
         raise UserError("config data.tasks is empty; name at least one task")
     if not cfg.rewards:
         raise UserError("config rewards is empty; name at least one reward, e.g. rewards: {accuracy: 1.0}")
-    if cfg.optim.token_budget is not None and cfg.optim.token_budget < 1:
-        raise UserError("config optim.token_budget must be positive")
     _validate_guardrails(cfg.guardrails)
     from ponder.metrics import check_log_to
 

@@ -55,9 +55,10 @@ def check(cfg: SampleConfig) -> None:
         raise UserError(f"config k must be at least 1 (answers per prompt); got {cfg.k}")
     if not cfg.tasks:
         raise UserError("config tasks is empty; name at least one task, e.g. --tasks arithmetic")
-    if cfg.max_new_tokens < 1:
-        raise UserError("config max_new_tokens must be at least 1")
+    from ponder.config import check_sampling
     from ponder.rewards.extract import MODES
+
+    check_sampling("", cfg.temperature, cfg.top_p, cfg.max_new_tokens)
 
     if cfg.extract not in MODES:  # found out only when the first answers are scored otherwise
         raise UserError(f"config extract: unknown answer extraction mode '{cfg.extract}'; choose one of: {', '.join(MODES)}")

@@ -74,6 +74,13 @@ def run(args) -> int:
     # what can be checked now is, rather than after every problem has been sampled
     if args.extract not in MODES:
         raise UserError(f"--extract '{args.extract}' is not an answer extraction mode; choose one of: {', '.join(MODES)}")
+    for flag, ok, allowed in (("--k", args.k >= 1, "at least 1"), ("--temperature", args.temperature >= 0, "0 or more"),
+                              ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
+                              ("--max-tokens", args.max_tokens is None or args.max_tokens >= 1, "at least 1")):
+        if not ok:
+            from ponder.config import shown
+
+            raise UserError(f"{flag} must be {allowed}; got {shown(getattr(args, flag[2:].replace('-', '_')))}")
     out = Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     for name in ("results.json", "samples.jsonl"):
         if (out / name).exists():

@@ -65,8 +65,11 @@ def check(cfg: SFTConfig) -> None:
         raise UserError("config train.epochs must be positive")
     if cfg.data.max_len is not None and cfg.data.max_len < 2:
         raise UserError("config data.max_len must be at least 2 tokens")
-    if cfg.optim.token_budget is not None and cfg.optim.token_budget < 1:
-        raise UserError("config optim.token_budget must be positive")
+    from ponder.config import check_optim, need
+
+    need(t.save_every >= 0, "train.save_every", t.save_every, "0 (only at the end) or more")
+    need(t.keep_last >= 1, "train.keep_last", t.keep_last, "at least 1")
+    check_optim(cfg.optim)
     from ponder.metrics import check_log_to
 
     check_log_to(t.log_to)
