@@ -205,3 +205,18 @@ def test_sampling_flags_out_of_range_are_one_line(tmp_path, error_line):
     assert error_line("sft", "recipes/coldstart-tiny.yaml", f"output_dir={tmp_path}", "optim.lr=-1") == (
         "ponder: error: config optim.lr must be 0 (weights frozen) or more; got -1")
     assert not any(tmp_path.iterdir())
+
+
+def test_overrides_may_follow_the_flags(tmp_path, capsys):
+    """`ponder train RECIPE --resume train.steps=2` as `... train.steps=2 --resume` (argparse alone rejected it with
+    the top-level usage line); what is not key=value after a flag stays an error."""
+    from ponder.cli import main
+
+    base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=r", "rollout.prompts_per_step=4"]
+    assert main(base + ["train.steps=1"]) == 0
+    assert main(base + ["--resume", "train.steps=2"]) == 0
+    assert [json.loads(l)["step"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(base + ["--resume", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

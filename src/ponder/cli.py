@@ -45,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after a flag (`ponder train R --resume train.steps=7`): argparse stops filling the
+    # positional list at the first flag and leaves the rest over; they are overrides all the same
+    rest = next((getattr(args, k) for k in ("overrides", "args") if isinstance(getattr(args, k, None), list)), None)
+    if extra and rest is not None and all("=" in x and not x.startswith("-") for x in extra):
+        rest += extra
+    elif extra:
+        parser.parse_args(argv)  # argparse's own one-line error for what is really unknown
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
