@@ -220,3 +220,14 @@ def test_overrides_may_follow_the_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--resume", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_recipe_given_to_another_command_is_named_as_that_commands(error_line):
+    """A distill recipe to `ponder sample` had the hint "did you mean 'tasks.name'?"; a GRPO recipe to `ponder sft`
+    one about data.tasks. A recipe of the command's own kind keeps its key suggestions."""
+    line = error_line("sample", "recipes/distill-tiny.yaml")
+    assert line == ("ponder: error: unknown config key 'name'; this recipe is one for `ponder distill` (its keys are "
+                    "that command's): run it with `ponder distill`")
+    line = error_line("sft", "recipes/zero-tiny.yaml")
+    assert line.endswith("this recipe is one for `ponder train` (its keys are that command's): run it with `ponder train`")
+    assert error_line("train", "recipes/zero-tiny.yaml", "optim.lrr=1") == "ponder: error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"

@@ -364,9 +364,34 @@ def build(cls, data: dict, where: str = ""):
         token = _root.set(cls)
         try:
             return _build(cls, data, where)
+        except UserError as e:
+            other = _other_command(cls, data) if str(e).startswith("unknown config key") else ""
+            if other:  # the suggestion of a key would mislead: the whole recipe is another command's
+                raise UserError(f"{str(e).split(';')[0]}{other}") from None
+            raise
         finally:
             _root.reset(token)
     return _build(cls, data, where)
+
+
+RECIPE_CLASSES = {"train": ("ponder.config", "RunConfig"), "sft": ("ponder.sft.config", "SFTConfig"),
+                  "sample": ("ponder.sample", "SampleConfig"), "distill": ("ponder.distill", "DistillConfig"),
+                  "pretrain": ("ponder.pretrain", "PretrainConfig")}
+
+
+def _other_command(cls, data: dict) -> str:
+    """'; ... `ponder X` ...' when every top-level key of `data` is one of another command's and not all are
+    `cls`'s: the recipe was given to the wrong command."""
+    import importlib
+
+    keys = set(data)
+    if keys <= {f.name for f in dataclasses.fields(cls)}:  # its own kind of recipe, with a wrong key inside
+        return ""
+    for command, (module, name) in RECIPE_CLASSES.items():
+        other = getattr(importlib.import_module(module), name)
+        if other is not cls and keys <= {f.name for f in dataclasses.fields(other)}:
+            return f"; this recipe is one for `ponder {command}` (its keys are that command's): run it with `ponder {command}`"
+    return ""
 
 
 def _build(cls, data: dict, where: str):
