@@ -155,6 +155,7 @@ class GRPOTrainer:
                                          n_total=n_total, tokens_total=distributed.sum_all(sum(lengths)))
         for s, w in zip(samples, weights):
             s.weight = w
+        # samples with no gradient (zero advantage, train.skip_zero_advantage): counted above, forward only below
         idle = [s for s in samples if self._idle(s)]
         samples = [s for s in samples if not self._idle(s)]
         batches = self.policy_pass.micro_batches(samples, self.token_budget())
