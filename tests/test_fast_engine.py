@@ -586,3 +586,20 @@ def test_bf16_copy_rounds_norms_and_biases_where_autocast_would(monkeypatch):
     assert wide.fwd.narrow is None
     assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in want]
     assert [[c.logprobs for c in g] for g in got] == [[c.logprobs for c in g] for g in want]
+
+
+def test_triton_attention_on_the_cpu_says_what_runs_and_decodes_as_auto(capsys):
+    """`attention: triton` is a CUDA kernel: on the CPU its torch reference runs, with a notice (it had run silently,
+    slower than auto), and greedy tokens equal auto's."""
+    from ponder.models import load
+    from ponder.rollout import SamplingParams
+    from ponder.rollout.fast import FastEngine
+
+    model, tok = load("tiny-random", seed=1)
+    params = SamplingParams(n=2, temperature=0, max_tokens=6)
+    prompts = [tok.encode("12+3="), tok.encode("7*8=")]
+    auto = FastEngine(model, tok).generate(prompts, params)
+    capsys.readouterr()
+    triton = FastEngine(model, tok, attention="triton").generate(prompts, params)
+    assert "attention 'triton' is a CUDA kernel; here its torch reference runs" in capsys.readouterr().err
+    assert [[c.token_ids for c in o] for o in triton] == [[c.token_ids for c in o] for o in auto]

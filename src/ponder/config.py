@@ -536,7 +536,7 @@ def validate(cfg) -> None:
     need(a.max_resample_rounds >= 0, "algorithm.max_resample_rounds", a.max_resample_rounds, "0 or more")
     need(t.steps >= 1, "train.steps", t.steps, "at least 1")
     need(t.save_every >= 0, "train.save_every", t.save_every, "0 (only at the end) or more")
-    need(t.keep_last >= 1, "train.keep_last", t.keep_last, "at least 1")
+    need(t.keep_last >= 0, "train.keep_last", t.keep_last, "0 (keep every checkpoint) or more")
     need(t.log_samples >= 0, "train.log_samples", t.log_samples, "0 or more")
     need(t.threads >= 0, "train.threads", t.threads, "0 (torch's default) or more")
     e = cfg.eval

@@ -296,6 +296,9 @@ class FastEngine(RolloutEngine):
                                    dtype, device, attention, self.fused, autocast=narrow, products=self.products)
             if self.products == "triton" and device.type != "cuda":
                 notice("fast engine: products 'triton' runs on CUDA only; using torch's products here")
+            if self.attention == "triton" and device.type != "cuda":
+                notice("fast engine: attention 'triton' is a CUDA kernel; here its torch reference runs (slower than "
+                       "attention auto, two matrix products)")
             self.weights_sig = sig
         elif f.blocks < blocks:
             self.grow_pool(f, blocks - f.blocks)

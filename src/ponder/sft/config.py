@@ -68,7 +68,7 @@ def check(cfg: SFTConfig) -> None:
     from ponder.config import check_optim, need
 
     need(t.save_every >= 0, "train.save_every", t.save_every, "0 (only at the end) or more")
-    need(t.keep_last >= 1, "train.keep_last", t.keep_last, "at least 1")
+    need(t.keep_last >= 0, "train.keep_last", t.keep_last, "0 (keep every checkpoint) or more")
     check_optim(cfg.optim)
     from ponder.metrics import check_log_to
 
