@@ -136,8 +136,8 @@ def test_a_reward_option_that_is_no_parameter_is_named_with_the_one_meant():
 
 
 def test_an_error_inside_a_reward_of_ones_own_is_one_line_with_its_place_and_the_column_that_shadowed_a_default(tmp_path):
-    """A brevity reward with a `target=200` default on Countdown examples, whose `target` column takes the place of the default
-    `target=200`: the error names the reward, the exception, file and line, and the shadowing column."""
+    """A brevity reward with a `target=200` default on Countdown examples, whose `target` column takes the
+    default's place: the error names the reward, the exception, file and line, and the shadowing column."""
     (tmp_path / "my_rewards.py").write_text(
         "def brevity(completions, *, prompts, target=200, **columns):\n"
         "    return [min(1.0, target / max(len(c), 1)) for c in completions]\n")
