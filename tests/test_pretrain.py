@@ -87,7 +87,7 @@ def test_config_mistakes_are_user_errors(tmp_path):
         pretrain(small(tmp_path, shape="huge", corpus_chars=1000))
     with pytest.raises(UserError, match="sizes.hiden_size: not a LlamaConfig field"):
         pretrain(small(tmp_path, sizes={"hiden_size": 8}, corpus_chars=1000))
-    with pytest.raises(UserError, match="block <= max_len"):
+    with pytest.raises(UserError, match=r"config block must be at most max_len \(256\), the positions the model has; got 512"):
         pretrain(small(tmp_path, block=512, max_len=256))
 
 

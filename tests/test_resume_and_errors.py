@@ -269,3 +269,12 @@ def test_settings_at_the_edge_of_their_range_keep_their_meaning(tmp_path):
                                                          "optim.grad_clip=0", "train.save_every=0", "train.keep_last=0",
                                                          "algorithm.beta=0", "optim.lr=0"])
     assert (cfg.rollout.temperature, cfg.optim.grad_clip, cfg.train.keep_last) == (0, 0, 0)
+
+
+def test_pretrain_settings_out_of_range_are_one_line(tmp_path, error_line):
+    common = ["pretrain", "recipes/pretrain-tiny.yaml", f"output={tmp_path / 'base'}"]
+    assert error_line(*common, "steps=0") == "ponder: error: config steps must be at least 1; got 0"
+    assert error_line(*common, "lr=-1") == "ponder: error: config lr must be 0 or more; got -1"
+    assert error_line(*common, "block=2048") == ("ponder: error: config block must be at most max_len (1024), the "
+                                                 "positions the model has; got 2048")
+    assert not any(tmp_path.iterdir())

@@ -344,8 +344,7 @@ def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, override
     from ponder.models import save
 
     console = console or Console()
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.block < 2 or cfg.block > cfg.max_len:
-        raise UserError("config: need steps >= 1, batch_size >= 1 and 2 <= block <= max_len")
+    check(cfg)
     torch.manual_seed(cfg.seed)
     tokenizer = pretrain_tokenizer(cfg)  # before the corpus is written: a wrong name costs no time
     t0 = time.time()
@@ -428,10 +427,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "pretrain", help="pretrain a tiny base model on the synthetic corpus", description=DESCRIPTION))
 
 
+def check(cfg: PretrainConfig) -> None:
+    """The settings' ranges, before a corpus is written or a step is taken."""
+    from ponder.config import need
+
+    for key in ("steps", "batch_size", "max_len", "corpus_chars", "log_every"):
+        need(getattr(cfg, key) >= 1, key, getattr(cfg, key), "at least 1")
+    need(cfg.block >= 2, "block", cfg.block, "at least 2 (a token and the next)")
+    need(cfg.block <= cfg.max_len, "block", cfg.block, f"at most max_len ({cfg.max_len}), the positions the model has")
+    for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "workers", "threads"):
+        need(getattr(cfg, key) >= 0, key, getattr(cfg, key), "0 or more")
+
+
 def run(args) -> int:
     from ponder.config import load_config
 
     cfg = load_config(args.recipe, args.overrides, cls=PretrainConfig)
+    check(cfg)
     if args.probe_only:
         probe_only(cfg, args.recipe)
         return 0
