@@ -56,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ponder import distributed
+
+    clean = False
     try:
         args.func(args)
+        clean = True
     except UserError as e:
         print(f"ponder: error: {e}", file=sys.stderr)
         return 2
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ponder: interrupted; --resume continues from the last checkpoint, if one was written (else run again)", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown(clean)
     return 0
 
 
