@@ -443,7 +443,6 @@ def run(args) -> int:
     from ponder.config import load_config
 
     cfg = load_config(args.recipe, args.overrides, cls=PretrainConfig)
-    check(cfg)
     if args.probe_only:
         probe_only(cfg, args.recipe)
         return 0

@@ -117,23 +117,20 @@ def record(run_dir: Path, changes: ResumeChanges, step: int) -> None:
 def diff(old: dict, new: dict, lists: bool = False) -> list[tuple[str, Any, Any]]:
     """(key, old, new) for each setting that differs. With `lists`, two lists of sections of the same length (tasks)
     are compared item by item, so a message says tasks[0].n 20 -> 30 rather than both whole lists."""
-    a, b = _flatten(old), _flatten(new)
     out = []
-    for key in list(a) + [k for k in b if k not in a]:
+    for key, o, n in _pairs(_flatten(old), _flatten(new)):
         if key.split(".")[0] in LOCATION or key.split(".")[0] == CHANGES_KEY:
-            continue
-        o, n = a.get(key, _MISSING), b.get(key, _MISSING)
-        if _same(o, n):
             continue
         if lists and _sections(o) and _sections(n) and len(o) == len(n):
             for i, (x, y) in enumerate(zip(o, n)):
                 out += [(f"{key}[{i}].{k}", p, q) for k, p, q in _pairs(_flatten(x), _flatten(y))]
         else:
-            out.append((key, None if o is _MISSING else o, None if n is _MISSING else n))
+            out.append((key, o, n))
     return out
 
 
 def _pairs(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) of the flattened settings that differ, a missing one as None."""
     keys = list(a) + [k for k in b if k not in a]
     return [(k, a.get(k), b.get(k)) for k in keys if not _same(a.get(k, _MISSING), b.get(k, _MISSING))]
 

@@ -23,8 +23,8 @@ import difflib
 import inspect
 import numbers
 import traceback
-from math import isnan
-from pathlib import Path  # (a plain `import math` would be shadowed by the submodule ponder.rewards.math)
+from math import isnan  # (a plain `import math` would be shadowed by the submodule ponder.rewards.math)
+from pathlib import Path
 from typing import Any, Callable
 
 from ponder.errors import UserError
