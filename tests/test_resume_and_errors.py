@@ -186,6 +186,10 @@ RANGE_ERRORS = [  # (command line, the line a user sees)
     (["train.save_every=-1"], "config train.save_every must be 0 (only at the end) or more; got -1"),
     (["train.steps=0"], "config train.steps must be at least 1; got 0"),
     (["eval.k=0"], "config eval.k must be at least 1; got 0"),
+    (["data.tasks=[{name: first_digit, n: 0}]"],  # was the task's default count, silently
+     "config data.tasks[0].n must be at least 1 (or unset: the task's default); got 0"),
+    (["data.tasks=[{name: first_digit}, {name: first_digit, weight: 0.2}]"],  # was counted once, as weight 1
+     "config data.tasks[1].weight must be at least 0.5 (examples repeat by the rounded weight); got 0.2"),
 ]
 
 
@@ -200,6 +204,9 @@ def test_sampling_flags_out_of_range_are_one_line(tmp_path, error_line):
     assert error_line("eval", *common, "--temperature", "-1") == "ponder: error: --temperature must be 0 or more; got -1"
     assert error_line("eval", *common, "--top-p", "5") == "ponder: error: --top-p must be in (0, 1]; got 5"
     assert error_line("eval", *common, "--max-tokens", "0") == "ponder: error: --max-tokens must be at least 1; got 0"
+    assert error_line("eval", *common, "--n", "-2") == "ponder: error: --n must be at least 1 (or left out: the task's default); got -2"
+    assert error_line("sample", "--model", "tiny-random", "--n", "0", "--out", str(tmp_path / "s.jsonl")) == (
+        "ponder: error: config tasks[0].n must be at least 1 (or unset: the task's default); got 0")  # 0 was "all"
     assert error_line("sample", "--model", "tiny-random", "--tasks", "first_digit", "--temperature", "-1",
                       "--out", str(tmp_path / "s.jsonl")) == "ponder: error: config temperature must be 0 (greedy) or more; got -1"
     assert error_line("sft", "recipes/coldstart-tiny.yaml", f"output_dir={tmp_path}", "optim.lr=-1") == (

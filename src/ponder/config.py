@@ -511,6 +511,14 @@ def check_sampling(prefix: str, temperature: float, top_p: float, max_new_tokens
         need(k >= 1, f"{prefix}k", k, "at least 1")
 
 
+def check_tasks(key: str, specs: list[TaskSpec]) -> None:
+    """Each task's count and weight: n=0 or a negative n would otherwise take a task's default or a tail of its
+    examples, and a weight that rounds to 0 would still count once."""
+    for i, spec in enumerate(specs):
+        need(spec.n is None or spec.n >= 1, f"{key}[{i}].n", spec.n, "at least 1 (or unset: the task's default)")
+        need(spec.weight >= 0.5, f"{key}[{i}].weight", spec.weight, "at least 0.5 (examples repeat by the rounded weight)")
+
+
 def check_optim(o: OptimConfig, prefix: str = "optim.") -> None:
     need(o.lr >= 0, f"{prefix}lr", o.lr, "0 (weights frozen) or more")
     need(o.weight_decay >= 0, f"{prefix}weight_decay", o.weight_decay, "0 or more")
@@ -553,6 +561,8 @@ def validate(cfg) -> None:
         raise UserError("config rollout.prompts_per_step must be divisible by algorithm.minibatches")
     if not cfg.data.tasks:
         raise UserError("config data.tasks is empty; name at least one task")
+    check_tasks("data.tasks", cfg.data.tasks)
+    check_tasks("eval.tasks", e.tasks)
     if not cfg.rewards:
         raise UserError("config rewards is empty; name at least one reward, e.g. rewards: {accuracy: 1.0}")
     _validate_guardrails(cfg.guardrails)

@@ -55,9 +55,10 @@ def check(cfg: SampleConfig) -> None:
         raise UserError(f"config k must be at least 1 (answers per prompt); got {cfg.k}")
     if not cfg.tasks:
         raise UserError("config tasks is empty; name at least one task, e.g. --tasks arithmetic")
-    from ponder.config import check_sampling
+    from ponder.config import check_sampling, check_tasks
     from ponder.rewards.extract import MODES
 
+    check_tasks("tasks", cfg.tasks)
     check_sampling("", cfg.temperature, cfg.top_p, cfg.max_new_tokens)
 
     if cfg.extract not in MODES:  # found out only when the first answers are scored otherwise
@@ -110,10 +111,10 @@ def _run_cli(args) -> None:
         from ponder.evaluation.command import parse_options, parse_tasks
 
         cfg.tasks = [s for _, s in parse_tasks(args.tasks, split=args.split or "train", n=args.n, options=parse_options(args.option))]
-    elif args.split or args.n or args.option:
+    elif args.split or args.n is not None or args.option:
         for spec in cfg.tasks:
             spec.split = args.split or spec.split
-            spec.n = args.n or spec.n
+            spec.n = args.n if args.n is not None else spec.n
             spec.options.update(_options(args.option))
     check(cfg)
     sample(cfg, progress=not args.quiet, resume=args.resume)
