@@ -203,3 +203,13 @@ def test_later_stages_are_checked_before_the_teacher_samples(tmp_path, teacher_e
     line = error_line("distill", str(tmp_path / "d.yaml"), f"sft.data.files=[{tmp_path / 'gone.jsonl'}]")
     assert line == f"ponder: error: config sft.data.files: '{tmp_path / 'gone.jsonl'}' not found; give an existing JSONL file or leave it out"
     assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()
+
+
+def test_a_setting_out_of_range_is_named_by_its_section(tmp_path, teacher_engine, error_line):
+    """The sample and sft checks name keys from their own top level; in a distill recipe the key is sample.k."""
+    make_cfg(tmp_path, "tiny-random")
+    assert error_line("distill", str(tmp_path / "d.yaml"), "sample.k=0") == (
+        "ponder: error: config sample.k must be at least 1 (answers per prompt); got 0")
+    assert error_line("distill", str(tmp_path / "d.yaml"), "sft.optim.lr=-1") == (
+        "ponder: error: config sft.optim.lr must be 0 (weights frozen) or more; got -1")
+    assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()

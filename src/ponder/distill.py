@@ -54,8 +54,12 @@ def load_distill_config(path, overrides=()) -> DistillConfig:
     cfg.sft.output_dir, cfg.sft.name = str(run), "student"
     if cfg.sample.out not in cfg.sft.data.files:
         cfg.sft.data.files = [cfg.sample.out, *cfg.sft.data.files]
-    check_sample(cfg.sample)
-    check_sft(cfg.sft)
+    for section, check in (("sample", check_sample), ("sft", check_sft)):
+        try:
+            check(getattr(cfg, section))
+        except UserError as e:  # the commands' own checks name their keys from their own top level
+            msg = str(e)
+            raise UserError(msg.replace("config ", f"config {section}.", 1) if msg.startswith("config ") else msg) from None
     return cfg
 
 
