@@ -262,3 +262,67 @@ def test_keep_freed_memory_holds_pages_across_large_tensors():
     for _ in range(4):
         torch.ones(8 << 20).sum()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2000  # a fresh 32 MiB would be 8192 each
+
+
+def _lora(model, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():  # B non-zero, so that the adapters move the log-probs and A has a gradient
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    return model
+
+
+def test_lora_under_mixed_keeps_its_frozen_base_in_bf16_and_computes_the_same_bit_for_bit():
+    """mixed over a float32 base: autocast casts each base matrix to bf16 at every product and keeps the cast for
+    backward. Stored in bf16 once instead (half the base's memory), the same passes give the same log-probs and
+    adapter gradients to the last bit, for a base whose values bf16 holds exactly (as a model shipped in bf16)."""
+    import copy
+
+    from ponder.models import load, narrow_frozen_matrices
+    from ponder.rl.batching import Sample
+    from ponder.rl.packed import packed_logprobs
+
+    base, _ = load("tiny-random", dtype=torch.float32)
+    for p in base.parameters():
+        p.data = p.data.to(torch.bfloat16).float()
+    wide = _lora(base)
+    narrow = copy.deepcopy(wide)
+    n = narrow_frozen_matrices(narrow)
+    dtypes = {name: p.dtype for name, p in narrow.named_parameters()}
+    assert n == sum(p.numel() for name, p in narrow.named_parameters() if dtypes[name] == torch.bfloat16) > 0
+    assert all(dtypes[name] == torch.float32 for name in dtypes if "lora_" in name or "norm" in name or "embed" in name)
+    assert all(dtypes[name] == torch.bfloat16 for name in dtypes if "base_layer" in name or "k_proj" in name)
+    g = torch.Generator().manual_seed(1)
+    batch = [Sample(torch.randint(3, 40, (7,), generator=g).tolist(), torch.randint(3, 40, (k,), generator=g).tolist())
+             for k in (5, 9, 3)]
+    out = {}
+    for tag, model in (("wide", wide), ("narrow", narrow)):
+        lp, _, mask = packed_logprobs(model, batch, "cpu", autocast=True)
+        (lp * mask).sum().backward()
+        out[tag] = lp.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    assert torch.equal(out["wide"][0], out["narrow"][0])
+    assert out["wide"][1].keys() == out["narrow"][1].keys() and len(out["wide"][1]) > 0
+    assert all(torch.equal(out["wide"][1][k], out["narrow"][1][k]) for k in out["wide"][1])
+
+
+def test_a_lora_run_under_mixed_trains_and_exports_float32(smoke_cfg, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ponder.models import save
+    from ponder.rl.trainer import GRPOTrainer
+
+    cfg = smoke_cfg("name=lora-mixed", "train.precision=mixed", "model.lora={r: 4, alpha: 8}",
+                    "rewards={test_char_hash: 1.0}", "optim.lr=0.01", "rollout.max_new_tokens=4")
+    t = GRPOTrainer(cfg)
+    frozen = {p.dtype for n, p in t.model.named_parameters() if "base_layer" in n}
+    assert frozen == {torch.bfloat16} and {p.dtype for p in t.model.parameters() if p.requires_grad} == {torch.float32}
+    assert t.step()["grad_norm"] > 0  # rollouts (under autocast, as the passes) and the update ran
+    save(t.model, t.tokenizer, tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype="auto")
+    assert {p.dtype for p in exported.parameters()} == {torch.float32}
+    merged = t.model.base_model.model.model.layers[0].self_attn.q_proj
+    want = merged.base_layer.weight.float() + merged.get_delta_weight("default").float()
+    assert torch.equal(exported.model.layers[0].self_attn.q_proj.weight, want.cpu())

@@ -7,7 +7,10 @@ none of them owns them: each imports them from here.
 - fp32: float32 weights, gradients, AdamW state and compute; no autocast, on CUDA either. CPU runs repeat
   bit for bit.
 - mixed: float32 master weights, gradients and AdamW state (16 bytes a parameter); forward and backward
-  under bf16 autocast (bf16 matrix products, float32 residual stream and reductions).
+  under bf16 autocast (bf16 matrix products, float32 residual stream and reductions). With LoRA, the frozen
+  base's matrices are stored in bf16 (ponder.models.narrow_frozen_matrices: what autocast would cast them to
+  at every product, bit for bit), the adapters, embeddings and norms in float32; auto still decides by the
+  float32 base (FROZEN_BYTES), so the choice does not move.
 - bf16: bfloat16 weights and gradients, and KahanAdamW (ponder.optim), which keeps the part of each update
   that bf16 rounding drops; no autocast (the products are bf16 because the weights are). 14 bytes a
   parameter, 10 with optim.moment_dtype=bf16.

@@ -78,7 +78,8 @@ class GRPOTrainer:
         # sharded, each rank holds its share of the weights, gradients and optimizer state: auto counts that share
         shards = self.world if self.sharding != "none" else 1
         chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, self.rank == 0, last, shards)
-        self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser)
+        self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser,
+                                                           narrow_frozen=self.sharding == "none")
         self.precision = chooser.chosen
         self.ref = self._make_reference()
         self.rollout_weights = self._shard() if self.sharding != "none" else None

@@ -89,11 +89,13 @@ def shadow_dtype(model) -> torch.dtype | None:
     (bfloat16 linear layers beside float32 embeddings and norms: ponder.rollout.fast.RolloutCopy's shadow,
     ponder.sharding.RolloutWeights). Engines run such a model under autocast to that dtype, which computes what
     autocast over the float32 model does. None for a model of one precision."""
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or embedding is None or not head.weight.is_floating_point():
+    embedding = model.get_input_embeddings()
+    if embedding is None or not embedding.weight.is_floating_point():
         return None
-    narrow = head.weight.dtype.itemsize < embedding.weight.dtype.itemsize
-    return head.weight.dtype if narrow else None
+    # the head, or (LoRA's narrowed base under a tied head: ponder.models.narrow_frozen_matrices) any linear layer
+    narrowest = min((m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear)
+                     and m.weight.is_floating_point()), key=lambda d: d.itemsize, default=embedding.weight.dtype)
+    return narrowest if narrowest.itemsize < embedding.weight.dtype.itemsize else None
 
 
 def truncate_at_stop(token_ids: list[int], tokenizer, stop: tuple[str, ...], eos_ids: set[int]):

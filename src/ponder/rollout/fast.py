@@ -270,7 +270,8 @@ class FastEngine(RolloutEngine):
         starts with the blocks for `start` positions a row (grown during the call as rows reach further)."""
         arch = self._weights()
         weight = arch.head.weight
-        device, dtype = weight.device, weight.dtype
+        # a model in the copy's layout runs in its matrices' dtype (a LoRA base narrowed under a float32 tied head)
+        device, dtype = weight.device, (shadow_dtype(self.model) if self.copy is None else None) or weight.dtype
         use_graphs = self.cuda_graphs and device.type == "cuda"
         if self.join_weights:  # before the signature: joining moves the parameters once
             for layer in arch.backbone.layers:
