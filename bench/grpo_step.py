@@ -122,8 +122,7 @@ def run(a, shape: str, budget: str, root: Path) -> dict:
                tokens_per_s=med("tokens_per_s"), completion_len=med("completion_len/mean"),
                peak_gib=max(m.get("memory/peak_allocated_gib", 0.0) for m in timed),
                reserved_gib=max(m.get("memory/peak_reserved_gib", 0.0) for m in timed), steps=len(timed),
-               kv_gib_peak=getattr(trainer.engine, "stats", {}).get("kv_gib_peak"),
-               products=getattr(trainer.engine, "stats", {}).get("products"))  # the decode products that ran
+               kv_gib_peak=getattr(trainer.engine, "stats", {}).get("kv_gib_peak"))
     trainer.metrics.close()
     del trainer
     if CUDA:

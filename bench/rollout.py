@@ -153,9 +153,9 @@ def at_position(f, batch: int, pos: int):
 
 
 @torch.no_grad()
-def profile(model, tok, prompts, new, out_dir, pos: int = 130, products: str = "torch") -> dict:
+def profile(model, tok, prompts, new, out_dir, pos: int = 130) -> dict:
     """GPU time of one captured decode step (no host work), and the kernels of that step by time."""
-    eng = FastEngine(model, tok, products=products)
+    eng = FastEngine(model, tok)
     force_length(model, True)
     eng.generate(prompts, SamplingParams(temperature=1.0, max_tokens=new, seed=0))
     f, batch = eng.fwd, len(prompts)
@@ -210,9 +210,8 @@ def quantiles(lengths: list[int]) -> dict:
 
 
 def bench_fast(model, tok, prompts, new, variant: str, n: int = 1, limits: list[int] | None = None, tag: str = "") -> dict:
-    attention, *kerns = variant.split("+")
-    eng = FastEngine(model, tok, attention=attention, fused="eager" not in kerns,
-                     products="triton" if "skinny" in kerns else "torch")
+    attention, _, kern = variant.partition("+")
+    eng = FastEngine(model, tok, attention=attention, fused=kern != "eager")
     params = SamplingParams(n=n, temperature=1.0, max_tokens=new, seed=0)
     force_length(model, True)
     first, _ = sync_time(lambda: eng.generate(prompts, params, limits=limits))  # includes graph capture
@@ -275,7 +274,7 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--variants", nargs="+", default=["triton", "sdpa"], help="attention[+eager][+skinny]: triton, sdpa, matmul, sdpa+eager, triton+skinny (ponder's Triton decode products)")
+    ap.add_argument("--variants", nargs="+", default=["triton", "sdpa"], help="attention[+eager]: triton, sdpa, matmul, sdpa+eager")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", help="folder for the profile table")
     ap.add_argument("--profile-pos", type=int, default=130, help="the position every row feeds in the profiled step")
@@ -319,9 +318,7 @@ def main():
             print(json.dumps(r), flush=True)
         report["results"] += rows
         if a.profile and CUDA and shape == a.shapes[0]:
-            # the products of the last variant named: the profile of the engine as it was timed last
-            products = "triton" if "skinny" in a.variants[-1].split("+") else "torch"
-            report["profile"] = profile(model, tok, prompts, a.new, a.out, a.profile_pos, products)
+            report["profile"] = profile(model, tok, prompts, a.new, a.out, a.profile_pos)
             print("profile:", json.dumps(report["profile"]), flush=True)
         del model
         CUDA and torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 """Where the GPU waits in a profiled step: busy time and the largest idle gaps of a Chrome trace that
 bench/grpo_step.py --profile wrote, each with the host operations running during it.
 
-  python bench/trace_gaps.py OUT/prof.0.5b.auto.trace.json --split _partial
+  python bench/trace_gaps.py OUT/prof.0.5b.auto.trace.json --split _partial [--kernels 25]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ def main():
     ap.add_argument("--split", default="_partial", help="kernel name whose last launch ends the first phase (decode)")
     ap.add_argument("--gaps", type=int, default=12)
     ap.add_argument("--min-us", type=float, default=200.0)
+    ap.add_argument("--kernels", type=int, default=0, help="also list each phase's N kernels of most time (name, ms, launches)")
     a = ap.parse_args()
     events = json.load(open(a.trace))["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
@@ -42,6 +43,14 @@ def main():
         for dur, s, e in sorted(gaps, reverse=True)[: a.gaps]:
             during = Counter(o["name"][:70] for o in ops if o["ts"] < e and o["ts"] + o["dur"] > s and o["dur"] < 5 * dur + 1e5)
             print(f"  {dur / 1e3:7.2f} ms at +{(s - lo) / 1e3:8.1f}: {', '.join(n for n, _ in during.most_common(6))}")
+        if a.kernels:
+            time, calls = Counter(), Counter()
+            for k in kernels:
+                if lo <= k["ts"] < hi:
+                    time[k["name"][:90]] += k["dur"]
+                    calls[k["name"][:90]] += 1
+            for n, t in time.most_common(a.kernels):
+                print(f"    {t / 1e3:9.2f} ms {calls[n]:7d}x  {n}")
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ class FastEngine(RolloutEngine):
         self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
         length_bucket: int = 128, prefill_tokens: int = 4096, keep_cache: bool = True, attention: str = "auto",
         fused: bool = True, join_weights: bool = True, dtype: str = "auto", block_size: int = 32, kv_fraction: float = 0.5,
-        kv_blocks: int | None = None, start_tokens: int | None = None, products: str = "torch",
+        kv_blocks: int | None = None, start_tokens: int | None = None,
     ):
         super().__init__(model, tokenizer)
         if attention not in ("auto", "triton", "sdpa", "matmul"):
@@ -184,9 +184,6 @@ class FastEngine(RolloutEngine):
             raise UserError(f"fast engine: block_size must be >= 1 and kv_fraction in (0, 1] (got {block_size}, {kv_fraction})")
         self.dtype, self.block_size, self.kv_fraction, self.kv_blocks = dtype, block_size, kv_fraction, kv_blocks
         self.start_tokens = start_tokens
-        if products not in ("torch", "triton"):
-            raise UserError(f"fast engine: products must be 'torch' or 'triton', got '{products}'")
-        self.products = products
         self.stats: dict = {}  # of the last call: KV blocks held at most, sequences that gave way
         self.arch, why = describe(model)
         self.copy: RolloutCopy | None = None
@@ -294,9 +291,7 @@ class FastEngine(RolloutEngine):
             attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "matmul"
             narrow = self.copy is not None or shadow_dtype(self.model) is not None  # matrices narrower than the norms
             f = self.fwd = Forward(arch, rows, min(blocks, self.pool_cap(per_block, device)), self.block_size, positions,
-                                   dtype, device, attention, self.fused, autocast=narrow, products=self.products)
-            if self.products == "triton" and device.type != "cuda":
-                notice("fast engine: products 'triton' runs on CUDA only; using torch's products here")
+                                   dtype, device, attention, self.fused, autocast=narrow)
             if self.attention == "triton" and device.type != "cuda":
                 notice("fast engine: attention 'triton' is a CUDA kernel; here its torch reference runs (slower than "
                        "attention auto, two matrix products)")
@@ -423,7 +418,6 @@ class FastEngine(RolloutEngine):
                 tok, lp = sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k)
                 f.record(run.batch, tok, lp)
         self.stats = dict(kv_blocks=f.blocks, kv_blocks_peak=run.peak, block_size=f.block, gave_way=run.gave_way,
-                          products="triton" if f.skinny is not None else "torch",  # what ran, after the trial
                           kv_gib_peak=run.peak * f.kv[:, :, 0].numel() * f.kv.element_size() / 2**30)
         out = f.out_tok[:n_seq, :max_new]
         # each sequence's first EOS found here, on the device: the host then cuts lists instead of scanning them

@@ -19,7 +19,6 @@ from ponder.kernels import decode_attention as attention_kernel
 from ponder.kernels.arch import Arch, norm_args
 from ponder.kernels.decode_step import EAGER, kernels
 from ponder.kernels.sampler import row_keys
-from ponder.kernels.skinny_linear import fits, linear_fn, skinny_swiglu
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
 
@@ -35,7 +34,7 @@ class Forward:
     rows and table entries not yet handed out point there, so stray writes land where nothing is read."""
 
     def __init__(self, arch: Arch, rows: int, blocks: int, block: int, positions: int, dtype, device,
-                 attention: str = "sdpa", fused: bool = True, autocast: bool = False, products: str = "torch"):
+                 attention: str = "sdpa", fused: bool = True, autocast: bool = False):
         self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
         # matrices in `dtype` beside float32 embeddings and norms (the fast engine's rollout copy): products in
         # `dtype`, the residual stream in float32, as autocast over the float32 model computes it
@@ -44,8 +43,6 @@ class Forward:
         # them again before each product, one more small kernel (and one for each bias) a product and step
         self.narrow = dtype if autocast else None
         self.k = kernels(torch.device(device)) if fused else EAGER
-        # the decode step's products: torch's (cuBLAS), or ponder's Triton product for few rows (CUDA, after a trial)
-        self.skinny = linear_fn(torch.device(device)) if products == "triton" else None
         if attention == "triton" and torch.device(device).type == "cuda" and not attention_kernel.available(device):
             self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
         mlp = arch.backbone.layers[0].mlp
@@ -126,25 +123,11 @@ class Forward:
         self.cos.copy_(cos[0])
         self.sin.copy_(sin[0])
 
-    def _linear(self, x, w, b=None, decode: bool = True):
-        """A product; in decode, the Triton one where chosen and it takes these operands, else F.linear."""
-        if decode and self.skinny is not None and fits(x, w):
-            return self.skinny(x, w, b)
-        return F.linear(x, w, b)
-
-    def _call(self, module, x, decode: bool):
-        """A linear module's product; in decode, a plain nn.Linear through _linear (any other module, e.g. a
-        LoRA layer, is called as it is)."""
-        if decode and self.skinny is not None and type(module) is torch.nn.Linear:
-            return self._linear(x, module.weight, module.bias)
-        return module(x)
-
-    def _qkv(self, li: int, h, decode: bool = False):
+    def _qkv(self, li: int, h):
         """q [N, heads, D], k and v [N, kv heads, D] of layer li: one product where q|k|v are joined."""
         a, attn, n = self.a, self.a.backbone.layers[li].self_attn, h.shape[0]
         if self.qkv[li] is not None:
-            qkv = self._linear(h, *self.qkv[li], decode=decode)
-            q, k, v = qkv.split((a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim), -1)
+            q, k, v = F.linear(h, *self.qkv[li]).split((a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim), -1)
         else:
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         q, k, v = q.view(n, a.n_heads, a.head_dim), k.view(n, a.n_kv, a.head_dim), v.view(n, a.n_kv, a.head_dim)
@@ -152,14 +135,10 @@ class Forward:
             q, k = self.k["rms"](q, *norm_args(attn.q_norm)), self.k["rms"](k, *norm_args(attn.k_norm))
         return q, k, v
 
-    def _mlp(self, li: int, h, decode: bool = False):
+    def _mlp(self, li: int, h):
         mlp = self.a.backbone.layers[li].mlp
         if self.gate_up[li] is not None:
-            w, b = self.gate_up[li]
-            if decode and self.skinny is not None and b is None and fits(h, w):  # SwiGLU in the product's epilogue
-                return self._call(mlp.down_proj, skinny_swiglu(h, w), decode)
-            gate_up = self._linear(h, w, b, decode=decode)
-            return self._call(mlp.down_proj, self.k["swiglu_halves"](gate_up), decode)
+            return mlp.down_proj(self.k["swiglu_halves"](F.linear(h, *self.gate_up[li])))
         if self.silu:
             return mlp.down_proj(self.k["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
         return mlp(h)
@@ -261,7 +240,7 @@ class Forward:
         x = a.backbone.embed_tokens(tok)
         h = K["rms"](x, *norm_args(layers[0].input_layernorm), self.narrow)
         for li, layer in enumerate(layers):
-            q, k, v = self._qkv(li, h, decode=True)
+            q, k, v = self._qkv(li, h)
             cache = self.kv[li]
             if store is not None:
                 q = store(q, k, v, self.cos, self.sin, pos, cache, table)
@@ -289,9 +268,8 @@ class Forward:
                 else:
                     s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
                     o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
-            o = self._call(layer.self_attn.o_proj, o.reshape(batch, -1), decode=True)
-            x, h = K["add_rms"](x, o, *norm_args(layer.post_attention_layernorm), self.narrow)
-            x, h = K["add_rms"](x, self._mlp(li, h, decode=True), *self._next_norm(li), self.narrow)
+            x, h = K["add_rms"](x, layer.self_attn.o_proj(o.reshape(batch, -1)), *norm_args(layer.post_attention_layernorm), self.narrow)
+            x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li), self.narrow)
         return a.head(h)
 
     def compact(self, keep: torch.Tensor):
