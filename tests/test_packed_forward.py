@@ -310,16 +310,23 @@ def test_the_attention_trial_tells_a_wrong_kernel_from_the_reference():
 
 
 def test_lora_wrapped_projections_match_the_hf_forward():
-    """LoRA on q and v: those projections run each by itself (not as one joined product); values and the
-    adapters' gradients still match the HF forward."""
+    """LoRA on q and v: q, k and v run each by itself (not as one joined product), k as a plain product; values
+    and the adapters' gradients still match the HF forward."""
+    assert_matches_hf(lora_model("llama", ["q_proj", "v_proj"]), samples())
+
+
+def lora_model(kind, targets, **kw):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(build("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(build(kind), LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kw))
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n:  # B = 0 at start would make the adapters invisible
+            if "lora_B" in n or "lora_magnitude" in n:  # B = 0 at start would make the adapters invisible
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
-    batch = samples()
+    return model
+
+
+def assert_matches_hf(model, batch):
     want, _ = reference(model, batch)
     want.sum().backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -331,6 +338,50 @@ def test_lora_wrapped_projections_match_the_hf_forward():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * float(ref[n].abs().max()), rtol=1e-4, msg=n)
+
+
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_lora_on_every_projection_runs_as_base_plus_adapter_products(monkeypatch):
+    """LoRA on all seven projections of a Qwen2 (q/k/v biases), dropout 0: the packed pass computes each layer as
+    its base product plus the adapter's product added by addmm, never calling peft's forward; values and the
+    adapters' gradients match the HF forward through peft's layers."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = lora_model("qwen2", ALL_LINEARS)
+    batch = samples()
+    want, _ = reference(model, batch)  # through peft's forward
+    calls = []
+    original = LoraLinear.forward
+    monkeypatch.setattr(LoraLinear, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    got, _, _ = packed_logprobs(model, batch, "cpu")
+    assert not calls
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    assert_matches_hf(model, batch)
+    with torch.no_grad():  # bf16 autocast: the products' rounding, no more (peft's own way is 0.06 off here)
+        bf16 = packed_logprobs(model, batch, "cpu", autocast=True)[0]
+        with model.disable_adapter():
+            base = packed_logprobs(model, batch, "cpu", autocast=True)[0]
+    assert (bf16 - got).abs().max() < 0.15 and (base - got).abs().max() > 1
+
+
+def test_lora_layers_the_fast_path_does_not_know_are_called_as_they_are(monkeypatch):
+    """DoRA (its own forward) and dropout at training time go through peft's forward, and still match."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from ponder.rl.lora_linears import adapter
+
+    dora = lora_model("llama", ["q_proj", "gate_proj", "down_proj"], use_dora=True)
+    assert all(adapter(m) is None for m in dora.modules() if isinstance(m, LoraLinear))
+    assert_matches_hf(dora, samples())
+    dropped = lora_model("llama", ["q_proj"], lora_dropout=0.5)
+    layer = next(m for m in dropped.modules() if isinstance(m, LoraLinear))
+    dropped.train()
+    assert adapter(layer) is None
+    dropped.eval()
+    assert adapter(layer) is not None
 
 
 SWIGLU_CHECK = """

@@ -8,7 +8,7 @@ projections and MLPs run on the stream. Attention gives a completion its prompt'
 - "varlen": torch's variable-length flash attention over the segments (CUDA; chosen after a trial);
 - "padded": the segments padded and masked for scaled_dot_product_attention (anywhere; the reference), run in
   groups of segments of like lengths (bucketed_attention: elsewhere, and where varlen is missing).
-Modules are the model's own, called as they are, so LoRA layers and in-place updates are seen. The norms,
+Modules are the model's own, so in-place updates are seen; LoRA layers run through ponder.rl.lora_linears. The norms,
 rotary and SwiGLU are ponder.kernels.training_step's pieces (compiled or Triton on CUDA, each after a trial);
 the head is ponder.kernels.head_logprobs; the model's layout is read through ponder.kernels.arch.
 """
@@ -27,6 +27,7 @@ from ponder.kernels.arch import describe, norm_args
 from ponder.kernels.head_logprobs import head_logprobs as fused_head_logprobs
 from ponder.kernels.training_step import pieces
 from ponder.rl.batching import Sample, to_device
+from ponder.rl.lora_linears import adapter, with_adapters
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
 
 
@@ -316,10 +317,15 @@ def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = 
     return out, out_ent, pk.mask
 
 
-def linears(h, mods):
-    """The outputs of linear layers that read the same input (q, k, v); plain ones as one matrix product over
-    their stacked weights (a copy of a few MB that autograd splits back), wrapped ones (LoRA) each by itself."""
-    if not all(type(m) is torch.nn.Linear for m in mods) or len({m.bias is None for m in mods}) > 1:
+def linears(h, mods, join: bool = True):
+    """The outputs of linear layers that read the same input h: plain ones as one matrix product over their
+    stacked weights where `join` (q, k, v: a copy of a few MB that autograd splits back), else each by itself;
+    LoRA layers through ponder.rl.lora_linears (one cast of h, the adapter added by its own product)."""
+    parts = [adapter(m) for m in mods] if h.dim() == 2 else [None]
+    if any(p is not None for p in parts):
+        return with_adapters(h, mods, parts)
+    if (not join or len(mods) == 1 or not all(type(m) is torch.nn.Linear for m in mods)
+            or len({m.bias is None for m in mods}) > 1):
         return [m(h) for m in mods]
     w = torch.cat([m.weight for m in mods])
     b = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
@@ -355,9 +361,11 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         if k.dtype != q.dtype or v.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
         o = attend(q, rows(k, pk.key_idx), rows(v, pk.key_idx), pk, arch.scaling)
-        x, h = K["add_rms"](x, attn.o_proj(o.reshape(n, -1)), *norm_args(layer.post_attention_layernorm))
-        # gate and up stay two products: SwiGLU's backward on halves of one output was slower (H200, measured)
-        m = mlp.down_proj(K["swiglu"](mlp.gate_proj(h), mlp.up_proj(h))) if silu else mlp(h)
+        x, h = K["add_rms"](x, linears(o.reshape(n, -1), (attn.o_proj,))[0], *norm_args(layer.post_attention_layernorm))
+        if silu:  # gate and up stay two products: SwiGLU's backward on halves of one output was slower (H200, measured)
+            m = linears(K["swiglu"](*linears(h, (mlp.gate_proj, mlp.up_proj), join=False)), (mlp.down_proj,))[0]
+        else:
+            m = mlp(h)
         if sharded:
             return x + m
         after = layers[li + 1].input_layernorm if li + 1 < len(layers) else bb.norm
