@@ -35,7 +35,8 @@ def adapter(m) -> tuple | None:
         return None
     if name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name, False):
         return None  # DoRA and the other variants: their own forward
-    if not (isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and (drop.p == 0 or not drop.training))):
+    idle = isinstance(drop, torch.nn.Dropout) and (drop.p == 0 or not drop.training)
+    if not (isinstance(drop, torch.nn.Identity) or idle):
         return None
     return m.base_layer, a.weight, b.weight, m.scaling[name]
 

@@ -361,9 +361,11 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         if k.dtype != q.dtype or v.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
         o = attend(q, rows(k, pk.key_idx), rows(v, pk.key_idx), pk, arch.scaling)
-        x, h = K["add_rms"](x, linears(o.reshape(n, -1), (attn.o_proj,))[0], *norm_args(layer.post_attention_layernorm))
+        o = linears(o.reshape(n, -1), (attn.o_proj,))[0]
+        x, h = K["add_rms"](x, o, *norm_args(layer.post_attention_layernorm))
         if silu:  # gate and up stay two products: SwiGLU's backward on halves of one output was slower (H200, measured)
-            m = linears(K["swiglu"](*linears(h, (mlp.gate_proj, mlp.up_proj), join=False)), (mlp.down_proj,))[0]
+            gate, up = linears(h, (mlp.gate_proj, mlp.up_proj), join=False)
+            m = linears(K["swiglu"](gate, up), (mlp.down_proj,))[0]
         else:
             m = mlp(h)
         if sharded:
