@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import (
     ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SeedOssConfig, SeedOssForCausalLM,
 )
 
 from ponder.errors import UserError
@@ -49,6 +49,9 @@ def models():
     yield "qwen3", seeded(1, lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=False)))
     yield "mistral", seeded(0, lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)))
     yield "arcee", seeded(0, lambda: ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))  # no gate_proj
+    # biases on every projection (the default has them on q, k and v); head_dim not hidden / heads
+    yield "seed_oss", seeded(0, lambda: SeedOssForCausalLM(SeedOssConfig(
+        **SMALL, head_dim=24, attention_out_bias=True, mlp_bias=True, tie_word_embeddings=False)))
 
 
 PROMPTS = ["Q: 12+7=", "a", "The quick brown fox jumps", "xyz xyz", "count: 1 2 3 4 5 6 7 8 9"]

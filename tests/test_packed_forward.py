@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import (
     ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-    Qwen3ForCausalLM,
+    Qwen3ForCausalLM, SeedOssConfig, SeedOssForCausalLM,
 )
 
 from ponder.models import enable_checkpointing
@@ -36,6 +36,10 @@ def build(kind):
         return randomized(Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
     if kind == "qwen3":
         return randomized(Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=False)))
+    if kind == "seed_oss":  # biases on every projection; dropout off for the HF forward it is checked against (train mode)
+        return randomized(SeedOssForCausalLM(SeedOssConfig(
+            **SMALL, head_dim=24, attention_out_bias=True, mlp_bias=True, residual_dropout=0.0, attention_dropout=0.0,
+            tie_word_embeddings=False)))
     if kind == "arcee":  # a gateless ReLU-squared MLP
         return randomized(ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))
     return randomized(LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
@@ -158,7 +162,7 @@ def test_bucketed_attention_equals_the_padded_reference():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
     model = build(kind)
@@ -313,6 +317,29 @@ def test_lora_wrapped_projections_match_the_hf_forward():
     """LoRA on q and v: q, k and v run each by itself (not as one joined product), k as a plain product; values
     and the adapters' gradients still match the HF forward."""
     assert_matches_hf(lora_model("llama", ["q_proj", "v_proj"]), samples())
+
+
+def test_disable_dropout_turns_off_the_models_rates_and_leaves_loras():
+    """Seed-OSS's config has attention and residual dropout of 0.1, which HF's forward applies in training mode
+    (the trainer's mode): scores would be noise against the rollout's. After disable_dropout the HF forward in
+    training mode repeats itself and equals the packed pass; LoRA's adapter dropout keeps its rate."""
+    from peft import LoraConfig, get_peft_model
+
+    from ponder.models import disable_dropout
+
+    torch.manual_seed(0)
+    model = randomized(SeedOssForCausalLM(SeedOssConfig(**SMALL, head_dim=24, tie_word_embeddings=False)))
+    assert model.training and model.config.attention_dropout == model.config.residual_dropout == 0.1
+    batch = samples()
+    with torch.no_grad():
+        assert not torch.equal(reference(model, batch)[0], reference(model, batch)[0])
+        assert disable_dropout(model) == 3 * SMALL["num_hidden_layers"]  # attention, and the residual of each half
+        want = reference(model, batch)[0]
+        torch.testing.assert_close(reference(model, batch)[0], want, atol=0, rtol=0)
+        torch.testing.assert_close(packed_logprobs(model, batch, "cpu")[0], want, atol=1e-5, rtol=1e-5)
+    lora = get_peft_model(build("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.2))
+    assert disable_dropout(lora) == 0
+    assert {m.p for n, m in lora.named_modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
 
 
 def lora_model(kind, targets, **kw):

@@ -9,6 +9,8 @@ Every family below has the Llama layout: model.embed_tokens, model.layers[i] wit
 self_attn.{q,k,v,o}_proj (Qwen3 adds q_norm and k_norm per head), post_attention_layernorm and
 mlp.{gate,up,down}_proj, then model.norm, model.rotary_emb and the output embeddings as head. An MLP
 without gate_proj (Arcee: up, ReLU squared, down) is called as the model's own module by both passes.
+Dropout is not run by either pass (Seed-OSS's attention and residual dropout, 0.1 each in its config, apply in
+HF's forward in training mode): rollouts and updates score one deterministic policy, as RL trainers run them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ FAMILIES = {
     "qwen3": Family(),
     "mistral": Family(always_sliding=True),
     "arcee": Family(),  # Arcee AFM: the Llama layout with a gateless ReLU-squared MLP
+    "seed_oss": Family(),  # ByteDance Seed-OSS: the Llama layout, biases on q/k/v (optionally on o and the MLP)
 }
 SUPPORTED = tuple(FAMILIES)
 

@@ -301,6 +301,27 @@ def enable_checkpointing(model) -> None:
     enable()
 
 
+DROPOUT_RATES = ("attention_dropout", "residual_dropout", "hidden_dropout", "dropout")
+
+
+def disable_dropout(model) -> int:
+    """Turn off the model's own dropout: nn.Dropout modules, and the float rates some attention and MLP modules
+    read at each call (Seed-OSS: attention_dropout, residual_dropout, 0.1 each). RL compares the policy's
+    log-probs with the rollout's, which ran in eval mode: dropout in the update would make their ratio noise.
+    LoRA's adapter dropout (model.lora.dropout) stays as the recipe set it. Returns how many were turned off."""
+    off = 0
+    for name, m in model.named_modules():
+        if "lora_dropout" in name:
+            continue
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p, off = 0.0, off + 1
+        for rate in DROPOUT_RATES:
+            if isinstance(getattr(m, rate, None), float) and getattr(m, rate) > 0:
+                setattr(m, rate, 0.0)
+                off += 1
+    return off
+
+
 def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 0, device="cpu", precision=None,
                    narrow_frozen: bool = True):
     """The model a trainer updates, in train mode on `device`: the checkpoint `last` with its full

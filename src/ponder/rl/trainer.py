@@ -81,6 +81,7 @@ class GRPOTrainer:
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser,
                                                            narrow_frozen=self.sharding == "none")
         self.precision = chooser.chosen
+        models.disable_dropout(self.model)  # before the reference copy: neither scores with dropout
         self.ref = self._make_reference()
         self.rollout_weights = self._shard() if self.sharding != "none" else None
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, max(cfg.train.steps, 1), self.precision.moments)
