@@ -3,11 +3,12 @@
 peft's Linear computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`: under autocast each layer casts its
 float32 input to bf16 again (the base product and lora_A each, so q, k and v cast the same input six times, each
 cast kept for backward), and the adapter's output is scaled and added by two more kernels over the whole
-[tokens, out] output (and the scaling again in backward). Memory-bound passes over the widest tensors of the
-layer: at 7B (gate and up 18,944 wide) they cost about as much as the rank-16 products themselves. Here the
-layers that read one input share one cast, their lora_A matrices run as one product, and each adapter's lora_B
-product is added to the base output by the product itself (addmm: `base + alpha * xa @ B.T`, one pass, summed
-in float32 and rounded once, where peft rounds the adapter's output, its scaled copy and the sum).
+[tokens, out] output (and the scaling again in backward). Here the layers that read one input share one cast,
+their lora_A matrices run as one product, and each adapter's lora_B product is added to the base output by the
+product itself (addmm: `base + alpha * xa @ B.T`, one pass, summed in float32 and rounded once, where peft rounds
+the adapter's output, its scaled copy and the sum). The 7B LoRA update (r 16 on q, k, v, o; 16 x 8 x 1,024
+tokens) took 9.42 s through peft's forward and 7.80 s this way, with 13% less memory a token (one H100,
+bench/README.md).
 
 Only plain adapters take this path (one active adapter, no dropout at training time, no DoRA or other variant,
 no adapter bias, an nn.Linear base); any other layer is called as it is.
