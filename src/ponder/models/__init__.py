@@ -316,7 +316,8 @@ def disable_dropout(model) -> int:
         if isinstance(m, torch.nn.Dropout) and m.p > 0:
             m.p, off = 0.0, off + 1
         for rate in DROPOUT_RATES:
-            if isinstance(getattr(m, rate, None), float) and getattr(m, rate) > 0:
+            value = getattr(m, rate, None)
+            if isinstance(value, float) and value > 0:
                 setattr(m, rate, 0.0)
                 off += 1
     return off

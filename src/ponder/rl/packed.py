@@ -321,8 +321,8 @@ def linears(h, mods, join: bool = True):
     """The outputs of linear layers that read the same input h: plain ones as one matrix product over their
     stacked weights where `join` (q, k, v: a copy of a few MB that autograd splits back), else each by itself;
     LoRA layers through ponder.rl.lora_linears (one cast of h, the adapter added by its own product)."""
-    parts = [adapter(m) for m in mods] if h.dim() == 2 else [None]
-    if any(p is not None for p in parts):
+    parts = [adapter(m) for m in mods]
+    if h.dim() == 2 and any(p is not None for p in parts):
         return with_adapters(h, mods, parts)
     if (not join or len(mods) == 1 or not all(type(m) is torch.nn.Linear for m in mods)
             or len({m.bias is None for m in mods}) > 1):
