@@ -508,27 +508,6 @@ def test_samples_do_not_depend_on_rows_or_blocks():
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("streams", [2, 3])
-def test_rows_decoded_in_parts_give_the_same_samples(streams):
-    """streams > 1 decodes the rows in parts (side by side on CUDA, one after another here): each part's step is
-    the whole step's for its rows, so tokens and log-probs are the same, with rows freed and reused between."""
-    model = randomized(load("tiny-random-micro", seed=2)[0])
-    prompts = encode(LONGER)
-    params = SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=11, logprobs=True)
-    whole = FastEngine(model, TOK, batch_size=7, sync_every=3, min_bucket=1).generate(prompts, params)
-    parts = FastEngine(model, TOK, batch_size=7, sync_every=3, min_bucket=1, streams=streams).generate(prompts, params)
-    assert [[c.token_ids for c in o] for o in parts] == [[c.token_ids for c in o] for o in whole]
-    assert len({len(c.token_ids) for o in whole for c in o}) > 3  # uneven: rows were freed and taken up again
-    for a, b in zip(whole, parts):
-        for x, y in zip(a, b):
-            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=1e-5)
-    greedy = SamplingParams(n=2, temperature=0.0, max_tokens=12, top_k=3)  # logits out of the step, sampled after
-    assert (FastEngine(model, TOK, streams=streams).generate(prompts, greedy)
-            == FastEngine(model, TOK).generate(prompts, greedy))
-    with pytest.raises(UserError, match="streams must be >= 1, got 0"):
-        FastEngine(model, TOK, streams=0)
-
-
 def test_limits_force_each_samples_length_and_memory_follows_the_live_tokens():
     """Benchmarks force uneven lengths with `limits`; the pool's blocks in use peak near the tokens that
     exist at once, far below rows x the longest sequence."""

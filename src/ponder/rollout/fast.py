@@ -170,7 +170,7 @@ class FastEngine(RolloutEngine):
         self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
         length_bucket: int = 128, prefill_tokens: int = 4096, keep_cache: bool = True, attention: str = "auto",
         fused: bool = True, join_weights: bool = True, dtype: str = "auto", block_size: int = 32, kv_fraction: float = 0.5,
-        kv_blocks: int | None = None, start_tokens: int | None = None, streams: int = 1,
+        kv_blocks: int | None = None, start_tokens: int | None = None,
     ):
         super().__init__(model, tokenizer)
         if attention not in ("auto", "triton", "sdpa", "matmul"):
@@ -184,9 +184,6 @@ class FastEngine(RolloutEngine):
             raise UserError(f"fast engine: block_size must be >= 1 and kv_fraction in (0, 1] (got {block_size}, {kv_fraction})")
         self.dtype, self.block_size, self.kv_fraction, self.kv_blocks = dtype, block_size, kv_fraction, kv_blocks
         self.start_tokens = start_tokens
-        if streams < 1:
-            raise UserError(f"fast engine: streams must be >= 1, got {streams}")
-        self.streams, self.part_streams = streams, []
         self.stats: dict = {}  # of the last call: KV blocks held at most, sequences that gave way
         self.arch, why = describe(model)
         self.copy: RolloutCopy | None = None
@@ -332,35 +329,9 @@ class FastEngine(RolloutEngine):
         self.graphs = {}
         return added
 
-    def _parts_step(self, f: Forward, batch: int, length: int, temperature: float | None):
-        """One decode step of rows [0, batch): all at once, or (`streams` > 1) in that many parts of about equal
-        rows, each on a CUDA stream of its own (one after another on CPU). A small model's products and attention
-        at a few hundred rows are too short to fill the GPU; parts side by side fill it (captured in one graph)."""
-        k = min(self.streams, batch)
-        if k == 1:
-            return f.step(batch, length, temperature)
-        cuts = [batch * i // k for i in range(k + 1)]
-        cuda = f.kv.is_cuda
-        if cuda:
-            while len(self.part_streams) < k:
-                self.part_streams.append(torch.cuda.Stream())
-            here = torch.cuda.current_stream()
-        outs = []
-        for i, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
-            if cuda:
-                self.part_streams[i].wait_stream(here)
-                with torch.cuda.stream(self.part_streams[i]):
-                    outs.append(f.part(lo, hi).step(hi - lo, length, temperature))
-            else:
-                outs.append(f.part(lo, hi).step(hi - lo, length, temperature))
-        if cuda:
-            for s in self.part_streams[:k]:
-                here.wait_stream(s)
-        return None if temperature is not None else torch.cat(outs)
-
     def _step(self, f: Forward, batch: int, length: int, use_graphs: bool, temperature: float | None):
         if not use_graphs:
-            return self._parts_step(f, batch, length, temperature)
+            return f.step(batch, length, temperature)
         key = (batch, length, temperature)
         if key not in self.graphs:
             # warm-up and capture on a stream other than the default one, as capture requires; then undo what
@@ -375,14 +346,14 @@ class FastEngine(RolloutEngine):
                 side = self.side_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._parts_step(f, batch, length, temperature)
+                f.step(batch, length, temperature)
             torch.cuda.current_stream().wait_stream(side)
             f.restore(batch, saved)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, stream=side):
-                out = self._parts_step(f, batch, length, temperature)
+                out = f.step(batch, length, temperature)
             self.graphs[key] = (graph, out)
         graph, out = self.graphs[key]
         graph.replay()

@@ -10,7 +10,6 @@ prompts need no padding in the cache, and samples of one prompt can share the bl
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -273,23 +272,10 @@ class Forward:
             x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li), self.narrow)
         return a.head(h)
 
-    PER_ROW = ("tokens", "pos", "table", "row_seq", "n_out", "limit", "live")
-
-    def part(self, lo: int, hi: int) -> "Forward":
-        """A Forward over rows [lo, hi) of this one: views of their per-row state, the same cache, weights and
-        output tables. Its steps are this one's for those rows, so parts can run side by side (streams)."""
-        view = copy.copy(self)
-        for name in self.PER_ROW:
-            setattr(view, name, getattr(self, name)[lo:hi])
-        if self.row_kv is not None:
-            view.row_kv = self.row_kv[:, :, lo:hi]
-        return view
-
     def compact(self, keep: torch.Tensor):
         """Move rows `keep` to the front: their block tables and per-row state (the cache itself stays put)."""
         m = len(keep)
-        for name in self.PER_ROW:
-            t = getattr(self, name)
+        for t in (self.table, self.tokens, self.pos, self.row_seq, self.n_out, self.limit, self.live):
             t[:m] = t[keep]
         if self.row_kv is not None:
             self.row_kv[:, :, :m] = self.row_kv[:, :, keep]
