@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import (
     ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SeedOssConfig, SeedOssForCausalLM,
+    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
 )
 
 from ponder.errors import UserError
@@ -52,6 +52,13 @@ def models():
     # biases on every projection (the default has them on q, k and v); head_dim not hidden / heads
     yield "seed_oss", seeded(0, lambda: SeedOssForCausalLM(SeedOssConfig(
         **SMALL, head_dim=24, attention_out_bias=True, mlp_bias=True, tie_word_embeddings=False)))
+    yield "qwen3_moe", seeded(0, moe)
+
+
+def moe():
+    """Qwen3-MoE: layer 0 a block of 4 experts (2 a token), layer 1 a dense MLP (mlp_only_layers)."""
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**SMALL, head_dim=24, moe_intermediate_size=48, num_experts=4,
+                                              num_experts_per_tok=2, mlp_only_layers=[1], tie_word_embeddings=False))
 
 
 PROMPTS = ["Q: 12+7=", "a", "The quick brown fox jumps", "xyz xyz", "count: 1 2 3 4 5 6 7 8 9"]

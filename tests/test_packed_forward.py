@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import (
     ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-    Qwen3ForCausalLM, SeedOssConfig, SeedOssForCausalLM,
+    Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
 )
 
 from ponder.models import enable_checkpointing
@@ -39,6 +39,10 @@ def build(kind):
     if kind == "seed_oss":  # biases on every projection; dropout off for the HF forward it is checked against (train mode)
         return randomized(SeedOssForCausalLM(SeedOssConfig(
             **SMALL, head_dim=24, attention_out_bias=True, mlp_bias=True, residual_dropout=0.0, attention_dropout=0.0,
+            tie_word_embeddings=False)))
+    if kind == "qwen3_moe":  # layer 0 a block of 4 experts (2 a token), layer 1 dense
+        return randomized(Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            **SMALL, head_dim=24, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1],
             tie_word_embeddings=False)))
     if kind == "arcee":  # a gateless ReLU-squared MLP
         return randomized(ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))
@@ -162,7 +166,7 @@ def test_bucketed_attention_equals_the_padded_reference():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss", "qwen3_moe"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
     model = build(kind)

@@ -8,7 +8,8 @@ or says why the model is not one of FAMILIES; a family with the same layout is o
 Every family below has the Llama layout: model.embed_tokens, model.layers[i] with input_layernorm,
 self_attn.{q,k,v,o}_proj (Qwen3 adds q_norm and k_norm per head), post_attention_layernorm and
 mlp.{gate,up,down}_proj, then model.norm, model.rotary_emb and the output embeddings as head. An MLP
-without gate_proj (Arcee: up, ReLU squared, down) is called as the model's own module by both passes.
+without gate_proj (Arcee: up, ReLU squared, down; a mixture-of-experts block: router and experts) is called
+as the model's own module by both passes (`own_mlp`), layer by layer: Qwen3-MoE mixes dense and sparse layers.
 Dropout is not run by either pass (Seed-OSS's attention and residual dropout, 0.1 each in its config, apply in
 HF's forward in training mode): rollouts and updates score one deterministic policy, as RL trainers run them.
 """
@@ -36,6 +37,9 @@ FAMILIES = {
     "mistral": Family(always_sliding=True),
     "arcee": Family(),  # Arcee AFM: the Llama layout with a gateless ReLU-squared MLP
     "seed_oss": Family(),  # ByteDance Seed-OSS: the Llama layout, biases on q/k/v (optionally on o and the MLP)
+    # Qwen3's attention; each sparse layer's MLP a mixture-of-experts block (router, top-k experts), run as the
+    # model's own module with transformers' experts implementation; no router auxiliary loss in the update
+    "qwen3_moe": Family(),
 }
 SUPPORTED = tuple(FAMILIES)
 
@@ -74,6 +78,19 @@ def describe(model) -> tuple[Arch | None, str]:
     return Arch(
         backbone, head, cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, attn.scaling, window
     ), ""
+
+
+def swiglu(arch: Arch, mlp) -> bool:
+    """Whether both passes run this layer's MLP as their own products: SiLU-gated gate_proj and up_proj, then
+    down_proj. Otherwise the model's own module runs (own_mlp)."""
+    return getattr(arch.backbone.config, "hidden_act", None) == "silu" and hasattr(mlp, "gate_proj")
+
+
+def own_mlp(mlp, h: torch.Tensor) -> torch.Tensor:
+    """The model's MLP module on h [N, d], given a leading batch dimension: a mixture-of-experts block reads
+    [batch, sequence, d]. Where it returns several outputs (router logits too, older transformers), the first."""
+    out = mlp(h[None])
+    return (out[0] if isinstance(out, tuple) else out)[0]
 
 
 def norm_args(norm):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ponder.kernels.arch import describe, norm_args
+from ponder.kernels.arch import describe, norm_args, own_mlp, swiglu
 from ponder.kernels.head_logprobs import head_logprobs as fused_head_logprobs
 from ponder.kernels.training_step import pieces
 from ponder.rl.batching import Sample, to_device
@@ -342,7 +342,6 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
     cos, sin = bb.rotary_emb(x, pk.pos[None])
     cos, sin = cos[0][:, None], sin[0][:, None]  # [N, 1, D]
     layers = bb.layers
-    silu = getattr(bb.config, "hidden_act", None) == "silu" and hasattr(layers[0].mlp, "gate_proj")
     ckpt = bool(getattr(bb, "gradient_checkpointing", False)) and torch.is_grad_enabled()
     sharded = hasattr(layers[0], "sharded_call")
 
@@ -363,11 +362,11 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         o = attend(q, rows(k, pk.key_idx), rows(v, pk.key_idx), pk, arch.scaling)
         o = linears(o.reshape(n, -1), (attn.o_proj,))[0]
         x, h = K["add_rms"](x, o, *norm_args(layer.post_attention_layernorm))
-        if silu:  # gate and up stay two products: SwiGLU's backward on halves of one output was slower (H200, measured)
+        if swiglu(arch, mlp):  # gate and up stay two products: SwiGLU's backward on halves of one output was slower (H200, measured)
             gate, up = linears(h, (mlp.gate_proj, mlp.up_proj), join=False)
             m = linears(K["swiglu"](gate, up), (mlp.down_proj,))[0]
         else:
-            m = mlp(h)
+            m = own_mlp(mlp, h)
         if sharded:
             return x + m
         after = layers[li + 1].input_layernorm if li + 1 < len(layers) else bb.norm

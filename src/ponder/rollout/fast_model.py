@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ponder.kernels import decode_attention as attention_kernel
-from ponder.kernels.arch import Arch, norm_args
+from ponder.kernels.arch import Arch, norm_args, own_mlp, swiglu
 from ponder.kernels.decode_step import EAGER, kernels
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_sampling import sample
@@ -45,12 +45,11 @@ class Forward:
         self.k = kernels(torch.device(device)) if fused else EAGER
         if attention == "triton" and torch.device(device).type == "cuda" and not attention_kernel.available(device):
             self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
-        mlp = arch.backbone.layers[0].mlp
-        self.silu = getattr(arch.backbone.config, "hidden_act", None) == "silu" and hasattr(mlp, "gate_proj")
+        self.swiglu = [swiglu(arch, l.mlp) for l in arch.backbone.layers]
         layers = len(arch.backbone.layers)
         # (weight, bias) of q|k|v and of gate|up where their parameters are rows of one buffer (fused_weights)
         self.qkv = [joined([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in arch.backbone.layers]
-        self.gate_up = [joined([l.mlp.gate_proj, l.mlp.up_proj]) if self.silu else None for l in arch.backbone.layers]
+        self.gate_up = [joined([l.mlp.gate_proj, l.mlp.up_proj]) if g else None for l, g in zip(arch.backbone.layers, self.swiglu)]
         self.block = block
         self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=dtype, device=device)
         positions = -(-positions // block) * block
@@ -139,9 +138,9 @@ class Forward:
         mlp = self.a.backbone.layers[li].mlp
         if self.gate_up[li] is not None:
             return mlp.down_proj(self.k["swiglu_halves"](F.linear(h, *self.gate_up[li])))
-        if self.silu:
+        if self.swiglu[li]:
             return mlp.down_proj(self.k["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
-        return mlp(h)
+        return own_mlp(mlp, h)
 
     def _next_norm(self, li: int):
         """The norm after layer li's MLP: the next layer's input norm, or the final one."""
