@@ -4,8 +4,8 @@
 import pytest
 import torch
 from transformers import (
-    ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
+    ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+    Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
 )
 
 from ponder.errors import UserError
@@ -53,6 +53,8 @@ def models():
     yield "seed_oss", seeded(0, lambda: SeedOssForCausalLM(SeedOssConfig(
         **SMALL, head_dim=24, attention_out_bias=True, mlp_bias=True, tie_word_embeddings=False)))
     yield "qwen3_moe", seeded(0, moe)
+    # one qkv_proj and one gate_up_proj; no window here (Phi-3-mini's 2,047 would send these calls to hf)
+    yield "phi3", seeded(0, lambda: Phi3ForCausalLM(Phi3Config(**SMALL, sliding_window=None, tie_word_embeddings=False)))
 
 
 def moe():
@@ -228,21 +230,37 @@ def test_process_logits_matches_transformers_warpers():
     torch.testing.assert_close(process_logits(x, 0.8, 20, 0.85), ref)
 
 
-def test_other_architectures_fall_back_to_hf_with_a_notice(capsys):
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(TOK), n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+@pytest.mark.parametrize("kind", ["gpt2", "phi3-partial-rotary"])
+def test_other_architectures_fall_back_to_hf_with_a_notice(capsys, kind):
+    """Another architecture, or a known family with rotary embedding over part of each head (Phi-4-mini's
+    partial_rotary_factor), goes to transformers' generate, with the reason printed once."""
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(TOK), n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+        why = "architecture 'gpt2'"
+    else:
+        model = seeded(0, lambda: Phi3ForCausalLM(Phi3Config(**SMALL, sliding_window=None, partial_rotary_factor=0.5)))
+        why = "rotary embedding over 8 of the head's 16 dimensions (partial_rotary_factor) is not supported"
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
     eng = make_engine("fast", model, TOK)
-    assert "architecture 'gpt2'" in capsys.readouterr().err
+    assert why in capsys.readouterr().err
     prompts = encode(PROMPTS[:2])
     params = SamplingParams(temperature=0, max_tokens=5)
     assert eng.generate(prompts, params) == HFEngine(model, TOK).generate(prompts, params)
 
 
-def test_lora_wrapped_policy_generates_like_transformers():
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_lora_wrapped_policy_generates_like_transformers(family):
+    """Phi-3: the default targets' names map to its fused qkv_proj and gate_up_proj (ponder.models.lora_targets),
+    each one LoRA layer the engine calls as it is."""
     peft = pytest.importorskip("peft")
-    base = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    from ponder.models import lora_targets
+
+    base = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)) if family == "llama"
+                  else Phi3ForCausalLM(Phi3Config(**SMALL, sliding_window=None, tie_word_embeddings=False)))
+    targets = lora_targets(base, ["q_proj", "v_proj", "up_proj"])
+    assert targets == (["q_proj", "v_proj", "up_proj"] if family == "llama" else ["qkv_proj", "gate_up_proj"])
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     with torch.no_grad():  # LoRA's B starts at zero; make the adapters change the output
         for n, p in model.named_parameters():
             if "lora_B" in n:

@@ -4,7 +4,7 @@ Hugging Face forward through full logits: values, entropies and gradients. CPU, 
 import pytest
 import torch
 from transformers import (
-    ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+    ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
     Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
 )
 
@@ -44,6 +44,8 @@ def build(kind):
         return randomized(Qwen3MoeForCausalLM(Qwen3MoeConfig(
             **SMALL, head_dim=24, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1],
             tie_word_embeddings=False)))
+    if kind == "phi3":  # one qkv_proj, one gate_up_proj
+        return randomized(Phi3ForCausalLM(Phi3Config(**SMALL, sliding_window=None, resid_pdrop=0.0, tie_word_embeddings=False)))
     if kind == "arcee":  # a gateless ReLU-squared MLP
         return randomized(ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))
     return randomized(LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
@@ -166,7 +168,7 @@ def test_bucketed_attention_equals_the_padded_reference():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss", "qwen3_moe", "phi3"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
     model = build(kind)

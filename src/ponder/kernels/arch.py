@@ -6,8 +6,10 @@ attention looks like (heads, head dim, scaling, sliding window). `describe(model
 or says why the model is not one of FAMILIES; a family with the same layout is one more entry there.
 
 Every family below has the Llama layout: model.embed_tokens, model.layers[i] with input_layernorm,
-self_attn.{q,k,v,o}_proj (Qwen3 adds q_norm and k_norm per head), post_attention_layernorm and
-mlp.{gate,up,down}_proj, then model.norm, model.rotary_emb and the output embeddings as head. An MLP
+self_attn.{q,k,v,o}_proj (Qwen3 adds q_norm and k_norm per head; Phi-3 makes q|k|v with one qkv_proj),
+post_attention_layernorm and mlp.{gate,up,down}_proj (Phi-3: one gate_up_proj), then model.norm,
+model.rotary_emb and the output embeddings as head. Rotary embedding over the whole head (not a part of it,
+as Phi-4-mini's partial_rotary_factor asks: such models go to the Hugging Face engine and padded forward). An MLP
 without gate_proj (Arcee: up, ReLU squared, down; a mixture-of-experts block: router and experts) is called
 as the model's own module by both passes (`own_mlp`), layer by layer: Qwen3-MoE mixes dense and sparse layers.
 Dropout is not run by either pass (Seed-OSS's attention and residual dropout, 0.1 each in its config, apply in
@@ -40,6 +42,8 @@ FAMILIES = {
     # Qwen3's attention; each sparse layer's MLP a mixture-of-experts block (router, top-k experts), run as the
     # model's own module with transformers' experts implementation; no router auxiliary loss in the update
     "qwen3_moe": Family(),
+    # Phi-3 and Phi-4 (Phi3ForCausalLM): fused qkv_proj and gate_up_proj; Phi-3-mini's config sets a window
+    "phi3": Family(always_sliding=True),
 }
 SUPPORTED = tuple(FAMILIES)
 
@@ -67,11 +71,15 @@ def describe(model) -> tuple[Arch | None, str]:
     head = inner.get_output_embeddings()
     try:
         attn = backbone.layers[0].self_attn
-        needed = (backbone.embed_tokens, backbone.norm, backbone.rotary_emb, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+        needed = (backbone.embed_tokens, backbone.norm, backbone.rotary_emb, *qkv_projections(attn), attn.o_proj)
     except AttributeError as e:
         return None, f"unexpected module layout ({e})"
     if head is None or any(m is None for m in needed):
         return None, "unexpected module layout"
+    inv_freq = getattr(backbone.rotary_emb, "inv_freq", None)
+    if inv_freq is not None and 2 * inv_freq.numel() != attn.head_dim:
+        return None, (f"rotary embedding over {2 * inv_freq.numel()} of the head's {attn.head_dim} dimensions "
+                      "(partial_rotary_factor) is not supported")
     window = None
     if family.always_sliding or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
         window = getattr(cfg, "sliding_window", None)
@@ -80,10 +88,24 @@ def describe(model) -> tuple[Arch | None, str]:
     ), ""
 
 
+def qkv_projections(attn) -> tuple:
+    """The linear layers that make q, k and v: q_proj, k_proj, v_proj, or one qkv_proj whose output rows are
+    q's, then k's, then v's (Phi-3)."""
+    fused = getattr(attn, "qkv_proj", None)
+    return (fused,) if fused is not None else (attn.q_proj, attn.k_proj, attn.v_proj)
+
+
+def gate_up_projections(mlp) -> tuple:
+    """gate_proj, up_proj, or one gate_up_proj whose output is gate's half, then up's (Phi-3)."""
+    fused = getattr(mlp, "gate_up_proj", None)
+    return (fused,) if isinstance(fused, torch.nn.Module) else (mlp.gate_proj, mlp.up_proj)
+
+
 def swiglu(arch: Arch, mlp) -> bool:
-    """Whether both passes run this layer's MLP as their own products: SiLU-gated gate_proj and up_proj, then
+    """Whether both passes run this layer's MLP as their own products: SiLU-gated gate and up projections, then
     down_proj. Otherwise the model's own module runs (own_mlp)."""
-    return getattr(arch.backbone.config, "hidden_act", None) == "silu" and hasattr(mlp, "gate_proj")
+    fused = isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Module)
+    return getattr(arch.backbone.config, "hidden_act", None) == "silu" and (hasattr(mlp, "gate_proj") or fused)
 
 
 def own_mlp(mlp, h: torch.Tensor) -> torch.Tensor:

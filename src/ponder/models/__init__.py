@@ -347,12 +347,30 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
         with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates: nothing a user can change
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
             model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                     target_modules=lc.target_modules))
+                                                     target_modules=lora_targets(model, lc.target_modules)))
         if state is not None:
             model.load_state_dict(state["adapter"], strict=False)
         if narrow_frozen and precision is not None and precision.chosen.autocast:
             narrow_frozen_matrices(model)
     return model.to(device).train(), tok
+
+
+FUSED_LAYERS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                "up_proj": "gate_up_proj"}
+
+
+def lora_targets(model, names: list[str]) -> list[str]:
+    """model.lora.target_modules for this model: a name it lacks whose fused layer it has (Phi-3 makes q, k, v
+    with one qkv_proj and gate, up with one gate_up_proj) becomes that layer's name, so the default targets
+    adapt the same projections in every family."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    out: list[str] = []
+    for name in names:
+        if name not in present and FUSED_LAYERS.get(name) in present:
+            name = FUSED_LAYERS[name]
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def narrow_frozen_matrices(model, dtype: torch.dtype = torch.bfloat16) -> int:

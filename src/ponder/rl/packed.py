@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ponder.kernels.arch import describe, norm_args, own_mlp, swiglu
+from ponder.kernels.arch import describe, gate_up_projections, norm_args, own_mlp, qkv_projections, swiglu
 from ponder.kernels.head_logprobs import head_logprobs as fused_head_logprobs
 from ponder.kernels.training_step import pieces
 from ponder.rl.batching import Sample, to_device
@@ -350,7 +350,10 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         attn, mlp, n = layer.self_attn, layer.mlp, x.shape[0]
         if h is None:  # sharded: the layer's own input norm
             h = K["rms"](x, *norm_args(layer.input_layernorm))
-        q, k, v = linears(h, (attn.q_proj, attn.k_proj, attn.v_proj))
+        qkv = linears(h, qkv_projections(attn))
+        if len(qkv) == 1:  # one fused layer (Phi-3)
+            qkv = qkv[0].split((arch.n_heads * arch.head_dim, arch.n_kv * arch.head_dim, arch.n_kv * arch.head_dim), -1)
+        q, k, v = qkv
         q = q.view(n, arch.n_heads, arch.head_dim)
         k = k.view(n, arch.n_kv, arch.head_dim)
         v = v.view(n, arch.n_kv, arch.head_dim)
@@ -363,7 +366,8 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         o = linears(o.reshape(n, -1), (attn.o_proj,))[0]
         x, h = K["add_rms"](x, o, *norm_args(layer.post_attention_layernorm))
         if swiglu(arch, mlp):  # gate and up stay two products: SwiGLU's backward on halves of one output was slower (H200, measured)
-            gate, up = linears(h, (mlp.gate_proj, mlp.up_proj), join=False)
+            gate_up = linears(h, gate_up_projections(mlp), join=False)
+            gate, up = gate_up if len(gate_up) == 2 else gate_up[0].chunk(2, -1)
             m = linears(K["swiglu"](gate, up), (mlp.down_proj,))[0]
         else:
             m = own_mlp(mlp, h)

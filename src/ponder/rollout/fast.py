@@ -33,7 +33,7 @@
 On CPU the same code runs eagerly; decode attention is two matrix products over each row's K/V, which is also
 kept in order beside the pool (copied when a sequence takes a row; decode steps write only there), so no step
 gathers blocks. Architectures other than those of ponder.kernels.arch.FAMILIES (Llama, Qwen2, Qwen3, Qwen3-MoE, Mistral,
-Arcee, Seed-OSS), and calls that would outrun a sliding window, go to the Hugging Face engine.
+Arcee, Seed-OSS, Phi-3/Phi-4), and calls that would outrun a sliding window, go to the Hugging Face engine.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ponder.errors import UserError
 from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, shadow_dtype, truncate_at_stop
-from ponder.kernels.arch import describe
+from ponder.kernels.arch import describe, gate_up_projections, qkv_projections, swiglu
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_model import EOS_SLOTS, Forward
 from ponder.rollout.fast_sampling import sample
@@ -272,9 +272,9 @@ class FastEngine(RolloutEngine):
         use_graphs = self.cuda_graphs and device.type == "cuda"
         if self.join_weights:  # before the signature: joining moves the parameters once
             for layer in arch.backbone.layers:
-                join([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-                if hasattr(layer.mlp, "gate_proj"):
-                    join([layer.mlp.gate_proj, layer.mlp.up_proj])
+                join(qkv_projections(layer.self_attn))
+                if swiglu(arch, layer.mlp):
+                    join(gate_up_projections(layer.mlp))
         sig = (device, dtype, tuple(p.data_ptr() for p in arch.backbone.parameters()), weight.data_ptr())
         f = self.fwd
         if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ponder.kernels import decode_attention as attention_kernel
-from ponder.kernels.arch import Arch, norm_args, own_mlp, swiglu
+from ponder.kernels.arch import Arch, gate_up_projections, norm_args, own_mlp, qkv_projections, swiglu
 from ponder.kernels.decode_step import EAGER, kernels
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_sampling import sample
@@ -47,9 +47,10 @@ class Forward:
             self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
         self.swiglu = [swiglu(arch, l.mlp) for l in arch.backbone.layers]
         layers = len(arch.backbone.layers)
-        # (weight, bias) of q|k|v and of gate|up where their parameters are rows of one buffer (fused_weights)
-        self.qkv = [joined([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in arch.backbone.layers]
-        self.gate_up = [joined([l.mlp.gate_proj, l.mlp.up_proj]) if g else None for l, g in zip(arch.backbone.layers, self.swiglu)]
+        # (weight, bias) of q|k|v and of gate|up where their parameters are rows of one buffer (fused_weights, or
+        # one layer of the model's own: Phi-3)
+        self.qkv = [joined(qkv_projections(l.self_attn)) for l in arch.backbone.layers]
+        self.gate_up = [joined(gate_up_projections(l.mlp)) if g else None for l, g in zip(arch.backbone.layers, self.swiglu)]
         self.block = block
         self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=dtype, device=device)
         positions = -(-positions // block) * block
@@ -125,10 +126,12 @@ class Forward:
     def _qkv(self, li: int, h):
         """q [N, heads, D], k and v [N, kv heads, D] of layer li: one product where q|k|v are joined."""
         a, attn, n = self.a, self.a.backbone.layers[li].self_attn, h.shape[0]
+        sizes = (a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim)
         if self.qkv[li] is not None:
-            q, k, v = F.linear(h, *self.qkv[li]).split((a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim), -1)
-        else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = F.linear(h, *self.qkv[li]).split(sizes, -1)
+        else:  # wrapped layers (LoRA): called as they are
+            outs = [m(h) for m in qkv_projections(attn)]
+            q, k, v = outs if len(outs) == 3 else outs[0].split(sizes, -1)
         q, k, v = q.view(n, a.n_heads, a.head_dim), k.view(n, a.n_kv, a.head_dim), v.view(n, a.n_kv, a.head_dim)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3
             q, k = self.k["rms"](q, *norm_args(attn.q_norm)), self.k["rms"](k, *norm_args(attn.k_norm))
@@ -138,8 +141,9 @@ class Forward:
         mlp = self.a.backbone.layers[li].mlp
         if self.gate_up[li] is not None:
             return mlp.down_proj(self.k["swiglu_halves"](F.linear(h, *self.gate_up[li])))
-        if self.swiglu[li]:
-            return mlp.down_proj(self.k["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
+        if self.swiglu[li]:  # wrapped layers (LoRA): called as they are
+            outs = [m(h) for m in gate_up_projections(mlp)]
+            return mlp.down_proj(self.k["swiglu"](*outs) if len(outs) == 2 else self.k["swiglu_halves"](outs[0]))
         return own_mlp(mlp, h)
 
     def _next_norm(self, li: int):

@@ -14,7 +14,10 @@ import torch
 
 def joined(mods) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight, bias) covering `mods` stacked by output rows: views of their parameters when they already
-    are consecutive rows of one buffer; None when they are not."""
+    are consecutive rows of one buffer; None when they are not, or when one is a wrapper (a LoRA layer's
+    `weight` is its base's alone: its adapter would be left out)."""
+    if not all(type(m) is torch.nn.Linear for m in mods):
+        return None
     ws = [m.weight for m in mods]
     base = ws[0]
     if not all(_follows(a, b) for a, b in zip(ws, ws[1:])):
