@@ -78,6 +78,16 @@ def test_on_cpu_decode_attention_is_the_reference_and_takes_flat_heads():
     torch.testing.assert_close(flat, out.reshape(5, 14, 64))
 
 
+def test_float32_queries_over_a_bf16_cache_are_rounded_to_it_first():
+    """Qwen3's q_norm over a float32 master's norm weights gives float32 queries beside the bf16 rollout cache
+    (it failed on CUDA: the kernel's products take one dtype). They are rounded as autocast rounds SDPA's inputs."""
+    q, k, v = cache_views(5, 2, 7, 64)
+    kp, vp, table = paged(k, v)
+    out = da.decode_attention(q, kp.bfloat16(), vp.bfloat16(), table, POS, 0.125, 150)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, da.reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), POS, 0.125))
+
+
 def test_plan_splits_only_when_rows_leave_multiprocessors_idle():
     cpu = torch.device("cpu")  # counts 4 "multiprocessors" off CUDA
     assert da.plan(256, 2, 640, cpu) == (1, 640)  # 512 (row, kv head) programs: no split

@@ -246,6 +246,9 @@ def decode_attention(q, k_pool, v_pool, table, pos, scale: float, length: int) -
     shape = q.shape
     if q.dim() == 3:
         q = q.view(shape[0], k_pool.shape[1], shape[1] // k_pool.shape[1], shape[2])
+    # q in the cache's dtype, rounded as autocast rounds SDPA's inputs: Qwen3's q_norm over a float32 master's
+    # norm weights gives float32 queries beside a bf16 cache, and the kernel's products take one dtype
+    q = q.to(k_pool.dtype)
     if available(q.device):
         out = triton_attention(q, k_pool, v_pool, table, pos, scale, length)
     else:
