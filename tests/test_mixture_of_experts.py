@@ -34,3 +34,18 @@ def test_a_qwen3_moe_directory_learns_the_smoke_task(tmp_path):
     assert moved("model.layers.0.mlp.experts.gate_up_proj") and moved("model.layers.0.mlp.gate.weight")
     assert moved("model.layers.1.mlp.down_proj.weight")
     assert trainer.engine.__class__.__name__ == "FastEngine" and trainer.engine.arch is not None
+
+
+def test_expert_blocks_are_decoded_without_cuda_graphs():
+    """transformers' expert blocks copy a host tensor inside the step, which CUDA graph capture refuses (seen on an
+    H200): the engine decodes such models without graphs, and says so; dense families keep their graphs."""
+    from ponder.kernels.arch import capturable, describe
+
+    tok = char_tokenizer()
+    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8)
+    moe = Qwen3MoeForCausalLM(Qwen3MoeConfig(**small, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2))
+    assert capturable(describe(moe)[0]) == (False, "its mixture-of-experts blocks cannot be captured as a CUDA graph")
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    assert capturable(describe(Qwen3ForCausalLM(Qwen3Config(**small)))[0]) == (True, "")

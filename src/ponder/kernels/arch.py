@@ -115,6 +115,15 @@ def own_mlp(mlp, h: torch.Tensor) -> torch.Tensor:
     return (out[0] if isinstance(out, tuple) else out)[0]
 
 
+def capturable(arch: Arch) -> tuple[bool, str]:
+    """Whether a decode step over these modules can be captured as a CUDA graph, or why not. transformers'
+    expert blocks (Qwen3-MoE's grouped_mm path) copy a host tensor inside the step: capture failed on an H200
+    (transformers 5.17, "Cannot copy between CPU and CUDA tensors during CUDA graph capture")."""
+    if any(hasattr(layer.mlp, "experts") for layer in arch.backbone.layers):
+        return False, "its mixture-of-experts blocks cannot be captured as a CUDA graph"
+    return True, ""
+
+
 def norm_args(norm):
     """(weight, eps) of an HF RMSNorm module."""
     return norm.weight, getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))

@@ -45,7 +45,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ponder.errors import UserError
 from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, shadow_dtype, truncate_at_stop
-from ponder.kernels.arch import describe, gate_up_projections, qkv_projections, swiglu
+from ponder.kernels.arch import capturable, describe, gate_up_projections, qkv_projections, swiglu
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_model import EOS_SLOTS, Forward
 from ponder.rollout.fast_sampling import sample
@@ -196,6 +196,7 @@ class FastEngine(RolloutEngine):
         self.weights_sig = None
         self.lent = False  # idle_memory() was handed out since the last call
         self.side_stream = None
+        self.eager_notice = False
 
     def idle_memory(self):
         """The KV cache between calls (the next call zeroes it first: masked slots must hold finite numbers)."""
@@ -270,6 +271,11 @@ class FastEngine(RolloutEngine):
         # a model in the copy's layout runs in its matrices' dtype (a LoRA base narrowed under a float32 tied head)
         device, dtype = weight.device, (shadow_dtype(self.model) if self.copy is None else None) or weight.dtype
         use_graphs = self.cuda_graphs and device.type == "cuda"
+        if use_graphs:
+            use_graphs, why = capturable(arch)
+            if not use_graphs and not self.eager_notice:
+                notice(f"fast engine: {why}; decoding without graphs (slower)")
+                self.eager_notice = True
         if self.join_weights:  # before the signature: joining moves the parameters once
             for layer in arch.backbone.layers:
                 join(qkv_projections(layer.self_attn))
