@@ -455,3 +455,26 @@ def test_triton_rotary_matches_the_torch_math(triton_interpreter):
     """Values and the gradient under Triton's CPU interpreter (skipped where Triton is absent, as in CI)."""
     r = triton_interpreter(["-c", ROPE_CHECK])
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_attention_under_autocast_takes_one_bf16_dtype(kind, monkeypatch):
+    """Under autocast the attention gets q, k and v in bf16, as SDPA's inputs are rounded in the HF forward. Qwen3's
+    q_norm and k_norm over float32 norm weights gave float32 q and k beside a bf16 v, and all three went in as
+    float32: on CUDA flash attention takes bf16 only."""
+    import ponder.rl.packed as packed
+
+    seen = []
+
+    def attend(q, k, v, pk, scale):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return packed.bucketed_attention(q, k, v, pk, scale)
+
+    monkeypatch.setattr(packed, "attention_for", lambda device: attend)
+    model = build(kind)
+    batch = samples()
+    got = packed_logprobs(model, batch, "cpu", autocast=True)[0]
+    assert seen and all(s == {torch.bfloat16} for s in seen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = reference(model, batch)
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)

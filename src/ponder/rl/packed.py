@@ -360,8 +360,10 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         if getattr(attn, "q_norm", None) is not None:  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = K["rope_qk"](q, k, cos.to(q.dtype), sin.to(q.dtype))
-        if k.dtype != q.dtype or v.dtype != q.dtype:
-            k, v = k.to(q.dtype), v.to(q.dtype)
+        # one dtype for attention: autocast's where it is on, as it rounds SDPA's inputs in the HF forward (Qwen3's
+        # q_norm/k_norm over float32 norm weights give float32 q and k beside a bf16 v; flash attention takes bf16)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else q.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         o = attend(q, rows(k, pk.key_idx), rows(v, pk.key_idx), pk, arch.scaling)
         o = linears(o.reshape(n, -1), (attn.o_proj,))[0]
         x, h = K["add_rms"](x, o, *norm_args(layer.post_attention_layernorm))
