@@ -230,16 +230,21 @@ def test_process_logits_matches_transformers_warpers():
     torch.testing.assert_close(process_logits(x, 0.8, 20, 0.85), ref)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "phi3-partial-rotary"])
+@pytest.mark.parametrize("kind", ["gpt2", "phi3-partial-rotary", "phi3-longrope"])
 def test_other_architectures_fall_back_to_hf_with_a_notice(capsys, kind):
     """Another architecture, or a known family with rotary embedding over part of each head (Phi-4-mini's
     partial_rotary_factor), goes to transformers' generate, with the reason printed once."""
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(TOK), n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
         why = "architecture 'gpt2'"
-    else:
+    elif kind == "phi3-partial-rotary":
         model = seeded(0, lambda: Phi3ForCausalLM(Phi3Config(**SMALL, sliding_window=None, partial_rotary_factor=0.5)))
         why = "rotary embedding over 8 of the head's 16 dimensions (partial_rotary_factor) is not supported"
+    else:  # Phi-3.5-mini's scaling: short factors up to the original length, long ones past it
+        scaling = dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+        model = seeded(0, lambda: Phi3ForCausalLM(Phi3Config(**SMALL, sliding_window=None, rope_scaling=scaling,
+                                                             original_max_position_embeddings=64)))
+        why = "rotary scaling 'longrope' changes with the sequence's length"
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
     eng = make_engine("fast", model, TOK)

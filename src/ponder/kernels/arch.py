@@ -9,7 +9,9 @@ Every family below has the Llama layout: model.embed_tokens, model.layers[i] wit
 self_attn.{q,k,v,o}_proj (Qwen3 adds q_norm and k_norm per head; Phi-3 makes q|k|v with one qkv_proj),
 post_attention_layernorm and mlp.{gate,up,down}_proj (Phi-3: one gate_up_proj), then model.norm,
 model.rotary_emb and the output embeddings as head. Rotary embedding over the whole head (not a part of it,
-as Phi-4-mini's partial_rotary_factor asks: such models go to the Hugging Face engine and padded forward). An MLP
+as Phi-4-mini's partial_rotary_factor asks), with frequencies that do not depend on the sequence's length (not
+'dynamic' or 'longrope' scaling: Phi-3.5-mini, Phi-3-*-128k): other models go to the Hugging Face engine and
+the padded forward. An MLP
 without gate_proj (Arcee: up, ReLU squared, down; a mixture-of-experts block: router and experts) is called
 as the model's own module by both passes (`own_mlp`), layer by layer: Qwen3-MoE mixes dense and sparse layers.
 Dropout is not run by either pass (Seed-OSS's attention and residual dropout, 0.1 each in its config, apply in
@@ -76,6 +78,11 @@ def describe(model) -> tuple[Arch | None, str]:
         return None, f"unexpected module layout ({e})"
     if head is None or any(m is None for m in needed):
         return None, "unexpected module layout"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if kind in ("dynamic", "longrope"):  # frequencies chosen by the longest position in the call
+        return None, (f"rotary scaling '{kind}' changes with the sequence's length (the engine's cache and the "
+                      "packed update would see different frequencies)")
     inv_freq = getattr(backbone.rotary_emb, "inv_freq", None)
     if inv_freq is not None and 2 * inv_freq.numel() != attn.head_dim:
         return None, (f"rotary embedding over {2 * inv_freq.numel()} of the head's {attn.head_dim} dimensions "
