@@ -4,7 +4,7 @@
 import pytest
 import torch
 from transformers import (
-    ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+    ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config,
     Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
 )
 
@@ -55,6 +55,7 @@ def models():
     yield "qwen3_moe", seeded(0, moe)
     # one qkv_proj and one gate_up_proj; no window here (Phi-3-mini's 2,047 would send these calls to hf)
     yield "phi3", seeded(0, lambda: Phi3ForCausalLM(Phi3Config(**SMALL, sliding_window=None, tie_word_embeddings=False)))
+    yield "olmo2", seeded(0, lambda: Olmo2ForCausalLM(Olmo2Config(**SMALL, tie_word_embeddings=False)))  # norms after blocks
 
 
 def moe():
@@ -129,8 +130,11 @@ def test_sees_weight_updates_in_place():
     assert after != before
 
 
-def test_logprobs_match_a_fresh_forward_pass():
-    model = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
+@pytest.mark.parametrize("name,model", [m for m in models() if m[0] in ("llama", "qwen3_moe", "phi3", "olmo2")],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_logprobs_match_a_fresh_forward_pass(name, model):
+    """Sampled tokens' log-probs against the HF forward over prompt + completion: every layer's arithmetic counts
+    (greedy tokens of a small random model can survive a missing norm)."""
     prompts = encode(PROMPTS[:3])
     for temperature in (1.0, 0.7):
         outs = FastEngine(model, TOK).generate(prompts, SamplingParams(n=3, temperature=temperature, max_tokens=10, logprobs=True, seed=5))

@@ -1,12 +1,14 @@
 """Families beyond the Llama layout as a user brings them: a local Hugging Face directory trained by `ponder train`
-(fast engine rollouts, the packed update) on the smoke task. Qwen3-MoE (expert blocks, full parameters) and Phi-3
-(fused qkv_proj and gate_up_proj, LoRA with the default targets). CPU, float32."""
+(fast engine rollouts, the packed update) on the smoke task: Qwen3-MoE (expert blocks), Phi-3 (fused qkv_proj and
+gate_up_proj; LoRA with the Llama names too) and OLMo 2 (norms after each block). CPU, float32."""
 
 import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    AutoModelForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+)
 
 from ponder import models
 from ponder.config import load_config
@@ -21,6 +23,8 @@ def directory(family: str, tok, path):
     if family == "qwen3_moe":  # layer 0 four experts (two a token), layer 1 dense
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, head_dim=16, moe_intermediate_size=48, num_experts=4,
                                                    num_experts_per_tok=2, mlp_only_layers=[1]))
+    elif family == "olmo2":
+        model = Olmo2ForCausalLM(Olmo2Config(**common))
     else:
         model = Phi3ForCausalLM(Phi3Config(**common, sliding_window=None))
     models.save(model, tok, path)
@@ -32,6 +36,7 @@ RUNS = [
     ("qwen3_moe", [], True, ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.gate.weight",
                              "model.layers.1.mlp.down_proj.weight"]),
     ("phi3", [], True, ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"]),
+    ("olmo2", [], True, ["model.layers.0.self_attn.q_norm.weight", "model.layers.1.post_feedforward_layernorm.weight"]),
     # LoRA with the Llama layout's names: q/k/v_proj become qkv_proj, gate/up_proj gate_up_proj, merged into the
     # checkpoint. Adapters without the head do not learn this task on a random model in 30 steps (a Llama neither)
     ("phi3-lora", ["model.lora={r: 8, alpha: 16, target_modules: [q_proj, k_proj, v_proj, gate_proj, up_proj]}"], False,

@@ -4,7 +4,7 @@ Hugging Face forward through full logits: values, entropies and gradients. CPU, 
 import pytest
 import torch
 from transformers import (
-    ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+    ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
     Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
 )
 
@@ -46,6 +46,8 @@ def build(kind):
             tie_word_embeddings=False)))
     if kind == "phi3":  # one qkv_proj, one gate_up_proj
         return randomized(Phi3ForCausalLM(Phi3Config(**SMALL, sliding_window=None, resid_pdrop=0.0, tie_word_embeddings=False)))
+    if kind == "olmo2":  # norms after attention and the MLP; q_norm and k_norm over whole projections
+        return randomized(Olmo2ForCausalLM(Olmo2Config(**SMALL, tie_word_embeddings=False)))
     if kind == "arcee":  # a gateless ReLU-squared MLP
         return randomized(ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))
     return randomized(LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
@@ -168,7 +170,7 @@ def test_bucketed_attention_equals_the_padded_reference():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss", "qwen3_moe", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss", "qwen3_moe", "phi3", "olmo2"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
     model = build(kind)

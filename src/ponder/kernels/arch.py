@@ -14,6 +14,9 @@ as Phi-4-mini's partial_rotary_factor asks), with frequencies that do not depend
 the padded forward. An MLP
 without gate_proj (Arcee: up, ReLU squared, down; a mixture-of-experts block: router and experts) is called
 as the model's own module by both passes (`own_mlp`), layer by layer: Qwen3-MoE mixes dense and sparse layers.
+OLMo 2 puts its norms after attention and the MLP instead (Family.post_norm); its norms scale before rounding
+to the input dtype, where the passes' norms (HF Llama's) round first: the same in float32, a last-bit
+difference under bf16 autocast.
 Dropout is not run by either pass (Seed-OSS's attention and residual dropout, 0.1 each in its config, apply in
 HF's forward in training mode): rollouts and updates score one deterministic policy, as RL trainers run them.
 """
@@ -32,6 +35,10 @@ class Family:
     (Qwen2 and Qwen3 when use_sliding_window is set), and the window is then the model's as a whole."""
 
     always_sliding: bool = False
+    # norms after attention and after the MLP, each on its output before the residual add, and none on a
+    # layer's input (OLMo 2: post_attention_layernorm, post_feedforward_layernorm); q_norm and k_norm then
+    # normalise the whole projection, not each head
+    post_norm: bool = False
 
 
 FAMILIES = {
@@ -46,6 +53,7 @@ FAMILIES = {
     "qwen3_moe": Family(),
     # Phi-3 and Phi-4 (Phi3ForCausalLM): fused qkv_proj and gate_up_proj; Phi-3-mini's config sets a window
     "phi3": Family(always_sliding=True),
+    "olmo2": Family(post_norm=True),  # AI2's OLMo 2: the Llama layout's modules with norms after each block
 }
 SUPPORTED = tuple(FAMILIES)
 
@@ -59,6 +67,7 @@ class Arch:
     head_dim: int
     scaling: float
     window: int | None  # sliding-window size, if any layer uses one
+    post_norm: bool = False  # Family.post_norm
 
 
 def describe(model) -> tuple[Arch | None, str]:
@@ -91,7 +100,8 @@ def describe(model) -> tuple[Arch | None, str]:
     if family.always_sliding or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
         window = getattr(cfg, "sliding_window", None)
     return Arch(
-        backbone, head, cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, attn.scaling, window
+        backbone, head, cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, attn.scaling, window,
+        family.post_norm,
     ), ""
 
 
@@ -129,6 +139,17 @@ def capturable(arch: Arch) -> tuple[bool, str]:
     if any(hasattr(layer.mlp, "experts") for layer in arch.backbone.layers):
         return False, "its mixture-of-experts blocks cannot be captured as a CUDA graph"
     return True, ""
+
+
+def qk_norms(attn, q, k, norm):
+    """Qwen3's q_norm/k_norm over each head (q [N, heads, D]) or OLMo 2's over the whole projection; `norm(x,
+    weight, eps)` is the pass's RMSNorm. Unchanged where the layer has none."""
+    if getattr(attn, "q_norm", None) is None:
+        return q, k
+    if attn.q_norm.weight.numel() == q.shape[-1]:
+        return norm(q, *norm_args(attn.q_norm)), norm(k, *norm_args(attn.k_norm))
+    flat = lambda t, w: norm(t.flatten(-2), *norm_args(w)).view(t.shape)  # noqa: E731
+    return flat(q, attn.q_norm), flat(k, attn.k_norm)
 
 
 def norm_args(norm):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ponder.kernels.arch import describe, gate_up_projections, norm_args, own_mlp, qkv_projections, swiglu
+from ponder.kernels.arch import describe, gate_up_projections, norm_args, own_mlp, qk_norms, qkv_projections, swiglu
 from ponder.kernels.head_logprobs import head_logprobs as fused_head_logprobs
 from ponder.kernels.training_step import pieces
 from ponder.rl.batching import Sample, to_device
@@ -348,8 +348,8 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
     def layer_fn(li, x, h):
         layer = layers[li]
         attn, mlp, n = layer.self_attn, layer.mlp, x.shape[0]
-        if h is None:  # sharded: the layer's own input norm
-            h = K["rms"](x, *norm_args(layer.input_layernorm))
+        if h is None:  # sharded: the layer's own input norm (post-norm: none)
+            h = x if arch.post_norm else K["rms"](x, *norm_args(layer.input_layernorm))
         qkv = linears(h, qkv_projections(attn))
         if len(qkv) == 1:  # one fused layer (Phi-3)
             qkv = qkv[0].split((arch.n_heads * arch.head_dim, arch.n_kv * arch.head_dim, arch.n_kv * arch.head_dim), -1)
@@ -357,8 +357,7 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         q = q.view(n, arch.n_heads, arch.head_dim)
         k = k.view(n, arch.n_kv, arch.head_dim)
         v = v.view(n, arch.n_kv, arch.head_dim)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = qk_norms(attn, q, k, K["rms"])  # Qwen3, OLMo 2
         q, k = K["rope_qk"](q, k, cos.to(q.dtype), sin.to(q.dtype))
         # one dtype for attention: autocast's where it is on, as it rounds SDPA's inputs in the HF forward (Qwen3's
         # q_norm/k_norm over float32 norm weights give float32 q and k beside a bf16 v; flash attention takes bf16)
@@ -366,13 +365,22 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         o = attend(q, rows(k, pk.key_idx), rows(v, pk.key_idx), pk, arch.scaling)
         o = linears(o.reshape(n, -1), (attn.o_proj,))[0]
-        x, h = K["add_rms"](x, o, *norm_args(layer.post_attention_layernorm))
+        if arch.post_norm:  # OLMo 2: each block's output normed, then added; the next block reads the stream
+            x = x + K["rms"](o, *norm_args(layer.post_attention_layernorm))
+            h = x
+        else:
+            x, h = K["add_rms"](x, o, *norm_args(layer.post_attention_layernorm))
         if swiglu(arch, mlp):  # gate and up stay two products: SwiGLU's backward on halves of one output was slower (H200, measured)
             gate_up = linears(h, gate_up_projections(mlp), join=False)
             gate, up = gate_up if len(gate_up) == 2 else gate_up[0].chunk(2, -1)
             m = linears(K["swiglu"](gate, up), (mlp.down_proj,))[0]
         else:
             m = own_mlp(mlp, h)
+        if arch.post_norm:
+            x = x + K["rms"](m, *norm_args(layer.post_feedforward_layernorm))
+            if sharded:
+                return x
+            return x, (K["rms"](x, *norm_args(bb.norm)) if li + 1 == len(layers) else x)
         if sharded:
             return x + m
         after = layers[li + 1].input_layernorm if li + 1 < len(layers) else bb.norm
@@ -383,7 +391,7 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         for li in range(len(layers)):
             x = layers[li].sharded_call(run, li, x)
         return K["rms"](x, *norm_args(bb.norm))
-    h = K["rms"](x, *norm_args(layers[0].input_layernorm))
+    h = x if arch.post_norm else K["rms"](x, *norm_args(layers[0].input_layernorm))
     for li in range(len(layers)):
         x, h = checkpoint(layer_fn, li, x, h, use_reentrant=False) if ckpt else layer_fn(li, x, h)
     return h

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ponder.kernels import decode_attention as attention_kernel
-from ponder.kernels.arch import Arch, gate_up_projections, norm_args, own_mlp, qkv_projections, swiglu
+from ponder.kernels.arch import Arch, gate_up_projections, norm_args, own_mlp, qk_norms, qkv_projections, swiglu
 from ponder.kernels.decode_step import EAGER, kernels
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_sampling import sample
@@ -133,8 +133,7 @@ class Forward:
             outs = [m(h) for m in qkv_projections(attn)]
             q, k, v = outs if len(outs) == 3 else outs[0].split(sizes, -1)
         q, k, v = q.view(n, a.n_heads, a.head_dim), k.view(n, a.n_kv, a.head_dim), v.view(n, a.n_kv, a.head_dim)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3
-            q, k = self.k["rms"](q, *norm_args(attn.q_norm)), self.k["rms"](k, *norm_args(attn.k_norm))
+        q, k = qk_norms(attn, q, k, self.k["rms"])  # Qwen3, OLMo 2
         return q, k, v
 
     def _mlp(self, li: int, h):
@@ -150,6 +149,27 @@ class Forward:
         """The norm after layer li's MLP: the next layer's input norm, or the final one."""
         layers = self.a.backbone.layers
         return norm_args(layers[li + 1].input_layernorm if li + 1 < len(layers) else self.a.backbone.norm)
+
+    # The residual stream x and each block's input h: pre-norm (input and post-attention norms, the next layer's
+    # input norm fused with the residual add), or post-norm (OLMo 2: each block's output normed, then added)
+    def _enter(self, x):
+        if self.a.post_norm:
+            return x
+        return self.k["rms"](x, *norm_args(self.a.backbone.layers[0].input_layernorm), self.narrow)
+
+    def _after_attention(self, li: int, x, o):
+        layer = self.a.backbone.layers[li]
+        if self.a.post_norm:
+            x = x + self.k["rms"](o, *norm_args(layer.post_attention_layernorm))
+            return x, x
+        return self.k["add_rms"](x, o, *norm_args(layer.post_attention_layernorm), self.narrow)
+
+    def _after_mlp(self, li: int, x, m):
+        if not self.a.post_norm:
+            return self.k["add_rms"](x, m, *self._next_norm(li), self.narrow)
+        x = x + self.k["rms"](m, *norm_args(self.a.backbone.layers[li].post_feedforward_layernorm))
+        last = li + 1 == len(self.a.backbone.layers)
+        return x, self.k["rms"](x, *norm_args(self.a.backbone.norm), self.narrow) if last else x
 
     def step(self, batch: int, length: int, temperature: float | None):
         """Decode, then (unless temperature is None: return the logits) sample and record the tokens."""
@@ -207,7 +227,7 @@ class Forward:
         # the decode step's pieces (fused norms, joined products), so a chunk costs few kernel launches
         K, layers = self.k, a.backbone.layers
         x = a.backbone.embed_tokens(ids)
-        h = K["rms"](x, *norm_args(layers[0].input_layernorm), self.narrow)
+        h = self._enter(x)
         for li, layer in enumerate(layers):
             q, kv = K["rope_kv"](*self._qkv(li, h), cos, sin)  # kv: [N, 2, kv heads, D]
             self.kv[li][:, page, :, off] = kv.to(self.dtype)  # K and V of every token in one write
@@ -218,8 +238,8 @@ class Forward:
                 qp, kvp[0], kvp[1], is_causal=True, scale=a.scaling, enable_gqa=a.n_kv != a.n_heads
             )
             o = o.transpose(1, 2)[seq, at].reshape(len(ids), -1)
-            x, h = K["add_rms"](x, layer.self_attn.o_proj(o), *norm_args(layer.post_attention_layernorm), self.narrow)
-            x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li), self.narrow)
+            x, h = self._after_attention(li, x, layer.self_attn.o_proj(o))
+            x, h = self._after_mlp(li, x, self._mlp(li, h))
         return a.head(h[lens.cumsum(0) - 1])
 
     def _decode(self, batch: int, length: int) -> torch.Tensor:
@@ -241,7 +261,7 @@ class Forward:
         group = a.n_heads // a.n_kv
         layers = a.backbone.layers
         x = a.backbone.embed_tokens(tok)
-        h = K["rms"](x, *norm_args(layers[0].input_layernorm), self.narrow)
+        h = self._enter(x)
         for li, layer in enumerate(layers):
             q, k, v = self._qkv(li, h)
             cache = self.kv[li]
@@ -271,8 +291,8 @@ class Forward:
                 else:
                     s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
                     o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
-            x, h = K["add_rms"](x, layer.self_attn.o_proj(o.reshape(batch, -1)), *norm_args(layer.post_attention_layernorm), self.narrow)
-            x, h = K["add_rms"](x, self._mlp(li, h), *self._next_norm(li), self.narrow)
+            x, h = self._after_attention(li, x, layer.self_attn.o_proj(o.reshape(batch, -1)))
+            x, h = self._after_mlp(li, x, self._mlp(li, h))
         return a.head(h)
 
     def compact(self, keep: torch.Tensor):
