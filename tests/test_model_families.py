@@ -77,3 +77,37 @@ def test_expert_blocks_are_decoded_without_cuda_graphs():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     assert capturable(describe(Qwen3ForCausalLM(Qwen3Config(**small)))[0]) == (True, "")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "phi3", "olmo2"])
+def test_the_sharded_packed_pass_equals_the_plain_one(tmp_path, family):
+    """FSDP2 on one process (gloo): the packed pass through each layer's sharded_call (a layer norms its own input,
+    or, post-norm, none) gives the plain pass's log-probs and gradients, float32 on the CPU."""
+    import copy
+
+    import torch.distributed as dist
+
+    from ponder import sharding
+    from ponder.rl.batching import Sample
+    from ponder.rl.packed import packed_logprobs
+
+    plain = directory(family, char_tokenizer(), tmp_path / family).train()
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda n: torch.randint(4, 90, (n,), generator=g).tolist()  # noqa: E731
+    prompt = rnd(6)
+    batch = [Sample(prompt, rnd(9)), Sample(prompt, rnd(4)), Sample(rnd(11), rnd(7))]
+    weights = torch.randn(3, 9, generator=g)
+    try:
+        sharding.join_single_process_group(torch.device("cpu"))
+        sharded = sharding.shard(copy.deepcopy(plain), "fsdp", torch.device("cpu"))
+        want = packed_logprobs(plain, batch, "cpu")[0]
+        (want * weights[:, : want.shape[1]]).sum().backward()
+        got = sharding.forward(sharded, lambda: packed_logprobs(sharded, batch, "cpu"))[0]
+        (got * weights[:, : got.shape[1]]).sum().backward()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        grads = dict(sharded.named_parameters())
+        for name, p in plain.named_parameters():
+            torch.testing.assert_close(sharding.full_tensor(grads[name].grad), p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
