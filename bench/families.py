@@ -12,7 +12,7 @@ import traceback
 
 import torch
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
     Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )
 
@@ -32,6 +32,7 @@ FAMILIES = {
     "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(**COMMON, head_dim=32, moe_intermediate_size=128, num_experts=8,
                                                             num_experts_per_tok=2, mlp_only_layers=[1])),
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, sliding_window=None)),
+    "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**COMMON)),
 }
 PROMPTS = ["Q: 12+7=", "hello there", "abc"]
 
