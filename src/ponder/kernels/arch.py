@@ -6,17 +6,20 @@ attention looks like (heads, head dim, scaling, sliding window). `describe(model
 or says why the model is not one of FAMILIES; a family with the same layout is one more entry there.
 
 Every family below has the Llama layout: model.embed_tokens, model.layers[i] with input_layernorm,
-self_attn.{q,k,v,o}_proj (Qwen3 adds q_norm and k_norm per head; Phi-3 makes q|k|v with one qkv_proj),
-post_attention_layernorm and mlp.{gate,up,down}_proj (Phi-3: one gate_up_proj), then model.norm,
-model.rotary_emb and the output embeddings as head. Rotary embedding over the whole head (not a part of it,
-as Phi-4-mini's partial_rotary_factor asks), with frequencies that do not depend on the sequence's length (not
-'dynamic' or 'longrope' scaling: Phi-3.5-mini, Phi-3-*-128k): other models go to the Hugging Face engine and
-the padded forward. An MLP
-without gate_proj (Arcee: up, ReLU squared, down; a mixture-of-experts block: router and experts) is called
-as the model's own module by both passes (`own_mlp`), layer by layer: Qwen3-MoE mixes dense and sparse layers.
-OLMo 2 puts its norms after attention and the MLP instead (Family.post_norm); its norms scale before rounding
-to the input dtype, where the passes' norms (HF Llama's) round first: the same in float32, a last-bit
-difference under bf16 autocast.
+self_attn.{q,k,v,o}_proj, post_attention_layernorm and mlp.{gate,up,down}_proj, then model.norm,
+model.rotary_emb and the output embeddings as head. The variations, each read from the modules themselves:
+- q_norm and k_norm over each head (Qwen3) or over the whole projection (OLMo 2): `qk_norms`;
+- one qkv_proj and one gate_up_proj (Phi-3, Phi-4): `qkv_projections`, `gate_up_projections`;
+- an MLP the passes do not run as SwiGLU products (Arcee: up, ReLU squared, down; a mixture-of-experts block:
+  router and experts) is called as the model's own module (`own_mlp`), layer by layer: Qwen3-MoE mixes dense
+  and sparse layers;
+- norms after attention and the MLP, none on a layer's input (OLMo 2: Family.post_norm). OLMo 2's norms scale,
+  then round to the input dtype, the passes' norms (HF Llama's) round, then scale: the same in float32, a
+  last-bit difference under bf16 autocast.
+Refused (the Hugging Face engine and the padded forward run such models): rotary embedding over part of each
+head (Phi-4-mini's partial_rotary_factor), and frequencies that follow the sequence's length ('dynamic' and
+'longrope' scaling: Phi-3.5-mini, Phi-3-*-128k), which the engine's cache and the packed update would compute
+for different lengths.
 Dropout is not run by either pass (Seed-OSS's attention and residual dropout, 0.1 each in its config, apply in
 HF's forward in training mode): rollouts and updates score one deterministic policy, as RL trainers run them.
 """
