@@ -4,8 +4,9 @@
 import pytest
 import torch
 from transformers import (
-    ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config,
-    Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
+    ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+    MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
 )
 
 from ponder.errors import UserError
@@ -237,7 +238,8 @@ def test_process_logits_matches_transformers_warpers():
 @pytest.mark.parametrize("kind", ["gpt2", "phi3-partial-rotary", "phi3-longrope"])
 def test_other_architectures_fall_back_to_hf_with_a_notice(capsys, kind):
     """Another architecture, or a known family with rotary embedding over part of each head (Phi-4-mini's
-    partial_rotary_factor), goes to transformers' generate, with the reason printed once."""
+    partial_rotary_factor) or with frequencies that follow the sequence's length (LongRoPE), goes to
+    transformers' generate, with the reason printed once."""
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(TOK), n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
         why = "architecture 'gpt2'"
