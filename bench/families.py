@@ -13,7 +13,7 @@ import traceback
 import torch
 from transformers import (
     LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-    Qwen3MoeConfig, Qwen3MoeForCausalLM,
+    Qwen3MoeConfig, Qwen3MoeForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
 )
 
 from ponder.models.tiny import char_tokenizer
@@ -33,6 +33,7 @@ FAMILIES = {
                                                             num_experts_per_tok=2, mlp_only_layers=[1])),
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, sliding_window=None)),
     "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**COMMON)),
+    "smollm3": lambda: SmolLM3ForCausalLM(SmolLM3Config(**COMMON)),  # every fourth layer without rotary embedding
 }
 PROMPTS = ["Q: 12+7=", "hello there", "abc"]
 

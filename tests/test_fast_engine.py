@@ -6,7 +6,8 @@ import torch
 from transformers import (
     ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
     MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-    Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
+    Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 from ponder.errors import UserError
@@ -57,6 +58,8 @@ def models():
     # one qkv_proj and one gate_up_proj; no window here (Phi-3-mini's 2,047 would send these calls to hf)
     yield "phi3", seeded(0, lambda: Phi3ForCausalLM(Phi3Config(**SMALL, sliding_window=None, tie_word_embeddings=False)))
     yield "olmo2", seeded(0, lambda: Olmo2ForCausalLM(Olmo2Config(**SMALL, tie_word_embeddings=False)))  # norms after blocks
+    # layer 1 without rotary embedding (NoPE; the default leaves every fourth so)
+    yield "smollm3", seeded(1, lambda: SmolLM3ForCausalLM(SmolLM3Config(**SMALL, no_rope_layers=[1, 0], tie_word_embeddings=False)))
 
 
 def moe():
@@ -131,7 +134,7 @@ def test_sees_weight_updates_in_place():
     assert after != before
 
 
-@pytest.mark.parametrize("name,model", [m for m in models() if m[0] in ("llama", "qwen3_moe", "phi3", "olmo2")],
+@pytest.mark.parametrize("name,model", [m for m in models() if m[0] in ("llama", "qwen3_moe", "phi3", "olmo2", "smollm3")],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_logprobs_match_a_fresh_forward_pass(name, model):
     """Sampled tokens' log-probs against the HF forward over prompt + completion: every layer's arithmetic counts

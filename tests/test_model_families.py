@@ -1,6 +1,7 @@
 """Families beyond the Llama layout as a user brings them: a local Hugging Face directory trained by `ponder train`
 (fast engine rollouts, the packed update) on the smoke task: Qwen3-MoE (expert blocks), Phi-3 (fused qkv_proj and
-gate_up_proj; LoRA with the Llama names too) and OLMo 2 (norms after each block). CPU, float32."""
+gate_up_proj; LoRA with the Llama names too), OLMo 2 (norms after each block) and SmolLM3 (layers without rotary
+embedding). CPU, float32."""
 
 import json
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+    SmolLM3Config, SmolLM3ForCausalLM,
 )
 
 from ponder import models
@@ -25,6 +27,8 @@ def directory(family: str, tok, path):
                                                    num_experts_per_tok=2, mlp_only_layers=[1]))
     elif family == "olmo2":
         model = Olmo2ForCausalLM(Olmo2Config(**common))
+    elif family == "smollm3":  # layer 1 without rotary embedding
+        model = SmolLM3ForCausalLM(SmolLM3Config(**common, no_rope_layers=[1, 0]))
     else:
         model = Phi3ForCausalLM(Phi3Config(**common, sliding_window=None))
     models.save(model, tok, path)
@@ -37,6 +41,7 @@ RUNS = [
                              "model.layers.1.mlp.down_proj.weight"]),
     ("phi3", [], True, ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"]),
     ("olmo2", [], True, ["model.layers.0.self_attn.q_norm.weight", "model.layers.1.post_feedforward_layernorm.weight"]),
+    ("smollm3", [], True, ["model.layers.1.self_attn.q_proj.weight"]),
     # LoRA with the Llama layout's names: q/k/v_proj become qkv_proj, gate/up_proj gate_up_proj, merged into the
     # checkpoint. Adapters without the head do not learn this task on a random model in 30 steps (a Llama neither)
     ("phi3-lora", ["model.lora={r: 8, alpha: 16, target_modules: [q_proj, k_proj, v_proj, gate_proj, up_proj]}"], False,
@@ -79,7 +84,7 @@ def test_expert_blocks_are_decoded_without_cuda_graphs():
     assert capturable(describe(Qwen3ForCausalLM(Qwen3Config(**small)))[0]) == (True, "")
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "phi3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "phi3", "olmo2", "smollm3"])
 def test_the_sharded_packed_pass_equals_the_plain_one(tmp_path, family):
     """FSDP2 on one process (gloo): the packed pass through each layer's sharded_call (a layer norms its own input,
     or, post-norm, none) gives the plain pass's log-probs and gradients, float32 on the CPU."""

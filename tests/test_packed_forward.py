@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import (
     ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-    Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM,
+    Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 from ponder.models import enable_checkpointing
@@ -48,6 +49,8 @@ def build(kind):
         return randomized(Phi3ForCausalLM(Phi3Config(**SMALL, sliding_window=None, resid_pdrop=0.0, tie_word_embeddings=False)))
     if kind == "olmo2":  # norms after attention and the MLP; q_norm and k_norm over whole projections
         return randomized(Olmo2ForCausalLM(Olmo2Config(**SMALL, tie_word_embeddings=False)))
+    if kind == "smollm3":  # layer 1 without rotary embedding (NoPE)
+        return randomized(SmolLM3ForCausalLM(SmolLM3Config(**SMALL, no_rope_layers=[1, 0], tie_word_embeddings=False)))
     if kind == "arcee":  # a gateless ReLU-squared MLP
         return randomized(ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))
     return randomized(LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
@@ -170,7 +173,7 @@ def test_bucketed_attention_equals_the_padded_reference():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss", "qwen3_moe", "phi3", "olmo2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss", "qwen3_moe", "phi3", "olmo2", "smollm3"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
     model = build(kind)

@@ -13,6 +13,7 @@ model.rotary_emb and the output embeddings as head. The variations, each read fr
 - an MLP the passes do not run as SwiGLU products (Arcee: up, ReLU squared, down; a mixture-of-experts block:
   router and experts) is called as the model's own module (`own_mlp`), layer by layer: Qwen3-MoE mixes dense
   and sparse layers;
+- layers without rotary embedding (SmolLM3's NoPE layers, every fourth: attention's use_rope): `rotary`;
 - norms after attention and the MLP, none on a layer's input (OLMo 2: Family.post_norm). OLMo 2's norms scale,
   then round to the input dtype, the passes' norms (HF Llama's) round, then scale: the same in float32, a
   last-bit difference under bf16 autocast.
@@ -57,6 +58,7 @@ FAMILIES = {
     # Phi-3 and Phi-4 (Phi3ForCausalLM): fused qkv_proj and gate_up_proj; Phi-3-mini's config sets a window
     "phi3": Family(always_sliding=True),
     "olmo2": Family(post_norm=True),  # AI2's OLMo 2: the Llama layout's modules with norms after each block
+    "smollm3": Family(),  # Hugging Face's SmolLM3: the Llama layout, some layers without rotary embedding (NoPE)
 }
 SUPPORTED = tuple(FAMILIES)
 
@@ -142,6 +144,11 @@ def capturable(arch: Arch) -> tuple[bool, str]:
     if any(hasattr(layer.mlp, "experts") for layer in arch.backbone.layers):
         return False, "its mixture-of-experts blocks cannot be captured as a CUDA graph"
     return True, ""
+
+
+def rotary(attn) -> bool:
+    """Whether the layer rotates q and k by position: not SmolLM3's NoPE layers (use_rope 0)."""
+    return bool(getattr(attn, "use_rope", True))
 
 
 def qk_norms(attn, q, k, norm):

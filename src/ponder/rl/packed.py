@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ponder.kernels.arch import describe, gate_up_projections, norm_args, own_mlp, qk_norms, qkv_projections, swiglu
+from ponder.kernels.arch import (
+    describe, gate_up_projections, norm_args, own_mlp, qk_norms, qkv_projections, rotary, swiglu,
+)
 from ponder.kernels.head_logprobs import head_logprobs as fused_head_logprobs
 from ponder.kernels.training_step import pieces
 from ponder.rl.batching import Sample, to_device
@@ -358,7 +360,8 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         k = k.view(n, arch.n_kv, arch.head_dim)
         v = v.view(n, arch.n_kv, arch.head_dim)
         q, k = qk_norms(attn, q, k, K["rms"])  # Qwen3, OLMo 2
-        q, k = K["rope_qk"](q, k, cos.to(q.dtype), sin.to(q.dtype))
+        if rotary(attn):  # not SmolLM3's NoPE layers
+            q, k = K["rope_qk"](q, k, cos.to(q.dtype), sin.to(q.dtype))
         # one dtype for attention: autocast's where it is on, as it rounds SDPA's inputs in the HF forward (Qwen3's
         # q_norm/k_norm over float32 norm weights give float32 q and k beside a bf16 v; flash attention takes bf16)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else q.dtype

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ponder.kernels import decode_attention as attention_kernel
-from ponder.kernels.arch import Arch, gate_up_projections, norm_args, own_mlp, qk_norms, qkv_projections, swiglu
+from ponder.kernels.arch import Arch, gate_up_projections, norm_args, own_mlp, qk_norms, qkv_projections, rotary, swiglu
 from ponder.kernels.decode_step import EAGER, kernels
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_sampling import sample
@@ -57,6 +57,9 @@ class Forward:
         self.table = torch.zeros((rows, positions // block), dtype=torch.long, device=device)
         self.cos = torch.empty((positions, arch.head_dim), dtype=dtype, device=device)
         self.sin = torch.empty_like(self.cos)
+        # layers without rotary embedding (NoPE) run the same kernels over the identity rotation: cos 1, sin 0
+        self.nope = [not rotary(l.self_attn) for l in arch.backbone.layers]
+        self.still = (torch.ones_like(self.cos), torch.zeros_like(self.sin)) if any(self.nope) else None
         # static inputs of the decode step (CUDA graphs read them at fixed addresses)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
@@ -122,6 +125,12 @@ class Forward:
         cos, sin = self.a.backbone.rotary_emb(probe, self.slots[None])
         self.cos.copy_(cos[0])
         self.sin.copy_(sin[0])
+
+    def _rope(self, at):
+        """[(cos, sin) of the model's rotary embedding, and of the identity rotation if a layer is NoPE], each
+        table's rows picked by `at`: indexed by self.nope[layer]."""
+        pairs = [(self.cos, self.sin)] + ([self.still] if self.still else [])
+        return [(at(c), at(s)) for c, s in pairs]
 
     def _qkv(self, li: int, h):
         """q [N, heads, D], k and v [N, kv heads, D] of layer li: one product where q|k|v are joined."""
@@ -222,14 +231,14 @@ class Forward:
         seq = torch.repeat_interleave(torch.arange(n, device=dev), lens)
         starts = (lens.cumsum(0) - lens).repeat_interleave(lens)
         at = torch.arange(len(ids), device=dev) - starts
-        cos, sin = self.cos[at][:, None], self.sin[at][:, None]
+        rope = self._rope(lambda t: t[at][:, None])
         page, off = tables[seq, at // self.block], at % self.block
         # the decode step's pieces (fused norms, joined products), so a chunk costs few kernel launches
         K, layers = self.k, a.backbone.layers
         x = a.backbone.embed_tokens(ids)
         h = self._enter(x)
         for li, layer in enumerate(layers):
-            q, kv = K["rope_kv"](*self._qkv(li, h), cos, sin)  # kv: [N, 2, kv heads, D]
+            q, kv = K["rope_kv"](*self._qkv(li, h), *rope[self.nope[li]])  # kv: [N, 2, kv heads, D]
             self.kv[li][:, page, :, off] = kv.to(self.dtype)  # K and V of every token in one write
             # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
             qp = q.new_zeros((n, width) + q.shape[1:]).index_put_((seq, at), q).transpose(1, 2)
@@ -248,8 +257,9 @@ class Forward:
         tok, pos, idx, table = self.tokens[:batch], self.pos[:batch], self.rows_idx[:batch], self.table[:batch]
         store = K.get("rope_store")  # one kernel: rotary and the cache write (CUDA, Triton)
         rows = self.row_kv
+        # the kernel reads whole tables at each row's position; the torch pieces, this step's rows of them
+        rope = self._rope(lambda t: t) if store is not None else self._rope(lambda t: t[pos][:, None])
         if store is None:
-            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
             if rows is None:
                 page, off = table[idx, pos // self.block], pos % self.block
         mask = None
@@ -266,9 +276,9 @@ class Forward:
             q, k, v = self._qkv(li, h)
             cache = self.kv[li]
             if store is not None:
-                q = store(q, k, v, self.cos, self.sin, pos, cache, table)
+                q = store(q, k, v, *rope[self.nope[li]], pos, cache, table)
             else:
-                q, kv = K["rope_kv"](q, k, v, cos, sin)
+                q, kv = K["rope_kv"](q, k, v, *rope[self.nope[li]])
                 kv = kv.to(cache.dtype)
                 # K and V of every row in one write ([B, 2, kv heads, D]): into the rows' in-order copy, which this
                 # step reads, or the pool. The pool's copy of a decoded token is never read where the copy exists:
