@@ -4,7 +4,8 @@ Hugging Face forward through full logits: values, entropies and gradients. CPU, 
 import pytest
 import torch
 from transformers import (
-    ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+    AutoModelForCausalLM, ArceeConfig, ArceeForCausalLM, InternLM3Config, MinistralConfig, MinistralForCausalLM,
+    MixtralConfig, MixtralForCausalLM, LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
     Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config,
     SmolLM3ForCausalLM,
 )
@@ -51,6 +52,12 @@ def build(kind):
         return randomized(Olmo2ForCausalLM(Olmo2Config(**SMALL, tie_word_embeddings=False)))
     if kind == "smollm3":  # layer 1 without rotary embedding (NoPE)
         return randomized(SmolLM3ForCausalLM(SmolLM3Config(**SMALL, no_rope_layers=[1, 0], tie_word_embeddings=False)))
+    if kind == "ministral":
+        return randomized(MinistralForCausalLM(MinistralConfig(**SMALL, head_dim=16, tie_word_embeddings=False)))
+    if kind == "mixtral":  # every MLP a block of 4 experts, 2 a token
+        return randomized(MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2)))
+    if kind == "internlm3":  # biases on q/k/v and on o and the MLP
+        return randomized(AutoModelForCausalLM.from_config(InternLM3Config(**SMALL, qkv_bias=True, bias=True)))
     if kind == "arcee":  # a gateless ReLU-squared MLP
         return randomized(ArceeForCausalLM(ArceeConfig(**SMALL, tie_word_embeddings=False)))
     return randomized(LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
@@ -173,7 +180,8 @@ def test_bucketed_attention_equals_the_padded_reference():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss", "qwen3_moe", "phi3", "olmo2", "smollm3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss", "qwen3_moe", "phi3", "olmo2", "smollm3",
+                                  "ministral", "mixtral", "internlm3"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
     model = build(kind)

@@ -59,6 +59,9 @@ FAMILIES = {
     "phi3": Family(always_sliding=True),
     "olmo2": Family(post_norm=True),  # AI2's OLMo 2: the Llama layout's modules with norms after each block
     "smollm3": Family(),  # Hugging Face's SmolLM3: the Llama layout, some layers without rotary embedding (NoPE)
+    "ministral": Family(),  # Ministral 8B: Mistral's layout, the window on the layers layer_types names
+    "mixtral": Family(always_sliding=True),  # Mixtral: Mistral's attention, every MLP a mixture-of-experts block
+    "internlm3": Family(),  # InternLM3: the Llama layout
 }
 SUPPORTED = tuple(FAMILIES)
 
@@ -87,7 +90,8 @@ def describe(model) -> tuple[Arch | None, str]:
     head = inner.get_output_embeddings()
     try:
         attn = backbone.layers[0].self_attn
-        needed = (backbone.embed_tokens, backbone.norm, backbone.rotary_emb, *qkv_projections(attn), attn.o_proj)
+        needed = (backbone.embed_tokens, backbone.norm, backbone.rotary_emb, *qkv_projections(attn), attn.o_proj,
+                  backbone.layers[0].mlp)
     except AttributeError as e:
         return None, f"unexpected module layout ({e})"
     if head is None or any(m is None for m in needed):
