@@ -4,11 +4,11 @@
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM, ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, InternLM3Config, LlamaConfig,
-    LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
-    MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-    Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config,
-    SmolLM3ForCausalLM,
+    ArceeConfig, ArceeForCausalLM, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, InternLM3Config, LlamaConfig,
+    LlamaForCausalLM, Ministral3Config, MinistralConfig, MinistralForCausalLM, MistralConfig, MistralForCausalLM,
+    MixtralConfig, MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig,
+    SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
 )
 
 from ponder.errors import UserError
@@ -63,6 +63,9 @@ def models():
     yield "smollm3", seeded(1, lambda: SmolLM3ForCausalLM(SmolLM3Config(**SMALL, no_rope_layers=[1, 0], tie_word_embeddings=False)))
     # every layer "sliding_attention" in layer_types, its window (4,096) beyond these calls
     yield "ministral", seeded(0, lambda: MinistralForCausalLM(MinistralConfig(**SMALL, head_dim=16, tie_word_embeddings=False)))
+    # queries scaled by 1 + 0.5 log(1 + floor(position / 8)): past position 8 here, past 16,384 in the real models
+    yield "ministral3", seeded(0, lambda: AutoModelForCausalLM.from_config(Ministral3Config(**SMALL, head_dim=16, rope_parameters=dict(
+        rope_type="default", rope_theta=1e4, llama_4_scaling_beta=0.5, original_max_position_embeddings=8))))
     yield "mixtral", seeded(0, lambda: MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2)))
     # InternLM3: run by transformers' Llama classes under its own model_type; biases on q/k/v, o and the MLP
     yield "internlm3", seeded(0, lambda: AutoModelForCausalLM.from_config(InternLM3Config(**SMALL, qkv_bias=True, bias=True)))
@@ -140,7 +143,8 @@ def test_sees_weight_updates_in_place():
     assert after != before
 
 
-@pytest.mark.parametrize("name,model", [m for m in models() if m[0] in ("llama", "qwen3_moe", "phi3", "olmo2", "smollm3", "mixtral")],
+@pytest.mark.parametrize("name,model", [m for m in models() if m[0] in ("llama", "qwen3_moe", "phi3", "olmo2", "smollm3", "mixtral",
+                                                                "ministral3")],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_logprobs_match_a_fresh_forward_pass(name, model):
     """Sampled tokens' log-probs against the HF forward over prompt + completion: every layer's arithmetic counts

@@ -4,10 +4,10 @@ Hugging Face forward through full logits: values, entropies and gradients. CPU, 
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM, ArceeConfig, ArceeForCausalLM, InternLM3Config, MinistralConfig, MinistralForCausalLM,
-    MixtralConfig, MixtralForCausalLM, LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-    Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config,
-    SmolLM3ForCausalLM,
+    ArceeConfig, ArceeForCausalLM, AutoModelForCausalLM, InternLM3Config, LlamaConfig, LlamaForCausalLM,
+    Ministral3Config, MinistralConfig, MinistralForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config,
+    Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
 )
 
 from ponder.models import enable_checkpointing
@@ -54,6 +54,9 @@ def build(kind):
         return randomized(SmolLM3ForCausalLM(SmolLM3Config(**SMALL, no_rope_layers=[1, 0], tie_word_embeddings=False)))
     if kind == "ministral":
         return randomized(MinistralForCausalLM(MinistralConfig(**SMALL, head_dim=16, tie_word_embeddings=False)))
+    if kind == "ministral3":  # queries scaled by position past 8
+        return randomized(AutoModelForCausalLM.from_config(Ministral3Config(**SMALL, head_dim=16, rope_parameters=dict(
+            rope_type="default", rope_theta=1e4, llama_4_scaling_beta=0.5, original_max_position_embeddings=8))))
     if kind == "mixtral":  # every MLP a block of 4 experts, 2 a token
         return randomized(MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2)))
     if kind == "internlm3":  # biases on q/k/v and on o and the MLP
@@ -181,7 +184,7 @@ def test_bucketed_attention_equals_the_padded_reference():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "arcee", "seed_oss", "qwen3_moe", "phi3", "olmo2", "smollm3",
-                                  "ministral", "mixtral", "internlm3"])
+                                  "ministral", "ministral3", "mixtral", "internlm3"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropies_and_gradients_match_the_hf_forward(kind, temperature):
     model = build(kind)

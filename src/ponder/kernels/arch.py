@@ -14,6 +14,7 @@ model.rotary_emb and the output embeddings as head. The variations, each read fr
   router and experts) is called as the model's own module (`own_mlp`), layer by layer: Qwen3-MoE mixes dense
   and sparse layers;
 - layers without rotary embedding (SmolLM3's NoPE layers, every fourth: attention's use_rope): `rotary`;
+- queries scaled by position past a length (Ministral 3's llama_4_scaling_beta): Arch.query_scales;
 - norms after attention and the MLP, none on a layer's input (OLMo 2: Family.post_norm). OLMo 2's norms scale,
   then round to the input dtype, the passes' norms (HF Llama's) round, then scale: the same in float32, a
   last-bit difference under bf16 autocast.
@@ -62,6 +63,8 @@ FAMILIES = {
     "ministral": Family(),  # Ministral 8B: Mistral's layout, the window on the layers layer_types names
     "mixtral": Family(always_sliding=True),  # Mixtral: Mistral's attention, every MLP a mixture-of-experts block
     "internlm3": Family(),  # InternLM3: the Llama layout
+    # Ministral 3: Mistral's layout, queries scaled by position past original_max_position_embeddings (query_scale)
+    "ministral3": Family(),
 }
 SUPPORTED = tuple(FAMILIES)
 
@@ -76,6 +79,16 @@ class Arch:
     scaling: float
     window: int | None  # sliding-window size, if any layer uses one
     post_norm: bool = False  # Family.post_norm
+    # Ministral 3 (Llama 4's attention scale): queries times 1 + beta * log(1 + floor(position / length)) after
+    # rotary embedding; (beta, length), or None
+    query_scale: tuple[float, int] | None = None
+
+    def query_scales(self, pos: torch.Tensor) -> torch.Tensor | None:
+        """The queries' scale at positions `pos` (float32, pos's shape), or None where there is none."""
+        if self.query_scale is None:
+            return None
+        beta, length = self.query_scale
+        return 1 + beta * torch.log(1 + torch.floor(pos / length))  # as transformers computes it
 
 
 def describe(model) -> tuple[Arch | None, str]:
@@ -108,9 +121,11 @@ def describe(model) -> tuple[Arch | None, str]:
     window = None
     if family.always_sliding or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
         window = getattr(cfg, "sliding_window", None)
+    beta = rope.get("llama_4_scaling_beta") if isinstance(rope, dict) else None
+    scale = (float(beta), int(rope["original_max_position_embeddings"])) if beta else None
     return Arch(
         backbone, head, cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, attn.scaling, window,
-        family.post_norm,
+        family.post_norm, scale,
     ), ""
 
 

@@ -346,6 +346,8 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
     layers = bb.layers
     ckpt = bool(getattr(bb, "gradient_checkpointing", False)) and torch.is_grad_enabled()
     sharded = hasattr(layers[0], "sharded_call")
+    # Ministral 3's query scale, where some position reaches past the length it starts at (below, it is 1)
+    q_scale = arch.query_scales(pk.pos)[:, None, None] if arch.query_scale and pk.max_k > arch.query_scale[1] else None
 
     def layer_fn(li, x, h):
         layer = layers[li]
@@ -362,6 +364,8 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         q, k = qk_norms(attn, q, k, K["rms"])  # Qwen3, OLMo 2
         if rotary(attn):  # not SmolLM3's NoPE layers
             q, k = K["rope_qk"](q, k, cos.to(q.dtype), sin.to(q.dtype))
+        if q_scale is not None:
+            q = q * q_scale.to(q.dtype)
         # one dtype for attention: autocast's where it is on, as it rounds SDPA's inputs in the HF forward (Qwen3's
         # q_norm/k_norm over float32 norm weights give float32 q and k beside a bf16 v; flash attention takes bf16)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else q.dtype

@@ -33,8 +33,8 @@
 On CPU the same code runs eagerly; decode attention is two matrix products over each row's K/V, which is also
 kept in order beside the pool (copied when a sequence takes a row; decode steps write only there), so no step
 gathers blocks. Architectures other than those of ponder.kernels.arch.FAMILIES (Llama, Qwen2, Qwen3, Qwen3-MoE,
-Mistral, Ministral, Mixtral, Arcee, Seed-OSS, Phi-3/Phi-4, OLMo 2, SmolLM3, InternLM3), and calls that would outrun
-a sliding window, go to the Hugging Face engine.
+Mistral, Ministral, Ministral 3, Mixtral, Arcee, Seed-OSS, Phi-3/Phi-4, OLMo 2, SmolLM3, InternLM3), and calls that
+would outrun a sliding window, go to the Hugging Face engine.
 """
 
 from __future__ import annotations

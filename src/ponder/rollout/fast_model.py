@@ -60,6 +60,8 @@ class Forward:
         # layers without rotary embedding (NoPE) run the same kernels over the identity rotation: cos 1, sin 0
         self.nope = [not rotary(l.self_attn) for l in arch.backbone.layers]
         self.still = (torch.ones_like(self.cos), torch.zeros_like(self.sin)) if any(self.nope) else None
+        # Ministral 3's query scale, where some position reaches past the length it starts at (below, it is 1)
+        self.scaled = arch.query_scale is not None and positions > arch.query_scale[1]
         # static inputs of the decode step (CUDA graphs read them at fixed addresses)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
@@ -232,6 +234,7 @@ class Forward:
         starts = (lens.cumsum(0) - lens).repeat_interleave(lens)
         at = torch.arange(len(ids), device=dev) - starts
         rope = self._rope(lambda t: t[at][:, None])
+        q_scale = self.a.query_scales(at)[:, None, None] if self.scaled else None
         page, off = tables[seq, at // self.block], at % self.block
         # the decode step's pieces (fused norms, joined products), so a chunk costs few kernel launches
         K, layers = self.k, a.backbone.layers
@@ -239,6 +242,8 @@ class Forward:
         h = self._enter(x)
         for li, layer in enumerate(layers):
             q, kv = K["rope_kv"](*self._qkv(li, h), *rope[self.nope[li]])  # kv: [N, 2, kv heads, D]
+            if q_scale is not None:
+                q = q * q_scale.to(q.dtype)
             self.kv[li][:, page, :, off] = kv.to(self.dtype)  # K and V of every token in one write
             # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
             qp = q.new_zeros((n, width) + q.shape[1:]).index_put_((seq, at), q).transpose(1, 2)
@@ -259,6 +264,7 @@ class Forward:
         rows = self.row_kv
         # the kernel reads whole tables at each row's position; the torch pieces, this step's rows of them
         rope = self._rope(lambda t: t) if store is not None else self._rope(lambda t: t[pos][:, None])
+        q_scale = self.a.query_scales(pos)[:, None, None] if self.scaled else None
         if store is None:
             if rows is None:
                 page, off = table[idx, pos // self.block], pos % self.block
@@ -287,6 +293,8 @@ class Forward:
                     rows[li][:, idx, :, pos] = kv
                 else:
                     cache[:, page, :, off] = kv
+            if q_scale is not None:
+                q = q * q_scale.to(q.dtype)
             # the query heads sharing a kv head act as that head's query rows: no repeated K/V
             q = q.view(batch, a.n_kv, group, a.head_dim)
             if self.attention == "triton":
