@@ -83,12 +83,19 @@ class Arch:
     # rotary embedding; (beta, length), or None
     query_scale: tuple[float, int] | None = None
 
-    def query_scales(self, pos: torch.Tensor) -> torch.Tensor | None:
-        """The queries' scale at positions `pos` (float32, pos's shape), or None where there is none."""
-        if self.query_scale is None:
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """The widths of q, k and v in one q|k|v product's output."""
+        return self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim
+
+    def query_scales(self, pos: torch.Tensor, positions: int) -> torch.Tensor | None:
+        """The queries' scale at positions `pos` (float32, [len(pos), 1, 1]) of a call whose positions are all
+        below `positions`; None where there is none, or where every position is below the length it starts
+        at (there it is 1)."""
+        if self.query_scale is None or positions <= self.query_scale[1]:
             return None
         beta, length = self.query_scale
-        return 1 + beta * torch.log(1 + torch.floor(pos / length))  # as transformers computes it
+        return (1 + beta * torch.log(1 + torch.floor(pos / length)))[:, None, None]  # as transformers computes it
 
 
 def describe(model) -> tuple[Arch | None, str]:

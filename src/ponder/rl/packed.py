@@ -346,8 +346,7 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
     layers = bb.layers
     ckpt = bool(getattr(bb, "gradient_checkpointing", False)) and torch.is_grad_enabled()
     sharded = hasattr(layers[0], "sharded_call")
-    # Ministral 3's query scale, where some position reaches past the length it starts at (below, it is 1)
-    q_scale = arch.query_scales(pk.pos)[:, None, None] if arch.query_scale and pk.max_k > arch.query_scale[1] else None
+    q_scale = arch.query_scales(pk.pos, pk.max_k)  # Ministral 3; a segment's positions are below its keys
 
     def layer_fn(li, x, h):
         layer = layers[li]
@@ -356,7 +355,7 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
             h = x if arch.post_norm else K["rms"](x, *norm_args(layer.input_layernorm))
         qkv = linears(h, qkv_projections(attn))
         if len(qkv) == 1:  # one fused layer (Phi-3)
-            qkv = qkv[0].split((arch.n_heads * arch.head_dim, arch.n_kv * arch.head_dim, arch.n_kv * arch.head_dim), -1)
+            qkv = qkv[0].split(arch.qkv_sizes, -1)
         q, k, v = qkv
         q = q.view(n, arch.n_heads, arch.head_dim)
         k = k.view(n, arch.n_kv, arch.head_dim)

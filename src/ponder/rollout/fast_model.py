@@ -60,8 +60,6 @@ class Forward:
         # layers without rotary embedding (NoPE) run the same kernels over the identity rotation: cos 1, sin 0
         self.nope = [not rotary(l.self_attn) for l in arch.backbone.layers]
         self.still = (torch.ones_like(self.cos), torch.zeros_like(self.sin)) if any(self.nope) else None
-        # Ministral 3's query scale, where some position reaches past the length it starts at (below, it is 1)
-        self.scaled = arch.query_scale is not None and positions > arch.query_scale[1]
         # static inputs of the decode step (CUDA graphs read them at fixed addresses)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
@@ -137,12 +135,11 @@ class Forward:
     def _qkv(self, li: int, h):
         """q [N, heads, D], k and v [N, kv heads, D] of layer li: one product where q|k|v are joined."""
         a, attn, n = self.a, self.a.backbone.layers[li].self_attn, h.shape[0]
-        sizes = (a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim)
         if self.qkv[li] is not None:
-            q, k, v = F.linear(h, *self.qkv[li]).split(sizes, -1)
+            q, k, v = F.linear(h, *self.qkv[li]).split(a.qkv_sizes, -1)
         else:  # wrapped layers (LoRA): called as they are
             outs = [m(h) for m in qkv_projections(attn)]
-            q, k, v = outs if len(outs) == 3 else outs[0].split(sizes, -1)
+            q, k, v = outs if len(outs) == 3 else outs[0].split(a.qkv_sizes, -1)
         q, k, v = q.view(n, a.n_heads, a.head_dim), k.view(n, a.n_kv, a.head_dim), v.view(n, a.n_kv, a.head_dim)
         q, k = qk_norms(attn, q, k, self.k["rms"])  # Qwen3, OLMo 2
         return q, k, v
@@ -234,7 +231,7 @@ class Forward:
         starts = (lens.cumsum(0) - lens).repeat_interleave(lens)
         at = torch.arange(len(ids), device=dev) - starts
         rope = self._rope(lambda t: t[at][:, None])
-        q_scale = self.a.query_scales(at)[:, None, None] if self.scaled else None
+        q_scale = self.a.query_scales(at, self.positions)  # Ministral 3
         page, off = tables[seq, at // self.block], at % self.block
         # the decode step's pieces (fused norms, joined products), so a chunk costs few kernel launches
         K, layers = self.k, a.backbone.layers
@@ -264,7 +261,7 @@ class Forward:
         rows = self.row_kv
         # the kernel reads whole tables at each row's position; the torch pieces, this step's rows of them
         rope = self._rope(lambda t: t) if store is not None else self._rope(lambda t: t[pos][:, None])
-        q_scale = self.a.query_scales(pos)[:, None, None] if self.scaled else None
+        q_scale = self.a.query_scales(pos, self.positions)  # Ministral 3
         if store is None:
             if rows is None:
                 page, off = table[idx, pos // self.block], pos % self.block
