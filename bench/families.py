@@ -11,11 +11,8 @@ from __future__ import annotations
 import traceback
 
 import torch
-from transformers import (
-    LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
-    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SmolLM3Config,
-    SmolLM3ForCausalLM,
-)
+import transformers
+from transformers import AutoModelForCausalLM
 
 from ponder.models.tiny import char_tokenizer
 from ponder.rl.batching import Sample
@@ -26,15 +23,28 @@ from ponder.rollout.fast import FastEngine
 TOK = char_tokenizer()
 COMMON = dict(vocab_size=len(TOK), hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=2, eos_token_id=-1, pad_token_id=0, bos_token_id=1)
+
+def config(name: str, **extra):
+    """A model of transformers' config class `name` with COMMON's sizes, from its auto class (the families that
+    transformers runs with another family's classes, InternLM3's, come out right)."""
+    return lambda: AutoModelForCausalLM.from_config(getattr(transformers, name)(**COMMON, **extra))
+
+
 FAMILIES = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32)),
-    "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(**COMMON, head_dim=32, moe_intermediate_size=128, num_experts=8,
-                                                            num_experts_per_tok=2, mlp_only_layers=[1])),
-    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, sliding_window=None)),
-    "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**COMMON)),
-    "smollm3": lambda: SmolLM3ForCausalLM(SmolLM3Config(**COMMON)),  # every fourth layer without rotary embedding
+    "llama": config("LlamaConfig"),
+    "qwen2": config("Qwen2Config"),
+    "qwen3": config("Qwen3Config", head_dim=32),
+    "qwen3_moe": config("Qwen3MoeConfig", head_dim=32, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+                        mlp_only_layers=[1]),
+    "phi3": config("Phi3Config", sliding_window=None),
+    "olmo2": config("Olmo2Config"),
+    "smollm3": config("SmolLM3Config"),  # every fourth layer without rotary embedding
+    "ministral": config("MinistralConfig", head_dim=32),
+    # queries scaled past position 8 (past 16,384 in the real models), so the scale is exercised
+    "ministral3": config("Ministral3Config", head_dim=32, rope_parameters=dict(
+        rope_type="default", rope_theta=1e4, llama_4_scaling_beta=0.5, original_max_position_embeddings=8)),
+    "mixtral": config("MixtralConfig", num_local_experts=4, num_experts_per_tok=2),
+    "internlm3": config("InternLM3Config", qkv_bias=True, bias=True),
 }
 PROMPTS = ["Q: 12+7=", "hello there", "abc"]
 
@@ -72,7 +82,7 @@ def training_pass(name: str) -> str:
 
 
 def main():
-    print(torch.cuda.get_device_name(), torch.__version__)
+    print(torch.cuda.get_device_name(), torch.__version__, "transformers", transformers.__version__)
     for name in FAMILIES:
         cases = [(f"generate, {d}", lambda d=d: generation(name, d)) for d in (torch.float32, torch.bfloat16)]
         for what, run in cases + [("packed pass, float32 masters", lambda: training_pass(name))]:
