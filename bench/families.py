@@ -11,6 +11,7 @@ from __future__ import annotations
 import traceback
 
 import torch
+import torch._dynamo
 import transformers
 from transformers import AutoModelForCausalLM
 
@@ -84,6 +85,7 @@ def training_pass(name: str) -> str:
 def main():
     print(torch.cuda.get_device_name(), torch.__version__, "transformers", transformers.__version__)
     for name in FAMILIES:
+        torch._dynamo.reset()  # each family compiles its pieces afresh, as in a process of its own
         cases = [(f"generate, {d}", lambda d=d: generation(name, d)) for d in (torch.float32, torch.bfloat16)]
         for what, run in cases + [("packed pass, float32 masters", lambda: training_pass(name))]:
             try:

@@ -500,6 +500,28 @@ def test_a_piece_the_compiler_fails_on_runs_eagerly_with_one_notice(capsys):
     assert "ponder: probe: torch.compile failed for broken; those run unfused" in capsys.readouterr().err
 
 
+def test_a_compiled_piece_past_the_recompile_limit_goes_eager_with_one_notice(capsys, monkeypatch):
+    """Each new dtype a compiled piece meets is a new graph; past torch's recompile limit, fullgraph=True raised
+    (on one H100: FailOnRecompileLimitHit in the packed pass of the sixth model family checked in one process)."""
+    import torch._dynamo
+    from ponder.kernels.norm import rms
+    from ponder.kernels.trials import compile_each
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    x, w = torch.randn(4, 8), torch.rand(8)
+    piece = compile_each({"rms": rms}, {"rms": (x, w, 1e-6)}, "probe")["rms"]
+    assert capsys.readouterr().err == ""
+    for _ in range(2):  # float64: a second graph, past the limit of one
+        out = piece(x.double(), w.double(), 1e-6)
+        assert out.dtype == torch.float64 and torch.equal(out, rms(x.double(), w.double(), 1e-6))
+    assert torch.equal(piece(x, w, 1e-6), rms(x, w, 1e-6))  # eager now for every call
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "ponder: probe: the compiled rms failed on a new kind of call (FailOnRecompileLimitHit); it runs unfused" in err
+    torch._dynamo.reset()
+
+
 # -- continuous batching over the paged cache ---------------------------------------------------------
 
 LONGER = PROMPTS + ["Q: 31+24=", "zz", "The quick brown fox jumps over the lazy dog again", "1 2 3"]

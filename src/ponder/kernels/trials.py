@@ -18,7 +18,8 @@ except ImportError:
 
 def compile_each(funcs: dict, trials: dict, who: str, backward: bool = False) -> dict:
     """Each function compiled (dynamic shapes, one graph) when a call on its trial arguments runs, and with
-    `backward` its backward too; the eager function otherwise, with one notice naming those."""
+    `backward` its backward too; the eager function otherwise, with one notice naming those. A compiled one
+    that fails on a later call goes eager from then on (eager_after_failure)."""
     out, failed = {}, []
     for name, f in funcs.items():
         try:
@@ -26,12 +27,34 @@ def compile_each(funcs: dict, trials: dict, who: str, backward: bool = False) ->
             res = fn(*trials[name])
             if backward:
                 sum(r.float().sum() for r in (res if isinstance(res, tuple) else (res,))).backward()
-            out[name] = fn
+            out[name] = eager_after_failure(fn, f, name, who)
         except Exception:  # noqa: BLE001  (any compiler failure: that piece runs eagerly)
             out[name], failed = f, failed + [name]
     if failed:
         print(f"ponder: {who}: torch.compile failed for {', '.join(failed)}; those run unfused", file=sys.stderr)
     return out
+
+
+def eager_after_failure(compiled, eager, name: str, who: str):
+    """`compiled`, until a call of it fails where `eager` runs; `eager` from then on, with one notice. Each new
+    dtype, grad mode or input flag a piece meets is a graph of its own, and past torch's recompile limit (8)
+    fullgraph=True makes the next one an error, not a quiet fallback: several models in one process (or a
+    policy, a frozen reference and no-grad scoring of a model whose norms see float32 and bf16) reach it."""
+    current = [compiled]
+
+    def call(*args):
+        if current[0] is eager:
+            return eager(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # noqa: BLE001  (a fault of the inputs raises again below, and stays the caller's)
+            out = eager(*args)
+            current[0] = eager
+            print(f"ponder: {who}: the compiled {name} failed on a new kind of call ({type(e).__name__}); "
+                  "it runs unfused from now on", file=sys.stderr)
+            return out
+
+    return call
 
 
 def trial(check, notice: str, who: str = "fast engine") -> bool:
