@@ -3,11 +3,12 @@ graphs, the bf16 rollout copy of float32 masters, or bf16 weights) beside transf
 through the packed training pass (autocast, varlen flash attention) beside the Hugging Face forward. A check,
 not a benchmark: each case prints its agreement or its error and the next one runs.
 
-  PYTHONPATH=src python3 bench/families.py
+  PYTHONPATH=src python3 bench/families.py [FAMILY ...]
 """
 
 from __future__ import annotations
 
+import sys
 import traceback
 
 import torch
@@ -84,7 +85,7 @@ def training_pass(name: str) -> str:
 
 def main():
     print(torch.cuda.get_device_name(), torch.__version__, "transformers", transformers.__version__)
-    for name in FAMILIES:
+    for name in sys.argv[1:] or FAMILIES:
         torch._dynamo.reset()  # each family compiles its pieces afresh, as in a process of its own
         cases = [(f"generate, {d}", lambda d=d: generation(name, d)) for d in (torch.float32, torch.bfloat16)]
         for what, run in cases + [("packed pass, float32 masters", lambda: training_pass(name))]:

@@ -500,7 +500,7 @@ def test_a_piece_the_compiler_fails_on_runs_eagerly_with_one_notice(capsys):
     assert "ponder: probe: torch.compile failed for broken; those run unfused" in capsys.readouterr().err
 
 
-def test_a_compiled_piece_past_the_recompile_limit_goes_eager_with_one_notice(capsys, monkeypatch):
+def test_a_compiled_piece_past_the_recompile_limit_goes_eager_with_one_notice(capsys):
     """Each new dtype a compiled piece meets is a new graph; past torch's recompile limit, fullgraph=True raised
     (on one H100: FailOnRecompileLimitHit in the packed pass of the sixth model family checked in one process)."""
     import torch._dynamo
@@ -508,17 +508,35 @@ def test_a_compiled_piece_past_the_recompile_limit_goes_eager_with_one_notice(ca
     from ponder.kernels.trials import compile_each
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     x, w = torch.randn(4, 8), torch.rand(8)
-    piece = compile_each({"rms": rms}, {"rms": (x, w, 1e-6)}, "probe")["rms"]
-    assert capsys.readouterr().err == ""
-    for _ in range(2):  # float64: a second graph, past the limit of one
-        out = piece(x.double(), w.double(), 1e-6)
-        assert out.dtype == torch.float64 and torch.equal(out, rms(x.double(), w.double(), 1e-6))
-    assert torch.equal(piece(x, w, 1e-6), rms(x, w, 1e-6))  # eager now for every call
+    with torch._dynamo.config.patch(recompile_limit=1):
+        piece = compile_each({"rms": rms}, {"rms": (x, w, 1e-6)}, "probe")["rms"]
+        assert capsys.readouterr().err == ""
+        for _ in range(2):  # float64: a second graph, past the limit of one
+            out = piece(x.double(), w.double(), 1e-6)
+            assert out.dtype == torch.float64 and torch.equal(out, rms(x.double(), w.double(), 1e-6))
+        assert torch.equal(piece(x, w, 1e-6), rms(x, w, 1e-6))  # eager now for every call
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert "ponder: probe: the compiled rms failed on a new kind of call (FailOnRecompileLimitHit); it runs unfused" in err
+    torch._dynamo.reset()
+
+
+def test_each_compiled_piece_has_graphs_of_its_own(capsys):
+    """The engine's rms and the packed pass's compile one function: with a shared code object they shared one
+    recompile budget, and a float64 call of one was the second graph of both."""
+    import torch._dynamo
+    from ponder.kernels.norm import rms
+    from ponder.kernels.trials import compile_each
+
+    torch._dynamo.reset()
+    x, w = torch.randn(4, 8), torch.rand(8)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        engine = compile_each({"rms": rms}, {"rms": (x, w, 1e-6)}, "engine")["rms"]
+        update = compile_each({"rms": rms}, {"rms": (x.double(), w.double(), 1e-6)}, "update")["rms"]
+        engine(x, w, 1e-6)
+        update(x.double(), w.double(), 1e-6)
+    assert capsys.readouterr().err == ""
     torch._dynamo.reset()
 
 

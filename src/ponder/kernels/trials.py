@@ -7,6 +7,7 @@ torch twin with the same math, and the notice names what fell back.
 from __future__ import annotations
 
 import sys
+import types
 
 import torch
 
@@ -19,11 +20,14 @@ except ImportError:
 def compile_each(funcs: dict, trials: dict, who: str, backward: bool = False) -> dict:
     """Each function compiled (dynamic shapes, one graph) when a call on its trial arguments runs, and with
     `backward` its backward too; the eager function otherwise, with one notice naming those. A compiled one
-    that fails on a later call goes eager from then on (eager_after_failure)."""
+    that fails on a later call goes eager from then on (eager_after_failure). Each is compiled from a copy of
+    its function with a code object of its own: torch keeps a function's graphs, and counts them against its
+    recompile limit, per code object, so the engine's rms and the packed pass's would share one budget (on one
+    H100, OLMo 2's engine and update calls together passed it)."""
     out, failed = {}, []
     for name, f in funcs.items():
         try:
-            fn = torch.compile(f, dynamic=True, fullgraph=True)
+            fn = torch.compile(own_code(f), dynamic=True, fullgraph=True)
             res = fn(*trials[name])
             if backward:
                 sum(r.float().sum() for r in (res if isinstance(res, tuple) else (res,))).backward()
@@ -33,6 +37,13 @@ def compile_each(funcs: dict, trials: dict, who: str, backward: bool = False) ->
     if failed:
         print(f"ponder: {who}: torch.compile failed for {', '.join(failed)}; those run unfused", file=sys.stderr)
     return out
+
+
+def own_code(f):
+    """f with a copy of its code object (the same function otherwise)."""
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__doc__ = f.__kwdefaults__, f.__doc__
+    return g
 
 
 def eager_after_failure(compiled, eager, name: str, who: str):
