@@ -115,6 +115,29 @@ def test_greedy_equals_transformers_generate_with_mixed_lengths_and_eos(name, mo
     assert all(c.token_ids[-1] == eos for o in got for c in o if c.finish_reason == "stop")
 
 
+def test_hf_engine_ignores_the_checkpoints_sampling_settings():
+    """A checkpoint's generation_config.json (Qwen2.5-*-Instruct: repetition_penalty 1.05, top_k 20, top_p 0.8)
+    must not reach the hf engine's calls: greedy tokens equal the fast engine's, sampled log-probs are the
+    policy's log-softmax."""
+    model = randomized(load("tiny-random-micro", seed=2)[0])
+    model.generation_config.eos_token_id = len(TOK) + 5
+    prompts = encode(PROMPTS)
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    want = FastEngine(model, TOK).generate(prompts, greedy)
+    gc = model.generation_config
+    gc.do_sample, gc.temperature, gc.top_p, gc.top_k, gc.repetition_penalty = True, 0.7, 0.8, 20, 1.3
+    gc.min_p, gc.no_repeat_ngram_size = 0.2, 2
+    assert HFEngine(model, TOK).generate(prompts, greedy) == want
+    sampled = HFEngine(model, TOK).generate(prompts[:2], SamplingParams(n=2, temperature=1.0, max_tokens=12, logprobs=True, seed=3))
+    for p, group in zip(prompts[:2], sampled):
+        for c in group:
+            with torch.no_grad():
+                ref = model(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1 : -1].float().log_softmax(-1)
+            ref = ref.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4), (c.logprobs, ref)
+    assert gc.repetition_penalty == 1.3 and gc.min_p == 0.2  # the model's own config is left as it was
+
+
 def test_stop_strings_match_transformers():
     model = randomized(load("tiny-random-micro", seed=2)[0])
     model.generation_config.eos_token_id = len(TOK) + 5
@@ -358,8 +381,18 @@ def test_lora_rollout_copy_of_a_bf16_base_leaves_the_base_alone():
     assert torch.equal(copy.shadow.get_base_model().model.layers[0].self_attn.q_proj.weight, want)
 
 
-def test_calls_past_a_sliding_window_go_to_hf(capsys):
-    model = seeded(0, lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=12)))
+WINDOWED = {  # families whose every layer attends within config.sliding_window whenever it is set
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=12)),
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(**SMALL, head_dim=24, moe_intermediate_size=48, num_experts=4,
+                                                          num_experts_per_tok=2, use_sliding_window=True, sliding_window=12)),
+    "ministral3": lambda: AutoModelForCausalLM.from_config(Ministral3Config(**SMALL, head_dim=16, sliding_window=12)),
+}
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_calls_past_a_sliding_window_go_to_hf(capsys, family):
+    model = seeded(0, WINDOWED[family])
+    assert describe(model)[0].window == 12
     model.generation_config.eos_token_id = len(TOK) + 5
     eng = FastEngine(model, TOK)
     prompts = encode(PROMPTS[:2])

@@ -364,6 +364,23 @@ def test_disable_dropout_turns_off_the_models_rates_and_leaves_loras():
     assert {m.p for n, m in lora.named_modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
 
 
+def test_disable_dropout_turns_off_mixtrals_router_jitter():
+    """Mixtral's router multiplies its input by uniform noise of +-router_jitter_noise in training mode: the
+    update would score a noisy policy against the rollout's (eval mode)."""
+    from ponder.models import disable_dropout
+
+    torch.manual_seed(0)
+    model = randomized(MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2,
+                                                        router_jitter_noise=0.1)))
+    batch = samples()
+    with torch.no_grad():
+        assert not torch.equal(packed_logprobs(model, batch, "cpu")[0], packed_logprobs(model, batch, "cpu")[0])
+        assert disable_dropout(model) == SMALL["num_hidden_layers"]
+        want = packed_logprobs(model, batch, "cpu")[0]
+        torch.testing.assert_close(packed_logprobs(model, batch, "cpu")[0], want, atol=0, rtol=0)
+        torch.testing.assert_close(reference(model.eval(), batch)[0], want, atol=1e-5, rtol=1e-5)
+
+
 def lora_model(kind, targets, **kw):
     from peft import LoraConfig, get_peft_model
 

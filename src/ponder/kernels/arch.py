@@ -54,8 +54,9 @@ FAMILIES = {
     "arcee": Family(),  # Arcee AFM: the Llama layout with a gateless ReLU-squared MLP
     "seed_oss": Family(),  # ByteDance Seed-OSS: the Llama layout, biases on q/k/v (optionally on o and the MLP)
     # Qwen3's attention; each sparse layer's MLP a mixture-of-experts block (router, top-k experts), run as the
-    # model's own module with transformers' experts implementation; no router auxiliary loss in the update
-    "qwen3_moe": Family(),
+    # model's own module with transformers' experts implementation; no router auxiliary loss in the update.
+    # Unlike Qwen3's, its forward applies config.sliding_window to every layer (None unless use_sliding_window)
+    "qwen3_moe": Family(always_sliding=True),
     # Phi-3 and Phi-4 (Phi3ForCausalLM): fused qkv_proj and gate_up_proj; Phi-3-mini's config sets a window
     "phi3": Family(always_sliding=True),
     "olmo2": Family(post_norm=True),  # AI2's OLMo 2: the Llama layout's modules with norms after each block
@@ -63,8 +64,9 @@ FAMILIES = {
     "ministral": Family(),  # Ministral 8B: Mistral's layout, the window on the layers layer_types names
     "mixtral": Family(always_sliding=True),  # Mixtral: Mistral's attention, every MLP a mixture-of-experts block
     "internlm3": Family(),  # InternLM3: the Llama layout
-    # Ministral 3: Mistral's layout, queries scaled by position past original_max_position_embeddings (query_scale)
-    "ministral3": Family(),
+    # Ministral 3: Mistral's layout (a window on every layer where the config sets one), queries scaled by
+    # position past original_max_position_embeddings (query_scale)
+    "ministral3": Family(always_sliding=True),
 }
 SUPPORTED = tuple(FAMILIES)
 

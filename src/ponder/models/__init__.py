@@ -301,12 +301,13 @@ def enable_checkpointing(model) -> None:
     enable()
 
 
-DROPOUT_RATES = ("attention_dropout", "residual_dropout", "hidden_dropout", "dropout")
+DROPOUT_RATES = ("attention_dropout", "residual_dropout", "hidden_dropout", "dropout", "jitter_noise")
 
 
 def disable_dropout(model) -> int:
     """Turn off the model's own dropout: nn.Dropout modules, and the float rates some attention and MLP modules
-    read at each call (Seed-OSS: attention_dropout, residual_dropout, 0.1 each). RL compares the policy's
+    read at each call (Seed-OSS: attention_dropout, residual_dropout, 0.1 each; Mixtral's router: jitter_noise,
+    a uniform factor on its input). RL compares the policy's
     log-probs with the rollout's, which ran in eval mode: dropout in the update would make their ratio noise.
     LoRA's adapter dropout (model.lora.dropout) stays as the recipe set it. Returns how many were turned off."""
     off = 0

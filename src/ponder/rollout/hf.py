@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers import GenerationConfig
 
 from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, shadow_dtype, truncate_at_stop
 
@@ -53,7 +54,7 @@ class HFEngine(RolloutEngine):
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
         narrow = shadow_dtype(self.model)  # bfloat16 matrices beside float32 norms: as autocast over float32 runs
-        with torch.autocast(device.type, dtype=narrow) if narrow else contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=narrow) if narrow else contextlib.nullcontext(), plain_config(self.model):
             res = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new = res.sequences[:, width:].tolist()
         logprobs = None
@@ -68,3 +69,18 @@ class HFEngine(RolloutEngine):
             lp = logprobs[i][: len(kept)] if logprobs is not None else None
             out.append(Completion(kept, reason, lp))
         return out
+
+
+@contextlib.contextmanager
+def plain_config(model):
+    """The model's generation config set aside for the call: SamplingParams alone decide. transformers fills every
+    field a call leaves unset from the checkpoint's generation_config.json, and real ones set sampling fields
+    (Qwen2.5-*-Instruct: repetition_penalty 1.05): greedy tokens then differ from the fast engine's, and the
+    log-probs returned are not the policy's that the trainer scores."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
