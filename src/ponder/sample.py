@@ -148,7 +148,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     from ponder.rollout import SamplingParams, make_engine
     from ponder.runtime import pick_device
     from ponder.tasks import load_examples
-    from ponder.templates import render
+    from ponder.templates import prompt_ids
 
     check(cfg)
     out = Path(cfg.out)
@@ -192,7 +192,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
             if c < state["chunks"]:
                 continue
             chunk = problems[lo : lo + per_chunk]
-            ids = [tokenizer(render(cfg.template, ex["prompt"], tokenizer)).input_ids for _, _, ex in chunk]
+            ids = [prompt_ids(cfg.template, ex["prompt"], tokenizer) for _, _, ex in chunk]
             with torch.random.fork_rng(devices=[]):
                 outs = engine.generate(ids, replace(params, seed=(cfg.seed * 1_000_003 + c) % 2**31))
             for (label, pid, ex), row in zip(chunk, _judge(chunk, outs, tokenizer, cfg)):

@@ -28,3 +28,10 @@ def render(template: str, prompt, tokenizer=None) -> str:
     if isinstance(prompt, list):  # chat messages under a text template: use the last user turn
         prompt = next(m["content"] for m in reversed(prompt) if m.get("role") == "user")
     return TEMPLATES[template].format(prompt=prompt)
+
+
+def prompt_ids(template: str, prompt, tokenizer) -> list[int]:
+    """Token ids of the prompt under a template: the one encoding of the trainer, SFT, evaluation and sampling.
+    A chat template writes its special tokens itself (Llama 3's and R1-Distill's begin with BOS), so its text is
+    encoded without the tokenizer's own, as apply_chat_template(tokenize=True) does; a text template's gets them."""
+    return tokenizer(render(template, prompt, tokenizer), add_special_tokens=template != "chat").input_ids

@@ -51,7 +51,7 @@ def evaluate(
     not change the run's sampling.
     """
     from ponder.rollout import RolloutEngine, SamplingParams, make_engine
-    from ponder.templates import render
+    from ponder.templates import prompt_ids
 
     examples = list(examples)
     if k < 1:
@@ -73,15 +73,15 @@ def evaluate(
         engine=engine_name(eng), greedy=greedy, seed=seed, stop=list(stop), extract=extract,
         reflection_words=list(reflection_words), batch_size=batch_size, n_boot=n_boot,
     )
-    prompt_ids = [tokenizer(render(template, ex["prompt"], tokenizer)).input_ids for ex in examples]
+    prompts = [prompt_ids(template, ex["prompt"], tokenizer) for ex in examples]
     sample_params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=tuple(stop))
     greedy_params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop=tuple(stop))
 
     start = time.perf_counter()
     with _rng_kept(model), _progress_bar(progress) as bar:
         groups = _by_label(examples)
-        sampled = _generate(eng, prompt_ids, groups, sample_params, batch_size, seed, bar, f"sampling k={k}")
-        greedily = _generate(eng, prompt_ids, groups, greedy_params, batch_size, seed, bar, "greedy") if greedy else None
+        sampled = _generate(eng, prompts, groups, sample_params, batch_size, seed, bar, f"sampling k={k}")
+        greedily = _generate(eng, prompts, groups, greedy_params, batch_size, seed, bar, "greedy") if greedy else None
     generation_s = time.perf_counter() - start
 
     problems, samples = _score(examples, sampled, greedily, tokenizer, extract, reflection_words)

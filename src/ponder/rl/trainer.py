@@ -39,7 +39,7 @@ from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_we
 from ponder.rollout import SamplingParams, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed
 from ponder.tasks import PromptSampler, mix
-from ponder.templates import TEMPLATES, render
+from ponder.templates import TEMPLATES, prompt_ids
 
 
 @dataclass
@@ -282,8 +282,7 @@ class GRPOTrainer:
     def _encode(self, ex: dict) -> list[int]:
         key = id(ex)
         if key not in self._prompt_ids:
-            text = render(self.cfg.data.template, ex["prompt"], self.tokenizer)
-            self._prompt_ids[key] = self.tokenizer(text).input_ids
+            self._prompt_ids[key] = prompt_ids(self.cfg.data.template, ex["prompt"], self.tokenizer)
         return self._prompt_ids[key]
 
     def _saved(self, mb: list[Sample], attr: str, logp: torch.Tensor) -> torch.Tensor:

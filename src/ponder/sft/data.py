@@ -1,6 +1,6 @@
 """SFT examples as token ids with a loss mask: the prompt under the run's template, the completion scored.
 
-Prompts are encoded exactly as the GRPO trainer encodes them (`tokenizer(render(template, prompt)).input_ids`),
+Prompts are encoded exactly as the GRPO trainer encodes them (`ponder.templates.prompt_ids`),
 and completions are appended as separately tokenized text, so a model fine-tuned here is trained on the
 token sequences that RL later samples and scores. Chat rows under the `chat` template are rendered by the
 tokenizer's chat template, turn by turn; only assistant turns carry loss.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.templates import render
+from ponder.templates import prompt_ids, render
 
 
 @dataclass
@@ -62,7 +62,7 @@ def encode(row: dict, tokenizer, template: str, add_eos: bool = True) -> Encoded
         if [m["role"] for m in msgs].count("assistant") > 1 or msgs[-1]["role"] != "assistant":
             raise UserError(f"multi-turn chat rows need data.template=chat and a tokenizer with a chat template (template is '{template}')")
         row = {"prompt": msgs[:-1], "completion": msgs[-1]["content"]}
-    prompt = tokenizer(render(template, row["prompt"], tokenizer)).input_ids
+    prompt = prompt_ids(template, row["prompt"], tokenizer)
     completion = tokenizer(row["completion"], add_special_tokens=False).input_ids
     if add_eos:
         if tokenizer.eos_token_id is None:
@@ -85,7 +85,7 @@ def _encode_chat(messages: list[dict], tokenizer) -> Encoded:
         if not before.startswith(done) or not upto.startswith(before):
             raise UserError("the tokenizer's chat template rewrites earlier turns; train on {prompt, completion} rows instead")
         for text, scored in ((before[len(done):], 0), (upto[len(before):], 1)):
-            piece = tokenizer(text, add_special_tokens=not ids).input_ids if text else []
+            piece = tokenizer(text, add_special_tokens=False).input_ids if text else []  # the template writes them
             ids += piece
             mask += [scored] * len(piece)
         done = upto

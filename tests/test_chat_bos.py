@@ -1,0 +1,63 @@
+"""A chat template that writes BOS itself (Llama 3, DeepSeek-R1-Distill) over a tokenizer that adds BOS: every
+prompt ponder encodes (GRPO, SFT, evaluation, sampling) holds one BOS, as apply_chat_template(tokenize=True) gives."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import processors
+
+from ponder.models.tiny import char_tokenizer
+from ponder.rollout import Completion, RolloutEngine
+from ponder.sft.data import encode
+from ponder.templates import prompt_ids
+
+
+@pytest.fixture
+def tok():
+    t = char_tokenizer()
+    t.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{t.bos_token} $A", special_tokens=[(t.bos_token, t.bos_token_id)])
+    t.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% if m.role == 'assistant' %}"
+                       "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    assert t("ab").input_ids[0] == t.bos_token_id  # the tokenizer adds BOS, as Llama 3's does
+    return t
+
+
+def bos_count(tok, ids):
+    return sum(i == tok.bos_token_id for i in ids)
+
+
+def test_chat_prompts_hold_one_bos_and_text_templates_keep_theirs(tok):
+    msgs = [{"role": "user", "content": "3+4"}]
+    want = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert prompt_ids("chat", "3+4", tok) == want and bos_count(tok, want) == 1
+    plain = prompt_ids("plain", "3+4", tok)
+    assert plain[0] == tok.bos_token_id and bos_count(tok, plain) == 1
+
+
+def test_sft_rows_under_the_chat_template_hold_one_bos(tok):
+    pair = encode({"prompt": "3+4", "completion": "7"}, tok, "chat")
+    assert tok.decode(pair.ids) == "<bos>[user]3+4[assistant]7<eos>" and bos_count(tok, pair.ids) == 1
+    msgs = encode({"messages": [{"role": "user", "content": "3+4"}, {"role": "assistant", "content": "7"}]}, tok, "chat")
+    assert msgs.ids == pair.ids
+
+
+class Recording(RolloutEngine):
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        self.prompts = []
+
+    def generate(self, prompts, params):
+        self.prompts += prompts
+        return [[Completion(self.tokenizer.encode("7", add_special_tokens=False), "stop") for _ in range(params.n)]
+                for _ in prompts]
+
+
+def test_evaluation_prompts_under_the_chat_template_hold_one_bos(tok):
+    from ponder.evaluation.runner import evaluate
+
+    eng = Recording(None, tok)
+    out = evaluate(None, tok, [{"prompt": "3+4", "answer": "7", "task": "arithmetic"}], template="chat", k=2, engine=eng,
+                   progress=False, extract="none", n_boot=10)
+    assert eng.prompts and all(bos_count(tok, p) == 1 for p in eng.prompts)
+    assert out["metrics"]["pass@1"] == 1.0
