@@ -260,7 +260,7 @@ def test_rejection_sampling_filters_each_example_by_its_own_target():
     en_ok, zh_ok = EN, "<think> 四十二加七十三得一百一十五。 </think> <answer> 八十八 </answer>"
     outs = [[Completion(tok(t).input_ids, "stop") for t in texts] for texts in ([en_ok, MIXED], [zh_ok, MIXED])]
     cfg = SampleConfig(filters=FilterConfig(language="target", ngram_max_count=0))
-    (en_cands, en_kept), (zh_cands, zh_kept) = _judge([("a", 0, en_ex), ("b", 1, zh_ex)], outs, tok, cfg)
+    (en_cands, en_kept), (zh_cands, zh_kept) = _judge([("a", 0, en_ex), ("b", 1, zh_ex)], outs, tok, cfg, [False, False])
     assert [c.reason for c in en_cands] == [None, "language"] and [c.reason for c in zh_cands] == [None, "language"]
     assert zh_kept[0][2]["language"] == 1.0 and en_kept[0][2]["language"] == 1.0
 

@@ -75,7 +75,7 @@ def test_parquet_file_trains_with_a_column_mapping_and_a_reward_from_a_module(tm
     calls = _calls("mypkg_a.scores:seen_columns")
     assert [c["n"] for c in calls] == [2, 16, 16]  # the start-up check, then the batch of each step (4 prompts x 4)
     assert all(c["prompts"] == c["n"] for c in calls)
-    assert calls[-1]["columns"] == ["answer", "completion_length", "level", "sol", "task", "truncated"]
+    assert calls[-1]["columns"] == ["answer", "completion_length", "level", "sol", "task", "think_opened", "truncated"]
     assert set(calls[-1]["levels"]) <= {1, 2} and set(calls[-1]["answers"]) <= {"70000", "71000", "72000"}
     assert len(metrics) == 2 and all("reward/seen_columns" in m and "reward/accuracy" in m for m in metrics)
     assert not any(k.startswith("reward/mypkg") for m in metrics for k in m)

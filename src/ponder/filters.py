@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ponder.errors import UserError
-from ponder.rewards.format import STRICT_FORMAT
+from ponder.rewards.format import strict_format
 from ponder.rewards.language import chain_of_thought, word_counts
 
 ORDER = ("truncated", "length", "format", "correct", "language", "repetition", "duplicate", "near_duplicate", "per_prompt")
@@ -59,6 +59,7 @@ class Candidate:
     score: float | None = None  # the task verifier's score of the extracted answer (None: not scorable)
     reason: str | None = None  # first filter that rejected it; None: kept
     target: str = "en"  # the example's language (its `target` column), used when filters.language is `target`
+    think_opened: bool = False  # the prompt left a think block open (R1-Distill's chat template): the text continues it
 
 
 def language_share(text: str, target: str) -> float | None:
@@ -80,7 +81,7 @@ def first_failure(c: Candidate, cfg: FilterConfig) -> str | None:
         return "truncated"
     if c.tokens < cfg.min_tokens or (cfg.max_tokens is not None and c.tokens > cfg.max_tokens):
         return "length"
-    if cfg.format and not STRICT_FORMAT.match(c.text):
+    if cfg.format and not strict_format(c.text, c.think_opened):
         return "format"
     if cfg.correct and not (c.score is not None and c.score >= 1.0):
         return "correct"

@@ -148,7 +148,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     from ponder.rollout import SamplingParams, make_engine
     from ponder.runtime import pick_device
     from ponder.tasks import load_examples
-    from ponder.templates import prompt_ids
+    from ponder.templates import encoded_prompt
 
     check(cfg)
     out = Path(cfg.out)
@@ -192,10 +192,11 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
             if c < state["chunks"]:
                 continue
             chunk = problems[lo : lo + per_chunk]
-            ids = [prompt_ids(cfg.template, ex["prompt"], tokenizer) for _, _, ex in chunk]
+            encoded = [encoded_prompt(cfg.template, ex["prompt"], tokenizer) for _, _, ex in chunk]
+            ids = [e[0] for e in encoded]
             with torch.random.fork_rng(devices=[]):
                 outs = engine.generate(ids, replace(params, seed=(cfg.seed * 1_000_003 + c) % 2**31))
-            for (label, pid, ex), row in zip(chunk, _judge(chunk, outs, tokenizer, cfg)):
+            for (label, pid, ex), row in zip(chunk, _judge(chunk, outs, tokenizer, cfg, [e[1] for e in encoded])):
                 cands, kept = row
                 n = counts[label]
                 n["prompts"] += 1
@@ -279,8 +280,9 @@ def _atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _judge(chunk, outs, tokenizer, cfg: SampleConfig):
-    """For each prompt: (all candidates, [(sample index, kept candidate, rewards)])."""
+def _judge(chunk, outs, tokenizer, cfg: SampleConfig, opened: list[bool]):
+    """For each prompt: (all candidates, [(sample index, kept candidate, rewards)]). `opened`: each prompt left a
+    think block open (templates.opens_think)."""
     from ponder.filters import language_share
     from ponder.rewards import get_reward
     from ponder.rewards.language import example_language
@@ -291,15 +293,15 @@ def _judge(chunk, outs, tokenizer, cfg: SampleConfig):
     columns = {k: [ex.get(k) for ex in exs] for k in dict.fromkeys(k for ex in exs for k in ex if k != "prompt")}
     prompts = [ex["prompt"] for ex in exs]
     accuracy = get_reward("accuracy")(flat, prompts=prompts, extract=cfg.extract, **columns)
-    fmt = get_reward("format")(flat, prompts=prompts)
+    fmt = get_reward("format")(flat, prompts=prompts, think_opened=[o for o, out in zip(opened, outs) for _ in out])
     rep = get_reward("repetition")(flat, prompts=prompts)
     results, at = [], 0
-    for (_, _, ex), ts, o in zip(chunk, texts, outs):
+    for (_, _, ex), ts, o, think in zip(chunk, texts, outs, opened):
         target = example_language(ex.get("target"))
         want = target if cfg.filters.language == "target" else cfg.filters.language or "en"
         cands, rewards = [], []
         for t, c in zip(ts, o):
-            cands.append(Candidate(t, len(c.token_ids), c.finish_reason == "length", accuracy[at], target=target))
+            cands.append(Candidate(t, len(c.token_ids), c.finish_reason == "length", accuracy[at], target=target, think_opened=think))
             rewards.append({"accuracy": accuracy[at], "format": fmt[at], "repetition": rep[at],
                             "language": language_share(t, want)})
             at += 1

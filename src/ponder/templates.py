@@ -30,8 +30,20 @@ def render(template: str, prompt, tokenizer=None) -> str:
     return TEMPLATES[template].format(prompt=prompt)
 
 
+def opens_think(prompt_text: str) -> bool:
+    """Whether the prompt's text leaves a think block open for the answer to continue: DeepSeek-R1-Distill's chat
+    template ends its generation prompt with "<think>\n" (R1-Zero's names both tags in its instructions)."""
+    return prompt_text.rfind("<think>") > prompt_text.rfind("</think>")
+
+
+def encoded_prompt(template: str, prompt, tokenizer) -> tuple[list[int], bool]:
+    """(token ids, opens_think) of the prompt under a template: the one encoding of the trainer, SFT, evaluation
+    and sampling. A chat template writes its special tokens itself (Llama 3's and R1-Distill's begin with BOS), so
+    its text is encoded without the tokenizer's own, as apply_chat_template(tokenize=True) does; a text
+    template's gets them."""
+    text = render(template, prompt, tokenizer)
+    return tokenizer(text, add_special_tokens=template != "chat").input_ids, opens_think(text)
+
+
 def prompt_ids(template: str, prompt, tokenizer) -> list[int]:
-    """Token ids of the prompt under a template: the one encoding of the trainer, SFT, evaluation and sampling.
-    A chat template writes its special tokens itself (Llama 3's and R1-Distill's begin with BOS), so its text is
-    encoded without the tokenizer's own, as apply_chat_template(tokenize=True) does; a text template's gets them."""
-    return tokenizer(render(template, prompt, tokenizer), add_special_tokens=template != "chat").input_ids
+    return encoded_prompt(template, prompt, tokenizer)[0]

@@ -51,7 +51,7 @@ def evaluate(
     not change the run's sampling.
     """
     from ponder.rollout import RolloutEngine, SamplingParams, make_engine
-    from ponder.templates import prompt_ids
+    from ponder.templates import encoded_prompt
 
     examples = list(examples)
     if k < 1:
@@ -73,7 +73,8 @@ def evaluate(
         engine=engine_name(eng), greedy=greedy, seed=seed, stop=list(stop), extract=extract,
         reflection_words=list(reflection_words), batch_size=batch_size, n_boot=n_boot,
     )
-    prompts = [prompt_ids(template, ex["prompt"], tokenizer) for ex in examples]
+    encoded = [encoded_prompt(template, ex["prompt"], tokenizer) for ex in examples]
+    prompts, opened = [ids for ids, _ in encoded], [o for _, o in encoded]
     sample_params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=tuple(stop))
     greedy_params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop=tuple(stop))
 
@@ -84,7 +85,7 @@ def evaluate(
         greedily = _generate(eng, prompts, groups, greedy_params, batch_size, seed, bar, "greedy") if greedy else None
     generation_s = time.perf_counter() - start
 
-    problems, samples = _score(examples, sampled, greedily, tokenizer, extract, reflection_words)
+    problems, samples = _score(examples, sampled, greedily, tokenizer, extract, reflection_words, opened)
     tasks = {
         name: figures([p for p in problems if p["task"] == name], k, seed=seed, n_boot=n_boot)
         for name in dict.fromkeys(map(label, examples))
@@ -154,7 +155,7 @@ def flat_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
     return out
 
 
-def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
+def _score(examples, sampled, greedily, tokenizer, extract, reflection_words, opened):
     from ponder.rewards import get_reward
     from ponder.rewards.extract import extract_answer
     from ponder.rewards.language import is_mixed
@@ -177,7 +178,7 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
         groups = vote_groups(answers[i])
         win = majority(groups)
         cons = check(answers[i][groups.index(win)]) if win is not None else 0.0
-        formats = fmt(texts[i], prompts=[ex["prompt"]] * len(outs), **_columns(ex, outs))
+        formats = fmt(texts[i], prompts=[ex["prompt"]] * len(outs), **_columns(ex, outs, opened[i]))
         rows = []
         for j, (c, text) in enumerate(zip(outs, texts[i])):
             rows.append(dict(
@@ -197,7 +198,7 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words):
             samples.append(dict(
                 task=label(ex), problem=i, sample=0, greedy=True, prompt=ex["prompt"], gold=ex.get("answer"),
                 completion=text, answer=answer, score=score, correct=greedy_ok,
-                format=fmt([text], prompts=[ex["prompt"]], **_columns(ex, [g]))[0], length=len(g.token_ids),
+                format=fmt([text], prompts=[ex["prompt"]], **_columns(ex, [g], opened[i]))[0], length=len(g.token_ids),
                 finish_reason=g.finish_reason, reflection=bool(reflective.search(text)), mixed=is_mixed(text),
                 group=None, voted=False,
             ))
@@ -221,11 +222,12 @@ def _prefetch_verdicts(examples, answers) -> None:
     prefetch([(a, ex.get("answer")) for ex, ans in zip(examples, answers) if ex["task"] in by_match for a in ans if a is not None])
 
 
-def _columns(ex: dict, outs) -> dict:
+def _columns(ex: dict, outs, think_opened: bool) -> dict:
     """Reward-contract columns for one problem's completions."""
     n = len(outs)
     cols = {key: [value] * n for key, value in ex.items() if key != "prompt"}
-    cols.update(completion_length=[len(c.token_ids) for c in outs], truncated=[c.finish_reason == "length" for c in outs])
+    cols.update(completion_length=[len(c.token_ids) for c in outs], truncated=[c.finish_reason == "length" for c in outs],
+                think_opened=[think_opened] * n)
     return cols
 
 

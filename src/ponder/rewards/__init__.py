@@ -3,7 +3,8 @@
 Contract (DESIGN.md): `fn(completions: list[str], *, prompts: list, **columns) -> list[float | None]`,
 one value per completion; None means "does not apply" (it adds nothing to the total and is left out
 of the function's logged mean). `columns` holds the examples' fields (`answer`, `task`, metadata),
-plus `completion_length` (tokens) and `truncated` (bool) for each completion. Functions ignore
+plus `completion_length` (tokens), `truncated` (bool) and `think_opened` (bool: the prompt's text left a think
+block open, as R1-Distill's chat template does) for each completion. Functions ignore
 columns they do not use.
 
 A recipe names rewards with a weight, or with options: `rewards: {accuracy: 1.0, format: 0.5}` or
@@ -127,7 +128,7 @@ class RewardSet:
         two completions (a wrong one and the gold answer), so a wrong length shows too."""
         completions = [completion, f"<think>x</think> <answer>{example.get('answer', 0)}</answer>"]
         columns = {k: [v, v] for k, v in example.items() if k != "prompt"}
-        columns.update(completion_length=[len(c) for c in completions], truncated=[False, False])
+        columns.update(completion_length=[len(c) for c in completions], truncated=[False, False], think_opened=[False, False])
         self.score(completions, [example["prompt"]] * 2, columns)
 
 

@@ -11,10 +11,16 @@ SOFT_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
+def strict_format(completion: str, think_opened: bool = False) -> bool:
+    """Exactly one <think> block then one <answer> block, nothing outside; where the prompt opened the think block
+    (think_opened: R1-Distill's chat template), the answer's text continues it."""
+    return bool(STRICT_FORMAT.match("<think>" + completion if think_opened else completion))
+
+
 @register("format")
-def format_reward(completions, *, prompts, **_):
+def format_reward(completions, *, prompts, think_opened=None, **_):
     """Rewards the strict R1-Zero format: exactly one <think> block then one <answer> block, nothing outside (DeepSeek-R1)."""
-    return [float(bool(STRICT_FORMAT.match(c))) for c in completions]
+    return [float(strict_format(c, bool(o))) for c, o in zip(completions, think_opened or [False] * len(completions))]
 
 
 @register("format_soft")

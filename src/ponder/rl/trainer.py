@@ -28,7 +28,7 @@ from ponder.errors import UserError
 from ponder.metrics import MetricsWriter, mean, reflection_rate
 from ponder.optim import make_optimizer
 from ponder.rewards import RewardSet
-from ponder.rewards.format import STRICT_FORMAT
+from ponder.rewards.format import strict_format
 from ponder.rewards.language import mixing_rate
 from ponder.rl import memory_plan
 from ponder.rl.advantages import advantages
@@ -39,7 +39,7 @@ from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_we
 from ponder.rollout import SamplingParams, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed
 from ponder.tasks import PromptSampler, mix
-from ponder.templates import TEMPLATES, prompt_ids
+from ponder.templates import TEMPLATES, encoded_prompt
 
 
 @dataclass
@@ -96,6 +96,7 @@ class GRPOTrainer:
         self.rewards.check(self.examples[0])
         self.sampler = PromptSampler(self.examples, cfg.seed)
         self._prompt_ids: dict[int, list[int]] = {}
+        self._opens_think: dict[int, bool] = {}  # the prompt's text left a think block open (R1-Distill's template)
         self.step_no, self.nan_streak, self._budget = 0, 0, None
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         self.guardrails = Guardrails(cfg.guardrails, announce=self.rank == 0)
@@ -268,6 +269,7 @@ class GRPOTrainer:
         columns = {k: [ex.get(k) for ex in examples for _ in range(G)] for k in _columns(examples)}
         columns["completion_length"] = [len(c.token_ids) for out in outs for c in out]
         columns["truncated"] = [c.finish_reason == "length" for out in outs for c in out]
+        columns["think_opened"] = [self._opens_think[id(ex)] for ex in examples for _ in range(G)]
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         totals, per_fn = self.rewards.score(flat, prompts, columns)
         timing["generate"] += t1 - t0
@@ -282,7 +284,7 @@ class GRPOTrainer:
     def _encode(self, ex: dict) -> list[int]:
         key = id(ex)
         if key not in self._prompt_ids:
-            self._prompt_ids[key] = prompt_ids(self.cfg.data.template, ex["prompt"], self.tokenizer)
+            self._prompt_ids[key], self._opens_think[key] = encoded_prompt(self.cfg.data.template, ex["prompt"], self.tokenizer)
         return self._prompt_ids[key]
 
     def _saved(self, mb: list[Sample], attr: str, logp: torch.Tensor) -> torch.Tensor:
@@ -317,7 +319,7 @@ class GRPOTrainer:
         m = {
             "reward": mean([r for g in groups for r in g.rewards]),
             **{f"reward/{k}": mean([v for g in groups for v in g.per_fn[k]]) for k in self.rewards.fns},
-            "format_rate": mean([float(bool(STRICT_FORMAT.match(t))) for t in texts]),
+            "format_rate": mean([float(strict_format(t, self._opens_think.get(id(g.example), False))) for g in groups for t in g.texts]),
             "completion_len/mean": mean(lengths), "completion_len/max": max(lengths),
             "truncated_frac": mean([float(s.truncated) for g in groups for s in g.samples]),
             "reflection_rate": reflection_rate(texts, self.cfg.train.reflection_words),

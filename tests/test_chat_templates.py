@@ -1,5 +1,7 @@
-"""A chat template that writes BOS itself (Llama 3, DeepSeek-R1-Distill) over a tokenizer that adds BOS: every
-prompt ponder encodes (GRPO, SFT, evaluation, sampling) holds one BOS, as apply_chat_template(tokenize=True) gives."""
+"""Real models' chat templates. One that writes BOS itself (Llama 3, DeepSeek-R1-Distill) over a tokenizer that adds
+BOS: every prompt ponder encodes (GRPO, SFT, evaluation, sampling) holds one BOS, as apply_chat_template(tokenize=True)
+gives. One that opens the think block in the prompt (R1-Distill's ends with "<think>\n"): the format checks read the
+answer as its continuation."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from tokenizers import processors
 from ponder.models.tiny import char_tokenizer
 from ponder.rollout import Completion, RolloutEngine
 from ponder.sft.data import encode
-from ponder.templates import prompt_ids
+from ponder.templates import R1_ZERO, opens_think, prompt_ids
 
 
 @pytest.fixture
@@ -43,13 +45,13 @@ def test_sft_rows_under_the_chat_template_hold_one_bos(tok):
 
 
 class Recording(RolloutEngine):
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, answer="7"):
         super().__init__(model, tokenizer)
-        self.prompts = []
+        self.prompts, self.answer = [], answer
 
     def generate(self, prompts, params):
         self.prompts += prompts
-        return [[Completion(self.tokenizer.encode("7", add_special_tokens=False), "stop") for _ in range(params.n)]
+        return [[Completion(self.tokenizer.encode(self.answer, add_special_tokens=False), "stop") for _ in range(params.n)]
                 for _ in prompts]
 
 
@@ -61,3 +63,28 @@ def test_evaluation_prompts_under_the_chat_template_hold_one_bos(tok):
                    progress=False, extract="none", n_boot=10)
     assert eng.prompts and all(bos_count(tok, p) == 1 for p in eng.prompts)
     assert out["metrics"]["pass@1"] == 1.0
+
+
+def test_a_prompt_that_opens_the_think_block_is_read_as_such():
+    from ponder.filters import Candidate, FilterConfig, first_failure
+    from ponder.rewards.format import format_reward
+
+    assert not opens_think(R1_ZERO.format(prompt="3+4"))  # names both tags in its instructions
+    assert opens_think("<｜User｜>3+4<｜Assistant｜><think>\n")
+    answer = "7 is 3+4.\n</think>\n\n<answer> 7 </answer>"
+    assert format_reward([answer, answer], prompts=["3+4"] * 2, think_opened=[True, False]) == [1.0, 0.0]
+    assert format_reward(["<think>" + answer], prompts=["3+4"]) == [1.0]  # the column is optional
+    cfg = FilterConfig(format=True, correct=False)
+    assert first_failure(Candidate(answer, 10, False, 1.0, think_opened=True), cfg) is None
+    assert first_failure(Candidate(answer, 10, False, 1.0), cfg) == "format"
+
+
+def test_evaluation_reads_answers_under_r1_distills_template(tok):
+    from ponder.evaluation.runner import evaluate
+
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|><think>\n"
+    eng = Recording(None, tok, answer="3+4=7\n</think>\n\n<answer> 7 </answer>")
+    out = evaluate(None, tok, [{"prompt": "3+4", "answer": "7", "task": "arithmetic"}], template="chat", k=2, engine=eng,
+                   progress=False, n_boot=10)
+    assert out["metrics"]["pass@1"] == 1.0
+    assert [s["format"] for s in out["samples"]] == [1.0, 1.0]
