@@ -88,3 +88,15 @@ def test_evaluation_reads_answers_under_r1_distills_template(tok):
                    progress=False, n_boot=10)
     assert out["metrics"]["pass@1"] == 1.0
     assert [s["format"] for s in out["samples"]] == [1.0, 1.0]
+
+
+def test_a_model_directory_without_a_tokenizer_is_one_line(tmp_path, error_line, capsys):
+    """transformers 5 builds an empty Qwen2 tokenizer for such a directory: every prompt encodes to nothing."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=64)).save_pretrained(tmp_path / "m")
+    capsys.readouterr()  # the save's progress bar
+    assert error_line("eval", "--model", str(tmp_path / "m"), "--tasks", "arithmetic") == (
+        f"ponder: error: model directory '{tmp_path / 'm'}' has no tokenizer files (tokenizer.json, tokenizer_config.json); "
+        "save the tokenizer there too (tokenizer.save_pretrained)")

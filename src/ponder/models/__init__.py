@@ -38,6 +38,8 @@ def builtin_names() -> list[str]:
 # the file whose presence makes a directory (or a Hub repo, in the cache) a model or a tokenizer: a tokenizer of
 # its own (no model) has no config.json; AutoTokenizer reads tokenizer_config.json first
 _MARKER = {"model": "config.json", "tokenizer": "tokenizer_config.json"}
+# a tokenizer's own files: fast, its config, sentencepiece, byte-level BPE, WordPiece
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def resolve(path: str, kind: str = "model") -> Path | str | HubModel:
@@ -212,6 +214,10 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
     if isinstance(where, HubModel):
         model, tok = _load_from_hub(where, dtype, trust_remote_code)
     else:
+        if not any((where / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would build an empty tokenizer for some model types (Qwen2: every text encodes to [])
+            raise UserError(f"model directory '{where}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
+                            "save the tokenizer there too (tokenizer.save_pretrained)")
         try:
             tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
