@@ -100,3 +100,27 @@ def test_a_model_directory_without_a_tokenizer_is_one_line(tmp_path, error_line,
     assert error_line("eval", "--model", str(tmp_path / "m"), "--tasks", "arithmetic") == (
         f"ponder: error: model directory '{tmp_path / 'm'}' has no tokenizer files (tokenizer.json, tokenizer_config.json); "
         "save the tokenizer there too (tokenizer.save_pretrained)")
+
+
+def test_checkpoints_keep_the_tokenizers_own_padding(tmp_path, capsys):
+    """ponder pads on the left with EOS where a model has no pad token (Llama 3); a checkpoint written with that
+    pad token would make DataCollatorForLanguageModeling mask every real EOS label of the exported model."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+    from ponder import models
+
+    t = char_tokenizer()
+    fast = PreTrainedTokenizerFast(tokenizer_object=t.backend_tokenizer, bos_token=t.bos_token, eos_token=t.eos_token)
+    fast.save_pretrained(tmp_path / "src")
+    AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, num_key_value_heads=1,
+                                                 vocab_size=len(t))).save_pretrained(tmp_path / "src")
+    model, tok = models.load(str(tmp_path / "src"))
+    assert tok.pad_token == tok.eos_token and tok.padding_side == "left"  # for generation
+    models.save(model, tok, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert saved.get("pad_token") is None and saved.get("padding_side", "right") == "right"
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").pad_token is None
+    assert tok.pad_token == tok.eos_token and tok.padding_side == "left"  # the run's tokenizer as it was

@@ -14,6 +14,7 @@ the Hub runs only with `trust_remote_code` (recipes: model.trust_remote_code: tr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -230,10 +231,24 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
 
 
 def _for_generation(tok):
+    tok.ponder_as_loaded = (tok.padding_side, tok.pad_token)  # what save() writes back
     tok.padding_side = "left"
     if tok.pad_token is None:  # many base models ship without one; generation and batching need it
         tok.pad_token = tok.eos_token
     return tok
+
+
+@contextlib.contextmanager
+def _as_loaded(tok):
+    """The tokenizer's padding as its files had it, for saving: a pad token ponder set to EOS, written out, would
+    make a standard collator (DataCollatorForLanguageModeling) mask every real EOS label of the exported model."""
+    side, pad = getattr(tok, "ponder_as_loaded", (tok.padding_side, tok.pad_token))
+    now = tok.padding_side, tok.pad_token
+    tok.padding_side, tok.pad_token = side, pad
+    try:
+        yield
+    finally:
+        tok.padding_side, tok.pad_token = now
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -280,7 +295,8 @@ def save(model, tokenizer, directory: str | Path, state_dict: dict | None = None
                 model = model.float()
         model = model.merge_and_unload()
     model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(directory)
+    with _as_loaded(tokenizer):
+        tokenizer.save_pretrained(directory)
 
 
 def _unsharded_peft(model, state_dict: dict):
