@@ -124,3 +124,19 @@ def test_checkpoints_keep_the_tokenizers_own_padding(tmp_path, capsys):
     assert saved.get("pad_token") is None and saved.get("padding_side", "right") == "right"
     assert AutoTokenizer.from_pretrained(tmp_path / "out").pad_token is None
     assert tok.pad_token == tok.eos_token and tok.padding_side == "left"  # the run's tokenizer as it was
+
+
+def test_rollouts_past_the_models_positions_are_named_once(capsys):
+    from types import SimpleNamespace
+
+    from ponder.rl.trainer import GRPOTrainer
+
+    t = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64)), rank=0,
+                        cfg=SimpleNamespace(rollout=SimpleNamespace(max_new_tokens=48)), _past_context=False)
+    GRPOTrainer._check_context(t, 16)  # 64 positions: within
+    assert capsys.readouterr().err == ""
+    GRPOTrainer._check_context(t, 17)
+    GRPOTrainer._check_context(t, 30)
+    assert capsys.readouterr().err.splitlines() == [
+        "ponder: a prompt of 17 tokens + rollout.max_new_tokens 48 = 65 positions, past the model's "
+        "max_position_embeddings (64); lower rollout.max_new_tokens or drop long prompts"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -97,6 +98,7 @@ class GRPOTrainer:
         self.sampler = PromptSampler(self.examples, cfg.seed)
         self._prompt_ids: dict[int, list[int]] = {}
         self._opens_think: dict[int, bool] = {}  # the prompt's text left a think block open (R1-Distill's template)
+        self._past_context = False  # told once that prompt + rollout.max_new_tokens exceed the model's positions
         self.step_no, self.nan_streak, self._budget = 0, 0, None
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         self.guardrails = Guardrails(cfg.guardrails, announce=self.rank == 0)
@@ -258,6 +260,7 @@ class GRPOTrainer:
         r, G = self.cfg.rollout, self.cfg.rollout.group_size
         t0 = time.perf_counter()
         prompt_ids = [self._encode(ex) for ex in examples]
+        self._check_context(max(map(len, prompt_ids), default=0))
         params = SamplingParams(
             n=G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
             stop=tuple(r.stop), seed=(self.cfg.seed * 1_000_003 + self.step_no * 101 + round_no + 7919 * self.rank) % 2**31,
@@ -280,6 +283,19 @@ class GRPOTrainer:
             samples = [Sample(prompt_ids[i], c.token_ids, truncated=c.finish_reason == "length") for c in out]
             groups.append(Group(ex, samples, texts[i], totals[sl], {k: v[sl] for k, v in per_fn.items()}))
         return groups
+
+    def _check_context(self, longest_prompt: int) -> None:
+        """One notice when a rollout may run past the positions the model was trained for (SFT cuts examples
+        there; GRPO's samples would go on with positions it never saw, or fail for learned position tables)."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        need = longest_prompt + self.cfg.rollout.max_new_tokens
+        if self._past_context or not isinstance(limit, int) or need <= limit:
+            return
+        self._past_context = True
+        if self.rank == 0:
+            print(f"ponder: a prompt of {longest_prompt} tokens + rollout.max_new_tokens {self.cfg.rollout.max_new_tokens} "
+                  f"= {need} positions, past the model's max_position_embeddings ({limit}); lower "
+                  "rollout.max_new_tokens or drop long prompts", file=sys.stderr)
 
     def _encode(self, ex: dict) -> list[int]:
         key = id(ex)
