@@ -140,3 +140,15 @@ def test_rollouts_past_the_models_positions_are_named_once(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "ponder: a prompt of 17 tokens + rollout.max_new_tokens 48 = 65 positions, past the model's "
         "max_position_embeddings (64); lower rollout.max_new_tokens or drop long prompts"]
+
+
+def test_sft_messages_under_r1_distills_template_name_the_cause(tok):
+    from ponder.errors import UserError
+
+    # R1-Distill's shape: the generation prompt opens the think block; a rendered assistant turn does not
+    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}")
+    row = {"messages": [{"role": "user", "content": "3+4"}, {"role": "assistant", "content": "7"}]}
+    with pytest.raises(UserError, match=r"writes an assistant turn without the '<think>\\n' its generation prompt ends with"):
+        encode(row, tok, "chat")
+    assert encode({"prompt": "3+4", "completion": "</think> 7"}, tok, "chat").ids  # the way that works

@@ -8,6 +8,8 @@ tokenizer's chat template, turn by turn; only assistant turns carry loss.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +84,12 @@ def _encode_chat(messages: list[dict], tokenizer) -> Encoded:
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not before.startswith(done) or not upto.startswith(before):
+        if not before.startswith(done):
             raise UserError("the tokenizer's chat template rewrites earlier turns; train on {prompt, completion} rows instead")
+        if not upto.startswith(before):  # DeepSeek-R1-Distill's: its generation prompt ends "<think>\n", its turns do not
+            extra = before[len(os.path.commonprefix([before, upto])):]
+            raise UserError(f"the tokenizer's chat template writes an assistant turn without the {extra!r} its generation "
+                            "prompt ends with; train on {prompt, completion} rows instead")
         for text, scored in ((before[len(done):], 0), (upto[len(before):], 1)):
             piece = tokenizer(text, add_special_tokens=False).input_ids if text else []  # the template writes them
             ids += piece
