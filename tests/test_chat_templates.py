@@ -152,3 +152,27 @@ def test_sft_messages_under_r1_distills_template_name_the_cause(tok):
     with pytest.raises(UserError, match=r"writes an assistant turn without the '<think>\\n' its generation prompt ends with"):
         encode(row, tok, "chat")
     assert encode({"prompt": "3+4", "completion": "</think> 7"}, tok, "chat").ids  # the way that works
+
+
+def test_bf16_weights_keep_float32_rotary_frequencies():
+    """train.precision=bf16 cast every buffer with the weights; transformers' own bf16 load keeps inv_freq in float32,
+    and bf16 frequencies moved the angles far out by up to 0.4%."""
+    import torch
+
+    from ponder.models import load, to_dtype
+
+    model, _ = load("tiny-base")
+    before = {n: b.clone() for n, b in model.named_buffers() if "inv_freq" in n}
+    to_dtype(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    after = dict(model.named_buffers())
+    assert before and all(after[n].dtype == torch.float32 and torch.equal(after[n], b) for n, b in before.items())
+    bf16, _ = load("tiny-base", dtype=torch.bfloat16)
+    assert all(torch.equal(dict(bf16.named_buffers())[n], b) for n, b in before.items())
+    from ponder.config import ModelConfig
+    from ponder.models import load_trainable
+    from ponder.runtime import PrecisionChooser
+
+    policy, _ = load_trainable(ModelConfig(path="tiny-base"), precision=PrecisionChooser("bf16", torch.device("cpu"), announce=False))
+    assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(dict(policy.named_buffers())[n], b) for n, b in before.items())

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ponder.errors import UserError
+from ponder.models import to_dtype
 from ponder.runtime import choose_precision, device_memory
 from ponder.tasks.corpus import CorpusConfig, corpus_text
 
@@ -198,7 +199,7 @@ def train(model, tokens: np.ndarray, cfg: PretrainConfig, console) -> list[float
     if len(tokens) < cfg.block + 2:
         raise UserError(f"config corpus_chars={cfg.corpus_chars} is shorter than one training window; raise it")
     data = torch.from_numpy(tokens).to(device)  # tiny next to the device's memory; windows are cut there
-    model.to(device, precision.dtype).train()
+    to_dtype(model, precision.dtype).to(device).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
