@@ -176,3 +176,17 @@ def test_bf16_weights_keep_float32_rotary_frequencies():
     policy, _ = load_trainable(ModelConfig(path="tiny-base"), precision=PrecisionChooser("bf16", torch.device("cpu"), announce=False))
     assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}
     assert all(torch.equal(dict(policy.named_buffers())[n], b) for n, b in before.items())
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_lora_on_a_tied_embedding_is_refused(target):
+    """Qwen2.5-0.5B ties its head to its embedding: an adapter on either, merged for rollouts and the export,
+    changed both uses of the matrix where training changed one (the export's logits off by 1.4-25)."""
+    from ponder.config import LoraConfig, ModelConfig
+    from ponder.errors import UserError
+    from ponder.models import load_trainable
+
+    with pytest.raises(UserError, match=rf"model.lora.target_modules: '{target}' shares its matrix with the .* "
+                                        r"\(tie_word_embeddings\); leave it out of target_modules"):
+        load_trainable(ModelConfig(path="tiny-random", lora=LoraConfig(target_modules=["q_proj", target])))
+    load_trainable(ModelConfig(path="tiny-random", lora=LoraConfig(target_modules=["q_proj", "v_proj"])))

@@ -379,6 +379,7 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
         except ImportError:
             raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
         lc = model_cfg.lora
+        refuse_tied_adapters(model, lc.target_modules)
         with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates: nothing a user can change
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
             model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
@@ -388,6 +389,20 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
         if narrow_frozen and precision is not None and precision.chosen.autocast:
             narrow_frozen_matrices(model)
     return model.to(device).train(), tok
+
+
+def refuse_tied_adapters(model, names: list[str]) -> None:
+    """LoRA on an embedding that the output head shares (tie_word_embeddings): training adapts one use of the matrix,
+    but the merge that exports the model (and the rollout copy's) folds the adapter into the one matrix both use."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    shared = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    tied = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if id(m) in shared}
+    for name in names:
+        if name in tied:
+            raise UserError(f"model.lora.target_modules: '{name}' shares its matrix with the "
+                            f"{'output head' if name == 'embed_tokens' else 'input embedding'} in this model "
+                            "(tie_word_embeddings); leave it out of target_modules")
 
 
 FUSED_LAYERS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
