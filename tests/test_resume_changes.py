@@ -75,3 +75,23 @@ def test_sft_resume_refuses_changes_unless_allowed(tmp_path, error_line):
     lrs = [[json.loads(l)["lr"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"lr"' in l]
            for run in ("s", "s2")]
     assert lrs[0][-1] == lrs[1][-1]
+
+
+def test_resume_never_changes_the_adapters_shapes(tmp_path, error_line):
+    """--allow-changes let a new LoRA rank, other targets, or LoRA added or removed through, and the run then died in
+    a traceback loading the saved adapters or optimizer state."""
+    base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", *FAST, "train.steps=1"]
+    assert main(base + ["name=l", "model.lora={r: 4, alpha: 8}"]) == 0
+    assert main(base + ["name=f"]) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    more = ["train.steps=2", "--resume", "--allow-changes"]
+    assert error_line(*base, "name=l", "model.lora={r: 8, alpha: 8}", *more) == (
+        "ponder: error: --resume cannot change model.lora.r 4 -> 8: the run's saved adapters and optimizer state have "
+        "the shapes it started with; start a new run (another name=) with these settings")
+    assert error_line(*base, "name=l", "model.lora={r: 4, alpha: 8, target_modules: [q_proj]}", *more).startswith(
+        'ponder: error: --resume cannot change model.lora.target_modules ["q_proj", "k_proj", "v_proj", "o_proj"] -> ["q_proj"]')
+    assert error_line(*base, "name=f", "model.lora={r: 4, alpha: 8}", *more).startswith(
+        "ponder: error: --resume cannot change model.lora.r null -> 4")
+    assert error_line(*base, "name=l", *more).startswith("ponder: error: --resume cannot change model.lora.r 4 -> null")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert main(base + ["name=l", "model.lora={r: 4, alpha: 16}", *more]) == 0  # the scale alone may change

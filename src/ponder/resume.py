@@ -32,6 +32,8 @@ SAFE_ON_RESUME = {
             "train.sample_max_new_tokens", "train.max_nan_steps", "train.threads", "train.log_to"),
 }
 LOCATION = ("name", "output_dir")
+# keys that decide the shapes of the saved adapters and optimizer state: no resume can change them
+SHAPES = ("model.lora", "model.lora.r", "model.lora.target_modules")
 
 
 def add_arguments(parser, kind: str) -> None:
@@ -42,7 +44,6 @@ def add_arguments(parser, kind: str) -> None:
                         "is recorded there with the step it applies from); without it only "
                         + ", ".join(SAFE_ON_RESUME[kind]) + " may change")  # they say where the run is, so they match by construction
 CHANGES_KEY = "changes"
-_MISSING = object()
 
 
 @dataclass
@@ -74,6 +75,10 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     except UserError:
         pass  # a key since removed: compare what is there
     changed = diff(saved, to_dict(cfg))
+    shapes = [(k, o, n) for k, o, n in changed if k in SHAPES]
+    if shapes:
+        raise UserError(f"--resume cannot change {describe(shapes)}: the run's saved adapters and optimizer state have "
+                        "the shapes it started with; start a new run (another name=) with these settings")
     safe = SAFE_ON_RESUME[command]
     unsafe = [(k, o, n) for k, o, n in changed if k not in safe]
     if unsafe and not allow_changes:
@@ -130,9 +135,10 @@ def diff(old: dict, new: dict, lists: bool = False) -> list[tuple[str, Any, Any]
 
 
 def _pairs(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
-    """(key, old, new) of the flattened settings that differ, a missing one as None."""
+    """(key, old, new) of the flattened settings that differ, a missing one as None (so a section that is null on one
+    side, as model.lora without LoRA, shows as its keys from or to null, not as `model.lora null -> null`)."""
     keys = list(a) + [k for k in b if k not in a]
-    return [(k, a.get(k), b.get(k)) for k in keys if not _same(a.get(k, _MISSING), b.get(k, _MISSING))]
+    return [(k, a.get(k), b.get(k)) for k in keys if not _same(a.get(k), b.get(k))]
 
 
 def _sections(v) -> bool:
