@@ -88,6 +88,10 @@ def test_evaluation_reads_answers_under_r1_distills_template(tok):
                    progress=False, n_boot=10)
     assert out["metrics"]["pass@1"] == 1.0
     assert [s["format"] for s in out["samples"]] == [1.0, 1.0]
+    cut = Recording(None, tok, answer="3+4 is \\boxed{7}? wait, let me")  # still thinking: no answer yet
+    out = evaluate(None, tok, [{"prompt": "3+4", "answer": "7", "task": "arithmetic"}], template="chat", k=2, engine=cut,
+                   progress=False, n_boot=10)
+    assert out["metrics"]["pass@1"] == 0.0 and [s["answer"] for s in out["samples"]] == [None, None]
 
 
 def test_a_model_directory_without_a_tokenizer_is_one_line(tmp_path, error_line, capsys):

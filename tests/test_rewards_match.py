@@ -32,6 +32,34 @@ def test_plain_numbers_never_reach_a_worker(monkeypatch):
         assert match.answers_match(answer, gold) == want, (answer, gold)
 
 
+def test_real_notations_that_were_misjudged(monkeypatch):
+    """Found by a review of real models' answers: a thin-space thousands separator (math-verify read 1\\,000 as a
+    product, 1*0, so it matched 0), scale words inside \\text{} (dropped as units: 72 thousand matched 72), and a
+    Unicode degree sign. All but the degree are decided in process."""
+    def no_pool():
+        raise AssertionError("decided in process")
+
+    cases = [(r"1\,000", "1000", 1.0), (r"10\,000", "10000", 1.0), (r"1\,000", "0", 0.0),
+             (r"72 \text{ hundred}", "72", 0.0), (r"72 \text{ thousand}", "72", 0.0), (r"12 \text{ squared}", "12", 0.0),
+             (r"72 \text{ thousand}", "72000", 1.0), (r"1.5 \text{ million}", "1500000", 1.0), ("72 thousand", "72000", 1.0)]
+    with monkeypatch.context() as m:
+        m.setattr(verify_pool, "pool", no_pool)
+        for answer, gold, want in cases:
+            assert match.answers_match(answer, gold) == want, (answer, gold)
+    assert match.answers_match("30°", r"30^\circ") == 1.0
+    assert match.answers_match("31°", r"30^\circ") == 0.0
+
+
+def test_an_answer_that_never_closes_the_think_block_its_prompt_opened_commits_to_nothing():
+    """R1-Distill's template opens <think> in the prompt: a completion cut off before </think> is all thinking, and a
+    tentative box in it scored 1."""
+    guess = r"Okay, 48/2 is 24, total 72, so \boxed{72}? Wait, let me check May again, maybe"
+    final = r"Okay, 48/2 is 24, total 72.\n</think>\n\nSo the answer is \boxed{72}."
+    got = accuracy([guess, final, guess], prompts=["q"] * 3, answer=["72"] * 3, task=["arithmetic"] * 3,
+                   think_opened=[True, True, False])
+    assert got == [0.0, 1.0, 1.0]  # without an opened block, the text outside any think block is the answer
+
+
 def test_math_equivalence_through_math_verify():
     assert match.answers_match(r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}") == 1.0
     assert match.answers_match("x = 2", "2") == 1.0

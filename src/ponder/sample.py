@@ -292,8 +292,9 @@ def _judge(chunk, outs, tokenizer, cfg: SampleConfig, opened: list[bool]):
     exs = [ex for (_, _, ex), o in zip(chunk, outs) for _ in o]
     columns = {k: [ex.get(k) for ex in exs] for k in dict.fromkeys(k for ex in exs for k in ex if k != "prompt")}
     prompts = [ex["prompt"] for ex in exs]
-    accuracy = get_reward("accuracy")(flat, prompts=prompts, extract=cfg.extract, **columns)
-    fmt = get_reward("format")(flat, prompts=prompts, think_opened=[o for o, out in zip(opened, outs) for _ in out])
+    think = [o for o, out in zip(opened, outs) for _ in out]
+    accuracy = get_reward("accuracy")(flat, prompts=prompts, extract=cfg.extract, think_opened=think, **columns)
+    fmt = get_reward("format")(flat, prompts=prompts, think_opened=think)
     rep = get_reward("repetition")(flat, prompts=prompts)
     results, at = [], 0
     for (_, _, ex), ts, o, think in zip(chunk, texts, outs, opened):

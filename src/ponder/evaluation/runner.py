@@ -164,7 +164,7 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words, op
     fmt = get_reward("format")
     reflective = reflection_pattern(reflection_words)
     texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in outs] for outs in sampled]
-    answers = [[extract_answer(t, extract) for t in ts] for ts in texts]
+    answers = [[extract_answer(t, extract, opened[i]) for t in ts] for i, ts in enumerate(texts)]
     _prefetch_verdicts(examples, answers)
     problems, samples = [], []
     for i, (ex, outs) in enumerate(zip(examples, sampled)):
@@ -192,7 +192,7 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words, op
         if greedily is not None:
             g = greedily[i][0]
             text = tokenizer.decode(g.token_ids, skip_special_tokens=True)
-            answer = extract_answer(text, extract)
+            answer = extract_answer(text, extract, opened[i])
             score = check(answer)
             greedy_ok = score is not None and score >= 1.0
             samples.append(dict(

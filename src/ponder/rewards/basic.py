@@ -14,7 +14,7 @@ def _uses_answers_match(task) -> bool:
 
 
 @register("accuracy")
-def accuracy(completions, *, prompts, answer=None, task=None, extract: str = "tags_or_boxed", **columns):
+def accuracy(completions, *, prompts, answer=None, task=None, extract: str = "tags_or_boxed", think_opened=None, **columns):
     """Rewards a right final answer: 1 when the extracted answer passes the task's verifier (DeepSeek-R1).
 
     Each task verifies in its own way (mathematical equivalence by default, any valid Countdown
@@ -26,7 +26,8 @@ def accuracy(completions, *, prompts, answer=None, task=None, extract: str = "ta
     n = len(completions)
     answers = answer if answer is not None else [None] * n
     tasks = task if task is not None else [None] * n
-    extracted = [extract_answer(text, extract) for text in completions]
+    opened = think_opened if think_opened is not None else [False] * n
+    extracted = [extract_answer(text, extract, bool(o)) for text, o in zip(completions, opened)]
     # One batched pass over the verification workers instead of one round trip per completion.
     match.prefetch([(extracted[i], answers[i]) for i in range(n)
                     if tasks[i] is not None and extracted[i] is not None and _uses_answers_match(get_task(tasks[i]))])

@@ -49,8 +49,12 @@ def last_boxed(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def outside_think(completion: str) -> str | None:
-    """The completion without its thinking; None while a think block is still open (truncated)."""
+def outside_think(completion: str, think_opened: bool = False) -> str | None:
+    """The completion without its thinking; None while a think block is still open (truncated). `think_opened`:
+    the prompt opened the block (R1-Distill's chat template), so an answer that never closes it is all thinking,
+    and a box in it a guess, not an answer."""
+    if think_opened and "</think>" not in completion:
+        return None
     text = completion
     head, sep, tail = text.partition("</think>")
     if sep and "<think>" not in head:  # the prompt opened the think block
@@ -70,7 +74,7 @@ def _one_box(text: str) -> str | None:
     return found[-1]
 
 
-def extract_answer(completion: str, mode: str = "tags_or_boxed") -> str | None:
+def extract_answer(completion: str, mode: str = "tags_or_boxed", think_opened: bool = False) -> str | None:
     """The answer a completion commits to, or None when it commits to none.
 
     mode: tags (only <answer>...</answer>), boxed (only \\boxed{}), tags_or_boxed, or none (the
@@ -80,7 +84,7 @@ def extract_answer(completion: str, mode: str = "tags_or_boxed") -> str | None:
         raise UserError(f"unknown answer extraction mode '{mode}'; choose one of: {', '.join(MODES)}")
     if mode == "none":
         return completion.strip()
-    final = outside_think(completion)
+    final = outside_think(completion, think_opened)
     if final is None:
         return None
     if mode in ("tags", "tags_or_boxed"):

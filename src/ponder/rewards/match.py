@@ -26,6 +26,10 @@ log = logging.getLogger("ponder.rewards")
 _NUM = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d{1,2})?(/\d+)?$")  # small exponents only: 1e999999999 is a bomb
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$")
 _FRAC = re.compile(r"^([-+]?)\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}$")
+_THIN_SPACE = re.compile(r"(?<=\d)\\[,;: ](?=\d{3}(?!\d))")
+# `72 \text{ thousand}`: math-verify drops the word as a unit, so a scale word gives the number's value here
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9, "trillion": 10**12, "dozen": 12}
+_SCALED = re.compile(r"^(\S+?)\s*(?:\\(?:text|mbox|mathrm)\{\s*([a-zA-Z]+)\s*\}|\s+([a-zA-Z]+))$")
 _UNIT_WORD = re.compile(r"^(\S+?)(?:\s*\\(?:text|mbox|mathrm)\{\s*([a-zA-Z]+)\s*\}|\s+([a-zA-Z]{2,}))$")
 _NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -49,6 +53,7 @@ _COMPARE = "ponder.rewards.math:compare"
 def to_number(text: str) -> Fraction | None:
     """Exact value of a plain number (`42`, `-3.5`, `1,000`, `3/4`, `\\frac{3}{4}`, `$18`, `18 apples`)."""
     t = strip_wrappers(text).replace("\\$", "").replace("{,}", ",").replace("\\!", "").strip()
+    t = _THIN_SPACE.sub("", t)  # 1\,000: a thousands separator (math-verify reads a product, 1*0)
     if t.startswith("$"):
         t = t[1:].strip()
     m = _UNIT_WORD.match(t)
@@ -68,6 +73,19 @@ def to_number(text: str) -> Fraction | None:
         return Fraction(t)
     except (ValueError, ZeroDivisionError):
         return None
+
+
+def _scaled(text: str) -> Fraction | None:
+    """`72 thousand`, `72 \\text{ thousand}`, `12 \\text{ squared}`: the value the word gives the number."""
+    m = _SCALED.match(text.strip())
+    if not m:
+        return None
+    word, n = (m.group(2) or m.group(3)).lower(), to_number(m.group(1))
+    if n is None:
+        return None
+    if word in _SCALES:
+        return n * _SCALES[word]
+    return {"squared": n**2, "cubed": n**3}.get(word)
 
 
 def _terminates(x: Fraction) -> bool:
@@ -124,6 +142,8 @@ def _fast(answer: str, gold: str) -> float | None:
     g = to_number(gold)
     if g is not None:
         a = to_number(_ASSIGNMENT.sub("", answer))
+        if a is None:
+            a = _scaled(strip_wrappers(_ASSIGNMENT.sub("", answer)))
         if a is not None:
             if a == g:
                 return 1.0
@@ -153,10 +173,11 @@ def _fast(answer: str, gold: str) -> float | None:
 
 
 def _normalize(answer: str | None, gold) -> tuple[str | None, str]:
-    """Answer without "The answer is" and with ASCII minus signs; gold without wrappers."""
+    """Answer without "The answer is", with ASCII minus signs and LaTeX degrees (math-verify reads no `°`); gold
+    without wrappers."""
     if answer is not None:
-        answer = _ANSWER_PREFIX.sub("", answer.strip().replace("\u2212", "-"))
-    return answer, strip_wrappers(str(gold).replace("\u2212", "-"))
+        answer = _ANSWER_PREFIX.sub("", answer.strip().replace("\u2212", "-").replace("°", "^\\circ"))
+    return answer, strip_wrappers(str(gold).replace("\u2212", "-").replace("°", "^\\circ"))
 
 
 def _report_bad_gold(gold: str) -> None:
