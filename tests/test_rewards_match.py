@@ -60,6 +60,18 @@ def test_an_answer_that_never_closes_the_think_block_its_prompt_opened_commits_t
     assert got == [0.0, 1.0, 1.0]  # without an opened block, the text outside any think block is the answer
 
 
+def test_one_value_boxed_twice_in_two_notations_is_one_answer():
+    """R1 boxes its answer in the summary and again under **Final Answer**, not always written the same way; two
+    different values stay no answer."""
+    from ponder.rewards.extract import extract_answer
+
+    end = "\n\n**Final Answer**\n\\[\\boxed{%s}\\]"
+    assert extract_answer(r"</think> Thus $x = \boxed{\frac{1}{2}}$." + end % r"\dfrac{1}{2}") == r"\dfrac{1}{2}"
+    assert extract_answer(r"</think> So \boxed{72 \text{ clips}}." + end % "72") == "72"
+    assert extract_answer(r"</think> So \boxed{\$1,000}." + end % "1000") == "1000"
+    assert extract_answer(r"</think> So \boxed{72}." + end % "73") is None
+
+
 def test_math_equivalence_through_math_verify():
     assert match.answers_match(r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}") == 1.0
     assert match.answers_match("x = 2", "2") == 1.0

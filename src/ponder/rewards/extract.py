@@ -69,8 +69,13 @@ def _one_box(text: str) -> str | None:
     if text.count("\\boxed") + text.count("\\fbox") > MAX_BOXES:
         return None
     found = boxes(text)
-    if not found or len(set(found)) > 1:
+    if not found:
         return None
+    if len(set(found)) > 1:  # several values is no answer; one value written two ways (R1's summary box, then
+        from ponder.rewards.match import equivalent  # **Final Answer** with \dfrac or without the unit) is one
+
+        if not all(equivalent(b, found[-1]) for b in set(found)):
+            return None
     return found[-1]
 
 
