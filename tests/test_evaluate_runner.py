@@ -103,6 +103,21 @@ def test_problems_never_answered_count_as_wrong():
     assert [s["score"] for s in res["samples"] if s["problem"] == 1] == [0.0, 0.0]
 
 
+def test_a_problem_whose_gold_does_not_parse_is_left_out_even_with_an_unanswered_sample():
+    """docs/evaluation.md: such a problem is counted in `problems`, not in `scored_problems`. Its unanswered sample
+    scored 0 without asking the verifier, which made it a scored problem with nothing right."""
+    tok = char_tokenizer()
+    examples = scripted_examples()
+    examples[0]["answer"] = "\\frac{"  # 2+2's script has an unanswered (truncated) sample
+    with pytest.warns(UserWarning, match="cannot be parsed as math"):
+        res = evaluate(torch.nn.Linear(1, 1), tok, examples, template="plain", k=4, engine=ScriptedEngine(None, tok),
+                       progress=False, n_boot=200)
+    f = res["tasks"]["jsonl"]
+    assert (f["problems"], f["scored_problems"]) == (2, 1)
+    assert f["pass@1"] == 0.25 and f["cons@4"] == 0.0  # 5+5's alone
+    assert [s["score"] for s in res["samples"] if s["problem"] == 0] == [None] * 4
+
+
 def test_examples_must_name_their_task():
     tok = char_tokenizer()
     with pytest.raises(UserError, match="example 1 has no 'task' field"):

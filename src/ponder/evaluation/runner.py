@@ -174,6 +174,8 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words, op
             return 0.0 if answer is None else task.verify(answer, ex)
 
         scores = [check(a) for a in answers[i]]
+        if any(a is not None for a in answers[i]) and all(s is None for s, a in zip(scores, answers[i]) if a is not None):
+            scores = [None] * len(scores)  # the verifier scores none of its answers (a gold that does not parse): unscorable
         correct = [s is not None and s >= 1.0 for s in scores]
         groups = vote_groups(answers[i])
         win = majority(groups)
