@@ -265,6 +265,22 @@ def test_rejection_sampling_filters_each_example_by_its_own_target():
     assert zh_kept[0][2]["language"] == 1.0 and en_kept[0][2]["language"] == 1.0
 
 
+def test_a_target_column_is_a_language_only_for_the_target_filter():
+    """A user's JSONL with a `target` column of its own ("yes") stopped `ponder sample` with "target language 'yes'
+    is not supported" though the language filter was off or fixed."""
+    from ponder.sample import SampleConfig, _judge
+
+    tok = char_tokenizer(ZH_CHARS)
+    ex = {"prompt": "42+73", "answer": "115", "task": "arithmetic", "target": "yes"}
+    outs = [[Completion(tok(EN).input_ids, "stop")]]
+    for language in (None, "en"):
+        cfg = SampleConfig(filters=FilterConfig(language=language, correct=False, ngram_max_count=0))
+        (cands, kept), = _judge([("a", 0, ex)], outs, tok, cfg, [False])
+        assert len(cands) == 1
+    with pytest.raises(UserError, match="target language 'yes' is not supported"):
+        _judge([("a", 0, ex)], outs, tok, SampleConfig(filters=FilterConfig(language="target")), [False])
+
+
 def test_comparison_table_averages_the_seeds_per_language(tmp_path, monkeypatch):
     """bench/bilingual_mixing.py's table: each cell the mean of the seeds' held-out figure (min-max)."""
     import json

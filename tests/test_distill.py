@@ -195,10 +195,18 @@ def test_resume_refuses_changed_settings_of_begun_stages_and_records_only_those_
     assert config.read_text() == before
 
 
-def test_later_stages_are_checked_before_the_teacher_samples(tmp_path, teacher_engine, error_line):
+def test_later_stages_are_checked_before_the_teacher_samples(tmp_path, teacher_engine, error_line, monkeypatch):
     make_cfg(tmp_path, "tiny-random")  # writes the recipe d.yaml
     line = error_line("distill", str(tmp_path / "d.yaml"), "sft.model.path=nope")
     assert line.startswith("ponder: error: model 'nope' not found: give a local Hugging Face model directory")
+    assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()
+    # recipes/distill-tiny.yaml's runs/student-base before `ponder pretrain` made it: a path, not a Hub id
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    line = error_line("distill", str(tmp_path / "d.yaml"), "sft.model.path=runs/student-base")
+    assert line == ("ponder: error: model 'runs/student-base': there is no directory runs/student-base (and runs/ is a "
+                    "local folder, so it is not taken for a Hub id); create it first (ponder pretrain, ponder train) or fix "
+                    "the path")
     assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()
     line = error_line("distill", str(tmp_path / "d.yaml"), f"sft.data.files=[{tmp_path / 'gone.jsonl'}]")
     assert line == f"ponder: error: config sft.data.files: '{tmp_path / 'gone.jsonl'}' not found; give an existing JSONL file or leave it out"

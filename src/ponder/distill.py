@@ -136,7 +136,7 @@ def _refuse_changes(cfg: DistillConfig, begun: dict, done: dict) -> None:
 def _check_before_sampling(cfg: DistillConfig, stages: list[str]) -> None:
     """What the stages to run need and can be checked in a moment, checked before the sampling takes its time."""
     from ponder.metrics import require_backends
-    from ponder.models import resolve
+    from ponder.models import check_loadable, resolve
     from ponder.tasks import get_task
     from ponder.templates import TEMPLATES
 
@@ -145,7 +145,7 @@ def _check_before_sampling(cfg: DistillConfig, stages: list[str]) -> None:
         for spec in cfg.sample.tasks:
             get_task(spec.name)
     if "sft" in stages:
-        resolve(cfg.sft.model.path)
+        check_loadable(cfg.sft.model.path)
         if cfg.sft.data.template not in (*TEMPLATES, "chat"):
             raise UserError(f"config sft.data.template: unknown template '{cfg.sft.data.template}'; choose one of: "
                             f"{', '.join([*TEMPLATES, 'chat'])}")

@@ -298,8 +298,9 @@ def _judge(chunk, outs, tokenizer, cfg: SampleConfig, opened: list[bool]):
     rep = get_reward("repetition")(flat, prompts=prompts)
     results, at = [], 0
     for (_, _, ex), ts, o, think in zip(chunk, texts, outs, opened):
-        target = example_language(ex.get("target"))
-        want = target if cfg.filters.language == "target" else cfg.filters.language or "en"
+        by_example = cfg.filters.language == "target"  # only then is `target` a language (elsewhere any column)
+        target = example_language(ex.get("target")) if by_example else "en"
+        want = target if by_example else cfg.filters.language or "en"
         cands, rewards = [], []
         for t, c in zip(ts, o):
             cands.append(Candidate(t, len(c.token_ids), c.finish_reason == "length", accuracy[at], target=target, think_opened=think))

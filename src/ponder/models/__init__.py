@@ -135,6 +135,22 @@ _REMOTE_CODE_SETTING = {"model": "model.trust_remote_code=true in the recipe (po
                         "tokenizer": "trust_remote_code=true in the recipe"}
 
 
+def check_loadable(path: str) -> None:
+    """What `load` would refuse at once for `path`, raised now: a pipeline (ponder distill) checks its later stages'
+    models before its first stage runs for minutes. A missing `runs/x` reads as a Hub id; when its first part is a
+    local folder and no cache holds it, it is a path that does not exist yet."""
+    where = resolve(path)
+    if not isinstance(where, HubModel) or hub_snapshot(where) is not None:
+        return
+    parent = Path(where.repo_id).parent
+    if parent.is_dir():
+        raise UserError(f"model '{path}': there is no directory {where.repo_id} (and {parent}/ is a local folder, so it "
+                        "is not taken for a Hub id); create it first (ponder pretrain, ponder train) or fix the path")
+    if hub_offline() or not _hub_reachable():
+        raise UserError(f"model '{where}' is not in the Hugging Face cache at {hub_cache()} and the Hub cannot be reached "
+                        "(HF_HUB_OFFLINE=1 or no network); download it once, or set HF_HOME to a cache that holds it")
+
+
 def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "model"):
     """(model, tokenizer) through transformers' own loading and the Hub cache; one clear line when it cannot.
     `kind` "tokenizer": the tokenizer alone, as (None, tokenizer)."""
