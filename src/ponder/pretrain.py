@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from ponder.errors import UserError
-from ponder.models import to_dtype
 from ponder.runtime import choose_precision, device_memory
 from ponder.tasks.corpus import CorpusConfig, corpus_text
 
@@ -188,6 +187,8 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 def train(model, tokens: np.ndarray, cfg: PretrainConfig, console) -> list[float]:
     """Run `cfg.steps` optimizer steps; returns the loss of every step."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ponder.models import to_dtype
 
     device = _device(cfg.device)
     if cfg.threads:

@@ -145,17 +145,23 @@ def qkv_projections(attn) -> tuple:
     return (fused,) if fused is not None else (attn.q_proj, attn.k_proj, attn.v_proj)
 
 
+def _fused_gate_up(mlp):
+    """Phi-3's one gate_up_proj layer, or None (expert blocks hold a gate_up_proj parameter, not a layer)."""
+    fused = getattr(mlp, "gate_up_proj", None)
+    return fused if isinstance(fused, torch.nn.Module) else None
+
+
 def gate_up_projections(mlp) -> tuple:
     """gate_proj, up_proj, or one gate_up_proj whose output is gate's half, then up's (Phi-3)."""
-    fused = getattr(mlp, "gate_up_proj", None)
-    return (fused,) if isinstance(fused, torch.nn.Module) else (mlp.gate_proj, mlp.up_proj)
+    fused = _fused_gate_up(mlp)
+    return (fused,) if fused is not None else (mlp.gate_proj, mlp.up_proj)
 
 
 def swiglu(arch: Arch, mlp) -> bool:
     """Whether both passes run this layer's MLP as their own products: SiLU-gated gate and up projections, then
     down_proj. Otherwise the model's own module runs (own_mlp)."""
-    fused = isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Module)
-    return getattr(arch.backbone.config, "hidden_act", None) == "silu" and (hasattr(mlp, "gate_proj") or fused)
+    gated = hasattr(mlp, "gate_proj") or _fused_gate_up(mlp) is not None
+    return getattr(arch.backbone.config, "hidden_act", None) == "silu" and gated
 
 
 def own_mlp(mlp, h: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ _FRAC = re.compile(r"^([-+]?)\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}$")
 _THIN_SPACE = re.compile(r"(?<=\d)\\[,;: ](?=\d{3}(?!\d))")
 # `72 \text{ thousand}`: math-verify drops the word as a unit, so a scale word gives the number's value here
 _SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9, "trillion": 10**12, "dozen": 12}
-_SCALED = re.compile(r"^(\S+?)\s*(?:\\(?:text|mbox|mathrm)\{\s*([a-zA-Z]+)\s*\}|\s+([a-zA-Z]+))$")
 _UNIT_WORD = re.compile(r"^(\S+?)(?:\s*\\(?:text|mbox|mathrm)\{\s*([a-zA-Z]+)\s*\}|\s+([a-zA-Z]{2,}))$")
 _NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -77,7 +76,7 @@ def to_number(text: str) -> Fraction | None:
 
 def _scaled(text: str) -> Fraction | None:
     """`72 thousand`, `72 \\text{ thousand}`, `12 \\text{ squared}`: the value the word gives the number."""
-    m = _SCALED.match(text.strip())
+    m = _UNIT_WORD.match(text.strip())
     if not m:
         return None
     word, n = (m.group(2) or m.group(3)).lower(), to_number(m.group(1))
@@ -141,9 +140,10 @@ def _fast(answer: str, gold: str) -> float | None:
         return 0.0
     g = to_number(gold)
     if g is not None:
-        a = to_number(_ASSIGNMENT.sub("", answer))
+        value = _ASSIGNMENT.sub("", answer)
+        a = to_number(value)
         if a is None:
-            a = _scaled(strip_wrappers(_ASSIGNMENT.sub("", answer)))
+            a = _scaled(strip_wrappers(value))
         if a is not None:
             if a == g:
                 return 1.0

@@ -96,8 +96,8 @@ class GRPOTrainer:
         self.examples = mix(cfg.data.tasks, cfg.seed)
         self.rewards.check(self.examples[0])
         self.sampler = PromptSampler(self.examples, cfg.seed)
-        self._prompt_ids: dict[int, list[int]] = {}
-        self._opens_think: dict[int, bool] = {}  # the prompt's text left a think block open (R1-Distill's template)
+        # id(example) -> (prompt ids, whether its text left a think block open: R1-Distill's chat template)
+        self._prompts: dict[int, tuple[list[int], bool]] = {}
         self._past_context = False  # told once that prompt + rollout.max_new_tokens exceed the model's positions
         self.step_no, self.nan_streak, self._budget = 0, 0, None
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
@@ -229,7 +229,7 @@ class GRPOTrainer:
         if self._budget is None:
             self._budget = self.cfg.optim.token_budget
             if self._budget is None:
-                longest = max(map(len, self._prompt_ids.values()), default=0) + self.cfg.rollout.max_new_tokens
+                longest = max((len(ids) for ids, _ in self._prompts.values()), default=0) + self.cfg.rollout.max_new_tokens
                 p = memory_plan.plan(self.policy_pass, self.model, self.optimizer, self.device,
                                      self.model.get_output_embeddings().weight.shape[0], print_line=self.rank == 0,
                                      longest=longest, may_checkpoint=self.cfg.model.gradient_checkpointing == "auto")
@@ -272,7 +272,7 @@ class GRPOTrainer:
         columns = {k: [ex.get(k) for ex in examples for _ in range(G)] for k in _columns(examples)}
         columns["completion_length"] = [len(c.token_ids) for out in outs for c in out]
         columns["truncated"] = [c.finish_reason == "length" for out in outs for c in out]
-        columns["think_opened"] = [self._opens_think[id(ex)] for ex in examples for _ in range(G)]
+        columns["think_opened"] = [self._prompts[id(ex)][1] for ex in examples for _ in range(G)]
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         totals, per_fn = self.rewards.score(flat, prompts, columns)
         timing["generate"] += t1 - t0
@@ -299,9 +299,9 @@ class GRPOTrainer:
 
     def _encode(self, ex: dict) -> list[int]:
         key = id(ex)
-        if key not in self._prompt_ids:
-            self._prompt_ids[key], self._opens_think[key] = encoded_prompt(self.cfg.data.template, ex["prompt"], self.tokenizer)
-        return self._prompt_ids[key]
+        if key not in self._prompts:
+            self._prompts[key] = encoded_prompt(self.cfg.data.template, ex["prompt"], self.tokenizer)
+        return self._prompts[key][0]
 
     def _saved(self, mb: list[Sample], attr: str, logp: torch.Tensor) -> torch.Tensor:
         """The rows' log-probs kept by _score (old_logp, ref_logp), or, where none were kept (mu = 1: the
@@ -335,7 +335,7 @@ class GRPOTrainer:
         m = {
             "reward": mean([r for g in groups for r in g.rewards]),
             **{f"reward/{k}": mean([v for g in groups for v in g.per_fn[k]]) for k in self.rewards.fns},
-            "format_rate": mean([float(strict_format(t, self._opens_think.get(id(g.example), False))) for g in groups for t in g.texts]),
+            "format_rate": mean([float(strict_format(t, self._prompts[id(g.example)][1])) for g in groups for t in g.texts]),
             "completion_len/mean": mean(lengths), "completion_len/max": max(lengths),
             "truncated_frac": mean([float(s.truncated) for g in groups for s in g.samples]),
             "reflection_rate": reflection_rate(texts, self.cfg.train.reflection_words),

@@ -9,7 +9,6 @@ tokenizer's chat template, turn by turn; only assistant turns carry loss.
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 from pathlib import Path
 
