@@ -530,7 +530,28 @@ def test_a_piece_the_compiler_fails_on_runs_eagerly_with_one_notice(capsys):
 
     got = compile_each({"broken": broken}, {"broken": (torch.ones(3, requires_grad=True),)}, "probe", backward=True)
     assert got["broken"] is broken
-    assert "ponder: probe: torch.compile failed for broken; those run unfused" in capsys.readouterr().err
+    assert "ponder: probe: torch.compile failed for broken (" in capsys.readouterr().err
+
+
+def test_trials_chosen_inside_a_no_grad_pass_still_check_gradients(monkeypatch, capsys):
+    """The packed pass picks its pieces at its first call. With beta > 0 or mu > 1 that call scores without
+    gradients (the reference model, old log-probs), and every trial's backward failed there: on one H100 the whole
+    run then went unfused, with padded attention ("element 0 of tensors does not require grad")."""
+    from ponder.kernels import trials
+    from ponder.kernels.norm import rms
+
+    def needs_grad():
+        a = torch.ones(3, requires_grad=True)
+        (a * 2).sum().backward()
+        return bool(a.grad.eq(2).all())
+
+    monkeypatch.setattr(trials, "triton", object())  # as if installed, so the trial runs
+    with torch.no_grad():
+        x, w = torch.randn(4, 8, requires_grad=True), torch.rand(8, requires_grad=True)
+        got = trials.compile_each({"rms": rms}, {"rms": (x, w, 1e-6)}, "probe", backward=True)
+        assert trials.trial(needs_grad, "failed", "probe")
+    assert capsys.readouterr().err == ""
+    assert torch.allclose(got["rms"](x, w, 1e-6), rms(x, w, 1e-6))
 
 
 def test_a_compiled_piece_past_the_recompile_limit_goes_eager_with_one_notice(capsys):

@@ -283,6 +283,8 @@ def test_packed_micro_batches_keep_groups_together_within_the_budget():
     assert len(micro_batches(batch, 10_000)) == 1
 
 
+from ponder.kernels import head_logprobs as fh  # noqa: E402
+
 TRITON_CHECK = """
 import torch
 from ponder.kernels import head_logprobs as fh
@@ -302,6 +304,12 @@ for inv_t in (1.0, 1 / 0.7):
     y = x.clone()
     fh._grad_kernel[(rows,)](y, t, lse, gl, vocab, y.stride(0), inv_t, BLOCK=128)
     torch.testing.assert_close(y.float(), ref.float(), atol=1e-2, rtol=1e-2)
+assert fh._agrees(torch.device("cpu"))  # the trial a GPU runs before the kernels are used
+fh._stats_kernel = fh._grad_kernel  # a wrong kernel in the stats' place: the trial must refuse it
+try:
+    assert not fh._agrees(torch.device("cpu"))
+except Exception:  # or fail to launch, which the trial turns into a notice
+    pass
 print("ok")
 """
 
@@ -310,6 +318,24 @@ def test_triton_head_kernels_match_the_torch_math(triton_interpreter):
     """The Triton passes under Triton's CPU interpreter (skipped where Triton is absent, as in CI)."""
     r = triton_interpreter(["-c", TRITON_CHECK])
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_a_head_kernel_that_fails_leaves_the_torch_math_with_one_notice_naming_why(monkeypatch, capsys):
+    """On CUDA the Triton head passes ran untried: a Triton that fails to launch there stopped the update."""
+    from ponder.kernels import trials
+
+    def broken(*_):
+        raise RuntimeError("PTX assembly aborted\nthe rest of a long compiler log")
+
+    monkeypatch.setattr(trials, "triton", object())  # as if installed, so the trial runs
+    monkeypatch.setattr(fh, "triton", object())
+    monkeypatch.setattr(fh, "_triton_stats", broken)
+    monkeypatch.setattr(fh, "_usable", {})
+    assert not fh.triton_runs(torch.device("cpu"))
+    assert capsys.readouterr().err == ("ponder: packed forward: the Triton head log-probs failed their trial; using the "
+                                       "torch math (RuntimeError: PTX assembly aborted)\n")
+    assert not fh.triton_runs(torch.device("cpu"))  # tried once a device
+    assert capsys.readouterr().err == ""
 
 
 def test_packed_on_an_unsupported_architecture_is_one_clear_error():

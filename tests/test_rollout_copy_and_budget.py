@@ -101,6 +101,26 @@ def test_auto_budget_is_printed_and_no_micro_batch_exceeds_it(smoke_cfg, monkeyp
     assert t.token_budget() == printed  # planned once
 
 
+@pytest.mark.parametrize("first", ["algorithm.beta=0.04", "algorithm.mu=2"])
+def test_the_plans_probe_runs_a_backward_when_the_first_pass_scores_without_gradients(smoke_cfg, monkeypatch, first):
+    """The budget is planned at the first micro-batch; with beta > 0 (reference log-probs) or mu > 1 (old log-probs)
+    that is a no-grad scoring pass, and the probe's backward raised there: on one GPU every such run stopped in its
+    first step. The probe runs for real here; only the CUDA memory counters are stood in for."""
+    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
+    monkeypatch.setattr(memory_plan, "free_bytes", lambda device: 2**30)
+    monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2**20 * len(synced))
+    synced = []  # at each of the probe's waits: how many parameters hold a gradient (after its backward: all)
+    monkeypatch.setattr(torch.cuda, "synchronize",
+                        lambda device=None: synced.append(sum(p.grad is not None for p in t.model.parameters())))
+    t = GRPOTrainer(smoke_cfg("name=probe", first, "train.steps=1"))
+    t.step()
+    n = len(list(t.model.parameters()))
+    assert synced == [0, n, 0, n]  # two probes, each a forward and a backward, and no gradient left behind
+
+
 def test_fixed_budget_is_used_as_given(smoke_cfg):
     t = GRPOTrainer(smoke_cfg("name=fixed", "optim.token_budget=4096"))
     assert t.token_budget() == 4096

@@ -24,6 +24,8 @@ import sys
 
 import torch
 
+from ponder.kernels.trials import trial
+
 try:
     import triton
     import triton.language as tl
@@ -206,21 +208,17 @@ _usable: dict = {}  # device -> whether the kernel passed its trial there
 
 def _trial(device: torch.device) -> bool:
     """Run the kernel once on a small mixed-length GQA problem and compare it with the reference."""
-    try:
-        g = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn((5, 2, 7, 64), generator=g, device=device, dtype=torch.bfloat16)
-        k = torch.randn((48, 2, 32, 64), generator=g, device=device, dtype=torch.bfloat16)  # blocks of 32 slots
-        v = torch.randn((48, 2, 32, 64), generator=g, device=device, dtype=torch.bfloat16)
-        table = torch.randperm(48, generator=g, device=device)[:40].view(5, 8)  # 256 slots a row, scattered
-        pos = torch.tensor([0, 255, 17, 128, 200], device=device)
-        ref = reference(q.float(), gather(k, table, 256).float(), gather(v, table, 256).float(), pos, 0.125)
-        ok = all(
-            torch.allclose(triton_attention(q, k, v, table, pos, 0.125, 256, splits=s).float(), ref, atol=2e-2, rtol=2e-2)
-            for s in (1, 3)
-        )
-        return ok
-    except Exception:  # noqa: BLE001  (any compiler or launch failure: use the reference)
-        return False
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn((5, 2, 7, 64), generator=g, device=device, dtype=torch.bfloat16)
+    k = torch.randn((48, 2, 32, 64), generator=g, device=device, dtype=torch.bfloat16)  # blocks of 32 slots
+    v = torch.randn((48, 2, 32, 64), generator=g, device=device, dtype=torch.bfloat16)
+    table = torch.randperm(48, generator=g, device=device)[:40].view(5, 8)  # 256 slots a row, scattered
+    pos = torch.tensor([0, 255, 17, 128, 200], device=device)
+    ref = reference(q.float(), gather(k, table, 256).float(), gather(v, table, 256).float(), pos, 0.125)
+    return all(
+        torch.allclose(triton_attention(q, k, v, table, pos, 0.125, 256, splits=s).float(), ref, atol=2e-2, rtol=2e-2)
+        for s in (1, 3)
+    )
 
 
 def available(device) -> bool:
@@ -232,10 +230,12 @@ def available(device) -> bool:
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device not in _usable:
-        _usable[device] = triton is not None and _trial(device)
-        if not _usable[device]:
-            why = "Triton is not installed" if triton is None else "the Triton kernel failed its trial"
-            print(f"ponder: fast engine: decode attention: {why}; using the torch reference", file=sys.stderr)
+        if triton is None:
+            print("ponder: fast engine: decode attention: Triton is not installed; using the torch reference", file=sys.stderr)
+            _usable[device] = False
+        else:
+            _usable[device] = trial(lambda: _trial(device), "decode attention: the Triton kernel failed its trial; "
+                                    "using the torch reference")
     return _usable[device]
 
 

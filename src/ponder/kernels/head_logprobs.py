@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ponder.kernels.trials import trial
+
 try:
     import triton
     import triton.language as tl
@@ -30,7 +32,7 @@ def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     """Rows h [M, d], output head weight [V, d], targets [M] -> float32 log-probs [M] (with gradients to h
     and weight) and entropies [M] (detached; None unless asked). Kept logits go first into `scratch` (flat
     bytes that are free until backward is done: the rollout engine's idle cache), as many rows as fit."""
-    use_triton = triton is not None and h.is_cuda
+    use_triton = h.is_cuda and triton_runs(h.device)
     if keep is None:  # keeping the logits saves backward a matrix product; only where they fit with room to spare
         size = h.shape[0] * weight.shape[0] * h.element_size()
         keep = h.is_cuda and torch.is_grad_enabled() and 4 * size < torch.cuda.mem_get_info(h.device)[0]
@@ -171,3 +173,26 @@ def _triton_grad(logits, targets, lse, grad_lp, inv_t):
     rows, vocab = logits.shape
     _grad_kernel[(rows,)](logits, targets, lse, grad_lp, vocab, logits.stride(0), float(inv_t), BLOCK=4096, num_warps=8)
     return logits
+
+
+_usable: dict = {}  # device -> whether the Triton passes ran and agreed with the torch math there
+
+
+def triton_runs(device: torch.device) -> bool:
+    """Whether the Triton passes run on `device` and agree with the torch math (tried once a device; a failure
+    prints one notice and the torch math does the work)."""
+    if device not in _usable:
+        _usable[device] = triton is not None and trial(lambda: _agrees(device), "the Triton head log-probs failed "
+                                                       "their trial; using the torch math", "packed forward")
+    return _usable[device]
+
+
+def _agrees(device) -> bool:
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn((5, 9000), generator=g, device=device) * 3).to(torch.bfloat16)  # over two 4,096 blocks
+    targets = torch.tensor([0, 8999, 4095, 4096, 17], device=device)
+    grad_lp = torch.linspace(-1, 1, 5, device=device)
+    mine, ref = _triton_stats(logits, targets, 0.7, True), _torch_stats(logits, targets, 0.7, True)
+    stats = all(torch.allclose(a, b, atol=1e-2, rtol=1e-2) for a, b in zip(mine, ref))
+    grad = _triton_grad(logits.clone(), targets, ref[0], grad_lp, 0.7)
+    return stats and torch.allclose(grad.float(), _torch_grad(logits, targets, ref[0], grad_lp, 0.7).float(), atol=1e-2)

@@ -23,9 +23,10 @@ def pieces(device: torch.device) -> dict:
     if device.type != "cuda":
         return EAGER
     if "pieces" not in _chosen:
-        x = torch.randn(64, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
-        w = torch.ones(256, device=device, dtype=torch.bfloat16, requires_grad=True)
-        h = x.view(64, 4, 64)
+        with torch.enable_grad():  # the trials' backward needs a graph, even when the first call scores without one
+            x = torch.randn(64, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+            w = torch.ones(256, device=device, dtype=torch.bfloat16, requires_grad=True)
+            h = x.view(64, 4, 64)
         cs = torch.randn(64, 1, 64, device=device, dtype=torch.bfloat16)
         trial = dict(rms=(x, w, 1e-6), add_rms=(x, x, w, 1e-6), rope_qk=(h, h, cs, cs), swiglu=(x, x))
         # hand-written passes where they run (H200, per layer of a 45,000-token micro-batch): SwiGLU forward

@@ -24,19 +24,30 @@ def compile_each(funcs: dict, trials: dict, who: str, backward: bool = False) ->
     its function with a code object of its own: torch keeps a function's graphs, and counts them against its
     recompile limit, per code object, so the engine's rms and the packed pass's would share one budget (on one
     H100, OLMo 2's engine and update calls together passed it)."""
-    out, failed = {}, []
+    out, failed, first = {}, [], ""
     for name, f in funcs.items():
         try:
             fn = torch.compile(own_code(f), dynamic=True, fullgraph=True)
-            res = fn(*trials[name])
-            if backward:
-                sum(r.float().sum() for r in (res if isinstance(res, tuple) else (res,))).backward()
+            # the backward is part of the trial, whatever grad mode the first call came in: chosen inside a
+            # no-grad scoring pass (a reference model, old log-probs), every piece failed and ran unfused all run
+            with torch.enable_grad():
+                res = fn(*trials[name])
+                if backward:
+                    sum(r.float().sum() for r in (res if isinstance(res, tuple) else (res,))).backward()
             out[name] = eager_after_failure(fn, f, name, who)
-        except Exception:  # noqa: BLE001  (any compiler failure: that piece runs eagerly)
-            out[name], failed = f, failed + [name]
+        except Exception as e:  # noqa: BLE001  (any compiler failure: that piece runs eagerly)
+            out[name], failed, first = f, failed + [name], first or why(e)
     if failed:
-        print(f"ponder: {who}: torch.compile failed for {', '.join(failed)}; those run unfused", file=sys.stderr)
+        print(f"ponder: {who}: torch.compile failed for {', '.join(failed)} ({first}); those run unfused", file=sys.stderr)
     return out
+
+
+def why(e: BaseException, width: int = 160) -> str:
+    """An exception as one short line for a notice: its type and the first line of its message. Compiler
+    errors run to pages; the first line names the cause (a missing compiler, a bad cache file, no memory)."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def own_code(f):
@@ -73,9 +84,11 @@ def trial(check, notice: str, who: str = "fast engine") -> bool:
     if triton is None:
         return False
     try:
-        if check():
-            return True
-    except Exception:  # noqa: BLE001  (any compiler or launch failure: the torch piece stays)
-        pass
-    print(f"ponder: {who}: {notice}", file=sys.stderr)
+        with torch.enable_grad():  # trials check gradients too, whatever grad mode the first call came in
+            if check():
+                return True
+        cause = "it did not agree with its torch twin"
+    except Exception as e:  # noqa: BLE001  (any compiler or launch failure: the torch piece stays)
+        cause = why(e)
+    print(f"ponder: {who}: {notice} ({cause})", file=sys.stderr)
     return False

@@ -110,7 +110,10 @@ def measure_per_token(policy_pass, model, device, vocab: int) -> tuple[float, fl
     batches = [probe_samples(n, vocab) for n in PROBE_TOKENS]
     lent, policy_pass.scratch = policy_pass.scratch, None  # the engine's lent cache would hide the head's logits
     try:
-        peaks = [_peak(policy_pass, model, device, b) for b in batches]
+        # a training pass, whatever mode the first caller is in: the plan is made at the first micro-batch, which
+        # with beta > 0 or mu > 1 is a no-grad scoring pass (its backward then stopped the run)
+        with torch.enable_grad():
+            peaks = [_peak(policy_pass, model, device, b) for b in batches]
     finally:
         policy_pass.scratch = lent
     stream = [len(b[0].prompt_ids) + sum(len(s.completion_ids) - 1 for s in b) for b in batches]

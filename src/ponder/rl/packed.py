@@ -28,6 +28,7 @@ from ponder.kernels.arch import (
 )
 from ponder.kernels.head_logprobs import head_logprobs as fused_head_logprobs
 from ponder.kernels.training_step import pieces
+from ponder.kernels.trials import why
 from ponder.rl.batching import Sample, to_device
 from ponder.rl.lora_linears import adapter, with_adapters
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
@@ -88,7 +89,7 @@ def bounds(lens: torch.Tensor) -> torch.Tensor:
 def seg_arange(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     """cat(arange(s, s + n) for s, n in zip(starts, lens)), without a Python loop over the segments."""
     offsets = lens.cumsum(0) - lens
-    return torch.repeat_interleave(starts - offsets, lens) + torch.arange(int(lens.sum()))
+    return torch.repeat_interleave(starts - offsets, lens) + torch.arange(int(lens.sum()), device=lens.device)
 
 
 def pack(batch: list[Sample], device) -> Packed:
@@ -244,17 +245,20 @@ def attention_for(device: torch.device):
     if device.type != "cuda":
         return bucketed_attention
     if "attend" not in _chosen:
-        chosen = None
+        chosen, cause = None, "torch has none"
         for fn in _varlen_fns():
             try:
-                if _agrees(fn, padded_attention, device):
-                    chosen = fn
-                    break
-            except Exception:  # noqa: BLE001  (any kernel or launch failure: the next way, then the reference)
-                pass
+                # gradients are part of the trial, whatever grad mode the first call came in (a no-grad scoring pass)
+                with torch.enable_grad():
+                    if _agrees(fn, padded_attention, device):
+                        chosen = fn
+                        break
+                cause = "it did not agree with the padded reference"
+            except Exception as e:  # noqa: BLE001  (any kernel or launch failure: the next way, then the reference)
+                cause = why(e)
         if chosen is None:
             print("ponder: packed forward: variable-length flash attention is missing or failed its trial; "
-                  "using padded attention", file=sys.stderr)
+                  f"using padded attention ({cause})", file=sys.stderr)
         _chosen["attend"] = chosen or bucketed_attention
     return _chosen["attend"]
 

@@ -1,0 +1,141 @@
+"""The CUDA paths, each way they can run: the fused pieces as chosen on this GPU ("fast"), and every piece on its
+fallback ("fallback": Triton, torch.compile and variable-length flash attention made to fail their trials, as a
+broken driver, compiler or cache makes them). CPU runs skip this module (CI has no GPU); run it on a GPU with
+`python -m pytest tests/test_cuda_paths.py`.
+
+Why: a fallback is what runs when something is wrong on a user's machine, and nothing else exercises it on a
+GPU. Three runs of the demo side by side on one H100 once made every trial of one process fail, and its update
+then stopped in the padded attention (a CPU index beside CUDA ones).
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEV = torch.device("cuda")
+SMALL = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=301, max_position_embeddings=512, pad_token_id=0)
+
+
+@pytest.fixture(params=["fast", "fallback"])
+def paths(request, monkeypatch):
+    """Every cache of a chosen piece emptied, so the pieces are chosen again; with "fallback", chosen with every
+    trial failing."""
+    import torch._dynamo
+
+    from ponder.kernels import decode_attention, decode_step, head_logprobs, rope, swiglu, training_step, trials
+    from ponder.rl import packed
+
+    for mod, name in [(training_step, "_chosen"), (swiglu, "_chosen"), (packed, "_chosen"),
+                      (decode_attention, "_usable"), (head_logprobs, "_usable")]:
+        monkeypatch.setattr(mod, name, {})
+    monkeypatch.setattr(decode_step, "_compiled", None)
+    torch._dynamo.reset()
+    if request.param == "fallback":
+        def no_compiler(*_, **__):
+            raise RuntimeError("the compiler is switched off by this test")
+
+        monkeypatch.setattr(torch, "compile", no_compiler)
+        for mod in (trials, decode_attention, head_logprobs, rope, swiglu):
+            monkeypatch.setattr(mod, "triton", None)
+        monkeypatch.setattr(packed, "_varlen_fns", lambda: [])
+    yield request.param
+    torch._dynamo.reset()
+
+
+def build(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True))
+    elif kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=48, tie_word_embeddings=False))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.15 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    return model.to(DEV)
+
+
+def batch():
+    """Two groups of rows sharing a prompt, one of them many long rows (several attention groups when padded)."""
+    from ponder.rl.batching import Sample
+
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda n: torch.randint(1, 301, (n,), generator=g).tolist()  # noqa: E731
+    p1, p2 = rnd(9), rnd(40)
+    return [Sample(p1, rnd(n)) for n in (60, 3, 1, 200)] + [Sample(p2, rnd(n)) for n in (120, 7)]
+
+
+def reference_logprobs(model, rows):
+    """Each row alone through the HF forward under bf16 autocast."""
+    out = []
+    for s in rows:
+        ids = torch.tensor([s.prompt_ids + s.completion_ids], device=DEV)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1 : -1].float()
+        out.append(logits.log_softmax(-1).gather(-1, ids[0, len(s.prompt_ids):, None]).squeeze(-1))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+def test_packed_pass_matches_the_hf_forward(paths, kind, capsys):
+    from ponder.rl import packed
+    from ponder.rl.packed import packed_logprobs
+
+    model, rows = build(kind), batch()
+    with torch.no_grad():  # the first call scores without gradients, as a reference model's does: pieces are chosen here
+        packed_logprobs(model, rows, DEV, autocast=True)
+    if paths == "fast":  # and chosen by trials that checked gradients all the same
+        assert "failed" not in capsys.readouterr().err
+        assert packed._chosen["attend"] is not packed.bucketed_attention
+    lp, ent, mask = packed_logprobs(model, rows, DEV, with_entropy=True, autocast=True)
+    for i, ref in enumerate(reference_logprobs(model, rows)):
+        torch.testing.assert_close(lp[i, : len(ref)], ref, atol=0.05, rtol=0.05)
+    assert mask.sum() == sum(len(s.completion_ids) for s in rows) and torch.isfinite(ent).all()
+    (lp * mask).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values()), \
+        [n for n, g in grads.items() if g is None or not torch.isfinite(g).all() or g.abs().sum() == 0]
+
+
+def test_fast_engine_logprobs_match_a_fresh_forward(paths):
+    """Sampled rows through the fast engine from a float32 model (its bf16 rollout copy on CUDA): each row's
+    log-probs against the HF forward of its own tokens."""
+    from ponder.models.tiny import char_tokenizer
+    from ponder.rollout import SamplingParams
+    from ponder.rollout.fast import FastEngine
+    from ponder.rl.batching import Sample
+
+    tok = char_tokenizer()
+    model = build("qwen2")
+    engine = FastEngine(model, tok, sync_every=4, min_bucket=1)
+    prompts = [tok.encode(p) for p in ["Q: 12+7=", "a", "The quick brown fox jumps", "count: 1 2 3 4 5 6 7 8 9"]]
+    outs = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=40, seed=1, logprobs=True))
+    rows = [(p, c) for p, o in zip(prompts, outs) for c in o]
+    assert len(rows) == 12 and all(len(c.token_ids) > 0 for _, c in rows)
+    refs = reference_logprobs(model, [Sample(list(p), list(c.token_ids)) for p, c in rows])
+    for (_, c), ref in zip(rows, refs):
+        torch.testing.assert_close(torch.tensor(c.logprobs, device=DEV), ref, atol=0.08, rtol=0.05)
+
+
+@pytest.mark.parametrize("setting", ["algorithm.beta=0", "algorithm.beta=0.04", "algorithm.mu=2"])
+def test_grpo_steps_on_the_tiny_world(paths, tmp_path, setting):
+    """Two steps of the R1-Zero demo's recipe, as `ponder train` runs them, on the GPU. With beta > 0 or mu > 1 the
+    first pass of the update scores without gradients: there the token budget's probe (a backward) stopped the run."""
+    from ponder.config import load_config
+    from ponder.rl.trainer import GRPOTrainer
+
+    cfg = load_config("recipes/zero-tiny.yaml", [f"output_dir={tmp_path}", "train.steps=2", "eval.tasks=[]",
+                                                 "rollout.prompts_per_step=8", "train.device=cuda", setting])
+    trainer = GRPOTrainer(cfg)
+    for _ in range(2):
+        m = trainer.step()
+        assert all(torch.isfinite(torch.tensor(float(m[k]))) for k in ("loss", "grad_norm", "entropy")), m
+    assert trainer.step_no == 2
