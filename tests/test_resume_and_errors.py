@@ -111,6 +111,28 @@ def test_dataset_row_without_answer_names_file_and_line(tmp_path, error_line):
     assert line == f"ponder: error: {data}:2: row has no 'answer' field; every row needs prompt, answer"
 
 
+def test_bad_data_is_told_before_a_model_is_loaded(tmp_path, error_line, monkeypatch):
+    """Loading a 7B model takes minutes, and on CUDA prints what precision it chose: a mistake in the data or the
+    rewards comes first, as the only line (GRPO and SFT)."""
+    from ponder import models
+
+    def no_model(*_, **__):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(models, "load_trainable", no_model)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2"}\n')
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}",
+                      f"data.tasks=[{{name: jsonl, path: {data}}}]")
+    assert line == f"ponder: error: {data}:2: row has no 'answer' field; every row needs prompt, answer"
+    assert error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rewards.nope=1.0").startswith(
+        "ponder: error: unknown reward 'nope'")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"prompt": "x"}\n')
+    assert error_line("sft", "recipes/coldstart-tiny.yaml", f"output_dir={tmp_path}", f"data.files=[{sft}]",
+                      "data.coldstart=[]") == f"ponder: error: {sft}: row 1: no 'completion' field; rows need prompt and completion (or messages)"
+
+
 def test_reward_returning_wrong_length_is_named(tmp_path, error_line):
     from ponder.rewards import REWARDS
 

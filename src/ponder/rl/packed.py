@@ -373,7 +373,9 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         # q_norm/k_norm over float32 norm weights give float32 q and k beside a bf16 v; flash attention takes bf16)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else q.dtype
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        o = attend(q, rows(k, pk.key_idx), rows(v, pk.key_idx), pk, arch.scaling)
+        # flash attention takes half types only: float32 (train.precision=fp32 on CUDA) goes to the padded SDPA
+        fn = attend if dtype in (torch.float16, torch.bfloat16) else bucketed_attention
+        o = fn(q, rows(k, pk.key_idx), rows(v, pk.key_idx), pk, arch.scaling)
         o = linears(o.reshape(n, -1), (attn.o_proj,))[0]
         if arch.post_norm:  # OLMo 2: each block's output normed, then added; the next block reads the stream
             x = x + K["rms"](o, *norm_args(layer.post_attention_layernorm))

@@ -74,6 +74,11 @@ class GRPOTrainer:
             # current stream when it can, so rollouts and updates share one cuBLAS workspace
             torch.cuda.set_stream(torch.cuda.Stream(self.device))
         self.state = checkpoint.load_state(last) if resume else None
+        # the data and the rewards first: a mistake in them is one line before minutes of loading a model
+        self.rewards = RewardSet(cfg.rewards)
+        self.examples = mix(cfg.data.tasks, cfg.seed)
+        self.rewards.check(self.examples[0])
+        self.sampler = PromptSampler(self.examples, cfg.seed)
 
         self.sharding = sharding.resolve(cfg.train.sharding, self.world)
         # sharded, each rank holds its share of the weights, gradients and optimizer state: auto counts that share
@@ -92,10 +97,6 @@ class GRPOTrainer:
         # the engine's idle cache holds the head's logits between rollouts
         self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model), self.tokenizer.pad_token_id,
                                       self.device, self.precision.autocast, scratch=self.engine.idle_memory)
-        self.rewards = RewardSet(cfg.rewards)
-        self.examples = mix(cfg.data.tasks, cfg.seed)
-        self.rewards.check(self.examples[0])
-        self.sampler = PromptSampler(self.examples, cfg.seed)
         # id(example) -> (prompt ids, whether its text left a think block open: R1-Distill's chat template)
         self._prompts: dict[int, tuple[list[int], bool]] = {}
         self._past_context = False  # told once that prompt + rollout.max_new_tokens exceed the model's positions

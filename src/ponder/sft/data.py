@@ -139,8 +139,9 @@ def model_context(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def load_data(cfg, tokenizer, model, seed: int) -> tuple[list[dict], list[Encoded], DataReport]:
-    """Rows, their encodings (cut to the context) and the truncation report. Empty data is a UserError."""
+def read_data(cfg, seed: int) -> list[dict]:
+    """The rows of data.files and data.coldstart, at most data.n. Empty data is a UserError. Needs no model: the
+    trainer reads them before loading one, so a mistake in them is told at once."""
     from ponder.sft.coldstart import coldstart_rows
 
     d = cfg.data
@@ -151,6 +152,12 @@ def load_data(cfg, tokenizer, model, seed: int) -> tuple[list[dict], list[Encode
     if not rows:
         names = ", ".join(str(Path(f)) for f in d.files) or "data.coldstart"
         raise UserError(f"SFT data is empty: {names} holds no rows; give JSONL with {{prompt, completion}} rows")
+    return rows
+
+
+def load_data(cfg, tokenizer, model, rows: list[dict]) -> tuple[list[dict], list[Encoded], DataReport]:
+    """read_data's rows that fit, their encodings (cut to the context) and the truncation report."""
+    d = cfg.data
     context = model_context(model)
     max_len = min(x for x in (d.max_len, context) if x is not None) if (d.max_len or context) else 1 << 30
     encoded = [encode(r, tokenizer, d.template, d.add_eos) for r in rows]

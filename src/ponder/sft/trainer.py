@@ -21,7 +21,7 @@ from ponder.metrics import MetricsWriter
 from ponder.optim import make_optimizer
 from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, set_seed
 from ponder.sft.config import SFTConfig
-from ponder.sft.data import load_data
+from ponder.sft.data import load_data, read_data
 from ponder.sft.packing import collate, loss_sum, micro_batches, pack
 from ponder.tasks import PromptSampler
 
@@ -43,10 +43,11 @@ class SFTTrainer:
         set_seed(cfg.seed)
         self.device = pick_device(cfg.train.device)
         self.state = checkpoint.load_state(last) if resume else None
+        rows = read_data(cfg, cfg.seed)  # before the model: a mistake in the data is one line, told at once
         chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, resumed=last)
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser)
         self.precision = chooser.chosen
-        self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, cfg.seed)
+        self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, rows)
         self.lengths = [len(e.ids) for e in self.examples]
         t = cfg.train
         self.total_steps = t.steps or max(1, math.ceil(t.epochs * len(self.examples) / t.batch_size))
