@@ -1,7 +1,9 @@
 """Rejection sampling: every filter rejects what it must and keeps what it must; the command's outputs."""
 
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -251,6 +253,44 @@ def test_interrupted_sampling_resumes_after_its_last_chunk(tmp_path, flaky):
     assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
     assert summary["tasks"]["first_digit"]["prompts"] == 7 and summary["accepted"] == 14
     assert not (tmp_path / "cut.jsonl.partial.json").exists()
+
+
+@pytest.mark.parametrize("dies_at", ["summary", "unsolved", "rows"])
+def test_a_run_killed_while_it_finishes_resumes(tmp_path, flaky, monkeypatch, dies_at):
+    """The last steps write the summary, the unsolved ids and rename the rows to --out. Killed after the rename and
+    before the summary, --out existed with no summary: --resume refused it as no finished run, and the prompts were
+    lost. Now the rows take their name last; a kill at any of these steps leaves a run that resumes to the same files."""
+    import ponder.sample as sample_mod
+    from ponder.models import load
+    from ponder.sample import SampleConfig, sample
+
+    model, tok = load("tiny-random")
+    make = lambda out: SampleConfig(model="tiny-random", tasks=[TaskSpec(name="first_digit", n=5)], k=2, batch_size=4,  # noqa: E731
+                                    engine="flaky", out=str(tmp_path / out))
+    sample(make("full.jsonl"), progress=False, model=model, tokenizer=tok)
+    real = os.replace
+    target = {"summary": "cut.summary.json", "unsolved": "cut.unsolved.txt", "rows": "cut.jsonl"}[dies_at]
+
+    def replace_then_die(src, dst):
+        if Path(dst).name == target:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(sample_mod.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok)
+    monkeypatch.setattr(sample_mod.os, "replace", real)
+    assert not (tmp_path / "cut.jsonl").exists()
+    calls = flaky["n"]
+    summary = sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok, resume=True)
+    assert flaky["n"] == calls  # every chunk was done: nothing sampled again
+    for name in ("{}.jsonl", "{}.unsolved.txt"):
+        assert (tmp_path / name.format("cut")).read_text() == (tmp_path / name.format("full")).read_text()
+    full = json.loads((tmp_path / "full.summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k not in ("out", "seconds")} == {
+        k: v for k, v in full.items() if k not in ("out", "seconds")}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("cut")) == [
+        "cut.jsonl", "cut.summary.json", "cut.unsolved.txt"]
 
 
 def test_a_finished_output_is_never_sampled_over(tmp_path, flaky, error_line, capsys):

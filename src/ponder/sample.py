@@ -211,20 +211,24 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
                 for j, cand, rewards in kept:
                     fh.write(json.dumps(_row(ex, pid, j, cand, rewards, source), ensure_ascii=False) + "\n")
             fh.flush()
-            state.update(chunks=c + 1, bytes=fh.tell())
+            now = time.perf_counter()
+            state.update(chunks=c + 1, bytes=fh.tell(), seconds=state.get("seconds", 0.0) + now - start)
+            start = now
             _atomic_json(ledger, state)
             if bar is not None:
                 bar.advance(task, len(chunk))
-    os.replace(tmp, out)
-    ledger.unlink(missing_ok=True)
     for n in counts.values():
         n["acceptance_rate"] = n["accepted"] / max(n["samples"], 1)
         n["solved_rate"] = n["solved_prompts"] / max(n["prompts"], 1)
     summary = {"out": str(out), "source": source, "filters": to_dict(cfg.filters), "tasks": counts,
                "accepted": sum(n["accepted"] for n in counts.values()), "unsolved_prompts": len(unsolved),
-               "seconds": round(time.perf_counter() - start, 2), "settings": settings}
-    out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    out.with_name(out.stem + ".unsolved.txt").write_text("".join(p + "\n" for p in unsolved))
+               "seconds": round(state.get("seconds", 0.0) + time.perf_counter() - start, 2), "settings": settings}
+    # the summary and the unsolved ids before the rows take their name: an output without its summary would be a
+    # finished run that --resume cannot tell from a stranger's file; killed before the rename, the run resumes
+    _atomic_text(out.with_name(out.stem + ".summary.json"), json.dumps(summary, indent=2) + "\n")
+    _atomic_text(out.with_name(out.stem + ".unsolved.txt"), "".join(p + "\n" for p in unsolved))
+    os.replace(tmp, out)
+    ledger.unlink(missing_ok=True)
     _print_summary(summary, out, progress)
     return summary
 
@@ -275,8 +279,12 @@ def _refuse_changes(old: dict, new: dict, run: str, ways: str) -> None:
 
 
 def _atomic_json(path: Path, data: dict) -> None:
+    _atomic_text(path, json.dumps(data))
+
+
+def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
