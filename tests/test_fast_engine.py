@@ -352,6 +352,31 @@ def test_lora_rollout_copy_merges_adapters_into_plain_matrices():
     assert again == merged_answers() and again != got
 
 
+def test_lora_on_the_embedding_is_merged_into_a_table_of_the_copys_own():
+    """An adapted embed_tokens (untied model): the copy looks up rows of base + B @ A in the master's dtype, as
+    merge_and_unload's model does; before, peft's embedding layer ran in the copy under autocast and the rollout
+    drifted from the trainer's scores (up to 0.12 in log-prob). The master's table is left alone."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    base = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_embedding_A" in n or "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.eval()
+    table = model.get_input_embeddings().base_layer.weight.clone()
+    prompts, params = encode(PROMPTS[:3]), SamplingParams(n=2, temperature=0, max_tokens=10)
+    eng = FastEngine(model, TOK, dtype="bf16")
+    got = eng.generate(prompts, params)
+    assert not any(hasattr(m, "lora_A") for m in eng.copy.shadow.modules())
+    merged = FastEngine(copy.deepcopy(model).merge_and_unload(), TOK, dtype="bf16")
+    assert got == merged.generate(prompts, params)
+    assert eng.copy.shadow.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.equal(model.get_input_embeddings().base_layer.weight, table)
+
+
 def test_lora_rollout_copy_of_a_bf16_base_leaves_the_base_alone():
     """A base already in the rollout dtype (LoRA over bf16 weights; the sharded trainer's bf16 rollout copy): the
     merged matrices are the copy's own, not the base's storage, so refreshes do not add the adapters to the frozen

@@ -102,6 +102,10 @@ class RolloutCopy:
         # or the merge would overwrite the frozen base (a bf16 base, or the sharded trainer's bf16 rollout copy)
         memo.update({k: torch.nn.Parameter(w.detach().to(dtype, copy=k in merged), requires_grad=False)
                      for k, w in matrices.items()})
+        for m in self.adapted:  # an adapted embedding: a table of its own for the merge, in the master's dtype as
+            w = m.base_layer.weight  # every embedding's rows are (a float32 residual stream starts there)
+            if id(w) not in matrices:
+                memo[id(w)] = torch.nn.Parameter(w.detach().clone(), requires_grad=False)
         head = model.get_output_embeddings()
         tied = head is not None and head.weight is model.get_input_embeddings().weight
         if tied:  # the embedding stays the master's (float32 rows are looked up); the head gets its own matrix
@@ -127,7 +131,7 @@ class RolloutCopy:
         for m, out in self.merges:
             w = m.base_layer.weight.float()
             for name in [] if m.disable_adapters else m.active_adapters:
-                if name in m.lora_A:
+                if name in m.lora_A or name in getattr(m, "lora_embedding_A", {}):
                     w = w + m.get_delta_weight(name).float()
             out.copy_(w)
 
@@ -145,10 +149,10 @@ class RolloutCopy:
 
 
 def mergeable(module) -> bool:
-    """A peft LoRA linear layer whose adapters fold into its weight: plain LoRA (not DoRA), switched on."""
+    """A peft LoRA linear or embedding layer whose adapters fold into its weight: plain LoRA (not DoRA), switched on."""
     if not (hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")):
         return False
-    if not isinstance(module.base_layer, torch.nn.Linear) or getattr(module, "disable_adapters", False):
+    if not isinstance(module.base_layer, (torch.nn.Linear, torch.nn.Embedding)) or getattr(module, "disable_adapters", False):
         return False
     return not any(getattr(module, "use_dora", {}).get(n, False) for n in module.active_adapters)
 
@@ -158,7 +162,7 @@ def has_adapters(model) -> bool:
 
 
 def _unwrap_adapters(model) -> None:
-    """Each LoRA layer of the copy replaced by its base linear layer (whose weight then holds the merge)."""
+    """Each LoRA layer of the copy replaced by its base layer (whose weight then holds the merge)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if mergeable(child):
