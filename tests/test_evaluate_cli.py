@@ -147,3 +147,20 @@ def test_bad_input_is_refused_before_sampling_and_earlier_results_are_kept(two_r
     assert error_line(*common, "--extract", "boxd", "--out", str(tmp_path / "new")) == (
         "ponder: error: --extract 'boxd' is not an answer extraction mode; choose one of: tags, boxed, tags_or_boxed, none")
     assert not (tmp_path / "new").exists()
+
+
+def test_an_indexed_gpu_becomes_the_current_one_and_a_missing_one_is_named(monkeypatch):
+    """Triton launches and CUDA graph captures go to the current GPU: `--device cuda:1` with cuda:0 current captured
+    empty graphs over the model's tensors on cuda:1. The device is made current; one past those visible is named."""
+    import torch
+
+    from ponder.evaluation.command import _device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert _device("cuda:1") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    with pytest.raises(UserError, match=r"^--device cuda:2, but 2 CUDA GPUs are visible \(cuda:0 to cuda:1\)$"):
+        _device("cuda:2")
+    assert _device("cuda") == torch.device("cuda") and len(current) == 1  # unindexed: the current one as it is

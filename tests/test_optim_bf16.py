@@ -182,3 +182,40 @@ def test_a_skipped_first_update_advances_the_schedule_without_torchs_warning():
         warnings.simplefilter("error")
         sched.step()  # no optimizer.step() before it
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 / 4)
+
+
+SHARDED_STEP = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from ponder.optim import KahanAdamW
+
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+torch.manual_seed(0)
+plain = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).to(torch.bfloat16)
+sharded = fully_shard(__import__("copy").deepcopy(plain))
+x = torch.randn(2, 8, dtype=torch.bfloat16)
+for m in (plain, sharded):
+    opt = KahanAdamW(list(m.parameters()), lr=1e-2, moment_dtype=torch.bfloat16)
+    for _ in range(3):
+        m(x).float().square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+for a, b in zip(plain.parameters(), sharded.parameters()):
+    assert torch.equal(a, b.full_tensor()), (a, b)
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_bf16_moments_step_sharded_parameters_as_plain_ones():
+    """FSDP2 parameters are DTensors: the stochastic rounding of the moments added a noise tensor of the parameter's
+    global shape to the shard (`mixed torch.Tensor and DTensor`), so sharded bf16 runs with bf16 moments (what
+    train.precision auto picks for big models) stopped at their first optimizer step. One process, gloo."""
+    import os
+    import subprocess
+    import sys
+
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-c", SHARDED_STEP], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -307,3 +307,42 @@ def test_pretrain_settings_out_of_range_are_one_line(tmp_path, error_line):
     assert error_line(*common, "block=2048") == ("ponder: error: config block must be at most max_len (1024), the "
                                                  "positions the model has; got 2048")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_saved_where_more_gpus_were_visible_restores_the_rng_of_those_there_are(monkeypatch):
+    """The save keeps one CUDA RNG state a visible GPU; torch.cuda.set_rng_state_all indexes a generator for each,
+    so a run saved on an 8-GPU node ended its resume on a one-GPU box in IndexError."""
+    import torch
+
+    from ponder import checkpoint
+
+    state = checkpoint.rng_state()
+    cuda = [torch.tensor([i], dtype=torch.uint8) for i in range(8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append((int(s[0]), device)))
+    checkpoint.set_rng_state({**state, "cuda": cuda})
+    assert restored == [(0, 0), (1, 1)]
+
+
+def test_each_rank_takes_its_gpu_also_where_it_sees_only_its_own(monkeypatch):
+    """torchrun numbers LOCAL_RANK 0..N-1; a launcher that shows each rank one GPU (CUDA_VISIBLE_DEVICES) made every
+    rank but 0 ask for a device it does not see ("invalid device ordinal")."""
+    import torch
+    import torch.distributed as dist
+
+    from ponder import distributed
+
+    chosen = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: chosen.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    assert distributed.setup() == (3, 4)
+    assert chosen == [0, "nccl"]

@@ -35,7 +35,8 @@ def setup() -> tuple[int, int]:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            # a launcher that shows each rank its own GPU alone (CUDA_VISIBLE_DEVICES) still numbers LOCAL_RANK 0..N-1
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
 

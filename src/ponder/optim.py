@@ -115,6 +115,8 @@ class KahanAdamW(torch.optim.Optimizer):
 def _round_stochastic(out: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
     """`out` (bfloat16) = float32 `x` rounded up or down in magnitude, up with probability the dropped share
     of a spacing: a bf16 value is a float32 whose low 16 bits are zero, so add 16 random bits, then clear them."""
+    if hasattr(x, "to_local"):  # a shard of an FSDP2 parameter (DTensor): the bits of this rank's part
+        x, out = x.to_local(), out.to_local()
     noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
     bits = x.view(torch.int32).add(noise).bitwise_and_(-(1 << 16))
     out.copy_(bits.view(torch.float32))  # exact: the value is already a bf16 one

@@ -271,6 +271,12 @@ def _device(name: str):
         raise UserError(f"--device '{name}' is not a device; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}, but {torch.cuda.device_count()} CUDA GPUs are visible (cuda:0 to "
+                            f"cuda:{torch.cuda.device_count() - 1})")
+        # the current GPU: Triton launches and CUDA graph captures go to the current GPU, not the tensors' own
+        torch.cuda.set_device(device)
     return device
 
 
