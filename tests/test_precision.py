@@ -18,6 +18,28 @@ def test_auto_is_fp32_on_cpu_whatever_the_size():
     assert choose_precision("auto", "cpu", 1000, 2 * GIB).name == "fp32"
 
 
+def test_auto_with_cpu_offload_keeps_float32_state_in_host_memory(smoke_cfg, monkeypatch):
+    """train.offload puts weights, gradients and AdamW state in host memory: the device's size does not bound them,
+    and auto picked bf16 weights with bf16 moments for a 7B model on an H100, the run offload is meant for."""
+    seven_b = choose_precision("auto", "cuda", 7_600_000_000, 80 * GIB, offload=True)
+    assert (seven_b.name, seven_b.moments) == ("mixed", "fp32")
+    assert seven_b.line() == ("train.precision auto -> mixed (train.offload: float32 weights, gradients and AdamW state "
+                              "in host memory, bf16 compute on the device; set train.precision=bf16 for bf16 weights)")
+    assert choose_precision("auto", "cuda", 7_600_000_000, 80 * GIB).name == "bf16"  # not offloaded
+    seen = {}  # the trainer hands its setting over
+    real = runtime.choose_precision
+
+    def spy(*args, **kwargs):
+        seen["offload"] = args[6] if len(args) > 6 else kwargs.get("offload")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "choose_precision", spy)
+    from ponder.rl.trainer import GRPOTrainer
+
+    GRPOTrainer(smoke_cfg("name=offloaded", "train.sharding=fsdp", "train.offload=true"))
+    assert seen == {"offload": True}
+
+
 def test_auto_on_cuda_keeps_float32_masters_for_what_fits_and_bf16_for_7b():
     # 1.5B: 1.5e9 x 16 bytes = 22.35 GiB, within 70% of 140 GiB (98 GiB)
     small = choose_precision("auto", "cuda", 1_500_000_000, H200)

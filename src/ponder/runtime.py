@@ -107,15 +107,19 @@ def _count(n: int) -> str:
 
 
 def choose_precision(requested: str, device_type: str, n_params: int = 0, device_memory: int | None = None,
-                     frozen: bool = False, shards: int = 1) -> Precision:
+                     frozen: bool = False, shards: int = 1, offload: bool = False) -> Precision:
     """`train.precision` for a model of `n_params` parameters on a device of `device_memory` bytes. auto: fp32
     on CPU; elsewhere mixed when float32 weights, gradients and AdamW state (`frozen`, LoRA: the float32 base
     weights alone; the adapters are a rounding error) fit in (1 - HEADROOM) of the device memory, else bf16.
-    `shards`: the ranks FSDP2 spreads that state over (train.sharding), each holding its share."""
+    `shards`: the ranks FSDP2 spreads that state over (train.sharding), each holding its share. `offload`
+    (train.offload): that state lives in host memory, which is what offload is for: mixed."""
     if requested != "auto":
         return Precision(requested)
     if device_type == "cpu" or device_memory is None:  # no device memory to plan by
         return Precision("fp32", f"on {device_type}: float32 weights and compute")
+    if offload:
+        return Precision("mixed", "train.offload: float32 weights, gradients and AdamW state in host memory, bf16 "
+                                  "compute on the device; set train.precision=bf16 for bf16 weights")
     what = "float32 base weights" if frozen else "float32 weights, gradients and AdamW state"
     need = n_params * (FROZEN_BYTES if frozen else MIXED_BYTES) / shards
     room = (1 - HEADROOM) * device_memory
@@ -148,8 +152,9 @@ class PrecisionChooser:
     is KahanAdamW's, which AdamW over float32 weights cannot take up."""
 
     def __init__(self, requested: str, device: torch.device, frozen: bool = False, announce: bool = True, resumed=None,
-                 shards: int = 1):
+                 shards: int = 1, offload: bool = False):
         self.requested, self.device, self.frozen, self.announce, self.shards = requested, device, frozen, announce, shards
+        self.offload = offload
         self.resumed = resumed
         self.chosen: Precision | None = None
         # bf16 asked for: loaded as bf16 (half the host memory); otherwise float32, which a cast loses nothing from
@@ -164,7 +169,7 @@ class PrecisionChooser:
             self.chosen = Precision("bf16", "as the run being resumed: its checkpoint holds bf16 weights", moments)
         else:
             self.chosen = choose_precision(self.requested, self.device.type, n, device_memory(self.device), self.frozen,
-                                           self.shards)
+                                           self.shards, self.offload)
         if self.announce and self.requested == "auto" and self.device.type != "cpu":
             print(f"ponder: {self.chosen.line()}", file=sys.stderr)
         return self.chosen.dtype

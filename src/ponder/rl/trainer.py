@@ -83,7 +83,8 @@ class GRPOTrainer:
         self.sharding = sharding.resolve(cfg.train.sharding, self.world)
         # sharded, each rank holds its share of the weights, gradients and optimizer state: auto counts that share
         shards = self.world if self.sharding != "none" else 1
-        chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, self.rank == 0, last, shards)
+        chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, self.rank == 0, last, shards,
+                                   offload=cfg.train.offload)
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser,
                                                            narrow_frozen=self.sharding == "none")
         self.precision = chooser.chosen
