@@ -101,6 +101,28 @@ def test_auto_budget_is_printed_and_no_micro_batch_exceeds_it(smoke_cfg, monkeyp
     assert t.token_budget() == printed  # planned once
 
 
+def test_budget_is_planned_again_when_the_engines_cache_has_grown(smoke_cfg, monkeypatch, capsys):
+    """The KV pool doubles as answers grow, into memory the first plan counted free for the update's micro-batches:
+    planned once, a later update would run out of memory. The plan is made again after the cache grows, not else."""
+    per_token, free = 64 * 2**10, {"bytes": 600 * 2**20}
+    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
+    probes = []
+    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: probes.append(1) or per_token * stream_tokens(batch))
+    monkeypatch.setattr(memory_plan, "free_bytes", lambda device: free["bytes"])
+    monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
+    t = GRPOTrainer(smoke_cfg("name=regrow", "rollout.max_new_tokens=16", "train.steps=3"))
+    cache = {"bytes": 10 * 2**20}
+    monkeypatch.setattr(t.engine, "cache_bytes", lambda: cache["bytes"])
+    t.step()
+    first = t.token_budget()
+    cache["bytes"], free["bytes"] = 300 * 2**20, 310 * 2**20  # the pool took 290 MiB of what was free
+    t.step()
+    second = t.token_budget()
+    t.step()
+    budgets = [int(b.replace(",", "")) for b in re.findall(r"optim.token_budget: ([\d,]+) tokens", capsys.readouterr().err)]
+    assert budgets == [first, second] and second < first and len(probes) == 4  # two plans, each two probes
+
+
 @pytest.mark.parametrize("first", ["algorithm.beta=0.04", "algorithm.mu=2"])
 def test_the_plans_probe_runs_a_backward_when_the_first_pass_scores_without_gradients(smoke_cfg, monkeypatch, first):
     """The budget is planned at the first micro-batch; with beta > 0 (reference log-probs) or mu > 1 (old log-probs)

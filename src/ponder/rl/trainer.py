@@ -101,7 +101,7 @@ class GRPOTrainer:
         # id(example) -> (prompt ids, whether its text left a think block open: R1-Distill's chat template)
         self._prompts: dict[int, tuple[list[int], bool]] = {}
         self._past_context = False  # told once that prompt + rollout.max_new_tokens exceed the model's positions
-        self.step_no, self.nan_streak, self._budget = 0, 0, None
+        self.step_no, self.nan_streak, self._budget, self._planned_cache = 0, 0, None, 0
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         self.guardrails = Guardrails(cfg.guardrails, announce=self.rank == 0)
         self._asks_reasoning = "<think>" in TEMPLATES.get(cfg.data.template, cfg.data.template)
@@ -227,9 +227,13 @@ class GRPOTrainer:
 
     def token_budget(self) -> int:
         """optim.token_budget, or (unset) the plan from free device memory, made at the first update (the
-        engine's cache exists by then) and the same on every rank (bnpo's normaliser depends on it)."""
-        if self._budget is None:
+        engine's cache exists by then) and the same on every rank (bnpo's normaliser depends on it). Made again
+        when the engine's cache has grown since (longer answers): the pool takes memory the plan counted free,
+        and the planned micro-batches would no longer fit."""
+        grown = distributed.max_all(float(self.engine.cache_bytes() > self._planned_cache))
+        if self._budget is None or (self.cfg.optim.token_budget is None and grown):
             self._budget = self.cfg.optim.token_budget
+            self._planned_cache = self.engine.cache_bytes()
             if self._budget is None:
                 longest = max((len(ids) for ids, _ in self._prompts.values()), default=0) + self.cfg.rollout.max_new_tokens
                 p = memory_plan.plan(self.policy_pass, self.model, self.optimizer, self.device,

@@ -53,6 +53,10 @@ class RolloutEngine(ABC):
         tensor that a caller may overwrite until then (the trainer's policy pass does); None if none."""
         return None
 
+    def cache_bytes(self) -> int:
+        """Device memory the engine's cache holds now (it may grow between calls; the trainer plans again then)."""
+        return 0
+
 
 ENGINES: dict[str, type[RolloutEngine]] = {}
 

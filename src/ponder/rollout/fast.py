@@ -210,6 +210,9 @@ class FastEngine(RolloutEngine):
         self.lent = True
         return self.fwd.kv.view(-1).view(torch.uint8)
 
+    def cache_bytes(self) -> int:
+        return 0 if self.fwd is None else self.fwd.kv.numel() * self.fwd.kv.element_size()
+
     def release(self) -> None:
         """Free the cache and the captured graphs (they come back on the next call)."""
         self.fwd, self.graphs, self.pool = None, {}, None
