@@ -95,7 +95,7 @@ def test_a_kl_spike_rolls_back_to_the_last_checkpoint_and_the_run_goes_on(smoke_
 
 
 def test_a_clip_spike_can_stop_the_run_naming_the_figure_and_threshold(smoke_cfg):
-    t = GRPOTrainer(smoke_cfg("name=clip", *SMALL, "guardrails.window=10", "optim.lr=1e-3", "algorithm.mu=2",
+    t = GRPOTrainer(smoke_cfg("name=clip", *SMALL, "guardrails.window=4", "optim.lr=1e-3", "algorithm.mu=2",
                               "rewards={test_char_hash: 1.0}", "guardrails.clip_spike.action=stop"))
 
     def blow_up(t):
@@ -110,7 +110,8 @@ def test_a_clip_spike_can_stop_the_run_naming_the_figure_and_threshold(smoke_cfg
     assert _fired(rows) == [(5, "clip_spike")]
     assert t.guardrails.stop_reason == (
         f"guardrail clip_spike at step 5: clip_low_frac + clip_high_frac {clip[4]:.4g} > 0.05 (5 x its recent median "
-        f"{median:.4g}, at least 0.05); no checkpoint was written before it; start again with a lower optim.lr")
+        f"{median:.4g}, at least 0.05); no checkpoint was written before it; start again, e.g. with a lower optim.lr or "
+        "fewer passes (algorithm.mu)")
 
 
 def test_a_reward_for_length_alone_runs_away_to_the_limit(smoke_cfg):
@@ -209,6 +210,28 @@ def test_answers_under_a_template_without_a_think_block_are_not_unreasoned(smoke
     assert [r["unreasoned_frac"] for r in _steps(t, 2)] == [0, 0]
 
 
+def test_answers_under_a_chat_template_that_opens_think_are_judged(smoke_cfg, tmp_path):
+    """R1-Distill's chat template opens the think block in the prompt; the trainer judged unreasoned answers only by
+    the template's name, so under data.template=chat the guardrail could never fire."""
+    from ponder import models
+
+    model, tok = models.load("tiny-base")
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|><think>\n"
+    models.save(model, tok, tmp_path / "distill-like")
+    t = GRPOTrainer(smoke_cfg("name=chat", *SMALL, f"model.path={tmp_path / 'distill-like'}", "data.template=chat",
+                              "rollout.max_new_tokens=8"))
+    collect = t.collect
+
+    def guesses():
+        kept, everything, timing = collect()
+        for g in everything:
+            g.texts, g.per_fn["accuracy"] = ["</think> <answer>7</answer>"] * len(g.texts), [1.0] * len(g.texts)
+        return kept, everything, timing
+
+    t.collect = guesses
+    assert [r["unreasoned_frac"] for r in _steps(t, 2)] == [1, 1]
+
+
 def test_firings_with_an_example_become_samples_rows():
     from ponder.rl.guardrails import example_rows
 
@@ -293,3 +316,94 @@ def test_the_report_lists_firings_and_marks_them_on_every_curve(tmp_path):
     assert [a for a, _ in images[True]] == [a for a, _ in images[False]] == ["reward (total and per reward function)",
                                                                              "entropy (nats per token)"]
     assert all(a != b for (_, a), (_, b) in zip(images[True], images[False]))  # each curve carries the mark
+
+
+class _Trainer:
+    """What Guardrails.check reads and writes of a trainer, without one: a step counter, a rate, no checkpoints."""
+
+    def __init__(self, tmp_path, lr=0.01):
+        from types import SimpleNamespace
+
+        self.step_no, self.last_groups, self.nan_streak, self.ckpt_dir = 0, [], 0, tmp_path / "none"
+        self.optimizer = SimpleNamespace(param_groups=[{"lr": lr}])
+        self.scheduler = SimpleNamespace(base_lrs=[lr])
+
+
+def _feed(guard, trainer, rows):
+    out = []
+    for m in rows:
+        trainer.step_no += 1
+        out.append(guard.check(trainer, m))
+    return out
+
+
+def test_a_kl_that_climbs_from_zero_to_its_level_is_no_spike(tmp_path, capsys):
+    """A KL term's first step is 0 (the policy is its reference) and it climbs for a few steps: the median of five
+    such steps made the run's normal level a 10x spike, and every short demo run with beta > 0 halved its rate at
+    step 6. The spike detectors wait for a full window."""
+    from ponder.config import GuardrailsConfig
+    from ponder.rl.guardrails import Guardrails
+
+    kl = [0.0, 1e-4, 3e-4, 5e-4, 6e-4] + [0.015, 0.012, 0.017, 0.009, 0.014, 0.011, 0.016]
+    t = _Trainer(tmp_path)
+    rows = _feed(Guardrails(GuardrailsConfig()), t, [{"kl": v} for v in kl])
+    assert _fired(rows) == [] and t.optimizer.param_groups[0]["lr"] == 0.01 and capsys.readouterr().err == ""
+    t = _Trainer(tmp_path)  # a real spike past a full window still fires
+    rows = _feed(Guardrails(GuardrailsConfig()), t, [{"kl": v} for v in kl[5:] + [0.013] * 5 + [0.5]])
+    assert _fired(rows) == [(13, "kl_spike")]
+
+
+def test_lower_lr_and_rollback_at_one_step_lower_the_rate_once(tmp_path, capsys):
+    from ponder.config import build, GuardrailsConfig
+    from ponder.rl.guardrails import Guardrails
+
+    cfg = build(GuardrailsConfig, {"baseline_steps": 3, "window": 3, "entropy_collapse": {"action": "lower_lr"}})
+    t = _Trainer(tmp_path)
+    rows = _feed(Guardrails(cfg), t, [{"entropy": 1.0, "kl": 0.01}] * 3 + [{"entropy": 0.01, "kl": 5.0}])
+    assert _fired(rows) == [(4, "entropy_collapse"), (4, "kl_spike")]
+    assert t.optimizer.param_groups[0]["lr"] == 0.005 and t.scheduler.base_lrs == [0.005]
+    assert _event(rows, "kl_spike")["done"] == ("no checkpoint yet to restore (rollback 1 of at most 3); "
+                                                 "lr lowered already at this step")
+
+
+def test_rollbacks_without_a_checkpoint_count_toward_the_limit(tmp_path):
+    """With train.save_every=0 no rollback restores anything: each only halved the rate, without end."""
+    from ponder.config import build, GuardrailsConfig
+    from ponder.rl.guardrails import Guardrails
+
+    cfg = build(GuardrailsConfig, {"baseline_steps": 3, "window": 3, "max_rollbacks": 2})
+    g, t = Guardrails(cfg), _Trainer(tmp_path)
+    calm, spike = {"kl": 0.01}, {"kl": 5.0}
+    _feed(g, t, [calm] * 3 + [spike] + [calm] * 3 + [spike] + [calm] * 3)
+    assert g.rollbacks == 2 and g.stop_reason is None
+    _feed(g, t, [spike])
+    assert g.stop_reason.startswith("guardrail kl_spike at step 12: ") and "2 rollbacks already" in g.stop_reason
+
+
+def test_after_a_rollback_a_share_is_not_judged_on_one_step(tmp_path):
+    """A rollback forgets the recent figures (they describe weights that are gone); the share guardrails then read
+    one step as "the mean of the last 1 steps" and fired on a single noisy batch."""
+    from ponder.config import GuardrailsConfig
+    from ponder.rl.guardrails import History, length_runaway, StepView
+
+    h = History(5, 10)
+    for _ in range(5):
+        h.add({"truncated_frac": 0.1})
+    h.forget_recent()
+    view = StepView({"truncated_frac": 0.55}, [], 0)
+    assert length_runaway(GuardrailsConfig().length_runaway, h, view) is None
+    for _ in range(4):
+        h.add({"truncated_frac": 0.55})
+    assert length_runaway(GuardrailsConfig().length_runaway, h, view).describe() == (
+        "truncated_frac 0.55 > 0.5 (mean of the last 5 steps; the larger of 0.5 and 2 x its early median 0.1)")
+
+
+def test_a_warning_says_what_to_try(tmp_path, capsys):
+    from ponder.config import GuardrailsConfig
+    from ponder.rl.guardrails import Guardrails
+
+    _feed(Guardrails(GuardrailsConfig()), _Trainer(tmp_path), [{"entropy": 1.0}] * 5 + [{"entropy": 0.01}])
+    assert capsys.readouterr().err == (
+        "ponder: guardrail entropy_collapse at step 6: entropy 0.01 < 0.1 (0.1 x its early median 1); warning only "
+        "(guardrails.entropy_collapse.action=warn); if it persists, try a higher algorithm.eps_high (clip-higher), a "
+        "higher rollout.temperature or a lower optim.lr\n")

@@ -167,7 +167,8 @@ def test_nan_losses_stop_the_run_and_keep_the_last_checkpoint(capsys, tmp_path):
     ckpt = tmp_path / "nan" / "checkpoints" / "step-2"
     assert err[0] == ("ponder: training stopped: guardrail non_finite at step 5: non-finite losses in a row 3 >= 3 "
                       "(guardrails.non_finite.max_nan_steps; those updates were skipped); the last good checkpoint is "
-                      f"{ckpt} (continue it with --resume, e.g. with a lower optim.lr and --allow-changes)")
+                      f"{ckpt} (continue it with --resume and --allow-changes, e.g. with a lower optim.lr, and rewards that "
+                      "are finite numbers)")
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-2"]
     rows = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 1, 1]  # the stopping step is logged, not saved

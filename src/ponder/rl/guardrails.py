@@ -90,12 +90,18 @@ class History:
         return statistics.median(early) if len(early) >= self.baseline_steps else None
 
     def recent_median(self, key: str) -> float | None:
+        """The median of the last `window` values, once there are that many. Fewer would be the run's first steps
+        (a KL that starts at 0 and climbs to its level: 10x the median of five such steps is the run's normal
+        level, and every short demo run with a KL term fired) or the few steps since a rollback."""
         recent = self.recent.get(key, ())
-        return statistics.median(recent) if len(recent) >= min(self.window, self.baseline_steps) else None
+        return statistics.median(recent) if len(recent) >= self.window else None
 
-    def window_mean(self, key: str, now: float) -> tuple[float, int]:
-        """The mean over the last `window` steps, this one (not yet added) included, and how many steps that is."""
+    def window_mean(self, key: str, now: float) -> tuple[float | None, int]:
+        """The mean over the last `window` steps, this one (not yet added) included, and how many steps that is;
+        None while there are fewer than min(window, baseline_steps) (after a rollback one step was judged alone)."""
         values = [*self.recent.get(key, ()), now][-self.window:]
+        if len(values) < min(self.window, self.baseline_steps):
+            return None, len(values)
         return sum(values) / len(values), len(values)
 
     def forget_recent(self) -> None:
@@ -140,7 +146,7 @@ def _share_above(g, h: History, key: str, v):
         return None
     threshold = max(g.share, g.factor * base)
     mean, n = h.window_mean(key, v)
-    if mean > threshold:
+    if mean is not None and mean > threshold:
         return Finding(key, mean, ">", threshold,
                        f"mean of the last {n} steps; the larger of {g.share:g} and {g.factor:g} x its early median {base:.3g}")
 
@@ -175,14 +181,14 @@ def reward_hacking(g, h: History, s: StepView):
     if acc_base is None or not _finite(acc):
         return None
     acc_mean, n = h.window_mean("accuracy", acc)
-    if acc_mean > g.accuracy_ratio * acc_base:
+    if acc_mean is None or acc_mean > g.accuracy_ratio * acc_base:
         return None
     for key in sorted(k for k in s.figures if k.startswith("reward/") and k != "reward/accuracy"):
         base, v = h.baseline(key), s.figures[key]
         if base is None or not _finite(v):
             continue
         mean, _ = h.window_mean(key, v)
-        if mean >= base + g.rise:
+        if mean is not None and mean >= base + g.rise:
             name = key.split("/", 1)[1]
             why = (f"its early median {base:.3g} + {g.rise:g}, mean of the last {n} steps, while accuracy's mean "
                    f"{acc_mean:.3g} <= {g.accuracy_ratio:g} x its early median {acc_base:.3g}")
@@ -196,6 +202,18 @@ def non_finite(g, h: History, s: StepView):
         return Finding("non-finite losses in a row", s.nan_streak, ">=", g.max_nan_steps,
                        "guardrails.non_finite.max_nan_steps; those updates were skipped")
 
+
+# what to change when a guardrail keeps firing, for its warning and stop lines
+FIXES = {
+    "entropy_collapse": "a higher algorithm.eps_high (clip-higher), a higher rollout.temperature or a lower optim.lr",
+    "kl_spike": "a lower optim.lr or a higher algorithm.beta",
+    "clip_spike": "a lower optim.lr or fewer passes (algorithm.mu)",
+    "length_runaway": "a higher rollout.max_new_tokens, or the overlong reward (rewards.overlong)",
+    "reward_hacking": "a fix of the named reward's rule or a lower weight for it under rewards",
+    "repetition": "the overlong reward (rewards.overlong), a lower optim.lr, or algorithm.mask_truncated",
+    "empty_reasoning": "a longer or harder task mix, or a lower weight for the accuracy reward beside format",
+    "non_finite": "a lower optim.lr, and rewards that are finite numbers",
+}
 
 DETECTORS = {"entropy_collapse": entropy_collapse, "kl_spike": kl_spike, "clip_spike": clip_spike,
              "length_runaway": length_runaway, "reward_hacking": reward_hacking, "repetition": repetition,
@@ -211,7 +229,7 @@ def example_rows(m: dict) -> list[dict]:
 # ---------------------------------------------------------------- the per-step check and its actions
 class Guardrails:
     def __init__(self, cfg: GuardrailsConfig, announce: bool = True):
-        assert set(cfg.guards()) == set(DETECTORS), "each guardrail in the config has a detector"
+        assert set(cfg.guards()) == set(DETECTORS) == set(FIXES), "each guardrail in the config has a detector and a fix"
         self.cfg, self.announce = cfg, announce
         self.history = History(cfg.baseline_steps, cfg.window)
         self.active: set[str] = set()  # conditions that held at the last step: they fire again only once cleared
@@ -250,18 +268,22 @@ class Guardrails:
         if action == "warn":
             done = "warned"
             if name not in self.warned:
-                self._say(f"{head}; warning only (guardrails.{name}.action=warn)")
+                self._say(f"{head}; warning only (guardrails.{name}.action=warn); if it persists, try {FIXES[name]}")
             self.warned.add(name)
         elif action in ("lower_lr", "rollback") and self._done_now & {action, "rollback"}:
             done = f"{'rolled back' if 'rollback' in self._done_now else 'lr lowered'} already at this step"
         elif action in ("lower_lr", "rollback"):
-            done = _scale_lr(trainer, self.cfg.lr_factor) if action == "lower_lr" else self._rollback(trainer)
+            if action == "lower_lr":
+                done = _scale_lr(trainer, self.cfg.lr_factor)
+            else:  # after a lower_lr of this step, the weights only: the rate is lowered once a step
+                done = self._rollback(trainer, lower="lower_lr" not in self._done_now)
             self._done_now.add(action)
             self._say(f"{head}; {done}")
         else:
             last = checkpoint.latest(trainer.ckpt_dir)
-            where = (f"the last good checkpoint is {last} (continue it with --resume, e.g. with a lower optim.lr and "
-                     "--allow-changes)" if last else "no checkpoint was written before it; start again with a lower optim.lr")
+            fix = FIXES[name]
+            where = (f"the last good checkpoint is {last} (continue it with --resume and --allow-changes, e.g. with {fix})"
+                     if last else f"no checkpoint was written before it; start again, e.g. with {fix}")
             done = "stopped"
             self.stop_reason = f"{head}; {where}"
         if name == "non_finite" and action != "stop":
@@ -272,14 +294,15 @@ class Guardrails:
             event["example"] = found.example[:EXAMPLE_CHARS]
         return event
 
-    def _rollback(self, trainer) -> str:
+    def _rollback(self, trainer, lower: bool = True) -> str:
         distributed.barrier()  # rank 0 may still be writing the checkpoint
         last = checkpoint.latest(trainer.ckpt_dir)
+        self.rollbacks += 1  # with no checkpoint too: else a run without saves lowered its rate without end
+        rate = _scale_lr(trainer, self.cfg.lr_factor) if lower else "lr lowered already at this step"
         if last is None:
-            return f"no checkpoint yet to restore; {_scale_lr(trainer, self.cfg.lr_factor)}"
+            return f"no checkpoint yet to restore (rollback {self.rollbacks} of at most {self.cfg.max_rollbacks}); {rate}"
         restore(trainer, last)
-        self.rollbacks += 1
-        return f"restored {last.name} (rollback {self.rollbacks} of at most {self.cfg.max_rollbacks}); {_scale_lr(trainer, self.cfg.lr_factor)}"
+        return f"restored {last.name} (rollback {self.rollbacks} of at most {self.cfg.max_rollbacks}); {rate}"
 
     def _say(self, line: str) -> None:
         if self.announce:

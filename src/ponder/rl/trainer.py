@@ -347,8 +347,10 @@ class GRPOTrainer:
             "reflection_rate": reflection_rate(texts, self.cfg.train.reflection_words),
             "mixing_rate": mixing_rate(texts),  # chains with English and Chinese words (R1-Zero's language mixing)
             "repeated_line_frac": mean([float(repeats_a_line(t, self.cfg.guardrails.repetition.min_repeats)) for t in texts]),
-            # only where the template asks for a think block (a plain prompt's answers have none to leave empty)
-            "unreasoned_frac": mean([float(self._asks_reasoning and paid_without_work(g, j, self.cfg.guardrails.empty_reasoning.min_chars))
+            # only where the template asks for a think block, or the prompt opened one (a chat template such as
+            # R1-Distill's); a plain prompt's answers have none to leave empty
+            "unreasoned_frac": mean([float((self._asks_reasoning or self._prompts[id(g.example)][1])
+                                           and paid_without_work(g, j, self.cfg.guardrails.empty_reasoning.min_chars))
                                      for g in groups for j in range(len(g.texts))]),
             "zero_var_groups_frac": mean([float(len(set(g.rewards)) == 1) for g in groups]),
             "groups_generated": len(groups),
