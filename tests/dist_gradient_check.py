@@ -154,7 +154,7 @@ def make_trainer(out_path, rank, spec):
     if mode != "none":
         return GRPOTrainer(cfg)
     setup, active = distributed.setup, distributed.active  # one process on its own, inside the torchrun job
-    distributed.setup, distributed.active = (lambda: (0, 1)), (lambda: False)
+    distributed.setup, distributed.active = (lambda *_: (0, 1)), (lambda: False)
     try:
         return GRPOTrainer(cfg)
     finally:

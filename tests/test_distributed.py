@@ -280,3 +280,44 @@ def test_two_nodes_of_one_process_each_train_like_one_process(tmp_path):
     r = results["fsdp:grpo/empty_rank"]
     assert r["updates"] == [1, 1] and r["grad"] < GRAD_TOL and 0 < r["moved"] and r["weights"] < WEIGHT_TOL, r
     assert all(x["same_rollouts"] and x["copy_diff"] == 0 for x in results["rollouts"]["fsdp"])
+
+
+def test_logged_figures_of_several_ranks_are_the_whole_batchs(monkeypatch):
+    """Each rank's loss is its share of the batch's (normalisers count every rank): averaged, two ranks logged half
+    the loss one process logs for the same batch. A skipped update is one decision of all ranks: summed, two ranks
+    logged 2 skips a step. Each rank decodes its own prompts at once: throughput adds up."""
+    import torch.distributed as dist
+
+    from ponder import distributed
+
+    ranks = [{"loss": -0.03, "skipped_updates": 1.0, "tokens_per_s": 100.0, "entropy": 0.5, "completion_len/max": 7},
+             {"loss": -0.01, "skipped_updates": 1.0, "tokens_per_s": 120.0, "entropy": 0.7, "completion_len/max": 9}]
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), ranks))
+    got = distributed.mean_metrics(ranks[0])
+    assert got == pytest.approx({"loss": -0.04, "skipped_updates": 1.0, "tokens_per_s": 220.0, "entropy": 0.6,
+                                 "completion_len/max": 9})
+
+
+def test_cpu_offload_on_one_process_shards_with_fsdp(smoke_cfg):
+    """FSDP2's CPU offload is what offloads: with train.sharding auto on one process, train.offload=true resolved to
+    no sharding and was ignored without a word."""
+    from ponder import sharding
+    from ponder.errors import UserError
+
+    assert sharding.resolve("auto", 1, offload=True) == "fsdp" and sharding.resolve("auto", 1) == "none"
+    assert sharding.resolve("fsdp_noreshard", 2, offload=True) == "fsdp_noreshard"
+    with pytest.raises(UserError, match=r"^train.offload=true needs FSDP2 \(train.sharding fsdp or auto\), not "
+                                        r"train.sharding=none$"):
+        sharding.resolve("none", 1, offload=True)
+
+
+def test_other_commands_than_train_refuse_torchrun(monkeypatch, error_line, tmp_path):
+    """Under torchrun every rank of `ponder distill` sampled into one file, and `ponder pretrain` trained twice into
+    one directory."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert error_line("eval", "--model", "tiny-random", "--tasks", "arithmetic", "--out", str(tmp_path / "e")) == (
+        "ponder: error: ponder eval runs one process, and torchrun started 2; start it without torchrun (`ponder "
+        "train` is the command that runs on several)")
+    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,6 @@
 """Kill-and-resume gives the same metrics as an uninterrupted run; user mistakes give one clear line."""
 
+import datetime
 import json
 import os
 import signal
@@ -342,8 +343,22 @@ def test_each_rank_takes_its_gpu_also_where_it_sees_only_its_own(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: chosen.append(backend))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: chosen.append((backend, timeout)))
     monkeypatch.setattr(dist, "get_rank", lambda: 3)
     monkeypatch.setattr(dist, "get_world_size", lambda: 4)
-    assert distributed.setup() == (3, 4)
-    assert chosen == [0, "nccl"]
+    assert distributed.setup(90) == (3, 4)
+    assert chosen == [0, ("nccl", datetime.timedelta(minutes=90))]  # rank 0 may evaluate alone for long
+
+
+def test_a_save_that_a_kill_interrupted_leaves_nothing_behind_at_the_next_start(smoke_cfg):
+    """A save writes a whole checkpoint into .tmp-step-N-PID and renames it; killed before the rename, the directory
+    stayed for ever (a new run's pid never matches the old name)."""
+    from ponder.rl.trainer import GRPOTrainer
+
+    cfg = smoke_cfg("name=stale")
+    left = cfg.run_dir / "checkpoints" / ".tmp-step-8-4105"
+    (left / "model").mkdir(parents=True)
+    kept = cfg.run_dir / "checkpoints" / "notes.txt"
+    kept.write_text("mine")
+    GRPOTrainer(cfg)
+    assert not left.exists() and kept.read_text() == "mine"

@@ -103,6 +103,13 @@ def load_model_and_optimizer(trainer, state: dict, path: Path) -> None:
         trainer.optimizer.load_state_dict(state["optimizer"])
 
 
+def remove_unfinished(directory: Path) -> None:
+    """The temporary directories of saves that a kill interrupted (each a whole checkpoint, named by the step and
+    the pid of a process that is gone): called once at the start of a run, by rank 0."""
+    for tmp in directory.glob(".tmp-step-*") if directory.is_dir() else ():
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".tmp-step-{step}-{os.getpid()}"

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     clean = False
     try:
+        if distributed.launched() > 1 and args.command not in ("train", "sft"):  # sft says so itself, naming train
+            raise UserError(f"ponder {args.command} runs one process, and torchrun started {distributed.launched()}; "
+                            "start it without torchrun (`ponder train` is the command that runs on several)")
         args.func(args)
         clean = True
     except UserError as e:

@@ -132,8 +132,11 @@ class TrainConfig:
     sharding: Literal["auto", "none", "fsdp", "fsdp_noreshard"] = "auto"
     # with sharding: the sharded weights, gradients and optimizer state in CPU memory (FSDP2's
     # CPUOffloadPolicy; the optimizer steps on the CPU); with fsdp on one process, how one GPU trains a model
-    # whose optimizer state does not fit it
+    # whose optimizer state does not fit it (auto sharding is fsdp then)
     offload: bool = False
+    # minutes a rank waits in one collective before the run ends in an error: rank 0 evaluates alone (before,
+    # every eval.every steps and after training) while the others wait (torch's defaults: 10 with NCCL, 30 with gloo)
+    collective_timeout: float = 180.0
     # a sample whose advantage is exactly 0 (its group's rewards all equal) adds nothing to the loss or its gradient
     # when beta is 0 and the loss normalisers already counted it (every loss_agg but bnpo): no backward pass for it,
     # only a forward without gradient for its entropy. The gradient is the same up to float rounding
@@ -547,6 +550,7 @@ def validate(cfg) -> None:
     need(t.keep_last >= 0, "train.keep_last", t.keep_last, "0 (keep every checkpoint) or more")
     need(t.log_samples >= 0, "train.log_samples", t.log_samples, "0 or more")
     need(t.threads >= 0, "train.threads", t.threads, "0 (torch's default) or more")
+    need(t.collective_timeout > 0, "train.collective_timeout", t.collective_timeout, "minutes, more than 0")
     e = cfg.eval
     need(e.every >= 0, "eval.every", e.every, "0 (at the end only) or more")
     check_sampling("eval.", e.temperature, e.top_p, e.max_new_tokens, e.k)

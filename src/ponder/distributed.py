@@ -16,6 +16,7 @@ those that do not; ponder.sharding says why there is no separate DDP path.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 
@@ -28,8 +29,9 @@ def launched() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup() -> tuple[int, int]:
-    """(rank, world size); joins the process group that torchrun describes in the environment."""
+def setup(timeout_minutes: float = 180.0) -> tuple[int, int]:
+    """(rank, world size); joins the process group that torchrun describes in the environment. A rank waits at
+    most `timeout_minutes` in one collective (rank 0 evaluates alone while the others wait)."""
     if launched() == 1:
         return 0, 1
     if not dist.is_initialized():
@@ -37,7 +39,7 @@ def setup() -> tuple[int, int]:
         if torch.cuda.is_available():
             # a launcher that shows each rank its own GPU alone (CUDA_VISIBLE_DEVICES) still numbers LOCAL_RANK 0..N-1
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -111,8 +113,12 @@ def mean_metrics(metrics: dict) -> dict:
             out[key] = value
         elif key.endswith("/max") or key.startswith("time/"):
             out[key] = max(values)
-        elif key in ("groups_generated", "skipped_updates"):
+        elif key in ("groups_generated", "loss", "tokens_per_s"):
+            # each rank's loss is its share of the batch's (normalised by counts over every rank); each rank
+            # decodes its own prompts at once: summed, as one process on the whole batch would log them
             out[key] = sum(values)
+        elif key == "skipped_updates":  # skipping is decided by all ranks together: one skip, not one a rank
+            out[key] = max(values)
         else:
             out[key] = sum(values) / len(values)
     return out

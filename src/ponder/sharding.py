@@ -43,8 +43,13 @@ from ponder.errors import UserError
 MODES = ("none", "fsdp", "fsdp_noreshard")
 
 
-def resolve(setting: str, world: int) -> str:
-    """`train.sharding` for this run: auto is none on one process, fsdp_noreshard on several."""
+def resolve(setting: str, world: int, offload: bool = False) -> str:
+    """`train.sharding` for this run: auto is none on one process, fsdp_noreshard on several, and fsdp with
+    train.offload (FSDP2's CPU offload is what offloads; unsharded, offload=true was ignored)."""
+    if offload and setting in ("auto", "none"):
+        if setting == "none":
+            raise UserError("train.offload=true needs FSDP2 (train.sharding fsdp or auto), not train.sharding=none")
+        return "fsdp"
     if setting == "auto":
         return "none" if world == 1 else "fsdp_noreshard"
     if setting == "none" and world > 1:

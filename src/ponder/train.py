@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ponder import distributed
 from ponder.config import RunConfig, load_config
 from ponder.resume import add_arguments as add_resume_arguments
 
@@ -94,6 +95,7 @@ def _stop(trainer, main: bool):
     trainer.metrics.close()
     if main:
         write_report(trainer.run_dir)
+    distributed.barrier()  # the other ranks wait: one that exits first has torchrun end rank 0 mid-report
     raise TrainingError(trainer.guardrails.stop_reason)
 
 

@@ -62,7 +62,7 @@ class GRPOTrainer:
         last = checkpoint.resume_point(self.run_dir, resume)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.rank, self.world = distributed.setup()
+        self.rank, self.world = distributed.setup(cfg.train.collective_timeout)
         if cfg.rollout.prompts_per_step % self.world:
             raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the {self.world} processes")
         set_seed(cfg.seed)  # the same on every rank: identical initial weights
@@ -80,7 +80,7 @@ class GRPOTrainer:
         self.rewards.check(self.examples[0])
         self.sampler = PromptSampler(self.examples, cfg.seed)
 
-        self.sharding = sharding.resolve(cfg.train.sharding, self.world)
+        self.sharding = sharding.resolve(cfg.train.sharding, self.world, cfg.train.offload)
         # sharded, each rank holds its share of the weights, gradients and optimizer state: auto counts that share
         shards = self.world if self.sharding != "none" else 1
         chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, self.rank == 0, last, shards,
@@ -111,6 +111,7 @@ class GRPOTrainer:
         self.sync_rollout_weights()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_unfinished(self.ckpt_dir)
             (self.run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0, enabled=self.rank == 0,
                                      log_to=cfg.train.log_to, config=to_dict(cfg))

@@ -57,6 +57,7 @@ class SFTTrainer:
         if self.state is not None:
             checkpoint.restore_training(self, self.state, last)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_unfinished(self.ckpt_dir)
         (self.run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0,
                                      log_to=cfg.train.log_to, config=to_dict(cfg))
