@@ -298,6 +298,9 @@ def test_logged_figures_of_several_ranks_are_the_whole_batchs(monkeypatch):
     got = distributed.mean_metrics(ranks[0])
     assert got == pytest.approx({"loss": -0.04, "skipped_updates": 1.0, "tokens_per_s": 220.0, "entropy": 0.6,
                                  "completion_len/max": 9})
+    # a rank whose groups hold one task of a mix: the other task's figures come from the ranks that have them
+    ranks[0]["accuracy/arithmetic"], ranks[1]["accuracy/countdown"] = 0.5, 0.25
+    assert distributed.mean_metrics(ranks[0])["accuracy/countdown"] == 0.25
 
 
 def test_cpu_offload_on_one_process_shards_with_fsdp(smoke_cfg):
@@ -321,3 +324,15 @@ def test_other_commands_than_train_refuse_torchrun(monkeypatch, error_line, tmp_
         "ponder: error: ponder eval runs one process, and torchrun started 2; start it without torchrun (`ponder "
         "train` is the command that runs on several)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_step_holding_one_task_of_a_mix_logs_that_tasks_figures(smoke_cfg):
+    """Per-task figures came only from a step (a rank's share of one) that held two tasks: with one prompt a step,
+    no step of a two-task mix logged any, and under torchrun ranks holding one task left gaps in the curves."""
+    from ponder.rl.trainer import GRPOTrainer
+
+    t = GRPOTrainer(smoke_cfg("name=mix", "rollout.prompts_per_step=1",
+                              "data.tasks=[{name: first_digit, split: train}, {name: arithmetic, split: train}]"))
+    m = t.step()
+    task = t.last_groups[0].example["task"]
+    assert f"completion_len/{task}" in m and m[f"completion_len/{task}"] == m["completion_len/mean"]

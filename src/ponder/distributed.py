@@ -107,7 +107,9 @@ def mean_metrics(metrics: dict) -> dict:
     gathered: list = [None] * world()
     dist.all_gather_object(gathered, metrics)
     out = {}
-    for key, value in metrics.items():
+    # every rank's keys: a rank whose groups hold one task of a mix has no figures for the others (curves had gaps)
+    for key in dict.fromkeys(k for g in gathered for k in g):
+        value = metrics.get(key, next(g[key] for g in gathered if key in g))
         values = [g.get(key) for g in gathered if isinstance(g.get(key), (int, float))]
         if not values:
             out[key] = value

@@ -373,7 +373,8 @@ class GRPOTrainer:
         if "accuracy" in self.rewards.fns:
             m["accuracy"] = m["reward/accuracy"]
         tasks = sorted({g.example.get("task", "") for g in groups})
-        for task in tasks if len(tasks) > 1 else []:  # a mix: each task's own curves (reflection pays on some only)
+        # a mix: each task's own curves (reflection pays on some only), also where this rank's groups hold one task
+        for task in tasks if len(tasks) > 1 or len(self.cfg.data.tasks) > 1 else []:
             mine = [g for g in groups if g.example.get("task", "") == task]
             if "accuracy" in self.rewards.fns:
                 m[f"accuracy/{task}"] = mean([v for g in mine for v in g.per_fn["accuracy"]])
