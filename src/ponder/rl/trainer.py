@@ -231,8 +231,10 @@ class GRPOTrainer:
         engine's cache exists by then) and the same on every rank (bnpo's normaliser depends on it). Made again
         when the engine's cache has grown since (longer answers): the pool takes memory the plan counted free,
         and the planned micro-batches would no longer fit."""
-        grown = distributed.max_all(float(self.engine.cache_bytes() > self._planned_cache))
-        if self._budget is None or (self.cfg.optim.token_budget is None and grown):
+        if self._budget is not None and self.cfg.optim.token_budget is None:
+            if distributed.max_all(float(self.engine.cache_bytes() > self._planned_cache)):
+                self._budget = None
+        if self._budget is None:
             self._budget = self.cfg.optim.token_budget
             self._planned_cache = self.engine.cache_bytes()
             if self._budget is None:
