@@ -407,3 +407,25 @@ def test_a_warning_says_what_to_try(tmp_path, capsys):
         "ponder: guardrail entropy_collapse at step 6: entropy 0.01 < 0.1 (0.1 x its early median 1); warning only "
         "(guardrails.entropy_collapse.action=warn); if it persists, try a higher algorithm.eps_high (clip-higher), a "
         "higher rollout.temperature or a lower optim.lr\n")
+
+
+def test_a_rollback_copies_the_checkpoint_into_the_model_without_a_second_model(tmp_path, monkeypatch):
+    """restore read the whole checkpoint into a float32 model on the CPU and copied that: for a bf16 7B policy, 30 GB
+    of host memory at the moment a run is in trouble. Now the files go tensor by tensor into the model as it is."""
+    from ponder import models
+
+    model, tok = models.load("tiny-random")
+    models.save(model, tok, tmp_path / "ckpt")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    narrow = model.to(torch.bfloat16)
+    with torch.no_grad():
+        for p in narrow.parameters():
+            p.add_(1.0)
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a second model was loaded"))
+    models.load_weights_into(narrow, tmp_path / "ckpt")
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, saved[k].to(torch.bfloat16)) for k, v in narrow.state_dict().items())
+    other = tmp_path / "other"
+    deeper = type(model)(type(model).config_class(**{**model.config.to_dict(), "num_hidden_layers": model.config.num_hidden_layers + 1}))
+    models.save(deeper, tok, other)
+    with pytest.raises(Exception, match=r"has no place in the model"):
+        models.load_weights_into(narrow, other)

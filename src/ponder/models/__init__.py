@@ -327,6 +327,29 @@ def save(model, tokenizer, directory: str | Path, state_dict: dict | None = None
         tokenizer.save_pretrained(directory)
 
 
+def load_weights_into(model, directory: str | Path) -> None:
+    """The weights of a Hugging Face model directory (save's), copied into `model` in place, one tensor at a time, in
+    the model's own dtype and device: no second model (a guardrail's rollback of a bf16 7B model read the whole
+    checkpoint into a float32 copy on the CPU first, 30 GB of host memory). Every saved tensor must have its
+    parameter; a parameter the files lack must share its storage with one they hold (a tied output head)."""
+    from safetensors import safe_open
+
+    own = model.state_dict()
+    done = set()
+    with torch.no_grad():
+        for path in sorted(Path(directory).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key not in own:
+                        raise UserError(f"{directory}: weight '{key}' has no place in the model ({type(model).__name__})")
+                    own[key].copy_(f.get_tensor(key))
+                    done.add(key)
+    ptrs = {own[k].data_ptr() for k in done}
+    missing = [k for k in own if k not in done and own[k].data_ptr() not in ptrs]
+    if missing:
+        raise UserError(f"{directory}: no weights for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+
+
 def _unsharded_peft(model, state_dict: dict):
     """A plain peft model of `model`'s class and LoRA configuration holding the full `state_dict` (its tensors, not
     copies): built on the meta device, so it costs nothing until the state is assigned to it (ponder.sharding's

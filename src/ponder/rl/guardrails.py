@@ -331,8 +331,7 @@ def restore(trainer, ckpt) -> None:
         if trainer.cfg.model.lora is not None:
             trainer.model.load_state_dict(state["adapter"], strict=False)
         else:
-            saved, _ = models.load(str(ckpt), seed=trainer.cfg.seed, trust_remote_code=trainer.cfg.model.trust_remote_code)
-            trainer.model.load_state_dict(saved.state_dict())
+            models.load_weights_into(trainer.model, ckpt)
         trainer.optimizer.load_state_dict(state["optimizer"])
     for group, lr in zip(trainer.optimizer.param_groups, lrs):
         group["lr"] = lr
