@@ -196,17 +196,22 @@ def test_answers_paid_without_work_are_caught(smoke_cfg):
     assert e["example"] == "<think> </think> <answer>7</answer>"
 
 
-def test_answers_under_a_template_without_a_think_block_are_not_unreasoned(smoke_cfg):
-    t = GRPOTrainer(smoke_cfg("name=plain", *SMALL, "train.steps=2"))  # the plain template
+def _paid_guesses(t, text: str) -> None:
+    """From now on every completion of `t`'s rollouts reads `text` and the accuracy reward pays it."""
     collect = t.collect
 
     def guesses():
         kept, everything, timing = collect()
         for g in everything:
-            g.texts, g.per_fn["accuracy"] = ["<answer>7</answer>"] * len(g.texts), [1.0] * len(g.texts)
+            g.texts, g.per_fn["accuracy"] = [text] * len(g.texts), [1.0] * len(g.texts)
         return kept, everything, timing
 
     t.collect = guesses
+
+
+def test_answers_under_a_template_without_a_think_block_are_not_unreasoned(smoke_cfg):
+    t = GRPOTrainer(smoke_cfg("name=plain", *SMALL, "train.steps=2"))  # the plain template
+    _paid_guesses(t, "<answer>7</answer>")
     assert [r["unreasoned_frac"] for r in _steps(t, 2)] == [0, 0]
 
 
@@ -220,15 +225,7 @@ def test_answers_under_a_chat_template_that_opens_think_are_judged(smoke_cfg, tm
     models.save(model, tok, tmp_path / "distill-like")
     t = GRPOTrainer(smoke_cfg("name=chat", *SMALL, f"model.path={tmp_path / 'distill-like'}", "data.template=chat",
                               "rollout.max_new_tokens=8"))
-    collect = t.collect
-
-    def guesses():
-        kept, everything, timing = collect()
-        for g in everything:
-            g.texts, g.per_fn["accuracy"] = ["</think> <answer>7</answer>"] * len(g.texts), [1.0] * len(g.texts)
-        return kept, everything, timing
-
-    t.collect = guesses
+    _paid_guesses(t, "</think> <answer>7</answer>")
     assert [r["unreasoned_frac"] for r in _steps(t, 2)] == [1, 1]
 
 
