@@ -336,3 +336,21 @@ def test_a_step_holding_one_task_of_a_mix_logs_that_tasks_figures(smoke_cfg):
     m = t.step()
     task = t.last_groups[0].example["task"]
     assert f"completion_len/{task}" in m and m[f"completion_len/{task}"] == m["completion_len/mean"]
+
+
+def test_a_mistake_every_rank_raises_is_said_once(monkeypatch, tmp_path, capsys):
+    """Under torchrun each rank raised the same config error and printed it: N copies of the one line."""
+    import tempfile
+
+    from ponder import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-42")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    for _ in range(2):  # two ranks of one launch
+        distributed.say_once("ponder: error: config optim.lr: expected a number")
+    distributed.say_once("ponder: error: only this rank's")
+    assert capsys.readouterr().err == "ponder: error: config optim.lr: expected a number\nponder: error: only this rank's\n"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-43")  # the next launch says it again
+    distributed.say_once("ponder: error: config optim.lr: expected a number")
+    assert capsys.readouterr().err == "ponder: error: config optim.lr: expected a number\n"

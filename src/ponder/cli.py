@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
         clean = True
     except UserError as e:
-        print(f"ponder: error: {e}", file=sys.stderr)
+        distributed.say_once(f"ponder: error: {e}")
         return 2
     except TrainingError as e:
-        print(f"ponder: training stopped: {e}", file=sys.stderr)
+        distributed.say_once(f"ponder: training stopped: {e}")
         return 1
     except KeyboardInterrupt:
         print("ponder: interrupted; --resume continues from the last checkpoint, if one was written (else run again)", file=sys.stderr)

@@ -17,8 +17,11 @@ those that do not; ponder.sharding says why there is no separate DDP path.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import math
 import os
+import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -27,6 +30,22 @@ import torch.distributed as dist
 def launched() -> int:
     """The processes torchrun started (its WORLD_SIZE), whether or not they joined a group yet; 1 without torchrun."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def say_once(line: str) -> None:
+    """`line` on stderr; under torchrun once per machine for all ranks that say the same (a config mistake is raised
+    by every rank at once: N copies of one line): the first rank to claim the line in the temporary directory says it.
+    A line one rank alone says is said."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if launched() > 1 and run:
+        digest = hashlib.sha1(f"{run}\n{os.getppid()}\n{line}".encode()).hexdigest()[:20]
+        try:
+            os.close(os.open(os.path.join(tempfile.gettempdir(), f"ponder-said-{digest}"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        except OSError:
+            pass  # no temporary directory to claim it in: every rank says it
+    print(line, file=sys.stderr, flush=True)
 
 
 def setup(timeout_minutes: float = 180.0) -> tuple[int, int]:
