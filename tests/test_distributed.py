@@ -354,3 +354,19 @@ def test_a_mistake_every_rank_raises_is_said_once(monkeypatch, tmp_path, capsys)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-43")  # the next launch says it again
     distributed.say_once("ponder: error: config optim.lr: expected a number")
     assert capsys.readouterr().err == "ponder: error: config optim.lr: expected a number\n"
+
+
+def test_ranks_share_an_evaluation_and_give_one_process_figures(tmp_path):
+    """Rank 0 evaluated alone while the other ranks waited in a collective (past torch's timeout, the run ended).
+    Now each rank samples its share of the chunks: the same answers and figures as one process."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import dist_eval_check
+
+    out = tmp_path / "two.json"
+    proc = launch("tests/dist_eval_check.py", 2, [str(out)], timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    two, one = json.loads(out.read_text()), json.loads(json.dumps(dist_eval_check.run(), default=str))
+    assert [s["completion"] for s in two["samples"]] == [s["completion"] for s in one["samples"]]
+    calls = two.pop("calls")
+    assert one.pop("calls") == sum(calls) == 4 and calls == [2, 2]  # 7 problems in chunks of 2: dealt out in turn
+    assert two == one and two["metrics"]["problems"] == 7

@@ -134,8 +134,8 @@ class TrainConfig:
     # CPUOffloadPolicy; the optimizer steps on the CPU); with fsdp on one process, how one GPU trains a model
     # whose optimizer state does not fit it (auto sharding is fsdp then)
     offload: bool = False
-    # minutes a rank waits in one collective before the run ends in an error: rank 0 evaluates alone (before,
-    # every eval.every steps and after training) while the others wait (torch's defaults: 10 with NCCL, 30 with gloo)
+    # minutes a rank waits in one collective before the run ends in an error (torch's defaults: 10 with NCCL, 30
+    # with gloo): a rank that runs ahead waits for the others, e.g. while rank 0 writes a checkpoint or a report
     collective_timeout: float = 180.0
     # a sample whose advantage is exactly 0 (its group's rewards all equal) adds nothing to the loss or its gradient
     # when beta is 0 and the loss normalisers already counted it (every loss_agg but bnpo): no backward pass for it,

@@ -145,6 +145,15 @@ def mean_metrics(metrics: dict) -> dict:
     return out
 
 
+def gather_all(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (picklable objects)."""
+    if not active():
+        return [obj]
+    out: list = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from rich.console import Console
@@ -40,13 +41,13 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
     require_backends(cfg.train.log_to)
     changes = resuming.check(cfg, "train", allow_changes) if resume else None
     trainer = GRPOTrainer(cfg, resume=resume)
-    main = trainer.rank == 0  # with torchrun, rank 0 evaluates, prints and writes
+    main = trainer.rank == 0  # with torchrun, rank 0 prints and writes; every rank evaluates its share
     if changes is not None and main:
         resuming.record(trainer.run_dir, changes, trainer.step_no)
         if changes.changed:
             console.print(f"resuming from step {trainer.step_no} with changes (recorded in config.yaml): {changes.describe()}",
                           markup=False)
-    evaluating = bool(cfg.eval.tasks) and main
+    evaluating = bool(cfg.eval.tasks)
     before = _evaluate(trainer, "before") if evaluating and not resume else _load_eval(trainer, "before")
     t = cfg.train
     last = t.steps if stop_after is None else min(t.steps, trainer.step_no + stop_after)
@@ -78,7 +79,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
         after = _evaluate(trainer, "after") if evaluating else None
         if after is not None:
             trainer.metrics.log(trainer.step_no, _flatten(after))
-            _print_before_after(before, after)
+            if main:
+                _print_before_after(before, after)
         if main:
             from ponder.report import write_report
 
@@ -109,7 +111,9 @@ def _evaluate(trainer, tag: str, quiet: bool = False):
     acc = cfg.rewards.get("accuracy")
     extract = acc.get("extract", "tags_or_boxed") if isinstance(acc, dict) else "tags_or_boxed"
     results = {}
-    with open(trainer.run_dir / f"eval_{tag}_samples.jsonl", "w", encoding="utf-8") as out:
+    main = trainer.rank == 0  # under torchrun every rank samples its share; rank 0 writes and prints
+    quiet = quiet or not main
+    with open(trainer.run_dir / f"eval_{tag}_samples.jsonl", "w", encoding="utf-8") if main else contextlib.nullcontext() as out:
         for spec in e.tasks:
             examples = load_examples(spec, cfg.seed)
             if not quiet:
@@ -121,9 +125,11 @@ def _evaluate(trainer, tag: str, quiet: bool = False):
                 extract=extract, reflection_words=tuple(cfg.train.reflection_words),
             )
             for row in r.pop("samples"):
-                out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                if main:
+                    out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
             results[f"{spec.name}/{spec.split}"] = r
-    (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(results, indent=2, default=str))
+    if main:
+        (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
 
