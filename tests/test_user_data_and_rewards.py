@@ -125,12 +125,34 @@ def test_unknown_task_option_names_the_closest(tmp_path, error_line):
                     "valid options: difficulty, operands, low, high")
 
 
-@pytest.mark.parametrize("answer, what", [("null", "a null"), ('"  "', "an empty")])
+@pytest.mark.parametrize("answer, what", [("null", "a null"), ('"  "', "an empty"), ("[]", "an empty")])
 def test_null_or_empty_answer_names_file_and_line(tmp_path, answer, what, error_line):
     data = tmp_path / "data.jsonl"
     data.write_text(f'{{"prompt": "1+1", "answer": "2"}}\n\n{{"prompt": "2+2", "answer": {answer}}}\n')
     line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"data.tasks=[{{name: jsonl, path: {data}}}]")
     assert line == f"ponder: error: {data}:3: row has {what} 'answer' field; every row needs prompt, answer"
+
+
+def test_a_file_with_a_bom_words_lists_as_answers_and_words_of_any_script_score(tmp_path):
+    """Notepad and Excel start UTF-8 files with a BOM, which failed line 1 as invalid JSON; a list answer became its
+    Python repr ("['a', 'b']"), which no answer matched; a gold word outside a-z (café, 東京) was no word and went
+    unscored. Each row's right answer now scores 1, a wrong one 0."""
+    from ponder.rewards import RewardSet
+    from ponder.tasks import load_examples
+
+    data = tmp_path / "data.jsonl"
+    rows = [("Capital of Japan?", "東京", "大阪"), ("French for coffee?", "Café", "thé"), ("Two primes below 4?", ["2", "3"], "2, 5"),
+            ("1+1?", 2, "3")]
+    data.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n"
+                                            for p, a, _ in rows).encode("utf-8"))
+    examples = load_examples(TaskSpec(name="jsonl", path=str(data)), 0)
+    assert [e["answer"] for e in examples] == ["東京", "Café", "2, 3", "2"]
+    right = [{"東京": "東京", "Café": "café", "2, 3": "2, 3"}.get(e["answer"], e["answer"]) for e in examples]
+    reward = RewardSet({"accuracy": 1.0})
+    for answers, want in ((right, 1.0), ([w for _, _, w in rows], 0.0)):
+        totals, _ = reward.score([f"<think>x</think> <answer>{a}</answer>" for a in answers], [e["prompt"] for e in examples],
+                                 {"answer": [e["answer"] for e in examples], "task": ["jsonl"] * 4})
+        assert totals == [want] * 4
 
 
 def test_null_answer_in_a_dataset_names_the_row(tmp_path):

@@ -21,7 +21,7 @@ _MULTI = re.compile(r",|;|\\cup\b|\n|\bor\b|\band\b|\\\{|\\pm\b")  # marks a gol
 _TOWER = re.compile(r"\^\s*\{[^{}]*?\^\s*\{[^{}]*?\^")  # a^{b^{c^...}}: no final answer is a power tower
 _WRAPPERS = re.compile(r"^\$+|\$+$|^\\\(|\\\)$|^\\\[|\\\]$")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}")
-_WORDS = re.compile(r"^[a-z]+(?: [a-z]+)*$")
+_WORDS = re.compile(r"^[^\W\d_]+(?: [^\W\d_]+)*$")  # letters of any script: café, Москва, 東京
 
 
 def strip_wrappers(text: str) -> str:
@@ -161,9 +161,9 @@ def unparseable(answer: str) -> bool:
 
 
 def text_answer(text: str) -> str | None:
-    """Lower-case words for answers that are words (`Monday`, `\\text{yes}`), else None."""
+    """Case-folded words for answers that are words (`Monday`, `\\text{yes}`, `東京`), else None."""
     t = _TEXT_CMD.sub(r"\1", strip_wrappers(text))
-    t = re.sub(r"[\s.!]+", " ", t).strip().lower()
+    t = re.sub(r"[\s.!。]+", " ", t).strip().casefold()
     if len(t.replace(" ", "")) < 2 or not _WORDS.match(t):
         return None
     return t

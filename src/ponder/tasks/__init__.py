@@ -43,6 +43,14 @@ class Task:
         return _keyword_names(self.load)
 
 
+def answer_text(value) -> str:
+    """A gold answer as the rewards read it: a list (an answer of several parts) joined by ", " (its Python repr,
+    "['a', 'b']", matched no answer), anything else as str."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(answer_text(v) for v in value)
+    return str(value)
+
+
 def _keyword_names(fn) -> tuple[list[str], bool]:
     params = inspect.signature(fn).parameters.values()
     names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
@@ -71,9 +79,9 @@ class FunctionTask(Task):
                 raise UserError(f"task '{self.name}': example {i} is {type(row).__name__} {str(row)[:60]!r}; "
                                 "each example must be a dict with a 'prompt' (and usually an 'answer')")
             if "answer" in row:
-                if row["answer"] is None or not str(row["answer"]).strip():
+                if row["answer"] is None or not answer_text(row["answer"]).strip():
                     raise UserError(f"task '{self.name}': example {i} has an empty answer ({row['answer']!r}); give it one or leave the key out")
-                row = {**row, "answer": str(row["answer"])}
+                row = {**row, "answer": answer_text(row["answer"])}
             rows.append({**row, "task": self.name})
         return rows
 

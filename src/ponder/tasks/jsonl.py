@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.tasks import Task, register
+from ponder.tasks import Task, answer_text, register
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",), with_lines: bool = False,
@@ -17,7 +17,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",), with_l
     if not path.is_file():
         raise UserError(f"data file '{path}' not found; check {key}")
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a BOM (files saved by Notepad or Excel) is no part of line 1
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -39,8 +39,8 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",), with_l
 
 
 def empty_value(value) -> bool:
-    """null, or a string of nothing but spaces: no value (0 and False are values)."""
-    return value is None or (isinstance(value, str) and not value.strip())
+    """null, a string of nothing but spaces, or an empty list or object: no value (0 and False are values)."""
+    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, dict)) and not value)
 
 
 @register
@@ -54,6 +54,6 @@ class JsonlTask(Task):
             raise UserError("task 'jsonl' needs a path: data.tasks: [{name: jsonl, path: my.jsonl}]")
         rows = read_jsonl(path, required=("prompt", "answer"))
         for row in rows:
-            row["answer"] = str(row["answer"])
+            row["answer"] = answer_text(row["answer"])
             row["task"] = "jsonl"
         return rows[:n] if n else rows
