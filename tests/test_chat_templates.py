@@ -106,6 +106,20 @@ def test_a_model_directory_without_a_tokenizer_is_one_line(tmp_path, error_line,
         "save the tokenizer there too (tokenizer.save_pretrained)")
 
 
+def test_a_tokenizer_without_an_eos_token_is_one_line(tmp_path, error_line):
+    """No answer could end and padding had no token: ponder train stopped in the packed pass (TypeError), ponder eval
+    --engine hf in torch.full."""
+    from ponder import models
+
+    model, tok = models.load("tiny-base")
+    tok.eos_token = None
+    tok.pad_token = None
+    models.save(model, tok, tmp_path / "noeos")
+    assert error_line("eval", "--model", str(tmp_path / "noeos"), "--tasks", "arithmetic") == (
+        f"ponder: error: the tokenizer of '{tmp_path / 'noeos'}' names no end-of-sequence token; set one "
+        "(tokenizer.eos_token = ..., then save_pretrained, or \"eos_token\" in its tokenizer_config.json)")
+
+
 def test_checkpoints_keep_the_tokenizers_own_padding(tmp_path, capsys):
     """ponder pads on the left with EOS where a model has no pad token (Llama 3); a checkpoint written with that
     pad token would make DataCollatorForLanguageModeling mask every real EOS label of the exported model."""

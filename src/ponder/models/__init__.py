@@ -243,6 +243,9 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
                 raise UserError(f"model '{where}' runs its own code; if you trust it, set model.trust_remote_code=true "
                                 f"in the recipe (ponder eval/sample: --trust-remote-code)") from None
             raise UserError(f"could not load model '{where}': {str(e).splitlines()[0]}") from None
+    if tok.eos_token is None:  # no answer could end: rollouts all run to the limit, and padding has no token
+        raise UserError(f"the tokenizer of '{where}' names no end-of-sequence token; set one (tokenizer.eos_token = ..., "
+                        "then save_pretrained, or \"eos_token\" in its tokenizer_config.json)")
     return model, _for_generation(tok)
 
 
