@@ -131,7 +131,7 @@ def test_bad_data_is_told_before_a_model_is_loaded(tmp_path, error_line, monkeyp
     sft = tmp_path / "sft.jsonl"
     sft.write_text('{"prompt": "x"}\n')
     assert error_line("sft", "recipes/coldstart-tiny.yaml", f"output_dir={tmp_path}", f"data.files=[{sft}]",
-                      "data.coldstart=[]") == f"ponder: error: {sft}: row 1: no 'completion' field; rows need prompt and completion (or messages)"
+                      "data.coldstart=[]") == f"ponder: error: {sft}:1: no 'completion' field; rows need prompt and completion (or messages)"
 
 
 def test_reward_returning_wrong_length_is_named(tmp_path, error_line):

@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,7 +253,10 @@ def test_bad_input_ends_in_one_line(tmp_path, capsys):
     recipe.write_text(f"output_dir: {tmp_path}\nname: bad\n")
     assert "SFT data is empty" in _error(capsys, "sft", str(recipe), f"data.files=[{empty}]")
     bad = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "x"}])
-    assert "bad.jsonl: row 2: no 'completion' field" in _error(capsys, "sft", str(recipe), f"data.files=[{bad}]")
+    assert "bad.jsonl:2: no 'completion' field" in _error(capsys, "sft", str(recipe), f"data.files=[{bad}]")
+    gaps = tmp_path / "gaps.jsonl"  # the line as an editor shows it, blank lines counted
+    gaps.write_text(Path(bad).read_text().replace("\n", "\n\n", 1))
+    assert "gaps.jsonl:3: no 'completion' field" in _error(capsys, "sft", str(recipe), f"data.files=[{gaps}]")
     assert "config data.files is empty" in _error(capsys, "sft", str(recipe))
     assert f"data file '{tmp_path / 'nope.jsonl'}' not found; check data.files" in _error(
         capsys, "sft", str(recipe), f"data.files=[{tmp_path / 'nope.jsonl'}]")

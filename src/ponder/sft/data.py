@@ -33,9 +33,9 @@ def read_rows(files: list[str]) -> list[dict]:
     from ponder.tasks.jsonl import read_jsonl
 
     rows = []
-    for f in files:
-        for i, row in enumerate(read_jsonl(f, required=(), key="data.files")):
-            rows.append(check_row(row, f"{f}: row {i + 1}"))
+    for f in files:  # named by file and line, as the editor shows them (blank lines count)
+        for line, row in read_jsonl(f, required=(), key="data.files", with_lines=True):
+            rows.append(check_row(row, f"{f}:{line}"))
     return rows
 
 
