@@ -320,3 +320,24 @@ def test_a_bad_extract_mode_is_refused_before_sampling(tmp_path, flaky, error_li
     assert line == ("ponder: error: config extract: unknown answer extraction mode 'boxd'; choose one of: tags, boxed, "
                     "tags_or_boxed, none")
     assert flaky["n"] == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_traces_of_a_teacher_whose_prompt_opened_think_are_written_whole_and_sft_fits_them_to_the_student():
+    """R1-Distill's chat template opens <think> in the prompt: its answers start inside the block. Written as they
+    were, a student trained under r1_zero never wrote <think> (format rate 0.887 -> 0.000). The trace is written
+    whole; SFT drops the tag again where the student's own prompt opens it."""
+    from ponder.models import load
+    from ponder.sample import _row
+    from ponder.sft.data import encode
+
+    cand = Candidate("it is 7 </think> <answer>7</answer>", 9, False, 1.0, think_opened=True)
+    row = _row({"prompt": "q", "answer": "7", "task": "t"}, "t/0", 0, cand, {}, {})
+    assert row["completion"] == "<think>\nit is 7 </think> <answer>7</answer>"
+    plain = Candidate("<think> x </think> <answer>7</answer>", 9, False, 1.0, think_opened=False)
+    assert _row({"prompt": "q"}, "t/0", 0, plain, {}, {})["completion"] == plain.text
+
+    _, tok = load("tiny-base")
+    targets = lambda e: tok.decode([t for t, m in zip(e.ids, e.mask) if m], skip_special_tokens=True)  # noqa: E731
+    assert targets(encode(row, tok, "r1_zero")).startswith("<think>\nit is 7")  # the student learns to open it
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|><think>\n"
+    assert targets(encode(row, tok, "chat")).startswith("it is 7 </think>")  # its prompt opens it: not twice

@@ -322,7 +322,13 @@ def _judge(chunk, outs, tokenizer, cfg: SampleConfig, opened: list[bool]):
 
 def _row(ex: dict, pid: str, j: int, cand: Candidate, rewards: dict, source: dict) -> dict:
     meta = {k: v for k, v in ex.items() if k not in ("prompt", "answer", "task")}
-    return {"prompt": ex["prompt"], "completion": cand.text, "answer": ex.get("answer"), "task": ex.get("task"),
+    # a teacher whose prompt opened the think block (R1-Distill's chat template) answered from inside it: the trace is
+    # written whole, so that a student whose template does not open it learns to (SFT drops the tag again where the
+    # student's own prompt opens it); without it a student trained under r1_zero never wrote <think>
+    text = cand.text
+    if cand.think_opened and not text.lstrip().startswith("<think>"):
+        text = "<think>\n" + text
+    return {"prompt": ex["prompt"], "completion": text, "answer": ex.get("answer"), "task": ex.get("task"),
             "prompt_id": pid, "sample": j, "tokens": cand.tokens, "rewards": rewards, "source": source, "meta": meta}
 
 

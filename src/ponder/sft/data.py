@@ -1,6 +1,6 @@
 """SFT examples as token ids with a loss mask: the prompt under the run's template, the completion scored.
 
-Prompts are encoded exactly as the GRPO trainer encodes them (`ponder.templates.prompt_ids`),
+Prompts are encoded exactly as the GRPO trainer encodes them (`ponder.templates.encoded_prompt`),
 and completions are appended as separately tokenized text, so a model fine-tuned here is trained on the
 token sequences that RL later samples and scores. Chat rows under the `chat` template are rendered by the
 tokenizer's chat template, turn by turn; only assistant turns carry loss.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.templates import prompt_ids, render
+from ponder.templates import encoded_prompt, render
 
 
 @dataclass
@@ -63,8 +63,11 @@ def encode(row: dict, tokenizer, template: str, add_eos: bool = True) -> Encoded
         if [m["role"] for m in msgs].count("assistant") > 1 or msgs[-1]["role"] != "assistant":
             raise UserError(f"multi-turn chat rows need data.template=chat and a tokenizer with a chat template (template is '{template}')")
         row = {"prompt": msgs[:-1], "completion": msgs[-1]["content"]}
-    prompt = prompt_ids(template, row["prompt"], tokenizer)
-    completion = tokenizer(row["completion"], add_special_tokens=False).input_ids
+    prompt, opened = encoded_prompt(template, row["prompt"], tokenizer)
+    text = row["completion"]
+    if opened and text.lstrip().startswith("<think>"):  # the prompt opened the block: a whole trace's tag goes
+        text = text.lstrip()[len("<think>"):].lstrip("\n")
+    completion = tokenizer(text, add_special_tokens=False).input_ids
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise UserError("the tokenizer has no EOS token to end completions with; set data.add_eos=false")
