@@ -362,3 +362,22 @@ def test_a_save_that_a_kill_interrupted_leaves_nothing_behind_at_the_next_start(
     kept.write_text("mine")
     GRPOTrainer(cfg)
     assert not left.exists() and kept.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_a_finished_run_resumed_keeps_its_evaluation_and_logs_nothing_again(tmp_path, command, capsys):
+    """--resume on a finished run evaluated again: a second eval line in metrics.jsonl, eval_after.json rewritten."""
+    recipe = "recipes/smoke-first-digit.yaml" if command == "train" else "recipes/coldstart-tiny.yaml"
+    args = [command, recipe, f"output_dir={tmp_path}", "name=done", "train.steps=2",
+            "eval.tasks=[{name: arithmetic, split: test, n: 3}]", "eval.k=1", "eval.max_new_tokens=8"]
+    if command == "train":
+        args += ["rollout.prompts_per_step=2"]
+    else:
+        args += ["data.coldstart=[{name: arithmetic, n: 8}]"]
+    assert main(args) == 0
+    run = tmp_path / "done"
+    before = {p.name: p.read_bytes() for p in (run / "metrics.jsonl", run / "eval_after.json")}
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert {p.name: p.read_bytes() for p in (run / "metrics.jsonl", run / "eval_after.json")} == before
+    assert f"{run} is complete at step 2; nothing to resume" in capsys.readouterr().out.replace("\n", "")

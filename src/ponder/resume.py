@@ -29,7 +29,8 @@ SAFE_ON_RESUME = {
     "train": ("train.steps", "train.save_every", "train.keep_last", "train.log_samples", "guardrails.non_finite.max_nan_steps",
               "train.threads", "train.log_to", "eval.every"),
     "sft": ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.log_samples",
-            "train.sample_max_new_tokens", "train.max_nan_steps", "train.threads", "train.log_to"),
+            "train.sample_max_new_tokens", "train.max_nan_steps", "train.threads", "train.log_to",
+            "optim.token_budget"),  # SFT: how many tokens a micro-batch holds, the same gradient
 }
 LOCATION = ("name", "output_dir")
 # keys that decide the shapes of the saved adapters and optimizer state: no resume can change them

@@ -48,6 +48,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
             console.print(f"resuming from step {trainer.step_no} with changes (recorded in config.yaml): {changes.describe()}",
                           markup=False)
     evaluating = bool(cfg.eval.tasks)
+    first = trainer.step_no
     before = _evaluate(trainer, "before") if evaluating and not resume else _load_eval(trainer, "before")
     t = cfg.train
     last = t.steps if stop_after is None else min(t.steps, trainer.step_no + stop_after)
@@ -75,9 +76,14 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
             progress.update(task, completed=step, description=desc)
             if main and not console.is_terminal and (step % 10 == 0 or step == last):
                 console.print(f"step {step}/{t.steps} {desc}")
+    ran = trainer.step_no > first
     if trainer.step_no >= t.steps:
-        after = _evaluate(trainer, "after") if evaluating else None
-        if after is not None:
+        # a finished run resumed: its evaluation stands (run again, it was logged twice and its file rewritten)
+        done = _load_eval(trainer, "after") if not ran else None
+        after = done or (_evaluate(trainer, "after") if evaluating else None)
+        if done is not None and main:
+            console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume")
+        if after is not None and done is None:
             trainer.metrics.log(trainer.step_no, _flatten(after))
             if main:
                 _print_before_after(before, after)

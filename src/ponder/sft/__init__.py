@@ -60,6 +60,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     if cfg.eval.tasks and not resume:
         _evaluate(trainer, "before", quiet)
     last = total if stop_after is None else min(total, trainer.step_no + stop_after)
+    first = trainer.step_no
     columns = [TextColumn("[bold]SFT"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False, disable=quiet) as progress:
@@ -77,7 +78,10 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
             progress.update(bar, completed=step, description=desc)
             if not console.is_terminal and not quiet and (step % 10 == 0 or step == last):
                 console.print(f"step {step}/{total} {desc}")
-    if trainer.step_no >= total and cfg.eval.tasks:
+    finished = trainer.step_no == first and (trainer.run_dir / "eval_after.json").is_file()
+    if finished and not quiet:  # a finished run resumed: its evaluation stands (run again, it was logged twice)
+        console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume")
+    if trainer.step_no >= total and cfg.eval.tasks and not finished:
         after = _evaluate(trainer, "after", quiet)
         trainer.metrics.log(trainer.step_no, _flat(after))
     trainer.metrics.close()
