@@ -63,7 +63,7 @@ def test_sft_resume_refuses_changes_unless_allowed(tmp_path, error_line):
                     "pass --allow-changes to continue with them (config.yaml records each change and the step it applies "
                     "from), or leave them out. Safe to change on resume: train.steps, train.epochs, train.save_every, "
                     "train.keep_last, train.log_samples, train.sample_max_new_tokens, train.max_nan_steps, train.threads, "
-                    "train.log_to")
+                    "train.log_to, optim.token_budget")
     assert main(["sft", str(recipe), "train.steps=2", "train.batch_size=4", "optim.lr=1e-3", "--resume",
                  "--allow-changes"]) == 0
     assert yaml.safe_load(config.read_text())["changes"] == [
