@@ -381,3 +381,20 @@ def test_a_finished_run_resumed_keeps_its_evaluation_and_logs_nothing_again(tmp_
     assert main([*args, "--resume"]) == 0
     assert {p.name: p.read_bytes() for p in (run / "metrics.jsonl", run / "eval_after.json")} == before
     assert f"{run} is complete at step 2; nothing to resume" in capsys.readouterr().out.replace("\n", "")
+
+
+@pytest.mark.parametrize("command, setting, line", [
+    ("train", "model.lora={r: 0}", "config model.lora.r must be at least 1; got 0"),
+    ("sft", "model.lora={r: 4, dropout: 1.5}", "config model.lora.dropout must be in [0, 1); got 1.5"),
+    ("train", "eval.tasks=[{name: arithmetic, split: test, n: 5}, {name: arithmetic, split: test, options: {difficulty: easy}}]",
+     "config eval.tasks holds arithmetic/test twice (its figures are kept under that name); evaluate one of them on "
+     "another split, or in a run of its own"),
+    ("sft", "eval.every=5", "config eval.every=5: ponder sft evaluates before and after training only; leave it out (or "
+                            "evaluate a checkpoint with ponder eval)"),
+])
+def test_settings_peft_or_the_evaluation_would_trip_on_later_are_one_line(tmp_path, error_line, command, setting, line):
+    """A LoRA rank of 0 ended in peft's traceback after the model loaded; a second eval entry of one name and split
+    overwrote the first's figures; SFT took eval.every and never evaluated there (found by the R1 pipeline review)."""
+    recipe = "recipes/smoke-first-digit.yaml" if command == "train" else "recipes/coldstart-tiny.yaml"
+    assert error_line(command, recipe, f"output_dir={tmp_path}", setting) == f"ponder: error: {line}"
+    assert list(tmp_path.iterdir()) == []

@@ -520,6 +520,22 @@ def check_tasks(key: str, specs: list[TaskSpec]) -> None:
     for i, spec in enumerate(specs):
         need(spec.n is None or spec.n >= 1, f"{key}[{i}].n", spec.n, "at least 1 (or unset: the task's default)")
         need(spec.weight >= 0.5, f"{key}[{i}].weight", spec.weight, "at least 0.5 (examples repeat by the rounded weight)")
+    if key == "eval.tasks":  # figures are kept by name/split: a second entry of one overwrote the first's
+        seen = [f"{s.name}/{s.split}" for s in specs]
+        twice = next((x for i, x in enumerate(seen) if x in seen[:i]), None)
+        if twice:
+            raise UserError(f"config eval.tasks holds {twice} twice (its figures are kept under that name); evaluate "
+                            "one of them on another split, or in a run of its own")
+
+
+def check_lora(m: "ModelConfig", prefix: str = "model.lora.") -> None:
+    """Ranges peft would refuse only after the model has loaded, in a traceback."""
+    if m.lora is None:
+        return
+    need(m.lora.r >= 1, f"{prefix}r", m.lora.r, "at least 1")
+    need(m.lora.alpha > 0, f"{prefix}alpha", m.lora.alpha, "more than 0")
+    need(0 <= m.lora.dropout < 1, f"{prefix}dropout", m.lora.dropout, "in [0, 1)")
+    need(bool(m.lora.target_modules), f"{prefix}target_modules", m.lora.target_modules, "at least one module name")
 
 
 def check_optim(o: OptimConfig, prefix: str = "optim.") -> None:
@@ -567,6 +583,7 @@ def validate(cfg) -> None:
         raise UserError("config data.tasks is empty; name at least one task")
     check_tasks("data.tasks", cfg.data.tasks)
     check_tasks("eval.tasks", e.tasks)
+    check_lora(cfg.model)
     if not cfg.rewards:
         raise UserError("config rewards is empty; name at least one reward, e.g. rewards: {accuracy: 1.0}")
     _validate_guardrails(cfg.guardrails)

@@ -65,10 +65,14 @@ def check(cfg: SFTConfig) -> None:
         raise UserError("config train.epochs must be positive")
     if cfg.data.max_len is not None and cfg.data.max_len < 2:
         raise UserError("config data.max_len must be at least 2 tokens")
-    from ponder.config import check_optim, check_tasks, need
+    from ponder.config import check_lora, check_optim, check_tasks, need
 
     check_tasks("data.coldstart", cfg.data.coldstart)
     check_tasks("eval.tasks", cfg.eval.tasks)
+    check_lora(cfg.model)
+    if cfg.eval.every:  # the section is GRPO's: SFT evaluates before and after only
+        raise UserError(f"config eval.every={cfg.eval.every}: ponder sft evaluates before and after training only; leave it "
+                        "out (or evaluate a checkpoint with ponder eval)")
     need(t.save_every >= 0, "train.save_every", t.save_every, "0 (only at the end) or more")
     need(t.keep_last >= 0, "train.keep_last", t.keep_last, "0 (keep every checkpoint) or more")
     check_optim(cfg.optim)
