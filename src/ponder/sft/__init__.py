@@ -116,9 +116,8 @@ def _evaluate(trainer, tag: str, quiet: bool) -> dict:
 
 
 def _flat(results: dict) -> dict:
+    """`eval/<name>/<split>/<figure>`, as GRPO logs them and as eval_before.json is keyed: the report draws the
+    before and after points of one task in one panel (keyed by the task alone, they fell in two)."""
     from ponder.evaluate import flat_metrics
 
-    out = {}
-    for res in results.values():
-        out.update(flat_metrics(res))
-    return out
+    return flat_metrics({"tasks": {name: res["metrics"] for name, res in results.items()}})
