@@ -514,18 +514,18 @@ def check_sampling(prefix: str, temperature: float, top_p: float, max_new_tokens
         need(k >= 1, f"{prefix}k", k, "at least 1")
 
 
-def check_tasks(key: str, specs: list[TaskSpec]) -> None:
+def check_tasks(key: str, specs: list[TaskSpec], unique: bool = False) -> None:
     """Each task's count and weight: n=0 or a negative n would otherwise take a task's default or a tail of its
-    examples, and a weight that rounds to 0 would still count once."""
+    examples, and a weight that rounds to 0 would still count once. `unique`: no name/split twice (evaluations keep
+    their figures under it: a second entry of one overwrote the first's)."""
     for i, spec in enumerate(specs):
         need(spec.n is None or spec.n >= 1, f"{key}[{i}].n", spec.n, "at least 1 (or unset: the task's default)")
         need(spec.weight >= 0.5, f"{key}[{i}].weight", spec.weight, "at least 0.5 (examples repeat by the rounded weight)")
-    if key == "eval.tasks":  # figures are kept by name/split: a second entry of one overwrote the first's
-        seen = [f"{s.name}/{s.split}" for s in specs]
-        twice = next((x for i, x in enumerate(seen) if x in seen[:i]), None)
-        if twice:
-            raise UserError(f"config eval.tasks holds {twice} twice (its figures are kept under that name); evaluate "
-                            "one of them on another split, or in a run of its own")
+    seen = [f"{s.name}/{s.split}" for s in specs]
+    twice = next((x for i, x in enumerate(seen) if x in seen[:i]), None)
+    if unique and twice:
+        raise UserError(f"config {key} holds {twice} twice (its figures are kept under that name); evaluate "
+                        "one of them on another split, or in a run of its own")
 
 
 def check_lora(m: "ModelConfig", prefix: str = "model.lora.") -> None:
@@ -582,7 +582,7 @@ def validate(cfg) -> None:
     if not cfg.data.tasks:
         raise UserError("config data.tasks is empty; name at least one task")
     check_tasks("data.tasks", cfg.data.tasks)
-    check_tasks("eval.tasks", e.tasks)
+    check_tasks("eval.tasks", e.tasks, unique=True)
     check_lora(cfg.model)
     if not cfg.rewards:
         raise UserError("config rewards is empty; name at least one reward, e.g. rewards: {accuracy: 1.0}")

@@ -50,7 +50,7 @@ def say_once(line: str) -> None:
 
 def setup(timeout_minutes: float = 180.0) -> tuple[int, int]:
     """(rank, world size); joins the process group that torchrun describes in the environment. A rank waits at
-    most `timeout_minutes` in one collective (rank 0 evaluates alone while the others wait)."""
+    most `timeout_minutes` in one collective (while rank 0 writes a checkpoint or a report, the others wait)."""
     if launched() == 1:
         return 0, 1
     if not dist.is_initialized():
@@ -123,8 +123,7 @@ def mean_metrics(metrics: dict) -> dict:
     """Every rank's figures averaged (max for maxima), so rank 0 logs the whole batch."""
     if not active():
         return metrics
-    gathered: list = [None] * world()
-    dist.all_gather_object(gathered, metrics)
+    gathered = gather_all(metrics)
     out = {}
     # every rank's keys: a rank whose groups hold one task of a mix has no figures for the others (curves had gaps)
     for key in dict.fromkeys(k for g in gathered for k in g):

@@ -254,12 +254,12 @@ def _generate(engine, prompt_ids, groups, params, batch_size, seed, bar, label):
     per_chunk = max(1, batch_size // params.n)
     task = bar.add_task(label, total=len(prompt_ids)) if bar is not None else None
     out: list = [None] * len(prompt_ids)
-    dealt = 0
+    dealt = 0  # chunks so far, over all groups: the next one is rank dealt % world's
     for group in groups:
         for c, lo in enumerate(range(0, len(group), per_chunk)):
             chunk = group[lo:lo + per_chunk]
-            dealt += 1
-            if (dealt - 1) % world == rank:
+            mine, dealt = dealt % world == rank, dealt + 1
+            if mine:
                 for i, outs in zip(chunk, engine.generate([prompt_ids[i] for i in chunk], replace(params, seed=seed * 1_000_003 + c))):
                     out[i] = outs
             if bar is not None:

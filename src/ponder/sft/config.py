@@ -68,7 +68,7 @@ def check(cfg: SFTConfig) -> None:
     from ponder.config import check_lora, check_optim, check_tasks, need
 
     check_tasks("data.coldstart", cfg.data.coldstart)
-    check_tasks("eval.tasks", cfg.eval.tasks)
+    check_tasks("eval.tasks", cfg.eval.tasks, unique=True)
     check_lora(cfg.model)
     if cfg.eval.every:  # the section is GRPO's: SFT evaluates before and after only
         raise UserError(f"config eval.every={cfg.eval.every}: ponder sft evaluates before and after training only; leave it "
