@@ -10,6 +10,7 @@ then stopped in the padded attention (a CPU index beside CUDA ones).
 
 import pytest
 import torch
+from random_weights import randomized
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -53,14 +54,7 @@ def build(kind: str, seed: int = 0):
         model = Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=48, tie_word_embeddings=False))
     else:
         model = LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.15 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.15 * torch.randn(p.shape, generator=g))
-    return model.to(DEV)
+    return randomized(model, seed=seed).to(DEV)
 
 
 def batch():

@@ -2,6 +2,7 @@
 (chi-square), and a fresh forward pass (log-probs). CPU, fp32, small random models."""
 
 import pytest
+import random_weights
 import torch
 from transformers import (
     ArceeConfig, ArceeForCausalLM, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, InternLM3Config, LlamaConfig,
@@ -28,15 +29,8 @@ SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_att
 
 
 def randomized(model, std=0.15, seed=0):
-    """Random norms and biases too, so that every weight the engine reads matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + std * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model.eval()
+    """Random norms and biases too, so that every weight the engine reads matters; in eval mode."""
+    return random_weights.randomized(model, std, seed).eval()
 
 
 def seeded(seed, build):

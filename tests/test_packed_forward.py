@@ -10,6 +10,8 @@ from transformers import (
     Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
 )
 
+from random_weights import randomized
+
 from ponder.models import enable_checkpointing
 from ponder.rl.batching import Sample, micro_batches
 from ponder.kernels.head_logprobs import chunks, head_logprobs
@@ -19,17 +21,6 @@ from ponder.rl.packed import (
 
 SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=97, max_position_embeddings=256, initializer_range=0.2, pad_token_id=0)
-
-
-def randomized(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.15 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.15 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def build(kind):
