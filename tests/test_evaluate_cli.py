@@ -7,6 +7,7 @@ import pytest
 
 from ponder.errors import UserError
 from ponder.evaluate import add_parser
+from ponder.evaluation.command import _fmt
 
 
 def ponder_eval(*argv):
@@ -106,18 +107,35 @@ def test_a_task_of_ones_own_is_named_as_in_a_recipe(tmp_path):
 
 
 def test_compare_reads_a_runs_own_before_and_after_figures(two_results, tmp_path, capsys):
-    """A training run's eval_before.json / eval_after.json (a result per task set, as the trainer writes them) lay
-    out beside ponder eval's results.json."""
-    a, _ = two_results
-    res = json.loads((a / "results.json").read_text())
+    """A training run's eval_before.json / eval_after.json (a result per task set) lay out beside ponder eval's
+    results.json: a run directory is its before and after, and the run's figures share a row with ponder eval's
+    on the same weights. The run keys its sets "first_digit/test", ponder eval its tasks "first_digit": they fell in
+    rows of their own, and every such comparison was called one of different problem sets."""
+    from ponder.cli import main
+
+    assert main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=run", "train.steps=1",
+                 "rollout.prompts_per_step=2", "eval.tasks=[{name: first_digit, split: test, n: 3}]", "eval.k=4"]) == 0
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "eval_after.json").write_text(json.dumps({"first_digit/test": {k: res[k] for k in ("settings", "task_hash", "tasks", "metrics")}}))
-    assert ponder_eval("--compare", str(run / "eval_after.json"), str(a)) == 0
+    # the run's evaluation, repeated by ponder eval with the recipe's settings (docs/evaluation.md)
+    ponder_eval("--model", str(run / "checkpoints" / "step-1"), "--tasks", "first_digit", "--n", "3", "--k", "4",
+                "--max-tokens", "4", "--template", "plain", "--extract", "none", "--stop", "--quiet", "--device", "cpu",
+                "--out", str(tmp_path / "again"))
+    capsys.readouterr()
+    assert ponder_eval("--compare", str(run), str(tmp_path / "again")) == 0
     out = capsys.readouterr().out
-    assert "run/eval_after" in out and "first_digit/test" in out
-    row = next(line for line in out.splitlines() if "first_digit/test" in line)
-    assert f"{res['metrics']['problems']}" in row
+    header = next(line for line in out.splitlines() if "figure" in line)
+    assert header.replace("┃", " ").split()[-3:] == ["run/eval_before", "run/eval_after", "again"]
+    after = json.loads((run / "eval_after.json").read_text())["first_digit/test"]["metrics"]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["tasks"]["first_digit"]
+    assert after == again  # the same answers, so the same figures
+    for name, label in (("pass@1", "pass@1"), ("mean_length", "length (tokens)"), ("truncation_rate", "truncated")):
+        row = next(line for line in out.splitlines() if f" {label} " in line).replace("│", " ").split()
+        assert row[-2:] == [_fmt(name, after[name])] * 2, (name, row)  # in one row, after and again alike
+    assert "first_digit/test" not in out and "different problem sets" not in out
+    # a problem set of another digit is told apart, task by task
+    capsys.readouterr()
+    assert ponder_eval("--compare", str(run / "eval_after.json"), str(two_results[1])) == 0
+    assert "different problem sets" in capsys.readouterr().out
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from ponder.errors import UserError
@@ -62,9 +63,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     if args.compare:
-        results = [load_result(r) for r in args.compare]
-        _console().print(compare_table(results, [_label(r) for r in args.compare]))
-        if len({r.get("task_hash") for r in results}) > 1:
+        paths = [f for r in args.compare for f in _result_files(r)]
+        results = [load_result(r) for r in paths]
+        _console().print(compare_table(results, [_label(r) for r in paths]))
+        if _different_problems(results):
             _console().print("[yellow]note: the results were computed on different problem sets (task hashes differ)[/]")
         return 0
     if not args.model or not args.tasks:
@@ -199,14 +201,53 @@ def load_result(path: str) -> dict:
         raise UserError(f"{p}: not valid JSON ({e.msg}); give a results.json written by ponder eval") from None
     if isinstance(result, dict) and result and "tasks" not in result and all(
             isinstance(v, dict) and "metrics" in v for v in result.values()):
-        # a run's eval_before.json / eval_after.json: a result per task set, each with the set's overall figures
-        first = next(iter(result.values()))
-        return {"model": f"{p.parent.name}/{p.stem}", "settings": first.get("settings", {}),
-                "tasks": {label: v["metrics"] for label, v in result.items()}}
+        return _run_result(result, f"{p.parent.name}/{p.stem}")
     if not isinstance(result, dict) or "tasks" not in result:
         raise UserError(f"{p} has no 'tasks' figures; give a results.json written by ponder eval, or a run's "
                         "eval_before.json / eval_after.json")
     return result
+
+
+def _run_result(result: dict, model: str) -> dict:
+    """A run's eval_<tag>.json as ponder eval's results.json: the run keys a result per task set "name/split",
+    ponder eval its figures by task name. Keyed as written, a run's figures and ponder eval's on the same weights
+    (the same numbers, docs/evaluation.md) fell in rows of their own, and without a hash per task every such
+    comparison was "on different problem sets". So each task is keyed by its name (with its split only where
+    the run evaluates one name on two splits), with its own problems' hash."""
+    rows = []  # (task, split, figures, hash of its problems)
+    for key, r in result.items():
+        split = key.rpartition("/")[2]
+        inner = r.get("tasks") or {key: r["metrics"]}
+        hashes = r.get("task_hashes") or ({next(iter(inner)): r.get("task_hash")} if len(inner) == 1 else {})
+        rows += [(name, split, figs, hashes.get(name)) for name, figs in inner.items()]
+    names = Counter(name for name, *_ in rows)
+    keys = [name if names[name] == 1 else f"{name}/{split}" for name, split, *_ in rows]
+    first = next(iter(result.values()))
+    return {"model": model, "settings": first.get("settings", {}), "tasks": {k: row[2] for k, row in zip(keys, rows)},
+            "task_hashes": {k: row[3] for k, row in zip(keys, rows) if row[3]}}
+
+
+def _result_files(path: str) -> list[str]:
+    """What one --compare argument names: a run directory (no results.json) is its before and after evaluations."""
+    p = Path(path)
+    if p.is_dir() and not (p / "results.json").exists():
+        files = [str(p / name) for name in ("eval_before.json", "eval_after.json") if (p / name).is_file()]
+        return files or [path]  # neither: load_result names the problem
+    return [path]
+
+
+def _different_problems(results: list[dict]) -> bool:
+    """Whether one task's figures come from different problems: per task where the results say (task_hashes, or
+    the hash of a result of one task), else by the hash of each result's whole problem set."""
+    per_task, whole = {}, set()
+    for r in results:
+        hashes = r.get("task_hashes") or ({next(iter(r["tasks"])): r.get("task_hash")} if len(r["tasks"]) == 1 else None)
+        if hashes is None:  # an older results.json of several tasks
+            whole.add(r.get("task_hash"))
+            continue
+        for task, h in hashes.items():
+            per_task.setdefault(task, set()).add(h)
+    return len(whole) > 1 or any(len(h) > 1 for h in per_task.values())
 
 
 def compare_table(results: list[dict], labels: list[str]):
@@ -257,7 +298,10 @@ def _settings(s: dict) -> str:
 
 def _label(path: str) -> str:
     p = Path(path)
-    return p.parent.name if p.name == "results.json" else p.name
+    if p.name == "results.json":
+        return p.parent.name
+    # a run's eval_after.json: with its run's name, as two runs' files would share one
+    return f"{p.parent.name}/{p.stem}" if p.suffix == ".json" else p.name
 
 
 def _device(name: str):

@@ -41,8 +41,8 @@ def evaluate(
 ) -> dict:
     """Evaluate `model` on `examples` (each with a `task`; an `eval_group` reports examples apart).
 
-    Returns {settings, task_hash, tasks: {task: figures}, metrics: figures over all problems (the task's own
-    when there is one), timing, samples: one row per answer}.
+    Returns {settings, task_hash, task_hashes: {task: hash of its problems}, tasks: {task: figures}, metrics:
+    figures over all problems (the task's own when there is one), timing, samples: one row per answer}.
 
     `engine` is a rollout engine name (fast, the default, falls back to hf for architectures it does not
     support) or an engine already built on this model; a name builds the engine with `batch_size`. At most
@@ -96,9 +96,11 @@ def evaluate(
         "generation_s": round(generation_s, 3), "scoring_s": round(time.perf_counter() - start - generation_s, 3),
         "generated_tokens": tokens, "tokens_per_s": round(tokens / max(generation_s, 1e-9), 1),
     }
+    # per task too: --compare tells whether one task saw the same problems in results of different task mixes
+    hashes = {name: task_hash([examples[i] for i in group]) for name, group in zip(tasks, groups)}
     return {
-        "settings": settings, "task_hash": task_hash(examples), "tasks": tasks, "metrics": overall, "timing": timing,
-        "samples": samples,
+        "settings": settings, "task_hash": task_hash(examples), "task_hashes": hashes, "tasks": tasks, "metrics": overall,
+        "timing": timing, "samples": samples,
     }
 
 
