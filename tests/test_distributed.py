@@ -26,10 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, nproc: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """torchrun in its own process group, killed whole after `timeout` seconds: a hung rank fails the test."""
+def launch(script: str, nproc: int, args: list[str], timeout: float, torchrun: list[str] = ()) -> subprocess.CompletedProcess:
+    """torchrun (its own options: `torchrun`) in its own process group, killed whole after `timeout` seconds: a hung
+    rank fails the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
-           script, *args]
+           *torchrun, script, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -370,3 +371,29 @@ def test_ranks_share_an_evaluation_and_give_one_process_figures(tmp_path):
     calls = two.pop("calls")
     assert one.pop("calls") == sum(calls) == 4 and calls == [2, 2]  # 7 problems in chunks of 2: dealt out in turn
     assert two == one and two["metrics"]["problems"] == 7
+
+
+@pytest.mark.parametrize("where", ["report", "checkpoint"])
+def test_an_error_on_rank_0_alone_stops_every_rank_with_one_line(tmp_path, where):
+    """Rank 0 alone fails (a UserError writing the report; the disk full writing a checkpoint) while rank 1 waits
+    for it in a collective: rank 1 died with gloo's "Connection closed by peer" traceback (with NCCL it waited for
+    the collective timeout), and the full disk was a traceback on rank 0 too. Now rank 0 says its one line and
+    leaves, marking the group's store; rank 1's collective fails at once and it says, once, that another rank
+    stopped. torchrun checks its workers every 5 s here (0.1 by default), so that its SIGTERM, which would end
+    rank 1 silently (also fine), does not race rank 1's own exit, the path under test."""
+    logs = tmp_path / "logs"
+    args = [where, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=r", "train.steps=1",
+            "train.threads=1", "train.log_to=[]"]
+    proc = launch("tests/dist_rank_fails.py", 2, args, timeout=120,
+                  torchrun=["--monitor-interval", "5", "--log-dir", str(logs), "--redirects", "3"])
+    err = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}  # each rank's own stderr
+    assert proc.returncode != 0 and sorted(err) == [0, 1], proc.stderr[-3000:]
+    assert not any("Traceback" in e for e in err.values()), err
+    said = [[line for line in err[r].splitlines() if line.startswith("ponder:")] for r in (0, 1)]
+    first = (f"ponder: error: {tmp_path}/r/report.html is not writable" if where == "report" else
+             f"ponder: error: could not write checkpoint step-1 in {tmp_path}/r/checkpoints: [Errno 28] No space left on "
+             "device: 'model.safetensors'; free space or fix the permissions, then --resume continues from the last "
+             "checkpoint written (if none, run again)")
+    assert said == [[first], ["ponder: stopped: another rank stopped on an error (its message says why)"]], err
+    if where == "checkpoint":
+        assert not (tmp_path / "r" / "checkpoints" / "step-1").exists()

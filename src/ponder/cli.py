@@ -58,13 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ponder import distributed
 
-    clean = False
     try:
         if distributed.launched() > 1 and args.command not in ("train", "sft"):  # sft says so itself, naming train
             raise UserError(f"ponder {args.command} runs one process, and torchrun started {distributed.launched()}; "
                             "start it without torchrun (`ponder train` is the command that runs on several)")
         args.func(args)
-        clean = True
+        distributed.teardown()  # every rank done: leave together (its barrier fails if another rank stopped on an error)
     except UserError as e:
         distributed.say_once(f"ponder: error: {e}")
         return 2
@@ -74,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ponder: interrupted; --resume continues from the last checkpoint, if one was written (else run again)", file=sys.stderr)
         return 130
+    except Exception:
+        if not distributed.another_rank_stopped():
+            raise
+        # the collective this rank waited in failed because that rank left: its own message says why
+        distributed.say_once("ponder: stopped: another rank stopped on an error (its message says why)")
+        return 1
     finally:
-        distributed.teardown(clean)
+        distributed.teardown(clean=False)  # on an error: tell the other ranks and leave (nothing to do after a clean one)
     return 0
 
 

@@ -4,7 +4,9 @@ Each rank owns whole prompt groups, so advantages need no communication but batc
 crosses ranks: how many prompts are still wanted (dynamic sampling), batch_std's standard deviation, the
 loss normalisers (sequence, token and micro-batch counts), how many micro-batches the busiest rank has, the
 gradients (summed by FSDP2: ponder.sharding, which also shards the weights and optimizer state), and the
-step's figures (averaged). Rank 0 writes files; every rank writes its shards of a checkpoint.
+step's figures (averaged). Rank 0 writes files; every rank writes its shards of a checkpoint. A rank that stops on
+an error says why and leaves; the others, whose next collective then fails, say only that another rank stopped
+(teardown, another_rank_stopped).
 
 Start with `torchrun --nproc-per-node N -m ponder train RECIPE`; gloo on CPU, NCCL on GPUs. Several machines:
 the same command on each with `--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id RUN` (or
@@ -25,6 +27,10 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+
+# set in the process group's store (torchrun's, which outlives the ranks) by a rank that leaves on an error; one key
+# a restart, as torchrun starts the ranks afresh
+_STOPPED = f"ponder/stopped/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def launched() -> int:
@@ -65,12 +71,35 @@ def setup(timeout_minutes: float = 180.0) -> tuple[int, int]:
 def teardown(clean: bool = True) -> None:
     """Leave the process group before the interpreter exits: left to shutdown, gloo's threads were sometimes
     destroyed while running and the process aborted ("terminate called without an active exception", exit -6)
-    after a finished run. `clean`: every rank got here (a barrier first); else leave without waiting for others."""
+    after a finished run. `clean`: every rank got here (a barrier first). Else this rank stops on an error: it
+    tells the others (another_rank_stopped) and leaves without waiting for them, which ends the collective they
+    wait in at once (gloo: the connection closes; torchrun also stops them once this process exits)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if clean:
         dist.barrier()
+    elif active():
+        try:  # before leaving: a rank whose collective fails on our leaving finds the mark there
+            _store().add(_STOPPED, 1)
+        except (RuntimeError, ValueError):
+            pass  # no store to tell: the others' collectives fail all the same, only less quietly
     dist.destroy_process_group()
+
+
+def another_rank_stopped() -> bool:
+    """Whether another rank left the run on an error (teardown(clean=False)); ask before this rank's own teardown.
+    Then the error this rank got is that rank's leaving (gloo: "Connection closed by peer"): its message says why,
+    this rank's traceback would only bury it."""
+    if not active():
+        return False
+    try:
+        return _store().add(_STOPPED, 0) > 0
+    except (RuntimeError, ValueError):
+        return False  # cannot tell: the error stands as it is
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
 
 
 def active() -> bool:
