@@ -397,3 +397,29 @@ def test_an_error_on_rank_0_alone_stops_every_rank_with_one_line(tmp_path, where
     assert said == [[first], ["ponder: stopped: another rank stopped on an error (its message says why)"]], err
     if where == "checkpoint":
         assert not (tmp_path / "r" / "checkpoints" / "step-1").exists()
+
+
+def test_resume_may_change_how_the_run_is_sharded(tmp_path, capsys):
+    """train.sharding says how a run is laid out over processes, not what it learns, and every checkpoint loads into
+    every layout: resuming with it given, even as what auto had resolved to, asked for --allow-changes. So did
+    train.collective_timeout, how long a rank waits for the others."""
+    import yaml
+
+    from ponder.cli import main
+
+    base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=s", "train.threads=1",
+            "train.log_to=[]", "rollout.prompts_per_step=4"]
+    assert main(base + ["train.steps=1"]) == 0
+    assert main(base + ["train.steps=2", "train.sharding=none", "--resume"]) == 0, capsys.readouterr().err  # auto's here
+    # sharded (FSDP2 on one process: the code path of N ranks) from the unsharded checkpoint
+    assert main(base + ["train.steps=3", "train.sharding=fsdp", "train.collective_timeout=30", "--resume"]) == 0, \
+        capsys.readouterr().err
+    run = tmp_path / "s"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (run / "checkpoints" / "step-3" / "sharded").is_dir()
+    assert yaml.safe_load((run / "config.yaml").read_text())["changes"] == [
+        {"key": "train.steps", "old": 1, "new": 2, "from_step": 2},
+        {"key": "train.sharding", "old": "auto", "new": "none", "from_step": 2},
+        {"key": "train.steps", "old": 2, "new": 3, "from_step": 3},
+        {"key": "train.sharding", "old": "none", "new": "fsdp", "from_step": 3},
+        {"key": "train.collective_timeout", "old": 180.0, "new": 30.0, "from_step": 3}]

@@ -9,7 +9,7 @@ from ponder.cli import main
 from ponder.config import load_config
 
 SAFE = ("train.steps, train.save_every, train.keep_last, train.log_samples, guardrails.non_finite.max_nan_steps, train.threads, "
-        "train.log_to, eval.every")
+        "train.log_to, eval.every, train.sharding, train.collective_timeout")
 FAST = ["rollout.prompts_per_step=4", "rollout.group_size=4", "train.log_samples=1"]
 
 

@@ -24,10 +24,12 @@ import yaml
 from ponder.config import build, to_dict
 from ponder.errors import UserError
 
-# keys that change neither what a step computes nor what the run is: how long, how often, where figures go
+# keys that change neither what a step computes nor what the run is: how long, how often, where figures go. And
+# how a GRPO run is laid out over processes (torchrun): every checkpoint loads into every train.sharding, on any
+# number of ranks (sharded/ through torch.distributed.checkpoint; an unsharded one is split as it loads)
 SAFE_ON_RESUME = {
     "train": ("train.steps", "train.save_every", "train.keep_last", "train.log_samples", "guardrails.non_finite.max_nan_steps",
-              "train.threads", "train.log_to", "eval.every"),
+              "train.threads", "train.log_to", "eval.every", "train.sharding", "train.collective_timeout"),
     "sft": ("train.steps", "train.epochs", "train.save_every", "train.keep_last", "train.log_samples",
             "train.sample_max_new_tokens", "train.max_nan_steps", "train.threads", "train.log_to",
             "optim.token_budget"),  # SFT: how many tokens a micro-batch holds, the same gradient
