@@ -188,3 +188,30 @@ def test_a_custom_task_is_a_function_that_yields_examples(tmp_path, monkeypatch)
     with pytest.raises(UserError) as e:
         load_examples(TaskSpec(name="my_tasks.py:sums", options={"tpo": 2}))
     assert str(e.value) == "task 'my_tasks.py:sums' has no option 'tpo'; did you mean 'top'? valid options: top"
+
+
+def test_a_csv_prompt_template_keeps_latex_braces(tmp_path):
+    """A template's `\\frac{1}{2}` or `\\boxed{}` went to str.format: "no column '1'" or a ValueError traceback. Only
+    `{column}` is filled now; other braces are text, `{{x}}` a literal {x}. A CSV's columns show with its first rows:
+    its default prompt column (question) was looked for before them, as 'prompt'."""
+    data = tmp_path / "d.csv"
+    data.write_text("question,answer\nWhat is \\frac{1}{2} + 1?,3/2\nHalf of {4}?,2\n")
+    template = "{question} Put it in \\boxed{}, e.g. \\frac{1}{2} or {1, 2} or {{x}}{"
+    rows = load_examples(TaskSpec(name="hf", path=str(data), options={"prompt": template}))
+    assert [r["prompt"] for r in rows] == [
+        "What is \\frac{1}{2} + 1? Put it in \\boxed{}, e.g. \\frac{1}{2} or {1, 2} or {x}{",
+        "Half of {4}? Put it in \\boxed{}, e.g. \\frac{1}{2} or {1, 2} or {x}{"]
+    assert [r["prompt"] for r in load_examples(TaskSpec(name="hf", path=str(data)))] == ["What is \\frac{1}{2} + 1?", "Half of {4}?"]
+
+
+@pytest.mark.parametrize("template, line", [
+    ("{question} as \\frac{a}{b}", "task 'hf': the prompt template names '{a}', but {path} has no column 'a' (its columns: "
+                                   "question, answer); for braces in the text write {{a}}"),
+    ("{question} in \\boxed{answer}", "task 'hf': the prompt template puts the answer column '{answer}' in the prompt, "
+                                      "giving the answer away; for braces in the text write {{answer}}"),
+])
+def test_a_prompt_template_naming_no_column_is_one_line(tmp_path, error_line, template, line):
+    data = tmp_path / "d.csv"
+    data.write_text("question,answer\nHalf of 4?,2\n")
+    task = f"data.tasks=[{{name: hf, path: {data}, options: {{prompt: '{template}'}}}}]"
+    assert error_line("train", RECIPE, f"output_dir={tmp_path}", task) == "ponder: error: " + line.replace("{path}", str(data))

@@ -12,7 +12,9 @@ folder of such files, or a `save_to_disk` folder. Needs the `hf` extra (`pip ins
 Options:
 - `prompt`: the column holding the question (default: the first of prompt, question, problem present), or
   a template over columns, e.g. "{problem}\\n\\nGive the answer as a fraction."; a column of chat
-  messages is taken as it is.
+  messages is taken as it is. In a template, `{column}` is the row's value and any other brace is text
+  (`\\frac{1}{2}`, `\\boxed{}`); a name in braces that is no column is an error (a misspelt column), so write
+  `{{x}}` for a literal `{x}`, as in str.format.
 - `answer`: the column holding the answer (default: answer). A null or empty answer is an error that
   names the row.
 - `answer_format`: how the final answer is found in that column (ponder.tasks.math_formats): `plain` (the
@@ -36,7 +38,7 @@ Answers are checked by mathematical equivalence, like the `jsonl` task.
 
 from __future__ import annotations
 
-import string
+import re
 from pathlib import Path
 
 from ponder.errors import UserError
@@ -102,23 +104,16 @@ class HfDataset(Task):
             raise UserError(f"task 'hf': unknown answer_format '{answer_format}'; choose one of: {', '.join(FINAL_ANSWER)}")
         filters = {k: set(v) if isinstance(v, list) else {v} for k, v in (filter or {}).items()}
         ds = open_dataset(str(path), split, config, revision, bool(streaming))
-        columns = list(ds.column_names or [])
-        prompt = prompt or next((c for c in PROMPT_FIELDS if c in columns), PROMPT_FIELDS[0])
-        template = "{" in prompt
-        fields = [f for _, f, _, _ in string.Formatter().parse(prompt) if f] if template else [prompt]
-        used = [*fields, answer, *filters, *(metadata or [])]
-        if columns:
-            _check_columns(path, used, columns)
-        if metadata is not None:  # read only the columns used
-            ds = ds.select_columns(list(dict.fromkeys(used)))
         final = FINAL_ANSWER[answer_format]
         raw_as = "solution" if answer == "answer" else answer
+        plan = None  # what the columns decide (the prompt's column or template fields): known up front, or (a streamed
+        if ds.column_names:  # CSV or JSON file) from the first rows
+            plan = _Plan(path, prompt, answer, filters, metadata, list(ds.column_names))
+            if metadata is not None:  # read only the columns used
+                ds = ds.select_columns(plan.used)
         out, i = [], 0
         for batch in ds.iter(batch_size=512):
-            if not columns:  # a streamed JSON file tells its columns with its first rows
-                columns = list(batch)
-                _check_columns(path, used, columns)
-            keep = columns if metadata is None else list(metadata)
+            plan = plan or _Plan(path, prompt, answer, filters, metadata, list(batch))
             for values in zip(*batch.values()):
                 i += 1
                 row = dict(zip(batch, values))
@@ -130,16 +125,59 @@ class HfDataset(Task):
                 gold = final(row[answer])
                 if empty_value(gold):
                     raise UserError(f"{path}: row {i}: no final answer in column '{answer}' for answer_format '{answer_format}'")
-                text = prompt.format_map(row) if template else row[prompt]
+                text = plan.prompt_of(row)
                 if empty_value(text):
-                    raise UserError(f"{path}: row {i} has an empty prompt ('{prompt}')")
-                example = {k: row[k] for k in keep}
+                    raise UserError(f"{path}: row {i} has an empty prompt ('{plan.prompt}')")
+                example = {k: row[k] for k in plan.keep}
                 if answer_format != "plain" and raw_as not in example:
                     example[raw_as] = row[answer]
                 out.append({**example, "prompt": text, "answer": str(gold).strip(), "task": self.name})
                 if n and len(out) >= n:
                     return out
         return out
+
+
+# `{column}` in a prompt template; `{{` and `}}` are braces, as in str.format. Braces around anything else are text
+# (`\frac{1}{2}`, "put it in \boxed{}"): str.format raised on them, or took `{1}` for a column.
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+class _Plan:
+    """What a dataset's columns decide: the prompt's column or template, the columns read and the ones kept."""
+
+    def __init__(self, path, prompt, answer, filters, metadata, columns: list[str]):
+        self.prompt = prompt or next((c for c in PROMPT_FIELDS if c in columns), PROMPT_FIELDS[0])
+        self.template = "{" in self.prompt
+        self.fields = _template_fields(path, self.prompt, answer, columns) if self.template else [self.prompt]
+        self.used = list(dict.fromkeys([*self.fields, answer, *filters, *(metadata or [])]))
+        _check_columns(path, self.used, columns)
+        self.keep = columns if metadata is None else list(metadata)
+
+    def prompt_of(self, row: dict):
+        if not self.template:
+            return row[self.prompt]
+
+        def fill(m: re.Match) -> str:
+            if m[1] is None:  # {{ or }}
+                return m[0][0]
+            return str(row[m[1]]) if m[1] in self.fields else m[0]
+
+        return _PLACEHOLDER.sub(fill, self.prompt)
+
+
+def _template_fields(path, template: str, answer: str, columns: list[str]) -> list[str]:
+    """The columns a prompt template names. A name in braces that is no column is refused, as a misspelt column
+    would reach the model as text; so is the answer's column, which would give the answer away."""
+    fields = [m[1] for m in _PLACEHOLDER.finditer(template) if m[1] is not None and m[1] in columns]
+    wrong = next((m[1] for m in _PLACEHOLDER.finditer(template) if m[1] is not None and m[1] not in columns
+                  and m[1].isidentifier()), None)
+    if wrong is not None:
+        raise UserError(f"task 'hf': the prompt template names '{{{wrong}}}', but {path} has no column '{wrong}' (its columns: "
+                        f"{', '.join(columns)}); for braces in the text write {{{{{wrong}}}}}")
+    if answer in fields:
+        raise UserError(f"task 'hf': the prompt template puts the answer column '{{{answer}}}' in the prompt, giving the "
+                        f"answer away; for braces in the text write {{{{{answer}}}}}")
+    return list(dict.fromkeys(fields))
 
 
 def _check_columns(path, used: list[str], columns: list[str]) -> None:
