@@ -26,12 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, nproc: int, args: list[str], timeout: float, torchrun: list[str] = ()) -> subprocess.CompletedProcess:
-    """torchrun (its own options: `torchrun`) in its own process group, killed whole after `timeout` seconds: a hung
-    rank fails the test."""
+def launch(script: str, nproc: int, args: list[str], timeout: float, torchrun: list[str] = (),
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """torchrun (its own options: `torchrun`; its environment: `env`, else this one) in its own process group,
+    killed whole after `timeout` seconds: a hung rank fails the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
            *torchrun, script, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -423,3 +425,19 @@ def test_resume_may_change_how_the_run_is_sharded(tmp_path, capsys):
         {"key": "train.steps", "old": 2, "new": 3, "from_step": 3},
         {"key": "train.sharding", "old": "none", "new": "fsdp", "from_step": 3},
         {"key": "train.collective_timeout", "old": 180.0, "new": 30.0, "from_step": 3}]
+
+
+@pytest.mark.parametrize("setting, threads", [(None, 4), ("OMP_NUM_THREADS=1", 1), ("train.threads=2", 2)],
+                         ids=["default", "omp", "train.threads"])
+def test_ranks_of_one_machine_divide_its_cores(tmp_path, setting, threads):
+    """Two ranks on a machine of 8 cores (as the ranks see it): 4 threads each. Each took torchrun's default,
+    OMP_NUM_THREADS=1, and used 2 of the 8 cores (without torchrun's, every rank all 8: the machine oversubscribed).
+    An OMP_NUM_THREADS the user sets stands, 1 too (torchrun's value, but the user's), and so does train.threads."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if setting and setting.startswith("OMP"):
+        env["OMP_NUM_THREADS"] = setting.split("=")[1]
+    out = tmp_path / "threads.json"
+    overrides = [setting] if setting and setting.startswith("train.") else []
+    proc = launch("tests/dist_threads_check.py", 2, [str(out), f"output_dir={tmp_path}", *overrides], timeout=120, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert json.loads(out.read_text()) == [threads, threads]

@@ -1,4 +1,5 @@
-"""Plumbing every training command shares: the device, the seed, the precision and the resolved-config dump.
+"""Plumbing every training command shares: the device, the seed, the CPU threads, the precision and the
+resolved-config dump.
 
 The GRPO trainer (ponder.rl), the SFT trainer (ponder.sft), pretraining and sampling all need these, and
 none of them owns them: each imports them from here.
@@ -21,6 +22,7 @@ none of them owns them: each imports them from here.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -47,6 +49,35 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def set_threads(requested: int = 0) -> int:
+    """torch's CPU threads for this process, returned: `requested` (train.threads) where set; else, with several
+    processes on this machine (torchrun --nproc-per-node N: LOCAL_WORLD_SIZE), the cores divided among them, unless the
+    user set OMP_NUM_THREADS; else torch's default (OMP_NUM_THREADS, or every core). Each of N processes on every core
+    would oversubscribe the machine N times over, and torchrun's own default, OMP_NUM_THREADS=1 in each process
+    where the user set none, leaves all but N cores idle."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if requested:
+        torch.set_num_threads(requested)
+    elif local > 1 and not _user_set_omp_threads():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // local))
+    return torch.get_num_threads()
+
+
+def _user_set_omp_threads() -> bool:
+    """Whether OMP_NUM_THREADS is the user's: torchrun sets it to 1 for its processes where it was unset, so this
+    process's environment cannot tell, but torchrun's (the parent's) as it started can."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        return False
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # another launcher: set by the user or for them
+        return True
+    try:
+        with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+            return any(v.startswith(b"OMP_NUM_THREADS=") for v in f.read().split(b"\0"))
+    except OSError:  # no /proc (not Linux): take it as the user's, as torch does
+        return True
 
 
 def keep_freed_memory() -> bool:

@@ -38,7 +38,7 @@ from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
-from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed
+from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
 from ponder.tasks import PromptSampler, mix
 from ponder.templates import TEMPLATES, encoded_prompt
 
@@ -60,8 +60,7 @@ class GRPOTrainer:
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
         last = checkpoint.resume_point(self.run_dir, resume)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        set_threads(cfg.train.threads)  # under torchrun, the cores divided among the processes of this machine
         self.rank, self.world = distributed.setup(cfg.train.collective_timeout)
         if cfg.rollout.prompts_per_step % self.world:
             raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the {self.world} processes")
