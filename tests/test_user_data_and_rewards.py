@@ -215,3 +215,50 @@ def test_a_prompt_template_naming_no_column_is_one_line(tmp_path, error_line, te
     data.write_text("question,answer\nHalf of 4?,2\n")
     task = f"data.tasks=[{{name: hf, path: {data}, options: {{prompt: '{template}'}}}}]"
     assert error_line("train", RECIPE, f"output_dir={tmp_path}", task) == "ponder: error: " + line.replace("{path}", str(data))
+
+
+def test_a_column_named_like_a_builtin_rewards_option_leaves_the_option_alone():
+    """Rows with an `n` or `extract` column (a count of operands, say) reached repetition's n and accuracy's extract:
+    each stopped on a list ("n must be a positive integer, got [5, 5]", "unknown answer extraction mode"). A
+    built-in's options are the recipe's or its defaults; the columns it reads (answer, task, language's target)
+    still reach it."""
+    from ponder.rewards import RewardSet
+
+    rewards = RewardSet({"repetition": 1.0, "accuracy": 1.0, "language": 1.0})
+    completions = ["<think>so go so go so go so go</think> <answer>7</answer>", "<think>二加五</think> <answer>6</answer>"]
+    columns = {"answer": ["7", "7"], "task": ["jsonl", "jsonl"], "target": ["en", "zh"]}
+    plain = rewards.score(completions, ["3+4"] * 2, columns)
+    assert plain[1] == {"repetition": [pytest.approx(-2 / 7), 0.0], "accuracy": [1.0, 0.0], "language": [1.0, 1.0]}
+    assert rewards.score(completions, ["3+4"] * 2, {**columns, "n": [5, 5], "extract": ["none", "none"]}) == plain
+    set_n = RewardSet({"repetition": {"weight": 1.0, "n": 2}})  # the recipe's option is the one used
+    assert set_n.score(completions, ["3+4"] * 2, {**columns, "n": [5, 5]})[1] == {"repetition": [-0.375, 0.0]}
+
+
+STRICT = textwrap.dedent("""
+    def strict_len(completions, *, prompts, strict=False, level=None, **_):
+        return [float(len(c) < 3 or not strict) + (lv or 0) for c, lv in zip(completions, level or [None] * len(completions))]
+""")
+
+
+def test_a_column_named_like_an_option_of_ones_own_reward_is_refused_at_start(tmp_path, monkeypatch):
+    """A `strict` column silently took the place of strict=False (a list of False is truthy). Such a clash is refused
+    before the first step, even where the first example lacks the column; set in the recipe, the option wins; a
+    parameter with a default of None (`level`) reads its column."""
+    from ponder.rewards import RewardSet
+    from ponder.train import train
+
+    (tmp_path / "mine.py").write_text(STRICT)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2", "strict": false, "level": 1}\n')
+    tasks = f"data.tasks=[{{name: first_digit, n: 4}}, {{name: jsonl, path: {data}}}]"  # the first example has no strict
+    cfg = load_config(RECIPE, [f"output_dir={tmp_path / 'runs'}", *SMALL, tasks, "rewards.mine.py:strict_len=1.0"])
+    with pytest.raises(UserError) as e:
+        train(cfg, stop_after=1)
+    assert str(e.value) == ("reward 'mine.py:strict_len': its option 'strict' (default False) has the name of a column of the "
+                            "data, whose values would take its place; set it in the recipe (rewards.mine.py:strict_len.strict), "
+                            "or rename the parameter (one without a default, or with None, reads the column)")
+    assert (tmp_path / "runs" / "smoke-first-digit" / "metrics.jsonl").read_text() == ""  # before the first step
+    set_in_recipe = RewardSet({"mine.py:strict_len": {"weight": 1.0, "strict": False}})
+    _, per_fn = set_in_recipe.score(["abcd", "ab"], ["1+1"] * 2, {"answer": ["2", "2"], "strict": [True, True], "level": [1, 2]})
+    assert per_fn == {"strict_len": [2.0, 3.0]}

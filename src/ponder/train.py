@@ -41,6 +41,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
     require_backends(cfg.train.log_to)
     changes = resuming.check(cfg, "train", allow_changes) if resume else None
     trainer = GRPOTrainer(cfg, resume=resume)
+    _check_before_training(trainer)
     main = trainer.rank == 0  # with torchrun, rank 0 prints and writes; every rank evaluates its share
     if changes is not None and main:
         resuming.record(trainer.run_dir, changes, trainer.step_no)
@@ -93,6 +94,12 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
             console.print(f"report: {write_report(trainer.run_dir)}")
     trainer.metrics.close()
     return trainer
+
+
+def _check_before_training(trainer) -> None:
+    """What needs every example (the trainer checks the first one before it loads the model): one line before the
+    first step, not a failure in it or a change unseen."""
+    trainer.rewards.check_columns({k for ex in trainer.examples for k in ex if k != "prompt"})
 
 
 def _stop(trainer, main: bool):

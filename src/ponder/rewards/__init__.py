@@ -15,6 +15,11 @@ or `{path/to/file.py:brevity: 0.5}` (a relative path is from the working directo
 contract above, gets the whole batch in one call (every completion of the step), may be `async def`
 (it is awaited), receives its recipe options as keyword arguments, and is logged under the function's
 name: `reward/brevity`.
+
+Columns and options share the keyword arguments; a column never changes an option unseen. A built-in names the
+columns it reads (`register(name, columns=...)`): its other parameters are options, the recipe's or their defaults.
+Of one's own, a parameter with a default other than None is an option: a column of its name, the option not set in
+the recipe, is refused at start-up (which one was meant is unknown); one without a default, or None, reads a column.
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ RewardFn = Callable[..., list]
 REWARDS: dict[str, RewardFn] = {}
 
 
-def register(name: str):
+def register(name: str, columns: tuple[str, ...] = ()):
+    """Register a built-in reward. `columns`: the parameters it reads from the examples; its other parameters are
+    options, set by the recipe alone (a column of the same name never reaches them)."""
     def deco(fn: RewardFn) -> RewardFn:
         REWARDS[name] = fn
+        fn.reads_columns = frozenset(columns)
         return fn
 
     return deco
@@ -75,6 +83,7 @@ class RewardSet:
         self.weights: dict[str, float] = {}
         self.options: dict[str, dict] = {}  # recipe options win over example columns of the same name
         self.refs: dict[str, str] = {}  # logged name -> the name in the recipe (module:fn for one's own)
+        self.option_params: dict[str, dict[str, Any]] = {}  # name -> {option parameter: its default}
         for ref, value in spec.items():
             opts = dict(value) if isinstance(value, dict) else {"weight": value}
             weight = opts.pop("weight", 1.0)
@@ -85,6 +94,7 @@ class RewardSet:
                 raise UserError(f"rewards '{self.refs[name]}' and '{ref}' would both be logged as reward/{name}; rename one function")
             self.fns[name] = get_reward(str(ref))
             _check_options(self.fns[name], str(ref), opts)
+            self.option_params[name] = _option_params(self.fns[name], builtin=":" not in str(ref))
             self.options[name] = opts
             self.weights[name] = float(weight)
             self.refs[name] = str(ref)
@@ -93,7 +103,8 @@ class RewardSet:
         per_fn: dict[str, list[float | None]] = {}
         for name, fn in self.fns.items():
             ref = self.refs[name]
-            kwargs = {**columns, **self.options[name]}
+            passed = self._passed_columns(name, columns)
+            kwargs = {**{k: v for k, v in columns.items() if k in passed}, **self.options[name]}
             try:
                 inspect.signature(fn).bind(completions, prompts=prompts, **kwargs)
             except TypeError as e:
@@ -128,8 +139,44 @@ class RewardSet:
         two completions (a wrong one and the gold answer), so a wrong length shows too."""
         completions = [completion, f"<think>x</think> <answer>{example.get('answer', 0)}</answer>"]
         columns = {k: [v, v] for k, v in example.items() if k != "prompt"}
+        self.check_columns(columns)
         columns.update(completion_length=[len(c) for c in completions], truncated=[False, False], think_opened=[False, False])
         self.score(completions, [example["prompt"]] * 2, columns)
+
+    def check_columns(self, names) -> None:
+        """Refuse, before training, a data column that would change a reward's options unseen (`names`: the columns of
+        every example, when the trainer has them all; check() looks at the first example's)."""
+        for key in ("completions", "prompts"):
+            if key in names:
+                raise UserError(f"the data's column '{key}' has the name of the reward contract's own argument; rename the column")
+        for name in self.fns:
+            self._passed_columns(name, names)
+
+    def _passed_columns(self, name: str, names) -> set[str]:
+        """The columns passed to a reward: not those named like its options. A built-in's options are the recipe's or
+        their defaults; a column named like an option of one's own is refused, since which was meant is unknown."""
+        clash = [k for k in self.option_params[name] if k in names and k not in self.options[name]]
+        ref = self.refs[name]
+        if clash and ":" in ref:
+            p, default = clash[0], self.option_params[name][clash[0]]
+            raise UserError(f"reward '{ref}': its option '{p}' (default {default!r}) has the name of a column of the data, "
+                            f"whose values would take its place; set it in the recipe (rewards.{ref}.{p}), or rename the "
+                            "parameter (one without a default, or with None, reads the column)")
+        return set(names) - set(clash)
+
+
+def _option_params(fn, builtin: bool) -> dict[str, Any]:
+    """A reward's options, by their defaults: a built-in's parameters but the columns it declares it reads; one's
+    own, the parameters with a default other than None (`answer=None`, like one without a default, reads a column)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = [p for p in params if p.kind in kinds and p.name not in ("completions", "prompts")]
+    if builtin:
+        return {p.name: p.default for p in named if p.name not in getattr(fn, "reads_columns", ())}
+    return {p.name: p.default for p in named if p.default is not p.empty and p.default is not None}
 
 
 def _named_options(fn) -> set[str] | None:

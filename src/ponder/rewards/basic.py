@@ -13,7 +13,7 @@ def _uses_answers_match(task) -> bool:
     return type(task).verify is Task.verify or getattr(task, "matches_answers", False)
 
 
-@register("accuracy")
+@register("accuracy", columns=("answer", "task", "think_opened"))
 def accuracy(completions, *, prompts, answer=None, task=None, extract: str = "tags_or_boxed", think_opened=None, **columns):
     """Rewards a right final answer: 1 when the extracted answer passes the task's verifier (DeepSeek-R1).
 

@@ -96,7 +96,7 @@ def score_programs(programs: list[str | None], examples: list[dict], sandbox: Sa
     return out
 
 
-@register("code")
+@register("code", columns=("tests", "entry_point", "code_prefix"))
 def code(completions, *, prompts, tests=None, entry_point=None, code_prefix=None, partial: bool = False,
          timeout: float = 10.0, memory_mb: int = 512, workers: int | None = None, unsafe: bool = False, **_):  # fmt: skip
     """1 when the completion's program passes all of its example's tests (or the fraction, with `partial`)."""

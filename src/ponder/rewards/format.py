@@ -17,7 +17,7 @@ def strict_format(completion: str, think_opened: bool = False) -> bool:
     return bool(STRICT_FORMAT.match("<think>" + completion if think_opened else completion))
 
 
-@register("format")
+@register("format", columns=("think_opened",))
 def format_reward(completions, *, prompts, think_opened=None, **_):
     """Rewards the strict R1-Zero format: exactly one <think> block then one <answer> block, nothing outside (DeepSeek-R1)."""
     return [float(strict_format(c, bool(o))) for c, o in zip(completions, think_opened or [False] * len(completions))]

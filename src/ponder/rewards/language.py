@@ -68,7 +68,7 @@ def example_language(value, default: str = "en") -> str:
     return default
 
 
-@register("language")
+@register("language", columns=("target",))  # target: an option, or else each example's own
 def language(completions, *, prompts, target="en", lang: str | None = None, **_):
     """Rewards a chain of thought in one language: the share of its words in the target (DeepSeek-R1's language consistency reward).
 

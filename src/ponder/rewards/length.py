@@ -19,7 +19,7 @@ def _positive(name: str, option: str, value) -> None:
         raise UserError(f"reward '{name}': {option} must be a positive number of tokens, got {value!r}")
 
 
-@register("overlong")
+@register("overlong", columns=("completion_length",))
 def overlong(completions, *, prompts, completion_length=None, max_len=None, buffer=None, **_):
     """Penalizes length near the limit: 0 up to max_len - buffer, then linearly down to -1 at max_len (DAPO's soft overlong punishment, arXiv 2503.14476).
 
@@ -44,7 +44,7 @@ def overlong(completions, *, prompts, completion_length=None, max_len=None, buff
     return out
 
 
-@register("cosine_length")
+@register("cosine_length", columns=("completion_length", "truncated"))  # and accuracy's, through **columns
 def cosine_length(completions, *, prompts, completion_length=None, truncated=None, max_len=None,
                   r0_correct: float = 2.0, rL_correct: float = 1.0, r0_wrong: float = -10.0, rL_wrong: float = 0.0,
                   exceed: float = -10.0, extract: str = "tags_or_boxed", **columns):
