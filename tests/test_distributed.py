@@ -378,11 +378,11 @@ def test_ranks_share_an_evaluation_and_give_one_process_figures(tmp_path):
 @pytest.mark.parametrize("where", ["report", "checkpoint"])
 def test_an_error_on_rank_0_alone_stops_every_rank_with_one_line(tmp_path, where):
     """Rank 0 alone fails (a UserError writing the report; the disk full writing a checkpoint) while rank 1 waits
-    for it in a collective: rank 1 died with gloo's "Connection closed by peer" traceback (with NCCL it waited for
-    the collective timeout), and the full disk was a traceback on rank 0 too. Now rank 0 says its one line and
-    leaves, marking the group's store; rank 1's collective fails at once and it says, once, that another rank
-    stopped. torchrun checks its workers every 5 s here (0.1 by default), so that its SIGTERM, which would end
-    rank 1 silently (also fine), does not race rank 1's own exit, the path under test."""
+    for it in a collective: rank 1 died with gloo's "Connection closed by peer" traceback, and the full disk was a
+    traceback on rank 0 too. Now rank 0 says its one line and leaves, marking the group's store; rank 1's
+    collective fails at once and it says, once, that another rank stopped. torchrun checks its workers every 5 s
+    here (0.1 by default), so that its SIGTERM, which would end rank 1 silently (also fine), does not race rank 1's
+    own exit, the path under test."""
     logs = tmp_path / "logs"
     args = [where, "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=r", "train.steps=1",
             "train.threads=1", "train.log_to=[]"]
