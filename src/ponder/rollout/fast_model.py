@@ -86,6 +86,9 @@ class Forward:
         if (torch.device(device).type == "cpu" and attention != "triton"
                 and math.prod(shape) * dtype.itemsize <= ROW_KV_BYTES):
             self.row_kv = torch.zeros(shape, dtype=dtype, device=device)
+            # offset of (k or v, kv head) in a row's slots: [1, 2, kv heads]
+            lane = torch.arange(2, device=device)[:, None] * (rows * arch.n_kv) + torch.arange(arch.n_kv, device=device)
+            self._kv_lane = (lane * positions)[None]
 
     @property
     def rows(self) -> int:
@@ -265,6 +268,9 @@ class Forward:
         if store is None:
             if rows is None:
                 page, off = table[idx, pos // self.block], pos % self.block
+            else:  # each row's K and V slot in a layer's copy seen as [2 * rows * kv heads * positions, D]: one
+                # index for every layer's write, which as index_copy_ costs a third of advanced indexing's
+                at = (self._kv_lane + (idx * (a.n_kv * self.positions) + pos)[:, None, None]).view(-1)
         mask = None
         if self.attention != "triton":  # the kernel reads each row's live slots itself
             # additive mask made once per step (a boolean one would be converted again in every layer)
@@ -287,7 +293,7 @@ class Forward:
                 # step reads, or the pool. The pool's copy of a decoded token is never read where the copy exists:
                 # a row taken up later loads only blocks that prefill wrote (its prompt's, or its recomputed ones)
                 if rows is not None:
-                    rows[li][:, idx, :, pos] = kv
+                    rows[li].view(-1, a.head_dim).index_copy_(0, at, kv.view(-1, a.head_dim))
                 else:
                     cache[:, page, :, off] = kv
             if q_scale is not None:
