@@ -41,6 +41,9 @@ REWARDS = textwrap.dedent("""
 
     def text_values(completions, **_):
         return ["high"] * len(completions)
+
+    def not_finite(completions, *, prompts, answer, **_):
+        return [float("nan") if i == 1 else 0.0 for i in range(len(completions))]
 """)
 
 
@@ -262,3 +265,23 @@ def test_a_column_named_like_an_option_of_ones_own_reward_is_refused_at_start(tm
     set_in_recipe = RewardSet({"mine.py:strict_len": {"weight": 1.0, "strict": False}})
     _, per_fn = set_in_recipe.score(["abcd", "ab"], ["1+1"] * 2, {"answer": ["2", "2"], "strict": [True, True], "level": [1, 2]})
     assert per_fn == {"strict_len": [2.0, 3.0]}
+
+
+def test_a_reward_of_nan_or_inf_is_one_line_naming_the_example(tmp_path, monkeypatch, error_line):
+    """NaN was taken for "does not apply" unseen (DESIGN: that is None), and inf went into the group's mean and every
+    advantage. Either is one line naming the function, the value and the example."""
+    from ponder.rewards import RewardSet
+
+    (tmp_path / "bad.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "3+4=", "answer": "7"}\n')
+    line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"data.tasks=[{{name: jsonl, path: {data}}}]",
+                      "rewards.bad.py:not_finite=1.0")
+    assert line == ("ponder: error: reward 'bad.py:not_finite' returned nan for completion 2 of the batch (prompt '3+4=', "
+                    "answer '7'); a reward must be a finite number, or None where it does not apply")
+    shaped = RewardSet({"cosine_length": {"weight": 1.0, "max_len": 8, "exceed": float("-inf")}})
+    with pytest.raises(UserError, match=r"^reward 'cosine_length' returned -inf for completion 1 of the batch \(prompt "
+                                        r"\[\{'role': 'user', 'content': 'long'\}\], answer '7'\); a reward must be a finite"):
+        shaped.score(["x" * 9], [[{"role": "user", "content": "long"}]], {"answer": ["7"], "task": ["jsonl"],
+                                                                         "completion_length": [9], "truncated": [True]})

@@ -2,7 +2,7 @@
 
 Contract (DESIGN.md): `fn(completions: list[str], *, prompts: list, **columns) -> list[float | None]`,
 one value per completion; None means "does not apply" (it adds nothing to the total and is left out
-of the function's logged mean). `columns` holds the examples' fields (`answer`, `task`, metadata),
+of the function's logged mean). NaN or inf is refused, naming the function, the value and the example. `columns` holds the examples' fields (`answer`, `task`, metadata),
 plus `completion_length` (tokens), `truncated` (bool) and `think_opened` (bool: the prompt's text left a think
 block open, as R1-Distill's chat template does) for each completion. Functions ignore
 columns they do not use.
@@ -29,7 +29,7 @@ import difflib
 import inspect
 import numbers
 import traceback
-from math import isnan  # (a plain `import math` would be shadowed by the submodule ponder.rewards.math)
+from math import isfinite  # (a plain `import math` would be shadowed by the submodule ponder.rewards.math)
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,14 +124,16 @@ class RewardSet:
             if len(values) != len(completions):
                 raise UserError(f"reward '{ref}' returned {len(values)} value{'s' * (len(values) != 1)} for {len(completions)} completions; "
                                 "it must return one value per completion")
-            for v in values:
+            for i, v in enumerate(values):
                 if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
                     raise UserError(f"reward '{ref}' returned {v!r}; values must be numbers or None")
+                if v is not None and not isfinite(v):  # NaN would poison the group's advantages, inf every update
+                    answer = columns.get("answer", [None] * len(values))[i]
+                    raise UserError(f"reward '{ref}' returned {float(v)} for completion {i + 1} of the batch (prompt "
+                                    f"{prompts[i]!r:.60}, answer {answer!r:.30}); a reward must be a finite number, or None "
+                                    "where it does not apply")
             per_fn[name] = [None if v is None else float(v) for v in values]
-        totals = [
-            sum(self.weights[n] * per_fn[n][i] for n in per_fn if per_fn[n][i] is not None and not isnan(per_fn[n][i]))
-            for i in range(len(completions))
-        ]
+        totals = [sum(self.weights[n] * per_fn[n][i] for n in per_fn if per_fn[n][i] is not None) for i in range(len(completions))]
         return totals, per_fn
 
     def check(self, example: dict, completion: str = "<think>x</think> <answer>0</answer>") -> None:
