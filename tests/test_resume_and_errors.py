@@ -386,6 +386,34 @@ def test_a_finished_run_resumed_keeps_its_evaluation_and_logs_nothing_again(tmp_
     assert "eval/arithmetic/test/pass@1" in last and json.loads((run / "eval_before.json").read_text()).keys() == {"arithmetic/test"}
 
 
+def test_resuming_a_run_of_the_other_command_is_one_line_naming_the_command_that_resumes_it(tmp_path, error_line, capsys):
+    """`ponder sft --resume runs/x` where runs/x is a GRPO run (and the reverse): the directory was a recipe 'not
+    found', its config.yaml an unknown key (or 'did you mean data.tasks'), and a recipe named at it every setting
+    listed as a change. One line names the command that resumes it, and that command, given the directory, does."""
+    out = f"output_dir={tmp_path}"
+    grpo_recipe, sft_recipe = "recipes/smoke-first-digit.yaml", "recipes/coldstart-tiny.yaml"
+    assert main(["train", grpo_recipe, out, "name=grpo", "train.steps=1", "rollout.prompts_per_step=2"]) == 0
+    assert main(["sft", sft_recipe, out, "name=cold", "train.steps=1", "data.coldstart=[{name: arithmetic, n: 4}]", "eval.tasks=[]"]) == 0
+    capsys.readouterr()
+    runs = {"train": tmp_path / "grpo", "sft": tmp_path / "cold"}
+    kept = {p: p.read_bytes() for run in runs.values() for p in (run / "config.yaml", run / "metrics.jsonl")}
+    for command, kind in (("sft", "train"), ("train", "sft")):
+        run, recipe = runs[kind], sft_recipe if command == "sft" else grpo_recipe
+        line = (f"ponder: error: {run} is a `ponder {kind}` run, not a `ponder {command}` one; resume it with "
+                f"`ponder {kind} {run} --resume`")
+        assert error_line(command, "--resume", str(run)) == line
+        assert error_line(command, str(run / "config.yaml"), "--resume") == line
+        assert error_line(command, recipe, out, f"name={run.name}", "--resume", "--allow-changes") == line
+    assert {p: p.read_bytes() for p in kept} == kept
+    # what the line says to do works: a run's directory resumes it, here with one more step
+    for kind, run in runs.items():
+        assert main([kind, str(run), "--resume", "train.steps=2"]) == 0
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert error_line("train", "--resume", str(tmp_path)) == (
+        f"ponder: error: '{tmp_path}' is a directory without a run's config.yaml; give a YAML recipe, or the directory "
+        "of a `ponder train` run to resume")
+
+
 @pytest.mark.parametrize("command, setting, line", [
     ("train", "model.lora={r: 0}", "config model.lora.r must be at least 1; got 0"),
     ("sft", "model.lora={r: 4, dropout: 1.5}", "config model.lora.dropout must be in [0, 1); got 1.5"),

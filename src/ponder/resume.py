@@ -70,6 +70,7 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     saved = load_saved(path)
     if saved is None:
         return ResumeChanges()
+    refuse_other_kind(cfg.run_dir, saved, command)
     previous = saved.pop(CHANGES_KEY, None) or []
     if command == "train":
         _move_key(saved, "train.max_nan_steps", "guardrails.non_finite.max_nan_steps")
@@ -89,6 +90,53 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
                         "to continue with them (config.yaml records each change and the step it applies from), or "
                         f"leave them out. Safe to change on resume: {', '.join(safe)}")
     return ResumeChanges(previous if isinstance(previous, list) else [previous], changed)
+
+
+def recipe_of(command: str, recipe: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """The recipe and overrides that `ponder <command> RECIPE --resume` resumes with. RECIPE may be the run's
+    directory (`ponder sft --resume runs/x`): its config.yaml, with the directory where it is now (a run moved, or
+    one named from another working directory, has another place than its config.yaml's relative output_dir).
+    A run of another command, named by its directory or its config.yaml, is refused in one line here: read as
+    this command's recipe it ended in an unknown key, or in a list of every setting as a change."""
+    p = Path(recipe)
+    if p.is_dir():
+        saved = load_saved(p / "config.yaml")
+        if saved is None:
+            raise UserError(f"'{recipe}' is a directory without a run's config.yaml; give a YAML recipe, or the directory "
+                            f"of a `ponder {command}` run to resume")
+        refuse_other_kind(p, saved, command)
+        # quoted: a directory named 2024 or true is a name, not a number or a flag
+        return str(p / "config.yaml"), [f"output_dir={json.dumps(str(p.parent))}", f"name={json.dumps(p.name)}", *overrides]
+    if p.name == "config.yaml" and (p.parent / "checkpoints").is_dir():  # a run's own config.yaml
+        saved = load_saved(p)
+        if saved is not None:
+            refuse_other_kind(p.parent, saved, command)
+    return recipe, overrides
+
+
+def refuse_other_kind(run_dir: Path, saved: dict, command: str) -> None:
+    kind = run_kind(saved)
+    if kind is not None and kind != command:
+        where = run_dir if kind in SAFE_ON_RESUME else Path(run_dir) / "config.yaml"  # only these take a directory
+        raise UserError(f"{run_dir} is a `ponder {kind}` run, not a `ponder {command}` one; resume it with "
+                        f"`ponder {kind} {where} --resume`")
+
+
+def run_kind(saved: dict) -> str | None:
+    """The command whose run wrote this config.yaml: the one whose recipe takes all of its keys (each command's
+    config.yaml holds every key of its own recipe, so only one does). None where none or several do."""
+    import importlib
+
+    from ponder.config import RECIPE_CLASSES
+
+    kinds = []
+    for command, (module, name) in RECIPE_CLASSES.items():
+        try:
+            build(getattr(importlib.import_module(module), name), saved)
+        except (UserError, TypeError, ValueError):
+            continue
+        kinds.append(command)
+    return kinds[0] if len(kinds) == 1 else None
 
 
 def _move_key(data: dict, old: str, new: str) -> None:
