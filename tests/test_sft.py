@@ -322,3 +322,20 @@ def test_epochs_take_each_example_once_even_when_the_batch_is_larger_than_the_da
                                                                             (4, 16 / 11), (1, 17 / 11)]
     run = sft(cfg_for(tmp_path, [data], "name=e32", "train.batch_size=32", "train.epochs=1"), quiet=True)
     assert [(m["examples"], m["epoch"]) for m in _metrics(run.run_dir)] == [(11, 1.0)]
+
+
+def test_more_epochs_on_resume_take_each_example_once_more_per_epoch(tmp_path):
+    """train.epochs raised on --resume: 10 examples in batches of 4 take 4, 4, 2 an epoch. Counted from the start,
+    2 epochs were ceil(20 / 4) = 5 steps, so the second epoch got 2 steps (18 of the 20 examples): the first
+    epoch's short last batch had cost a step. It is 3 more steps, the 10 examples once more."""
+    data = write_jsonl(tmp_path / "d.jsonl", (ROWS * 3)[:10])
+    common = ["name=more", "train.batch_size=4", "train.save_every=0"]
+    first = sft(cfg_for(tmp_path, [data], *common, "train.epochs=1"), quiet=True)
+    assert first.total_steps == 3
+    run = sft(cfg_for(tmp_path, [data], *common, "train.epochs=2"), resume=True, quiet=True)
+    rows = _metrics(run.run_dir)
+    assert [(m["step"], m["examples"]) for m in rows] == [(1, 4), (2, 4), (3, 2), (4, 4), (5, 4), (6, 2)]
+    assert rows[-1]["epoch"] == 2.0 and run.step_no == run.total_steps == 6
+    # and a third epoch, from a run that has ended twice on a short batch
+    run = sft(cfg_for(tmp_path, [data], *common, "train.epochs=3"), resume=True, quiet=True)
+    assert run.step_no == 9 and _metrics(run.run_dir)[-1]["epoch"] == 3.0

@@ -49,8 +49,7 @@ class SFTTrainer:
         self.precision = chooser.chosen
         self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, rows)
         self.lengths = [len(e.ids) for e in self.examples]
-        t = cfg.train
-        self.total_steps = t.steps or max(1, math.ceil(t.epochs * len(self.examples) / t.batch_size))
+        self.total_steps = self._planned_steps()
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, self.total_steps, self.precision.moments)
         self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
         self.step_no, self.nan_streak = 0, 0
@@ -61,6 +60,18 @@ class SFTTrainer:
         (self.run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0,
                                      log_to=cfg.train.log_to, config=to_dict(cfg))
+
+    def _planned_steps(self) -> int:
+        """train.steps, or the steps that train.epochs passes over the data take: those done, then the examples left
+        in batches. Counted from the start, a resume with more epochs came up short: each epoch that ended in a
+        short batch (10 examples in batches of 4: 4, 4, 2) spent a whole step on it, which ceil(epochs x 10 / 4)
+        does not count (2 epochs: 5 steps, where 3 + 3 take the 20 examples)."""
+        t = self.cfg.train
+        if t.steps:
+            return t.steps
+        done, position = (self.state["step"], self.state["sampler_position"]) if self.state else (0, 0)
+        left = max(0, math.ceil(t.epochs * len(self.examples)) - position)  # as step() draws them
+        return max(1, done + math.ceil(left / t.batch_size))
 
     # ---------------------------------------------------------------- one optimizer step
     def step(self) -> dict:
