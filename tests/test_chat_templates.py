@@ -208,3 +208,80 @@ def test_lora_on_a_tied_embedding_is_refused(target):
                                         r"\(tie_word_embeddings\); leave it out of target_modules"):
         load_trainable(ModelConfig(path="tiny-random", lora=LoraConfig(target_modules=["q_proj", target])))
     load_trainable(ModelConfig(path="tiny-random", lora=LoraConfig(target_modules=["q_proj", "v_proj"])))
+
+
+RECIPE = "recipes/smoke-first-digit.yaml"
+# refuses a system turn in its own words (Gemma's does), and, to stand for a failure no single shape shows, one message
+REFUSING = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+            "{% if 'forbidden' in m.content %}{{ raise_exception('Forbidden word') }}{% endif %}"
+            "[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def chat_model(path, template):
+    """tiny-random saved as a model directory whose tokenizer has `template` as its chat template."""
+    from ponder.models.tiny import tiny_random
+
+    model, t = tiny_random()
+    t.chat_template = template
+    model.save_pretrained(path)
+    t.save_pretrained(path)
+    return str(path)
+
+
+def jsonl(path, *prompts):
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in prompts))
+    return f"data.tasks=[{{name: jsonl, path: {path}}}]"
+
+
+def test_a_chat_template_refusing_the_data_is_one_line_before_training(tmp_path, error_line, capsys):
+    """jinja's TemplateError went up as a traceback from the first step (or the evaluation before it)."""
+    model = chat_model(tmp_path / "m", REFUSING)
+    capsys.readouterr()  # the save's progress bar
+    data = jsonl(tmp_path / "d.jsonl", "3+4", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4"}])
+    assert error_line("train", RECIPE, f"output_dir={tmp_path}", f"model.path={model}", "data.template=chat", data) == (
+        "ponder: error: the tokenizer's chat template fails on example 2 of task 'jsonl' (roles: system, user): System role "
+        "not supported; change those chat messages (templates may refuse a system turn, or turns that do not alternate "
+        "user/assistant), or use data.template=r1_zero or plain")
+    assert (tmp_path / "smoke-first-digit" / "metrics.jsonl").read_text() == ""  # no step taken
+
+
+def test_chat_messages_without_a_user_turn_are_one_line_under_a_chat_template(tmp_path, error_line, capsys):
+    """A chat template refused them in its own words from the first step (Qwen3's: "No user query found in messages."),
+    or rendered a prompt with no question."""
+    model = chat_model(tmp_path / "m", REFUSING.replace("raise_exception('System role not supported')", "''"))
+    capsys.readouterr()
+    data = jsonl(tmp_path / "d.jsonl", [{"role": "system", "content": "Be brief."}])
+    assert error_line("train", RECIPE, f"output_dir={tmp_path}", f"model.path={model}", "data.template=chat", data) == (
+        f"ponder: error: task 'jsonl' ({tmp_path / 'd.jsonl'}), example 1: the prompt's chat messages have no user turn "
+        '(roles: system); add a {"role": "user", "content": ...} message holding the question')
+
+
+def test_a_chat_template_failing_on_one_message_mid_run_is_one_line(tmp_path, smoke_cfg):
+    """A failure that only a message's text brings out (the check before training renders one prompt of each shape)."""
+    from ponder.errors import UserError
+    from ponder.train import train
+
+    model = chat_model(tmp_path / "m", REFUSING)
+    cfg = smoke_cfg(f"model.path={model}", "data.template=chat", jsonl(tmp_path / "d.jsonl", "3+4", "a forbidden sum"),
+                    "rollout.prompts_per_step=4", "rollout.group_size=2", "train.steps=2", "train.save_every=0")
+    with pytest.raises(UserError) as e:
+        train(cfg)
+    assert str(e.value) == ("the tokenizer's chat template fails on a prompt: Forbidden word; change those chat messages "
+                            "(templates may refuse a system turn, or turns that do not alternate user/assistant), or use "
+                            "data.template=r1_zero or plain")
+
+
+def test_sft_rows_a_chat_template_refuses_are_one_line(tok):
+    from ponder.errors import UserError
+    from ponder.sft.data import load_data
+    from types import SimpleNamespace
+
+    tok.chat_template = REFUSING
+    rows = [{"prompt": "3+4", "completion": "7"}, {"messages": [{"role": "system", "content": "Be brief."},
+                                                                {"role": "user", "content": "3+4"}, {"role": "assistant", "content": "7"}]}]
+    cfg = SimpleNamespace(data=SimpleNamespace(max_len=64, template="chat", add_eos=True))
+    with pytest.raises(UserError) as e:
+        load_data(cfg, tok, SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64)), rows)
+    assert str(e.value).startswith("the tokenizer's chat template fails on SFT row 2: System role not supported; change those")

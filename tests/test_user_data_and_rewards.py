@@ -285,3 +285,31 @@ def test_a_reward_of_nan_or_inf_is_one_line_naming_the_example(tmp_path, monkeyp
                                         r"\[\{'role': 'user', 'content': 'long'\}\], answer '7'\); a reward must be a finite"):
         shaped.score(["x" * 9], [[{"role": "user", "content": "long"}]], {"answer": ["7"], "task": ["jsonl"],
                                                                          "completion_length": [9], "truncated": [True]})
+
+
+@pytest.mark.parametrize("template", ["plain", "r1_zero"])
+def test_chat_messages_without_a_user_turn_are_one_line(tmp_path, error_line, template):
+    """A text template shows the last user turn: with none, StopIteration's traceback (the chat template's case:
+    tests/test_chat_templates.py)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "3+4", "answer": "7"}\n{"prompt": [{"role": "system", "content": "Be brief."}], "answer": "7"}\n')
+    line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"data.template={template}", f"data.tasks=[{{name: jsonl, path: {data}}}]")
+    assert line == (f"ponder: error: task 'jsonl' ({data}), example 2: the prompt's chat messages have no user turn (roles: system); "
+                    'add a {"role": "user", "content": ...} message holding the question')
+
+
+def test_sft_prompts_without_a_user_turn_are_one_line(tmp_path):
+    from ponder.sft.data import encode, read_rows
+    from ponder.models.tiny import char_tokenizer
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": [{"role": "system", "content": "Be brief."}], "completion": "7"}\n')
+    with pytest.raises(UserError) as e:
+        read_rows([str(data)])
+    assert str(e.value) == (f"{data}:1: the prompt's chat messages have no user turn (roles: system); "
+                            'add a {"role": "user", "content": ...} message holding the question')
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "7"}]}
+    with pytest.raises(UserError) as e:
+        encode(row, char_tokenizer(), "r1_zero")
+    assert str(e.value) == ("a messages row under data.template=r1_zero needs a user turn before the assistant's "
+                            "(roles: system, assistant); add one, or use data.template=chat")

@@ -33,6 +33,13 @@ def add_parser(sub) -> None:
 def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, allow_changes: bool = False):
     """Run to cfg.train.steps (or `stop_after` more steps, for tests). Returns the trainer. On resume, settings
     that differ from the run's config.yaml are refused unless safe or allowed (ponder.resume)."""
+    from ponder.tasks import template_errors
+
+    with template_errors("a prompt"):  # one line, for what the checks before training cannot foresee (a message's text)
+        return _train(cfg, resume, stop_after, allow_changes)
+
+
+def _train(cfg: RunConfig, resume: bool, stop_after: int | None, allow_changes: bool):
     from ponder import resume as resuming
     from ponder.metrics import require_backends
     from ponder.rl.trainer import GRPOTrainer
@@ -99,7 +106,12 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
 def _check_before_training(trainer) -> None:
     """What needs every example (the trainer checks the first one before it loads the model): one line before the
     first step, not a failure in it or a change unseen."""
+    from ponder.tasks import check_prompts, load_examples
+
+    cfg = trainer.cfg
     trainer.rewards.check_columns({k for ex in trainer.examples for k in ex if k != "prompt"})
+    for examples in [trainer.examples, *(load_examples(spec, cfg.seed) for spec in cfg.eval.tasks)]:
+        check_prompts(examples, cfg.data.template, trainer.tokenizer)
 
 
 def _stop(trainer, main: bool):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ponder.errors import UserError
+from ponder.tasks import chat_messages_problem, template_errors
 from ponder.templates import encoded_prompt, render
 
 
@@ -52,6 +53,9 @@ def check_row(row: dict, where: str) -> dict:
             raise UserError(f"{where}: no '{key}' field; rows need prompt and completion (or messages)")
     if not isinstance(row["completion"], str) or not isinstance(row["prompt"], (str, list)):
         raise UserError(f"{where}: prompt must be text (or chat messages) and completion text")
+    problem = chat_messages_problem(row["prompt"])
+    if problem:
+        raise UserError(f"{where}: {problem}")
     return row
 
 
@@ -62,6 +66,9 @@ def encode(row: dict, tokenizer, template: str, add_eos: bool = True) -> Encoded
         msgs = row["messages"]
         if [m["role"] for m in msgs].count("assistant") > 1 or msgs[-1]["role"] != "assistant":
             raise UserError(f"multi-turn chat rows need data.template=chat and a tokenizer with a chat template (template is '{template}')")
+        if not any(m["role"] == "user" for m in msgs):  # a text template shows the user's turn alone
+            raise UserError(f"a messages row under data.template={template} needs a user turn before the assistant's (roles: "
+                            f"{', '.join(m['role'] for m in msgs)}); add one, or use data.template=chat")
         row = {"prompt": msgs[:-1], "completion": msgs[-1]["content"]}
     prompt, opened = encoded_prompt(template, row["prompt"], tokenizer)
     text = row["completion"]
@@ -163,7 +170,10 @@ def load_data(cfg, tokenizer, model, rows: list[dict]) -> tuple[list[dict], list
     d = cfg.data
     context = model_context(model)
     max_len = min(x for x in (d.max_len, context) if x is not None) if (d.max_len or context) else 1 << 30
-    encoded = [encode(r, tokenizer, d.template, d.add_eos) for r in rows]
+    encoded = []
+    for i, r in enumerate(rows, 1):
+        with template_errors(f"SFT row {i}"):
+            encoded.append(encode(r, tokenizer, d.template, d.add_eos))
     index, encoded, report = fit(encoded, max_len)
     if not encoded:
         raise UserError(f"SFT data is empty after fitting to {max_len} tokens: every prompt fills the context; raise data.max_len")

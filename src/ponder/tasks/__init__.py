@@ -16,6 +16,7 @@ equivalence like the `jsonl` task.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import random
@@ -130,9 +131,59 @@ def load_examples(spec, seed: int = 0) -> list[dict]:
     rows = task.load(split=spec.split, n=spec.n, seed=seed, **opts)
     if not rows:
         raise UserError(f"task '{spec.name}' gave no examples for split '{spec.split}'; check its path and options")
-    for row in rows:
+    for i, row in enumerate(rows, 1):
         row.setdefault("task", task.name)
+        problem = chat_messages_problem(row.get("prompt"))
+        if problem:
+            raise UserError(f"task '{spec.name}'{f' ({spec.path})' if spec.path else ''}, example {i}: {problem}")
     return rows
+
+
+def chat_messages_problem(prompt) -> str | None:
+    """What is wrong with a prompt given as chat messages, if anything: they must be {role, content} objects with
+    text content, one of them the user's (the question: a text template shows the last user turn alone, and chat
+    templates refuse a conversation without one in their own words, or render an empty question)."""
+    if not isinstance(prompt, list):
+        return None
+    if not prompt or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                             for m in prompt):
+        return "a prompt given as a list must be chat messages: {role, content} objects with text content"
+    if not any(m["role"] == "user" for m in prompt):
+        return (f"the prompt's chat messages have no user turn (roles: {', '.join(m['role'] for m in prompt)}); "
+                'add a {"role": "user", "content": ...} message holding the question')
+    return None
+
+
+def check_prompts(examples: list[dict], template: str, tokenizer) -> None:
+    """Render one prompt of each shape (text, or one sequence of chat roles) under the template, so that a chat
+    template refusing the data (a system turn, turns that do not alternate) is one line naming an example before
+    training, not a traceback in the step that first meets one."""
+    from ponder.templates import render
+
+    seen = set()
+    for i, ex in enumerate(examples, 1):
+        prompt = ex["prompt"]
+        shape = tuple(m["role"] for m in prompt) if isinstance(prompt, list) else "text"
+        if shape not in seen:
+            seen.add(shape)
+            with template_errors(f"example {i} of task '{ex.get('task')}'" + (f" (roles: {', '.join(shape)})" if shape != "text" else "")):
+                render(template, prompt, tokenizer)
+
+
+MESSAGES_FIX = "change those chat messages (templates may refuse a system turn, or turns that do not alternate user/assistant)"
+
+
+@contextlib.contextmanager
+def template_errors(what: str, fix: str = MESSAGES_FIX):
+    """A chat template's own error (jinja's: `raise_exception` in the template, or its syntax) as one line naming
+    `what` it was rendering and the fix."""
+    from jinja2 import TemplateError
+
+    try:
+        yield
+    except TemplateError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"the tokenizer's chat template fails on {what}: {first}; {fix}, or use data.template=r1_zero or plain") from None
 
 
 def check_options(task: Task, options: dict) -> None:
