@@ -285,3 +285,44 @@ def test_sft_rows_a_chat_template_refuses_are_one_line(tok):
     with pytest.raises(UserError) as e:
         load_data(cfg, tok, SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64)), rows)
     assert str(e.value).startswith("the tokenizer's chat template fails on SFT row 2: System role not supported; change those")
+
+
+def gpt2_model(path, positions: int):
+    """A tiny GPT-2 (a learned table of `positions` positions) with the character tokenizer, saved at `path`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    t = char_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(t), n_embd=32, n_layer=1, n_head=2, n_positions=positions,
+                               bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id)).save_pretrained(path)
+    t.save_pretrained(path)
+    return str(path)
+
+
+def test_prompts_past_a_learned_position_table_are_one_line_before_training(tmp_path, error_line, capsys, smoke_cfg):
+    """GPT-2's positions are a table (n_positions): a prompt plus the new tokens past it was an IndexError deep in the
+    model, in the step that first met it. The longest prompt is measured before the first step, the evaluation's
+    with its own max_new_tokens."""
+    from ponder.models import load, position_limit
+
+    model = gpt2_model(tmp_path / "g", 24)
+    capsys.readouterr()
+    assert position_limit(load(model)[0]) == 24 and position_limit(load("tiny-random")[0]) is None  # rotary: none
+    data = jsonl(tmp_path / "d.jsonl", "3+4", "What is three plus four?")  # 24 tokens
+    args = ["train", RECIPE, f"output_dir={tmp_path}", f"model.path={model}", "rollout.engine=hf", "rollout.max_new_tokens=4"]
+    assert error_line(*args, data) == (
+        "ponder: error: a prompt of 24 tokens (example 2 of task 'jsonl') + rollout.max_new_tokens 4 = 28 positions, past "
+        "the model's 24 (max_position_embeddings, a learned position table); shorten prompts to 20 tokens or fewer")
+    short = jsonl(tmp_path / "s.jsonl", "3+4", "Three plus four?")  # 16 tokens
+    assert error_line(*args, short, "eval.tasks=[{name: jsonl, path: " + str(tmp_path / "d.jsonl") + "}]",
+                      "eval.max_new_tokens=2") == (
+        "ponder: error: a prompt of 24 tokens (example 2 of task 'jsonl') + eval.max_new_tokens 2 = 26 positions, past "
+        "the model's 24 (max_position_embeddings, a learned position table); shorten prompts to 22 tokens or fewer")
+    assert error_line(*args[:-1], "rollout.max_new_tokens=10", short) == (
+        "ponder: error: a prompt of 16 tokens (example 2 of task 'jsonl') + rollout.max_new_tokens 10 = 26 positions, past "
+        "the model's 24 (max_position_embeddings, a learned position table); lower rollout.max_new_tokens to 8 or "
+        "shorten prompts to 14 tokens or fewer")
+    from ponder.train import train
+
+    fits = smoke_cfg(f"model.path={model}", "rollout.engine=hf", "rollout.max_new_tokens=8", short, "train.save_every=0",
+                     "rollout.prompts_per_step=2", "rollout.group_size=2")
+    assert train(fits, stop_after=1).step_no == 1  # 16 + 8 positions: within the table, and GPT-2 trains

@@ -433,6 +433,19 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
     return model.to(device).train(), tok
 
 
+def position_limit(model) -> int | None:
+    """The positions a model cannot go past: those of a learned position table (GPT-2's `wpe`, OPT's
+    `embed_positions`), whose lookup fails beyond it with an IndexError deep in the model. None where positions are
+    computed (rotary, ALiBi): past max_position_embeddings such a model runs on, outside what it was trained on."""
+    inputs = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        last = name.rpartition(".")[2]
+        if isinstance(module, torch.nn.Embedding) and module is not inputs and ("pos" in last or last == "wpe"):
+            limit = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions under this name too
+            return limit if isinstance(limit, int) else module.num_embeddings
+    return None
+
+
 def refuse_tied_adapters(model, names: list[str]) -> None:
     """LoRA on an embedding that the output head shares (tie_word_embeddings): training adapts one use of the matrix,
     but the merge that exports the model (and the rollout copy's) folds the adapter into the one matrix both use."""
