@@ -12,7 +12,8 @@ import pytest
 
 from ponder.cli import main
 
-# A reward of weight 0 that kills its own process (SIGKILL: no clean-up at all) during a chosen step.
+# A reward of weight 0 that kills its own process (SIGKILL: no clean-up at all; or KILL_SIGNAL) during a chosen
+# step; with SIGTERM_IN_SAVE=N, a SIGTERM while the N-th checkpoint is being written.
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from ponder.rewards import register
@@ -21,8 +22,17 @@ KILLER = textwrap.dedent("""
     def killer(completions, *, prompts, **_):
         calls["n"] += 1
         if calls["n"] == int(os.environ.get("KILL_AT_CALL", "0")):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
         return [0.0] * len(completions)
+    if os.environ.get("SIGTERM_IN_SAVE"):
+        from ponder import models
+        real, saves = models.save, {"n": 0}
+        def save(*args, **kwargs):  # what ponder.checkpoint.save calls to write the weights into its temporary directory
+            saves["n"] += 1
+            if saves["n"] == int(os.environ["SIGTERM_IN_SAVE"]):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+        models.save = save
     from ponder.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -30,12 +40,12 @@ KILLER = textwrap.dedent("""
 VOLATILE = ("time", "time/generate", "time/reward", "time/train", "time/total", "tokens_per_s")
 
 
-def _run(tmp_path, name, *extra, kill_at=0):
+def _run(tmp_path, name, *extra, kill_at=0, env=()):
     script = tmp_path / "run_with_killer.py"
     script.write_text(KILLER)
     args = [sys.executable, str(script), "train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}",
             f"name={name}", "train.steps=6", "train.save_every=3", "rewards.killer=0.0", *extra]
-    env = {**os.environ, "KILL_AT_CALL": str(kill_at)}
+    env = {**os.environ, "KILL_AT_CALL": str(kill_at), **dict(env)}
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -348,6 +358,53 @@ def test_each_rank_takes_its_gpu_also_where_it_sees_only_its_own(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 4)
     assert distributed.setup(90) == (3, 4)
     assert chosen == [0, ("nccl", datetime.timedelta(minutes=90))]  # rank 0 may evaluate alone for long
+
+
+def _whole_checkpoints(run):
+    """The names in run/checkpoints, each checked to be a whole checkpoint (weights and trainer state)."""
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    for name in names:
+        assert {"model.safetensors", "trainer_state.pt", "config.json"} <= {p.name for p in (run / "checkpoints" / name).iterdir()}, name
+    return names
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Metrics of the 6-step run that the stopped-and-resumed runs must repeat."""
+    root = tmp_path_factory.mktemp("full")
+    full = _run(root, "full")
+    assert full.returncode == 0, full.stderr
+    return _metrics(root / "full" / "metrics.jsonl")
+
+
+def test_sigterm_stops_in_one_line_and_resume_repeats_the_uninterrupted_run(tmp_path, uninterrupted):
+    """SIGTERM (a cluster scheduler's stop, `kill PID`) ended the process at once, without a word. It ends as Ctrl-C
+    does: one line, exit status 143, the checkpoints whole; --resume continues from the last one."""
+    from ponder.cli import STOPPED
+
+    stopped = _run(tmp_path, "cut", kill_at=6, env={"KILL_SIGNAL": "SIGTERM"})  # in step 5
+    assert stopped.returncode == 143, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == STOPPED and "Traceback" not in stopped.stderr
+    assert STOPPED == ("ponder: stopped by SIGTERM; --resume continues from the last checkpoint, if one was written "
+                       "(else run again)")
+    assert _whole_checkpoints(tmp_path / "cut") == ["step-3"]
+    resumed = _run(tmp_path, "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _metrics(tmp_path / "cut" / "metrics.jsonl") == uninterrupted
+
+
+def test_sigterm_while_a_checkpoint_is_written_lets_it_finish(tmp_path, uninterrupted):
+    """A SIGTERM that comes while a checkpoint is being written waits for it: the checkpoint is renamed into place
+    whole (stopped in the middle, the save was lost and the run went back to the one before), then the run stops."""
+    from ponder.cli import STOPPED
+
+    stopped = _run(tmp_path, "cut", env={"SIGTERM_IN_SAVE": "1"})  # the save of step 3
+    assert stopped.returncode == 143, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == STOPPED and "Traceback" not in stopped.stderr
+    assert _whole_checkpoints(tmp_path / "cut") == ["step-3"]  # and no .tmp-step-3-PID beside it
+    resumed = _run(tmp_path, "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _metrics(tmp_path / "cut" / "metrics.jsonl") == uninterrupted
 
 
 def test_a_save_that_a_kill_interrupted_leaves_nothing_behind_at_the_next_start(smoke_cfg):

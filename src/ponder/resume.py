@@ -165,8 +165,15 @@ def record(run_dir: Path, changes: ResumeChanges, step: int) -> None:
     data.pop(CHANGES_KEY, None)
     new = [{"key": k, "old": _plain(o), "new": _plain(n), "from_step": step + 1} for k, o, n in changes.changed]
     data[CHANGES_KEY] = list(changes.previous) + new
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A run's file written whole or not at all, as --resume reads it: a stop (SIGTERM, Ctrl-C) between opening it
+    and writing it left it empty (an empty eval_after.json was a finished evaluation, a stage marker a traceback)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 

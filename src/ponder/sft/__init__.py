@@ -54,8 +54,8 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     note = r.warning()
     if note:
         console.print(f"[yellow]warning: {note}[/]")
-    (trainer.run_dir / "data.json").write_text(json.dumps({"rows": len(trainer.examples), "truncated": r.truncated,
-                                                           "dropped": r.dropped, "max_len": r.max_len}, indent=2))
+    resuming.write_atomic(trainer.run_dir / "data.json", json.dumps({"rows": len(trainer.examples), "truncated": r.truncated,
+                                                                    "dropped": r.dropped, "max_len": r.max_len}, indent=2))
     t, total = cfg.train, trainer.total_steps
     if cfg.eval.tasks and not resume:
         _evaluate(trainer, "before", quiet)
@@ -111,7 +111,9 @@ def _evaluate(trainer, tag: str, quiet: bool) -> dict:
             m = res["metrics"]
             console.print(f"{spec.name}/{spec.split} ({tag}): pass@1 {m['pass@1']:.3f}  format {m['format_rate']:.3f}  "
                           f"length {m['mean_length']:.0f}", markup=False)
-    (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(results, indent=2, default=str))
+    from ponder.resume import write_atomic
+
+    write_atomic(trainer.run_dir / f"eval_{tag}.json", json.dumps(results, indent=2, default=str))
     return results
 
 

@@ -19,6 +19,7 @@ from ponder.config import to_dict
 from ponder.errors import TrainingError, UserError
 from ponder.metrics import MetricsWriter
 from ponder.optim import make_optimizer
+from ponder.resume import write_atomic
 from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, set_seed
 from ponder.sft.config import SFTConfig
 from ponder.sft.data import load_data, read_data
@@ -57,7 +58,7 @@ class SFTTrainer:
             checkpoint.restore_training(self, self.state, last)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_unfinished(self.ckpt_dir)
-        (self.run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
+        write_atomic(self.run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0,
                                      log_to=cfg.train.log_to, config=to_dict(cfg))
 
