@@ -326,3 +326,62 @@ def test_prompts_past_a_learned_position_table_are_one_line_before_training(tmp_
     fits = smoke_cfg(f"model.path={model}", "rollout.engine=hf", "rollout.max_new_tokens=8", short, "train.save_every=0",
                      "rollout.prompts_per_step=2", "rollout.group_size=2")
     assert train(fits, stop_after=1).step_no == 1  # 16 + 8 positions: within the table, and GPT-2 trains
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails a test that loads a model: what is checked here must be told before one loads (minutes for a large one)."""
+    from ponder import models
+
+    def refuse(*_, **__):
+        raise AssertionError("the model was loaded before the template was checked")
+
+    monkeypatch.setattr(models, "load_trainable", refuse)
+
+
+BROKEN = "{% for m in messages %}[{{ m.content }}"  # no endfor
+
+
+@pytest.mark.parametrize("template, model, line", [
+    ("Q: {prompt} A:", None, "unknown template 'Q: {prompt} A:'; choose one of: r1_zero, plain, chat"),
+    ("chat", None, "template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain"),
+    ("chat", BROKEN, "the tokenizer's chat template fails on a prompt of one user turn: Unexpected end of template. Jinja "
+                     "was looking for the following tags: 'endfor' or 'else'. The innermost block that needs to be closed is "
+                     "'for'.; fix the chat_template in the tokenizer's files, or use data.template=r1_zero or plain"),
+])
+def test_a_template_the_tokenizer_cannot_render_is_told_before_the_model_loads(tmp_path, error_line, capsys, no_model,
+                                                                               template, model, line):
+    """A custom text template, or `chat` over a tokenizer without one (or a broken one), was told when the first prompt
+    was rendered, after the model had loaded; the tokenizer alone tells, and loads in a moment."""
+    path = chat_model(tmp_path / "m", model) if model else "tiny-random"
+    capsys.readouterr()
+    assert error_line("train", RECIPE, f"output_dir={tmp_path}", f"model.path={path}", f"data.template={template}") == (
+        "ponder: error: " + line)
+
+
+def test_sft_rows_a_template_cannot_take_are_told_before_the_model_loads(tmp_path, no_model, capsys):
+    import json
+
+    from ponder.config import load_config
+    from ponder.errors import UserError
+    from ponder.sft.config import SFTConfig
+    from ponder.sft.trainer import SFTTrainer
+
+    model = chat_model(tmp_path / "m", REFUSING)
+    capsys.readouterr()
+    data = tmp_path / "sft.jsonl"
+    rows = [{"prompt": "3+4", "completion": "7"},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4"}, {"role": "assistant", "content": "7"}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for template, model_path, want in [
+        ("Q: {prompt} A:", model, "unknown template 'Q: {prompt} A:'; choose one of: r1_zero, plain, chat"),
+        ("chat", "tiny-random", "template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain"),
+        ("chat", model, "the tokenizer's chat template fails on SFT row 2: System role not supported; change those chat "
+                        "messages (templates may refuse a system turn, or turns that do not alternate user/assistant), or "
+                        "use data.template=r1_zero or plain"),
+    ]:
+        cfg = load_config(None, [f"output_dir={tmp_path}", f"data.files={json.dumps([str(data)])}", f"data.template={template}",
+                                 f"model.path={model_path}"], cls=SFTConfig)
+        with pytest.raises(UserError) as e:
+            SFTTrainer(cfg)
+        assert str(e.value) == want

@@ -47,6 +47,7 @@ def _train(cfg: RunConfig, resume: bool, stop_after: int | None, allow_changes: 
 
     require_backends(cfg.train.log_to)
     changes = resuming.check(cfg, "train", allow_changes) if resume else None
+    _check_template(cfg)
     trainer = GRPOTrainer(cfg, resume=resume)
     _check_before_training(trainer)
     main = trainer.rank == 0  # with torchrun, rank 0 prints and writes; every rank evaluates its share
@@ -101,6 +102,20 @@ def _train(cfg: RunConfig, resume: bool, stop_after: int | None, allow_changes: 
             console.print(f"report: {write_report(trainer.run_dir)}")
     trainer.metrics.close()
     return trainer
+
+
+def _check_template(cfg: RunConfig) -> None:
+    """The template before the model loads (minutes for a large one), as the data and the rewards are: a name ponder
+    knows, and under `chat` a tokenizer with a chat template that renders a question (the tokenizer loads in a
+    moment). What only the data can show is checked before the first step (_check_before_training)."""
+    from ponder import models
+    from ponder.tasks import template_errors
+    from ponder.templates import render
+
+    chat = cfg.data.template == "chat"
+    tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code) if chat else None
+    with template_errors("a prompt of one user turn", fix="fix the chat_template in the tokenizer's files"):
+        render(cfg.data.template, "1 + 1 = ?", tokenizer)
 
 
 def _check_before_training(trainer) -> None:

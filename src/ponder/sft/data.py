@@ -150,8 +150,9 @@ def model_context(model) -> int | None:
 
 
 def read_data(cfg, seed: int) -> list[dict]:
-    """The rows of data.files and data.coldstart, at most data.n. Empty data is a UserError. Needs no model: the
-    trainer reads them before loading one, so a mistake in them is told at once."""
+    """The rows of data.files and data.coldstart, at most data.n, checked under the template (check_template). Empty
+    data is a UserError. Needs no model: the trainer reads them before loading one, so a mistake in them is told at
+    once."""
     from ponder.sft.coldstart import coldstart_rows
 
     d = cfg.data
@@ -162,7 +163,26 @@ def read_data(cfg, seed: int) -> list[dict]:
     if not rows:
         names = ", ".join(str(Path(f)) for f in d.files) or "data.coldstart"
         raise UserError(f"SFT data is empty: {names} holds no rows; give JSONL with {{prompt, completion}} rows")
+    check_template(rows, cfg)
     return rows
+
+
+def check_template(rows: list[dict], cfg) -> None:
+    """Encode one row of each shape (prompt or messages, and its chat roles) with the model's tokenizer, which loads in
+    a moment: a template the rows cannot take (an unknown name, `chat` with no chat template, one refusing a system
+    turn) is one line before the model loads (minutes for a large one), not after."""
+    from ponder import models
+
+    d = cfg.data
+    tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    seen = set()
+    for i, row in enumerate(rows, 1):
+        turns = row["messages"] if "messages" in row else row["prompt"]
+        shape = ("messages" in row, tuple(m["role"] for m in turns) if isinstance(turns, list) else "text")
+        if shape not in seen:
+            seen.add(shape)
+            with template_errors(f"SFT row {i}"):
+                encode(row, tokenizer, d.template, d.add_eos)
 
 
 def load_data(cfg, tokenizer, model, rows: list[dict]) -> tuple[list[dict], list[Encoded], DataReport]:
