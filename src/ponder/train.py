@@ -148,9 +148,10 @@ def _check_positions(examples: list[dict], template: str, tokenizer, limit: int,
         return
     fixes = [f"lower {key} to {limit - longest}"] if longest < limit else []
     fixes += [f"shorten prompts to {limit - new_tokens} tokens or fewer"] if new_tokens < limit else []
+    fix = " or ".join(fixes) or f"shorten prompts and lower {key}: together they must fit in {limit} positions"
     raise UserError(f"a prompt of {longest} tokens (example {i + 1} of task '{examples[i].get('task')}') + {key} "
                     f"{new_tokens} = {longest + new_tokens} positions, past the model's {limit} (max_position_embeddings, "
-                    f"a learned position table); {' or '.join(fixes)}")
+                    f"a learned position table); {fix}")
 
 
 def _stop(trainer, main: bool):

@@ -177,8 +177,10 @@ MESSAGES_FIX = "change those chat messages (templates may refuse a system turn, 
 def template_errors(what: str, fix: str = MESSAGES_FIX):
     """A chat template's own error (jinja's: `raise_exception` in the template, or its syntax) as one line naming
     `what` it was rendering and the fix."""
-    from jinja2 import TemplateError
-
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # no jinja, so no chat template was rendered: nothing of its to catch
+        TemplateError = ()
     try:
         yield
     except TemplateError as e:
