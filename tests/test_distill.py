@@ -221,3 +221,31 @@ def test_a_setting_out_of_range_is_named_by_its_section(tmp_path, teacher_engine
     assert error_line("distill", str(tmp_path / "d.yaml"), "sft.optim.lr=-1") == (
         "ponder: error: config sft.optim.lr must be 0 (weights frozen) or more; got -1")
     assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()
+
+
+def test_the_sft_stage_after_the_sample_stage_trains_on_its_traces(tmp_path, teacher_engine, error_line, capsys):
+    """`--stage sample`, then `--stage sft` with the same recipe and run (the docstring's and the docs' two-step use):
+    the second was refused ('already holds distill stages; pass --resume'), the finished sample stage counted as
+    one it would run again. A stage that is to run again still needs --resume, and the settings the traces were
+    made with still may not change."""
+    from ponder.cli import main
+
+    make_cfg(tmp_path, "tiny-random")  # writes the recipe d.yaml
+    recipe, run = str(tmp_path / "d.yaml"), tmp_path / "d"
+    assert main(["distill", recipe, "--stage", "sample"]) == 0
+    assert main(["distill", recipe, "--stage", "sft"]) == 0
+    assert teacher_engine["n"] == 1 and json.loads((run / "stages" / "sft.done").read_text())["steps"] == 2
+    assert json.loads((run / "student" / "data.json").read_text())["rows"] == 4  # the 4 accepted traces
+    capsys.readouterr()
+    assert error_line("distill", recipe, "--stage", "sft").startswith(f"ponder: error: run directory {run} already holds "
+                                                                        "distill stages; pass --resume")
+    # another run: the sft stage under sample settings other than the traces': refused, config.yaml kept
+    assert main(["distill", recipe, "name=e", "--stage", "sample"]) == 0
+    config = tmp_path / "e" / "config.yaml"
+    before = config.read_text()
+    capsys.readouterr()
+    assert error_line("distill", recipe, "name=e", "sample.k=3", "--stage", "sft") == (
+        f"ponder: error: --stage sft with settings that differ from the run's {config}: sample.k 2 -> 3; the stages "
+        "begun used the old ones, so leave these out to continue the run, or choose another name (name=...) to start "
+        "a new one")
+    assert config.read_text() == before and not (tmp_path / "e" / "student").exists()

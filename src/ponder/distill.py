@@ -6,8 +6,10 @@ Stages and what they leave in runs/<name>/:
 A stage whose marker exists is skipped under --resume; an interrupted SFT stage continues from its
 last checkpoint. --resume refuses settings that differ from the run's config.yaml for a stage that has
 begun (an interrupted stage may change what `ponder sample` and `ponder sft` let a resume change), so
-config.yaml says what each stage used. `--stage sample|sft` runs one stage. Traces are text, so the
-teacher and the student may use different tokenizers: the student's own tokenizer encodes them.
+config.yaml says what each stage used. `--stage sample|sft` runs one stage: `--stage sample`, then
+`--stage sft` with the same recipe, trains the student on those traces (a later stage needs no --resume;
+the settings of the stages before it may not change). Traces are text, so the teacher and the student may
+use different tokenizers: the student's own tokenizer encodes them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rich.console import Console
 
 from ponder.config import to_dict
 from ponder.errors import UserError
+from ponder.resume import write_atomic
 from ponder.runtime import dump_yaml
 from ponder.sample import SampleConfig
 from ponder.sft.config import SFTConfig
@@ -88,15 +91,18 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
     traces = Path(cfg.sample.out)
     begun = {"sample": done["sample"] or traces.exists() or traces.with_name(traces.name + ".partial.json").is_file(),
              "sft": done["sft"] or (cfg.sft.run_dir / "checkpoints").is_dir()}
-    if any(begun.values()) and not resume:
+    stages = STAGES if stage is None else (stage,)
+    # only a stage that is to run again needs --resume: `--stage sft` after `--stage sample` uses its traces (every
+    # begun stage counted, and the documented two-step use was refused)
+    if any(begun[s] for s in stages) and not resume:
         raise UserError(f"run directory {run} already holds distill stages; pass --resume to continue it, or choose another name (name=...)")
-    if resume:
-        _refuse_changes(cfg, begun, done)
-    _check_before_sampling(cfg, [s for s in (STAGES if stage is None else (stage,)) if not done[s]])
+    if any(begun.values()):  # the traces (or the student) were made with the run's settings: they stay in config.yaml
+        _refuse_changes(cfg, begun, done, "--resume" if resume else f"--stage {stage}")
+    _check_before_sampling(cfg, [s for s in stages if not done[s]])
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
+    write_atomic(run / "config.yaml", dump_yaml(to_dict(cfg)))
     out = {}
-    for s in STAGES if stage is None else (stage,):
+    for s in stages:
         if done[s]:
             out[s] = json.loads(marker(cfg, s).read_text())
             if not quiet:
@@ -104,11 +110,11 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
             continue
         out[s] = STAGE_FNS[s](cfg, quiet, resume)
         marker(cfg, s).parent.mkdir(parents=True, exist_ok=True)
-        marker(cfg, s).write_text(json.dumps(out[s] | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
+        write_atomic(marker(cfg, s), json.dumps(out[s] | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
     return out
 
 
-def _refuse_changes(cfg: DistillConfig, begun: dict, done: dict) -> None:
+def _refuse_changes(cfg: DistillConfig, begun: dict, done: dict, flag: str) -> None:
     """A stage that has begun keeps the settings it began with: the traces and the student were made with them."""
     from ponder.config import build
     from ponder.resume import SAFE_ON_RESUME, describe, diff, load_saved
@@ -128,7 +134,7 @@ def _refuse_changes(cfg: DistillConfig, begun: dict, done: dict) -> None:
     refused = [(k, o, n) for k, o, n in diff(saved, to_dict(cfg), lists=True) if k not in safe
                and any(begun[s] for s in (STAGES if k.split(".")[0] == "seed" else (k.split(".")[0],)))]
     if refused:
-        raise UserError(f"--resume with settings that differ from the run's {path}: {describe(refused)}; the stages "
+        raise UserError(f"{flag} with settings that differ from the run's {path}: {describe(refused)}; the stages "
                         "begun used the old ones, so leave these out to continue the run, or choose another name "
                         "(name=...) to start a new one")
 
@@ -176,6 +182,10 @@ def _sft_stage(cfg: DistillConfig, quiet: bool, resume: bool) -> dict:
     from ponder.sft import sft
 
     if not marker(cfg, "sample").is_file():
+        traces = Path(cfg.sample.out)
+        if traces.exists() or traces.with_name(traces.name + ".partial.json").is_file():  # begun, never marked done
+            raise UserError(f"stage sft needs the teacher's traces, and the sample stage in {cfg.run_dir} did not finish: "
+                            "continue it with `ponder distill ... --stage sample --resume`")
         raise UserError(f"stage sft needs the teacher's traces: run `ponder distill ... --stage sample` first ({marker(cfg, 'sample')} is missing)")
     if not quiet:
         console.rule(f"stage sft: student {cfg.sft.model.path}")
