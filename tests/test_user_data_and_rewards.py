@@ -13,7 +13,11 @@ from ponder.config import TaskSpec, load_config
 from ponder.errors import UserError
 from ponder.tasks import load_examples
 
-datasets = pytest.importorskip("datasets")
+try:
+    import datasets
+except ImportError:  # the `hf` extra: only the tests of the hf task need it
+    datasets = None
+needs_datasets = pytest.mark.skipif(datasets is None, reason="needs the datasets library (pip install 'ponder[hf]')")
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes/smoke-first-digit.yaml")
 SMALL = ["rollout.prompts_per_step=4", "rollout.group_size=4", "train.steps=3", "train.save_every=0", "train.log_samples=1"]
@@ -62,6 +66,7 @@ def _calls(ref):
     return load_function(ref, "reward").__globals__["CALLS"]
 
 
+@needs_datasets
 def test_parquet_file_trains_with_a_column_mapping_and_a_reward_from_a_module(tmp_path, monkeypatch):
     datasets.Dataset.from_list(ROWS).to_parquet(tmp_path / "gsm.parquet")
     (tmp_path / "mypkg_a").mkdir()
@@ -84,6 +89,7 @@ def test_parquet_file_trains_with_a_column_mapping_and_a_reward_from_a_module(tm
     assert not any(k.startswith("reward/mypkg") for m in metrics for k in m)
 
 
+@needs_datasets
 def test_save_to_disk_folder_trains_with_an_async_reward_from_a_file(tmp_path, monkeypatch):
     rows = [{"problem": r["q"], "solution": f"So it is $\\boxed{{7{i}}}$.", "kind": "a" if i % 2 else "b"} for i, r in enumerate(ROWS)]
     datasets.DatasetDict(train=datasets.Dataset.from_list(rows[:30]), test=datasets.Dataset.from_list(rows[30:])).save_to_disk(tmp_path / "saved")
@@ -158,6 +164,7 @@ def test_a_file_with_a_bom_words_lists_as_answers_and_words_of_any_script_score(
         assert totals == [want] * 4
 
 
+@needs_datasets
 def test_null_answer_in_a_dataset_names_the_row(tmp_path):
     rows = [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": None}]
     datasets.Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
@@ -193,6 +200,7 @@ def test_a_custom_task_is_a_function_that_yields_examples(tmp_path, monkeypatch)
     assert str(e.value) == "task 'my_tasks.py:sums' has no option 'tpo'; did you mean 'top'? valid options: top"
 
 
+@needs_datasets
 def test_a_csv_prompt_template_keeps_latex_braces(tmp_path):
     """A template's `\\frac{1}{2}` or `\\boxed{}` went to str.format: "no column '1'" or a ValueError traceback. Only
     `{column}` is filled now; other braces are text, `{{x}}` a literal {x}. A CSV's columns show with its first rows:
@@ -207,6 +215,7 @@ def test_a_csv_prompt_template_keeps_latex_braces(tmp_path):
     assert [r["prompt"] for r in load_examples(TaskSpec(name="hf", path=str(data)))] == ["What is \\frac{1}{2} + 1?", "Half of {4}?"]
 
 
+@needs_datasets
 @pytest.mark.parametrize("template, line", [
     ("{question} as \\frac{a}{b}", "task 'hf': the prompt template names '{a}', but {path} has no column 'a' (its columns: "
                                    "question, answer); for braces in the text write {{a}}"),
