@@ -157,29 +157,27 @@ def test_reward_returning_wrong_length_is_named(tmp_path, error_line):
     assert line == "ponder: error: reward 'too_short' returned 1 value for 2 completions; it must return one value per completion"
 
 
-def test_nan_losses_stop_the_run_and_keep_the_last_checkpoint(capsys, tmp_path):
-    from ponder.rewards import REWARDS
+def test_nan_losses_stop_the_run_and_keep_the_last_checkpoint(capsys, tmp_path, monkeypatch):
+    from ponder.rl import trainer
 
-    calls = {"n": 0}
+    real, calls = trainer.policy_loss, {"n": 0}
 
-    def inf_after_two_steps(completions, **_):
+    def nan_after_two_steps(*args, **kwargs):  # (a non-finite reward is refused before it gets here)
         calls["n"] += 1
-        return [float("inf") if calls["n"] > 3 else 0.0] * len(completions)
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 2 else loss), stats
 
-    REWARDS["inf_later"] = inf_after_two_steps
-    try:
-        code = main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=nan",
-                     "rewards.inf_later=1.0", "train.save_every=2", "guardrails.non_finite.max_nan_steps=3",
-                     "rollout.prompts_per_step=2"])
-    finally:
-        del REWARDS["inf_later"]
+    monkeypatch.setattr(trainer, "policy_loss", nan_after_two_steps)
+    code = main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=nan",
+                 "train.save_every=2", "guardrails.non_finite.max_nan_steps=3", "rollout.prompts_per_step=2",
+                 "train.skip_zero_advantage=false"])  # one loss a step, whatever the rewards
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
     ckpt = tmp_path / "nan" / "checkpoints" / "step-2"
     assert err[0] == ("ponder: training stopped: guardrail non_finite at step 5: non-finite losses in a row 3 >= 3 "
                       "(guardrails.non_finite.max_nan_steps; those updates were skipped); the last good checkpoint is "
-                      f"{ckpt} (continue it with --resume and --allow-changes, e.g. with a lower optim.lr, and rewards that "
-                      "are finite numbers)")
+                      f"{ckpt} (continue it with --resume and --allow-changes, e.g. with a lower optim.lr, or "
+                      "train.precision=fp32 where it ran in bf16)")
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-2"]
     rows = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 1, 1]  # the stopping step is logged, not saved

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ponder import distributed, models, sharding
+from ponder import distributed, models, sharding, stopping
 from ponder.errors import UserError
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -110,6 +110,7 @@ def remove_unfinished(directory: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@stopping.whole()  # a SIGTERM meanwhile waits: the checkpoint is renamed into place whole, then the run stops
 def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".tmp-step-{step}-{os.getpid()}"
@@ -119,6 +120,7 @@ def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: i
     return _publish(directory, tmp, step, keep_last)
 
 
+@stopping.whole()
 def save_sharded(directory: Path, step: int, model, optimizer, tokenizer, state: dict, keep_last: int = 2) -> Path:
     """Every rank calls: each writes its shards of the model and optimizer (torch.distributed.checkpoint) into
     the temporary directory, rank 0 the Hugging Face export from the gathered full weights and trainer_state.pt;
@@ -147,10 +149,14 @@ def _publish(directory: Path, tmp: Path, step: int, keep_last: int) -> Path:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # set aside before the new one takes its name, removed after: never a moment with neither
+        old = tmp.with_name(tmp.name + "-replaced")  # (a .tmp-step-* name: remove_unfinished's if a kill comes between)
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

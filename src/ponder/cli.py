@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import signal
 import sys
-import threading
 
+from ponder import stopping
 from ponder.errors import TrainingError, UserError
 
 # command -> module with add_parser(subparsers); modules that are not there yet are left out
@@ -48,73 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that the same clean-up runs on the
-    way out (and no `except Exception` on the way swallows it). Without a handler the process died at once, silent."""
-
-
-# functions (module, name) that write a checkpoint: a SIGTERM inside one waits for it to return, so that the save
-# in progress is renamed into place whole rather than lost (and _publish never stops between removing a step-N
-# it replaces and renaming the new one into place)
-SAVING = {("ponder.checkpoint", "save"), ("ponder.checkpoint", "save_sharded"), ("ponder.checkpoint", "_publish"),
-          ("ponder.rl.trainer", "save"), ("ponder.sft.trainer", "save")}
-RETRY_S = 0.2  # how soon a deferred SIGTERM is raised again
 STOPPED = "ponder: stopped by SIGTERM; --resume continues from the last checkpoint, if one was written (else run again)"
 
 
-class _SigtermHandler:
-    def __init__(self):
-        self.pid, self.stopping, self.retry = os.getpid(), False, None
-
-    def __call__(self, signum, frame):
-        if os.getpid() != self.pid:  # a forked child (a sandboxed program) dies of it as it did before
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        if self.stopping:  # already on the way out: a second SIGTERM must not interrupt the clean-up
-            return
-        if _in_save(frame):  # asked again shortly, by then (most likely) past the save
-            if self.retry is None or not self.retry.is_alive():
-                self.retry = threading.Timer(RETRY_S, self._again)
-                self.retry.daemon = True
-                self.retry.start()
-            return
-        self.stopping = True
-        raise Terminated()
-
-    def _again(self):
-        if not self.stopping:
-            os.kill(self.pid, signal.SIGTERM)
-
-    def close(self):
-        """No SIGTERM of ours comes after main() returns (the run ended while one waited for a save: it is complete)."""
-        self.stopping = True
-        if self.retry is not None:
-            self.retry.cancel()
-            self.retry.join()  # one on its way is delivered to this handler, which now lets it be
-
-
-def _in_save(frame) -> bool:
-    while frame is not None:
-        if (frame.f_globals.get("__name__"), frame.f_code.co_name) in SAVING:
-            return True
-        frame = frame.f_back
-    return False
-
-
 def main(argv: list[str] | None = None) -> int:
-    # a handler can only be set from the main thread (main() called from another one keeps the default)
-    handler = _SigtermHandler() if threading.current_thread() is threading.main_thread() else None
-    previous = signal.signal(signal.SIGTERM, handler) if handler else None
     try:
-        return _main(argv)
-    except Terminated:  # before the command began (loading the commands' modules takes seconds)
+        with stopping.sigterm_stops():
+            return _main(argv)
+    except stopping.Terminated:  # before the command began (loading the commands' modules takes seconds)
         print(STOPPED, file=sys.stderr)
         return 143
-    finally:
-        if handler:
-            handler.close()
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -148,7 +89,7 @@ def _main(argv: list[str] | None) -> int:
     except TrainingError as e:
         distributed.say_once(f"ponder: training stopped: {e}")
         return 1
-    except Terminated:
+    except stopping.Terminated:
         distributed.say_once(STOPPED)
         return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except KeyboardInterrupt:

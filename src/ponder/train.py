@@ -12,6 +12,7 @@ from rich.table import Table
 from ponder import distributed
 from ponder.config import RunConfig, load_config
 from ponder.resume import add_arguments as add_resume_arguments
+from ponder.resume import write_atomic
 
 console = Console()
 
@@ -194,7 +195,7 @@ def _evaluate(trainer, tag: str, quiet: bool = False):
                     out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
             results[f"{spec.name}/{spec.split}"] = r
     if main:
-        (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(results, indent=2, default=str))
+        write_atomic(trainer.run_dir / f"eval_{tag}.json", json.dumps(results, indent=2, default=str))  # read by --resume
     return results
 
 

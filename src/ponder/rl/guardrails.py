@@ -212,7 +212,7 @@ FIXES = {
     "reward_hacking": "a fix of the named reward's rule or a lower weight for it under rewards",
     "repetition": "the overlong reward (rewards.overlong), a lower optim.lr, or algorithm.mask_truncated",
     "empty_reasoning": "a longer or harder task mix, or a lower weight for the accuracy reward beside format",
-    "non_finite": "a lower optim.lr, and rewards that are finite numbers",
+    "non_finite": "a lower optim.lr, or train.precision=fp32 where it ran in bf16",  # (non-finite rewards are refused)
 }
 
 DETECTORS = {"entropy_collapse": entropy_collapse, "kl_spike": kl_spike, "clip_spike": clip_spike,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ponder import checkpoint, distributed, models, sharding
+from ponder import checkpoint, distributed, models, sharding, stopping
 from ponder.config import RunConfig, to_dict
 from ponder.errors import UserError
 from ponder.metrics import MetricsWriter, mean, reflection_rate
@@ -38,6 +38,7 @@ from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
+from ponder.resume import write_atomic
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
 from ponder.tasks import PromptSampler, mix
 from ponder.templates import TEMPLATES, encoded_prompt
@@ -111,7 +112,7 @@ class GRPOTrainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_unfinished(self.ckpt_dir)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
+            write_atomic(self.run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0, enabled=self.rank == 0,
                                      log_to=cfg.train.log_to, config=to_dict(cfg))
 
@@ -439,6 +440,7 @@ class GRPOTrainer:
         if self.ref is not None and n and self.step_no % n == 0:
             self.ref.load_state_dict(self.model.state_dict())  # R1: the reference follows the policy every 400 steps
 
+    @stopping.whole()  # a SIGTERM meanwhile waits for the checkpoint (and what points at it) to be whole
     def save(self) -> None:
         sharded = self.rollout_weights is not None
         state = checkpoint.training_state(self, optimizer=not sharded)  # sharded: in the DCP directory

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ponder import checkpoint, distributed, models
+from ponder import checkpoint, distributed, models, stopping
 from ponder.config import to_dict
 from ponder.errors import TrainingError, UserError
 from ponder.metrics import MetricsWriter
@@ -141,6 +141,7 @@ class SFTTrainer:
             })
         return rows
 
+    @stopping.whole()  # a SIGTERM meanwhile waits for the checkpoint (and what points at it) to be whole
     def save(self) -> None:
         state = checkpoint.training_state(self)
         path = checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
