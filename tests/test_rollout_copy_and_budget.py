@@ -2,6 +2,7 @@
 dtype that follows every optimizer step, and the micro-batch token budget planned from device memory."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_auto_budget_is_printed_and_no_micro_batch_exceeds_it(smoke_cfg, monkeyp
     # the probe's fixed part counts the gradients its backward made: those are in to_come already
     expect = int((free - to_come - (fixed - grads) - 20 * 2**20) * 0.9 / per_token) // 1024 * 1024
     assert fixed > grads and expect == 2048  # 4096 if the fixed part were forgotten, 3072 without the reserve
-    assert printed == expect == m["token_budget"] == t.token_budget() and len(probes) == 2
+    assert printed == expect == m["token_budget"] == t.token_budget() and len(probes) == 3
     stream = [stream_tokens(mb) for batches in seen for mb in batches]
     assert max(stream) <= printed and len(stream) > 1  # the budget split the step
     t.step()
@@ -120,7 +121,7 @@ def test_budget_is_planned_again_when_the_engines_cache_has_grown(smoke_cfg, mon
     second = t.token_budget()
     t.step()
     budgets = [int(b.replace(",", "")) for b in re.findall(r"optim.token_budget: ([\d,]+) tokens", capsys.readouterr().err)]
-    assert budgets == [first, second] and second < first and len(probes) == 4  # two plans, each two probes
+    assert budgets == [first, second] and second < first and len(probes) == 6  # two plans, each three probes
 
 
 @pytest.mark.parametrize("first", ["algorithm.beta=0.04", "algorithm.mu=2"])
@@ -140,7 +141,28 @@ def test_the_plans_probe_runs_a_backward_when_the_first_pass_scores_without_grad
     t = GRPOTrainer(smoke_cfg("name=probe", first, "train.steps=1"))
     t.step()
     n = len(list(t.model.parameters()))
-    assert synced == [0, n, 0, n]  # two probes, each a forward and a backward, and no gradient left behind
+    assert synced == [0, n] * 3  # three probes, each a forward and a backward, and no gradient left behind
+
+
+def test_a_token_is_costed_at_the_longest_rows_when_attention_grows_with_them(monkeypatch):
+    """The padded pass (float32 on CUDA, or no varlen kernel) holds a queries x keys tensor a segment, so a token
+    of a 4,096-token answer costs more than one of the probe's 240-token rows: costed at the probe's rows alone,
+    long rollouts got a budget that did not fit. A stand-in pass costs 3 MiB + stream tokens x (40 KiB + 16 bytes
+    x its rows' length); the three probes recover those figures, and the plan costs a token at the longest rows."""
+    a, q, fixed = 40 * 2**10, 16.0, 3 * 2**20
+    row = lambda batch: len(batch[0].completion_ids) - 1  # noqa: E731
+    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, b: fixed + stream_tokens(b) * (a + q * row(b)))
+    cost = memory_plan.measure_cost(SimpleNamespace(scratch=None), None, None, vocab=50)
+    assert cost.per_token == pytest.approx(a) and cost.per_token_row == pytest.approx(q) and cost.fixed == pytest.approx(fixed)
+    assert cost.at(4096) == pytest.approx(40 * 2**10 + 16 * 4096)  # 104 KiB: 2.4x what a token of a 240-token row costs
+    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
+    monkeypatch.setattr(memory_plan, "free_bytes", lambda device: 2**30)
+    monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
+    monkeypatch.setattr(memory_plan, "state_to_come", lambda model, optimizer, device=None: 0)
+    monkeypatch.setattr(memory_plan, "grads_to_come", lambda model, device=None: 0)
+    plan = memory_plan.plan(SimpleNamespace(scratch=None), None, None, None, 50, print_line=False, longest=4096)
+    assert plan.per_token == pytest.approx(cost.at(4096))
+    assert plan.budget == int((2**30 - fixed) * 0.9 / cost.at(4096)) // 1024 * 1024 == 8192  # 21,504 at 240-token rows
 
 
 def test_fixed_budget_is_used_as_given(smoke_cfg):

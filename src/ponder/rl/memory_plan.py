@@ -1,8 +1,10 @@
 """The micro-batch token budget from the device's free memory, when the recipe sets none.
 
 The policy pass's memory grows with the tokens of a micro-batch: activations kept for backward and the
-head's logits. Two probe passes (forward and backward over synthetic micro-batches of two sizes) measure
-what one more token costs, and what a pass holds whatever its size. The budget is what fits in the memory
+head's logits. Three probe passes (forward and backward over synthetic micro-batches: two sizes of short rows, one
+of long rows) measure what one more token costs, how that grows with the length of its row (attention that holds
+a queries x keys tensor a segment: the padded pass), and what a pass holds whatever its size; a token is costed
+at the run's longest rows (its longest prompt and max_new_tokens). The budget is what fits in the memory
 left once the step holds what it holds anyway (weights, the rollout engine, gradients, optimizer state, a
 pass's fixed part), less a margin, up to a cap past which
 larger micro-batches run no faster and only hold memory. Planned once, at the first update, when the
@@ -31,6 +33,7 @@ CPU_BUDGET = 16384  # without a device memory to read: the former fixed default
 CAP = 32768
 FLOOR = 1024
 PROBE_TOKENS = (2048, 6144)
+PROBE_ROWS = (240, 960)  # completion lengths of the probes' short and long rows
 MARGIN = 0.10  # of the free memory, for fragmentation and what the probe does not see
 # and of the whole device, held back besides: the caching allocator's fragmentation grows with what the step
 # holds, not with what is free (a 7B step on an H200 ran out of memory with 5.8 GiB reserved but unallocated
@@ -93,21 +96,37 @@ def _local_bytes(p: torch.Tensor, device=None) -> int:
     return local.numel() * local.element_size()
 
 
-def probe_samples(n_tokens: int, vocab: int, group: int = 8, prompt: int = 128) -> list[Sample]:
-    """A synthetic micro-batch of about `n_tokens` stream tokens: one prompt and `group` completions."""
-    g = torch.Generator().manual_seed(n_tokens)
-    rows = max((n_tokens - prompt) // group, 2)
+def probe_samples(n_tokens: int, vocab: int, row: int, prompt: int = 128) -> list[Sample]:
+    """A synthetic micro-batch of about `n_tokens` stream tokens: one prompt and completions of `row` tokens."""
+    g = torch.Generator().manual_seed(n_tokens + row)
     ids = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
     p = ids(prompt)
-    return [Sample(p, ids(rows + 1), 1.0 if j % 2 else -1.0, False) for j in range(group)]
+    return [Sample(p, ids(row + 1), 1.0 if j % 2 else -1.0, False) for j in range(max((n_tokens - prompt) // row, 2))]
 
 
-def measure_per_token(policy_pass, model, device, vocab: int) -> tuple[float, float]:
-    """(bytes per stream token, bytes a pass costs whatever its size) at the peak of a forward and backward of
-    the policy pass: the slope and intercept of two sizes. The intercept holds what a pass keeps for its whole
-    length, such as the bfloat16 casts of frozen weights that autocast makes and backward keeps (14 GiB for
-    a 7B model under LoRA), and the gradients the first backward allocates. Leaves no gradients behind."""
-    batches = [probe_samples(n, vocab) for n in PROBE_TOKENS]
+@dataclass
+class Cost:
+    """Bytes at the peak of a policy pass: `fixed` + stream tokens x (`per_token` + `per_token_row` x a row's
+    length). The last term is attention that holds a [queries x keys] tensor a segment (the padded pass: float32,
+    or no varlen kernel), whose cost a token grows with the length of its row; 0 for varlen flash attention."""
+    per_token: float
+    per_token_row: float
+    fixed: float
+
+    def at(self, row: int) -> float:
+        """Bytes a token costs in rows of `row` tokens."""
+        return self.per_token + self.per_token_row * row
+
+
+def measure_cost(policy_pass, model, device, vocab: int) -> Cost:
+    """The Cost from three probe passes (forward and backward): two sizes of short rows give the cost of a token
+    and the fixed part, one batch of long rows the growth with a row's length. The fixed part holds what a pass
+    keeps for its whole length, such as the bfloat16 casts of frozen weights that autocast makes and backward
+    keeps (14 GiB for a 7B model under LoRA), and the gradients the first backward allocates. Leaves no gradients
+    behind."""
+    short, long = PROBE_ROWS
+    batches = [probe_samples(PROBE_TOKENS[0], vocab, short), probe_samples(PROBE_TOKENS[1], vocab, short),
+               probe_samples(PROBE_TOKENS[0], vocab, long)]
     lent, policy_pass.scratch = policy_pass.scratch, None  # the engine's lent cache would hide the head's logits
     try:
         # a training pass, whatever mode the first caller is in: the plan is made at the first micro-batch, which
@@ -117,8 +136,11 @@ def measure_per_token(policy_pass, model, device, vocab: int) -> tuple[float, fl
     finally:
         policy_pass.scratch = lent
     stream = [len(b[0].prompt_ids) + sum(len(s.completion_ids) - 1 for s in b) for b in batches]
-    slope = (peaks[1] - peaks[0]) / (stream[1] - stream[0])
-    return slope, peaks[0] - slope * stream[0]
+    at_short = (peaks[1] - peaks[0]) / (stream[1] - stream[0])
+    fixed = peaks[0] - at_short * stream[0]
+    at_long = (peaks[2] - fixed) / stream[2]
+    growth = max((at_long - at_short) / (long - short), 0.0)  # (measurement noise can make it negative)
+    return Cost(at_short - growth * short, growth, fixed)
 
 
 def _peak(policy_pass, model, device, batch) -> int:
@@ -154,15 +176,16 @@ def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = T
         return Plan(CPU_BUDGET, 0.0, 0.0, True)
     # before the probe, which makes gradients and frees them again
     to_come, grads = state_to_come(model, optimizer, device), grads_to_come(model, device)
-    per_token, fixed = measure_per_token(policy_pass, model, device, vocab)
+    cost = measure_cost(policy_pass, model, device, vocab)
+    per_token = cost.at(longest or PROBE_ROWS[1])  # a token of the longest rows costs the most
     # the gradients are in to_come already: what else a pass holds whatever its size (never below nothing)
-    free = free_bytes(device) - to_come - max(fixed - grads, 0) - RESERVE * total_bytes(device)
+    free = free_bytes(device) - to_come - max(cost.fixed - grads, 0) - RESERVE * total_bytes(device)
     budget, capped = budget_for(per_token, free)
     result = Plan(budget, per_token, free, capped)
     # every rank alike: checkpointed layers gather sharded weights again in backward
     if may_checkpoint and distributed.max_all(float(needs_checkpointing(per_token, free, longest))):
         models.enable_checkpointing(model)
-        per_token, _ = measure_per_token(policy_pass, model, device, vocab)
+        per_token = measure_cost(policy_pass, model, device, vocab).at(longest or PROBE_ROWS[1])
         budget, capped = budget_for(per_token, free)
         result = Plan(budget, per_token, free, capped, checkpointing=True, without=result.budget)
     if print_line:
