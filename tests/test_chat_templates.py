@@ -241,9 +241,9 @@ def test_a_chat_template_refusing_the_data_is_one_line_before_training(tmp_path,
     capsys.readouterr()  # the save's progress bar
     data = jsonl(tmp_path / "d.jsonl", "3+4", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4"}])
     assert error_line("train", RECIPE, f"output_dir={tmp_path}", f"model.path={model}", "data.template=chat", data) == (
-        "ponder: error: the tokenizer's chat template fails on example 2 of task 'jsonl' (roles: system, user): System role "
-        "not supported; change those chat messages (templates may refuse a system turn, or turns that do not alternate "
-        "user/assistant), or use data.template=r1_zero or plain")
+        "ponder: error: the tokenizer's chat template fails on the prompt '3+4' (roles: system, user): System role not "
+        "supported; change those chat messages (templates may refuse a system turn, or turns that do not alternate "
+        "user/assistant), or use another template (r1_zero or plain)")
     assert (tmp_path / "smoke-first-digit" / "metrics.jsonl").read_text() == ""  # no step taken
 
 
@@ -268,9 +268,27 @@ def test_a_chat_template_failing_on_one_message_mid_run_is_one_line(tmp_path, sm
                     "rollout.prompts_per_step=4", "rollout.group_size=2", "train.steps=2", "train.save_every=0")
     with pytest.raises(UserError) as e:
         train(cfg)
-    assert str(e.value) == ("the tokenizer's chat template fails on a prompt: Forbidden word; change those chat messages "
-                            "(templates may refuse a system turn, or turns that do not alternate user/assistant), or use "
-                            "data.template=r1_zero or plain")
+    assert str(e.value) == ("the tokenizer's chat template fails on the prompt 'a forbidden sum' (roles: user): Forbidden "
+                            "word; change that prompt or fix the chat_template in the tokenizer's files, or use another "
+                            "template (r1_zero or plain)")
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_a_chat_template_refusing_a_prompt_is_one_line_in_eval_and_sample(tmp_path, error_line, capsys, command):
+    """ponder eval and ponder sample render prompts through the same function as training (templates.render): jinja's
+    TemplateError from the template's raise_exception was a traceback there, naming neither the prompt nor a fix."""
+    import json
+
+    model = chat_model(tmp_path / "m", REFUSING)
+    capsys.readouterr()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in ("3+4", "a forbidden  sum\nof two")))
+    common = ["--model", model, "--tasks", f"jsonl:{data}", "--k", "1", "--max-tokens", "2", "--quiet", "--out", str(tmp_path / "o")]
+    args = ["--template", "chat", "--device", "cpu"] if command == "eval" else ["template=chat"]
+    assert error_line(command, *common, *args) == (
+        "ponder: error: the tokenizer's chat template fails on the prompt 'a forbidden sum of two' (roles: user): Forbidden "
+        "word; change that prompt or fix the chat_template in the tokenizer's files, or use another template (r1_zero or "
+        "plain)")
 
 
 def test_sft_rows_a_chat_template_refuses_are_one_line(tok):
@@ -284,7 +302,8 @@ def test_sft_rows_a_chat_template_refuses_are_one_line(tok):
     cfg = SimpleNamespace(data=SimpleNamespace(max_len=64, template="chat", add_eos=True))
     with pytest.raises(UserError) as e:
         load_data(cfg, tok, SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64)), rows)
-    assert str(e.value).startswith("the tokenizer's chat template fails on SFT row 2: System role not supported; change those")
+    assert str(e.value).startswith("the tokenizer's chat template fails on the prompt 'Be brief.' (roles: system): System "
+                                   "role not supported; change those")
 
 
 def gpt2_model(path, positions: int):
@@ -345,9 +364,9 @@ BROKEN = "{% for m in messages %}[{{ m.content }}"  # no endfor
 @pytest.mark.parametrize("template, model, line", [
     ("Q: {prompt} A:", None, "unknown template 'Q: {prompt} A:'; choose one of: r1_zero, plain, chat"),
     ("chat", None, "template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain"),
-    ("chat", BROKEN, "the tokenizer's chat template fails on a prompt of one user turn: Unexpected end of template. Jinja "
-                     "was looking for the following tags: 'endfor' or 'else'. The innermost block that needs to be closed is "
-                     "'for'.; fix the chat_template in the tokenizer's files, or use data.template=r1_zero or plain"),
+    ("chat", BROKEN, "the tokenizer's chat template does not parse: Unexpected end of template. Jinja was looking for the "
+                     "following tags: 'endfor' or 'else'. The innermost block that needs to be closed is 'for'.; fix the "
+                     "chat_template in the tokenizer's files, or use another template (r1_zero or plain)"),
 ])
 def test_a_template_the_tokenizer_cannot_render_is_told_before_the_model_loads(tmp_path, error_line, capsys, no_model,
                                                                                template, model, line):
@@ -376,9 +395,9 @@ def test_sft_rows_a_template_cannot_take_are_told_before_the_model_loads(tmp_pat
     for template, model_path, want in [
         ("Q: {prompt} A:", model, "unknown template 'Q: {prompt} A:'; choose one of: r1_zero, plain, chat"),
         ("chat", "tiny-random", "template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain"),
-        ("chat", model, "the tokenizer's chat template fails on SFT row 2: System role not supported; change those chat "
-                        "messages (templates may refuse a system turn, or turns that do not alternate user/assistant), or "
-                        "use data.template=r1_zero or plain"),
+        ("chat", model, "the tokenizer's chat template fails on the prompt 'Be brief.' (roles: system): System role not "
+                        "supported; change those chat messages (templates may refuse a system turn, or turns that do not "
+                        "alternate user/assistant), or use another template (r1_zero or plain)"),
     ]:
         cfg = load_config(None, [f"output_dir={tmp_path}", f"data.files={json.dumps([str(data)])}", f"data.template={template}",
                                  f"model.path={model_path}"], cls=SFTConfig)

@@ -22,12 +22,42 @@ def render(template: str, prompt, tokenizer=None) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError("template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain")
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_text(tokenizer, messages, add_generation_prompt=True)
     if template not in TEMPLATES:
         raise UserError(f"unknown template '{template}'; choose one of: {', '.join([*TEMPLATES, 'chat'])}")
     if isinstance(prompt, list):  # chat messages under a text template: use the last user turn
         prompt = next(m["content"] for m in reversed(prompt) if m.get("role") == "user")
     return TEMPLATES[template].format(prompt=prompt)
+
+
+def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text of `messages`. Its own error (jinja's TemplateError: `raise_exception` in the
+    template, as Gemma's refuses a system turn and Llama's turns that do not alternate, or the template's syntax) is
+    one line naming the prompt and the fix, whichever command renders it (train, sft, eval, sample)."""
+    try:
+        from jinja2 import TemplateError, TemplateSyntaxError
+    except ImportError:  # transformers renders with jinja: without it no template ran, so none of its errors to name
+        TemplateError = TemplateSyntaxError = ()
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, TemplateSyntaxError):  # broken whatever it is given: not the data's doing
+            raise UserError(f"the tokenizer's chat template does not parse: {why}; fix the chat_template in the tokenizer's "
+                            "files, or use another template (r1_zero or plain)") from None
+        roles = [m.get("role") for m in messages]
+        # a lone user turn is the simplest prompt there is: the template, or that one text, is at fault
+        fix = ("change that prompt or fix the chat_template in the tokenizer's files" if roles == ["user"] else
+               "change those chat messages (templates may refuse a system turn, or turns that do not alternate user/assistant)")
+        raise UserError(f"the tokenizer's chat template fails on the prompt {_start(messages)} (roles: {', '.join(map(str, roles))}): "
+                        f"{why}; {fix}, or use another template (r1_zero or plain)") from None
+
+
+def _start(messages: list[dict], n: int = 40) -> str:
+    """The question of chat messages (their last user turn, else the last turn), its start quoted, to find it by."""
+    turn = next((m for m in reversed(messages) if m.get("role") == "user"), messages[-1] if messages else {})
+    text = " ".join(str(turn.get("content", "")).split())
+    return repr(text if len(text) <= n else text[:n] + "...")
 
 
 def opens_think(prompt_text: str) -> bool:

@@ -34,13 +34,6 @@ def add_parser(sub) -> None:
 def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, allow_changes: bool = False):
     """Run to cfg.train.steps (or `stop_after` more steps, for tests). Returns the trainer. On resume, settings
     that differ from the run's config.yaml are refused unless safe or allowed (ponder.resume)."""
-    from ponder.tasks import template_errors
-
-    with template_errors("a prompt"):  # one line, for what the checks before training cannot foresee (a message's text)
-        return _train(cfg, resume, stop_after, allow_changes)
-
-
-def _train(cfg: RunConfig, resume: bool, stop_after: int | None, allow_changes: bool):
     from ponder import resume as resuming
     from ponder.metrics import require_backends
     from ponder.rl.trainer import GRPOTrainer
@@ -110,13 +103,11 @@ def _check_template(cfg: RunConfig) -> None:
     knows, and under `chat` a tokenizer with a chat template that renders a question (the tokenizer loads in a
     moment). What only the data can show is checked before the first step (_check_before_training)."""
     from ponder import models
-    from ponder.tasks import template_errors
     from ponder.templates import render
 
     chat = cfg.data.template == "chat"
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code) if chat else None
-    with template_errors("a prompt of one user turn", fix="fix the chat_template in the tokenizer's files"):
-        render(cfg.data.template, "1 + 1 = ?", tokenizer)
+    render(cfg.data.template, "1 + 1 = ?", tokenizer)
 
 
 def _check_before_training(trainer) -> None:

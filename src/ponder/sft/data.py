@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.tasks import chat_messages_problem, template_errors
-from ponder.templates import encoded_prompt, render
+from ponder.tasks import chat_messages_problem
+from ponder.templates import chat_text, encoded_prompt, render
 
 
 @dataclass
@@ -91,8 +91,8 @@ def _encode_chat(messages: list[dict], tokenizer) -> Encoded:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = chat_text(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = chat_text(tokenizer, messages[: i + 1])
         if not before.startswith(done):
             raise UserError("the tokenizer's chat template rewrites earlier turns; train on {prompt, completion} rows instead")
         if not upto.startswith(before):  # DeepSeek-R1-Distill's: its generation prompt ends "<think>\n", its turns do not
@@ -176,13 +176,12 @@ def check_template(rows: list[dict], cfg) -> None:
     d = cfg.data
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     seen = set()
-    for i, row in enumerate(rows, 1):
+    for row in rows:
         turns = row["messages"] if "messages" in row else row["prompt"]
         shape = ("messages" in row, tuple(m["role"] for m in turns) if isinstance(turns, list) else "text")
         if shape not in seen:
             seen.add(shape)
-            with template_errors(f"SFT row {i}"):
-                encode(row, tokenizer, d.template, d.add_eos)
+            encode(row, tokenizer, d.template, d.add_eos)
 
 
 def load_data(cfg, tokenizer, model, rows: list[dict]) -> tuple[list[dict], list[Encoded], DataReport]:
@@ -190,10 +189,7 @@ def load_data(cfg, tokenizer, model, rows: list[dict]) -> tuple[list[dict], list
     d = cfg.data
     context = model_context(model)
     max_len = min(x for x in (d.max_len, context) if x is not None) if (d.max_len or context) else 1 << 30
-    encoded = []
-    for i, r in enumerate(rows, 1):
-        with template_errors(f"SFT row {i}"):
-            encoded.append(encode(r, tokenizer, d.template, d.add_eos))
+    encoded = [encode(r, tokenizer, d.template, d.add_eos) for r in rows]
     index, encoded, report = fit(encoded, max_len)
     if not encoded:
         raise UserError(f"SFT data is empty after fitting to {max_len} tokens: every prompt fills the context; raise data.max_len")

@@ -16,7 +16,6 @@ equivalence like the `jsonl` task.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
 import random
@@ -157,35 +156,16 @@ def chat_messages_problem(prompt) -> str | None:
 def check_prompts(examples: list[dict], template: str, tokenizer) -> None:
     """Render one prompt of each shape (text, or one sequence of chat roles) under the template, so that a chat
     template refusing the data (a system turn, turns that do not alternate) is one line naming an example before
-    training, not a traceback in the step that first meets one."""
+    training (templates.chat_text), not in the step that first meets one."""
     from ponder.templates import render
 
     seen = set()
-    for i, ex in enumerate(examples, 1):
+    for ex in examples:
         prompt = ex["prompt"]
         shape = tuple(m["role"] for m in prompt) if isinstance(prompt, list) else "text"
         if shape not in seen:
             seen.add(shape)
-            with template_errors(f"example {i} of task '{ex.get('task')}'" + (f" (roles: {', '.join(shape)})" if shape != "text" else "")):
-                render(template, prompt, tokenizer)
-
-
-MESSAGES_FIX = "change those chat messages (templates may refuse a system turn, or turns that do not alternate user/assistant)"
-
-
-@contextlib.contextmanager
-def template_errors(what: str, fix: str = MESSAGES_FIX):
-    """A chat template's own error (jinja's: `raise_exception` in the template, or its syntax) as one line naming
-    `what` it was rendering and the fix."""
-    try:
-        from jinja2 import TemplateError
-    except ImportError:  # no jinja, so no chat template was rendered: nothing of its to catch
-        TemplateError = ()
-    try:
-        yield
-    except TemplateError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"the tokenizer's chat template fails on {what}: {first}; {fix}, or use data.template=r1_zero or plain") from None
+            render(template, prompt, tokenizer)
 
 
 def check_options(task: Task, options: dict) -> None:
