@@ -235,16 +235,20 @@ def jsonl(path, *prompts):
     return f"data.tasks=[{{name: jsonl, path: {path}}}]"
 
 
-def test_a_chat_template_refusing_the_data_is_one_line_before_training(tmp_path, error_line, capsys):
-    """jinja's TemplateError went up as a traceback from the first step (or the evaluation before it)."""
+def test_a_chat_template_refusing_the_data_is_one_line_before_the_model_loads(tmp_path, error_line, capsys, no_model):
+    """jinja's TemplateError went up as a traceback from the first step (or the evaluation before it); then it was one
+    line after the model had loaded (minutes for a large one). An eval task's prompts are checked alike."""
     model = chat_model(tmp_path / "m", REFUSING)
     capsys.readouterr()  # the save's progress bar
-    data = jsonl(tmp_path / "d.jsonl", "3+4", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4"}])
-    assert error_line("train", RECIPE, f"output_dir={tmp_path}", f"model.path={model}", "data.template=chat", data) == (
-        "ponder: error: the tokenizer's chat template fails on the prompt '3+4' (roles: system, user): System role not "
-        "supported; change those chat messages (templates may refuse a system turn, or turns that do not alternate "
-        "user/assistant), or use another template (r1_zero or plain)")
-    assert (tmp_path / "smoke-first-digit" / "metrics.jsonl").read_text() == ""  # no step taken
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4"}]
+    args = ["train", RECIPE, f"output_dir={tmp_path}", f"model.path={model}", "data.template=chat"]
+    line = ("ponder: error: the tokenizer's chat template fails on the prompt '3+4' (roles: system, user): System role not "
+            "supported; change those chat messages (templates may refuse a system turn, or turns that do not alternate "
+            "user/assistant), or use another template (r1_zero or plain)")
+    assert error_line(*args, jsonl(tmp_path / "d.jsonl", "3+4", system)) == line
+    jsonl(tmp_path / "e.jsonl", system)
+    assert error_line(*args, jsonl(tmp_path / "t.jsonl", "3+4"), f"eval.tasks=[{{name: jsonl, path: {tmp_path / 'e.jsonl'}}}]") == line
+    assert not (tmp_path / "smoke-first-digit").exists()  # nothing written
 
 
 def test_chat_messages_without_a_user_turn_are_one_line_under_a_chat_template(tmp_path, error_line, capsys):
@@ -317,20 +321,28 @@ def gpt2_model(path, positions: int):
     return str(path)
 
 
-def test_prompts_past_a_learned_position_table_are_one_line_before_training(tmp_path, error_line, capsys, smoke_cfg):
+def test_prompts_past_a_learned_position_table_are_one_line_before_training(tmp_path, error_line, capsys, smoke_cfg,
+                                                                           monkeypatch):
     """GPT-2's positions are a table (n_positions): a prompt plus the new tokens past it was an IndexError deep in the
-    model, in the step that first met it. The longest prompt is measured before the first step, the evaluation's
-    with its own max_new_tokens."""
+    model, in the step that first met it. The longest prompt is measured before the model loads (the table's size read
+    from its config), the evaluation's with its own max_new_tokens."""
+    from ponder import models
     from ponder.models import load, position_limit
+    from ponder.rl import trainer
 
     model = gpt2_model(tmp_path / "g", 24)
     capsys.readouterr()
     assert position_limit(load(model)[0]) == 24 and position_limit(load("tiny-random")[0]) is None  # rotary: none
     data = jsonl(tmp_path / "d.jsonl", "3+4", "What is three plus four?")  # 24 tokens
     args = ["train", RECIPE, f"output_dir={tmp_path}", f"model.path={model}", "rollout.engine=hf", "rollout.max_new_tokens=4"]
-    assert error_line(*args, data) == (
-        "ponder: error: a prompt of 24 tokens (example 2 of task 'jsonl') + rollout.max_new_tokens 4 = 28 positions, past "
-        "the model's 24 (max_position_embeddings, a learned position table); shorten prompts to 20 tokens or fewer")
+    line = ("ponder: error: a prompt of 24 tokens (example 2 of task 'jsonl') + rollout.max_new_tokens 4 = 28 positions, past "
+            "the model's 24 (max_position_embeddings, a learned position table); shorten prompts to 20 tokens or fewer")
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_trainable", no_model_loads)
+        assert error_line(*args, data) == line
+    with monkeypatch.context() as m:  # a config not at hand before the model loads (a Hub model not downloaded yet)
+        m.setattr(trainer, "_weightless", lambda *_: None)
+        assert error_line(*args, data) == line
     short = jsonl(tmp_path / "s.jsonl", "3+4", "Three plus four?")  # 16 tokens
     assert error_line(*args, short, "eval.tasks=[{name: jsonl, path: " + str(tmp_path / "d.jsonl") + "}]",
                       "eval.max_new_tokens=2") == (
@@ -347,15 +359,16 @@ def test_prompts_past_a_learned_position_table_are_one_line_before_training(tmp_
     assert train(fits, stop_after=1).step_no == 1  # 16 + 8 positions: within the table, and GPT-2 trains
 
 
+def no_model_loads(*_, **__):
+    raise AssertionError("the model was loaded before the data was checked")
+
+
 @pytest.fixture
 def no_model(monkeypatch):
     """Fails a test that loads a model: what is checked here must be told before one loads (minutes for a large one)."""
     from ponder import models
 
-    def refuse(*_, **__):
-        raise AssertionError("the model was loaded before the template was checked")
-
-    monkeypatch.setattr(models, "load_trainable", refuse)
+    monkeypatch.setattr(models, "load_trainable", no_model_loads)
 
 
 BROKEN = "{% for m in messages %}[{{ m.content }}"  # no endfor

@@ -255,10 +255,15 @@ STRICT = textwrap.dedent("""
 def test_a_column_named_like_an_option_of_ones_own_reward_is_refused_at_start(tmp_path, monkeypatch):
     """A `strict` column silently took the place of strict=False (a list of False is truthy). Such a clash is refused
     before the first step, even where the first example lacks the column; set in the recipe, the option wins; a
-    parameter with a default of None (`level`) reads its column."""
+    parameter with a default of None (`level`) reads its column. Told before the model loads (minutes for a large one)."""
+    from ponder import models
     from ponder.rewards import RewardSet
     from ponder.train import train
 
+    def no_model(*_, **__):
+        raise AssertionError("the model was loaded before the data's columns were checked")
+
+    monkeypatch.setattr(models, "load_trainable", no_model)
     (tmp_path / "mine.py").write_text(STRICT)
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "d.jsonl"
@@ -270,7 +275,7 @@ def test_a_column_named_like_an_option_of_ones_own_reward_is_refused_at_start(tm
     assert str(e.value) == ("reward 'mine.py:strict_len': its option 'strict' (default False) has the name of a column of the "
                             "data, whose values would take its place; set it in the recipe (rewards.mine.py:strict_len.strict), "
                             "or rename the parameter (one without a default, or with None, reads the column)")
-    assert (tmp_path / "runs" / "smoke-first-digit" / "metrics.jsonl").read_text() == ""  # before the first step
+    assert not (tmp_path / "runs" / "smoke-first-digit").exists()  # nothing written
     set_in_recipe = RewardSet({"mine.py:strict_len": {"weight": 1.0, "strict": False}})
     _, per_fn = set_in_recipe.score(["abcd", "ab"], ["1+1"] * 2, {"answer": ["2", "2"], "strict": [True, True], "level": [1, 2]})
     assert per_fn == {"strict_len": [2.0, 3.0]}

@@ -41,9 +41,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
 
     require_backends(cfg.train.log_to)
     changes = resuming.check(cfg, "train", allow_changes) if resume else None
-    _check_template(cfg)
-    trainer = GRPOTrainer(cfg, resume=resume)
-    _check_before_training(trainer)
+    trainer = GRPOTrainer(cfg, resume=resume)  # checks the template, the data and the rewards before the model loads
     main = trainer.rank == 0  # with torchrun, rank 0 prints and writes; every rank evaluates its share
     if changes is not None and main:
         resuming.record(trainer.run_dir, changes, trainer.step_no)
@@ -96,54 +94,6 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
             console.print(f"report: {write_report(trainer.run_dir)}")
     trainer.metrics.close()
     return trainer
-
-
-def _check_template(cfg: RunConfig) -> None:
-    """The template before the model loads (minutes for a large one), as the data and the rewards are: a name ponder
-    knows, and under `chat` a tokenizer with a chat template that renders a question (the tokenizer loads in a
-    moment). What only the data can show is checked before the first step (_check_before_training)."""
-    from ponder import models
-    from ponder.templates import render
-
-    chat = cfg.data.template == "chat"
-    tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code) if chat else None
-    render(cfg.data.template, "1 + 1 = ?", tokenizer)
-
-
-def _check_before_training(trainer) -> None:
-    """What needs every example (the trainer checks the first one before it loads the model): one line before the
-    first step, not a failure in it or a change unseen."""
-    from ponder import models
-    from ponder.tasks import check_prompts, load_examples
-
-    cfg = trainer.cfg
-    trainer.rewards.check_columns({k for ex in trainer.examples for k in ex if k != "prompt"})
-    limit = models.position_limit(trainer.model)
-    evals = [(load_examples(spec, cfg.seed), cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-              "eval.max_new_tokens" if cfg.eval.max_new_tokens else "rollout.max_new_tokens") for spec in cfg.eval.tasks]
-    for examples, new_tokens, key in [(trainer.examples, cfg.rollout.max_new_tokens, "rollout.max_new_tokens"), *evals]:
-        check_prompts(examples, cfg.data.template, trainer.tokenizer)
-        if limit is not None:
-            _check_positions(examples, cfg.data.template, trainer.tokenizer, limit, new_tokens, key)
-
-
-def _check_positions(examples: list[dict], template: str, tokenizer, limit: int, new_tokens: int, key: str) -> None:
-    """A model with a learned position table (GPT-2) fails past it with an IndexError deep in the model, in whichever
-    step first meets a long prompt: the longest prompt plus the new tokens must fit, told before the first step."""
-    from ponder.errors import UserError
-    from ponder.templates import prompt_ids
-
-    lengths = [len(prompt_ids(template, ex["prompt"], tokenizer)) for ex in examples]
-    i = max(range(len(lengths)), key=lengths.__getitem__)
-    longest = lengths[i]
-    if longest + new_tokens <= limit:
-        return
-    fixes = [f"lower {key} to {limit - longest}"] if longest < limit else []
-    fixes += [f"shorten prompts to {limit - new_tokens} tokens or fewer"] if new_tokens < limit else []
-    fix = " or ".join(fixes) or f"shorten prompts and lower {key}: together they must fit in {limit} positions"
-    raise UserError(f"a prompt of {longest} tokens (example {i + 1} of task '{examples[i].get('task')}') + {key} "
-                    f"{new_tokens} = {longest + new_tokens} positions, past the model's {limit} (max_position_embeddings, "
-                    f"a learned position table); {fix}")
 
 
 def _stop(trainer, main: bool):

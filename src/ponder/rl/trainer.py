@@ -16,6 +16,7 @@ Simplifications, stated up front (in the manner of nanochat's chat_rl.py):
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import time
@@ -40,8 +41,8 @@ from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_we
 from ponder.rollout import SamplingParams, make_engine
 from ponder.resume import write_atomic
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
-from ponder.tasks import PromptSampler, mix
-from ponder.templates import TEMPLATES, encoded_prompt
+from ponder.tasks import PromptSampler, check_prompts, load_examples, mix
+from ponder.templates import TEMPLATES, encoded_prompt, prompt_ids, render
 
 
 @dataclass
@@ -73,11 +74,9 @@ class GRPOTrainer:
             # one stream other than the default for the whole run: the fast engine captures its graphs on the
             # current stream when it can, so rollouts and updates share one cuBLAS workspace
             torch.cuda.set_stream(torch.cuda.Stream(self.device))
+        # the template, the data and the rewards first: a mistake in them is one line before minutes of loading a model
+        unchecked = self._load_data(last)
         self.state = checkpoint.load_state(last) if resume else None
-        # the data and the rewards first: a mistake in them is one line before minutes of loading a model
-        self.rewards = RewardSet(cfg.rewards)
-        self.examples = mix(cfg.data.tasks, cfg.seed)
-        self.rewards.check(self.examples[0])
         self.sampler = PromptSampler(self.examples, cfg.seed)
 
         self.sharding = sharding.resolve(cfg.train.sharding, self.world, cfg.train.offload)
@@ -87,6 +86,8 @@ class GRPOTrainer:
                                    offload=cfg.train.offload)
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser,
                                                            narrow_frozen=self.sharding == "none")
+        if unchecked:  # the model's config was not at hand before it loaded (a Hub model downloaded just now)
+            _check_positions(unchecked, cfg.data.template, models.position_limit(self.model), self.tokenizer)
         self.precision = chooser.chosen
         models.disable_dropout(self.model)  # before the reference copy: neither scores with dropout
         self.ref = self._make_reference()
@@ -399,6 +400,35 @@ class GRPOTrainer:
         return rows
 
     # ---------------------------------------------------------------- set-up and state
+    def _load_data(self, last) -> list[tuple] | None:
+        """Load the rewards and the examples, and check them with what loads in a moment, before the model (minutes for
+        a large one): the template (a name ponder knows; `chat`, a tokenizer whose chat template renders a question, then
+        one prompt of each sequence of roles of the training and eval tasks), every example's columns against the
+        rewards' options, and the longest prompts against a learned position table, read from the model's config.
+        Returns the prompt sets (examples, new tokens, their key) whose positions are left to check once the model has
+        loaded, where its config was not at hand; else None."""
+        cfg, r, e = self.cfg, self.cfg.rollout, self.cfg.eval
+        source = str(last) if last is not None and cfg.model.lora is None else cfg.model.path  # as load_trainable's
+        tokenizer = functools.cache(lambda: models.load_tokenizer(source, cfg.model.trust_remote_code))  # when needed
+        chat = tokenizer() if cfg.data.template == "chat" else None  # a text template renders without one
+        render(cfg.data.template, "1 + 1 = ?", chat)
+        self.rewards = RewardSet(cfg.rewards)
+        self.examples = mix(cfg.data.tasks, cfg.seed)
+        self.rewards.check(self.examples[0])
+        self.rewards.check_columns({k for ex in self.examples for k in ex if k != "prompt"})
+        evals = [(load_examples(spec, cfg.seed), e.max_new_tokens or r.max_new_tokens,
+                  "eval.max_new_tokens" if e.max_new_tokens else "rollout.max_new_tokens") for spec in e.tasks]
+        prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"), *evals]
+        for examples, _, _ in prompt_sets:
+            check_prompts(examples, cfg.data.template, chat)
+        skeleton = _weightless(source, cfg.model.trust_remote_code)
+        if skeleton is None:
+            return prompt_sets
+        limit = models.position_limit(skeleton)
+        if limit is not None:
+            _check_positions(prompt_sets, cfg.data.template, limit, tokenizer())
+        return None
+
     def _make_reference(self):
         """A frozen reference for the KL term; none at all when beta is 0. With LoRA and no resets the
         reference is the base model itself (adapters switched off), so nothing is copied."""
@@ -470,6 +500,50 @@ def assign_advantages(groups: list[Group], mode: str) -> None:
         for g, row in zip(groups, adv.tolist()):
             for s, value in zip(g.samples, row):
                 s.advantage = value
+
+
+def _weightless(source: str, trust_remote_code: bool):
+    """The model at `source` built from its config on the meta device: its layout without weights or memory (a moment,
+    for a 70B model too), for models.position_limit before the weights load. None where the config is not at hand (a
+    Hub model not downloaded yet) or cannot build such a model: the loaded model is checked instead, and its loading
+    says what is wrong."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ponder.models.tiny import tiny_config
+
+    try:
+        where = models.resolve(source)
+        if isinstance(where, models.HubModel):
+            where = models.hub_snapshot(where)
+            if where is None:
+                return None
+        # tiny-random: the built-in Llama, whose positions (rotary) are the same in every shape
+        config = tiny_config() if isinstance(where, str) else AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the run's random draws stay as they were
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # a config or a model's own code this cannot read: the loading tells it as one line
+        return None
+
+
+def _check_positions(prompt_sets: list[tuple], template: str, limit: int | None, tokenizer) -> None:
+    """A model with a learned position table (GPT-2) fails past it with an IndexError deep in the model, in whichever
+    step first meets a long prompt: the longest prompt of each set plus its new tokens must fit, told before the model
+    loads (or, its config not at hand, just after). `limit`: models.position_limit's, None where positions are computed
+    (rotary: no table to pass)."""
+    if limit is None:
+        return
+    for examples, new_tokens, key in prompt_sets:
+        lengths = [len(prompt_ids(template, ex["prompt"], tokenizer)) for ex in examples]
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        longest = lengths[i]
+        if longest + new_tokens <= limit:
+            continue
+        fixes = [f"lower {key} to {limit - longest}"] if longest < limit else []
+        fixes += [f"shorten prompts to {limit - new_tokens} tokens or fewer"] if new_tokens < limit else []
+        fix = " or ".join(fixes) or f"shorten prompts and lower {key}: together they must fit in {limit} positions"
+        raise UserError(f"a prompt of {longest} tokens (example {i + 1} of task '{examples[i].get('task')}') + {key} "
+                        f"{new_tokens} = {longest + new_tokens} positions, past the model's {limit} (max_position_embeddings, "
+                        f"a learned position table); {fix}")
 
 
 def _split(samples: list[Sample], k: int) -> list[list[Sample]]:
