@@ -44,6 +44,18 @@ def test_sft_rows_under_the_chat_template_hold_one_bos(tok):
     assert msgs.ids == pair.ids
 
 
+def test_sft_rows_opening_with_a_system_turn_under_a_template_that_needs_a_user_turn(tok):
+    """Qwen3's template refuses messages with no user turn ("No user query found in messages."). SFT checked for a
+    chat template by rendering a row's first message alone, so every row opening with a system turn was refused."""
+    tok.chat_template = ("{% if not (messages | selectattr('role', 'equalto', 'user') | list) %}"
+                         "{{ raise_exception('No user query found in messages.') }}{% endif %}" + tok.chat_template)
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4"},
+                        {"role": "assistant", "content": "7"}]}
+    enc = encode(row, tok, "chat")
+    assert tok.decode(enc.ids) == "<bos>[system]Be brief.[user]3+4[assistant]7<eos>"
+    assert tok.decode([i for i, m in zip(enc.ids, enc.mask) if m]) == "7<eos>"
+
+
 class Recording(RolloutEngine):
     def __init__(self, model, tokenizer, answer="7"):
         super().__init__(model, tokenizer)

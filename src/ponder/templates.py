@@ -19,8 +19,7 @@ TEMPLATES = {"r1_zero": R1_ZERO, "plain": "{prompt}"}
 def render(template: str, prompt, tokenizer=None) -> str:
     """Text of the prompt under a template. `chat` uses the tokenizer's chat template."""
     if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise UserError("template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain")
+        require_chat_template(tokenizer)
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         return chat_text(tokenizer, messages, add_generation_prompt=True)
     if template not in TEMPLATES:
@@ -28,6 +27,11 @@ def render(template: str, prompt, tokenizer=None) -> str:
     if isinstance(prompt, list):  # chat messages under a text template: use the last user turn
         prompt = next(m["content"] for m in reversed(prompt) if m.get("role") == "user")
     return TEMPLATES[template].format(prompt=prompt)
+
+
+def require_chat_template(tokenizer) -> None:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError("template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain")
 
 
 def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ponder.errors import UserError
 from ponder.tasks import chat_messages_problem
-from ponder.templates import chat_text, encoded_prompt, render
+from ponder.templates import chat_text, encoded_prompt, require_chat_template
 
 
 @dataclass
@@ -86,7 +86,9 @@ def encode(row: dict, tokenizer, template: str, add_eos: bool = True) -> Encoded
 
 def _encode_chat(messages: list[dict], tokenizer) -> Encoded:
     """Render turn by turn: text a turn adds is scored when the turn is the assistant's, and only its own part."""
-    render("chat", messages[:1], tokenizer)  # a clear error when the tokenizer has no chat template
+    # (not by rendering the first message alone: a template may refuse a conversation without a user turn, as
+    # Qwen3's does a lone system turn, which would refuse every row that opens with one)
+    require_chat_template(tokenizer)
     ids, mask, done = [], [], ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
