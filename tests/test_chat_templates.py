@@ -318,7 +318,7 @@ def test_sft_rows_a_chat_template_refuses_are_one_line(tok):
     cfg = SimpleNamespace(data=SimpleNamespace(max_len=64, template="chat", add_eos=True))
     with pytest.raises(UserError) as e:
         load_data(cfg, tok, SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64)), rows)
-    assert str(e.value).startswith("the tokenizer's chat template fails on the prompt 'Be brief.' (roles: system): System "
+    assert str(e.value).startswith("the tokenizer's chat template fails on the prompt '3+4' (roles: system, user): System "
                                    "role not supported; change those")
 
 
