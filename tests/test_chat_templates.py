@@ -420,7 +420,7 @@ def test_sft_rows_a_template_cannot_take_are_told_before_the_model_loads(tmp_pat
     for template, model_path, want in [
         ("Q: {prompt} A:", model, "unknown template 'Q: {prompt} A:'; choose one of: r1_zero, plain, chat"),
         ("chat", "tiny-random", "template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain"),
-        ("chat", model, "the tokenizer's chat template fails on the prompt 'Be brief.' (roles: system): System role not "
+        ("chat", model, "the tokenizer's chat template fails on the prompt '3+4' (roles: system, user): System role not "
                         "supported; change those chat messages (templates may refuse a system turn, or turns that do not "
                         "alternate user/assistant), or use another template (r1_zero or plain)"),
     ]:
