@@ -464,6 +464,17 @@ def test_resuming_a_run_of_the_other_command_is_one_line_naming_the_command_that
     for kind, run in runs.items():
         assert main([kind, str(run), "--resume", "train.steps=2"]) == 0
         assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # resumed with a change, each config.yaml records it under `changes:`, which no recipe takes: the kind was then
+    # undecided and the other command went through, loaded the run's checkpoint and wrote its own into it
+    kept = {p: p.read_bytes() for run in runs.values() for p in run.rglob("*") if p.is_file()}
+    for command, kind in (("sft", "train"), ("train", "sft")):
+        run, recipe = runs[kind], sft_recipe if command == "sft" else grpo_recipe
+        assert "changes" in (run / "config.yaml").read_text()
+        line = (f"ponder: error: {run} is a `ponder {kind}` run, not a `ponder {command}` one; resume it with "
+                f"`ponder {kind} {run} --resume`")
+        assert error_line(command, recipe, out, f"name={run.name}", "--resume", "--allow-changes") == line
+        assert error_line(command, "--resume", str(run)) == line
+    assert {p: p.read_bytes() for run in runs.values() for p in run.rglob("*") if p.is_file()} == kept
     assert error_line("train", "--resume", str(tmp_path)) == (
         f"ponder: error: '{tmp_path}' is a directory without a run's config.yaml; give a YAML recipe, or the directory "
         "of a `ponder train` run to resume")

@@ -95,3 +95,17 @@ def test_resume_never_changes_the_adapters_shapes(tmp_path, error_line):
     assert error_line(*base, "name=l", *more).startswith("ponder: error: --resume cannot change model.lora.r 4 -> null")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert main(base + ["name=l", "model.lora={r: 4, alpha: 16}", *more]) == 0  # the scale alone may change
+
+
+def test_a_runs_kind_is_told_by_its_sections_whatever_its_history():
+    """A config.yaml with `changes:` (any resumed run) or a key that has moved since (an older run's
+    train.max_nan_steps) is a run of the command that wrote it, not of no command, which let every command resume it."""
+    from ponder.resume import run_kind
+
+    grpo = yaml.safe_load(open("recipes/smoke-first-digit.yaml"))
+    sft = yaml.safe_load(open("recipes/coldstart-tiny.yaml"))
+    changes = [{"key": "train.steps", "old": 2, "new": 3, "from_step": 3}]
+    assert run_kind(grpo | {"changes": changes, "train": {"steps": 3, "max_nan_steps": 2}}) == "train"
+    assert run_kind(sft | {"changes": changes}) == "sft"
+    assert run_kind({"changes": changes, "model": {}, "tasks": []}) == "sample"
+    assert run_kind({"no_such_section": 1}) is None

@@ -123,20 +123,23 @@ def refuse_other_kind(run_dir: Path, saved: dict, command: str) -> None:
 
 
 def run_kind(saved: dict) -> str | None:
-    """The command whose run wrote this config.yaml: the one whose recipe takes all of its keys (each command's
-    config.yaml holds every key of its own recipe, so only one does). None where none or several do."""
+    """The command whose run wrote this config.yaml, told by its top-level sections alone: each command's config.yaml
+    holds every section of its own recipe, and SFT's sections are a subset of GRPO's, so it is the recipe with the
+    fewest sections that has them all. None where none has. Not by building the recipe: a config.yaml is history as
+    well as settings (`changes:`, a key moved or removed since it was written), which failed every build, and an
+    undecided kind let any command resume the run, write its checkpoints into it and overwrite its config.yaml."""
+    import dataclasses
     import importlib
 
     from ponder.config import RECIPE_CLASSES
 
-    kinds = []
+    keys = set(saved) - {CHANGES_KEY}
+    fits = []
     for command, (module, name) in RECIPE_CLASSES.items():
-        try:
-            build(getattr(importlib.import_module(module), name), saved)
-        except (UserError, TypeError, ValueError):
-            continue
-        kinds.append(command)
-    return kinds[0] if len(kinds) == 1 else None
+        sections = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+        if keys <= sections:
+            fits.append((len(sections), command))
+    return min(fits)[1] if keys and fits else None
 
 
 def _move_key(data: dict, old: str, new: str) -> None:
