@@ -216,11 +216,37 @@ def test_a_csv_prompt_template_keeps_latex_braces(tmp_path):
 
 
 @needs_datasets
+@pytest.mark.parametrize("template, prompt", [
+    ("{question} in \\text{cm}", "Half of 4? in \\text{cm}"),
+    ("{question} as \\frac{a}{b}, \\mathrm{d}x, x^{n}, a_{ij}, \\sqrt[3]{x}", "Half of 4? as \\frac{a}{b}, \\mathrm{d}x, x^{n}, a_{ij}, \\sqrt[3]{x}"),
+    ("{question} Put it in \\boxed{answer}", "Half of 4? Put it in \\boxed{answer}"),
+    ("{question}{hint}", "Half of 4?halve it"),  # a filled column's brace starts no LaTeX argument
+    ("{question}\\n{hint}", "Half of 4?\\nhalve it"),  # "\n" as single-quoted YAML keeps it: no LaTeX command
+])
+def test_a_brace_group_after_a_latex_command_is_text(tmp_path, template, prompt):
+    """`\\text{cm}`, `\\frac{a}{b}`, `\\mathrm{d}x` were refused as a column 'cm', 'a' or 'd' that is missing, and
+    `\\boxed{answer}` as giving the answer away: the group after a LaTeX command, `^`, `_` or another group is text."""
+    data = tmp_path / "d.csv"
+    data.write_text("question,hint,answer\nHalf of 4?,halve it,2\n")
+    assert load_examples(TaskSpec(name="hf", path=str(data), options={"prompt": template}))[0]["prompt"] == prompt
+
+
+@needs_datasets
 @pytest.mark.parametrize("template, line", [
-    ("{question} as \\frac{a}{b}", "task 'hf': the prompt template names '{a}', but {path} has no column 'a' (its columns: "
-                                   "question, answer); for braces in the text write {{a}}"),
-    ("{question} in \\boxed{answer}", "task 'hf': the prompt template puts the answer column '{answer}' in the prompt, "
-                                      "giving the answer away; for braces in the text write {{answer}}"),
+    ("{qestion} as \\frac{a}{b}", "task 'hf': the prompt template names '{qestion}', but {path} has no column 'qestion' "
+                                  "(its columns: question, answer); for braces in the text write {{qestion}}"),
+    ("{question} in {answer}", "task 'hf': the prompt template puts the answer column '{answer}' in the prompt, "
+                               "giving the answer away; for braces in the text write {{answer}}"),
+    # each of these gave every row the same literal prompt
+    ("{ question }", "task 'hf': the prompt template's '{ question }' fills nothing, as only a plain {column} is filled: "
+                     "write {question} (no spaces inside), or {{ question }} for braces in the text"),
+    ("{question!r}", "task 'hf': the prompt template's '{question!r}' fills nothing, as only a plain {column} is filled: "
+                     "write {question} (no conversion or format spec such as !r or :>5), or {{question!r}} for braces in the text"),
+    ("{question:>5}", "task 'hf': the prompt template's '{question:>5}' fills nothing, as only a plain {column} is filled: "
+                      "write {question} (no conversion or format spec such as !r or :>5), or {{question:>5}} for braces in the text"),
+    ("Solve \\boxed{question}", "task 'hf': the prompt template 'Solve \\boxed{question}' fills no column, so every row would "
+                                "get the same prompt; write a free-standing {column} (after a LaTeX command, ^, _ or } braces "
+                                "are text); the columns of {path}: question, answer"),
 ])
 def test_a_prompt_template_naming_no_column_is_one_line(tmp_path, error_line, template, line):
     data = tmp_path / "d.csv"

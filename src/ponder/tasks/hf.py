@@ -12,9 +12,12 @@ folder of such files, or a `save_to_disk` folder. Needs the `hf` extra (`pip ins
 Options:
 - `prompt`: the column holding the question (default: the first of prompt, question, problem present), or
   a template over columns, e.g. "{problem}\\n\\nGive the answer as a fraction."; a column of chat
-  messages is taken as it is. In a template, `{column}` is the row's value and any other brace is text
-  (`\\frac{1}{2}`, `\\boxed{}`); a name in braces that is no column is an error (a misspelt column), so write
-  `{{x}}` for a literal `{x}`, as in str.format.
+  messages is taken as it is. In a template, a free-standing `{column}` is the row's value and other braces
+  are text: a group right after a LaTeX command, `^`, `_` or another group (`\\frac{a}{b}`, `\\text{cm}`,
+  `x^{n}`, `\\boxed{answer}`), and braces around anything but a name (`\\boxed{}`, `{1, 2}`). A free-standing name
+  that is no column is an error (a misspelt column), as are `{ column }`, `{column!r}` or `{column:>5}` (only a
+  plain `{column}` is filled), the answer's column and a template that fills no column; write `{{x}}` for a
+  literal `{x}`, as in str.format.
 - `answer`: the column holding the answer (default: answer). A null or empty answer is an error that
   names the row.
 - `answer_format`: how the final answer is found in that column (ponder.tasks.math_formats): `plain` (the
@@ -137,9 +140,12 @@ class HfDataset(Task):
         return out
 
 
-# `{column}` in a prompt template; `{{` and `}}` are braces, as in str.format. Braces around anything else are text
-# (`\frac{1}{2}`, "put it in \boxed{}"): str.format raised on them, or took `{1}` for a column.
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+# One brace group of a prompt template (no brace inside), or `{{` / `}}`, the braces of str.format's escapes.
+_GROUP = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+# What makes the brace group after it a LaTeX argument, so text whatever it names: a command (`\boxed{answer}`,
+# `\text{cm}`, `\sqrt[3]{x}`), a super- or subscript (`x^{n}`) or another group (the `{b}` of `\frac{a}{b}`). Not
+# `\n`, `\t`, `\r`: a template in single-quoted YAML keeps "\n{hint}" as written, and {hint} is meant as a column.
+_LATEX_BEFORE = re.compile(r"(?:\\(?![ntr](?![A-Za-z]))[A-Za-z]+\*?(?:\[[^\]{}]*\])?|[\^_}])$")
 
 
 class _Plan:
@@ -148,7 +154,8 @@ class _Plan:
     def __init__(self, path, prompt, answer, filters, metadata, columns: list[str]):
         self.prompt = prompt or next((c for c in PROMPT_FIELDS if c in columns), PROMPT_FIELDS[0])
         self.template = "{" in self.prompt
-        self.fields = _template_fields(path, self.prompt, answer, columns) if self.template else [self.prompt]
+        self.pieces = _parse_template(path, self.prompt, answer, columns) if self.template else []
+        self.fields = [col for _, col in self.pieces if col] if self.template else [self.prompt]
         self.used = list(dict.fromkeys([*self.fields, answer, *filters, *(metadata or [])]))
         _check_columns(path, self.used, columns)
         self.keep = columns if metadata is None else list(metadata)
@@ -156,28 +163,47 @@ class _Plan:
     def prompt_of(self, row: dict):
         if not self.template:
             return row[self.prompt]
-
-        def fill(m: re.Match) -> str:
-            if m[1] is None:  # {{ or }}
-                return m[0][0]
-            return str(row[m[1]]) if m[1] in self.fields else m[0]
-
-        return _PLACEHOLDER.sub(fill, self.prompt)
+        return "".join(text + (str(row[col]) if col else "") for text, col in self.pieces)
 
 
-def _template_fields(path, template: str, answer: str, columns: list[str]) -> list[str]:
-    """The columns a prompt template names. A name in braces that is no column is refused, as a misspelt column
-    would reach the model as text; so is the answer's column, which would give the answer away."""
-    fields = [m[1] for m in _PLACEHOLDER.finditer(template) if m[1] is not None and m[1] in columns]
-    wrong = next((m[1] for m in _PLACEHOLDER.finditer(template) if m[1] is not None and m[1] not in columns
-                  and m[1].isidentifier()), None)
-    if wrong is not None:
-        raise UserError(f"task 'hf': the prompt template names '{{{wrong}}}', but {path} has no column '{wrong}' (its columns: "
-                        f"{', '.join(columns)}); for braces in the text write {{{{{wrong}}}}}")
-    if answer in fields:
-        raise UserError(f"task 'hf': the prompt template puts the answer column '{{{answer}}}' in the prompt, giving the "
-                        f"answer away; for braces in the text write {{{{{answer}}}}}")
-    return list(dict.fromkeys(fields))
+def _parse_template(path, template: str, answer: str, columns: list[str]) -> list[tuple[str, str | None]]:
+    """A prompt template as (text, column or None) pieces. Only a free-standing `{column}` is filled; a brace group
+    after a LaTeX command, `^`, `_` or another group is text, and so are braces around anything but a name. What
+    looks meant as a column and is not filled is refused, as it would reach the model as the same text in every
+    row: a name that is no column (misspelt), a column with spaces or a format spec (`{ x }`, `{x!r}`, `{x:>5}`),
+    the answer's column (it gives the answer away), a template that fills no column at all."""
+    pieces, text, at, filled_end = [], "", 0, -1
+    for m in _GROUP.finditer(template):
+        text, at, inner = text + template[at:m.start()], m.end(), m[1]
+        latex = _LATEX_BEFORE.search(template, 0, m.start())
+        if latex and latex.start() == filled_end - 1:  # after a filled {column}'s brace: "{question}{hint}" fills both
+            latex = None
+        if inner is None or latex:  # {{, }} or a LaTeX argument
+            text += m[0][0] if inner is None else m[0]
+            continue
+        head = re.split(r"[!:.\[]", inner, maxsplit=1)[0].strip()  # the column str.format would have read
+        if head == answer and answer in columns:
+            raise UserError(f"task 'hf': the prompt template puts the answer column '{{{answer}}}' in the prompt, giving the "
+                            f"answer away; for braces in the text write {{{{{answer}}}}}")
+        if inner in columns:
+            pieces.append((text, inner))
+            text, filled_end = "", m.end()
+        elif head in columns:
+            how = "no spaces inside" if inner.strip() == head else "no conversion or format spec such as !r or :>5"
+            raise UserError(f"task 'hf': the prompt template's '{m[0]}' fills nothing, as only a plain {{column}} is filled: "
+                            f"write {{{head}}} ({how}), or {{{m[0]}}} for braces in the text")
+        elif inner.isidentifier():
+            raise UserError(f"task 'hf': the prompt template names '{{{inner}}}', but {path} has no column '{inner}' (its "
+                            f"columns: {', '.join(columns)}); for braces in the text write {{{{{inner}}}}}")
+        else:  # {1, 2}, {}: text
+            text += m[0]
+    pieces.append((text + template[at:], None))
+    if not any(col for _, col in pieces):
+        shown = template.replace("\n", "\\n")  # one line
+        raise UserError(f"task 'hf': the prompt template '{shown}' fills no column, so every row would get the same "
+                        f"prompt; write a free-standing {{column}} (after a LaTeX command, ^, _ or }} braces are text); "
+                        f"the columns of {path}: {', '.join(columns)}")
+    return pieces
 
 
 def _check_columns(path, used: list[str], columns: list[str]) -> None:
