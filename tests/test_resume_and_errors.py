@@ -419,6 +419,44 @@ def test_a_save_that_a_kill_interrupted_leaves_nothing_behind_at_the_next_start(
     assert not left.exists() and kept.read_text() == "mine"
 
 
+class _Killed(BaseException):
+    """A kill at that point: nothing after it runs (no except or finally clause of ponder's catches it)."""
+
+
+@pytest.mark.parametrize("after_both", [False, True])
+def test_a_kill_while_a_step_saved_again_is_renamed_keeps_one_step_n(tmp_path, monkeypatch, after_both):
+    """A step-N saved again (a resumed run reaching the step it was stopped in) sets the old step-N aside, then renames
+    the new one in. Killed between the two renames, the next start removed both; killed after them (before the old one
+    is removed), the new one is kept."""
+    from ponder import checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+
+    def written(pid, text):  # a checkpoint as save leaves it in its temporary directory
+        tmp = ckpts / f".tmp-step-3-{pid}"
+        tmp.mkdir(parents=True)
+        (tmp / "trainer_state.pt").write_text(text)
+        return tmp
+
+    def kill(*_):
+        raise _Killed
+
+    checkpoint._publish(ckpts, written(1, "old"), 3, keep_last=2)
+    if after_both:
+        monkeypatch.setattr(checkpoint, "_fsync_dir", kill)  # between the renames and the old one's removal
+    else:
+        real = os.replace  # the second rename, the new one's into step-3 (the first set the old one aside)
+        monkeypatch.setattr(checkpoint.os, "replace", lambda src, dst: kill() if src.name.startswith(".tmp") else real(src, dst))
+    with pytest.raises(_Killed):
+        checkpoint._publish(ckpts, written(2, "new"), 3, keep_last=2)
+    monkeypatch.undo()
+    # the next start: the trainers look for the checkpoint to resume from, then remove what the kill left
+    assert checkpoint.resume_point(tmp_path, resume=True) == ckpts / "step-3"
+    checkpoint.remove_unfinished(ckpts)
+    assert [p.name for p in ckpts.iterdir()] == ["step-3"]
+    assert (ckpts / "step-3" / "trainer_state.pt").read_text() == ("new" if after_both else "old")
+
+
 @pytest.mark.parametrize("command", ["train", "sft"])
 def test_a_finished_run_resumed_keeps_its_evaluation_and_logs_nothing_again(tmp_path, command, capsys):
     """--resume on a finished run evaluated again: a second eval line in metrics.jsonl, eval_after.json rewritten."""

@@ -103,9 +103,28 @@ def load_model_and_optimizer(trainer, state: dict, path: Path) -> None:
         trainer.optimizer.load_state_dict(state["optimizer"])
 
 
+REPLACED_RE = re.compile(r"^\.tmp-step-(\d+)-\d+-replaced$")
+
+
+def restore_replaced(directory: Path) -> None:
+    """A step-N set aside to be replaced (.tmp-step-N-PID-replaced) whose new step-N never took its name (a kill
+    between _publish's two renames) is the only step-N there is: it goes back to its name. Called by every rank before
+    it looks for the checkpoint to resume from; safe where several do at once, as each rename is atomic and one that
+    another rank made first leaves nothing to rename."""
+    for tmp in sorted(directory.glob(".tmp-step-*-replaced")) if directory.is_dir() else ():
+        m = REPLACED_RE.match(tmp.name)
+        final = directory / f"step-{m.group(1)}" if m else None
+        if final is not None and not final.exists():
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another rank's rename came first
+                pass
+
+
 def remove_unfinished(directory: Path) -> None:
-    """The temporary directories of saves that a kill interrupted (each a whole checkpoint, named by the step and
-    the pid of a process that is gone): called once at the start of a run, by rank 0."""
+    """The temporary directories of saves that a kill interrupted (named by the step and the pid of a process that is
+    gone), once a step-N set aside and not replaced is back in its place: called once at the start of a run, by rank 0."""
+    restore_replaced(directory)
     for tmp in directory.glob(".tmp-step-*") if directory.is_dir() else ():
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -150,8 +169,8 @@ def _publish(directory: Path, tmp: Path, step: int, keep_last: int) -> Path:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     old = None
-    if final.exists():  # set aside before the new one takes its name, removed after: never a moment with neither
-        old = tmp.with_name(tmp.name + "-replaced")  # (a .tmp-step-* name: remove_unfinished's if a kill comes between)
+    if final.exists():  # set aside before the new one takes its name, removed after. A kill between the two renames
+        old = tmp.with_name(tmp.name + "-replaced")  # leaves it the only step-N: remove_unfinished renames it back
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(directory)
@@ -176,6 +195,7 @@ def latest(directory: Path) -> Path | None:
 
 def resume_point(run_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a new run); refuses to overwrite or to resume nothing."""
+    restore_replaced(run_dir / "checkpoints")
     last = latest(run_dir / "checkpoints")
     if resume and last is None:
         raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without --resume")
