@@ -299,12 +299,45 @@ def test_a_column_named_like_an_option_of_ones_own_reward_is_refused_at_start(tm
     with pytest.raises(UserError) as e:
         train(cfg, stop_after=1)
     assert str(e.value) == ("reward 'mine.py:strict_len': its option 'strict' (default False) has the name of a column of the "
-                            "data, whose values would take its place; set it in the recipe (rewards.mine.py:strict_len.strict), "
-                            "or rename the parameter (one without a default, or with None, reads the column)")
+                            "data, whose values would take its place; set it under the reward (recipe: rewards: {mine.py:"
+                            "strict_len: {weight: 1.0, strict: <value>}}; command line: rewards.mine.py:strict_len='{weight: "
+                            "1.0, strict: <value>}'), or rename the parameter (one without a default, or with None, reads the column)")
     assert not (tmp_path / "runs" / "smoke-first-digit").exists()  # nothing written
+    # the fix the line names works as written (rewards.mine.py:strict_len.strict=... named a reward 'mine.py:strict_len.strict')
+    told = load_config(RECIPE, [f"output_dir={tmp_path / 'runs'}", *SMALL, tasks, "rewards.mine.py:strict_len={weight: 1.0, strict: true}"])
+    RewardSet(told.rewards).check_columns({"answer", "task", "strict", "level"})
     set_in_recipe = RewardSet({"mine.py:strict_len": {"weight": 1.0, "strict": False}})
     _, per_fn = set_in_recipe.score(["abcd", "ab"], ["1+1"] * 2, {"answer": ["2", "2"], "strict": [True, True], "level": [1, 2]})
     assert per_fn == {"strict_len": [2.0, 3.0]}
+
+
+CUT = textwrap.dedent("""
+    def short_unless_cut(completions, *, prompts, truncated=False, completion_length=None, think_opened=False, **_):
+        return [0.0 if t else 1.0 for t in (truncated or [False] * len(completions))]
+""")
+
+
+def test_a_reward_of_ones_own_may_default_the_columns_ponder_passes(tmp_path, monkeypatch):
+    """`truncated=False` was refused at start-up as an option clashing with "a column of the data": ponder passes
+    truncated, completion_length and think_opened for every completion, so they are columns whatever the default."""
+    from ponder import models
+    from ponder.rewards import RewardSet
+    from ponder.train import train
+
+    class Loading(Exception):
+        pass
+
+    def loading(*_, **__):
+        raise Loading  # every check before the model loads has passed
+
+    monkeypatch.setattr(models, "load_trainable", loading)
+    (tmp_path / "mine.py").write_text(CUT)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(RECIPE, [f"output_dir={tmp_path / 'runs'}", *SMALL, "rewards.mine.py:short_unless_cut=1.0"])
+    with pytest.raises(Loading):
+        train(cfg, stop_after=1)
+    columns = {"answer": ["2", "2"], "completion_length": [3, 9], "truncated": [False, True], "think_opened": [False, False]}
+    assert RewardSet({"mine.py:short_unless_cut": 1.0}).score(["a", "b"], ["1+1"] * 2, columns)[1] == {"short_unless_cut": [1.0, 0.0]}
 
 
 def test_a_reward_of_nan_or_inf_is_one_line_naming_the_example(tmp_path, monkeypatch, error_line):

@@ -19,7 +19,8 @@ name: `reward/brevity`.
 Columns and options share the keyword arguments; a column never changes an option unseen. A built-in names the
 columns it reads (`register(name, columns=...)`): its other parameters are options, the recipe's or their defaults.
 Of one's own, a parameter with a default other than None is an option: a column of its name, the option not set in
-the recipe, is refused at start-up (which one was meant is unknown); one without a default, or None, reads a column.
+the recipe, is refused at start-up (which one was meant is unknown); one without a default, or None, reads a column,
+and so do completion_length, truncated and think_opened whatever their default (ponder passes them always).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def get_reward(name: str) -> RewardFn:
         hint = f"; did you mean '{close[0]}'?" if close else f"; known rewards: {', '.join(sorted(REWARDS))}"
         raise UserError(f"unknown reward '{name}'{hint}")
     return REWARDS[name]
+
+
+# The columns ponder itself passes for each completion (score()'s callers always do): columns, whatever a reward's
+# defaults; `truncated=False` is the value when called without them, not an option that a column could take unseen.
+PER_COMPLETION = ("completion_length", "truncated", "think_opened")
 
 
 class RewardSet:
@@ -157,13 +163,15 @@ class RewardSet:
     def _passed_columns(self, name: str, names) -> set[str]:
         """The columns passed to a reward: not those named like its options. A built-in's options are the recipe's or
         their defaults; a column named like an option of one's own is refused, since which was meant is unknown."""
-        clash = [k for k in self.option_params[name] if k in names and k not in self.options[name]]
+        clash = [k for k in self.option_params[name] if k in names and k not in self.options[name] and k not in PER_COMPLETION]
         ref = self.refs[name]
         if clash and ":" in ref:
-            p, default = clash[0], self.option_params[name][clash[0]]
+            p, default, w = clash[0], self.option_params[name][clash[0]], self.weights[name]
+            # rewards.<ref>.<p>=... on the command line would name a reward '<ref>.<p>' (a ref holds dots): a whole mapping works
             raise UserError(f"reward '{ref}': its option '{p}' (default {default!r}) has the name of a column of the data, "
-                            f"whose values would take its place; set it in the recipe (rewards.{ref}.{p}), or rename the "
-                            "parameter (one without a default, or with None, reads the column)")
+                            f"whose values would take its place; set it under the reward (recipe: rewards: {{{ref}: {{weight: "
+                            f"{w}, {p}: <value>}}}}; command line: rewards.{ref}='{{weight: {w}, {p}: <value>}}'), or rename "
+                            "the parameter (one without a default, or with None, reads the column)")
         return set(names) - set(clash)
 
 
