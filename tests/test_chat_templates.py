@@ -371,6 +371,36 @@ def test_prompts_past_a_learned_position_table_are_one_line_before_training(tmp_
     assert train(fits, stop_after=1).step_no == 1  # 16 + 8 positions: within the table, and GPT-2 trains
 
 
+def test_the_position_table_is_the_text_models_not_a_vision_towers():
+    """A multimodal checkpoint (Gemma 3: AutoModelForCausalLM.from_config gives Gemma3ForConditionalGeneration) has a
+    vision tower whose patch position table (16 here, 4096 in Gemma-3-4B) was taken for the text's: prompts past it
+    were refused, where Gemma 3's text is rotary (no table). The limit is read from the text's config: BLIP-2's OPT
+    table holds 2 more rows than its 64 positions, and the top config has no max_position_embeddings."""
+    import transformers as T
+
+    from ponder.models import position_limit
+
+    text = T.Gemma3TextConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, hidden_size=16, head_dim=8,
+                              intermediate_size=32, vocab_size=300, max_position_embeddings=32768)
+    vision = T.SiglipVisionConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+                                  image_size=56, patch_size=14)  # 16 patches: a table of 16 positions
+    gemma3 = T.AutoModelForCausalLM.from_config(T.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=298, eoi_token_index=297))
+    assert type(gemma3).__name__ == "Gemma3ForConditionalGeneration" and position_limit(gemma3) is None
+    opt = T.OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, ffn_dim=32, max_position_embeddings=64,
+                      vocab_size=100, word_embed_proj_dim=16)
+    blip2 = T.Blip2ForConditionalGeneration(T.Blip2Config(
+        vision_config=dict(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32, image_size=28,
+                           patch_size=14),
+        qformer_config=dict(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+                            encoder_hidden_size=16),
+        text_config=opt.to_dict(), num_query_tokens=2))
+    assert position_limit(blip2) == 64
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=40, vocab_size=100))
+    assert position_limit(gpt2) == 40  # a text model alone: its table, as before
+
+
 def no_model_loads(*_, **__):
     raise AssertionError("the model was loaded before the data was checked")
 

@@ -438,10 +438,14 @@ def position_limit(model) -> int | None:
     `embed_positions`), whose lookup fails beyond it with an IndexError deep in the model. None where positions are
     computed (rotary, ALiBi): past max_position_embeddings such a model runs on, outside what it was trained on."""
     inputs = model.get_input_embeddings()
-    for name, module in model.named_modules():
+    # Only the text model's, the module holding the input embeddings: a multimodal checkpoint (Gemma 3) also has a vision
+    # tower, whose table of patch positions (4096 in Gemma-3-4B, whose text is rotary to 131072) bounds no prompt.
+    text = next((m for m in model.modules() if any(c is inputs for c in m.children())), model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name, module in text.named_modules():
         last = name.rpartition(".")[2]
         if isinstance(module, torch.nn.Embedding) and module is not inputs and ("pos" in last or last == "wpe"):
-            limit = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions under this name too
+            limit = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions under this name too
             return limit if isinstance(limit, int) else module.num_embeddings
     return None
 
