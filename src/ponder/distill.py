@@ -23,8 +23,7 @@ from rich.console import Console
 
 from ponder.config import to_dict
 from ponder.errors import UserError
-from ponder.resume import write_atomic
-from ponder.runtime import dump_yaml
+from ponder.runtime import dump_yaml, write_atomic
 from ponder.sample import SampleConfig
 from ponder.sft.config import SFTConfig
 

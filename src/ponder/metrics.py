@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ponder.errors import UserError
+from ponder.runtime import write_atomic
 
 # train.log_to -> (the module it imports, what installs it)
 LOG_BACKENDS = {
@@ -292,9 +293,7 @@ def _truncate_after(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(l + "\n" for l in kept))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ponder.errors import UserError
 from ponder.metrics import read_jsonl
+from ponder.runtime import write_atomic
 
 # title, series (a key, or a prefix ending in "/" for every key under it), stacked
 PANELS = [
@@ -82,9 +83,7 @@ def write_report(run_dir, out=None) -> Path:
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(name)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
     path = Path(out) if out else run_dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # a reader never sees half a report
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, page)  # a reader never sees half a report
     return path
 
 

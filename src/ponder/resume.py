@@ -23,6 +23,7 @@ import yaml
 
 from ponder.config import build, to_dict
 from ponder.errors import UserError
+from ponder.runtime import write_atomic
 
 # keys that change neither what a step computes nor what the run is: how long, how often, where figures go. And
 # how a GRPO run is laid out over processes (torchrun): every checkpoint loads into every train.sharding, on any
@@ -169,15 +170,6 @@ def record(run_dir: Path, changes: ResumeChanges, step: int) -> None:
     new = [{"key": k, "old": _plain(o), "new": _plain(n), "from_step": step + 1} for k, o, n in changes.changed]
     data[CHANGES_KEY] = list(changes.previous) + new
     write_atomic(path, yaml.safe_dump(data, sort_keys=False))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A run's file written whole or not at all, as --resume reads it: a stop (SIGTERM, Ctrl-C) between opening it
-    and writing it left it empty (an empty eval_after.json was a finished evaluation, a stage marker a traceback)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def diff(old: dict, new: dict, lists: bool = False) -> list[tuple[str, Any, Any]]:

@@ -19,6 +19,7 @@ from typing import Literal
 from ponder.config import TaskSpec, to_dict
 from ponder.errors import UserError
 from ponder.filters import ORDER, Candidate, FilterConfig, check_config, select
+from ponder.runtime import write_atomic
 
 
 @dataclass
@@ -214,7 +215,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
             now = time.perf_counter()
             state.update(chunks=c + 1, bytes=fh.tell(), seconds=state.get("seconds", 0.0) + now - start)
             start = now
-            _atomic_json(ledger, state)
+            write_atomic(ledger, json.dumps(state))
             if bar is not None:
                 bar.advance(task, len(chunk))
     for n in counts.values():
@@ -225,8 +226,8 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
                "seconds": round(state.get("seconds", 0.0) + time.perf_counter() - start, 2), "settings": settings}
     # the summary and the unsolved ids before the rows take their name: an output without its summary would be a
     # finished run that --resume cannot tell from a stranger's file; killed before the rename, the run resumes
-    _atomic_text(out.with_name(out.stem + ".summary.json"), json.dumps(summary, indent=2) + "\n")
-    _atomic_text(out.with_name(out.stem + ".unsolved.txt"), "".join(p + "\n" for p in unsolved))
+    write_atomic(out.with_name(out.stem + ".summary.json"), json.dumps(summary, indent=2) + "\n")
+    write_atomic(out.with_name(out.stem + ".unsolved.txt"), "".join(p + "\n" for p in unsolved))
     os.replace(tmp, out)
     ledger.unlink(missing_ok=True)
     _print_summary(summary, out, progress)
@@ -276,16 +277,6 @@ def _refuse_changes(old: dict, new: dict, run: str, ways: str) -> None:
     changed = diff(old, new, lists=True)
     if changed:
         raise UserError(f"--resume with settings that differ from {run}: {describe(changed)}; {ways}")
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    _atomic_text(path, json.dumps(data))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _judge(chunk, outs, tokenizer, cfg: SampleConfig, opened: list[bool]):

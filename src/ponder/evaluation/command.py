@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from ponder.errors import UserError
 from ponder.metrics import DEFAULT_REFLECTION_WORDS
+from ponder.runtime import write_atomic
 
 FIGURE_LABELS = {
     "problems": "problems", "pass@1": "pass@1", "pass@1_ci": "pass@1 95% CI", "greedy": "greedy",
@@ -185,8 +185,8 @@ def parse_options(items: list[str]) -> dict:
 def write_results(out: Path, result: dict, samples: list[dict]) -> None:
     """results.json (figures and settings) and samples.jsonl (every answer), each written whole or not at all."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    write_atomic(out / "results.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
 def load_result(path: str) -> dict:
@@ -322,12 +322,6 @@ def _device(name: str):
         # the current GPU: Triton launches and CUDA graph captures go to the current GPU, not the tensors' own
         torch.cuda.set_device(device)
     return device
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _console():

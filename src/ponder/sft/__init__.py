@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ponder.resume import add_arguments as add_resume_arguments
+from ponder.runtime import write_atomic
 from ponder.sft.config import SFTConfig, load_sft_config
 
 console = Console()
@@ -54,7 +55,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     note = r.warning()
     if note:
         console.print(f"[yellow]warning: {note}[/]")
-    resuming.write_atomic(trainer.run_dir / "data.json", json.dumps({"rows": len(trainer.examples), "truncated": r.truncated,
+    write_atomic(trainer.run_dir / "data.json", json.dumps({"rows": len(trainer.examples), "truncated": r.truncated,
                                                                     "dropped": r.dropped, "max_len": r.max_len}, indent=2))
     t, total = cfg.train, trainer.total_steps
     if cfg.eval.tasks and not resume:
@@ -111,8 +112,6 @@ def _evaluate(trainer, tag: str, quiet: bool) -> dict:
             m = res["metrics"]
             console.print(f"{spec.name}/{spec.split} ({tag}): pass@1 {m['pass@1']:.3f}  format {m['format_rate']:.3f}  "
                           f"length {m['mean_length']:.0f}", markup=False)
-    from ponder.resume import write_atomic
-
     write_atomic(trainer.run_dir / f"eval_{tag}.json", json.dumps(results, indent=2, default=str))
     return results
 
