@@ -182,3 +182,19 @@ def test_an_indexed_gpu_becomes_the_current_one_and_a_missing_one_is_named(monke
     with pytest.raises(UserError, match=r"^--device cuda:2, but 2 CUDA GPUs are visible \(cuda:0 to cuda:1\)$"):
         _device("cuda:2")
     assert _device("cuda") == torch.device("cuda") and len(current) == 1  # unindexed: the current one as it is
+
+
+def test_compare_names_a_training_run_that_evaluated_nothing(tmp_path):
+    """A run without eval tasks has no eval_before.json / eval_after.json: --compare said to give a directory written
+    by ponder eval, as if the run were not one."""
+    from ponder.cli import main
+
+    assert main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=run", "train.steps=1",
+                 "rollout.prompts_per_step=2"]) == 0
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        ponder_eval("--compare", str(run))
+    assert str(e.value) == (
+        f"'{run}' is a training run without eval_before.json / eval_after.json: it evaluated nothing (its eval.tasks is "
+        f"empty); evaluate one of its checkpoints with `ponder eval --model {run / 'checkpoints' / 'step-1'} --tasks ...` "
+        "and compare that, or give a directory written by ponder eval")

@@ -540,6 +540,13 @@ def test_resuming_a_run_of_the_other_command_is_one_line_naming_the_command_that
         assert error_line(command, recipe, out, f"name={run.name}", "--resume", "--allow-changes") == line
         assert error_line(command, "--resume", str(run)) == line
     assert {p: p.read_bytes() for run in runs.values() for p in run.rglob("*") if p.is_file()} == kept
+    # without --resume, a run's directory is told as one (it was a recipe 'not found'), for the command that resumes it
+    for kind, run in runs.items():
+        assert error_line(kind, str(run), "train.steps=3") == (
+            f"ponder: error: '{run}' is a run directory, not a recipe; add --resume to continue the run "
+            f"(`ponder {kind} {run} --resume`), or give a YAML recipe to start a new one")
+    assert error_line("train", str(runs["sft"])) == (f"ponder: error: {runs['sft']} is a `ponder sft` run, not a `ponder "
+                                                    f"train` one; resume it with `ponder sft {runs['sft']} --resume`")
     assert error_line("train", "--resume", str(tmp_path)) == (
         f"ponder: error: '{tmp_path}' is a directory without a run's config.yaml; give a YAML recipe, or the directory "
         "of a `ponder train` run to resume")

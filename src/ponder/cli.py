@@ -77,10 +77,10 @@ def _main(argv: list[str] | None) -> int:
         if distributed.launched() > 1 and args.command not in ("train", "sft"):  # sft says so itself, naming train
             raise UserError(f"ponder {args.command} runs one process, and torchrun started {distributed.launched()}; "
                             "start it without torchrun (`ponder train` is the command that runs on several)")
-        if getattr(args, "resume", False) and args.command in ("train", "sft"):  # RECIPE may be the run's directory
+        if args.command in ("train", "sft"):  # RECIPE may be the run's directory (to resume: told to add --resume)
             from ponder.resume import recipe_of
 
-            args.recipe, args.overrides = recipe_of(args.command, args.recipe, args.overrides)
+            args.recipe, args.overrides = recipe_of(args.command, args.recipe, args.overrides, args.resume)
         args.func(args)
         distributed.teardown()  # every rank done: leave together (its barrier fails if another rank stopped on an error)
     except UserError as e:

@@ -93,12 +93,13 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     return ResumeChanges(previous if isinstance(previous, list) else [previous], changed)
 
 
-def recipe_of(command: str, recipe: str, overrides: list[str]) -> tuple[str, list[str]]:
-    """The recipe and overrides that `ponder <command> RECIPE --resume` resumes with. RECIPE may be the run's
-    directory (`ponder sft --resume runs/x`): its config.yaml, with the directory where it is now (a run moved, or
-    one named from another working directory, has another place than its config.yaml's relative output_dir).
+def recipe_of(command: str, recipe: str, overrides: list[str], resume: bool = True) -> tuple[str, list[str]]:
+    """The recipe and overrides that `ponder <command> RECIPE [--resume]` runs with. With --resume, RECIPE may be the
+    run's directory (`ponder sft --resume runs/x`): its config.yaml, with the directory where it is now (a run moved,
+    or one named from another working directory, has another place than its config.yaml's relative output_dir).
     A run of another command, named by its directory or its config.yaml, is refused in one line here: read as
-    this command's recipe it ended in an unknown key, or in a list of every setting as a change."""
+    this command's recipe it ended in an unknown key, or in a list of every setting as a change. A run's directory
+    without --resume is told as one (it was a recipe 'not found', a directory that is there)."""
     p = Path(recipe)
     if p.is_dir():
         saved = load_saved(p / "config.yaml")
@@ -106,9 +107,12 @@ def recipe_of(command: str, recipe: str, overrides: list[str]) -> tuple[str, lis
             raise UserError(f"'{recipe}' is a directory without a run's config.yaml; give a YAML recipe, or the directory "
                             f"of a `ponder {command}` run to resume")
         refuse_other_kind(p, saved, command)
+        if not resume:
+            raise UserError(f"'{recipe}' is a run directory, not a recipe; add --resume to continue the run "
+                            f"(`ponder {command} {recipe} --resume`), or give a YAML recipe to start a new one")
         # quoted: a directory named 2024 or true is a name, not a number or a flag
         return str(p / "config.yaml"), [f"output_dir={json.dumps(str(p.parent))}", f"name={json.dumps(p.name)}", *overrides]
-    if p.name == "config.yaml" and (p.parent / "checkpoints").is_dir():  # a run's own config.yaml
+    if resume and p.name == "config.yaml" and (p.parent / "checkpoints").is_dir():  # a run's own config.yaml
         saved = load_saved(p)
         if saved is not None:
             refuse_other_kind(p.parent, saved, command)

@@ -232,8 +232,24 @@ def _result_files(path: str) -> list[str]:
     p = Path(path)
     if p.is_dir() and not (p / "results.json").exists():
         files = [str(p / name) for name in ("eval_before.json", "eval_after.json") if (p / name).is_file()]
+        if not files and (p / "config.yaml").is_file():  # a training run's directory
+            raise UserError(_unevaluated_run(p))
         return files or [path]  # neither: load_result names the problem
     return [path]
+
+
+def _unevaluated_run(run: Path) -> str:
+    """Why a training run has no eval_before.json / eval_after.json to compare, and what to compare instead."""
+    from ponder.resume import load_saved
+
+    evaluation = (load_saved(run / "config.yaml") or {}).get("eval")
+    why = ("it evaluated nothing (its eval.tasks is empty)" if not (isinstance(evaluation, dict) and evaluation.get("tasks"))
+           else "its evaluation before the first step was never written (stopped before it?)")
+    steps = sorted((int(d.name[5:]), d) for d in (run / "checkpoints").glob("step-*") if d.name[5:].isdigit())
+    model = steps[-1][1] if steps else run / "checkpoints" / "step-N"
+    return (f"'{run}' is a training run without eval_before.json / eval_after.json: {why}; evaluate one of its "
+            f"checkpoints with `ponder eval --model {model} --tasks ...` and compare that, or give a directory written by "
+            "ponder eval")
 
 
 def _different_problems(results: list[dict]) -> bool:
