@@ -458,15 +458,15 @@ def test_a_kill_while_a_step_saved_again_is_renamed_keeps_one_step_n(tmp_path, m
 
 
 def test_a_file_written_whole_is_on_disk_before_it_takes_its_name_and_a_stop_keeps_the_old_one(tmp_path, monkeypatch):
-    """runtime.write_atomic, the one helper behind config.yaml, eval_*.json, results, markers, ledgers and reports."""
-    from ponder import runtime
+    """files.write_atomic, the one helper behind config.yaml, eval_*.json, results, markers, ledgers and reports."""
+    from ponder import files
 
     path = tmp_path / "eval_after.json"
     path.write_text("old")
     events, fsync, rename = [], os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append("rename") or rename(a, b))
-    runtime.write_atomic(path, "new")
+    files.write_atomic(path, "new")
     assert path.read_text() == "new" and events == ["fsync", "rename"] and list(tmp_path.iterdir()) == [path]
 
     def stop(fd):  # stopped before the rename
@@ -474,12 +474,13 @@ def test_a_file_written_whole_is_on_disk_before_it_takes_its_name_and_a_stop_kee
 
     monkeypatch.setattr(os, "fsync", stop)
     with pytest.raises(_Killed):
-        runtime.write_atomic(path, "newer")
+        files.write_atomic(path, "newer")
     assert path.read_text() == "new"
 
 
 def test_ponder_report_does_not_load_torch_for_the_helper_it_shares():
-    """report takes write_atomic from ponder.runtime, the training plumbing; torch there would cost it two seconds."""
+    """report shares write_atomic with the trainers (ponder.files, not the training plumbing of ponder.runtime): torch
+    would cost it two seconds."""
     code = "import sys, ponder.report; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

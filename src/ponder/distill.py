@@ -23,7 +23,8 @@ from rich.console import Console
 
 from ponder.config import to_dict
 from ponder.errors import UserError
-from ponder.runtime import dump_yaml, write_atomic
+from ponder.files import write_atomic
+from ponder.runtime import dump_yaml
 from ponder.sample import SampleConfig
 from ponder.sft.config import SFTConfig
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.runtime import write_atomic
+from ponder.files import write_atomic
 
 # train.log_to -> (the module it imports, what installs it)
 LOG_BACKENDS = {

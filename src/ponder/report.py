@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ponder.errors import UserError
 from ponder.metrics import read_jsonl
-from ponder.runtime import write_atomic
+from ponder.files import write_atomic
 
 # title, series (a key, or a prefix ending in "/" for every key under it), stacked
 PANELS = [

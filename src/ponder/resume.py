@@ -23,7 +23,7 @@ import yaml
 
 from ponder.config import build, to_dict
 from ponder.errors import UserError
-from ponder.runtime import write_atomic
+from ponder.files import write_atomic
 
 # keys that change neither what a step computes nor what the run is: how long, how often, where figures go. And
 # how a GRPO run is laid out over processes (torchrun): every checkpoint loads into every train.sharding, on any

@@ -1,9 +1,8 @@
-"""Plumbing every command shares: the device, the seed, the CPU threads, the precision, the resolved-config dump
-and files written whole (write_atomic).
+"""Plumbing every training command shares: the device, the seed, the CPU threads, the precision and the
+resolved-config dump.
 
 The GRPO trainer (ponder.rl), the SFT trainer (ponder.sft), pretraining and sampling all need these, and
-none of them owns them: each imports them from here. torch and NumPy are imported where they are used, so that the
-commands that need only write_atomic (ponder report) do not load torch (two seconds) for it.
+none of them owns them: each imports them from here.
 
 `train.precision` (every trainer):
 - fp32: float32 weights, gradients, AdamW state and compute; no autocast, on CUDA either. CPU runs repeat
@@ -27,13 +26,11 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
 
 from ponder.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
 
 GIB = 2**30
 # Of the device memory, the share `auto` leaves for what grows with the workload rather than with the model:
@@ -49,9 +46,6 @@ BF16_MOMENTS_BYTES = 10  # the same with bf16 moments (optim.moment_dtype=bf16):
 
 def set_seed(seed: int) -> None:
     """One seed for Python's, NumPy's and torch's generators (initialisation, data order, dropout)."""
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -63,8 +57,6 @@ def set_threads(requested: int = 0) -> int:
     user set OMP_NUM_THREADS; else torch's default (OMP_NUM_THREADS, or every core). Each of N processes on every core
     would oversubscribe the machine N times over, and torchrun's own default, OMP_NUM_THREADS=1 in each process
     where the user set none, leaves all but N cores idle."""
-    import torch
-
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if requested:
         torch.set_num_threads(requested)
@@ -111,8 +103,6 @@ def keep_freed_memory() -> bool:
 def pick_device(name: str) -> torch.device:
     """`train.device`: auto (CUDA when visible), cuda (the current CUDA device; a user error without one), or
     any device torch names."""
-    import torch
-
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     if name == "auto":
@@ -131,8 +121,6 @@ class Precision:
     @property
     def dtype(self) -> torch.dtype:
         """The trainable weights' dtype."""
-        import torch
-
         return torch.bfloat16 if self.name == "bf16" else torch.float32
 
     @property
@@ -185,8 +173,6 @@ def choose_precision(requested: str, device_type: str, n_params: int = 0, device
 
 def device_memory(device: torch.device) -> int | None:
     """Bytes of memory on a CUDA device; None elsewhere (a CPU's memory is not what bounds its runs)."""
-    import torch
-
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
@@ -198,8 +184,6 @@ class PrecisionChooser:
 
     def __init__(self, requested: str, device: torch.device, frozen: bool = False, announce: bool = True, resumed=None,
                  shards: int = 1, offload: bool = False):
-        import torch
-
         self.requested, self.device, self.frozen, self.announce, self.shards = requested, device, frozen, announce, shards
         self.offload = offload
         self.resumed = resumed
@@ -225,6 +209,7 @@ class PrecisionChooser:
 def _saved_dtype(checkpoint) -> str | None:
     """The weights' dtype a Hugging Face model directory records (config.json: dtype, formerly torch_dtype)."""
     import json
+    from pathlib import Path
 
     try:
         config = json.loads((Path(checkpoint) / "config.json").read_text())
@@ -236,8 +221,6 @@ def _saved_dtype(checkpoint) -> str | None:
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on the device when asked (train.precision=mixed); nothing otherwise."""
     if enabled:
-        import torch
-
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -247,17 +230,3 @@ def dump_yaml(data: dict) -> str:
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """A file written whole or not at all, as the next reader (--resume, a report) takes it: a stop (SIGTERM, Ctrl-C, a
-    kill) between opening a file and writing it left it empty or cut (an empty eval_after.json was a finished evaluation,
-    a cut config.yaml or stage marker a traceback). The text goes to a sibling, onto the disk (a machine that crashes
-    just after the rename has the file's data, not an empty file under its name), then takes the name in one rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -19,7 +19,7 @@ from typing import Literal
 from ponder.config import TaskSpec, to_dict
 from ponder.errors import UserError
 from ponder.filters import ORDER, Candidate, FilterConfig, check_config, select
-from ponder.runtime import write_atomic
+from ponder.files import write_atomic
 
 
 @dataclass

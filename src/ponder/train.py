@@ -12,7 +12,7 @@ from rich.table import Table
 from ponder import distributed
 from ponder.config import RunConfig, load_config
 from ponder.resume import add_arguments as add_resume_arguments
-from ponder.runtime import write_atomic
+from ponder.files import write_atomic
 
 console = Console()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ponder.errors import UserError
 from ponder.metrics import DEFAULT_REFLECTION_WORDS
-from ponder.runtime import write_atomic
+from ponder.files import write_atomic
 
 FIGURE_LABELS = {
     "problems": "problems", "pass@1": "pass@1", "pass@1_ci": "pass@1 95% CI", "greedy": "greedy",

@@ -27,6 +27,7 @@ import torch
 from ponder import checkpoint, distributed, models, sharding, stopping
 from ponder.config import RunConfig, to_dict
 from ponder.errors import UserError
+from ponder.files import write_atomic
 from ponder.metrics import MetricsWriter, mean, reflection_rate
 from ponder.optim import make_optimizer
 from ponder.rewards import RewardSet
@@ -39,7 +40,7 @@ from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
-from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads, write_atomic
+from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
 from ponder.tasks import PromptSampler, check_prompts, load_examples, mix
 from ponder.templates import TEMPLATES, encoded_prompt, prompt_ids, render
 

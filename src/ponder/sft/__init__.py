@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ponder.resume import add_arguments as add_resume_arguments
-from ponder.runtime import write_atomic
+from ponder.files import write_atomic
 from ponder.sft.config import SFTConfig, load_sft_config
 
 console = Console()

@@ -17,9 +17,10 @@ import torch
 from ponder import checkpoint, distributed, models, stopping
 from ponder.config import to_dict
 from ponder.errors import TrainingError, UserError
+from ponder.files import write_atomic
 from ponder.metrics import MetricsWriter
 from ponder.optim import make_optimizer
-from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, set_seed, write_atomic
+from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, set_seed
 from ponder.sft.config import SFTConfig
 from ponder.sft.data import load_data, read_data
 from ponder.sft.packing import collate, loss_sum, micro_batches, pack
