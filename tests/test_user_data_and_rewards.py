@@ -272,6 +272,25 @@ def test_a_column_named_like_a_builtin_rewards_option_leaves_the_option_alone():
     assert set_n.score(completions, ["3+4"] * 2, {**columns, "n": [5, 5]})[1] == {"repetition": [-0.375, 0.0]}
 
 
+def test_a_reward_registered_by_name_reads_its_columns_as_one_of_its_own():
+    """register() is how plugins add rewards by name, as the built-ins do. The clash rule took every reward named
+    without a colon for a built-in whose parameters are options, so such a reward's `answer` (no default) never
+    reached it ("missing a required argument: 'answer'"), and a column clashing with its option went unseen."""
+    from ponder.rewards import REWARDS, RewardSet, register
+
+    @register("plugin_exact")
+    def exact(completions, *, prompts, answer, strict=False, **_):
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    try:
+        rewards = RewardSet({"plugin_exact": 1.0})
+        assert rewards.score(["7", "8"], ["3+4"] * 2, {"answer": ["7", "7"]})[1] == {"plugin_exact": [1.0, 0.0]}
+        with pytest.raises(UserError, match=r"^reward 'plugin_exact': its option 'strict' \(default False\) has the name of a column"):
+            rewards.check_columns({"answer", "strict"})
+    finally:
+        del REWARDS["plugin_exact"]
+
+
 STRICT = textwrap.dedent("""
     def strict_len(completions, *, prompts, strict=False, level=None, **_):
         return [float(len(c) < 3 or not strict) + (lv or 0) for c, lv in zip(completions, level or [None] * len(completions))]

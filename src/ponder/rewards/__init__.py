@@ -100,7 +100,7 @@ class RewardSet:
                 raise UserError(f"rewards '{self.refs[name]}' and '{ref}' would both be logged as reward/{name}; rename one function")
             self.fns[name] = get_reward(str(ref))
             _check_options(self.fns[name], str(ref), opts)
-            self.option_params[name] = _option_params(self.fns[name], builtin=":" not in str(ref))
+            self.option_params[name] = _option_params(self.fns[name], builtin=_is_builtin(self.fns[name]))
             self.options[name] = opts
             self.weights[name] = float(weight)
             self.refs[name] = str(ref)
@@ -165,7 +165,7 @@ class RewardSet:
         their defaults; a column named like an option of one's own is refused, since which was meant is unknown."""
         clash = [k for k in self.option_params[name] if k in names and k not in self.options[name] and k not in PER_COMPLETION]
         ref = self.refs[name]
-        if clash and ":" in ref:
+        if clash and not _is_builtin(self.fns[name]):
             p, default, w = clash[0], self.option_params[name][clash[0]], self.weights[name]
             # rewards.<ref>.<p>=... on the command line would name a reward '<ref>.<p>' (a ref holds dots): a whole mapping works
             raise UserError(f"reward '{ref}': its option '{p}' (default {default!r}) has the name of a column of the data, "
@@ -173,6 +173,12 @@ class RewardSet:
                             f"{w}, {p}: <value>}}}}; command line: rewards.{ref}='{{weight: {w}, {p}: <value>}}'), or rename "
                             "the parameter (one without a default, or with None, reads the column)")
         return set(names) - set(clash)
+
+
+def _is_builtin(fn) -> bool:
+    """One of ponder's own rewards (they declare the columns they read), not one a user wrote, whether named by
+    module:function or registered by name (register() is public: plugins use it too)."""
+    return getattr(fn, "__module__", "").startswith("ponder.rewards.")
 
 
 def _option_params(fn, builtin: bool) -> dict[str, Any]:
