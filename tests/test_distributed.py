@@ -441,3 +441,29 @@ def test_ranks_of_one_machine_divide_its_cores(tmp_path, setting, threads):
     proc = launch("tests/dist_threads_check.py", 2, [str(out), f"output_dir={tmp_path}", *overrides], timeout=120, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert json.loads(out.read_text()) == [threads, threads]
+
+
+@pytest.mark.parametrize("raised, other, line, code, told", [
+    ("sigterm", None, "stopped", 143, "sigterm"),  # a SIGTERM of this rank alone (or the first of a scheduler's)
+    ("sigterm", "error", "other", 1, "error"),  # torchrun's SIGTERM once the failing rank had exited
+    ("collective", "error", "other", 1, "error"),  # the collective failed as that rank left
+    ("collective", "sigterm", "stopped", 143, "sigterm"),  # a scheduler's SIGTERM reached the other rank first
+])
+def test_a_rank_stopped_by_another_ranks_leaving_says_why_that_rank_left(monkeypatch, capsys, raised, other, line, code, told):
+    """How a rank ends when another left first, by what it got (a SIGTERM, a failed collective) and why the other left
+    (the mark in the group's store). torchrun's SIGTERM to the other ranks after one rank's error made them say they
+    were stopped by SIGTERM and to --resume, hiding the error; a failed collective after a scheduler's SIGTERM to every
+    rank said 'another rank stopped on an error'. (On two real ranks the first case races torchrun's monitor, which
+    seldom wins here: hence stand-ins for the store.)"""
+    from ponder import cli, distributed, report, stopping
+
+    def fail(*_):
+        raise stopping.Terminated() if raised == "sigterm" else RuntimeError("Connection closed by peer")
+
+    left = []
+    monkeypatch.setattr(report, "write_report", fail)
+    monkeypatch.setattr(distributed, "another_rank_stopped", lambda: other)
+    monkeypatch.setattr(distributed, "teardown", lambda clean=True, why="error": left.append((clean, why)))
+    assert cli.main(["report", "runs/x"]) == code
+    assert capsys.readouterr().err.splitlines() == [cli.STOPPED if line == "stopped" else cli.OTHER_STOPPED]
+    assert left == [(False, told)]  # this rank's own mark: a SIGTERM of its own is not an error of its own

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 STOPPED = "ponder: stopped by SIGTERM; --resume continues from the last checkpoint, if one was written (else run again)"
+OTHER_STOPPED = "ponder: stopped: another rank stopped on an error (its message says why)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +74,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     from ponder import distributed
 
+    why = "error"
     try:
         if distributed.launched() > 1 and args.command not in ("train", "sft"):  # sft says so itself, naming train
             raise UserError(f"ponder {args.command} runs one process, and torchrun started {distributed.launched()}; "
@@ -90,19 +92,29 @@ def _main(argv: list[str] | None) -> int:
         distributed.say_once(f"ponder: training stopped: {e}")
         return 1
     except stopping.Terminated:
+        if distributed.another_rank_stopped() == "error":  # torchrun's SIGTERM once that rank had exited
+            distributed.say_once(OTHER_STOPPED)
+            return 1
+        why = "sigterm"
         distributed.say_once(STOPPED)
         return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except KeyboardInterrupt:
         print("ponder: interrupted; --resume continues from the last checkpoint, if one was written (else run again)", file=sys.stderr)
         return 130
     except Exception:
-        if not distributed.another_rank_stopped():
+        other = distributed.another_rank_stopped()
+        if other is None:
             raise
-        # the collective this rank waited in failed because that rank left: its own message says why
-        distributed.say_once("ponder: stopped: another rank stopped on an error (its message says why)")
+        # the collective this rank waited in failed because that rank left: a scheduler's SIGTERM to every rank, or an
+        # error there, whose own line says why
+        if other == "sigterm":
+            why = "sigterm"  # stopped as that rank was, not by an error of its own
+            distributed.say_once(STOPPED)
+            return 143
+        distributed.say_once(OTHER_STOPPED)
         return 1
-    finally:
-        distributed.teardown(clean=False)  # on an error: tell the other ranks and leave (nothing to do after a clean one)
+    finally:  # after an error or a stop: tell the other ranks why and leave (nothing to do after a clean end)
+        distributed.teardown(clean=False, why=why)
     return 0
 
 

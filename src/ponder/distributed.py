@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 # set in the process group's store (torchrun's, which outlives the ranks) by a rank that leaves on an error; one key
 # a restart, as torchrun starts the ranks afresh
-_STOPPED = f"ponder/stopped/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+_RESTART = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+_MARKS = {"error": f"ponder/stopped/{_RESTART}", "sigterm": f"ponder/terminated/{_RESTART}"}
 
 
 def launched() -> int:
@@ -68,34 +69,36 @@ def setup(timeout_minutes: float = 180.0) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def teardown(clean: bool = True) -> None:
+def teardown(clean: bool = True, why: str = "error") -> None:
     """Leave the process group before the interpreter exits: left to shutdown, gloo's threads were sometimes
     destroyed while running and the process aborted ("terminate called without an active exception", exit -6)
-    after a finished run. `clean`: every rank got here (a barrier first). Else this rank stops on an error: it
-    tells the others (another_rank_stopped) and leaves without waiting for them, which ends the collective they
-    wait in at once (gloo: the connection closes; torchrun also stops them once this process exits)."""
+    after a finished run. `clean`: every rank got here (a barrier first). Else this rank stops, on an error or
+    (`why="sigterm"`) a SIGTERM: it tells the others why (another_rank_stopped) and leaves without waiting for them,
+    which ends the collective they wait in at once (gloo: the connection closes; torchrun also stops them once this
+    process exits)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if clean:
         dist.barrier()
     elif active():
         try:  # before leaving: a rank whose collective fails on our leaving finds the mark there
-            _store().add(_STOPPED, 1)
+            _store().add(_MARKS[why], 1)
         except (RuntimeError, ValueError):
             pass  # no store to tell: the others' collectives fail all the same, only less quietly
     dist.destroy_process_group()
 
 
-def another_rank_stopped() -> bool:
-    """Whether another rank left the run on an error (teardown(clean=False)); ask before this rank's own teardown.
-    Then the error this rank got is that rank's leaving (gloo: "Connection closed by peer"): its message says why,
-    this rank's traceback would only bury it."""
+def another_rank_stopped() -> str | None:
+    """Why another rank left the run (teardown(clean=False)): "error", "sigterm", or None; ask before this rank's own
+    teardown. Then what this rank got, a failed collective (gloo: "Connection closed by peer") or torchrun's SIGTERM
+    once that rank exited, is that rank's leaving: its message says why, this rank's own line would mislead and its
+    traceback would bury it. An error wins over a SIGTERM (torchrun stops the others after one rank's error)."""
     if not active():
-        return False
+        return None
     try:
-        return _store().add(_STOPPED, 0) > 0
+        return next((why for why, key in _MARKS.items() if _store().add(key, 0) > 0), None)
     except (RuntimeError, ValueError):
-        return False  # cannot tell: the error stands as it is
+        return None  # cannot tell: what this rank got stands as it is
 
 
 def _store():
