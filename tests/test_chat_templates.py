@@ -307,6 +307,28 @@ def test_a_chat_template_refusing_a_prompt_is_one_line_in_eval_and_sample(tmp_pa
         "plain)")
 
 
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_eval_and_sample_tell_a_refused_chat_prompt_before_the_model_loads(tmp_path, error_line, capsys, monkeypatch, command):
+    """One prompt of each sequence of roles is rendered under the template with the tokenizer alone, before the model
+    loads (minutes for a large one): a template refusing a system turn was told once the model had loaded."""
+    import json
+
+    from ponder import models
+
+    model = chat_model(tmp_path / "m", REFUSING)
+    capsys.readouterr()
+    monkeypatch.setattr(models, "load", no_model_loads)
+    data = tmp_path / "d.jsonl"
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4"}]
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in ("3+4", system)))
+    common = ["--model", model, "--tasks", f"jsonl:{data}", "--k", "1", "--max-tokens", "2", "--quiet", "--out", str(tmp_path / "o")]
+    args = ["--template", "chat", "--device", "cpu"] if command == "eval" else ["template=chat"]
+    assert error_line(command, *common, *args) == (
+        "ponder: error: the tokenizer's chat template fails on the prompt '3+4' (roles: system, user): System role not "
+        "supported; change those chat messages (templates may refuse a system turn, or turns that do not alternate "
+        "user/assistant), or use another template (r1_zero or plain)")
+
+
 def test_sft_rows_a_chat_template_refuses_are_one_line(tok):
     from ponder.errors import UserError
     from ponder.sft.data import load_data

@@ -145,10 +145,11 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     so is `resume` with settings other than the run's."""
     import torch
 
+    from ponder import models
     from ponder.models import load
     from ponder.rollout import SamplingParams, make_engine
     from ponder.runtime import pick_device
-    from ponder.tasks import load_examples
+    from ponder.tasks import check_prompts, load_examples
     from ponder.templates import encoded_prompt
 
     check(cfg)
@@ -168,6 +169,9 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
         for i, ex in enumerate(load_examples(spec, cfg.seed)):
             problems.append((label, str(ex.get("id", f"{spec.name}/{spec.split}/{i}")), ex))
     if model is None:
+        # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
+        check_prompts([ex for _, _, ex in problems], cfg.template,
+                      models.load_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.template == "chat" else None)
         device = pick_device(cfg.device)
         model, tokenizer = load(cfg.model, seed=cfg.seed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                 trust_remote_code=cfg.trust_remote_code)

@@ -91,8 +91,9 @@ def run(args) -> int:
     import torch
 
     from ponder.evaluation.runner import evaluate
+    from ponder import models
     from ponder.models import load
-    from ponder.tasks import load_examples
+    from ponder.tasks import check_prompts, load_examples
 
     labelled = parse_tasks(args.tasks, split=args.split, n=args.n, options=parse_options(args.option))
     examples = []
@@ -101,6 +102,8 @@ def run(args) -> int:
         if name != spec.name:  # report `jsonl:a.jsonl` and `jsonl:b.jsonl` apart
             rows = [dict(ex, eval_group=name) for ex in rows]
         examples += rows
+    # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
+    check_prompts(examples, args.template, models.load_tokenizer(args.model, args.trust_remote_code) if args.template == "chat" else None)
     device = _device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
