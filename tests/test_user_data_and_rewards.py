@@ -222,6 +222,11 @@ def test_a_csv_prompt_template_keeps_latex_braces(tmp_path):
     ("{question} Put it in \\boxed{answer}", "Half of 4? Put it in \\boxed{answer}"),
     ("{question}{hint}", "Half of 4?halve it"),  # a filled column's brace starts no LaTeX argument
     ("{question}\\n{hint}", "Half of 4?\\nhalve it"),  # "\n" as single-quoted YAML keeps it: no LaTeX command
+    # a real newline (double-quoted YAML) after a line ending in a group: the next line's {hint} is a column (the
+    # pattern's end of text matched before a final newline, so {hint} reached every prompt as text)
+    ("{question}\nPut it within \\boxed{}\n{hint}", "Half of 4?\nPut it within \\boxed{}\nhalve it"),
+    ("Typeset with \\LaTeX\n{question}", "Typeset with \\LaTeX\nHalf of 4?"),
+    ("Reply as {answer: <number>} to {question}", "Reply as {answer: <number>} to Half of 4?"),  # no field: text
 ])
 def test_a_brace_group_after_a_latex_command_is_text(tmp_path, template, prompt):
     """`\\text{cm}`, `\\frac{a}{b}`, `\\mathrm{d}x` were refused as a column 'cm', 'a' or 'd' that is missing, and

@@ -140,12 +140,15 @@ class HfDataset(Task):
         return out
 
 
+# What str.format would read as a field: a name, with spaces around it or a conversion, format spec, attribute or index
+# after it (no spaces inside those)
+_FIELD = re.compile(r"\s*([A-Za-z_]\w*)\s*(?:[!:.\[]\S*)?")
 # One brace group of a prompt template (no brace inside), or `{{` / `}}`, the braces of str.format's escapes.
 _GROUP = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 # What makes the brace group after it a LaTeX argument, so text whatever it names: a command (`\boxed{answer}`,
 # `\text{cm}`, `\sqrt[3]{x}`), a super- or subscript (`x^{n}`) or another group (the `{b}` of `\frac{a}{b}`). Not
 # `\n`, `\t`, `\r`: a template in single-quoted YAML keeps "\n{hint}" as written, and {hint} is meant as a column.
-_LATEX_BEFORE = re.compile(r"(?:\\(?![ntr](?![A-Za-z]))[A-Za-z]+\*?(?:\[[^\]{}]*\])?|[\^_}])$")
+_LATEX_BEFORE = re.compile(r"(?:\\(?![ntr](?![A-Za-z]))[A-Za-z]+\*?(?:\[[^\]{}]*\])?|[\^_}])\Z")
 
 
 class _Plan:
@@ -181,7 +184,11 @@ def _parse_template(path, template: str, answer: str, columns: list[str]) -> lis
         if inner is None or latex:  # {{, }} or a LaTeX argument
             text += m[0][0] if inner is None else m[0]
             continue
-        head = re.split(r"[!:.\[]", inner, maxsplit=1)[0].strip()  # the column str.format would have read
+        meant = _FIELD.fullmatch(inner)  # a name, perhaps with spaces or a str.format spec: meant as a column
+        if meant is None:  # {1, 2}, {}, {answer: <number>}: text
+            text += m[0]
+            continue
+        head = meant[1]  # the column str.format would have read
         if head == answer and answer in columns:
             raise UserError(f"task 'hf': the prompt template puts the answer column '{{{answer}}}' in the prompt, giving the "
                             f"answer away; for braces in the text write {{{{{answer}}}}}")
@@ -192,11 +199,9 @@ def _parse_template(path, template: str, answer: str, columns: list[str]) -> lis
             how = "no spaces inside" if inner.strip() == head else "no conversion or format spec such as !r or :>5"
             raise UserError(f"task 'hf': the prompt template's '{m[0]}' fills nothing, as only a plain {{column}} is filled: "
                             f"write {{{head}}} ({how}), or {{{m[0]}}} for braces in the text")
-        elif inner.isidentifier():
-            raise UserError(f"task 'hf': the prompt template names '{{{inner}}}', but {path} has no column '{inner}' (its "
-                            f"columns: {', '.join(columns)}); for braces in the text write {{{{{inner}}}}}")
-        else:  # {1, 2}, {}: text
-            text += m[0]
+        else:
+            raise UserError(f"task 'hf': the prompt template names '{m[0]}', but {path} has no column '{head}' (its "
+                            f"columns: {', '.join(columns)}); for braces in the text write {{{m[0]}}}")
     pieces.append((text + template[at:], None))
     if not any(col for _, col in pieces):
         shown = template.replace("\n", "\\n")  # one line
