@@ -287,13 +287,25 @@ def test_a_reward_registered_by_name_reads_its_columns_as_one_of_its_own():
     def exact(completions, *, prompts, answer, strict=False, **_):
         return [float(c.strip() == a) for c, a in zip(completions, answer)]
 
+    @register("plugin_declared", columns=("answer",))  # a column it reads, whatever its default
+    def declared(completions, *, prompts, answer="", **_):
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    @register("plugin_boom")
+    def boom(completions, *, prompts, **_):
+        return [{}["missing"] for _ in completions]
+
     try:
         rewards = RewardSet({"plugin_exact": 1.0})
         assert rewards.score(["7", "8"], ["3+4"] * 2, {"answer": ["7", "7"]})[1] == {"plugin_exact": [1.0, 0.0]}
         with pytest.raises(UserError, match=r"^reward 'plugin_exact': its option 'strict' \(default False\) has the name of a column"):
             rewards.check_columns({"answer", "strict"})
+        assert RewardSet({"plugin_declared": 1.0}).score(["7"], ["3+4"], {"answer": ["7"]})[1] == {"plugin_declared": [1.0]}
+        with pytest.raises(UserError, match=r"^reward 'plugin_boom' raised KeyError"):  # one line, as for module:fn
+            RewardSet({"plugin_boom": 1.0}).score(["7"], ["3+4"], {"answer": ["7"]})
     finally:
-        del REWARDS["plugin_exact"]
+        for name in ("plugin_exact", "plugin_declared", "plugin_boom"):
+            del REWARDS[name]
 
 
 STRICT = textwrap.dedent("""

@@ -41,8 +41,9 @@ REWARDS: dict[str, RewardFn] = {}
 
 
 def register(name: str, columns: tuple[str, ...] = ()):
-    """Register a built-in reward. `columns`: the parameters it reads from the examples; its other parameters are
-    options, set by the recipe alone (a column of the same name never reaches them)."""
+    """Register a reward by name (the built-ins, and one's own in a plugin). `columns`: the parameters it reads from
+    the examples whatever their defaults; a built-in's other parameters are options, set by the recipe alone (a column
+    of the same name never reaches them), one's own follow the rule for one's own (module docstring)."""
     def deco(fn: RewardFn) -> RewardFn:
         REWARDS[name] = fn
         fn.reads_columns = frozenset(columns)
@@ -120,7 +121,7 @@ class RewardSet:
             try:
                 values = _resolve(fn(completions, prompts=prompts, **kwargs))
             except Exception as e:
-                if ":" not in ref:  # a built-in reward's failure is ponder's bug: its traceback is for us
+                if _is_builtin(fn):  # a built-in reward's failure is ponder's bug: its traceback is for us
                     raise
                 raise UserError(_failure(fn, ref, e, columns, self.options[name])) from None
             if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
@@ -182,16 +183,18 @@ def _is_builtin(fn) -> bool:
 
 
 def _option_params(fn, builtin: bool) -> dict[str, Any]:
-    """A reward's options, by their defaults: a built-in's parameters but the columns it declares it reads; one's
-    own, the parameters with a default other than None (`answer=None`, like one without a default, reads a column)."""
+    """A reward's options, by their defaults, less the columns it declares it reads (register(columns=...)): a
+    built-in's other parameters; one's own, those with a default other than None (`answer=None`, like one without a
+    default, reads a column)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return {}
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     named = [p for p in params if p.kind in kinds and p.name not in ("completions", "prompts")]
+    named = [p for p in named if p.name not in getattr(fn, "reads_columns", ())]
     if builtin:
-        return {p.name: p.default for p in named if p.name not in getattr(fn, "reads_columns", ())}
+        return {p.name: p.default for p in named}
     return {p.name: p.default for p in named if p.default is not p.empty and p.default is not None}
 
 
