@@ -2,6 +2,8 @@
 
 import math
 
+import re
+
 import pytest
 
 from ponder.errors import UserError
@@ -135,17 +137,20 @@ def test_a_reward_option_that_is_no_parameter_is_named_with_the_one_meant():
     assert RewardSet({"overlong": {"weight": 1.0, "max_len": 300, "buffer": 10}}).options["overlong"] == {"max_len": 300, "buffer": 10}
 
 
-def test_an_error_inside_a_reward_of_ones_own_is_one_line_with_its_place_and_the_column_that_shadowed_a_default(tmp_path):
-    """A brevity reward with a `target=200` default on Countdown examples, whose `target` column takes the
-    default's place: the error names the reward, the exception, file and line, and the shadowing column."""
+def test_an_error_inside_a_reward_of_ones_own_is_one_line_with_its_place_and_a_shadowing_column_is_refused(tmp_path):
+    """A brevity reward with a `target=200` default on Countdown examples, whose `target` column took the default's
+    place and failed inside it (a list divided): such a clash is now refused before the call, naming the fix; an error
+    inside the reward is one line naming the reward, the exception, file and line."""
     (tmp_path / "my_rewards.py").write_text(
         "def brevity(completions, *, prompts, target=200, **columns):\n"
-        "    return [min(1.0, target / max(len(c), 1)) for c in completions]\n")
+        "    return [min(1.0, target / (len(c) - 3)) for c in completions]\n")
     ref = f"{tmp_path}/my_rewards.py:brevity"
     example = {"prompt": "q", "answer": "4", "task": "countdown", "target": 24}
+    with pytest.raises(UserError, match=rf"^reward '{re.escape(ref)}': its option 'target' \(default 200\) has the name of "
+                                        "a column of the data"):
+        RewardSet({ref: 1.0}).score(["abcd"], ["q"], {"target": [[24]], "answer": ["4"]})
+    rewards = RewardSet({ref: {"weight": 1.0, "target": 100}})  # set in the recipe: the option wins
+    rewards.check(example)
     with pytest.raises(UserError) as e:
-        RewardSet({ref: 1.0}).score(["abc"], ["q"], {"target": [[24]], "answer": ["4"]})
-    assert str(e.value) == (f"reward '{ref}' raised TypeError at my_rewards.py:2: unsupported operand type(s) for /: 'list' "
-                            "and 'int' (the examples' column target took the place of the default; rename the parameter, "
-                            "or set it in the recipe)")
-    RewardSet({ref: {"weight": 1.0, "target": 100}}).check(example)  # set in the recipe: the option wins
+        rewards.score(["abc"], ["q"], {"target": [[24]], "answer": ["4"]})
+    assert str(e.value) == f"reward '{ref}' raised ZeroDivisionError at my_rewards.py:2: division by zero"

@@ -123,7 +123,7 @@ class RewardSet:
             except Exception as e:
                 if _is_builtin(fn):  # a built-in reward's failure is ponder's bug: its traceback is for us
                     raise
-                raise UserError(_failure(fn, ref, e, columns, self.options[name])) from None
+                raise UserError(_failure(ref, e)) from None
             if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
                 raise UserError(f"reward '{ref}' returned {type(values).__name__} {str(values)[:40]!r}; "
                                 "it must return a list with one number (or None) per completion")
@@ -219,21 +219,12 @@ def _check_options(fn, ref: str, opts: dict) -> None:
                             f"{', '.join(sorted(named)) or 'none'} (and weight)")
 
 
-def _failure(fn, ref: str, e: Exception, columns: dict, options: dict) -> str:
-    """One line for an exception raised inside a reward of one's own: what, where, and a column that took the
-    place of a parameter's default (a column of the examples is passed under its own name)."""
+def _failure(ref: str, e: Exception) -> str:
+    """One line for an exception raised inside a reward of one's own: what, and where. (A column can no longer take
+    an option's place unseen, the cause this line once named: RewardSet refuses such a clash before the call.)"""
     frames = traceback.extract_tb(e.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-    line = f"reward '{ref}' raised {type(e).__name__}{where}: {e}"
-    try:
-        defaults = {p.name for p in inspect.signature(fn).parameters.values() if p.default is not p.empty}
-    except (TypeError, ValueError):
-        defaults = set()
-    shadowed = sorted((defaults & set(columns)) - set(options))
-    if shadowed:
-        line += (f" (the examples' column{'s' * (len(shadowed) > 1)} {', '.join(shadowed)} took the place of the "
-                 "default; rename the parameter, or set it in the recipe)")
-    return line
+    return f"reward '{ref}' raised {type(e).__name__}{where}: {e}"
 
 
 def _resolve(values):
