@@ -263,6 +263,21 @@ def test_a_chat_template_refusing_the_data_is_one_line_before_the_model_loads(tm
     assert not (tmp_path / "smoke-first-digit").exists()  # nothing written
 
 
+def test_a_chat_template_needing_a_system_turn_takes_data_that_has_one(tmp_path, no_model):
+    """ponder train checked the chat template on a made-up one-question prompt of its own, which a template that needs
+    a system turn refused (naming that prompt and telling the user to change it), however the data's prompts were
+    made. The data's own prompts judge it: here they pass, and the run goes on to load the model."""
+    from ponder.cli import main
+
+    needs_system = ("{% if messages[0].role != 'system' %}{{ raise_exception('A system turn is required') }}{% endif %}"
+                    "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    model = chat_model(tmp_path / "m", needs_system)
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4"}]
+    with pytest.raises(AssertionError, match="the model was loaded before the data was checked"):
+        main(["train", RECIPE, f"output_dir={tmp_path}", f"model.path={model}", "data.template=chat",
+              jsonl(tmp_path / "d.jsonl", system, system)])
+
+
 def test_chat_messages_without_a_user_turn_are_one_line_under_a_chat_template(tmp_path, error_line, capsys):
     """A chat template refused them in its own words from the first step (Qwen3's: "No user query found in messages."),
     or rendered a prompt with no question."""

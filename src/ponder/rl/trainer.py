@@ -42,7 +42,7 @@ from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_we
 from ponder.rollout import SamplingParams, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
 from ponder.tasks import PromptSampler, check_prompts, load_examples, mix
-from ponder.templates import TEMPLATES, encoded_prompt, prompt_ids, render
+from ponder.templates import TEMPLATES, encoded_prompt, prompt_ids, render, require_chat_template
 
 
 @dataclass
@@ -402,8 +402,8 @@ class GRPOTrainer:
     # ---------------------------------------------------------------- set-up and state
     def _load_data(self, last) -> list[tuple] | None:
         """Load the rewards and the examples, and check them with what loads in a moment, before the model (minutes for
-        a large one): the template (a name ponder knows; `chat`, a tokenizer whose chat template renders a question, then
-        one prompt of each sequence of roles of the training and eval tasks), every example's columns against the
+        a large one): the template (a name ponder knows; `chat`, a tokenizer with a chat template, which renders one
+        prompt of each sequence of roles of the training and eval tasks), every example's columns against the
         rewards' options, and the longest prompts against a learned position table, read from the model's config.
         Returns the prompt sets (examples, new tokens, their key) whose positions are left to check once the model has
         loaded, where its config was not at hand; else None."""
@@ -411,7 +411,10 @@ class GRPOTrainer:
         source = str(last) if last is not None and cfg.model.lora is None else cfg.model.path  # as load_trainable's
         tokenizer = functools.cache(lambda: models.load_tokenizer(source, cfg.model.trust_remote_code))  # when needed
         chat = tokenizer() if cfg.data.template == "chat" else None  # a text template renders without one
-        render(cfg.data.template, "1 + 1 = ?", chat)
+        if chat is not None:  # the data's own prompts judge the chat template (check_prompts, below): one made up
+            require_chat_template(chat)  # here was refused by templates that need a system turn, which the data has
+        else:
+            render(cfg.data.template, "1 + 1 = ?")  # a template name ponder knows
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
         self.rewards.check(self.examples[0])
