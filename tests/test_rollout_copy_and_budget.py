@@ -148,9 +148,9 @@ def test_a_token_is_costed_at_the_longest_rows_when_attention_grows_with_them(mo
     """The padded pass (float32 on CUDA, or no varlen kernel) holds a queries x keys tensor a segment, so a token
     of a 4,096-token answer costs more than one of the probe's 240-token rows: costed at the probe's rows alone,
     long rollouts got a budget that did not fit. A stand-in pass costs 3 MiB + stream tokens x (40 KiB + 16 bytes
-    x its rows' length); the three probes recover those figures, and the plan costs a token at the longest rows."""
+    x its rows' length with their prompt); the three probes recover those figures, and the plan costs a token at the longest rows."""
     a, q, fixed = 40 * 2**10, 16.0, 3 * 2**20
-    row = lambda batch: len(batch[0].completion_ids) - 1  # noqa: E731
+    row = lambda batch: len(batch[0].prompt_ids) + len(batch[0].completion_ids) - 1  # noqa: E731  (the keys a query sees)
     monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, b: fixed + stream_tokens(b) * (a + q * row(b)))
     cost = memory_plan.measure_cost(SimpleNamespace(scratch=None), None, None, vocab=50)
     assert cost.per_token == pytest.approx(a) and cost.per_token_row == pytest.approx(q) and cost.fixed == pytest.approx(fixed)

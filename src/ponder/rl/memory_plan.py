@@ -107,7 +107,7 @@ def probe_samples(n_tokens: int, vocab: int, row: int, prompt: int = 128) -> lis
 @dataclass
 class Cost:
     """Bytes at the peak of a policy pass: `fixed` + stream tokens x (`per_token` + `per_token_row` x a row's
-    length). The last term is attention that holds a [queries x keys] tensor a segment (the padded pass: float32,
+    length, its prompt's tokens and its own: the keys its queries see). The last term is attention that holds a [queries x keys] tensor a segment (the padded pass: float32,
     or no varlen kernel), whose cost a token grows with the length of its row; 0 for varlen flash attention."""
     per_token: float
     per_token_row: float
@@ -140,7 +140,8 @@ def measure_cost(policy_pass, model, device, vocab: int) -> Cost:
     fixed = peaks[0] - at_short * stream[0]
     at_long = (peaks[2] - fixed) / stream[2]
     growth = max((at_long - at_short) / (long - short), 0.0)  # (measurement noise can make it negative)
-    return Cost(at_short - growth * short, growth, fixed)
+    prompt = len(batches[0][0].prompt_ids)  # a row's length counts its prompt, as the plan's longest sample does
+    return Cost(at_short - growth * (prompt + short), growth, fixed)
 
 
 def _peak(policy_pass, model, device, batch) -> int:
