@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 
 import pytest
 
@@ -132,6 +133,17 @@ def test_compare_reads_a_runs_own_before_and_after_figures(two_results, tmp_path
         row = next(line for line in out.splitlines() if f" {label} " in line).replace("│", " ").split()
         assert row[-2:] == [_fmt(name, after[name])] * 2, (name, row)  # in one row, after and again alike
     assert "first_digit/test" not in out and "different problem sets" not in out
+    # a distill run's directory is its student's before and after (it was told that it evaluated nothing)
+    distill = tmp_path / "distilled"
+    (distill / "stages").mkdir(parents=True)
+    shutil.copytree(run, distill / "student")
+    capsys.readouterr()
+    assert ponder_eval("--compare", str(distill), str(tmp_path / "again")) == 0
+    told = capsys.readouterr().out
+    header = next(line for line in told.splitlines() if "figure" in line)
+    assert header.replace("┃", " ").split()[-3:] == ["student/eval_before", "student/eval_after", "again"]
+    row = next(line for line in told.splitlines() if " pass@1 " in line).replace("│", " ").split()
+    assert row[-2:] == [_fmt("pass@1", after["pass@1"])] * 2
     # a problem set of another digit is told apart, task by task
     capsys.readouterr()
     assert ponder_eval("--compare", str(run / "eval_after.json"), str(two_results[1])) == 0

@@ -233,11 +233,13 @@ def _run_result(result: dict, model: str) -> dict:
 def _result_files(path: str) -> list[str]:
     """What one --compare argument names: a run directory (no results.json) is its before and after evaluations."""
     p = Path(path)
+    if p.is_dir() and (p / "student" / "config.yaml").is_file() and (p / "stages").is_dir():  # a distill run: its student's
+        p = p / "student"
     if p.is_dir() and not (p / "results.json").exists():
         files = [str(p / name) for name in ("eval_before.json", "eval_after.json") if (p / name).is_file()]
         if not files and (p / "config.yaml").is_file():  # a training run's directory
             raise UserError(_unevaluated_run(p))
-        return files or [path]  # neither: load_result names the problem
+        return files or [str(p)]  # neither: load_result names the problem
     return [path]
 
 
