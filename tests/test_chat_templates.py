@@ -304,19 +304,24 @@ def test_a_chat_template_failing_on_one_message_mid_run_is_one_line(tmp_path, sm
                             "template (r1_zero or plain)")
 
 
+def eval_or_sample_line(tmp_path, error_line, capsys, command, prompts) -> str:
+    """The one line `ponder eval` or `ponder sample` ends with on a jsonl task of `prompts`, under REFUSING as the chat
+    template."""
+    import json
+
+    model = chat_model(tmp_path / "m", REFUSING)
+    capsys.readouterr()  # the save's progress bar
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in prompts))
+    common = ["--model", model, "--tasks", f"jsonl:{data}", "--k", "1", "--max-tokens", "2", "--quiet", "--out", str(tmp_path / "o")]
+    return error_line(command, *common, *(["--template", "chat", "--device", "cpu"] if command == "eval" else ["template=chat"]))
+
+
 @pytest.mark.parametrize("command", ["eval", "sample"])
 def test_a_chat_template_refusing_a_prompt_is_one_line_in_eval_and_sample(tmp_path, error_line, capsys, command):
     """ponder eval and ponder sample render prompts through the same function as training (templates.render): jinja's
     TemplateError from the template's raise_exception was a traceback there, naming neither the prompt nor a fix."""
-    import json
-
-    model = chat_model(tmp_path / "m", REFUSING)
-    capsys.readouterr()
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in ("3+4", "a forbidden  sum\nof two")))
-    common = ["--model", model, "--tasks", f"jsonl:{data}", "--k", "1", "--max-tokens", "2", "--quiet", "--out", str(tmp_path / "o")]
-    args = ["--template", "chat", "--device", "cpu"] if command == "eval" else ["template=chat"]
-    assert error_line(command, *common, *args) == (
+    assert eval_or_sample_line(tmp_path, error_line, capsys, command, ["3+4", "a forbidden  sum\nof two"]) == (
         "ponder: error: the tokenizer's chat template fails on the prompt 'a forbidden sum of two' (roles: user): Forbidden "
         "word; change that prompt or fix the chat_template in the tokenizer's files, or use another template (r1_zero or "
         "plain)")
@@ -326,19 +331,11 @@ def test_a_chat_template_refusing_a_prompt_is_one_line_in_eval_and_sample(tmp_pa
 def test_eval_and_sample_tell_a_refused_chat_prompt_before_the_model_loads(tmp_path, error_line, capsys, monkeypatch, command):
     """One prompt of each sequence of roles is rendered under the template with the tokenizer alone, before the model
     loads (minutes for a large one): a template refusing a system turn was told once the model had loaded."""
-    import json
-
     from ponder import models
 
-    model = chat_model(tmp_path / "m", REFUSING)
-    capsys.readouterr()
     monkeypatch.setattr(models, "load", no_model_loads)
-    data = tmp_path / "d.jsonl"
     system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4"}]
-    data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in ("3+4", system)))
-    common = ["--model", model, "--tasks", f"jsonl:{data}", "--k", "1", "--max-tokens", "2", "--quiet", "--out", str(tmp_path / "o")]
-    args = ["--template", "chat", "--device", "cpu"] if command == "eval" else ["template=chat"]
-    assert error_line(command, *common, *args) == (
+    assert eval_or_sample_line(tmp_path, error_line, capsys, command, ["3+4", system]) == (
         "ponder: error: the tokenizer's chat template fails on the prompt '3+4' (roles: system, user): System role not "
         "supported; change those chat messages (templates may refuse a system turn, or turns that do not alternate "
         "user/assistant), or use another template (r1_zero or plain)")
