@@ -336,11 +336,14 @@ def test_a_column_named_like_an_option_of_ones_own_reward_is_refused_at_start(tm
         train(cfg, stop_after=1)
     assert str(e.value) == ("reward 'mine.py:strict_len': its option 'strict' (default False) has the name of a column of the "
                             "data, whose values would take its place; set it under the reward (recipe: rewards: {mine.py:"
-                            "strict_len: {weight: 1.0, strict: <value>}}; command line: rewards.mine.py:strict_len='{weight: "
-                            "1.0, strict: <value>}'), or rename the parameter (one without a default, or with None, reads the column)")
+                            "strict_len: {weight: 1.0, strict: <value>}}; command line: rewards.mine.py:strict_len.strict=<value>), "
+                            "or rename the parameter (one without a default, or with None, reads the column)")
     assert not (tmp_path / "runs" / "smoke-first-digit").exists()  # nothing written
-    # the fix the line names works as written (rewards.mine.py:strict_len.strict=... named a reward 'mine.py:strict_len.strict')
-    told = load_config(RECIPE, [f"output_dir={tmp_path / 'runs'}", *SMALL, tasks, "rewards.mine.py:strict_len={weight: 1.0, strict: true}"])
+    # the fix the line names works as written: the reward's name holds dots, and rewards.mine.py:strict_len.strict=...
+    # named a reward 'mine.py:strict_len.strict'; now the name ends at the first dot after the function's
+    told = load_config(RECIPE, [f"output_dir={tmp_path / 'runs'}", *SMALL, tasks, "rewards.mine.py:strict_len=1.0",
+                                "rewards.mine.py:strict_len.strict=true"])
+    assert told.rewards["mine.py:strict_len"] == {"weight": 1.0, "strict": True}
     RewardSet(told.rewards).check_columns({"answer", "task", "strict", "level"})
     set_in_recipe = RewardSet({"mine.py:strict_len": {"weight": 1.0, "strict": False}})
     _, per_fn = set_in_recipe.score(["abcd", "ab"], ["1+1"] * 2, {"answer": ["2", "2"], "strict": [True, True], "level": [1, 2]})

@@ -444,9 +444,13 @@ def apply_override(data: dict, dotted: str) -> None:
         value = raw
     node = data
     parts = key.strip().split(".")
-    if parts[0] == "rewards" and ":" in key:  # rewards.my_pkg.mod:fn=1.0 names a reward of one's own
-        parts = ["rewards", key.strip().split(".", 1)[1]]
-    for part in parts[:-1]:
+    if parts[0] == "rewards" and ":" in key:  # rewards.my_pkg.mod:fn=1.0 names a reward of one's own, whose name holds
+        ref = key.strip().split(".", 1)[1]  # dots: it ends at the first dot after the function's name
+        fn_dot = ref.find(".", ref.index(":"))
+        parts = ["rewards", ref] if fn_dot < 0 else ["rewards", ref[:fn_dot], *ref[fn_dot + 1:].split(".")]
+    for depth, part in enumerate(parts[:-1]):
+        if depth == 1 and parts[0] == "rewards" and isinstance(node.get(part), (int, float)):
+            node[part] = {"weight": node[part]}  # rewards.overlong.max_len=300 where the recipe gives overlong a weight
         if not isinstance(node.get(part, {}), dict):
             raise UserError(f"override '{key}': '{part}' is not a section")
         node = node.setdefault(part, {})

@@ -168,11 +168,10 @@ class RewardSet:
         ref = self.refs[name]
         if clash and not _is_builtin(self.fns[name]):
             p, default, w = clash[0], self.option_params[name][clash[0]], self.weights[name]
-            # rewards.<ref>.<p>=... on the command line would name a reward '<ref>.<p>' (a ref holds dots): a whole mapping works
             raise UserError(f"reward '{ref}': its option '{p}' (default {default!r}) has the name of a column of the data, "
                             f"whose values would take its place; set it under the reward (recipe: rewards: {{{ref}: {{weight: "
-                            f"{w}, {p}: <value>}}}}; command line: rewards.{ref}='{{weight: {w}, {p}: <value>}}'), or rename "
-                            "the parameter (one without a default, or with None, reads the column)")
+                            f"{w}, {p}: <value>}}}}; command line: rewards.{ref}.{p}=<value>), or rename the parameter (one "
+                            "without a default, or with None, reads the column)")
         return set(names) - set(clash)
 
 
