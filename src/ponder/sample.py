@@ -146,7 +146,6 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     import torch
 
     from ponder import models
-    from ponder.models import load
     from ponder.rollout import SamplingParams, make_engine
     from ponder.runtime import pick_device
     from ponder.tasks import check_prompts, load_examples
@@ -173,7 +172,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
         check_prompts([ex for _, _, ex in problems], cfg.template,
                       models.load_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.template == "chat" else None)
         device = pick_device(cfg.device)
-        model, tokenizer = load(cfg.model, seed=cfg.seed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        model, tokenizer = models.load(cfg.model, seed=cfg.seed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                 trust_remote_code=cfg.trust_remote_code)
         model.to(device)
     engine = make_engine(cfg.engine, model, tokenizer, batch_size=cfg.batch_size)

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from ponder import distributed
 from ponder.config import RunConfig, load_config
-from ponder.resume import add_arguments as add_resume_arguments
 from ponder.files import write_atomic
+from ponder.resume import add_arguments as add_resume_arguments
 
 console = Console()
 
@@ -112,7 +112,6 @@ def _evaluate(trainer, tag: str, quiet: bool = False):
     """Held-out figures with the trainer's own engine, template and verifiers. Writes eval_<tag>.json
     (figures and settings) and eval_<tag>_samples.jsonl (every answer with its score)."""
     from ponder.evaluate import evaluate
-    from ponder.tasks import load_examples
 
     cfg, e = trainer.cfg, trainer.cfg.eval
     acc = cfg.rewards.get("accuracy")
@@ -121,8 +120,7 @@ def _evaluate(trainer, tag: str, quiet: bool = False):
     main = trainer.rank == 0  # under torchrun every rank samples its share; rank 0 writes and prints
     quiet = quiet or not main
     with open(trainer.run_dir / f"eval_{tag}_samples.jsonl", "w", encoding="utf-8") if main else contextlib.nullcontext() as out:
-        for spec in e.tasks:
-            examples = load_examples(spec, cfg.seed)
+        for spec, examples in zip(e.tasks, trainer.eval_examples):  # loaded once, as the trainer checked them
             if not quiet:
                 console.print(f"evaluating {spec.name}/{spec.split} ({len(examples)} problems, k={e.k}) [{tag}]")
             r = evaluate(

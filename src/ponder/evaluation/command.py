@@ -92,7 +92,6 @@ def run(args) -> int:
 
     from ponder.evaluation.runner import evaluate
     from ponder import models
-    from ponder.models import load
     from ponder.tasks import check_prompts, load_examples
 
     labelled = parse_tasks(args.tasks, split=args.split, n=args.n, options=parse_options(args.option))
@@ -107,7 +106,7 @@ def run(args) -> int:
     device = _device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, tokenizer = load(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = models.load(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.to(device)
     result = evaluate(
         model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,

@@ -101,7 +101,7 @@ class RewardSet:
                 raise UserError(f"rewards '{self.refs[name]}' and '{ref}' would both be logged as reward/{name}; rename one function")
             self.fns[name] = get_reward(str(ref))
             _check_options(self.fns[name], str(ref), opts)
-            self.option_params[name] = _option_params(self.fns[name], builtin=_is_builtin(self.fns[name]))
+            self.option_params[name] = _option_params(self.fns[name])
             self.options[name] = opts
             self.weights[name] = float(weight)
             self.refs[name] = str(ref)
@@ -181,7 +181,7 @@ def _is_builtin(fn) -> bool:
     return getattr(fn, "__module__", "").startswith("ponder.rewards.")
 
 
-def _option_params(fn, builtin: bool) -> dict[str, Any]:
+def _option_params(fn) -> dict[str, Any]:
     """A reward's options, by their defaults, less the columns it declares it reads (register(columns=...)): a
     built-in's other parameters; one's own, those with a default other than None (`answer=None`, like one without a
     default, reads a column)."""
@@ -192,7 +192,7 @@ def _option_params(fn, builtin: bool) -> dict[str, Any]:
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     named = [p for p in params if p.kind in kinds and p.name not in ("completions", "prompts")]
     named = [p for p in named if p.name not in getattr(fn, "reads_columns", ())]
-    if builtin:
+    if _is_builtin(fn):
         return {p.name: p.default for p in named}
     return {p.name: p.default for p in named if p.default is not p.empty and p.default is not None}
 

@@ -405,8 +405,9 @@ class GRPOTrainer:
         a large one): the template (a name ponder knows; `chat`, a tokenizer with a chat template, which renders one
         prompt of each sequence of roles of the training and eval tasks), every example's columns against the
         rewards' options, and the longest prompts against a learned position table, read from the model's config.
-        Returns the prompt sets (examples, new tokens, their key) whose positions are left to check once the model has
-        loaded, where its config was not at hand; else None."""
+        Keeps the eval tasks' examples (eval_examples) for every evaluation of the run. Returns the prompt sets
+        (examples, new tokens, their key) whose positions are left to check once the model has loaded, where its
+        config was not at hand; else None."""
         cfg, r, e = self.cfg, self.cfg.rollout, self.cfg.eval
         source = str(last) if last is not None and cfg.model.lora is None else cfg.model.path  # as load_trainable's
         tokenizer = functools.cache(lambda: models.load_tokenizer(source, cfg.model.trust_remote_code))  # when needed
@@ -419,9 +420,10 @@ class GRPOTrainer:
         self.examples = mix(cfg.data.tasks, cfg.seed)
         self.rewards.check(self.examples[0])
         self.rewards.check_columns({k for ex in self.examples for k in ex if k != "prompt"})
-        evals = [(load_examples(spec, cfg.seed), e.max_new_tokens or r.max_new_tokens,
-                  "eval.max_new_tokens" if e.max_new_tokens else "rollout.max_new_tokens") for spec in e.tasks]
-        prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"), *evals]
+        self.eval_examples = [load_examples(spec, cfg.seed) for spec in e.tasks]  # one list per eval task, kept
+        new_tokens = (e.max_new_tokens, "eval.max_new_tokens") if e.max_new_tokens else (r.max_new_tokens, "rollout.max_new_tokens")
+        prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
+                       *((examples, *new_tokens) for examples in self.eval_examples)]
         for examples, _, _ in prompt_sets:
             check_prompts(examples, cfg.data.template, chat)
         skeleton = _weightless(source, cfg.model.trust_remote_code)
