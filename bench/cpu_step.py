@@ -15,7 +15,9 @@ configuration with `train.skip_zero_advantage=false` (see bench/README.md).
 - ponder: a recipe file read by ponder.config.load_config and run by ponder.rl.trainer.GRPOTrainer with its
   defaults, step by step as `ponder train` runs it (trainer.step(), then the metrics and samples lines).
 - TRL (--trl): trl.GRPOTrainer in its own venv (--trl-python; it must hold torch, trl and math-verify), with
-  trl.rewards.accuracy_reward (math-verify in process on the whole completion, TRL's own accuracy reward).
+  trl.rewards.accuracy_reward (math-verify in process on the whole completion, TRL's own accuracy reward), once
+  with its own default precision (GRPOConfig's bf16=True: autocast on CPU as on GPUs) and once with bf16=False
+  (--trl-precision). ponder's default on a CPU with bf16 matrix units is mixed too (train.precision auto).
 Each run is a process of its own, one after the other, with torch at --threads threads; with --rounds, everything
 runs that many times in turn and the last table gives the medians over rounds. A step's time is the wall time
 between the ends of consecutive steps; a run's figure is the median over --steps steps after --warmup steps.
@@ -219,7 +221,7 @@ def run_trl(a) -> dict:
         num_generations=a.group, generation_batch_size=n, max_completion_length=a.new, temperature=1.0,
         generation_kwargs={"min_new_tokens": a.new}, beta=0.0, num_iterations=1, learning_rate=1e-5,
         lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=a.warmup + a.steps + 1, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0,
+        save_strategy="no", report_to=[], use_cpu=True, **({"bf16": False} if a.trl_precision == "fp32" else {}), seed=0, dataloader_num_workers=0,
         disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(root / "model")
@@ -230,7 +232,7 @@ def run_trl(a) -> dict:
     steps = [t1 - t0 for t0, t1 in zip(ends, ends[1:])][a.warmup:]  # the first step has no start mark: one extra step
     import trl
 
-    return dict(trainer=f"TRL {trl.__version__}", step_s=statistics.median(steps), steps=steps,
+    return dict(trainer=f"TRL {trl.__version__} {a.trl_precision} (bf16={cfg.bf16})", step_s=statistics.median(steps), steps=steps,
                 other_cpu_s=others.per_step(a.warmup),
                 threads=torch.get_num_threads())
 
@@ -252,7 +254,8 @@ def child(python: str, which: str, a, extra: list[str], src: str | None = None) 
 COLS = [("step s (median)", "step_s", "{:.3f}"), ("generate s", "generate_s", "{:.3f}"), ("reward s", "reward_s", "{:.3f}"),
         ("train s", "train_s", "{:.3f}"), ("uniform groups", "uniform_groups", "{:.2f}"),
         ("sent to workers / step", "worker_items_per_step", "{:.1f}"),
-        ("others' CPU s / step", "other_cpu_s", "{:.3f}"), ("x TRL (same round)", "x_trl", "{:.2f}")]
+        ("others' CPU s / step", "other_cpu_s", "{:.3f}"), ("x TRL default (same round)", "x_trl_default", "{:.2f}"),
+        ("x TRL fp32", "x_trl_fp32", "{:.2f}")]
 
 
 def table(rows: list[dict]) -> None:
@@ -268,6 +271,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer on the same workload")
     ap.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="python of a venv with torch, trl, math-verify")
+    ap.add_argument("--trl-precision", nargs="+", choices=["default", "fp32"], default=["default", "fp32"],
+                    help="TRL runs, one per precision: default (GRPOConfig's own: bf16=True, autocast on CPU too) and fp32 "
+                         "(bf16=False); the x TRL columns divide by each")
     ap.add_argument("--extract", nargs="+", default=["default"],
                     help="ponder runs, one per accuracy extraction mode: default (the reward's own, tags_or_boxed) "
                          "or none (the whole completion is the answer: every completion is a non-numeric answer)")
@@ -290,6 +296,7 @@ def main():
     if a.child:
         if a.child == "ponder":
             a.extract = None if a.extract == ["default"] else a.extract[0]
+        a.trl_precision = a.trl_precision[0]
         print(json.dumps(run_ponder(a) if a.child == "ponder" else run_trl(a)), flush=True)
         return
     load0 = os.getloadavg()[0]
@@ -308,11 +315,14 @@ def main():
                     r["trainer"] += f" (accuracy, extract {mode})" + (f" {config}" if config else "")
                     rows.append(r)
             if a.trl:
-                r = child(a.trl_python, "trl", a, [])
-                r["trainer"] += " (accuracy_reward)"
-                rows.append(r)
-                for r in rows:
-                    r["x_trl"] = r["step_s"] / rows[-1]["step_s"]
+                trl = {}
+                for precision in a.trl_precision:
+                    r = trl[precision] = child(a.trl_python, "trl", a, [f"--trl-precision={precision}"])
+                    r["trainer"] += " (accuracy_reward)"
+                for r in rows + list(trl.values()):
+                    for precision, t in trl.items():
+                        r[f"x_trl_{precision}"] = r["step_s"] / t["step_s"]
+                rows += trl.values()
             rounds.append(rows)
             print(f"\nround {i + 1} of {a.rounds}:")
             table(rows)

@@ -507,24 +507,42 @@ def test_triton_rotary_matches_the_torch_math(triton_interpreter):
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
-def test_attention_under_autocast_takes_one_bf16_dtype(kind, monkeypatch):
-    """Under autocast the attention gets q, k and v in bf16, as SDPA's inputs are rounded in the HF forward. Qwen3's
+def test_attention_takes_one_dtype_bf16_under_cuda_autocast_and_float32_on_cpu():
+    """Under CUDA autocast q, k and v go to attention in bf16, as SDPA's inputs are rounded in the HF forward: Qwen3's
     q_norm and k_norm over float32 norm weights gave float32 q and k beside a bf16 v, and all three went in as
-    float32: on CUDA flash attention takes bf16 only."""
+    float32, where flash attention takes bf16 only. On CPU attention stays float32 (its bf16 backward is slow)."""
+    from ponder.rl.packed import attention_dtype
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert attention_dtype(True, bf16, fp32) == bf16  # Qwen3's q after its float32 norm
+    assert attention_dtype(True, bf16, bf16) == bf16
+    assert attention_dtype(True, None, fp32) == fp32 and attention_dtype(True, None, bf16) == bf16  # no autocast
+    assert attention_dtype(False, bf16, bf16) == fp32 and attention_dtype(False, bf16, fp32) == fp32
+    assert attention_dtype(False, None, bf16) == bf16  # bf16 weights (train.precision=bf16): as they are
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_attention_under_cpu_autocast_runs_float32_outside_autocast(kind, monkeypatch):
+    """train.precision mixed on CPU: the products in bf16, attention on float32 q, k and v with autocast off (else
+    SDPA would round them to bf16 again), and the log-probs those of the HF forward under autocast, within bf16's
+    rounding."""
     import ponder.rl.packed as packed
 
     seen = []
+    real = packed.bucketed_attention
 
     def attend(q, k, v, pk, scale):
-        seen.append({q.dtype, k.dtype, v.dtype})
-        return packed.bucketed_attention(q, k, v, pk, scale)
+        seen.append(({q.dtype, k.dtype, v.dtype}, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, pk, scale)
 
-    monkeypatch.setattr(packed, "attention_for", lambda device: attend)
+    monkeypatch.setattr(packed, "bucketed_attention", attend)
     model = build(kind)
     batch = samples()
     got = packed_logprobs(model, batch, "cpu", autocast=True)[0]
-    assert seen and all(s == {torch.bfloat16} for s in seen)
+    assert len(seen) == model.config.num_hidden_layers and all(s == ({torch.float32}, False) for s in seen), seen
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, _ = reference(model, batch)
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    seen.clear()
+    packed_logprobs(model, batch, "cpu")  # float32 without autocast: no change of dtype or autocast
+    assert all(s == ({torch.float32}, False) for s in seen) and seen

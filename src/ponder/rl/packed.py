@@ -15,6 +15,7 @@ the head is ponder.kernels.head_logprobs; the model's layout is read through pon
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from dataclasses import dataclass, replace
@@ -338,6 +339,17 @@ def linears(h, mods, join: bool = True):
     return F.linear(h, w, b).split([m.out_features for m in mods], -1)
 
 
+def attention_dtype(cuda: bool, autocast: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """The one dtype q, k and v take for attention, given autocast's dtype (None: autocast off) and q's. On CUDA
+    autocast's where it is on, as it rounds SDPA's inputs in the HF forward (Qwen3's q_norm/k_norm over float32 norm
+    weights give float32 q and k beside a bf16 v; flash attention takes bf16). On CPU float32 under autocast (and
+    autocast off around it): there bf16 pays in the products, while the CPU flash attention's bf16 backward took 7x
+    its float32 one (cpu_step's update, two Xeon cores: 117 against 16 ms)."""
+    if autocast is None:
+        return dtype
+    return autocast if cuda else torch.float32
+
+
 def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
     """Final-norm hidden states [N, d] of the stream. Unsharded, a layer's last residual add is fused with the
     next layer's input norm (it reads the next layer's weight). Sharded (FSDP2), each layer reads its own weights
@@ -369,13 +381,14 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
             q, k = K["rope_qk"](q, k, cos.to(q.dtype), sin.to(q.dtype))
         if q_scale is not None:
             q = q * q_scale.to(q.dtype)
-        # one dtype for attention: autocast's where it is on, as it rounds SDPA's inputs in the HF forward (Qwen3's
-        # q_norm/k_norm over float32 norm weights give float32 q and k beside a bf16 v; flash attention takes bf16)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else q.dtype
+        dev = x.device.type
+        autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        dtype = attention_dtype(x.is_cuda, autocast, q.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         # flash attention takes half types only: float32 (train.precision=fp32 on CUDA) goes to the padded SDPA
         fn = attend if dtype in (torch.float16, torch.bfloat16) else bucketed_attention
-        o = fn(q, rows(k, pk.key_idx), rows(v, pk.key_idx), pk, arch.scaling)
+        with torch.autocast(dev, enabled=False) if autocast and dtype != autocast else contextlib.nullcontext():
+            o = fn(q, rows(k, pk.key_idx), rows(v, pk.key_idx), pk, arch.scaling)
         o = linears(o.reshape(n, -1), (attn.o_proj,))[0]
         if arch.post_norm:  # OLMo 2: each block's output normed, then added; the next block reads the stream
             x = x + K["rms"](o, *norm_args(layer.post_attention_layernorm))
