@@ -17,7 +17,8 @@ configuration with `train.skip_zero_advantage=false` (see bench/README.md).
 - TRL (--trl): trl.GRPOTrainer in its own venv (--trl-python; it must hold torch, trl and math-verify), with
   trl.rewards.accuracy_reward (math-verify in process on the whole completion, TRL's own accuracy reward), once
   with its own default precision (GRPOConfig's bf16=True: autocast on CPU as on GPUs) and once with bf16=False
-  (--trl-precision). ponder's default on a CPU with bf16 matrix units is mixed too (train.precision auto).
+  (--trl-precision). ponder's default on CPU is float32 (train.precision auto); add a configuration with
+  train.precision=mixed for its bf16 products.
 Each run is a process of its own, one after the other, with torch at --threads threads; with --rounds, everything
 runs that many times in turn and the last table gives the medians over rounds. A step's time is the wall time
 between the ends of consecutive steps; a run's figure is the median over --steps steps after --warmup steps.

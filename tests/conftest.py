@@ -7,16 +7,6 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-@pytest.fixture(autouse=True)
-def _no_bf16_matrix_units(monkeypatch):
-    """train.precision auto runs the GRPO update mixed on a CPU with bf16 matrix units (ponder.runtime.
-    cpu_multiplies_bf16): in-process tests see a CPU without them, so that what they assert holds on any CI machine.
-    tests/test_precision.py turns them on to test that choice."""
-    from ponder import runtime
-
-    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: False)
-
-
 @pytest.fixture
 def smoke_cfg(tmp_path):
     from ponder.config import load_config

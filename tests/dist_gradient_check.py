@@ -149,8 +149,6 @@ def make_trainer(out_path, rank, spec):
     mode, *flags = spec.split("+")
     overrides = [f"output_dir={out_path}.runs", f"name=dist-check-{spec}-{rank if mode == 'none' else ''}", "train.threads=1",
                  "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.token_budget=80", f"train.sharding={mode}",
-                 # float32 sums compared: not auto, which on a CPU with bf16 matrix units runs one process mixed
-                 "train.precision=fp32",
                  *(FLAGS[f] for f in flags)]
     cfg = load_config("recipes/smoke-first-digit.yaml", overrides)
     if mode != "none":

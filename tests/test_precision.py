@@ -8,52 +8,14 @@ import torch
 
 from ponder import runtime
 from ponder.runtime import GIB, Precision, PrecisionChooser, choose_precision
-from ponder.runtime import cpu_multiplies_bf16  # the probe itself: tests/conftest.py replaces the module's for each test
 from ponder.train import train
 
 H200 = 140 * GIB  # a round device size: the figures below are computed by hand from it
 
 
-def test_auto_is_fp32_on_cpu_whatever_the_size_unless_the_update_gains_from_bf16():
+def test_auto_is_fp32_on_cpu_whatever_the_size():
     assert choose_precision("auto", "cpu", 70_000_000_000, None).name == "fp32"
     assert choose_precision("auto", "cpu", 1000, 2 * GIB).name == "fp32"
-    mixed = choose_precision("auto", "cpu", 1000, None, cpu_mixed=True)
-    assert mixed.name == "mixed" and mixed.autocast and mixed.dtype == torch.float32
-    assert mixed.line() == ("train.precision auto -> mixed (a CPU with bf16 matrix units (AMX): float32 weights, gradients "
-                            "and AdamW state, the update's products in bf16; set train.precision=fp32 for float32 compute)")
-    assert choose_precision("fp32", "cpu", 1000, None, cpu_mixed=True).name == "fp32"  # asked for: kept
-
-
-def test_the_grpo_update_runs_mixed_on_a_cpu_with_bf16_matrix_units_where_it_gains(smoke_cfg, monkeypatch, capsys):
-    """auto -> mixed on a CPU with bf16 matrix units for the packed pass over full parameters on one process (measured
-    faster there); the padded pass (transformers' attention in bf16, slower) and LoRA stay float32, and so does every
-    run on a CPU without them. The choice is one line on stderr."""
-    from ponder.rl.trainer import GRPOTrainer
-
-    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: True)
-    t = GRPOTrainer(smoke_cfg("name=amx", "rollout.max_new_tokens=3"))
-    assert t.precision.name == "mixed" and t.policy_pass.packed and t.policy_pass.autocast
-    assert {p.dtype for p in t.model.parameters()} == {torch.float32} and type(t.optimizer) is torch.optim.AdamW
-    assert capsys.readouterr().err == f"ponder: {choose_precision('auto', 'cpu', cpu_mixed=True).line()}\n"
-    t.step()  # an update under autocast on CPU
-    for overrides in (["train.forward=padded"], ["model.lora={r: 4, alpha: 8}"]):
-        t = GRPOTrainer(smoke_cfg("name=amx-" + overrides[0][:5], "rollout.max_new_tokens=3", *overrides))
-        assert t.precision.name == "fp32" and not t.policy_pass.autocast, overrides
-        assert capsys.readouterr().err == "", overrides
-    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: False)
-    assert GRPOTrainer(smoke_cfg("name=no-amx", "rollout.max_new_tokens=3")).precision.name == "fp32"
-
-
-def test_cpu_multiplies_bf16_asks_torch_and_says_no_where_it_cannot(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert cpu_multiplies_bf16() is False
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: True)
-    assert cpu_multiplies_bf16() is True
-    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: False)  # the system refused the tiles
-    assert cpu_multiplies_bf16() is False
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe
-    assert cpu_multiplies_bf16() is False
 
 
 def test_auto_with_cpu_offload_keeps_float32_state_in_host_memory(smoke_cfg, monkeypatch):

@@ -15,10 +15,8 @@ none of them owns them: each imports them from here.
 - bf16: bfloat16 weights and gradients, and KahanAdamW (ponder.optim), which keeps the part of each update
   that bf16 rounding drops; no autocast (the products are bf16 because the weights are). 14 bytes a
   parameter, 10 with optim.moment_dtype=bf16.
-- auto: on CUDA mixed when the float32 weights, gradients and AdamW state fit in the part of the device memory
-  that rollouts and activations leave (HEADROOM), else bf16; the run prints which and why. On CPU fp32, except
-  where the caller says its update gains from bf16 products on this CPU (`cpu_mixed`: the GRPO trainer's packed
-  pass, full parameters, one process, on a CPU with bf16 matrix units: cpu_multiplies_bf16), mixed.
+- auto: fp32 on CPU. On CUDA mixed when the float32 weights, gradients and AdamW state fit in the part of
+  the device memory that rollouts and activations leave (HEADROOM), else bf16; the run prints which and why.
 """
 
 from __future__ import annotations
@@ -139,29 +137,15 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
 
 
-def cpu_multiplies_bf16() -> bool:
-    """Whether this CPU has bf16 matrix units (Intel AMX) that the system lets torch use. On two cores of a Xeon
-    with AMX, a 4,400 x 128 x 512 product ran at 1,000 GFLOP/s in bf16 against 216 in float32; without them
-    (AVX-512 or AVX2 alone) bf16 products are converted to float32 and gain nothing."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx())
-    except (AttributeError, RuntimeError):  # a torch without the probes, or a system that refuses the tiles
-        return False
-
-
 def choose_precision(requested: str, device_type: str, n_params: int = 0, device_memory: int | None = None,
-                     frozen: bool = False, shards: int = 1, offload: bool = False, cpu_mixed: bool = False) -> Precision:
-    """`train.precision` for a model of `n_params` parameters on a device of `device_memory` bytes. auto: on CPU
-    fp32, or mixed where `cpu_mixed` (the caller's update is one that bf16 products speed up on this CPU);
-    elsewhere mixed when float32 weights, gradients and AdamW state (`frozen`, LoRA: the float32 base
+                     frozen: bool = False, shards: int = 1, offload: bool = False) -> Precision:
+    """`train.precision` for a model of `n_params` parameters on a device of `device_memory` bytes. auto: fp32
+    on CPU; elsewhere mixed when float32 weights, gradients and AdamW state (`frozen`, LoRA: the float32 base
     weights alone; the adapters are a rounding error) fit in (1 - HEADROOM) of the device memory, else bf16.
     `shards`: the ranks FSDP2 spreads that state over (train.sharding), each holding its share. `offload`
     (train.offload): that state lives in host memory, which is what offload is for: mixed."""
     if requested != "auto":
         return Precision(requested)
-    if device_type == "cpu" and cpu_mixed:
-        return Precision("mixed", "a CPU with bf16 matrix units (AMX): float32 weights, gradients and AdamW state, "
-                                  "the update's products in bf16; set train.precision=fp32 for float32 compute")
     if device_type == "cpu" or device_memory is None:  # no device memory to plan by
         return Precision("fp32", f"on {device_type}: float32 weights and compute")
     if offload:
@@ -199,10 +183,9 @@ class PrecisionChooser:
     is KahanAdamW's, which AdamW over float32 weights cannot take up."""
 
     def __init__(self, requested: str, device: torch.device, frozen: bool = False, announce: bool = True, resumed=None,
-                 shards: int = 1, offload: bool = False, cpu_mixed=lambda model: False):
+                 shards: int = 1, offload: bool = False):
         self.requested, self.device, self.frozen, self.announce, self.shards = requested, device, frozen, announce, shards
         self.offload = offload
-        self.cpu_mixed = cpu_mixed  # model -> whether its update gains from bf16 products on this CPU (choose_precision)
         self.resumed = resumed
         self.chosen: Precision | None = None
         # bf16 asked for: loaded as bf16 (half the host memory); otherwise float32, which a cast loses nothing from
@@ -216,10 +199,9 @@ class PrecisionChooser:
                        if self.device.type == "cuda" else "fp32")
             self.chosen = Precision("bf16", "as the run being resumed: its checkpoint holds bf16 weights", moments)
         else:
-            cpu_mixed = self.requested == "auto" and self.device.type == "cpu" and self.cpu_mixed(model)
             self.chosen = choose_precision(self.requested, self.device.type, n, device_memory(self.device), self.frozen,
-                                           self.shards, self.offload, cpu_mixed)
-        if self.announce and self.requested == "auto" and (self.device.type != "cpu" or self.chosen.name != "fp32"):
+                                           self.shards, self.offload)
+        if self.announce and self.requested == "auto" and self.device.type != "cpu":
             print(f"ponder: {self.chosen.line()}", file=sys.stderr)
         return self.chosen.dtype
 

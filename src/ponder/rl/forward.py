@@ -40,15 +40,6 @@ def use_packed(forward: str, model) -> bool:
     return forward == "auto" and packed.supports(model)
 
 
-def cpu_bf16_pays(forward: str, model, lora: bool, sharded: bool) -> bool:
-    """Whether this run's update gains from bf16 products on this CPU, so that train.precision auto picks mixed
-    (ponder.runtime.choose_precision): the packed pass (its attention stays float32) over full parameters on one
-    process, on a CPU with bf16 matrix units. cpu_step's update on two Xeon cores with AMX: packed 0.264 -> 0.153 s
-    under mixed; padded 0.280 -> 0.319 s (transformers' attention then takes the CPU's bf16 flash attention, whose
-    backward is 7x its float32 one). LoRA and sharded runs on CPU were not measured: they stay float32."""
-    return not lora and not sharded and use_packed(forward, model) and runtime.cpu_multiplies_bf16()
-
-
 class PolicyPass:
     """Micro-batches and their log-probs, one way or the other: packed (ponder.rl.packed) or right-padded rows
     through the model's own forward. Both give [B, T] log-probs, entropies and the [B, T] token mask.

@@ -36,7 +36,7 @@ from ponder.rewards.language import mixing_rate
 from ponder.rl import memory_plan
 from ponder.rl.advantages import advantages
 from ponder.rl.batching import Sample, pad_rows, per_row
-from ponder.rl.forward import PolicyPass, cpu_bf16_pays, use_packed
+from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, make_engine
@@ -83,9 +83,7 @@ class GRPOTrainer:
         # sharded, each rank holds its share of the weights, gradients and optimizer state: auto counts that share
         shards = self.world if self.sharding != "none" else 1
         chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, self.rank == 0, last, shards,
-                                   offload=cfg.train.offload,
-                                   cpu_mixed=lambda model: cpu_bf16_pays(cfg.train.forward, model, cfg.model.lora is not None,
-                                                                         self.sharding != "none"))
+                                   offload=cfg.train.offload)
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser,
                                                            narrow_frozen=self.sharding == "none")
         if unchecked:  # the model's config was not at hand before it loaded (a Hub model downloaded just now)
