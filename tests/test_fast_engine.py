@@ -595,6 +595,33 @@ def test_a_compiled_piece_past_the_recompile_limit_goes_eager_with_one_notice(ca
     torch._dynamo.reset()
 
 
+def test_a_checkpointed_layer_ending_in_a_compiled_piece_recomputes_it_in_backward(capsys):
+    """Non-reentrant checkpointing stops a layer's recomputation by raising from the hook that saves its last tensor,
+    inside the layer's last piece (the packed pass: the next layer's add + norm). That is not the piece failing: taken
+    for one, the piece ran again eagerly in the stopped recomputation, and the 7B update on an H100 (whose plan
+    checkpoints the layers) ended in torch's "Unexpected state: target_frame.early_stop is set"."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ponder.kernels.norm import add_rms
+    from ponder.kernels.trials import eager_after_failure
+
+    piece = eager_after_failure(lambda *a: add_rms(*a), add_rms, "add_rms", "probe")  # a callable of its own, as compiled
+
+    def layer(x, r, w):
+        return piece((x * w).tanh(), r, w, 1e-6)[1]  # the layer's last tensors are saved inside the piece
+
+    g = torch.Generator().manual_seed(0)
+    x, r, w = (torch.randn(shape, generator=g, requires_grad=True) for shape in ((4, 8), (4, 8), (8,)))
+    checkpoint(layer, x, r, w, use_reentrant=False).square().sum().backward()
+    got = [t.grad.clone() for t in (x, r, w)]
+    for t in (x, r, w):
+        t.grad = None
+    layer(x, r, w).square().sum().backward()
+    for a, b in zip(got, (x.grad, r.grad, w.grad)):
+        torch.testing.assert_close(a, b)
+    assert capsys.readouterr().err == ""  # no "failed on a new kind of call": the piece stays compiled
+
+
 def test_each_compiled_piece_has_graphs_of_its_own(capsys):
     """The engine's rms and the packed pass's compile one function: with a shared code object they shared one
     recompile budget, and a float64 call of one was the second graph of both."""

@@ -10,6 +10,7 @@ import sys
 import types
 
 import torch
+import torch.utils.checkpoint
 
 try:
     import triton  # only whether it is there: a Triton piece is tried only then
@@ -57,6 +58,13 @@ def own_code(f):
     return g
 
 
+# Non-reentrant activation checkpointing ends a layer's recomputation in backward by raising this from the hook that
+# saves its last tensor, which may be inside a compiled piece (the layer's last norm): control flow, not a failure.
+# Taken for one, the piece ran again eagerly in the stopped recomputation and the update ended in torch's
+# "Unexpected state: target_frame.early_stop is set" (the 7B shape on an H100, whose plan checkpoints the layers).
+CONTROL_FLOW = tuple(c for c in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if c is not None)
+
+
 def eager_after_failure(compiled, eager, name: str, who: str):
     """`compiled`, until a call of it fails where `eager` runs; `eager` from then on, with one notice. Each new
     dtype, grad mode or input flag a piece meets is a graph of its own, and past torch's recompile limit (8)
@@ -69,6 +77,8 @@ def eager_after_failure(compiled, eager, name: str, who: str):
             return eager(*args)
         try:
             return compiled(*args)
+        except CONTROL_FLOW:
+            raise
         except Exception as e:  # noqa: BLE001  (a fault of the inputs raises again below, and stays the caller's)
             out = eager(*args)
             current[0] = eager
