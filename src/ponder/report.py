@@ -20,8 +20,8 @@ from itertools import zip_longest
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.metrics import read_jsonl
 from ponder.files import write_atomic
+from ponder.metrics import read_jsonl
 
 # title, series (a key, or a prefix ending in "/" for every key under it), stacked
 PANELS = [

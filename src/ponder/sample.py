@@ -173,7 +173,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
                       models.load_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.template == "chat" else None)
         device = pick_device(cfg.device)
         model, tokenizer = models.load(cfg.model, seed=cfg.seed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                trust_remote_code=cfg.trust_remote_code)
+                                       trust_remote_code=cfg.trust_remote_code)
         model.to(device)
     engine = make_engine(cfg.engine, model, tokenizer, batch_size=cfg.batch_size)
     params = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.metrics import DEFAULT_REFLECTION_WORDS
 from ponder.files import write_atomic
+from ponder.metrics import DEFAULT_REFLECTION_WORDS
 
 FIGURE_LABELS = {
     "problems": "problems", "pass@1": "pass@1", "pass@1_ci": "pass@1 95% CI", "greedy": "greedy",
@@ -244,13 +244,13 @@ def _result_files(path: str) -> list[str]:
 
 def _unevaluated_run(run: Path) -> str:
     """Why a training run has no eval_before.json / eval_after.json to compare, and what to compare instead."""
+    from ponder import checkpoint
     from ponder.resume import load_saved
 
     evaluation = (load_saved(run / "config.yaml") or {}).get("eval")
     why = ("it evaluated nothing (its eval.tasks is empty)" if not (isinstance(evaluation, dict) and evaluation.get("tasks"))
            else "its evaluation before the first step was never written (stopped before it?)")
-    steps = sorted((int(d.name[5:]), d) for d in (run / "checkpoints").glob("step-*") if d.name[5:].isdigit())
-    model = steps[-1][1] if steps else run / "checkpoints" / "step-N"
+    model = checkpoint.latest(run / "checkpoints") or run / "checkpoints" / "step-N"
     return (f"'{run}' is a training run without eval_before.json / eval_after.json: {why}; evaluate one of its "
             f"checkpoints with `ponder eval --model {model} --tasks ...` and compare that, or give a directory written by "
             "ponder eval")

@@ -107,8 +107,9 @@ def probe_samples(n_tokens: int, vocab: int, row: int, prompt: int = 128) -> lis
 @dataclass
 class Cost:
     """Bytes at the peak of a policy pass: `fixed` + stream tokens x (`per_token` + `per_token_row` x a row's
-    length, its prompt's tokens and its own: the keys its queries see). The last term is attention that holds a [queries x keys] tensor a segment (the padded pass: float32,
-    or no varlen kernel), whose cost a token grows with the length of its row; 0 for varlen flash attention."""
+    length, its prompt's tokens and its own: the keys its queries see). The last term is attention that holds a
+    [queries x keys] tensor a segment (the padded pass: float32, or no varlen kernel), whose cost a token grows with
+    the length of its row; 0 for varlen flash attention."""
     per_token: float
     per_token_row: float
     fixed: float
