@@ -197,6 +197,35 @@ def test_plan_turns_on_activation_checkpointing_when_one_sample_would_not_fit(sm
         assert not checkpointing_on(t.model) and "checkpointing" not in err
 
 
+def test_a_prompt_longer_than_any_the_plan_saw_makes_it_again(smoke_cfg, monkeypatch, capsys):
+    """The plan costs the run's longest rows, and the first update knows only the first step's prompts. A later
+    prompt 10x as long, whose samples would not fit without checkpointing, is planned for when it comes (not a
+    step later, when its update has run out of memory); prompts no longer than the planned one plan nothing."""
+    holder = {}
+    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
+    cost = lambda model: (8 if checkpointing_on(model) else 64) * 2**10  # noqa: E731
+    probes = []
+    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: probes.append(1) or cost(model) * stream_tokens(batch))
+    # 4 MiB usable once the state is counted: 3.6 MiB / 64 KiB = 57 tokens a micro-batch, more than a first step's
+    # sample (a prompt of 21-24 tokens and 16 new) and less than a 240-token prompt's
+    monkeypatch.setattr(memory_plan, "free_bytes",
+                        lambda device: memory_plan.state_to_come(holder["t"].model, holder["t"].optimizer) + 4 * 2**20)
+    monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
+    holder["t"] = t = GRPOTrainer(smoke_cfg("name=longer", "rollout.max_new_tokens=16", "rollout.prompts_per_step=4"))
+    monkeypatch.setattr(t.engine, "cache_bytes", lambda: 2**20)  # a pool with room to spare: it never grows
+    draw = t.sampler.next
+    t.step()
+    assert not checkpointing_on(t.model) and len(probes) == 3
+    t.sampler.next = lambda k: [dict(ex, prompt=ex["prompt"] * (10 if i == 0 else 1)) for i, ex in enumerate(draw(k))]
+    t.step()
+    err = capsys.readouterr().err
+    assert checkpointing_on(t.model) and len(probes) == 9  # planned again (3 probes), and checkpointed (3 more)
+    assert "activation checkpointing on" in err
+    t.sampler.next = draw
+    t.step()
+    assert len(probes) == 9  # shorter prompts: the plan stands
+
+
 def test_plan_leaves_checkpointing_off_when_a_sample_fits():
     assert not memory_plan.needs_checkpointing(2**20, 10 * 2**30, longest=4224)  # 4.1 GiB of 9 usable
     assert memory_plan.needs_checkpointing(2**20, 4 * 2**30, longest=4224)  # of 3.6 usable

@@ -7,8 +7,9 @@ a queries x keys tensor a segment: the padded pass), and what a pass holds whate
 at the run's longest rows (its longest prompt and max_new_tokens). The budget is what fits in the memory
 left once the step holds what it holds anyway (weights, the rollout engine, gradients, optimizer state, a
 pass's fixed part), less a margin, up to a cap past which
-larger micro-batches run no faster and only hold memory. Planned once, at the first update, when the
-rollout engine has made its cache; printed, and logged as `token_budget`.
+larger micro-batches run no faster and only hold memory. Planned at the first update, when the rollout
+engine has made its cache, and again when that cache has grown or a prompt longer than any seen has come
+(GRPOTrainer.token_budget); printed, and logged as `token_budget`.
 
 Activation checkpointing (`model.gradient_checkpointing: auto`) is the plan's to turn on: when the budget
 without it cannot hold one full-length sample (the longest prompt and `max_new_tokens`), no micro-batch

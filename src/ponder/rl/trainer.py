@@ -103,6 +103,7 @@ class GRPOTrainer:
         self._prompts: dict[int, tuple[list[int], bool]] = {}
         self._past_context = False  # told once that prompt + rollout.max_new_tokens exceed the model's positions
         self.step_no, self.nan_streak, self._budget, self._planned_cache = 0, 0, None, 0
+        self._longest_prompt = self._planned_prompt = 0  # tokens: of the prompts encoded so far, and when planned
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         self.guardrails = Guardrails(cfg.guardrails, announce=self.rank == 0)
         self._asks_reasoning = "<think>" in TEMPLATES.get(cfg.data.template, cfg.data.template)
@@ -231,15 +232,19 @@ class GRPOTrainer:
         """optim.token_budget, or (unset) the plan from free device memory, made at the first update (the
         engine's cache exists by then) and the same on every rank (bnpo's normaliser depends on it). Made again
         when the engine's cache has grown since (longer answers): the pool takes memory the plan counted free,
-        and the planned micro-batches would no longer fit."""
+        and the planned micro-batches would no longer fit; and when a prompt longer than any the plan saw has
+        come: its samples are the run's longest rows, which the plan costs and checkpoints for. (A run meets a
+        new longest prompt about ln(prompts seen) times, most of them in its first steps.)"""
         if self._budget is not None and self.cfg.optim.token_budget is None:
-            if distributed.max_all(float(self.engine.cache_bytes() > self._planned_cache)):
+            grown = self.engine.cache_bytes() > self._planned_cache or self._longest_prompt > self._planned_prompt
+            if distributed.max_all(float(grown)):
                 self._budget = None
         if self._budget is None:
             self._budget = self.cfg.optim.token_budget
             self._planned_cache = self.engine.cache_bytes()
+            self._planned_prompt = self._longest_prompt = int(distributed.max_all(float(self._longest_prompt)))
             if self._budget is None:
-                longest = max((len(ids) for ids, _ in self._prompts.values()), default=0) + self.cfg.rollout.max_new_tokens
+                longest = self._longest_prompt + self.cfg.rollout.max_new_tokens
                 p = memory_plan.plan(self.policy_pass, self.model, self.optimizer, self.device,
                                      self.model.get_output_embeddings().weight.shape[0], print_line=self.rank == 0,
                                      longest=longest, may_checkpoint=self.cfg.model.gradient_checkpointing == "auto")
@@ -311,6 +316,7 @@ class GRPOTrainer:
         key = id(ex)
         if key not in self._prompts:
             self._prompts[key] = encoded_prompt(self.cfg.data.template, ex["prompt"], self.tokenizer)
+            self._longest_prompt = max(self._longest_prompt, len(self._prompts[key][0]))
         return self._prompts[key][0]
 
     def _saved(self, mb: list[Sample], attr: str, logp: torch.Tensor) -> torch.Tensor:
