@@ -81,3 +81,15 @@ def encoded_prompt(template: str, prompt, tokenizer) -> tuple[list[int], bool]:
 
 def prompt_ids(template: str, prompt, tokenizer) -> list[int]:
     return encoded_prompt(template, prompt, tokenizer)[0]
+
+
+def one_of_each_shape(rows, turns=lambda row: row["prompt"]):
+    """The first row of each shape of its turns (plain text, or one sequence of chat roles): what a template check
+    renders, since a chat template accepts or refuses a conversation by its roles, not by their words."""
+    seen = set()
+    for row in rows:
+        t = turns(row)
+        shape = tuple(m["role"] for m in t) if isinstance(t, list) else "text"
+        if shape not in seen:
+            seen.add(shape)
+            yield row

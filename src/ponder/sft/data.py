@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ponder.errors import UserError
 from ponder.tasks import chat_messages_problem
-from ponder.templates import chat_text, encoded_prompt, require_chat_template
+from ponder.templates import chat_text, encoded_prompt, one_of_each_shape, require_chat_template
 
 
 @dataclass
@@ -177,13 +177,9 @@ def check_template(rows: list[dict], cfg) -> None:
 
     d = cfg.data
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    seen = set()
-    for row in rows:
-        turns = row["messages"] if "messages" in row else row["prompt"]
-        shape = ("messages" in row, tuple(m["role"] for m in turns) if isinstance(turns, list) else "text")
-        if shape not in seen:
-            seen.add(shape)
-            encode(row, tokenizer, d.template, d.add_eos)
+    # a conversation's roles end with the assistant's turn, a prompt's with the user's: the two never share a shape
+    for row in one_of_each_shape(rows, lambda row: row.get("messages", row.get("prompt"))):
+        encode(row, tokenizer, d.template, d.add_eos)
 
 
 def load_data(cfg, tokenizer, model, rows: list[dict]) -> tuple[list[dict], list[Encoded], DataReport]:

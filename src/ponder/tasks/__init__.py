@@ -157,15 +157,10 @@ def check_prompts(examples: list[dict], template: str, tokenizer) -> None:
     """Render one prompt of each shape (text, or one sequence of chat roles) under the template, so that a chat
     template refusing the data (a system turn, turns that do not alternate) is one line naming an example before
     training (templates.chat_text), not in the step that first meets one."""
-    from ponder.templates import render
+    from ponder.templates import one_of_each_shape, render
 
-    seen = set()
-    for ex in examples:
-        prompt = ex["prompt"]
-        shape = tuple(m["role"] for m in prompt) if isinstance(prompt, list) else "text"
-        if shape not in seen:
-            seen.add(shape)
-            render(template, prompt, tokenizer)
+    for ex in one_of_each_shape(examples):
+        render(template, ex["prompt"], tokenizer)
 
 
 def check_options(task: Task, options: dict) -> None:
