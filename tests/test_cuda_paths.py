@@ -120,12 +120,13 @@ def test_fast_engine_logprobs_match_a_fresh_forward(paths):
 
 
 @pytest.mark.parametrize("setting", ["algorithm.beta=0", "algorithm.beta=0.04", "algorithm.mu=2", "train.precision=fp32",
-                                     "train.precision=bf16", "model.gradient_checkpointing=true"])
+                                     "train.precision=bf16", "model.gradient_checkpointing=true", "optim.token_budget=null"])
 def test_grpo_steps_on_the_tiny_world(paths, tmp_path, setting):
     """Two steps of the R1-Zero demo's recipe, as `ponder train` runs them, on the GPU. With beta > 0 or mu > 1 the
     first pass of the update scores without gradients: there the token budget's probe (a backward) stopped the run.
     With train.precision=fp32 the packed pass handed float32 to flash attention, which takes half types only. With
-    checkpointed layers, checkpoint's early stop inside a compiled piece was taken for the piece failing."""
+    checkpointed layers, checkpoint's early stop inside a compiled piece was taken for the piece failing. With the
+    budget unset, the memory plan's probes run on the device's own counters."""
     from ponder.config import load_config
     from ponder.rl.trainer import GRPOTrainer
 
@@ -136,3 +137,25 @@ def test_grpo_steps_on_the_tiny_world(paths, tmp_path, setting):
         m = trainer.step()
         assert all(torch.isfinite(torch.tensor(float(m[k]))) for k in ("loss", "grad_norm", "entropy")), m
     assert trainer.step_no == 2
+
+
+@pytest.mark.parametrize("setting", ["model.gradient_checkpointing=auto", "model.gradient_checkpointing=true"])
+def test_sft_steps_plan_their_budget_from_device_memory(paths, tmp_path, capsys, setting):
+    """Two steps of the cold-start recipe with the budget unset: the plan's SFT probes run on the GPU's memory
+    counters, print a budget, and the steps train within it."""
+    import json
+    import re
+
+    from ponder.config import load_config
+    from ponder.sft import sft
+    from ponder.sft.config import SFTConfig
+
+    cfg = load_config("recipes/coldstart-tiny.yaml", [f"output_dir={tmp_path}", "train.steps=2", "eval.tasks=[]",
+                                                      "optim.token_budget=null", "train.device=cuda", "train.log_samples=0",
+                                                      setting], cls=SFTConfig)
+    trainer = sft(cfg, quiet=True)
+    budget = int(re.search(r"optim.token_budget: ([\d,]+) tokens", capsys.readouterr().err).group(1).replace(",", ""))
+    steps = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["token_budget"] for m in steps] == [budget, budget] and budget >= 1024
+    assert all(m["loss"] > 0 and m["skipped_updates"] == 0 for m in steps)
+

@@ -152,7 +152,7 @@ def test_a_token_is_costed_at_the_longest_rows_when_attention_grows_with_them(mo
     a, q, fixed = 40 * 2**10, 16.0, 3 * 2**20
     row = lambda batch: len(batch[0].prompt_ids) + len(batch[0].completion_ids) - 1  # noqa: E731  (the keys a query sees)
     monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, b: fixed + stream_tokens(b) * (a + q * row(b)))
-    cost = memory_plan.measure_cost(SimpleNamespace(scratch=None), None, None, vocab=50)
+    cost = memory_plan.measure_cost(memory_plan.policy_probe(SimpleNamespace(scratch=None), None, None, vocab=50))
     assert cost.per_token == pytest.approx(a) and cost.per_token_row == pytest.approx(q) and cost.fixed == pytest.approx(fixed)
     assert cost.at(4096) == pytest.approx(40 * 2**10 + 16 * 4096)  # 104 KiB: 2.4x what a token of a 240-token row costs
     monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)

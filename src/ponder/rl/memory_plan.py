@@ -11,11 +11,14 @@ larger micro-batches run no faster and only hold memory. Planned at the first up
 engine has made its cache, and again when that cache has grown or a prompt longer than any seen has come
 (GRPOTrainer.token_budget); printed, and logged as `token_budget`.
 
+`ponder sft` plans the same way (ponder.sft.trainer), its probe an SFT pass over rows of random tokens, its
+budget counting padded tokens (rows x the widest) as its micro-batches do.
+
 Activation checkpointing (`model.gradient_checkpointing: auto`) is the plan's to turn on: when the budget
-without it cannot hold one full-length sample (the longest prompt and `max_new_tokens`), no micro-batch
-split could train that sample, so the layers are checkpointed (only each layer's input kept, the rest
-recomputed in backward) and the cost of a token is measured again. Where one sample fits, it stays off:
-it costs a third more compute, while a smaller budget costs only more, smaller micro-batches.
+without it cannot hold one full-length sample (the longest prompt and `max_new_tokens`; in SFT the longest
+example), no micro-batch split could train that sample, so the layers are checkpointed (only each layer's input
+kept, the rest recomputed in backward) and the cost of a token is measured again. Where one sample fits, it stays
+off: it costs a third more compute, while a smaller budget costs only more, smaller micro-batches.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Plan:
     capped: bool
     checkpointing: bool = False  # turned on by the plan (model.gradient_checkpointing: auto)
     without: int = 0  # the budget without checkpointing, when the plan turned it on
+    longest: int = 0  # tokens of the run's longest row
 
     def line(self) -> str:
         why = "the cap" if self.capped else f"{self.free / GIB:.1f} GiB free"
@@ -58,7 +62,7 @@ class Plan:
                 f"({self.per_token / 2**20:.2f} MiB a token, {why}; set optim.token_budget to fix it)")
         if self.checkpointing:
             line += (f"; activation checkpointing on: without it a micro-batch could hold {self.without:,} tokens, "
-                     f"less than one full-length sample (set model.gradient_checkpointing: false to refuse)")
+                     f"less than the longest row's {self.longest:,} (set model.gradient_checkpointing: false to refuse)")
         return line
 
 
@@ -120,38 +124,59 @@ class Cost:
         return self.per_token + self.per_token_row * row
 
 
-def measure_cost(policy_pass, model, device, vocab: int) -> Cost:
+def measure_cost(probe) -> Cost:
     """The Cost from three probe passes (forward and backward): two sizes of short rows give the cost of a token
     and the fixed part, one batch of long rows the growth with a row's length. The fixed part holds what a pass
     keeps for its whole length, such as the bfloat16 casts of frozen weights that autocast makes and backward
-    keeps (14 GiB for a 7B model under LoRA), and the gradients the first backward allocates. Leaves no gradients
-    behind."""
+    keeps (14 GiB for a 7B model under LoRA), and the gradients the first backward allocates. `probe(tokens,
+    row)`: one training pass over about `tokens` tokens in rows of `row` tokens (a prompt's and a completion's in
+    GRPO, an example's in SFT), leaving no gradients behind; returns (bytes at its peak, the tokens it ran, the
+    length of its rows)."""
     short, long = PROBE_ROWS
-    batches = [probe_samples(PROBE_TOKENS[0], vocab, short), probe_samples(PROBE_TOKENS[1], vocab, short),
-               probe_samples(PROBE_TOKENS[0], vocab, long)]
-    lent, policy_pass.scratch = policy_pass.scratch, None  # the engine's lent cache would hide the head's logits
-    try:
-        # a training pass, whatever mode the first caller is in: the plan is made at the first micro-batch, which
-        # with beta > 0 or mu > 1 is a no-grad scoring pass (its backward then stopped the run)
-        with torch.enable_grad():
-            peaks = [_peak(policy_pass, model, device, b) for b in batches]
-    finally:
-        policy_pass.scratch = lent
-    stream = [len(b[0].prompt_ids) + sum(len(s.completion_ids) - 1 for s in b) for b in batches]
-    at_short = (peaks[1] - peaks[0]) / (stream[1] - stream[0])
-    fixed = peaks[0] - at_short * stream[0]
-    at_long = (peaks[2] - fixed) / stream[2]
+    # a training pass, whatever mode the first caller is in: GRPO plans at its first micro-batch, which with
+    # beta > 0 or mu > 1 is a no-grad scoring pass (its backward then stopped the run)
+    with torch.enable_grad():
+        (p0, n0, row), (p1, n1, _), (p2, n2, _) = [probe(PROBE_TOKENS[0], short), probe(PROBE_TOKENS[1], short),
+                                                   probe(PROBE_TOKENS[0], long)]
+    at_short = (p1 - p0) / (n1 - n0)
+    fixed = p0 - at_short * n0
+    at_long = (p2 - fixed) / n2
     growth = max((at_long - at_short) / (long - short), 0.0)  # (measurement noise can make it negative)
-    prompt = len(batches[0][0].prompt_ids)  # a row's length counts its prompt, as the plan's longest sample does
-    return Cost(at_short - growth * (prompt + short), growth, fixed)
+    return Cost(at_short - growth * row, growth, fixed)
+
+
+def policy_probe(policy_pass, model, device, vocab: int):
+    """GRPO's probe for measure_cost: probe_samples through the policy pass. A row's length counts its prompt,
+    as the plan's longest sample does."""
+
+    def probe(tokens: int, row: int) -> tuple[int, int, int]:
+        batch = probe_samples(tokens, vocab, row)
+        lent, policy_pass.scratch = policy_pass.scratch, None  # the engine's lent cache would hide the head's logits
+        try:
+            peak = _peak(policy_pass, model, device, batch)
+        finally:
+            policy_pass.scratch = lent
+        prompt = len(batch[0].prompt_ids)
+        return peak, prompt + sum(len(s.completion_ids) - 1 for s in batch), prompt + row
+
+    return probe
 
 
 def _peak(policy_pass, model, device, batch) -> int:
+    def step():
+        logp, _, mask = policy_pass.logprobs(model, batch, with_entropy=True)
+        (logp * mask).sum().backward()
+
+    return peak_of(step, model, device)
+
+
+def peak_of(step, model, device) -> int:
+    """Bytes that `step()` (a forward and backward) allocated at its peak beyond what was allocated before; the
+    gradients it made are dropped."""
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    logp, _, mask = policy_pass.logprobs(model, batch, with_entropy=True)
-    (logp * mask).sum().backward()
+    step()
     torch.cuda.synchronize(device)
     model.zero_grad(set_to_none=True)
     return torch.cuda.max_memory_allocated(device) - base
@@ -173,13 +198,21 @@ def free_bytes(device) -> float:
 
 def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = True, longest: int = 0,
          may_checkpoint: bool = False) -> Plan:
-    """The plan where device memory can be read (CUDA); elsewhere the fixed CPU budget. `longest`: stream tokens
+    """GRPO's plan where device memory can be read (CUDA); elsewhere the fixed CPU budget. `longest`: stream tokens
     of one full-length sample (its prompt and max_new_tokens); `may_checkpoint`: gradient_checkpointing is auto."""
     if not reads_memory(device):
         return Plan(CPU_BUDGET, 0.0, 0.0, True)
+    return plan_with(policy_probe(policy_pass, model, device, vocab), model, optimizer, device, print_line, longest,
+                     may_checkpoint)
+
+
+def plan_with(probe, model, optimizer, device, print_line: bool = True, longest: int = 0,
+              may_checkpoint: bool = False) -> Plan:
+    """The plan from `probe` (see measure_cost) on a device whose memory can be read; `longest`: tokens of the
+    run's longest row; `may_checkpoint`: gradient_checkpointing is auto."""
     # before the probe, which makes gradients and frees them again
     to_come, grads = state_to_come(model, optimizer, device), grads_to_come(model, device)
-    cost = measure_cost(policy_pass, model, device, vocab)
+    cost = measure_cost(probe)
     per_token = cost.at(longest or PROBE_ROWS[1])  # a token of the longest rows costs the most
     # the gradients are in to_come already: what else a pass holds whatever its size (never below nothing)
     free = free_bytes(device) - to_come - max(cost.fixed - grads, 0) - RESERVE * total_bytes(device)
@@ -188,9 +221,9 @@ def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = T
     # every rank alike: checkpointed layers gather sharded weights again in backward
     if may_checkpoint and distributed.max_all(float(needs_checkpointing(per_token, free, longest))):
         models.enable_checkpointing(model)
-        per_token = measure_cost(policy_pass, model, device, vocab).at(longest or PROBE_ROWS[1])
+        per_token = measure_cost(probe).at(longest or PROBE_ROWS[1])
         budget, capped = budget_for(per_token, free)
-        result = Plan(budget, per_token, free, capped, checkpointing=True, without=result.budget)
+        result = Plan(budget, per_token, free, capped, checkpointing=True, without=result.budget, longest=longest)
     if print_line:
         print(f"ponder: {result.line()}", file=sys.stderr)
     return result

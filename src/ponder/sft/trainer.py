@@ -20,13 +20,14 @@ from ponder.errors import TrainingError, UserError
 from ponder.files import write_atomic
 from ponder.metrics import MetricsWriter
 from ponder.optim import make_optimizer
+from ponder.rl import memory_plan
 from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, set_seed
 from ponder.sft.config import SFTConfig
 from ponder.sft.data import load_data, read_data
-from ponder.sft.packing import collate, loss_sum, micro_batches, pack
+from ponder.sft.packing import Packed, collate, loss_sum, micro_batches, pack
 from ponder.tasks import PromptSampler
 
-SFT_BUDGET = 16384  # optim.token_budget unset: SFT does not plan from device memory (GRPO does: ponder.rl.memory_plan)
+SFT_BUDGET = 16384  # optim.token_budget unset, and no device memory to read (CPU): the fixed budget
 
 
 class SFTTrainer:
@@ -53,7 +54,7 @@ class SFTTrainer:
         self.total_steps = self._planned_steps()
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, self.total_steps, self.precision.moments)
         self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
-        self.step_no, self.nan_streak = 0, 0
+        self.step_no, self.nan_streak, self._budget = 0, 0, None
         if self.state is not None:
             checkpoint.restore_training(self, self.state, last)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ class SFTTrainer:
         if t.steps is None:  # epochs set the length: the last step takes what is left, so no example comes twice early
             want = max(1, min(want, math.ceil(t.epochs * len(self.examples)) - self.sampler.position))
         batch = self.sampler.next(want)
-        budget = self.cfg.optim.token_budget or SFT_BUDGET
+        budget = self.token_budget()
         capacity = min(self.report.max_len, budget)  # longer examples get a row each
         rows = pack([self.lengths[i] for i in batch], capacity)
         rows = [[batch[j] for j in row] for row in rows]
@@ -116,8 +117,41 @@ class SFTTrainer:
             "loss": total, "grad_norm": grad_norm.item() if not skipped else float("nan"), "skipped_updates": float(skipped),
             "lr": lr, "epoch": self.sampler.position / len(self.examples), "examples": len(batch), "rows": len(rows),
             "tokens": tokens, "target_tokens": targets, "pack_efficiency": tokens / max(padded, 1),
-            "time/step": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "time/step": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "token_budget": budget,
         }
+
+    def token_budget(self) -> int:
+        """optim.token_budget, or (unset) the plan from free device memory (ponder.rl.memory_plan), made at the first
+        step and printed: padded tokens a micro-batch (rows x the widest row), with activation checkpointing turned on
+        where one row of the longest example would not fit otherwise (model.gradient_checkpointing: auto). Without a
+        device memory to read (CPU), SFT_BUDGET."""
+        if self._budget is None:
+            self._budget = self.cfg.optim.token_budget
+            if self._budget is None and not memory_plan.reads_memory(self.device):
+                self._budget = SFT_BUDGET
+            elif self._budget is None:
+                plan = memory_plan.plan_with(self._probe, self.model, self.optimizer, self.device,
+                                             longest=max(self.lengths), may_checkpoint=self.cfg.model.gradient_checkpointing == "auto")
+                self._budget = plan.budget
+        return self._budget
+
+    def _probe(self, tokens: int, row: int) -> tuple[int, int, int]:
+        """The memory plan's probe: an SFT pass (forward, backward) over rows of `row` random tokens, about `tokens`
+        in all, the last three quarters of each row scored. Returns (bytes at its peak, tokens, row)."""
+        rows = max(tokens // row, 1)
+        g = torch.Generator().manual_seed(tokens + row)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        mask = torch.ones((rows, row), dtype=torch.long)
+        mask[:, : row // 4] = 0
+        batch = Packed(torch.randint(0, vocab, (rows, row), generator=g).to(self.device),
+                       torch.arange(row).expand(rows, row).to(self.device), mask.to(self.device))
+
+        def step():
+            with autocast(self.device, self.precision.autocast):
+                loss = loss_sum(self.model, batch)
+            loss.backward()
+
+        return memory_plan.peak_of(step, self.model, self.device), rows * row, row
 
     # ---------------------------------------------------------------- samples, checkpoints
     def sample_rows(self, k: int) -> list[dict]:
