@@ -7,6 +7,7 @@ import sys
 
 import torch.distributed as dist
 
+from ponder import distributed
 from ponder.evaluation.runner import evaluate
 from ponder.models import load
 from ponder.tasks import load_examples
@@ -35,4 +36,4 @@ if __name__ == "__main__":
     dist.all_gather_object(calls, r["calls"])
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps({**r, "calls": calls}, default=str))
-    dist.destroy_process_group()
+    distributed.teardown()  # together (a barrier, then leave): see tests/dist_threads_check.py

@@ -219,8 +219,7 @@ def main(out_path, modes, names):
         merged["rollouts"] = {mode: [r["rollouts"][mode] for r in everyone] for mode in modes}
         merged["plan"] = {mode: [r["plan"][mode] for r in everyone] for mode in modes}
         json.dump(merged, open(out_path, "w"), indent=1)
-    dist.barrier()
-    dist.destroy_process_group()  # left to interpreter shutdown, gloo's threads sometimes aborted the process
+    distributed.teardown()  # a barrier, then leave: left to interpreter shutdown, gloo's threads sometimes aborted the process
 
 
 if __name__ == "__main__":
