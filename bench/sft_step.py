@@ -68,8 +68,7 @@ def run(a, shape: str, root: Path) -> dict:
                budget=steps[-1]["token_budget"], checkpointing=any(getattr(x, "gradient_checkpointing", False)
                                                                     for x in trainer.model.modules()),
                peak_gib=max(m["peak_gib"] for m in timed), reserved_gib=max(m["reserved_gib"] for m in timed),
-               precision=trainer.precision.name if hasattr(trainer.precision, "name") else str(trainer.precision),
-               steps=len(timed))
+               precision=trainer.precision.name, moments=trainer.precision.moments, steps=len(timed))
     trainer.metrics.close()
     del trainer
     if CUDA:
