@@ -137,14 +137,15 @@ class SFTTrainer:
 
     def _probe(self, tokens: int, row: int) -> tuple[int, int, int]:
         """The memory plan's probe: an SFT pass (forward, backward) over rows of `row` random tokens, about `tokens`
-        in all, the last three quarters of each row scored. Returns (bytes at its peak, tokens, row)."""
-        rows = max(tokens // row, 1)
+        in all. Each row packs two examples, as the steps' rows do (transformers then builds the block-diagonal mask
+        they pay for), whose last three quarters are scored. Returns (bytes at its peak, tokens, row)."""
+        rows, half = max(tokens // row, 1), row // 2
         g = torch.Generator().manual_seed(tokens + row)
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        mask = torch.ones((rows, row), dtype=torch.long)
-        mask[:, : row // 4] = 0
-        batch = Packed(torch.randint(0, vocab, (rows, row), generator=g).to(self.device),
-                       torch.arange(row).expand(rows, row).to(self.device), mask.to(self.device))
+        pos = torch.cat((torch.arange(half), torch.arange(row - half))).expand(rows, row)
+        mask = (pos >= half // 4).long()
+        batch = Packed(torch.randint(0, vocab, (rows, row), generator=g).to(self.device), pos.to(self.device),
+                       mask.to(self.device))
 
         def step():
             with autocast(self.device, self.precision.autocast):
