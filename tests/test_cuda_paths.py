@@ -142,7 +142,7 @@ def test_grpo_steps_on_the_tiny_world(paths, tmp_path, setting):
 @pytest.mark.parametrize("setting", ["model.gradient_checkpointing=auto", "model.gradient_checkpointing=true"])
 def test_sft_steps_plan_their_budget_from_device_memory(paths, tmp_path, capsys, setting):
     """Two steps of the cold-start recipe with the budget unset: the plan's SFT probes run on the GPU's memory
-    counters, print a budget, and the steps train within it."""
+    counters and print a budget, which both steps log, and the steps train (checkpointed too)."""
     import json
     import re
 
