@@ -73,8 +73,9 @@ def test_the_budget_is_planned_from_free_memory_printed_and_kept(tmp_path, monke
     assert len(trained) > 2 and max(trained) <= budget
 
 
-@pytest.mark.parametrize("setting", ["auto", "false"])
-def test_checkpointing_is_turned_on_when_the_longest_example_would_not_fit(tmp_path, monkeypatch, capsys, setting):
+@pytest.mark.parametrize("setting, lora", [("auto", False), ("false", False), ("auto", True)],
+                         ids=["auto", "refused", "auto-lora"])
+def test_checkpointing_is_turned_on_when_the_longest_example_would_not_fit(tmp_path, monkeypatch, capsys, setting, lora):
     """64 KiB a token without checkpointing, 8 KiB with it, 4 MiB free once the state is counted: 3.6 MiB holds 57
     tokens, and the longest example is about 240; checkpointed, 460."""
     holder = {}
@@ -84,8 +85,8 @@ def test_checkpointing_is_turned_on_when_the_longest_example_would_not_fit(tmp_p
     real_init = sft_trainer.SFTTrainer.__init__
     monkeypatch.setattr(sft_trainer.SFTTrainer, "__init__", lambda self, *a, **k: (holder.update(t=self), real_init(self, *a, **k))[1])
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    tr = sft(cfg_for(tmp_path, [data], f"name=ckpt-{setting}", "data.template=plain", "train.steps=1",
-                     f"model.gradient_checkpointing={setting}"), quiet=True)
+    tr = sft(cfg_for(tmp_path, [data], f"name=ckpt-{setting}-{lora}", "data.template=plain", "train.steps=1",
+                     f"model.gradient_checkpointing={setting}", *(["model.lora={r: 4, alpha: 8}"] if lora else [])), quiet=True)
     err = capsys.readouterr().err
     m = json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     if setting == "auto":
@@ -94,7 +95,7 @@ def test_checkpointing_is_turned_on_when_the_longest_example_would_not_fit(tmp_p
         assert f"activation checkpointing on: without it a micro-batch could hold 1,024 tokens, less than the longest row's {longest:,}" in err
     else:  # refused: the plan leaves it off, and says nothing of it
         assert not checkpointing_on(tr.model) and len(probes) == 3 and "checkpointing" not in err
-    assert m["loss"] > 0 and m["skipped_updates"] == 0
+    assert m["loss"] > 0 and m["skipped_updates"] == 0 and m["grad_norm"] > 0  # checkpointed LoRA layers get gradients
 
 
 def test_without_device_memory_the_fixed_budget_and_a_set_budget_as_given(tmp_path):
