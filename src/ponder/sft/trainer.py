@@ -130,8 +130,9 @@ class SFTTrainer:
             if self._budget is None and not memory_plan.reads_memory(self.device):
                 self._budget = SFT_BUDGET
             elif self._budget is None:
+                auto = self.cfg.model.gradient_checkpointing == "auto"
                 plan = memory_plan.plan_with(self._probe, self.model, self.optimizer, self.device,
-                                             longest=max(self.lengths), may_checkpoint=self.cfg.model.gradient_checkpointing == "auto")
+                                             longest=max(self.lengths), may_checkpoint=auto)
                 self._budget = plan.budget
         return self._budget
 
