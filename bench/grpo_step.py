@@ -143,6 +143,17 @@ def profiled(trainer, path: str) -> dict:
     return m
 
 
+def parse_with_common(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options the step benches share (--work, --json), then the parsed arguments."""
+    ap.add_argument("--work", help="where the model directories and data go (default: a temporary directory)")
+    ap.add_argument("--json")
+    return ap.parse_args()
+
+
+def new_report(a) -> dict:
+    return dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__, workload=vars(a), results=[])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b"])
@@ -155,12 +166,10 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="steps run; the first is not timed")
     ap.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. rollout.engine_options={dtype: fp32}")
     ap.add_argument("--profile", help="profile one more step after the timed ones: PATH.SHAPE.BUDGET.txt and .trace.json")
-    ap.add_argument("--work", help="where the model directories and data go (default: a temporary directory)")
     ap.add_argument("--lengths", choices=["uniform", "long-tail"], default="uniform",
                     help="long-tail: each sample ends at a length from a lognormal (median 1,500, 10%% at --new)")
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    report = dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__, workload=vars(a), results=[])
+    a = parse_with_common(ap)
+    report = new_report(a)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.work or tmp)
         for shape in a.shapes:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpo_step import WORDS, workload  # noqa: E402
+from grpo_step import WORDS, new_report, parse_with_common, workload  # noqa: E402
 from rollout import CUDA  # noqa: E402
 
 from ponder.config import load_config  # noqa: E402
@@ -84,10 +84,8 @@ def main():
     ap.add_argument("--length", type=int, default=8192, help="completion words (tokens)")
     ap.add_argument("--steps", type=int, default=3, help="steps run; the first is not timed")
     ap.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. optim.token_budget=16384")
-    ap.add_argument("--work", help="where the model directories and data go (default: a temporary directory)")
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    report = dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__, workload=vars(a), results=[])
+    a = parse_with_common(ap)
+    report = new_report(a)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.work or tmp)
         for shape in a.shapes:
