@@ -9,25 +9,22 @@ import pytest
 from ponder.rl import memory_plan
 from ponder.sft import sft
 from ponder.sft import trainer as sft_trainer
+from test_rollout_copy_and_budget import checkpointing_on
 from test_sft import cfg_for, write_jsonl
 
 # examples of 30 to 250 characters: the built-in model's tokenizer gives a token a character
 ROWS = [{"prompt": f"Say {'ab' * (i % 7 + 1)}", "completion": " " + "xy" * (10 + 12 * i)} for i in range(10)]
 
 
-def checkpointing_on(model) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-
-
 def stand_in_memory(monkeypatch, free, per_token, fixed=0):
-    """Device memory as if read: `free` bytes (a function of the trainer, or a number); each probe's peak is `fixed` +
-    its tokens x per_token(model), found from the batch the SFT pass really ran."""
-    seen, probes = [], []
-    real = sft_trainer.loss_sum
+    """Device memory as if read: `free(trainer)` bytes; each probe's peak is `fixed` + its tokens x per_token(model),
+    found from the batch the SFT pass really ran."""
+    seen, probes, made = [], [], []
+    real_loss, real_init = sft_trainer.loss_sum, sft_trainer.SFTTrainer.__init__
 
     def loss_sum(model, batch):
         seen.append(batch.input_ids.numel())
-        return real(model, batch)
+        return real_loss(model, batch)
 
     def peak_of(step, model, device):
         step()
@@ -35,10 +32,15 @@ def stand_in_memory(monkeypatch, free, per_token, fixed=0):
         probes.append(seen[-1])
         return fixed + seen[-1] * per_token(model)
 
+    def init(self, *args, **kwargs):
+        made.append(self)
+        real_init(self, *args, **kwargs)
+
     monkeypatch.setattr(sft_trainer, "loss_sum", loss_sum)
+    monkeypatch.setattr(sft_trainer.SFTTrainer, "__init__", init)
     monkeypatch.setattr(memory_plan, "peak_of", peak_of)
     monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
-    monkeypatch.setattr(memory_plan, "free_bytes", free)
+    monkeypatch.setattr(memory_plan, "free_bytes", lambda device: free(made[-1]))
     monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
     return seen, probes
 
@@ -51,17 +53,13 @@ def test_the_budget_is_planned_from_free_memory_printed_and_kept(tmp_path, monke
     """64 KiB a token and 24 MiB a pass whatever its size (the gradients among it), and 90 MiB free beside the state
     to come and that fixed part: 0.9 x 90 MiB / 64 KiB = 1,296 tokens -> 1,024 (a multiple of 1,024). Every
     micro-batch of the steps holds at most that many padded tokens."""
-    holder = {}
     per_token, fixed = 64 * 2**10, 24 * 2**20
 
-    def free(device):
-        t = holder["t"]
+    def free(t):
         grads = sum(p.numel() * 4 for p in t.model.parameters())
         return memory_plan.state_to_come(t.model, t.optimizer) + (fixed - grads) + 90 * 2**20
 
     seen, probes = stand_in_memory(monkeypatch, free, lambda model: per_token, fixed)
-    real_init = sft_trainer.SFTTrainer.__init__
-    monkeypatch.setattr(sft_trainer.SFTTrainer, "__init__", lambda self, *a, **k: (holder.update(t=self), real_init(self, *a, **k))[1])
     data = write_jsonl(tmp_path / "d.jsonl", ROWS * 4)
     tr = sft(cfg_for(tmp_path, [data], "name=plan", "data.template=plain", "train.steps=2", "train.batch_size=40"), quiet=True)
     budget = printed_budget(capsys.readouterr().err)
@@ -78,12 +76,8 @@ def test_the_budget_is_planned_from_free_memory_printed_and_kept(tmp_path, monke
 def test_checkpointing_is_turned_on_when_the_longest_example_would_not_fit(tmp_path, monkeypatch, capsys, setting, lora):
     """64 KiB a token without checkpointing, 8 KiB with it, 4 MiB free once the state is counted: 3.6 MiB holds 57
     tokens, and the longest example is about 240; checkpointed, 460."""
-    holder = {}
-    seen, probes = stand_in_memory(
-        monkeypatch, lambda device: memory_plan.state_to_come(holder["t"].model, holder["t"].optimizer) + 4 * 2**20,
-        lambda model: (8 if checkpointing_on(model) else 64) * 2**10)
-    real_init = sft_trainer.SFTTrainer.__init__
-    monkeypatch.setattr(sft_trainer.SFTTrainer, "__init__", lambda self, *a, **k: (holder.update(t=self), real_init(self, *a, **k))[1])
+    seen, probes = stand_in_memory(monkeypatch, lambda t: memory_plan.state_to_come(t.model, t.optimizer) + 4 * 2**20,
+                                   lambda model: (8 if checkpointing_on(model) else 64) * 2**10)
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     tr = sft(cfg_for(tmp_path, [data], f"name=ckpt-{setting}-{lora}", "data.template=plain", "train.steps=1",
                      f"model.gradient_checkpointing={setting}", *(["model.lora={r: 4, alpha: 8}"] if lora else [])), quiet=True)
@@ -100,6 +94,6 @@ def test_checkpointing_is_turned_on_when_the_longest_example_would_not_fit(tmp_p
 
 def test_without_device_memory_the_fixed_budget_and_a_set_budget_as_given(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    for extra, want in (((), sft_trainer.SFT_BUDGET), (("optim.token_budget=2048",), 2048)):
+    for extra, want in (((), memory_plan.CPU_BUDGET), (("optim.token_budget=2048",), 2048)):
         tr = sft(cfg_for(tmp_path, [data], f"name=fixed{want}", "data.template=plain", "train.steps=1", *extra), quiet=True)
         assert json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])["token_budget"] == want

@@ -198,18 +198,18 @@ def free_bytes(device) -> float:
 
 def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = True, longest: int = 0,
          may_checkpoint: bool = False) -> Plan:
-    """GRPO's plan where device memory can be read (CUDA); elsewhere the fixed CPU budget. `longest`: stream tokens
-    of one full-length sample (its prompt and max_new_tokens); `may_checkpoint`: gradient_checkpointing is auto."""
-    if not reads_memory(device):
-        return Plan(CPU_BUDGET, 0.0, 0.0, True)
+    """GRPO's plan (plan_with, probing the policy pass). `longest`: stream tokens of one full-length sample (its
+    prompt and max_new_tokens)."""
     return plan_with(policy_probe(policy_pass, model, device, vocab), model, optimizer, device, print_line, longest,
                      may_checkpoint)
 
 
 def plan_with(probe, model, optimizer, device, print_line: bool = True, longest: int = 0,
               may_checkpoint: bool = False) -> Plan:
-    """The plan from `probe` (see measure_cost) on a device whose memory can be read; `longest`: tokens of the
-    run's longest row; `may_checkpoint`: gradient_checkpointing is auto."""
+    """The plan from `probe` (see measure_cost) where device memory can be read (CUDA); elsewhere the fixed CPU
+    budget. `longest`: tokens of the run's longest row; `may_checkpoint`: gradient_checkpointing is auto."""
+    if not reads_memory(device):
+        return Plan(CPU_BUDGET, 0.0, 0.0, True)
     # before the probe, which makes gradients and frees them again
     to_come, grads = state_to_come(model, optimizer, device), grads_to_come(model, device)
     cost = measure_cost(probe)

@@ -27,8 +27,6 @@ from ponder.sft.data import load_data, read_data
 from ponder.sft.packing import Packed, collate, loss_sum, micro_batches, pack
 from ponder.tasks import PromptSampler
 
-SFT_BUDGET = 16384  # optim.token_budget unset, and no device memory to read (CPU): the fixed budget
-
 
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, resume: bool = False):
@@ -124,16 +122,13 @@ class SFTTrainer:
         """optim.token_budget, or (unset) the plan from free device memory (ponder.rl.memory_plan), made at the first
         step and printed: padded tokens a micro-batch (rows x the widest row), with activation checkpointing turned on
         where one row of the longest example would not fit otherwise (model.gradient_checkpointing: auto). Without a
-        device memory to read (CPU), SFT_BUDGET."""
+        device memory to read (CPU), the plan's fixed budget."""
         if self._budget is None:
             self._budget = self.cfg.optim.token_budget
-            if self._budget is None and not memory_plan.reads_memory(self.device):
-                self._budget = SFT_BUDGET
-            elif self._budget is None:
+            if self._budget is None:
                 auto = self.cfg.model.gradient_checkpointing == "auto"
-                plan = memory_plan.plan_with(self._probe, self.model, self.optimizer, self.device,
-                                             longest=max(self.lengths), may_checkpoint=auto)
-                self._budget = plan.budget
+                self._budget = memory_plan.plan_with(self._probe, self.model, self.optimizer, self.device,
+                                                     longest=max(self.lengths), may_checkpoint=auto).budget
         return self._budget
 
     def _probe(self, tokens: int, row: int) -> tuple[int, int, int]:
