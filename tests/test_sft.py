@@ -14,7 +14,7 @@ from ponder.rewards.format import STRICT_FORMAT
 from ponder.sft import sft
 from ponder.sft.config import SFTConfig, load_sft_config
 from ponder.sft.data import Encoded, encode, fit
-from ponder.sft.packing import collate, loss_sum, micro_batches, pack
+from ponder.sft.packing import as_sample, collate, loss_sum, micro_batches, pack, stream_loss_sum
 from ponder.templates import render
 
 ROWS = [
@@ -102,6 +102,32 @@ def test_packed_rows_give_the_loss_of_examples_run_one_by_one(impl):
                    - sum(loss_sum(model, collate(examples, [[i]], tok.pad_token_id)).item() for i in range(3))) > 1e-3
 
 
+def test_stream_pass_gives_the_hand_computed_loss_and_the_gradient_of_examples_run_one_by_one():
+    from ponder.rl.forward import PolicyPass
+
+    torch.manual_seed(0)
+    model, tok = load("tiny-random")
+    examples = [encode(r, tok, "r1_zero") for r in ROWS]
+    # a second answer to the first prompt (the stream runs that prompt once for both), and a conversation whose
+    # second user turn lies inside the completion, unscored
+    examples.append(encode({"prompt": ROWS[0]["prompt"], "completion": " <answer> 3 </answer>"}, tok, "r1_zero"))
+    ids = examples[2].ids + examples[1].ids[1:]
+    mask = examples[2].mask + [0] * (examples[1].prompt_len - 1) + examples[1].mask[examples[1].prompt_len:]
+    examples.append(Encoded(ids, mask))
+    samples = [as_sample(e) for e in examples]
+    assert samples[4].prompt_ids == samples[0].prompt_ids and 0 in samples[5].scored
+    stream = stream_loss_sum(PolicyPass(True, tok.pad_token_id, "cpu", False), model, samples)
+    with torch.no_grad():
+        expected = -sum(full_logprobs(model, e.ids)[torch.tensor(e.mask[1:]) == 1].sum() for e in examples)
+    assert stream.item() == pytest.approx(expected.item(), rel=1e-5)
+    stream.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sum(loss_sum(model, collate(examples, [[i]], tok.pad_token_id)) for i in range(len(examples))).backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_first_fit_packing_and_micro_batches_respect_their_bounds():
     rng = random.Random(0)
     lengths = [rng.randint(5, 60) for _ in range(40)] + [90]
@@ -115,18 +141,27 @@ def test_first_fit_packing_and_micro_batches_respect_their_bounds():
         assert widest * len(mb) <= 200 or len(mb) == 1
 
 
-def test_step_loss_and_gradient_do_not_depend_on_micro_batching(tmp_path):
+def test_step_loss_and_gradient_do_not_depend_on_micro_batching_or_the_pass(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS * 3)
-    norms = []
-    for budget in (100_000, 64):
-        cfg = cfg_for(tmp_path, [data], f"name=b{budget}", f"optim.token_budget={budget}", "train.steps=1",
-                      "train.batch_size=12", "data.template=plain")
-        tr = sft(cfg, quiet=True)
-        m = json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])
-        norms.append((m["loss"], m["grad_norm"], m["rows"]))
-    assert norms[0][2] < norms[1][2]  # really packed differently
-    assert norms[0][0] == pytest.approx(norms[1][0], rel=1e-5)
-    assert norms[0][1] == pytest.approx(norms[1][1], rel=1e-4)
+    runs = {}
+    for forward in ("packed", "padded"):
+        for budget in (100_000, 64):
+            cfg = cfg_for(tmp_path, [data], f"name={forward}{budget}", f"optim.token_budget={budget}", "train.steps=1",
+                          "train.batch_size=12", "data.template=plain", f"train.forward={forward}")
+            tr = sft(cfg, quiet=True)
+            runs[forward, budget] = json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    first = runs["packed", 100_000]
+    assert first["micro_batches"] == 1 and runs["packed", 64]["micro_batches"] > 3  # really split differently
+    assert runs["padded", 100_000]["micro_batches"] < runs["padded", 64]["micro_batches"]
+    # the stream pads nothing and runs each prompt once (ROWS x 3: each is three examples'), a row's last token never
+    _, tok = load("tiny-random")
+    examples = [encode(r, tok, "plain") for r in ROWS]
+    stream = sum(e.prompt_len + 3 * (len(e.ids) - e.prompt_len - 1) for e in examples)
+    assert first["pack_efficiency"] == pytest.approx(3 * sum(len(e.ids) for e in examples) / stream)
+    assert runs["padded", 100_000]["pack_efficiency"] < 1.0
+    for m in runs.values():
+        assert m["loss"] == pytest.approx(first["loss"], rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-4)
 
 
 def format_rows(n, seed):

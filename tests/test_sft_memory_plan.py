@@ -1,5 +1,6 @@
-"""`ponder sft`'s micro-batch budget from device memory: the plan GRPO makes (ponder.rl.memory_plan), with SFT's own
-probe passes. The device's memory counters are stood in for; the probe passes and the steps run for real."""
+"""`ponder sft`'s micro-batch budget from device memory: the plan GRPO makes (ponder.rl.memory_plan), with the probe
+passes of SFT's forward (the packed stream, GRPO's probe; or the model's own over rows). The device's memory counters
+are stood in for; the probe passes and the steps run for real."""
 
 import json
 import re
@@ -7,7 +8,9 @@ import re
 import pytest
 
 from ponder.rl import memory_plan
+from ponder.rl.forward import PolicyPass
 from ponder.sft import sft
+from ponder.sft.packing import stream_tokens
 from ponder.sft import trainer as sft_trainer
 from test_rollout_copy_and_budget import checkpointing_on
 from test_sft import cfg_for, write_jsonl
@@ -18,13 +21,17 @@ ROWS = [{"prompt": f"Say {'ab' * (i % 7 + 1)}", "completion": " " + "xy" * (10 +
 
 def stand_in_memory(monkeypatch, free, per_token, fixed=0):
     """Device memory as if read: `free(trainer)` bytes; each probe's peak is `fixed` + its tokens x per_token(model),
-    found from the batch the SFT pass really ran."""
+    found from the batch the SFT pass really ran (padded rows: rows x width; the packed stream: its tokens)."""
     seen, probes, made = [], [], []
-    real_loss, real_init = sft_trainer.loss_sum, sft_trainer.SFTTrainer.__init__
+    real_loss, real_logprobs, real_init = sft_trainer.loss_sum, PolicyPass.logprobs, sft_trainer.SFTTrainer.__init__
 
     def loss_sum(model, batch):
         seen.append(batch.input_ids.numel())
         return real_loss(model, batch)
+
+    def logprobs(self, model, batch, **kwargs):
+        seen.append(stream_tokens(batch))
+        return real_logprobs(self, model, batch, **kwargs)
 
     def peak_of(step, model, device):
         step()
@@ -37,6 +44,7 @@ def stand_in_memory(monkeypatch, free, per_token, fixed=0):
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(sft_trainer, "loss_sum", loss_sum)
+    monkeypatch.setattr(PolicyPass, "logprobs", logprobs)
     monkeypatch.setattr(sft_trainer.SFTTrainer, "__init__", init)
     monkeypatch.setattr(memory_plan, "peak_of", peak_of)
     monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
@@ -49,10 +57,11 @@ def printed_budget(err: str) -> int:
     return int(re.search(r"optim.token_budget: ([\d,]+) tokens", err).group(1).replace(",", ""))
 
 
-def test_the_budget_is_planned_from_free_memory_printed_and_kept(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("forward", ["packed", "padded"])
+def test_the_budget_is_planned_from_free_memory_printed_and_kept(tmp_path, monkeypatch, capsys, forward):
     """64 KiB a token and 24 MiB a pass whatever its size (the gradients among it), and 90 MiB free beside the state
     to come and that fixed part: 0.9 x 90 MiB / 64 KiB = 1,296 tokens -> 1,024 (a multiple of 1,024). Every
-    micro-batch of the steps holds at most that many padded tokens."""
+    micro-batch of the steps holds at most that many tokens (padded ones counted)."""
     per_token, fixed = 64 * 2**10, 24 * 2**20
 
     def free(t):
@@ -61,26 +70,32 @@ def test_the_budget_is_planned_from_free_memory_printed_and_kept(tmp_path, monke
 
     seen, probes = stand_in_memory(monkeypatch, free, lambda model: per_token, fixed)
     data = write_jsonl(tmp_path / "d.jsonl", ROWS * 4)
-    tr = sft(cfg_for(tmp_path, [data], "name=plan", "data.template=plain", "train.steps=2", "train.batch_size=40"), quiet=True)
+    tr = sft(cfg_for(tmp_path, [data], f"name=plan-{forward}", "data.template=plain", "train.steps=2",
+                     "train.batch_size=40", f"train.forward={forward}"), quiet=True)
     budget = printed_budget(capsys.readouterr().err)
     assert budget == int(90 * 2**20 * 0.9 / per_token) // 1024 * 1024 == 1024 and len(probes) == 3
-    assert probes == [1920, 6000, 1920]  # the probes' rows: 8 x 240 and 25 x 240 tokens, 2 x 960
+    if forward == "padded":  # the probes' rows: 8 x 240 and 25 x 240 tokens, 2 x 960
+        assert probes == [1920, 6000, 1920]
+    else:  # GRPO's: a prompt of 128 tokens, then 8 and 25 completions of 240, 2 of 960
+        assert probes == [2048, 6128, 2048]
     steps = [json.loads(line) for line in (tr.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["token_budget"] for m in steps] == [budget, budget]  # planned once
     trained = seen[3:]  # the steps' micro-batches, padded: rows x the widest
     assert len(trained) > 2 and max(trained) <= budget
 
 
-@pytest.mark.parametrize("setting, lora", [("auto", False), ("false", False), ("auto", True)],
-                         ids=["auto", "refused", "auto-lora"])
-def test_checkpointing_is_turned_on_when_the_longest_example_would_not_fit(tmp_path, monkeypatch, capsys, setting, lora):
+@pytest.mark.parametrize("setting, lora, forward", [("auto", False, "packed"), ("false", False, "packed"),
+                                                   ("auto", True, "packed"), ("auto", False, "padded")],
+                         ids=["auto", "refused", "auto-lora", "auto-padded"])
+def test_checkpointing_is_turned_on_when_the_longest_example_would_not_fit(tmp_path, monkeypatch, capsys, setting, lora,
+                                                                           forward):
     """64 KiB a token without checkpointing, 8 KiB with it, 4 MiB free once the state is counted: 3.6 MiB holds 57
     tokens, and the longest example is about 240; checkpointed, 460."""
     seen, probes = stand_in_memory(monkeypatch, lambda t: memory_plan.state_to_come(t.model, t.optimizer) + 4 * 2**20,
                                    lambda model: (8 if checkpointing_on(model) else 64) * 2**10)
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    tr = sft(cfg_for(tmp_path, [data], f"name=ckpt-{setting}-{lora}", "data.template=plain", "train.steps=1",
-                     f"model.gradient_checkpointing={setting}", *(["model.lora={r: 4, alpha: 8}"] if lora else [])), quiet=True)
+    tr = sft(cfg_for(tmp_path, [data], f"name=ckpt-{setting}-{lora}-{forward}", "data.template=plain", "train.steps=1",
+                     f"model.gradient_checkpointing={setting}", f"train.forward={forward}", *(["model.lora={r: 4, alpha: 8}"] if lora else [])), quiet=True)
     err = capsys.readouterr().err
     m = json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     if setting == "auto":

@@ -11,8 +11,9 @@ larger micro-batches run no faster and only hold memory. Planned at the first up
 engine has made its cache, and again when that cache has grown or a prompt longer than any seen has come
 (GRPOTrainer.token_budget); printed, and logged as `token_budget`.
 
-`ponder sft` plans the same way (ponder.sft.trainer), its probe an SFT pass over rows of random tokens, its
-budget counting padded tokens (rows x the widest) as its micro-batches do.
+`ponder sft` plans the same way (ponder.sft.trainer): through the packed pass, GRPO's probe; through the model's
+own forward, an SFT pass over rows of random tokens, its budget counting padded tokens (rows x the widest) as its
+micro-batches do.
 
 Activation checkpointing (`model.gradient_checkpointing: auto`) is the plan's to turn on: when the budget
 without it cannot hold one full-length sample (the longest prompt and `max_new_tokens`; in SFT the longest

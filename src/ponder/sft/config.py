@@ -28,6 +28,10 @@ class SFTTrain:
     batch_size: int = 16  # examples per optimizer step (the loss is the token mean over all of them)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "mixed", "bf16"] = "auto"  # as GRPO's train.precision (ponder.runtime)
+    # packed: ponder's own pass over one stream of examples (ponder.rl.packed: varlen attention, no padding, one
+    # run of a prompt its examples share); padded: the model's forward over rows of examples packed end to end and
+    # padded to the widest; auto: packed for the architectures it supports
+    forward: Literal["auto", "packed", "padded"] = "auto"
     save_every: int = 50
     keep_last: int = 2
     log_samples: int = 2  # greedy completions of the first training prompts written to samples.jsonl at each save

@@ -1,20 +1,54 @@
-"""Sequence packing without attention across examples, and the completion-only loss.
+"""Sequence packing without attention across examples, and the completion-only loss, two ways.
 
-Several examples share one row; each restarts its position ids at 0. Given position ids and no
-attention mask, transformers builds the block-diagonal causal mask from the restarts (sdpa and eager
-get a 4D mask, flash-attention kernels the cu_seqlens of each row), so no token attends to another
-example. The padding at a row's end is a segment of its own and carries no loss. tests/test_sft.py
-checks that a packed batch gives the loss of the same examples run one by one.
+- Stream (`train.forward: packed`, the default where ponder.rl.packed supports the model): a micro-batch is one
+  stream of tokens with no padding, through the GRPO trainer's packed pass. Each example is a Sample whose prompt
+  is its tokens before the first target and whose completion is the rest; examples with the same prompt run it
+  once (R1's rejection-sampled data holds several answers a problem). Attention is variable-length per example,
+  so its cost grows with each example's length, not with a row's.
+- Rows (`train.forward: padded`, the model's own forward): several examples share one row; each restarts its
+  position ids at 0. Given position ids and no attention mask, transformers builds the block-diagonal causal mask
+  from the restarts (sdpa and eager get a [row x row] mask and attend over the whole row, flash-attention kernels
+  the cu_seqlens of each row), so no token attends to another example. The padding at a row's end is a segment
+  of its own and carries no loss. Rows are no wider than the longest example: wider ones would pay the mask's
+  square for no less padding.
+tests/test_sft.py checks that both give the loss of the same examples run one by one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ponder.rl.batching import Sample
 from ponder.rl.logprobs import head_logprobs, split_model
 from ponder.sft.data import Encoded
+
+
+@dataclass
+class Scored(Sample):
+    """An example as the packed pass takes it; `scored`: 1 where a completion token is a target (a conversation's
+    later user turns are not)."""
+    scored: list[int] = field(default_factory=list)
+
+
+def as_sample(ex: Encoded) -> Scored:
+    p = ex.prompt_len  # at least 1: the first token is never a target
+    return Scored(ex.ids[:p], ex.ids[p:], scored=ex.mask[p:])
+
+
+def stream_loss_sum(policy_pass, model, batch: list[Scored]) -> torch.Tensor:
+    """Sum over target tokens of -log p(token | its own example's prefix), through the packed pass."""
+    logp, _, _ = policy_pass.logprobs(model, batch)
+    scored = torch.zeros(logp.shape)
+    for r, s in enumerate(batch):
+        scored[r, : len(s.scored)] = torch.tensor(s.scored, dtype=scored.dtype)
+    return -(logp * scored.to(logp.device)).sum()
+
+
+def stream_tokens(batch: list[Sample]) -> int:
+    """Tokens the packed pass runs: each distinct prompt once, each completion but its last token."""
+    return sum(len(p) for p in {tuple(s.prompt_ids) for s in batch}) + sum(len(s.completion_ids) - 1 for s in batch)
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -21,10 +21,13 @@ from ponder.files import write_atomic
 from ponder.metrics import MetricsWriter
 from ponder.optim import make_optimizer
 from ponder.rl import memory_plan
+from ponder.rl.forward import PolicyPass, use_packed
 from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, set_seed
 from ponder.sft.config import SFTConfig
 from ponder.sft.data import load_data, read_data
-from ponder.sft.packing import Packed, collate, loss_sum, micro_batches, pack
+from ponder.sft.packing import (
+    Packed, as_sample, collate, loss_sum, micro_batches, pack, stream_loss_sum, stream_tokens,
+)
 from ponder.tasks import PromptSampler
 
 
@@ -49,6 +52,9 @@ class SFTTrainer:
         self.precision = chooser.chosen
         self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, rows)
         self.lengths = [len(e.ids) for e in self.examples]
+        self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model), self.tokenizer.pad_token_id,
+                                      self.device, self.precision.autocast)
+        self.samples = [as_sample(e) for e in self.examples] if self.policy_pass.packed else None
         self.total_steps = self._planned_steps()
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, self.total_steps, self.precision.moments)
         self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
@@ -82,19 +88,25 @@ class SFTTrainer:
             want = max(1, min(want, math.ceil(t.epochs * len(self.examples)) - self.sampler.position))
         batch = self.sampler.next(want)
         budget = self.token_budget()
-        capacity = min(self.report.max_len, budget)  # longer examples get a row each
-        rows = pack([self.lengths[i] for i in batch], capacity)
-        rows = [[batch[j] for j in row] for row in rows]
+        if self.policy_pass.packed:
+            chunks = self.policy_pass.micro_batches([self.samples[i] for i in batch], budget)
+            rows = len(batch)
+        else:
+            # rows no wider than the longest example: the plan costs a token at that width, and a wider row would
+            # pay the [row x row] mask and attention for no less padding
+            capacity = min(self.report.max_len, budget, max(self.lengths))
+            rows = [[batch[j] for j in row] for row in pack([self.lengths[i] for i in batch], capacity)]
+            chunks = micro_batches(rows, self.lengths, budget)
+            rows = len(rows)
         targets = sum(sum(self.examples[i].mask) for i in batch)
         self.optimizer.zero_grad(set_to_none=True)
-        total, padded = 0.0, 0
-        for mb in micro_batches(rows, self.lengths, budget):
-            packed = collate(self.examples, mb, self.tokenizer.pad_token_id, self.device)
-            padded += packed.input_ids.numel()
-            with autocast(self.device, self.precision.autocast):
-                loss = loss_sum(self.model, packed) / targets
+        total, computed = 0.0, 0
+        for mb in chunks:
+            loss, n = self._loss_sum(mb)
+            loss = loss / targets
             loss.backward()
             total += loss.item()
+            computed += n
         grad_clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         skipped = not (math.isfinite(total) and torch.isfinite(grad_norm))
@@ -113,26 +125,38 @@ class SFTTrainer:
         tokens = sum(self.lengths[i] for i in batch)
         return {
             "loss": total, "grad_norm": grad_norm.item() if not skipped else float("nan"), "skipped_updates": float(skipped),
-            "lr": lr, "epoch": self.sampler.position / len(self.examples), "examples": len(batch), "rows": len(rows),
-            "tokens": tokens, "target_tokens": targets, "pack_efficiency": tokens / max(padded, 1),
+            "lr": lr, "epoch": self.sampler.position / len(self.examples), "examples": len(batch), "rows": rows,
+            "micro_batches": len(chunks), "tokens": tokens, "target_tokens": targets, "pack_efficiency": tokens / max(computed, 1),
             "time/step": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "token_budget": budget,
         }
 
+    def _loss_sum(self, mb) -> tuple[torch.Tensor, int]:
+        """The micro-batch's summed loss and the tokens its pass ran (padding and shared prompts counted as run)."""
+        if self.policy_pass.packed:
+            return stream_loss_sum(self.policy_pass, self.model, mb), stream_tokens(mb)
+        packed = collate(self.examples, mb, self.tokenizer.pad_token_id, self.device)
+        with autocast(self.device, self.precision.autocast):
+            return loss_sum(self.model, packed), packed.input_ids.numel()
+
     def token_budget(self) -> int:
         """optim.token_budget, or (unset) the plan from free device memory (ponder.rl.memory_plan), made at the first
-        step and printed: padded tokens a micro-batch (rows x the widest row), with activation checkpointing turned on
+        step and printed: tokens a micro-batch (the packed pass's stream, or rows x the widest row), with activation
+        checkpointing turned on
         where one row of the longest example would not fit otherwise (model.gradient_checkpointing: auto). Without a
         device memory to read (CPU), the plan's fixed budget."""
         if self._budget is None:
             self._budget = self.cfg.optim.token_budget
             if self._budget is None:
                 auto = self.cfg.model.gradient_checkpointing == "auto"
-                self._budget = memory_plan.plan_with(self._probe, self.model, self.optimizer, self.device,
+                vocab = self.model.get_output_embeddings().weight.shape[0]
+                probe = (memory_plan.policy_probe(self.policy_pass, self.model, self.device, vocab)
+                         if self.policy_pass.packed else self._probe)
+                self._budget = memory_plan.plan_with(probe, self.model, self.optimizer, self.device,
                                                      longest=max(self.lengths), may_checkpoint=auto).budget
         return self._budget
 
     def _probe(self, tokens: int, row: int) -> tuple[int, int, int]:
-        """The memory plan's probe: an SFT pass (forward, backward) over rows of `row` random tokens, about `tokens`
+        """The memory plan's probe under `train.forward: padded` (the packed pass has GRPO's): an SFT pass (forward, backward) over rows of `row` random tokens, about `tokens`
         in all. Each row packs two examples, as the steps' rows do (transformers then builds the block-diagonal mask
         they pay for), whose last three quarters are scored. Returns (bytes at its peak, tokens, row)."""
         rows, half = max(tokens // row, 1), row // 2
