@@ -139,10 +139,12 @@ def test_grpo_steps_on_the_tiny_world(paths, tmp_path, setting):
     assert trainer.step_no == 2
 
 
-@pytest.mark.parametrize("setting", ["model.gradient_checkpointing=auto", "model.gradient_checkpointing=true"])
+@pytest.mark.parametrize("setting", ["model.gradient_checkpointing=auto", "model.gradient_checkpointing=true",
+                                     "train.forward=padded"])
 def test_sft_steps_plan_their_budget_from_device_memory(paths, tmp_path, capsys, setting):
     """Two steps of the cold-start recipe with the budget unset: the plan's SFT probes run on the GPU's memory
-    counters and print a budget, which both steps log, and the steps train (checkpointed too)."""
+    counters and print a budget, which both steps log, and the steps train (checkpointed too, and through the model's
+    own forward)."""
     import json
     import re
 
