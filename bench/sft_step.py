@@ -4,12 +4,15 @@ The product's own path: a recipe and `SFTTrainer` (what `ponder sft` runs) with 
 budget and activation checkpointing are the memory plan's (ponder.rl.memory_plan) unless --set fixes them. The
 workload: a local Qwen2.5-shaped model directory with random weights (bench/rollout.py's shapes) and the one-token-
 a-word tokenizer of bench/grpo_step.py, a JSONL file of {prompt, completion} rows with prompts of --prompt words
-and completions of --length words, --batch examples a step, the plain template. Reported: the median step of the
+and completions of --length words (or, with --lengths long-tail, of lengths drawn as bench/rollout.py draws R1-Zero's:
+lognormal with median --median, a tenth at --length), --batch examples a step, the plain template. Reported: the median step of the
 steps after the first (which plans), tokens a second, the budget, whether the plan checkpointed, and the peaks of
 allocated and reserved memory over the timed steps.
 
   PYTHONPATH=src python bench/sft_step.py --shapes 7b --batch 16 --length 8192 --steps 3
   PYTHONPATH=src python bench/sft_step.py --shapes 7b --set optim.token_budget=16384 model.gradient_checkpointing=false
+  PYTHONPATH=src python bench/sft_step.py --shapes 1.5b --batch 64 --length 32000 --median 4000 --lengths long-tail \
+      --set train.forward=padded
 """
 
 from __future__ import annotations
@@ -26,17 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_step import WORDS, new_report, parse_with_common, workload  # noqa: E402
-from rollout import CUDA  # noqa: E402
+from rollout import CUDA, long_tail, quantiles  # noqa: E402
 
 from ponder.config import load_config  # noqa: E402
 
 
-def examples(root: Path, n: int, prompt: int, length: int) -> Path:
-    path = root / f"sft-{n}x{prompt}+{length}.jsonl"
+def examples(root: Path, n: int, prompt: int, lengths: list[int]) -> Path:
+    path = root / f"sft-{n}x{prompt}+{max(lengths)}-{sum(lengths)}.jsonl"
     if not path.is_file():
         g = torch.Generator().manual_seed(1)
         words = lambda k: " " + " ".join(WORDS[w] for w in torch.randint(0, len(WORDS), (k,), generator=g).tolist())  # noqa: E731
-        path.write_text("".join(json.dumps({"prompt": words(prompt), "completion": words(length)}) + "\n" for _ in range(n)))
+        path.write_text("".join(json.dumps({"prompt": words(prompt), "completion": words(k)}) + "\n" for k in lengths))
     return path
 
 
@@ -45,7 +48,10 @@ def run(a, shape: str, root: Path) -> dict:
     from ponder.sft.trainer import SFTTrainer
 
     model_dir, _ = workload(root, shape, 1, 1)
-    data = examples(root, a.batch * a.steps, a.prompt, a.length)
+    n = a.batch * a.steps
+    lengths = long_tail(n, a.length, a.median) if a.lengths == "long-tail" else [a.length] * n
+    print(f"completion lengths: {json.dumps(quantiles(lengths))}", flush=True)
+    data = examples(root, n, a.prompt, lengths)
     cfg = load_config(None, [
         f"model.path={model_dir}", f"output_dir={root / 'runs'}", f"name=sft-{time.time_ns()}", "data.template=plain",
         f"data.files=[{data}]", f"train.batch_size={a.batch}", f"train.steps={a.steps}", "train.save_every=0",
@@ -67,6 +73,7 @@ def run(a, shape: str, root: Path) -> dict:
     row = dict(shape=shape, step_s=med("time/step"), tokens_per_s=med("tokens_per_s"), tokens=med("tokens"),
                budget=steps[-1]["token_budget"], checkpointing=any(getattr(x, "gradient_checkpointing", False)
                                                                     for x in trainer.model.modules()),
+               pack_efficiency=med("pack_efficiency"), micro_batches=med("micro_batches"),
                peak_gib=max(m["peak_gib"] for m in timed), reserved_gib=max(m["reserved_gib"] for m in timed),
                precision=trainer.precision.name, moments=trainer.precision.moments, steps=len(timed))
     trainer.metrics.close()
@@ -81,7 +88,9 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["7b"])
     ap.add_argument("--batch", type=int, default=16, help="examples a step")
     ap.add_argument("--prompt", type=int, default=128, help="prompt words (tokens)")
-    ap.add_argument("--length", type=int, default=8192, help="completion words (tokens)")
+    ap.add_argument("--length", type=int, default=8192, help="completion words (tokens); long-tail: the limit")
+    ap.add_argument("--lengths", choices=["uniform", "long-tail"], default="uniform")
+    ap.add_argument("--median", type=int, default=1500, help="long-tail: the median completion")
     ap.add_argument("--steps", type=int, default=3, help="steps run; the first is not timed")
     ap.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. optim.token_budget=16384")
     a = parse_with_common(ap)
