@@ -90,14 +90,14 @@ class SFTTrainer:
         budget = self.token_budget()
         if self.policy_pass.packed:
             chunks = self.policy_pass.micro_batches([self.samples[i] for i in batch], budget)
-            rows = len(batch)
+            n_rows = len(batch)
         else:
             # rows no wider than the longest example: the plan costs a token at that width, and a wider row would
             # pay the [row x row] mask and attention for no less padding
             capacity = min(self.report.max_len, budget, max(self.lengths))
             rows = [[batch[j] for j in row] for row in pack([self.lengths[i] for i in batch], capacity)]
             chunks = micro_batches(rows, self.lengths, budget)
-            rows = len(rows)
+            n_rows = len(rows)
         targets = sum(sum(self.examples[i].mask) for i in batch)
         self.optimizer.zero_grad(set_to_none=True)
         total, computed = 0.0, 0
@@ -125,7 +125,7 @@ class SFTTrainer:
         tokens = sum(self.lengths[i] for i in batch)
         return {
             "loss": total, "grad_norm": grad_norm.item() if not skipped else float("nan"), "skipped_updates": float(skipped),
-            "lr": lr, "epoch": self.sampler.position / len(self.examples), "examples": len(batch), "rows": rows,
+            "lr": lr, "epoch": self.sampler.position / len(self.examples), "examples": len(batch), "rows": n_rows,
             "micro_batches": len(chunks), "tokens": tokens, "target_tokens": targets, "pack_efficiency": tokens / max(computed, 1),
             "time/step": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "token_budget": budget,
         }
@@ -141,9 +141,8 @@ class SFTTrainer:
     def token_budget(self) -> int:
         """optim.token_budget, or (unset) the plan from free device memory (ponder.rl.memory_plan), made at the first
         step and printed: tokens a micro-batch (the packed pass's stream, or rows x the widest row), with activation
-        checkpointing turned on
-        where one row of the longest example would not fit otherwise (model.gradient_checkpointing: auto). Without a
-        device memory to read (CPU), the plan's fixed budget."""
+        checkpointing turned on where the longest example would not fit otherwise (model.gradient_checkpointing:
+        auto). Without a device memory to read (CPU), the plan's fixed budget."""
         if self._budget is None:
             self._budget = self.cfg.optim.token_budget
             if self._budget is None:
@@ -156,9 +155,10 @@ class SFTTrainer:
         return self._budget
 
     def _probe(self, tokens: int, row: int) -> tuple[int, int, int]:
-        """The memory plan's probe under `train.forward: padded` (the packed pass has GRPO's): an SFT pass (forward, backward) over rows of `row` random tokens, about `tokens`
-        in all. Each row packs two examples, as the steps' rows do (transformers then builds the block-diagonal mask
-        they pay for), whose last three quarters are scored. Returns (bytes at its peak, tokens, row)."""
+        """The memory plan's probe under `train.forward: padded` (the packed pass has GRPO's): an SFT pass (forward,
+        backward) over rows of `row` random tokens, about `tokens` in all. Each row packs two examples, as the steps'
+        rows do (transformers then builds the block-diagonal mask they pay for), whose last three quarters are scored.
+        Returns (bytes at its peak, tokens, row)."""
         rows, half = max(tokens // row, 1), row // 2
         g = torch.Generator().manual_seed(tokens + row)
         vocab = self.model.get_output_embeddings().weight.shape[0]
