@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ponder.errors import UserError
 from ponder.models import load
 from ponder.rl import memory_plan
 from ponder.rl.trainer import GRPOTrainer
@@ -224,6 +225,26 @@ def test_a_prompt_longer_than_any_the_plan_saw_makes_it_again(smoke_cfg, monkeyp
     t.sampler.next = draw
     t.step()
     assert len(probes) == 9  # shorter prompts: the plan stands
+
+
+def test_a_pass_whose_fixed_part_leaves_no_room_stops_the_run_in_one_line(smoke_cfg, monkeypatch):
+    """2 MiB free once gradients and AdamW state are counted, and the probe finds that a pass holds 8 MiB whatever its
+    size: no micro-batch fits. One line with the figures and GRPO's ways out, before the update (on a GPU it ran out
+    of memory in the optimizer's step); no budget is printed."""
+    holder = {}
+    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
+    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: 8 * 2**20 + 2**10 * stream_tokens(batch))
+    monkeypatch.setattr(memory_plan, "free_bytes",
+                        lambda device: memory_plan.state_to_come(holder["t"].model, holder["t"].optimizer) + 2 * 2**20)
+    monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
+    holder["t"] = t = GRPOTrainer(smoke_cfg("name=full"))
+    grads = sum(p.numel() * p.element_size() for p in t.model.parameters())
+    with pytest.raises(UserError) as e:
+        t.step()
+    left = (2 * 2**20 - (8 * 2**20 - grads)) / 2**30
+    assert f"leave {left:.1f} GiB for activations; train adapters only" in str(e.value)
+    assert "train.sharding=fsdp train.offload=true" in str(e.value) and "torchrun --nproc-per-node N" in str(e.value)
+    assert t.step_no == 0
 
 
 def test_plan_leaves_checkpointing_off_when_a_sample_fits():

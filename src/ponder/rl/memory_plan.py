@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ponder import distributed, models
+from ponder.errors import UserError
 from ponder.optim import state_bytes
 from ponder.rl.batching import Sample
 
@@ -45,6 +46,9 @@ MARGIN = 0.10  # of the free memory, for fragmentation and what the probe does n
 # while the margin left 3.8 GiB)
 RESERVE = 0.04
 GIB = 2**30
+# what a run can do when its state leaves nothing for the update (`ponder sft` passes its own)
+GRPO_FIXES = ("train adapters only (model.lora: {r: 16, alpha: 32}), keep the optimizer state in CPU memory "
+              "(train.sharding=fsdp train.offload=true), or shard over more GPUs (torchrun --nproc-per-node N)")
 
 
 @dataclass
@@ -206,17 +210,22 @@ def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = T
 
 
 def plan_with(probe, model, optimizer, device, print_line: bool = True, longest: int = 0,
-              may_checkpoint: bool = False) -> Plan:
+              may_checkpoint: bool = False, fixes: str = GRPO_FIXES) -> Plan:
     """The plan from `probe` (see measure_cost) where device memory can be read (CUDA); elsewhere the fixed CPU
-    budget. `longest`: tokens of the run's longest row; `may_checkpoint`: gradient_checkpointing is auto."""
+    budget. `longest`: tokens of the run's longest row; `may_checkpoint`: gradient_checkpointing is auto. Where the
+    state to come leaves no memory for a micro-batch at all, one line naming `fixes`, before the optimizer's state
+    runs out of memory in its first step."""
     if not reads_memory(device):
         return Plan(CPU_BUDGET, 0.0, 0.0, True)
     # before the probe, which makes gradients and frees them again
     to_come, grads = state_to_come(model, optimizer, device), grads_to_come(model, device)
+    left = free_bytes(device) - to_come - RESERVE * total_bytes(device)
+    room_or_stop(left, to_come, device, fixes)  # before the probe, which would make the gradients
     cost = measure_cost(probe)
     per_token = cost.at(longest or PROBE_ROWS[1])  # a token of the longest rows costs the most
     # the gradients are in to_come already: what else a pass holds whatever its size (never below nothing)
-    free = free_bytes(device) - to_come - max(cost.fixed - grads, 0) - RESERVE * total_bytes(device)
+    free = left - max(cost.fixed - grads, 0)
+    room_or_stop(free, to_come, device, fixes)
     budget, capped = budget_for(per_token, free)
     result = Plan(budget, per_token, free, capped)
     # every rank alike: checkpointed layers gather sharded weights again in backward
@@ -228,6 +237,20 @@ def plan_with(probe, model, optimizer, device, print_line: bool = True, longest:
     if print_line:
         print(f"ponder: {result.line()}", file=sys.stderr)
     return result
+
+
+def room_or_stop(free: float, to_come: int, device, fixes: str) -> None:
+    """One line naming `fixes` when `free` bytes are left for activations or fewer: the first update's optimizer
+    step would run out of memory (a 7B model's full-parameter GRPO on an 80 GB H100 did, after its first rollout)."""
+    if distributed.max_all(float(free <= 0)):  # every rank stops, or the others would wait in a collective
+        total = total_bytes(device)
+        raise UserError(f"the update does not fit this device: what the run holds ({_gib(total - free_bytes(device))} of "
+                        f"{_gib(total)}), the gradients and optimizer state to come ({_gib(to_come)}) and a margin leave "
+                        f"{_gib(free)} for activations; {fixes}")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
 
 
 def needs_checkpointing(per_token: float, free: float, longest: int) -> bool:

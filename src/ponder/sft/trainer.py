@@ -31,6 +31,11 @@ from ponder.sft.packing import (
 from ponder.tasks import PromptSampler
 
 
+# ponder sft runs one process: no sharding or offload to reach for when the state does not fit
+SFT_FIXES = ("train adapters only (model.lora: {r: 16, alpha: 32}), or use train.precision=bf16 if it is not "
+             "already; a model whose state fits neither needs a device with more memory")
+
+
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, resume: bool = False):
         world = distributed.launched()
@@ -151,7 +156,8 @@ class SFTTrainer:
                 probe = (memory_plan.policy_probe(self.policy_pass, self.model, self.device, vocab)
                          if self.policy_pass.packed else self._probe)
                 self._budget = memory_plan.plan_with(probe, self.model, self.optimizer, self.device,
-                                                     longest=max(self.lengths), may_checkpoint=auto).budget
+                                                     longest=max(self.lengths), may_checkpoint=auto,
+                                                     fixes=SFT_FIXES).budget
         return self._budget
 
     def _probe(self, tokens: int, row: int) -> tuple[int, int, int]:
