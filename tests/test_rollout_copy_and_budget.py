@@ -136,9 +136,9 @@ def test_the_plans_probe_runs_a_backward_when_the_first_pass_scores_without_grad
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2**20 * len(synced))
-    synced = []  # at each of the probe's waits: how many parameters hold a gradient (after its backward: all)
+    synced = []  # at each of the probe's waits: how many parameters hold a gradient other than zero (after its backward: all)
     monkeypatch.setattr(torch.cuda, "synchronize",
-                        lambda device=None: synced.append(sum(p.grad is not None for p in t.model.parameters())))
+                        lambda device=None: synced.append(sum(p.grad is not None and bool(p.grad.any()) for p in t.model.parameters())))
     t = GRPOTrainer(smoke_cfg("name=probe", first, "train.steps=1"))
     t.step()
     n = len(list(t.model.parameters()))
@@ -251,3 +251,28 @@ def test_plan_leaves_checkpointing_off_when_a_sample_fits():
     assert not memory_plan.needs_checkpointing(2**20, 10 * 2**30, longest=4224)  # 4.1 GiB of 9 usable
     assert memory_plan.needs_checkpointing(2**20, 4 * 2**30, longest=4224)  # of 3.6 usable
     assert not memory_plan.needs_checkpointing(2**20, 2**20, longest=0)  # nothing known of the lengths: leave it
+
+
+def test_the_probe_runs_beside_every_gradient_as_later_micro_batches_do(monkeypatch):
+    """A micro-batch after the first finds every gradient made: a checkpointed pass's activations peak at the start of
+    its backward beside them. From no gradients the probe peaked at the end of backward, gradients made and activations
+    gone, and costed a 7B model's token at a tenth of its cost. Here the memory counter is what the gradients and a
+    tensor the pass holds weigh: the peak is the pass's alone, and no gradient is left behind."""
+    model = torch.nn.Linear(64, 64)
+    held = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    weigh = lambda: sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None) + sum(held)  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: weigh())
+    peaks = []
+
+    def step():
+        held.append(10_000)  # the activations, kept until backward
+        peaks.append(weigh())
+        model(torch.randn(3, 64)).sum().backward()
+        held.pop()
+        peaks.append(weigh())  # the gradients made: from none, 16,640 bytes, the old probe's peak
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: max(peaks))
+    assert memory_plan.peak_of(step, model, None) == 10_000
+    assert all(p.grad is None for p in model.parameters())

@@ -75,12 +75,7 @@ class KahanAdamW(torch.optim.Optimizer):
 
     def _update(self, p, group, index: int) -> None:
         (b1, b2), lr = group["betas"], group["lr"]
-        st = self.state[p]
-        if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
-            st["compensation"] = torch.zeros_like(p)
+        st = self._state_of(p)
         st["step"] += 1
         t = st["step"].item()
         g = p.grad.float()
@@ -99,6 +94,25 @@ class KahanAdamW(torch.optim.Optimizer):
         exact = w.add_(update.add_(st["compensation"].float()))
         p.copy_(exact)
         st["compensation"].copy_(exact.sub_(p.float()))
+
+    def make_state(self) -> None:
+        """Every trainable parameter's state, now rather than in the first step. The memory plan calls it after its
+        probes: made in the first step, among the freed pieces of the first update's activations, a 7B model's last
+        bf16 moment found 7.7 GiB free in torch's cache but no 1 GiB block (one 80 GB H100, ponder sft on
+        32,000-token examples)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._state_of(p)
+
+    def _state_of(self, p) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+            st["compensation"] = torch.zeros_like(p)
+        return st
 
     def load_state_dict(self, state_dict) -> None:
         """torch casts every loaded state tensor to its parameter's dtype: the moments are put back in

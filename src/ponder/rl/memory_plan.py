@@ -133,7 +133,7 @@ def measure_cost(probe) -> Cost:
     """The Cost from three probe passes (forward and backward): two sizes of short rows give the cost of a token
     and the fixed part, one batch of long rows the growth with a row's length. The fixed part holds what a pass
     keeps for its whole length, such as the bfloat16 casts of frozen weights that autocast makes and backward
-    keeps (14 GiB for a 7B model under LoRA), and the gradients the first backward allocates. `probe(tokens,
+    keeps (14 GiB for a 7B model under LoRA); not the gradients, which are there before it (peak_of). `probe(tokens,
     row)`: one training pass over about `tokens` tokens in rows of `row` tokens (a prompt's and a completion's in
     GRPO, an example's in SFT), leaving no gradients behind; returns (bytes at its peak, the tokens it ran, the
     length of its rows)."""
@@ -176,8 +176,14 @@ def _peak(policy_pass, model, device, batch) -> int:
 
 
 def peak_of(step, model, device) -> int:
-    """Bytes that `step()` (a forward and backward) allocated at its peak beyond what was allocated before; the
-    gradients it made are dropped."""
+    """Bytes that `step()` (a forward and backward) allocated at its peak beyond what was allocated before, run as
+    a micro-batch after the first runs: beside every gradient (zeros until then). From no gradients, a checkpointed
+    pass peaked at the end of its backward, its gradients made and its activations gone, and the activations hid:
+    a 7B model's plan costed a token at 0.03 MiB and its first 32,768-token micro-batch ran out of memory. The
+    gradients are dropped after."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -218,13 +224,12 @@ def plan_with(probe, model, optimizer, device, print_line: bool = True, longest:
     if not reads_memory(device):
         return Plan(CPU_BUDGET, 0.0, 0.0, True)
     # before the probe, which makes gradients and frees them again
-    to_come, grads = state_to_come(model, optimizer, device), grads_to_come(model, device)
+    to_come = state_to_come(model, optimizer, device)
     left = free_bytes(device) - to_come - RESERVE * total_bytes(device)
     room_or_stop(left, to_come, device, fixes)  # before the probe, which would make the gradients
     cost = measure_cost(probe)
     per_token = cost.at(longest or PROBE_ROWS[1])  # a token of the longest rows costs the most
-    # the gradients are in to_come already: what else a pass holds whatever its size (never below nothing)
-    free = left - max(cost.fixed - grads, 0)
+    free = left - max(cost.fixed, 0)  # what a pass holds whatever its size, beside the gradients (in to_come)
     room_or_stop(free, to_come, device, fixes)
     budget, capped = budget_for(per_token, free)
     result = Plan(budget, per_token, free, capped)
@@ -234,6 +239,8 @@ def plan_with(probe, model, optimizer, device, print_line: bool = True, longest:
         per_token = measure_cost(probe).at(longest or PROBE_ROWS[1])
         budget, capped = budget_for(per_token, free)
         result = Plan(budget, per_token, free, capped, checkpointing=True, without=result.budget, longest=longest)
+    if hasattr(optimizer, "make_state"):  # (KahanAdamW) in one piece now, not among the update's freed activations
+        optimizer.make_state()
     if print_line:
         print(f"ponder: {result.line()}", file=sys.stderr)
     return result
