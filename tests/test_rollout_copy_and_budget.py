@@ -190,12 +190,16 @@ def test_plan_turns_on_activation_checkpointing_when_one_sample_would_not_fit(sm
     cfg = smoke_cfg("name=ckpt", "rollout.max_new_tokens=64", f"model.gradient_checkpointing={setting}")
     holder["t"] = t = GRPOTrainer(cfg)
     assert not checkpointing_on(t.model)
+    if setting == "false":  # refused: the plan leaves it off, and the longest sample would not run: one line, no step
+        with pytest.raises(UserError, match=r"the longest row \(\d+ tokens\) needs .* without activation checkpointing "
+                                            r"\(model.gradient_checkpointing: auto turns it on when it helps\).*lower "
+                                            r"rollout.max_new_tokens, or train adapters only"):
+            t.step()
+        assert not checkpointing_on(t.model) and t.step_no == 0
+        return
     t.step()
     err = capsys.readouterr().err
-    if setting == "auto":
-        assert checkpointing_on(t.model) and "activation checkpointing on: without it a micro-batch could hold 1,024 tokens" in err
-    else:  # refused: the plan leaves it off, and says nothing of it
-        assert not checkpointing_on(t.model) and "checkpointing" not in err
+    assert checkpointing_on(t.model) and "activation checkpointing on: without it a micro-batch could hold 1,024 tokens" in err
 
 
 def test_a_prompt_longer_than_any_the_plan_saw_makes_it_again(smoke_cfg, monkeypatch, capsys):

@@ -84,9 +84,8 @@ def test_the_budget_is_planned_from_free_memory_printed_and_kept(tmp_path, monke
     assert len(trained) > 2 and max(trained) <= budget
 
 
-@pytest.mark.parametrize("setting, lora, forward", [("auto", False, "packed"), ("false", False, "packed"),
-                                                   ("auto", True, "packed"), ("auto", False, "padded")],
-                         ids=["auto", "refused", "auto-lora", "auto-padded"])
+@pytest.mark.parametrize("setting, lora, forward", [("auto", False, "packed"), ("auto", True, "packed"),
+                                                   ("auto", False, "padded")], ids=["auto", "auto-lora", "auto-padded"])
 def test_checkpointing_is_turned_on_when_the_longest_example_would_not_fit(tmp_path, monkeypatch, capsys, setting, lora,
                                                                            forward):
     """64 KiB a token without checkpointing, 8 KiB with it, 4 MiB free once the state is counted: 3.6 MiB holds 57
@@ -95,16 +94,33 @@ def test_checkpointing_is_turned_on_when_the_longest_example_would_not_fit(tmp_p
                                    lambda model: (8 if checkpointing_on(model) else 64) * 2**10)
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     tr = sft(cfg_for(tmp_path, [data], f"name=ckpt-{setting}-{lora}-{forward}", "data.template=plain", "train.steps=1",
-                     f"model.gradient_checkpointing={setting}", f"train.forward={forward}", *(["model.lora={r: 4, alpha: 8}"] if lora else [])), quiet=True)
+                     f"model.gradient_checkpointing={setting}", f"train.forward={forward}",
+                     *(["model.lora={r: 4, alpha: 8}"] if lora else [])), quiet=True)
     err = capsys.readouterr().err
     m = json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    if setting == "auto":
-        longest = max(tr.lengths)
-        assert 200 < longest < 460 and checkpointing_on(tr.model) and len(probes) == 6
-        assert f"activation checkpointing on: without it a micro-batch could hold 1,024 tokens, less than the longest row's {longest:,}" in err
-    else:  # refused: the plan leaves it off, and says nothing of it
-        assert not checkpointing_on(tr.model) and len(probes) == 3 and "checkpointing" not in err
+    longest = max(tr.lengths)
+    assert 200 < longest < 460 and checkpointing_on(tr.model) and len(probes) == 6
+    assert f"activation checkpointing on: without it a micro-batch could hold 1,024 tokens, less than the longest row's {longest:,}" in err
     assert m["loss"] > 0 and m["skipped_updates"] == 0 and m["grad_norm"] > 0  # checkpointed LoRA layers get gradients
+
+
+@pytest.mark.parametrize("setting", ["false", "auto"], ids=["refused", "not-enough"])
+def test_a_longest_example_that_cannot_fit_is_one_line_before_any_step(tmp_path, monkeypatch, setting):
+    """As above (64 KiB a token, 4 MiB free), but checkpointing refused, or a checkpointed token costing 32 KiB: 3.6
+    MiB then holds 115 tokens, fewer than the longest example's 200 or more. The run stops in one line naming what to
+    do, before a step could run out of memory on that example (a 7B model's 32,000-token example on an H100 did)."""
+    from ponder.errors import UserError
+
+    seen, probes = stand_in_memory(monkeypatch, lambda t: memory_plan.state_to_come(t.model, t.optimizer) + 4 * 2**20,
+                                   lambda model: (32 if checkpointing_on(model) else 64) * 2**10)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    how = ("without activation checkpointing \\(model.gradient_checkpointing: auto turns it on when it helps\\)"
+           if setting == "false" else "even with activation checkpointing")
+    with pytest.raises(UserError, match=rf"the longest row \(\d{{3}} tokens\) needs \d\.\d GiB of activations {how}, and "
+                                        rf"0\.0 GiB are free for them; cut the examples \(data.max_len\), or train adapters"):
+        sft(cfg_for(tmp_path, [data], f"name=long-{setting}", "data.template=plain", "train.steps=1",
+                    f"model.gradient_checkpointing={setting}"), quiet=True)
+    assert len(probes) == (3 if setting == "false" else 6) and len(seen) == len(probes)  # no step's pass ran
 
 
 def test_without_device_memory_the_fixed_budget_and_a_set_budget_as_given(tmp_path):

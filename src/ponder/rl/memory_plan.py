@@ -49,6 +49,7 @@ GIB = 2**30
 # what a run can do when its state leaves nothing for the update (`ponder sft` passes its own)
 GRPO_FIXES = ("train adapters only (model.lora: {r: 16, alpha: 32}), keep the optimizer state in CPU memory "
               "(train.sharding=fsdp train.offload=true), or shard over more GPUs (torchrun --nproc-per-node N)")
+GRPO_SHORTER = "lower rollout.max_new_tokens"
 
 
 @dataclass
@@ -216,11 +217,12 @@ def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = T
 
 
 def plan_with(probe, model, optimizer, device, print_line: bool = True, longest: int = 0,
-              may_checkpoint: bool = False, fixes: str = GRPO_FIXES) -> Plan:
+              may_checkpoint: bool = False, fixes: str = GRPO_FIXES, shorter: str = GRPO_SHORTER) -> Plan:
     """The plan from `probe` (see measure_cost) where device memory can be read (CUDA); elsewhere the fixed CPU
     budget. `longest`: tokens of the run's longest row; `may_checkpoint`: gradient_checkpointing is auto. Where the
-    state to come leaves no memory for a micro-batch at all, one line naming `fixes`, before the optimizer's state
-    runs out of memory in its first step."""
+    state to come leaves no memory for a micro-batch at all, or the longest row's activations do not fit (after
+    checkpointing, where it may), one line naming `fixes` (and `shorter`, how to shorten the rows) before the step
+    runs out of memory."""
     if not reads_memory(device):
         return Plan(CPU_BUDGET, 0.0, 0.0, True)
     # before the probe, which makes gradients and frees them again
@@ -239,6 +241,12 @@ def plan_with(probe, model, optimizer, device, print_line: bool = True, longest:
         per_token = measure_cost(probe).at(longest or PROBE_ROWS[1])
         budget, capped = budget_for(per_token, free)
         result = Plan(budget, per_token, free, capped, checkpointing=True, without=result.budget, longest=longest)
+    if distributed.max_all(float(needs_checkpointing(per_token, free, longest))):  # still: the longest row cannot run
+        on = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        how = ("even with activation checkpointing" if on else
+               "without activation checkpointing (model.gradient_checkpointing: auto turns it on when it helps)")
+        raise UserError(f"the longest row ({longest:,} tokens) needs {_gib(per_token * longest)} of activations {how}, "
+                        f"and {_gib(free * (1 - MARGIN))} are free for them; {shorter}, or {fixes}")
     if hasattr(optimizer, "make_state"):  # (KahanAdamW) in one piece now, not among the update's freed activations
         optimizer.make_state()
     if print_line:

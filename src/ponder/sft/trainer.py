@@ -157,7 +157,7 @@ class SFTTrainer:
                          if self.policy_pass.packed else self._probe)
                 self._budget = memory_plan.plan_with(probe, self.model, self.optimizer, self.device,
                                                      longest=max(self.lengths), may_checkpoint=auto,
-                                                     fixes=SFT_FIXES).budget
+                                                     fixes=SFT_FIXES, shorter="cut the examples (data.max_len)").budget
         return self._budget
 
     def _probe(self, tokens: int, row: int) -> tuple[int, int, int]:
