@@ -374,3 +374,23 @@ def test_more_epochs_on_resume_take_each_example_once_more_per_epoch(tmp_path):
     # and a third epoch, from a run that has ended twice on a short batch
     run = sft(cfg_for(tmp_path, [data], *common, "train.epochs=3"), resume=True, quiet=True)
     assert run.step_no == 9 and _metrics(run.run_dir)[-1]["epoch"] == 3.0
+
+
+def test_a_model_that_asks_for_dropout_trains_through_its_own_forward(tmp_path):
+    """SFT trains with the dropout the model's config asks for (GRPO turns it off), and the packed pass runs none:
+    auto takes the model's own forward for such a model, and packed is refused in one line."""
+    from ponder.models import save
+    from ponder.sft.trainer import SFTTrainer
+
+    model, tok = load("tiny-random")
+    model.config.attention_dropout = 0.1
+    save(model, tok, tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    args = [f"model.path={tmp_path / 'm'}", "data.template=plain", "train.steps=1"]
+    trainer = SFTTrainer(cfg_for(tmp_path, [data], "name=auto", *args))
+    assert not trainer.policy_pass.packed and trainer.model.model.layers[0].self_attn.attention_dropout == 0.1
+    with pytest.raises(UserError, match=r"train.forward: packed runs no dropout, and this model asks for some "
+                                        r"\(attention_dropout above 0\); use train.forward: auto or padded"):
+        SFTTrainer(cfg_for(tmp_path, [data], "name=packed", "train.forward=packed", *args))
+    # without dropout, auto is the packed pass
+    assert SFTTrainer(cfg_for(tmp_path, [data], "name=plain", "data.template=plain", "train.steps=1")).policy_pass.packed

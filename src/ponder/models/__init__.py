@@ -386,18 +386,24 @@ def disable_dropout(model) -> int:
     a uniform factor on its input). RL compares the policy's
     log-probs with the rollout's, which ran in eval mode: dropout in the update would make their ratio noise.
     LoRA's adapter dropout (model.lora.dropout) stays as the recipe set it. Returns how many were turned off."""
-    off = 0
+    sites = list(dropout_sites(model))
+    for m, attr in sites:
+        setattr(m, attr, 0.0)
+    return len(sites)
+
+
+def dropout_sites(model):
+    """(module, attribute) of each dropout rate above 0 in the model's own layers (not LoRA's adapters): an
+    nn.Dropout's `p`, or a float rate a module reads at each call (DROPOUT_RATES)."""
     for name, m in model.named_modules():
         if "lora_dropout" in name:
             continue
         if isinstance(m, torch.nn.Dropout) and m.p > 0:
-            m.p, off = 0.0, off + 1
+            yield m, "p"
         for rate in DROPOUT_RATES:
             value = getattr(m, rate, None)
             if isinstance(value, float) and value > 0:
-                setattr(m, rate, 0.0)
-                off += 1
-    return off
+                yield m, rate
 
 
 def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 0, device="cpu", precision=None,

@@ -74,9 +74,10 @@ class Plan:
 
 def budget_for(per_token: float, free: float, cap: int = CAP, floor: int = FLOOR) -> tuple[int, bool]:
     """The largest multiple of `floor` tokens whose activations fit in `free` bytes less the margin, at most
-    `cap`; (budget, whether the cap decided). At least `floor`: below it a micro-batch is mostly fixed cost."""
+    `cap`; (budget, whether the cap decided). Where fewer than `floor` fit, those that fit (at least 1): a floor
+    above them would run out of memory (the plan stops the run first where the longest row does not fit)."""
     fits = int((free * (1 - MARGIN)) / max(per_token, 1.0))
-    budget = max(floor, min(cap, fits) // floor * floor)
+    budget = min(cap, fits) // floor * floor or max(fits, 1)
     return budget, fits >= cap
 
 
@@ -225,14 +226,14 @@ def plan_with(probe, model, optimizer, device, print_line: bool = True, longest:
     runs out of memory."""
     if not reads_memory(device):
         return Plan(CPU_BUDGET, 0.0, 0.0, True)
-    # before the probe, which makes gradients and frees them again
-    to_come = state_to_come(model, optimizer, device)
-    left = free_bytes(device) - to_come - RESERVE * total_bytes(device)
-    room_or_stop(left, to_come, device, fixes)  # before the probe, which would make the gradients
+    to_come = state_to_come(model, optimizer, device)  # before the probe, which makes gradients and frees them again
+    room_or_stop(free_bytes(device) - to_come - RESERVE * total_bytes(device), to_come, 0.0, device, fixes)
     cost = measure_cost(probe)
     per_token = cost.at(longest or PROBE_ROWS[1])  # a token of the longest rows costs the most
-    free = left - max(cost.fixed, 0)  # what a pass holds whatever its size, beside the gradients (in to_come)
-    room_or_stop(free, to_come, device, fixes)
+    # read after the probe: its first pass loads what stays (kernels, workspaces); less what a pass holds whatever
+    # its size, beside the gradients (in to_come)
+    free = free_bytes(device) - to_come - RESERVE * total_bytes(device) - max(cost.fixed, 0)
+    room_or_stop(free, to_come, max(cost.fixed, 0), device, fixes)
     budget, capped = budget_for(per_token, free)
     result = Plan(budget, per_token, free, capped)
     # every rank alike: checkpointed layers gather sharded weights again in backward
@@ -254,14 +255,16 @@ def plan_with(probe, model, optimizer, device, print_line: bool = True, longest:
     return result
 
 
-def room_or_stop(free: float, to_come: int, device, fixes: str) -> None:
+def room_or_stop(free: float, to_come: int, fixed: float, device, fixes: str) -> None:
     """One line naming `fixes` when `free` bytes are left for activations or fewer: the first update's optimizer
-    step would run out of memory (a 7B model's full-parameter GRPO on an 80 GB H100 did, after its first rollout)."""
+    step would run out of memory (a 7B model's full-parameter GRPO on an 80 GB H100 did, after its first rollout).
+    `fixed`: what a pass holds whatever its size (such as LoRA's bf16 casts of a frozen base)."""
     if distributed.max_all(float(free <= 0)):  # every rank stops, or the others would wait in a collective
         total = total_bytes(device)
+        pass_part = f", what a pass holds whatever its length ({_gib(fixed)})" if fixed else ""
         raise UserError(f"the update does not fit this device: what the run holds ({_gib(total - free_bytes(device))} of "
-                        f"{_gib(total)}), the gradients and optimizer state to come ({_gib(to_come)}) and a margin leave "
-                        f"{_gib(free)} for activations; {fixes}")
+                        f"{_gib(total)}), the gradients and optimizer state to come ({_gib(to_come)}){pass_part} and a "
+                        f"margin leave {_gib(free)} for activations; {fixes}")
 
 
 def _gib(n: float) -> str:

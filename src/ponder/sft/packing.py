@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ponder.rl.batching import Sample
+from ponder.rl.batching import Sample, to_device
 from ponder.rl.logprobs import head_logprobs, split_model
 from ponder.sft.data import Encoded
 
@@ -43,7 +43,7 @@ def stream_loss_sum(policy_pass, model, batch: list[Scored]) -> torch.Tensor:
     scored = torch.zeros(logp.shape)
     for r, s in enumerate(batch):
         scored[r, : len(s.scored)] = torch.tensor(s.scored, dtype=scored.dtype)
-    return -(logp * scored.to(logp.device)).sum()
+    return -(logp * to_device(scored, logp.device)).sum()
 
 
 def stream_tokens(batch: list[Sample]) -> int:

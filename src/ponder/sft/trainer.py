@@ -57,9 +57,7 @@ class SFTTrainer:
         self.precision = chooser.chosen
         self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, rows)
         self.lengths = [len(e.ids) for e in self.examples]
-        self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model), self.tokenizer.pad_token_id,
-                                      self.device, self.precision.autocast)
-        self.samples = [as_sample(e) for e in self.examples] if self.policy_pass.packed else None
+        self.policy_pass = PolicyPass(self._packed(), self.tokenizer.pad_token_id, self.device, self.precision.autocast)
         self.total_steps = self._planned_steps()
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, self.total_steps, self.precision.moments)
         self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
@@ -94,7 +92,7 @@ class SFTTrainer:
         batch = self.sampler.next(want)
         budget = self.token_budget()
         if self.policy_pass.packed:
-            chunks = self.policy_pass.micro_batches([self.samples[i] for i in batch], budget)
+            chunks = self.policy_pass.micro_batches([as_sample(self.examples[i]) for i in batch], budget)
             n_rows = len(batch)
         else:
             # rows no wider than the longest example: the plan costs a token at that width, and a wider row would
@@ -134,6 +132,17 @@ class SFTTrainer:
             "micro_batches": len(chunks), "tokens": tokens, "target_tokens": targets, "pack_efficiency": tokens / max(computed, 1),
             "time/step": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "token_budget": budget,
         }
+
+    def _packed(self) -> bool:
+        """train.forward, where auto takes the packed pass if it supports the model and the model asks for no
+        dropout: GRPO turns dropout off (ponder.models.disable_dropout), SFT trains with what the config asks, and
+        the packed pass runs none."""
+        forward, packed = self.cfg.train.forward, use_packed(self.cfg.train.forward, self.model)
+        dropout = sorted({attr for _, attr in models.dropout_sites(self.model)})
+        if packed and dropout and forward == "packed":
+            raise UserError(f"train.forward: packed runs no dropout, and this model asks for some ({', '.join(dropout)} "
+                            "above 0); use train.forward: auto or padded (the model's own forward)")
+        return packed and not dropout
 
     def _loss_sum(self, mb) -> tuple[torch.Tensor, int]:
         """The micro-batch's summed loss and the tokens its pass ran (padding and shared prompts counted as run)."""
