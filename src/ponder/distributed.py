@@ -19,11 +19,13 @@ those that do not; ponder.sharding says why there is no separate DDP path.
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import math
 import os
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -78,14 +80,31 @@ def teardown(clean: bool = True, why: str = "error") -> None:
     process exits)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    store, n = _store(), dist.get_world_size()
     if clean:
         dist.barrier()
     elif active():
         try:  # before leaving: a rank whose collective fails on our leaving finds the mark there
-            _store().add(_MARKS[why], 1)
+            store.add(_MARKS[why], 1)
         except (RuntimeError, ValueError):
             pass  # no store to tell: the others' collectives fail all the same, only less quietly
     dist.destroy_process_group()
+    gc.collect()  # what still holds a group (a device mesh in a reference cycle) lets it go now, not at exit
+    if clean and n > 1:
+        _leave_together(store, n)
+
+
+def _leave_together(store, n: int, timeout: float = 60.0) -> None:
+    """Wait (through the store, the group gone) until every rank has left its group: a rank that exited while
+    another still tore its group down made that one abort now and then ("terminate called without an active
+    exception", exit -6, one run in about thirty of the tests' two-rank runs on a loaded machine)."""
+    key, end = f"ponder/left/{_RESTART}", time.monotonic() + timeout
+    try:
+        store.add(key, 1)
+        while store.add(key, 0) < n and time.monotonic() < end:
+            time.sleep(0.01)
+    except (RuntimeError, ValueError):
+        pass  # the store went with a rank that left first: nothing left to wait for
 
 
 def another_rank_stopped() -> str | None:
