@@ -30,7 +30,7 @@ class SFTTrain:
     precision: Literal["auto", "fp32", "mixed", "bf16"] = "auto"  # as GRPO's train.precision (ponder.runtime)
     # packed: ponder's own pass over one stream of examples (ponder.rl.packed: varlen attention, no padding, one
     # run of a prompt its examples share); padded: the model's forward over rows of examples packed end to end and
-    # padded to the widest; auto: packed for the architectures it supports
+    # padded to the widest; auto: packed for the architectures it supports, where the model asks for no dropout
     forward: Literal["auto", "packed", "padded"] = "auto"
     save_every: int = 50
     keep_last: int = 2
