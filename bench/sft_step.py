@@ -32,6 +32,7 @@ from grpo_step import WORDS, new_report, parse_with_common, workload  # noqa: E4
 from rollout import CUDA, long_tail, quantiles  # noqa: E402
 
 from ponder.config import load_config  # noqa: E402
+from ponder.models import checkpointing_on  # noqa: E402
 
 
 def examples(root: Path, n: int, prompt: int, lengths: list[int]) -> Path:
@@ -71,8 +72,7 @@ def run(a, shape: str, root: Path) -> dict:
     timed = steps[1:] or steps
     med = lambda k: statistics.median(m[k] for m in timed)  # noqa: E731
     row = dict(shape=shape, step_s=med("time/step"), tokens_per_s=med("tokens_per_s"), tokens=med("tokens"),
-               budget=steps[-1]["token_budget"], checkpointing=any(getattr(x, "gradient_checkpointing", False)
-                                                                    for x in trainer.model.modules()),
+               budget=steps[-1]["token_budget"], checkpointing=checkpointing_on(trainer.model),
                pack_efficiency=med("pack_efficiency"), micro_batches=med("micro_batches"),
                peak_gib=max(m["peak_gib"] for m in timed), reserved_gib=max(m["reserved_gib"] for m in timed),
                precision=trainer.precision.name, moments=trainer.precision.moments, steps=len(timed))

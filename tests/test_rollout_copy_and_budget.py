@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ponder.errors import UserError
-from ponder.models import load
+from ponder.models import checkpointing_on, load
 from ponder.rl import memory_plan
 from ponder.rl.trainer import GRPOTrainer
 from ponder.rollout import SamplingParams
@@ -171,10 +171,6 @@ def test_fixed_budget_is_used_as_given(smoke_cfg):
     t = GRPOTrainer(smoke_cfg("name=fixed", "optim.token_budget=4096"))
     assert t.token_budget() == 4096
     assert GRPOTrainer(smoke_cfg("name=cpu")).token_budget() == memory_plan.CPU_BUDGET  # no device memory to read
-
-
-def checkpointing_on(model) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 @pytest.mark.parametrize("setting", ["auto", "false"])

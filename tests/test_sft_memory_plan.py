@@ -7,12 +7,12 @@ import re
 
 import pytest
 
+from ponder.models import checkpointing_on
 from ponder.rl import memory_plan
 from ponder.rl.forward import PolicyPass
 from ponder.sft import sft
 from ponder.sft.packing import stream_tokens
 from ponder.sft import trainer as sft_trainer
-from test_rollout_copy_and_budget import checkpointing_on
 from test_sft import cfg_for, write_jsonl
 
 # examples of 30 to 250 characters: the built-in model's tokenizer gives a token a character

@@ -377,6 +377,11 @@ def enable_checkpointing(model) -> None:
     enable()
 
 
+def checkpointing_on(model) -> bool:
+    """Whether any layer of the model is checkpointed (by the recipe, or by the memory plan)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
 DROPOUT_RATES = ("attention_dropout", "residual_dropout", "hidden_dropout", "dropout", "jitter_noise")
 
 

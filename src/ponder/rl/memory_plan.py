@@ -63,7 +63,7 @@ class Plan:
     longest: int = 0  # tokens of the run's longest row
 
     def line(self) -> str:
-        why = "the cap" if self.capped else f"{self.free / GIB:.1f} GiB free"
+        why = "the cap" if self.capped else f"{_gib(self.free)} free"
         line = (f"optim.token_budget: {self.budget:,} tokens a micro-batch, chosen from device memory "
                 f"({self.per_token / 2**20:.2f} MiB a token, {why}; set optim.token_budget to fix it)")
         if self.checkpointing:
@@ -227,13 +227,15 @@ def plan_with(probe, model, optimizer, device, print_line: bool = True, longest:
     if not reads_memory(device):
         return Plan(CPU_BUDGET, 0.0, 0.0, True)
     to_come = state_to_come(model, optimizer, device)  # before the probe, which makes gradients and frees them again
-    room_or_stop(free_bytes(device) - to_come - RESERVE * total_bytes(device), to_come, 0.0, device, fixes)
+    left = lambda: free_bytes(device) - to_come - RESERVE * total_bytes(device)  # noqa: E731
+    room_or_stop(left(), to_come, 0.0, device, fixes)
     cost = measure_cost(probe)
     per_token = cost.at(longest or PROBE_ROWS[1])  # a token of the longest rows costs the most
-    # read after the probe: its first pass loads what stays (kernels, workspaces); less what a pass holds whatever
-    # its size, beside the gradients (in to_come)
-    free = free_bytes(device) - to_come - RESERVE * total_bytes(device) - max(cost.fixed, 0)
-    room_or_stop(free, to_come, max(cost.fixed, 0), device, fixes)
+    # read again after the probe: its first pass loads what stays (kernels, workspaces); less what a pass holds
+    # whatever its size, beside the gradients (in to_come)
+    fixed = max(cost.fixed, 0)
+    free = left() - fixed
+    room_or_stop(free, to_come, fixed, device, fixes)
     budget, capped = budget_for(per_token, free)
     result = Plan(budget, per_token, free, capped)
     # every rank alike: checkpointed layers gather sharded weights again in backward
@@ -243,8 +245,7 @@ def plan_with(probe, model, optimizer, device, print_line: bool = True, longest:
         budget, capped = budget_for(per_token, free)
         result = Plan(budget, per_token, free, capped, checkpointing=True, without=result.budget, longest=longest)
     if distributed.max_all(float(needs_checkpointing(per_token, free, longest))):  # still: the longest row cannot run
-        on = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-        how = ("even with activation checkpointing" if on else
+        how = ("even with activation checkpointing" if models.checkpointing_on(model) else
                "without activation checkpointing (model.gradient_checkpointing: auto turns it on when it helps)")
         raise UserError(f"the longest row ({longest:,} tokens) needs {_gib(per_token * longest)} of activations {how}, "
                         f"and {_gib(free * (1 - MARGIN))} are free for them; {shorter}, or {fixes}")
