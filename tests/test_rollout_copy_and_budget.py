@@ -230,22 +230,26 @@ def test_a_prompt_longer_than_any_the_plan_saw_makes_it_again(smoke_cfg, monkeyp
     assert len(probes) == 9  # shorter prompts: the plan stands
 
 
-def test_a_pass_whose_fixed_part_leaves_no_room_stops_the_run_in_one_line(smoke_cfg, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_pass_whose_fixed_part_leaves_no_room_stops_the_run_in_one_line(smoke_cfg, monkeypatch, lora):
     """2 GiB free once gradients and AdamW state are counted (a device of 80), and the probe finds that a pass holds
     8 GiB whatever its size (as LoRA's bf16 casts of a frozen 7B base do): no micro-batch fits. One line with the
-    figures and GRPO's ways out, before the update (on a GPU it ran out of memory in the optimizer's step)."""
+    figures and GRPO's ways out, before the update (on a GPU it ran out of memory in the optimizer's step); a LoRA run
+    is not told to train adapters."""
     holder, gib = {}, 2**30
     monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
     monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: 8 * gib + 2**10 * stream_tokens(batch))
     monkeypatch.setattr(memory_plan, "free_bytes",
                         lambda device: memory_plan.state_to_come(holder["t"].model, holder["t"].optimizer) + 2 * gib)
     monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
-    holder["t"] = t = GRPOTrainer(smoke_cfg("name=full"))
+    holder["t"] = t = GRPOTrainer(smoke_cfg("name=full", *(["model.lora={r: 4, alpha: 8}"] if lora else [])))
     with pytest.raises(UserError) as e:
         t.step()
-    assert "what a pass holds whatever its length (8.0 GiB) and a margin leave -6.0 GiB for activations; train " \
-           "adapters only" in str(e.value)
-    assert "train.sharding=fsdp train.offload=true" in str(e.value) and "torchrun --nproc-per-node N" in str(e.value)
+    ways = ("keep the optimizer state in CPU memory (train.sharding=fsdp train.offload=true), or shard over more GPUs "
+            "(torchrun --nproc-per-node N)")
+    assert str(e.value).endswith("and a margin leave -6.0 GiB for activations; "
+                                 + ("" if lora else "train adapters only (model.lora: {r: 16, alpha: 32}), ") + ways)
+    assert "(8.0 GiB)" in str(e.value)
     assert t.step_no == 0
 
 

@@ -46,10 +46,18 @@ MARGIN = 0.10  # of the free memory, for fragmentation and what the probe does n
 # while the margin left 3.8 GiB)
 RESERVE = 0.04
 GIB = 2**30
-# what a run can do when its state leaves nothing for the update (`ponder sft` passes its own)
-GRPO_FIXES = ("train adapters only (model.lora: {r: 16, alpha: 32}), keep the optimizer state in CPU memory "
-              "(train.sharding=fsdp train.offload=true), or shard over more GPUs (torchrun --nproc-per-node N)")
 GRPO_SHORTER = "lower rollout.max_new_tokens"
+
+
+def grpo_fixes(lora: bool = False, offload: bool = False) -> str:
+    """What a GRPO run can do when its state leaves nothing for the update, less the ways it has taken already
+    (`ponder sft` passes its own)."""
+    ways = ([] if lora else ["train adapters only (model.lora: {r: 16, alpha: 32})"]) + \
+        ([] if offload else ["keep the optimizer state in CPU memory (train.sharding=fsdp train.offload=true)"])
+    return ", ".join(ways + ["or shard over more GPUs (torchrun --nproc-per-node N)" if ways else
+                             "shard over more GPUs (torchrun --nproc-per-node N)"])
+
+
 
 
 @dataclass
@@ -210,15 +218,15 @@ def free_bytes(device) -> float:
 
 
 def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = True, longest: int = 0,
-         may_checkpoint: bool = False) -> Plan:
+         may_checkpoint: bool = False, fixes: str | None = None) -> Plan:
     """GRPO's plan (plan_with, probing the policy pass). `longest`: stream tokens of one full-length sample (its
     prompt and max_new_tokens)."""
     return plan_with(policy_probe(policy_pass, model, device, vocab), model, optimizer, device, print_line, longest,
-                     may_checkpoint)
+                     may_checkpoint, fixes)
 
 
 def plan_with(probe, model, optimizer, device, print_line: bool = True, longest: int = 0,
-              may_checkpoint: bool = False, fixes: str = GRPO_FIXES, shorter: str = GRPO_SHORTER) -> Plan:
+              may_checkpoint: bool = False, fixes: str | None = None, shorter: str = GRPO_SHORTER) -> Plan:
     """The plan from `probe` (see measure_cost) where device memory can be read (CUDA); elsewhere the fixed CPU
     budget. `longest`: tokens of the run's longest row; `may_checkpoint`: gradient_checkpointing is auto. Where the
     state to come leaves no memory for a micro-batch at all, or the longest row's activations do not fit (after
@@ -226,6 +234,7 @@ def plan_with(probe, model, optimizer, device, print_line: bool = True, longest:
     runs out of memory."""
     if not reads_memory(device):
         return Plan(CPU_BUDGET, 0.0, 0.0, True)
+    fixes = fixes or grpo_fixes()
     to_come = state_to_come(model, optimizer, device)  # before the probe, which makes gradients and frees them again
     left = lambda: free_bytes(device) - to_come - RESERVE * total_bytes(device)  # noqa: E731
     room_or_stop(left(), to_come, 0.0, device, fixes)

@@ -247,7 +247,8 @@ class GRPOTrainer:
                 longest = self._longest_prompt + self.cfg.rollout.max_new_tokens
                 p = memory_plan.plan(self.policy_pass, self.model, self.optimizer, self.device,
                                      self.model.get_output_embeddings().weight.shape[0], print_line=self.rank == 0,
-                                     longest=longest, may_checkpoint=self.cfg.model.gradient_checkpointing == "auto")
+                                     longest=longest, may_checkpoint=self.cfg.model.gradient_checkpointing == "auto",
+                                     fixes=memory_plan.grpo_fixes(self.cfg.model.lora is not None, self.cfg.train.offload))
                 self._budget = int(-distributed.max_all(-p.budget))
         return self._budget
 

@@ -31,9 +31,12 @@ from ponder.sft.packing import (
 from ponder.tasks import PromptSampler
 
 
-# ponder sft runs one process: no sharding or offload to reach for when the state does not fit
-SFT_FIXES = ("train adapters only (model.lora: {r: 16, alpha: 32}), or use train.precision=bf16 if it is not "
-             "already; a model whose state fits neither needs a device with more memory")
+def sft_fixes(precision: str, lora: bool) -> str:
+    """What a run whose state leaves no room for activations can do: `ponder sft` runs one process, so no sharding
+    or offload to reach for; only the ways this run has not taken yet (an H100 run in bf16 was told to use bf16)."""
+    ways = ([] if lora else ["train adapters only (model.lora: {r: 16, alpha: 32})"]) + \
+        ([] if precision == "bf16" else ["use bf16 weights (train.precision=bf16)"])
+    return ", or ".join(ways + ["use a device with more memory"])
 
 
 class SFTTrainer:
@@ -166,7 +169,7 @@ class SFTTrainer:
                          if self.policy_pass.packed else self._probe)
                 self._budget = memory_plan.plan_with(probe, self.model, self.optimizer, self.device,
                                                      longest=max(self.lengths), may_checkpoint=auto,
-                                                     fixes=SFT_FIXES, shorter="cut the examples (data.max_len)").budget
+                                                     fixes=sft_fixes(self.precision.name, self.cfg.model.lora is not None), shorter="cut the examples (data.max_len)").budget
         return self._budget
 
     def _probe(self, tokens: int, row: int) -> tuple[int, int, int]:
