@@ -167,9 +167,10 @@ class SFTTrainer:
                 vocab = self.model.get_output_embeddings().weight.shape[0]
                 probe = (memory_plan.policy_probe(self.policy_pass, self.model, self.device, vocab)
                          if self.policy_pass.packed else self._probe)
+                fixes = sft_fixes(self.precision.name, self.cfg.model.lora is not None)
                 self._budget = memory_plan.plan_with(probe, self.model, self.optimizer, self.device,
-                                                     longest=max(self.lengths), may_checkpoint=auto,
-                                                     fixes=sft_fixes(self.precision.name, self.cfg.model.lora is not None), shorter="cut the examples (data.max_len)").budget
+                                                     longest=max(self.lengths), may_checkpoint=auto, fixes=fixes,
+                                                     shorter="cut the examples (data.max_len)").budget
         return self._budget
 
     def _probe(self, tokens: int, row: int) -> tuple[int, int, int]:
