@@ -230,6 +230,34 @@ def test_a_prompt_longer_than_any_the_plan_saw_makes_it_again(smoke_cfg, monkeyp
     assert len(probes) == 9  # shorter prompts: the plan stands
 
 
+def test_the_first_plan_counts_the_datas_longest_prompt(smoke_cfg, monkeypatch, capsys):
+    """One prompt of the data 10x as long as the rest, not drawn in the first step: the first plan already costs its
+    samples and checkpoints for them (a prompt that could not fit even checkpointed would stop the run there, not
+    when it is drawn hours in), and drawing it later plans nothing again. Memory as in the test above."""
+    holder = {}
+    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
+    cost = lambda model: (8 if checkpointing_on(model) else 64) * 2**10  # noqa: E731
+    probes = []
+    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: probes.append(1) or cost(model) * stream_tokens(batch))
+    monkeypatch.setattr(memory_plan, "free_bytes",
+                        lambda device: memory_plan.state_to_come(holder["t"].model, holder["t"].optimizer) + 4 * 2**20)
+    monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
+    holder["t"] = t = GRPOTrainer(smoke_cfg("name=data-longest", "rollout.max_new_tokens=16", "rollout.prompts_per_step=4"))
+    monkeypatch.setattr(t.engine, "cache_bytes", lambda: 2**20)
+    first = t.sampler.next(4)
+    t.sampler.position = 0
+    long = next(ex for ex in t.examples if ex not in first)
+    long["prompt"] *= 10
+    t.step()
+    err = capsys.readouterr().err
+    longest = len(t._encode(long)) + 16
+    assert checkpointing_on(t.model) and len(probes) == 6
+    assert f"less than the longest row's {longest:,}" in err
+    t.sampler.next = lambda k: [long] * k
+    t.step()
+    assert len(probes) == 6  # its samples came: planned for already
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_pass_whose_fixed_part_leaves_no_room_stops_the_run_in_one_line(smoke_cfg, monkeypatch, lora):
     """2 GiB free once gradients and AdamW state are counted (a device of 80), and the probe finds that a pass holds

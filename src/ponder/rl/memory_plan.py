@@ -8,8 +8,8 @@ at the run's longest rows (its longest prompt and max_new_tokens). The budget is
 left once the step holds what it holds anyway (weights, the rollout engine, gradients, optimizer state, a
 pass's fixed part), less a margin, up to a cap past which
 larger micro-batches run no faster and only hold memory. Planned at the first update, when the rollout
-engine has made its cache, and again when that cache has grown or a prompt longer than any seen has come
-(GRPOTrainer.token_budget); printed, and logged as `token_budget`.
+engine has made its cache, for the data's longest prompts, and again when that cache has grown or a prompt longer
+than any planned for has come (GRPOTrainer.token_budget); printed, and logged as `token_budget`.
 
 `ponder sft` plans the same way (ponder.sft.trainer): through the packed pass, GRPO's probe; through the model's
 own forward, an SFT pass over rows of random tokens, its budget counting padded tokens (rows x the widest) as its

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import heapq
 import math
 import sys
 import time
@@ -43,6 +44,9 @@ from ponder.rollout import SamplingParams, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
 from ponder.tasks import PromptSampler, check_prompts, load_examples, mix
 from ponder.templates import TEMPLATES, encoded_prompt, prompt_ids, render, require_chat_template
+
+# prompts the first memory plan encodes to find the data's longest (tokens per character vary little within a task)
+LONGEST_BY_CHARS = 64
 
 
 @dataclass
@@ -104,6 +108,7 @@ class GRPOTrainer:
         self._past_context = False  # told once that prompt + rollout.max_new_tokens exceed the model's positions
         self.step_no, self.nan_streak, self._budget, self._planned_cache = 0, 0, None, 0
         self._longest_prompt = self._planned_prompt = 0  # tokens: of the prompts encoded so far, and when planned
+        self._data_measured = False  # the data's longest prompts encoded for the plan
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         self.guardrails = Guardrails(cfg.guardrails, announce=self.rank == 0)
         self._asks_reasoning = "<think>" in TEMPLATES.get(cfg.data.template, cfg.data.template)
@@ -233,8 +238,14 @@ class GRPOTrainer:
         engine's cache exists by then) and the same on every rank (bnpo's normaliser depends on it). Made again
         when the engine's cache has grown since (longer answers): the pool takes memory the plan counted free,
         and the planned micro-batches would no longer fit; and when a prompt longer than any the plan saw has
-        come: its samples are the run's longest rows, which the plan costs and checkpoints for. (A run meets a
-        new longest prompt about ln(prompts seen) times, most of them in its first steps.)"""
+        come: its samples are the run's longest rows, which the plan costs and checkpoints for. The first plan already
+        counts the data's longest prompts (LONGEST_BY_CHARS of them by characters, encoded), so that a prompt whose
+        samples cannot fit even checkpointed stops the run at its first update, not hours in; a longer one that the
+        estimate missed is planned for when it comes."""
+        if self.cfg.optim.token_budget is None and not self._data_measured and memory_plan.reads_memory(self.device):
+            self._data_measured = True
+            for ex in heapq.nlargest(LONGEST_BY_CHARS, self.examples, key=lambda ex: len(str(ex["prompt"]))):
+                self._encode(ex)
         if self._budget is not None and self.cfg.optim.token_budget is None:
             grown = self.engine.cache_bytes() > self._planned_cache or self._longest_prompt > self._planned_prompt
             if distributed.max_all(float(grown)):
