@@ -161,3 +161,31 @@ def test_sft_steps_plan_their_budget_from_device_memory(paths, tmp_path, capsys,
     assert [m["token_budget"] for m in steps] == [budget, budget] and budget >= 1024
     assert all(m["loss"] > 0 and m["skipped_updates"] == 0 for m in steps)
 
+
+
+def test_the_updates_products_through_the_copy_add_float32_gradients():
+    """ponder.rl.copy_linear on CUDA: the weight gradient is one product with a float32 output added into .grad
+    (torch.addmm's out_dtype), over three micro-batches. Against the float64 gradient of the same bf16 operands it is
+    nearer than autocast's, which rounds each micro-batch's share to bf16 before adding it."""
+    from ponder.rl import copy_linear
+
+    assert copy_linear._has_fused(DEV), "torch.addmm takes no out_dtype here: the update casts and adds instead"
+    g = torch.Generator(device=DEV).manual_seed(0)
+    ref, mine = (torch.nn.Linear(256, 384, bias=False, device=DEV) for _ in range(2))
+    with torch.no_grad():
+        mine.weight.copy_(ref.weight)
+    w16 = mine.weight.detach().to(torch.bfloat16)
+    exact = torch.zeros_like(ref.weight, dtype=torch.float64)
+    for n in (300, 77, 512):
+        x = torch.randn((n, 256), generator=g, device=DEV)
+        gy = torch.randn((n, 384), generator=g, device=DEV).to(torch.bfloat16)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yr = ref(x)
+            ym = copy_linear.linear_from_copy(x, (mine,), w16, None)
+        torch.testing.assert_close(ym, yr, rtol=0, atol=0)
+        yr.backward(gy)
+        ym.backward(gy)
+        exact += gy.double().t() @ x.to(torch.bfloat16).double()
+    assert mine.weight.grad.dtype == torch.float32
+    err_mine, err_ref = ((p.weight.grad.double() - exact).abs().max().item() for p in (mine, ref))
+    assert err_mine < err_ref / 4, (err_mine, err_ref)

@@ -44,10 +44,12 @@ class PolicyPass:
     """Micro-batches and their log-probs, one way or the other: packed (ponder.rl.packed) or right-padded rows
     through the model's own forward. Both give [B, T] log-probs, entropies and the [B, T] token mask.
     `scratch()` may give idle device memory for the packed head (the rollout engine's, between its calls).
-    `autocast`: bf16 autocast over float32 weights (train.precision=mixed); bf16 weights need none."""
+    `autocast`: bf16 autocast over float32 weights (train.precision=mixed); bf16 weights need none. Under it,
+    `copies()` may give the rollout engine's bf16 copies of the linear layers' matrices (ponder.rl.copy_linear)."""
 
-    def __init__(self, is_packed: bool, pad_id: int, device, autocast: bool, scratch=None):
+    def __init__(self, is_packed: bool, pad_id: int, device, autocast: bool, scratch=None, copies=None):
         self.packed, self.pad_id, self.device, self.autocast, self.scratch = is_packed, pad_id, device, autocast, scratch
+        self.copies = copies if autocast else None
 
     def micro_batches(self, samples: list[Sample], token_budget: int) -> list[list[Sample]]:
         return (packed.packed_micro_batches if self.packed else micro_batches)(samples, token_budget)
@@ -59,8 +61,9 @@ class PolicyPass:
     def _logprobs(self, model, batch: list[Sample], with_entropy: bool, temperature: float):
         if self.packed:
             scratch = self.scratch() if self.scratch is not None and torch.is_grad_enabled() else None
+            copies = self.copies() if self.copies is not None else None
             return packed.packed_logprobs(model, batch, self.device, with_entropy=with_entropy, temperature=temperature,
-                                          autocast=self.autocast, scratch=scratch)
+                                          autocast=self.autocast, scratch=scratch, copies=copies)
         t = to_tensors(batch, self.pad_id, self.device)
         lp, ent = completion_logprobs(model, t, autocast=self.autocast, with_entropy=with_entropy, temperature=temperature)
         return lp, ent, t.mask

@@ -31,6 +31,7 @@ from ponder.kernels.head_logprobs import head_logprobs as fused_head_logprobs
 from ponder.kernels.training_step import pieces
 from ponder.kernels.trials import why
 from ponder.rl.batching import Sample, to_device
+from ponder.rl.copy_linear import copies_for, linear_from_copy
 from ponder.rl.lora_linears import adapter, with_adapters
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
 
@@ -303,16 +304,17 @@ def supports(model) -> bool:
 
 
 def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = False, temperature: float = 1.0,
-                    autocast: bool = False, scratch: torch.Tensor | None = None):
+                    autocast: bool = False, scratch: torch.Tensor | None = None, copies: dict | None = None):
     """Log-probs [B, T] of each row's completion tokens (0 past its end), entropies [B, T] (detached, or
     None) and the [B, T] mask of real tokens: what ponder.rl.forward.completion_logprobs gives, computed packed.
-    `scratch`: idle device memory (flat bytes) the head may fill with its kept logits (see fused_head)."""
+    `scratch`: idle device memory (flat bytes) the head may fill with its kept logits (see fused_head).
+    `copies`: bf16 copies of the linear layers' float32 matrices, by master parameter (see linears)."""
     arch, why = describe(model)
     if arch is None:
         raise ValueError(f"packed forward: {why}")
     pk = pack(batch, device)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = _hidden(arch, pk, torch.device(device))
+        hidden = _hidden(arch, pk, torch.device(device), copies)
         h = rows(hidden, pk.src)
         head = arch.head
         if isinstance(head, torch.nn.Linear) and head.bias is None:
@@ -329,13 +331,20 @@ def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = 
     return out, out_ent, pk.mask
 
 
-def linears(h, mods, join: bool = True):
+def linears(h, mods, join: bool = True, copies: dict | None = None):
     """The outputs of linear layers that read the same input h: plain ones as one matrix product over their
     stacked weights where `join` (q, k, v: a copy of a few MB that autograd splits back), else each by itself;
-    LoRA layers through ponder.rl.lora_linears (one cast of h, the adapter added by its own product)."""
+    LoRA layers through ponder.rl.lora_linears (one cast of h, the adapter added by its own product). With
+    `copies` (the rollout copy's bf16 matrices by master parameter), through them (ponder.rl.copy_linear)."""
     parts = [adapter(m) for m in mods]
     if h.dim() == 2 and any(p is not None for p in parts):
         return with_adapters(h, mods, parts)
+    if copies:
+        groups = [tuple(mods)] if join else [(m,) for m in mods]
+        found = [copies_for(g, copies) for g in groups]
+        if all(f is not None for f in found):
+            outs = [linear_from_copy(h, g, *f) for g, f in zip(groups, found)]
+            return outs[0].split([m.out_features for m in mods], -1) if join else outs
     if (not join or len(mods) == 1 or not all(type(m) is torch.nn.Linear for m in mods)
             or len({m.bias is None for m in mods}) > 1):
         return [m(h) for m in mods]
@@ -355,7 +364,7 @@ def attention_dtype(cuda: bool, autocast: torch.dtype | None, dtype: torch.dtype
     return autocast if cuda else torch.float32
 
 
-def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
+def _hidden(arch, pk: Packed, device: torch.device, copies: dict | None = None) -> torch.Tensor:
     """Final-norm hidden states [N, d] of the stream. Unsharded, a layer's last residual add is fused with the
     next layer's input norm (it reads the next layer's weight). Sharded (FSDP2), each layer reads its own weights
     only, which are gathered for it: the layer runs through its `sharded_call` (ponder.sharding), between
@@ -374,7 +383,7 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         attn, mlp, n = layer.self_attn, layer.mlp, x.shape[0]
         if h is None:  # sharded: the layer's own input norm (post-norm: none)
             h = x if arch.post_norm else K["rms"](x, *norm_args(layer.input_layernorm))
-        qkv = linears(h, qkv_projections(attn))
+        qkv = linears(h, qkv_projections(attn), copies=copies)
         if len(qkv) == 1:  # one fused layer (Phi-3)
             qkv = qkv[0].split(arch.qkv_sizes, -1)
         q, k, v = qkv
@@ -394,16 +403,16 @@ def _hidden(arch, pk: Packed, device: torch.device) -> torch.Tensor:
         fn = attend if dtype in (torch.float16, torch.bfloat16) else bucketed_attention
         with torch.autocast(dev, enabled=False) if autocast and dtype != autocast else contextlib.nullcontext():
             o = fn(q, rows(k, pk.key_idx), rows(v, pk.key_idx), pk, arch.scaling)
-        o = linears(o.reshape(n, -1), (attn.o_proj,))[0]
+        o = linears(o.reshape(n, -1), (attn.o_proj,), copies=copies)[0]
         if arch.post_norm:  # OLMo 2: each block's output normed, then added; the next block reads the stream
             x = x + K["rms"](o, *norm_args(layer.post_attention_layernorm))
             h = x
         else:
             x, h = K["add_rms"](x, o, *norm_args(layer.post_attention_layernorm))
         if swiglu(arch, mlp):  # gate and up stay two products: SwiGLU's backward on halves of one output was slower (H200, measured)
-            gate_up = linears(h, gate_up_projections(mlp), join=False)
+            gate_up = linears(h, gate_up_projections(mlp), join=False, copies=copies)
             gate, up = gate_up if len(gate_up) == 2 else gate_up[0].chunk(2, -1)
-            m = linears(K["swiglu"](gate, up), (mlp.down_proj,))[0]
+            m = linears(K["swiglu"](gate, up), (mlp.down_proj,), copies=copies)[0]
         else:
             m = own_mlp(mlp, h)
         if arch.post_norm:

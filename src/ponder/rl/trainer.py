@@ -101,8 +101,10 @@ class GRPOTrainer:
         self.engine = make_engine(cfg.rollout.engine, self.rollout_weights.model if self.rollout_weights else self.model,
                                   self.tokenizer, **{"batch_size": cfg.rollout.generation_batch, **cfg.rollout.engine_options})
         # the engine's idle cache holds the head's logits between rollouts
+        # and its bf16 copies of the float32 matrices serve the update's products (ponder.rl.copy_linear)
         self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model), self.tokenizer.pad_token_id,
-                                      self.device, self.precision.autocast, scratch=self.engine.idle_memory)
+                                      self.device, self.precision.autocast, scratch=self.engine.idle_memory,
+                                      copies=self.engine.rollout_matrices)
         # id(example) -> (prompt ids, whether its text left a think block open: R1-Distill's chat template)
         self._prompts: dict[int, tuple[list[int], bool]] = {}
         self._past_context = False  # told once that prompt + rollout.max_new_tokens exceed the model's positions

@@ -57,6 +57,11 @@ class RolloutEngine(ABC):
         """Device memory the engine's cache holds now (it may grow between calls; the trainer plans again then)."""
         return 0
 
+    def rollout_matrices(self) -> dict | None:
+        """The engine's own copies of the model's linear layers in its rollout dtype, current with the master weights,
+        by id of the master parameter (the update may compute with them); None if it keeps none."""
+        return None
+
 
 ENGINES: dict[str, type[RolloutEngine]] = {}
 

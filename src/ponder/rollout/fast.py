@@ -112,6 +112,7 @@ class RolloutCopy:
             memo[id(head.weight)] = head.weight
         self.shadow = copy.deepcopy(model, memo)
         self.pairs = [(w, memo[k]) for k, w in matrices.items() if memo[k].data_ptr() != w.data_ptr() and k not in merged]
+        self.by_master = {id(w): c for w, c in self.pairs}  # what the update may compute with (ponder.rl.copy_linear)
         self.merges = [(m, memo[id(m.base_layer.weight)]) for m in self.adapted]
         _unwrap_adapters(self.shadow)
         if tied:
@@ -212,6 +213,12 @@ class FastEngine(RolloutEngine):
 
     def cache_bytes(self) -> int:
         return 0 if self.fwd is None else self.fwd.kv.numel() * self.fwd.kv.element_size()
+
+    def rollout_matrices(self) -> dict | None:
+        if self.copy is None:
+            return None
+        self.copy.refresh()
+        return self.copy.by_master
 
     def release(self) -> None:
         """Free the cache and the captured graphs (they come back on the next call)."""
