@@ -59,6 +59,18 @@ def test_gradients_match_autocast_over_float32_weights_across_micro_batches():
         assert (m.bias.grad.double() - e).abs().max() < 1e-5 < (r.bias.grad.double() - e).abs().max()
 
 
+def test_a_weight_trains_when_its_input_needs_no_gradient():
+    """An input that needs no gradient (a frozen embedding's rows) beside a master that trains: the output still
+    has a backward, and the weight its gradient."""
+    mods = layers(bias=False)[:1]
+    w16 = mods[0].weight.detach().to(torch.bfloat16)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_from_copy(x, mods, w16, None)
+    y.float().sum().backward()
+    torch.testing.assert_close(mods[0].weight.grad, torch.ones(12, 5) @ x.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+
+
 def test_a_layer_without_a_copy_or_a_wrapper_takes_autocasts_path():
     mods = layers(bias=False)
     copies = {id(m.weight): m.weight.detach().to(torch.bfloat16) for m in mods[:2]}

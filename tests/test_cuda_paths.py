@@ -177,7 +177,7 @@ def test_the_updates_products_through_the_copy_add_float32_gradients():
     w16 = mine.weight.detach().to(torch.bfloat16)
     exact = torch.zeros_like(ref.weight, dtype=torch.float64)
     for n in (300, 77, 512):
-        x = torch.randn((n, 256), generator=g, device=DEV)
+        x = torch.randn((n, 256), generator=g, device=DEV, requires_grad=True)
         gy = torch.randn((n, 384), generator=g, device=DEV).to(torch.bfloat16)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             yr = ref(x)
@@ -185,7 +185,7 @@ def test_the_updates_products_through_the_copy_add_float32_gradients():
         torch.testing.assert_close(ym, yr, rtol=0, atol=0)
         yr.backward(gy)
         ym.backward(gy)
-        exact += gy.double().t() @ x.to(torch.bfloat16).double()
+        exact += gy.double().t() @ x.detach().to(torch.bfloat16).double()
     assert mine.weight.grad.dtype == torch.float32
     err_mine, err_ref = ((p.weight.grad.double() - exact).abs().max().item() for p in (mine, ref))
     assert err_mine < err_ref / 4, (err_mine, err_ref)

@@ -61,13 +61,15 @@ def add_sum(p: torch.Tensor, rows: torch.Tensor) -> None:
 
 class _FromCopy(torch.autograd.Function):
     """y = x w^T + b over the copies (w: the layers' matrices stacked by output rows); the gradients of the masters
-    (`weights`, `biases`: one per layer) added into their .grad, not returned."""
+    (`masters`: each layer's weight, then each layer's bias or None) added into their .grad, not returned. The
+    masters are inputs so that the output needs a backward whenever one of them trains, whatever x is."""
 
     @staticmethod
-    def forward(ctx, x, w, b, weights, biases):
+    def forward(ctx, x, w, b, *masters):
         x = x.to(w.dtype)  # as autocast rounds a product's input
         ctx.save_for_backward(x, w)
-        ctx.weights, ctx.biases = weights, biases
+        half = len(masters) // 2
+        ctx.weights, ctx.biases = masters[:half], masters[half:]
         return F.linear(x, w, b)
 
     @staticmethod
@@ -84,7 +86,7 @@ class _FromCopy(torch.autograd.Function):
             if bias is not None and bias.requires_grad:
                 add_sum(bias, rows)
             at += weight.shape[0]
-        return gx, None, None, None, None
+        return (gx, None, None) + (None,) * (len(ctx.weights) + len(ctx.biases))
 
 
 def stacked(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -121,4 +123,4 @@ def linear_from_copy(h: torch.Tensor, mods, w: torch.Tensor, b: torch.Tensor | N
     """The joined output of layers `mods` over h, through their copies (w, b from copies_for)."""
     if not torch.is_grad_enabled():  # scoring: nothing to add to
         return F.linear(h.to(w.dtype), w, b)
-    return _FromCopy.apply(h, w, b, [m.weight for m in mods], [m.bias for m in mods])
+    return _FromCopy.apply(h, w, b, *[m.weight for m in mods], *[m.bias for m in mods])
