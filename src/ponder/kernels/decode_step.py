@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ponder.kernels.norm import add_rms, rms
-from ponder.kernels.rope import rope_kv
+from ponder.kernels.norm import add_rms, add_rms_cpu, rms, rms_cpu
+from ponder.kernels.rope import rope_kv, rope_signed
 from ponder.kernels.rope_store import rope_store_trial, triton_rope_store
 from ponder.kernels.sampler import cdf_trial, greedy_pick, gumbel_pick, row_keys, triton_cdf_pick
 from ponder.kernels.swiglu import halves_trial, swiglu, swiglu_halves, triton_swiglu_halves
@@ -24,12 +24,30 @@ EAGER = dict(rms=rms, add_rms=add_rms, rope_kv=rope_kv, swiglu=swiglu, swiglu_ha
 _compiled: dict | None = None
 
 
+def rope_kv_signed(q, k, v, cos, ssin):
+    """rope_kv given the signed sine table (ponder.kernels.rope.signed_sin): the CPU's, in fewer operations."""
+    return rope_signed(q, cos, ssin), torch.stack((rope_signed(k, cos, ssin), v), 1)
+
+
+def swiglu_halves_cpu(x):
+    """swiglu_halves, the product written over SiLU's output (no new tensor)."""
+    g, u = x.chunk(2, -1)
+    return torch.nn.functional.silu(g).mul_(u)
+
+
+# CPU: EAGER's math, bit for bit, in fewer eager operations (norms without scalar casts; rotary against a signed
+# sine table, which Forward keeps in place of the sine table where these run)
+CPU = dict(EAGER, rms=rms_cpu, add_rms=add_rms_cpu, rope_kv=rope_kv_signed, swiglu_halves=swiglu_halves_cpu)
+
+
 def kernels(device: torch.device) -> dict:
     """The pieces of EAGER, compiled when on CUDA and the compiler handles them here; eager otherwise.
     On CUDA also 'rope_store' (triton_rope_store, or None without a working Triton) and, when it passes its
     trial, triton_cdf_pick as 'pick' (on the CPU 'pick' stays the Gumbel-max draw, which the documented
     CPU runs were made with)."""
     global _compiled
+    if device.type == "cpu":
+        return CPU
     if device.type != "cuda":
         return EAGER
     if _compiled is None:

@@ -79,7 +79,8 @@ def _uniforms(keys, vocab: int, device):
     if device.type == "cpu":
         k = keys.numpy().view(np.uint32)[:, None]
         bits = _hash32_np(_hash32_np(k + np.arange(vocab, dtype=np.uint32)[None, :]) ^ k)
-        return torch.from_numpy((bits >> 8).astype(np.float32) + np.float32(0.5)) * (1.0 / 16777216)
+        # scaled by 2**-24 in numpy (exact in float32, as torch's product was): one torch operation less a step
+        return torch.from_numpy(((bits >> 8).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / 16777216))
     ids = torch.arange(vocab, device=device, dtype=torch.int32)
     k = keys[:, None]
     bits = hash32(hash32(k + ids[None, :]) ^ k)  # two rounds: neighbouring ids decorrelate fully
@@ -91,9 +92,15 @@ def gumbel_pick(logits, keys, inv_temperature):
     (a hash of the row key and the token id: no RNG state, one pass over the logits, graph-safe).
     24-bit uniforms: tokens less likely than about e^-17 times the top one are never drawn.
     Returns the tokens and their log-probabilities."""
-    x = logits.float() * inv_temperature
+    x_cpu = logits.device.type == "cpu"
+    if x_cpu:  # no operation that changes nothing (a cast to float32, a product by 1)
+        x = logits if logits.dtype == torch.float32 else logits.float()
+        x = x if inv_temperature == 1.0 else x * inv_temperature
+    else:
+        x = logits.float() * inv_temperature
     u = _uniforms(keys, x.shape[-1], x.device)
-    tok = (x - (-u.log()).log()).argmax(-1)
+    gumbel = u.log_().neg_().log_() if x_cpu else (-u.log()).log()  # -log(-log(u)), subtracted: u is our own
+    tok = (x - gumbel).argmax(-1)
     lp = x.gather(-1, tok[:, None]).squeeze(-1) - x.logsumexp(-1)
     return tok, lp
 

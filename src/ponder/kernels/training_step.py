@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import torch
 
-from ponder.kernels.norm import add_rms, rms
-from ponder.kernels.rope import rope_qk, rope_qk_fn
+from ponder.kernels.norm import add_rms, add_rms_train_cpu, rms, rms_train_cpu
+from ponder.kernels.rope import rope_qk, rope_qk_fn, rope_qk_signed
 from ponder.kernels.swiglu import swiglu, swiglu_fn
 from ponder.kernels.trials import compile_each
 
 EAGER = dict(rms=rms, add_rms=add_rms, rope_qk=rope_qk, swiglu=swiglu)
+# CPU: the same values and gradients, bit for bit, in fewer eager operations each way
+CPU = dict(EAGER, rms=rms_train_cpu, add_rms=add_rms_train_cpu, rope_qk=rope_qk_signed)
 _chosen: dict = {}
 
 
 def pieces(device: torch.device) -> dict:
     """EAGER compiled with their backward on CUDA (each after a forward + backward trial), eager elsewhere."""
+    if device.type == "cpu":
+        return CPU
     if device.type != "cuda":
         return EAGER
     if "pieces" not in _chosen:

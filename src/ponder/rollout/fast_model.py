@@ -14,16 +14,28 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.nn.modules.module as _hooks
 
 from ponder.kernels import decode_attention as attention_kernel
 from ponder.kernels.arch import Arch, gate_up_projections, norm_args, own_mlp, qk_norms, qkv_projections, rotary, swiglu
-from ponder.kernels.decode_step import EAGER, kernels
+from ponder.kernels.decode_step import CPU, EAGER, kernels
+from ponder.kernels.norm import const
+from ponder.kernels.rope import rope_signed, signed_sin
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
 
 EOS_SLOTS = 8  # end-of-sequence ids the captured step checks
 ROW_KV_BYTES = 1 << 30  # CPU: the most the in-order copy of rows' K/V may take (Forward.row_kv)
+
+
+def _linear(m, x):
+    """m(x) for a linear layer: a plain nn.Linear without hooks as F.linear (its forward) without the module call,
+    a few microseconds each of the decode step's products on CPU; anything else (LoRA, hooks) called."""
+    if type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks or _hooks._global_forward_hooks
+                                          or _hooks._global_forward_pre_hooks):
+        return F.linear(x, m.weight, m.bias)
+    return m(x)
 
 
 class Forward:
@@ -43,6 +55,8 @@ class Forward:
         # them again before each product, one more small kernel (and one for each bias) a product and step
         self.narrow = dtype if autocast else None
         self.k = kernels(torch.device(device)) if fused else EAGER
+        # CPU: the kernels' rotary takes the sine table signed (ponder.kernels.rope.signed_sin), kept in self.sin
+        self.signed = self.k is CPU
         if attention == "triton" and torch.device(device).type == "cuda" and not attention_kernel.available(device):
             self.attention = "sdpa"  # no working kernel (one notice printed): cuDNN's attention is next best
         self.swiglu = [swiglu(arch, l.mlp) for l in arch.backbone.layers]
@@ -60,6 +74,8 @@ class Forward:
         # layers without rotary embedding (NoPE) run the same kernels over the identity rotation: cos 1, sin 0
         self.nope = [not rotary(l.self_attn) for l in arch.backbone.layers]
         self.still = (torch.ones_like(self.cos), torch.zeros_like(self.sin)) if any(self.nope) else None
+        if self.still and self.signed:
+            self.still = (self.still[0], signed_sin(self.still[1]))
         # static inputs of the decode step (CUDA graphs read them at fixed addresses)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
@@ -127,7 +143,7 @@ class Forward:
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = self.a.backbone.rotary_emb(probe, self.slots[None])
         self.cos.copy_(cos[0])
-        self.sin.copy_(sin[0])
+        self.sin.copy_(signed_sin(sin[0]) if self.signed else sin[0])
 
     def _rope(self, at):
         """[(cos, sin) of the model's rotary embedding, and of the identity rotation if a layer is NoPE], each
@@ -147,10 +163,22 @@ class Forward:
         q, k = qk_norms(attn, q, k, self.k["rms"])  # Qwen3, OLMo 2
         return q, k, v
 
+    def _qkv_rope(self, li: int, h, cos, ssin):
+        """CPU, one joined q|k|v product and no q/k norms: q [N, heads, D] and kv [N, 2, kv heads, D] as _qkv and
+        the kernels' rope_kv give them, with rotary run once over q's and k's heads together (their columns
+        are side by side in the product)."""
+        a, n = self.a, h.shape[0]
+        qk_heads = a.n_heads + a.n_kv
+        y = F.linear(h, *self.qkv[li])
+        qk = y[:, : qk_heads * a.head_dim].view(n, qk_heads, a.head_dim)
+        qk = rope_signed(qk, cos, ssin)
+        v = y[:, qk_heads * a.head_dim :].view(n, a.n_kv, a.head_dim)
+        return qk[:, : a.n_heads], torch.stack((qk[:, a.n_heads :], v), 1)
+
     def _mlp(self, li: int, h):
         mlp = self.a.backbone.layers[li].mlp
         if self.gate_up[li] is not None:
-            return mlp.down_proj(self.k["swiglu_halves"](F.linear(h, *self.gate_up[li])))
+            return _linear(mlp.down_proj, self.k["swiglu_halves"](F.linear(h, *self.gate_up[li])))
         if self.swiglu[li]:  # wrapped layers (LoRA): called as they are
             outs = [m(h) for m in gate_up_projections(mlp)]
             return mlp.down_proj(self.k["swiglu"](*outs) if len(outs) == 2 else self.k["swiglu_halves"](outs[0]))
@@ -198,7 +226,7 @@ class Forward:
         at = (self.row_seq[:batch], self.n_out[:batch])
         self.out_tok.index_put_(at, tok)
         if lp is not None:
-            self.out_lp.index_put_(at, lp.float())
+            self.out_lp.index_put_(at, lp if lp.dtype == torch.float32 else lp.float())
         self.n_out[:batch] += 1
         self.live[:batch] &= ~(tok[:, None] == self.eos[None, :]).any(-1) & (self.n_out[:batch] < self.limit[:batch])
         self.tokens[:batch] = tok
@@ -274,21 +302,28 @@ class Forward:
         mask = None
         if self.attention != "triton":  # the kernel reads each row's live slots itself
             # additive mask made once per step (a boolean one would be converted again in every layer)
-            visible = self.slots[:length][None, :] <= pos[:, None]
-            mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+            hidden = self.slots[:length][None, :] > pos[:, None]
+            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
             mask = mask[:, None, None, :]  # [B, 1, 1, L]
+        # CPU: q/k/v and rotary joined where nothing sits between them (_qkv_rope)
+        joined = self.signed and store is None
+        scale = const(a.scaling, torch.float32) if self.signed else a.scaling
         group = a.n_heads // a.n_kv
         layers = a.backbone.layers
         x = a.backbone.embed_tokens(tok)
         h = self._enter(x)
         for li, layer in enumerate(layers):
-            q, k, v = self._qkv(li, h)
             cache = self.kv[li]
-            if store is not None:
-                q = store(q, k, v, *rope[self.nope[li]], pos, cache, table)
+            if joined and self.qkv[li] is not None and getattr(layer.self_attn, "q_norm", None) is None:
+                q, kv = self._qkv_rope(li, h, *rope[self.nope[li]])
             else:
-                q, kv = K["rope_kv"](q, k, v, *rope[self.nope[li]])
-                kv = kv.to(cache.dtype)
+                q, k, v = self._qkv(li, h)
+                if store is not None:
+                    q = store(q, k, v, *rope[self.nope[li]], pos, cache, table)
+                else:
+                    q, kv = K["rope_kv"](q, k, v, *rope[self.nope[li]])
+            if store is None:
+                kv = kv if kv.dtype == cache.dtype else kv.to(cache.dtype)
                 # K and V of every row in one write ([B, 2, kv heads, D]): into the rows' in-order copy, which this
                 # step reads, or the pool. The pool's copy of a decoded token is never read where the copy exists:
                 # a row taken up later loads only blocks that prefill wrote (its prompt's, or its recomputed ones)
@@ -309,12 +344,18 @@ class Forward:
                     kc, vc = attention_kernel.gather(cache[0], table, length), attention_kernel.gather(cache[1], table, length)
                 if self.attention == "sdpa":
                     o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling)
+                elif self.signed:  # CPU: the batched products torch.matmul makes of these, called as they are
+                    n = batch * a.n_kv
+                    s = torch.bmm(q.reshape(n, group, a.head_dim), kc.flatten(0, 1).transpose(1, 2))
+                    s = (s if s.dtype == torch.float32 else s.float()).view(batch, a.n_kv, group, -1)
+                    p = s.mul_(scale).add_(mask).softmax(-1)  # s is our own
+                    o = torch.bmm((p if p.dtype == vc.dtype else p.to(vc.dtype)).view(n, group, -1), vc.flatten(0, 1))
                 else:
                     s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
                     o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
-            x, h = self._after_attention(li, x, layer.self_attn.o_proj(o.reshape(batch, -1)))
+            x, h = self._after_attention(li, x, _linear(layer.self_attn.o_proj, o.reshape(batch, -1)))
             x, h = self._after_mlp(li, x, self._mlp(li, h))
-        return a.head(h)
+        return _linear(a.head, h)
 
     def compact(self, keep: torch.Tensor):
         """Move rows `keep` to the front: their block tables and per-row state (the cache itself stays put)."""
