@@ -173,17 +173,25 @@ def test_fixed_budget_is_used_as_given(smoke_cfg):
     assert GRPOTrainer(smoke_cfg("name=cpu")).token_budget() == memory_plan.CPU_BUDGET  # no device memory to read
 
 
+def stand_in_memory(monkeypatch, holder: dict, free: int) -> list:
+    """Device memory as if read: `free` bytes once the gradients and AdamW state of holder["t"] are counted; a
+    probe's peak 64 KiB a stream token without checkpointing, 8 KiB with it. Returns the list each probe adds to."""
+    probes = []
+    cost = lambda model: (8 if checkpointing_on(model) else 64) * 2**10  # noqa: E731
+    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
+    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: probes.append(1) or cost(model) * stream_tokens(batch))
+    monkeypatch.setattr(memory_plan, "free_bytes",
+                        lambda device: memory_plan.state_to_come(holder["t"].model, holder["t"].optimizer) + free)
+    monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
+    return probes
+
+
 @pytest.mark.parametrize("setting", ["auto", "false"])
 def test_plan_turns_on_activation_checkpointing_when_one_sample_would_not_fit(smoke_cfg, monkeypatch, capsys, setting):
     """64 KiB a token without checkpointing, 8 KiB with it; 2 MiB free once gradients and AdamW state are
     counted: one full-length sample (its prompt and 64 new tokens, over 32 tokens) needs over 2 MiB * 0.9."""
     holder = {}
-    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
-    cost = lambda model: (8 if checkpointing_on(model) else 64) * 2**10  # noqa: E731
-    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: cost(model) * stream_tokens(batch))
-    monkeypatch.setattr(memory_plan, "free_bytes",
-                        lambda device: memory_plan.state_to_come(holder["t"].model, holder["t"].optimizer) + 2 * 2**20)
-    monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
+    stand_in_memory(monkeypatch, holder, 2 * 2**20)
     cfg = smoke_cfg("name=ckpt", "rollout.max_new_tokens=64", f"model.gradient_checkpointing={setting}")
     holder["t"] = t = GRPOTrainer(cfg)
     assert not checkpointing_on(t.model)
@@ -206,15 +214,9 @@ def test_a_prompt_longer_than_any_the_plan_saw_makes_it_again(smoke_cfg, monkeyp
     prompt 10x as long, whose samples would not fit without checkpointing, is planned for when it comes (not a
     step later, when its update has run out of memory); prompts no longer than the planned one plan nothing."""
     holder = {}
-    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
-    cost = lambda model: (8 if checkpointing_on(model) else 64) * 2**10  # noqa: E731
-    probes = []
-    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: probes.append(1) or cost(model) * stream_tokens(batch))
     # 4 MiB usable once the state is counted: 3.6 MiB / 64 KiB = 57 tokens a micro-batch, more than a first step's
     # sample (a prompt of 21-24 tokens and 16 new) and less than a 240-token prompt's
-    monkeypatch.setattr(memory_plan, "free_bytes",
-                        lambda device: memory_plan.state_to_come(holder["t"].model, holder["t"].optimizer) + 4 * 2**20)
-    monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
+    probes = stand_in_memory(monkeypatch, holder, 4 * 2**20)
     holder["t"] = t = GRPOTrainer(smoke_cfg("name=longer", "rollout.max_new_tokens=16", "rollout.prompts_per_step=4"))
     monkeypatch.setattr(t.engine, "cache_bytes", lambda: 2**20)  # a pool with room to spare: it never grows
     draw = t.sampler.next
@@ -235,13 +237,7 @@ def test_the_first_plan_counts_the_datas_longest_prompt(smoke_cfg, monkeypatch, 
     samples and checkpoints for them (a prompt that could not fit even checkpointed would stop the run there, not
     when it is drawn hours in), and drawing it later plans nothing again. Memory as in the test above."""
     holder = {}
-    monkeypatch.setattr(memory_plan, "reads_memory", lambda device: True)
-    cost = lambda model: (8 if checkpointing_on(model) else 64) * 2**10  # noqa: E731
-    probes = []
-    monkeypatch.setattr(memory_plan, "_peak", lambda pp, model, device, batch: probes.append(1) or cost(model) * stream_tokens(batch))
-    monkeypatch.setattr(memory_plan, "free_bytes",
-                        lambda device: memory_plan.state_to_come(holder["t"].model, holder["t"].optimizer) + 4 * 2**20)
-    monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 0)
+    probes = stand_in_memory(monkeypatch, holder, 4 * 2**20)
     holder["t"] = t = GRPOTrainer(smoke_cfg("name=data-longest", "rollout.max_new_tokens=16", "rollout.prompts_per_step=4"))
     monkeypatch.setattr(t.engine, "cache_bytes", lambda: 2**20)
     first = t.sampler.next(4)
