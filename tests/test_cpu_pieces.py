@@ -49,3 +49,17 @@ def test_cpu_swiglu_and_the_pieces_the_cpu_gets():
     assert torch.equal(decode_step.swiglu_halves_cpu(x.clone()), decode_step.EAGER["swiglu_halves"](x))
     assert decode_step.kernels(torch.device("cpu")) is decode_step.CPU
     assert training_step.pieces(torch.device("cpu")) is training_step.CPU
+
+
+def test_a_hooked_layer_is_called_as_a_module_in_the_cpu_decode_step():
+    """The CPU decode step calls plain linear layers as F.linear (no module call), but a layer with a forward hook
+    (a user's probe, an adapter library's) must still run through it."""
+    from ponder.models import load
+    from ponder.rollout import SamplingParams
+    from ponder.rollout.fast import FastEngine
+
+    model, tok = load("tiny-random", seed=1)
+    seen = []
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape[0]))
+    FastEngine(model, tok).generate([tok("12+3=").input_ids], SamplingParams(n=2, temperature=0.0, max_tokens=4))
+    assert len(seen) >= 4  # prefill, then each decode step

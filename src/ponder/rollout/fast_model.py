@@ -32,8 +32,9 @@ ROW_KV_BYTES = 1 << 30  # CPU: the most the in-order copy of rows' K/V may take 
 def _linear(m, x):
     """m(x) for a linear layer: a plain nn.Linear without hooks as F.linear (its forward) without the module call,
     a few microseconds each of the decode step's products on CPU; anything else (LoRA, hooks) called."""
-    if type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks or _hooks._global_forward_hooks
-                                          or _hooks._global_forward_pre_hooks):
+    hooked = (m._forward_hooks or m._forward_pre_hooks or getattr(_hooks, "_global_forward_hooks", True)
+              or getattr(_hooks, "_global_forward_pre_hooks", True))  # (torch's private registries; missing: called)
+    if type(m) is torch.nn.Linear and not hooked:
         return F.linear(x, m.weight, m.bias)
     return m(x)
 
