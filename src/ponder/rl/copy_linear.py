@@ -10,13 +10,16 @@ gradient use them as they are, and each weight's gradient is one product whose f
 fusion of large-model trainers). The bf16 products are those autocast computes; the weight gradient is rounded
 once, to float32, where autocast rounded each micro-batch's share to bf16 first.
 
-Where the fused product is missing (CPU), the product is cast and added as autocast's path did.
+Where the fused product is missing (CPU), the product is cast and added as autocast's path did (a bias's gradient is
+summed in float32 either way, where autocast summed in bf16).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ponder.rollout.fused_weights import rows_of
 
 _fused: dict = {}  # device type -> whether torch.addmm takes out_dtype (bf16 inputs, float32 output) there
 
@@ -92,15 +95,8 @@ class _FromCopy(torch.autograd.Function):
 def stacked(ts: list[torch.Tensor]) -> torch.Tensor:
     """The tensors stacked along their first dimension: a view where they are consecutive rows of one buffer (the
     engine joins q|k|v and gate|up so), else a copy."""
-    if len(ts) == 1:
-        return ts[0]
-    first = ts[0]
-    consecutive = all(
-        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.is_contiguous() and b.is_contiguous()
-        and b.storage_offset() == a.storage_offset() + a.numel() for a, b in zip(ts, ts[1:]))
-    if not consecutive:
-        return torch.cat(ts)
-    return first.as_strided((sum(t.shape[0] for t in ts),) + tuple(first.shape[1:]), first.stride(), first.storage_offset())
+    joined = rows_of(ts)
+    return torch.cat(ts) if joined is None else joined
 
 
 def copies_for(mods, copies: dict | None):

@@ -18,17 +18,22 @@ def joined(mods) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     `weight` is its base's alone: its adapter would be left out)."""
     if not all(type(m) is torch.nn.Linear for m in mods):
         return None
-    ws = [m.weight for m in mods]
-    base = ws[0]
-    if not all(_follows(a, b) for a, b in zip(ws, ws[1:])):
+    weight = rows_of([m.weight for m in mods])
+    if weight is None:
         return None
-    weight = base.as_strided((sum(w.shape[0] for w in ws), base.shape[1]), base.stride(), base.storage_offset())
     if mods[0].bias is None:
         return weight, None
-    bs = [m.bias for m in mods]
-    if not all(_follows(a, b) for a, b in zip(bs, bs[1:])):
+    bias = rows_of([m.bias for m in mods])
+    return None if bias is None else (weight, bias)
+
+
+def rows_of(ts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors stacked along their first dimension, as a view, where they are consecutive rows of one buffer;
+    else None."""
+    if not all(_follows(a, b) for a, b in zip(ts, ts[1:])):
         return None
-    return weight, bs[0].as_strided((weight.shape[0],), (1,), bs[0].storage_offset())
+    first = ts[0]
+    return first.as_strided((sum(t.shape[0] for t in ts),) + tuple(first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
