@@ -35,12 +35,17 @@ def const(value: float, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+def _inv_rms(xf, eps: float):
+    """1 / sqrt(mean(xf^2) + eps) over the last dimension of float32 xf, as rms computes it (mean: the sum divided)."""
+    f32 = torch.float32
+    return xf.pow(2).sum(-1, keepdim=True).div_(const(float(xf.shape[-1]), f32)).add_(const(eps, f32)).rsqrt_()
+
+
 def rms_cpu(x, w, eps: float, dtype: torch.dtype | None = None):
     """rms, bit for bit, on CPU tensors."""
     f32 = torch.float32
     xf = x if x.dtype == f32 else x.float()
-    inv = xf.pow(2).sum(-1, keepdim=True).div_(const(float(x.shape[-1]), f32)).add_(const(eps, f32)).rsqrt_()
-    y = xf * inv
+    y = xf * _inv_rms(xf, eps)
     if x.dtype != f32:
         y = y.to(x.dtype)
     out = y.mul_(w) if w.dtype == y.dtype else w * y  # w * y, the same product
@@ -58,8 +63,7 @@ def rms_train_cpu(x, w, eps: float, dtype: torch.dtype | None = None):
     those before expanding (the same quotients, one [N, d] pass less a norm)."""
     f32 = torch.float32
     xf = x if x.dtype == f32 else x.float()
-    inv = xf.pow(2).sum(-1, keepdim=True).div_(const(float(x.shape[-1]), f32)).add_(const(eps, f32)).rsqrt_()
-    y = xf * inv
+    y = xf * _inv_rms(xf, eps)
     out = w * (y if x.dtype == f32 else y.to(x.dtype))
     return out if dtype is None or out.dtype == dtype else out.to(dtype)
 
