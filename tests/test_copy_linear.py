@@ -81,29 +81,33 @@ def test_a_layer_without_a_copy_or_a_wrapper_takes_autocasts_path():
     assert joined.data_ptr() != a.data_ptr() and torch.equal(joined, torch.cat([a, b]))
 
 
-def test_the_trainer_updates_through_the_copy_as_through_autocast(smoke_cfg, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("algorithm.mu=2",)], ids=["mu1", "mu2"])
+def test_the_trainer_updates_through_the_copy_as_through_autocast(smoke_cfg, monkeypatch, extra):
     """`train.precision=mixed` with the fast engine's bf16 copy on the CPU: one GRPO step over several micro-batches,
     through the copies and (the engine offering none) through autocast's casts. The copy's path must be the one
-    taken, and the gradients the optimizer steps with agree (biases: within bf16's rounding of autocast's sums)."""
+    taken, and the gradients of every optimizer step agree (biases: within bf16's rounding of autocast's sums). With
+    mu = 2 the second step's gradients come from weights the first step moved: a copy not refreshed between them
+    would give the first step's weights' gradients."""
     calls = []
     real = copy_linear._FromCopy.apply
     monkeypatch.setattr(copy_linear._FromCopy, "apply", lambda *a: calls.append(1) or real(*a))
-    cfg = ("rollout.engine=fast", "rollout.engine_options={dtype: bf16}", "train.precision=mixed",
+    cfg = ("rollout.engine=fast", "rollout.engine_options={dtype: bf16}", "train.precision=mixed", "optim.lr=0.01",
            "rewards={test_char_hash: 1.0}", "rollout.prompts_per_step=4", "rollout.group_size=4",
-           "rollout.max_new_tokens=12", "optim.token_budget=80", "train.steps=1")
-    grads = {}
-    for name in ("copy", "autocast"):
+           "rollout.max_new_tokens=12", "optim.token_budget=80", "train.steps=1", *extra)
+    grads = {"copy": [], "autocast": []}
+    for name in grads:
         t = GRPOTrainer(smoke_cfg(f"name={name}", *cfg))
         if name == "autocast":
             t.policy_pass.copies = None
-        t.optimizer.register_step_pre_hook(lambda opt, args, kwargs, _t=t, _n=name: grads.__setitem__(
-            _n, {k: p.grad.clone() for k, p in _t.model.named_parameters()}))
+        t.optimizer.register_step_pre_hook(lambda opt, args, kwargs, _t=t, _n=name: grads[_n].append(
+            {k: p.grad.clone() for k, p in _t.model.named_parameters()}))
         t.step()
         assert len(calls) > (3 * 4 * 2 if name == "copy" else -1) and (name == "copy") == bool(calls)
         calls.clear()
-    assert grads["copy"].keys() == grads["autocast"].keys()
-    for name, g in grads["copy"].items():
-        scale = grads["autocast"][name].abs().max().item()
-        assert scale > 0, name
-        torch.testing.assert_close(g, grads["autocast"][name], rtol=0, atol=2e-2 * scale if "bias" in name else 1e-6,
-                                   msg=name)
+    assert len(grads["copy"]) == len(grads["autocast"]) == (2 if extra else 1)
+    for mine, ref in zip(grads["copy"], grads["autocast"]):
+        assert mine.keys() == ref.keys()
+        for name, g in mine.items():
+            scale = ref[name].abs().max().item()
+            assert scale > 0, name
+            torch.testing.assert_close(g, ref[name], rtol=0, atol=2e-2 * scale if "bias" in name else 1e-6, msg=name)
