@@ -493,3 +493,31 @@ def test_sft_rows_a_template_cannot_take_are_told_before_the_model_loads(tmp_pat
         with pytest.raises(UserError) as e:
             SFTTrainer(cfg)
         assert str(e.value) == want
+
+
+def test_the_tokenizer_the_data_was_checked_with_is_the_models(tmp_path, monkeypatch, capsys):
+    """`data.template: chat` (GRPO) and SFT's data check load the model's tokenizer before the model: the model's
+    loading takes that one, not a second parse of its files (a large tokenizer.json takes about a second)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from ponder import models
+    from ponder.config import load_config
+    from ponder.rl.trainer import GRPOTrainer
+    from ponder.sft.trainer import SFTTrainer
+    from ponder.sft.config import SFTConfig
+
+    model = chat_model(tmp_path / "m", "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+                                       "{% if add_generation_prompt %}[assistant]{% endif %}")
+    capsys.readouterr()
+    real, loads = AutoTokenizer.from_pretrained, []
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: loads.append(str(a[0])) or real(*a, **k))
+    t = GRPOTrainer(load_config(RECIPE, [f"output_dir={tmp_path}", f"model.path={model}", "data.template=chat",
+                                         jsonl(tmp_path / "d.jsonl", "3+4", "5+6")]))
+    assert loads == [model] and t.tokenizer.padding_side == "left"
+    (tmp_path / "s.jsonl").write_text(json.dumps({"prompt": "3+4", "completion": " 7"}) + "\n")
+    SFTTrainer(load_config(None, [f"output_dir={tmp_path}/sft", f"model.path={model}", "data.template=chat",
+                                  f"data.files={json.dumps([str(tmp_path / 's.jsonl')])}"], cls=SFTConfig))
+    assert loads == [model, model]

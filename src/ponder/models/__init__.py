@@ -151,9 +151,9 @@ def check_loadable(path: str) -> None:
                         "(HF_HUB_OFFLINE=1 or no network); download it once, or set HF_HOME to a cache that holds it")
 
 
-def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "model"):
+def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "model", tokenizer=None):
     """(model, tokenizer) through transformers' own loading and the Hub cache; one clear line when it cannot.
-    `kind` "tokenizer": the tokenizer alone, as (None, tokenizer)."""
+    `kind` "tokenizer": the tokenizer alone, as (None, tokenizer). `tokenizer`: one loaded already, kept."""
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
@@ -183,7 +183,7 @@ def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "m
         hf_logging.enable_progress_bar()
     model = None
     try:
-        tok = AutoTokenizer.from_pretrained(hub.repo_id, **kwargs)
+        tok = tokenizer or AutoTokenizer.from_pretrained(hub.repo_id, **kwargs)
         if kind == "model":
             # transformers looks for a peft adapter without the cache and offline settings unless given them here
             adapter_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only")}
@@ -217,9 +217,10 @@ def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "m
     return model, tok
 
 
-def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, tokenizer=None):
     """Return (model, tokenizer) for a built-in name, a directory or a Hub id. Tokenizers pad on the left for
-    generation. `trust_remote_code` lets a model run its own code (from the Hub or its directory)."""
+    generation. `trust_remote_code` lets a model run its own code (from the Hub or its directory). `tokenizer`: the
+    one load_tokenizer gave for the same path (the data's checks load it first), used instead of loading it again."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # ponder's own progress display is the one the user watches
@@ -229,14 +230,14 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
         model, tok = tiny_random(shape, seed)
         return to_dtype(model, dtype), tok
     if isinstance(where, HubModel):
-        model, tok = _load_from_hub(where, dtype, trust_remote_code)
+        model, tok = _load_from_hub(where, dtype, trust_remote_code, tokenizer=tokenizer)
     else:
         if not any((where / name).is_file() for name in TOKENIZER_FILES):
             # transformers would build an empty tokenizer for some model types (Qwen2: every text encodes to [])
             raise UserError(f"model directory '{where}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
                             "save the tokenizer there too (tokenizer.save_pretrained)")
         try:
-            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+            tok = tokenizer or AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             if "trust_remote_code" in str(e):
@@ -246,7 +247,7 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
     if tok.eos_token is None:  # no answer could end: rollouts all run to the limit, and padding has no token
         raise UserError(f"the tokenizer of '{where}' names no end-of-sequence token; set one (tokenizer.eos_token = ..., "
                         "then save_pretrained, or \"eos_token\" in its tokenizer_config.json)")
-    return model, _for_generation(tok)
+    return model, tok if tokenizer is not None else _for_generation(tok)  # load_tokenizer's is ready already
 
 
 def to_dtype(model, dtype: torch.dtype):
@@ -412,16 +413,18 @@ def dropout_sites(model):
 
 
 def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 0, device="cpu", precision=None,
-                   narrow_frozen: bool = True):
+                   narrow_frozen: bool = True, tokenizer=None):
     """The model a trainer updates, in train mode on `device`: the checkpoint `last` with its full
     weights, or (LoRA) the base model plus fresh adapters, loaded from `state["adapter"]` on resume.
     `precision` (ponder.runtime.PrecisionChooser) picks the weights' dtype once the model is loaded and
     before it moves to the device; None: float32. LoRA adapters stay float32 over a bf16 base (peft's way).
     LoRA under mixed precision (`narrow_frozen`; the sharded trainer says no, FSDP2 casts for itself): the
-    frozen base's matrices are stored in bf16 (narrow_frozen_matrices)."""
+    frozen base's matrices are stored in bf16 (narrow_frozen_matrices). `tokenizer`: load_tokenizer's for the
+    same source, if the data's checks loaded it (see load)."""
     source = str(last) if (last is not None and model_cfg.lora is None) else model_cfg.path
     first = precision.load_dtype if precision is not None else torch.float32
-    model, tok = load(source, seed=seed, dtype=first, trust_remote_code=getattr(model_cfg, "trust_remote_code", False))
+    model, tok = load(source, seed=seed, dtype=first, trust_remote_code=getattr(model_cfg, "trust_remote_code", False),
+                      tokenizer=tokenizer)
     if precision is not None:
         model = to_dtype(model, precision(model))  # auto: decided by the model's size, before it takes device memory
     if model_cfg.gradient_checkpointing is True:  # "auto" is the GRPO memory plan's to decide (ponder.rl.memory_plan)

@@ -88,8 +88,9 @@ class GRPOTrainer:
         shards = self.world if self.sharding != "none" else 1
         chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, self.rank == 0, last, shards,
                                    offload=cfg.train.offload)
+        loaded = self._data_tokenizer() if self._data_tokenizer.cache_info().currsize else None
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser,
-                                                           narrow_frozen=self.sharding == "none")
+                                                           narrow_frozen=self.sharding == "none", tokenizer=loaded)
         if unchecked:  # the model's config was not at hand before it loaded (a Hub model downloaded just now)
             _check_positions(unchecked, cfg.data.template, models.position_limit(self.model), self.tokenizer)
         self.precision = chooser.chosen
@@ -431,6 +432,7 @@ class GRPOTrainer:
         cfg, r, e = self.cfg, self.cfg.rollout, self.cfg.eval
         source = str(last) if last is not None and cfg.model.lora is None else cfg.model.path  # as load_trainable's
         tokenizer = functools.cache(lambda: models.load_tokenizer(source, cfg.model.trust_remote_code))  # when needed
+        self._data_tokenizer = tokenizer  # the model's loading takes it, if it was needed (not loaded twice)
         chat = tokenizer() if cfg.data.template == "chat" else None  # a text template renders without one
         if chat is not None:  # the data's own prompts judge the chat template (check_prompts, below): one made up
             require_chat_template(chat)  # here was refused by templates that need a system turn, which the data has

@@ -151,10 +151,10 @@ def model_context(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def read_data(cfg, seed: int) -> list[dict]:
-    """The rows of data.files and data.coldstart, at most data.n, checked under the template (check_template). Empty
-    data is a UserError. Needs no model: the trainer reads them before loading one, so a mistake in them is told at
-    once."""
+def read_data(cfg, seed: int):
+    """The rows of data.files and data.coldstart, at most data.n, checked under the template (check_template), and the
+    tokenizer that checked them (the model's loading takes it). Empty data is a UserError. Needs no model: the trainer
+    reads them before loading one, so a mistake in them is told at once."""
     from ponder.sft.coldstart import coldstart_rows
 
     d = cfg.data
@@ -165,11 +165,10 @@ def read_data(cfg, seed: int) -> list[dict]:
     if not rows:
         names = ", ".join(str(Path(f)) for f in d.files) or "data.coldstart"
         raise UserError(f"SFT data is empty: {names} holds no rows; give JSONL with {{prompt, completion}} rows")
-    check_template(rows, cfg)
-    return rows
+    return rows, check_template(rows, cfg)
 
 
-def check_template(rows: list[dict], cfg) -> None:
+def check_template(rows: list[dict], cfg):
     """Encode one row of each shape (prompt or messages, and its chat roles) with the model's tokenizer, which loads in
     a moment: a template the rows cannot take (an unknown name, `chat` with no chat template, one refusing a system
     turn) is one line before the model loads (minutes for a large one), not after."""
@@ -180,6 +179,7 @@ def check_template(rows: list[dict], cfg) -> None:
     # a conversation's roles end with the assistant's turn, a prompt's with the user's: the two never share a shape
     for row in one_of_each_shape(rows, lambda row: row.get("messages", row.get("prompt"))):
         encode(row, tokenizer, d.template, d.add_eos)
+    return tokenizer
 
 
 def load_data(cfg, tokenizer, model, rows: list[dict]) -> tuple[list[dict], list[Encoded], DataReport]:

@@ -54,9 +54,11 @@ class SFTTrainer:
         set_seed(cfg.seed)
         self.device = pick_device(cfg.train.device)
         self.state = checkpoint.load_state(last) if resume else None
-        rows = read_data(cfg, cfg.seed)  # before the model: a mistake in the data is one line, told at once
+        rows, checked_with = read_data(cfg, cfg.seed)  # before the model: a mistake in the data is one line, told at once
         chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, resumed=last)
-        self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser)
+        same_source = last is None or cfg.model.lora is not None  # else the checkpoint's own tokenizer loads with it
+        self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser,
+                                                           tokenizer=checked_with if same_source else None)
         self.precision = chooser.chosen
         self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, rows)
         self.lengths = [len(e.ids) for e in self.examples]
