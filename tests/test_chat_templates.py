@@ -496,8 +496,9 @@ def test_sft_rows_a_template_cannot_take_are_told_before_the_model_loads(tmp_pat
 
 
 def test_the_tokenizer_the_data_was_checked_with_is_the_models(tmp_path, monkeypatch, capsys):
-    """`data.template: chat` (GRPO) and SFT's data check load the model's tokenizer before the model: the model's
-    loading takes that one, not a second parse of its files (a large tokenizer.json takes about a second)."""
+    """`data.template: chat` (GRPO, `ponder eval` and `ponder sample`) and SFT's data check load the model's tokenizer
+    before the model: the model's loading takes that one, not a second parse of its files (a large tokenizer.json
+    takes about a second)."""
     import json
 
     from transformers import AutoTokenizer
@@ -520,4 +521,11 @@ def test_the_tokenizer_the_data_was_checked_with_is_the_models(tmp_path, monkeyp
     (tmp_path / "s.jsonl").write_text(json.dumps({"prompt": "3+4", "completion": " 7"}) + "\n")
     SFTTrainer(load_config(None, [f"output_dir={tmp_path}/sft", f"model.path={model}", "data.template=chat",
                                   f"data.files={json.dumps([str(tmp_path / 's.jsonl')])}"], cls=SFTConfig))
-    assert loads == [model, model]
+    assert loads == [model] * 2
+    from ponder.cli import main
+
+    common = ["--model", model, "--tasks", "first_digit", "--n", "2", "--k", "1", "--max-tokens", "2", "--quiet"]
+    assert main(["eval", *common, "--template", "chat", "--out", str(tmp_path / "eval")]) == 0
+    assert loads == [model] * 3
+    assert main(["sample", *common, "--out", str(tmp_path / "s.out.jsonl"), "template=chat"]) == 0
+    assert loads == [model] * 4

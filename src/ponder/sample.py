@@ -169,11 +169,11 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
             problems.append((label, str(ex.get("id", f"{spec.name}/{spec.split}/{i}")), ex))
     if model is None:
         # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
-        check_prompts([ex for _, _, ex in problems], cfg.template,
-                      models.load_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.template == "chat" else None)
+        chat = models.load_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.template == "chat" else None
+        check_prompts([ex for _, _, ex in problems], cfg.template, chat)
         device = pick_device(cfg.device)
         model, tokenizer = models.load(cfg.model, seed=cfg.seed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                       trust_remote_code=cfg.trust_remote_code)
+                                       trust_remote_code=cfg.trust_remote_code, tokenizer=chat)
         model.to(device)
     engine = make_engine(cfg.engine, model, tokenizer, batch_size=cfg.batch_size)
     params = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,

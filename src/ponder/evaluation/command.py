@@ -102,11 +102,12 @@ def run(args) -> int:
             rows = [dict(ex, eval_group=name) for ex in rows]
         examples += rows
     # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
-    check_prompts(examples, args.template, models.load_tokenizer(args.model, args.trust_remote_code) if args.template == "chat" else None)
+    chat = models.load_tokenizer(args.model, args.trust_remote_code) if args.template == "chat" else None
+    check_prompts(examples, args.template, chat)
     device = _device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, tokenizer = models.load(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = models.load(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code, tokenizer=chat)
     model.to(device)
     result = evaluate(
         model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,
