@@ -183,7 +183,7 @@ def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "m
         hf_logging.enable_progress_bar()
     model = None
     try:
-        tok = tokenizer or AutoTokenizer.from_pretrained(hub.repo_id, **kwargs)
+        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(hub.repo_id, **kwargs)
         if kind == "model":
             # transformers looks for a peft adapter without the cache and offline settings unless given them here
             adapter_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only")}
@@ -237,7 +237,7 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
             raise UserError(f"model directory '{where}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
                             "save the tokenizer there too (tokenizer.save_pretrained)")
         try:
-            tok = tokenizer or AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+            tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             if "trust_remote_code" in str(e):
