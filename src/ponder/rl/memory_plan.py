@@ -47,17 +47,16 @@ MARGIN = 0.10  # of the free memory, for fragmentation and what the probe does n
 RESERVE = 0.04
 GIB = 2**30
 GRPO_SHORTER = "lower rollout.max_new_tokens"
+LORA_WAY = "train adapters only (model.lora: {r: 16, alpha: 32})"  # a way out for GRPO and SFT alike
 
 
 def grpo_fixes(lora: bool = False, offload: bool = False) -> str:
     """What a GRPO run can do when its state leaves nothing for the update, less the ways it has taken already
     (`ponder sft` passes its own)."""
-    ways = ([] if lora else ["train adapters only (model.lora: {r: 16, alpha: 32})"]) + \
+    ways = ([] if lora else [LORA_WAY]) + \
         ([] if offload else ["keep the optimizer state in CPU memory (train.sharding=fsdp train.offload=true)"])
     return ", ".join(ways + ["or shard over more GPUs (torchrun --nproc-per-node N)" if ways else
                              "shard over more GPUs (torchrun --nproc-per-node N)"])
-
-
 
 
 @dataclass

@@ -34,7 +34,7 @@ from ponder.tasks import PromptSampler
 def sft_fixes(precision: str, lora: bool) -> str:
     """What a run whose state leaves no room for activations can do: `ponder sft` runs one process, so no sharding
     or offload to reach for; only the ways this run has not taken yet (an H100 run in bf16 was told to use bf16)."""
-    ways = ([] if lora else ["train adapters only (model.lora: {r: 16, alpha: 32})"]) + \
+    ways = ([] if lora else [memory_plan.LORA_WAY]) + \
         ([] if precision == "bf16" else ["use bf16 weights (train.precision=bf16)"])
     return ", or ".join(ways + ["use a device with more memory"])
 
