@@ -6,7 +6,7 @@ tests/test_cuda_paths.py."""
 import pytest
 import torch
 
-from ponder.rl import copy_linear
+from ponder.rl import copy_linear, packed
 from ponder.rl.copy_linear import copies_for, linear_from_copy, stacked
 from ponder.rl.trainer import GRPOTrainer
 
@@ -88,9 +88,11 @@ def test_the_trainer_updates_through_the_copy_as_through_autocast(smoke_cfg, mon
     taken, and the gradients of every optimizer step agree (biases: within bf16's rounding of autocast's sums). With
     mu = 2 the second step's gradients come from weights the first step moved: a copy not refreshed between them
     would give the first step's weights' gradients."""
-    calls = []
+    calls, heads = [], []
     real = copy_linear._FromCopy.apply
     monkeypatch.setattr(copy_linear._FromCopy, "apply", lambda *a: calls.append(1) or real(*a))
+    real_head = packed.fused_head_logprobs
+    monkeypatch.setattr(packed, "fused_head_logprobs", lambda *a, **k: heads.append(k["weight_copy"]) or real_head(*a, **k))
     cfg = ("rollout.engine=fast", "rollout.engine_options={dtype: bf16}", "train.precision=mixed", "optim.lr=0.01",
            "rewards={test_char_hash: 1.0}", "rollout.prompts_per_step=4", "rollout.group_size=4",
            "rollout.max_new_tokens=12", "optim.token_budget=80", "train.steps=1", *extra)
@@ -103,7 +105,14 @@ def test_the_trainer_updates_through_the_copy_as_through_autocast(smoke_cfg, mon
             {k: p.grad.clone() for k, p in _t.model.named_parameters()}))
         t.step()
         assert len(calls) > (3 * 4 * 2 if name == "copy" else -1) and (name == "copy") == bool(calls)
-        calls.clear()
+        # the head (tied to the embedding here) computes from the engine's bf16 head as well
+        head = t.model.get_output_embeddings().weight
+        assert head is t.model.get_input_embeddings().weight and heads
+        if name == "copy":
+            assert all(c is t.engine.rollout_matrices()[id(head)] and c.dtype == torch.bfloat16 for c in heads)
+        else:
+            assert heads == [None] * len(heads)
+        calls.clear(), heads.clear()
     assert len(grads["copy"]) == len(grads["autocast"]) == (2 if extra else 1)
     for mine, ref in zip(grads["copy"], grads["autocast"]):
         assert mine.keys() == ref.keys()

@@ -167,9 +167,10 @@ def test_the_updates_products_through_the_copy_add_float32_gradients():
     """ponder.rl.copy_linear on CUDA: the weight gradient is one product with a float32 output added into .grad
     (torch.addmm's out_dtype), over three micro-batches. Against the float64 gradient of the same bf16 operands it is
     nearer than autocast's, which rounds each micro-batch's share to bf16 before adding it."""
+    from ponder.kernels.accumulate import fused_float32
     from ponder.rl import copy_linear
 
-    assert copy_linear._has_fused(DEV), "torch.addmm takes no out_dtype here: the update casts and adds instead"
+    assert fused_float32(DEV), "torch.addmm takes no out_dtype here: the update casts and adds instead"
     g = torch.Generator(device=DEV).manual_seed(0)
     ref, mine = (torch.nn.Linear(256, 384, bias=False, device=DEV) for _ in range(2))
     with torch.no_grad():
@@ -189,3 +190,29 @@ def test_the_updates_products_through_the_copy_add_float32_gradients():
     assert mine.weight.grad.dtype == torch.float32
     err_mine, err_ref = ((p.weight.grad.double() - exact).abs().max().item() for p in (mine, ref))
     assert err_mine < err_ref / 4, (err_mine, err_ref)
+
+
+def test_the_heads_float32_weight_gradient_is_summed_in_float32_over_its_chunks(paths):
+    """ponder.kernels.head_logprobs with bf16 rows and a float32 head (train.precision=mixed): each chunk's weight
+    gradient is added into the float32 sum by the product itself, so the sum over chunks is the exact one of the
+    same bf16 gradients to float32's rounding, where a bf16 product a chunk then added was off by bf16's (1e-3)."""
+    from ponder.kernels import head_logprobs as fh
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    h = torch.randn((300, 64), generator=g, device=DEV).to(torch.bfloat16).requires_grad_()
+    w = torch.randn((1000, 64), generator=g, device=DEV, requires_grad=True)
+    t = torch.randint(0, 1000, (300,), generator=g, device=DEV)
+    up = torch.randn(300, generator=g, device=DEV)
+    lp, _ = fh.head_logprobs(h, w, t, chunk_rows=64, keep=False)
+    (grad_w,) = torch.autograd.grad((lp * up).sum(), (w,))
+    assert grad_w.dtype == torch.float32
+    fast = fh.triton_runs(DEV)
+    stats, grad = (fh._triton_stats, fh._triton_grad) if fast else (fh._torch_stats, fh._torch_grad)
+    exact = torch.zeros_like(w, dtype=torch.float64)
+    for a in range(0, 300, 64):  # the same bf16 gradients of the same chunks' logits, summed in float64
+        hc = h.detach()[a : a + 64]
+        logits = hc @ w.detach().to(torch.bfloat16).T
+        lse = stats(logits, t[a : a + 64], 1.0, False)[0]
+        exact += grad(logits, t[a : a + 64], lse, up[a : a + 64].contiguous(), 1.0).double().T @ hc.double()
+    err = (grad_w.double() - exact).abs().max().item() / exact.abs().max().item()
+    assert err < 1e-5, err

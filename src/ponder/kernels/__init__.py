@@ -9,6 +9,7 @@ pieces both run and the description of the model families both read, so neither 
   sampler.py           counter-based sampling (Gumbel-max on CPU, a Triton CDF inversion on CUDA)
   decode_attention.py  one new token per row over the paged KV cache (split-KV Triton kernel)
   head_logprobs.py     output head and log-softmax as one op, without float32 logits
+  accumulate.py        out += a @ b into float32 gradients, rounded once (cuBLAS's float32 output)
   trials.py            compile or trial each piece; its torch twin where that fails
   decode_step.py       the set of pieces the decode step uses on a device
   training_step.py     the set of pieces the packed training pass uses on a device (with backward)

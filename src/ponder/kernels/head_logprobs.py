@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ponder.kernels.accumulate import add_product_
 from ponder.kernels.trials import trial
 
 try:
@@ -28,16 +29,20 @@ CHUNK_ROWS = 4096  # a chunk of [4096, 151,936] bf16 logits: 1.2 GiB (the only o
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                   with_entropy: bool = True, chunk_rows: int = CHUNK_ROWS, keep: bool | None = None,
-                  scratch: torch.Tensor | None = None):
+                  scratch: torch.Tensor | None = None, weight_copy: torch.Tensor | None = None):
     """Rows h [M, d], output head weight [V, d], targets [M] -> float32 log-probs [M] (with gradients to h
     and weight) and entropies [M] (detached; None unless asked). Kept logits go first into `scratch` (flat
-    bytes that are free until backward is done: the rollout engine's idle cache), as many rows as fit."""
+    bytes that are free until backward is done: the rollout engine's idle cache), as many rows as fit.
+    `weight_copy`: the weight already in h's dtype (the rollout copy's head), used for the products in place of
+    a cast of `weight` each way; the gradient still goes to `weight`."""
     use_triton = h.is_cuda and triton_runs(h.device)
     if keep is None:  # keeping the logits saves backward a matrix product; only where they fit with room to spare
         size = h.shape[0] * weight.shape[0] * h.element_size()
         keep = h.is_cuda and torch.is_grad_enabled() and 4 * size < torch.cuda.mem_get_info(h.device)[0]
+    if weight_copy is not None and weight_copy.dtype != h.dtype:
+        weight_copy = None
     lp, ent = _HeadLogprobs.apply(h, weight, targets, 1.0 / temperature, chunk_rows, use_triton, with_entropy, keep,
-                                  scratch if keep else None)
+                                  scratch if keep else None, weight_copy)
     return lp, (ent if with_entropy else None)
 
 
@@ -51,8 +56,9 @@ def chunks(m: int, vocab: int, itemsize: int, chunk_rows: int, scratch_bytes: in
 
 class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, inv_t, chunk_rows, use_triton, with_entropy, keep=False, scratch=None):
-        w = weight.to(h.dtype)
+    def forward(ctx, h, weight, targets, inv_t, chunk_rows, use_triton, with_entropy, keep=False, scratch=None,
+                weight_copy=None):
+        w = weight.to(h.dtype) if weight_copy is None else weight_copy
         m, vocab = h.shape[0], w.shape[0]
         lse = torch.empty(m, dtype=torch.float32, device=h.device)
         lp = torch.empty_like(lse)
@@ -70,17 +76,17 @@ class _HeadLogprobs(torch.autograd.Function):
             stats = _triton_stats if use_triton else _torch_stats
             lse[a:b], lp[a:b], ent[a:b] = stats(logits, targets[a:b], inv_t, with_entropy)
         ctx.save_for_backward(h, weight, targets, lse)
-        ctx.inv_t, ctx.use_triton = inv_t, use_triton
+        ctx.inv_t, ctx.use_triton, ctx.weight_copy = inv_t, use_triton, weight_copy
         ctx.mark_non_differentiable(ent)
         return lp, ent
 
     @staticmethod
     def backward(ctx, grad_lp, _grad_ent):
         h, weight, targets, lse = ctx.saved_tensors
-        w = weight.to(h.dtype)
+        w = weight.to(h.dtype) if ctx.weight_copy is None else ctx.weight_copy
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        # summed over chunks in the weight's dtype by the matrix product itself (float32 inside, one rounding
-        # a chunk, as micro-batches accumulate); float32 master weights get a float32 sum
+        # summed over chunks in the weight's dtype by the matrix product itself (float32 inside, one rounding a
+        # chunk, as micro-batches accumulate); float32 master weights get a float32 sum (ponder.kernels.accumulate)
         grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=h.device) if ctx.needs_input_grad[1] else None
         grad_lp = grad_lp.float().contiguous()
         for n, (a, b, _) in enumerate(ctx.parts):
@@ -91,13 +97,10 @@ class _HeadLogprobs(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[a:b] = g @ w
             if grad_w is not None:
-                if grad_w.dtype == g.dtype:
-                    grad_w.addmm_(g.T, hc)
-                else:
-                    grad_w += g.T @ hc
+                add_product_(grad_w, g.T, hc)
             if ctx.kept:
                 ctx.kept[n] = None  # free each chunk once used
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- torch math

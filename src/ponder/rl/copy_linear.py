@@ -19,37 +19,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ponder.kernels.accumulate import add_product_, fused_float32
 from ponder.rollout.fused_weights import rows_of
-
-_fused: dict = {}  # device type -> whether torch.addmm takes out_dtype (bf16 inputs, float32 output) there
-
-
-def _has_fused(device: torch.device) -> bool:
-    if device.type not in _fused:
-        try:
-            a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
-            c = torch.zeros((2, 2), dtype=torch.float32, device=device)
-            torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-            _fused[device.type] = bool((c == 2).all())
-        except (RuntimeError, TypeError, NotImplementedError):
-            _fused[device.type] = False
-    return _fused[device.type]
 
 
 @torch.no_grad()
 def add_product(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """p.grad += a @ b, in float32 (a and b in bf16)."""
-    if _has_fused(a.device):
-        if p.grad is None:
-            p.grad = torch.mm(a, b, out_dtype=torch.float32)
-        else:
-            torch.addmm(p.grad, a, b, out_dtype=torch.float32, out=p.grad)
-        return
-    g = torch.mm(a, b).to(p.dtype)
     if p.grad is None:
-        p.grad = g
+        p.grad = torch.mm(a, b, out_dtype=torch.float32) if fused_float32(a.device) else torch.mm(a, b).to(p.dtype)
     else:
-        p.grad.add_(g)
+        add_product_(p.grad, a, b)
 
 
 @torch.no_grad()

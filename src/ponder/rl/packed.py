@@ -320,7 +320,8 @@ def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = 
         if isinstance(head, torch.nn.Linear) and head.bias is None:
             if autocast:
                 h = h.to(torch.bfloat16)
-            lp, ent = fused_head_logprobs(h, head.weight, pk.targets, temperature, with_entropy, scratch=scratch)
+            lp, ent = fused_head_logprobs(h, head.weight, pk.targets, temperature, with_entropy, scratch=scratch,
+                                          weight_copy=(copies or {}).get(id(head.weight)))
         else:  # a wrapped head (LoRA on the output layer): call it, chunk by chunk
             lp, ent = chunked_head_logprobs(head, h, pk.targets, temperature, 1024, with_entropy)
     b, t = pk.mask.shape

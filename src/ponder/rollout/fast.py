@@ -112,13 +112,13 @@ class RolloutCopy:
             memo[id(head.weight)] = head.weight
         self.shadow = copy.deepcopy(model, memo)
         self.pairs = [(w, memo[k]) for k, w in matrices.items() if memo[k].data_ptr() != w.data_ptr() and k not in merged]
-        self.by_master = {id(w): c for w, c in self.pairs}  # what the update may compute with (ponder.rl.copy_linear)
         self.merges = [(m, memo[id(m.base_layer.weight)]) for m in self.adapted]
         _unwrap_adapters(self.shadow)
         if tied:
             own = torch.nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
             self.shadow.get_output_embeddings().weight = own
             self.pairs.append((head.weight, own))
+        self.by_master = {id(w): c for w, c in self.pairs}  # what the update may compute with (ponder.rl.copy_linear)
         self.arch, _ = describe(self.shadow)
         self._merge()
         self.seen = self._versions()
