@@ -38,7 +38,6 @@ CASES = [
     ("a-a", "0", 1.0, False),
     ("a/a", "1", 1.0, False),
     ("465 m", "465", 1.0, False),
-    ("kbr", "3", 0.0, False),  # parses (b*k*r), and is wrong: a worker says so
     ("4 6 5", "465", 0.0, False),
     ("gv==6.ph", "6", 0.0, False),  # fails to parse, but `==` is not on the list: a worker decides
     (r"\frac{1}{2} (", "0.5", 1.0, False),  # LaTeX markup (here a fraction math-verify finds): never decided here
@@ -106,3 +105,34 @@ def test_unparseable_agrees_with_math_verify_on_random_text():
         for gold in ("0", "5", "465"):
             assert pmath.compare(text, gold) == 0.0, (text, gold)
     assert decided > 200  # most random text is decided here
+
+
+SYMBOL_WORDS = ["kbr", "kx", "r", "k br", "no", "half", "nan", "oo", "m", "pm", "zz\nq"]  # b*k*r, k*x, ... or units
+
+
+def test_words_of_symbols_never_answer_a_number_and_skip_the_workers(recorded_pool):
+    """Lower-case words without e or i parse to symbols (or units dropped), never to a number: scored 0 in process
+    against a numeric gold, as math-verify scores them. `e`, `i` and words holding them (Euler's number, the
+    imaginary unit, pi) still go to a worker; number words are read as their numbers before."""
+    for answer in SYMBOL_WORDS:
+        for gold in ("3", "0", "0.5", "-7"):
+            assert pmath.compare(answer, gold) == 0.0, (answer, gold)
+            assert match.answers_match(answer, gold) == 0.0
+    assert recorded_pool == []
+    for answer in ("e", "i", "pi", "x e"):
+        assert match.answers_match(answer, "3") == 0.0
+    assert sorted(a for a, _ in recorded_pool) == ["e", "i", "pi", "x e"]
+    assert match.answers_match("two", "2") == 1.0
+
+
+def test_the_words_rule_agrees_with_math_verify_on_random_words():
+    rng = random.Random(1)
+    decided = 0
+    for _ in range(150):
+        text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz  ") for _ in range(rng.randint(1, 10))).strip() or "q"
+        for gold in ("0", "5", "0.25"):
+            verdict = match._fast(text, gold)
+            if verdict is not None:
+                decided += 1
+                assert verdict == pmath.compare(text, gold) == 0.0, (text, gold)
+    assert decided > 100

@@ -38,6 +38,9 @@ _LE = r"\s*(<|\\le(?:q)?\b|<=|≤)\s*"
 _CHAIN = re.compile(rf"([^<>=≤\\]+?){_LE}[a-zA-Z]{_LE}([^<>=≤\\]+)")
 _ASSIGNMENT = re.compile(r"^[a-zA-Z]\s*=\s*(?=[-+\d.\\])")  # `x = 5` answers 5
 _PLAIN_GOLD = re.compile(r"^-?\d+(?:\.\d+)?$")  # math-verify parses it: only an answer that parses can match it
+# Lower-case words without e or i (Euler's number, the imaginary unit): to math-verify products of symbols or units
+# dropped, never a number (tests/test_rewards_junk.py checks it against math-verify). Random text answers so: `kx`, `r`.
+_SYMBOL_WORDS = re.compile(r"[a-df-hj-z]+(?:\s+[a-df-hj-z]+)*")
 # Words after a number that change its value: not units, so `5 hundred` is not 5.
 _MATH_WORDS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "exp", "inf", "infty", "infinity", "hundred", "thousand",
                "million", "billion", "trillion", "percent", "dozen", "squared", "cubed", "factorial", "halves", "thirds",
@@ -148,6 +151,8 @@ def _fast(answer: str, gold: str) -> float | None:
             if a == g:
                 return 1.0
             return 0.0 if _numbers_differ(a, g, answer, gold) else None
+        if _SYMBOL_WORDS.fullmatch(answer):
+            return 0.0
         parts = _parts(answer)
         if parts is not None and parts[0] in ("", "\\{\\}") and len(set(parts[1])) > 1:
             return 0.0  # several values for a single-number gold
