@@ -178,6 +178,25 @@ def test_logprobs_match_a_fresh_forward_pass(name, model):
                 torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8), (0, 1.0)])
+def test_entropies_match_a_fresh_forward_pass(temperature, top_p):
+    """Each token's entropy, asked of the engine, is that of the HF forward's distribution at the temperature (1 when
+    greedy) over the whole vocabulary, whatever top-p keeps: what the trainer logs, taken from the rollout. Not
+    asked, none is returned."""
+    model = load("tiny-random", seed=2)[0]
+    prompts = encode(PROMPTS[:3])
+    params = SamplingParams(n=3, temperature=temperature, top_p=top_p, max_tokens=10, seed=5, entropies=True)
+    outs = FastEngine(model, TOK).generate(prompts, params)
+    for p, group in zip(prompts, outs):
+        for c in group:
+            assert c.logprobs is None and len(c.entropies) == len(c.token_ids) > 0
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p + c.token_ids])).logits[0, len(p) - 1 : -1]
+            logp = (logits / (temperature or 1.0)).log_softmax(-1)
+            torch.testing.assert_close(torch.tensor(c.entropies), -(logp.exp() * logp).sum(-1), atol=1e-4, rtol=1e-4)
+    assert FastEngine(model, TOK).generate(prompts[:1], SamplingParams(max_tokens=4))[0][0].entropies is None
+
+
 def test_seed_fixes_samples():
     model = load("tiny-random", seed=1)[0]
     eng = FastEngine(model, TOK)
@@ -246,15 +265,17 @@ def test_samples_follow_the_processed_distribution(temperature, top_k, top_p):
 
 def test_cdf_sampler_follows_the_distribution_and_never_draws_excluded_tokens():
     """cdf_pick (the reference of CUDA's sampler): 6,000 rows of one distribution with excluded tokens
-    (-inf, one of them last), each row its own key; frequencies by chi-square, log-probs by hand."""
+    (-inf, one of them last), each row its own key; frequencies by chi-square, log-probs and entropy by hand."""
     x = torch.tensor([1.0, float("-inf"), 0.2, 2.0, -0.5, 1.5, float("-inf")])
     n = 6000
     keys = row_keys(torch.tensor(7), torch.tensor(2), torch.arange(n))
-    tok, lp = cdf_pick(x.expand(n, -1), keys, 0.8)
+    tok, lp, ent = cdf_pick(x.expand(n, -1), keys, 0.8)
     probs = (x.double() * 0.8).softmax(-1)
+    h = -sum(p * p.log() for p in probs if p > 0).item()  # the excluded tokens add nothing (not NaN)
+    torch.testing.assert_close(ent.double(), torch.full((n,), h, dtype=torch.float64), atol=1e-5, rtol=1e-5)
     assert chi2_pvalue(torch.bincount(tok, minlength=7).double(), probs) > 1e-3
     torch.testing.assert_close(lp.double(), probs[tok].log(), atol=1e-5, rtol=1e-5)
-    assert cdf_agrees(x.expand(n, -1), keys, 0.8, tok, lp, tol=1e-6)  # each draw where the CDF crosses its uniform
+    assert cdf_agrees(x.expand(n, -1), keys, 0.8, tok, lp, ent, tol=1e-6)  # each draw where the CDF crosses its uniform
 
 
 def test_process_logits_matches_transformers_warpers():
@@ -512,10 +533,11 @@ def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path, 
     done = triton_interpreter(["-c", TRITON_CHILD, str(inp), str(out)], timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     got = torch.load(out)
-    for (tok, lp), t in zip(got["picks"], (1.0, 1 / 0.7)):
-        ref_tok, ref_lp = cdf_pick(logits, keys, t)
+    for (tok, lp, ent), t in zip(got["picks"], (1.0, 1 / 0.7)):
+        ref_tok, ref_lp, ref_ent = cdf_pick(logits, keys, t)
         assert torch.equal(tok, ref_tok)
-        assert cdf_agrees(logits, keys, t, tok, lp, tol=1e-6)
+        assert cdf_agrees(logits, keys, t, tok, lp, ent, tol=1e-6)
+        torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lp, (logits * t).log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1), atol=1e-5, rtol=1e-5)
     q, k, v, cos, sin, pos, cache, table = rope_case()

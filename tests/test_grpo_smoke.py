@@ -255,6 +255,37 @@ def test_samples_with_zero_advantage_take_no_backward_and_leave_the_gradient_and
     assert all(grad for grad, _ in passes)  # the KL term has a gradient whatever the advantage
 
 
+@pytest.mark.parametrize("mu", [1, 2])
+def test_the_skipped_samples_entropy_comes_from_the_rollout_without_a_forward(smoke_cfg, mu):
+    """The fast engine gives each token's entropy: while the weights are the rollout's (before the step's first
+    optimizer step) the zero-advantage samples need no forward at all, and the logged entropy and token count are
+    those the forward gave. After an optimizer step (mu = 2's second pass) the forward runs again: the weights moved.
+    The hf engine gives none: its samples keep their forward."""
+    from ponder.rl.trainer import GRPOTrainer
+
+    stats, passes = {}, {}
+    for name, engine, use_rollout in (("forward", "fast", False), ("rollout", "fast", True), ("hf", "hf", True)):
+        t = GRPOTrainer(smoke_cfg(f"name=ent-{name}", f"rollout.engine={engine}", "rollout.max_new_tokens=6",
+                                  "rewards={test_char_hash: 1.0}", f"algorithm.mu={mu}", "optim.lr=0"))
+        groups, _, _ = t.collect()
+        for g in groups[:3]:
+            for s in g.samples:
+                s.advantage = 0.0
+                assert (s.rollout_entropy is None) == (engine == "hf")
+                if not use_rollout:
+                    s.rollout_entropy = None
+        seen, real = [], t.policy_pass.logprobs
+        t.policy_pass.logprobs = lambda model, mb, **k: (seen.append((torch.is_grad_enabled(), len(mb))), real(model, mb, **k))[1]
+        stats[name], passes[name] = t.learn([s for g in groups for s in g.samples]), seen
+    idle, scored = 3 * 8, (16 * 8 - 3 * 8 if mu > 1 else 0)  # mu 2: the others' old log-probs, scored first
+    no_grad = {name: sum(n for grad, n in p if not grad) - scored for name, p in passes.items()}
+    assert no_grad["forward"] == no_grad["hf"] == mu * idle
+    assert no_grad["rollout"] == (mu - 1) * idle  # none in the first pass; the second's weights had moved
+    for first, ref in zip(stats["rollout"], stats["forward"]):
+        assert first["tokens"] == ref["tokens"]
+        assert first["entropy"] == pytest.approx(ref["entropy"], rel=1e-5)
+
+
 def test_an_update_whose_samples_all_have_zero_advantage_still_steps_the_optimizer(smoke_cfg):
     """All idle: no sample's backward runs, yet AdamW steps as it would on their zero gradients (its weight decay
     and moments move the weights); the same weights as the update that ran them all."""

@@ -85,7 +85,8 @@ def test_auto_budget_is_printed_and_no_micro_batch_exceeds_it(smoke_cfg, monkeyp
                         per_token * stream_tokens(batch) + fixed)
     monkeypatch.setattr(memory_plan, "free_bytes", lambda device: free)
     monkeypatch.setattr(memory_plan, "total_bytes", lambda device: 500 * 2**20)  # 4% held back: 20 MiB
-    cfg = smoke_cfg("name=budget", "rollout.max_new_tokens=64", "rollout.prompts_per_step=16", "train.steps=2")
+    cfg = smoke_cfg("name=budget", "rollout.max_new_tokens=64", "rollout.prompts_per_step=16", "train.steps=2",
+                    "rewards={test_char_hash: 1.0}")  # rewards that differ within groups: every sample is updated
     assert cfg.optim.token_budget is None  # the default: planned
     t = GRPOTrainer(cfg)
     seen = []

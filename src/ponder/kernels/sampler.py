@@ -91,7 +91,7 @@ def gumbel_pick(logits, keys, inv_temperature):
     """Sample from softmax(logits * inv_temperature) by the Gumbel-max trick, with counter-based noise
     (a hash of the row key and the token id: no RNG state, one pass over the logits, graph-safe).
     24-bit uniforms: tokens less likely than about e^-17 times the top one are never drawn.
-    Returns the tokens and their log-probabilities."""
+    Returns the tokens, their log-probabilities and each row's entropy."""
     x_cpu = logits.device.type == "cpu"
     if x_cpu:  # no operation that changes nothing (a cast to float32, a product by 1)
         x = logits if logits.dtype == torch.float32 else logits.float()
@@ -101,8 +101,14 @@ def gumbel_pick(logits, keys, inv_temperature):
     u = _uniforms(keys, x.shape[-1], x.device)
     gumbel = u.log_().neg_().log_() if x_cpu else (-u.log()).log()  # -log(-log(u)), subtracted: u is our own
     tok = (x - gumbel).argmax(-1)
-    lp = x.gather(-1, tok[:, None]).squeeze(-1) - x.logsumexp(-1)
-    return tok, lp
+    lse = x.logsumexp(-1)
+    return tok, x.gather(-1, tok[:, None]).squeeze(-1) - lse, entropy_of(x, lse)
+
+
+def entropy_of(x, lse):
+    """The entropy of softmax(x) per row, from float32 x [B, V] and its log-sum-exp [B]: lse - sum(p * x), a token of
+    no mass (x = -inf: filtered out) adding nothing. The trainer's entropy metric takes it from the rollout."""
+    return lse - (x - lse[:, None]).exp_().mul_(x).nan_to_num_(0.0).sum(-1)
 
 
 def cdf_pick(logits, keys, inv_temperature):
@@ -110,7 +116,8 @@ def cdf_pick(logits, keys, inv_temperature):
     the row key). One exp per logit, where Gumbel-max spends a hashed uniform and two logs: on CUDA that
     made the sampler bound by arithmetic. This is the reference of triton_cdf_pick, which sums in another
     order, so a draw within float rounding of the boundary between two tokens may fall on either.
-    24-bit uniforms: a token less likely than 2**-24 may be skipped. Returns the tokens and their log-probs."""
+    24-bit uniforms: a token less likely than 2**-24 may be skipped. Returns the tokens, their log-probs and each
+    row's entropy."""
     x = logits.float() * inv_temperature
     m = x.max(-1, keepdim=True).values
     p = (x - m).exp()
@@ -120,13 +127,15 @@ def cdf_pick(logits, keys, inv_temperature):
     ids = torch.arange(x.shape[-1], device=x.device)
     last = torch.where(p > 0, ids, 0).max(-1).values  # u * z rounded up to z must not pick a zero-mass tail
     tok = torch.minimum((cum <= (u * z)[:, None]).sum(-1), last)
-    return tok, x.gather(-1, tok[:, None]).squeeze(-1) - m.squeeze(-1) - z.log()
+    lse = m.squeeze(-1) + z.log()
+    return tok, x.gather(-1, tok[:, None]).squeeze(-1) - lse, entropy_of(x, lse)
 
 
 def greedy_pick(logits, keys, inv_temperature):
     x = logits.float()
     tok = x.argmax(-1)
-    return tok, x.gather(-1, tok[:, None]).squeeze(-1) - x.logsumexp(-1)
+    lse = x.logsumexp(-1)
+    return tok, x.gather(-1, tok[:, None]).squeeze(-1) - lse, entropy_of(x, lse)
 
 
 if triton is not None:
@@ -141,12 +150,15 @@ if triton is not None:
         return x ^ ((x >> 16) & 0xFFFF)
 
     @triton.jit
-    def _lse_part(logits_ptr, max_ptr, sum_ptr, vocab, stride, chunk, inv_t, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-        """One (row, vocabulary chunk): (max, sum of exp) of the scaled logits."""
+    def _lse_part(logits_ptr, max_ptr, sum_ptr, dot_ptr, vocab, stride, chunk, inv_t, SPLITS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+        """One (row, vocabulary chunk): max m, sum of exp and sum of exp * x (for the entropy) of the scaled logits x,
+        the sums relative to m."""
         row = tl.program_id(0)
         part = tl.program_id(1)
         m = tl.full((), float("-inf"), tl.float32)
         total = tl.full((), 0.0, tl.float32)
+        dot = tl.full((), 0.0, tl.float32)
         lo = part * chunk
         hi = tl.minimum(lo + chunk, vocab)
         offs = tl.arange(0, BLOCK)
@@ -154,14 +166,18 @@ if triton is not None:
             tok = start + offs
             x = tl.load(logits_ptr + row.to(tl.int64) * stride + tok, mask=tok < hi, other=float("-inf")).to(tl.float32) * inv_t
             m_new = tl.maximum(m, tl.max(x, 0))
-            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            scale = tl.exp(m - m_new)
+            e = tl.exp(x - m_new)
+            total = total * scale + tl.sum(e, 0)
+            dot = dot * scale + tl.sum(tl.where(e > 0, e * x, 0.0), 0)
             m = m_new
         tl.store(max_ptr + row * SPLITS + part, m)
         tl.store(sum_ptr + row * SPLITS + part, total)
+        tl.store(dot_ptr + row * SPLITS + part, dot)
 
     @triton.jit
-    def _cdf_pick(logits_ptr, keys_ptr, max_ptr, sum_ptr, out_tok_ptr, out_lp_ptr, vocab, stride, chunk, inv_t,
-                  SPLITS: tl.constexpr, S_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    def _cdf_pick(logits_ptr, keys_ptr, max_ptr, sum_ptr, dot_ptr, out_tok_ptr, out_lp_ptr, out_ent_ptr, vocab, stride,
+                  chunk, inv_t, SPLITS: tl.constexpr, S_PAD: tl.constexpr, BLOCK: tl.constexpr):
         """Per row: the chunks' sums give the normaliser and the chunk where the CDF crosses u * z; a
         cumulative sum over that chunk alone finds the token."""
         row = tl.program_id(0)
@@ -171,6 +187,7 @@ if triton is not None:
         mx = tl.max(m, 0)
         w = tl.where(ok, tl.load(sum_ptr + row * SPLITS + i, mask=ok, other=0.0) * tl.exp(m - mx), 0.0)
         z = tl.sum(w, 0)
+        dot = tl.sum(tl.where(ok, tl.load(dot_ptr + row * SPLITS + i, mask=ok, other=0.0) * tl.exp(m - mx), 0.0), 0)
         bits = _hash32(tl.load(keys_ptr + row))
         target = (((bits >> 8) & 0xFFFFFF).to(tl.float32) + 0.5) * (1.0 / 16777216) * z
         cum = tl.cumsum(w, 0)
@@ -197,6 +214,7 @@ if triton is not None:
         x = tl.load(logits_ptr + row.to(tl.int64) * stride + pick).to(tl.float32) * inv_t
         tl.store(out_tok_ptr + row, pick.to(tl.int64))
         tl.store(out_lp_ptr + row, x - mx - tl.log(z))
+        tl.store(out_ent_ptr + row, mx + tl.log(z) - dot / z)  # lse - sum(p * x)
 
 
 def triton_cdf_pick(logits, keys, inv_temperature, splits: int = 32, block: int = 2048, num_warps: int = 4):
@@ -209,21 +227,24 @@ def triton_cdf_pick(logits, keys, inv_temperature, splits: int = 32, block: int 
     chunk = -(-(-(-vocab // splits)) // block) * block
     splits = -(-vocab // chunk)
     f32 = dict(dtype=torch.float32, device=logits.device)
-    m, total = (torch.empty((rows, splits), **f32) for _ in range(2))
-    _lse_part[(rows, splits)](logits, m, total, vocab, logits.stride(0), chunk, float(inv_temperature),
+    m, total, dot = (torch.empty((rows, splits), **f32) for _ in range(3))
+    _lse_part[(rows, splits)](logits, m, total, dot, vocab, logits.stride(0), chunk, float(inv_temperature),
                               SPLITS=splits, BLOCK=block, num_warps=num_warps)
     tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
-    lp = torch.empty(rows, **f32)
-    _cdf_pick[(rows,)](logits, keys, m, total, tokens, lp, vocab, logits.stride(0), chunk, float(inv_temperature),
-                       SPLITS=splits, S_PAD=max(2, 1 << (splits - 1).bit_length()), BLOCK=block, num_warps=num_warps)
-    return tokens, lp
+    lp, ent = torch.empty(rows, **f32), torch.empty(rows, **f32)
+    _cdf_pick[(rows,)](logits, keys, m, total, dot, tokens, lp, ent, vocab, logits.stride(0), chunk,
+                       float(inv_temperature), SPLITS=splits, S_PAD=max(2, 1 << (splits - 1).bit_length()), BLOCK=block,
+                       num_warps=num_warps)
+    return tokens, lp, ent
 
 
-def cdf_agrees(logits, keys, inv_temperature, tok, lp, tol: float = 1e-5) -> bool:
+def cdf_agrees(logits, keys, inv_temperature, tok, lp, ent=None, tol: float = 1e-5) -> bool:
     """Whether each token is where the CDF of softmax(logits * inv_temperature), in float64, crosses the
-    row's uniform (within tol), has mass, and comes with its log-probability."""
+    row's uniform (within tol), has mass, and comes with its log-probability (and the row its entropy)."""
     x = logits.double() * inv_temperature
     p = x.softmax(-1)
+    if ent is not None and not torch.allclose(ent.double(), -torch.special.xlogy(p, p).sum(-1), atol=1e-3, rtol=1e-3):
+        return False
     hi = p.cumsum(-1).gather(-1, tok[:, None]).squeeze(-1)
     mass = p.gather(-1, tok[:, None]).squeeze(-1)
     u = (shr(hash32(keys), 8).double() + 0.5) / 16777216
@@ -238,7 +259,6 @@ def cdf_trial(device) -> bool:
         g = torch.Generator(device=device).manual_seed(0)
         logits = torch.randn((8, 50000), generator=g, device=device, dtype=torch.bfloat16) * 4
         keys = row_keys(torch.tensor(5, device=device), torch.tensor(1, device=device), torch.arange(8, device=device))
-        tok, lp = triton_cdf_pick(logits, keys, 1.3)
-        return cdf_agrees(logits, keys, 1.3, tok, lp)
+        return cdf_agrees(logits, keys, 1.3, *triton_cdf_pick(logits, keys, 1.3))
 
     return trial(check, "the Triton sampler failed its trial; sampling runs compiled (Gumbel-max)")

@@ -112,6 +112,7 @@ class GRPOTrainer:
         self.step_no, self.nan_streak, self._budget, self._planned_cache = 0, 0, None, 0
         self._longest_prompt = self._planned_prompt = 0  # tokens: of the prompts encoded so far, and when planned
         self._data_measured = False  # the data's longest prompts encoded for the plan
+        self._fresh = False  # whether the weights are still those the step's rollout ran (learn sets it)
         self._temp = cfg.rollout.temperature or 1.0  # greedy rollouts: score under the plain distribution
         self.guardrails = Guardrails(cfg.guardrails, announce=self.rank == 0)
         self._asks_reasoning = "<think>" in TEMPLATES.get(cfg.data.template, cfg.data.template)
@@ -151,6 +152,7 @@ class GRPOTrainer:
         # split before masking: every rank makes the same number of updates whatever its mask left it, and a
         # sample's mini-batch does not depend on which others were cut off
         minis = _split(samples, a.minibatches)
+        self._fresh = True  # the weights the rollout ran, until the first optimizer step
         if a.mask_truncated:  # DAPO overlong filtering: a cut-off answer is no evidence either way
             minis = [[s for s in mini if not s.truncated] for mini in minis]
         kept = [s for mini in minis for s in mini]
@@ -215,19 +217,30 @@ class GRPOTrainer:
             self.nan_streak += 1  # a streak is guardrails.non_finite's to act on
             return {**totals, "grad_norm": float("nan"), "skipped": 1.0}
         self.optimizer.step()
+        self._fresh = False
         self.nan_streak = 0
         return {**totals, "grad_norm": grad_norm.item(), "skipped": 0.0}
 
     def _idle(self, s: Sample) -> bool:
         """Whether `s` takes no part in the gradient (train.skip_zero_advantage): advantage exactly 0, no KL term,
         and a loss whose normalisers do not depend on which samples share a micro-batch (all but bnpo)."""
+        return self._skips_idle() and s.advantage == 0
+
+    def _skips_idle(self) -> bool:
         a = self.cfg.algorithm
-        return self.cfg.train.skip_zero_advantage and s.advantage == 0 and not a.beta and a.loss_agg != "bnpo"
+        return self.cfg.train.skip_zero_advantage and not a.beta and a.loss_agg != "bnpo"
 
     @torch.no_grad()
     def _entropy_only(self, samples: list[Sample], totals: dict) -> None:
         """The entropy and token count of samples that take no part in the gradient (train.skip_zero_advantage), so
-        that the logged entropy stays the mean over all of the step's tokens."""
+        that the logged entropy stays the mean over all of the step's tokens. While the weights are the rollout's
+        (before the step's first optimizer step), the engine's own entropies of those tokens (the fast engine gives
+        them): no forward at all; a forward for the rest."""
+        if self._fresh:
+            known = [s for s in samples if s.rollout_entropy is not None]
+            totals["entropy"] += math.fsum(s.rollout_entropy for s in known)
+            totals["tokens"] += sum(len(s.completion_ids) for s in known)
+            samples = [s for s in samples if s.rollout_entropy is None]
         batches, real = sharding.lockstep(self.policy_pass.micro_batches(samples, self.token_budget()), self._padding)
         for mb in batches[:real]:
             _, entropy, mask = self.policy_pass.logprobs(self.model, mb, with_entropy=True, temperature=self._temp)
@@ -294,6 +307,7 @@ class GRPOTrainer:
         params = SamplingParams(
             n=G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
             stop=tuple(r.stop), seed=(self.cfg.seed * 1_000_003 + self.step_no * 101 + round_no + 7919 * self.rank) % 2**31,
+            entropies=self._skips_idle(),  # the entropy of samples the update then skips, without a forward for it
         )
         outs = self.engine.generate(prompt_ids, params)
         t1 = time.perf_counter()
@@ -310,7 +324,8 @@ class GRPOTrainer:
         groups = []
         for i, (ex, out) in enumerate(zip(examples, outs)):
             sl = slice(i * G, (i + 1) * G)
-            samples = [Sample(prompt_ids[i], c.token_ids, truncated=c.finish_reason == "length") for c in out]
+            samples = [Sample(prompt_ids[i], c.token_ids, truncated=c.finish_reason == "length",
+                              rollout_entropy=None if c.entropies is None else math.fsum(c.entropies)) for c in out]
             groups.append(Group(ex, samples, texts[i], totals[sl], {k: v[sl] for k, v in per_fn.items()}))
         return groups
 

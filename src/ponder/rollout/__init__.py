@@ -28,6 +28,9 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()  # stop strings; the completion keeps the stop string
     logprobs: bool = False  # return the log-probability of each sampled token under the sampling distribution
+    # return the entropy of each token's distribution at the temperature (1 when greedy), over the whole vocabulary
+    # (engines that compute it: the fast one; others leave Completion.entropies None)
+    entropies: bool = False
     seed: int | None = None  # fixes the sampling RNG for this call
 
 
@@ -36,6 +39,7 @@ class Completion:
     token_ids: list[int]  # generated tokens, including the EOS or the tokens that completed a stop string
     finish_reason: Literal["stop", "length"]
     logprobs: list[float] | None = None
+    entropies: list[float] | None = None
 
 
 class RolloutEngine(ABC):

@@ -264,17 +264,18 @@ class FastEngine(RolloutEngine):
             notice(f"fast engine: {need} positions exceed the sliding window ({self.arch.window}); using the hf engine")
             return self.hf.generate(prompts, params)
         if params.max_tokens == 0:
-            return [[Completion([], "length", [] if params.logprobs else None) for _ in range(params.n)] for _ in prompts]
+            return [[Completion([], "length", [] if params.logprobs else None, [] if params.entropies else None)
+                     for _ in range(params.n)] for _ in prompts]
         was_training = self.model.training
         self.model.eval()
         try:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
-            tokens, logprobs = self._run(prompts, params, seed ^ (seed >> 32), limits)
+            tokens, per_token = self._run(prompts, params, seed ^ (seed >> 32), limits)
         finally:
             self.model.train(was_training)
             if not self.keep_cache:
                 self.release()
-        return self._completions(tokens, logprobs, len(prompts), params)
+        return self._completions(tokens, per_token, len(prompts), params)
 
     # -- setup --------------------------------------------------------------------------------------
 
@@ -439,8 +440,7 @@ class FastEngine(RolloutEngine):
             run.top = min(run.top + 1, f.positions - 1)
             if in_graph is None:
                 keys = row_keys(f.seed, f.n_out[: run.batch], f.row_seq[: run.batch])
-                tok, lp = sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k)
-                f.record(run.batch, tok, lp)
+                f.record(run.batch, *sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k))
         self.stats = dict(kv_blocks=f.blocks, kv_blocks_peak=run.peak, block_size=f.block, gave_way=run.gave_way,
                           kv_gib_peak=run.peak * f.kv[:, :, 0].numel() * f.kv.element_size() / 2**30)
         out = f.out_tok[:n_seq, :max_new]
@@ -449,7 +449,12 @@ class FastEngine(RolloutEngine):
         ends = torch.where(hit.any(-1), hit.int().argmax(-1) + 1, max_new)
         ends = torch.minimum(ends, torch.tensor(limits, device=f.device))
         tokens = [row[:end] for row, end in zip(out.tolist(), ends.tolist())]
-        return tokens, (f.out_lp[:n_seq, :max_new].tolist() if params.logprobs else None)
+        per_token = {}
+        if params.logprobs:
+            per_token["logprobs"] = f.out_lp[:n_seq, :max_new].tolist()
+        if params.entropies:
+            per_token["entropies"] = f.out_ent[:n_seq, :max_new].tolist()
+        return tokens, per_token
 
     def eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -457,7 +462,9 @@ class FastEngine(RolloutEngine):
             eos = self.tokenizer.eos_token_id
         return set(eos if isinstance(eos, list) else [eos])
 
-    def _completions(self, tokens, logprobs, n_prompts, params):
+    def _completions(self, tokens, per_token: dict, n_prompts, params):
+        """Completions cut at their EOS or stop string, with their per-token lists (`per_token`: logprobs and
+        entropies, where asked) cut alike."""
         eos_ids = self.eos_ids()
         out = []
         for i, seq in enumerate(tokens):
@@ -470,6 +477,6 @@ class FastEngine(RolloutEngine):
             kept, reason = truncate_at_stop(seq[:end], self.tokenizer, params.stop, set())
             if reason is None and end is not None:
                 kept, reason = seq[: end + 1], "stop"
-            lp = logprobs[i][: len(kept)] if logprobs is not None else None
-            out.append(Completion(kept, reason or "length", lp))
+            lists = {k: v[i][: len(kept)] for k, v in per_token.items()}
+            out.append(Completion(kept, reason or "length", **lists))
         return [out[i * params.n : (i + 1) * params.n] for i in range(n_prompts)]

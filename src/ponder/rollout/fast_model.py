@@ -138,6 +138,7 @@ class Forward:
         write them at fixed addresses: the caller drops its graphs when this allocates new ones."""
         self.out_tok = torch.zeros((seqs + 1, tokens), dtype=torch.long, device=self.device)
         self.out_lp = torch.zeros((seqs + 1, tokens), dtype=torch.float32, device=self.device)
+        self.out_ent = torch.zeros((seqs + 1, tokens), dtype=torch.float32, device=self.device)
 
     def refresh_rope(self):
         """Rotary tables from the model's own rotary module (any RoPE scaling it implements)."""
@@ -217,17 +218,18 @@ class Forward:
         if temperature is None:
             return logits
         keys = row_keys(self.seed, self.n_out[:batch], self.row_seq[:batch])
-        tok, lp = sample(logits, temperature, 0, 1.0, keys, True, self.k)
-        self.record(batch, tok, lp)
+        self.record(batch, *sample(logits, temperature, 0, 1.0, keys, True, self.k))
         return None
 
-    def record(self, batch: int, tok: torch.Tensor, lp: torch.Tensor | None):
+    def record(self, batch: int, tok: torch.Tensor, lp: torch.Tensor | None, ent: torch.Tensor | None = None):
         """Each row's token: written at its sequence's next index, fed at the next step. The random key of a
         token depends on (seed, sequence, index) alone, so when a sequence runs does not change its samples."""
         at = (self.row_seq[:batch], self.n_out[:batch])
         self.out_tok.index_put_(at, tok)
         if lp is not None:
             self.out_lp.index_put_(at, lp if lp.dtype == torch.float32 else lp.float())
+        if ent is not None:
+            self.out_ent.index_put_(at, ent)
         self.n_out[:batch] += 1
         self.live[:batch] &= ~(tok[:, None] == self.eos[None, :]).any(-1) & (self.n_out[:batch] < self.limit[:batch])
         self.tokens[:batch] = tok

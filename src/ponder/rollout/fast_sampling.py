@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ponder.kernels.decode_step import EAGER
+from ponder.kernels.sampler import entropy_of
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -27,12 +28,15 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
 
 
 def sample(logits, temperature, top_k, top_p, keys, want_logprobs: bool, kernels=EAGER):
-    """[B, V] logits -> tokens [B] and, when asked, their log-probabilities under the sampling distribution.
-    `keys` [B] (see ponder.kernels.sampler.row_keys) fix the random draw of each row."""
+    """[B, V] logits -> tokens [B], their log-probabilities under the sampling distribution (when asked, else None)
+    and each row's entropy at the temperature (1 when greedy), over the whole vocabulary whatever top-k and top-p
+    keep: the entropy the trainer logs. `keys` [B] (see ponder.kernels.sampler.row_keys) fix each row's draw."""
     if temperature == 0:
-        tokens, logprobs = kernels["greedy_pick"](logits, keys, 1.0)
+        tokens, logprobs, entropies = kernels["greedy_pick"](logits, keys, 1.0)
     elif not 0 < top_k < logits.shape[-1] and top_p >= 1.0:  # plain sampling: no sort (on CUDA, two Triton kernels)
-        tokens, logprobs = kernels["pick"](logits, keys, 1.0 / temperature)
+        tokens, logprobs, entropies = kernels["pick"](logits, keys, 1.0 / temperature)
     else:
-        tokens, logprobs = EAGER["pick"](process_logits(logits, temperature, top_k, top_p), keys, 1.0)
-    return tokens, (logprobs if want_logprobs else None)
+        tokens, logprobs, _ = EAGER["pick"](process_logits(logits, temperature, top_k, top_p), keys, 1.0)
+        x = logits.float() / temperature
+        entropies = entropy_of(x, x.logsumexp(-1))
+    return tokens, (logprobs if want_logprobs else None), entropies
