@@ -101,7 +101,7 @@ def test_packed_pass_matches_the_hf_forward(paths, kind, capsys):
 
 def test_fast_engine_logprobs_match_a_fresh_forward(paths):
     """Sampled rows through the fast engine from a float32 model (its bf16 rollout copy on CUDA): each row's
-    log-probs against the HF forward of its own tokens."""
+    log-probs and entropies (the sampler's, inside the captured graphs) against the HF forward of its own tokens."""
     from ponder.models.tiny import char_tokenizer
     from ponder.rollout import SamplingParams
     from ponder.rollout.fast import FastEngine
@@ -111,12 +111,16 @@ def test_fast_engine_logprobs_match_a_fresh_forward(paths):
     model = build("qwen2")
     engine = FastEngine(model, tok, sync_every=4, min_bucket=1)
     prompts = [tok.encode(p) for p in ["Q: 12+7=", "a", "The quick brown fox jumps", "count: 1 2 3 4 5 6 7 8 9"]]
-    outs = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=40, seed=1, logprobs=True))
+    outs = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=40, seed=1, logprobs=True,
+                                                   entropies=True))
     rows = [(p, c) for p, o in zip(prompts, outs) for c in o]
     assert len(rows) == 12 and all(len(c.token_ids) > 0 for _, c in rows)
     refs = reference_logprobs(model, [Sample(list(p), list(c.token_ids)) for p, c in rows])
-    for (_, c), ref in zip(rows, refs):
+    for (p, c), ref in zip(rows, refs):
         torch.testing.assert_close(torch.tensor(c.logprobs, device=DEV), ref, atol=0.08, rtol=0.05)
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([p + c.token_ids], device=DEV)).logits[0, len(p) - 1 : -1].float().log_softmax(-1)
+        torch.testing.assert_close(torch.tensor(c.entropies, device=DEV), -(logp.exp() * logp).sum(-1), atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("setting", ["algorithm.beta=0", "algorithm.beta=0.04", "algorithm.mu=2", "train.precision=fp32",
