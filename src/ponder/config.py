@@ -138,8 +138,10 @@ class TrainConfig:
     # with gloo): a rank that runs ahead waits for the others, e.g. while rank 0 writes a checkpoint or a report
     collective_timeout: float = 180.0
     # a sample whose advantage is exactly 0 (its group's rewards all equal) adds nothing to the loss or its gradient
-    # when beta is 0 and the loss normalisers already counted it (every loss_agg but bnpo): no backward pass for it,
-    # only a forward without gradient for its entropy. The gradient is the same up to float rounding
+    # when beta is 0 and the loss normalisers already counted it (every loss_agg but bnpo): no backward pass for it;
+    # its logged entropy is the fast engine's, computed as it sampled (a forward without gradient where the engine
+    # gives none, or after an optimizer step moved the weights: mu > 1, minibatches > 1). The gradient is the same
+    # up to float rounding
     skip_zero_advantage: bool = True
     save_every: int = 50
     keep_last: int = 2
