@@ -683,6 +683,7 @@ def test_more_samples_than_rows_generate_like_transformers(rows, block, pool, st
     set_eos_mid_generation(model, prompts, steps=20)
     params = SamplingParams(n=3, temperature=0, max_tokens=20, logprobs=True)
     ref = HFEngine(model, TOK).generate(prompts, params)
+    params = SamplingParams(n=3, temperature=0, max_tokens=20, logprobs=True, entropies=True)
     eng = FastEngine(model, TOK, batch_size=rows, sync_every=2, min_bucket=1, block_size=block, kv_blocks=pool,
                      start_tokens=start)
     got = eng.generate(prompts, params)
@@ -695,12 +696,15 @@ def test_more_samples_than_rows_generate_like_transformers(rows, block, pool, st
     assert eng.stats["kv_blocks_peak"] <= eng.stats["kv_blocks"] - 1
     if pool is not None:
         assert eng.stats["gave_way"] > 0  # the case this parametrisation is for
-    # log-probs of each sampled token agree with a fresh forward over prompt + completion
+    # log-probs of each sampled token and each token's entropy agree with a fresh forward over prompt + completion
+    # (a sequence that gave way keeps the entropies of its tokens from before)
     for p, outs in zip(prompts, got):
         for c in outs:
             ids = torch.tensor([p + c.token_ids])
-            fresh = model(ids).logits[0, len(p) - 1 : -1].log_softmax(-1).gather(-1, ids[0, len(p):, None]).squeeze(-1)
+            logp = model(ids).logits[0, len(p) - 1 : -1].log_softmax(-1)
+            fresh = logp.gather(-1, ids[0, len(p):, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(c.logprobs), fresh, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.tensor(c.entropies), -(logp.exp() * logp).sum(-1).detach(), atol=1e-4, rtol=1e-4)
 
 
 def test_samples_do_not_depend_on_rows_or_blocks():
