@@ -394,3 +394,36 @@ def test_a_model_that_asks_for_dropout_trains_through_its_own_forward(tmp_path):
         SFTTrainer(cfg_for(tmp_path, [data], "name=packed", "train.forward=packed", *args))
     # without dropout, auto is the packed pass
     assert SFTTrainer(cfg_for(tmp_path, [data], "name=plain", "data.template=plain", "train.steps=1")).policy_pass.packed
+
+
+def test_mixed_precision_sft_computes_from_bf16_copies_refreshed_after_each_step(tmp_path, monkeypatch):
+    """train.precision=mixed, packed: the linear layers and the head compute from bf16 copies of the float32 matrices
+    (ponder.rl.copy_linear), refreshed after each optimizer step, not cast in every micro-batch. Both steps'
+    gradients equal those of autocast's casts (biases within bf16's rounding of autocast's sums); a copy not
+    refreshed after the first step would give the second step the first weights' gradients."""
+    from ponder.rl import copy_linear
+    from ponder.sft.trainer import SFTTrainer
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS * 3)
+    calls = []
+    real = copy_linear._FromCopy.apply
+    monkeypatch.setattr(copy_linear._FromCopy, "apply", lambda *a: calls.append(1) or real(*a))
+    grads = {}
+    for name in ("copy", "autocast"):
+        tr = SFTTrainer(cfg_for(tmp_path, [data], f"name={name}", "train.precision=mixed", "train.forward=packed",
+                                "optim.token_budget=64", "train.batch_size=12", "data.template=plain", "optim.lr=0.05"))
+        assert tr.precision.name == "mixed" and (tr.copy is not None)
+        if name == "autocast":
+            tr.policy_pass.copies = None
+        seen = grads[name] = []
+        tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs, _t=tr, _s=seen: _s.append(
+            {k: p.grad.clone() for k, p in _t.model.named_parameters() if p.grad is not None}))
+        tr.step(), tr.step()
+        assert bool(calls) == (name == "copy")
+        calls.clear()
+    assert len(grads["copy"]) == len(grads["autocast"]) == 2
+    for mine, ref in zip(grads["copy"], grads["autocast"]):
+        assert mine.keys() == ref.keys()
+        for k, g in mine.items():
+            scale = ref[k].abs().max().item()
+            torch.testing.assert_close(g, ref[k], rtol=0, atol=2e-2 * scale if "bias" in k else 1e-6 * max(scale, 1), msg=k)

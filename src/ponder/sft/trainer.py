@@ -22,6 +22,7 @@ from ponder.metrics import MetricsWriter
 from ponder.optim import make_optimizer
 from ponder.rl import memory_plan
 from ponder.rl.forward import PolicyPass, use_packed
+from ponder.rollout.fast import RolloutCopy
 from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, set_seed
 from ponder.sft.config import SFTConfig
 from ponder.sft.data import load_data, read_data
@@ -62,7 +63,15 @@ class SFTTrainer:
         self.precision = chooser.chosen
         self.rows, self.examples, self.report = load_data(cfg, self.tokenizer, self.model, rows)
         self.lengths = [len(e.ids) for e in self.examples]
-        self.policy_pass = PolicyPass(self._packed(), self.tokenizer.pad_token_id, self.device, self.precision.autocast)
+        packed = self._packed()
+        # under mixed precision the packed pass's linear layers compute from bf16 copies of the float32 matrices,
+        # refreshed after each optimizer step, and add their weight gradients into the float32 .grad in the product
+        # (ponder.rl.copy_linear), where autocast cast every matrix in each micro-batch's forward and backward. LoRA
+        # needs none: its frozen base is narrowed already
+        self.copy = (RolloutCopy(self.model, torch.bfloat16)
+                     if packed and self.precision.autocast and cfg.model.lora is None else None)
+        self.policy_pass = PolicyPass(packed, self.tokenizer.pad_token_id, self.device, self.precision.autocast,
+                                      copies=self._copies if self.copy is not None else None)
         self.total_steps = self._planned_steps()
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, self.total_steps, self.precision.moments)
         self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
@@ -137,6 +146,10 @@ class SFTTrainer:
             "micro_batches": len(chunks), "tokens": tokens, "target_tokens": targets, "pack_efficiency": tokens / max(computed, 1),
             "time/step": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "token_budget": budget,
         }
+
+    def _copies(self) -> dict:
+        self.copy.refresh()
+        return self.copy.by_master
 
     def _packed(self) -> bool:
         """train.forward, where auto takes the packed pass if it supports the model and the model asks for no
