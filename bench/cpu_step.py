@@ -9,8 +9,8 @@ min_new_tokens), temperature 1, beta 0, mu 1, lr 1e-5, grad clip 1, reward `accu
 
 On this workload the random model answers nothing right: every group's rewards are equal (`uniform groups` 1.00),
 every advantage is 0 and so is the gradient. ponder's default (train.skip_zero_advantage) then runs no backward
-pass, only a forward for the entropy, where TRL runs its whole update: to time ponder's update against TRL's, add a
-configuration with `train.skip_zero_advantage=false` (see bench/README.md).
+pass and no forward (the logged entropy is the rollout's), where TRL runs its whole update: to time ponder's update
+against TRL's, add a configuration with `train.skip_zero_advantage=false` (see bench/README.md).
 
 - ponder: a recipe file read by ponder.config.load_config and run by ponder.rl.trainer.GRPOTrainer with its
   defaults, step by step as `ponder train` runs it (trainer.step(), then the metrics and samples lines).

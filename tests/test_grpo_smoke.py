@@ -245,7 +245,8 @@ def test_samples_with_zero_advantage_take_no_backward_and_leave_the_gradient_and
         idle = 2 * skip.cfg.rollout.group_size
         assert all(grad for grad, _ in ran_passes)
         assert sum(n for grad, n in skip_passes if grad) == samples - idle  # the zero-advantage samples: no backward
-        assert sum(n for grad, n in skip_passes if not grad) == idle  # ... only their forward for the entropy
+        assert sum(n for grad, n in skip_passes if not grad) == idle  # ... their forward for the entropy (update()
+        # alone: the weights need not be the rollout's, so the rollout's entropies are not taken)
         assert torch.allclose(_grad(ran), _grad(skip), atol=1e-7, rtol=1e-5), agg
         for k in ("loss", "entropy", "tokens"):
             assert skip_stats[k] == pytest.approx(ran_stats[k], rel=1e-5, abs=1e-9), (agg, k)
