@@ -137,6 +137,11 @@ class RolloutCopy:
             out.copy_(w)
 
     @torch.no_grad()
+    def current(self) -> dict:
+        """by_master, refreshed first: the copies as the master weights are now (what the update computes with)."""
+        self.refresh()
+        return self.by_master
+
     def refresh(self) -> bool:
         """Copy the master weights in if they changed since the last refresh; True if they did."""
         now = self._versions()
@@ -215,10 +220,7 @@ class FastEngine(RolloutEngine):
         return 0 if self.fwd is None else self.fwd.kv.numel() * self.fwd.kv.element_size()
 
     def rollout_matrices(self) -> dict | None:
-        if self.copy is None:
-            return None
-        self.copy.refresh()
-        return self.copy.by_master
+        return None if self.copy is None else self.copy.current()
 
     def release(self) -> None:
         """Free the cache and the captured graphs (they come back on the next call)."""

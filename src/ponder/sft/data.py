@@ -171,7 +171,7 @@ def read_data(cfg, seed: int):
 def check_template(rows: list[dict], cfg):
     """Encode one row of each shape (prompt or messages, and its chat roles) with the model's tokenizer, which loads in
     a moment: a template the rows cannot take (an unknown name, `chat` with no chat template, one refusing a system
-    turn) is one line before the model loads (minutes for a large one), not after."""
+    turn) is one line before the model loads (minutes for a large one), not after. Returns that tokenizer."""
     from ponder import models
 
     d = cfg.data

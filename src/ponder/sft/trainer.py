@@ -71,7 +71,7 @@ class SFTTrainer:
         self.copy = (RolloutCopy(self.model, torch.bfloat16)
                      if packed and self.precision.autocast and cfg.model.lora is None else None)
         self.policy_pass = PolicyPass(packed, self.tokenizer.pad_token_id, self.device, self.precision.autocast,
-                                      copies=self._copies if self.copy is not None else None)
+                                      copies=self.copy.current if self.copy is not None else None)
         self.total_steps = self._planned_steps()
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, self.total_steps, self.precision.moments)
         self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
@@ -146,10 +146,6 @@ class SFTTrainer:
             "micro_batches": len(chunks), "tokens": tokens, "target_tokens": targets, "pack_efficiency": tokens / max(computed, 1),
             "time/step": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "token_budget": budget,
         }
-
-    def _copies(self) -> dict:
-        self.copy.refresh()
-        return self.copy.by_master
 
     def _packed(self) -> bool:
         """train.forward, where auto takes the packed pass if it supports the model and the model asks for no
