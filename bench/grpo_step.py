@@ -114,7 +114,7 @@ def run(a, shape: str, budget: str, root: Path) -> dict:
               f"budget {m['token_budget']}, peak {m.get('memory/peak_allocated_gib', 0):.1f} / "
               f"{m.get('memory/peak_reserved_gib', 0):.1f} GiB", flush=True)
     if a.profile:  # one more step, not timed
-        profiled(trainer, f"{a.profile}.{shape}.{budget}")
+        profiled(trainer, f"{a.profile}.{shape}.{budget}", stack=a.stack)
     timed = steps[1:] or steps
     med = lambda k: statistics.median(m[k] for m in timed)  # noqa: E731
     row = dict(shape=shape, engine=a.engine, budget=steps[-1]["token_budget"], asked=budget,
@@ -130,11 +130,12 @@ def run(a, shape: str, budget: str, root: Path) -> dict:
     return row
 
 
-def profiled(trainer, path: str) -> dict:
-    """One step under the profiler: the kernel table and a Chrome trace (where the GPU waits)."""
+def profiled(trainer, path: str, stack: bool = False) -> dict:
+    """One step under the profiler: the kernel table and a Chrome trace (where the GPU waits). `stack`: the
+    Python calls too (which host code runs while the GPU waits; the host runs slower under it)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else []), with_stack=stack) as prof:
         m = trainer.step()
     with open(path + ".txt", "w") as f:
         f.write(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=50))
@@ -166,6 +167,7 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="steps run; the first is not timed")
     ap.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. rollout.engine_options={dtype: fp32}")
     ap.add_argument("--profile", help="profile one more step after the timed ones: PATH.SHAPE.BUDGET.txt and .trace.json")
+    ap.add_argument("--stack", action="store_true", help="with --profile: record the Python calls in the trace")
     ap.add_argument("--lengths", choices=["uniform", "long-tail"], default="uniform",
                     help="long-tail: each sample ends at a length from a lognormal (median 1,500, 10%% at --new)")
     a = parse_with_common(ap)

@@ -1,6 +1,8 @@
 """The fast engine against transformers' generate (greedy, exact tokens), the sampling distribution
 (chi-square), and a fresh forward pass (log-probs). CPU, fp32, small random models."""
 
+import random
+
 import pytest
 import random_weights
 import torch
@@ -140,9 +142,10 @@ def test_stop_strings_match_transformers():
     text = TOK.decode(plain[2][0].token_ids[4:7])  # a stop string that appears mid-way in prompt 2's answer
     params = SamplingParams(temperature=0, max_tokens=20, stop=(text,))
     ref = HFEngine(model, TOK).generate(prompts, params)
-    got = FastEngine(model, TOK, sync_every=3).generate(prompts, params)
-    assert [o[0].token_ids for o in got] == [o[0].token_ids for o in ref]
-    assert got[2][0].finish_reason == "stop" and TOK.decode(got[2][0].token_ids).endswith(text)
+    for ahead in (False, True):  # the check reads each row's new tokens before the step queued ahead of it runs
+        got = FastEngine(model, TOK, sync_every=3, look_ahead=ahead).generate(prompts, params)
+        assert [o[0].token_ids for o in got] == [o[0].token_ids for o in ref]
+        assert got[2][0].finish_reason == "stop" and TOK.decode(got[2][0].token_ids).endswith(text)
 
 
 def test_sees_weight_updates_in_place():
@@ -670,12 +673,14 @@ LONGER = PROMPTS + ["Q: 31+24=", "zz", "The quick brown fox jumps over the lazy 
 @pytest.mark.parametrize("rows,block,pool,start", [(3, 4, None, None), (5, 3, None, 2), (4, 4, 24, 2)],
                          ids=["3 rows", "5 rows, blocks of 3, a pool that grows", "4 rows, pool of 24 blocks: sequences give way"])
 @pytest.mark.parametrize("in_order", [True, False], ids=["rows' K/V in order", "K/V gathered from the pool"])
-def test_more_samples_than_rows_generate_like_transformers(rows, block, pool, start, in_order, monkeypatch):
+@pytest.mark.parametrize("ahead", [False, True], ids=["checks in step", "a step queued ahead of each check"])
+def test_more_samples_than_rows_generate_like_transformers(rows, block, pool, start, in_order, ahead, monkeypatch):
     """9 prompts x 3 samples through a few rows: sequences finish at different steps (EOS), waiting ones take
     their rows and reuse the blocks they freed (stale K/V from another sequence sits in them), prompts of
     mixed lengths share their full blocks and copy their last partial one. With a small pool, running
     sequences give way and are recomputed when readmitted. Greedy tokens must equal transformers' generate,
-    whether the CPU step reads its rows' in-order K/V copy or (past its size cap, as on CUDA) the pool."""
+    whether the CPU step reads its rows' in-order K/V copy or (past its size cap, as on CUDA) the pool, and
+    whether each host check runs after the GPU's last step or beside a step queued ahead of it (CUDA's way)."""
     if not in_order:
         monkeypatch.setattr(fast_model, "ROW_KV_BYTES", 0)
     model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
@@ -685,7 +690,7 @@ def test_more_samples_than_rows_generate_like_transformers(rows, block, pool, st
     ref = HFEngine(model, TOK).generate(prompts, params)
     params = SamplingParams(n=3, temperature=0, max_tokens=20, logprobs=True, entropies=True)
     eng = FastEngine(model, TOK, batch_size=rows, sync_every=2, min_bucket=1, block_size=block, kv_blocks=pool,
-                     start_tokens=start)
+                     start_tokens=start, look_ahead=ahead)
     got = eng.generate(prompts, params)
     assert (eng.fwd.row_kv is not None) == in_order
     if start is not None and pool is None:  # it started with room for 2 new tokens a row and grew
@@ -716,6 +721,15 @@ def test_samples_do_not_depend_on_rows_or_blocks():
     wide = FastEngine(model, TOK).generate(prompts, params)
     narrow = FastEngine(model, TOK, batch_size=5, sync_every=3, min_bucket=1, block_size=5).generate(prompts, params)
     assert [[c.token_ids for c in o] for o in narrow] == [[c.token_ids for c in o] for o in wide]
+    # a step queued ahead of each check, with top-p (sampled outside the step) and a stop string
+    params_p = SamplingParams(n=4, temperature=1.0, top_p=0.9, max_tokens=24, seed=11, logprobs=True, stop=("e ",))
+    outs = [FastEngine(model, TOK, batch_size=5, sync_every=3, min_bucket=1, block_size=5, look_ahead=ahead).generate(
+        prompts, params_p) for ahead in (False, True)]
+    assert [[(c.token_ids, c.finish_reason) for c in o] for o in outs[0]] == [[(c.token_ids, c.finish_reason) for c in o] for o in outs[1]]
+    assert any(c.finish_reason == "stop" for o in outs[0] for c in o)
+    for a, b in zip(*outs):  # rows are compacted at other steps: products over other batch sizes round differently
+        for x, y in zip(a, b):
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=1e-5)
     lens = {len(c.token_ids) for o in wide for c in o}
     assert len(lens) > 3  # uneven lengths: rows were freed and reused
     for a, b in zip(wide, narrow):
@@ -821,3 +835,35 @@ def test_triton_attention_on_the_cpu_says_what_runs_and_decodes_as_auto(capsys):
     triton = FastEngine(model, tok, attention="triton").generate(prompts, params)
     assert "attention 'triton' is a CUDA kernel; here its torch reference runs" in capsys.readouterr().err
     assert [[c.token_ids for c in o] for o in triton] == [[c.token_ids for c in o] for o in auto]
+
+
+def test_decode_texts_equals_decoding_each_list():
+    """ponder.rollout.decode_texts (the trainer's, sampler's and evaluator's decoding of completions) gives what
+    tokenizer.decode gives list by list: through the Rust tokenizer's batch decode where decoding is that alone,
+    and list by list where the tokenizer cleans up spaces (transformers' own step after the Rust decode)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ponder.rollout import decode_texts
+
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, merges=[]))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken("<|end|>", special=True)])
+    bpe = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|end|>")
+    g = random.Random(0)
+    for tok in (TOK, bpe):
+        lists = [tok.encode(t) for t in ("12 + 7 = 19 .", "a , b !", "", "don't  stop\n", "é ü 中")]
+        lists += [[g.randrange(len(tok)) for _ in range(g.randrange(40))] for _ in range(20)]  # special tokens too
+        calls = []
+        real = tok._tokenizer.decode_batch
+        tok._tokenizer = type("Spy", (), {"__getattr__": lambda _, k: getattr(real.__self__, k),
+                                          "decode_batch": lambda _, *a, **k: calls.append(1) or real(*a, **k)})()
+        try:
+            want = [tok.decode(t, skip_special_tokens=True) for t in lists]
+            assert decode_texts(tok, lists) == want and calls == [1]
+            tok.clean_up_tokenization_spaces = True  # "a , b !" -> "a, b!" where transformers applies it
+            want = [tok.decode(t, skip_special_tokens=True) for t in lists]
+            assert decode_texts(tok, lists) == want and calls == [1]  # list by list: the batch call is not used
+        finally:
+            tok._tokenizer = real.__self__
+            tok.clean_up_tokenization_spaces = False

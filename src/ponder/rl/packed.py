@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import sys
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -53,12 +55,15 @@ def packed_micro_batches(samples: list[Sample], token_budget: int) -> list[list[
                 size, part = len(key), []
             size, part = size + n, part + [r]
         parts.append((size, part))
-    total = sum(size for size, _ in parts)
-    fill = total / max(-(-total // token_budget), 1)  # equal shares, not full ones and a small rest
+    # equal shares, not full ones and a small rest: each micro-batch aims at an equal share of what is left, so that
+    # the share's rounding to whole groups does not pile up in the last one (32 groups of 8 x 512 tokens, 27k a
+    # share: 6 groups each and a rest of 2 with a fixed share, whose launches then outlast its kernels on a GPU)
+    left, remaining = max(-(-sum(size for size, _ in parts) // token_budget), 1), sum(size for size, _ in parts)
     out, cur, used = [], [], 0
     for size, rows in sorted(parts, key=lambda p: max(r.length for r in p[1])):
-        if cur and (used + size > token_budget or used + size / 2 > fill):
+        if cur and (used + size > token_budget or used + size / 2 > remaining / left):
             out.append(cur)
+            remaining, left = remaining - used, max(left - 1, 1)
             cur, used = [], 0
         cur += rows
         used += size
@@ -94,6 +99,12 @@ def seg_arange(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts - offsets, lens) + torch.arange(int(lens.sum()), device=lens.device)
 
 
+def longs(lists: list[list[int]]) -> torch.Tensor:
+    """The lists' ints end to end, as a long tensor. Through numpy: torch.tensor reads a list of 29k Python ints
+    in 3.5 ms, numpy in 0.4 (the packing of a 0.5B micro-batch, which the GPU waits for before the first one)."""
+    return torch.from_numpy(np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64))
+
+
 def pack(batch: list[Sample], device) -> Packed:
     """The micro-batch as one stream and its index tensors (built on the host, copied without a wait)."""
     first: dict[tuple, int] = {}  # prompt -> its index among the distinct prompts
@@ -115,7 +126,7 @@ def pack(batch: list[Sample], device) -> Packed:
     which = torch.tensor(which, **long)
     rp_len, rp_start = p_len[which], p_start[which]
 
-    ids = torch.tensor([t for p in distinct for t in p] + [t for s in batch for t in s.completion_ids[:-1]], **long)
+    ids = longs(distinct + [s.completion_ids[:-1] for s in batch])
     pos = torch.cat([seg_arange(torch.zeros_like(p_len), p_len), seg_arange(rp_len, c_in)])
     has = c_in > 0  # rows with no completion input need no attention (their one token is scored from the prompt)
     # keys: each prompt over itself, then for each row its prompt's tokens followed by its own
@@ -128,7 +139,7 @@ def pack(batch: list[Sample], device) -> Packed:
     one = torch.ones_like(c_len)
     src = seg_arange(torch.stack([rp_start + rp_len - 1, c_start], 1).reshape(-1),
                      torch.stack([torch.minimum(c_len, one), c_in], 1).reshape(-1))
-    targets = torch.tensor([t for s in batch for t in s.completion_ids], **long)
+    targets = longs([s.completion_ids for s in batch])
     row = torch.repeat_interleave(torch.arange(len(batch)), c_len)
     col = seg_arange(torch.zeros_like(c_len), c_len)
     mask = torch.zeros((len(batch), max(int(c_len.max()), 1)))

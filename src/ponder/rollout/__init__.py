@@ -111,6 +111,21 @@ def shadow_dtype(model) -> torch.dtype | None:
     return narrowest if narrowest.itemsize < embedding.weight.dtype.itemsize else None
 
 
+def decode_texts(tokenizer, token_lists: list[list[int]]) -> list[str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)` of each list. A fast tokenizer whose decoding is the Rust
+    tokenizer's alone (no space clean-up, no override) decodes them all in one call, in parallel: one call a list
+    took about 20 ms of the 0.5B GRPO step's host time (256 completions of 512 tokens) while the GPU waited."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (isinstance(tokenizer, PreTrainedTokenizerFast) and hasattr(backend, "decode_batch")
+            and not tokenizer.clean_up_tokenization_spaces
+            and type(tokenizer).decode is PreTrainedTokenizerFast.decode
+            and type(tokenizer)._decode is PreTrainedTokenizerFast._decode):
+        return backend.decode_batch([list(t) for t in token_lists], skip_special_tokens=True)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
+
+
 def truncate_at_stop(token_ids: list[int], tokenizer, stop: tuple[str, ...], eos_ids: set[int]):
     """Cut a generated sequence after EOS or the first stop string; return (ids, finish_reason or None)."""
     for i, t in enumerate(token_ids):

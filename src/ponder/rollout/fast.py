@@ -181,7 +181,7 @@ class FastEngine(RolloutEngine):
         self, model, tokenizer, *, batch_size: int | None = None, cuda_graphs: bool = True, sync_every: int = 16, min_bucket: int = 8,
         length_bucket: int = 128, prefill_tokens: int = 4096, keep_cache: bool = True, attention: str = "auto",
         fused: bool = True, join_weights: bool = True, dtype: str = "auto", block_size: int = 32, kv_fraction: float = 0.5,
-        kv_blocks: int | None = None, start_tokens: int | None = None,
+        kv_blocks: int | None = None, start_tokens: int | None = None, look_ahead: bool | None = None,
     ):
         super().__init__(model, tokenizer)
         if attention not in ("auto", "triton", "sdpa", "matmul"):
@@ -195,6 +195,7 @@ class FastEngine(RolloutEngine):
             raise UserError(f"fast engine: block_size must be >= 1 and kv_fraction in (0, 1] (got {block_size}, {kv_fraction})")
         self.dtype, self.block_size, self.kv_fraction, self.kv_blocks = dtype, block_size, kv_fraction, kv_blocks
         self.start_tokens = start_tokens
+        self.look_ahead = look_ahead  # None: on CUDA (where the host's check can overlap the GPU's step), off on CPU
         self.stats: dict = {}  # of the last call: KV blocks held at most, sequences that gave way
         self.arch, why = describe(model)
         self.copy: RolloutCopy | None = None
@@ -399,8 +400,8 @@ class FastEngine(RolloutEngine):
 
     def _run(self, prompts, params: SamplingParams, seed: int, limits):
         n_seq, max_new = len(prompts) * params.n, params.max_tokens
-        # rows run on past their end until the next host check: room for sync_every more tokens
-        cols = max_new + self.sync_every + 1
+        # rows run on past their end until the next host check (and the step queued ahead of it): room for those
+        cols = max_new + self.sync_every + 2
         longest = max(len(p) for p in prompts)
         start = self.start_tokens
         if start is None:  # CPU: every row at full length from the start (small there; growing costs time)
@@ -422,27 +423,23 @@ class FastEngine(RolloutEngine):
         run = Schedule(self, f, prompts, params, limits)
         filtered = 0 < params.top_k or params.top_p < 1.0
         in_graph = None if filtered else params.temperature  # None: the graph returns logits, sampling here
-        run.sync()  # the first admissions: prefill, first tokens
-        step = 0
+        ahead = int(self.look_ahead if self.look_ahead is not None else f.device.type == "cuda")
+        run.sync(run.look())  # the first admissions: prefill, first tokens
         while run.batch:
-            step += 1
-            if step % self.sync_every == 0 or run.steps_left <= 0:
-                run.sync()
+            # a check every sync_every steps (the blocks handed out at one last that long), or when all may be done
+            if run.since + ahead >= self.sync_every or run.steps_left <= 0:
+                # the check's reads are queued first; with `ahead`, the check's last step is queued behind them, so
+                # the GPU runs it while the host waits for the reads and decides (0.5B, 256 rows: the GPU waited
+                # about 0.85 ms at each of a rollout's 32 checks). Rows then run one step longer past their end.
+                seen = run.look()
+                if ahead and run.steps_left > 0:
+                    self._decode(f, run, use_graphs, in_graph, params)
+                    run.sync(seen, ahead=1)
+                    continue
+                run.sync(seen)
                 if run.batch == 0:
                     break
-            length = run.top + 1  # slots 0 .. the highest position fed at this step
-            if use_graphs and f.attention == "triton":
-                # the kernel reads each row's own live slots; the length only sets how rows are split across
-                # programs, so buckets double (a few graphs a batch bucket, even at 32k positions)
-                length = min(max(self.length_bucket, 1 << (length - 1).bit_length()), f.positions)
-            elif use_graphs:
-                length = min(-(-length // self.length_bucket) * self.length_bucket, f.positions)
-            logits = self._step(f, run.batch, length, use_graphs, in_graph)
-            run.steps_left -= 1
-            run.top = min(run.top + 1, f.positions - 1)
-            if in_graph is None:
-                keys = row_keys(f.seed, f.n_out[: run.batch], f.row_seq[: run.batch])
-                f.record(run.batch, *sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k))
+            self._decode(f, run, use_graphs, in_graph, params)
         self.stats = dict(kv_blocks=f.blocks, kv_blocks_peak=run.peak, block_size=f.block, gave_way=run.gave_way,
                           kv_gib_peak=run.peak * f.kv[:, :, 0].numel() * f.kv.element_size() / 2**30)
         out = f.out_tok[:n_seq, :max_new]
@@ -457,6 +454,21 @@ class FastEngine(RolloutEngine):
         if params.entropies:
             per_token["entropies"] = f.out_ent[:n_seq, :max_new].tolist()
         return tokens, per_token
+
+    def _decode(self, f: Forward, run: Schedule, use_graphs: bool, in_graph: float | None, params: SamplingParams):
+        """One decode step of the running rows (queued: nothing here waits for the GPU)."""
+        length = run.top + 1  # slots 0 .. the highest position fed at this step
+        if use_graphs and f.attention == "triton":
+            # the kernel reads each row's own live slots; the length only sets how rows are split across
+            # programs, so buckets double (a few graphs a batch bucket, even at 32k positions)
+            length = min(max(self.length_bucket, 1 << (length - 1).bit_length()), f.positions)
+        elif use_graphs:
+            length = min(-(-length // self.length_bucket) * self.length_bucket, f.positions)
+        logits = self._step(f, run.batch, length, use_graphs, in_graph)
+        run.stepped()
+        if in_graph is None:
+            keys = row_keys(f.seed, f.n_out[: run.batch], f.row_seq[: run.batch])
+            f.record(run.batch, *sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k))
 
     def eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

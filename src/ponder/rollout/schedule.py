@@ -40,6 +40,7 @@ class Schedule:
         self.pos, self.n_out, self.age = [0] * rows, [0] * rows, [0] * rows
         self.admitted = self.peak = self.gave_way = 0
         self.batch = self.top = self.steps_left = 0
+        self.since = 0  # decode steps queued since the last check
         self.sink = f.out_tok.shape[0] - 1
         f.table.zero_()
         f.row_seq.fill_(self.sink)
@@ -48,15 +49,62 @@ class Schedule:
 
     # -- the check between decode steps -------------------------------------------------------------
 
-    def sync(self) -> None:
+    def stepped(self) -> None:
+        """A decode step was queued: every row of the batch feeds one more position and has one more token."""
+        self.steps_left -= 1
+        self.top = min(self.top + 1, self.f.positions - 1)
+        self.since += 1
+
+    def look(self):
+        """The reads a check needs, queued into host memory without waiting for them: the rows' live flags,
+        positions and token counts, and (with stop strings) the tokens each running row made since the last
+        check. sync() waits for them, so that decode steps queued after this call run meanwhile."""
+        f, b = self.f, self.batch
+        if not b:
+            return None
+        parts = [torch.stack([f.live[:b].long(), f.pos[:b], f.n_out[:b]]).reshape(-1)]
+        tails = None
+        if self.params.stop:
+            # every row of the batch has made one token at each step queued since the last check
+            rows = [r for r in range(b) if self.seq[r] >= 0]
+            overlap = max(len(s) for s in self.params.stop) + 8
+            lo = [max(0, self.checked.get(self.seq[r], 0) - overlap) for r in rows]
+            hi = [self.n_out[r] + self.since for r in rows]
+            width = max(h - low for h, low in zip(hi, lo)) if rows else 0
+            if width > 0:
+                cols = (torch.tensor(lo, device=f.device)[:, None] + torch.arange(width, device=f.device))
+                seqs = torch.tensor([self.seq[r] for r in rows], device=f.device)
+                parts.append(f.out_tok[seqs[:, None], cols.clamp(max=f.out_tok.shape[1] - 1)].reshape(-1))
+                tails = (rows, lo, hi, width)
+        flat = torch.cat(parts)
+        if flat.is_cuda:
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return host, done, tails
+        return flat, None, tails
+
+    def sync(self, seen=None, ahead: int = 0) -> None:
+        """The check: `seen` is look()'s reads; `ahead` steps were queued after them (the rows are that much further)."""
         f, b = self.f, self.batch
         live = [False] * b
-        if b:
-            state = torch.stack([f.live[:b].long(), f.pos[:b], f.n_out[:b]]).tolist()
-            live = [bool(x) for x in state[0]]
-            self.pos[:b], self.n_out[:b] = state[1], state[2]
-        if self.params.stop:
-            self._stop_strings(live)
+        tails = None
+        if seen is not None:
+            host, done, tails = seen
+            if done is not None:
+                done.synchronize()
+            flat = host.tolist()
+            live = [bool(x) for x in flat[:b]]
+            self.pos[:b] = [p + ahead for p in flat[b: 2 * b]]
+            self.n_out[:b] = [n + ahead for n in flat[2 * b: 3 * b]]
+            if tails is not None:
+                rows, lo, hi, width = tails
+                got = flat[3 * b:]
+                tails = (rows, lo, hi, [got[i * width: (i + 1) * width] for i in range(len(rows))])
+        self.since = 0
+        if tails is not None:
+            self._stop_strings(live, *tails)
         self._free([r for r in range(b) if self.seq[r] >= 0 and not live[r]])
         self._grow([r for r in range(b) if self.seq[r] >= 0])
         self._admit()
@@ -77,25 +125,15 @@ class Schedule:
         self.top = min(max(self.top, *(self.pos[r] for r in running)), f.positions - 1)
         self.steps_left = max(self.limits[self.seq[r]] - self.n_out[r] for r in running)
 
-    def _stop_strings(self, live):
-        """Mark rows whose new tokens complete a stop string; only the tail since the last check is decoded,
-        with an overlap so that a stop string split across checks is seen."""
-        f, rows = self.f, [r for r, x in enumerate(live) if x]
-        if not rows:
-            return
-        overlap = max(len(s) for s in self.params.stop) + 8
-        lo = [max(0, self.checked.get(self.seq[r], 0) - overlap) for r in rows]
-        hi = [self.n_out[r] for r in rows]
-        width = max(h - low for h, low in zip(hi, lo))
-        cols = (torch.tensor(lo, device=f.device)[:, None] + torch.arange(width, device=f.device)).clamp(max=f.out_tok.shape[1] - 1)
-        seqs = torch.tensor([self.seq[r] for r in rows], device=f.device)
-        tails = f.out_tok[seqs[:, None], cols].tolist()
-        texts = self.e.tokenizer.batch_decode([t[: h - low] for t, h, low in zip(tails, hi, lo)], skip_special_tokens=True)
-        hit = [r for r, t in zip(rows, texts) if any(s in t for s in self.params.stop)]
-        for r in rows:
-            self.checked[self.seq[r]] = self.n_out[r]
-        for r in hit:
-            live[r] = False
+    def _stop_strings(self, live, rows, lo, hi, tails):
+        """Mark live rows whose new tokens complete a stop string; only the tail since the last check is decoded
+        (read by look()), with an overlap so that a stop string split across checks is seen."""
+        keep = [i for i, r in enumerate(rows) if live[r]]
+        texts = self.e.tokenizer.batch_decode([tails[i][: hi[i] - lo[i]] for i in keep], skip_special_tokens=True)
+        for i, t in zip(keep, texts):
+            self.checked[self.seq[rows[i]]] = hi[i]
+            if any(s in t for s in self.params.stop):
+                live[rows[i]] = False
 
     def _free(self, rows):
         """Rows whose sequence finished (or gave way): blocks back to the pool, the row to the sink."""
