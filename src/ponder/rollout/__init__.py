@@ -126,13 +126,14 @@ def decode_texts(tokenizer, token_lists: list[list[int]]) -> list[str]:
     return [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
 
 
-def truncate_at_stop(token_ids: list[int], tokenizer, stop: tuple[str, ...], eos_ids: set[int]):
-    """Cut a generated sequence after EOS or the first stop string; return (ids, finish_reason or None)."""
-    for i, t in enumerate(token_ids):
+def truncate_at_stop(token_ids: list[int], tokenizer, stop: tuple[str, ...], eos_ids: set[int], text: str | None = None):
+    """Cut a generated sequence after EOS or the first stop string; return (ids, finish_reason or None).
+    `text`: the sequence's decoded text where the caller has it (decode_texts of many sequences at once)."""
+    for i, t in enumerate(token_ids if eos_ids else ()):
         if t in eos_ids:
             return token_ids[: i + 1], "stop"
     if stop:
-        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        text = tokenizer.decode(token_ids, skip_special_tokens=True) if text is None else text
         if any(s in text for s in stop):
             # the shortest prefix whose text holds a stop string
             lo, hi = 1, len(token_ids)

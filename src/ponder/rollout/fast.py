@@ -45,7 +45,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ponder.errors import UserError
-from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, shadow_dtype, truncate_at_stop
+from ponder.rollout import (
+    Completion, RolloutEngine, SamplingParams, decode_texts, register, shadow_dtype, truncate_at_stop,
+)
 from ponder.kernels.arch import capturable, describe, gate_up_projections, qkv_projections, swiglu
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_model import EOS_SLOTS, Forward
@@ -481,14 +483,16 @@ class FastEngine(RolloutEngine):
         entropies, where asked) cut alike."""
         eos_ids = self.eos_ids()
         out = []
-        for i, seq in enumerate(tokens):
-            # rows run on past their end until the next host check: cut at whichever comes first,
-            # EOS or a stop string (searched only before the EOS)
-            if len(eos_ids) <= EOS_SLOTS:  # _run cut each row after its first EOS already
-                end = len(seq) - 1 if seq and seq[-1] in eos_ids else None
-            else:
-                end = next((j for j, t in enumerate(seq) if t in eos_ids), None)
-            kept, reason = truncate_at_stop(seq[:end], self.tokenizer, params.stop, set())
+        # rows run on past their end until the next host check: cut at whichever comes first, EOS or a stop
+        # string (searched only before the EOS)
+        if len(eos_ids) <= EOS_SLOTS:  # _run cut each row after its first EOS already
+            ends = [len(seq) - 1 if seq and seq[-1] in eos_ids else None for seq in tokens]
+        else:
+            ends = [next((j for j, t in enumerate(seq) if t in eos_ids), None) for seq in tokens]
+        # the texts the stop strings are searched in, all in one call
+        texts = decode_texts(self.tokenizer, [seq[:end] for seq, end in zip(tokens, ends)]) if params.stop else [None] * len(tokens)
+        for i, (seq, end, text) in enumerate(zip(tokens, ends, texts)):
+            kept, reason = truncate_at_stop(seq[:end], self.tokenizer, params.stop, set(), text)
             if reason is None and end is not None:
                 kept, reason = seq[: end + 1], "stop"
             lists = {k: v[i][: len(kept)] for k, v in per_token.items()}

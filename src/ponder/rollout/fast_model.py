@@ -39,6 +39,14 @@ def _linear(m, x):
     return m(x)
 
 
+def queued(data, device) -> torch.Tensor:
+    """torch.tensor(data) on `device`, its copy queued behind the GPU's work. From pageable memory torch first
+    waits for every queued kernel: at a host check that would end its overlap with the decode step queued ahead
+    of it (ponder.rollout.fast)."""
+    t = torch.tensor(data)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+
+
 class Forward:
     """Prefill and decode over a paged KV cache; holds no weights of its own.
 
@@ -258,11 +266,12 @@ class Forward:
         """Run token lists from position 0 (packed: no work on padding except inside attention), write their
         K/V into the blocks of their tables [P, blocks a row]; return the last position's logits [P, V]."""
         a, dev = self.a, self.device
-        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        lens = queued([len(p) for p in prompts], dev)
         n, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.tensor([t for p in prompts for t in p], device=dev)
-        seq = torch.repeat_interleave(torch.arange(n, device=dev), lens)
-        starts = (lens.cumsum(0) - lens).repeat_interleave(lens)
+        ids = queued([t for p in prompts for t in p], dev)
+        total = sum(len(p) for p in prompts)  # repeat_interleave's output size, or it reads lens back (a wait)
+        seq = torch.repeat_interleave(torch.arange(n, device=dev), lens, output_size=total)
+        starts = (lens.cumsum(0) - lens).repeat_interleave(lens, output_size=total)
         at = torch.arange(len(ids), device=dev) - starts
         rope = self._rope(lambda t: t[at][:, None])
         q_scale = self.a.query_scales(at, self.positions)  # Ministral 3

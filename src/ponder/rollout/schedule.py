@@ -20,6 +20,8 @@ import torch
 
 from ponder.errors import UserError
 from ponder.kernels.sampler import row_keys
+from ponder.rollout import decode_texts
+from ponder.rollout.fast_model import queued
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.kv_blocks import Blocks
 
@@ -72,8 +74,8 @@ class Schedule:
             hi = [self.n_out[r] + self.since for r in rows]
             width = max(h - low for h, low in zip(hi, lo)) if rows else 0
             if width > 0:
-                cols = (torch.tensor(lo, device=f.device)[:, None] + torch.arange(width, device=f.device))
-                seqs = torch.tensor([self.seq[r] for r in rows], device=f.device)
+                cols = queued(lo, f.device)[:, None] + torch.arange(width, device=f.device)
+                seqs = queued([self.seq[r] for r in rows], f.device)
                 parts.append(f.out_tok[seqs[:, None], cols.clamp(max=f.out_tok.shape[1] - 1)].reshape(-1))
                 tails = (rows, lo, hi, width)
         flat = torch.cat(parts)
@@ -119,7 +121,7 @@ class Schedule:
             self.batch = 0
             return
         # free rows inside the batch keep stepping: point them back at slot 0 of the sink
-        idle = torch.tensor([self.seq[r] < 0 for r in range(self.batch)], device=f.device)
+        idle = queued([self.seq[r] < 0 for r in range(self.batch)], f.device)
         f.pos[: self.batch].masked_fill_(idle, 0)
         f.n_out[: self.batch].masked_fill_(idle, 0)
         self.top = min(max(self.top, *(self.pos[r] for r in running)), f.positions - 1)
@@ -129,7 +131,7 @@ class Schedule:
         """Mark live rows whose new tokens complete a stop string; only the tail since the last check is decoded
         (read by look()), with an overlap so that a stop string split across checks is seen."""
         keep = [i for i, r in enumerate(rows) if live[r]]
-        texts = self.e.tokenizer.batch_decode([tails[i][: hi[i] - lo[i]] for i in keep], skip_special_tokens=True)
+        texts = decode_texts(self.e.tokenizer, [tails[i][: hi[i] - lo[i]] for i in keep])
         for i, t in zip(keep, texts):
             self.checked[self.seq[rows[i]]] = hi[i]
             if any(s in t for s in self.params.stop):
@@ -142,7 +144,7 @@ class Schedule:
         for r in rows:
             self.blocks.drop(self.tables[r])
             self.tables[r], self.seq[r] = [], -1
-        f, idx = self.f, torch.tensor(rows, device=self.f.device)
+        f, idx = self.f, queued(rows, self.f.device)
         f.table[idx] = 0
         f.row_seq[idx] = self.sink
         for t in (f.live, f.limit):
@@ -172,7 +174,7 @@ class Schedule:
                 writes += [(r, len(self.tables[r]) + i, b) for i, b in enumerate(got)]
                 self.tables[r] += got
         if writes:
-            r, c, b = (torch.tensor(x, device=self.f.device) for x in zip(*writes))
+            r, c, b = (queued(x, self.f.device) for x in zip(*writes))
             self.f.table[r, c] = b
 
     def _more(self, k: int) -> int:
@@ -228,7 +230,7 @@ class Schedule:
             for p in chunk:
                 self.entries[p] = [self.blocks.take(-(-len(self.prompts[p]) // self.block)), n]
             logits = f.prefill([self.prompts[p] for p in chunk], self._table([self.entries[p][0] for p in chunk]))
-            seqs = (torch.tensor(chunk, device=dev)[:, None] * n + torch.arange(n, device=dev)).reshape(-1)
+            seqs = (queued(chunk, dev)[:, None] * n + torch.arange(n, device=dev)).reshape(-1)
             keys = row_keys(f.seed, torch.zeros((), dtype=torch.long, device=dev), seqs)
             pr = self.params
             tok, lp, ent = sample(logits.repeat_interleave(n, 0), pr.temperature, pr.top_k, pr.top_p, keys, True, f.k)
@@ -280,16 +282,16 @@ class Schedule:
             n_out.append(1)
             pos.append(length)
         if copies:
-            src, dst = (torch.tensor(x, device=dev) for x in zip(*copies))
+            src, dst = (queued(x, dev) for x in zip(*copies))
             f.kv[:, :, dst] = f.kv[:, :, src]
-        idx, sq = torch.tensor(rows, device=dev), torch.tensor(seqs, device=dev)
-        k = torch.tensor(n_out, device=dev)
+        idx, sq = queued(rows, dev), queued(seqs, dev)
+        k = queued(n_out, dev)
         f.table[idx] = self._table([self.tables[r] for r in rows], f.table.shape[1])
         f.load_rows(idx)
         f.row_seq[idx] = sq
         f.n_out[idx] = k
-        f.pos[idx] = torch.tensor(pos, device=dev)
-        f.limit[idx] = torch.tensor([self.limits[s] for s in seqs], device=dev)
+        f.pos[idx] = queued(pos, dev)
+        f.limit[idx] = queued([self.limits[s] for s in seqs], dev)
         tok = f.out_tok[sq, k - 1]
         f.tokens[idx] = tok
         f.live[idx] = ~(tok[:, None] == f.eos[None, :]).any(-1) & (k < f.limit[idx])
@@ -299,7 +301,7 @@ class Schedule:
 
     def _table(self, tables, width: int | None = None) -> torch.Tensor:
         width = width or max(map(len, tables))
-        return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.f.device)
+        return queued([t + [0] * (width - len(t)) for t in tables], self.f.device)
 
     def _compact(self):
         """Live rows to the front of the smallest batch bucket that holds them (only their tables move)."""
@@ -309,7 +311,7 @@ class Schedule:
         if not used or target >= b:
             return
         keep = used + [r for r in range(b) if self.seq[r] < 0][: target - len(used)]
-        self.f.compact(torch.tensor(keep, device=self.f.device))
+        self.f.compact(queued(keep, self.f.device))
         for arr in (self.seq, self.tables, self.pos, self.n_out, self.age):
             arr[: len(keep)] = [arr[r] for r in keep]
         for r in range(len(keep), b):
