@@ -15,7 +15,9 @@
   Gumbel draw on CPU), so it needs no RNG state in the graph and a sample's tokens do not depend on when
   or where it ran. With top-k/top-p the graph stops at the logits and sampling follows eagerly. Every
   `sync_every` steps the host looks once: stop strings, finished rows out, waiting ones in, blocks for the
-  next steps, and, with nothing waiting, the live rows to the front of a smaller batch bucket.
+  next steps, and, with nothing waiting, the live rows to the front of a smaller batch bucket. On CUDA
+  (`look_ahead`) the check's reads go to pinned memory, one more step is queued behind them, and the host
+  decides while the GPU runs it (its copies to the GPU queued from pinned memory too, so none waits).
 - The cache and graphs stay allocated between calls (keep_cache=False frees them after each call, at
   the price of capturing again).
 - q/k/v and gate/up each run as one matrix product: their parameters are moved once into one buffer each
