@@ -712,6 +712,29 @@ def test_more_samples_than_rows_generate_like_transformers(rows, block, pool, st
             torch.testing.assert_close(torch.tensor(c.entropies), -(logp.exp() * logp).sum(-1).detach(), atol=1e-4, rtol=1e-4)
 
 
+def test_the_step_queued_ahead_of_a_check_writes_only_where_blocks_are(monkeypatch):
+    """With look_ahead, a decode step is queued before each check decides: (1) a check every step (sync_every=1),
+    where rows all reach their limit at once and waiting samples take their rows: the step after that check must
+    not be followed by a second one before the blocks for it are handed out (it wrote into the sink block and later
+    tokens went wrong); (2) a row whose last token comes from the step queued ahead is done at that check, not given
+    blocks for another window (with a pool that holds one sequence, that made the call fail). Decode reads the pool,
+    as on CUDA."""
+    monkeypatch.setattr(fast_model, "ROW_KV_BYTES", 0)
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    model.generation_config.eos_token_id = len(TOK) + 5  # never sampled: only the limits end samples
+    prompts = encode(["ab", "cd"])
+    params = SamplingParams(n=2, temperature=0, max_tokens=6)
+    ref = HFEngine(model, TOK).generate(prompts, params)
+    got = FastEngine(model, TOK, batch_size=2, sync_every=1, min_bucket=1, block_size=1, look_ahead=True).generate(prompts, params)
+    assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in ref]
+    model = randomized(load("tiny-random-micro", seed=2)[0])
+    model.generation_config.eos_token_id = len(TOK) + 5
+    for ahead in (False, True):
+        eng = FastEngine(model, TOK, batch_size=1, sync_every=3, min_bucket=2, block_size=3, kv_blocks=6, look_ahead=ahead)
+        out = eng.generate(encode(["Q: 12+7="]), SamplingParams(n=3, temperature=1.0, max_tokens=5, seed=0), limits=[4, 1, 3])
+        assert [len(c.token_ids) for c in out[0]] == [4, 1, 3] and eng.stats["gave_way"] == 0
+
+
 def test_samples_do_not_depend_on_rows_or_blocks():
     """A sample's random draws are keyed by (seed, sequence, token index): the same seed gives the same
     tokens whether all samples run at once or a few at a time, with any block size."""

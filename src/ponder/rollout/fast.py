@@ -430,7 +430,8 @@ class FastEngine(RolloutEngine):
         ahead = int(self.look_ahead if self.look_ahead is not None else f.device.type == "cuda")
         run.sync(run.look())  # the first admissions: prefill, first tokens
         while run.batch:
-            # a check every sync_every steps (the blocks handed out at one last that long), or when all may be done
+            # a check once sync_every steps were queued since the last (the blocks it handed out cover that many
+            # positions, no more), or when every row may be done
             if run.since + ahead >= self.sync_every or run.steps_left <= 0:
                 # the check's reads are queued first; with `ahead`, the check's last step is queued behind them, so
                 # the GPU runs it while the host waits for the reads and decides (0.5B, 256 rows: the GPU waited
@@ -439,10 +440,9 @@ class FastEngine(RolloutEngine):
                 if ahead and run.steps_left > 0:
                     self._decode(f, run, use_graphs, in_graph, params)
                     run.sync(seen, ahead=1)
-                    continue
-                run.sync(seen)
-                if run.batch == 0:
-                    break
+                else:
+                    run.sync(seen)
+                continue  # the count starts again here (a step queued now would run past sync_every=1's one block)
             self._decode(f, run, use_graphs, in_graph, params)
         self.stats = dict(kv_blocks=f.blocks, kv_blocks_peak=run.peak, block_size=f.block, gave_way=run.gave_way,
                           kv_gib_peak=run.peak * f.kv[:, :, 0].numel() * f.kv.element_size() / 2**30)

@@ -60,7 +60,8 @@ class Schedule:
     def look(self):
         """The reads a check needs, queued into host memory without waiting for them: the rows' live flags,
         positions and token counts, and (with stop strings) the tokens each running row made since the last
-        check. sync() waits for them, so that decode steps queued after this call run meanwhile."""
+        check, with an overlap before them. sync() waits for them, so that decode steps queued after this call
+        run meanwhile."""
         f, b = self.f, self.batch
         if not b:
             return None
@@ -97,9 +98,10 @@ class Schedule:
             if done is not None:
                 done.synchronize()
             flat = host.tolist()
-            live = [bool(x) for x in flat[:b]]
             self.pos[:b] = [p + ahead for p in flat[b: 2 * b]]
             self.n_out[:b] = [n + ahead for n in flat[2 * b: 3 * b]]
+            # a row that made its last token in the steps queued after the reads is done too (no blocks for it)
+            live = [bool(x) and (self.seq[r] < 0 or self.n_out[r] < self.limits[self.seq[r]]) for r, x in enumerate(flat[:b])]
             if tails is not None:
                 rows, lo, hi, width = tails
                 got = flat[3 * b:]
