@@ -492,7 +492,9 @@ class FastEngine(RolloutEngine):
         else:
             ends = [next((j for j, t in enumerate(seq) if t in eos_ids), None) for seq in tokens]
         # the texts the stop strings are searched in, all in one call
-        texts = decode_texts(self.tokenizer, [seq[:end] for seq, end in zip(tokens, ends)]) if params.stop else [None] * len(tokens)
+        texts = [None] * len(tokens)
+        if params.stop:
+            texts = decode_texts(self.tokenizer, [seq[:end] for seq, end in zip(tokens, ends)])
         for i, (seq, end, text) in enumerate(zip(tokens, ends, texts)):
             kept, reason = truncate_at_stop(seq[:end], self.tokenizer, params.stop, set(), text)
             if reason is None and end is not None:

@@ -101,7 +101,8 @@ class Schedule:
             self.pos[:b] = [p + ahead for p in flat[b: 2 * b]]
             self.n_out[:b] = [n + ahead for n in flat[2 * b: 3 * b]]
             # a row that made its last token in the steps queued after the reads is done too (no blocks for it)
-            live = [bool(x) and (self.seq[r] < 0 or self.n_out[r] < self.limits[self.seq[r]]) for r, x in enumerate(flat[:b])]
+            live = [bool(x) and (self.seq[r] < 0 or self.n_out[r] < self.limits[self.seq[r]])
+                    for r, x in enumerate(flat[:b])]
             if tails is not None:
                 rows, lo, hi, width = tails
                 got = flat[3 * b:]
