@@ -424,6 +424,23 @@ def test_lora_rollout_copy_of_a_bf16_base_leaves_the_base_alone():
     assert torch.equal(copy.shadow.get_base_model().model.layers[0].self_attn.q_proj.weight, want)
 
 
+def test_rollout_copy_refreshed_with_gradients_on_stays_out_of_autograd():
+    """A refresh called where gradients are recorded (the trainer's update asks for the copies) copies the masters in
+    and leaves the copy a set of plain tensors: no gradient wanted, no graph back to the masters."""
+    from ponder.rollout.fast import RolloutCopy
+
+    model = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
+    copy = RolloutCopy(model, torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # in place, as an optimizer step
+    with torch.enable_grad():
+        assert copy.refresh()
+    for master, mine in copy.pairs:
+        assert torch.equal(mine, master.detach().to(torch.bfloat16))
+        assert not mine.requires_grad and mine.grad_fn is None
+
+
 WINDOWED = {  # families whose every layer attends within config.sliding_window whenever it is set
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=12)),
     "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(**SMALL, head_dim=24, moe_intermediate_size=48, num_experts=4,

@@ -140,12 +140,12 @@ class RolloutCopy:
                     w = w + m.get_delta_weight(name).float()
             out.copy_(w)
 
-    @torch.no_grad()
     def current(self) -> dict:
         """by_master, refreshed first: the copies as the master weights are now (what the update computes with)."""
         self.refresh()
         return self.by_master
 
+    @torch.no_grad()
     def refresh(self) -> bool:
         """Copy the master weights in if they changed since the last refresh; True if they did."""
         now = self._versions()
