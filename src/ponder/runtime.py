@@ -110,6 +110,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU: a copy from pageable memory would first wait for
+    every queued kernel (a stall per micro-batch, or at each of the rollout engine's host checks); a pinned one
+    queues behind them."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass(frozen=True)
 class Precision:
     """`train.precision` resolved: fp32, mixed or bf16, and why (auto's reason; empty when the recipe chose)."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ponder.runtime import to_device
+
 
 @dataclass
 class Sample:
@@ -69,14 +71,6 @@ def to_tensors(batch: list[Sample], pad_id: int, device) -> Tensors:
             tgt[i, :c] = torch.tensor(s.completion_ids)
             mask[i, :c] = 1
     return Tensors(*(to_device(t, device) for t in (ids, att, pos, tgt, mask)))
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on `device` without waiting for the GPU: a copy from pageable memory would first
-    wait for every queued kernel (a stall per micro-batch); a pinned one queues behind them."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def per_row(values: list[float], device) -> torch.Tensor:

@@ -32,10 +32,11 @@ from ponder.kernels.arch import (
 from ponder.kernels.head_logprobs import head_logprobs as fused_head_logprobs
 from ponder.kernels.training_step import pieces
 from ponder.kernels.trials import why
-from ponder.rl.batching import Sample, to_device
+from ponder.rl.batching import Sample
 from ponder.rl.copy_linear import copies_for, linear_from_copy
 from ponder.rl.lora_linears import adapter, with_adapters
 from ponder.rl.logprobs import head_logprobs as chunked_head_logprobs
+from ponder.runtime import to_device
 
 
 def packed_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:

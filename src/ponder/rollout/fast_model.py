@@ -24,6 +24,7 @@ from ponder.kernels.rope import rope_signed, signed_sin
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.fused_weights import joined
+from ponder.runtime import to_device
 
 EOS_SLOTS = 8  # end-of-sequence ids the captured step checks
 ROW_KV_BYTES = 1 << 30  # CPU: the most the in-order copy of rows' K/V may take (Forward.row_kv)
@@ -40,11 +41,9 @@ def _linear(m, x):
 
 
 def queued(data, device) -> torch.Tensor:
-    """torch.tensor(data) on `device`, its copy queued behind the GPU's work. From pageable memory torch first
-    waits for every queued kernel: at a host check that would end its overlap with the decode step queued ahead
-    of it (ponder.rollout.fast)."""
-    t = torch.tensor(data)
-    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+    """torch.tensor(data) on `device`, its copy queued behind the GPU's work (ponder.runtime.to_device): a host
+    check that waited for the GPU would end its overlap with the decode step queued ahead of it."""
+    return to_device(torch.tensor(data), device)
 
 
 class Forward:

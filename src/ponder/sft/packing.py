@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ponder.rl.batching import Sample, to_device
+from ponder.rl.batching import Sample
 from ponder.rl.logprobs import head_logprobs, split_model
+from ponder.runtime import to_device
 from ponder.sft.data import Encoded
 
 
