@@ -288,11 +288,10 @@ def _judge(chunk, outs, tokenizer, cfg: SampleConfig, opened: list[bool]):
     from ponder.filters import language_share
     from ponder.rewards import get_reward
     from ponder.rewards.language import example_language
-    from ponder.rollout import decode_texts
+    from ponder.rollout import completion_texts
 
-    flat = decode_texts(tokenizer, [c.token_ids for o in outs for c in o])
-    it = iter(flat)
-    texts = [[next(it) for _ in o] for o in outs]
+    texts = completion_texts(tokenizer, outs)
+    flat = [t for ts in texts for t in ts]
     exs = [ex for (_, _, ex), o in zip(chunk, outs) for _ in o]
     columns = {k: [ex.get(k) for ex in exs] for k in dict.fromkeys(k for ex in exs for k in ex if k != "prompt")}
     prompts = [ex["prompt"] for ex in exs]

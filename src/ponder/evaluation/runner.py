@@ -161,13 +161,12 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words, op
     from ponder.rewards import get_reward
     from ponder.rewards.extract import extract_answer
     from ponder.rewards.language import is_mixed
-    from ponder.rollout import decode_texts
+    from ponder.rollout import completion_texts
     from ponder.tasks import get_task
 
     fmt = get_reward("format")
     reflective = reflection_pattern(reflection_words)
-    flat = iter(decode_texts(tokenizer, [c.token_ids for outs in sampled for c in outs]))
-    texts = [[next(flat) for _ in outs] for outs in sampled]
+    texts = completion_texts(tokenizer, sampled)
     answers = [[extract_answer(t, extract, opened[i]) for t in ts] for i, ts in enumerate(texts)]
     _prefetch_verdicts(examples, answers)
     problems, samples = [], []

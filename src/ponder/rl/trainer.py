@@ -40,7 +40,7 @@ from ponder.rl.batching import Sample, pad_rows, per_row
 from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
-from ponder.rollout import SamplingParams, decode_texts, make_engine
+from ponder.rollout import SamplingParams, completion_texts, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
 from ponder.tasks import PromptSampler, check_prompts, load_examples, mix
 from ponder.templates import TEMPLATES, encoded_prompt, prompt_ids, render, require_chat_template
@@ -311,8 +311,8 @@ class GRPOTrainer:
         )
         outs = self.engine.generate(prompt_ids, params)
         t1 = time.perf_counter()
-        flat = decode_texts(self.tokenizer, [c.token_ids for out in outs for c in out])
-        texts = [flat[i * G:(i + 1) * G] for i in range(len(outs))]
+        texts = completion_texts(self.tokenizer, outs)
+        flat = [t for ts in texts for t in ts]
         columns = {k: [ex.get(k) for ex in examples for _ in range(G)] for k in _columns(examples)}
         columns["completion_length"] = [len(c.token_ids) for out in outs for c in out]
         columns["truncated"] = [c.finish_reason == "length" for out in outs for c in out]

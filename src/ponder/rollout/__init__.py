@@ -126,6 +126,12 @@ def decode_texts(tokenizer, token_lists: list[list[int]]) -> list[str]:
     return [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
 
 
+def completion_texts(tokenizer, outs: list[list[Completion]]) -> list[list[str]]:
+    """Each prompt's completions as texts (decode_texts over all of them at once)."""
+    flat = iter(decode_texts(tokenizer, [c.token_ids for out in outs for c in out]))
+    return [[next(flat) for _ in out] for out in outs]
+
+
 def truncate_at_stop(token_ids: list[int], tokenizer, stop: tuple[str, ...], eos_ids: set[int], text: str | None = None):
     """Cut a generated sequence after EOS or the first stop string; return (ids, finish_reason or None).
     `text`: the sequence's decoded text where the caller has it (decode_texts of many sequences at once)."""
