@@ -122,7 +122,7 @@ def decode_texts(tokenizer, token_lists: list[list[int]]) -> list[str]:
             and not tokenizer.clean_up_tokenization_spaces
             and type(tokenizer).decode is PreTrainedTokenizerFast.decode
             and type(tokenizer)._decode is PreTrainedTokenizerFast._decode):
-        return backend.decode_batch([list(t) for t in token_lists], skip_special_tokens=True)
+        return backend.decode_batch(token_lists, skip_special_tokens=True)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
 
 
