@@ -83,7 +83,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
         done = _load_eval(trainer, "after") if not ran else None
         after = done or (_evaluate(trainer, "after") if evaluating else None)
         if done is not None and main:
-            console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume")
+            console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume", soft_wrap=True)
         if after is not None and done is None:
             trainer.metrics.log(trainer.step_no, _flatten(after))
             if main:

@@ -81,7 +81,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
                 console.print(f"step {step}/{total} {desc}")
     finished = trainer.step_no == first and (trainer.run_dir / "eval_after.json").is_file()
     if finished and not quiet:  # a finished run resumed: its evaluation stands (run again, it was logged twice)
-        console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume")
+        console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume", soft_wrap=True)
     if trainer.step_no >= total and cfg.eval.tasks and not finished:
         after = _evaluate(trainer, "after", quiet)
         trainer.metrics.log(trainer.step_no, _flat(after))
