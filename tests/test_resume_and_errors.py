@@ -501,7 +501,8 @@ def test_a_finished_run_resumed_keeps_its_evaluation_and_logs_nothing_again(tmp_
     capsys.readouterr()
     assert main([*args, "--resume"]) == 0
     assert {p.name: p.read_bytes() for p in (run / "metrics.jsonl", run / "eval_after.json")} == before
-    assert f"{run} is complete at step 2; nothing to resume" in capsys.readouterr().out  # one line: a path is not wrapped
+    out = capsys.readouterr().out  # each message one line: a path is not wrapped at the console's width
+    assert f"{run} is complete at step 2; nothing to resume\n" in out and f"report: {run / 'report.html'}\n" in out
     # the after figures under the keys of eval_before.json (name/split): the report draws them in one panel
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert "eval/arithmetic/test/pass@1" in last and json.loads((run / "eval_before.json").read_text()).keys() == {"arithmetic/test"}

@@ -376,7 +376,7 @@ def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, override
         figures = probe(model, tokenizer, cfg.probe, seed=cfg.seed)
         console.print(probe_table(figures))
     write_card(out, cfg, info, figures)
-    console.print(f"saved {out} (loss {info['final_loss']:.3f}, {seconds:.0f}s training)")
+    console.print(f"saved {out} (loss {info['final_loss']:.3f}, {seconds:.0f}s training)", soft_wrap=True)
     return out
 
 

@@ -91,7 +91,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
         if main:
             from ponder.report import write_report
 
-            console.print(f"report: {write_report(trainer.run_dir)}")
+            console.print(f"report: {write_report(trainer.run_dir)}", soft_wrap=True)
     trainer.metrics.close()
     return trainer
 

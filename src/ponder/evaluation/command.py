@@ -126,7 +126,7 @@ def run(args) -> int:
     write_results(out, result, samples)
     console = _console()
     console.print(compare_table([result], [Path(args.model).name]))
-    console.print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
+    console.print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}", soft_wrap=True)
     return 0
 
 

@@ -91,7 +91,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
 
         path = write_report(trainer.run_dir)
         if not quiet:
-            console.print(f"report: {path}")
+            console.print(f"report: {path}", soft_wrap=True)
     return trainer
 
 
