@@ -159,7 +159,8 @@ ROWS = [("pass@1", "pass@1"), ("format rate", "format_rate"), ("mean length", "m
 def _print_before_after(before, after) -> None:
     for task, a in after.items():
         b = (before or {}).get(task, {})
-        table = Table(title=f"held-out {task}: before / after training")
+        title = f"held-out {task}: before / after training"
+        table = Table(title=title, min_width=len(title))  # a title wider than its table would wrap
         table.add_column("figure")
         table.add_column("before", justify="right")
         table.add_column("after", justify="right")
