@@ -498,9 +498,9 @@ def test_a_finished_run_resumed_keeps_its_evaluation_and_logs_nothing_again(tmp_
     assert main(args) == 0
     run = tmp_path / "done"
     before = {p.name: p.read_bytes() for p in (run / "metrics.jsonl", run / "eval_after.json")}
+    first = capsys.readouterr().out
     if command == "train":  # the before/after table's title on one line, however narrow the table
-        assert "held-out arithmetic/test: before / after training\n" in capsys.readouterr().out
-    capsys.readouterr()
+        assert "held-out arithmetic/test: before / after training\n" in first
     assert main([*args, "--resume"]) == 0
     assert {p.name: p.read_bytes() for p in (run / "metrics.jsonl", run / "eval_after.json")} == before
     out = capsys.readouterr().out  # each message one line: a path is not wrapped at the console's width
