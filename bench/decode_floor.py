@@ -1,8 +1,11 @@
 """The floor of a rollout's decode time: per step, one read of the bf16 weights and of every live K/V slot at
 the memory's speed, or the step's matrix products at the chip's rate, whichever is longer (H200: 4.8 TB/s,
 800 TFLOP/s bf16 measured on large products). Every sample decodes from the first step (no admission limit).
+With --group G each prompt's K/V is read once a step for its G samples while any of them runs (an attention that
+shares prefixes), and the floor is printed both ways: what such a kernel could save at best.
 
   PYTHONPATH=src python bench/decode_floor.py --shape 1.5b --n 512 --new 8192   # long-tailed beside the same tokens at their mean
+  PYTHONPATH=src python bench/decode_floor.py --shape 0.5b --n 256 --new 512 --uniform --group 8   # issue 15's rollout
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ def model_sizes(shape: str, vocab: int = 151936) -> tuple[float, float]:
     return L * per_layer + vocab * d, L * 2 * kv * 2
 
 
-def floor(lengths: list[int], shape: str, prompt: int = 128) -> float:
+def floor(lengths: list[int], shape: str, prompt: int = 128, group: int = 1) -> float:
+    """Seconds; samples i*group .. (i+1)*group - 1 share a prompt, read once a step where group > 1."""
     params, kv = model_sizes(shape)
+    groups = [lengths[i : i + group] for i in range(0, len(lengths), group)]
     t = 0.0
     for s in range(max(lengths)):
         rows = sum(1 for n in lengths if n > s)
-        live = sum(prompt + s for n in lengths if n > s)
-        t += max((2 * params + live * kv) / BANDWIDTH, rows * 2 * params / FLOPS)
+        own = sum(s for n in lengths if n > s)
+        prompts = sum(prompt * (1 if group > 1 else len([n for n in g if n > s])) for g in groups if max(g) > s)
+        t += max((2 * params + (own + prompts) * kv) / BANDWIDTH, rows * 2 * params / FLOPS)
     return t
 
 
@@ -40,13 +46,25 @@ def main():
     ap.add_argument("--n", type=int, default=512, help="samples")
     ap.add_argument("--new", type=int, default=8192, help="the length limit")
     ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--group", type=int, default=1, help="samples a prompt: its K/V shared by them (G > 1)")
+    ap.add_argument("--uniform", action="store_true", help="every sample at --new tokens (no long tail)")
     a = ap.parse_args()
+    if a.uniform:
+        lengths = [a.new] * a.n
+        apart, shared = floor(lengths, a.shape, a.prompt), floor(lengths, a.shape, a.prompt, a.group)
+        print(f"{a.shape}: {a.n} x ({a.prompt} + {a.new}) tokens: floor {apart:.2f} s, the prompts' K/V read once for "
+              f"each {a.group} samples {shared:.2f} s ({1 - shared / apart:.0%} less)")
+        return
     tail = long_tail(a.n, a.new)
     mean = round(sum(tail) / len(tail))
     lt, uni = floor(tail, a.shape, a.prompt), floor([mean] * a.n, a.shape, a.prompt)
     tokens = sum(tail)
     print(f"{a.shape}: long-tailed floor {lt:.1f} s ({tokens / lt:,.0f} tokens/s); the same {tokens:,} tokens at their "
           f"mean length {mean}: {uni:.1f} s ({tokens / uni:,.0f} tokens/s); ratio {uni / lt:.2f}")
+    if a.group > 1:
+        lt_s, uni_s = floor(tail, a.shape, a.prompt, a.group), floor([mean] * a.n, a.shape, a.prompt, a.group)
+        print(f"  the prompts' K/V read once for each {a.group} samples: long-tailed {lt_s:.1f} s, at the mean "
+              f"{uni_s:.1f} s; ratio {uni_s / lt_s:.2f}")
 
 
 if __name__ == "__main__":
