@@ -35,8 +35,8 @@ def floor(lengths: list[int], shape: str, prompt: int = 128, group: int = 1) -> 
     for s in range(max(lengths)):
         rows = sum(1 for n in lengths if n > s)
         own = sum(s for n in lengths if n > s)
-        prompts = sum(prompt * (1 if group > 1 else len([n for n in g if n > s])) for g in groups if max(g) > s)
-        t += max((2 * params + (own + prompts) * kv) / BANDWIDTH, rows * 2 * params / FLOPS)
+        prompts = sum(1 for g in groups if max(g) > s)  # one read of a prompt's K/V for its running samples
+        t += max((2 * params + (own + prompts * prompt) * kv) / BANDWIDTH, rows * 2 * params / FLOPS)
     return t
 
 
