@@ -370,6 +370,42 @@ def test_lora_rollout_copy_merges_adapters_into_plain_matrices():
     assert again == merged_answers() and again != got
 
 
+def test_lora_rollout_copy_follows_adapters_switched_off_and_on():
+    """peft's disable_adapter and merge_adapter write no adapter tensor, yet change what the model computes: a
+    reused engine's copy follows them (before, it kept sampling with the adapters merged in while they were off,
+    and a copy first made with them off never took them back)."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    base = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    model.eval()
+    prompts, params = encode(PROMPTS[:3]), SamplingParams(n=2, temperature=0, max_tokens=10)
+    on = FastEngine(copy.deepcopy(model).merge_and_unload(), TOK, dtype="bf16").generate(prompts, params)
+    off = FastEngine(copy.deepcopy(model).unload(), TOK, dtype="bf16").generate(prompts, params)
+    assert on != off
+
+    eng = FastEngine(model, TOK, dtype="bf16")
+    assert eng.generate(prompts, params) == on
+    with model.disable_adapter():
+        assert eng.generate(prompts, params) == off
+    assert eng.generate(prompts, params) == on
+
+    late = FastEngine(model, TOK, dtype="bf16")  # its copy made while the adapters are off
+    with model.disable_adapter():
+        assert late.generate(prompts, params) == off
+    assert late.generate(prompts, params) == on
+
+    model.merge_adapter()  # the base now holds the adapters: added once, not twice
+    assert eng.generate(prompts, params) == on
+    with model.disable_adapter():
+        assert eng.generate(prompts, params) == off
+
+
 def test_lora_on_the_embedding_is_merged_into_a_table_of_the_copys_own():
     """An adapted embed_tokens (untied model): the copy looks up rows of base + B @ A in the master's dtype, as
     merge_and_unload's model does; before, peft's embedding layer ran in the copy under autocast and the rollout
@@ -907,3 +943,11 @@ def test_decode_texts_equals_decoding_each_list():
         finally:
             tok._tokenizer = real.__self__
             tok.clean_up_tokenization_spaces = False
+
+
+def test_a_pool_too_small_for_one_sequence_names_the_setting_that_sized_it():
+    """kv_blocks set: raising kv_fraction would change nothing, so the message names kv_blocks."""
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    eng = FastEngine(model, TOK, batch_size=2, block_size=2, kv_blocks=3)
+    with pytest.raises(UserError, match=r"shorten max_tokens or raise rollout\.engine_options\.kv_blocks$"):
+        eng.generate(encode(["Q: 12+7="]), SamplingParams(n=2, temperature=0, max_tokens=8))

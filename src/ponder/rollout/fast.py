@@ -94,7 +94,8 @@ class RolloutCopy:
         import copy
 
         self.model, self.dtype = model, dtype
-        self.adapted = [m for m in model.modules() if mergeable(m)]
+        # every LoRA layer, switched on or off: which adapters count is read at each merge (_merge)
+        self.adapted = [m for m in model.modules() if lora_layer(m)]
         adapter_parts = {id(p) for m in self.adapted for p in m.parameters() if p is not m.base_layer.weight}
         linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         # the linear layers' biases too: autocast would cast each at every product, one more kernel a layer and step
@@ -129,15 +130,25 @@ class RolloutCopy:
 
     def _versions(self):
         watched = [p for p, _ in self.pairs] + [p for m, _ in self.merges for p in m.parameters()]
-        return _optimizer_steps[0], [(p._version, p.data_ptr()) for p in watched]
+        # switching adapters off or on (peft's disable_adapter, set_adapter) writes no tensor: watched by itself
+        switches = [(m.disable_adapters, tuple(m.active_adapters), tuple(m.merged_adapters)) for m, _ in self.merges]
+        return _optimizer_steps[0], [(p._version, p.data_ptr()) for p in watched], switches
 
     @torch.no_grad()
     def _merge(self) -> None:
+        """Each adapted matrix as peft's forward computes with it: the base alone while adapters are off, else the
+        base plus the active adapters that are not already merged into it (merge_adapter writes them in)."""
         for m, out in self.merges:
             w = m.base_layer.weight.float()
-            for name in [] if m.disable_adapters else m.active_adapters:
-                if name in m.lora_A or name in getattr(m, "lora_embedding_A", {}):
-                    w = w + m.get_delta_weight(name).float()
+            merged = list(m.merged_adapters)
+            if m.disable_adapters:  # peft's forward unmerges first
+                add, sub = [], merged
+            else:
+                add, sub = [n for n in m.active_adapters if n not in merged], []
+            for sign, names in ((1.0, add), (-1.0, sub)):
+                for name in names:
+                    if name in m.lora_A or name in getattr(m, "lora_embedding_A", {}):
+                        w = w + sign * m.get_delta_weight(name).float()
             out.copy_(w)
 
     def current(self) -> dict:
@@ -158,24 +169,25 @@ class RolloutCopy:
         return True
 
 
-def mergeable(module) -> bool:
-    """A peft LoRA linear or embedding layer whose adapters fold into its weight: plain LoRA (not DoRA), switched on."""
+def lora_layer(module) -> bool:
+    """A peft LoRA linear or embedding layer whose adapters fold into its weight: plain LoRA (no adapter of it
+    DoRA), whether its adapters are switched on or not."""
     if not (hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")):
         return False
-    if not isinstance(module.base_layer, (torch.nn.Linear, torch.nn.Embedding)) or getattr(module, "disable_adapters", False):
+    if not isinstance(module.base_layer, (torch.nn.Linear, torch.nn.Embedding)):
         return False
-    return not any(getattr(module, "use_dora", {}).get(n, False) for n in module.active_adapters)
+    return not any(getattr(module, "use_dora", {}).values())
 
 
 def has_adapters(model) -> bool:
-    return any(mergeable(m) for m in model.modules())
+    return any(lora_layer(m) for m in model.modules())
 
 
 def _unwrap_adapters(model) -> None:
     """Each LoRA layer of the copy replaced by its base layer (whose weight then holds the merge)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if mergeable(child):
+            if lora_layer(child):
                 setattr(parent, name, child.base_layer)
 
 

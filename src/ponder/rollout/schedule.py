@@ -119,7 +119,8 @@ class Schedule:
         running = [r for r in range(self.batch) if self.seq[r] >= 0]
         if self.waiting and not running:
             raise UserError("fast engine: the KV cache cannot hold one more sequence; shorten max_tokens or raise "
-                            "rollout.engine_options.kv_fraction")
+                            + ("rollout.engine_options.kv_blocks" if self.e.kv_blocks is not None
+                               else "rollout.engine_options.kv_fraction"))
         if not running:
             self.batch = 0
             return
