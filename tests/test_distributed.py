@@ -465,5 +465,5 @@ def test_a_rank_stopped_by_another_ranks_leaving_says_why_that_rank_left(monkeyp
     monkeypatch.setattr(distributed, "another_rank_stopped", lambda: other)
     monkeypatch.setattr(distributed, "teardown", lambda clean=True, why="error": left.append((clean, why)))
     assert cli.main(["report", "runs/x"]) == code
-    assert capsys.readouterr().err.splitlines() == [cli.STOPPED if line == "stopped" else cli.OTHER_STOPPED]
+    assert capsys.readouterr().err.splitlines() == [cli.stopped("report") if line == "stopped" else cli.OTHER_STOPPED]
     assert left == [(False, told)]  # this rank's own mark: a SIGTERM of its own is not an error of its own

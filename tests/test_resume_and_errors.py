@@ -571,3 +571,96 @@ def test_settings_peft_or_the_evaluation_would_trip_on_later_are_one_line(tmp_pa
     recipe = "recipes/smoke-first-digit.yaml" if command == "train" else "recipes/coldstart-tiny.yaml"
     assert error_line(command, recipe, f"output_dir={tmp_path}", setting) == f"ponder: error: {line}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_ends_in_skipped_updates_says_it_wrote_no_last_checkpoint(capsys, tmp_path, monkeypatch):
+    """The final save is withheld in a streak of non-finite updates (the checkpoints before it are the good ones): the
+    run says so, naming the newest checkpoint, where it used to end as if step-N had been written."""
+    from ponder.rl import trainer
+
+    real, calls = trainer.policy_loss, {"n": 0}
+
+    def nan_in_the_last_step(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 2 else loss), stats
+
+    monkeypatch.setattr(trainer, "policy_loss", nan_in_the_last_step)
+    code = main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=nan", "train.steps=3",
+                 "train.save_every=2", "rollout.prompts_per_step=2", "train.skip_zero_advantage=false"])
+    out = capsys.readouterr().out
+    assert code == 0
+    ckpts = tmp_path / "nan" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-2"]
+    assert (f"no checkpoint of the last step (3): its last 1 update(s) were skipped (non-finite loss or gradients); "
+            f"the newest checkpoint is {ckpts / 'step-2'}") in out
+
+
+def test_resume_refuses_fewer_steps_than_the_run_reached(capsys, tmp_path, error_line):
+    assert main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=r", "train.steps=2",
+                 "rollout.prompts_per_step=2"]) == 0
+    capsys.readouterr()
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    line = error_line("train", str(tmp_path / "r"), "--resume", "train.steps=1")
+    assert line == ("ponder: error: --resume: train.steps=1 is below the step the run reached (2); give train.steps=2 "
+                    "or more to train on, or leave it out")
+    assert (tmp_path / "r" / "config.yaml").read_text() == saved  # nothing recorded
+
+
+@pytest.mark.parametrize("setting, shown", [("optim.lr=.inf", "config optim.lr: expected a finite number, got inf"),
+                                            ("algorithm.beta=.nan", "config algorithm.beta: expected a finite number, got nan"),
+                                            ("rewards.accuracy.weight=.nan", "config rewards.accuracy: weight must be a finite number, got nan")])
+def test_non_finite_numbers_in_a_recipe_are_refused(tmp_path, error_line, setting, shown):
+    assert error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", setting) == f"ponder: error: {shown}"
+
+
+def test_run_directories_that_cannot_be_made_or_are_no_runs_own_are_refused_before_loading(tmp_path, error_line):
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine\n")
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={blocker}")
+    assert line == (f"ponder: error: output_dir/name '{blocker / 'smoke-first-digit'}' cannot be a directory: '{blocker}' is "
+                    "a file; choose another output_dir/name")
+    for name in ("''", "."):
+        line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", f"name={name}")
+        assert line.startswith("ponder: error: config name must name the run's own directory under output_dir")
+    line = error_line("eval", "--model", "tiny-random", "--tasks", "first_digit", "--out", str(blocker))
+    assert line == f"ponder: error: --out '{blocker}' cannot be a directory: '{blocker}' is a file; choose another --out"
+    line = error_line("sample", "--model", "tiny-random", "--tasks", "first_digit", "--out", str(tmp_path))
+    assert line == (f"ponder: error: --out {tmp_path} is a directory; give a file path for the traces, e.g. "
+                    f"{tmp_path / 'traces.jsonl'}")
+    assert blocker.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_user_files_in_utf16_are_read_and_other_encodings_named(tmp_path, error_line):
+    """A recipe and a JSONL saved by Windows PowerShell (UTF-16 with its byte-order mark) read as they are; bytes that
+    are not UTF-8 name the file, the line and the byte."""
+    from ponder.config import load_config
+    from ponder.tasks.jsonl import read_jsonl
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(open("recipes/smoke-first-digit.yaml", encoding="utf-8").read().encode("utf-16"))
+    assert load_config(recipe).rollout.group_size == 8
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes('{"prompt": "a", "answer": 1}\n{"prompt": "é", "answer": 2}\n'.encode("utf-16"))
+    assert [r["prompt"] for r in read_jsonl(rows, required=("prompt", "answer"))] == ["a", "é"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"prompt": "a", "answer": 1}\n{"prompt": "é", "answer": 2}\n'.encode("latin-1"))
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}",
+                      f"data.tasks=[{{name: jsonl, path: {latin}}}]")
+    assert line == f"ponder: error: {latin}:2: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
+def test_an_interrupted_command_says_how_to_go_on_in_its_own_terms(capsys, monkeypatch):
+    """Ctrl-C told every command to pass --resume, which `ponder eval` and `ponder report` do not take (`ponder eval
+    --resume`: unrecognized arguments) and pretrain answers with --overwrite."""
+    from ponder import cli, report
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", interrupt)
+    assert cli.main(["report", "runs/x"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["ponder: interrupted; run it again"]
+    assert cli.stopped("pretrain") == "ponder: stopped by SIGTERM; run it again, with --overwrite if it began writing its output"
+    assert cli.stopped("sample", "interrupted") == ("ponder: interrupted; --resume continues after the traces already "
+                                                    "written (else run again)")

@@ -125,6 +125,13 @@ def test_a_missing_reward_function_is_named(tmp_path, monkeypatch, error_line):
         "ponder: error: reward 'bad.py:seen': bad.py has no 'seen'; it defines: batch_len, not_finite, one_value, seen_columns, text_values")
 
 
+def test_a_reward_file_that_does_not_parse_is_one_line(tmp_path, monkeypatch, error_line):
+    (tmp_path / "typo.py").write_text("def r(completions, **_):\n    return [1.0 for c in completions\n")
+    monkeypatch.chdir(tmp_path)
+    assert error_line("train", RECIPE, f"output_dir={tmp_path}", "rewards.typo.py:r=1.0") == (
+        "ponder: error: reward 'typo.py:r': typo.py:2: '[' was never closed; fix the file")
+
+
 def test_unknown_task_option_names_the_closest(tmp_path, error_line):
     line = error_line("train", RECIPE, f"output_dir={tmp_path}", "data.tasks=[{name: first_digit, options: {digt: 3}}]")
     assert line == "ponder: error: task 'first_digit' has no option 'digt'; did you mean 'digit'? valid options: digit"
@@ -198,6 +205,34 @@ def test_a_custom_task_is_a_function_that_yields_examples(tmp_path, monkeypatch)
     with pytest.raises(UserError) as e:
         load_examples(TaskSpec(name="my_tasks.py:sums", options={"tpo": 2}))
     assert str(e.value) == "task 'my_tasks.py:sums' has no option 'tpo'; did you mean 'top'? valid options: top"
+
+
+def test_a_custom_task_that_fails_or_lacks_an_option_is_one_line(tmp_path, monkeypatch):
+    """As for a reward of one's own: the exception and where it was raised (while called or while yielding), and an
+    option the function requires that the recipe does not give, instead of the user's traceback."""
+    (tmp_path / "t.py").write_text(textwrap.dedent("""
+        def boom(split="train"):
+            raise ValueError("no data")
+
+        def needs(level, split="train"):
+            return [{"prompt": "x", "answer": level}]
+
+        def later(split="train"):
+            yield {"prompt": "x", "answer": 1}
+            raise KeyError("k")
+    """))
+    monkeypatch.chdir(tmp_path)
+    messages = {}
+    for name in ("boom", "needs", "later"):
+        with pytest.raises(UserError) as e:
+            load_examples(TaskSpec(name=f"t.py:{name}"))
+        messages[name] = str(e.value)
+    assert messages == {
+        "boom": "task 't.py:boom' raised ValueError at t.py:3: no data",
+        "needs": "task 't.py:needs' needs option 'level': give it in the recipe, data.tasks: [{name: 't.py:needs', "
+                 "options: {level: ...}}]",
+        "later": "task 't.py:later' raised KeyError at t.py:10: 'k'"}
+    assert load_examples(TaskSpec(name="t.py:needs", options={"level": 3}))[0]["answer"] == "3"
 
 
 @needs_datasets

@@ -204,6 +204,14 @@ def resume_point(run_dir: Path, resume: bool) -> Path | None:
     return last
 
 
+def withheld(directory: Path, step: int, streak: int) -> str:
+    """The line for a run that ended in a streak of skipped updates, so wrote no checkpoint of its last step (a recipe
+    that continues from step-N would not find it)."""
+    newest = latest(directory)
+    return (f"no checkpoint of the last step ({step}): its last {streak} update(s) were skipped (non-finite loss or "
+            f"gradients); the newest checkpoint is {newest or 'none: none was written'}")
+
+
 def load_state(path: Path) -> dict:
     return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
 

@@ -46,7 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-STOPPED = "ponder: stopped by SIGTERM; --resume continues from the last checkpoint, if one was written (else run again)"
+# how to go on after a stop, by command: only those that write as they go have --resume
+CONTINUE = {
+    "train": "--resume continues from the last checkpoint, if one was written (else run again)",
+    "sft": "--resume continues from the last checkpoint, if one was written (else run again)",
+    "distill": "--resume continues from the last stage or checkpoint written (else run again)",
+    "sample": "--resume continues after the traces already written (else run again)",
+    "pretrain": "run it again, with --overwrite if it began writing its output",
+}
+
+
+def stopped(command: str | None, by: str = "stopped by SIGTERM") -> str:
+    return f"ponder: {by}; {CONTINUE.get(command or '', 'run it again')}"
+
+
+STOPPED = stopped("train")
 OTHER_STOPPED = "ponder: stopped: another rank stopped on an error (its message says why)"
 
 
@@ -55,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         with stopping.sigterm_stops():
             return _main(argv)
     except stopping.Terminated:  # before the command began (loading the commands' modules takes seconds)
-        print(STOPPED, file=sys.stderr)
+        print(stopped(next((a for a in argv or sys.argv[1:] if not a.startswith("-")), None)), file=sys.stderr)
         return 143
 
 
@@ -96,10 +110,10 @@ def _main(argv: list[str] | None) -> int:
             distributed.say_once(OTHER_STOPPED)
             return 1
         why = "sigterm"
-        distributed.say_once(STOPPED)
+        distributed.say_once(stopped(args.command))
         return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except KeyboardInterrupt:
-        print("ponder: interrupted; --resume continues from the last checkpoint, if one was written (else run again)", file=sys.stderr)
+        print(stopped(args.command, "interrupted"), file=sys.stderr)
         return 130
     except Exception:
         other = distributed.another_rank_stopped()
@@ -109,7 +123,7 @@ def _main(argv: list[str] | None) -> int:
         # error there, whose own line says why
         if other == "sigterm":
             why = "sigterm"  # stopped as that rank was, not by an error of its own
-            distributed.say_once(STOPPED)
+            distributed.say_once(stopped(args.command))
             return 143
         distributed.say_once(OTHER_STOPPED)
         return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from ponder.errors import UserError
+from ponder.files import blocked, blocking_file, read_user_text
 
 
 @dataclass
@@ -326,6 +328,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config {where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan and .inf: no setting means them (a NaN reward weight ran to a guardrail)
+            raise UserError(f"config {where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -466,7 +470,7 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise UserError(f"recipe '{path}' not found; give the path of a YAML recipe (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_user_text(path)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -496,7 +500,18 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfi
         apply_override(data, ov)
     cfg = build(cls, data)
     validate(cfg)
+    if hasattr(cfg, "run_dir") and hasattr(cfg, "name"):
+        check_run_dir(cfg)
     return cfg
+
+
+def check_run_dir(cfg) -> None:
+    """name and output_dir make a directory of the run's own, checked before any model loads: an empty name or '.'
+    wrote the run's files among the other runs in output_dir; a file in the way stopped it in a traceback."""
+    if str(cfg.name).strip() in ("", ".", ".."):
+        raise UserError(f"config name must name the run's own directory under output_dir; got {cfg.name!r} (e.g. name=my-run)")
+    if blocking_file(cfg.run_dir) is not None:
+        raise blocked(cfg.run_dir, "output_dir/name")
 
 
 def need(ok: bool, key: str, value, allowed: str) -> None:

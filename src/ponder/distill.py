@@ -23,7 +23,7 @@ from rich.console import Console
 
 from ponder.config import to_dict
 from ponder.errors import UserError
-from ponder.files import write_atomic
+from ponder.files import make_dir, write_atomic
 from ponder.runtime import dump_yaml
 from ponder.sample import SampleConfig
 from ponder.sft.config import SFTConfig
@@ -99,7 +99,7 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
     if any(begun.values()):  # the traces (or the student) were made with the run's settings: they stay in config.yaml
         _refuse_changes(cfg, begun, done, "--resume" if resume else f"--stage {stage}")
     _check_before_sampling(cfg, [s for s in stages if not done[s]])
-    run.mkdir(parents=True, exist_ok=True)
+    make_dir(run, "output_dir/name")
     write_atomic(run / "config.yaml", dump_yaml(to_dict(cfg)))
     out = {}
     for s in stages:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ponder.errors import UserError
+
 
 def write_atomic(path: str | Path, text: str) -> None:
     """A file written whole or not at all, as the next reader (--resume, a report) takes it: a stop (SIGTERM, Ctrl-C, a
@@ -18,3 +20,51 @@ def write_atomic(path: str | Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def text_encoding(path: str | Path) -> str:
+    """How to read a user's text file: UTF-16 where it starts with UTF-16's byte-order mark (what Windows PowerShell's
+    `>` and Notepad's "Unicode" write), else UTF-8, a leading BOM dropped (Notepad's and Excel's UTF-8)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
+def not_text(path: str | Path, e: UnicodeDecodeError, line: int | None = None) -> UserError:
+    """The one line for a file that is not text in its encoding: where, the byte, and the fix."""
+    at = f"{path}:{line}" if line is not None else f"'{path}'"
+    return UserError(f"{at}: not {e.encoding.upper().replace('-SIG', '')} text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8")
+
+
+def read_user_text(path: str | Path) -> str:
+    """A user's whole text file (a recipe), decoded as text_encoding says; a file that is not text is one line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode(text_encoding(path))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1 if e.encoding.startswith("utf-8") else None
+        raise not_text(path, e, line) from None
+
+
+
+def blocking_file(path: str | Path) -> Path | None:
+    """The file that stands where `path` or one of its parent directories would be (None: nothing in the way)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def blocked(path: str | Path, key: str) -> UserError:
+    return UserError(f"{key} '{path}' cannot be a directory: '{blocking_file(path) or path}' is a file; choose another {key}")
+
+
+def make_dir(path: str | Path, key: str) -> Path:
+    """mkdir -p, or one line naming the setting `key` where a file stands in the way."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise blocked(path, key) from None
+    return path

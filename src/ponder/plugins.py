@@ -13,10 +13,18 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
 from ponder.errors import UserError
+
+
+def raised(what: str, ref: str, e: Exception) -> str:
+    """One line for an exception raised inside a function of the user's own: what, and where (its last frame)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{what} '{ref}' raised {type(e).__name__}{where}: {e}"
 
 
 def is_reference(name: str) -> bool:
@@ -73,6 +81,9 @@ def _load_file(ref: str, target: str, what: str):
     sys.modules[name] = module  # before running it: dataclasses and pickling look the module up
     try:
         spec.loader.exec_module(module)
+    except SyntaxError as e:  # the file's own line and message say all of it
+        del sys.modules[name]
+        raise UserError(f"{what} '{ref}': {target}:{e.lineno}: {e.msg}; fix the file") from None
     except BaseException:
         del sys.modules[name]
         raise

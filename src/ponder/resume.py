@@ -84,6 +84,7 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     if shapes:
         raise UserError(f"--resume cannot change {describe(shapes)}: the run's saved adapters and optimizer state have "
                         "the shapes it started with; start a new run (another name=) with these settings")
+    _refuse_fewer_steps(cfg, command)
     safe = SAFE_ON_RESUME[command]
     unsafe = [(k, o, n) for k, o, n in changed if k not in safe]
     if unsafe and not allow_changes:
@@ -91,6 +92,21 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
                         "to continue with them (config.yaml records each change and the step it applies from), or "
                         f"leave them out. Safe to change on resume: {', '.join(safe)}")
     return ResumeChanges(previous if isinstance(previous, list) else [previous], changed)
+
+
+def _refuse_fewer_steps(cfg, command: str) -> None:
+    """train.steps below the step the run's newest checkpoint reached: nothing would run, and config.yaml would record
+    a change from a step past the end (the bar read 10/3)."""
+    from ponder.checkpoint import STEP_RE, latest
+
+    last = latest(cfg.run_dir / "checkpoints")
+    steps = getattr(getattr(cfg, "train", None), "steps", None)
+    if last is None or steps is None:
+        return
+    reached = int(STEP_RE.match(last.name).group(1))
+    if steps < reached:
+        raise UserError(f"--resume: train.steps={steps} is below the step the run reached ({reached}); give "
+                        f"train.steps={reached} or more to train on, or leave it out")
 
 
 def recipe_of(command: str, recipe: str, overrides: list[str], resume: bool = True) -> tuple[str, list[str]]:
@@ -223,7 +239,7 @@ def load_saved(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
         return None
     return data if isinstance(data, dict) else None

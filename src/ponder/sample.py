@@ -19,7 +19,7 @@ from typing import Literal
 from ponder.config import TaskSpec, to_dict
 from ponder.errors import UserError
 from ponder.filters import ORDER, Candidate, FilterConfig, check_config, select
-from ponder.files import write_atomic
+from ponder.files import blocking_file, make_dir, write_atomic
 
 
 @dataclass
@@ -180,7 +180,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
                             stop=tuple(cfg.stop))
     source = {"model": cfg.model, "template": cfg.template, "k": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
               "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop), "seed": cfg.seed}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent, "--out")
     state = earlier or {"key": json.dumps(settings, sort_keys=True), "chunks": 0, "bytes": 0, "unsolved": [], "counts": {
         label: {"prompts": 0, "samples": 0, "accepted": 0, "solved_prompts": 0, "rejected": dict.fromkeys(ORDER, 0)}
         for label in task_labels(cfg.tasks)}}
@@ -246,6 +246,10 @@ def _earlier_run(out: Path, tmp: Path, ledger: Path, settings: dict, resume: boo
     """What `out` already holds: None (nothing), the summary of a finished run, or the ledger of an interrupted
     one to continue. Anything else is refused, before a model is loaded, so that nothing written is lost."""
     ways = "choose another --out, or delete it to sample afresh"
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file path for the traces, e.g. {out / 'traces.jsonl'}")
+    if blocking_file(out.parent) is not None:
+        raise UserError(f"--out {out}: '{blocking_file(out.parent)}' is a file, not a directory; choose another --out")
     if out.exists():
         if not resume:
             raise UserError(f"{out} already exists; pass --resume to continue its run, {ways}")

@@ -78,6 +78,10 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
             if main and not console.is_terminal and (step % 10 == 0 or step == last):
                 console.print(f"step {step}/{t.steps} {desc}")
     ran = trainer.step_no > first
+    if ran and trainer.step_no >= t.steps and trainer.nan_streak and main:
+        from ponder.checkpoint import withheld
+
+        console.print(withheld(trainer.ckpt_dir, trainer.step_no, trainer.nan_streak), soft_wrap=True, markup=False)
     if trainer.step_no >= t.steps:
         # a finished run resumed: its evaluation stands (run again, it was logged twice and its file rewritten)
         done = _load_eval(trainer, "after") if not ran else None

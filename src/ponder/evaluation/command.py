@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.files import write_atomic
+from ponder.files import blocked, blocking_file, make_dir, write_atomic
 from ponder.metrics import DEFAULT_REFLECTION_WORDS
 
 FIGURE_LABELS = {
@@ -85,6 +85,8 @@ def run(args) -> int:
 
             raise UserError(f"{flag} must be {allowed}; got {shown(getattr(args, flag[2:].replace('-', '_')))}")
     out = Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if blocking_file(out) is not None:  # before the model loads
+        raise blocked(out, "--out")
     for name in ("results.json", "samples.jsonl"):
         if (out / name).exists():
             raise UserError(f"{out / name} already exists; choose another --out, or delete it to evaluate again")
@@ -187,7 +189,7 @@ def parse_options(items: list[str]) -> dict:
 
 def write_results(out: Path, result: dict, samples: list[dict]) -> None:
     """results.json (figures and settings) and samples.jsonl (every answer), each written whole or not at all."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     write_atomic(out / "results.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     write_atomic(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 

@@ -29,12 +29,11 @@ import asyncio
 import difflib
 import inspect
 import numbers
-import traceback
 from math import isfinite  # (a plain `import math` would be shadowed by the submodule ponder.rewards.math)
-from pathlib import Path
 from typing import Any, Callable
 
 from ponder.errors import UserError
+from ponder.plugins import raised
 
 RewardFn = Callable[..., list]
 REWARDS: dict[str, RewardFn] = {}
@@ -94,8 +93,8 @@ class RewardSet:
         for ref, value in spec.items():
             opts = dict(value) if isinstance(value, dict) else {"weight": value}
             weight = opts.pop("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise UserError(f"config rewards.{ref}: weight must be a number, got {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not isfinite(weight):
+                raise UserError(f"config rewards.{ref}: weight must be a finite number, got {weight!r}")
             name = str(ref).rpartition(":")[2]  # logged as reward/<name>: a function of one's own by its name
             if name in self.fns:
                 raise UserError(f"rewards '{self.refs[name]}' and '{ref}' would both be logged as reward/{name}; rename one function")
@@ -219,11 +218,9 @@ def _check_options(fn, ref: str, opts: dict) -> None:
 
 
 def _failure(ref: str, e: Exception) -> str:
-    """One line for an exception raised inside a reward of one's own: what, and where. (A column can no longer take
-    an option's place unseen, the cause this line once named: RewardSet refuses such a clash before the call.)"""
-    frames = traceback.extract_tb(e.__traceback__)
-    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-    return f"reward '{ref}' raised {type(e).__name__}{where}: {e}"
+    """One line for an exception raised inside a reward of one's own. (A column can no longer take an option's place
+    unseen, the cause this line once named: RewardSet refuses such a clash before the call.)"""
+    return raised("reward", ref, e)
 
 
 def _resolve(values):

@@ -28,7 +28,7 @@ import torch
 from ponder import checkpoint, distributed, models, sharding, stopping
 from ponder.config import RunConfig, to_dict
 from ponder.errors import UserError
-from ponder.files import write_atomic
+from ponder.files import make_dir, write_atomic
 from ponder.metrics import MetricsWriter, mean, reflection_rate
 from ponder.optim import make_optimizer
 from ponder.rewards import RewardSet
@@ -121,7 +121,7 @@ class GRPOTrainer:
             self.guardrails.load_state_dict(self.state.get("guardrails"))
         self.sync_rollout_weights()
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(self.run_dir, "output_dir/name")
             checkpoint.remove_unfinished(self.ckpt_dir)
             write_atomic(self.run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0, enabled=self.rank == 0,

@@ -79,6 +79,10 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
             progress.update(bar, completed=step, description=desc)
             if not console.is_terminal and not quiet and (step % 10 == 0 or step == last):
                 console.print(f"step {step}/{total} {desc}")
+    if trainer.step_no > first and trainer.step_no >= total and trainer.nan_streak and not quiet:
+        from ponder.checkpoint import withheld
+
+        console.print(withheld(trainer.ckpt_dir, trainer.step_no, trainer.nan_streak), soft_wrap=True, markup=False)
     finished = trainer.step_no == first and (trainer.run_dir / "eval_after.json").is_file()
     if finished and not quiet:  # a finished run resumed: its evaluation stands (run again, it was logged twice)
         console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume", soft_wrap=True)

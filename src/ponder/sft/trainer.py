@@ -17,7 +17,7 @@ import torch
 from ponder import checkpoint, distributed, models, stopping
 from ponder.config import to_dict
 from ponder.errors import TrainingError, UserError
-from ponder.files import write_atomic
+from ponder.files import make_dir, write_atomic
 from ponder.metrics import MetricsWriter
 from ponder.optim import make_optimizer
 from ponder.rl import memory_plan
@@ -78,7 +78,7 @@ class SFTTrainer:
         self.step_no, self.nan_streak, self._budget = 0, 0, None
         if self.state is not None:
             checkpoint.restore_training(self, self.state, last)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.run_dir, "output_dir/name")
         checkpoint.remove_unfinished(self.ckpt_dir)
         write_atomic(self.run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0,

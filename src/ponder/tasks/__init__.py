@@ -22,6 +22,7 @@ import random
 from itertools import islice
 
 from ponder.errors import UserError
+from ponder.plugins import raised
 
 
 class Task:
@@ -73,8 +74,21 @@ class FunctionTask(Task):
         sig = inspect.signature(self.fn).parameters
         takes_all = any(p.kind is p.VAR_KEYWORD for p in sig.values())
         kwargs = {k: v for k, v in dict(split=split, n=n, seed=seed).items() if k in sig or takes_all} | options
+        missing = [p.name for p in sig.values() if p.default is p.empty and p.name not in kwargs
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if missing:
+            raise UserError(f"task '{self.name}' needs option '{missing[0]}': give it in the recipe, "
+                            f"data.tasks: [{{name: '{self.name}', options: {{{missing[0]}: ...}}}}]")
+        try:  # the function runs, or its generator yields, inside the loop too
+            return self._rows(self.fn(**kwargs), n)
+        except UserError:
+            raise
+        except Exception as e:  # the user's function failed: one line saying where, as for a reward of one's own
+            raise UserError(raised("task", self.name, e)) from None
+
+    def _rows(self, examples, n) -> list[dict]:
         rows = []
-        for i, row in enumerate(islice(self.fn(**kwargs) or (), n), 1):
+        for i, row in enumerate(islice(examples or (), n), 1):
             if not isinstance(row, dict) or "prompt" not in row:
                 raise UserError(f"task '{self.name}': example {i} is {type(row).__name__} {str(row)[:60]!r}; "
                                 "each example must be a dict with a 'prompt' (and usually an 'answer')")

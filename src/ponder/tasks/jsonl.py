@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ponder.errors import UserError
+from ponder.files import read_user_text, text_encoding
 from ponder.tasks import Task, answer_text, register
 
 
@@ -16,8 +17,16 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",), with_l
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file '{path}' not found; check {key}")
+    try:
+        return _rows(path, required, with_lines)
+    except UnicodeDecodeError:  # found a chunk ahead of the line read: the whole file's decoding says where
+        read_user_text(path)
+        raise
+
+
+def _rows(path: Path, required: tuple[str, ...], with_lines: bool) -> list:
     rows = []
-    with path.open(encoding="utf-8-sig") as f:  # a BOM (files saved by Notepad or Excel) is no part of line 1
+    with path.open(encoding=text_encoding(path)) as f:  # (UTF-16 from PowerShell; a UTF-8 BOM is no part of line 1)
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
