@@ -92,6 +92,12 @@ def test_unknown_key_suggests_the_closest(tmp_path, error_line):
     assert line == "ponder: error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"
 
 
+def test_a_list_item_override_says_to_give_the_whole_list(tmp_path, error_line):
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "data.tasks[0].n=5")
+    assert line == ("ponder: error: override 'data.tasks[0].n': the items of a list (tasks) cannot be set one by one; "
+                    "give the whole list, e.g. 'data.tasks=[{n: 5, ...}]'")
+
+
 def test_pretrain_keys_are_suggested_from_pretrains_own_config(error_line):
     """A run recipe's key in a pretrain recipe: the suggestion is pretrain's own key (it once suggested the
     run recipe's 'output_dir' for 'output_dir' itself)."""

@@ -220,10 +220,13 @@ def test_a_custom_task_that_fails_or_lacks_an_option_is_one_line(tmp_path, monke
         def later(split="train"):
             yield {"prompt": "x", "answer": 1}
             raise KeyError("k")
+
+        def blank(split="train"):
+            return [{"prompt": "x", "answer": 1}, {"prompt": "  ", "answer": 2}]
     """))
     monkeypatch.chdir(tmp_path)
     messages = {}
-    for name in ("boom", "needs", "later"):
+    for name in ("boom", "needs", "later", "blank"):
         with pytest.raises(UserError) as e:
             load_examples(TaskSpec(name=f"t.py:{name}"))
         messages[name] = str(e.value)
@@ -231,7 +234,8 @@ def test_a_custom_task_that_fails_or_lacks_an_option_is_one_line(tmp_path, monke
         "boom": "task 't.py:boom' raised ValueError at t.py:3: no data",
         "needs": "task 't.py:needs' needs option 'level': give it in the recipe, data.tasks: [{name: 't.py:needs', "
                  "options: {level: ...}}]",
-        "later": "task 't.py:later' raised KeyError at t.py:10: 'k'"}
+        "later": "task 't.py:later' raised KeyError at t.py:10: 'k'",
+        "blank": "task 't.py:blank': example 2 has an empty prompt ('  '); every example needs one"}
     assert load_examples(TaskSpec(name="t.py:needs", options={"level": 3}))[0]["answer"] == "3"
 
 

@@ -454,6 +454,12 @@ def apply_override(data: dict, dotted: str) -> None:
         ref = key.strip().split(".", 1)[1]  # dots: it ends at the first dot after the function's name
         fn_dot = ref.find(".", ref.index(":"))
         parts = ["rewards", ref] if fn_dot < 0 else ["rewards", ref[:fn_dot], *ref[fn_dot + 1:].split(".")]
+    listed = next((p for p in parts if "[" in p and p.endswith("]")), None)
+    if listed is not None and parts[0] != "rewards":
+        at = parts.index(listed)
+        name, tail = listed[: listed.index("[")], ".".join(parts[at + 1:]) or "name"
+        raise UserError(f"override '{key}': the items of a list ({name}) cannot be set one by one; give the whole "
+                        f"list, e.g. '{'.'.join(parts[:at] + [name])}=[{{{tail}: {raw}, ...}}]'")
     for depth, part in enumerate(parts[:-1]):
         if depth == 1 and parts[0] == "rewards" and isinstance(node.get(part), (int, float)):
             node[part] = {"weight": node[part]}  # rewards.overlong.max_len=300 where the recipe gives overlong a weight

@@ -92,6 +92,9 @@ class FunctionTask(Task):
             if not isinstance(row, dict) or "prompt" not in row:
                 raise UserError(f"task '{self.name}': example {i} is {type(row).__name__} {str(row)[:60]!r}; "
                                 "each example must be a dict with a 'prompt' (and usually an 'answer')")
+            prompt = row["prompt"]
+            if prompt is None or not (prompt.strip() if isinstance(prompt, str) else prompt):  # (chat messages: a list)
+                raise UserError(f"task '{self.name}': example {i} has an empty prompt ({prompt!r}); every example needs one")
             if "answer" in row:
                 if row["answer"] is None or not answer_text(row["answer"]).strip():
                     raise UserError(f"task '{self.name}': example {i} has an empty answer ({row['answer']!r}); give it one or leave the key out")
