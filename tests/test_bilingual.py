@@ -310,3 +310,13 @@ def test_pretrain_probe_counts_worked_steps_in_both_languages():
 
     assert len(STEP_RE.findall(MIXED)) == 2 and len(STEP_RE.findall(EN)) == 2 and len(STEP_RE.findall(NO_WORDS)) == 1
     assert STEP_RE.findall("四十二加七十三减二十七") == []  # a prompt's chain is not a step
+
+
+def test_dollar_amounts_are_no_inline_math():
+    """`$5, ... $3` read as one inline-math span: the words between two amounts vanished from the count (a mixed chain
+    scored as all English). 2 Latin words and 7 Han characters here."""
+    chain = "<think> Tom has $5, 然后他又得到了 $3. </think> <answer> 8 </answer>"
+    lang = get_reward("language")
+    assert lang([chain] * 2, prompts=["p"] * 2, target=["en", "zh"]) == [2 / 9, 7 / 9]
+    assert is_mixed(chain)
+    assert lang(["<think> so $x + y$ is 5 </think>"], prompts=["p"], target="en") == [1.0]  # (so, is; x + y is math)

@@ -29,3 +29,36 @@ def test_think_is_removed_and_prompt_opened_think_is_understood():
     assert outside_think("reasoning opened by the prompt</think> <answer>4</answer>") == " <answer>4</answer>"
     assert outside_think("<think>never closed") is None
     assert extract_answer("the prompt opened it</think> <answer>4</answer>") == "4"
+
+
+def test_tag_blocks_are_found_as_the_lazy_patterns_found_them():
+    """extract_answer, outside_think and format_soft scan for tags in one pass (the lazy regexes they replace took time
+    growing with the square of a completion that repeats a tag); on random strings of tags and text they agree with the
+    regexes."""
+    import random
+    import re
+
+    from ponder.rewards.extract import tag_spans
+    from ponder.rewards.format import soft_format
+
+    rng = random.Random(0)
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", " ", "\n", "x", "42", "\\boxed{7}"]
+    soft = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        for a, b in (("<answer>", "</answer>"), ("<think>", "</think>")):
+            found = [text[s:e] for s, e in tag_spans(text, a, b)]
+            assert found == re.findall(f"{a}(.*?){b}", text, re.DOTALL), text
+        assert soft_format(text) == bool(soft.search(text)), text
+        assert outside_think(text) == regex_outside_think(text), text
+    assert outside_think("<think> a </think> b <think> c </think> d") == "  b   d"
+
+
+def regex_outside_think(completion):
+    """outside_think as it was written with a lazy regex (the reference of the test above)."""
+    import re
+
+    head, sep, tail = completion.partition("</think>")
+    text = tail if sep and "<think>" not in head else completion
+    text = re.sub(r"<think>.*?</think>", " ", text, flags=re.DOTALL)
+    return None if "<think>" in text else text.replace("</think>", " ")

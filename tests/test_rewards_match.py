@@ -195,3 +195,12 @@ def test_workers_that_cannot_start_give_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match=r"^verification workers fail to start \(exit code 1\); run `python -m ponder.rewards.verify_pool` to see its error$"):
         pool.map("ponder.rewards.math:compare", [("1", "1")])
     assert pool.workers == []
+
+
+@pytest.mark.parametrize("answer, gold", [("5 hundreds", "5"), ("2 millions", "2"), ("3 tenths", "3"), ("1 half", "1"),
+                                          ("2 fourths", "2"), ("5 negative", "5"), ("5 reciprocal", "5")])
+def test_words_that_change_a_numbers_value_are_no_units(answer, gold):
+    """The fast path dropped any word after a number it did not list as a unit: `3 tenths` matched 3. math-verify
+    (the reference it must agree with) scores each of these 0; `5 apples` stays 5."""
+    assert match.answers_match(answer, gold) == 0.0
+    assert match.answers_match("5 apples", "5") == 1.0

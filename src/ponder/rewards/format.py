@@ -7,7 +7,7 @@ import re
 from ponder.rewards import register
 
 STRICT_FORMAT = re.compile(r"^\s*<think>(?:(?!<think>|</think>).)*</think>\s*<answer>(?:(?!<answer>|</answer>).)*</answer>\s*$", re.DOTALL)
-SOFT_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+_THEN_ANSWER = re.compile(r"\s*<answer>")
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
@@ -26,7 +26,23 @@ def format_reward(completions, *, prompts, think_opened=None, **_):
 @register("format_soft")
 def format_soft(completions, *, prompts, **_):
     """Rewards a <think> block followed by an <answer> block anywhere in the text (after open-r1's soft format reward)."""
-    return [float(bool(SOFT_FORMAT.search(c))) for c in completions]
+    return [float(soft_format(c)) for c in completions]
+
+
+def soft_format(c: str) -> bool:
+    """A <think> block, then (after white space) an <answer> block, anywhere: what the regex
+    `<think>.*?</think>\s*<answer>.*?</answer>` finds, without its square-of-the-length search through repeated tags.
+    The first <think> leaves the most room; the first of its closes that an <answer> follows, the most after it."""
+    a = c.find("<think>")
+    if a < 0:
+        return False
+    b = c.find("</think>", a + len("<think>"))
+    while b >= 0:
+        m = _THEN_ANSWER.match(c, b + len("</think>"))
+        if m:
+            return c.find("</answer>", m.end()) >= 0
+        b = c.find("</think>", b + 1)
+    return False
 
 
 @register("tag_count")

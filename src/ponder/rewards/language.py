@@ -13,7 +13,7 @@ TARGETS = ("en", "zh")
 _NO_LANGUAGE = re.compile(
     r"```.*?(?:```|$)"  # fenced code (an unclosed fence runs to the end)
     r"|`[^`\n]*`"  # inline code
-    r"|\$\$.*?\$\$|\$[^$]*\$|\\\[.*?\\\]|\\\(.*?\\\)"  # display and inline math
+    r"|\$\$.*?\$\$|\$(?!\d)[^$\n]*\$|\\\[.*?\\\]|\\\(.*?\\\)"  # display and inline math (not `$5 ... $3`)
     r"|\\begin\{(\w+\*?)\}.*?\\end\{\1\}"  # LaTeX environments
     r"|\\[a-zA-Z]+"  # LaTeX commands
     r"|https?://\S+"  # links

@@ -41,10 +41,15 @@ _PLAIN_GOLD = re.compile(r"^-?\d+(?:\.\d+)?$")  # math-verify parses it: only an
 # Lower-case words without e or i (Euler's number, the imaginary unit): to math-verify products of symbols or units
 # dropped, never a number (tests/test_rewards_junk.py checks it against math-verify). Random text answers so: `kx`, `r`.
 _SYMBOL_WORDS = re.compile(r"[a-df-hj-z]+(?:\s+[a-df-hj-z]+)*")
-# Words after a number that change its value: not units, so `5 hundred` is not 5.
+# Words after a number that change its value: not units, so `5 hundred` is not 5, nor `3 tenths` 3 (math-verify
+# scores each of these 0 against the bare number).
 _MATH_WORDS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "exp", "inf", "infty", "infinity", "hundred", "thousand",
                "million", "billion", "trillion", "percent", "dozen", "squared", "cubed", "factorial", "halves", "thirds",
-               "quarters", "times", "more", "less", "minus", "plus", "over", "per", "ish"}
+               "quarters", "times", "more", "less", "minus", "plus", "over", "per", "ish",
+               "tens", "dozens", "hundreds", "thousands", "millions", "billions", "trillions", "percents",
+               "half", "third", "quarter", "fourth", "fourths", "fifth", "fifths", "sixth", "sixths", "eighth", "eighths",
+               "tenth", "tenths", "hundredth", "hundredths", "thousandth", "thousandths",
+               "negative", "inverse", "reciprocal"}
 
 _CACHE: dict[tuple[str, str], float | None] = {}
 _CACHE_MAX = 200_000
