@@ -204,3 +204,15 @@ def test_words_that_change_a_numbers_value_are_no_units(answer, gold):
     (the reference it must agree with) scores each of these 0; `5 apples` stays 5."""
     assert match.answers_match(answer, gold) == 0.0
     assert match.answers_match("5 apples", "5") == 1.0
+
+
+def test_a_percent_answer_matches_the_gold_as_a_percent_or_a_fraction(monkeypatch):
+    """math-verify takes `25\\%` for 25 and for 0.25, yet `12.5\\%` for 0.125 only (12.5 scored 0): the fast path decides
+    a number with a percent sign either way, in process."""
+    def no_pool():
+        raise AssertionError("decided in process")
+
+    monkeypatch.setattr(verify_pool, "pool", no_pool)
+    cases = [(r"12.5\%", "12.5", 1.0), (r"12.5\%", "0.125", 1.0), (r"2.5\%", "2.5", 1.0), (r"25\%", "0.25", 1.0),
+             ("50%", "50", 1.0), (r"50 \text{percent}", "0.5", 1.0), (r"30\%", "0.4", 0.0), (r"12.5\%", "12", 0.0)]
+    assert [match.answers_match(a, g) for a, g, _ in cases] == [want for *_, want in cases]

@@ -37,6 +37,8 @@ _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is|\s*:)\s*",
 _LE = r"\s*(<|\\le(?:q)?\b|<=|≤)\s*"
 _CHAIN = re.compile(rf"([^<>=≤\\]+?){_LE}[a-zA-Z]{_LE}([^<>=≤\\]+)")
 _ASSIGNMENT = re.compile(r"^[a-zA-Z]\s*=\s*(?=[-+\d.\\])")  # `x = 5` answers 5
+# `12.5\%` against a gold of 12.5 (or 0.125): math-verify takes 25\% for 25 and for 0.25, yet 12.5\% for 0.125 only
+_PERCENT = re.compile(r"^(.+?)\s*(?:\\?%|\\text\{\s*percent\s*\}|percent)$")
 _PLAIN_GOLD = re.compile(r"^-?\d+(?:\.\d+)?$")  # math-verify parses it: only an answer that parses can match it
 # Lower-case words without e or i (Euler's number, the imaginary unit): to math-verify products of symbols or units
 # dropped, never a number (tests/test_rewards_junk.py checks it against math-verify). Random text answers so: `kx`, `r`.
@@ -149,6 +151,11 @@ def _fast(answer: str, gold: str) -> float | None:
     g = to_number(gold)
     if g is not None:
         value = _ASSIGNMENT.sub("", answer)
+        pct = _PERCENT.match(strip_wrappers(value).strip())
+        if pct is not None and (p := to_number(pct.group(1))) is not None:
+            if g in (p, p / 100):
+                return 1.0
+            return 0.0 if _numbers_differ(p, g, answer, gold) and _numbers_differ(p / 100, g, answer, gold) else None
         a = to_number(value)
         if a is None:
             a = _scaled(strip_wrappers(value))
