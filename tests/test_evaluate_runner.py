@@ -26,6 +26,9 @@ SCRIPT = {  # prompt -> (gold, k completions as (text, finish_reason))
         ("<answer>7</answer>", "stop"),  # "7" wins the vote 2 to 1 to 1, and is wrong
     ]),
     "1+1": ("2", [("I do not know", "stop"), ("<answer></answer>", "stop")]),  # never commits to an answer
+    # Countdown, 3 5 2 -> 16: all three are 16, one vote; `2*8` uses numbers it was not given
+    "3 5 2 -> 16": ("(3+5)*2", [("<answer>2*8</answer>", "stop"), ("<answer>(3+5)*2</answer>", "stop"),
+                                ("<answer>(3 + 5) * 2</answer>", "stop")]),
 }
 
 
@@ -192,3 +195,15 @@ def test_first_digit_end_to_end(tiny):
     assert f["pass@1"] == pytest.approx(sum(s["correct"] for s in sampled) / 6)
     assert all(s["correct"] == s["completion"].strip().startswith("7") for s in sampled)
     assert set(f) >= {"pass@1", "pass@1_ci", "cons@2", "pass@2", "format_rate", "mean_length", "truncation_rate", "reflection_rate"}
+
+
+def test_cons_checks_the_majority_text_of_the_winning_vote():
+    """Answers of one value vote together, but the task checks more than the value: the group's most frequent text is
+    checked, not its first (cons@3 read 0 here, though 2 of the 3 answers are right and say the same)."""
+    tok = char_tokenizer()
+    ex = {"prompt": "3 5 2 -> 16", "answer": "(3+5)*2", "task": "countdown", "numbers": [3, 5, 2], "target": 16}
+    res = evaluate(torch.nn.Linear(1, 1), tok, [ex], template="plain", k=3, engine=ScriptedEngine(None, tok),
+                   progress=False, n_boot=100)
+    f = res["tasks"]["countdown"]
+    assert [s["correct"] for s in res["samples"]] == [False, True, True]
+    assert f["pass@1"] == pytest.approx(2 / 3) and f["cons@3"] == 1.0

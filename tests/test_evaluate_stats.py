@@ -118,3 +118,21 @@ def test_reflection_words_match_whole_words_any_case():
     assert pat.search("I made a mistake.")
     assert not pat.search("awaiting the checkout")  # inside other words: not a reflection
     assert reflection_pattern(["hmm"]).search("Hmm...") and not reflection_pattern(["hmm"]).search("wait")
+
+
+def test_digits_apart_are_no_number_and_do_not_vote_with_one():
+    """`1 2 3` lost its spaces before its arithmetic was read, became 123, and voted with `123`."""
+    assert exact_key("1 2 3") != exact_key("123") == ("value", Fraction(123))
+    assert exact_key(" 2 * 8 ") == exact_key("16") and exact_key("(3 + 5) * 2") == ("value", Fraction(16))
+
+
+def test_the_voted_answer_is_the_groups_most_frequent_text():
+    """Countdown's answers of one value can differ in what the task checks (`2*8` does not use the numbers 3, 5 and
+    2; `(3+5)*2` does): the group's first answer decided cons@k, so the order of the samples did."""
+    from ponder.evaluation.stats import voted_answer
+
+    for answers in (["2*8", "(3+5)*2", "(3 + 5)*2"], ["(3+5)*2", "2*8", "2*8"]):
+        groups = vote_groups(answers)
+        assert groups == [0, 0, 0]
+        assert "".join(voted_answer(answers, groups, 0).split()) == ("(3+5)*2" if answers[0] == "2*8" else "2*8")
+    assert voted_answer(["1/2", "0.5", None], [0, 0, None], 0) == "1/2"  # a tie: the first

@@ -156,3 +156,24 @@ def test_mlflow_gets_params_metrics_and_samples_and_resume_continues_the_run(tmp
     assert [l.split()[1:] for l in (run / "metrics" / "reward").read_text().splitlines()] == [["0.5", "1"], ["0.75", "2"]]
     assert (run / "metrics" / "eval" / "arithmetic" / "test" / "pass_at_1").is_file()
     assert "1+1" in (run / "artifacts" / "samples.jsonl").read_text()
+
+
+def test_tensorboard_drops_what_a_stopped_run_logged_past_its_checkpoint(tmp_path):
+    """metrics.jsonl is cut back to the checkpoint on resume; TensorBoard kept the stopped run's later events beside
+    the recomputed ones (steps 3-5 twice, the old values first)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ponder.metrics import MetricsWriter
+
+    first = MetricsWriter(tmp_path, log_to=["tensorboard"])
+    for step in range(1, 6):
+        first.log(step, {"reward": float(step)})
+    first.close()
+    resumed = MetricsWriter(tmp_path, resume_step=2, log_to=["tensorboard"])
+    for step in range(3, 6):
+        resumed.log(step, {"reward": 100.0 + step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("reward")
+    assert [(e.step, e.value) for e in events] == [(1, 1.0), (2, 2.0), (3, 103.0), (4, 104.0), (5, 105.0)]
+    assert [json.loads(line)["reward"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 103, 104, 105]

@@ -105,7 +105,8 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                # on resume, the events the stopped run logged past the checkpoint go (metrics.jsonl is cut there too)
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
             except ImportError:  # TensorBoard is optional; metrics.jsonl holds everything
                 self.tb = None
 

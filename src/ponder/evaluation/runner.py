@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from ponder.errors import UserError
-from ponder.evaluation.stats import bootstrap_ci, majority, pass_at_k, pass_ks, vote_groups
+from ponder.evaluation.stats import bootstrap_ci, majority, pass_at_k, pass_ks, vote_groups, voted_answer
 from ponder.metrics import DEFAULT_REFLECTION_WORDS, reflection_pattern
 
 
@@ -182,7 +182,7 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words, op
         correct = [s is not None and s >= 1.0 for s in scores]
         groups = vote_groups(answers[i])
         win = majority(groups)
-        cons = check(answers[i][groups.index(win)]) if win is not None else 0.0
+        cons = check(voted_answer(answers[i], groups, win)) if win is not None else 0.0
         formats = fmt(texts[i], prompts=[ex["prompt"]] * len(outs), **_columns(ex, outs, opened[i]))
         rows = []
         for j, (c, text) in enumerate(zip(outs, texts[i])):

@@ -84,8 +84,8 @@ def exact_key(answer: str | None) -> tuple | None:
 
     text = "".join(answer.split()).strip("$")
     number = to_number(answer)
-    if number is None:
-        number = _arithmetic(text)
+    if number is None:  # with its spaces: `1 2 3` is no number (without them it was 123, and voted with it)
+        number = _arithmetic(answer.strip().strip("$").strip())
     if number is not None:
         return ("value", number)
     return ("long", text) if len(answer.strip()) > MAX_MATH_CHARS or "\n" in answer.strip() else ("text", text)
@@ -147,6 +147,18 @@ def majority(groups: Sequence[int | None]) -> int | None:
     if not counts:
         return None
     return min(counts, key=lambda g: (-counts[g], g))
+
+
+def voted_answer(answers: Sequence[str | None], groups: Sequence[int | None], win: int) -> str:
+    """The answer that speaks for group `win`: its most frequent text (up to spacing), ties to the first. Answers of one
+    value can differ in what a task checks (Countdown: `2*8` and `(3+5)*2` are both 16, and only one uses the given
+    numbers): the group's first answer decided cons@k, so the order of the samples did, not the majority."""
+    members = [a for a, g in zip(answers, groups) if g == win]
+    counts: dict[str, int] = {}
+    for a in members:
+        key = "".join(a.split())
+        counts[key] = counts.get(key, 0) + 1
+    return max(members, key=lambda a: counts["".join(a.split())])  # max keeps the first of equal counts
 
 
 def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
