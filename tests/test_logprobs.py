@@ -131,3 +131,36 @@ def test_shared_prefix_forward_equals_the_full_forward():
     from ponder.rl.logprobs import shared_prefix_length
 
     assert shared_prefix_length(t.input_ids, t.attention_mask) == 60
+
+
+TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)
+
+
+@pytest.mark.parametrize("kind, extra", [("gemma2", dict(head_dim=8, final_logit_softcapping=3.0, attn_implementation="eager")),
+                                         ("granite", dict(logits_scaling=8.0)), ("cohere", dict(logit_scale=0.0625))])
+def test_log_probs_are_the_models_own_where_its_forward_transforms_the_logits(kind, extra):
+    """Gemma 2 caps its logits, Granite divides them, Cohere scales them, after the output layer: the log-probs (from
+    the output layer, chunk by chunk) were those of another distribution than the one sampled and trained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **TINY, **extra)).eval()
+    ids = torch.randint(3, 101, (2, 9))
+    with torch.no_grad():
+        want = model(ids).logits[:, :-1].float().div(0.7).log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        got, _ = token_logprobs(model, ids, temperature=0.7)
+    torch.testing.assert_close(got[:, 1:], want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_that_changes_the_logits_unknown_ways_is_refused(monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ponder.rl import logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("granite", **TINY, logits_scaling=8.0))
+    monkeypatch.setattr(logprobs, "logit_transform", lambda m: None)  # as an architecture not in the table
+    with pytest.raises(UserError, match=r"^model type 'granite': its forward changes the output layer's logits"):
+        token_logprobs(model, torch.randint(3, 101, (1, 5)))

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from ponder.models import checkpointing_on
 from ponder.rl import memory_plan
@@ -149,3 +150,20 @@ def test_a_state_that_leaves_no_room_for_a_micro_batch_is_one_line_before_any_pa
                        if not extra else fixes):
         sft(cfg_for(tmp_path, [data], "name=full", "data.template=plain", "train.steps=1", *extra), quiet=True)
     assert seen == [] and probes == []
+
+
+def test_the_memory_probe_leaves_the_random_state_as_it_was(monkeypatch):
+    """The plan's probe runs a forward and backward at the first step of every process, on resume after the saved
+    random state is restored: its dropout draws gave the resumed steps other masks than the uninterrupted run's."""
+    from ponder.rl import memory_plan
+
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 0)
+    model = torch.nn.Linear(2, 2)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    memory_plan.peak_of(lambda: torch.nn.functional.dropout(torch.ones(100), 0.5), model, "cpu")
+    assert torch.equal(torch.rand(3), expected)

@@ -25,6 +25,58 @@ def split_model(model):
     return backbone, head
 
 
+def logit_transform(model):
+    """What the model's own forward does to the output layer's logits before they are returned (and sampled), as a
+    function, or None: Gemma 2's and 3's soft cap, Granite's division by logits_scaling, Cohere's logit_scale. The
+    log-probs here start from the output layer, so without it they are not the policy's (Gemma 2's cap of 30 moved
+    a loss from 41 to 293)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    kind = getattr(cfg, "model_type", "") or ""
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    scale = None
+    if kind.startswith("granite") and getattr(cfg, "logits_scaling", None):
+        scale = 1.0 / cfg.logits_scaling
+    elif kind.startswith("cohere") and getattr(cfg, "logit_scale", None):
+        scale = cfg.logit_scale
+    if not cap and scale is None:
+        return None
+
+    def transform(logits):
+        if scale is not None:
+            logits = logits * scale
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return transform
+
+
+def check_head(model) -> None:
+    """Once per model: the output layer's logits, transformed as logit_transform says, are the model's own (a 4-token
+    probe, in eval mode, without gradients or random draws). A forward that changes them otherwise is refused in one
+    line rather than trained on log-probs that are not the policy's."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner, "_ponder_head_checked", False):
+        return
+    backbone, head = split_model(model)
+    transform = logit_transform(model) or (lambda t: t)
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4]], device=device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            own = model(input_ids=ids, use_cache=False).logits.float()
+            ours = transform(head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float())
+    finally:
+        model.train(was)
+    if not torch.allclose(own, ours, rtol=1e-3, atol=1e-3 * float(own.abs().max()) + 1e-5):
+        kind = getattr(inner.config, "model_type", type(inner).__name__)
+        raise UserError(f"model type '{kind}': its forward changes the output layer's logits in a way ponder does not "
+                        "apply, so the log-probs it trains on would not be the model's; this architecture is not "
+                        "supported yet (please report it)")
+    inner._ponder_head_checked = True
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token (left or right padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -58,6 +110,8 @@ def token_logprobs(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     backbone, head = split_model(model)
+    check_head(model)
+    transform = logit_transform(model)
     if shared_prefix:
         if positions is None:
             raise UserError("token_logprobs: shared_prefix needs positions (scored tokens after the prefix)")
@@ -75,7 +129,7 @@ def token_logprobs(
         lp, ent = head_logprobs(
             # positions inside the shared prefix are padding slots (callers mask them): clamp, never wrap
             head, hidden[rows, (positions - 1 - shared_prefix).clamp(min=0)], input_ids[rows, positions], temperature, chunk_size,
-            with_entropy,
+            with_entropy, transform,
         )
         return lp, ent
 
@@ -83,7 +137,7 @@ def token_logprobs(
         completion_mask = attention_mask
     sel = (completion_mask[:, 1:] != 0) & (attention_mask[:, 1:] != 0)
     lp, ent = head_logprobs(
-        head, hidden[:, :-1][sel], input_ids[:, 1:][sel], temperature, chunk_size, with_entropy
+        head, hidden[:, :-1][sel], input_ids[:, 1:][sel], temperature, chunk_size, with_entropy, transform
     )
     zeros = hidden.new_zeros((b, length - 1), dtype=torch.float32)
     out_lp = torch.nn.functional.pad(zeros.masked_scatter(sel, lp), (1, 0))
@@ -122,8 +176,9 @@ def _hidden_after_shared_prefix(backbone, input_ids, attention_mask, prefix: int
     ).last_hidden_state
 
 
-def head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy):
-    """Rows of hidden states [..., d] and their targets [...] -> log-probs and entropies [...]."""
+def head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy, transform=None):
+    """Rows of hidden states [..., d] and their targets [...] -> log-probs and entropies [...]. `transform`: what the
+    model does to the head's logits before sampling (logit_transform), applied before the temperature."""
     shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
 
@@ -131,6 +186,8 @@ def head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy):
 
     def chunk(h, t):
         logits = head(h).float()
+        if transform is not None:
+            logits = transform(logits)
         if temperature != 1.0:
             logits = logits / temperature
         lse = logits.logsumexp(-1)

@@ -189,14 +189,17 @@ def peak_of(step, model, device) -> int:
     a micro-batch after the first runs: beside every gradient (zeros until then). From no gradients, a checkpointed
     pass peaked at the end of its backward, its gradients made and its activations gone, and the activations hid:
     a 7B model's plan costed a token at 0.03 MiB and its first 32,768-token micro-batch ran out of memory. The
-    gradients are dropped after."""
+    gradients are dropped after; the random state is left as it was."""
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    step()
+    # the probe's random draws (dropout) are not the run's: a resumed run probes after restoring its saved state, and
+    # drawing here gave its steps other dropout masks than the uninterrupted run's
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        step()
     torch.cuda.synchronize(device)
     model.zero_grad(set_to_none=True)
     return torch.cuda.max_memory_allocated(device) - base

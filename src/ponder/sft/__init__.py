@@ -56,7 +56,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     if note:
         console.print(f"[yellow]warning: {note}[/]")
     write_atomic(trainer.run_dir / "data.json", json.dumps({"rows": len(trainer.examples), "truncated": r.truncated,
-                                                            "dropped": r.dropped, "max_len": r.max_len}, indent=2))
+                                                            "dropped": r.dropped, "empty": r.empty, "max_len": r.max_len}, indent=2))
     t, total = cfg.train, trainer.total_steps
     if cfg.eval.tasks and not resume:
         _evaluate(trainer, "before", quiet)

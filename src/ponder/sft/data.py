@@ -117,11 +117,18 @@ class DataReport:
     truncated: int
     dropped: int
     max_len: int
+    empty: int = 0  # examples with no scored token to begin with (an empty completion without EOS): left out
+
 
     def warning(self) -> str | None:
-        if not (self.truncated or self.dropped):
+        if not (self.truncated or self.dropped or self.empty):
             return None
         parts = []
+        if self.empty:
+            parts.append(f"{self.empty} of {self.examples} examples have nothing to learn (no completion token is scored, "
+                         "e.g. an empty completion with data.add_eos=false) and were left out")
+            if not (self.truncated or self.dropped):
+                return parts[0] + "; give them a completion or remove them"
         if self.truncated:
             parts.append(f"{self.truncated} of {self.examples} examples are longer than {self.max_len} tokens and were cut "
                          "(their ends, EOS included, are not learned)")
@@ -133,7 +140,7 @@ class DataReport:
 def fit(examples: list[Encoded], max_len: int) -> tuple[list[int], list[Encoded], DataReport]:
     """Cut examples to `max_len` tokens; drop those left without a scored token. Returns the kept
     examples' indices, the kept examples and the counts."""
-    index, kept, truncated, dropped = [], [], 0, 0
+    index, kept, truncated, dropped, empty = [], [], 0, 0, 0
     for i, ex in enumerate(examples):
         if len(ex.ids) > max_len:
             ex = Encoded(ex.ids[:max_len], ex.mask[:max_len], truncated=True)
@@ -144,7 +151,9 @@ def fit(examples: list[Encoded], max_len: int) -> tuple[list[int], list[Encoded]
         if any(ex.mask):
             index.append(i)
             kept.append(ex)
-    return index, kept, DataReport(len(examples), truncated, dropped, max_len)
+        else:
+            empty += 1
+    return index, kept, DataReport(len(examples), truncated, dropped, max_len, empty)
 
 
 def model_context(model) -> int | None:

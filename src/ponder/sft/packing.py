@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ponder.rl.batching import Sample
-from ponder.rl.logprobs import head_logprobs, split_model
+from ponder.rl.logprobs import check_head, head_logprobs, logit_transform, split_model
 from ponder.runtime import to_device
 from ponder.sft.data import Encoded
 
@@ -67,6 +67,28 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
             rows.append([i])
             room.append(capacity - lengths[i])
     return rows
+
+
+def keeps_rows_apart(model) -> bool:
+    """Whether the model's own forward keeps examples that share a row apart, given position ids that restart at 0
+    (the second example's hidden states alone and after the first agree). transformers does for most families; OPT
+    builds its mask without position ids, and Bloom and MPT (ALiBi) take none, so there a row's later examples
+    attended to the earlier ones. A probe of 7 tokens in eval mode, without gradients or random draws."""
+    backbone, _ = split_model(model)
+    device = next(model.parameters()).device
+    first, second = [1, 2, 3], [4, 5, 6, 7]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            row = backbone(input_ids=torch.tensor([first + second], device=device),
+                           position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device), use_cache=False)
+            alone = backbone(input_ids=torch.tensor([second], device=device),
+                             position_ids=torch.tensor([[0, 1, 2, 3]], device=device), use_cache=False)
+    finally:
+        model.train(was)
+    joint, own = row.last_hidden_state[0, len(first):].float(), alone.last_hidden_state[0].float()
+    return bool((joint - own).abs().max() <= 1e-2 * own.abs().max() + 1e-5)
 
 
 @dataclass
@@ -117,7 +139,9 @@ def micro_batches(rows: list[list[int]], lengths: list[int], token_budget: int) 
 def loss_sum(model, batch: Packed, chunk_size: int = 1024) -> torch.Tensor:
     """Sum over target tokens of -log p(token | its own example's prefix)."""
     backbone, head = split_model(model)
+    check_head(model)
     hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
     sel = batch.loss_mask[:, 1:] != 0
-    logp, _ = head_logprobs(head, hidden[:, :-1][sel], batch.input_ids[:, 1:][sel], 1.0, chunk_size, False)
+    logp, _ = head_logprobs(head, hidden[:, :-1][sel], batch.input_ids[:, 1:][sel], 1.0, chunk_size, False,
+                            logit_transform(model))
     return -logp.sum()

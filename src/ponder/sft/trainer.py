@@ -27,7 +27,7 @@ from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, s
 from ponder.sft.config import SFTConfig
 from ponder.sft.data import load_data, read_data
 from ponder.sft.packing import (
-    Packed, as_sample, collate, loss_sum, micro_batches, pack, stream_loss_sum, stream_tokens,
+    Packed, as_sample, collate, keeps_rows_apart, loss_sum, micro_batches, pack, stream_loss_sum, stream_tokens,
 )
 from ponder.tasks import PromptSampler
 
@@ -72,6 +72,8 @@ class SFTTrainer:
                      if packed and self.precision.autocast and cfg.model.lora is None else None)
         self.policy_pass = PolicyPass(packed, self.tokenizer.pad_token_id, self.device, self.precision.autocast,
                                       copies=self.copy.current if self.copy is not None else None)
+        # the model's own forward (padded pass): several examples a row where it keeps them apart, else one a row
+        self.rows_apart = packed or keeps_rows_apart(self.model)
         self.total_steps = self._planned_steps()
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optim, self.total_steps, self.precision.moments)
         self.sampler = PromptSampler(list(range(len(self.examples))), cfg.seed)
@@ -111,7 +113,7 @@ class SFTTrainer:
         else:
             # rows no wider than the longest example: the plan costs a token at that width, and a wider row would
             # pay the [row x row] mask and attention for no less padding
-            capacity = min(self.report.max_len, budget, max(self.lengths))
+            capacity = min(self.report.max_len, budget, max(self.lengths)) if self.rows_apart else 0
             rows = [[batch[j] for j in row] for row in pack([self.lengths[i] for i in batch], capacity)]
             chunks = micro_batches(rows, self.lengths, budget)
             n_rows = len(rows)
