@@ -324,3 +324,28 @@ def test_runs_unprivileged(sandbox):
             return os.getuid(), os.geteuid(), os.getgid(), field("CapEff"), field("NoNewPrivs"), os.getgroups()
         """), "u, eu, g, caps, nnp, groups = ids()\nassert u == eu and u != 0 and g != 0\nassert caps == '0000000000000000'\nassert nnp == '1' and groups in ([], [g])\n")
     assert r.passed, r
+
+
+PRIMES = "assert all(map(is_prime, [2, 3, 5, 7, 11]))\nassert not any(map(is_prime, [4, 6, 8, 9]))\n"
+
+
+def test_raising_stop_iteration_to_end_the_tests_own_loops(sandbox):
+    """Re-raised as itself, StopIteration ended map() inside all()/any(): both asserts passed for a function that
+    computes nothing. It reaches the tests as a program error, as PEP 479 turns it into one for generators."""
+    r = sandbox.run("def is_prime(n):\n    raise StopIteration\n", PRIMES)
+    assert r.status == "failed" and [t.passed for t in r.tests] == [False, False]
+    assert "StopIteration" in r.tests[0].error
+
+
+def test_leaving_a_function_out_or_defining_a_test_functions_parameter(sandbox):
+    """Which statements are tests came from the program's own names: leaving `mul` out turned its two asserts into
+    setup, out of partial credit's count (a wrong program scored 1.0); defining `f` made the tests' `def check_sum(f)`
+    a test that passed. Now the tests alone say which are tests."""
+    tests = "assert add(1, 2) == 3\nassert mul(2, 3) == 6\nassert mul(4, 5) == 20\n"
+    r = sandbox.run(ADD, tests)
+    assert r.status == "failed" and [t.passed for t in r.tests] == [True, False, False] and r.fraction == pytest.approx(1 / 3)
+    r = sandbox.run("x = 1\n", tests)  # defines nothing the tests use: failed, not unscorable
+    assert r.status == "failed" and r.fraction == 0.0
+    tests = "def check_sum(f):\n    assert f(1, 2) == 3\ncheck_sum(add)\n"
+    r = sandbox.run("def add(a, b):\n    return 0\ndef f():\n    pass\n", tests)
+    assert r.status == "bad_tests" and not r.tests  # as for the honest program: no assert reads a program name

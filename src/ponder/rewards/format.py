@@ -31,7 +31,7 @@ def format_soft(completions, *, prompts, **_):
 
 def soft_format(c: str) -> bool:
     """A <think> block, then (after white space) an <answer> block, anywhere: what the regex
-    `<think>.*?</think>\s*<answer>.*?</answer>` finds, without its square-of-the-length search through repeated tags.
+    `<think>.*?</think>\\s*<answer>.*?</answer>` finds, without its square-of-the-length search through repeated tags.
     The first <think> leaves the most room; the first of its closes that an <answer> follows, the most after it."""
     a = c.find("<think>")
     if a < 0:

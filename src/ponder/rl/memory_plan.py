@@ -198,7 +198,7 @@ def peak_of(step, model, device) -> int:
     torch.cuda.reset_peak_memory_stats(device)
     # the probe's random draws (dropout) are not the run's: a resumed run probes after restoring its saved state, and
     # drawing here gave its steps other dropout masks than the uninterrupted run's
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device is not None and torch.device(device).type == "cuda" else []):
         step()
     torch.cuda.synchronize(device)
     model.zero_grad(set_to_none=True)

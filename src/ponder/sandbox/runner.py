@@ -279,8 +279,10 @@ class Link:
 
         kind, message = reply[1], reply[2]
         exc = getattr(builtins, kind, None) if kind.isidentifier() else None
-        if isinstance(exc, type) and issubclass(exc, Exception):
-            raise exc(message)  # tests may expect e.g. ValueError from the program
+        # tests may expect e.g. ValueError from the program; not StopIteration, which would end the test's own loop
+        # (`all(map(f, xs))` passed with an f that raised it), as PEP 479 keeps it from ending a generator's caller
+        if isinstance(exc, type) and issubclass(exc, Exception) and not issubclass(exc, (StopIteration, StopAsyncIteration)):
+            raise exc(message)
         raise ProgramError(f"{kind}: {message}")
 
     def wait(self) -> int | None:
@@ -336,6 +338,14 @@ def which_are_tests(units, program_names):
     return tests
 
 
+def free_names(stmts, trusted: set) -> set:
+    """Names the tests read that nothing trusted binds: what they expect of the program, whether it defines them or
+    not. (Tests were told apart by the program's own names: one that left a function out turned its asserts into
+    setup, which dropped out of partial credit's count, and one that defined a test function's parameter name made
+    that def a test that passed.)"""
+    return {n.id for s in stmts for n in walk(s) if type(n).__name__ == "Name" and type(n.ctx).__name__ == "Load"} - trusted
+
+
 def bound_names(stmts):
     """Every name a piece of code binds: assignments, defs, classes, imports."""
     out = set()
@@ -344,6 +354,10 @@ def bound_names(stmts):
         if kind == "Name" and type(node.ctx).__name__ in ("Store", "Del"):
             out.add(node.id)
         elif kind in ("FunctionDef", "AsyncFunctionDef", "ClassDef"):
+            out.add(node.name)
+        elif kind == "arg":  # a parameter of the tests' own functions and lambdas
+            out.add(node.arg)
+        elif kind == "ExceptHandler" and node.name:
             out.add(node.name)
         elif kind == "alias":
             out.add((node.asname or node.name).split(".")[0])
@@ -516,7 +530,8 @@ def grade(link, ns, job, setup_error, report):
         report(done=True, status="bad_tests", detail=f"test setup failed: {describe(e)}")
         return
 
-    tests = which_are_tests(units, set(proxies))
+    expected = free_names([s for _, stmts in units for s in stmts], trusted) | {n for n in (entry, param) if n}
+    tests = which_are_tests(units, expected)
     if not tests:
         report(done=True, status="bad_tests", detail="the tests hold no assert that calls the program")
         return
