@@ -349,3 +349,29 @@ def test_leaving_a_function_out_or_defining_a_test_functions_parameter(sandbox):
     tests = "def check_sum(f):\n    assert f(1, 2) == 3\ncheck_sum(add)\n"
     r = sandbox.run("def add(a, b):\n    return 0\ndef f():\n    pass\n", tests)
     assert r.status == "bad_tests" and not r.tests  # as for the honest program: no assert reads a program name
+
+
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "aarch64"), reason="filter for x86-64 and arm64")
+def test_memory_no_limit_counts_and_the_kernel_keyrings_are_refused(sandbox):
+    """SysV shared memory (touched, detached, kept: 2 GiB under a 256 MiB limit) and memfd hold memory that no rlimit
+    counts; keyrings outlive the run (a later sample on the same uid read what an earlier one left) and may hold the
+    host session's keys. The program's calls to them fail with ENOSYS; ctypes (libffi's callbacks) still works."""
+    import platform
+
+    from ponder.sandbox.runner import DENIED
+
+    keyctl = DENIED[platform.machine().lower()][1][-1]
+    program = f'''
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def probe():
+    out = [libc.shmget(0, 1 << 20, 0o1600), ctypes.get_errno(), libc.syscall({keyctl}, 0, 0), ctypes.get_errno()]
+    try:
+        os.memfd_create("x")
+    except OSError as e:
+        out.append(e.errno)
+    out.append(ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 7)())
+    return out
+'''
+    r = sandbox.run(program, "assert probe() == [-1, 38, -1, 38, 38, 7]")
+    assert r.status == "passed", r.detail
