@@ -295,15 +295,21 @@ def test_logged_figures_of_several_ranks_are_the_whole_batchs(monkeypatch):
 
     ranks = [{"loss": -0.03, "skipped_updates": 1.0, "tokens_per_s": 100.0, "entropy": 0.5, "completion_len/max": 7},
              {"loss": -0.01, "skipped_updates": 1.0, "tokens_per_s": 120.0, "entropy": 0.7, "completion_len/max": 9}]
+    counts = [{}, {}]
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "world", lambda: 2)
-    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), ranks))
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), list(zip(ranks, counts))))
     got = distributed.mean_metrics(ranks[0])
     assert got == pytest.approx({"loss": -0.04, "skipped_updates": 1.0, "tokens_per_s": 220.0, "entropy": 0.6,
                                  "completion_len/max": 9})
     # a rank whose groups hold one task of a mix: the other task's figures come from the ranks that have them
     ranks[0]["accuracy/arithmetic"], ranks[1]["accuracy/countdown"] = 0.5, 0.25
     assert distributed.mean_metrics(ranks[0])["accuracy/countdown"] == 0.25
+    # means over samples and tokens weigh each rank by its count (an equal weight logged 0.5 and 3.0 below): rank 0
+    # has 3 samples all right and 30 nats over 30 tokens, rank 1 one wrong sample and 50 nats over 10 tokens
+    ranks[:] = [{"reward": 1.0, "entropy": 1.0}, {"reward": 0.0, "entropy": 5.0}]
+    counts[:] = [{"reward": 3, "entropy": 30}, {"reward": 1, "entropy": 10}]
+    assert distributed.mean_metrics(*zip(ranks, counts).__next__()) == pytest.approx({"reward": 0.75, "entropy": 2.0})
 
 
 def test_cpu_offload_on_one_process_shards_with_fsdp(smoke_cfg):
@@ -467,3 +473,19 @@ def test_a_rank_stopped_by_another_ranks_leaving_says_why_that_rank_left(monkeyp
     assert cli.main(["report", "runs/x"]) == code
     assert capsys.readouterr().err.splitlines() == [cli.stopped("report") if line == "stopped" else cli.OTHER_STOPPED]
     assert left == [(False, told)]  # this rank's own mark: a SIGTERM of its own is not an error of its own
+
+
+def test_the_trainer_says_what_each_logged_mean_is_over(smoke_cfg, monkeypatch):
+    """mean_metrics weighs the ranks by these counts: the samples of a step, its groups, its scored tokens."""
+    from ponder import distributed
+    from ponder.rl.trainer import GRPOTrainer
+
+    seen = []
+    monkeypatch.setattr(distributed, "mean_metrics", lambda m, w=None: seen.append((m, w)) or m)
+    trainer = GRPOTrainer(smoke_cfg("rollout.prompts_per_step=2", "train.skip_zero_advantage=false"))
+    trainer.step()
+    m, w = seen[0]
+    samples = 2 * trainer.cfg.rollout.group_size
+    assert w["reward"] == w["accuracy"] == w["truncated_frac"] == w["completion_len/mean"] == samples
+    assert w["zero_var_groups_frac"] == 2
+    assert w["entropy"] == w["kl"] == sum(len(s.completion_ids) for g in trainer.last_groups for s in g.samples)

@@ -46,7 +46,6 @@ def read_user_text(path: str | Path) -> str:
         raise not_text(path, e, line) from None
 
 
-
 def blocking_file(path: str | Path) -> Path | None:
     """The file that stands where `path` or one of its parent directories would be (None: nothing in the way)."""
     path = Path(path)

@@ -141,7 +141,7 @@ class GRPOTrainer:
         self._maybe_reset_reference()
         timing["train"] = time.perf_counter() - t_train
         timing["total"] = time.perf_counter() - t0
-        m = distributed.mean_metrics(self._step_metrics(all_groups, stats, timing))
+        m = distributed.mean_metrics(*self._step_metrics(all_groups, stats, timing))
         m = self.guardrails.check(self, m)  # may warn, lower the lr, roll back, or ask the run to stop
         self.sync_rollout_weights()  # after the update (and any rollback): rank 0 may evaluate before the next step
         return m
@@ -374,7 +374,9 @@ class GRPOTrainer:
                 setattr(s, attr, row[: len(s.completion_ids)].cpu())
 
     # ---------------------------------------------------------------- metrics
-    def _step_metrics(self, groups: list[Group], stats: list[dict], timing: dict) -> dict:
+    def _step_metrics(self, groups: list[Group], stats: list[dict], timing: dict) -> tuple[dict, dict]:
+        """The step's figures on this rank, and what each mean is over (samples, groups, tokens: mean_metrics weighs
+        the ranks' figures by them)."""
         texts = [t for g in groups for t in g.texts]
         lengths = [len(s.completion_ids) for g in groups for s in g.samples]
         tokens = max(sum(s["tokens"] for s in stats), 1.0)
@@ -411,6 +413,11 @@ class GRPOTrainer:
             m["memory/peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         if "accuracy" in self.rewards.fns:
             m["accuracy"] = m["reward/accuracy"]
+        n_tokens = sum(s["tokens"] for s in stats)
+        per = {k: len(texts) for k in m if k == "accuracy" or k.startswith("reward") or k in (
+            "format_rate", "completion_len/mean", "truncated_frac", "reflection_rate", "mixing_rate", "repeated_line_frac",
+            "unreasoned_frac")}
+        per |= {"zero_var_groups_frac": len(groups), **dict.fromkeys(("entropy", "kl", "clip_low_frac", "clip_high_frac"), n_tokens)}
         tasks = sorted({g.example.get("task", "") for g in groups})
         # a mix: each task's own curves (reflection pays on some only), also where this rank's groups hold one task
         for task in tasks if len(tasks) > 1 or len(self.cfg.data.tasks) > 1 else []:
@@ -419,13 +426,16 @@ class GRPOTrainer:
                 m[f"accuracy/{task}"] = mean([v for g in mine for v in g.per_fn["accuracy"]])
             m[f"completion_len/{task}"] = mean([len(s.completion_ids) for g in mine for s in g.samples])
             m[f"reflection_rate/{task}"] = reflection_rate([t for g in mine for t in g.texts], self.cfg.train.reflection_words)
+            per |= dict.fromkeys((f"accuracy/{task}", f"completion_len/{task}", f"reflection_rate/{task}"),
+                                 sum(len(g.texts) for g in mine))
         langs = sorted({g.example["target"] for g in groups if g.example.get("target") in ("en", "zh")})
         for lang in langs:  # bilingual prompts: mixing and accuracy for each target language
             mine = [g for g in groups if g.example.get("target") == lang]
             m[f"mixing_rate/{lang}"] = mixing_rate([t for g in mine for t in g.texts])
             if "accuracy" in self.rewards.fns:
                 m[f"accuracy/{lang}"] = mean([v for g in mine for v in g.per_fn["accuracy"]])
-        return m
+            per |= dict.fromkeys((f"mixing_rate/{lang}", f"accuracy/{lang}"), sum(len(g.texts) for g in mine))
+        return m, per
 
     def sample_rows(self, groups: list[Group], k: int) -> list[dict]:
         rows = []
