@@ -224,6 +224,18 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     assert (cut_cfg.run_dir / "final").resolve().name == "step-4"
 
 
+def test_resume_on_other_rows_is_refused_unless_allowed(tmp_path):
+    """The sampler's place in its epochs counts the rows the run began with: resumed on a changed file it went on
+    silently (its epoch jumped)."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS * 4)
+    cfg = cfg_for(tmp_path, [data], "name=r", "train.steps=4", "train.batch_size=3", "train.save_every=2")
+    sft(cfg, stop_after=2, quiet=True)
+    write_jsonl(tmp_path / "d.jsonl", ROWS * 3)
+    with pytest.raises(UserError, match=r"^--resume: the rows of data.files / data.coldstart differ from those the run"):
+        sft(cfg, resume=True, quiet=True)
+    assert sft(cfg, resume=True, quiet=True, allow_changes=True).step_no == 4
+
+
 def test_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     base, _ = load("tiny-random")

@@ -50,7 +50,7 @@ def training_state(trainer, optimizer: bool = True) -> dict:
     return {
         "step": trainer.step_no, "sampler_position": trainer.sampler.position, "nan_streak": trainer.nan_streak,
         "optimizer": trainer.optimizer.state_dict() if optimizer else None, "scheduler": trainer.scheduler.state_dict(),
-        "rng": rng_state(), "config": to_dict(trainer.cfg),
+        "rng": rng_state(), "config": to_dict(trainer.cfg), "data": getattr(trainer, "data_hash", None),
         "adapter": {k: sharding.full_tensor(v).cpu() for k, v in trainer.model.state_dict().items() if "lora_" in k}
         if trainer.cfg.model.lora else None,
     }

@@ -45,7 +45,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
 
     require_backends(cfg.train.log_to)
     changes = resuming.check(cfg, "sft", allow_changes) if resume else None
-    trainer = SFTTrainer(cfg, resume=resume)
+    trainer = SFTTrainer(cfg, resume=resume, allow_changes=allow_changes)
     if changes is not None:
         resuming.record(trainer.run_dir, changes, trainer.step_no)
         if changes.changed and not quiet:

@@ -9,6 +9,8 @@ Simplifications, stated up front:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 
@@ -41,7 +43,7 @@ def sft_fixes(precision: str, lora: bool) -> str:
 
 
 class SFTTrainer:
-    def __init__(self, cfg: SFTConfig, resume: bool = False):
+    def __init__(self, cfg: SFTConfig, resume: bool = False, allow_changes: bool = False):
         world = distributed.launched()
         if world > 1:  # each rank would train on every example and write the same files
             raise UserError(f"ponder sft runs one process, and torchrun started {world}; start it without torchrun "
@@ -56,6 +58,12 @@ class SFTTrainer:
         self.device = pick_device(cfg.train.device)
         self.state = checkpoint.load_state(last) if resume else None
         rows, checked_with = read_data(cfg, cfg.seed)  # before the model: a mistake in the data is one line, told at once
+        self.data_hash = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        saved = (self.state or {}).get("data")
+        if saved is not None and saved != self.data_hash and not allow_changes:
+            # the sampler's place in its epochs counts examples of the data the run began with
+            raise UserError(f"--resume: the rows of data.files / data.coldstart differ from those the run in {self.run_dir} "
+                            "trained on; pass --allow-changes to continue on the new rows, or start a new run (name=...)")
         chooser = PrecisionChooser(cfg.train.precision, self.device, cfg.model.lora is not None, resumed=last)
         same_source = last is None or cfg.model.lora is not None  # else the checkpoint's own tokenizer loads with it
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser,
