@@ -375,3 +375,20 @@ def probe():
 '''
     r = sandbox.run(program, "assert probe() == [-1, 38, -1, 38, 38, 7]")
     assert r.status == "passed", r.detail
+
+
+def test_a_kernel_without_seccomp_filters_is_one_line_at_start(monkeypatch):
+    """Where the program's filter cannot be installed, no program runs (its memory could outgrow the limits): the
+    sandbox's start-up probe says why in one line, rather than every sample failing to load."""
+    import marshal
+
+    from ponder.errors import UserError
+    from ponder.sandbox import pool
+
+    source = (Path(pool.__file__).with_name("runner.py").read_text(encoding="utf-8")
+              .replace("    machine = platform.machine().lower()\n", "    raise OSError(1, 'no filter here')\n", 1))
+    monkeypatch.setattr(pool, "RUNNER", marshal.dumps(compile(source, "runner.py", "exec")))
+    monkeypatch.setattr(pool, "_PROBED", set())
+    with pytest.raises(UserError, match=r"^the code sandbox cannot filter the program's system calls here \(sandbox: no "
+                                        r"filter here\)"):
+        Sandbox(LIMITS, workers=1)

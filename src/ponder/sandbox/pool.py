@@ -195,6 +195,10 @@ class Sandbox:
             if key in _PROBED:
                 return
             r = self._run(dict(program="def f():\n    return 1\n", tests="assert f() == 1"), Limits(timeout=30.0))
+            if not r.passed and r.detail.startswith("sandbox:"):  # the grader's own: the program's filter failed
+                raise UserError(f"the code sandbox cannot filter the program's system calls here ({r.detail}); it needs "
+                                "a kernel with seccomp filters (CONFIG_SECCOMP_FILTER); or set `unsafe: true` to run "
+                                "model code without isolation")
             if not r.passed:
                 why = (r.stderr.strip().splitlines() or [r.detail])[-1]
                 raise UserError(f"bubblewrap cannot start a sandbox on this machine ({why}); it needs user namespaces "
