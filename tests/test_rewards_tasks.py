@@ -84,7 +84,7 @@ def test_reasoning_gym_open_dataset_has_no_gold_and_is_scored_by_logic():
     gym = get_task("reasoning_gym")
     (ex,) = gym.load("train", dataset="propositional_logic", size=1, seed=0)
     assert ex["answer"] is None  # several conclusions are right; the library's scorer checks validity
-    entry = _dataset(ex["gym_dataset"], ex["gym_size"], ex["gym_seed"], ())[ex["gym_index"]]
+    entry = _dataset(ex["gym_dataset"], ex["gym_size"], ex["gym_seed"], "{}")[ex["gym_index"]]
     conclusion = entry["metadata"]["example_answer"]  # one valid conclusion among many
     assert gym.verify(f"<think>derive</think><answer>{conclusion}</answer>", ex) == 1.0
     assert gym.verify("<answer>Z ∧ ¬Z</answer>", ex) == 0.0  # a variable the premises do not have
@@ -95,3 +95,36 @@ def test_reasoning_gym_unknown_dataset_is_a_user_error():
         get_task("reasoning_gym").load(dataset="no_such_set", size=5)
     with pytest.raises(UserError, match=r"needs options.dataset"):
         get_task("reasoning_gym").load(size=5)
+
+
+def test_review_of_the_tasks_fixes(tmp_path):
+    """Found by a review of the tasks: a list option of a reasoning-gym dataset (YAML gives lists) broke its cache; a
+    list answer of the plain task became its Python repr; a MATH solution's \\fbox was no answer; Countdown missed
+    `(7 + 5) x 3`; a question mentioning an unclosed <think> tag counted as a prompt that opened one."""
+    from ponder.rewards.extract import last_boxed
+    from ponder.templates import opens_think
+
+    rows = get_task("reasoning_gym").load("train", dataset="basic_arithmetic", size=5, seed=1, operators=["+", "-"])
+    assert len(rows) == 5 and rows[0]["gym_config"] == {"operators": ["+", "-"]}
+    assert get_task("reasoning_gym").verify(f"<answer>{rows[0]['answer']}</answer>", rows[0]) == 1.0
+
+    path = write(tmp_path, [{"question": "roots?", "answer": [2, 3]}])
+    row = get_task("plain").load(path=path)[0]
+    assert row["answer"] == "2, 3" and get_task("plain").verify("2, 3", row) == 1.0
+
+    assert last_boxed(r"so the answer is $\fbox{7}$.") == "7"
+    ex = {"numbers": [7, 5, 3], "target": 36, "task": "countdown"}
+    assert [get_task("countdown").verify(a, ex) for a in ("(7 + 5) x 3", "(7+5)X3", "3 x (7 + 5)")] == [1.0, 1.0, 1.0]
+    assert not opens_think("Why does an unclosed <think> tag break a parser? Assistant:")
+    assert opens_think("<|Assistant|><think>\n")
+
+
+def test_code_tasks_keep_each_specs_sandbox_options_on_its_examples(tmp_path):
+    """One task object serves every spec: the last load's options (unsafe included) ran every spec's programs."""
+    path = write(tmp_path, [{"prompt": "add", "tests": "assert add(1, 2) == 3", "entry_point": "add"}])
+    slow = get_task("code_jsonl").load(path=path, timeout=7.0)
+    fast = get_task("code_jsonl").load(path=path, timeout=1.0)
+    assert slow[0]["sandbox_options"]["timeout"] == 7.0 and fast[0]["sandbox_options"]["timeout"] == 1.0
+    program = "```python\nimport time\ndef add(a, b):\n    time.sleep(1.5)\n    return a + b\n```"
+    task = get_task("code_jsonl")
+    assert (task.verify(program, slow[0]), task.verify(program, fast[0])) == (1.0, 0.0)

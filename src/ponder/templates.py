@@ -66,8 +66,10 @@ def _start(messages: list[dict], n: int = 40) -> str:
 
 def opens_think(prompt_text: str) -> bool:
     """Whether the prompt's text leaves a think block open for the answer to continue: DeepSeek-R1-Distill's chat
-    template ends its generation prompt with "<think>\n" (R1-Zero's names both tags in its instructions)."""
-    return prompt_text.rfind("<think>") > prompt_text.rfind("</think>")
+    template ends its generation prompt with "<think>\n" (R1-Zero's names both tags in its instructions). Only its
+    end counts: a question that mentions an unclosed <think> tag opened nothing (its answers' format was judged as
+    if the prompt had, and a well-formed one scored 0)."""
+    return prompt_text.rstrip().endswith("<think>")
 
 
 def encoded_prompt(template: str, prompt, tokenizer) -> tuple[list[int], bool]:

@@ -17,23 +17,23 @@ class CodeJsonl(Task):
     """Task options: `timeout` (seconds per run), `memory_mb`, `unsafe` (no bubblewrap: warns)."""
 
     name = "code_jsonl"
-    sandbox_options: dict = {}
 
     def load(self, split="train", n=None, seed=0, path=None, timeout=10.0, memory_mb=512, unsafe=False, **_):
         if path is None:
             raise UserError("task 'code_jsonl' needs a path: data.tasks: [{name: code_jsonl, path: my.jsonl}]")
-        self.sandbox_options = dict(timeout=timeout, memory_mb=memory_mb, unsafe=unsafe)
+        # on each example, not the task (one object serves every spec: the last spec's options ran them all, `unsafe` too)
+        options = dict(timeout=timeout, memory_mb=memory_mb, unsafe=unsafe)
         rows = read_jsonl(path, required=("prompt", "tests"))
         for lineno, row in enumerate(rows, 1):
             check_row(row, f"{path} row {lineno}")
-            row["task"] = self.name
+            row["task"], row["sandbox_options"] = self.name, options
         return rows[:n] if n else rows
 
     def verify(self, answer, example):
         from ponder.rewards.code import get_sandbox, program_from_answer, score_programs
 
         program = program_from_answer(answer) if answer is not None else None
-        return score_programs([program], [example], get_sandbox(**self.sandbox_options))[0]
+        return score_programs([program], [example], get_sandbox(**example.get("sandbox_options", {})))[0]
 
 
 def check_row(row: dict, where: str) -> None:

@@ -123,7 +123,7 @@ def _normalise(text: str) -> str:
     text = text.strip().strip("$").strip()
     for a, b in _SYMBOLS:
         text = text.replace(a, b)
-    text = re.sub(r"(?<=\d)\s*[xX]\s*(?=[\d(])", "*", text)  # 7 x 3
+    text = re.sub(r"(?<=[\d)])\s*[xX]\s*(?=[\d(])", "*", text)  # 7 x 3, (7 + 5) x 3
     if "=" in text:  # "7 * 3 + 5 = 26" or "26 = 7 * 3 + 5": the side that is not a bare number
         sides = [s.strip() for s in text.split("=")]
         text = next((s for s in sides if s and not s.isdigit()), sides[0])

@@ -9,6 +9,7 @@ different seed and drops questions that also occur in the train split of the sam
 from __future__ import annotations
 
 import functools
+import json
 import re
 
 from ponder.errors import UserError
@@ -18,14 +19,15 @@ _TAGS = re.compile(r"<think>.*?</think>|</?answer>|</?think>", re.DOTALL)
 
 
 @functools.lru_cache(maxsize=32)
-def _dataset(name: str, size: int, seed: int, config: tuple):
+def _dataset(name: str, size: int, seed: int, config: str):
+    """`config`: the options as JSON (a cache key that lists can be part of: YAML gives `operators: [+, -]` as one)."""
     try:
         import reasoning_gym
     except ModuleNotFoundError:
         raise UserError("task 'reasoning_gym' needs the reasoning-gym library: pip install 'ponder[gym]'") from None
 
     try:
-        return reasoning_gym.create_dataset(name, size=size, seed=seed, **dict(config))
+        return reasoning_gym.create_dataset(name, size=size, seed=seed, **json.loads(config))
     except ValueError as e:  # unknown name, or a config value the dataset rejects
         known = ", ".join(sorted(reasoning_gym.factory.DATASETS))
         hint = f"; known datasets: {known}" if "not registered" in str(e) else ""
@@ -49,7 +51,7 @@ class ReasoningGym(Task):
             raise UserError("task 'reasoning_gym' needs options.dataset, e.g. options: {dataset: basic_arithmetic, size: 1000}")
         size = int(size or n or 1000)
         seed = seed if dataset_seed is None else dataset_seed
-        frozen = tuple(sorted(config.items()))
+        frozen = json.dumps(config, sort_keys=True)
         ds_seed = _split_seed(int(seed), split)
         ds = _dataset(dataset, size, ds_seed, frozen)
         seen = set() if split == "train" else {e["question"] for e in _dataset(dataset, size, _split_seed(int(seed), "train"), frozen)}
@@ -61,11 +63,11 @@ class ReasoningGym(Task):
             gold = entry["answer"]  # None for open datasets (several right answers): the scorer decides
             rows.append({"prompt": entry["question"], "answer": None if gold is None else str(gold), "task": self.name,
                          "gym_dataset": dataset, "gym_size": size, "gym_seed": ds_seed, "gym_index": i,
-                         "gym_config": dict(frozen)})
+                         "gym_config": json.loads(frozen)})
         return rows[:n] if n else rows
 
     def verify(self, answer, example):
-        ds = _dataset(example["gym_dataset"], example["gym_size"], example["gym_seed"], tuple(sorted(example["gym_config"].items())))
+        ds = _dataset(example["gym_dataset"], example["gym_size"], example["gym_seed"], json.dumps(example["gym_config"], sort_keys=True))
         entry = ds[example["gym_index"]]
         text = _TAGS.sub(" ", answer or "").strip()
         try:

@@ -45,7 +45,7 @@ import re
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.tasks import Task, register
+from ponder.tasks import Task, answer_text, register
 from ponder.tasks.jsonl import empty_value
 from ponder.tasks.math_formats import FINAL_ANSWER, PROMPT_FIELDS
 
@@ -134,7 +134,7 @@ class HfDataset(Task):
                 example = {k: row[k] for k in plan.keep}
                 if answer_format != "plain" and raw_as not in example:
                     example[raw_as] = row[answer]
-                out.append({**example, "prompt": text, "answer": str(gold).strip(), "task": self.name})
+                out.append({**example, "prompt": text, "answer": answer_text(gold).strip(), "task": self.name})
                 if n and len(out) >= n:
                     return out
         return out

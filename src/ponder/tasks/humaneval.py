@@ -30,7 +30,7 @@ class HumanEval(CodeJsonl):
     name = "humaneval"
 
     def load(self, split="test", n=None, seed=0, timeout=10.0, memory_mb=512, unsafe=False, **_):
-        self.sandbox_options = dict(timeout=timeout, memory_mb=memory_mb, unsafe=unsafe)
+        options = dict(timeout=timeout, memory_mb=memory_mb, unsafe=unsafe)
         rows = [
             {
                 "prompt": PROMPT.format(code=p["prompt"]),
@@ -39,6 +39,7 @@ class HumanEval(CodeJsonl):
                 "code_prefix": p["prompt"],
                 "task_id": p["task_id"],
                 "task": self.name,
+                "sandbox_options": options,
             }
             for p in read_problems()
         ]

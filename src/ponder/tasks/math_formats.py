@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ponder.errors import UserError
 from ponder.rewards.extract import last_boxed
-from ponder.tasks import Task, register
+from ponder.tasks import Task, answer_text, register
 from ponder.tasks.jsonl import read_jsonl
 
 PROMPT_FIELDS = ("prompt", "question", "problem")
@@ -27,7 +27,7 @@ def gsm8k_final(text) -> str | None:
 
 # How to find the final answer in an answer field, by name (also the `hf` task's `answer_format` option).
 FINAL_ANSWER = {
-    "plain": lambda text: str(text).strip(),  # the field is the answer
+    "plain": lambda text: answer_text(text).strip(),  # the field is the answer (a list: its parts joined by ", ")
     "gsm8k": gsm8k_final,  # "... #### 42"
     "boxed": lambda text: last_boxed(str(text)),  # MATH: the last \boxed{} of the solution
 }
@@ -57,7 +57,7 @@ class _MathJsonl(Task):
                 raise UserError(f"{path}:{line}: row has none of the fields {', '.join(PROMPT_FIELDS)}; task '{self.name}' needs the question in one of them")
             if gold is None or not str(gold).strip():
                 raise UserError(f"{path}:{line}: row has no final answer for task '{self.name}' ({self.where}); fix the row or use another task")
-            out.append({**row, **self.extra(row), "prompt": prompt, "answer": str(gold).strip(), "task": self.name})
+            out.append({**row, **self.extra(row), "prompt": prompt, "answer": answer_text(gold).strip(), "task": self.name})
         return out[:n] if n else out
 
 
