@@ -291,3 +291,18 @@ def test_pretrain_tokenizer_trusts_remote_code_only_when_the_recipe_says_so(tmp_
     pretrain_tokenizer(load_config(recipe, [], cls=PretrainConfig))
     pretrain_tokenizer(load_config(recipe, ["trust_remote_code=true"], cls=PretrainConfig))
     assert seen == [("owner/bpe", False, True), ("owner/bpe", True, True)]
+
+
+def test_a_hub_model_without_tokenizer_files_is_refused_as_a_local_one_is(tmp_path, monkeypatch):
+    """A repository of weights only: transformers built an empty tokenizer from config.json (Qwen2: every text encoded
+    to []), where a local directory without tokenizer files is refused."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _offline(monkeypatch, tmp_path)
+    root = tmp_path / "hub" / "models--owner--weights-only"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root / "snapshots" / COMMIT)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(COMMIT)
+    with pytest.raises(models.UserError, match=r"^model 'owner/weights-only' has no tokenizer files on the Hugging Face Hub"):
+        models.load("owner/weights-only")

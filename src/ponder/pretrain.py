@@ -339,11 +339,19 @@ def write_card(out: Path, cfg: PretrainConfig, info: dict, figures: dict | None)
     (out / "README.md").write_text("\n".join(text))
 
 
+def save_as(model, tokenizer, out: Path, save_dtype: str):
+    """Save the model in `save_dtype`; returns it in float32 as saved, for the probe. The rotary frequencies stay
+    float32 both ways (a cast to bf16 and back kept them rounded: the probe measured another model than the one saved,
+    logits off by 2 at positions past 900)."""
+    from ponder.models import save, to_dtype
+
+    save(to_dtype(model, torch.bfloat16) if save_dtype == "bfloat16" else model, tokenizer, out)
+    return to_dtype(model, torch.float32)
+
+
 def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, overrides: list[str] = ()) -> Path:
     """Write the corpus, train, save the model with its tokenizer and card; return its directory."""
     from rich.console import Console
-
-    from ponder.models import save
 
     console = console or Console()
     check(cfg)
@@ -361,9 +369,7 @@ def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, override
     model = model.float().eval()
     device = next(model.parameters()).device
     out = Path(cfg.output)
-    to_save = model.to(torch.bfloat16) if cfg.save_dtype == "bfloat16" else model
-    save(to_save, tokenizer, out)
-    model.float()
+    model = save_as(model, tokenizer, out, cfg.save_dtype)
     info = {
         "command": " ".join(["ponder pretrain", recipe, *(o for o in overrides if not o.startswith("output="))]), "recipe": recipe, "params": params, "corpus_tokens": len(tokens),
         "final_loss": float(np.mean(losses[-20:])), "train_seconds": seconds,

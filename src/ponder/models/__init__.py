@@ -115,8 +115,12 @@ def hub_snapshot(hub: HubModel, kind: str = "model") -> Path | None:
     """The cached snapshot folder of a Hub model or tokenizer (its name is the commit), or None when it is not cached."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(hub.repo_id, _MARKER[kind], cache_dir=hub_cache(), revision=hub.revision)
-    return Path(found).parent if isinstance(found, str) else None
+    # a tokenizer is cached with its config, or only its tokenizer.json (as resolve takes a local directory)
+    for marker in (_MARKER[kind], "tokenizer.json") if kind == "tokenizer" else (_MARKER[kind],):
+        found = try_to_load_from_cache(hub.repo_id, marker, cache_dir=hub_cache(), revision=hub.revision)
+        if isinstance(found, str):
+            return Path(found).parent
+    return None
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
@@ -184,6 +188,10 @@ def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "m
     model = None
     try:
         tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(hub.repo_id, **kwargs)
+        if tokenizer is None and len(tok) <= 1:  # a repo of weights only: transformers built an empty tokenizer
+            raise UserError(f"{kind} '{hub}' has no tokenizer files on the Hugging Face Hub ({', '.join(TOKENIZER_FILES[:2])}): "
+                            "every text would encode to nothing; use a repository that has them, or save the model with "
+                            "its tokenizer into a directory and give that")
         if kind == "model":
             # transformers looks for a peft adapter without the cache and offline settings unless given them here
             adapter_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only")}
