@@ -306,3 +306,20 @@ def test_a_hub_model_without_tokenizer_files_is_refused_as_a_local_one_is(tmp_pa
     (root / "refs" / "main").write_text(COMMIT)
     with pytest.raises(models.UserError, match=r"^model 'owner/weights-only' has no tokenizer files on the Hugging Face Hub"):
         models.load("owner/weights-only")
+
+
+def test_a_cached_tokenizer_of_tokenizer_json_alone_loads_offline(tmp_path, monkeypatch):
+    """resolve takes a local directory with only tokenizer.json; in the Hub cache the same files read as 'not in the
+    cache' offline (only tokenizer_config.json was looked for, and transformers asked the cache for it)."""
+    _offline(monkeypatch, tmp_path)
+    tok = _bpe_tokenizer()
+    _place_tokenizer_in_cache(tmp_path, "owner/tokjson", tok)
+    snapshot = tmp_path / "hub" / "models--owner--tokjson" / "snapshots" / COMMIT
+    for f in snapshot.iterdir():
+        if f.name != "tokenizer.json":
+            f.unlink()
+    import shutil
+
+    shutil.rmtree(snapshot.parent.parent / ".no_exist")  # a cache copied without its records of missing files
+    loaded = models.load_tokenizer("owner/tokjson")
+    assert loaded("a b").input_ids == tok("a b").input_ids and len(loaded) == len(tok)

@@ -162,7 +162,8 @@ def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "m
                                         RevisionNotFoundError)
 
     cache, offline = hub_cache(), hub_offline()
-    cached = hub_snapshot(hub, kind) is not None
+    snapshot = hub_snapshot(hub, kind)
+    cached = snapshot is not None
     fixes = {
         True: f"unset HF_HUB_OFFLINE to download it once (or run `hf download {hub.repo_id}`), or set HF_HOME to a cache that holds it",
         False: "connect to the network (or set HTTPS_PROXY) and run again, or set HF_HOME to a cache that holds it",
@@ -187,7 +188,10 @@ def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "m
         hf_logging.enable_progress_bar()
     model = None
     try:
-        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(hub.repo_id, **kwargs)
+        # offline, a cached snapshot reads as the directory it is (by id, transformers asks the cache for a
+        # tokenizer_config.json that a repo with only tokenizer.json lacks)
+        source = str(snapshot) if offline and snapshot is not None else hub.repo_id
+        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source, **kwargs)
         if tokenizer is None and len(tok) <= 1:  # a repo of weights only: transformers built an empty tokenizer
             raise UserError(f"{kind} '{hub}' has no tokenizer files on the Hugging Face Hub ({', '.join(TOKENIZER_FILES[:2])}): "
                             "every text would encode to nothing; use a repository that has them, or save the model with "
