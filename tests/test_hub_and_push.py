@@ -290,7 +290,8 @@ def test_pretrain_tokenizer_trusts_remote_code_only_when_the_recipe_says_so(tmp_
     recipe = _pretrain_recipe(tmp_path, tokenizer="owner/bpe")
     pretrain_tokenizer(load_config(recipe, [], cls=PretrainConfig))
     pretrain_tokenizer(load_config(recipe, ["trust_remote_code=true"], cls=PretrainConfig))
-    assert seen == [("owner/bpe", False, True), ("owner/bpe", True, True)]
+    snapshot = str(tmp_path / "hf" / "hub" / "models--owner--bpe" / "snapshots" / COMMIT)  # offline: its directory
+    assert seen == [(snapshot, False, True), (snapshot, True, True)]
 
 
 def test_a_hub_model_without_tokenizer_files_is_refused_as_a_local_one_is(tmp_path, monkeypatch):
