@@ -670,3 +670,19 @@ def test_an_interrupted_command_says_how_to_go_on_in_its_own_terms(capsys, monke
     assert cli.stopped("pretrain") == "ponder: stopped by SIGTERM; run it again, with --overwrite if it began writing its output"
     assert cli.stopped("sample", "interrupted") == ("ponder: interrupted; --resume continues after the traces already "
                                                     "written (else run again)")
+
+
+def test_lora_targets_that_name_no_layer_list_the_models_own(tmp_path, error_line, capsys):
+    """GPT-2 names its layers c_attn, c_fc, c_proj: the default targets (q/k/v/o_proj) ended in peft's traceback."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ponder.models.tiny import char_tokenizer
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=101, bos_token_id=1, eos_token_id=2)).save_pretrained(
+        tmp_path / "gpt2")
+    char_tokenizer().save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()  # transformers' progress bar of the save
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", f"model.path={tmp_path / 'gpt2'}",
+                      "model.lora={r: 4, alpha: 8}")
+    assert line == ("ponder: error: model.lora.target_modules ['q_proj', 'k_proj', 'v_proj', 'o_proj'] name no layer of "
+                    "this gpt2 model; its linear layers are c_attn, c_fc, c_proj: set model.lora.target_modules to some of them")

@@ -448,10 +448,17 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
             raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
         lc = model_cfg.lora
         refuse_tied_adapters(model, lc.target_modules)
+        targets = lora_targets(model, lc.target_modules)
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        if not present & set(targets):  # peft would stop in its own traceback (GPT-2 names its layers c_attn, c_fc, ...)
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"})
+            raise UserError(f"model.lora.target_modules {targets} name no layer of this {model.config.model_type} model; "
+                            f"its linear layers are {', '.join(linear)}: set model.lora.target_modules to some of them")
         with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates: nothing a user can change
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
             model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                     target_modules=lora_targets(model, lc.target_modules)))
+                                                     target_modules=targets))
         if state is not None:
             model.load_state_dict(state["adapter"], strict=False)
         if narrow_frozen and precision is not None and precision.chosen.autocast:
