@@ -164,3 +164,18 @@ def test_a_forward_that_changes_the_logits_unknown_ways_is_refused(monkeypatch):
     monkeypatch.setattr(logprobs, "logit_transform", lambda m: None)  # as an architecture not in the table
     with pytest.raises(UserError, match=r"^model type 'granite': its forward changes the output layer's logits"):
         token_logprobs(model, torch.randint(3, 101, (1, 5)))
+
+
+def test_the_logits_probe_leaves_training_mode_and_the_random_state_alone():
+    """check_head runs once in the first scoring pass of a run, on a model in training mode: it must leave it in training
+    mode, and the run's random state as it was (eval mode draws no dropout; the state is also forked around it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ponder.rl.logprobs import check_head
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY, attention_dropout=0.5)).train()
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    check_head(model)
+    assert torch.equal(torch.rand(4), expected) and model.training

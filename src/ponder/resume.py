@@ -84,7 +84,7 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     if shapes:
         raise UserError(f"--resume cannot change {describe(shapes)}: the run's saved adapters and optimizer state have "
                         "the shapes it started with; start a new run (another name=) with these settings")
-    _refuse_fewer_steps(cfg, command)
+    _refuse_fewer_steps(cfg)
     safe = SAFE_ON_RESUME[command]
     unsafe = [(k, o, n) for k, o, n in changed if k not in safe]
     if unsafe and not allow_changes:
@@ -94,7 +94,7 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     return ResumeChanges(previous if isinstance(previous, list) else [previous], changed)
 
 
-def _refuse_fewer_steps(cfg, command: str) -> None:
+def _refuse_fewer_steps(cfg) -> None:
     """train.steps below the step the run's newest checkpoint reached: nothing would run, and config.yaml would record
     a change from a step past the end (the bar read 10/3)."""
     from ponder.checkpoint import STEP_RE, latest

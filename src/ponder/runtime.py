@@ -234,6 +234,29 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def rng_kept(model):
+    """The random state (CPU, and the model's GPU) as it was before the block: draws made inside are not the run's."""
+    param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    device = param.device if param is not None else torch.device("cpu")
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def probing(model):
+    """A look at what the model computes that leaves no trace: eval mode (no dropout), no gradients, the random state
+    and the training mode restored after. Yields the model's device."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), rng_kept(model):
+            yield next(model.parameters()).device
+    finally:
+        model.train(was)
+
+
 def dump_yaml(data: dict) -> str:
     """A resolved config as YAML, keys in the config's own order (the run directory's config.yaml)."""
     import yaml

@@ -248,8 +248,8 @@ def _earlier_run(out: Path, tmp: Path, ledger: Path, settings: dict, resume: boo
     ways = "choose another --out, or delete it to sample afresh"
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file path for the traces, e.g. {out / 'traces.jsonl'}")
-    if blocking_file(out.parent) is not None:
-        raise UserError(f"--out {out}: '{blocking_file(out.parent)}' is a file, not a directory; choose another --out")
+    if (blocker := blocking_file(out.parent)) is not None:
+        raise UserError(f"--out {out}: '{blocker}' is a file, not a directory; choose another --out")
     if out.exists():
         if not resume:
             raise UserError(f"{out} already exists; pass --resume to continue its run, {ways}")

@@ -31,6 +31,7 @@ import torch
 from ponder.errors import UserError
 from ponder.evaluation.stats import bootstrap_ci, majority, pass_at_k, pass_ks, vote_groups, voted_answer
 from ponder.metrics import DEFAULT_REFLECTION_WORDS, reflection_pattern
+from ponder.runtime import rng_kept
 
 
 def evaluate(
@@ -79,7 +80,7 @@ def evaluate(
     greedy_params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop=tuple(stop))
 
     start = time.perf_counter()
-    with _rng_kept(model), _progress_bar(progress) as bar:
+    with rng_kept(model), _progress_bar(progress) as bar:
         groups = _by_label(examples)
         sampled = _generate(eng, prompts, groups, sample_params, batch_size, seed, bar, f"sampling k={k}")
         greedily = _generate(eng, prompts, groups, greedy_params, batch_size, seed, bar, "greedy") if greedy else None
@@ -272,15 +273,6 @@ def _generate(engine, prompt_ids, groups, params, batch_size, seed, bar, label):
             for i, o in part.items():
                 out[i] = o
     return out
-
-
-@contextlib.contextmanager
-def _rng_kept(model):
-    param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-    device = param.device if param is not None else torch.device("cpu")
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 def _progress_bar(show: bool):

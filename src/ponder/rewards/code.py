@@ -17,7 +17,7 @@ import re
 
 from ponder.errors import UserError
 from ponder.rewards import register
-from ponder.rewards.extract import outside_think, tag_spans
+from ponder.rewards.extract import answer_blocks, outside_think
 from ponder.sandbox import Limits, Result, Sandbox
 
 FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -32,7 +32,7 @@ def extract_program(completion: str) -> str | None:
     final = outside_think(completion)
     if final is None:
         return None
-    blocks = {final[s:e].strip() for s, e in tag_spans(final, "<answer>", "</answer>")}
+    blocks = set(answer_blocks(final))
     if blocks:
         return program_from_answer(blocks.pop()) if len(blocks) == 1 else None
     fenced = FENCE_RE.findall(final)

@@ -31,6 +31,11 @@ def tag_spans(text: str, open_tag: str, close_tag: str) -> list[tuple[int, int]]
     return spans
 
 
+def answer_blocks(text: str) -> list[str]:
+    """The contents of the text's <answer> blocks, stripped."""
+    return [text[s:e].strip() for s, e in tag_spans(text, "<answer>", "</answer>")]
+
+
 def _braced(text: str, i: int) -> str | None:
     """Content of the balanced {...} opening at text[i], or None when it never closes."""
     depth = 0
@@ -109,7 +114,7 @@ def extract_answer(completion: str, mode: str = "tags_or_boxed", think_opened: b
     if final is None:
         return None
     if mode in ("tags", "tags_or_boxed"):
-        blocks = [final[s:e].strip() for s, e in tag_spans(final, "<answer>", "</answer>")]
+        blocks = answer_blocks(final)
         if blocks:
             if len(set(blocks)) > 1:
                 return None

@@ -13,6 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ponder.errors import UserError
+from ponder.runtime import probing
 
 
 def split_model(model):
@@ -59,16 +60,10 @@ def check_head(model) -> None:
         return
     backbone, head = split_model(model)
     transform = logit_transform(model) or (lambda t: t)
-    device = next(model.parameters()).device
-    ids = torch.tensor([[1, 2, 3, 4]], device=device)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            own = model(input_ids=ids, use_cache=False).logits
-            ours = transform(head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float())
-    finally:
-        model.train(was)
+    with probing(model) as device:
+        ids = torch.tensor([[1, 2, 3, 4]], device=device)
+        own = model(input_ids=ids, use_cache=False).logits
+        ours = transform(head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float())
     tol = 1e-3 if own.dtype == torch.float32 else 3e-2  # bf16 logits (autocast, bf16 weights): the model transforms them rounded
     own = own.float()
     if not torch.allclose(own, ours, rtol=tol, atol=tol * float(own.abs().max()) + 1e-5):

@@ -31,6 +31,7 @@ import torch
 
 from ponder import distributed, models
 from ponder.errors import UserError
+from ponder.runtime import rng_kept
 from ponder.optim import state_bytes
 from ponder.rl.batching import Sample
 
@@ -198,7 +199,7 @@ def peak_of(step, model, device) -> int:
     torch.cuda.reset_peak_memory_stats(device)
     # the probe's random draws (dropout) are not the run's: a resumed run probes after restoring its saved state, and
     # drawing here gave its steps other dropout masks than the uninterrupted run's
-    with torch.random.fork_rng(devices=[device] if device is not None and torch.device(device).type == "cuda" else []):
+    with rng_kept(model):
         step()
     torch.cuda.synchronize(device)
     model.zero_grad(set_to_none=True)

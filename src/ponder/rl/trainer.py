@@ -379,7 +379,8 @@ class GRPOTrainer:
         the ranks' figures by them)."""
         texts = [t for g in groups for t in g.texts]
         lengths = [len(s.completion_ids) for g in groups for s in g.samples]
-        tokens = max(sum(s["tokens"] for s in stats), 1.0)
+        n_tokens = sum(s["tokens"] for s in stats)
+        tokens = max(n_tokens, 1.0)
         m = {
             "reward": mean([r for g in groups for r in g.rewards]),
             **{f"reward/{k}": mean([v for g in groups for v in g.per_fn[k]]) for k in self.rewards.fns},
@@ -413,7 +414,6 @@ class GRPOTrainer:
             m["memory/peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         if "accuracy" in self.rewards.fns:
             m["accuracy"] = m["reward/accuracy"]
-        n_tokens = sum(s["tokens"] for s in stats)
         per = {k: len(texts) for k in m if k == "accuracy" or k.startswith("reward") or k in (
             "format_rate", "completion_len/mean", "truncated_frac", "reflection_rate", "mixing_rate", "repeated_line_frac",
             "unreasoned_frac")}

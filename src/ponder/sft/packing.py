@@ -22,7 +22,7 @@ import torch
 
 from ponder.rl.batching import Sample
 from ponder.rl.logprobs import check_head, head_logprobs, logit_transform, split_model
-from ponder.runtime import to_device
+from ponder.runtime import probing, to_device
 from ponder.sft.data import Encoded
 
 
@@ -75,18 +75,12 @@ def keeps_rows_apart(model) -> bool:
     builds its mask without position ids, and Bloom and MPT (ALiBi) take none, so there a row's later examples
     attended to the earlier ones. A probe of 7 tokens in eval mode, without gradients or random draws."""
     backbone, _ = split_model(model)
-    device = next(model.parameters()).device
     first, second = [1, 2, 3], [4, 5, 6, 7]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            row = backbone(input_ids=torch.tensor([first + second], device=device),
-                           position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device), use_cache=False)
-            alone = backbone(input_ids=torch.tensor([second], device=device),
-                             position_ids=torch.tensor([[0, 1, 2, 3]], device=device), use_cache=False)
-    finally:
-        model.train(was)
+    with probing(model) as device:
+        row = backbone(input_ids=torch.tensor([first + second], device=device),
+                       position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device), use_cache=False)
+        alone = backbone(input_ids=torch.tensor([second], device=device),
+                         position_ids=torch.tensor([[0, 1, 2, 3]], device=device), use_cache=False)
     joint, own = row.last_hidden_state[0, len(first):].float(), alone.last_hidden_state[0].float()
     return bool((joint - own).abs().max() <= 1e-2 * own.abs().max() + 1e-5)
 
