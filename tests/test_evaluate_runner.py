@@ -1,5 +1,6 @@
 """`evaluate`: figures against hand computation (scripted engine) and self-consistency on a real tiny model."""
 
+import re
 from itertools import combinations
 
 import pytest
@@ -119,6 +120,29 @@ def test_a_problem_whose_gold_does_not_parse_is_left_out_even_with_an_unanswered
     assert (f["problems"], f["scored_problems"]) == (2, 1)
     assert f["pass@1"] == 0.25 and f["cons@4"] == 0.0  # 5+5's alone
     assert [s["score"] for s in res["samples"] if s["problem"] == 0] == [None] * 4
+
+
+def test_whether_a_problem_is_scored_does_not_depend_on_whether_the_model_answered_it():
+    """A gold that does not parse leaves its problem out of every model's figures, also where no sample answered
+    (the verifier is asked with the gold itself): before, such a problem counted as wrong for a model that never
+    answered it and was left out for one that did, so two models were scored over different problems."""
+    from rich.console import Console
+
+    from ponder.evaluation.command import compare_table
+
+    tok = char_tokenizer()
+    examples = scripted_examples(["2+2", "1+1"])  # 1+1's samples never answer
+    examples[1]["answer"] = "\\sqrt{"
+    with pytest.warns(UserWarning, match="cannot be parsed as math"):
+        res = evaluate(torch.nn.Linear(1, 1), tok, examples, template="plain", k=2, engine=ScriptedEngine(None, tok),
+                       progress=False, n_boot=200)
+    f = res["tasks"]["jsonl"]
+    assert (f["problems"], f["scored_problems"]) == (2, 1)
+    assert f["pass@1"] == 1 / 2 and f["cons@2"] == 1.0  # 2+2's alone
+    assert [s["score"] for s in res["samples"] if s["problem"] == 1] == [None, None]
+    console = Console(width=200, record=True)
+    console.print(compare_table([res], ["run"]))
+    assert re.search(r"scored \(gold parses\) +│ +1 ", console.export_text())
 
 
 def test_examples_must_name_their_task():

@@ -146,6 +146,16 @@ def figures(problems: list[dict], k: int, *, seed: int = 0, n_boot: int = 2000) 
     return out
 
 
+def scorable(task, example: dict, verdicts: list) -> bool:
+    """Whether the verifier scores this problem at all (a gold that parses): a property of the problem, so that two
+    models are scored over the same problems. Read from its verdicts on the non-empty answers given (an empty one
+    scores 0 without the gold being read); where there are none, the verifier is asked once with the answer "0"
+    (not the gold's own text: a text equal to the gold matches without the gold being parsed)."""
+    if verdicts:
+        return any(v is not None for v in verdicts)
+    return task.verify("0", example) is not None
+
+
 def flat_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
     """Scalar figures as `{prefix}/{task}/{figure}`, for metrics.jsonl and TensorBoard."""
     out = {}
@@ -178,8 +188,8 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words, op
             return 0.0 if answer is None else task.verify(answer, ex)
 
         scores = [check(a) for a in answers[i]]
-        if any(a is not None for a in answers[i]) and all(s is None for s, a in zip(scores, answers[i]) if a is not None):
-            scores = [None] * len(scores)  # the verifier scores none of its answers (a gold that does not parse): unscorable
+        if not scorable(task, ex, [s for s, a in zip(scores, answers[i]) if a]):
+            scores = [None] * len(scores)
         correct = [s is not None and s >= 1.0 for s in scores]
         groups = vote_groups(answers[i])
         win = majority(groups)
