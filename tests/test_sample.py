@@ -255,6 +255,60 @@ def test_interrupted_sampling_resumes_after_its_last_chunk(tmp_path, flaky):
     assert not (tmp_path / "cut.jsonl.partial.json").exists()
 
 
+def test_resume_refuses_changed_problems_and_rows_that_never_reached_the_disk(tmp_path, flaky):
+    """The settings alone let a task file edited after the interruption resume: a question added at the top shifted
+    every later one, so one was sampled twice and one never. And after a crash the ledger (synced) could record more
+    bytes than the rows file held: resuming padded it with zeros. Both are refused now, the files left as they are."""
+    from ponder.errors import UserError
+    from ponder.models import load
+    from ponder.sample import SampleConfig, sample
+
+    model, tok = load("tiny-random")
+    data = tmp_path / "q.jsonl"
+    rows = [json.dumps({"prompt": f"first digit of #{i}{i}", "answer": "70"}) + "\n" for i in range(7)]
+    data.write_text("".join(rows))
+    make = lambda out: SampleConfig(model="tiny-random", tasks=[TaskSpec(name="jsonl", path=str(data))], k=2,
+                                    batch_size=4, engine="flaky", out=str(tmp_path / out))
+    sample(make("full.jsonl"), progress=False, model=model, tokenizer=tok)
+    flaky.update(n=0, fail_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok)
+    partial, ledger = tmp_path / "cut.jsonl.partial", tmp_path / "cut.jsonl.partial.json"
+    kept = partial.read_bytes(), ledger.read_bytes()
+    flaky.update(n=0, fail_at=0)
+
+    data.write_text(json.dumps({"prompt": "first digit of #99", "answer": "70"}) + "\n" + "".join(rows))
+    with pytest.raises(UserError) as e:
+        sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok, resume=True)
+    assert str(e.value) == (f"--resume: the problems differ from those the interrupted run in {partial} sampled (its task "
+                            f"files or options changed since), so its rows and counts would not match them; restore them "
+                            f"to continue it, or choose another --out, or delete {partial} to sample afresh")
+    data.write_text("".join(rows))
+    partial.write_bytes(kept[0][:-10])  # the last rows never reached the disk
+    with pytest.raises(UserError) as e:
+        sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok, resume=True)
+    assert str(e.value) == (f"--resume: {partial} holds {len(kept[0]) - 10} bytes where its ledger records {len(kept[0])} "
+                            f"(the machine stopped before the rows reached the disk); delete {partial} and {ledger} to "
+                            f"sample afresh")
+    assert ledger.read_bytes() == kept[1] and flaky["n"] == 0
+    partial.write_bytes(kept[0])
+    sample(make("cut.jsonl"), progress=False, model=model, tokenizer=tok, resume=True)
+    assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+
+
+def test_two_specs_of_one_task_number_their_problems_apart(tmp_path, flaky):
+    from ponder.models import load
+    from ponder.sample import SampleConfig, sample
+
+    model, tok = load("tiny-random")
+    cfg = SampleConfig(model="tiny-random", tasks=[TaskSpec(name="first_digit", n=2), TaskSpec(name="first_digit", n=3)],
+                       k=2, engine="flaky", out=str(tmp_path / "t.jsonl"))
+    sample(cfg, progress=False, model=model, tokenizer=tok)
+    ids = [json.loads(line)["prompt_id"] for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert list(dict.fromkeys(ids)) == ["first_digit#0/train/0", "first_digit#0/train/1", "first_digit#1/train/0",
+                                        "first_digit#1/train/1", "first_digit#1/train/2"]
+
+
 @pytest.mark.parametrize("dies_at", ["summary", "unsolved", "rows"])
 def test_a_run_killed_while_it_finishes_resumes(tmp_path, flaky, monkeypatch, dies_at):
     """The last steps write the summary, the unsolved ids and rename the rows to --out. Killed after the rename and

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from ponder.config import TaskSpec, to_dict
+from ponder.evaluation.runner import task_hash
 from ponder.errors import UserError
 from ponder.filters import ORDER, Candidate, FilterConfig, check_config, select
 from ponder.files import blocking_file, make_dir, write_atomic
@@ -166,7 +167,16 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     problems = []  # (label, prompt_id, example)
     for label, spec in zip(task_labels(cfg.tasks), cfg.tasks):
         for i, ex in enumerate(load_examples(spec, cfg.seed)):
-            problems.append((label, str(ex.get("id", f"{spec.name}/{spec.split}/{i}")), ex))
+            # the label, not the name: two specs of one task (easy and hard arithmetic) number their problems apart
+            problems.append((label, str(ex.get("id", f"{label}/{spec.split}/{i}")), ex))
+    problems_hash = task_hash(problems)
+    if earlier and earlier.get("problems", problems_hash) != problems_hash:  # (ledgers of older versions do not say)
+        raise UserError(f"--resume: the problems differ from those the interrupted run in {tmp} sampled (its task "
+                        f"files or options changed since), so its rows and counts would not match them; restore them to "
+                        f"continue it, or choose another --out, or delete {tmp} to sample afresh")
+    if earlier and tmp.stat().st_size < earlier["bytes"]:
+        raise UserError(f"--resume: {tmp} holds {tmp.stat().st_size} bytes where its ledger records {earlier['bytes']} (the "
+                        f"machine stopped before the rows reached the disk); delete {tmp} and {ledger} to sample afresh")
     if model is None:
         # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
         chat = models.load_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.template == "chat" else None
@@ -181,7 +191,8 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     source = {"model": cfg.model, "template": cfg.template, "k": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
               "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop), "seed": cfg.seed}
     make_dir(out.parent, "--out")
-    state = earlier or {"key": json.dumps(settings, sort_keys=True), "chunks": 0, "bytes": 0, "unsolved": [], "counts": {
+    state = earlier or {"key": json.dumps(settings, sort_keys=True), "problems": problems_hash, "chunks": 0, "bytes": 0,
+                        "unsolved": [], "counts": {
         label: {"prompts": 0, "samples": 0, "accepted": 0, "solved_prompts": 0, "rejected": dict.fromkeys(ORDER, 0)}
         for label in task_labels(cfg.tasks)}}
     counts, unsolved = state["counts"], state["unsolved"]
@@ -215,6 +226,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
                 for j, cand, rewards in kept:
                     fh.write(json.dumps(_row(ex, pid, j, cand, rewards, source), ensure_ascii=False) + "\n")
             fh.flush()
+            os.fsync(fh.fileno())  # the rows on the disk before the ledger says so: a crash between would lose them
             now = time.perf_counter()
             state.update(chunks=c + 1, bytes=fh.tell(), seconds=state.get("seconds", 0.0) + now - start)
             start = now
