@@ -297,16 +297,42 @@ def test_resume_refuses_changed_problems_and_rows_that_never_reached_the_disk(tm
 
 
 def test_two_specs_of_one_task_number_their_problems_apart(tmp_path, flaky):
+    """Two files of the jsonl task (or easy and hard arithmetic) both numbered theirs jsonl/train/0, 1, ...: the rows'
+    provenance and the unsolved list could not tell which problem was meant."""
     from ponder.models import load
     from ponder.sample import SampleConfig, sample
 
     model, tok = load("tiny-random")
-    cfg = SampleConfig(model="tiny-random", tasks=[TaskSpec(name="first_digit", n=2), TaskSpec(name="first_digit", n=3)],
-                       k=2, engine="flaky", out=str(tmp_path / "t.jsonl"))
-    sample(cfg, progress=False, model=model, tokenizer=tok)
+    specs = []
+    for name, digits in (("a.jsonl", "12"), ("b.jsonl", "345")):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": f"first digit of #{d}0", "answer": "70"}) + "\n" for d in digits))
+        specs.append(TaskSpec(name="jsonl", path=str(tmp_path / name)))
+    sample(SampleConfig(model="tiny-random", tasks=specs, k=2, engine="flaky", out=str(tmp_path / "t.jsonl")),
+           progress=False, model=model, tokenizer=tok)
     ids = [json.loads(line)["prompt_id"] for line in (tmp_path / "t.jsonl").read_text().splitlines()]
-    assert list(dict.fromkeys(ids)) == ["first_digit#0/train/0", "first_digit#0/train/1", "first_digit#1/train/0",
-                                        "first_digit#1/train/1", "first_digit#1/train/2"]
+    assert list(dict.fromkeys(ids)) == ["jsonl#0/train/0", "jsonl#0/train/1", "jsonl#1/train/0", "jsonl#1/train/1",
+                                        "jsonl#1/train/2"]
+
+
+def test_a_repeated_prompt_is_sampled_once(tmp_path, flaky, capsys):
+    """Merged datasets repeat questions: each repeat got its own m answers (2 x per_prompt for the prompt, and the same
+    (prompt, completion) rows twice, past the duplicate filter). Each prompt is sampled once now, with a notice."""
+    from ponder.models import load
+    from ponder.sample import SampleConfig, sample
+
+    model, tok = load("tiny-random")
+    data = tmp_path / "q.jsonl"
+    prompts = ["first digit of #33", "first digit of #55", "first digit of #33"]
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "70"}) + "\n" for p in prompts))
+    cfg = SampleConfig(model="tiny-random", tasks=[TaskSpec(name="jsonl", path=str(data))], k=3, engine="flaky",
+                       out=str(tmp_path / "t.jsonl"))
+    cfg.filters.per_prompt, cfg.filters.near_dup = 1, 0.0
+    summary = sample(cfg, progress=False, model=model, tokenizer=tok)
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts[:2]
+    assert summary["tasks"]["jsonl"]["prompts"] == 2 and summary["repeated_prompts_skipped"] == 1
+    assert ("ponder: sample: 1 problem(s) repeat an earlier one's prompt; each prompt is sampled once (its first), so "
+            "that the per-prompt cap and the duplicate filters hold per prompt") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dies_at", ["summary", "unsolved", "rows"])

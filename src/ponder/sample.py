@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -169,6 +170,10 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
         for i, ex in enumerate(load_examples(spec, cfg.seed)):
             # the label, not the name: two specs of one task (easy and hard arithmetic) number their problems apart
             problems.append((label, str(ex.get("id", f"{label}/{spec.split}/{i}")), ex))
+    problems, repeats = first_of_each_prompt(problems)
+    if repeats:
+        print(f"ponder: sample: {repeats} problem(s) repeat an earlier one's prompt; each prompt is sampled once (its "
+              f"first), so that the per-prompt cap and the duplicate filters hold per prompt", file=sys.stderr)
     problems_hash = task_hash(problems)
     if earlier and earlier.get("problems", problems_hash) != problems_hash:  # (ledgers of older versions do not say)
         raise UserError(f"--resume: the problems differ from those the interrupted run in {tmp} sampled (its task "
@@ -238,6 +243,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
         n["solved_rate"] = n["solved_prompts"] / max(n["prompts"], 1)
     summary = {"out": str(out), "source": source, "filters": to_dict(cfg.filters), "tasks": counts,
                "accepted": sum(n["accepted"] for n in counts.values()), "unsolved_prompts": len(unsolved),
+               "repeated_prompts_skipped": repeats,
                "seconds": round(state.get("seconds", 0.0) + time.perf_counter() - start, 2), "settings": settings}
     # the summary and the unsolved ids before the rows take their name: an output without its summary would be a
     # finished run that --resume cannot tell from a stranger's file; killed before the rename, the run resumes
@@ -247,6 +253,18 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     ledger.unlink(missing_ok=True)
     _print_summary(summary, out, progress)
     return summary
+
+
+def first_of_each_prompt(problems: list[tuple]) -> tuple[list[tuple], int]:
+    """The (label, id, example) problems with each prompt's first alone (merged datasets repeat questions: each
+    repeat would get its own m answers and its own duplicates), and how many repeats were left out."""
+    seen, kept = set(), []
+    for problem in problems:
+        key = json.dumps(problem[2]["prompt"], sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            kept.append(problem)
+    return kept, len(problems) - len(kept)
 
 
 def _settings(cfg: SampleConfig) -> dict:
