@@ -66,6 +66,38 @@ def test_language_rejects_mixed_thinking_and_keeps_math_only_thinking():
     assert reason(cand("<think> add them up </think> <answer> 五十一 </answer>")) is None
 
 
+def test_one_word_of_another_script_is_mixing_as_evaluation_counts_it():
+    """R1 filtered mixed-language outputs; `ponder eval`'s mixing rate counts any Han character in English thinking.
+    At the old 0.95 share, 38 English words and one Han character passed the filter that evaluation calls mixed."""
+    from ponder.rewards.language import is_mixed
+
+    text = "<think> " + "we add the two numbers and check the sum " * 4 + "和 so the result is fifty one </think> <answer> 51 </answer>"
+    assert is_mixed(text)
+    assert reason(cand(text)) == "language"
+    assert reason(cand(text), language_min=0.95, ngram_max_count=0) is None
+
+
+def test_code_blocks_in_the_thinking_of_a_problem_that_is_not_code_are_rejected():
+    fenced = "<think> ```python\nprint(23 + 45 - 17)\n``` prints 51 </think> <answer> 51 </answer>"
+    assert reason(cand(fenced)) == "code_block"
+    assert reason(cand(fenced), code_blocks=False) is None
+    coding = Candidate(fenced, 40, False, 1.0, code_task=True)  # a problem with tests: code is the point
+    assert reason(coding) is None
+    assert reason(cand(fenced.replace("</think> <answer> 51", "</think> <answer> ```51```"))) == "code_block"  # (thinking only)
+    assert reason(cand("<think> 23 + 45 = 68 </think> <answer> `51` </answer>")) is None
+
+
+def test_a_paragraph_of_more_than_max_paragraph_words_is_rejected():
+    words = " ".join(["add"] * 300)
+    one = f"<think> {words} {words} </think> <answer> 51 </answer>"  # one paragraph of 605 words (tags included)
+    two = f"<think> {words}\n\n{words} </think> <answer> 51 </answer>"
+    assert reason(cand(one), ngram_max_count=0) == "long_paragraph"
+    assert reason(cand(two), ngram_max_count=0) is None
+    assert reason(cand(one), ngram_max_count=0, max_paragraph_words=None) is None
+    assert reason(cand(one), ngram_max_count=0, max_paragraph_words=605) is None
+    assert reason(cand(one), ngram_max_count=0, max_paragraph_words=604) == "long_paragraph"
+
+
 def test_repeated_phrases_are_rejected():
     loop = "<think> " + "12 + 3 = 15. " * 3 + "</think> <answer> 15 </answer>"
     assert max_ngram_count(loop, 8) == 2
@@ -180,6 +212,8 @@ def test_sample_command_runs_a_real_model_and_reports_each_task(tmp_path, capsys
     (["filters.language=fr"], "filters.language: 'fr' is not supported"),
     (["filters.neardup=0.5"], "unknown config key 'filters.neardup'"),
     (["filters.min_tokens=10", "filters.max_tokens=5"], "max_tokens is below filters.min_tokens"),
+    (["filters.language_min=95"], "filters.language_min must be between 0 and 1"),
+    (["filters.max_paragraph_words=0"], "filters.max_paragraph_words must be >= 1, or null (off)"),
     (["a.yaml", "b.yaml"], "takes one recipe"),
 ])
 def test_bad_sample_input_is_one_line(tmp_path, capsys, args, message):

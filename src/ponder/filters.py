@@ -1,7 +1,9 @@
 """Rejection-sampling filters: which sampled answers are good enough to become training data.
 
-R1 kept only traces that reach the right answer, in the expected format, in one language, without
-endless repetition, of a sensible length, and not too many per prompt. Each per-sample filter has a
+R1 kept only traces that reach the right answer, in the expected format, in one language, without code
+blocks in the reasoning of a non-code problem, without overlong paragraphs or endless repetition, of a
+sensible length, and not too many per prompt (its paper: "mixed-language / long-paragraph / code-block
+outputs filtered"). Each per-sample filter has a
 name, and a rejected sample is counted under the first filter it fails, in the order of `ORDER`.
 Per-prompt filters (exact and near duplicates, the cap of m per prompt) run on what is left.
 """
@@ -17,7 +19,8 @@ from ponder.errors import UserError
 from ponder.rewards.format import strict_format
 from ponder.rewards.language import chain_of_thought, word_counts
 
-ORDER = ("truncated", "length", "format", "correct", "language", "repetition", "duplicate", "near_duplicate", "per_prompt")
+ORDER = ("truncated", "length", "format", "correct", "language", "code_block", "long_paragraph", "repetition", "duplicate",
+         "near_duplicate", "per_prompt")
 
 
 @dataclass
@@ -27,7 +30,11 @@ class FilterConfig:
     # the thinking's words are in this language: en | zh, or target (each example's `target` column, as
     # bilingual_arithmetic gives it; examples without one: en); None: off
     language: Optional[str] = "en"
-    language_min: float = 0.95  # least share of the thinking's words in `language` (no words at all passes)
+    # least share of the thinking's words in `language` (no words at all passes): 1.0, any word of another script
+    # rejects, the mixing that `ponder eval` counts in its mixing rate
+    language_min: float = 1.0
+    code_blocks: bool = True  # reject fenced code (```) in the thinking, for problems that are not code (no `tests`)
+    max_paragraph_words: Optional[int] = 500  # reject a paragraph (text between blank lines) of more words; None: off
     ngram: int = 8  # repeated-phrase check: word n-grams of this size ...
     ngram_max_count: int = 1  # ... may occur at most this often (0: off)
     min_tokens: int = 1  # completion length bounds, in the sampling model's tokens
@@ -45,6 +52,10 @@ def check_config(cfg: FilterConfig) -> None:
         raise UserError("config filters.near_dup must be between 0 (off) and 1")
     if cfg.ngram < 1 or cfg.ngram_max_count < 0 or cfg.per_prompt < 0:
         raise UserError("config filters.ngram must be >= 1, filters.ngram_max_count and filters.per_prompt >= 0")
+    if not 0 <= cfg.language_min <= 1:
+        raise UserError("config filters.language_min must be between 0 and 1 (the least share of the thinking's words in the language)")
+    if cfg.max_paragraph_words is not None and cfg.max_paragraph_words < 1:
+        raise UserError("config filters.max_paragraph_words must be >= 1, or null (off)")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.min_tokens:
         raise UserError("config filters.max_tokens is below filters.min_tokens; no answer could pass")
 
@@ -60,6 +71,7 @@ class Candidate:
     reason: str | None = None  # first filter that rejected it; None: kept
     target: str = "en"  # the example's language (its `target` column), used when filters.language is `target`
     think_opened: bool = False  # the prompt left a think block open (R1-Distill's chat template): the text continues it
+    code_task: bool = False  # the problem asks for code (its example has `tests`): code in the thinking is expected
 
 
 def language_share(text: str, target: str) -> float | None:
@@ -67,6 +79,11 @@ def language_share(text: str, target: str) -> float | None:
     counts = word_counts(chain_of_thought(text))
     total = sum(counts.values())
     return counts["latin" if target == "en" else "han"] / total if total else None
+
+
+def longest_paragraph(text: str) -> int:
+    """Words in the longest paragraph (text between blank lines)."""
+    return max((len(p.split()) for p in re.split(r"\n\s*\n", text)), default=0)
 
 
 def max_ngram_count(text: str, n: int) -> int:
@@ -89,6 +106,10 @@ def first_failure(c: Candidate, cfg: FilterConfig) -> str | None:
         share = language_share(c.text, c.target if cfg.language == "target" else cfg.language)
         if share is not None and share < cfg.language_min:
             return "language"
+    if cfg.code_blocks and not c.code_task and "```" in chain_of_thought(c.text):
+        return "code_block"
+    if cfg.max_paragraph_words and longest_paragraph(c.text) > cfg.max_paragraph_words:
+        return "long_paragraph"
     if cfg.ngram_max_count and max_ngram_count(c.text, cfg.ngram) > cfg.ngram_max_count:
         return "repetition"
     return None

@@ -225,7 +225,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
                 n["solved_prompts"] += bool(kept)
                 for cand in cands:
                     if cand.reason:
-                        n["rejected"][cand.reason] += 1
+                        n["rejected"][cand.reason] = n["rejected"].get(cand.reason, 0) + 1  # (a ledger may predate a filter)
                 if not kept:
                     unsolved.append(pid)
                 for j, cand, rewards in kept:
@@ -340,7 +340,8 @@ def _judge(chunk, outs, tokenizer, cfg: SampleConfig, opened: list[bool]):
         want = target if by_example else cfg.filters.language or "en"
         cands, rewards = [], []
         for t, c in zip(ts, o):
-            cands.append(Candidate(t, len(c.token_ids), c.finish_reason == "length", accuracy[at], target=target, think_opened=think))
+            cands.append(Candidate(t, len(c.token_ids), c.finish_reason == "length", accuracy[at], target=target,
+                                   think_opened=think, code_task="tests" in ex))
             rewards.append({"accuracy": accuracy[at], "format": fmt[at], "repetition": rep[at],
                             "language": language_share(t, want)})
             at += 1
