@@ -144,7 +144,7 @@ def test_mlflow_gets_params_metrics_and_samples_and_resume_continues_the_run(tmp
     run_dir.mkdir()
     cfg = {"optim": {"lr": 0.001}, "train": {"log_to": ["mlflow"]}}
     w = MetricsWriter(run_dir, resume_step=0, config=cfg)
-    w.log(1, {"reward": 0.5, "eval/arithmetic/test/pass@1": 0.25, "note": "text"})
+    w.log(1, {"reward": 0.5, "reward/accuracy": 0.5, "eval/arithmetic/test/pass@1": 0.25, "note": "text"})
     w.samples(1, [{"prompt": "1+1", "completion": "2"}])
     w.close()
     w = MetricsWriter(run_dir, resume_step=1, config=cfg)
@@ -154,8 +154,29 @@ def test_mlflow_gets_params_metrics_and_samples_and_resume_continues_the_run(tmp
     assert run.name == (run_dir / "mlflow_id").read_text().strip()
     assert (run / "params" / "optim.lr").read_text() == "0.001"
     assert [l.split()[1:] for l in (run / "metrics" / "reward").read_text().splitlines()] == [["0.5", "1"], ["0.75", "2"]]
-    assert (run / "metrics" / "eval" / "arithmetic" / "test" / "pass_at_1").is_file()
+    # a file store keeps a metric as a file: `reward` and `reward/accuracy` cannot both be (NotADirectoryError)
+    assert (run / "metrics" / "reward.accuracy").is_file()
+    assert (run / "metrics" / "eval.arithmetic.test.pass_at_1").is_file()
     assert "1+1" in (run / "artifacts" / "samples.jsonl").read_text()
+
+
+def test_a_logging_service_that_fails_mid_run_stops_logging_not_the_run(tmp_path, capsys):
+    from ponder.metrics import MetricsWriter
+
+    class Down:
+        name = "mlflow"
+
+        def log(self, step, scalars):
+            raise ConnectionError("connection refused\nretries exhausted")
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.backends.append(Down())
+    w.log(1, {"reward": 0.5})
+    w.log(2, {"reward": 0.75})
+    w.close()
+    assert capsys.readouterr().err == ("ponder: mlflow: connection refused; it logs nothing more in this run "
+                                       "(metrics.jsonl and samples.jsonl keep every step)\n")
+    assert [json.loads(line)["reward"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.5, 0.75]
 
 
 def test_tensorboard_drops_what_a_stopped_run_logged_past_its_checkpoint(tmp_path):

@@ -9,8 +9,10 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ponder.errors import UserError
 from ponder.files import write_atomic
@@ -122,8 +124,7 @@ class MetricsWriter:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
             self.tb.flush()
-        for b in self.backends:
-            b.log(step, scalars)
+        self._each_backend(lambda b: b.log(step, scalars))
 
     def samples(self, step: int, rows: list[dict]) -> None:
         if not self.enabled:
@@ -132,8 +133,7 @@ class MetricsWriter:
             self._samples.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
         self._samples.flush()
         if rows:
-            for b in self.backends:
-                b.samples(step, rows)
+            self._each_backend(lambda b: b.samples(step, rows))
 
     def close(self) -> None:
         if not self.enabled:
@@ -142,9 +142,18 @@ class MetricsWriter:
         self._samples.close()
         if self.tb is not None:
             self.tb.close()
-        for b in self.backends:
-            b.close()
+        self._each_backend(lambda b: b.close())
         self.backends = []
+
+    def _each_backend(self, call) -> None:
+        """A logging service that fails mid-run (down, or refusing a name) loses its own figures, not the run."""
+        for b in list(self.backends):
+            try:
+                call(b)
+            except Exception as e:  # noqa: BLE001 (any service's error)
+                self.backends.remove(b)
+                print(f"ponder: {b.name}: {_first_line(e)}; it logs nothing more in this run (metrics.jsonl and "
+                      "samples.jsonl keep every step)", file=sys.stderr)
 
 
 def _read_config(path: Path) -> dict:
@@ -176,6 +185,8 @@ class _WandB:
     it); the W&B files go under RUN_DIR/wandb unless WANDB_DIR says otherwise. WANDB_MODE=offline (or
     `wandb offline`) is honoured as W&B honours it: nothing leaves the machine until `wandb sync`.
     WANDB_PROJECT names the project (default: ponder). Samples go to the table `samples`."""
+
+    name = "wandb"
 
     def __init__(self, run_dir: Path, config: dict, resumed: bool):
         import wandb
@@ -239,8 +250,10 @@ class _MLflow:
     """MLflow: one MLflow run per ponder run (its id kept in RUN_DIR/mlflow_id, so --resume continues it), in the
     tracking store MLflow itself picks (MLFLOW_TRACKING_URI; else its local default) and the experiment
     MLFLOW_EXPERIMENT_NAME (default: ponder). The recipe is logged as params (dotted keys); metric names
-    are made MLflow-safe (pass@1 -> pass_at_1); config.yaml and samples.jsonl are uploaded as artifacts at
+    are made MLflow-safe (pass@1 -> pass_at_1; in a file store reward/accuracy -> reward.accuracy); config.yaml and samples.jsonl are uploaded as artifacts at
     the end."""
+
+    name = "mlflow"
 
     def __init__(self, run_dir: Path, config: dict, resumed: bool):
         import mlflow
@@ -266,13 +279,17 @@ class _MLflow:
                             "server or store, or remove mlflow from train.log_to") from None
         self.run_id = run_id
         id_file.write_text(run_id + "\n")
+        # a file store keeps a metric as a file under its name's folders: `reward` and `reward/accuracy` cannot
+        # both be, so there names take `.` for `/` (a server or database store keeps `/`, which its UI groups by)
+        self.flat = urlparse(mlflow.get_tracking_uri()).scheme in ("", "file")
 
     def log(self, step: int, scalars: dict) -> None:
         from mlflow.entities import Metric
 
         if scalars:
             now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(mlflow_name(k), float(v), now, step) for k, v in scalars.items()])
+            names = {k: mlflow_name(k).replace("/", ".") if self.flat else mlflow_name(k) for k in scalars}
+            self.client.log_batch(self.run_id, metrics=[Metric(names[k], float(v), now, step) for k, v in scalars.items()])
 
     def samples(self, step: int, rows: list[dict]) -> None:
         pass  # samples.jsonl goes up whole at the end
