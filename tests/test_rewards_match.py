@@ -216,3 +216,20 @@ def test_a_percent_answer_matches_the_gold_as_a_percent_or_a_fraction(monkeypatc
     cases = [(r"12.5\%", "12.5", 1.0), (r"12.5\%", "0.125", 1.0), (r"2.5\%", "2.5", 1.0), (r"25\%", "0.25", 1.0),
              ("50%", "50", 1.0), (r"50 \text{percent}", "0.5", 1.0), (r"30\%", "0.4", 0.0), (r"12.5\%", "12", 0.0)]
     assert [match.answers_match(a, g) for a, g, _ in cases] == [want for *_, want in cases]
+
+
+def test_a_list_of_words_is_compared_case_folded_part_by_part(monkeypatch):
+    """README: a list answer is read as its parts joined by ", ", words compared case-folded. A word list went to
+    math-verify, which reads capitals as symbols: PARIS, FRANCE scored 0 against Paris, France (PARIS alone 1)."""
+    def no_pool():
+        raise AssertionError("decided in process")
+
+    monkeypatch.setattr(verify_pool, "pool", no_pool)
+    cases = [("PARIS, FRANCE", "Paris, France", 1.0), ("paris,france", "Paris, France", 1.0),
+             ("France, Paris", "Paris, France", 1.0), ("Paris", "Paris, France", 0.0),
+             ("Paris, Spain", "Paris, France", 0.0), ("Paris, France, Spain", "Paris, France", 0.0),
+             (r"\text{Москва}, Россия", "москва, россия", 1.0)]
+    assert [match.answers_match(a, g) for a, g, _ in cases] == [want for *_, want in cases]
+    from ponder.tasks import answer_text
+
+    assert match.answers_match("RED, BLUE", answer_text(["red", "blue"])) == 1.0

@@ -19,7 +19,7 @@ import warnings
 from fractions import Fraction
 
 from ponder.rewards import verify_pool
-from ponder.rewards.math import _TEXT_CMD, hack_reason, strip_wrappers, text_answer, unparseable
+from ponder.rewards.math import _TEXT_CMD, hack_reason, strip_wrappers, text_answer, unparseable, word_list
 
 log = logging.getLogger("ponder.rewards")
 
@@ -174,6 +174,10 @@ def _fast(answer: str, gold: str) -> float | None:
     gt = text_answer(gold)
     if gt is not None:
         return float(text_answer(answer) == gt)
+    gw = word_list(gold)
+    if gw is not None:  # words compared case-folded part by part, in any order as number lists are (math-verify
+        aw = word_list(answer)  # would read capitals as symbols: PARIS, FRANCE against Paris, France scored 0)
+        return float(aw is not None and set(aw) == set(gw))
     gc = _choice(gold)
     if gc is not None and gc.isupper():  # a multiple-choice letter
         ac = _choice(answer)

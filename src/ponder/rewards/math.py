@@ -169,6 +169,12 @@ def text_answer(text: str) -> str | None:
     return t
 
 
+def word_list(text: str) -> list[str] | None:
+    """Case-folded parts of a comma-separated list of words (`Paris, France`: a list gold joined), else None."""
+    parts = [text_answer(p) for p in strip_wrappers(text).split(",")]
+    return parts if len(parts) > 1 and all(p is not None for p in parts) else None
+
+
 # ---------------------------------------------------------------- inside a verification worker
 
 _PARSE_TIMEOUT = 3  # math-verify's own alarm (works here: a worker's main thread); the pool's limit is the hard one
