@@ -141,12 +141,21 @@ def test_unknown_task_option_names_the_closest(tmp_path, error_line):
                     "valid options: difficulty, operands, low, high")
 
 
-@pytest.mark.parametrize("answer, what", [("null", "a null"), ('"  "', "an empty"), ("[]", "an empty")])
+@pytest.mark.parametrize("answer, what", [("null", "a null"), ('"  "', "an empty"), ("[]", "an empty"),
+                                          ('["", " "]', "an empty")])
 def test_null_or_empty_answer_names_file_and_line(tmp_path, answer, what, error_line):
     data = tmp_path / "data.jsonl"
     data.write_text(f'{{"prompt": "1+1", "answer": "2"}}\n\n{{"prompt": "2+2", "answer": {answer}}}\n')
     line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"data.tasks=[{{name: jsonl, path: {data}}}]")
     assert line == f"ponder: error: {data}:3: row has {what} 'answer' field; every row needs prompt, answer"
+
+
+def test_a_list_answer_with_an_empty_part_names_file_line_and_item(tmp_path, error_line):
+    """Its parts are joined by ", ": ["Paris", ""] was the gold "Paris, ", which no answer matches."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "Capital and country?", "answer": ["Paris", ""]}\n')
+    line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"data.tasks=[{{name: jsonl, path: {data}}}]")
+    assert line == f"ponder: error: {data}:1: row's 'answer' list has an empty part (item 2); fill it in or remove it"
 
 
 def test_a_file_with_a_bom_words_lists_as_answers_and_words_of_any_script_score(tmp_path):

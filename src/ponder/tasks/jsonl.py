@@ -43,13 +43,21 @@ def _rows(path: Path, required: tuple[str, ...], with_lines: bool) -> list:
             if empty:
                 what = "a null" if row[empty[0]] is None else "an empty"
                 raise UserError(f"{path}:{lineno}: row has {what} '{empty[0]}' field; every row needs {', '.join(required)}")
+            part = next(((k, i) for k in required if isinstance(row[k], list)
+                         for i, v in enumerate(row[k], 1) if empty_value(v)), None)
+            if part:  # (the parts are joined by ", ": ["Paris", ""] would be the gold "Paris, ")
+                raise UserError(f"{path}:{lineno}: row's '{part[0]}' list has an empty part (item {part[1]}); "
+                                "fill it in or remove it")
             rows.append((lineno, row) if with_lines else row)
     return rows
 
 
 def empty_value(value) -> bool:
-    """null, a string of nothing but spaces, or an empty list or object: no value (0 and False are values)."""
-    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, dict)) and not value)
+    """null, a string of nothing but spaces, an empty object, or a list of none but such: no value (0 and False are
+    values)."""
+    if isinstance(value, list):
+        return all(map(empty_value, value))
+    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, dict) and not value)
 
 
 @register
