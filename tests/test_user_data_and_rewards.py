@@ -427,6 +427,31 @@ def test_a_reward_of_ones_own_may_default_the_columns_ponder_passes(tmp_path, mo
     assert RewardSet({"mine.py:short_unless_cut": 1.0}).score(["a", "b"], ["1+1"] * 2, columns)[1] == {"short_unless_cut": [1.0, 0.0]}
 
 
+def test_a_column_that_only_some_tasks_have_reaches_the_reward_at_every_step(tmp_path, monkeypatch):
+    """Each step passed the columns of its own batch: a reward reading `difficulty`, which one task's rows lack, failed
+    ("missing a required argument") at the first batch without such rows, hours into a run; and with the tasks the other
+    way round start-up refused it. Every step now passes every column of the data, None where a row has none."""
+    for name, extra in (("a.jsonl", {"difficulty": "easy"}), ("b.jsonl", {})):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": f"Write a number #{i}{name[0]}:", "answer": "7", **extra}) + "\n"
+                                             for i in range(8)))
+    (tmp_path / "by_level.py").write_text(textwrap.dedent("""
+        SEEN = []
+
+        def by_difficulty(completions, *, prompts, difficulty, **_):
+            SEEN.append(list(difficulty))
+            return [1.0 if d == "easy" else 0.0 for d in difficulty]
+    """))
+    monkeypatch.chdir(tmp_path)
+    tasks = "data.tasks=[{name: jsonl, path: b.jsonl, weight: 3}, {name: jsonl, path: a.jsonl}]"
+    trainer, metrics = _train(tmp_path, tasks, "rollout.prompts_per_step=1", "rewards={by_level.py:by_difficulty: 1.0}")
+    from ponder.plugins import load_function
+
+    seen = load_function("by_level.py:by_difficulty", "reward").__globals__["SEEN"]
+    assert len(metrics) == 2
+    steps = seen[1:]  # (the first call is the start-up check)
+    assert len(steps) == 2 and any(all(d is None for d in call) for call in steps)  # a batch without the column ran
+
+
 def test_a_reward_of_nan_or_inf_is_one_line_naming_the_example(tmp_path, monkeypatch, error_line):
     """NaN was taken for "does not apply" unseen (DESIGN: that is None), and inf went into the group's mean and every
     advantage. Either is one line naming the function, the value and the example."""

@@ -313,7 +313,7 @@ class GRPOTrainer:
         t1 = time.perf_counter()
         texts = completion_texts(self.tokenizer, outs)
         flat = [t for ts in texts for t in ts]
-        columns = {k: [ex.get(k) for ex in examples for _ in range(G)] for k in _columns(examples)}
+        columns = {k: [ex.get(k) for ex in examples for _ in range(G)] for k in self.column_names}
         columns["completion_length"] = [len(c.token_ids) for out in outs for c in out]
         columns["truncated"] = [c.finish_reason == "length" for out in outs for c in out]
         columns["think_opened"] = [self._prompts[id(ex)][1] for ex in examples for _ in range(G)]
@@ -465,8 +465,11 @@ class GRPOTrainer:
             render(cfg.data.template, "1 + 1 = ?")  # a template name ponder knows
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
-        self.rewards.check(self.examples[0])
-        self.rewards.check_columns({k for ex in self.examples for k in ex if k != "prompt"})
+        # every step passes every column of the data (None where a row has none), not those of its batch: a reward
+        # reading a column that one task's rows lack failed at the first batch without them, hours in
+        self.column_names = _columns(self.examples)
+        self.rewards.check({**dict.fromkeys(self.column_names), **self.examples[0]})
+        self.rewards.check_columns(set(self.column_names))
         self.eval_examples = [load_examples(spec, cfg.seed) for spec in e.tasks]  # one list per eval task, kept
         new_tokens = (e.max_new_tokens, "eval.max_new_tokens") if e.max_new_tokens else (r.max_new_tokens, "rollout.max_new_tokens")
         prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
