@@ -39,3 +39,11 @@ def test_batch_std_scales_by_the_whole_batch():
     # centred per group: [.5, -.5], [0, 0]; std of [1, 0, 1, 1] = sqrt(.1875)
     s = 0.1875**0.5
     assert advantages(r, "batch_std").flatten().tolist() == pytest.approx([0.5 / (s + EPS), -0.5 / (s + EPS), 0.0, 0.0])
+
+
+def test_batch_std_given_by_the_caller_replaces_the_local_std():
+    """With several ranks the std is of the whole batch (other ranks' groups too), passed in as batch_std: the local
+    rewards' std (here 0.5) must not be used in its place."""
+    r = torch.tensor([[1.0, 0.0]])
+    a = advantages(r, "batch_std", batch_std=2.0)
+    assert a.flatten().tolist() == pytest.approx([0.5 / (2.0 + EPS), -0.5 / (2.0 + EPS)])

@@ -9,6 +9,7 @@ import pytest
 
 from ponder.evaluation.stats import MAX_TEXT_HEADS, bootstrap_ci, exact_key, majority, pass_at_k, pass_ks, vote_groups
 from ponder.metrics import reflection_pattern
+from ponder.tasks import Task
 
 
 def brute_pass_at_k(n, c, k):
@@ -136,3 +137,50 @@ def test_the_voted_answer_is_the_groups_most_frequent_text():
         assert groups == [0, 0, 0]
         assert "".join(voted_answer(answers, groups, 0).split()) == ("(3+5)*2" if answers[0] == "2*8" else "2*8")
     assert voted_answer(["1/2", "0.5", None], [0, 0, None], 0) == "1/2"  # a tie: the first
+
+
+def test_bootstrap_interval_is_95_percent_with_a_tail_of_2_5_percent_on_each_side():
+    """100 problems scoring 0 and 1 alternately: the mean's standard error is 0.5 / 10 = 0.05, so the 95% interval
+    is 0.5 -+ 1.96 * 0.05 = (0.402, 0.598); taking 5% from each tail (a 90% interval) gives 0.5 -+ 0.082."""
+    lo, hi = bootstrap_ci([0.0, 1.0] * 50, n_boot=20000, seed=0)
+    assert lo == pytest.approx(0.40, abs=0.005) and hi == pytest.approx(0.60, abs=0.005)
+    lo90, hi90 = bootstrap_ci([0.0, 1.0] * 50, level=0.9, n_boot=20000, seed=0)
+    assert lo90 == pytest.approx(0.42, abs=0.005) and hi90 == pytest.approx(0.58, abs=0.005)
+
+
+class HalfCredit(Task):
+    """Partial credit: "half" scores 0.5, the gold 1, anything else 0."""
+
+    name = "half_credit"
+
+    def verify(self, answer, example):
+        return 1.0 if answer == example["answer"] else 0.5 if answer == "half" else 0.0
+
+
+def test_partial_scores_count_in_mean_score_but_not_as_correct(monkeypatch):
+    """runner.py: a sample is correct when its score is 1. Samples half, half, gold, wrong (k = 4): one correct, so
+    pass@1 = 1/4 and pass@2 = 1 - C(3, 2) / C(4, 2) = 1/2; the half scores show only in mean_score = (.5+.5+1+0)/4."""
+    import torch
+
+    from ponder.evaluate import evaluate
+    from ponder.models.tiny import char_tokenizer
+    from ponder.rollout import Completion, RolloutEngine
+    from ponder.tasks import TASKS, get_task
+
+    texts = ["<answer>half</answer>", "<answer>half</answer>", "<answer>42</answer>", "<answer>41</answer>"]
+
+    class Scripted(RolloutEngine):
+        def generate(self, prompts, params):
+            return [[Completion(self.tokenizer(t).input_ids, "stop") for t in texts[: params.n]] for _ in prompts]
+
+    get_task("first_digit")  # load the built-in tasks before adding a test-only one
+    monkeypatch.setitem(TASKS, "half_credit", HalfCredit())
+    tok = char_tokenizer()
+    res = evaluate(torch.nn.Linear(1, 1), tok, [{"prompt": "q", "answer": "42", "task": "half_credit"}],
+                   template="plain", k=4, engine=Scripted(None, tok), progress=False, n_boot=100)
+    f = res["tasks"]["half_credit"]
+    assert [s["score"] for s in res["samples"]] == [0.5, 0.5, 1.0, 0.0]
+    assert [s["correct"] for s in res["samples"]] == [False, False, True, False]
+    assert f["pass@1"] == pytest.approx(0.25) and f["pass@2"] == pytest.approx(0.5) and f["pass@4"] == 1.0
+    assert f["mean_score"] == pytest.approx(0.5)
+    assert f["cons@4"] == 0.0  # "half" wins the vote 2 to 1 to 1, and a half score is not correct

@@ -82,3 +82,15 @@ def test_gradient_step_raises_the_probability_of_a_rewarded_token():
         opt.step()
         after = theta.log_softmax(0)[token].item()
         assert (after > before) if adv > 0 else (after < before)
+
+
+def test_a_ratio_between_the_two_clip_bounds_is_not_counted_as_clipped_high():
+    """Clip-higher (eps_low 0.2, eps_high 0.28): a ratio of 1.25 with A > 0 is above 1 + eps_low but inside
+    1 + eps_high, so it keeps its gradient and is no clip_high token (the statistic must use eps_high)."""
+    old = torch.zeros(1, 1)
+    logp = torch.full((1, 1), math.log(1.25), requires_grad=True)
+    loss, st = policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1), 0.2, 0.28)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.25)
+    assert logp.grad.item() == pytest.approx(-1.25)  # d(-ratio*A)/dlogp = -ratio: unclipped
+    assert st["clip_high"] == 0 and st["clip_low"] == 0 and st["tokens"] == 1

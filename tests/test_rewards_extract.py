@@ -3,7 +3,8 @@
 import pytest
 
 from ponder.errors import UserError
-from ponder.rewards.extract import boxes, extract_answer, last_boxed, outside_think
+from ponder.rewards.extract import MAX_BOXES, boxes, extract_answer, last_boxed, outside_think
+from ponder.rewards.language import chain_of_thought, language
 
 
 def test_modes():
@@ -62,3 +63,31 @@ def regex_outside_think(completion):
     text = tail if sep and "<think>" not in head else completion
     text = re.sub(r"<think>.*?</think>", " ", text, flags=re.DOTALL)
     return None if "<think>" in text else text.replace("</think>", " ")
+
+
+def test_agreeing_boxes_up_to_the_limit_are_one_answer_and_one_more_is_spam():
+    assert MAX_BOXES == 3
+    boxed = "\\boxed{5} "
+    assert extract_answer("<think>x</think> " + boxed * MAX_BOXES, "boxed") == "5"
+    assert extract_answer("<think>x</think> " + boxed * (MAX_BOXES + 1), "boxed") is None
+
+
+def test_a_box_inside_the_answer_block_is_unwrapped():
+    assert extract_answer("<think>a</think> <answer>\\boxed{7}</answer>") == "7"
+    assert extract_answer("<think>a</think> <answer>\\boxed{7}</answer>", "tags") == "7"
+    assert extract_answer("<think>a</think> <answer>so \\boxed{\\frac{1}{2}}.</answer>") == "\\frac{1}{2}"
+
+
+def test_language_reads_the_thinking_before_the_close_tag_when_the_prompt_opened_it():
+    """R1-Distill's template opens <think> in the prompt: the completion's chain of thought is what comes before
+    `</think>`; the answer after it (Chinese here) is not part of it."""
+    text = "I think in English here</think> <answer>答案</answer>"
+    assert chain_of_thought(text) == "I think in English here"
+    assert language([text], prompts=["q"]) == [1.0]  # think, in, English, here ("I" is a single letter)
+    assert language([text], prompts=["q"], target="zh") == [0.0]
+
+
+def test_language_without_think_tags_leaves_the_answer_block_out_of_the_thinking():
+    text = "reasoning in English words <answer>中文</answer>"
+    assert language([text], prompts=["q"]) == [1.0]  # 4 English words; the 2 Han characters are the answer's
+    assert language(["reasoning in English words <answer>中文"], prompts=["q"]) == [1.0]  # unclosed: to the end

@@ -57,10 +57,22 @@ def test_answer_blocks_repeated_with_different_values():
     assert score("<think>x</think> <answer>42</answer> <answer>42</answer>") == 1.0  # agreeing repeats are one answer
 
 
+def test_a_second_different_answer_block_after_the_gold_scores_nothing():
+    """The gold first and a wrong answer after it is still two answers (the test above puts the wrong one first)."""
+    assert score("<think>x</think> <answer>42</answer> <answer>41</answer>") == 0.0
+    assert extract_answer("<think>x</think> <answer>42</answer> <answer>41</answer>") is None
+
+
 def test_boxed_spam():
     assert score("<think>x</think> " + " ".join(f"\\boxed{{{i}}}" for i in range(100))) == 0.0
     assert score("<think>x</think> " + "\\boxed{42} " * 50) == 0.0
     assert score(answer(r"\boxed{41} \boxed{42}")) == 0.0
+
+
+def test_boxed_spam_inside_the_answer_block():
+    """A box inside <answer> is unwrapped under the same limit as boxes outside: four agreeing boxes are spam."""
+    assert score(answer("\\boxed{42} " * 3)) == 1.0  # up to MAX_BOXES agreeing boxes are one answer
+    assert score(answer("\\boxed{42} " * 4)) == 0.0
 
 
 def test_answer_that_merely_contains_the_gold():

@@ -7,7 +7,8 @@ import pytest
 from ponder.errors import UserError
 from ponder.rewards import verify_pool
 from ponder.rewards.basic import accuracy
-from ponder.tasks import get_task
+from ponder.config import TaskSpec
+from ponder.tasks import get_task, load_examples
 from ponder.tasks.gym import _dataset
 
 
@@ -78,6 +79,30 @@ def test_reasoning_gym_by_name_scored_by_its_own_scorer():
     # Tags are stripped before the library's scorer sees the answer (it would give partial credit otherwise).
     assert gym.verify(f"<answer>{ex[0]['answer']}</answer>", ex[0]) == 1.0
     assert score("reasoning_gym", ex[:1], ["<answer>not a number</answer>"]) == [0.0]
+
+
+def test_a_small_reasoning_gym_test_set_leaves_out_every_question_of_a_default_train_set():
+    """The size of a draw defaulted to n: a test set of 50 left out the questions of a train draw of 50, not of the
+    1,000 trained on, and kept 24 of its 48 from those (a small question space: one-digit sums)."""
+    opts = {"dataset": "basic_arithmetic", "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    train = load_examples(TaskSpec(name="reasoning_gym", n=1000, options=opts), 0)
+    test = load_examples(TaskSpec(name="reasoning_gym", split="test", n=50, options=opts), 0)
+    assert len(train) == 1000 and test
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+
+
+def test_eval_problems_the_training_data_holds_are_named_at_start():
+    from ponder.config import TaskSpec as Spec
+    from ponder.rl.trainer import trained_on
+
+    train = [{"prompt": p} for p in ("a", "b", [{"role": "user", "content": "c"}])]
+    evals = [[{"prompt": "a"}, {"prompt": "z"}], [{"prompt": [{"content": "c", "role": "user"}]}], [{"prompt": "y"}]]
+    specs = [Spec(name="jsonl", split="test"), Spec(name="gsm8k", split="test"), Spec(name="math", split="test")]
+    assert trained_on(train, evals, specs) == [
+        "ponder: eval task 'jsonl' (test): 1 of its 2 problems are in the training data too (the same prompt); its "
+        "figures are not held out",
+        "ponder: eval task 'gsm8k' (test): 1 of its 1 problems are in the training data too (the same prompt); its "
+        "figures are not held out"]
 
 
 def test_reasoning_gym_open_dataset_has_no_gold_and_is_scored_by_logic():

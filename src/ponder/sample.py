@@ -258,9 +258,11 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
 def first_of_each_prompt(problems: list[tuple]) -> tuple[list[tuple], int]:
     """The (label, id, example) problems with each prompt's first alone (merged datasets repeat questions: each
     repeat would get its own m answers and its own duplicates), and how many repeats were left out."""
+    from ponder.tasks import prompt_key
+
     seen, kept = set(), []
     for problem in problems:
-        key = json.dumps(problem[2]["prompt"], sort_keys=True, ensure_ascii=False)
+        key = prompt_key(problem[2])
         if key not in seen:
             seen.add(key)
             kept.append(problem)

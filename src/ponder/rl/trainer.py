@@ -42,7 +42,7 @@ from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, completion_texts, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
-from ponder.tasks import PromptSampler, check_prompts, load_examples, mix
+from ponder.tasks import PromptSampler, check_prompts, load_examples, mix, prompt_key
 from ponder.templates import TEMPLATES, encoded_prompt, prompt_ids, render, require_chat_template
 
 # prompts the first memory plan encodes to find the data's longest (tokens per character vary little within a task)
@@ -471,6 +471,9 @@ class GRPOTrainer:
         self.rewards.check({**dict.fromkeys(self.column_names), **self.examples[0]})
         self.rewards.check_columns(set(self.column_names))
         self.eval_examples = [load_examples(spec, cfg.seed) for spec in e.tasks]  # one list per eval task, kept
+        if self.rank == 0:
+            for line in trained_on(self.examples, self.eval_examples, e.tasks):
+                print(line, file=sys.stderr)
         new_tokens = (e.max_new_tokens, "eval.max_new_tokens") if e.max_new_tokens else (r.max_new_tokens, "rollout.max_new_tokens")
         prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
                        *((examples, *new_tokens) for examples in self.eval_examples)]
@@ -607,6 +610,18 @@ def _split(samples: list[Sample], k: int) -> list[list[Sample]]:
     (when every rank's groups split evenly into k)."""
     n = len(samples)
     return [samples[i * n // k : (i + 1) * n // k] for i in range(k)]
+
+
+def trained_on(train: list[dict], evals: list[list[dict]], specs) -> list[str]:
+    """A notice for each eval task with problems the training data also holds (the same prompt): figures that count
+    them are not held out (a test file cut from the same source, a generator's splits drawn apart too briefly)."""
+    seen = {prompt_key(ex) for ex in train}
+    lines = []
+    for spec, examples in zip(specs, evals):
+        if k := sum(prompt_key(ex) in seen for ex in examples):
+            lines.append(f"ponder: eval task '{spec.name}' ({spec.split}): {k} of its {len(examples)} problems are in the "
+                         "training data too (the same prompt); its figures are not held out")
+    return lines
 
 
 def _columns(examples: list[dict]) -> list[str]:

@@ -16,6 +16,8 @@ equivalence like the `jsonl` task.
 
 from __future__ import annotations
 
+import json
+
 import difflib
 import inspect
 import random
@@ -42,6 +44,11 @@ class Task:
     def options(self) -> tuple[list[str], bool]:
         """(the option names `load` takes, whether it takes any other through a `**config` catch-all)."""
         return _keyword_names(self.load)
+
+
+def prompt_key(example: dict) -> str:
+    """An example's prompt (text or chat messages) as one comparable string: the same question, the same key."""
+    return json.dumps(example["prompt"], sort_keys=True, ensure_ascii=False)
 
 
 def answer_text(value) -> str:

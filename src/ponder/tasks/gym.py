@@ -49,7 +49,9 @@ class ReasoningGym(Task):
     def load(self, split="train", n=None, seed=0, dataset=None, size=None, dataset_seed=None, **config):
         if not dataset:
             raise UserError("task 'reasoning_gym' needs options.dataset, e.g. options: {dataset: basic_arithmetic, size: 1000}")
-        size = int(size or n or 1000)
+        # the test split leaves out the questions of a train draw of its own `size`: were it `n` (50 for a test set),
+        # it would compare against 50 of the 1,000 questions trained on and keep the rest as held out
+        size = int(size or max(n or 0, 1000))
         seed = seed if dataset_seed is None else dataset_seed
         frozen = json.dumps(config, sort_keys=True)
         ds_seed = _split_seed(int(seed), split)
