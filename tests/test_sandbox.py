@@ -140,6 +140,35 @@ def test_verdict_needs_the_nonce():
     assert _verdict(Finished(0, b"", b"", partial, None, 0.1), "the-real-nonce", 1.0).status == "failed"
 
 
+def test_a_passed_status_needs_every_test_to_pass():
+    """The grader's final `passed` is a backstop, not trusted alone: with tests a and b where only a reported a pass,
+    the verdict is failed, and half the tests passed."""
+    nonce = "the-real-nonce"
+    report = (f"{{'tests': ['assert a()', 'assert b()'], 'nonce': '{nonce}'}}\n"
+              f"{{'test': 0, 'ok': True, 'nonce': '{nonce}'}}\n"
+              f"{{'test': 1, 'ok': False, 'error': 'AssertionError', 'nonce': '{nonce}'}}\n"
+              f"{{'done': True, 'status': 'passed', 'nonce': '{nonce}'}}\n").encode()
+    r = _verdict(Finished(0, b"", b"", report, None, 0.1), nonce, 1.0)
+    assert (r.status, r.detail) == ("failed", "not every test reported a pass")
+    assert [t.passed for t in r.tests] == [True, False] and r.fraction == 0.5
+    assert not r.passed
+
+
+def test_cpu_limit_rounds_the_timeout_up_to_whole_seconds():
+    """RLIMIT_CPU takes whole seconds: 1.5 s of wall clock allows 2 s of CPU (rounding down would stop the program
+    with SIGXCPU before its deadline), and never less than 1."""
+    assert Limits(timeout=1.5).rlimits()["cpu"] == 2
+    assert Limits(timeout=3.0).rlimits()["cpu"] == 3
+    assert Limits(timeout=0.2).rlimits()["cpu"] == 1
+
+
+@pytest.mark.parametrize("name", ["timeout", "memory_mb", "processes", "file_size_mb", "open_files", "output_kb", "scratch_mb"])
+def test_a_zero_sandbox_limit_is_refused(name):
+    with pytest.raises(UserError) as e:
+        Limits(**{name: 0})
+    assert str(e.value) == f"sandbox limit '{name}' must be a positive number, got 0"
+
+
 def test_missing_bubblewrap_is_a_user_error(monkeypatch):
     monkeypatch.setattr(isolation.shutil, "which", lambda name: None)
     with pytest.raises(UserError) as e:

@@ -4,6 +4,7 @@ mistakes (a reward of the wrong shape, an unknown task option, a null answer) en
 
 import json
 import sys
+from dataclasses import replace
 import textwrap
 from pathlib import Path
 
@@ -178,6 +179,51 @@ def test_a_file_with_a_bom_words_lists_as_answers_and_words_of_any_script_score(
         totals, _ = reward.score([f"<think>x</think> <answer>{a}</answer>" for a in answers], [e["prompt"] for e in examples],
                                  {"answer": [e["answer"] for e in examples], "task": ["jsonl"] * 4})
         assert totals == [want] * 4
+
+
+@needs_datasets
+def test_a_local_dataset_repository_reads_the_config_asked_for(tmp_path):
+    """A folder as `hf download --repo-type dataset --local-dir` writes it, with configs default and main: `config:
+    main` read the default config's rows (and an unknown config read them too)."""
+    repo = tmp_path / "repo"
+    for config, split, rows in (("data", "train", ROWS[:4]), ("data", "test", ROWS[4:6]), ("main", "train", ROWS[6:9])):
+        (repo / config).mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_list(rows).to_parquet(repo / config / f"{split}-00000-of-00001.parquet")
+    (repo / "README.md").write_text(textwrap.dedent("""\
+        ---
+        configs:
+        - config_name: default
+          data_files:
+          - {split: train, path: data/train-*}
+          - {split: test, path: data/test-*}
+        - config_name: main
+          data_files:
+          - {split: train, path: main/train-*}
+        ---
+    """))
+    spec = lambda **o: TaskSpec(name="hf", path=str(repo), options={"prompt": "q", "answer": "sol", "answer_format": "gsm8k", **o})
+    assert [e["prompt"] for e in load_examples(spec(config="main"), 0)] == [r["q"] for r in ROWS[6:9]]
+    assert [e["prompt"] for e in load_examples(spec(), 0)] == [r["q"] for r in ROWS[:4]]
+    with pytest.raises(UserError, match=f"^task 'hf': {repo} has no split 'test'; its splits: train$"):
+        load_examples(replace(spec(config="main"), split="test"), 0)
+    with pytest.raises(UserError, match=f"^task 'hf': {repo} could not be read \\(ValueError: .*no_such"):
+        load_examples(spec(config="no_such"), 0)
+
+
+@needs_datasets
+@pytest.mark.parametrize("name, content, line", [
+    ("broken.jsonl", '{"q": "a", "sol": "#### 1"}\n{not json\n', "could not be read (ArrowInvalid: JSON parse error"),
+    ("empty.jsonl", "", "holds no rows"),
+    ("ragged.csv", "q,sol\na,#### 1\nb,#### 2,extra\n", "could not be read (ParserError: Error tokenizing data"),
+    ("short.parquet", "PA", "could not be read (ArrowInvalid: Parquet file size is 2 bytes"),
+    ("empty_folder", None, "could not be read (EmptyDatasetError:"),
+])
+def test_a_local_data_file_the_libraries_cannot_read_is_one_line(tmp_path, name, content, line):
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_text(content)
+    with pytest.raises(UserError) as e:
+        load_examples(TaskSpec(name="hf", path=str(path), options={"prompt": "q", "answer": "sol", "answer_format": "gsm8k"}), 0)
+    assert str(e.value).startswith(f"task 'hf': {path} {line}") and "\n" not in str(e.value)
 
 
 @needs_datasets

@@ -42,6 +42,7 @@ Answers are checked by mathematical equivalence, like the `jsonl` task.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from ponder.errors import UserError
@@ -62,12 +63,26 @@ def _datasets():
     return datasets
 
 
+@contextmanager
+def reading(path: str):
+    """What datasets, pyarrow or pandas raise on a file or folder they cannot read, as one line naming it."""
+    try:
+        yield
+    except StopIteration:  # (an empty JSON lines file)
+        raise UserError(f"task 'hf': {path} holds no rows") from None
+    except (ValueError, OSError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"task 'hf': {path} could not be read ({type(e).__name__}: {first}); fix the data, or give "
+                        "another path") from None
+
+
 def open_dataset(path: str, split: str, config=None, revision=None, streaming=False):
     """The split of a dataset as a memory-mapped `Dataset` or a streamed `IterableDataset`."""
     datasets = _datasets()
     local = Path(path).expanduser()
     if local.is_dir() and any((local / m).is_file() for m in SAVED_MARKERS):
-        ds = datasets.load_from_disk(str(local))
+        with reading(path):
+            ds = datasets.load_from_disk(str(local))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise UserError(f"task 'hf': {path} has no split '{split}'; its splits: {', '.join(ds)}")
@@ -77,9 +92,11 @@ def open_dataset(path: str, split: str, config=None, revision=None, streaming=Fa
         builder = BUILDERS.get(local.suffix.lower())
         if builder is None:
             raise UserError(f"task 'hf': cannot read '{path}'; give a {', '.join(BUILDERS)} file, a folder or a Hub id")
-        return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=True)
-    if local.is_dir():
-        found = datasets.load_dataset(str(local), streaming=True)
+        with reading(path):
+            return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=True)
+    if local.is_dir():  # a dataset repository's files (hf download --local-dir): its configs as on the Hub
+        with reading(path):
+            found = datasets.load_dataset(str(local), config, revision=revision, streaming=True)
         if split not in found:
             raise UserError(f"task 'hf': {path} has no split '{split}'; its splits: {', '.join(found)}")
         return found[split]
@@ -114,6 +131,10 @@ class HfDataset(Task):
             plan = _Plan(path, prompt, answer, filters, metadata, list(ds.column_names))
             if metadata is not None:  # read only the columns used
                 ds = ds.select_columns(plan.used)
+        with reading(str(path)):
+            return self._rows(ds, path, plan, prompt, answer, answer_format, filters, metadata, final, raw_as, n)
+
+    def _rows(self, ds, path, plan, prompt, answer, answer_format, filters, metadata, final, raw_as, n):
         out, i = [], 0
         for batch in ds.iter(batch_size=512):
             plan = plan or _Plan(path, prompt, answer, filters, metadata, list(batch))
