@@ -615,9 +615,45 @@ def test_resume_refuses_fewer_steps_than_the_run_reached(capsys, tmp_path, error
 
 @pytest.mark.parametrize("setting, shown", [("optim.lr=.inf", "config optim.lr: expected a finite number, got inf"),
                                             ("algorithm.beta=.nan", "config algorithm.beta: expected a finite number, got nan"),
-                                            ("rewards.accuracy.weight=.nan", "config rewards.accuracy: weight must be a finite number, got nan")])
+                                            ("rewards.accuracy.weight=.nan", "config rewards.accuracy: weight must be a finite number, got nan"),
+                                            # written as words, inf passed: NaN weights after one update
+                                            ("optim.lr=inf", "config optim.lr: expected a finite number, got inf"),
+                                            ("rollout.temperature=Infinity", "config rollout.temperature: expected a finite number, got inf"),
+                                            ("data.tasks=[{name: first_digit, weight: inf}]", "config data.tasks[0].weight: expected a finite number, got inf")])
 def test_non_finite_numbers_in_a_recipe_are_refused(tmp_path, error_line, setting, shown):
     assert error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", setting) == f"ponder: error: {shown}"
+
+
+def test_numbers_keep_how_they_were_written_where_a_setting_is_text(tmp_path):
+    """YAML 1.1 read name=010 as the octal 8 (the run went to runs/8) and model.path=2024.10 as 2024.1; in a recipe file
+    the same. A text setting keeps the text now; a number written with a leading zero is refused, not read as octal."""
+    from pathlib import Path
+
+    from ponder.config import load_config
+    from ponder.errors import UserError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(Path("recipes/smoke-first-digit.yaml").read_text() + "\nname: 0100\n")
+    cfg = load_config(recipe, ["model.path=2024.10", "optim.lr=1.50e-3", "seed=1_000", "rewards.format=1e-1"])
+    assert (cfg.name, cfg.model.path, cfg.optim.lr, cfg.seed) == ("0100", "2024.10", 0.0015, 1000)
+    assert type(cfg.seed) is int and type(cfg.optim.lr) is float
+    assert load_config(recipe, ["name=010"]).name == "010"
+    with pytest.raises(UserError) as e:
+        load_config(recipe, ["train.steps=010"])
+    assert str(e.value) == "config train.steps: 010 has a leading zero, which YAML reads as an octal number (8); write it without the zero"
+
+
+def test_a_rewards_weight_given_alone_keeps_its_options(tmp_path):
+    """rewards.brevity=0.5 (docs/rewards.md's way to set a weight) replaced {weight: 1.0, limit: 1} by 0.5: the option
+    fell back to its default, unseen. And 1e-1, a string to YAML 1.1, was refused as no number."""
+    from ponder.config import load_config
+    from ponder.rewards import RewardSet
+
+    cfg = load_config("recipes/smoke-first-digit.yaml", ["rewards={accuracy: 1.0, overlong: {weight: 1.0, max_len: 300}}",
+                                                         "rewards.overlong=0.5", "rewards.accuracy=1e-1"])
+    assert cfg.rewards == {"accuracy": "1e-1", "overlong": {"weight": 0.5, "max_len": 300}}
+    rewards = RewardSet(cfg.rewards)
+    assert rewards.weights == {"accuracy": 0.1, "overlong": 0.5} and rewards.options["overlong"]["max_len"] == 300
 
 
 def test_run_directories_that_cannot_be_made_or_are_no_runs_own_are_refused_before_loading(tmp_path, error_line):

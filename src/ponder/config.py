@@ -11,6 +11,7 @@ import contextvars
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -280,12 +281,62 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+class WrittenInt(int):
+    """A YAML number whose text is not its value's (`010`, octal 8 to YAML 1.1; `1_000`): the text kept for a setting
+    that is a string (a run named 010). Only between reading and `_convert`, which hands on plain numbers."""
+
+    text: str
+
+
+class WrittenFloat(float):
+    __doc__ = WrittenInt.__doc__  # (`2024.10`, 2024.1 as a number)
+    text: str
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _written(number_type, written_type):
+    construct = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{number_type}"]
+
+    def read(loader, node):
+        value = construct(loader, node)
+        if str(value) == node.value or (isinstance(value, float) and not math.isfinite(value)):
+            return value
+        out = written_type(value)
+        out.text = node.value
+        return out
+
+    _Loader.add_constructor(f"tag:yaml.org,2002:{number_type}", read)
+
+
+_written("int", WrittenInt)
+_written("float", WrittenFloat)
+
+
+def load_yaml(text: str):
+    """yaml.safe_load, but a number remembers its text where that differs from its value (see WrittenInt)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _plain(value):
+    """Values with WrittenInt / WrittenFloat made plain numbers, through lists and mappings."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, (WrittenInt, WrittenFloat)):
+        return int(value) if isinstance(value, int) else float(value)
+    return value
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp` (coercing ints to floats and the like)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -302,7 +353,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise UserError(f"config {where}: {value!r} is not one of {choices}")
-        return value
+        return _plain(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"config {where}: expected a mapping of {tp.__name__} options, got {value!r}")
@@ -319,11 +370,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"config {where}: expected a mapping, got {value!r}")
-        return dict(value)
+        return _plain(dict(value))
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; `inf` too (checked below)
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -334,7 +385,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"config {where}: expected an integer, got {value!r}")
-        return value
+        if re.fullmatch(r"[-+]?0[0-9_]+", getattr(value, "text", "")):
+            raise UserError(f"config {where}: {value.text} has a leading zero, which YAML reads as an octal number "
+                            f"({int(value)}); write it without the zero")
+        return int(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise UserError(f"config {where}: expected true or false, got {value!r}")
@@ -342,7 +396,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise UserError(f"config {where}: expected a string, got {value!r}")
-        return str(value)
+        return getattr(value, "text", str(value))  # as written: a name 010 is no octal 8
     return value
 
 
@@ -445,7 +499,7 @@ def apply_override(data: dict, dotted: str) -> None:
         raise UserError(f"override '{dotted}' is not of the form key.sub=value")
     key, raw = dotted.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     node = data
@@ -466,6 +520,10 @@ def apply_override(data: dict, dotted: str) -> None:
         if not isinstance(node.get(part, {}), dict):
             raise UserError(f"override '{key}': '{part}' is not a section")
         node = node.setdefault(part, {})
+    if len(parts) == 2 and parts[0] == "rewards" and isinstance(node.get(parts[1]), dict) and not isinstance(value, (dict, bool)) \
+            and isinstance(value, (int, float, str)):
+        node[parts[1]]["weight"] = value  # rewards.brevity=0.5 where the recipe gives brevity options: its weight alone
+        return
     node[parts[-1]] = value
 
 
@@ -476,7 +534,7 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise UserError(f"recipe '{path}' not found; give the path of a YAML recipe (see recipes/)")
     try:
-        data = yaml.safe_load(read_user_text(path)) or {}
+        data = load_yaml(read_user_text(path)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

@@ -93,6 +93,11 @@ class RewardSet:
         for ref, value in spec.items():
             opts = dict(value) if isinstance(value, dict) else {"weight": value}
             weight = opts.pop("weight", 1.0)
+            if isinstance(weight, str):  # YAML 1.1 reads 1e-1 (no dot) as a string, as the config's floats
+                try:
+                    weight = float(weight)
+                except ValueError:
+                    pass
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not isfinite(weight):
                 raise UserError(f"config rewards.{ref}: weight must be a finite number, got {weight!r}")
             name = str(ref).rpartition(":")[2]  # logged as reward/<name>: a function of one's own by its name
