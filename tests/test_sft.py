@@ -128,6 +128,22 @@ def test_stream_pass_gives_the_hand_computed_loss_and_the_gradient_of_examples_r
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_step_loss_is_the_mean_over_target_tokens_only(tmp_path):
+    """The logged loss of a step is the cross entropy summed over the scored tokens (completion and EOS) divided by
+    their count: dividing by every token of the batch, prompt included, made it smaller. Checked on one example
+    against a forward pass by hand; optim.lr=0 keeps the weights the loss was computed with."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:1])
+    tr = sft(cfg_for(tmp_path, [data], "name=one", "train.steps=1", "train.batch_size=1", "data.template=r1_zero",
+                     "optim.lr=0"), quiet=True)
+    logged = json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    ex = encode(ROWS[0], tr.tokenizer, "r1_zero")
+    tr.model.eval()
+    with torch.no_grad():
+        lp = full_logprobs(tr.model, ex.ids)[torch.tensor(ex.mask[1:]) == 1]
+    assert logged["loss"] == pytest.approx(-lp.mean().item(), rel=1e-5)
+    assert logged["target_tokens"] == len(lp) == sum(ex.mask) < len(ex.ids)  # the prompt's tokens are no targets
+
+
 def test_first_fit_packing_and_micro_batches_respect_their_bounds():
     rng = random.Random(0)
     lengths = [rng.randint(5, 60) for _ in range(40)] + [90]
@@ -291,6 +307,14 @@ def test_examples_with_nothing_to_learn_are_counted_and_named():
     assert index == [0] and (report.truncated, report.dropped, report.empty) == (0, 0, 2)
     assert report.warning() == ("2 of 3 examples have nothing to learn (no completion token is scored, e.g. an empty "
                                 "completion with data.add_eos=false) and were left out; give them a completion or remove them")
+
+
+def test_an_example_exactly_max_len_long_is_not_cut():
+    index, kept, report = fit([Encoded([1, 2, 3, 4], [0, 0, 1, 1])], 4)
+    assert index == [0] and kept[0].ids == [1, 2, 3, 4] and not kept[0].truncated
+    assert (report.truncated, report.dropped, report.empty) == (0, 0, 0) and report.warning() is None
+    _, kept, report = fit([Encoded([1, 2, 3, 4, 5], [0, 0, 1, 1, 1])], 4)  # one token more is cut
+    assert kept[0].ids == [1, 2, 3, 4] and report.truncated == 1
 
 
 def _error(capsys, *argv):
