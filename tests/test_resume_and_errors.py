@@ -722,3 +722,8 @@ def test_lora_targets_that_name_no_layer_list_the_models_own(tmp_path, error_lin
                       "model.lora={r: 4, alpha: 8}")
     assert line == ("ponder: error: model.lora.target_modules ['q_proj', 'k_proj', 'v_proj', 'o_proj'] name no layer of "
                     "this gpt2 model; its linear layers are c_attn, c_fc, c_proj: set model.lora.target_modules to some of them")
+    # a typo among names that match: peft adapted c_attn alone, without a word
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", f"model.path={tmp_path / 'gpt2'}",
+                      "model.lora={r: 4, alpha: 8, target_modules: [c_attn, c_prj]}")
+    assert line == ("ponder: error: model.lora.target_modules ['c_prj'] of ['c_attn', 'c_prj'] name no layer of this gpt2 "
+                    "model; its linear layers are c_attn, c_fc, c_proj: set model.lora.target_modules to some of them")

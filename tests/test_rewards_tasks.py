@@ -91,6 +91,23 @@ def test_a_small_reasoning_gym_test_set_leaves_out_every_question_of_a_default_t
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
 
 
+def test_reasoning_gym_options_its_asserts_reject_are_one_line():
+    with pytest.raises(UserError) as e:
+        load_examples(TaskSpec(name="reasoning_gym", n=5, options={"dataset": "basic_arithmetic", "min_terms": 9, "max_terms": 2}), 0)
+    assert str(e.value) == ("task 'reasoning_gym': dataset 'basic_arithmetic' rejects its options (max_terms must be >= "
+                            "min_terms); check data.tasks[].options")
+
+
+def test_accuracy_of_a_row_without_a_gold_answer_is_none_whatever_was_answered():
+    """docs/rewards.md: None means does not apply. A row with no gold scored None when it had an answer and 0 when it had
+    none, which pulled the logged accuracy (the reward-hacking guardrail reads it) down for rows nobody can score."""
+    out = accuracy(["no tags here", "<think>x</think> <answer>3</answer>", "<answer>3</answer>"], prompts=["p"] * 3,
+                   answer=[None, None, "3"], task=["jsonl", "jsonl", "jsonl"])
+    assert out == [None, None, 1.0]
+    # a task that needs no gold (Countdown checks the numbers) still scores an unanswered completion 0
+    assert accuracy(["no tags"], prompts=["p"], answer=[None], task=["countdown"], numbers=[[1, 2]], target=[3]) == [0.0]
+
+
 def test_eval_problems_the_training_data_holds_are_named_at_start():
     from ponder.config import TaskSpec as Spec
     from ponder.rl.trainer import trained_on

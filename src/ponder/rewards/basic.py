@@ -33,8 +33,8 @@ def accuracy(completions, *, prompts, answer=None, task=None, extract: str = "ta
                     if tasks[i] is not None and extracted[i] is not None and _uses_answers_match(get_task(tasks[i]))])
     out = []
     for i in range(n):
-        if tasks[i] is None:
-            out.append(None)
+        if tasks[i] is None or (answers[i] is None and _uses_answers_match(get_task(tasks[i]))):
+            out.append(None)  # nothing to score against (an open task's row): None whatever was answered, not 0
         elif extracted[i] is None:
             out.append(0.0)
         else:

@@ -32,8 +32,9 @@ def _dataset(name: str, size: int, seed: int, config: str):
         known = ", ".join(sorted(reasoning_gym.factory.DATASETS))
         hint = f"; known datasets: {known}" if "not registered" in str(e) else ""
         raise UserError(f"task 'reasoning_gym': {e}{hint}") from None
-    except TypeError as e:
-        raise UserError(f"task 'reasoning_gym': dataset '{name}' rejects an option ({e}); check data.tasks[].options") from None
+    except (TypeError, AssertionError) as e:  # reasoning-gym checks its configs with assert
+        raise UserError(f"task 'reasoning_gym': dataset '{name}' rejects its options ({e or 'an assertion failed'}); "
+                        "check data.tasks[].options") from None
 
 
 def _split_seed(seed: int, split: str) -> int:
