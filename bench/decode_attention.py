@@ -78,6 +78,10 @@ def main():
     ap.add_argument("--configs", nargs="*", default=[], help="warps,stages pairs to try at the default cap, e.g. 8,2 4,3")
     ap.add_argument("--sweep", action="store_true", help="every tile x warps x stages x splits; the fastest five and the default")
     ap.add_argument("--cases", nargs="*", help="names' beginnings, e.g. '7b 128' (default: all)")
+    ap.add_argument("--shared-prefix", type=int, default=0, metavar="SLOTS",
+                    help="also time each case with the first SLOTS slots' blocks shared by groups of 8 adjacent rows, "
+                         "as the engine shares a prompt's full blocks among its G samples (how much of that the L2 "
+                         "cache already saves, against reading each distinct block once)")
     a = ap.parse_args()
     import sys
     sys.path.insert(0, "bench")
@@ -114,6 +118,17 @@ def main():
             us = timed(lambda: da.triton_attention(q, k_pool, v_pool, table, pos, scale, length, splits=splits,
                                                    num_warps=warps, num_stages=stages))
             row[f"warps {warps} stages {stages}"] = dict(us=round(us, 1), splits=splits, tb_s=round(live / us / 1e6, 2))
+        if a.shared_prefix:
+            shared = table.clone()
+            first = a.shared_prefix // k_pool.shape[2]
+            leaders = torch.arange(batch, device=table.device) // 8 * 8
+            shared[:, :first] = table[leaders, :first]
+            splits, _ = da.plan(batch, k_pool.shape[1], length, q.device)
+            distinct = timed(lambda: da.triton_attention(q, k_pool, v_pool, table, pos, scale, length, splits=splits))
+            us = timed(lambda: da.triton_attention(q, k_pool, v_pool, shared, pos, scale, length, splits=splits))
+            unique = 1 - sum(min(n, first * k_pool.shape[2]) for n in lengths) * 7 / 8 / sum(lengths)
+            row["shared prefix"] = dict(us=round(us, 1), distinct_us=round(distinct, 1), ratio=round(us / distinct, 2),
+                                        unique_reads=round(unique, 2))
         out[name] = row
         print(name, json.dumps(row), flush=True)
 
