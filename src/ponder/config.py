@@ -289,7 +289,8 @@ class WrittenInt(int):
 
 
 class WrittenFloat(float):
-    __doc__ = WrittenInt.__doc__  # (`2024.10`, 2024.1 as a number)
+    """WrittenInt's twin for floats (`2024.10`, the number 2024.1)."""
+
     text: str
 
 
@@ -520,8 +521,8 @@ def apply_override(data: dict, dotted: str) -> None:
         if not isinstance(node.get(part, {}), dict):
             raise UserError(f"override '{key}': '{part}' is not a section")
         node = node.setdefault(part, {})
-    if len(parts) == 2 and parts[0] == "rewards" and isinstance(node.get(parts[1]), dict) and not isinstance(value, (dict, bool)) \
-            and isinstance(value, (int, float, str)):
+    weight_alone = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+    if len(parts) == 2 and parts[0] == "rewards" and isinstance(node.get(parts[1]), dict) and weight_alone:
         node[parts[1]]["weight"] = value  # rewards.brevity=0.5 where the recipe gives brevity options: its weight alone
         return
     node[parts[-1]] = value

@@ -3,8 +3,8 @@
 R1 kept only traces that reach the right answer, in the expected format, in one language, without code
 blocks in the reasoning of a non-code problem, without overlong paragraphs or endless repetition, of a
 sensible length, and not too many per prompt (its paper: "mixed-language / long-paragraph / code-block
-outputs filtered"). Each per-sample filter has a
-name, and a rejected sample is counted under the first filter it fails, in the order of `ORDER`.
+outputs filtered"). Each per-sample filter has a name, and a rejected sample is counted under the first
+filter it fails, in the order of `ORDER`.
 Per-prompt filters (exact and near duplicates, the cap of m per prompt) run on what is left.
 """
 
@@ -53,7 +53,8 @@ def check_config(cfg: FilterConfig) -> None:
     if cfg.ngram < 1 or cfg.ngram_max_count < 0 or cfg.per_prompt < 0:
         raise UserError("config filters.ngram must be >= 1, filters.ngram_max_count and filters.per_prompt >= 0")
     if not 0 <= cfg.language_min <= 1:
-        raise UserError("config filters.language_min must be between 0 and 1 (the least share of the thinking's words in the language)")
+        raise UserError("config filters.language_min must be between 0 and 1 (the least share of the thinking's words in "
+                        "the language)")
     if cfg.max_paragraph_words is not None and cfg.max_paragraph_words < 1:
         raise UserError("config filters.max_paragraph_words must be >= 1, or null (off)")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.min_tokens:

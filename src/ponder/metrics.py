@@ -250,8 +250,8 @@ class _MLflow:
     """MLflow: one MLflow run per ponder run (its id kept in RUN_DIR/mlflow_id, so --resume continues it), in the
     tracking store MLflow itself picks (MLFLOW_TRACKING_URI; else its local default) and the experiment
     MLFLOW_EXPERIMENT_NAME (default: ponder). The recipe is logged as params (dotted keys); metric names
-    are made MLflow-safe (pass@1 -> pass_at_1; in a file store reward/accuracy -> reward.accuracy); config.yaml and samples.jsonl are uploaded as artifacts at
-    the end."""
+    are made MLflow-safe (pass@1 -> pass_at_1; in a file store reward/accuracy -> reward.accuracy); config.yaml
+    and samples.jsonl are uploaded as artifacts at the end."""
 
     name = "mlflow"
 

@@ -14,7 +14,8 @@ from ponder.files import blocked, blocking_file, make_dir, write_atomic
 from ponder.metrics import DEFAULT_REFLECTION_WORDS
 
 FIGURE_LABELS = {
-    "problems": "problems", "scored_problems": "scored (gold parses)", "pass@1": "pass@1", "pass@1_ci": "pass@1 95% CI", "greedy": "greedy",
+    "problems": "problems", "scored_problems": "scored (gold parses)", "pass@1": "pass@1", "pass@1_ci": "pass@1 95% CI",
+    "greedy": "greedy",
     "mean_score": "mean score", "answer_rate": "answered", "format_rate": "format", "mean_length": "length (tokens)",
     "truncation_rate": "truncated", "reflection_rate": "reflection", "mixing_rate": "language mixing",
 }
@@ -294,7 +295,9 @@ def compare_table(results: list[dict], labels: list[str]):
 
 
 def _ordered(figs: dict) -> list[str]:
-    order = ["problems"] + (["scored_problems"] if figs.get("scored_problems", figs.get("problems")) != figs.get("problems") else [])
+    order = ["problems"]
+    if figs.get("scored_problems", figs.get("problems")) != figs.get("problems"):
+        order.append("scored_problems")  # shown where some gold did not parse
     order += ["pass@1", "pass@1_ci"]
     order += [f for f in figs if f.startswith("cons@")]
     order += sorted((f for f in figs if f.startswith("pass@") and f not in order), key=lambda f: int(f[5:]))
