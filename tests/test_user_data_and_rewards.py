@@ -498,23 +498,10 @@ def test_a_column_that_only_some_tasks_have_reaches_the_reward_at_every_step(tmp
     assert len(steps) == 2 and any(all(d is None for d in call) for call in steps)  # a batch without the column ran
 
 
-def test_an_eval_task_holding_training_problems_is_named_at_start(tmp_path, monkeypatch, capsys):
-    from ponder import models
-    from ponder.train import train
-
-    class Loading(Exception):
-        pass
-
-    def loading(*_, **__):
-        raise Loading  # every check before the model loads has run
-
-    monkeypatch.setattr(models, "load_trainable", loading)
+def test_an_eval_task_holding_training_problems_is_named_at_start(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Write a number #{i}:", "answer": "7"}) + "\n" for i in range(6)))
-    cfg = load_config(RECIPE, [f"output_dir={tmp_path / 'runs'}", *SMALL, f"data.tasks=[{{name: jsonl, path: {data}}}]",
-                               f"eval.tasks=[{{name: jsonl, path: {data}, split: test}}]"])
-    with pytest.raises(Loading):
-        train(cfg, stop_after=1)
+    _train(tmp_path, f"data.tasks=[{{name: jsonl, path: {data}}}]", f"eval.tasks=[{{name: jsonl, path: {data}, split: test}}]")
     assert ("ponder: eval task 'jsonl' (test): 6 of its 6 problems are in the training data too (the same prompt); its "
             "figures are not held out") in capsys.readouterr().err
 

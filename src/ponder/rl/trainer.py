@@ -121,6 +121,8 @@ class GRPOTrainer:
             self.guardrails.load_state_dict(self.state.get("guardrails"))
         self.sync_rollout_weights()
         if self.rank == 0:
+            for line in self.held_out_notices:
+                print(line, file=sys.stderr)
             make_dir(self.run_dir, "output_dir/name")
             checkpoint.remove_unfinished(self.ckpt_dir)
             write_atomic(self.run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
@@ -471,9 +473,7 @@ class GRPOTrainer:
         self.rewards.check({**dict.fromkeys(self.column_names), **self.examples[0]})
         self.rewards.check_columns(set(self.column_names))
         self.eval_examples = [load_examples(spec, cfg.seed) for spec in e.tasks]  # one list per eval task, kept
-        if self.rank == 0:
-            for line in trained_on(self.examples, self.eval_examples, e.tasks):
-                print(line, file=sys.stderr)
+        self.held_out_notices = trained_on(self.examples, self.eval_examples, e.tasks)  # printed once all checks pass
         new_tokens = (e.max_new_tokens, "eval.max_new_tokens") if e.max_new_tokens else (r.max_new_tokens, "rollout.max_new_tokens")
         prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
                        *((examples, *new_tokens) for examples in self.eval_examples)]
