@@ -49,6 +49,17 @@ def test_code_reward_all_or_nothing_and_partial():
     assert code(completions, prompts=[""] * 3, partial=True, **cols) == [1.0, pytest.approx(1 / 3), 0.0]
 
 
+def test_a_draft_in_a_think_block_the_prompt_opened_is_never_paid():
+    """R1-Distill's chat template opens <think> in the prompt: a completion cut off mid-thought holding a fenced draft
+    was run and paid 1 by the code reward, where evaluation and the accuracy reward found no answer."""
+    draft = f"let me try\n```python\n{ADD}\n```\nand check it"
+    assert extract_program(draft) == ADD and extract_program(draft, think_opened=True) is None
+    closed = f"thinking</think>\n```python\n{ADD}\n```"
+    assert extract_program(closed, think_opened=True) == ADD
+    code = get_reward("code")
+    assert code([draft, closed], prompts=[""] * 2, **columns(2, think_opened=True)) == [0.0, 1.0]
+
+
 def test_code_reward_does_not_apply_without_tests_or_with_broken_ones():
     code = get_reward("code")
     completions = [f"```python\n{ADD}\n```"] * 2

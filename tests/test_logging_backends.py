@@ -198,3 +198,19 @@ def test_tensorboard_drops_what_a_stopped_run_logged_past_its_checkpoint(tmp_pat
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("reward")
     assert [(e.step, e.value) for e in events] == [(1, 1.0), (2, 2.0), (3, 103.0), (4, 104.0), (5, 105.0)]
     assert [json.loads(line)["reward"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 103, 104, 105]
+
+
+def test_completions_with_unicode_line_separators_survive_reading_and_resume(tmp_path):
+    """samples.jsonl keeps U+2028 / U+2029 / U+0085 raw (ensure_ascii=False); str.splitlines split rows there, both
+    halves failed to parse: the report lost those completions and a resume deleted them from disk."""
+    from ponder.metrics import MetricsWriter, read_jsonl
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    texts = ["a\u2028b", "c\u2029d", "e\x85f", "plain"]
+    for step, text in enumerate(texts, 1):
+        w.log(step, {"reward": 1.0})
+        w.samples(step, [{"completion": text}])
+    w.close()
+    assert [r["completion"] for r in read_jsonl(tmp_path / "samples.jsonl")] == texts
+    MetricsWriter(tmp_path, resume_step=3, tensorboard=False).close()  # a resume at step 3 keeps steps 1-3
+    assert [r["completion"] for r in read_jsonl(tmp_path / "samples.jsonl")] == texts[:3]

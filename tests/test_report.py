@@ -27,6 +27,9 @@ def _train_row(step):
         "completion_len/max": 20.0 + step, "reflection_rate": 0.1, "kl": 0.0, "entropy": 2.0 - step / 40,
         "clip_low_frac": 0.0, "clip_high_frac": 0.0, "zero_var_groups_frac": 0.5, "time/generate": 1.0,
         "time/reward": 0.1, "time/train": 0.5, "time/total": 1.6,
+        # a mix of tasks: each one's own curves (they were logged, and no panel drew them)
+        "accuracy/arithmetic": step / 30, "accuracy/countdown": step / 60, "completion_len/arithmetic": 8.0 + step,
+        "completion_len/countdown": 14.0 + step, "reflection_rate/countdown": step / 80, "mixing_rate": 0.0,
     }
 
 
@@ -69,11 +72,13 @@ def test_report_embeds_one_png_per_panel_with_data(page):
     assert page.count(IMG) == len(titles)  # every image is embedded, none linked
     assert titles == [
         "reward (total and per reward function)", "accuracy and format rate", "completion length (tokens)",
-        "reflection-word rate", "entropy (nats per token)", "zero-variance groups (no signal)", "seconds per step",
+        "reflection-word rate", "accuracy per task", "completion length per task (tokens)", "reflection-word rate per task",
+        "entropy (nats per token)", "zero-variance groups (no signal)", "seconds per step",
         "held-out arithmetic/test: accuracy", "held-out arithmetic/test: rates", "held-out arithmetic/test: other figures",
     ]
     # KL and clipping are 0 at every step (beta = 0, one update per batch): no plot, a note instead
-    assert "0 at every step, not plotted: KL to the reference (kl); clipped token share (clip_low_frac, clip_high_frac)" in page
+    assert ("0 at every step, not plotted: language mixing rate (mixing_rate); KL to the reference (kl); clipped token "
+            "share (clip_low_frac, clip_high_frac)") in page
     assert "40 steps (last: 40)" in page and "1.5 min from first to last log line" in page
     assert "accuracy 0.025 &rarr; 1.000" in page
     assert "src=\"http" not in page and "src='http" not in page and "<link" not in page
@@ -139,6 +144,23 @@ def test_minimal_run_and_out_path(tmp_path):
     assert "Completions" not in page and "before / after" not in page and "Config" not in page
     (run / "metrics.jsonl").write_text("")  # a run killed before its first step
     assert "No steps logged yet." in write_report(run).read_text(encoding="utf-8")
+
+
+def test_out_may_be_a_directory_and_one_step_still_draws_its_time_split(tmp_path, monkeypatch):
+    """--out DIR stopped in IsADirectoryError and left DIR.tmp behind; a one-step run's stacked time split had no
+    width, so the panel showed its legend alone."""
+    from matplotlib.axes import Axes
+
+    run = tmp_path / "one"
+    run.mkdir()
+    _write_jsonl(run / "metrics.jsonl", [{"step": 1, "time": 0.0, "reward": 0.5, "time/generate": 1.0, "time/reward": 0.1,
+                                          "time/train": 0.5}])
+    drawn, bar = [], Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda ax, x, height, **kw: drawn.append((list(height), kw.get("bottom"))) or bar(ax, x, height, **kw))
+    (tmp_path / "out").mkdir()
+    assert write_report(run, tmp_path / "out") == tmp_path / "out" / "report.html"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "out"]  # no stray .tmp
+    assert drawn == [([1.0], 0.0), ([0.1], 1.0), ([0.5], 1.1)]
 
 
 def test_cli_writes_report_and_prints_path(tmp_path, capsys):

@@ -107,6 +107,9 @@ def test_countdown_accepts_any_valid_expression(count, answer):
     ("7 ** 3", "power is not allowed"),
     ("__import__('os').system('true')", "calls are not allowed"),
     ("7 * 3 + 5.0", "not an integer"),
+    ("7 * 3 + 5 = 1000", "states a value that is not the target"),  # scored 1: the stated side was dropped unread
+    ("27 = 7 * 3 + 5", "states a value that is not the target"),
+    ("7 * 3 + 5 = 26 = 27", "states a value that is not the target"),
     ("", "empty"),
     ("(" * 300 + "7" + ")" * 300, "too long"),
 ])

@@ -305,7 +305,7 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in _lines(path):
         try:
             if json.loads(line).get("step", 0) <= step:
                 kept.append(line)
@@ -314,10 +314,16 @@ def _truncate_after(path: Path, step: int) -> None:
     write_atomic(path, "".join(l + "\n" for l in kept))
 
 
+def _lines(path: Path) -> list[str]:
+    """A JSON-lines file's lines, split at newlines alone: str.splitlines also splits at U+2028, U+2029 and U+0085,
+    which ensure_ascii=False leaves raw inside a completion's text (both halves failed to parse and were dropped)."""
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in _lines(path):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:

@@ -30,6 +30,11 @@ PANELS = [
     ("completion length (tokens)", ["completion_len/mean", "completion_len/max"], False),
     ("truncated, repeating and unreasoned completions (share)", ["truncated_frac", "repeated_line_frac", "unreasoned_frac"], False),
     ("reflection-word rate", ["reflection_rate"], False),
+    # each task's (and language's) own curves, where a run mixes them
+    ("accuracy per task", ["accuracy/"], False),
+    ("completion length per task (tokens)", ["completion_len/"], False),
+    ("reflection-word rate per task", ["reflection_rate/"], False),
+    ("language mixing rate", ["mixing_rate", "mixing_rate/"], False),
     ("KL to the reference", ["kl"], False),
     ("entropy (nats per token)", ["entropy"], False),
     ("clipped token share", ["clip_low_frac", "clip_high_frac"], False),
@@ -53,7 +58,7 @@ def add_parser(sub) -> None:
                        "accuracy, length, reflection rate, KL, entropy, timing and evaluations over steps, early "
                        "and late completions side by side, the before/after evaluation table and the config.")
     p.add_argument("run_dir", help="run directory (runs/<name>/, holding metrics.jsonl)")
-    p.add_argument("--out", help="where to write the HTML (default: RUN_DIR/report.html)")
+    p.add_argument("--out", help="where to write the HTML, a file or a directory (default: RUN_DIR/report.html)")
     p.set_defaults(func=lambda args: print(write_report(args.run_dir, args.out)))
 
 
@@ -82,6 +87,8 @@ def write_report(run_dir, out=None) -> Path:
         body.append(f"<h2>Config</h2><pre class='config'>{_esc(config.read_text(encoding='utf-8'))}</pre>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(name)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
     path = Path(out) if out else run_dir / "report.html"
+    if path.is_dir():  # --out DIR: the report goes in it
+        path = path / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, page)  # a reader never sees half a report
     return path
@@ -118,7 +125,9 @@ def _events_table(events: list[dict]) -> str:
 
 def _plots(data: dict, events: list[dict] = ()) -> tuple[list[str], list[str]]:
     """The <img> of every panel with data, and the panels left out for being 0 throughout."""
-    panels = [(title, [k for pat in pats for k in data if k == pat or (pat.endswith("/") and k.startswith(pat))], stacked)
+    named = {pat for _, pats, _ in PANELS for pat in pats if not pat.endswith("/")}  # a prefix takes the rest
+    panels = [(title, [k for pat in pats for k in data
+                       if k == pat or (pat.endswith("/") and k.startswith(pat) and k not in named)], stacked)
               for title, pats, stacked in PANELS]
     evals: dict[str, list[str]] = {}  # eval/<task>/<figure>; task names may hold "/" (arithmetic/test)
     for key in data:
@@ -146,7 +155,14 @@ def _plot(title: str, curves: dict[str, tuple[list, list]], stacked: bool, marks
     ax = fig.add_subplot()
     if stacked:  # parts of one whole: the stack's height is the step's time
         steps = sorted({s for xs, _ in curves.values() for s in xs})
-        ax.stackplot(steps, [[dict(zip(*c)).get(s, 0.0) for s in steps] for c in curves.values()], labels=list(curves), alpha=0.8)
+        parts = [[dict(zip(*c)).get(s, 0.0) for s in steps] for c in curves.values()]
+        if len(steps) > 1:
+            ax.stackplot(steps, parts, labels=list(curves), alpha=0.8)
+        else:  # one step: a stack of areas has no width
+            bottom = 0.0
+            for label, (value,) in zip(curves, parts):
+                ax.bar(steps, [value], bottom=bottom, label=label, alpha=0.8, width=0.6)
+                bottom += value
     else:
         for i, (key, (xs, ys)) in enumerate(curves.items()):
             key = key.rsplit("/", 1)[1] if key.startswith("eval/") else key  # the panel's title names the task

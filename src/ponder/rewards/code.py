@@ -23,13 +23,14 @@ from ponder.sandbox import Limits, Result, Sandbox
 FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
-def extract_program(completion: str) -> str | None:
+def extract_program(completion: str, think_opened: bool = False) -> str | None:
     """The program a completion commits to: its answer block, else its last fenced code block.
 
     Inside an answer block a fenced block wins over the prose around it. Code in a think block is a
-    draft and never counts; several different answer blocks commit to none (as in extract_answer).
+    draft and never counts, also where the prompt opened the block (`think_opened`) and the completion never
+    closed it; several different answer blocks commit to none (as in extract_answer).
     """
-    final = outside_think(completion)
+    final = outside_think(completion, think_opened)
     if final is None:
         return None
     blocks = set(answer_blocks(final))
@@ -96,9 +97,10 @@ def score_programs(programs: list[str | None], examples: list[dict], sandbox: Sa
     return out
 
 
-@register("code", columns=("tests", "entry_point", "code_prefix"))
+@register("code", columns=("tests", "entry_point", "code_prefix", "think_opened"))
 def code(completions, *, prompts, tests=None, entry_point=None, code_prefix=None, partial: bool = False,
-         timeout: float = 10.0, memory_mb: int = 512, workers: int | None = None, unsafe: bool = False, **_):  # fmt: skip
+         timeout: float = 10.0, memory_mb: int = 512, workers: int | None = None, unsafe: bool = False,
+         think_opened=None, **_):  # fmt: skip
     """1 when the completion's program passes all of its example's tests (or the fraction, with `partial`)."""
     n = len(completions)
     cols = {"tests": tests, "entry_point": entry_point, "code_prefix": code_prefix}
@@ -106,4 +108,5 @@ def code(completions, *, prompts, tests=None, entry_point=None, code_prefix=None
     if all(e["tests"] is None for e in examples):
         return [None] * n
     sandbox = get_sandbox(timeout, memory_mb, workers, unsafe)
-    return score_programs([extract_program(c) for c in completions], examples, sandbox, partial)
+    opened = think_opened if think_opened is not None else [False] * n
+    return score_programs([extract_program(c, bool(o)) for c, o in zip(completions, opened)], examples, sandbox, partial)

@@ -119,15 +119,25 @@ class InvalidExpression(ValueError):
     pass
 
 
-def _normalise(text: str) -> str:
+def _sides(text: str) -> list[str]:
+    """The parts of an answer between its `=` signs, with the symbols and the `x` of multiplication made Python's."""
     text = text.strip().strip("$").strip()
     for a, b in _SYMBOLS:
         text = text.replace(a, b)
     text = re.sub(r"(?<=[\d)])\s*[xX]\s*(?=[\d(])", "*", text)  # 7 x 3, (7 + 5) x 3
-    if "=" in text:  # "7 * 3 + 5 = 26" or "26 = 7 * 3 + 5": the side that is not a bare number
-        sides = [s.strip() for s in text.split("=")]
-        text = next((s for s in sides if s and not s.isdigit()), sides[0])
-    return text.strip().rstrip(".").strip()
+    return [s.strip().rstrip(".").strip() for s in text.split("=")]
+
+
+def _normalise(text: str) -> str:
+    sides = _sides(text)  # "7 * 3 + 5 = 26" or "26 = 7 * 3 + 5": the side that is not a bare number
+    return next((s for s in sides if s and not s.isdigit()), sides[0])
+
+
+def stated_values(text: str) -> list[int]:
+    """The bare numbers an answer states beside its expression (`... = 26`, `26 = ...`): the verifier holds each to
+    the target, or `7 * 3 + 5 = 1000` would score for 26."""
+    sides = _sides(text)
+    return [int(s) for s in sides if s.isdigit()] if len(sides) > 1 else []
 
 
 def evaluate(text: str, numbers: list[int]) -> Fraction:
@@ -190,8 +200,11 @@ class Countdown(Task):
             return 0.0
         if "numbers" not in example or "target" not in example:
             return None
+        target = int(example["target"])
+        if any(v != target for v in stated_values(answer)):
+            return 0.0
         try:
-            return float(evaluate(answer, list(example["numbers"])) == int(example["target"]))
+            return float(evaluate(answer, list(example["numbers"])) == target)
         except InvalidExpression:
             return 0.0
 
