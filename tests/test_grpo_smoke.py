@@ -76,9 +76,25 @@ def test_overlong_filtering_masks_truncated_completions(smoke_cfg):
 
         t.collect = all_truncated
         before = [p.detach().clone() for p in t.model.parameters()]
-        t.step()
+        m = t.step()
         unchanged = all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
         assert unchanged == masked
+        # no token measured: no per-token figure (it logged entropy 0, and the entropy guardrail stopped runs on it)
+        per_token = [m["entropy"], m["kl"], m["clip_low_frac"], m["clip_high_frac"]]
+        assert all(math.isnan(v) for v in per_token) if masked else m["entropy"] > 0
+
+
+def test_the_logged_learning_rate_is_the_one_the_update_used(smoke_cfg):
+    """The schedule stepped before the figures were read: each step logged the next step's rate (a linear schedule's
+    step 1 logged 2/3 of the rate it trained at, its last step 0)."""
+    from ponder.rl.trainer import GRPOTrainer
+
+    t = GRPOTrainer(smoke_cfg("name=lr", "optim.lr=0.003", "optim.schedule=linear", "train.steps=3"))
+    used, logged = [], []
+    for _ in range(3):
+        used.append(t.optimizer.param_groups[0]["lr"])
+        logged.append(t.step()["lr"])
+    assert logged == used and used[0] == pytest.approx(0.003) and used[2] == pytest.approx(0.001)
 
 
 def test_no_reference_model_without_kl(smoke_cfg):

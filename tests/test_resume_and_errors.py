@@ -306,6 +306,20 @@ def test_every_shipped_recipe_loads_with_one_command_and_the_others_name_it():
                 assert f"this recipe is one for `ponder {fits[0]}`" in error or "unknown config key" in error, (recipe, command, error)
 
 
+@pytest.mark.parametrize("args, line", [
+    (["train", "recipes/smoke-first-digit.yaml", 'rollout.stop=[""]'], "config rollout.stop must be non-empty strings; got ['']"),
+    (["sample", "--model", "tiny-random", "--tasks", "first_digit", 'stop=[""]'], "config stop must be non-empty strings; got ['']"),
+    (["eval", "--model", "tiny-random", "--tasks", "first_digit", "--stop", ""],
+     "--stop must be non-empty strings (an empty one ends every answer at once); got ['']"),
+    # Dr. GRPO's r - mean is 0 for a group of one: every step ran with no gradient
+    (["train", "recipes/smoke-first-digit.yaml", "rollout.group_size=1", "algorithm.advantage=none"],
+     "config rollout.group_size must be at least 2 for group-relative advantages"),
+])
+def test_settings_that_could_never_learn_or_answer_are_one_line(tmp_path, error_line, args, line):
+    """An empty stop string occurs in every text: every completion ended after one token, without a word."""
+    assert error_line(*args, *([f"output_dir={tmp_path}"] if args[0] == "train" else [])) == f"ponder: error: {line}"
+
+
 def test_settings_at_the_edge_of_their_range_keep_their_meaning(tmp_path):
     """0 means something for these: greedy, no clipping, only the last checkpoint, keep every checkpoint, no KL."""
     from ponder.config import load_config

@@ -506,6 +506,14 @@ def test_an_eval_task_holding_training_problems_is_named_at_start(tmp_path, caps
             "figures are not held out") in capsys.readouterr().err
 
 
+def test_greedy_rollouts_are_named_at_start_as_learning_nothing(tmp_path, capsys):
+    """Allowed (0 means greedy), but every group's answers are alike: the run went to its end with no gradient."""
+    _, metrics = _train(tmp_path, "rollout.temperature=0")
+    assert ("ponder: rollout.temperature=0 decodes greedily: a prompt's 4 answers are alike, so every group's rewards "
+            "are equal and GRPO learns nothing; sample with a temperature above 0 (R1-Zero: 1.0)") in capsys.readouterr().err
+    assert all(m["zero_var_groups_frac"] == 1.0 for m in metrics)
+
+
 def test_a_reward_of_nan_or_inf_is_one_line_naming_the_example(tmp_path, monkeypatch, error_line):
     """NaN was taken for "does not apply" unseen (DESIGN: that is None), and inf went into the group's mean and every
     advantage. Either is one line naming the function, the value and the example."""

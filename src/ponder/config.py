@@ -590,9 +590,12 @@ def shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
-def check_sampling(prefix: str, temperature: float, top_p: float, max_new_tokens: int | None, k: int | None = None) -> None:
+def check_sampling(prefix: str, temperature: float, top_p: float, max_new_tokens: int | None, k: int | None = None,
+                   stop=()) -> None:
     """The sampling settings every command shares (temperature 0 is greedy decoding)."""
     need(temperature >= 0, f"{prefix}temperature", temperature, "0 (greedy) or more")
+    # an empty stop string occurs in every text: every completion ended after its first token
+    need(all(isinstance(s, str) and s for s in stop), f"{prefix}stop", list(stop), "non-empty strings")
     need(0 < top_p <= 1, f"{prefix}top_p", top_p, "in (0, 1]")
     if max_new_tokens is not None:
         need(max_new_tokens >= 1, f"{prefix}max_new_tokens", max_new_tokens, "at least 1")
@@ -641,7 +644,7 @@ def validate(cfg) -> None:
     need(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "at least 1")
     need(r.top_k >= 0, "rollout.top_k", r.top_k, "0 (off) or more")
     need(r.generation_batch >= 1, "rollout.generation_batch", r.generation_batch, "at least 1")
-    check_sampling("rollout.", r.temperature, r.top_p, r.max_new_tokens)
+    check_sampling("rollout.", r.temperature, r.top_p, r.max_new_tokens, stop=r.stop)
     need(0 <= a.eps_low < 1, "algorithm.eps_low", a.eps_low, "in [0, 1) (the ratio is clipped below at 1 - eps_low)")
     need(a.eps_high >= 0, "algorithm.eps_high", a.eps_high, "0 or more")
     need(a.beta >= 0, "algorithm.beta", a.beta, "0 (no KL term) or more")
@@ -657,7 +660,7 @@ def validate(cfg) -> None:
     need(e.every >= 0, "eval.every", e.every, "0 (at the end only) or more")
     check_sampling("eval.", e.temperature, e.top_p, e.max_new_tokens, e.k)
     check_optim(cfg.optim)
-    if r.group_size < 2 and cfg.algorithm.advantage != "none":
+    if r.group_size < 2:  # every mode subtracts the group's mean (advantage none too: Dr. GRPO's r - mean)
         raise UserError("config rollout.group_size must be at least 2 for group-relative advantages")
     if a.advantage == "rloo" and r.group_size < 2:
         raise UserError("config algorithm.advantage=rloo needs rollout.group_size >= 2")

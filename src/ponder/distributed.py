@@ -195,8 +195,10 @@ def mean_metrics(metrics: dict, weights: dict | None = None) -> dict:
         elif key == "skipped_updates":  # skipping is decided by all ranks together: one skip, not one a rank
             out[key] = max(values)
         else:
-            weighed = [(g[key], w.get(key)) for g, w in zip(gathered, counts) if isinstance(g.get(key), (int, float))]
-            if all(n is not None for _, n in weighed) and sum(n for _, n in weighed) > 0:
+            # a rank that counted none (no token measured) weighs nothing, its NaN too
+            weighed = [(g[key], w.get(key)) for g, w in zip(gathered, counts)
+                       if isinstance(g.get(key), (int, float)) and w.get(key) != 0]
+            if weighed and all(n is not None for _, n in weighed):
                 out[key] = sum(v * n for v, n in weighed) / sum(n for _, n in weighed)
             else:
                 out[key] = sum(values) / len(values)

@@ -62,7 +62,7 @@ def check(cfg: SampleConfig) -> None:
     from ponder.rewards.extract import MODES
 
     check_tasks("tasks", cfg.tasks)
-    check_sampling("", cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    check_sampling("", cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop=cfg.stop)
 
     if cfg.extract not in MODES:  # found out only when the first answers are scored otherwise
         raise UserError(f"config extract: unknown answer extraction mode '{cfg.extract}'; choose one of: {', '.join(MODES)}")

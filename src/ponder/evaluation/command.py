@@ -80,7 +80,8 @@ def run(args) -> int:
     for flag, ok, allowed in (("--k", args.k >= 1, "at least 1"), ("--temperature", args.temperature >= 0, "0 or more"),
                               ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
                               ("--max-tokens", args.max_tokens is None or args.max_tokens >= 1, "at least 1"),
-                              ("--n", args.n is None or args.n >= 1, "at least 1 (or left out: the task's default)")):
+                              ("--n", args.n is None or args.n >= 1, "at least 1 (or left out: the task's default)"),
+                              ("--stop", all(args.stop), "non-empty strings (an empty one ends every answer at once)")):
         if not ok:
             from ponder.config import shown
 

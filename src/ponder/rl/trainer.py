@@ -121,7 +121,7 @@ class GRPOTrainer:
             self.guardrails.load_state_dict(self.state.get("guardrails"))
         self.sync_rollout_weights()
         if self.rank == 0:
-            for line in self.held_out_notices:
+            for line in self.start_notices:
                 print(line, file=sys.stderr)
             make_dir(self.run_dir, "output_dir/name")
             checkpoint.remove_unfinished(self.ckpt_dir)
@@ -138,12 +138,15 @@ class GRPOTrainer:
         self.last_groups = all_groups
         t_train = time.perf_counter()
         stats = self.learn([s for g in groups for s in g.samples])
+        # the rate this update used (logged), before the schedule moves on; the optimizer's own, which a guardrail
+        # that lowered it set (the scheduler's last rate is stale until its next step)
+        lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step_no += 1
         self._maybe_reset_reference()
         timing["train"] = time.perf_counter() - t_train
         timing["total"] = time.perf_counter() - t0
-        m = distributed.mean_metrics(*self._step_metrics(all_groups, stats, timing))
+        m = distributed.mean_metrics(*self._step_metrics(all_groups, stats, timing, lr))
         m = self.guardrails.check(self, m)  # may warn, lower the lr, roll back, or ask the run to stop
         self.sync_rollout_weights()  # after the update (and any rollback): rank 0 may evaluate before the next step
         return m
@@ -376,13 +379,15 @@ class GRPOTrainer:
                 setattr(s, attr, row[: len(s.completion_ids)].cpu())
 
     # ---------------------------------------------------------------- metrics
-    def _step_metrics(self, groups: list[Group], stats: list[dict], timing: dict) -> tuple[dict, dict]:
+    def _step_metrics(self, groups: list[Group], stats: list[dict], timing: dict, lr: float) -> tuple[dict, dict]:
         """The step's figures on this rank, and what each mean is over (samples, groups, tokens: mean_metrics weighs
-        the ranks' figures by them)."""
+        the ranks' figures by them). `lr`: the rate the step's update used."""
         texts = [t for g in groups for t in g.texts]
         lengths = [len(s.completion_ids) for g in groups for s in g.samples]
         n_tokens = sum(s["tokens"] for s in stats)
-        tokens = max(n_tokens, 1.0)
+        # no token measured (mask_truncated removed every completion): no figure, not a 0 the guardrails read as collapse
+        per_token = {k: sum(s[k] for s in stats) / n_tokens if n_tokens else float("nan")
+                     for k in ("entropy", "kl", "clip_low", "clip_high")}
         m = {
             "reward": mean([r for g in groups for r in g.rewards]),
             **{f"reward/{k}": mean([v for g in groups for v in g.per_fn[k]]) for k in self.rewards.fns},
@@ -400,13 +405,13 @@ class GRPOTrainer:
             "zero_var_groups_frac": mean([float(len(set(g.rewards)) == 1) for g in groups]),
             "groups_generated": len(groups),
             "loss": sum(s["loss"] for s in stats) / len(stats),
-            "entropy": sum(s["entropy"] for s in stats) / tokens,
-            "kl": sum(s["kl"] for s in stats) / tokens,
-            "clip_low_frac": sum(s["clip_low"] for s in stats) / tokens,
-            "clip_high_frac": sum(s["clip_high"] for s in stats) / tokens,
+            "entropy": per_token["entropy"],
+            "kl": per_token["kl"],
+            "clip_low_frac": per_token["clip_low"],
+            "clip_high_frac": per_token["clip_high"],
             "grad_norm": mean([s["grad_norm"] for s in stats]),
             "skipped_updates": sum(s["skipped"] for s in stats),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             **{f"time/{k}": v for k, v in timing.items()},
             "tokens_per_s": sum(lengths) / max(timing["generate"], 1e-9),
             "token_budget": self.token_budget(),
@@ -473,7 +478,12 @@ class GRPOTrainer:
         self.rewards.check({**dict.fromkeys(self.column_names), **self.examples[0]})
         self.rewards.check_columns(set(self.column_names))
         self.eval_examples = [load_examples(spec, cfg.seed) for spec in e.tasks]  # one list per eval task, kept
-        self.held_out_notices = trained_on(self.examples, self.eval_examples, e.tasks)  # printed once all checks pass
+        self.start_notices = trained_on(self.examples, self.eval_examples, e.tasks)  # printed once all checks pass
+        if r.temperature == 0 or r.top_k == 1:  # allowed (it means greedy), but a run of it learns nothing
+            setting = "rollout.temperature=0" if r.temperature == 0 else "rollout.top_k=1"
+            self.start_notices.append(f"ponder: {setting} decodes greedily: a prompt's {r.group_size} answers are alike, "
+                                      "so every group's rewards are equal and GRPO learns nothing; sample with a "
+                                      "temperature above 0 (R1-Zero: 1.0)")
         new_tokens = (e.max_new_tokens, "eval.max_new_tokens") if e.max_new_tokens else (r.max_new_tokens, "rollout.max_new_tokens")
         prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
                        *((examples, *new_tokens) for examples in self.eval_examples)]
