@@ -214,3 +214,24 @@ def test_completions_with_unicode_line_separators_survive_reading_and_resume(tmp
     assert [r["completion"] for r in read_jsonl(tmp_path / "samples.jsonl")] == texts
     MetricsWriter(tmp_path, resume_step=3, tensorboard=False).close()  # a resume at step 3 keeps steps 1-3
     assert [r["completion"] for r in read_jsonl(tmp_path / "samples.jsonl")] == texts[:3]
+
+
+def test_a_start_over_in_a_run_directory_keeps_nothing_of_the_attempt_before(tmp_path):
+    """An attempt that saved no checkpoint, started again under the same name: metrics.jsonl kept its step-0 rows and
+    TensorBoard its every event (the new run's curves drawn over the old one's)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ponder.metrics import MetricsWriter
+
+    first = MetricsWriter(tmp_path, resume_step=0, log_to=["tensorboard"])
+    for step in range(0, 3):
+        first.log(step, {"reward": 100.0 + step})
+    first.close()
+    again = MetricsWriter(tmp_path, resume_step=0, log_to=["tensorboard"])
+    for step in range(0, 2):
+        again.log(step, {"reward": float(step)})
+    again.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("reward")
+    assert [(e.step, e.value) for e in events] == [(0, 0.0), (1, 1.0)]
+    assert [json.loads(line)["reward"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.0, 1.0]

@@ -98,17 +98,19 @@ class MetricsWriter:
                 self.backends.append(_MLflow(self.run_dir, config, resumed))
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
-        if resume_step is not None:  # steps after the checkpoint will be recomputed
+        if resume_step is not None:  # steps after the checkpoint will be recomputed; at 0, a start over: every step
             for path in (self.metrics_path, self.samples_path):
-                _truncate_after(path, resume_step)
+                _truncate_after(path, resume_step or -1)
         self._metrics = self.metrics_path.open("a", encoding="utf-8")
         self._samples = self.samples_path.open("a", encoding="utf-8")
         if "tensorboard" in self.log_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                # on resume, the events the stopped run logged past the checkpoint go (metrics.jsonl is cut there too)
-                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+                # on resume, the events the stopped run logged past the checkpoint go (metrics.jsonl is cut there too);
+                # a start over (resume_step 0) purges every earlier attempt's events
+                purge = None if resume_step is None else resume_step + 1 if resume_step else 0
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
             except ImportError:  # TensorBoard is optional; metrics.jsonl holds everything
                 self.tb = None
 

@@ -124,6 +124,9 @@ class GRPOTrainer:
             for line in self.start_notices:
                 print(line, file=sys.stderr)
             make_dir(self.run_dir, "output_dir/name")
+            if not resume:  # the directory of an attempt that saved nothing, started again: its evaluations are not
+                for stale in ("eval_before.json", "eval_after.json"):  # this run's (the report showed them)
+                    (self.run_dir / stale).unlink(missing_ok=True)
             checkpoint.remove_unfinished(self.ckpt_dir)
             write_atomic(self.run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0, enabled=self.rank == 0,
