@@ -109,3 +109,16 @@ def test_a_runs_kind_is_told_by_its_sections_whatever_its_history():
     assert run_kind(sft | {"changes": changes}) == "sft"
     assert run_kind({"changes": changes, "model": {}, "tasks": []}) == "sample"
     assert run_kind({"no_such_section": 1}) is None
+
+
+def test_before_and_after_evaluations_of_other_problems_are_said_to_be(capsys):
+    """A resume with another seed draws other held-out problems: the table set the old 'before' beside the new 'after'
+    as one held-out set, without a word."""
+    from ponder.train import _print_before_after
+
+    before = {"arithmetic/test": {"task_hash": "sha256:aa", "metrics": {"pass@1": 0.25}}}
+    _print_before_after(before, {"arithmetic/test": {"task_hash": "sha256:aa", "metrics": {"pass@1": 0.5}}})
+    assert "other problems" not in capsys.readouterr().out
+    _print_before_after(before, {"arithmetic/test": {"task_hash": "sha256:bb", "metrics": {"pass@1": 0.5}}})
+    assert ("held-out arithmetic/test: the 'after' evaluation saw other problems than the 'before' one (the seed or the "
+            "eval task changed on --resume); the two columns are not one held-out set") in " ".join(capsys.readouterr().out.split())

@@ -172,6 +172,9 @@ def _print_before_after(before, after) -> None:
             fb, fa = _fig(b, key), _fig(a, key)
             table.add_row(label, fb, fa)
         console.print(table)
+        if b.get("task_hash") not in (None, a.get("task_hash")):  # a resume with another seed or other eval tasks
+            console.print(f"held-out {task}: the 'after' evaluation saw other problems than the 'before' one (the seed or "
+                          "the eval task changed on --resume); the two columns are not one held-out set", markup=False)
 
 
 def _fig(result: dict, key: str) -> str:
