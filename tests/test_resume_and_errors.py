@@ -311,6 +311,9 @@ def test_every_shipped_recipe_loads_with_one_command_and_the_others_name_it():
     (["sample", "--model", "tiny-random", "--tasks", "first_digit", 'stop=[""]'], "config stop must be non-empty strings; got ['']"),
     (["eval", "--model", "tiny-random", "--tasks", "first_digit", "--stop", ""],
      "--stop must be non-empty strings (an empty one ends every answer at once); got ['']"),
+    (["train", "recipes/smoke-first-digit.yaml", "model.lora={r: 4, alpha: 8, dropout: 0.5}"],
+     "config model.lora.dropout must be 0 for ponder train; got 0.5: the update compares the policy's log-probs with the "
+     "rollout's, and dropout makes their ratio noise (clipped tokens at unchanged weights); it is for ponder sft"),
     # Dr. GRPO's r - mean is 0 for a group of one: every step ran with no gradient
     (["train", "recipes/smoke-first-digit.yaml", "rollout.group_size=1", "algorithm.advantage=none"],
      "config rollout.group_size must be at least 2 for group-relative advantages"),

@@ -666,6 +666,10 @@ def validate(cfg) -> None:
         raise UserError("config algorithm.advantage=rloo needs rollout.group_size >= 2")
     if a.mu < 1 or a.minibatches < 1:
         raise UserError("config algorithm.mu and algorithm.minibatches must be at least 1")
+    if cfg.model.lora is not None and cfg.model.lora.dropout > 0:  # (disable_dropout turns off the model's own)
+        raise UserError(f"config model.lora.dropout must be 0 for ponder train; got {shown(cfg.model.lora.dropout)}: the "
+                        "update compares the policy's log-probs with the rollout's, and dropout makes their ratio noise "
+                        "(clipped tokens at unchanged weights); it is for ponder sft")
     if r.prompts_per_step % a.minibatches:
         raise UserError("config rollout.prompts_per_step must be divisible by algorithm.minibatches")
     if not cfg.data.tasks:
