@@ -131,33 +131,31 @@ class HfDataset(Task):
             plan = _Plan(path, prompt, answer, filters, metadata, list(ds.column_names))
             if metadata is not None:  # read only the columns used
                 ds = ds.select_columns(plan.used)
-        with reading(str(path)):
-            return self._rows(ds, path, plan, prompt, answer, answer_format, filters, metadata, final, raw_as, n)
-
-    def _rows(self, ds, path, plan, prompt, answer, answer_format, filters, metadata, final, raw_as, n):
         out, i = [], 0
-        for batch in ds.iter(batch_size=512):
-            plan = plan or _Plan(path, prompt, answer, filters, metadata, list(batch))
-            for values in zip(*batch.values()):
-                i += 1
-                row = dict(zip(batch, values))
-                if any(row[k] not in allowed for k, allowed in filters.items()):
-                    continue
-                if empty_value(row[answer]):
-                    raise UserError(f"{path}: row {i} has a {'null' if row[answer] is None else 'empty'} '{answer}' column; "
-                                    "every row needs an answer (fix the data, or filter the row out)")
-                gold = final(row[answer])
-                if empty_value(gold):
-                    raise UserError(f"{path}: row {i}: no final answer in column '{answer}' for answer_format '{answer_format}'")
-                text = plan.prompt_of(row)
-                if empty_value(text):
-                    raise UserError(f"{path}: row {i} has an empty prompt ('{plan.prompt}')")
-                example = {k: row[k] for k in plan.keep}
-                if answer_format != "plain" and raw_as not in example:
-                    example[raw_as] = row[answer]
-                out.append({**example, "prompt": text, "answer": answer_text(gold).strip(), "task": self.name})
-                if n and len(out) >= n:
-                    return out
+        with reading(str(path)):  # a streamed file is read here, batch by batch
+            for batch in ds.iter(batch_size=512):
+                plan = plan or _Plan(path, prompt, answer, filters, metadata, list(batch))
+                for values in zip(*batch.values()):
+                    i += 1
+                    row = dict(zip(batch, values))
+                    if any(row[k] not in allowed for k, allowed in filters.items()):
+                        continue
+                    if empty_value(row[answer]):
+                        raise UserError(f"{path}: row {i} has a {'null' if row[answer] is None else 'empty'} '{answer}' "
+                                        "column; every row needs an answer (fix the data, or filter the row out)")
+                    gold = final(row[answer])
+                    if empty_value(gold):
+                        raise UserError(f"{path}: row {i}: no final answer in column '{answer}' for answer_format "
+                                        f"'{answer_format}'")
+                    text = plan.prompt_of(row)
+                    if empty_value(text):
+                        raise UserError(f"{path}: row {i} has an empty prompt ('{plan.prompt}')")
+                    example = {k: row[k] for k in plan.keep}
+                    if answer_format != "plain" and raw_as not in example:
+                        example[raw_as] = row[answer]
+                    out.append({**example, "prompt": text, "answer": answer_text(gold).strip(), "task": self.name})
+                    if n and len(out) >= n:
+                        return out
         return out
 
 
