@@ -18,7 +18,9 @@ def test_group_relative_advantages_need_two_samples_a_group(tmp_path, error_line
     line = "config rollout.group_size must be at least 2 for group-relative advantages"
     assert error("rollout.group_size=1") == line
     assert error_line("train", RECIPE, f"output_dir={tmp_path}", "rollout.group_size=1") == f"ponder: error: {line}"
-    assert load_config(None, ["rollout.group_size=1", "algorithm.advantage=none"]).rollout.group_size == 1
+    # advantage none too: Dr. GRPO's r - mean is 0 for a group of one
+    assert error("rollout.group_size=1", "algorithm.advantage=none") == line
+    assert load_config(None, ["rollout.group_size=2", "algorithm.advantage=none"]).rollout.group_size == 2
 
 
 def test_prompts_per_step_must_divide_into_the_minibatches():
