@@ -533,6 +533,16 @@ def test_a_finished_run_resumed_keeps_its_evaluation_and_logs_nothing_again(tmp_
     assert "eval/arithmetic/test/pass@1" in last and json.loads((run / "eval_before.json").read_text()).keys() == {"arithmetic/test"}
 
 
+def test_a_finished_run_without_eval_tasks_resumed_says_it_is_complete(tmp_path, capsys):
+    """Without eval tasks there is no eval_after.json to find: --resume printed the report's path alone."""
+    args = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=done", "train.steps=1",
+            "rollout.prompts_per_step=2", "eval.tasks=[]"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert f"{tmp_path / 'done'} is complete at step 1; nothing to resume\n" in capsys.readouterr().out
+
+
 def test_resuming_a_run_of_the_other_command_is_one_line_naming_the_command_that_resumes_it(tmp_path, error_line, capsys):
     """`ponder sft --resume runs/x` where runs/x is a GRPO run (and the reverse): the directory was a recipe 'not
     found', its config.yaml an unknown key (or 'did you mean data.tasks'), and a recipe named at it every setting

@@ -86,7 +86,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
         # a finished run resumed: its evaluation stands (run again, it was logged twice and its file rewritten)
         done = _load_eval(trainer, "after") if not ran else None
         after = done or (_evaluate(trainer, "after") if evaluating else None)
-        if done is not None and main:
+        if not ran and (done is not None or not evaluating) and main:  # (without eval tasks there is no file to find)
             console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume", soft_wrap=True)
         if after is not None and done is None:
             trainer.metrics.log(trainer.step_no, _flatten(after))
