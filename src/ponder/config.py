@@ -332,6 +332,17 @@ def _plain(value):
     return value
 
 
+def number_text(value):
+    """A number YAML 1.1 reads as a string (`1e-3`, without a dot; `inf` as a word, for the caller's finite check) as
+    the float it writes; any other value as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp` (coercing ints to floats and the like)."""
     origin = typing.get_origin(tp)
@@ -373,11 +384,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise UserError(f"config {where}: expected a mapping, got {value!r}")
         return _plain(dict(value))
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; `inf` too (checked below)
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        value = number_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config {where}: expected a number, got {value!r}")
         if not math.isfinite(value):  # YAML's .nan and .inf: no setting means them (a NaN reward weight ran to a guardrail)

@@ -90,14 +90,11 @@ class RewardSet:
         self.options: dict[str, dict] = {}  # recipe options win over example columns of the same name
         self.refs: dict[str, str] = {}  # logged name -> the name in the recipe (module:fn for one's own)
         self.option_params: dict[str, dict[str, Any]] = {}  # name -> {option parameter: its default}
+        from ponder.config import number_text  # (here: verification workers import this package, not the config)
+
         for ref, value in spec.items():
             opts = dict(value) if isinstance(value, dict) else {"weight": value}
-            weight = opts.pop("weight", 1.0)
-            if isinstance(weight, str):  # YAML 1.1 reads 1e-1 (no dot) as a string, as the config's floats
-                try:
-                    weight = float(weight)
-                except ValueError:
-                    pass
+            weight = number_text(opts.pop("weight", 1.0))  # `rewards` holds any values: the config converts none of them
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not isfinite(weight):
                 raise UserError(f"config rewards.{ref}: weight must be a finite number, got {weight!r}")
             name = str(ref).rpartition(":")[2]  # logged as reward/<name>: a function of one's own by its name
