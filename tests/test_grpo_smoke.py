@@ -58,6 +58,47 @@ def test_each_variant_runs_and_logs_its_figures(smoke_cfg):
     assert all(r["groups_generated"] >= 4 for r in rows)
 
 
+def test_a_sequence_level_ratio_clips_whole_completions_in_the_trainer(smoke_cfg, monkeypatch):
+    """algorithm.ratio=sequence (GSPO) reaches the loss: in off-policy updates at GSPO's clip range a completion's
+    tokens are clipped all together or not at all, so the clipped token count is a sum of whole lengths."""
+    from ponder.rl import trainer
+    from ponder.rl.trainer import GRPOTrainer
+
+    real, seen = trainer.policy_loss, []
+
+    def spy(logp, old, adv, weight, *args):
+        loss, st = real(logp, old, adv, weight, *args)
+        seen.append((args[-1], (weight != 0).sum(1), st))
+        return loss, st
+
+    monkeypatch.setattr(trainer, "policy_loss", spy)
+    cfg = smoke_cfg("name=gspo", "train.steps=2", "train.save_every=0", "algorithm.ratio=sequence", "algorithm.mu=2",
+                    "algorithm.minibatches=2", "algorithm.eps_low=3e-4", "algorithm.eps_high=4e-4", "optim.lr=0.05",
+                    "rewards={test_char_hash: 1.0}")
+    t = GRPOTrainer(cfg)
+    assert t.start_notices == []
+    rows = [t.step() for _ in range(2)]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
+    assert {level for level, _, _ in seen} == {"sequence"}
+    clipped = [(lengths, st["clip_low"] + st["clip_high"]) for _, lengths, st in seen]
+    assert sum(c.item() for _, c in clipped) > 0  # later updates are off-policy and leave GSPO's narrow range
+    for lengths, c in clipped:  # a sum of whole sequences' lengths (subset-sum over this micro-batch's rows)
+        sums = {0}
+        for n in lengths.tolist():
+            sums |= {x + n for x in sums}
+        assert int(c.item()) in sums
+
+
+def test_the_sequence_level_ratio_says_where_it_does_nothing():
+    from ponder.config import AlgoConfig
+    from ponder.rl.trainer import ratio_notices
+
+    assert ratio_notices(AlgoConfig()) == []
+    assert "changes nothing at mu = 1" in ratio_notices(AlgoConfig(ratio="sequence"))[0]
+    assert "[0.8, 1.2]" in ratio_notices(AlgoConfig(ratio="sequence", mu=2))[0]
+    assert ratio_notices(AlgoConfig(ratio="sequence", mu=2, eps_low=3e-4, eps_high=4e-4)) == []
+
+
 def test_overlong_filtering_masks_truncated_completions(smoke_cfg):
     from ponder.rl.trainer import GRPOTrainer
 

@@ -94,3 +94,64 @@ def test_a_ratio_between_the_two_clip_bounds_is_not_counted_as_clipped_high():
     assert loss.item() == pytest.approx(-1.25)
     assert logp.grad.item() == pytest.approx(-1.25)  # d(-ratio*A)/dlogp = -ratio: unclipped
     assert st["clip_high"] == 0 and st["clip_low"] == 0 and st["tokens"] == 1
+
+
+def _gspo(log_ratios, adv, width=3, eps=(0.2, 0.2), level="sequence"):
+    """Sequences with the given per-token log ratios (padded to `width` with garbage log-probs), grpo weights;
+    returns (loss, gradient of each token's log-prob, stats)."""
+    n = len(log_ratios)
+    logp = torch.full((n, width), 7.0)  # padding: a value that would move any ratio it leaked into
+    for i, r in enumerate(log_ratios):
+        logp[i, : len(r)] = torch.tensor(r)
+    logp.requires_grad_(True)
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in log_ratios])
+    weight = mask * torch.tensor(sequence_token_weights([len(r) for r in log_ratios], "grpo", width))[:, None]
+    loss, st = policy_loss(logp, torch.zeros(n, width), torch.tensor(adv), weight, *eps, ratio_level=level)
+    loss.backward()
+    return loss.item(), logp.grad, st
+
+
+def test_the_sequence_ratio_is_the_geometric_mean_and_clips_whole_sequences():
+    """GSPO: s_i = exp(mean_t log ratio_t), min(s A, clip(s) A) per sequence; here with hand values."""
+    l11, l13, l2 = math.log(1.1), math.log(1.3), math.log(2.0)
+    loss, grad, st = _gspo([[l11, l13], [l2, 0.0, 0.0]], [1.0, 1.0])
+    s0 = math.sqrt(1.1 * 1.3)  # 1.196: inside [0.8, 1.2]
+    # sequence 1: 2^(1/3) = 1.26 > 1.2 with A > 0: clipped to 1.2 as a whole, its tokens of ratio 1 included
+    assert loss == pytest.approx((-s0 - 1.2) / 2)
+    # d/d logp_t of -(1/N) s A, s = exp(mean log ratio): -(1/N) A s / |y|, the same for each token of the sequence
+    assert grad[0, :2].tolist() == pytest.approx([-s0 / 4] * 2)
+    assert grad[1].tolist() == [0.0, 0.0, 0.0] and grad[0, 2].item() == 0.0
+    assert (st["clip_high"].item(), st["clip_low"].item(), st["tokens"].item()) == (3, 0, 5)
+    # per token, sequence 1's last two tokens (ratio 1) keep their gradient and only its first is clipped (and
+    # sequence 0's 1.3)
+    loss, grad, st = _gspo([[l11, l13], [l2, 0.0, 0.0]], [1.0, 1.0], level="token")
+    assert loss == pytest.approx(-(1.1 + 1.2) / 4 - (1.2 + 1 + 1) / 6)
+    assert grad[1].tolist() == pytest.approx([0.0, -1 / 6, -1 / 6]) and st["clip_high"].item() == 2
+
+
+def test_the_sequence_ratio_with_a_negative_advantage_and_gspo_clip_range():
+    """A < 0 and a ratio below 1 - eps_low: clipped (the pessimistic bound), no gradient; at GSPO's own range
+    (3e-4, 4e-4) a sequence whose tokens move by +1% and -1% stays inside (mean log ratio ~ 0)."""
+    loss, grad, st = _gspo([[math.log(0.5), 0.0]], [-1.0], width=2)
+    assert loss == pytest.approx(0.8) and grad.abs().sum().item() == 0.0 and st["clip_low"].item() == 2
+    up, down = math.log(1.01), -math.log(1.01)
+    loss, grad, st = _gspo([[up, down]], [1.0], width=2, eps=(3e-4, 4e-4))
+    assert loss == pytest.approx(-1.0) and st["clip_high"].item() == 0
+    assert grad[0].tolist() == pytest.approx([-0.5, -0.5])
+    _, _, st = _gspo([[up, down]], [1.0], width=2, eps=(3e-4, 4e-4), level="token")
+    assert st["clip_high"].item() == 1  # per token, the +1% token leaves [1 - 3e-4, 1 + 4e-4]
+
+
+def test_on_policy_the_sequence_ratio_gives_the_token_ratios_loss_and_gradient():
+    torch.manual_seed(0)
+    base = torch.randn(3, 4)
+    mask = torch.tensor([[1.0] * 4, [1.0] * 2 + [0.0] * 2, [1.0] * 3 + [0.0]])
+    weight = mask * torch.tensor(sequence_token_weights([4, 2, 3], "grpo", 4))[:, None]
+    out = {}
+    for level in ("token", "sequence"):
+        logp = base.clone().requires_grad_(True)
+        loss, _ = policy_loss(logp, logp.detach(), torch.tensor([0.5, -1.0, 2.0]), weight, 0.2, 0.2, ratio_level=level)
+        loss.backward()
+        out[level] = (loss.item(), logp.grad)
+    assert out["token"][0] == pytest.approx(out["sequence"][0])
+    assert torch.allclose(out["token"][1], out["sequence"][1])

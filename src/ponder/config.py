@@ -86,6 +86,10 @@ class AlgoConfig:
     loss_agg: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "grpo"
     eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
     eps_high: float = 0.2  # clip-higher (DAPO: 0.28)
+    # Importance ratio. token: one a token (PPO, GRPO); sequence: one a sequence, the geometric mean of its tokens'
+    # ratios, clipped as a whole (GSPO, arXiv 2507.18071, which clips at eps_low 3e-4, eps_high 4e-4). The two
+    # differ only off-policy: mu > 1 or minibatches > 1 (at mu = 1 every ratio is 1).
+    ratio: Literal["token", "sequence"] = "token"
     beta: float = 0.0  # k3 KL coefficient; 0 builds no reference model
     ref_reset_every: int = 0  # replace the reference by the current policy every N steps (R1: 400); 0: never
     mu: int = 1  # passes over each batch of rollouts (old log-probs kept when > 1)

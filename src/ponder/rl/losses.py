@@ -54,10 +54,18 @@ def policy_loss(
     eps_high: float,
     beta: float = 0.0,
     ref_logp: torch.Tensor | None = None,
+    ratio_level: str = "token",
 ):
     """Returns (loss, stats). loss = sum(weight * token_loss); stats are detached token sums, as 0-d tensors
     on the loss's device (read them once per step: each read waits for the GPU)."""
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    live = (weight != 0).float()
+    if ratio_level == "sequence":
+        # GSPO (arXiv 2507.18071): one ratio a sequence, the geometric mean of its tokens' ratios, clipped as a
+        # whole; each token keeps its own gradient path (GSPO-token), whose sum over a sequence is GSPO's gradient
+        seq = (log_ratio.detach() * live).sum(1) / live.sum(1).clamp(min=1)
+        log_ratio = seq[:, None] + logp - logp.detach()
+    ratio = torch.exp(log_ratio)
     a = adv[:, None]
     unclipped = ratio * a
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a  # clip-higher: eps_high may exceed eps_low
@@ -67,7 +75,6 @@ def policy_loss(
         kl = k3_kl(logp, ref_logp)  # added to the loss, not the reward (DeepSeekMath)
         token_loss = token_loss + beta * kl
     loss = (token_loss * weight).sum()
-    live = (weight != 0).float()
     stats = {
         # a token is clipped when the clipped branch wins the min and carries no gradient
         "clip_low": ((ratio < 1 - eps_low) & (a < 0)).float().mul(live).sum(),

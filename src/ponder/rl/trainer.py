@@ -208,7 +208,7 @@ class GRPOTrainer:
             old = self._saved(mb, "old_logp", logp)
             ref = self._saved(mb, "ref_logp", logp) if a.beta else None
             adv = per_row([s.advantage for s in mb], self.device)
-            loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref)
+            loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref, a.ratio)
             sharding.accumulate(self.model, last=i == len(batches) - 1, mode=self.sharding)
             loss.backward()  # sharded: FSDP2 sums the gradients across ranks
             if i < real:
@@ -487,6 +487,7 @@ class GRPOTrainer:
             self.start_notices.append(f"ponder: {setting} decodes greedily: a prompt's {r.group_size} answers are alike, "
                                       "so every group's rewards are equal and GRPO learns nothing; sample with a "
                                       "temperature above 0 (R1-Zero: 1.0)")
+        self.start_notices += ratio_notices(cfg.algorithm)
         new_tokens = (e.max_new_tokens, "eval.max_new_tokens") if e.max_new_tokens else (r.max_new_tokens, "rollout.max_new_tokens")
         prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
                        *((examples, *new_tokens) for examples in self.eval_examples)]
@@ -571,6 +572,20 @@ def assign_advantages(groups: list[Group], mode: str) -> None:
         for g, row in zip(groups, adv.tolist()):
             for s, value in zip(g.samples, row):
                 s.advantage = value
+
+
+def ratio_notices(a) -> list[str]:
+    """Start notices for a sequence-level ratio (GSPO) where it cannot do what it is for."""
+    if a.ratio != "sequence":
+        return []
+    if a.mu == 1 and a.minibatches == 1:
+        return ["ponder: algorithm.ratio=sequence (GSPO) changes nothing at mu = 1 with one mini-batch, where every "
+                "ratio is 1; it clips updates made off-policy: set algorithm.mu or algorithm.minibatches above 1"]
+    if min(a.eps_low, a.eps_high) >= 0.01:
+        return [f"ponder: algorithm.ratio=sequence clips a sequence's mean ratio to [{1 - a.eps_low:g}, "
+                f"{1 + a.eps_high:g}], which it seldom leaves; GSPO clips at algorithm.eps_low=3e-4 "
+                "algorithm.eps_high=4e-4"]
+    return []
 
 
 def _weightless(source: str, trust_remote_code: bool):
