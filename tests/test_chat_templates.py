@@ -372,9 +372,8 @@ def test_prompts_past_a_learned_position_table_are_one_line_before_training(tmp_
     """GPT-2's positions are a table (n_positions): a prompt plus the new tokens past it was an IndexError deep in the
     model, in the step that first met it. The longest prompt is measured before the model loads (the table's size read
     from its config), the evaluation's with its own max_new_tokens."""
-    from ponder import models
+    from ponder import models, positions
     from ponder.models import load, position_limit
-    from ponder.rl import trainer
 
     model = gpt2_model(tmp_path / "g", 24)
     capsys.readouterr()
@@ -387,7 +386,7 @@ def test_prompts_past_a_learned_position_table_are_one_line_before_training(tmp_
         m.setattr(models, "load_trainable", no_model_loads)
         assert error_line(*args, data) == line
     with monkeypatch.context() as m:  # a config not at hand before the model loads (a Hub model not downloaded yet)
-        m.setattr(trainer, "_weightless", lambda *_: None)
+        m.setattr(positions, "weightless", lambda *_: None)
         assert error_line(*args, data) == line
     short = jsonl(tmp_path / "s.jsonl", "3+4", "Three plus four?")  # 16 tokens
     assert error_line(*args, short, "eval.tasks=[{name: jsonl, path: " + str(tmp_path / "d.jsonl") + "}]",
@@ -403,6 +402,31 @@ def test_prompts_past_a_learned_position_table_are_one_line_before_training(tmp_
     fits = smoke_cfg(f"model.path={model}", "rollout.engine=hf", "rollout.max_new_tokens=8", short, "train.save_every=0",
                      "rollout.prompts_per_step=2", "rollout.group_size=2")
     assert train(fits, stop_after=1).step_no == 1  # 16 + 8 positions: within the table, and GPT-2 trains
+
+
+def test_eval_and_sample_refuse_prompts_past_a_learned_position_table_in_one_line(tmp_path, error_line, monkeypatch):
+    """`ponder eval` and `ponder sample` ran no such check: past GPT-2's table they failed with an IndexError traceback
+    from deep in the model, after every earlier batch had been sampled. Now one line before the model loads, or just
+    after where its config was not at hand."""
+    from ponder import models, positions
+
+    model = gpt2_model(tmp_path / "g", 24)
+    data = tmp_path / "d.jsonl"
+    jsonl(data, "3+4", "What is three plus four?")  # 24 tokens under the plain template
+    evaluate = ["eval", "--model", model, "--tasks", f"jsonl:{data}", "--k", "1", "--template", "plain", "--quiet",
+                "--out", str(tmp_path / "ev")]
+    sample = ["sample", "template=plain", "--model", model, "--tasks", f"jsonl:{data}", "--k", "1", "--quiet",
+              "--out", str(tmp_path / "s" / "t.jsonl")]
+    for argv, key in ((evaluate, "--max-tokens"), (sample, "max_new_tokens")):
+        line = (f"ponder: error: a prompt of 24 tokens (example 2 of task 'jsonl') + {key} 4 = 28 positions, past the "
+                "model's 24 (max_position_embeddings, a learned position table); shorten prompts to 20 tokens or fewer")
+        with monkeypatch.context() as m:
+            m.setattr(models, "load", no_model_loads)
+            assert error_line(*argv, "--max-tokens", "4") == line
+        with monkeypatch.context() as m:  # the config not at hand before the model loads: told once it has
+            m.setattr(positions, "weightless", lambda *_: None)
+            assert error_line(*argv, "--max-tokens", "4") == line
+    assert not (tmp_path / "ev" / "results.json").exists() and not (tmp_path / "s" / "t.jsonl").exists()
 
 
 def test_the_position_table_is_the_text_models_not_a_vision_towers():

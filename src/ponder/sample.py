@@ -9,6 +9,7 @@ filter) and <out>.unsolved.txt (ids of prompts with no accepted answer, one a li
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -147,7 +148,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     so is `resume` with settings other than the run's."""
     import torch
 
-    from ponder import models
+    from ponder import models, positions
     from ponder.rollout import SamplingParams, make_engine
     from ponder.runtime import pick_device
     from ponder.tasks import check_prompts, load_examples
@@ -182,14 +183,19 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     if earlier and tmp.stat().st_size < earlier["bytes"]:
         raise UserError(f"--resume: {tmp} holds {tmp.stat().st_size} bytes where its ledger records {earlier['bytes']} (the "
                         f"machine stopped before the rows reached the disk); delete {tmp} and {ledger} to sample afresh")
+    prompt_sets = [([ex for _, _, ex in problems], cfg.max_new_tokens, "max_new_tokens")]
     if model is None:
         # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
-        chat = models.load_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.template == "chat" else None
-        check_prompts([ex for _, _, ex in problems], cfg.template, chat)
+        tokenizer = functools.cache(lambda: models.load_tokenizer(cfg.model, cfg.trust_remote_code))
+        chat = tokenizer() if cfg.template == "chat" else None
+        check_prompts(prompt_sets[0][0], cfg.template, chat)
+        prompt_sets = positions.check_before_loading(prompt_sets, cfg.template, cfg.model, cfg.trust_remote_code, tokenizer)
         device = pick_device(cfg.device)
+        loaded = tokenizer() if tokenizer.cache_info().currsize else None
         model, tokenizer = models.load(cfg.model, seed=cfg.seed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                       trust_remote_code=cfg.trust_remote_code, tokenizer=chat)
+                                       trust_remote_code=cfg.trust_remote_code, tokenizer=loaded)
         model.to(device)
+    positions.check_loaded(prompt_sets, cfg.template, model, tokenizer)
     engine = make_engine(cfg.engine, model, tokenizer, batch_size=cfg.batch_size)
     params = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                             stop=tuple(cfg.stop))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -95,7 +96,7 @@ def run(args) -> int:
     import torch
 
     from ponder.evaluation.runner import evaluate
-    from ponder import models
+    from ponder import models, positions
     from ponder.tasks import check_prompts, load_examples
 
     labelled = parse_tasks(args.tasks, split=args.split, n=args.n, options=parse_options(args.option))
@@ -106,12 +107,17 @@ def run(args) -> int:
             rows = [dict(ex, eval_group=name) for ex in rows]
         examples += rows
     # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
-    chat = models.load_tokenizer(args.model, args.trust_remote_code) if args.template == "chat" else None
+    tokenizer = functools.cache(lambda: models.load_tokenizer(args.model, args.trust_remote_code))
+    chat = tokenizer() if args.template == "chat" else None
     check_prompts(examples, args.template, chat)
+    prompt_sets = [(examples, args.max_tokens, "--max-tokens")]
+    unchecked = positions.check_before_loading(prompt_sets, args.template, args.model, args.trust_remote_code, tokenizer)
     device = _device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, tokenizer = models.load(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code, tokenizer=chat)
+    loaded = tokenizer() if tokenizer.cache_info().currsize else None
+    model, tokenizer = models.load(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code, tokenizer=loaded)
+    positions.check_loaded(unchecked, args.template, model, tokenizer)
     model.to(device)
     result = evaluate(
         model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ponder import checkpoint, distributed, models, sharding, stopping
+from ponder import checkpoint, distributed, models, positions, sharding, stopping
 from ponder.config import RunConfig, to_dict
 from ponder.errors import UserError
 from ponder.files import make_dir, write_atomic
@@ -43,7 +43,7 @@ from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_we
 from ponder.rollout import SamplingParams, completion_texts, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
 from ponder.tasks import PromptSampler, check_prompts, load_examples, mix, prompt_key
-from ponder.templates import TEMPLATES, encoded_prompt, prompt_ids, render, require_chat_template
+from ponder.templates import TEMPLATES, encoded_prompt, render, require_chat_template
 
 # prompts the first memory plan encodes to find the data's longest (tokens per character vary little within a task)
 LONGEST_BY_CHARS = 64
@@ -91,8 +91,8 @@ class GRPOTrainer:
         loaded = self._data_tokenizer() if self._data_tokenizer.cache_info().currsize else None
         self.model, self.tokenizer = models.load_trainable(cfg.model, last, self.state, cfg.seed, self.device, chooser,
                                                            narrow_frozen=self.sharding == "none", tokenizer=loaded)
-        if unchecked:  # the model's config was not at hand before it loaded (a Hub model downloaded just now)
-            _check_positions(unchecked, cfg.data.template, models.position_limit(self.model), self.tokenizer)
+        # where the model's config was not at hand before it loaded (a Hub model downloaded just now)
+        positions.check_loaded(unchecked, cfg.data.template, self.model, self.tokenizer)
         self.precision = chooser.chosen
         models.disable_dropout(self.model)  # before the reference copy: neither scores with dropout
         self.ref = self._make_reference()
@@ -493,13 +493,7 @@ class GRPOTrainer:
                        *((examples, *new_tokens) for examples in self.eval_examples)]
         for examples, _, _ in prompt_sets:
             check_prompts(examples, cfg.data.template, chat)
-        skeleton = _weightless(source, cfg.model.trust_remote_code)
-        if skeleton is None:
-            return prompt_sets
-        limit = models.position_limit(skeleton)
-        if limit is not None:
-            _check_positions(prompt_sets, cfg.data.template, limit, tokenizer())
-        return None
+        return positions.check_before_loading(prompt_sets, cfg.data.template, source, cfg.model.trust_remote_code, tokenizer)
 
     def _make_reference(self):
         """A frozen reference for the KL term; none at all when beta is 0. With LoRA and no resets the
@@ -586,50 +580,6 @@ def ratio_notices(a) -> list[str]:
                 f"{1 + a.eps_high:g}], which it seldom leaves; GSPO clips at algorithm.eps_low=3e-4 "
                 "algorithm.eps_high=4e-4"]
     return []
-
-
-def _weightless(source: str, trust_remote_code: bool):
-    """The model at `source` built from its config on the meta device: its layout without weights or memory (a moment,
-    for a 70B model too), for models.position_limit before the weights load. None where the config is not at hand (a
-    Hub model not downloaded yet) or cannot build such a model: the loaded model is checked instead, and its loading
-    says what is wrong."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ponder.models.tiny import tiny_config
-
-    try:
-        where = models.resolve(source)
-        if isinstance(where, models.HubModel):
-            where = models.hub_snapshot(where)
-            if where is None:
-                return None
-        # tiny-random: the built-in Llama, whose positions (rotary) are the same in every shape
-        config = tiny_config() if isinstance(where, str) else AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the run's random draws stay as they were
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception:  # a config or a model's own code this cannot read: the loading tells it as one line
-        return None
-
-
-def _check_positions(prompt_sets: list[tuple], template: str, limit: int | None, tokenizer) -> None:
-    """A model with a learned position table (GPT-2) fails past it with an IndexError deep in the model, in whichever
-    step first meets a long prompt: the longest prompt of each set plus its new tokens must fit, told before the model
-    loads (or, its config not at hand, just after). `limit`: models.position_limit's, None where positions are computed
-    (rotary: no table to pass)."""
-    if limit is None:
-        return
-    for examples, new_tokens, key in prompt_sets:
-        lengths = [len(prompt_ids(template, ex["prompt"], tokenizer)) for ex in examples]
-        i = max(range(len(lengths)), key=lengths.__getitem__)
-        longest = lengths[i]
-        if longest + new_tokens <= limit:
-            continue
-        fixes = [f"lower {key} to {limit - longest}"] if longest < limit else []
-        fixes += [f"shorten prompts to {limit - new_tokens} tokens or fewer"] if new_tokens < limit else []
-        fix = " or ".join(fixes) or f"shorten prompts and lower {key}: together they must fit in {limit} positions"
-        raise UserError(f"a prompt of {longest} tokens (example {i + 1} of task '{examples[i].get('task')}') + {key} "
-                        f"{new_tokens} = {longest + new_tokens} positions, past the model's {limit} (max_position_embeddings, "
-                        f"a learned position table); {fix}")
 
 
 def _split(samples: list[Sample], k: int) -> list[list[Sample]]:
