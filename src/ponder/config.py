@@ -81,7 +81,8 @@ class AlgoConfig:
     # batch_std: (r - group mean) / std over the batch; none: Dr. GRPO (r - mean); rloo: leave-one-out mean.
     advantage: Literal["group_std", "batch_std", "none", "rloo"] = "group_std"
     # Loss aggregation. grpo: token mean per sequence, then sequence mean (DeepSeekMath);
-    # dr_grpo: token sum / (G * max_new_tokens) (Dr. GRPO); dapo: token mean over the whole batch (DAPO);
+    # dr_grpo: token sum / (N * max_new_tokens), N the batch's sequences, prompts x G (Dr. GRPO: each group's
+    # token sum / (G * max_new_tokens), averaged over the groups); dapo: token mean over the whole batch (DAPO);
     # bnpo: token mean over each micro-batch, averaged over micro-batches.
     loss_agg: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "grpo"
     eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
@@ -673,8 +674,6 @@ def validate(cfg) -> None:
     check_optim(cfg.optim)
     if r.group_size < 2:  # every mode subtracts the group's mean (advantage none too: Dr. GRPO's r - mean)
         raise UserError("config rollout.group_size must be at least 2 for group-relative advantages")
-    if a.advantage == "rloo" and r.group_size < 2:
-        raise UserError("config algorithm.advantage=rloo needs rollout.group_size >= 2")
     if a.mu < 1 or a.minibatches < 1:
         raise UserError("config algorithm.mu and algorithm.minibatches must be at least 1")
     if cfg.model.lora is not None and cfg.model.lora.dropout > 0:  # (disable_dropout turns off the model's own)
