@@ -314,6 +314,19 @@ def test_other_architectures_fall_back_to_hf_with_a_notice(capsys, kind):
     assert eng.generate(prompts, params) == HFEngine(model, TOK).generate(prompts, params)
 
 
+def test_the_fallback_to_transformers_keeps_the_cap_on_rows_decoded_at_once(monkeypatch):
+    """rollout.generation_batch (`ponder sample`'s batch_size) bounds the sequences the fast engine decodes at once; its
+    fallback to transformers was built with the default 256, so that bound went where memory is shortest."""
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(TOK), n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    calls = []
+    real = HFEngine._batch
+    monkeypatch.setattr(HFEngine, "_batch", lambda self, prompts, params: calls.append(len(prompts)) or real(self, prompts, params))
+    make_engine("fast", model, TOK, batch_size=3).generate(encode(PROMPTS[:2]), SamplingParams(n=4, max_tokens=2, seed=0))
+    assert calls == [3, 3, 2]
+
+
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_lora_wrapped_policy_generates_like_transformers(family):
     """Phi-3: the default targets' names map to its fused qkv_proj and gate_up_proj (ponder.models.lora_targets),

@@ -215,7 +215,7 @@ class FastEngine(RolloutEngine):
         self.stats: dict = {}  # of the last call: KV blocks held at most, sequences that gave way
         self.arch, why = describe(model)
         self.copy: RolloutCopy | None = None
-        self.hf = HFEngine(model, tokenizer)
+        self.hf = HFEngine(model, tokenizer, batch_size or 256)  # the same cap on rows decoded at once
         if self.arch is None:
             notice(f"fast engine: {why}; using the hf engine")
         self.fwd: Forward | None = None
