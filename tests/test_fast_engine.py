@@ -964,3 +964,77 @@ def test_a_pool_too_small_for_one_sequence_names_the_setting_that_sized_it():
     eng = FastEngine(model, TOK, batch_size=2, block_size=2, kv_blocks=3)
     with pytest.raises(UserError, match=r"shorten max_tokens or raise rollout\.engine_options\.kv_blocks$"):
         eng.generate(encode(["Q: 12+7="]), SamplingParams(n=2, temperature=0, max_tokens=8))
+
+
+def _micro():
+    model = randomized(load("tiny-random-micro", seed=2)[0])
+    return model, char_tokenizer()
+
+
+def test_a_stop_string_ends_the_hf_engines_rows_without_the_padding_after_it():
+    """A tokenizer without a pad token pads with EOS (ponder.models sets pad = EOS, as for Llama 3 or Mistral): the hf
+    engine cut a row that ended on a stop string at the EOS of its padding, one token the model never sampled (its
+    log-prob often -inf) kept and trained on. Both engines now give the same completions."""
+    model, tok = _micro()
+    tok.pad_token = tok.eos_token
+    model.generation_config.eos_token_id = tok.eos_token_id
+    prompts = [tok.encode(p) for p in PROMPTS]
+    plain = HFEngine(model, tok).generate(prompts, SamplingParams(temperature=0, max_tokens=20))
+    stop = tok.decode(plain[2][0].token_ids[4:7])  # met by sample 2 only, the others going on
+    params = SamplingParams(temperature=0, max_tokens=20, stop=(stop,), logprobs=True)
+    hf, fast = HFEngine(model, tok).generate(prompts, params), FastEngine(model, tok).generate(prompts, params)
+    c = hf[2][0]
+    assert c.finish_reason == "stop" and tok.decode(c.token_ids).endswith(stop) and tok.eos_token_id not in c.token_ids
+    assert [o[0].token_ids for o in hf] == [o[0].token_ids for o in fast]
+    assert [o[0].finish_reason for o in hf] == [o[0].finish_reason for o in fast]
+    sampled = SamplingParams(n=4, temperature=1.0, top_p=0.5, max_tokens=20, stop=("e", "7", "q"), logprobs=True, seed=1)
+    for out in HFEngine(model, tok).generate(prompts, sampled):
+        for c in out:
+            assert tok.eos_token_id not in c.token_ids[:-1] and all(x > -1e30 for x in c.logprobs)
+            if c.finish_reason == "stop" and c.token_ids[-1] == tok.eos_token_id:  # an EOS sampled: no stop string before
+                assert not any(s in tok.decode(c.token_ids, skip_special_tokens=True) for s in sampled.stop)
+
+
+def test_a_stop_string_is_searched_in_the_completion_not_across_the_prompts_end():
+    """transformers' stop_strings match the end of the whole sequence: a prompt ending in `=` and a first token `=`
+    met `==`, and the hf engine returned 1 token, 11 pads and "length". Both engines search the completion only."""
+    model, tok = _micro()
+    model.generation_config.eos_token_id = len(tok) + 5  # none: whole outputs
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    first = HFEngine(model, tok).generate(prompts[:1], SamplingParams(temperature=0, max_tokens=1))[0][0].token_ids[0]
+    stop = PROMPTS[0][-1] + tok.decode([first])  # the prompt's last character and the first one generated
+    params = SamplingParams(temperature=0, max_tokens=12, stop=(stop,))
+    hf, fast = HFEngine(model, tok).generate(prompts, params), FastEngine(model, tok).generate(prompts, params)
+    assert [(o[0].token_ids, o[0].finish_reason) for o in hf] == [(o[0].token_ids, o[0].finish_reason) for o in fast]
+    c = hf[0][0]
+    assert tok.pad_token_id not in c.token_ids
+    text = tok.decode(c.token_ids)
+    assert (c.finish_reason == "stop") == (stop in text) and (c.finish_reason == "length") == (len(c.token_ids) == 12)
+
+
+def test_a_stop_string_that_is_a_special_token_ends_the_completion_in_both_engines():
+    """`rollout.stop: ["<|im_end|>"]`, a chat model's end of turn where the checkpoint's EOS is another token (Qwen2.5
+    base): decoded texts leave special tokens out, so the fast engine never stopped and the hf engine stopped but
+    said "length" and kept its padding. It now ends a completion as EOS does, the token kept."""
+    from tokenizers import Regex, Tokenizer, decoders, models as token_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ponder.models.tiny import CHARS, SPECIAL_TOKENS
+
+    model, plain = _micro()
+    model.generation_config.eos_token_id = len(plain) + 5  # never sampled
+    prompts = [plain.encode(p) for p in PROMPTS[:2]]
+    greedy = HFEngine(model, plain).generate(prompts, SamplingParams(temperature=0, max_tokens=16))
+    ids = greedy[1][0].token_ids
+    end = ids[3]  # a character met part-way
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARS)}
+    vocab["<|im_end|>"] = vocab.pop(plain.convert_ids_to_tokens(end))  # that character's id is now the end of turn
+    core = Tokenizer(token_models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer, core.decoder = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"), decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False,
+                                  additional_special_tokens=["<|im_end|>"])
+    params = SamplingParams(temperature=0, max_tokens=16, stop=("<|im_end|>",))
+    for engine in (HFEngine(model, tok), FastEngine(model, tok)):
+        c = engine.generate(prompts, params)[1][0]
+        assert (c.token_ids, c.finish_reason) == (ids[: ids.index(end) + 1], "stop"), type(engine).__name__

@@ -26,7 +26,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     max_tokens: int = 256
-    stop: tuple[str, ...] = ()  # stop strings; the completion keeps the stop string
+    # stop strings, searched in the completion's text (never the prompt's); the completion keeps the stop string. One
+    # that is a special token's text (`<|im_end|>`), which decoded texts leave out, ends a completion as EOS does.
+    stop: tuple[str, ...] = ()
     logprobs: bool = False  # return the log-probability of each sampled token under the sampling distribution
     # return the entropy of each token's distribution at the temperature (1 when greedy), over the whole vocabulary
     # (engines that compute it: the fast one; others leave Completion.entropies None)
@@ -132,22 +134,35 @@ def completion_texts(tokenizer, outs: list[list[Completion]]) -> list[list[str]]
     return [[next(flat) for _ in out] for out in outs]
 
 
+def special_stop_ids(tokenizer, stop: tuple[str, ...]) -> set[int]:
+    """The ids of the stop strings that are one special token's text: decoded texts (skip_special_tokens) never hold
+    them, so engines end a completion at such a token as at EOS."""
+    ids = set()
+    for s in stop:
+        one = tokenizer.encode(s, add_special_tokens=False)
+        if len(one) == 1 and tokenizer.decode(one) == s and not tokenizer.decode(one, skip_special_tokens=True):
+            ids.add(one[0])
+    return ids
+
+
 def truncate_at_stop(token_ids: list[int], tokenizer, stop: tuple[str, ...], eos_ids: set[int], text: str | None = None):
-    """Cut a generated sequence after EOS or the first stop string; return (ids, finish_reason or None).
-    `text`: the sequence's decoded text where the caller has it (decode_texts of many sequences at once)."""
-    for i, t in enumerate(token_ids if eos_ids else ()):
-        if t in eos_ids:
-            return token_ids[: i + 1], "stop"
+    """Cut a generated sequence after whichever comes first, its first EOS or the end of its first stop string;
+    return (ids, finish_reason or None). `text`: the decoded text of the sequence before its first EOS, where the
+    caller has it (decode_texts of many sequences at once)."""
+    end = next((i for i, t in enumerate(token_ids) if t in eos_ids), None) if eos_ids else None
+    before = token_ids if end is None else token_ids[:end]  # what follows an EOS (padding) holds no stop string
     if stop:
-        text = tokenizer.decode(token_ids, skip_special_tokens=True) if text is None else text
+        text = tokenizer.decode(before, skip_special_tokens=True) if text is None else text
         if any(s in text for s in stop):
             # the shortest prefix whose text holds a stop string
-            lo, hi = 1, len(token_ids)
+            lo, hi = 1, len(before)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if any(s in tokenizer.decode(token_ids[:mid], skip_special_tokens=True) for s in stop):
+                if any(s in tokenizer.decode(before[:mid], skip_special_tokens=True) for s in stop):
                     hi = mid
                 else:
                     lo = mid + 1
-            return token_ids[:lo], "stop"
+            return before[:lo], "stop"
+    if end is not None:
+        return token_ids[: end + 1], "stop"
     return token_ids, None

@@ -48,7 +48,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ponder.errors import UserError
 from ponder.rollout import (
-    Completion, RolloutEngine, SamplingParams, decode_texts, register, shadow_dtype, truncate_at_stop,
+    Completion, RolloutEngine, SamplingParams, decode_texts, register, shadow_dtype, special_stop_ids, truncate_at_stop,
 )
 from ponder.kernels.arch import capturable, describe, gate_up_projections, qkv_projections, swiglu
 from ponder.kernels.sampler import row_keys
@@ -432,7 +432,7 @@ class FastEngine(RolloutEngine):
             f.kv.zero_()
             self.lent = False
         f.seed.fill_(seed & 0xFFFFFFFF)
-        eos = sorted(e for e in self.eos_ids() if e is not None)[: len(f.eos)]
+        eos = sorted(e for e in self.eos_ids(params.stop) if e is not None)[: len(f.eos)]
         f.eos.fill_(-1)
         f.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long, device=f.device)
         limits = [max_new] * n_seq if limits is None else [max(1, min(max_new, int(x))) for x in limits]
@@ -486,16 +486,17 @@ class FastEngine(RolloutEngine):
             keys = row_keys(f.seed, f.n_out[: run.batch], f.row_seq[: run.batch])
             f.record(run.batch, *sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k))
 
-    def eos_ids(self) -> set[int]:
+    def eos_ids(self, stop: tuple[str, ...] = ()) -> set[int]:
+        """The ids that end a completion: the model's EOS, and the stop strings that are one special token's text."""
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
-        return set(eos if isinstance(eos, list) else [eos])
+        return set(eos if isinstance(eos, list) else [eos]) | special_stop_ids(self.tokenizer, stop)
 
     def _completions(self, tokens, per_token: dict, n_prompts, params):
         """Completions cut at their EOS or stop string, with their per-token lists (`per_token`: logprobs and
         entropies, where asked) cut alike."""
-        eos_ids = self.eos_ids()
+        eos_ids = self.eos_ids(params.stop)
         out = []
         # rows run on past their end until the next host check: cut at whichever comes first, EOS or a stop
         # string (searched only before the EOS)

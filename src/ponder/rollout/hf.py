@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from ponder.rollout import Completion, RolloutEngine, SamplingParams, register, shadow_dtype, truncate_at_stop
+from ponder.rollout import (
+    Completion, RolloutEngine, SamplingParams, decode_texts, register, shadow_dtype, special_stop_ids, truncate_at_stop,
+)
 
 
 @register("hf")
@@ -42,7 +44,7 @@ class HFEngine(RolloutEngine):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         eos = self.model.generation_config.eos_token_id or tok.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | special_stop_ids(tok, params.stop)
         greedy = params.temperature == 0
         kwargs = dict(
             max_new_tokens=params.max_tokens, do_sample=not greedy, pad_token_id=pad,
@@ -51,8 +53,8 @@ class HFEngine(RolloutEngine):
         )
         if not greedy:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-        if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+        if params.stop:  # transformers' own stop_strings search the prompt's end too
+            kwargs.update(stopping_criteria=StoppingCriteriaList([CompletionStops(tok, params.stop, width)]))
         narrow = shadow_dtype(self.model)  # bfloat16 matrices beside float32 norms: as autocast over float32 runs
         with torch.autocast(device.type, dtype=narrow) if narrow else contextlib.nullcontext(), plain_config(self.model):
             res = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
@@ -69,6 +71,21 @@ class HFEngine(RolloutEngine):
             lp = logprobs[i][: len(kept)] if logprobs is not None else None
             out.append(Completion(kept, reason, lp))
         return out
+
+
+class CompletionStops(StoppingCriteria):
+    """Ends a row once its new tokens' text holds a stop string: only the completion's (transformers' stop_strings
+    match the end of the whole sequence, so a prompt ending in `=` and a first token `=` met the stop string `==`).
+    Each step decodes each row's last few tokens, enough for any stop string to end in them."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], width: int):
+        self.tokenizer, self.stop, self.width = tokenizer, stop, width
+        self.tail = 4 * max(len(s) for s in stop) + 8  # tokens: some decode to no character (special, part of one)
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.width:]
+        texts = decode_texts(self.tokenizer, new[:, -self.tail:].tolist())
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
 @contextlib.contextmanager
