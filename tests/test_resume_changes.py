@@ -50,6 +50,30 @@ def test_grpo_resume_refuses_changes_unless_allowed_and_records_them(capsys, tmp
     assert rows[2]["lr"] == fresh[2]["lr"] and fresh[2]["lr"] < rows[1]["lr"]
 
 
+def test_grpo_resume_refuses_changed_prompts_unless_allowed(capsys, tmp_path, error_line):
+    """The task file rewritten between the stop and --resume: the settings are the same, so it resumed silently, its
+    sampler's place (a count of prompts drawn) now falling on other prompts. `ponder sft` refused this already."""
+    data = tmp_path / "d.jsonl"
+    write = lambda op: data.write_text("".join(json.dumps({"prompt": f"{i} {op} 3 =", "answer": "0"}) + "\n"  # noqa: E731
+                                           for i in range(12)))
+    write("+")
+    base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=d", *FAST,
+            f"data.tasks=[{{name: jsonl, path: {data}}}]"]
+    assert main(base + ["train.steps=1"]) == 0
+    write("*")
+    assert error_line(*base, "train.steps=2", "--resume") == (
+        f"ponder: error: --resume: the prompts of data.tasks differ from those the run in {tmp_path / 'd'} trained on (a "
+        "task file or dataset changed since); pass --allow-changes to continue on the new prompts, or start a new run "
+        "(name=...)")
+    assert [p.name for p in (tmp_path / "d" / "checkpoints").iterdir()] == ["step-1"]
+    assert main(base + ["train.steps=2", "--resume", "--allow-changes"]) == 0
+    samples = [json.loads(l) for l in (tmp_path / "d" / "samples.jsonl").read_text().splitlines()]
+    assert all("*" in r["prompt"] for r in samples if r["step"] == 2) and all("+" in r["prompt"] for r in samples
+                                                                             if r["step"] == 1)
+    write("*")  # unchanged since the last checkpoint: resumes without the flag
+    assert main(base + ["train.steps=3", "--resume"]) == 0
+
+
 def test_sft_resume_refuses_changes_unless_allowed(tmp_path, error_line):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": f"{i + 1}"}) + "\n" for i in range(4)))

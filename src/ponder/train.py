@@ -41,7 +41,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
 
     require_backends(cfg.train.log_to)
     changes = resuming.check(cfg, "train", allow_changes) if resume else None
-    trainer = GRPOTrainer(cfg, resume=resume)  # checks the template, the data and the rewards before the model loads
+    trainer = GRPOTrainer(cfg, resume=resume, allow_changes=allow_changes)  # checks the template, the data and the rewards before the model loads
     main = trainer.rank == 0  # with torchrun, rank 0 prints and writes; every rank evaluates its share
     if changes is not None and main:
         resuming.record(trainer.run_dir, changes, trainer.step_no)

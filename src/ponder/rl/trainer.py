@@ -28,6 +28,7 @@ import torch
 from ponder import checkpoint, distributed, models, positions, sharding, stopping
 from ponder.config import RunConfig, to_dict
 from ponder.errors import UserError
+from ponder.evaluation.runner import task_hash
 from ponder.files import make_dir, write_atomic
 from ponder.metrics import MetricsWriter, mean, reflection_rate
 from ponder.optim import make_optimizer
@@ -61,7 +62,7 @@ class Group:
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, allow_changes: bool = False):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -81,6 +82,13 @@ class GRPOTrainer:
         # the template, the data and the rewards first: a mistake in them is one line before minutes of loading a model
         unchecked = self._load_data(last)
         self.state = checkpoint.load_state(last) if resume else None
+        self.data_hash = task_hash(self.examples)
+        saved = (self.state or {}).get("data")
+        if saved is not None and saved != self.data_hash and not allow_changes:
+            # the sampler's place counts prompts of the data the run began with: on other rows it draws other prompts
+            raise UserError(f"--resume: the prompts of data.tasks differ from those the run in {self.run_dir} trained "
+                            "on (a task file or dataset changed since); pass --allow-changes to continue on the new "
+                            "prompts, or start a new run (name=...)")
         self.sampler = PromptSampler(self.examples, cfg.seed)
 
         self.sharding = sharding.resolve(cfg.train.sharding, self.world, cfg.train.offload)
