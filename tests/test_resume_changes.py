@@ -74,6 +74,21 @@ def test_grpo_resume_refuses_changed_prompts_unless_allowed(capsys, tmp_path, er
     assert main(base + ["train.steps=3", "--resume"]) == 0
 
 
+def test_resume_compares_with_the_checkpoints_settings_where_config_yaml_is_gone(tmp_path, error_line):
+    """config.yaml deleted or damaged: every settings check was skipped (a changed group size went through, unrecorded);
+    the newest checkpoint holds the settings it was written with."""
+    base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=c", *FAST]
+    assert main(base + ["train.steps=1"]) == 0
+    state = tmp_path / "c" / "checkpoints" / "step-1" / "trainer_state.pt"
+    for damage in ("name: c\nseed: [unclosed\n", None):
+        config = tmp_path / "c" / "config.yaml"
+        config.write_text(damage) if damage else config.unlink()
+        assert error_line(*base, "train.steps=2", "rollout.group_size=8", "--resume").startswith(
+            f"ponder: error: --resume with settings that differ from the run's {state}: rollout.group_size 4 -> 8; pass "
+            "--allow-changes")
+    assert main(base + ["train.steps=2", "--resume"]) == 0
+
+
 def test_sft_resume_refuses_changes_unless_allowed(tmp_path, error_line):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": f"{i + 1}"}) + "\n" for i in range(4)))

@@ -216,6 +216,16 @@ def load_state(path: Path) -> dict:
     return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
 
 
+def saved_config(path: Path) -> dict | None:
+    """The settings checkpoint `path` was written with (its trainer state's copy of config.yaml), or None. Mapped, not
+    read: the state beside them holds the optimizer's (gigabytes for a large model)."""
+    try:
+        config = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True).get("config")
+    except Exception:  # a damaged checkpoint: its loading says so
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

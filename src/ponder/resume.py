@@ -67,10 +67,16 @@ def describe(changed: list[tuple[str, Any, Any]]) -> str:
 
 def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     """Compare `cfg` with the run's config.yaml; raise for changes that are not safe unless allowed."""
+    from ponder.checkpoint import latest, saved_config
+
     path = cfg.run_dir / "config.yaml"
     saved = load_saved(path)
-    if saved is None:
-        return ResumeChanges()
+    if saved is None:  # deleted or damaged: the newest checkpoint keeps the settings it was written with
+        last = latest(cfg.run_dir / "checkpoints")
+        saved = saved_config(last) if last is not None else None
+        if saved is None:
+            return ResumeChanges()
+        path = last / "trainer_state.pt"
     refuse_other_kind(cfg.run_dir, saved, command)
     previous = saved.pop(CHANGES_KEY, None) or []
     if command == "train":
