@@ -324,3 +324,19 @@ def test_a_cached_tokenizer_of_tokenizer_json_alone_loads_offline(tmp_path, monk
     shutil.rmtree(snapshot.parent.parent / ".no_exist")  # a cache copied without its records of missing files
     loaded = models.load_tokenizer("owner/tokjson")
     assert loaded("a b").input_ids == tok("a b").input_ids and len(loaded) == len(tok)
+
+
+def test_push_refuses_a_checkpoint_that_a_kill_left_unfinished(hub_run, tmp_path, error_line):
+    """A save cut by a kill leaves .tmp-step-N-PID (weights possibly cut, no trainer_state.pt): it was pushed as a
+    checkpoint. It, or a step-N without its trainer state, is refused with the finished checkpoints to push instead."""
+    run = tmp_path / "run"
+    shutil.copytree(hub_run[0], run)
+    ckpts = run / "checkpoints"
+    shutil.copytree(ckpts / "step-2", ckpts / ".tmp-step-3-999", ignore=shutil.ignore_patterns("trainer_state.pt"))
+    shutil.copytree(ckpts / "step-2", ckpts / "step-4", ignore=shutil.ignore_patterns("trainer_state.pt"))
+    out = tmp_path / "out"
+    for folder in (".tmp-step-3-999", "step-4"):
+        line = error_line("push", str(ckpts / folder), "--repo", "me/tiny-grpo", "--dry-run", str(out))
+        assert line == (f"ponder: error: '{ckpts / folder}' is not a finished checkpoint (a save that was interrupted leaves "
+                        f"such a folder); push one of {ckpts.resolve()}: step-1, step-2")
+        assert not out.exists()

@@ -145,3 +145,45 @@ def test_the_bf16_save_leaves_the_probed_model_as_the_saved_one(tmp_path):
     ids = torch.randint(4, 40, (1, 300))
     with torch.no_grad():
         torch.testing.assert_close(probed(ids).logits, loaded(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cut_in", ["save_as", "probe"])
+def test_an_interrupted_overwrite_leaves_the_old_model_whole(tmp_path, monkeypatch, cut_in):
+    """Ctrl-C in the probe (or a stop in the save) of a run that replaces a model left the new weights beside the old
+    card, in a directory nothing marked unfinished: the model is written aside and takes the name only when complete."""
+    import ponder.pretrain as pt
+
+    quick = dict(steps=3, corpus_chars=20_000, block=64, batch_size=4)
+    out = pretrain(small(tmp_path, **quick), recipe="r.yaml")
+    weights, card = (out / "model.safetensors").read_bytes(), (out / "README.md").read_text()
+    real = getattr(pt, cut_in)
+
+    def cut(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, cut_in, cut)
+    probe = {"n": 1, "k": 1, "max_new_tokens": 4, "temperatures": [1.0], "tasks": ["arithmetic:hard"]}
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(small(tmp_path, **quick, seed=1, probe=probe), recipe="r.yaml")
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "README.md").read_text() == card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "r.yaml"]  # no temporary directory left
+
+    monkeypatch.undo()  # a run that completes replaces weights and card together, and leaves nothing aside
+    pretrain(small(tmp_path, **{**quick, "steps": 4}), recipe="r.yaml")
+    assert (out / "model.safetensors").read_bytes() != weights and "4 steps" in (out / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "r.yaml"]
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_training(tmp_path, monkeypatch, error_line):
+    """A file in the output's path was found by the save, after all of training: a traceback, the model lost."""
+    import ponder.pretrain as pt
+
+    monkeypatch.setattr(pt, "corpus_tokens", lambda *a: pytest.fail("the corpus was written before the output was checked"))
+    small(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("kept")
+    for out in (blocker / "model", blocker):
+        line = error_line("pretrain", str(tmp_path / "r.yaml"), f"output={out}")
+        assert line == f"ponder: error: output '{out}' cannot be a directory: '{blocker}' is a file; choose another output"
+    assert blocker.read_text() == "kept"

@@ -11,9 +11,12 @@ Determinism: one seed fixes the corpus, the initialisation and the windows read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +26,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ponder import stopping
 from ponder.errors import UserError
+from ponder.files import blocked, blocking_file
 from ponder.runtime import choose_precision, device_memory
 from ponder.tasks.corpus import CorpusConfig, corpus_text
 
@@ -313,7 +318,8 @@ def probe_table(figures: dict) -> str:
 # the command
 
 
-def write_card(out: Path, cfg: PretrainConfig, info: dict, figures: dict | None) -> None:
+def write_card(out: Path, cfg: PretrainConfig, info: dict, figures: dict | None, into: Path | None = None) -> None:
+    """The model card of the model directory `out`, written into `into` (default `out`)."""
     from ponder.config import to_dict
 
     import yaml
@@ -336,7 +342,7 @@ def write_card(out: Path, cfg: PretrainConfig, info: dict, figures: dict | None)
                  "wait/verify/check/mistake/however/recheck.", "", probe_table(figures), "",
                  "Measured by:", "", "```", f"ponder pretrain {info['recipe']} --probe-only output={out}", "```", ""]
     text += ["## Resolved config", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).strip(), "```", ""]
-    (out / "README.md").write_text("\n".join(text))
+    ((into or out) / "README.md").write_text("\n".join(text))
 
 
 def save_as(model, tokenizer, out: Path, save_dtype: str):
@@ -349,12 +355,63 @@ def save_as(model, tokenizer, out: Path, save_dtype: str):
     return to_dtype(model, torch.float32)
 
 
+def check_output(out: Path) -> None:
+    """Before a corpus is written or a step taken, that the model can be saved at `out` (a read-only directory, or a
+    file in the path, was found by the save after all of training: a traceback, and the trained model lost)."""
+    if blocking_file(out):
+        raise blocked(out, "output")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise UserError(f"output '{out}' cannot be written: {e.strerror} in '{parent}'; set output=DIR to a directory "
+                        "you can write") from None
+
+
+@contextlib.contextmanager
+def written_whole(out: Path):
+    """A directory to write the model into, a temporary sibling (.tmp-NAME-PID) that takes `out`'s name only once the
+    block ends: a Ctrl-C in the probe or a kill in the save left the new weights beside the old card, or half the old
+    model, in a directory nothing marked unfinished. Interrupted, the old `out` stays as it was."""
+    final = out.resolve()  # a link to the model directory keeps pointing at it
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:  # Ctrl-C and SIGTERM (ponder.stopping) included
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, final)
+
+
+@stopping.whole()
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """`tmp` renamed to `final`, its data on disk first, as checkpoint._publish does for a step-N: an old `final` is
+    set aside (.tmp-NAME-PID-replaced) and removed after, so a kill between the two renames loses neither."""
+    from ponder.checkpoint import _fsync_dir
+
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = tmp.with_name(tmp.name + "-replaced") if final.exists() else None
+    if old is not None:
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, overrides: list[str] = ()) -> Path:
     """Write the corpus, train, save the model with its tokenizer and card; return its directory."""
     from rich.console import Console
 
     console = console or Console()
     check(cfg)
+    out = Path(cfg.output)
+    check_output(out)
     torch.manual_seed(cfg.seed)
     tokenizer = pretrain_tokenizer(cfg)  # before the corpus is written: a wrong name costs no time
     t0 = time.time()
@@ -368,20 +425,20 @@ def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, override
     seconds = time.time() - t1
     model = model.float().eval()
     device = next(model.parameters()).device
-    out = Path(cfg.output)
-    model = save_as(model, tokenizer, out, cfg.save_dtype)
     info = {
         "command": " ".join(["ponder pretrain", recipe, *(o for o in overrides if not o.startswith("output="))]), "recipe": recipe, "params": params, "corpus_tokens": len(tokens),
         "final_loss": float(np.mean(losses[-20:])), "train_seconds": seconds,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
         "tokenizer": _tokenizer_source(cfg.tokenizer),
     }
-    figures = None
-    if cfg.probe.n:
-        tokenizer.padding_side = "left"
-        figures = probe(model, tokenizer, cfg.probe, seed=cfg.seed)
-        console.print(probe_table(figures))
-    write_card(out, cfg, info, figures)
+    with written_whole(out) as into:
+        model = save_as(model, tokenizer, into, cfg.save_dtype)
+        figures = None
+        if cfg.probe.n:
+            tokenizer.padding_side = "left"
+            figures = probe(model, tokenizer, cfg.probe, seed=cfg.seed)
+            console.print(probe_table(figures))
+        write_card(out, cfg, info, figures, into)
     console.print(f"saved {out} (loss {info['final_loss']:.3f}, {seconds:.0f}s training)", soft_wrap=True)
     return out
 

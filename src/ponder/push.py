@@ -69,6 +69,7 @@ def plan(checkpoint: str | Path, repo: str) -> dict[str, Path | str]:
     if ckpt.parent.name != "checkpoints" or not (run_dir / "config.yaml").is_file():
         raise UserError(f"'{checkpoint}' is not a checkpoint of a ponder run (no config.yaml in "
                         f"{run_dir if ckpt.parent.name == 'checkpoints' else ckpt.parent}); give RUN_DIR/checkpoints/step-N")
+    check_finished(ckpt, checkpoint)
     recipe_text = (run_dir / "config.yaml").read_text(encoding="utf-8")
     try:
         recipe = yaml.safe_load(recipe_text) or {}
@@ -88,6 +89,18 @@ def plan(checkpoint: str | Path, repo: str) -> dict[str, Path | str]:
             files[name] = run_dir / name
     files["README.md"] = model_card(repo, ckpt, run_dir, recipe, evals.get("before"), evals.get("after"))
     return files
+
+
+def check_finished(ckpt: Path, given: str | Path) -> None:
+    """Refuses a folder of checkpoints/ that is not a finished step-N: the temporary folder of a save that a kill
+    interrupted (.tmp-step-N-PID, its weights possibly cut, no trainer_state.pt) was pushed as a checkpoint."""
+    from ponder.checkpoint import STEP_RE, list_checkpoints
+
+    if STEP_RE.match(ckpt.name) and (ckpt / "trainer_state.pt").is_file():
+        return
+    finished = ", ".join(p.name for p in list_checkpoints(ckpt.parent))
+    raise UserError(f"'{given}' is not a finished checkpoint (a save that was interrupted leaves such a folder); push "
+                    + (f"one of {ckpt.parent}: {finished}" if finished else f"a finished step-N: {ckpt.parent} holds none"))
 
 
 def _after_file(ckpt: Path, run_dir: Path, recipe: dict) -> str | None:
