@@ -240,6 +240,30 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     assert (cut_cfg.run_dir / "final").resolve().name == "step-4"
 
 
+def test_a_stop_while_a_checkpoints_samples_are_drawn_loses_none_of_them(tmp_path, monkeypatch):
+    """The samples of a checkpointed step were drawn after its save: a Ctrl-C while they were drawn (greedy decoding,
+    seconds) left a checkpoint that --resume continued after, and that step's samples never written."""
+    from ponder.sft.trainer import SFTTrainer
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS * 4)
+    cfg = cfg_for(tmp_path, [data], "name=s", "train.steps=4", "train.batch_size=3", "train.save_every=2",
+                  "train.log_samples=1")
+    real = SFTTrainer.sample_rows
+
+    def stopped_at_step_4(self, k):
+        if self.step_no == 4:
+            raise KeyboardInterrupt
+        return real(self, k)
+
+    with monkeypatch.context() as m:
+        m.setattr(SFTTrainer, "sample_rows", stopped_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            sft(cfg, quiet=True)
+    resumed = sft(cfg, resume=True, quiet=True)
+    rows = [json.loads(l) for l in (resumed.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [2, 4]
+
+
 def test_resume_on_other_rows_is_refused_unless_allowed(tmp_path):
     """The sampler's place in its epochs counts the rows the run began with: resumed on a changed file it went on
     silently (its epoch jumped)."""

@@ -73,8 +73,10 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
                 m.update(truncated_examples=r.truncated, dropped_examples=r.dropped)
             trainer.metrics.log(step, m)
             if ((t.save_every and step % t.save_every == 0) or step == total) and trainer.nan_streak == 0:
-                trainer.save()
+                # samples first: a stop between the two resumes from the checkpoint, whose step's samples would be lost
+                # (resuming cuts samples.jsonl back to the checkpoint's step, so a stop before the save loses nothing)
                 trainer.metrics.samples(step, trainer.sample_rows(t.log_samples))
+                trainer.save()
             desc = f"loss {m['loss']:.3f} epoch {m['epoch']:.2f} {m['tokens_per_s']:.0f} tok/s"
             progress.update(bar, completed=step, description=desc)
             if not console.is_terminal and not quiet and (step % 10 == 0 or step == last):
