@@ -264,6 +264,37 @@ def test_a_stop_while_a_checkpoints_samples_are_drawn_loses_none_of_them(tmp_pat
     assert sorted({r["step"] for r in rows}) == [2, 4]
 
 
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_directory(tmp_path, monkeypatch, writer):
+    """A full disk is no OSError from these writers (torch.save: RuntimeError "unexpected pos"; safetensors:
+    SafetensorError), so `ponder train` told it as a traceback and `ponder sft` caught nothing at all; the half-written
+    directory kept the space the disk lacked. Both commands save through checkpoint.save."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from ponder import checkpoint
+
+    reason = {"torch.save": "[enforce fail at inline_container.cc:672] . unexpected pos 316672 vs 316560",
+              "safetensors": "Error while serializing: I/O error: No space left on device (os error 28)"}[writer]
+
+    def full(*_, **__):
+        raise (RuntimeError if writer == "torch.save" else SafetensorError)(reason)
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS * 4)
+    cfg = cfg_for(tmp_path, [data], "name=f", "train.steps=4", "train.batch_size=3", "train.save_every=2")
+    sft(cfg, stop_after=2, quiet=True)
+    if writer == "torch.save":
+        monkeypatch.setattr(checkpoint.torch, "save", full)
+    else:  # what save_pretrained calls
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    with pytest.raises(UserError) as e:
+        sft(cfg, resume=True, quiet=True)
+    assert str(e.value) == (f"could not write checkpoint step-4 in {cfg.run_dir / 'checkpoints'}: {reason}; free space or "
+                            "fix the permissions, then --resume continues from the last checkpoint written (if none, run "
+                            "again)")
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir()) == ["step-2"]
+
+
 def test_resume_on_other_rows_is_refused_unless_allowed(tmp_path):
     """The sampler's place in its epochs counts the rows the run began with: resumed on a changed file it went on
     silently (its epoch jumped)."""

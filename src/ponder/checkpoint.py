@@ -9,6 +9,7 @@ so a kill during the write leaves the previous checkpoints untouched and no half
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -129,14 +130,32 @@ def remove_unfinished(directory: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _writing(directory: Path, step: int, tmp: Path | None):
+    """A write that fails for want of space or permission is the user's to fix: one line, and the partial `tmp` goes
+    (it held the space a full disk lacks). A full disk is no OSError from every writer: torch.save raises
+    RuntimeError ("unexpected pos"), safetensors SafetensorError."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint step-{step} in {directory}: {' '.join(str(e).split())}; free space "
+                        "or fix the permissions, then --resume continues from the last checkpoint written (if none, run "
+                        "again)") from e
+
+
 @stopping.whole()  # a SIGTERM meanwhile waits: the checkpoint is renamed into place whole, then the run stops
 def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    models.save(model, tokenizer, tmp)
-    torch.save(state, tmp / "trainer_state.pt")
-    return _publish(directory, tmp, step, keep_last)
+    with _writing(directory, step, tmp):
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        models.save(model, tokenizer, tmp)
+        torch.save(state, tmp / "trainer_state.pt")
+        return _publish(directory, tmp, step, keep_last)
 
 
 @stopping.whole()
@@ -146,15 +165,17 @@ def save_sharded(directory: Path, step: int, model, optimizer, tokenizer, state:
     once all have written (barrier), rank 0 renames it into place."""
     tmp = None
     if distributed.rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".tmp-step-{step}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _writing(directory, step, None):
+            directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     tmp = distributed.broadcast(tmp)  # one directory for all ranks (rank 0 names it)
-    sharding.save_state(tmp / sharding.SHARDED_DIR, model, optimizer)
-    full = sharding.full_model_state(model)  # on rank 0's CPU (empty elsewhere)
-    if distributed.rank() == 0:
-        models.save(model, tokenizer, tmp, state_dict=full)
-        torch.save(state, tmp / "trainer_state.pt")
+    with _writing(directory, step, tmp if distributed.rank() == 0 else None):
+        sharding.save_state(tmp / sharding.SHARDED_DIR, model, optimizer)
+        full = sharding.full_model_state(model)  # on rank 0's CPU (empty elsewhere)
+        if distributed.rank() == 0:
+            models.save(model, tokenizer, tmp, state_dict=full)
+            torch.save(state, tmp / "trainer_state.pt")
     distributed.barrier()
     final = _publish(directory, tmp, step, keep_last) if distributed.rank() == 0 else directory / f"step-{step}"
     distributed.barrier()

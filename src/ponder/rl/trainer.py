@@ -551,16 +551,12 @@ class GRPOTrainer:
         ref = self.ref is not None and self.cfg.algorithm.ref_reset_every
         state["ref"] = (sharding.full_model_state(self.ref) if sharded else self.ref.state_dict()) if ref else None
         state["guardrails"] = self.guardrails.state_dict()
-        try:
-            if sharded:  # every rank writes its shards; rank 0 the Hugging Face directory and the trainer state
-                checkpoint.save_sharded(self.ckpt_dir, self.step_no, self.model, self.optimizer, self.tokenizer, state,
-                                        self.cfg.train.keep_last)
-            elif self.rank == 0:
-                checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
-        except OSError as e:  # a full disk or a directory not writable: the user's to fix, one line (on rank 0 alone too)
-            raise UserError(f"could not write checkpoint step-{self.step_no} in {self.ckpt_dir}: {e}; free space or fix "
-                            "the permissions, then --resume continues from the last checkpoint written (if none, run "
-                            "again)") from e
+        # a full disk or a directory not writable is one line (checkpoint._writing), on rank 0 alone too
+        if sharded:  # every rank writes its shards; rank 0 the Hugging Face directory and the trainer state
+            checkpoint.save_sharded(self.ckpt_dir, self.step_no, self.model, self.optimizer, self.tokenizer, state,
+                                    self.cfg.train.keep_last)
+        elif self.rank == 0:
+            checkpoint.save(self.ckpt_dir, self.step_no, self.model, self.tokenizer, state, self.cfg.train.keep_last)
         distributed.barrier()
 
 
