@@ -451,7 +451,7 @@ def test_a_kill_while_a_step_saved_again_is_renamed_keeps_one_step_n(tmp_path, m
     """A step-N saved again (a resumed run reaching the step it was stopped in) sets the old step-N aside, then renames
     the new one in. Killed between the two renames, the next start removed both; killed after them (before the old one
     is removed), the new one is kept."""
-    from ponder import checkpoint
+    from ponder import checkpoint, files
 
     ckpts = tmp_path / "checkpoints"
 
@@ -466,10 +466,10 @@ def test_a_kill_while_a_step_saved_again_is_renamed_keeps_one_step_n(tmp_path, m
 
     checkpoint._publish(ckpts, written(1, "old"), 3, keep_last=2)
     if after_both:
-        monkeypatch.setattr(checkpoint, "_fsync_dir", kill)  # between the renames and the old one's removal
+        monkeypatch.setattr(files, "fsync_dir", kill)  # between the renames and the old one's removal
     else:
         real = os.replace  # the second rename, the new one's into step-3 (the first set the old one aside)
-        monkeypatch.setattr(checkpoint.os, "replace", lambda src, dst: kill() if src.name.startswith(".tmp") else real(src, dst))
+        monkeypatch.setattr(files.os, "replace", lambda src, dst: kill() if src.name.startswith(".tmp") else real(src, dst))
     with pytest.raises(_Killed):
         checkpoint._publish(ckpts, written(2, "new"), 3, keep_last=2)
     monkeypatch.undo()
@@ -698,6 +698,29 @@ def test_run_directories_that_cannot_be_made_or_are_no_runs_own_are_refused_befo
     assert line == (f"ponder: error: --out {tmp_path} is a directory; give a file path for the traces, e.g. "
                     f"{tmp_path / 'traces.jsonl'}")
     assert blocker.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_path, error_line, monkeypatch):
+    """A read-only output_dir (a new run) or run directory (--resume): an OSError traceback from the first write, once
+    the model and data had loaded. The file system's answer is stood in for by os.access (CI runs as root, whom a
+    directory's mode does not stop; a read-only mount does, which a test cannot make without root)."""
+    from ponder import files, models
+
+    def no_model_loads(*_, **__):
+        raise AssertionError("the model was loaded before the run directory was checked")
+
+    common = ["recipes/smoke-first-digit.yaml", f"output_dir={tmp_path / 'ro'}", "train.steps=1",
+              "rollout.prompts_per_step=4", "rollout.group_size=4"]
+    assert main(["train", *common, "name=r"]) == 0
+    real = os.access
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if str(p).startswith(str(tmp_path / "ro")) else real(p, mode))
+    monkeypatch.setattr(models, "load_trainable", no_model_loads)
+    for command, name, resume, stuck in (("train", "new", [], "ro"), ("train", "r", ["--resume", "train.steps=2"], "ro/r"),
+                                         ("sft", "s", [], "ro")):
+        recipe = ["recipes/coldstart-tiny.yaml", f"output_dir={tmp_path / 'ro'}"] if command == "sft" else common
+        assert error_line(command, *recipe, f"name={name}", *resume) == (
+            f"ponder: error: run directory {tmp_path / 'ro' / name} cannot be written ({tmp_path / stuck} is read-only or "
+            "not yours); fix its permissions, or choose another output_dir")
 
 
 def test_user_files_in_utf16_are_read_and_other_encodings_named(tmp_path, error_line):

@@ -21,6 +21,7 @@ import torch
 
 from ponder import distributed, models, sharding, stopping
 from ponder.errors import UserError
+from ponder.files import replace_dir, unwritable
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -183,20 +184,10 @@ def save_sharded(directory: Path, step: int, model, optimizer, tokenizer, state:
 
 
 def _publish(directory: Path, tmp: Path, step: int, keep_last: int) -> Path:
-    """The written `tmp` renamed to step-N, its data on disk first; the oldest beyond `keep_last` removed."""
+    """The written `tmp` renamed to step-N (files.replace_dir: a step-N saved again is set aside, removed after); the
+    oldest beyond `keep_last` removed."""
     final = directory / f"step-{step}"
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible (DCP syncs its own files)
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    old = None
-    if final.exists():  # set aside before the new one takes its name, removed after. A kill between the two renames
-        old = tmp.with_name(tmp.name + "-replaced")  # leaves it the only step-N: remove_unfinished renames it back
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -215,7 +206,12 @@ def latest(directory: Path) -> Path | None:
 
 
 def resume_point(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a new run); refuses to overwrite or to resume nothing."""
+    """The checkpoint to resume from (None for a new run); refuses to overwrite, to resume nothing, or a run directory
+    that cannot be written (found by the first write otherwise: a traceback once the model had loaded)."""
+    stuck = unwritable(run_dir)
+    if stuck is not None:
+        raise UserError(f"run directory {run_dir} cannot be written ({stuck} is read-only or not yours); fix its "
+                        "permissions, or choose another output_dir")
     restore_replaced(run_dir / "checkpoints")
     last = latest(run_dir / "checkpoints")
     if resume and last is None:
@@ -245,14 +241,3 @@ def saved_config(path: Path) -> dict | None:
     except Exception:  # a damaged checkpoint: its loading says so
         return None
     return config if isinstance(config, dict) else None
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from ponder.errors import UserError
@@ -67,3 +69,52 @@ def make_dir(path: str | Path, key: str) -> Path:
     except (FileExistsError, NotADirectoryError):
         raise blocked(path, key) from None
     return path
+
+
+def writable_dir(path: str | Path, key: str) -> Path:
+    """make_dir, then a file tried in it: a read-only directory (or one of another user) is one line now, not a
+    traceback at the first write (after a model has loaded, or a whole training)."""
+    path = make_dir(path, key)
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f"{key} '{path}' cannot be written: {e.strerror}; fix its permissions or choose another {key}") from None
+    return path
+
+
+def unwritable(path: str | Path) -> Path | None:
+    """The directory that keeps `path` from being written (itself or, not there yet, the nearest one above it that is,
+    where it would be made), or None. Read-only file systems refuse root too."""
+    for p in (Path(path), *Path(path).absolute().parents):
+        if p.is_dir():
+            return None if os.access(p, os.W_OK | os.X_OK) else p
+    return None
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """The written directory `tmp` renamed to `final`, its files on disk first (a machine that crashes just after the
+    rename has their data). An old `final` is set aside (TMP-replaced) and removed after the new one took its name: a
+    kill between the two renames leaves it whole beside the new one (checkpoint.restore_replaced puts a step-N back)."""
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = tmp.with_name(tmp.name + "-replaced") if final.exists() else None
+    if old is not None:
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(directory: Path) -> None:
+    """A directory's entries (a rename) on disk."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import torch
 
 from ponder import stopping
 from ponder.errors import UserError
-from ponder.files import blocked, blocking_file
+from ponder.files import blocked, blocking_file, replace_dir, writable_dir
 from ponder.runtime import choose_precision, device_memory
 from ponder.tasks.corpus import CorpusConfig, corpus_text
 
@@ -360,13 +359,7 @@ def check_output(out: Path) -> None:
     file in the path, was found by the save after all of training: a traceback, and the trained model lost)."""
     if blocking_file(out):
         raise blocked(out, "output")
-    parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise UserError(f"output '{out}' cannot be written: {e.strerror} in '{parent}'; set output=DIR to a directory "
-                        "you can write") from None
+    writable_dir(out.absolute().parent, "output")
 
 
 @contextlib.contextmanager
@@ -385,23 +378,7 @@ def written_whole(out: Path):
     _replace_dir(tmp, final)
 
 
-@stopping.whole()
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """`tmp` renamed to `final`, its data on disk first, as checkpoint._publish does for a step-N: an old `final` is
-    set aside (.tmp-NAME-PID-replaced) and removed after, so a kill between the two renames loses neither."""
-    from ponder.checkpoint import _fsync_dir
-
-    for f in tmp.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    old = tmp.with_name(tmp.name + "-replaced") if final.exists() else None
-    if old is not None:
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+_replace_dir = stopping.whole()(replace_dir)  # a SIGTERM meanwhile waits for both renames
 
 
 def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, overrides: list[str] = ()) -> Path:
