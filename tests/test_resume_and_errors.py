@@ -723,6 +723,28 @@ def test_a_run_directory_that_cannot_be_written_is_one_line_before_the_model_loa
             "not yours); fix its permissions, or choose another output_dir")
 
 
+def test_a_damaged_checkpoint_is_one_line_naming_the_one_to_resume_from(tmp_path, error_line):
+    """A checkpoint cut short after its save (a copy, a disk that filled later): torch.load's and safetensors' own
+    tracebacks. Doing what the line says resumes."""
+    import shutil
+
+    run = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=d", "train.save_every=1",
+           "rollout.prompts_per_step=4", "rollout.group_size=4"]
+    assert main([*run, "train.steps=2"]) == 0
+    ckpts = tmp_path / "d" / "checkpoints"
+    for name, reason in (("trainer_state.pt", "PytorchStreamReader failed reading zip archive"),
+                         ("model.safetensors", "Error while deserializing header")):
+        kept = (ckpts / "step-2" / name).read_bytes()
+        (ckpts / "step-2" / name).write_bytes(kept[:1000])
+        line = error_line(*run, "train.steps=3", "--resume")
+        assert line.startswith(f"ponder: error: checkpoint {ckpts / 'step-2'} cannot be read ({reason}"), line
+        assert line.endswith(f"); move it out of {ckpts} and --resume continues from step-1")
+        (ckpts / "step-2" / name).write_bytes(kept)
+    shutil.move(ckpts / "step-2", tmp_path / "step-2")
+    assert main([*run, "train.steps=3", "--resume"]) == 0
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-2", "step-3"]
+
+
 def test_user_files_in_utf16_are_read_and_other_encodings_named(tmp_path, error_line):
     """A recipe and a JSONL saved by Windows PowerShell (UTF-16 with its byte-order mark) read as they are; bytes that
     are not UTF-8 name the file, the line and the byte."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import re
 import shutil
@@ -230,7 +231,23 @@ def withheld(directory: Path, step: int, streak: int) -> str:
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    with reading(path):
+        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+@contextlib.contextmanager
+def reading(path: Path):
+    """A checkpoint that does not load (cut short by a copy or a full disk after it was saved, a disk error; a save
+    itself is renamed into place only whole) is one line naming it, and the checkpoint to resume from instead."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        before = [p for p in list_checkpoints(path.parent) if p.name != path.name]
+        then = f"--resume continues from {before[-1].name}" if before else "start the run again without --resume"
+        raise UserError(f"checkpoint {path} cannot be read ({' '.join(str(e).split())}); move it out of {path.parent} "
+                        f"and {then}") from e
 
 
 def saved_config(path: Path) -> dict | None:

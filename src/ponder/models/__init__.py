@@ -433,10 +433,14 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
     LoRA under mixed precision (`narrow_frozen`; the sharded trainer says no, FSDP2 casts for itself): the
     frozen base's matrices are stored in bf16 (narrow_frozen_matrices). `tokenizer`: load_tokenizer's for the
     same source, if the data's checks loaded it (see load)."""
-    source = str(last) if (last is not None and model_cfg.lora is None) else model_cfg.path
+    from ponder.checkpoint import reading
+
+    from_checkpoint = last is not None and model_cfg.lora is None
+    source = str(last) if from_checkpoint else model_cfg.path
     first = precision.load_dtype if precision is not None else torch.float32
-    model, tok = load(source, seed=seed, dtype=first, trust_remote_code=getattr(model_cfg, "trust_remote_code", False),
-                      tokenizer=tokenizer)
+    with reading(last) if from_checkpoint else contextlib.nullcontext():
+        model, tok = load(source, seed=seed, dtype=first, trust_remote_code=getattr(model_cfg, "trust_remote_code", False),
+                          tokenizer=tokenizer)
     if precision is not None:
         model = to_dtype(model, precision(model))  # auto: decided by the model's size, before it takes device memory
     if model_cfg.gradient_checkpointing is True:  # "auto" is the GRPO memory plan's to decide (ponder.rl.memory_plan)
