@@ -29,7 +29,7 @@ class SamplingParams:
     # stop strings, searched in the completion's text (never the prompt's); the completion keeps the stop string. One
     # that is a special token's text (`<|im_end|>`), which decoded texts leave out, ends a completion as EOS does.
     stop: tuple[str, ...] = ()
-    logprobs: bool = False  # return the log-probability of each sampled token under the sampling distribution
+    logprobs: bool = False  # return each sampled token's log-probability under the sampling distribution (greedy: temperature 1)
     # return the entropy of each token's distribution at the temperature (1 when greedy), over the whole vocabulary
     # (engines that compute it: the fast one; others leave Completion.entropies None)
     entropies: bool = False
