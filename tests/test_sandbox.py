@@ -64,6 +64,31 @@ def test_names_computed_from_the_program_count_and_bare_asserts_do_not(sandbox):
     assert r.status == "passed" and [t.source for t in r.tests] == ["assert r == 9", "assert math.sqrt(square(4)) == 4"]
 
 
+def test_asserts_that_never_run_are_no_tests_and_pytest_style_tests_are_called(sandbox):
+    """A statement counted as a test when an assert stood anywhere in it: `def test_add(): assert ...` only defines the
+    function, so it "passed" with any program, one that defines nothing too (reward 1 for every wrong answer on
+    pytest-style tests), and `if __name__ == "__main__":` asserts were skipped (the tests' __name__ was "tests"). Now
+    pytest's top-level test functions are called as pytest calls them, tests run as __main__, and a test function's
+    body counts where a test calls it."""
+    wrong, right = "def add(a, b):\n    return 0\n", "def add(a, b):\n    return a + b\n"
+    pytest_style = "def test_add():\n    assert add(1, 2) == 3\n\ndef test_zero():\n    assert add(0, 0) == 0\n"
+    r = sandbox.run(wrong, pytest_style)
+    assert r.status == "failed" and [t.passed for t in r.tests] == [False, True] and r.fraction == 0.5
+    assert sandbox.run(right, pytest_style).status == "passed"
+    assert sandbox.run("x = 1\n", pytest_style).status == "failed"
+    main_guard = "if __name__ == '__main__':\n    assert add(1, 2) == 3\n"
+    assert (sandbox.run(wrong, main_guard).status, sandbox.run(right, main_guard).status) == ("failed", "passed")
+    called = ["def check(f):\n    assert f(1, 2) == 3", "check(add)"]  # a test function, then a test that calls it
+    r = sandbox.run(wrong, called)
+    assert r.status == "failed" and [t.source for t in r.tests] == ["check(add)"]
+    assert sandbox.run(right, called).status == "passed"
+    # a test function called by the tests themselves too: one test, run twice, counted once
+    r = sandbox.run(wrong, "def test_add():\n    assert add(1, 2) == 3\n\ntest_add()\n")
+    assert r.status == "failed" and len(r.tests) == 1 and r.fraction == 0.0
+    # a function with parameters is no pytest test (its fixtures are not here): not called, so no test
+    assert sandbox.run(wrong, "def test_add(x):\n    assert add(x, 2) == 3\n").status == "bad_tests"
+
+
 def test_helpers_of_the_trusted_setup_stay_trusted(sandbox):
     setup = "def helper(x):\n    return x + 1\n"
     program = setup + "def helper(x):\n    return 0\ndef g():\n    return 1\n"  # redefines the helper

@@ -363,22 +363,69 @@ def walk(node):
 def which_are_tests(units, program_names):
     """Indexes of the units that assert something about the program's results.
 
-    A unit counts when it holds an assert and reads a program function, or a name that an earlier
-    unit computed from one (`r = f(2)` then `assert r == 4`). Asserts about nothing the program
-    made (HumanEval's `assert True, "..."`) are not tests and do not dilute partial credit.
+    A unit counts when an assert runs as it runs and it reads a program function, or a name that an
+    earlier unit computed from one (`r = f(2)` then `assert r == 4`). Asserts about nothing the program
+    made (HumanEval's `assert True, "..."`) are not tests and do not dilute partial credit; nor are asserts
+    in a function the unit defines but does not call (`def test_f(): assert f(1) == 2` alone only
+    defines it: it counted, and passed, with any program at all).
     """
-    tainted, tests = set(program_names), []
+    tainted, tests, defined = set(program_names), [], {}
     for i, (_, stmts) in enumerate(units):
         nodes = [n for s in stmts for n in walk(s)]
-        kinds = {type(n).__name__ for n in nodes}
+        defined.update((s.name, s) for s in stmts if type(s).__name__ == "FunctionDef")
         reads = {n.id for n in nodes if type(n).__name__ == "Name"}
         if not reads & tainted:
             continue
-        if "Assert" in kinds:
+        if "Assert" in {type(n).__name__ for n in executed(stmts, defined)}:
             tests.append(i)
         else:
             tainted |= reads | {n.name for n in nodes if type(n).__name__ in ("FunctionDef", "ClassDef")}
     return tests
+
+
+DEFINES = ("FunctionDef", "AsyncFunctionDef", "ClassDef", "Lambda")
+
+
+def executed(stmts, defs):
+    """The nodes that run when `stmts` run: not the bodies of what they define, except those of the functions they
+    call by name among `defs` (the tests' own top-level functions: `def check(f): assert ...` then `check(add)`)."""
+    seen, out, stack = set(), [], list(stmts)
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        kind = type(n).__name__
+        if kind == "Call" and type(n.func).__name__ == "Name" and n.func.id in defs and n.func.id not in seen:
+            seen.add(n.func.id)
+            stack.extend(defs[n.func.id].body)
+        if kind in DEFINES:
+            continue
+        for field in n._fields:
+            v = getattr(n, field, None)
+            if isinstance(v, list):
+                stack.extend(x for x in v if hasattr(x, "_fields"))
+            elif hasattr(v, "_fields"):
+                stack.append(v)
+    return out
+
+
+def called_tests(stmts):
+    """pytest's way: each top-level `def test_*()` without parameters is called right after it is defined (pytest-style
+    test files call none of their test functions themselves)."""
+    import _ast
+
+    out = []
+    for s in stmts:
+        out.append(s)
+        if type(s).__name__ == "FunctionDef" and s.name.startswith("test") and not _parameters(s.args):
+            call = _ast.Expr(value=_ast.Call(func=_ast.Name(id=s.name, ctx=_ast.Load()), args=[], keywords=[]))
+            for node in (call, call.value, call.value.func):
+                node.lineno, node.col_offset, node.end_lineno, node.end_col_offset = s.lineno, 0, s.lineno, 0
+            out.append(call)
+    return out
+
+
+def _parameters(args) -> bool:
+    return bool(args.posonlyargs or args.args or args.vararg or args.kwonlyargs or args.kwarg)
 
 
 def free_names(stmts, trusted: set) -> set:
@@ -424,11 +471,11 @@ def units_of(tests, entry_point):
             body = check.body
             units = [(segment(lines, s), [s]) for s in body]
             return mod.body, param, units
-        return [], None, [(segment(lines, s), [s]) for s in mod.body]
+        return [], None, [(segment(lines, s), called_tests([s])) for s in mod.body]
     units = []
     for text in tests:
         mod = compile(text, "tests.py", "exec", PyCF_ONLY_AST)
-        units.append((text.strip().splitlines()[0] if text.strip() else "", mod.body))
+        units.append((text.strip().splitlines()[0] if text.strip() else "", called_tests(mod.body)))
     return [], None, units
 
 
@@ -487,7 +534,7 @@ def main():
     start = time.monotonic()
     deadline = start + first["timeout"]
 
-    ns = {"__name__": "tests"}
+    ns = {"__name__": "__main__"}  # tests under `if __name__ == "__main__":` run, as `python tests.py` runs them
     setup_error = None
     try:
         exec(compile(first["setup"], "setup.py", "exec"), ns)
