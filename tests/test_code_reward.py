@@ -49,6 +49,25 @@ def test_code_reward_all_or_nothing_and_partial():
     assert code(completions, prompts=[""] * 3, partial=True, **cols) == [1.0, pytest.approx(1 / 3), 0.0]
 
 
+def test_a_prefix_that_gives_the_signature_leaves_the_function_to_the_program():
+    """code_prefix holding the function's signature and docstring (what HumanEval gives): the grader runs the prefix
+    too, trusted, so the stub counted as the tests' own function, never the program's; with no entry_point every
+    completion scored None, right or wrong. And a program opening with `from __future__ import ...` no longer starts
+    the file behind the prefix: a SyntaxError, 0 for an honest answer."""
+    code = get_reward("code")
+    prefix = 'def add(a, b):\n    """Return a + b."""\n'
+    good, bad = "```python\ndef add(a, b):\n    return a + b\n```", "```python\ndef add(a, b):\n    return a - b\n```"
+    tests = "assert add(1, 2) == 3\nassert add(2, 2) == 4\n"
+    assert code([good, bad], prompts=["p"] * 2, tests=[tests] * 2, code_prefix=[prefix] * 2) == [1.0, 0.0]
+    # a helper the prefix defines in full stays trusted: a program redefining it does not change what the tests use
+    helper = "def half(x):\n    return x / 2\n"
+    cheat = "```python\ndef half(x):\n    return 1\ndef f(x):\n    return half(x)\n```"
+    assert code([cheat], prompts=["p"], tests=["assert half(4) == 2\nassert f(4) == 1"], code_prefix=[helper]) == [1.0]
+    assert code([cheat], prompts=["p"], tests=["assert half(4) == 2\nassert f(4) == 2"], code_prefix=[helper]) == [0.0]
+    future = "```python\nfrom __future__ import annotations\n\ndef add(a: int, b: int) -> int:\n    return a + b\n```"
+    assert code([future], prompts=["p"], tests=[tests], code_prefix=["from typing import List\n"]) == [1.0]
+
+
 def test_a_draft_in_a_think_block_the_prompt_opened_is_never_paid():
     """R1-Distill's chat template opens <think> in the prompt: a completion cut off mid-thought holding a fenced draft
     was run and paid 1 by the code reward, where evaluation and the accuracy reward found no answer."""

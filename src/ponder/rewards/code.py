@@ -57,10 +57,15 @@ def get_sandbox(timeout: float = 10.0, memory_mb: int = 512, workers: int | None
     return Sandbox(Limits(timeout=timeout, memory_mb=memory_mb), workers=workers, unsafe=unsafe)
 
 
+FUTURE_RE = re.compile(r"^from __future__ import [^\n]*\n?", re.MULTILINE)
+
+
 def job_for(program: str, example: dict) -> dict:
     prefix = example.get("code_prefix") or ""
+    # a program's `from __future__` imports must stay first in the file the prefix goes in front of
+    futures = "".join(line.rstrip("\n") + "\n" for line in FUTURE_RE.findall(program)) if prefix else ""
     return dict(
-        program=f"{prefix}\n{program}\n" if prefix else program + "\n",
+        program=f"{futures}{prefix}\n{FUTURE_RE.sub('', program) if futures else program}\n" if prefix else program + "\n",
         tests=example["tests"],
         entry_point=example.get("entry_point"),
         setup=prefix,
