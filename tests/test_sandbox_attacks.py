@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -392,3 +393,163 @@ def test_a_kernel_without_seccomp_filters_is_one_line_at_start(monkeypatch):
     with pytest.raises(UserError, match=r"^the code sandbox cannot filter the program's system calls here \(sandbox: no "
                                         r"filter here\)"):
         Sandbox(LIMITS, workers=1)
+
+
+def as_ordinary_user(script: str) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter as an ordinary user: nobody (65534) when the tests run as root. The
+    sandbox needs only the standard library: if nobody cannot run this interpreter (a pyenv under /root), the
+    system's of the same version does."""
+    drop = dict(user=65534, group=65534, extra_groups=[]) if os.geteuid() == 0 else {}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(Path(ponder.__file__).resolve().parents[1])}
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for exe in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
+        try:
+            r = subprocess.run([exe, "-c", "import ponder.sandbox"], capture_output=True, cwd="/", env=env, **drop)
+        except OSError:
+            continue
+        if r.returncode == 0:
+            r = subprocess.run([exe, "-c", script], capture_output=True, text=True, timeout=120, cwd="/", env=env, **drop)
+            if "user namespaces" in r.stderr:
+                pytest.skip(f"bubblewrap cannot run as an ordinary user here: {r.stderr.strip().splitlines()[-1]}")
+            return r
+    pytest.skip("no interpreter that an ordinary user may run")
+
+
+DEV_PROBE = '''
+import os
+def probe():
+    out = []
+    for path in ("/dev/shm/x", "/dev/x"):
+        try:
+            open(path, "wb").write(b"x")
+            out.append("wrote " + path)
+        except OSError:
+            out.append("denied")
+    open("/dev/null", "wb").write(b"x")
+    out.append(len(open("/dev/urandom", "rb").read(8)))
+    print(out)
+    return out
+'''
+DEV_TESTS = "assert probe() == ['denied', 'denied', 8]"
+
+
+def test_dev_shm_holds_no_memory(sandbox):
+    """Run by an ordinary user, bubblewrap's /dev was a tmpfs that user could write, without a size cap: a program
+    kept host memory in /dev/shm, outside RLIMIT_AS and the scratch cap. /dev is read-only; its devices still work."""
+    assert sandbox.run(DEV_PROBE, DEV_TESTS).passed
+    script = ("from ponder.sandbox import Limits, Sandbox\nimport sys\n"
+              f"r = Sandbox(Limits(timeout=5), workers=1).run({DEV_PROBE!r}, {DEV_TESTS!r})\nprint(r.status, r.stdout, r.tests)\n")
+    r = as_ordinary_user(script)
+    assert r.stdout.startswith("passed"), r.stdout + r.stderr
+
+
+UNSAFE_PROBE = '''
+import os, time
+def probe():
+    kids = []
+    for i in range(20):  # a bounded fork bomb: the process limit is 8
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        kids.append(pid)
+    for pid in kids:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    if os.fork() == 0:  # a daemon: a session of its own, out of the run's process group
+        os.setsid()
+        if os.fork() == 0:
+            os.execv("/bin/sh", ["ponder-daemon", "-c", "sleep 4242.4242"])
+        os._exit(0)
+    os.wait()
+    try:
+        secret = open(SECRET).read()
+    except OSError:
+        secret = "denied"
+    print(os.getuid(), len(kids), secret)
+    return os.getuid(), len(kids), secret
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_unsafe_mode_as_root_keeps_the_process_limit(tmp_path, capsys):
+    """`unsafe: true` ran the code as root, where RLIMIT_NPROC does not apply: a fork bomb reached the host, a daemon
+    outlived the run and root's files were open to it. Started by root, unsafe runs now switch to a uid of their own
+    (the interpreter's prefix is reached through a descriptor, so a pyenv under /root works) and what is left of
+    that uid is killed after the run."""
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    sb = Sandbox(Limits(timeout=5), workers=1, unsafe=True)
+    try:
+        r = sb.run(UNSAFE_PROBE.replace("SECRET", repr(str(secret))), "u, forks, secret = probe()\nassert u != 0 and forks < 8 and secret == 'denied'")
+        left = gone_soon()
+    finally:
+        for line in sandbox_processes():  # whatever a failed run left behind
+            os.kill(int(line.split()[0]), 9)
+    assert r.passed, (r.status, r.detail, r.stdout, r.stderr)
+    assert left == []
+    assert "as an unprivileged uid" in capsys.readouterr().err
+
+
+def test_unsafe_mode_as_root_that_cannot_switch_uid_runs_as_root(monkeypatch, capsys):
+    """Where root cannot switch to the sandbox's uid (a container's user namespace without it), unsafe runs still
+    run, as root, and the warning says that no process limit holds."""
+    from ponder.sandbox import pool
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    monkeypatch.setattr(pool, "_DROPS", {})
+    monkeypatch.setattr(pool, "REACH_PREFIX", "raise SystemExit(3)\n")
+    sb = Sandbox(Limits(timeout=5), workers=1, unsafe=True)
+    assert sb.run(ADD, "assert add(1, 2) == 3").passed
+    assert "as root, with no process limit: it cannot switch to an unprivileged uid here (" in capsys.readouterr().err
+
+
+def test_unsafe_mode_as_an_ordinary_user_beside_many_threads():
+    """As an ordinary user, unsafe runs set RLIMIT_NPROC to 8 on the user's own uid, which counts all its threads:
+    in a trainer with 8 or more threads the grader could not fork and every completion had no verdict."""
+    script = ("import threading\nfrom ponder.sandbox import Limits, Sandbox\n"
+              "stop = threading.Event()\n[threading.Thread(target=stop.wait, daemon=True).start() for _ in range(12)]\n"
+              "r = Sandbox(Limits(timeout=5), workers=1, unsafe=True).run('def add(a, b):\\n    return a + b\\n', 'assert add(1, 2) == 3')\n"
+              "print(r.status, r.detail)\n")
+    r = as_ordinary_user(script)
+    assert r.stdout.startswith("passed"), r.stdout + r.stderr
+    assert "as your own user, with no process limit" in r.stderr
+
+
+HOLD_UIDS = '''
+import os, sys
+os.getpid = lambda: int(sys.argv[1])  # the uids once came from the pid: these two pids gave the same ones
+from ponder.sandbox import pool
+print([pool._UIDS.take() for _ in range(3)], flush=True)
+sys.stdin.read()  # hold them until told
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs take uids of their own only when started by root")
+def test_two_ponder_processes_never_share_a_uid():
+    """Each process chose its uids from its pid (pid % 100000, 64 apart): processes whose pids differ by a multiple of
+    100000, or with more than 64 workers, shared uids, and one run's processes counted against the other's limit.
+    A uid is now reserved across processes (a lock per uid), and freed when its holder dies."""
+    from ponder.sandbox import pool
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(Path(ponder.__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD_UIDS, str(pid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env) for pid in (4001, 104001)]  # fmt: skip
+    try:
+        held = [eval(p.stdout.readline() or "[]") for p in procs]  # the first still holds its uids when the second takes
+        assert len(held[0]) == len(held[1]) == 3 and not set(held[0]) & set(held[1]), held
+        procs[0].kill()  # a holder that dies frees its uids
+        procs[0].wait()
+        mine = pool._Uids()
+        uid = mine.take()
+        mine.give(uid)
+        assert uid in held[0]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -2,9 +2,10 @@
 
 What the sandbox sees: the system's /usr (and the /lib, /bin links or directories next to it) and the
 Python interpreter's own prefix, all read-only; a fresh /proc for its own PID namespace, a minimal
-/dev, and a private, size-capped tmpfs at /tmp that is also its working directory. No home directory,
-no /etc, no project files, no virtual environment, no network (a fresh network namespace), an empty
-environment, its own session (no terminal to inject keys into), and it dies with its parent.
+read-only /dev (its device nodes work; no file can be written there, /dev/shm included), and a private,
+size-capped tmpfs at /tmp that is also its working directory. No home directory, no /etc, no project
+files, no virtual environment, no network (a fresh network namespace), an empty environment, its own
+session (no terminal to inject keys into), and it dies with its parent.
 
 Who it runs as: started by root, bubblewrap needs no user namespace and the grader drops to a
 dedicated unprivileged uid (one per concurrent run, so process limits and signals stay per run).
@@ -68,7 +69,10 @@ def bwrap_argv(bwrap: str, scratch_bytes: int, as_root: bool) -> list[str]:
                 argv += ["--perms", "0755", "--dir", parent]  # reachable by the sandbox user, empty otherwise
         argv += ["--ro-bind", prefix, prefix]
     argv += [
-        "--proc", "/proc", "--dev", "/dev",
+        # /dev is a tmpfs that bubblewrap leaves writable (by the sandbox user, when run by an ordinary user) and
+        # uncapped: /dev/shm would hold host memory outside RLIMIT_AS and the scratch cap. Read-only once made;
+        # its device nodes (/dev/null, /dev/urandom) are mounts of their own and work as before.
+        "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
         "--perms", "1777", "--size", str(scratch_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp",
         "--remount-ro", "/",
     ]  # fmt: skip

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
-import itertools
+import fcntl
 import marshal
 import math
 import os
 import secrets
+import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,7 +30,15 @@ BOOTSTRAP = (
     "while len(b)<n:\n c=os.read(0,n-len(b))\n if not c:raise SystemExit(3)\n b+=c\n"
     "exec(marshal.loads(b))\n"
 )
-UNSAFE_WARNING = "ponder.sandbox: WARNING: unsafe mode, model-written code runs WITHOUT isolation (no bubblewrap), as your own user"
+# Unsafe runs started by root switch to a uid of their own, which cannot search a private home such as /root where
+# the interpreter may live (pyenv). So the grader, still root, opens the interpreter's prefix and imports through
+# that descriptor: /proc/self/fd/N reaches the prefix (and the program process, forked, inherits it), nothing else.
+REACH_PREFIX = (
+    "import os,sys\n"
+    "d=f'/proc/self/fd/{os.open(sys.prefix,os.O_PATH|os.O_DIRECTORY)}'\n"
+    "sys.path[:]=[d+p[len(sys.prefix):] if p.startswith(sys.prefix+'/') else p for p in sys.path]\n"
+)
+UNSAFE_WARNING = "ponder.sandbox: WARNING: unsafe mode, model-written code runs WITHOUT isolation (no bubblewrap)"
 
 
 @dataclass(frozen=True)
@@ -88,32 +98,70 @@ class Result:
 
 
 class _Uids:
-    """Distinct unprivileged uids for concurrent runs (root only): process limits and signals stay per run."""
+    """Distinct unprivileged uids for concurrent runs (root only): process limits and signals stay per run.
 
-    def __init__(self, base: int):
-        self.free: list[int] = []
-        self.next = itertools.count(base)
+    Distinct across ponder processes too (ranks on one node): a uid is handed out only with an exclusive flock on
+    its lock file, held until the run gives it back. The kernel drops the lock when its holder dies, so a crashed
+    process reserves nothing.
+    """
+
+    BASE, COUNT = 2_000_000_000, 1_000_000
+
+    def __init__(self):
+        self.lock_dir: str | None = None  # made at the first run that needs a uid
+        self.held: dict[int, int] = {}  # uid -> descriptor of its locked file
         self.lock = threading.Lock()
 
     def take(self) -> int:
         with self.lock:
-            return self.free.pop() if self.free else next(self.next)
+            self.lock_dir = self.lock_dir or _lock_dir()
+            for uid in range(self.BASE, self.BASE + self.COUNT):
+                if uid in self.held:
+                    continue
+                path = os.path.join(self.lock_dir, str(uid))
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another process runs a sandbox as this uid
+                    os.close(fd)
+                    continue
+                self.held[uid] = fd
+                return uid
+            raise UserError(f"no free sandbox uid: all {self.COUNT} from {self.BASE} are in use")
 
     def give(self, uid: int) -> None:
         with self.lock:
-            self.free.append(uid)
+            fd = self.held.pop(uid)
+            fcntl.flock(fd, fcntl.LOCK_UN)  # explicitly: a process forked meanwhile shares the descriptor
+            os.close(fd)
 
 
-_UIDS = _Uids(2_000_000_000 + (os.getpid() % 100_000) * 64)
+def _lock_dir() -> str:
+    """A directory of uid locks that only this user can write: root must not open files others could plant."""
+    path = os.path.join("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(), "ponder-sandbox-uids")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise UserError(f"{path} holds the code sandbox's uid locks but is not a directory of this user that only it "
+                        "can write; remove it")
+    return path
+
+
+_UIDS = _Uids()
 _PROBED: set[tuple] = set()
+_DROPS: dict[str, str | None] = {}  # interpreter -> None if unsafe runs as root can switch uid, else why not
 _PROBE_LOCK = threading.Lock()
 
 
 class Sandbox:
     """Runs programs in bubblewrap with resource limits; `run_many` keeps `workers` runs going at once.
 
-    `unsafe=True` runs without bubblewrap (resource limits and the two-process grader still apply)
-    and prints a warning on every call.
+    `unsafe=True` runs without bubblewrap and prints a warning on every call. The two-process grader and the
+    per-process limits still apply; the process limit only where the run has a uid of its own, which unsafe
+    runs have when started by root (see docs/sandbox.md).
     """
 
     def __init__(self, limits: Limits | None = None, workers: int | None = None, unsafe: bool = False):
@@ -122,9 +170,13 @@ class Sandbox:
         self.unsafe = unsafe
         self.as_root = os.geteuid() == 0
         self._pool: ThreadPoolExecutor | None = None
+        self.drop = self.as_root  # runs get a uid of their own: bubblewrap's as root, and unsafe ones as root
+        self.cannot_drop: str | None = None
         if not unsafe:
             self.bwrap = isolation.find_bwrap()
             self._probe()
+        elif self.as_root:
+            self._probe_drop()
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -154,8 +206,15 @@ class Sandbox:
     # -- one run ---------------------------------------------------------------------------------
 
     def _warn(self) -> None:
-        if self.unsafe:
-            print(UNSAFE_WARNING, file=sys.stderr)
+        if not self.unsafe:
+            return
+        if self.drop:
+            who = "as an unprivileged uid (it reads what every user may read, and reaches the network)"
+        elif self.as_root:
+            who = f"as root, with no process limit: it cannot switch to an unprivileged uid here ({self.cannot_drop})"
+        else:
+            who = "as your own user, with no process limit"
+        print(f"{UNSAFE_WARNING}, {who}", file=sys.stderr)
 
     def _run(self, job: dict, limits: Limits | None = None) -> Result:
         limits = limits or self.limits
@@ -163,16 +222,23 @@ class Sandbox:
         if not isinstance(tests, str) and not (isinstance(tests, list) and all(isinstance(t, str) for t in tests)):
             raise UserError(f"tests must be a string of Python or a list of strings, got {type(tests).__name__}")
         nonce = secrets.token_hex(16)
+        rlimits = limits.rlimits()
+        if self.unsafe and not self.drop:
+            # RLIMIT_NPROC counts every process and thread of the uid: on the trainer's own uid, its threads would
+            # use it up and the grader could not fork. Bubblewrap's user namespace, or a uid of its own, counts
+            # only the run's.
+            del rlimits["processes"]
         first = {
             "program": job["program"], "setup": job.get("setup") or "",
-            "limits": limits.rlimits(), "timeout": limits.timeout,
+            "limits": rlimits, "timeout": limits.timeout,
         }  # fmt: skip
         second = {"tests": tests, "entry_point": job.get("entry_point"), "nonce": nonce}
         stdin = RUNNER + b"".join(_frame(marshal.dumps(x)) for x in (first, second))
         exe, _ = isolation.interpreter()
-        uid = _UIDS.take() if self.as_root and not self.unsafe else None
+        uid = _UIDS.take() if self.drop else None
         try:
-            command = [exe, "-I", "-S", "-B", "-c", BOOTSTRAP, str(len(RUNNER))]
+            boot = REACH_PREFIX + BOOTSTRAP if self.unsafe and uid is not None else BOOTSTRAP
+            command = [exe, "-I", "-S", "-B", "-c", boot, str(len(RUNNER))]
             ids = [str(uid), str(uid)] if uid is not None else ["-", "-"]
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
             max_output = limits.output_kb << 10
@@ -180,7 +246,13 @@ class Sandbox:
             if self.unsafe:
                 with tempfile.TemporaryDirectory(prefix="ponder-unsafe-") as scratch:
                     env["HOME"] = scratch
-                    done = run_captured(lambda fd: command + [str(fd)] + ids, stdin, grace, max_output, env, cwd=scratch)
+                    if uid is not None:
+                        os.chown(scratch, uid, uid)
+                    try:
+                        done = run_captured(lambda fd: command + [str(fd)] + ids, stdin, grace, max_output, env, cwd=scratch)
+                    finally:
+                        if uid is not None:
+                            _kill_uid(uid)
             else:
                 head = isolation.bwrap_argv(self.bwrap, limits.scratch_mb << 20, self.as_root)
                 done = run_captured(lambda fd: head + ["--"] + command + [str(fd)] + ids, stdin, grace, max_output, env)
@@ -188,6 +260,22 @@ class Sandbox:
             if uid is not None:
                 _UIDS.give(uid)
         return _verdict(done, nonce, limits.timeout)
+
+    def _probe_drop(self) -> None:
+        """Unsafe runs as root switch to a uid of their own if a trial run can (the interpreter reachable, and
+        that uid settable: in a container's user namespace it may not be); else they run as root."""
+        exe, _ = isolation.interpreter()
+        with _PROBE_LOCK:
+            if exe not in _DROPS:
+                # json: the program process imports from the interpreter's prefix after the switch
+                try:
+                    trial = dict(program="import json\ndef f():\n    return 1\n", tests="assert f() == 1")
+                    r = self._run(trial, Limits(timeout=30.0))
+                    _DROPS[exe] = None if r.passed else (r.stderr.strip().splitlines() or [r.detail])[-1][:200]
+                except OSError as e:  # chown to the uid, or the switch before the kill, refused
+                    _DROPS[exe] = str(e)
+        self.cannot_drop = _DROPS[exe]
+        self.drop = self.cannot_drop is None
 
     def _probe(self) -> None:
         key = (self.bwrap, self.as_root)
@@ -205,6 +293,13 @@ class Sandbox:
                                 "when not run as root (sysctl kernel.unprivileged_userns_clone=1) and version 0.8 or "
                                 "similar (--size, --perms); or set `unsafe: true` to run model code without isolation")  # fmt: skip
             _PROBED.add(key)
+
+
+def _kill_uid(uid: int) -> None:
+    """Kill what still runs as the run's uid: a daemon in a session of its own escapes the process group's kill.
+    kill(-1) by that uid reaches every process of it and no other (and new forks of those are stopped too)."""
+    subprocess.run(["/bin/sh", "-c", "kill -9 -1"], user=uid, group=uid, extra_groups=[], env={}, cwd="/",
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)  # fmt: skip
 
 
 def _frame(payload: bytes) -> bytes:
