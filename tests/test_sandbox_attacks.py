@@ -349,7 +349,9 @@ def test_leaving_a_function_out_or_defining_a_test_functions_parameter(sandbox):
     assert r.status == "failed" and r.fraction == 0.0
     tests = "def check_sum(f):\n    assert f(1, 2) == 3\ncheck_sum(add)\n"
     r = sandbox.run("def add(a, b):\n    return 0\ndef f():\n    pass\n", tests)
-    assert r.status == "bad_tests" and not r.tests  # as for the honest program: no assert reads a program name
+    # the call is the test (it runs check_sum's assert on the program's add), whatever the program calls `f`
+    assert r.status == "failed" and [t.source for t in r.tests] == ["check_sum(add)"]
+    assert sandbox.run("def add(a, b):\n    return a + b\ndef f():\n    pass\n", tests).status == "passed"
 
 
 @pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "aarch64"), reason="filter for x86-64 and arm64")
