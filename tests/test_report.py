@@ -174,3 +174,17 @@ def test_cli_rejects_a_directory_that_is_no_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"ponder: error: no metrics.jsonl in {tmp_path}; is it a run directory?\n"
+
+
+def test_the_console_prints_names_with_brackets_as_they_are(tmp_path, capsys):
+    """Rich read `[...]` in printed text as a style and dropped it: a run named like a sweep (`sweep[lr=3e-3]`) got
+    a report path that does not exist, and the evaluation lines lost their `[before]` / `[after]`."""
+    from ponder.cli import main
+
+    assert main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=sweep[lr=3e-3]",
+                 "train.steps=1", "rollout.prompts_per_step=4", "rollout.group_size=4",
+                 "eval.tasks=[{name: first_digit, split: test, n: 4}]", "eval.k=1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"report: {tmp_path / 'sweep[lr=3e-3]' / 'report.html'}" in out
+    assert (tmp_path / "sweep[lr=3e-3]" / "report.html").is_file()
+    assert "(4 problems, k=1) [before]" in out and "(4 problems, k=1) [after]" in out

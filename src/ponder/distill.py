@@ -19,16 +19,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-
 from ponder.config import to_dict
+from ponder.console import make_console
 from ponder.errors import UserError
 from ponder.files import make_dir, write_atomic
 from ponder.runtime import dump_yaml
 from ponder.sample import SampleConfig
 from ponder.sft.config import SFTConfig
 
-console = Console()
+console = make_console()
 STAGES = ("sample", "sft")
 
 

@@ -383,9 +383,9 @@ _replace_dir = stopping.whole()(replace_dir)  # a SIGTERM meanwhile waits for bo
 
 def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, overrides: list[str] = ()) -> Path:
     """Write the corpus, train, save the model with its tokenizer and card; return its directory."""
-    from rich.console import Console
+    from ponder.console import make_console
 
-    console = console or Console()
+    console = console or make_console()
     check(cfg)
     out = Path(cfg.output)
     check_output(out)
@@ -435,11 +435,11 @@ def _tokenizer_source(name: str) -> str:
 
 def probe_only(cfg: PretrainConfig, recipe: str, console=None) -> dict:
     """Measure an existing model (cfg.output) and print the card's table."""
-    from rich.console import Console
+    from ponder.console import make_console
 
     from ponder.models import load
 
-    console = console or Console()
+    console = console or make_console()
     model, tokenizer = load(cfg.output)
     device = _device(cfg.device)
     figures = probe(model.to(device).eval(), tokenizer, cfg.probe, seed=cfg.seed)

@@ -160,9 +160,9 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     settings = _settings(cfg)
     earlier = _earlier_run(out, tmp, ledger, settings, resume)
     if out.exists():  # a finished run, to leave as it is (without `resume`, refused above)
-        from rich.console import Console
+        from ponder.console import make_console
 
-        Console().print(f"{out} is complete ({earlier['accepted']} answers); nothing to resume", soft_wrap=True)
+        make_console().print(f"{out} is complete ({earlier['accepted']} answers); nothing to resume", soft_wrap=True)
         return earlier
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -390,9 +390,9 @@ class _bar:
 
 
 def _print_summary(summary: dict, out: Path, show: bool) -> None:
-    from rich.console import Console
+    from ponder.console import make_console
 
-    console = Console()
+    console = make_console()
     src = summary["source"]
     console.print(f"rejection sampling from {src['model']} (k={src['k']}, temperature {src['temperature']}):")
     for label, n in summary["tasks"].items():
@@ -401,5 +401,5 @@ def _print_summary(summary: dict, out: Path, show: bool) -> None:
                       f"{n['solved_prompts']} of {n['prompts']} prompts solved; rejected: {top or 'none'}", soft_wrap=True)
     console.print(f"wrote {summary['accepted']} answers to {out}", soft_wrap=True)
     if summary["unsolved_prompts"]:
-        console.print(f"[yellow]{summary['unsolved_prompts']} prompts have no accepted answer; their ids are in "
-                      f"{out.with_name(out.stem + '.unsolved.txt')}[/]", soft_wrap=True)
+        console.print(f"{summary['unsolved_prompts']} prompts have no accepted answer; their ids are in "
+                      f"{out.with_name(out.stem + '.unsolved.txt')}", soft_wrap=True, style="yellow")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ponder import distributed
+from ponder.console import make_console
 from ponder.config import RunConfig, load_config
 from ponder.files import write_atomic
 from ponder.resume import add_arguments as add_resume_arguments
 
-console = Console()
+console = make_console()
 
 
 def add_parser(sub) -> None:

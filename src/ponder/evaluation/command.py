@@ -69,7 +69,7 @@ def run(args) -> int:
         results = [load_result(r) for r in paths]
         _console().print(compare_table(results, [_label(r) for r in paths]))
         if _different_problems(results):
-            _console().print("[yellow]note: the results were computed on different problem sets (task hashes differ)[/]")
+            _console().print("note: the results were computed on different problem sets (task hashes differ)", style="yellow")
         return 0
     if not args.model or not args.tasks:
         raise UserError("ponder eval needs --model and --tasks (e.g. --model tiny-base --tasks arithmetic), or --compare A B")
@@ -361,7 +361,7 @@ def _device(name: str):
 def _console():
     from rich.console import Console
 
-    return Console(width=max(100, Console().width))
+    return Console(width=max(100, Console().width), markup=False)  # model and run names are text, not styles
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ponder.console import make_console
 from ponder.files import write_atomic
 from ponder.resume import add_arguments as add_resume_arguments
 from ponder.sft.config import SFTConfig, load_sft_config
 
-console = Console()
+console = make_console()
 
 
 def add_parser(sub) -> None:
@@ -54,7 +54,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     r = trainer.report
     note = r.warning()
     if note:
-        console.print(f"[yellow]warning: {note}[/]")
+        console.print(f"warning: {note}", style="yellow")
     write_atomic(trainer.run_dir / "data.json", json.dumps({"rows": len(trainer.examples), "truncated": r.truncated,
                                                             "dropped": r.dropped, "empty": r.empty, "max_len": r.max_len}, indent=2))
     t, total = cfg.train, trainer.total_steps
