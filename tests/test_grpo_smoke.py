@@ -379,3 +379,21 @@ def test_zero_advantage_samples_are_not_scored_for_later_passes_and_the_passes_e
     # Adam divides each gradient by its own scale: rounding-level differences of near-zero gradients move weights by
     # a small share of the learning rate, which is all that differs (lr 1e-3: at most 1e-5 here)
     assert torch.allclose(weights[0], weights[1], atol=1e-5, rtol=0)
+
+
+def test_log_samples_writes_that_many_completions_each_prompts_first_then_its_second():
+    """train.log_samples wrote the first completion of the first k groups: 64 asked of 128 gave 16 (one per prompt),
+    and the rows said nothing of the completion's length or whether it was cut off."""
+    from ponder.rl.batching import Sample
+    from ponder.rl.trainer import GRPOTrainer, Group
+
+    groups = [Group({"prompt": f"p{i}", "answer": str(i)},
+                    [Sample([1], [5] * (i + j + 1), truncated=j == 1) for j in range(3)],
+                    [f"c{i}{j}" for j in range(3)], [float(i + j) for j in range(3)], {"accuracy": [1.0, 0.0, 0.5]})
+              for i in range(2)]
+    rows = GRPOTrainer.sample_rows(None, groups, 5)
+    assert [r["completion"] for r in rows] == ["c00", "c10", "c01", "c11", "c02"]
+    assert [(r["completion_length"], r["truncated"], r["reward"]) for r in rows[:3]] == [(1, False, 0.0), (2, False, 1.0),
+                                                                                         (2, True, 1.0)]
+    assert rows[2]["rewards"] == {"accuracy": 0.0} and rows[1]["prompt"] == "p1" and rows[1]["answer"] == "1"
+    assert len(GRPOTrainer.sample_rows(None, groups, 64)) == 6

@@ -153,7 +153,7 @@ class TrainConfig:
     skip_zero_advantage: bool = True
     save_every: int = 50
     keep_last: int = 2
-    log_samples: int = 4  # completions per step written to samples.jsonl
+    log_samples: int = 4  # completions per step written to samples.jsonl (each prompt's first, then its second, ...)
     threads: int = 0  # CPU threads for torch (0: torch's default; under torchrun, the cores divided among this machine's processes)
     # where metrics and samples go besides metrics.jsonl / samples.jsonl: tensorboard, wandb, mlflow (ponder.metrics)
     log_to: list[str] = field(default_factory=lambda: ["tensorboard"])

@@ -456,12 +456,12 @@ class GRPOTrainer:
         return m, per
 
     def sample_rows(self, groups: list[Group], k: int) -> list[dict]:
-        rows = []
-        for g in groups[:k]:
-            j = 0
-            rows.append({"prompt": g.example["prompt"], "answer": g.example.get("answer"), "completion": g.texts[j],
-                         "reward": g.rewards[j], "rewards": {n: v[j] for n, v in g.per_fn.items()}})
-        return rows
+        """k of the step's completions for samples.jsonl: each prompt's first, then each one's second, and so on."""
+        picks = [(g, j) for j in range(max((len(g.texts) for g in groups), default=0)) for g in groups if j < len(g.texts)]
+        return [{"prompt": g.example["prompt"], "answer": g.example.get("answer"), "completion": g.texts[j],
+                 "reward": g.rewards[j], "rewards": {n: v[j] for n, v in g.per_fn.items()},
+                 "completion_length": len(g.samples[j].completion_ids), "truncated": g.samples[j].truncated}
+                for g, j in picks[:k]]
 
     # ---------------------------------------------------------------- set-up and state
     def _load_data(self, last) -> list[tuple] | None:
