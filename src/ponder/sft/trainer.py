@@ -127,13 +127,13 @@ class SFTTrainer:
             n_rows = len(rows)
         targets = sum(sum(self.examples[i].mask) for i in batch)
         self.optimizer.zero_grad(set_to_none=True)
-        total, computed = 0.0, 0
+        total, computed, padding = 0.0, 0, 0
         for mb in chunks:
-            loss, n = self._loss_sum(mb)
+            loss, n, pad = self._loss_sum(mb)
             loss = loss / targets
             loss.backward()
             total += loss.item()
-            computed += n
+            computed, padding = computed + n, padding + pad
         grad_clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         skipped = not (math.isfinite(total) and torch.isfinite(grad_norm))
@@ -153,7 +153,7 @@ class SFTTrainer:
         return {
             "loss": total, "grad_norm": grad_norm.item() if not skipped else float("nan"), "skipped_updates": float(skipped),
             "lr": lr, "epoch": self.sampler.position / len(self.examples), "examples": len(batch), "rows": n_rows,
-            "micro_batches": len(chunks), "tokens": tokens, "target_tokens": targets, "pack_efficiency": tokens / max(computed, 1),
+            "micro_batches": len(chunks), "tokens": tokens, "target_tokens": targets, "pack_efficiency": 1 - padding / max(computed, 1),
             "time/step": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "token_budget": budget,
         }
 
@@ -168,13 +168,15 @@ class SFTTrainer:
                             "above 0); use train.forward: auto or padded (the model's own forward)")
         return packed and not dropout
 
-    def _loss_sum(self, mb) -> tuple[torch.Tensor, int]:
-        """The micro-batch's summed loss and the tokens its pass ran (padding and shared prompts counted as run)."""
+    def _loss_sum(self, mb) -> tuple[torch.Tensor, int, int]:
+        """The micro-batch's summed loss, the tokens its pass ran and how many of them were padding (the packed pass
+        runs none: each distinct prompt once, each completion but its last token)."""
         if self.policy_pass.packed:
-            return stream_loss_sum(self.policy_pass, self.model, mb), stream_tokens(mb)
+            return stream_loss_sum(self.policy_pass, self.model, mb), stream_tokens(mb), 0
         packed = collate(self.examples, mb, self.tokenizer.pad_token_id, self.device)
         with autocast(self.device, self.precision.autocast):
-            return loss_sum(self.model, packed), packed.input_ids.numel()
+            real = sum(self.lengths[i] for row in mb for i in row)
+            return loss_sum(self.model, packed), packed.input_ids.numel(), packed.input_ids.numel() - real
 
     def token_budget(self) -> int:
         """optim.token_budget, or (unset) the plan from free device memory (ponder.rl.memory_plan), made at the first
