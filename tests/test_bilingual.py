@@ -320,3 +320,15 @@ def test_dollar_amounts_are_no_inline_math():
     assert lang([chain] * 2, prompts=["p"] * 2, target=["en", "zh"]) == [2 / 9, 7 / 9]
     assert is_mixed(chain)
     assert lang(["<think> so $x + y$ is 5 </think>"], prompts=["p"], target="en") == [1.0]  # (so, is; x + y is math)
+
+
+def test_reflection_words_count_in_running_chinese_text_and_whole_words_elsewhere():
+    """The pattern asked for \\b around each word: between two Han characters regex sees no boundary (both are word
+    characters), so `等等` in `我算错了等等重新算` went uncounted and only words set off by punctuation counted."""
+    from ponder.metrics import reflection_rate
+
+    words = ["wait", "等等", "检查", "check"]
+    counted = ["我算错了等等重新算", "让我检查一下", "，等等，不对", "我wait了", "Wait. 3 + 4 = 7", "(check)"]
+    not_counted = ["checkpoint", "awaiting", "rechecked", "check_it", "check2", "等一下"]
+    assert [reflection_rate([t], words) for t in counted] == [1.0] * len(counted)
+    assert [reflection_rate([t], words) for t in not_counted] == [0.0] * len(not_counted)

@@ -45,8 +45,21 @@ def require_backends(names, where: str = "train.log_to") -> None:
 DEFAULT_REFLECTION_WORDS = ("wait", "verify", "check", "mistake", "however", "recheck")
 
 
+# scripts written without spaces between words (Han, kana, Thai, Lao, Myanmar, Khmer): no word boundary to ask for
+UNSPACED_RANGES = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+UNSPACED = re.compile(f"[{UNSPACED_RANGES}]")
+SPACED_LETTER = f"[^\\W{UNSPACED_RANGES}]"  # a word character of a script with spaces between words
+
+
 def reflection_pattern(words) -> re.Pattern:
-    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+    """A whole word each (`check` not in `checkpoint`), where words are spaced: `等等` counts in `我算错了等等重新算`
+    and `wait` in `我wait了`, where \\b found no boundary (to regex every Han character is a word character)."""
+    def one(w):
+        left = "" if UNSPACED.match(w[:1]) else f"(?<!{SPACED_LETTER})"
+        right = "" if UNSPACED.match(w[-1:]) else f"(?!{SPACED_LETTER})"
+        return left + re.escape(w) + right
+
+    return re.compile("|".join(one(w) for w in words), re.IGNORECASE)
 
 
 def reflection_rate(texts: list[str], words=DEFAULT_REFLECTION_WORDS) -> float:
