@@ -188,3 +188,18 @@ def test_the_console_prints_names_with_brackets_as_they_are(tmp_path, capsys):
     assert f"report: {tmp_path / 'sweep[lr=3e-3]' / 'report.html'}" in out
     assert (tmp_path / "sweep[lr=3e-3]" / "report.html").is_file()
     assert "(4 problems, k=1) [before]" in out and "(4 problems, k=1) [after]" in out
+
+
+def test_a_guardrails_example_is_not_shown_as_a_training_completion(tmp_path):
+    """samples.jsonl holds, beside a step's completions, the example completion of each guardrail that fired ({guardrail,
+    message, completion}); the report took them for completions of the step: no prompt, "gold answer: None", and
+    neither the guardrail nor its message shown. The guardrails table shows the example, with its message."""
+    import json
+
+    run = _bare_run(tmp_path)
+    rows = [{"step": 1, "prompt": "3+4", "answer": "7", "completion": "<answer>7</answer>", "reward": 1.0},
+            {"step": 1, "guardrail": "repetition", "message": "a line repeats", "completion": "7\n7\n7\n7"}]
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report(run).read_text(encoding="utf-8")
+    completions = page[page.index("<h2>Completions</h2>"):]
+    assert "3+4" in completions and "7\n7\n7\n7" not in completions and "gold answer: None" not in completions

@@ -227,6 +227,7 @@ def _figures(result) -> dict:
 
 
 def _samples(rows: list[dict]) -> str:
+    rows = [r for r in rows if "guardrail" not in r]  # a firing's example: the guardrails table shows it, with its message
     steps = [r["step"] for r in rows if _number(r.get("step"))]
     if not steps:
         return ""
