@@ -471,8 +471,9 @@ def probe():
         secret = open(SECRET).read()
     except OSError:
         secret = "denied"
-    print(os.getuid(), len(kids), secret)
-    return os.getuid(), len(kids), secret
+    no_new_privs = [l.split()[1] for l in open("/proc/self/status") if l.startswith("NoNewPrivs:")][0]
+    print(os.getuid(), len(kids), secret, no_new_privs)
+    return os.getuid(), len(kids), secret, no_new_privs
 '''
 
 
@@ -481,13 +482,13 @@ def test_unsafe_mode_as_root_keeps_the_process_limit(tmp_path, capsys):
     """`unsafe: true` ran the code as root, where RLIMIT_NPROC does not apply: a fork bomb reached the host, a daemon
     outlived the run and root's files were open to it. Started by root, unsafe runs now switch to a uid of their own
     (the interpreter's prefix is reached through a descriptor, so a pyenv under /root works) and what is left of
-    that uid is killed after the run."""
+    that uid is killed after the run. No setuid program gives root back (no_new_privs, as bubblewrap sets it)."""
     secret = tmp_path / "secret"
     secret.write_text("root only")
     secret.chmod(0o600)
     sb = Sandbox(Limits(timeout=5), workers=1, unsafe=True)
     try:
-        r = sb.run(UNSAFE_PROBE.replace("SECRET", repr(str(secret))), "u, forks, secret = probe()\nassert u != 0 and forks < 8 and secret == 'denied'")
+        r = sb.run(UNSAFE_PROBE.replace("SECRET", repr(str(secret))), "u, forks, secret, nnp = probe()\nassert u != 0 and forks < 8 and secret == 'denied' and nnp == '1'")
         left = gone_soon()
     finally:
         for line in sandbox_processes():  # whatever a failed run left behind
