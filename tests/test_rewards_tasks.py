@@ -91,6 +91,25 @@ def test_a_small_reasoning_gym_test_set_leaves_out_every_question_of_a_default_t
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
 
 
+def test_a_reasoning_gym_train_draw_larger_than_the_default_needs_a_size_both_splits_share():
+    """The size followed n on train: n 3,000 drew 3,000 questions while a test split of 200 left out those of a draw
+    of 1,000 (88 of its questions were trained on). n past the size is now refused, naming options.size; with the
+    size set on both splits, nothing overlaps. Sizes and seeds that are no whole numbers are one line too."""
+    opts = {"dataset": "basic_arithmetic", "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    with pytest.raises(UserError) as e:
+        load_examples(TaskSpec(name="reasoning_gym", n=3000, options=opts), 0)
+    assert str(e.value) == ("task 'reasoning_gym': n=3000 is more than the draw's size 1000; set options.size to at least "
+                            "3000, the same for the train and test splits of these options (the test split leaves out the "
+                            "questions of the train draw of its size)")
+    sized = {**opts, "size": 3000}
+    train = load_examples(TaskSpec(name="reasoning_gym", n=3000, options=sized), 0)
+    test = load_examples(TaskSpec(name="reasoning_gym", split="test", n=200, options=sized), 0)
+    assert len(train) == 3000 and test and not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    for key, value in (("size", "ten"), ("size", 0), ("dataset_seed", 1.5)):
+        with pytest.raises(UserError, match=rf"^task 'reasoning_gym': options.{key} must be a whole number"):
+            load_examples(TaskSpec(name="reasoning_gym", n=5, options={**opts, key: value}), 0)
+
+
 def test_reasoning_gym_options_its_asserts_reject_are_one_line():
     with pytest.raises(UserError) as e:
         load_examples(TaskSpec(name="reasoning_gym", n=5, options={"dataset": "basic_arithmetic", "min_terms": 9, "max_terms": 2}), 0)

@@ -2,8 +2,9 @@
 
     data.tasks: [{name: reasoning_gym, options: {dataset: knights_knaves, size: 1000, dataset_seed: 3}}]
 
-`dataset_seed` defaults to the run's seed. Further options go to the dataset's config (e.g. `min_terms: 3`). The test split draws from a
-different seed and drops questions that also occur in the train split of the same options.
+`dataset_seed` defaults to the run's seed; `size` (questions a draw holds) to 1,000, and `n` may not exceed it. Further
+options go to the dataset's config (e.g. `min_terms: 3`). The test split draws from a different seed and drops questions
+that also occur in the train split of the same options (the same size included).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 from ponder.errors import UserError
 from ponder.tasks import Task, register
 
+DEFAULT_SIZE = 1000  # questions a draw holds unless options.size says (train and test splits alike)
 _TAGS = re.compile(r"<think>.*?</think>|</?answer>|</?think>", re.DOTALL)
 
 
@@ -50,9 +52,17 @@ class ReasoningGym(Task):
     def load(self, split="train", n=None, seed=0, dataset=None, size=None, dataset_seed=None, **config):
         if not dataset:
             raise UserError("task 'reasoning_gym' needs options.dataset, e.g. options: {dataset: basic_arithmetic, size: 1000}")
-        # the test split leaves out the questions of a train draw of its own `size`: were it `n` (50 for a test set),
-        # it would compare against 50 of the 1,000 questions trained on and keep the rest as held out
-        size = int(size or max(n or 0, 1000))
+        # The test split leaves out the questions of the train draw of the same `size`, so the size must not follow
+        # `n`: a test set of 50 compared against 50 of the 1,000 questions trained on (and one of 200 against 1,000 of
+        # 3,000), keeping the rest as held out. A fixed default, and n past it refused.
+        size = DEFAULT_SIZE if size is None else size
+        for key, value, least in (("size", size, 1), ("dataset_seed", dataset_seed, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise UserError(f"task 'reasoning_gym': options.{key} must be a whole number of at least {least}, got {value!r}")
+        if n and n > size:
+            raise UserError(f"task 'reasoning_gym': n={n} is more than the draw's size {size}; set options.size to at least "
+                            f"{n}, the same for the train and test splits of these options (the test split leaves out "
+                            "the questions of the train draw of its size)")
         seed = seed if dataset_seed is None else dataset_seed
         frozen = json.dumps(config, sort_keys=True)
         ds_seed = _split_seed(int(seed), split)
