@@ -60,10 +60,37 @@ def test_plain_takes_the_question_from_any_common_field(tmp_path):
     rows = get_task("plain").load(path=path)
     assert [(r["prompt"], r["answer"]) for r in rows] == [("p?", "3"), ("q?", "x=2"), ("r?", "7")]
     path = write(tmp_path, [{"text": "no question", "answer": "1"}], name="bad.jsonl")
-    with pytest.raises(UserError, match=r"bad.jsonl:1: row has none of the fields prompt, question, problem"):
+    with pytest.raises(UserError, match=r"bad.jsonl:1: row has no question in any of the fields prompt, question, problem"):
         get_task("plain").load(path=path)
     with pytest.raises(UserError, match=r"task 'plain' needs a path"):
         get_task("plain").load()
+
+
+def test_prompts_must_be_text_or_messages_and_answers_text_numbers_or_lists(tmp_path):
+    """An empty `prompt` beside a `question` was taken (the model saw the template alone), a null one was said to be
+    missing with the others; a prompt that was an object or a boolean reached the model as its Python repr, and an
+    object answer became the gold "{'x': 1}"."""
+    path = write(tmp_path, [{"prompt": "", "question": "What is 2+2?", "answer": "4"},
+                            {"prompt": None, "problem": "3+4?", "answer": 7}], name="e.jsonl")
+    assert [(r["prompt"], r["answer"]) for r in get_task("plain").load(path=path)] == [("What is 2+2?", "4"), ("3+4?", "7")]
+    for rows, line in (([{"prompt": "2+2?", "answer": "4"}, {"prompt": {"question": "2+2?"}, "answer": "4"}],
+                        "task 'jsonl' (PATH), example 2: a prompt must be text or chat messages, got dict \"{'question': '2+2?'}\""),
+                       ([{"prompt": True, "answer": "4"}], "task 'jsonl' (PATH), example 1: a prompt must be text or chat "
+                                                           "messages, got bool 'True'"),
+                       ([{"prompt": "2+2?", "answer": {"x": 1}}], "PATH:1: an answer must be text, a number or a list of "
+                                                                  "them, got an object \"{'x': 1}\"")):
+        path = write(tmp_path, rows, name="odd.jsonl")
+        with pytest.raises(UserError) as e:
+            load_examples(TaskSpec(name="jsonl", path=str(path)), 0)
+        assert str(e.value) == line.replace("PATH", str(path))
+
+
+def test_a_task_weight_repeats_its_examples_rounded_half_up():
+    """round() is half to even: weight 2.5 repeated a task twice (as 2 and 1.5 do) and 3.5 four times."""
+    from ponder.tasks import mix
+
+    spec = lambda w: TaskSpec(name="arithmetic", n=3, weight=w)  # noqa: E731
+    assert [len(mix([spec(w)], 0)) for w in (0.5, 1, 1.5, 2.5, 3.5)] == [3, 3, 6, 9, 12]
 
 
 def test_reasoning_gym_by_name_scored_by_its_own_scorer():

@@ -53,9 +53,11 @@ def prompt_key(example: dict) -> str:
 
 def answer_text(value) -> str:
     """A gold answer as the rewards read it: a list (an answer of several parts) joined by ", " (its Python repr,
-    "['a', 'b']", matched no answer), anything else as str."""
+    "['a', 'b']", matched no answer), anything else as str; an object has no answer text (its repr was taken for one)."""
     if isinstance(value, (list, tuple)):
         return ", ".join(answer_text(v) for v in value)
+    if isinstance(value, dict):
+        raise UserError(f"an answer must be text, a number or a list of them, got an object {str(value)[:60]!r}")
     return str(value)
 
 
@@ -156,10 +158,20 @@ def load_examples(spec, seed: int = 0) -> list[dict]:
         raise UserError(f"task '{spec.name}' gave no examples for split '{spec.split}'; check its path and options")
     for i, row in enumerate(rows, 1):
         row.setdefault("task", task.name)
-        problem = chat_messages_problem(row.get("prompt"))
+        problem = prompt_problem(row.get("prompt"))
         if problem:
             raise UserError(f"task '{spec.name}'{f' ({spec.path})' if spec.path else ''}, example {i}: {problem}")
     return rows
+
+
+def prompt_problem(prompt) -> str | None:
+    """What is wrong with a prompt, if anything: it is text, not empty, or chat messages (an object or a number was
+    shown to the model as its Python repr; an empty prompt as the template alone)."""
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "the prompt is empty"
+    if isinstance(prompt, list):
+        return chat_messages_problem(prompt)
+    return f"a prompt must be text or chat messages, got {type(prompt).__name__} {str(prompt)[:60]!r}"
 
 
 def chat_messages_problem(prompt) -> str | None:
@@ -234,5 +246,5 @@ def mix(specs, seed: int) -> list[dict]:
     rows: list[dict] = []
     for spec in specs:
         ex = load_examples(spec, seed)
-        rows += ex * max(1, round(spec.weight))
+        rows += ex * max(1, int(spec.weight + 0.5))  # half up (round() is half to even: 2.5 gave 2, 3.5 gave 4)
     return rows

@@ -69,8 +69,12 @@ class JsonlTask(Task):
     def load(self, split="train", n=None, seed=0, path=None, **_):
         if path is None:
             raise UserError("task 'jsonl' needs a path: data.tasks: [{name: jsonl, path: my.jsonl}]")
-        rows = read_jsonl(path, required=("prompt", "answer"))
-        for row in rows:
-            row["answer"] = answer_text(row["answer"])
+        rows = []
+        for line, row in read_jsonl(path, required=("prompt", "answer"), with_lines=True):
+            try:
+                row["answer"] = answer_text(row["answer"])
+            except UserError as e:
+                raise UserError(f"{path}:{line}: {e}") from None
             row["task"] = "jsonl"
+            rows.append(row)
         return rows[:n] if n else rows

@@ -45,7 +45,8 @@ class _MathJsonl(Task):
         return {}
 
     def question(self, row: dict):
-        return next((row[k] for k in PROMPT_FIELDS if k in row), None)
+        """The first of the question fields that holds something (an empty `prompt` beside a `question` was taken)."""
+        return next((row[k] for k in PROMPT_FIELDS if row.get(k) not in (None, "")), None)
 
     def load(self, split="train", n=None, seed=0, path=None, **_):
         if path is None:
@@ -54,7 +55,8 @@ class _MathJsonl(Task):
         for line, row in read_jsonl(path, required=self.required, with_lines=True):
             prompt, gold = self.question(row), self.gold(row)
             if prompt is None:
-                raise UserError(f"{path}:{line}: row has none of the fields {', '.join(PROMPT_FIELDS)}; task '{self.name}' needs the question in one of them")
+                raise UserError(f"{path}:{line}: row has no question in any of the fields {', '.join(PROMPT_FIELDS)}; task "
+                                f"'{self.name}' needs the question in one of them")
             if gold is None or not str(gold).strip():
                 raise UserError(f"{path}:{line}: row has no final answer for task '{self.name}' ({self.where}); fix the row or use another task")
             out.append({**row, **self.extra(row), "prompt": prompt, "answer": answer_text(gold).strip(), "task": self.name})
