@@ -553,3 +553,18 @@ def test_the_tokenizer_the_data_was_checked_with_is_the_models(tmp_path, monkeyp
     assert loads == [model] * 3
     assert main(["sample", *common, "--out", str(tmp_path / "s.out.jsonl"), "template=chat"]) == 0
     assert loads == [model] * 4
+
+
+def test_a_tokenizer_that_appends_eos_does_not_end_a_text_templates_prompt_with_it():
+    """A tokenizer whose post-processor appends EOS as well as BOS (LlamaTokenizerFast's add_eos_token, as some
+    fine-tunes set it): every prompt of a text template ended with EOS, asking the model to go on after the end of the
+    document. The BOS stays; chat templates write their own special tokens and are encoded without the tokenizer's."""
+    from ponder.templates import encoded_prompt
+
+    t = char_tokenizer()
+    t.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{t.bos_token} $A {t.eos_token}", special_tokens=[(t.bos_token, t.bos_token_id), (t.eos_token, t.eos_token_id)])
+    for template in ("plain", "r1_zero"):
+        ids = encoded_prompt(template, "2+3?", t)[0]
+        assert ids[0] == t.bos_token_id and ids[-1] != t.eos_token_id and t.eos_token_id not in ids, template
+    assert encoded_prompt("plain", "2+3?", t)[0] == [t.bos_token_id] + t("2+3?", add_special_tokens=False).input_ids

@@ -78,7 +78,14 @@ def encoded_prompt(template: str, prompt, tokenizer) -> tuple[list[int], bool]:
     its text is encoded without the tokenizer's own, as apply_chat_template(tokenize=True) does; a text
     template's gets them."""
     text = render(template, prompt, tokenizer)
-    return tokenizer(text, add_special_tokens=template != "chat").input_ids, opens_think(text)
+    ids = tokenizer(text, add_special_tokens=template != "chat").input_ids
+    eos = tokenizer.eos_token_id
+    if template != "chat" and eos is not None and ids[-1:] == [eos]:
+        # a tokenizer that appends EOS to what it encodes (add_eos_token, as some fine-tunes set it) asked the model
+        # to go on after the end of the document; the text never holds it (special tokens are not in a question)
+        if tokenizer(text, add_special_tokens=False).input_ids[-1:] != [eos]:
+            ids = ids[:-1]
+    return ids, opens_think(text)
 
 
 def prompt_ids(template: str, prompt, tokenizer) -> list[int]:
