@@ -202,3 +202,23 @@ def test_partition_shares():
         counts[partition_of(f"k{i}")] += 1
     assert abs(counts["test"] / 20_000 - 0.10) < 0.01
     assert abs(counts["train"] / 20_000 - 0.40) < 0.015
+
+
+@pytest.mark.parametrize("task, options, line", [
+    ("arithmetic", {"difficulty": []}, "task 'arithmetic': difficulty is an empty list; name one of: easy, medium, hard, expert, mixed"),
+    ("countdown", {"difficulty": []}, "task 'countdown': difficulty is an empty list; name one of: easy, medium, hard, expert, mixed"),
+    ("arithmetic", {"difficulty": {"a": 1}}, "task 'arithmetic': unknown difficulty {'a': 1}; choose one of: easy, medium, hard, expert, mixed"),
+    ("arithmetic", {"operands": 3.5}, "task 'arithmetic': operands must be a whole number, got 3.5"),
+    ("arithmetic", {"operands": [3, "4"]}, "task 'arithmetic': operands must be a whole number, got '4'"),
+    ("arithmetic", {"low": 1.5}, "task 'arithmetic': low must be a whole number, got 1.5"),
+    ("arithmetic", {"high": "a"}, "task 'arithmetic': high must be a whole number, got 'a'"),
+])
+def test_task_options_of_the_wrong_kind_are_one_line(task, options, line):
+    """An empty difficulty list, a mapping, a fractional or text number: IndexError, TypeError or ValueError tracebacks
+    from the draw (`ponder eval --option operands=3.5`)."""
+    from ponder.config import TaskSpec
+    from ponder.tasks import load_examples
+
+    with pytest.raises(UserError) as e:
+        load_examples(TaskSpec(name=task, n=5, options=options), 0)
+    assert str(e.value) == line

@@ -51,6 +51,25 @@ def prompt_key(example: dict) -> str:
     return json.dumps(example["prompt"], sort_keys=True, ensure_ascii=False)
 
 
+def difficulty_names(task: str, difficulty, levels) -> list[str]:
+    """The levels a `difficulty` option names: one, a non-empty list of them, or "mixed" (all); else one line (an
+    empty list or a mapping failed in the draw, a traceback)."""
+    names = list(levels) if difficulty == "mixed" else difficulty if isinstance(difficulty, list) else [difficulty]
+    if not names:
+        raise UserError(f"task '{task}': difficulty is an empty list; name one of: {', '.join(levels)}, mixed")
+    for name in names:
+        if not isinstance(name, str) or name not in levels:
+            raise UserError(f"task '{task}': unknown difficulty {name!r}; choose one of: {', '.join(levels)}, mixed")
+    return names
+
+
+def whole_number(task: str, key: str, value) -> int:
+    """An option that must be a whole number (a float or a text one failed in the draw, a traceback)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"task '{task}': {key} must be a whole number, got {value!r}")
+    return value
+
+
 def answer_text(value) -> str:
     """A gold answer as the rewards read it: a list (an answer of several parts) joined by ", " (its Python repr,
     "['a', 'b']", matched no answer), anything else as str; an object has no answer text (its repr was taken for one)."""

@@ -17,7 +17,7 @@ import random
 
 from ponder.errors import UserError
 from ponder.rewards.match import to_number
-from ponder.tasks import Task, register
+from ponder.tasks import Task, difficulty_names, register, whole_number
 from ponder.tasks.partition import draw_unique, partition_of
 
 # operands: inclusive range of the chain's length; low/high: range of each number.
@@ -66,19 +66,17 @@ def prompt_of(expr: str) -> str:
 
 def level_params(difficulty, operands=None, low=None, high=None) -> list[dict]:
     """The level settings to draw from: one level, several (drawn uniformly), or explicit ranges."""
-    names = list(LEVELS) if difficulty == "mixed" else difficulty if isinstance(difficulty, list) else [difficulty]
     out = []
-    for name in names:
-        if name not in LEVELS:
-            raise UserError(f"task 'arithmetic': unknown difficulty '{name}'; choose one of: {', '.join(LEVELS)}, mixed")
+    for name in difficulty_names("arithmetic", difficulty, LEVELS):
         p = dict(LEVELS[name], level=name)
         if operands is not None:
             lo_hi = operands if isinstance(operands, (list, tuple)) else (operands, operands)
+            lo_hi = [whole_number("arithmetic", "operands", v) for v in lo_hi]
             if len(lo_hi) != 2 or not 3 <= lo_hi[0] <= lo_hi[1]:
                 raise UserError("task 'arithmetic': operands must be a number >= 3 or a range [min, max] with min >= 3")
             p["operands"] = tuple(lo_hi)
-        p["low"] = p["low"] if low is None else low
-        p["high"] = p["high"] if high is None else high
+        p["low"] = p["low"] if low is None else whole_number("arithmetic", "low", low)
+        p["high"] = p["high"] if high is None else whole_number("arithmetic", "high", high)
         if not 0 <= p["low"] <= p["high"]:
             raise UserError("task 'arithmetic': need 0 <= low <= high")
         out.append(p)

@@ -18,8 +18,7 @@ import re
 from collections import Counter
 from fractions import Fraction
 
-from ponder.errors import UserError
-from ponder.tasks import Task, register
+from ponder.tasks import Task, difficulty_names, register
 from ponder.tasks.partition import draw_unique, partition_of
 
 # count: how many numbers; low/high: their range; ops: the operators the target's chain is built from.
@@ -108,11 +107,7 @@ def sample_problem(rng: random.Random, params: dict) -> dict:
 
 
 def level_params(difficulty) -> list[dict]:
-    names = list(LEVELS) if difficulty == "mixed" else difficulty if isinstance(difficulty, list) else [difficulty]
-    for name in names:
-        if name not in LEVELS:
-            raise UserError(f"task 'countdown': unknown difficulty '{name}'; choose one of: {', '.join(LEVELS)}, mixed")
-    return [dict(LEVELS[name], level=name) for name in names]
+    return [dict(LEVELS[name], level=name) for name in difficulty_names("countdown", difficulty, LEVELS)]
 
 
 class InvalidExpression(ValueError):
