@@ -570,3 +570,25 @@ def test_sft_prompts_without_a_user_turn_are_one_line(tmp_path):
         encode(row, char_tokenizer(), "r1_zero")
     assert str(e.value) == ("a messages row under data.template=r1_zero needs a user turn before the assistant's "
                             "(roles: system, assistant); add one, or use data.template=chat")
+
+
+@needs_datasets
+def test_hf_column_options_of_the_wrong_kind_are_one_line_and_one_metadata_column_may_be_named_alone(tmp_path):
+    """A number for `prompt`, a list for `filter` or `answer`, a mapping as a filter value: TypeError or AttributeError
+    tracebacks from the rows. `metadata: level` (one name, not a list) was read letter by letter ("no column 'l'")."""
+    datasets.Dataset.from_list(ROWS).to_parquet(tmp_path / "gsm.parquet")
+    base = {"prompt": "q", "answer": "sol", "answer_format": "gsm8k"}
+    load = lambda **o: load_examples(TaskSpec(name="hf", path=str(tmp_path / "gsm.parquet"), n=2, options={**base, **o}))  # noqa: E731
+    rows = load(metadata="level")
+    assert [r["level"] for r in rows] == [0, 1] and "src" not in rows[0]
+    for options, line in (({"prompt": 5}, "prompt must be a column name or a template with {column} fields, got 5"),
+                          ({"answer": ["sol"]}, "answer must be a column name, got ['sol']"),
+                          ({"metadata": [1]}, "metadata must be a list of column names, got [1]"),
+                          ({"filter": ["level"]}, "filter must map columns to a value or a list of values, e.g. "
+                                                  "{level: [1, 2]}; got ['level']"),
+                          ({"filter": {"level": {"a": 1}}}, "filter must map columns to a value or a list of values, e.g. "
+                                                            "{level: [1, 2]}; got {'level': {'a': 1}}"),
+                          ({"streaming": "no"}, "streaming must be true or false, got 'no'")):
+        with pytest.raises(UserError) as e:
+            load(**options)
+        assert str(e.value) == f"task 'hf': {line}"

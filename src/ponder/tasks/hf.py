@@ -110,6 +110,22 @@ def open_dataset(path: str, split: str, config=None, revision=None, streaming=Fa
                         f"({first}); check the id, config '{config}' and split '{split}', or the network") from None
 
 
+def _check_kinds(prompt, answer, metadata, filter) -> None:
+    """The column options' kinds, one line each (a number for `prompt`, a list for `filter` or `answer`: TypeError or
+    AttributeError tracebacks from the rows)."""
+    scalar = (str, int, float, bool)
+    if prompt is not None and not isinstance(prompt, str):
+        raise UserError(f"task 'hf': prompt must be a column name or a template with {{column}} fields, got {prompt!r}")
+    if not isinstance(answer, str):
+        raise UserError(f"task 'hf': answer must be a column name, got {answer!r}")
+    if metadata is not None and not (isinstance(metadata, list) and all(isinstance(m, str) for m in metadata)):
+        raise UserError(f"task 'hf': metadata must be a list of column names, got {metadata!r}")
+    if filter is not None and not (isinstance(filter, dict) and all(
+            isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v)) for v in filter.values())):
+        raise UserError(f"task 'hf': filter must map columns to a value or a list of values, e.g. {{level: [1, 2]}}; "
+                        f"got {filter!r}")
+
+
 @register
 class HfDataset(Task):
     """Rows of any `datasets` source, with a column mapping; answers checked by mathematical equivalence."""
@@ -122,6 +138,10 @@ class HfDataset(Task):
             raise UserError("task 'hf' needs a path: data.tasks: [{name: hf, path: data.parquet}] (a file, a folder or a Hub id)")
         if answer_format not in FINAL_ANSWER:
             raise UserError(f"task 'hf': unknown answer_format '{answer_format}'; choose one of: {', '.join(FINAL_ANSWER)}")
+        metadata = [metadata] if isinstance(metadata, str) else metadata  # one column by name (it was read letter by letter)
+        _check_kinds(prompt, answer, metadata, filter)
+        if not isinstance(streaming, bool):  # bool("no") is True
+            raise UserError(f"task 'hf': streaming must be true or false, got {streaming!r}")
         filters = {k: set(v) if isinstance(v, list) else {v} for k, v in (filter or {}).items()}
         ds = open_dataset(str(path), split, config, revision, bool(streaming))
         final = FINAL_ANSWER[answer_format]
