@@ -222,3 +222,17 @@ def test_task_options_of_the_wrong_kind_are_one_line(task, options, line):
     with pytest.raises(UserError) as e:
         load_examples(TaskSpec(name=task, n=5, options=options), 0)
     assert str(e.value) == line
+
+
+def test_a_level_smaller_than_the_default_count_gives_all_it_holds_and_an_asked_n_past_it_is_one_line():
+    """countdown's easy level holds 813 train problems: its default of 2,000 always failed, after seconds of drawing.
+    Without n a level gives all it holds (up to the default); an n it cannot give is still refused."""
+    from ponder.config import TaskSpec
+    from ponder.tasks import load_examples
+
+    rows = load_examples(TaskSpec(name="countdown", options={"difficulty": "easy"}), 0)
+    assert len(rows) == 813 and len({(tuple(r["numbers"]), r["target"]) for r in rows}) == 813
+    with pytest.raises(UserError, match="^task 'countdown': only 813 distinct 'train' problems found at this difficulty"):
+        load_examples(TaskSpec(name="countdown", n=900, options={"difficulty": "easy"}), 0)
+    # a level with room for the default draws exactly the default, as before
+    assert len(load_examples(TaskSpec(name="countdown", split="test", options={"difficulty": "medium"}), 0)) == 200

@@ -101,11 +101,11 @@ class Arithmetic(Task):
 
     def load(self, split="train", n=None, seed=0, difficulty="hard", operands=None, low=None, high=None, **_):
         levels = level_params(difficulty, operands, low, high)
-        n = n or (200 if split == "test" else 2000)
+        default = 200 if split == "test" else 2000
         rng = random.Random(f"arithmetic/{split}/{difficulty}/{operands}/{low}/{high}/{seed}")
         return draw_unique(
             lambda: sample_problem(rng, rng.choice(levels)), key=lambda ex: ex["expression"],
-            part=lambda ex: split_of(ex["expression"]), split=split, n=n, task=self.name,
+            part=lambda ex: split_of(ex["expression"]), split=split, n=n, task=self.name, default=default,
         )
 
     def verify(self, answer, example):

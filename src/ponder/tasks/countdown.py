@@ -183,11 +183,11 @@ class Countdown(Task):
 
     def load(self, split="train", n=None, seed=0, difficulty="medium", **_):
         levels = level_params(difficulty)
-        n = n or (200 if split == "test" else 2000)
+        default = 200 if split == "test" else 2000
         rng = random.Random(f"countdown/{split}/{difficulty}/{seed}")
         return draw_unique(
             lambda: sample_problem(rng, rng.choice(levels)), key=lambda ex: problem_key(ex["numbers"], ex["target"]),
-            part=split_of, split=split, n=n, task=self.name,
+            part=split_of, split=split, n=n, task=self.name, default=default,
         )
 
     def verify(self, answer, example):

@@ -22,16 +22,21 @@ def partition_of(key: str) -> str:
 
 
 def draw_unique(draw: Callable[[], dict], key: Callable[[dict], str], part: Callable[[dict], str], split: str,
-                n: int, task: str) -> list[dict]:
-    """`n` distinct problems (by `key`) from `draw()` whose partition (`part`) is `split`."""
+                n: int | None, task: str, default: int = 2000) -> list[dict]:
+    """`n` distinct problems (by `key`) from `draw()` whose partition (`part`) is `split`. Without `n`, up to `default`
+    of them: all a level holds where it holds fewer (countdown's easy level has 813 train problems; its default of
+    2,000 always failed), told apart from a level drawn dry by 50,000 draws in a row that find nothing new."""
     if split not in PARTS:
         raise UserError(f"task '{task}': unknown split '{split}'; choose train, test or corpus")
+    want = n or default
     seen: set[str] = set()
     out: list[dict] = []
-    tries = 0
-    while len(out) < n:
+    tries = misses = 0
+    while len(out) < want:
         tries += 1
-        if tries > 200 * n + 10_000:
+        if tries > 200 * want + 10_000 or (n is None and misses > 50_000):
+            if n is None:
+                break
             raise UserError(
                 f"task '{task}': only {len(out)} distinct '{split}' problems found at this difficulty; "
                 f"ask for fewer (n) or a harder level"
@@ -39,7 +44,9 @@ def draw_unique(draw: Callable[[], dict], key: Callable[[dict], str], part: Call
         ex = draw()
         k = key(ex)
         if k in seen or part(ex) != split:
+            misses += 1
             continue
+        misses = 0
         seen.add(k)
         out.append(ex)
     return out
