@@ -352,12 +352,17 @@ def walk(node):
     while stack:
         n = stack.pop()
         yield n
-        for field in n._fields:
-            v = getattr(n, field, None)
-            if isinstance(v, list):
-                stack.extend(x for x in v if hasattr(x, "_fields"))
-            elif hasattr(v, "_fields"):
-                stack.append(v)
+        stack.extend(children(n))
+
+
+def children(n):
+    """A syntax node's direct child nodes."""
+    for field in n._fields:
+        v = getattr(n, field, None)
+        if isinstance(v, list):
+            yield from (x for x in v if hasattr(x, "_fields"))
+        elif hasattr(v, "_fields"):
+            yield v
 
 
 def which_are_tests(units, program_names):
@@ -397,14 +402,8 @@ def executed(stmts, defs):
         if kind == "Call" and type(n.func).__name__ == "Name" and n.func.id in defs and n.func.id not in seen:
             seen.add(n.func.id)
             stack.extend(defs[n.func.id].body)
-        if kind in DEFINES:
-            continue
-        for field in n._fields:
-            v = getattr(n, field, None)
-            if isinstance(v, list):
-                stack.extend(x for x in v if hasattr(x, "_fields"))
-            elif hasattr(v, "_fields"):
-                stack.append(v)
+        if kind not in DEFINES:
+            stack.extend(children(n))
     return out
 
 
