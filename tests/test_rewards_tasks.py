@@ -132,6 +132,9 @@ def test_a_reasoning_gym_train_draw_larger_than_the_default_needs_a_size_both_sp
     train = load_examples(TaskSpec(name="reasoning_gym", n=3000, options=sized), 0)
     test = load_examples(TaskSpec(name="reasoning_gym", split="test", n=200, options=sized), 0)
     assert len(train) == 3000 and test and not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    with pytest.raises(UserError) as e:  # a typo drew a held-out set of its own
+        load_examples(TaskSpec(name="reasoning_gym", split="tset", n=5, options=opts), 0)
+    assert str(e.value) == "task 'reasoning_gym': unknown split 'tset'; choose one of: train, test, validation"
     for key, value in (("size", "ten"), ("size", 0), ("dataset_seed", 1.5)):
         with pytest.raises(UserError, match=rf"^task 'reasoning_gym': options.{key} must be a whole number"):
             load_examples(TaskSpec(name="reasoning_gym", n=5, options={**opts, key: value}), 0)

@@ -16,6 +16,7 @@ import re
 from ponder.errors import UserError
 from ponder.tasks import Task, register
 
+SPLITS = ("train", "test", "validation")
 DEFAULT_SIZE = 1000  # questions a draw holds unless options.size says (train and test splits alike)
 _TAGS = re.compile(r"<think>.*?</think>|</?answer>|</?think>", re.DOTALL)
 
@@ -52,6 +53,8 @@ class ReasoningGym(Task):
     def load(self, split="train", n=None, seed=0, dataset=None, size=None, dataset_seed=None, **config):
         if not dataset:
             raise UserError("task 'reasoning_gym' needs options.dataset, e.g. options: {dataset: basic_arithmetic, size: 1000}")
+        if split not in SPLITS:  # any other name drew a held-out set of its own seed: a typo (`tset`) went unnoticed
+            raise UserError(f"task 'reasoning_gym': unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
         # The test split leaves out the questions of the train draw of the same `size`, so the size must not follow
         # `n`: a test set of 50 compared against 50 of the 1,000 questions trained on (and one of 200 against 1,000 of
         # 3,000), keeping the rest as held out. A fixed default, and n past it refused.
