@@ -9,8 +9,6 @@ Simplifications, stated up front:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 
@@ -19,6 +17,7 @@ import torch
 from ponder import checkpoint, distributed, models, stopping
 from ponder.config import to_dict
 from ponder.errors import TrainingError, UserError
+from ponder.evaluation.runner import task_hash
 from ponder.files import make_dir, write_atomic
 from ponder.metrics import MetricsWriter
 from ponder.optim import make_optimizer
@@ -58,7 +57,7 @@ class SFTTrainer:
         self.device = pick_device(cfg.train.device)
         self.state = checkpoint.load_state(last) if resume else None
         rows, checked_with = read_data(cfg, cfg.seed)  # before the model: a mistake in the data is one line, told at once
-        self.data_hash = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        self.data_hash = task_hash(rows)
         saved = (self.state or {}).get("data")
         if saved is not None and saved != self.data_hash and not allow_changes:
             # the sampler's place in its epochs counts examples of the data the run began with
