@@ -59,7 +59,8 @@ class SFTTrainer:
         rows, checked_with = read_data(cfg, cfg.seed)  # before the model: a mistake in the data is one line, told at once
         self.data_hash = task_hash(rows)
         saved = (self.state or {}).get("data")
-        if saved is not None and saved != self.data_hash and not allow_changes:
+        # (a checkpoint of before 2026-12-07 holds a bare hex digest of another JSON dump: no comparison)
+        if str(saved).startswith("sha256:") and saved != self.data_hash and not allow_changes:
             # the sampler's place in its epochs counts examples of the data the run began with
             raise UserError(f"--resume: the rows of data.files / data.coldstart differ from those the run in {self.run_dir} "
                             "trained on; pass --allow-changes to continue on the new rows, or start a new run (name=...)")
