@@ -397,3 +397,36 @@ def test_log_samples_writes_that_many_completions_each_prompts_first_then_its_se
                                                                                          (2, True, 1.0)]
     assert rows[2]["rewards"] == {"accuracy": 0.0} and rows[1]["prompt"] == "p1" and rows[1]["answer"] == "1"
     assert len(GRPOTrainer.sample_rows(None, groups, 64)) == 6
+
+
+def test_dynamic_sampling_keeps_groups_by_their_correctness_not_a_shaping_term(smoke_cfg):
+    """DAPO drops the prompts answered all right or all wrong. A group all right whose totals differ only by a shaping
+    term (an overlong penalty) was kept, and group_std scaled that term up to full-size advantages."""
+    from ponder.rl.trainer import GRPOTrainer, Group
+
+    def group(accuracy, shaping):
+        return Group({}, [], [], [(a or 0.0) + s for a, s in zip(accuracy, shaping)], {"accuracy": accuracy, "overlong": shaping})
+
+    t = GRPOTrainer(smoke_cfg("name=ds", "rewards={accuracy: 1.0, overlong: {weight: 1.0, max_len: 8, buffer: 4}}", "algorithm.dynamic_sampling=true"))
+    assert not t._varies(group([1.0] * 4, [0.0, -0.1, 0.0, -0.3]))  # all right: no signal on correctness
+    assert not t._varies(group([0.0] * 4, [0.0, -0.1, 0.0, 0.0]))  # all wrong
+    assert t._varies(group([1.0, 0.0, 1.0, 1.0], [0.0] * 4))
+    assert t._varies(group([None] * 4, [0.0, -0.1, 0.0, 0.0]))  # accuracy does not apply to the task: the total decides
+    t.cfg.algorithm.dynamic_sampling_by = "overlong"
+    assert t._varies(group([1.0] * 4, [0.0, -0.1, 0.0, -0.3]))
+
+    # through a step: a constant correctness reward drops every group, so each resampling round runs
+    steps = {}
+    for by in ("test_constant", None):
+        extra = [f"algorithm.dynamic_sampling_by={by}"] if by else []
+        t = GRPOTrainer(smoke_cfg(f"name=ds-{by}", "train.steps=1", "train.save_every=0", "rollout.prompts_per_step=2",
+                                  "rewards={test_constant: 1.0, test_char_hash: 0.01}", "algorithm.dynamic_sampling=true",
+                                  "algorithm.max_resample_rounds=2", *extra))
+        steps[by] = t.step()["groups_generated"]
+    assert steps == {"test_constant": 6, None: 2}  # without it the run has no accuracy reward: the total decides
+
+
+def test_dynamic_sampling_by_must_name_one_of_the_runs_rewards(error_line, tmp_path):
+    assert error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "algorithm.dynamic_sampling_by=acuracy") == (
+        "ponder: error: config algorithm.dynamic_sampling_by names 'acuracy', which is not one of the run's rewards "
+        "(accuracy); name one of them, or leave it unset")

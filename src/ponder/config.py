@@ -95,7 +95,10 @@ class AlgoConfig:
     ref_reset_every: int = 0  # replace the reference by the current policy every N steps (R1: 400); 0: never
     mu: int = 1  # passes over each batch of rollouts (old log-probs kept when > 1)
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many mini-batches)
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw more prompts
+    dynamic_sampling: bool = False  # DAPO: drop groups answered all right or all wrong, draw more prompts
+    # the reward whose values must differ within a kept group. None: accuracy (or code) where the run has it, as DAPO
+    # drops the prompts answered all right or all wrong; else the weighted total
+    dynamic_sampling_by: Optional[str] = None
     max_resample_rounds: int = 4  # bound on extra generation rounds per step for dynamic sampling
     mask_truncated: bool = False  # DAPO overlong filtering: truncated completions carry no loss
 
@@ -689,6 +692,9 @@ def validate(cfg) -> None:
     check_lora(cfg.model)
     if not cfg.rewards:
         raise UserError("config rewards is empty; name at least one reward, e.g. rewards: {accuracy: 1.0}")
+    if a.dynamic_sampling_by is not None and a.dynamic_sampling_by not in cfg.rewards:
+        raise UserError(f"config algorithm.dynamic_sampling_by names '{a.dynamic_sampling_by}', which is not one of the "
+                        f"run's rewards ({', '.join(cfg.rewards)}); name one of them, or leave it unset")
     _validate_guardrails(cfg.guardrails)
     from ponder.metrics import check_log_to
 

@@ -297,8 +297,8 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------- rollouts
     def collect(self):
-        """Groups for one step. With dynamic sampling, groups whose rewards are all equal carry no
-        signal: drop them and draw more prompts, at most `max_resample_rounds` extra times."""
+        """Groups for one step. With dynamic sampling, groups whose answers are all right or all wrong carry no
+        signal (_varies): drop them and draw more prompts, at most `max_resample_rounds` extra times."""
         a, want = self.cfg.algorithm, self.cfg.rollout.prompts_per_step // self.world
         kept, everything, timing = [], [], {"generate": 0.0, "reward": 0.0}
         for round_no in range(1 + (a.max_resample_rounds if a.dynamic_sampling else 0)):
@@ -308,12 +308,23 @@ class GRPOTrainer:
             examples = self.sampler.next(need * self.world)[self.rank :: self.world][: max(want - len(kept), 0)]
             groups = self.rollout(examples, round_no, timing) if examples else []
             everything += groups
-            kept += [g for g in groups if not a.dynamic_sampling or len(set(g.rewards)) > 1]
+            kept += [g for g in groups if not a.dynamic_sampling or self._varies(g)]
         if not kept:  # every group was uniform: train on them anyway (zero advantage, zero gradient)
             kept = everything[-want:]
         kept = kept[:want]
         assign_advantages(kept, a.advantage)  # once the batch is whole: batch_std scales by all of it
         return kept, everything, timing
+
+    def _varies(self, g: Group) -> bool:
+        """Whether dynamic sampling keeps a group: its correctness reward differs within it (DAPO drops the prompts
+        answered all right or all wrong). On the total, a shaping term alone (length, format) kept an all-right group,
+        whose std-scaled advantages then blew that term up to full size."""
+        a = self.cfg.algorithm
+        name = a.dynamic_sampling_by or next((n for n in ("accuracy", "code") if n in self.cfg.rewards), None)
+        values = g.per_fn.get(name) if name else None
+        if values is None or all(v is None for v in values):  # (the reward does not apply to this prompt's task)
+            values = g.rewards
+        return len(set(values)) > 1
 
     def rollout(self, examples: list[dict], round_no: int, timing: dict) -> list[Group]:
         r, G = self.cfg.rollout, self.cfg.rollout.group_size
