@@ -58,12 +58,27 @@ def mixing_rate(completions: list[str]) -> float:
     return sum(map(is_mixed, completions)) / len(completions) if completions else 0.0
 
 
+_TAG = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")  # a language tag: zh, zh-CN, zh_Hans, en-US
+_NAMES = {"english": "en", "chinese": "zh", "mandarin": "zh"}
+
+
+def language_code(value) -> str | None:
+    """en or zh for a tag or name of one (zh-CN, zh_Hans, EN-us, Chinese), else None."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    code = _NAMES.get(text) or (re.split(r"[-_]", text)[0] if _TAG.fullmatch(text) else None)
+    return code if code in TARGETS else None
+
+
 def example_language(value, default: str = "en") -> str:
-    """The target language an example's `target` column asks for: en or zh. Anything that is not a
-    language name (Countdown's numeric target, a missing column) means `default`."""
-    if isinstance(value, str) and value in TARGETS:
-        return value
-    if isinstance(value, str) and value.isalpha() and len(value) <= 3:  # looks like a language code: say so
+    """The target language an example's `target` column asks for: en or zh, by tag or name (a `zh-CN` column read
+    as English trained a Chinese dataset toward English). Anything that is no language (Countdown's numeric target,
+    a missing column) means `default`; a tag of another language is an error."""
+    code = language_code(value)
+    if code:
+        return code
+    if isinstance(value, str) and _TAG.fullmatch(value.strip()):
         raise UserError(f"target language '{value}' is not supported; choose one of: {', '.join(TARGETS)}")
     return default
 
@@ -72,16 +87,17 @@ def example_language(value, default: str = "en") -> str:
 def language(completions, *, prompts, target="en", lang: str | None = None, **_):
     """Rewards a chain of thought in one language: the share of its words in the target (DeepSeek-R1's language consistency reward).
 
-    target: en (Latin-script words) or zh (Han characters, one word each); as a recipe option, one
+    target: en (Latin-script words) or zh (Han characters, one word each), or a tag or name of one (zh-CN,
+    Chinese); as a recipe option, one
     language for every example; as a dataset column (bilingual_arithmetic's `target`), each example's
     own. Math, code, LaTeX and single-letter variables are not words. A chain of thought without words
     scores 0. `lang` is the option under a name no dataset column takes: it wins over a `target` column.
     """
     if lang is not None or isinstance(target, str):
         choice = lang if lang is not None else target
-        if choice not in TARGETS:
+        if language_code(choice) is None:
             raise UserError(f"reward 'language': target '{choice}' is not supported; choose one of: {', '.join(TARGETS)}")
-        targets = [choice] * len(completions)
+        targets = [language_code(choice)] * len(completions)
     elif isinstance(target, (list, tuple)):  # the examples' `target` column (Countdown's is a number: English)
         targets = [example_language(t) for t in target]
     else:
