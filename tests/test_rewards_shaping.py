@@ -132,8 +132,12 @@ def test_startup_check_names_a_function_with_a_wrong_return(temp_reward):
 def test_a_reward_option_that_is_no_parameter_is_named_with_the_one_meant():
     """`**columns` would swallow a misspelt option and the run would train with the default."""
     with pytest.raises(UserError, match=r"^config rewards.overlong: the reward has no option 'bufer'; did you mean "
-                                        r"'buffer'\? its options: buffer, completion_length, max_len \(and weight\)$"):
+                                        r"'buffer'\? its options: buffer, max_len \(and weight\)$"):
         RewardSet({"overlong": {"weight": 1.0, "max_len": 300, "bufer": 10}})
+    # a column the reward reads is no option: given one, it reached the reward as an int where a list goes (a traceback)
+    with pytest.raises(UserError, match=r"^config rewards.overlong: 'completion_length' is a column the reward reads "
+                                        r"from each example, not an option; remove it from the recipe$"):
+        RewardSet({"overlong": {"weight": 1.0, "max_len": 300, "completion_length": 3}})
     assert RewardSet({"overlong": {"weight": 1.0, "max_len": 300, "buffer": 10}}).options["overlong"] == {"max_len": 300, "buffer": 10}
 
 
