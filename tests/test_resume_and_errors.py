@@ -531,6 +531,9 @@ def test_a_finished_run_resumed_keeps_its_evaluation_and_logs_nothing_again(tmp_
     # the after figures under the keys of eval_before.json (name/split): the report draws them in one panel
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert "eval/arithmetic/test/pass@1" in last and json.loads((run / "eval_before.json").read_text()).keys() == {"arithmetic/test"}
+    # one scheme for both commands, the pass@1 interval included (ponder train logged it for sft only)
+    assert {k for k in last if k.startswith("eval/")} >= {f"eval/arithmetic/test/{f}" for f in (
+        "pass@1", "pass@1_lo", "pass@1_hi", "format_rate", "mean_length")}
 
 
 def test_a_finished_run_without_eval_tasks_resumed_says_it_is_complete(tmp_path, capsys):

@@ -35,6 +35,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
     """Run to cfg.train.steps (or `stop_after` more steps, for tests). Returns the trainer. On resume, settings
     that differ from the run's config.yaml are refused unless safe or allowed (ponder.resume)."""
     from ponder import resume as resuming
+    from ponder.evaluation.runner import run_metrics
     from ponder.metrics import require_backends
     from ponder.rl.trainer import GRPOTrainer
     from ponder.rl.guardrails import example_rows
@@ -64,7 +65,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
             # the step's samples, and the completions that made a guardrail fire
             trainer.metrics.samples(step, trainer.sample_rows(trainer.last_groups, t.log_samples) + example_rows(m))
             if evaluating and cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
-                trainer.metrics.log(step, _flatten(_evaluate(trainer, f"step-{step}", quiet=True)))
+                trainer.metrics.log(step, run_metrics(_evaluate(trainer, f"step-{step}", quiet=True)))
             if trainer.guardrails.stop_reason:  # logged, and not saved: the checkpoint before it is the one to use
                 _stop(trainer, main)
             # no checkpoint in a streak of skipped (non-finite) updates: the ones before it stay the last good ones
@@ -89,7 +90,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
         if not ran and (done is not None or not evaluating) and main:  # (without eval tasks there is no file to find)
             console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume", soft_wrap=True)
         if after is not None and done is None:
-            trainer.metrics.log(trainer.step_no, _flatten(after))
+            trainer.metrics.log(trainer.step_no, run_metrics(after))
             if main:
                 _print_before_after(before, after)
         if main:
@@ -145,15 +146,6 @@ def _evaluate(trainer, tag: str, quiet: bool = False):
 def _load_eval(trainer, tag: str):
     path = trainer.run_dir / f"eval_{tag}.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _flatten(results: dict) -> dict:
-    out = {}
-    for name, r in results.items():
-        for key, value in r["metrics"].items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"eval/{name}/{key}"] = value
-    return out
 
 
 ROWS = [("pass@1", "pass@1"), ("format rate", "format_rate"), ("mean length", "mean_length"),

@@ -26,8 +26,6 @@ import json
 import time
 from typing import Sequence
 
-import torch
-
 from ponder.errors import UserError
 from ponder.evaluation.stats import bootstrap_ci, majority, pass_at_k, pass_ks, vote_groups, voted_answer
 from ponder.metrics import DEFAULT_REFLECTION_WORDS, reflection_pattern
@@ -154,6 +152,13 @@ def scorable(task, example: dict, verdicts: list) -> bool:
     if verdicts:
         return any(v is not None for v in verdicts)
     return task.verify("0", example) is not None
+
+
+def run_metrics(results: dict) -> dict[str, float]:
+    """A run's evaluations (eval_<tag>.json: `task/split` -> result) as `eval/<task>/<split>/<figure>`, the pass@1
+    interval as `pass@1_lo` and `_hi`: one scheme for ponder train and ponder sft, as eval_before.json is keyed (the
+    report draws a task's before and after points in one panel)."""
+    return flat_metrics({"tasks": {name: r["metrics"] for name, r in results.items()}})
 
 
 def flat_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:

@@ -40,6 +40,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     """Train to the end (or `stop_after` more steps, for tests). Returns the trainer. On resume, settings that
     differ from the run's config.yaml are refused unless safe or allowed (ponder.resume)."""
     from ponder import resume as resuming
+    from ponder.evaluation.runner import run_metrics
     from ponder.metrics import require_backends
     from ponder.sft.trainer import SFTTrainer
 
@@ -90,7 +91,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
         console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume", soft_wrap=True)
     if trainer.step_no >= total and cfg.eval.tasks and not finished:
         after = _evaluate(trainer, "after", quiet)
-        trainer.metrics.log(trainer.step_no, _flat(after))
+        trainer.metrics.log(trainer.step_no, run_metrics(after))
     trainer.metrics.close()
     if trainer.step_no >= total and trainer.metrics.enabled:
         from ponder.report import write_report
@@ -122,9 +123,3 @@ def _evaluate(trainer, tag: str, quiet: bool) -> dict:
     return results
 
 
-def _flat(results: dict) -> dict:
-    """`eval/<name>/<split>/<figure>`, as GRPO logs them and as eval_before.json is keyed: the report draws the
-    before and after points of one task in one panel (keyed by the task alone, they fell in two)."""
-    from ponder.evaluate import flat_metrics
-
-    return flat_metrics({"tasks": {name: res["metrics"] for name, res in results.items()}})
