@@ -226,8 +226,8 @@ RANGE_ERRORS = [  # (command line, the line a user sees)
     (["eval.k=0"], "config eval.k must be at least 1; got 0"),
     (["data.tasks=[{name: first_digit, n: 0}]"],  # was the task's default count, silently
      "config data.tasks[0].n must be at least 1 (or unset: the task's default); got 0"),
-    (["data.tasks=[{name: first_digit}, {name: first_digit, weight: 0.2}]"],  # was counted once, as weight 1
-     "config data.tasks[1].weight must be at least 0.5 (examples repeat by the rounded weight); got 0.2"),
+    (["data.tasks=[{name: first_digit}, {name: first_digit, weight: 0}]"],  # was counted once, as weight 1
+     "config data.tasks[1].weight must be above 0 (weight x n of the task's n examples are drawn); got 0"),
 ]
 
 

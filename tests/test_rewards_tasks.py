@@ -85,12 +85,19 @@ def test_prompts_must_be_text_or_messages_and_answers_text_numbers_or_lists(tmp_
         assert str(e.value) == line.replace("PATH", str(path))
 
 
-def test_a_task_weight_repeats_its_examples_rounded_half_up():
-    """round() is half to even: weight 2.5 repeated a task twice (as 2 and 1.5 do) and 3.5 four times."""
-    from ponder.tasks import mix
+def test_a_task_weight_draws_that_share_of_its_examples():
+    """weight x n examples of a task's n: the weight was rounded (1.4 counted as 1, 0.6 as 1), so a mix of 1.4 to 1
+    drew the two tasks alike. The fraction is a seeded draw of distinct examples; below 1 it is a subset."""
+    from ponder.tasks import load_examples, mix
 
-    spec = lambda w: TaskSpec(name="arithmetic", n=3, weight=w)  # noqa: E731
-    assert [len(mix([spec(w)], 0)) for w in (0.5, 1, 1.5, 2.5, 3.5)] == [3, 3, 6, 9, 12]
+    spec = lambda w: TaskSpec(name="arithmetic", n=10, weight=w)  # noqa: E731
+    ex = load_examples(spec(1), 0)
+    assert [len(mix([spec(w)], 0)) for w in (0.01, 0.3, 1, 1.4, 2.5, 3)] == [1, 3, 10, 14, 25, 30]
+    rows = mix([spec(1.4)], 0)
+    assert rows[:10] == ex and len({r["prompt"] for r in rows[10:]}) == 4 and all(r in ex for r in rows[10:])
+    assert rows == mix([spec(1.4)], 0)  # seeded
+    two = mix([spec(1.4), TaskSpec(name="countdown", n=10)], 0)
+    assert sum(r["task"] == "arithmetic" for r in two) == 14 and sum(r["task"] == "countdown" for r in two) == 10
 
 
 def test_reasoning_gym_by_name_scored_by_its_own_scorer():

@@ -49,7 +49,7 @@ class TaskSpec:
     path: Optional[str] = None  # for file-based tasks
     n: Optional[int] = None  # how many examples to take (None: all / task default)
     split: str = "train"
-    weight: float = 1.0  # sampling weight when several tasks are mixed
+    weight: float = 1.0  # weight x n of the task's n examples in the mix: repeated, and a seeded share (below 1: a subset)
     options: dict[str, Any] = field(default_factory=dict)  # task-specific (difficulty, digit, ...)
 
 
@@ -624,7 +624,7 @@ def check_tasks(key: str, specs: list[TaskSpec], unique: bool = False) -> None:
     their figures under it: a second entry of one overwrote the first's)."""
     for i, spec in enumerate(specs):
         need(spec.n is None or spec.n >= 1, f"{key}[{i}].n", spec.n, "at least 1 (or unset: the task's default)")
-        need(spec.weight >= 0.5, f"{key}[{i}].weight", spec.weight, "at least 0.5 (examples repeat by the rounded weight)")
+        need(spec.weight > 0, f"{key}[{i}].weight", spec.weight, "above 0 (weight x n of the task's n examples are drawn)")
     seen = [f"{s.name}/{s.split}" for s in specs]
     twice = next((x for i, x in enumerate(seen) if x in seen[:i]), None)
     if unique and twice:

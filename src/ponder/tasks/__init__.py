@@ -261,9 +261,13 @@ class PromptSampler:
 
 
 def mix(specs, seed: int) -> list[dict]:
-    """Load several TaskSpecs into one list, repeating each task's examples by its integer weight."""
+    """Load several TaskSpecs into one list, weight x n examples of each task's n: its examples repeated int(weight)
+    times, then a seeded draw of the fraction's share of them once more (1.4: all of them, and 40% twice; 0.3: 30% of
+    them, as open-r1's dataset mixtures take a weight below 1). The weight was rounded: 1.4 counted as 1."""
     rows: list[dict] = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
         ex = load_examples(spec, seed)
-        rows += ex * max(1, int(spec.weight + 0.5))  # half up (round() is half to even: 2.5 gave 2, 3.5 gave 4)
+        whole, part = divmod(max(1, int(spec.weight * len(ex) + 0.5)), max(len(ex), 1))
+        chosen = sorted(random.Random(f"mix/{i}/{seed}").sample(range(len(ex)), part))  # in the task's own order
+        rows += ex * whole + [ex[j] for j in chosen]
     return rows
