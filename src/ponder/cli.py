@@ -1,4 +1,4 @@
-"""One entry point: ponder pretrain | sft | train | sample | distill | eval | report | push.
+"""One entry point: ponder pretrain | sft | train | sample | distill | eval | report | push | config.
 
 User mistakes (UserError) end in one line naming the culprit and the fix; no traceback. A stop by SIGTERM (a
 cluster scheduler's, `kill PID`) ends as Ctrl-C does, in one line and exit status 143, after any checkpoint being
@@ -24,6 +24,7 @@ COMMANDS = {
     "eval": "ponder.evaluate",
     "report": "ponder.report",
     "push": "ponder.push",
+    "config": "ponder.show_config",
 }
 
 

@@ -253,11 +253,11 @@ class GuardrailsConfig:
 @dataclass
 class EvalConfig:
     tasks: list[TaskSpec] = field(default_factory=list)  # held-out tasks evaluated during training
-    every: int = 0  # steps between evaluations; 0: only at the end when tasks are given
+    every: int = 0  # steps between evaluations; 0: before and after training only (when tasks are given)
     k: int = 4
     temperature: float = 0.6
     top_p: float = 0.95
-    max_new_tokens: Optional[int] = None  # None: the rollout setting
+    max_new_tokens: Optional[int] = None  # None: rollout.max_new_tokens (ponder train); 256 (ponder sft)
 
 
 @dataclass
@@ -620,7 +620,7 @@ def check_sampling(prefix: str, temperature: float, top_p: float, max_new_tokens
 
 def check_tasks(key: str, specs: list[TaskSpec], unique: bool = False) -> None:
     """Each task's count and weight: n=0 or a negative n would otherwise take a task's default or a tail of its
-    examples, and a weight that rounds to 0 would still count once. `unique`: no name/split twice (evaluations keep
+    examples, and a weight of 0 would still count once. `unique`: no name/split twice (evaluations keep
     their figures under it: a second entry of one overwrote the first's)."""
     for i, spec in enumerate(specs):
         need(spec.n is None or spec.n >= 1, f"{key}[{i}].n", spec.n, "at least 1 (or unset: the task's default)")
