@@ -5,6 +5,8 @@ answer as its continuation."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tokenizers import processors
 
@@ -568,3 +570,25 @@ def test_a_tokenizer_that_appends_eos_does_not_end_a_text_templates_prompt_with_
         ids = encoded_prompt(template, "2+3?", t)[0]
         assert ids[0] == t.bos_token_id and ids[-1] != t.eos_token_id and t.eos_token_id not in ids, template
     assert encoded_prompt("plain", "2+3?", t)[0] == [t.bos_token_id] + t("2+3?", add_special_tokens=False).input_ids
+
+
+def test_turns_a_text_template_leaves_out_are_told_at_start(tmp_path, smoke_cfg, capsys):
+    """r1_zero and plain show a chat prompt's last user turn alone: a system turn never reached the model, unsaid."""
+    from ponder.rl.trainer import GRPOTrainer
+    from ponder.sft import sft
+    from ponder.sft.config import load_sft_config
+    from ponder.templates import left_out_turns
+
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4"}]
+    line = ("ponder: 2 of 3 prompts are chat messages with turns besides the last user turn (system); the plain template "
+            "shows that turn alone, so the model never sees the others; data.template=chat renders them all")
+    assert left_out_turns("plain", [system, "1+1", system]) == line
+    assert left_out_turns("chat", [system]) is None and left_out_turns("plain", ["3+4", system[1:]]) is None
+    t = GRPOTrainer(smoke_cfg(jsonl(tmp_path / "d.jsonl", system, "1+1", system), "rollout.prompts_per_step=2"))
+    assert line in t.start_notices
+    # ponder sft: a messages row's turns before the answer are its prompt
+    rows = tmp_path / "s.jsonl"
+    rows.write_text(json.dumps({"messages": [*system, {"role": "assistant", "content": "7"}]}) + "\n")
+    sft(load_sft_config("recipes/coldstart-tiny.yaml", [f"output_dir={tmp_path}", "name=s", f"data.files=[{rows}]",
+                                                        "data.coldstart=[]", "train.steps=1", "eval.tasks=[]"]))
+    assert "ponder: 1 of 1 prompts are chat messages with turns besides the last user turn (system); the r1_zero" in capsys.readouterr().out

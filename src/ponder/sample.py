@@ -188,7 +188,8 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
         # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
         tokenizer = functools.cache(lambda: models.load_tokenizer(cfg.model, cfg.trust_remote_code))
         chat = tokenizer() if cfg.template == "chat" else None
-        check_prompts(prompt_sets[0][0], cfg.template, chat)
+        for notice in check_prompts(prompt_sets[0][0], cfg.template, chat):
+            print(notice, file=sys.stderr)
         prompt_sets = positions.check_before_loading(prompt_sets, cfg.template, cfg.model, cfg.trust_remote_code, tokenizer)
         device = pick_device(cfg.device)
         loaded = tokenizer() if tokenizer.cache_info().currsize else None

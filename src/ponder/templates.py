@@ -92,6 +92,21 @@ def prompt_ids(template: str, prompt, tokenizer) -> list[int]:
     return encoded_prompt(template, prompt, tokenizer)[0]
 
 
+def left_out_turns(template: str, prompts) -> str | None:
+    """A notice where a text template leaves chat turns out: it shows a prompt's last user turn alone, so a system
+    turn (or earlier turns) of chat-message prompts never reached the model, and nothing said so."""
+    if template == "chat":
+        return None
+    cut = [p for p in prompts if isinstance(p, list) and len(p) > 1]
+    if not cut:
+        return None
+    shown = [max((i for i, m in enumerate(p) if m.get("role") == "user"), default=-1) for p in cut]
+    roles = sorted({str(m.get("role")) for p, at in zip(cut, shown) for i, m in enumerate(p) if i != at})
+    return (f"ponder: {len(cut)} of {len(prompts)} prompts are chat messages with turns besides the last user turn "
+            f"({', '.join(roles)}); the {template} template shows that turn alone, so the model never sees the others; "
+            "data.template=chat renders them all")
+
+
 def one_of_each_shape(rows, turns=lambda row: row["prompt"]):
     """The first row of each shape of its turns (plain text, or one sequence of chat roles): what a template check
     renders, since a chat template accepts or refuses a conversation by its roles, not by their words."""

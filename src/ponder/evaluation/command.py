@@ -109,7 +109,8 @@ def run(args) -> int:
     # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
     tokenizer = functools.cache(lambda: models.load_tokenizer(args.model, args.trust_remote_code))
     chat = tokenizer() if args.template == "chat" else None
-    check_prompts(examples, args.template, chat)
+    for notice in check_prompts(examples, args.template, chat):
+        print(notice, file=sys.stderr)
     prompt_sets = [(examples, args.max_tokens, "--max-tokens")]
     unchecked = positions.check_before_loading(prompt_sets, args.template, args.model, args.trust_remote_code, tokenizer)
     device = _device(args.device)

@@ -511,7 +511,7 @@ class GRPOTrainer:
         prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
                        *((examples, *new_tokens) for examples in self.eval_examples)]
         for examples, _, _ in prompt_sets:
-            check_prompts(examples, cfg.data.template, chat)
+            self.start_notices += check_prompts(examples, cfg.data.template, chat)
         return positions.check_before_loading(prompt_sets, cfg.data.template, source, cfg.model.trust_remote_code, tokenizer)
 
     def _make_reference(self):

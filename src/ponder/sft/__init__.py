@@ -43,6 +43,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     from ponder.evaluation.runner import run_metrics
     from ponder.metrics import require_backends
     from ponder.sft.trainer import SFTTrainer
+    from ponder.templates import left_out_turns
 
     require_backends(cfg.train.log_to)
     changes = resuming.check(cfg, "sft", allow_changes) if resume else None
@@ -56,6 +57,10 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     note = r.warning()
     if note:
         console.print(f"warning: {note}", style="yellow")
+    prompts = [row["messages"][:-1] if "messages" in row else row["prompt"] for row in trainer.rows]
+    left_out = left_out_turns(trainer.cfg.data.template, prompts)
+    if left_out and not quiet:
+        console.print(left_out, markup=False)
     write_atomic(trainer.run_dir / "data.json", json.dumps({"rows": len(trainer.examples), "truncated": r.truncated,
                                                             "dropped": r.dropped, "empty": r.empty, "max_len": r.max_len}, indent=2))
     t, total = cfg.train, trainer.total_steps

@@ -208,14 +208,17 @@ def chat_messages_problem(prompt) -> str | None:
     return None
 
 
-def check_prompts(examples: list[dict], template: str, tokenizer) -> None:
+def check_prompts(examples: list[dict], template: str, tokenizer) -> list[str]:
     """Render one prompt of each shape (text, or one sequence of chat roles) under the template, so that a chat
     template refusing the data (a system turn, turns that do not alternate) is one line naming an example before
-    training (templates.chat_text), not in the step that first meets one."""
-    from ponder.templates import one_of_each_shape, render
+    training (templates.chat_text), not in the step that first meets one. Returns the notices to print: turns a
+    text template leaves out (templates.left_out_turns)."""
+    from ponder.templates import left_out_turns, one_of_each_shape, render
 
     for ex in one_of_each_shape(examples):
         render(template, ex["prompt"], tokenizer)
+    notice = left_out_turns(template, [ex["prompt"] for ex in examples])
+    return [notice] if notice else []
 
 
 def check_options(task: Task, options: dict) -> None:
