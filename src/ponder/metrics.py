@@ -291,7 +291,8 @@ class _MLflow:
                     self.client.log_batch(run_id, params=params[i:i + 100])
         except Exception as e:
             raise UserError(f"MLflow could not start a run ({_first_line(e)}); set MLFLOW_TRACKING_URI to a tracking "
-                            "server or store, or remove mlflow from train.log_to") from None
+                            "server or store (sqlite:///mlflow.db; a file store needs MLFLOW_ALLOW_FILE_STORE=true), "
+                            "or remove mlflow from train.log_to") from None
         self.run_id = run_id
         id_file.write_text(run_id + "\n")
         # a file store keeps a metric as a file under its name's folders: `reward` and `reward/accuracy` cannot
