@@ -477,6 +477,19 @@ def test_more_epochs_on_resume_take_each_example_once_more_per_epoch(tmp_path):
     assert run.step_no == 9 and _metrics(run.run_dir)[-1]["epoch"] == 3.0
 
 
+
+def test_more_epochs_on_resume_of_a_run_by_steps_say_they_change_nothing(tmp_path, capsys):
+    """With train.steps set, a resume with more train.epochs recorded the change and trained nothing, unsaid."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    common = ["name=steps", "train.batch_size=4", "train.save_every=0", "train.steps=2"]
+    sft(cfg_for(tmp_path, [data], *common), quiet=True)
+    capsys.readouterr()
+    run = sft(cfg_for(tmp_path, [data], *common, "train.epochs=5"), resume=True)
+    assert run.step_no == 2
+    assert ("warning: train.epochs changes nothing: train.steps=2 sets the run's length; change train.steps, or set it "
+            "to null to run by epochs") in capsys.readouterr().out
+
+
 def test_a_model_that_asks_for_dropout_trains_through_its_own_forward(tmp_path):
     """SFT trains with the dropout the model's config asks for (GRPO turns it off), and the packed pass runs none:
     auto takes the model's own forward for such a model, and packed is refused in one line."""

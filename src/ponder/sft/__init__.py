@@ -53,6 +53,9 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
         if changes.changed and not quiet:
             console.print(f"resuming from step {trainer.step_no} with changes (recorded in config.yaml): {changes.describe()}",
                           markup=False)
+        if any(k == "train.epochs" for k, _, _ in changes.changed) and cfg.train.steps is not None and not quiet:
+            console.print(f"warning: train.epochs changes nothing: train.steps={cfg.train.steps} sets the run's length; "
+                          "change train.steps, or set it to null to run by epochs", style="yellow", markup=False)
     r = trainer.report
     note = r.warning()
     if note:
