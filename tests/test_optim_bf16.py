@@ -219,3 +219,21 @@ def test_bf16_moments_step_sharded_parameters_as_plain_ones():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, "-c", SHARDED_STEP], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_a_decaying_schedule_ends_at_min_lr():
+    """cosine and linear decayed to 0; optim.min_lr is where they end (open-r1's cosine_with_min_lr)."""
+    from ponder.config import OptimConfig
+    from ponder.optim import lr_factor
+
+    o = OptimConfig(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup_steps=2)
+    assert [round(lr_factor(s, o, 12), 6) for s in (0, 1, 2, 7, 12, 20)] == [0.5, 1.0, 1.0, 0.55, 0.1, 0.1]
+    o = OptimConfig(lr=1e-3, min_lr=1e-4, schedule="linear")
+    assert [round(lr_factor(s, o, 10), 6) for s in (0, 5, 10)] == [1.0, 0.55, 0.1]
+    assert lr_factor(5, OptimConfig(lr=1e-3, schedule="cosine"), 10) == 0.5  # min_lr 0: as before
+    assert lr_factor(3, OptimConfig(lr=0.0, schedule="linear"), 10) == 0.7  # frozen weights: no division by 0
+
+
+def test_min_lr_above_lr_is_one_line(error_line, tmp_path):
+    assert error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "optim.lr=1e-5",
+                      "optim.min_lr=1e-4") == "ponder: error: config optim.min_lr must be between 0 and optim.lr (1e-05); got 0.0001"

@@ -110,6 +110,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr: float = 0.0  # where cosine and linear end (open-r1's cosine_with_min_lr: a tenth of lr)
     grad_clip: float = 1.0  # max grad norm; 0: off
     # adamw: torch's; adamw_kahan: float32 moments and Kahan-compensated updates, for bf16 weights (ponder.optim);
     # auto: adamw_kahan when the weights are below float32 (train.precision=bf16), else adamw
@@ -647,6 +648,7 @@ def check_optim(o: OptimConfig, prefix: str = "optim.") -> None:
     need(o.weight_decay >= 0, f"{prefix}weight_decay", o.weight_decay, "0 or more")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"{prefix}betas", list(o.betas), "two numbers in [0, 1)")
     need(o.warmup_steps >= 0, f"{prefix}warmup_steps", o.warmup_steps, "0 or more")
+    need(0 <= o.min_lr <= o.lr, f"{prefix}min_lr", o.min_lr, f"between 0 and {prefix}lr ({shown(o.lr)})")
     need(o.grad_clip >= 0, f"{prefix}grad_clip", o.grad_clip, "0 (off) or more")
     need(o.token_budget is None or o.token_budget >= 1, f"{prefix}token_budget", o.token_budget, "at least 1 (or unset)")
 

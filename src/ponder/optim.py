@@ -36,14 +36,16 @@ MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def lr_factor(step: int, o: OptimConfig, total_steps: int) -> float:
-    """Linear warm-up over `warmup_steps`, then `schedule` (constant, cosine or linear to 0) to `total_steps`."""
+    """Linear warm-up over `warmup_steps`, then `schedule` (constant, or cosine or linear down to `min_lr`) to
+    `total_steps`."""
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(total_steps - o.warmup_steps, 1)
+    progress = min((step - o.warmup_steps) / max(total_steps - o.warmup_steps, 1), 1.0)
+    floor = o.min_lr / o.lr if o.lr > 0 else 0.0
     if o.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     if o.schedule == "linear":
-        return max(0.0, 1 - progress)
+        return floor + (1 - floor) * (1 - progress)
     return 1.0
 
 
