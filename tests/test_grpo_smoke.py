@@ -66,9 +66,9 @@ def test_a_sequence_level_ratio_clips_whole_completions_in_the_trainer(smoke_cfg
 
     real, seen = trainer.policy_loss, []
 
-    def spy(logp, old, adv, weight, *args):
-        loss, st = real(logp, old, adv, weight, *args)
-        seen.append((args[-1], (weight != 0).sum(1), st))
+    def spy(logp, old, adv, weight, *args, **kw):
+        loss, st = real(logp, old, adv, weight, *args, **kw)
+        seen.append((kw["ratio_level"], (weight != 0).sum(1), st))
         return loss, st
 
     monkeypatch.setattr(trainer, "policy_loss", spy)

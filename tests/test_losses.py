@@ -70,6 +70,21 @@ def test_kl_term_adds_beta_times_k3():
     assert float(st["kl"]) == pytest.approx(0.5 - math.log(0.5) - 1)
 
 
+def test_kl_estimators_hand_values_and_the_gradient_of_k2():
+    """k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 with d = ref - logp. As a loss, k2's gradient in logp is -d =
+    log(pi / ref), the reverse KL's own per sample; k3's is 1 - pi_ref / pi."""
+    d = math.log(0.25 / 0.5)
+    for name, want in (("k1", -d), ("k2", d * d / 2), ("k3", math.exp(d) - d - 1)):
+        logp = torch.full((1, 1), math.log(0.5), requires_grad=True)
+        ref = torch.full((1, 1), math.log(0.25))
+        loss, st = policy_loss(logp, logp.detach(), torch.tensor([0.0]), torch.ones(1, 1), 0.2, 0.2, beta=0.1,
+                               ref_logp=ref, kl_estimator=name)
+        assert float(st["kl"]) == pytest.approx(want) and loss.item() == pytest.approx(0.1 * want), name
+        loss.backward()
+        grad = {"k1": 1.0, "k2": -d, "k3": 1 - math.exp(d)}[name]
+        assert logp.grad.item() == pytest.approx(0.1 * grad), name
+
+
 def test_gradient_step_raises_the_probability_of_a_rewarded_token():
     theta = torch.zeros(5, requires_grad=True)
     opt = torch.optim.SGD([theta], lr=0.5)

@@ -91,7 +91,10 @@ class AlgoConfig:
     # ratios, clipped as a whole (GSPO, arXiv 2507.18071, which clips at eps_low 3e-4, eps_high 4e-4). The two
     # differ only off-policy: mu > 1 or minibatches > 1 (at mu = 1 every ratio is 1).
     ratio: Literal["token", "sequence"] = "token"
-    beta: float = 0.0  # k3 KL coefficient; 0 builds no reference model
+    beta: float = 0.0  # KL coefficient; 0 builds no reference model
+    # the KL term's per-token estimate, in the loss: k3 exp(d) - d - 1 (DeepSeekMath, R1), k2 d^2 / 2 (its gradient is
+    # the KL's own on-policy), k1 -d; d = ref - logp (ponder.rl.losses.kl_estimate)
+    kl_estimator: Literal["k3", "k2", "k1"] = "k3"
     ref_reset_every: int = 0  # replace the reference by the current policy every N steps (R1: 400); 0: never
     mu: int = 1  # passes over each batch of rollouts (old log-probs kept when > 1)
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many mini-batches)

@@ -1,4 +1,4 @@
-"""The clipped policy-gradient loss, its aggregations over tokens, and the k3 KL estimator."""
+"""The clipped policy-gradient loss, its aggregations over tokens, and the KL estimators (k3, k2, k1)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,21 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """A per-token estimate of KL(pi || ref) from samples of pi (Schulman, "Approximating KL divergence").
+    k3: exp(d) - d - 1, d = ref - logp (DeepSeekMath; unbiased, >= 0, but its gradient as a loss is not KL's);
+    k2: d^2 / 2 (biased as a value, its gradient is the KL's own in expectation on-policy); k1: -d (unbiased, noisy,
+    may be negative)."""
+    if estimator == "k3":
+        return k3_kl(logp, ref_logp)
+    d = ref_logp - logp
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k1":
+        return -d
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
 def policy_loss(
     logp: torch.Tensor,  # [B, T] log-probs of the sampled tokens under the current policy (with grad)
     old_logp: torch.Tensor,  # [B, T] under the policy that sampled them (== logp.detach() when mu = 1)
@@ -55,6 +70,7 @@ def policy_loss(
     beta: float = 0.0,
     ref_logp: torch.Tensor | None = None,
     ratio_level: str = "token",
+    kl_estimator: str = "k3",
 ):
     """Returns (loss, stats). loss = sum(weight * token_loss); stats are detached token sums, as 0-d tensors
     on the loss's device (read them once per step: each read waits for the GPU)."""
@@ -72,7 +88,7 @@ def policy_loss(
     token_loss = -torch.minimum(unclipped, clipped)
     kl = None
     if beta:
-        kl = k3_kl(logp, ref_logp)  # added to the loss, not the reward (DeepSeekMath)
+        kl = kl_estimate(logp, ref_logp, kl_estimator)  # added to the loss, not the reward (DeepSeekMath)
         token_loss = token_loss + beta * kl
     loss = (token_loss * weight).sum()
     stats = {

@@ -216,7 +216,8 @@ class GRPOTrainer:
             old = self._saved(mb, "old_logp", logp)
             ref = self._saved(mb, "ref_logp", logp) if a.beta else None
             adv = per_row([s.advantage for s in mb], self.device)
-            loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref, a.ratio)
+            loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref,
+                                   ratio_level=a.ratio, kl_estimator=a.kl_estimator)
             sharding.accumulate(self.model, last=i == len(batches) - 1, mode=self.sharding)
             loss.backward()  # sharded: FSDP2 sums the gradients across ranks
             if i < real:
