@@ -534,6 +534,16 @@ def test_a_finished_run_resumed_keeps_its_evaluation_and_logs_nothing_again(tmp_
     # one scheme for both commands, the pass@1 interval included (ponder train logged it for sft only)
     assert {k for k in last if k.startswith("eval/")} >= {f"eval/arithmetic/test/{f}" for f in (
         "pass@1", "pass@1_lo", "pass@1_hi", "format_rate", "mean_length")}
+    # stopped after eval_after.json was written and before its figures were logged: the resume found the file,
+    # said the run was complete and logged nothing; it logs them from the file
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:-1]))
+    assert main([*args, "--resume"]) == 0
+    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(again) == len(lines) and {k: v for k, v in again[-1].items() if k != "time"} == {
+        k: v for k, v in last.items() if k != "time"}
+    assert main([*args, "--resume"]) == 0  # and once logged, not again
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == len(lines)
 
 
 def test_a_finished_run_without_eval_tasks_resumed_says_it_is_complete(tmp_path, capsys):

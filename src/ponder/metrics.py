@@ -141,6 +141,16 @@ class MetricsWriter:
             self.tb.flush()
         self._each_backend(lambda b: b.log(step, scalars))
 
+    def logged(self, step: int, prefix: str) -> bool:
+        """Whether metrics.jsonl holds a figure named `prefix`... at `step` (a run stopped after writing its final
+        evaluation's file and before logging it: the resume finds the file, and logs the figures from it). A rank
+        that writes nothing has nothing to log."""
+        if not self.enabled:
+            return True
+        self._metrics.flush()
+        return any(row.get("step") == step and any(k.startswith(prefix) for k in row)
+                   for row in read_jsonl(self.metrics_path))
+
     def samples(self, step: int, rows: list[dict]) -> None:
         if not self.enabled:
             return

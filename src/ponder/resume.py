@@ -25,7 +25,9 @@ from ponder.config import build, to_dict
 from ponder.errors import UserError
 from ponder.files import write_atomic
 
-# keys that change neither what a step computes nor what the run is: how long, how often, where figures go. And
+# keys that change neither what a step computes nor what the run is: how long (with a cosine or linear schedule,
+# train.steps is also the schedule's length: the rates from the resume on follow the new length), how often, where
+# figures go. And
 # how a GRPO run is laid out over processes (torchrun): every checkpoint loads into every train.sharding, on any
 # number of ranks (sharded/ through torch.distributed.checkpoint; an unsharded one is split as it loads)
 SAFE_ON_RESUME = {

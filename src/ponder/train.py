@@ -89,7 +89,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, a
         after = done or (_evaluate(trainer, "after") if evaluating else None)
         if not ran and (done is not None or not evaluating) and main:  # (without eval tasks there is no file to find)
             console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume", soft_wrap=True)
-        if after is not None and done is None:
+        if after is not None and (done is None or not trainer.metrics.logged(trainer.step_no, "eval/")):
             trainer.metrics.log(trainer.step_no, run_metrics(after))
             if main:
                 _print_before_after(before, after)

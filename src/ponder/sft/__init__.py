@@ -100,6 +100,8 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     if trainer.step_no >= total and cfg.eval.tasks and not finished:
         after = _evaluate(trainer, "after", quiet)
         trainer.metrics.log(trainer.step_no, run_metrics(after))
+    elif finished and not trainer.metrics.logged(trainer.step_no, "eval/"):  # stopped between the file and the log
+        trainer.metrics.log(trainer.step_no, run_metrics(json.loads((trainer.run_dir / "eval_after.json").read_text())))
     trainer.metrics.close()
     if trainer.step_no >= total and trainer.metrics.enabled:
         from ponder.report import write_report
