@@ -430,3 +430,35 @@ def test_dynamic_sampling_by_must_name_one_of_the_runs_rewards(error_line, tmp_p
     assert error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "algorithm.dynamic_sampling_by=acuracy") == (
         "ponder: error: config algorithm.dynamic_sampling_by names 'acuracy', which is not one of the run's rewards "
         "(accuracy); name one of them, or leave it unset")
+
+
+def test_truncated_importance_sampling_weighs_tokens_by_the_engines_probabilities(smoke_cfg, monkeypatch):
+    """algorithm.rollout_is_cap: each token's policy-gradient term times min(pi_old / pi_engine, cap). On the CPU the
+    engine samples the trainer's own distribution, so the ratio is 1 (the engine's log-probs agree with the update's);
+    an engine whose probabilities were three times the trainer's weighs each token by 1/3, one with a third of them
+    by the cap, 2: twice the loss."""
+    from ponder.rl import trainer as trainer_mod
+    from ponder.rl.trainer import GRPOTrainer
+
+    args = ("train.steps=1", "train.save_every=0", "rollout.prompts_per_step=4", "rewards={test_char_hash: 1.0}",
+            "rollout.temperature=0.7", "train.skip_zero_advantage=false")
+    plain = GRPOTrainer(smoke_cfg("name=plain", *args)).step()
+    assert "rollout_is/mean" not in plain
+    same = GRPOTrainer(smoke_cfg("name=tis", *args, "algorithm.rollout_is_cap=2")).step()
+    assert same["rollout_is/mean"] == pytest.approx(1.0, abs=1e-4) and same["rollout_is/capped_frac"] == 0
+    assert same["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-7)
+
+    real = trainer_mod.Sample
+
+    def shifted(*a, rollout_logp=None, **kw):  # the engine's probability three times the trainer's
+        return real(*a, rollout_logp=None if rollout_logp is None else rollout_logp + math.log(3), **kw)
+
+    monkeypatch.setattr(trainer_mod, "Sample", shifted)
+    off = GRPOTrainer(smoke_cfg("name=tis-off", *args, "algorithm.rollout_is_cap=2")).step()
+    assert off["rollout_is/mean"] == pytest.approx(1 / 3, rel=1e-4) and off["rollout_is/capped_frac"] == 0
+    monkeypatch.setattr(trainer_mod, "Sample", lambda *a, rollout_logp=None, **kw: real(
+        *a, rollout_logp=None if rollout_logp is None else rollout_logp - math.log(3), **kw))
+    capped = GRPOTrainer(smoke_cfg("name=tis-capped", *args, "algorithm.rollout_is_cap=2")).step()
+    assert capped["rollout_is/mean"] == pytest.approx(3.0, rel=1e-4) and capped["rollout_is/capped_frac"] == 1.0
+    assert capped["loss"] == pytest.approx(2 * plain["loss"], rel=1e-4, abs=1e-7)
+    assert off["loss"] == pytest.approx(plain["loss"] / 3, rel=1e-4, abs=1e-7)

@@ -104,6 +104,10 @@ class AlgoConfig:
     dynamic_sampling_by: Optional[str] = None
     max_resample_rounds: int = 4  # bound on extra generation rounds per step for dynamic sampling
     mask_truncated: bool = False  # DAPO overlong filtering: truncated completions carry no loss
+    # truncated importance sampling (TIS): the engine samples from its own probabilities (on CUDA a bf16 copy and other
+    # kernels than the update's), so each token's policy-gradient term is weighed by min(pi_old / pi_engine, cap), the
+    # engine's probability as it sampled the token (after temperature, top-k and top-p). None: off (verl and TRL: 2)
+    rollout_is_cap: Optional[float] = None
 
 
 @dataclass
@@ -670,6 +674,8 @@ def validate(cfg) -> None:
     need(a.beta >= 0, "algorithm.beta", a.beta, "0 (no KL term) or more")
     need(a.ref_reset_every >= 0, "algorithm.ref_reset_every", a.ref_reset_every, "0 (never) or more")
     need(a.max_resample_rounds >= 0, "algorithm.max_resample_rounds", a.max_resample_rounds, "0 or more")
+    need(a.rollout_is_cap is None or a.rollout_is_cap > 0, "algorithm.rollout_is_cap", a.rollout_is_cap,
+         "above 0 (the most a token's weight may be; 2 is usual), or null (off)")
     need(t.steps >= 1, "train.steps", t.steps, "at least 1")
     need(t.save_every >= 0, "train.save_every", t.save_every, "0 (only at the end) or more")
     need(t.keep_last >= 0, "train.keep_last", t.keep_last, "0 (keep every checkpoint) or more")

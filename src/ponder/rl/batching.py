@@ -20,6 +20,7 @@ class Sample:
     weight: float = 0.0  # per-token loss weight from the aggregation (0: carries no loss)
     old_logp: torch.Tensor | None = None  # [C] when mu > 1 or several mini-batches
     ref_logp: torch.Tensor | None = None  # [C] when beta > 0
+    rollout_logp: torch.Tensor | None = None  # [C] the engine's, as it sampled (algorithm.rollout_is_cap)
     rollout_entropy: float | None = None  # summed over the completion's tokens, by the engine (train.skip_zero_advantage)
 
     @property

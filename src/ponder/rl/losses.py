@@ -71,6 +71,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     ratio_level: str = "token",
     kl_estimator: str = "k3",
+    token_scale: torch.Tensor | None = None,  # [B, T] detached weights of the policy-gradient term (TIS), not the KL's
 ):
     """Returns (loss, stats). loss = sum(weight * token_loss); stats are detached token sums, as 0-d tensors
     on the loss's device (read them once per step: each read waits for the GPU)."""
@@ -86,6 +87,8 @@ def policy_loss(
     unclipped = ratio * a
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a  # clip-higher: eps_high may exceed eps_low
     token_loss = -torch.minimum(unclipped, clipped)
+    if token_scale is not None:
+        token_loss = token_loss * token_scale
     kl = None
     if beta:
         kl = kl_estimate(logp, ref_logp, kl_estimator)  # added to the loss, not the reward (DeepSeekMath)

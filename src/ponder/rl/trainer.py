@@ -201,7 +201,7 @@ class GRPOTrainer:
                 for s, w in zip(mb, ws):
                     s.weight = w
         self.optimizer.zero_grad(set_to_none=True)
-        names = ("loss", "clip_low", "clip_high", "kl", "tokens", "entropy")
+        names = ("loss", "clip_low", "clip_high", "kl", "tokens", "entropy", "is_ratio", "is_capped", "is_tokens")
         if not n_total:  # no rank has a sample (all masked): no step, since AdamW would still decay and follow momentum
             return {**dict.fromkeys(names, 0.0), "grad_norm": 0.0, "skipped": 0.0}
         # sums stay on the device until the end: a read per micro-batch would wait for the GPU each time
@@ -216,8 +216,16 @@ class GRPOTrainer:
             old = self._saved(mb, "old_logp", logp)
             ref = self._saved(mb, "ref_logp", logp) if a.beta else None
             adv = per_row([s.advantage for s in mb], self.device)
+            scale = None
+            if a.rollout_is_cap is not None:  # TIS: the tokens came from the engine's probabilities, not pi_old's
+                is_ratio = torch.exp(old - self._saved(mb, "rollout_logp", logp))
+                scale = is_ratio.clamp(max=a.rollout_is_cap)
+                live = weight != 0
+                totals["is_ratio"] += is_ratio.mul(live).sum()
+                totals["is_capped"] += (is_ratio > a.rollout_is_cap).mul(live).sum()
+                totals["is_tokens"] += live.sum()
             loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref,
-                                   ratio_level=a.ratio, kl_estimator=a.kl_estimator)
+                                   ratio_level=a.ratio, kl_estimator=a.kl_estimator, token_scale=scale)
             sharding.accumulate(self.model, last=i == len(batches) - 1, mode=self.sharding)
             loss.backward()  # sharded: FSDP2 sums the gradients across ranks
             if i < real:
@@ -336,6 +344,7 @@ class GRPOTrainer:
             n=G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
             stop=tuple(r.stop), seed=(self.cfg.seed * 1_000_003 + self.step_no * 101 + round_no + 7919 * self.rank) % 2**31,
             entropies=self._skips_idle(),  # the entropy of samples the update then skips, without a forward for it
+            logprobs=self.cfg.algorithm.rollout_is_cap is not None,
         )
         outs = self.engine.generate(prompt_ids, params)
         t1 = time.perf_counter()
@@ -353,7 +362,8 @@ class GRPOTrainer:
         for i, (ex, out) in enumerate(zip(examples, outs)):
             sl = slice(i * G, (i + 1) * G)
             samples = [Sample(prompt_ids[i], c.token_ids, truncated=c.finish_reason == "length",
-                              rollout_entropy=None if c.entropies is None else math.fsum(c.entropies)) for c in out]
+                              rollout_entropy=None if c.entropies is None else math.fsum(c.entropies),
+                              rollout_logp=None if c.logprobs is None else torch.tensor(c.logprobs)) for c in out]
             groups.append(Group(ex, samples, texts[i], totals[sl], {k: v[sl] for k, v in per_fn.items()}))
         return groups
 
@@ -402,6 +412,15 @@ class GRPOTrainer:
                 setattr(s, attr, row[: len(s.completion_ids)].cpu())
 
     # ---------------------------------------------------------------- metrics
+    def _is_metrics(self, stats: list[dict]) -> dict:
+        """With algorithm.rollout_is_cap: the mean of pi_old / pi_engine over the updated tokens (1 where the engine
+        samples exactly the trainer's distribution), and the share of them capped."""
+        n = sum(s.get("is_tokens", 0.0) for s in stats)
+        if self.cfg.algorithm.rollout_is_cap is None or not n:
+            return {}
+        return {"rollout_is/mean": sum(s["is_ratio"] for s in stats) / n,
+                "rollout_is/capped_frac": sum(s["is_capped"] for s in stats) / n}
+
     def _step_metrics(self, groups: list[Group], stats: list[dict], timing: dict, lr: float) -> tuple[dict, dict]:
         """The step's figures on this rank, and what each mean is over (samples, groups, tokens: mean_metrics weighs
         the ranks' figures by them). `lr`: the rate the step's update used."""
@@ -432,6 +451,7 @@ class GRPOTrainer:
             "kl": per_token["kl"],
             "clip_low_frac": per_token["clip_low"],
             "clip_high_frac": per_token["clip_high"],
+            **self._is_metrics(stats),
             "grad_norm": mean([s["grad_norm"] for s in stats]),
             "skipped_updates": sum(s["skipped"] for s in stats),
             "lr": lr,
@@ -447,7 +467,8 @@ class GRPOTrainer:
         per = {k: len(texts) for k in m if k == "accuracy" or k.startswith("reward") or k in (
             "format_rate", "completion_len/mean", "truncated_frac", "reflection_rate", "mixing_rate", "repeated_line_frac",
             "unreasoned_frac")}
-        per |= {"zero_var_groups_frac": len(groups), **dict.fromkeys(("entropy", "kl", "clip_low_frac", "clip_high_frac"), n_tokens)}
+        per |= {"zero_var_groups_frac": len(groups), **dict.fromkeys(("entropy", "kl", "clip_low_frac", "clip_high_frac"), n_tokens),
+                **dict.fromkeys(self._is_metrics(stats), sum(s["is_tokens"] for s in stats))}
         tasks = sorted({g.example.get("task", "") for g in groups})
         # a mix: each task's own curves (reflection pays on some only), also where this rank's groups hold one task
         for task in tasks if len(tasks) > 1 or len(self.cfg.data.tasks) > 1 else []:
