@@ -592,3 +592,77 @@ def test_turns_a_text_template_leaves_out_are_told_at_start(tmp_path, smoke_cfg,
     sft(load_sft_config("recipes/coldstart-tiny.yaml", [f"output_dir={tmp_path}", "name=s", f"data.files=[{rows}]",
                                                         "data.coldstart=[]", "train.steps=1", "eval.tasks=[]"]))
     assert "ponder: 1 of 1 prompts are chat messages with turns besides the last user turn (system); the r1_zero" in capsys.readouterr().out
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chatml_model(path, eos=None):
+    """tiny-random with ChatML turns, its EOS the tokenizer's own (<eos>) as a base model's is; `eos`: the
+    generation_config's EOS id instead."""
+    from ponder.models.tiny import tiny_random
+
+    model, t = tiny_random()
+    t.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model.resize_token_embeddings(len(t))
+    t.chat_template = CHATML
+    if eos is not None:
+        model.generation_config.eos_token_id = eos
+    model.save_pretrained(path)
+    t.save_pretrained(path)
+    return str(path), t
+
+
+def test_generation_stops_at_the_tokenizers_eos_and_the_chat_templates_end_of_turn(tmp_path):
+    """Generation stopped at generation_config's EOS alone: a base model with a ChatML template, cold-started on chat
+    messages, learnt to end its turn with <|im_end|> and ran on to the token limit; so did a fine-tune whose tokenizer
+    EOS was not its generation_config's (ponder sft ends rows with the tokenizer's)."""
+    from ponder import models
+    from ponder.templates import end_of_turn
+
+    path, t = chatml_model(tmp_path / "base")
+    assert end_of_turn(t) == "<|im_end|>" and end_of_turn(char_tokenizer()) is None
+    model, tok = models.load(path)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, end]
+    path, t = chatml_model(tmp_path / "tuned", eos=5)  # generation_config names another EOS than the tokenizer's
+    model, tok = models.load(path)
+    assert model.generation_config.eos_token_id == [5, tok.eos_token_id, end]
+    # both engines stop at generation_config's EOS ids (tests/test_fast_engine.py), and checkpoints keep them
+    models.save(model, tok, tmp_path / "saved")
+    assert models.load(str(tmp_path / "saved"))[0].generation_config.eos_token_id == [5, tok.eos_token_id, end]
+
+
+def test_a_tokenizer_larger_than_the_models_embedding_is_one_line(tmp_path, error_line):
+    """Tokens added (a pad, think tags) without resize_token_embeddings: torch.embedding's IndexError at the first
+    such id, in a traceback."""
+    from ponder.models.tiny import tiny_random
+
+    model, t = tiny_random()
+    t.add_tokens(["<think>", "</think>"])
+    model.save_pretrained(tmp_path / "m")
+    t.save_pretrained(tmp_path / "m")
+    rows = model.get_input_embeddings().num_embeddings
+    assert error_line("eval", "--model", str(tmp_path / "m"), "--tasks", "arithmetic", "--n", "2") == (
+        f"ponder: error: the tokenizer of '{tmp_path / 'm'}' has {rows + 2} tokens and the model's embedding {rows} rows: "
+        "tokens were added without resizing it; call model.resize_token_embeddings(len(tokenizer)) and save_pretrained "
+        "both, or use the tokenizer the model was trained with")
+
+
+def test_think_and_answer_tags_made_special_tokens_stay_in_decoded_completions():
+    """Tags added as special tokens (the usual recipe: additional_special_tokens) were skipped in every decoded
+    completion: a well-formed answer reached the rewards as ' 3 plus 4 is 7   7 ' and scored 0 on format and accuracy."""
+    from ponder.rewards import get_reward
+    from ponder.rollout import decode_text, decode_texts
+
+    tok = char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>", "<answer>", "</answer>"]})
+    ids = [tok.bos_token_id, *tok.encode("<think>", add_special_tokens=False), *tok.encode("3+4", add_special_tokens=False),
+           *tok.encode("</think> <answer>7</answer>", add_special_tokens=False), tok.eos_token_id, tok.pad_token_id]
+    assert len(ids) == 12  # each tag one token
+    text = decode_text(tok, ids)
+    assert text == "<think>3+4</think> <answer>7</answer>"  # BOS, EOS and padding still left out
+    assert decode_texts(tok, [ids, ids[:3]]) == [text, "<think>3"]
+    assert get_reward("format")([text], prompts=["p"]) == [1.0]
+    assert decode_text(char_tokenizer(), ids[:1] + [5, 6]) == char_tokenizer().decode([5, 6])  # others as before

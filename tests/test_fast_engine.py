@@ -1038,3 +1038,21 @@ def test_a_stop_string_that_is_a_special_token_ends_the_completion_in_both_engin
     for engine in (HFEngine(model, tok), FastEngine(model, tok)):
         c = engine.generate(prompts, params)[1][0]
         assert (c.token_ids, c.finish_reason) == (ids[: ids.index(end) + 1], "stop"), type(engine).__name__
+
+
+def test_the_hf_engine_takes_an_eos_id_of_0_as_the_models(monkeypatch):
+    """`generation_config.eos_token_id or tokenizer.eos_token_id` took the id 0 for none: the hf engine ran past the
+    model's EOS to the limit where the fast engine stopped."""
+    model = load("tiny-random-micro", seed=2)[0]
+    model.generation_config.eos_token_id = 0
+    seen = {}
+
+    def spy(**kw):
+        seen.update(kw)
+        raise StopIteration
+
+    monkeypatch.setattr(model, "generate", spy)
+    with pytest.raises(StopIteration):
+        HFEngine(model, TOK).generate(encode(["ab"]), SamplingParams(max_tokens=4))
+    assert seen["eos_token_id"] == [0]
+    assert FastEngine(model, TOK).eos_ids() == {0}

@@ -266,7 +266,7 @@ def probe(model, tokenizer, cfg: ProbeConfig, seed: int = 0) -> dict:
     """pass@1 (mean over k), format rate, worked-step share, length and reflection rate per task and temperature."""
     from ponder.rewards import get_reward
     from ponder.rewards.extract import extract_answer
-    from ponder.rollout import SamplingParams, make_engine
+    from ponder.rollout import SamplingParams, decode_text, make_engine
     from ponder.tasks import get_task
     from ponder.templates import render
 
@@ -283,7 +283,7 @@ def probe(model, tokenizer, cfg: ProbeConfig, seed: int = 0) -> dict:
             texts, scores = [], []
             for ex, group in zip(examples, groups):
                 for c in group:
-                    text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                    text = decode_text(tokenizer, c.token_ids)
                     answer = extract_answer(text)
                     texts.append(text)
                     scores.append(0.0 if answer is None else task.verify(answer, ex))

@@ -29,6 +29,25 @@ def render(template: str, prompt, tokenizer=None) -> str:
     return TEMPLATES[template].format(prompt=prompt)
 
 
+def end_of_turn(tokenizer) -> str | None:
+    """The special token the tokenizer's chat template closes an assistant turn with (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, </s>), read off the template's rendering of a two-turn conversation; None without a template,
+    or where no special token follows the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "ponderendofturnprobe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "1"}, {"role": "assistant", "content": mark}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001  (a template that refuses this conversation: no end to read)
+        return None
+    after = text.split(mark, 1)[1].lstrip() if isinstance(text, str) and mark in text else ""
+    special = sorted(getattr(tokenizer, "all_special_tokens", []) + [
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)],
+        key=len, reverse=True)
+    return next((t for t in special if t and after.startswith(t)), None)
+
+
 def require_chat_template(tokenizer) -> None:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError("template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain")

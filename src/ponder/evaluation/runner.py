@@ -177,7 +177,7 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words, op
     from ponder.rewards import get_reward
     from ponder.rewards.extract import extract_answer
     from ponder.rewards.language import is_mixed
-    from ponder.rollout import completion_texts
+    from ponder.rollout import completion_texts, decode_text
     from ponder.tasks import get_task
 
     fmt = get_reward("format")
@@ -212,7 +212,7 @@ def _score(examples, sampled, greedily, tokenizer, extract, reflection_words, op
         greedy_ok = None
         if greedily is not None:
             g = greedily[i][0]
-            text = tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            text = decode_text(tokenizer, g.token_ids)
             answer = extract_answer(text, extract, opened[i])
             score = check(answer)
             greedy_ok = score is not None and score >= 1.0

@@ -259,7 +259,47 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
     if tok.eos_token is None:  # no answer could end: rollouts all run to the limit, and padding has no token
         raise UserError(f"the tokenizer of '{where}' names no end-of-sequence token; set one (tokenizer.eos_token = ..., "
                         "then save_pretrained, or \"eos_token\" in its tokenizer_config.json)")
+    check_vocabulary(model, tok, where)
+    complete_ends(model, tok)
     return model, tok if tokenizer is not None else _for_generation(tok)  # load_tokenizer's is ready already
+
+
+def check_vocabulary(model, tok, where) -> None:
+    """A tokenizer with ids past the model's embedding (tokens added, a pad or think tags, without
+    resize_token_embeddings) failed at the first such id inside torch.embedding, in a traceback."""
+    try:
+        rows = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return
+    if len(tok) > rows:
+        raise UserError(f"the tokenizer of '{where}' has {len(tok)} tokens and the model's embedding {rows} rows: tokens "
+                        "were added without resizing it; call model.resize_token_embeddings(len(tokenizer)) and "
+                        "save_pretrained both, or use the tokenizer the model was trained with")
+
+
+def complete_ends(model, tok) -> list[str]:
+    """The tokens generation stops at, completed in the model's generation_config: its EOS ids, plus the tokenizer's
+    EOS (a fine-tune that changed one and not the other: ponder sft ends its rows with the tokenizer's) and the special
+    token the chat template closes a turn with (a base model's ChatML template ends turns with <|im_end|>, which a
+    cold start on chat messages teaches, where its EOS is <|endoftext|>). Without them a model that had learnt to
+    stop ran on to the token limit. Saved checkpoints keep the list. Returns the tokens added."""
+    from ponder.templates import end_of_turn
+
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return []
+    eos = config.eos_token_id
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    added = []
+    turn = end_of_turn(tok)
+    for token in (tok.eos_token, turn):
+        one = tok.convert_tokens_to_ids(token) if token else None
+        if isinstance(one, int) and one != tok.unk_token_id and one not in ids:
+            ids.append(one)
+            added.append(token)
+    if added:
+        config.eos_token_id = ids if len(ids) > 1 else ids[0]
+    return added
 
 
 def to_dtype(model, dtype: torch.dtype):

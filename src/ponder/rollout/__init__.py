@@ -113,19 +113,50 @@ def shadow_dtype(model) -> torch.dtype | None:
     return narrowest if narrowest.itemsize < embedding.weight.dtype.itemsize else None
 
 
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")  # what the format and accuracy rewards read
+
+
+def _special_ids_but_tags(tokenizer) -> set[int] | None:
+    """The special ids a decoded text leaves out, where the tokenizer made one of TAGS a special token (the usual way to
+    add them: additional_special_tokens); None where it did not (skip_special_tokens then does it all). Kept on the
+    tokenizer: read once."""
+    cached = getattr(tokenizer, "_ponder_special_but_tags", False)
+    if cached is not False:
+        return cached
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = {i for i, t in added.items() if getattr(t, "special", False)} | set(getattr(tokenizer, "all_special_ids", []))
+    tags = {i for i in special if tokenizer.convert_ids_to_tokens(i) in TAGS}
+    result = special - tags if tags else None
+    try:
+        tokenizer._ponder_special_but_tags = result
+    except AttributeError:
+        pass
+    return result
+
+
 def decode_texts(tokenizer, token_lists: list[list[int]]) -> list[str]:
-    """`tokenizer.decode(ids, skip_special_tokens=True)` of each list. A fast tokenizer whose decoding is the Rust
-    tokenizer's alone (no space clean-up, no override) decodes them all in one call, in parallel: one call a list
-    took about 20 ms of the 0.5B GRPO step's host time (256 completions of 512 tokens) while the GPU waited."""
+    """`tokenizer.decode(ids, skip_special_tokens=True)` of each list, but for think and answer tags that the tokenizer
+    made special tokens: those stay (skipped, a well-formed answer lost its tags and scored 0 on format and accuracy).
+    A fast tokenizer whose decoding is the Rust tokenizer's alone (no space clean-up, no override) decodes them all in
+    one call, in parallel: one call a list took about 20 ms of the 0.5B GRPO step's host time (256 completions of 512
+    tokens) while the GPU waited."""
     from transformers import PreTrainedTokenizerFast
 
+    drop, skip = _special_ids_but_tags(tokenizer), True
+    if drop is not None:
+        token_lists, skip = [[t for t in ids if t not in drop] for ids in token_lists], False
     backend = getattr(tokenizer, "_tokenizer", None)
     if (isinstance(tokenizer, PreTrainedTokenizerFast) and hasattr(backend, "decode_batch")
             and not tokenizer.clean_up_tokenization_spaces
             and type(tokenizer).decode is PreTrainedTokenizerFast.decode
             and type(tokenizer)._decode is PreTrainedTokenizerFast._decode):
-        return backend.decode_batch(token_lists, skip_special_tokens=True)
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
+        return backend.decode_batch(token_lists, skip_special_tokens=skip)
+    return [tokenizer.decode(t, skip_special_tokens=skip) for t in token_lists]
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """decode_texts of one list."""
+    return decode_texts(tokenizer, [ids])[0]
 
 
 def completion_texts(tokenizer, outs: list[list[Completion]]) -> list[list[str]]:
@@ -152,13 +183,13 @@ def truncate_at_stop(token_ids: list[int], tokenizer, stop: tuple[str, ...], eos
     end = next((i for i, t in enumerate(token_ids) if t in eos_ids), None) if eos_ids else None
     before = token_ids if end is None else token_ids[:end]  # what follows an EOS (padding) holds no stop string
     if stop:
-        text = tokenizer.decode(before, skip_special_tokens=True) if text is None else text
+        text = decode_text(tokenizer, before) if text is None else text
         if any(s in text for s in stop):
             # the shortest prefix whose text holds a stop string
             lo, hi = 1, len(before)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if any(s in tokenizer.decode(before[:mid], skip_special_tokens=True) for s in stop):
+                if any(s in decode_text(tokenizer, before[:mid]) for s in stop):
                     hi = mid
                 else:
                     lo = mid + 1

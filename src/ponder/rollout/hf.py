@@ -43,7 +43,8 @@ class HFEngine(RolloutEngine):
         for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        eos = self.model.generation_config.eos_token_id or tok.eos_token_id
+        eos = self.model.generation_config.eos_token_id  # (with `or`, an EOS id of 0 fell through to the tokenizer's)
+        eos = tok.eos_token_id if eos is None else eos
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | special_stop_ids(tok, params.stop)
         greedy = params.temperature == 0
         kwargs = dict(

@@ -219,7 +219,7 @@ class SFTTrainer:
     # ---------------------------------------------------------------- samples, checkpoints
     def sample_rows(self, k: int) -> list[dict]:
         """Greedy completions of the first `k` training prompts: what the model has learned to write."""
-        from ponder.rollout import SamplingParams, make_engine
+        from ponder.rollout import SamplingParams, decode_text, make_engine
 
         if k <= 0:
             return []
@@ -233,8 +233,8 @@ class SFTTrainer:
             ex = self.examples[i]
             rows.append({
                 "prompt": self.tokenizer.decode(prompts[i], skip_special_tokens=True),
-                "completion": self.tokenizer.decode(out[0].token_ids, skip_special_tokens=True),
-                "reference": self.tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m], skip_special_tokens=True),
+                "completion": decode_text(self.tokenizer, out[0].token_ids),
+                "reference": decode_text(self.tokenizer, [t for t, m in zip(ex.ids, ex.mask) if m]),
             })
         return rows
 
