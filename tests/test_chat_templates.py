@@ -478,7 +478,7 @@ BROKEN = "{% for m in messages %}[{{ m.content }}"  # no endfor
 
 @pytest.mark.parametrize("template, model, line", [
     ("Q: {prompt} A:", None, "unknown template 'Q: {prompt} A:'; choose one of: r1_zero, plain, chat"),
-    ("chat", None, "template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain"),
+    ("chat", None, "template 'chat' needs a tokenizer with a chat template; use the r1_zero or plain template (data.template; ponder sample: template; ponder eval: --template)"),
     ("chat", BROKEN, "the tokenizer's chat template does not parse: Unexpected end of template. Jinja was looking for the "
                      "following tags: 'endfor' or 'else'. The innermost block that needs to be closed is 'for'.; fix the "
                      "chat_template in the tokenizer's files, or use another template (r1_zero or plain)"),
@@ -509,7 +509,7 @@ def test_sft_rows_a_template_cannot_take_are_told_before_the_model_loads(tmp_pat
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for template, model_path, want in [
         ("Q: {prompt} A:", model, "unknown template 'Q: {prompt} A:'; choose one of: r1_zero, plain, chat"),
-        ("chat", "tiny-random", "template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain"),
+        ("chat", "tiny-random", "template 'chat' needs a tokenizer with a chat template; use the r1_zero or plain template (data.template; ponder sample: template; ponder eval: --template)"),
         ("chat", model, "the tokenizer's chat template fails on the prompt '3+4' (roles: system, user): System role not "
                         "supported; change those chat messages (templates may refuse a system turn, or turns that do not "
                         "alternate user/assistant), or use another template (r1_zero or plain)"),

@@ -50,7 +50,7 @@ def end_of_turn(tokenizer) -> str | None:
 
 def require_chat_template(tokenizer) -> None:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise UserError("template 'chat' needs a tokenizer with a chat template; use data.template=r1_zero or plain")
+        raise UserError("template 'chat' needs a tokenizer with a chat template; use the r1_zero or plain template (data.template; ponder sample: template; ponder eval: --template)")
 
 
 def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
