@@ -112,7 +112,9 @@ def run(a, shape: str, budget: str, root: Path) -> dict:
         m = steps[-1]
         print(f"  step {i + 1}: total {m['time/total']:.2f} s, generate {m['time/generate']:.2f}, train {m['time/train']:.2f}, "
               f"budget {m['token_budget']}, peak {m.get('memory/peak_allocated_gib', 0):.1f} / "
-              f"{m.get('memory/peak_reserved_gib', 0):.1f} GiB", flush=True)
+              f"{m.get('memory/peak_reserved_gib', 0):.1f} GiB"
+              + (f", rollout_is {m['rollout_is/mean']:.5f} (capped {m['rollout_is/capped_frac']:.5f})"
+                 if "rollout_is/mean" in m else ""), flush=True)
     if a.profile:  # one more step, not timed
         profiled(trainer, f"{a.profile}.{shape}.{budget}", stack=a.stack)
     timed = steps[1:] or steps

@@ -143,6 +143,22 @@ def test_grpo_steps_on_the_tiny_world(paths, tmp_path, setting):
     assert trainer.step_no == 2
 
 
+def test_truncated_importance_sampling_on_the_bf16_rollout_copy(paths, tmp_path):
+    """algorithm.rollout_is_cap on CUDA: the engine samples from the bf16 rollout copy, the update scores with the
+    float32 masters under autocast, so pi_old / pi_engine is near 1 but not 1; it reaches the loss and the metrics."""
+    from ponder.config import load_config
+    from ponder.rl.trainer import GRPOTrainer
+
+    cfg = load_config("recipes/zero-tiny.yaml", [f"output_dir={tmp_path}", "train.steps=2", "eval.tasks=[]",
+                                                 "rollout.prompts_per_step=8", "train.device=cuda",
+                                                 "train.skip_zero_advantage=false", "algorithm.rollout_is_cap=2"])
+    trainer = GRPOTrainer(cfg)
+    for _ in range(2):
+        m = trainer.step()
+        print(f"rollout_is/mean {m['rollout_is/mean']:.6f} capped {m['rollout_is/capped_frac']:.6f}")
+        assert abs(m["rollout_is/mean"] - 1) < 0.05 and m["rollout_is/capped_frac"] < 0.01, m
+
+
 @pytest.mark.parametrize("setting", ["model.gradient_checkpointing=auto", "model.gradient_checkpointing=true",
                                      "train.forward=padded"])
 def test_sft_steps_plan_their_budget_from_device_memory(paths, tmp_path, capsys, setting):
