@@ -666,3 +666,53 @@ def test_think_and_answer_tags_made_special_tokens_stay_in_decoded_completions()
     assert decode_texts(tok, [ids, ids[:3]]) == [text, "<think>3"]
     assert get_reward("format")([text], prompts=["p"]) == [1.0]
     assert decode_text(char_tokenizer(), ids[:1] + [5, 6]) == char_tokenizer().decode([5, 6])  # others as before
+
+
+THINKING = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]"
+            "{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}{% endif %}")
+
+
+def test_chat_template_options_reach_every_rendering(tmp_path, smoke_cfg, capsys, monkeypatch):
+    """model.chat_template_kwargs (Qwen3's enable_thinking) is passed to the chat template by train, sft, sample and
+    eval (--chat-template-kwargs); without it Qwen3 could only be run in its thinking mode."""
+    from ponder.config import TaskSpec
+    from ponder.rl.trainer import GRPOTrainer
+    from ponder.sample import SampleConfig, sample
+    from ponder.sft.config import load_sft_config
+    from ponder.sft.trainer import SFTTrainer
+
+    model = chat_model(tmp_path / "m", THINKING)
+    data = jsonl(tmp_path / "d.jsonl", "3+4")
+    base = [f"model.path={model}", "data.template=chat", data, "rollout.prompts_per_step=1", "rollout.group_size=2"]
+    text = lambda t: t.tokenizer.decode(t._encode(t.examples[0]))  # noqa: E731
+    assert text(GRPOTrainer(smoke_cfg("name=a", *base))).endswith("[user]3+4[assistant]")
+    t = GRPOTrainer(smoke_cfg("name=b", *base, "model.chat_template_kwargs={enable_thinking: false}"))
+    assert text(t).endswith("[user]3+4[assistant]<think></think>")
+    rows = tmp_path / "s.jsonl"
+    rows.write_text(json.dumps({"prompt": "3+4", "completion": "7"}) + "\n")
+    sft = SFTTrainer(load_sft_config("recipes/coldstart-tiny.yaml", [
+        f"output_dir={tmp_path}", "name=s", f"model.path={model}", "data.template=chat", f"data.files=[{rows}]",
+        "data.coldstart=[]", "train.steps=1", "eval.tasks=[]", "model.chat_template_kwargs={enable_thinking: false}"]))
+    assert sft.tokenizer.decode(sft.examples[0].ids).startswith("[user]3+4[assistant]<think></think>7")
+    import ponder.rollout
+
+    seen, make = [], ponder.rollout.make_engine
+
+    def recording(*a, **kw):
+        engine = make(*a, **kw)
+        generate = engine.generate
+        engine.generate = lambda prompts, params, **k: seen.extend(prompts) or generate(prompts, params, **k)
+        return engine
+
+    monkeypatch.setattr(ponder.rollout, "make_engine", recording)
+    sample(SampleConfig(model=model, template="chat", tasks=[TaskSpec(name="jsonl", path=str(tmp_path / "d.jsonl"))], k=1,
+                        max_new_tokens=2, chat_template_kwargs={"enable_thinking": False}, out=str(tmp_path / "t.jsonl")))
+    assert sft.tokenizer.decode(seen[0]).endswith("[user]3+4[assistant]<think></think>")
+    from ponder.cli import main
+
+    with pytest.raises(SystemExit) as stop:  # argparse's own line, before anything loads
+        main(["eval", "--model", model, "--tasks", "arithmetic", "--chat-template-kwargs", "enable_thinking"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ponder eval: error: argument --chat-template-kwargs: 'enable_thinking' is not a JSON object; give one, e.g. "
+        "'{\"enable_thinking\": false}'")

@@ -41,6 +41,8 @@ class ModelConfig:
     # one full-length sample's activations would not fit (CUDA; printed with the token budget)
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     trust_remote_code: bool = False  # let the model run its own code (Hub models with custom architectures)
+    # passed to the tokenizer's chat template wherever it renders (data.template: chat), e.g. Qwen3's {enable_thinking: false}
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ponder.config import TaskSpec, to_dict
 from ponder.evaluation.runner import task_hash
@@ -29,6 +29,7 @@ from ponder.files import blocking_file, make_dir, write_atomic
 class SampleConfig:
     model: str = "tiny-base"  # the model that writes the traces (teacher): a directory, built-in name or Hub id
     trust_remote_code: bool = False  # let the model run its own code (Hub models with custom architectures)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # the chat template's options (Qwen3: enable_thinking)
     tasks: list[TaskSpec] = field(default_factory=lambda: [TaskSpec(name="arithmetic")])
     template: str = "r1_zero"
     k: int = 8  # answers sampled per prompt
@@ -152,7 +153,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     from ponder.rollout import SamplingParams, make_engine
     from ponder.runtime import pick_device
     from ponder.tasks import check_prompts, load_examples
-    from ponder.templates import encoded_prompt
+    from ponder.templates import encoded_prompt, with_chat_options
 
     check(cfg)
     out = Path(cfg.out)
@@ -186,7 +187,8 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     prompt_sets = [([ex for _, _, ex in problems], cfg.max_new_tokens, "max_new_tokens")]
     if model is None:
         # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
-        tokenizer = functools.cache(lambda: models.load_tokenizer(cfg.model, cfg.trust_remote_code))
+        tokenizer = functools.cache(lambda: with_chat_options(models.load_tokenizer(cfg.model, cfg.trust_remote_code),
+                                                              cfg.chat_template_kwargs))
         chat = tokenizer() if cfg.template == "chat" else None
         for notice in check_prompts(prompt_sets[0][0], cfg.template, chat):
             print(notice, file=sys.stderr)
@@ -196,6 +198,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
         model, tokenizer = models.load(cfg.model, seed=cfg.seed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                        trust_remote_code=cfg.trust_remote_code, tokenizer=loaded)
         model.to(device)
+    with_chat_options(tokenizer, cfg.chat_template_kwargs)
     positions.check_loaded(prompt_sets, cfg.template, model, tokenizer)
     engine = make_engine(cfg.engine, model, tokenizer, batch_size=cfg.batch_size)
     params = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,

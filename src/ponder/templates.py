@@ -53,6 +53,14 @@ def require_chat_template(tokenizer) -> None:
         raise UserError("template 'chat' needs a tokenizer with a chat template; use the r1_zero or plain template (data.template; ponder sample: template; ponder eval: --template)")
 
 
+def with_chat_options(tokenizer, options: dict | None):
+    """The tokenizer, its chat template rendered with `options` from now on (model.chat_template_kwargs: Qwen3's
+    {enable_thinking: false}); the tokenizer is returned for chaining."""
+    if options:
+        tokenizer.ponder_chat_kwargs = dict(options)
+    return tokenizer
+
+
 def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The chat template's text of `messages`. Its own error (jinja's TemplateError: `raise_exception` in the
     template, as Gemma's refuses a system turn and Llama's turns that do not alternate, or the template's syntax) is
@@ -62,7 +70,8 @@ def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = Fal
     except ImportError:  # transformers renders with jinja: without it no template ran, so none of its errors to name
         TemplateError = TemplateSyntaxError = ()
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **getattr(tokenizer, "ponder_chat_kwargs", {}))
     except TemplateError as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if isinstance(e, TemplateSyntaxError):  # broken whatever it is given: not the data's doing

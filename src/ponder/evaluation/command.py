@@ -13,6 +13,7 @@ from pathlib import Path
 from ponder.errors import UserError
 from ponder.files import blocked, blocking_file, make_dir, write_atomic
 from ponder.metrics import DEFAULT_REFLECTION_WORDS
+from ponder.templates import with_chat_options
 
 FIGURE_LABELS = {
     "problems": "problems", "scored_problems": "scored (gold parses)", "pass@1": "pass@1", "pass@1_ci": "pass@1 95% CI",
@@ -20,6 +21,17 @@ FIGURE_LABELS = {
     "mean_score": "mean score", "answer_rate": "answered", "format_rate": "format", "mean_length": "length (tokens)",
     "truncation_rate": "truncated", "reflection_rate": "reflection", "mixing_rate": "language mixing",
 }
+
+
+def _json_object(text: str) -> dict:
+    """--chat-template-kwargs: a JSON object, else argparse's one line naming the option."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; give one, e.g. '{{\"enable_thinking\": false}}'")
+    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -42,6 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="problems per task (default: the task's own)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option for every task, repeatable")
     p.add_argument("--template", default="r1_zero", help="prompt template: r1_zero, plain or chat")
+    p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help='options of the chat template (--template chat), e.g. \'{"enable_thinking": false}\' for Qwen3')
     p.add_argument("--extract", default="tags_or_boxed", help="answer extraction: tags_or_boxed, tags, boxed or none")
     p.add_argument("--stop", nargs="*", default=["</answer>"], metavar="TEXT",
                    help="stop strings, kept in the answer (default: </answer>; --stop alone: none, as a recipe's empty rollout.stop)")
@@ -107,7 +121,8 @@ def run(args) -> int:
             rows = [dict(ex, eval_group=name) for ex in rows]
         examples += rows
     # prompts under the template before the model loads (minutes for a large one); the tokenizer loads in a moment
-    tokenizer = functools.cache(lambda: models.load_tokenizer(args.model, args.trust_remote_code))
+    tokenizer = functools.cache(lambda: with_chat_options(models.load_tokenizer(args.model, args.trust_remote_code),
+                                                          args.chat_template_kwargs))
     chat = tokenizer() if args.template == "chat" else None
     for notice in check_prompts(examples, args.template, chat):
         print(notice, file=sys.stderr)
@@ -118,6 +133,7 @@ def run(args) -> int:
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     loaded = tokenizer() if tokenizer.cache_info().currsize else None
     model, tokenizer = models.load(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code, tokenizer=loaded)
+    with_chat_options(tokenizer, args.chat_template_kwargs)
     positions.check_loaded(unchecked, args.template, model, tokenizer)
     model.to(device)
     result = evaluate(

@@ -481,6 +481,9 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
     with reading(last) if from_checkpoint else contextlib.nullcontext():
         model, tok = load(source, seed=seed, dtype=first, trust_remote_code=getattr(model_cfg, "trust_remote_code", False),
                           tokenizer=tokenizer)
+    from ponder.templates import with_chat_options
+
+    with_chat_options(tok, getattr(model_cfg, "chat_template_kwargs", None))
     if precision is not None:
         model = to_dtype(model, precision(model))  # auto: decided by the model's size, before it takes device memory
     if model_cfg.gradient_checkpointing is True:  # "auto" is the GRPO memory plan's to decide (ponder.rl.memory_plan)

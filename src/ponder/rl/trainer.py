@@ -44,7 +44,7 @@ from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_we
 from ponder.rollout import SamplingParams, completion_texts, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
 from ponder.tasks import PromptSampler, check_prompts, load_examples, mix, prompt_key
-from ponder.templates import TEMPLATES, encoded_prompt, render, require_chat_template
+from ponder.templates import TEMPLATES, encoded_prompt, render, require_chat_template, with_chat_options
 
 # prompts the first memory plan encodes to find the data's longest (tokens per character vary little within a task)
 LONGEST_BY_CHARS = 64
@@ -507,7 +507,8 @@ class GRPOTrainer:
         config was not at hand; else None."""
         cfg, r, e = self.cfg, self.cfg.rollout, self.cfg.eval
         source = str(last) if last is not None and cfg.model.lora is None else cfg.model.path  # as load_trainable's
-        tokenizer = functools.cache(lambda: models.load_tokenizer(source, cfg.model.trust_remote_code))  # when needed
+        tokenizer = functools.cache(lambda: with_chat_options(models.load_tokenizer(source, cfg.model.trust_remote_code),
+                                                              cfg.model.chat_template_kwargs))  # when needed
         self._data_tokenizer = tokenizer  # the model's loading takes it, if it was needed (not loaded twice)
         chat = tokenizer() if cfg.data.template == "chat" else None  # a text template renders without one
         if chat is not None:  # the data's own prompts judge the chat template (check_prompts, below): one made up

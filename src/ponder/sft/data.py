@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ponder.errors import UserError
 from ponder.tasks import chat_messages_problem
-from ponder.templates import chat_text, encoded_prompt, one_of_each_shape, require_chat_template
+from ponder.templates import chat_text, encoded_prompt, one_of_each_shape, require_chat_template, with_chat_options
 
 
 @dataclass
@@ -184,7 +184,8 @@ def check_template(rows: list[dict], cfg):
     from ponder import models
 
     d = cfg.data
-    tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer = with_chat_options(models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code),
+                                  cfg.model.chat_template_kwargs)
     # a conversation's roles end with the assistant's turn, a prompt's with the user's: the two never share a shape
     for row in one_of_each_shape(rows, lambda row: row.get("messages", row.get("prompt"))):
         encode(row, tokenizer, d.template, d.add_eos)
