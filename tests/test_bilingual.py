@@ -191,7 +191,8 @@ def test_language_reward_scores_a_mixed_chain_below_a_pure_one_in_both_direction
     # tags and names of a language, as datasets write them: a zh-CN column read as English trained toward English
     assert lang([ZH] * 5, prompts=["p"] * 5, target=["zh-CN", "zh_Hans", "ZH", "Chinese", "en-US"]) == [1.0] * 4 + [0.0]
     assert lang([ZH], prompts=["p"], target="zh-TW") == [1.0]
-    for other in ("fr-FR", "pt_BR"):
+    assert lang([ZH], prompts=["p"], target=["Simplified Chinese"]) == [1.0]
+    for other in ("fr-FR", "pt_BR", "Spanish", "chinesisch"):
         with pytest.raises(UserError, match=rf"^target language '{other}' is not supported; choose one of: en, zh$"):
             lang([EN], prompts=["p"], target=[other])
     assert lang([EN, EN], prompts=["p"] * 2, target=[24, "24"]) == [1.0, 1.0]  # Countdown's number: no language, English

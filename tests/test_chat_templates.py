@@ -634,7 +634,7 @@ def test_generation_stops_at_the_tokenizers_eos_and_the_chat_templates_end_of_tu
     assert models.load(str(tmp_path / "saved"))[0].generation_config.eos_token_id == [5, tok.eos_token_id, end]
 
 
-def test_a_tokenizer_larger_than_the_models_embedding_is_one_line(tmp_path, error_line):
+def test_a_tokenizer_larger_than_the_models_embedding_is_one_line(tmp_path, error_line, capsys):
     """Tokens added (a pad, think tags) without resize_token_embeddings: torch.embedding's IndexError at the first
     such id, in a traceback."""
     from ponder.models.tiny import tiny_random
@@ -644,10 +644,19 @@ def test_a_tokenizer_larger_than_the_models_embedding_is_one_line(tmp_path, erro
     model.save_pretrained(tmp_path / "m")
     t.save_pretrained(tmp_path / "m")
     rows = model.get_input_embeddings().num_embeddings
+    capsys.readouterr()  # (save_pretrained's progress bars)
     assert error_line("eval", "--model", str(tmp_path / "m"), "--tasks", "arithmetic", "--n", "2") == (
-        f"ponder: error: the tokenizer of '{tmp_path / 'm'}' has {rows + 2} tokens and the model's embedding {rows} rows: "
-        "tokens were added without resizing it; call model.resize_token_embeddings(len(tokenizer)) and save_pretrained "
-        "both, or use the tokenizer the model was trained with")
+        f"ponder: error: the tokenizer of '{tmp_path / 'm'}' has ids up to {rows + 1} ('</think>') and the model's "
+        f"embedding {rows} rows: tokens were added without resizing it; call model.resize_token_embeddings(len(tokenizer)) "
+        "and save_pretrained both, or use the tokenizer the model was trained with")
+    # a special token no text encodes to may lie past the embedding (Gemma 3's <image_soft_token>): it loads
+    from ponder import models
+
+    model, t = tiny_random()
+    t.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    model.save_pretrained(tmp_path / "g")
+    t.save_pretrained(tmp_path / "g")
+    assert len(models.load(str(tmp_path / "g"))[1]) == rows + 1
 
 
 def test_think_and_answer_tags_made_special_tokens_stay_in_decoded_completions():
@@ -710,6 +719,11 @@ def test_chat_template_options_reach_every_rendering(tmp_path, smoke_cfg, capsys
     assert sft.tokenizer.decode(seen[0]).endswith("[user]3+4[assistant]<think></think>")
     from ponder.cli import main
 
+    assert main(["eval", "--model", model, "--tasks", f"jsonl:{tmp_path / 'd.jsonl'}", "--k", "1", "--max-tokens", "2",
+                 "--template", "chat", "--chat-template-kwargs", '{"enable_thinking": false}', "--out", str(tmp_path / "e")]) == 0
+    done = json.loads((tmp_path / "e" / "results.json").read_text())  # in the settings: --compare tells the two modes apart
+    assert done["settings"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert json.loads((tmp_path / "e" / "samples.jsonl").read_text().splitlines()[0])["prompt"] == "3+4"
     with pytest.raises(SystemExit) as stop:  # argparse's own line, before anything loads
         main(["eval", "--model", model, "--tasks", "arithmetic", "--chat-template-kwargs", "enable_thinking"])
     assert stop.value.code == 2

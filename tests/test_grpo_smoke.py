@@ -412,6 +412,9 @@ def test_dynamic_sampling_keeps_groups_by_their_correctness_not_a_shaping_term(s
     assert not t._varies(group([0.0] * 4, [0.0, -0.1, 0.0, 0.0]))  # all wrong
     assert t._varies(group([1.0, 0.0, 1.0, 1.0], [0.0] * 4))
     assert t._varies(group([None] * 4, [0.0, -0.1, 0.0, 0.0]))  # accuracy does not apply to the task: the total decides
+    # a math and code mix: each group by the correctness reward that applies to it
+    code = Group({}, [], [], [1.0, 0.9, 1.0, 0.8], {"accuracy": [None] * 4, "code": [1.0] * 4, "overlong": [0, -.1, 0, -.2]})
+    assert not t._varies(code)
     t.cfg.algorithm.dynamic_sampling_by = "overlong"
     assert t._varies(group([1.0] * 4, [0.0, -0.1, 0.0, -0.3]))
 
@@ -424,6 +427,13 @@ def test_dynamic_sampling_keeps_groups_by_their_correctness_not_a_shaping_term(s
                                   "algorithm.max_resample_rounds=2", *extra))
         steps[by] = t.step()["groups_generated"]
     assert steps == {"test_constant": 6, None: 2}  # without it the run has no accuracy reward: the total decides
+    # every group dropped: the last ones are trained on with zero advantage, not their shaping term's scaled up
+    t = GRPOTrainer(smoke_cfg("name=ds-none", "train.steps=1", "train.save_every=0", "rollout.prompts_per_step=2",
+                              "rewards={test_constant: 1.0, test_char_hash: 0.01}", "algorithm.dynamic_sampling=true",
+                              "algorithm.dynamic_sampling_by=test_constant", "algorithm.max_resample_rounds=0"))
+    kept, everything, _ = t.collect()
+    assert len(kept) == 2 and len({r for g in kept for r in g.rewards}) > 1  # the totals differ ...
+    assert all(s.advantage == 0.0 for g in kept for s in g.samples)  # ... and no advantage comes of it
 
 
 def test_dynamic_sampling_by_must_name_one_of_the_runs_rewards(error_line, tmp_path):

@@ -544,6 +544,19 @@ def test_a_finished_run_resumed_keeps_its_evaluation_and_logs_nothing_again(tmp_
         k: v for k, v in last.items() if k != "time"}
     assert main([*args, "--resume"]) == 0  # and once logged, not again
     assert len((run / "metrics.jsonl").read_text().splitlines()) == len(lines)
+    # resumed to run on, its earlier end's file goes at once: a stop in the later end's evaluation left it, and the next
+    # resume logged those figures as the later step's, the model of that step never evaluated
+    from ponder.config import load_config
+    from ponder.rl.trainer import GRPOTrainer
+    from ponder.sft.config import load_sft_config
+    from ponder.sft.trainer import SFTTrainer
+
+    more = [a for a in args[2:] if not a.startswith("train.steps=")] + ["train.steps=3"]
+    if command == "train":
+        GRPOTrainer(load_config(recipe, more), resume=True)
+    else:
+        SFTTrainer(load_sft_config(recipe, more), resume=True)
+    assert not (run / "eval_after.json").exists()
 
 
 def test_a_finished_run_without_eval_tasks_resumed_says_it_is_complete(tmp_path, capsys):

@@ -63,8 +63,8 @@ def test_grpo_resume_refuses_changed_prompts_unless_allowed(capsys, tmp_path, er
     write("*")
     assert error_line(*base, "train.steps=2", "--resume") == (
         f"ponder: error: --resume: the prompts of data.tasks differ from those the run in {tmp_path / 'd'} trained on (a "
-        "task file or dataset changed since); pass --allow-changes to continue on the new prompts, or start a new run "
-        "(name=...)")
+        "task file or dataset changed since, or how a weight draws: weight x n examples since 2026-12-07); pass "
+        "--allow-changes to continue on the new prompts, or start a new run (name=...)")
     assert [p.name for p in (tmp_path / "d" / "checkpoints").iterdir()] == ["step-1"]
     assert main(base + ["train.steps=2", "--resume", "--allow-changes"]) == 0
     samples = [json.loads(l) for l in (tmp_path / "d" / "samples.jsonl").read_text().splitlines()]

@@ -95,7 +95,8 @@ class AlgoConfig:
     ratio: Literal["token", "sequence"] = "token"
     beta: float = 0.0  # KL coefficient; 0 builds no reference model
     # the KL term's per-token estimate, in the loss: k3 exp(d) - d - 1 (DeepSeekMath, R1), k2 d^2 / 2 (its gradient is
-    # the KL's own on-policy), k1 -d; d = ref - logp (ponder.rl.losses.kl_estimate)
+    # the KL's own on-policy), k1 -d (as a loss its expected gradient is 0 on-policy: it logs the KL, it hardly pulls
+    # toward the reference); d = ref - logp (ponder.rl.losses.kl_estimate)
     kl_estimator: Literal["k3", "k2", "k1"] = "k3"
     ref_reset_every: int = 0  # replace the reference by the current policy every N steps (R1: 400); 0: never
     mu: int = 1  # passes over each batch of rollouts (old log-probs kept when > 1)

@@ -72,6 +72,8 @@ def evaluate(
         engine=engine_name(eng), greedy=greedy, seed=seed, stop=list(stop), extract=extract,
         reflection_words=list(reflection_words), batch_size=batch_size, n_boot=n_boot,
     )
+    if template == "chat" and getattr(tokenizer, "ponder_chat_kwargs", None):  # a thinking and a non-thinking Qwen3
+        settings["chat_template_kwargs"] = dict(tokenizer.ponder_chat_kwargs)  # evaluation are not the same settings
     encoded = [encoded_prompt(template, ex["prompt"], tokenizer) for ex in examples]
     prompts, opened = [ids for ids, _ in encoded], [o for _, o in encoded]
     sample_params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=tuple(stop))

@@ -266,15 +266,24 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
 
 def check_vocabulary(model, tok, where) -> None:
     """A tokenizer with ids past the model's embedding (tokens added, a pad or think tags, without
-    resize_token_embeddings) failed at the first such id inside torch.embedding, in a traceback."""
+    resize_token_embeddings) failed at the first such id inside torch.embedding, in a traceback. The ids counted are
+    those a run feeds: BOS, EOS, padding, tokens added as text, and the think/answer tags' encoding; a special token
+    no text encodes to may lie past it (Gemma 3's <image_soft_token> is id 262,144 of 262,144 rows)."""
+    from ponder.rollout import TAGS
+
     try:
         rows = model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
         return
-    if len(tok) > rows:
-        raise UserError(f"the tokenizer of '{where}' has {len(tok)} tokens and the model's embedding {rows} rows: tokens "
-                        "were added without resizing it; call model.resize_token_embeddings(len(tokenizer)) and "
-                        "save_pretrained both, or use the tokenizer the model was trained with")
+    used = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    used |= {i for i, t in (getattr(tok, "added_tokens_decoder", {}) or {}).items() if not getattr(t, "special", False)}
+    used |= set(tok.encode(" ".join(TAGS), add_special_tokens=False))
+    past = sorted(i for i in used if isinstance(i, int) and i >= rows)
+    if past:
+        raise UserError(f"the tokenizer of '{where}' has ids up to {max(past)} ({tok.convert_ids_to_tokens(max(past))!r}) "
+                        f"and the model's embedding {rows} rows: tokens were added without resizing it; call "
+                        "model.resize_token_embeddings(len(tokenizer)) and save_pretrained both, or use the tokenizer "
+                        "the model was trained with")
 
 
 def complete_ends(model, tok) -> list[str]:

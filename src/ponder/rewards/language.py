@@ -63,22 +63,25 @@ _NAMES = {"english": "en", "chinese": "zh", "mandarin": "zh"}
 
 
 def language_code(value) -> str | None:
-    """en or zh for a tag or name of one (zh-CN, zh_Hans, EN-us, Chinese), else None."""
+    """en or zh for a tag or name of one (zh-CN, zh_Hans, EN-us, Chinese, Simplified Chinese), else None."""
     if not isinstance(value, str):
         return None
     text = value.strip().lower()
-    code = _NAMES.get(text) or (re.split(r"[-_]", text)[0] if _TAG.fullmatch(text) else None)
-    return code if code in TARGETS else None
+    if _TAG.fullmatch(text):
+        code = re.split(r"[-_]", text)[0]
+        return code if code in TARGETS else None
+    words = set(re.findall(r"[a-z]+", text))
+    return next((code for name, code in _NAMES.items() if name in words), None)
 
 
 def example_language(value, default: str = "en") -> str:
     """The target language an example's `target` column asks for: en or zh, by tag or name (a `zh-CN` column read
-    as English trained a Chinese dataset toward English). Anything that is no language (Countdown's numeric target,
-    a missing column) means `default`; a tag of another language is an error."""
+    as English trained a Chinese dataset toward English). A number or no value (Countdown's numeric target, a
+    missing column) means `default`; any other text that names no language of TARGETS is an error."""
     code = language_code(value)
     if code:
         return code
-    if isinstance(value, str) and _TAG.fullmatch(value.strip()):
+    if isinstance(value, str) and re.search(r"[^\W\d_]", value):  # letters: meant as a language, not a number
         raise UserError(f"target language '{value}' is not supported; choose one of: {', '.join(TARGETS)}")
     return default
 

@@ -87,8 +87,8 @@ class GRPOTrainer:
         if saved is not None and saved != self.data_hash and not allow_changes:
             # the sampler's place counts prompts of the data the run began with: on other rows it draws other prompts
             raise UserError(f"--resume: the prompts of data.tasks differ from those the run in {self.run_dir} trained "
-                            "on (a task file or dataset changed since); pass --allow-changes to continue on the new "
-                            "prompts, or start a new run (name=...)")
+                            "on (a task file or dataset changed since, or how a weight draws: weight x n examples since "
+                            "2026-12-07); pass --allow-changes to continue on the new prompts, or start a new run (name=...)")
         self.sampler = PromptSampler(self.examples, cfg.seed)
 
         self.sharding = sharding.resolve(cfg.train.sharding, self.world, cfg.train.offload)
@@ -135,6 +135,8 @@ class GRPOTrainer:
             if not resume:  # the directory of an attempt that saved nothing, started again: its evaluations are not
                 for stale in ("eval_before.json", "eval_after.json"):  # this run's (the report showed them)
                     (self.run_dir / stale).unlink(missing_ok=True)
+            elif self.step_no < cfg.train.steps:  # an earlier end's final figures: a stop in this end's evaluation
+                (self.run_dir / "eval_after.json").unlink(missing_ok=True)  # would log them as this end's on resume
             checkpoint.remove_unfinished(self.ckpt_dir)
             write_atomic(self.run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0, enabled=self.rank == 0,
@@ -318,21 +320,26 @@ class GRPOTrainer:
             groups = self.rollout(examples, round_no, timing) if examples else []
             everything += groups
             kept += [g for g in groups if not a.dynamic_sampling or self._varies(g)]
-        if not kept:  # every group was uniform: train on them anyway (zero advantage, zero gradient)
+        uniform = not kept
+        if uniform:  # no group carried a signal: train on them anyway, with zero advantage (zero gradient)
             kept = everything[-want:]
         kept = kept[:want]
         assign_advantages(kept, a.advantage)  # once the batch is whole: batch_std scales by all of it
+        if uniform and a.dynamic_sampling:  # (their totals may differ by a shaping term alone, which group_std would
+            for g in kept:  # scale up to full-size advantages: what dynamic sampling drops the groups for)
+                for s in g.samples:
+                    s.advantage = 0.0
         return kept, everything, timing
 
     def _varies(self, g: Group) -> bool:
         """Whether dynamic sampling keeps a group: its correctness reward differs within it (DAPO drops the prompts
         answered all right or all wrong). On the total, a shaping term alone (length, format) kept an all-right group,
         whose std-scaled advantages then blew that term up to full size."""
-        a = self.cfg.algorithm
-        name = a.dynamic_sampling_by or next((n for n in ("accuracy", "code") if n in self.cfg.rewards), None)
-        values = g.per_fn.get(name) if name else None
-        if values is None or all(v is None for v in values):  # (the reward does not apply to this prompt's task)
-            values = g.rewards
+        by = self.cfg.algorithm.dynamic_sampling_by
+        names = [by] if by else ["accuracy", "code"]
+        # the first that applies to this prompt's task (a math and code mix: accuracy for one, code for the other)
+        values = next((g.per_fn[n] for n in names if n in g.per_fn and any(v is not None for v in g.per_fn[n])),
+                      g.rewards)
         return len(set(values)) > 1
 
     def rollout(self, examples: list[dict], round_no: int, timing: dict) -> list[Group]:

@@ -144,7 +144,7 @@ def decode_texts(tokenizer, token_lists: list[list[int]]) -> list[str]:
 
     drop, skip = _special_ids_but_tags(tokenizer), True
     if drop is not None:
-        token_lists, skip = [[t for t in ids if t not in drop] for ids in token_lists], False
+        token_lists, skip = [_without(ids, drop) for ids in token_lists], False
     backend = getattr(tokenizer, "_tokenizer", None)
     if (isinstance(tokenizer, PreTrainedTokenizerFast) and hasattr(backend, "decode_batch")
             and not tokenizer.clean_up_tokenization_spaces
@@ -152,6 +152,17 @@ def decode_texts(tokenizer, token_lists: list[list[int]]) -> list[str]:
             and type(tokenizer)._decode is PreTrainedTokenizerFast._decode):
         return backend.decode_batch(token_lists, skip_special_tokens=skip)
     return [tokenizer.decode(t, skip_special_tokens=skip) for t in token_lists]
+
+
+def _without(ids: list[int], drop: set[int]) -> list[int]:
+    """ids less those in `drop`: the trailing ones (EOS, padding) cut off, the rest looked at one by one only where
+    some remain (a set's isdisjoint runs in C: 256 completions of 512 tokens took a third longer to decode when
+    every token was looked at)."""
+    end = len(ids)
+    while end and ids[end - 1] in drop:
+        end -= 1
+    kept = ids[:end]
+    return kept if drop.isdisjoint(kept) else [t for t in kept if t not in drop]
 
 
 def decode_text(tokenizer, ids: list[int]) -> str:

@@ -89,6 +89,8 @@ class SFTTrainer:
         if self.state is not None:
             checkpoint.restore_training(self, self.state, last)
         make_dir(self.run_dir, "output_dir/name")
+        if self.step_no < self.total_steps:  # an earlier end's final figures (a resume with more steps or epochs): a
+            (self.run_dir / "eval_after.json").unlink(missing_ok=True)  # stop in this end's evaluation would log them
         checkpoint.remove_unfinished(self.ckpt_dir)
         write_atomic(self.run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.step_no if resume else 0,
