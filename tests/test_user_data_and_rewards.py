@@ -592,3 +592,26 @@ def test_hf_column_options_of_the_wrong_kind_are_one_line_and_one_metadata_colum
         with pytest.raises(UserError) as e:
             load(**options)
         assert str(e.value) == f"task 'hf': {line}"
+
+
+def test_max_prompt_tokens_leaves_out_long_prompts_and_says_how_many(tmp_path, smoke_cfg, error_line, capsys):
+    """data.max_prompt_tokens (verl's filter_overlong_prompts): a data set with a few very long questions needed
+    cleaning by hand, or stopped the run at its position check."""
+    from ponder.rl.trainer import GRPOTrainer
+    from ponder.templates import encoded_prompt
+
+    rows = ["1+1", "2+2", "3" * 200, "4+4" * 30]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": "2"}) + "\n" for p in rows))
+    task = f"data.tasks=[{{name: jsonl, path: {path}}}]"
+    t = GRPOTrainer(smoke_cfg("name=all", task, "rollout.prompts_per_step=2"))
+    lengths = [len(encoded_prompt("plain", p, t.tokenizer)[0]) for p in rows]
+    assert lengths == [3, 3, 200, 90]  # the smoke recipe's plain template, one token a character
+    t = GRPOTrainer(smoke_cfg("name=some", task, "rollout.prompts_per_step=2", "data.max_prompt_tokens=90"))
+    assert [ex["prompt"] for ex in t.examples] == ["1+1", "2+2", "4+4" * 30]
+    assert ("ponder: data.max_prompt_tokens=90: 1 of 4 training prompts are longer under the plain template (the longest "
+            "200 tokens) and are left out") in t.start_notices
+    capsys.readouterr()
+    assert error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", task, "data.max_prompt_tokens=2") == (
+        "ponder: error: data.max_prompt_tokens=2 leaves no prompt: the shortest has 3 tokens under the plain template; "
+        "raise it, or unset it")

@@ -59,6 +59,9 @@ class TaskSpec:
 class DataConfig:
     tasks: list[TaskSpec] = field(default_factory=lambda: [TaskSpec()])
     template: str = "r1_zero"  # ponder.templates: r1_zero | plain | chat
+    # leave out training prompts longer than this many tokens under the template (verl's filter_overlong_prompts: a
+    # long question leaves its answers no room); told at start. None: keep every prompt
+    max_prompt_tokens: Optional[int] = None
 
 
 @dataclass
@@ -702,6 +705,8 @@ def validate(cfg) -> None:
     if not cfg.data.tasks:
         raise UserError("config data.tasks is empty; name at least one task")
     check_tasks("data.tasks", cfg.data.tasks)
+    need(cfg.data.max_prompt_tokens is None or cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens",
+         cfg.data.max_prompt_tokens, "at least 1, or null (every prompt)")
     check_tasks("eval.tasks", e.tasks, unique=True)
     check_lora(cfg.model)
     if not cfg.rewards:

@@ -504,6 +504,20 @@ class GRPOTrainer:
                 for g, j in picks[:k]]
 
     # ---------------------------------------------------------------- set-up and state
+    def _drop_long_prompts(self, tokenizer) -> list[str]:
+        """data.max_prompt_tokens: the training examples whose prompt under the template has at most that many tokens
+        (encoded as the rollouts encode it, in one batch); the notice of those left out."""
+        limit, template = self.cfg.data.max_prompt_tokens, self.cfg.data.template
+        texts = [render(template, ex["prompt"], tokenizer) for ex in self.examples]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=template != "chat").input_ids]
+        kept = [ex for ex, n in zip(self.examples, lengths) if n <= limit]
+        if not kept:
+            raise UserError(f"data.max_prompt_tokens={limit} leaves no prompt: the shortest has {min(lengths)} tokens under "
+                            f"the {template} template; raise it, or unset it")
+        dropped, self.examples = len(self.examples) - len(kept), kept
+        return [f"ponder: data.max_prompt_tokens={limit}: {dropped} of {len(lengths)} training prompts are longer under the "
+                f"{template} template (the longest {max(lengths)} tokens) and are left out"] if dropped else []
+
     def _load_data(self, last) -> list[tuple] | None:
         """Load the rewards and the examples, and check them with what loads in a moment, before the model (minutes for
         a large one): the template (a name ponder knows; `chat`, a tokenizer with a chat template, which renders one
@@ -524,6 +538,7 @@ class GRPOTrainer:
             render(cfg.data.template, "1 + 1 = ?")  # a template name ponder knows
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
+        left_out = self._drop_long_prompts(tokenizer()) if cfg.data.max_prompt_tokens else []
         # every step passes every column of the data (None where a row has none), not those of its batch: a reward
         # reading a column that one task's rows lack failed at the first batch without them, hours in
         self.column_names = _columns(self.examples)
@@ -536,7 +551,7 @@ class GRPOTrainer:
             self.start_notices.append(f"ponder: {setting} decodes greedily: a prompt's {r.group_size} answers are alike, "
                                       "so every group's rewards are equal and GRPO learns nothing; sample with a "
                                       "temperature above 0 (R1-Zero: 1.0)")
-        self.start_notices += ratio_notices(cfg.algorithm)
+        self.start_notices += ratio_notices(cfg.algorithm) + left_out
         new_tokens = (e.max_new_tokens, "eval.max_new_tokens") if e.max_new_tokens else (r.max_new_tokens, "rollout.max_new_tokens")
         prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
                        *((examples, *new_tokens) for examples in self.eval_examples)]
