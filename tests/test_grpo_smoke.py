@@ -472,3 +472,23 @@ def test_truncated_importance_sampling_weighs_tokens_by_the_engines_probabilitie
     assert capped["rollout_is/mean"] == pytest.approx(3.0, rel=1e-4) and capped["rollout_is/capped_frac"] == 1.0
     assert capped["loss"] == pytest.approx(2 * plain["loss"], rel=1e-4, abs=1e-7)
     assert off["loss"] == pytest.approx(plain["loss"] / 3, rel=1e-4, abs=1e-7)
+
+
+def test_a_soft_reference_update_mixes_the_policy_in(smoke_cfg, error_line, tmp_path):
+    """algorithm.ref_mix (TR-DPO, TRL's ref_model_mixup_alpha): at each reset the reference moves that share of the way
+    to the policy, where R1's reset replaces it."""
+    from ponder.rl.trainer import GRPOTrainer
+
+    t = GRPOTrainer(smoke_cfg("name=mix", "train.steps=1", "train.save_every=0", "rollout.prompts_per_step=4",
+                              "algorithm.beta=0.04", "algorithm.ref_reset_every=1", "algorithm.ref_mix=0.25",
+                              "optim.lr=0.05", "rewards={test_char_hash: 1.0}"))
+    before = {k: v.clone() for k, v in t.ref.state_dict().items()}
+    t.step()
+    policy, moved = t.model.state_dict(), 0
+    for name, r in t.ref.state_dict().items():
+        torch.testing.assert_close(r, 0.75 * before[name] + 0.25 * policy[name], rtol=1e-6, atol=1e-7)
+        moved += not torch.equal(r, policy[name])
+    assert moved  # not replaced
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "algorithm.ref_mix=0.5")
+    assert line == ("ponder: error: config algorithm.ref_mix applies at each reference reset: set algorithm.beta above 0 "
+                    "and algorithm.ref_reset_every too, or leave ref_mix at 1")

@@ -102,6 +102,9 @@ class AlgoConfig:
     # toward the reference); d = ref - logp (ponder.rl.losses.kl_estimate)
     kl_estimator: Literal["k3", "k2", "k1"] = "k3"
     ref_reset_every: int = 0  # replace the reference by the current policy every N steps (R1: 400); 0: never
+    # at each reset the reference becomes ref_mix x policy + (1 - ref_mix) x reference (TR-DPO; TRL's
+    # ref_model_mixup_alpha, 0.6); 1: replaced by the policy (R1)
+    ref_mix: float = 1.0
     mu: int = 1  # passes over each batch of rollouts (old log-probs kept when > 1)
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many mini-batches)
     dynamic_sampling: bool = False  # DAPO: drop groups answered all right or all wrong, draw more prompts
@@ -679,6 +682,13 @@ def validate(cfg) -> None:
     need(a.eps_high >= 0, "algorithm.eps_high", a.eps_high, "0 or more")
     need(a.beta >= 0, "algorithm.beta", a.beta, "0 (no KL term) or more")
     need(a.ref_reset_every >= 0, "algorithm.ref_reset_every", a.ref_reset_every, "0 (never) or more")
+    need(0 < a.ref_mix <= 1, "algorithm.ref_mix", a.ref_mix, "in (0, 1] (the policy's share at each reset)")
+    if a.ref_mix < 1 and not (a.beta and a.ref_reset_every):
+        raise UserError("config algorithm.ref_mix applies at each reference reset: set algorithm.beta above 0 and "
+                        "algorithm.ref_reset_every too, or leave ref_mix at 1")
+    if a.ref_mix < 1 and cfg.model.lora is not None:
+        raise UserError("config algorithm.ref_mix below 1 needs full-parameter training: LoRA's two adapter matrices do "
+                        "not mix into the mix of their products; leave it at 1 (the reference replaced)")
     need(a.max_resample_rounds >= 0, "algorithm.max_resample_rounds", a.max_resample_rounds, "0 or more")
     need(a.rollout_is_cap is None or a.rollout_is_cap > 0, "algorithm.rollout_is_cap", a.rollout_is_cap,
          "above 0 (the most a token's weight may be; 2 is usual), or null (off)")

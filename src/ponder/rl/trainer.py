@@ -596,9 +596,16 @@ class GRPOTrainer:
             self.rollout_weights.refresh(self.model, self.device)
 
     def _maybe_reset_reference(self):
-        n = self.cfg.algorithm.ref_reset_every
-        if self.ref is not None and n and self.step_no % n == 0:
+        a = self.cfg.algorithm
+        if self.ref is None or not a.ref_reset_every or self.step_no % a.ref_reset_every:
+            return
+        if a.ref_mix >= 1:
             self.ref.load_state_dict(self.model.state_dict())  # R1: the reference follows the policy every 400 steps
+            return
+        policy = dict(self.model.named_parameters())
+        with torch.no_grad():  # TR-DPO's soft update: a share of the way toward the policy. By parameter, each once:
+            for name, r in self.ref.named_parameters():  # a state dict names a tied embedding twice (mixed twice)
+                r.lerp_(policy[name].detach().to(r.dtype), a.ref_mix)
 
     @stopping.whole()  # a SIGTERM meanwhile waits for the checkpoint (and what points at it) to be whole
     def save(self) -> None:
