@@ -213,13 +213,15 @@ def _check_options(fn, ref: str, opts: dict) -> None:
     the reward declares it reads is no option (overlong's completion_length given one was an int where the
     trainer's list goes: a traceback inside the reward), unless it has a default of its own (language's target)."""
     named = _named_options(fn)
-    defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values()} if named is not None else {}
+    if named is None:
+        return
+    defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values()}
     columns = {c for c in getattr(fn, "reads_columns", ()) if defaults.get(c, None) in (None, inspect.Parameter.empty)}
-    for key in opts if named is not None else ():
+    named -= columns
+    for key in opts:
         if key in columns:
             raise UserError(f"config rewards.{ref}: '{key}' is a column the reward reads from each example, not an "
                             "option; remove it from the recipe")
-        named -= columns
         if key not in named:
             close = difflib.get_close_matches(key, sorted(named), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
