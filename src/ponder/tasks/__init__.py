@@ -63,10 +63,12 @@ def difficulty_names(task: str, difficulty, levels) -> list[str]:
     return names
 
 
-def whole_number(task: str, key: str, value) -> int:
-    """An option that must be a whole number (a float or a text one failed in the draw, a traceback)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"task '{task}': {key} must be a whole number, got {value!r}")
+def whole_number(task: str, key: str, value, least: int | None = None) -> int:
+    """An option that must be a whole number, of at least `least` where given (a float or a text one failed in the
+    draw, a traceback)."""
+    if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+        bound = f" of at least {least}" if least is not None else ""
+        raise UserError(f"task '{task}': {key} must be a whole number{bound}, got {value!r}")
     return value
 
 

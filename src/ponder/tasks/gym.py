@@ -14,7 +14,7 @@ import json
 import re
 
 from ponder.errors import UserError
-from ponder.tasks import Task, register
+from ponder.tasks import Task, register, whole_number
 
 SPLITS = ("train", "test", "validation")
 DEFAULT_SIZE = 1000  # questions a draw holds unless options.size says (train and test splits alike)
@@ -59,9 +59,9 @@ class ReasoningGym(Task):
         # `n`: a test set of 50 compared against 50 of the 1,000 questions trained on (and one of 200 against 1,000 of
         # 3,000), keeping the rest as held out. A fixed default, and n past it refused.
         size = DEFAULT_SIZE if size is None else size
-        for key, value, least in (("size", size, 1), ("dataset_seed", dataset_seed, 0)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise UserError(f"task 'reasoning_gym': options.{key} must be a whole number of at least {least}, got {value!r}")
+        whole_number(self.name, "options.size", size, least=1)
+        if dataset_seed is not None:
+            whole_number(self.name, "options.dataset_seed", dataset_seed, least=0)
         if n and n > size:
             raise UserError(f"task 'reasoning_gym': n={n} is more than the draw's size {size}; set options.size to at least "
                             f"{n}, the same for the train and test splits of these options (the test split leaves out "
