@@ -506,10 +506,9 @@ class GRPOTrainer:
     # ---------------------------------------------------------------- set-up and state
     def _drop_long_prompts(self, tokenizer) -> list[str]:
         """data.max_prompt_tokens: the training examples whose prompt under the template has at most that many tokens
-        (encoded as the rollouts encode it, in one batch); the notice of those left out."""
+        (templates.encoded_prompt, as the rollouts encode it); the notice of those left out."""
         limit, template = self.cfg.data.max_prompt_tokens, self.cfg.data.template
-        texts = [render(template, ex["prompt"], tokenizer) for ex in self.examples]
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=template != "chat").input_ids]
+        lengths = [len(encoded_prompt(template, ex["prompt"], tokenizer)[0]) for ex in self.examples]
         kept = [ex for ex, n in zip(self.examples, lengths) if n <= limit]
         if not kept:
             raise UserError(f"data.max_prompt_tokens={limit} leaves no prompt: the shortest has {min(lengths)} tokens under "
