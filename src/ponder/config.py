@@ -591,11 +591,16 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfig):
+def resolved(path: str | Path | None, overrides: list[str] = (), cls=RunConfig):
+    """The recipe at `path` (or the defaults) with the overrides applied, as a `cls`, types checked; ranges not."""
     data: dict = read_recipe(path) if path is not None else {}
     for ov in overrides:
         apply_override(data, ov)
-    cfg = build(cls, data)
+    return build(cls, data)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfig):
+    cfg = resolved(path, overrides, cls)
     validate(cfg)
     if hasattr(cfg, "run_dir") and hasattr(cfg, "name"):
         check_run_dir(cfg)

@@ -16,7 +16,7 @@ from functools import cache
 
 import yaml
 
-from ponder.config import apply_override, build, read_recipe, to_dict
+from ponder.config import resolved, to_dict
 
 # command -> (module, recipe class)
 KINDS = {
@@ -45,10 +45,7 @@ def resolve(kind: str, recipe: str | None, overrides: list[str]):
     if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
         recipe, overrides = None, [recipe, *overrides]
     module, name = KINDS[kind]
-    data = read_recipe(recipe) if recipe is not None else {}
-    for ov in overrides:
-        apply_override(data, ov)
-    return build(getattr(importlib.import_module(module), name), data)
+    return resolved(recipe, overrides, getattr(importlib.import_module(module), name))
 
 
 @cache
