@@ -286,29 +286,26 @@ def check_vocabulary(model, tok, where) -> None:
                         "the model was trained with")
 
 
-def complete_ends(model, tok) -> list[str]:
+def complete_ends(model, tok) -> None:
     """The tokens generation stops at, completed in the model's generation_config: its EOS ids, plus the tokenizer's
     EOS (a fine-tune that changed one and not the other: ponder sft ends its rows with the tokenizer's) and the special
     token the chat template closes a turn with (a base model's ChatML template ends turns with <|im_end|>, which a
     cold start on chat messages teaches, where its EOS is <|endoftext|>). Without them a model that had learnt to
-    stop ran on to the token limit. Saved checkpoints keep the list. Returns the tokens added."""
+    stop ran on to the token limit. Saved checkpoints keep the list."""
     from ponder.templates import end_of_turn
 
     config = getattr(model, "generation_config", None)
     if config is None:
-        return []
+        return
     eos = config.eos_token_id
     ids = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
-    added = []
-    turn = end_of_turn(tok)
-    for token in (tok.eos_token, turn):
+    known = len(ids)
+    for token in (tok.eos_token, end_of_turn(tok)):
         one = tok.convert_tokens_to_ids(token) if token else None
         if isinstance(one, int) and one != tok.unk_token_id and one not in ids:
             ids.append(one)
-            added.append(token)
-    if added:
+    if len(ids) > known:
         config.eos_token_id = ids if len(ids) > 1 else ids[0]
-    return added
 
 
 def to_dtype(model, dtype: torch.dtype):
