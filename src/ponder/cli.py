@@ -101,9 +101,11 @@ def _main(argv: list[str] | None) -> int:
         args.func(args)
         distributed.teardown()  # every rank done: leave together (its barrier fails if another rank stopped on an error)
     except UserError as e:
+        stopping.leaving()
         distributed.say_once(f"ponder: error: {e}")
         return 2
     except TrainingError as e:
+        stopping.leaving()
         distributed.say_once(f"ponder: training stopped: {e}")
         return 1
     except stopping.Terminated:
@@ -114,9 +116,11 @@ def _main(argv: list[str] | None) -> int:
         distributed.say_once(stopped(args.command))
         return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except KeyboardInterrupt:
+        stopping.leaving()
         print(stopped(args.command, "interrupted"), file=sys.stderr)
         return 130
     except Exception:
+        stopping.leaving()
         other = distributed.another_rank_stopped()
         if other is None:
             raise
@@ -129,6 +133,7 @@ def _main(argv: list[str] | None) -> int:
         distributed.say_once(OTHER_STOPPED)
         return 1
     finally:  # after an error or a stop: tell the other ranks why and leave (nothing to do after a clean end)
+        stopping.leaving()
         distributed.teardown(clean=False, why=why)
     return 0
 

@@ -47,6 +47,14 @@ def handle(signum, frame) -> None:
         _raise()
 
 
+def leaving() -> None:
+    """The command has said why it stops (an error's line, or another rank's) and is on its way out: a SIGTERM now,
+    torchrun's once another rank has exited, finds nothing to stop. Raised, it cut the group's teardown with a
+    traceback, or ran inside a weak reference's callback during its garbage collection ("Exception ignored in")."""
+    global _stopping
+    _stopping = True
+
+
 def _raise():
     global _stopping, _pending
     _stopping, _pending = True, False
