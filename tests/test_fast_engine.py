@@ -134,6 +134,25 @@ def test_hf_engine_ignores_the_checkpoints_sampling_settings():
     assert gc.repetition_penalty == 1.3 and gc.min_p == 0.2  # the model's own config is left as it was
 
 
+def test_hf_engine_samples_under_min_p_and_scores_the_processed_distribution():
+    """rollout.min_p reaches transformers' generate: every sampled token is at least min_p x the most likely one's
+    probability, and its log-probability is that of the distribution left after the cut."""
+    model = randomized(load("tiny-random-micro", seed=2)[0])
+    model.generation_config.eos_token_id = len(TOK) + 5
+    prompts = encode(PROMPTS)[:2]
+    params = SamplingParams(n=4, temperature=0.1, min_p=0.3, max_tokens=10, logprobs=True, seed=3)
+    for p, group in zip(prompts, HFEngine(model, TOK).generate(prompts, params)):
+        for c in group:
+            with torch.no_grad():
+                x = model(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1 : -1].float() / 0.1
+            probs = x.softmax(-1)
+            kept = probs >= 0.3 * probs.amax(-1, keepdim=True)
+            assert kept.gather(-1, torch.tensor(c.token_ids)[:, None]).all()
+            want = x.masked_fill(~kept, float("-inf")).log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            assert (kept.sum(-1) < x.shape[-1]).all()  # the cut dropped tokens at every step
+            torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
+
+
 def test_stop_strings_match_transformers():
     model = randomized(load("tiny-random-micro", seed=2)[0])
     model.generation_config.eos_token_id = len(TOK) + 5
@@ -224,14 +243,15 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return torch.special.gammaincc(df / 2, stat / 2).item()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (0.7, 6, 1.0), (1.3, 0, 0.8), (0.9, 8, 0.9)])
-def test_samples_follow_the_processed_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0), (0.6, 0, 1.0, 0), (0.7, 6, 1.0, 0), (1.3, 0, 0.8, 0),
+                                                          (0.9, 8, 0.9, 0), (1.0, 0, 1.0, 0.3), (1.2, 9, 0.95, 0.2)])
+def test_samples_follow_the_processed_distribution(temperature, top_k, top_p, min_p):
     cfg = dict(SMALL, vocab_size=12, initializer_range=0.15)
     model = seeded(0, lambda: LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False)))
     model.generation_config.eos_token_id = 99  # outside the vocabulary: every sample has 2 tokens
     prompt = [3, 5, 7]
     n = 3000
-    params = SamplingParams(n=n, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=2, seed=1)
+    params = SamplingParams(n=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=2, seed=1)
     (outs,) = FastEngine(model, TOK).generate([prompt], params)
     first = torch.tensor([c.token_ids[0] for c in outs])
 
@@ -248,13 +268,16 @@ def test_samples_follow_the_processed_distribution(temperature, top_k, top_p):
             keep = torch.zeros_like(p, dtype=torch.bool)
             keep[order[: int((mass < top_p).sum()) + 1]] = True
             x[~keep] = float("-inf")
+        if min_p:  # by hand: drop what is less likely than min_p x the most likely token
+            p = x.softmax(-1)
+            x[p < min_p * p.max()] = float("-inf")
         return x.softmax(-1)
 
     probs = expected(prompt)
     assert (probs > 0.05).sum() >= 3, "the test needs a spread-out distribution"
     assert chi2_pvalue(torch.bincount(first, minlength=12).double(), probs) > 1e-3
     # power: the same samples are rejected against the unprocessed distribution when it differs
-    if temperature != 1.0 or top_k or top_p < 1:
+    if temperature != 1.0 or top_k or top_p < 1 or min_p:
         with torch.no_grad():
             raw = model(input_ids=torch.tensor([prompt])).logits[0, -1].double().softmax(-1)
         counts = torch.bincount(first, minlength=12).double()
@@ -282,11 +305,17 @@ def test_cdf_sampler_follows_the_distribution_and_never_draws_excluded_tokens():
 
 
 def test_process_logits_matches_transformers_warpers():
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
 
     x = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
     ref = TopPLogitsWarper(0.85)(None, TopKLogitsWarper(20)(None, TemperatureLogitsWarper(0.8)(None, x.clone())))
     torch.testing.assert_close(process_logits(x, 0.8, 20, 0.85), ref)
+    for min_p in (0.05, 0.3):  # after top-k and top-p, in transformers' order; and alone
+        torch.testing.assert_close(process_logits(x, 0.8, 20, 0.85, min_p), MinPLogitsWarper(min_p)(None, ref.clone()))
+        alone = MinPLogitsWarper(min_p)(None, TemperatureLogitsWarper(1.3)(None, x.clone()))
+        torch.testing.assert_close(process_logits(x, 1.3, 0, 1.0, min_p), alone)
+        assert 1 < int(alone[0].isfinite().sum()) < 50  # the cut drops some tokens and keeps more than one
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "phi3-partial-rotary", "phi3-longrope"])

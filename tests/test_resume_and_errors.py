@@ -215,6 +215,7 @@ def test_pretrain_refuses_to_overwrite_a_model_before_training(error_line):
 RANGE_ERRORS = [  # (command line, the line a user sees)
     (["rollout.temperature=-1"], "config rollout.temperature must be 0 (greedy) or more; got -1"),
     (["rollout.top_p=2"], "config rollout.top_p must be in (0, 1]; got 2"),
+    (["rollout.min_p=1"], "config rollout.min_p must be in [0, 1) (0: off; a share of the most likely token's probability); got 1"),
     (["rollout.max_new_tokens=0"], "config rollout.max_new_tokens must be at least 1; got 0"),
     (["rollout.prompts_per_step=0"], "config rollout.prompts_per_step must be at least 1; got 0"),  # was a traceback
     (["algorithm.eps_low=-1"], "config algorithm.eps_low must be in [0, 1) (the ratio is clipped below at 1 - eps_low); got -1"),

@@ -73,6 +73,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off; else drop tokens below min_p x the top token's probability (TRL's and vLLM's min_p)
     stop: list[str] = field(default_factory=list)  # stop strings, kept in the completion
     generation_batch: int = 256  # sequences generated at once
     # passed to the engine as keyword arguments; fast: dtype (auto: bf16 copy of float32 weights on CUDA),
@@ -681,6 +682,7 @@ def validate(cfg) -> None:
     need(r.group_size >= 1, "rollout.group_size", r.group_size, "at least 1")
     need(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "at least 1")
     need(r.top_k >= 0, "rollout.top_k", r.top_k, "0 (off) or more")
+    need(0 <= r.min_p < 1, "rollout.min_p", r.min_p, "in [0, 1) (0: off; a share of the most likely token's probability)")
     need(r.generation_batch >= 1, "rollout.generation_batch", r.generation_batch, "at least 1")
     check_sampling("rollout.", r.temperature, r.top_p, r.max_new_tokens, stop=r.stop)
     need(0 <= a.eps_low < 1, "algorithm.eps_low", a.eps_low, "in [0, 1) (the ratio is clipped below at 1 - eps_low)")

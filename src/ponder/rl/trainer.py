@@ -348,7 +348,7 @@ class GRPOTrainer:
         prompt_ids = [self._encode(ex) for ex in examples]
         self._check_context(max(map(len, prompt_ids), default=0))
         params = SamplingParams(
-            n=G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
+            n=G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, min_p=r.min_p, max_tokens=r.max_new_tokens,
             stop=tuple(r.stop), seed=(self.cfg.seed * 1_000_003 + self.step_no * 101 + round_no + 7919 * self.rank) % 2**31,
             entropies=self._skips_idle(),  # the entropy of samples the update then skips, without a forward for it
             logprobs=self.cfg.algorithm.rollout_is_cap is not None,

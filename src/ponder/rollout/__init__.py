@@ -25,6 +25,9 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    # 0: off. Else tokens below min_p x the most likely token's probability are dropped (after top-k and top-p, as
+    # transformers orders them): a cut that follows the model's confidence, where top-p's follows the tail's mass
+    min_p: float = 0.0
     max_tokens: int = 256
     # stop strings, searched in the completion's text (never the prompt's); the completion keeps the stop string. One
     # that is a special token's text (`<|im_end|>`), which decoded texts leave out, ends a completion as EOS does.

@@ -437,7 +437,7 @@ class FastEngine(RolloutEngine):
         f.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long, device=f.device)
         limits = [max_new] * n_seq if limits is None else [max(1, min(max_new, int(x))) for x in limits]
         run = Schedule(self, f, prompts, params, limits)
-        filtered = 0 < params.top_k or params.top_p < 1.0
+        filtered = 0 < params.top_k or params.top_p < 1.0 or params.min_p > 0
         in_graph = None if filtered else params.temperature  # None: the graph returns logits, sampling here
         ahead = int(self.look_ahead if self.look_ahead is not None else f.device.type == "cuda")
         run.sync(run.look())  # the first admissions: prefill, first tokens
@@ -484,7 +484,8 @@ class FastEngine(RolloutEngine):
         run.stepped()
         if in_graph is None:
             keys = row_keys(f.seed, f.n_out[: run.batch], f.row_seq[: run.batch])
-            f.record(run.batch, *sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k))
+            f.record(run.batch, *sample(logits, params.temperature, params.top_k, params.top_p, keys, True, f.k,
+                                        params.min_p))
 
     def eos_ids(self, stop: tuple[str, ...] = ()) -> set[int]:
         """The ids that end a completion: the model's EOS, and the stop strings that are one special token's text."""

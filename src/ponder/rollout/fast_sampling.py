@@ -1,4 +1,4 @@
-"""Token sampling on the device: temperature, top-k, top-p (in transformers' order), greedy at temperature 0."""
+"""Token sampling on the device: temperature, top-k, top-p, min-p (in transformers' order), greedy at temperature 0."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from ponder.kernels.decode_step import EAGER
 from ponder.kernels.sampler import entropy_of
 
 
-def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
     """float32 logits of the sampling distribution; filtered-out tokens are -inf."""
     x = logits.float()
     if temperature == 0:
@@ -24,19 +24,23 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
         drop = sorted_x.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[:, -1] = False
         x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p > 0:
+        # in probabilities, as transformers compares them (the most likely token always stays)
+        p = x.softmax(-1)
+        x = x.masked_fill(p < min_p * p.amax(-1, keepdim=True), float("-inf"))
     return x
 
 
-def sample(logits, temperature, top_k, top_p, keys, want_logprobs: bool, kernels=EAGER):
+def sample(logits, temperature, top_k, top_p, keys, want_logprobs: bool, kernels=EAGER, min_p: float = 0.0):
     """[B, V] logits -> tokens [B], their log-probabilities under the sampling distribution (when asked, else None)
     and each row's entropy at the temperature (1 when greedy), over the whole vocabulary whatever top-k and top-p
     keep: the entropy the trainer logs. `keys` [B] (see ponder.kernels.sampler.row_keys) fix each row's draw."""
     if temperature == 0:
         tokens, logprobs, entropies = kernels["greedy_pick"](logits, keys, 1.0)
-    elif not 0 < top_k < logits.shape[-1] and top_p >= 1.0:  # plain sampling: no sort (on CUDA, two Triton kernels)
+    elif not 0 < top_k < logits.shape[-1] and top_p >= 1.0 and min_p <= 0:  # plain sampling: no sort (on CUDA, two Triton kernels)
         tokens, logprobs, entropies = kernels["pick"](logits, keys, 1.0 / temperature)
     else:
-        tokens, logprobs, _ = EAGER["pick"](process_logits(logits, temperature, top_k, top_p), keys, 1.0)
+        tokens, logprobs, _ = EAGER["pick"](process_logits(logits, temperature, top_k, top_p, min_p), keys, 1.0)
         x = logits.float() / temperature
         entropies = entropy_of(x, x.logsumexp(-1))
     return tokens, (logprobs if want_logprobs else None), entropies

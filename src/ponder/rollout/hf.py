@@ -53,7 +53,8 @@ class HFEngine(RolloutEngine):
             output_scores=params.logprobs,
         )
         if not greedy:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None,
+                          min_p=params.min_p or None)
         if params.stop:  # transformers' own stop_strings search the prompt's end too
             kwargs.update(stopping_criteria=StoppingCriteriaList([CompletionStops(tok, params.stop, width)]))
         narrow = shadow_dtype(self.model)  # bfloat16 matrices beside float32 norms: as autocast over float32 runs

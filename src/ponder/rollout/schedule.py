@@ -237,7 +237,8 @@ class Schedule:
             seqs = (queued(chunk, dev)[:, None] * n + torch.arange(n, device=dev)).reshape(-1)
             keys = row_keys(f.seed, torch.zeros((), dtype=torch.long, device=dev), seqs)
             pr = self.params
-            tok, lp, ent = sample(logits.repeat_interleave(n, 0), pr.temperature, pr.top_k, pr.top_p, keys, True, f.k)
+            tok, lp, ent = sample(logits.repeat_interleave(n, 0), pr.temperature, pr.top_k, pr.top_p, keys, True, f.k,
+                                  pr.min_p)
             f.out_tok[seqs, 0] = tok
             f.out_lp[seqs, 0] = lp.float()
             f.out_ent[seqs, 0] = ent
