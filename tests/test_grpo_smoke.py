@@ -198,15 +198,18 @@ def test_bnpo_averages_the_token_means_of_the_micro_batches(smoke_cfg, monkeypat
     assert torch.allclose(_grad(t), _grad(split), atol=1e-6, rtol=1e-4)
 
 
-def test_packed_forward_gives_the_gradient_of_the_padded_forward(smoke_cfg):
+@pytest.mark.parametrize("entropy_coef", [0, 0.3])
+def test_packed_forward_gives_the_gradient_of_the_padded_forward(smoke_cfg, entropy_coef):
     """train.forward=packed (each prompt once, no padding; micro-batches of whole groups) against the model's
-    own forward on padded rows, with and without micro-batching, and for the LoRA reference pass."""
+    own forward on padded rows, with and without micro-batching, and for the LoRA reference pass; with an entropy
+    bonus, the entropy's gradient through the fused head against the chunked head's autograd."""
     from ponder.rl.trainer import GRPOTrainer
 
     grads = []
     for forward, budget in (("padded", 100_000), ("packed", 100_000), ("packed", 40)):
         t = GRPOTrainer(smoke_cfg(f"name=pk-{forward}-{budget}", f"optim.token_budget={budget}", f"train.forward={forward}",
-                                  "rollout.max_new_tokens=6", "optim.lr=0", "algorithm.mu=2"))
+                                  "rollout.max_new_tokens=6", "optim.lr=0", "algorithm.mu=2",
+                                  f"algorithm.entropy_coef={entropy_coef}"))
         assert t.policy_pass.packed == (forward == "packed")
         groups, _, _ = t.collect()
         samples = [s for g in groups for s in g.samples]
@@ -492,3 +495,22 @@ def test_a_soft_reference_update_mixes_the_policy_in(smoke_cfg, error_line, tmp_
     line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "algorithm.ref_mix=0.5")
     assert line == ("ponder: error: config algorithm.ref_mix applies at each reference reset: set algorithm.beta above 0 "
                     "and algorithm.ref_reset_every too, or leave ref_mix at 1")
+
+
+def test_an_entropy_bonus_raises_the_entropy_where_the_rewards_teach_nothing(smoke_cfg, tmp_path):
+    """algorithm.entropy_coef: with one reward for every answer each advantage is 0, so GRPO's own term moves
+    nothing (the samples are skipped); the bonus alone reaches them and spreads tiny-base's sharp distribution."""
+    from ponder.config import load_config
+    from ponder.rl.trainer import GRPOTrainer
+
+    def trainer(coef):
+        return GRPOTrainer(load_config("recipes/zero-tiny.yaml", [
+            f"output_dir={tmp_path}", f"name=ent-{coef}", "rewards={test_constant: 1.0}", "eval.tasks=[]",
+            "rollout.prompts_per_step=4", "optim.lr=0.003", "train.save_every=0", f"algorithm.entropy_coef={coef}"]))
+
+    still = trainer(0)
+    before = [p.detach().clone() for p in still.model.parameters()]
+    assert still.step()["grad_norm"] == 0 and all(torch.equal(p, b) for p, b in zip(still.model.parameters(), before))
+    t = trainer(0.5)
+    entropy = [t.step()["entropy"] for _ in range(4)]
+    assert entropy[0] < 0.3 and entropy[-1] > 3 * entropy[0], entropy

@@ -70,6 +70,19 @@ def test_kl_term_adds_beta_times_k3():
     assert float(st["kl"]) == pytest.approx(0.5 - math.log(0.5) - 1)
 
 
+def test_an_entropy_bonus_lowers_the_loss_by_its_weighted_entropy():
+    """loss = sum(w * (pg - coef * H)): two tokens of weights 0.25 and 0.75, entropies 1.5 and 0.5; the entropy's
+    gradient is -coef * w."""
+    logp = torch.zeros(1, 2)
+    weight = torch.tensor([[0.25, 0.75]])
+    entropy = torch.tensor([[1.5, 0.5]], requires_grad=True)
+    base, _ = policy_loss(logp, logp, torch.tensor([1.0]), weight, 0.2, 0.2)
+    loss, _ = policy_loss(logp, logp, torch.tensor([1.0]), weight, 0.2, 0.2, entropy_coef=0.1, entropy=entropy)
+    assert loss.item() - base.item() == pytest.approx(-0.1 * (0.25 * 1.5 + 0.75 * 0.5))
+    loss.backward()
+    torch.testing.assert_close(entropy.grad, torch.tensor([[-0.025, -0.075]]))
+
+
 def test_kl_estimators_hand_values_and_the_gradient_of_k2():
     """k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 with d = ref - logp. As a loss, k2's gradient in logp is -d =
     log(pi / ref), the reverse KL's own per sample; k3's is 1 - pi_ref / pi."""

@@ -220,17 +220,28 @@ def test_fused_head_values_and_gradients_match_autograd():
     h = torch.randn(37, 16, generator=g, requires_grad=True)
     w = torch.randn(50, 16, generator=g, requires_grad=True)
     t = torch.randint(0, 50, (37,), generator=g)
-    up = torch.randn(37, generator=g)
+    up, up_ent = torch.randn(37, generator=g), torch.randn(37, generator=g)
     logp = ((h @ w.T) / 0.8).log_softmax(-1)
     want = logp.gather(-1, t[:, None]).squeeze(-1)
-    rh, rw = torch.autograd.grad((want * up).sum(), (h, w))
+    want_ent = -(logp.exp() * logp).sum(-1)
+    rh, rw = torch.autograd.grad((want * up).sum(), (h, w), retain_graph=True)
+    oh = torch.autograd.grad((want_ent * up_ent).sum(), h, retain_graph=True)[0]
+    eh, ew = torch.autograd.grad((want * up + want_ent * up_ent).sum(), (h, w))  # an entropy term in the loss too
     for keep in (False, True):  # logits recomputed in backward, or kept from forward
         lp, ent = head_logprobs(h, w, t, temperature=0.8, chunk_rows=10, keep=keep)
         torch.testing.assert_close(lp, want)
-        torch.testing.assert_close(ent, -(logp.exp() * logp).sum(-1).detach())
+        torch.testing.assert_close(ent, want_ent.detach())
+        assert not ent.requires_grad
         gh, gw = torch.autograd.grad((lp * up).sum(), (h, w))
         torch.testing.assert_close(gh, rh)
         torch.testing.assert_close(gw, rw)
+        lp, ent = head_logprobs(h, w, t, temperature=0.8, chunk_rows=10, keep=keep, entropy_grad=True)
+        gh, gw = torch.autograd.grad((lp * up + ent * up_ent).sum(), (h, w))
+        torch.testing.assert_close(gh, eh, atol=1e-4, rtol=1e-4)  # float32 sums of the entropy's longer terms
+        torch.testing.assert_close(gw, ew, atol=1e-4, rtol=1e-4)
+        _, ent = head_logprobs(h, w, t, temperature=0.8, chunk_rows=10, keep=keep, entropy_grad=True)
+        gh, gw = torch.autograd.grad((ent * up_ent).sum(), (h, w))  # the entropy alone: no gradient comes to lp
+        torch.testing.assert_close(gh, oh, atol=1e-4, rtol=1e-4)
 
 
 def test_kept_logits_can_live_in_lent_scratch_memory():
@@ -285,16 +296,18 @@ t = torch.tensor([0, 299, 7, 150, 42])
 gl = torch.randn(5, generator=g)
 for inv_t in (1.0, 1 / 0.7):
     lse, lp, ent = fh._torch_stats(x, t, inv_t, True)
-    ref = fh._torch_grad(x.clone(), t, lse, gl, inv_t)
     fh._stats_kernel.fn.__globals__  # the kernel exists
     rows, vocab = x.shape
     out = [torch.empty(5) for _ in range(3)]
     fh._stats_kernel[(rows,)](x, t, *out, vocab, x.stride(0), inv_t, BLOCK=128)
     for a, b in zip(out, (lse, lp, ent)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    y = x.clone()
-    fh._grad_kernel[(rows,)](y, t, lse, gl, vocab, y.stride(0), inv_t, BLOCK=128)
-    torch.testing.assert_close(y.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    for with_ent in ((), (ent, gl.flip(0))):  # and with the entropy's gradient (algorithm.entropy_coef)
+        ref = fh._torch_grad(x.clone(), t, lse, gl, inv_t, *with_ent)
+        y = x.clone()
+        fh._grad_kernel[(rows,)](y, t, lse, gl, *(with_ent or (lse, lse)), vocab, y.stride(0), inv_t, BLOCK=128,
+                                 ENTROPY=bool(with_ent))
+        torch.testing.assert_close(y.float(), ref.float(), atol=1e-2, rtol=1e-2)
 assert fh._agrees(torch.device("cpu"))  # the trial a GPU runs before the kernels are used
 fh._stats_kernel = fh._grad_kernel  # a wrong kernel in the stats' place: the trial must refuse it
 try:

@@ -106,6 +106,9 @@ class AlgoConfig:
     # at each reset the reference becomes ref_mix x policy + (1 - ref_mix) x reference (TR-DPO; TRL's
     # ref_model_mixup_alpha, 0.6); 1: replaced by the policy (R1)
     ref_mix: float = 1.0
+    # an entropy bonus: the loss less entropy_coef x each token's entropy, aggregated as the tokens' loss (verl's
+    # entropy_coeff); it reaches samples of zero advantage, which train.skip_zero_advantage then no longer skips
+    entropy_coef: float = 0.0
     mu: int = 1  # passes over each batch of rollouts (old log-probs kept when > 1)
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many mini-batches)
     dynamic_sampling: bool = False  # DAPO: drop groups answered all right or all wrong, draw more prompts
@@ -690,6 +693,7 @@ def validate(cfg) -> None:
     need(a.beta >= 0, "algorithm.beta", a.beta, "0 (no KL term) or more")
     need(a.ref_reset_every >= 0, "algorithm.ref_reset_every", a.ref_reset_every, "0 (never) or more")
     need(0 < a.ref_mix <= 1, "algorithm.ref_mix", a.ref_mix, "in (0, 1] (the policy's share at each reset)")
+    need(a.entropy_coef >= 0, "algorithm.entropy_coef", a.entropy_coef, "0 (no entropy bonus) or more")
     if a.ref_mix < 1 and not (a.beta and a.ref_reset_every):
         raise UserError("config algorithm.ref_mix applies at each reference reset: set algorithm.beta above 0 and "
                         "algorithm.ref_reset_every too, or leave ref_mix at 1")

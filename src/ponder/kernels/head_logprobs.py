@@ -6,7 +6,8 @@ the logits stay in the compute dtype and each chunk is read once in forward and 
 - forward: logits = h @ W^T, then one pass gives the log-sum-exp, the target's logit and the entropy
   (an online softmax that also carries sum(p * x));
 - backward: one pass turns each chunk's logits in place into the gradient
-  g * (onehot(target) - softmax) / temperature, which two matrix products carry to h and W. The logits
+  g * (onehot(target) - softmax) / temperature (and, where the loss holds the entropy H, that term's
+  -g_H * p * (log p + H) / temperature), which two matrix products carry to h and W. The logits
   are kept from forward when they take at most a quarter of the free GPU memory, else recomputed.
 On CUDA the passes are Triton kernels; elsewhere (or without Triton) the same math in float32 torch.
 """
@@ -29,9 +30,10 @@ CHUNK_ROWS = 4096  # a chunk of [4096, 151,936] bf16 logits: 1.2 GiB (the only o
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                   with_entropy: bool = True, chunk_rows: int = CHUNK_ROWS, keep: bool | None = None,
-                  scratch: torch.Tensor | None = None, weight_copy: torch.Tensor | None = None):
+                  scratch: torch.Tensor | None = None, weight_copy: torch.Tensor | None = None,
+                  entropy_grad: bool = False):
     """Rows h [M, d], output head weight [V, d], targets [M] -> float32 log-probs [M] (with gradients to h
-    and weight) and entropies [M] (detached; None unless asked). Kept logits go first into `scratch` (flat
+    and weight) and entropies [M] (None unless asked; detached unless entropy_grad). Kept logits go first into `scratch` (flat
     bytes that are free until backward is done: the rollout engine's idle cache), as many rows as fit.
     `weight_copy`: the weight already in h's dtype (the rollout copy's head), used for the products in place of
     a cast of `weight` each way; the gradient still goes to `weight`."""
@@ -42,7 +44,7 @@ def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     if weight_copy is not None and weight_copy.dtype != h.dtype:
         weight_copy = None
     lp, ent = _HeadLogprobs.apply(h, weight, targets, 1.0 / temperature, chunk_rows, use_triton, with_entropy, keep,
-                                  scratch if keep else None, weight_copy)
+                                  scratch if keep else None, weight_copy, with_entropy and entropy_grad)
     return lp, (ent if with_entropy else None)
 
 
@@ -57,7 +59,7 @@ def chunks(m: int, vocab: int, itemsize: int, chunk_rows: int, scratch_bytes: in
 class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, inv_t, chunk_rows, use_triton, with_entropy, keep=False, scratch=None,
-                weight_copy=None):
+                weight_copy=None, entropy_grad=False):
         w = weight.to(h.dtype) if weight_copy is None else weight_copy
         m, vocab = h.shape[0], w.shape[0]
         lse = torch.empty(m, dtype=torch.float32, device=h.device)
@@ -75,32 +77,37 @@ class _HeadLogprobs(torch.autograd.Function):
                 ctx.kept.append(logits)
             stats = _triton_stats if use_triton else _torch_stats
             lse[a:b], lp[a:b], ent[a:b] = stats(logits, targets[a:b], inv_t, with_entropy)
-        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.save_for_backward(h, weight, targets, lse, ent)
         ctx.inv_t, ctx.use_triton, ctx.weight_copy = inv_t, use_triton, weight_copy
-        ctx.mark_non_differentiable(ent)
+        ctx.set_materialize_grads(False)  # an output the loss does not use gets None, not a tensor of zeros
+        if not entropy_grad:
+            ctx.mark_non_differentiable(ent)
         return lp, ent
 
     @staticmethod
-    def backward(ctx, grad_lp, _grad_ent):
-        h, weight, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_lp, grad_ent):
+        h, weight, targets, lse, ent = ctx.saved_tensors
         w = weight.to(h.dtype) if ctx.weight_copy is None else ctx.weight_copy
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         # summed over chunks in the weight's dtype by the matrix product itself (float32 inside, one rounding a
         # chunk, as micro-batches accumulate); float32 master weights get a float32 sum (ponder.kernels.accumulate)
         grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=h.device) if ctx.needs_input_grad[1] else None
-        grad_lp = grad_lp.float().contiguous()
+        grad_lp = torch.zeros_like(lse) if grad_lp is None else grad_lp.float().contiguous()
+        if grad_ent is not None:
+            grad_ent = grad_ent.float().contiguous()
         for n, (a, b, _) in enumerate(ctx.parts):
             hc = h[a:b]
             logits = ctx.kept[n] if ctx.kept else hc @ w.T
             to_grad = _triton_grad if ctx.use_triton else _torch_grad
-            g = to_grad(logits, targets[a:b], lse[a:b], grad_lp[a:b], ctx.inv_t)
+            g = to_grad(logits, targets[a:b], lse[a:b], grad_lp[a:b], ctx.inv_t,
+                        *((ent[a:b], grad_ent[a:b]) if grad_ent is not None else ()))
             if grad_h is not None:
                 grad_h[a:b] = g @ w
             if grad_w is not None:
                 add_product_(grad_w, g.T, hc)
             if ctx.kept:
                 ctx.kept[n] = None  # free each chunk once used
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- torch math
@@ -112,11 +119,15 @@ def _torch_stats(logits, targets, inv_t, with_entropy):
     return lse, lp, ent
 
 
-def _torch_grad(logits, targets, lse, grad_lp, inv_t):
-    """d lp / d logits = (onehot - p) / T, times the incoming gradient; in the logits' dtype."""
-    p = (logits.float() * inv_t - lse[:, None]).exp_()
-    g = p.neg_().scatter_add_(-1, targets[:, None], torch.ones_like(lse)[:, None])
-    return g.mul_((grad_lp * inv_t)[:, None]).to(logits.dtype)
+def _torch_grad(logits, targets, lse, grad_lp, inv_t, ent=None, grad_ent=None):
+    """d lp / d logits = (onehot - p) / T, times the incoming gradient; with the entropy's incoming gradient g_H,
+    plus d H / d logits = -p * (log p + H) / T times g_H. In the logits' dtype."""
+    log_p = logits.float() * inv_t - lse[:, None]
+    p = log_p.exp()
+    g = (-p).scatter_add_(-1, targets[:, None], torch.ones_like(lse)[:, None]).mul_(grad_lp[:, None])
+    if grad_ent is not None:
+        g.sub_(p.mul_(log_p.add_(ent[:, None])).mul_(grad_ent[:, None]))
+    return g.mul_(inv_t).to(logits.dtype)
 
 
 # ---------------------------------------------------------------------------------------- Triton kernels
@@ -149,20 +160,28 @@ if triton is not None:
         tl.store(ent_ptr + r, lse - u / s)
 
     @triton.jit
-    def _grad_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, vocab, stride, inv_t, BLOCK: tl.constexpr):
-        """In place: x <- g * (onehot(target) - exp(x / T - lse)) / T."""
+    def _grad_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, ent_ptr, ge_ptr, vocab, stride, inv_t, BLOCK: tl.constexpr,
+                     ENTROPY: tl.constexpr):
+        """In place: x <- (g * (onehot(target) - p) - g_H * p * (log p + H)) / T, p = exp(x / T - lse); the g_H
+        term only where the entropy has a gradient (ENTROPY)."""
         r = tl.program_id(0)
         base = x_ptr + r.to(tl.int64) * stride
         target = tl.load(t_ptr + r)
         lse = tl.load(lse_ptr + r)
-        g = tl.load(g_ptr + r) * inv_t
+        g = tl.load(g_ptr + r)
+        if ENTROPY:
+            ent = tl.load(ent_ptr + r)
+            ge = tl.load(ge_ptr + r)
         offs = tl.arange(0, BLOCK)
         for start in range(0, vocab, BLOCK):
             idx = start + offs
             ok = idx < vocab
-            x = tl.load(base + idx, mask=ok, other=0.0).to(tl.float32) * inv_t
-            d = tl.where(idx == target, 1.0, 0.0) - tl.exp(x - lse)
-            tl.store(base + idx, (d * g).to(x_ptr.dtype.element_ty), mask=ok)
+            log_p = tl.load(base + idx, mask=ok, other=0.0).to(tl.float32) * inv_t - lse
+            p = tl.exp(log_p)
+            d = g * (tl.where(idx == target, 1.0, 0.0) - p)
+            if ENTROPY:
+                d -= ge * p * (log_p + ent)
+            tl.store(base + idx, (d * inv_t).to(x_ptr.dtype.element_ty), mask=ok)
 
 
 def _triton_stats(logits, targets, inv_t, with_entropy):
@@ -172,9 +191,11 @@ def _triton_stats(logits, targets, inv_t, with_entropy):
     return lse, lp, ent
 
 
-def _triton_grad(logits, targets, lse, grad_lp, inv_t):
+def _triton_grad(logits, targets, lse, grad_lp, inv_t, ent=None, grad_ent=None):
     rows, vocab = logits.shape
-    _grad_kernel[(rows,)](logits, targets, lse, grad_lp, vocab, logits.stride(0), float(inv_t), BLOCK=4096, num_warps=8)
+    entropy = grad_ent is not None
+    _grad_kernel[(rows,)](logits, targets, lse, grad_lp, ent if entropy else lse, grad_ent if entropy else lse, vocab,
+                          logits.stride(0), float(inv_t), BLOCK=4096, ENTROPY=entropy, num_warps=8)
     return logits
 
 
@@ -197,5 +218,8 @@ def _agrees(device) -> bool:
     grad_lp = torch.linspace(-1, 1, 5, device=device)
     mine, ref = _triton_stats(logits, targets, 0.7, True), _torch_stats(logits, targets, 0.7, True)
     stats = all(torch.allclose(a, b, atol=1e-2, rtol=1e-2) for a, b in zip(mine, ref))
-    grad = _triton_grad(logits.clone(), targets, ref[0], grad_lp, 0.7)
-    return stats and torch.allclose(grad.float(), _torch_grad(logits, targets, ref[0], grad_lp, 0.7).float(), atol=1e-2)
+    grads = all(  # without and with the entropy's term (algorithm.entropy_coef)
+        torch.allclose(_triton_grad(logits.clone(), targets, ref[0], grad_lp, 0.7, *ent).float(),
+                       _torch_grad(logits, targets, ref[0], grad_lp, 0.7, *ent).float(), atol=1e-2)
+        for ent in ((), (ref[2], grad_lp.flip(0))))
+    return stats and grads

@@ -14,8 +14,9 @@ from ponder import runtime
 MIN_SHARED_PREFIX = 32  # below this, one forward over whole rows is as cheap
 
 
-def completion_logprobs(model, t: Tensors, *, autocast: bool = False, with_entropy: bool = False, temperature: float = 1.0):
-    """[B, T] log p(token) of each completion token, and its entropy (detached) when asked; under bf16
+def completion_logprobs(model, t: Tensors, *, autocast: bool = False, with_entropy: bool = False, temperature: float = 1.0,
+                        entropy_grad: bool = False):
+    """[B, T] log p(token) of each completion token, and its entropy (detached unless entropy_grad) when asked; under bf16
     autocast when asked (train.precision=mixed).
 
     `temperature` is the sampling temperature: the ratio must compare the distributions the tokens
@@ -26,7 +27,8 @@ def completion_logprobs(model, t: Tensors, *, autocast: bool = False, with_entro
     prefix = min(shared_prefix_length(t.input_ids, t.attention_mask), int(scored.min()) - 1 if scored.numel() else 0)
     with runtime.autocast(t.input_ids.device, autocast):
         return token_logprobs(model, t.input_ids, t.attention_mask, positions=positions, temperature=temperature,
-                              with_entropy=with_entropy, shared_prefix=prefix if prefix >= MIN_SHARED_PREFIX else 0)
+                              with_entropy=with_entropy, shared_prefix=prefix if prefix >= MIN_SHARED_PREFIX else 0,
+                              entropy_grad=entropy_grad)
 
 
 def use_packed(forward: str, model) -> bool:
@@ -47,23 +49,28 @@ class PolicyPass:
     `autocast`: bf16 autocast over float32 weights (train.precision=mixed); bf16 weights need none. Under it,
     `copies()` may give the rollout engine's bf16 copies of the linear layers' matrices (ponder.rl.copy_linear)."""
 
-    def __init__(self, is_packed: bool, pad_id: int, device, autocast: bool, scratch=None, copies=None):
+    def __init__(self, is_packed: bool, pad_id: int, device, autocast: bool, scratch=None, copies=None,
+                 entropy_grad: bool = False):
         self.packed, self.pad_id, self.device, self.autocast, self.scratch = is_packed, pad_id, device, autocast, scratch
         self.copies = copies if autocast else None
+        self.entropy_grad = entropy_grad
 
     def micro_batches(self, samples: list[Sample], token_budget: int) -> list[list[Sample]]:
         return (packed.packed_micro_batches if self.packed else micro_batches)(samples, token_budget)
 
     def logprobs(self, model, batch: list[Sample], *, with_entropy: bool = False, temperature: float = 1.0):
+        """Log-probs [B, T], entropies [B, T] (None unless with_entropy; with gradients where `entropy_grad`, a loss
+        with an entropy term) and the token mask."""
         # a sharded model gathers its root's weights for this as for its own forward (ponder.sharding)
-        return sharding.forward(model, lambda: self._logprobs(model, batch, with_entropy, temperature))
+        return sharding.forward(model, lambda: self._logprobs(model, batch, with_entropy, temperature, self.entropy_grad))
 
-    def _logprobs(self, model, batch: list[Sample], with_entropy: bool, temperature: float):
+    def _logprobs(self, model, batch: list[Sample], with_entropy: bool, temperature: float, entropy_grad: bool):
         if self.packed:
             scratch = self.scratch() if self.scratch is not None and torch.is_grad_enabled() else None
             copies = self.copies() if self.copies is not None else None
             return packed.packed_logprobs(model, batch, self.device, with_entropy=with_entropy, temperature=temperature,
-                                          autocast=self.autocast, scratch=scratch, copies=copies)
+                                          autocast=self.autocast, scratch=scratch, copies=copies, entropy_grad=entropy_grad)
         t = to_tensors(batch, self.pad_id, self.device)
-        lp, ent = completion_logprobs(model, t, autocast=self.autocast, with_entropy=with_entropy, temperature=temperature)
+        lp, ent = completion_logprobs(model, t, autocast=self.autocast, with_entropy=with_entropy, temperature=temperature,
+                                      entropy_grad=entropy_grad)
         return lp, ent, t.mask

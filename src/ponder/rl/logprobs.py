@@ -90,14 +90,15 @@ def token_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = True,
     shared_prefix: int = 0,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability of tokens given their prefix, and the entropy of the distribution they came from.
 
     Which tokens: `completion_mask` [B, L] (1 where input_ids[b, t] is scored) gives outputs [B, L]
     aligned with input_ids, 0 elsewhere (and always at t = 0); or `positions` [B, T] (indices t >= 1
     into input_ids) gives outputs [B, T]; with neither, every token from t = 1 is scored.
-    Logits are divided by `temperature` first. Log-probs carry gradients; entropies are detached.
-    Both are float32.
+    Logits are divided by `temperature` first. Log-probs carry gradients; entropies are detached unless
+    `entropy_grad` (a loss with an entropy term). Both are float32.
     """
     if temperature <= 0:
         raise UserError(f"token_logprobs: temperature must be > 0, got {temperature}")
@@ -126,7 +127,7 @@ def token_logprobs(
         lp, ent = head_logprobs(
             # positions inside the shared prefix are padding slots (callers mask them): clamp, never wrap
             head, hidden[rows, (positions - 1 - shared_prefix).clamp(min=0)], input_ids[rows, positions], temperature, chunk_size,
-            with_entropy, transform,
+            with_entropy, transform, entropy_grad,
         )
         return lp, ent
 
@@ -134,7 +135,7 @@ def token_logprobs(
         completion_mask = attention_mask
     sel = (completion_mask[:, 1:] != 0) & (attention_mask[:, 1:] != 0)
     lp, ent = head_logprobs(
-        head, hidden[:, :-1][sel], input_ids[:, 1:][sel], temperature, chunk_size, with_entropy, transform
+        head, hidden[:, :-1][sel], input_ids[:, 1:][sel], temperature, chunk_size, with_entropy, transform, entropy_grad
     )
     zeros = hidden.new_zeros((b, length - 1), dtype=torch.float32)
     out_lp = torch.nn.functional.pad(zeros.masked_scatter(sel, lp), (1, 0))
@@ -173,9 +174,10 @@ def _hidden_after_shared_prefix(backbone, input_ids, attention_mask, prefix: int
     ).last_hidden_state
 
 
-def head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy, transform=None):
-    """Rows of hidden states [..., d] and their targets [...] -> log-probs and entropies [...]. `transform`: what the
-    model does to the head's logits before sampling (logit_transform), applied before the temperature."""
+def head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy, transform=None, entropy_grad=False):
+    """Rows of hidden states [..., d] and their targets [...] -> log-probs and entropies [...] (detached unless
+    entropy_grad). `transform`: what the model does to the head's logits before sampling (logit_transform), applied
+    before the temperature."""
     shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
 
@@ -189,6 +191,8 @@ def head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy, 
             logits = logits / temperature
         lse = logits.logsumexp(-1)
         lp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
+        if with_entropy and entropy_grad:  # in the graph: computed again, alike, on recomputation
+            return lp, lse - (torch.softmax(logits, -1) * logits).sum(-1)
         if not (with_entropy and forward[0]):
             return lp, None
         with torch.no_grad():  # saves nothing for backward, so skipping it on recomputation is safe

@@ -72,6 +72,8 @@ def policy_loss(
     ratio_level: str = "token",
     kl_estimator: str = "k3",
     token_scale: torch.Tensor | None = None,  # [B, T] detached weights of the policy-gradient term (TIS), not the KL's
+    entropy_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,  # [B, T] each token's entropy, with gradients (when entropy_coef)
 ):
     """Returns (loss, stats). loss = sum(weight * token_loss); stats are detached token sums, as 0-d tensors
     on the loss's device (read them once per step: each read waits for the GPU)."""
@@ -93,6 +95,8 @@ def policy_loss(
     if beta:
         kl = kl_estimate(logp, ref_logp, kl_estimator)  # added to the loss, not the reward (DeepSeekMath)
         token_loss = token_loss + beta * kl
+    if entropy_coef:
+        token_loss = token_loss - entropy_coef * entropy  # an entropy bonus, aggregated as the tokens' loss is (verl)
     loss = (token_loss * weight).sum()
     stats = {
         # a token is clipped when the clipped branch wins the min and carries no gradient

@@ -179,8 +179,8 @@ def policy_probe(policy_pass, model, device, vocab: int):
 
 def _peak(policy_pass, model, device, batch) -> int:
     def step():
-        logp, _, mask = policy_pass.logprobs(model, batch, with_entropy=True)
-        (logp * mask).sum().backward()
+        logp, ent, mask = policy_pass.logprobs(model, batch, with_entropy=True)
+        ((logp + ent if policy_pass.entropy_grad else logp) * mask).sum().backward()  # as the loss's terms are
 
     return peak_of(step, model, device)
 

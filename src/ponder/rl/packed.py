@@ -317,9 +317,10 @@ def supports(model) -> bool:
 
 
 def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = False, temperature: float = 1.0,
-                    autocast: bool = False, scratch: torch.Tensor | None = None, copies: dict | None = None):
-    """Log-probs [B, T] of each row's completion tokens (0 past its end), entropies [B, T] (detached, or
-    None) and the [B, T] mask of real tokens: what ponder.rl.forward.completion_logprobs gives, computed packed.
+                    autocast: bool = False, scratch: torch.Tensor | None = None, copies: dict | None = None,
+                    entropy_grad: bool = False):
+    """Log-probs [B, T] of each row's completion tokens (0 past its end), entropies [B, T] (detached unless
+    entropy_grad, or None) and the [B, T] mask of real tokens: what ponder.rl.forward.completion_logprobs gives, computed packed.
     `scratch`: idle device memory (flat bytes) the head may fill with its kept logits (see fused_head).
     `copies`: bf16 copies of the linear layers' float32 matrices, by master parameter (see linears)."""
     arch, why = describe(model)
@@ -334,14 +335,15 @@ def packed_logprobs(model, batch: list[Sample], device, *, with_entropy: bool = 
             if autocast:
                 h = h.to(torch.bfloat16)
             lp, ent = fused_head_logprobs(h, head.weight, pk.targets, temperature, with_entropy, scratch=scratch,
-                                          weight_copy=(copies or {}).get(id(head.weight)))
+                                          weight_copy=(copies or {}).get(id(head.weight)), entropy_grad=entropy_grad)
         else:  # a wrapped head (LoRA on the output layer): call it, chunk by chunk
-            lp, ent = chunked_head_logprobs(head, h, pk.targets, temperature, 1024, with_entropy)
+            lp, ent = chunked_head_logprobs(head, h, pk.targets, temperature, 1024, with_entropy, entropy_grad=entropy_grad)
     b, t = pk.mask.shape
     out = hidden.new_zeros((b, t), dtype=torch.float32).index_put((pk.row, pk.col), lp)
     out_ent = None
     if with_entropy:
-        out_ent = torch.zeros((b, t), dtype=torch.float32, device=out.device).index_put((pk.row, pk.col), ent.detach())
+        out_ent = torch.zeros((b, t), dtype=torch.float32, device=out.device).index_put(
+            (pk.row, pk.col), ent if entropy_grad else ent.detach())
     return out, out_ent, pk.mask
 
 

@@ -113,7 +113,7 @@ class GRPOTrainer:
         # and its bf16 copies of the float32 matrices serve the update's products (ponder.rl.copy_linear)
         self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model), self.tokenizer.pad_token_id,
                                       self.device, self.precision.autocast, scratch=self.engine.idle_memory,
-                                      copies=self.engine.rollout_matrices)
+                                      copies=self.engine.rollout_matrices, entropy_grad=bool(cfg.algorithm.entropy_coef))
         # id(example) -> (prompt ids, whether its text left a think block open: R1-Distill's chat template)
         self._prompts: dict[int, tuple[list[int], bool]] = {}
         self._past_context = False  # told once that prompt + rollout.max_new_tokens exceed the model's positions
@@ -227,12 +227,13 @@ class GRPOTrainer:
                 totals["is_capped"] += (is_ratio > a.rollout_is_cap).mul(live).sum()
                 totals["is_tokens"] += live.sum()
             loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref,
-                                   ratio_level=a.ratio, kl_estimator=a.kl_estimator, token_scale=scale)
+                                   ratio_level=a.ratio, kl_estimator=a.kl_estimator, token_scale=scale,
+                                   entropy_coef=a.entropy_coef, entropy=entropy)
             sharding.accumulate(self.model, last=i == len(batches) - 1, mode=self.sharding)
             loss.backward()  # sharded: FSDP2 sums the gradients across ranks
             if i < real:
                 totals["loss"] += loss.detach()
-                totals["entropy"] += (entropy * mask).sum()
+                totals["entropy"] += (entropy.detach() * mask).sum()  # (with entropy_coef it holds the graph)
                 for k in ("clip_low", "clip_high", "kl", "tokens"):
                     totals[k] += st[k]
         totals = dict(zip(totals, torch.stack(list(totals.values())).tolist()))
@@ -249,13 +250,13 @@ class GRPOTrainer:
         return {**totals, "grad_norm": grad_norm.item(), "skipped": 0.0}
 
     def _idle(self, s: Sample) -> bool:
-        """Whether `s` takes no part in the gradient (train.skip_zero_advantage): advantage exactly 0, no KL term,
-        and a loss whose normalisers do not depend on which samples share a micro-batch (all but bnpo)."""
+        """Whether `s` takes no part in the gradient (train.skip_zero_advantage): advantage exactly 0, no KL or
+        entropy term, and a loss whose normalisers do not depend on which samples share a micro-batch (all but bnpo)."""
         return self._skips_idle() and s.advantage == 0
 
     def _skips_idle(self) -> bool:
         a = self.cfg.algorithm
-        return self.cfg.train.skip_zero_advantage and not a.beta and a.loss_agg != "bnpo"
+        return self.cfg.train.skip_zero_advantage and not a.beta and not a.entropy_coef and a.loss_agg != "bnpo"
 
     @torch.no_grad()
     def _entropy_only(self, samples: list[Sample], totals: dict) -> None:
