@@ -210,3 +210,41 @@ def test_compare_names_a_training_run_that_evaluated_nothing(tmp_path):
         f"'{run}' is a training run without eval_before.json / eval_after.json: it evaluated nothing (its eval.tasks is "
         f"empty); evaluate one of its checkpoints with `ponder eval --model {run / 'checkpoints' / 'step-1'} --tasks ...` "
         "and compare that, or give a directory written by ponder eval")
+
+
+@pytest.mark.parametrize("cut", [["--top-k", "1"], ["--min-p", "0.999"]])
+def test_top_k_and_min_p_reach_the_samples_and_the_settings(tmp_path, cut, capsys):
+    """--top-k 1, or --min-p just under 1, leaves one token at each step: every sample at temperature 1 is then the
+    greedy answer (without either, tiny-random's samples differ). The settings name the cut, --compare shows it."""
+    common = ["--model", "tiny-random", "--tasks", "first_digit", "--n", "3", "--k", "4", "--max-tokens", "5",
+              "--template", "plain", "--extract", "none", "--quiet", "--device", "cpu", "--temperature", "1.0", "--greedy"]
+    for name, extra in (("cut", cut), ("free", [])):
+        ponder_eval(*common, *extra, "--out", str(tmp_path / name))
+    for name in ("cut", "free"):
+        rows = [json.loads(line) for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+        greedy = {r["problem"]: r["completion"] for r in rows if r["greedy"]}
+        same = [r["completion"] == greedy[r["problem"]] for r in rows if not r["greedy"]]
+        assert all(same) if name == "cut" else not all(same), name
+    settings = json.loads((tmp_path / "cut" / "results.json").read_text())["settings"]
+    free = json.loads((tmp_path / "free" / "results.json").read_text())["settings"]
+    key, value = cut[0][2:].replace("-", "_"), float(cut[1])
+    assert settings[key] == value and key not in free
+    capsys.readouterr()
+    ponder_eval("--compare", str(tmp_path / "cut"), str(tmp_path / "free"))
+    assert f"{key}={cut[1]}" in capsys.readouterr().out
+
+
+def test_a_runs_evaluation_takes_eval_top_k_and_min_p(tmp_path):
+    """eval.top_k and eval.min_p reach the evaluation `ponder train` runs (as --top-k and --min-p reach ponder eval's)."""
+    from ponder.cli import main
+
+    assert main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=run", "train.steps=1",
+                 "rollout.prompts_per_step=2", "eval.tasks=[{name: first_digit, split: test, n: 3}]", "eval.k=3",
+                 "eval.top_k=1", "eval.min_p=0.2", "eval.temperature=1.0"]) == 0
+    after = json.loads((tmp_path / "run" / "eval_after.json").read_text())["first_digit/test"]
+    assert after["settings"]["top_k"] == 1 and after["settings"]["min_p"] == 0.2
+    answers = {}
+    for line in (tmp_path / "run" / "eval_after_samples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        answers.setdefault(row["problem"], set()).add(row["completion"])
+    assert len(answers) == 3 and all(len(a) == 1 for a in answers.values())  # top-k 1: a problem's k samples agree

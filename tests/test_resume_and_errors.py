@@ -215,6 +215,7 @@ def test_pretrain_refuses_to_overwrite_a_model_before_training(error_line):
 RANGE_ERRORS = [  # (command line, the line a user sees)
     (["rollout.temperature=-1"], "config rollout.temperature must be 0 (greedy) or more; got -1"),
     (["rollout.top_p=2"], "config rollout.top_p must be in (0, 1]; got 2"),
+    (["eval.top_k=-2"], "config eval.top_k must be 0 (off) or more; got -2"),
     (["rollout.min_p=1"], "config rollout.min_p must be in [0, 1) (0: off; a share of the most likely token's probability); got 1"),
     (["rollout.max_new_tokens=0"], "config rollout.max_new_tokens must be at least 1; got 0"),
     (["rollout.prompts_per_step=0"], "config rollout.prompts_per_step must be at least 1; got 0"),  # was a traceback
@@ -243,6 +244,11 @@ def test_sampling_flags_out_of_range_are_one_line(tmp_path, error_line):
     common = ["--model", "tiny-random", "--tasks", "first_digit", "--out", str(tmp_path / "e")]
     assert error_line("eval", *common, "--temperature", "-1") == "ponder: error: --temperature must be 0 or more; got -1"
     assert error_line("eval", *common, "--top-p", "5") == "ponder: error: --top-p must be in (0, 1]; got 5"
+    assert error_line("eval", *common, "--top-k", "-1") == "ponder: error: --top-k must be 0 (off) or more; got -1"
+    assert error_line("eval", *common, "--min-p", "1") == "ponder: error: --min-p must be in [0, 1) (0: off); got 1"
+    assert error_line("sample", "--model", "tiny-random", "--tasks", "first_digit", "--min-p", "2", "--out",
+                      str(tmp_path / "s.jsonl")) == ("ponder: error: config min_p must be in [0, 1) (0: off; a share of "
+                                                     "the most likely token's probability); got 2")
     assert error_line("eval", *common, "--max-tokens", "0") == "ponder: error: --max-tokens must be at least 1; got 0"
     assert error_line("eval", *common, "--n", "-2") == "ponder: error: --n must be at least 1 (or left out: the task's default); got -2"
     assert error_line("sample", "--model", "tiny-random", "--n", "0", "--out", str(tmp_path / "s.jsonl")) == (

@@ -207,6 +207,22 @@ def test_sample_command_runs_a_real_model_and_reports_each_task(tmp_path, capsys
     assert "first_digit: accepted" in out_text and "arithmetic: accepted" in out_text
 
 
+def test_top_k_reaches_the_sampling_and_the_provenance(tmp_path):
+    """--top-k 1 at temperature 1 samples the greedy answer k times: the duplicate filter then keeps one answer a
+    prompt, where tiny-random's free samples differ; each row's source names the cut."""
+    from ponder.cli import main
+
+    kept = {}
+    for name, extra in (("cut", ["--top-k", "1"]), ("free", [])):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["sample", "--model", "tiny-random", "--tasks", "first_digit", "--n", "3", "--k", "4", "--max-tokens",
+                     "4", "--temperature", "1.0", *extra, "--out", str(out), "--quiet", "filters.format=false",
+                     "filters.keep_truncated=true", "filters.correct=false", "template=plain"]) == 0
+        kept[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(kept["cut"]) == 3 and len(kept["free"]) > 3
+    assert all(r["source"]["top_k"] == 1 for r in kept["cut"]) and "top_k" not in kept["free"][0]["source"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--k", "0"], "k must be at least 1"),
     (["filters.language=fr"], "filters.language: 'fr' is not supported"),

@@ -278,6 +278,8 @@ class EvalConfig:
     k: int = 4
     temperature: float = 0.6
     top_p: float = 0.95
+    top_k: int = 0  # 0: off (Qwen3's model cards evaluate at top_k 20)
+    min_p: float = 0.0  # 0: off
     max_new_tokens: Optional[int] = None  # None: rollout.max_new_tokens (ponder train); 256 (ponder sft)
 
 
@@ -632,12 +634,14 @@ def shown(value) -> str:
 
 
 def check_sampling(prefix: str, temperature: float, top_p: float, max_new_tokens: int | None, k: int | None = None,
-                   stop=()) -> None:
+                   stop=(), top_k: int = 0, min_p: float = 0.0) -> None:
     """The sampling settings every command shares (temperature 0 is greedy decoding)."""
     need(temperature >= 0, f"{prefix}temperature", temperature, "0 (greedy) or more")
     # an empty stop string occurs in every text: every completion ended after its first token
     need(all(isinstance(s, str) and s for s in stop), f"{prefix}stop", list(stop), "non-empty strings")
     need(0 < top_p <= 1, f"{prefix}top_p", top_p, "in (0, 1]")
+    need(top_k >= 0, f"{prefix}top_k", top_k, "0 (off) or more")
+    need(0 <= min_p < 1, f"{prefix}min_p", min_p, "in [0, 1) (0: off; a share of the most likely token's probability)")
     if max_new_tokens is not None:
         need(max_new_tokens >= 1, f"{prefix}max_new_tokens", max_new_tokens, "at least 1")
     if k is not None:
@@ -684,10 +688,8 @@ def validate(cfg) -> None:
     a, r, t = cfg.algorithm, cfg.rollout, cfg.train
     need(r.group_size >= 1, "rollout.group_size", r.group_size, "at least 1")
     need(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "at least 1")
-    need(r.top_k >= 0, "rollout.top_k", r.top_k, "0 (off) or more")
-    need(0 <= r.min_p < 1, "rollout.min_p", r.min_p, "in [0, 1) (0: off; a share of the most likely token's probability)")
     need(r.generation_batch >= 1, "rollout.generation_batch", r.generation_batch, "at least 1")
-    check_sampling("rollout.", r.temperature, r.top_p, r.max_new_tokens, stop=r.stop)
+    check_sampling("rollout.", r.temperature, r.top_p, r.max_new_tokens, stop=r.stop, top_k=r.top_k, min_p=r.min_p)
     need(0 <= a.eps_low < 1, "algorithm.eps_low", a.eps_low, "in [0, 1) (the ratio is clipped below at 1 - eps_low)")
     need(a.eps_high >= 0, "algorithm.eps_high", a.eps_high, "0 or more")
     need(a.beta >= 0, "algorithm.beta", a.beta, "0 (no KL term) or more")
@@ -711,7 +713,7 @@ def validate(cfg) -> None:
     need(t.collective_timeout > 0, "train.collective_timeout", t.collective_timeout, "minutes, more than 0")
     e = cfg.eval
     need(e.every >= 0, "eval.every", e.every, "0 (at the end only) or more")
-    check_sampling("eval.", e.temperature, e.top_p, e.max_new_tokens, e.k)
+    check_sampling("eval.", e.temperature, e.top_p, e.max_new_tokens, e.k, top_k=e.top_k, min_p=e.min_p)
     check_optim(cfg.optim)
     if r.group_size < 2:  # every mode subtracts the group's mean (advantage none too: Dr. GRPO's r - mean)
         raise UserError("config rollout.group_size must be at least 2 for group-relative advantages")

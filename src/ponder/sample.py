@@ -35,6 +35,8 @@ class SampleConfig:
     k: int = 8  # answers sampled per prompt
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     extract: str = "tags_or_boxed"  # how the answer is found for the correctness check (ponder.rewards.extract)
@@ -64,7 +66,7 @@ def check(cfg: SampleConfig) -> None:
     from ponder.rewards.extract import MODES
 
     check_tasks("tasks", cfg.tasks)
-    check_sampling("", cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop=cfg.stop)
+    check_sampling("", cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop=cfg.stop, top_k=cfg.top_k, min_p=cfg.min_p)
 
     if cfg.extract not in MODES:  # found out only when the first answers are scored otherwise
         raise UserError(f"config extract: unknown answer extraction mode '{cfg.extract}'; choose one of: {', '.join(MODES)}")
@@ -89,6 +91,8 @@ def add_parser(sub) -> None:
     p.add_argument("--k", type=int, help="answers per prompt (default 8)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: off)")
+    p.add_argument("--min-p", type=float, help="drop tokens less likely than this share of the most likely one (0: off)")
     p.add_argument("--max-tokens", type=int, help="token budget per answer")
     p.add_argument("--per-prompt", type=int, help="m: most answers kept per prompt (default 4; 0: no cap)")
     p.add_argument("--seed", type=int)
@@ -104,7 +108,8 @@ def _run_cli(args) -> None:
     if len(recipe) > 1:
         raise UserError(f"ponder sample takes one recipe, got {', '.join(recipe)}; give overrides as key=value")
     cfg = load_sample_config(recipe[0] if recipe else None, overrides)
-    for flag, key in (("model", "model"), ("k", "k"), ("temperature", "temperature"), ("top_p", "top_p"),
+    for flag, key in (("model", "model"), ("k", "k"), ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+                      ("min_p", "min_p"),
                       ("max_tokens", "max_new_tokens"), ("seed", "seed"), ("out", "out")):
         if getattr(args, flag) is not None:
             setattr(cfg, key, getattr(args, flag))
@@ -201,9 +206,10 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     with_chat_options(tokenizer, cfg.chat_template_kwargs)
     positions.check_loaded(prompt_sets, cfg.template, model, tokenizer)
     engine = make_engine(cfg.engine, model, tokenizer, batch_size=cfg.batch_size)
-    params = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                            stop=tuple(cfg.stop))
+    params = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                            max_tokens=cfg.max_new_tokens, stop=tuple(cfg.stop))
     source = {"model": cfg.model, "template": cfg.template, "k": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
+              **{key: getattr(cfg, key) for key in ("top_k", "min_p") if getattr(cfg, key)},  # named where they cut
               "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop), "seed": cfg.seed}
     make_dir(out.parent, "--out")
     state = earlier or {"key": json.dumps(settings, sort_keys=True), "problems": problems_hash, "chunks": 0, "bytes": 0,

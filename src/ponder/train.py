@@ -130,7 +130,8 @@ def _evaluate(trainer, tag: str, quiet: bool = False):
                 console.print(f"evaluating {spec.name}/{spec.split} ({len(examples)} problems, k={e.k}) [{tag}]")
             r = evaluate(
                 trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
-                temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
+                temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, min_p=e.min_p,
+                max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
                 engine=trainer.engine, seed=cfg.seed, stop=tuple(cfg.rollout.stop), progress=not quiet,
                 extract=extract, reflection_words=tuple(cfg.train.reflection_words),
             )

@@ -48,6 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=16, help="samples per problem (default 16)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this share of the most likely one (default 0: off)")
     p.add_argument("--max-tokens", type=int, default=1024, help="token budget per answer (default 1024)")
     p.add_argument("--greedy", action="store_true", help="also report the accuracy of one greedy answer per problem")
     p.add_argument("--split", default="test", help="task split (default test)")
@@ -94,6 +97,8 @@ def run(args) -> int:
         raise UserError(f"--extract '{args.extract}' is not an answer extraction mode; choose one of: {', '.join(MODES)}")
     for flag, ok, allowed in (("--k", args.k >= 1, "at least 1"), ("--temperature", args.temperature >= 0, "0 or more"),
                               ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
+                              ("--top-k", args.top_k >= 0, "0 (off) or more"),
+                              ("--min-p", 0 <= args.min_p < 1, "in [0, 1) (0: off)"),
                               ("--max-tokens", args.max_tokens is None or args.max_tokens >= 1, "at least 1"),
                               ("--n", args.n is None or args.n >= 1, "at least 1 (or left out: the task's default)"),
                               ("--stop", all(args.stop), "non-empty strings (an empty one ends every answer at once)")):
@@ -138,7 +143,7 @@ def run(args) -> int:
     model.to(device)
     result = evaluate(
         model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_tokens, engine=args.engine, greedy=args.greedy, seed=args.seed, stop=tuple(args.stop),
+        top_k=args.top_k, min_p=args.min_p, max_new_tokens=args.max_tokens, engine=args.engine, greedy=args.greedy, seed=args.seed, stop=tuple(args.stop),
         progress=not args.quiet, extract=args.extract, batch_size=args.batch_size,
         reflection_words=[w.strip() for w in args.reflection_words.split(",") if w.strip()],
     )
@@ -344,7 +349,8 @@ def _fmt(name: str, value) -> str:
 def _settings(s: dict) -> str:
     if not s:
         return "-"
-    return f"k={s.get('k')} T={s.get('temperature')} p={s.get('top_p')} max={s.get('max_new_tokens')}"
+    cuts = "".join(f" {name}={s[key]}" for name, key in (("top_k", "top_k"), ("min_p", "min_p")) if s.get(key))
+    return f"k={s.get('k')} T={s.get('temperature')} p={s.get('top_p')}{cuts} max={s.get('max_new_tokens')}"
 
 
 def _label(path: str) -> str:

@@ -34,7 +34,8 @@ from ponder.runtime import rng_kept
 
 def evaluate(
     model, tokenizer, examples: Sequence[dict], *, template: str = "r1_zero", k: int = 16, temperature: float = 0.6,
-    top_p: float = 0.95, max_new_tokens: int = 1024, engine="fast", greedy: bool = False, seed: int = 0,
+    top_p: float = 0.95, top_k: int = 0, min_p: float = 0.0, max_new_tokens: int = 1024, engine="fast",
+    greedy: bool = False, seed: int = 0,
     stop: Sequence[str] = ("</answer>",), progress: bool = True, extract: str = "tags_or_boxed",
     reflection_words: Sequence[str] = DEFAULT_REFLECTION_WORDS, batch_size: int = 256, n_boot: int = 2000,
 ) -> dict:
@@ -72,11 +73,13 @@ def evaluate(
         engine=engine_name(eng), greedy=greedy, seed=seed, stop=list(stop), extract=extract,
         reflection_words=list(reflection_words), batch_size=batch_size, n_boot=n_boot,
     )
+    settings |= {key: value for key, value in (("top_k", top_k), ("min_p", min_p)) if value}  # named where they cut
     if template == "chat" and getattr(tokenizer, "ponder_chat_kwargs", None):  # a thinking and a non-thinking Qwen3
         settings["chat_template_kwargs"] = dict(tokenizer.ponder_chat_kwargs)  # evaluation are not the same settings
     encoded = [encoded_prompt(template, ex["prompt"], tokenizer) for ex in examples]
     prompts, opened = [ids for ids, _ in encoded], [o for _, o in encoded]
-    sample_params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=tuple(stop))
+    sample_params = SamplingParams(n=k, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                   max_tokens=max_new_tokens, stop=tuple(stop))
     greedy_params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop=tuple(stop))
 
     start = time.perf_counter()

@@ -121,7 +121,8 @@ def _evaluate(trainer, tag: str, quiet: bool) -> dict:
     for spec in e.tasks:
         examples = load_examples(spec, cfg.seed)
         res = evaluate(trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
-                       temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or 256,
+                       temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, min_p=e.min_p,
+                       max_new_tokens=e.max_new_tokens or 256,
                        seed=cfg.seed, progress=not quiet)
         res.pop("samples")
         results[f"{spec.name}/{spec.split}"] = res
