@@ -2,6 +2,7 @@
 backends end in one line."""
 
 import json
+import re
 import struct
 import sys
 import time
@@ -191,6 +192,12 @@ def test_tensorboard_drops_what_a_stopped_run_logged_past_its_checkpoint(tmp_pat
     for step in range(1, 6):
         first.log(step, {"reward": float(step)})
     first.close()
+    # as the stopped run was written a minute before: TensorBoard reads event files in the order of their names, which
+    # begin with the second they were opened in and end with a counter of writers in the process, compared as text. Two
+    # writers of one test in one second sorted the resumed one first once that counter passed 9 (suite order decides)
+    for path in (tmp_path / "tensorboard").rglob("events.out.tfevents.*"):
+        m = re.fullmatch(r"(events\.out\.tfevents\.)(\d+)(\..*)", path.name)
+        path.rename(path.with_name(f"{m[1]}{int(m[2]) - 60:010d}{m[3]}"))
     resumed = MetricsWriter(tmp_path, resume_step=2, log_to=["tensorboard"])
     for step in range(3, 6):
         resumed.log(step, {"reward": 100.0 + step})
