@@ -340,3 +340,17 @@ def test_push_refuses_a_checkpoint_that_a_kill_left_unfinished(hub_run, tmp_path
         assert line == (f"ponder: error: '{ckpts / folder}' is not a finished checkpoint (a save that was interrupted leaves "
                         f"such a folder); push one of {ckpts.resolve()}: step-1, step-2")
         assert not out.exists()
+
+
+def test_the_card_names_the_evaluations_top_k_and_min_p_where_set(tmp_path):
+    """The card's sentence on how pass@1 was sampled reads the results' settings: a run evaluated at top-k 20 and
+    min-p 0.05 was described as sampled at plain top-p 0.95."""
+    from ponder.push import model_card
+
+    run = tmp_path / "run"
+    for extra, said in (({"top_k": 20, "min_p": 0.05}, "top-p 0.95, top-k 20, min-p 0.05, at most 256 new tokens"),
+                        ({}, "top-p 0.95, at most 256 new tokens")):
+        settings = {"k": 4, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 256, "template": "r1_zero", **extra}
+        after = {"arith/test": {"settings": settings, "tasks": {"arith/test": {"pass@1": 0.5}}, "metrics": {"pass@1": 0.5}}}
+        card = model_card("me/x", run / "checkpoints" / "step-2", run, {"model": {"path": "tiny"}, "rollout": {}}, None, after)
+        assert said in next(line for line in card.splitlines() if "pass@1 is" in line)

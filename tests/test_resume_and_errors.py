@@ -257,6 +257,9 @@ def test_sampling_flags_out_of_range_are_one_line(tmp_path, error_line):
                       "--out", str(tmp_path / "s.jsonl")) == "ponder: error: config temperature must be 0 (greedy) or more; got -1"
     assert error_line("sft", "recipes/coldstart-tiny.yaml", f"output_dir={tmp_path}", "optim.lr=-1") == (
         "ponder: error: config optim.lr must be 0 (weights frozen) or more; got -1")
+    assert error_line("sft", "recipes/coldstart-tiny.yaml", f"output_dir={tmp_path}", "eval.min_p=1.5") == (  # was taken:
+        "ponder: error: config eval.min_p must be in [0, 1) (0: off; a share of the most likely token's probability); "
+        "got 1.5")  # every token cut away, NaN log-probs in the evaluation
     assert not any(tmp_path.iterdir())
 
 

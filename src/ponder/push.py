@@ -145,9 +145,10 @@ def model_card(repo: str, ckpt: Path, run_dir: Path, recipe: dict, before: dict 
     else:
         lines += figures_table(before, after, base, ckpt.name)
         settings = next(iter((after or before).values()), {}).get("settings", {})
+        cuts = "".join(f", {name} {settings[key]}" for name, key in (("top-k", "top_k"), ("min-p", "min_p")) if settings.get(key))
         lines += ["", "Measured by the run itself on held-out problems (`eval_before.json`, `eval_after.json`): pass@1 is "
                   f"the mean correctness over k={settings.get('k')} samples per problem at temperature "
-                  f"{settings.get('temperature')}, top-p {settings.get('top_p')}, at most {settings.get('max_new_tokens')} "
+                  f"{settings.get('temperature')}, top-p {settings.get('top_p')}{cuts}, at most {settings.get('max_new_tokens')} "
                   f"new tokens, `{settings.get('template')}` template; 95% CI by bootstrap over problems.", ""]
         if after is None:
             lines += [f"Only the starting model's figures were recorded; `{ckpt.name}` itself was not evaluated.", ""]

@@ -122,11 +122,13 @@ def _torch_stats(logits, targets, inv_t, with_entropy):
 def _torch_grad(logits, targets, lse, grad_lp, inv_t, ent=None, grad_ent=None):
     """d lp / d logits = (onehot - p) / T, times the incoming gradient; with the entropy's incoming gradient g_H,
     plus d H / d logits = -p * (log p + H) / T times g_H. In the logits' dtype."""
-    log_p = logits.float() * inv_t - lse[:, None]
-    p = log_p.exp()
-    g = (-p).scatter_add_(-1, targets[:, None], torch.ones_like(lse)[:, None]).mul_(grad_lp[:, None])
-    if grad_ent is not None:
-        g.sub_(p.mul_(log_p.add_(ent[:, None])).mul_(grad_ent[:, None]))
+    g = logits.float() * inv_t - lse[:, None]  # log p, then in place the gradient: one float32 [rows, V] buffer
+    if grad_ent is None:
+        g.exp_().neg_().mul_(grad_lp[:, None])
+    else:  # -p * (g_lp + g_H * (log p + H)): a second buffer, p
+        p = g.exp()
+        g.add_(ent[:, None]).mul_(grad_ent[:, None]).add_(grad_lp[:, None]).mul_(p).neg_()
+    g.scatter_add_(-1, targets[:, None], grad_lp[:, None])  # + g_lp at the target
     return g.mul_(inv_t).to(logits.dtype)
 
 

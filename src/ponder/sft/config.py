@@ -69,10 +69,12 @@ def check(cfg: SFTConfig) -> None:
         raise UserError("config train.epochs must be positive")
     if cfg.data.max_len is not None and cfg.data.max_len < 2:
         raise UserError("config data.max_len must be at least 2 tokens")
-    from ponder.config import check_lora, check_optim, check_tasks, need
+    from ponder.config import check_lora, check_optim, check_sampling, check_tasks, need
 
     check_tasks("data.coldstart", cfg.data.coldstart)
     check_tasks("eval.tasks", cfg.eval.tasks, unique=True)
+    e = cfg.eval  # GRPO's section, checked as GRPO checks it: an unchecked min_p >= 1 cut every token away
+    check_sampling("eval.", e.temperature, e.top_p, e.max_new_tokens, e.k, top_k=e.top_k, min_p=e.min_p)
     check_lora(cfg.model)
     if cfg.eval.every:  # the section is GRPO's: SFT evaluates before and after only
         raise UserError(f"config eval.every={cfg.eval.every}: ponder sft evaluates before and after training only; leave it "
