@@ -124,11 +124,11 @@ def _torch_grad(logits, targets, lse, grad_lp, inv_t, ent=None, grad_ent=None):
     plus d H / d logits = -p * (log p + H) / T times g_H. In the logits' dtype."""
     g = logits.float() * inv_t - lse[:, None]  # log p, then in place the gradient: one float32 [rows, V] buffer
     if grad_ent is None:
-        g.exp_().neg_().mul_(grad_lp[:, None])
-    else:  # -p * (g_lp + g_H * (log p + H)): a second buffer, p
-        p = g.exp()
-        g.add_(ent[:, None]).mul_(grad_ent[:, None]).add_(grad_lp[:, None]).mul_(p).neg_()
-    g.scatter_add_(-1, targets[:, None], grad_lp[:, None])  # + g_lp at the target
+        g = g.exp_().neg_().scatter_add_(-1, targets[:, None], torch.ones_like(lse)[:, None])
+        return g.mul_((grad_lp * inv_t)[:, None]).to(logits.dtype)
+    p = g.exp()  # with the entropy's term, -p * (g_lp + g_H * (log p + H)) + g_lp at the target: a second buffer
+    g.add_(ent[:, None]).mul_(grad_ent[:, None]).add_(grad_lp[:, None]).mul_(p).neg_()
+    g.scatter_add_(-1, targets[:, None], grad_lp[:, None])
     return g.mul_(inv_t).to(logits.dtype)
 
 
