@@ -145,7 +145,7 @@ def model_card(repo: str, ckpt: Path, run_dir: Path, recipe: dict, before: dict 
     else:
         lines += figures_table(before, after, base, ckpt.name)
         settings = next(iter((after or before).values()), {}).get("settings", {})
-        cuts = "".join(f", {name} {settings[key]}" for name, key in (("top-k", "top_k"), ("min-p", "min_p")) if settings.get(key))
+        cuts = "".join(f", {key.replace('_', '-')} {settings[key]}" for key in ("top_k", "min_p") if settings.get(key))
         lines += ["", "Measured by the run itself on held-out problems (`eval_before.json`, `eval_after.json`): pass@1 is "
                   f"the mean correctness over k={settings.get('k')} samples per problem at temperature "
                   f"{settings.get('temperature')}, top-p {settings.get('top_p')}{cuts}, at most {settings.get('max_new_tokens')} "

@@ -109,8 +109,7 @@ def _run_cli(args) -> None:
         raise UserError(f"ponder sample takes one recipe, got {', '.join(recipe)}; give overrides as key=value")
     cfg = load_sample_config(recipe[0] if recipe else None, overrides)
     for flag, key in (("model", "model"), ("k", "k"), ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
-                      ("min_p", "min_p"),
-                      ("max_tokens", "max_new_tokens"), ("seed", "seed"), ("out", "out")):
+                      ("min_p", "min_p"), ("max_tokens", "max_new_tokens"), ("seed", "seed"), ("out", "out")):
         if getattr(args, flag) is not None:
             setattr(cfg, key, getattr(args, flag))
     if args.per_prompt is not None:

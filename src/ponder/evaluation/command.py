@@ -143,8 +143,8 @@ def run(args) -> int:
     model.to(device)
     result = evaluate(
         model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, min_p=args.min_p, max_new_tokens=args.max_tokens, engine=args.engine, greedy=args.greedy, seed=args.seed, stop=tuple(args.stop),
-        progress=not args.quiet, extract=args.extract, batch_size=args.batch_size,
+        top_k=args.top_k, min_p=args.min_p, max_new_tokens=args.max_tokens, engine=args.engine, greedy=args.greedy,
+        seed=args.seed, stop=tuple(args.stop), progress=not args.quiet, extract=args.extract, batch_size=args.batch_size,
         reflection_words=[w.strip() for w in args.reflection_words.split(",") if w.strip()],
     )
     samples = result.pop("samples")
@@ -349,7 +349,7 @@ def _fmt(name: str, value) -> str:
 def _settings(s: dict) -> str:
     if not s:
         return "-"
-    cuts = "".join(f" {name}={s[key]}" for name, key in (("top_k", "top_k"), ("min_p", "min_p")) if s.get(key))
+    cuts = "".join(f" {key}={s[key]}" for key in ("top_k", "min_p") if s.get(key))
     return f"k={s.get('k')} T={s.get('temperature')} p={s.get('top_p')}{cuts} max={s.get('max_new_tokens')}"
 
 
