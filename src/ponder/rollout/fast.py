@@ -53,7 +53,7 @@ from ponder.rollout import (
 from ponder.kernels.arch import capturable, describe, gate_up_projections, qkv_projections, swiglu
 from ponder.kernels.sampler import row_keys
 from ponder.rollout.fast_model import EOS_SLOTS, Forward
-from ponder.rollout.fast_sampling import sample
+from ponder.rollout.fast_sampling import cuts, sample
 from ponder.rollout.fused_weights import join
 from ponder.rollout.schedule import Schedule
 from ponder.rollout.hf import HFEngine
@@ -437,7 +437,7 @@ class FastEngine(RolloutEngine):
         f.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long, device=f.device)
         limits = [max_new] * n_seq if limits is None else [max(1, min(max_new, int(x))) for x in limits]
         run = Schedule(self, f, prompts, params, limits)
-        filtered = 0 < params.top_k or params.top_p < 1.0 or params.min_p > 0
+        filtered = cuts(params.top_k, params.top_p, params.min_p)
         in_graph = None if filtered else params.temperature  # None: the graph returns logits, sampling here
         ahead = int(self.look_ahead if self.look_ahead is not None else f.device.type == "cuda")
         run.sync(run.look())  # the first admissions: prefill, first tokens

@@ -31,13 +31,18 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return x
 
 
+def cuts(top_k: int, top_p: float, min_p: float, vocab: int | None = None) -> bool:
+    """Whether sampling drops tokens: then it sorts or compares eagerly, and a captured decode step stops at the logits."""
+    return (top_k > 0 and (vocab is None or top_k < vocab)) or top_p < 1.0 or min_p > 0
+
+
 def sample(logits, temperature, top_k, top_p, keys, want_logprobs: bool, kernels=EAGER, min_p: float = 0.0):
     """[B, V] logits -> tokens [B], their log-probabilities under the sampling distribution (when asked, else None)
     and each row's entropy at the temperature (1 when greedy), over the whole vocabulary whatever top-k, top-p and
     min-p keep: the entropy the trainer logs. `keys` [B] (see ponder.kernels.sampler.row_keys) fix each row's draw."""
     if temperature == 0:
         tokens, logprobs, entropies = kernels["greedy_pick"](logits, keys, 1.0)
-    elif not 0 < top_k < logits.shape[-1] and top_p >= 1.0 and min_p <= 0:  # plain: no sort (CUDA: two Triton kernels)
+    elif not cuts(top_k, top_p, min_p, logits.shape[-1]):  # plain sampling: no sort (CUDA: two Triton kernels)
         tokens, logprobs, entropies = kernels["pick"](logits, keys, 1.0 / temperature)
     else:
         tokens, logprobs, _ = EAGER["pick"](process_logits(logits, temperature, top_k, top_p, min_p), keys, 1.0)
