@@ -89,6 +89,20 @@ def test_a_sequence_level_ratio_clips_whole_completions_in_the_trainer(smoke_cfg
         assert int(c.item()) in sums
 
 
+def test_the_dual_clip_reaches_the_update_and_logs_its_share(smoke_cfg):
+    """Off-policy (mu = 2, two mini-batches, a large step), some ratios of negative-advantage tokens pass
+    1.3: the dual clip holds them and the run logs their share; without the option there is no such figure."""
+    from ponder.rl.trainer import GRPOTrainer
+
+    args = ("train.steps=2", "train.save_every=0", "rollout.prompts_per_step=4", "algorithm.mu=2",
+            "algorithm.minibatches=2", "optim.lr=0.05", "rewards={test_char_hash: 1.0}")
+    t = GRPOTrainer(smoke_cfg("name=dual", *args, "algorithm.dual_clip=1.3"))
+    rows = [t.step(), t.step()]
+    assert any(r["clip_dual_frac"] > 0 for r in rows), rows
+    assert all(0 <= r["clip_dual_frac"] <= 1 for r in rows)
+    assert "clip_dual_frac" not in GRPOTrainer(smoke_cfg("name=plain", *args)).step()
+
+
 def test_the_sequence_level_ratio_says_where_it_does_nothing():
     from ponder.config import AlgoConfig
     from ponder.rl.trainer import ratio_notices
@@ -97,6 +111,9 @@ def test_the_sequence_level_ratio_says_where_it_does_nothing():
     assert "changes nothing at mu = 1" in ratio_notices(AlgoConfig(ratio="sequence"))[0]
     assert "[0.8, 1.2]" in ratio_notices(AlgoConfig(ratio="sequence", mu=2))[0]
     assert ratio_notices(AlgoConfig(ratio="sequence", mu=2, eps_low=3e-4, eps_high=4e-4)) == []
+    both = ratio_notices(AlgoConfig(ratio="sequence", dual_clip=3.0))
+    assert len(both) == 2 and both[1].startswith("ponder: algorithm.dual_clip=3 changes nothing at mu = 1")
+    assert ratio_notices(AlgoConfig(dual_clip=3.0, minibatches=2)) == []
 
 
 def test_overlong_filtering_masks_truncated_completions(smoke_cfg):

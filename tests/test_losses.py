@@ -52,6 +52,28 @@ def test_clipping_follows_the_pessimistic_bound():
     assert st["clip_low"] == 0 and st["clip_high"] == 0
 
 
+def test_dual_clip_holds_a_negative_advantages_loss_at_dual_clip_times_its_size():
+    old = torch.zeros(1, 3)
+    one = torch.ones(1, 3)
+    ratios = [4.0, 2.0, 0.5]  # past the dual clip of 3, between it and the clip, below the clip
+    for adv, dual, want_loss, want_grad, want_dual in [
+        # A = -2: -A x ratio would be 8, 4, 1.6 (0.5 clipped to 0.8); the first is held at 3 x 2 = 6, without gradient
+        (-2.0, 3.0, [6.0, 4.0, 1.6], [0.0, 4.0, 0.0], 1),
+        (-2.0, None, [8.0, 4.0, 1.6], [8.0, 4.0, 0.0], 0),  # off: the loss grows with the ratio
+        # A > 0: the clip already bounds it (1.2 x A at most); the dual clip leaves it alone
+        (2.0, 3.0, [-2.4, -2.4, -1.0], [0.0, 0.0, -1.0], 0),
+    ]:
+        logp = torch.tensor([[math.log(r) for r in ratios]], requires_grad=True)
+        loss, st = policy_loss(logp, old, torch.tensor([adv]), one, 0.2, 0.2, dual_clip=dual)
+        loss.backward()
+        token_losses = [policy_loss(logp[:, i:i + 1].detach(), old[:, :1], torch.tensor([adv]), one[:, :1], 0.2, 0.2,
+                                    dual_clip=dual)[0].item() for i in range(3)]
+        assert token_losses == pytest.approx(want_loss)
+        assert loss.item() == pytest.approx(sum(want_loss))
+        assert logp.grad[0].tolist() == pytest.approx(want_grad)  # d(-A x ratio)/dlogp = -A x ratio
+        assert st["clip_dual"].item() == want_dual
+
+
 def test_k3_kl_hand_value_and_sign():
     logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
     # exp(d) - d - 1 with d = log(.25/.5)

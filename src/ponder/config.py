@@ -93,6 +93,10 @@ class AlgoConfig:
     loss_agg: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "grpo"
     eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
     eps_high: float = 0.2  # clip-higher (DAPO: 0.28)
+    # dual-clip: a negative advantage's token loss bounded at dual_clip x |A|, so that a token the policy has come to
+    # favour far more than the sampler did (ratio past dual_clip) cannot dominate the update; such tokens carry no
+    # gradient. Off-policy only, as the clip (Ye et al. 2020; verl's clip_ratio_c, 3; TRL's delta). None: off
+    dual_clip: Optional[float] = None
     # Importance ratio. token: one a token (PPO, GRPO); sequence: one a sequence, the geometric mean of its tokens'
     # ratios, clipped as a whole (GSPO, arXiv 2507.18071, which clips at eps_low 3e-4, eps_high 4e-4). The two
     # differ only off-policy: mu > 1 or minibatches > 1 (at mu = 1 every ratio is 1).
@@ -692,6 +696,8 @@ def validate(cfg) -> None:
     check_sampling("rollout.", r.temperature, r.top_p, r.max_new_tokens, stop=r.stop, top_k=r.top_k, min_p=r.min_p)
     need(0 <= a.eps_low < 1, "algorithm.eps_low", a.eps_low, "in [0, 1) (the ratio is clipped below at 1 - eps_low)")
     need(a.eps_high >= 0, "algorithm.eps_high", a.eps_high, "0 or more")
+    need(a.dual_clip is None or a.dual_clip > 1 + a.eps_high, "algorithm.dual_clip", a.dual_clip,
+         f"above 1 + algorithm.eps_high = {1 + a.eps_high:g} (where the clip leaves off; 3 is usual), or null (off)")
     need(a.beta >= 0, "algorithm.beta", a.beta, "0 (no KL term) or more")
     need(a.ref_reset_every >= 0, "algorithm.ref_reset_every", a.ref_reset_every, "0 (never) or more")
     need(0 < a.ref_mix <= 1, "algorithm.ref_mix", a.ref_mix, "in (0, 1] (the policy's share at each reset)")

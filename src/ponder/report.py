@@ -37,7 +37,7 @@ PANELS = [
     ("language mixing rate", ["mixing_rate", "mixing_rate/"], False),
     ("KL to the reference", ["kl"], False),
     ("entropy (nats per token)", ["entropy"], False),
-    ("clipped token share", ["clip_low_frac", "clip_high_frac"], False),
+    ("clipped token share", ["clip_low_frac", "clip_high_frac", "clip_dual_frac"], False),
     ("zero-variance groups (no signal)", ["zero_var_groups_frac"], False),
     ("seconds per step", ["time/generate", "time/reward", "time/train"], True),
     ("training loss", ["loss"], False),

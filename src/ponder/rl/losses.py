@@ -74,6 +74,7 @@ def policy_loss(
     token_scale: torch.Tensor | None = None,  # [B, T] detached weights of the policy-gradient term (TIS), not the KL's
     entropy_coef: float = 0.0,
     entropy: torch.Tensor | None = None,  # [B, T] each token's entropy, with gradients (when entropy_coef)
+    dual_clip: float | None = None,
 ):
     """Returns (loss, stats). loss = sum(weight * token_loss); stats are detached token sums, as 0-d tensors
     on the loss's device (read them once per step: each read waits for the GPU)."""
@@ -89,6 +90,8 @@ def policy_loss(
     unclipped = ratio * a
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a  # clip-higher: eps_high may exceed eps_low
     token_loss = -torch.minimum(unclipped, clipped)
+    if dual_clip is not None:  # dual-clip: -A x ratio, unbounded for A < 0 as the ratio grows, held at -A x dual_clip
+        token_loss = torch.where(a < 0, torch.minimum(token_loss, -dual_clip * a), token_loss)
     if token_scale is not None:
         token_loss = token_loss * token_scale
     kl = None
@@ -102,6 +105,8 @@ def policy_loss(
         # a token is clipped when the clipped branch wins the min and carries no gradient
         "clip_low": ((ratio < 1 - eps_low) & (a < 0)).float().mul(live).sum(),
         "clip_high": ((ratio > 1 + eps_high) & (a > 0)).float().mul(live).sum(),
+        "clip_dual": (((ratio > dual_clip) & (a < 0)).float().mul(live).sum() if dual_clip is not None
+                      else live.new_zeros(())),
         "kl": kl.detach().mul(live).sum() if kl is not None else live.new_zeros(()),
         "tokens": live.sum(),
     }

@@ -203,7 +203,7 @@ class GRPOTrainer:
                 for s, w in zip(mb, ws):
                     s.weight = w
         self.optimizer.zero_grad(set_to_none=True)
-        names = ("loss", "clip_low", "clip_high", "kl", "tokens", "entropy", "is_ratio", "is_capped", "is_tokens")
+        names = ("loss", "clip_low", "clip_high", "clip_dual", "kl", "tokens", "entropy", "is_ratio", "is_capped", "is_tokens")
         if not n_total:  # no rank has a sample (all masked): no step, since AdamW would still decay and follow momentum
             return {**dict.fromkeys(names, 0.0), "grad_norm": 0.0, "skipped": 0.0}
         # sums stay on the device until the end: a read per micro-batch would wait for the GPU each time
@@ -228,13 +228,13 @@ class GRPOTrainer:
                 totals["is_tokens"] += live.sum()
             loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref,
                                    ratio_level=a.ratio, kl_estimator=a.kl_estimator, token_scale=scale,
-                                   entropy_coef=a.entropy_coef, entropy=entropy)
+                                   entropy_coef=a.entropy_coef, entropy=entropy, dual_clip=a.dual_clip)
             sharding.accumulate(self.model, last=i == len(batches) - 1, mode=self.sharding)
             loss.backward()  # sharded: FSDP2 sums the gradients across ranks
             if i < real:
                 totals["loss"] += loss.detach()
                 totals["entropy"] += (entropy.detach() * mask).sum()  # (with entropy_coef it holds the graph)
-                for k in ("clip_low", "clip_high", "kl", "tokens"):
+                for k in ("clip_low", "clip_high", "clip_dual", "kl", "tokens"):
                     totals[k] += st[k]
         totals = dict(zip(totals, torch.stack(list(totals.values())).tolist()))
         grad_norm = sharding.full_tensor(  # over sharded gradients, a DTensor: its full value, the same on every rank
@@ -437,7 +437,7 @@ class GRPOTrainer:
         n_tokens = sum(s["tokens"] for s in stats)
         # no token measured (mask_truncated removed every completion): no figure, not a 0 the guardrails read as collapse
         per_token = {k: sum(s[k] for s in stats) / n_tokens if n_tokens else float("nan")
-                     for k in ("entropy", "kl", "clip_low", "clip_high")}
+                     for k in ("entropy", "kl", "clip_low", "clip_high", "clip_dual")}
         m = {
             "reward": mean([r for g in groups for r in g.rewards]),
             **{f"reward/{k}": mean([v for g in groups for v in g.per_fn[k]]) for k in self.rewards.fns},
@@ -459,6 +459,7 @@ class GRPOTrainer:
             "kl": per_token["kl"],
             "clip_low_frac": per_token["clip_low"],
             "clip_high_frac": per_token["clip_high"],
+            **({"clip_dual_frac": per_token["clip_dual"]} if self.cfg.algorithm.dual_clip is not None else {}),
             **self._is_metrics(stats),
             "grad_norm": mean([s["grad_norm"] for s in stats]),
             "skipped_updates": sum(s["skipped"] for s in stats),
@@ -475,7 +476,8 @@ class GRPOTrainer:
         per = {k: len(texts) for k in m if k == "accuracy" or k.startswith("reward") or k in (
             "format_rate", "completion_len/mean", "truncated_frac", "reflection_rate", "mixing_rate", "repeated_line_frac",
             "unreasoned_frac")}
-        per |= {"zero_var_groups_frac": len(groups), **dict.fromkeys(("entropy", "kl", "clip_low_frac", "clip_high_frac"), n_tokens),
+        per |= {"zero_var_groups_frac": len(groups),
+                **dict.fromkeys(("entropy", "kl", "clip_low_frac", "clip_high_frac", "clip_dual_frac"), n_tokens),
                 **dict.fromkeys(self._is_metrics(stats), sum(s["is_tokens"] for s in stats))}
         tasks = sorted({g.example.get("task", "") for g in groups})
         # a mix: each task's own curves (reflection pays on some only), also where this rank's groups hold one task
@@ -636,17 +638,21 @@ def assign_advantages(groups: list[Group], mode: str) -> None:
 
 
 def ratio_notices(a) -> list[str]:
-    """Start notices for a sequence-level ratio (GSPO) where it cannot do what it is for."""
-    if a.ratio != "sequence":
-        return []
-    if a.mu == 1 and a.minibatches == 1:
-        return ["ponder: algorithm.ratio=sequence (GSPO) changes nothing at mu = 1 with one mini-batch, where every "
-                "ratio is 1; it clips updates made off-policy: set algorithm.mu or algorithm.minibatches above 1"]
-    if min(a.eps_low, a.eps_high) >= 0.01:
-        return [f"ponder: algorithm.ratio=sequence clips a sequence's mean ratio to [{1 - a.eps_low:g}, "
-                f"{1 + a.eps_high:g}], which it seldom leaves; GSPO clips at algorithm.eps_low=3e-4 "
-                "algorithm.eps_high=4e-4"]
-    return []
+    """Start notices for a sequence-level ratio (GSPO) or a dual clip where it cannot do what it is for."""
+    on_policy = a.mu == 1 and a.minibatches == 1  # every ratio is 1
+    off_policy = "set algorithm.mu or algorithm.minibatches above 1"
+    notices = []
+    if a.ratio == "sequence" and on_policy:
+        notices.append("ponder: algorithm.ratio=sequence (GSPO) changes nothing at mu = 1 with one mini-batch, where "
+                       f"every ratio is 1; it clips updates made off-policy: {off_policy}")
+    elif a.ratio == "sequence" and min(a.eps_low, a.eps_high) >= 0.01:
+        notices.append(f"ponder: algorithm.ratio=sequence clips a sequence's mean ratio to [{1 - a.eps_low:g}, "
+                       f"{1 + a.eps_high:g}], which it seldom leaves; GSPO clips at algorithm.eps_low=3e-4 "
+                       "algorithm.eps_high=4e-4")
+    if a.dual_clip is not None and on_policy:
+        notices.append(f"ponder: algorithm.dual_clip={a.dual_clip:g} changes nothing at mu = 1 with one mini-batch, "
+                       f"where every ratio is 1; it bounds updates made off-policy: {off_policy}")
+    return notices
 
 
 def _split(samples: list[Sample], k: int) -> list[list[Sample]]:
