@@ -63,15 +63,16 @@ def test_gradients_match_full_logits(batch):
 def test_entropy_is_computed_once_per_chunk_not_again_in_backward(batch, monkeypatch):
     """Backward recomputes each chunk's logits (checkpointing) but must not redo the entropy."""
     model, ids, att, comp = batch
+    import ponder.rl.logprobs as logprobs_module
+
     calls = []
-    softmax = torch.softmax
-    vocab = model.config.vocab_size  # count the head's softmax only, not attention's
+    entropy = logprobs_module.softmax_entropy
 
-    def counting(x, *a, **k):
-        calls.extend([1] if x.shape[-1] == vocab else [])
-        return softmax(x, *a, **k)
+    def counting(x, lse):
+        calls.append(1)
+        return entropy(x, lse)
 
-    monkeypatch.setattr(torch, "softmax", counting)
+    monkeypatch.setattr(logprobs_module, "softmax_entropy", counting)
     scored = int(((comp[:, 1:] != 0) & (att[:, 1:] != 0)).sum())  # 17 tokens: 5 chunks of at most 4
     lp, ent = token_logprobs(model, ids, att, comp, chunk_size=4)
     assert len(calls) == -(-scored // 4) == 5
@@ -179,3 +180,22 @@ def test_the_logits_probe_leaves_training_mode_and_the_random_state_alone():
     torch.manual_seed(3)
     check_head(model)
     assert torch.equal(torch.rand(4), expected) and model.training
+
+
+def test_the_entropy_of_a_qwen_sized_vocabulary_is_float32_exact():
+    """Both heads' entropies (the fused head's torch path and the padded pass's) at a 151,936-token vocabulary
+    against float64: lse - sum(softmax * x) was 1e-3 off on the CPU, the size of a real entropy change in a step."""
+    from ponder.kernels.head_logprobs import _torch_stats
+    from ponder.rl.logprobs import head_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 151936, generator=g) * 4
+    targets = torch.randint(0, 151936, (8,), generator=g)
+    x = logits.double()
+    log_p = x - x.logsumexp(-1, keepdim=True)
+    want = -(log_p.exp() * log_p).sum(-1)
+    _, lp, ent = _torch_stats(logits, targets, 1.0, True)
+    assert (ent.double() - want).abs().max() < 5e-5
+    assert (lp.double() - log_p.gather(-1, targets[:, None]).squeeze(-1)).abs().max() < 5e-5
+    _, ent = head_logprobs(torch.nn.Identity(), logits, targets, 1.0, 4, with_entropy=True)
+    assert (ent.double() - want).abs().max() < 5e-5

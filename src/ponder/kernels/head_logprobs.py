@@ -111,11 +111,18 @@ class _HeadLogprobs(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------- torch math
+def softmax_entropy(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """-sum p log p over the last dimension, from float32 logits and their logsumexp, p taken as exp(x - lse): with
+    torch.softmax's p, lse - sum p x was 1e-3 off at a 152k vocabulary in float32 on the CPU; this is 1e-5 or less."""
+    log_p = x - lse[..., None]
+    return -(log_p.exp() * log_p).sum(-1)
+
+
 def _torch_stats(logits, targets, inv_t, with_entropy):
     x = logits.float() * inv_t
     lse = x.logsumexp(-1)
     lp = x.gather(-1, targets[:, None]).squeeze(-1) - lse
-    ent = lse - (x.softmax(-1) * x).sum(-1) if with_entropy else torch.zeros_like(lse)
+    ent = softmax_entropy(x, lse) if with_entropy else torch.zeros_like(lse)
     return lse, lp, ent
 
 

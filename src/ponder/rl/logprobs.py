@@ -13,6 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ponder.errors import UserError
+from ponder.kernels.head_logprobs import softmax_entropy
 from ponder.runtime import probing
 
 
@@ -192,11 +193,11 @@ def head_logprobs(head, hidden, targets, temperature, chunk_size, with_entropy, 
         lse = logits.logsumexp(-1)
         lp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
         if with_entropy and entropy_grad:  # in the graph: computed again, alike, on recomputation
-            return lp, lse - (torch.softmax(logits, -1) * logits).sum(-1)
+            return lp, softmax_entropy(logits, lse)
         if not (with_entropy and forward[0]):
             return lp, None
         with torch.no_grad():  # saves nothing for backward, so skipping it on recomputation is safe
-            ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+            ent = softmax_entropy(logits, lse)
         return lp, ent
 
     lps, ents = [], []
