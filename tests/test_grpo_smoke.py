@@ -103,6 +103,30 @@ def test_the_dual_clip_reaches_the_update_and_logs_its_share(smoke_cfg):
     assert "clip_dual_frac" not in GRPOTrainer(smoke_cfg("name=plain", *args)).step()
 
 
+def test_only_the_high_entropy_tokens_carry_policy_gradient(smoke_cfg, monkeypatch):
+    """algorithm.top_entropy_quantile: each micro-batch's mask of its highest-entropy live tokens, a quarter of
+    them, is what weighs the policy-gradient term."""
+    import ponder.rl.trainer as trainer_module
+
+    calls, scales = [], []
+    mask_of, loss_of = trainer_module.high_entropy_mask, trainer_module.policy_loss
+
+    def masking(entropy, live, share):
+        calls.append((entropy.detach().clone(), live, mask_of(entropy, live, share)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(trainer_module, "high_entropy_mask", masking)
+    monkeypatch.setattr(trainer_module, "policy_loss", lambda *a, **k: scales.append(k["token_scale"]) or loss_of(*a, **k))
+    t = trainer_module.GRPOTrainer(smoke_cfg("name=forks", "train.steps=1", "train.save_every=0",
+                                              "rollout.prompts_per_step=4", "algorithm.top_entropy_quantile=0.25",
+                                              "rewards={test_char_hash: 1.0}"))
+    assert math.isfinite(t.step()["grad_norm"])
+    assert calls and len(calls) == len(scales) and all(s is c[2] for s, c in zip(scales, calls))
+    for entropy, live, mask in calls:
+        assert mask.sum() == round(0.25 * live.sum().item())
+        assert entropy[mask.bool()].min() >= entropy[live & ~mask.bool()].max()  # the kept are the highest
+
+
 def test_the_sequence_level_ratio_says_where_it_does_nothing():
     from ponder.config import AlgoConfig
     from ponder.rl.trainer import ratio_notices

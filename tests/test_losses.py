@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ponder.rl.losses import k3_kl, micro_batch_weights, policy_loss, sequence_token_weights
+from ponder.rl.losses import high_entropy_mask, k3_kl, micro_batch_weights, policy_loss, sequence_token_weights
 
 
 def _loss(lengths, adv, agg, max_new=8, micro=None):
@@ -72,6 +72,18 @@ def test_dual_clip_holds_a_negative_advantages_loss_at_dual_clip_times_its_size(
         assert loss.item() == pytest.approx(sum(want_loss))
         assert logp.grad[0].tolist() == pytest.approx(want_grad)  # d(-A x ratio)/dlogp = -A x ratio
         assert st["clip_dual"].item() == want_dual
+
+
+def test_the_high_entropy_mask_keeps_the_top_share_of_live_tokens():
+    entropy = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 5.0, 5.0]])
+    live = torch.tensor([[True] * 4, [True, True, False, False]])  # the padding's entropies (5.0) are not tokens
+    # six live tokens, half kept: 0.9, 0.7 and 0.5
+    assert high_entropy_mask(entropy, live, 0.5).tolist() == [[0, 1, 1, 1], [0, 0, 0, 0]]
+    assert high_entropy_mask(entropy, live, 0.2).tolist() == [[0, 1, 0, 0], [0, 0, 0, 0]]  # 1.2 rounds to one
+    assert high_entropy_mask(entropy, live, 1.0).tolist() == live.float().tolist()
+    # ties at the cut are all kept; an empty micro-batch keeps nothing
+    assert high_entropy_mask(torch.tensor([[0.5, 0.5, 0.1]]), torch.ones(1, 3, dtype=torch.bool), 1 / 3).tolist() == [[1, 1, 0]]
+    assert high_entropy_mask(entropy, torch.zeros_like(live), 0.2).sum() == 0
 
 
 def test_k3_kl_hand_value_and_sign():

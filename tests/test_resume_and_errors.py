@@ -223,6 +223,8 @@ RANGE_ERRORS = [  # (command line, the line a user sees)
     (["algorithm.beta=-0.1"], "config algorithm.beta must be 0 (no KL term) or more; got -0.1"),
     (["algorithm.dual_clip=1.1"], "config algorithm.dual_clip must be above 1 + algorithm.eps_high = 1.28 (where the clip "
                                    "leaves off; 3 is usual), or null (off); got 1.1"),
+    (["algorithm.top_entropy_quantile=0"], "config algorithm.top_entropy_quantile must be in (0, 1]: the share of tokens, "
+                                            "those of highest entropy, that carry policy gradient (1: all; the paper: 0.2); got 0"),
     (["algorithm.entropy_coef=-0.01"], "config algorithm.entropy_coef must be 0 (no entropy bonus) or more; got -0.01"),
     (["optim.lr=-1"], "config optim.lr must be 0 (weights frozen) or more; got -1"),  # was torch's traceback
     (["optim.warmup_steps=-3"], "config optim.warmup_steps must be 0 or more; got -3"),

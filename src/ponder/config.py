@@ -113,6 +113,10 @@ class AlgoConfig:
     # an entropy bonus: the loss less entropy_coef x each token's entropy, aggregated as the tokens' loss (verl's
     # entropy_coeff); it reaches samples of zero advantage, which train.skip_zero_advantage then no longer skips
     entropy_coef: float = 0.0
+    # the 80/20 rule (Wang et al. 2025, arXiv 2506.01939): only this share of each micro-batch's tokens, those of
+    # highest entropy (the forks where the chain could go either way), carry policy gradient; the paper keeps 0.2.
+    # The KL and entropy terms still cover every token. 1: every token (TRL's top_entropy_quantile)
+    top_entropy_quantile: float = 1.0
     mu: int = 1  # passes over each batch of rollouts (old log-probs kept when > 1)
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many mini-batches)
     dynamic_sampling: bool = False  # DAPO: drop groups answered all right or all wrong, draw more prompts
@@ -701,6 +705,8 @@ def validate(cfg) -> None:
     need(a.beta >= 0, "algorithm.beta", a.beta, "0 (no KL term) or more")
     need(a.ref_reset_every >= 0, "algorithm.ref_reset_every", a.ref_reset_every, "0 (never) or more")
     need(0 < a.ref_mix <= 1, "algorithm.ref_mix", a.ref_mix, "in (0, 1] (the policy's share at each reset)")
+    need(0 < a.top_entropy_quantile <= 1, "algorithm.top_entropy_quantile", a.top_entropy_quantile,
+         "in (0, 1]: the share of tokens, those of highest entropy, that carry policy gradient (1: all; the paper: 0.2)")
     need(a.entropy_coef >= 0, "algorithm.entropy_coef", a.entropy_coef, "0 (no entropy bonus) or more")
     if a.ref_mix < 1 and not (a.beta and a.ref_reset_every):
         raise UserError("config algorithm.ref_mix applies at each reference reset: set algorithm.beta above 0 and "

@@ -60,6 +60,16 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
+def high_entropy_mask(entropy: torch.Tensor, live: torch.Tensor, share: float) -> torch.Tensor:
+    """1 on the `share` of the live tokens whose entropy is highest (ties at the cut kept), 0 elsewhere: the 80/20
+    rule's tokens (arXiv 2506.01939), chosen within the tokens given (one micro-batch, as the paper's code does)."""
+    values = entropy.detach()[live]
+    if share >= 1 or not values.numel():
+        return live.float()
+    cut = values.topk(max(1, round(share * values.numel()))).values[-1]
+    return ((entropy.detach() >= cut) & live).float()
+
+
 def policy_loss(
     logp: torch.Tensor,  # [B, T] log-probs of the sampled tokens under the current policy (with grad)
     old_logp: torch.Tensor,  # [B, T] under the policy that sampled them (== logp.detach() when mu = 1)

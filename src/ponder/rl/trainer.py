@@ -40,7 +40,7 @@ from ponder.rl.advantages import advantages
 from ponder.rl.batching import Sample, pad_rows, per_row
 from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
-from ponder.rl.losses import micro_batch_weights, policy_loss, sequence_token_weights
+from ponder.rl.losses import high_entropy_mask, micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, completion_texts, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
 from ponder.tasks import PromptSampler, check_prompts, load_examples, mix, prompt_key
@@ -226,6 +226,9 @@ class GRPOTrainer:
                 totals["is_ratio"] += is_ratio.mul(live).sum()
                 totals["is_capped"] += (is_ratio > a.rollout_is_cap).mul(live).sum()
                 totals["is_tokens"] += live.sum()
+            if a.top_entropy_quantile < 1:  # 80/20: the other tokens carry no policy gradient
+                keep = high_entropy_mask(entropy, weight != 0, a.top_entropy_quantile)
+                scale = keep if scale is None else scale * keep
             loss, st = policy_loss(logp, old, adv, weight, a.eps_low, a.eps_high, a.beta, ref,
                                    ratio_level=a.ratio, kl_estimator=a.kl_estimator, token_scale=scale,
                                    entropy_coef=a.entropy_coef, entropy=entropy, dual_clip=a.dual_clip)
