@@ -547,11 +547,12 @@ def test_an_entropy_bonus_raises_the_entropy_where_the_rewards_teach_nothing(smo
     def trainer(coef):
         return GRPOTrainer(load_config("recipes/zero-tiny.yaml", [
             f"output_dir={tmp_path}", f"name=ent-{coef}", "rewards={test_constant: 1.0}", "eval.tasks=[]",
-            "rollout.prompts_per_step=4", "optim.lr=0.003", "train.save_every=0", f"algorithm.entropy_coef={coef}"]))
+            "rollout.prompts_per_step=4", "rollout.max_new_tokens=64", "optim.lr=0.003", "train.save_every=0",
+            f"algorithm.entropy_coef={coef}"]))
 
     still = trainer(0)
     before = [p.detach().clone() for p in still.model.parameters()]
     assert still.step()["grad_norm"] == 0 and all(torch.equal(p, b) for p, b in zip(still.model.parameters(), before))
     t = trainer(0.5)
-    entropy = [t.step()["entropy"] for _ in range(4)]
+    entropy = [t.step()["entropy"] for _ in range(5)]  # 0.18, 0.18, 0.26, 1.06, 2.41 on the two-core machine
     assert entropy[0] < 0.3 and entropy[-1] > 3 * entropy[0], entropy
