@@ -126,7 +126,8 @@ def test_fast_engine_logprobs_match_a_fresh_forward(paths):
 @pytest.mark.parametrize("setting", ["algorithm.beta=0", "algorithm.beta=0.04", "algorithm.mu=2", "train.precision=fp32",
                                      "train.precision=bf16", "model.gradient_checkpointing=true", "optim.token_budget=null",
                                      "algorithm.beta=0.04 algorithm.ref_reset_every=1 algorithm.ref_mix=0.5",
-                                     "algorithm.entropy_coef=0.01"])
+                                     "algorithm.entropy_coef=0.01",
+                                     "algorithm.mu=2 algorithm.dual_clip=3 algorithm.top_entropy_quantile=0.2"])
 def test_grpo_steps_on_the_tiny_world(paths, tmp_path, setting):
     """Two steps of the R1-Zero demo's recipe, as `ponder train` runs them, on the GPU. With beta > 0 or mu > 1 the
     first pass of the update scores without gradients: there the token budget's probe (a backward) stopped the run.
@@ -134,7 +135,8 @@ def test_grpo_steps_on_the_tiny_world(paths, tmp_path, setting):
     checkpointed layers, checkpoint's early stop inside a compiled piece was taken for the piece failing. With the
     budget unset, the memory plan's probes run on the device's own counters. With ref_mix the reference moves by a
     lerp of each parameter toward the policy's (float32 masters, a bf16-fused rollout copy beside them). With an
-    entropy bonus the head's Triton backward pass carries the entropy's gradient too."""
+    entropy bonus the head's Triton backward pass carries the entropy's gradient too. The 80/20 mask picks its tokens
+    on the device (a boolean index: one wait for the GPU a micro-batch)."""
     from ponder.config import load_config
     from ponder.rl.trainer import GRPOTrainer
 
