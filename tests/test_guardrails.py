@@ -403,7 +403,7 @@ def test_a_warning_says_what_to_try(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "ponder: guardrail entropy_collapse at step 6: entropy 0.01 < 0.1 (0.1 x its early median 1); warning only "
         "(guardrails.entropy_collapse.action=warn); if it persists, try a higher algorithm.eps_high (clip-higher), a "
-        "higher rollout.temperature or a lower optim.lr\n")
+        "higher rollout.temperature, a lower optim.lr or an entropy bonus (algorithm.entropy_coef=0.001)\n")
 
 
 def test_a_rollback_copies_the_checkpoint_into_the_model_without_a_second_model(tmp_path, monkeypatch):

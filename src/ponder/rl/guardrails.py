@@ -205,7 +205,8 @@ def non_finite(g, h: History, s: StepView):
 
 # what to change when a guardrail keeps firing, for its warning and stop lines
 FIXES = {
-    "entropy_collapse": "a higher algorithm.eps_high (clip-higher), a higher rollout.temperature or a lower optim.lr",
+    "entropy_collapse": "a higher algorithm.eps_high (clip-higher), a higher rollout.temperature, a lower optim.lr "
+                        "or an entropy bonus (algorithm.entropy_coef=0.001)",
     "kl_spike": "a lower optim.lr or a higher algorithm.beta",
     "clip_spike": "a lower optim.lr or fewer passes (algorithm.mu)",
     "length_runaway": "a higher rollout.max_new_tokens, or the overlong reward (rewards.overlong)",
