@@ -249,3 +249,53 @@ def test_the_sft_stage_after_the_sample_stage_trains_on_its_traces(tmp_path, tea
         "begun used the old ones, so leave these out to continue the run, or choose another name (name=...) to start "
         "a new one")
     assert config.read_text() == before and not (tmp_path / "e" / "student").exists()
+
+
+@pytest.mark.parametrize("override, line", [
+    ("sft.eval.tasks=[{name: arithmetic, split: test, n: 4, options: {difficulty: hardd}}]",
+     "config sft.eval.tasks[0]: task 'arithmetic': unknown difficulty 'hardd'; choose one of: easy, medium, hard, expert, mixed"),
+    ("sft.model.lora={r: 4, target_modules: [lm_head]}",
+     "sft.model.lora.target_modules: 'lm_head' shares its matrix with the input embedding in this model "
+     "(tie_word_embeddings); leave it out of target_modules"),
+    ("sft.model.lora={r: 4, target_modules: [q_proj, v_prj]}",
+     "sft.model.lora.target_modules ['v_prj'] of ['q_proj', 'v_prj'] name no layer of this llama model; its linear layers "
+     "are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj: set sft.model.lora.target_modules to some of them"),
+    ("sft.data.coldstart=[{name: arithmetic, n: 2, options: {difficulty: hardd}}]",
+     "config sft.data.coldstart[0]: task 'arithmetic': unknown difficulty 'hardd'; choose one of: easy, medium, hard, "
+     "expert, mixed"),
+    ("sft.data.template=chat",  # tiny-random's character tokenizer has no chat template
+     "template 'chat' needs a tokenizer with a chat template; use the r1_zero or plain template (sft.data.template; "
+     "ponder sample: template; ponder eval: --template)"),
+])
+def test_sft_stage_settings_are_checked_before_the_teacher_samples(tmp_path, teacher_engine, error_line, override, line):
+    """Each of these failed in the SFT stage, after the teacher had sampled (hours, at scale), and the LoRA ones named
+    model.lora.target_modules, a key a distill recipe does not have."""
+    make_cfg(tmp_path, "tiny-random")  # writes the recipe d.yaml
+    assert error_line("distill", str(tmp_path / "d.yaml"), override) == f"ponder: error: {line}"
+    assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()  # nothing sampled, nothing written
+
+
+def test_sft_data_rows_and_device_are_checked_before_the_teacher_samples(tmp_path, teacher_engine, error_line):
+    import torch
+
+    make_cfg(tmp_path, "tiny-random")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1 + 1"}\n')
+    assert error_line("distill", str(tmp_path / "d.yaml"), f"sft.data.files=[{bad}]") == (
+        f"ponder: error: {bad}:1: no 'completion' field; rows need prompt and completion (or messages)")
+    assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()
+    if not torch.cuda.is_available():
+        assert error_line("distill", str(tmp_path / "d.yaml"), "sft.train.device=cuda") == (
+            "ponder: error: sft.train.device=cuda but no CUDA device is visible; use sft.train.device=auto or cpu")
+        assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()
+
+
+def test_good_sft_settings_pass_the_checks_before_sampling(tmp_path):
+    """The checks refuse only what the SFT stage would: LoRA's default targets on a student directory, eval and
+    cold-start tasks that load."""
+    from ponder.distill import _check_before_sampling
+
+    student = other_tokenizer_student(tmp_path / "student-base")
+    cfg = make_cfg(tmp_path, student, "sft.model.lora={r: 4}", "sft.data.coldstart=[{name: arithmetic, n: 2}]",
+                   "sft.eval.tasks=[{name: arithmetic, split: test, n: 4, options: {difficulty: hard}}]")
+    _check_before_sampling(cfg, ["sample", "sft"])

@@ -6,6 +6,7 @@ import re
 import struct
 import sys
 import time
+from importlib.util import find_spec
 
 import pytest
 
@@ -159,6 +160,25 @@ def test_mlflow_gets_params_metrics_and_samples_and_resume_continues_the_run(tmp
     assert (run / "metrics" / "reward.accuracy").is_file()
     assert (run / "metrics" / "eval.arithmetic.test.pass_at_1").is_file()
     assert "1+1" in (run / "artifacts" / "samples.jsonl").read_text()
+
+
+def test_a_database_store_without_its_package_names_the_full_mlflow(tmp_path, monkeypatch):
+    """mlflow-skinny (the dev extra's) opens no database store: the line recommended sqlite:///mlflow.db, the URI
+    that had just failed."""
+    pytest.importorskip("mlflow")
+    from ponder.errors import UserError
+    from ponder.metrics import MetricsWriter
+
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # as in mlflow-skinny
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "sqlalchemy" else find_spec(name, *a))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(UserError) as e:
+        MetricsWriter(tmp_path, resume_step=0, config={"train": {"log_to": ["mlflow"]}})
+    assert str(e.value).startswith("MLflow could not start a run (")
+    assert str(e.value).endswith(
+        "; set MLFLOW_TRACKING_URI to a tracking server or store (a database such as sqlite:///mlflow.db needs the full "
+        "mlflow: pip install 'ponder[mlflow]'; a file store needs MLFLOW_ALLOW_FILE_STORE=true), or remove mlflow from "
+        "train.log_to")
 
 
 def test_a_logging_service_that_fails_mid_run_stops_logging_not_the_run(tmp_path, capsys):

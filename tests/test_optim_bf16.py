@@ -163,8 +163,14 @@ def test_state_dict_round_trip_keeps_bf16_moments_and_continues_exactly():
 def test_bf16_moments_need_the_kahan_optimizer():
     from ponder.errors import UserError
 
-    with pytest.raises(UserError, match="moment_dtype=bf16 is an option of adamw_kahan"):
+    with pytest.raises(UserError) as e:
         make_optimizer(torch.nn.Linear(4, 4), OptimConfig(moment_dtype="bf16"), 1)
+    assert str(e.value) == ("optim.moment_dtype=bf16 is an option of adamw_kahan, and this run's optimizer is adamw; use "
+                            "train.precision=bf16 (or optim.optimizer=adamw_kahan), or leave moment_dtype at auto")
+    # adamw named by the user: bf16 weights would not change it, so the line does not offer them
+    with pytest.raises(UserError) as e:
+        make_optimizer(torch.nn.Linear(4, 4).to(torch.bfloat16), OptimConfig(optimizer="adamw", moment_dtype="bf16"), 1)
+    assert str(e.value).endswith("this run's optimizer is adamw; use optim.optimizer=adamw_kahan, or leave moment_dtype at auto")
     opt = make_optimizer(torch.nn.Linear(4, 4).to(torch.bfloat16), OptimConfig(moment_dtype="bf16"), 1)[0]
     assert type(opt) is KahanAdamW and opt.moment_dtype == torch.bfloat16
 

@@ -628,6 +628,10 @@ def test_resuming_a_run_of_the_other_command_is_one_line_naming_the_command_that
     assert error_line("train", "--resume", str(tmp_path)) == (
         f"ponder: error: '{tmp_path}' is a directory without a run's config.yaml; give a YAML recipe, or the directory "
         "of a `ponder train` run to resume")
+    # a path that is nowhere, with --resume: it was "recipe ... not found; give the path of a YAML recipe"
+    assert error_line("sft", "--resume", str(tmp_path / "gone")) == (
+        f"ponder: error: '{tmp_path / 'gone'}' not found; with --resume give the directory of a `ponder sft` run "
+        "(runs/NAME) or the recipe it started from")
 
 
 @pytest.mark.parametrize("command, setting, line", [

@@ -593,6 +593,9 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if base is None:
         return data
     base_path = (path.parent / str(base)).resolve()
+    if not base_path.is_file():
+        raise UserError(f"recipe '{path}': its base '{base}' ({base_path}) not found; a base is read from the "
+                        "recipe's own folder: fix the path, or remove base")
     if base_path in _seen or base_path == path.resolve():
         raise UserError(f"recipe '{path}': base '{base}' leads back to itself; remove the loop")
     return _merge(read_recipe(base_path, _seen + (path.resolve(),)), data)

@@ -14,7 +14,9 @@ use different tokenizers: the student's own tokenizer encodes them.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +75,7 @@ def add_parser(sub) -> None:
         "ponder.sft.SFTConfig). Writes runs/<name>/: traces.jsonl, student/, stages/*.done.",
     )
     p.add_argument("recipe", help="YAML recipe (see recipes/distill-tiny.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sample.k=16 sft.train.epochs=2")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. sample.k=16 sft.train.epochs=2")
     p.add_argument("--stage", choices=STAGES, help="run only this stage")
     p.add_argument("--resume", action="store_true", help="skip finished stages and continue an interrupted one")
     p.set_defaults(func=lambda a: distill(load_distill_config(a.recipe, a.overrides), stage=a.stage, resume=a.resume))
@@ -142,6 +144,7 @@ def _check_before_sampling(cfg: DistillConfig, stages: list[str]) -> None:
     """What the stages to run need and can be checked in a moment, checked before the sampling takes its time."""
     from ponder.metrics import require_backends
     from ponder.models import check_loadable, resolve
+    from ponder.runtime import pick_device
     from ponder.tasks import get_task
     from ponder.templates import TEMPLATES
 
@@ -157,9 +160,71 @@ def _check_before_sampling(cfg: DistillConfig, stages: list[str]) -> None:
         for f in cfg.sft.data.files:
             if f != cfg.sample.out and not Path(f).is_file():
                 raise UserError(f"config sft.data.files: '{f}' not found; give an existing JSONL file or leave it out")
-        for spec in [*cfg.sft.data.coldstart, *cfg.sft.eval.tasks]:
-            get_task(spec.name)
         require_backends(cfg.sft.train.log_to, "sft.train.log_to")
+        if cfg.sft.train.device == "cuda":  # only then: pick_device would start CUDA here under "auto"
+            with _sft_key("train.device"):
+                pick_device(cfg.sft.train.device)
+        _check_sft_inputs(cfg)
+        if cfg.sft.model.lora is not None:
+            with _sft_key("model.lora"):
+                _check_lora_targets(cfg.sft.model)
+
+
+@contextlib.contextmanager
+def _sft_key(key: str, *also: str):
+    """The sft command's own checks name its keys from its top level (model.lora.r), or none (a task's options);
+    in a distill recipe the key to edit is sft.<key>: renamed where the message names it, else put in front."""
+    try:
+        yield
+    except UserError as e:
+        msg, named = str(e), 0
+        for k in (key, *also):  # not inside a longer key or a path (a file named my.data.files.jsonl)
+            msg, n = re.subn(rf"(?<![\w./]){re.escape(k)}", f"sft.{k}", msg)
+            named += n
+        raise UserError(msg if named else f"config sft.{key}: {msg}") from None
+
+
+def _check_sft_inputs(cfg: DistillConfig) -> None:
+    """What the SFT stage reads before the student's weights, less the traces, read as it reads them: the rows of
+    its other data files and its cold-start traces, one of each shape under the template (ponder.sft.data.read_data,
+    in its parts), and its eval tasks' examples with one prompt of each shape under the template (as `ponder train`
+    checks its eval tasks at start). The SFT stage evaluates only once it has loaded the student."""
+    from ponder.models import load_tokenizer
+    from ponder.sft.coldstart import coldstart_rows
+    from ponder.sft.data import check_template, read_rows
+    from ponder.tasks import check_prompts, load_examples
+    from ponder.templates import require_chat_template, with_chat_options
+
+    s, d = cfg.sft, cfg.sft.data
+    rows = read_rows([f for f in d.files if f != cfg.sample.out])  # its errors name the file and line
+    for i, spec in enumerate(d.coldstart):
+        with _sft_key(f"data.coldstart[{i}]", "data.coldstart"):
+            rows += coldstart_rows(spec, s.seed)  # procedural problems: a moment
+    with _sft_key("data.template", "data.add_eos"):
+        tokenizer = check_template(rows, s) if rows else None  # the student's tokenizer, which loads in a moment
+        chat = None
+        if d.template == "chat":
+            chat = tokenizer or with_chat_options(load_tokenizer(s.model.path, s.model.trust_remote_code),
+                                                  s.model.chat_template_kwargs)
+            require_chat_template(chat)
+    for i, spec in enumerate(s.eval.tasks):
+        with _sft_key(f"eval.tasks[{i}]"):
+            check_prompts(load_examples(spec, s.seed), d.template, chat)
+
+
+def _check_lora_targets(m) -> None:
+    """model.lora's checks of models.load_trainable, on the student built from its config alone (no weights, a
+    moment: positions.weightless)."""
+    import importlib.util
+
+    from ponder.models import check_lora_targets
+    from ponder.positions import weightless
+
+    if importlib.util.find_spec("peft") is None:
+        raise UserError("model.lora needs peft: pip install 'ponder[lora]'")
+    model = weightless(m.path, m.trust_remote_code)
+    if model is not None:  # else no config at hand (a Hub model not downloaded yet): the SFT stage's loading checks
+        check_lora_targets(model, m.lora)
 
 
 def _sample_stage(cfg: DistillConfig, quiet: bool, resume: bool) -> dict:

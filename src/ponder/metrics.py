@@ -193,6 +193,16 @@ def _read_config(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _mlflow_stores() -> str:
+    """The stores this MLflow can open: mlflow-skinny (what the dev extra installs) has no database store."""
+    import importlib.util
+
+    file_store = "a file store needs MLFLOW_ALLOW_FILE_STORE=true"
+    if importlib.util.find_spec("sqlalchemy") is None:
+        return f"a database such as sqlite:///mlflow.db needs the full mlflow: pip install 'ponder[mlflow]'; {file_store}"
+    return f"sqlite:///mlflow.db; {file_store}"
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -301,8 +311,7 @@ class _MLflow:
                     self.client.log_batch(run_id, params=params[i:i + 100])
         except Exception as e:
             raise UserError(f"MLflow could not start a run ({_first_line(e)}); set MLFLOW_TRACKING_URI to a tracking "
-                            "server or store (sqlite:///mlflow.db; a file store needs MLFLOW_ALLOW_FILE_STORE=true), "
-                            "or remove mlflow from train.log_to") from None
+                            f"server or store ({_mlflow_stores()}), or remove mlflow from train.log_to") from None
         self.run_id = run_id
         id_file.write_text(run_id + "\n")
         # a file store keeps a metric as a file under its name's folders: `reward` and `reward/accuracy` cannot

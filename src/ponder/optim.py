@@ -154,8 +154,10 @@ def make_optimizer(model, o: OptimConfig, total_steps: int, moments: str = "fp32
     params = [p for p in model.parameters() if p.requires_grad]
     name = optimizer_name(model, o)
     if o.moment_dtype not in ("auto", "fp32") and name != "adamw_kahan":
+        # the fix that applies: an optimizer named by the user is theirs to change; auto follows the weights' dtype
+        use = "optim.optimizer=adamw_kahan" if o.optimizer != "auto" else "train.precision=bf16 (or optim.optimizer=adamw_kahan)"
         raise UserError(f"optim.moment_dtype={o.moment_dtype} is an option of adamw_kahan, and this run's optimizer is {name}; "
-                        "use train.precision=bf16 (or optim.optimizer=adamw_kahan), or leave moment_dtype at auto")
+                        f"use {use}, or leave moment_dtype at auto")
     if name == "adamw_kahan":
         optimizer = KahanAdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
                                moment_dtype=MOMENT_DTYPES[moments if o.moment_dtype == "auto" else o.moment_dtype])

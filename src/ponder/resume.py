@@ -136,6 +136,9 @@ def recipe_of(command: str, recipe: str, overrides: list[str], resume: bool = Tr
                             f"(`ponder {command} {recipe} --resume`), or give a YAML recipe to start a new one")
         # quoted: a directory named 2024 or true is a name, not a number or a flag
         return str(p / "config.yaml"), [f"output_dir={json.dumps(str(p.parent))}", f"name={json.dumps(p.name)}", *overrides]
+    if resume and not p.exists():  # else read_recipe's line, which names a recipe alone
+        raise UserError(f"'{recipe}' not found; with --resume give the directory of a `ponder {command}` run "
+                        "(runs/NAME) or the recipe it started from")
     if resume and p.name == "config.yaml" and (p.parent / "checkpoints").is_dir():  # a run's own config.yaml
         saved = load_saved(p)
         if saved is not None:

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("kind", choices=list(KINDS), metavar="COMMAND", help=f"one of: {', '.join(KINDS)}")
     p.add_argument("recipe", nargs="?", help="YAML recipe (omit for the defaults)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. optim.lr=1e-4")
     p.set_defaults(func=lambda args: sys.stdout.write(annotated(resolve(args.kind, args.recipe, args.overrides))))
 
 

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
         "Writes runs/<name>/: config.yaml, metrics.jsonl, samples.jsonl, tensorboard/, checkpoints/step-N/.",
     )
     p.add_argument("recipe", help="YAML recipe (see recipes/; `ponder config train RECIPE` prints every setting with its default and what it does)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 algorithm.loss_agg=dr_grpo")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. optim.lr=1e-4 algorithm.loss_agg=dr_grpo")
     add_resume_arguments(p, "train")
     p.set_defaults(func=lambda args: train(load_config(args.recipe, args.overrides), resume=args.resume,
                                            allow_changes=args.allow_changes))

@@ -500,20 +500,7 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
         except ImportError:
             raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
         lc = model_cfg.lora
-        refuse_tied_adapters(model, lc.target_modules)
-        targets = lora_targets(model, lc.target_modules)
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        # peft stops in its own traceback where no name matches (GPT-2 names its layers c_attn, c_fc, ...), and leaves
-        # a typo among good names unseen ([q_proj, v_prj] adapted q_proj alone); the defaults may miss a layer a
-        # family lacks (OPT has out_proj, no o_proj)
-        missing = [t for t in targets if t not in present]
-        chosen = lc.target_modules != type(lc)().target_modules
-        if missing and (chosen or len(missing) == len(targets)):
-            linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"})
-            what = f"{targets} name no layer" if len(missing) == len(targets) else f"{missing} of {targets} name no layer"
-            raise UserError(f"model.lora.target_modules {what} of this {model.config.model_type} model; "
-                            f"its linear layers are {', '.join(linear)}: set model.lora.target_modules to some of them")
+        targets = check_lora_targets(model, lc)
         with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates: nothing a user can change
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
             model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
@@ -540,6 +527,26 @@ def position_limit(model) -> int | None:
             limit = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions under this name too
             return limit if isinstance(limit, int) else module.num_embeddings
     return None
+
+
+def check_lora_targets(model, lc) -> list[str]:
+    """model.lora's target layers on `model` (its modules, weights or not), refused in one line where adapters would
+    tie (refuse_tied_adapters) or a name matches no layer; returns the names peft is given."""
+    refuse_tied_adapters(model, lc.target_modules)
+    targets = lora_targets(model, lc.target_modules)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    # peft stops in its own traceback where no name matches (GPT-2 names its layers c_attn, c_fc, ...), and leaves
+    # a typo among good names unseen ([q_proj, v_prj] adapted q_proj alone); the defaults may miss a layer a
+    # family lacks (OPT has out_proj, no o_proj)
+    missing = [t for t in targets if t not in present]
+    chosen = lc.target_modules != type(lc)().target_modules
+    if missing and (chosen or len(missing) == len(targets)):
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"})
+        what = f"{targets} name no layer" if len(missing) == len(targets) else f"{missing} of {targets} name no layer"
+        raise UserError(f"model.lora.target_modules {what} of this {model.config.model_type} model; "
+                        f"its linear layers are {', '.join(linear)}: set model.lora.target_modules to some of them")
+    return targets
 
 
 def refuse_tied_adapters(model, names: list[str]) -> None:

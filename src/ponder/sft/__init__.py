@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
         "Writes runs/<name>/: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/step-N/, final.",
     )
     p.add_argument("recipe", help="YAML recipe (see recipes/coldstart-tiny.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 model.path=runs/x/final")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.epochs=3 model.path=runs/x/final")
     add_resume_arguments(p, "sft")
     p.set_defaults(func=lambda args: sft(load_sft_config(args.recipe, args.overrides), resume=args.resume,
                                          allow_changes=args.allow_changes))
