@@ -40,6 +40,16 @@ def test_help_renders(path, capsys):
     assert "%%" not in out and "%(" not in out, out
 
 
+@pytest.mark.parametrize("command, required", [("train", "recipe"), ("sft", "recipe"), ("distill", "recipe"),
+                                               ("pretrain", "recipe"), ("config", "COMMAND")])
+def test_a_bare_command_names_only_what_it_requires(command, required, capsys):
+    """Overrides are optional: argparse named them required too (`recipe, overrides`), for a nargs="*" positional
+    without a default."""
+    with pytest.raises(SystemExit):
+        main([command])
+    assert capsys.readouterr().err.splitlines()[-1] == f"ponder {command}: error: the following arguments are required: {required}"
+
+
 def test_the_test_command_prints_its_summary(tmp_path):
     """`make test` runs pytest with the Makefile's flags on top of pyproject's addopts: -q twice drops the summary."""
     make = (ROOT / "Makefile").read_text()

@@ -187,3 +187,39 @@ def test_an_output_that_cannot_be_written_is_one_line_before_training(tmp_path, 
         line = error_line("pretrain", str(tmp_path / "r.yaml"), f"output={out}")
         assert line == f"ponder: error: output '{out}' cannot be a directory: '{blocker}' is a file; choose another output"
     assert blocker.read_text() == "kept"
+
+
+@pytest.mark.parametrize("task, line", [
+    ("arithmetic:hardd", "task 'arithmetic': unknown difficulty 'hardd'; choose one of: easy, medium, hard, expert, mixed"),
+    ("arithmetc:hard", "unknown task 'arithmetc'; did you mean 'arithmetic'?"),
+])
+def test_a_misspelled_probe_task_is_one_line_before_training(tmp_path, monkeypatch, error_line, task, line):
+    """The probe's tasks were first loaded after all of training: the error, and the trained model lost with it."""
+    import ponder.pretrain as pt
+
+    monkeypatch.setattr(pt, "corpus_tokens", lambda *a: pytest.fail("the corpus was written before the probe's tasks were checked"))
+    small(tmp_path, probe={"n": 1, "k": 1})
+    assert error_line("pretrain", str(tmp_path / "r.yaml"), f"probe.tasks=[{task}]") == f"ponder: error: {line}"
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_probe_that_fails_after_training_keeps_the_trained_model(tmp_path, monkeypatch, capsys):
+    """A probe that raised (here a stand-in for any failure) took the model with it: it was written to a temporary
+    directory removed on the way out. The model is saved with a card without figures, and the line says where."""
+    import ponder.pretrain as pt
+
+    def broken(*a, **k):
+        raise RuntimeError("the probe broke")
+
+    monkeypatch.setattr(pt, "probe", broken)
+    probe = {"n": 1, "k": 1, "max_new_tokens": 4, "temperatures": [1.0], "tasks": ["arithmetic:hard"]}
+    cfg = small(tmp_path, steps=3, corpus_chars=20_000, block=64, batch_size=4, probe=probe)
+    with pytest.raises(RuntimeError, match="the probe broke"):
+        pretrain(cfg, recipe="r.yaml")
+    out = tmp_path / "model"
+    model, tok = load(str(out))
+    assert model.config.hidden_size == 64 and tok("12")["input_ids"] == char_tokenizer()("12")["input_ids"]
+    card = (out / "README.md").read_text()
+    assert "3 steps" in card and "## What it scores" not in card
+    assert f"saved {out} without probe figures" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "r.yaml"]  # no temporary directory left

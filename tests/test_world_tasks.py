@@ -236,3 +236,43 @@ def test_a_level_smaller_than_the_default_count_gives_all_it_holds_and_an_asked_
         load_examples(TaskSpec(name="countdown", n=900, options={"difficulty": "easy"}), 0)
     # a level with room for the default draws exactly the default, as before
     assert len(load_examples(TaskSpec(name="countdown", split="test", options={"difficulty": "medium"}), 0)) == 200
+
+
+def test_an_n_far_past_a_levels_size_is_one_line_after_a_bounded_number_of_draws(monkeypatch):
+    """`--n 100000` of countdown's easy level (813 train problems) drew for minutes: 200 draws were allowed per problem
+    asked for. A run of misses ends it now, with the same line; the draws are counted, not timed."""
+    from ponder.config import TaskSpec
+    from ponder.tasks import load_examples
+
+    real, draws = cd.sample_problem, [0]
+
+    def counted(*a):
+        draws[0] += 1
+        if draws[0] > 500_000:  # the old bound was 20 million draws
+            pytest.fail("still drawing after 500,000 draws")
+        return real(*a)
+
+    monkeypatch.setattr(cd, "sample_problem", counted)
+    with pytest.raises(UserError) as e:
+        load_examples(TaskSpec(name="countdown", n=100_000, options={"difficulty": "easy"}), 0)
+    assert str(e.value) == ("task 'countdown': only 813 distinct 'train' problems found at this difficulty; "
+                            "ask for fewer (n) or a harder level")
+
+
+def test_problems_that_come_ever_more_rarely_are_all_drawn():
+    """The last problems of a level are its rarest: here the draws that find a new one are 1, 2, 4, ..., 262,144 (the
+    last after 131,071 that found nothing new). 200 draws per problem asked for, or a fixed 50,000 misses in a row,
+    stopped short of them; a run of misses under three times the draws before it does not."""
+    from itertools import count
+
+    from ponder.tasks.partition import draw_unique
+
+    arrivals = {2**j for j in range(19)}  # draws 1, 2, 4, ..., 262,144 find a new problem; all the others repeat one
+    ticks = count(1)
+
+    def draw():
+        i = next(ticks)
+        return {"k": i if i in arrivals else 1}
+
+    rows = draw_unique(draw, key=lambda ex: str(ex["k"]), part=lambda ex: "train", split="train", n=19, task="t")
+    assert sorted(ex["k"] for ex in rows) == sorted(arrivals)

@@ -267,15 +267,12 @@ def probe(model, tokenizer, cfg: ProbeConfig, seed: int = 0) -> dict:
     from ponder.rewards import get_reward
     from ponder.rewards.extract import extract_answer
     from ponder.rollout import SamplingParams, decode_text, make_engine
-    from ponder.tasks import get_task
     from ponder.templates import render
 
     engine = make_engine("hf", model, tokenizer, batch_size=cfg.batch_size)
     out: dict = {}
     for spec in cfg.tasks:
-        name, _, level = spec.partition(":")
-        task = get_task(name)
-        examples = task.load("test", n=cfg.n, seed=seed, **({"difficulty": level} if level else {}))
+        task, examples = probe_examples(spec, cfg.n, seed)
         prompts = [tokenizer(render("r1_zero", ex["prompt"]))["input_ids"] for ex in examples]
         for temp in cfg.temperatures:
             params = SamplingParams(n=cfg.k, temperature=temp, max_tokens=cfg.max_new_tokens, stop=("</answer>",), seed=seed)
@@ -301,6 +298,15 @@ def probe(model, tokenizer, cfg: ProbeConfig, seed: int = 0) -> dict:
                 "n": len(examples), "k": cfg.k, "example": texts[0],
             }
     return out
+
+
+def probe_examples(spec: str, n: int, seed: int) -> tuple[Any, list[dict]]:
+    """The task a probe entry `name[:level]` names and its `n` held-out test problems."""
+    from ponder.tasks import get_task
+
+    name, _, level = spec.partition(":")
+    task = get_task(name)
+    return task, task.load("test", n=n, seed=seed, **({"difficulty": level} if level else {}))
 
 
 def probe_table(figures: dict) -> str:
@@ -408,14 +414,22 @@ def pretrain(cfg: PretrainConfig, recipe: str = "RECIPE", console=None, override
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
         "tokenizer": _tokenizer_source(cfg.tokenizer),
     }
+    failed = None
     with written_whole(out) as into:
         model = save_as(model, tokenizer, into, cfg.save_dtype)
         figures = None
         if cfg.probe.n:
             tokenizer.padding_side = "left"
-            figures = probe(model, tokenizer, cfg.probe, seed=cfg.seed)
-            console.print(probe_table(figures))
+            try:
+                figures = probe(model, tokenizer, cfg.probe, seed=cfg.seed)
+                console.print(probe_table(figures))
+            except Exception as e:  # the trained model is kept all the same (it was lost with the probe); Ctrl-C is not
+                failed = e
         write_card(out, cfg, info, figures, into)
+    if failed:
+        console.print(f"saved {out} without probe figures, as the probe failed; once fixed, measure it with "
+                      f"`ponder pretrain {recipe} --probe-only output={out}`", soft_wrap=True)
+        raise failed
     console.print(f"saved {out} (loss {info['final_loss']:.3f}, {seconds:.0f}s training)", soft_wrap=True)
     return out
 
@@ -456,7 +470,7 @@ DESCRIPTION = (
 
 def _arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("recipe", help="YAML recipe with PretrainConfig keys, e.g. recipes/pretrain-tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. steps=100 output=runs/base")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="dotted overrides, e.g. steps=100 output=runs/base")
     p.add_argument("--probe-only", action="store_true", help="only measure the model already in `output`")
     p.add_argument("--overwrite", action="store_true", help="replace what `output` holds (refused otherwise)")
     p.set_defaults(func=run)
@@ -470,7 +484,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def check(cfg: PretrainConfig) -> None:
-    """The settings' ranges, before a corpus is written or a step is taken."""
+    """The settings' ranges and the probe's tasks, before a corpus is written or a step is taken."""
     from ponder.config import need
 
     for key in ("steps", "batch_size", "max_len", "corpus_chars", "log_every"):
@@ -479,6 +493,9 @@ def check(cfg: PretrainConfig) -> None:
     need(cfg.block <= cfg.max_len, "block", cfg.block, f"at most max_len ({cfg.max_len}), the positions the model has")
     for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "workers", "threads"):
         need(getattr(cfg, key) >= 0, key, getattr(cfg, key), "0 or more")
+    if cfg.probe.n:  # the probe's own loads: a misspelled task or level was found after all of training
+        for spec in cfg.probe.tasks:
+            probe_examples(spec, cfg.probe.n, cfg.seed)
 
 
 def run(args) -> int:
