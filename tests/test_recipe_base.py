@@ -46,3 +46,19 @@ def test_the_experiment_recipes_are_the_demo_recipe_on_another_model():
         assert cfg.model.path == path and cfg.name != zero.name
         cfg.model.path, cfg.name = zero.model.path, zero.name
         assert cfg == zero
+
+
+def test_a_key_set_twice_is_one_line_naming_it(tmp_path):
+    """YAML keeps the last of two equal keys without a word: `optim: {lr: 1e-3, lr: 2e-3}` trained at 2e-3."""
+    from ponder.config import apply_override
+
+    (tmp_path / "r.yaml").write_text("name: r\noptim:\n  lr: 1.0e-3\n  warmup_steps: 2\n  lr: 2.0e-3\n")
+    with pytest.raises(UserError) as e:
+        read_recipe(tmp_path / "r.yaml")
+    assert str(e.value) == f"recipe '{tmp_path / 'r.yaml'}' sets 'lr' twice in one mapping (lines 3 and 5): keep one"
+    with pytest.raises(UserError) as e:
+        apply_override({}, "optim={lr: 1, lr: 2}")
+    assert str(e.value) == "override 'optim={lr: 1, lr: 2}' sets 'lr' twice: keep one"
+    # the same key in two mappings, and a merge key's keys overridden beside it, are no repeats
+    (tmp_path / "ok.yaml").write_text("a: {lr: 1}\nb: {lr: 2}\nc: &x {k: 1}\nd: {<<: *x, k: 2}\n")
+    assert read_recipe(tmp_path / "ok.yaml") == {"a": {"lr": 1}, "b": {"lr": 2}, "c": {"k": 1}, "d": {"k": 2}}

@@ -14,6 +14,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -333,8 +334,27 @@ class WrittenFloat(float):
     text: str
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping that names one key twice: YAML keeps the last silently (`optim: {lr: 1e-3, lr: 2e-3}` trained at
+    2e-3 without a word), where one of the two is a mistake."""
+
+    def __init__(self, key, lines: tuple[int, int]):
+        super().__init__(f"'{key}' twice")
+        self.key, self.lines = key, lines
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: the keys beside it override its keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                raise DuplicateKey(key, (seen[key] + 1, key_node.start_mark.line + 1))
+            if isinstance(key, Hashable):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def _written(number_type, written_type):
@@ -547,6 +567,8 @@ def apply_override(data: dict, dotted: str) -> None:
     key, raw = dotted.split("=", 1)
     try:
         value = load_yaml(raw) if raw != "" else ""
+    except DuplicateKey as e:
+        raise UserError(f"override '{dotted}' sets '{e.key}' twice: keep one") from None
     except yaml.YAMLError:
         value = raw
     node = data
@@ -582,6 +604,9 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise UserError(f"recipe '{path}' not found; give the path of a YAML recipe (see recipes/)")
     try:
         data = load_yaml(read_user_text(path)) or {}
+    except DuplicateKey as e:
+        raise UserError(f"recipe '{path}' sets '{e.key}' twice in one mapping (lines {e.lines[0]} and {e.lines[1]}): "
+                        "keep one") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
