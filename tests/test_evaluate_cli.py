@@ -248,3 +248,18 @@ def test_a_runs_evaluation_takes_eval_top_k_and_min_p(tmp_path):
         row = json.loads(line)
         answers.setdefault(row["problem"], set()).add(row["completion"])
     assert len(answers) == 3 and all(len(a) == 1 for a in answers.values())  # top-k 1: a problem's k samples agree
+
+
+def test_a_task_mistake_on_the_command_line_gives_its_fix_as_flags(tmp_path, error_line):
+    """ponder eval and ponder sample name their tasks with --tasks and --option: their lines gave a recipe's fix
+    (`check data.tasks[].path`, `data.tasks: [{name: jsonl, path: my.jsonl}]`), which these commands do not read."""
+    gone = tmp_path / "gone.jsonl"
+    for command in (["eval"], ["sample", "--k", "1", "--out", str(tmp_path / "s.jsonl")]):
+        line = error_line(*command, "--model", "tiny-random", "--tasks", f"jsonl:{gone}")
+        assert line == f"ponder: error: data file '{gone}' not found; check the PATH of --tasks NAME:PATH"
+        assert error_line(*command, "--model", "tiny-random", "--tasks", "gsm8k") == (
+            "ponder: error: task 'gsm8k' needs a path: --tasks gsm8k:my.jsonl")
+    # a sample recipe names its tasks `tasks`
+    (tmp_path / "r.yaml").write_text(f"model: tiny-random\nk: 1\nout: {tmp_path / 'r.jsonl'}\ntasks: [{{name: jsonl}}]\n")
+    assert error_line("sample", str(tmp_path / "r.yaml")) == (
+        "ponder: error: task 'jsonl' needs a path: tasks: [{name: jsonl, path: my.jsonl}]")

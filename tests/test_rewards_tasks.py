@@ -132,7 +132,7 @@ def test_a_reasoning_gym_train_draw_larger_than_the_default_needs_a_size_both_sp
     opts = {"dataset": "basic_arithmetic", "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
     with pytest.raises(UserError) as e:
         load_examples(TaskSpec(name="reasoning_gym", n=3000, options=opts), 0)
-    assert str(e.value) == ("task 'reasoning_gym': n=3000 is more than the draw's size 1000; set options.size to at least "
+    assert str(e.value) == ("task 'reasoning_gym': n=3000 is more than the draw's size 1000; set data.tasks[].options.size to at least "
                             "3000, the same for the train and test splits of these options (the test split leaves out the "
                             "questions of the train draw of its size)")
     sized = {**opts, "size": 3000}

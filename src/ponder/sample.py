@@ -125,8 +125,11 @@ def _run_cli(args) -> None:
             spec.split = args.split or spec.split
             spec.n = args.n if args.n is not None else spec.n
             spec.options.update(_options(args.option))
-    check(cfg)
-    sample(cfg, progress=not args.quiet, resume=args.resume)
+    from ponder.tasks import tasks_named_by
+
+    with tasks_named_by("flags" if args.tasks else "tasks"):  # a task's error names what this command line set
+        check(cfg)
+        sample(cfg, progress=not args.quiet, resume=args.resume)
 
 
 def _options(items):

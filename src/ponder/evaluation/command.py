@@ -81,6 +81,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from ponder.tasks import tasks_named_by
+
+    with tasks_named_by("flags"):  # a task's error gives its fix as --tasks and --option
+        return _run(args)
+
+
+def _run(args) -> int:
     if args.compare:
         paths = [f for r in args.compare for f in _result_files(r)]
         results = [load_result(r) for r in paths]

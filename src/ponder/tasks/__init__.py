@@ -16,15 +16,55 @@ equivalence like the `jsonl` task.
 
 from __future__ import annotations
 
-import json
-
+import contextlib
+import contextvars
 import difflib
 import inspect
+import json
 import random
 from itertools import islice
 
 from ponder.errors import UserError
 from ponder.plugins import raised
+
+
+# how the command being run names its tasks, for the fix an error line gives: a recipe's list (data.tasks, or a sample
+# recipe's tasks) or the flags of ponder eval and ponder sample (--tasks NAME:PATH, --option KEY=VALUE)
+_NAMED_BY = contextvars.ContextVar("tasks_named_by", default="data.tasks")
+
+
+@contextlib.contextmanager
+def tasks_named_by(how: str):
+    """Within: task errors name `how`, a recipe key ("tasks") or "flags"."""
+    token = _NAMED_BY.set(how)
+    try:
+        yield
+    finally:
+        _NAMED_BY.reset(token)
+
+
+def path_fix(task: str, example: str = "my.jsonl") -> str:
+    """How to give `task` its file, in the words of the command being run."""
+    how = _NAMED_BY.get()
+    return f"--tasks {task}:{example}" if how == "flags" else f"{how}: [{{name: {task}, path: {example}}}]"
+
+
+def option_fix(task: str, key: str) -> str:
+    """How to give `task` its option `key`, in the words of the command being run."""
+    how = _NAMED_BY.get()
+    if how == "flags":
+        return f"give it with --option {key}=..."
+    return f"give it in the recipe, {how}: [{{name: '{task}', options: {{{key}: ...}}}}]"
+
+
+def setting(part: str) -> str:
+    """Where a task's `path` or `options` (or `options.KEY`) is set, in the words of the command being run."""
+    how = _NAMED_BY.get()
+    if how != "flags":
+        return f"{how}[].{part}"
+    if part == "path":
+        return "the PATH of --tasks NAME:PATH"
+    return f"--option {part.partition('.')[2] or 'KEY'}=..."
 
 
 class Task:
@@ -107,8 +147,7 @@ class FunctionTask(Task):
         missing = [p.name for p in sig.values() if p.default is p.empty and p.name not in kwargs
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         if missing:
-            raise UserError(f"task '{self.name}' needs option '{missing[0]}': give it in the recipe, "
-                            f"data.tasks: [{{name: '{self.name}', options: {{{missing[0]}: ...}}}}]")
+            raise UserError(f"task '{self.name}' needs option '{missing[0]}': {option_fix(self.name, missing[0])}")
         try:  # the function runs, or its generator yields, inside the loop too
             return self._rows(self.fn(**kwargs), n)
         except UserError:

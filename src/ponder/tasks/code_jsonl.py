@@ -8,7 +8,7 @@ Answers are verified by running the program in the sandbox (ponder.sandbox).
 from __future__ import annotations
 
 from ponder.errors import UserError
-from ponder.tasks import Task, register
+from ponder.tasks import Task, path_fix, register
 from ponder.tasks.jsonl import read_jsonl
 
 
@@ -20,7 +20,7 @@ class CodeJsonl(Task):
 
     def load(self, split="train", n=None, seed=0, path=None, timeout=10.0, memory_mb=512, unsafe=False, **_):
         if path is None:
-            raise UserError("task 'code_jsonl' needs a path: data.tasks: [{name: code_jsonl, path: my.jsonl}]")
+            raise UserError(f"task 'code_jsonl' needs a path: {path_fix('code_jsonl')}")
         # on each example, not the task (one object serves every spec: the last spec's options ran them all, `unsafe` too)
         options = dict(timeout=timeout, memory_mb=memory_mb, unsafe=unsafe)
         rows = read_jsonl(path, required=("prompt", "tests"))

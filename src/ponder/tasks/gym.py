@@ -14,7 +14,7 @@ import json
 import re
 
 from ponder.errors import UserError
-from ponder.tasks import Task, register, whole_number
+from ponder.tasks import Task, register, setting, whole_number
 
 SPLITS = ("train", "test", "validation")
 DEFAULT_SIZE = 1000  # questions a draw holds unless options.size says (train and test splits alike)
@@ -37,7 +37,7 @@ def _dataset(name: str, size: int, seed: int, config: str):
         raise UserError(f"task 'reasoning_gym': {e}{hint}") from None
     except (TypeError, AssertionError) as e:  # reasoning-gym checks its configs with assert
         raise UserError(f"task 'reasoning_gym': dataset '{name}' rejects its options ({e or 'an assertion failed'}); "
-                        "check data.tasks[].options") from None
+                        f"check {setting('options')}") from None
 
 
 def _split_seed(seed: int, split: str) -> int:
@@ -63,7 +63,7 @@ class ReasoningGym(Task):
         if dataset_seed is not None:
             whole_number(self.name, "options.dataset_seed", dataset_seed, least=0)
         if n and n > size:
-            raise UserError(f"task 'reasoning_gym': n={n} is more than the draw's size {size}; set options.size to at least "
+            raise UserError(f"task 'reasoning_gym': n={n} is more than the draw's size {size}; set {setting('options.size')} to at least "
                             f"{n}, the same for the train and test splits of these options (the test split leaves out "
                             "the questions of the train draw of its size)")
         seed = seed if dataset_seed is None else dataset_seed

@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.tasks import Task, answer_text, register
+from ponder.tasks import Task, answer_text, path_fix, register
 from ponder.tasks.jsonl import empty_value
 from ponder.tasks.math_formats import FINAL_ANSWER, PROMPT_FIELDS
 
@@ -135,7 +135,7 @@ class HfDataset(Task):
     def load(self, split="train", n=None, seed=0, path=None, prompt=None, answer="answer", answer_format="plain",
              metadata=None, filter=None, config=None, revision=None, streaming=False):
         if path is None:
-            raise UserError("task 'hf' needs a path: data.tasks: [{name: hf, path: data.parquet}] (a file, a folder or a Hub id)")
+            raise UserError(f"task 'hf' needs a path: {path_fix('hf', 'data.parquet')} (a file, a folder or a Hub id)")
         if answer_format not in FINAL_ANSWER:
             raise UserError(f"task 'hf': unknown answer_format '{answer_format}'; choose one of: {', '.join(FINAL_ANSWER)}")
         metadata = [metadata] if isinstance(metadata, str) else metadata  # one column by name (it was read letter by letter)

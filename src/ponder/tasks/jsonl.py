@@ -7,16 +7,16 @@ from pathlib import Path
 
 from ponder.errors import UserError
 from ponder.files import read_user_text, text_encoding
-from ponder.tasks import Task, answer_text, register
+from ponder.tasks import Task, answer_text, path_fix, register, setting
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",), with_lines: bool = False,
-               key: str = "data.tasks[].path") -> list:
+               key: str | None = None) -> list:
     """The rows of a JSONL file (with their line numbers: (line, row) pairs); `required` fields must be
-    present and neither null nor empty. `key`: the setting that named the file, for the error."""
+    present and neither null nor empty. `key`: the setting that named the file, for the error (a task's path)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"data file '{path}' not found; check {key}")
+        raise UserError(f"data file '{path}' not found; check {key or setting('path')}")
     try:
         return _rows(path, required, with_lines)
     except UnicodeDecodeError:  # found a chunk ahead of the line read: the whole file's decoding says where
@@ -68,7 +68,7 @@ class JsonlTask(Task):
 
     def load(self, split="train", n=None, seed=0, path=None, **_):
         if path is None:
-            raise UserError("task 'jsonl' needs a path: data.tasks: [{name: jsonl, path: my.jsonl}]")
+            raise UserError(f"task 'jsonl' needs a path: {path_fix('jsonl')}")
         rows = []
         for line, row in read_jsonl(path, required=("prompt", "answer"), with_lines=True):
             try:

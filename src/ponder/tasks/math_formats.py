@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ponder.errors import UserError
 from ponder.rewards.extract import last_boxed
-from ponder.tasks import Task, answer_text, register
+from ponder.tasks import Task, answer_text, path_fix, register
 from ponder.tasks.jsonl import read_jsonl
 
 PROMPT_FIELDS = ("prompt", "question", "problem")
@@ -50,7 +50,7 @@ class _MathJsonl(Task):
 
     def load(self, split="train", n=None, seed=0, path=None, **_):
         if path is None:
-            raise UserError(f"task '{self.name}' needs a path: data.tasks: [{{name: {self.name}, path: my.jsonl}}]")
+            raise UserError(f"task '{self.name}' needs a path: {path_fix(self.name)}")
         out = []
         for line, row in read_jsonl(path, required=self.required, with_lines=True):
             prompt, gold = self.question(row), self.gold(row)
