@@ -284,6 +284,10 @@ def test_sft_data_rows_and_device_are_checked_before_the_teacher_samples(tmp_pat
     assert error_line("distill", str(tmp_path / "d.yaml"), f"sft.data.files=[{bad}]") == (
         f"ponder: error: {bad}:1: no 'completion' field; rows need prompt and completion (or messages)")
     assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()
+    # the sample stage's tasks are the recipe's sample.tasks (the line named data.tasks, which a distill recipe lacks)
+    assert error_line("distill", str(tmp_path / "d.yaml"), "sample.tasks=[{name: jsonl}]") == (
+        "ponder: error: task 'jsonl' needs a path: sample.tasks: [{name: jsonl, path: my.jsonl}]")
+    assert teacher_engine["n"] == 0
     if not torch.cuda.is_available():
         assert error_line("distill", str(tmp_path / "d.yaml"), "sft.train.device=cuda") == (
             "ponder: error: sft.train.device=cuda but no CUDA device is visible; use sft.train.device=auto or cpu")

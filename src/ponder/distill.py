@@ -145,13 +145,14 @@ def _check_before_sampling(cfg: DistillConfig, stages: list[str]) -> None:
     from ponder.metrics import require_backends
     from ponder.models import check_loadable, resolve
     from ponder.runtime import pick_device
-    from ponder.tasks import get_task
+    from ponder.tasks import load_examples, tasks_named_by
     from ponder.templates import TEMPLATES
 
     if "sample" in stages:
         resolve(cfg.sample.model)
-        for spec in cfg.sample.tasks:
-            get_task(spec.name)
+        with tasks_named_by("sample.tasks"):  # loaded as the stage loads them: a path or option missing, too
+            for spec in cfg.sample.tasks:
+                load_examples(spec, cfg.sample.seed)
     if "sft" in stages:
         check_loadable(cfg.sft.model.path)
         if cfg.sft.data.template not in (*TEMPLATES, "chat"):
@@ -229,10 +230,12 @@ def _check_lora_targets(m) -> None:
 
 def _sample_stage(cfg: DistillConfig, quiet: bool, resume: bool) -> dict:
     from ponder.sample import sample
+    from ponder.tasks import tasks_named_by
 
     if not quiet:
         console.rule(f"stage sample: teacher {cfg.sample.model}")
-    summary = sample(cfg.sample, progress=not quiet, resume=resume)  # an interrupted sampling continues
+    with tasks_named_by("sample.tasks"):
+        summary = sample(cfg.sample, progress=not quiet, resume=resume)  # an interrupted sampling continues
     if summary["accepted"] == 0:
         # the empty traces.jsonl would make the next attempt, with looser settings, a resume of this one
         Path(cfg.sample.out).unlink()
