@@ -705,7 +705,7 @@ def test_numbers_keep_how_they_were_written_where_a_setting_is_text(tmp_path):
     from ponder.errors import UserError
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(Path("recipes/smoke-first-digit.yaml").read_text() + "\nname: 0100\n")
+    recipe.write_text(f"base: {Path('recipes/smoke-first-digit.yaml').resolve()}\nname: 0100\n")
     cfg = load_config(recipe, ["model.path=2024.10", "optim.lr=1.50e-3", "seed=1_000", "rewards.format=1e-1"])
     assert (cfg.name, cfg.model.path, cfg.optim.lr, cfg.seed) == ("0100", "2024.10", 0.0015, 1000)
     assert type(cfg.seed) is int and type(cfg.optim.lr) is float
