@@ -303,3 +303,13 @@ def test_good_sft_settings_pass_the_checks_before_sampling(tmp_path):
     cfg = make_cfg(tmp_path, student, "sft.model.lora={r: 4}", "sft.data.coldstart=[{name: arithmetic, n: 2}]",
                    "sft.eval.tasks=[{name: arithmetic, split: test, n: 4, options: {difficulty: hard}}]")
     _check_before_sampling(cfg, ["sample", "sft"])
+
+
+def test_lora_without_peft_is_one_line_before_the_teacher_samples(tmp_path, teacher_engine, error_line, monkeypatch):
+    import sys
+
+    make_cfg(tmp_path, "tiny-random")
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
+    assert error_line("distill", str(tmp_path / "d.yaml"), "sft.model.lora={r: 4}") == (
+        "ponder: error: sft.model.lora needs peft: pip install 'ponder[lora]'")
+    assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()

@@ -216,13 +216,10 @@ def _check_sft_inputs(cfg: DistillConfig) -> None:
 def _check_lora_targets(m) -> None:
     """model.lora's checks of models.load_trainable, on the student built from its config alone (no weights, a
     moment: positions.weightless)."""
-    import importlib.util
-
-    from ponder.models import check_lora_targets
+    from ponder.models import check_lora_targets, require_peft
     from ponder.positions import weightless
 
-    if importlib.util.find_spec("peft") is None:
-        raise UserError("model.lora needs peft: pip install 'ponder[lora]'")
+    require_peft()  # also where the student's config is not at hand
     model = weightless(m.path, m.trust_remote_code)
     if model is not None:  # else no config at hand (a Hub model not downloaded yet): the SFT stage's loading checks
         check_lora_targets(model, m.lora)

@@ -495,12 +495,9 @@ def load_trainable(model_cfg, last=None, state: dict | None = None, seed: int = 
     if model_cfg.gradient_checkpointing is True:  # "auto" is the GRPO memory plan's to decide (ponder.rl.memory_plan)
         enable_checkpointing(model)
     if model_cfg.lora is not None:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
         lc = model_cfg.lora
         targets = check_lora_targets(model, lc)
+        from peft import LoraConfig, get_peft_model
         with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates: nothing a user can change
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
             model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
@@ -529,9 +526,19 @@ def position_limit(model) -> int | None:
     return None
 
 
+def require_peft() -> None:
+    import importlib
+
+    try:
+        importlib.import_module("peft")
+    except ImportError:
+        raise UserError("model.lora needs peft: pip install 'ponder[lora]'") from None
+
+
 def check_lora_targets(model, lc) -> list[str]:
     """model.lora's target layers on `model` (its modules, weights or not), refused in one line where adapters would
-    tie (refuse_tied_adapters) or a name matches no layer; returns the names peft is given."""
+    tie (refuse_tied_adapters) or a name matches no layer, or peft is not installed; returns the names peft is given."""
+    require_peft()
     refuse_tied_adapters(model, lc.target_modules)
     targets = lora_targets(model, lc.target_modules)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
