@@ -350,10 +350,11 @@ class _Loader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: the keys beside it override its keys
                 continue
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable) and key in seen:
+            if not isinstance(key, Hashable):  # refused by SafeLoader's own construct_mapping, below
+                continue
+            if key in seen:
                 raise DuplicateKey(key, (seen[key] + 1, key_node.start_mark.line + 1))
-            if isinstance(key, Hashable):
-                seen[key] = key_node.start_mark.line
+            seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
 
