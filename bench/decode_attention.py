@@ -4,6 +4,7 @@ long-tailed live lengths, at several caps on the slots one program reads (decode
 
   PYTHONPATH=src python bench/decode_attention.py
   PYTHONPATH=src python bench/decode_attention.py --sweep --chunks
+  PYTHONPATH=src python bench/decode_attention.py --kv-dtype fp8 --sweep --chunks 1073741824 --cases "7b 128"
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from ponder.kernels import decode_attention as da
 SHAPES = {"0.5b": (2, 7, 64), "1.5b": (2, 6, 128), "7b": (4, 7, 128)}  # kv heads, query heads per kv head, head dim
 
 
-def case(shape, batch, lengths, block=32, seed=0):
+def case(shape, batch, lengths, block=32, seed=0, kv_dtype=torch.bfloat16):
     n_kv, group, dim = SHAPES[shape]
     g = torch.Generator(device="cuda").manual_seed(seed)
     per_row = -(-max(lengths) // block)
     # K and V in pools of their own, as the engine holds them (one pool for both let V's reads hit the cache)
     k_pool, v_pool = (torch.randn((batch * per_row + 1, n_kv, block, dim), generator=g, device="cuda", dtype=torch.bfloat16)
-                      for _ in range(2))
+                      .to(kv_dtype) for _ in range(2))
     table = 1 + torch.randperm(batch * per_row, generator=g, device="cuda").view(batch, per_row)
     q = torch.randn((batch, n_kv, group, dim), generator=g, device="cuda", dtype=torch.bfloat16)
     pos = torch.tensor(lengths, device="cuda") - 1
@@ -54,7 +55,7 @@ def sweep(q, k_pool, v_pool, table, pos, scale, length, live) -> dict:
     batch, n_kv = q.shape[:2]
     found = {}
     default = timed(lambda: da.triton_attention(q, k_pool, v_pool, table, pos, scale, length))
-    for tile in (32, 64, 128):
+    for tile in (32, 64, 128, 256):
         base, _ = da.plan(batch, n_kv, length, q.device, tile)
         for splits in sorted({base, 2 * base}):
             for warps in (4, 8):
@@ -82,7 +83,9 @@ def main():
                     help="also time each case with the first SLOTS slots' blocks shared by groups of 8 adjacent rows, "
                          "as the engine shares a prompt's full blocks among its G samples (how much of that the L2 "
                          "cache already saves, against reading each distinct block once)")
+    ap.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="the cache's dtype (fp8: e4m3, kv_dtype: fp8)")
     a = ap.parse_args()
+    kv_dtype = torch.bfloat16 if a.kv_dtype == "bf16" else torch.float8_e4m3fn
     import sys
     sys.path.insert(0, "bench")
     from rollout import long_tail
@@ -103,8 +106,8 @@ def main():
     for name, (shape, batch, lengths, length) in cases.items():
         if a.cases and not any(name.startswith(c) for c in a.cases):
             continue
-        q, k_pool, v_pool, table, pos, scale = case(shape, batch, lengths)
-        live = sum(lengths) * k_pool.shape[1] * k_pool.shape[3] * 2 * 2
+        q, k_pool, v_pool, table, pos, scale = case(shape, batch, lengths, kv_dtype=kv_dtype)
+        live = sum(lengths) * k_pool.shape[1] * k_pool.shape[3] * 2 * k_pool.element_size()
         row = {}
         if a.sweep:
             row = sweep(q, k_pool, v_pool, table, pos, scale, length, live)

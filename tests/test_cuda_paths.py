@@ -149,6 +149,53 @@ def test_grpo_steps_on_the_tiny_world(paths, tmp_path, setting):
     assert trainer.step_no == 2
 
 
+def test_an_fp8_kv_cache_on_cuda(paths):
+    """rollout.engine_options.kv_dtype fp8 through the engine's CUDA path (the Triton rotary + cache write and the
+    decode attention widening e4m3 as it reads, or their fallbacks): the pool holds e4m3, each row's log-probs
+    agree with a forward whose decode positions read rounded K/V (bf16 autocast, the rollout copy's dtype), and
+    the rotary + cache write rounds as torch does."""
+    from kv_rounding import fp8_kv_forward
+
+    from ponder.kernels.rope import rope_kv
+    from ponder.models.tiny import char_tokenizer
+    from ponder.rollout import SamplingParams
+    from ponder.rollout.fast import FastEngine
+
+    tok = char_tokenizer()
+    model = build("qwen2")
+    engine = FastEngine(model, tok, sync_every=4, min_bucket=1, kv_dtype="fp8")
+    prompts = [tok.encode(p) for p in ["Q: 12+7=", "a", "The quick brown fox jumps", "count: 1 2 3 4 5 6 7 8 9"]]
+    outs = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=40, seed=1, logprobs=True))
+    assert engine.fwd.kv.dtype == torch.float8_e4m3fn
+    twin = fp8_kv_forward(model)
+    for p, group in zip(prompts, outs):
+        for c in group:
+            ids, n = torch.tensor([p + c.token_ids], device=DEV), len(p)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                ref = twin(ids, n)[n - 1 : -1].float().log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(c.logprobs, device=DEV), ref, atol=0.08, rtol=0.05)
+    store = engine.fwd.k.get("rope_store")
+    if paths == "fast":
+        assert store is not None
+    if store is not None:
+        g = torch.Generator(device=DEV).manual_seed(0)
+        q, k, v = (torch.randn((64, n, 64), generator=g, device=DEV) * 3 for n in (14, 2, 2))
+        ang = torch.rand((80, 32), generator=g, device=DEV) * 6
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        pos = torch.randint(0, 80, (64,), generator=g, device=DEV)
+        table = torch.randperm(64 * 5, generator=g, device=DEV).view(64, 5) + 1  # blocks of 16 slots
+        cache = torch.zeros((2, 64 * 5 + 1, 2, 16, 64), device=DEV, dtype=torch.float8_e4m3fn)
+        store(q, k, v, cos, sin, pos, cache, table)
+        _, kv = rope_kv(q, k, v, cos[pos][:, None], sin[pos][:, None])
+        want = torch.zeros_like(cache, dtype=torch.float32)
+        want[:, table[torch.arange(64, device=DEV), pos // 16], :, pos % 16] = kv
+        want = want.to(torch.float8_e4m3fn)
+        same = (cache.view(torch.uint8) == want.view(torch.uint8)).float().mean().item()
+        # all but values that sit on a rounding boundary after float32 arithmetic in another order
+        assert same > 0.999, same
+        torch.testing.assert_close(cache.float(), want.float(), atol=2**-9, rtol=0.07)
+
+
 def test_truncated_importance_sampling_on_the_bf16_rollout_copy(paths, tmp_path):
     """algorithm.rollout_is_cap on CUDA: the engine samples from the bf16 rollout copy, the update scores with the
     float32 masters under autocast, so pi_old / pi_engine is near 1 but not 1; it reaches the loss and the metrics."""

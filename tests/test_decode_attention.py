@@ -88,6 +88,19 @@ def test_float32_queries_over_a_bf16_cache_are_rounded_to_it_first():
     torch.testing.assert_close(out, da.reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), POS, 0.125))
 
 
+def test_an_fp8_cache_is_read_in_the_products_dtype():
+    """kv_dtype fp8: the cache holds e4m3 values; attention is the reference over them widened to `dtype` (queries
+    too), not over the values before rounding."""
+    q, k, v = cache_views(5, 2, 7, 64)
+    kp, vp, table = paged(k, v)
+    f8 = torch.float8_e4m3fn
+    out = da.decode_attention(q, kp.to(f8), vp.to(f8), table, POS, 0.125, 150, torch.float32)
+    assert out.dtype == torch.float32
+    want = da.reference(q, k.to(f8).float(), v.to(f8).float(), POS, 0.125)
+    torch.testing.assert_close(out, want)
+    assert (out - da.reference(q, k, v, POS, 0.125)).abs().max() > 1e-3  # the rounding shows
+
+
 def test_plan_splits_only_when_rows_leave_multiprocessors_idle():
     cpu = torch.device("cpu")  # counts 4 "multiprocessors" off CUDA
     assert da.plan(256, 2, 640, cpu) == (1, 640)  # 512 (row, kv head) programs: no split
@@ -100,7 +113,15 @@ def test_plan_splits_only_when_rows_leave_multiprocessors_idle():
         assert chunk % da.TILE == 0 and (splits - 1) * chunk < length <= splits * chunk
 
 
-CASES = [(7, 64, 1, 128), (7, 64, 3, 32), (1, 64, 2, 64), (3, 24, 2, 128)]  # (group, head dim, splits, tile)
+# (group, head dim, splits, tile, cache dtype): float32 queries, as the interpreter's products run in float32;
+# an fp8 cache (kv_dtype fp8): its products in float16 (queries and weights rounded to it: a looser tolerance)
+CASES = [(7, 64, 1, 128, None), (7, 64, 3, 32, None), (1, 64, 2, 64, None), (3, 24, 2, 128, None),
+         (7, 64, 1, 128, torch.float8_e4m3fn), (7, 64, 3, 32, torch.float8_e4m3fn)]
+
+
+def rounded(t, dtype):
+    """t as a cache of `dtype` holds it, in float32 (None: as it is)."""
+    return t if dtype is None else t.to(dtype).float()
 
 
 def test_triton_kernel_matches_attention_by_hand(tmp_path, triton_interpreter):
@@ -109,16 +130,22 @@ def test_triton_kernel_matches_attention_by_hand(tmp_path, triton_interpreter):
     done = triton_interpreter([__file__, str(out)], timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(out)
-    for (group, dim, splits, _), got in zip(CASES, results):
+    for (group, dim, splits, _, dtype), got in zip(CASES, results):
         q, k, v = cache_views(5, 2, group, dim, seed=group + splits)
         assert got.shape == q.shape and got.dtype == q.dtype
-        torch.testing.assert_close(got.double(), by_hand(q, k, v, POS, dim**-0.5), atol=1e-5, rtol=1e-5)
+        want = by_hand(q, rounded(k, dtype), rounded(v, dtype), POS, dim**-0.5)
+        tol = 1e-5 if dtype is None else 1e-3
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+        if dtype is not None:  # closer to the rounded cache than to the values before rounding
+            assert (got.double() - by_hand(q, k, v, POS, dim**-0.5)).abs().max() > 10 * (got.double() - want).abs().max()
 
 
 if __name__ == "__main__":  # the child: run the interpreted kernel on every case, save the outputs
     outs = []
-    for group, dim, splits, tile in CASES:
+    for group, dim, splits, tile, dtype in CASES:
         q, k, v = cache_views(5, 2, group, dim, seed=group + splits)
         kp, vp, table = paged(k, v, block=16 if tile != 32 else 8, seed=tile)
+        if dtype is not None:
+            kp, vp = kp.to(dtype), vp.to(dtype)
         outs.append(da.triton_attention(q, kp, vp, table, POS, dim**-0.5, 150, splits=splits, block_n=tile))
     torch.save(outs, sys.argv[1])

@@ -64,6 +64,8 @@ def notice(msg: str) -> None:
 
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# the KV cache's dtype: auto, the weights' compute dtype; fp8, e4m3 with no scale (values past +-448 saturate)
+KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 
 
 _optimizer_steps = [0]  # every optimizer step in the process (a fused AdamW step bumps no version counter)
@@ -198,6 +200,7 @@ class FastEngine(RolloutEngine):
         length_bucket: int = 128, prefill_tokens: int = 4096, keep_cache: bool = True, attention: str = "auto",
         fused: bool = True, join_weights: bool = True, dtype: str = "auto", block_size: int = 32, kv_fraction: float = 0.5,
         kv_blocks: int | None = None, start_tokens: int | None = None, look_ahead: bool | None = None,
+        kv_dtype: str = "auto",
     ):
         super().__init__(model, tokenizer)
         if attention not in ("auto", "triton", "sdpa", "matmul"):
@@ -206,6 +209,9 @@ class FastEngine(RolloutEngine):
         self.length_bucket, self.prefill_tokens, self.keep_cache = length_bucket, prefill_tokens, keep_cache
         if dtype not in DTYPES:
             raise UserError(f"fast engine: dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        if kv_dtype not in KV_DTYPES:
+            raise UserError(f"fast engine: kv_dtype must be one of {', '.join(KV_DTYPES)}, got '{kv_dtype}'")
+        self.kv_dtype = KV_DTYPES[kv_dtype]
         self.attention, self.batch_size, self.fused, self.join_weights = attention, batch_size, fused, join_weights
         if block_size < 1 or not 0 < kv_fraction <= 1:
             raise UserError(f"fast engine: block_size must be >= 1 and kv_fraction in (0, 1] (got {block_size}, {kv_fraction})")
@@ -316,11 +322,12 @@ class FastEngine(RolloutEngine):
                 join(qkv_projections(layer.self_attn))
                 if swiglu(arch, layer.mlp):
                     join(gate_up_projections(layer.mlp))
+        kv_dtype = self.kv_dtype or dtype
         sig = (device, dtype, tuple(p.data_ptr() for p in arch.backbone.parameters()), weight.data_ptr())
         f = self.fwd
         if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs
             rows, positions = max(rows, f.rows), max(positions, f.positions)
-        per_block = len(arch.backbone.layers) * 2 * arch.n_kv * self.block_size * arch.head_dim * dtype.itemsize
+        per_block = len(arch.backbone.layers) * 2 * arch.n_kv * self.block_size * arch.head_dim * kv_dtype.itemsize
         self.worst = rows * -(-positions // self.block_size) + prompt_blocks + 1  # every row at full length
         self.least = -(-positions // self.block_size) + prompt_blocks + 1  # one sequence at full length
         blocks = min(self.worst, rows * -(-min(start, positions) // self.block_size) + prompt_blocks + 1)
@@ -332,7 +339,7 @@ class FastEngine(RolloutEngine):
             attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "matmul"
             narrow = self.copy is not None or shadow_dtype(self.model) is not None  # matrices narrower than the norms
             f = self.fwd = Forward(arch, rows, min(blocks, self.pool_cap(per_block, device)), self.block_size, positions,
-                                   dtype, device, attention, self.fused, autocast=narrow)
+                                   dtype, device, attention, self.fused, autocast=narrow, kv_dtype=kv_dtype)
             if self.attention == "triton" and device.type != "cuda":
                 notice("fast engine: attention 'triton' is a CUDA kernel; here its torch reference runs (slower than "
                        "attention auto, two matrix products)")

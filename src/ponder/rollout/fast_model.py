@@ -30,6 +30,12 @@ EOS_SLOTS = 8  # end-of-sequence ids the captured step checks
 ROW_KV_BYTES = 1 << 30  # CPU: the most the in-order copy of rows' K/V may take (Forward.row_kv)
 
 
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 cache (or K/V already rounded to it) as bytes, for index writes and copies: torch's CPU index_copy_
+    takes no float8; the bytes move the same either way."""
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+
+
 def _linear(m, x):
     """m(x) for a linear layer: a plain nn.Linear without hooks as F.linear (its forward) without the module call,
     a few microseconds each of the decode step's products on CPU; anything else (LoRA, hooks) called."""
@@ -54,8 +60,11 @@ class Forward:
     rows and table entries not yet handed out point there, so stray writes land where nothing is read."""
 
     def __init__(self, arch: Arch, rows: int, blocks: int, block: int, positions: int, dtype, device,
-                 attention: str = "sdpa", fused: bool = True, autocast: bool = False):
+                 attention: str = "sdpa", fused: bool = True, autocast: bool = False, kv_dtype=None):
         self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
+        # the cache's dtype: the compute dtype, or fp8 (e4m3, kv_dtype: fp8): K/V rounded as they are written,
+        # read back in `dtype`; half the bytes each decode step's attention reads
+        kv_dtype = kv_dtype or dtype
         # matrices in `dtype` beside float32 embeddings and norms (the fast engine's rollout copy): products in
         # `dtype`, the residual stream in float32, as autocast over the float32 model computes it
         self.autocast = autocast
@@ -74,7 +83,7 @@ class Forward:
         self.qkv = [joined(qkv_projections(l.self_attn)) for l in arch.backbone.layers]
         self.gate_up = [joined(gate_up_projections(l.mlp)) if g else None for l, g in zip(arch.backbone.layers, self.swiglu)]
         self.block = block
-        self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=dtype, device=device)
+        self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=kv_dtype, device=device)
         positions = -(-positions // block) * block
         self.table = torch.zeros((rows, positions // block), dtype=torch.long, device=device)
         self.cos = torch.empty((positions, arch.head_dim), dtype=dtype, device=device)
@@ -108,8 +117,8 @@ class Forward:
         self.row_kv = None
         shape = (layers, 2, rows, arch.n_kv, positions, arch.head_dim)
         if (torch.device(device).type == "cpu" and attention != "triton"
-                and math.prod(shape) * dtype.itemsize <= ROW_KV_BYTES):
-            self.row_kv = torch.zeros(shape, dtype=dtype, device=device)
+                and math.prod(shape) * kv_dtype.itemsize <= ROW_KV_BYTES):
+            self.row_kv = torch.zeros(shape, dtype=kv_dtype, device=device)
             # offset of (k or v, kv head) in a row's slots: [1, 2, kv heads]
             lane = torch.arange(2, device=device)[:, None] * (rows * arch.n_kv) + torch.arange(arch.n_kv, device=device)
             self._kv_lane = (lane * positions)[None]
@@ -135,7 +144,7 @@ class Forward:
     def load_rows(self, idx: torch.Tensor):
         """Rows `idx` took new sequences: their K/V so far (prefilled into the blocks of their tables) into row_kv."""
         if self.row_kv is not None:  # [layers, 2, rows, blocks, kv heads, block, D] -> [.., kv heads, positions, D]
-            self.row_kv[:, :, idx] = self.kv[:, :, self.table[idx]].transpose(3, 4).flatten(4, 5)
+            raw(self.row_kv)[:, :, idx] = raw(self.kv)[:, :, self.table[idx]].transpose(3, 4).flatten(4, 5)
 
     def fits(self, seqs: int, tokens: int) -> bool:
         return self.out_tok.shape[0] > seqs and self.out_tok.shape[1] >= tokens
@@ -283,7 +292,7 @@ class Forward:
             q, kv = K["rope_kv"](*self._qkv(li, h), *rope[self.nope[li]])  # kv: [N, 2, kv heads, D]
             if q_scale is not None:
                 q = q * q_scale.to(q.dtype)
-            self.kv[li][:, page, :, off] = kv.to(self.dtype)  # K and V of every token in one write
+            raw(self.kv[li])[:, page, :, off] = raw(kv.to(self.kv.dtype))  # K and V of every token in one write
             # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
             qp = q.new_zeros((n, width) + q.shape[1:]).index_put_((seq, at), q).transpose(1, 2)
             kvp = kv.new_zeros((n, width) + kv.shape[1:]).index_put_((seq, at), kv).permute(2, 0, 3, 1, 4)
@@ -334,25 +343,27 @@ class Forward:
                 else:
                     q, kv = K["rope_kv"](q, k, v, *rope[self.nope[li]])
             if store is None:
-                kv = kv if kv.dtype == cache.dtype else kv.to(cache.dtype)
+                kv = raw(kv if kv.dtype == cache.dtype else kv.to(cache.dtype))
                 # K and V of every row in one write ([B, 2, kv heads, D]): into the rows' in-order copy, which this
                 # step reads, or the pool. The pool's copy of a decoded token is never read where the copy exists:
                 # a row taken up later loads only blocks that prefill wrote (its prompt's, or its recomputed ones)
                 if rows is not None:
-                    rows[li].view(-1, a.head_dim).index_copy_(0, at, kv.view(-1, a.head_dim))
+                    raw(rows[li]).view(-1, a.head_dim).index_copy_(0, at, kv.view(-1, a.head_dim))
                 else:
-                    cache[:, page, :, off] = kv
+                    raw(cache)[:, page, :, off] = kv
             if q_scale is not None:
                 q = q * q_scale.to(q.dtype)
             # the query heads sharing a kv head act as that head's query rows: no repeated K/V
             q = q.view(batch, a.n_kv, group, a.head_dim)
             if self.attention == "triton":
-                o = attention_kernel.decode_attention(q, cache[0], cache[1], table, pos, a.scaling, length)
+                o = attention_kernel.decode_attention(q, cache[0], cache[1], table, pos, a.scaling, length, self.dtype)
             else:
                 if rows is not None:
                     kc, vc = rows[li, 0, :batch, :, :length], rows[li, 1, :batch, :, :length]
                 else:
                     kc, vc = attention_kernel.gather(cache[0], table, length), attention_kernel.gather(cache[1], table, length)
+                if kc.dtype != self.dtype:  # an fp8 cache, read in the compute dtype
+                    kc, vc = kc.to(self.dtype), vc.to(self.dtype)
                 if self.attention == "sdpa":
                     o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling)
                 elif self.signed:  # CPU: the batched products torch.matmul makes of these, called as they are

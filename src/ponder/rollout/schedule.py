@@ -21,7 +21,7 @@ import torch
 from ponder.errors import UserError
 from ponder.kernels.sampler import row_keys
 from ponder.rollout import decode_texts
-from ponder.rollout.fast_model import queued
+from ponder.rollout.fast_model import queued, raw
 from ponder.rollout.fast_sampling import sample
 from ponder.rollout.kv_blocks import Blocks
 
@@ -288,7 +288,7 @@ class Schedule:
             pos.append(length)
         if copies:
             src, dst = (queued(x, dev) for x in zip(*copies))
-            f.kv[:, :, dst] = f.kv[:, :, src]
+            raw(f.kv)[:, :, dst] = raw(f.kv)[:, :, src]
         idx, sq = queued(rows, dev), queued(seqs, dev)
         k = queued(n_out, dev)
         f.table[idx] = self._table([self.tables[r] for r in rows], f.table.shape[1])
