@@ -140,6 +140,16 @@ def test_the_sequence_level_ratio_says_where_it_does_nothing():
     assert ratio_notices(AlgoConfig(dual_clip=3.0, minibatches=2)) == []
 
 
+def test_an_fp8_kv_cache_without_importance_correction_is_noticed():
+    from ponder.config import AlgoConfig, RolloutConfig
+    from ponder.rl.trainer import rollout_notices
+
+    fp8 = RolloutConfig(engine="fast", engine_options={"kv_dtype": "fp8"})
+    assert "algorithm.rollout_is_cap" in rollout_notices(fp8, AlgoConfig())[0]
+    assert rollout_notices(fp8, AlgoConfig(rollout_is_cap=2.0)) == []
+    assert rollout_notices(RolloutConfig(engine="fast"), AlgoConfig()) == []
+
+
 def test_overlong_filtering_masks_truncated_completions(smoke_cfg):
     from ponder.rl.trainer import GRPOTrainer
 

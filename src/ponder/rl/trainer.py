@@ -556,7 +556,7 @@ class GRPOTrainer:
             self.start_notices.append(f"ponder: {setting} decodes greedily: a prompt's {r.group_size} answers are alike, "
                                       "so every group's rewards are equal and GRPO learns nothing; sample with a "
                                       "temperature above 0 (R1-Zero: 1.0)")
-        self.start_notices += ratio_notices(cfg.algorithm) + left_out
+        self.start_notices += ratio_notices(cfg.algorithm) + rollout_notices(r, cfg.algorithm) + left_out
         new_tokens = (e.max_new_tokens, "eval.max_new_tokens") if e.max_new_tokens else (r.max_new_tokens, "rollout.max_new_tokens")
         prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
                        *((examples, *new_tokens) for examples in self.eval_examples)]
@@ -656,6 +656,15 @@ def ratio_notices(a) -> list[str]:
         notices.append(f"ponder: algorithm.dual_clip={a.dual_clip:g} changes nothing at mu = 1 with one mini-batch, "
                        f"where every ratio is 1; it bounds updates made off-policy: {off_policy}")
     return notices
+
+
+def rollout_notices(r, a) -> list[str]:
+    """A start notice where the sampler's probabilities knowingly differ from the update's and nothing corrects it."""
+    if r.engine == "fast" and r.engine_options.get("kv_dtype") == "fp8" and a.rollout_is_cap is None:
+        return ["ponder: rollout.engine_options.kv_dtype=fp8 samples through a rounded KV cache, so the sampled tokens' "
+                "probabilities differ from those the update computes; algorithm.rollout_is_cap (e.g. 2) weighs each "
+                "token by their ratio"]
+    return []
 
 
 def _split(samples: list[Sample], k: int) -> list[list[Sample]]:
