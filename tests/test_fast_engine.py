@@ -231,10 +231,49 @@ def test_an_fp8_kv_cache_gives_the_logprobs_of_a_forward_over_rounded_keys_and_v
     assert off > 1e-3  # the rounding shows: the plain forward is not what the engine computed
 
 
+def test_with_an_fp8_cache_a_sequence_that_gives_way_samples_what_it_would_have():
+    """A sequence that gives way is prefilled again from its prompt and tokens; those tokens were decoded reading
+    the rounded cache, so their positions must attend to rounded K/V again (they attended to K/V as computed, and
+    later tokens and log-probs moved). A pool that holds few sequences against one that holds all: the same tokens,
+    and log-probs of the forward over rounded K/V."""
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    twin = fp8_kv_forward(model)
+    prompts = encode(LONGER)
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=20, logprobs=True, seed=3)
+    runs = {}
+    for pool in (None, 24):
+        eng = FastEngine(model, TOK, batch_size=4, sync_every=2, min_bucket=1, block_size=4, kv_blocks=pool,
+                         start_tokens=2, kv_dtype="fp8")
+        runs[pool] = eng.generate(prompts, params)
+        assert (eng.stats["gave_way"] > 0) == (pool is not None)
+    tokens = {pool: [[c.token_ids for c in g] for g in outs] for pool, outs in runs.items()}
+    assert tokens[24] == tokens[None]
+    for p, group in zip(prompts, runs[24]):
+        for c in group:
+            ids, n = torch.tensor([p + c.token_ids]), len(p)
+            with torch.no_grad():
+                want = twin(ids, n)[n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
+
+
 def test_an_unknown_kv_dtype_is_named():
     model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
     with pytest.raises(UserError, match="fast engine: kv_dtype must be one of auto, fp8, got 'int4'"):
         FastEngine(model, TOK, kv_dtype="int4")
+
+
+def test_an_fp8_cache_on_a_gpu_without_e4m3_kernels_is_refused(monkeypatch):
+    """Triton compiles e4m3 only from compute capability 8.9 (an A100 is 8.0): one line before the first step fails."""
+    from ponder.rollout.fast import check_fp8_cache
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 0))
+    with pytest.raises(UserError, match=r"kv_dtype fp8 needs a GPU of compute capability 8.9 or later .* "
+                                        r"NVIDIA A100-SXM4-80GB is 8.0: use rollout.engine_options.kv_dtype=auto"):
+        check_fp8_cache("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    check_fp8_cache("cuda")  # an H100
+    check_fp8_cache("cpu")
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8), (0, 1.0)])

@@ -68,6 +68,16 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 
 
+def check_fp8_cache(device) -> None:
+    """An fp8 cache's kernels (Triton's e4m3) compile only on GPUs of compute capability 8.9 or later."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UserError(f"fast engine: kv_dtype fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper and "
+                        f"newer) for its e4m3 kernels; {torch.cuda.get_device_name(device)} is {major}.{minor}: "
+                        "use rollout.engine_options.kv_dtype=auto")
+
+
 _optimizer_steps = [0]  # every optimizer step in the process (a fused AdamW step bumps no version counter)
 
 
@@ -323,6 +333,8 @@ class FastEngine(RolloutEngine):
                 if swiglu(arch, layer.mlp):
                     join(gate_up_projections(layer.mlp))
         kv_dtype = self.kv_dtype or dtype
+        if kv_dtype.itemsize == 1:
+            check_fp8_cache(device)
         sig = (device, dtype, tuple(p.data_ptr() for p in arch.backbone.parameters()), weight.data_ptr())
         f = self.fwd
         if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs

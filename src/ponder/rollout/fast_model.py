@@ -270,9 +270,12 @@ class Forward:
     def _precision(self):
         return torch.autocast(torch.device(self.device).type, dtype=self.dtype, enabled=self.autocast)
 
-    def _prefill(self, prompts: list[list[int]], tables: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, prompts: list[list[int]], tables: torch.Tensor, decoded_from: list[int] | None = None) -> torch.Tensor:
         """Run token lists from position 0 (packed: no work on padding except inside attention), write their
-        K/V into the blocks of their tables [P, blocks a row]; return the last position's logits [P, V]."""
+        K/V into the blocks of their tables [P, blocks a row]; return the last position's logits [P, V].
+        `decoded_from` (sequences that gave way, run again): where each list's decoded tokens begin. With an fp8
+        cache those positions attend to rounded K/V, as the decode steps that first ran them read the cache:
+        a sequence's samples must not depend on whether it gave way."""
         a, dev = self.a, self.device
         lens = queued([len(p) for p in prompts], dev)
         n, width = len(prompts), max(len(p) for p in prompts)
@@ -284,6 +287,9 @@ class Forward:
         rope = self._rope(lambda t: t[at][:, None])
         q_scale = self.a.query_scales(at, self.positions)  # Ministral 3
         page, off = tables[seq, at // self.block], at % self.block
+        decoded = None
+        if decoded_from is not None and self.kv.dtype != self.dtype:
+            decoded = (at >= queued(decoded_from, dev)[seq])[:, None, None]  # [N, 1, 1]
         # the decode step's pieces (fused norms, joined products), so a chunk costs few kernel launches
         K, layers = self.k, a.backbone.layers
         x = a.backbone.embed_tokens(ids)
@@ -296,10 +302,13 @@ class Forward:
             # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
             qp = q.new_zeros((n, width) + q.shape[1:]).index_put_((seq, at), q).transpose(1, 2)
             kvp = kv.new_zeros((n, width) + kv.shape[1:]).index_put_((seq, at), kv).permute(2, 0, 3, 1, 4)
-            o = F.scaled_dot_product_attention(
-                qp, kvp[0], kvp[1], is_causal=True, scale=a.scaling, enable_gqa=a.n_kv != a.n_heads
-            )
-            o = o.transpose(1, 2)[seq, at].reshape(len(ids), -1)
+            attend = lambda kv: F.scaled_dot_product_attention(  # noqa: E731
+                qp, kv[0], kv[1], is_causal=True, scale=a.scaling, enable_gqa=a.n_kv != a.n_heads
+            ).transpose(1, 2)[seq, at]
+            o = attend(kvp)
+            if decoded is not None:
+                o = torch.where(decoded, attend(kvp.to(self.kv.dtype).to(kvp.dtype)), o)
+            o = o.reshape(len(ids), -1)
             x, h = self._after_attention(li, x, layer.self_attn.o_proj(o))
             x, h = self._after_mlp(li, x, self._mlp(li, h))
         return a.head(h[lens.cumsum(0) - 1])

@@ -250,10 +250,12 @@ class Schedule:
         f = self.f
         toks = f.out_tok[torch.tensor(seqs, device=f.device)].tolist()
         lists = [self.prompts[s // self.n] + toks[i][: self.resume[s] - 1] for i, s in enumerate(seqs)]
+        decoded = [len(self.prompts[s // self.n]) for s in seqs]
         own = [self.blocks.take(self._span(len(t))) for t in lists]
         per_chunk = max(1, self.e.prefill_tokens // max(map(len, lists)))
         for start in range(0, len(lists), per_chunk):
-            f.prefill(lists[start:start + per_chunk], self._table(own[start:start + per_chunk]))
+            part = slice(start, start + per_chunk)
+            f.prefill(lists[part], self._table(own[part]), decoded[part])
         return dict(zip(seqs, own))
 
     def _place(self, seqs, free_rows, recomputed: dict):
