@@ -256,6 +256,24 @@ def test_with_an_fp8_cache_a_sequence_that_gives_way_samples_what_it_would_have(
             torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
 
 
+def test_keys_past_what_fp8_holds_are_noticed_once(capsys):
+    """e4m3 holds +-448 and the cache has no scale: a model whose keys pass that (a large k_proj bias here) gets one
+    notice; a model within it, none."""
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=1)
+    eng = FastEngine(model, TOK, kv_dtype="fp8")
+    eng.generate(encode(PROMPTS), params)
+    assert "kv_dtype fp8" not in capsys.readouterr().err
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.bias[3] = 2000.0
+    loud = FastEngine(model, TOK, kv_dtype="fp8")
+    for _ in range(2):
+        loud.generate(encode(PROMPTS), params)
+    err = capsys.readouterr().err
+    assert err.count("kv_dtype fp8: keys or values up to") == 1 and "were written as 448" in err, err
+    assert "this model's rollouts need kv_dtype auto" in err
+
+
 def test_an_unknown_kv_dtype_is_named():
     model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
     with pytest.raises(UserError, match="fast engine: kv_dtype must be one of auto, fp8, got 'int4'"):

@@ -66,6 +66,7 @@ def notice(msg: str) -> None:
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the KV cache's dtype: auto, the weights' compute dtype; fp8, e4m3 with no scale (values past +-448 saturate)
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 def check_fp8_cache(device) -> None:
@@ -241,6 +242,7 @@ class FastEngine(RolloutEngine):
         self.lent = False  # idle_memory() was handed out since the last call
         self.side_stream = None
         self.eager_notice = False
+        self.saturation_notice = False
 
     def idle_memory(self):
         """The KV cache between calls (the next call zeroes it first: masked slots must hold finite numbers)."""
@@ -475,6 +477,10 @@ class FastEngine(RolloutEngine):
                     run.sync(seen)
                 continue  # the count starts again here (a step queued now would run past sync_every=1's one block)
             self._decode(f, run, use_graphs, in_graph, params)
+        if f.kv_peak is not None and not self.saturation_notice and f.kv_peak.item() > FP8_MAX:
+            notice(f"fast engine: kv_dtype fp8: keys or values up to {f.kv_peak.item():,.0f} passed e4m3's largest, "
+                   f"{FP8_MAX:g}, and were written as {FP8_MAX:g}; this model's rollouts need kv_dtype auto")
+            self.saturation_notice = True
         self.stats = dict(kv_blocks=f.blocks, kv_blocks_peak=run.peak, block_size=f.block, gave_way=run.gave_way,
                           kv_gib_peak=run.peak * f.kv[:, :, 0].numel() * f.kv.element_size() / 2**30)
         out = f.out_tok[:n_seq, :max_new]

@@ -84,6 +84,8 @@ class Forward:
         self.gate_up = [joined(gate_up_projections(l.mlp)) if g else None for l, g in zip(arch.backbone.layers, self.swiglu)]
         self.block = block
         self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=kv_dtype, device=device)
+        # fp8: the largest |K| or |V| prefill has written, read once a call (past e4m3's 448 the cache saturates)
+        self.kv_peak = torch.zeros((), device=device) if kv_dtype.itemsize == 1 else None
         positions = -(-positions // block) * block
         self.table = torch.zeros((rows, positions // block), dtype=torch.long, device=device)
         self.cos = torch.empty((positions, arch.head_dim), dtype=dtype, device=device)
@@ -299,6 +301,8 @@ class Forward:
             if q_scale is not None:
                 q = q * q_scale.to(q.dtype)
             raw(self.kv[li])[:, page, :, off] = raw(kv.to(self.kv.dtype))  # K and V of every token in one write
+            if self.kv_peak is not None:
+                torch.maximum(self.kv_peak, kv.abs().amax().float(), out=self.kv_peak)
             # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
             qp = q.new_zeros((n, width) + q.shape[1:]).index_put_((seq, at), q).transpose(1, 2)
             kvp = kv.new_zeros((n, width) + kv.shape[1:]).index_put_((seq, at), kv).permute(2, 0, 3, 1, 4)
