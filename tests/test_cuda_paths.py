@@ -172,7 +172,7 @@ def test_an_fp8_kv_cache_on_cuda(paths):
         for c in group:
             ids, n = torch.tensor([p + c.token_ids], device=DEV), len(p)
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                ref = twin(ids, n)[n - 1 : -1].float().log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
+                ref = twin(ids, n, engine.fwd.kv_scale)[n - 1 : -1].float().log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(c.logprobs, device=DEV), ref, atol=0.08, rtol=0.05)
     store = engine.fwd.k.get("rope_store")
     if paths == "fast":

@@ -88,15 +88,18 @@ def test_float32_queries_over_a_bf16_cache_are_rounded_to_it_first():
     torch.testing.assert_close(out, da.reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), POS, 0.125))
 
 
+SCALES = torch.tensor([0.5, 4.0])  # an fp8 cache's K and V scales: it holds K / 0.5 and V / 4
+
+
 def test_an_fp8_cache_is_read_in_the_products_dtype():
-    """kv_dtype fp8: the cache holds e4m3 values; attention is the reference over them widened to `dtype` (queries
-    too), not over the values before rounding."""
+    """kv_dtype fp8: the cache holds K and V divided by their scales, in e4m3; attention is the reference over them
+    widened to `dtype` (queries too) and times the scales, not over the values before rounding."""
     q, k, v = cache_views(5, 2, 7, 64)
     kp, vp, table = paged(k, v)
     f8 = torch.float8_e4m3fn
-    out = da.decode_attention(q, kp.to(f8), vp.to(f8), table, POS, 0.125, 150, torch.float32)
+    out = da.decode_attention(q, (kp / 0.5).to(f8), (vp / 4).to(f8), table, POS, 0.125, 150, torch.float32, SCALES)
     assert out.dtype == torch.float32
-    want = da.reference(q, k.to(f8).float(), v.to(f8).float(), POS, 0.125)
+    want = da.reference(q, (k / 0.5).to(f8).float() * 0.5, (v / 4).to(f8).float() * 4, POS, 0.125)
     torch.testing.assert_close(out, want)
     assert (out - da.reference(q, k, v, POS, 0.125)).abs().max() > 1e-3  # the rounding shows
 
@@ -114,14 +117,15 @@ def test_plan_splits_only_when_rows_leave_multiprocessors_idle():
 
 
 # (group, head dim, splits, tile, cache dtype): float32 queries, as the interpreter's products run in float32;
-# an fp8 cache (kv_dtype fp8): its products in float16 (queries and weights rounded to it: a looser tolerance)
+# an fp8 cache (kv_dtype fp8, scaled by SCALES): its products in float16 (queries and weights rounded to it: a
+# looser tolerance)
 CASES = [(7, 64, 1, 128, None), (7, 64, 3, 32, None), (1, 64, 2, 64, None), (3, 24, 2, 128, None),
          (7, 64, 1, 128, torch.float8_e4m3fn), (7, 64, 3, 32, torch.float8_e4m3fn)]
 
 
-def rounded(t, dtype):
-    """t as a cache of `dtype` holds it, in float32 (None: as it is)."""
-    return t if dtype is None else t.to(dtype).float()
+def rounded(t, dtype, scale):
+    """t as a cache of `dtype` with this scale holds it, in float32 (None: as it is)."""
+    return t if dtype is None else (t / scale).to(dtype).float() * scale
 
 
 def test_triton_kernel_matches_attention_by_hand(tmp_path, triton_interpreter):
@@ -133,7 +137,7 @@ def test_triton_kernel_matches_attention_by_hand(tmp_path, triton_interpreter):
     for (group, dim, splits, _, dtype), got in zip(CASES, results):
         q, k, v = cache_views(5, 2, group, dim, seed=group + splits)
         assert got.shape == q.shape and got.dtype == q.dtype
-        want = by_hand(q, rounded(k, dtype), rounded(v, dtype), POS, dim**-0.5)
+        want = by_hand(q, rounded(k, dtype, 0.5), rounded(v, dtype, 4.0), POS, dim**-0.5)
         tol = 1e-5 if dtype is None else 1e-3
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
         if dtype is not None:  # closer to the rounded cache than to the values before rounding
@@ -145,7 +149,8 @@ if __name__ == "__main__":  # the child: run the interpreted kernel on every cas
     for group, dim, splits, tile, dtype in CASES:
         q, k, v = cache_views(5, 2, group, dim, seed=group + splits)
         kp, vp, table = paged(k, v, block=16 if tile != 32 else 8, seed=tile)
+        scales = None
         if dtype is not None:
-            kp, vp = kp.to(dtype), vp.to(dtype)
-        outs.append(da.triton_attention(q, kp, vp, table, POS, dim**-0.5, 150, splits=splits, block_n=tile))
+            kp, vp, scales = (kp / SCALES[0]).to(dtype), (vp / SCALES[1]).to(dtype), SCALES
+        outs.append(da.triton_attention(q, kp, vp, table, POS, dim**-0.5, 150, splits=splits, block_n=tile, kv_scale=scales))
     torch.save(outs, sys.argv[1])

@@ -224,7 +224,7 @@ def test_an_fp8_kv_cache_gives_the_logprobs_of_a_forward_over_rounded_keys_and_v
         for c in group:
             ids, n = torch.tensor([p + c.token_ids]), len(p)
             with torch.no_grad():
-                want = twin(ids, n)[n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
+                want = twin(ids, n, eng.fwd.kv_scale)[n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
                 exact = model(input_ids=ids).logits[0, n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
             off = max(off, (torch.tensor(c.logprobs) - exact).abs().max().item())
@@ -252,26 +252,32 @@ def test_with_an_fp8_cache_a_sequence_that_gives_way_samples_what_it_would_have(
         for c in group:
             ids, n = torch.tensor([p + c.token_ids]), len(p)
             with torch.no_grad():
-                want = twin(ids, n)[n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
+                want = twin(ids, n, eng.fwd.kv_scale)[n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
 
 
 def test_keys_past_what_fp8_holds_are_noticed_once(capsys):
-    """e4m3 holds +-448 and the cache has no scale: a model whose keys pass that (a large k_proj bias here) gets one
-    notice; a model within it, none."""
+    """A call's first prefill sets the fp8 cache's scales with room for 4x its largest keys and values; a prompt
+    prefilled later whose keys pass that (one token's embedding along a direction k_proj blows up, in the shortest
+    prompt, so prefilled last, by itself) is clamped: one notice. Without that token, none."""
     model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    prompts = encode(PROMPTS[:3])
+    odd = next(t for t in range(3, len(TOK)) if all(t not in p for p in prompts))
     params = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=1)
-    eng = FastEngine(model, TOK, kv_dtype="fp8")
-    eng.generate(encode(PROMPTS), params)
-    assert "kv_dtype fp8" not in capsys.readouterr().err
     with torch.no_grad():
-        model.model.layers[1].self_attn.k_proj.bias[3] = 2000.0
-    loud = FastEngine(model, TOK, kv_dtype="fp8")
+        model.model.embed_tokens.weight[:, 5] = 0.0  # the direction only this token takes
+        model.model.embed_tokens.weight[odd] = 0.0
+        model.model.embed_tokens.weight[odd, 5] = 50.0
+        model.model.layers[0].self_attn.k_proj.weight[:, 5] = 100.0
+    FastEngine(model, TOK, kv_dtype="fp8", prefill_tokens=1).generate(prompts, params)
+    assert "kv_dtype fp8" not in capsys.readouterr().err
+    loud = FastEngine(model, TOK, kv_dtype="fp8", prefill_tokens=1)
     for _ in range(2):
-        loud.generate(encode(PROMPTS), params)
+        loud.generate(prompts + [[odd]], params)
     err = capsys.readouterr().err
-    assert err.count("kv_dtype fp8: keys or values up to") == 1 and "were written as 448" in err, err
-    assert "this model's rollouts need kv_dtype auto" in err
+    assert err.count("fast engine: kv_dtype fp8: keys or values up to") == 1, err
+    assert "the largest of a call's first prompts passed the cache's range (4x" in err
+    assert "were clamped; this model's rollouts need kv_dtype auto" in err
 
 
 def test_an_unknown_kv_dtype_is_named():
@@ -692,8 +698,8 @@ from ponder.kernels.sampler import triton_cdf_pick
 inp = torch.load(sys.argv[1])
 picks = [triton_cdf_pick(inp["logits"], inp["keys"], t, splits=3, block=256) for t in (1.0, 1 / 0.7)]
 q, k, v, cos, sin, pos, cache, table = inp["rope"]
-cache8 = cache.to(torch.float8_e4m3fn)  # kv_dtype fp8: the write rounds to e4m3
-triton_rope_store(q, k, v, cos, sin, pos, cache8[1], table)
+cache8 = cache.to(torch.float8_e4m3fn)  # kv_dtype fp8: the write divides by the scales and rounds to e4m3
+triton_rope_store(q, k, v, cos, sin, pos, cache8[1], table, torch.tensor([0.5, 4.0]))
 q = triton_rope_store(q, k, v, cos, sin, pos, cache[1], table)
 torch.save(dict(picks=picks, q=q, cache=cache, cache8=cache8), sys.argv[2])
 """
@@ -744,10 +750,11 @@ def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path, 
     # Triton 3.9's interpreter rounds those wrong (1.97 -> 1.0, 0.0029 -> 0.00195; the GPU's conversion does
     # not), so those slots are left to tests/test_cuda_paths.py
     assert got["cache8"].dtype == torch.float8_e4m3fn
-    mantissa = cache.abs() / 2 ** cache.abs().log2().floor()
-    sure = (cache == 0) | ((mantissa <= 1.9375) & (cache.abs() >= 2**-6))
-    assert sure.float().mean() > 0.5 and (cache != 0).any()
-    want = cache.to(torch.float8_e4m3fn).view(torch.uint8)
+    scaled = cache / torch.tensor([0.5, 4.0]).view(1, 2, 1, 1, 1, 1)  # K / 0.5, V / 4
+    mantissa = scaled.abs() / 2 ** scaled.abs().log2().floor()
+    sure = (scaled == 0) | ((mantissa <= 1.9375) & (scaled.abs() >= 2**-6))
+    assert sure.float().mean() > 0.5 and (scaled != 0).any()
+    want = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(got["cache8"].view(torch.uint8)[sure], want[sure])
 
 

@@ -54,7 +54,7 @@ if triton is not None:
 
     @triton.jit
     def _partial(
-        q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, out_ptr, s_ptr,
         sq_b, sq_h, sq_g, sq_d, sk_p, sk_h, sk_l, sk_d, sv_p, sv_h, sv_l, sv_d, st_b, so_b, so_h, so_g, so_d,
         n_kv, length, chunk, qk_scale,
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -62,10 +62,10 @@ if triton is not None:
     ):
         """One (row, kv head, split): online softmax over the split's live slots, all GROUP query heads at once.
         With one split it writes the normalised output; otherwise the unnormalised sum and its (max, total).
-        FP8 (an e4m3 cache): the products in float16, which e4m3 widens to in one instruction (bf16 takes several,
-        and the kernel then ran at half the bytes per second: H100, 7B, 58.5 against 62.6 us for twice the
-        bytes); float16 holds every e4m3 value exactly, and the scaled queries and the weights p (at most 1)
-        closer than bf16 does."""
+        FP8 (an e4m3 cache, stored as K / s[0] and V / s[1]): the products in float16, which e4m3 widens to in
+        one instruction (bf16 takes several, and the kernel then ran at half the bytes per second: H100, 7B, 58.5
+        against 62.6 us for twice the bytes); float16 holds every e4m3 value exactly, and the scaled queries and
+        the weights p (at most 1) closer than bf16 does. The scales multiply the float32 scores and output."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // n_kv
@@ -77,6 +77,7 @@ if triton is not None:
         # base-2 exponentials: fold log2(e) into the scale once
         if FP8:
             q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+            k_scale, v_scale = tl.load(s_ptr), tl.load(s_ptr + 1)
         else:
             q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
         live = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) + 1, length)
@@ -100,6 +101,8 @@ if triton is not None:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
+            if FP8:
+                s = s * k_scale
             s = tl.where(slot[None, :] < hi, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -110,6 +113,8 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
+        if FP8:
+            acc = acc * v_scale
         if SPLITS == 1:
             o = acc / total[:, None]
             tl.store(out_ptr + b * so_b + h * so_h + g[:, None] * so_g + d[None, :] * so_d,
@@ -184,9 +189,13 @@ def plan(batch: int, n_kv: int, length: int, device: torch.device, block_n: int 
 
 
 def triton_attention(q, k_pool, v_pool, table, pos, scale: float, length: int, splits: int | None = None,
-                     block_n: int = TILE, num_warps: int = 4, num_stages: int = 2):
+                     block_n: int = TILE, num_warps: int = 4, num_stages: int = 2, kv_scale=None):
     """The kernel itself (no fallback). q [B, kv heads, group, D]; pools [blocks, kv heads, block, D], any
-    strides; table [B, blocks a row]; rows attend slots [0, min(pos, length - 1)]."""
+    strides; table [B, blocks a row]; rows attend slots [0, min(pos, length - 1)]. An fp8 pool holds K and V
+    divided by kv_scale (float32 [2]; ones if not given)."""
+    fp8 = k_pool.element_size() == 1
+    if fp8 and kv_scale is None:
+        kv_scale = torch.ones(2, device=q.device)
     batch, n_kv, group, dim = q.shape
     if splits is None:
         splits, chunk = plan(batch, n_kv, length, q.device, block_n)
@@ -203,10 +212,10 @@ def triton_attention(q, k_pool, v_pool, table, pos, scale: float, length: int, s
         part = m = total = out  # unused by the one-split kernel
     consts = dict(GROUP=group, G_PAD=g_pad, HEAD_DIM=dim, D_PAD=d_pad)
     _partial[(batch * n_kv, splits)](
-        q, k_pool, v_pool, table, pos, part, m, total, out, *q.stride(), *k_pool.stride(), *v_pool.stride(),
+        q, k_pool, v_pool, table, pos, part, m, total, out, kv_scale if fp8 else pos, *q.stride(), *k_pool.stride(), *v_pool.stride(),
         table.stride(0), *out.stride(), n_kv, length, chunk, scale * math.log2(math.e),
         BLOCK_N=block_n, PAGE=k_pool.shape[2], SPLITS=splits, IEEE=q.dtype == torch.float32 and k_pool.element_size() > 1,
-        FP8=k_pool.element_size() == 1, num_warps=num_warps, num_stages=num_stages, **consts,
+        FP8=fp8, num_warps=num_warps, num_stages=num_stages, **consts,
     )
     if splits > 1:
         _merge[(batch * n_kv,)](part, m, total, out, *out.stride(), n_kv, SPLITS=splits, num_warps=4, **consts)
@@ -249,11 +258,12 @@ def available(device) -> bool:
     return _usable[device]
 
 
-def decode_attention(q, k_pool, v_pool, table, pos, scale: float, length: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def decode_attention(q, k_pool, v_pool, table, pos, scale: float, length: int, dtype: torch.dtype | None = None,
+                     kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per row: q [B, kv heads, group, D] (the query heads sharing a kv head
     grouped) or [B, heads, D]; pools [blocks, kv heads, block, D]; table [B, blocks a row]; row b attends
     slots [0, pos[b]] (pos < length). `dtype`: the products' (default the cache's; an fp8 cache is read in
-    it). Returns the shape of q."""
+    it, times `kv_scale`, float32 [2] for K and V). Returns the shape of q."""
     shape = q.shape
     if q.dim() == 3:
         q = q.view(shape[0], k_pool.shape[1], shape[1] // k_pool.shape[1], shape[2])
@@ -261,7 +271,10 @@ def decode_attention(q, k_pool, v_pool, table, pos, scale: float, length: int, d
     # norm weights gives float32 queries beside a bf16 cache, and the kernel's products take one dtype
     q = q.to(dtype or k_pool.dtype)
     if available(q.device):
-        out = triton_attention(q, k_pool, v_pool, table, pos, scale, length)
+        out = triton_attention(q, k_pool, v_pool, table, pos, scale, length, kv_scale=kv_scale)
     else:
-        out = reference(q, *(gather(p, table, length).to(q.dtype) for p in (k_pool, v_pool)), pos, scale)
+        k, v = (gather(p, table, length).to(q.dtype) for p in (k_pool, v_pool))
+        if kv_scale is not None:
+            k, v = k * kv_scale[0], v * kv_scale[1]
+        out = reference(q, k, v, pos, scale)
     return out.view(shape)

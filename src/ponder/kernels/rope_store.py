@@ -21,13 +21,13 @@ from ponder.kernels.trials import trial
 if triton is not None:
 
     @triton.jit
-    def _rope_store(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, table_ptr, qo_ptr, c_ptr,
+    def _rope_store(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, table_ptr, qo_ptr, c_ptr, s_ptr,
                     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, st_l, st_b, sc_kv, sc_p, sc_h, sc_l,
                     HEADS: tl.constexpr, KV: tl.constexpr, H_PAD: tl.constexpr, KV_PAD: tl.constexpr,
-                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PAGE: tl.constexpr):
+                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PAGE: tl.constexpr, SCALED: tl.constexpr):
         """Row b: rotary on its query heads (written to qo, contiguous) and key heads; the rotated keys and
         the values written straight into row b's cache slot pos[b] (block table[b, pos // PAGE]). Head dims
-        have unit stride."""
+        have unit stride. SCALED (an fp8 cache): keys and values divided by the layer's scales s[0], s[1] first."""
         b = tl.program_id(0)
         p = tl.load(pos_ptr + b)
         page = tl.load(table_ptr + b * st_b + p // PAGE).to(tl.int64)
@@ -51,28 +51,36 @@ if triton is not None:
         x1 = tl.load(at, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(at + HALF, mask=m, other=0.0).to(tl.float32)
         slot = c_ptr + page * sc_p + g[:, None] * sc_h + (p % PAGE) * sc_l + d[None, :]
-        tl.store(slot, (x1 * cos1[None, :] - x2 * sin1[None, :]).to(c_ptr.dtype.element_ty), mask=m)
-        tl.store(slot + HALF, (x2 * cos2[None, :] + x1 * sin2[None, :]).to(c_ptr.dtype.element_ty), mask=m)
+        k1, k2 = x1 * cos1[None, :] - x2 * sin1[None, :], x2 * cos2[None, :] + x1 * sin2[None, :]
         at = v_ptr + b * sv_b + g[:, None] * sv_h + d[None, :]
-        tl.store(slot + sc_kv, tl.load(at, mask=m, other=0.0).to(c_ptr.dtype.element_ty), mask=m)
-        tl.store(slot + sc_kv + HALF, tl.load(at + HALF, mask=m, other=0.0).to(c_ptr.dtype.element_ty), mask=m)
+        v1, v2 = tl.load(at, mask=m, other=0.0).to(tl.float32), tl.load(at + HALF, mask=m, other=0.0).to(tl.float32)
+        if SCALED:
+            k_scale, v_scale = tl.load(s_ptr), tl.load(s_ptr + 1)
+            k1, k2, v1, v2 = k1 / k_scale, k2 / k_scale, v1 / v_scale, v2 / v_scale
+        tl.store(slot, k1.to(c_ptr.dtype.element_ty), mask=m)
+        tl.store(slot + HALF, k2.to(c_ptr.dtype.element_ty), mask=m)
+        tl.store(slot + sc_kv, v1.to(c_ptr.dtype.element_ty), mask=m)
+        tl.store(slot + sc_kv + HALF, v2.to(c_ptr.dtype.element_ty), mask=m)
 
 
-def triton_rope_store(q, k, v, cos, sin, pos, cache, table):
+def triton_rope_store(q, k, v, cos, sin, pos, cache, table, scale=None):
     """Rotary on q [B, heads, D] and k [B, kv heads, D] at positions pos [B] (tables cos/sin [L, D]); k and
     v written into the block pool cache [2, blocks, kv heads, block, D] at row b's slot pos[b], in block
-    table[b, pos[b] // block]. Returns rotated q. One kernel for what rope_kv and the cache's index_put do in three."""
+    table[b, pos[b] // block]; `scale` (float32 [2], an fp8 cache's): k and v divided by it first. Returns
+    rotated q. One kernel for what rope_kv and the cache's index_put do in three."""
     batch, heads, dim = q.shape
     kv = k.shape[1]
     for t in (q, k, v, cos, sin, cache):
         assert t.stride(-1) == 1, "rope_store needs unit-stride head dims"
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
     half = dim // 2
-    _rope_store[(batch,)](q, k, v, cos, sin, pos, table, out, cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+    _rope_store[(batch,)](q, k, v, cos, sin, pos, table, out, cache, pos if scale is None else scale,
+                          q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                           v.stride(0), v.stride(1), cos.stride(0), table.stride(0), cache.stride(0), cache.stride(1),
                           cache.stride(2), cache.stride(3), HEADS=heads, KV=kv, H_PAD=max(2, 1 << (heads - 1).bit_length()),
                           KV_PAD=max(2, 1 << (kv - 1).bit_length()), HALF=half,
-                          HALF_PAD=max(2, 1 << (half - 1).bit_length()), PAGE=cache.shape[3], num_warps=1)
+                          HALF_PAD=max(2, 1 << (half - 1).bit_length()), PAGE=cache.shape[3], SCALED=scale is not None,
+                          num_warps=1)
     return out
 
 

@@ -52,7 +52,7 @@ from ponder.rollout import (
 )
 from ponder.kernels.arch import capturable, describe, gate_up_projections, qkv_projections, swiglu
 from ponder.kernels.sampler import row_keys
-from ponder.rollout.fast_model import EOS_SLOTS, Forward
+from ponder.rollout.fast_model import EOS_SLOTS, FP8_ROOM, Forward
 from ponder.rollout.fast_sampling import cuts, sample
 from ponder.rollout.fused_weights import join
 from ponder.rollout.schedule import Schedule
@@ -64,7 +64,8 @@ def notice(msg: str) -> None:
 
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# the KV cache's dtype: auto, the weights' compute dtype; fp8, e4m3 with no scale (values past +-448 saturate)
+# the KV cache's dtype: auto, the weights' compute dtype; fp8, e4m3 with a scale per layer for K and for V, set by each
+# call's first prefill (ponder.rollout.fast_model.FP8_ROOM)
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
@@ -452,6 +453,7 @@ class FastEngine(RolloutEngine):
         if self.lent:
             f.kv.zero_()
             self.lent = False
+        f.calibrate = f.kv_scale is not None  # fp8: this call's first prefill sets the cache's scales
         f.seed.fill_(seed & 0xFFFFFFFF)
         eos = sorted(e for e in self.eos_ids(params.stop) if e is not None)[: len(f.eos)]
         f.eos.fill_(-1)
@@ -478,8 +480,9 @@ class FastEngine(RolloutEngine):
                 continue  # the count starts again here (a step queued now would run past sync_every=1's one block)
             self._decode(f, run, use_graphs, in_graph, params)
         if f.kv_peak is not None and not self.saturation_notice and f.kv_peak.item() > FP8_MAX:
-            notice(f"fast engine: kv_dtype fp8: keys or values up to {f.kv_peak.item():,.0f} passed e4m3's largest, "
-                   f"{FP8_MAX:g}, and were written as {FP8_MAX:g}; this model's rollouts need kv_dtype auto")
+            notice(f"fast engine: kv_dtype fp8: keys or values up to {f.kv_peak.item() / FP8_ROOM:.1f}x the largest of "
+                   f"a call's first prompts passed the cache's range ({FP8_MAX / FP8_ROOM:g}x, where the scales set then "
+                   "put e4m3's largest) and were clamped; this model's rollouts need kv_dtype auto")
             self.saturation_notice = True
         self.stats = dict(kv_blocks=f.blocks, kv_blocks_peak=run.peak, block_size=f.block, gave_way=run.gave_way,
                           kv_gib_peak=run.peak * f.kv[:, :, 0].numel() * f.kv.element_size() / 2**30)

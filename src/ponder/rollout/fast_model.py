@@ -36,6 +36,11 @@ def raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
+# where an fp8 cache's scales put the largest |K| and |V| of a call's first prompts: e4m3 holds up to 448, so values
+# up to 4x those fit; a float's relative precision does not depend on the scale (below 2^-6 x scale, subnormals)
+FP8_ROOM = 112.0
+
+
 def _linear(m, x):
     """m(x) for a linear layer: a plain nn.Linear without hooks as F.linear (its forward) without the module call,
     a few microseconds each of the decode step's products on CPU; anything else (LoRA, hooks) called."""
@@ -84,8 +89,13 @@ class Forward:
         self.gate_up = [joined(gate_up_projections(l.mlp)) if g else None for l, g in zip(arch.backbone.layers, self.swiglu)]
         self.block = block
         self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=kv_dtype, device=device)
-        # fp8: the largest |K| or |V| prefill has written, read once a call (past e4m3's 448 the cache saturates)
-        self.kv_peak = torch.zeros((), device=device) if kv_dtype.itemsize == 1 else None
+        # fp8: K and V are stored divided by a scale per layer, [layers, 2], set by each call's first prefill
+        # (`calibrate`) so that its largest |K| and |V| land at FP8_ROOM; kv_peak, the largest stored |value| before
+        # rounding that prefill has met since (past e4m3's 448 the cache saturates), read once a call
+        fp8 = kv_dtype.itemsize == 1
+        self.kv_scale = torch.ones((layers, 2), device=device) if fp8 else None
+        self.kv_peak = torch.zeros((), device=device) if fp8 else None
+        self.calibrate = False
         positions = -(-positions // block) * block
         self.table = torch.zeros((rows, positions // block), dtype=torch.long, device=device)
         self.cos = torch.empty((positions, arch.head_dim), dtype=dtype, device=device)
@@ -300,9 +310,12 @@ class Forward:
             q, kv = K["rope_kv"](*self._qkv(li, h), *rope[self.nope[li]])  # kv: [N, 2, kv heads, D]
             if q_scale is not None:
                 q = q * q_scale.to(q.dtype)
-            raw(self.kv[li])[:, page, :, off] = raw(kv.to(self.kv.dtype))  # K and V of every token in one write
-            if self.kv_peak is not None:
-                torch.maximum(self.kv_peak, kv.abs().amax().float(), out=self.kv_peak)
+            if self.kv_scale is not None:  # fp8: the call's first prefill sets the layer's scales; the peak is watched
+                top = kv.abs().amax(dim=(0, 2, 3)).float()  # [2]: K, V
+                if self.calibrate:
+                    self.kv_scale[li] = top.clamp(min=1e-6) / FP8_ROOM
+                torch.maximum(self.kv_peak, (top / self.kv_scale[li]).amax(), out=self.kv_peak)
+            raw(self.kv[li])[:, page, :, off] = raw(self._stored(kv, li))  # K and V of every token in one write
             # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
             qp = q.new_zeros((n, width) + q.shape[1:]).index_put_((seq, at), q).transpose(1, 2)
             kvp = kv.new_zeros((n, width) + kv.shape[1:]).index_put_((seq, at), kv).permute(2, 0, 3, 1, 4)
@@ -311,11 +324,25 @@ class Forward:
             ).transpose(1, 2)[seq, at]
             o = attend(kvp)
             if decoded is not None:
-                o = torch.where(decoded, attend(kvp.to(self.kv.dtype).to(kvp.dtype)), o)
+                o = torch.where(decoded, attend(self._read(self._stored(kvp, li, 0), li, 0).to(kvp.dtype)), o)
             o = o.reshape(len(ids), -1)
             x, h = self._after_attention(li, x, layer.self_attn.o_proj(o))
             x, h = self._after_mlp(li, x, self._mlp(li, h))
+        self.calibrate = False
         return a.head(h[lens.cumsum(0) - 1])
+
+    def _stored(self, kv, li: int, dim: int = 1):
+        """K and V (stacked along `dim`) as layer li's cache stores them: in its dtype, divided by its scales (fp8)."""
+        if self.kv_scale is not None:
+            kv = kv / self.kv_scale[li].view((2,) + (1,) * (kv.dim() - dim - 1))
+        return kv if kv.dtype == self.kv.dtype else kv.to(self.kv.dtype)
+
+    def _read(self, kv, li: int, dim: int = 1):
+        """Cached K and V (stacked along `dim`) in the compute dtype, as attention reads them (times the scales)."""
+        if kv.dtype == self.dtype:
+            return kv
+        kv = kv.to(self.dtype)
+        return kv if self.kv_scale is None else kv * self.kv_scale[li].view((2,) + (1,) * (kv.dim() - dim - 1)).to(self.dtype)
 
     def _decode(self, batch: int, length: int) -> torch.Tensor:
         """One step for rows [0, batch): feed self.tokens at self.pos, attend to slots [0, length); logits [batch, V]."""
@@ -352,11 +379,12 @@ class Forward:
             else:
                 q, k, v = self._qkv(li, h)
                 if store is not None:
-                    q = store(q, k, v, *rope[self.nope[li]], pos, cache, table)
+                    q = store(q, k, v, *rope[self.nope[li]], pos, cache, table,
+                              *(() if self.kv_scale is None else (self.kv_scale[li],)))
                 else:
                     q, kv = K["rope_kv"](q, k, v, *rope[self.nope[li]])
             if store is None:
-                kv = raw(kv if kv.dtype == cache.dtype else kv.to(cache.dtype))
+                kv = raw(self._stored(kv, li))
                 # K and V of every row in one write ([B, 2, kv heads, D]): into the rows' in-order copy, which this
                 # step reads, or the pool. The pool's copy of a decoded token is never read where the copy exists:
                 # a row taken up later loads only blocks that prefill wrote (its prompt's, or its recomputed ones)
@@ -369,14 +397,16 @@ class Forward:
             # the query heads sharing a kv head act as that head's query rows: no repeated K/V
             q = q.view(batch, a.n_kv, group, a.head_dim)
             if self.attention == "triton":
-                o = attention_kernel.decode_attention(q, cache[0], cache[1], table, pos, a.scaling, length, self.dtype)
+                o = attention_kernel.decode_attention(q, cache[0], cache[1], table, pos, a.scaling, length, self.dtype,
+                                                      None if self.kv_scale is None else self.kv_scale[li])
             else:
                 if rows is not None:
                     kc, vc = rows[li, 0, :batch, :, :length], rows[li, 1, :batch, :, :length]
                 else:
                     kc, vc = attention_kernel.gather(cache[0], table, length), attention_kernel.gather(cache[1], table, length)
-                if kc.dtype != self.dtype:  # an fp8 cache, read in the compute dtype
-                    kc, vc = kc.to(self.dtype), vc.to(self.dtype)
+                if kc.dtype != self.dtype:  # an fp8 cache, read in the compute dtype times its scales
+                    k_scale, v_scale = self.kv_scale[li].to(self.dtype)
+                    kc, vc = kc.to(self.dtype) * k_scale, vc.to(self.dtype) * v_scale
                 if self.attention == "sdpa":
                     o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling)
                 elif self.signed:  # CPU: the batched products torch.matmul makes of these, called as they are
