@@ -152,8 +152,8 @@ def test_grpo_steps_on_the_tiny_world(paths, tmp_path, setting):
 def test_an_fp8_kv_cache_on_cuda(paths):
     """rollout.engine_options.kv_dtype fp8 through the engine's CUDA path (the Triton rotary + cache write and the
     decode attention widening e4m3 as it reads, or their fallbacks): the pool holds e4m3, each row's log-probs
-    agree with a forward whose decode positions read rounded K/V (bf16 autocast, the rollout copy's dtype), and
-    the rotary + cache write rounds as torch does."""
+    agree with a forward whose decode positions read K/V through the cache's rounding and scales (bf16 autocast,
+    the rollout copy's dtype), and the rotary + cache write divides by the scales and rounds as torch does."""
     from kv_rounding import fp8_kv_forward
 
     from ponder.kernels.rope import rope_kv
@@ -185,10 +185,11 @@ def test_an_fp8_kv_cache_on_cuda(paths):
         pos = torch.randint(0, 80, (64,), generator=g, device=DEV)
         table = torch.randperm(64 * 5, generator=g, device=DEV).view(64, 5) + 1  # blocks of 16 slots
         cache = torch.zeros((2, 64 * 5 + 1, 2, 16, 64), device=DEV, dtype=torch.float8_e4m3fn)
-        store(q, k, v, cos, sin, pos, cache, table)
+        scale = torch.tensor([0.5, 4.0], device=DEV)  # the cache holds K / 0.5 and V / 4
+        store(q, k, v, cos, sin, pos, cache, table, scale)
         _, kv = rope_kv(q, k, v, cos[pos][:, None], sin[pos][:, None])
         want = torch.zeros_like(cache, dtype=torch.float32)
-        want[:, table[torch.arange(64, device=DEV), pos // 16], :, pos % 16] = kv
+        want[:, table[torch.arange(64, device=DEV), pos // 16], :, pos % 16] = kv / scale[:, None, None]
         want = want.to(torch.float8_e4m3fn)
         same = (cache.view(torch.uint8) == want.view(torch.uint8)).float().mean().item()
         # all but values that sit on a rounding boundary after float32 arithmetic in another order
