@@ -256,19 +256,26 @@ def test_with_an_fp8_cache_a_sequence_that_gives_way_samples_what_it_would_have(
             torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
 
 
-def test_keys_past_what_fp8_holds_are_noticed_once(capsys):
-    """A call's first prefill sets the fp8 cache's scales with room for 4x its largest keys and values; a prompt
-    prefilled later whose keys pass that (one token's embedding along a direction k_proj blows up, in the shortest
-    prompt, so prefilled last, by itself) is clamped: one notice. Without that token, none."""
+def odd_token_model(weight: float):
+    """A model in which one token (not in PROMPTS[:3]) alone has keys along one direction, of about `weight` x 8 in
+    layer 0 (its embedding normed to 8 there, k_proj's column `weight`); the others' keys are of order 1."""
     model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
-    prompts = encode(PROMPTS[:3])
-    odd = next(t for t in range(3, len(TOK)) if all(t not in p for p in prompts))
-    params = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=1)
+    odd = next(t for t in range(3, len(TOK)) if all(t not in p for p in encode(PROMPTS[:3])))
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 5] = 0.0  # the direction only this token takes
         model.model.embed_tokens.weight[odd] = 0.0
         model.model.embed_tokens.weight[odd, 5] = 50.0
-        model.model.layers[0].self_attn.k_proj.weight[:, 5] = 100.0
+        model.model.layers[0].self_attn.k_proj.weight[:, 5] = weight
+    return model, odd
+
+
+def test_keys_past_what_the_fp8_scales_leave_room_for_are_noticed_once(capsys):
+    """A call's first prefill sets the fp8 cache's scales with room for 4x its largest keys and values; a prompt
+    prefilled later (the shortest, by itself) whose keys pass that is clamped: one notice, however many calls.
+    Measured against the scales, not e4m3's 448: keys of about 40 here, where the first prompts' are about 2."""
+    model, odd = odd_token_model(5.0)
+    prompts = encode(PROMPTS[:3])
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=1)
     FastEngine(model, TOK, kv_dtype="fp8", prefill_tokens=1).generate(prompts, params)
     assert "kv_dtype fp8" not in capsys.readouterr().err
     loud = FastEngine(model, TOK, kv_dtype="fp8", prefill_tokens=1)
@@ -278,6 +285,43 @@ def test_keys_past_what_fp8_holds_are_noticed_once(capsys):
     assert err.count("fast engine: kv_dtype fp8: keys or values up to") == 1, err
     assert "the largest of a call's first prompts passed the cache's range (4x" in err
     assert "were clamped; this model's rollouts need kv_dtype auto" in err
+
+
+def test_keys_past_448_in_every_prompt_are_scaled_not_clamped(capsys):
+    """Keys of about 8,000 in every prompt (a k_proj bias): the scales take them in; no notice, and the log-probs of
+    a forward reading K/V through the scaled cache."""
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.bias[3] = 8000.0
+    twin = fp8_kv_forward(model)
+    prompts = encode(PROMPTS[:3])
+    eng = FastEngine(model, TOK, kv_dtype="fp8")
+    outs = eng.generate(prompts, SamplingParams(n=2, temperature=1.0, max_tokens=6, logprobs=True, seed=2))
+    assert "kv_dtype fp8" not in capsys.readouterr().err
+    assert eng.fwd.kv_scale[1, 0] > 8000 / 112 * 0.99
+    for p, group in zip(prompts, outs):
+        for c in group:
+            ids, n = torch.tensor([p + c.token_ids]), len(p)
+            with torch.no_grad():
+                want = twin(ids, n, eng.fwd.kv_scale)[n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
+
+
+def test_each_call_sets_its_own_fp8_scales():
+    """A call's scales come from its own first prompts, not the engine's first call's: after a call whose keys were
+    large, the same engine generates what a fresh one does."""
+    model, odd = odd_token_model(100.0)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=8, logprobs=True, seed=4)
+    prompts = encode(PROMPTS[:3])
+    eng = FastEngine(model, TOK, kv_dtype="fp8")
+    eng.generate(prompts + [[odd]], params)
+    large = eng.fwd.kv_scale.clone()
+    again = eng.generate(prompts, params)
+    fresh = FastEngine(model, TOK, kv_dtype="fp8")
+    want = fresh.generate(prompts, params)
+    assert large[0, 0] > 10 * fresh.fwd.kv_scale[0, 0]
+    assert torch.equal(eng.fwd.kv_scale, fresh.fwd.kv_scale)
+    assert [[(c.token_ids, c.logprobs) for c in g] for g in again] == [[(c.token_ids, c.logprobs) for c in g] for g in want]
 
 
 def test_an_unknown_kv_dtype_is_named():

@@ -453,7 +453,9 @@ class FastEngine(RolloutEngine):
         if self.lent:
             f.kv.zero_()
             self.lent = False
-        f.calibrate = f.kv_scale is not None  # fp8: this call's first prefill sets the cache's scales
+        if f.kv_scale is not None:  # fp8: this call's first prefill sets the cache's scales
+            f.calibrate = True
+            f.kv_peak.zero_()
         f.seed.fill_(seed & 0xFFFFFFFF)
         eos = sorted(e for e in self.eos_ids(params.stop) if e is not None)[: len(f.eos)]
         f.eos.fill_(-1)

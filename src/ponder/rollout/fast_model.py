@@ -36,8 +36,9 @@ def raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
-# where an fp8 cache's scales put the largest |K| and |V| of a call's first prompts: e4m3 holds up to 448, so values
-# up to 4x those fit; a float's relative precision does not depend on the scale (below 2^-6 x scale, subnormals)
+# where an fp8 cache's scales put the largest |K| and |V| of a call's first prompts (or 1, if that is smaller): e4m3
+# holds up to 448, so values up to 4x those fit; a float's relative precision does not depend on the scale (below
+# 2^-6 x scale, subnormals)
 FP8_ROOM = 112.0
 
 
@@ -91,7 +92,8 @@ class Forward:
         self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=kv_dtype, device=device)
         # fp8: K and V are stored divided by a scale per layer, [layers, 2], set by each call's first prefill
         # (`calibrate`) so that its largest |K| and |V| land at FP8_ROOM; kv_peak, the largest stored |value| before
-        # rounding that prefill has met since (past e4m3's 448 the cache saturates), read once a call
+        # rounding that the call's prefills have met (past e4m3's 448 the cache saturates), read once a call. (A
+        # generated token's K and V, written by the decode step, are not watched.)
         fp8 = kv_dtype.itemsize == 1
         self.kv_scale = torch.ones((layers, 2), device=device) if fp8 else None
         self.kv_peak = torch.zeros((), device=device) if fp8 else None
@@ -312,9 +314,9 @@ class Forward:
                 q = q * q_scale.to(q.dtype)
             if self.kv_scale is not None:  # fp8: the call's first prefill sets the layer's scales; the peak is watched
                 top = kv.abs().amax(dim=(0, 2, 3)).float()  # [2]: K, V
-                if self.calibrate:
-                    self.kv_scale[li] = top.clamp(min=1e-6) / FP8_ROOM
-                torch.maximum(self.kv_peak, (top / self.kv_scale[li]).amax(), out=self.kv_peak)
+                if self.calibrate:  # (at least 1 / FP8_ROOM: a layer of zeros or non-finite values gets a usable scale)
+                    self.kv_scale[li] = torch.nan_to_num(top, nan=1.0, posinf=1.0).clamp(min=1.0) / FP8_ROOM
+                torch.fmax(self.kv_peak, (top / self.kv_scale[li]).amax(), out=self.kv_peak)  # (fmax: NaN ignored)
             raw(self.kv[li])[:, page, :, off] = raw(self._stored(kv, li))  # K and V of every token in one write
             # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
             qp = q.new_zeros((n, width) + q.shape[1:]).index_put_((seq, at), q).transpose(1, 2)
