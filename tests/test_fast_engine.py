@@ -485,6 +485,9 @@ def test_other_architectures_fall_back_to_hf_with_a_notice(capsys, kind):
     prompts = encode(PROMPTS[:2])
     params = SamplingParams(temperature=0, max_tokens=5)
     assert eng.generate(prompts, params) == HFEngine(model, TOK).generate(prompts, params)
+    make_engine("fast", model, TOK, kv_dtype="fp8")  # an fp8 cache asked for: the notice says it does not apply
+    err = capsys.readouterr().err
+    assert why in err and "; using the hf engine; kv_dtype fp8 does not apply there (its cache is transformers')" in err
 
 
 def test_the_fallback_to_transformers_keeps_the_cap_on_rows_decoded_at_once(monkeypatch):

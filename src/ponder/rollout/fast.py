@@ -235,7 +235,8 @@ class FastEngine(RolloutEngine):
         self.copy: RolloutCopy | None = None
         self.hf = HFEngine(model, tokenizer, batch_size or 256)  # the same cap on rows decoded at once
         if self.arch is None:
-            notice(f"fast engine: {why}; using the hf engine")
+            fp8 = "; kv_dtype fp8 does not apply there (its cache is transformers')" if self.kv_dtype is not None else ""
+            notice(f"fast engine: {why}; using the hf engine{fp8}")
         self.fwd: Forward | None = None
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.pool = None
