@@ -73,8 +73,10 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 def check_fp8_cache(device) -> None:
     """An fp8 cache's kernels (Triton's e4m3) compile only on GPUs of compute capability 8.9 or later."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
         raise UserError(f"fast engine: kv_dtype fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper and "
                         f"newer) for its e4m3 kernels; {torch.cuda.get_device_name(device)} is {major}.{minor}: "
                         "use rollout.engine_options.kv_dtype=auto")

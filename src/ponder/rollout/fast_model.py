@@ -326,7 +326,7 @@ class Forward:
             ).transpose(1, 2)[seq, at]
             o = attend(kvp)
             if decoded is not None:
-                o = torch.where(decoded, attend(self._read(self._stored(kvp, li, 0), li, 0).to(kvp.dtype)), o)
+                o = torch.where(decoded, attend(self._through_cache(kvp, li, 0)), o)
             o = o.reshape(len(ids), -1)
             x, h = self._after_attention(li, x, layer.self_attn.o_proj(o))
             x, h = self._after_mlp(li, x, self._mlp(li, h))
@@ -339,12 +339,11 @@ class Forward:
             kv = kv / self.kv_scale[li].view((2,) + (1,) * (kv.dim() - dim - 1))
         return kv if kv.dtype == self.kv.dtype else kv.to(self.kv.dtype)
 
-    def _read(self, kv, li: int, dim: int = 1):
-        """Cached K and V (stacked along `dim`) in the compute dtype, as attention reads them (times the scales)."""
-        if kv.dtype == self.dtype:
-            return kv
-        kv = kv.to(self.dtype)
-        return kv if self.kv_scale is None else kv * self.kv_scale[li].view((2,) + (1,) * (kv.dim() - dim - 1)).to(self.dtype)
+    def _through_cache(self, kv, li: int, dim: int = 1):
+        """K and V (stacked along `dim`, an fp8 cache's layer li) as a decode step reads them back: stored, then
+        widened to the compute dtype and times the scales; in kv's dtype."""
+        scale = self.kv_scale[li].view((2,) + (1,) * (kv.dim() - dim - 1)).to(self.dtype)
+        return (self._stored(kv, li, dim).to(self.dtype) * scale).to(kv.dtype)
 
     def _decode(self, batch: int, length: int) -> torch.Tensor:
         """One step for rows [0, batch): feed self.tokens at self.pos, attend to slots [0, length); logits [batch, V]."""
