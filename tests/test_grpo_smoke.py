@@ -141,13 +141,23 @@ def test_the_sequence_level_ratio_says_where_it_does_nothing():
 
 
 def test_an_fp8_kv_cache_without_importance_correction_is_noticed():
-    from ponder.config import AlgoConfig, RolloutConfig
-    from ponder.rl.trainer import rollout_notices
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    fp8 = RolloutConfig(engine="fast", engine_options={"kv_dtype": "fp8"})
+    from ponder.config import AlgoConfig
+    from ponder.models import load
+    from ponder.models.tiny import char_tokenizer
+    from ponder.rl.trainer import rollout_notices
+    from ponder.rollout import make_engine
+
+    tok, qwen = char_tokenizer(), load("tiny-random", seed=1)[0]
+    fp8 = make_engine("fast", qwen, tok, kv_dtype="fp8")
     assert "algorithm.rollout_is_cap" in rollout_notices(fp8, AlgoConfig())[0]
     assert rollout_notices(fp8, AlgoConfig(rollout_is_cap=2.0)) == []
-    assert rollout_notices(RolloutConfig(engine="fast"), AlgoConfig()) == []
+    assert rollout_notices(make_engine("fast", qwen, tok), AlgoConfig()) == []
+    assert rollout_notices(make_engine("hf", qwen, tok), AlgoConfig()) == []
+    # a model the fast engine hands to hf: transformers' cache is not rounded, nothing to notice
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    assert rollout_notices(make_engine("fast", gpt2, tok, kv_dtype="fp8"), AlgoConfig()) == []
 
 
 def test_overlong_filtering_masks_truncated_completions(smoke_cfg):

@@ -109,6 +109,7 @@ class GRPOTrainer:
         # rollouts from the policy's own weights, or (sharded) from a full copy refreshed after every update
         self.engine = make_engine(cfg.rollout.engine, self.rollout_weights.model if self.rollout_weights else self.model,
                                   self.tokenizer, **{"batch_size": cfg.rollout.generation_batch, **cfg.rollout.engine_options})
+        self.start_notices += rollout_notices(self.engine, cfg.algorithm)  # of the engine built (it may fall back to hf)
         # the engine's idle cache holds the head's logits between rollouts
         # and its bf16 copies of the float32 matrices serve the update's products (ponder.rl.copy_linear)
         self.policy_pass = PolicyPass(use_packed(cfg.train.forward, self.model), self.tokenizer.pad_token_id,
@@ -556,7 +557,7 @@ class GRPOTrainer:
             self.start_notices.append(f"ponder: {setting} decodes greedily: a prompt's {r.group_size} answers are alike, "
                                       "so every group's rewards are equal and GRPO learns nothing; sample with a "
                                       "temperature above 0 (R1-Zero: 1.0)")
-        self.start_notices += ratio_notices(cfg.algorithm) + rollout_notices(r, cfg.algorithm) + left_out
+        self.start_notices += ratio_notices(cfg.algorithm) + left_out
         new_tokens = (e.max_new_tokens, "eval.max_new_tokens") if e.max_new_tokens else (r.max_new_tokens, "rollout.max_new_tokens")
         prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
                        *((examples, *new_tokens) for examples in self.eval_examples)]
@@ -658,9 +659,9 @@ def ratio_notices(a) -> list[str]:
     return notices
 
 
-def rollout_notices(r, a) -> list[str]:
+def rollout_notices(engine, a) -> list[str]:
     """A start notice where the sampler's probabilities knowingly differ from the update's and nothing corrects it."""
-    if r.engine == "fast" and r.engine_options.get("kv_dtype") == "fp8" and a.rollout_is_cap is None:
+    if getattr(engine, "rounds_kv", False) and a.rollout_is_cap is None:
         return ["ponder: rollout.engine_options.kv_dtype=fp8 samples through a rounded KV cache, so the sampled tokens' "
                 "probabilities differ from those the update computes; algorithm.rollout_is_cap (e.g. 2) weighs each "
                 "token by their ratio"]

@@ -239,6 +239,7 @@ class FastEngine(RolloutEngine):
         if self.arch is None:
             fp8 = "; kv_dtype fp8 does not apply there (its cache is transformers')" if self.kv_dtype is not None else ""
             notice(f"fast engine: {why}; using the hf engine{fp8}")
+        self.rounds_kv = self.kv_dtype is not None and self.arch is not None  # (fp8: the hf fallback keeps its own cache)
         self.fwd: Forward | None = None
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.pool = None
