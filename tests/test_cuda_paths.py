@@ -153,7 +153,8 @@ def test_an_fp8_kv_cache_on_cuda(paths):
     """rollout.engine_options.kv_dtype fp8 through the engine's CUDA path (the Triton rotary + cache write and the
     decode attention widening e4m3 as it reads, or their fallbacks): the pool holds e4m3, each row's log-probs
     agree with a forward whose decode positions read K/V through the cache's rounding and scales (bf16 autocast,
-    the rollout copy's dtype), and the rotary + cache write divides by the scales and rounds as torch does."""
+    the rollout copy's dtype), and the rotary + cache write divides by the scales, rounds as torch does and raises
+    the watched peak."""
     from kv_rounding import fp8_kv_forward
 
     from ponder.kernels.rope import rope_kv
@@ -186,8 +187,10 @@ def test_an_fp8_kv_cache_on_cuda(paths):
         table = torch.randperm(64 * 5, generator=g, device=DEV).view(64, 5) + 1  # blocks of 16 slots
         cache = torch.zeros((2, 64 * 5 + 1, 2, 16, 64), device=DEV, dtype=torch.float8_e4m3fn)
         scale = torch.tensor([0.5, 4.0], device=DEV)  # the cache holds K / 0.5 and V / 4
-        store(q, k, v, cos, sin, pos, cache, table, scale)
+        peak = torch.zeros((), device=DEV)  # the largest |value| stored, watched for saturation
+        store(q, k, v, cos, sin, pos, cache, table, scale, peak)
         _, kv = rope_kv(q, k, v, cos[pos][:, None], sin[pos][:, None])
+        torch.testing.assert_close(peak, (kv / scale[:, None, None]).abs().max())
         want = torch.zeros_like(cache, dtype=torch.float32)
         want[:, table[torch.arange(64, device=DEV), pos // 16], :, pos % 16] = kv / scale[:, None, None]
         want = want.to(torch.float8_e4m3fn)

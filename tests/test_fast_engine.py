@@ -272,10 +272,12 @@ def odd_token_model(weight: float):
 def test_keys_past_what_the_fp8_scales_leave_room_for_are_noticed_once(capsys):
     """A call's first prefill sets the fp8 cache's scales with room for 4x its largest keys and values; a prompt
     prefilled later (the shortest, by itself) whose keys pass that is clamped: one notice, however many calls.
-    Measured against the scales, not e4m3's 448: keys of about 40 here, where the first prompts' are about 2."""
+    Measured against the scales, not e4m3's 448: keys of about 40 here, where the first prompts' are about 2. (One
+    token each: no decode step, which would write the odd token's keys too where it is sampled, as this model often
+    does.)"""
     model, odd = odd_token_model(5.0)
     prompts = encode(PROMPTS[:3])
-    params = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=1)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=1, seed=1)
     FastEngine(model, TOK, kv_dtype="fp8", prefill_tokens=1).generate(prompts, params)
     assert "kv_dtype fp8" not in capsys.readouterr().err
     loud = FastEngine(model, TOK, kv_dtype="fp8", prefill_tokens=1)
@@ -285,6 +287,20 @@ def test_keys_past_what_the_fp8_scales_leave_room_for_are_noticed_once(capsys):
     assert err.count("fast engine: kv_dtype fp8: keys or values up to") == 1, err
     assert "the largest of a call's first prompts passed the cache's range (4x" in err
     assert "were clamped; this model's rollouts need kv_dtype auto" in err
+
+
+def test_keys_of_generated_tokens_past_the_fp8_range_are_noticed(capsys):
+    """The decode step's writes are watched too: prompts without the odd token set small scales, then every step
+    generates it (greedy; only its logit is not zero) and its keys, about 20x the prompts' largest, are clamped."""
+    model, odd = odd_token_model(5.0)
+    with torch.no_grad():  # the last norm keeps dimension 5 alone, where only the odd token's embedding is not zero,
+        model.model.norm.weight.zero_()[5] = 1.0  # and layer 1's attention writes 100 there for every token (v bias)
+        attn = model.model.layers[1].self_attn
+        attn.v_proj.bias.fill_(1.0)
+        attn.o_proj.weight[5] = 100.0 / attn.o_proj.weight.shape[1]
+    outs = FastEngine(model, TOK, kv_dtype="fp8").generate(encode(PROMPTS[:3]), SamplingParams(temperature=0, max_tokens=3))
+    assert all(c.token_ids == [odd] * 3 for g in outs for c in g)
+    assert "fast engine: kv_dtype fp8: keys or values up to" in capsys.readouterr().err
 
 
 def test_keys_past_448_in_every_prompt_are_scaled_not_clamped(capsys):
@@ -746,9 +762,11 @@ inp = torch.load(sys.argv[1])
 picks = [triton_cdf_pick(inp["logits"], inp["keys"], t, splits=3, block=256) for t in (1.0, 1 / 0.7)]
 q, k, v, cos, sin, pos, cache, table = inp["rope"]
 cache8 = cache.to(torch.float8_e4m3fn)  # kv_dtype fp8: the write divides by the scales and rounds to e4m3
-triton_rope_store(q, k, v, cos, sin, pos, cache8[1], table, torch.tensor([0.5, 4.0]))
+peaks = torch.tensor([0.5, 1000.0])  # the largest |value| stored is watched: raised past 0.5, 1000 kept
+for peak in peaks:
+    triton_rope_store(q, k, v, cos, sin, pos, cache8[1], table, torch.tensor([0.5, 4.0]), peak)
 q = triton_rope_store(q, k, v, cos, sin, pos, cache[1], table)
-torch.save(dict(picks=picks, q=q, cache=cache, cache8=cache8), sys.argv[2])
+torch.save(dict(picks=picks, q=q, cache=cache, cache8=cache8, peaks=peaks), sys.argv[2])
 """
 
 
@@ -803,6 +821,8 @@ def test_triton_sampler_and_rotary_cache_write_match_the_torch_pieces(tmp_path, 
     assert sure.float().mean() > 0.5 and (scaled != 0).any()
     want = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(got["cache8"].view(torch.uint8)[sure], want[sure])
+    assert scaled.abs().max() > 0.5
+    torch.testing.assert_close(got["peaks"], torch.stack([scaled.abs().max(), torch.tensor(1000.0)]))
 
 
 def test_idle_cache_lent_out_and_scribbled_over_changes_no_output():

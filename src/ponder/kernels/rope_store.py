@@ -21,13 +21,15 @@ from ponder.kernels.trials import trial
 if triton is not None:
 
     @triton.jit
-    def _rope_store(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, table_ptr, qo_ptr, c_ptr, s_ptr,
+    def _rope_store(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, table_ptr, qo_ptr, c_ptr, s_ptr, peak_ptr,
                     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, st_l, st_b, sc_kv, sc_p, sc_h, sc_l,
                     HEADS: tl.constexpr, KV: tl.constexpr, H_PAD: tl.constexpr, KV_PAD: tl.constexpr,
-                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PAGE: tl.constexpr, SCALED: tl.constexpr):
+                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PAGE: tl.constexpr, SCALED: tl.constexpr,
+                    WATCH: tl.constexpr):
         """Row b: rotary on its query heads (written to qo, contiguous) and key heads; the rotated keys and
         the values written straight into row b's cache slot pos[b] (block table[b, pos // PAGE]). Head dims
-        have unit stride. SCALED (an fp8 cache): keys and values divided by the layer's scales s[0], s[1] first."""
+        have unit stride. SCALED (an fp8 cache): keys and values divided by the layer's scales s[0], s[1] first;
+        WATCH: the largest |value| so stored raised into peak[0] (NaN ignored)."""
         b = tl.program_id(0)
         p = tl.load(pos_ptr + b)
         page = tl.load(table_ptr + b * st_b + p // PAGE).to(tl.int64)
@@ -57,17 +59,22 @@ if triton is not None:
         if SCALED:
             k_scale, v_scale = tl.load(s_ptr), tl.load(s_ptr + 1)
             k1, k2, v1, v2 = k1 / k_scale, k2 / k_scale, v1 / v_scale, v2 / v_scale
+        if WATCH:  # (masked lanes are 0; x == x drops NaN as the prefill's torch.fmax does)
+            top = tl.maximum(tl.maximum(tl.abs(k1), tl.abs(k2)), tl.maximum(tl.abs(v1), tl.abs(v2)))
+            top = tl.max(tl.max(tl.where(top == top, top, 0.0), axis=1), axis=0)
+            tl.atomic_max(peak_ptr, top)
         tl.store(slot, k1.to(c_ptr.dtype.element_ty), mask=m)
         tl.store(slot + HALF, k2.to(c_ptr.dtype.element_ty), mask=m)
         tl.store(slot + sc_kv, v1.to(c_ptr.dtype.element_ty), mask=m)
         tl.store(slot + sc_kv + HALF, v2.to(c_ptr.dtype.element_ty), mask=m)
 
 
-def triton_rope_store(q, k, v, cos, sin, pos, cache, table, scale=None):
+def triton_rope_store(q, k, v, cos, sin, pos, cache, table, scale=None, peak=None):
     """Rotary on q [B, heads, D] and k [B, kv heads, D] at positions pos [B] (tables cos/sin [L, D]); k and
     v written into the block pool cache [2, blocks, kv heads, block, D] at row b's slot pos[b], in block
-    table[b, pos[b] // block]; `scale` (float32 [2], an fp8 cache's): k and v divided by it first. Returns
-    rotated q. One kernel for what rope_kv and the cache's index_put do in three."""
+    table[b, pos[b] // block]; `scale` (float32 [2], an fp8 cache's): k and v divided by it first; `peak` (float32
+    [], of non-negative values): raised to the largest |value| stored, before rounding. Returns rotated q. One
+    kernel for what rope_kv and the cache's index_put do in three."""
     batch, heads, dim = q.shape
     kv = k.shape[1]
     for t in (q, k, v, cos, sin, cache):
@@ -75,12 +82,13 @@ def triton_rope_store(q, k, v, cos, sin, pos, cache, table, scale=None):
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
     half = dim // 2
     _rope_store[(batch,)](q, k, v, cos, sin, pos, table, out, cache, pos if scale is None else scale,
+                          pos if peak is None else peak,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                           v.stride(0), v.stride(1), cos.stride(0), table.stride(0), cache.stride(0), cache.stride(1),
                           cache.stride(2), cache.stride(3), HEADS=heads, KV=kv, H_PAD=max(2, 1 << (heads - 1).bit_length()),
                           KV_PAD=max(2, 1 << (kv - 1).bit_length()), HALF=half,
                           HALF_PAD=max(2, 1 << (half - 1).bit_length()), PAGE=cache.shape[3], SCALED=scale is not None,
-                          num_warps=1)
+                          WATCH=peak is not None, num_warps=1)
     return out
 
 

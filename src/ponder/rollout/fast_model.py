@@ -92,8 +92,8 @@ class Forward:
         self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=kv_dtype, device=device)
         # fp8: K and V are stored divided by a scale per layer, [layers, 2], set by each call's first prefill
         # (`calibrate`) so that its largest |K| and |V| land at FP8_ROOM; kv_peak, the largest stored |value| before
-        # rounding that the call's prefills have met (past e4m3's 448 the cache saturates), read once a call. (A
-        # generated token's K and V, written by the decode step, are not watched.)
+        # rounding that the call's writes have met, prefill's and decode's (past e4m3's 448 the cache saturates),
+        # read once a call.
         fp8 = kv_dtype.itemsize == 1
         self.kv_scale = torch.ones((layers, 2), device=device) if fp8 else None
         self.kv_peak = torch.zeros((), device=device) if fp8 else None
@@ -316,7 +316,7 @@ class Forward:
                 top = kv.abs().amax(dim=(0, 2, 3)).float()  # [2]: K, V
                 if self.calibrate:  # (at least 1 / FP8_ROOM: a layer of zeros or non-finite values gets a usable scale)
                     self.kv_scale[li] = torch.nan_to_num(top, nan=1.0, posinf=1.0).clamp(min=1.0) / FP8_ROOM
-                torch.fmax(self.kv_peak, (top / self.kv_scale[li]).amax(), out=self.kv_peak)  # (fmax: NaN ignored)
+                self._watch(top, li)
             raw(self.kv[li])[:, page, :, off] = raw(self._stored(kv, li))  # K and V of every token in one write
             # right-padded [P, heads, width, dim]: with a causal mask every real query sees only its own prompt
             qp = q.new_zeros((n, width) + q.shape[1:]).index_put_((seq, at), q).transpose(1, 2)
@@ -332,6 +332,10 @@ class Forward:
             x, h = self._after_mlp(li, x, self._mlp(li, h))
         self.calibrate = False
         return a.head(h[lens.cumsum(0) - 1])
+
+    def _watch(self, top, li: int):
+        """kv_peak raised to layer li's largest |K| and |V| about to be stored (top: [2], before the scales)."""
+        torch.fmax(self.kv_peak, (top / self.kv_scale[li]).amax(), out=self.kv_peak)  # (fmax: NaN ignored)
 
     def _stored(self, kv, li: int, dim: int = 1):
         """K and V (stacked along `dim`) as layer li's cache stores them: in its dtype, divided by its scales (fp8)."""
@@ -381,10 +385,12 @@ class Forward:
                 q, k, v = self._qkv(li, h)
                 if store is not None:
                     q = store(q, k, v, *rope[self.nope[li]], pos, cache, table,
-                              *(() if self.kv_scale is None else (self.kv_scale[li],)))
+                              *(() if self.kv_scale is None else (self.kv_scale[li], self.kv_peak)))
                 else:
                     q, kv = K["rope_kv"](q, k, v, *rope[self.nope[li]])
             if store is None:
+                if self.kv_scale is not None:
+                    self._watch(kv.abs().amax(dim=(0, 2, 3)).float(), li)
                 kv = raw(self._stored(kv, li))
                 # K and V of every row in one write ([B, 2, kv heads, D]): into the rows' in-order copy, which this
                 # step reads, or the pool. The pool's copy of a decoded token is never read where the copy exists:
