@@ -62,6 +62,8 @@ def fp8_case(shape: str, name: str, rows: int, layers: int, n: int, k: int) -> N
     w_scales = [s.t().contiguous() for s in w_scales]  # [1, n]: _scaled_mm's scale of its second operand
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if name == "qkv" else None
+    from ponder.kernels.fp8_linear import triton_rows_fp8
+
     quant = torch.compile(rowwise_fp8, dynamic=False)
     x8, x_scale = quant(x)
 
@@ -71,7 +73,8 @@ def fp8_case(shape: str, name: str, rows: int, layers: int, n: int, k: int) -> N
 
     res = {"bf16": graph_ms(lambda: [F.linear(x, w, bias) for w in ws]) / layers * 1000,
            "fp8": graph_ms(lambda: [fp8_mm(x8, x_scale, w, s) for w, s in zip(w8, w_scales)]) / layers * 1000,
-           "fp8 + rows cast": graph_ms(lambda: [fp8_mm(*quant(x), w, s) for w, s in zip(w8, w_scales)]) / layers * 1000}
+           "fp8 + rows cast": graph_ms(lambda: [fp8_mm(*quant(x), w, s) for w, s in zip(w8, w_scales)]) / layers * 1000,
+           "fp8 + Triton cast": graph_ms(lambda: [fp8_mm(*triton_rows_fp8(x), w, s) for w, s in zip(w8, w_scales)]) / layers * 1000}
     got, want = fp8_mm(x8, x_scale, w8[0], w_scales[0]).float(), F.linear(x, ws[0], bias).float()
     err = ((got - want).norm() / want.norm()).item()
     print(f"{shape:5s} {name:8s} {rows} x {n} x {k}: " + "  ".join(f"{v} {us:6.1f} us" for v, us in res.items())
