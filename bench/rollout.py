@@ -211,7 +211,8 @@ def quantiles(lengths: list[int]) -> dict:
 
 def bench_fast(model, tok, prompts, new, variant: str, n: int = 1, limits: list[int] | None = None, tag: str = "") -> dict:
     attention, *more = variant.split("+")
-    eng = FastEngine(model, tok, attention=attention, fused="eager" not in more, kv_dtype="fp8" if "fp8" in more else "auto")
+    eng = FastEngine(model, tok, attention=attention, fused="eager" not in more, kv_dtype="fp8" if "fp8" in more else "auto",
+                     weight_dtype="fp8" if "w8" in more else "auto")
     params = SamplingParams(n=n, temperature=1.0, max_tokens=new, seed=0)
     force_length(model, True)
     first, _ = sync_time(lambda: eng.generate(prompts, params, limits=limits))  # includes graph capture
@@ -274,7 +275,8 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--variants", nargs="+", default=["triton", "sdpa"], help="attention[+eager][+fp8]: triton, sdpa, matmul, sdpa+eager, triton+fp8 (an fp8 KV cache)")
+    ap.add_argument("--variants", nargs="+", default=["triton", "sdpa"], help="attention[+eager][+fp8][+w8]: triton, sdpa, matmul, sdpa+eager, triton+fp8 (an fp8 KV cache), "
+                    "triton+w8 (the layers' products from e4m3 matrices: weight_dtype fp8)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", help="folder for the profile table")
     ap.add_argument("--profile-pos", type=int, default=130, help="the position every row feeds in the profiled step")

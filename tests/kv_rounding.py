@@ -1,5 +1,6 @@
-"""A reference for the fast engine's fp8 KV cache (rollout.engine_options.kv_dtype: fp8): transformers' forward
-with the keys and values that decode steps read rounded as the cache stores them."""
+"""References for the fast engine's fp8 options: its KV cache (rollout.engine_options.kv_dtype: fp8), transformers'
+forward with the keys and values that decode steps read rounded as the cache stores them; its matrices
+(weight_dtype: fp8), transformers' forward with each layer's products from e4m3 matrices and rows."""
 
 import copy
 
@@ -35,3 +36,20 @@ def fp8_kv_forward(model):
         return twin(input_ids=ids).logits[0]
 
     return forward
+
+
+PRODUCTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fp8_weights_model(model):
+    """A copy of the model whose attention and MLP products (each of PRODUCTS, one by one: the engine joins q|k|v
+    and gate|up, which changes no row's scale) compute from e4m3 matrices, a scale per output row, and e4m3 rows of
+    their input, a scale per row; the output head and everything else as they are."""
+    from ponder.kernels.fp8_linear import fp8_linear, fp8_matrix
+
+    twin = copy.deepcopy(model)
+    for name, m in twin.named_modules():
+        if name.rsplit(".", 1)[-1] in PRODUCTS:
+            # (CUDA: rowwise-scaled products give bf16, the engine's compute dtype there)
+            m.forward = lambda x, m=m: fp8_linear(x, *fp8_matrix(m.weight), m.bias, out_dtype=torch.bfloat16 if x.is_cuda else None)
+    return twin

@@ -26,8 +26,10 @@ def paths(request, monkeypatch):
     trial failing."""
     import torch._dynamo
 
-    from ponder.kernels import decode_attention, decode_step, head_logprobs, rope, swiglu, training_step, trials
+    from ponder.kernels import decode_attention, decode_step, fp8_linear, head_logprobs, rope, swiglu, training_step, trials
     from ponder.rl import packed
+
+    fp8_linear.rows_cast.cache_clear()
 
     for mod, name in [(training_step, "_chosen"), (swiglu, "_chosen"), (packed, "_chosen"),
                       (decode_attention, "_usable"), (head_logprobs, "_usable")]:
@@ -39,11 +41,12 @@ def paths(request, monkeypatch):
             raise RuntimeError("the compiler is switched off by this test")
 
         monkeypatch.setattr(torch, "compile", no_compiler)
-        for mod in (trials, decode_attention, head_logprobs, rope, swiglu):
+        for mod in (trials, decode_attention, head_logprobs, rope, swiglu, fp8_linear):
             monkeypatch.setattr(mod, "triton", None)
         monkeypatch.setattr(packed, "_varlen_fns", lambda: [])
     yield request.param
     torch._dynamo.reset()
+    fp8_linear.rows_cast.cache_clear()
 
 
 def build(kind: str, seed: int = 0):
@@ -198,6 +201,37 @@ def test_an_fp8_kv_cache_on_cuda(paths):
         # all but values that sit on a rounding boundary after float32 arithmetic in another order
         assert same > 0.999, same
         torch.testing.assert_close(cache.float(), want.float(), atol=2**-9, rtol=0.07)
+
+
+def test_fp8_matrices_on_cuda(paths):
+    """rollout.engine_options.weight_dtype fp8 on CUDA (torch._scaled_mm with rowwise scales, the Triton cast of the
+    rows or torch's): each row's log-probs agree with a forward whose products compute from the same e4m3
+    matrices and rows (bf16 autocast, the rollout copy's dtype), and the Triton cast gives torch's bytes."""
+    from kv_rounding import fp8_weights_model
+
+    from ponder.kernels.fp8_linear import rows_fp8, triton_rows_fp8
+    from ponder.models.tiny import char_tokenizer
+    from ponder.rollout import SamplingParams
+    from ponder.rollout.fast import FastEngine
+
+    tok = char_tokenizer()
+    model = build("qwen2")
+    engine = FastEngine(model, tok, sync_every=4, min_bucket=1, weight_dtype="fp8")
+    prompts = [tok.encode(p) for p in ["Q: 12+7=", "a", "The quick brown fox jumps", "count: 1 2 3 4 5 6 7 8 9"]]
+    outs = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=40, seed=1, logprobs=True))
+    assert len(engine.fwd.fp8) == 4 * len(model.model.layers)
+    twin = fp8_weights_model(model)
+    for p, group in zip(prompts, outs):
+        for c in group:
+            ids, n = torch.tensor([p + c.token_ids], device=DEV), len(p)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                ref = twin(input_ids=ids).logits[0, n - 1 : -1].float().log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(c.logprobs, device=DEV), ref, atol=0.08, rtol=0.05)
+    x = torch.randn((300, 4864), device=DEV, dtype=torch.bfloat16) * 5
+    x[7] = 0
+    (q, s), (q_ref, s_ref) = triton_rows_fp8(x), rows_fp8(x)
+    torch.testing.assert_close(s, s_ref)
+    assert (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean() > 0.999
 
 
 def test_truncated_importance_sampling_on_the_bf16_rollout_copy(paths, tmp_path):

@@ -5,7 +5,7 @@ import random
 
 import pytest
 import random_weights
-from kv_rounding import fp8_kv_forward
+from kv_rounding import fp8_kv_forward, fp8_weights_model
 import torch
 from transformers import (
     ArceeConfig, ArceeForCausalLM, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, InternLM3Config, LlamaConfig,
@@ -231,6 +231,48 @@ def test_an_fp8_kv_cache_gives_the_logprobs_of_a_forward_over_rounded_keys_and_v
     assert off > 1e-3  # the rounding shows: the plain forward is not what the engine computed
 
 
+@pytest.mark.parametrize("in_order", [True, False])
+def test_fp8_matrices_give_the_logprobs_of_a_forward_through_fp8_products(in_order, monkeypatch):
+    """weight_dtype fp8: q|k|v, o, gate|up and down from e4m3 matrices (a scale per output row) and e4m3 input rows (a
+    scale per row), in prefill and decode; the head and the rest as they are. Log-probs of a transformers forward
+    whose products compute so, both cache layouts; not those of the plain forward."""
+    if not in_order:
+        monkeypatch.setattr(fast_model, "ROW_KV_BYTES", 0)
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    twin = fp8_weights_model(model)
+    prompts = encode(PROMPTS[:3])
+    eng = FastEngine(model, TOK, weight_dtype="fp8", sync_every=3, min_bucket=1, block_size=4)
+    outs = eng.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=10, logprobs=True, seed=5))
+    assert len(eng.fwd.fp8) == 4 * SMALL["num_hidden_layers"] and eng.rounded == ["weight_dtype=fp8"]
+    off = 0.0
+    for p, group in zip(prompts, outs):
+        for c in group:
+            ids, n = torch.tensor([p + c.token_ids]), len(p)
+            with torch.no_grad():
+                want = twin(input_ids=ids).logits[0, n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
+                exact = model(input_ids=ids).logits[0, n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
+            off = max(off, (torch.tensor(c.logprobs) - exact).abs().max().item())
+    assert off > 1e-3  # the rounding shows
+
+
+def test_fp8_matrices_follow_the_weights_after_they_change():
+    """The e4m3 copies are made again at each call: after an in-place change of the weights (an optimizer step),
+    the engine samples what a fresh engine over the new weights does."""
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    prompts = encode(PROMPTS[:3])
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=8, logprobs=True, seed=3)
+    eng = FastEngine(model, TOK, weight_dtype="fp8")
+    before = eng.generate(prompts, params)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            p.mul_(1.3)
+    after = eng.generate(prompts, params)
+    fresh = FastEngine(model, TOK, weight_dtype="fp8").generate(prompts, params)
+    got = lambda outs: [[(c.token_ids, c.logprobs) for c in g] for g in outs]  # noqa: E731
+    assert got(after) == got(fresh) and got(after) != got(before)
+
+
 def test_with_an_fp8_cache_a_sequence_that_gives_way_samples_what_it_would_have():
     """A sequence that gives way is prefilled again from its prompt and tokens; those tokens were decoded reading
     the rounded cache, so their positions must attend to rounded K/V again (they attended to K/V as computed, and
@@ -344,20 +386,26 @@ def test_an_unknown_kv_dtype_is_named():
     model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
     with pytest.raises(UserError, match="fast engine: kv_dtype must be one of auto, fp8, got 'int4'"):
         FastEngine(model, TOK, kv_dtype="int4")
+    with pytest.raises(UserError, match="fast engine: weight_dtype must be one of auto, fp8, got 'bf16'"):
+        FastEngine(model, TOK, weight_dtype="bf16")
 
 
 def test_an_fp8_cache_on_a_gpu_without_e4m3_kernels_is_refused(monkeypatch):
     """Triton compiles e4m3 only from compute capability 8.9 (an A100 is 8.0): one line before the first step fails."""
-    from ponder.rollout.fast import check_fp8_cache
+    from ponder.rollout.fast import check_fp8
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A100-SXM4-80GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 0))
     with pytest.raises(UserError, match=r"kv_dtype fp8 needs a GPU of compute capability 8.9 or later .* "
                                         r"NVIDIA A100-SXM4-80GB is 8.0: use rollout.engine_options.kv_dtype=auto"):
-        check_fp8_cache("cuda")
+        check_fp8("cuda")
+    with pytest.raises(UserError, match=r"fast engine: weight_dtype fp8 needs a GPU of compute capability 8.9 .* "
+                                        r"use rollout.engine_options.weight_dtype=auto"):
+        check_fp8("cuda", "weight_dtype")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
-    check_fp8_cache("cuda")  # an H100
-    check_fp8_cache("cpu")
+    check_fp8("cuda")  # an H100
+    check_fp8("cuda", "weight_dtype")
+    check_fp8("cpu")
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8), (0, 1.0)])
@@ -501,9 +549,9 @@ def test_other_architectures_fall_back_to_hf_with_a_notice(capsys, kind):
     prompts = encode(PROMPTS[:2])
     params = SamplingParams(temperature=0, max_tokens=5)
     assert eng.generate(prompts, params) == HFEngine(model, TOK).generate(prompts, params)
-    make_engine("fast", model, TOK, kv_dtype="fp8")  # an fp8 cache asked for: the notice says it does not apply
+    make_engine("fast", model, TOK, kv_dtype="fp8", weight_dtype="fp8")  # asked for: the notice says they do not apply
     err = capsys.readouterr().err
-    assert why in err and "; using the hf engine; kv_dtype fp8 does not apply there (its cache is transformers')" in err
+    assert why in err and "; using the hf engine; not applied there: kv_dtype=fp8, weight_dtype=fp8" in err
 
 
 def test_the_fallback_to_transformers_keeps_the_cap_on_rows_decoded_at_once(monkeypatch):

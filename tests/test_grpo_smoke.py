@@ -155,6 +155,8 @@ def test_an_fp8_kv_cache_without_importance_correction_is_noticed():
     assert rollout_notices(fp8, AlgoConfig(rollout_is_cap=2.0)) == []
     assert rollout_notices(make_engine("fast", qwen, tok), AlgoConfig()) == []
     assert rollout_notices(make_engine("hf", qwen, tok), AlgoConfig()) == []
+    both = rollout_notices(make_engine("fast", qwen, tok, kv_dtype="fp8", weight_dtype="fp8"), AlgoConfig())
+    assert both[0].startswith("ponder: rollout.engine_options kv_dtype=fp8 and weight_dtype=fp8 samples through rounded")
     # a model the fast engine hands to hf: transformers' cache is not rounded, nothing to notice
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64))
     assert rollout_notices(make_engine("fast", gpt2, tok, kv_dtype="fp8"), AlgoConfig()) == []

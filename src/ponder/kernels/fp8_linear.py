@@ -9,6 +9,8 @@ two passes over it); its torch twin runs elsewhere and is the reference.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -43,11 +45,11 @@ def fits(w: torch.Tensor) -> bool:
     return w.dim() == 2 and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0
 
 
-def fp8_linear(x, w8, w_scale, bias=None, rows=rows_fp8):
-    """F.linear(x, w, bias) from w's e4m3 form (fp8_matrix) and x's rows cast by `rows`; in x's dtype."""
+def fp8_linear(x, w8, w_scale, bias=None, rows=rows_fp8, out_dtype=None):
+    """F.linear(x, w, bias) from w's e4m3 form (fp8_matrix) and x's rows cast by `rows`; in out_dtype (x's)."""
     lead, k = x.shape[:-1], x.shape[-1]
     q, s = rows(x.reshape(-1, k))
-    out = torch._scaled_mm(q, w8.t(), scale_a=s, scale_b=w_scale, out_dtype=x.dtype)
+    out = torch._scaled_mm(q, w8.t(), scale_a=s, scale_b=w_scale, out_dtype=out_dtype or x.dtype)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.view(*lead, w8.shape[0])
@@ -72,9 +74,15 @@ if triton is not None:
         tl.store(s_ptr + r, scale)
 
 
+@functools.cache
+def rows_cast(device: torch.device):
+    """The rows' cast to use on this device: the Triton kernel on CUDA once it passed its trial, else torch's."""
+    return triton_rows_fp8 if device.type == "cuda" and triton is not None and rows_fp8_trial(device) else rows_fp8
+
+
 def triton_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """rows_fp8 as one Triton kernel."""
-    assert x.dim() == 2 and x.stride(1) == 1, "rows_fp8 needs rows of unit stride"
+    x = x if x.stride(1) == 1 else x.contiguous()
     n, k = x.shape
     q = torch.empty((n, k), dtype=E4M3, device=x.device)
     s = torch.empty((n, 1), dtype=torch.float32, device=x.device)

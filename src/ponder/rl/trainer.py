@@ -661,10 +661,11 @@ def ratio_notices(a) -> list[str]:
 
 def rollout_notices(engine, a) -> list[str]:
     """A start notice where the sampler's probabilities knowingly differ from the update's and nothing corrects it."""
-    if getattr(engine, "rounds_kv", False) and a.rollout_is_cap is None:
-        return ["ponder: rollout.engine_options.kv_dtype=fp8 samples through a rounded KV cache, so the sampled tokens' "
-                "probabilities differ from those the update computes; algorithm.rollout_is_cap (e.g. 2) weighs each "
-                "token by their ratio"]
+    rounded = getattr(engine, "rounded", [])
+    if rounded and a.rollout_is_cap is None:
+        return [f"ponder: rollout.engine_options {' and '.join(rounded)} samples through rounded numbers (e4m3), so the "
+                "sampled tokens' probabilities differ from those the update computes; algorithm.rollout_is_cap (e.g. 2) "
+                "weighs each token by their ratio"]
     return []
 
 

@@ -67,19 +67,21 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 # the KV cache's dtype: auto, the weights' compute dtype; fp8, e4m3 with a scale per layer for K and for V, set by each
 # call's first prefill (ponder.rollout.fast_model.FP8_ROOM)
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+WEIGHT_DTYPES = ("auto", "fp8")  # fp8: the layers' products from e4m3 copies of their matrices (ponder.kernels.fp8_linear)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
-def check_fp8_cache(device) -> None:
-    """An fp8 cache's kernels (Triton's e4m3) compile only on GPUs of compute capability 8.9 or later."""
+def check_fp8(device, option: str = "kv_dtype") -> None:
+    """e4m3 kernels (Triton's, and the FP8 tensor cores of torch._scaled_mm) run only on GPUs of compute capability
+    8.9 or later."""
     device = torch.device(device)
     if device.type != "cuda":
         return
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise UserError(f"fast engine: kv_dtype fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper and "
+        raise UserError(f"fast engine: {option} fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper and "
                         f"newer) for its e4m3 kernels; {torch.cuda.get_device_name(device)} is {major}.{minor}: "
-                        "use rollout.engine_options.kv_dtype=auto")
+                        f"use rollout.engine_options.{option}=auto")
 
 
 _optimizer_steps = [0]  # every optimizer step in the process (a fused AdamW step bumps no version counter)
@@ -214,7 +216,7 @@ class FastEngine(RolloutEngine):
         length_bucket: int = 128, prefill_tokens: int = 4096, keep_cache: bool = True, attention: str = "auto",
         fused: bool = True, join_weights: bool = True, dtype: str = "auto", block_size: int = 32, kv_fraction: float = 0.5,
         kv_blocks: int | None = None, start_tokens: int | None = None, look_ahead: bool | None = None,
-        kv_dtype: str = "auto",
+        kv_dtype: str = "auto", weight_dtype: str = "auto",
     ):
         super().__init__(model, tokenizer)
         if attention not in ("auto", "triton", "sdpa", "matmul"):
@@ -226,6 +228,9 @@ class FastEngine(RolloutEngine):
         if kv_dtype not in KV_DTYPES:
             raise UserError(f"fast engine: kv_dtype must be one of {', '.join(KV_DTYPES)}, got '{kv_dtype}'")
         self.kv_dtype = KV_DTYPES[kv_dtype]
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise UserError(f"fast engine: weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got '{weight_dtype}'")
+        self.fp8_weights = weight_dtype == "fp8"
         self.attention, self.batch_size, self.fused, self.join_weights = attention, batch_size, fused, join_weights
         if block_size < 1 or not 0 < kv_fraction <= 1:
             raise UserError(f"fast engine: block_size must be >= 1 and kv_fraction in (0, 1] (got {block_size}, {kv_fraction})")
@@ -236,10 +241,12 @@ class FastEngine(RolloutEngine):
         self.arch, why = describe(model)
         self.copy: RolloutCopy | None = None
         self.hf = HFEngine(model, tokenizer, batch_size or 256)  # the same cap on rows decoded at once
+        # the options that round what the sampler computes with (the update computes without them)
+        self.rounded = [f"{k}=fp8" for k, on in (("kv_dtype", self.kv_dtype is not None), ("weight_dtype", self.fp8_weights)) if on]
         if self.arch is None:
-            fp8 = "; kv_dtype fp8 does not apply there (its cache is transformers')" if self.kv_dtype is not None else ""
+            fp8 = f"; not applied there: {', '.join(self.rounded)}" if self.rounded else ""
             notice(f"fast engine: {why}; using the hf engine{fp8}")
-        self.rounds_kv = self.kv_dtype is not None and self.arch is not None  # (fp8: the hf fallback keeps its own cache)
+            self.rounded = []
         self.fwd: Forward | None = None
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.pool = None
@@ -341,7 +348,9 @@ class FastEngine(RolloutEngine):
                     join(gate_up_projections(layer.mlp))
         kv_dtype = self.kv_dtype or dtype
         if kv_dtype.itemsize == 1:
-            check_fp8_cache(device)
+            check_fp8(device)
+        if self.fp8_weights:
+            check_fp8(device, "weight_dtype")
         sig = (device, dtype, tuple(p.data_ptr() for p in arch.backbone.parameters()), weight.data_ptr())
         f = self.fwd
         if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs
@@ -358,7 +367,8 @@ class FastEngine(RolloutEngine):
             attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "matmul"
             narrow = self.copy is not None or shadow_dtype(self.model) is not None  # matrices narrower than the norms
             f = self.fwd = Forward(arch, rows, min(blocks, self.pool_cap(per_block, device)), self.block_size, positions,
-                                   dtype, device, attention, self.fused, autocast=narrow, kv_dtype=kv_dtype)
+                                   dtype, device, attention, self.fused, autocast=narrow, kv_dtype=kv_dtype,
+                                   fp8_weights=self.fp8_weights)
             if self.attention == "triton" and device.type != "cuda":
                 notice("fast engine: attention 'triton' is a CUDA kernel; here its torch reference runs (slower than "
                        "attention auto, two matrix products)")
@@ -457,6 +467,7 @@ class FastEngine(RolloutEngine):
         if self.lent:
             f.kv.zero_()
             self.lent = False
+        f.quantize()  # weight_dtype fp8: the e4m3 copies of the matrices as they are now (a moment; none otherwise)
         if f.kv_scale is not None:  # fp8: this call's first prefill sets the cache's scales
             f.calibrate = True
             f.kv_peak.zero_()

@@ -19,6 +19,7 @@ import torch.nn.modules.module as _hooks
 from ponder.kernels import decode_attention as attention_kernel
 from ponder.kernels.arch import Arch, gate_up_projections, norm_args, own_mlp, qk_norms, qkv_projections, rotary, swiglu
 from ponder.kernels.decode_step import CPU, EAGER, kernels
+from ponder.kernels.fp8_linear import fits, fp8_linear, fp8_matrix, rows_cast
 from ponder.kernels.norm import const
 from ponder.kernels.rope import rope_signed, signed_sin
 from ponder.kernels.sampler import row_keys
@@ -42,14 +43,17 @@ def raw(t: torch.Tensor) -> torch.Tensor:
 FP8_ROOM = 112.0
 
 
-def _linear(m, x):
-    """m(x) for a linear layer: a plain nn.Linear without hooks as F.linear (its forward) without the module call,
-    a few microseconds each of the decode step's products on CPU; anything else (LoRA, hooks) called."""
+def plain(m) -> bool:
+    """Whether m is an nn.Linear without hooks: its forward is F.linear over its weight and bias, nothing else."""
     hooked = (m._forward_hooks or m._forward_pre_hooks or getattr(_hooks, "_global_forward_hooks", True)
               or getattr(_hooks, "_global_forward_pre_hooks", True))  # (torch's private registries; missing: called)
-    if type(m) is torch.nn.Linear and not hooked:
-        return F.linear(x, m.weight, m.bias)
-    return m(x)
+    return type(m) is torch.nn.Linear and not hooked
+
+
+def _linear(m, x):
+    """m(x) for a linear layer: a plain nn.Linear as F.linear (its forward) without the module call, a few
+    microseconds each of the decode step's products on CPU; anything else (LoRA, hooks) called."""
+    return F.linear(x, m.weight, m.bias) if plain(m) else m(x)
 
 
 def queued(data, device) -> torch.Tensor:
@@ -66,7 +70,8 @@ class Forward:
     rows and table entries not yet handed out point there, so stray writes land where nothing is read."""
 
     def __init__(self, arch: Arch, rows: int, blocks: int, block: int, positions: int, dtype, device,
-                 attention: str = "sdpa", fused: bool = True, autocast: bool = False, kv_dtype=None):
+                 attention: str = "sdpa", fused: bool = True, autocast: bool = False, kv_dtype=None,
+                 fp8_weights: bool = False):
         self.a, self.dtype, self.device, self.attention = arch, dtype, device, attention
         # the cache's dtype: the compute dtype, or fp8 (e4m3, kv_dtype: fp8): K/V rounded as they are written,
         # read back in `dtype`; half the bytes each decode step's attention reads
@@ -89,6 +94,17 @@ class Forward:
         self.qkv = [joined(qkv_projections(l.self_attn)) for l in arch.backbone.layers]
         self.gate_up = [joined(gate_up_projections(l.mlp)) if g else None for l, g in zip(arch.backbone.layers, self.swiglu)]
         self.block = block
+        # weight_dtype fp8: the products of q|k|v, o, gate|up and down from e4m3 copies of their matrices, by the id
+        # of the matrix each stands for: (matrix, e4m3 copy, scales); quantize() fills them in place (graphs read
+        # them) at each call, from the matrices as they are then. Matrices torch._scaled_mm does not take (a
+        # dimension not a multiple of 16) and wrapped layers (LoRA) keep their own products.
+        self.fp8: dict[int, tuple] = {}
+        if fp8_weights:
+            mats = [w for w, _ in filter(None, self.qkv + self.gate_up)]
+            mats += [m.weight for l in arch.backbone.layers for m in (l.self_attn.o_proj, getattr(l.mlp, "down_proj", None))
+                     if m is not None and plain(m)]
+            self.fp8 = {id(w): (w, *fp8_matrix(w)) for w in mats if fits(w)}
+            self.rows_fp8 = rows_cast(torch.device(device))
         self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=kv_dtype, device=device)
         # fp8: K and V are stored divided by a scale per layer, [layers, 2], set by each call's first prefill
         # (`calibrate`) so that its largest |K| and |V| land at FP8_ROOM; kv_peak, the largest stored |value| before
@@ -183,11 +199,28 @@ class Forward:
         pairs = [(self.cos, self.sin)] + ([self.still] if self.still else [])
         return [(at(c), at(s)) for c, s in pairs]
 
+    @torch.no_grad()
+    def quantize(self) -> None:
+        """The e4m3 copies (weight_dtype fp8) made again from their matrices, in place."""
+        for w, w8, scale in self.fp8.values():
+            q, s = fp8_matrix(w)
+            w8.copy_(q)
+            scale.copy_(s)
+
+    def _product(self, x, w, b=None):
+        """F.linear(x, w, b), from w's e4m3 copy where it has one (weight_dtype fp8)."""
+        e = self.fp8.get(id(w))
+        return F.linear(x, w, b) if e is None else fp8_linear(x, e[1], e[2], b, self.rows_fp8, self.dtype)
+
+    def _layer(self, m, x):
+        """m(x) for a linear layer (o, down): its e4m3 copy's product where it has one, else as _linear."""
+        return self._product(x, m.weight, m.bias) if id(m.weight) in self.fp8 and plain(m) else _linear(m, x)
+
     def _qkv(self, li: int, h):
         """q [N, heads, D], k and v [N, kv heads, D] of layer li: one product where q|k|v are joined."""
         a, attn, n = self.a, self.a.backbone.layers[li].self_attn, h.shape[0]
         if self.qkv[li] is not None:
-            q, k, v = F.linear(h, *self.qkv[li]).split(a.qkv_sizes, -1)
+            q, k, v = self._product(h, *self.qkv[li]).split(a.qkv_sizes, -1)
         else:  # wrapped layers (LoRA): called as they are
             outs = [m(h) for m in qkv_projections(attn)]
             q, k, v = outs if len(outs) == 3 else outs[0].split(a.qkv_sizes, -1)
@@ -201,7 +234,7 @@ class Forward:
         are side by side in the product)."""
         a, n = self.a, h.shape[0]
         qk_heads = a.n_heads + a.n_kv
-        y = F.linear(h, *self.qkv[li])
+        y = self._product(h, *self.qkv[li])
         qk = y[:, : qk_heads * a.head_dim].view(n, qk_heads, a.head_dim)
         qk = rope_signed(qk, cos, ssin)
         v = y[:, qk_heads * a.head_dim :].view(n, a.n_kv, a.head_dim)
@@ -210,7 +243,7 @@ class Forward:
     def _mlp(self, li: int, h):
         mlp = self.a.backbone.layers[li].mlp
         if self.gate_up[li] is not None:
-            return _linear(mlp.down_proj, self.k["swiglu_halves"](F.linear(h, *self.gate_up[li])))
+            return self._layer(mlp.down_proj, self.k["swiglu_halves"](self._product(h, *self.gate_up[li])))
         if self.swiglu[li]:  # wrapped layers (LoRA): called as they are
             outs = [m(h) for m in gate_up_projections(mlp)]
             return mlp.down_proj(self.k["swiglu"](*outs) if len(outs) == 2 else self.k["swiglu_halves"](outs[0]))
@@ -328,7 +361,7 @@ class Forward:
             if decoded is not None:
                 o = torch.where(decoded, attend(self._through_cache(kvp, li, 0)), o)
             o = o.reshape(len(ids), -1)
-            x, h = self._after_attention(li, x, layer.self_attn.o_proj(o))
+            x, h = self._after_attention(li, x, self._layer(layer.self_attn.o_proj, o))
             x, h = self._after_mlp(li, x, self._mlp(li, h))
         self.calibrate = False
         return a.head(h[lens.cumsum(0) - 1])
@@ -425,7 +458,7 @@ class Forward:
                 else:
                     s = torch.matmul(q, kc.transpose(-1, -2)).float() * a.scaling + mask
                     o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
-            x, h = self._after_attention(li, x, _linear(layer.self_attn.o_proj, o.reshape(batch, -1)))
+            x, h = self._after_attention(li, x, self._layer(layer.self_attn.o_proj, o.reshape(batch, -1)))
             x, h = self._after_mlp(li, x, self._mlp(li, h))
         return _linear(a.head, h)
 
