@@ -78,8 +78,9 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)  # stop strings, kept in the completion
     generation_batch: int = 256  # sequences generated at once
     # passed to the engine as keyword arguments; fast: dtype (auto: bf16 copy of float32 weights on CUDA),
-    # kv_dtype (auto, or fp8: an e4m3 KV cache), keep_cache, attention, cuda_graphs, prefill_tokens, sync_every, look_ahead,
-    # length_bucket, min_bucket (ponder.rollout.fast)
+    # kv_dtype (auto, or fp8: an e4m3 KV cache), weight_dtype (auto, or fp8: the layers' products from e4m3 matrices),
+    # keep_cache, attention, cuda_graphs, prefill_tokens, sync_every, look_ahead, length_bucket, min_bucket
+    # (ponder.rollout.fast)
     engine_options: dict[str, Any] = field(default_factory=dict)
 
 
