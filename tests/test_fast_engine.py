@@ -7,6 +7,7 @@ import pytest
 import random_weights
 from kv_rounding import fp8_kv_forward, fp8_weights_model
 import torch
+import torch.nn.functional as F
 from transformers import (
     ArceeConfig, ArceeForCausalLM, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, InternLM3Config, LlamaConfig,
     LlamaForCausalLM, Ministral3Config, MinistralConfig, MinistralForCausalLM, MistralConfig, MistralForCausalLM,
@@ -244,7 +245,7 @@ def test_fp8_matrices_give_the_logprobs_of_a_forward_through_fp8_products(in_ord
     eng = FastEngine(model, TOK, weight_dtype="fp8", sync_every=3, min_bucket=1, block_size=4)
     outs = eng.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=10, logprobs=True, seed=5))
     assert len(eng.fwd.fp8) == 4 * SMALL["num_hidden_layers"] and eng.rounded == ["weight_dtype=fp8"]
-    off = 0.0
+    offs = []
     for p, group in zip(prompts, outs):
         for c in group:
             ids, n = torch.tensor([p + c.token_ids]), len(p)
@@ -252,8 +253,52 @@ def test_fp8_matrices_give_the_logprobs_of_a_forward_through_fp8_products(in_ord
                 want = twin(input_ids=ids).logits[0, n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
                 exact = model(input_ids=ids).logits[0, n - 1 : -1].log_softmax(-1).gather(-1, ids[0, n:, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
-            off = max(off, (torch.tensor(c.logprobs) - exact).abs().max().item())
-    assert off > 1e-3  # the rounding shows
+            offs += (torch.tensor(c.logprobs) - exact).abs().tolist()
+    assert 1e-3 < sum(offs) / len(offs) < 0.3, offs  # the rounding shows, and stays rounding
+
+
+def test_an_fp8_product_is_the_plain_product_within_e4m3s_precision():
+    """fp8_linear against F.linear itself (not through the same helpers): Gaussian rows and matrices lose about
+    3.7% (e4m3 keeps 3 mantissa bits), bf16 0.3%; a scale off by 1.5x would be 50% off. The matrix made in chunks
+    of rows, into given storage, is the one made at once."""
+    from ponder.kernels.fp8_linear import fp8_linear, fp8_matrix
+
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn((96, 320), generator=g) * 0.02, torch.randn(96, generator=g), torch.randn((2, 7, 320), generator=g)
+    x[0, 3] = 0.0  # a row of zeros
+    got, want = fp8_linear(x, *fp8_matrix(w), b), F.linear(x, w, b)
+    err = ((got - want).norm() / (want - b).norm()).item()
+    assert 0.01 < err < 0.06, err
+    torch.testing.assert_close(got[0, 3], b)
+    w8, s = fp8_matrix(w)
+    into = (torch.empty_like(w8), torch.empty_like(s))
+    fp8_matrix(w, into, chunk=10)
+    assert torch.equal(into[0].view(torch.uint8), w8.view(torch.uint8)) and torch.equal(into[1], s)
+    assert torch.allclose(w8.float() * s.t(), w, rtol=2**-4, atol=0)  # each entry within e4m3's half step
+
+
+def test_fp8_matrices_cover_separate_layers_and_name_what_stays_in_bf16(capsys):
+    """join_weights off: q, k, v, gate and up are products of their own, each from its e4m3 copy, which gives what
+    the joined products give (a row's scales are the same). Qwen3-MoE's expert block stays as it is, and one notice
+    says so."""
+    prompts = encode(PROMPTS[:3])
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=8, logprobs=True, seed=2)
+    build = lambda: seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))  # noqa: E731
+    apart = FastEngine(build(), TOK, weight_dtype="fp8", join_weights=False)
+    got = apart.generate(prompts, params)
+    joined = FastEngine(build(), TOK, weight_dtype="fp8").generate(prompts, params)
+    assert len(apart.fwd.fp8) == 7 * SMALL["num_hidden_layers"] and apart.fwd.fp8_left == []
+    for a, b in zip(got, joined):
+        for ca, cb in zip(a, b):
+            assert ca.token_ids == cb.token_ids
+            torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=1e-5)
+    assert "weight_dtype fp8" not in capsys.readouterr().err
+    eng = FastEngine(seeded(0, moe), TOK, weight_dtype="fp8")
+    eng.generate(prompts, params)
+    eng.generate(prompts, params)
+    err = capsys.readouterr().err
+    assert err.count("fast engine: weight_dtype fp8: these products stay in float32: the MLPs (expert blocks, or not "
+                     "SwiGLU) (wrapped layers") == 1, err
 
 
 def test_fp8_matrices_follow_the_weights_after_they_change():

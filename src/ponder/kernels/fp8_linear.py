@@ -26,11 +26,19 @@ TOP = 448.0  # e4m3's largest finite value
 TINY = 1e-12  # a row or matrix row of zeros: any scale will do, not 0 (0 / 0)
 
 
-def fp8_matrix(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] as e4m3 with a float32 scale per output row: (w8 [out, in], scales [1, out]), w ~ w8 * scales.T."""
-    w = w.detach().float()
-    s = w.abs().amax(1, keepdim=True).clamp(min=TINY) / TOP
-    return (w / s).to(E4M3), s.t().contiguous()
+@torch.no_grad()
+def fp8_matrix(w: torch.Tensor, out=None, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] as e4m3 with a float32 scale per output row: (w8 [out, in], scales [1, out]), w ~ w8 * scales.T;
+    written into `out` (such a pair) if given. Made `chunk` rows at a time: a float32 copy of a 7B model's gate|up
+    matrix at once would be 0.5 GiB, three times over."""
+    w8, scales = out if out is not None else (torch.empty(w.shape, dtype=E4M3, device=w.device),
+                                              torch.empty((1, w.shape[0]), dtype=torch.float32, device=w.device))
+    for i in range(0, w.shape[0], chunk):
+        part = w[i : i + chunk].float()
+        s = part.abs().amax(1, keepdim=True).clamp(min=TINY) / TOP
+        w8[i : i + chunk] = (part / s).to(E4M3)
+        scales[0, i : i + chunk] = s[:, 0]
+    return w8, scales
 
 
 def rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -255,6 +255,7 @@ class FastEngine(RolloutEngine):
         self.side_stream = None
         self.eager_notice = False
         self.saturation_notice = False
+        self.fp8_notice = False
 
     def idle_memory(self):
         """The KV cache between calls (the next call zeroes it first: masked slots must hold finite numbers)."""
@@ -349,8 +350,15 @@ class FastEngine(RolloutEngine):
         kv_dtype = self.kv_dtype or dtype
         if kv_dtype.itemsize == 1:
             check_fp8(device)
+        fp8_bytes = 0
         if self.fp8_weights:
             check_fp8(device, "weight_dtype")
+            if device.type == "cuda" and dtype != torch.bfloat16:  # (torch._scaled_mm's rowwise scales give bf16)
+                raise UserError(f"fast engine: weight_dtype fp8 computes its products in bf16 on CUDA, and this rollout "
+                                f"runs in {dtype}: use rollout.engine_options.dtype=auto or bf16, or weight_dtype=auto")
+            # the e4m3 copies, made with the Forward, after the pool's size is chosen: counted here (at most a byte
+            # a parameter of the layers' matrices)
+            fp8_bytes = sum(p.numel() for p in arch.backbone.layers.parameters() if p.dim() == 2)
         sig = (device, dtype, tuple(p.data_ptr() for p in arch.backbone.parameters()), weight.data_ptr())
         f = self.fwd
         if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs
@@ -366,9 +374,14 @@ class FastEngine(RolloutEngine):
             # decode shapes, and its per-call buffers cost page faults)
             attention = self.attention if self.attention != "auto" else "triton" if device.type == "cuda" else "matmul"
             narrow = self.copy is not None or shadow_dtype(self.model) is not None  # matrices narrower than the norms
-            f = self.fwd = Forward(arch, rows, min(blocks, self.pool_cap(per_block, device)), self.block_size, positions,
+            f = self.fwd = Forward(arch, rows, min(blocks, self.pool_cap(per_block, device, fp8_bytes)), self.block_size, positions,
                                    dtype, device, attention, self.fused, autocast=narrow, kv_dtype=kv_dtype,
                                    fp8_weights=self.fp8_weights)
+            if f.fp8_left and not self.fp8_notice:
+                notice(f"fast engine: weight_dtype fp8: these products stay in {str(dtype).removeprefix('torch.')}: "
+                       f"{', '.join(f.fp8_left)} (wrapped layers such as LoRA's without a merged copy, expert blocks, "
+                       "or a dimension not a multiple of 16)")
+                self.fp8_notice = True
             if self.attention == "triton" and device.type != "cuda":
                 notice("fast engine: attention 'triton' is a CUDA kernel; here its torch reference runs (slower than "
                        "attention auto, two matrix products)")
@@ -378,13 +391,14 @@ class FastEngine(RolloutEngine):
         f.refresh_rope()
         return f, use_graphs
 
-    def pool_cap(self, per_block: int, device) -> int:
+    def pool_cap(self, per_block: int, device, less: int = 0) -> int:
         """The most blocks the pool may hold: every row at full length, within `kv_blocks` if set and, on
-        CUDA, within `kv_fraction` of the device memory free now (counting what the pool holds)."""
+        CUDA, within `kv_fraction` of the device memory free now (counting what the pool holds, less `less` bytes
+        about to be taken)."""
         cap = self.worst if self.kv_blocks is None else max(2, min(self.worst, self.kv_blocks))
         if torch.device(device).type == "cuda" and self.kv_blocks is None:
             free, _ = torch.cuda.mem_get_info(device)
-            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cache is ours too
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) - less  # torch's cache is ours too
             held = 0 if self.fwd is None else self.fwd.kv.numel() * self.fwd.kv.element_size()
             fits = int(self.kv_fraction * (free + held) / per_block)
             if fits < self.least:
@@ -467,7 +481,7 @@ class FastEngine(RolloutEngine):
         if self.lent:
             f.kv.zero_()
             self.lent = False
-        f.quantize()  # weight_dtype fp8: the e4m3 copies of the matrices as they are now (a moment; none otherwise)
+        f.quantize(_optimizer_steps[0])  # weight_dtype fp8: the e4m3 copies made again if the matrices changed
         if f.kv_scale is not None:  # fp8: this call's first prefill sets the cache's scales
             f.calibrate = True
             f.kv_peak.zero_()

@@ -96,14 +96,13 @@ class Forward:
         self.block = block
         # weight_dtype fp8: the products of q|k|v, o, gate|up and down from e4m3 copies of their matrices, by the id
         # of the matrix each stands for: (matrix, e4m3 copy, scales); quantize() fills them in place (graphs read
-        # them) at each call, from the matrices as they are then. Matrices torch._scaled_mm does not take (a
-        # dimension not a multiple of 16) and wrapped layers (LoRA) keep their own products.
+        # them) when the matrices changed. What stays in `dtype` (wrapped layers, expert blocks, a dimension
+        # torch._scaled_mm does not take) is named in fp8_left.
         self.fp8: dict[int, tuple] = {}
+        self.fp8_left: list[str] = []
+        self.fp8_stamp = None
         if fp8_weights:
-            mats = [w for w, _ in filter(None, self.qkv + self.gate_up)]
-            mats += [m.weight for l in arch.backbone.layers for m in (l.self_attn.o_proj, getattr(l.mlp, "down_proj", None))
-                     if m is not None and plain(m)]
-            self.fp8 = {id(w): (w, *fp8_matrix(w)) for w in mats if fits(w)}
+            self._fp8_matrices(arch)
             self.rows_fp8 = rows_cast(torch.device(device))
         self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=kv_dtype, device=device)
         # fp8: K and V are stored divided by a scale per layer, [layers, 2], set by each call's first prefill
@@ -199,13 +198,36 @@ class Forward:
         pairs = [(self.cos, self.sin)] + ([self.still] if self.still else [])
         return [(at(c), at(s)) for c, s in pairs]
 
+    def _fp8_matrices(self, arch: Arch) -> None:
+        """self.fp8's e4m3 copies of each layer's product matrices, and fp8_left: the products left in `dtype`."""
+        left = set()
+        for li, layer in enumerate(arch.backbone.layers):
+            places = {"q|k|v": [self.qkv[li][0]] if self.qkv[li] else list(qkv_projections(layer.self_attn)),
+                      "o": [layer.self_attn.o_proj]}
+            if self.swiglu[li]:
+                places["gate|up"] = [self.gate_up[li][0]] if self.gate_up[li] else list(gate_up_projections(layer.mlp))
+                places["down"] = [layer.mlp.down_proj]
+            else:
+                left.add("the MLPs (expert blocks, or not SwiGLU)")
+            for kind, parts in places.items():
+                mats = [p if isinstance(p, torch.Tensor) else p.weight if plain(p) else None for p in parts]
+                for w in mats:
+                    if w is not None and fits(w):
+                        self.fp8[id(w)] = (w, *fp8_matrix(w))
+                    else:
+                        left.add(kind)
+        self.fp8_left = sorted(left)
+
     @torch.no_grad()
-    def quantize(self) -> None:
-        """The e4m3 copies (weight_dtype fp8) made again from their matrices, in place."""
+    def quantize(self, stamp) -> None:
+        """The e4m3 copies (weight_dtype fp8) made again from their matrices, in place, unless `stamp` (the optimizer
+        steps so far) and the matrices' version counters are those of the last time."""
+        stamp = (stamp, [w._version for w, _, _ in self.fp8.values()])
+        if stamp == self.fp8_stamp:
+            return
         for w, w8, scale in self.fp8.values():
-            q, s = fp8_matrix(w)
-            w8.copy_(q)
-            scale.copy_(s)
+            fp8_matrix(w, (w8, scale))
+        self.fp8_stamp = stamp
 
     def _product(self, x, w, b=None):
         """F.linear(x, w, b), from w's e4m3 copy where it has one (weight_dtype fp8)."""
@@ -213,7 +235,7 @@ class Forward:
         return F.linear(x, w, b) if e is None else fp8_linear(x, e[1], e[2], b, self.rows_fp8, self.dtype)
 
     def _layer(self, m, x):
-        """m(x) for a linear layer (o, down): its e4m3 copy's product where it has one, else as _linear."""
+        """m(x) for a linear layer: its e4m3 copy's product where it has one, else as _linear."""
         return self._product(x, m.weight, m.bias) if id(m.weight) in self.fp8 and plain(m) else _linear(m, x)
 
     def _qkv(self, li: int, h):
@@ -221,8 +243,8 @@ class Forward:
         a, attn, n = self.a, self.a.backbone.layers[li].self_attn, h.shape[0]
         if self.qkv[li] is not None:
             q, k, v = self._product(h, *self.qkv[li]).split(a.qkv_sizes, -1)
-        else:  # wrapped layers (LoRA): called as they are
-            outs = [m(h) for m in qkv_projections(attn)]
+        else:  # separate or wrapped layers (LoRA, called as they are)
+            outs = [self._layer(m, h) for m in qkv_projections(attn)]
             q, k, v = outs if len(outs) == 3 else outs[0].split(a.qkv_sizes, -1)
         q, k, v = q.view(n, a.n_heads, a.head_dim), k.view(n, a.n_kv, a.head_dim), v.view(n, a.n_kv, a.head_dim)
         q, k = qk_norms(attn, q, k, self.k["rms"])  # Qwen3, OLMo 2
@@ -245,8 +267,8 @@ class Forward:
         if self.gate_up[li] is not None:
             return self._layer(mlp.down_proj, self.k["swiglu_halves"](self._product(h, *self.gate_up[li])))
         if self.swiglu[li]:  # wrapped layers (LoRA): called as they are
-            outs = [m(h) for m in gate_up_projections(mlp)]
-            return mlp.down_proj(self.k["swiglu"](*outs) if len(outs) == 2 else self.k["swiglu_halves"](outs[0]))
+            outs = [self._layer(m, h) for m in gate_up_projections(mlp)]
+            return self._layer(mlp.down_proj, self.k["swiglu"](*outs) if len(outs) == 2 else self.k["swiglu_halves"](outs[0]))
         return own_mlp(mlp, h)
 
     def _next_norm(self, li: int):
