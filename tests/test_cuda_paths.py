@@ -203,7 +203,7 @@ def test_an_fp8_kv_cache_on_cuda(paths):
         torch.testing.assert_close(cache.float(), want.float(), atol=2**-9, rtol=0.07)
 
 
-def test_fp8_matrices_on_cuda(paths):
+def test_fp8_matrices_on_cuda(paths, monkeypatch):
     """rollout.engine_options.weight_dtype fp8 on CUDA (torch._scaled_mm with rowwise scales, the Triton cast of the
     rows or torch's): each row's log-probs agree with a forward whose products compute from the same e4m3
     matrices and rows (bf16 autocast, the rollout copy's dtype), and the Triton cast gives torch's bytes."""
@@ -214,6 +214,9 @@ def test_fp8_matrices_on_cuda(paths):
     from ponder.rollout import SamplingParams
     from ponder.rollout.fast import FastEngine
 
+    from ponder.rollout import fast_model
+
+    monkeypatch.setitem(fast_model.FP8_MIN_PARAMS, "cuda", 0)  # every matrix of this small model, not the large only
     tok = char_tokenizer()
     model = build("qwen2")
     engine = FastEngine(model, tok, sync_every=4, min_bucket=1, weight_dtype="fp8")

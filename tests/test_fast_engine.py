@@ -301,6 +301,18 @@ def test_fp8_matrices_cover_separate_layers_and_name_what_stays_in_bf16(capsys):
                      "SwiGLU) (wrapped layers") == 1, err
 
 
+def test_only_matrices_large_enough_to_pay_go_through_e4m3(monkeypatch, capsys):
+    """On CUDA small products lost to e4m3 (FP8_MIN_PARAMS): with the floor between these matrices' sizes (q|k|v
+    8,192 parameters, o 4,096, gate|up 20,480, down 10,240), gate|up and down alone get copies; no notice (the rest
+    stays by design)."""
+    monkeypatch.setitem(fast_model.FP8_MIN_PARAMS, "cpu", 10_000)
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    eng = FastEngine(model, TOK, weight_dtype="fp8")
+    eng.generate(encode(PROMPTS[:2]), SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=1))
+    assert sorted(w.numel() for w, _, _ in eng.fwd.fp8.values()) == [10_240, 10_240, 20_480, 20_480]
+    assert "weight_dtype fp8" not in capsys.readouterr().err
+
+
 def test_fp8_matrices_follow_the_weights_after_they_change():
     """The e4m3 copies are made again at each call: after an in-place change of the weights (an optimizer step),
     the engine samples what a fresh engine over the new weights does."""

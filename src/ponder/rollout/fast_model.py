@@ -42,6 +42,12 @@ def raw(t: torch.Tensor) -> torch.Tensor:
 # 2^-6 x scale, subnormals)
 FP8_ROOM = 112.0
 
+# weight_dtype fp8: the fewest parameters of a matrix whose product goes through e4m3, by device type. On one H100
+# (bench/decode_products.py --fp8, with the rows' cast) e4m3 lost below this (0.5B's products, 1.5B's q|k|v, o and
+# down: 5.5 -> 11.2 us, 10.3 -> 18.1, ...) and won above (1.5B's gate|up 27.5M: 24.5 -> 20.9 us; 7B's gate|up 98.7
+# -> 63.4, down 65.5 -> 57.3). The CPU has no FP8 units: every matrix, to check the numbers.
+FP8_MIN_PARAMS = {"cuda": 20_000_000}
+
 
 def plain(m) -> bool:
     """Whether m is an nn.Linear without hooks: its forward is F.linear over its weight and bias, nothing else."""
@@ -102,7 +108,7 @@ class Forward:
         self.fp8_left: list[str] = []
         self.fp8_stamp = None
         if fp8_weights:
-            self._fp8_matrices(arch)
+            self._fp8_matrices(arch, FP8_MIN_PARAMS.get(torch.device(device).type, 0))
             self.rows_fp8 = rows_cast(torch.device(device))
         self.kv = torch.zeros((layers, 2, blocks, arch.n_kv, block, arch.head_dim), dtype=kv_dtype, device=device)
         # fp8: K and V are stored divided by a scale per layer, [layers, 2], set by each call's first prefill
@@ -198,8 +204,9 @@ class Forward:
         pairs = [(self.cos, self.sin)] + ([self.still] if self.still else [])
         return [(at(c), at(s)) for c, s in pairs]
 
-    def _fp8_matrices(self, arch: Arch) -> None:
-        """self.fp8's e4m3 copies of each layer's product matrices, and fp8_left: the products left in `dtype`."""
+    def _fp8_matrices(self, arch: Arch, least: int) -> None:
+        """self.fp8's e4m3 copies of each layer's product matrices of at least `least` parameters, and fp8_left: the
+        products left in `dtype` for another reason."""
         left = set()
         for li, layer in enumerate(arch.backbone.layers):
             places = {"q|k|v": [self.qkv[li][0]] if self.qkv[li] else list(qkv_projections(layer.self_attn)),
@@ -213,7 +220,8 @@ class Forward:
                 mats = [p if isinstance(p, torch.Tensor) else p.weight if plain(p) else None for p in parts]
                 for w in mats:
                     if w is not None and fits(w):
-                        self.fp8[id(w)] = (w, *fp8_matrix(w))
+                        if w.numel() >= least:
+                            self.fp8[id(w)] = (w, *fp8_matrix(w))
                     else:
                         left.add(kind)
         self.fp8_left = sorted(left)
