@@ -274,7 +274,7 @@ class Forward:
         mlp = self.a.backbone.layers[li].mlp
         if self.gate_up[li] is not None:
             return self._layer(mlp.down_proj, self.k["swiglu_halves"](self._product(h, *self.gate_up[li])))
-        if self.swiglu[li]:  # wrapped layers (LoRA): called as they are
+        if self.swiglu[li]:  # separate or wrapped layers (LoRA, called as they are)
             outs = [self._layer(m, h) for m in gate_up_projections(mlp)]
             return self._layer(mlp.down_proj, self.k["swiglu"](*outs) if len(outs) == 2 else self.k["swiglu_halves"](outs[0]))
         return own_mlp(mlp, h)
