@@ -7,9 +7,10 @@ as a CUDA graph of all layers: with torch's default back end (cuBLAS) and with c
 transposed ([in, out], "t"). Prints microseconds a layer and the weights' read rate. (A Triton product of
 ponder's own, timed beside cuBLAS by an earlier --skinny option of this script, lost in every case: bench/README.md.)
 
---fp8: beside cuBLAS in bf16, the same product from e4m3 weights with a scale per output channel and e4m3 rows with a
-scale per row (torch._scaled_mm, rowwise), alone and with what a decode step would add before it: the rows' scales
-and cast (torch.compile'd, one kernel). A probe of fp8 weights for the rollout, not a feature.
+--fp8: beside cuBLAS in bf16, the same product as the engine's weight_dtype fp8 computes it
+(ponder.kernels.fp8_linear: e4m3 weights with a scale per output row, e4m3 rows with a scale per row,
+torch._scaled_mm), with the rows cast once beforehand ("fp8") and with the cast in each product: torch's twin
+compiled, and the Triton kernel the engine uses on CUDA.
 
   python bench/decode_products.py [--fp8]
 """
@@ -46,36 +47,20 @@ def graph_ms(fn, reps: int = 5) -> float:
     return sorted(times)[reps // 2]
 
 
-E4M3 = torch.float8_e4m3fn
-
-
-def rowwise_fp8(x):
-    """x [rows, k] as e4m3 rows, each scaled so that its largest |value| lands at 448, and the scales [rows, 1]."""
-    s = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448.0
-    return (x / s).to(E4M3), s
-
-
 def fp8_case(shape: str, name: str, rows: int, layers: int, n: int, k: int) -> None:
+    from ponder.kernels.fp8_linear import fp8_linear, fp8_matrix, rows_fp8, triton_rows_fp8
+
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
-    w_scales = [w.abs().amax(1, keepdim=True).float() / 448.0 for w in ws]  # [n, 1]
-    w8 = [(w / s).to(E4M3) for w, s in zip(ws, w_scales)]
-    w_scales = [s.t().contiguous() for s in w_scales]  # [1, n]: _scaled_mm's scale of its second operand
+    w8 = [fp8_matrix(w) for w in ws]  # (e4m3 matrix, scales [1, n])
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if name == "qkv" else None
-    from ponder.kernels.fp8_linear import triton_rows_fp8
-
-    quant = torch.compile(rowwise_fp8, dynamic=False)
-    x8, x_scale = quant(x)
-
-    def fp8_mm(xq, xs, w, ws):
-        out = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16)
-        return out if bias is None else out + bias
-
-    res = {"bf16": graph_ms(lambda: [F.linear(x, w, bias) for w in ws]) / layers * 1000,
-           "fp8": graph_ms(lambda: [fp8_mm(x8, x_scale, w, s) for w, s in zip(w8, w_scales)]) / layers * 1000,
-           "fp8 + rows cast": graph_ms(lambda: [fp8_mm(*quant(x), w, s) for w, s in zip(w8, w_scales)]) / layers * 1000,
-           "fp8 + Triton cast": graph_ms(lambda: [fp8_mm(*triton_rows_fp8(x), w, s) for w, s in zip(w8, w_scales)]) / layers * 1000}
-    got, want = fp8_mm(x8, x_scale, w8[0], w_scales[0]).float(), F.linear(x, ws[0], bias).float()
+    quant = torch.compile(rows_fp8, dynamic=False)
+    cast = quant(x)
+    casts = {"fp8": lambda _: cast, "fp8 + rows cast": quant, "fp8 + Triton cast": triton_rows_fp8}
+    res = {"bf16": graph_ms(lambda: [F.linear(x, w, bias) for w in ws]) / layers * 1000}
+    for label, rows_of in casts.items():
+        res[label] = graph_ms(lambda: [fp8_linear(x, *w, bias, rows_of) for w in w8]) / layers * 1000
+    got, want = fp8_linear(x, *w8[0], bias).float(), F.linear(x, ws[0], bias).float()
     err = ((got - want).norm() / want.norm()).item()
     print(f"{shape:5s} {name:8s} {rows} x {n} x {k}: " + "  ".join(f"{v} {us:6.1f} us" for v, us in res.items())
           + f"  (fp8 relative error {err:.3f})", flush=True)

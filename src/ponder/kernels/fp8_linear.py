@@ -33,10 +33,9 @@ def fp8_matrix(w: torch.Tensor, out=None, chunk: int = 4096) -> tuple[torch.Tens
     matrix at once would be 0.5 GiB, three times over."""
     w8, scales = out if out is not None else (torch.empty(w.shape, dtype=E4M3, device=w.device),
                                               torch.empty((1, w.shape[0]), dtype=torch.float32, device=w.device))
-    for i in range(0, w.shape[0], chunk):
-        part = w[i : i + chunk].float()
-        s = part.abs().amax(1, keepdim=True).clamp(min=TINY) / TOP
-        w8[i : i + chunk] = (part / s).to(E4M3)
+    for i in range(0, w.shape[0], chunk):  # a matrix's output rows are scaled as a product's input rows are
+        q, s = rows_fp8(w[i : i + chunk])
+        w8[i : i + chunk] = q
         scales[0, i : i + chunk] = s[:, 0]
     return w8, scales
 
