@@ -211,10 +211,8 @@ def test_fp8_matrices_on_cuda(paths, monkeypatch):
 
     from ponder.kernels.fp8_linear import rows_fp8, triton_rows_fp8
     from ponder.models.tiny import char_tokenizer
-    from ponder.rollout import SamplingParams
+    from ponder.rollout import SamplingParams, fast_model
     from ponder.rollout.fast import FastEngine
-
-    from ponder.rollout import fast_model
 
     monkeypatch.setitem(fast_model.FP8_MIN_PARAMS, "cuda", 0)  # every matrix of this small model, not the large only
     tok = char_tokenizer()
