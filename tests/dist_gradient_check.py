@@ -10,8 +10,9 @@ every loss aggregation, mask_truncated with uneven per-rank counts and a rank le
 with the same micro-batches (each rank's, side by side). Each case is printed before it runs: a rank that
 hangs shows where. Writes {case: {grad, weights, weights_max, moved, updates, ref_updates, kl}} (maxima over ranks) to argv[1]:
 grad is max |g - g_ref| / max |g_ref| of the last update, weights ||w - w_ref|| / ||w_ref - w_initial||,
-weights_max max |w - w_ref|. The cases run for each sharding mode in argv[2] (comma-separated), keyed
-"mode:case"; the one-process reference is a trainer of its own with train.sharding=none. A mode may carry
+weights_max max |w - w_ref|. Each later argument is a sharding mode and the cases it runs, "mode:case,case"
+(the mode alone: every case), keyed "mode:case"; the one-process reference is a trainer of its own with
+train.sharding=none, run once for the cases of every mode it stands for. A mode may carry
 flags: fsdp+packed runs the packed policy pass (each layer through its own FSDP hooks) against one process
 with the packed pass; +ckpt checkpoints the layers' activations besides; +lora trains LoRA adapters (peft) over
 the frozen base, their B matrices made non-zero first (at zero, A's gradient is zero too); +kl adds the KL term
@@ -161,17 +162,20 @@ def make_trainer(out_path, rank, spec):
         distributed.setup, distributed.active = setup, active
 
 
-def main(out_path, modes, names):
+def main(out_path, runs: dict[str, list[str]]):
+    """runs: each mode spec and its cases."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
-    ref_results, results, rollouts, references, plan, wholes, initials = {}, {}, {}, {}, {}, {}, {}
+    modes = list(runs)
+    ref_results, results, rollouts, references, plan, wholes, initials, starts = {}, {}, {}, {}, {}, {}, {}, {}
     for ref_spec in dict.fromkeys(map(reference_spec, modes)):  # the one-process reference of every case, once
+        names = dict.fromkeys(case for mode in modes if reference_spec(mode) == ref_spec for case in runs[mode])
         reference = references[ref_spec] = make_trainer(out_path, rank, ref_spec)
         if "lora" in ref_spec:
             nudge_adapters(reference.model)
         wholes[ref_spec] = memory_plan.state_to_come(reference.model, reference.optimizer)
         initial = initials[ref_spec] = copy.deepcopy(reference.model.state_dict())
-        start = torch.cat([p.detach().flatten() for p in reference.model.parameters()]).clone()
+        start = starts[ref_spec] = torch.cat([p.detach().flatten() for p in reference.model.parameters()]).clone()
         for case in names:
             groups = whole_batch(reference.tokenizer, world)
             mask(groups, CASES[case][2], world)
@@ -182,7 +186,7 @@ def main(out_path, modes, names):
             finally:
                 distributed.active, reference.world, reference.policy_pass.micro_batches = saved
     for mode in modes:
-        reference = references[reference_spec(mode)]
+        reference, start = references[reference_spec(mode)], starts[reference_spec(mode)]
         trainer = make_trainer(out_path, rank, mode)  # the same seed: the reference's initial weights, sharded
         flags = mode.split("+")[1:]
         assert trainer.policy_pass.packed == reference.policy_pass.packed == ("padded" not in flags)  # auto: packed
@@ -196,7 +200,7 @@ def main(out_path, modes, names):
         mine = memory_plan.state_to_come(trainer.model, trainer.optimizer)
         plan[mode] = {"mine": mine, "whole": wholes[reference_spec(mode)], "sum": int(distributed.sum_all(mine))}
         assert torch.equal(torch.cat([sharding.full_tensor(p.detach()).flatten() for p in trainer.model.parameters()]), start)
-        for case in names:
+        for case in runs[mode]:
             print(f"rank {rank}: {mode}:{case}", flush=True)
             groups = whole_batch(trainer.tokenizer, world)
             mask(groups, CASES[case][2], world)
@@ -223,4 +227,5 @@ def main(out_path, modes, names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2].split(","), sys.argv[3:] or list(CASES))
+    main(sys.argv[1], {mode: cases.split(",") if cases else list(CASES)
+                       for mode, _, cases in (arg.partition(":") for arg in sys.argv[2:])})

@@ -44,28 +44,40 @@ def launch(script: str, nproc: int, args: list[str], timeout: float, torchrun: l
 
 
 # each sharding mode with the padded policy pass and with the packed pass (auto; named here), once with
-# checkpointed layers. Four ranks (on CI's two cores, half the suite's longest test) run two of them, one of each
-# sharding mode and each pass: how a pass computes does not depend on the ranks' count, how the batch is dealt does
+# checkpointed layers, every case. Four ranks (on CI's two cores, the suite's longest test) run one of each sharding
+# mode and each pass, and the cases where the ranks' count matters: per-rank counts uneven (every loss_agg), a rank
+# left empty, the batch's std over all ranks, nothing left anywhere. How a pass computes does not depend on the
+# ranks' count; how the batch is dealt does.
 MODES = ("fsdp+padded", "fsdp_noreshard+padded", "fsdp+packed", "fsdp_noreshard+packed+ckpt")
-MODES_BY_WORLD = {2: MODES, 4: ("fsdp_noreshard+padded", "fsdp+packed")}
+FOUR = ("grpo/uneven/mb4/mu2", "dapo/uneven/mb4/mu2", "dr_grpo/uneven/mb4/mu2", "bnpo/uneven/mb4/mu2", "grpo/empty_rank/mb4",
+        "bnpo/empty_rank", "batch_std/uneven/mb2", "all_masked")
+# LoRA: the adapters' gradients summed across ranks as full parameters' are, the rollout copy following the
+# adapters; with the KL term against the base (the sharded policy with its adapters switched off), and through
+# the packed pass (each layer's LoRA modules called inside its FSDP hooks)
+LORA_CASES = ("dr_grpo/uneven/mb4/mu2", "bnpo/empty_rank", "batch_std")
+RUNS = {  # world: {mode: its cases (none: every case)}, one torchrun job each
+    2: {**dict.fromkeys(MODES, ()), "fsdp+lora+kl+padded": LORA_CASES, "fsdp_noreshard+lora+packed": LORA_CASES},
+    4: {"fsdp_noreshard+padded": FOUR, "fsdp+packed": FOUR, "fsdp_noreshard+lora+packed": LORA_CASES},
+}
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path, world):
     out = tmp_path / "result.json"
-    proc = launch("tests/dist_gradient_check.py", world, [str(out), ",".join(MODES_BY_WORLD[world])], timeout=240)
+    runs = [f"{mode}:{','.join(cases)}" if cases else mode for mode, cases in RUNS[world].items()]
+    proc = launch("tests/dist_gradient_check.py", world, [str(out), *runs], timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    check(json.loads(out.read_text()), MODES_BY_WORLD[world], world)
+    check(json.loads(out.read_text()), RUNS[world], world)
 
 
-def check(results: dict, modes, world: int) -> None:
+def check(results: dict, runs: dict, world: int) -> None:
     for mode, per_rank in results.pop("plan").items():  # the memory plan counts a rank's shards, not whole tensors
         assert sum(r["mine"] for r in per_rank) == per_rank[0]["sum"] == per_rank[0]["whole"] > 0, (mode, per_rank)
         assert all(r["mine"] < r["whole"] for r in per_rank), (mode, per_rank)
     for mode, per_rank in results.pop("rollouts").items():  # each rank decodes from the current full weights
         for r in per_rank:
             assert r["copy_diff"] == 0 and r["moved"] > 0 and r["same_rollouts"], (mode, r)
-    assert {key.split(":")[0] for key in results} == set(modes)
+    assert {key.split(":")[0] for key in results} == set(runs)
     for key, r in results.items():
         case = key.split(":")[1]
         assert r["updates"] == [r["ref_updates"]] * world, (key, r)  # every rank as many optimizer steps as one process
@@ -77,21 +89,6 @@ def check(results: dict, modes, world: int) -> None:
             assert r["moved"] == 0 and r["weights"] == 0, (key, r)
         else:
             assert r["moved"] > 0 and r["weights"] < WEIGHT_TOL, (key, r)
-
-
-# LoRA: the adapters' gradients summed across ranks as full parameters' are, the rollout copy following the
-# adapters; with the KL term against the base (the sharded policy with its adapters switched off), and through
-# the packed pass (each layer's LoRA modules called inside its FSDP hooks)
-LORA_MODES = ("fsdp+lora+kl+padded", "fsdp_noreshard+lora+packed")
-LORA_CASES = ("dr_grpo/uneven/mb4/mu2", "bnpo/empty_rank", "batch_std")
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_lora_ranks_train_like_one_process_on_the_whole_batch(tmp_path, world):
-    out = tmp_path / "result.json"
-    proc = launch("tests/dist_gradient_check.py", world, [str(out), ",".join(LORA_MODES), *LORA_CASES], timeout=240)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    check(json.loads(out.read_text()), LORA_MODES, world)
 
 
 def test_batch_std_scales_by_the_whole_step_not_one_resampling_round(smoke_cfg):
@@ -270,8 +267,8 @@ def test_two_nodes_of_one_process_each_train_like_one_process(tmp_path):
     both local rank 0) meeting at a c10d rendezvous endpoint; fsdp with a rank left empty."""
     out, port = tmp_path / "result.json", free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "tests/dist_gradient_check.py", str(out), "fsdp",
-           "grpo/empty_rank"]
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "tests/dist_gradient_check.py", str(out),
+           "fsdp:grpo/empty_rank"]
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
              for _ in range(2)]
     try:
@@ -435,20 +432,19 @@ def test_resume_may_change_how_the_run_is_sharded(tmp_path, capsys):
         {"key": "train.collective_timeout", "old": 180.0, "new": 30.0, "from_step": 3}]
 
 
-@pytest.mark.parametrize("setting, threads", [(None, 4), ("OMP_NUM_THREADS=1", 1), ("train.threads=2", 2)],
-                         ids=["default", "omp", "train.threads"])
-def test_ranks_of_one_machine_divide_its_cores(tmp_path, setting, threads):
+@pytest.mark.parametrize("omp, threads", [(None, [4, 2]), ("1", [1, 2])], ids=["default", "omp"])
+def test_ranks_of_one_machine_divide_its_cores(tmp_path, omp, threads):
     """Two ranks on a machine of 8 cores (as the ranks see it): 4 threads each. Each took torchrun's default,
     OMP_NUM_THREADS=1, and used 2 of the 8 cores (without torchrun's, every rank all 8: the machine oversubscribed).
-    An OMP_NUM_THREADS the user sets stands, 1 too (torchrun's value, but the user's), and so does train.threads."""
+    An OMP_NUM_THREADS the user sets stands, 1 too (torchrun's value, but the user's), and so does train.threads
+    (a second trainer in the same ranks)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    if setting and setting.startswith("OMP"):
-        env["OMP_NUM_THREADS"] = setting.split("=")[1]
+    if omp:
+        env["OMP_NUM_THREADS"] = omp
     out = tmp_path / "threads.json"
-    overrides = [setting] if setting and setting.startswith("train.") else []
-    proc = launch("tests/dist_threads_check.py", 2, [str(out), f"output_dir={tmp_path}", *overrides], timeout=120, env=env)
+    proc = launch("tests/dist_threads_check.py", 2, [str(out), f"output_dir={tmp_path}"], timeout=120, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert json.loads(out.read_text()) == [threads, threads]
+    assert json.loads(out.read_text()) == {"default": [threads[0]] * 2, "train.threads=2": [threads[1]] * 2}
 
 
 @pytest.mark.parametrize("raised, other, line, code, told", [
