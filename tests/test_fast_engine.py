@@ -462,7 +462,13 @@ def test_an_fp8_cache_on_a_gpu_without_e4m3_kernels_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
     check_fp8("cuda")  # an H100
     check_fp8("cuda", "weight_dtype")
+    check_fp8("cuda", "kv_dtype", torch.float16)  # the cache follows any compute dtype
+    with pytest.raises(UserError, match=r"^fast engine: weight_dtype fp8 computes its products in bf16 on CUDA, and this "
+                                        r"rollout runs in torch.float16: use rollout.engine_options.dtype=auto or bf16, "
+                                        r"or weight_dtype=auto$"):
+        check_fp8("cuda", "weight_dtype", torch.float16)
     check_fp8("cpu")
+    check_fp8("cpu", "weight_dtype", torch.float32)  # the CPU's products cast e4m3 back to any dtype
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8), (0, 1.0)])

@@ -8,7 +8,7 @@ from ponder.train import train
 
 def test_short_grpo_run_from_tiny_base_raises_accuracy(tmp_path):
     cfg = load_config("recipes/zero-tiny.yaml", [
-        f"output_dir={tmp_path}", "name=zero", "train.steps=20", "train.save_every=0", "optim.lr=3e-4",
+        f"output_dir={tmp_path}", "name=zero", "train.steps=15", "train.save_every=0", "optim.lr=3e-4",
         "data.tasks=[{name: arithmetic, split: train, options: {difficulty: hard}}]",
         "eval.tasks=[{name: arithmetic, split: test, n: 48, options: {difficulty: hard}}]",
     ])

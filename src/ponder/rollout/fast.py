@@ -71,9 +71,9 @@ WEIGHT_DTYPES = ("auto", "fp8")  # fp8: the layers' products from e4m3 copies of
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
-def check_fp8(device, option: str = "kv_dtype") -> None:
+def check_fp8(device, option: str = "kv_dtype", dtype: torch.dtype = torch.bfloat16) -> None:
     """e4m3 kernels (Triton's, and the FP8 tensor cores of torch._scaled_mm) run only on GPUs of compute capability
-    8.9 or later."""
+    8.9 or later; `dtype`: the rollout's compute dtype, which torch._scaled_mm's rowwise scales give only in bf16."""
     device = torch.device(device)
     if device.type != "cuda":
         return
@@ -82,6 +82,9 @@ def check_fp8(device, option: str = "kv_dtype") -> None:
         raise UserError(f"fast engine: {option} fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper and "
                         f"newer) for its e4m3 kernels; {torch.cuda.get_device_name(device)} is {major}.{minor}: "
                         f"use rollout.engine_options.{option}=auto")
+    if option == "weight_dtype" and dtype != torch.bfloat16:
+        raise UserError(f"fast engine: weight_dtype fp8 computes its products in bf16 on CUDA, and this rollout runs in "
+                        f"{dtype}: use rollout.engine_options.dtype=auto or bf16, or weight_dtype=auto")
 
 
 _optimizer_steps = [0]  # every optimizer step in the process (a fused AdamW step bumps no version counter)
@@ -352,10 +355,7 @@ class FastEngine(RolloutEngine):
             check_fp8(device)
         fp8_bytes = 0
         if self.fp8_weights:
-            check_fp8(device, "weight_dtype")
-            if device.type == "cuda" and dtype != torch.bfloat16:  # (torch._scaled_mm's rowwise scales give bf16)
-                raise UserError(f"fast engine: weight_dtype fp8 computes its products in bf16 on CUDA, and this rollout "
-                                f"runs in {dtype}: use rollout.engine_options.dtype=auto or bf16, or weight_dtype=auto")
+            check_fp8(device, "weight_dtype", dtype)
             # the e4m3 copies, made with the Forward, after the pool's size is chosen: counted here (at most a byte
             # a parameter of the layers' matrices)
             fp8_bytes = sum(p.numel() for p in arch.backbone.layers.parameters() if p.dim() == 2)
