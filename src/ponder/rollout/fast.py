@@ -52,7 +52,7 @@ from ponder.rollout import (
 )
 from ponder.kernels.arch import capturable, describe, gate_up_projections, qkv_projections, swiglu
 from ponder.kernels.sampler import row_keys
-from ponder.rollout.fast_model import EOS_SLOTS, FP8_ROOM, Forward
+from ponder.rollout.fast_model import EOS_SLOTS, FP8_MIN_PARAMS, FP8_ROOM, Forward, fp8_products
 from ponder.rollout.fast_sampling import cuts, sample
 from ponder.rollout.fused_weights import join
 from ponder.rollout.schedule import Schedule
@@ -356,9 +356,10 @@ class FastEngine(RolloutEngine):
         fp8_bytes = 0
         if self.fp8_weights:
             check_fp8(device, "weight_dtype", dtype)
-            # the e4m3 copies, made with the Forward, after the pool's size is chosen: counted here (at most a byte
-            # a parameter of the layers' matrices)
-            fp8_bytes = sum(p.numel() for p in arch.backbone.layers.parameters() if p.dim() == 2)
+            # the e4m3 copies, made with the Forward, after the pool's size is chosen: counted here (a byte a parameter
+            # and a float32 scale a row, of the matrices past the device's floor)
+            least = FP8_MIN_PARAMS.get(torch.device(device).type, 0)
+            fp8_bytes = sum(w.numel() + 4 * w.shape[0] for w in fp8_products(arch, least)[0])
         sig = (device, dtype, tuple(p.data_ptr() for p in arch.backbone.parameters()), weight.data_ptr())
         f = self.fwd
         if f is not None and sig == self.weights_sig:  # grow to cover both calls' needs

@@ -68,6 +68,31 @@ def queued(data, device) -> torch.Tensor:
     return to_device(torch.tensor(data), device)
 
 
+def fp8_products(arch: Arch, least: int, qkv=None, gate_up=None) -> tuple[list[torch.Tensor], list[str]]:
+    """The matrices weight_dtype fp8 gives e4m3 copies: each layer's q|k|v, o, gate|up and down (joined where their
+    rows share a buffer: a Forward passes its own views, qkv and gate_up, which its products look up by id) of at
+    least `least` parameters; and the kinds of product left in the compute dtype for another reason (wrapped
+    layers, expert blocks, a dimension torch._scaled_mm does not take)."""
+    mats, left = [], set()
+    for li, layer in enumerate(arch.backbone.layers):
+        j = qkv[li] if qkv else joined(qkv_projections(layer.self_attn))
+        places = {"q|k|v": [j[0]] if j else list(qkv_projections(layer.self_attn)), "o": [layer.self_attn.o_proj]}
+        if swiglu(arch, layer.mlp):
+            j = gate_up[li] if gate_up else joined(gate_up_projections(layer.mlp))
+            places["gate|up"] = [j[0]] if j else list(gate_up_projections(layer.mlp))
+            places["down"] = [layer.mlp.down_proj]
+        else:
+            left.add("the MLPs (expert blocks, or not SwiGLU)")
+        for kind, parts in places.items():
+            for p in parts:
+                w = p if isinstance(p, torch.Tensor) else p.weight if plain(p) else None
+                if w is None or not fits(w):
+                    left.add(kind)
+                elif w.numel() >= least:
+                    mats.append(w)
+    return mats, sorted(left)
+
+
 class Forward:
     """Prefill and decode over a paged KV cache; holds no weights of its own.
 
@@ -207,24 +232,9 @@ class Forward:
     def _fp8_matrices(self, arch: Arch, least: int) -> None:
         """self.fp8's e4m3 copies of each layer's product matrices of at least `least` parameters, and fp8_left: the
         products left in `dtype` for another reason."""
-        left = set()
-        for li, layer in enumerate(arch.backbone.layers):
-            places = {"q|k|v": [self.qkv[li][0]] if self.qkv[li] else list(qkv_projections(layer.self_attn)),
-                      "o": [layer.self_attn.o_proj]}
-            if self.swiglu[li]:
-                places["gate|up"] = [self.gate_up[li][0]] if self.gate_up[li] else list(gate_up_projections(layer.mlp))
-                places["down"] = [layer.mlp.down_proj]
-            else:
-                left.add("the MLPs (expert blocks, or not SwiGLU)")
-            for kind, parts in places.items():
-                mats = [p if isinstance(p, torch.Tensor) else p.weight if plain(p) else None for p in parts]
-                for w in mats:
-                    if w is not None and fits(w):
-                        if w.numel() >= least:
-                            self.fp8[id(w)] = (w, *fp8_matrix(w))
-                    else:
-                        left.add(kind)
-        self.fp8_left = sorted(left)
+        mats, self.fp8_left = fp8_products(arch, least, self.qkv, self.gate_up)
+        for w in mats:
+            self.fp8[id(w)] = (w, *fp8_matrix(w))
 
     @torch.no_grad()
     def quantize(self, stamp) -> None:
