@@ -6,6 +6,7 @@ answer as its continuation."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tokenizers import processors
@@ -118,6 +119,29 @@ def test_a_model_directory_without_a_tokenizer_is_one_line(tmp_path, error_line,
     assert error_line("eval", "--model", str(tmp_path / "m"), "--tasks", "arithmetic") == (
         f"ponder: error: model directory '{tmp_path / 'm'}' has no tokenizer files (tokenizer.json, tokenizer_config.json); "
         "save the tokenizer there too (tokenizer.save_pretrained)")
+
+
+def test_weights_cloned_without_git_lfs_or_cut_short_are_one_line(tmp_path, error_line):
+    """A clone without git-lfs leaves pointer files; a copy cut short leaves a partial safetensors file: both failed
+    inside safetensors (SafetensorError, "header too large"), in a traceback."""
+    import shutil
+
+    from ponder import models
+
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 988097824\n"
+    for name in ("weights", "tokenizer", "cut"):
+        shutil.copytree(Path(models.__file__).parent.parent / "assets" / "tiny-base", tmp_path / name)
+    (tmp_path / "weights" / "model.safetensors").write_text(pointer)
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text(pointer)
+    data = (tmp_path / "cut" / "model.safetensors").read_bytes()
+    (tmp_path / "cut" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for name, file in (("weights", "model.safetensors"), ("tokenizer", "tokenizer.json")):
+        assert error_line("eval", "--model", str(tmp_path / name), "--tasks", "arithmetic") == (
+            f"ponder: error: model directory '{tmp_path / name}': {file} is a Git LFS pointer, not the file itself (cloned "
+            "without git-lfs?); fetch the files (`git lfs pull` in that directory, or `hf download`)")
+    assert error_line("eval", "--model", str(tmp_path / "cut"), "--tasks", "arithmetic") == (
+        f"ponder: error: model directory '{tmp_path / 'cut'}': model.safetensors is damaged or cut short (Error while "
+        "deserializing header: incomplete metadata, file not fully covered); copy or download it again")
 
 
 def test_a_tokenizer_without_an_eos_token_is_one_line(tmp_path, error_line):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ponder.errors import UserError
@@ -244,6 +245,7 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
     if isinstance(where, HubModel):
         model, tok = _load_from_hub(where, dtype, trust_remote_code, tokenizer=tokenizer)
     else:
+        check_not_pointers(where, "model")
         if not any((where / name).is_file() for name in TOKENIZER_FILES):
             # transformers would build an empty tokenizer for some model types (Qwen2: every text encodes to [])
             raise UserError(f"model directory '{where}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
@@ -251,6 +253,10 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
         try:
             tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
+        except SafetensorError as e:  # a copy cut short: transformers passes the library's own error on
+            bad = damaged_safetensors(where)
+            raise UserError(f"model directory '{where}': {bad or 'a weights file'} is damaged or cut short ({e}); copy or "
+                            "download it again") from None
         except (OSError, ValueError) as e:
             if "trust_remote_code" in str(e):
                 raise UserError(f"model '{where}' runs its own code; if you trust it, set model.trust_remote_code=true "
@@ -262,6 +268,35 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
     check_vocabulary(model, tok, where)
     complete_ends(model, tok)
     return model, tok if tokenizer is not None else _for_generation(tok)  # load_tokenizer's is ready already
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def check_not_pointers(where: Path, kind: str) -> None:
+    """A directory cloned without git-lfs holds 130-byte pointer files where its weights and tokenizer should be:
+    transformers then fails deep in safetensors' header ("header too large") or in a JSON parse, in a traceback."""
+    if not where.is_dir():
+        return
+    for f in sorted(where.iterdir()):
+        if f.is_file() and f.stat().st_size < 1024:
+            with open(f, "rb") as fh:
+                if fh.read(len(LFS_POINTER)) == LFS_POINTER:
+                    raise UserError(f"{kind} directory '{where}': {f.name} is a Git LFS pointer, not the file itself (cloned "
+                                    "without git-lfs?); fetch the files (`git lfs pull` in that directory, or `hf download`)")
+
+
+def damaged_safetensors(where: Path) -> str | None:
+    """The name of the first .safetensors file in `where` whose header safetensors cannot read."""
+    from safetensors import safe_open
+
+    for f in sorted(where.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):  # opening checks that the header's tensors cover the file exactly
+                pass
+        except Exception:
+            return f.name
+    return None
 
 
 def check_vocabulary(model, tok, where) -> None:
@@ -354,6 +389,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         return char_tokenizer()
     if isinstance(where, HubModel):
         return _for_generation(_load_from_hub(where, None, trust_remote_code, kind="tokenizer")[1])
+    check_not_pointers(where, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
