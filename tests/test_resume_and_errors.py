@@ -766,6 +766,39 @@ def test_a_run_directory_that_cannot_be_written_is_one_line_before_the_model_loa
             "not yours); fix its permissions, or choose another output_dir")
 
 
+def test_eval_sample_and_report_outputs_that_cannot_be_written_are_one_line_before_the_work(tmp_path, error_line, monkeypatch):
+    """`ponder eval --out` into a read-only directory sampled every problem, then lost them all in a PermissionError
+    traceback; `ponder sample` failed once its model had loaded; `ponder report` once its plots were drawn. The file
+    system's answer is stood in for by os.access, as above."""
+    from ponder import files, models, report
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n')
+    real = os.access
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if str(p).startswith(str(tmp_path / "ro")) else real(p, mode))
+    (tmp_path / "ro").mkdir()
+
+    def no_work(*_, **__):
+        raise AssertionError("the work began before its output was checked")
+
+    monkeypatch.setattr(models, "load", no_work)
+    monkeypatch.setattr(report, "_plots", no_work)
+    ro = tmp_path / "ro"
+    assert error_line("eval", "--model", "tiny-base", "--tasks", "first_digit", "--out", str(ro / "ev")) == (
+        f"ponder: error: --out '{ro / 'ev'}' cannot be written ('{ro}': read-only or not yours); fix its permissions or "
+        "choose another --out")
+    assert error_line("sample", "--model", "tiny-base", "--tasks", "first_digit", "--out", str(ro / "t" / "t.jsonl")) == (
+        f"ponder: error: --out '{ro / 't'}' cannot be written ('{ro}': read-only or not yours); fix its permissions or "
+        "choose another --out")
+    assert error_line("report", str(tmp_path / "run"), "--out", str(ro / "r.html")) == (
+        f"ponder: error: --out '{ro}' cannot be written ('{ro}': read-only or not yours); fix its permissions or choose "
+        "another --out")
+    assert error_line("report", str(tmp_path / "run"), "--out", str(tmp_path / "run" / "metrics.jsonl" / "r.html")) == (
+        f"ponder: error: --out '{tmp_path / 'run' / 'metrics.jsonl'}' cannot be written: "
+        f"'{tmp_path / 'run' / 'metrics.jsonl'}' is a file, not a directory; choose another --out")
+    assert list(ro.iterdir()) == []
+
+
 def test_a_damaged_checkpoint_is_one_line_naming_the_one_to_resume_from(tmp_path, error_line):
     """A checkpoint cut short after its save (a copy, a disk that filled later): torch.load's and safetensors' own
     tracebacks. Doing what the line says resumes."""

@@ -241,12 +241,15 @@ def reading(path: Path):
     itself is renamed into place only whole) is one line naming it, and the checkpoint to resume from instead."""
     from safetensors import SafetensorError
 
+    from ponder.models import DamagedWeights
+
     try:
         yield
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, DamagedWeights) as e:
         before = [p for p in list_checkpoints(path.parent) if p.name != path.name]
         then = f"--resume continues from {before[-1].name}" if before else "start the run again without --resume"
-        raise UserError(f"checkpoint {path} cannot be read ({' '.join(str(e).split())}); move it out of {path.parent} "
+        reason = e.reason if isinstance(e, DamagedWeights) else str(e)
+        raise UserError(f"checkpoint {path} cannot be read ({' '.join(reason.split())}); move it out of {path.parent} "
                         f"and {then}") from e
 
 

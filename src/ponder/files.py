@@ -82,6 +82,23 @@ def writable_dir(path: str | Path, key: str) -> Path:
     return path
 
 
+def check_writable(path: str | Path, key: str) -> None:
+    """One line now, before the work whose results go to `path` (a directory made later, or a file in one): a file
+    where a directory must be, or a directory that cannot be written (a file tried in the nearest one that exists).
+    Makes nothing."""
+    if (blocker := blocking_file(path)) is not None:
+        raise UserError(f"{key} '{path}' cannot be written: '{blocker}' is a file, not a directory; choose another {key}")
+    here = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+    why = None if os.access(here, os.W_OK | os.X_OK) else "read-only or not yours"
+    if why is None:  # root passes os.access where an immutable directory or a read-only mount still refuses
+        try:
+            tempfile.TemporaryFile(dir=here).close()
+        except OSError as e:
+            why = e.strerror
+    if why is not None:
+        raise UserError(f"{key} '{path}' cannot be written ('{here}': {why}); fix its permissions or choose another {key}")
+
+
 def unwritable(path: str | Path) -> Path | None:
     """The directory that keeps `path` from being written (itself or, not there yet, the nearest one above it that is,
     where it would be made), or None. Read-only file systems refuse root too."""

@@ -20,7 +20,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.files import write_atomic
+from ponder.files import check_writable, write_atomic
 from ponder.metrics import read_jsonl
 
 # title, series (a key, or a prefix ending in "/" for every key under it), stacked
@@ -67,6 +67,10 @@ def write_report(run_dir, out=None) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"no metrics.jsonl in {run_dir}; is it a run directory?")
+    path = Path(out) if out else run_dir / "report.html"
+    if path.is_dir():  # --out DIR: the report goes in it
+        path = path / "report.html"
+    check_writable(path.parent, "--out")  # before the plots are drawn
     rows = read_jsonl(run_dir / "metrics.jsonl")
     before, after = _load_json(run_dir / "eval_before.json"), _load_json(run_dir / "eval_after.json")
     data = series(rows, before)
@@ -86,9 +90,6 @@ def write_report(run_dir, out=None) -> Path:
     if config.is_file():
         body.append(f"<h2>Config</h2><pre class='config'>{_esc(config.read_text(encoding='utf-8'))}</pre>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(name)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
-    path = Path(out) if out else run_dir / "report.html"
-    if path.is_dir():  # --out DIR: the report goes in it
-        path = path / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, page)  # a reader never sees half a report
     return path

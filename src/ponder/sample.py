@@ -22,7 +22,7 @@ from ponder.config import TaskSpec, to_dict
 from ponder.evaluation.runner import task_hash
 from ponder.errors import UserError
 from ponder.filters import ORDER, Candidate, FilterConfig, check_config, select
-from ponder.files import blocking_file, make_dir, write_atomic
+from ponder.files import blocking_file, check_writable, make_dir, write_atomic
 
 
 @dataclass
@@ -300,6 +300,7 @@ def _earlier_run(out: Path, tmp: Path, ledger: Path, settings: dict, resume: boo
         raise UserError(f"--out {out} is a directory; give a file path for the traces, e.g. {out / 'traces.jsonl'}")
     if (blocker := blocking_file(out.parent)) is not None:
         raise UserError(f"--out {out}: '{blocker}' is a file, not a directory; choose another --out")
+    check_writable(out.parent, "--out")  # before the model loads
     if out.exists():
         if not resume:
             raise UserError(f"{out} already exists; pass --resume to continue its run, {ways}")

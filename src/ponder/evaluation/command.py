@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.files import blocked, blocking_file, make_dir, write_atomic
+from ponder.files import blocked, blocking_file, check_writable, make_dir, write_atomic
 from ponder.metrics import DEFAULT_REFLECTION_WORDS
 from ponder.templates import with_chat_options
 
@@ -119,6 +119,7 @@ def _run(args) -> int:
     for name in ("results.json", "samples.jsonl"):
         if (out / name).exists():
             raise UserError(f"{out / name} already exists; choose another --out, or delete it to evaluate again")
+    check_writable(out, "--out")  # not after every problem is sampled
     import torch
 
     from ponder.evaluation.runner import evaluate

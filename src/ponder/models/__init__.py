@@ -255,8 +255,8 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
         except SafetensorError as e:  # a copy cut short: transformers passes the library's own error on
             bad = damaged_safetensors(where)
-            raise UserError(f"model directory '{where}': {bad or 'a weights file'} is damaged or cut short ({e}); copy or "
-                            "download it again") from None
+            raise DamagedWeights(f"model directory '{where}': {bad or 'a weights file'} is damaged or cut short ({e}); "
+                                 "copy or download it again", str(e)) from None
         except (OSError, ValueError) as e:
             if "trust_remote_code" in str(e):
                 raise UserError(f"model '{where}' runs its own code; if you trust it, set model.trust_remote_code=true "
@@ -271,6 +271,15 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+class DamagedWeights(UserError):
+    """A weights file safetensors cannot read; `reason`, its own words (a checkpoint's reading names the checkpoint to
+    resume from instead)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def check_not_pointers(where: Path, kind: str) -> None:
