@@ -184,7 +184,8 @@ class TrainConfig:
     # when beta is 0 and the loss normalisers already counted it (every loss_agg but bnpo): no backward pass for it;
     # its logged entropy is the fast engine's, computed as it sampled (a forward without gradient where the engine
     # gives none, or after an optimizer step moved the weights: mu > 1, minibatches > 1). The gradient is the same
-    # up to float rounding
+    # up to float rounding, except under algorithm.top_entropy_quantile < 1: its cut is then taken among the samples
+    # with a gradient (as the 80/20 paper's DAPO runs, whose dynamic sampling drops such groups), not all of them
     skip_zero_advantage: bool = True
     save_every: int = 50
     keep_last: int = 2
