@@ -96,15 +96,19 @@ def test_resolve_keeps_builtin_names_and_local_dirs_first(tmp_path, monkeypatch)
 def test_uncached_hub_id_offline_is_one_clear_line(tmp_path, monkeypatch, error_line):
     _offline(monkeypatch, tmp_path / "hf")
     _place_in_cache(tmp_path / "hf", "owner/tiny", seed=0)
-    fix = "unset HF_HUB_OFFLINE to download it once (or run `hf download {}`), or set HF_HOME to a cache that holds it"
+    # `runs/student` before the run that makes it reads as a Hub id too: the line names both readings' fixes
+    fix = ("a path: create it first (ponder pretrain, ponder train) or fix it; a Hub id: unset HF_HUB_OFFLINE to download "
+           "it once (or run `hf download {}`), or set HF_HOME to a cache that holds it")
     cache = tmp_path / "hf" / "hub"
     line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "model.path=owner/missing")
-    assert line == (f"ponder: error: model 'owner/missing' is not in the Hugging Face cache at {cache} and "
-                    f"HF_HUB_OFFLINE=1 is set; {fix.format('owner/missing')}")
+    assert line == (f"ponder: error: model 'owner/missing' is not in the Hugging Face cache at {cache} (nor a local "
+                    f"directory: there is no {Path.cwd() / 'owner' / 'missing'}) and HF_HUB_OFFLINE=1 is set; "
+                    f"{fix.format('owner/missing')}")
     assert not (tmp_path / "smoke-first-digit").exists()  # nothing written
     line = error_line("eval", "--model", "owner/tiny@v2", "--tasks", "first_digit", "--out", str(tmp_path / "e"))
-    assert line == (f"ponder: error: model 'owner/tiny@v2' is not in the Hugging Face cache at {cache} and "
-                    f"HF_HUB_OFFLINE=1 is set; {fix.format('owner/tiny')}")
+    assert line == (f"ponder: error: model 'owner/tiny@v2' is not in the Hugging Face cache at {cache} (nor a local "
+                    f"directory: there is no {Path.cwd() / 'owner' / 'tiny'}) and HF_HUB_OFFLINE=1 is set; "
+                    f"{fix.format('owner/tiny')}")
 
 
 def test_trust_remote_code_reaches_transformers_only_when_asked(tmp_path, monkeypatch):
@@ -250,9 +254,10 @@ def test_pretrain_tokenizer_hub_id_offline_not_cached_is_one_line(tmp_path, monk
     cache = tmp_path / "hf" / "hub"
     recipe = _pretrain_recipe(tmp_path)
     line = error_line("pretrain", recipe, "tokenizer=owner/missing")
-    assert line == (f"ponder: error: tokenizer 'owner/missing' is not in the Hugging Face cache at {cache} and "
-                    f"HF_HUB_OFFLINE=1 is set; unset HF_HUB_OFFLINE to download it once (or run `hf download "
-                    f"owner/missing`), or set HF_HOME to a cache that holds it")
+    assert line == (f"ponder: error: tokenizer 'owner/missing' is not in the Hugging Face cache at {cache} (nor a local "
+                    f"directory: there is no {Path.cwd() / 'owner' / 'missing'}) and HF_HUB_OFFLINE=1 is set; a path: "
+                    "create it first (ponder pretrain, ponder train) or fix it; a Hub id: unset HF_HUB_OFFLINE to "
+                    "download it once (or run `hf download owner/missing`), or set HF_HOME to a cache that holds it")
     assert not (tmp_path / "model").exists()  # nothing written
     # a model repo cached without its tokenizer files is not taken for a cached tokenizer
     _place_in_cache(tmp_path / "hf", "owner/weights-only", seed=0)

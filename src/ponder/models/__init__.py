@@ -152,8 +152,10 @@ def check_loadable(path: str) -> None:
         raise UserError(f"model '{path}': there is no directory {where.repo_id} (and {parent}/ is a local folder, so it "
                         "is not taken for a Hub id); create it first (ponder pretrain, ponder train) or fix the path")
     if hub_offline() or not _hub_reachable():
-        raise UserError(f"model '{where}' is not in the Hugging Face cache at {hub_cache()} and the Hub cannot be reached "
-                        "(HF_HUB_OFFLINE=1 or no network); download it once, or set HF_HOME to a cache that holds it")
+        raise UserError(f"model '{where}' is neither a local directory (there is no {Path(where.repo_id).absolute()}) nor in "
+                        f"the Hugging Face cache at {hub_cache()}, and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no "
+                        "network); a path: create it first (ponder pretrain, ponder train) or fix it; a Hub id: download "
+                        "it once, or set HF_HOME to a cache that holds it")
 
 
 def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "model", tokenizer=None):
@@ -165,12 +167,14 @@ def _load_from_hub(hub: HubModel, dtype, trust_remote_code: bool, kind: str = "m
     cache, offline = hub_cache(), hub_offline()
     snapshot = hub_snapshot(hub, kind)
     cached = snapshot is not None
+    # `runs/x` that does not exist (yet) reads as a Hub id: both readings are named, with the fix of each
+    path_fix = "a path: create it first (ponder pretrain, ponder train) or fix it; a Hub id: "
     fixes = {
-        True: f"unset HF_HUB_OFFLINE to download it once (or run `hf download {hub.repo_id}`), or set HF_HOME to a cache that holds it",
-        False: "connect to the network (or set HTTPS_PROXY) and run again, or set HF_HOME to a cache that holds it",
+        True: f"{path_fix}unset HF_HUB_OFFLINE to download it once (or run `hf download {hub.repo_id}`), or set HF_HOME to a "
+              "cache that holds it",
+        False: f"{path_fix}connect to the network (or set HTTPS_PROXY) and run again, or set HF_HOME to a cache that holds it",
     }
-    # `runs/x` that does not exist reads as a Hub id: say so when its first part is a local folder
-    local = f" (nor a local directory: there is no {hub.repo_id})" if Path(hub.repo_id).parent.is_dir() else ""
+    local = f" (nor a local directory: there is no {Path(hub.repo_id).absolute()})"
     if offline and not cached:
         raise UserError(f"{kind} '{hub}' is not in the Hugging Face cache at {cache}{local} and HF_HUB_OFFLINE=1 is set; {fixes[True]}")
     if not offline and not _hub_reachable():
