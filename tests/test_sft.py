@@ -396,6 +396,12 @@ def test_bad_input_ends_in_one_line(tmp_path, capsys):
     assert "config data.files is empty" in _error(capsys, "sft", str(recipe))
     assert f"data file '{tmp_path / 'nope.jsonl'}' not found; check data.files" in _error(
         capsys, "sft", str(recipe), f"data.files=[{tmp_path / 'nope.jsonl'}]")
+    # a held-out task's file is named where it is set (sft has no data.tasks), before the model loads
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS)
+    assert _error(capsys, "sft", str(recipe), f"data.files=[{good}]", f"eval.tasks=[{{name: jsonl, path: {tmp_path / 'held.jsonl'}}}]") == (
+        f"ponder: error: data file '{tmp_path / 'held.jsonl'}' not found; check eval.tasks[].path")
+    assert _error(capsys, "sft", str(recipe), f"data.files=[{good}]", "eval.tasks=[{name: jsonl}]") == (
+        "ponder: error: task 'jsonl' needs a path: eval.tasks: [{name: jsonl, path: my.jsonl}]")
     assert "--resume: no checkpoint" in _error(capsys, "sft", str(recipe), f"data.files=[{bad}]", "--resume")
     assert "unknown config key 'train.stesp'" in _error(capsys, "sft", str(recipe), "train.stesp=3")
 

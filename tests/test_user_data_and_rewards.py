@@ -131,11 +131,22 @@ def test_a_reward_file_that_does_not_parse_is_one_line(tmp_path, monkeypatch, er
     monkeypatch.chdir(tmp_path)
     assert error_line("train", RECIPE, f"output_dir={tmp_path}", "rewards.typo.py:r=1.0") == (
         "ponder: error: reward 'typo.py:r': typo.py:2: '[' was never closed; fix the file")
+    # one that parses but fails as it is imported: a traceback before
+    (tmp_path / "misspelt.py").write_text("import math\nimport sympyy\n\ndef r(completions, **_):\n    return [1.0]\n")
+    (tmp_path / "top.py").write_text("SCALE = 2 * scael\n\ndef r(completions, **_):\n    return [1.0]\n")
+    assert error_line("train", RECIPE, f"output_dir={tmp_path}", "rewards.misspelt.py:r=1.0") == (
+        "ponder: error: reward 'misspelt.py:r': importing it raised ModuleNotFoundError at misspelt.py:2: No module named "
+        "'sympyy'; fix the module (or install what it imports)")
+    assert error_line("train", RECIPE, f"output_dir={tmp_path}", "rewards.top:r=1.0") == (
+        "ponder: error: reward 'top:r': importing it raised NameError at top.py:1: name 'scael' is not defined; fix the "
+        "module (or install what it imports)")
 
 
 def test_unknown_task_option_names_the_closest(tmp_path, error_line):
     line = error_line("train", RECIPE, f"output_dir={tmp_path}", "data.tasks=[{name: first_digit, options: {digt: 3}}]")
     assert line == "ponder: error: task 'first_digit' has no option 'digt'; did you mean 'digit'? valid options: digit"
+    line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"eval.tasks=[{{name: jsonl, path: {tmp_path / 'held.jsonl'}}}]")
+    assert line == f"ponder: error: data file '{tmp_path / 'held.jsonl'}' not found; check eval.tasks[].path"
     line = error_line("eval", "--model", "tiny-random", "--tasks", "arithmetic", "--option", "difficulti=hard",
                        "--out", str(tmp_path / "ev"))
     assert line == ("ponder: error: task 'arithmetic' has no option 'difficulti'; did you mean 'difficulty'? "

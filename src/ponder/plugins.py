@@ -47,12 +47,25 @@ def load_function(ref: str, what: str) -> Callable:
     return fn
 
 
+def import_failed(what: str, ref: str, e: BaseException, source: str | None = None) -> UserError:
+    """One line for a user's module that fails as it is imported (a misspelt import, a name error at its top level):
+    the error and the line of the user's file that raised it (`source`, its path, where known), else the last one."""
+    frames = traceback.extract_tb(e.__traceback__)
+    mine = [f for f in frames if source is not None and Path(f.filename).resolve() == Path(source).resolve()]
+    frame = (mine or frames or [None])[-1]
+    where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame is not None else ""
+    return UserError(f"{what} '{ref}': importing it raised {type(e).__name__}{where}: {e}; fix the module (or install "
+                     "what it imports)")
+
+
 def _import(ref: str, module: str, what: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if not _is_part_of(e.name, module):
-            raise  # the user's module imports something missing: their traceback says what
+        if not _is_part_of(e.name, module):  # the user's module imports something missing
+            raise import_failed(what, ref, e) from None
+    except Exception as e:
+        raise import_failed(what, ref, e) from None
     cwd = str(Path.cwd())
     if cwd not in sys.path:  # `ponder` run as a script does not see the working directory
         sys.path.insert(0, cwd)
@@ -60,7 +73,9 @@ def _import(ref: str, module: str, what: str):
             return importlib.import_module(module)
         except ModuleNotFoundError as e:
             if not _is_part_of(e.name, module):
-                raise
+                raise import_failed(what, ref, e) from None
+        except Exception as e:
+            raise import_failed(what, ref, e) from None
     raise UserError(f"{what} '{ref}': no module '{module}' (not installed, nor under the working directory {cwd})")
 
 
@@ -84,7 +99,10 @@ def _load_file(ref: str, target: str, what: str):
     except SyntaxError as e:  # the file's own line and message say all of it
         del sys.modules[name]
         raise UserError(f"{what} '{ref}': {target}:{e.lineno}: {e.msg}; fix the file") from None
-    except BaseException:
+    except Exception as e:
+        del sys.modules[name]
+        raise import_failed(what, ref, e, str(path)) from None
+    except BaseException:  # KeyboardInterrupt, SystemExit: theirs to end the run
         del sys.modules[name]
         raise
     return module

@@ -43,7 +43,7 @@ from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import high_entropy_mask, micro_batch_weights, policy_loss, sequence_token_weights
 from ponder.rollout import SamplingParams, completion_texts, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
-from ponder.tasks import PromptSampler, check_prompts, load_examples, mix, prompt_key
+from ponder.tasks import PromptSampler, check_prompts, load_examples, mix, prompt_key, tasks_named_by
 from ponder.templates import TEMPLATES, encoded_prompt, render, require_chat_template, with_chat_options
 
 # prompts the first memory plan encodes to find the data's longest (tokens per character vary little within a task)
@@ -550,7 +550,8 @@ class GRPOTrainer:
         self.column_names = _columns(self.examples)
         self.rewards.check({**dict.fromkeys(self.column_names), **self.examples[0]})
         self.rewards.check_columns(set(self.column_names))
-        self.eval_examples = [load_examples(spec, cfg.seed) for spec in e.tasks]  # one list per eval task, kept
+        with tasks_named_by("eval.tasks"):  # a missing file or option is named where it is set
+            self.eval_examples = [load_examples(spec, cfg.seed) for spec in e.tasks]  # one list per eval task, kept
         self.start_notices = trained_on(self.examples, self.eval_examples, e.tasks)  # printed once all checks pass
         if r.temperature == 0 or r.top_k == 1:  # allowed (it means greedy), but a run of it learns nothing
             setting = "rollout.temperature=0" if r.temperature == 0 else "rollout.top_k=1"

@@ -43,10 +43,13 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     from ponder.evaluation.runner import run_metrics
     from ponder.metrics import require_backends
     from ponder.sft.trainer import SFTTrainer
+    from ponder.tasks import load_examples, tasks_named_by
     from ponder.templates import left_out_turns
 
     require_backends(cfg.train.log_to)
     changes = resuming.check(cfg, "sft", allow_changes) if resume else None
+    with tasks_named_by("eval.tasks"):  # before the model loads (and the training, on a resume, evaluates only after)
+        held_out = [load_examples(spec, cfg.seed) for spec in cfg.eval.tasks]
     trainer = SFTTrainer(cfg, resume=resume, allow_changes=allow_changes)
     if changes is not None:
         resuming.record(trainer.run_dir, changes, trainer.step_no)
@@ -68,7 +71,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
                                                             "dropped": r.dropped, "empty": r.empty, "max_len": r.max_len}, indent=2))
     t, total = cfg.train, trainer.total_steps
     if cfg.eval.tasks and not resume:
-        _evaluate(trainer, "before", quiet)
+        _evaluate(trainer, held_out, "before", quiet)
     last = total if stop_after is None else min(total, trainer.step_no + stop_after)
     first = trainer.step_no
     columns = [TextColumn("[bold]SFT"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -98,7 +101,7 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     if finished and not quiet:  # a finished run resumed: its evaluation stands (run again, it was logged twice)
         console.print(f"{trainer.run_dir} is complete at step {trainer.step_no}; nothing to resume", soft_wrap=True)
     if trainer.step_no >= total and cfg.eval.tasks and not finished:
-        after = _evaluate(trainer, "after", quiet)
+        after = _evaluate(trainer, held_out, "after", quiet)
         trainer.metrics.log(trainer.step_no, run_metrics(after))
     elif finished and not trainer.metrics.logged(trainer.step_no, "eval/"):  # stopped between the file and the log
         trainer.metrics.log(trainer.step_no, run_metrics(json.loads((trainer.run_dir / "eval_after.json").read_text())))
@@ -112,14 +115,12 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     return trainer
 
 
-def _evaluate(trainer, tag: str, quiet: bool) -> dict:
+def _evaluate(trainer, held_out: list[list[dict]], tag: str, quiet: bool) -> dict:
     from ponder.evaluate import evaluate
-    from ponder.tasks import load_examples
 
     cfg, e = trainer.cfg, trainer.cfg.eval
     results = {}
-    for spec in e.tasks:
-        examples = load_examples(spec, cfg.seed)
+    for spec, examples in zip(e.tasks, held_out):
         res = evaluate(trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
                        temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, min_p=e.min_p,
                        max_new_tokens=e.max_new_tokens or 256,

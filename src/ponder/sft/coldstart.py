@@ -78,14 +78,16 @@ ANSWERS = {"bilingual_arithmetic": bilingual_answer}  # the answer as the trace 
 
 def coldstart_rows(spec, seed: int = 0) -> list[dict]:
     """{prompt, completion} rows (with the example's other fields) for `spec.n` problems of one TaskSpec."""
-    from ponder.tasks import load_examples
+    from ponder.tasks import load_examples, tasks_named_by
 
     if spec.name not in TRACES:
         raise UserError(f"data.coldstart: no built-in traces for task '{spec.name}'; choose one of: {', '.join(TRACES)}")
     rng = random.Random(f"coldstart/{spec.name}/{seed}")
     want = spec.n or 100
     rows = []
-    for ex in load_examples(replace(spec, n=2 * want), seed):  # spares for problems without a clean trace
+    with tasks_named_by("data.coldstart"):
+        examples = load_examples(replace(spec, n=2 * want), seed)
+    for ex in examples:  # spares for problems without a clean trace
         think = TRACES[spec.name](rng, ex)
         if think is not None:
             answer = ANSWERS[spec.name](ex) if spec.name in ANSWERS else ex["answer"]
