@@ -404,6 +404,13 @@ def test_bad_input_ends_in_one_line(tmp_path, capsys):
         "ponder: error: task 'jsonl' needs a path: eval.tasks: [{name: jsonl, path: my.jsonl}]")
     assert "--resume: no checkpoint" in _error(capsys, "sft", str(recipe), f"data.files=[{bad}]", "--resume")
     assert "unknown config key 'train.stesp'" in _error(capsys, "sft", str(recipe), "train.stesp=3")
+    # out of range: torch's own RuntimeError (threads), or nothing said at all (data.n 0 trained on every row)
+    for setting, line in (("train.threads=-1", "config train.threads must be 0 (torch's default) or more; got -1"),
+                          ("data.n=0", "config data.n must be at least 1, or null (every row); got 0"),
+                          ("train.log_samples=-1", "config train.log_samples must be 0 (none) or more; got -1")):
+        assert _error(capsys, "sft", str(recipe), f"data.files=[{good}]", setting) == f"ponder: error: {line}"
+    assert _error(capsys, "sample", "--model", "tiny-base", "--tasks", "first_digit", "threads=-1",
+                  "--out", str(tmp_path / "t.jsonl")) == "ponder: error: config threads must be 0 (torch's default) or more; got -1"
 
 
 def test_coldstart_traces_are_correct_in_format_and_show_no_test_item():

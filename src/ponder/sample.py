@@ -62,9 +62,10 @@ def check(cfg: SampleConfig) -> None:
         raise UserError(f"config k must be at least 1 (answers per prompt); got {cfg.k}")
     if not cfg.tasks:
         raise UserError("config tasks is empty; name at least one task, e.g. --tasks arithmetic")
-    from ponder.config import check_sampling, check_tasks
+    from ponder.config import check_sampling, check_tasks, need
     from ponder.rewards.extract import MODES
 
+    need(cfg.threads >= 0, "threads", cfg.threads, "0 (torch's default) or more")
     check_tasks("tasks", cfg.tasks)
     check_sampling("", cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop=cfg.stop, top_k=cfg.top_k, min_p=cfg.min_p)
 

@@ -81,6 +81,11 @@ def check(cfg: SFTConfig) -> None:
                         "out (or evaluate a checkpoint with ponder eval)")
     need(t.save_every >= 0, "train.save_every", t.save_every, "0 (only at the end) or more")
     need(t.keep_last >= 0, "train.keep_last", t.keep_last, "0 (keep every checkpoint) or more")
+    need(t.threads >= 0, "train.threads", t.threads, "0 (torch's default) or more")
+    need(t.log_samples >= 0, "train.log_samples", t.log_samples, "0 (none) or more")
+    need(t.sample_max_new_tokens >= 1, "train.sample_max_new_tokens", t.sample_max_new_tokens, "at least 1")
+    need(t.max_nan_steps >= 1, "train.max_nan_steps", t.max_nan_steps, "at least 1 (steps in a row skipped before the run stops)")
+    need(cfg.data.n is None or cfg.data.n >= 1, "data.n", cfg.data.n, "at least 1, or null (every row)")
     check_optim(cfg.optim)
     from ponder.metrics import check_log_to
 
