@@ -89,6 +89,34 @@ def test_resume_compares_with_the_checkpoints_settings_where_config_yaml_is_gone
     assert main(base + ["train.steps=2", "--resume"]) == 0
 
 
+def test_a_hand_edited_config_yaml_is_a_change_refused_unless_allowed(tmp_path, error_line):
+    """`ponder train RUN_DIR --resume` takes config.yaml as its recipe and so compared it with itself: an lr edited there
+    by hand trained on unrefused and unrecorded. Compared with the newest checkpoint's settings now; a change config.yaml
+    records (a resume killed before its next checkpoint) is not an edit. And a config.yaml that no longer parses is
+    named as such, not as missing."""
+    base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=h", *FAST]
+    assert main(base + ["train.steps=1"]) == 0
+    run, config = tmp_path / "h", tmp_path / "h" / "config.yaml"
+    kept = config.read_text()
+    config.write_text(kept.replace("  lr: 0.003\n", "  lr: 0.001\n", 1))
+    assert error_line("train", str(run), "--resume", "train.steps=2") == (
+        f"ponder: error: --resume: {config} differs from the settings its run's newest checkpoint was trained with, and no "
+        "`changes:` entry records it (edited by hand?): optim.lr 0.003 -> 0.001; pass --allow-changes to continue with "
+        "them (config.yaml then records each change), or undo the edit")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-1"]
+    assert main(["train", str(run), "--resume", "--allow-changes", "train.steps=2"]) == 0
+    assert yaml.safe_load(config.read_text())["changes"] == [
+        {"key": "train.steps", "old": 1, "new": 2, "from_step": 2}, {"key": "optim.lr", "old": 0.003, "new": 0.001, "from_step": 2}]
+    assert main(["train", str(run), "--resume", "train.steps=3"]) == 0  # recorded, and in step-2's settings now
+
+    for text, line in (("optim: {lr: [0.1\n", f"recipe '{config}' is not valid YAML at line 2: fix the syntax"),
+                       ("- 1\n", f"recipe '{config}' must be a mapping of options at its top level"),
+                       ("# emptied\n", f"{config} holds no settings; restore it, or resume with the recipe the run "
+                                        "started from (`ponder train RECIPE --resume`)")):
+        config.write_text(text)
+        assert error_line("train", str(run), "--resume", "train.steps=4") == f"ponder: error: {line}"
+
+
 def test_sft_resume_refuses_changes_unless_allowed(tmp_path, error_line):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": f"{i + 1}"}) + "\n" for i in range(4)))

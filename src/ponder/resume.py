@@ -88,6 +88,9 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     except UserError:
         pass  # a key since removed: compare what is there
     changed = diff(saved, to_dict(cfg))
+    edited = hand_edits(cfg, saved, previous, command) if path.name == "config.yaml" else []
+    if edited:  # their old value is the one trained with; one the run's overrides change again counts once
+        changed = [c for c in changed if c[0] not in {k for k, _, _ in edited}] + edited
     shapes = [(k, o, n) for k, o, n in changed if k in SHAPES]
     if shapes:
         raise UserError(f"--resume cannot change {describe(shapes)}: the run's saved adapters and optimizer state have "
@@ -95,11 +98,39 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     _refuse_fewer_steps(cfg)
     safe = SAFE_ON_RESUME[command]
     unsafe = [(k, o, n) for k, o, n in changed if k not in safe]
+    if edited and not allow_changes and any(k not in safe for k, _, _ in edited):
+        raise UserError(f"--resume: {path} differs from the settings its run's newest checkpoint was trained with, and "
+                        f"no `changes:` entry records it (edited by hand?): {describe(edited)}; pass --allow-changes to "
+                        "continue with them (config.yaml then records each change), or undo the edit")
     if unsafe and not allow_changes:
         raise UserError(f"--resume with settings that differ from the run's {path}: {describe(unsafe)}; pass --allow-changes "
                         "to continue with them (config.yaml records each change and the step it applies from), or "
                         f"leave them out. Safe to change on resume: {', '.join(safe)}")
     return ResumeChanges(previous if isinstance(previous, list) else [previous], changed)
+
+
+def hand_edits(cfg, saved: dict, previous: list, command: str) -> list[tuple[str, Any, Any]]:
+    """Settings of the run's config.yaml (`saved`) that differ from those its newest checkpoint was trained with, where
+    no `changes:` entry records the change: config.yaml edited by hand, which a resume naming the run's directory
+    took as its recipe, and so compared with itself. (key, the checkpoint's value, the value the run would go on
+    with); safe keys left out."""
+    from ponder.checkpoint import latest, saved_config
+
+    last = latest(cfg.run_dir / "checkpoints")
+    written = saved_config(last) if last is not None else None
+    if written is None:
+        return []
+    written.pop(CHANGES_KEY, None)
+    if command == "train":
+        _move_key(written, "train.max_nan_steps", "guardrails.non_finite.max_nan_steps")
+    try:
+        written = to_dict(build(type(cfg), written))
+    except UserError:
+        return []  # a key since removed: the run's own config.yaml is all there is to go by
+    recorded = {(c.get("key"), json.dumps(_plain(c.get("new")))) for c in previous if isinstance(c, dict)}
+    now, safe = _flatten(to_dict(cfg)), SAFE_ON_RESUME[command]
+    return [(k, o, now.get(k, n)) for k, o, n in diff(_plain(written), _plain(saved))
+            if k not in safe and (k, json.dumps(_plain(n))) not in recorded and not _same(o, now.get(k, n))]
 
 
 def _refuse_fewer_steps(cfg) -> None:
@@ -127,6 +158,12 @@ def recipe_of(command: str, recipe: str, overrides: list[str], resume: bool = Tr
     p = Path(recipe)
     if p.is_dir():
         saved = load_saved(p / "config.yaml")
+        if saved is None and (p / "config.yaml").is_file():  # there, but edited into something that is no recipe
+            from ponder.config import read_recipe
+
+            read_recipe(p / "config.yaml")  # its own line: where the YAML breaks, or what it holds instead of settings
+            raise UserError(f"{p / 'config.yaml'} holds no settings; restore it, or resume with the recipe the run "
+                            f"started from (`ponder {command} RECIPE --resume`)")
         if saved is None:
             raise UserError(f"'{recipe}' is a directory without a run's config.yaml; give a YAML recipe, or the directory "
                             f"of a `ponder {command}` run to resume")
