@@ -44,6 +44,29 @@ def test_kahan_on_float32_is_torch_adamw():
     assert torch.allclose(a, b, rtol=0, atol=1e-5)  # a float32 ulp or so: the compensation also keeps fp32 rounding
 
 
+def test_adamws_state_loads_into_kahan_and_continues_as_adamw():
+    """A run resumed with --allow-changes into optim.optimizer=adamw_kahan (or train.precision=bf16) loads AdamW's
+    state, which has no compensation: its first step was a KeyError, and config.yaml had recorded the change, so every
+    resume after failed alike."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(50))
+    b = torch.nn.Parameter(a.detach().clone())
+    ta = torch.optim.AdamW([a], lr=1e-2, weight_decay=0.1)
+    grads = [torch.randn(50, generator=torch.Generator().manual_seed(i)) for i in range(10)]
+    for g in grads[:5]:
+        a.grad = g.clone()
+        ta.step()
+    b.data.copy_(a.detach())
+    tk = KahanAdamW([b], lr=1e-2, weight_decay=0.1)
+    tk.load_state_dict(copy.deepcopy(ta.state_dict()))
+    assert torch.equal(tk.state[b]["compensation"], torch.zeros(50))
+    for g in grads[5:]:
+        a.grad, b.grad = g.clone(), g.clone()
+        ta.step()
+        tk.step()
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
 def regression(dtype, cls, steps=200):
     """A small MLP fitted with lr 1e-4 (updates far below the weights' bf16 spacing): its final weights."""
     torch.manual_seed(0)

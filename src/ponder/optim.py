@@ -118,7 +118,8 @@ class KahanAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         """torch casts every loaded state tensor to its parameter's dtype: the moments are put back in
-        `moment_dtype` (the saved values as they were when the run's setting is unchanged)."""
+        `moment_dtype` (the saved values as they were when the run's setting is unchanged). AdamW's state (a run
+        resumed with --allow-changes into bf16 weights) has no compensation: nothing carried yet, zeros."""
         saved = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         moments = {pid: {k: state_dict["state"][pid][k].to(self.moment_dtype, copy=True) for k in ("exp_avg", "exp_avg_sq")}
                    for pid in saved if pid in state_dict["state"]}
@@ -126,6 +127,8 @@ class KahanAdamW(torch.optim.Optimizer):
         for pid, p in zip(saved, itertools.chain.from_iterable(g["params"] for g in self.param_groups)):
             for k, value in moments.get(pid, {}).items():
                 self.state[p][k] = value.to(p.device)
+            if pid in moments and "compensation" not in self.state[p]:
+                self.state[p]["compensation"] = torch.zeros_like(p)
 
 
 def _round_stochastic(out: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
