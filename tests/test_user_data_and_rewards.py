@@ -147,6 +147,15 @@ def test_unknown_task_option_names_the_closest(tmp_path, error_line):
     assert line == "ponder: error: task 'first_digit' has no option 'digt'; did you mean 'digit'? valid options: digit"
     line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"eval.tasks=[{{name: jsonl, path: {tmp_path / 'held.jsonl'}}}]")
     assert line == f"ponder: error: data file '{tmp_path / 'held.jsonl'}' not found; check eval.tasks[].path"
+    # a relative path is said to be read from the working directory; a directory is told as one
+    line = error_line("train", RECIPE, f"output_dir={tmp_path}", "data.tasks=[{name: jsonl, path: data/held.jsonl}]")
+    assert line == (f"ponder: error: data file 'data/held.jsonl' not found (relative paths are from the working directory, "
+                    f"{Path.cwd()}); check data.tasks[].path")
+    line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"data.tasks=[{{name: jsonl, path: {tmp_path}}}]")
+    assert line == f"ponder: error: data file '{tmp_path}' is a directory; give a JSONL file in data.tasks[].path"
+    for name in ("a/../..", "../up", "/abs/run"):
+        line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"name={name}")
+        assert line.startswith("ponder: error: config name must name the run's own directory under output_dir"), line
     line = error_line("eval", "--model", "tiny-random", "--tasks", "arithmetic", "--option", "difficulti=hard",
                        "--out", str(tmp_path / "ev"))
     assert line == ("ponder: error: task 'arithmetic' has no option 'difficulti'; did you mean 'difficulty'? "

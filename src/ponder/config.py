@@ -656,7 +656,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfi
 def check_run_dir(cfg) -> None:
     """name and output_dir make a directory of the run's own, checked before any model loads: an empty name or '.'
     wrote the run's files among the other runs in output_dir; a file in the way stopped it in a traceback."""
-    if str(cfg.name).strip() in ("", ".", ".."):
+    if str(cfg.name).strip() in ("", ".", "..") or ".." in Path(str(cfg.name)).parts or Path(str(cfg.name)).is_absolute():
+        # (a/../.. put the run's files among the other runs, or above output_dir)
         raise UserError(f"config name must name the run's own directory under output_dir; got {cfg.name!r} (e.g. name=my-run)")
     if blocking_file(cfg.run_dir) is not None:
         raise blocked(cfg.run_dir, "output_dir/name")

@@ -15,8 +15,11 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt",), with_l
     """The rows of a JSONL file (with their line numbers: (line, row) pairs); `required` fields must be
     present and neither null nor empty. `key`: the setting that named the file, for the error (a task's path)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"data file '{path}' is a directory; give a JSONL file in {key or setting('path')}")
     if not path.is_file():
-        raise UserError(f"data file '{path}' not found; check {key or setting('path')}")
+        where = "" if path.is_absolute() else f" (relative paths are from the working directory, {Path.cwd()})"
+        raise UserError(f"data file '{path}' not found{where}; check {key or setting('path')}")
     try:
         return _rows(path, required, with_lines)
     except UnicodeDecodeError:  # found a chunk ahead of the line read: the whole file's decoding says where
