@@ -144,6 +144,11 @@ def test_minimal_run_and_out_path(tmp_path):
     assert "Completions" not in page and "before / after" not in page and "Config" not in page
     (run / "metrics.jsonl").write_text("")  # a run killed before its first step
     assert "No steps logged yet." in write_report(run).read_text(encoding="utf-8")
+    # lines that are JSON but no row, or not UTF-8 (a disk's damage), are left out as a half line is (AttributeError,
+    # UnicodeDecodeError before)
+    (run / "metrics.jsonl").write_bytes(b'[1, 2]\n"text"\n\xff\xfe\n{"step": 1, "reward": 0.5}\n')
+    (run / "samples.jsonl").write_text("[]\n")
+    assert EMBEDDED.findall(write_report(run).read_text(encoding="utf-8")) == ["reward (total and per reward function)"]
 
 
 def test_out_may_be_a_directory_and_one_step_still_draws_its_time_split(tmp_path, monkeypatch):

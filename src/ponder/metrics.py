@@ -352,15 +352,19 @@ def _truncate_after(path: Path, step: int) -> None:
 def _lines(path: Path) -> list[str]:
     """A JSON-lines file's lines, split at newlines alone: str.splitlines also splits at U+2028, U+2029 and U+0085,
     which ensure_ascii=False leaves raw inside a completion's text (both halves failed to parse and were dropped)."""
-    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    return [line for line in path.read_text(encoding="utf-8", errors="replace").split("\n") if line.strip()]
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl or samples.jsonl; a line that is not a JSON object (half a line a kill left,
+    bytes damaged on disk) is left out, as the report and a resume read what the run wrote."""
     rows = []
     if path.is_file():
         for line in _lines(path):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                pass
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
