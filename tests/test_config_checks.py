@@ -41,3 +41,15 @@ def test_clip_defaults_are_grpos_symmetric_0_2():
     eps_high, so only this test sees the default."""
     algorithm = RunConfig().algorithm
     assert (algorithm.eps_low, algorithm.eps_high) == (0.2, 0.2)
+
+
+def test_an_empty_recipe_is_one_line_not_every_default(tmp_path, error_line):
+    """An empty file (or comments alone) trained a tiny random model for 100 steps as run `run`, without a word."""
+    for text in ("", "# name: mine\n\n   \n"):
+        (tmp_path / "r.yaml").write_text(text)
+        assert error_line("train", str(tmp_path / "r.yaml"), f"output_dir={tmp_path}") == (
+            f"ponder: error: recipe '{tmp_path / 'r.yaml'}' holds no settings (it is empty, or comments only); write them "
+            "there (see recipes/), or `{}` for every default")
+    (tmp_path / "r.yaml").write_text("{}\n")
+    assert load_config(tmp_path / "r.yaml").rollout.group_size == RunConfig().rollout.group_size
+    assert not (tmp_path / "run").exists()

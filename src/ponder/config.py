@@ -607,7 +607,7 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise UserError(f"recipe '{path}' not found; give the path of a YAML recipe (see recipes/)")
     try:
-        data = load_yaml(read_user_text(path)) or {}
+        data = load_yaml(read_user_text(path))
     except DuplicateKey as e:
         raise UserError(f"recipe '{path}' sets '{e.key}' twice in one mapping (lines {e.lines[0]} and {e.lines[1]}): "
                         "keep one") from None
@@ -615,6 +615,9 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"recipe '{path}' is not valid YAML{at}: fix the syntax") from None
+    if data is None:  # every default (a tiny random model, run name `run`) would train without a word
+        raise UserError(f"recipe '{path}' holds no settings (it is empty, or comments only); write them there (see "
+                        "recipes/), or `{}` for every default")
     if not isinstance(data, dict):
         raise UserError(f"recipe '{path}' must be a mapping of options at its top level")
     data.pop("changes", None)  # a run's config.yaml lists the changes made on resume (ponder.resume): history, not a setting

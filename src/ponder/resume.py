@@ -160,10 +160,12 @@ def recipe_of(command: str, recipe: str, overrides: list[str], resume: bool = Tr
         saved = load_saved(p / "config.yaml")
         if saved is None and (p / "config.yaml").is_file():  # there, but edited into something that is no recipe
             from ponder.config import read_recipe
+            from ponder.files import read_user_text
 
+            if not any(l.strip() and not l.lstrip().startswith("#") for l in read_user_text(p / "config.yaml").splitlines()):
+                raise UserError(f"{p / 'config.yaml'} holds no settings; restore it, or resume with the recipe the run "
+                                f"started from (`ponder {command} RECIPE --resume`)")
             read_recipe(p / "config.yaml")  # its own line: where the YAML breaks, or what it holds instead of settings
-            raise UserError(f"{p / 'config.yaml'} holds no settings; restore it, or resume with the recipe the run "
-                            f"started from (`ponder {command} RECIPE --resume`)")
         if saved is None:
             raise UserError(f"'{recipe}' is a directory without a run's config.yaml; give a YAML recipe, or the directory "
                             f"of a `ponder {command}` run to resume")
