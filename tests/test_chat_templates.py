@@ -751,6 +751,6 @@ def test_chat_template_options_reach_every_rendering(tmp_path, smoke_cfg, capsys
     with pytest.raises(SystemExit) as stop:  # argparse's own line, before anything loads
         main(["eval", "--model", model, "--tasks", "arithmetic", "--chat-template-kwargs", "enable_thinking"])
     assert stop.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert capsys.readouterr().err.strip().splitlines() == [
         "ponder eval: error: argument --chat-template-kwargs: 'enable_thinking' is not a JSON object; give one, e.g. "
-        "'{\"enable_thinking\": false}'")
+        "'{\"enable_thinking\": false}' (see ponder eval --help)"]

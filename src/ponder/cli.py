@@ -28,8 +28,17 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose mistakes (a flag's value of the wrong kind, one missing) are one line as ponder's own
+    are, not a usage block of a dozen lines above it (`--help` prints that). Subcommands' parsers are of this class
+    too (argparse makes them of their parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ponder",
         description="Train language models to reason with reinforcement learning from verifiable rewards "
         "(GRPO, R1-Zero, cold start, rejection sampling, distillation) and evaluate them by pass@1 over k samples.",
