@@ -144,6 +144,15 @@ def test_weights_cloned_without_git_lfs_or_cut_short_are_one_line(tmp_path, erro
         "deserializing header: incomplete metadata, file not fully covered); copy or download it again")
 
 
+def test_a_runs_directory_given_as_a_model_names_its_newest_checkpoint(tmp_path, error_line):
+    for step in (2, 10):
+        (tmp_path / "run" / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / f"step-{step}" / "trainer_state.pt").write_bytes(b"")
+    assert error_line("eval", "--model", str(tmp_path / "run"), "--tasks", "arithmetic") == (
+        f"ponder: error: model directory '{tmp_path / 'run'}' has no config.json (a run's directory: its newest checkpoint "
+        f"is {tmp_path / 'run' / 'checkpoints' / 'step-10'}); give a Hugging Face model directory")
+
+
 def test_a_tokenizer_without_an_eos_token_is_one_line(tmp_path, error_line):
     """No answer could end and padding had no token: ponder train stopped in the packed pass (TypeError), ponder eval
     --engine hf in torch.full."""

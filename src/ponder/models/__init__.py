@@ -59,7 +59,11 @@ def resolve(path: str, kind: str = "model") -> Path | str | HubModel:
             raise UserError(f"tokenizer directory '{p}' has no tokenizer_config.json or tokenizer.json; "
                             f"give a Hugging Face tokenizer or model directory")
         if kind == "model" and not (p / "config.json").is_file():
-            raise UserError(f"model directory '{p}' has no config.json; give a Hugging Face model directory")
+            from ponder.checkpoint import latest
+
+            newest = latest(p / "checkpoints")  # a run's directory: its checkpoints are the models
+            hint = f" (a run's directory: its newest checkpoint is {newest})" if newest is not None else ""
+            raise UserError(f"model directory '{p}' has no config.json{hint}; give a Hugging Face model directory")
         return p
     if (ASSETS / path / "config.json").is_file():
         return ASSETS / path
