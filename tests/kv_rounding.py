@@ -27,9 +27,11 @@ def fp8_kv_forward(model):
         late, _ = sdpa_attention_forward(module, q, through_fp8(k, k_scale), through_fp8(v, v_scale), mask, **kw)
         return torch.cat([out[:, : at["n"]], late[:, at["n"] :]], 1), None
 
-    AttentionInterface.register("ponder_test_fp8_kv", rounded)
+    # a name of each twin's own: the registry is global, and a second twin under one name took the first's calls
+    name = f"ponder_test_fp8_kv_{id(at)}"
+    AttentionInterface.register(name, rounded)
     twin = copy.deepcopy(model)
-    twin.set_attn_implementation("ponder_test_fp8_kv")
+    twin.set_attn_implementation(name)
 
     def forward(ids, n, scales):
         at["n"], at["scales"] = n, scales.cpu()
