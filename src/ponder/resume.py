@@ -81,12 +81,7 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
         path = last / "trainer_state.pt"
     refuse_other_kind(cfg.run_dir, saved, command)
     previous = saved.pop(CHANGES_KEY, None) or []
-    if command == "train":
-        _move_key(saved, "train.max_nan_steps", "guardrails.non_finite.max_nan_steps")
-    try:  # fill in keys added to ponder since the run started, with their defaults
-        saved = to_dict(build(type(cfg), saved))
-    except UserError:
-        pass  # a key since removed: compare what is there
+    saved = as_today(saved, type(cfg), command) or saved  # (a key since removed: compare what is there)
     changed = diff(saved, to_dict(cfg))
     edited = hand_edits(cfg, saved, previous, command) if path.name == "config.yaml" else []
     if edited:  # their old value is the one trained with; one the run's overrides change again counts once
@@ -109,6 +104,18 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
     return ResumeChanges(previous if isinstance(previous, list) else [previous], changed)
 
 
+def as_today(settings: dict, cls, command: str) -> dict | None:
+    """A run's saved settings (its config.yaml or a checkpoint's copy, without `changes:`) as today's recipe reads
+    them: a key that has moved since at its new place, keys added since filled in with their defaults. None where they
+    no longer build (a key since removed)."""
+    if command == "train":
+        _move_key(settings, "train.max_nan_steps", "guardrails.non_finite.max_nan_steps")
+    try:
+        return to_dict(build(cls, settings))
+    except UserError:
+        return None
+
+
 def hand_edits(cfg, saved: dict, previous: list, command: str) -> list[tuple[str, Any, Any]]:
     """Settings of the run's config.yaml (`saved`) that differ from those its newest checkpoint was trained with, where
     no `changes:` entry records the change: config.yaml edited by hand, which a resume naming the run's directory
@@ -121,11 +128,8 @@ def hand_edits(cfg, saved: dict, previous: list, command: str) -> list[tuple[str
     if written is None:
         return []
     written.pop(CHANGES_KEY, None)
-    if command == "train":
-        _move_key(written, "train.max_nan_steps", "guardrails.non_finite.max_nan_steps")
-    try:
-        written = to_dict(build(type(cfg), written))
-    except UserError:
+    written = as_today(written, type(cfg), command)
+    if written is None:
         return []  # a key since removed: the run's own config.yaml is all there is to go by
     recorded = {(c.get("key"), json.dumps(_plain(c.get("new")))) for c in previous if isinstance(c, dict)}
     now, safe = _flatten(to_dict(cfg)), SAFE_ON_RESUME[command]
