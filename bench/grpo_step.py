@@ -116,7 +116,7 @@ def run(a, shape: str, budget: str, root: Path) -> dict:
               + (f", rollout_is {m['rollout_is/mean']:.5f} (capped {m['rollout_is/capped_frac']:.5f})"
                  if "rollout_is/mean" in m else ""), flush=True)
     if a.profile:  # one more step, not timed
-        profiled(trainer, f"{a.profile}.{shape}.{budget}", stack=a.stack)
+        profiled(trainer, f"{a.profile}.{shape}.{budget}", stack=a.stack, update_only=a.profile_update)
     timed = steps[1:] or steps
     med = lambda k: statistics.median(m[k] for m in timed)  # noqa: E731
     row = dict(shape=shape, engine=a.engine, budget=steps[-1]["token_budget"], asked=budget,
@@ -132,13 +132,27 @@ def run(a, shape: str, budget: str, root: Path) -> dict:
     return row
 
 
-def profiled(trainer, path: str, stack: bool = False) -> dict:
+def profiled(trainer, path: str, stack: bool = False, update_only: bool = False) -> dict:
     """One step under the profiler: the kernel table and a Chrome trace (where the GPU waits). `stack`: the
-    Python calls too (which host code runs while the GPU waits; the host runs slower under it)."""
+    Python calls too (which host code runs while the GPU waits; the host runs slower under it). `update_only`: the
+    update alone (thousands of decode steps make a trace too big to write in a call's time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else []), with_stack=stack) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    if update_only:
+        learn = trainer.learn
+
+        def learn_profiled(samples):
+            nonlocal prof
+            with profile(activities=activities, with_stack=stack) as prof:
+                return learn(samples)
+
+        prof, trainer.learn = None, learn_profiled
         m = trainer.step()
+        trainer.learn = learn
+    else:
+        with profile(activities=activities, with_stack=stack) as prof:
+            m = trainer.step()
     with open(path + ".txt", "w") as f:
         f.write(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=50))
     prof.export_chrome_trace(path + ".trace.json")
@@ -170,6 +184,7 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. rollout.engine_options={dtype: fp32}")
     ap.add_argument("--profile", help="profile one more step after the timed ones: PATH.SHAPE.BUDGET.txt and .trace.json")
     ap.add_argument("--stack", action="store_true", help="with --profile: record the Python calls in the trace")
+    ap.add_argument("--profile-update", action="store_true", help="with --profile: the update alone, not the rollout")
     ap.add_argument("--lengths", choices=["uniform", "long-tail"], default="uniform",
                     help="long-tail: each sample ends at a length from a lognormal (median 1,500, 10%% at --new)")
     a = parse_with_common(ap)
