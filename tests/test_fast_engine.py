@@ -1381,3 +1381,50 @@ def test_the_hf_engine_takes_an_eos_id_of_0_as_the_models(monkeypatch):
         HFEngine(model, TOK).generate(encode(["ab"]), SamplingParams(max_tokens=4))
     assert seen["eos_token_id"] == [0]
     assert FastEngine(model, TOK).eos_ids() == {0}
+
+
+def test_on_cpu_the_pool_is_capped_by_the_hosts_free_memory(monkeypatch):
+    """On CPU, as on CUDA, the pool takes at most kv_fraction of the memory free (the host's available memory):
+    a request for far more tokens than fit gets one line before any allocation (it was an allocator traceback for
+    6.5 TB of cache at max_new_tokens=1e8), and a pool capped below every row at full length still gives
+    transformers' tokens."""
+    from types import SimpleNamespace
+
+    from ponder.rollout import fast
+
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    prompts = encode(LONGER)  # 37 blocks of 4 slots, the longest 49 tokens
+    set_eos_mid_generation(model, prompts, steps=20)
+    ref = HFEngine(model, TOK).generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=20))
+    # a block: 2 layers x (K, V) x 2 KV heads x 4 slots x 16 dims x 4 bytes (float32) = 2,048 bytes
+    per_block = 2 * 2 * 2 * 4 * 16 * 4
+    monkeypatch.setattr(fast.psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * 60 * per_block))
+    eng = FastEngine(model, TOK, batch_size=4, sync_every=2, min_bucket=1, block_size=4, kv_fraction=0.5)
+    got = eng.generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=20))
+    # half of 120 blocks' bytes; every row at full length: 4 rows x 19 blocks (49 + 20 + 2 + 2 slots) + 37 + 1
+    assert eng.fwd.blocks == 60 and eng.worst == 114
+    assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in ref]
+
+    monkeypatch.setattr(fast.psutil, "virtual_memory", lambda: SimpleNamespace(available=1000 * per_block))
+    eng = FastEngine(model, TOK, batch_size=4, block_size=4)
+    need = (-(-(49 + 10**8 + 16 + 2) // 4) + 37 + 1) * per_block / 2**30  # one sequence (sync_every 16)
+    with pytest.raises(UserError) as e:
+        eng.generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=10**8))
+    assert str(e.value) == (f"fast engine: the KV cache needs {need:.1f} GiB for one sequence and 50% of free memory "
+                            "gives 0.0; shorten max_tokens or raise rollout.engine_options.kv_fraction")
+
+
+def test_on_cpu_the_pool_starts_with_at_most_4096_positions_a_row():
+    """The CPU pool starts with every row at full length only up to CPU_START positions past the prompt, then grows
+    as rows reach further: a run allowing a million new tokens does not allocate them before its first token."""
+    from ponder.rollout.fast import CPU_START
+
+    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
+    prompts = encode(LONGER)  # 37 blocks of 4 slots, the longest 49 tokens
+    eng = FastEngine(model, TOK, batch_size=4, sync_every=2, min_bucket=1, block_size=4)
+    out = eng.generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=5000), limits=[6] * 27)
+    assert [len(c.token_ids) for o in out for c in o] == [6] * 27
+    assert CPU_START == 4096
+    assert eng.fwd.blocks == 4 * -(-(49 + 4096) // 4) + 37 + 1 < eng.worst == 4 * -(-(49 + 5000 + 2 + 2) // 4) + 37 + 1
+    eng.generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=200), limits=[6] * 27)
+    assert eng.fwd.blocks == 4 * -(-(49 + 4096) // 4) + 37 + 1  # the same pool serves shorter calls

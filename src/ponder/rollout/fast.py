@@ -4,9 +4,9 @@
   most `batch_size` run at once (default: all), and when one finishes, a waiting one takes its row. K/V
   lives in blocks of `block_size` slots handed out as rows reach them, so memory follows the tokens that
   exist; a prompt's full blocks are shared by its `n` samples. The pool starts with room for `start_tokens`
-  new tokens a row (default: 1,024 on CUDA, all on CPU) and doubles when rows need more, up to every row at full length or
-  `kv_fraction` of the free device memory (or `kv_blocks`); past that, rows wait or give way. On CPU it
-  holds every row at full length from the start.
+  new tokens a row (default: 1,024 on CUDA; on CPU all of them, up to 4,096 positions) and doubles when rows need
+  more, up to every row at full length or `kv_fraction` of the free memory (the device's, or the host's on CPU; or
+  `kv_blocks`); past that, rows wait or give way.
 - Prefill: each distinct prompt runs once, packed (no padding work outside attention), when its first
   sample is admitted, in chunks of about `prefill_tokens` between decode steps.
 - Decode: one step for all rows, captured as a CUDA graph per (batch bucket, temperature) (and attention
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import sys
 
+import psutil
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -67,8 +68,18 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 # the KV cache's dtype: auto, the weights' compute dtype; fp8, e4m3 with a scale per layer for K and for V, set by each
 # call's first prefill (ponder.rollout.fast_model.FP8_ROOM)
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+CPU_START = 4096  # positions a row the CPU pool starts with, at most (CUDA's: 1,024 new tokens)
 WEIGHT_DTYPES = ("auto", "fp8")  # fp8: the layers' products from e4m3 copies of their matrices (ponder.kernels.fp8_linear)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def free_memory(device) -> float:
+    """Bytes the KV pool may take its share of: on CUDA the device's free memory and what torch's cache holds unused
+    (ours too); elsewhere the host's available memory."""
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return float(psutil.virtual_memory().available)
 
 
 def check_fp8(device, option: str = "kv_dtype", dtype: torch.dtype = torch.bfloat16) -> None:
@@ -393,15 +404,13 @@ class FastEngine(RolloutEngine):
         return f, use_graphs
 
     def pool_cap(self, per_block: int, device, less: int = 0) -> int:
-        """The most blocks the pool may hold: every row at full length, within `kv_blocks` if set and, on
-        CUDA, within `kv_fraction` of the device memory free now (counting what the pool holds, less `less` bytes
-        about to be taken)."""
+        """The most blocks the pool may hold: every row at full length, within `kv_blocks` if set, else within
+        `kv_fraction` of the memory free now (the device's; the host's on CPU), counting what the pool holds, less
+        `less` bytes about to be taken."""
         cap = self.worst if self.kv_blocks is None else max(2, min(self.worst, self.kv_blocks))
-        if torch.device(device).type == "cuda" and self.kv_blocks is None:
-            free, _ = torch.cuda.mem_get_info(device)
-            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) - less  # torch's cache is ours too
+        if self.kv_blocks is None:
             held = 0 if self.fwd is None else self.fwd.kv.numel() * self.fwd.kv.element_size()
-            fits = int(self.kv_fraction * (free + held) / per_block)
+            fits = int(self.kv_fraction * (free_memory(device) - less + held) / per_block)
             if fits < self.least:
                 raise UserError(f"fast engine: the KV cache needs {self.least * per_block / 2**30:.1f} GiB for one "
                                 f"sequence and {self.kv_fraction:.0%} of free memory gives {fits * per_block / 2**30:.1f}; "
@@ -471,8 +480,9 @@ class FastEngine(RolloutEngine):
         cols = max_new + self.sync_every + 2
         longest = max(len(p) for p in prompts)
         start = self.start_tokens
-        if start is None:  # CPU: every row at full length from the start (small there; growing costs time)
-            start = 1024 if self.device_type() == "cuda" else cols
+        if start is None:  # CPU: every row at full length from the start (small there; growing costs time), up to
+            # CPU_START: a run asking for a million new tokens should not allocate them all before its first token
+            start = 1024 if self.device_type() == "cuda" else min(cols, CPU_START)
         start += longest
         f, use_graphs = self._prepare(min(n_seq, self.batch_size or n_seq), longest + cols,
                                       sum(-(-len(p) // self.block_size) for p in prompts), start)
