@@ -162,7 +162,7 @@ def test_unknown_task_option_names_the_closest(tmp_path, error_line):
                     "valid options: difficulty, operands, low, high")
 
 
-@pytest.mark.parametrize("answer, what", [("null", "a null"), ('"  "', "an empty"), ("[]", "an empty"),
+@pytest.mark.parametrize("answer, what", [("null", "a null"), ("NaN", "a NaN"), ('"  "', "an empty"), ("[]", "an empty"),
                                           ('["", " "]', "an empty")])
 def test_null_or_empty_answer_names_file_and_line(tmp_path, answer, what, error_line):
     data = tmp_path / "data.jsonl"
@@ -247,12 +247,14 @@ def test_a_local_data_file_the_libraries_cannot_read_is_one_line(tmp_path, name,
 
 
 @needs_datasets
-def test_null_answer_in_a_dataset_names_the_row(tmp_path):
-    rows = [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": None}]
+@pytest.mark.parametrize("answer, what", [(None, "a null"), (" ", "an empty"), (float("nan"), "a NaN")])
+def test_null_answer_in_a_dataset_names_the_row(tmp_path, answer, what):
+    """(A column of numbers with a missing one, as pandas writes it: NaN, whose text "nan" was the gold answer.)"""
+    rows = [{"question": "1+1", "answer": 2.0 if isinstance(answer, float) else "2"}, {"question": "2+2", "answer": answer}]
     datasets.Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
     with pytest.raises(UserError) as e:
         load_examples(TaskSpec(name="hf", path=str(tmp_path / "d.parquet")))
-    assert str(e.value) == (f"{tmp_path / 'd.parquet'}: row 2 has a null 'answer' column; "
+    assert str(e.value) == (f"{tmp_path / 'd.parquet'}: row 2 has {what} 'answer' column; "
                             "every row needs an answer (fix the data, or filter the row out)")
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from ponder.errors import UserError
 from ponder.tasks import Task, answer_text, path_fix, register
-from ponder.tasks.jsonl import empty_value
+from ponder.tasks.jsonl import empty_value, no_value
 from ponder.tasks.math_formats import FINAL_ANSWER, PROMPT_FIELDS
 
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -161,7 +161,7 @@ class HfDataset(Task):
                     if any(row[k] not in allowed for k, allowed in filters.items()):
                         continue
                     if empty_value(row[answer]):
-                        raise UserError(f"{path}: row {i} has a {'null' if row[answer] is None else 'empty'} '{answer}' "
+                        raise UserError(f"{path}: row {i} has {no_value(row[answer])} '{answer}' "
                                         "column; every row needs an answer (fix the data, or filter the row out)")
                     gold = final(row[answer])
                     if empty_value(gold):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ponder.errors import UserError
@@ -44,8 +45,8 @@ def _rows(path: Path, required: tuple[str, ...], with_lines: bool) -> list:
                 raise UserError(f"{path}:{lineno}: row has no '{missing[0]}' field; every row needs {', '.join(required)}")
             empty = [k for k in required if empty_value(row[k])]
             if empty:
-                what = "a null" if row[empty[0]] is None else "an empty"
-                raise UserError(f"{path}:{lineno}: row has {what} '{empty[0]}' field; every row needs {', '.join(required)}")
+                raise UserError(f"{path}:{lineno}: row has {no_value(row[empty[0]])} '{empty[0]}' field; every row needs "
+                                f"{', '.join(required)}")
             part = next(((k, i) for k in required if isinstance(row[k], list)
                          for i, v in enumerate(row[k], 1) if empty_value(v)), None)
             if part:  # (the parts are joined by ", ": ["Paris", ""] would be the gold "Paris, ")
@@ -56,11 +57,17 @@ def _rows(path: Path, required: tuple[str, ...], with_lines: bool) -> list:
 
 
 def empty_value(value) -> bool:
-    """null, a string of nothing but spaces, an empty object, or a list of none but such: no value (0 and False are
-    values)."""
+    """null, NaN (a missing value as pandas writes one; its text "nan" would be a gold answer), a string of nothing
+    but spaces, an empty object, or a list of none but such: no value (0 and False are values)."""
     if isinstance(value, list):
         return all(map(empty_value, value))
-    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, dict) and not value)
+    return (value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+            or (isinstance(value, dict) and not value))
+
+
+def no_value(value) -> str:
+    """What kind of empty value is: 'a null', 'a NaN' or 'an empty'."""
+    return "a null" if value is None else "a NaN" if isinstance(value, float) else "an empty"
 
 
 @register
