@@ -116,9 +116,10 @@ class AlgoConfig:
     # an entropy bonus: the loss less entropy_coef x each token's entropy, aggregated as the tokens' loss (verl's
     # entropy_coeff); it reaches samples of zero advantage, which train.skip_zero_advantage then no longer skips
     entropy_coef: float = 0.0
-    # the 80/20 rule (Wang et al. 2025, arXiv 2506.01939): only this share of each micro-batch's tokens, those of
-    # highest entropy (the forks where the chain could go either way), carry policy gradient; the paper keeps 0.2.
-    # The KL and entropy terms still cover every token. 1: every token (TRL's top_entropy_quantile)
+    # the 80/20 rule (Wang et al. 2025, arXiv 2506.01939): only this share of each micro-batch's tokens (a process's
+    # own), those of highest entropy (the forks where the chain could go either way), carry policy gradient; the paper
+    # keeps 0.2. The KL and entropy terms still cover every token. 1: every token (TRL's top_entropy_quantile, whose
+    # cut is over every process's micro-batch at once)
     top_entropy_quantile: float = 1.0
     mu: int = 1  # passes over each batch of rollouts (old log-probs kept when > 1)
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many mini-batches)
