@@ -120,6 +120,18 @@ def test_stages_are_skipped_once_done_and_an_interrupted_sft_continues(tmp_path,
     assert steps == [1, 2]
 
 
+def test_the_teachers_problems_are_loaded_once(tmp_path, teacher_engine, monkeypatch):
+    """The checks before sampling load sample.tasks (a missing file is named before the teacher loads); the sample
+    stage takes those examples rather than reading a large dataset a second time."""
+    import ponder.tasks
+    from ponder.distill import distill
+
+    real, calls = ponder.tasks.load_examples, []
+    monkeypatch.setattr(ponder.tasks, "load_examples", lambda spec, seed: calls.append(spec.name) or real(spec, seed))
+    assert distill(make_cfg(tmp_path, "tiny-random"), stage="sample", quiet=True)["sample"]["accepted"] == 4
+    assert calls == ["arithmetic"]
+
+
 def test_no_accepted_trace_is_a_clear_error(tmp_path, teacher_engine, capsys):
     from ponder.distill import distill
 

@@ -15,6 +15,7 @@ use different tokenizers: the student's own tokenizer encodes them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import time
@@ -99,7 +100,9 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
         raise UserError(f"run directory {run} already holds distill stages; pass --resume to continue it, or choose another name (name=...)")
     if any(begun.values()):  # the traces (or the student) were made with the run's settings: they stay in config.yaml
         _refuse_changes(cfg, begun, done, "--resume" if resume else f"--stage {stage}")
-    _check_before_sampling(cfg, [s for s in stages if not done[s]])
+    loaded = _check_before_sampling(cfg, [s for s in stages if not done[s]])
+    # the sample stage takes the teacher's problems as the check loaded them (a large dataset is read once)
+    fns = {**STAGE_FNS, "sample": functools.partial(_sample_stage, examples=loaded)}
     make_dir(run, "output_dir/name")
     write_atomic(run / "config.yaml", dump_yaml(to_dict(cfg)))
     out = {}
@@ -109,7 +112,7 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
             if not quiet:
                 console.print(f"stage {s}: done earlier ({marker(cfg, s)}), skipped")
             continue
-        out[s] = STAGE_FNS[s](cfg, quiet, resume)
+        out[s] = fns[s](cfg, quiet, resume)
         marker(cfg, s).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(marker(cfg, s), json.dumps(out[s] | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
     return out
@@ -140,19 +143,20 @@ def _refuse_changes(cfg: DistillConfig, begun: dict, done: dict, flag: str) -> N
                         "(name=...) to start a new one")
 
 
-def _check_before_sampling(cfg: DistillConfig, stages: list[str]) -> None:
-    """What the stages to run need and can be checked in a moment, checked before the sampling takes its time."""
+def _check_before_sampling(cfg: DistillConfig, stages: list[str]) -> list[list[dict]] | None:
+    """What the stages to run need and can be checked in a moment, checked before the sampling takes its time. The
+    examples of sample.tasks, loaded to check them (None where the sample stage does not run)."""
     from ponder.metrics import require_backends
     from ponder.models import check_loadable, resolve
     from ponder.runtime import pick_device
     from ponder.tasks import load_examples, tasks_named_by
     from ponder.templates import TEMPLATES
 
+    loaded = None
     if "sample" in stages:
         resolve(cfg.sample.model)
         with tasks_named_by("sample.tasks"):  # loaded as the stage loads them: a path or option missing, too
-            for spec in cfg.sample.tasks:
-                load_examples(spec, cfg.sample.seed)
+            loaded = [load_examples(spec, cfg.sample.seed) for spec in cfg.sample.tasks]
     if "sft" in stages:
         check_loadable(cfg.sft.model.path)
         if cfg.sft.data.template not in (*TEMPLATES, "chat"):
@@ -169,6 +173,7 @@ def _check_before_sampling(cfg: DistillConfig, stages: list[str]) -> None:
         if cfg.sft.model.lora is not None:
             with _sft_key("model.lora"):
                 _check_lora_targets(cfg.sft.model)
+    return loaded
 
 
 @contextlib.contextmanager
@@ -225,14 +230,14 @@ def _check_lora_targets(m) -> None:
         check_lora_targets(model, m.lora)
 
 
-def _sample_stage(cfg: DistillConfig, quiet: bool, resume: bool) -> dict:
+def _sample_stage(cfg: DistillConfig, quiet: bool, resume: bool, examples: list[list[dict]] | None = None) -> dict:
     from ponder.sample import sample
     from ponder.tasks import tasks_named_by
 
     if not quiet:
         console.rule(f"stage sample: teacher {cfg.sample.model}")
     with tasks_named_by("sample.tasks"):
-        summary = sample(cfg.sample, progress=not quiet, resume=resume)  # an interrupted sampling continues
+        summary = sample(cfg.sample, progress=not quiet, resume=resume, examples=examples)  # an interrupted one continues
     if summary["accepted"] == 0:
         # the empty traces.jsonl would make the next attempt, with looser settings, a resume of this one
         Path(cfg.sample.out).unlink()

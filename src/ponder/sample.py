@@ -147,14 +147,16 @@ def task_labels(specs: list[TaskSpec]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
-def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None, resume: bool = False) -> dict:
+def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None, resume: bool = False,
+           examples: list[list[dict]] | None = None) -> dict:
     """Run rejection sampling; write the accepted rows, the summary and the unsolved ids. Returns the summary.
 
     Rows go to <out>.partial, and <out>.partial.json records after each chunk of prompts how far it got;
     with `resume`, an interrupted run with the same settings continues after its last finished chunk
     (chunks have their own seeds, so the result is the one an uninterrupted run writes), and a finished one
     is left as it is. Without `resume`, an existing output or interrupted run is an error, never overwritten;
-    so is `resume` with settings other than the run's."""
+    so is `resume` with settings other than the run's. `examples`: each task's examples, where the caller has loaded
+    them already (ponder distill, to check them before the teacher loads)."""
     import torch
 
     from ponder import models, positions
@@ -176,8 +178,10 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     problems = []  # (label, prompt_id, example)
-    for label, spec in zip(task_labels(cfg.tasks), cfg.tasks):
-        for i, ex in enumerate(load_examples(spec, cfg.seed)):
+    if examples is None:
+        examples = [load_examples(spec, cfg.seed) for spec in cfg.tasks]
+    for label, spec, rows in zip(task_labels(cfg.tasks), cfg.tasks, examples):
+        for i, ex in enumerate(rows):
             # the label, not the name: two specs of one task (easy and hard arithmetic) number their problems apart
             problems.append((label, str(ex.get("id", f"{label}/{spec.split}/{i}")), ex))
     problems, repeats = first_of_each_prompt(problems)
