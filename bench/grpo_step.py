@@ -148,8 +148,10 @@ def profiled(trainer, path: str, stack: bool = False, update_only: bool = False)
                 return learn(samples)
 
         prof, trainer.learn = None, learn_profiled
-        m = trainer.step()
-        trainer.learn = learn
+        try:
+            m = trainer.step()
+        finally:
+            trainer.learn = learn
     else:
         with profile(activities=activities, with_stack=stack) as prof:
             m = trainer.step()
@@ -188,6 +190,8 @@ def main():
     ap.add_argument("--lengths", choices=["uniform", "long-tail"], default="uniform",
                     help="long-tail: each sample ends at a length from a lognormal (median 1,500, 10%% at --new)")
     a = parse_with_common(ap)
+    if a.profile_update and not a.profile:
+        ap.error("--profile-update needs --profile PATH")
     report = new_report(a)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.work or tmp)

@@ -1384,34 +1384,53 @@ def test_the_hf_engine_takes_an_eos_id_of_0_as_the_models(monkeypatch):
 
 
 def test_on_cpu_the_pool_is_capped_by_the_hosts_free_memory(monkeypatch):
-    """On CPU, as on CUDA, the pool takes at most kv_fraction of the memory free (the host's available memory):
-    a request for far more tokens than fit gets one line before any allocation (it was an allocator traceback for
-    6.5 TB of cache at max_new_tokens=1e8), and a pool capped below every row at full length still gives
-    transformers' tokens."""
+    """On CPU, as on CUDA, the pool grows to at most kv_fraction of the memory free, its own counted (the host's
+    available memory, here made up: what is left of 80 blocks' bytes once the pool holds its share); past that, rows
+    wait or give way, and each sample's tokens are those of a pool without the cap (the draw is a hash of the seed,
+    the sequence and the token's index). Memory that others take while a pool exists is no error: the pool stops
+    growing. A request for far more tokens than fit gets one line before any allocation (max_new_tokens=1e8 was an
+    allocator traceback for 6.5 TB of cache)."""
     from types import SimpleNamespace
 
     from ponder.rollout import fast
 
-    model = seeded(0, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)))
-    prompts = encode(LONGER)  # 37 blocks of 4 slots, the longest 49 tokens
-    set_eos_mid_generation(model, prompts, steps=20)
-    ref = HFEngine(model, TOK).generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=20))
-    # a block: 2 layers x (K, V) x 2 KV heads x 4 slots x 16 dims x 4 bytes (float32) = 2,048 bytes
-    per_block = 2 * 2 * 2 * 4 * 16 * 4
-    monkeypatch.setattr(fast.psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * 60 * per_block))
-    eng = FastEngine(model, TOK, batch_size=4, sync_every=2, min_bucket=1, block_size=4, kv_fraction=0.5)
-    got = eng.generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=20))
-    # half of 120 blocks' bytes; every row at full length: 4 rows x 19 blocks (49 + 20 + 2 + 2 slots) + 37 + 1
-    assert eng.fwd.blocks == 60 and eng.worst == 114
-    assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in ref]
+    model = randomized(load("tiny-random-micro", seed=2)[0])
+    model.generation_config.eos_token_id = len(TOK) + 5  # never sampled: the limits end the samples
+    prompts, limits = encode(["ab"] * 8), [60, 4, 30, 45] * 4
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=60, seed=0)
+    free = FastEngine(model, TOK, batch_size=4, sync_every=2, min_bucket=1, block_size=4, start_tokens=2)
+    want = [[c.token_ids for c in o] for o in free.generate(prompts, params, limits=limits)]
+    per_block = free.fwd.kv[:, :, 0].numel() * free.fwd.kv.element_size()
+    # one sequence: 2 + 60 + 2 + 2 slots in 17 blocks, the 8 prompts' blocks and one; every row: 4 x 17 + 9
+    assert (free.least, free.worst, free.fwd.blocks) == (26, 77, 52)  # 13 blocks, grown twice
 
-    monkeypatch.setattr(fast.psutil, "virtual_memory", lambda: SimpleNamespace(available=1000 * per_block))
+    eng = FastEngine(model, TOK, batch_size=4, sync_every=2, min_bucket=1, block_size=4, start_tokens=2)
+    held = lambda: 0 if eng.fwd is None else eng.fwd.kv.numel() * eng.fwd.kv.element_size()  # noqa: E731
+    monkeypatch.setattr(fast.psutil, "virtual_memory", lambda: SimpleNamespace(available=80 * per_block - held()))
+    got = eng.generate(prompts, params, limits=limits)
+    assert eng.fwd.blocks == 40 and eng.stats["kv_blocks_peak"] <= 40 and eng.stats["gave_way"] > 0
+    assert [[c.token_ids for c in o] for o in got] == want
+
+    eng = FastEngine(model, TOK, batch_size=4, sync_every=2, min_bucket=1, block_size=4, start_tokens=20)
+    monkeypatch.setattr(fast.psutil, "virtual_memory",
+                        lambda: SimpleNamespace(available=80 * per_block if eng.fwd is None else 0))
+    got = eng.generate(prompts, params, limits=limits)
+    assert eng.fwd.blocks == 4 * 6 + 9  # room for 20 new tokens a row, then no more
+    assert [[c.token_ids for c in o] for o in got] == want
+
+    monkeypatch.setattr(fast.psutil, "virtual_memory", lambda: SimpleNamespace(available=40 * per_block))
     eng = FastEngine(model, TOK, batch_size=4, block_size=4)
-    need = (-(-(49 + 10**8 + 16 + 2) // 4) + 37 + 1) * per_block / 2**30  # one sequence (sync_every 16)
+    with pytest.raises(UserError) as e:  # one sequence: 26 blocks of 2 KiB (sync_every 16: 2 + 60 + 16 + 2 slots)
+        eng.generate(prompts, params, limits=limits)
+    need = (-(-(2 + 60 + 16 + 2) // 4) + 9) * per_block
+    assert str(e.value) == (f"fast engine: the KV cache needs {need / 2**20:.1f} MiB for one sequence and 50% of free "
+                            f"memory gives {20 * per_block / 2**20:.1f} MiB; raise rollout.engine_options.kv_fraction (to "
+                            f"{need / (40 * per_block):.2f} at least) or shorten max_tokens")
     with pytest.raises(UserError) as e:
-        eng.generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=10**8))
+        eng.generate(prompts, SamplingParams(n=2, max_tokens=10**8))
+    need = (-(-(2 + 10**8 + 16 + 2) // 4) + 9) * per_block / 2**30
     assert str(e.value) == (f"fast engine: the KV cache needs {need:.1f} GiB for one sequence and 50% of free memory "
-                            "gives 0.0; shorten max_tokens or raise rollout.engine_options.kv_fraction")
+                            f"gives {20 * per_block / 2**20:.1f} MiB; shorten max_tokens")
 
 
 def test_on_cpu_the_pool_starts_with_at_most_4096_positions_a_row():
@@ -1428,3 +1447,39 @@ def test_on_cpu_the_pool_starts_with_at_most_4096_positions_a_row():
     assert eng.fwd.blocks == 4 * -(-(49 + 4096) // 4) + 37 + 1 < eng.worst == 4 * -(-(49 + 5000 + 2 + 2) // 4) + 37 + 1
     eng.generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=200), limits=[6] * 27)
     assert eng.fwd.blocks == 4 * -(-(49 + 4096) // 4) + 37 + 1  # the same pool serves shorter calls
+
+
+def test_a_containers_memory_limit_bounds_the_cpu_pool(tmp_path):
+    """psutil reads the host's memory; a container's own limit (cgroup v2 or v1) is what it may still allocate."""
+    from ponder.rollout.fast import cgroup_free
+
+    assert cgroup_free(str(tmp_path)) == float("inf")  # no control group files: no limit
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1000\n")
+    assert cgroup_free(str(tmp_path)) == float("inf")  # v2 without a limit
+    (tmp_path / "memory.max").write_text("17179869184\n")
+    assert cgroup_free(str(tmp_path)) == 17179869184 - 1000
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    (v1 / "memory.usage_in_bytes").write_text("5\n")
+    assert cgroup_free(str(tmp_path / "v1")) == float("inf")
+    (v1 / "memory.limit_in_bytes").write_text("4096\n")
+    assert cgroup_free(str(tmp_path / "v1")) == 4091
+
+
+def test_processes_of_one_machine_share_its_memory_for_their_cpu_pools(monkeypatch):
+    """torchrun --nproc-per-node N on CPU: each process's pool takes its share of the host's free memory, the least
+    of the host's and the container's; on its own, all of it."""
+    from types import SimpleNamespace
+
+    from ponder.rollout import fast
+
+    monkeypatch.setattr(fast.psutil, "virtual_memory", lambda: SimpleNamespace(available=8000))
+    monkeypatch.setattr(fast, "cgroup_free", lambda: float("inf"))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert fast.free_memory("cpu") == 8000
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert fast.free_memory("cpu") == 2000
+    monkeypatch.setattr(fast, "cgroup_free", lambda: 400.0)
+    assert fast.free_memory("cpu") == 100

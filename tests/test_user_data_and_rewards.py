@@ -258,6 +258,22 @@ def test_null_answer_in_a_dataset_names_the_row(tmp_path, answer, what):
                             "every row needs an answer (fix the data, or filter the row out)")
 
 
+@needs_datasets
+@pytest.mark.parametrize("prompt, value, line", [
+    (None, float("nan"), "row 2 has a NaN prompt ('x')"),
+    ("Add {x} and {y}.", None, "row 2 has a null 'y' column, which the prompt template fills (fix the data, or filter the row out)"),
+    ("Add {x} and {y}.", float("nan"), "row 2 has a NaN 'y' column, which the prompt template fills (fix the data, or filter the row out)"),
+])
+def test_a_missing_value_in_a_prompts_columns_names_the_row(tmp_path, prompt, value, line):
+    """Missing values (null, or NaN as pandas writes them) would reach the model as the text "None" or "nan"."""
+    rows = [{"x": 1.5, "y": 2.0, "answer": "3.5"}, {"x": value if prompt is None else 1.0, "y": value, "answer": "3"}]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
+    options = {"prompt": prompt or "x"}
+    with pytest.raises(UserError) as e:
+        load_examples(TaskSpec(name="hf", path=str(tmp_path / "d.parquet"), options=options))
+    assert str(e.value) == f"{tmp_path / 'd.parquet'}: {line}"
+
+
 def test_without_datasets_the_error_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(UserError) as e:

@@ -15,7 +15,6 @@ use different tokenizers: the student's own tokenizer encodes them.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import re
 import time
@@ -101,8 +100,6 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
     if any(begun.values()):  # the traces (or the student) were made with the run's settings: they stay in config.yaml
         _refuse_changes(cfg, begun, done, "--resume" if resume else f"--stage {stage}")
     loaded = _check_before_sampling(cfg, [s for s in stages if not done[s]])
-    # the sample stage takes the teacher's problems as the check loaded them (a large dataset is read once)
-    fns = {**STAGE_FNS, "sample": functools.partial(_sample_stage, examples=loaded)}
     make_dir(run, "output_dir/name")
     write_atomic(run / "config.yaml", dump_yaml(to_dict(cfg)))
     out = {}
@@ -112,7 +109,10 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
             if not quiet:
                 console.print(f"stage {s}: done earlier ({marker(cfg, s)}), skipped")
             continue
-        out[s] = fns[s](cfg, quiet, resume)
+        # the sample stage takes the teacher's problems as the checks loaded them (a large dataset read once), and
+        # lets them go before the student trains
+        out[s] = STAGE_FNS[s](cfg, quiet, resume, **({"examples": loaded} if s == "sample" else {}))
+        loaded = None
         marker(cfg, s).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(marker(cfg, s), json.dumps(out[s] | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
     return out

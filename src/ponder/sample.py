@@ -180,7 +180,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     problems = []  # (label, prompt_id, example)
     if examples is None:
         examples = [load_examples(spec, cfg.seed) for spec in cfg.tasks]
-    for label, spec, rows in zip(task_labels(cfg.tasks), cfg.tasks, examples):
+    for label, spec, rows in zip(task_labels(cfg.tasks), cfg.tasks, examples, strict=True):
         for i, ex in enumerate(rows):
             # the label, not the name: two specs of one task (easy and hard arithmetic) number their problems apart
             problems.append((label, str(ex.get("id", f"{label}/{spec.split}/{i}")), ex))

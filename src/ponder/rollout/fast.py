@@ -41,7 +41,9 @@ would outrun a sliding window, go to the Hugging Face engine.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import psutil
 import torch
@@ -68,6 +70,7 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 # the KV cache's dtype: auto, the weights' compute dtype; fp8, e4m3 with a scale per layer for K and for V, set by each
 # call's first prefill (ponder.rollout.fast_model.FP8_ROOM)
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+GROW_ROOM = 0.9  # of the free memory, the most a grown pool may take while the old one is still held
 CPU_START = 4096  # positions a row the CPU pool starts with, at most (CUDA's: 1,024 new tokens)
 WEIGHT_DTYPES = ("auto", "fp8")  # fp8: the layers' products from e4m3 copies of their matrices (ponder.kernels.fp8_linear)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -75,11 +78,28 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 def free_memory(device) -> float:
     """Bytes the KV pool may take its share of: on CUDA the device's free memory and what torch's cache holds unused
-    (ours too); elsewhere the host's available memory."""
+    (ours too); elsewhere the host's available memory, within the container's limit, shared by this machine's
+    processes (torchrun --nproc-per-node N on CPU: each one's pool grows at the same time)."""
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return float(psutil.virtual_memory().available)
+    free = min(float(psutil.virtual_memory().available), cgroup_free())
+    return free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def cgroup_free(root: str = "/sys/fs/cgroup") -> float:
+    """What this process's control group (a Docker or Kubernetes memory limit) lets it allocate still; inf without
+    one. /proc/meminfo, which psutil reads, tells the host's memory: a 16 GB container on a 512 GB host would size
+    its pool for the host's and be killed."""
+    for limit, usage in (("memory.max", "memory.current"),  # cgroup v2
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+        try:
+            cap = Path(root, limit).read_text().strip()
+            if cap != "max" and int(cap) < 2**60:  # (v1 writes a huge number for none)
+                return float(int(cap) - int(Path(root, usage).read_text()))
+        except (OSError, ValueError):
+            continue
+    return float("inf")
 
 
 def check_fp8(device, option: str = "kv_dtype", dtype: torch.dtype = torch.bfloat16) -> None:
@@ -381,6 +401,7 @@ class FastEngine(RolloutEngine):
         blocks = min(self.worst, rows * -(-min(start, positions) // self.block_size) + prompt_blocks + 1)
         if f is None or sig != self.weights_sig or f.rows < rows or f.positions < positions:
             self.release()
+            f = None  # the old pool is freed before the new one is sized and made
             # auto: the split-KV Triton kernel on CUDA (reads only live slots); on CPU two matrix products and a
             # softmax (the kernel would run as its torch reference; CPU flash attention took 3.5x as long for
             # decode shapes, and its per-call buffers cost page faults)
@@ -404,25 +425,35 @@ class FastEngine(RolloutEngine):
         return f, use_graphs
 
     def pool_cap(self, per_block: int, device, less: int = 0) -> int:
-        """The most blocks the pool may hold: every row at full length, within `kv_blocks` if set, else within
-        `kv_fraction` of the memory free now (the device's; the host's on CPU), counting what the pool holds, less
-        `less` bytes about to be taken."""
+        """The most blocks a new pool may hold: every row at full length, within `kv_blocks` if set, else within
+        `kv_fraction` of the memory free now (the device's; the host's on CPU), less `less` bytes about to be taken;
+        one line where that cannot hold one sequence."""
         cap = self.worst if self.kv_blocks is None else max(2, min(self.worst, self.kv_blocks))
         if self.kv_blocks is None:
-            held = 0 if self.fwd is None else self.fwd.kv.numel() * self.fwd.kv.element_size()
-            fits = int(self.kv_fraction * (free_memory(device) - less + held) / per_block)
+            free = free_memory(device) - less
+            fits = int(self.kv_fraction * free / per_block)
             if fits < self.least:
-                raise UserError(f"fast engine: the KV cache needs {self.least * per_block / 2**30:.1f} GiB for one "
-                                f"sequence and {self.kv_fraction:.0%} of free memory gives {fits * per_block / 2**30:.1f}; "
-                                "shorten max_tokens or raise rollout.engine_options.kv_fraction")
+                need, gib = self.least * per_block, lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+                more = (f"raise rollout.engine_options.kv_fraction (to {need / free:.2f} at least) or "
+                        if need <= free else "")
+                raise UserError(f"fast engine: the KV cache needs {gib(need)} for one sequence and {self.kv_fraction:.0%} of "
+                                f"free memory gives {gib(fits * per_block)}; {more}shorten max_tokens")
             cap = min(cap, fits)
         return cap
 
     def grow_pool(self, f: Forward, want: int) -> int:
-        """At least `want` more blocks (doubling, up to the cap) so that memory follows the live tokens;
-        returns how many were added (0: at the cap). The graphs read the old pool: they are captured again."""
+        """At least `want` more blocks (doubling, up to kv_fraction of the free memory counting the pool's own, or
+        kv_blocks) so that memory follows the live tokens; returns how many were added (0: at the cap: rows wait or
+        give way; memory others took since the pool was made is no error here). The new pool is made before the old
+        one goes: it must fit beside it. The graphs read the old pool: they are captured again."""
         per_block = f.kv[:, :, 0].numel() * f.kv.element_size()
-        new = min(self.pool_cap(per_block, f.device), max(2 * f.blocks, f.blocks + want))
+        new = max(2 * f.blocks, f.blocks + want)
+        if self.kv_blocks is not None:
+            new = min(new, max(2, min(self.worst, self.kv_blocks)))
+        else:
+            free = free_memory(f.device)
+            held = f.kv.numel() * f.kv.element_size()
+            new = min(new, self.worst, int(self.kv_fraction * (free + held) / per_block), int(GROW_ROOM * free / per_block))
         if new <= f.blocks:
             return 0
         added = new - f.blocks

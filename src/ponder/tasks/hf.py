@@ -167,9 +167,14 @@ class HfDataset(Task):
                     if empty_value(gold):
                         raise UserError(f"{path}: row {i}: no final answer in column '{answer}' for answer_format "
                                         f"'{answer_format}'")
+                    missing = next((c for c in plan.fields if empty_value(row[c]) and not isinstance(row[c], str)),
+                                   None) if plan.template else None  # (an empty text: a column left blank on purpose)
+                    if missing:  # its text would be "None" or "nan" in the prompt
+                        raise UserError(f"{path}: row {i} has {no_value(row[missing])} '{missing}' column, which the "
+                                        "prompt template fills (fix the data, or filter the row out)")
                     text = plan.prompt_of(row)
                     if empty_value(text):
-                        raise UserError(f"{path}: row {i} has an empty prompt ('{plan.prompt}')")
+                        raise UserError(f"{path}: row {i} has {no_value(text)} prompt ('{plan.prompt}')")
                     example = {k: row[k] for k in plan.keep}
                     if answer_format != "plain" and raw_as not in example:
                         example[raw_as] = row[answer]
