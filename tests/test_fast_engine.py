@@ -1390,8 +1390,6 @@ def test_on_cpu_the_pool_is_capped_by_the_hosts_free_memory(monkeypatch):
     the sequence and the token's index). Memory that others take while a pool exists is no error: the pool stops
     growing. A request for far more tokens than fit gets one line before any allocation (max_new_tokens=1e8 was an
     allocator traceback for 6.5 TB of cache)."""
-    from types import SimpleNamespace
-
     from ponder.rollout import fast
 
     model = randomized(load("tiny-random-micro", seed=2)[0])
@@ -1406,19 +1404,18 @@ def test_on_cpu_the_pool_is_capped_by_the_hosts_free_memory(monkeypatch):
 
     eng = FastEngine(model, TOK, batch_size=4, sync_every=2, min_bucket=1, block_size=4, start_tokens=2)
     held = lambda: 0 if eng.fwd is None else eng.fwd.kv.numel() * eng.fwd.kv.element_size()  # noqa: E731
-    monkeypatch.setattr(fast.psutil, "virtual_memory", lambda: SimpleNamespace(available=80 * per_block - held()))
+    monkeypatch.setattr(fast, "host_available", lambda: 80 * per_block - held())
     got = eng.generate(prompts, params, limits=limits)
     assert eng.fwd.blocks == 40 and eng.stats["kv_blocks_peak"] <= 40 and eng.stats["gave_way"] > 0
     assert [[c.token_ids for c in o] for o in got] == want
 
     eng = FastEngine(model, TOK, batch_size=4, sync_every=2, min_bucket=1, block_size=4, start_tokens=20)
-    monkeypatch.setattr(fast.psutil, "virtual_memory",
-                        lambda: SimpleNamespace(available=80 * per_block if eng.fwd is None else 0))
+    monkeypatch.setattr(fast, "host_available", lambda: 80 * per_block if eng.fwd is None else 0)
     got = eng.generate(prompts, params, limits=limits)
     assert eng.fwd.blocks == 4 * 6 + 9  # room for 20 new tokens a row, then no more
     assert [[c.token_ids for c in o] for o in got] == want
 
-    monkeypatch.setattr(fast.psutil, "virtual_memory", lambda: SimpleNamespace(available=40 * per_block))
+    monkeypatch.setattr(fast, "host_available", lambda: 40 * per_block)
     eng = FastEngine(model, TOK, batch_size=4, block_size=4)
     with pytest.raises(UserError) as e:  # one sequence: 26 blocks of 2 KiB (sync_every 16: 2 + 60 + 16 + 2 slots)
         eng.generate(prompts, params, limits=limits)
@@ -1471,11 +1468,9 @@ def test_a_containers_memory_limit_bounds_the_cpu_pool(tmp_path):
 def test_processes_of_one_machine_share_its_memory_for_their_cpu_pools(monkeypatch):
     """torchrun --nproc-per-node N on CPU: each process's pool takes its share of the host's free memory, the least
     of the host's and the container's; on its own, all of it."""
-    from types import SimpleNamespace
-
     from ponder.rollout import fast
 
-    monkeypatch.setattr(fast.psutil, "virtual_memory", lambda: SimpleNamespace(available=8000))
+    monkeypatch.setattr(fast, "host_available", lambda: 8000)
     monkeypatch.setattr(fast, "cgroup_free", lambda: float("inf"))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert fast.free_memory("cpu") == 8000

@@ -83,8 +83,12 @@ def free_memory(device) -> float:
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    free = min(float(psutil.virtual_memory().available), cgroup_free())
+    free = min(host_available(), cgroup_free())
     return free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def host_available() -> float:
+    return float(psutil.virtual_memory().available)
 
 
 def cgroup_free(root: str = "/sys/fs/cgroup") -> float:
