@@ -203,6 +203,36 @@ def test_a_misspelled_probe_task_is_one_line_before_training(tmp_path, monkeypat
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("override, line", [
+    ("probe.k=0", "config probe.k must be at least 1 (samples a problem); got 0"),
+    ("probe.n=-1", "config probe.n must be 0 (no probe) or more; got -1"),
+    ("probe.batch_size=0", "config probe.batch_size must be at least 1; got 0"),
+    ("probe.max_new_tokens=0", "config probe.max_new_tokens must be at least 1; got 0"),
+    ("probe.temperatures=[-1]", "config probe.temperatures must be 0 (greedy) or more each; got [-1.0]"),
+    ("sizes={hidden_size: 0}", "config sizes.hidden_size must be a whole number from 1 to 65,536; got 0"),
+    ("sizes={hidden_size: 1099511627776}", "config sizes.hidden_size must be a whole number from 1 to 65,536; got 1099511627776"),
+    ("sizes={hidden_size: 96.5}", "config sizes.hidden_size must be a whole number from 1 to 65,536; got 96.5"),
+    ("sizes={num_attention_heads: 0}", "config sizes.num_attention_heads must be a whole number from 1 to 65,536; got 0"),
+    ("sizes={hidden_size: 100}", "config sizes.hidden_size must be num_attention_heads (4) times an even head width "
+                                 "(rotary turns pairs of dimensions); got 100"),
+    ("sizes={num_attention_heads: 3}", "config sizes.hidden_size must be num_attention_heads (3) times an even head width "
+                                       "(rotary turns pairs of dimensions); got 64"),
+    ("sizes={num_key_value_heads: 3}", "config sizes.num_key_value_heads must be a divisor of num_attention_heads (4); got 3"),
+    ("min_lr=10", "config min_lr must be at most lr (0.003), where the cosine ends; got 10"),
+    ("seed=18446744073709551617", "config seed must be an integer of at most 63 bits (e.g. 0); got 18446744073709551617"),
+    ("threads=-1", "config threads must be 0 (torch's default) or more; got -1"),
+])
+def test_settings_out_of_range_are_one_line_before_the_corpus(tmp_path, monkeypatch, error_line, override, line):
+    """The probe's settings and the model's sizes failed in transformers or the probe after the corpus was written
+    (or after all of training); a width of 2**40 tried to allocate 444 TB."""
+    import ponder.pretrain as pt
+
+    monkeypatch.setattr(pt, "corpus_tokens", lambda *a: pytest.fail("the corpus was written before the settings were checked"))
+    small(tmp_path, probe={"n": 1, "k": 1})
+    assert error_line("pretrain", str(tmp_path / "r.yaml"), override) == f"ponder: error: {line}"
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_probe_that_fails_after_training_keeps_the_trained_model(tmp_path, monkeypatch, capsys):
     """A probe that raised (here a stand-in for any failure) took the model with it: it was written to a temporary
     directory removed on the way out. The model is saved with a card without figures, and the line says where."""

@@ -407,10 +407,18 @@ def test_bad_input_ends_in_one_line(tmp_path, capsys):
     # out of range: torch's own RuntimeError (threads), or nothing said at all (data.n 0 trained on every row)
     for setting, line in (("train.threads=-1", "config train.threads must be 0 (torch's default) or more; got -1"),
                           ("data.n=0", "config data.n must be at least 1, or null (every row); got 0"),
-                          ("train.log_samples=-1", "config train.log_samples must be 0 (none) or more; got -1")):
+                          ("train.log_samples=-1", "config train.log_samples must be 0 (none) or more; got -1"),
+                          ("seed=18446744073709551617",  # torch.manual_seed's overflow
+                           "config seed must be an integer of at most 63 bits (e.g. 0); got 18446744073709551617")):
         assert _error(capsys, "sft", str(recipe), f"data.files=[{good}]", setting) == f"ponder: error: {line}"
-    assert _error(capsys, "sample", "--model", "tiny-base", "--tasks", "first_digit", "threads=-1",
-                  "--out", str(tmp_path / "t.jsonl")) == "ponder: error: config threads must be 0 (torch's default) or more; got -1"
+    for setting, line in (("threads=-1", "config threads must be 0 (torch's default) or more; got -1"),
+                          ("seed=18446744073709551617",
+                           "config seed must be an integer of at most 63 bits (e.g. 0); got 18446744073709551617"),
+                          ("batch_size=-3", "config batch_size must be at least 1 (sequences generated at once); got -3")):
+        assert _error(capsys, "sample", "--model", "tiny-base", "--tasks", "first_digit", setting,
+                      "--out", str(tmp_path / "t.jsonl")) == f"ponder: error: {line}"
+    assert _error(capsys, "sample", "--model", "tiny-base", "--tasks", "first_digit", "--out", "") == (
+        "ponder: error: config out must be a file to write, e.g. traces.jsonl; got ''")
 
 
 def test_coldstart_traces_are_correct_in_format_and_show_no_test_item():

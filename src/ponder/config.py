@@ -673,6 +673,17 @@ def need(ok: bool, key: str, value, allowed: str) -> None:
         raise UserError(f"config {key} must be {allowed}; got {shown(value)}")
 
 
+def need_threads(value: int, key: str) -> None:
+    """torch's CPU threads: 0 (its default) or more; more than the machine's cores are cut to them where set
+    (ponder.runtime.set_threads)."""
+    need(value >= 0, key, value, "0 (torch's default) or more")
+
+
+def need_seed(value: int, key: str = "seed") -> None:
+    """A seed torch takes (torch.manual_seed overflows past 64 bits)."""
+    need(-(2**63) <= value < 2**63, key, value, "an integer of at most 63 bits (e.g. 0)")
+
+
 def shown(value) -> str:
     """A setting's value as a user wrote it: 2 for a float field given 2, not 2.0."""
     return f"{value:g}" if isinstance(value, float) else repr(value)
@@ -731,6 +742,7 @@ def validate(cfg) -> None:
     if not isinstance(cfg, RunConfig):
         return
     a, r, t = cfg.algorithm, cfg.rollout, cfg.train
+    need_seed(cfg.seed)
     need(r.group_size >= 1, "rollout.group_size", r.group_size, "at least 1")
     need(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "at least 1")
     need(r.generation_batch >= 1, "rollout.generation_batch", r.generation_batch, "at least 1")
@@ -758,7 +770,7 @@ def validate(cfg) -> None:
     need(t.save_every >= 0, "train.save_every", t.save_every, "0 (only at the end) or more")
     need(t.keep_last >= 0, "train.keep_last", t.keep_last, "0 (keep every checkpoint) or more")
     need(t.log_samples >= 0, "train.log_samples", t.log_samples, "0 or more")
-    need(t.threads >= 0, "train.threads", t.threads, "0 (torch's default) or more")
+    need_threads(t.threads, "train.threads")
     need(t.collective_timeout > 0, "train.collective_timeout", t.collective_timeout, "minutes, more than 0")
     e = cfg.eval
     need(e.every >= 0, "eval.every", e.every, "0 (at the end only) or more")

@@ -28,7 +28,7 @@ import torch
 from ponder import stopping
 from ponder.errors import UserError
 from ponder.files import blocked, blocking_file, replace_dir, writable_dir
-from ponder.runtime import choose_precision, device_memory
+from ponder.runtime import choose_precision, device_memory, set_threads
 from ponder.tasks.corpus import CorpusConfig, corpus_text
 
 
@@ -155,13 +155,30 @@ def corpus_tokenizer(corpus: CorpusConfig):
 # model and training
 
 
-def build_model(cfg: PretrainConfig, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ponder.models.tiny import TINY_SHAPES, tiny_config
+def check_sizes(cfg: PretrainConfig) -> None:
+    """The shape and its sizes: whole numbers, heads that divide the width into even head widths (rotary), query
+    heads in whole groups of key/value heads. Found by transformers only after the corpus was written, or never
+    (a width of 2**40 tried to allocate 444 TB)."""
+    from ponder.config import need
+    from ponder.models.tiny import TINY_SHAPES
 
     if cfg.shape not in TINY_SHAPES:
         raise UserError(f"config shape: unknown tiny shape '{cfg.shape}'; choose one of: {', '.join(TINY_SHAPES)}")
+    dims = {**TINY_SHAPES[cfg.shape], **{k: v for k, v in cfg.sizes.items() if k in TINY_SHAPES[cfg.shape]}}
+    for key, v in dims.items():
+        need(type(v) is int and 1 <= v <= 65536, f"sizes.{key}", v, "a whole number from 1 to 65,536")
+    width, heads, groups = dims["hidden_size"], dims["num_attention_heads"], dims["num_key_value_heads"]
+    need(width % heads == 0 and width // heads % 2 == 0, "sizes.hidden_size", width,
+         f"num_attention_heads ({heads}) times an even head width (rotary turns pairs of dimensions)")
+    need(heads % groups == 0, "sizes.num_key_value_heads", groups, f"a divisor of num_attention_heads ({heads})")
+
+
+def build_model(cfg: PretrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ponder.models.tiny import tiny_config
+
+    check_sizes(cfg)
     base = tiny_config(cfg.shape, tokenizer, max_len=cfg.max_len).to_dict()
     unknown = [k for k in cfg.sizes if k not in base]
     if unknown:
@@ -196,7 +213,7 @@ def train(model, tokens: np.ndarray, cfg: PretrainConfig, console) -> list[float
 
     device = _device(cfg.device)
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads, "threads")
     n = sum(p.numel() for p in model.parameters())
     precision = choose_precision(cfg.precision, device.type, n, device_memory(device))
     if cfg.precision == "auto" and device.type != "cpu":
@@ -485,14 +502,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def check(cfg: PretrainConfig) -> None:
     """The settings' ranges and the probe's tasks, before a corpus is written or a step is taken."""
-    from ponder.config import need
+    from ponder.config import need, need_seed, need_threads
 
     for key in ("steps", "batch_size", "max_len", "corpus_chars", "log_every"):
         need(getattr(cfg, key) >= 1, key, getattr(cfg, key), "at least 1")
     need(cfg.block >= 2, "block", cfg.block, "at least 2 (a token and the next)")
     need(cfg.block <= cfg.max_len, "block", cfg.block, f"at most max_len ({cfg.max_len}), the positions the model has")
-    for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "workers", "threads"):
+    for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "workers"):
         need(getattr(cfg, key) >= 0, key, getattr(cfg, key), "0 or more")
+    need(cfg.min_lr <= cfg.lr, "min_lr", cfg.min_lr, f"at most lr ({cfg.lr:g}), where the cosine ends")
+    need_threads(cfg.threads, "threads")
+    need_seed(cfg.seed)
+    check_sizes(cfg)
+    p = cfg.probe
+    need(p.n >= 0, "probe.n", p.n, "0 (no probe) or more")
+    if p.n:  # found after all of training: the model was saved, then the probe failed
+        need(p.k >= 1, "probe.k", p.k, "at least 1 (samples a problem)")
+        need(p.batch_size >= 1, "probe.batch_size", p.batch_size, "at least 1")
+        need(p.max_new_tokens >= 1, "probe.max_new_tokens", p.max_new_tokens, "at least 1")
+        need(all(t >= 0 for t in p.temperatures), "probe.temperatures", p.temperatures, "0 (greedy) or more each")
     if cfg.probe.n:  # the probe's own loads: a misspelled task or level was found after all of training
         for spec in cfg.probe.tasks:
             probe_examples(spec, cfg.probe.n, cfg.seed)

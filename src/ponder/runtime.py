@@ -51,18 +51,22 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(requested: int = 0) -> int:
+def set_threads(requested: int = 0, key: str = "train.threads") -> int:
     """torch's CPU threads for this process, returned: `requested` (train.threads) where set; else, with several
     processes on this machine (torchrun --nproc-per-node N: LOCAL_WORLD_SIZE), the cores divided among them, unless the
     user set OMP_NUM_THREADS; else torch's default (OMP_NUM_THREADS, or every core). Each of N processes on every core
     would oversubscribe the machine N times over, and torchrun's own default, OMP_NUM_THREADS=1 in each process
     where the user set none, leaves all but N cores idle."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = os.cpu_count() or 1
+    if requested > cores:  # more threads than cores never helps (2,000 on two cores segfaulted in backward)
+        print(f"ponder: {key}={requested} is more than this machine's {cores} cores; using {cores}", file=sys.stderr)
+        requested = cores
     if requested:
         torch.set_num_threads(requested)
     elif local > 1 and not _user_set_omp_threads():
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // local))
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+        torch.set_num_threads(max(1, usable // local))
     return torch.get_num_threads()
 
 

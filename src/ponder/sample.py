@@ -62,10 +62,13 @@ def check(cfg: SampleConfig) -> None:
         raise UserError(f"config k must be at least 1 (answers per prompt); got {cfg.k}")
     if not cfg.tasks:
         raise UserError("config tasks is empty; name at least one task, e.g. --tasks arithmetic")
-    from ponder.config import check_sampling, check_tasks, need
+    from ponder.config import check_sampling, check_tasks, need, need_seed, need_threads
     from ponder.rewards.extract import MODES
 
-    need(cfg.threads >= 0, "threads", cfg.threads, "0 (torch's default) or more")
+    need_threads(cfg.threads, "threads")
+    need_seed(cfg.seed)
+    need(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "at least 1 (sequences generated at once)")
+    need(bool(str(cfg.out).strip()), "out", cfg.out, "a file to write, e.g. traces.jsonl")
     check_tasks("tasks", cfg.tasks)
     check_sampling("", cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop=cfg.stop, top_k=cfg.top_k, min_p=cfg.min_p)
 
@@ -161,7 +164,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
 
     from ponder import models, positions
     from ponder.rollout import SamplingParams, make_engine
-    from ponder.runtime import pick_device
+    from ponder.runtime import pick_device, set_threads
     from ponder.tasks import check_prompts, load_examples
     from ponder.templates import encoded_prompt, with_chat_options
 
@@ -176,7 +179,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
         make_console().print(f"{out} is complete ({earlier['accepted']} answers); nothing to resume", soft_wrap=True)
         return earlier
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads, "threads")
     problems = []  # (label, prompt_id, example)
     if examples is None:
         examples = [load_examples(spec, cfg.seed) for spec in cfg.tasks]

@@ -69,8 +69,9 @@ def check(cfg: SFTConfig) -> None:
         raise UserError("config train.epochs must be positive")
     if cfg.data.max_len is not None and cfg.data.max_len < 2:
         raise UserError("config data.max_len must be at least 2 tokens")
-    from ponder.config import check_lora, check_optim, check_sampling, check_tasks, need
+    from ponder.config import check_lora, check_optim, check_sampling, check_tasks, need, need_seed, need_threads
 
+    need_seed(cfg.seed)
     check_tasks("data.coldstart", cfg.data.coldstart)
     check_tasks("eval.tasks", cfg.eval.tasks, unique=True)
     e = cfg.eval  # GRPO's section, checked as GRPO checks it: an unchecked min_p >= 1 cut every token away
@@ -81,7 +82,7 @@ def check(cfg: SFTConfig) -> None:
                         "out (or evaluate a checkpoint with ponder eval)")
     need(t.save_every >= 0, "train.save_every", t.save_every, "0 (only at the end) or more")
     need(t.keep_last >= 0, "train.keep_last", t.keep_last, "0 (keep every checkpoint) or more")
-    need(t.threads >= 0, "train.threads", t.threads, "0 (torch's default) or more")
+    need_threads(t.threads, "train.threads")
     need(t.log_samples >= 0, "train.log_samples", t.log_samples, "0 (none) or more")
     need(t.sample_max_new_tokens >= 1, "train.sample_max_new_tokens", t.sample_max_new_tokens, "at least 1")
     need(t.max_nan_steps >= 1, "train.max_nan_steps", t.max_nan_steps, "at least 1 (steps in a row skipped before the run stops)")

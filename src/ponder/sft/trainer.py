@@ -24,7 +24,7 @@ from ponder.optim import make_optimizer
 from ponder.rl import memory_plan
 from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rollout.fast import RolloutCopy
-from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, set_seed
+from ponder.runtime import PrecisionChooser, autocast, dump_yaml, pick_device, set_seed, set_threads
 from ponder.sft.config import SFTConfig
 from ponder.sft.data import load_data, read_data
 from ponder.sft.packing import (
@@ -52,7 +52,7 @@ class SFTTrainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         last = checkpoint.resume_point(self.run_dir, resume)
         if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+            set_threads(cfg.train.threads)
         set_seed(cfg.seed)
         self.device = pick_device(cfg.train.device)
         self.state = checkpoint.load_state(last) if resume else None
