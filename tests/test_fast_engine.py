@@ -1478,3 +1478,26 @@ def test_processes_of_one_machine_share_its_memory_for_their_cpu_pools(monkeypat
     assert fast.free_memory("cpu") == 2000
     monkeypatch.setattr(fast, "cgroup_free", lambda: 400.0)
     assert fast.free_memory("cpu") == 100
+
+
+@pytest.mark.parametrize("options, line", [
+    ("{kv_fraction: 1e-3}", None),  # YAML 1.1 reads 1e-3 as text: taken as the number
+    ("{block_size: 2.5}", "ponder: error: rollout.engine_options.block_size must be an integer; got 2.5"),
+    ("{kv_blocks: 2.5}", "ponder: error: rollout.engine_options.kv_blocks must be an integer or null; got 2.5"),
+    ("{keep_cache: maybe}", "ponder: error: rollout.engine_options.keep_cache must be true or false; got 'maybe'"),
+    ("{kv_fraction: lots}", "ponder: error: rollout.engine_options.kv_fraction must be a number; got 'lots'"),
+    ("{block_size: 1000000}", "ponder: error: fast engine: block_size must be from 1 to 1024 and kv_fraction in (0, 1] "
+                              "(got 1000000, 0.5)"),
+    ("{kv_blocks: 0}", "ponder: error: fast engine: kv_blocks must be at least 2, or null (sized from free memory); got 0"),
+])
+def test_engine_options_of_the_wrong_type_or_size_are_one_line(tmp_path, error_line, capsys, options, line):
+    """They failed deep in the engine (torch.zeros got 2.5 blocks; '<' between an int and the text '1e-3'), or a block
+    of a million slots took gigabytes a prompt without a word."""
+    from ponder.cli import main
+
+    argv = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "train.steps=1", "train.log_to=[]",
+            "rollout.prompts_per_step=2", f"rollout.engine_options={options}"]
+    if line is None:
+        assert main(argv) == 0
+    else:
+        assert error_line(*argv) == line

@@ -99,7 +99,36 @@ def make_engine(name: str, model, tokenizer, **options) -> RolloutEngine:
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in params):
         raise UserError(f"rollout.engine_options: the {name} engine has no option {', '.join(map(repr, unknown))}; "
                         f"its options are {', '.join(known)}")
-    return ENGINES[name](model, tokenizer, **options)
+    annotations = {p.name: p.annotation for p in params}
+    return ENGINES[name](model, tokenizer, **{k: typed_option(k, v, annotations.get(k)) for k, v in options.items()})
+
+
+_OPTION_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text", "None": "null"}
+
+
+def _is(value, name: str) -> bool:
+    if name == "bool" or isinstance(value, bool):  # (a bool is an int to Python, not to a user)
+        return name == "bool" and isinstance(value, bool)
+    return {"int": isinstance(value, int), "float": isinstance(value, (int, float)), "str": isinstance(value, str),
+            "None": value is None}[name]
+
+
+def typed_option(key: str, value, annotation):
+    """An engine option of the type its engine declares (int, float, bool, str, or None where allowed): a number YAML
+    read as text (1e-3, which YAML 1.1 reads as a string) as the number; else one line. A float where an integer
+    is meant failed deep in the engine (torch.zeros got 2.5 blocks)."""
+    names = [t.strip() for t in annotation.split("|")] if isinstance(annotation, str) else []
+    if not names or any(t not in _OPTION_TYPES for t in names):  # no annotation read here: as given
+        return value
+    if isinstance(value, str) and "float" in names:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not any(_is(value, t) for t in names):
+        raise UserError(f"rollout.engine_options.{key} must be {' or '.join(_OPTION_TYPES[t] for t in names)}; "
+                        f"got {value!r}")
+    return value
 
 
 def shadow_dtype(model) -> torch.dtype | None:

@@ -70,6 +70,7 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 # the KV cache's dtype: auto, the weights' compute dtype; fp8, e4m3 with a scale per layer for K and for V, set by each
 # call's first prefill (ponder.rollout.fast_model.FP8_ROOM)
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+MAX_BLOCK = 1024  # slots a KV block, at most (vLLM's blocks hold 16; ponder's default 32)
 GROW_ROOM = 0.9  # of the free memory, the most a grown pool may take while the old one is still held
 CPU_START = 4096  # positions a row the CPU pool starts with, at most (CUDA's: 1,024 new tokens)
 WEIGHT_DTYPES = ("auto", "fp8")  # fp8: the layers' products from e4m3 copies of their matrices (ponder.kernels.fp8_linear)
@@ -270,8 +271,12 @@ class FastEngine(RolloutEngine):
             raise UserError(f"fast engine: weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got '{weight_dtype}'")
         self.fp8_weights = weight_dtype == "fp8"
         self.attention, self.batch_size, self.fused, self.join_weights = attention, batch_size, fused, join_weights
-        if block_size < 1 or not 0 < kv_fraction <= 1:
-            raise UserError(f"fast engine: block_size must be >= 1 and kv_fraction in (0, 1] (got {block_size}, {kv_fraction})")
+        # (a block of a million slots: every prompt's own block of gigabytes, within kv_fraction of the memory)
+        if not 1 <= block_size <= MAX_BLOCK or not 0 < kv_fraction <= 1:
+            raise UserError(f"fast engine: block_size must be from 1 to {MAX_BLOCK} and kv_fraction in (0, 1] (got "
+                            f"{block_size}, {kv_fraction})")
+        if kv_blocks is not None and kv_blocks < 2:
+            raise UserError(f"fast engine: kv_blocks must be at least 2, or null (sized from free memory); got {kv_blocks}")
         self.dtype, self.block_size, self.kv_fraction, self.kv_blocks = dtype, block_size, kv_fraction, kv_blocks
         self.start_tokens = start_tokens
         self.look_ahead = look_ahead  # None: on CUDA (where the host's check can overlap the GPU's step), off on CPU
