@@ -155,6 +155,9 @@ def test_unknown_task_option_names_the_closest(tmp_path, error_line):
     assert line == f"ponder: error: data file '{tmp_path}' is a directory; give a JSONL file in data.tasks[].path"
     line = error_line("train", RECIPE, f"output_dir={tmp_path}", "seed=18446744073709551617")  # torch's overflow
     assert line == "ponder: error: config seed must be an integer of at most 63 bits (e.g. 0); got 18446744073709551617"
+    line = error_line("train", RECIPE, f"output_dir={tmp_path}", "name=" + "n" * 300)  # was an OSError traceback
+    assert line == (f"ponder: error: a file name is too long for this file system ({str(tmp_path / ('n' * 300))[:40]}..."
+                    f"{'n' * 30}); choose a shorter name or output path")
     for name in ("a/../..", "../up", "/abs/run"):
         line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"name={name}")
         assert line.startswith("ponder: error: config name must name the run's own directory under output_dir"), line

@@ -8,6 +8,7 @@ written is whole.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -74,6 +75,11 @@ STOPPED = stopped("train")
 OTHER_STOPPED = "ponder: stopped: another rank stopped on an error (its message says why)"
 
 
+def _short(path) -> str:
+    text = str(path)
+    return text if len(text) <= 80 else f"{text[:40]}...{text[-30:]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         with stopping.sigterm_stops():
@@ -117,6 +123,13 @@ def _main(argv: list[str] | None) -> int:
         stopping.leaving()
         distributed.say_once(f"ponder: training stopped: {e}")
         return 1
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        stopping.leaving()  # a run name or output path past the file system's 255 bytes a name, wherever it was used
+        distributed.say_once(f"ponder: error: a file name is too long for this file system ({_short(e.filename)}); "
+                             "choose a shorter name or output path")
+        return 2
     except stopping.Terminated:
         if distributed.another_rank_stopped() == "error":  # torchrun's SIGTERM once that rank had exited
             distributed.say_once(OTHER_STOPPED)
