@@ -1388,7 +1388,7 @@ def test_on_cpu_the_pool_is_capped_by_the_hosts_free_memory(monkeypatch):
     available memory, here made up: what is left of 80 blocks' bytes once the pool holds its share); past that, rows
     wait or give way, and each sample's tokens are those of a pool without the cap (the draw is a hash of the seed,
     the sequence and the token's index). Memory that others take while a pool exists is no error: the pool stops
-    growing. A request for far more tokens than fit gets one line before any allocation (max_new_tokens=1e8 was an
+    growing. A request for more tokens than fit gets one line before any allocation (max_new_tokens=1e8 was an
     allocator traceback for 6.5 TB of cache)."""
     from ponder.rollout import fast
 
@@ -1423,10 +1423,10 @@ def test_on_cpu_the_pool_is_capped_by_the_hosts_free_memory(monkeypatch):
     assert str(e.value) == (f"fast engine: the KV cache needs {need / 2**20:.1f} MiB for one sequence and 50% of free "
                             f"memory gives {20 * per_block / 2**20:.1f} MiB; raise rollout.engine_options.kv_fraction (to "
                             f"{need / (40 * per_block):.2f} at least) or shorten max_tokens")
-    with pytest.raises(UserError) as e:
-        eng.generate(prompts, SamplingParams(n=2, max_tokens=10**8))
-    need = (-(-(2 + 10**8 + 16 + 2) // 4) + 9) * per_block / 2**30
-    assert str(e.value) == (f"fast engine: the KV cache needs {need:.1f} GiB for one sequence and 50% of free memory "
+    with pytest.raises(UserError) as e:  # more than all the memory free: kv_fraction is not named
+        eng.generate(prompts, SamplingParams(n=2, max_tokens=250))
+    need = (-(-(2 + 250 + 16 + 2) // 4) + 9) * per_block / 2**20
+    assert str(e.value) == (f"fast engine: the KV cache needs {need:.1f} MiB for one sequence and 50% of free memory "
                             f"gives {20 * per_block / 2**20:.1f} MiB; shorten max_tokens")
 
 
@@ -1501,3 +1501,19 @@ def test_engine_options_of_the_wrong_type_or_size_are_one_line(tmp_path, error_l
         assert main(argv) == 0
     else:
         assert error_line(*argv) == line
+
+
+def test_more_samples_than_memory_holds_is_one_line_before_any_table(monkeypatch):
+    """The output tables hold a token, its log-prob and its entropy for every slot of every sample: eval --k 2**40
+    asked the allocator for 228 TB."""
+    from ponder.rollout import fast
+
+    model = randomized(load("tiny-random-micro", seed=2)[0])
+    eng = FastEngine(model, TOK, batch_size=4, block_size=4)
+    monkeypatch.setattr(fast, "host_available", lambda: 2**18)
+    with pytest.raises(UserError) as e:  # 16 samples + the sink row, 1,000 + 16 + 2 slots each, 16 bytes a slot
+        eng.generate(encode(["ab"] * 8), SamplingParams(n=2, max_tokens=1000))
+    assert str(e.value) == (f"fast engine: 16 samples of up to 1,000 tokens need {17 * 1018 * 16 / 2**20:.1f} MiB for "
+                            "their tokens and log-probs, and 0.2 MiB are free; ask for fewer samples (k, group_size, n) "
+                            "or shorten max_tokens")
+    assert eng.fwd is None  # nothing was allocated

@@ -88,6 +88,11 @@ def free_memory(device) -> float:
     return free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def size(n: float) -> str:
+    """Bytes as a user reads them: GiB, or MiB below one."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def host_available() -> float:
     return float(psutil.virtual_memory().available)
 
@@ -442,11 +447,11 @@ class FastEngine(RolloutEngine):
             free = free_memory(device) - less
             fits = int(self.kv_fraction * free / per_block)
             if fits < self.least:
-                need, gib = self.least * per_block, lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+                need = self.least * per_block
                 more = (f"raise rollout.engine_options.kv_fraction (to {need / free:.2f} at least) or "
                         if need <= free else "")
-                raise UserError(f"fast engine: the KV cache needs {gib(need)} for one sequence and {self.kv_fraction:.0%} of "
-                                f"free memory gives {gib(fits * per_block)}; {more}shorten max_tokens")
+                raise UserError(f"fast engine: the KV cache needs {size(need)} for one sequence and {self.kv_fraction:.0%} of "
+                                f"free memory gives {size(fits * per_block)}; {more}shorten max_tokens")
             cap = min(cap, fits)
         return cap
 
@@ -524,6 +529,11 @@ class FastEngine(RolloutEngine):
             # CPU_START: a run asking for a million new tokens should not allocate them all before its first token
             start = 1024 if self.device_type() == "cuda" else min(cols, CPU_START)
         start += longest
+        tables, free = (n_seq + 1) * cols * 16, free_memory(self.arch.head.weight.device)  # a token, its log-prob, entropy
+        if tables > free:  # (eval --k 2**40 asked the allocator for 228 TB)
+            raise UserError(f"fast engine: {n_seq:,} samples of up to {max_new:,} tokens need {size(tables)} for their "
+                            f"tokens and log-probs, and {size(free)} are free; ask for fewer samples (k, group_size, n) "
+                            "or shorten max_tokens")
         f, use_graphs = self._prepare(min(n_seq, self.batch_size or n_seq), longest + cols,
                                       sum(-(-len(p) // self.block_size) for p in prompts), start)
         if not f.fits(n_seq, cols):
