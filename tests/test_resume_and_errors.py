@@ -241,7 +241,10 @@ RANGE_ERRORS = [  # (command line, the line a user sees)
     (["data.tasks=[{name: first_digit, n: 0}]"],  # was the task's default count, silently
      "config data.tasks[0].n must be at least 1 (or unset: the task's default); got 0"),
     (["data.tasks=[{name: first_digit}, {name: first_digit, weight: 0}]"],  # was counted once, as weight 1
-     "config data.tasks[1].weight must be above 0 (weight x n of the task's n examples are drawn); got 0"),
+     "config data.tasks[1].weight must be above 0 and at most 1,000 (weight x n of the task's n examples are drawn); got 0"),
+    (["data.tasks=[{name: first_digit, weight: 1e12}]"],  # was a MemoryError traceback
+     "config data.tasks[0].weight must be above 0 and at most 1,000 (weight x n of the task's n examples are drawn); "
+     "got 1e+12"),
 ]
 
 

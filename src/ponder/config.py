@@ -667,6 +667,9 @@ def check_run_dir(cfg) -> None:
         raise blocked(cfg.run_dir, "output_dir/name")
 
 
+MAX_WEIGHT = 1000  # a task's weight in the mix, at most (open-r1's mixtures weigh tasks 0.1-10)
+
+
 def need(ok: bool, key: str, value, allowed: str) -> None:
     """One line for a setting out of its range: the key, what was given, what is allowed."""
     if not ok:
@@ -710,7 +713,9 @@ def check_tasks(key: str, specs: list[TaskSpec], unique: bool = False) -> None:
     their figures under it: a second entry of one overwrote the first's)."""
     for i, spec in enumerate(specs):
         need(spec.n is None or spec.n >= 1, f"{key}[{i}].n", spec.n, "at least 1 (or unset: the task's default)")
-        need(spec.weight > 0, f"{key}[{i}].weight", spec.weight, "above 0 (weight x n of the task's n examples are drawn)")
+        # (1e12 copies of a task's examples ended in a MemoryError)
+        need(0 < spec.weight <= MAX_WEIGHT, f"{key}[{i}].weight", spec.weight,
+             f"above 0 and at most {MAX_WEIGHT:,} (weight x n of the task's n examples are drawn)")
     seen = [f"{s.name}/{s.split}" for s in specs]
     twice = next((x for i, x in enumerate(seen) if x in seen[:i]), None)
     if unique and twice:
