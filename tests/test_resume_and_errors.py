@@ -689,6 +689,8 @@ def test_resume_refuses_fewer_steps_than_the_run_reached(capsys, tmp_path, error
 @pytest.mark.parametrize("setting, shown", [("optim.lr=.inf", "config optim.lr: expected a finite number, got inf"),
                                             ("algorithm.beta=.nan", "config algorithm.beta: expected a finite number, got nan"),
                                             ("rewards.accuracy.weight=.nan", "config rewards.accuracy: weight must be a finite number, got nan"),
+                                            ("rewards.accuracy.weight=1e160", "config rewards.accuracy: weight must be at "
+                                             "most 1e+06 in size (larger ones overflow the advantages), got 1e+160"),
                                             # written as words, inf passed: NaN weights after one update
                                             ("optim.lr=inf", "config optim.lr: expected a finite number, got inf"),
                                             ("rollout.temperature=Infinity", "config rollout.temperature: expected a finite number, got inf"),

@@ -81,6 +81,9 @@ def get_reward(name: str) -> RewardFn:
 PER_COMPLETION = ("completion_length", "truncated", "think_opened")
 
 
+MAX_WEIGHT = 1e6  # a reward's weight, in size
+
+
 class RewardSet:
     """The weighted rewards of a run. Calling it scores a batch: (totals, {name: values})."""
 
@@ -97,6 +100,9 @@ class RewardSet:
             weight = number_text(opts.pop("weight", 1.0))  # `rewards` holds any values: the config converts none of them
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not isfinite(weight):
                 raise UserError(f"config rewards.{ref}: weight must be a finite number, got {weight!r}")
+            if abs(weight) > MAX_WEIGHT:  # 1e160 overflowed the advantages: every update skipped, the lr blamed
+                raise UserError(f"config rewards.{ref}: weight must be at most {MAX_WEIGHT:g} in size (larger ones "
+                                f"overflow the advantages), got {weight:g}")
             name = str(ref).rpartition(":")[2]  # logged as reward/<name>: a function of one's own by its name
             if name in self.fns:
                 raise UserError(f"rewards '{self.refs[name]}' and '{ref}' would both be logged as reward/{name}; rename one function")

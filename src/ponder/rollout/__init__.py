@@ -120,11 +120,10 @@ def typed_option(key: str, value, annotation):
     names = [t.strip() for t in annotation.split("|")] if isinstance(annotation, str) else []
     if not names or any(t not in _OPTION_TYPES for t in names):  # no annotation read here: as given
         return value
-    if isinstance(value, str) and "float" in names:
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    if "float" in names:
+        from ponder.config import number_text
+
+        value = number_text(value)
     if not any(_is(value, t) for t in names):
         raise UserError(f"rollout.engine_options.{key} must be {' or '.join(_OPTION_TYPES[t] for t in names)}; "
                         f"got {value!r}")
