@@ -901,3 +901,13 @@ def test_a_sigterm_while_a_stopping_command_leaves_is_not_a_second_stop(capsys, 
     assert cli.main(["report", "runs/x"]) == (2 if why == "own error" else 1)
     said = "ponder: error: runs/x/report.html is not writable" if why == "own error" else cli.OTHER_STOPPED
     assert capsys.readouterr().err.splitlines() == [said]
+
+
+def test_the_engines_lines_name_the_commands_own_settings(tmp_path, error_line):
+    """The engine says max_tokens and (k, group_size, n), its own words; `ponder train`'s line names its keys."""
+    import re
+
+    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rollout.group_size=100000000")
+    assert re.fullmatch(r"ponder: error: fast engine: 1,600,000,000 samples of up to 4 tokens need 524\.5 GiB for their "
+                        r"tokens and log-probs, and [\d,.]+ [GM]iB are free; ask for fewer samples \(rollout\.group_size, "
+                        r"rollout\.prompts_per_step\) or shorten rollout\.max_new_tokens", line), line

@@ -163,7 +163,7 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
     import torch
 
     from ponder import models, positions
-    from ponder.rollout import SamplingParams, make_engine
+    from ponder.rollout import SamplingParams, engine_keys, make_engine
     from ponder.runtime import pick_device, set_threads
     from ponder.tasks import check_prompts, load_examples
     from ponder.templates import encoded_prompt, with_chat_options
@@ -241,7 +241,8 @@ def sample(cfg: SampleConfig, progress: bool = True, model=None, tokenizer=None,
             encoded = [encoded_prompt(cfg.template, ex["prompt"], tokenizer) for _, _, ex in chunk]
             ids = [e[0] for e in encoded]
             with torch.random.fork_rng(devices=[]):
-                outs = engine.generate(ids, replace(params, seed=(cfg.seed * 1_000_003 + c) % 2**31))
+                with engine_keys("max_new_tokens (--max-tokens)", "k, batch_size"):
+                    outs = engine.generate(ids, replace(params, seed=(cfg.seed * 1_000_003 + c) % 2**31))
             for (label, pid, ex), row in zip(chunk, _judge(chunk, outs, tokenizer, cfg, [e[1] for e in encoded])):
                 cands, kept = row
                 n = counts[label]

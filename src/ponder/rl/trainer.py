@@ -41,7 +41,7 @@ from ponder.rl.batching import Sample, pad_rows, per_row
 from ponder.rl.forward import PolicyPass, use_packed
 from ponder.rl.guardrails import Guardrails, paid_without_work, repeats_a_line
 from ponder.rl.losses import high_entropy_mask, micro_batch_weights, policy_loss, sequence_token_weights
-from ponder.rollout import SamplingParams, completion_texts, make_engine
+from ponder.rollout import SamplingParams, completion_texts, engine_keys, make_engine
 from ponder.runtime import PrecisionChooser, dump_yaml, keep_freed_memory, pick_device, set_seed, set_threads
 from ponder.tasks import PromptSampler, check_prompts, load_examples, mix, prompt_key, tasks_named_by
 from ponder.templates import TEMPLATES, encoded_prompt, render, require_chat_template, with_chat_options
@@ -358,7 +358,8 @@ class GRPOTrainer:
             entropies=self._skips_idle(),  # the entropy of samples the update then skips, without a forward for it
             logprobs=self.cfg.algorithm.rollout_is_cap is not None,
         )
-        outs = self.engine.generate(prompt_ids, params)
+        with engine_keys("rollout.max_new_tokens", "rollout.group_size, rollout.prompts_per_step"):
+            outs = self.engine.generate(prompt_ids, params)
         t1 = time.perf_counter()
         texts = completion_texts(self.tokenizer, outs)
         flat = [t for ts in texts for t in ts]

@@ -9,6 +9,7 @@ Either way the call after an optimizer step already samples from the new weights
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -101,6 +102,17 @@ def make_engine(name: str, model, tokenizer, **options) -> RolloutEngine:
                         f"its options are {', '.join(known)}")
     annotations = {p.name: p.annotation for p in params}
     return ENGINES[name](model, tokenizer, **{k: typed_option(k, v, annotations.get(k)) for k, v in options.items()})
+
+
+@contextlib.contextmanager
+def engine_keys(max_tokens: str, samples: str):
+    """An engine's lines name its own parameters ("shorten max_tokens", "fewer samples (k, group_size, n)"); within
+    this block, the settings of the command that asked (rollout.max_new_tokens; rollout.group_size ...)."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(str(e).replace("shorten max_tokens", f"shorten {max_tokens}")
+                        .replace("(k, group_size, n)", f"({samples})")) from None
 
 
 _OPTION_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text", "None": "null"}

@@ -221,7 +221,7 @@ class SFTTrainer:
     # ---------------------------------------------------------------- samples, checkpoints
     def sample_rows(self, k: int) -> list[dict]:
         """Greedy completions of the first `k` training prompts: what the model has learned to write."""
-        from ponder.rollout import SamplingParams, decode_text, make_engine
+        from ponder.rollout import SamplingParams, decode_text, engine_keys, make_engine
 
         if k <= 0:
             return []
@@ -229,7 +229,8 @@ class SFTTrainer:
         engine = make_engine("fast", self.model, self.tokenizer, keep_cache=False)
         prompts = [self.examples[i].ids[: self.examples[i].prompt_len] for i in range(min(k, len(self.examples)))]
         with torch.random.fork_rng(devices=[]):
-            outs = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.train.sample_max_new_tokens))
+            with engine_keys("train.sample_max_new_tokens", "train.log_samples"):
+                outs = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.train.sample_max_new_tokens))
         rows = []
         for i, out in enumerate(outs):
             ex = self.examples[i]
