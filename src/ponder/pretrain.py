@@ -178,7 +178,6 @@ def build_model(cfg: PretrainConfig, tokenizer):
 
     from ponder.models.tiny import tiny_config
 
-    check_sizes(cfg)
     base = tiny_config(cfg.shape, tokenizer, max_len=cfg.max_len).to_dict()
     unknown = [k for k in cfg.sizes if k not in base]
     if unknown:

@@ -57,7 +57,7 @@ def set_threads(requested: int = 0, key: str = "train.threads") -> int:
     user set OMP_NUM_THREADS; else torch's default (OMP_NUM_THREADS, or every core). Each of N processes on every core
     would oversubscribe the machine N times over, and torchrun's own default, OMP_NUM_THREADS=1 in each process
     where the user set none, leaves all but N cores idle."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = local_processes()
     cores = os.cpu_count() or 1
     if requested > cores:  # more threads than cores never helps (2,000 on two cores segfaulted in backward)
         print(f"ponder: {key}={requested} is more than this machine's {cores} cores; using {cores}", file=sys.stderr)
@@ -182,6 +182,17 @@ def choose_precision(requested: str, device_type: str, n_params: int = 0, device
             why += (f", more than {1 - HEADROOM:.0%} too: with bf16 moments (optim.moment_dtype auto -> bf16) "
                     f"{n_params * BF16_MOMENTS_BYTES / shards / GIB:.1f}")
     return Precision("bf16", f"{why}; set train.precision=mixed to force it", moments)
+
+
+def free_cuda_memory(device) -> float:
+    """A CUDA device's free memory plus what torch's caching allocator holds unused (this process's to reuse)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def local_processes() -> int:
+    """Processes torchrun started on this machine (LOCAL_WORLD_SIZE), 1 without it."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def device_memory(device: torch.device) -> int | None:

@@ -31,7 +31,7 @@ import torch
 
 from ponder import distributed, models
 from ponder.errors import UserError
-from ponder.runtime import rng_kept
+from ponder.runtime import free_cuda_memory, rng_kept
 from ponder.optim import state_bytes
 from ponder.rl.batching import Sample
 
@@ -216,8 +216,7 @@ def total_bytes(device) -> float:
 
 def free_bytes(device) -> float:
     """Free device memory plus what the caching allocator holds unused."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free_cuda_memory(device)
 
 
 def plan(policy_pass, model, optimizer, device, vocab: int, print_line: bool = True, longest: int = 0,

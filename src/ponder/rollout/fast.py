@@ -41,7 +41,6 @@ would outrun a sliding window, go to the Hugging Face engine.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -50,6 +49,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ponder.errors import UserError
+from ponder.runtime import free_cuda_memory, local_processes
 from ponder.rollout import (
     Completion, RolloutEngine, SamplingParams, decode_texts, register, shadow_dtype, special_stop_ids, truncate_at_stop,
 )
@@ -82,10 +82,8 @@ def free_memory(device) -> float:
     (ours too); elsewhere the host's available memory, within the container's limit, shared by this machine's
     processes (torchrun --nproc-per-node N on CPU: each one's pool grows at the same time)."""
     if torch.device(device).type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    free = min(host_available(), cgroup_free())
-    return free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return free_cuda_memory(device)
+    return min(host_available(), cgroup_free()) / max(1, local_processes())
 
 
 def size(n: float) -> str:
