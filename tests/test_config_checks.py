@@ -53,3 +53,16 @@ def test_an_empty_recipe_is_one_line_not_every_default(tmp_path, error_line):
     (tmp_path / "r.yaml").write_text("{}\n")
     assert load_config(tmp_path / "r.yaml").rollout.group_size == RunConfig().rollout.group_size
     assert not (tmp_path / "run").exists()
+
+
+def test_absurd_counts_of_prompts_and_examples_are_one_line():
+    """prompts_per_step=1e8 prepared 8e8 rollouts and a task's n=2**40 drew problems, both for minutes without a word
+    and growing in memory."""
+    assert error("rollout.prompts_per_step=100000000") == (
+        "config rollout.prompts_per_step must be at most 125,000 with rollout.group_size=8 (1,000,000 rollouts a step; "
+        "DAPO's steps hold 8,192); got 100000000")
+    assert load_config(None, ["rollout.prompts_per_step=125000"]).rollout.prompts_per_step == 125_000
+    assert error("data.tasks=[{name: arithmetic, n: 1099511627776}]") == (
+        "config data.tasks[0].n must be at most 10,000,000 (a task's examples are held in memory), or unset (all of a "
+        "file's rows); got 1099511627776")
+    assert error("eval.tasks=[{name: arithmetic, split: test, n: 10000001}]").startswith("config eval.tasks[0].n must be at most")

@@ -264,7 +264,13 @@ def test_sampling_flags_out_of_range_are_one_line(tmp_path, error_line):
                       str(tmp_path / "s.jsonl")) == ("ponder: error: config min_p must be in [0, 1) (0: off; a share of "
                                                      "the most likely token's probability); got 2")
     assert error_line("eval", *common, "--max-tokens", "0") == "ponder: error: --max-tokens must be at least 1; got 0"
-    assert error_line("eval", *common, "--n", "-2") == "ponder: error: --n must be at least 1 (or left out: the task's default); got -2"
+    assert error_line("eval", *common, "--n", "-2") == (
+        "ponder: error: --n must be at least 1 and at most 10,000,000 (or left out: the task's default); got -2")
+    assert error_line("eval", *common, "--n", str(2**40)) == (  # (drew problems for minutes, growing in memory)
+        "ponder: error: --n must be at least 1 and at most 10,000,000 (or left out: the task's default); got 1099511627776")
+    assert error_line("sample", "--model", "tiny-random", "--n", str(2**40), "--out", str(tmp_path / "s.jsonl")) == (
+        "ponder: error: config tasks[0].n must be at most 10,000,000 (a task's examples are held in memory), or unset "
+        "(all of a file's rows); got 1099511627776")
     assert error_line("sample", "--model", "tiny-random", "--n", "0", "--out", str(tmp_path / "s.jsonl")) == (
         "ponder: error: config tasks[0].n must be at least 1 (or unset: the task's default); got 0")  # 0 was "all"
     assert error_line("sample", "--model", "tiny-random", "--tasks", "first_digit", "--temperature", "-1",
@@ -903,11 +909,15 @@ def test_a_sigterm_while_a_stopping_command_leaves_is_not_a_second_stop(capsys, 
     assert capsys.readouterr().err.splitlines() == [said]
 
 
-def test_the_engines_lines_name_the_commands_own_settings(tmp_path, error_line):
+def test_the_engines_lines_name_the_commands_own_settings(tmp_path, capsys):
     """The engine says max_tokens and (k, group_size, n), its own words; `ponder train`'s line names its keys."""
     import re
 
-    line = error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rollout.group_size=100000000")
-    assert re.fullmatch(r"ponder: error: fast engine: 1,600,000,000 samples of up to 4 tokens need 524\.5 GiB for their "
+    from ponder.cli import main
+
+    assert main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "rollout.prompts_per_step=125000",
+                 "rollout.max_new_tokens=100000"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # (after the notices of these settings)
+    assert re.fullmatch(r"ponder: error: fast engine: 1,000,000 samples of up to 100,000 tokens need 1,490\.4 GiB for their "
                         r"tokens and log-probs, and [\d,.]+ [GM]iB are free; ask for fewer samples \(rollout\.group_size, "
                         r"rollout\.prompts_per_step\) or shorten rollout\.max_new_tokens", line), line

@@ -549,6 +549,22 @@ def test_an_eval_task_holding_training_problems_is_named_at_start(tmp_path, caps
             "figures are not held out") in capsys.readouterr().err
 
 
+def test_a_file_shorter_than_its_n_and_a_step_longer_than_the_data_are_named_at_start(tmp_path, capsys):
+    """Both allowed (a file of a few rows, to try a setup) but silent: a run's figures were over fewer examples than its
+    n asked for, and its steps drew prompts twice."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Write a number #{i}:", "answer": "7"}) + "\n" for i in range(3)))
+    _train(tmp_path, f"data.tasks=[{{name: jsonl, path: {data}, n: 50}}]", "rollout.prompts_per_step=4")
+    err = capsys.readouterr().err
+    assert (f"ponder: task 'jsonl' ({data}) holds 3 examples for split 'train', fewer than its n=50: all 3 are "
+            "used") in err
+    assert ("ponder: rollout.prompts_per_step=4 is more than the run's 3 training prompts (data.tasks, weights "
+            "applied): each step draws some of them more than once") in err
+    _train(tmp_path, f"data.tasks=[{{name: jsonl, path: {data}, n: 3}}]", "rollout.prompts_per_step=2")
+    err = capsys.readouterr().err
+    assert "fewer than" not in err and "more than the run's" not in err
+
+
 def test_greedy_rollouts_are_named_at_start_as_learning_nothing(tmp_path, capsys):
     """Allowed (0 means greedy), but every group's answers are alike: the run went to its end with no gradient."""
     _, metrics = _train(tmp_path, "rollout.temperature=0")

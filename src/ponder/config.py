@@ -668,6 +668,8 @@ def check_run_dir(cfg) -> None:
 
 
 MAX_WEIGHT = 1000  # a task's weight in the mix, at most (open-r1's mixtures weigh tasks 0.1-10)
+MAX_ROLLOUTS = 1_000_000  # prompts_per_step x group_size, at most
+MAX_EXAMPLES = 10_000_000  # a task's n, at most: its examples are held in memory (R1's RL data: ~150,000 prompts)
 
 
 def need(ok: bool, key: str, value, allowed: str) -> None:
@@ -713,6 +715,9 @@ def check_tasks(key: str, specs: list[TaskSpec], unique: bool = False) -> None:
     their figures under it: a second entry of one overwrote the first's)."""
     for i, spec in enumerate(specs):
         need(spec.n is None or spec.n >= 1, f"{key}[{i}].n", spec.n, "at least 1 (or unset: the task's default)")
+        # (n=2**40 of a built-in task drew problems for hours, growing in memory, without a word)
+        need(spec.n is None or spec.n <= MAX_EXAMPLES, f"{key}[{i}].n", spec.n,
+             f"at most {MAX_EXAMPLES:,} (a task's examples are held in memory), or unset (all of a file's rows)")
         # (1e12 copies of a task's examples ended in a MemoryError)
         need(0 < spec.weight <= MAX_WEIGHT, f"{key}[{i}].weight", spec.weight,
              f"above 0 and at most {MAX_WEIGHT:,} (weight x n of the task's n examples are drawn)")
@@ -748,8 +753,13 @@ def validate(cfg) -> None:
         return
     a, r, t = cfg.algorithm, cfg.rollout, cfg.train
     need_seed(cfg.seed)
-    need(r.group_size >= 1, "rollout.group_size", r.group_size, "at least 1")
+    need(1 <= r.group_size <= MAX_ROLLOUTS, "rollout.group_size", r.group_size,
+         f"at least 1 and at most {MAX_ROLLOUTS:,} (rollouts a step; R1: 16)")
     need(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "at least 1")
+    # (1e8 prompts a step prepared 8e8 rollouts for minutes, growing in memory, without a word)
+    need(r.prompts_per_step * r.group_size <= MAX_ROLLOUTS, "rollout.prompts_per_step", r.prompts_per_step,
+         f"at most {MAX_ROLLOUTS // max(r.group_size, 1):,} with rollout.group_size={r.group_size} "
+         f"({MAX_ROLLOUTS:,} rollouts a step; DAPO's steps hold 8,192)")
     need(r.generation_batch >= 1, "rollout.generation_batch", r.generation_batch, "at least 1")
     check_sampling("rollout.", r.temperature, r.top_p, r.max_new_tokens, stop=r.stop, top_k=r.top_k, min_p=r.min_p)
     need(0 <= a.eps_low < 1, "algorithm.eps_low", a.eps_low, "in [0, 1) (the ratio is clipped below at 1 - eps_low)")

@@ -97,6 +97,7 @@ def _run(args) -> int:
         return 0
     if not args.model or not args.tasks:
         raise UserError("ponder eval needs --model and --tasks (e.g. --model tiny-base --tasks arithmetic), or --compare A B")
+    from ponder.config import MAX_EXAMPLES
     from ponder.rewards.extract import MODES
 
     # what can be checked now is, rather than after every problem has been sampled
@@ -107,7 +108,8 @@ def _run(args) -> int:
                               ("--top-k", args.top_k >= 0, "0 (off) or more"),
                               ("--min-p", 0 <= args.min_p < 1, "in [0, 1) (0: off)"),
                               ("--max-tokens", args.max_tokens is None or args.max_tokens >= 1, "at least 1"),
-                              ("--n", args.n is None or args.n >= 1, "at least 1 (or left out: the task's default)"),
+                              ("--n", args.n is None or 1 <= args.n <= MAX_EXAMPLES,
+                               f"at least 1 and at most {MAX_EXAMPLES:,} (or left out: the task's default)"),
                               ("--stop", all(args.stop), "non-empty strings (an empty one ends every answer at once)")):
         if not ok:
             from ponder.config import shown

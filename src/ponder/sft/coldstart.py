@@ -86,7 +86,7 @@ def coldstart_rows(spec, seed: int = 0) -> list[dict]:
     want = spec.n or 100
     rows = []
     with tasks_named_by("data.coldstart"):
-        examples = load_examples(replace(spec, n=2 * want), seed)
+        examples = load_examples(replace(spec, n=2 * want), seed, say_short=False)
     for ex in examples:  # spares for problems without a clean trace
         think = TRACES[spec.name](rng, ex)
         if think is not None:

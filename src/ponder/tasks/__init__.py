@@ -206,8 +206,9 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def load_examples(spec, seed: int = 0) -> list[dict]:
-    """Examples for one TaskSpec, each tagged with its task name."""
+def load_examples(spec, seed: int = 0, say_short: bool = True) -> list[dict]:
+    """Examples for one TaskSpec, each tagged with its task name. Fewer than its n (a file of fewer rows) are all
+    taken, with a line saying so (`say_short`)."""
     task = get_task(spec.name)
     opts = dict(spec.options)
     if spec.path is not None:
@@ -216,6 +217,12 @@ def load_examples(spec, seed: int = 0) -> list[dict]:
     rows = task.load(split=spec.split, n=spec.n, seed=seed, **opts)
     if not rows:
         raise UserError(f"task '{spec.name}' gave no examples for split '{spec.split}'; check its path and options")
+    if say_short and spec.n is not None and len(rows) < spec.n:  # (silent, a run's figures were over fewer than asked)
+        from ponder.distributed import say_once
+
+        where = f" ({spec.path})" if spec.path else ""
+        say_once(f"ponder: task '{spec.name}'{where} holds {len(rows):,} examples for split '{spec.split}', fewer than "
+                 f"its n={spec.n:,}: all {len(rows):,} are used")
     for i, row in enumerate(rows, 1):
         row.setdefault("task", task.name)
         problem = prompt_problem(row.get("prompt"))
