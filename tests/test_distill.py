@@ -231,7 +231,8 @@ def test_a_setting_out_of_range_is_named_by_its_section(tmp_path, teacher_engine
     assert error_line("distill", str(tmp_path / "d.yaml"), "sample.k=0") == (
         "ponder: error: config sample.k must be at least 1 (answers per prompt); got 0")
     assert error_line("distill", str(tmp_path / "d.yaml"), "sft.optim.lr=-1") == (
-        "ponder: error: config sft.optim.lr must be 0 (weights frozen) or more; got -1")
+        "ponder: error: config sft.optim.lr must be between 0 (weights frozen) and 1 (AdamW moves each weight by about "
+        "lr a step; R1's RL: 3e-6); got -1")
     assert teacher_engine["n"] == 0 and not (tmp_path / "d").exists()
 
 

@@ -219,6 +219,8 @@ def test_a_misspelled_probe_task_is_one_line_before_training(tmp_path, monkeypat
                                        "(rotary turns pairs of dimensions); got 64"),
     ("sizes={num_key_value_heads: 3}", "config sizes.num_key_value_heads must be a divisor of num_attention_heads (4); got 3"),
     ("min_lr=10", "config min_lr must be at most lr (0.003), where the cosine ends; got 10"),
+    ("lr=1e39", "config lr must be between 0 (weights frozen) and 1 (AdamW moves each weight by about lr a step; R1's "
+                "RL: 3e-6); got 1e+39"),
     ("seed=18446744073709551617", "config seed must be an integer of at most 63 bits (e.g. 0); got 18446744073709551617"),
     ("threads=-1", "config threads must be 0 (torch's default) or more; got -1"),
 ])

@@ -12,6 +12,8 @@ import pytest
 
 from ponder.cli import main
 
+LR = "between 0 (weights frozen) and 1 (AdamW moves each weight by about lr a step; R1's RL: 3e-6)"
+
 # A reward of weight 0 that kills its own process (SIGKILL: no clean-up at all; or KILL_SIGNAL) during a chosen
 # step; with SIGTERM_IN_SAVE=N, a SIGTERM while the N-th checkpoint is being written.
 KILLER = textwrap.dedent("""
@@ -233,7 +235,8 @@ RANGE_ERRORS = [  # (command line, the line a user sees)
     (["algorithm.top_entropy_quantile=0"], "config algorithm.top_entropy_quantile must be in (0, 1]: the share of tokens, "
                                             "those of highest entropy, that carry policy gradient (1: all; the paper: 0.2); got 0"),
     (["algorithm.entropy_coef=-0.01"], "config algorithm.entropy_coef must be 0 (no entropy bonus) or more; got -0.01"),
-    (["optim.lr=-1"], "config optim.lr must be 0 (weights frozen) or more; got -1"),  # was torch's traceback
+    (["optim.lr=-1"], f"config optim.lr must be {LR}; got -1"),  # was torch's traceback
+    (["optim.lr=1e39"], f"config optim.lr must be {LR}; got 1e+39"),  # overflowed float32 in AdamW: a traceback
     (["optim.warmup_steps=-3"], "config optim.warmup_steps must be 0 or more; got -3"),
     (["train.save_every=-1"], "config train.save_every must be 0 (only at the end) or more; got -1"),
     (["train.steps=0"], "config train.steps must be at least 1; got 0"),
@@ -276,7 +279,7 @@ def test_sampling_flags_out_of_range_are_one_line(tmp_path, error_line):
     assert error_line("sample", "--model", "tiny-random", "--tasks", "first_digit", "--temperature", "-1",
                       "--out", str(tmp_path / "s.jsonl")) == "ponder: error: config temperature must be 0 (greedy) or more; got -1"
     assert error_line("sft", "recipes/coldstart-tiny.yaml", f"output_dir={tmp_path}", "optim.lr=-1") == (
-        "ponder: error: config optim.lr must be 0 (weights frozen) or more; got -1")
+        f"ponder: error: config optim.lr must be {LR}; got -1")
     assert error_line("sft", "recipes/coldstart-tiny.yaml", f"output_dir={tmp_path}", "eval.min_p=1.5") == (  # was taken:
         "ponder: error: config eval.min_p must be in [0, 1) (0: off; a share of the most likely token's probability); "
         "got 1.5")  # every token cut away, NaN log-probs in the evaluation

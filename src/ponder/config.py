@@ -668,6 +668,8 @@ def check_run_dir(cfg) -> None:
 
 
 MAX_WEIGHT = 1000  # a task's weight in the mix, at most (open-r1's mixtures weigh tasks 0.1-10)
+MAX_LR = 1.0  # AdamW moves each weight by about lr a step; 1e39 overflowed float32 in the optimizer, a traceback
+LR_RANGE = "between 0 (weights frozen) and 1 (AdamW moves each weight by about lr a step; R1's RL: 3e-6)"
 MAX_ROLLOUTS = 1_000_000  # prompts_per_step x group_size, at most
 MAX_EXAMPLES = 10_000_000  # a task's n, at most: its examples are held in memory (R1's RL data: ~150,000 prompts)
 
@@ -739,7 +741,7 @@ def check_lora(m: "ModelConfig", prefix: str = "model.lora.") -> None:
 
 
 def check_optim(o: OptimConfig, prefix: str = "optim.") -> None:
-    need(o.lr >= 0, f"{prefix}lr", o.lr, "0 (weights frozen) or more")
+    need(0 <= o.lr <= MAX_LR, f"{prefix}lr", o.lr, LR_RANGE)
     need(o.weight_decay >= 0, f"{prefix}weight_decay", o.weight_decay, "0 or more")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"{prefix}betas", list(o.betas), "two numbers in [0, 1)")
     need(o.warmup_steps >= 0, f"{prefix}warmup_steps", o.warmup_steps, "0 or more")

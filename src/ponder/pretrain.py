@@ -501,7 +501,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def check(cfg: PretrainConfig) -> None:
     """The settings' ranges and the probe's tasks, before a corpus is written or a step is taken."""
-    from ponder.config import need, need_seed, need_threads
+    from ponder.config import LR_RANGE, MAX_LR, need, need_seed, need_threads
 
     for key in ("steps", "batch_size", "max_len", "corpus_chars", "log_every"):
         need(getattr(cfg, key) >= 1, key, getattr(cfg, key), "at least 1")
@@ -509,6 +509,7 @@ def check(cfg: PretrainConfig) -> None:
     need(cfg.block <= cfg.max_len, "block", cfg.block, f"at most max_len ({cfg.max_len}), the positions the model has")
     for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "workers"):
         need(getattr(cfg, key) >= 0, key, getattr(cfg, key), "0 or more")
+    need(cfg.lr <= MAX_LR, "lr", cfg.lr, LR_RANGE)
     need(cfg.min_lr <= cfg.lr, "min_lr", cfg.min_lr, f"at most lr ({cfg.lr:g}), where the cosine ends")
     need_threads(cfg.threads, "threads")
     need_seed(cfg.seed)
