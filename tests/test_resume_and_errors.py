@@ -229,12 +229,16 @@ RANGE_ERRORS = [  # (command line, the line a user sees)
     (["rollout.max_new_tokens=0"], "config rollout.max_new_tokens must be at least 1; got 0"),
     (["rollout.prompts_per_step=0"], "config rollout.prompts_per_step must be at least 1; got 0"),  # was a traceback
     (["algorithm.eps_low=-1"], "config algorithm.eps_low must be in [0, 1) (the ratio is clipped below at 1 - eps_low); got -1"),
-    (["algorithm.beta=-0.1"], "config algorithm.beta must be 0 (no KL term) or more; got -0.1"),
+    (["algorithm.beta=-0.1"], "config algorithm.beta must be between 0 (no KL term) and 1,000 (R1: 0.001); got -0.1"),
+    (["algorithm.beta=1e30"], "config algorithm.beta must be between 0 (no KL term) and 1,000 (R1: 0.001); got 1e+30"),
     (["algorithm.dual_clip=1.1"], "config algorithm.dual_clip must be above 1 + algorithm.eps_high = 1.28 (where the clip "
                                    "leaves off; 3 is usual), or null (off); got 1.1"),
     (["algorithm.top_entropy_quantile=0"], "config algorithm.top_entropy_quantile must be in (0, 1]: the share of tokens, "
                                             "those of highest entropy, that carry policy gradient (1: all; the paper: 0.2); got 0"),
-    (["algorithm.entropy_coef=-0.01"], "config algorithm.entropy_coef must be 0 (no entropy bonus) or more; got -0.01"),
+    (["algorithm.entropy_coef=-0.01"], "config algorithm.entropy_coef must be between 0 (no entropy bonus) and 1,000 "
+                                       "(0.001 is usual); got -0.01"),
+    (["algorithm.entropy_coef=1e30"], "config algorithm.entropy_coef must be between 0 (no entropy bonus) and 1,000 "
+                                      "(0.001 is usual); got 1e+30"),  # (every update non-finite, blamed on the lr)
     (["optim.lr=-1"], f"config optim.lr must be {LR}; got -1"),  # was torch's traceback
     (["optim.lr=1e39"], f"config optim.lr must be {LR}; got 1e+39"),  # overflowed float32 in AdamW: a traceback
     (["optim.warmup_steps=-3"], "config optim.warmup_steps must be 0 or more; got -3"),

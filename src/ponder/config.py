@@ -670,6 +670,7 @@ def check_run_dir(cfg) -> None:
 MAX_WEIGHT = 1000  # a task's weight in the mix, at most (open-r1's mixtures weigh tasks 0.1-10)
 MAX_LR = 1.0  # AdamW moves each weight by about lr a step; 1e39 overflowed float32 in the optimizer, a traceback
 LR_RANGE = "between 0 (weights frozen) and 1 (AdamW moves each weight by about lr a step; R1's RL: 3e-6)"
+MAX_COEF = 1000  # the KL and entropy terms' coefficients, at most (R1's beta: 0.001)
 MAX_ROLLOUTS = 1_000_000  # prompts_per_step x group_size, at most
 MAX_EXAMPLES = 10_000_000  # a task's n, at most: its examples are held in memory (R1's RL data: ~150,000 prompts)
 
@@ -768,12 +769,15 @@ def validate(cfg) -> None:
     need(a.eps_high >= 0, "algorithm.eps_high", a.eps_high, "0 or more")
     need(a.dual_clip is None or a.dual_clip > 1 + a.eps_high, "algorithm.dual_clip", a.dual_clip,
          f"above 1 + algorithm.eps_high = {1 + a.eps_high:g} (where the clip leaves off; 3 is usual), or null (off)")
-    need(a.beta >= 0, "algorithm.beta", a.beta, "0 (no KL term) or more")
+    # (1e30: a KL term past float32 in the first update after the reference's, every update skipped as non-finite and
+    # the guardrail blaming the learning rate)
+    need(0 <= a.beta <= MAX_COEF, "algorithm.beta", a.beta, f"between 0 (no KL term) and {MAX_COEF:,} (R1: 0.001)")
     need(a.ref_reset_every >= 0, "algorithm.ref_reset_every", a.ref_reset_every, "0 (never) or more")
     need(0 < a.ref_mix <= 1, "algorithm.ref_mix", a.ref_mix, "in (0, 1] (the policy's share at each reset)")
     need(0 < a.top_entropy_quantile <= 1, "algorithm.top_entropy_quantile", a.top_entropy_quantile,
          "in (0, 1]: the share of tokens, those of highest entropy, that carry policy gradient (1: all; the paper: 0.2)")
-    need(a.entropy_coef >= 0, "algorithm.entropy_coef", a.entropy_coef, "0 (no entropy bonus) or more")
+    need(0 <= a.entropy_coef <= MAX_COEF, "algorithm.entropy_coef", a.entropy_coef,
+         f"between 0 (no entropy bonus) and {MAX_COEF:,} (0.001 is usual)")
     if a.ref_mix < 1 and not (a.beta and a.ref_reset_every):
         raise UserError("config algorithm.ref_mix applies at each reference reset: set algorithm.beta above 0 and "
                         "algorithm.ref_reset_every too, or leave ref_mix at 1")
