@@ -481,6 +481,16 @@ def test_epochs_take_each_example_once_even_when_the_batch_is_larger_than_the_da
     assert [(m["examples"], m["epoch"]) for m in _metrics(run.run_dir)] == [(11, 1.0)]
 
 
+def test_steps_with_a_batch_larger_than_the_data_take_each_example_once_a_step(tmp_path, capsys):
+    """train.steps set, train.batch_size past the data: each step drew batch_size examples, the data over and over
+    (2**40: hours without a word). A step takes each of the 11 once, and a warning says so."""
+    data = write_jsonl(tmp_path / "d.jsonl", (ROWS * 3)[:11])
+    run = sft(cfg_for(tmp_path, [data], "name=s", f"train.batch_size={2**40}", "train.steps=2"))
+    assert [(m["examples"], m["epoch"]) for m in _metrics(run.run_dir)] == [(11, 1.0), (11, 2.0)]
+    assert ("warning: train.batch_size=1,099,511,627,776 is more than the 11 training examples: each step takes all of "
+            "them once") in capsys.readouterr().out
+
+
 def test_more_epochs_on_resume_take_each_example_once_more_per_epoch(tmp_path):
     """train.epochs raised on --resume: 10 examples in batches of 4 take 4, 4, 2 an epoch. Counted from the start,
     2 epochs were ceil(20 / 4) = 5 steps, so the second epoch got 2 steps (18 of the 20 examples): the first

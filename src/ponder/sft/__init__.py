@@ -63,6 +63,9 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
     note = r.warning()
     if note:
         console.print(f"warning: {note}", style="yellow")
+    if cfg.train.batch_size > len(trainer.examples) and not quiet:
+        console.print(f"warning: train.batch_size={cfg.train.batch_size:,} is more than the {len(trainer.examples):,} "
+                      "training examples: each step takes all of them once", style="yellow", markup=False)
     prompts = [row["messages"][:-1] if "messages" in row else row["prompt"] for row in trainer.rows]
     left_out = left_out_turns(trainer.cfg.data.template, prompts)
     if left_out and not quiet:

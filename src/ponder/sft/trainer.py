@@ -112,7 +112,7 @@ class SFTTrainer:
     def step(self) -> dict:
         t0 = time.perf_counter()
         t = self.cfg.train
-        want = t.batch_size
+        want = min(t.batch_size, len(self.examples))  # (a larger batch took every example many times: 2**40, for hours)
         if t.steps is None:  # epochs set the length: the last step takes what is left, so no example comes twice early
             want = max(1, min(want, math.ceil(t.epochs * len(self.examples)) - self.sampler.position))
         batch = self.sampler.next(want)
