@@ -928,3 +928,16 @@ def test_the_engines_lines_name_the_commands_own_settings(tmp_path, capsys):
     assert re.fullmatch(r"ponder: error: fast engine: 1,000,000 samples of up to 100,000 tokens need 1,490\.4 GiB for their "
                         r"tokens and log-probs, and [\d,.]+ [GM]iB are free; ask for fewer samples \(rollout\.group_size, "
                         r"rollout\.prompts_per_step\) or shorten rollout\.max_new_tokens", line), line
+    # the evaluations: ponder eval's flags, and a run's own evaluation its eval keys (they said max_tokens and n)
+    assert main(["eval", "--model", "tiny-random", "--tasks", "first_digit", "--n", "1", "--k", "1000000",
+                 "--max-tokens", "100000", "--out", str(tmp_path / "e")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"ponder: error: fast engine: 1,000,000 samples of up to 100,000 tokens need 1,490\.4 GiB for their "
+                        r"tokens and log-probs, and [\d,.]+ [GM]iB are free; ask for fewer samples \(--k, --batch-size\) "
+                        r"or shorten --max-tokens", line), line
+    assert main(["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=evaluated", "eval.k=1000000",
+                 "rollout.max_new_tokens=100000", "eval.tasks=[{name: first_digit, split: test, n: 1}]"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"ponder: error: fast engine: 1,000,000 samples of up to 100,000 tokens need 1,490\.4 GiB for their "
+                        r"tokens and log-probs, and [\d,.]+ [GM]iB are free; ask for fewer samples \(eval\.k\) or shorten "
+                        r"eval\.max_new_tokens \(unset, it takes rollout\.max_new_tokens\)", line), line

@@ -230,6 +230,9 @@ def test_top_k_reaches_the_sampling_and_the_provenance(tmp_path):
     (["filters.min_tokens=10", "filters.max_tokens=5"], "max_tokens is below filters.min_tokens"),
     (["filters.language_min=95"], "filters.language_min must be between 0 and 1"),
     (["filters.max_paragraph_words=0"], "filters.max_paragraph_words must be >= 1, or null (off)"),
+    (["--per-prompt", "-1"], "ponder: error: config filters.per_prompt must be 0 (no cap) or more (--per-prompt); got -1"),
+    (["filters.ngram=0"], "ponder: error: config filters.ngram must be at least 1 (words a repeated phrase); got 0"),
+    (["filters.ngram_max_count=-2"], "ponder: error: config filters.ngram_max_count must be 0 (off) or more; got -2"),
     (["a.yaml", "b.yaml"], "takes one recipe"),
 ])
 def test_bad_sample_input_is_one_line(tmp_path, capsys, args, message):

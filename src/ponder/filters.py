@@ -50,8 +50,12 @@ def check_config(cfg: FilterConfig) -> None:
         raise UserError(f"config filters.language: '{cfg.language}' is not supported; choose en, zh, target (each example's) or null (off)")
     if not 0 <= cfg.near_dup <= 1:
         raise UserError("config filters.near_dup must be between 0 (off) and 1")
-    if cfg.ngram < 1 or cfg.ngram_max_count < 0 or cfg.per_prompt < 0:
-        raise UserError("config filters.ngram must be >= 1, filters.ngram_max_count and filters.per_prompt >= 0")
+    from ponder.config import need
+
+    # (one line for the three named them all, whichever was wrong: --per-prompt -1 said "filters.ngram must be >= 1")
+    need(cfg.ngram >= 1, "filters.ngram", cfg.ngram, "at least 1 (words a repeated phrase)")
+    need(cfg.ngram_max_count >= 0, "filters.ngram_max_count", cfg.ngram_max_count, "0 (off) or more")
+    need(cfg.per_prompt >= 0, "filters.per_prompt", cfg.per_prompt, "0 (no cap) or more (--per-prompt)")
     if not 0 <= cfg.language_min <= 1:
         raise UserError("config filters.language_min must be between 0 and 1 (the least share of the thinking's words in "
                         "the language)")

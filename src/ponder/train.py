@@ -117,6 +117,7 @@ def _evaluate(trainer, tag: str, quiet: bool = False):
     """Held-out figures with the trainer's own engine, template and verifiers. Writes eval_<tag>.json
     (figures and settings) and eval_<tag>_samples.jsonl (every answer with its score)."""
     from ponder.evaluate import evaluate
+    from ponder.rollout import engine_keys
 
     cfg, e = trainer.cfg, trainer.cfg.eval
     acc = cfg.rewards.get("accuracy")
@@ -128,13 +129,15 @@ def _evaluate(trainer, tag: str, quiet: bool = False):
         for spec, examples in zip(e.tasks, trainer.eval_examples):  # loaded once, as the trainer checked them
             if not quiet:
                 console.print(f"evaluating {spec.name}/{spec.split} ({len(examples)} problems, k={e.k}) [{tag}]")
-            r = evaluate(
-                trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
-                temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, min_p=e.min_p,
-                max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
-                engine=trainer.engine, seed=cfg.seed, stop=tuple(cfg.rollout.stop), progress=not quiet,
-                extract=extract, reflection_words=tuple(cfg.train.reflection_words),
-            )
+            unset = "" if e.max_new_tokens else " (unset, it takes rollout.max_new_tokens)"
+            with engine_keys(f"eval.max_new_tokens{unset}", "eval.k"):
+                r = evaluate(
+                    trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
+                    temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, min_p=e.min_p,
+                    max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
+                    engine=trainer.engine, seed=cfg.seed, stop=tuple(cfg.rollout.stop), progress=not quiet,
+                    extract=extract, reflection_words=tuple(cfg.train.reflection_words),
+                )
             for row in r.pop("samples"):
                 if main:
                     out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")

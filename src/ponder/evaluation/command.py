@@ -125,6 +125,7 @@ def _run(args) -> int:
     import torch
 
     from ponder.evaluation.runner import evaluate
+    from ponder.rollout import engine_keys
     from ponder import models, positions
     from ponder.tasks import check_prompts, load_examples
 
@@ -151,12 +152,13 @@ def _run(args) -> int:
     with_chat_options(tokenizer, args.chat_template_kwargs)
     positions.check_loaded(unchecked, args.template, model, tokenizer)
     model.to(device)
-    result = evaluate(
-        model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, min_p=args.min_p, max_new_tokens=args.max_tokens, engine=args.engine, greedy=args.greedy,
-        seed=args.seed, stop=tuple(args.stop), progress=not args.quiet, extract=args.extract, batch_size=args.batch_size,
-        reflection_words=[w.strip() for w in args.reflection_words.split(",") if w.strip()],
-    )
+    with engine_keys("--max-tokens", "--k, --batch-size"):  # (the engine's lines named its own max_tokens and n)
+        result = evaluate(
+            model, tokenizer, examples, template=args.template, k=args.k, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, min_p=args.min_p, max_new_tokens=args.max_tokens, engine=args.engine, greedy=args.greedy,
+            seed=args.seed, stop=tuple(args.stop), progress=not args.quiet, extract=args.extract,
+            batch_size=args.batch_size, reflection_words=[w.strip() for w in args.reflection_words.split(",") if w.strip()],
+        )
     samples = result.pop("samples")
     head = {
         "model": args.model, "model_path": _model_path(args.model), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -120,14 +120,16 @@ def sft(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None, qui
 
 def _evaluate(trainer, held_out: list[list[dict]], tag: str, quiet: bool) -> dict:
     from ponder.evaluate import evaluate
+    from ponder.rollout import engine_keys
 
     cfg, e = trainer.cfg, trainer.cfg.eval
     results = {}
     for spec, examples in zip(e.tasks, held_out):
-        res = evaluate(trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
-                       temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, min_p=e.min_p,
-                       max_new_tokens=e.max_new_tokens or 256,
-                       seed=cfg.seed, progress=not quiet)
+        with engine_keys("eval.max_new_tokens", "eval.k"):
+            res = evaluate(trainer.model, trainer.tokenizer, examples, template=cfg.data.template, k=e.k,
+                           temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, min_p=e.min_p,
+                           max_new_tokens=e.max_new_tokens or 256,
+                           seed=cfg.seed, progress=not quiet)
         res.pop("samples")
         results[f"{spec.name}/{spec.split}"] = res
         if not quiet:
