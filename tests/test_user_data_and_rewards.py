@@ -47,6 +47,9 @@ REWARDS = textwrap.dedent("""
     def text_values(completions, **_):
         return ["high"] * len(completions)
 
+    def huge(completions, **_):
+        return [1e6 if i == 0 else -1e20 for i in range(len(completions))]
+
     def not_finite(completions, *, prompts, answer, **_):
         return [float("nan") if i == 1 else 0.0 for i in range(len(completions))]
 """)
@@ -595,7 +598,12 @@ def test_a_reward_of_nan_or_inf_is_one_line_naming_the_example(tmp_path, monkeyp
     line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"data.tasks=[{{name: jsonl, path: {data}}}]",
                       "rewards.bad.py:not_finite=1.0")
     assert line == ("ponder: error: reward 'bad.py:not_finite' returned nan for completion 2 of the batch (prompt '3+4=', "
-                    "answer '7'); a reward must be a finite number, or None where it does not apply")
+                    "answer '7'); a reward must be a finite number of at most 1e+06 in size, or None where it does not apply")
+    huge = RewardSet({"bad.py:huge": 1.0})  # (1e39: every advantage overflowed float32, the guardrail blamed the lr)
+    with pytest.raises(UserError, match=r"^reward 'bad.py:huge' returned -1e\+20 for completion 2 of the batch \(prompt "
+                                        r"'3\+4=', answer '7'\); a reward must be a finite number of at most 1e\+06 in size"):
+        huge.score(["a", "b"], ["3+4=", "3+4="], {"answer": ["7", "7"], "task": ["jsonl"] * 2})
+    assert RewardSet({"bad.py:huge": 1.0}).score(["a"], ["3+4="], {"answer": ["7"], "task": ["jsonl"]})
     shaped = RewardSet({"cosine_length": {"weight": 1.0, "max_len": 8, "exceed": float("-inf")}})
     with pytest.raises(UserError, match=r"^reward 'cosine_length' returned -inf for completion 1 of the batch \(prompt "
                                         r"\[\{'role': 'user', 'content': 'long'\}\], answer '7'\); a reward must be a finite"):

@@ -82,6 +82,7 @@ PER_COMPLETION = ("completion_length", "truncated", "think_opened")
 
 
 MAX_WEIGHT = 1e6  # a reward's weight, in size
+MAX_VALUE = 1e6  # a reward's value, in size: weighted, at most 1e12, whose square float32 holds (advantages, the std)
 
 
 class RewardSet:
@@ -141,11 +142,13 @@ class RewardSet:
             for i, v in enumerate(values):
                 if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
                     raise UserError(f"reward '{ref}' returned {v!r}; values must be numbers or None")
-                if v is not None and not isfinite(v):  # NaN would poison the group's advantages, inf every update
+                # NaN would poison the group's advantages, inf every update; past MAX_VALUE the float32 advantages
+                # overflowed (1e39; squared in the std, 1e20), every update was skipped and the guardrail blamed the lr
+                if v is not None and not (isfinite(v) and abs(v) <= MAX_VALUE):
                     answer = columns.get("answer", [None] * len(values))[i]
-                    raise UserError(f"reward '{ref}' returned {float(v)} for completion {i + 1} of the batch (prompt "
-                                    f"{prompts[i]!r:.60}, answer {answer!r:.30}); a reward must be a finite number, or None "
-                                    "where it does not apply")
+                    raise UserError(f"reward '{ref}' returned {float(v):g} for completion {i + 1} of the batch (prompt "
+                                    f"{prompts[i]!r:.60}, answer {answer!r:.30}); a reward must be a finite number of at "
+                                    f"most {MAX_VALUE:g} in size, or None where it does not apply")
             per_fn[name] = [None if v is None else float(v) for v in values]
         totals = [sum(self.weights[n] * per_fn[n][i] for n in per_fn if per_fn[n][i] is not None) for i in range(len(completions))]
         return totals, per_fn
