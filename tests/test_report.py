@@ -168,6 +168,20 @@ def test_out_may_be_a_directory_and_one_step_still_draws_its_time_split(tmp_path
     assert drawn == [([1.0], 0.0), ([0.1], 1.0), ([0.5], 1.1)]
 
 
+def test_figures_too_large_to_plot_are_left_out_of_the_plots_and_shown_short(tmp_path):
+    """A blown-up run's 1e308 was a matplotlib traceback (its axis cannot be laid out) and 309 digits in a table."""
+    from ponder.report import _fmt
+
+    run = tmp_path / "huge"
+    run.mkdir()
+    _write_jsonl(run / "metrics.jsonl", [{"step": s, "time": 0.0, "reward": s * 0.1, "kl": 1e308 * (-1) ** s}
+                                         for s in (1, 2, 3)])
+    page = write_report(run).read_text(encoding="utf-8")
+    assert EMBEDDED.findall(page) == ["reward (total and per reward function)"]
+    assert series([{"step": 1, "kl": 1e100, "grad_norm": 1.1e100}]) == {"kl": ([1], [1e100])}
+    assert (_fmt(1e308), _fmt(-2.5e6, sign=True), _fmt(999999.0), _fmt(0.25)) == ("1e+308", "-2.5e+06", "999999.0", "0.250")
+
+
 def test_cli_writes_report_and_prints_path(tmp_path, capsys):
     run = _bare_run(tmp_path)
     assert main(["report", str(run)]) == 0

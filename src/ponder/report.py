@@ -96,13 +96,15 @@ def write_report(run_dir, out=None) -> Path:
 
 
 def series(rows: list[dict], before: dict | None = None) -> dict[str, tuple[list, list]]:
-    """key -> (steps, values) for every numeric key; nulls (NaN) left out, the last value of a step kept.
+    """key -> (steps, values) for every numeric key; nulls (NaN) and values past PLOT_MAX left out, the last value of a
+    step kept.
     Figures of eval_before.json join the eval/<task>/<figure> series at step 0."""
     points: dict[str, dict] = {}
     start = [{"step": 0, **{f"eval/{t}/{k}": v for t, r in (before or {}).items() for k, v in _figures(r).items()}}]
     for row in start + rows:
         for key, value in row.items():
-            if key not in ("step", "time") and _number(value):
+            # (past PLOT_MAX matplotlib cannot lay out the axis: 1e308 in a blown-up run's figures was a traceback)
+            if key not in ("step", "time") and _number(value) and abs(value) <= PLOT_MAX:
                 points.setdefault(key, {})[row["step"]] = float(value)
     return {k: (sorted(p), [p[s] for s in sorted(p)]) for k, p in points.items()}
 
@@ -280,6 +282,9 @@ def _load_json(path: Path):
     return data if isinstance(data, dict) else None
 
 
+PLOT_MAX = 1e100  # a figure's size, at most, to be plotted
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -287,6 +292,8 @@ def _number(v) -> bool:
 def _fmt(v, sign: bool = False) -> str:
     if not _number(v):
         return "-"
+    if abs(v) >= 1e6:  # (1e308 was 309 digits)
+        return f"{v:{'+' if sign else ''}.3g}"
     return f"{v:{'+' if sign else ''}.{3 if abs(v) < 10 else 1}f}"  # rates to 0.001, lengths to 0.1
 
 
