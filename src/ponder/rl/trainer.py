@@ -545,9 +545,9 @@ class GRPOTrainer:
             render(cfg.data.template, "1 + 1 = ?")  # a template name ponder knows
         self.rewards = RewardSet(cfg.rewards)
         self.examples = mix(cfg.data.tasks, cfg.seed)
-        left_out = self._drop_long_prompts(tokenizer()) if cfg.data.max_prompt_tokens else []
+        data_notices = self._drop_long_prompts(tokenizer()) if cfg.data.max_prompt_tokens else []
         if r.prompts_per_step > len(self.examples):  # allowed (a file of a few rows, to try a setup), but said
-            left_out.append(f"ponder: rollout.prompts_per_step={r.prompts_per_step:,} is more than the run's "
+            data_notices.append(f"ponder: rollout.prompts_per_step={r.prompts_per_step:,} is more than the run's "
                             f"{len(self.examples):,} training prompts (data.tasks, weights applied): each step draws "
                             "some of them more than once")
         # every step passes every column of the data (None where a row has none), not those of its batch: a reward
@@ -563,7 +563,7 @@ class GRPOTrainer:
             self.start_notices.append(f"ponder: {setting} decodes greedily: a prompt's {r.group_size} answers are alike, "
                                       "so every group's rewards are equal and GRPO learns nothing; sample with a "
                                       "temperature above 0 (R1-Zero: 1.0)")
-        self.start_notices += ratio_notices(cfg.algorithm) + left_out
+        self.start_notices += ratio_notices(cfg.algorithm) + data_notices
         new_tokens = (e.max_new_tokens, "eval.max_new_tokens") if e.max_new_tokens else (r.max_new_tokens, "rollout.max_new_tokens")
         prompt_sets = [(self.examples, r.max_new_tokens, "rollout.max_new_tokens"),
                        *((examples, *new_tokens) for examples in self.eval_examples)]
