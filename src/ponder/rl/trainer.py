@@ -548,8 +548,8 @@ class GRPOTrainer:
         data_notices = self._drop_long_prompts(tokenizer()) if cfg.data.max_prompt_tokens else []
         if r.prompts_per_step > len(self.examples):  # allowed (a file of a few rows, to try a setup), but said
             data_notices.append(f"ponder: rollout.prompts_per_step={r.prompts_per_step:,} is more than the run's "
-                            f"{len(self.examples):,} training prompts (data.tasks, weights applied): each step draws "
-                            "some of them more than once")
+                                f"{len(self.examples):,} training prompts (data.tasks, weights applied): each step "
+                                "draws some of them more than once")
         # every step passes every column of the data (None where a row has none), not those of its batch: a reward
         # reading a column that one task's rows lack failed at the first batch without them, hours in
         self.column_names = _columns(self.examples)
