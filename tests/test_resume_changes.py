@@ -80,13 +80,32 @@ def test_resume_compares_with_the_checkpoints_settings_where_config_yaml_is_gone
     base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=c", *FAST]
     assert main(base + ["train.steps=1"]) == 0
     state = tmp_path / "c" / "checkpoints" / "step-1" / "trainer_state.pt"
-    for damage in ("name: c\nseed: [unclosed\n", None):
+    for damage in (b"name: c\nseed: [unclosed\n", b"name: c\xff\xfe\n", None):  # (non-UTF-8 bytes: a traceback)
         config = tmp_path / "c" / "config.yaml"
-        config.write_text(damage) if damage else config.unlink()
+        config.write_bytes(damage) if damage else config.unlink()
         assert error_line(*base, "train.steps=2", "rollout.group_size=8", "--resume").startswith(
             f"ponder: error: --resume with settings that differ from the run's {state}: rollout.group_size 4 -> 8; pass "
             "--allow-changes")
     assert main(base + ["train.steps=2", "--resume"]) == 0
+
+
+def test_resume_leaves_out_damaged_lines_of_the_runs_files(tmp_path):
+    """A metrics or samples line that is no row, or whose step is no number, and a `changes:` that is no list (a hand
+    edit, damaged bytes) were tracebacks of --resume; they are left out, as the report leaves them out."""
+    base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=d", *FAST]
+    assert main(base + ["train.steps=1"]) == 0
+    run = tmp_path / "d"
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        with open(run / name, "a") as f:
+            f.write('[1, 2]\n{"step": null}\n{"step": "x"}\n{"step": 9, "late": 1}\n')
+    with open(run / "config.yaml", "a") as f:
+        f.write("changes: 5\n")
+    assert main(base + ["train.steps=2", "--resume"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(isinstance(r, dict) for r in rows)
+    assert {json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()} == {1, 2}
+    assert yaml.safe_load((run / "config.yaml").read_text())["changes"] == [  # (the 5 not carried on)
+        {"key": "train.steps", "old": 1, "new": 2, "from_step": 2}]
 
 
 def test_a_hand_edited_config_yaml_is_a_change_refused_unless_allowed(tmp_path, error_line):

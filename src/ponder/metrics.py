@@ -342,10 +342,14 @@ def _truncate_after(path: Path, step: int) -> None:
     kept = []
     for line in _lines(path):
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
+        # a line that is no row, or whose step is no number, is left out as read_jsonl leaves it (damaged bytes, a hand
+        # edit: '[1, 2]' or {"step": null} was a traceback of --resume)
+        at = row.get("step", 0) if isinstance(row, dict) else None
+        if isinstance(at, (int, float)) and not isinstance(at, bool) and at <= step:
+            kept.append(line)
     write_atomic(path, "".join(l + "\n" for l in kept))
 
 

@@ -81,6 +81,7 @@ def check(cfg, command: str, allow_changes: bool) -> ResumeChanges:
         path = last / "trainer_state.pt"
     refuse_other_kind(cfg.run_dir, saved, command)
     previous = saved.pop(CHANGES_KEY, None) or []
+    previous = previous if isinstance(previous, list) else []  # (a hand-edited `changes: 5` was a traceback)
     saved = as_today(saved, type(cfg), command) or saved  # (a key since removed: compare what is there)
     changed = diff(saved, to_dict(cfg))
     edited = hand_edits(cfg, saved, previous, command) if path.name == "config.yaml" else []
@@ -294,7 +295,7 @@ def load_saved(path: Path) -> dict | None:
         return None
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError):  # (bytes damaged on disk: a traceback)
         return None
     return data if isinstance(data, dict) else None
 
