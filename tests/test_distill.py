@@ -207,6 +207,31 @@ def test_resume_refuses_changed_settings_of_begun_stages_and_records_only_those_
     assert config.read_text() == before
 
 
+def test_a_damaged_config_or_stage_marker_is_one_line_on_resume(tmp_path, teacher_engine):
+    """A config.yaml that no longer parsed let any settings through, then was rewritten with them (the traces made with
+    k=2 recorded as k=4); a damaged stage marker was a traceback."""
+    from ponder.distill import distill
+
+    distill(make_cfg(tmp_path, "tiny-random"), stage="sample", quiet=True)
+    config, done = tmp_path / "d" / "config.yaml", tmp_path / "d" / "stages" / "sample.done"
+    kept = config.read_text()
+    config.write_text("{{{")
+    with pytest.raises(UserError) as e:
+        distill(make_cfg(tmp_path, "tiny-random", "sample.k=4"), resume=True, quiet=True)
+    assert str(e.value) == (f"--resume: {config} is missing or damaged, so the settings the run's stages began with are "
+                            "unknown; restore it, or choose another name (name=...) to start a new run")
+    assert config.read_text() == "{{{"
+    config.write_text(kept)
+    distill(make_cfg(tmp_path, "tiny-random"), stage="sample", resume=True, quiet=True)  # restored: the stage done
+    for damage in (b"garbage", b"\xff\xfe", b"[1]"):
+        done.write_bytes(damage)
+        with pytest.raises(UserError) as e:
+            distill(make_cfg(tmp_path, "tiny-random"), stage="sample", resume=True, quiet=True)
+        assert str(e.value) == (f"{done} is damaged (not what the stage wrote when it finished); delete it to run the "
+                                "stage again (with --resume), or restore it")
+    assert teacher_engine["n"] == 1
+
+
 def test_later_stages_are_checked_before_the_teacher_samples(tmp_path, teacher_engine, error_line, monkeypatch):
     make_cfg(tmp_path, "tiny-random")  # writes the recipe d.yaml
     line = error_line("distill", str(tmp_path / "d.yaml"), "sft.model.path=nope")

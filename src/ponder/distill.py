@@ -105,7 +105,7 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
     out = {}
     for s in stages:
         if done[s]:
-            out[s] = json.loads(marker(cfg, s).read_text())
+            out[s] = _finished(marker(cfg, s))
             if not quiet:
                 console.print(f"stage {s}: done earlier ({marker(cfg, s)}), skipped")
             continue
@@ -118,6 +118,18 @@ def distill(cfg: DistillConfig, stage: str | None = None, resume: bool = False, 
     return out
 
 
+def _finished(path: Path) -> dict:
+    """A finished stage's marker: what the stage wrote when it ended."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):  # (damaged bytes: a traceback)
+        data = None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged (not what the stage wrote when it finished); delete it to run the stage "
+                        "again (with --resume), or restore it")
+    return data
+
+
 def _refuse_changes(cfg: DistillConfig, begun: dict, done: dict, flag: str) -> None:
     """A stage that has begun keeps the settings it began with: the traces and the student were made with them."""
     from ponder.config import build
@@ -125,8 +137,9 @@ def _refuse_changes(cfg: DistillConfig, begun: dict, done: dict, flag: str) -> N
 
     path = cfg.run_dir / "config.yaml"
     saved = load_saved(path)
-    if saved is None:
-        return
+    if saved is None:  # (a damaged one was passed over, then rewritten with whatever settings were given)
+        raise UserError(f"{flag}: {path} is missing or damaged, so the settings the run's stages began with are unknown; "
+                        "restore it, or choose another name (name=...) to start a new run")
     try:  # keys added to ponder since the run started take their defaults
         saved = to_dict(build(DistillConfig, saved))
     except UserError:
