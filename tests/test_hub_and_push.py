@@ -347,6 +347,45 @@ def test_push_refuses_a_checkpoint_that_a_kill_left_unfinished(hub_run, tmp_path
         assert not out.exists()
 
 
+def test_push_refuses_a_damaged_checkpoint_or_run_in_one_line(hub_run, tmp_path, error_line):
+    """Weights deleted or cut short, or the tokenizer gone, went up as a model (exit 0); a config.yaml or evaluation file
+    of another shape, and a --dry-run folder under a file, were tracebacks."""
+    run = tmp_path / "run"
+    shutil.copytree(hub_run[0], run)
+    ckpt, out = (run / "checkpoints" / "step-2").resolve(), tmp_path / "out"
+    push = lambda: error_line("push", str(ckpt), "--repo", "me/tiny-grpo", "--dry-run", str(out))
+    weights = ckpt / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    assert push() == (f"ponder: error: {weights} is damaged (Error while deserializing header: incomplete metadata, file "
+                      "not fully covered); push another checkpoint")
+    weights.unlink()
+    assert push() == f"ponder: error: {ckpt} holds no weights (*.safetensors); push a complete checkpoint"
+    weights.write_bytes(whole)
+    (ckpt / "tokenizer.json").rename(ckpt / "kept.json")
+    assert push() == f"ponder: error: {ckpt} holds no tokenizer (tokenizer.json); push a complete checkpoint"
+    (ckpt / "kept.json").rename(ckpt / "tokenizer.json")
+    config, kept = run / "config.yaml", (run / "config.yaml").read_text()
+    for damage, where in (("- 1\n", "its top level"), (kept + "model: 5\n", "'model'")):
+        config.write_text(damage)
+        assert push() == (f"ponder: error: {config} is not a ponder run's settings ({where} must be a mapping, as ponder "
+                          "writes it); restore it")
+    config.write_bytes(b"name: run\xff\n")
+    assert push() == (f"ponder: error: {config} is damaged (not UTF-8 text); restore it from the checkpoint's settings "
+                      "or a copy")
+    config.write_text(kept)
+    evals = run / "eval_after.json"
+    for damage in ("[1, 2]", '{"arith": 5}', '{"arith": {"metrics": [1]}}', '{"arith": {"metrics": {}, "settings": 5}}'):
+        evals.write_text(damage)
+        assert push() == (f"ponder: error: {evals} is not an evaluation ponder wrote (task names, each with its 'metrics' "
+                          "and 'settings' mappings); the run's evaluation file is damaged")
+    assert not out.exists()
+    evals.unlink()
+    (tmp_path / "afile").write_text("")
+    assert error_line("push", str(ckpt), "--repo", "me/tiny-grpo", "--dry-run", str(tmp_path / "afile" / "sub")) == (
+        f"ponder: error: --dry-run: cannot make '{tmp_path / 'afile' / 'sub'}' (Not a directory); give a new folder")
+
+
 def test_the_card_names_the_evaluations_top_k_and_min_p_where_set(tmp_path):
     """The card's sentence on how pass@1 was sampled reads the results' settings: a run evaluated at top-k 20 and
     min-p 0.05 was described as sampled at plain top-p 0.95."""

@@ -70,11 +70,20 @@ def plan(checkpoint: str | Path, repo: str) -> dict[str, Path | str]:
         raise UserError(f"'{checkpoint}' is not a checkpoint of a ponder run (no config.yaml in "
                         f"{run_dir if ckpt.parent.name == 'checkpoints' else ckpt.parent}); give RUN_DIR/checkpoints/step-N")
     check_finished(ckpt, checkpoint)
-    recipe_text = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    check_complete(ckpt)
+    config = run_dir / "config.yaml"
     try:
+        recipe_text = config.read_text(encoding="utf-8")
         recipe = yaml.safe_load(recipe_text) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{config} is damaged (not UTF-8 text); restore it from the checkpoint's settings or a copy") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{run_dir / 'config.yaml'} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{config} is not valid YAML ({str(e).splitlines()[0]})") from None
+    odd = "its top level" if not isinstance(recipe, dict) else next(
+        (f"'{k}'" for k in ("model", "train", "data") if not isinstance(recipe.get(k) or {}, dict)), None)
+    if odd:  # (the model card read them as sections: a traceback)
+        raise UserError(f"{config} is not a ponder run's settings ({odd} must be a mapping, as ponder writes it); "
+                        "restore it")
 
     files: dict[str, Path | str] = {p.name: p for p in sorted(ckpt.iterdir())
                                     if p.is_file() and p.name not in SKIP and not p.name.startswith(".")}
@@ -86,9 +95,37 @@ def plan(checkpoint: str | Path, repo: str) -> dict[str, Path | str]:
                 evals[tag] = json.loads((run_dir / name).read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise UserError(f"{run_dir / name}: not valid JSON ({e.msg}); the run's evaluation file is damaged") from None
+            except UnicodeDecodeError:
+                raise UserError(f"{run_dir / name}: not UTF-8 text; the run's evaluation file is damaged") from None
+            if not _evaluation(evals[tag]):  # (the card's table read it as one: a traceback)
+                raise UserError(f"{run_dir / name} is not an evaluation ponder wrote (task names, each with its "
+                                "'metrics' and 'settings' mappings); the run's evaluation file is damaged")
             files[name] = run_dir / name
     files["README.md"] = model_card(repo, ckpt, run_dir, recipe, evals.get("before"), evals.get("after"))
     return files
+
+
+def _evaluation(data) -> bool:
+    return isinstance(data, dict) and all(isinstance(r, dict) and isinstance(r.get("metrics"), dict)
+                                          and isinstance(r.get("settings", {}), dict) for r in data.values())
+
+
+def check_complete(ckpt: Path) -> None:
+    """A checkpoint whose weights or tokenizer are gone or cut short (a disk's damage, a hand's deletion) went up as a
+    model: the card and the config without what they describe."""
+    from safetensors import safe_open
+
+    weights = sorted(ckpt.glob("*.safetensors"))
+    if not weights:
+        raise UserError(f"{ckpt} holds no weights (*.safetensors); push a complete checkpoint")
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # the library's own error types vary by version; each means the file is unreadable
+            raise UserError(f"{path} is damaged ({str(e).splitlines()[0][:80]}); push another checkpoint") from None
+    if not any((ckpt / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise UserError(f"{ckpt} holds no tokenizer (tokenizer.json); push a complete checkpoint")
 
 
 def check_finished(ckpt: Path, given: str | Path) -> None:
@@ -197,7 +234,10 @@ def write_folder(files: dict[str, Path | str], out: Path) -> Path:
         raise UserError(f"--dry-run: '{out}' already exists and is not an empty folder; give a new folder")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:  # (a folder under a file: a traceback)
+        raise UserError(f"--dry-run: cannot make '{out}' ({e.strerror}); give a new folder") from None
     for name, src in files.items():
         if isinstance(src, Path):
             shutil.copyfile(src, tmp / name)
