@@ -38,6 +38,34 @@ def test_a_base_loop_or_a_missing_base_is_one_clear_error(tmp_path):
                             "found; a base is read from the recipe's own folder: fix the path, or remove base")
 
 
+def test_yaml_too_deep_too_many_aliases_or_too_many_bases_is_one_line(tmp_path, error_line):
+    """Thousands of nested lists and a chain of 1,200 bases ran out of Python's recursion (tracebacks); nine nested
+    aliases of ten each ("a billion laughs") held every command for minutes as ponder copied them out."""
+    from ponder.config import apply_override
+
+    (tmp_path / "deep.yaml").write_text("seed: " + "[" * 5000 + "]" * 5000 + "\n")
+    (tmp_path / "deeper.yaml").write_text("seed: " + "[" * 300 + "]" * 300 + "\n")  # (PyYAML reads it; copies did not)
+    for name in ("deep", "deeper"):
+        assert error_line("train", str(tmp_path / f"{name}.yaml")) == (
+            f"ponder: error: recipe '{tmp_path / name}.yaml' nests too deep (lists or mappings inside one another hundreds "
+            "of times); write it flat")
+    laughs = ["data:\n  tasks:\n  - name: arithmetic\n    options:\n      l0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"]
+    laughs += [f"      l{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)]
+    (tmp_path / "laughs.yaml").write_text("".join(laughs))
+    assert error_line("config", "train", str(tmp_path / "laughs.yaml")) == (
+        f"ponder: error: recipe '{tmp_path / 'laughs.yaml'}' holds more than 100,000 values (aliases count each time they "
+        "are used); a recipe needs far fewer: write out what is meant")
+    with pytest.raises(UserError, match=r"^override 'seed' nests too deep"):
+        apply_override({}, "seed=" + "[" * 3000 + "]" * 3000)
+    for i in range(60):
+        (tmp_path / f"b{i}.yaml").write_text((f"base: b{i + 1}.yaml\n" if i < 59 else "") + f"seed: {i}\n")
+    with pytest.raises(UserError) as e:
+        read_recipe(tmp_path / "b0.yaml")
+    assert str(e.value) == (f"recipe '{tmp_path / 'b50.yaml'}' is a base past the 50 a chain of bases may have; join "
+                            "some of them")
+    assert read_recipe(tmp_path / "b10.yaml")["seed"] == 10  # (a chain of 50: b10 ... b59)
+
+
 def test_the_experiment_recipes_are_the_demo_recipe_on_another_model():
     zero = load_config("recipes/zero-tiny.yaml")
     for recipe, path in [("recipes/coldstart-rl-tiny.yaml", "runs/coldstart-tiny/final"),

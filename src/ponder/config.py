@@ -380,9 +380,36 @@ _written("int", WrittenInt)
 _written("float", WrittenFloat)
 
 
-def load_yaml(text: str):
-    """yaml.safe_load, but a number remembers its text where that differs from its value (see WrittenInt)."""
-    return yaml.load(text, Loader=_Loader)
+MAX_BASES = 50  # recipes in a chain of `base:`, at most
+MAX_VALUES = 100_000  # values a recipe holds, aliases counted each time they are used
+
+
+def load_yaml(text: str, what: str = "the YAML"):
+    """yaml.safe_load, but a number remembers its text where that differs from its value (see WrittenInt). Refuses
+    YAML nested past Python's recursion limit, and aliases that multiply out past MAX_VALUES (nine nested ones of ten
+    each, "a billion laughs", held ponder for minutes as it copied them out)."""
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        data = None
+        _too_deep(what)
+    _count_values(data, [0], what)
+    return data
+
+
+def _too_deep(what: str):
+    raise UserError(f"{what} nests too deep (lists or mappings inside one another hundreds of times); write it flat")
+
+
+def _count_values(value, count: list[int], what: str, depth: int = 0) -> None:
+    count[0] += 1
+    if count[0] > MAX_VALUES:
+        raise UserError(f"{what} holds more than {MAX_VALUES:,} values (aliases count each time they are used); a "
+                        "recipe needs far fewer: write out what is meant")
+    if depth > 200:  # (the copies ponder makes of what PyYAML read recurse as deep)
+        _too_deep(what)
+    for v in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        _count_values(v, count, what, depth + 1)
 
 
 def _plain(value):
@@ -571,7 +598,7 @@ def apply_override(data: dict, dotted: str) -> None:
         raise UserError(f"override '{dotted}' is not of the form key.sub=value")
     key, raw = dotted.split("=", 1)
     try:
-        value = load_yaml(raw) if raw != "" else ""
+        value = load_yaml(raw, f"override '{key}'") if raw != "" else ""
     except DuplicateKey as e:
         raise UserError(f"override '{dotted}' sets '{e.key}' twice: keep one") from None
     except yaml.YAMLError:
@@ -608,7 +635,7 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise UserError(f"recipe '{path}' not found; give the path of a YAML recipe (see recipes/)")
     try:
-        data = load_yaml(read_user_text(path))
+        data = load_yaml(read_user_text(path), f"recipe '{path}'")
     except DuplicateKey as e:
         raise UserError(f"recipe '{path}' sets '{e.key}' twice in one mapping (lines {e.lines[0]} and {e.lines[1]}): "
                         "keep one") from None
@@ -631,6 +658,8 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
                         "recipe's own folder: fix the path, or remove base")
     if base_path in _seen or base_path == path.resolve():
         raise UserError(f"recipe '{path}': base '{base}' leads back to itself; remove the loop")
+    if len(_seen) >= MAX_BASES:  # (1,200 of them ran out of Python's recursion: a traceback)
+        raise UserError(f"recipe '{path}' is a base past the {MAX_BASES} a chain of bases may have; join some of them")
     return _merge(read_recipe(base_path, _seen + (path.resolve(),)), data)
 
 
