@@ -89,6 +89,22 @@ def test_resume_compares_with_the_checkpoints_settings_where_config_yaml_is_gone
     assert main(base + ["train.steps=2", "--resume"]) == 0
 
 
+def test_a_config_yaml_cut_short_is_named_as_such_not_as_another_commands_run(tmp_path, error_line):
+    """Its first lines alone (name, output_dir, seed, model) are SFT's sections: the run was called a `ponder sft` one,
+    and that command then failed on settings the run never had."""
+    base = ["train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}", "name=t", *FAST]
+    assert main(base + ["train.steps=1"]) == 0
+    config = tmp_path / "t" / "config.yaml"
+    config.write_text("".join(config.read_text().splitlines(keepends=True)[:8]))
+    line = (f"ponder: error: {config} lacks sections of the `ponder train` run its checkpoints were trained by (algorithm, "
+            "data, eval, guardrails, optim, rewards, rollout, train): cut short? Restore it, or delete it and resume with "
+            "the recipe the run started from (`ponder train RECIPE --resume`; step-1 holds its settings)")
+    assert error_line("train", str(tmp_path / "t"), "--resume", "train.steps=2") == line
+    assert error_line(*base, "train.steps=2", "--resume") == line
+    config.unlink()
+    assert main(base + ["train.steps=2", "--resume"]) == 0
+
+
 def test_resume_leaves_out_damaged_lines_of_the_runs_files(tmp_path):
     """A metrics or samples line that is no row, or whose step is no number, and a `changes:` that is no list (a hand
     edit, damaged bytes) were tracebacks of --resume; they are left out, as the report leaves them out."""

@@ -193,6 +193,15 @@ def recipe_of(command: str, recipe: str, overrides: list[str], resume: bool = Tr
 def refuse_other_kind(run_dir: Path, saved: dict, command: str) -> None:
     kind = run_kind(saved)
     if kind is not None and kind != command:
+        from ponder.checkpoint import latest, saved_config
+
+        last = latest(Path(run_dir) / "checkpoints")
+        written = saved_config(last) if last is not None else None
+        if written is not None and run_kind(written) == command:  # config.yaml cut short: SFT's sections are GRPO's few
+            lost = ", ".join(sorted(set(written) - set(saved) - {CHANGES_KEY}))
+            raise UserError(f"{Path(run_dir) / 'config.yaml'} lacks sections of the `ponder {command}` run its checkpoints "
+                            f"were trained by ({lost}): cut short? Restore it, or delete it and resume with the recipe "
+                            f"the run started from (`ponder {command} RECIPE --resume`; {last.name} holds its settings)")
         where = run_dir if kind in SAFE_ON_RESUME else Path(run_dir) / "config.yaml"  # only these take a directory
         raise UserError(f"{run_dir} is a `ponder {kind}` run, not a `ponder {command}` one; resume it with "
                         f"`ponder {kind} {where} --resume`")
