@@ -222,3 +222,57 @@ def test_a_guardrails_example_is_not_shown_as_a_training_completion(tmp_path):
     page = write_report(run).read_text(encoding="utf-8")
     completions = page[page.index("<h2>Completions</h2>"):]
     assert "3+4" in completions and "7\n7\n7\n7" not in completions and "gold answer: None" not in completions
+
+
+@pytest.mark.parametrize("name, added, shown", [
+    # metrics.jsonl: a row without a step to plot it at is left out (KeyError, unhashable list before), as are
+    # guardrail events that are no list (not iterable) and an integer past a float's range (OverflowError)
+    ("metrics.jsonl", b'{"time": 9.0, "reward": 0.9}\n', "3 steps (last: 3)"),
+    ("metrics.jsonl", b'{"step": [4], "reward": 0.9}\n', "3 steps (last: 3)"),
+    ("metrics.jsonl", b'{"step": 4, "guardrail_events": 5}\n', "4 steps (last: 4)"),
+    ("metrics.jsonl", b'{"step": 4, "reward": 1' + b"0" * 500 + b"}\n", "4 steps (last: 4)"),
+    # samples.jsonl: a prompt that is no chat shown as it is, rewards that are no mapping left out (AttributeError)
+    ("samples.jsonl", b'{"step": 1, "prompt": [1, 2], "completion": "c"}\n', "<div class='prompt'>[1, 2]</div>"),
+    ("samples.jsonl", b'{"step": 1, "prompt": "p", "reward": 1.0, "rewards": [1]}\n', "reward 1.000</div>"),
+    # evaluations: a figure past a float's range left out (OverflowError), bytes that are not UTF-8 read as U+FFFD
+    ("eval_before.json", b'{"arithmetic/test": {"pass@1": 1' + b"0" * 500 + b', "format_rate": 0.5}}',
+     "<tr><th>arithmetic/test</th><th>before</th><th>after</th><th>change</th></tr>"
+     "<tr><td>format_rate</td><td>0.500</td><td>-</td><td>-</td></tr></table>"),
+    ("eval_after.json", b'{"arithmetic/test": {"pass@1": 0.8, "note": "caf\xe9"}}',
+     "<tr><td>pass@1</td><td>-</td><td>0.800</td><td>-</td></tr>"),
+    ("config.yaml", b"name: caf\xe9\n", "<pre class='config'>name: caf\ufffd\n</pre>"),
+])
+def test_a_hand_edited_or_damaged_file_does_not_stop_the_report(tmp_path, name, added, shown):
+    """Odd contents of a run directory were tracebacks; what cannot be read is left out, as a half-written line is."""
+    run = _bare_run(tmp_path)
+    with open(run / name, "ab") as f:
+        f.write(added)
+    page = write_report(run).read_text(encoding="utf-8")
+    assert shown in page
+    assert EMBEDDED.findall(page)[0] == "reward (total and per reward function)" and "Guardrails fired" not in page
+
+    # JSON past int()'s 4,300 digits is a ValueError, not a JSONDecodeError: the file is left out, as a half-written one
+    (run / "eval_after.json").write_text('{"arithmetic/test": {"pass@1": ' + "1" * 5000 + "}}", encoding="utf-8")
+    (run / "eval_before.json").unlink(missing_ok=True)
+    assert "before / after" not in write_report(run).read_text(encoding="utf-8")
+
+
+def test_out_refuses_a_file_that_is_not_a_report(tmp_path, error_line):
+    """write_atomic renames the report over --out: `--out RUN/metrics.jsonl` replaced the run's metrics with HTML, a
+    checkpoint's weights the same, and as root `--out /dev/full` the device with a file. An earlier report is
+    written over."""
+    import os
+
+    run = _bare_run(tmp_path)
+    (run / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    os.mkfifo(run / "fifo")
+    for out in (run / "metrics.jsonl", run / "model.safetensors", run / "fifo"):
+        before = out.read_bytes() if out.is_file() else None
+        assert error_line("report", str(run), "--out", str(out)) == (
+            f"ponder: error: --out '{out}' exists and is not a report ponder wrote (it would be replaced); choose a new "
+            "file, or an earlier report to write over")
+        assert (out.read_bytes() if out.is_file() else None) == before and (out.is_fifo() or out.is_file())
+    assert not (run / "report.html").exists()
+    earlier = write_report(run, tmp_path / "r.html")
+    earlier.write_text(earlier.read_text(encoding="utf-8").replace("bare", "earlier"), encoding="utf-8")
+    assert write_report(run, earlier) == earlier and "earlier" not in earlier.read_text(encoding="utf-8")

@@ -70,8 +70,13 @@ def write_report(run_dir, out=None) -> Path:
     path = Path(out) if out else run_dir / "report.html"
     if path.is_dir():  # --out DIR: the report goes in it
         path = path / "report.html"
+    # the report takes the name by a rename: a run's metrics.jsonl or weights, or a device node, would be replaced
+    if path.exists() and not _is_report(path):
+        raise UserError(f"--out '{path}' exists and is not a report ponder wrote (it would be replaced); choose a new "
+                        "file, or an earlier report to write over")
     check_writable(path.parent, "--out")  # before the plots are drawn
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    # a row without a step to plot it at (a hand-edited or damaged line) is left out, as a half-written line is
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if _number(r.get("step"))]
     before, after = _load_json(run_dir / "eval_before.json"), _load_json(run_dir / "eval_after.json")
     data = series(rows, before)
     events = guardrail_events(rows)
@@ -88,8 +93,8 @@ def write_report(run_dir, out=None) -> Path:
         body.append("<h2>Held-out evaluation: before / after training</h2>" + _before_after(before or {}, after or {}))
     body.append(_samples(read_jsonl(run_dir / "samples.jsonl")))
     if config.is_file():
-        body.append(f"<h2>Config</h2><pre class='config'>{_esc(config.read_text(encoding='utf-8'))}</pre>")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(name)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+        body.append(f"<h2>Config</h2><pre class='config'>{_esc(config.read_text(encoding='utf-8', errors='replace'))}</pre>")
+    page = f"{PAGE_START}{_esc(name)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, page)  # a reader never sees half a report
     return path
@@ -111,7 +116,8 @@ def series(rows: list[dict], before: dict | None = None) -> dict[str, tuple[list
 
 def guardrail_events(rows: list[dict]) -> list[dict]:
     """Every guardrail firing the run logged, in step order (a resumed run's rows are already deduplicated)."""
-    return [e for r in rows for e in (r.get("guardrail_events") or []) if isinstance(e, dict)]
+    return [e for r in rows if isinstance(r.get("guardrail_events"), list)  # (a hand-edited 5 was a traceback)
+            for e in r["guardrail_events"] if isinstance(e, dict)]
 
 
 def _events_table(events: list[dict]) -> str:
@@ -247,13 +253,14 @@ def _sample(row: dict | None) -> str:
     if row is None:
         return ""
     prompt = row.get("prompt", "")
-    if isinstance(prompt, list):  # chat messages
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):  # chat messages
         prompt = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
     if "reference" in row:  # an SFT run: the greedy completion beside the completion it was trained on
         return (f"<div class='prompt'>{_esc(str(prompt))}</div><div class='meta'>reference</div>"
                 f"{completion_html(str(row['reference']))}<div class='meta'>the model (greedy)</div>"
                 f"{completion_html(str(row.get('completion', '')))}")
-    scores = ", ".join(f"{k} {_fmt(v)}" for k, v in (row.get("rewards") or {}).items())
+    rewards = row.get("rewards")
+    scores = ", ".join(f"{k} {_fmt(v)}" for k, v in rewards.items()) if isinstance(rewards, dict) else ""
     return (f"<div class='prompt'>{_esc(str(prompt))}</div>"
             f"<div class='meta'>gold answer: {_esc(str(row.get('answer')))} &middot; reward {_fmt(row.get('reward'))}"
             f"{' (' + _esc(scores) + ')' if scores else ''}</div>{completion_html(str(row.get('completion', '')))}")
@@ -276,17 +283,34 @@ def _load_json(path: Path):
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None  # a half-written file: the report goes on without it
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except ValueError:  # not JSON (half-written, damaged) or a number past int()'s 4,300 digits
+        return None  # the report goes on without it
     return data if isinstance(data, dict) else None
+
+
+PAGE_START = "<!doctype html><html><head><meta charset='utf-8'><title>"  # every report's, since the first
+
+
+def _is_report(path: Path) -> bool:
+    """A regular file that starts as write_report's pages do (not a fifo, whose read would wait for a writer)."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PAGE_START)) == PAGE_START.encode()
+    except OSError:
+        return False
 
 
 PLOT_MAX = 1e100  # a figure's size, at most, to be plotted
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer past a float's range (a hand-edited file): no figure to plot or show
+        return False
 
 
 def _fmt(v, sign: bool = False) -> str:
