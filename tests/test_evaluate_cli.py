@@ -263,3 +263,52 @@ def test_a_task_mistake_on_the_command_line_gives_its_fix_as_flags(tmp_path, err
     (tmp_path / "r.yaml").write_text(f"model: tiny-random\nk: 1\nout: {tmp_path / 'r.jsonl'}\ntasks: [{{name: jsonl}}]\n")
     assert error_line("sample", str(tmp_path / "r.yaml")) == (
         "ponder: error: task 'jsonl' needs a path: tasks: [{name: jsonl, path: my.jsonl}]")
+
+
+RESULT = {"model": "m", "settings": {"k": 4, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 5},
+          "task_hash": "sha256:a", "task_hashes": {"arithmetic": "sha256:a"}, "metrics": {"problems": 3},
+          "tasks": {"arithmetic": {"problems": 3, "pass@1": 0.5, "pass@1_ci": [0.1, 0.9], "pass@2": 0.6, "greedy": 0.5,
+                                   "mean_length": 4.0}}}
+SHAPE_FIX = (", as ponder eval writes it; give a results.json written by ponder eval, or a run's eval_before.json / "
+             "eval_after.json")
+TASKS = "'tasks' must be a mapping of task names to figures"
+
+
+@pytest.mark.parametrize("content, told", [
+    (json.dumps(RESULT | {"tasks": [1]}).encode(), f": {TASKS}{SHAPE_FIX}"),
+    (json.dumps(RESULT | {"tasks": {"arithmetic": 5}}).encode(), f": {TASKS}{SHAPE_FIX}"),
+    (json.dumps(RESULT | {"tasks": None}).encode(), f": {TASKS}{SHAPE_FIX}"),
+    (json.dumps(RESULT | {"tasks": 5}).encode(), f": {TASKS}{SHAPE_FIX}"),
+    (json.dumps(RESULT | {"settings": [1]}).encode(), f": 'settings' must be a mapping of sampling settings{SHAPE_FIX}"),
+    (json.dumps(RESULT | {"task_hashes": [1]}).encode(), f": 'task_hashes' must be a mapping of task names to hashes{SHAPE_FIX}"),
+    (json.dumps(RESULT | {"task_hash": [1]}).encode(), f": 'task_hash' must be a hash (text){SHAPE_FIX}"),
+    # a run's eval_before.json / eval_after.json: a result per task set
+    (b'{"arithmetic/test": {"metrics": 5}}',
+     f": 'metrics' of 'arithmetic/test' must be a mapping of figure names to values{SHAPE_FIX}"),
+    (b'{"arithmetic/test": {"metrics": {}, "tasks": [1]}}', f": 'tasks' of 'arithmetic/test' must be a mapping of task "
+     f"names to figures{SHAPE_FIX}"),
+    (b'{"model": "caf\xe9"}', ":1: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
+    (b'{"tasks": ' + b"1" * 5000 + b"}",
+     ": not valid JSON (a number of more than 4,300 digits); give a results.json written by ponder eval"),
+])
+def test_compare_names_a_results_file_not_in_ponder_evals_shape(tmp_path, error_line, content, told):
+    """A hand-edited results.json was a traceback (AttributeError, TypeError, UnicodeDecodeError): its shape is one line
+    naming the file and the key."""
+    (tmp_path / "good.json").write_text(json.dumps(RESULT))
+    (tmp_path / "bad.json").write_bytes(content)
+    assert error_line("eval", "--compare", str(tmp_path / "good.json"), str(tmp_path / "bad.json")) == (
+        f"ponder: error: {tmp_path / 'bad.json'}{told}")
+
+
+def test_compare_shows_a_figure_that_is_no_number_as_missing(tmp_path, capsys):
+    """A figure of text, a CI that is no pair, an integer past a float's range and a pass@k named other than ponder eval
+    names it were tracebacks (format code 'f', IndexError, OverflowError, int()): a figure is shown as "-", as one
+    that is missing, and a name ponder eval does not write is not shown."""
+    figures = RESULT["tasks"]["arithmetic"] | {"pass@1": "0.5", "pass@1_ci": [0.1], "greedy": True,
+                                               "mean_length": 10 ** 400, "pass@3x": 0.5}
+    (tmp_path / "good.json").write_text(json.dumps(RESULT))
+    (tmp_path / "odd.json").write_text(json.dumps(RESULT | {"tasks": {"arithmetic": figures}}))
+    assert ponder_eval("--compare", str(tmp_path / "good.json"), str(tmp_path / "odd.json")) == 0
+    rows = [[c.strip() for c in line.split("│")[2:-1]] for line in capsys.readouterr().out.splitlines() if "│" in line]
+    assert rows[2:] == [["problems", "3", "3"], ["pass@1", "0.500", "-"], ["pass@1 95% CI", "[0.100, 0.900]", "-"],
+                        ["pass@2", "0.600", "0.600"], ["greedy", "0.500", "-"], ["length (tokens)", "4.0", "-"]]

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from ponder.errors import UserError
-from ponder.files import blocked, blocking_file, check_writable, make_dir, write_atomic
+from ponder.files import blocked, blocking_file, check_writable, make_dir, read_user_text, write_atomic
 from ponder.metrics import DEFAULT_REFLECTION_WORDS
 from ponder.templates import with_chat_options
 
+PASS_K = re.compile(r"pass@[0-9]{1,9}")  # as ponder eval names them: another (a hand-edited pass@3x) is not shown
 FIGURE_LABELS = {
     "problems": "problems", "scored_problems": "scored (gold parses)", "pass@1": "pass@1", "pass@1_ci": "pass@1 95% CI",
     "greedy": "greedy",
@@ -243,19 +245,39 @@ def load_result(path: str) -> dict:
     if not p.is_file():
         raise UserError(f"no results at '{path}'; give a directory written by ponder eval or its results.json")
     try:
-        result = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: not valid JSON ({e.msg}); give a results.json written by ponder eval") from None
+        result = json.loads(read_user_text(p))
+    except ValueError as e:  # (a number past int()'s 4,300 digits is a ValueError of its own)
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "a number of more than 4,300 digits"
+        raise UserError(f"{p}: not valid JSON ({why}); give a results.json written by ponder eval") from None
     if isinstance(result, dict) and result and "tasks" not in result and all(
             isinstance(v, dict) and "metrics" in v for v in result.values()):
-        return _run_result(result, f"{p.parent.name}/{p.stem}")
+        return _run_result(result, f"{p.parent.name}/{p.stem}", p)
     if not isinstance(result, dict) or "tasks" not in result:
         raise UserError(f"{p} has no 'tasks' figures; give a results.json written by ponder eval, or a run's "
                         "eval_before.json / eval_after.json")
+    _check_shape(result, p)
     return result
 
 
-def _run_result(result: dict, model: str) -> dict:
+def _check_shape(result: dict, path: Path, where: str = "") -> None:
+    """The nesting that --compare reads, or one line naming the file and the key. The rule for a hand-edited file:
+    a shape other than ponder eval's is this error; a figure in it that is no number (or a CI no pair of numbers) is
+    shown as "-", as a figure the result lacks, and a figure name ponder eval does not write is not shown."""
+    tasks, hashes = result.get("tasks"), result.get("task_hashes", {})
+    for key, ok, what in (
+            ("metrics", isinstance(result.get("metrics", {}), dict), "a mapping of figure names to values"),
+            ("tasks", isinstance(tasks, dict) and all(isinstance(f, dict) for f in tasks.values()),
+             "a mapping of task names to figures"),
+            ("settings", isinstance(result.get("settings", {}), dict), "a mapping of sampling settings"),
+            ("task_hashes", isinstance(hashes, dict) and all(isinstance(h, str) for h in hashes.values()),
+             "a mapping of task names to hashes"),
+            ("task_hash", isinstance(result.get("task_hash", ""), str), "a hash (text)")):
+        if not ok:
+            raise UserError(f"{path}: '{key}'{where} must be {what}, as ponder eval writes it; give a results.json "
+                            "written by ponder eval, or a run's eval_before.json / eval_after.json")
+
+
+def _run_result(result: dict, model: str, path: Path) -> dict:
     """A run's eval_<tag>.json as ponder eval's results.json: the run keys a result per task set "name/split",
     ponder eval its figures by task name. Keyed as written, a run's figures and ponder eval's on the same weights
     (the same numbers, docs/evaluation.md) fell in rows of their own, and without a hash per task every such
@@ -265,6 +287,7 @@ def _run_result(result: dict, model: str) -> dict:
     for key, r in result.items():
         split = key.rpartition("/")[2]
         inner = r.get("tasks") or {key: r["metrics"]}
+        _check_shape(r | {"tasks": inner}, path, f" of '{key}'")
         hashes = r.get("task_hashes") or ({next(iter(inner)): r.get("task_hash")} if len(inner) == 1 else {})
         rows += [(name, split, figs, hashes.get(name)) for name, figs in inner.items()]
     names = Counter(name for name, *_ in rows)
@@ -341,21 +364,28 @@ def _ordered(figs: dict) -> list[str]:
         order.append("scored_problems")  # shown where some gold did not parse
     order += ["pass@1", "pass@1_ci"]
     order += [f for f in figs if f.startswith("cons@")]
-    order += sorted((f for f in figs if f.startswith("pass@") and f not in order), key=lambda f: int(f[5:]))
+    order += sorted((f for f in figs if PASS_K.fullmatch(f) and f not in order), key=lambda f: int(f[5:]))
     order += ["greedy", "mean_score", "answer_rate", "format_rate", "mean_length", "truncation_rate", "reflection_rate", "mixing_rate"]
     return [f for f in order if f in figs]
 
 
 def _fmt(name: str, value) -> str:
-    if value is None:
-        return "-"
     if name == "pass@1_ci":
-        return f"[{value[0]:.3f}, {value[1]:.3f}]"
+        pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_number, value))
+        return f"[{value[0]:.3f}, {value[1]:.3f}]" if pair else "-"
+    if not _number(value):  # missing, or not a figure (see _check_shape)
+        return "-"
     if name in ("problems", "scored_problems"):
         return str(value)
     if name == "mean_length":
         return f"{value:.1f}"
     return f"{value:.3f}"
+
+
+def _number(value) -> bool:
+    """An int or float, not true/false nor an integer past a float's range (whose format overflows)."""
+    return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                        and abs(value) <= sys.float_info.max)
 
 
 def _settings(s: dict) -> str:
