@@ -6,6 +6,7 @@ answer as its continuation."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -462,6 +463,33 @@ def test_eval_and_sample_refuse_prompts_past_a_learned_position_table_in_one_lin
             m.setattr(positions, "weightless", lambda *_: None)
             assert error_line(*argv, "--max-tokens", "4") == line
     assert not (tmp_path / "ev" / "results.json").exists() and not (tmp_path / "s" / "t.jsonl").exists()
+
+
+def test_a_prompt_past_a_rotary_models_positions_is_one_line_before_the_model_loads(tmp_path, error_line, monkeypatch):
+    """A rotary model runs on past max_position_embeddings: a prompt of 421,755 tokens on the 1,024 of tiny-random was
+    a notice, then a prefill that took hours and no SIGTERM stopped (ponder eval: not even the notice). The prompt alone
+    past the positions times the rope scaling factor (YaRN's, where the config has one) is one line now; the
+    prompt and its new tokens past them stay a notice (the model runs on)."""
+    from transformers import Qwen2Config
+
+    from ponder import models
+
+    long = "1 + " * 600 + "1"  # 2,401 characters: a token each under the tiny models' character vocabulary
+    for argv in (["train", RECIPE, f"output_dir={tmp_path}", jsonl(tmp_path / "d.jsonl", "3+4", long)],
+                 ["eval", "--model", "tiny-random", "--tasks", f"jsonl:{tmp_path / 'd.jsonl'}", "--k", "1", "--template",
+                  "plain", "--out", str(tmp_path / "ev")]):
+        with monkeypatch.context() as m:
+            m.setattr(models, "load", no_model_loads)
+            m.setattr(models, "load_trainable", no_model_loads)
+            assert re.fullmatch(r"ponder: error: a prompt of 2,4\d\d tokens \(example 2 of task 'jsonl'\) is past the 1,024 "
+                                r"positions the model was made for \(max_position_embeddings, times its rope scaling "
+                                r"factor\) before a token is generated; shorten prompts to 1,024 tokens or fewer",
+                                error_line(*argv)), argv
+    yarn = Qwen2Config(max_position_embeddings=32768, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                    "original_max_position_embeddings": 32768})
+    holder = type("M", (), {"config": yarn})()
+    assert models.computed_limit(holder) == 131072
+    assert models.computed_limit(type("M", (), {"config": Qwen2Config(max_position_embeddings=4096)})()) == 4096
 
 
 def test_the_position_table_is_the_text_models_not_a_vision_towers():

@@ -343,8 +343,8 @@ def _truncate_after(path: Path, step: int) -> None:
     for line in _lines(path):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
+        except ValueError:
+            continue  # a line cut by a kill (or a number of over 4,300 digits)
         # a line that is no row, or whose step is no number, is left out as read_jsonl leaves it (damaged bytes, a hand
         # edit: '[1, 2]' or {"step": null} was a traceback of --resume)
         at = row.get("step", 0) if isinstance(row, dict) else None
@@ -367,7 +367,7 @@ def read_jsonl(path: Path) -> list[dict]:
         for line in _lines(path):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:  # (JSONDecodeError's base: a number of over 4,300 digits raised it)
                 continue
             if isinstance(row, dict):
                 rows.append(row)

@@ -579,6 +579,19 @@ def position_limit(model) -> int | None:
     return None
 
 
+def computed_limit(model) -> int | None:
+    """For a model whose positions are computed (position_limit None): the positions it was made for, its
+    max_position_embeddings times its rope scaling's factor (YaRN stretches Qwen2.5's 32,768 four times); None where
+    the config names none. Past it the model runs on, on positions it never saw."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    factor = scaling.get("factor", 1.0) if isinstance(scaling, dict) else 1.0
+    return int(limit * max(float(factor), 1.0)) if isinstance(factor, (int, float)) else limit
+
+
 def require_peft() -> None:
     import importlib
 
