@@ -620,6 +620,10 @@ def test_chat_messages_without_a_user_turn_are_one_line(tmp_path, error_line, te
     line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"data.template={template}", f"data.tasks=[{{name: jsonl, path: {data}}}]")
     assert line == (f"ponder: error: task 'jsonl' ({data}), example 2: the prompt's chat messages have no user turn (roles: system); "
                     'add a {"role": "user", "content": ...} message holding the question')
+    data.write_text('{"prompt": "3+4", "answer": "7"}\n{"prompt": [{"role": "user", "content": " \\n "}], "answer": "7"}\n')
+    line = error_line("train", RECIPE, f"output_dir={tmp_path}", f"data.template={template}", f"data.tasks=[{{name: jsonl, path: {data}}}]")
+    assert line == (f"ponder: error: task 'jsonl' ({data}), example 2: the prompt's user turns are empty (or spaces only); "
+                    "give the question as their content")  # (taken, where a text prompt of spaces was refused)
 
 
 def test_sft_prompts_without_a_user_turn_are_one_line(tmp_path):

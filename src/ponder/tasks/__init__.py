@@ -253,6 +253,8 @@ def chat_messages_problem(prompt) -> str | None:
     if not any(m["role"] == "user" for m in prompt):
         return (f"the prompt's chat messages have no user turn (roles: {', '.join(m['role'] for m in prompt)}); "
                 'add a {"role": "user", "content": ...} message holding the question')
+    if not any(m["content"].strip() for m in prompt if m["role"] == "user"):  # (as a text prompt of spaces is)
+        return "the prompt's user turns are empty (or spaces only); give the question as their content"
     return None
 
 
