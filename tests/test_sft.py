@@ -491,6 +491,21 @@ def test_steps_with_a_batch_larger_than_the_data_take_each_example_once_a_step(t
             "them once") in capsys.readouterr().out
 
 
+def test_a_folder_or_file_where_the_final_link_goes_is_one_line_before_training(tmp_path):
+    """A folder named final in the run directory stopped the run after all of its training (IsADirectoryError at the
+    last save); a file there was replaced without a word."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    for kind in ("folder", "file"):
+        final = tmp_path / kind / "final"
+        final.parent.mkdir()
+        final.mkdir() if kind == "folder" else final.write_text("mine")
+        with pytest.raises(UserError) as e:
+            sft(cfg_for(tmp_path, [data], f"name={kind}", "train.steps=1"), quiet=True)
+        assert str(e.value) == (f"{final} is a {kind}, where ponder sft keeps a link to the newest checkpoint; move it "
+                                "elsewhere, or choose another name (name=...)")
+        assert not (tmp_path / kind / "checkpoints").exists()
+
+
 def test_more_epochs_on_resume_take_each_example_once_more_per_epoch(tmp_path):
     """train.epochs raised on --resume: 10 examples in batches of 4 take 4, 4, 2 an epoch. Counted from the start,
     2 epochs were ceil(20 / 4) = 5 steps, so the second epoch got 2 steps (18 of the 20 examples): the first

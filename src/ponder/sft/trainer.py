@@ -50,6 +50,10 @@ class SFTTrainer:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        final = self.run_dir / "final"  # the link save() keeps: a folder there stopped the run after all its training
+        if final.exists() and not final.is_symlink():  # (and a file there was replaced unsaid)
+            raise UserError(f"{final} is a {'folder' if final.is_dir() else 'file'}, where ponder sft keeps a link to the "
+                            "newest checkpoint; move it elsewhere, or choose another name (name=...)")
         last = checkpoint.resume_point(self.run_dir, resume)
         if cfg.train.threads:
             set_threads(cfg.train.threads)
