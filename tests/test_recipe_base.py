@@ -38,6 +38,21 @@ def test_a_base_loop_or_a_missing_base_is_one_clear_error(tmp_path):
                             "found; a base is read from the recipe's own folder: fix the path, or remove base")
 
 
+def test_a_recipe_path_that_is_a_directory_or_no_regular_file_is_named_as_such(tmp_path, error_line):
+    """Each was "recipe ... not found", of a path that is there (ponder config of a run's directory)."""
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    assert error_line("config", "train", str(run)) == (
+        f"ponder: error: recipe '{run}' is a directory; give the path of a YAML recipe (see recipes/), such as the run's "
+        f"own {run / 'config.yaml'}")
+    os.mkfifo(tmp_path / "pipe")  # (read, it would wait for a writer forever)
+    assert error_line("config", "train", str(tmp_path / "pipe")) == (
+        f"ponder: error: recipe '{tmp_path / 'pipe'}' is not a regular file; give the path of a YAML recipe (see recipes/)")
+
+
 def test_yaml_too_deep_too_many_aliases_or_too_many_bases_is_one_line(tmp_path, error_line):
     """Thousands of nested lists and a chain of 1,200 bases ran out of Python's recursion (tracebacks); nine nested
     aliases of ten each ("a billion laughs") held every command for minutes as ponder copied them out."""

@@ -632,6 +632,11 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A recipe's options as a mapping. `base: other.yaml` (a path beside the recipe) starts from that
     recipe: this one's mappings are merged into it key by key, its other values replace the base's."""
     path = Path(path)
+    if path.is_dir():  # (it was "not found": a directory that is there)
+        raise UserError(f"recipe '{path}' is a directory; give the path of a YAML recipe (see recipes/)"
+                        + (f", such as the run's own {path / 'config.yaml'}" if (path / "config.yaml").is_file() else ""))
+    if path.exists() and not path.is_file():  # a fifo or a device: reading it could wait forever, or never end
+        raise UserError(f"recipe '{path}' is not a regular file; give the path of a YAML recipe (see recipes/)")
     if not path.is_file():
         raise UserError(f"recipe '{path}' not found; give the path of a YAML recipe (see recipes/)")
     try:
