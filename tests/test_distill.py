@@ -156,6 +156,28 @@ def test_distill_command_line(tmp_path, teacher_engine, capsys):
     assert "unknown config key 'sample.kk'" in capsys.readouterr().err
 
 
+def test_keys_distill_sets_are_said_not_taken_where_given_otherwise(tmp_path, capsys):
+    """sample.out, sft.output_dir, sft.name and the stages' seeds are set by distill: given otherwise they went unused,
+    unsaid. A distill run's own config.yaml, as a recipe for another, gives them as that run set them: no line."""
+    import yaml
+
+    from ponder.config import to_dict
+    from ponder.distill import load_distill_config
+
+    make_cfg(tmp_path, "tiny-random")
+    recipe = tmp_path / "d.yaml"
+    cfg = load_distill_config(recipe, ["sample.out=mine.jsonl", "sft.name=kid", "sample.seed=5", "seed=5", "sft.seed=7"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"ponder: {key} is not taken: ponder distill sets it from {by} (the run's directory holds the traces "
+                   "and the student); set those instead"
+                   for key, by in (("sample.out=mine.jsonl", "output_dir and name"), ("sft.name=kid", "output_dir and name"),
+                                   ("sft.seed=7", "seed"))]
+    assert cfg.sample.out == str(tmp_path / "d" / "traces.jsonl") and cfg.sft.seed == 5
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(to_dict(load_distill_config(recipe))))
+    load_distill_config(tmp_path / "again.yaml", ["name=other"])
+    assert capsys.readouterr().err == ""
+
+
 def test_experiment_recipes_load_and_the_rl_arm_is_the_demo_recipe_on_the_student():
     from ponder.config import read_recipe
     from ponder.distill import load_distill_config

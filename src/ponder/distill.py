@@ -53,6 +53,7 @@ def load_distill_config(path, overrides=()) -> DistillConfig:
 
     cfg = load_config(path, list(overrides), cls=DistillConfig)
     run = cfg.run_dir
+    _say_set_by_distill(cfg)
     cfg.sample.seed = cfg.sft.seed = cfg.seed
     cfg.sample.out = str(run / "traces.jsonl")
     cfg.sft.output_dir, cfg.sft.name = str(run), "student"
@@ -65,6 +66,23 @@ def load_distill_config(path, overrides=()) -> DistillConfig:
             msg = str(e)
             raise UserError(msg.replace("config ", f"config {section}.", 1) if msg.startswith("config ") else msg) from None
     return cfg
+
+
+def _say_set_by_distill(cfg: DistillConfig) -> None:
+    """A line for each key of the stages' own that distill sets, given a value it does not take (sample.out=x.jsonl
+    went unused, unsaid). Those of a distill run's own config.yaml (another run's, as a recipe) are its settings."""
+    from ponder.distributed import say_once
+
+    own = Path(cfg.sample.out).name == "traces.jsonl" and cfg.sft.name == "student"
+    for key, value, default, by in (("sample.out", cfg.sample.out, SampleConfig.out, "output_dir and name"),
+                                    ("sft.output_dir", cfg.sft.output_dir, SFTConfig.output_dir, "output_dir and name"),
+                                    ("sft.name", cfg.sft.name, SFTConfig.name, "output_dir and name"),
+                                    ("sample.seed", cfg.sample.seed, SampleConfig.seed, "seed"),
+                                    ("sft.seed", cfg.sft.seed, SFTConfig.seed, "seed")):
+        seed = key.endswith(".seed")
+        if not (value == default or (seed and value == cfg.seed) or (own and not seed)):
+            say_once(f"ponder: {key}={value} is not taken: ponder distill sets it from {by} (the run's directory holds "
+                     "the traces and the student); set those instead")
 
 
 def add_parser(sub) -> None:
