@@ -576,14 +576,18 @@ def test_greedy_rollouts_are_named_at_start_as_learning_nothing(tmp_path, capsys
     assert all(m["zero_var_groups_frac"] == 1.0 for m in metrics)
 
 
-def test_a_start_over_drops_the_evaluations_of_the_attempt_before(tmp_path):
+def test_a_start_over_drops_the_evaluations_of_the_attempt_before(tmp_path, capsys):
     """A run that saved nothing, started again under its name without eval tasks: report.html showed the first
     attempt's held-out figures as this run's."""
     run = tmp_path / "runs" / "smoke-first-digit"
     run.mkdir(parents=True)
     (run / "eval_before.json").write_text(json.dumps({"first_digit/test": {"pass@1": 0.5}}))
-    trainer, _ = _train(tmp_path)
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.6}\n')
+    trainer, metrics = _train(tmp_path)
     assert not (run / "eval_before.json").exists() and trainer.run_dir == run
+    assert [m["step"] for m in metrics] == [1, 2] and all("time" in m for m in metrics)  # this attempt's rows alone
+    assert (f"ponder: {run} holds an earlier attempt's 2 logged steps and no checkpoint to resume from: starting over, "
+            "they are replaced") in capsys.readouterr().err  # (replaced without a word)
 
 
 def test_a_reward_of_nan_or_inf_is_one_line_naming_the_example(tmp_path, monkeypatch, error_line):

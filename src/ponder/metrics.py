@@ -112,6 +112,12 @@ class MetricsWriter:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
         if resume_step is not None:  # steps after the checkpoint will be recomputed; at 0, a start over: every step
+            earlier = len(read_jsonl(self.metrics_path)) if resume_step == 0 and enabled else 0
+            if earlier:  # (replaced without a word: a run whose checkpoints were deleted, started again under its name)
+                from ponder.distributed import say_once
+
+                say_once(f"ponder: {self.run_dir} holds an earlier attempt's {earlier} logged step"
+                         f"{'s' * (earlier != 1)} and no checkpoint to resume from: starting over, they are replaced")
             for path in (self.metrics_path, self.samples_path):
                 _truncate_after(path, resume_step or -1)
         self._metrics = self.metrics_path.open("a", encoding="utf-8")
