@@ -126,7 +126,7 @@ def test_a_missing_reward_function_is_named(tmp_path, monkeypatch, error_line):
     (tmp_path / "bad.py").write_text(REWARDS)
     monkeypatch.chdir(tmp_path)
     assert error_line("train", RECIPE, f"output_dir={tmp_path}", "rewards.bad.py:seen=1.0") == (
-        "ponder: error: reward 'bad.py:seen': bad.py has no 'seen'; it defines: batch_len, not_finite, one_value, seen_columns, text_values")
+        "ponder: error: reward 'bad.py:seen': bad.py has no 'seen'; it defines: batch_len, huge, not_finite, one_value, seen_columns, text_values")
 
 
 def test_a_reward_file_that_does_not_parse_is_one_line(tmp_path, monkeypatch, error_line):
