@@ -916,6 +916,20 @@ def test_a_sigterm_while_a_stopping_command_leaves_is_not_a_second_stop(capsys, 
     assert capsys.readouterr().err.splitlines() == [said]
 
 
+@pytest.mark.parametrize("name,make", [("metrics.jsonl", "folder"), ("tensorboard", "file"), ("checkpoints", "file")])
+def test_a_run_file_of_the_other_kind_is_one_line_before_anything_is_written(tmp_path, error_line, name, make):
+    """metrics.jsonl a folder, tensorboard a file: IsADirectoryError / FileExistsError once the model had loaded, with
+    config.yaml already rewritten."""
+    run = tmp_path / "smoke-first-digit"
+    run.mkdir()
+    (run / name).mkdir() if make == "folder" else (run / name).write_text("mine")
+    want = "file" if make == "folder" else "folder"
+    assert error_line("train", "recipes/smoke-first-digit.yaml", f"output_dir={tmp_path}") == (
+        f"ponder: error: {run / name} is a {make}, where the run keeps its {name} {want}; move it elsewhere, or choose "
+        "another name (name=...)")
+    assert sorted(p.name for p in run.iterdir()) == [name]
+
+
 def test_the_engines_lines_name_the_commands_own_settings(tmp_path, capsys):
     """The engine says max_tokens and (k, group_size, n), its own words; `ponder train`'s line names its keys."""
     import re

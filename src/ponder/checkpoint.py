@@ -206,6 +206,9 @@ def latest(directory: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+RUN_FILES = {"config.yaml": False, "metrics.jsonl": False, "samples.jsonl": False, "checkpoints": True, "tensorboard": True}
+
+
 def resume_point(run_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a new run); refuses to overwrite, to resume nothing, or a run directory
     that cannot be written (found by the first write otherwise: a traceback once the model had loaded)."""
@@ -213,6 +216,11 @@ def resume_point(run_dir: Path, resume: bool) -> Path | None:
     if stuck is not None:
         raise UserError(f"run directory {run_dir} cannot be written ({stuck} is read-only or not yours); fix its "
                         "permissions, or choose another output_dir")
+    for name, folder in RUN_FILES.items():  # (found by their first write: a traceback, config.yaml rewritten before it)
+        path = Path(run_dir) / name
+        if path.exists() and path.is_dir() != folder:
+            raise UserError(f"{path} is a {'file' if folder else 'folder'}, where the run keeps its {name} "
+                            f"{'folder' if folder else 'file'}; move it elsewhere, or choose another name (name=...)")
     restore_replaced(run_dir / "checkpoints")
     last = latest(run_dir / "checkpoints")
     if resume and last is None:
