@@ -74,6 +74,21 @@ def test_arithmetic_bad_options_are_user_errors(arith):
         arith.load("dev", n=1)
 
 
+@pytest.mark.parametrize("options,line", [
+    ({"digit": None}, "task 'first_digit': option digit must be one of 0-9; got None"),  # (every answer was wrong)
+    ({"digit": [1]}, "task 'first_digit': option digit must be one of 0-9; got [1]"),
+    ({"digit": 10}, "task 'first_digit': option digit must be one of 0-9; got 10"),
+    ({"split": "bogus"}, "task 'first_digit': unknown split 'bogus'; choose train or test"),  # (taken, unsaid)
+])
+def test_first_digit_bad_options_are_user_errors(options, line):
+    from ponder.tasks import get_task
+
+    split = options.pop("split", "train")
+    with pytest.raises(UserError) as e:
+        get_task("first_digit").load(split, n=2, **options)
+    assert str(e.value) == line
+
+
 def test_arithmetic_asks_for_more_distinct_problems_than_exist(arith):
     # 3 numbers from 1..2 and two operators: at most 32 chains, about a tenth of them test items
     with pytest.raises(UserError, match="distinct 'test' problems"):

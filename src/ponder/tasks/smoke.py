@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from ponder.errors import UserError
 from ponder.tasks import Task, register
 
 
@@ -17,6 +18,10 @@ class FirstDigit(Task):
     name = "first_digit"
 
     def load(self, split="train", n=None, seed=0, digit: int = 7, **_):
+        if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9:  # (null, [1]: every answer wrong)
+            raise UserError(f"task 'first_digit': option digit must be one of 0-9; got {digit!r}")
+        if split not in ("train", "test"):  # (any name gave the same kind of prompts, unsaid)
+            raise UserError(f"task 'first_digit': unknown split '{split}'; choose train or test")
         rng = random.Random(f"first_digit/{split}/{seed}")
         n = n or 256
         words = ["a number", "some digits", "a value", "a count", "an amount", "a code"]
