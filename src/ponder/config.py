@@ -391,14 +391,13 @@ def load_yaml(text: str, what: str = "the YAML"):
     try:
         data = yaml.load(text, Loader=_Loader)
     except RecursionError:
-        data = None
-        _too_deep(what)
+        raise _too_deep(what) from None
     _count_values(data, [0], what)
     return data
 
 
-def _too_deep(what: str):
-    raise UserError(f"{what} nests too deep (lists or mappings inside one another hundreds of times); write it flat")
+def _too_deep(what: str) -> UserError:
+    return UserError(f"{what} nests too deep (lists or mappings inside one another hundreds of times); write it flat")
 
 
 def _count_values(value, count: list[int], what: str, depth: int = 0) -> None:
@@ -407,7 +406,7 @@ def _count_values(value, count: list[int], what: str, depth: int = 0) -> None:
         raise UserError(f"{what} holds more than {MAX_VALUES:,} values (aliases count each time they are used); a "
                         "recipe needs far fewer: write out what is meant")
     if depth > 200:  # (the copies ponder makes of what PyYAML read recurse as deep)
-        _too_deep(what)
+        raise _too_deep(what)
     for v in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
         _count_values(v, count, what, depth + 1)
 
