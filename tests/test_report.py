@@ -1,8 +1,10 @@
 """`ponder report`: embedded plots, early/late completions with think and answer set apart, escaping,
 the before/after table, gracefully missing data, and the one-line error for a directory that is no run."""
 
+import errno
 import html
 import json
+import os
 import re
 
 import pytest
@@ -180,6 +182,28 @@ def test_figures_too_large_to_plot_are_left_out_of_the_plots_and_shown_short(tmp
     assert EMBEDDED.findall(page) == ["reward (total and per reward function)"]
     assert series([{"step": 1, "kl": 1e100, "grad_norm": 1.1e100}]) == {"kl": ([1], [1e100])}
     assert (_fmt(1e308), _fmt(-2.5e6, sign=True), _fmt(999999.0), _fmt(0.25)) == ("1e+308", "-2.5e+06", "999999.0", "0.250")
+
+
+@pytest.mark.parametrize("code,line", [
+    (errno.EPERM, "{} cannot be written (operation not permitted: immutable?); fix it, or choose another output path"),
+    (errno.ENOSPC, "no space left on the device to write {}; free some, or choose another output path"),
+])
+def test_a_file_the_file_system_refuses_is_one_line_and_leaves_no_sibling(tmp_path, error_line, monkeypatch, code, line):
+    """An immutable report.html (chattr +i) or a full disk was an OSError traceback, and write_atomic's sibling
+    (report.html.tmp) stayed behind; the line names the file meant, not the sibling."""
+    import ponder.files
+
+    run = _bare_run(tmp_path)
+    real = os.replace
+
+    def refuse(src, dst):
+        if str(dst).endswith("report.html"):
+            raise OSError(code, os.strerror(code), str(src), None, str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(ponder.files.os, "replace", refuse)
+    assert error_line("report", str(run)) == "ponder: error: " + line.format(run / "report.html")
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
 
 
 def test_cli_writes_report_and_prints_path(tmp_path, capsys):

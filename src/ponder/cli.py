@@ -124,11 +124,10 @@ def _main(argv: list[str] | None) -> int:
         distributed.say_once(f"ponder: training stopped: {e}")
         return 1
     except OSError as e:
-        if e.errno != errno.ENAMETOOLONG:
+        if e.errno not in FILE_SYSTEM:
             raise
-        stopping.leaving()  # a run name or output path past the file system's 255 bytes a name, wherever it was used
-        distributed.say_once(f"ponder: error: a file name is too long for this file system ({_short(e.filename)}); "
-                             "choose a shorter name or output path")
+        stopping.leaving()  # the file system's refusal, wherever the file was written: its words, not a traceback
+        distributed.say_once(f"ponder: error: {FILE_SYSTEM[e.errno].format(_short(e.filename or 'a file'))}")
         return 2
     except stopping.Terminated:
         if distributed.another_rank_stopped() == "error":  # torchrun's SIGTERM once that rank had exited
@@ -158,6 +157,17 @@ def _main(argv: list[str] | None) -> int:
         stopping.leaving()
         distributed.teardown(clean=False, why=why)
     return 0
+
+
+# what the file system refused, and the fix (a file of the run made immutable, a full disk, a run name past 255 bytes)
+FILE_SYSTEM = {
+    errno.ENAMETOOLONG: "a file name is too long for this file system ({}); choose a shorter name or output path",
+    errno.EACCES: "{} cannot be written (permission denied); fix its permissions, or choose another output path",
+    errno.EPERM: "{} cannot be written (operation not permitted: immutable?); fix it, or choose another output path",
+    errno.EROFS: "{} is on a read-only file system; choose another output path",
+    errno.ENOSPC: "no space left on the device to write {}; free some, or choose another output path",
+    errno.EDQUOT: "the disk quota is spent writing {}; free some, or choose another output path",
+}
 
 
 if __name__ == "__main__":

@@ -17,11 +17,17 @@ def write_atomic(path: str | Path, text: str) -> None:
     just after the rename has the file's data, not an empty file under its name), then takes the name in one rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # (a full disk or an immutable file left the sibling behind)
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.filename = str(path)  # the file meant, not its sibling (gone now), nor none (a write's own error)
+        raise
 
 
 def text_encoding(path: str | Path) -> str:
