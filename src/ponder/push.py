@@ -113,17 +113,13 @@ def _evaluation(data) -> bool:
 def check_complete(ckpt: Path) -> None:
     """A checkpoint whose weights or tokenizer are gone or cut short (a disk's damage, a hand's deletion) went up as a
     model: the card and the config without what they describe."""
-    from safetensors import safe_open
+    from ponder.models import damaged_safetensors
 
-    weights = sorted(ckpt.glob("*.safetensors"))
-    if not weights:
+    if not any(ckpt.glob("*.safetensors")):
         raise UserError(f"{ckpt} holds no weights (*.safetensors); push a complete checkpoint")
-    for path in weights:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-        except Exception as e:  # the library's own error types vary by version; each means the file is unreadable
-            raise UserError(f"{path} is damaged ({str(e).splitlines()[0][:80]}); push another checkpoint") from None
+    bad = damaged_safetensors(ckpt)
+    if bad is not None:
+        raise UserError(f"{ckpt / bad[0]} is damaged ({bad[1][:80]}); push another checkpoint")
     if not any((ckpt / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise UserError(f"{ckpt} holds no tokenizer (tokenizer.json); push a complete checkpoint")
 

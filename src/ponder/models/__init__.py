@@ -263,7 +263,7 @@ def load(path: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_rem
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
         except SafetensorError as e:  # a copy cut short: transformers passes the library's own error on
             bad = damaged_safetensors(where)
-            raise DamagedWeights(f"model directory '{where}': {bad or 'a weights file'} is damaged or cut short ({e}); "
+            raise DamagedWeights(f"model directory '{where}': {bad[0] if bad else 'a weights file'} is damaged or cut short ({e}); "
                                  "copy or download it again", str(e)) from None
         except (OSError, ValueError) as e:
             if "trust_remote_code" in str(e):
@@ -303,16 +303,16 @@ def check_not_pointers(where: Path, kind: str) -> None:
                                     "without git-lfs?); fetch the files (`git lfs pull` in that directory, or `hf download`)")
 
 
-def damaged_safetensors(where: Path) -> str | None:
-    """The name of the first .safetensors file in `where` whose header safetensors cannot read."""
+def damaged_safetensors(where: Path) -> tuple[str, str] | None:
+    """(name, safetensors' own first line) of the first .safetensors file in `where` whose header it cannot read."""
     from safetensors import safe_open
 
     for f in sorted(where.glob("*.safetensors")):
         try:
             with safe_open(str(f), "pt"):  # opening checks that the header's tensors cover the file exactly
                 pass
-        except Exception:
-            return f.name
+        except Exception as e:  # the library's own error types vary by version; each means the file is unreadable
+            return f.name, str(e).splitlines()[0]
     return None
 
 
