@@ -112,14 +112,13 @@ class MetricsWriter:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
         if resume_step is not None:  # steps after the checkpoint will be recomputed; at 0, a start over: every step
-            earlier = len(read_jsonl(self.metrics_path)) if resume_step == 0 and enabled else 0
-            if earlier:  # (replaced without a word: a run whose checkpoints were deleted, started again under its name)
-                from ponder.distributed import say_once
+            earlier = _truncate_after(self.metrics_path, resume_step or -1)
+            _truncate_after(self.samples_path, resume_step or -1)
+            if earlier and resume_step == 0 and enabled:  # (replaced without a word: a run whose checkpoints were
+                from ponder.distributed import say_once  # deleted, started again under its name)
 
                 say_once(f"ponder: {self.run_dir} holds an earlier attempt's {earlier} logged step"
                          f"{'s' * (earlier != 1)} and no checkpoint to resume from: starting over, they are replaced")
-            for path in (self.metrics_path, self.samples_path):
-                _truncate_after(path, resume_step or -1)
         self._metrics = self.metrics_path.open("a", encoding="utf-8")
         self._samples = self.samples_path.open("a", encoding="utf-8")
         if "tensorboard" in self.log_to:
@@ -342,10 +341,11 @@ class _MLflow:
         self.client.set_terminated(self.run_id)
 
 
-def _truncate_after(path: Path, step: int) -> None:
+def _truncate_after(path: Path, step: int) -> int:
+    """Keeps the rows of `path` up to `step`; returns how many rows it left out."""
     if not path.is_file():
-        return
-    kept = []
+        return 0
+    kept, rows = [], 0
     for line in _lines(path):
         try:
             row = json.loads(line)
@@ -353,10 +353,12 @@ def _truncate_after(path: Path, step: int) -> None:
             continue  # a line cut by a kill (or a number of over 4,300 digits)
         # a line that is no row, or whose step is no number, is left out as read_jsonl leaves it (damaged bytes, a hand
         # edit: '[1, 2]' or {"step": null} was a traceback of --resume)
+        rows += isinstance(row, dict)
         at = row.get("step", 0) if isinstance(row, dict) else None
         if isinstance(at, (int, float)) and not isinstance(at, bool) and at <= step:
             kept.append(line)
     write_atomic(path, "".join(l + "\n" for l in kept))
+    return rows - len(kept)
 
 
 def _lines(path: Path) -> list[str]:
